@@ -1,0 +1,1 @@
+"""`ambientctl`: the one command-line tool for people (up, down, demo, status)."""
