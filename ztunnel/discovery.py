@@ -1,0 +1,575 @@
+"""Config sources for the tunnel: the local YAML document (LOCAL_XDS_PATH) and its watcher.
+
+`parse_local_config` is a pure function from the text of the file to a `MeshState`. It is
+strict: unknown keys, wrong types, bad IPs and out-of-range ports are `ConfigError`s naming
+the path of the bad value (`workloads[3].workloadIps[0]: ...`); no other exception escapes,
+whatever the input. YAML aliases are resolved, but policy entries are copied with a size
+budget so a small aliased file cannot expand into gigabytes.
+
+`LocalConfigWatcher` polls the file and hands each new valid snapshot to a callback. A bad
+edit is logged and the last good snapshot stays in force: a typo must never take down the
+mesh on a node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import structlog
+import yaml
+
+from ztunnel.identity import (
+    DEFAULT_SERVICE_ACCOUNT,
+    DEFAULT_TRUST_DOMAIN,
+    IdentityError,
+    SpiffeId,
+)
+from ztunnel.state import (
+    HBONE_PORT,
+    ConfigError,
+    GatewayAddress,
+    HealthStatus,
+    IPAddress,
+    MeshState,
+    NetworkAddress,
+    RawPolicy,
+    Service,
+    ServicePort,
+    ServicePortMap,
+    TunnelProtocol,
+    Workload,
+)
+
+__all__ = ["ConfigError", "LocalConfigWatcher", "parse_local_config"]
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_PROTOCOL = "TCP"
+DEFAULT_NETWORK = ""
+DEFAULT_STATUS = "Healthy"
+DEFAULT_CANONICAL_REVISION = "latest"
+DEFAULT_WORKLOAD_TYPE = "pod"
+DEFAULT_CLUSTER_ID = "Kubernetes"
+
+# Both the YAML spelling ("TCP") and the xDS enum names are accepted, case-insensitively.
+_PROTOCOLS = {
+    "TCP": TunnelProtocol.NONE,
+    "NONE": TunnelProtocol.NONE,
+    "HBONE": TunnelProtocol.HBONE,
+}
+_STATUSES = {"HEALTHY": HealthStatus.HEALTHY, "UNHEALTHY": HealthStatus.UNHEALTHY}
+
+_TOP_KEYS = frozenset({"workloads", "services", "policies"})
+_WORKLOAD_KEYS = frozenset(
+    {
+        "uid",
+        "name",
+        "namespace",
+        "serviceAccount",
+        "trustDomain",
+        "workloadIps",
+        "protocol",
+        "node",
+        "canonicalName",
+        "canonicalRevision",
+        "workloadName",
+        "workloadType",
+        "clusterId",
+        "status",
+        "network",
+        "waypoint",
+        "services",
+    }
+)
+_SERVICE_KEYS = frozenset(
+    {"name", "namespace", "hostname", "vips", "ports", "subjectAltNames", "waypoint"}
+)
+_WAYPOINT_KEYS = frozenset({"hostname", "address", "hboneMtlsPort"})
+# ASCII only: str.isdigit() accepts characters such as '²' that int() rejects.
+_DIGITS = re.compile(r"[0-9]{1,5}")
+
+# A policy entry larger than this many YAML nodes is refused: real policies are tiny, and
+# the limit stops an alias bomb before it is expanded into JSON.
+_POLICY_NODE_BUDGET = 100_000
+_POLICY_MAX_DEPTH = 64
+
+
+# -- YAML loading -----------------------------------------------------------------------------
+
+_BaseLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _StrictLoader(_BaseLoader):  # type: ignore[valid-type,misc]
+    """SafeLoader that refuses duplicate mapping keys (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:
+                continue  # unhashable key: the base constructor reports it properly
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found duplicate key {key!r}",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        result: dict[Any, Any] = super().construct_mapping(node, deep=deep)
+        return result
+
+
+def _load_yaml(text: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: no arbitrary objects
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"not valid YAML: {exc}") from exc
+    except (ValueError, TypeError, OverflowError, RecursionError, MemoryError) as exc:
+        # PyYAML's constructors raise these for things like a timestamp with month 13 or a
+        # deeply nested document; all of them mean the same thing to the operator.
+        raise ConfigError(f"not valid YAML: {type(exc).__name__}: {exc}") from exc
+
+
+# -- field helpers ----------------------------------------------------------------------------
+
+
+def _fail(path: str, message: str) -> NoReturn:
+    raise ConfigError(f"{path}: {message}")
+
+
+def _mapping(value: Any, path: str) -> Mapping[Any, Any]:
+    if not isinstance(value, dict):
+        _fail(path, f"expected a mapping, got {_kind(value)}")
+    return value
+
+
+def _list(value: Any, path: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        _fail(path, f"expected a list, got {_kind(value)}")
+    return value
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    return type(value).__name__
+
+
+def _check_keys(entry: Mapping[Any, Any], allowed: frozenset[str], path: str) -> None:
+    unknown = [k for k in entry if k not in allowed]
+    if unknown:
+        names = ", ".join(repr(k) for k in unknown)
+        _fail(path, f"unknown key(s) {names}; allowed: {', '.join(sorted(allowed))}")
+
+
+def _str(entry: Mapping[Any, Any], key: str, path: str, default: str | None = None) -> str:
+    value = entry.get(key)
+    if value is None:
+        if default is None:
+            _fail(f"{path}.{key}", "is required")
+        return default
+    if not isinstance(value, str):
+        _fail(f"{path}.{key}", f"expected a string, got {_kind(value)} {value!r} (quote it)")
+    return value
+
+
+def _name(entry: Mapping[Any, Any], key: str, path: str, default: str | None = None) -> str:
+    """A string that is also a path segment: non-empty, no '/'."""
+    value = _str(entry, key, path, default)
+    if not value or "/" in value:
+        _fail(f"{path}.{key}", f"{value!r} must be non-empty and contain no '/'")
+    return value
+
+
+def _uid(entry: Mapping[Any, Any], path: str) -> str:
+    value = _str(entry, "uid", path)
+    if not value.strip():
+        _fail(f"{path}.uid", "must not be empty")
+    return value
+
+
+def _port(value: Any, path: str) -> int:
+    # YAML gives `80: 8080` as ints and `"80": "8080"` as strings; both mean the same.
+    if isinstance(value, str) and _DIGITS.fullmatch(value.strip()):
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(path, f"{value!r} is not a port number")
+    if not 1 <= value <= 65535:
+        _fail(path, f"port {value} is not in 1..65535")
+    return value
+
+
+def _ip(value: Any, path: str) -> IPAddress:
+    if not isinstance(value, str):
+        _fail(path, f"expected an IP address string, got {_kind(value)} {value!r}")
+    try:
+        return ipaddress.ip_address(value)
+    except ValueError:
+        _fail(path, f"{value!r} is not an IP address")
+
+
+def _network_address(value: Any, path: str) -> NetworkAddress:
+    if not isinstance(value, str) or value.count("/") != 1:
+        _fail(path, f"{value!r} is not of the form '<network>/<ip>' (e.g. '/10.96.0.10')")
+    network, _, ip = value.partition("/")
+    return NetworkAddress(network, _ip(ip, path))
+
+
+def _enum(
+    entry: Mapping[Any, Any], key: str, path: str, default: str, table: Mapping[str, Any]
+) -> Any:
+    value = _str(entry, key, path, default)
+    try:
+        return table[value.upper()]
+    except KeyError:
+        _fail(f"{path}.{key}", f"{value!r} is not one of {', '.join(sorted(table))}")
+
+
+def _port_map(value: Any, path: str) -> tuple[tuple[int, int], ...]:
+    ports = _mapping(value, path) if value is not None else {}
+    pairs: dict[int, int] = {}
+    for raw_port, raw_target in ports.items():
+        port = _port(raw_port, f"{path}[{raw_port!r}]")
+        if port in pairs:
+            _fail(path, f"port {port} is given twice")
+        pairs[port] = _port(raw_target, f"{path}[{raw_port!r}]")
+    return tuple(sorted(pairs.items()))
+
+
+def _waypoint(value: Any, path: str) -> GatewayAddress | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        entry: Mapping[Any, Any] = {"hostname": value}
+    else:
+        entry = _mapping(value, path)
+        _check_keys(entry, _WAYPOINT_KEYS, path)
+    port = HBONE_PORT
+    if entry.get("hboneMtlsPort") is not None:
+        port = _port(entry["hboneMtlsPort"], f"{path}.hboneMtlsPort")
+    hostname = entry.get("hostname")
+    address = entry.get("address")
+    if (hostname is None) == (address is None):
+        _fail(path, "give exactly one of 'hostname' ('ns/host') or 'address' ('<network>/<ip>')")
+    if hostname is not None:
+        if not isinstance(hostname, str) or hostname.count("/") != 1 or hostname.startswith("/"):
+            _fail(f"{path}.hostname", f"{hostname!r} is not of the form 'namespace/hostname'")
+        return GatewayAddress(hostname=hostname, hbone_port=port)
+    return GatewayAddress(address=_network_address(address, f"{path}.address"), hbone_port=port)
+
+
+# -- entries ----------------------------------------------------------------------------------
+
+
+def _parse_workload(value: Any, path: str) -> Workload:
+    entry = _mapping(value, path)
+    _check_keys(entry, _WORKLOAD_KEYS, path)
+    name = _name(entry, "name", path)
+    namespace = _name(entry, "namespace", path)
+    service_account = _name(entry, "serviceAccount", path, DEFAULT_SERVICE_ACCOUNT)
+    trust_domain = _name(entry, "trustDomain", path, DEFAULT_TRUST_DOMAIN)
+    try:
+        SpiffeId(trust_domain, namespace, service_account)
+    except IdentityError as exc:  # pragma: no cover - _name already enforces the same rules
+        _fail(path, str(exc))
+
+    ips_path = f"{path}.workloadIps"
+    ips: list[IPAddress] = []
+    for i, raw in enumerate(_list(entry.get("workloadIps"), ips_path)):
+        ip = _ip(raw, f"{ips_path}[{i}]")
+        if ip in ips:
+            _fail(f"{ips_path}[{i}]", f"{ip} is listed twice")
+        ips.append(ip)
+
+    svc_path = f"{path}.services"
+    raw_services = entry.get("services")
+    services_map = _mapping(raw_services, svc_path) if raw_services is not None else {}
+    services: list[tuple[str, tuple[tuple[int, int], ...]]] = []
+    for key, ports in services_map.items():
+        key_path = f"{svc_path}[{key!r}]"
+        if not isinstance(key, str) or key.count("/") != 1 or key.startswith("/"):
+            _fail(key_path, "service key must be 'namespace/hostname'")
+        services.append((key, _port_map(ports, key_path)))
+    service_map: ServicePortMap = tuple(sorted(services))
+
+    return Workload(
+        uid=_uid(entry, path),
+        name=name,
+        namespace=namespace,
+        service_account=service_account,
+        trust_domain=trust_domain,
+        ips=tuple(ips),
+        network=_str(entry, "network", path, DEFAULT_NETWORK),
+        protocol=_enum(entry, "protocol", path, DEFAULT_PROTOCOL, _PROTOCOLS),
+        node=_str(entry, "node", path, ""),
+        canonical_name=_str(entry, "canonicalName", path, name),
+        canonical_revision=_str(entry, "canonicalRevision", path, DEFAULT_CANONICAL_REVISION),
+        workload_name=_str(entry, "workloadName", path, name),
+        workload_type=_str(entry, "workloadType", path, DEFAULT_WORKLOAD_TYPE),
+        cluster_id=_str(entry, "clusterId", path, DEFAULT_CLUSTER_ID),
+        status=_enum(entry, "status", path, DEFAULT_STATUS, _STATUSES),
+        waypoint=_waypoint(entry.get("waypoint"), f"{path}.waypoint"),
+        services=service_map,
+    )
+
+
+def _parse_service(value: Any, path: str) -> Service:
+    entry = _mapping(value, path)
+    _check_keys(entry, _SERVICE_KEYS, path)
+    vips_path = f"{path}.vips"
+    vips: list[NetworkAddress] = []
+    for i, raw in enumerate(_list(entry.get("vips"), vips_path)):
+        vip = _network_address(raw, f"{vips_path}[{i}]")
+        if vip in vips:
+            _fail(f"{vips_path}[{i}]", f"{vip} is listed twice")
+        vips.append(vip)
+    sans_path = f"{path}.subjectAltNames"
+    sans: list[str] = []
+    for i, raw in enumerate(_list(entry.get("subjectAltNames"), sans_path)):
+        if not isinstance(raw, str) or not raw:
+            _fail(f"{sans_path}[{i}]", f"expected a non-empty string, got {raw!r}")
+        sans.append(raw)
+    hostname = _str(entry, "hostname", path)
+    if not hostname or "/" in hostname:
+        _fail(f"{path}.hostname", f"{hostname!r} must be non-empty and contain no '/'")
+    return Service(
+        name=_name(entry, "name", path),
+        namespace=_name(entry, "namespace", path),
+        hostname=hostname,
+        vips=tuple(vips),
+        ports=tuple(ServicePort(p, t) for p, t in _port_map(entry.get("ports"), f"{path}.ports")),
+        subject_alt_names=tuple(sans),
+        waypoint=_waypoint(entry.get("waypoint"), f"{path}.waypoint"),
+    )
+
+
+def _plain_copy(value: Any, path: str, budget: list[int], depth: int = 0) -> Any:
+    """Copy YAML data into JSON-able values, refusing anything huge, deep or non-JSON."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        _fail(path, f"policy is too large (more than {_POLICY_NODE_BUDGET} values)")
+    if depth > _POLICY_MAX_DEPTH:
+        _fail(path, f"policy is nested more than {_POLICY_MAX_DEPTH} levels deep")
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            _fail(path, f"{value!r} is not a finite number")
+        return value
+    if isinstance(value, list):
+        return [_plain_copy(v, f"{path}[{i}]", budget, depth + 1) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                _fail(path, f"key {k!r} must be a string")
+            out[k] = _plain_copy(v, f"{path}.{k}", budget, depth + 1)
+        return out
+    _fail(path, f"{_kind(value)} values are not supported here; quote it")
+
+
+def _parse_policy(value: Any, path: str) -> RawPolicy:
+    entry = _mapping(value, path)
+    name = _name(entry, "name", path)
+    namespace = _str(entry, "namespace", path, "")
+    if "/" in namespace:
+        _fail(f"{path}.namespace", f"{namespace!r} must contain no '/'")
+    plain = _plain_copy(entry, path, [_POLICY_NODE_BUDGET])
+    return RawPolicy.from_mapping(name, namespace, plain)
+
+
+def parse_local_config(text: str) -> MeshState:
+    """Parse the LOCAL_XDS document. Raises `ConfigError` (and nothing else) on bad input."""
+    if not isinstance(text, str):
+        raise ConfigError(f"config must be text, got {_kind(text)}")
+    doc = _load_yaml(text)
+    if doc is None:
+        return MeshState.empty()
+    top = _mapping(doc, "config")
+    _check_keys(top, _TOP_KEYS, "config")
+    workloads = [
+        _parse_workload(w, f"workloads[{i}]")
+        for i, w in enumerate(_list(top.get("workloads"), "workloads"))
+    ]
+    services = [
+        _parse_service(s, f"services[{i}]")
+        for i, s in enumerate(_list(top.get("services"), "services"))
+    ]
+    policies = [
+        _parse_policy(p, f"policies[{i}]")
+        for i, p in enumerate(_list(top.get("policies"), "policies"))
+    ]
+    return MeshState.build(workloads, services, policies)
+
+
+# -- watcher ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _FileStamp:
+    """What a cheap stat tells us; inode catches an atomic rename over the file."""
+
+    mtime_ns: int
+    size: int
+    inode: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> _FileStamp:
+        return cls(st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def _read_and_parse(path: Path) -> tuple[_FileStamp, str, MeshState | ConfigError]:
+    """Read the file once (stat from the same open fd) and parse it; runs in a worker thread."""
+    with path.open("rb") as f:
+        stamp = _FileStamp.of(os.fstat(f.fileno()))
+        data = f.read()
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return stamp, digest, ConfigError(f"{path}: not UTF-8 text: {exc}")
+    try:
+        return stamp, digest, parse_local_config(text)
+    except ConfigError as exc:
+        return stamp, digest, ConfigError(f"{path}: {exc}")
+
+
+class LocalConfigWatcher:
+    """Polls a LOCAL_XDS file and calls `on_update` with every new valid `MeshState`.
+
+    `start()` loads the file (a missing or invalid file is a `ConfigError` then, since there
+    is no good state to fall back on), calls `on_update` with that first state, and starts
+    polling. Later, a change is detected by (mtime_ns, size, inode) and confirmed by a
+    SHA-256 of the content, so `touch` alone never triggers an update. A bad edit logs
+    `config_rejected` and keeps the last good state; a briefly missing file is waited out.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        on_update: Callable[[MeshState], None],
+        interval: float = 0.5,
+    ) -> None:
+        if interval <= 0:
+            raise ValueError(f"poll interval must be positive, got {interval}")
+        self._path = Path(path)
+        self._on_update = on_update
+        self._interval = interval
+        self._current = MeshState.empty()
+        self._stamp: _FileStamp | None = None
+        self._seen_digest = ""  # content last examined (good or bad)
+        self._good_digest = ""  # content that produced `_current`
+        self._missing = False
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def current(self) -> MeshState:
+        return self._current
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    async def start(self) -> None:
+        if self._task is not None:
+            raise RuntimeError("LocalConfigWatcher.start() called twice")
+        try:
+            stamp, digest, result = await asyncio.to_thread(_read_and_parse, self._path)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read local config {self._path}: {exc.strerror or exc}; "
+                "check LOCAL_XDS_PATH"
+            ) from exc
+        if isinstance(result, ConfigError):
+            raise result
+        self._stamp, self._seen_digest, self._good_digest = stamp, digest, digest
+        self._current = result
+        log.info("config_loaded", path=str(self._path), **_counts(result))
+        # Unlike later updates, a failing consumer here propagates: the caller is starting up.
+        self._on_update(result)
+        self._task = asyncio.create_task(self._poll_loop(), name=f"local-config-watch:{self._path}")
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is None:
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def check_now(self) -> bool:
+        """Look at the file once; True if a new state was applied. The poll loop uses this."""
+        try:
+            stamp = _FileStamp.of(self._path.stat())
+        except FileNotFoundError:
+            # An editor or an atomic writer may remove the file for a moment; keep going.
+            if not self._missing:
+                log.warning("config_missing", path=str(self._path))
+                self._missing = True
+            return False
+        except OSError as exc:
+            log.warning("config_unreadable", path=str(self._path), error=str(exc))
+            return False
+        if self._missing:
+            log.info("config_reappeared", path=str(self._path))
+            self._missing = False
+        if stamp == self._stamp:
+            return False
+        try:
+            stamp, digest, result = await asyncio.to_thread(_read_and_parse, self._path)
+        except OSError:
+            return False  # vanished between stat and open: the next poll sees the new file
+        self._stamp = stamp
+        if digest == self._seen_digest:
+            return False  # touched or rewritten with the same bytes
+        self._seen_digest = digest
+        if isinstance(result, ConfigError):
+            log.error("config_rejected", path=str(self._path), error=str(result))
+            return False
+        if digest == self._good_digest:
+            log.info("config_restored", path=str(self._path))
+            return False  # back to the content already in force
+        self._good_digest = digest
+        self._current = result
+        log.info("config_updated", path=str(self._path), **_counts(result))
+        self._deliver(result)
+        return True
+
+    def _deliver(self, state: MeshState) -> None:
+        try:
+            self._on_update(state)
+        except Exception:
+            # A failing consumer must not stop the watcher; the next change retries it.
+            log.exception("config_update_callback_failed", path=str(self._path))
+
+    async def _poll_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self.check_now()
+            except Exception:
+                log.exception("config_watch_error", path=str(self._path))
+
+
+def _counts(state: MeshState) -> dict[str, int]:
+    return {
+        "workloads": len(state.workloads),
+        "services": len(state.services),
+        "policies": len(state.policies),
+    }
