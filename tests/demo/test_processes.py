@@ -1,0 +1,138 @@
+"""The travel apps as real processes on loopback, wired only through environment variables."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import flights
+import pricing
+import pytest
+
+from tests.demo.apps import DEMO_DIR, AppRunner, Chain, free_port
+
+ROUTE = "/book?from=AMS&to=LIS"
+
+
+def test_book_reports_the_whole_chain(chain: Chain) -> None:
+    status, body = chain.frontend.get(ROUTE)
+    assert status == 200, body
+    hops = body["chain"]
+    assert [h["service"] for h in hops] == ["frontend", "flights", "pricing"]
+    assert [h["served_by"] for h in hops] == ["frontend-0", "flights-0", "pricing-0"]
+    assert [h["node"] for h in hops] == ["node1", "node2", "node2"]
+    assert all(h["seen_client"] == "127.0.0.1" for h in hops)
+    assert all(h["namespace"] == "travel" for h in hops)
+
+
+def test_book_picks_the_cheapest_deterministic_price(chain: Chain) -> None:
+    expected = min((pricing.quote_cents(c), c) for c in flights.flights_on("AMS", "LIS"))
+    first = chain.frontend.get(ROUTE)[1]
+    assert first["booking"] == {
+        "flight": expected[1],
+        "price": expected[0] / 100,
+        "currency": "EUR",
+    }
+    assert chain.frontend.get(ROUTE)[1]["booking"] == first["booking"]
+
+
+def test_every_app_answers_healthz(chain: Chain) -> None:
+    for app in (chain.frontend, chain.flights, chain.pricing):
+        assert app.get("/healthz") == (200, "ok")
+
+
+def test_bad_route_is_a_400_with_a_reason(chain: Chain) -> None:
+    status, body = chain.frontend.get("/book?from=AMS&to=AMS")
+    assert status == 400
+    assert "AMS" in body["error"]
+
+
+def test_pricing_down_is_a_502_naming_pricing(chain: Chain) -> None:
+    assert chain.pricing.stop() == 0
+    status, body = chain.flights.get("/search?from=AMS&to=LIS")
+    assert status == 502
+    assert body["downstream"] == "pricing"
+    status, body = chain.frontend.get(ROUTE)
+    assert status == 502
+    assert body["downstream"] == "flights"
+    assert body["cause"]["downstream"] == "pricing"
+
+
+def test_flights_down_is_a_502_naming_flights(chain: Chain) -> None:
+    assert chain.flights.stop() == 0
+    status, body = chain.frontend.get(ROUTE)
+    assert status == 502
+    assert body["downstream"] == "flights"
+    assert "refused" in body["error"].lower()
+
+
+def test_a_silent_downstream_times_out(runner: AppRunner) -> None:
+    # A listener that never accepts: connects succeed (kernel backlog), answers never come.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        env = {
+            "PRICING_SERVICE_HOST": "127.0.0.1",
+            "PRICING_SERVICE_PORT": str(silent.getsockname()[1]),
+        }
+        app = runner.start("flights", env, "--timeout", "0.5")
+        began = time.monotonic()
+        status, body = app.get("/search?from=AMS&to=LIS")
+        took = time.monotonic() - began
+    assert status == 502
+    assert body["downstream"] == "pricing"
+    assert "within 0.5 s" in body["error"]
+    assert took < 4.0
+
+
+@pytest.mark.parametrize("script", ["frontend", "flights", "pricing"])
+def test_sigterm_exits_cleanly(runner: AppRunner, script: str) -> None:
+    env = {"FLIGHTS_SERVICE_HOST": "127.0.0.1", "FLIGHTS_SERVICE_PORT": "1"} | {
+        "PRICING_SERVICE_HOST": "127.0.0.1",
+        "PRICING_SERVICE_PORT": "1",
+    }
+    app = runner.start(script, env)
+    assert app.stop() == 0
+    assert "stopped" in app.stderr()
+
+
+def test_missing_service_address_stops_startup_with_a_hint(runner: AppRunner) -> None:
+    app = runner.start("frontend", {}, wait=False)
+    assert app.proc.wait(10) == 2
+    assert "FLIGHTS_SERVICE_HOST" in app.stderr()
+
+
+def test_idle_waits_for_sigterm() -> None:
+    proc = subprocess.Popen([sys.executable, "travel/idle.py"], cwd=DEMO_DIR)
+    try:
+        time.sleep(0.3)
+        assert proc.poll() is None  # still idling
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(5) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+
+def test_fetch_prints_the_body(chain: Chain) -> None:
+    ok = subprocess.run(
+        [sys.executable, "travel/fetch.py", chain.frontend.url("/healthz")],
+        cwd=DEMO_DIR,
+        capture_output=True,
+        timeout=15,
+        check=False,
+    )
+    assert (ok.returncode, ok.stdout) == (0, b"ok")
+    down = subprocess.run(
+        [sys.executable, "travel/fetch.py", "--timeout", "2", f"http://127.0.0.1:{free_port()}/"],
+        cwd=DEMO_DIR,
+        capture_output=True,
+        timeout=15,
+        check=False,
+    )
+    assert down.returncode == 2
+    assert b"failed" in down.stderr
