@@ -1,0 +1,511 @@
+"""The cluster file: YAML in, one frozen, fully resolved ClusterSpec out.
+
+Invariants of a ClusterSpec (checked once here, relied on everywhere else):
+- every pod has a concrete IPv4 address inside its node's pod CIDR, unique in the cluster;
+- every service has a concrete VIP inside SERVICE_CIDR, unique in the cluster;
+- every pod's node and namespace, and every service's namespace, exist;
+- names are unique where Kubernetes requires it (nodes, namespaces, pods and services per
+  namespace), and short enough for the netns and interface names derived from them.
+
+Addressing is a pure function of file order: node i (1-based) gets 10.10.0.(10+i)/24 on the
+cluster bridge and pod CIDR 10.244.i.0/24 with gateway 10.244.i.1; pods without an `ip` get
+.10, .11, ... of their node's CIDR in file order, skipping addresses claimed explicitly.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import yaml
+
+DEFAULT_TRUST_DOMAIN = "cluster.local"
+# The DNS suffix of service hostnames; not the trust domain, even when equal by default.
+DNS_DOMAIN = "cluster.local"
+NODE_NETWORK = IPv4Network("10.10.0.0/24")
+SERVICE_CIDR = IPv4Network("10.96.0.0/16")
+FIRST_HOST_OFFSET = 10  # pods start at .10, services at 10.96.0.10, nodes at 10.10.0.11
+MAX_NODES = 244  # 10 + i must stay a usable host in NODE_NETWORK
+DATAPLANE_MODE_LABEL = "istio.io/dataplane-mode"
+PYTHON_PLACEHOLDER = "{python}"
+
+# The cluster name prefixes every netns name, and teardown deletes by that prefix.
+_CLUSTER_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?$")
+# Node names appear inside netns names; 15 keeps `<cluster>-<node>-p<k>` under 40 chars.
+_NODE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_TRAILING_ORDINAL = re.compile(r"-\d+$")
+
+
+class SpecError(ValueError):
+    """The cluster file is invalid; the message names the offending entry and what to fix."""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSpec:
+    name: str
+    index: int  # 1-based, file order
+    ip: IPv4Address
+    pod_cidr: IPv4Network
+    gateway: IPv4Address
+
+
+@dataclass(frozen=True, slots=True)
+class NamespaceSpec:
+    name: str
+    labels: Mapping[str, str] = field(hash=False)  # read-only mapping
+
+    @property
+    def ambient(self) -> bool:
+        return self.labels.get(DATAPLANE_MODE_LABEL) == "ambient"
+
+
+@dataclass(frozen=True, slots=True)
+class PortSpec:
+    port: int
+    target_port: int
+    name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PodSpec:
+    name: str
+    namespace: str
+    service_account: str
+    labels: Mapping[str, str] = field(hash=False)  # read-only mapping
+    node: str
+    ip: IPv4Address
+    command: tuple[str, ...]  # already resolved: `{python}` replaced by sys.executable
+    env: Mapping[str, str] = field(hash=False)
+
+    def enrolled(self, spec: ClusterSpec) -> bool:
+        """In the mesh: namespace labelled ambient and the pod not opted out."""
+        if self.labels.get(DATAPLANE_MODE_LABEL) == "none":
+            return False
+        return spec.namespace(self.namespace).ambient
+
+    @property
+    def workload_name(self) -> str:
+        """The owning workload's name, as a StatefulSet would name its pods `<name>-<n>`."""
+        return _TRAILING_ORDINAL.sub("", self.name)
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSpec:
+    name: str
+    namespace: str
+    vip: IPv4Address
+    selector: Mapping[str, str] = field(hash=False)
+    ports: tuple[PortSpec, ...]
+
+    @property
+    def hostname(self) -> str:
+        return f"{self.name}.{self.namespace}.svc.{DNS_DOMAIN}"
+
+    def selects(self, pod: PodSpec) -> bool:
+        """Kubernetes semantics: same namespace, every selector label equal. An empty
+        selector selects nothing (such services have manually managed endpoints)."""
+        if pod.namespace != self.namespace or not self.selector:
+            return False
+        return all(pod.labels.get(k) == v for k, v in self.selector.items())
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSpec:
+    name: str
+    trust_domain: str
+    nodes: tuple[NodeSpec, ...]
+    namespaces: tuple[NamespaceSpec, ...]
+    pods: tuple[PodSpec, ...]
+    services: tuple[ServiceSpec, ...]
+    base_dir: Path  # cwd of every pod command: the cluster file's directory
+
+    def node(self, name: str) -> NodeSpec:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(f"no node {name!r} in cluster {self.name!r}")
+
+    def namespace(self, name: str) -> NamespaceSpec:
+        for ns in self.namespaces:
+            if ns.name == name:
+                return ns
+        raise KeyError(f"no namespace {name!r} in cluster {self.name!r}")
+
+    def pod(self, namespace: str, name: str) -> PodSpec:
+        for p in self.pods:
+            if p.namespace == namespace and p.name == name:
+                return p
+        raise KeyError(f"no pod {namespace}/{name} in cluster {self.name!r}")
+
+    def service(self, namespace: str, name: str) -> ServiceSpec:
+        for s in self.services:
+            if s.namespace == namespace and s.name == name:
+                return s
+        raise KeyError(f"no service {namespace}/{name} in cluster {self.name!r}")
+
+    def pods_on(self, node: str) -> tuple[PodSpec, ...]:
+        return tuple(p for p in self.pods if p.node == node)
+
+    def endpoints(self, service: ServiceSpec) -> tuple[PodSpec, ...]:
+        """Pods in the service's namespace matching its selector, in file order."""
+        return tuple(p for p in self.pods if service.selects(p))
+
+    def services_for(self, pod: PodSpec) -> tuple[ServiceSpec, ...]:
+        return tuple(s for s in self.services if s.selects(pod))
+
+
+def valid_cluster_name(name: str) -> bool:
+    return bool(_CLUSTER_NAME.match(name))
+
+
+# --- addressing (pure) -------------------------------------------------------------------
+
+
+def node_ip(index: int) -> IPv4Address:
+    return NODE_NETWORK.network_address + FIRST_HOST_OFFSET + index
+
+
+def node_pod_cidr(index: int) -> IPv4Network:
+    return IPv4Network(f"10.244.{index}.0/24")
+
+
+def node_gateway(index: int) -> IPv4Address:
+    return node_pod_cidr(index).network_address + 1
+
+
+def _allocate(network: IPv4Network, taken: set[IPv4Address], start: int) -> IPv4Address:
+    addr = network.network_address + start
+    while addr in taken:
+        addr += 1
+    if addr not in network or addr == network.broadcast_address:
+        raise SpecError(f"address range {network} is exhausted; use fewer entries")
+    taken.add(addr)
+    return addr
+
+
+# --- environment (pure) ------------------------------------------------------------------
+
+
+def env_name(service_name: str) -> str:
+    return service_name.upper().replace("-", "_")
+
+
+def pod_env(spec: ClusterSpec, pod: PodSpec) -> dict[str, str]:
+    """Kubernetes-style variables for a pod; the pod's own `env` wins on conflict."""
+    env: dict[str, str] = {}
+    for svc in spec.services:
+        if svc.namespace != pod.namespace:
+            continue
+        env[f"{env_name(svc.name)}_SERVICE_HOST"] = str(svc.vip)
+        env[f"{env_name(svc.name)}_SERVICE_PORT"] = str(svc.ports[0].port)
+    env.update(
+        POD_NAME=pod.name,
+        POD_NAMESPACE=pod.namespace,
+        POD_IP=str(pod.ip),
+        NODE_NAME=pod.node,
+    )
+    env.update(pod.env)
+    return env
+
+
+# --- parsing -----------------------------------------------------------------------------
+
+
+def load_cluster(path: Path | str) -> ClusterSpec:
+    """Read and validate a cluster file; commands run relative to its directory."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise SpecError(f"cannot read cluster file {p}: {e.strerror}") from e
+    return parse_cluster(text, p.resolve().parent)
+
+
+def parse_cluster(text: str, base_dir: Path) -> ClusterSpec:
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SpecError(f"cluster file is not valid YAML: {e}") from e
+    root = _mapping(
+        doc, "cluster file", {"name", "trustDomain", "nodes", "namespaces", "pods", "services"}
+    )
+    name = _str(root, "name", "cluster file")
+    if not _CLUSTER_NAME.match(name):
+        raise SpecError(
+            f"cluster name {name!r} must be 1-10 characters of [a-z0-9-], "
+            "starting and ending with a letter or digit"
+        )
+    trust_domain = _str(root, "trustDomain", "cluster file", DEFAULT_TRUST_DOMAIN)
+    nodes = _parse_nodes(_list(root, "nodes", "cluster file", required=True))
+    namespaces = _parse_namespaces(_list(root, "namespaces", "cluster file"))
+    pods = _parse_pods(_list(root, "pods", "cluster file"), nodes, namespaces, base_dir)
+    services = _parse_services(_list(root, "services", "cluster file"), namespaces)
+    return ClusterSpec(
+        name=name,
+        trust_domain=trust_domain,
+        nodes=nodes,
+        namespaces=namespaces,
+        pods=pods,
+        services=services,
+        base_dir=base_dir,
+    )
+
+
+def _parse_nodes(items: list[Any]) -> tuple[NodeSpec, ...]:
+    if not items:
+        raise SpecError("cluster file needs at least one entry under 'nodes'")
+    if len(items) > MAX_NODES:
+        raise SpecError(f"at most {MAX_NODES} nodes are supported, got {len(items)}")
+    out: list[NodeSpec] = []
+    seen: set[str] = set()
+    for i, item in enumerate(items, start=1):
+        where = f"nodes[{i - 1}]"
+        m = _mapping(item, where, {"name"})
+        name = _str(m, "name", where)
+        if not _NODE_NAME.match(name):
+            raise SpecError(f"{where}: node name {name!r} must be 1-15 characters of [a-z0-9-]")
+        if name in seen:
+            raise SpecError(f"{where}: duplicate node name {name!r}")
+        seen.add(name)
+        out.append(NodeSpec(name, i, node_ip(i), node_pod_cidr(i), node_gateway(i)))
+    return tuple(out)
+
+
+def _parse_namespaces(items: list[Any]) -> tuple[NamespaceSpec, ...]:
+    out: list[NamespaceSpec] = []
+    seen: set[str] = set()
+    for i, item in enumerate(items):
+        where = f"namespaces[{i}]"
+        m = _mapping(item, where, {"name", "labels"})
+        name = _dns_label(_str(m, "name", where), where, "namespace name")
+        if name in seen:
+            raise SpecError(f"{where}: duplicate namespace {name!r}")
+        seen.add(name)
+        out.append(NamespaceSpec(name, _str_map(m, "labels", where)))
+    return tuple(out)
+
+
+def _parse_pods(
+    items: list[Any],
+    nodes: tuple[NodeSpec, ...],
+    namespaces: tuple[NamespaceSpec, ...],
+    base_dir: Path,
+) -> tuple[PodSpec, ...]:
+    by_node = {n.name: n for n in nodes}
+    ns_names = {ns.name for ns in namespaces}
+    keys = {"name", "namespace", "serviceAccount", "labels", "node", "ip", "command", "env"}
+    # First pass: validate and collect explicit IPs, so allocation can skip them.
+    raw: list[tuple[str, dict[str, Any], NodeSpec, IPv4Address | None]] = []
+    claimed: dict[IPv4Address, str] = {}
+    seen: set[tuple[str, str]] = set()
+    for i, item in enumerate(items):
+        where = f"pods[{i}]"
+        m = _mapping(item, where, keys)
+        name = _dns_label(_str(m, "name", where), where, "pod name")
+        where = f"pods[{i}] ({name})"
+        namespace = _str(m, "namespace", where)
+        if namespace not in ns_names:
+            raise SpecError(f"{where}: namespace {namespace!r} is not listed under 'namespaces'")
+        if (namespace, name) in seen:
+            raise SpecError(f"{where}: duplicate pod {namespace}/{name}")
+        seen.add((namespace, name))
+        node_name = _str(m, "node", where)
+        node = by_node.get(node_name)
+        if node is None:
+            raise SpecError(
+                f"{where}: unknown node {node_name!r}; known nodes: {', '.join(sorted(by_node))}"
+            )
+        ip: IPv4Address | None = None
+        if "ip" in m:
+            ip = _ipv4(m["ip"], f"{where}.ip")
+            hosts_ok = ip in node.pod_cidr and ip not in (
+                node.pod_cidr.network_address,
+                node.gateway,
+                node.pod_cidr.broadcast_address,
+            )
+            if not hosts_ok:
+                raise SpecError(
+                    f"{where}: ip {ip} is not a usable pod address of node {node.name} "
+                    f"(pod CIDR {node.pod_cidr}, gateway {node.gateway})"
+                )
+            if ip in claimed:
+                raise SpecError(f"{where}: ip {ip} is already used by pod {claimed[ip]}")
+            claimed[ip] = f"{namespace}/{name}"
+        raw.append((where, m, node, ip))
+    taken = set(claimed)
+    out: list[PodSpec] = []
+    for where, m, node, ip in raw:
+        resolved = ip if ip is not None else _allocate(node.pod_cidr, taken, FIRST_HOST_OFFSET)
+        out.append(
+            PodSpec(
+                name=m["name"],
+                namespace=m["namespace"],
+                service_account=_dns_label(
+                    _str(m, "serviceAccount", where, "default"), where, "serviceAccount"
+                ),
+                labels=_str_map(m, "labels", where),
+                node=node.name,
+                ip=resolved,
+                command=_command(m, where),
+                env=_str_map(m, "env", where),
+            )
+        )
+    return tuple(out)
+
+
+def _parse_services(
+    items: list[Any], namespaces: tuple[NamespaceSpec, ...]
+) -> tuple[ServiceSpec, ...]:
+    ns_names = {ns.name for ns in namespaces}
+    raw: list[tuple[str, dict[str, Any], IPv4Address | None]] = []
+    claimed: dict[IPv4Address, str] = {}
+    seen: set[tuple[str, str]] = set()
+    for i, item in enumerate(items):
+        where = f"services[{i}]"
+        m = _mapping(item, where, {"name", "namespace", "vip", "selector", "ports"})
+        name = _dns_label(_str(m, "name", where), where, "service name")
+        where = f"services[{i}] ({name})"
+        namespace = _str(m, "namespace", where)
+        if namespace not in ns_names:
+            raise SpecError(f"{where}: namespace {namespace!r} is not listed under 'namespaces'")
+        if (namespace, name) in seen:
+            raise SpecError(f"{where}: duplicate service {namespace}/{name}")
+        seen.add((namespace, name))
+        vip: IPv4Address | None = None
+        if "vip" in m:
+            vip = _ipv4(m["vip"], f"{where}.vip")
+            if vip not in SERVICE_CIDR or vip in (
+                SERVICE_CIDR.network_address,
+                SERVICE_CIDR.broadcast_address,
+            ):
+                raise SpecError(f"{where}: vip {vip} must be a host address in {SERVICE_CIDR}")
+            if vip in claimed:
+                raise SpecError(f"{where}: vip {vip} is already used by service {claimed[vip]}")
+            claimed[vip] = f"{namespace}/{name}"
+        raw.append((where, m, vip))
+    taken = set(claimed)
+    out: list[ServiceSpec] = []
+    for where, m, vip in raw:
+        resolved = vip if vip is not None else _allocate(SERVICE_CIDR, taken, FIRST_HOST_OFFSET)
+        out.append(
+            ServiceSpec(
+                name=m["name"],
+                namespace=m["namespace"],
+                vip=resolved,
+                selector=_str_map(m, "selector", where),
+                ports=_ports(m, where),
+            )
+        )
+    return tuple(out)
+
+
+def _ports(m: dict[str, Any], where: str) -> tuple[PortSpec, ...]:
+    items = _list(m, "ports", where, required=True)
+    if not items:
+        raise SpecError(f"{where}: 'ports' needs at least one entry")
+    out: list[PortSpec] = []
+    seen: set[int] = set()
+    for i, item in enumerate(items):
+        pw = f"{where}.ports[{i}]"
+        pm = _mapping(item, pw, {"port", "targetPort", "name"})
+        if "port" not in pm:
+            raise SpecError(f"{pw}: missing required field 'port'")
+        port = _port_number(pm["port"], f"{pw}.port")
+        target = _port_number(pm.get("targetPort", port), f"{pw}.targetPort")
+        if port in seen:
+            raise SpecError(f"{pw}: duplicate service port {port}")
+        seen.add(port)
+        out.append(PortSpec(port, target, _str(pm, "name", pw, "")))
+    return tuple(out)
+
+
+def _command(m: dict[str, Any], where: str) -> tuple[str, ...]:
+    if "command" not in m:
+        raise SpecError(f"{where}: missing required field 'command' (a list of strings)")
+    cmd = m["command"]
+    if not isinstance(cmd, list) or not cmd or not all(isinstance(a, str) for a in cmd):
+        raise SpecError(f"{where}: 'command' must be a non-empty list of strings")
+    return tuple(a.replace(PYTHON_PLACEHOLDER, sys.executable) for a in cmd)
+
+
+# --- small typed readers: every raw value is checked once, here ---------------------------
+
+
+def _mapping(value: Any, where: str, allowed: set[str]) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise SpecError(f"{where} must be a mapping, got {type(value).__name__}")
+    for key in value:
+        if key not in allowed:
+            raise SpecError(
+                f"{where}: unknown field {key!r}; expected one of {', '.join(sorted(allowed))}"
+            )
+    return value
+
+
+def _str(m: dict[str, Any], key: str, where: str, default: str | None = None) -> str:
+    if key not in m or m[key] is None:
+        if default is None:
+            raise SpecError(f"{where}: missing required field {key!r}")
+        return default
+    value = m[key]
+    if not isinstance(value, str) or (not value and default is None):
+        raise SpecError(f"{where}: {key!r} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _list(m: dict[str, Any], key: str, where: str, required: bool = False) -> list[Any]:
+    if key not in m or m[key] is None:
+        if required:
+            raise SpecError(f"{where}: missing required field {key!r}")
+        return []
+    value = m[key]
+    if not isinstance(value, list):
+        raise SpecError(f"{where}: {key!r} must be a list, got {type(value).__name__}")
+    return value
+
+
+def _str_map(m: dict[str, Any], key: str, where: str) -> Mapping[str, str]:
+    value = m.get(key)
+    if value is None:
+        return MappingProxyType({})
+    if not isinstance(value, dict):
+        raise SpecError(f"{where}: {key!r} must be a mapping of strings")
+    out: dict[str, str] = {}
+    for k, v in value.items():
+        # YAML turns `version: 1` or `enabled: true` into non-strings; say so plainly.
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise SpecError(
+                f"{where}: {key!r} entry {k!r}: {v!r} must map a string to a string "
+                "(quote numbers and booleans)"
+            )
+        out[k] = v
+    return MappingProxyType(out)
+
+
+def _dns_label(value: str, where: str, what: str) -> str:
+    if not _DNS_LABEL.match(value):
+        raise SpecError(f"{where}: {what} {value!r} must be a DNS label ([a-z0-9-], max 63)")
+    return value
+
+
+def _ipv4(value: Any, where: str) -> IPv4Address:
+    if not isinstance(value, str):
+        raise SpecError(f"{where}: must be an IPv4 address string, got {value!r}")
+    try:
+        return IPv4Address(value)
+    except ipaddress.AddressValueError as e:
+        raise SpecError(f"{where}: {value!r} is not an IPv4 address") from e
+
+
+def _port_number(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise SpecError(f"{where}: must be a port number 1-65535, got {value!r}")
+    return value

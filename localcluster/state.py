@@ -1,0 +1,181 @@
+"""A cluster's record of what it created, and the teardown that removes all of it.
+
+Invariants:
+- the record (state.json) names a netns BEFORE that netns is created, so a crash at any
+  point leaves a record that covers everything that exists;
+- teardown is idempotent and also works without a record: it deletes every netns named
+  `<cluster>-*` and stops every process still inside one of them (a process spawned but
+  not yet recorded when a crash hit has no pidfile, but it lives in a cluster netns);
+- teardown never touches `ca/` in the state directory: the mesh keeps its CA there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pyroute2 import netns as pr_netns
+
+import nsutil
+from localcluster.processes import ProcessRecord, proc_stat, stop_recorded, terminate
+from localcluster.spec import valid_cluster_name
+
+DEFAULT_STATE_ROOT = Path("/var/lib/ambientctl")
+STATE_FILE = "state.json"
+KEEP_DIRS = frozenset({"ca"})
+
+
+class StateError(RuntimeError):
+    """The state directory is unusable (bad cluster name, unreadable record)."""
+
+
+@dataclass(slots=True)
+class ClusterState:
+    """The on-disk record of one cluster. Mutable by design: it grows as things are made."""
+
+    cluster: str
+    dir: Path
+    netns: list[str] = field(default_factory=list)
+
+    @property
+    def pidfile_dir(self) -> Path:
+        return self.dir / "pids"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.dir / "logs"
+
+    @property
+    def path(self) -> Path:
+        return self.dir / STATE_FILE
+
+    @classmethod
+    def open(cls, cluster: str, state_root: Path | str | None = None) -> ClusterState:
+        """The cluster's record, loaded if it exists, else a new empty one written to disk."""
+        d = state_dir(cluster, state_root)
+        d.mkdir(parents=True, exist_ok=True)
+        st = cls.load(cluster, state_root)
+        if st is None:
+            st = cls(cluster, d)
+            st.save()
+        st.pidfile_dir.mkdir(exist_ok=True)
+        st.log_dir.mkdir(exist_ok=True)
+        return st
+
+    @classmethod
+    def load(cls, cluster: str, state_root: Path | str | None = None) -> ClusterState | None:
+        d = state_dir(cluster, state_root)
+        try:
+            doc = json.loads((d / STATE_FILE).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            # A torn write is impossible (atomic replace), so this is outside interference.
+            raise StateError(f"cannot read {d / STATE_FILE}: {e}; remove it to start over") from e
+        return cls(cluster, d, [str(n) for n in doc.get("netns", [])])
+
+    def record_netns(self, name: str) -> None:
+        """Call BEFORE creating the netns."""
+        if name not in self.netns:
+            self.netns.append(name)
+            self.save()
+
+    def save(self) -> None:
+        doc = {
+            "cluster": self.cluster,
+            "netns": self.netns,
+            "pidfileDir": str(self.pidfile_dir),
+            "logDir": str(self.log_dir),
+        }
+        tmp = self.dir / f".{STATE_FILE}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+
+def state_dir(cluster: str, state_root: Path | str | None = None) -> Path:
+    if not valid_cluster_name(cluster):
+        raise StateError(f"invalid cluster name {cluster!r}: 1-10 characters of [a-z0-9-]")
+    return Path(state_root if state_root is not None else DEFAULT_STATE_ROOT) / cluster
+
+
+@dataclass(frozen=True, slots=True)
+class TeardownReport:
+    processes_stopped: int
+    netns_removed: tuple[str, ...]
+
+
+def teardown(cluster_name: str, state_root: Path | str | None = None) -> TeardownReport:
+    """Remove everything the cluster made; succeed when nothing exists. Idempotent."""
+    d = state_dir(cluster_name, state_root)
+    recorded = ClusterState.load(cluster_name, state_root) if d.is_dir() else None
+    stopped = stop_recorded(d / "pids") if d.is_dir() else 0
+    prefix = f"{cluster_name}-"
+    names = set(recorded.netns if recorded else [])
+    names.update(n for n in pr_netns.listnetns() if n.startswith(prefix))
+    stopped += terminate(_processes_inside(names))
+    removed: list[str] = []
+    for name in sorted(names):
+        if _remove_netns(name):
+            removed.append(name)
+    _remove_runtime_files(d)
+    return TeardownReport(stopped, tuple(removed))
+
+
+def _processes_inside(netns_names: set[str]) -> list[ProcessRecord]:
+    """Every process whose network namespace is one of `netns_names` (matched by inode)."""
+    inodes: dict[tuple[int, int], str] = {}
+    for name in netns_names:
+        try:
+            st = os.stat(nsutil.netns_path(name))
+        except OSError:
+            continue
+        inodes[(st.st_dev, st.st_ino)] = name
+    if not inodes:
+        return []
+    me = os.getpid()
+    out: list[ProcessRecord] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        pid = int(entry)
+        try:
+            st = os.stat(f"/proc/{pid}/ns/net")
+        except OSError:
+            continue
+        owner = inodes.get((st.st_dev, st.st_ino))
+        ps = proc_stat(pid) if owner is not None else None
+        if owner is None or ps is None:
+            continue
+        out.append(ProcessRecord(f"netns:{owner}", pid, ps[2], (), nsutil.netns_path(owner), ""))
+    return out
+
+
+def _remove_netns(name: str) -> bool:
+    if not os.path.exists(nsutil.netns_path(name)):
+        return False
+    try:
+        pr_netns.remove(name)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _remove_runtime_files(d: Path) -> None:
+    if not d.is_dir():
+        return
+    for child in d.iterdir():
+        if child.name in KEEP_DIRS:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        d.rmdir()  # only succeeds when nothing (no ca/) is left
