@@ -1,0 +1,156 @@
+"""The asyncio shell around the sans-IO HTTP/2 connection: one per TLS connection.
+
+It feeds received bytes to `H2Connection`, writes what the connection queued, and turns
+TLS back-pressure (pause_writing) into back-pressure on every stream's producer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from ztunnel.hbone.conn import H2Connection, Headers, StreamHandler
+
+# Keepalive (protocols.md): PING every 10 s, give up after 20 s without an answer.
+PING_INTERVAL = 10.0
+PING_TIMEOUT = 20.0
+
+
+class BackpressureListener(Protocol):
+    def pause_producing(self) -> None: ...
+
+    def resume_producing(self) -> None: ...
+
+
+class H2Transport(asyncio.Protocol):
+    """An HTTP/2 connection bound to one (TLS) transport."""
+
+    def __init__(
+        self,
+        client: bool,
+        on_request: Callable[[H2Transport, int, Headers], None] | None = None,
+        on_closed: Callable[[H2Transport], None] | None = None,
+        keepalive: bool = True,
+    ) -> None:
+        self.conn = H2Connection(client, self)
+        self.transport: asyncio.Transport | None = None
+        self.write_paused = False
+        self.listeners: set[BackpressureListener] = set()
+        self.last_active = time.monotonic()
+        self.reserved = 0  # stream slots promised by the pool but not yet opened
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._on_request = on_request
+        self._on_closed = on_closed
+        self._keepalive = keepalive
+        self._ping_timer: asyncio.TimerHandle | None = None
+        self._ping_outstanding: bytes | None = None
+        self._ping_sent_at = 0.0
+        self._closed_reported = False
+
+    # ---- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.conn.initiate()
+        self.flush()
+        if not self.ready.done():
+            self.ready.set_result(None)
+        if self._keepalive:
+            self._ping_timer = asyncio.get_running_loop().call_later(PING_INTERVAL, self._ping)
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.receive(data)
+        self.flush()
+
+    def eof_received(self) -> bool:
+        self.conn.close(reason="peer closed the TLS connection")
+        self.flush()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._ping_timer is not None:
+            self._ping_timer.cancel()
+        if not self.conn.closed:
+            reason = f"TLS connection lost: {exc}" if exc else "TLS connection closed"
+            self.conn.out.clear()
+            self.conn.close(reason=reason)
+            self.conn.out.clear()
+        self._report_closed()
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError("connection lost before it was ready"))
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        for listener in list(self.listeners):
+            listener.pause_producing()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        for listener in list(self.listeners):
+            listener.resume_producing()
+
+    # ---- ConnectionHandler (called by H2Connection) -------------------------------------
+
+    def on_request(self, stream_id: int, headers: Headers) -> None:
+        if self._on_request is None:
+            self.conn.respond(stream_id, 405, None, end=True)
+            return
+        self._on_request(self, stream_id, headers)
+
+    def on_terminated(self, code: int, reason: str) -> None:
+        # Flush the GOAWAY, then close; the transport reports connection_lost later.
+        self.flush()
+        if self.transport is not None:
+            self.transport.close()
+        self._report_closed()
+
+    def on_ping_ack(self, payload: bytes) -> None:
+        if payload == self._ping_outstanding:
+            self._ping_outstanding = None
+
+    # ---- use ---------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        out = self.conn.take_output()
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(out)
+
+    def open_stream(self, headers: Headers, handler: StreamHandler) -> int:
+        self.last_active = time.monotonic()
+        sid = self.conn.open_stream(headers, handler)
+        self.flush()
+        return sid
+
+    @property
+    def usable(self) -> bool:
+        return not (self.conn.closed or self.conn.goaway_received) and self.transport is not None
+
+    def close(self, reason: str = "closed locally") -> None:
+        self.conn.close(reason=reason)
+        self.flush()
+
+    def _report_closed(self) -> None:
+        if self._closed_reported:
+            return
+        self._closed_reported = True
+        if self._on_closed is not None:
+            self._on_closed(self)
+
+    def _ping(self) -> None:
+        if self.conn.closed:
+            return
+        loop = asyncio.get_running_loop()
+        if self._ping_outstanding is not None:
+            if loop.time() - self._ping_sent_at >= PING_TIMEOUT:
+                self.close(reason=f"no PING answer within {PING_TIMEOUT:.0f} s")
+                return
+        else:
+            self._ping_outstanding = os.urandom(8)
+            self._ping_sent_at = loop.time()
+            self.conn.send_ping(self._ping_outstanding)
+            self.flush()
+        self._ping_timer = loop.call_later(PING_INTERVAL, self._ping)
