@@ -196,9 +196,8 @@ def test_receive_credit_only_returned_after_ack() -> None:
     "garbage",
     [
         b"GET / HTTP/1.1\r\n\r\n",
-        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame_header(4, FrameType.PING, 0, 0) + b"abcd",
-        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-        + frame_header(2 * 1024 * 1024, FrameType.SETTINGS, 0, 0),
+        PREFACE + frame_header(4, FrameType.PING, 0, 0) + b"abcd",
+        PREFACE + frame_header(2 * 1024 * 1024, FrameType.SETTINGS, 0, 0),
     ],
 )
 def test_malformed_input_ends_connection_with_goaway(garbage: bytes) -> None:
