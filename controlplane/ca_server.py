@@ -1,0 +1,279 @@
+"""The built-in CA served over a unix socket: nodes trade a token and a CSR for a chain.
+
+`POST /v1/certificates` with `Authorization: Bearer <node token>` and JSON
+`{"csr": "<pem>", "ttlSeconds": 86400}` answers 200 `{"certChain": [leaf, ..., root]}`,
+401 (missing or unknown token), 403 (this node may not hold that identity), 400 (bad JSON,
+bad CSR, bad lifetime) or 503 (the authorizer could not decide). Errors are JSON
+`{"error": "<what to check>"}`.
+
+Invariants:
+- The identity issued is the CSR's one URI SAN, and only if `may_issue(node, identity)`
+  says the node runs a workload with it: a node can never get another node's identities.
+- The socket file is 0600 from the moment it has its final name (bound under a temporary
+  name, chmod-ed, then renamed into place).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hmac
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import structlog
+import yaml
+from aiohttp import web
+
+from controlplane.ca import DEFAULT_LEAF_TTL, CAError, CertificateAuthority, csr_identity, parse_csr
+from ztunnel.identity import DEFAULT_SERVICE_ACCOUNT, DEFAULT_TRUST_DOMAIN, IdentityError, SpiffeId
+
+log = structlog.get_logger(__name__)
+
+CERTIFICATES_PATH = "/v1/certificates"
+MAX_BODY = 64 * 1024  # a CSR is ~500 bytes; anything near this is not a CSR
+
+Authorizer = Callable[[str, SpiffeId], bool]
+
+
+class CAServerError(Exception):
+    """The CA server cannot start or read its inputs; the message says which file or path."""
+
+
+class CAServer:
+    def __init__(
+        self, ca: CertificateAuthority, tokens: Mapping[str, str], may_issue: Authorizer
+    ) -> None:
+        self._ca = ca
+        self._tokens = dict(tokens)
+        self._may_issue = may_issue
+        self._runner: web.AppRunner | None = None
+        self._path: Path | None = None
+
+    async def start(self, path: Path | str) -> None:
+        path = Path(path)
+        sock = _bind_private_unix(path)
+        app = web.Application(client_max_size=MAX_BODY)
+        app.router.add_post(CERTIFICATES_PATH, self._handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        try:
+            await web.SockSite(runner, sock).start()
+        except BaseException:
+            await runner.cleanup()
+            sock.close()
+            path.unlink(missing_ok=True)
+            raise
+        self._runner, self._path = runner, path
+        log.info("CA listening", socket=str(path), trust_domain=self._ca.trust_domain)
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._path is not None:
+            self._path.unlink(missing_ok=True)
+            self._path = None
+
+    def _node_for(self, request: web.Request) -> str | None:
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return None
+        presented = token.strip().encode()
+        node = None
+        # Compare against every token in constant time: timing must not reveal a prefix.
+        for known, name in self._tokens.items():
+            if hmac.compare_digest(known.encode(), presented):
+                node = name
+        return node
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        node = self._node_for(request)
+        if node is None:
+            return _error(401, "missing or unknown bearer token; check the node's CA token")
+        try:
+            body = await request.json()
+        except (ValueError, UnicodeDecodeError):
+            return _error(400, "request body is not JSON")
+        try:
+            csr_pem, ttl = _parse_request(body)
+            identity = csr_identity(parse_csr(csr_pem))
+        except (CAError, ValueError) as e:
+            return _error(400, str(e))
+        try:
+            allowed = self._may_issue(node, identity)
+        except Exception as e:
+            log.exception("authorizer failed", node=node, identity=str(identity))
+            return _error(503, f"cannot decide whether node {node} may hold {identity}: {e}")
+        if not allowed:
+            log.warning("certificate refused", node=node, identity=str(identity))
+            return _error(403, f"node {node!r} runs no workload with identity {identity}")
+        try:
+            chain = self._ca.sign_csr(csr_pem, identity, ttl)
+        except CAError as e:
+            return _error(400, str(e))
+        log.info(
+            "certificate issued", node=node, identity=str(identity), ttl_s=int(ttl.total_seconds())
+        )
+        return web.json_response({"certChain": [pem.decode() for pem in chain]})
+
+
+def _parse_request(body: Any) -> tuple[bytes, timedelta]:
+    if not isinstance(body, dict):
+        raise ValueError('request must be a JSON object {"csr": ..., "ttlSeconds": ...}')
+    csr = body.get("csr")
+    if not isinstance(csr, str) or not csr:
+        raise ValueError('"csr" must be a PEM string')
+    ttl_s = body.get("ttlSeconds", int(DEFAULT_LEAF_TTL.total_seconds()))
+    if isinstance(ttl_s, bool) or not isinstance(ttl_s, int):
+        raise ValueError('"ttlSeconds" must be an integer number of seconds')
+    return csr.encode(), timedelta(seconds=ttl_s)
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def _bind_private_unix(path: Path) -> socket.socket:
+    if path.exists() or path.is_symlink():
+        if not path.is_socket():
+            raise CAServerError(f"{path} exists and is not a socket; remove it or pick another")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            pass  # stale socket of a process that is gone: replaced below
+        else:
+            raise CAServerError(f"another process is serving on {path}; stop it first")
+        finally:
+            probe.close()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(tmp))
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError as e:
+        sock.close()
+        tmp.unlink(missing_ok=True)
+        raise CAServerError(f"cannot listen on {path}: {e}") from e
+    return sock
+
+
+# --- the standalone process: tokens and authorization from files -----------------------
+
+
+def load_tokens(path: Path) -> dict[str, str]:
+    """token -> node name, from a YAML or JSON mapping."""
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise CAServerError(f"cannot read tokens file {path}: {e}") from e
+    if not isinstance(doc, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and k and v for k, v in doc.items()
+    ):
+        raise CAServerError(f"{path} must be a mapping of token string -> node name")
+    return dict(doc)
+
+
+def parse_workload_grants(doc: Any) -> frozenset[tuple[str, SpiffeId]]:
+    """The (node, identity) pairs a local-mode workloads document allows."""
+    workloads = doc.get("workloads") if isinstance(doc, dict) else None
+    if workloads is None:
+        return frozenset()
+    if not isinstance(workloads, list):
+        raise ValueError('"workloads" must be a list')
+    grants = set()
+    for i, w in enumerate(workloads):
+        if not isinstance(w, dict):
+            raise ValueError(f"workloads[{i}] is not a mapping")
+        node, namespace = w.get("node"), w.get("namespace")
+        if not isinstance(node, str) or not node or not isinstance(namespace, str):
+            continue  # a workload with no node cannot be vouched for by any node
+        try:
+            identity = SpiffeId(
+                str(w.get("trustDomain") or DEFAULT_TRUST_DOMAIN),
+                namespace,
+                str(w.get("serviceAccount") or DEFAULT_SERVICE_ACCOUNT),
+            )
+        except IdentityError as e:
+            raise ValueError(f"workloads[{i}] ({w.get('name')!r}): {e}") from e
+        grants.add((node, identity))
+    return frozenset(grants)
+
+
+@dataclass(slots=True)
+class WorkloadsFileAuthorizer:
+    """Allows identity X on node N iff the workloads file has a workload with both."""
+
+    path: Path
+    _stamp: tuple[int, int] | None = None
+    _grants: frozenset[tuple[str, SpiffeId]] = frozenset()
+
+    def __call__(self, node: str, identity: SpiffeId) -> bool:
+        return (node, identity) in self._current()
+
+    def _current(self) -> frozenset[tuple[str, SpiffeId]]:
+        try:
+            st = self.path.stat()
+        except OSError as e:
+            raise CAServerError(f"cannot read workloads file {self.path}: {e}") from e
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp != self._stamp:
+            try:
+                doc = yaml.safe_load(self.path.read_text())
+                grants = parse_workload_grants(doc)
+            except (OSError, yaml.YAMLError, ValueError) as e:
+                raise CAServerError(f"workloads file {self.path} is invalid: {e}") from e
+            self._grants, self._stamp = grants, stamp
+        return self._grants
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    ca = CertificateAuthority.load_or_create(Path(args.state_dir), args.trust_domain)
+    tokens = load_tokens(Path(args.tokens_file))
+    server = CAServer(ca, tokens, WorkloadsFileAuthorizer(Path(args.workloads_file)))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start(Path(args.socket))
+    try:
+        await stop.wait()
+    finally:
+        await server.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m controlplane.ca_server", description="The mesh CA on a unix socket."
+    )
+    parser.add_argument("--state-dir", required=True, help="directory for ca/root-*.pem")
+    parser.add_argument("--socket", required=True, help="unix socket path to listen on")
+    parser.add_argument("--tokens-file", required=True, help="YAML/JSON token -> node name")
+    parser.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN)
+    parser.add_argument("--workloads-file", required=True, help="local-mode workloads YAML")
+    args = parser.parse_args(argv)
+    try:
+        asyncio.run(_serve(args))
+    except (CAError, CAServerError) as e:
+        print(f"ca_server: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        raise SystemExit(main())
