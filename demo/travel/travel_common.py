@@ -268,7 +268,10 @@ def serve(app: str, routes: Mapping[str, Handler], host: str, port: int) -> int:
     signal.signal(signal.SIGINT, on_signal)
     # serve_forever runs in a worker thread so the main thread stays free to receive the
     # signal; shutdown() from inside a handler on the serving thread would deadlock.
-    loop = threading.Thread(target=server.serve_forever, name=f"{app}-serve", daemon=True)
+    # A short poll interval: shutdown() waits for the loop to notice, and pods stop often.
+    loop = threading.Thread(
+        target=server.serve_forever, args=(0.1,), name=f"{app}-serve", daemon=True
+    )
     loop.start()
     sys.stderr.write(f"{app} listening on {host}:{port} (pid {os.getpid()})\n")
     sys.stderr.flush()
