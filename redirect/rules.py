@@ -401,35 +401,55 @@ def _target(spec: str) -> str | None:
     return None
 
 
-def disposable_nft_tables(nft_json: str, candidates: Iterable[str] = TABLES) -> tuple[str, ...]:
-    """Which of the `ip` family `candidates` tables in `nft -j list ruleset` output hold
-    nothing but base chains with an accept policy (no rules, no other objects).
+def nft_leftovers(nft_json: str, candidates: Iterable[str] = TABLES) -> str:
+    """An `nft -f` script deleting what iptables-nft left behind in the `ip` family
+    `candidates` tables of `nft -j list ruleset` output, or "" if nothing is left over.
 
-    iptables-nft creates a table the first time a rule is added and leaves it behind when
-    the rules go; such a table still hooks netfilter (and turns conntrack on for nat), so
-    after our removal it is deleted. Anything we do not recognise keeps a table alive.
+    iptables-nft creates a table, and the base chain of a hook, the first time a rule needs
+    them, and leaves both behind when the rules go; an empty base chain still hooks
+    netfilter (and for nat keeps conntrack on). So after our removal: a base chain with an
+    accept policy and no rules is deleted, and a table holding nothing else is deleted
+    whole. Any other object (a user chain, a set, a rule, a drop policy) keeps its table
+    and is never touched. Such a chain that was already empty before apply goes too; it
+    did nothing, and iptables-save prints the same either way.
     """
     try:
         doc = json.loads(nft_json)
         items = doc["nftables"]
     except (ValueError, KeyError, TypeError) as e:
         raise SaveParseError(f"nft -j output is not the expected JSON: {e}") from None
+    if not isinstance(items, list):
+        raise SaveParseError("nft -j output: 'nftables' is not a list")
     wanted = set(candidates)
     present: set[str] = set()
-    busy: set[str] = set()
+    empty_base: dict[str, list[str]] = {}
+    busy: set[str] = set()  # tables holding something that is not an empty base chain
+    used: set[tuple[str, str]] = set()  # (table, chain) with at least one rule
     for item in items:
         if not isinstance(item, dict) or len(item) != 1:
             raise SaveParseError(f"nft -j output has an unexpected item: {item!r}")
         ((kind, obj),) = item.items()
         if kind == "metainfo" or not isinstance(obj, dict) or obj.get("family") != "ip":
             continue
-        name = obj.get("name") if kind == "table" else obj.get("table")
-        if name not in wanted:
+        table = obj.get("name") if kind == "table" else obj.get("table")
+        if table not in wanted:
             continue
         if kind == "table":
-            present.add(name)
+            present.add(table)
         elif kind == "chain" and "hook" in obj and obj.get("policy", "accept") == "accept":
-            continue
+            empty_base.setdefault(table, []).append(str(obj["name"]))
+        elif kind == "rule":
+            used.add((table, str(obj.get("chain"))))
+            busy.add(table)
         else:
-            busy.add(name)
-    return tuple(t for t in TABLES if t in present - busy)
+            busy.add(table)
+    lines: list[str] = []
+    for table in TABLES:
+        if table not in present:
+            continue
+        idle = [c for c in empty_base.get(table, []) if (table, c) not in used]
+        if table not in busy:
+            lines.append(f"delete table ip {table}")
+        else:
+            lines += [f"delete chain ip {table} {chain}" for chain in idle]
+    return "\n".join(lines) + "\n" if lines else ""

@@ -22,9 +22,9 @@ from redirect.rules import (
     RulesConfigError,
     SaveParseError,
     chain_bodies_match,
-    disposable_nft_tables,
     inpod_ruleset,
     missing_jumps,
+    nft_leftovers,
     parse_iptables_save,
     removal_ruleset,
 )
@@ -227,12 +227,12 @@ def _table(name: str, family: str = "ip") -> dict[str, object]:
     return {"table": {"family": family, "name": name, "handle": 1}}
 
 
-def _base_chain(table: str, policy: str = "accept") -> dict[str, object]:
+def _base_chain(table: str, policy: str = "accept", name: str = "OUTPUT") -> dict[str, object]:
     return {
         "chain": {
             "family": "ip",
             "table": table,
-            "name": "OUTPUT",
+            "name": name,
             "type": "nat",
             "hook": "output",
             "prio": -100,
@@ -241,33 +241,47 @@ def _base_chain(table: str, policy: str = "accept") -> dict[str, object]:
     }
 
 
-def test_disposable_tables() -> None:
+def _rule(table: str, chain: str = "OUTPUT") -> dict[str, object]:
+    return {"rule": {"family": "ip", "table": table, "chain": chain, "expr": []}}
+
+
+def test_leftovers_empty_tables_go_whole() -> None:
+    listing = _nft(_table("nat"), _base_chain("nat"), _table("mangle"), _base_chain("mangle"))
+    assert nft_leftovers(listing) == "delete table ip mangle\ndelete table ip nat\n"
+
+
+def test_leftovers_busy_table_loses_only_its_empty_base_chains() -> None:
     listing = _nft(
         _table("nat"),
-        _base_chain("nat"),
+        _base_chain("nat", name="OUTPUT"),
+        _base_chain("nat", name="POSTROUTING"),
+        _rule("nat", "POSTROUTING"),
+    )
+    assert nft_leftovers(listing) == "delete chain ip nat OUTPUT\n"
+
+
+def test_leftovers_never_touch_foreign_objects() -> None:
+    user_chain = {"chain": {"family": "ip", "table": "nat", "name": "X", "handle": 4}}
+    a_set = {"set": {"family": "ip", "table": "mangle", "name": "s", "type": "ipv4_addr"}}
+    listing = _nft(
+        _table("nat"),
+        user_chain,
         _table("mangle"),
-        _base_chain("mangle"),
-        {"rule": {"family": "ip", "table": "mangle", "chain": "OUTPUT", "expr": []}},
+        a_set,
         _table("raw"),
         _base_chain("raw", policy="drop"),
         _table("filter"),
+        _base_chain("filter"),
         _table("nat", family="inet"),
     )
-    assert disposable_nft_tables(listing) == ("nat",)
+    assert nft_leftovers(listing) == ""
+    assert nft_leftovers(_nft()) == ""
 
 
-def test_disposable_tables_keeps_user_chains_and_sets() -> None:
-    user_chain = {"chain": {"family": "ip", "table": "nat", "name": "X", "handle": 4}}
-    a_set = {"set": {"family": "ip", "table": "mangle", "name": "s", "type": "ipv4_addr"}}
-    listing = _nft(_table("nat"), user_chain, _table("mangle"), a_set)
-    assert disposable_nft_tables(listing) == ()
-    assert disposable_nft_tables(_nft()) == ()
-
-
-@pytest.mark.parametrize("text", ["", "[]", '{"x": 1}', '{"nftables": [1]}'])
-def test_disposable_tables_rejects_garbage(text: str) -> None:
+@pytest.mark.parametrize("text", ["", "[]", '{"x": 1}', '{"nftables": [1]}', '{"nftables": 3}'])
+def test_leftovers_reject_garbage(text: str) -> None:
     with pytest.raises(SaveParseError):
-        disposable_nft_tables(text)
+        nft_leftovers(text)
 
 
 @given(
