@@ -221,21 +221,14 @@ def _signal(r: ProcessRecord, sig: signal.Signals) -> None:
 
 def _wait_gone(records: list[ProcessRecord], timeout: float) -> list[ProcessRecord]:
     deadline = time.monotonic() + timeout
+    # A zombie counts as gone: its owner (a Popen, if any) reaps it and keeps the status.
     left = list(records)
     while left:
-        for r in left:
-            _reap_if_child(r.pid)
         left = [r for r in left if is_running(r.pid, r.start_time)]
         if not left or time.monotonic() >= deadline:
             break
         time.sleep(0.05)
     return left
-
-
-def _reap_if_child(pid: int) -> None:
-    # When the caller spawned the process itself, reap it so it does not linger as a zombie.
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)
 
 
 def _write_atomic(path: Path, text: str) -> None:
