@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import os
 import time
 from ipaddress import IPv4Address, IPv6Address
@@ -228,6 +229,16 @@ def test_port_keys_as_strings_or_ints_mean_the_same():
     assert a.ports == b.ports == (ServicePort(80, 8080),)
 
 
+def test_json_documents_parse_like_yaml():
+    as_json = json.dumps(yaml.safe_load(FULL))
+    assert parse_local_config(as_json) == parse_local_config(FULL)
+
+
+def test_flow_style_yaml_that_is_not_json_still_parses():
+    state = parse_local_config("{workloads: [{uid: u, name: n, namespace: ns}]}")
+    assert state.workloads[0].uid == "u"
+
+
 def test_policy_without_namespace_is_global():
     state = parse_local_config(doc(policies=[{"name": "deny-all", "action": "DENY"}]))
     assert state.policies_in_namespace("")[0].name == "deny-all"
@@ -344,6 +355,9 @@ def test_service_errors(fields, message):
         ("policies: [{name: p}, {name: p}]", "two policies have the key '/p'"),
         ("workloads: [\n", "not valid YAML"),
         ("a: 1\na: 2\n", "found duplicate key 'a'"),
+        ('{"workloads": [], "workloads": []}', "not valid JSON: found duplicate key 'workloads'"),
+        ("[" * 100_000, "not valid YAML"),
+        ('{"a":' * 100_000, "not valid"),
         ("x: 2001-13-45", "not valid YAML"),
         ("x: !!python/object:os.system {}", "not valid YAML"),
     ],
