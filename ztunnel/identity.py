@@ -1,6 +1,7 @@
 """SPIFFE identities.
 
-An identity is a parsed value, never a bare string: `spiffe://<trust domain>/ns/<namespace>/sa/<sa>`.
+An identity is a parsed value, never a bare string:
+`spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import asyncio
 import os
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, cast
 
 from ztunnel.hbone.conn import H2Connection, Headers, StreamHandler
 
@@ -53,8 +53,8 @@ class H2Transport(asyncio.Protocol):
     # ---- asyncio.Protocol ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
         self.conn.initiate()
         self.flush()
         if not self.ready.done():

@@ -15,8 +15,9 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 from ztunnel.hbone.conn import Headers, error_name
 from ztunnel.hbone.h2frames import ErrorCode
@@ -56,9 +57,10 @@ class AppSide(asyncio.Protocol):
     pause happens on the first data instead.)
     """
 
-    __slots__ = ("early", "eof", "lost", "paused_writing", "sink", "transport")
+    __slots__ = ("early", "eof", "lost", "on_made", "paused_writing", "sink", "transport")
 
-    def __init__(self) -> None:
+    def __init__(self, on_made: Callable[[AppSide], None] | None = None) -> None:
+        self.on_made = on_made  # for accepted connections: start handling them
         self.transport: asyncio.Transport | None = None
         self.sink: _Sink | None = None
         self.early: list[bytes] = []
@@ -67,8 +69,10 @@ class AppSide(asyncio.Protocol):
         self.paused_writing = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        if self.on_made is not None:
+            self.on_made(self)
 
     def data_received(self, data: bytes) -> None:
         sink = self.sink

@@ -1,0 +1,311 @@
+"""Bringing a whole local cluster up with the mesh, and down again.
+
+Order of `up` (each step recorded before it happens, so `down` can always undo it):
+network -> service VIP rules -> mesh config file -> CA (in the cluster netns; it only
+serves a unix socket) -> one tunnel per node (in the node netns) -> capture rules in every
+enrolled pod, then the pod named in its node's enrolment file -> wait until every tunnel
+reports ready -> start the apps. Capture before the tunnel is ready fails closed: the
+redirected connections are refused, never sent in plaintext around the tunnel.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import nsutil
+from localcluster.apps import start_apps
+from localcluster.network import NetworkLayout, apply_service_rules, build_network, plan_layout
+from localcluster.processes import spawn_in_netns
+from localcluster.spec import ClusterSpec, load_cluster
+from localcluster.state import ClusterState, teardown
+from localcluster.xds import local_xds
+from redirect.iptables import apply_inpod
+from redirect.rules import InpodConfig
+
+READINESS_PORT = 15021
+READY_TIMEOUT = 60.0
+
+
+class MeshUpError(RuntimeError):
+    """The cluster could not be brought up; the message says which step and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class MeshPaths:
+    root: Path
+
+    @property
+    def xds(self) -> Path:
+        return self.root / "xds.yaml"
+
+    @property
+    def ca_socket(self) -> Path:
+        return self.root / "ca.sock"
+
+    @property
+    def tokens(self) -> Path:
+        return self.root / "tokens.yaml"
+
+    def token(self, node: str) -> Path:
+        return self.root / f"token-{node}"
+
+    def enrolment(self, node: str) -> Path:
+        return self.root / f"enrolment-{node}.yaml"
+
+
+@dataclass(frozen=True, slots=True)
+class Cluster:
+    """A running local cluster: what tests and the CLI need to reach into it."""
+
+    spec: ClusterSpec
+    layout: NetworkLayout
+    state: ClusterState
+    mesh: bool
+
+    @property
+    def paths(self) -> MeshPaths:
+        return MeshPaths(self.state.dir / "mesh")
+
+    def tunnel_log(self, node: str) -> Path:
+        return self.state.log_dir / f"ztunnel-{node}.log"
+
+    def pod_netns(self, namespace: str, name: str) -> str:
+        return self.layout.pod(namespace, name).netns_path
+
+
+def _write(path: Path, text: str, mode: int = 0o644) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.chmod(mode)
+    tmp.replace(path)  # atomic: the tunnel's watcher never sees half a file
+
+
+def write_mesh_config(spec: ClusterSpec, paths: MeshPaths) -> None:
+    _write(paths.xds, yaml.safe_dump(local_xds(spec), sort_keys=False))
+
+
+def write_enrolment(spec: ClusterSpec, layout: NetworkLayout, paths: MeshPaths, node: str) -> None:
+    pods = [
+        {
+            "uid": f"{spec.name}//Pod/{p.namespace}/{p.name}",
+            "netns": layout.pod(p.namespace, p.name).netns_path,
+        }
+        for p in spec.pods_on(node)
+        if p.enrolled(spec)
+    ]
+    _write(paths.enrolment(node), yaml.safe_dump({"pods": pods}, sort_keys=False))
+
+
+def _python() -> str:
+    return sys.executable
+
+
+def start_control_plane(spec: ClusterSpec, layout: NetworkLayout, state: ClusterState) -> None:
+    paths = MeshPaths(state.dir / "mesh")
+    tokens = {}
+    for node in spec.nodes:
+        token = secrets.token_hex(32)
+        tokens[token] = node.name
+        _write(paths.token(node.name), token, mode=0o600)
+    _write(paths.tokens, yaml.safe_dump(tokens), mode=0o600)
+    spawn_in_netns(
+        layout.cluster_netns_path,
+        [
+            _python(),
+            "-m",
+            "controlplane.ca_server",
+            "--state-dir",
+            str(state.dir),
+            "--socket",
+            str(paths.ca_socket),
+            "--tokens-file",
+            str(paths.tokens),
+            "--trust-domain",
+            spec.trust_domain,
+            "--workloads-file",
+            str(paths.xds),
+        ],
+        _base_env(),
+        Path.cwd(),
+        state.log_dir / "ca.log",
+        state.pidfile_dir,
+        "ca",
+    )
+    _wait_for(
+        lambda: paths.ca_socket.exists(), 15.0, "the CA socket to appear", state.log_dir / "ca.log"
+    )
+
+
+def _base_env() -> dict[str, str]:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TZ", "PYTHONPATH")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def start_tunnel(
+    spec: ClusterSpec, layout: NetworkLayout, state: ClusterState, node: str, name: str = ""
+) -> None:
+    paths = MeshPaths(state.dir / "mesh")
+    env = _base_env()
+    env.update(
+        {
+            "NODE_NAME": node,
+            "LOCAL_XDS_PATH": str(paths.xds),
+            "ENROLMENT_PATH": str(paths.enrolment(node)),
+            "CA_ADDRESS": str(paths.ca_socket),
+            "CA_TOKEN_PATH": str(paths.token(node)),
+            "TRUST_DOMAIN": spec.trust_domain,
+        }
+    )
+    pname = name or f"ztunnel-{node}"
+    spawn_in_netns(
+        layout.node(node).netns_path,
+        [_python(), "-m", "ztunnel"],
+        env,
+        Path.cwd(),
+        state.log_dir / f"{pname}.log",
+        state.pidfile_dir,
+        pname,
+    )
+
+
+def enrol_pods(spec: ClusterSpec, layout: NetworkLayout, state: ClusterState) -> None:
+    paths = MeshPaths(state.dir / "mesh")
+    cfg = InpodConfig()
+    for pod in spec.pods:
+        if pod.enrolled(spec):
+            apply_inpod(layout.pod(pod.namespace, pod.name).netns_path, cfg)
+    for node in spec.nodes:
+        write_enrolment(spec, layout, paths, node.name)
+
+
+def tunnel_status(layout: NetworkLayout, node: str, timeout: float = 2.0) -> dict[str, Any] | None:
+    """GET /healthz/ready of a node's tunnel, from inside the node netns."""
+    fd = nsutil.open_netns(layout.node(node).netns_path)
+    try:
+        s = nsutil.socket_in(fd)
+    finally:
+        import os
+
+        os.close(fd)
+    try:
+        s.settimeout(timeout)
+        s.connect(("127.0.0.1", READINESS_PORT))
+        s.sendall(b"GET /healthz/ready HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    except OSError:
+        return None
+    finally:
+        s.close()
+    _, _, body = data.partition(b"\r\n\r\n")
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def wait_ready(cluster: Cluster, timeout: float = READY_TIMEOUT) -> None:
+    nodes = [n.name for n in cluster.spec.nodes]
+
+    def all_ready() -> bool:
+        return all((tunnel_status(cluster.layout, n) or {}).get("ready") for n in nodes)
+
+    _wait_for(all_ready, timeout, "every tunnel to report ready", cluster.state.log_dir)
+
+
+def _wait_for(cond: Any, timeout: float, what: str, logs: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.1)
+    raise MeshUpError(f"timed out after {timeout:.0f} s waiting for {what}; see the logs in {logs}")
+
+
+def up(
+    cluster_file: Path | str, state_root: Path | str | None = None, mesh: bool = True
+) -> Cluster:
+    spec = load_cluster(cluster_file)
+    state = ClusterState.open(spec.name, state_root)
+    try:
+        layout = build_network(spec, state)
+        apply_service_rules(spec, layout)
+        cluster = Cluster(spec, layout, state, mesh)
+        if mesh:
+            cluster.paths.root.mkdir(parents=True, exist_ok=True)
+            write_mesh_config(spec, cluster.paths)
+            for node in spec.nodes:  # empty until the pods are captured
+                _write(cluster.paths.enrolment(node.name), "pods: []\n")
+            start_control_plane(spec, layout, state)
+            for node in spec.nodes:
+                start_tunnel(spec, layout, state, node.name)
+            enrol_pods(spec, layout, state)
+            wait_ready(cluster)
+        start_apps(spec, layout, state)
+        _wait_apps(cluster)
+    except BaseException:
+        teardown(spec.name, state_root)
+        raise
+    return cluster
+
+
+def _wait_apps(cluster: Cluster, timeout: float = 15.0) -> None:
+    """Wait until each pod with a listening app port (a service target) accepts."""
+    targets = []
+    for svc in cluster.spec.services:
+        for pod in cluster.spec.endpoints(svc):
+            for port in svc.ports:
+                targets.append((cluster.layout.pod(pod.namespace, pod.name), port.target_port))
+
+    def accepting() -> bool:
+        for where, port in targets:
+            if not _port_open(where.netns_path, str(where.ip), port):
+                return False
+        return True
+
+    _wait_for(accepting, timeout, "the apps to listen", cluster.state.log_dir)
+
+
+def _port_open(netns_path: str, ip: str, port: int) -> bool:
+    import os
+
+    fd = nsutil.open_netns(netns_path)
+    try:
+        s = nsutil.socket_in(fd)
+    finally:
+        os.close(fd)
+    try:
+        # Marked like the tunnel's own sockets so the probe is not captured.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 0x539)
+        s.settimeout(0.5)
+        s.connect((ip, port))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def attach(cluster_file: Path | str, state_root: Path | str | None = None) -> Cluster:
+    """The handle of an already running cluster (for the CLI's other commands)."""
+    spec = load_cluster(cluster_file)
+    state = ClusterState.open(spec.name, state_root)
+    return Cluster(spec, plan_layout(spec), state, (state.dir / "mesh").exists())
+
+
+def down(name: str, state_root: Path | str | None = None) -> None:
+    teardown(name, state_root)

@@ -1,0 +1,80 @@
+"""The tunnel's one immutable Config, parsed from the environment by a pure function.
+
+Every variable name and default is written once, here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from ztunnel.identity import DEFAULT_TRUST_DOMAIN
+
+NODE_NAME = "NODE_NAME"
+LOCAL_XDS_PATH = "LOCAL_XDS_PATH"
+ENROLMENT_PATH = "ENROLMENT_PATH"
+CA_ADDRESS = "CA_ADDRESS"
+CA_TOKEN_PATH = "CA_TOKEN_PATH"
+TRUST_DOMAIN = "TRUST_DOMAIN"
+READINESS_PORT = "READINESS_PORT"
+LOG_LEVEL = "LOG_LEVEL"
+CERT_TTL_SECONDS = "CERT_TTL_SECONDS"
+
+DEFAULT_READINESS_PORT = 15021
+DEFAULT_CERT_TTL = 24 * 3600
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigurationError(ValueError):
+    """The environment does not describe a runnable tunnel; the message names the variable."""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    node_name: str
+    local_xds_path: Path
+    enrolment_path: Path
+    ca_address: Path
+    ca_token_path: Path
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+    readiness_port: int = DEFAULT_READINESS_PORT
+    log_level: str = "info"
+    cert_ttl_seconds: int = DEFAULT_CERT_TTL
+
+
+def _required(env: Mapping[str, str], name: str) -> str:
+    value = env.get(name, "").strip()
+    if not value:
+        raise ConfigurationError(f"{name} must be set")
+    return value
+
+
+def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name}={raw!r} is not an integer") from None
+    if not low <= value <= high:
+        raise ConfigurationError(f"{name}={value} is outside {low}..{high}")
+    return value
+
+
+def parse_config(env: Mapping[str, str]) -> Config:
+    level = env.get(LOG_LEVEL, "info").lower()
+    if level not in LOG_LEVELS:
+        raise ConfigurationError(f"{LOG_LEVEL}={level!r} is not one of {', '.join(LOG_LEVELS)}")
+    return Config(
+        node_name=_required(env, NODE_NAME),
+        local_xds_path=Path(_required(env, LOCAL_XDS_PATH)),
+        enrolment_path=Path(_required(env, ENROLMENT_PATH)),
+        ca_address=Path(_required(env, CA_ADDRESS)),
+        ca_token_path=Path(_required(env, CA_TOKEN_PATH)),
+        trust_domain=env.get(TRUST_DOMAIN, DEFAULT_TRUST_DOMAIN) or DEFAULT_TRUST_DOMAIN,
+        readiness_port=_int(env, READINESS_PORT, DEFAULT_READINESS_PORT, 1, 65535),
+        log_level=level,
+        cert_ttl_seconds=_int(env, CERT_TTL_SECONDS, DEFAULT_CERT_TTL, 60, 7 * 24 * 3600),
+    )

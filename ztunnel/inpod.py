@@ -1,0 +1,243 @@
+"""In-pod mode: one set of listeners per enrolled pod, inside that pod's network namespace.
+
+Which pods are enrolled reaches the tunnel through an `EnrolmentSource`. The local
+cluster's source is a small YAML file (`pods: [{uid, netns}]`) re-read when it changes;
+the node agent's ZDS socket replaces it later behind the same interface.
+`PodProxy` owns everything of one pod: its netns fd, sockets factory, the three
+listeners, its HBONE client pool, and its open connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+import yaml
+
+import nsutil
+from ztunnel import tls
+from ztunnel.certs import CertificateManager, WorkloadCertificate
+from ztunnel.hbone.pool import ConnectionPool, PoolKey
+from ztunnel.hbone.transport import H2Transport
+from ztunnel.identity import SpiffeId
+from ztunnel.proxy.inbound import Authorizer, InboundProxy, allow_all
+from ztunnel.proxy.inbound_passthrough import InboundPassthroughProxy
+from ztunnel.proxy.outbound import OutboundProxy, hbone_connect
+from ztunnel.sockets import NetnsSocketFactory, SocketFactory, listener
+from ztunnel.state import MeshState, Workload
+from ztunnel.tasks import TaskSet
+
+log = structlog.get_logger(__name__)
+
+OUTBOUND_PORT = 15001
+INBOUND_PLAIN_PORT = 15006
+INBOUND_HBONE_PORT = 15008
+
+
+class EnrolmentError(ValueError):
+    """The enrolment file is malformed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Enrolment:
+    uid: str
+    netns: str  # path of the pod's network namespace
+
+
+def parse_enrolment(text: str) -> dict[str, Enrolment]:
+    try:
+        doc = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise EnrolmentError(f"enrolment file is not YAML: {e}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("pods", []), list):
+        raise EnrolmentError("enrolment file must be a mapping with a `pods` list")
+    out: dict[str, Enrolment] = {}
+    for i, entry in enumerate(doc.get("pods") or []):
+        if not isinstance(entry, dict):
+            raise EnrolmentError(f"pods[{i}] must be a mapping")
+        uid, netns = entry.get("uid"), entry.get("netns")
+        if not isinstance(uid, str) or not uid or not isinstance(netns, str) or not netns:
+            raise EnrolmentError(f"pods[{i}] needs string `uid` and `netns`")
+        out[uid] = Enrolment(uid, netns)
+    return out
+
+
+class FileEnrolmentSource:
+    """Polls the enrolment file; calls `on_change` with the full desired set."""
+
+    def __init__(
+        self, path: Path, on_change: Callable[[dict[str, Enrolment]], None], interval: float = 0.2
+    ) -> None:
+        self._path = path
+        self._on_change = on_change
+        self._interval = interval
+        self._digest = b""
+        self._task: asyncio.Task[None] | None = None
+
+    def check(self) -> None:
+        try:
+            text = self._path.read_text()
+        except FileNotFoundError:
+            text = ""
+        digest = hashlib.sha256(text.encode()).digest()
+        if digest == self._digest:
+            return
+        try:
+            pods = parse_enrolment(text)
+        except EnrolmentError as e:
+            log.error("enrolment rejected", path=str(self._path), error=str(e))
+            self._digest = digest
+            return
+        self._digest = digest
+        self._on_change(pods)
+
+    async def start(self) -> None:
+        self.check()
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="enrolment")
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            self.check()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+class PodProxy:
+    """Listeners and connections of one enrolled pod."""
+
+    def __init__(
+        self,
+        enrolment: Enrolment,
+        workload: Workload,
+        state: Callable[[], MeshState],
+        certs: CertificateManager,
+        trust_domain: str,
+        authorize: Authorizer = allow_all,
+        factory: SocketFactory | None = None,
+    ) -> None:
+        self.enrolment = enrolment
+        self.workload = workload
+        self._state = state
+        self._certs = certs
+        self._trust_domain = trust_domain
+        self._authorize = authorize
+        self._factory = factory
+        self.tasks = TaskSet(f"pod:{workload.name}")
+        self.servers: list[asyncio.Server] = []
+        self.hbone_server: asyncio.Server | None = None
+        self.server_ctx: ssl.SSLContext | None = None
+        self.client_ctx: ssl.SSLContext | None = None
+        self.pool: ConnectionPool | None = None
+        self.inbound: InboundProxy | None = None
+        self.passthrough: InboundPassthroughProxy | None = None
+        self.status = "starting"
+        self._unsubscribe: Callable[[], None] | None = None
+
+    @property
+    def identity(self) -> SpiffeId:
+        return self.workload.identity
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._factory is None:
+            self._factory = NetnsSocketFactory(nsutil.open_netns(self.enrolment.netns))
+        factory = self._factory
+        cert = await self._certs.get(self.identity)
+        self.server_ctx = tls.server_context(cert)
+        self.client_ctx = tls.client_context(cert)
+        self._unsubscribe = self._certs.on_update(self._on_cert)
+
+        def track(fut: asyncio.Future[None]) -> None:
+            self.tasks.track(fut)
+
+        pool = ConnectionPool(self._connect)
+        self.pool = pool
+        outbound = OutboundProxy(lambda: self.workload, self._state, factory, pool, track)
+        self.inbound = InboundProxy(
+            lambda: self.workload, factory, self._trust_domain, track, self._authorize
+        )
+        self.passthrough = InboundPassthroughProxy(
+            lambda: self.workload, factory, track, self._authorize
+        )
+        socks = [listener(factory, OUTBOUND_PORT), listener(factory, INBOUND_PLAIN_PORT)]
+        try:
+            self.servers = [
+                await loop.create_server(outbound.protocol, sock=socks[0]),
+                await loop.create_server(self.passthrough.protocol, sock=socks[1]),
+            ]
+        except BaseException:
+            for s in socks:
+                s.close()
+            raise
+        self.hbone_server = await self._hbone_server(self.server_ctx)
+        self.status = "ready"
+
+    async def _hbone_server(self, ctx: ssl.SSLContext) -> asyncio.Server:
+        assert self._factory is not None and self.inbound is not None
+        sock = listener(self._factory, INBOUND_HBONE_PORT)
+        try:
+            return await asyncio.get_running_loop().create_server(
+                self.inbound.protocol, sock=sock, ssl=ctx, ssl_handshake_timeout=10.0
+            )
+        except BaseException:
+            sock.close()
+            raise
+
+    async def _connect(self, key: PoolKey) -> H2Transport:
+        assert self._factory is not None and self.pool is not None
+        pool = self.pool
+
+        def context(_identity: SpiffeId) -> ssl.SSLContext:
+            assert self.client_ctx is not None
+            return self.client_ctx
+
+        def verify(h2: H2Transport, expected: frozenset[SpiffeId]) -> None:
+            assert h2.transport is not None
+            peer = tls.peer_identity(h2.transport.get_extra_info("ssl_object"))
+            tls.verify_server(peer, expected)
+
+        return await hbone_connect(key, self._factory, context, verify, pool.forget)
+
+    def _on_cert(self, cert: WorkloadCertificate) -> None:
+        if cert.identity != self.identity:
+            return
+        # New connections use the new certificate; open ones keep theirs.
+        self.client_ctx = tls.client_context(cert)
+        self.tasks.spawn(self._rotate_server(tls.server_context(cert)), "rotate-15008")
+
+    async def _rotate_server(self, ctx: ssl.SSLContext) -> None:
+        # A server keeps the SSL context it was created with. SO_REUSEPORT lets a new
+        # listener with the new certificate open beside the old one before it closes, so
+        # no connection attempt meets a closed port.
+        new = await self._hbone_server(ctx)
+        old, self.hbone_server, self.server_ctx = self.hbone_server, new, ctx
+        if old is not None:
+            old.close()
+
+    async def stop(self) -> None:
+        self.status = "stopping"
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+        for server in self.servers:
+            server.close()
+        if self.hbone_server is not None:
+            self.hbone_server.close()
+        if self.inbound is not None:
+            self.inbound.close()
+        if self.passthrough is not None:
+            self.passthrough.close()
+        if self.pool is not None:
+            self.pool.close()
+        await self.tasks.cancel_all()
+        if isinstance(self._factory, NetnsSocketFactory):
+            self._factory.close()
+        self.status = "stopped"

@@ -1,0 +1,224 @@
+"""Inbound HBONE (15008): mTLS HTTP/2 CONNECT streams into one pod.
+
+`decide` is pure: it checks the request (CONNECT, a parsable authority naming this pod,
+not a tunnel port) and the authorization seam, and returns the status to answer with.
+The server replies 200 only after the connection to the app succeeded; 400 for a bad
+request or a target that is not this pod, 401 when authorization denies, 503 when the app
+cannot be reached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import cast
+
+import structlog
+
+from ztunnel.accesslog import ConnectionLog
+from ztunnel.hbone.conn import Headers
+from ztunnel.hbone.transport import H2Transport
+from ztunnel.identity import SpiffeId
+from ztunnel.proxy.relay import AppSide, HboneSplice
+from ztunnel.sockets import SocketAddr, SocketFactory, make_transparent, tune_stream
+from ztunnel.state import Workload
+from ztunnel.tls import PeerVerificationError, peer_identity, verify_client
+
+log = structlog.get_logger(__name__)
+
+TUNNEL_PORTS = frozenset({15001, 15006, 15008})
+APP_CONNECT_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class InboundDecision:
+    status: int  # 200 means: connect to `target` and relay
+    target: SocketAddr | None
+    reason: str
+
+
+# The authorization seam: (destination workload, peer identity, client address, target)
+# -> None to allow, or the reason for a denial. L4 policy plugs in here.
+Authorizer = Callable[[Workload, SpiffeId | None, SocketAddr, SocketAddr], str | None]
+
+
+def allow_all(_w: Workload, _p: SpiffeId | None, _c: SocketAddr, _t: SocketAddr) -> str | None:
+    return None
+
+
+def parse_authority(authority: str) -> SocketAddr:
+    """`ip:port` or `[v6]:port`; host names are not accepted (HBONE targets an address)."""
+    if authority.startswith("["):
+        host, sep, port = authority[1:].partition("]:")
+    else:
+        host, sep, port = authority.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"authority {authority!r} is not ip:port")
+    p = int(port)
+    if not 0 < p < 65536:
+        raise ValueError(f"authority {authority!r} has an invalid port")
+    return SocketAddr(ipaddress.ip_address(host), p)
+
+
+def decide(
+    workload: Workload,
+    headers: Headers,
+    peer: SpiffeId | None,
+    client: SocketAddr,
+    authorize: Authorizer = allow_all,
+) -> InboundDecision:
+    pseudo = {k: v for k, v in headers if k.startswith(":")}
+    if pseudo.get(":method") != "CONNECT":
+        return InboundDecision(400, None, f"method {pseudo.get(':method')!r} is not CONNECT")
+    try:
+        target = parse_authority(pseudo.get(":authority", ""))
+    except ValueError as e:
+        return InboundDecision(400, None, str(e))
+    if target.ip not in workload.ips:
+        return InboundDecision(400, target, f"target {target.ip} is not this pod ({workload.name})")
+    if target.port in TUNNEL_PORTS:
+        return InboundDecision(503, target, f"port {target.port} is the tunnel's own")
+    denied = authorize(workload, peer, client, target)
+    if denied is not None:
+        return InboundDecision(401, target, denied)
+    return InboundDecision(200, target, "allowed")
+
+
+async def connect_app(
+    factory: SocketFactory, target: SocketAddr, client_ip: str
+) -> tuple[asyncio.Transport, AppSide]:
+    """Connect to the app from inside its pod, as the original client when the factory
+    allows it, so the app sees the real source address."""
+    loop = asyncio.get_running_loop()
+    sock = factory.new(socket.AF_INET6 if target.ip.version == 6 else socket.AF_INET)
+    try:
+        tune_stream(sock)
+        if factory.transparent:
+            make_transparent(sock, client_ip)
+        await asyncio.wait_for(loop.sock_connect(sock, target.pair), APP_CONNECT_TIMEOUT)
+        return await loop.create_connection(AppSide, sock=sock)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _refuse(h2: H2Transport, sid: int, status: int) -> None:
+    """Answer with an error status, then end the stream: RST_STREAM(NO_ERROR) after a
+    complete response tells the client to stop sending without failing the response."""
+    h2.conn.respond(sid, status, None, end=True)
+    h2.conn.reset(sid, 0)
+    h2.flush()
+
+
+class _InboundH2(H2Transport):
+    """Server side HTTP/2 that first checks the client's identity after the handshake."""
+
+    def __init__(self, server: InboundProxy) -> None:
+        super().__init__(client=False, on_request=server.on_request, keepalive=False)
+        self.server = server
+        self.peer: SpiffeId | None = None
+        self.client: SocketAddr | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        try:
+            self.client = SocketAddr.of(transport.get_extra_info("peername"))
+            ssl_obj = transport.get_extra_info("ssl_object")
+            self.peer = peer_identity(ssl_obj)
+            verify_client(self.peer, self.server.trust_domain)
+        except (PeerVerificationError, ValueError, TypeError) as e:
+            log.warning("hbone client rejected", peer=str(self.client), error=str(e))
+            cast(asyncio.Transport, transport).abort()
+            return
+        super().connection_made(transport)
+        self.server.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.server.connections.discard(self)
+
+
+class InboundProxy:
+    """The 15008 listener of one pod."""
+
+    def __init__(
+        self,
+        workload: Callable[[], Workload],
+        factory: SocketFactory,
+        trust_domain: str,
+        tasks: Callable[[asyncio.Future[None]], None],
+        authorize: Authorizer = allow_all,
+    ) -> None:
+        self._workload = workload
+        self._factory = factory
+        self.trust_domain = trust_domain
+        self._track = tasks
+        self.authorize = authorize
+        self.connections: set[_InboundH2] = set()
+
+    def protocol(self) -> H2Transport:
+        return _InboundH2(self)
+
+    def on_request(self, h2: H2Transport, sid: int, headers: Headers) -> None:
+        assert isinstance(h2, _InboundH2)
+        workload = self._workload()
+        client = h2.client
+        assert client is not None
+        decision = decide(workload, headers, h2.peer, client, self.authorize)
+        splice = HboneSplice(h2)
+        splice.sid = sid
+        # Hold whatever the client sends before our answer; the stream window bounds it.
+        h2.conn.streams[sid].handler = splice
+        task = asyncio.get_running_loop().create_task(
+            self._serve(h2, splice, workload, decision, client)
+        )
+        self._track(task)
+
+    async def _serve(
+        self,
+        h2: _InboundH2,
+        splice: HboneSplice,
+        workload: Workload,
+        decision: InboundDecision,
+        client: SocketAddr,
+    ) -> None:
+        record = ConnectionLog(
+            "inbound",
+            **{
+                "src.addr": str(client),
+                "src.identity": str(h2.peer) if h2.peer else None,
+                "dst.addr": str(decision.target) if decision.target else None,
+                "dst.hbone_addr": str(h2.transport.get_extra_info("sockname")[0]) + ":15008"
+                if h2.transport
+                else None,
+                "dst.workload": workload.name,
+                "dst.namespace": workload.namespace,
+                "dst.identity": str(workload.identity),
+            },
+        )
+        if decision.status != 200 or decision.target is None:
+            _refuse(h2, splice.sid, decision.status)
+            record.finish(error=f"{decision.status}: {decision.reason}")
+            return
+        try:
+            _, app = await connect_app(self._factory, decision.target, str(client.ip))
+        except (TimeoutError, OSError) as e:
+            _refuse(h2, splice.sid, 503)
+            record.finish(error=f"503: connecting to the app at {decision.target} failed: {e}")
+            return
+        if splice.done.done():  # the client gave up while we were connecting
+            assert app.transport is not None
+            app.transport.abort()
+            record.finish(error="client went away before the app answered")
+            return
+        h2.conn.respond(splice.sid, 200, splice, end=False)
+        splice.start(app)
+        res = await splice.done
+        # Inbound: bytes sent are those toward the app (the stream's request body).
+        record.finish(res.received, res.sent, res.error)
+
+    def close(self) -> None:
+        for h2 in list(self.connections):
+            h2.close(reason="pod removed")

@@ -1,0 +1,91 @@
+"""Inbound plaintext (15006): connections from clients outside the mesh into one pod.
+
+The capture rules REDIRECT every other inbound TCP connection here; the original
+destination names the app's port. The tunnel connects to the app as the client (so the app
+sees the real source address) and relays plain bytes. These connections carry no identity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+
+from ztunnel.accesslog import ConnectionLog
+from ztunnel.proxy.inbound import TUNNEL_PORTS, Authorizer, allow_all, connect_app
+from ztunnel.proxy.relay import AppSide, TcpPipe
+from ztunnel.sockets import SocketAddr, SocketFactory, original_dst
+from ztunnel.state import Workload
+
+
+class InboundPassthroughProxy:
+    """The 15006 listener of one pod."""
+
+    def __init__(
+        self,
+        workload: Callable[[], Workload],
+        factory: SocketFactory,
+        tasks: Callable[[asyncio.Future[None]], None],
+        authorize: Authorizer = allow_all,
+        orig_dst: Callable[[socket.socket], SocketAddr] = original_dst,
+    ) -> None:
+        self._workload = workload
+        self._factory = factory
+        self._track = tasks
+        self.authorize = authorize
+        self._orig_dst = orig_dst
+        self.pipes: set[TcpPipe] = set()
+
+    def protocol(self) -> AppSide:
+        return AppSide(on_made=self._accepted)
+
+    def _accepted(self, app: AppSide) -> None:
+        self._track(asyncio.get_running_loop().create_task(self._handle(app)))
+
+    async def _handle(self, app: AppSide) -> None:
+        t = app.transport
+        assert t is not None
+        workload = self._workload()
+        client = SocketAddr.of(t.get_extra_info("peername"))
+        record = ConnectionLog(
+            "inbound",
+            **{
+                "src.addr": str(client),
+                "dst.workload": workload.name,
+                "dst.namespace": workload.namespace,
+            },
+        )
+        try:
+            target = self._orig_dst(t.get_extra_info("socket"))
+        except OSError as e:
+            t.abort()
+            record.finish(error=f"no original destination: {e}")
+            return
+        record.set(**{"dst.addr": str(target)})
+        if target.port in TUNNEL_PORTS or target.ip not in workload.ips:
+            t.abort()
+            record.finish(error=f"refused: {target} is not an app port of this pod")
+            return
+        denied = self.authorize(workload, None, client, target)
+        if denied is not None:
+            t.abort()
+            record.finish(error=f"denied: {denied}")
+            return
+        try:
+            _, upstream = await connect_app(self._factory, target, str(client.ip))
+        except (TimeoutError, OSError) as e:
+            t.abort()
+            record.finish(error=f"connecting to the app at {target} failed: {e}")
+            return
+        pipe = TcpPipe(app, upstream)
+        self.pipes.add(pipe)
+        pipe.start()
+        try:
+            res = await pipe.done
+        finally:
+            self.pipes.discard(pipe)
+        record.finish(res.sent, res.received, res.error)
+
+    def close(self) -> None:
+        for pipe in list(self.pipes):
+            pipe.abort("pod removed")

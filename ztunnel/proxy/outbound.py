@@ -1,0 +1,337 @@
+"""Outbound (15001): what an enrolled pod's captured connection becomes.
+
+`decide` is pure: from the mesh state, the source workload and the original destination it
+returns a frozen `OutboundDecision` (HBONE to a pod's 15008, plain passthrough, or refuse).
+`OutboundProxy` carries the decision out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import ipaddress
+import os
+import random
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from ztunnel.accesslog import ConnectionLog
+from ztunnel.hbone.pool import ConnectionPool, PoolKey
+from ztunnel.hbone.transport import H2Transport
+from ztunnel.identity import SpiffeId
+from ztunnel.proxy.relay import AppSide, HboneSplice, TcpPipe
+from ztunnel.sockets import SocketAddr, SocketFactory, original_dst, tune_stream
+from ztunnel.state import HealthStatus, MeshState, Service, TunnelProtocol, Workload
+
+log = structlog.get_logger(__name__)
+
+HBONE_PORT = 15008
+TUNNEL_PORTS = frozenset({15001, 15006, 15008})
+CONNECT_TIMEOUT = 10.0
+
+
+class Route(enum.Enum):
+    HBONE = "hbone"  # mTLS HTTP/2 CONNECT to the destination pod's tunnel
+    PASSTHROUGH = "passthrough"  # plain TCP: the destination is not in the mesh
+    REFUSE = "refuse"  # nothing may be sent
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundDecision:
+    route: Route
+    # Where the app's bytes are finally delivered (the pod IP and target port).
+    target: SocketAddr | None
+    # The TCP address the tunnel connects to: the pod's 15008 for HBONE, else the target.
+    next_hop: SocketAddr | None = None
+    # Identities the HBONE server may prove (the workload's, plus the service's SANs).
+    expected_identities: frozenset[SpiffeId] = frozenset()
+    destination: Workload | None = None
+    service: Service | None = None
+    reason: str = ""
+
+    @property
+    def authority(self) -> str:
+        return str(self.target)
+
+
+def _target_port(service: Service, endpoint: Workload, port: int) -> int | None:
+    # The endpoint's own mapping wins (a pod may use another port than the service's
+    # default target port), as upstream.
+    mapped = endpoint.target_port(service.key, port)
+    return mapped if mapped is not None else service.target_port(port)
+
+
+def decide(
+    state: MeshState,
+    source: Workload,
+    dst: SocketAddr,
+    choose: Callable[[list[Workload]], Workload] = random.choice,
+) -> OutboundDecision:
+    if dst.port in TUNNEL_PORTS:
+        return OutboundDecision(Route.REFUSE, dst, reason=f"port {dst.port} is the tunnel's own")
+    service = state.service_by_vip(source.network, dst.ip)
+    if service is not None:
+        candidates = [
+            w
+            for w in state.endpoints(service)
+            if w.status is HealthStatus.HEALTHY and w.ips and _target_port(service, w, dst.port)
+        ]
+        if service.target_port(dst.port) is None and not candidates:
+            return OutboundDecision(
+                Route.REFUSE,
+                dst,
+                service=service,
+                reason=f"{service.hostname} has no port {dst.port}",
+            )
+        if not candidates:
+            return OutboundDecision(
+                Route.REFUSE,
+                dst,
+                service=service,
+                reason=f"{service.hostname} has no healthy endpoints",
+            )
+        endpoint = choose(candidates)
+        tport = _target_port(service, endpoint, dst.port)
+        assert tport is not None
+        return _to_workload(endpoint, SocketAddr(endpoint.ips[0], tport), service)
+    workload = state.workload_by_ip(source.network, dst.ip)
+    if workload is None:
+        return OutboundDecision(
+            Route.PASSTHROUGH, dst, next_hop=dst, reason="destination is not a known workload"
+        )
+    return _to_workload(workload, dst, None)
+
+
+def _to_workload(w: Workload, target: SocketAddr, service: Service | None) -> OutboundDecision:
+    if w.protocol is TunnelProtocol.HBONE:
+        sans = set()
+        if service is not None:
+            for san in service.subject_alt_names:
+                try:
+                    sans.add(SpiffeId.parse(san))
+                except ValueError:
+                    continue  # a SAN that is not a SPIFFE id can never match a peer
+        return OutboundDecision(
+            Route.HBONE,
+            target,
+            next_hop=SocketAddr(target.ip, HBONE_PORT),
+            expected_identities=frozenset({w.identity, *sans}),
+            destination=w,
+            service=service,
+            reason="destination is in the mesh",
+        )
+    return OutboundDecision(
+        Route.PASSTHROUGH,
+        target,
+        next_hop=target,
+        destination=w,
+        service=service,
+        reason="destination workload does not speak HBONE",
+    )
+
+
+def connect_headers(
+    source: Workload, decision: OutboundDecision, client: SocketAddr
+) -> list[tuple[str, str]]:
+    """The CONNECT request of protocols.md: authority, baggage, forwarded, traceparent."""
+    baggage = {
+        "k8s.cluster.name": source.cluster_id,
+        "k8s.namespace.name": source.namespace,
+        f"k8s.{source.workload_type or 'pod'}.name": source.workload_name,
+        "service.name": source.canonical_name,
+        "service.version": source.canonical_revision,
+    }
+    forwarded = f'for="{client}"'
+    if decision.service is not None:
+        forwarded += f";host={decision.service.hostname}"
+    trace = f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-00"
+    return [
+        (":method", "CONNECT"),
+        (":authority", decision.authority),
+        ("baggage", ",".join(f"{k}={v}" for k, v in baggage.items() if v)),
+        ("forwarded", forwarded),
+        ("traceparent", trace),
+    ]
+
+
+async def open_tcp(factory: SocketFactory, target: SocketAddr) -> tuple[asyncio.Transport, AppSide]:
+    loop = asyncio.get_running_loop()
+    family = socket.AF_INET6 if target.ip.version == 6 else socket.AF_INET
+    sock = factory.new(family)
+    try:
+        tune_stream(sock)
+        await asyncio.wait_for(loop.sock_connect(sock, target.pair), CONNECT_TIMEOUT)
+        transport, proto = await loop.create_connection(AppSide, sock=sock)
+    except BaseException:
+        sock.close()
+        raise
+    return transport, proto
+
+
+class OutboundProxy:
+    """The 15001 listener of one pod."""
+
+    def __init__(
+        self,
+        workload: Callable[[], Workload],
+        state: Callable[[], MeshState],
+        factory: SocketFactory,
+        pool: ConnectionPool,
+        tasks: Callable[[asyncio.Future[None]], None],
+        orig_dst: Callable[[socket.socket], SocketAddr] = original_dst,
+    ) -> None:
+        self._workload = workload
+        self._state = state
+        self._factory = factory
+        self._pool = pool
+        self._track = tasks
+        self._orig_dst = orig_dst
+
+    def protocol(self) -> AppSide:
+        return AppSide(on_made=self._accepted)
+
+    def _accepted(self, app: AppSide) -> None:
+        self._track(asyncio.get_running_loop().create_task(self._handle(app)))
+
+    async def _handle(self, app: AppSide) -> None:
+        t = app.transport
+        assert t is not None
+        source = self._workload()
+        client = SocketAddr.of(t.get_extra_info("peername"))
+        sock = t.get_extra_info("socket")
+        record = ConnectionLog(
+            "outbound",
+            **{
+                "src.addr": str(client),
+                "src.workload": source.name,
+                "src.namespace": source.namespace,
+                "src.identity": str(source.identity),
+            },
+        )
+        try:
+            dst = self._orig_dst(sock)
+        except OSError as e:
+            t.abort()
+            record.finish(error=f"no original destination: {e}")
+            return
+        decision = decide(self._state(), source, dst)
+        record.set(**{"dst.addr": str(decision.target)})
+        if decision.destination is not None:
+            d = decision.destination
+            record.set(
+                **{
+                    "dst.workload": d.name,
+                    "dst.namespace": d.namespace,
+                    "dst.identity": str(d.identity) if decision.route is Route.HBONE else None,
+                }
+            )
+        if decision.service is not None:
+            record.set(**{"dst.service": decision.service.hostname})
+        try:
+            if decision.route is Route.REFUSE:
+                t.abort()
+                record.finish(error=f"refused: {decision.reason}")
+                return
+            if decision.route is Route.PASSTHROUGH:
+                await self._passthrough(app, decision, record)
+            else:
+                await self._hbone(app, source, client, decision, record)
+        except (TimeoutError, OSError, ConnectionError, ValueError) as e:
+            t.abort()
+            record.finish(error=_describe(e, decision))
+
+    async def _passthrough(
+        self, app: AppSide, decision: OutboundDecision, record: ConnectionLog
+    ) -> None:
+        assert decision.next_hop is not None
+        _, upstream = await open_tcp(self._factory, decision.next_hop)
+        pipe = TcpPipe(app, upstream)
+        pipe.start()
+        res = await pipe.done
+        record.finish(res.sent, res.received, res.error)
+
+    async def _hbone(
+        self,
+        app: AppSide,
+        source: Workload,
+        client: SocketAddr,
+        decision: OutboundDecision,
+        record: ConnectionLog,
+    ) -> None:
+        assert decision.next_hop is not None
+        record.set(**{"dst.hbone_addr": str(decision.next_hop)})
+        t = app.transport
+        assert t is not None
+        src_ip = t.get_extra_info("sockname")[0]
+        key = PoolKey(source.identity, decision.expected_identities, decision.next_hop.pair, src_ip)
+        h2 = await self._pool.checkout(key)
+        splice = HboneSplice(h2)
+        splice.sid = self._pool.open_stream(h2, connect_headers(source, decision, client), splice)
+        status, _ = await asyncio.wait_for(splice.response, CONNECT_TIMEOUT)
+        if status != 200:
+            h2.conn.reset(splice.sid)
+            h2.flush()
+            t.abort()
+            record.finish(error=f"HBONE CONNECT answered {status}")
+            return
+        splice.start(app)
+        res = await splice.done
+        record.finish(res.sent, res.received, res.error)
+
+
+def _describe(e: BaseException, decision: OutboundDecision) -> str:
+    if isinstance(e, asyncio.TimeoutError):
+        if decision.route is Route.HBONE:
+            return (
+                f"timed out connecting to {decision.next_hop}: is port 15008 blocked by a "
+                "network policy, or is the destination's tunnel down?"
+            )
+        return f"timed out connecting to {decision.next_hop}"
+    return f"{type(e).__name__}: {e}"
+
+
+async def hbone_connect(
+    key: PoolKey,
+    factory: SocketFactory,
+    ssl_context: Callable[[SpiffeId], ssl.SSLContext],
+    verify: Callable[[H2Transport, frozenset[SpiffeId]], None],
+    on_closed: Callable[[H2Transport], None],
+) -> H2Transport:
+    """Open one mTLS HTTP/2 connection for the pool: TCP from the source pod, TLS with the
+    source's certificate, then check the server proves one of the expected identities."""
+    loop = asyncio.get_running_loop()
+    ip = ipaddress.ip_address(key.dst[0])
+    sock = factory.new(socket.AF_INET6 if ip.version == 6 else socket.AF_INET)
+    try:
+        tune_stream(sock)
+        await asyncio.wait_for(loop.sock_connect(sock, key.dst), CONNECT_TIMEOUT)
+        ctx = ssl_context(key.src_identity)
+        _, h2 = await asyncio.wait_for(
+            loop.create_connection(
+                lambda: H2Transport(client=True, on_closed=on_closed),
+                sock=sock,
+                ssl=ctx,
+                server_hostname="",
+            ),
+            CONNECT_TIMEOUT,
+        )
+    except TimeoutError:
+        sock.close()
+        raise TimeoutError(
+            f"connecting to {key.dst[0]}:{key.dst[1]} timed out: is port 15008 blocked by a "
+            "network policy, or is the destination's tunnel down?"
+        ) from None
+    except BaseException:
+        sock.close()
+        raise
+    assert isinstance(h2, H2Transport)
+    try:
+        verify(h2, key.dst_identities)
+    except Exception:
+        h2.close(reason="server identity rejected")
+        raise
+    return h2

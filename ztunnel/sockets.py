@@ -1,0 +1,129 @@
+"""Socket capabilities handed to the proxies (architecture: inject and narrow).
+
+A proxy never knows which network namespace it serves: it asks its `SocketFactory` for
+sockets. In-pod mode creates them inside the pod's netns with the tunnel mark; tests on
+loopback use a plain factory in the current namespace.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import struct
+from dataclasses import dataclass
+from typing import Protocol
+
+import nsutil
+
+TUNNEL_MARK = 0x539  # every socket the tunnel opens carries it, so capture rules skip it
+SO_ORIGINAL_DST = 80
+IP_TRANSPARENT = 19
+IP_FREEBIND = 15
+TCP_KEEPALIVE_IDLE = 180  # protocols.md: keepalive 180 s
+
+
+@dataclass(frozen=True, slots=True)
+class SocketAddr:
+    """An IP and port. Original destination, peer and listen addresses all use it, but
+    are never mixed: each field that holds one says which it is."""
+
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address
+    port: int
+
+    def __str__(self) -> str:
+        if self.ip.version == 6:
+            return f"[{self.ip}]:{self.port}"
+        return f"{self.ip}:{self.port}"
+
+    @property
+    def pair(self) -> tuple[str, int]:
+        return (str(self.ip), self.port)
+
+    @classmethod
+    def of(cls, sockaddr: tuple[str, int] | tuple[str, int, int, int]) -> SocketAddr:
+        return cls(ipaddress.ip_address(sockaddr[0]), int(sockaddr[1]))
+
+
+class SocketFactory(Protocol):
+    def new(self, family: int = socket.AF_INET) -> socket.socket:
+        """A TCP socket in the right namespace, marked, non-blocking."""
+
+    @property
+    def transparent(self) -> bool:
+        """Whether upstream sockets may spoof the client's source address."""
+
+
+class NetnsSocketFactory:
+    """Sockets inside one pod's network namespace, each marked 0x539."""
+
+    def __init__(self, netns_fd: int) -> None:
+        self.netns_fd = netns_fd
+
+    @property
+    def transparent(self) -> bool:
+        return True
+
+    def new(self, family: int = socket.AF_INET) -> socket.socket:
+        s = nsutil.socket_in(self.netns_fd, family, socket.SOCK_STREAM)
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, TUNNEL_MARK)
+            s.setblocking(False)
+        except OSError:
+            s.close()
+            raise
+        return s
+
+    def close(self) -> None:
+        os.close(self.netns_fd)
+
+
+class PlainSocketFactory:
+    """Sockets in the current namespace (tests on loopback; no spoofing)."""
+
+    @property
+    def transparent(self) -> bool:
+        return False
+
+    def new(self, family: int = socket.AF_INET) -> socket.socket:
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.setblocking(False)
+        return s
+
+
+def tune_stream(sock: socket.socket) -> None:
+    """TCP_NODELAY (HBONE is latency-sensitive, the app already chose its writes) and
+    keepalive as upstream."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, TCP_KEEPALIVE_IDLE)
+
+
+def listener(factory: SocketFactory, port: int, backlog: int = 1024) -> socket.socket:
+    """A listening socket on 0.0.0.0:port with SO_REUSEPORT (an old and a new tunnel can
+    overlap during an upgrade)."""
+    s = factory.new(socket.AF_INET)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind(("0.0.0.0", port))
+        s.listen(backlog)
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
+def original_dst(sock: socket.socket) -> SocketAddr:
+    """The destination the app asked for before REDIRECT rewrote it (IPv4)."""
+    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    port, packed = struct.unpack_from("!2xH4s", raw)
+    return SocketAddr(ipaddress.IPv4Address(packed), port)
+
+
+def make_transparent(sock: socket.socket, source_ip: str) -> None:
+    """Let `sock` use the client's own address as its source (IP_TRANSPARENT plus
+    IP_FREEBIND: the address is not local to the pod)."""
+    sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+    sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+    sock.bind((source_ip, 0))
