@@ -1,0 +1,351 @@
+"""L4 data-path benchmark: pod -> pod over three paths, measured in one run on one cluster.
+
+Paths (client pod on node1, server pod on node2, see bench-cluster.yaml):
+- `direct`: pods in a namespace outside the mesh; plain TCP over the veths and bridges.
+- `tunnel`: pods in an ambient namespace; both node tunnels, HBONE over mTLS.
+- `relay`: the `direct` pods joined by two plain TCP relays (apps/relay.py, uvloop), one
+  in each node's netns: the same two user-space hops as the tunnel, without TLS or HBONE.
+
+Per path: single-connection throughput (up to --bytes, stopped after --seconds) and 1 KB
+echo latency, open loop at a fixed --rate over one keep-alive connection. Only ratios
+taken in the same run mean anything (absolute numbers drift between runs on a VM).
+
+Invariants: needs root; uses its own state root (a temp dir) and always tears the cluster
+down; every process it starts is recorded and stopped by PID; all traffic stays inside the
+cluster's namespaces; every client run is bounded by a subprocess timeout.
+Raw results go to benchmarks/results/l4-<timestamp>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import nsutil
+from localcluster.apps import INHERITED_ENV
+from localcluster.mesh import Cluster, down, up
+from localcluster.processes import ManagedProcess, spawn_in_netns
+
+HERE = Path(__file__).resolve().parent
+CLUSTER_FILE = HERE / "bench-cluster.yaml"
+CLIENT = HERE / "apps" / "l4_client.py"
+RELAY = HERE / "apps" / "relay.py"
+RESULTS_DIR = HERE / "results"
+
+SINK_PORT = 5001  # as in bench-cluster.yaml
+ECHO_PORT = 5002
+RELAY_SINK_PORT = 6001
+RELAY_ECHO_PORT = 6002
+PLAIN_NS = "plain"
+MESH_NS = "mesh"
+CLIENT_POD = "client-0"
+SERVER_POD = "server-0"
+TUNNEL_MARK = 0x539  # ztunnel.sockets.TUNNEL_MARK: probes from a pod netns skip capture
+
+TARGET_TUNNEL_OVER_RELAY = 0.7
+TARGET_ADDED_P99_MS = 0.15
+
+
+class BenchError(RuntimeError):
+    """The benchmark could not run; the message says what to check."""
+
+
+@dataclass(frozen=True, slots=True)
+class Params:
+    bytes: int
+    seconds: float
+    rate: float
+    latency_seconds: float
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where one path's client runs and what it connects to."""
+
+    name: str
+    client_netns: str
+    host: str
+    sink_port: int
+    echo_port: int
+
+
+# --- pure: ratios and the table ----------------------------------------------------------
+
+
+def ratios(results: dict[str, dict[str, dict[str, float]]]) -> dict[str, float]:
+    tput = {k: v["throughput"]["gbit_per_s"] for k, v in results.items()}
+    p99 = {k: v["latency"]["p99_ms"] for k, v in results.items()}
+    return {
+        "tunnel_over_relay_throughput": tput["tunnel"] / tput["relay"],
+        "tunnel_over_direct_throughput": tput["tunnel"] / tput["direct"],
+        "relay_over_direct_throughput": tput["relay"] / tput["direct"],
+        "tunnel_added_p99_ms": p99["tunnel"] - p99["direct"],
+        "relay_added_p99_ms": p99["relay"] - p99["direct"],
+    }
+
+
+def format_table(results: dict[str, dict[str, dict[str, float]]], r: dict[str, float]) -> str:
+    head = f"{'path':<8} {'Gbit/s':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8}"
+    head += f" {'req/s':>8}"
+    lines = [head, "-" * len(head)]
+    for name, res in results.items():
+        t, lat = res["throughput"], res["latency"]
+        lines.append(
+            f"{name:<8} {t['gbit_per_s']:>8.2f} {lat['p50_ms']:>8.3f} {lat['p90_ms']:>8.3f} "
+            f"{lat['p99_ms']:>8.3f} {lat['max_ms']:>8.3f} {lat['achieved_rps']:>8.0f}"
+        )
+    tr = r["tunnel_over_relay_throughput"]
+    added = r["tunnel_added_p99_ms"]
+    lines += [
+        "",
+        f"tunnel/relay throughput   {tr:6.2f}  (target >= {TARGET_TUNNEL_OVER_RELAY}: "
+        f"{'met' if tr >= TARGET_TUNNEL_OVER_RELAY else 'NOT met'})",
+        f"tunnel/direct throughput  {r['tunnel_over_direct_throughput']:6.2f}",
+        f"relay/direct throughput   {r['relay_over_direct_throughput']:6.2f}",
+        f"tunnel added p99          {added:6.3f} ms  (target <= {TARGET_ADDED_P99_MS} ms: "
+        f"{'met' if added <= TARGET_ADDED_P99_MS else 'NOT met'})",
+        f"relay added p99           {r['relay_added_p99_ms']:6.3f} ms",
+    ]
+    return "\n".join(lines)
+
+
+# --- I/O -----------------------------------------------------------------------------------
+
+
+def _env() -> dict[str, str]:
+    env = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_client(target: Target, mode: str, args: list[str], timeout: float) -> dict[str, float]:
+    port = target.sink_port if mode == "throughput" else target.echo_port
+    argv = [sys.executable, str(CLIENT), mode, "--host", target.host, "--port", str(port), *args]
+    try:
+        done = subprocess.run(
+            argv,
+            capture_output=True,
+            timeout=timeout,
+            env=_env(),
+            preexec_fn=nsutil.preexec_enter(target.client_netns),
+            check=False,
+        )
+    except subprocess.TimeoutExpired as e:
+        raise BenchError(f"{target.name} {mode}: client did not finish in {timeout:.0f} s") from e
+    if done.returncode != 0:
+        raise BenchError(
+            f"{target.name} {mode}: client failed ({done.returncode}): "
+            f"{done.stderr.decode(errors='replace').strip()[-2000:]}"
+        )
+    doc = json.loads(done.stdout)
+    if not isinstance(doc, dict):
+        raise BenchError(f"{target.name} {mode}: client printed {done.stdout!r}, not an object")
+    return {str(k): float(v) for k, v in doc.items()}
+
+
+def measure(target: Target, p: Params) -> dict[str, dict[str, float]]:
+    print(f"[{target.name}] warm-up", flush=True)
+    run_client(target, "throughput", ["--bytes", str(1 << 20), "--seconds", "5"], 30.0)
+    print(f"[{target.name}] throughput", flush=True)
+    tput = run_client(
+        target,
+        "throughput",
+        ["--bytes", str(p.bytes), "--seconds", str(p.seconds)],
+        p.seconds + 60.0,
+    )
+    print(f"[{target.name}] latency", flush=True)
+    lat = run_client(
+        target,
+        "latency",
+        ["--rate", str(p.rate), "--seconds", str(p.latency_seconds), "--size", str(p.size)],
+        p.latency_seconds + 60.0,
+    )
+    return {"throughput": tput, "latency": lat}
+
+
+def _wait_listening(netns_path: str, host: str, port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        fd = nsutil.open_netns(netns_path)
+        try:
+            s = nsutil.socket_in(fd)
+        finally:
+            os.close(fd)
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, TUNNEL_MARK)
+            s.settimeout(0.5)
+            s.connect((host, port))
+            return
+        except OSError:
+            time.sleep(0.1)
+        finally:
+            s.close()
+    raise BenchError(f"nothing listens on {host}:{port} in {netns_path} after {timeout:.0f} s")
+
+
+def start_relays(cluster: Cluster) -> list[ManagedProcess]:
+    """relay1 (node1 netns) -> relay2 (node2 netns) -> the plain server pod."""
+    node1, node2 = cluster.layout.node("node1"), cluster.layout.node("node2")
+    server_ip = str(cluster.layout.pod(PLAIN_NS, SERVER_POD).ip)
+    hops = [
+        ("relay-node2", node2.netns_path, str(node2.ip), server_ip, SINK_PORT, ECHO_PORT),
+        (
+            "relay-node1",
+            node1.netns_path,
+            str(node1.ip),
+            str(node2.ip),
+            RELAY_SINK_PORT,
+            RELAY_ECHO_PORT,
+        ),
+    ]
+    started: list[ManagedProcess] = []
+    try:
+        for name, netns, listen_ip, to_ip, to_sink, to_echo in hops:
+            argv = [
+                sys.executable,
+                str(RELAY),
+                "--bind",
+                listen_ip,
+                "--forward",
+                f"{RELAY_SINK_PORT}:{to_ip}:{to_sink}",
+                "--forward",
+                f"{RELAY_ECHO_PORT}:{to_ip}:{to_echo}",
+            ]
+            started.append(
+                spawn_in_netns(
+                    netns,
+                    argv,
+                    _env(),
+                    HERE,
+                    cluster.state.log_dir / f"{name}.log",
+                    cluster.state.pidfile_dir,
+                    name,
+                )
+            )
+            _wait_listening(netns, listen_ip, RELAY_ECHO_PORT)
+    except BaseException:
+        stop_all(started)
+        raise
+    return started
+
+
+def stop_all(procs: list[ManagedProcess]) -> None:
+    for proc in procs:
+        proc.stop()
+
+
+def run(p: Params, cluster: Cluster) -> dict[str, dict[str, dict[str, float]]]:
+    lay = cluster.layout
+    direct = Target(
+        "direct",
+        lay.pod(PLAIN_NS, CLIENT_POD).netns_path,
+        str(lay.pod(PLAIN_NS, SERVER_POD).ip),
+        SINK_PORT,
+        ECHO_PORT,
+    )
+    tunnel = Target(
+        "tunnel",
+        lay.pod(MESH_NS, CLIENT_POD).netns_path,
+        str(lay.pod(MESH_NS, SERVER_POD).ip),
+        SINK_PORT,
+        ECHO_PORT,
+    )
+    relay = Target(
+        "relay", direct.client_netns, str(lay.node("node1").ip), RELAY_SINK_PORT, RELAY_ECHO_PORT
+    )
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for target in (direct, tunnel):
+        results[target.name] = measure(target, p)
+    relays = start_relays(cluster)
+    try:
+        results["relay"] = measure(relay, p)
+    finally:
+        stop_all(relays)
+    return results
+
+
+def write_results(doc: dict[str, Any]) -> Path:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = RESULTS_DIR / f"l4-{stamp}.json"
+    path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    ap.add_argument("--bytes", type=int, default=1 << 30, help="throughput: bytes to send")
+    ap.add_argument("--seconds", type=float, default=10.0, help="throughput: time limit")
+    ap.add_argument("--rate", type=float, default=1000.0, help="latency: requests per second")
+    ap.add_argument("--latency-seconds", type=float, default=5.0, help="latency: duration")
+    ap.add_argument("--size", type=int, default=1024, help="latency: request/response bytes")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("l4_datapath: needs root (it builds network namespaces)", file=sys.stderr)
+        return 2
+    if args.size != 1024:
+        # The server echoes fixed 1 KB messages (apps/l4_server.py MSG).
+        print("l4_datapath: --size must be 1024 (the server's message size)", file=sys.stderr)
+        return 2
+    p = Params(args.bytes, args.seconds, args.rate, args.latency_seconds, args.size)
+    state_root = Path(tempfile.mkdtemp(prefix="l4bench-"))
+    ok = False
+    cluster_name = "bench"
+    try:
+        print(f"bringing up cluster {cluster_name!r} (state in {state_root})", flush=True)
+        cluster = up(CLUSTER_FILE, state_root, mesh=True)
+        cluster_name = cluster.spec.name
+        results = run(p, cluster)
+        ok = True
+    except BenchError as e:
+        print(f"l4_datapath: {e}", file=sys.stderr)
+        return 1
+    finally:
+        down(cluster_name, state_root)
+        if ok:
+            shutil.rmtree(state_root, ignore_errors=True)
+        else:
+            print(f"logs kept in {state_root}", file=sys.stderr)
+    r = ratios(results)
+    command = shlex.join([sys.executable, *sys.argv])
+    doc = {
+        "benchmark": "l4_datapath",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": command,
+        "host": {
+            "kernel": platform.release(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+        },
+        "params": asdict(p),
+        "results": results,
+        "ratios": r,
+        "targets": {
+            "tunnel_over_relay_throughput_min": TARGET_TUNNEL_OVER_RELAY,
+            "tunnel_added_p99_ms_max": TARGET_ADDED_P99_MS,
+        },
+    }
+    path = write_results(doc)
+    print()
+    print(format_table(results, r))
+    print()
+    print(f"raw results: {path}")
+    print(f"command: {command}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
