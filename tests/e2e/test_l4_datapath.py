@@ -1,0 +1,425 @@
+"""The L4 data path end to end: a two-node local cluster in network namespaces, real
+tunnels, real capture rules, real TLS, real apps.
+
+One cluster serves the whole module (bringing it up costs a few seconds); every test talks
+to it only from inside its pods' namespaces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import os
+import random
+import socket
+import ssl
+import subprocess
+import tempfile
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+
+import nsutil
+from controlplane.ca import CertificateAuthority
+from localcluster import mesh
+from localcluster.capture import Capture
+from localcluster.processes import is_running, read_records
+from localcluster.wire import negotiated_version, read_pcap, reassemble, tls_records
+from ztunnel import tls
+from ztunnel.certs import WorkloadCertificate, build_certificate, new_key_and_csr
+from ztunnel.identity import SpiffeId
+
+pytestmark = pytest.mark.netns
+
+HERE = Path(__file__).parent
+MB = 1 << 20
+
+
+def _root_links() -> set[str]:
+    out = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True)
+    return {line.split(":")[1].strip().split("@")[0] for line in out.stdout.splitlines()}
+
+
+@pytest.fixture(scope="module")
+def root_links_before() -> set[str]:
+    return _root_links()
+
+
+@pytest.fixture(scope="module")
+def cluster(root_links_before: set[str]) -> Iterator[mesh.Cluster]:
+    state_root = tempfile.mkdtemp(prefix="e2e-state-")
+    c = mesh.up(HERE / "cluster.yaml", state_root)
+    try:
+        yield c
+    finally:
+        mesh.down(c.spec.name, state_root)
+
+
+def pod_ip(c: mesh.Cluster, ns: str, name: str) -> str:
+    return str(c.layout.pod(ns, name).ip)
+
+
+def vip(c: mesh.Cluster, ns: str, name: str) -> str:
+    return str(c.spec.service(ns, name).vip)
+
+
+def pod_socket(c: mesh.Cluster, ns: str, pod: str) -> socket.socket:
+    """A socket inside a pod, created like the app's own (unmarked: captured if enrolled)."""
+    fd = nsutil.open_netns(c.pod_netns(ns, pod))
+    try:
+        return nsutil.socket_in(fd)
+    finally:
+        os.close(fd)
+
+
+def connect(c: mesh.Cluster, ns: str, pod: str, ip: str, port: int) -> socket.socket:
+    s = pod_socket(c, ns, pod)
+    s.settimeout(15)
+    s.connect((ip, port))
+    return s
+
+
+def echo(
+    c: mesh.Cluster, ns: str, pod: str, ip: str, port: int, payload: bytes
+) -> tuple[str, bytes]:
+    """Talk to testapp's echo port: returns (the address the server saw, the echo)."""
+    with connect(c, ns, pod, ip, port) as s:
+        f = s.makefile("rb")
+        seen = f.readline().decode().strip()
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        data = f.read()
+    return seen, data
+
+
+def tunnel_log(c: mesh.Cluster) -> str:
+    return "".join(c.tunnel_log(n.name).read_text() for n in c.spec.nodes)
+
+
+# ---- connectivity ---------------------------------------------------------------------
+
+
+def test_same_node_pod_to_pod_sees_real_client_ip(cluster: mesh.Cluster) -> None:
+    seen, data = echo(cluster, "mesh", "client", pod_ip(cluster, "mesh", "server-a"), 9000, b"hi")
+    assert data == b"hi"
+    assert seen.split(":")[0] == pod_ip(cluster, "mesh", "client")
+
+
+def test_cross_node_pod_to_pod_sees_real_client_ip(cluster: mesh.Cluster) -> None:
+    seen, data = echo(
+        cluster, "mesh", "client", pod_ip(cluster, "mesh", "server-b"), 9000, b"x" * 5000
+    )
+    assert data == b"x" * 5000
+    assert seen.split(":")[0] == pod_ip(cluster, "mesh", "client")
+
+
+def test_pod_to_service_vip(cluster: mesh.Cluster) -> None:
+    seen, data = echo(cluster, "mesh", "client", vip(cluster, "mesh", "server"), 80, b"via vip")
+    assert data == b"via vip"
+    assert seen.split(":")[0] == pod_ip(cluster, "mesh", "client")
+
+
+def test_access_log_names_both_identities(cluster: mesh.Cluster) -> None:
+    echo(cluster, "mesh", "client", pod_ip(cluster, "mesh", "server-b"), 9000, b"log me")
+    log = tunnel_log(cluster)
+    assert '"src.identity": "spiffe://cluster.local/ns/mesh/sa/client"' in log
+    assert '"dst.identity": "spiffe://cluster.local/ns/mesh/sa/server"' in log
+    assert f'"dst.hbone_addr": "{pod_ip(cluster, "mesh", "server-b")}:15008"' in log
+
+
+def test_mesh_pod_to_non_mesh_pod_passes_through(cluster: mesh.Cluster) -> None:
+    seen, data = echo(cluster, "mesh", "client", pod_ip(cluster, "plain", "legacy"), 9000, b"plain")
+    assert data == b"plain"
+    assert seen.split(":")[0] == pod_ip(cluster, "mesh", "client")
+
+
+def test_non_mesh_pod_to_mesh_pod_via_15006(cluster: mesh.Cluster) -> None:
+    seen, data = echo(
+        cluster, "plain", "outsider", pod_ip(cluster, "mesh", "server-b"), 9000, b"in"
+    )
+    assert data == b"in"
+    assert seen.split(":")[0] == pod_ip(cluster, "plain", "outsider")
+    assert '"direction": "inbound", "src.addr": "' + pod_ip(
+        cluster, "plain", "outsider"
+    ) in tunnel_log(cluster)
+
+
+# ---- on the wire ------------------------------------------------------------------------
+
+
+def test_node_link_carries_tls13_only(cluster: mesh.Cluster) -> None:
+    marker = f"MARKER-{uuid.uuid4().hex}".encode()
+    pcap = Path(tempfile.mkdtemp(prefix="e2e-pcap-")) / "link.pcap"
+    node = cluster.layout.node("n1")
+    with Capture(cluster.layout.cluster_netns_path, node.bridge_port, pcap):
+        _, data = echo(
+            cluster, "mesh", "client", pod_ip(cluster, "mesh", "server-b"), 9000, marker * 200
+        )
+        # A fresh pool connection is needed to see a handshake: a new source identity
+        # (server-a) gets one.
+        _, data2 = echo(
+            cluster, "mesh", "server-a", pod_ip(cluster, "mesh", "server-b"), 9000, marker
+        )
+    assert data == marker * 200
+    assert data2 == marker
+    segments = read_pcap(str(pcap))
+    payload = [s for s in segments if s.payload]
+    assert payload, "the capture saw no traffic between the nodes"
+    for s in payload:
+        assert marker not in s.payload
+        assert 15008 in (s.src[1], s.dst[1]), (
+            f"non-HBONE traffic crossed the nodes: {s.src}->{s.dst}"
+        )
+    streams = reassemble(segments)
+    assert all(marker not in d for d in streams.values())
+    versions = set()
+    for (src, _dst), data_ in streams.items():
+        records = tls_records(data_)  # raises if any byte is not part of a TLS record
+        assert records
+        if src[1] == 15008:
+            versions.add(negotiated_version(records))
+    assert 0x0304 in versions, "no TLS 1.3 ServerHello seen"
+
+
+# ---- who may connect to 15008 ------------------------------------------------------------
+
+
+def _cert(ca: CertificateAuthority, identity: SpiffeId) -> WorkloadCertificate:
+    key, csr = new_key_and_csr(identity)
+    return build_certificate(identity, key, ca.sign_csr(csr, identity))
+
+
+def _mesh_ca(c: mesh.Cluster, trust_domain: str = "cluster.local") -> CertificateAuthority:
+    """The mesh's own root, signing for `trust_domain` (the real CA refuses other domains;
+    the test needs a certificate that chains to the mesh root but names another one)."""
+    ca = CertificateAuthority.load_or_create(c.state.dir, "cluster.local")
+    return dataclasses.replace(ca, trust_domain=trust_domain)
+
+
+def _tls_to_15008(c: mesh.Cluster, ctx: ssl.SSLContext, target_ip: str) -> ssl.SSLSocket:
+    raw = pod_socket(c, "plain", "outsider")  # not enrolled: talks to 15008 directly
+    raw.settimeout(10)
+    raw.connect((target_ip, 15008))
+    return ctx.wrap_socket(raw, server_hostname=None)
+
+
+def _expect_no_http2(sock_factory: object) -> None:
+    """The server must end the connection without a single HTTP/2 frame."""
+    try:
+        s = sock_factory()  # type: ignore[operator]
+    except (ssl.SSLError, OSError):
+        return  # refused during the handshake
+    with s:
+        s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        try:
+            assert s.recv(100) == b""
+        except (ssl.SSLError, OSError):
+            pass
+
+
+def test_client_certificate_from_another_ca_is_refused(cluster: mesh.Cluster) -> None:
+    mesh_roots = _mesh_ca(cluster).roots_pem()
+    foreign = _cert(
+        CertificateAuthority.create("cluster.local"), SpiffeId("cluster.local", "mesh", "client")
+    )
+    cert = WorkloadCertificate(**{**_asdict(foreign), "roots_pem": mesh_roots})
+    ctx = tls.client_context(cert)
+    _expect_no_http2(lambda: _tls_to_15008(cluster, ctx, pod_ip(cluster, "mesh", "server-b")))
+
+
+def test_client_certificate_of_another_trust_domain_is_refused(cluster: mesh.Cluster) -> None:
+    other = _cert(_mesh_ca(cluster, "other.example"), SpiffeId("other.example", "mesh", "client"))
+    ctx = tls.client_context(other)
+    _expect_no_http2(lambda: _tls_to_15008(cluster, ctx, pod_ip(cluster, "mesh", "server-b")))
+    assert "hbone client rejected" in tunnel_log(cluster)
+
+
+def test_connect_without_client_certificate_fails_handshake(cluster: mesh.Cluster) -> None:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["h2"])
+    _expect_no_http2(lambda: _tls_to_15008(cluster, ctx, pod_ip(cluster, "mesh", "server-b")))
+
+
+def _asdict(c: WorkloadCertificate) -> dict[str, object]:
+    return {f: getattr(c, f) for f in c.__dataclass_fields__}
+
+
+class H2Client:
+    """A CONNECT client written against the `h2` library: a different HTTP/2 stack from the
+    tunnel's own, so the server's conformance is tested, not its self-consistency."""
+
+    def __init__(self, sock: ssl.SSLSocket) -> None:
+        self.sock = sock
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.conn.initiate_connection()
+        self.sock.sendall(self.conn.data_to_send())
+
+    def events(self) -> list[h2.events.Event]:
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError("server closed")
+        evs = self.conn.receive_data(data)
+        out = self.conn.data_to_send()
+        if out:
+            self.sock.sendall(out)
+        return evs
+
+    def connect(self, authority: str) -> tuple[int, int]:
+        sid = self.conn.get_next_available_stream_id()
+        self.conn.send_headers(sid, [(":method", "CONNECT"), (":authority", authority)])
+        self.sock.sendall(self.conn.data_to_send())
+        for _ in range(50):
+            for e in self.events():
+                if isinstance(e, h2.events.ResponseReceived) and e.stream_id == sid:
+                    return sid, int(dict(e.headers)[b":status"])
+        raise AssertionError("no response")
+
+
+def test_h2_library_client_gets_200_and_bytes_or_400_for_another_pod(cluster: mesh.Cluster) -> None:
+    cert = _cert(_mesh_ca(cluster), SpiffeId("cluster.local", "mesh", "client"))
+    ctx = tls.client_context(cert)
+    with _tls_to_15008(cluster, ctx, pod_ip(cluster, "mesh", "server-b")) as s:
+        assert s.version() == "TLSv1.3"
+        assert s.selected_alpn_protocol() == "h2"
+        client = H2Client(s)
+        sid, status = client.connect(f"{pod_ip(cluster, 'mesh', 'server-b')}:9000")
+        assert status == 200
+        client.conn.send_data(sid, b"conformance", end_stream=True)
+        s.sendall(client.conn.data_to_send())
+        body = b""
+        ended = False
+        for _ in range(100):
+            for e in client.events():
+                if isinstance(e, h2.events.DataReceived):
+                    body += e.data
+                    client.conn.acknowledge_received_data(e.flow_controlled_length, sid)
+                if isinstance(e, h2.events.StreamEnded):
+                    ended = True
+            if ended:
+                break
+        assert ended
+        # The app saw the HBONE client's own address as its peer, and echoed our bytes.
+        assert body.startswith(pod_ip(cluster, "plain", "outsider").encode())
+        assert body.endswith(b"conformance")
+        _, status = client.connect(f"{pod_ip(cluster, 'mesh', 'server-a')}:9000")
+        assert status == 400
+
+
+# ---- volume and concurrency ---------------------------------------------------------------
+
+
+def test_200mb_each_way_through_one_connection_with_half_close(cluster: mesh.Cluster) -> None:
+    size = 200 * MB
+    with connect(cluster, "mesh", "client", vip(cluster, "mesh", "server"), 81) as s:
+        s.settimeout(120)
+        s.sendall(f"SEND {size} 7\n".encode())
+        sent_digest = hashlib.sha256()
+
+        def send() -> None:
+            rng = random.Random(11)
+            left = size
+            while left:
+                block = rng.randbytes(min(MB, left))
+                sent_digest.update(block)
+                s.sendall(block)
+                left -= len(block)
+            s.shutdown(socket.SHUT_WR)  # half-close: the server still sends its trailer
+
+        t = threading.Thread(target=send)
+        t.start()
+        got = hashlib.sha256()
+        expect = random.Random(7)
+        received = 0
+        tail = b""
+        while True:
+            data = s.recv(4 * MB)
+            if not data:
+                break
+            if received < size:
+                take = data[: size - received]
+                got.update(take)
+                received += len(take)
+                tail += data[len(take) :]
+            else:
+                tail += data
+        t.join()
+    want = hashlib.sha256()
+    left = size
+    while left:
+        block = expect.randbytes(min(MB, left))
+        want.update(block)
+        left -= len(block)
+    assert received == size
+    assert got.hexdigest() == want.hexdigest()
+    assert tail.strip() == f"HASH {sent_digest.hexdigest()} {size}".encode()
+
+
+def _established_15008(c: mesh.Cluster, ns: str, pod: str) -> int:
+    out = subprocess.run(
+        ["ss", "-Htn", "state", "established", "( sport = :15008 )"],
+        preexec_fn=nsutil.preexec_enter(c.pod_netns(ns, pod)),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return len([line for line in out.stdout.splitlines() if line.strip()])
+
+
+def test_200_concurrent_connections_share_pooled_hbone_connections(cluster: mesh.Cluster) -> None:
+    n = 200
+    target = (pod_ip(cluster, "mesh", "server-b"), 9000)
+    before = _established_15008(cluster, "mesh", "server-b")
+
+    async def run() -> tuple[list[bytes], int]:
+        loop = asyncio.get_running_loop()
+        socks = [pod_socket(cluster, "mesh", "client") for _ in range(n)]
+        for s in socks:
+            s.setblocking(False)
+        await asyncio.wait_for(asyncio.gather(*(loop.sock_connect(s, target) for s in socks)), 60)
+        streams = [await asyncio.open_connection(sock=s) for s in socks]
+        await asyncio.wait_for(asyncio.gather(*(r.readline() for r, _ in streams)), 60)
+        # All 200 are open now: count the TLS connections carrying them.
+        during = _established_15008(cluster, "mesh", "server-b")
+
+        async def one(i: int, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bytes:
+            w.write(f"conn-{i}".encode())
+            w.write_eof()
+            data = await r.read()
+            w.close()
+            return data
+
+        results = await asyncio.wait_for(
+            asyncio.gather(*(one(i, r, w) for i, (r, w) in enumerate(streams))), 60
+        )
+        return results, during
+
+    results, during = asyncio.run(run())
+    assert results == [f"conn-{i}".encode() for i in range(n)]
+    # 100 streams per connection at most (upstream's client limit): 200 need two; a
+    # connection kept from earlier tests may be one of them.
+    assert before <= 2
+    assert 2 <= during <= 10, f"{during} TLS connections carried {n} streams"
+
+
+# ---- teardown ---------------------------------------------------------------------------
+
+
+def test_down_leaves_no_netns_link_or_process(
+    cluster: mesh.Cluster, root_links_before: set[str]
+) -> None:
+    records = read_records(cluster.state.pidfile_dir)
+    assert records, "the cluster recorded no processes"
+    mesh.down(cluster.spec.name, cluster.state.dir.parent)
+    left = [p.name for p in Path(nsutil.NETNS_RUN_DIR).iterdir() if p.name.startswith("e2e-")]
+    assert left == []
+    assert not [r for r in records if is_running(r.pid, r.start_time)]
+    assert _root_links() == root_links_before
