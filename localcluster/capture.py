@@ -39,8 +39,8 @@ class Capture:
                 "0",
                 "-w",
                 str(out),
-            ]
-            + ["tcp"],
+                "tcp",
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )

@@ -272,10 +272,7 @@ def _wait_apps(cluster: Cluster, timeout: float = 15.0) -> None:
                 targets.append((cluster.layout.pod(pod.namespace, pod.name), port.target_port))
 
     def accepting() -> bool:
-        for where, port in targets:
-            if not _port_open(where.netns_path, str(where.ip), port):
-                return False
-        return True
+        return all(_port_open(where.netns_path, str(where.ip), port) for where, port in targets)
 
     _wait_for(accepting, timeout, "the apps to listen", cluster.state.log_dir)
 

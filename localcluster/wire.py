@@ -100,7 +100,9 @@ def negotiated_version(server_records: list[Record]) -> int | None:
 
 
 def read_pcap(path: str) -> list[Segment]:
-    from scapy.all import IP, TCP, rdpcap  # a test/demo dependency, imported on use
+    # scapy is a test/demo dependency, imported on use; its star-exports are untyped.
+    from scapy.layers.inet import IP, TCP
+    from scapy.utils import rdpcap
 
     segs = []
     for pkt in rdpcap(path):
