@@ -303,22 +303,24 @@ def main() -> int:
     p = Params(args.bytes, args.seconds, args.rate, args.latency_seconds, args.size)
     state_root = Path(tempfile.mkdtemp(prefix="l4bench-"))
     ok = False
-    cluster_name = "bench"
+    cluster: Cluster | None = None
     try:
-        print(f"bringing up cluster {cluster_name!r} (state in {state_root})", flush=True)
+        print(f"bringing up the cluster (state in {state_root})", flush=True)
         cluster = up(CLUSTER_FILE, state_root, mesh=True)
-        cluster_name = cluster.spec.name
         results = run(p, cluster)
         ok = True
     except BenchError as e:
         print(f"l4_datapath: {e}", file=sys.stderr)
         return 1
     finally:
-        down(cluster_name, state_root)
+        if cluster is not None:
+            if not ok:  # teardown deletes the logs; keep a copy to read what went wrong
+                kept = state_root / "logs-kept"
+                shutil.copytree(cluster.state.log_dir, kept, dirs_exist_ok=True)
+                print(f"l4_datapath: logs kept in {kept}", file=sys.stderr)
+            down(cluster.spec.name, state_root)
         if ok:
             shutil.rmtree(state_root, ignore_errors=True)
-        else:
-            print(f"logs kept in {state_root}", file=sys.stderr)
     r = ratios(results)
     command = shlex.join([sys.executable, *sys.argv])
     doc = {
