@@ -18,6 +18,7 @@ import ssl
 import subprocess
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -104,6 +105,17 @@ def tunnel_log(c: mesh.Cluster) -> str:
     return "".join(c.tunnel_log(n.name).read_text() for n in c.spec.nodes)
 
 
+def logged(c: mesh.Cluster, text: str, timeout: float = 10.0) -> bool:
+    """Whether a tunnel logs `text` within `timeout`: the access line is written when the
+    tunnel has closed both sides, which may be just after the client saw its EOF."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in tunnel_log(c):
+            return True
+        time.sleep(0.05)
+    return False
+
+
 # ---- connectivity ---------------------------------------------------------------------
 
 
@@ -129,10 +141,9 @@ def test_pod_to_service_vip(cluster: mesh.Cluster) -> None:
 
 def test_access_log_names_both_identities(cluster: mesh.Cluster) -> None:
     echo(cluster, "mesh", "client", pod_ip(cluster, "mesh", "server-b"), 9000, b"log me")
-    log = tunnel_log(cluster)
-    assert '"src.identity": "spiffe://cluster.local/ns/mesh/sa/client"' in log
-    assert '"dst.identity": "spiffe://cluster.local/ns/mesh/sa/server"' in log
-    assert f'"dst.hbone_addr": "{pod_ip(cluster, "mesh", "server-b")}:15008"' in log
+    assert logged(cluster, '"src.identity": "spiffe://cluster.local/ns/mesh/sa/client"')
+    assert logged(cluster, '"dst.identity": "spiffe://cluster.local/ns/mesh/sa/server"')
+    assert logged(cluster, f'"dst.hbone_addr": "{pod_ip(cluster, "mesh", "server-b")}:15008"')
 
 
 def test_mesh_pod_to_non_mesh_pod_passes_through(cluster: mesh.Cluster) -> None:
@@ -147,9 +158,8 @@ def test_non_mesh_pod_to_mesh_pod_via_15006(cluster: mesh.Cluster) -> None:
     )
     assert data == b"in"
     assert seen.split(":")[0] == pod_ip(cluster, "plain", "outsider")
-    assert '"direction": "inbound", "src.addr": "' + pod_ip(
-        cluster, "plain", "outsider"
-    ) in tunnel_log(cluster)
+    outsider = pod_ip(cluster, "plain", "outsider")
+    assert logged(cluster, f'"direction": "inbound", "src.addr": "{outsider}')
 
 
 # ---- on the wire ------------------------------------------------------------------------
@@ -237,7 +247,7 @@ def test_client_certificate_of_another_trust_domain_is_refused(cluster: mesh.Clu
     other = _cert(_mesh_ca(cluster, "other.example"), SpiffeId("other.example", "mesh", "client"))
     ctx = tls.client_context(other)
     _expect_no_http2(lambda: _tls_to_15008(cluster, ctx, pod_ip(cluster, "mesh", "server-b")))
-    assert "hbone client rejected" in tunnel_log(cluster)
+    assert logged(cluster, "hbone client rejected")
 
 
 def test_connect_without_client_certificate_fails_handshake(cluster: mesh.Cluster) -> None:
