@@ -6,9 +6,10 @@ Paths (client pod on node1, server pod on node2, see bench-cluster.yaml):
 - `relay`: the `direct` pods joined by two plain TCP relays (apps/relay.py, uvloop), one
   in each node's netns: the same two user-space hops as the tunnel, without TLS or HBONE.
 
-Per path: single-connection throughput (up to --bytes, stopped after --seconds) and 1 KB
-echo latency, open loop at a fixed --rate over one keep-alive connection. Only ratios
-taken in the same run mean anything (absolute numbers drift between runs on a VM).
+Per path and round (--rounds, paths interleaved; the table shows medians over rounds):
+single-connection throughput (up to --bytes, stopped after --seconds) and 1 KB echo
+latency, open loop at a fixed --rate over one keep-alive connection. Only ratios taken in
+the same run mean anything (absolute numbers drift between runs on a VM).
 
 Invariants: needs root; uses its own state root (a temp dir) and always tears the cluster
 down; every process it starts is recorded and stopped by PID; all traffic stays inside the
@@ -25,6 +26,7 @@ import platform
 import shlex
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -69,6 +71,7 @@ class Params:
     rate: float
     latency_seconds: float
     size: int
+    rounds: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,9 +160,9 @@ def run_client(target: Target, mode: str, args: list[str], timeout: float) -> di
 
 
 def measure(target: Target, p: Params) -> dict[str, dict[str, float]]:
-    print(f"[{target.name}] warm-up", flush=True)
+    print(f"  [{target.name}] warm-up", flush=True)
     run_client(target, "throughput", ["--bytes", str(1 << 20), "--seconds", "5"], 30.0)
-    print(f"[{target.name}] throughput", flush=True)
+    print(f"  [{target.name}] throughput", flush=True)
     tput = run_client(
         target,
         "throughput",
@@ -247,7 +250,7 @@ def stop_all(procs: list[ManagedProcess]) -> None:
         proc.stop()
 
 
-def run(p: Params, cluster: Cluster) -> dict[str, dict[str, dict[str, float]]]:
+def run(p: Params, cluster: Cluster) -> list[dict[str, dict[str, dict[str, float]]]]:
     lay = cluster.layout
     direct = Target(
         "direct",
@@ -266,15 +269,30 @@ def run(p: Params, cluster: Cluster) -> dict[str, dict[str, dict[str, float]]]:
     relay = Target(
         "relay", direct.client_netns, str(lay.node("node1").ip), RELAY_SINK_PORT, RELAY_ECHO_PORT
     )
-    results: dict[str, dict[str, dict[str, float]]] = {}
-    for target in (direct, tunnel):
-        results[target.name] = measure(target, p)
+    rounds: list[dict[str, dict[str, dict[str, float]]]] = []
     relays = start_relays(cluster)
     try:
-        results["relay"] = measure(relay, p)
+        # Paths interleaved round by round, so drift in the machine's load (it is shared)
+        # spreads over all paths instead of biasing the one measured last.
+        for i in range(p.rounds):
+            print(f"round {i + 1}/{p.rounds}", flush=True)
+            rounds.append({t.name: measure(t, p) for t in (direct, tunnel, relay)})
     finally:
         stop_all(relays)
-    return results
+    return rounds
+
+
+def median_results(
+    rounds: list[dict[str, dict[str, dict[str, float]]]],
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Per path and metric, the median over rounds (robust to one disturbed round)."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for path, kinds in rounds[0].items():
+        out[path] = {
+            kind: {m: statistics.median(r[path][kind][m] for r in rounds) for m in metrics}
+            for kind, metrics in kinds.items()
+        }
+    return out
 
 
 def write_results(doc: dict[str, Any]) -> Path:
@@ -292,6 +310,7 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=1000.0, help="latency: requests per second")
     ap.add_argument("--latency-seconds", type=float, default=5.0, help="latency: duration")
     ap.add_argument("--size", type=int, default=1024, help="latency: request/response bytes")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds; the table shows medians")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("l4_datapath: needs root (it builds network namespaces)", file=sys.stderr)
@@ -300,14 +319,17 @@ def main() -> int:
         # The server echoes fixed 1 KB messages (apps/l4_server.py MSG).
         print("l4_datapath: --size must be 1024 (the server's message size)", file=sys.stderr)
         return 2
-    p = Params(args.bytes, args.seconds, args.rate, args.latency_seconds, args.size)
+    if not 1 <= args.rounds <= 20:
+        print("l4_datapath: --rounds must be 1..20", file=sys.stderr)
+        return 2
+    p = Params(args.bytes, args.seconds, args.rate, args.latency_seconds, args.size, args.rounds)
     state_root = Path(tempfile.mkdtemp(prefix="l4bench-"))
     ok = False
     cluster: Cluster | None = None
     try:
         print(f"bringing up the cluster (state in {state_root})", flush=True)
         cluster = up(CLUSTER_FILE, state_root, mesh=True)
-        results = run(p, cluster)
+        rounds = run(p, cluster)
         ok = True
     except BenchError as e:
         print(f"l4_datapath: {e}", file=sys.stderr)
@@ -321,6 +343,7 @@ def main() -> int:
             down(cluster.spec.name, state_root)
         if ok:
             shutil.rmtree(state_root, ignore_errors=True)
+    results = median_results(rounds)
     r = ratios(results)
     command = shlex.join([sys.executable, *sys.argv])
     doc = {
@@ -333,7 +356,8 @@ def main() -> int:
             "python": platform.python_version(),
         },
         "params": asdict(p),
-        "results": results,
+        "results": results,  # medians over the rounds
+        "rounds": rounds,
         "ratios": r,
         "targets": {
             "tunnel_over_relay_throughput_min": TARGET_TUNNEL_OVER_RELAY,
