@@ -202,7 +202,10 @@ class PodProxy:
 
         def verify(h2: H2Transport, expected: frozenset[SpiffeId]) -> None:
             assert h2.transport is not None
-            peer = tls.peer_identity(h2.transport.get_extra_info("ssl_object"))
+            ssl_obj = h2.transport.get_extra_info("ssl_object")
+            if ssl_obj.selected_alpn_protocol() != "h2":
+                raise tls.PeerVerificationError("server did not negotiate ALPN h2")
+            peer = tls.peer_identity(ssl_obj)
             tls.verify_server(peer, expected)
 
         return await hbone_connect(key, self._factory, context, verify, pool.forget)

@@ -250,6 +250,14 @@ def test_client_certificate_of_another_trust_domain_is_refused(cluster: mesh.Clu
     assert logged(cluster, "hbone client rejected")
 
 
+def test_client_without_alpn_h2_is_refused(cluster: mesh.Cluster) -> None:
+    cert = _cert(_mesh_ca(cluster), SpiffeId("cluster.local", "mesh", "client"))
+    ctx = tls.client_context(cert)
+    ctx.set_alpn_protocols(["http/1.1"])
+    _expect_no_http2(lambda: _tls_to_15008(cluster, ctx, pod_ip(cluster, "mesh", "server-b")))
+    assert logged(cluster, "did not negotiate ALPN h2")
+
+
 def test_connect_without_client_certificate_fails_handshake(cluster: mesh.Cluster) -> None:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False

@@ -126,6 +126,8 @@ class _InboundH2(H2Transport):
         try:
             self.client = SocketAddr.of(transport.get_extra_info("peername"))
             ssl_obj = transport.get_extra_info("ssl_object")
+            if ssl_obj.selected_alpn_protocol() != "h2":
+                raise PeerVerificationError("client did not negotiate ALPN h2")
             self.peer = peer_identity(ssl_obj)
             verify_client(self.peer, self.server.trust_domain)
         except (PeerVerificationError, ValueError, TypeError) as e:
