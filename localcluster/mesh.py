@@ -11,6 +11,7 @@ redirected connections are refused, never sent in plaintext around the tunnel.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import socket
 import sys
@@ -146,8 +147,6 @@ def start_control_plane(spec: ClusterSpec, layout: NetworkLayout, state: Cluster
 
 
 def _base_env() -> dict[str, str]:
-    import os
-
     env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TZ", "PYTHONPATH")}
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -196,8 +195,6 @@ def tunnel_status(layout: NetworkLayout, node: str, timeout: float = 2.0) -> dic
     try:
         s = nsutil.socket_in(fd)
     finally:
-        import os
-
         os.close(fd)
     try:
         s.settimeout(timeout)
@@ -278,8 +275,6 @@ def _wait_apps(cluster: Cluster, timeout: float = 15.0) -> None:
 
 
 def _port_open(netns_path: str, ip: str, port: int) -> bool:
-    import os
-
     fd = nsutil.open_netns(netns_path)
     try:
         s = nsutil.socket_in(fd)
