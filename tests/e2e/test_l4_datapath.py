@@ -27,6 +27,7 @@ import h2.config
 import h2.connection
 import h2.events
 import pytest
+import yaml
 
 import nsutil
 from controlplane.ca import CertificateAuthority
@@ -137,6 +138,43 @@ def test_pod_to_service_vip(cluster: mesh.Cluster) -> None:
     seen, data = echo(cluster, "mesh", "client", vip(cluster, "mesh", "server"), 80, b"via vip")
     assert data == b"via vip"
     assert seen.split(":")[0] == pod_ip(cluster, "mesh", "client")
+
+
+def test_pod_to_service_vip_on_the_same_node(cluster: mesh.Cluster) -> None:
+    seen, data = echo(cluster, "mesh", "client", vip(cluster, "mesh", "server-a"), 80, b"near")
+    assert data == b"near"
+    assert seen.split(":")[0] == pod_ip(cluster, "mesh", "client")
+
+
+def test_mesh_config_change_applies_without_restart(cluster: mesh.Cluster) -> None:
+    """A new service port in the config file is served by the running tunnels."""
+    server_vip = vip(cluster, "mesh", "server")
+
+    def attempt(payload: bytes) -> bytes | None:
+        try:
+            return echo(cluster, "mesh", "client", server_vip, 82, payload)[1]
+        except OSError:
+            return None
+
+    # No such port yet: the tunnel refuses the connection (a reset, or an empty answer).
+    assert attempt(b"early") in (None, b"")
+    doc = yaml.safe_load(cluster.paths.xds.read_text())
+    for svc in doc["services"]:
+        if svc["name"] == "server":
+            svc["ports"][82] = 9000
+    for w in doc["workloads"]:
+        for key, ports in w.get("services", {}).items():
+            if key.startswith("mesh/server.mesh."):
+                ports[82] = 9000
+    tmp = cluster.paths.xds.with_suffix(".new")
+    tmp.write_text(yaml.safe_dump(doc))
+    tmp.replace(cluster.paths.xds)
+    deadline = time.monotonic() + 10
+    data = attempt(b"late")
+    while data != b"late" and time.monotonic() < deadline:
+        time.sleep(0.2)
+        data = attempt(b"late")
+    assert data == b"late"
 
 
 def test_access_log_names_both_identities(cluster: mesh.Cluster) -> None:
