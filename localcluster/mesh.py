@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 import nsutil
-from localcluster.apps import start_apps
+from localcluster.apps import INHERITED_ENV, start_apps
 from localcluster.network import NetworkLayout, apply_service_rules, build_network, plan_layout
 from localcluster.processes import spawn_in_netns
 from localcluster.spec import ClusterSpec, load_cluster
@@ -147,7 +147,7 @@ def start_control_plane(spec: ClusterSpec, layout: NetworkLayout, state: Cluster
 
 
 def _base_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TZ", "PYTHONPATH")}
+    env = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -191,11 +191,7 @@ def enrol_pods(spec: ClusterSpec, layout: NetworkLayout, state: ClusterState) ->
 
 def tunnel_status(layout: NetworkLayout, node: str, timeout: float = 2.0) -> dict[str, Any] | None:
     """GET /healthz/ready of a node's tunnel, from inside the node netns."""
-    fd = nsutil.open_netns(layout.node(node).netns_path)
-    try:
-        s = nsutil.socket_in(fd)
-    finally:
-        os.close(fd)
+    s = nsutil.socket_at(layout.node(node).netns_path)
     try:
         s.settimeout(timeout)
         s.connect(("127.0.0.1", READINESS_PORT))
@@ -275,11 +271,7 @@ def _wait_apps(cluster: Cluster, timeout: float = 15.0) -> None:
 
 
 def _port_open(netns_path: str, ip: str, port: int) -> bool:
-    fd = nsutil.open_netns(netns_path)
-    try:
-        s = nsutil.socket_in(fd)
-    finally:
-        os.close(fd)
+    s = nsutil.socket_at(netns_path)
     try:
         # Marked like the tunnel's own sockets so the probe is not captured.
         s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 0x539)

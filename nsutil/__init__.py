@@ -85,6 +85,17 @@ def socket_in(
         return socket.socket(family, type)
 
 
+def socket_at(
+    path: str, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM
+) -> socket.socket:
+    """`socket_in` for a namespace given by path (opens and closes its fd)."""
+    fd = open_netns(path)
+    try:
+        return socket_in(fd, family, type)
+    finally:
+        os.close(fd)
+
+
 def preexec_enter(path: str) -> Callable[[], None]:
     """A subprocess `preexec_fn` that moves the child into the namespace at `path`."""
 

@@ -28,15 +28,18 @@ from ztunnel.identity import SpiffeId
 from ztunnel.proxy.inbound import Authorizer, InboundProxy, allow_all
 from ztunnel.proxy.inbound_passthrough import InboundPassthroughProxy
 from ztunnel.proxy.outbound import OutboundProxy, hbone_connect
-from ztunnel.sockets import NetnsSocketFactory, SocketFactory, listener
+from ztunnel.sockets import (
+    INBOUND_HBONE_PORT,
+    INBOUND_PLAIN_PORT,
+    OUTBOUND_PORT,
+    NetnsSocketFactory,
+    SocketFactory,
+    listener,
+)
 from ztunnel.state import MeshState, Workload
 from ztunnel.tasks import TaskSet
 
 log = structlog.get_logger(__name__)
-
-OUTBOUND_PORT = 15001
-INBOUND_PLAIN_PORT = 15006
-INBOUND_HBONE_PORT = 15008
 
 
 class EnrolmentError(ValueError):
@@ -202,10 +205,7 @@ class PodProxy:
 
         def verify(h2: H2Transport, expected: frozenset[SpiffeId]) -> None:
             assert h2.transport is not None
-            ssl_obj = h2.transport.get_extra_info("ssl_object")
-            if ssl_obj.selected_alpn_protocol() != "h2":
-                raise tls.PeerVerificationError("server did not negotiate ALPN h2")
-            peer = tls.peer_identity(ssl_obj)
+            peer = tls.hbone_peer(h2.transport.get_extra_info("ssl_object"))
             tls.verify_server(peer, expected)
 
         return await hbone_connect(key, self._factory, context, verify, pool.forget)

@@ -85,6 +85,14 @@ def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> SpiffeId:
         raise PeerVerificationError(f"peer certificate identity is invalid: {e}") from e
 
 
+def hbone_peer(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> SpiffeId:
+    """The peer's identity on an HBONE connection, which must have negotiated ALPN h2
+    (OpenSSL completes a handshake without ALPN when the peer offers none)."""
+    if ssl_object.selected_alpn_protocol() != ALPN_H2:
+        raise PeerVerificationError("peer did not negotiate ALPN h2")
+    return peer_identity(ssl_object)
+
+
 def verify_server(peer: SpiffeId, expected: frozenset[SpiffeId]) -> None:
     """Client side: the server must be one of the identities the destination may have."""
     if peer not in expected:

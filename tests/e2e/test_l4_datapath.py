@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
-import os
 import random
 import socket
 import ssl
@@ -75,11 +74,7 @@ def vip(c: mesh.Cluster, ns: str, name: str) -> str:
 
 def pod_socket(c: mesh.Cluster, ns: str, pod: str) -> socket.socket:
     """A socket inside a pod, created like the app's own (unmarked: captured if enrolled)."""
-    fd = nsutil.open_netns(c.pod_netns(ns, pod))
-    try:
-        return nsutil.socket_in(fd)
-    finally:
-        os.close(fd)
+    return nsutil.socket_at(c.pod_netns(ns, pod))
 
 
 def connect(c: mesh.Cluster, ns: str, pod: str, ip: str, port: int) -> socket.socket:

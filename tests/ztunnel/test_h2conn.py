@@ -240,3 +240,22 @@ def test_split_frames_reassemble_across_reads() -> None:
         server.receive(data[i : i + 7])
     assert bytes(stream.data) == b"abcdef" * 1000
     assert stream.ended
+
+
+def test_padded_data_is_delivered_without_padding_and_credited() -> None:
+    rec = Recorder()
+    server = H2Connection(client=False, handler=rec)
+    server.initiate()
+    client = h2_client()
+    pump_to_ours(client, server)
+    pump_to_theirs(server, client)
+    client.send_headers(1, CONNECT)
+    pump_to_ours(client, server)
+    stream = StreamRec(server)
+    stream.sid = 1
+    server.respond(1, 200, stream, end=False)
+    pump_to_theirs(server, client)
+    client.send_data(1, b"padded" * 100, pad_length=200, end_stream=True)
+    pump_to_ours(client, server)
+    assert bytes(stream.data) == b"padded" * 100
+    assert stream.ended

@@ -383,7 +383,7 @@ class H2Connection:
         if self._cont_sid and ftype != FrameType.CONTINUATION:
             raise ProtocolViolation(ErrorCode.PROTOCOL_ERROR, "expected CONTINUATION")
         if ftype == FrameType.DATA:
-            self._on_data(flags, sid, payload)
+            self._on_padded_data(flags, sid, payload)
         elif ftype == FrameType.HEADERS:
             self._on_headers(flags, sid, payload)
         elif ftype == FrameType.CONTINUATION:
@@ -415,34 +415,15 @@ class H2Connection:
             raise ProtocolViolation(ErrorCode.PROTOCOL_ERROR, "padding exceeds frame")
         return payload[1 : len(payload) - pad], pad + 1
 
-    def _on_data(self, flags: int, sid: int, payload: memoryview) -> None:
-        if sid == 0:
-            raise ProtocolViolation(ErrorCode.PROTOCOL_ERROR, "DATA on stream 0")
-        size = len(payload)
-        self._recv_window -= size
-        if self._recv_window < 0:
-            raise ProtocolViolation(ErrorCode.FLOW_CONTROL_ERROR, "connection window exceeded")
+    def _on_padded_data(self, flags: int, sid: int, payload: memoryview) -> None:
+        """A padded DATA frame (buffered whole): the same accounting as a streamed one."""
+        self._data_begin(flags, sid, len(payload))
+        self._data_left = 0
         body, overhead = self._strip_padding(flags, payload)
-        st = self.streams.get(sid)
-        if st is None or st.remote_closed:
-            self._unknown_stream_frame(sid)
-            self.ack(0, size)  # keep the connection window honest
-            return
-        st.recv_window -= size
-        if st.recv_window < 0:
-            self.reset(sid, ErrorCode.FLOW_CONTROL_ERROR)
-            self.ack(0, size)
-            if st.handler is not None:
-                st.handler.on_reset(ErrorCode.FLOW_CONTROL_ERROR)
-            return
-        if overhead:
-            self.ack(sid, overhead)  # padding is never handed to anyone: credit it now
-        if body and st.handler is not None:
-            st.handler.on_data(body)
-        elif body:
-            self.ack(sid, len(body))
-        if flags & Flag.END_STREAM:
-            self._remote_end(st)
+        self.ack(sid, overhead)  # padding is never handed to anyone: credit it now
+        if body:
+            self._data_chunk(body)
+        self._data_done()
 
     def _unknown_stream_frame(self, sid: int) -> None:
         idle = sid >= (self._next_stream_id if self.client else self._last_peer_stream + 1)

@@ -23,13 +23,18 @@ from ztunnel.hbone.conn import Headers
 from ztunnel.hbone.transport import H2Transport
 from ztunnel.identity import SpiffeId
 from ztunnel.proxy.relay import AppSide, HboneSplice
-from ztunnel.sockets import SocketAddr, SocketFactory, make_transparent, tune_stream
+from ztunnel.sockets import (
+    TUNNEL_PORTS,
+    SocketAddr,
+    SocketFactory,
+    make_transparent,
+    tune_stream,
+)
 from ztunnel.state import Workload
-from ztunnel.tls import PeerVerificationError, peer_identity, verify_client
+from ztunnel.tls import PeerVerificationError, hbone_peer, verify_client
 
 log = structlog.get_logger(__name__)
 
-TUNNEL_PORTS = frozenset({15001, 15006, 15008})
 APP_CONNECT_TIMEOUT = 10.0
 
 
@@ -125,10 +130,7 @@ class _InboundH2(H2Transport):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         try:
             self.client = SocketAddr.of(transport.get_extra_info("peername"))
-            ssl_obj = transport.get_extra_info("ssl_object")
-            if ssl_obj.selected_alpn_protocol() != "h2":
-                raise PeerVerificationError("client did not negotiate ALPN h2")
-            self.peer = peer_identity(ssl_obj)
+            self.peer = hbone_peer(transport.get_extra_info("ssl_object"))
             verify_client(self.peer, self.server.trust_domain)
         except (PeerVerificationError, ValueError, TypeError) as e:
             log.warning("hbone client rejected", peer=str(self.client), error=str(e))

@@ -12,9 +12,9 @@ import socket
 from collections.abc import Callable
 
 from ztunnel.accesslog import ConnectionLog
-from ztunnel.proxy.inbound import TUNNEL_PORTS, Authorizer, allow_all, connect_app
+from ztunnel.proxy.inbound import Authorizer, allow_all, connect_app
 from ztunnel.proxy.relay import AppSide, TcpPipe
-from ztunnel.sockets import SocketAddr, SocketFactory, original_dst
+from ztunnel.sockets import TUNNEL_PORTS, SocketAddr, SocketFactory, original_dst
 from ztunnel.state import Workload
 
 

@@ -24,13 +24,18 @@ from ztunnel.hbone.pool import ConnectionPool, PoolKey
 from ztunnel.hbone.transport import H2Transport
 from ztunnel.identity import SpiffeId
 from ztunnel.proxy.relay import AppSide, HboneSplice, TcpPipe
-from ztunnel.sockets import SocketAddr, SocketFactory, original_dst, tune_stream
+from ztunnel.sockets import (
+    INBOUND_HBONE_PORT,
+    TUNNEL_PORTS,
+    SocketAddr,
+    SocketFactory,
+    original_dst,
+    tune_stream,
+)
 from ztunnel.state import HealthStatus, MeshState, Service, TunnelProtocol, Workload
 
 log = structlog.get_logger(__name__)
 
-HBONE_PORT = 15008
-TUNNEL_PORTS = frozenset({15001, 15006, 15008})
 CONNECT_TIMEOUT = 10.0
 
 
@@ -118,7 +123,7 @@ def _to_workload(w: Workload, target: SocketAddr, service: Service | None) -> Ou
         return OutboundDecision(
             Route.HBONE,
             target,
-            next_hop=SocketAddr(target.ip, HBONE_PORT),
+            next_hop=SocketAddr(target.ip, INBOUND_HBONE_PORT),
             expected_identities=frozenset({w.identity, *sans}),
             destination=w,
             service=service,

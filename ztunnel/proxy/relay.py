@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, cast
 
-from ztunnel.hbone.conn import Headers, error_name
+from ztunnel.hbone.conn import SEND_LOW_WATER, Headers, error_name
 from ztunnel.hbone.h2frames import ErrorCode
 from ztunnel.hbone.transport import H2Transport
 
@@ -229,7 +229,7 @@ class HboneSplice:
         if (
             self._app_read_paused
             and not self.h2.write_paused
-            and self.h2.conn.pending(self.sid) <= 0x20000
+            and self.h2.conn.pending(self.sid) <= SEND_LOW_WATER
             and self.app is not None
             and self.app.transport is not None
         ):
