@@ -28,7 +28,7 @@ from localcluster.network import NetworkLayout, apply_service_rules, build_netwo
 from localcluster.processes import spawn_in_netns
 from localcluster.spec import ClusterSpec, load_cluster
 from localcluster.state import ClusterState, teardown
-from localcluster.xds import local_xds
+from localcluster.xds import local_xds, workload_uid
 from redirect.iptables import apply_inpod
 from redirect.rules import InpodConfig
 
@@ -94,10 +94,14 @@ def write_mesh_config(spec: ClusterSpec, paths: MeshPaths) -> None:
     _write(paths.xds, yaml.safe_dump(local_xds(spec), sort_keys=False))
 
 
+def enrolled_uids(spec: ClusterSpec, node: str) -> set[str]:
+    return {workload_uid(spec, p) for p in spec.pods_on(node) if p.enrolled(spec)}
+
+
 def write_enrolment(spec: ClusterSpec, layout: NetworkLayout, paths: MeshPaths, node: str) -> None:
     pods = [
         {
-            "uid": f"{spec.name}//Pod/{p.namespace}/{p.name}",
+            "uid": workload_uid(spec, p),
             "netns": layout.pod(p.namespace, p.name).netns_path,
         }
         for p in spec.pods_on(node)
@@ -212,10 +216,17 @@ def tunnel_status(layout: NetworkLayout, node: str, timeout: float = 2.0) -> dic
 
 
 def wait_ready(cluster: Cluster, timeout: float = READY_TIMEOUT) -> None:
-    nodes = [n.name for n in cluster.spec.nodes]
+    want = {n.name: enrolled_uids(cluster.spec, n.name) for n in cluster.spec.nodes}
+
+    def node_ready(node: str) -> bool:
+        # Ready alone is not enough: a tunnel that has not yet read the new enrolment
+        # file is ready with no pods. It must also hold exactly the pods it was given.
+        status = tunnel_status(cluster.layout, node) or {}
+        pods = status.get("pods")
+        return bool(status.get("ready")) and isinstance(pods, dict) and set(pods) == want[node]
 
     def all_ready() -> bool:
-        return all((tunnel_status(cluster.layout, n) or {}).get("ready") for n in nodes)
+        return all(node_ready(n) for n in want)
 
     _wait_for(all_ready, timeout, "every tunnel to report ready", cluster.state.log_dir)
 

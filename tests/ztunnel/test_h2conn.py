@@ -14,6 +14,7 @@ import pytest
 
 from ztunnel.hbone.conn import (
     CONNECTION_WINDOW,
+    SEND_LOW_WATER,
     STREAM_WINDOW,
     H2Connection,
     Headers,
@@ -162,6 +163,54 @@ def test_client_against_h2_server_flow_control_and_half_close() -> None:
             break
     assert bytes(received) == big
     assert ended, "END_STREAM must follow the queued data"
+
+
+def _our_client_stream(
+    server: h2.connection.H2Connection,
+) -> tuple[H2Connection, StreamRec]:
+    server.initiate_connection()
+    ours = H2Connection(client=True, handler=Recorder())
+    ours.initiate()
+    pump_to_theirs(ours, server)
+    pump_to_ours(server, ours)
+    stream = StreamRec(ours)
+    stream.sid = ours.open_stream(CONNECT, stream)
+    pump_to_theirs(ours, server)
+    server.send_headers(stream.sid, [(":status", "200")])
+    pump_to_ours(server, ours)
+    return ours, stream
+
+
+def test_send_ready_fires_after_a_pause_between_the_marks() -> None:
+    # A producer that paused for another reason (a full TLS buffer) while the queue sat
+    # between the low and high marks must still hear when the queue drains.
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    ours, stream = _our_client_stream(server)
+    window = 65_535  # the h2 server's default stream window
+    more = ours.send_data(stream.sid, b"z" * (window + SEND_LOW_WATER + 1000))
+    assert more, "below the high mark: no pause asked for"
+    assert ours.pending(stream.sid) > SEND_LOW_WATER
+    ours.notify_when_drained(stream.sid)
+    received = 0
+    for _ in range(20):
+        for e in pump_to_theirs(ours, server):
+            if isinstance(e, h2.events.DataReceived):
+                received += e.flow_controlled_length
+                server.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
+        pump_to_ours(server, ours)
+        if stream.ready:
+            break
+    assert stream.ready == 1
+    assert ours.pending(stream.sid) <= SEND_LOW_WATER
+
+
+def test_notify_when_drained_below_the_low_mark_asks_for_nothing() -> None:
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    ours, stream = _our_client_stream(server)
+    ours.send_data(stream.sid, b"q" * 1000)
+    ours.notify_when_drained(stream.sid)
+    pump_to_theirs(ours, server)
+    assert stream.ready == 0
 
 
 def test_receive_credit_only_returned_after_ack() -> None:

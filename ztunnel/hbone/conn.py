@@ -259,6 +259,17 @@ class H2Connection:
         st = self.streams.get(sid)
         return st.pending_bytes if st is not None else 0
 
+    def notify_when_drained(self, sid: int) -> None:
+        """Ask for `on_send_ready` once the stream's queue is back below the low mark.
+
+        A producer may pause for a reason of its own (the TLS write buffer) while the
+        queue is between the marks; without this it would never hear that the queue
+        drained, and the stream would stall for good.
+        """
+        st = self.streams.get(sid)
+        if st is not None and st.pending_bytes > SEND_LOW_WATER:
+            st.send_paused = True
+
     def send_ping(self, payload: bytes) -> None:
         if not self.closed:
             self.out.append(ping(payload))

@@ -110,11 +110,13 @@ async def connect_app(
         raise
 
 
-def _refuse(h2: H2Transport, sid: int, status: int) -> None:
+def _refuse(h2: H2Transport, splice: HboneSplice, status: int, reason: str) -> None:
     """Answer with an error status, then end the stream: RST_STREAM(NO_ERROR) after a
-    complete response tells the client to stop sending without failing the response."""
-    h2.conn.respond(sid, status, None, end=True)
-    h2.conn.reset(sid, 0)
+    complete response tells the client to stop sending without failing the response.
+    Finishing the splice returns the credit of anything the client sent early."""
+    h2.conn.respond(splice.sid, status, None, end=True)
+    h2.conn.reset(splice.sid, 0)
+    splice.finish_unstarted(f"{status}: {reason}")
     h2.flush()
 
 
@@ -203,14 +205,15 @@ class InboundProxy:
             },
         )
         if decision.status != 200 or decision.target is None:
-            _refuse(h2, splice.sid, decision.status)
+            _refuse(h2, splice, decision.status, decision.reason)
             record.finish(error=f"{decision.status}: {decision.reason}")
             return
         try:
             _, app = await connect_app(self._factory, decision.target, str(client.ip))
         except (TimeoutError, OSError) as e:
-            _refuse(h2, splice.sid, 503)
-            record.finish(error=f"503: connecting to the app at {decision.target} failed: {e}")
+            reason = f"connecting to the app at {decision.target} failed: {e}"
+            _refuse(h2, splice, 503, reason)
+            record.finish(error=f"503: {reason}")
             return
         if splice.done.done():  # the client gave up while we were connecting
             assert app.transport is not None

@@ -276,10 +276,14 @@ class OutboundProxy:
         h2 = await self._pool.checkout(key)
         splice = HboneSplice(h2)
         splice.sid = self._pool.open_stream(h2, connect_headers(source, decision, client), splice)
-        status, _ = await asyncio.wait_for(splice.response, CONNECT_TIMEOUT)
+        try:
+            status, _ = await asyncio.wait_for(splice.response, CONNECT_TIMEOUT)
+        except BaseException:
+            # Timed out or cancelled: free the stream slot and its receive credit.
+            splice.abort("no answer to the HBONE CONNECT")
+            raise
         if status != 200:
-            h2.conn.reset(splice.sid)
-            h2.flush()
+            splice.abort(f"HBONE CONNECT answered {status}")
             t.abort()
             record.finish(error=f"HBONE CONNECT answered {status}")
             return

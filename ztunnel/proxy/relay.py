@@ -211,6 +211,9 @@ class HboneSplice:
             self.response.set_exception(
                 ConnectionError(f"HBONE stream reset ({name}): {self.h2.conn.close_reason}")
             )
+            # Only the client side awaits the response; mark it seen so a server-side
+            # reset is not reported as an unretrieved exception.
+            self.response.exception()
         self._finish(f"stream reset ({name})")
         if self.started:
             self._close_app(abort=True)
@@ -224,6 +227,8 @@ class HboneSplice:
         if self.app is not None and self.app.transport is not None and not self._app_read_paused:
             self._app_read_paused = True
             self.app.transport.pause_reading()
+        # Whatever paused us, resuming also needs the stream queue drained: be told.
+        self.h2.conn.notify_when_drained(self.sid)
 
     def resume_producing(self) -> None:
         if (
@@ -291,8 +296,21 @@ class HboneSplice:
 
     def _finish(self, error: str | None) -> None:
         self.h2.listeners.discard(self)
+        # Credit still held back (bytes the app never took, or that arrived before it was
+        # attached) belongs to the shared connection window: return it, or every such
+        # stream would shrink that window for good until the connection stalls.
+        leftover = self._owed + sum(len(c) for c in self._early)
+        self._owed = 0
+        self._early = []
+        if leftover:
+            self.h2.conn.ack(self.sid, leftover)
+            self.h2.flush()
         if not self.done.done():
             self.done.set_result(RelayResult(self.sent, self.received, error))
+
+    def finish_unstarted(self, reason: str) -> None:
+        """The stream was answered with an error and never joined to an app."""
+        self._finish(reason)
 
     def abort(self, reason: str) -> None:
         """End both sides now (for example when policy no longer allows the connection)."""
