@@ -58,6 +58,7 @@ def workload(spec: ClusterSpec, pod: PodSpec) -> dict[str, Any]:
         "clusterId": spec.name,
         "status": "Healthy",
         "services": {f"{s.namespace}/{s.hostname}": port_map(s) for s in spec.services_for(pod)},
+        "labels": dict(pod.labels),
     }
 
 

@@ -90,6 +90,8 @@ _WORKLOAD_KEYS = frozenset(
         "network",
         "waypoint",
         "services",
+        "labels",
+        "authorizationPolicies",
     }
 )
 _SERVICE_KEYS = frozenset(
@@ -347,7 +349,29 @@ def _parse_workload(value: Any, path: str) -> Workload:
         status=_enum(entry, "status", path, DEFAULT_STATUS, _STATUSES),
         waypoint=_waypoint(entry.get("waypoint"), f"{path}.waypoint"),
         services=service_map,
+        labels=_labels(entry.get("labels"), f"{path}.labels"),
+        authorization_policies=_policy_refs(entry, path),
     )
+
+
+def _labels(value: Any, path: str) -> tuple[tuple[str, str], ...]:
+    if value is None:
+        return ()
+    out = []
+    for k, v in _mapping(value, path).items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            _fail(path, f"label {k!r}: {v!r} must be a string to a string (quote it)")
+        out.append((k, v))
+    return tuple(sorted(out))
+
+
+def _policy_refs(entry: Mapping[Any, Any], path: str) -> tuple[str, ...]:
+    key = "authorizationPolicies"
+    refs = _list(entry.get(key), f"{path}.{key}")
+    for i, ref in enumerate(refs):
+        if not isinstance(ref, str) or ref.count("/") != 1:
+            _fail(f"{path}.{key}[{i}]", f"{ref!r} must be 'namespace/name'")
+    return tuple(refs)
 
 
 def _parse_service(value: Any, path: str) -> Service:
@@ -405,14 +429,29 @@ def _plain_copy(value: Any, path: str, budget: list[int], depth: int = 0) -> Any
     _fail(path, f"{_kind(value)} values are not supported here; quote it")
 
 
+_POLICY_KINDS = frozenset({"AuthorizationPolicy", "PeerAuthentication"})
+
+
 def _parse_policy(value: Any, path: str) -> RawPolicy:
+    """Either an xDS-style entry (name, namespace at the top) or an Istio resource as
+    users write it (apiVersion, kind, metadata, spec). Its meaning is `ztunnel.rbac`'s job;
+    here only the name, namespace and kind are checked."""
     entry = _mapping(value, path)
-    name = _name(entry, "name", path)
-    namespace = _str(entry, "namespace", path, "")
+    kind = "AuthorizationPolicy"
+    where: Mapping[Any, Any] = entry
+    where_path = path
+    if "kind" in entry or "metadata" in entry:
+        kind = _str(entry, "kind", path)
+        if kind not in _POLICY_KINDS:
+            _fail(f"{path}.kind", f"{kind!r} is not one of {', '.join(sorted(_POLICY_KINDS))}")
+        where_path = f"{path}.metadata"
+        where = _mapping(entry.get("metadata"), where_path)
+    name = _name(where, "name", where_path)
+    namespace = _str(where, "namespace", where_path, "")
     if "/" in namespace:
-        _fail(f"{path}.namespace", f"{namespace!r} must contain no '/'")
+        _fail(f"{where_path}.namespace", f"{namespace!r} must contain no '/'")
     plain = _plain_copy(entry, path, [_POLICY_NODE_BUDGET])
-    return RawPolicy.from_mapping(name, namespace, plain)
+    return RawPolicy.from_mapping(name, namespace, plain, kind)
 
 
 def parse_local_config(text: str) -> MeshState:

@@ -108,6 +108,11 @@ class Workload:
     status: HealthStatus
     waypoint: GatewayAddress | None
     services: ServicePortMap
+    # Pod labels, sorted by key: workload-selector policies match against them.
+    labels: tuple[tuple[str, str], ...] = ()
+    # Policies ("namespace/name") the control plane attached to this workload, as istiod
+    # does in Workload.authorization_policies; selector matching adds to these.
+    authorization_policies: tuple[str, ...] = ()
 
     @property
     def identity(self) -> SpiffeId:
@@ -178,6 +183,9 @@ class RawPolicy:
     name: str
     namespace: str
     spec_json: str
+    # "AuthorizationPolicy" (also the xDS-style entries without a kind) or
+    # "PeerAuthentication".
+    kind: str = "AuthorizationPolicy"
 
     @property
     def key(self) -> str:
@@ -188,12 +196,18 @@ class RawPolicy:
         return json.loads(self.spec_json)
 
     @classmethod
-    def from_mapping(cls, name: str, namespace: str, entry: Mapping[str, Any]) -> RawPolicy:
+    def from_mapping(
+        cls,
+        name: str,
+        namespace: str,
+        entry: Mapping[str, Any],
+        kind: str = "AuthorizationPolicy",
+    ) -> RawPolicy:
         try:
             text = json.dumps(entry, sort_keys=True, separators=(",", ":"), allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"policy {namespace}/{name} is not plain JSON data: {exc}") from exc
-        return cls(name, namespace, text)
+        return cls(name, namespace, text, kind)
 
 
 def _workload_order(w: Workload) -> str:
@@ -276,10 +290,13 @@ class MeshState:
 
         policy_by_key: dict[str, RawPolicy] = {}
         policies_by_ns: dict[str, list[RawPolicy]] = {}
+        seen: set[tuple[str, str]] = set()
         for p in pols:
-            if p.key in policy_by_key:
-                raise ConfigError(f"two policies have the key {p.key!r}")
-            policy_by_key[p.key] = p
+            if (p.kind, p.key) in seen:
+                raise ConfigError(f"two {p.kind} entries have the key {p.key!r}")
+            seen.add((p.kind, p.key))
+            if p.kind == "AuthorizationPolicy":
+                policy_by_key[p.key] = p
             policies_by_ns.setdefault(p.namespace, []).append(p)
 
         return cls(

@@ -352,7 +352,7 @@ def test_service_errors(fields, message):
         ("policies: [{name: p, when: 2001-01-01}]", "date values are not supported"),
         ("policies: [{name: p, x: .nan}]", "is not a finite number"),
         ("policies: [{name: p, x: {1: a}}]", "key 1 must be a string"),
-        ("policies: [{name: p}, {name: p}]", "two policies have the key '/p'"),
+        ("policies: [{name: p}, {name: p}]", "two AuthorizationPolicy entries have the key '/p'"),
         ("workloads: [\n", "not valid YAML"),
         ("a: 1\na: 2\n", "found duplicate key 'a'"),
         ('{"workloads": [], "workloads": []}', "not valid JSON: found duplicate key 'workloads'"),

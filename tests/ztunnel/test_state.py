@@ -135,7 +135,7 @@ def test_empty_state_has_nothing():
             [],
             [],
             [RawPolicy("p", "ns", "{}"), RawPolicy("p", "ns", '{"a":1}')],
-            "two policies have the key 'ns/p'",
+            "two AuthorizationPolicy entries have the key 'ns/p'",
         ),
     ],
 )
