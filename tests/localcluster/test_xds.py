@@ -53,6 +53,7 @@ workloads:
     status: Healthy
     services:
       "travel/frontend.travel.svc.cluster.local": {80: 8080}
+    labels: {app: frontend, version: v1}
   - uid: "travel//Pod/legacy/db"
     name: db
     namespace: legacy
@@ -68,6 +69,7 @@ workloads:
     clusterId: travel
     status: Healthy
     services: {}
+    labels: {}
 services:
   - name: frontend
     namespace: travel
