@@ -94,6 +94,47 @@ def write_mesh_config(spec: ClusterSpec, paths: MeshPaths) -> None:
     _write(paths.xds, yaml.safe_dump(local_xds(spec), sort_keys=False))
 
 
+def _policy_key(doc: Any) -> tuple[str, str, str]:
+    """(kind, namespace, name) of a policy entry in either accepted shape."""
+    if not isinstance(doc, dict):
+        raise ValueError(f"a policy must be a mapping, got {type(doc).__name__}")
+    meta = doc.get("metadata") if ("kind" in doc or "metadata" in doc) else doc
+    if not isinstance(meta, dict) or not meta.get("name"):
+        raise ValueError("a policy needs metadata.name (or name)")
+    kind = str(doc.get("kind", "AuthorizationPolicy"))
+    return kind, str(meta.get("namespace", "")), str(meta["name"])
+
+
+def read_policies(cluster: Cluster) -> list[Any]:
+    doc = yaml.safe_load(cluster.paths.xds.read_text()) or {}
+    return list(doc.get("policies") or [])
+
+
+def apply_policies(cluster: Cluster, docs: list[Any]) -> list[str]:
+    """Create or replace policies in the running mesh (the tunnels pick the change up
+    without a restart). Returns the `kind namespace/name` of each one applied."""
+    doc = yaml.safe_load(cluster.paths.xds.read_text()) or {}
+    current = list(doc.get("policies") or [])
+    applied = []
+    for new in docs:
+        key = _policy_key(new)
+        current = [p for p in current if _policy_key(p) != key]
+        current.append(new)
+        applied.append(f"{key[0]} {key[1]}/{key[2]}")
+    doc["policies"] = current
+    _write(cluster.paths.xds, yaml.safe_dump(doc, sort_keys=False))
+    return applied
+
+
+def delete_policy(cluster: Cluster, kind: str, namespace: str, name: str) -> bool:
+    doc = yaml.safe_load(cluster.paths.xds.read_text()) or {}
+    current = list(doc.get("policies") or [])
+    kept = [p for p in current if _policy_key(p) != (kind, namespace, name)]
+    doc["policies"] = kept
+    _write(cluster.paths.xds, yaml.safe_dump(doc, sort_keys=False))
+    return len(kept) != len(current)
+
+
 def enrolled_uids(spec: ClusterSpec, node: str) -> set[str]:
     return {workload_uid(spec, p) for p in spec.pods_on(node) if p.enrolled(spec)}
 

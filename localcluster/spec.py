@@ -15,6 +15,7 @@ cluster bridge and pod CIDR 10.244.i.0/24 with gateway 10.244.i.1; pods without 
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 import sys
 from collections.abc import Mapping
@@ -126,6 +127,7 @@ class ClusterSpec:
     pods: tuple[PodSpec, ...]
     services: tuple[ServiceSpec, ...]
     base_dir: Path  # cwd of every pod command: the cluster file's directory
+    policies: tuple[str, ...] = ()  # JSON text of each policy resource
 
     def node(self, name: str) -> NodeSpec:
         for n in self.nodes:
@@ -235,7 +237,9 @@ def parse_cluster(text: str, base_dir: Path) -> ClusterSpec:
     except yaml.YAMLError as e:
         raise SpecError(f"cluster file is not valid YAML: {e}") from e
     root = _mapping(
-        doc, "cluster file", {"name", "trustDomain", "nodes", "namespaces", "pods", "services"}
+        doc,
+        "cluster file",
+        {"name", "trustDomain", "nodes", "namespaces", "pods", "services", "policies"},
     )
     name = _str(root, "name", "cluster file")
     if not _CLUSTER_NAME.match(name):
@@ -256,7 +260,23 @@ def parse_cluster(text: str, base_dir: Path) -> ClusterSpec:
         pods=pods,
         services=services,
         base_dir=base_dir,
+        policies=_parse_policies(root.get("policies")),
     )
+
+
+def _parse_policies(value: Any) -> tuple[str, ...]:
+    """Istio AuthorizationPolicy / PeerAuthentication resources, passed to the tunnels
+    verbatim (they validate them); kept as JSON text so the spec stays hashable."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise SpecError("policies: expected a list of AuthorizationPolicy/PeerAuthentication")
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise SpecError(f"policies[{i}]: expected a mapping")
+        out.append(json.dumps(item, sort_keys=True))
+    return tuple(out)
 
 
 def _parse_nodes(items: list[Any]) -> tuple[NodeSpec, ...]:

@@ -7,6 +7,7 @@ use int keys (service port -> target port), as the tunnel's local-file reader ex
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from localcluster.spec import ClusterSpec, PodSpec, ServiceSpec
@@ -20,7 +21,7 @@ def local_xds(spec: ClusterSpec) -> dict[str, Any]:
     return {
         "workloads": [workload(spec, pod) for pod in spec.pods],
         "services": [service(svc) for svc in spec.services],
-        "policies": [],
+        "policies": [json.loads(p) for p in spec.policies],
     }
 
 
