@@ -234,24 +234,40 @@ def enrol_pods(spec: ClusterSpec, layout: NetworkLayout, state: ClusterState) ->
         write_enrolment(spec, layout, paths, node.name)
 
 
-def tunnel_status(layout: NetworkLayout, node: str, timeout: float = 2.0) -> dict[str, Any] | None:
-    """GET /healthz/ready of a node's tunnel, from inside the node netns."""
+def node_http(
+    layout: NetworkLayout,
+    node: str,
+    port: int,
+    path: str,
+    method: str = "GET",
+    timeout: float = 5.0,
+) -> tuple[int, bytes]:
+    """One HTTP/1.0 request to a port of a node's tunnel on 127.0.0.1, from inside the node
+    netns (the admin port listens nowhere else). Raises OSError when unreachable."""
     s = nsutil.socket_at(layout.node(node).netns_path)
     try:
         s.settimeout(timeout)
-        s.connect(("127.0.0.1", READINESS_PORT))
-        s.sendall(b"GET /healthz/ready HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        s.connect(("127.0.0.1", port))
+        s.sendall(f"{method} {path} HTTP/1.0\r\nHost: localhost\r\n\r\n".encode())
         data = b""
         while chunk := s.recv(65536):
             data += chunk
-    except OSError:
-        return None
     finally:
         s.close()
-    _, _, body = data.partition(b"\r\n\r\n")
+    head, _, body = data.partition(b"\r\n\r\n")
     try:
+        status = int(head.split(b" ", 2)[1])
+    except (IndexError, ValueError):
+        raise OSError(f"not an HTTP response from port {port} on node {node}") from None
+    return status, body
+
+
+def tunnel_status(layout: NetworkLayout, node: str, timeout: float = 2.0) -> dict[str, Any] | None:
+    """GET /healthz/ready of a node's tunnel, from inside the node netns."""
+    try:
+        _, body = node_http(layout, node, READINESS_PORT, "/healthz/ready", timeout=timeout)
         doc = json.loads(body)
-    except ValueError:
+    except (OSError, ValueError):
         return None
     return doc if isinstance(doc, dict) else None
 
