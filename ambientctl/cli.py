@@ -10,9 +10,11 @@ import sys
 from pathlib import Path
 
 import nsutil
+from ambientctl import views
 from localcluster import mesh
 from localcluster.spec import SpecError, load_cluster
 from localcluster.state import StateError
+from ztunnel.admin import ADMIN_PORT
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -57,10 +59,63 @@ def _cmd_exec(args: argparse.Namespace) -> int:
     return proc.returncode
 
 
+def _admin_getter(cluster: mesh.Cluster) -> views.Getter:
+    def get(node: str, path: str) -> tuple[int, bytes]:
+        return mesh.node_http(cluster.layout, node, ADMIN_PORT, path)
+
+    return get
+
+
+def _status_hint(args: argparse.Namespace) -> str:
+    return f"(see: ambientctl status {args.cluster_file})"
+
+
+def _cmd_view(args: argparse.Namespace) -> int:
+    cluster = mesh.attach(args.cluster_file, args.state_root)
+    names = [n.name for n in cluster.spec.nodes]
+    if args.node is not None and args.node not in names:
+        print(
+            f"ambientctl {args.cmd}: no node {args.node!r} in cluster {cluster.spec.name} "
+            f"(nodes: {', '.join(names)})",
+            file=sys.stderr,
+        )
+        return 2
+    nodes = [args.node] if args.node is not None else names
+    out = views.show(args.cmd, _admin_getter(cluster), nodes, args.output, _status_hint(args))
+    print(out, end="")
+    return 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    cluster = mesh.attach(args.cluster_file, args.state_root)
+    ns, _, name = args.source.rpartition("/")
+    source = f"{ns or 'default'}/{name}"
+    node = args.node
+    if node is None:
+        pods = [p for p in cluster.spec.pods if f"{p.namespace}/{p.name}" == source]
+        if not pods:
+            print(
+                f"ambientctl explain: no pod {source} in cluster {cluster.spec.name}",
+                file=sys.stderr,
+            )
+            return 2
+        node = pods[0].node  # its own tunnel decides how its connections go
+    out = views.explain(
+        _admin_getter(cluster), node, source, args.destination, args.output, _status_hint(args)
+    )
+    print(out, end="")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ambientctl.demo import run_demo
 
     return run_demo(args.state_root)
+
+
+def _view_options(p: argparse.ArgumentParser, node_help: str) -> None:
+    p.add_argument("--node", help=node_help)
+    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,6 +141,25 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("pod", help="<namespace>/<pod>")
     ex.add_argument("command", nargs=argparse.REMAINDER)
     ex.set_defaults(fn=_cmd_exec)
+    for kind, what in (
+        ("workloads", "workloads the tunnels know (config dump)"),
+        ("services", "services and their endpoints (config dump)"),
+        ("policies", "authorization policies and PeerAuthentications in force"),
+        ("certificates", "each tunnel's workload certificates"),
+        ("connections", "connections each tunnel is proxying now"),
+    ):
+        view = sub.add_parser(kind, help=what)
+        view.add_argument("cluster_file")
+        _view_options(view, "only this node's tunnel (default: every node)")
+        view.set_defaults(fn=_cmd_view)
+    explain_cmd = sub.add_parser(
+        "explain", help="how a connection from a pod would be routed and authorized"
+    )
+    explain_cmd.add_argument("cluster_file")
+    explain_cmd.add_argument("source", help="<namespace>/<pod>")
+    explain_cmd.add_argument("destination", help="<host or ip>:<port>")
+    _view_options(explain_cmd, "ask this node's tunnel (default: the source pod's node)")
+    explain_cmd.set_defaults(fn=_cmd_explain)
     demo = sub.add_parser("demo", help="the travel-booking demo, end to end")
     demo.set_defaults(fn=_cmd_demo)
     return p
@@ -98,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         rc: int = args.fn(args)
-    except (SpecError, StateError, mesh.MeshUpError, OSError) as e:
+    except (SpecError, StateError, mesh.MeshUpError, views.ViewError, OSError) as e:
         print(f"ambientctl: {e}", file=sys.stderr)
         return 1
     return rc
