@@ -11,6 +11,7 @@ from datetime import timedelta
 import structlog
 
 from ztunnel import logging as ztlog
+from ztunnel.admin import AdminServer, MetricsServer, process_metrics
 from ztunnel.certs import CertificateManager, LocalCAClient
 from ztunnel.config import Config, ConfigurationError, parse_config
 from ztunnel.discovery import LocalConfigWatcher
@@ -27,7 +28,7 @@ async def run(cfg: Config) -> None:
     certs = CertificateManager(
         LocalCAClient(cfg.ca_address, token), ttl=timedelta(seconds=cfg.cert_ttl_seconds)
     )
-    node = NodeProxy(cfg.node_name, certs, cfg.trust_domain)
+    node = NodeProxy(cfg.node_name, certs, cfg.trust_domain, root_namespace=cfg.root_namespace)
     watcher = LocalConfigWatcher(cfg.local_xds_path, node.on_state)
     await watcher.start()
     node.on_state(watcher.current)
@@ -36,15 +37,26 @@ async def run(cfg: Config) -> None:
     await enrolment.start()
     readiness = ReadinessServer(node, cfg.readiness_port)
     await readiness.start()
+    # Admin answers only on loopback of the tunnel's own netns; metrics are for scrapers.
+    admin = AdminServer(node, cfg.admin_port, host="127.0.0.1")
+    await admin.start()
+    metrics = MetricsServer(node.telemetry.metrics, process_metrics(), cfg.metrics_port)
+    await metrics.start()
     log.info("ztunnel started", node=cfg.node_name, pid=os.getpid())
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    quit_requested = asyncio.ensure_future(node.quit_requested.wait())
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([quit_requested, stopped], return_when=asyncio.FIRST_COMPLETED)
+    quit_requested.cancel()
+    stopped.cancel()
     log.info("ztunnel stopping", node=cfg.node_name)
     await enrolment.close()
+    await admin.close()
+    await metrics.close()
     await readiness.close()
     await node.close()
     await watcher.close()

@@ -20,8 +20,15 @@ TRUST_DOMAIN = "TRUST_DOMAIN"
 READINESS_PORT = "READINESS_PORT"
 LOG_LEVEL = "LOG_LEVEL"
 CERT_TTL_SECONDS = "CERT_TTL_SECONDS"
+ROOT_NAMESPACE = "ROOT_NAMESPACE"
+ADMIN_PORT = "ADMIN_PORT"
+METRICS_PORT = "METRICS_PORT"
 
 DEFAULT_READINESS_PORT = 15021
+DEFAULT_ADMIN_PORT = 15000
+DEFAULT_METRICS_PORT = 15020
+# Policies here without a selector apply mesh-wide, as in Istio's root namespace.
+DEFAULT_ROOT_NAMESPACE = "istio-system"
 DEFAULT_CERT_TTL = 24 * 3600
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -41,6 +48,9 @@ class Config:
     readiness_port: int = DEFAULT_READINESS_PORT
     log_level: str = "info"
     cert_ttl_seconds: int = DEFAULT_CERT_TTL
+    root_namespace: str = DEFAULT_ROOT_NAMESPACE
+    admin_port: int = DEFAULT_ADMIN_PORT
+    metrics_port: int = DEFAULT_METRICS_PORT
 
 
 def _required(env: Mapping[str, str], name: str) -> str:
@@ -77,4 +87,7 @@ def parse_config(env: Mapping[str, str]) -> Config:
         readiness_port=_int(env, READINESS_PORT, DEFAULT_READINESS_PORT, 1, 65535),
         log_level=level,
         cert_ttl_seconds=_int(env, CERT_TTL_SECONDS, DEFAULT_CERT_TTL, 60, 7 * 24 * 3600),
+        root_namespace=env.get(ROOT_NAMESPACE, "").strip() or DEFAULT_ROOT_NAMESPACE,
+        admin_port=_int(env, ADMIN_PORT, DEFAULT_ADMIN_PORT, 1, 65535),
+        metrics_port=_int(env, METRICS_PORT, DEFAULT_METRICS_PORT, 1, 65535),
     )

@@ -38,6 +38,7 @@ from ztunnel.sockets import (
 )
 from ztunnel.state import MeshState, Workload
 from ztunnel.tasks import TaskSet
+from ztunnel.telemetry import Telemetry
 
 log = structlog.get_logger(__name__)
 
@@ -126,7 +127,9 @@ class PodProxy:
         trust_domain: str,
         authorize: Authorizer = allow_all,
         factory: SocketFactory | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
+        self.telemetry = telemetry if telemetry is not None else Telemetry()
         self.enrolment = enrolment
         self.workload = workload
         self._state = state
@@ -149,6 +152,18 @@ class PodProxy:
     def identity(self) -> SpiffeId:
         return self.workload.identity
 
+    def listeners(self) -> dict[str, str]:
+        """Where this pod's listeners are bound (inside its netns), for the config dump."""
+        out: dict[str, str] = {}
+        named = [("outbound", s) for s in self.servers[:1]]
+        named += [("inbound_plaintext", s) for s in self.servers[1:2]]
+        if self.hbone_server is not None:
+            named.append(("inbound", self.hbone_server))
+        for name, server in named:
+            addrs = [sock.getsockname() for sock in server.sockets]
+            out[name] = ", ".join(f"{a[0]}:{a[1]}" for a in addrs) or "closed"
+        return out
+
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         if self._factory is None:
@@ -164,12 +179,25 @@ class PodProxy:
 
         pool = ConnectionPool(self._connect)
         self.pool = pool
-        outbound = OutboundProxy(lambda: self.workload, self._state, factory, pool, track)
+        outbound = OutboundProxy(
+            lambda: self.workload, self._state, factory, pool, track, telemetry=self.telemetry
+        )
         self.inbound = InboundProxy(
-            lambda: self.workload, factory, self._trust_domain, track, self._authorize
+            lambda: self.workload,
+            factory,
+            self._trust_domain,
+            track,
+            self._authorize,
+            telemetry=self.telemetry,
+            state=self._state,
         )
         self.passthrough = InboundPassthroughProxy(
-            lambda: self.workload, factory, track, self._authorize
+            lambda: self.workload,
+            factory,
+            track,
+            self._authorize,
+            telemetry=self.telemetry,
+            state=self._state,
         )
         socks = [listener(factory, OUTBOUND_PORT), listener(factory, INBOUND_PLAIN_PORT)]
         try:

@@ -12,11 +12,17 @@ from typing import Any
 
 import structlog
 
+from ztunnel import admin_view
+from ztunnel.authz import authorize
 from ztunnel.certs import CertificateManager
+from ztunnel.config import DEFAULT_ROOT_NAMESPACE
+from ztunnel.identity import SpiffeId
 from ztunnel.inpod import Enrolment, PodProxy
-from ztunnel.proxy.inbound import Authorizer, allow_all
-from ztunnel.state import MeshState
+from ztunnel.rbac import PolicyIndex
+from ztunnel.sockets import SocketAddr
+from ztunnel.state import MeshState, Workload
 from ztunnel.tasks import TaskSet
+from ztunnel.telemetry import Telemetry
 
 log = structlog.get_logger(__name__)
 
@@ -27,12 +33,16 @@ class NodeProxy:
         node_name: str,
         certs: CertificateManager,
         trust_domain: str,
-        authorize: Authorizer = allow_all,
+        root_namespace: str = DEFAULT_ROOT_NAMESPACE,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.node_name = node_name
         self.certs = certs
         self.trust_domain = trust_domain
-        self.authorize = authorize
+        self.root_namespace = root_namespace
+        self.telemetry = telemetry if telemetry is not None else Telemetry()
+        self.policies = PolicyIndex.build(MeshState.empty(), root_namespace)
+        self.quit_requested = asyncio.Event()
         self.state = MeshState.empty()
         self.state_loaded = False
         self.desired: dict[str, Enrolment] = {}
@@ -47,13 +57,50 @@ class NodeProxy:
         self._runner = self.tasks.spawn(self._run(), "reconcile")
 
     def on_state(self, state: MeshState) -> None:
+        policies_changed = state.policies != self.state.policies or not self.state_loaded
         self.state = state
         self.state_loaded = True
+        if policies_changed:
+            self._load_policies(state)
         for pod in self.pods.values():
             w = state.workload_by_uid(pod.enrolment.uid)
             if w is not None:
                 pod.workload = w
+        # Workloads (labels, addresses) feed policy too: re-check after any change.
+        closed = self.telemetry.recheck()
+        if closed:
+            log.info("policy re-check closed connections", count=closed)
         self._dirty.set()
+
+    def _load_policies(self, state: MeshState) -> None:
+        old = {p.key: p for p in self.policies.policies}
+        self.policies = PolicyIndex.build(state, self.root_namespace)
+        for p in self.policies.policies:
+            if p.warnings and old.get(p.key) != p:
+                for w in p.warnings:
+                    log.warning("policy warning", policy=p.key, warning=w)
+        for err in self.policies.errors:
+            log.error("policy rejected; it denies every connection it could apply to", error=err)
+        log.info("policies loaded", count=len(self.policies.policies))
+
+    def authorize(
+        self, workload: Workload, peer: SpiffeId | None, client: SocketAddr, target: SocketAddr
+    ) -> str | None:
+        """The proxies' authorizer: None to allow, else why not. Dry-run policies are logged
+        here, never enforced."""
+        result = authorize(self.policies, workload, peer, client.ip, target)
+        if result.verdict is not None:
+            for dry in result.verdict.dry_run:
+                log.info(
+                    "dry-run policy evaluated",
+                    policy=dry.policy,
+                    action=dry.action.value,
+                    matched=dry.matched,
+                    src=str(client),
+                    src_identity=str(peer) if peer else None,
+                    dst=str(target),
+                )
+        return None if result.allowed else result.reason
 
     def on_enrolment(self, desired: dict[str, Enrolment]) -> None:
         self.desired = desired
@@ -91,6 +138,7 @@ class NodeProxy:
             self.certs,
             self.trust_domain,
             self.authorize,
+            telemetry=self.telemetry,
         )
         try:
             await pod.start()
@@ -122,6 +170,21 @@ class NodeProxy:
         for uid in self.desired:
             pods.setdefault(uid, "pending: not reconciled yet")
         return {"node": self.node_name, "ready": self.ready, "pods": pods}
+
+    # ---- AdminSource ---------------------------------------------------------------------
+
+    def config_dump(self) -> dict[str, Any]:
+        return admin_view.config_dump(self)
+
+    def connections(self) -> list[dict[str, Any]]:
+        return self.telemetry.connections()
+
+    def explain(self, source: str, destination: str) -> dict[str, Any]:
+        return admin_view.explain(self.state, self.policies, source, destination)
+
+    def request_quit(self) -> None:
+        log.info("quit requested through the admin port")
+        self.quit_requested.set()
 
     async def close(self) -> None:
         await self.tasks.cancel_all()

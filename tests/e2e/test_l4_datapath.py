@@ -19,7 +19,6 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import h2.config
@@ -38,78 +37,22 @@ from ztunnel import tls
 from ztunnel.certs import WorkloadCertificate, build_certificate, new_key_and_csr
 from ztunnel.identity import SpiffeId
 
+from .common import (
+    MB,
+    cluster,
+    connect,
+    echo,
+    logged,
+    pod_ip,
+    pod_socket,
+    root_links,
+    root_links_before,
+    vip,
+)
+
+__all__ = ["cluster", "root_links_before"]  # module fixtures, imported to be used here
+
 pytestmark = pytest.mark.netns
-
-HERE = Path(__file__).parent
-MB = 1 << 20
-
-
-def _root_links() -> set[str]:
-    out = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True)
-    return {line.split(":")[1].strip().split("@")[0] for line in out.stdout.splitlines()}
-
-
-@pytest.fixture(scope="module")
-def root_links_before() -> set[str]:
-    return _root_links()
-
-
-@pytest.fixture(scope="module")
-def cluster(root_links_before: set[str]) -> Iterator[mesh.Cluster]:
-    state_root = tempfile.mkdtemp(prefix="e2e-state-")
-    c = mesh.up(HERE / "cluster.yaml", state_root)
-    try:
-        yield c
-    finally:
-        mesh.down(c.spec.name, state_root)
-
-
-def pod_ip(c: mesh.Cluster, ns: str, name: str) -> str:
-    return str(c.layout.pod(ns, name).ip)
-
-
-def vip(c: mesh.Cluster, ns: str, name: str) -> str:
-    return str(c.spec.service(ns, name).vip)
-
-
-def pod_socket(c: mesh.Cluster, ns: str, pod: str) -> socket.socket:
-    """A socket inside a pod, created like the app's own (unmarked: captured if enrolled)."""
-    return nsutil.socket_at(c.pod_netns(ns, pod))
-
-
-def connect(c: mesh.Cluster, ns: str, pod: str, ip: str, port: int) -> socket.socket:
-    s = pod_socket(c, ns, pod)
-    s.settimeout(15)
-    s.connect((ip, port))
-    return s
-
-
-def echo(
-    c: mesh.Cluster, ns: str, pod: str, ip: str, port: int, payload: bytes
-) -> tuple[str, bytes]:
-    """Talk to testapp's echo port: returns (the address the server saw, the echo)."""
-    with connect(c, ns, pod, ip, port) as s:
-        f = s.makefile("rb")
-        seen = f.readline().decode().strip()
-        s.sendall(payload)
-        s.shutdown(socket.SHUT_WR)
-        data = f.read()
-    return seen, data
-
-
-def tunnel_log(c: mesh.Cluster) -> str:
-    return "".join(c.tunnel_log(n.name).read_text() for n in c.spec.nodes)
-
-
-def logged(c: mesh.Cluster, text: str, timeout: float = 10.0) -> bool:
-    """Whether a tunnel logs `text` within `timeout`: the access line is written when the
-    tunnel has closed both sides, which may be just after the client saw its EOF."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if text in tunnel_log(c):
-            return True
-        time.sleep(0.05)
-    return False
 
 
 # ---- connectivity ---------------------------------------------------------------------
@@ -468,4 +411,4 @@ def test_down_leaves_no_netns_link_or_process(
     left = [p.name for p in Path(nsutil.NETNS_RUN_DIR).iterdir() if p.name.startswith("e2e-")]
     assert left == []
     assert not [r for r in records if is_running(r.pid, r.start_time)]
-    assert _root_links() == root_links_before
+    assert root_links() == root_links_before

@@ -22,6 +22,7 @@ from ztunnel.accesslog import ConnectionLog
 from ztunnel.hbone.conn import Headers
 from ztunnel.hbone.transport import H2Transport
 from ztunnel.identity import SpiffeId
+from ztunnel.metrics import ResponseFlags, TcpLabels, tcp_labels
 from ztunnel.proxy.relay import AppSide, HboneSplice
 from ztunnel.sockets import (
     TUNNEL_PORTS,
@@ -30,7 +31,8 @@ from ztunnel.sockets import (
     make_transparent,
     tune_stream,
 )
-from ztunnel.state import Workload
+from ztunnel.state import MeshState, Workload
+from ztunnel.telemetry import Telemetry, Tracked
 from ztunnel.tls import PeerVerificationError, hbone_peer, verify_client
 
 log = structlog.get_logger(__name__)
@@ -156,13 +158,23 @@ class InboundProxy:
         trust_domain: str,
         tasks: Callable[[asyncio.Future[None]], None],
         authorize: Authorizer = allow_all,
+        telemetry: Telemetry | None = None,
+        state: Callable[[], MeshState] = MeshState.empty,
     ) -> None:
         self._workload = workload
         self._factory = factory
         self.trust_domain = trust_domain
         self._track = tasks
         self.authorize = authorize
+        self.telemetry = telemetry if telemetry is not None else Telemetry()
+        self._state = state
         self.connections: set[_InboundH2] = set()
+
+    def labels(
+        self, workload: Workload, peer: SpiffeId | None, client: SocketAddr, flags: str
+    ) -> TcpLabels:
+        """Destination-reported labels; the source workload is found by its address."""
+        return inbound_labels(self._state(), workload, peer, client, flags)
 
     def protocol(self) -> H2Transport:
         return _InboundH2(self)
@@ -190,10 +202,13 @@ class InboundProxy:
         decision: InboundDecision,
         client: SocketAddr,
     ) -> None:
+        src = self._state().workload_by_ip(workload.network, client.ip)
         record = ConnectionLog(
             "inbound",
             **{
                 "src.addr": str(client),
+                "src.workload": src.name if src is not None else None,
+                "src.namespace": src.namespace if src is not None else None,
                 "src.identity": str(h2.peer) if h2.peer else None,
                 "dst.addr": str(decision.target) if decision.target else None,
                 "dst.hbone_addr": str(h2.transport.get_extra_info("sockname")[0]) + ":15008"
@@ -207,25 +222,71 @@ class InboundProxy:
         if decision.status != 200 or decision.target is None:
             _refuse(h2, splice, decision.status, decision.reason)
             record.finish(error=f"{decision.status}: {decision.reason}")
+            if decision.status == 401:
+                self.telemetry.refused(self.labels(workload, h2.peer, client, ResponseFlags.DENY))
             return
+        target = decision.target
         try:
-            _, app = await connect_app(self._factory, decision.target, str(client.ip))
+            _, app = await connect_app(self._factory, target, str(client.ip))
         except (TimeoutError, OSError) as e:
-            reason = f"connecting to the app at {decision.target} failed: {e}"
+            reason = f"connecting to the app at {target} failed: {e}"
             _refuse(h2, splice, 503, reason)
             record.finish(error=f"503: {reason}")
+            self.telemetry.refused(self.labels(workload, h2.peer, client, ResponseFlags.CONNECT))
             return
         if splice.done.done():  # the client gave up while we were connecting
             assert app.transport is not None
             app.transport.abort()
             record.finish(error="client went away before the app answered")
             return
+        peer = h2.peer
+        entry = Tracked(
+            "inbound",
+            f"{workload.namespace}/{workload.name}",
+            str(client),
+            str(target),
+            self.labels(workload, peer, client, ResponseFlags.NONE),
+            hbone=record.fields.get("dst.hbone_addr"),
+            src_identity=str(peer) if peer else None,
+            dst_identity=str(workload.identity),
+            counts=lambda: (splice.received, splice.sent),
+            abort=splice.abort,
+            recheck=lambda: self.authorize(self._workload(), peer, client, target),
+        )
         h2.conn.respond(splice.sid, 200, splice, end=False)
         splice.start(app)
-        res = await splice.done
-        # Inbound: bytes sent are those toward the app (the stream's request body).
+        self.telemetry.open(entry)
+        try:
+            res = await splice.done
+        except asyncio.CancelledError:  # the pod is being removed
+            self.telemetry.close(entry, request_bytes=splice.received, response_bytes=splice.sent)
+            record.finish(splice.received, splice.sent, "tunnel stopped serving the pod")
+            raise
+        # Inbound: the request direction is the stream toward the app (`received`).
+        self.telemetry.close(entry, request_bytes=res.received, response_bytes=res.sent)
         record.finish(res.received, res.sent, res.error)
 
     def close(self) -> None:
         for h2 in list(self.connections):
             h2.close(reason="pod removed")
+
+
+def inbound_labels(
+    state: MeshState,
+    workload: Workload,
+    peer: SpiffeId | None,
+    client: SocketAddr,
+    flags: str,
+) -> TcpLabels:
+    """Metric labels as the destination reports them: the client's workload is whatever
+    owns its address (if the mesh knows it), its principal what it proved (if anything)."""
+    return tcp_labels(
+        reporter="destination",
+        source=state.workload_by_ip(workload.network, client.ip),
+        source_identity=peer,
+        destination=workload,
+        destination_identity=workload.identity,
+        service=None,
+        response_flags=flags,
+        mtls=peer is not None,
+    )

@@ -12,10 +12,12 @@ import socket
 from collections.abc import Callable
 
 from ztunnel.accesslog import ConnectionLog
-from ztunnel.proxy.inbound import Authorizer, allow_all, connect_app
+from ztunnel.metrics import ResponseFlags
+from ztunnel.proxy.inbound import Authorizer, allow_all, connect_app, inbound_labels
 from ztunnel.proxy.relay import AppSide, TcpPipe
 from ztunnel.sockets import TUNNEL_PORTS, SocketAddr, SocketFactory, original_dst
-from ztunnel.state import Workload
+from ztunnel.state import MeshState, Workload
+from ztunnel.telemetry import Telemetry, Tracked
 
 
 class InboundPassthroughProxy:
@@ -28,12 +30,16 @@ class InboundPassthroughProxy:
         tasks: Callable[[asyncio.Future[None]], None],
         authorize: Authorizer = allow_all,
         orig_dst: Callable[[socket.socket], SocketAddr] = original_dst,
+        telemetry: Telemetry | None = None,
+        state: Callable[[], MeshState] = MeshState.empty,
     ) -> None:
         self._workload = workload
         self._factory = factory
         self._track = tasks
         self.authorize = authorize
         self._orig_dst = orig_dst
+        self.telemetry = telemetry if telemetry is not None else Telemetry()
+        self._state = state
         self.pipes: set[TcpPipe] = set()
 
     def protocol(self) -> AppSide:
@@ -70,20 +76,40 @@ class InboundPassthroughProxy:
         if denied is not None:
             t.abort()
             record.finish(error=f"denied: {denied}")
+            self.telemetry.refused(
+                inbound_labels(self._state(), workload, None, client, ResponseFlags.DENY)
+            )
             return
         try:
             _, upstream = await connect_app(self._factory, target, str(client.ip))
         except (TimeoutError, OSError) as e:
             t.abort()
             record.finish(error=f"connecting to the app at {target} failed: {e}")
+            self.telemetry.refused(
+                inbound_labels(self._state(), workload, None, client, ResponseFlags.CONNECT)
+            )
             return
         pipe = TcpPipe(app, upstream)
+        entry = Tracked(
+            "inbound_plaintext",
+            f"{workload.namespace}/{workload.name}",
+            str(client),
+            str(target),
+            inbound_labels(self._state(), workload, None, client, ResponseFlags.NONE),
+            dst_identity=str(workload.identity),
+            counts=lambda: (pipe.sent, pipe.received),
+            abort=pipe.abort,
+            recheck=lambda: self.authorize(self._workload(), None, client, target),
+        )
         self.pipes.add(pipe)
         pipe.start()
+        self.telemetry.open(entry)
         try:
             res = await pipe.done
         finally:
             self.pipes.discard(pipe)
+            # On cancellation too: the live counts are the final ones.
+            self.telemetry.close(entry, request_bytes=pipe.sent, response_bytes=pipe.received)
         record.finish(res.sent, res.received, res.error)
 
     def close(self) -> None:

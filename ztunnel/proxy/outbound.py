@@ -23,6 +23,7 @@ from ztunnel.accesslog import ConnectionLog
 from ztunnel.hbone.pool import ConnectionPool, PoolKey
 from ztunnel.hbone.transport import H2Transport
 from ztunnel.identity import SpiffeId
+from ztunnel.metrics import ResponseFlags, TcpLabels, tcp_labels
 from ztunnel.proxy.relay import AppSide, HboneSplice, TcpPipe
 from ztunnel.sockets import (
     INBOUND_HBONE_PORT,
@@ -33,6 +34,8 @@ from ztunnel.sockets import (
     tune_stream,
 )
 from ztunnel.state import HealthStatus, MeshState, Service, TunnelProtocol, Workload
+from ztunnel.telemetry import Telemetry, Tracked
+from ztunnel.tls import PeerVerificationError
 
 log = structlog.get_logger(__name__)
 
@@ -188,6 +191,7 @@ class OutboundProxy:
         pool: ConnectionPool,
         tasks: Callable[[asyncio.Future[None]], None],
         orig_dst: Callable[[socket.socket], SocketAddr] = original_dst,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self._workload = workload
         self._state = state
@@ -195,6 +199,7 @@ class OutboundProxy:
         self._pool = pool
         self._track = tasks
         self._orig_dst = orig_dst
+        self.telemetry = telemetry if telemetry is not None else Telemetry()
 
     def protocol(self) -> AppSide:
         return AppSide(on_made=self._accepted)
@@ -242,21 +247,62 @@ class OutboundProxy:
                 record.finish(error=f"refused: {decision.reason}")
                 return
             if decision.route is Route.PASSTHROUGH:
-                await self._passthrough(app, decision, record)
+                await self._passthrough(app, source, client, decision, record)
             else:
                 await self._hbone(app, source, client, decision, record)
-        except (TimeoutError, OSError, ConnectionError, ValueError) as e:
+        except (TimeoutError, OSError, ConnectionError, ValueError, PeerVerificationError) as e:
             t.abort()
             record.finish(error=_describe(e, decision))
+            flags = (
+                ResponseFlags.TLS_FAILURE
+                if isinstance(e, ssl.SSLError | PeerVerificationError)
+                else ResponseFlags.CONNECT
+            )
+            self.telemetry.refused(outbound_labels(source, decision, flags))
+
+    def _tracked(
+        self,
+        source: Workload,
+        client: SocketAddr,
+        decision: OutboundDecision,
+        counts: Callable[[], tuple[int, int]],
+    ) -> Tracked:
+        hbone = decision.route is Route.HBONE
+        return Tracked(
+            "outbound",
+            f"{source.namespace}/{source.name}",
+            str(client),
+            str(decision.target),
+            outbound_labels(source, decision, ResponseFlags.NONE),
+            hbone=str(decision.next_hop) if hbone else None,
+            src_identity=str(source.identity),
+            dst_identity=(
+                str(decision.destination.identity)
+                if hbone and decision.destination is not None
+                else None
+            ),
+            counts=counts,
+        )
 
     async def _passthrough(
-        self, app: AppSide, decision: OutboundDecision, record: ConnectionLog
+        self,
+        app: AppSide,
+        source: Workload,
+        client: SocketAddr,
+        decision: OutboundDecision,
+        record: ConnectionLog,
     ) -> None:
         assert decision.next_hop is not None
         _, upstream = await open_tcp(self._factory, decision.next_hop)
         pipe = TcpPipe(app, upstream)
+        entry = self._tracked(source, client, decision, lambda: (pipe.sent, pipe.received))
+        entry.abort = pipe.abort
         pipe.start()
-        res = await pipe.done
+        self.telemetry.open(entry)
+        try:
+            res = await pipe.done
+        finally:
+            self.telemetry.close(entry, request_bytes=pipe.sent, response_bytes=pipe.received)
         record.finish(res.sent, res.received, res.error)
 
     async def _hbone(
@@ -286,10 +332,34 @@ class OutboundProxy:
             splice.abort(f"HBONE CONNECT answered {status}")
             t.abort()
             record.finish(error=f"HBONE CONNECT answered {status}")
+            flags = ResponseFlags.DENY if status == 401 else ResponseFlags.CONNECT
+            self.telemetry.refused(outbound_labels(source, decision, flags))
             return
+        entry = self._tracked(source, client, decision, lambda: (splice.sent, splice.received))
+        entry.abort = splice.abort
         splice.start(app)
-        res = await splice.done
+        self.telemetry.open(entry)
+        try:
+            res = await splice.done
+        finally:
+            # Outbound: the request direction is the app toward the stream (`sent`).
+            self.telemetry.close(entry, request_bytes=splice.sent, response_bytes=splice.received)
         record.finish(res.sent, res.received, res.error)
+
+
+def outbound_labels(source: Workload, decision: OutboundDecision, flags: str) -> TcpLabels:
+    hbone = decision.route is Route.HBONE
+    dest = decision.destination
+    return tcp_labels(
+        reporter="source",
+        source=source,
+        source_identity=source.identity,
+        destination=dest,
+        destination_identity=dest.identity if hbone and dest is not None else None,
+        service=decision.service,
+        response_flags=flags,
+        mtls=hbone,
+    )
 
 
 def _describe(e: BaseException, decision: OutboundDecision) -> str:

@@ -1,0 +1,86 @@
+"""What the end-to-end modules share: the module-scoped cluster and small pod-side helpers."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import nsutil
+from localcluster import mesh
+
+HERE = Path(__file__).parent
+MB = 1 << 20
+
+
+def root_links() -> set[str]:
+    out = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True)
+    return {line.split(":")[1].strip().split("@")[0] for line in out.stdout.splitlines()}
+
+
+@pytest.fixture(scope="module")
+def root_links_before() -> set[str]:
+    return root_links()
+
+
+@pytest.fixture(scope="module")
+def cluster(root_links_before: set[str]) -> Iterator[mesh.Cluster]:
+    state_root = tempfile.mkdtemp(prefix="e2e-state-")
+    c = mesh.up(HERE / "cluster.yaml", state_root)
+    try:
+        yield c
+    finally:
+        mesh.down(c.spec.name, state_root)
+
+
+def pod_ip(c: mesh.Cluster, ns: str, name: str) -> str:
+    return str(c.layout.pod(ns, name).ip)
+
+
+def vip(c: mesh.Cluster, ns: str, name: str) -> str:
+    return str(c.spec.service(ns, name).vip)
+
+
+def pod_socket(c: mesh.Cluster, ns: str, pod: str) -> socket.socket:
+    """A socket inside a pod, created like the app's own (unmarked: captured if enrolled)."""
+    return nsutil.socket_at(c.pod_netns(ns, pod))
+
+
+def connect(c: mesh.Cluster, ns: str, pod: str, ip: str, port: int) -> socket.socket:
+    s = pod_socket(c, ns, pod)
+    s.settimeout(15)
+    s.connect((ip, port))
+    return s
+
+
+def echo(
+    c: mesh.Cluster, ns: str, pod: str, ip: str, port: int, payload: bytes
+) -> tuple[str, bytes]:
+    """Talk to testapp's echo port: returns (the address the server saw, the echo)."""
+    with connect(c, ns, pod, ip, port) as s:
+        f = s.makefile("rb")
+        seen = f.readline().decode().strip()
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        data = f.read()
+    return seen, data
+
+
+def tunnel_log(c: mesh.Cluster) -> str:
+    return "".join(c.tunnel_log(n.name).read_text() for n in c.spec.nodes)
+
+
+def logged(c: mesh.Cluster, text: str, timeout: float = 10.0) -> bool:
+    """Whether a tunnel logs `text` within `timeout`: the access line is written when the
+    tunnel has closed both sides, which may be just after the client saw its EOF."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in tunnel_log(c):
+            return True
+        time.sleep(0.05)
+    return False

@@ -1,0 +1,228 @@
+"""What the admin port shows: the config dump and `explain`, as JSON-able data.
+
+`explain` answers "what would happen to a connection from this pod to that address" without
+sending anything, by calling the very functions the data path calls: `outbound.decide` for
+the route (once per candidate endpoint, since the data path picks one at random) and
+`authz.authorize` for the destination tunnel's verdict.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from ztunnel.authz import authorize
+from ztunnel.proxy.outbound import OutboundDecision, Route, decide
+from ztunnel.rbac import PolicyIndex
+from ztunnel.sockets import SocketAddr
+from ztunnel.state import MeshState, Service, TunnelProtocol, Workload
+
+if TYPE_CHECKING:
+    from ztunnel.node import NodeProxy
+
+
+def _time(dt: datetime) -> str:
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def workload_json(w: Workload) -> dict[str, Any]:
+    return {
+        "uid": w.uid,
+        "name": w.name,
+        "namespace": w.namespace,
+        "serviceAccount": w.service_account,
+        "identity": str(w.identity),
+        "ips": [str(ip) for ip in w.ips],
+        "network": w.network,
+        "node": w.node,
+        "protocol": "HBONE" if w.protocol is TunnelProtocol.HBONE else "TCP",
+        "status": w.status.value,
+        "canonicalName": w.canonical_name,
+        "canonicalRevision": w.canonical_revision,
+        "labels": dict(w.labels),
+        "authorizationPolicies": list(w.authorization_policies),
+        "services": {key: {str(sp): tp for sp, tp in ports} for key, ports in w.services},
+        "waypoint": w.waypoint.hostname if w.waypoint is not None else None,
+    }
+
+
+def service_json(state: MeshState, s: Service) -> dict[str, Any]:
+    return {
+        "name": s.name,
+        "namespace": s.namespace,
+        "hostname": s.hostname,
+        "vips": [f"{v.network}/{v.ip}" for v in s.vips],
+        "ports": {str(p.port): p.target_port for p in s.ports},
+        "subjectAltNames": list(s.subject_alt_names),
+        "waypoint": s.waypoint.hostname if s.waypoint is not None else None,
+        "endpoints": [w.uid for w in state.endpoints(s)],
+    }
+
+
+def config_dump(node: NodeProxy) -> dict[str, Any]:
+    state = node.state
+    now = datetime.now(UTC)
+    certs = []
+    for c in node.certs.snapshot():
+        certs.append(
+            {
+                "identity": str(c.identity),
+                "serial": f"{c.serial:x}",
+                "notBefore": _time(c.not_before),
+                "notAfter": _time(c.not_after),
+                "state": "valid" if c.not_before <= now < c.not_after else "expired",
+            }
+        )
+    held = {c["identity"] for c in certs}
+    for pod in node.pods.values():
+        if str(pod.identity) not in held:
+            held.add(str(pod.identity))
+            certs.append({"identity": str(pod.identity), "state": "pending"})
+    pods = []
+    for uid, enrolment in sorted(node.desired.items()):
+        running = node.pods.get(uid)
+        w = state.workload_by_uid(uid)
+        pods.append(
+            {
+                "uid": uid,
+                "workload": f"{w.namespace}/{w.name}" if w is not None else None,
+                "netns": enrolment.netns,
+                "status": running.status
+                if running is not None
+                else f"pending: {node.pending.get(uid, 'not reconciled yet')}",
+                "listeners": running.listeners() if running is not None else {},
+            }
+        )
+    return {
+        "node": node.node_name,
+        "rootNamespace": node.root_namespace,
+        "workloads": [workload_json(w) for w in state.workloads],
+        "services": [service_json(state, s) for s in state.services],
+        "policies": [p.to_json() for p in node.policies.policies],
+        "peerAuthentications": node.policies.peer_authentications_json(),
+        "policyErrors": list(node.policies.errors),
+        "certificates": sorted(certs, key=lambda c: str(c["identity"])),
+        "pods": pods,
+        "openConnections": len(node.telemetry),
+    }
+
+
+# ---- explain ----------------------------------------------------------------------------
+
+
+def _find_source(state: MeshState, ref: str) -> Workload:
+    ns, sep, name = ref.partition("/")
+    if not sep or not ns or not name:
+        raise ValueError(f"source {ref!r} must be <namespace>/<pod name>")
+    for w in state.workloads:
+        if w.namespace == ns and w.name == name:
+            return w
+    raise ValueError(f"no workload {ref} in the mesh config")
+
+
+def _resolve(state: MeshState, source: Workload, destination: str) -> tuple[SocketAddr, str]:
+    """`ip:port`, `[v6]:port` or `<service host>:<port>` (short names resolve like DNS
+    search paths from the source's namespace). Returns the address and how it was found."""
+    host, sep, port_text = destination.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"destination {destination!r} must be <host or ip>:<port>")
+    port = int(port_text)
+    host = host.strip("[]")
+    try:
+        return SocketAddr(ipaddress.ip_address(host), port), "address"
+    except ValueError:
+        pass
+    names = [host]
+    if host.count(".") == 0:
+        names.append(f"{host}.{source.namespace}.svc.cluster.local")
+    elif host.count(".") == 1:
+        names.append(f"{host}.svc.cluster.local")
+    elif host.endswith(".svc"):
+        names.append(f"{host}.cluster.local")
+    for name in names:
+        svc = state.service_by_hostname(name)
+        if svc is None:
+            continue
+        for vip in svc.vips:
+            if vip.network == source.network:
+                return SocketAddr(vip.ip, port), f"service {svc.namespace}/{svc.hostname}"
+        raise ValueError(f"service {svc.hostname} has no VIP on network {source.network!r}")
+    raise ValueError(f"{host!r} is neither an IP address nor a known service host name")
+
+
+def _endpoint_json(
+    policies: PolicyIndex, source: Workload, d: OutboundDecision
+) -> dict[str, Any]:
+    w = d.destination
+    out: dict[str, Any] = {
+        "workload": f"{w.namespace}/{w.name}" if w is not None else None,
+        "ip": str(d.target.ip) if d.target is not None else None,
+        "port": d.target.port if d.target is not None else None,
+        "hbone": str(d.next_hop) if d.route is Route.HBONE else None,
+        "identity": str(w.identity) if w is not None and d.route is Route.HBONE else None,
+        "node": w.node if w is not None else None,
+        "healthy": w.status.value == "HEALTHY" if w is not None else None,
+        "route": d.route.name,
+    }
+    if d.route is Route.HBONE and w is not None and d.target is not None:
+        # What the destination's tunnel decides for this client: its address is the
+        # source pod's, its identity the source's certificate.
+        result = authorize(policies, w, source.identity, source.ips[0], d.target)
+        out["authorization"] = result.to_json()
+        out["mtls"] = result.mtls.value
+    return out
+
+
+def explain(
+    state: MeshState, policies: PolicyIndex, source_ref: str, destination: str
+) -> dict[str, Any]:
+    source = _find_source(state, source_ref)
+    dst, how = _resolve(state, source, destination)
+    result: dict[str, Any] = {
+        "source": {
+            "workload": f"{source.namespace}/{source.name}",
+            "identity": str(source.identity),
+            "ip": str(source.ips[0]) if source.ips else None,
+            "enrolled": source.protocol is TunnelProtocol.HBONE,
+        },
+        "destination": {"input": destination, "ip": str(dst.ip), "port": dst.port, "via": how},
+    }
+    if source.protocol is not TunnelProtocol.HBONE or not source.ips:
+        result.update(
+            route="NOT_CAPTURED",
+            reason="the source pod is not in the mesh: its traffic leaves without the tunnel",
+            endpoints=[],
+        )
+        return result
+    # Run the data path's own decision once per candidate endpoint.
+    candidates: list[Workload] = []
+
+    def record(cands: list[Workload]) -> Workload:
+        candidates.extend(cands)
+        return cands[0]
+
+    first = decide(state, source, dst, choose=record)
+    decisions = [first]
+    for i in range(1, len(candidates)):
+
+        def pick(cands: list[Workload], i: int = i) -> Workload:
+            return cands[i]
+
+        decisions.append(decide(state, source, dst, choose=pick))
+    svc = first.service
+    result["destination"]["service"] = f"{svc.namespace}/{svc.hostname}" if svc else None
+    result["route"] = first.route.name
+    result["reason"] = first.reason
+    result["selection"] = (
+        f"one of {len(candidates)} healthy endpoints, chosen at random per connection"
+        if len(candidates) > 1
+        else "the only endpoint"
+        if candidates
+        else "direct"
+    )
+    if first.route is Route.REFUSE:
+        result["endpoints"] = []
+        return result
+    result["endpoints"] = [_endpoint_json(policies, source, d) for d in decisions]
+    return result
