@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 import nsutil
 from ambientctl import views
 from localcluster import mesh
@@ -107,6 +109,40 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_apply(args: argparse.Namespace) -> int:
+    """Apply AuthorizationPolicy / PeerAuthentication YAML (one or more documents, as for
+    kubectl) to a running cluster; every tunnel reloads it without a restart."""
+    cluster = mesh.attach(args.cluster_file, args.state_root)
+    text = sys.stdin.read() if args.filename == "-" else Path(args.filename).read_text()
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as e:
+        print(f"ambientctl apply: {args.filename} is not YAML: {e}", file=sys.stderr)
+        return 2
+    try:
+        applied = mesh.apply_policies(cluster, docs)
+    except ValueError as e:
+        print(f"ambientctl apply: {e}", file=sys.stderr)
+        return 2
+    for what in applied:
+        print(f"{what} applied")
+    return 0
+
+
+def _cmd_delete(args: argparse.Namespace) -> int:
+    cluster = mesh.attach(args.cluster_file, args.state_root)
+    ns, sep, name = args.name.rpartition("/")
+    kind = {
+        "authorizationpolicy": "AuthorizationPolicy",
+        "peerauthentication": "PeerAuthentication",
+    }[args.kind.lower()]
+    if not mesh.delete_policy(cluster, kind, ns if sep else "default", name):
+        print(f"ambientctl delete: no {kind} {args.name}", file=sys.stderr)
+        return 1
+    print(f"{kind} {args.name} deleted")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ambientctl.demo import run_demo
 
@@ -160,6 +196,21 @@ def build_parser() -> argparse.ArgumentParser:
     explain_cmd.add_argument("destination", help="<host or ip>:<port>")
     _view_options(explain_cmd, "ask this node's tunnel (default: the source pod's node)")
     explain_cmd.set_defaults(fn=_cmd_explain)
+    ap = sub.add_parser(
+        "apply", help="apply AuthorizationPolicy / PeerAuthentication YAML to a running cluster"
+    )
+    ap.add_argument("cluster_file")
+    ap.add_argument("-f", "--filename", required=True, help="YAML file, or - for stdin")
+    ap.set_defaults(fn=_cmd_apply)
+    rm = sub.add_parser("delete", help="delete a policy from a running cluster")
+    rm.add_argument("cluster_file")
+    rm.add_argument(
+        "kind",
+        type=str.lower,
+        choices=("authorizationpolicy", "peerauthentication"),
+    )
+    rm.add_argument("name", help="<namespace>/<name>")
+    rm.set_defaults(fn=_cmd_delete)
     demo = sub.add_parser("demo", help="the travel-booking demo, end to end")
     demo.set_defaults(fn=_cmd_demo)
     return p

@@ -533,25 +533,46 @@ def test_explain_agrees_with_the_data_path(cluster: mesh.Cluster) -> None:
     assert status == 400
 
 
-def test_ambientctl_views_read_a_running_node(cluster: mesh.Cluster) -> None:
+def test_ambientctl_views_and_apply_on_a_running_node(cluster: mesh.Cluster) -> None:
     root = str(cluster.state.dir.parent)
+    cfile = str(HERE / "cluster.yaml")
 
-    def ctl(*args: str) -> str:
+    def ctl(*args: str, stdin: str | None = None) -> str:
         out = subprocess.run(
             [str(Path(sys.executable).parent / "ambientctl"), "--state-root", root, *args],
             capture_output=True,
             text=True,
             timeout=60,
+            input=stdin,
         )
         assert out.returncode == 0, out.stderr
         return out.stdout
 
-    cfile = str(HERE / "cluster.yaml")
     assert "server-b" in ctl("workloads", cfile)
     doc = json.loads(ctl("certificates", cfile, "--node", "n1", "-o", "json"))
-    assert doc
+    assert {c["identity"] for c in doc} == {spiffe("mesh", "client"), spiffe("mesh", "server")}
     text = ctl("explain", cfile, "mesh/client", "server.mesh:80")
     assert "server-b" in text and "allow" in text.lower()
+    policy = """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-client, namespace: mesh}
+spec:
+  selector: {matchLabels: {app: server-b}}
+  action: DENY
+  rules: [{from: [{source: {principals: [cluster.local/ns/mesh/sa/client]}}]}]
+"""
+    assert "AuthorizationPolicy mesh/deny-client applied" in ctl(
+        "apply", cfile, "-f", "-", stdin=policy
+    )
+    wait_policies(cluster, {"mesh/deny-client"})
+    assert "deny-client" in ctl("policies", cfile)
+    assert not reachable(cluster, "mesh", "client", server_b(cluster), 9000)
+    text = ctl("explain", cfile, "mesh/client", "server.mesh:80")
+    assert "mesh/deny-client" in text
+    ctl("delete", cfile, "AuthorizationPolicy", "mesh/deny-client")
+    wait_policies(cluster, set())
+    assert reachable(cluster, "mesh", "client", server_b(cluster), 9000)
 
 
 def test_quitquitquit_stops_the_tunnel(cluster: mesh.Cluster) -> None:
