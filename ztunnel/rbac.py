@@ -500,12 +500,13 @@ def _service_account(where: Where, text: str, path: str, namespace: str) -> Serv
 def _l4_values(
     where: Where, field_name: str, raw: Any, path: str, namespace: str, warnings: list[str]
 ) -> tuple[Any, ...]:
-    """Istio-form values (strings) of one L4 Match field."""
+    """Istio-form values (strings; ports may also be numbers) of one L4 Match field."""
+    if field_name.endswith("ports"):
+        ports = items(where, raw, path)
+        return tuple(_port(where, v, f"{path}[{i}]") for i, v in enumerate(ports))
     values = _strings(where, raw, path)
     if field_name.endswith("ips"):
         return tuple(_ip(where, v, f"{path}[{i}]") for i, v in enumerate(values))
-    if field_name.endswith("ports"):
-        return tuple(_port(where, v, f"{path}[{i}]") for i, v in enumerate(values))
     if field_name.endswith("service_accounts"):
         return tuple(
             _service_account(where, v, f"{path}[{i}]", namespace) for i, v in enumerate(values)
@@ -592,11 +593,13 @@ class _RuleParse:
             key = body.get("key")
             if not isinstance(key, str) or not key:
                 self.where.fail(f"{cpath}.key", "must be a non-empty string")
-            values = _strings(self.where, body.get("values"), f"{cpath}.values")
-            not_values = _strings(self.where, body.get("notValues"), f"{cpath}.notValues")
+            values = items(self.where, body.get("values"), f"{cpath}.values")
+            not_values = items(self.where, body.get("notValues"), f"{cpath}.notValues")
             if not values and not not_values:
                 self.where.fail(cpath, f"at least one of values or notValues must be set for {key}")
             if key not in _WHEN_L4:
+                _strings(self.where, values, f"{cpath}.values")
+                _strings(self.where, not_values, f"{cpath}.notValues")
                 self.l7.append(key)
                 self.clauses.append(None)
                 continue
