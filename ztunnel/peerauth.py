@@ -28,7 +28,7 @@ Deviations, both toward refusing plaintext (fail closed):
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -96,7 +96,9 @@ def items(where: Where, value: Any, path: str) -> list[Any]:
     return value
 
 
-def check_keys(where: Where, entry: Mapping[str, Any], allowed: Iterable[str], path: str) -> None:
+def check_keys(where: Where, entry: Mapping[str, Any], allowed: Collection[str], path: str) -> None:
+    if all(k in allowed for k in entry):
+        return
     allowed_set = frozenset(allowed)
     unknown = sorted(k for k in entry if k not in allowed_set)
     if unknown:

@@ -50,11 +50,12 @@ import base64
 import binascii
 import contextlib
 import enum
+import functools
+import gc
 import ipaddress
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
-from operator import itemgetter
 from typing import Any, Final
 
 from ztunnel.identity import SpiffeId
@@ -305,14 +306,20 @@ class Policy:
     target_refs: tuple[str, ...] = ()
     # Set on the stand-in for an entry that did not parse: it denies all it applies to.
     error: str | None = None
-    _compiled: tuple[tuple[int, Predicate], ...] = field(
-        default=(), init=False, repr=False, compare=False
+    # The rules compiled to closures, built on first use: a node evaluates the few policies
+    # in scope for its own workloads, so compiling all of them up front would be wasted.
+    _predicates: tuple[tuple[int, Predicate], ...] | None = field(
+        default=None, init=False, repr=False, compare=False
     )
 
-    def __post_init__(self) -> None:
-        object.__setattr__(
-            self, "_compiled", tuple((r.index, _compile_rule(r)) for r in self.rules)
-        )
+    @property
+    def predicates(self) -> tuple[tuple[int, Predicate], ...]:
+        """(rule index, compiled rule) pairs, in rule order."""
+        found = self._predicates
+        if found is None:
+            found = tuple((r.index, _compile_rule(r)) for r in self.rules)
+            object.__setattr__(self, "_predicates", found)
+        return found
 
     @property
     def key(self) -> str:
@@ -326,7 +333,7 @@ class Policy:
     def matching_rule(self, req: Request) -> int | None:
         """Index of the first rule that matches `req`, or None."""
         facts = _facts(req)
-        for index, pred in self._compiled:
+        for index, pred in self.predicates:
             if pred(facts):
                 return index
         return None
@@ -410,6 +417,10 @@ _SOURCE_L7 = (
 )
 _OPERATION_L4 = {"ports": "destination_ports", "notPorts": "not_destination_ports"}
 _OPERATION_L7 = ("hosts", "notHosts", "methods", "notMethods", "paths", "notPaths")
+_ENTRY_KEYS = {
+    "source": frozenset((*_SOURCE_L4, *_SOURCE_L7)),
+    "operation": frozenset((*_OPERATION_L4, *_OPERATION_L7)),
+}
 # when key -> (Match field for values, Match field for notValues)
 _WHEN_L4 = {
     "source.ip": ("source_ips", "not_source_ips"),
@@ -465,12 +476,21 @@ def _ip(where: Where, value: Any, path: str) -> IPNetwork:
         return ipaddress.ip_network((addr, length), strict=False)
     if not isinstance(value, str) or not value:
         where.fail(path, f"expected an IP address or CIDR, got {value!r}")
-    try:
-        # Host bits may be set ("10.1.2.3/16"), as Go's netip.ParsePrefix allows.
-        return ipaddress.ip_network(value, strict=False)
-    except ValueError:
+    net = _network(value)
+    if net is None:
         kind = "CIDR" if "/" in value else "IP address"
         where.fail(path, f"{value!r} is not a valid {kind}")
+    return net
+
+
+@functools.lru_cache(maxsize=4096)
+def _network(text: str) -> IPNetwork | None:
+    # Cached: the same blocks recur across policies, and ipaddress parsing is slow.
+    try:
+        # Host bits may be set ("10.1.2.3/16"), as Go's netip.ParsePrefix allows.
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return None
 
 
 def _port(where: Where, value: Any, path: str) -> int:
@@ -501,12 +521,23 @@ def _l4_values(
     where: Where, field_name: str, raw: Any, path: str, namespace: str, warnings: list[str]
 ) -> tuple[Any, ...]:
     """Istio-form values (strings; ports may also be numbers) of one L4 Match field."""
+    # Element paths ("...[3]") are only formatted when there is an error to report.
     if field_name.endswith("ports"):
         ports = items(where, raw, path)
-        return tuple(_port(where, v, f"{path}[{i}]") for i, v in enumerate(ports))
+        out_ports = []
+        for i, v in enumerate(ports):
+            if isinstance(v, str) and v.isascii() and v.isdigit() and int(v) <= 65535:
+                out_ports.append(int(v))
+            else:
+                out_ports.append(_port(where, v, f"{path}[{i}]"))
+        return tuple(out_ports)
     values = _strings(where, raw, path)
     if field_name.endswith("ips"):
-        return tuple(_ip(where, v, f"{path}[{i}]") for i, v in enumerate(values))
+        nets = []
+        for i, v in enumerate(values):
+            net = _network(v)
+            nets.append(net if net is not None else _ip(where, v, f"{path}[{i}]"))
+        return tuple(nets)
     if field_name.endswith("service_accounts"):
         return tuple(
             _service_account(where, v, f"{path}[{i}]", namespace) for i, v in enumerate(values)
@@ -551,7 +582,7 @@ class _RuleParse:
             if outer.get(inner) is None:
                 self.where.fail(body_path, f"`{inner}` is required")
             body = mapping(self.where, outer[inner], body_path)
-            check_keys(self.where, body, (*l4, *l7), body_path)
+            check_keys(self.where, body, _ENTRY_KEYS[inner], body_path)
             if not any(body.get(k) for k in body):
                 self.where.fail(body_path, f"`{inner}` must set at least one field")
             kwargs: dict[str, tuple[Any, ...]] = {}
@@ -1014,10 +1045,19 @@ def _ip_test(nets: tuple[IPNetwork, ...]) -> Callable[[int, int], bool]:
         if n.prefixlen != n.max_prefixlen
     )
 
+    if not ranges:
+        return lambda version, value: (version, value) in hosts
+    if not hosts and len(ranges) == 1:
+        ((only_v, only_net, only_mask),) = ranges
+        return lambda version, value: version == only_v and value & only_mask == only_net
+
     def test(version: int, value: int) -> bool:
         if (version, value) in hosts:
             return True
-        return any(v == version and value & mask == net for v, net, mask in ranges)
+        for v, net, mask in ranges:  # noqa: SIM110 - a plain loop is faster than any()
+            if v == version and value & mask == net:
+                return True
+        return False
 
     return test
 
@@ -1041,12 +1081,7 @@ def _port_check(ports: frozenset[int]) -> Predicate:
     return lambda f: f[_F_PORT] in ports
 
 
-def _field_check(m: Match, name: str) -> Predicate | None:
-    values = getattr(m, name)
-    if not values:
-        return None
-    negate = name.startswith("not_")
-    base = name[4:] if negate else name
+def _field_check(values: tuple[Any, ...], base: str, negate: bool) -> Predicate:
     if base == "namespaces":
         check = _identity_check(_F_NS, _string_test(values))
     elif base == "principals":
@@ -1054,8 +1089,10 @@ def _field_check(m: Match, name: str) -> Predicate | None:
     elif base == "service_accounts":
         pairs = frozenset((v.namespace, v.service_account) for v in values)
         check = _identity_check(_F_SA, pairs.__contains__)
-    elif base.endswith("ips"):
-        check = _ip_check(base == "source_ips", _ip_test(values))
+    elif base == "source_ips":
+        check = _ip_check(True, _ip_test(values))
+    elif base == "destination_ips":
+        check = _ip_check(False, _ip_test(values))
     else:
         check = _port_check(frozenset(values))
     if negate:
@@ -1063,8 +1100,18 @@ def _field_check(m: Match, name: str) -> Predicate | None:
     return check
 
 
+# (Match attribute, what it is about, whether it is a `not` field), in Match field order.
+_FIELD_KINDS = tuple(
+    (name, name.removeprefix("not_"), name.startswith("not_")) for name in _MATCH_FIELDS
+)
+
+
 def _compile_match(m: Match) -> Predicate:
-    checks = tuple(c for c in (_field_check(m, name) for name in _MATCH_FIELDS) if c is not None)
+    checks = tuple(
+        _field_check(values, base, negate)
+        for name, base, negate in _FIELD_KINDS
+        if (values := getattr(m, name))
+    )
     if not checks:
         return lambda f: False  # ztunnel: an empty match never matches
     if len(checks) == 1:
@@ -1112,39 +1159,50 @@ def _compile_rule(rule: Rule) -> Predicate:
     return all_clauses
 
 
-# A rule that can only match requests with one of a few exact values of one attribute is
-# filed under those values, so a check looks at the rules that can match and skips the rest.
+# A rule that can only match requests whose value of one attribute is one of a few exact
+# values (or starts with one of a few prefixes) is filed under them, so a check looks at the
+# rules that can match and skips the rest.
 _INDEXED = (
     ("principals", _F_PRINCIPAL),
     ("service_accounts", _F_SA),
     ("namespaces", _F_NS),
     ("destination_ports", _F_PORT),
 )
+_STRING_KINDS = (MatchKind.EXACT, MatchKind.PREFIX)
 
 
-def _index_keys(rule: Rule) -> tuple[int, frozenset[Any]] | None:
-    """(fact slot, values) such that the rule can only match if the request's fact is one of
-    the values; None when no clause pins an attribute down."""
+@dataclass(frozen=True, slots=True)
+class _Keys:
+    slot: int
+    exact: frozenset[Any]
+    prefixes: frozenset[str]
+
+
+def _index_keys(rule: Rule) -> _Keys | None:
+    """The values (or prefixes) one of which a request's fact at `slot` must have for the
+    rule to match; None when no clause pins an attribute down."""
     for name, slot in _INDEXED:
         for clause in rule.clauses:
             live = [m for m in clause if not m.is_empty()]  # empty matches never match
             if not live:
                 continue
-            keys: set[Any] = set()
+            exact: set[Any] = set()
+            prefixes: set[str] = set()
             for m in live:
                 values = getattr(m, name)
                 if not values:
                     break
                 if name in ("principals", "namespaces"):
-                    if any(v.kind is not MatchKind.EXACT for v in values):
+                    if any(v.kind not in _STRING_KINDS for v in values):
                         break
-                    keys.update(v.value for v in values)
+                    for v in values:
+                        (exact if v.kind is MatchKind.EXACT else prefixes).add(v.value)
                 elif name == "service_accounts":
-                    keys.update((v.namespace, v.service_account) for v in values)
+                    exact.update((v.namespace, v.service_account) for v in values)
                 else:
-                    keys.update(values)
+                    exact.update(values)
             else:
-                return slot, frozenset(keys)
+                return _Keys(slot, frozenset(exact), frozenset(prefixes))
     return None
 
 
@@ -1153,45 +1211,78 @@ def _never(rule: Rule) -> bool:
     return any(c and all(m.is_empty() for m in c) for c in rule.clauses)
 
 
-# (order, predicate, verdict when this rule decides)
+# (order, predicate, verdict when this rule decides); entries are added in order.
 _Entry = tuple[int, Predicate, Verdict]
-_order = itemgetter(0)
+
+
+def _first(entries: list[_Entry], facts: Facts, best: _Entry | None) -> _Entry | None:
+    """The first entry of `entries` that matches, if it comes before `best`."""
+    limit = best[0] if best is not None else 1 << 62
+    for entry in entries:
+        if entry[0] >= limit:
+            break
+        if entry[1](facts):
+            return entry
+    return best
 
 
 class _RuleIndex:
-    __slots__ = ("by_slot", "generic")
+    __slots__ = ("_exact", "_generic", "_prefix")
 
     def __init__(self) -> None:
-        self.by_slot: dict[int, dict[Any, list[_Entry]]] = {}
-        self.generic: list[_Entry] = []
+        self._exact: dict[int, dict[Any, list[_Entry]]] = {}
+        # slot -> (prefix -> entries); prefix lengths are looked up one by one
+        self._prefix: dict[int, dict[str, list[_Entry]]] = {}
+        self._generic: list[_Entry] = []
 
     def add(self, entry: _Entry, rule: Rule) -> None:
         if _never(rule):
             return
-        found = _index_keys(rule)
-        if found is None:
-            self.generic.append(entry)
+        keys = _index_keys(rule)
+        if keys is None:
+            self._generic.append(entry)
             return
-        slot, keys = found
-        table = self.by_slot.setdefault(slot, {})
-        for k in keys:
+        table = self._exact.setdefault(keys.slot, {})
+        for k in keys.exact:
             table.setdefault(k, []).append(entry)
+        if keys.prefixes:
+            ptable = self._prefix.setdefault(keys.slot, {})
+            for p in keys.prefixes:
+                ptable.setdefault(p, []).append(entry)
+
+    def freeze(self) -> _FrozenIndex:
+        prefix = tuple(
+            (slot, tuple(sorted({len(p) for p in table})), table)
+            for slot, table in self._prefix.items()
+        )
+        return _FrozenIndex(tuple(self._exact.items()), prefix, self._generic)
+
+
+@dataclass(frozen=True, slots=True)
+class _FrozenIndex:
+    exact: tuple[tuple[int, dict[Any, list[_Entry]]], ...]
+    prefix: tuple[tuple[int, tuple[int, ...], dict[str, list[_Entry]]], ...]
+    generic: list[_Entry]
 
     def first_match(self, facts: Facts) -> _Entry | None:
-        lists = []
-        for slot, table in self.by_slot.items():
+        # The candidate lists are each in order, so the answer is the earliest of their
+        # first matches; a list stops early once it is past the best found so far.
+        best: _Entry | None = None
+        for slot, table in self.exact:
             found = table.get(facts[slot])
             if found:
-                lists.append(found)
+                best = _first(found, facts, best)
+        for slot, lengths, ptable in self.prefix:
+            value = facts[slot]
+            if not isinstance(value, str):  # no identity
+                continue
+            for length in lengths:
+                found = ptable.get(value[:length])
+                if found:
+                    best = _first(found, facts, best)
         if self.generic:
-            lists.append(self.generic)
-        if not lists:
-            return None
-        candidates = lists[0] if len(lists) == 1 else sorted(chain(*lists), key=_order)
-        for entry in candidates:
-            if entry[1](facts):
-                return entry
-        return None
+            best = _first(self.generic, facts, best)
+        return best
 
 
 def _short_list(keys: Sequence[str], limit: int = 5) -> str:
@@ -1206,8 +1297,8 @@ class _Compiled:
 
     broken: Verdict | None  # a broken enforced policy in scope: this denial
     mtls: MtlsDecision
-    deny: _RuleIndex
-    allow: _RuleIndex
+    deny: _FrozenIndex
+    allow: _FrozenIndex
     no_allow: Verdict | None  # "no ALLOW policy applies" (None when some do)
     none_matched: Verdict  # "ALLOW policies apply but none matched"
     dry_run: tuple[Policy, ...]
@@ -1243,7 +1334,7 @@ def _compile(policies: tuple[Policy, ...], mtls: MtlsDecision) -> _Compiled:
         if p.action is Action.ALLOW:
             allow_keys.append(p.key)
         word = "allowed" if p.action is Action.ALLOW else "denied"
-        for rule, (_, pred) in zip(p.rules, p._compiled, strict=True):
+        for rule, (_, pred) in zip(p.rules, p.predicates, strict=True):
             verdict = Verdict(
                 p.action is Action.ALLOW,
                 p.key,
@@ -1263,8 +1354,8 @@ def _compile(policies: tuple[Policy, ...], mtls: MtlsDecision) -> _Compiled:
     return _Compiled(
         broken,
         mtls,
-        deny,
-        allow,
+        deny.freeze(),
+        allow.freeze(),
         None if allow_keys else _ALLOW_DEFAULT,
         none_matched,
         tuple(dry),
@@ -1279,7 +1370,7 @@ def _dry_run(policies: tuple[Policy, ...], facts: Facts) -> tuple[DryRunResult, 
             out.append(DryRunResult(p.key, Action.DENY, True, None))
             continue
         rule = None
-        for index, pred in p._compiled:
+        for index, pred in p.predicates:
             if pred(facts):
                 rule = index
                 break
@@ -1291,6 +1382,46 @@ def _dry_run(policies: tuple[Policy, ...], facts: Facts) -> tuple[DryRunResult, 
 
 
 _CACHE_LIMIT = 65536
+
+# Parsed policies by entry: a config change rebuilds the index from the whole mesh config, but
+# usually changes few entries, so a rebuild only parses those. Entries and policies are
+# immutable values, so sharing them between snapshots is safe. Bounded: cleared when full.
+_PARSED: dict[tuple[RawPolicy, str], Policy | ConfigError] = {}
+_PARSED_LIMIT = 200_000
+
+
+def _parse_cached(raw: RawPolicy, root_namespace: str) -> Policy:
+    key = (raw, root_namespace)
+    found = _PARSED.get(key)
+    if found is None:
+        try:
+            found = parse_policy(raw, root_namespace)
+        except ConfigError as exc:
+            found = exc
+        if len(_PARSED) >= _PARSED_LIMIT:
+            _PARSED.clear()
+        _PARSED[key] = found
+    if isinstance(found, ConfigError):
+        raise ConfigError(str(found))
+    return found
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Building allocates ~10 small acyclic objects per rule; with the cyclic collector on,
+    the collections they trigger rescan the whole live heap and double the build time."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def clear_parse_cache() -> None:
+    """Forget memoized parses (for measuring a cold `PolicyIndex.build`)."""
+    _PARSED.clear()
 
 
 class PolicyIndex:
@@ -1343,6 +1474,11 @@ class PolicyIndex:
         A policy that does not parse is kept as a fail-closed stand-in (it denies everything
         in its scope; a broken PeerAuthentication acts as STRICT) and listed in `errors`.
         """
+        with _gc_paused():
+            return cls._build(state, root_namespace)
+
+    @classmethod
+    def _build(cls, state: MeshState, root_namespace: str) -> PolicyIndex:
         policies: list[Policy] = []
         peer: list[PeerAuthentication] = []
         errors: list[str] = []
@@ -1354,7 +1490,7 @@ class PolicyIndex:
                 peer.append(pa)
                 continue
             try:
-                policies.append(parse_policy(raw, root_namespace))
+                policies.append(_parse_cached(raw, root_namespace))
                 continue
             except ConfigError as exc:
                 message = str(exc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import gc
 import json
 from dataclasses import replace
 from ipaddress import ip_address, ip_network
@@ -1554,3 +1555,32 @@ def test_policies_are_values():
     assert a == b and hash(a) == hash(b)
     assert a.key == "app/p"
     assert replace(a, name="q").matching_rule(TLS) == 0  # compiled again on replace
+
+
+# -- rebuilds --------------------------------------------------------------------------------------
+
+
+def test_rebuild_reuses_parses_and_a_broken_policy_stays_fail_closed():
+    raws = (istio("ok", ALLOW_CLIENT), istio("typo", TYPO_ALLOW))
+    first, second = build(*raws), build(*raws)
+    # Parses are memoized per entry: the same Policy objects, the same errors.
+    assert first.policies[0] is second.policies[0]
+    assert first.errors == second.errors and len(second.errors) == 1
+    assert not second.evaluate(workload(labels={"app": "web"}), TLS).allowed
+    # An edited entry is parsed afresh.
+    edited = build(istio("ok", {"rules": [{}]}), istio("typo", TYPO_ALLOW))
+    assert edited.policies[0] != first.policies[0]
+    assert edited.evaluate(workload(), ALT).allowed
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_build_leaves_the_garbage_collector_as_it_found_it(enabled: bool):
+    was = gc.isenabled()
+    try:
+        if not enabled:
+            gc.disable()
+        build(istio("p", ALLOW_CLIENT))
+        assert gc.isenabled() is enabled
+    finally:
+        if was:
+            gc.enable()
