@@ -327,7 +327,8 @@ class Policy:
 
     @property
     def enforced(self) -> bool:
-        """Whether the tunnel acts on this policy (dry-run ones are still evaluated)."""
+        """Whether the tunnel evaluates this policy at all: AUDIT, CUSTOM and waypoint
+        (targetRef) policies it does not. A dry-run policy is evaluated, but only reported."""
         return self.action in (Action.ALLOW, Action.DENY) and not self.target_refs
 
     def matching_rule(self, req: Request) -> int | None:
@@ -912,9 +913,14 @@ def _salvage(raw: RawPolicy, root_namespace: str, error: str) -> Policy:
     except ConfigError:
         pass
 
+    selector_unreadable = False
+
     def attempt(part: Callable[[], None]) -> None:
-        with contextlib.suppress(ConfigError):
+        nonlocal selector_unreadable
+        try:
             part()
+        except ConfigError:
+            selector_unreadable = selector_unreadable or part is read_selector
 
     def read_selector() -> None:
         nonlocal selector
@@ -944,8 +950,11 @@ def _salvage(raw: RawPolicy, root_namespace: str, error: str) -> Policy:
 
     for part in (read_selector, read_action, read_dry_run, read_targets, read_scope):
         attempt(part)
-    if scope is None or (scope is Scope.WORKLOAD_SELECTOR and not selector):
+    if scope is None:
         scope = _scope_of(selector, raw.namespace, root_namespace)
+    elif scope is Scope.WORKLOAD_SELECTOR and selector_unreadable:
+        # Which workloads it selects is unknown: all of its namespace (or the mesh).
+        scope = _scope_of((), raw.namespace, root_namespace)
     if scope is not Scope.WORKLOAD_SELECTOR:
         selector = ()
     return Policy(

@@ -1424,10 +1424,20 @@ def test_broken_policy_in_root_namespace_denies_mesh_wide():
 
 
 def test_broken_attached_policy_applies_where_attached():
+    # xDS form, attached by the control plane only: its scope is known despite the typo.
     raw = flat("typo", ns="other", scope="WORKLOAD_SELECTOR", groups="oops")
     index = build(raw)
+    assert index.policies[0].scope is Scope.WORKLOAD_SELECTOR
     assert index.evaluate(workload(), TLS).allowed
+    assert index.evaluate(workload(ns="other"), TLS).allowed
     assert not index.evaluate(workload(attached=("other/typo",)), TLS).allowed
+
+
+def test_broken_xds_selector_widens_to_the_namespace():
+    raw = flat("typo", scope="WORKLOAD_SELECTOR", selector={"matchLabels": "app=web"})
+    index = build(raw)
+    assert index.policies[0].scope is Scope.NAMESPACE
+    assert not index.evaluate(workload(labels={"app": "db"}), TLS).allowed
 
 
 def test_broken_dry_run_policy_is_reported_not_enforced():
