@@ -151,9 +151,7 @@ def _resolve(state: MeshState, source: Workload, destination: str) -> tuple[Sock
     raise ValueError(f"{host!r} is neither an IP address nor a known service host name")
 
 
-def _endpoint_json(
-    policies: PolicyIndex, source: Workload, d: OutboundDecision
-) -> dict[str, Any]:
+def _endpoint_json(policies: PolicyIndex, source: Workload, d: OutboundDecision) -> dict[str, Any]:
     w = d.destination
     out: dict[str, Any] = {
         "workload": f"{w.namespace}/{w.name}" if w is not None else None,

@@ -73,12 +73,12 @@ class NodeProxy:
         self._dirty.set()
 
     def _load_policies(self, state: MeshState) -> None:
-        old = {p.key: p for p in self.policies.policies}
+        old_warnings = set(self.policies.warnings)
         self.policies = PolicyIndex.build(state, self.root_namespace)
-        for p in self.policies.policies:
-            if p.warnings and old.get(p.key) != p:
-                for w in p.warnings:
-                    log.warning("policy warning", policy=p.key, warning=w)
+        # Each warning once, when it first appears (not again on every config change).
+        for w in self.policies.warnings:
+            if w not in old_warnings:
+                log.warning("policy warning", warning=w)
         for err in self.policies.errors:
             log.error("policy rejected; it denies every connection it could apply to", error=err)
         log.info("policies loaded", count=len(self.policies.policies))
