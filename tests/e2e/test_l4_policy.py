@@ -457,6 +457,44 @@ def test_config_dump_shows_state_certificates_and_listeners(cluster: mesh.Cluste
     assert any(client_ip in v or "0.0.0.0" in v for v in pods["mesh/client"]["listeners"].values())
 
 
+def test_connections_lists_open_ones_with_identities_and_live_bytes(
+    cluster: mesh.Cluster,
+) -> None:
+    b = server_b(cluster)
+    with connect(cluster, "mesh", "client", b, 9000) as s:
+        host, port = s.getsockname()[:2]
+        first = s.makefile("rb").readline()
+        s.sendall(b"z" * 5000)
+        got = 0
+        while got < 5000:
+            got += len(s.recv(65536))
+        deadline = time.monotonic() + 10
+        while True:
+            _, out = admin(cluster, "n1", "/connections")
+            mine = [c for c in out if c["src"] == f"{host}:{port}"]
+            _, inbound = admin(cluster, "n2", "/connections")
+            theirs = [
+                c
+                for c in inbound
+                if c["direction"] == "inbound" and c["srcIdentity"] == spiffe("mesh", "client")
+            ]
+            if (mine and mine[0]["bytesSent"] == 5000 and theirs) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        (c,) = mine
+        assert c["direction"] == "outbound" and c["pod"] == "mesh/client"
+        assert c["dst"] == f"{b}:9000" and c["hbone"] == f"{b}:15008"
+        assert c["srcIdentity"] == spiffe("mesh", "client")
+        assert c["dstIdentity"] == spiffe("mesh", "server")
+        assert c["bytesSent"] == 5000 and c["bytesReceived"] == len(first) + 5000
+        assert theirs and theirs[0]["pod"] == "mesh/server-b"
+    # Closed connections leave the table.
+    deadline = time.monotonic() + 10
+    while any(c["src"] == f"{host}:{port}" for c in admin(cluster, "n1", "/connections")[1]):
+        assert time.monotonic() < deadline, "a closed connection stayed listed"
+        time.sleep(0.05)
+
+
 def test_admin_is_node_local_only(cluster: mesh.Cluster) -> None:
     # From the other node, n1's admin port must not answer on n1's address.
     s = nsutil.socket_at(cluster.layout.node("n2").netns_path)
