@@ -48,16 +48,15 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import enum
 import functools
-import gc
 import ipaddress
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any, Final
 
+from ztunnel.gcpause import collector_paused
 from ztunnel.identity import SpiffeId
 from ztunnel.peerauth import (
     DEFAULT_ROOT_NAMESPACE,
@@ -1415,19 +1414,6 @@ def _parse_cached(raw: RawPolicy, root_namespace: str) -> Policy:
     return found
 
 
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Building allocates ~10 small acyclic objects per rule; with the cyclic collector on,
-    the collections they trigger rescan the whole live heap and double the build time."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
 def clear_parse_cache() -> None:
     """Forget memoized parses (for measuring a cold `PolicyIndex.build`)."""
     _PARSED.clear()
@@ -1483,7 +1469,7 @@ class PolicyIndex:
         A policy that does not parse is kept as a fail-closed stand-in (it denies everything
         in its scope; a broken PeerAuthentication acts as STRICT) and listed in `errors`.
         """
-        with _gc_paused():
+        with collector_paused():
             return cls._build(state, root_namespace)
 
     @classmethod
