@@ -26,6 +26,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 
+from ztunnel.httpserver import NodeHttpServer
 from ztunnel.metrics import TcpMetrics
 
 ADMIN_PORT = 15000
@@ -144,16 +145,14 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return _error(500, f"{type(e).__name__}: {e}")
 
 
-class AdminServer:
+class AdminServer(NodeHttpServer):
     """The admin endpoints for one tunnel, on a host/port the caller chooses (loopback)."""
 
     def __init__(
         self, source: AdminSource, port: int = ADMIN_PORT, host: str = "127.0.0.1"
     ) -> None:
+        super().__init__(port, host)
         self._source = source
-        self._port = port
-        self._host = host
-        self._runner: web.AppRunner | None = None
 
     async def _index(self, _request: web.Request) -> web.Response:
         return web.Response(text=_index_text(""))
@@ -212,29 +211,11 @@ class AdminServer:
         app.router.add_post("/quitquitquit", self._quit)
         return app
 
-    async def start(self) -> None:
-        self._runner = web.AppRunner(self.app(), access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port, reuse_port=True)
-        await site.start()
-
-    @property
-    def port(self) -> int:
-        """The bound port (useful when started with port 0)."""
-        return _bound_port(self._runner, self._port)
-
-    async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    stop = close
-
 
 # -- metrics server -----------------------------------------------------------------------
 
 
-class MetricsServer:
+class MetricsServer(NodeHttpServer):
     """`/metrics` and `/stats/prometheus` (same body), as ztunnel serves them on 15020."""
 
     def __init__(
@@ -244,11 +225,9 @@ class MetricsServer:
         port: int = METRICS_PORT,
         host: str = "0.0.0.0",
     ) -> None:
+        super().__init__(port, host)
         self._metrics = metrics
         self._extra = extra
-        self._port = port
-        self._host = host
-        self._runner: web.AppRunner | None = None
 
     async def _scrape(self, _request: web.Request) -> web.Response:
         body = self._metrics.render()
@@ -262,24 +241,6 @@ class MetricsServer:
         app.router.add_get("/stats/prometheus", self._scrape)
         return app
 
-    async def start(self) -> None:
-        self._runner = web.AppRunner(self.app(), access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port, reuse_port=True)
-        await site.start()
-
-    @property
-    def port(self) -> int:
-        """The bound port (useful when started with port 0)."""
-        return _bound_port(self._runner, self._port)
-
-    async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    stop = close
-
 
 def process_metrics() -> Callable[[], bytes]:
     """`extra` for `MetricsServer`: this process's CPU, memory and file descriptors
@@ -291,11 +252,3 @@ def process_metrics() -> Callable[[], bytes]:
         return generate_latest(registry)
 
     return render
-
-
-def _bound_port(runner: web.AppRunner | None, configured: int) -> int:
-    if runner is not None:
-        for address in runner.addresses:
-            if isinstance(address, tuple) and len(address) >= 2:
-                return int(address[1])
-    return configured

@@ -7,15 +7,14 @@ import json
 
 from aiohttp import web
 
+from ztunnel.httpserver import NodeHttpServer
 from ztunnel.node import NodeProxy
 
 
-class ReadinessServer:
+class ReadinessServer(NodeHttpServer):
     def __init__(self, node: NodeProxy, port: int, host: str = "0.0.0.0") -> None:
+        super().__init__(port, host)
         self._node = node
-        self._port = port
-        self._host = host
-        self._runner: web.AppRunner | None = None
 
     async def _ready(self, _request: web.Request) -> web.Response:
         status = self._node.status()
@@ -25,14 +24,7 @@ class ReadinessServer:
             content_type="application/json",
         )
 
-    async def start(self) -> None:
+    def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/healthz/ready", self._ready)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port, reuse_port=True)
-        await site.start()
-
-    async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+        return app

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
-from ipaddress import ip_address
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.ztunnel.test_rbac import workload as rbac_workload
 from ztunnel.peerauth import MtlsMode, PeerAuthentication, parse_peer_authentication
 from ztunnel.rbac import PolicyIndex
-from ztunnel.state import ConfigError, HealthStatus, MeshState, RawPolicy, TunnelProtocol, Workload
+from ztunnel.state import ConfigError, MeshState, RawPolicy, Workload
 
 ROOT = "istio-system"
 NS = "app"
@@ -22,26 +22,7 @@ WEB = {"app": "web"}
 def workload(
     ns: str = NS, labels: dict[str, str] | None = None, uid: str = "w1", ip: str = "10.1.0.1"
 ) -> Workload:
-    return Workload(
-        uid=uid,
-        name="pod",
-        namespace=ns,
-        service_account="server",
-        trust_domain="cluster.local",
-        ips=(ip_address(ip),),
-        network="",
-        protocol=TunnelProtocol.HBONE,
-        node="node1",
-        canonical_name="server",
-        canonical_revision="v1",
-        workload_name="server",
-        workload_type="deployment",
-        cluster_id="c1",
-        status=HealthStatus.HEALTHY,
-        waypoint=None,
-        services=(),
-        labels=tuple(sorted((labels or {}).items())),
-    )
+    return rbac_workload(ns, labels, uid=uid, ip=ip)
 
 
 def pa(name: str, spec: Any, ns: str = NS) -> RawPolicy:
