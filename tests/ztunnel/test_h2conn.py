@@ -19,7 +19,14 @@ from ztunnel.hbone.conn import (
     H2Connection,
     Headers,
 )
-from ztunnel.hbone.h2frames import PREFACE, ErrorCode, FrameType, frame_header
+from ztunnel.hbone.h2frames import (
+    PREFACE,
+    ErrorCode,
+    Flag,
+    FrameType,
+    frame_header,
+    rst_stream,
+)
 
 
 class Recorder:
@@ -308,3 +315,50 @@ def test_padded_data_is_delivered_without_padding_and_credited() -> None:
     pump_to_ours(client, server)
     assert bytes(stream.data) == b"padded" * 100
     assert stream.ended
+
+
+def test_drain_refuses_new_streams_and_lets_open_ones_finish() -> None:
+    rec = Recorder()
+    server = H2Connection(client=False, handler=rec)
+    server.initiate()
+    client = h2_client()
+    pump_to_ours(client, server)
+    pump_to_theirs(server, client)
+    client.send_headers(1, CONNECT)
+    pump_to_ours(client, server)
+    stream = StreamRec(server)
+    stream.sid = 1
+    server.respond(1, 200, stream, end=False)
+    pump_to_theirs(server, client)
+
+    server.drain("upgrade")
+    events = pump_to_theirs(server, client)
+    goaways = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+    assert goaways and goaways[0].last_stream_id == 1
+    assert goaways[0].error_code == ErrorCode.NO_ERROR
+    assert not server.drained  # stream 1 is still open
+
+    # A stream the client opened before it saw the GOAWAY is refused, never processed.
+    late = h2_client()
+    raw = late.data_to_send()
+    late.send_headers(3, CONNECT)
+    server2 = H2Connection(client=False, handler=Recorder())
+    server2.initiate()
+    server2.receive(raw)
+    server2.drain()
+    server2.receive(late.data_to_send())
+    # (h2 stops reading at a GOAWAY, so the frame is checked on the wire.)
+    wire = b"".join(bytes(x) for x in server2.take_output())
+    assert wire.endswith(rst_stream(3, ErrorCode.REFUSED_STREAM))
+    assert not server2.streams
+
+    # The open stream still carries data both ways, then ends the drain. (h2 refuses to
+    # send after a GOAWAY, so the client's frame is written by hand.)
+    server.receive(frame_header(10, FrameType.DATA, Flag.END_STREAM, 1) + b"still here")
+    assert bytes(stream.data) == b"still here" and stream.ended
+    server.send_data(1, b"bye")
+    server.end_stream(1)
+    wire = b"".join(bytes(x) for x in server.take_output())
+    assert frame_header(3, FrameType.DATA, 0, 1) + b"bye" in wire
+    assert wire.endswith(frame_header(0, FrameType.DATA, Flag.END_STREAM, 1))
+    assert server.drained

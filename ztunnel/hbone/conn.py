@@ -135,6 +135,7 @@ class H2Connection:
         self.streams: dict[int, _Stream] = {}
         self.closed = False
         self.goaway_received = False
+        self.draining = False  # we sent a graceful GOAWAY: no new streams, open ones finish
         self.close_reason = ""
         self._buf = bytearray()
         self._preface_pending = not client
@@ -273,6 +274,20 @@ class H2Connection:
     def send_ping(self, payload: bytes) -> None:
         if not self.closed:
             self.out.append(ping(payload))
+
+    def drain(self, reason: str = "draining") -> None:
+        """Graceful shutdown (RFC 9113 6.8): GOAWAY naming the last stream we accepted, so
+        the peer stops opening streams here and retries newer ones elsewhere; streams
+        already open keep flowing until they end. The owner closes the connection once
+        `drained` (no streams left)."""
+        if self.closed or self.draining:
+            return
+        self.draining = True
+        self.out.append(goaway(self._last_peer_stream, ErrorCode.NO_ERROR, reason.encode()[:256]))
+
+    @property
+    def drained(self) -> bool:
+        return self.draining and not self.streams
 
     def close(self, code: int = ErrorCode.NO_ERROR, reason: str = "closed locally") -> None:
         """Send GOAWAY and end every stream."""
@@ -524,7 +539,9 @@ class H2Connection:
         if sid % 2 == 0 or sid <= self._last_peer_stream:
             raise ProtocolViolation(ErrorCode.PROTOCOL_ERROR, f"bad new stream id {sid}")
         self._last_peer_stream = sid
-        if len(self.streams) >= SERVER_MAX_CONCURRENT_STREAMS:
+        if self.draining or len(self.streams) >= SERVER_MAX_CONCURRENT_STREAMS:
+            # Draining: a stream the peer opened before it saw our GOAWAY. REFUSED_STREAM
+            # tells it nothing was processed, so it may safely retry on a new connection.
             self.out.append(rst_stream(sid, ErrorCode.REFUSED_STREAM))
             return
         st = _Stream(sid, None, self._peer_initial_window)

@@ -17,6 +17,8 @@ from ztunnel.hbone.conn import H2Connection, Headers, StreamHandler
 # Keepalive (protocols.md): PING every 10 s, give up after 20 s without an answer.
 PING_INTERVAL = 10.0
 PING_TIMEOUT = 20.0
+# How long a drained connection stays open to refuse late streams before it closes.
+DRAIN_CLOSE_GRACE = 1.0
 
 
 class BackpressureListener(Protocol):
@@ -49,6 +51,7 @@ class H2Transport(asyncio.Protocol):
         self._ping_outstanding: bytes | None = None
         self._ping_sent_at = 0.0
         self._closed_reported = False
+        self._drain_close: asyncio.TimerHandle | None = None
 
     # ---- asyncio.Protocol ----------------------------------------------------------------
 
@@ -74,6 +77,8 @@ class H2Transport(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._ping_timer is not None:
             self._ping_timer.cancel()
+        if self._drain_close is not None:
+            self._drain_close.cancel()
         if not self.conn.closed:
             reason = f"TLS connection lost: {exc}" if exc else "TLS connection closed"
             self.conn.out.clear()
@@ -118,6 +123,18 @@ class H2Transport(asyncio.Protocol):
         out = self.conn.take_output()
         if out and self.transport is not None and not self.transport.is_closing():
             self.transport.writelines(out)
+        if self.conn.drained and not self.conn.closed and self._drain_close is None:
+            # Not at once: a stream the peer opened as our GOAWAY was on its way must
+            # still get its REFUSED_STREAM (closing now would reset the TCP connection
+            # and could discard the GOAWAY before the peer read it).
+            self._drain_close = asyncio.get_running_loop().call_later(
+                DRAIN_CLOSE_GRACE, self.close, "drained"
+            )
+
+    def drain(self, reason: str = "draining") -> None:
+        """Stop taking new streams; close once the open ones have ended."""
+        self.conn.drain(reason)
+        self.flush()
 
     def open_stream(self, headers: Headers, handler: StreamHandler) -> int:
         self.last_active = time.monotonic()

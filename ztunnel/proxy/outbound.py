@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import structlog
 
 from ztunnel.accesslog import ConnectionLog
+from ztunnel.hbone.h2frames import ErrorCode
 from ztunnel.hbone.pool import ConnectionPool, PoolKey
 from ztunnel.hbone.transport import H2Transport
 from ztunnel.identity import SpiffeId
@@ -40,6 +41,8 @@ from ztunnel.tls import PeerVerificationError
 log = structlog.get_logger(__name__)
 
 CONNECT_TIMEOUT = 10.0
+# Attempts for a CONNECT whose stream the server refused unprocessed (REFUSED_STREAM).
+CONNECT_ATTEMPTS = 3
 
 
 class Route(enum.Enum):
@@ -319,15 +322,25 @@ class OutboundProxy:
         assert t is not None
         src_ip = t.get_extra_info("sockname")[0]
         key = PoolKey(source.identity, decision.expected_identities, decision.next_hop.pair, src_ip)
-        h2 = await self._pool.checkout(key)
-        splice = HboneSplice(h2)
-        splice.sid = self._pool.open_stream(h2, connect_headers(source, decision, client), splice)
-        try:
-            status, _ = await asyncio.wait_for(splice.response, CONNECT_TIMEOUT)
-        except BaseException:
-            # Timed out or cancelled: free the stream slot and its receive credit.
-            splice.abort("no answer to the HBONE CONNECT")
-            raise
+        headers = connect_headers(source, decision, client)
+        for attempt in range(CONNECT_ATTEMPTS):
+            h2 = await self._pool.checkout(key)
+            splice = HboneSplice(h2)
+            splice.sid = self._pool.open_stream(h2, headers, splice)
+            try:
+                status, _ = await asyncio.wait_for(splice.response, CONNECT_TIMEOUT)
+                break
+            except ConnectionError:
+                # A draining server (a tunnel being upgraded) refuses streams it never
+                # processed; nothing of the app's was sent yet, so a new connection (to
+                # the new tunnel) may carry the request instead.
+                if splice.reset_code != ErrorCode.REFUSED_STREAM or attempt + 1 == CONNECT_ATTEMPTS:
+                    raise
+                log.debug("HBONE stream refused; retrying on a new connection", dst=str(key.dst))
+            except BaseException:
+                # Timed out or cancelled: free the stream slot and its receive credit.
+                splice.abort("no answer to the HBONE CONNECT")
+                raise
         if status != 200:
             splice.abort(f"HBONE CONNECT answered {status}")
             t.abort()

@@ -130,6 +130,7 @@ class HboneSplice:
         "down_done",
         "h2",
         "received",
+        "reset_code",
         "response",
         "sent",
         "sid",
@@ -150,6 +151,7 @@ class HboneSplice:
         self._owed = 0  # receive credit held back while the app pushes back
         self._early: list[bytes] = []  # stream bytes that arrived before the app was attached
         self._app_read_paused = False
+        self.reset_code: int | None = None  # why the stream was reset, if it was
         self.response: asyncio.Future[tuple[int, Headers]] = loop.create_future()
         self.done: asyncio.Future[RelayResult] = loop.create_future()
 
@@ -206,6 +208,7 @@ class HboneSplice:
             self._maybe_finish()
 
     def on_reset(self, code: int) -> None:
+        self.reset_code = code
         name = error_name(code)
         if not self.response.done():
             self.response.set_exception(
