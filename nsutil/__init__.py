@@ -107,3 +107,19 @@ def preexec_enter(path: str) -> Callable[[], None]:
             os.close(fd)
 
     return enter
+
+
+def write_sysctl(fd: int, name: str, value: str) -> None:
+    """Set a per-namespace sysctl (e.g. `net/ipv4/tcp_migrate_req`) inside the namespace
+    behind `fd`: /proc/sys/net resolves against the opening thread's namespace."""
+    if not name or name.startswith("/") or ".." in name.split("/"):
+        raise ValueError(f"bad sysctl name {name!r}")
+    with entered(fd), open(f"/proc/sys/{name}", "w") as f:
+        f.write(value)
+
+
+def read_sysctl(fd: int, name: str) -> str:
+    if not name or name.startswith("/") or ".." in name.split("/"):
+        raise ValueError(f"bad sysctl name {name!r}")
+    with entered(fd), open(f"/proc/sys/{name}") as f:
+        return f.read().strip()
