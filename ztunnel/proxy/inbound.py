@@ -266,6 +266,12 @@ class InboundProxy:
         self.telemetry.close(entry, request_bytes=res.received, response_bytes=res.sent)
         record.finish(res.received, res.sent, res.error)
 
+    def drain(self) -> None:
+        """Graceful stop: GOAWAY on every HBONE connection, so clients open new streams
+        elsewhere (the new tunnel's listener) while the open ones run to their end."""
+        for h2 in list(self.connections):
+            h2.drain("tunnel draining")
+
     def close(self) -> None:
         for h2 in list(self.connections):
             h2.close(reason="pod removed")
