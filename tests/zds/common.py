@@ -16,7 +16,7 @@ LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 
 def run(main: Callable[[], Awaitable[Any]], loop: str = "asyncio") -> Any:
     with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
-        return runner.run(asyncio.wait_for(main(), 60))  # type: ignore[arg-type]
+        return runner.run(asyncio.wait_for(main(), 60))
 
 
 def open_fds() -> set[int]:
