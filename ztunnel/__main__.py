@@ -19,6 +19,7 @@ from ztunnel.inpod import FileEnrolmentSource
 from ztunnel.node import NodeProxy
 from ztunnel.readiness import ReadinessServer
 from ztunnel.state import ConfigError
+from ztunnel.zds_client import ZdsClient
 
 log = structlog.get_logger("ztunnel")
 
@@ -32,7 +33,12 @@ async def run(cfg: Config) -> None:
     watcher = LocalConfigWatcher(cfg.local_xds_path, node.on_state)
     await watcher.start()
     node.on_state(watcher.current)
-    enrolment = FileEnrolmentSource(cfg.enrolment_path, node.on_enrolment)
+    enrolment: FileEnrolmentSource | ZdsClient
+    if cfg.zds_socket is not None:
+        enrolment = ZdsClient(cfg.zds_socket, node)
+    else:
+        assert cfg.enrolment_path is not None  # parse_config guarantees one of the two
+        enrolment = FileEnrolmentSource(cfg.enrolment_path, node.on_enrolment)
     node.start()
     await enrolment.start()
     readiness = ReadinessServer(node, cfg.readiness_port)

@@ -5,6 +5,7 @@ Every variable name and default is written once, here.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from ztunnel.identity import DEFAULT_TRUST_DOMAIN
 NODE_NAME = "NODE_NAME"
 LOCAL_XDS_PATH = "LOCAL_XDS_PATH"
 ENROLMENT_PATH = "ENROLMENT_PATH"
+ZDS_SOCKET = "ZDS_SOCKET"
 CA_ADDRESS = "CA_ADDRESS"
 CA_TOKEN_PATH = "CA_TOKEN_PATH"
 TRUST_DOMAIN = "TRUST_DOMAIN"
@@ -31,6 +33,7 @@ DEFAULT_METRICS_PORT = 15020
 DEFAULT_ROOT_NAMESPACE = "istio-system"
 DEFAULT_CERT_TTL = 24 * 3600
 LOG_LEVELS = ("debug", "info", "warning", "error")
+MAX_UNIX_PATH = 107  # sun_path holds 108 bytes, the last one a NUL
 
 
 class ConfigurationError(ValueError):
@@ -41,7 +44,9 @@ class ConfigurationError(ValueError):
 class Config:
     node_name: str
     local_xds_path: Path
-    enrolment_path: Path
+    # Exactly one of these says where enrolment comes from: the node agent's ZDS socket,
+    # or (the local cluster until it runs an agent) an enrolment file.
+    enrolment_path: Path | None
     ca_address: Path
     ca_token_path: Path
     trust_domain: str = DEFAULT_TRUST_DOMAIN
@@ -51,6 +56,7 @@ class Config:
     root_namespace: str = DEFAULT_ROOT_NAMESPACE
     admin_port: int = DEFAULT_ADMIN_PORT
     metrics_port: int = DEFAULT_METRICS_PORT
+    zds_socket: Path | None = None
 
 
 def _required(env: Mapping[str, str], name: str) -> str:
@@ -73,14 +79,34 @@ def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -
     return value
 
 
+def _enrolment(env: Mapping[str, str]) -> tuple[Path | None, Path | None]:
+    """(enrolment file, ZDS socket): exactly one is set."""
+    zds = env.get(ZDS_SOCKET, "").strip()
+    file = env.get(ENROLMENT_PATH, "").strip()
+    if zds and file:
+        # Refused rather than silently preferring one: either could be the intended source.
+        raise ConfigurationError(f"set either {ZDS_SOCKET} or {ENROLMENT_PATH}, not both")
+    if not zds and not file:
+        raise ConfigurationError(f"{ZDS_SOCKET} or {ENROLMENT_PATH} must be set")
+    if file:
+        return Path(file), None
+    if len(os.fsencode(zds)) > MAX_UNIX_PATH:
+        raise ConfigurationError(
+            f"{ZDS_SOCKET}={zds!r} is longer than a unix socket path may be ({MAX_UNIX_PATH} bytes)"
+        )
+    return None, Path(zds)
+
+
 def parse_config(env: Mapping[str, str]) -> Config:
     level = env.get(LOG_LEVEL, "info").lower()
     if level not in LOG_LEVELS:
         raise ConfigurationError(f"{LOG_LEVEL}={level!r} is not one of {', '.join(LOG_LEVELS)}")
+    enrolment_path, zds_socket = _enrolment(env)
     return Config(
         node_name=_required(env, NODE_NAME),
         local_xds_path=Path(_required(env, LOCAL_XDS_PATH)),
-        enrolment_path=Path(_required(env, ENROLMENT_PATH)),
+        enrolment_path=enrolment_path,
+        zds_socket=zds_socket,
         ca_address=Path(_required(env, CA_ADDRESS)),
         ca_token_path=Path(_required(env, CA_TOKEN_PATH)),
         trust_domain=env.get(TRUST_DOMAIN, DEFAULT_TRUST_DOMAIN) or DEFAULT_TRUST_DOMAIN,

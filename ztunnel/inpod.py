@@ -1,8 +1,9 @@
 """In-pod mode: one set of listeners per enrolled pod, inside that pod's network namespace.
 
-Which pods are enrolled reaches the tunnel through an `EnrolmentSource`. The local
-cluster's source is a small YAML file (`pods: [{uid, netns}]`) re-read when it changes;
-the node agent's ZDS socket replaces it later behind the same interface.
+Which pods are enrolled reaches the tunnel in one of two ways. The local cluster's file
+source is a small YAML file (`pods: [{uid, netns}]`) re-read when it changes, naming each
+pod's netns by path. The node agent's ZDS socket (`ztunnel.zds_client`) hands over each
+pod's netns as an open fd instead; the tunnel owns that fd (`NetnsFd`) from then on.
 `PodProxy` owns everything of one pod: its netns fd, sockets factory, the three
 listeners, its HBONE client pool, and its open connections.
 """
@@ -11,15 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
 import yaml
 
 import nsutil
+from zds.messages import WorkloadInfo
 from ztunnel import tls
 from ztunnel.certs import CertificateManager, WorkloadCertificate
 from ztunnel.hbone.pool import ConnectionPool, PoolKey
@@ -47,10 +50,70 @@ class EnrolmentError(ValueError):
     """The enrolment file is malformed."""
 
 
+class NetnsFd:
+    """An open network-namespace fd that the tunnel owns (received over ZDS).
+
+    Two handles on the same namespace have the same `name` (its device and inode), so an
+    Add repeated for a pod whose netns did not change is recognised as nothing new, while
+    a recreated pod sandbox (new netns) is not.
+    """
+
+    __slots__ = ("_fd", "name")
+
+    def __init__(self, fd: int) -> None:
+        st = os.fstat(fd)
+        self._fd: int | None = fd
+        self.name = f"netns:[{st.st_ino}] dev {st.st_dev}"
+
+    def dup(self) -> int:
+        """A new fd on the same namespace, owned by the caller (close-on-exec)."""
+        if self._fd is None:
+            raise OSError(f"{self.name} is already closed")
+        return os.dup(self._fd)
+
+    @property
+    def closed(self) -> bool:
+        return self._fd is None
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __repr__(self) -> str:
+        return f"NetnsFd({self.name}{', closed' if self._fd is None else ''})"
+
+
 @dataclass(frozen=True, slots=True)
 class Enrolment:
     uid: str
-    netns: str  # path of the pod's network namespace
+    # The pod's network namespace: a path (file source), or the name of `netns_fd`.
+    netns: str
+    # Set for ZDS enrolments; the node closes it when the enrolment is dropped.
+    netns_fd: NetnsFd | None = field(default=None, compare=False, repr=False)
+    # ZDS WorkloadInfo: finds the pod's workload by name when its uid is not a mesh uid.
+    info: WorkloadInfo | None = None
+
+    @classmethod
+    def from_fd(cls, uid: str, fd: int, info: WorkloadInfo | None = None) -> Enrolment:
+        """An enrolment that takes ownership of `fd` (closed here if it is unusable)."""
+        try:
+            handle = NetnsFd(fd)
+        except OSError:
+            os.close(fd)
+            raise
+        return cls(uid, handle.name, handle, info)
+
+    def open_netns(self) -> int:
+        """A new fd on the pod's netns, owned by the caller."""
+        if self.netns_fd is not None:
+            return self.netns_fd.dup()
+        return nsutil.open_netns(self.netns)
+
+    def release(self) -> None:
+        """Close the fd this enrolment owns (the pod no longer needs it)."""
+        if self.netns_fd is not None:
+            self.netns_fd.close()
 
 
 def parse_enrolment(text: str) -> dict[str, Enrolment]:
@@ -167,7 +230,7 @@ class PodProxy:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         if self._factory is None:
-            self._factory = NetnsSocketFactory(nsutil.open_netns(self.enrolment.netns))
+            self._factory = NetnsSocketFactory(self.enrolment.open_netns())
         factory = self._factory
         cert = await self._certs.get(self.identity)
         self.server_ctx = tls.server_context(cert)

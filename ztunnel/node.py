@@ -1,8 +1,21 @@
 """The tunnel of one node: mesh state, certificates, and the enrolled pods' proxies.
 
-Reconciling is the only way pods start or stop: the desired set (enrolment) and the mesh
-state (workloads) are both inputs, and a pod runs when it is enrolled AND its workload is
-known. A pod whose workload is not yet in the config waits, marked pending.
+A pod runs when it is enrolled AND its workload is known. Enrolment arrives either as a
+whole desired set (the file source: `on_enrolment`, then reconcile) or pod by pod from the
+node agent over ZDS (`add_pod`, `remove_pod`, `keep_only`). Both feed the same `desired`
+map, and the reconcile loop keeps retrying whatever is enrolled but not running: a pod
+whose workload is not yet in the config waits, marked pending, and starts when it arrives;
+a pod whose start failed is retried.
+
+ZDS semantics follow upstream ztunnel's in-pod state manager: an Add returns (is acked)
+once the pod's listeners are up; a start that fails raises (is nacked) and the pod stays
+pending and is retried; an Add repeated for the same netns changes nothing; an Add with a
+new netns (recreated sandbox) replaces the running proxy. One difference is forced by our
+design: upstream starts a pod's proxies from the Add's WorkloadInfo alone and holds its
+connections until the workload shows up in the config, while ours needs the workload to
+start. So an Add waits briefly for it and, if it has not come, is acked with the pod
+marked pending; it starts as soon as the config names it. Either way no traffic passes
+unencrypted: until then the pod's captured traffic finds no listener.
 """
 
 from __future__ import annotations
@@ -26,6 +39,16 @@ from ztunnel.telemetry import Telemetry
 
 log = structlog.get_logger(__name__)
 
+# How long a ZDS Add waits for its workload to appear in the mesh config before it is
+# acked with the pod pending (the config and the agent are independent sources).
+WORKLOAD_WAIT = 2.0
+NO_WORKLOAD = "workload not in the mesh config yet"
+
+
+class PodStartError(Exception):
+    """A pod's proxy could not be started; the message says why (the pod stays enrolled,
+    marked pending, and is retried)."""
+
 
 class NodeProxy:
     def __init__(
@@ -35,8 +58,10 @@ class NodeProxy:
         trust_domain: str,
         root_namespace: str = DEFAULT_ROOT_NAMESPACE,
         telemetry: Telemetry | None = None,
+        workload_wait: float = WORKLOAD_WAIT,
     ) -> None:
         self.node_name = node_name
+        self.workload_wait = workload_wait
         self.certs = certs
         self.trust_domain = trust_domain
         self.root_namespace = root_namespace
@@ -48,6 +73,13 @@ class NodeProxy:
         self.desired: dict[str, Enrolment] = {}
         self.pods: dict[str, PodProxy] = {}
         self.pending: dict[str, str] = {}  # uid -> why it is not running
+        # Where enrolment comes from, and whether it is complete: a ZDS source is not
+        # until the agent's snapshot arrived on the current connection (as upstream, the
+        # tunnel is not ready while the agent is away).
+        self.enrolment_source = "file"
+        self.enrolment_synced = True
+        self.enrolment_detail = ""
+        self._state_changed = asyncio.Event()
         self.tasks = TaskSet("node")
         self._lock = asyncio.Lock()
         self._dirty = asyncio.Event()
@@ -63,9 +95,11 @@ class NodeProxy:
         if policies_changed:
             self._load_policies(state)
         for pod in self.pods.values():
-            w = state.workload_by_uid(pod.enrolment.uid)
+            w = self.workload_for(pod.enrolment)
             if w is not None:
                 pod.workload = w
+        changed, self._state_changed = self._state_changed, asyncio.Event()
+        changed.set()
         # Workloads (labels, addresses) feed policy too: re-check after any change.
         closed = self.telemetry.recheck()
         if closed:
@@ -102,9 +136,101 @@ class NodeProxy:
                 )
         return None if result.allowed else result.reason
 
+    def workload_for(self, enrolment: Enrolment) -> Workload | None:
+        """The mesh workload of an enrolled pod: by uid, else (a ZDS pod, whose uid is the
+        Kubernetes pod uid) by namespace and name among this node's workloads, as
+        upstream finds a pod's workload from its WorkloadInfo."""
+        w = self.state.workload_by_uid(enrolment.uid)
+        if w is not None or enrolment.info is None:
+            return w
+        info = enrolment.info
+        for w in self.state.workloads_on_node(self.node_name):
+            if w.name == info.name and w.namespace == info.namespace:
+                return w
+        return None
+
+    def workload_of(self, uid: str) -> Workload | None:
+        """`workload_for` by uid, for views (None for a pod that is not enrolled)."""
+        enrolment = self.desired.get(uid)
+        if enrolment is None:
+            return self.state.workload_by_uid(uid)
+        return self.workload_for(enrolment)
+
     def on_enrolment(self, desired: dict[str, Enrolment]) -> None:
+        for uid, old in self.desired.items():
+            if desired.get(uid) is not old:
+                old.release()
         self.desired = desired
         self._dirty.set()
+
+    # ---- ZDS: pod by pod -----------------------------------------------------------------
+
+    async def add_pod(self, enrolment: Enrolment) -> None:
+        """Enrol one pod and start it; returns once its listeners are up, or once it is
+        marked pending because its workload is not in the config yet (it starts when the
+        config names it). Raises PodStartError with the reason if starting failed: the pod
+        stays enrolled and pending, and is retried.
+
+        Takes ownership of `enrolment.netns_fd`: kept while the pod is enrolled, closed
+        when it is removed, replaced, or when this Add repeats the enrolment it has."""
+        uid = enrolment.uid
+        async with self._lock:
+            current = self.desired.get(uid)
+            if current is not None and current == enrolment:
+                enrolment.release()  # same netns: the handle we have is as good
+                enrolment = current
+                if uid in self.pods:
+                    return
+            else:
+                await self._forget(uid)
+                self.desired[uid] = enrolment
+        if self.workload_for(enrolment) is None:
+            await self._wait_for_workload(enrolment)
+        async with self._lock:
+            if self.desired.get(uid) is not enrolment:
+                raise PodStartError(f"pod {uid} was removed or replaced while it started")
+            if uid in self.pods:
+                return  # the reconcile loop started it meanwhile
+            error = await self._start_pod(enrolment)
+        if error == NO_WORKLOAD:
+            log.warning("pod enrolled before its workload is known; pending", uid=uid)
+        elif error is not None:
+            raise PodStartError(error)
+
+    async def remove_pod(self, uid: str) -> None:
+        """Stop serving a pod and release its netns (nothing happens for an unknown uid)."""
+        async with self._lock:
+            await self._forget(uid)
+
+    async def keep_only(self, uids: set[str] | frozenset[str]) -> None:
+        """Stop every pod not in `uids` (ZDS SnapshotSent: the agent's snapshot is the
+        truth, anything else was deleted while the agent and the tunnel were apart)."""
+        async with self._lock:
+            for uid in [u for u in set(self.desired) | set(self.pods) if u not in uids]:
+                log.info("pod not in the agent's snapshot; draining", uid=uid)
+                await self._forget(uid)
+
+    async def _forget(self, uid: str) -> None:
+        """Drop a pod from every map, stopping it first. The caller holds the lock."""
+        enrolment = self.desired.pop(uid, None)
+        self.pending.pop(uid, None)
+        if uid in self.pods:
+            await self._stop_pod(uid)
+        if enrolment is not None:
+            enrolment.release()
+
+    async def _wait_for_workload(self, enrolment: Enrolment) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.workload_wait
+        while self.workload_for(enrolment) is None:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            changed = self._state_changed
+            try:
+                await asyncio.wait_for(changed.wait(), remaining)
+            except TimeoutError:
+                return
 
     async def _run(self) -> None:
         while True:
@@ -118,7 +244,7 @@ class NodeProxy:
                 await self._stop_pod(uid)
             for uid in [u for u in self.pending if u not in self.desired]:
                 del self.pending[uid]
-            for uid, enrolment in self.desired.items():
+            for uid, enrolment in list(self.desired.items()):
                 running = self.pods.get(uid)
                 if running is not None and running.enrolment == enrolment:
                     continue
@@ -126,11 +252,12 @@ class NodeProxy:
                     await self._stop_pod(uid)
                 await self._start_pod(enrolment)
 
-    async def _start_pod(self, enrolment: Enrolment) -> None:
-        workload = self.state.workload_by_uid(enrolment.uid)
+    async def _start_pod(self, enrolment: Enrolment) -> str | None:
+        """Start one pod; None once it runs, else why not (it is then marked pending)."""
+        workload = self.workload_for(enrolment)
         if workload is None:
-            self.pending[enrolment.uid] = "workload not in the mesh config yet"
-            return
+            self.pending[enrolment.uid] = NO_WORKLOAD
+            return NO_WORKLOAD
         pod = PodProxy(
             enrolment,
             workload,
@@ -144,14 +271,16 @@ class NodeProxy:
             await pod.start()
         except Exception as e:
             await pod.stop()
-            self.pending[enrolment.uid] = f"{type(e).__name__}: {e}"
+            why = f"{type(e).__name__}: {e}"
+            self.pending[enrolment.uid] = why
             log.error("pod start failed", uid=enrolment.uid, error=str(e))
             # Retry later: the cause (CA away, netns not yet there) is usually passing.
             asyncio.get_running_loop().call_later(1.0, self._dirty.set)
-            return
+            return why
         self.pending.pop(enrolment.uid, None)
         self.pods[enrolment.uid] = pod
         log.info("pod enrolled", uid=enrolment.uid, identity=str(pod.identity))
+        return None
 
     async def _stop_pod(self, uid: str) -> None:
         pod = self.pods.pop(uid)
@@ -162,14 +291,22 @@ class NodeProxy:
 
     @property
     def ready(self) -> bool:
-        return self.state_loaded and not self.pending and set(self.pods) == set(self.desired)
+        return (
+            self.state_loaded
+            and self.enrolment_synced
+            and not self.pending
+            and set(self.pods) == set(self.desired)
+        )
 
     def status(self) -> dict[str, Any]:
         pods: dict[str, str] = {uid: p.status for uid, p in self.pods.items()}
         pods.update({uid: f"pending: {why}" for uid, why in self.pending.items()})
         for uid in self.desired:
             pods.setdefault(uid, "pending: not reconciled yet")
-        return {"node": self.node_name, "ready": self.ready, "pods": pods}
+        enrolment = self.enrolment_source
+        if self.enrolment_detail:
+            enrolment += f": {self.enrolment_detail}"
+        return {"node": self.node_name, "ready": self.ready, "pods": pods, "enrolment": enrolment}
 
     # ---- AdminSource ---------------------------------------------------------------------
 
@@ -190,3 +327,5 @@ class NodeProxy:
         await self.tasks.cancel_all()
         for uid in list(self.pods):
             await self._stop_pod(uid)
+        for enrolment in self.desired.values():
+            enrolment.release()
