@@ -52,6 +52,11 @@ class RawTunnel:
         wire.close_fd(fd)
         return request
 
+    async def request_uid(self) -> str:
+        payload = (await self.request()).payload
+        assert not isinstance(payload, SnapshotSent), "expected a request naming a pod"
+        return payload.uid
+
     async def ack(self, error: str = "") -> None:
         await wire.send_message(self.sock, WorkloadResponse(Ack(error)))
 
@@ -219,13 +224,13 @@ def test_a_late_ack_is_matched_to_its_own_request(path, netns):
         tunnel = await ready_tunnel(agent, path)
         with pytest.raises(TimeoutError):
             await agent.add("slow", INFO, netns, timeout=0.05)
-        assert (await tunnel.request()).payload.uid == "slow"
+        assert await tunnel.request_uid() == "slow"
         second = asyncio.ensure_future(agent.add("next", INFO, netns))
         await asyncio.sleep(0.01)
         await tunnel.ack()  # the late answer to "slow"
         await until(lambda: acked == ["slow"], "the late ack to land on 'slow'")
         assert agent.acked("slow") and not second.done()
-        assert (await tunnel.request()).payload.uid == "next"
+        assert await tunnel.request_uid() == "next"
         await tunnel.ack("cannot")
         with pytest.raises(ZdsNack, match="cannot"):
             await second
@@ -244,9 +249,9 @@ def test_a_refused_snapshot_pod_does_not_stop_the_snapshot(path, netns):
                 await agent.add(uid, INFO, netns)
         await agent.start()
         tunnel = await RawTunnel.connect(path)
-        assert (await tunnel.request()).payload.uid == "a"
+        assert await tunnel.request_uid() == "a"
         await tunnel.ack("no room")
-        assert (await tunnel.request()).payload.uid == "b"
+        assert await tunnel.request_uid() == "b"
         await tunnel.ack()
         assert isinstance((await tunnel.request()).payload, SnapshotSent)
         await tunnel.ack()
