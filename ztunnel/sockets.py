@@ -7,6 +7,7 @@ loopback use a plain factory in the current namespace.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import socket
@@ -106,13 +107,27 @@ def tune_stream(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, TCP_KEEPALIVE_IDLE)
 
 
+# Capture listeners that receive connections still addressed to their original
+# destination (eBPF mode steers packets to them unchanged, as TPROXY would).
+TRANSPARENT_LISTENER_PORTS = frozenset({OUTBOUND_PORT, INBOUND_PLAIN_PORT})
+
+
 def listener(factory: SocketFactory, port: int, backlog: int = 1024) -> socket.socket:
     """A listening socket on 0.0.0.0:port with SO_REUSEPORT (an old and a new tunnel can
-    overlap during an upgrade)."""
+    overlap during an upgrade).
+
+    In a pod (a transparent factory) the 15001 and 15006 listeners are IP_TRANSPARENT: with
+    the eBPF capture an outbound connection keeps its remote destination as the accepted
+    socket's local address, and the kernel only answers from a non-local address on behalf
+    of a transparent socket (without it the SYN-ACK is never routed). Under the iptables
+    capture REDIRECT makes every destination local, so the flag changes nothing there.
+    """
     s = factory.new(socket.AF_INET)
     try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if factory.transparent and port in TRANSPARENT_LISTENER_PORTS:
+            s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
         s.bind(("0.0.0.0", port))
         s.listen(backlog)
     except OSError:
@@ -122,8 +137,22 @@ def listener(factory: SocketFactory, port: int, backlog: int = 1024) -> socket.s
 
 
 def original_dst(sock: socket.socket) -> SocketAddr:
-    """The destination the app asked for before REDIRECT rewrote it (IPv4)."""
-    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    """The destination the app asked for (IPv4), under either capture mode.
+
+    iptables mode: REDIRECT rewrote the destination and conntrack remembers the original,
+    which SO_ORIGINAL_DST reads. eBPF mode: the packets were steered to the listener
+    unchanged (sk_assign), so the accepted socket's own local address is the original
+    destination; there is no conntrack entry (ENOENT), or no conntrack at all
+    (ENOPROTOOPT), and the local address is the answer. The fallback cannot widen what the
+    iptables mode accepts: a connection there without an entry was not redirected, so its
+    local address is the tunnel's own port and the proxies refuse it as a self-call.
+    """
+    try:
+        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    except OSError as e:
+        if e.errno not in (errno.ENOENT, errno.ENOPROTOOPT):
+            raise
+        return SocketAddr.of(sock.getsockname())
     port, packed = struct.unpack_from("!2xH4s", raw)
     return SocketAddr(ipaddress.IPv4Address(packed), port)
 
