@@ -1,0 +1,150 @@
+// In-pod capture for the eBPF mode: the same observable semantics as the iptables rules
+// (protocols.md "Redirection inside the pod"), built from sk_assign instead of NAT.
+//
+// Three tc programs, compiled by bcc with the pod's settings as CFG_* macros:
+//
+// pod_ingress (every addressed interface, ingress): a new inbound TCP connection (a SYN
+//   with no socket of its own yet) is assigned to the 15006 listener, unless it is for
+//   15008 (HBONE, which reaches its listener anyway) or from the kubelet probe address.
+//   The packet keeps its addresses, so the accepted socket's local address is the
+//   original destination. Later packets of the flow find that socket by the normal
+//   lookup; nothing else is needed for them.
+//
+// pod_egress (every addressed interface, egress): the app's packets leave here, where
+//   sk_assign is not allowed. A packet is turned back into the pod, onto lo's ingress,
+//   when (a) a socket in this pod owns its 4-tuple, i.e. it belongs to a connection the
+//   capture steered (the app's side of an outbound flow, or the app's replies to the
+//   tunnel's transparent socket that carries the client's address), or (b) it is a new
+//   outbound connection (a SYN). The packet gets the connection mark so that the policy
+//   rule (fwmark -> table with a local default route) delivers it locally even though its
+//   destination is not a pod address, as for TPROXY.
+//
+// lo_ingress (lo, ingress): a turned-back SYN with no socket of its own is assigned to the
+//   15001 listener (which must be IP_TRANSPARENT: its SYN-ACK leaves from the original,
+//   non-local destination address). Everything else on lo is left alone.
+//
+// The tunnel's own packets carry CFG_TUNNEL_MARK and are never touched. Where no tunnel
+// listener exists, a new connection is dropped rather than let through: fail closed.
+
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/pkt_cls.h>
+
+#define LO_IFINDEX 1  // loopback is ifindex 1 in every network namespace
+#define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_ACK 0x10
+#define IP_OFFSET_MASK 0x1fff
+
+struct pkt {
+    struct bpf_sock_tuple tuple;  // as the packet says: an incoming packet's view
+    __u8 tcp_flags;
+};
+
+// IPv4 TCP only (the iptables mode captures IPv4 only too). bpf_skb_load_bytes copes with
+// non-linear skbs and any IP header length; direct packet access would need both checked.
+static __always_inline int parse(struct __sk_buff *skb, struct pkt *p) {
+    struct iphdr ip;
+    __u8 tcp[14];  // ports .. flags
+    if (skb->protocol != bpf_htons(ETH_P_IP))
+        return -1;
+    if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) < 0)
+        return -1;
+    if (ip.version != 4 || ip.ihl < 5 || ip.protocol != IPPROTO_TCP)
+        return -1;
+    if (ip.frag_off & bpf_htons(IP_OFFSET_MASK))
+        return -1;  // a later fragment has no TCP header
+    if (bpf_skb_load_bytes(skb, ETH_HLEN + ip.ihl * 4, tcp, sizeof(tcp)) < 0)
+        return -1;
+    __builtin_memset(&p->tuple, 0, sizeof(p->tuple));
+    p->tuple.ipv4.saddr = ip.saddr;
+    p->tuple.ipv4.daddr = ip.daddr;
+    __builtin_memcpy(&p->tuple.ipv4.sport, &tcp[0], 2);
+    __builtin_memcpy(&p->tuple.ipv4.dport, &tcp[2], 2);
+    p->tcp_flags = tcp[13];
+    return 0;
+}
+
+static __always_inline int is_new(const struct pkt *p) {
+    return (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+}
+
+static __always_inline int is_loopback_dst(const struct pkt *p) {
+    return (p->tuple.ipv4.daddr & bpf_htonl(0xff000000)) == bpf_htonl(0x7f000000);
+}
+
+// Whether a socket of this pod owns the packet's 4-tuple: an established or half-open
+// connection. A listener only matches the port, and a time-wait socket is a flow that is
+// over: neither makes the packet part of a live connection here.
+static __always_inline int owned(struct __sk_buff *skb, struct pkt *p) {
+    struct bpf_sock *sk =
+        bpf_skc_lookup_tcp(skb, &p->tuple, sizeof(p->tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+    if (!sk)
+        return 0;
+    __u32 state = sk->state;
+    bpf_sk_release(sk);
+    return state != BPF_TCP_LISTEN && state != BPF_TCP_TIME_WAIT;
+}
+
+// Hand a new connection to the tunnel's listener on `port`, keeping the packet unchanged.
+static __always_inline int assign_to(struct __sk_buff *skb, const struct pkt *p, __u16 port) {
+    struct bpf_sock_tuple t = p->tuple;
+    t.ipv4.dport = bpf_htons(port);
+    struct bpf_sock *sk =
+        bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+    if (!sk)
+        return TC_ACT_SHOT;  // no tunnel listening: never let the flow bypass it
+    if (sk->state != BPF_TCP_LISTEN) {
+        bpf_sk_release(sk);
+        return TC_ACT_SHOT;
+    }
+    long err = bpf_sk_assign(skb, sk, 0);
+    bpf_sk_release(sk);
+    return err ? TC_ACT_SHOT : TC_ACT_OK;
+}
+
+int pod_ingress(struct __sk_buff *skb) {
+    struct pkt p;
+    if ((skb->mark & CFG_MASK) == CFG_TUNNEL_MARK)
+        return TC_ACT_OK;
+    if (parse(skb, &p) < 0)
+        return TC_ACT_OK;
+    if (p.tuple.ipv4.saddr == CFG_PROBE_IP)  // kubelet probes, SNATed on the node
+        return TC_ACT_OK;
+    if (is_loopback_dst(&p) || p.tuple.ipv4.dport == bpf_htons(CFG_HBONE_PORT))
+        return TC_ACT_OK;
+    if (!is_new(&p) || owned(skb, &p))
+        return TC_ACT_OK;
+    return assign_to(skb, &p, CFG_INBOUND_PORT);
+}
+
+int pod_egress(struct __sk_buff *skb) {
+    struct pkt p;
+    if ((skb->mark & CFG_MASK) == CFG_TUNNEL_MARK)
+        return TC_ACT_OK;
+    if (parse(skb, &p) < 0)
+        return TC_ACT_OK;
+    if (p.tuple.ipv4.daddr == CFG_PROBE_IP || is_loopback_dst(&p))
+        return TC_ACT_OK;
+    if (!owned(skb, &p) && !is_new(&p))
+        return TC_ACT_OK;  // a flow the capture does not own (e.g. one older than it)
+    // lo's address is all zeroes; any other destination MAC makes the packet "for another
+    // host" on lo, and IP drops it.
+    __u8 zero_mac[ETH_ALEN] = {};
+    if (bpf_skb_store_bytes(skb, 0, zero_mac, ETH_ALEN, 0) < 0)
+        return TC_ACT_SHOT;
+    skb->mark = (skb->mark & ~CFG_MASK) | CFG_CONN_MARK;
+    return bpf_redirect(LO_IFINDEX, BPF_F_INGRESS);
+}
+
+int lo_ingress(struct __sk_buff *skb) {
+    struct pkt p;
+    if ((skb->mark & CFG_MASK) != CFG_CONN_MARK)
+        return TC_ACT_OK;  // ordinary loopback traffic, including the tunnel's own
+    if (parse(skb, &p) < 0)
+        return TC_ACT_OK;
+    if (!is_new(&p) || owned(skb, &p))
+        return TC_ACT_OK;
+    return assign_to(skb, &p, CFG_OUTBOUND_PORT);
+}
