@@ -49,6 +49,7 @@ _SETUP_HINT = (
     "the eBPF mode needs bcc (python3-bpfcc) and kernel headers at "
     "/lib/modules/$(uname -r)/build: run scripts/setup.sh, or use --redirect-mode iptables"
 )
+_ARPHRD_ETHER = 1  # link type of Ethernet-framed interfaces (veth, macvlan, ipvlan)
 _TC_HINT = "needs root (CAP_NET_ADMIN) and a kernel with clsact and cls_bpf"
 
 
@@ -121,6 +122,16 @@ def _install_hooks(netns_path: str, source: str, flags: tuple[str, ...], build: 
             if lo is None:
                 raise CaptureError(netns_path, step, "no lo", "the netns has no loopback?")
             pod_links = sorted(_addressed_links(ipr) - {lo})
+            not_ethernet = [links[i] for i in pod_links if _link_type(ipr, i) != _ARPHRD_ETHER]
+            if not_ethernet:
+                # The programs parse Ethernet frames; an interface they cannot parse would
+                # carry the pod's traffic past the tunnel, so refuse instead.
+                raise CaptureError(
+                    netns_path,
+                    step,
+                    f"not Ethernet: {', '.join(not_ethernet)}",
+                    "the eBPF mode captures Ethernet interfaces only; use the iptables mode",
+                )
             if not pod_links:
                 raise CaptureError(
                     netns_path,
@@ -183,6 +194,10 @@ def _source(netns_path: str) -> str:
 
 def _links(ipr: Any) -> dict[int, str]:
     return {int(m["index"]): str(m.get_attr("IFLA_IFNAME")) for m in ipr.get_links()}
+
+
+def _link_type(ipr: Any, index: int) -> int:
+    return int(ipr.get_links(index)[0]["ifi_type"])
 
 
 def _addressed_links(ipr: Any) -> set[int]:

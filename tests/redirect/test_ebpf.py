@@ -446,6 +446,18 @@ def test_ebpf_pod_without_addressed_interface_fails_closed() -> None:
         netns.remove(name)
 
 
+@pytest.mark.netns
+def test_ebpf_refuses_a_pod_with_a_non_ethernet_interface(topology: Topology) -> None:
+    """A tun device carries bare IP: the programs could not parse it, so its traffic would
+    pass uncaptured. The install fails and leaves the pod as it was."""
+    _ns_run(topology.pod, *shlex.split("ip tuntap add dev tun7 mode tun"))
+    _ns_run(topology.pod, *shlex.split("ip addr add 10.253.9.1/24 dev tun7"))
+    before = _state(topology.pod)
+    with pytest.raises(CaptureError, match="not Ethernet: tun7"):
+        capture.install(topology.pod, RedirectMode.EBPF)
+    assert _state(topology.pod) == before
+
+
 # --- pure -----------------------------------------------------------------------------
 
 
