@@ -119,8 +119,9 @@ def listener(factory: SocketFactory, port: int, backlog: int = 1024) -> socket.s
     In a pod (a transparent factory) the 15001 and 15006 listeners are IP_TRANSPARENT: with
     the eBPF capture an outbound connection keeps its remote destination as the accepted
     socket's local address, and the kernel only answers from a non-local address on behalf
-    of a transparent socket (without it the SYN-ACK is never routed). Under the iptables
-    capture REDIRECT makes every destination local, so the flag changes nothing there.
+    of a transparent socket (without it the SYN-ACK is never routed). 15006 mostly sees pod
+    addresses, but gets the flag too so any steered destination is answered alike. Under the
+    iptables capture REDIRECT makes every destination local, so the flag changes nothing.
     """
     s = factory.new(socket.AF_INET)
     try:
