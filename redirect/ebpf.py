@@ -38,10 +38,10 @@ from redirect.ebpf_plan import Direction, FilterName, Hook
 # shared rather than repeated.
 from redirect.iptables import (
     CaptureError,
-    _apply_routing,
-    _NetlinkIn,
-    _remove_routing,
-    _require_netns,
+    NetlinkIn,
+    apply_routing,
+    remove_routing,
+    require_netns,
 )
 from redirect.rules import InpodConfig
 
@@ -62,12 +62,12 @@ def install(netns_path: str, cfg: InpodConfig) -> None:
         ebpf_plan.check_config(cfg)
     except ebpf_plan.EbpfConfigError as e:
         raise CaptureError(netns_path, "eBPF capture (config)", str(e), _SETUP_HINT) from None
-    _require_netns(netns_path)
+    require_netns(netns_path)
     source = _source(netns_path)
     flags = ebpf_plan.cflags(cfg)
     build = ebpf_plan.build_id(source, flags)
     try:
-        _apply_routing(netns_path, rules.routing(cfg))
+        apply_routing(netns_path, rules.routing(cfg))
         _install_hooks(netns_path, source, flags, build)
     except BaseException:
         # All-or-nothing, as the iptables mode: half a capture could turn packets back
@@ -80,9 +80,9 @@ def install(netns_path: str, cfg: InpodConfig) -> None:
 def remove(netns_path: str, cfg: InpodConfig) -> None:
     """Remove every trace of the eBPF capture from the netns at `netns_path`. Removing from
     a pod without it is a no-op."""
-    _require_netns(netns_path)
+    require_netns(netns_path)
     step = "tc (remove eBPF capture)"
-    with _NetlinkIn(netns_path, step) as ipr:
+    with NetlinkIn(netns_path, step) as ipr:
         try:
             accept_local_before: int | None = None
             links = _links(ipr)
@@ -107,7 +107,7 @@ def remove(netns_path: str, cfg: InpodConfig) -> None:
                 _drop_clsact_if_empty(ipr, index)
         except NetlinkError as e:
             raise CaptureError(netns_path, step, _errtext(e), _TC_HINT) from None
-    _remove_routing(netns_path, rules.routing(cfg))
+    remove_routing(netns_path, rules.routing(cfg))
 
 
 # --- install ---------------------------------------------------------------------------
@@ -115,7 +115,7 @@ def remove(netns_path: str, cfg: InpodConfig) -> None:
 
 def _install_hooks(netns_path: str, source: str, flags: tuple[str, ...], build: str) -> None:
     step = "tc (install eBPF capture)"
-    with _NetlinkIn(netns_path, step) as ipr:
+    with NetlinkIn(netns_path, step) as ipr:
         try:
             links = _links(ipr)
             lo = next((i for i, n in links.items() if n == ebpf_plan.LOOPBACK), None)

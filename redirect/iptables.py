@@ -71,9 +71,9 @@ class NetnsSnapshot:
 
 def apply_inpod(netns_path: str, cfg: InpodConfig) -> None:
     """Install the capture rules and policy routing in the netns at `netns_path`."""
-    _require_netns(netns_path)
+    require_netns(netns_path)
     try:
-        _apply_routing(netns_path, rules.routing(cfg))
+        apply_routing(netns_path, rules.routing(cfg))
         current = _saved_rules(netns_path)
         _restore(netns_path, rules.inpod_ruleset(cfg, current), "iptables-restore (apply)")
     except BaseException:
@@ -90,20 +90,20 @@ def remove_inpod(netns_path: str, cfg: InpodConfig) -> None:
     Removing from a pod without rules is a no-op. The iptables part is driven by what the
     pod has, so it also removes a variant applied with a different `cfg` (e.g. DNS capture).
     """
-    _require_netns(netns_path)
+    require_netns(netns_path)
     text = rules.removal_ruleset(_saved_rules(netns_path))
     if text:
         _restore(netns_path, text, "iptables-restore (remove)")
     _drop_empty_tables(netns_path)
-    _remove_routing(netns_path, rules.routing(cfg))
+    remove_routing(netns_path, rules.routing(cfg))
 
 
 def snapshot(netns_path: str, cfg: InpodConfig) -> NetnsSnapshot:
     """The pod's iptables ruleset, its IPv4 fwmark rules and the routes in `cfg`'s table."""
-    _require_netns(netns_path)
+    require_netns(netns_path)
     text = _iptables_save(netns_path)
     save = "".join(line + "\n" for line in text.splitlines() if not line.startswith("#"))
-    with _NetlinkIn(netns_path, "read routing") as ipr:
+    with NetlinkIn(netns_path, "read routing") as ipr:
         rule_rows = tuple(
             sorted(
                 (
@@ -204,7 +204,7 @@ def _drop_empty_tables(netns_path: str) -> None:
 # --- routing ---------------------------------------------------------------------------
 
 
-class _NetlinkIn:
+class NetlinkIn:
     """An IPRoute whose netlink socket lives in the pod netns (pyroute2 opens it in a child
     process and passes the fd back); never creates the netns if it is missing."""
 
@@ -236,9 +236,9 @@ def _rule_present(ipr: Any, r: rules.FwmarkRule) -> bool:
     )
 
 
-def _apply_routing(netns_path: str, spec: Routing) -> None:
+def apply_routing(netns_path: str, spec: Routing) -> None:
     step = "ip route/rule (apply)"
-    with _NetlinkIn(netns_path, step) as ipr:
+    with NetlinkIn(netns_path, step) as ipr:
         try:
             lo = ipr.link_lookup(ifname=spec.route.dev)
             if not lo:
@@ -269,9 +269,9 @@ def _apply_routing(netns_path: str, spec: Routing) -> None:
             ) from None
 
 
-def _remove_routing(netns_path: str, spec: Routing) -> None:
+def remove_routing(netns_path: str, spec: Routing) -> None:
     step = "ip route/rule (remove)"
-    with _NetlinkIn(netns_path, step) as ipr:
+    with NetlinkIn(netns_path, step) as ipr:
         try:
             while _rule_present(ipr, spec.rule):
                 ipr.rule(
@@ -315,7 +315,7 @@ def _netlink_hint(code: int) -> str:
     return "check `ip rule` and `ip route show table <table>` in the pod netns"
 
 
-def _require_netns(netns_path: str) -> None:
+def require_netns(netns_path: str) -> None:
     if not os.path.exists(netns_path):
         raise CaptureError(
             netns_path, "open netns", os.strerror(errno.ENOENT), "is the pod still running?"
