@@ -17,6 +17,7 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import structlog
 import yaml
@@ -178,6 +179,43 @@ class FileEnrolmentSource:
             await asyncio.gather(self._task, return_exceptions=True)
 
 
+P = TypeVar("P", bound=asyncio.BaseProtocol)
+
+
+class _Accepted:
+    """Every connection a pod's listeners accepted, so that stopping the pod closes them
+    all, even one whose handler task had not run yet when it was cancelled (asyncio's
+    `Server.close()` leaves accepted connections open). Closed ones are pruned as new
+    ones arrive, at an amortised constant cost."""
+
+    def __init__(self) -> None:
+        self._protocols: list[asyncio.BaseProtocol] = []
+        self._prune_at = 64
+
+    def wrap(self, factory: Callable[[], P]) -> Callable[[], P]:
+        def make() -> P:
+            protocol = factory()
+            self._protocols.append(protocol)
+            if len(self._protocols) >= self._prune_at:
+                self._protocols = [p for p in self._protocols if not _closing(p)]
+                self._prune_at = max(64, 2 * len(self._protocols))
+            return protocol
+
+        return make
+
+    def abort_all(self) -> None:
+        protocols, self._protocols = self._protocols, []
+        for p in protocols:
+            transport = getattr(p, "transport", None)
+            if transport is not None and not transport.is_closing():
+                transport.abort()
+
+
+def _closing(protocol: asyncio.BaseProtocol) -> bool:
+    transport = getattr(protocol, "transport", None)
+    return transport is not None and bool(transport.is_closing())
+
+
 class PodProxy:
     """Listeners and connections of one enrolled pod."""
 
@@ -210,6 +248,7 @@ class PodProxy:
         self.passthrough: InboundPassthroughProxy | None = None
         self.status = "starting"
         self._unsubscribe: Callable[[], None] | None = None
+        self._accepted = _Accepted()
 
     @property
     def identity(self) -> SpiffeId:
@@ -265,8 +304,10 @@ class PodProxy:
         socks = [listener(factory, OUTBOUND_PORT), listener(factory, INBOUND_PLAIN_PORT)]
         try:
             self.servers = [
-                await loop.create_server(outbound.protocol, sock=socks[0]),
-                await loop.create_server(self.passthrough.protocol, sock=socks[1]),
+                await loop.create_server(self._accepted.wrap(outbound.protocol), sock=socks[0]),
+                await loop.create_server(
+                    self._accepted.wrap(self.passthrough.protocol), sock=socks[1]
+                ),
             ]
         except BaseException:
             for s in socks:
@@ -280,7 +321,10 @@ class PodProxy:
         sock = listener(self._factory, INBOUND_HBONE_PORT)
         try:
             return await asyncio.get_running_loop().create_server(
-                self.inbound.protocol, sock=sock, ssl=ctx, ssl_handshake_timeout=10.0
+                self._accepted.wrap(self.inbound.protocol),
+                sock=sock,
+                ssl=ctx,
+                ssl_handshake_timeout=10.0,
             )
         except BaseException:
             sock.close()
@@ -332,6 +376,7 @@ class PodProxy:
         if self.pool is not None:
             self.pool.close()
         await self.tasks.cancel_all()
+        self._accepted.abort_all()
         if isinstance(self._factory, NetnsSocketFactory):
             self._factory.close()
         self.status = "stopped"

@@ -1,0 +1,525 @@
+"""The tunnel's ZDS client.
+
+- Against an agent driven by hand over a real socket (RawAgent): everything a real agent
+  would never send, the agent going away and coming back. The pod manager there is the
+  recording stand-in from tests/zds/recording.py (named in each test).
+- With the real NodeProxy and the real agent: pending pods, failed starts (nack), fd
+  ownership; and, in a real network namespace (netns tier), a pod served from the fd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import secrets
+import socket
+from collections.abc import Iterator, MutableMapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pyroute2 import IPRoute, netns
+from structlog.testing import capture_logs
+
+import nsutil
+from controlplane.ca import CertificateAuthority, csr_identity, parse_csr
+from tests.zds.common import open_fds, opened, run, until
+from tests.zds.recording import RecordingPods
+from zds import wire
+from zds.messages import (
+    AddWorkload,
+    DelWorkload,
+    KeepWorkload,
+    SnapshotSent,
+    Version,
+    WorkloadInfo,
+    WorkloadRequest,
+    ZdsHello,
+    encode,
+)
+from zds.server import ZdsNack, ZdsServer
+from ztunnel import admin_view
+from ztunnel.certs import CertificateManager
+from ztunnel.config import ConfigurationError, parse_config
+from ztunnel.discovery import parse_local_config
+from ztunnel.node import NodeProxy
+from ztunnel.state import MeshState
+from ztunnel.zds_client import MAX_ERROR_BYTES, ZdsClient
+
+INFO = WorkloadInfo("web", "default", "web")
+NODE = "node1"
+
+
+class RawAgent:
+    """An agent spoken by hand: it listens, and the test chooses every packet."""
+
+    def __init__(self, path: Path) -> None:
+        self.listener = wire.listen(path)
+        self.conn: socket.socket | None = None
+
+    async def accept(self) -> ZdsHello:
+        if self.conn is not None:
+            self.conn.close()
+        self.conn = await asyncio.wait_for(wire.accept(self.listener), 20)
+        hello = await wire.recv_hello(self.conn)
+        assert hello is not None
+        return hello
+
+    async def send(self, payload: object, fd: int | None = None) -> None:
+        assert self.conn is not None
+        await wire.send_message(self.conn, WorkloadRequest(payload), fd)  # type: ignore[arg-type]
+
+    async def send_raw(self, data: bytes, fd: int | None = None) -> None:
+        assert self.conn is not None
+        if fd is None:
+            self.conn.send(data)
+        else:
+            socket.send_fds(self.conn, [data], [fd])
+
+    async def answer(self) -> str:
+        assert self.conn is not None
+        response = await wire.recv_response(self.conn)
+        assert response is not None, "the tunnel closed the connection"
+        return response.payload.error
+
+    async def exchange(self, payload: object, fd: int | None = None) -> str:
+        await self.send(payload, fd)
+        return await self.answer()
+
+    async def add(self, uid: str, netns_path: str = "/proc/self/ns/net") -> str:
+        with opened(netns_path) as fd:
+            return await self.exchange(AddWorkload(uid, INFO), fd)
+
+    async def closed_by_tunnel(self) -> bool:
+        assert self.conn is not None
+        try:
+            return await wire.recv_packet(self.conn) is None
+        except wire.ZdsClosed:
+            return True
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        self.listener.close()
+
+
+def synced(pods: RecordingPods) -> bool:
+    return pods.enrolment_synced  # read through a call: it changes behind awaits
+
+
+@pytest.fixture
+def sock_path(tmp_path: Path) -> Path:
+    return tmp_path / "ztunnel.sock"
+
+
+async def client_for(path: Path, pods: object) -> ZdsClient:
+    client = ZdsClient(path, pods, backoff_initial=0.002, backoff_max=0.01)  # type: ignore[arg-type]
+    await client.start()
+    return client
+
+
+# ---- against a hand-driven agent, with the recording pod manager ---------------------------
+
+
+def test_hello_then_snapshot_makes_the_tunnel_synced__recording_pods(sock_path):
+    async def main():
+        agent = RawAgent(sock_path)
+        pods = RecordingPods()
+        client = await client_for(sock_path, pods)
+        assert await agent.accept() == ZdsHello(Version.V1)
+        assert not synced(pods) and pods.enrolment_source == "zds"
+        assert await agent.add("a") == ""
+        assert await agent.exchange(SnapshotSent()) == ""
+        assert synced(pods) and pods.calls == [("add", "a"), ("keep_only", {"a"})]
+        await client.close()
+        assert await agent.closed_by_tunnel()
+        agent.close()
+        pods.close()
+
+    run(main)
+
+
+@pytest.mark.parametrize(
+    ("packet", "with_fd", "says"),
+    [
+        (b"\xff\xff", False, "failure to read message: truncated varint"),
+        (b"\x0a\x00", False, "failure to read message: AddWorkload without a netns fd"),
+        (encode(WorkloadRequest(DelWorkload("a"))), True, "DelWorkload must not carry an fd"),
+        (encode(WorkloadRequest(SnapshotSent())), True, "SnapshotSent must not carry an fd"),
+        (b"", False, "has no payload"),  # via a valid-but-empty payload below
+        (b"x" * (70 * 1024), True, "failure to read message: packet truncated"),
+        (encode(WorkloadRequest(AddWorkload("a"))), True, "workload_info is required"),
+        (encode(WorkloadRequest(AddWorkload("", INFO))), True, "AddWorkload without a uid"),
+    ],
+)
+def test_bad_requests_get_a_nack_then_the_connection_closes__recording_pods(
+    sock_path, packet, with_fd, says
+):
+    if packet == b"":
+        packet = b"\x3a\x00"  # only an unknown field: a request without a payload
+
+    async def main():
+        before = open_fds()
+        agent = RawAgent(sock_path)
+        pods = RecordingPods()
+        client = await client_for(sock_path, pods)
+        await agent.accept()
+        with capture_logs() as logs:
+            if with_fd:
+                with opened("/dev/null") as fd:
+                    await agent.send_raw(packet, fd)
+            else:
+                await agent.send_raw(packet)
+            assert says in await agent.answer()
+            assert await agent.closed_by_tunnel()
+        assert any(e["log_level"] == "error" for e in logs)
+        assert pods.calls == []
+        # The tunnel is still alive: it reconnects and says hello again.
+        assert await agent.accept() == ZdsHello(Version.V1)
+        assert client.sessions == 2
+        await client.close()
+        agent.close()
+        assert open_fds() == before  # the fd that came with the bad packet was closed
+
+    run(main)
+
+
+def test_keep_and_a_second_snapshot_after_the_snapshot_break_the_protocol__recording_pods(
+    sock_path,
+):
+    async def main():
+        agent = RawAgent(sock_path)
+        pods = RecordingPods()
+        client = await client_for(sock_path, pods)
+        await agent.accept()
+        assert await agent.exchange(SnapshotSent()) == ""
+        assert "pod keep received after snapshot" in await agent.exchange(KeepWorkload("a"))
+        assert await agent.closed_by_tunnel()
+        await agent.accept()
+        assert await agent.exchange(SnapshotSent()) == ""
+        assert "pod snapshot received already" in await agent.exchange(SnapshotSent())
+        assert await agent.closed_by_tunnel()
+        assert not synced(pods)
+        await client.close()
+        agent.close()
+
+    run(main)
+
+
+def test_keep_and_delete_before_the_snapshot_shape_what_it_drains__recording_pods(
+    sock_path, tmp_path
+):
+    async def main():
+        agent = RawAgent(sock_path)
+        pods = RecordingPods()
+        client = await client_for(sock_path, pods)
+        await agent.accept()
+        for uid in "abc":
+            stand_in = tmp_path / f"netns-{uid}"
+            stand_in.write_text(uid)
+            assert await agent.add(uid, str(stand_in)) == ""
+        assert await agent.exchange(SnapshotSent()) == ""
+        assert set(pods.serving) == {"a", "b", "c"}
+        # The agent restarts. It cannot open a's netns any more (Keep), c was deleted
+        # while it was down, and it re-adds then deletes b before the snapshot ends.
+        await agent.accept()
+        assert await agent.exchange(KeepWorkload("a")) == ""
+        assert await agent.add("b", str(tmp_path / "netns-b")) == ""
+        assert await agent.exchange(DelWorkload("b")) == ""
+        assert await agent.exchange(SnapshotSent()) == ""
+        assert set(pods.serving) == {"a"}
+        assert pods.calls[-1] == ("keep_only", {"a"})
+        await client.close()
+        agent.close()
+        pods.close()
+
+    run(main)
+
+
+def test_a_long_failure_reason_is_cut_to_fit_upstreams_buffer__recording_pods(sock_path):
+    async def main():
+        agent = RawAgent(sock_path)
+        pods = RecordingPods()
+        pods.fail["a"] = "é" * 5000
+        client = await client_for(sock_path, pods)
+        await agent.accept()
+        error = await agent.add("a")
+        assert error.startswith("failure to start proxy: é") and error.endswith("...")
+        assert len(error.encode()) <= MAX_ERROR_BYTES
+        await client.close()
+        agent.close()
+
+    run(main)
+
+
+def test_a_pod_manager_failure_is_a_nack_not_a_crash__recording_pods(sock_path):
+    class Broken(RecordingPods):
+        async def remove_pod(self, uid: str) -> None:
+            raise OSError(errno.EIO, "disk on fire")
+
+    async def main():
+        agent = RawAgent(sock_path)
+        pods = Broken()
+        client = await client_for(sock_path, pods)
+        await agent.accept()
+        assert "failure to remove proxy: OSError" in await agent.exchange(DelWorkload("a"))
+        assert await agent.exchange(SnapshotSent()) == ""  # same connection, still fine
+        await client.close()
+        agent.close()
+
+    run(main)
+
+
+def test_the_agent_away_is_logged_once_per_outage__recording_pods(sock_path):
+    def count(logs: list[MutableMapping[str, Any]], event: str) -> int:
+        return sum(1 for e in logs if e["event"] == event)
+
+    async def main():
+        pods = RecordingPods()
+        with capture_logs() as logs:
+            client = await client_for(sock_path, pods)
+            await until(lambda: "unreachable" in pods.enrolment_detail, "a failed attempt")
+            await asyncio.sleep(0.1)  # many more attempts at a 10 ms ceiling
+            assert count(logs, "node agent unreachable; retrying") == 1
+            agent = RawAgent(sock_path)
+            await agent.accept()
+            assert count(logs, "node agent reachable again") == 1
+            assert await agent.exchange(SnapshotSent()) == ""
+            agent.close()  # a second outage, logged once more
+            sock_path.unlink()
+            await until(lambda: "unreachable" in pods.enrolment_detail, "the second outage")
+            await asyncio.sleep(0.05)
+            assert count(logs, "node agent unreachable; retrying") == 2
+        assert not synced(pods)
+        await client.close()
+
+    run(main)
+
+
+# ---- configuration -----------------------------------------------------------------------
+
+BASE = {
+    "NODE_NAME": "n1",
+    "LOCAL_XDS_PATH": "/x.yaml",
+    "CA_ADDRESS": "/ca.sock",
+    "CA_TOKEN_PATH": "/token",
+}
+
+
+def test_config_zds_socket_replaces_the_enrolment_file():
+    cfg = parse_config({**BASE, "ZDS_SOCKET": "/var/run/ztunnel/ztunnel.sock"})
+    assert cfg.zds_socket == Path("/var/run/ztunnel/ztunnel.sock")
+    assert cfg.enrolment_path is None
+    cfg = parse_config({**BASE, "ENROLMENT_PATH": "/e.yaml"})
+    assert cfg.enrolment_path == Path("/e.yaml") and cfg.zds_socket is None
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        ({}, "ZDS_SOCKET or ENROLMENT_PATH must be set"),
+        ({"ZDS_SOCKET": "/z.sock", "ENROLMENT_PATH": "/e.yaml"}, "not both"),
+        ({"ZDS_SOCKET": "/" + "z" * 200}, "ZDS_SOCKET=.* longer than a unix socket path"),
+    ],
+)
+def test_config_enrolment_source_errors_name_the_variable(extra, says):
+    with pytest.raises(ConfigurationError, match=says):
+        parse_config({**BASE, **extra})
+
+
+# ---- the real NodeProxy ------------------------------------------------------------------
+
+
+class InProcessCA:
+    """The real CA, called in process instead of over its socket."""
+
+    def __init__(self) -> None:
+        self.ca = CertificateAuthority.create("cluster.local")
+
+    async def sign(self, csr_pem: bytes, ttl: timedelta) -> list[bytes]:
+        return self.ca.sign_csr(csr_pem, csr_identity(parse_csr(csr_pem)), ttl)
+
+
+def mesh(*pods: tuple[str, str]) -> MeshState:
+    """Workloads (uid, name) on this node, uids as the control plane writes them."""
+    return parse_local_config(
+        json.dumps(
+            {
+                "workloads": [
+                    {
+                        "uid": uid,
+                        "name": name,
+                        "namespace": "default",
+                        "serviceAccount": name,
+                        "node": NODE,
+                        "workloadIps": [f"10.250.0.{i + 2}"],
+                    }
+                    for i, (uid, name) in enumerate(pods)
+                ]
+            }
+        )
+    )
+
+
+class Stack:
+    """The agent's ZdsServer and a tunnel: ZdsClient driving a real NodeProxy."""
+
+    def __init__(self, sock_path: Path, state: MeshState) -> None:
+        self.certs = CertificateManager(InProcessCA())
+        self.node = NodeProxy(NODE, self.certs, "cluster.local", workload_wait=0.2)
+        self.node.on_state(state)
+        self.agent = ZdsServer(sock_path)
+        self.client = ZdsClient(sock_path, self.node, backoff_initial=0.002, backoff_max=0.01)
+
+    async def start(self) -> None:
+        self.node.start()
+        await self.agent.start()
+        await self.client.start()
+        await until(lambda: self.agent.tunnels == 1, "the tunnel to connect")
+
+    async def close(self) -> None:
+        await self.client.close()
+        await self.agent.close()
+        await self.node.close()
+        await self.certs.close()
+
+
+def test_a_pod_whose_workload_is_not_known_yet_is_acked_and_pending(sock_path):
+    async def main():
+        stack = Stack(sock_path, mesh())
+        await stack.start()
+        node = stack.node
+        assert node.status()["enrolment"] == "zds: connected" and node.ready
+        before = open_fds()
+        # Upstream acks once the proxy is set up, without waiting for the workload; ours
+        # needs the workload to start, so the pod is acked and stays pending.
+        await stack.agent.add("k8s-uid-1", INFO, "/proc/self/ns/net")
+        assert stack.agent.acked("k8s-uid-1")
+        assert node.status()["pods"] == {
+            "k8s-uid-1": "pending: workload not in the mesh config yet"
+        }
+        assert not node.status()["ready"]
+        assert len(open_fds() - before) == 1  # the node holds the pod's netns fd
+        dump = admin_view.config_dump(node)
+        assert dump["pods"][0]["netns"].startswith("netns:[")
+        await stack.agent.delete("k8s-uid-1")
+        assert node.status()["pods"] == {} and node.ready
+        assert open_fds() == before  # the tunnel closed the fd it owned
+        await stack.close()
+
+    run(main)
+
+
+def warm_netns_home() -> None:
+    """nsutil keeps one fd per thread on the thread's own netns, opened on first use and
+    kept for good: open it before counting fds (entering /dev/null fails right after)."""
+    with opened("/dev/null") as fd, contextlib.suppress(OSError):
+        nsutil.socket_in(fd).close()
+
+
+def test_a_failed_start_is_nacked_with_its_reason_and_stays_pending(sock_path):
+    async def main():
+        stack = Stack(sock_path, mesh(("cluster//Pod/default/web", "web")))
+        await stack.start()
+        warm_netns_home()
+        before = open_fds()
+        # Not a network namespace: the listeners cannot be created in it.
+        with pytest.raises(ZdsNack, match=r"failure to start proxy: .*setns") as e:
+            await stack.agent.add("k8s-uid-1", INFO, "/dev/null")
+        assert "k8s-uid-1" in stack.node.pending
+        assert "setns" in stack.node.status()["pods"]["k8s-uid-1"]
+        assert "setns" in e.value.error and not stack.agent.acked("k8s-uid-1")
+        # The agent's next snapshot no longer names it: drained, fd released.
+        await stack.agent.delete("k8s-uid-1")
+        assert stack.node.pending == {} and open_fds() == before
+        await stack.close()
+
+    run(main)
+
+
+def test_a_node_restart_of_the_agent_keeps_pending_pods_it_still_names(sock_path):
+    async def main():
+        stack = Stack(sock_path, mesh())
+        await stack.start()
+        await stack.agent.add("a", INFO, "/proc/self/ns/net")
+        await stack.agent.add("b", INFO, "/proc/self/ns/net")
+        await stack.agent.close()
+        await until(lambda: not stack.node.enrolment_synced, "the tunnel to notice")
+        assert set(stack.node.desired) == {"a", "b"}
+        agent2 = ZdsServer(sock_path)
+        await agent2.start()
+        await until(lambda: agent2.tunnels == 1, "the reconnect")
+        assert stack.node.desired == {}  # the new agent named nothing: both drained
+        await agent2.add("c", INFO, "/proc/self/ns/net")
+        assert set(stack.node.desired) == {"c"}
+        await agent2.close()
+        await stack.close()
+
+    run(main)
+
+
+# ---- netns tier: a pod really served from the fd the agent sent ----------------------------
+
+
+@pytest.fixture
+def pod_netns() -> Iterator[str]:
+    name = f"zds-{secrets.token_hex(4)}"
+    netns.create(name)
+    try:
+        path = nsutil.netns_path(name)
+        with IPRoute(netns=path, flags=0) as ipr:
+            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        yield path
+    finally:
+        netns.remove(name)
+
+
+def _connects(netns_path: str, port: int) -> bool:
+    """A TCP connect from inside the pod's netns. Run on the loop's own thread on purpose:
+    the kernel completes it from the listen backlog, and no other thread gets a cached
+    netns fd from nsutil that would spoil the fd count."""
+    s = nsutil.socket_at(netns_path)
+    try:
+        s.settimeout(5)
+        s.connect(("127.0.0.1", port))
+        return True
+    except ConnectionRefusedError:
+        return False
+    finally:
+        s.close()
+
+
+@pytest.mark.netns
+def test_a_pod_is_served_in_the_netns_the_agent_sent(sock_path, pod_netns):
+    async def main():
+        stack = Stack(sock_path, mesh(("cluster//Pod/default/late", "late")))
+        await stack.start()
+        node = stack.node
+        warm_netns_home()
+        before = open_fds()
+        # The workload arrives after the Add: acked pending, started when it is known.
+        await stack.agent.add("k8s-uid-9", INFO, pod_netns)
+        assert node.status()["pods"]["k8s-uid-9"].startswith("pending: workload not")
+        assert not _connects(pod_netns, 15001)
+        node.on_state(mesh(("cluster//Pod/default/late", "late"), ("c//Pod/default/web", "web")))
+        await until(lambda: "k8s-uid-9" in node.pods, "the pod to start")
+        pod = node.pods["k8s-uid-9"]
+        assert pod.status == "ready" and str(pod.identity).endswith("/ns/default/sa/web")
+        assert node.ready and node.status()["pods"] == {"k8s-uid-9": "ready"}
+        assert pod.listeners()["inbound"] == "0.0.0.0:15008"
+        for port in (15001, 15006, 15008):
+            assert _connects(pod_netns, port)
+        dump = admin_view.config_dump(node)
+        assert [p["status"] for p in dump["pods"]] == ["ready"]
+        # Delete: listeners gone from the pod's netns, the fd closed.
+        await stack.agent.delete("k8s-uid-9")
+        assert node.pods == {}
+        assert not _connects(pod_netns, 15008)
+        # Every fd of the pod is closed: its netns, listeners, and the connections above.
+        await until(lambda: open_fds() == before, "every fd of the pod to be closed")
+        await stack.close()
+
+    run(main)
