@@ -80,6 +80,7 @@ class NodeProxy:
         self.enrolment_synced = True
         self.enrolment_detail = ""
         self._state_changed = asyncio.Event()
+        self._waited_in_vain: MeshState | None = None
         self.tasks = TaskSet("node")
         self._lock = asyncio.Lock()
         self._dirty = asyncio.Event()
@@ -220,16 +221,21 @@ class NodeProxy:
             enrolment.release()
 
     async def _wait_for_workload(self, enrolment: Enrolment) -> None:
+        # One full wait per config version: a snapshot of many pods whose workloads are
+        # missing must not wait once per pod (the ZDS stream is handled one at a time).
+        if self.state is self._waited_in_vain:
+            return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.workload_wait
         while self.workload_for(enrolment) is None:
             remaining = deadline - loop.time()
-            if remaining <= 0:
-                return
             changed = self._state_changed
             try:
+                if remaining <= 0:
+                    raise TimeoutError
                 await asyncio.wait_for(changed.wait(), remaining)
             except TimeoutError:
+                self._waited_in_vain = self.state
                 return
 
     async def _run(self) -> None:
