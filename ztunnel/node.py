@@ -175,24 +175,30 @@ class NodeProxy:
         Takes ownership of `enrolment.netns_fd`: kept while the pod is enrolled, closed
         when it is removed, replaced, or when this Add repeats the enrolment it has."""
         uid = enrolment.uid
-        async with self._lock:
-            current = self.desired.get(uid)
-            if current is not None and current == enrolment:
-                enrolment.release()  # same netns: the handle we have is as good
-                enrolment = current
+        try:
+            async with self._lock:
+                current = self.desired.get(uid)
+                if current is not None and current == enrolment:
+                    enrolment.release()  # same netns: the handle we have is as good
+                    enrolment = current
+                    if uid in self.pods:
+                        return
+                else:
+                    await self._forget(uid)
+                    self.desired[uid] = enrolment
+            if self.workload_for(enrolment) is None:
+                await self._wait_for_workload(enrolment)
+            async with self._lock:
+                if self.desired.get(uid) is not enrolment:
+                    raise PodStartError(f"pod {uid} was removed or replaced while it started")
                 if uid in self.pods:
-                    return
-            else:
-                await self._forget(uid)
-                self.desired[uid] = enrolment
-        if self.workload_for(enrolment) is None:
-            await self._wait_for_workload(enrolment)
-        async with self._lock:
+                    return  # the reconcile loop started it meanwhile
+                error = await self._start_pod(enrolment)
+        except BaseException:
+            # Cancelled (shutdown) or superseded: an fd no map holds must not leak.
             if self.desired.get(uid) is not enrolment:
-                raise PodStartError(f"pod {uid} was removed or replaced while it started")
-            if uid in self.pods:
-                return  # the reconcile loop started it meanwhile
-            error = await self._start_pod(enrolment)
+                enrolment.release()
+            raise
         if error == NO_WORKLOAD:
             log.warning("pod enrolled before its workload is known; pending", uid=uid)
         elif error is not None:

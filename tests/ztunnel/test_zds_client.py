@@ -432,6 +432,29 @@ def test_pods_without_workloads_wait_once_per_config_version_not_once_each(sock_
     run(main)
 
 
+def test_the_node_owns_exactly_one_fd_per_enrolled_pod(sock_path):
+    async def main():
+        stack = Stack(sock_path, mesh())  # no workloads: nothing is ever started
+        await stack.start()
+        node = stack.node
+        before = open_fds()
+        await stack.agent.add("a", INFO, "/proc/self/ns/net")
+        first = node.desired["a"]
+        await stack.agent.add("a", INFO, "/proc/self/ns/net")  # the same netns again
+        assert node.desired["a"] is first and len(open_fds() - before) == 1
+        await stack.agent.add("a", INFO, "/dev/null")  # a new "sandbox": replaces
+        assert node.desired["a"] is not first and first.netns_fd is not None
+        assert first.netns_fd.closed and len(open_fds() - before) == 1
+        await stack.agent.add("b", INFO, "/proc/self/ns/net")
+        assert len(open_fds() - before) == 2
+        await node.keep_only({"b"})
+        assert set(node.desired) == {"b"} and len(open_fds() - before) == 1
+        await stack.close()  # closing the node releases the rest
+        assert open_fds() <= before
+
+    run(main)
+
+
 def warm_netns_home() -> None:
     """nsutil keeps one fd per thread on the thread's own netns, opened on first use and
     kept for good: open it before counting fds (entering /dev/null fails right after)."""
