@@ -1,0 +1,377 @@
+"""The node agent in-process, against real capture rules and a real probe set in throwaway
+namespaces and a real ZDS socket. The tunnel end is scripted with the ZDS wire module (a
+stand-in: these tests check what the agent sends and when, message by message); the real
+tunnel is exercised in tests/e2e/test_node_agent.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import socket
+import subprocess
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pyroute2 import IPRoute, netns
+
+import nsutil
+from redirect import probes
+from redirect.agent import NodeAgent, NodeDataplane, zds_server_factory
+from redirect.enrolment import FilePodSource, PodInfo, pod_doc
+from redirect.probes import ProbeConfig
+from zds import wire
+from zds.messages import (
+    Ack,
+    AddWorkload,
+    DelWorkload,
+    SnapshotSent,
+    WorkloadRequest,
+    WorkloadResponse,
+    ZdsHello,
+)
+
+pytestmark = pytest.mark.netns
+
+POD_IP = IPv4Address("10.250.0.10")
+UID = "t//Pod/mesh/app"
+
+
+def _ns_run(path: str, *argv: str) -> str:
+    return subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        preexec_fn=nsutil.preexec_enter(path),
+        check=True,
+    ).stdout
+
+
+def _make_netns(prefix: str) -> str:
+    name = f"{prefix}-{secrets.token_hex(4)}"
+    netns.create(name)
+    path = nsutil.netns_path(name)
+    with IPRoute(netns=path, flags=0) as ipr:
+        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+    return name
+
+
+@dataclass
+class Env:
+    node: str  # netns path
+    pod: str  # netns path
+    dir: Path
+
+    @property
+    def pods_file(self) -> Path:
+        return self.dir / "pods.json"
+
+    @property
+    def socket(self) -> Path:
+        return self.dir / "zds.sock"
+
+    @property
+    def status_file(self) -> Path:
+        return self.dir / "agent.json"
+
+    def publish(self, ambient: bool = True, **pod_fields: Any) -> None:
+        labels = {"istio.io/dataplane-mode": "ambient"} if ambient else {}
+        pod = PodInfo(
+            uid=UID,
+            name="app",
+            namespace="mesh",
+            node="n1",
+            service_account="app-sa",
+            ip=POD_IP,
+            netns=self.pod,
+        )
+        doc = {
+            "version": 1,
+            "namespaces": {"mesh": {"labels": labels}},
+            "pods": [{**pod_doc(pod), **pod_fields}],
+        }
+        tmp = self.pods_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc))
+        tmp.replace(self.pods_file)
+
+    def status(self) -> dict[str, Any]:
+        try:
+            doc: dict[str, Any] = json.loads(self.status_file.read_text())
+        except (OSError, ValueError):
+            return {}
+        return doc
+
+    def pod_state(self) -> str | None:
+        entry = (self.status().get("pods") or {}).get(UID)
+        return None if entry is None else str(entry["state"])
+
+    def captured(self) -> bool:
+        return "ISTIO_OUTPUT" in _ns_run(self.pod, "iptables-save")
+
+    def probe_entries(self) -> dict[IPv4Address, str]:
+        return probes.entries(self.node, ProbeConfig())
+
+    def agent(self) -> NodeAgent:
+        return NodeAgent(
+            "n1",
+            FilePodSource(self.pods_file, "n1", interval=0.02),
+            NodeDataplane(node_netns=self.node),
+            zds_server_factory(self.socket),
+            self.status_file,
+        )
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[Env]:
+    node, pod = _make_netns("rda-node"), _make_netns("rda-pod")
+    try:
+        yield Env(nsutil.netns_path(node), nsutil.netns_path(pod), tmp_path)
+    finally:
+        netns.remove(pod)
+        netns.remove(node)
+
+
+class ScriptedTunnel:
+    """The tunnel's side of ZDS, one message at a time (a stand-in for `python -m ztunnel`)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    @classmethod
+    async def connect(cls, path: Path) -> ScriptedTunnel:
+        sock = await wire.connect(path)
+        await wire.send_message(sock, ZdsHello())
+        return cls(sock)
+
+    async def next(self, limit: float = 10.0) -> tuple[WorkloadRequest, int | None]:
+        got = await asyncio.wait_for(wire.recv_request(self.sock), limit)
+        assert got is not None, "the agent closed the connection"
+        return got
+
+    async def ack(self, error: str = "") -> None:
+        await wire.send_message(self.sock, WorkloadResponse(Ack(error)))
+
+    async def expect_add(self, uid: str = UID) -> int:
+        """The next request is AddWorkload(uid) with a netns fd; returns the fd's inode."""
+        request, fd = await self.next()
+        assert isinstance(request.payload, AddWorkload), request
+        assert request.payload.uid == uid
+        assert fd is not None
+        try:
+            return os.fstat(fd).st_ino
+        finally:
+            os.close(fd)
+
+    async def expect(self, kind: type) -> WorkloadRequest:
+        request, fd = await self.next()
+        wire.close_fd(fd)
+        assert isinstance(request.payload, kind), request
+        return request
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def until(cond: Callable[[], bool], what: str, limit: float = 15.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    while not cond():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def run(scenario: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(scenario())  # type: ignore[arg-type]
+
+
+def test_enrol_without_tunnel_fails_closed_then_acks_in_order(env: Env) -> None:
+    env.publish(ambient=True)
+
+    async def scenario() -> None:
+        agent = env.agent()
+        await agent.start()
+        try:
+            # No tunnel: captured (traffic blocked), pending, not in the probe set.
+            await until(lambda: env.pod_state() == "pending", "pending")
+            assert "no tunnel" in env.status()["pods"][UID]["reason"]
+            assert env.captured()
+            assert env.probe_entries() == {}
+
+            tunnel = await ScriptedTunnel.connect(env.socket)
+            inode = await tunnel.expect_add()  # the snapshot carries the pending pod
+            assert inode == os.stat(env.pod).st_ino
+            assert env.probe_entries() == {}  # not before the ack
+            await tunnel.ack()
+            await tunnel.expect(SnapshotSent)
+            await tunnel.ack()
+            await until(lambda: env.pod_state() == "enrolled", "enrolled")
+            assert env.probe_entries() == {POD_IP: UID}
+            assert env.status()["tunnels"] == 1
+
+            # Un-label: probe entry, then capture, go before the tunnel hears of it.
+            env.publish(ambient=False)
+            request = await tunnel.expect(DelWorkload)
+            assert request.payload == DelWorkload(UID)
+            assert env.probe_entries() == {}
+            assert not env.captured()
+            await tunnel.ack()
+            await until(lambda: env.pod_state() is None, "the pod to leave the status")
+            tunnel.close()
+        finally:
+            await agent.close()
+        assert env.status()["running"] is False
+
+    run(scenario)
+
+
+def test_pod_opt_out_label_is_never_captured(env: Env) -> None:
+    env.publish(ambient=True, labels={"istio.io/dataplane-mode": "none"})
+
+    async def scenario() -> None:
+        agent = env.agent()
+        await agent.start()
+        try:
+            tunnel = await ScriptedTunnel.connect(env.socket)
+            await tunnel.expect(SnapshotSent)  # an empty snapshot
+            await tunnel.ack()
+            await until(lambda: env.status().get("tunnels") == 1, "the tunnel")
+            assert env.pod_state() is None
+            assert not env.captured()
+            tunnel.close()
+        finally:
+            await agent.close()
+
+    run(scenario)
+
+
+def test_refused_pod_stays_pending_and_is_retried(env: Env) -> None:
+    env.publish(ambient=True)
+
+    async def scenario() -> None:
+        agent = env.agent()
+        await agent.start()
+        try:
+            tunnel = await ScriptedTunnel.connect(env.socket)
+            await tunnel.expect_add()
+            await tunnel.ack("no certificate yet")  # refused in the snapshot
+            await tunnel.expect(SnapshotSent)
+            await tunnel.ack()
+            await until(lambda: env.pod_state() == "pending", "pending")
+            assert env.captured()  # still failing closed
+            await tunnel.expect_add()  # sent again
+            await tunnel.ack()
+            await until(lambda: env.pod_state() == "enrolled", "enrolled")
+            tunnel.close()
+        finally:
+            await agent.close()
+
+    run(scenario)
+
+
+def test_tunnel_loss_makes_enrolled_pods_pending_until_a_new_one_acks(env: Env) -> None:
+    env.publish(ambient=True)
+
+    async def scenario() -> None:
+        agent = env.agent()
+        await agent.start()
+        try:
+            tunnel = await ScriptedTunnel.connect(env.socket)
+            await tunnel.expect_add()
+            await tunnel.ack()
+            await tunnel.expect(SnapshotSent)
+            await tunnel.ack()
+            await until(lambda: env.pod_state() == "enrolled", "enrolled")
+            tunnel.close()
+            await until(lambda: env.pod_state() == "pending", "pending after the tunnel left")
+            assert env.captured() and env.probe_entries() == {POD_IP: UID}
+            second = await ScriptedTunnel.connect(env.socket)
+            await second.expect_add()
+            await second.ack()
+            await second.expect(SnapshotSent)
+            await second.ack()
+            await until(lambda: env.pod_state() == "enrolled", "enrolled again")
+            second.close()
+        finally:
+            await agent.close()
+
+    run(scenario)
+
+
+def test_restarted_agent_sends_a_complete_snapshot_and_keeps_rules(env: Env) -> None:
+    env.publish(ambient=True)
+
+    async def scenario() -> None:
+        first = env.agent()
+        await first.start()
+        tunnel = await ScriptedTunnel.connect(env.socket)
+        await tunnel.expect_add()
+        await tunnel.ack()
+        await tunnel.expect(SnapshotSent)
+        await tunnel.ack()
+        await until(lambda: env.pod_state() == "enrolled", "enrolled")
+        await first.close()
+        tunnel.close()
+        # The pod keeps failing closed while no agent runs.
+        assert env.captured() and env.probe_entries() == {POD_IP: UID}
+
+        second = env.agent()
+        await second.start()
+        try:
+            again = await ScriptedTunnel.connect(env.socket)
+            await again.expect_add()  # already in the first snapshot: nothing is drained
+            await again.ack()
+            await again.expect(SnapshotSent)
+            await again.ack()
+            await until(lambda: env.pod_state() == "enrolled", "enrolled after restart")
+            assert env.probe_entries() == {POD_IP: UID}
+            again.close()
+        finally:
+            await second.close()
+
+    run(scenario)
+
+
+def test_malformed_source_keeps_the_last_good_view(env: Env) -> None:
+    env.publish(ambient=True)
+
+    async def scenario() -> None:
+        agent = env.agent()
+        await agent.start()
+        try:
+            tunnel = await ScriptedTunnel.connect(env.socket)
+            await tunnel.expect_add()
+            await tunnel.ack()
+            await tunnel.expect(SnapshotSent)
+            await tunnel.ack()
+            await until(lambda: env.pod_state() == "enrolled", "enrolled")
+            env.pods_file.write_text('{"pods": [{"uid": 7}]}')
+            await until(lambda: bool(env.status().get("sourceError")), "the error reported")
+            assert "pods[0].uid" in env.status()["sourceError"]
+            assert env.pod_state() == "enrolled" and env.captured()
+            tunnel.close()
+        finally:
+            await agent.close()
+
+    run(scenario)
+
+
+def test_stale_probe_entries_are_pruned_at_start(env: Env) -> None:
+    cfg = ProbeConfig()
+    probes.install(env.node, cfg)
+    probes.add(env.node, cfg, IPv4Address("10.250.0.99"), "gone//Pod/x/y")
+    env.publish(ambient=False)
+
+    async def scenario() -> None:
+        agent = env.agent()
+        await agent.start()
+        await agent.close()
+
+    run(scenario)
+    assert env.probe_entries() == {}
