@@ -43,10 +43,56 @@ def _cmd_down(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    """Per node: the tunnel's readiness and the node agent's view (pods enrolled or
+    pending, with the reason). Exit 1 unless every tunnel is ready and no pod waits."""
     cluster = mesh.attach(args.cluster_file, args.state_root)
-    out = {n.name: mesh.tunnel_status(cluster.layout, n.name) for n in cluster.spec.nodes}
+    out: dict[str, dict[str, object]] = {}
+    ok = True
+    for n in cluster.spec.nodes:
+        tunnel = mesh.tunnel_status(cluster.layout, n.name)
+        entry: dict[str, object] = {"tunnel": tunnel}
+        ok = ok and bool(tunnel and tunnel.get("ready"))
+        if mesh.AGENT_MODE:
+            agent = mesh.agent_status(cluster, n.name)
+            entry["agent"] = agent
+            pods = (agent or {}).get("pods") or {}
+            ok = ok and agent is not None
+            ok = ok and all(p.get("state") == "enrolled" for p in pods.values())
+        out[n.name] = entry
     print(json.dumps(out, indent=2))
-    return 0 if all(v and v.get("ready") for v in out.values()) else 1
+    return 0 if ok else 1
+
+
+def _parse_label(text: str) -> tuple[str, str | None]:
+    """`key=value` sets, `key-` removes (kubectl's forms)."""
+    if "=" in text:
+        key, _, value = text.partition("=")
+        return key, value
+    if text.endswith("-") and len(text) > 1:
+        return text[:-1], None
+    raise ValueError(f"label {text!r}: expected KEY=VALUE or KEY-")
+
+
+def _cmd_label(args: argparse.Namespace) -> int:
+    """Label a namespace or pod in the running cluster; enrolment follows at runtime."""
+    cluster = mesh.attach(args.cluster_file, args.state_root)
+    try:
+        changes = [_parse_label(t) for t in args.labels]
+    except ValueError as e:
+        print(f"ambientctl label: {e}", file=sys.stderr)
+        return 2
+    try:
+        for key, value in changes:
+            if args.kind == "namespace":
+                mesh.label_namespace(cluster, args.name, key, value)
+            else:
+                ns, sep, name = args.name.rpartition("/")
+                mesh.label_pod(cluster, ns if sep else "default", name, key, value)
+    except (KeyError, ValueError) as e:
+        print(f"ambientctl label: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 1
+    print(f"{args.kind} {args.name} labelled")
+    return 0
 
 
 def _cmd_exec(args: argparse.Namespace) -> int:
@@ -169,9 +215,17 @@ def build_parser() -> argparse.ArgumentParser:
     down = sub.add_parser("down", help="remove a local cluster (by name or cluster file)")
     down.add_argument("cluster")
     down.set_defaults(fn=_cmd_down)
-    st = sub.add_parser("status", help="readiness of each node's tunnel")
+    st = sub.add_parser("status", help="each node's tunnel readiness and agent's pods")
     st.add_argument("cluster_file")
     st.set_defaults(fn=_cmd_status)
+    lb = sub.add_parser(
+        "label", help="label a namespace or pod at runtime (enrols or releases its pods)"
+    )
+    lb.add_argument("cluster_file")
+    lb.add_argument("kind", choices=("namespace", "pod"))
+    lb.add_argument("name", help="<namespace>, or <namespace>/<pod>")
+    lb.add_argument("labels", nargs="+", help="KEY=VALUE to set, KEY- to remove")
+    lb.set_defaults(fn=_cmd_label)
     ex = sub.add_parser("exec", help="run a command inside a pod's network namespace")
     ex.add_argument("cluster_file")
     ex.add_argument("pod", help="<namespace>/<pod>")

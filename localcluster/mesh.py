@@ -1,23 +1,36 @@
 """Bringing a whole local cluster up with the mesh, and down again.
 
 Order of `up` (each step recorded before it happens, so `down` can always undo it):
-network -> service VIP rules -> mesh config file -> CA (in the cluster netns; it only
-serves a unix socket) -> one tunnel per node (in the node netns) -> capture rules in every
-enrolled pod, then the pod named in its node's enrolment file -> wait until every tunnel
-reports ready -> start the apps. Capture before the tunnel is ready fails closed: the
-redirected connections are refused, never sent in plaintext around the tunnel.
+network -> service VIP rules -> mesh config file -> pod source file -> CA (in the cluster
+netns; it only serves a unix socket) -> per node, in the node netns: the node agent (it
+captures each enrolled pod and hands it to the tunnel over ZDS) and the tunnel -> wait
+until every agent reports its pods enrolled and every tunnel ready with exactly those
+pods -> start the apps. Capture before the tunnel is ready fails closed: the redirected
+connections are refused, never sent in plaintext around the tunnel.
+
+Enrolment is by labels at runtime (`label_namespace`, `label_pod`): the pod source file
+(`<state>/mesh/pods.json`, what a Kubernetes API server would say) and the mesh config's
+workloads are rewritten, and the agents and tunnels follow without restarting any app.
+The labels in force live in the pod source file; `current_spec` overlays them on the
+cluster file.
+
+Until the tunnel reads enrolment from ZDS, the older path stays: the cluster applies
+capture itself and writes per-node enrolment files the tunnels poll (`AGENT_MODE`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
+import signal
 import socket
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import yaml
@@ -25,14 +38,27 @@ import yaml
 import nsutil
 from localcluster.apps import INHERITED_ENV, start_apps
 from localcluster.network import NetworkLayout, apply_service_rules, build_network, plan_layout
-from localcluster.processes import spawn_in_netns
-from localcluster.spec import ClusterSpec, load_cluster
+from localcluster.processes import (
+    ManagedProcess,
+    ProcessRecord,
+    proc_stat,
+    read_records,
+    spawn_in_netns,
+    terminate,
+)
+from localcluster.spec import ClusterSpec, NamespaceSpec, PodSpec, load_cluster
 from localcluster.state import ClusterState, teardown
-from localcluster.xds import local_xds, workload_uid
+from localcluster.xds import local_xds, workload, workload_uid
+from redirect.enrolment import PodInfo, SourceError, parse_source, pod_doc, wanted
 from redirect.iptables import apply_inpod
 from redirect.rules import InpodConfig
+from ztunnel import config as tunnel_config
+
+# Tunnels that take their enrolment from a node agent over ZDS (else: enrolment files).
+AGENT_MODE = hasattr(tunnel_config, "ZDS_SOCKET")
 
 READINESS_PORT = 15021
+ADMIN_PORT = 15000  # the tunnel's admin port (config dump), node-local
 READY_TIMEOUT = 60.0
 
 
@@ -62,6 +88,17 @@ class MeshPaths:
     def enrolment(self, node: str) -> Path:
         return self.root / f"enrolment-{node}.yaml"
 
+    @property
+    def pods(self) -> Path:
+        """The pod source every node agent watches (namespaces and pods with labels)."""
+        return self.root / "pods.json"
+
+    def zds_socket(self, node: str) -> Path:
+        return self.root / f"zds-{node}.sock"
+
+    def agent_status(self, node: str) -> Path:
+        return self.root / f"agent-{node}.json"
+
 
 @dataclass(frozen=True, slots=True)
 class Cluster:
@@ -78,6 +115,9 @@ class Cluster:
 
     def tunnel_log(self, node: str) -> Path:
         return self.state.log_dir / f"ztunnel-{node}.log"
+
+    def agent_log(self, node: str) -> Path:
+        return self.state.log_dir / f"{agent_name(node)}.log"
 
     def pod_netns(self, namespace: str, name: str) -> str:
         return self.layout.pod(namespace, name).netns_path
@@ -151,6 +191,129 @@ def write_enrolment(spec: ClusterSpec, layout: NetworkLayout, paths: MeshPaths, 
     _write(paths.enrolment(node), yaml.safe_dump({"pods": pods}, sort_keys=False))
 
 
+# ---- the pod source (what the node agents watch) -------------------------------------
+
+
+def pod_info(spec: ClusterSpec, layout: NetworkLayout, pod: PodSpec) -> PodInfo:
+    return PodInfo(
+        uid=workload_uid(spec, pod),
+        name=pod.name,
+        namespace=pod.namespace,
+        node=pod.node,
+        service_account=pod.service_account,
+        ip=pod.ip,
+        netns=layout.pod(pod.namespace, pod.name).netns_path,
+        labels=pod.labels,
+    )
+
+
+def pod_source_doc(spec: ClusterSpec, layout: NetworkLayout) -> dict[str, Any]:
+    """The pod source document for the whole cluster (pure)."""
+    return {
+        "version": 1,
+        "namespaces": {ns.name: {"labels": dict(ns.labels)} for ns in spec.namespaces},
+        "pods": [pod_doc(pod_info(spec, layout, p)) for p in spec.pods],
+    }
+
+
+def write_pod_source(paths: MeshPaths, doc: dict[str, Any]) -> None:
+    _write(paths.pods, json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+
+def read_pod_source(cluster: Cluster) -> dict[str, Any]:
+    doc = json.loads(cluster.paths.pods.read_text())
+    if not isinstance(doc, dict):
+        raise ValueError(f"{cluster.paths.pods}: not a pod source document")
+    return doc
+
+
+def current_spec(cluster: Cluster) -> ClusterSpec:
+    """The cluster file's spec with the labels in force now (from the pod source file)."""
+    try:
+        doc = read_pod_source(cluster)
+    except (OSError, ValueError):
+        return cluster.spec
+    ns_labels = {
+        name: dict(entry.get("labels") or {})
+        for name, entry in (doc.get("namespaces") or {}).items()
+    }
+    pod_labels = {
+        (p["namespace"], p["name"]): dict(p.get("labels") or {}) for p in doc.get("pods") or []
+    }
+    spec = cluster.spec
+    namespaces = tuple(
+        NamespaceSpec(ns.name, MappingProxyType(ns_labels.get(ns.name, dict(ns.labels))))
+        for ns in spec.namespaces
+    )
+    pods = tuple(
+        dataclasses.replace(
+            p, labels=MappingProxyType(pod_labels.get((p.namespace, p.name), dict(p.labels)))
+        )
+        for p in spec.pods
+    )
+    return dataclasses.replace(spec, namespaces=namespaces, pods=pods)
+
+
+def _apply_label(labels: dict[str, str], key: str, value: str | None) -> None:
+    if not key:
+        raise ValueError("a label needs a key")
+    if value is None:
+        labels.pop(key, None)
+    else:
+        labels[key] = value
+
+
+def label_namespace(cluster: Cluster, namespace: str, key: str, value: str | None) -> None:
+    """Set (or with None remove) a namespace label in the running cluster: the agents
+    enrol or release its pods, and the mesh config follows (HBONE only when enrolled)."""
+    doc = read_pod_source(cluster)
+    entry = (doc.get("namespaces") or {}).get(namespace)
+    if entry is None:
+        raise KeyError(f"no namespace {namespace!r} in cluster {cluster.spec.name!r}")
+    labels = dict(entry.get("labels") or {})
+    _apply_label(labels, key, value)
+    entry["labels"] = labels
+    _publish(cluster, doc)
+
+
+def label_pod(cluster: Cluster, namespace: str, name: str, key: str, value: str | None) -> None:
+    """Set (or with None remove) a pod label in the running cluster."""
+    doc = read_pod_source(cluster)
+    for entry in doc.get("pods") or []:
+        if entry.get("namespace") == namespace and entry.get("name") == name:
+            labels = dict(entry.get("labels") or {})
+            _apply_label(labels, key, value)
+            entry["labels"] = labels
+            _publish(cluster, doc)
+            return
+    raise KeyError(f"no pod {namespace}/{name} in cluster {cluster.spec.name!r}")
+
+
+def _publish(cluster: Cluster, doc: dict[str, Any]) -> None:
+    # The pod source first, as the API server would change first; then the mesh config,
+    # where a workload's protocol and labels are derived from it (as istiod derives them).
+    try:
+        parse_source(json.dumps(doc), "")
+    except SourceError as e:
+        raise ValueError(f"label change rejected: {e}") from None
+    write_pod_source(cluster.paths, doc)
+    spec = current_spec(cluster)
+    xds = yaml.safe_load(cluster.paths.xds.read_text()) or {}
+    xds["workloads"] = [workload(spec, p) for p in spec.pods]
+    _write(cluster.paths.xds, yaml.safe_dump(xds, sort_keys=False))
+    # Service endpoints are chosen by pod labels: keep the nodes' service rules in step.
+    apply_service_rules(spec, cluster.layout)
+
+
+def wanted_uids(cluster: Cluster, node: str) -> set[str]:
+    """The pods of `node` an agent should enrol now, by the agents' own rule."""
+    try:
+        view = parse_source(cluster.paths.pods.read_text(), node)
+    except (OSError, SourceError):
+        return enrolled_uids(current_spec(cluster), node)
+    return set(wanted(view))
+
+
 def _python() -> str:
     return sys.executable
 
@@ -197,23 +360,36 @@ def _base_env() -> dict[str, str]:
     return env
 
 
+def tunnel_name(node: str) -> str:
+    return f"ztunnel-{node}"
+
+
+def agent_name(node: str) -> str:
+    return f"agent-{node}"
+
+
 def start_tunnel(
     spec: ClusterSpec, layout: NetworkLayout, state: ClusterState, node: str, name: str = ""
-) -> None:
+) -> ManagedProcess:
+    """Start a node's tunnel. A distinct `name` starts a second one beside it (an upgrade
+    overlap: SO_REUSEPORT listeners, and the agent sends new pods to the newest)."""
     paths = MeshPaths(state.dir / "mesh")
     env = _base_env()
     env.update(
         {
             "NODE_NAME": node,
             "LOCAL_XDS_PATH": str(paths.xds),
-            "ENROLMENT_PATH": str(paths.enrolment(node)),
             "CA_ADDRESS": str(paths.ca_socket),
             "CA_TOKEN_PATH": str(paths.token(node)),
             "TRUST_DOMAIN": spec.trust_domain,
         }
     )
-    pname = name or f"ztunnel-{node}"
-    spawn_in_netns(
+    if AGENT_MODE:
+        env["ZDS_SOCKET"] = str(paths.zds_socket(node))
+    else:
+        env["ENROLMENT_PATH"] = str(paths.enrolment(node))
+    pname = name or tunnel_name(node)
+    return spawn_in_netns(
         layout.node(node).netns_path,
         [_python(), "-m", "ztunnel"],
         env,
@@ -224,7 +400,107 @@ def start_tunnel(
     )
 
 
+def start_agent(
+    spec: ClusterSpec,
+    layout: NetworkLayout,
+    state: ClusterState,
+    node: str,
+    redirect_mode: str = "iptables",
+) -> ManagedProcess:
+    """Start a node's agent in the node netns (it captures pods and serves ZDS)."""
+    paths = MeshPaths(state.dir / "mesh")
+    pname = agent_name(node)
+    return spawn_in_netns(
+        layout.node(node).netns_path,
+        [
+            _python(),
+            "-m",
+            "redirect.agent",
+            "--node",
+            node,
+            "--pods-file",
+            str(paths.pods),
+            "--zds-socket",
+            str(paths.zds_socket(node)),
+            "--status-file",
+            str(paths.agent_status(node)),
+            "--redirect-mode",
+            redirect_mode,
+        ],
+        _base_env(),
+        Path.cwd(),
+        state.log_dir / f"{pname}.log",
+        state.pidfile_dir,
+        pname,
+    )
+
+
+# ---- stopping and restarting one node's processes (upgrade and failure tests) ---------
+
+
+def process_record(cluster: Cluster, name: str) -> ProcessRecord | None:
+    """The record of a running process of the cluster, by its name."""
+    for r in read_records(cluster.state.pidfile_dir):
+        if r.name == name:
+            st = proc_stat(r.pid)
+            if st is not None and st[2] == r.start_time and st[0] != "Z":
+                return r
+    return None
+
+
+def _stop(cluster: Cluster, name: str, sig: signal.Signals) -> bool:
+    """Stop a recorded process (SIGTERM: graceful-then-forced; SIGKILL: at once).
+    Returns whether it was running."""
+    rec = process_record(cluster, name)
+    if rec is None:
+        return False
+    if sig == signal.SIGKILL:
+        st = proc_stat(rec.pid)
+        try:
+            if st is not None and st[1] == rec.pid:
+                os.killpg(rec.pid, signal.SIGKILL)
+            else:
+                os.kill(rec.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    terminate([rec])  # waits until it is gone (escalating if SIGTERM is not enough)
+    (cluster.state.pidfile_dir / f"{name}.pid").unlink(missing_ok=True)
+    return True
+
+
+def stop_agent(cluster: Cluster, node: str) -> bool:
+    return _stop(cluster, agent_name(node), signal.SIGTERM)
+
+
+def start_node_agent(cluster: Cluster, node: str) -> ManagedProcess:
+    return start_agent(cluster.spec, cluster.layout, cluster.state, node)
+
+
+def restart_agent(cluster: Cluster, node: str) -> ManagedProcess:
+    stop_agent(cluster, node)
+    return start_node_agent(cluster, node)
+
+
+def stop_tunnel(cluster: Cluster, node: str, name: str = "") -> bool:
+    return _stop(cluster, name or tunnel_name(node), signal.SIGTERM)
+
+
+def kill_tunnel(cluster: Cluster, node: str, name: str = "") -> bool:
+    """SIGKILL: no drain, no goodbye; the agent sees the ZDS connection drop."""
+    return _stop(cluster, name or tunnel_name(node), signal.SIGKILL)
+
+
+def start_node_tunnel(cluster: Cluster, node: str, name: str = "") -> ManagedProcess:
+    return start_tunnel(cluster.spec, cluster.layout, cluster.state, node, name)
+
+
+def restart_tunnel(cluster: Cluster, node: str) -> ManagedProcess:
+    stop_tunnel(cluster, node)
+    return start_node_tunnel(cluster, node)
+
+
 def enrol_pods(spec: ClusterSpec, layout: NetworkLayout, state: ClusterState) -> None:
+    """The path before node agents: capture applied here, enrolment files for tunnels."""
     paths = MeshPaths(state.dir / "mesh")
     cfg = InpodConfig()
     for pod in spec.pods:
@@ -272,20 +548,99 @@ def tunnel_status(layout: NetworkLayout, node: str, timeout: float = 2.0) -> dic
     return doc if isinstance(doc, dict) else None
 
 
-def wait_ready(cluster: Cluster, timeout: float = READY_TIMEOUT) -> None:
-    want = {n.name: enrolled_uids(cluster.spec, n.name) for n in cluster.spec.nodes}
+def agent_status(cluster: Cluster, node: str) -> dict[str, Any] | None:
+    """The node agent's status file, or None if there is none or its process is gone."""
+    try:
+        doc = json.loads(cluster.paths.agent_status(node).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or not doc.get("running"):
+        return None
+    rec = process_record(cluster, agent_name(node))
+    if rec is None or rec.pid != doc.get("pid"):
+        return None  # a file left by an agent that has since stopped
+    return doc
 
-    def node_ready(node: str) -> bool:
-        # Ready alone is not enough: a tunnel that has not yet read the new enrolment
-        # file is ready with no pods. It must also hold exactly the pods it was given.
-        status = tunnel_status(cluster.layout, node) or {}
-        pods = status.get("pods")
-        return bool(status.get("ready")) and isinstance(pods, dict) and set(pods) == want[node]
+
+def agent_pods(cluster: Cluster, node: str, state: str | None = None) -> dict[str, Any]:
+    """uid -> the agent's entry for each pod it tracks (optionally only in `state`)."""
+    doc = agent_status(cluster, node) or {}
+    pods = doc.get("pods") or {}
+    return {u: p for u, p in pods.items() if state is None or p.get("state") == state}
+
+
+def node_ready(cluster: Cluster, node: str, want: set[str]) -> bool:
+    """The agent has enrolled exactly `want` and the tunnel is ready holding exactly it."""
+    if AGENT_MODE:
+        agent = agent_status(cluster, node)
+        if agent is None:
+            return False
+        pods = agent.get("pods") or {}
+        if set(pods) != want or any(p.get("state") != "enrolled" for p in pods.values()):
+            return False
+    # Ready alone is not enough: a tunnel that has not yet been given the new pods is
+    # ready with none. It must also hold exactly the pods it was given.
+    status = tunnel_status(cluster.layout, node) or {}
+    held = status.get("pods")
+    return bool(status.get("ready")) and isinstance(held, dict) and set(held) == want
+
+
+def _protocols(cluster: Cluster) -> dict[str, str]:
+    """uid -> tunnel protocol, as the mesh config file says now."""
+    doc = yaml.safe_load(cluster.paths.xds.read_text()) or {}
+    return {str(w.get("uid")): str(w.get("protocol", "TCP")) for w in doc.get("workloads") or []}
+
+
+def config_in_force(cluster: Cluster, node: str, protocols: dict[str, str]) -> bool:
+    """Whether a node's tunnel has loaded the mesh config's workload protocols (after a
+    label change, a tunnel must know which peers now speak HBONE)."""
+    try:
+        status, body = node_http(cluster.layout, node, ADMIN_PORT, "/config_dump", timeout=2.0)
+        doc = json.loads(body)
+    except (OSError, ValueError):
+        return False
+    if status != 200 or not isinstance(doc, dict):
+        return False
+    seen = {str(w.get("uid")): w.get("protocol") for w in doc.get("workloads") or []}
+    return all(seen.get(uid) == proto for uid, proto in protocols.items())
+
+
+def wait_ready(cluster: Cluster, timeout: float = READY_TIMEOUT) -> None:
+    if AGENT_MODE:
+        want = {n.name: wanted_uids(cluster, n.name) for n in cluster.spec.nodes}
+    else:
+        want = {n.name: enrolled_uids(cluster.spec, n.name) for n in cluster.spec.nodes}
+    protocols = _protocols(cluster)
+
+    def ready(node: str) -> bool:
+        return node_ready(cluster, node, want[node]) and config_in_force(cluster, node, protocols)
 
     def all_ready() -> bool:
-        return all(node_ready(n) for n in want)
+        return all(ready(n) for n in want)
 
-    _wait_for(all_ready, timeout, "every tunnel to report ready", cluster.state.log_dir)
+    try:
+        _wait_for(all_ready, timeout, "every tunnel to report ready", cluster.state.log_dir)
+    except MeshUpError as e:
+        raise MeshUpError(f"{e}; not ready: {_not_ready(cluster, want)}") from None
+
+
+def _not_ready(cluster: Cluster, want: dict[str, set[str]]) -> str:
+    """What each unready node lacks, for the error message."""
+    out = []
+    for node, uids in want.items():
+        if node_ready(cluster, node, uids):
+            continue
+        agent = agent_status(cluster, node)
+        tunnel = tunnel_status(cluster.layout, node)
+        pods = {} if agent is None else agent.get("pods") or {}
+        waiting = {u: f"{p.get('state')}: {p.get('reason')}" for u, p in pods.items()}
+        if tunnel is None:
+            held = "unreachable"
+        else:
+            held = f"ready={tunnel.get('ready')} pods={sorted(tunnel.get('pods') or {})}"
+        running = "not running" if agent is None else waiting
+        out.append(f"{node} (want {sorted(uids)}; agent {running}; tunnel {held})")
+    return "; ".join(out) or "(ready now)"
 
 
 def _wait_for(cond: Any, timeout: float, what: str, logs: Path) -> None:
@@ -309,12 +664,17 @@ def up(
         if mesh:
             cluster.paths.root.mkdir(parents=True, exist_ok=True)
             write_mesh_config(spec, cluster.paths)
-            for node in spec.nodes:  # empty until the pods are captured
-                _write(cluster.paths.enrolment(node.name), "pods: []\n")
+            write_pod_source(cluster.paths, pod_source_doc(spec, layout))
+            if not AGENT_MODE:
+                for node in spec.nodes:  # empty until the pods are captured
+                    _write(cluster.paths.enrolment(node.name), "pods: []\n")
             start_control_plane(spec, layout, state)
             for node in spec.nodes:
+                if AGENT_MODE:
+                    start_agent(spec, layout, state, node.name)
                 start_tunnel(spec, layout, state, node.name)
-            enrol_pods(spec, layout, state)
+            if not AGENT_MODE:
+                enrol_pods(spec, layout, state)
             wait_ready(cluster)
         start_apps(spec, layout, state)
         _wait_apps(cluster)

@@ -27,6 +27,8 @@ from typing import Any
 
 import yaml
 
+from redirect.enrolment import PodInfo, redirection_enabled
+
 DEFAULT_TRUST_DOMAIN = "cluster.local"
 # The DNS suffix of service hostnames; not the trust domain, even when equal by default.
 DNS_DOMAIN = "cluster.local"
@@ -87,10 +89,12 @@ class PodSpec:
     env: Mapping[str, str] = field(hash=False)
 
     def enrolled(self, spec: ClusterSpec) -> bool:
-        """In the mesh: namespace labelled ambient and the pod not opted out."""
-        if self.labels.get(DATAPLANE_MODE_LABEL) == "none":
-            return False
-        return spec.namespace(self.namespace).ambient
+        """In the mesh, by the node agent's own rule (`redirect.enrolment`): namespace or
+        pod labelled ambient, and the pod not opted out with `dataplane-mode=none`."""
+        info = PodInfo(
+            uid="", name=self.name, namespace=self.namespace, node=self.node, labels=self.labels
+        )
+        return redirection_enabled(spec.namespace(self.namespace).labels, info)
 
     @property
     def workload_name(self) -> str:
