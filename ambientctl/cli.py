@@ -52,12 +52,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
         tunnel = mesh.tunnel_status(cluster.layout, n.name)
         entry: dict[str, object] = {"tunnel": tunnel}
         ok = ok and bool(tunnel and tunnel.get("ready"))
-        if mesh.AGENT_MODE:
-            agent = mesh.agent_status(cluster, n.name)
-            entry["agent"] = agent
-            pods = (agent or {}).get("pods") or {}
-            ok = ok and agent is not None
-            ok = ok and all(p.get("state") == "enrolled" for p in pods.values())
+        agent = mesh.agent_status(cluster, n.name)
+        entry["agent"] = agent
+        pods = (agent or {}).get("pods") or {}
+        ok = ok and agent is not None
+        ok = ok and all(p.get("state") == "enrolled" for p in pods.values())
         out[n.name] = entry
     print(json.dumps(out, indent=2))
     return 0 if ok else 1

@@ -13,9 +13,6 @@ Enrolment is by labels at runtime (`label_namespace`, `label_pod`): the pod sour
 workloads are rewritten, and the agents and tunnels follow without restarting any app.
 The labels in force live in the pod source file; `current_spec` overlays them on the
 cluster file.
-
-Until the tunnel reads enrolment from ZDS, the older path stays: the cluster applies
-capture itself and writes per-node enrolment files the tunnels poll (`AGENT_MODE`).
 """
 
 from __future__ import annotations
@@ -50,12 +47,6 @@ from localcluster.spec import ClusterSpec, NamespaceSpec, PodSpec, load_cluster
 from localcluster.state import ClusterState, teardown
 from localcluster.xds import local_xds, workload, workload_uid
 from redirect.enrolment import PodInfo, SourceError, parse_source, pod_doc, wanted
-from redirect.iptables import apply_inpod
-from redirect.rules import InpodConfig
-from ztunnel import config as tunnel_config
-
-# Tunnels that take their enrolment from a node agent over ZDS (else: enrolment files).
-AGENT_MODE = hasattr(tunnel_config, "ZDS_SOCKET")
 
 READINESS_PORT = 15021
 ADMIN_PORT = 15000  # the tunnel's admin port (config dump), node-local
@@ -84,9 +75,6 @@ class MeshPaths:
 
     def token(self, node: str) -> Path:
         return self.root / f"token-{node}"
-
-    def enrolment(self, node: str) -> Path:
-        return self.root / f"enrolment-{node}.yaml"
 
     @property
     def pods(self) -> Path:
@@ -177,18 +165,6 @@ def delete_policy(cluster: Cluster, kind: str, namespace: str, name: str) -> boo
 
 def enrolled_uids(spec: ClusterSpec, node: str) -> set[str]:
     return {workload_uid(spec, p) for p in spec.pods_on(node) if p.enrolled(spec)}
-
-
-def write_enrolment(spec: ClusterSpec, layout: NetworkLayout, paths: MeshPaths, node: str) -> None:
-    pods = [
-        {
-            "uid": workload_uid(spec, p),
-            "netns": layout.pod(p.namespace, p.name).netns_path,
-        }
-        for p in spec.pods_on(node)
-        if p.enrolled(spec)
-    ]
-    _write(paths.enrolment(node), yaml.safe_dump({"pods": pods}, sort_keys=False))
 
 
 # ---- the pod source (what the node agents watch) -------------------------------------
@@ -384,10 +360,7 @@ def start_tunnel(
             "TRUST_DOMAIN": spec.trust_domain,
         }
     )
-    if AGENT_MODE:
-        env["ZDS_SOCKET"] = str(paths.zds_socket(node))
-    else:
-        env["ENROLMENT_PATH"] = str(paths.enrolment(node))
+    env["ZDS_SOCKET"] = str(paths.zds_socket(node))
     pname = name or tunnel_name(node)
     return spawn_in_netns(
         layout.node(node).netns_path,
@@ -499,17 +472,6 @@ def restart_tunnel(cluster: Cluster, node: str) -> ManagedProcess:
     return start_node_tunnel(cluster, node)
 
 
-def enrol_pods(spec: ClusterSpec, layout: NetworkLayout, state: ClusterState) -> None:
-    """The path before node agents: capture applied here, enrolment files for tunnels."""
-    paths = MeshPaths(state.dir / "mesh")
-    cfg = InpodConfig()
-    for pod in spec.pods:
-        if pod.enrolled(spec):
-            apply_inpod(layout.pod(pod.namespace, pod.name).netns_path, cfg)
-    for node in spec.nodes:
-        write_enrolment(spec, layout, paths, node.name)
-
-
 def node_http(
     layout: NetworkLayout,
     node: str,
@@ -571,13 +533,12 @@ def agent_pods(cluster: Cluster, node: str, state: str | None = None) -> dict[st
 
 def node_ready(cluster: Cluster, node: str, want: set[str]) -> bool:
     """The agent has enrolled exactly `want` and the tunnel is ready holding exactly it."""
-    if AGENT_MODE:
-        agent = agent_status(cluster, node)
-        if agent is None:
-            return False
-        pods = agent.get("pods") or {}
-        if set(pods) != want or any(p.get("state") != "enrolled" for p in pods.values()):
-            return False
+    agent = agent_status(cluster, node)
+    if agent is None:
+        return False
+    pods = agent.get("pods") or {}
+    if set(pods) != want or any(p.get("state") != "enrolled" for p in pods.values()):
+        return False
     # Ready alone is not enough: a tunnel that has not yet been given the new pods is
     # ready with none. It must also hold exactly the pods it was given.
     status = tunnel_status(cluster.layout, node) or {}
@@ -606,10 +567,7 @@ def config_in_force(cluster: Cluster, node: str, protocols: dict[str, str]) -> b
 
 
 def wait_ready(cluster: Cluster, timeout: float = READY_TIMEOUT) -> None:
-    if AGENT_MODE:
-        want = {n.name: wanted_uids(cluster, n.name) for n in cluster.spec.nodes}
-    else:
-        want = {n.name: enrolled_uids(cluster.spec, n.name) for n in cluster.spec.nodes}
+    want = {n.name: wanted_uids(cluster, n.name) for n in cluster.spec.nodes}
     protocols = _protocols(cluster)
 
     def ready(node: str) -> bool:
@@ -665,16 +623,10 @@ def up(
             cluster.paths.root.mkdir(parents=True, exist_ok=True)
             write_mesh_config(spec, cluster.paths)
             write_pod_source(cluster.paths, pod_source_doc(spec, layout))
-            if not AGENT_MODE:
-                for node in spec.nodes:  # empty until the pods are captured
-                    _write(cluster.paths.enrolment(node.name), "pods: []\n")
             start_control_plane(spec, layout, state)
             for node in spec.nodes:
-                if AGENT_MODE:
-                    start_agent(spec, layout, state, node.name)
+                start_agent(spec, layout, state, node.name)
                 start_tunnel(spec, layout, state, node.name)
-            if not AGENT_MODE:
-                enrol_pods(spec, layout, state)
             wait_ready(cluster)
         start_apps(spec, layout, state)
         _wait_apps(cluster)

@@ -39,8 +39,6 @@ PROBE_SOURCE = "169.254.7.127"
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[mesh.Cluster]:
-    if not mesh.AGENT_MODE:
-        pytest.skip("the tunnel does not take enrolment over ZDS in this build")
     state_root = tempfile.mkdtemp(prefix="agent-e2e-")
     c = mesh.up(CLUSTER_FILE, state_root)
     try:
