@@ -20,7 +20,9 @@ from ztunnel.admin import ADMIN_PORT
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    cluster = mesh.up(args.cluster_file, args.state_root, mesh=not args.no_mesh)
+    cluster = mesh.up(
+        args.cluster_file, args.state_root, mesh=not args.no_mesh, redirect_mode=args.redirect_mode
+    )
     print(
         f"cluster {cluster.spec.name} is up: {len(cluster.spec.nodes)} nodes, "
         f"{len(cluster.spec.pods)} pods; state in {cluster.state.dir}"
@@ -210,6 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="build a local cluster from a cluster file and start the mesh")
     up.add_argument("cluster_file")
     up.add_argument("--no-mesh", action="store_true", help="network and apps only, no tunnels")
+    up.add_argument(
+        "--redirect-mode",
+        choices=("iptables", "ebpf"),
+        default="iptables",
+        help="how the node agents capture pod traffic (default iptables)",
+    )
     up.set_defaults(fn=_cmd_up)
     down = sub.add_parser("down", help="remove a local cluster (by name or cluster file)")
     down.add_argument("cluster")

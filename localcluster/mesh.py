@@ -87,6 +87,11 @@ class MeshPaths:
     def agent_status(self, node: str) -> Path:
         return self.root / f"agent-{node}.json"
 
+    @property
+    def redirect_mode(self) -> Path:
+        """The capture mode the cluster's agents run in (restarts keep it)."""
+        return self.root / "redirect-mode"
+
 
 @dataclass(frozen=True, slots=True)
 class Cluster:
@@ -446,7 +451,11 @@ def stop_agent(cluster: Cluster, node: str) -> bool:
 
 
 def start_node_agent(cluster: Cluster, node: str) -> ManagedProcess:
-    return start_agent(cluster.spec, cluster.layout, cluster.state, node)
+    try:
+        mode = cluster.paths.redirect_mode.read_text().strip() or "iptables"
+    except FileNotFoundError:
+        mode = "iptables"
+    return start_agent(cluster.spec, cluster.layout, cluster.state, node, mode)
 
 
 def restart_agent(cluster: Cluster, node: str) -> ManagedProcess:
@@ -611,8 +620,12 @@ def _wait_for(cond: Any, timeout: float, what: str, logs: Path) -> None:
 
 
 def up(
-    cluster_file: Path | str, state_root: Path | str | None = None, mesh: bool = True
+    cluster_file: Path | str,
+    state_root: Path | str | None = None,
+    mesh: bool = True,
+    redirect_mode: str = "iptables",
 ) -> Cluster:
+    """Build the cluster; `redirect_mode` is the node agents' capture mode (iptables|ebpf)."""
     spec = load_cluster(cluster_file)
     state = ClusterState.open(spec.name, state_root)
     try:
@@ -623,9 +636,10 @@ def up(
             cluster.paths.root.mkdir(parents=True, exist_ok=True)
             write_mesh_config(spec, cluster.paths)
             write_pod_source(cluster.paths, pod_source_doc(spec, layout))
+            _write(cluster.paths.redirect_mode, redirect_mode + "\n")
             start_control_plane(spec, layout, state)
             for node in spec.nodes:
-                start_agent(spec, layout, state, node.name)
+                start_agent(spec, layout, state, node.name, redirect_mode)
                 start_tunnel(spec, layout, state, node.name)
             wait_ready(cluster)
         start_apps(spec, layout, state)
