@@ -382,3 +382,29 @@ def test_restarts_in_every_order_serve_every_pod_once(cluster: mesh.Cluster, ord
         local, seen = echo_once(c, "mesh", "client", target)
         assert seen.split(":")[0] == pod_ip(c, "mesh", "client")
         assert carried(c, local)
+
+
+def test_upgrade_overlap_new_pods_go_to_the_newest_tunnel(cluster: mesh.Cluster) -> None:
+    """Two tunnels on a node (an upgrade): the agent hands new pods to the newer one; once
+    the old one leaves, the newer serves every pod."""
+    c = cluster
+    optout = uid(c, "mesh", "optout")
+    mesh.start_node_tunnel(c, "n1", "ztunnel-n1-next")
+    try:
+        until(lambda: (mesh.agent_status(c, "n1") or {}).get("tunnels") == 2, "two tunnels")
+        old_mark = len(c.tunnel_log("n1").read_text())
+        mesh.label_pod(c, "mesh", "optout", DATAPLANE_MODE_LABEL, None)  # a new pod
+        until(lambda: state_of(c, "n1", optout) == "enrolled", "the new pod enrolled")
+        next_log = c.state.log_dir / "ztunnel-n1-next.log"
+        until(lambda: optout in next_log.read_text(), "the newer tunnel to take it")
+        assert optout not in c.tunnel_log("n1").read_text()[old_mark:]
+        assert mesh.stop_tunnel(c, "n1")  # the old one goes
+        mesh.wait_ready(c)
+        for target in ("server", "optout"):
+            local, _ = echo_once(c, "mesh", "client", pod_ip(c, "mesh", target))
+            assert carried(c, local)
+    finally:
+        mesh.label_pod(c, "mesh", "optout", DATAPLANE_MODE_LABEL, "none")
+        mesh.stop_tunnel(c, "n1", "ztunnel-n1-next")
+        mesh.start_node_tunnel(c, "n1")
+        mesh.wait_ready(c)
