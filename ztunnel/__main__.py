@@ -59,11 +59,15 @@ async def run(cfg: Config) -> None:
     await asyncio.wait([quit_requested, stopped], return_when=asyncio.FIRST_COMPLETED)
     quit_requested.cancel()
     stopped.cancel()
-    log.info("ztunnel stopping", node=cfg.node_name)
+    # Drain: no new pods, no new connections (a newer tunnel's listeners take them), open
+    # connections run to their end or the deadline; then whatever is left is closed.
+    log.info("ztunnel draining", node=cfg.node_name, deadline_seconds=cfg.drain_seconds)
     await enrolment.close()
-    await admin.close()
-    await metrics.close()
     await readiness.close()
+    await admin.close()
+    await node.drain(cfg.drain_seconds)
+    log.info("ztunnel stopping", node=cfg.node_name)
+    await metrics.close()
     await node.close()
     await watcher.close()
     await certs.close()

@@ -25,10 +25,13 @@ CERT_TTL_SECONDS = "CERT_TTL_SECONDS"
 ROOT_NAMESPACE = "ROOT_NAMESPACE"
 ADMIN_PORT = "ADMIN_PORT"
 METRICS_PORT = "METRICS_PORT"
+DRAIN_SECONDS = "DRAIN_SECONDS"
 
 DEFAULT_READINESS_PORT = 15021
 DEFAULT_ADMIN_PORT = 15000
 DEFAULT_METRICS_PORT = 15020
+# How long a stopping tunnel lets open connections finish (Kubernetes' default grace).
+DEFAULT_DRAIN_SECONDS = 30
 # Policies here without a selector apply mesh-wide, as in Istio's root namespace.
 DEFAULT_ROOT_NAMESPACE = "istio-system"
 DEFAULT_CERT_TTL = 24 * 3600
@@ -56,6 +59,7 @@ class Config:
     root_namespace: str = DEFAULT_ROOT_NAMESPACE
     admin_port: int = DEFAULT_ADMIN_PORT
     metrics_port: int = DEFAULT_METRICS_PORT
+    drain_seconds: int = DEFAULT_DRAIN_SECONDS
     zds_socket: Path | None = None
 
 
@@ -116,4 +120,5 @@ def parse_config(env: Mapping[str, str]) -> Config:
         root_namespace=env.get(ROOT_NAMESPACE, "").strip() or DEFAULT_ROOT_NAMESPACE,
         admin_port=_int(env, ADMIN_PORT, DEFAULT_ADMIN_PORT, 1, 65535),
         metrics_port=_int(env, METRICS_PORT, DEFAULT_METRICS_PORT, 1, 65535),
+        drain_seconds=_int(env, DRAIN_SECONDS, DEFAULT_DRAIN_SECONDS, 0, 3600),
     )

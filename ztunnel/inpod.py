@@ -203,6 +203,9 @@ class _Accepted:
 
         return make
 
+    def open_count(self) -> int:
+        return sum(1 for p in self._protocols if not _closing(p))
+
     def abort_all(self) -> None:
         protocols, self._protocols = self._protocols, []
         for p in protocols:
@@ -271,6 +274,8 @@ class PodProxy:
         if self._factory is None:
             self._factory = NetnsSocketFactory(self.enrolment.open_netns())
         factory = self._factory
+        if isinstance(factory, NetnsSocketFactory):
+            _hand_over_queued_connections(factory.netns_fd, self.workload.name)
         cert = await self._certs.get(self.identity)
         self.server_ctx = tls.server_context(cert)
         self.client_ctx = tls.client_context(cert)
@@ -361,6 +366,23 @@ class PodProxy:
         if old is not None:
             old.close()
 
+    def stop_accepting(self) -> None:
+        """Drain, step one: close the listeners (connections still queued on them move to
+        another tunnel's listener in the same SO_REUSEPORT group) and send GOAWAY on the
+        HBONE connections. Connections already accepted keep running."""
+        self.status = "draining"
+        for server in self.servers:
+            server.close()
+        if self.hbone_server is not None:
+            self.hbone_server.close()
+        if self.inbound is not None:
+            self.inbound.drain()
+
+    @property
+    def busy(self) -> bool:
+        """Whether any accepted connection (or its handler) is still open."""
+        return len(self.tasks) > 0 or self._accepted.open_count() > 0
+
     async def stop(self) -> None:
         self.status = "stopping"
         if self._unsubscribe is not None:
@@ -380,3 +402,14 @@ class PodProxy:
         if isinstance(self._factory, NetnsSocketFactory):
             self._factory.close()
         self.status = "stopped"
+
+
+def _hand_over_queued_connections(netns_fd: int, pod: str) -> None:
+    """tcp_migrate_req=1 in the pod's netns: when a listener closes, the connections in its
+    accept queue (and half-open ones) move to another listener of its SO_REUSEPORT group,
+    e.g. the new tunnel's during an upgrade, instead of being reset. Per netns, Linux 5.14+."""
+    try:
+        nsutil.write_sysctl(netns_fd, "net/ipv4/tcp_migrate_req", "1")
+    except OSError as e:
+        log.warning("cannot enable tcp_migrate_req; an upgrade may reset queued connections",
+                    pod=pod, error=str(e))  # fmt: skip

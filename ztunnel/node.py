@@ -335,6 +335,21 @@ class NodeProxy:
         log.info("quit requested through the admin port")
         self.quit_requested.set()
 
+    async def drain(self, seconds: float) -> int:
+        """Stop accepting on every pod, then wait up to `seconds` for open connections to
+        end. Returns how many pods still had connections at the deadline."""
+        for pod in self.pods.values():
+            pod.stop_accepting()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        # Polled: connections end in many places (three proxies, relays, handshakes), and
+        # a 100 ms look bounded by the deadline is all a drain needs.
+        while loop.time() < deadline and any(p.busy for p in self.pods.values()):  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+        left = sum(1 for p in self.pods.values() if p.busy)
+        log.info("drained", pods=len(self.pods), pods_with_open_connections=left)
+        return left
+
     async def close(self) -> None:
         await self.tasks.cancel_all()
         for uid in list(self.pods):
