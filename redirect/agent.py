@@ -205,7 +205,14 @@ class NodeAgent:
 
     async def start(self) -> None:
         await self.source.start(self._on_view)
-        view = self.view or NodeView(self.node)
+        if self.view is None:
+            # No good view yet (a malformed source): starting from an empty one would prune
+            # the probe set and hand a tunnel an empty snapshot, draining every pod.
+            log.error("waiting for a readable pod source before serving ZDS", node=self.node)
+        while self.view is None:
+            await self._dirty.wait()
+            self._dirty.clear()
+        view = self.view
         await asyncio.to_thread(self.dataplane.install_probes)
         initial = wanted(view)
         await asyncio.to_thread(

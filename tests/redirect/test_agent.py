@@ -375,3 +375,28 @@ def test_stale_probe_entries_are_pruned_at_start(env: Env) -> None:
 
     run(scenario)
     assert env.probe_entries() == {}
+
+
+def test_agent_waits_for_a_readable_source_before_serving(env: Env) -> None:
+    env.pods_file.write_text("{ half a file")
+
+    async def scenario() -> None:
+        agent = env.agent()
+        starting = asyncio.ensure_future(agent.start())
+        await asyncio.sleep(0.2)
+        # Nothing served yet: a tunnel connecting now would get an empty snapshot.
+        assert not starting.done() and not env.socket.exists()
+        env.publish(ambient=True)
+        await asyncio.wait_for(starting, 15)
+        try:
+            tunnel = await ScriptedTunnel.connect(env.socket)
+            await tunnel.expect_add()
+            await tunnel.ack()
+            await tunnel.expect(SnapshotSent)
+            await tunnel.ack()
+            await until(lambda: env.pod_state() == "enrolled", "enrolled")
+            tunnel.close()
+        finally:
+            await agent.close()
+
+    run(scenario)
