@@ -50,7 +50,7 @@ from redirect.capture import RedirectMode
 from redirect.enrolment import FilePodSource, NodeView, PodInfo, PodSource, wanted
 from redirect.iptables import CaptureError
 from redirect.probes import ProbeConfig, ProbeError
-from zds import WorkloadInfo
+from zds import WorkloadInfo, ZdsError
 from zds.server import ZdsNack, ZdsServer, ZdsSuperseded, ZdsUnavailable
 
 log = structlog.get_logger("redirect.agent")
@@ -340,6 +340,11 @@ class NodeAgent:
             t.state, t.reason = PodState.FAILED, f"netns: {e}"
             t.backoff(now)
             log.error("pod netns unavailable", pod=pod.key, error=str(e))
+            return False
+        except ZdsError as e:  # a value ZDS cannot carry; one pod must not stall the rest
+            t.state, t.reason = PodState.FAILED, f"zds: {e}"
+            t.backoff(now)
+            log.error("pod cannot be sent over ZDS", pod=pod.key, error=str(e))
             return False
         t.registered, t.resend = True, False
         return True
