@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import h2.config
@@ -38,8 +39,8 @@ from ztunnel.certs import WorkloadCertificate, build_certificate, new_key_and_cs
 from ztunnel.identity import SpiffeId
 
 from .common import (
+    HERE,
     MB,
-    cluster,
     connect,
     echo,
     logged,
@@ -50,7 +51,20 @@ from .common import (
     vip,
 )
 
-__all__ = ["cluster", "root_links_before"]  # module fixtures, imported to be used here
+__all__ = ["root_links_before"]  # a module fixture, imported to be used here
+
+
+@pytest.fixture(scope="module", params=["iptables", "ebpf"])
+def cluster(
+    request: pytest.FixtureRequest, root_links_before: set[str]
+) -> Iterator[mesh.Cluster]:
+    """The whole module runs once per capture mode: both must behave the same."""
+    state_root = tempfile.mkdtemp(prefix="e2e-state-")
+    c = mesh.up(HERE / "cluster.yaml", state_root, redirect_mode=request.param)
+    try:
+        yield c
+    finally:
+        mesh.down(c.spec.name, state_root)
 
 pytestmark = pytest.mark.netns
 

@@ -320,8 +320,12 @@ class OutboundProxy:
         record.set(**{"dst.hbone_addr": str(decision.next_hop)})
         t = app.transport
         assert t is not None
-        src_ip = t.get_extra_info("sockname")[0]
-        key = PoolKey(source.identity, decision.expected_identities, decision.next_hop.pair, src_ip)
+        # The client's own address, as upstream keys its pool: not our socket's local
+        # address, which is 127.0.0.1 under REDIRECT but the original destination under
+        # eBPF steering (it would split the pool per destination).
+        key = PoolKey(
+            source.identity, decision.expected_identities, decision.next_hop.pair, str(client.ip)
+        )
         headers = connect_headers(source, decision, client)
         for attempt in range(CONNECT_ATTEMPTS):
             h2 = await self._pool.checkout(key)
