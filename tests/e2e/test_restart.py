@@ -31,10 +31,10 @@ from .common import HERE
 pytestmark = pytest.mark.netns
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[mesh.Cluster]:
+@pytest.fixture(scope="module", params=["iptables", "ebpf"])
+def cluster(request: pytest.FixtureRequest) -> Iterator[mesh.Cluster]:
     state_root = tempfile.mkdtemp(prefix="rst-state-")
-    c = mesh.up(HERE / "restart.yaml", state_root)
+    c = mesh.up(HERE / "restart.yaml", state_root, redirect_mode=request.param)
     try:
         yield c
     finally:
