@@ -228,6 +228,9 @@ class InboundProxy:
         target = decision.target
         try:
             _, app = await connect_app(self._factory, target, str(client.ip))
+        except asyncio.CancelledError:
+            record.finish(error="tunnel stopped serving the pod")
+            raise
         except (TimeoutError, OSError) as e:
             reason = f"connecting to the app at {target} failed: {e}"
             _refuse(h2, splice, 503, reason)

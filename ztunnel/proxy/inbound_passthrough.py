@@ -82,6 +82,9 @@ class InboundPassthroughProxy:
             return
         try:
             _, upstream = await connect_app(self._factory, target, str(client.ip))
+        except asyncio.CancelledError:
+            record.finish(error="tunnel stopped serving the pod")
+            raise
         except (TimeoutError, OSError) as e:
             t.abort()
             record.finish(error=f"connecting to the app at {target} failed: {e}")
@@ -106,6 +109,9 @@ class InboundPassthroughProxy:
         self.telemetry.open(entry)
         try:
             res = await pipe.done
+        except asyncio.CancelledError:  # the pod is being released
+            record.finish(pipe.sent, pipe.received, "tunnel stopped serving the pod")
+            raise
         finally:
             self.pipes.discard(pipe)
             # On cancellation too: the live counts are the final ones.

@@ -43,6 +43,7 @@ log = structlog.get_logger(__name__)
 CONNECT_TIMEOUT = 10.0
 # Attempts for a CONNECT whose stream the server refused unprocessed (REFUSED_STREAM).
 CONNECT_ATTEMPTS = 3
+STOPPED = "tunnel stopped serving the pod"
 
 
 class Route(enum.Enum):
@@ -253,6 +254,10 @@ class OutboundProxy:
                 await self._passthrough(app, source, client, decision, record)
             else:
                 await self._hbone(app, source, client, decision, record)
+        except asyncio.CancelledError:
+            # The pod is being released: still exactly one access-log line.
+            record.finish(error=STOPPED)
+            raise
         except (TimeoutError, OSError, ConnectionError, ValueError, PeerVerificationError) as e:
             t.abort()
             record.finish(error=_describe(e, decision))
@@ -304,6 +309,9 @@ class OutboundProxy:
         self.telemetry.open(entry)
         try:
             res = await pipe.done
+        except asyncio.CancelledError:
+            record.finish(pipe.sent, pipe.received, STOPPED)
+            raise
         finally:
             self.telemetry.close(entry, request_bytes=pipe.sent, response_bytes=pipe.received)
         record.finish(res.sent, res.received, res.error)
@@ -358,6 +366,9 @@ class OutboundProxy:
         self.telemetry.open(entry)
         try:
             res = await splice.done
+        except asyncio.CancelledError:
+            record.finish(splice.sent, splice.received, STOPPED)
+            raise
         finally:
             # Outbound: the request direction is the app toward the stream (`sent`).
             self.telemetry.close(entry, request_bytes=splice.sent, response_bytes=splice.received)
