@@ -37,6 +37,12 @@ TABLES = ("mangle", "nat", "raw")
 DEFAULT_PROBE_SNAT_IP = IPv4Address("169.254.7.127")
 
 # Full 32-bit masks: restore-mark copies the whole connmark, as upstream does.
+# Only a connection's SYN is redirected. Installing rules switches conntrack on in the pod,
+# which then picks up connections opened before mid-stream; without this match their next
+# packet would be NATed to a tunnel port that never saw their handshake, and reset. With it
+# they keep flowing, untouched, until they close: enrolment does not break running apps.
+# (Written as iptables-save prints it, so re-applying finds it unchanged.)
+_SYN = "--tcp-flags FIN,SYN,RST,ACK SYN"
 _RESTORE_MASK = "0xffffffff"
 
 # Routing tables the kernel reserves (unspec, default, main, local) and 252 (compat alias).
@@ -228,7 +234,7 @@ def chain_bodies(cfg: InpodConfig) -> dict[str, tuple[tuple[str, str], ...]]:
         # served directly) and the tunnel's own traffic.
         (
             pre,
-            f"! -d 127.0.0.1/32 -p tcp -m tcp ! --dport {cfg.inbound_hbone_port} "
+            f"! -d 127.0.0.1/32 -p tcp -m tcp ! --dport {cfg.inbound_hbone_port} {_SYN} "
             f"-m mark ! --mark {tm} -j REDIRECT --to-ports {cfg.inbound_plain_port}",
         ),
     )
@@ -257,7 +263,7 @@ def chain_bodies(cfg: InpodConfig) -> dict[str, tuple[tuple[str, str], ...]]:
         # All other outbound TCP, except the tunnel's own, goes to the outbound port.
         (
             out,
-            f"! -d 127.0.0.1/32 -p tcp -m mark ! --mark {tm} "
+            f"! -d 127.0.0.1/32 -p tcp -m tcp {_SYN} -m mark ! --mark {tm} "
             f"-j REDIRECT --to-ports {cfg.outbound_port}",
         ),
     ]
