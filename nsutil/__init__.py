@@ -12,6 +12,7 @@ import ctypes.util
 import errno
 import os
 import socket
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -123,3 +124,15 @@ def read_sysctl(fd: int, name: str) -> str:
         raise ValueError(f"bad sysctl name {name!r}")
     with entered(fd), open(f"/proc/sys/{name}") as f:
         return f.read().strip()
+
+
+def run_in(path: str, *argv: str, timeout: float = 30.0) -> str:
+    """Run a command inside the namespace at `path`; its stdout (raises on failure)."""
+    return subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=preexec_enter(path),
+        check=True,
+    ).stdout

@@ -10,7 +10,6 @@ import json
 import os
 import secrets
 import socket
-import subprocess
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address
@@ -40,17 +39,6 @@ pytestmark = pytest.mark.netns
 
 POD_IP = IPv4Address("10.250.0.10")
 UID = "t//Pod/mesh/app"
-
-
-def _ns_run(path: str, *argv: str) -> str:
-    return subprocess.run(
-        argv,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        preexec_fn=nsutil.preexec_enter(path),
-        check=True,
-    ).stdout
 
 
 def _make_netns(prefix: str) -> str:
@@ -112,7 +100,7 @@ class Env:
         return None if entry is None else str(entry["state"])
 
     def captured(self) -> bool:
-        return "ISTIO_OUTPUT" in _ns_run(self.pod, "iptables-save")
+        return "ISTIO_OUTPUT" in nsutil.run_in(self.pod, "iptables-save")
 
     def probe_entries(self) -> dict[IPv4Address, str]:
         return probes.entries(self.node, ProbeConfig())

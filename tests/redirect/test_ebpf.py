@@ -19,7 +19,6 @@ import os
 import secrets
 import shlex
 import socket
-import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -45,18 +44,6 @@ REMOTE_PORT = 9090
 PROBE_IP = str(InpodConfig().probe_snat_ip)
 WAIT = 5.0  # seconds a socket call may block where success is expected
 ABSENT = 1.0  # seconds to wait for something that must not happen
-
-
-def _ns_run(path: str, *argv: str) -> str:
-    proc = subprocess.run(
-        argv,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        preexec_fn=nsutil.preexec_enter(path),
-        check=True,
-    )
-    return proc.stdout
 
 
 @dataclass
@@ -341,21 +328,21 @@ def _state(path: str) -> dict[str, object]:
     carry the program id, so a re-attached program shows)."""
     links = [
         line.split(":")[1].strip().split("@")[0]
-        for line in _ns_run(path, "ip", "-o", "link", "show").splitlines()
+        for line in nsutil.run_in(path, "ip", "-o", "link", "show").splitlines()
     ]
-    save = _ns_run(path, "iptables-save")
+    save = nsutil.run_in(path, "iptables-save")
     state: dict[str, object] = {
-        "qdiscs": _ns_run(path, "tc", "qdisc", "show"),
-        "rules": _ns_run(path, "ip", "rule"),
-        "routes": _ns_run(path, "ip", "-4", "route", "show", "table", "all"),
-        "accept_local": _ns_run(path, "sysctl", "-n", "net.ipv4.conf.lo.accept_local"),
+        "qdiscs": nsutil.run_in(path, "tc", "qdisc", "show"),
+        "rules": nsutil.run_in(path, "ip", "rule"),
+        "routes": nsutil.run_in(path, "ip", "-4", "route", "show", "table", "all"),
+        "accept_local": nsutil.run_in(path, "sysctl", "-n", "net.ipv4.conf.lo.accept_local"),
         "iptables": [line for line in save.splitlines() if not line.startswith("#")],
-        "nft": _ns_run(path, "nft", "-s", "list", "ruleset"),
+        "nft": nsutil.run_in(path, "nft", "-s", "list", "ruleset"),
         "bpffs": sorted(os.listdir("/sys/fs/bpf")) if os.path.isdir("/sys/fs/bpf") else [],
     }
     for link in links:
         for hook in ("ingress", "egress"):
-            state[f"filter {link} {hook}"] = _ns_run(
+            state[f"filter {link} {hook}"] = nsutil.run_in(
                 path, "tc", "filter", "show", "dev", link, hook
             )
     return state
@@ -389,10 +376,10 @@ def test_install_twice_changes_nothing_and_remove_restores(
 def test_ebpf_remove_keeps_foreign_tc_and_prior_accept_local(topology: Topology) -> None:
     """What was there before stays: another clsact filter on eth0 and lo's accept_local=1."""
     pod = topology.pod
-    _ns_run(pod, "sysctl", "-w", "net.ipv4.conf.lo.accept_local=1")
-    _ns_run(pod, "tc", "qdisc", "add", "dev", "eth0", "clsact")
+    nsutil.run_in(pod, "sysctl", "-w", "net.ipv4.conf.lo.accept_local=1")
+    nsutil.run_in(pod, "tc", "qdisc", "add", "dev", "eth0", "clsact")
     # Someone else's classifier (matching only TCP port 1, so it decides nothing here).
-    _ns_run(pod, *shlex.split("tc filter add dev eth0 ingress pref 7 protocol ip u32"),
+    nsutil.run_in(pod, *shlex.split("tc filter add dev eth0 ingress pref 7 protocol ip u32"),
             *shlex.split("match ip dport 1 0xffff"))  # fmt: skip
     before = _state(pod)
     capture.install(pod, RedirectMode.EBPF)
@@ -450,8 +437,8 @@ def test_ebpf_pod_without_addressed_interface_fails_closed() -> None:
 def test_ebpf_refuses_a_pod_with_a_non_ethernet_interface(topology: Topology) -> None:
     """A tun device carries bare IP: the programs could not parse it, so its traffic would
     pass uncaptured. The install fails and leaves the pod as it was."""
-    _ns_run(topology.pod, *shlex.split("ip tuntap add dev tun7 mode tun"))
-    _ns_run(topology.pod, *shlex.split("ip addr add 10.253.9.1/24 dev tun7"))
+    nsutil.run_in(topology.pod, *shlex.split("ip tuntap add dev tun7 mode tun"))
+    nsutil.run_in(topology.pod, *shlex.split("ip addr add 10.253.9.1/24 dev tun7"))
     before = _state(topology.pod)
     with pytest.raises(CaptureError, match="not Ethernet: tun7"):
         capture.install(topology.pod, RedirectMode.EBPF)

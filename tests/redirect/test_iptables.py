@@ -10,7 +10,6 @@ import os
 import secrets
 import socket
 import struct
-import subprocess
 from collections.abc import Iterator
 
 import pytest
@@ -29,29 +28,19 @@ POD_ADDR = "10.250.0.2"
 REMOTE = ("10.250.0.9", 80)
 
 
-def _ns_run(path: str, *argv: str) -> str:
-    proc = subprocess.run(
-        argv,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        preexec_fn=nsutil.preexec_enter(path),
-        check=True,
-    )
-    return proc.stdout
-
-
 def _state(path: str) -> dict[str, str]:
     """Everything apply may change: rules without counters or timestamps, ip rules, table 100."""
-    save = _ns_run(path, "iptables-save")
+    save = nsutil.run_in(path, "iptables-save")
     return {
         "iptables": "".join(line + "\n" for line in save.splitlines() if not line.startswith("#")),
-        "nft": _ns_run(path, "nft", "-s", "list", "ruleset"),
-        "rules": _ns_run(path, "ip", "rule"),
+        "nft": nsutil.run_in(path, "nft", "-s", "list", "ruleset"),
+        "rules": nsutil.run_in(path, "ip", "rule"),
         # "show table 100" fails while the table does not exist; list all and filter.
         "table100": "".join(
             line + "\n"
-            for line in _ns_run(path, "ip", "-4", "route", "show", "table", "all").splitlines()
+            for line in nsutil.run_in(
+                path, "ip", "-4", "route", "show", "table", "all"
+            ).splitlines()
             if " table 100 " in line + " "
         ),
     }
@@ -99,8 +88,8 @@ def test_remove_from_untouched_pod_creates_nothing(pod: str) -> None:
 
 
 def test_foreign_rules_survive_apply_and_remove(pod: str) -> None:
-    _ns_run(pod, "iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "lo", "-j", "ACCEPT")
-    _ns_run(pod, "iptables", "-t", "filter", "-A", "INPUT", "-p", "udp", "-j", "ACCEPT")
+    nsutil.run_in(pod, "iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "lo", "-j", "ACCEPT")
+    nsutil.run_in(pod, "iptables", "-t", "filter", "-A", "INPUT", "-p", "udp", "-j", "ACCEPT")
     before = _state(pod)
     apply_inpod(pod, InpodConfig())
     remove_inpod(pod, InpodConfig())

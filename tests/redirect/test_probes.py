@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import subprocess
 from collections.abc import Iterator
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -151,22 +150,11 @@ def test_uid_must_fit_a_comment() -> None:
 # ---- netns: apply and remove in a throwaway namespace ----------------------------------------
 
 
-def _ns_run(path: str, *argv: str) -> str:
-    return subprocess.run(
-        argv,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        preexec_fn=nsutil.preexec_enter(path),
-        check=True,
-    ).stdout
-
-
 def _state(path: str) -> dict[str, str]:
-    save = _ns_run(path, "iptables-save")
+    save = nsutil.run_in(path, "iptables-save")
     return {
         "iptables": "".join(line + "\n" for line in save.splitlines() if not line.startswith("#")),
-        "sets": _ns_run(path, "ipset", "list", "-n"),
+        "sets": nsutil.run_in(path, "ipset", "list", "-n"),
     }
 
 
@@ -179,7 +167,9 @@ def node() -> Iterator[str]:
         path = nsutil.netns_path(name)
         with IPRoute(netns=path, flags=0) as ipr:
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-        _ns_run(path, "iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "lo", "-j", "ACCEPT")
+        nsutil.run_in(
+            path, "iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "lo", "-j", "ACCEPT"
+        )
         yield path
     finally:
         netns.remove(name)
