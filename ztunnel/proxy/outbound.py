@@ -304,16 +304,27 @@ class OutboundProxy:
         _, upstream = await open_tcp(self._factory, decision.next_hop)
         pipe = TcpPipe(app, upstream)
         entry = self._tracked(source, client, decision, lambda: (pipe.sent, pipe.received))
-        entry.abort = pipe.abort
-        pipe.start()
+        await self._relay(pipe, pipe.start, entry, record)
+
+    async def _relay(
+        self,
+        relay: TcpPipe | HboneSplice,
+        start: Callable[[], None],
+        entry: Tracked,
+        record: ConnectionLog,
+    ) -> None:
+        """Run a joined connection to its end; book it (table, metrics, access log) once.
+        Outbound, the request direction is the app's: `sent`."""
+        entry.abort = relay.abort
+        start()
         self.telemetry.open(entry)
         try:
-            res = await pipe.done
+            res = await relay.done
         except asyncio.CancelledError:
-            record.finish(pipe.sent, pipe.received, STOPPED)
+            record.finish(relay.sent, relay.received, STOPPED)
             raise
         finally:
-            self.telemetry.close(entry, request_bytes=pipe.sent, response_bytes=pipe.received)
+            self.telemetry.close(entry, request_bytes=relay.sent, response_bytes=relay.received)
         record.finish(res.sent, res.received, res.error)
 
     async def _hbone(
@@ -361,18 +372,7 @@ class OutboundProxy:
             self.telemetry.refused(outbound_labels(source, decision, flags))
             return
         entry = self._tracked(source, client, decision, lambda: (splice.sent, splice.received))
-        entry.abort = splice.abort
-        splice.start(app)
-        self.telemetry.open(entry)
-        try:
-            res = await splice.done
-        except asyncio.CancelledError:
-            record.finish(splice.sent, splice.received, STOPPED)
-            raise
-        finally:
-            # Outbound: the request direction is the app toward the stream (`sent`).
-            self.telemetry.close(entry, request_bytes=splice.sent, response_bytes=splice.received)
-        record.finish(res.sent, res.received, res.error)
+        await self._relay(splice, lambda: splice.start(app), entry, record)
 
 
 def outbound_labels(source: Workload, decision: OutboundDecision, flags: str) -> TcpLabels:
