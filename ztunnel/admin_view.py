@@ -82,7 +82,7 @@ def config_dump(node: NodeProxy) -> dict[str, Any]:
     pods = []
     for uid, enrolment in sorted(node.desired.items()):
         running = node.pods.get(uid)
-        w = state.workload_by_uid(uid)
+        w = node.workload_of(uid)
         pods.append(
             {
                 "uid": uid,
