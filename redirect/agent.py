@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import contextlib
 import enum
+import functools
 import json
 import os
 import signal
@@ -60,6 +61,9 @@ DEFAULT_ZDS_SOCKET = "/var/run/ztunnel/ztunnel.sock"
 _RETRY_MIN = 0.05
 _RETRY_MAX = 5.0
 _ZDS_TIMEOUT = 10.0
+# A release waits for the tunnel to let the pod's open connections finish (it acks the
+# delete when they have, or at its RELEASE_DRAIN_SECONDS): longer than that bound.
+_RELEASE_TIMEOUT = 45.0
 _STATUS_REFRESH = 1.0  # seconds between status checks when nothing else happens
 
 
@@ -74,6 +78,7 @@ class Dataplane(Protocol):
     """The privileged operations the agent drives (blocking; run off the event loop)."""
 
     def install_capture(self, netns: str) -> None: ...
+    def stop_redirects(self, netns: str) -> None: ...
     def remove_capture(self, netns: str) -> None: ...
     def install_probes(self) -> None: ...
     def prune_probes(self, keep: Mapping[IPv4Address, str]) -> None: ...
@@ -91,6 +96,9 @@ class NodeDataplane:
 
     def install_capture(self, netns: str) -> None:
         capture.install(netns, self.mode)
+
+    def stop_redirects(self, netns: str) -> None:
+        capture.stop_redirects(netns, self.mode)
 
     def remove_capture(self, netns: str) -> None:
         capture.remove(netns, self.mode)
@@ -184,6 +192,7 @@ class NodeAgent:
         self.pods: dict[str, Tracked] = {}
         self.zds = zds_factory(self._on_acked, self._on_tunnels)
         self._dirty = asyncio.Event()
+        self._removals: dict[str, asyncio.Task[None]] = {}  # releases in progress, by uid
         self._runner: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._status_text = ""
@@ -234,6 +243,9 @@ class NodeAgent:
         if self._runner is not None:
             self._runner.cancel()
             await asyncio.gather(self._runner, return_exceptions=True)
+        for task in list(self._removals.values()):
+            task.cancel()
+        await asyncio.gather(*self._removals.values(), return_exceptions=True)
         await self.source.close()
         await self.zds.close()
         # Capture and probe rules stay: pods keep failing closed while no agent runs, and
@@ -261,10 +273,18 @@ class NodeAgent:
         desired = wanted(self.view) if self.view is not None else {}
         for uid, tracked in list(self.pods.items()):
             pod = desired.get(uid)
-            if pod is None or not _same_pod(tracked.pod, pod):
-                await self._unenrol(uid)
+            if (pod is None or not _same_pod(tracked.pod, pod)) and uid not in self._removals:
+                # In the background: a release waits for the pod's open connections, and
+                # must hold up neither other pods nor new enrolments.
+                task = asyncio.get_running_loop().create_task(
+                    self._unenrol(uid), name=f"release:{uid}"
+                )
+                self._removals[uid] = task
+                task.add_done_callback(functools.partial(self._removal_done, uid))
         now = time.monotonic()
         for uid, pod in desired.items():
+            if uid in self._removals:
+                continue  # wanted again: re-enrolled once its release has finished
             t = self.pods.get(uid)
             if t is not None and t.state is PodState.REMOVING:
                 # Its removal failed part-way and it is wanted again: finish enrolling it
@@ -349,7 +369,17 @@ class NodeAgent:
         t.registered, t.resend = True, False
         return True
 
+    def _removal_done(self, uid: str, task: asyncio.Task[None]) -> None:
+        self._removals.pop(uid, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("pod release failed; retrying", uid=uid, error=str(task.exception()))
+        self._dirty.set()
+
     async def _unenrol(self, uid: str) -> None:
+        """Release a pod without breaking what runs: probes off; new connections no longer
+        captured; the tunnel told (it acks once the connections it carries for the pod
+        have ended, or at its deadline); only then the rest of the capture (the return
+        path those connections needed) goes."""
         t = self.pods[uid]
         pod = t.pod
         t.state = PodState.REMOVING
@@ -358,8 +388,7 @@ class NodeAgent:
                 await asyncio.to_thread(self.dataplane.remove_probe, pod.ip, uid)
                 t.probe = False
             if t.captured:
-                await asyncio.to_thread(self._remove_capture, pod.netns)
-                t.captured = False
+                await asyncio.to_thread(self._stop_redirects, pod.netns)
         except (ProbeError, CaptureError) as e:
             t.reason = f"removal: {e}"
             t.backoff(time.monotonic())
@@ -368,11 +397,25 @@ class NodeAgent:
         if t.registered:
             with contextlib.suppress(ZdsUnavailable):  # no tunnel: forgetting is enough
                 try:
-                    await self.zds.delete(uid, timeout=_ZDS_TIMEOUT)
+                    await self.zds.delete(uid, timeout=_RELEASE_TIMEOUT)
                 except TimeoutError:
                     log.warning("tunnel did not ack the removal", pod=pod.key)
+            t.registered = False
+        try:
+            if t.captured:
+                await asyncio.to_thread(self._remove_capture, pod.netns)
+                t.captured = False
+        except CaptureError as e:
+            t.reason = f"removal: {e}"
+            t.backoff(time.monotonic())
+            log.error("pod removal failed; retrying", pod=pod.key, error=str(e))
+            return
         del self.pods[uid]
         log.info("pod removed from the mesh", pod=pod.key, uid=uid)
+
+    def _stop_redirects(self, netns: str) -> None:
+        if os.path.exists(netns):
+            self.dataplane.stop_redirects(netns)
 
     def _remove_capture(self, netns: str) -> None:
         # A vanished netns (the pod was deleted) took its rules with it: nothing to undo.

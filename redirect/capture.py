@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 
 from redirect.iptables import apply_inpod, remove_inpod
+from redirect.iptables import stop_redirects as stop_iptables_redirects
 from redirect.rules import InpodConfig
 
 
@@ -37,3 +38,13 @@ def remove(netns_path: str, mode: RedirectMode, cfg: InpodConfig | None = None) 
         ebpf.remove(netns_path, cfg or InpodConfig())
         return
     remove_inpod(netns_path, cfg or InpodConfig())
+
+
+def stop_redirects(netns_path: str, mode: RedirectMode, cfg: InpodConfig | None = None) -> None:
+    """Release, step one: new connections stop being captured; the ones the tunnel carries
+    keep their return path until `remove`. (The eBPF programs steer every packet of a
+    captured connection, so in that mode this is already the full removal.)"""
+    if mode is RedirectMode.EBPF:
+        remove(netns_path, mode, cfg)
+        return
+    stop_iptables_redirects(netns_path)

@@ -98,6 +98,17 @@ def remove_inpod(netns_path: str, cfg: InpodConfig) -> None:
     remove_routing(netns_path, rules.routing(cfg))
 
 
+def stop_redirects(netns_path: str) -> None:
+    """Release, step one: remove the nat (redirect) rules only, so new connections go
+    direct, while the mangle rules and policy routing stay: connections the tunnel still
+    carries (its transparent sockets' replies come back through them) keep working until
+    the tunnel let them finish. `remove_inpod` removes the rest."""
+    require_netns(netns_path)
+    text = rules.removal_ruleset(_saved_rules(netns_path), tables=("nat",))
+    if text:
+        _restore(netns_path, text, "iptables-restore (stop redirects)")
+
+
 def snapshot(netns_path: str, cfg: InpodConfig) -> NetnsSnapshot:
     """The pod's iptables ruleset, its IPv4 fwmark rules and the routes in `cfg`'s table."""
     require_netns(netns_path)

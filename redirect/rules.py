@@ -306,16 +306,16 @@ def inpod_ruleset(cfg: InpodConfig, current: SavedRules = EMPTY) -> str:
     return "\n".join(lines) + "\n"
 
 
-def removal_ruleset(current: SavedRules) -> str:
-    """`iptables-restore --noflush` input that removes every trace of our chains, or "" if
-    `current` has none.
+def removal_ruleset(current: SavedRules, tables: tuple[str, ...] = TABLES) -> str:
+    """`iptables-restore --noflush` input that removes every trace of our chains (in
+    `tables`; all by default), or "" if `current` has none.
 
     Every rule whose target is one of our chains is deleted (however many copies), then the
     chains are flushed (by declaring them) and deleted. Tables without our chains are not
     mentioned, so removal never creates a table.
     """
     lines: list[str] = []
-    for table in TABLES:
+    for table in tables:
         ours = [c for c in OUR_CHAINS if c in current.chains.get(table, ())]
         hooks = [
             (chain, spec)

@@ -29,7 +29,13 @@ async def run(cfg: Config) -> None:
     certs = CertificateManager(
         LocalCAClient(cfg.ca_address, token), ttl=timedelta(seconds=cfg.cert_ttl_seconds)
     )
-    node = NodeProxy(cfg.node_name, certs, cfg.trust_domain, root_namespace=cfg.root_namespace)
+    node = NodeProxy(
+        cfg.node_name,
+        certs,
+        cfg.trust_domain,
+        root_namespace=cfg.root_namespace,
+        release_drain=cfg.release_drain_seconds,
+    )
     watcher = LocalConfigWatcher(cfg.local_xds_path, node.on_state)
     await watcher.start()
     node.on_state(watcher.current)

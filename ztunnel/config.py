@@ -26,12 +26,16 @@ ROOT_NAMESPACE = "ROOT_NAMESPACE"
 ADMIN_PORT = "ADMIN_PORT"
 METRICS_PORT = "METRICS_PORT"
 DRAIN_SECONDS = "DRAIN_SECONDS"
+RELEASE_DRAIN_SECONDS = "RELEASE_DRAIN_SECONDS"
 
 DEFAULT_READINESS_PORT = 15021
 DEFAULT_ADMIN_PORT = 15000
 DEFAULT_METRICS_PORT = 15020
 # How long a stopping tunnel lets open connections finish (Kubernetes' default grace).
 DEFAULT_DRAIN_SECONDS = 30
+# How long a pod leaving the mesh keeps the connections this tunnel carries for it (the node
+# agent waits for the answer, and then removes the return path they need).
+DEFAULT_RELEASE_DRAIN_SECONDS = 30
 # Policies here without a selector apply mesh-wide, as in Istio's root namespace.
 DEFAULT_ROOT_NAMESPACE = "istio-system"
 DEFAULT_CERT_TTL = 24 * 3600
@@ -60,6 +64,7 @@ class Config:
     admin_port: int = DEFAULT_ADMIN_PORT
     metrics_port: int = DEFAULT_METRICS_PORT
     drain_seconds: int = DEFAULT_DRAIN_SECONDS
+    release_drain_seconds: int = DEFAULT_RELEASE_DRAIN_SECONDS
     zds_socket: Path | None = None
 
 
@@ -121,4 +126,7 @@ def parse_config(env: Mapping[str, str]) -> Config:
         admin_port=_int(env, ADMIN_PORT, DEFAULT_ADMIN_PORT, 1, 65535),
         metrics_port=_int(env, METRICS_PORT, DEFAULT_METRICS_PORT, 1, 65535),
         drain_seconds=_int(env, DRAIN_SECONDS, DEFAULT_DRAIN_SECONDS, 0, 3600),
+        release_drain_seconds=_int(
+            env, RELEASE_DRAIN_SECONDS, DEFAULT_RELEASE_DRAIN_SECONDS, 0, 40
+        ),
     )

@@ -28,7 +28,7 @@ import structlog
 from ztunnel import admin_view
 from ztunnel.authz import authorize
 from ztunnel.certs import CertificateManager
-from ztunnel.config import DEFAULT_ROOT_NAMESPACE
+from ztunnel.config import DEFAULT_RELEASE_DRAIN_SECONDS, DEFAULT_ROOT_NAMESPACE
 from ztunnel.identity import SpiffeId
 from ztunnel.inpod import Enrolment, PodProxy
 from ztunnel.rbac import PolicyIndex
@@ -59,9 +59,11 @@ class NodeProxy:
         root_namespace: str = DEFAULT_ROOT_NAMESPACE,
         telemetry: Telemetry | None = None,
         workload_wait: float = WORKLOAD_WAIT,
+        release_drain: float = DEFAULT_RELEASE_DRAIN_SECONDS,
     ) -> None:
         self.node_name = node_name
         self.workload_wait = workload_wait
+        self.release_drain = release_drain
         self.certs = certs
         self.trust_domain = trust_domain
         self.root_namespace = root_namespace
@@ -205,7 +207,15 @@ class NodeProxy:
             raise PodStartError(error)
 
     async def remove_pod(self, uid: str) -> None:
-        """Stop serving a pod and release its netns (nothing happens for an unknown uid)."""
+        """Stop serving a pod and release its netns (nothing happens for an unknown uid).
+
+        The agent has already stopped redirecting the pod's new connections; the ones this
+        tunnel carries run to their end (up to `release_drain` seconds) before the pod's
+        proxy stops, so leaving the mesh breaks nothing that is running."""
+        pod = self.pods.get(uid)
+        if pod is not None and self.release_drain > 0:
+            pod.stop_accepting()
+            await self._wait_idle([pod], self.release_drain)
         async with self._lock:
             await self._forget(uid)
 
@@ -340,15 +350,21 @@ class NodeProxy:
         end. Returns how many pods still had connections at the deadline."""
         for pod in self.pods.values():
             pod.stop_accepting()
+        left = await self._wait_idle(list(self.pods.values()), seconds)
+        log.info("drained", pods=len(self.pods), pods_with_open_connections=left)
+        return left
+
+    @staticmethod
+    async def _wait_idle(pods: list[PodProxy], seconds: float) -> int:
+        """Wait until no pod of `pods` has an open connection, at most `seconds`; how
+        many still had one then."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
         # Polled: connections end in many places (three proxies, relays, handshakes), and
         # a 100 ms look bounded by the deadline is all a drain needs.
-        while loop.time() < deadline and any(p.busy for p in self.pods.values()):  # noqa: ASYNC110
+        while loop.time() < deadline and any(p.busy for p in pods):  # noqa: ASYNC110
             await asyncio.sleep(0.1)
-        left = sum(1 for p in self.pods.values() if p.busy)
-        log.info("drained", pods=len(self.pods), pods_with_open_connections=left)
-        return left
+        return sum(1 for p in pods if p.busy)
 
     async def close(self) -> None:
         await self.tasks.cancel_all()

@@ -55,9 +55,7 @@ __all__ = ["root_links_before"]  # a module fixture, imported to be used here
 
 
 @pytest.fixture(scope="module", params=["iptables", "ebpf"])
-def cluster(
-    request: pytest.FixtureRequest, root_links_before: set[str]
-) -> Iterator[mesh.Cluster]:
+def cluster(request: pytest.FixtureRequest, root_links_before: set[str]) -> Iterator[mesh.Cluster]:
     """The whole module runs once per capture mode: both must behave the same."""
     state_root = tempfile.mkdtemp(prefix="e2e-state-")
     c = mesh.up(HERE / "cluster.yaml", state_root, redirect_mode=request.param)
@@ -65,6 +63,7 @@ def cluster(
         yield c
     finally:
         mesh.down(c.spec.name, state_root)
+
 
 pytestmark = pytest.mark.netns
 

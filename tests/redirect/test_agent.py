@@ -102,6 +102,10 @@ class Env:
     def captured(self) -> bool:
         return "ISTIO_OUTPUT" in nsutil.run_in(self.pod, "iptables-save")
 
+    def redirecting(self) -> bool:
+        """Whether new connections are still redirected (the nat part of the capture)."""
+        return "ISTIO_OUTPUT" in nsutil.run_in(self.pod, "iptables-save", "-t", "nat")
+
     def probe_entries(self) -> dict[IPv4Address, str]:
         return probes.entries(self.node, ProbeConfig())
 
@@ -203,14 +207,17 @@ def test_enrol_without_tunnel_fails_closed_then_acks_in_order(env: Env) -> None:
             assert env.probe_entries() == {POD_IP: UID}
             assert env.status()["tunnels"] == 1
 
-            # Un-label: probe entry, then capture, go before the tunnel hears of it.
+            # Un-label: the probe entry and the redirects go before the tunnel hears of it;
+            # the return path of connections it still carries stays until it acks.
             env.publish(ambient=False)
             request = await tunnel.expect(DelWorkload)
             assert request.payload == DelWorkload(UID)
             assert env.probe_entries() == {}
-            assert not env.captured()
+            assert not env.redirecting()
+            assert env.captured()
             await tunnel.ack()
             await until(lambda: env.pod_state() is None, "the pod to leave the status")
+            assert not env.captured()
             tunnel.close()
         finally:
             await agent.close()
