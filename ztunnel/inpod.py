@@ -204,7 +204,13 @@ class _Accepted:
         return make
 
     def open_count(self) -> int:
-        return sum(1 for p in self._protocols if not _closing(p))
+        """Connections up and not closing. A protocol without a transport never got its
+        connection (a failed TLS handshake): it is not waited for."""
+        return sum(
+            1
+            for p in self._protocols
+            if getattr(p, "transport", None) is not None and not _closing(p)
+        )
 
     def abort_all(self) -> None:
         protocols, self._protocols = self._protocols, []
