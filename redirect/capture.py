@@ -42,9 +42,10 @@ def remove(netns_path: str, mode: RedirectMode, cfg: InpodConfig | None = None) 
 
 def stop_redirects(netns_path: str, mode: RedirectMode, cfg: InpodConfig | None = None) -> None:
     """Release, step one: new connections stop being captured; the ones the tunnel carries
-    keep their return path until `remove`. (The eBPF programs steer every packet of a
-    captured connection, so in that mode this is already the full removal.)"""
+    keep their path through it until `remove`."""
     if mode is RedirectMode.EBPF:
-        remove(netns_path, mode, cfg)
+        from redirect import ebpf
+
+        ebpf.stop_redirects(netns_path, cfg or InpodConfig())
         return
     stop_iptables_redirects(netns_path)

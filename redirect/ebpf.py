@@ -77,6 +77,29 @@ def install(netns_path: str, cfg: InpodConfig) -> None:
         raise
 
 
+def stop_redirects(netns_path: str, cfg: InpodConfig) -> None:
+    """Release, step one: swap the programs for their release build, which steers no new
+    connection but keeps steering the packets of those already captured, so they run to
+    their end through the tunnel. A pod without the capture is left alone. `remove`
+    removes the rest."""
+    require_netns(netns_path)
+    step = "tc (release eBPF capture)"
+    with NetlinkIn(netns_path, step) as ipr:
+        try:
+            present = any(
+                _our_filter(ipr, index, d) is not None
+                for index in _links(ipr)
+                for d in (Direction.INGRESS, Direction.EGRESS)
+            )
+        except NetlinkError as e:
+            raise CaptureError(netns_path, step, _errtext(e), _TC_HINT) from None
+    if not present:
+        return
+    source = _source(netns_path)
+    flags = ebpf_plan.cflags(cfg, release=True)
+    _install_hooks(netns_path, source, flags, ebpf_plan.build_id(source, flags))
+
+
 def remove(netns_path: str, cfg: InpodConfig) -> None:
     """Remove every trace of the eBPF capture from the netns at `netns_path`. Removing from
     a pod without it is a no-op."""

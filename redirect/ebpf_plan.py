@@ -118,8 +118,9 @@ def check_config(cfg: InpodConfig) -> None:
         raise EbpfConfigError(f"probe_snat_ip: {cfg.probe_snat_ip} is not IPv4")
 
 
-def cflags(cfg: InpodConfig) -> tuple[str, ...]:
-    """The program's settings as compiler definitions (CFG_* in capture.c)."""
+def cflags(cfg: InpodConfig, release: bool = False) -> tuple[str, ...]:
+    """The program's settings as compiler definitions (CFG_* in capture.c). `release`
+    builds the variant that steers no new connection (a pod leaving the mesh)."""
     # The probe address is compared with a raw __be32 read from the packet, so it is passed
     # as the integer whose in-memory bytes (host order) are the address in network order.
     probe_be32 = int.from_bytes(ipaddress.IPv4Address(cfg.probe_snat_ip).packed, sys.byteorder)
@@ -131,6 +132,7 @@ def cflags(cfg: InpodConfig) -> tuple[str, ...]:
         f"-DCFG_OUTBOUND_PORT={cfg.outbound_port}",
         f"-DCFG_INBOUND_PORT={cfg.inbound_plain_port}",
         f"-DCFG_HBONE_PORT={cfg.inbound_hbone_port}",
+        f"-DCFG_RELEASE={int(release)}",
     )
 
 

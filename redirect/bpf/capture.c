@@ -32,6 +32,12 @@
 #include <uapi/linux/ip.h>
 #include <uapi/linux/pkt_cls.h>
 
+#ifndef CFG_RELEASE
+// Release (the pod is leaving the mesh): no new connection is steered any more, while the
+// packets of connections already steered still are, so they run to their end.
+#define CFG_RELEASE 0
+#endif
+
 #define LO_IFINDEX 1  // loopback is ifindex 1 in every network namespace
 #define TCP_FLAG_SYN 0x02
 #define TCP_FLAG_ACK 0x10
@@ -114,7 +120,7 @@ int pod_ingress(struct __sk_buff *skb) {
         return TC_ACT_OK;
     if (is_loopback_dst(&p) || p.tuple.ipv4.dport == bpf_htons(CFG_HBONE_PORT))
         return TC_ACT_OK;
-    if (!is_new(&p) || owned(skb, &p))
+    if (CFG_RELEASE || !is_new(&p) || owned(skb, &p))
         return TC_ACT_OK;
     return assign_to(skb, &p, CFG_INBOUND_PORT);
 }
@@ -127,7 +133,7 @@ int pod_egress(struct __sk_buff *skb) {
         return TC_ACT_OK;
     if (p.tuple.ipv4.daddr == CFG_PROBE_IP || is_loopback_dst(&p))
         return TC_ACT_OK;
-    if (!owned(skb, &p) && !is_new(&p))
+    if (!owned(skb, &p) && (CFG_RELEASE || !is_new(&p)))
         return TC_ACT_OK;  // a flow the capture does not own (e.g. one older than it)
     // lo's address is all zeroes; any other destination MAC makes the packet "for another
     // host" on lo, and IP drops it.
@@ -144,7 +150,7 @@ int lo_ingress(struct __sk_buff *skb) {
         return TC_ACT_OK;  // ordinary loopback traffic, including the tunnel's own
     if (parse(skb, &p) < 0)
         return TC_ACT_OK;
-    if (!is_new(&p) || owned(skb, &p))
+    if (CFG_RELEASE || !is_new(&p) || owned(skb, &p))
         return TC_ACT_OK;
     return assign_to(skb, &p, CFG_OUTBOUND_PORT);
 }
