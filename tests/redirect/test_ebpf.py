@@ -320,6 +320,31 @@ def test_without_tunnel_listeners_nothing_bypasses_the_tunnel(captured: Topology
     assert _nothing_pending(remote)
 
 
+@pytest.mark.netns
+def test_release_keeps_captured_connections_and_lets_new_ones_go_direct(
+    captured: Topology, mode: RedirectMode
+) -> None:
+    """`stop_redirects` (a pod leaving the mesh): a connection the capture steered to the
+    tunnel keeps flowing there; a new one goes straight to its destination."""
+    out = captured.tunnel_listener(sockets.OUTBOUND_PORT)
+    remote = captured.remote_server()
+    app = captured.pod_socket()
+    app.connect((CLIENT_IP, REMOTE_PORT))
+    conn, _ = out.accept()
+    with conn:
+        _exchange(app, conn, 64 << 10)
+        capture.stop_redirects(captured.pod, mode)
+        _exchange(app, conn, 1 << 20)  # still through the tunnel's socket
+        assert _nothing_pending(remote)
+        direct = captured.pod_socket()
+        direct.connect((CLIENT_IP, REMOTE_PORT))
+        peer, _ = remote.accept()
+        with peer:
+            _exchange(direct, peer, 64 << 10)
+        assert _nothing_pending(out)
+    capture.remove(captured.pod, mode)
+
+
 # --- install / remove -----------------------------------------------------------------
 
 
