@@ -183,6 +183,17 @@ def run(scenario: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(scenario())  # type: ignore[arg-type]
 
 
+
+async def enrolled_through_a_tunnel(env: Env) -> ScriptedTunnel:
+    """A scripted tunnel connects, acks the one pod and the snapshot: the pod is enrolled."""
+    tunnel = await ScriptedTunnel.connect(env.socket)
+    await tunnel.expect_add()
+    await tunnel.ack()
+    await tunnel.expect(SnapshotSent)
+    await tunnel.ack()
+    await until(lambda: env.pod_state() == "enrolled", "enrolled")
+    return tunnel
+
 def test_enrol_without_tunnel_fails_closed_then_acks_in_order(env: Env) -> None:
     env.publish(ambient=True)
 
@@ -277,12 +288,7 @@ def test_tunnel_loss_makes_enrolled_pods_pending_until_a_new_one_acks(env: Env) 
         agent = env.agent()
         await agent.start()
         try:
-            tunnel = await ScriptedTunnel.connect(env.socket)
-            await tunnel.expect_add()
-            await tunnel.ack()
-            await tunnel.expect(SnapshotSent)
-            await tunnel.ack()
-            await until(lambda: env.pod_state() == "enrolled", "enrolled")
+            tunnel = await enrolled_through_a_tunnel(env)
             tunnel.close()
             await until(lambda: env.pod_state() == "pending", "pending after the tunnel left")
             assert env.captured() and env.probe_entries() == {POD_IP: UID}
@@ -340,12 +346,7 @@ def test_malformed_source_keeps_the_last_good_view(env: Env) -> None:
         agent = env.agent()
         await agent.start()
         try:
-            tunnel = await ScriptedTunnel.connect(env.socket)
-            await tunnel.expect_add()
-            await tunnel.ack()
-            await tunnel.expect(SnapshotSent)
-            await tunnel.ack()
-            await until(lambda: env.pod_state() == "enrolled", "enrolled")
+            tunnel = await enrolled_through_a_tunnel(env)
             env.pods_file.write_text('{"pods": [{"uid": 7}]}')
             await until(lambda: bool(env.status().get("sourceError")), "the error reported")
             assert "pods[0].uid" in env.status()["sourceError"]
@@ -384,12 +385,7 @@ def test_agent_waits_for_a_readable_source_before_serving(env: Env) -> None:
         env.publish(ambient=True)
         await asyncio.wait_for(starting, 15)
         try:
-            tunnel = await ScriptedTunnel.connect(env.socket)
-            await tunnel.expect_add()
-            await tunnel.ack()
-            await tunnel.expect(SnapshotSent)
-            await tunnel.ack()
-            await until(lambda: env.pod_state() == "enrolled", "enrolled")
+            tunnel = await enrolled_through_a_tunnel(env)
             tunnel.close()
         finally:
             await agent.close()
