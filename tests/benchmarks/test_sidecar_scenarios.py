@@ -1,0 +1,167 @@
+"""The two sidecar benchmark scenarios come up, carry HTTP and bulk traffic through their
+sidecars (not around them), and leave nothing behind when stopped (twice)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from pyroute2 import netns as pr_netns
+
+import nsutil
+
+# The harness's package is `meshbench` with benchmarks/ on sys.path (as mesh_bench.py runs).
+BENCHMARKS = str(Path(__file__).resolve().parents[2] / "benchmarks")
+if BENCHMARKS not in sys.path:
+    sys.path.insert(0, BENCHMARKS)
+
+from meshbench import sidecar_cluster as sc  # noqa: E402
+from meshbench.scenario import Endpoint, Running  # noqa: E402
+from meshbench.sidecar import SidecarScenario  # noqa: E402
+
+pytestmark = pytest.mark.netns
+
+BULK_MIB = 4
+MIB = 1 << 20
+
+
+def http_request(ep: Endpoint) -> tuple[int, int]:
+    """One 1 KB POST from the client pod; (status, body length) of the answer."""
+    s = nsutil.socket_at(ep.netns)
+    try:
+        s.settimeout(10)
+        s.connect((ep.host, ep.port))
+        body = b"q" * 1024
+        s.sendall(
+            b"POST /x HTTP/1.1\r\nHost: server\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+        )
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = s.recv(65536)
+            assert chunk, f"connection closed before an answer: {data!r}"
+            data += chunk
+        head, _, rest = data.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in lines[1:]
+            if line.lower().startswith(b"content-length:")
+        )
+        while len(rest) < length:
+            chunk = s.recv(65536)
+            assert chunk, "connection closed in the body"
+            rest += chunk
+        return int(lines[0].split()[1]), len(rest)
+    finally:
+        s.close()
+
+
+def bulk_transfer(ep: Endpoint, mib: int) -> int:
+    """Stream `mib` MiB to the sink; how many MiB it acknowledged (one byte each)."""
+    s = nsutil.socket_at(ep.netns)
+    try:
+        s.settimeout(20)
+        s.connect((ep.host, ep.port))
+        s.sendall(b"b" * (mib * MIB))
+        acks = 0
+        while acks < mib:
+            chunk = s.recv(64)
+            if not chunk:
+                break
+            acks += len(chunk)
+        return acks
+    finally:
+        s.close()
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def cluster_netns(name: str) -> list[str]:
+    return [n for n in pr_netns.listnetns() if n.startswith(f"{name}-")]
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return cond()
+
+
+def assert_nothing_left(name: str, running: Running, workdir: Path) -> None:
+    assert cluster_netns(name) == []
+    pids = [p for group in running.proxies.values() for p in group]
+    assert pids and not any(alive(p) for p in pids)
+    assert not (workdir / "state").exists()
+    assert [p.name for p in workdir.iterdir()] == []
+
+
+def access_lines(log: Path) -> list[dict[str, object]]:
+    out = []
+    for line in log.read_text().splitlines():
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(doc, dict) and doc.get("event") == "connection complete":
+            out.append(doc)
+    return out
+
+
+@pytest.mark.parametrize("placement", sc.PLACEMENTS)
+def test_sidecar_scenario_carries_traffic_through_per_pod_tunnels(
+    placement: str, tmp_path: Path
+) -> None:
+    scenario = SidecarScenario(placement)
+    assert scenario.cluster_name not in {"e2e", "agents", "rst"}
+    running = scenario.start(tmp_path)
+    try:
+        assert set(running.proxies) == {"client-sidecar", "server-sidecar"}
+        sidecars = [p for group in running.proxies.values() for p in group]
+        assert len(set(sidecars)) == 2 and all(alive(p) for p in sidecars)
+        # Each sidecar lives in its own pod's netns, as a sidecar container does.
+        client_ns = os.stat(running.http.netns).st_ino
+        assert os.stat(f"/proc/{running.proxies['client-sidecar'][0]}/ns/net").st_ino == (client_ns)
+
+        assert http_request(running.http) == (200, 1024)
+        assert bulk_transfer(running.bulk, BULK_MIB) == BULK_MIB
+
+        # Through the sidecars: the client's logs both connections as outbound HBONE to
+        # the server pod's 15008, the server's as inbound, with the bytes they carried.
+        server = running.http.host
+        client_log = scenario.sidecar_log(sc.CLIENT_POD)
+        server_log = scenario.sidecar_log(sc.SERVER_POD)
+
+        def logged(log: Path, direction: str) -> list[dict[str, object]]:
+            return [d for d in access_lines(log) if d.get("direction") == direction]
+
+        def both_logged() -> bool:
+            return (
+                len(logged(client_log, "outbound")) >= 2 and len(logged(server_log, "inbound")) >= 2
+            )
+
+        assert wait_for(both_logged), client_log.read_text()[-2000:]
+        out = {str(d["dst.addr"]): d for d in logged(client_log, "outbound")}
+        assert set(out) == {f"{server}:{sc.HTTP_PORT}", f"{server}:{sc.BULK_PORT}"}
+        assert all(d["dst.hbone_addr"] == f"{server}:15008" for d in out.values())
+        assert int(str(out[f"{server}:{sc.BULK_PORT}"]["bytes_sent"])) >= BULK_MIB * MIB
+        inbound = logged(server_log, "inbound")
+        assert {d.get("src.identity") for d in inbound} == {
+            "spiffe://cluster.local/ns/bench/sa/client"
+        }
+    finally:
+        scenario.stop()
+    scenario.stop()  # idempotent
+    assert_nothing_left(scenario.cluster_name, running, tmp_path)
