@@ -3,9 +3,9 @@ one kind of mesh (or none), says where the client connects, and which processes 
 scenario's cost.
 
 Every scenario module (plain.py, sidecar.py, haproxy.py, ...) implements `Scenario`; the
-harness only talks to this interface, so a new row in the report is a new class here. The package is `meshbench` with
-benchmarks/ on sys.path (mesh_bench.py runs from there); inside it, import relatively
-(`from .scenario import Endpoint, Running`).
+harness only talks to this interface, so a new row in the report is a new class here.
+The package is `meshbench` with benchmarks/ on sys.path (mesh_bench.py runs from there);
+inside it, import relatively (`from .scenario import Endpoint, Running`).
 """
 
 from __future__ import annotations
