@@ -1,0 +1,271 @@
+"""The load generator, run as `python -m meshbench.loadgen MODE ...` inside the client
+pod's netns (the harness enters it); prints one JSON object on stdout.
+
+`http`: open loop at a fixed --rate over --conns keep-alive HTTP/1.1 connections. Request i
+is due at start + i / rate; one sender thread sends it (round robin over the connections,
+pipelined when a connection still waits for an earlier answer) at or after that time, and
+a receiver thread per connection timestamps each answer. Latency is measured from the DUE
+time, so a stall delays every request behind it and shows in the percentiles (no
+coordinated omission). Bounded by --seconds plus a grace period; unanswered requests are
+counted, not hidden.
+`bulk`: one connection, benchmarks/apps/l4_client.py's throughput (same sink protocol).
+`connect`: --workers threads each connect, send one small request with `Connection:
+close`, read the answer and close, as fast as they can for --seconds.
+`idle`: open --count connections (each answers one request first, so the path is set up
+end to end), print `{"opened": n, ...}`, hold them until a line arrives on stdin, close.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import resource
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import uvloop
+
+from .hist import Histogram
+
+GRACE = 10.0  # seconds an answer may still arrive after the last request is due
+L4_CLIENT = Path(__file__).resolve().parents[1] / "apps" / "l4_client.py"
+
+
+def request_bytes(size: int, close: bool = False) -> bytes:
+    lines = [
+        "POST /echo HTTP/1.1",
+        "Host: server",
+        f"Content-Length: {size}",
+        "Content-Type: application/octet-stream",
+    ]
+    if close:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + b"a" * size
+
+
+def raise_nofile() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def _connect(host: str, port: int, timeout: float) -> socket.socket:
+    s = socket.create_connection((host, port), timeout=timeout)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s
+
+
+def read_response(f: Any) -> int:
+    """Read one HTTP/1.1 response from a buffered binary file; returns the body length."""
+    status = f.readline()
+    if not status:
+        raise ConnectionError("server closed the connection")
+    if not status.startswith(b"HTTP/1.1 200"):
+        raise ConnectionError(f"unexpected status line {status[:80]!r}")
+    length = 0
+    while True:
+        line = f.readline()
+        if line in (b"\r\n", b"\n", b""):
+            break
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value.strip())
+    body = f.read(length)
+    if len(body) != length:
+        raise ConnectionError("server closed in the middle of a body")
+    return length
+
+
+# --- http: open loop ------------------------------------------------------------------
+
+
+def http(
+    host: str, port: int, rate: float, seconds: float, conns: int, size: int
+) -> dict[str, Any]:
+    count = max(1, int(rate * seconds))
+    interval_ns = int(1e9 / rate)
+    req = request_bytes(size)
+    # Hand the GIL over quickly: the sender waking at a due time must not wait out the
+    # default 5 ms switch interval behind a receiver.
+    sys.setswitchinterval(0.0001)
+    socks = [_connect(host, port, seconds + GRACE) for _ in range(conns)]
+    files = [s.makefile("rb", buffering=65536) for s in socks]
+    for s, f in zip(socks, files, strict=True):  # warm-up: setup is not steady state
+        s.sendall(req)
+        read_response(f)
+    # Per connection, the due times of its requests in order (filled by the sender before
+    # it sends, so the receiver always finds the entry it needs).
+    due: list[list[int]] = [[] for _ in range(conns)]
+    hists = [Histogram() for _ in range(conns)]
+    answered = [0] * conns
+    errors: list[str] = []
+    per_conn = [len(range(i, count, conns)) for i in range(conns)]
+
+    def receiver(k: int) -> None:
+        try:
+            for j in range(per_conn[k]):
+                read_response(files[k])
+                hists[k].record(max(0, time.perf_counter_ns() - due[k][j]))
+                answered[k] += 1
+        except (OSError, ValueError) as e:
+            errors.append(f"connection {k}: {e}")
+
+    threads = [threading.Thread(target=receiver, args=(k,), daemon=True) for k in range(conns)]
+    for t in threads:
+        t.start()
+    start = time.perf_counter_ns() + 10_000_000
+    for i in range(count):
+        t_due = start + i * interval_ns
+        wait = t_due - time.perf_counter_ns()
+        if wait > 0:
+            time.sleep(wait / 1e9)
+        k = i % conns
+        due[k].append(t_due)
+        try:
+            socks[k].sendall(req)
+        except OSError as e:
+            errors.append(f"send on connection {k}: {e}")
+            break
+    end_by = time.monotonic() + GRACE
+    for t in threads:
+        t.join(max(0.0, end_by - time.monotonic()))
+    wall = (time.perf_counter_ns() - start) / 1e9
+    for s in socks:
+        s.close()
+    h = Histogram()
+    for one in hists:
+        h.merge(one)
+    done = sum(answered)
+    return {
+        "requests": count,
+        "answered": done,
+        "unanswered": count - done,
+        "errors": errors[:5],
+        "rate": rate,
+        "achieved_rps": done / wall if wall > 0 else 0.0,
+        "latency_ms": h.summary(),
+        "hist_ns": h.to_json(),
+    }
+
+
+# --- bulk, connect, idle ------------------------------------------------------------------
+
+
+def _load(path: Path, name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def bulk(host: str, port: int, nbytes: int, seconds: float) -> dict[str, Any]:
+    result: dict[str, Any] = _load(L4_CLIENT, "l4_client").throughput(host, port, nbytes, seconds)
+    return result
+
+
+def connect(host: str, port: int, seconds: float, workers: int) -> dict[str, Any]:
+    req = request_bytes(16, close=True)
+    ok = [0] * workers
+    failed = [0] * workers
+    deadline = time.monotonic() + seconds
+
+    def work(k: int) -> None:
+        while time.monotonic() < deadline:
+            try:
+                with _connect(host, port, 5.0) as s:
+                    s.sendall(req)
+                    with s.makefile("rb") as f:
+                        read_response(f)
+                ok[k] += 1
+            except (OSError, ValueError):
+                failed[k] += 1
+
+    start = time.monotonic()
+    threads = [threading.Thread(target=work, args=(k,), daemon=True) for k in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(seconds + 15.0)
+    wall = time.monotonic() - start
+    return {
+        "connections": sum(ok),
+        "failed": sum(failed),
+        "seconds": wall,
+        "per_second": sum(ok) / wall if wall > 0 else 0.0,
+    }
+
+
+async def _idle(host: str, port: int, count: int, parallel: int) -> dict[str, Any]:
+    req = request_bytes(16)
+    held: list[asyncio.StreamWriter] = []
+    failed = 0
+    gate = asyncio.Semaphore(parallel)
+
+    async def one() -> None:
+        nonlocal failed
+        async with gate:
+            try:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
+                writer.write(req)
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                await asyncio.wait_for(reader.readexactly(length), 10)
+                held.append(writer)
+            except (TimeoutError, OSError, ValueError, IndexError, EOFError):
+                failed += 1
+
+    await asyncio.gather(*(one() for _ in range(count)))
+    print(json.dumps({"opened": len(held), "failed": failed}), flush=True)
+    # Hold until the harness has measured (a line or EOF on stdin).
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    for w in held:
+        w.close()
+    return {"opened": len(held), "failed": failed}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    sub = ap.add_subparsers(dest="mode", required=True)
+    for mode in ("http", "bulk", "connect", "idle"):
+        p = sub.add_parser(mode)
+        p.add_argument("--host", required=True)
+        p.add_argument("--port", type=int, required=True)
+        p.add_argument("--seconds", type=float, default=5.0)
+        if mode == "http":
+            p.add_argument("--rate", type=float, default=1000.0)
+            p.add_argument("--conns", type=int, default=8)
+            p.add_argument("--size", type=int, default=1024)
+        if mode == "bulk":
+            p.add_argument("--bytes", type=int, default=1 << 30)
+        if mode == "connect":
+            p.add_argument("--workers", type=int, default=4)
+        if mode == "idle":
+            p.add_argument("--count", type=int, default=10000)
+            p.add_argument("--parallel", type=int, default=256)
+    a = ap.parse_args()
+    raise_nofile()
+    if a.mode == "http":
+        out = http(a.host, a.port, a.rate, a.seconds, a.conns, a.size)
+    elif a.mode == "bulk":
+        out = bulk(a.host, a.port, a.bytes, a.seconds)
+    elif a.mode == "connect":
+        out = connect(a.host, a.port, a.seconds, a.workers)
+    else:
+        uvloop.run(_idle(a.host, a.port, a.count, a.parallel))
+        return
+    json.dump(out, sys.stdout)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()

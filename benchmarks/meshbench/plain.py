@@ -1,0 +1,205 @@
+"""The scenarios built from the cluster alone: `none` (plain namespace, no proxy), `ambient`
+(mesh namespace, the node tunnels, HBONE mTLS) and `relay` (plain pods joined by two plain
+TCP relays, benchmarks/apps/relay.py: the tunnel's two user-space hops without TLS).
+
+All three use one cluster (bench.yaml: both namespaces, both placements), brought up by
+the first scenario that needs it and torn down when the last one stops. The harness holds
+it across consecutive plain scenarios with `shared_cluster`, so switching between them
+costs nothing and they can be interleaved; the cluster is always down before any other
+scenario (which may build its own cluster from the same file) starts.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from l4_datapath import RELAY, BenchError, _env, _wait_listening
+
+from localcluster.mesh import ADMIN_PORT, Cluster, down, process_record, tunnel_name, up
+from localcluster.processes import ManagedProcess, spawn_in_netns
+
+from .scenario import Endpoint, Running
+
+HERE = Path(__file__).resolve().parent
+CLUSTER_FILE = HERE / "bench.yaml"
+CLUSTER_NAME = "meshbench"
+PLAIN_NS = "plain"
+MESH_NS = "mesh"
+CLIENT_POD = "client-0"
+SERVER_POD = {"cross-node": "server-0", "same-node": "server-1"}
+SERVER_NODE = {"cross-node": "node2", "same-node": "node1"}
+CLIENT_NODE = "node1"
+HTTP_PORT = 8080  # as in bench.yaml
+SINK_PORT = 5001
+PLACEMENTS = ("cross-node", "same-node")
+
+
+class _Shared:
+    """The one cluster of the plain scenarios, reference counted."""
+
+    def __init__(self) -> None:
+        self.cluster: Cluster | None = None
+        self.state_root: Path | None = None
+        self.refs = 0
+
+    def acquire(self, workdir: Path) -> Cluster:
+        if self.cluster is None:
+            root = workdir / "plain-cluster"
+            root.mkdir(parents=True, exist_ok=True)
+            self.state_root = root
+            self.cluster = up(CLUSTER_FILE, root, mesh=True)
+        self.refs += 1
+        return self.cluster
+
+    def release(self) -> None:
+        self.refs = max(0, self.refs - 1)
+        if self.refs == 0 and self.cluster is not None:
+            cluster, root = self.cluster, self.state_root
+            self.cluster = None
+            down(cluster.spec.name, root)
+            if root is not None:
+                shutil.rmtree(root, ignore_errors=True)
+
+
+_SHARED = _Shared()
+
+
+@contextmanager
+def shared_cluster(workdir: Path) -> Iterator[Cluster]:
+    """Keep the plain scenarios' cluster up for the duration (one `up` for all of them)."""
+    cluster = _SHARED.acquire(workdir)
+    try:
+        yield cluster
+    finally:
+        _SHARED.release()
+
+
+def _check_placement(placement: str) -> None:
+    if placement not in SERVER_POD:
+        raise ValueError(f"placement must be one of {sorted(SERVER_POD)}, got {placement!r}")
+
+
+def _endpoints(cluster: Cluster, namespace: str, placement: str) -> tuple[Endpoint, Endpoint]:
+    netns = cluster.pod_netns(namespace, CLIENT_POD)
+    ip = str(cluster.layout.pod(namespace, SERVER_POD[placement]).ip)
+    return Endpoint(netns, ip, HTTP_PORT), Endpoint(netns, ip, SINK_PORT)
+
+
+class _Base:
+    name = ""
+
+    def __init__(self, placement: str) -> None:
+        _check_placement(placement)
+        self.placement = placement
+        self._held = False
+
+    def _acquire(self, workdir: Path) -> Cluster:
+        cluster = _SHARED.acquire(workdir)
+        self._held = True
+        return cluster
+
+    def stop(self) -> None:
+        if self._held:
+            self._held = False
+            _SHARED.release()
+
+
+class NoMesh(_Base):
+    """`none`: the plain namespace's pods, straight over veths and bridges."""
+
+    name = "none"
+
+    def start(self, workdir: Path) -> Running:
+        cluster = self._acquire(workdir)
+        http, bulk = _endpoints(cluster, PLAIN_NS, self.placement)
+        return Running(http=http, bulk=bulk, proxies={})
+
+
+class Ambient(_Base):
+    """`ambient`: the mesh namespace's pods, captured by the node tunnels (HBONE mTLS)."""
+
+    name = "ambient"
+
+    def start(self, workdir: Path) -> Running:
+        cluster = self._acquire(workdir)
+        http, bulk = _endpoints(cluster, MESH_NS, self.placement)
+        # Only the tunnels on the path are the scenario's cost (same-node: just node1's).
+        nodes = sorted({CLIENT_NODE, SERVER_NODE[self.placement]})
+        proxies: dict[str, list[int]] = {}
+        for node in nodes:
+            rec = process_record(cluster, tunnel_name(node))
+            if rec is None:
+                self.stop()
+                raise BenchError(f"ambient: the tunnel of {node} is not running")
+            proxies[f"tunnel-{node}"] = [rec.pid]
+        admin = (cluster.layout.node(CLIENT_NODE).netns_path, f"127.0.0.1:{ADMIN_PORT}")
+        return Running(http=http, bulk=bulk, proxies=proxies, tunnel_admin=admin)
+
+
+class Relay(_Base):
+    """`relay`: plain pods joined by two plain TCP relays (client node, then server node;
+    same-node: both on node1), the same two user-space hops as ambient without TLS."""
+
+    name = "relay"
+    FIRST = {HTTP_PORT: 6080, SINK_PORT: 6001}  # ports of the first relay (client side)
+    SECOND = {HTTP_PORT: 7080, SINK_PORT: 7001}  # of the second (server side)
+
+    def __init__(self, placement: str) -> None:
+        super().__init__(placement)
+        self._procs: list[ManagedProcess] = []
+
+    def start(self, workdir: Path) -> Running:
+        cluster = self._acquire(workdir)
+        try:
+            return self._start(cluster)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, cluster: Cluster) -> Running:
+        lay = cluster.layout
+        first, second = lay.node(CLIENT_NODE), lay.node(SERVER_NODE[self.placement])
+        server_ip = str(lay.pod(PLAIN_NS, SERVER_POD[self.placement]).ip)
+        hops = [
+            ("relay-b", second.netns_path, str(second.ip), self.SECOND, server_ip, None),
+            ("relay-a", first.netns_path, str(first.ip), self.FIRST, str(second.ip), self.SECOND),
+        ]
+        for name, netns, ip, ports, to_ip, to_ports in hops:
+            argv = [sys.executable, str(RELAY), "--bind", ip]
+            for app_port, lport in ports.items():
+                to_port = to_ports[app_port] if to_ports else app_port
+                argv += ["--forward", f"{lport}:{to_ip}:{to_port}"]
+            self._procs.append(
+                spawn_in_netns(
+                    netns,
+                    argv,
+                    _env(),
+                    HERE,
+                    cluster.state.log_dir / f"{name}-{self.placement}.log",
+                    cluster.state.pidfile_dir,
+                    f"{name}-{self.placement}",
+                )
+            )
+            for lport in ports.values():
+                _wait_listening(netns, ip, lport)
+        netns = cluster.pod_netns(PLAIN_NS, CLIENT_POD)
+        entry = str(first.ip)
+        return Running(
+            http=Endpoint(netns, entry, self.FIRST[HTTP_PORT]),
+            bulk=Endpoint(netns, entry, self.FIRST[SINK_PORT]),
+            proxies={"relay-a": [self._procs[1].pid], "relay-b": [self._procs[0].pid]},
+        )
+
+    def stop(self) -> None:
+        procs, self._procs = self._procs, []
+        for p in procs:
+            p.stop()
+        super().stop()
+
+
+def scenarios(placement: str) -> list[NoMesh | Ambient | Relay]:
+    return [NoMesh(placement), Ambient(placement), Relay(placement)]
