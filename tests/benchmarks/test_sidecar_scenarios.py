@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import sys
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ BENCHMARKS = str(Path(__file__).resolve().parents[2] / "benchmarks")
 if BENCHMARKS not in sys.path:
     sys.path.insert(0, BENCHMARKS)
 
+from meshbench import haproxy  # noqa: E402
 from meshbench import sidecar_cluster as sc  # noqa: E402
 from meshbench.scenario import Endpoint, Running  # noqa: E402
 from meshbench.sidecar import SidecarScenario  # noqa: E402
@@ -165,3 +167,77 @@ def test_sidecar_scenario_carries_traffic_through_per_pod_tunnels(
         scenario.stop()
     scenario.stop()  # idempotent
     assert_nothing_left(scenario.cluster_name, running, tmp_path)
+
+
+def ask(tls: ssl.SSLSocket) -> bytes:
+    """One GET over an open TLS connection; the first bytes of the answer."""
+    tls.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    answer = tls.recv(100)
+    if not answer:
+        raise ConnectionError("closed without an answer")
+    return answer
+
+
+def rows(stats: list[dict[str, str]], proxy: str, name: str) -> dict[str, str]:
+    return next(r for r in stats if r["pxname"] == proxy and r["svname"] == name)
+
+
+@pytest.mark.parametrize("placement", sc.PLACEMENTS)
+def test_haproxy_scenario_carries_traffic_through_the_mtls_pair(
+    placement: str, tmp_path: Path
+) -> None:
+    scenario = haproxy.HaproxyScenario(placement)
+    assert scenario.cluster_name not in {"e2e", "agents", "rst"}
+    running = scenario.start(tmp_path)
+    files = scenario.files
+    assert files is not None
+    try:
+        assert set(running.proxies) == {"client-sidecar", "server-sidecar"}
+        assert all(alive(p) for group in running.proxies.values() for p in group)
+        # The app talks to its own sidecar on loopback, inside its own pod.
+        assert running.http.host == "127.0.0.1"
+
+        assert http_request(running.http) == (200, 1024)
+        assert bulk_transfer(running.bulk, BULK_MIB) == BULK_MIB
+
+        # The request crossed both sidecars: the client's upstream to the peer and the
+        # server's frontend each count it; the bulk bytes went through both TCP proxies
+        # (byte counters are updated when the connection ends, hence the wait).
+        client = scenario.stats_socket("client")
+        server = scenario.stats_socket("server")
+        assert rows(haproxy.stats(client), "http_out", "peer")["stot"] == "1"
+        assert rows(haproxy.stats(server), "http_in", "FRONTEND")["req_tot"] == "1"
+
+        def carried(sock: Path, proxy: str, name: str) -> int:
+            return int(rows(haproxy.stats(sock), proxy, name)["bin"] or 0)
+
+        assert wait_for(lambda: carried(client, "bulk_out", "peer") >= BULK_MIB * MIB)
+        assert wait_for(lambda: carried(server, "bulk_in", "app") >= BULK_MIB * MIB)
+
+        # mTLS is enforced: the server sidecar answers a client holding a mesh
+        # certificate, and refuses one without, even if it trusts the mesh root.
+        assert scenario.cluster is not None
+        server_ip = sc.pod_ip(scenario.cluster, sc.SERVER_POD)
+
+        def tls_client(cert: bool) -> ssl.SSLSocket:
+            ctx = ssl.create_default_context(cafile=str(files / "ca.pem"))
+            ctx.check_hostname = False
+            if cert:
+                ctx.load_cert_chain(str(files / "client.pem"))
+            raw = nsutil.socket_at(running.http.netns)
+            raw.settimeout(5)
+            raw.connect((server_ip, haproxy.SERVER_HTTP_PORT))
+            # The handshake happens in `ask`, where a refusal is expected to surface.
+            return ctx.wrap_socket(raw, do_handshake_on_connect=False)
+
+        with tls_client(cert=True) as tls:
+            assert ask(tls).startswith(b"HTTP/1.1 200")
+        with tls_client(cert=False) as tls, pytest.raises((ssl.SSLError, ConnectionError)):
+            # TLS 1.3: the server's verdict on the (missing) certificate arrives as an
+            # alert after the handshake, on the first read.
+            ask(tls)
+    finally:
+        scenario.stop()
+    scenario.stop()  # idempotent
+    assert_nothing_left(scenario.cluster_name, running, tmp_path)
+    assert not files.exists()

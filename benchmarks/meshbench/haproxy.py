@@ -1,0 +1,281 @@
+"""The `sidecar-haproxy` scenario: HAProxy (Debian's) as an L7 sidecar pair with mTLS,
+the reference row of a production C proxy.
+
+    client app --HTTP--> 127.0.0.1:15080 client-side HAProxy (client pod netns)
+        --TLS 1.3, client certificate--> <server pod IP>:15443 server-side HAProxy
+        (server pod netns; verifies the certificate against the mesh root)
+        --HTTP--> 127.0.0.1:8080 the app
+    bulk: the same path in TCP mode, 127.0.0.1:15081 -> :15444 -> 127.0.0.1:5001
+
+The app talks to its sidecar explicitly, on a local port, rather than being redirected to
+it with iptables: HAProxy 2.6 has no listener that recovers a REDIRECTed connection's
+original destination and forwards to it (its `transparent` options are about binding to
+foreign addresses, not about SO_ORIGINAL_DST), so explicit addressing is the reliable
+way, and costs the same on the data path. HTTP keep-alive on every hop (HAProxy's
+default in HTTP mode): one client connection maps to one TLS connection between the pair.
+
+Certificates come from the project's CA code (`controlplane.ca.CertificateAuthority`,
+SPIFFE URI SANs), written to a private temp dir together with the configs and the stats
+sockets. HAProxy checks the peer's chain against the mesh root on both sides; it has no
+check of a URI SAN, so unlike our tunnel it does not pin the peer's identity.
+
+Each HAProxy runs with one thread: the same as one tunnel per pod with one event loop,
+and what a sidecar gets on a 2-core machine shared by both pods and the load generator.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from controlplane.ca import CertificateAuthority
+from localcluster import mesh
+from localcluster.processes import spawn_in_netns
+from ztunnel.identity import SpiffeId
+
+from . import sidecar_cluster as sc
+from .scenario import Endpoint, Running
+
+CLIENT_HTTP_PORT = 15080  # where the client app sends HTTP (its sidecar, on loopback)
+CLIENT_BULK_PORT = 15081
+SERVER_HTTP_PORT = 15443  # the server sidecar's mTLS listeners on the pod IP
+SERVER_BULK_PORT = 15444
+THREADS = 1
+IDLE_TIMEOUT = "300s"
+READY_TIMEOUT = 15.0
+CERT_TTL = timedelta(hours=24)
+
+
+class HaproxyError(RuntimeError):
+    """HAProxy is missing or did not start; the message says what to do or where to look."""
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    ca: Path  # the mesh root, to verify the peer
+    client: Path  # client sidecar: certificate chain and key in one PEM, as HAProxy wants
+    server: Path
+
+
+def haproxy_binary() -> str:
+    found = shutil.which("haproxy") or (
+        "/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None
+    )
+    if found is None:
+        raise HaproxyError(
+            "haproxy is not installed: apt-get install -y haproxy (scripts/setup.sh)"
+        )
+    return found
+
+
+def issue(ca: CertificateAuthority, identity: SpiffeId) -> bytes:
+    """A key and a leaf for `identity` signed by `ca`, as one PEM (leaf, root, key)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(identity))]),
+            critical=True,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    chain = ca.sign_csr(csr.public_bytes(serialization.Encoding.PEM), identity, CERT_TTL)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return b"".join(chain) + key_pem
+
+
+def write_tls_files(directory: Path, trust_domain: str, namespace: str) -> TlsFiles:
+    ca = CertificateAuthority.create(trust_domain)
+    files = TlsFiles(directory / "ca.pem", directory / "client.pem", directory / "server.pem")
+    files.ca.write_bytes(ca.roots_pem())
+    for path, account in ((files.client, "client"), (files.server, "server")):
+        path.touch(mode=0o600)
+        path.write_bytes(issue(ca, SpiffeId(trust_domain, namespace, account)))
+    return files
+
+
+def _common(stats_socket: Path) -> list[str]:
+    return [
+        "global",
+        f"    nbthread {THREADS}",
+        # No maxconn: HAProxy derives it from the fd limit (two fds per proxied
+        # connection), which is the most this machine lets it hold.
+        f"    stats socket {stats_socket} mode 600 level user",
+        "    ssl-default-bind-options ssl-min-ver TLSv1.3",
+        "    ssl-default-server-options ssl-min-ver TLSv1.3",
+        "",
+        "defaults",
+        "    mode http",
+        "    option http-keep-alive",
+        "    timeout connect 5s",
+        f"    timeout client {IDLE_TIMEOUT}",
+        f"    timeout server {IDLE_TIMEOUT}",
+        f"    timeout http-keep-alive {IDLE_TIMEOUT}",
+        "",
+    ]
+
+
+def client_config(tls: TlsFiles, server_ip: str, stats_socket: Path) -> str:
+    """The client pod's sidecar: plain HTTP (and TCP) in on loopback, mTLS out."""
+    upstream = f"ssl crt {tls.client} ca-file {tls.ca} verify required"
+    lines = [
+        *_common(stats_socket),
+        "frontend http_in",
+        f"    bind 127.0.0.1:{CLIENT_HTTP_PORT}",
+        "    default_backend http_out",
+        "",
+        "backend http_out",
+        f"    server peer {server_ip}:{SERVER_HTTP_PORT} {upstream}",
+        "",
+        "listen bulk_out",
+        "    mode tcp",
+        f"    bind 127.0.0.1:{CLIENT_BULK_PORT}",
+        f"    server peer {server_ip}:{SERVER_BULK_PORT} {upstream}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def server_config(tls: TlsFiles, server_ip: str, stats_socket: Path) -> str:
+    """The server pod's sidecar: mTLS in on the pod IP (a client certificate from the mesh
+    root is required), plain HTTP (and TCP) to the app on loopback."""
+    downstream = f"ssl crt {tls.server} ca-file {tls.ca} verify required"
+    lines = [
+        *_common(stats_socket),
+        "frontend http_in",
+        f"    bind {server_ip}:{SERVER_HTTP_PORT} {downstream}",
+        "    default_backend app",
+        "",
+        "backend app",
+        f"    server app 127.0.0.1:{sc.HTTP_PORT}",
+        "",
+        "listen bulk_in",
+        "    mode tcp",
+        f"    bind {server_ip}:{SERVER_BULK_PORT} {downstream}",
+        f"    server app 127.0.0.1:{sc.BULK_PORT}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def stats(stats_socket: Path, timeout: float = 2.0) -> list[dict[str, str]]:
+    """`show stat` from a sidecar's stats socket: one row per frontend, backend and server
+    (HAProxy's CSV columns: pxname, svname, scur, stot, bin, bout, req_tot, ...)."""
+    text = _command(stats_socket, "show stat", timeout)
+    return list(csv.DictReader(io.StringIO(text.lstrip("# "))))
+
+
+def _command(stats_socket: Path, command: str, timeout: float) -> str:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(str(stats_socket))
+        s.sendall(command.encode() + b"\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data.decode()
+
+
+class HaproxyScenario:
+    """A client-side and a server-side HAProxy, mTLS between them."""
+
+    name = "sidecar-haproxy"
+
+    def __init__(self, placement: str = "cross-node", cluster_name: str = "") -> None:
+        self.placement = sc.check_placement(placement)
+        self.cluster_name = cluster_name or ("hapx" if placement == "cross-node" else "haps")
+        self._state_root: Path | None = None
+        self._cluster_file: Path | None = None
+        # Short: stats sockets live here, and a unix socket path has 107 bytes at most.
+        self.files: Path | None = None
+        self.cluster: mesh.Cluster | None = None
+
+    def stats_socket(self, side: str) -> Path:
+        if self.files is None:
+            raise RuntimeError("the scenario is not running")
+        return self.files / f"{side}.sock"
+
+    def start(self, workdir: Path) -> Running:
+        binary = haproxy_binary()
+        self._state_root = workdir / "state"
+        self._cluster_file = sc.write_cluster_file(
+            workdir, self.cluster_name, self.placement, False
+        )
+        try:
+            self.files = Path(tempfile.mkdtemp(prefix=f"mb-{self.cluster_name}-"))
+            cluster = mesh.up(self._cluster_file, self._state_root, mesh=False)
+            self.cluster = cluster
+            server_ip = sc.pod_ip(cluster, sc.SERVER_POD)
+            tls = write_tls_files(self.files, cluster.spec.trust_domain, sc.NAMESPACE)
+            configs = {
+                "client": client_config(tls, server_ip, self.stats_socket("client")),
+                "server": server_config(tls, server_ip, self.stats_socket("server")),
+            }
+            pods = {"client": sc.CLIENT_POD, "server": sc.SERVER_POD}
+            pids: dict[str, list[int]] = {}
+            for side, text in configs.items():
+                cfg = self.files / f"{side}.cfg"
+                cfg.write_text(text)
+                name = f"haproxy-{side}"
+                proc = spawn_in_netns(
+                    sc.pod_netns(cluster, pods[side]),
+                    # -db: stay in the foreground, one process (no master), so its pid is
+                    # the proxy's whole cost and stopping it by pid stops it all.
+                    [binary, "-db", "-f", str(cfg)],
+                    sc.base_env(),
+                    self.files,
+                    cluster.state.log_dir / f"{name}.log",
+                    cluster.state.pidfile_dir,
+                    name,
+                )
+                pids[f"{side}-sidecar"] = [proc.pid]
+            for side in configs:
+                self._wait_ready(side)
+        except BaseException:
+            self.stop()
+            raise
+        client_netns = sc.pod_netns(cluster, sc.CLIENT_POD)
+        return Running(
+            http=Endpoint(client_netns, "127.0.0.1", CLIENT_HTTP_PORT),
+            bulk=Endpoint(client_netns, "127.0.0.1", CLIENT_BULK_PORT),
+            proxies=pids,
+        )
+
+    def _wait_ready(self, side: str) -> None:
+        # The stats socket answers only once every listener of the config is bound.
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            try:
+                if "Pid:" in _command(self.stats_socket(side), "show info", 1.0):
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        where = "" if self.cluster is None else f"; see {self.cluster.state.log_dir}"
+        raise HaproxyError(f"the {side} HAProxy did not start in {READY_TIMEOUT:.0f} s{where}")
+
+    def stop(self) -> None:
+        if self._state_root is not None:
+            mesh.down(self.cluster_name, self._state_root)
+            shutil.rmtree(self._state_root, ignore_errors=True)
+        if self._cluster_file is not None:
+            self._cluster_file.unlink(missing_ok=True)
+        if self.files is not None:
+            shutil.rmtree(self.files, ignore_errors=True)
+        self.cluster = None
