@@ -213,7 +213,7 @@ class HaproxyScenario:
 
     def start(self, workdir: Path) -> Running:
         binary = haproxy_binary()
-        self._state_root = workdir / "state"
+        self._state_root = workdir / f"state-{self.cluster_name}"  # shared workdirs are fine
         self._cluster_file = sc.write_cluster_file(
             workdir, self.cluster_name, self.placement, False
         )

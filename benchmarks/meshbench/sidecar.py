@@ -59,7 +59,7 @@ class SidecarScenario:
         self.cluster: mesh.Cluster | None = None
 
     def start(self, workdir: Path) -> Running:
-        self._state_root = workdir / "state"
+        self._state_root = workdir / f"state-{self.cluster_name}"  # shared workdirs are fine
         cluster_file = sc.write_cluster_file(workdir, self.cluster_name, self.placement, True)
         self._cluster_file = cluster_file
         try:
@@ -83,6 +83,8 @@ class SidecarScenario:
             http=Endpoint(client_netns, server_ip, sc.HTTP_PORT),
             bulk=Endpoint(client_netns, server_ip, sc.BULK_PORT),
             proxies=pids,
+            # The client's sidecar is our tunnel too: its admin port, in the client pod.
+            tunnel_admin=(client_netns, f"127.0.0.1:{ADMIN_PORT}"),
         )
 
     def _start_sidecar(self, cluster: mesh.Cluster, pod: str) -> int:
