@@ -2,12 +2,12 @@
 pod's netns (the harness enters it); prints one JSON object on stdout.
 
 `http`: open loop at a fixed --rate over --conns keep-alive HTTP/1.1 connections. Request i
-is due at start + i / rate; one sender thread sends it (round robin over the connections,
-pipelined when a connection still waits for an earlier answer) at or after that time, and
-a receiver thread per connection timestamps each answer. Latency is measured from the DUE
-time, so a stall delays every request behind it and shows in the percentiles (no
-coordinated omission). Bounded by --seconds plus a grace period; unanswered requests are
-counted, not hidden.
+is due at start + i / rate and is sent at (or after) that time, round robin over the
+connections (pipelined when a connection still waits for an earlier answer). One thread
+does it all with epoll, and each answer is timed by the kernel's receive timestamp.
+Latency is measured from the DUE time, so a stall delays every request behind it and
+shows in the percentiles (no coordinated omission). Bounded by --seconds plus a grace
+period; unanswered requests are counted, not hidden.
 `bulk`: one connection, benchmarks/apps/l4_client.py's throughput (same sink protocol).
 `connect`: --workers threads each connect, send one small request with `Connection:
 close`, read the answer and close, as fast as they can for --seconds.
@@ -22,10 +22,13 @@ import asyncio
 import importlib.util
 import json
 import resource
+import select
 import socket
+import struct
 import sys
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -35,6 +38,7 @@ import uvloop
 from .hist import Histogram
 
 GRACE = 10.0  # seconds an answer may still arrive after the last request is due
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux
 L4_CLIENT = Path(__file__).resolve().parents[1] / "apps" / "l4_client.py"
 
 
@@ -87,70 +91,125 @@ def read_response(f: Any) -> int:
 # --- http: open loop ------------------------------------------------------------------
 
 
+class HttpConn:
+    """One keep-alive connection of the open-loop run: due times of the requests in flight
+    and an incremental response parser. Answers are timed by the kernel's receive
+    timestamp (SO_TIMESTAMPNS), so the moment this single-threaded client gets round to
+    reading a socket does not add to the latency it reports."""
+
+    __slots__ = ("buf", "hist", "need", "pending", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.pending: deque[int] = deque()  # due times (CLOCK_REALTIME ns), oldest first
+        self.buf = bytearray()
+        self.need = -1  # body bytes still missing, or -1 while reading a head
+        self.hist = Histogram()
+
+    def feed(self, data: bytes, stamp_ns: int) -> int:
+        """Consume received bytes; returns how many responses they completed."""
+        self.buf += data
+        done = 0
+        while True:
+            if self.need < 0:
+                end = self.buf.find(b"\r\n\r\n")
+                if end < 0:
+                    return done
+                head = bytes(self.buf[:end])
+                del self.buf[: end + 4]
+                if not head.startswith(b"HTTP/1.1 200"):
+                    raise ConnectionError(f"unexpected response {head[:80]!r}")
+                self.need = _content_length(head)
+            if len(self.buf) < self.need:
+                return done
+            del self.buf[: self.need]
+            self.need = -1
+            if not self.pending:
+                raise ConnectionError("an answer to no request")
+            self.hist.record(max(0, stamp_ns - self.pending.popleft()))
+            done += 1
+
+
+def _content_length(head: bytes) -> int:
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value.strip())
+    return 0
+
+
+def _stamp(ancdata: list[tuple[int, int, bytes]]) -> int:
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= 16:
+            sec, nsec = struct.unpack("qq", data[:16])
+            return int(sec * 1_000_000_000 + nsec)
+    return time.time_ns()  # no timestamp (should not happen): the time we read it
+
+
 def http(
     host: str, port: int, rate: float, seconds: float, conns: int, size: int
 ) -> dict[str, Any]:
     count = max(1, int(rate * seconds))
     interval_ns = int(1e9 / rate)
     req = request_bytes(size)
-    # Hand the GIL over quickly: the sender waking at a due time must not wait out the
-    # default 5 ms switch interval behind a receiver.
-    sys.setswitchinterval(0.0001)
     socks = [_connect(host, port, seconds + GRACE) for _ in range(conns)]
-    files = [s.makefile("rb", buffering=65536) for s in socks]
-    for s, f in zip(socks, files, strict=True):  # warm-up: setup is not steady state
+    for s in socks:  # warm-up: connection setup is not steady-state latency
         s.sendall(req)
-        read_response(f)
-    # Per connection, the due times of its requests in order (filled by the sender before
-    # it sends, so the receiver always finds the entry it needs).
-    due: list[list[int]] = [[] for _ in range(conns)]
-    hists = [Histogram() for _ in range(conns)]
-    answered = [0] * conns
+        with s.makefile("rb") as f:
+            read_response(f)
+        s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    conn = [HttpConn(s) for s in socks]
+    by_fd = {s.fileno(): c for s, c in zip(socks, conn, strict=True)}
+    poller = select.epoll()
+    for s in socks:
+        poller.register(s.fileno(), select.EPOLLIN)
+    answered = 0
     errors: list[str] = []
-    per_conn = [len(range(i, count, conns)) for i in range(conns)]
+    cmsg = socket.CMSG_SPACE(16)
 
-    def receiver(k: int) -> None:
-        try:
-            for j in range(per_conn[k]):
-                read_response(files[k])
-                hists[k].record(max(0, time.perf_counter_ns() - due[k][j]))
-                answered[k] += 1
-        except (OSError, ValueError) as e:
-            errors.append(f"connection {k}: {e}")
+    def drain(timeout: float) -> None:
+        nonlocal answered
+        for fd, _ in poller.poll(timeout):
+            c = by_fd[fd]
+            data, anc, _, _ = c.sock.recvmsg(262144, cmsg)
+            if not data:
+                raise ConnectionError("server closed a connection")
+            answered += c.feed(data, _stamp(anc))
 
-    threads = [threading.Thread(target=receiver, args=(k,), daemon=True) for k in range(conns)]
-    for t in threads:
-        t.start()
-    start = time.perf_counter_ns() + 10_000_000
-    for i in range(count):
-        t_due = start + i * interval_ns
-        wait = t_due - time.perf_counter_ns()
-        if wait > 0:
-            time.sleep(wait / 1e9)
-        k = i % conns
-        due[k].append(t_due)
-        try:
-            socks[k].sendall(req)
-        except OSError as e:
-            errors.append(f"send on connection {k}: {e}")
-            break
-    end_by = time.monotonic() + GRACE
-    for t in threads:
-        t.join(max(0.0, end_by - time.monotonic()))
-    wall = (time.perf_counter_ns() - start) / 1e9
+    start = time.time_ns() + 10_000_000
+    try:
+        for i in range(count):
+            due = start + i * interval_ns
+            # Wait for the due time, reading answers meanwhile; the last stretch is slept
+            # precisely (epoll waits in whole milliseconds).
+            while (wait := due - time.time_ns()) > 0:
+                if wait > 1_500_000:
+                    drain((wait - 1_000_000) / 1e9)
+                else:
+                    time.sleep(wait / 1e9)
+            c = conn[i % conns]
+            c.pending.append(due)
+            c.sock.sendall(req)
+            drain(0)
+        end_by = time.monotonic() + GRACE
+        while answered < count and time.monotonic() < end_by:
+            drain(0.1)
+    except (OSError, ValueError) as e:
+        errors.append(str(e))
+    wall = (time.time_ns() - start) / 1e9
+    poller.close()
     for s in socks:
         s.close()
     h = Histogram()
-    for one in hists:
-        h.merge(one)
-    done = sum(answered)
+    for c in conn:
+        h.merge(c.hist)
     return {
         "requests": count,
-        "answered": done,
-        "unanswered": count - done,
+        "answered": answered,
+        "unanswered": count - answered,
         "errors": errors[:5],
         "rate": rate,
-        "achieved_rps": done / wall if wall > 0 else 0.0,
+        "achieved_rps": answered / wall if wall > 0 else 0.0,
         "latency_ms": h.summary(),
         "hist_ns": h.to_json(),
     }

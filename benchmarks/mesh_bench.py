@@ -1,0 +1,447 @@
+"""Mesh cost benchmark: what each mesh architecture costs the same requests, in one run.
+
+Scenarios (meshbench/): `none` (no mesh), `ambient` (node tunnels, HBONE mTLS), `relay`
+(two plain TCP relays: ambient's hops without TLS), and, when their modules import,
+`sidecar` (a tunnel per pod) and `sidecar-haproxy` (HAProxy pairs); each in the
+cross-node and same-node placement. Per scenario and placement: single-connection bulk
+throughput, open-loop HTTP/1.1 latency at fixed rates (1 KB each way, keep-alive), proxy
+CPU per 1000 requests and RSS (from /proc), new connections per second, and proxy memory
+per open idle connection. The plain scenarios share one cluster and run first; the others
+bring up their own. With --rounds > 1 every scenario is measured once per round and the
+report shows medians (drift on the shared machine spreads over all rows).
+
+Writes benchmarks/results/<timestamp>/: results.json (raw, with latency histograms),
+report.md (a table per metric, ratios to `none` and ambient to `sidecar`, the targets of
+issue 5), and PNG plots. The earlier benchmarks (rbac_check, state_load) run in quick
+settings and join the report. Needs root; every process it starts is stopped by PID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import os
+import platform
+import selectors
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, cast
+
+from meshbench import costs, plain, report
+from meshbench.scenario import Endpoint, Running, Scenario
+
+import nsutil
+from localcluster.apps import INHERITED_ENV
+
+HERE = Path(__file__).resolve().parent
+RESULTS_DIR = HERE / "results"
+OPTIONAL = ("sidecar", "haproxy")  # scenario modules built separately; skipped if absent
+METRICS_PORT = 15020
+PHASE_GRACE = 60.0  # seconds a load subprocess may run beyond its own bound
+HBONE_NOTE = (
+    "mTLS handshakes: the tunnel pools HBONE connections per (source identity, destination "
+    "identities, destination, source IP), as upstream, so new TCP connections ride existing "
+    "mTLS connections and the handshake rate is not observable from outside; the row "
+    "'Connections the source tunnel opened per second' counts istio_tcp_connections_opened "
+    "(reporter=source) on the client's tunnel, i.e. new HBONE streams."
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    mode: str
+    rates: tuple[int, ...]
+    http_seconds: float
+    conns: int
+    bulk_seconds: float
+    bulk_bytes: int
+    connect_seconds: float
+    idle_conns: int
+    rounds: int
+    placements: tuple[str, ...]
+    scenarios: tuple[str, ...]  # empty: all registered
+    earlier: bool
+
+
+QUICK = Settings("quick", (1000,), 3.0, 8, 2.0, 1 << 29, 2.0, 2000, 1, plain.PLACEMENTS, (), True)
+FULL = Settings(
+    "full", (500, 1000, 2000), 6.0, 16, 5.0, 1 << 31, 4.0, 10000, 1, plain.PLACEMENTS, (), True
+)
+
+
+class BenchError(RuntimeError):
+    """A phase could not run; the message says what to check."""
+
+
+def progress(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# --- scenario registry ----------------------------------------------------------------------
+
+Factory = Callable[[str], Scenario]
+
+
+def _factories(module: Any) -> list[tuple[str, Factory]]:
+    """A module's scenarios: its `scenarios(placement)` if it has one, else every class it
+    defines with a `name` and start/stop, built as `cls(placement)`."""
+    listing = getattr(module, "scenarios", None)
+    if callable(listing):
+
+        def pick(name: str) -> Factory:
+            def build(placement: str) -> Scenario:
+                chosen: Scenario = next(s for s in listing(placement) if s.name == name)
+                return chosen
+
+            return build
+
+        return [(str(s.name), pick(str(s.name))) for s in listing(plain.PLACEMENTS[0])]
+    out: list[tuple[str, Factory]] = []
+    for _, cls in inspect.getmembers(module, inspect.isclass):
+        name = getattr(cls, "name", None)
+        if (
+            cls.__module__ == module.__name__
+            and isinstance(name, str)
+            and callable(getattr(cls, "start", None))
+            and callable(getattr(cls, "stop", None))
+        ):
+            out.append((name, cast(Factory, cls)))
+    return out
+
+
+def registry() -> tuple[list[tuple[str, Factory]], list[dict[str, str]]]:
+    found: list[tuple[str, Factory]] = _factories(plain)
+    skipped: list[dict[str, str]] = []
+    for mod in OPTIONAL:
+        try:
+            module = importlib.import_module(f"meshbench.{mod}")
+        except Exception as e:  # any import failure: the row is skipped, the run goes on
+            skipped.append({"scenario": mod, "reason": f"module does not import: {e!r}"})
+            continue
+        got = _factories(module)
+        if not got:
+            skipped.append({"scenario": mod, "reason": "module defines no scenario"})
+        found += got
+    skipped.append({"scenario": "ambient-waypoint", "reason": "no waypoint yet"})
+    return found, skipped
+
+
+# --- running the load generator in the client pod ---------------------------------------------
+
+
+def _env() -> dict[str, str]:
+    env = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH", "")]))
+    return env
+
+
+def _argv(mode: str, ep: Endpoint, extra: list[str]) -> list[str]:
+    return [
+        sys.executable, "-m", "meshbench.loadgen", mode,
+        "--host", ep.host, "--port", str(ep.port), *extra,
+    ]  # fmt: skip
+
+
+def loadgen(mode: str, ep: Endpoint, extra: list[str], bound: float) -> dict[str, Any]:
+    try:
+        done = subprocess.run(
+            _argv(mode, ep, extra),
+            capture_output=True,
+            timeout=bound + PHASE_GRACE,
+            env=_env(),
+            cwd=HERE,
+            preexec_fn=nsutil.preexec_enter(ep.netns),
+            check=False,
+        )
+    except subprocess.TimeoutExpired as e:
+        raise BenchError(f"{mode}: load generator did not finish in time") from e
+    if done.returncode != 0:
+        err = done.stderr.decode(errors="replace").strip()[-1500:]
+        raise BenchError(f"{mode}: load generator failed ({done.returncode}): {err}")
+    doc = json.loads(done.stdout)
+    if not isinstance(doc, dict):
+        raise BenchError(f"{mode}: load generator printed {done.stdout[:200]!r}")
+    return doc
+
+
+def idle_connections(running: Running, count: int) -> dict[str, Any]:
+    """Open `count` idle connections through the scenario and see the proxies' RSS grow."""
+    before = costs.sample(running.proxies)
+    proc = subprocess.Popen(
+        _argv("idle", running.http, ["--count", str(count)]),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_env(),
+        cwd=HERE,
+        preexec_fn=nsutil.preexec_enter(running.http.netns),
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout=30.0 + count / 100):
+            raise BenchError("idle: connections not open in time")
+        line = proc.stdout.readline()
+        opened = json.loads(line) if line else {}
+        if not isinstance(opened, dict) or "opened" not in opened:
+            err = proc.stderr.read().decode(errors="replace")[-1500:] if proc.stderr else ""
+            raise BenchError(f"idle: load generator said {line!r} {err}")
+        time.sleep(0.5)  # let the proxies finish their per-connection setup
+        after = costs.sample(running.proxies)
+        proc.stdin.write(b"\n")
+        proc.stdin.flush()
+        proc.wait(timeout=30.0)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    b, a = costs.rss_total_kb(before), costs.rss_total_kb(after)
+    return {
+        "requested": count,
+        "opened": opened["opened"],
+        "failed": opened.get("failed", 0),
+        "rss_kb_before": b,
+        "rss_kb_after": a,
+        "bytes_per_connection": costs.bytes_per_connection(b, a, int(opened["opened"])),
+    }
+
+
+def tunnel_opened(running: Running) -> float | None:
+    """istio_tcp_connections_opened_total (reporter=source) on the client's node tunnel."""
+    if running.tunnel_admin is None:
+        return None
+    netns = running.tunnel_admin[0]
+    try:
+        s = nsutil.socket_at(netns)
+        try:
+            s.settimeout(3.0)
+            s.connect(("127.0.0.1", METRICS_PORT))
+            s.sendall(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        finally:
+            s.close()
+    except OSError:
+        return None
+    total = 0.0
+    for line in data.decode(errors="replace").splitlines():
+        if line.startswith("istio_tcp_connections_opened_total{") and 'reporter="source"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+# --- one scenario ---------------------------------------------------------------------------
+
+
+def measure(scn: Scenario, st: Settings, workdir: Path, tag: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    progress(f"{tag}: starting")
+    running = scn.start(workdir)
+    try:
+        out["proxies"] = {k: list(v) for k, v in running.proxies.items()}
+        out["idle"] = {
+            role: ({"rss_kb": u.rss_kb} if u else {"rss_kb": None})
+            for role, u in costs.sample(running.proxies).items()
+        }
+        progress(f"{tag}: warm-up")
+        loadgen(
+            "http", running.http, ["--rate", "200", "--seconds", "0.5", "--conns", str(st.conns)],
+            0.5,
+        )  # fmt: skip
+        progress(f"{tag}: bulk throughput ({st.bulk_seconds:g} s)")
+        out["bulk"] = loadgen(
+            "bulk", running.bulk,
+            ["--bytes", str(st.bulk_bytes), "--seconds", str(st.bulk_seconds)], st.bulk_seconds,
+        )  # fmt: skip
+        out["http"] = {}
+        for rate in st.rates:
+            progress(f"{tag}: HTTP {rate} rps x {st.http_seconds:g} s over {st.conns} conns")
+            before = costs.sample(running.proxies)
+            res = loadgen(
+                "http", running.http,
+                ["--rate", str(rate), "--seconds", str(st.http_seconds), "--conns", str(st.conns)],
+                st.http_seconds,
+            )  # fmt: skip
+            after = costs.sample(running.proxies)
+            res["costs"] = costs.load_costs(before, after, int(res["answered"]))
+            out["http"][str(rate)] = res
+        progress(f"{tag}: new connections ({st.connect_seconds:g} s)")
+        t0 = tunnel_opened(running)
+        conn = loadgen("connect", running.http, ["--seconds", str(st.connect_seconds)],
+                       st.connect_seconds)  # fmt: skip
+        t1 = tunnel_opened(running)
+        if t0 is not None and t1 is not None and conn["seconds"] > 0:
+            conn["tunnel_opened"] = t1 - t0
+            conn["tunnel_opened_per_second"] = (t1 - t0) / conn["seconds"]
+        out["connect"] = conn
+        progress(f"{tag}: {st.idle_conns} idle connections")
+        out["conns"] = idle_connections(running, st.idle_conns)
+    finally:
+        progress(f"{tag}: stopping")
+        scn.stop()
+    return out
+
+
+def run_all(st: Settings, workdir: Path) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    found, skipped = registry()
+    if st.scenarios:
+        unknown = set(st.scenarios) - {n for n, _ in found}
+        if unknown:
+            raise BenchError(f"unknown scenario(s) {sorted(unknown)}; have {[n for n, _ in found]}")
+        found = [(n, f) for n, f in found if n in st.scenarios]
+    plain_names = {n for n, _ in _factories(plain)}
+    runs: list[dict[str, Any]] = []
+    total = st.rounds * len(st.placements) * len(found)
+    done = 0
+
+    def one(name: str, factory: Factory, placement: str, rnd: int) -> None:
+        nonlocal done
+        done += 1
+        tag = f"({done}/{total}) {name} {placement}"
+        rec: dict[str, Any] = {"scenario": name, "placement": placement, "round": rnd}
+        try:
+            rec.update(measure(factory(placement), st, workdir, tag))
+        except Exception as e:  # one failed scenario is a row in the report, not the end
+            rec["error"] = f"{type(e).__name__}: {e}"
+            progress(f"{tag}: FAILED: {rec['error']}")
+            traceback.print_exc()
+        runs.append(rec)
+
+    for rnd in range(st.rounds):
+        if st.rounds > 1:
+            progress(f"round {rnd + 1}/{st.rounds}")
+        ours = [(n, f) for n, f in found if n in plain_names]
+        if ours:
+            progress("bringing up the cluster of the plain scenarios")
+            with plain.shared_cluster(workdir):
+                for placement in st.placements:
+                    for name, factory in ours:
+                        one(name, factory, placement, rnd)
+        for placement in st.placements:
+            for name, factory in found:
+                if name not in plain_names:
+                    one(name, factory, placement, rnd)
+    return runs, skipped
+
+
+# --- the earlier benchmarks ---------------------------------------------------------------------
+
+EARLIER = {
+    "rbac_check": ["--policies", "2000", "--calls", "5000", "--build-repeats", "1"],
+    "state_load": ["--sizes", "1000,10000", "--format", "json", "--repeats", "1", "--rounds", "3"],
+}
+
+
+def run_earlier() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, args in EARLIER.items():
+        progress(f"earlier benchmark {name} (quick settings)")
+        try:
+            done = subprocess.run(
+                [sys.executable, str(HERE / f"{name}.py"), *args],
+                capture_output=True, timeout=300, cwd=HERE.parent, check=False,
+            )  # fmt: skip
+            lines = done.stdout.decode(errors="replace").strip().splitlines()
+            if done.returncode != 0 or not lines:
+                raise BenchError(f"exit {done.returncode}: {done.stderr.decode()[-300:]}")
+            out[name] = json.loads(lines[-1])
+        except (BenchError, ValueError, subprocess.TimeoutExpired) as e:
+            out[name] = {"error": str(e)}
+    return out
+
+
+# --- main -------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Settings, Path | None]:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="under 3 minutes: 1000 rps only")
+    ap.add_argument("--rates", help="comma-separated request rates (rps)")
+    ap.add_argument("--seconds", type=float, help="seconds per HTTP rate phase")
+    ap.add_argument("--conns", type=int, help="keep-alive connections for the HTTP load")
+    ap.add_argument("--bulk-seconds", type=float)
+    ap.add_argument("--connect-seconds", type=float)
+    ap.add_argument("--idle-conns", type=int, help="idle connections for memory per connection")
+    ap.add_argument("--rounds", type=int)
+    ap.add_argument("--placements", help="comma-separated: cross-node,same-node")
+    ap.add_argument("--scenarios", help="comma-separated scenario names (default: all)")
+    ap.add_argument("--no-earlier", action="store_true", help="skip rbac_check and state_load")
+    ap.add_argument("--out", type=Path, help="output directory (default results/<timestamp>)")
+    a = ap.parse_args(argv)
+    st = QUICK if a.quick else FULL
+    changes: dict[str, Any] = {}
+    if a.rates:
+        changes["rates"] = tuple(int(r) for r in a.rates.split(","))
+    for field in ("conns", "bulk_seconds", "connect_seconds", "idle_conns", "rounds"):
+        if getattr(a, field) is not None:
+            changes[field] = getattr(a, field)
+    if a.seconds is not None:
+        changes["http_seconds"] = a.seconds
+    if a.placements:
+        changes["placements"] = tuple(a.placements.split(","))
+    if a.scenarios:
+        changes["scenarios"] = tuple(a.scenarios.split(","))
+    if a.no_earlier:
+        changes["earlier"] = False
+    st = replace(st, **changes)
+    if any(p not in plain.PLACEMENTS for p in st.placements):
+        ap.error(f"--placements: each must be one of {', '.join(plain.PLACEMENTS)}")
+    if not st.rates or any(not 1 <= r <= 20000 for r in st.rates):
+        ap.error("--rates: each must be 1..20000")
+    if not 1 <= st.rounds <= 10 or not 1 <= st.conns <= 256 or not 1 <= st.idle_conns <= 50000:
+        ap.error("--rounds 1..10, --conns 1..256, --idle-conns 1..50000")
+    return st, a.out
+
+
+def main(argv: list[str] | None = None) -> int:
+    st, out = parse_args(argv)
+    if os.geteuid() != 0:
+        print("mesh_bench: needs root (it builds network namespaces)", file=sys.stderr)
+        return 2
+    started = time.monotonic()
+    outdir = out or RESULTS_DIR / time.strftime("%Y%m%d-%H%M%S")
+    outdir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="meshbench-") as tmp:
+        try:
+            runs, skipped = run_all(st, Path(tmp))
+        except BenchError as e:
+            print(f"mesh_bench: {e}", file=sys.stderr)
+            return 1
+    earlier = run_earlier() if st.earlier else {}
+    doc = {
+        "benchmark": "mesh_bench",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "host": {"kernel": platform.release(), "cpus": os.cpu_count(),
+                 "python": platform.python_version()},
+        "params": asdict(st),
+        "runs": runs,
+        "skipped": skipped,
+        "earlier": earlier,
+        "hbone_note": HBONE_NOTE,
+        "elapsed_s": time.monotonic() - started,
+    }  # fmt: skip
+    (outdir / "results.json").write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    path = report.write_report(doc, outdir)
+    progress(f"done in {time.monotonic() - started:.0f} s: {path}")
+    for t in report.targets(report.aggregate(runs)):
+        verdict = {True: "met", False: "NOT met", None: "not measured"}[t.met]
+        value = "n/a" if t.value is None else f"{t.value:.3f}"
+        print(f"  {t.placement:<10} {t.name:<45} {value:>8} {t.unit:<4} {verdict}")
+    return 1 if any(r.get("error") for r in runs) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

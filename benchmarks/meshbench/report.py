@@ -1,0 +1,412 @@
+"""From the raw results of one run to the report: aggregation, ratios, targets and tables
+are pure (tested on hand-made documents); `write_plots` and `write_report` do the I/O.
+
+The raw document (results.json) is:
+  {"benchmark": "mesh_bench", "params": {...}, "host": {...},
+   "runs": [{"scenario", "placement", "round", "error"?,
+             "idle": {role: {"rss_kb"}},
+             "bulk": {"gbit_per_s", ...},
+             "http": {"<rate>": {"latency_ms": {...}, "achieved_rps", "answered",
+                                 "unanswered", "hist_ns": {...}, "costs": {role: {...}}}},
+             "connect": {"per_second", "tunnel_opened_per_second"?, ...},
+             "conns": {"opened", "bytes_per_connection", ...}}],
+   "skipped": [{"scenario", "reason"}], "earlier": {"rbac_check": {...}, ...}}
+Only ratios within one run mean anything (the machines are shared); the report says so.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .hist import Histogram
+
+BASELINE = "none"
+SIDECAR = "sidecar"
+AMBIENT = "ambient"
+RELAY = "relay"
+REF_RATE = 1000  # the rate the latency and CPU targets speak of
+ORDER = ("none", "ambient", "relay", "sidecar", "sidecar-haproxy", "ambient-waypoint")
+PLACEMENTS = ("cross-node", "same-node")
+
+Agg = dict[tuple[str, str], dict[str, float]]  # (scenario, placement) -> metric -> value
+
+
+# --- flattening and aggregation -----------------------------------------------------------
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+
+def flatten(run: dict[str, Any]) -> dict[str, float]:
+    """One measured run as flat metrics (absent or failed figures are left out)."""
+    out: dict[str, float] = {}
+
+    def put(key: str, v: Any, scale: float = 1.0) -> None:
+        n = _num(v)
+        if n is not None:
+            out[key] = n * scale
+
+    put("bulk_gbit", run.get("bulk", {}).get("gbit_per_s"))
+    idle = run.get("idle", {})
+    rss = [_num(r.get("rss_kb")) for r in idle.values()]
+    if rss and all(r is not None for r in rss):
+        out["idle_rss_mb"] = sum(r for r in rss if r is not None) / 1024
+        out["idle_rss_mb_max_proxy"] = max(r for r in rss if r is not None) / 1024
+    for rate, ph in run.get("http", {}).items():
+        lat = ph.get("latency_ms", {})
+        for p in ("p50", "p90", "p99", "p999"):
+            put(f"{p}_ms@{rate}", lat.get(p))
+        put(f"achieved_rps@{rate}", ph.get("achieved_rps"))
+        put(f"unanswered@{rate}", ph.get("unanswered"))
+        c = ph.get("costs", {})
+        put(f"cpu_s_per_1000@{rate}", c.get("total", {}).get("cpu_s_per_1000_req"))
+        put(f"rss_mb@{rate}", c.get("total", {}).get("rss_kb"), 1 / 1024)
+        tunnel = [_num(v.get("cpu_s_per_1000_req")) for k, v in c.items() if k.startswith("tunnel")]
+        if tunnel and all(t is not None for t in tunnel):
+            out[f"tunnel_cpu_s_per_1000_max@{rate}"] = max(t for t in tunnel if t is not None)
+    conn = run.get("connect", {})
+    put("conn_per_s", conn.get("per_second"))
+    put("tunnel_opened_per_s", conn.get("tunnel_opened_per_second"))
+    put("kb_per_conn", run.get("conns", {}).get("bytes_per_connection"), 1 / 1024)
+    return out
+
+
+def aggregate(runs: Iterable[dict[str, Any]]) -> Agg:
+    """Per scenario and placement, the median over rounds of each metric."""
+    acc: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for run in runs:
+        if run.get("error"):
+            continue
+        key = (str(run["scenario"]), str(run["placement"]))
+        for m, v in flatten(run).items():
+            acc.setdefault(key, {}).setdefault(m, []).append(v)
+    return {k: {m: statistics.median(vs) for m, vs in ms.items()} for k, ms in acc.items()}
+
+
+def merged_hists(runs: Iterable[dict[str, Any]], rate: str) -> dict[tuple[str, str], Histogram]:
+    out: dict[tuple[str, str], Histogram] = {}
+    for run in runs:
+        ph = run.get("http", {}).get(rate)
+        if run.get("error") or not ph or "hist_ns" not in ph:
+            continue
+        key = (str(run["scenario"]), str(run["placement"]))
+        out.setdefault(key, Histogram()).merge(Histogram.from_json(ph["hist_ns"]))
+    return out
+
+
+def scenario_order(names: Iterable[str]) -> list[str]:
+    known = [n for n in ORDER if n in set(names)]
+    return known + sorted(set(names) - set(ORDER))
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+# --- targets (issue 5 item 5) ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TargetResult:
+    name: str
+    placement: str
+    value: float | None  # the measured ratio or figure
+    limit: float
+    at_least: bool  # True: value >= limit is met; False: value <= limit is met
+    unit: str
+
+    @property
+    def met(self) -> bool | None:
+        if self.value is None:
+            return None
+        return self.value >= self.limit if self.at_least else self.value <= self.limit
+
+
+def targets(agg: Agg, rate: int = REF_RATE) -> list[TargetResult]:
+    out: list[TargetResult] = []
+    r = str(rate)
+    for pl in PLACEMENTS:
+        amb, none = agg.get((AMBIENT, pl)), agg.get((BASELINE, pl))
+        if amb is None:
+            continue
+        rel, side = agg.get((RELAY, pl), {}), agg.get((SIDECAR, pl))
+        base = none or {}
+
+        def t(
+            name: str, v: float | None, limit: float, at_least: bool, unit: str, pl: str = pl
+        ) -> None:
+            out.append(TargetResult(name, pl, v, limit, at_least, unit))
+
+        t(
+            "ambient / relay throughput",
+            ratio(amb.get("bulk_gbit"), rel.get("bulk_gbit")),
+            0.7,
+            True,
+            "x",
+        )
+        t(
+            "ambient / none throughput",
+            ratio(amb.get("bulk_gbit"), base.get("bulk_gbit")),
+            0.3,
+            True,
+            "x",
+        )
+        added = _diff(amb.get(f"p99_ms@{r}"), base.get(f"p99_ms@{r}"))
+        t(f"ambient added p99 at {rate} rps", added, 0.15, False, "ms")
+        if side is not None:
+            side_added = _diff(side.get(f"p99_ms@{r}"), base.get(f"p99_ms@{r}"))
+            lat_ratio = ratio(added, side_added) if side_added and side_added > 0 else None
+            t("ambient / sidecar added p99", lat_ratio, 0.5, False, "x")
+            cpu = ratio(amb.get(f"cpu_s_per_1000@{r}"), side.get(f"cpu_s_per_1000@{r}"))
+            t("ambient / sidecar CPU per 1000 req", cpu, 0.5, False, "x")
+        t(
+            "tunnel vCPU per 1000 rps (busiest tunnel)",
+            amb.get(f"tunnel_cpu_s_per_1000_max@{r}"),
+            0.1,
+            False,
+            "vCPU",
+        )
+        t("tunnel idle RSS (largest tunnel)", amb.get("idle_rss_mb_max_proxy"), 40.0, False, "MB")
+        t("memory per open connection (all tunnels)", amb.get("kb_per_conn"), 8.0, False, "KB")
+    return out
+
+
+def _diff(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+# --- Markdown ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Metric:
+    key: str
+    title: str
+    unit: str
+    fmt: str = ".3f"
+
+
+def metrics_for(rates: Iterable[str]) -> list[Metric]:
+    ms = [Metric("bulk_gbit", "Single-connection throughput", "Gbit/s", ".2f")]
+    for r in rates:
+        ms += [
+            Metric(f"p50_ms@{r}", f"p50 latency at {r} rps", "ms"),
+            Metric(f"p99_ms@{r}", f"p99 latency at {r} rps", "ms"),
+            Metric(f"p999_ms@{r}", f"p99.9 latency at {r} rps", "ms"),
+            Metric(f"achieved_rps@{r}", f"Achieved rate at {r} rps", "req/s", ".0f"),
+            Metric(f"cpu_s_per_1000@{r}", f"Proxy CPU per 1000 requests at {r} rps", "CPU s"),
+            Metric(f"rss_mb@{r}", f"Proxy RSS after {r} rps", "MB", ".1f"),
+        ]
+    ms += [
+        Metric("idle_rss_mb", "Proxy RSS, idle (all proxies)", "MB", ".1f"),
+        Metric("conn_per_s", "New connections per second", "conn/s", ".0f"),
+        Metric(
+            "tunnel_opened_per_s",
+            "Connections the source tunnel opened per second",
+            "conn/s",
+            ".0f",
+        ),
+        Metric("kb_per_conn", "Proxy memory per open idle connection", "KB", ".2f"),
+    ]
+    return ms
+
+
+def _cell(v: float | None, fmt: str) -> str:
+    return "n/a" if v is None else format(v, fmt)
+
+
+def metric_table(agg: Agg, m: Metric, placements: list[str]) -> str:
+    names = scenario_order({s for s, _ in agg})
+    has_sidecar = any((SIDECAR, p) in agg for p in placements)
+    head = ["scenario"]
+    for p in placements:
+        head += [f"{p} ({m.unit})", "x none"] + (["x sidecar"] if has_sidecar else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in names:
+        row = [s]
+        for p in placements:
+            v = agg.get((s, p), {}).get(m.key)
+            row += [_cell(v, m.fmt), _cell(ratio(v, agg.get((BASELINE, p), {}).get(m.key)), ".2f")]
+            if has_sidecar:
+                side = agg.get((SIDECAR, p), {}).get(m.key) if s == AMBIENT else None
+                row.append(_cell(ratio(v, side), ".2f"))
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def targets_table(ts: list[TargetResult]) -> str:
+    lines = ["| target | placement | measured | limit | verdict |", "|---|---|---|---|---|"]
+    for t in ts:
+        verdict = {True: "met", False: "**not met**", None: "not measured"}[t.met]
+        op = ">=" if t.at_least else "<="
+        lines.append(
+            f"| {t.name} | {t.placement} | {_cell(t.value, '.3f')} {t.unit} "
+            f"| {op} {t.limit:g} {t.unit} | {verdict} |"
+        )
+    return "\n".join(lines)
+
+
+def earlier_section(earlier: dict[str, Any]) -> str:
+    lines: list[str] = []
+    rb = earlier.get("rbac_check")
+    if isinstance(rb, dict) and isinstance(rb.get("evaluate"), dict):
+        lines += [
+            f"Policy checks (rbac_check, {rb.get('policies')} policies): build "
+            f"{_cell(_num(rb.get('build_ms')), '.0f')} ms; per check:",
+            "",
+            "| request | median µs | p99 µs |",
+            "|---|---|---|",
+        ]
+        for name, r in rb["evaluate"].items():
+            lines.append(
+                f"| {name} | {_cell(_num(r.get('median_us')), '.2f')} "
+                f"| {_cell(_num(r.get('p99_us')), '.2f')} |"
+            )
+        lines.append("")
+    sl = earlier.get("state_load")
+    if isinstance(sl, dict) and isinstance(sl.get("rows"), list):
+        lines += [
+            "Workload store (state_load):",
+            "",
+            "| workloads | format | figures |",
+            "|---|---|---|",
+        ]
+        for row in sl["rows"]:
+            figures = ", ".join(
+                f"{k} {v:.3g}"
+                for k, v in row.items()
+                if k not in ("workloads", "format") and isinstance(v, int | float)
+            )
+            lines.append(f"| {row.get('workloads')} | {row.get('format')} | {figures} |")
+        lines.append("")
+    for name, v in earlier.items():
+        if isinstance(v, dict) and "error" in v:
+            lines.append(f"{name}: not run ({v['error']})")
+    return "\n".join(lines) if lines else "(not run)"
+
+
+def render(doc: dict[str, Any], plots: list[str]) -> str:
+    runs = doc.get("runs", [])
+    agg = aggregate(runs)
+    placements = [p for p in PLACEMENTS if any(k[1] == p for k in agg)]
+    rates = sorted({r for run in runs for r in run.get("http", {})}, key=float)
+    params = doc.get("params", {})
+    out = [
+        "# Mesh cost benchmark",
+        "",
+        f"Run {doc.get('time', '?')} on {doc.get('host', {}).get('cpus', '?')} CPUs, "
+        f"kernel {doc.get('host', {}).get('kernel', '?')}; "
+        f"mode `{params.get('mode', '?')}`, {params.get('rounds', '?')} round(s), "
+        "medians over rounds. Only ratios within this run compare (shared, noisy machine).",
+        f"Command: `{doc.get('command', '?')}`",
+        "",
+        "## Targets",
+        "",
+        targets_table(targets(agg)),
+        "",
+    ]
+    for m in metrics_for(rates):
+        if not any(m.key in v for v in agg.values()):
+            continue
+        out += [f"## {m.title}", "", metric_table(agg, m, placements), ""]
+    notes = [f"- {s['scenario']}: skipped ({s['reason']})" for s in doc.get("skipped", [])]
+    notes += [
+        f"- {r['scenario']} {r['placement']} round {r.get('round')}: failed ({r['error']})"
+        for r in runs
+        if r.get("error")
+    ]
+    if "hbone_note" in doc:
+        notes.append(f"- {doc['hbone_note']}")
+    if notes:
+        out += ["## Notes", "", *notes, ""]
+    out += ["## Earlier benchmarks", "", earlier_section(doc.get("earlier", {})), ""]
+    if plots:
+        out += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    return "\n".join(out)
+
+
+# --- plots ------------------------------------------------------------------------------------
+
+
+def write_plots(doc: dict[str, Any], outdir: Path) -> list[str]:
+    """Write the PNGs; returns their names (relative to outdir): latency CDF per placement,
+    CPU and memory per 1000 requests, throughput and connection rate bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = doc.get("runs", [])
+    agg = aggregate(runs)
+    rates = sorted({r for run in runs for r in run.get("http", {})}, key=float)
+    ref = str(REF_RATE) if str(REF_RATE) in rates else (rates[-1] if rates else None)
+    names = scenario_order({s for s, _ in agg})
+    placements = [p for p in PLACEMENTS if any(k[1] == p for k in agg)]
+    written: list[str] = []
+
+    if ref is not None:
+        hists = merged_hists(runs, ref)
+        for pl in placements:
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            for s in names:
+                h = hists.get((s, pl))
+                if h is None or h.total == 0:
+                    continue
+                xs, ys = zip(*h.cdf(), strict=True)
+                ax.step(xs, ys, where="post", label=s)
+            ax.set_xscale("log")
+            ax.set_xlabel("latency (ms, from the intended send time)")
+            ax.set_ylabel("fraction of requests")
+            ax.set_title(f"Latency CDF, {ref} rps, {pl}")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend()
+            name = f"latency_cdf_{pl}.png"
+            fig.savefig(outdir / name, dpi=100, bbox_inches="tight")
+            plt.close(fig)
+            written.append(name)
+
+    def bars(
+        title: str, ylabel: str, fname: str, value: Callable[[str, str], float | None]
+    ) -> None:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        width = 0.8 / max(1, len(placements))
+        for i, pl in enumerate(placements):
+            ys = [value(s, pl) or 0.0 for s in names]
+            ax.bar([x + i * width for x in range(len(names))], ys, width, label=pl)
+        ax.set_xticks([x + width * (len(placements) - 1) / 2 for x in range(len(names))])
+        ax.set_xticklabels(names)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend()
+        fig.savefig(outdir / fname, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        written.append(fname)
+
+    def get(key: str) -> Callable[[str, str], float | None]:
+        return lambda s, pl: agg.get((s, pl), {}).get(key)
+
+    if ref is not None:
+        bars(
+            f"Proxy CPU per 1000 requests ({ref} rps)",
+            "CPU seconds",
+            "cpu_per_1000.png",
+            get(f"cpu_s_per_1000@{ref}"),
+        )
+        bars(f"Proxy RSS after {ref} rps", "MB", "memory.png", get(f"rss_mb@{ref}"))
+    bars("Single-connection throughput", "Gbit/s", "throughput.png", get("bulk_gbit"))
+    bars("New connections per second", "conn/s", "connections.png", get("conn_per_s"))
+    return written
+
+
+def write_report(doc: dict[str, Any], outdir: Path) -> Path:
+    plots = write_plots(doc, outdir)
+    path = outdir / "report.md"
+    path.write_text(render(doc, plots), encoding="utf-8")
+    return path
