@@ -1,0 +1,60 @@
+"""The whole harness at tiny scale (none and ambient, cross-node, about a second per phase):
+results.json, report.md and the plots are written and well formed. Nothing about speed is
+asserted; the figures of so short a run mean nothing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PNG = b"\x89PNG\r\n\x1a\n"
+RUN_KEYS = {"scenario", "placement", "round", "proxies", "idle", "bulk", "http", "connect", "conns"}
+
+
+@pytest.mark.netns
+@pytest.mark.slow
+def test_harness_writes_raw_results_report_and_plots(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    argv = [
+        sys.executable, "benchmarks/mesh_bench.py",
+        "--scenarios", "none,ambient", "--placements", "cross-node",
+        "--rates", "200", "--seconds", "1", "--conns", "2",
+        "--bulk-seconds", "0.5", "--connect-seconds", "0.5", "--idle-conns", "20",
+        "--no-earlier", "--out", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "(1/2) none cross-node: starting" in done.stdout  # progress is shown
+
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["benchmark"] == "mesh_bench"
+    assert {r["scenario"] for r in doc["runs"]} == {"none", "ambient"}
+    for r in doc["runs"]:
+        assert "error" not in r, r.get("error")
+        assert set(r) >= RUN_KEYS
+        ph = r["http"]["200"]
+        assert ph["answered"] == ph["requests"] == 200
+        assert set(ph["latency_ms"]) >= {"p50", "p90", "p99", "p999"}
+        assert ph["hist_ns"]["total"] == 200
+        assert r["bulk"]["gbit_per_s"] > 0
+        assert r["connect"]["connections"] > 0
+        assert r["conns"]["opened"] == 20
+    amb = next(r for r in doc["runs"] if r["scenario"] == "ambient")
+    assert set(amb["proxies"]) == {"tunnel-node1", "tunnel-node2"}
+    assert amb["http"]["200"]["costs"]["total"]["cpu_s"] is not None
+    assert amb["connect"]["tunnel_opened"] >= amb["connect"]["connections"]
+
+    md = (out / "report.md").read_text()
+    assert "## Targets" in md and "## p99 latency at 200 rps" in md
+    table = [line for line in md.splitlines() if line.startswith("| ambient ")]
+    assert table and all(line.count("|") == table[0].count("|") for line in table[:3])
+    for name in ("latency_cdf_cross-node.png", "cpu_per_1000.png", "memory.png",
+                 "throughput.png", "connections.png"):  # fmt: skip
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG) and len(data) > 5000, name
+        assert f"]({name})" in md
