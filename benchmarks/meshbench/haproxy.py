@@ -12,7 +12,8 @@ it with iptables: HAProxy 2.6 has no listener that recovers a REDIRECTed connect
 original destination and forwards to it (its `transparent` options are about binding to
 foreign addresses, not about SO_ORIGINAL_DST), so explicit addressing is the reliable
 way, and costs the same on the data path. HTTP keep-alive on every hop (HAProxy's
-default in HTTP mode): one client connection maps to one TLS connection between the pair.
+default in HTTP mode), and the TLS connections between the pair are pooled (`http-reuse
+always`); bulk (TCP mode) is one TLS connection per client connection.
 
 Certificates come from the project's CA code (`controlplane.ca.CertificateAuthority`,
 SPIFFE URI SANs), written to a private temp dir together with the configs and the stats
@@ -141,6 +142,10 @@ def client_config(tls: TlsFiles, server_ip: str, stats_socket: Path) -> str:
         "    default_backend http_out",
         "",
         "backend http_out",
+        # Any idle connection to the peer serves any request, as a mesh's L7 sidecar
+        # (Envoy) pools its upstream connections: a new app connection need not cost a
+        # new TLS handshake between the pair.
+        "    http-reuse always",
         f"    server peer {server_ip}:{SERVER_HTTP_PORT} {upstream}",
         "",
         "listen bulk_out",
