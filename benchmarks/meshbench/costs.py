@@ -9,6 +9,7 @@ figures, not as zero cost.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -59,7 +60,7 @@ def sample(proxies: dict[str, list[int]]) -> dict[str, Usage | None]:
 
 
 def load_costs(
-    before: dict[str, Usage | None], after: dict[str, Usage | None], requests: int
+    before: Mapping[str, Usage | None], after: Mapping[str, Usage | None], requests: int
 ) -> dict[str, dict[str, float | None]]:
     """Per role and in total: CPU seconds spent, per 1000 requests, and RSS after."""
     out: dict[str, dict[str, float | None]] = {}
@@ -88,7 +89,7 @@ def load_costs(
     return out
 
 
-def rss_total_kb(usage: dict[str, Usage | None]) -> int | None:
+def rss_total_kb(usage: Mapping[str, Usage | None]) -> int | None:
     if any(u is None for u in usage.values()):
         return None
     return sum(u.rss_kb for u in usage.values() if u)

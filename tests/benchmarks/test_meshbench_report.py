@@ -12,7 +12,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
-from meshbench import costs, report
+import meshbench.costs as costs
+import meshbench.report as report
 from meshbench.hist import Histogram
 
 PNG = b"\x89PNG\r\n\x1a\n"
