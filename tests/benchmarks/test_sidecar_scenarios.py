@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import ssl
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -25,8 +27,6 @@ from meshbench import haproxy  # noqa: E402
 from meshbench import sidecar_cluster as sc  # noqa: E402
 from meshbench.scenario import Endpoint, Running  # noqa: E402
 from meshbench.sidecar import SidecarScenario  # noqa: E402
-
-pytestmark = pytest.mark.netns
 
 BULK_MIB = 4
 MIB = 1 << 20
@@ -121,6 +121,7 @@ def access_lines(log: Path) -> list[dict[str, object]]:
     return out
 
 
+@pytest.mark.netns
 @pytest.mark.parametrize("placement", sc.PLACEMENTS)
 def test_sidecar_scenario_carries_traffic_through_per_pod_tunnels(
     placement: str, tmp_path: Path
@@ -181,6 +182,7 @@ def rows(stats: list[dict[str, str]], proxy: str, name: str) -> dict[str, str]:
     return next(r for r in stats if r["pxname"] == proxy and r["svname"] == name)
 
 
+@pytest.mark.netns
 @pytest.mark.parametrize("placement", sc.PLACEMENTS)
 def test_haproxy_scenario_carries_traffic_through_the_mtls_pair(
     placement: str, tmp_path: Path
@@ -240,3 +242,43 @@ def test_haproxy_scenario_carries_traffic_through_the_mtls_pair(
     scenario.stop()  # idempotent
     assert_nothing_left(scenario.cluster_name, running, tmp_path)
     assert not files.exists()
+
+
+# ---- without namespaces: the generated cluster and HAProxy configs ----------------------
+
+
+def test_cluster_doc_places_the_server_by_placement() -> None:
+    cross = sc.cluster_doc("scx", "cross-node", True)
+    same = sc.cluster_doc("scs", "same-node", False)
+    nodes = {d["name"]: {p["name"]: p["node"] for p in d["pods"]} for d in (cross, same)}
+    assert nodes["scx"] == {sc.CLIENT_POD: "node1", sc.SERVER_POD: "node2"}
+    assert nodes["scs"] == {sc.CLIENT_POD: "node1", sc.SERVER_POD: "node1"}
+    assert [n["name"] for n in same["nodes"]] == ["node1"]
+    # Only the tunnel sidecars need the mesh config to say the pods speak HBONE.
+    assert cross["namespaces"][0]["labels"] == {"istio.io/dataplane-mode": "ambient"}
+    assert same["namespaces"][0]["labels"] == {}
+    with pytest.raises(sc.PlacementError, match="same-node"):
+        sc.cluster_doc("x", "same-rack", True)
+
+
+@pytest.mark.skipif(
+    shutil.which("haproxy") is None and not Path("/usr/sbin/haproxy").exists(),
+    reason="haproxy is not installed (scripts/setup.sh installs it)",
+)
+def test_haproxy_configs_pass_haproxys_own_check(tmp_path: Path) -> None:
+    """HAProxy itself parses both configs and loads the certificates issued for them."""
+    tls = haproxy.write_tls_files(tmp_path, "cluster.local", sc.NAMESPACE)
+    client = haproxy.client_config(tls, "10.244.2.10", tmp_path / "c.sock")
+    server = haproxy.server_config(tls, "10.244.2.10", tmp_path / "s.sock")
+    assert "verify required" in client and "verify required" in server
+    for name, text in (("client.cfg", client), ("server.cfg", server)):
+        cfg = tmp_path / name
+        cfg.write_text(text)
+        check = subprocess.run(
+            [haproxy.haproxy_binary(), "-c", "-f", str(cfg)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert check.returncode == 0, check.stdout + check.stderr
+    assert (tmp_path / "client.pem").stat().st_mode & 0o077 == 0  # the key is private
