@@ -32,6 +32,11 @@ BULK_MIB = 4
 MIB = 1 << 20
 
 
+def own_cluster_name(prefix: str, placement: str) -> str:
+    """Not the scenarios' own names, which a benchmark run on this machine may be using."""
+    return f"{prefix}-{placement[0]}"
+
+
 def http_request(ep: Endpoint) -> tuple[int, int]:
     """One 1 KB POST from the client pod; (status, body length) of the answer."""
     s = nsutil.socket_at(ep.netns)
@@ -126,7 +131,7 @@ def access_lines(log: Path) -> list[dict[str, object]]:
 def test_sidecar_scenario_carries_traffic_through_per_pod_tunnels(
     placement: str, tmp_path: Path
 ) -> None:
-    scenario = SidecarScenario(placement)
+    scenario = SidecarScenario(placement, own_cluster_name("tsc", placement))
     assert scenario.cluster_name not in {"e2e", "agents", "rst"}
     running = scenario.start(tmp_path)
     try:
@@ -187,7 +192,7 @@ def rows(stats: list[dict[str, str]], proxy: str, name: str) -> dict[str, str]:
 def test_haproxy_scenario_carries_traffic_through_the_mtls_pair(
     placement: str, tmp_path: Path
 ) -> None:
-    scenario = haproxy.HaproxyScenario(placement)
+    scenario = haproxy.HaproxyScenario(placement, own_cluster_name("thap", placement))
     assert scenario.cluster_name not in {"e2e", "agents", "rst"}
     running = scenario.start(tmp_path)
     files = scenario.files
