@@ -10,7 +10,7 @@ The raw document (results.json) is:
                                  "unanswered", "hist_ns": {...}, "costs": {role: {...}}}},
              "connect": {"per_second", "tunnel_opened_per_second"?, ...},
              "conns": {"opened", "bytes_per_connection", ...}}],
-   "skipped": [{"scenario", "reason"}], "earlier": {"rbac_check": {...}, ...}}
+   "skipped": [{"scenario", "reason"}], "notes": [str], "earlier": {"rbac_check": {...}, ...}}
 Only ratios within one run mean anything (the machines are shared); the report says so.
 """
 
@@ -162,7 +162,12 @@ def targets(agg: Agg, rate: int = REF_RATE) -> list[TargetResult]:
         t(f"ambient added p99 at {rate} rps", added, 0.15, False, "ms")
         if side is not None:
             side_added = _diff(side.get(f"p99_ms@{r}"), base.get(f"p99_ms@{r}"))
-            lat_ratio = ratio(added, side_added) if side_added and side_added > 0 else None
+            # Below zero, ambient's added latency is lost in the noise: count it as none.
+            lat_ratio = (
+                ratio(max(0.0, added), side_added)
+                if added is not None and side_added is not None and side_added > 0
+                else None
+            )
             t("ambient / sidecar added p99", lat_ratio, 0.5, False, "x")
             cpu = ratio(amb.get(f"cpu_s_per_1000@{r}"), side.get(f"cpu_s_per_1000@{r}"))
             t("ambient / sidecar CPU per 1000 req", cpu, 0.5, False, "x")
@@ -322,8 +327,7 @@ def render(doc: dict[str, Any], plots: list[str]) -> str:
         for r in runs
         if r.get("error")
     ]
-    if "hbone_note" in doc:
-        notes.append(f"- {doc['hbone_note']}")
+    notes += [f"- {n}" for n in doc.get("notes", [])]
     if notes:
         out += ["## Notes", "", *notes, ""]
     out += ["## Earlier benchmarks", "", earlier_section(doc.get("earlier", {})), ""]

@@ -177,3 +177,15 @@ def test_load_costs_per_1000_requests() -> None:
     assert costs.load_costs({"a": None}, after, 10)["total"]["cpu_s"] is None
     assert costs.bytes_per_connection(1000, 1010, 10) == pytest.approx(1024.0)
     assert costs.bytes_per_connection(None, 1010, 10) is None
+
+
+def test_ambient_below_baseline_counts_as_no_added_latency() -> None:
+    runs = [
+        run("none", gbit=10.0, p99=2.0, cpu=None),
+        run("ambient", gbit=4.0, p99=1.5, cpu=0.05),
+        run("sidecar", gbit=2.0, p99=3.0, cpu=0.2),
+    ]
+    ts = {t.name: t for t in report.targets(report.aggregate(runs))}
+    assert ts["ambient added p99 at 1000 rps"].value == pytest.approx(-0.5)
+    assert ts["ambient / sidecar added p99"].value == 0.0
+    assert ts["ambient / sidecar added p99"].met is True

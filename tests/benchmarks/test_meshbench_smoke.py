@@ -21,7 +21,7 @@ RUN_KEYS = {"scenario", "placement", "round", "proxies", "idle", "bulk", "http",
 def test_harness_writes_raw_results_report_and_plots(tmp_path: Path) -> None:
     out = tmp_path / "results"
     argv = [
-        sys.executable, "benchmarks/mesh_bench.py",
+        sys.executable, "benchmarks/mesh_bench.py", "--quick",
         "--scenarios", "none,ambient", "--placements", "cross-node",
         "--rates", "200", "--seconds", "1", "--conns", "2",
         "--bulk-seconds", "0.5", "--connect-seconds", "0.5", "--idle-conns", "20",
