@@ -1,19 +1,26 @@
 """The `sidecar-haproxy` scenario: HAProxy (Debian's) as an L7 sidecar pair with mTLS,
-the reference row of a production C proxy.
+the reference row of a production C proxy, captured the way Istio's sidecars are.
 
-    client app --HTTP--> 127.0.0.1:15080 client-side HAProxy (client pod netns)
-        --TLS 1.3, client certificate--> <server pod IP>:15443 server-side HAProxy
-        (server pod netns; verifies the certificate against the mesh root)
-        --HTTP--> 127.0.0.1:8080 the app
-    bulk: the same path in TCP mode, 127.0.0.1:15081 -> :15444 -> 127.0.0.1:5001
+    client app --HTTP to <server pod IP>:8080-->  (iptables nat OUTPUT REDIRECT)
+    127.0.0.1:15080 client-side HAProxy, in the client pod's netns
+        --TLS 1.3 with a client certificate, to the original destination-->
+    (iptables nat PREROUTING REDIRECT 8080 -> 15443 in the server pod)
+    :15443 server-side HAProxy, in the server pod's netns (requires and verifies the
+    client certificate against the mesh root) --HTTP--> 127.0.0.1:8080 the app
+    bulk: the same in TCP mode, 5001 -> 15081 -> (original destination) -> 15444 -> 5001
 
-The app talks to its sidecar explicitly, on a local port, rather than being redirected to
-it with iptables: HAProxy 2.6 has no listener that recovers a REDIRECTed connection's
-original destination and forwards to it (its `transparent` options are about binding to
-foreign addresses, not about SO_ORIGINAL_DST), so explicit addressing is the reliable
-way, and costs the same on the data path. HTTP keep-alive on every hop (HAProxy's
-default in HTTP mode), and the TLS connections between the pair are pooled (`http-reuse
-always`); bulk (TCP mode) is one TLS connection per client connection.
+The app addresses the server pod as in every other scenario; its sidecar is transparent.
+HAProxy 2.6 supports this directly: a REDIRECTed connection's `dst` is its original
+destination (SO_ORIGINAL_DST; Debian's build has +NETFILTER), and a server address of
+0.0.0.0 means "connect to that destination". The client sidecar's own connections are
+told apart from the app's by their owner: HAProxy drops to the `haproxy` user after
+binding, and the OUTPUT redirect skips that uid (HAProxy 2.6 can mark only the packets it
+sends to clients, not to servers, so a mark cannot do it). The capture is narrowed to the
+server pod's two app ports; each pod's rules are one chain of ours, gone with the netns.
+
+HTTP keep-alive on every hop (HAProxy's default in HTTP mode), and the TLS connections
+between the pair are pooled (`http-reuse always`), as a mesh's L7 sidecar pools its
+upstreams; bulk (TCP mode) is one TLS connection per client connection.
 
 Certificates come from the project's CA code (`controlplane.ca.CertificateAuthority`,
 SPIFFE URI SANs), written to a private temp dir together with the configs and the stats
@@ -28,8 +35,10 @@ from __future__ import annotations
 
 import csv
 import io
+import pwd
 import shutil
 import socket
+import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
@@ -40,6 +49,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+import nsutil
 from controlplane.ca import CertificateAuthority
 from localcluster import mesh
 from localcluster.processes import spawn_in_netns
@@ -48,10 +58,12 @@ from ztunnel.identity import SpiffeId
 from . import sidecar_cluster as sc
 from .scenario import Endpoint, Running
 
-CLIENT_HTTP_PORT = 15080  # where the client app sends HTTP (its sidecar, on loopback)
+CLIENT_HTTP_PORT = 15080  # the client sidecar, where the app's HTTP is redirected
 CLIENT_BULK_PORT = 15081
-SERVER_HTTP_PORT = 15443  # the server sidecar's mTLS listeners on the pod IP
+SERVER_HTTP_PORT = 15443  # the server sidecar's mTLS listeners, where inbound is redirected
 SERVER_BULK_PORT = 15444
+USER = "haproxy"  # Debian's package creates it; the capture skips its connections
+CHAIN = "MESHBENCH-HAPROXY"
 THREADS = 1
 IDLE_TIMEOUT = "300s"
 READY_TIMEOUT = 15.0
@@ -118,6 +130,9 @@ def _common(stats_socket: Path) -> list[str]:
         # No maxconn: HAProxy derives it from the fd limit (two fds per proxied
         # connection), which is the most this machine lets it hold.
         f"    stats socket {stats_socket} mode 600 level user",
+        # After binding and loading the certificates: the capture knows us by this uid.
+        f"    user {USER}",
+        f"    group {USER}",
         "    ssl-default-bind-options ssl-min-ver TLSv1.3",
         "    ssl-default-server-options ssl-min-ver TLSv1.3",
         "",
@@ -132,8 +147,9 @@ def _common(stats_socket: Path) -> list[str]:
     ]
 
 
-def client_config(tls: TlsFiles, server_ip: str, stats_socket: Path) -> str:
-    """The client pod's sidecar: plain HTTP (and TCP) in on loopback, mTLS out."""
+def client_config(tls: TlsFiles, stats_socket: Path) -> str:
+    """The client pod's sidecar: the app's redirected HTTP (and TCP) in on loopback, mTLS
+    out to the original destination (server address 0.0.0.0: same IP and port)."""
     upstream = f"ssl crt {tls.client} ca-file {tls.ca} verify required"
     lines = [
         *_common(stats_socket),
@@ -146,25 +162,25 @@ def client_config(tls: TlsFiles, server_ip: str, stats_socket: Path) -> str:
         # (Envoy) pools its upstream connections: a new app connection need not cost a
         # new TLS handshake between the pair.
         "    http-reuse always",
-        f"    server peer {server_ip}:{SERVER_HTTP_PORT} {upstream}",
+        f"    server peer 0.0.0.0 {upstream}",
         "",
         "listen bulk_out",
         "    mode tcp",
         f"    bind 127.0.0.1:{CLIENT_BULK_PORT}",
-        f"    server peer {server_ip}:{SERVER_BULK_PORT} {upstream}",
+        f"    server peer 0.0.0.0 {upstream}",
         "",
     ]
     return "\n".join(lines)
 
 
-def server_config(tls: TlsFiles, server_ip: str, stats_socket: Path) -> str:
-    """The server pod's sidecar: mTLS in on the pod IP (a client certificate from the mesh
-    root is required), plain HTTP (and TCP) to the app on loopback."""
+def server_config(tls: TlsFiles, stats_socket: Path) -> str:
+    """The server pod's sidecar: the redirected inbound as mTLS (a client certificate from
+    the mesh root is required), plain HTTP (and TCP) to the app on loopback."""
     downstream = f"ssl crt {tls.server} ca-file {tls.ca} verify required"
     lines = [
         *_common(stats_socket),
         "frontend http_in",
-        f"    bind {server_ip}:{SERVER_HTTP_PORT} {downstream}",
+        f"    bind :{SERVER_HTTP_PORT} {downstream}",
         "    default_backend app",
         "",
         "backend app",
@@ -172,11 +188,71 @@ def server_config(tls: TlsFiles, server_ip: str, stats_socket: Path) -> str:
         "",
         "listen bulk_in",
         "    mode tcp",
-        f"    bind {server_ip}:{SERVER_BULK_PORT} {downstream}",
+        f"    bind :{SERVER_BULK_PORT} {downstream}",
         f"    server app 127.0.0.1:{sc.BULK_PORT}",
         "",
     ]
     return "\n".join(lines)
+
+
+def client_capture(server_ip: str, uid: int) -> str:
+    """`iptables-restore --noflush` input for the client pod: its connections to the
+    server's app ports go to its sidecar, except the sidecar's own."""
+    return "\n".join(
+        [
+            "*nat",
+            f":{CHAIN} - [0:0]",
+            f"-A OUTPUT -p tcp -j {CHAIN}",
+            f"-A {CHAIN} -m owner --uid-owner {uid} -j RETURN",
+            f"-A {CHAIN} -d {server_ip}/32 -p tcp --dport {sc.HTTP_PORT} "
+            f"-j REDIRECT --to-ports {CLIENT_HTTP_PORT}",
+            f"-A {CHAIN} -d {server_ip}/32 -p tcp --dport {sc.BULK_PORT} "
+            f"-j REDIRECT --to-ports {CLIENT_BULK_PORT}",
+            "COMMIT",
+            "",
+        ]
+    )
+
+
+def server_capture() -> str:
+    """`iptables-restore --noflush` input for the server pod: inbound to the app's ports
+    goes to its sidecar (the sidecar reaches the app on loopback, which is not captured)."""
+    return "\n".join(
+        [
+            "*nat",
+            f":{CHAIN} - [0:0]",
+            f"-A PREROUTING -p tcp -j {CHAIN}",
+            f"-A {CHAIN} -p tcp --dport {sc.HTTP_PORT} -j REDIRECT --to-ports {SERVER_HTTP_PORT}",
+            f"-A {CHAIN} -p tcp --dport {sc.BULK_PORT} -j REDIRECT --to-ports {SERVER_BULK_PORT}",
+            "COMMIT",
+            "",
+        ]
+    )
+
+
+def install_capture(netns_path: str, rules: str) -> None:
+    try:
+        subprocess.run(
+            ["iptables-restore", "--noflush", "-w", "10"],
+            input=rules,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+            preexec_fn=nsutil.preexec_enter(netns_path),
+        )
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        raise HaproxyError(f"capture rules in {netns_path} failed: {detail}") from e
+
+
+def haproxy_uid() -> int:
+    try:
+        return pwd.getpwnam(USER).pw_uid
+    except KeyError:
+        raise HaproxyError(
+            f"no user {USER!r}: Debian's haproxy package creates it (scripts/setup.sh)"
+        ) from None
 
 
 def stats(stats_socket: Path, timeout: float = 2.0) -> list[dict[str, str]]:
@@ -218,6 +294,7 @@ class HaproxyScenario:
 
     def start(self, workdir: Path) -> Running:
         binary = haproxy_binary()
+        uid = haproxy_uid()
         self._state_root = workdir / f"state-{self.cluster_name}"  # shared workdirs are fine
         self._cluster_file = sc.write_cluster_file(
             workdir, self.cluster_name, self.placement, False
@@ -229,8 +306,8 @@ class HaproxyScenario:
             server_ip = sc.pod_ip(cluster, sc.SERVER_POD)
             tls = write_tls_files(self.files, cluster.spec.trust_domain, sc.NAMESPACE)
             configs = {
-                "client": client_config(tls, server_ip, self.stats_socket("client")),
-                "server": server_config(tls, server_ip, self.stats_socket("server")),
+                "client": client_config(tls, self.stats_socket("client")),
+                "server": server_config(tls, self.stats_socket("server")),
             }
             pods = {"client": sc.CLIENT_POD, "server": sc.SERVER_POD}
             pids: dict[str, list[int]] = {}
@@ -252,13 +329,16 @@ class HaproxyScenario:
                 pids[f"{side}-sidecar"] = [proc.pid]
             for side in configs:
                 self._wait_ready(side)
+            # Capture last: until both sidecars listen, nothing is redirected into a void.
+            install_capture(sc.pod_netns(cluster, sc.SERVER_POD), server_capture())
+            install_capture(sc.pod_netns(cluster, sc.CLIENT_POD), client_capture(server_ip, uid))
         except BaseException:
             self.stop()
             raise
         client_netns = sc.pod_netns(cluster, sc.CLIENT_POD)
         return Running(
-            http=Endpoint(client_netns, "127.0.0.1", CLIENT_HTTP_PORT),
-            bulk=Endpoint(client_netns, "127.0.0.1", CLIENT_BULK_PORT),
+            http=Endpoint(client_netns, server_ip, sc.HTTP_PORT),
+            bulk=Endpoint(client_netns, server_ip, sc.BULK_PORT),
             proxies=pids,
         )
 

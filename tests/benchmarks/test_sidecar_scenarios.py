@@ -200,8 +200,12 @@ def test_haproxy_scenario_carries_traffic_through_the_mtls_pair(
     try:
         assert set(running.proxies) == {"client-sidecar", "server-sidecar"}
         assert all(alive(p) for group in running.proxies.values() for p in group)
-        # The app talks to its own sidecar on loopback, inside its own pod.
-        assert running.http.host == "127.0.0.1"
+        # The app addresses the server pod's app, as in every scenario: its sidecar is
+        # transparent (the capture sends it there).
+        assert scenario.cluster is not None
+        server_ip = sc.pod_ip(scenario.cluster, sc.SERVER_POD)
+        assert (running.http.host, running.http.port) == (server_ip, sc.HTTP_PORT)
+        assert (running.bulk.host, running.bulk.port) == (server_ip, sc.BULK_PORT)
 
         assert http_request(running.http) == (200, 1024)
         assert bulk_transfer(running.bulk, BULK_MIB) == BULK_MIB
@@ -222,9 +226,6 @@ def test_haproxy_scenario_carries_traffic_through_the_mtls_pair(
 
         # mTLS is enforced: the server sidecar answers a client holding a mesh
         # certificate, and refuses one without, even if it trusts the mesh root.
-        assert scenario.cluster is not None
-        server_ip = sc.pod_ip(scenario.cluster, sc.SERVER_POD)
-
         def tls_client(cert: bool) -> ssl.SSLSocket:
             ctx = ssl.create_default_context(cafile=str(files / "ca.pem"))
             ctx.check_hostname = False
@@ -273,8 +274,8 @@ def test_cluster_doc_places_the_server_by_placement() -> None:
 def test_haproxy_configs_pass_haproxys_own_check(tmp_path: Path) -> None:
     """HAProxy itself parses both configs and loads the certificates issued for them."""
     tls = haproxy.write_tls_files(tmp_path, "cluster.local", sc.NAMESPACE)
-    client = haproxy.client_config(tls, "10.244.2.10", tmp_path / "c.sock")
-    server = haproxy.server_config(tls, "10.244.2.10", tmp_path / "s.sock")
+    client = haproxy.client_config(tls, tmp_path / "c.sock")
+    server = haproxy.server_config(tls, tmp_path / "s.sock")
     assert "verify required" in client and "verify required" in server
     for name, text in (("client.cfg", client), ("server.cfg", server)):
         cfg = tmp_path / name
