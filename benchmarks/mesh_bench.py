@@ -287,6 +287,10 @@ def measure(
             after = costs.sample(running.proxies)
             res["costs"] = costs.load_costs(before, after, int(res["answered"]))
             out["http"][str(rate)] = res
+        if idle:  # memory per connection barely drifts: measured in the first round only
+            progress(f"{tag}: {st.idle_conns} idle connections")
+            out["conns"] = idle_connections(running, st.idle_conns)
+        # Connection churn last: it is the phase most likely to break a proxy.
         progress(f"{tag}: new connections ({st.connect_seconds:g} s)")
         t0 = tunnel_opened(running)
         conn = loadgen("connect", running.http, ["--seconds", str(st.connect_seconds)],
@@ -296,9 +300,10 @@ def measure(
             conn["tunnel_opened"] = t1 - t0
             conn["tunnel_opened_per_second"] = (t1 - t0) / conn["seconds"]
         out["connect"] = conn
-        if idle:  # memory per connection barely drifts: measured in the first round only
-            progress(f"{tag}: {st.idle_conns} idle connections")
-            out["conns"] = idle_connections(running, st.idle_conns)
+        dead = sorted(role for role, u in costs.sample(running.proxies).items() if u is None)
+        if dead:
+            out["dead_proxies"] = dead
+            progress(f"{tag}: proxy process(es) gone by the end: {', '.join(dead)}")
     finally:
         progress(f"{tag}: stopping")
         scn.stop()
@@ -391,6 +396,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, Path | None]:
     ap.add_argument("--placements", help="comma-separated: cross-node,same-node")
     ap.add_argument("--scenarios", help="comma-separated scenario names (default: all)")
     ap.add_argument("--no-earlier", action="store_true", help="skip rbac_check and state_load")
+    ap.add_argument(
+        "--cluster-name",
+        default=plain.CLUSTER_NAME,
+        help="name of the plain scenarios' cluster (its namespaces are named after it)",
+    )
     ap.add_argument("--out", type=Path, help="output directory (default results/<timestamp>)")
     a = ap.parse_args(argv)
     st = QUICK if a.quick else FULL
@@ -409,6 +419,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, Path | None]:
     if a.no_earlier:
         changes["earlier"] = False
     st = replace(st, **changes)
+    try:
+        plain.set_cluster_name(a.cluster_name)
+    except ValueError as e:
+        ap.error(f"--cluster-name: {e}")
     if any(p not in plain.PLACEMENTS for p in st.placements):
         ap.error(f"--placements: each must be one of {', '.join(plain.PLACEMENTS)}")
     if not st.rates or any(not 1 <= r <= 20000 for r in st.rates):

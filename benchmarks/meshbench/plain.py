@@ -17,10 +17,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import yaml
 from l4_datapath import RELAY, BenchError, _env, _wait_listening
 
 from localcluster.mesh import ADMIN_PORT, Cluster, down, process_record, tunnel_name, up
 from localcluster.processes import ManagedProcess, spawn_in_netns
+from localcluster.spec import valid_cluster_name
 
 from .scenario import Endpoint, Running
 
@@ -45,13 +47,14 @@ class _Shared:
         self.cluster: Cluster | None = None
         self.state_root: Path | None = None
         self.refs = 0
+        self.name = CLUSTER_NAME
 
     def acquire(self, workdir: Path) -> Cluster:
         if self.cluster is None:
             root = workdir / "plain-cluster"
             root.mkdir(parents=True, exist_ok=True)
             self.state_root = root
-            self.cluster = up(CLUSTER_FILE, root, mesh=True)
+            self.cluster = up(cluster_file(root, self.name), root, mesh=True)
         self.refs += 1
         return self.cluster
 
@@ -66,6 +69,32 @@ class _Shared:
 
 
 _SHARED = _Shared()
+
+
+def cluster_file(where: Path, name: str) -> Path:
+    """bench.yaml, renamed when `name` differs (two runs on one machine must not share
+    namespace names). The copy sits beside nothing of bench.yaml's relative paths, so its
+    pods' commands are made absolute."""
+    if name == CLUSTER_NAME:
+        return CLUSTER_FILE
+    doc = yaml.safe_load(CLUSTER_FILE.read_text(encoding="utf-8"))
+    doc["name"] = name
+    for pod in doc["pods"]:
+        pod["command"] = [
+            str(HERE / part) if part.startswith("apps/") else part for part in pod["command"]
+        ]
+    path = where / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def set_cluster_name(name: str) -> None:
+    """Use another name for the plain scenarios' cluster (before it is up)."""
+    if not valid_cluster_name(name):
+        raise ValueError(f"cluster name {name!r} is not valid (see localcluster.spec)")
+    if _SHARED.cluster is not None:
+        raise RuntimeError("the plain scenarios' cluster is already up")
+    _SHARED.name = name
 
 
 @contextmanager

@@ -327,6 +327,13 @@ def render(doc: dict[str, Any], plots: list[str]) -> str:
         for r in runs
         if r.get("error")
     ]
+    notes += [
+        f"- {r['scenario']} {r['placement']} round {r.get('round')}: proxy process(es) "
+        f"{', '.join(r['dead_proxies'])} gone by the end of the run (figures after that "
+        "moment are missing)"
+        for r in runs
+        if r.get("dead_proxies")
+    ]
     notes += [f"- {n}" for n in doc.get("notes", [])]
     if notes:
         out += ["## Notes", "", *notes, ""]

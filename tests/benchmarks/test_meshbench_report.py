@@ -65,7 +65,7 @@ def doc() -> dict[str, Any]:
             run("none", gbit=12.0, p99=1.2, cpu=None, rnd=1),
             run("ambient", gbit=4.0, p99=1.1, cpu=0.05),
             run("ambient", gbit=4.0, p99=1.1, cpu=0.05, rnd=1),
-            run("relay", gbit=5.0, p99=1.05, cpu=0.02),
+            run("relay", gbit=5.0, p99=1.05, cpu=0.02) | {"dead_proxies": ["relay-a"]},
             run("sidecar", gbit=2.0, p99=1.6, cpu=0.2),
             {"scenario": "relay", "placement": "same-node", "round": 0, "error": "boom"},
         ],
@@ -134,6 +134,7 @@ def test_markdown_tables_are_well_formed_and_show_ratios() -> None:
     assert "| 4.00 | 0.36 | 2.00 |" in amb
     assert "sidecar-haproxy: skipped" in md
     assert "relay same-node round 0: failed (boom)" in md
+    assert "proxy process(es) relay-a gone" in md
     assert "rbac_check: not run (exit 1)" in md
     assert "![throughput.png](throughput.png)" in md
 

@@ -25,7 +25,7 @@ def test_harness_writes_raw_results_report_and_plots(tmp_path: Path) -> None:
         "--scenarios", "none,ambient", "--placements", "cross-node",
         "--rates", "200", "--seconds", "1", "--conns", "2",
         "--bulk-seconds", "0.5", "--connect-seconds", "0.5", "--idle-conns", "20",
-        "--no-earlier", "--out", str(out),
+        "--no-earlier", "--cluster-name", "mbsmoke", "--out", str(out),
     ]  # fmt: skip
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
