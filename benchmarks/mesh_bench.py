@@ -58,7 +58,8 @@ HBONE_NOTE = (
 IDLE_NOTE = (
     "Idle RSS is sampled when a scenario starts. none, ambient and relay share one cluster, "
     "so the tunnels' idle RSS of the placement measured second follows the first one's load "
-    "(Python keeps memory it once used); the first placement's figure is the cold one."
+    "(Python keeps memory it once used). Rounds alternate the order and the report takes "
+    "the smallest idle RSS over rounds; with one round only the first placement's is cold."
 )
 
 

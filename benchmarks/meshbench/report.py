@@ -77,7 +77,8 @@ def flatten(run: dict[str, Any]) -> dict[str, float]:
 
 
 def aggregate(runs: Iterable[dict[str, Any]]) -> Agg:
-    """Per scenario and placement, the median over rounds of each metric."""
+    """Per scenario and placement, the median over rounds of each metric; for idle RSS the
+    smallest (the round in which the placement ran first saw the proxies cold)."""
     acc: dict[tuple[str, str], dict[str, list[float]]] = {}
     for run in runs:
         if run.get("error"):
@@ -85,7 +86,13 @@ def aggregate(runs: Iterable[dict[str, Any]]) -> Agg:
         key = (str(run["scenario"]), str(run["placement"]))
         for m, v in flatten(run).items():
             acc.setdefault(key, {}).setdefault(m, []).append(v)
-    return {k: {m: statistics.median(vs) for m, vs in ms.items()} for k, ms in acc.items()}
+    return {
+        k: {
+            m: (min(vs) if m.startswith("idle_rss") else statistics.median(vs))
+            for m, vs in ms.items()
+        }
+        for k, ms in acc.items()
+    }
 
 
 def merged_hists(runs: Iterable[dict[str, Any]], rate: str) -> dict[tuple[str, str], Histogram]:

@@ -64,7 +64,7 @@ def doc() -> dict[str, Any]:
             run("none", gbit=10.0, p99=1.0, cpu=None),
             run("none", gbit=12.0, p99=1.2, cpu=None, rnd=1),
             run("ambient", gbit=4.0, p99=1.1, cpu=0.05),
-            run("ambient", gbit=4.0, p99=1.1, cpu=0.05, rnd=1),
+            run("ambient", gbit=4.0, p99=1.1, cpu=0.05, rnd=1, idle_mb=50.0),
             run("relay", gbit=5.0, p99=1.05, cpu=0.02) | {"dead_proxies": ["relay-a"]},
             run("sidecar", gbit=2.0, p99=1.6, cpu=0.2),
             {"scenario": "relay", "placement": "same-node", "round": 0, "error": "boom"},
@@ -80,6 +80,7 @@ def test_aggregate_takes_medians_and_leaves_failed_runs_out() -> None:
     assert agg[("none", "cross-node")]["p99_ms@1000"] == pytest.approx(1.1)
     assert ("relay", "same-node") not in agg
     assert "cpu_s_per_1000@1000" not in agg[("none", "cross-node")]
+    assert agg[("ambient", "cross-node")]["idle_rss_mb"] == pytest.approx(30.0)  # the cold one
 
 
 def test_targets_verdicts() -> None:
