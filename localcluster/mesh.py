@@ -44,7 +44,7 @@ from localcluster.processes import (
     terminate,
 )
 from localcluster.spec import ClusterSpec, NamespaceSpec, PodSpec, load_cluster
-from localcluster.state import ClusterState, teardown
+from localcluster.state import ClusterState, live_netns, teardown
 from localcluster.xds import local_xds, workload, workload_uid
 from redirect.enrolment import PodInfo, SourceError, parse_source, pod_doc, wanted
 
@@ -627,6 +627,13 @@ def up(
 ) -> Cluster:
     """Build the cluster; `redirect_mode` is the node agents' capture mode (iptables|ebpf)."""
     spec = load_cluster(cluster_file)
+    running = live_netns(spec.name)
+    if running:
+        # Never tear down what this call did not build: another run may own it.
+        raise MeshUpError(
+            f"cluster {spec.name} is already up ({len(running)} network namespaces, e.g. "
+            f"{running[0]}); run `ambientctl down {spec.name}` first"
+        )
     state = ClusterState.open(spec.name, state_root)
     try:
         layout = build_network(spec, state)

@@ -179,3 +179,9 @@ def _remove_runtime_files(d: Path) -> None:
             child.unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         d.rmdir()  # only succeeds when nothing (no ca/) is left
+
+
+def live_netns(cluster_name: str) -> list[str]:
+    """The network namespaces of a cluster that exist right now (by name prefix)."""
+    prefix = f"{cluster_name}-"
+    return sorted(n for n in pr_netns.listnetns() if n.startswith(prefix))
