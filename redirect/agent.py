@@ -255,7 +255,11 @@ class NodeAgent:
     async def _run(self) -> None:
         while True:
             try:
-                await asyncio.wait_for(self._dirty.wait(), _STATUS_REFRESH)
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a
+                # cancellation that lands as the event fires, and close() would then wait
+                # forever for this loop.
+                async with asyncio.timeout(_STATUS_REFRESH):
+                    await self._dirty.wait()
             except TimeoutError:
                 # Nothing to reconcile; the source's error state may still have changed.
                 self._write_status()
