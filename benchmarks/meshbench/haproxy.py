@@ -45,14 +45,11 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-
 import nsutil
 from controlplane.ca import CertificateAuthority
 from localcluster import mesh
 from localcluster.processes import spawn_in_netns
+from ztunnel.certs import new_key_and_csr
 from ztunnel.identity import SpiffeId
 
 from . import sidecar_cluster as sc
@@ -94,22 +91,8 @@ def haproxy_binary() -> str:
 
 def issue(ca: CertificateAuthority, identity: SpiffeId) -> bytes:
     """A key and a leaf for `identity` signed by `ca`, as one PEM (leaf, root, key)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([]))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(identity))]),
-            critical=True,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    chain = ca.sign_csr(csr.public_bytes(serialization.Encoding.PEM), identity, CERT_TTL)
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
+    key_pem, csr_pem = new_key_and_csr(identity)
+    chain = ca.sign_csr(csr_pem, identity, CERT_TTL)
     return b"".join(chain) + key_pem
 
 
