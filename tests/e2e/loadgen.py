@@ -78,17 +78,32 @@ def main() -> None:
         t.start()
     attempts = 0
     failures: list[dict[str, object]] = []
+    ok_at: list[float] = []  # when each successful attempt began
     next_at = start
     while time.monotonic() < until and attempts < MAX_ATTEMPTS:
         attempts += 1
+        began = time.time()  # a failure is dated by its attempt, not by its timeout
         error = one_connection(args.host, args.port, timeout=5.0)
         if error is not None:
-            failures.append({"at": time.time(), "error": error})
+            failures.append({"at": began, "error": error})
+        else:
+            ok_at.append(round(began, 4))
         next_at += args.interval_ms / 1000
         time.sleep(max(0.0, next_at - time.monotonic()))
+    last_attempt = time.time()
     for t in threads:
         t.join(timeout=args.seconds + 30)
-    print(json.dumps({"attempts": attempts, "failures": failures, "long": longs}))
+    print(
+        json.dumps(
+            {
+                "attempts": attempts,
+                "failures": failures,
+                "ok_at": ok_at,
+                "long": longs,
+                "last": last_attempt,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -124,11 +124,15 @@ def test_crash_and_restart_outage_is_bounded(cluster: mesh.Cluster) -> None:
     start_new_tunnel(cluster, node, f"ztunnel-{node}-{int(time.time() * 1000) % 10**8}")
     result = finish_load(load, timeout=60)
     failures = result["failures"]
-    outage = (max(f["at"] for f in failures) - killed_at) if failures else 0.0
+    # The outage ends with the first attempt that worked after the last one that failed
+    # (a failed attempt may have waited for its timeout, so its own time says too little).
+    last_failed = max((f["at"] for f in failures), default=killed_at)
+    back = min((t for t in result["ok_at"] if t > last_failed), default=result["last"])
+    outage = back - killed_at if failures else 0.0
     print(
         f"\ncrash {node}: {result['attempts']} new connections, {len(failures)} failed, "
         f"outage {outage:.2f} s after SIGKILL; long-lived: {result['long']}"
     )
     assert outage < 10.0
-    # After the restart, new connections work again.
-    assert not failures or max(f["at"] for f in failures) < time.time() - 0.5
+    # After the restart, new connections work again: the last second of attempts is clean.
+    assert not failures or max(f["at"] for f in failures) < result["last"] - 1.0
