@@ -123,7 +123,13 @@ class H2Transport(asyncio.Protocol):
         out = self.conn.take_output()
         if out and self.transport is not None and not self.transport.is_closing():
             self.transport.writelines(out)
-        if self.conn.drained and not self.conn.closed and self._drain_close is None:
+        # `draining` first: a plain attribute, so the per-write path pays one test.
+        if (
+            self.conn.draining
+            and self.conn.drained
+            and not self.conn.closed
+            and self._drain_close is None
+        ):
             # Not at once: a stream the peer opened as our GOAWAY was on its way must
             # still get its REFUSED_STREAM (closing now would reset the TCP connection
             # and could discard the GOAWAY before the peer read it).
