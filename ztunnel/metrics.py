@@ -19,22 +19,17 @@ opened (response_flags `-`) and sets the response flag only when it records the 
 here, too, `opened`, the byte counters and the gauge use the labels with response_flags `-`,
 and only `istio_tcp_connections_closed_total` carries the flag the caller passes.
 
-Everything lives in one `TcpMetrics` with its own registry: no process-global state, so two
-tunnels (or tests) in one process never share counters. Updates are plain dict arithmetic on
-the event loop's thread; a scrape copies the dicts before rendering.
+Everything lives in one `TcpMetrics`: no process-global state, so two tunnels (or tests) in
+one process never share counters. Updates are plain dict arithmetic on the event loop's
+thread; a scrape copies the dicts before rendering (with `ztunnel.promtext`).
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator
 from dataclasses import dataclass, fields, replace
 
-from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
-
+from ztunnel import promtext
 from ztunnel.identity import SpiffeId
 from ztunnel.state import Service, Workload
 
@@ -183,33 +178,11 @@ def _at_open(labels: TcpLabels) -> TcpLabels:
     return replace(labels, response_flags=str(ResponseFlags.NONE))
 
 
-class _Collector(Collector):
-    def __init__(self, owner: TcpMetrics) -> None:
-        self._owner = owner
-
-    def collect(self) -> Iterator[Metric]:
-        o = self._owner
-        for name, series in (
-            (OPENED, o._opened),
-            (CLOSED, o._closed),
-            (RECEIVED_BYTES, o._received),
-            (SENT_BYTES, o._sent),
-        ):
-            counter = CounterMetricFamily(name, _HELP[name], labels=LABEL_NAMES)
-            for labels, value in list(series.items()):
-                counter.add_metric(labels.values(), value)
-            yield counter
-        gauge = GaugeMetricFamily(SOCKETS_OPEN, _HELP[SOCKETS_OPEN], labels=LABEL_NAMES)
-        for labels, value in list(o._open.items()):
-            gauge.add_metric(labels.values(), value)
-        yield gauge
-
-
 class TcpMetrics:
     """The tunnel's TCP counters. One instance per tunnel process."""
 
     # The classic text format (what `render` produces and every Prometheus version parses).
-    CONTENT_TYPE: str = CONTENT_TYPE_PLAIN_0_0_4
+    CONTENT_TYPE: str = promtext.CONTENT_TYPE
 
     def __init__(self) -> None:
         self._opened: dict[TcpLabels, int] = {}
@@ -217,8 +190,6 @@ class TcpMetrics:
         self._received: dict[TcpLabels, int] = {}
         self._sent: dict[TcpLabels, int] = {}
         self._open: dict[TcpLabels, int] = {}
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_Collector(self))
 
     def opened(self, labels: TcpLabels) -> None:
         """A connection was accepted and is being proxied."""
@@ -267,7 +238,31 @@ class TcpMetrics:
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every series."""
-        return generate_latest(self.registry)
+        families = [
+            promtext.Family(
+                f"{name}_total",
+                _HELP[name],
+                promtext.COUNTER,
+                LABEL_NAMES,
+                [(labels.values(), value) for labels, value in list(series.items())],
+            )
+            for name, series in (
+                (OPENED, self._opened),
+                (CLOSED, self._closed),
+                (RECEIVED_BYTES, self._received),
+                (SENT_BYTES, self._sent),
+            )
+        ]
+        families.append(
+            promtext.Family(
+                SOCKETS_OPEN,
+                _HELP[SOCKETS_OPEN],
+                promtext.GAUGE,
+                LABEL_NAMES,
+                [(labels.values(), value) for labels, value in list(self._open.items())],
+            )
+        )
+        return promtext.render(families)
 
 
 def _check_bytes(received: int, sent: int) -> None:
