@@ -6,12 +6,13 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from ztunnel import promtext
@@ -44,12 +45,10 @@ def reference(families: list[Family]) -> bytes:
     """The same families written by prometheus_client."""
 
     class Collector:
-        def collect(self):  # type: ignore[no-untyped-def]
+        def collect(self) -> Iterator[Metric]:
             for f in families:
-                if f.type == COUNTER:
-                    m = CounterMetricFamily(f.name, f.help, labels=f.labels)
-                else:
-                    m = GaugeMetricFamily(f.name, f.help, labels=f.labels)
+                kind = CounterMetricFamily if f.type == COUNTER else GaugeMetricFamily
+                m = kind(f.name, f.help, labels=f.labels)
                 for values, value in f.samples:
                     m.add_metric(values, value)
                 yield m
@@ -153,8 +152,7 @@ def test_process_metrics_read_as_prometheus_client_reads_them():
 
     def shape(text: bytes) -> list[tuple[str, str, str]]:
         return [
-            (f.name, f.type, f.documentation)
-            for f in text_string_to_metric_families(text.decode())
+            (f.name, f.type, f.documentation) for f in text_string_to_metric_families(text.decode())
         ]
 
     assert shape(ProcessMetrics().render()) == shape(generate_latest(registry))
