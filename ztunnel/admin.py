@@ -17,17 +17,15 @@ address by the caller: it can stop the tunnel and has no authentication (as upst
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import structlog
-from aiohttp import web
-from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 
-from ztunnel.httpserver import NodeHttpServer
+from ztunnel.httpserver import NodeHttpServer, Request, Response, Routes
 from ztunnel.metrics import TcpMetrics
+from ztunnel.promtext import ProcessMetrics
 
 ADMIN_PORT = 15000
 METRICS_PORT = 15020
@@ -118,31 +116,12 @@ def _index_text(prefix: str) -> str:
     return f"{prefix}admin commands are:\n{rows}"
 
 
-def _json(body: Any, status: int = 200) -> web.Response:
-    # default=str: addresses and other plain values a source may leave unconverted.
-    text = json.dumps(body, indent=2, default=str) + "\n"
-    return web.Response(status=status, text=text, content_type="application/json")
+def _json(body: Any, status: int = 200) -> Response:
+    return Response.json(body, status, indent=2)
 
 
-def _error(status: int, message: str) -> web.Response:
+def _error(status: int, message: str) -> Response:
     return _json({"error": message}, status)
-
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@web.middleware
-async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Unknown paths get the endpoint list; a failing source gets a 500 that says why."""
-    try:
-        return await handler(request)
-    except web.HTTPNotFound:
-        return web.Response(status=404, text=_index_text("invalid path. "))
-    except web.HTTPException:
-        raise
-    except Exception as e:
-        log.exception("admin request failed", path=request.path)
-        return _error(500, f"{type(e).__name__}: {e}")
 
 
 class AdminServer(NodeHttpServer):
@@ -154,16 +133,25 @@ class AdminServer(NodeHttpServer):
         super().__init__(port, host)
         self._source = source
 
-    async def _index(self, _request: web.Request) -> web.Response:
-        return web.Response(text=_index_text(""))
+    async def not_found(self, request: Request) -> Response:
+        # As Envoy: an unknown path gets the list of the known ones.
+        return Response.text(_index_text("invalid path. "), 404)
 
-    async def _config_dump(self, _request: web.Request) -> web.Response:
+    async def failed(self, request: Request, error: Exception) -> Response:
+        # A failing source gets a 500 that says why, in the admin port's JSON.
+        log.exception("admin request failed", path=request.path)
+        return _error(500, f"{type(error).__name__}: {error}")
+
+    async def _index(self, _request: Request) -> Response:
+        return Response.text(_index_text(""))
+
+    async def _config_dump(self, _request: Request) -> Response:
         return _json(self._source.config_dump())
 
-    async def _connections(self, _request: web.Request) -> web.Response:
+    async def _connections(self, _request: Request) -> Response:
         return _json(self._source.connections())
 
-    async def _explain(self, request: web.Request) -> web.Response:
+    async def _explain(self, request: Request) -> Response:
         source = request.query.get("source", "").strip()
         destination = request.query.get("destination", "").strip()
         missing = [n for n, v in (("source", source), ("destination", destination)) if not v]
@@ -178,7 +166,7 @@ class AdminServer(NodeHttpServer):
         except ValueError as e:
             return _error(400, str(e))
 
-    async def _logging(self, request: web.Request) -> web.Response:
+    async def _logging(self, request: Request) -> Response:
         level = request.query.get("level")
         if request.method == "POST" and level is not None:
             try:
@@ -189,27 +177,25 @@ class AdminServer(NodeHttpServer):
             return _json({"level": now})
         return _json({"level": current_log_level()})
 
-    async def _quit(self, request: web.Request) -> web.StreamResponse:
-        # Write the whole answer before asking to quit: a shutdown that closes this server
-        # must not cut off the reply to the request that asked for it.
-        response = web.Response(text="OK\n")
-        await response.prepare(request)
-        await response.write_eof()
-        log.info("shutdown requested via admin", peer=request.remote)
-        self._source.request_quit()
-        return response
+    async def _quit(self, request: Request) -> Response:
+        def quit_after_answer() -> None:
+            log.info("shutdown requested via admin", peer=request.remote)
+            self._source.request_quit()
 
-    def app(self) -> web.Application:
-        app = web.Application(middlewares=[_errors])
-        app.router.add_get("/", self._index)
-        app.router.add_get("/config_dump", self._config_dump)
-        app.router.add_get("/connections", self._connections)
-        app.router.add_get("/debug/explain", self._explain)
-        app.router.add_get("/logging", self._logging)
-        app.router.add_post("/logging", self._logging)
-        # POST only: a GET (a browser, a crawler of the index) must never stop the tunnel.
-        app.router.add_post("/quitquitquit", self._quit)
-        return app
+        # Ask to quit only once the whole answer is written: a shutdown that closes this
+        # server must not cut off the reply to the request that asked for it.
+        return Response(body=b"OK\n", after=quit_after_answer)
+
+    def routes(self) -> Routes:
+        return {
+            "/": {"GET": self._index},
+            "/config_dump": {"GET": self._config_dump},
+            "/connections": {"GET": self._connections},
+            "/debug/explain": {"GET": self._explain},
+            "/logging": {"GET": self._logging, "POST": self._logging},
+            # POST only: a GET (a browser, a crawler of the index) must never stop the tunnel.
+            "/quitquitquit": {"POST": self._quit},
+        }
 
 
 # -- metrics server -----------------------------------------------------------------------
@@ -229,26 +215,20 @@ class MetricsServer(NodeHttpServer):
         self._metrics = metrics
         self._extra = extra
 
-    async def _scrape(self, _request: web.Request) -> web.Response:
+    async def _scrape(self, _request: Request) -> Response:
         body = self._metrics.render()
         if self._extra is not None:
             body += self._extra()
-        return web.Response(body=body, headers={"Content-Type": TcpMetrics.CONTENT_TYPE})
+        return Response(body=body, content_type=TcpMetrics.CONTENT_TYPE)
 
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/metrics", self._scrape)
-        app.router.add_get("/stats/prometheus", self._scrape)
-        return app
+    def routes(self) -> Routes:
+        return {
+            "/metrics": {"GET": self._scrape},
+            "/stats/prometheus": {"GET": self._scrape},
+        }
 
 
 def process_metrics() -> Callable[[], bytes]:
     """`extra` for `MetricsServer`: this process's CPU, memory and file descriptors
-    (`process_*`), from a registry of its own."""
-    registry = CollectorRegistry(auto_describe=False)
-    ProcessCollector(registry=registry)
-
-    def render() -> bytes:
-        return generate_latest(registry)
-
-    return render
+    (`process_*`), read from /proc/self at each scrape."""
+    return ProcessMetrics().render

@@ -3,11 +3,7 @@ when the mesh config is loaded and every enrolled pod has its certificate and li
 
 from __future__ import annotations
 
-import json
-
-from aiohttp import web
-
-from ztunnel.httpserver import NodeHttpServer
+from ztunnel.httpserver import NodeHttpServer, Request, Response, Routes
 from ztunnel.node import NodeProxy
 
 
@@ -16,15 +12,9 @@ class ReadinessServer(NodeHttpServer):
         super().__init__(port, host)
         self._node = node
 
-    async def _ready(self, _request: web.Request) -> web.Response:
+    async def _ready(self, _request: Request) -> Response:
         status = self._node.status()
-        return web.Response(
-            status=200 if status["ready"] else 503,
-            text=json.dumps(status),
-            content_type="application/json",
-        )
+        return Response.json(status, 200 if status["ready"] else 503)
 
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/healthz/ready", self._ready)
-        return app
+    def routes(self) -> Routes:
+        return {"/healthz/ready": {"GET": self._ready}}
