@@ -35,6 +35,7 @@ async def run(cfg: Config) -> None:
         cfg.trust_domain,
         root_namespace=cfg.root_namespace,
         release_drain=cfg.release_drain_seconds,
+        same_node_in_process=cfg.same_node_in_process,
     )
     watcher = LocalConfigWatcher(cfg.local_xds_path, node.on_state)
     await watcher.start()

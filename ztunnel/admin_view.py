@@ -9,6 +9,7 @@ the route (once per candidate endpoint, since the data path picks one at random)
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -151,7 +152,12 @@ def _resolve(state: MeshState, source: Workload, destination: str) -> tuple[Sock
     raise ValueError(f"{host!r} is neither an IP address nor a known service host name")
 
 
-def _endpoint_json(policies: PolicyIndex, source: Workload, d: OutboundDecision) -> dict[str, Any]:
+def _endpoint_json(
+    policies: PolicyIndex,
+    source: Workload,
+    d: OutboundDecision,
+    in_process: Callable[[Workload, Workload], bool],
+) -> dict[str, Any]:
     w = d.destination
     out: dict[str, Any] = {
         "workload": f"{w.namespace}/{w.name}" if w is not None else None,
@@ -163,6 +169,9 @@ def _endpoint_json(policies: PolicyIndex, source: Workload, d: OutboundDecision)
         "healthy": w.status.value == "HEALTHY" if w is not None else None,
         "route": d.route.name,
     }
+    if d.route is Route.HBONE and w is not None:
+        # Same-node pairs this tunnel serves both ends of skip the TLS hop (still checked).
+        out["delivery"] = "in-process" if in_process(source, w) else "hbone"
     if d.route is Route.HBONE and w is not None and d.target is not None:
         # What the destination's tunnel decides for this client: its address is the
         # source pod's, its identity the source's certificate.
@@ -172,9 +181,19 @@ def _endpoint_json(policies: PolicyIndex, source: Workload, d: OutboundDecision)
     return out
 
 
+def _never(_source: Workload, _destination: Workload) -> bool:
+    return False
+
+
 def explain(
-    state: MeshState, policies: PolicyIndex, source_ref: str, destination: str
+    state: MeshState,
+    policies: PolicyIndex,
+    source_ref: str,
+    destination: str,
+    in_process: Callable[[Workload, Workload], bool] = _never,
 ) -> dict[str, Any]:
+    """`in_process(source, destination)`: whether this tunnel would join the pair in
+    process (it serves both)."""
     source = _find_source(state, source_ref)
     dst, how = _resolve(state, source, destination)
     result: dict[str, Any] = {
@@ -222,5 +241,5 @@ def explain(
     if first.route is Route.REFUSE:
         result["endpoints"] = []
         return result
-    result["endpoints"] = [_endpoint_json(policies, source, d) for d in decisions]
+    result["endpoints"] = [_endpoint_json(policies, source, d, in_process) for d in decisions]
     return result

@@ -27,6 +27,7 @@ ADMIN_PORT = "ADMIN_PORT"
 METRICS_PORT = "METRICS_PORT"
 DRAIN_SECONDS = "DRAIN_SECONDS"
 RELEASE_DRAIN_SECONDS = "RELEASE_DRAIN_SECONDS"
+SAME_NODE_IN_PROCESS = "SAME_NODE_IN_PROCESS"
 
 DEFAULT_READINESS_PORT = 15021
 DEFAULT_ADMIN_PORT = 15000
@@ -66,6 +67,9 @@ class Config:
     drain_seconds: int = DEFAULT_DRAIN_SECONDS
     release_drain_seconds: int = DEFAULT_RELEASE_DRAIN_SECONDS
     zds_socket: Path | None = None
+    # Same-node connections go from one pod's proxy to the other's in process, skipping
+    # the TLS and HTTP/2 of a hop that starts and ends here; false sends them over HBONE.
+    same_node_in_process: bool = True
 
 
 def _required(env: Mapping[str, str], name: str) -> str:
@@ -86,6 +90,17 @@ def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -
     if not low <= value <= high:
         raise ConfigurationError(f"{name}={value} is outside {low}..{high}")
     return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigurationError(f"{name}={raw!r} is not a boolean (true or false)")
 
 
 def _enrolment(env: Mapping[str, str]) -> tuple[Path | None, Path | None]:
@@ -129,4 +144,5 @@ def parse_config(env: Mapping[str, str]) -> Config:
         release_drain_seconds=_int(
             env, RELEASE_DRAIN_SECONDS, DEFAULT_RELEASE_DRAIN_SECONDS, 0, 40
         ),
+        same_node_in_process=_bool(env, SAME_NODE_IN_PROCESS, True),
     )

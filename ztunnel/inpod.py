@@ -238,8 +238,10 @@ class PodProxy:
         authorize: Authorizer = allow_all,
         factory: SocketFactory | None = None,
         telemetry: Telemetry | None = None,
+        local: Callable[[Workload], InboundProxy | None] | None = None,
     ) -> None:
         self.telemetry = telemetry if telemetry is not None else Telemetry()
+        self._local = local
         self.enrolment = enrolment
         self.workload = workload
         self._state = state
@@ -293,7 +295,13 @@ class PodProxy:
         pool = ConnectionPool(self._connect)
         self.pool = pool
         outbound = OutboundProxy(
-            lambda: self.workload, self._state, factory, pool, track, telemetry=self.telemetry
+            lambda: self.workload,
+            self._state,
+            factory,
+            pool,
+            track,
+            telemetry=self.telemetry,
+            local=self._local,
         )
         self.inbound = InboundProxy(
             lambda: self.workload,
@@ -387,7 +395,11 @@ class PodProxy:
     @property
     def busy(self) -> bool:
         """Whether any accepted connection (or its handler) is still open."""
-        return len(self.tasks) > 0 or self._accepted.open_count() > 0
+        return (
+            len(self.tasks) > 0
+            or self._accepted.open_count() > 0
+            or (self.inbound is not None and len(self.inbound.local) > 0)
+        )
 
     async def stop(self) -> None:
         self.status = "stopping"

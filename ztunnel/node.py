@@ -31,6 +31,7 @@ from ztunnel.certs import CertificateManager
 from ztunnel.config import DEFAULT_RELEASE_DRAIN_SECONDS, DEFAULT_ROOT_NAMESPACE
 from ztunnel.identity import SpiffeId
 from ztunnel.inpod import Enrolment, PodProxy
+from ztunnel.proxy.inbound import InboundProxy
 from ztunnel.rbac import PolicyIndex
 from ztunnel.sockets import SocketAddr
 from ztunnel.state import MeshState, Workload
@@ -60,10 +61,12 @@ class NodeProxy:
         telemetry: Telemetry | None = None,
         workload_wait: float = WORKLOAD_WAIT,
         release_drain: float = DEFAULT_RELEASE_DRAIN_SECONDS,
+        same_node_in_process: bool = True,
     ) -> None:
         self.node_name = node_name
         self.workload_wait = workload_wait
         self.release_drain = release_drain
+        self.same_node_in_process = same_node_in_process
         self.certs = certs
         self.trust_domain = trust_domain
         self.root_namespace = root_namespace
@@ -74,6 +77,7 @@ class NodeProxy:
         self.state_loaded = False
         self.desired: dict[str, Enrolment] = {}
         self.pods: dict[str, PodProxy] = {}
+        self._by_workload: dict[str, PodProxy] | None = None  # workload uid -> pod, lazily
         self.pending: dict[str, str] = {}  # uid -> why it is not running
         # Where enrolment comes from, and whether it is complete: a ZDS source is not
         # until the agent's snapshot arrived on the current connection (as upstream, the
@@ -101,6 +105,7 @@ class NodeProxy:
             w = self.workload_for(pod.enrolment)
             if w is not None:
                 pod.workload = w
+        self._by_workload = None
         changed, self._state_changed = self._state_changed, asyncio.Event()
         changed.set()
         # Workloads (labels, addresses) feed policy too: re-check after any change.
@@ -138,6 +143,19 @@ class NodeProxy:
                     dst=str(target),
                 )
         return None if result.allowed else result.reason
+
+    def local_inbound(self, workload: Workload) -> InboundProxy | None:
+        """The inbound proxy of `workload` when this tunnel serves it and is accepting for
+        it: the outbound side then delivers same-node connections in process."""
+        if not self.same_node_in_process or workload.node != self.node_name:
+            return None
+        index = self._by_workload
+        if index is None:
+            index = self._by_workload = {p.workload.uid: p for p in self.pods.values()}
+        pod = index.get(workload.uid)
+        if pod is None or pod.status != "ready":
+            return None  # draining or stopping: as for HBONE, new connections go elsewhere
+        return pod.inbound
 
     def workload_for(self, enrolment: Enrolment) -> Workload | None:
         """The mesh workload of an enrolled pod: by uid, else (a ZDS pod, whose uid is the
@@ -288,6 +306,7 @@ class NodeProxy:
             self.trust_domain,
             self.authorize,
             telemetry=self.telemetry,
+            local=self.local_inbound,
         )
         try:
             await pod.start()
@@ -301,11 +320,13 @@ class NodeProxy:
             return why
         self.pending.pop(enrolment.uid, None)
         self.pods[enrolment.uid] = pod
+        self._by_workload = None
         log.info("pod enrolled", uid=enrolment.uid, identity=str(pod.identity))
         return None
 
     async def _stop_pod(self, uid: str) -> None:
         pod = self.pods.pop(uid)
+        self._by_workload = None
         await pod.stop()
         if not any(p.identity == pod.identity for p in self.pods.values()):
             self.certs.forget(pod.identity)
@@ -339,7 +360,12 @@ class NodeProxy:
         return self.telemetry.connections()
 
     def explain(self, source: str, destination: str) -> dict[str, Any]:
-        return admin_view.explain(self.state, self.policies, source, destination)
+        return admin_view.explain(
+            self.state, self.policies, source, destination, in_process=self._in_process
+        )
+
+    def _in_process(self, source: Workload, destination: Workload) -> bool:
+        return source.node == self.node_name and self.local_inbound(destination) is not None
 
     def request_quit(self) -> None:
         log.info("quit requested through the admin port")

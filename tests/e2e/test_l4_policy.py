@@ -620,3 +620,108 @@ def test_quitquitquit_stops_the_tunnel(cluster: mesh.Cluster) -> None:
     while is_running(rec.pid, rec.start_time):
         assert time.monotonic() < deadline, "the tunnel did not exit"
         time.sleep(0.05)
+
+
+# ---- same node: delivered in process ------------------------------------------------------
+
+
+def test_same_node_connections_are_delivered_in_process_and_fully_accounted(
+    cluster: mesh.Cluster,
+) -> None:
+    """client and server-a share n1: the tunnel joins them in process (no TLS hop that
+    starts and ends in itself), yet the connection is listed, logged and counted by both
+    reporters exactly as an HBONE one, and policy still decides."""
+    a = pod_ip(cluster, "mesh", "server-a")
+    pair = {
+        "source_principal": spiffe("mesh", "client"),
+        "destination_principal": spiffe("mesh", "server"),
+        "destination_workload": "server-a",
+    }
+    for dst, delivery in ((a, "in-process"), (server_b(cluster), "hbone")):
+        _, why = admin(cluster, "n1", f"/debug/explain?source=mesh/client&destination={dst}:9000")
+        assert [e["delivery"] for e in why["endpoints"]] == [delivery]
+    before = scrape(cluster, "n1")
+    size = 6007  # picks this connection's access-log lines out
+    with connect(cluster, "mesh", "client", a, 9000) as s:
+        host, port = s.getsockname()[:2]
+        first = s.makefile("rb").readline()
+        assert first.decode().split(":")[0] == pod_ip(cluster, "mesh", "client")
+        s.sendall(b"s" * size)
+        got = 0
+        while got < size:
+            got += len(s.recv(65536))
+        deadline = time.monotonic() + 10
+        while True:
+            _, table = admin(cluster, "n1", "/connections")
+            mine = [c for c in table if c["src"] == f"{host}:{port}"]
+            if len(mine) == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        by_dir = {c["direction"]: c for c in mine}
+        assert set(by_dir) == {"outbound", "inbound"}
+        for c in by_dir.values():
+            assert c["hbone"] == "in-process"
+            assert c["srcIdentity"] == spiffe("mesh", "client")
+            assert c["dstIdentity"] == spiffe("mesh", "server")
+            assert c["bytesSent"] == size
+        assert by_dir["inbound"]["pod"] == "mesh/server-a"
+        s.shutdown(socket.SHUT_WR)
+        while s.recv(65536):
+            pass
+    response = len(first) + size
+    deadline = time.monotonic() + 10
+    name = "istio_tcp_connections_closed_total"
+    while any(
+        total(scrape(cluster, "n1"), name, reporter=r, **pair)
+        - total(before, name, reporter=r, **pair)
+        < 1
+        for r in ("source", "destination")
+    ):
+        assert time.monotonic() < deadline, "the connection was never counted as closed"
+        time.sleep(0.05)
+    after = scrape(cluster, "n1")
+    for reporter in ("source", "destination"):
+        for metric, want in (
+            ("istio_tcp_connections_opened_total", 1),
+            ("istio_tcp_received_bytes_total", size),
+            ("istio_tcp_sent_bytes_total", response),
+        ):
+            got_v = total(after, metric, reporter=reporter, **pair)
+            assert got_v - total(before, metric, reporter=reporter, **pair) == want, metric
+    series = [
+        dict(lbl)
+        for (n, lbl), _ in after.items()
+        if n == "istio_tcp_received_bytes_total" and ("destination_workload", "server-a") in lbl
+    ]
+    assert series and all(x["connection_security_policy"] == "mutual_tls" for x in series)
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [
+            x
+            for x in (json.loads(line) for line in tunnel_log(cluster).splitlines())
+            if x.get("event") == "connection complete" and x.get("bytes_sent") == size
+        ]
+        if len(lines) == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert {x["direction"] for x in lines} == {"outbound", "inbound"}
+    assert all(x["dst.hbone_addr"] == "in-process" for x in lines)
+
+    # Policy decides in process as it does for HBONE: denied, and counted as a denial.
+    apply(
+        cluster,
+        authz(
+            "not-client",
+            {
+                "selector": {"matchLabels": {"app": "server-a"}},
+                "action": "DENY",
+                "rules": [{"from": [{"source": {"principals": [f"{TD}/ns/mesh/sa/client"]}}]}],
+            },
+        ),
+    )
+    denied_before = total(scrape(cluster, "n1"), name, response_flags="DENY", **pair)
+    assert not reachable(cluster, "mesh", "client", a, 9000)
+    deadline = time.monotonic() + 10
+    while total(scrape(cluster, "n1"), name, response_flags="DENY", **pair) < denied_before + 2:
+        assert time.monotonic() < deadline, "the denial was not counted by both reporters"
+        time.sleep(0.05)

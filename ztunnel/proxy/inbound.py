@@ -23,7 +23,7 @@ from ztunnel.hbone.conn import Headers
 from ztunnel.hbone.transport import H2Transport
 from ztunnel.identity import SpiffeId
 from ztunnel.metrics import ResponseFlags, TcpLabels, tcp_labels
-from ztunnel.proxy.relay import AppSide, HboneSplice
+from ztunnel.proxy.relay import AppSide, HboneSplice, RelayResult, TcpPipe
 from ztunnel.sockets import (
     TUNNEL_PORTS,
     SocketAddr,
@@ -169,6 +169,8 @@ class InboundProxy:
         self.telemetry = telemetry if telemetry is not None else Telemetry()
         self._state = state
         self.connections: set[_InboundH2] = set()
+        # Same-node connections delivered in process (see `connect_local`).
+        self.local: set[LocalDelivery] = set()
 
     def labels(
         self, workload: Workload, peer: SpiffeId | None, client: SocketAddr, flags: str
@@ -269,15 +271,134 @@ class InboundProxy:
         self.telemetry.close(entry, request_bytes=res.received, response_bytes=res.sent)
         record.finish(res.received, res.sent, res.error)
 
+    async def connect_local(
+        self, peer: SpiffeId, client: SocketAddr, target: SocketAddr
+    ) -> tuple[InboundDecision, LocalDelivery | None]:
+        """The destination's half of a same-node connection, delivered in process.
+
+        The source pod is enrolled in this same tunnel, so its identity is known without a
+        handshake and its bytes never leave this process: the CONNECT a remote tunnel would
+        send is checked exactly as `on_request` checks it (same `decide`, same authorizer,
+        same access log, metrics and connection table), but no TLS or HTTP/2 framing is
+        spent on a hop that does not exist. Returns the decision, and when it is 200 the
+        connected app to join."""
+        workload = self._workload()
+        src = self._state().workload_by_ip(workload.network, client.ip)
+        headers = [(":method", "CONNECT"), (":authority", str(target))]
+        decision = decide(workload, headers, peer, client, self.authorize)
+        record = ConnectionLog(
+            "inbound",
+            **{
+                "src.addr": str(client),
+                "src.workload": src.name if src is not None else None,
+                "src.namespace": src.namespace if src is not None else None,
+                "src.identity": str(peer),
+                "dst.addr": str(target),
+                "dst.hbone_addr": LOCAL_HOP,
+                "dst.workload": workload.name,
+                "dst.namespace": workload.namespace,
+                "dst.identity": str(workload.identity),
+            },
+        )
+        if decision.status != 200:
+            record.finish(error=f"{decision.status}: {decision.reason}")
+            if decision.status == 401:
+                self.telemetry.refused(self.labels(workload, peer, client, ResponseFlags.DENY))
+            return decision, None
+        try:
+            _, app = await connect_app(self._factory, target, str(client.ip))
+        except asyncio.CancelledError:
+            record.finish(error="tunnel stopped serving the pod")
+            raise
+        except (TimeoutError, OSError) as e:
+            reason = f"connecting to the app at {target} failed: {e}"
+            record.finish(error=f"503: {reason}")
+            self.telemetry.refused(self.labels(workload, peer, client, ResponseFlags.CONNECT))
+            return InboundDecision(503, target, reason), None
+        return decision, LocalDelivery(self, workload, peer, client, target, record, app)
+
     def drain(self) -> None:
         """Graceful stop: GOAWAY on every HBONE connection, so clients open new streams
-        elsewhere (the new tunnel's listener) while the open ones run to their end."""
+        elsewhere (the new tunnel's listener) while the open ones run to their end.
+        Same-node connections run to their end too."""
         for h2 in list(self.connections):
             h2.drain("tunnel draining")
 
     def close(self) -> None:
         for h2 in list(self.connections):
             h2.close(reason="pod removed")
+        for delivery in list(self.local):
+            delivery.abort("pod removed")
+
+
+# The HBONE address shown for a same-node connection delivered in process.
+LOCAL_HOP = "in-process"
+
+
+class LocalDelivery:
+    """The destination's book of one same-node connection: its connection-table entry,
+    metrics and access-log line, kept exactly as for an HBONE stream. Inbound, the request
+    direction is the pipe's `sent` (client -> app)."""
+
+    __slots__ = ("app", "entry", "pipe", "proxy", "record")
+
+    def __init__(
+        self,
+        proxy: InboundProxy,
+        workload: Workload,
+        peer: SpiffeId,
+        client: SocketAddr,
+        target: SocketAddr,
+        record: ConnectionLog,
+        app: AppSide,
+    ) -> None:
+        self.proxy = proxy
+        self.record = record
+        self.app = app
+        self.pipe: TcpPipe | None = None
+        self.entry = Tracked(
+            "inbound",
+            f"{workload.namespace}/{workload.name}",
+            str(client),
+            str(target),
+            proxy.labels(workload, peer, client, ResponseFlags.NONE),
+            hbone=LOCAL_HOP,
+            src_identity=str(peer),
+            dst_identity=str(workload.identity),
+            counts=self._counts,
+            abort=self.abort,
+            recheck=lambda: proxy.authorize(proxy._workload(), peer, client, target),
+        )
+
+    def _counts(self) -> tuple[int, int]:
+        return (self.pipe.sent, self.pipe.received) if self.pipe is not None else (0, 0)
+
+    def attach(self, pipe: TcpPipe) -> None:
+        """The source joined our app to its client: book the connection open until the
+        pipe ends (however it ends)."""
+        self.pipe = pipe
+        self.proxy.local.add(self)
+        self.proxy.telemetry.open(self.entry)
+        pipe.done.add_done_callback(self._ended)
+
+    def _ended(self, done: asyncio.Future[RelayResult]) -> None:
+        self.proxy.local.discard(self)
+        pipe = self.pipe
+        assert pipe is not None
+        self.proxy.telemetry.close(
+            self.entry, request_bytes=pipe.sent, response_bytes=pipe.received
+        )
+        if done.cancelled():
+            self.record.finish(pipe.sent, pipe.received, "tunnel stopped serving the pod")
+            return
+        res = done.result()
+        self.record.finish(res.sent, res.received, res.error)
+
+    def abort(self, reason: str) -> None:
+        if self.pipe is not None:
+            self.pipe.abort(reason)
+        elif self.app.transport is not None:
+            self.app.transport.abort()
 
 
 def inbound_labels(

@@ -25,6 +25,7 @@ from ztunnel.hbone.pool import ConnectionPool, PoolKey
 from ztunnel.hbone.transport import H2Transport
 from ztunnel.identity import SpiffeId
 from ztunnel.metrics import ResponseFlags, TcpLabels, tcp_labels
+from ztunnel.proxy.inbound import LOCAL_HOP, InboundProxy
 from ztunnel.proxy.relay import AppSide, HboneSplice, TcpPipe
 from ztunnel.sockets import (
     INBOUND_HBONE_PORT,
@@ -196,6 +197,7 @@ class OutboundProxy:
         tasks: Callable[[asyncio.Future[None]], None],
         orig_dst: Callable[[socket.socket], SocketAddr] = original_dst,
         telemetry: Telemetry | None = None,
+        local: Callable[[Workload], InboundProxy | None] | None = None,
     ) -> None:
         self._workload = workload
         self._state = state
@@ -204,6 +206,8 @@ class OutboundProxy:
         self._track = tasks
         self._orig_dst = orig_dst
         self.telemetry = telemetry if telemetry is not None else Telemetry()
+        # The inbound proxy of a destination this same tunnel serves, if any.
+        self._local = local
 
     def protocol(self) -> AppSide:
         return AppSide(on_made=self._accepted)
@@ -252,6 +256,11 @@ class OutboundProxy:
                 return
             if decision.route is Route.PASSTHROUGH:
                 await self._passthrough(app, source, client, decision, record)
+                return
+            assert decision.destination is not None  # decide() names an HBONE destination
+            local = self._local(decision.destination) if self._local is not None else None
+            if local is not None:
+                await self._same_node(app, local, source, client, decision, record)
             else:
                 await self._hbone(app, source, client, decision, record)
         except asyncio.CancelledError:
@@ -274,6 +283,7 @@ class OutboundProxy:
         client: SocketAddr,
         decision: OutboundDecision,
         counts: Callable[[], tuple[int, int]],
+        hop: str | None = None,
     ) -> Tracked:
         hbone = decision.route is Route.HBONE
         return Tracked(
@@ -282,7 +292,7 @@ class OutboundProxy:
             str(client),
             str(decision.target),
             outbound_labels(source, decision, ResponseFlags.NONE),
-            hbone=str(decision.next_hop) if hbone else None,
+            hbone=(hop or str(decision.next_hop)) if hbone else None,
             src_identity=str(source.identity),
             dst_identity=(
                 str(decision.destination.identity)
@@ -326,6 +336,38 @@ class OutboundProxy:
         finally:
             self.telemetry.close(entry, request_bytes=relay.sent, response_bytes=relay.received)
         record.finish(res.sent, res.received, res.error)
+
+    async def _same_node(
+        self,
+        app: AppSide,
+        local: InboundProxy,
+        source: Workload,
+        client: SocketAddr,
+        decision: OutboundDecision,
+        record: ConnectionLog,
+    ) -> None:
+        """The destination pod is served by this tunnel too: hand the connection to its
+        inbound proxy in process. Policy, metrics (both reporters), access logs and the
+        connection table are as for HBONE; only the TLS and HTTP/2 of a hop that would
+        start and end in this process are skipped. (Upstream ztunnel has had the same
+        in-memory path for same-node traffic.)"""
+        assert decision.target is not None
+        record.set(**{"dst.hbone_addr": LOCAL_HOP})
+        t = app.transport
+        assert t is not None
+        verdict, delivery = await local.connect_local(source.identity, client, decision.target)
+        if delivery is None:
+            t.abort()
+            record.finish(error=f"destination answered {verdict.status}: {verdict.reason}")
+            flags = ResponseFlags.DENY if verdict.status == 401 else ResponseFlags.CONNECT
+            self.telemetry.refused(outbound_labels(source, decision, flags))
+            return
+        pipe = TcpPipe(app, delivery.app)
+        delivery.attach(pipe)  # at once: nothing may come between connecting and booking
+        entry = self._tracked(
+            source, client, decision, lambda: (pipe.sent, pipe.received), hop=LOCAL_HOP
+        )
+        await self._relay(pipe, pipe.start, entry, record)
 
     async def _hbone(
         self,
