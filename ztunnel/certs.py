@@ -22,12 +22,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Protocol
 
-import aiohttp
 import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from ztunnel.httpclient import ProtocolError, post_unix
 from ztunnel.identity import SpiffeId
 
 log = structlog.get_logger(__name__)
@@ -142,21 +142,24 @@ class LocalCAClient:
 
     async def sign(self, csr_pem: bytes, ttl: timedelta) -> list[bytes]:
         body = {"csr": csr_pem.decode(), "ttlSeconds": int(ttl.total_seconds())}
-        headers = {"Authorization": f"Bearer {self._token}"}
-        timeout = aiohttp.ClientTimeout(total=CA_REQUEST_TIMEOUT)
+        headers = {"Authorization": f"Bearer {self._token}", "Content-Type": "application/json"}
         try:
-            connector = aiohttp.UnixConnector(path=self._socket_path)
-            async with (
-                aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
-                session.post(f"http://ca{CA_PATH}", json=body, headers=headers) as resp,
-            ):
-                text = await resp.text()
-                status = resp.status
-        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            async with asyncio.timeout(CA_REQUEST_TIMEOUT):
+                status, raw = await post_unix(
+                    self._socket_path, CA_PATH, json.dumps(body).encode(), headers, host="ca"
+                )
+        except (ProtocolError, OSError, TimeoutError) as e:
+            # A timeout's own message is empty: say what timed out.
+            problem = (
+                f"no answer within {CA_REQUEST_TIMEOUT:g} s"
+                if isinstance(e, TimeoutError)
+                else str(e) or type(e).__name__
+            )
             raise CertificateError(
-                f"cannot reach the CA at {self._socket_path}: {e or type(e).__name__}; "
+                f"cannot reach the CA at {self._socket_path}: {problem}; "
                 "check that the CA process runs and the socket path is right"
             ) from e
+        text = raw.decode("utf-8", errors="replace")
         try:
             doc = json.loads(text)
         except ValueError:
