@@ -137,6 +137,47 @@ def tcp_labels(
     """
     if reporter not in (Reporter.SOURCE, Reporter.DESTINATION):
         raise ValueError(f"reporter must be 'source' or 'destination', not {reporter!r}")
+    # Thousands of connections share a handful of label sets: build each once and share
+    # it (memory per open connection, and time per connection). The key holds the
+    # objects by identity (hashing a whole Workload per connection would cost more than
+    # building the labels); the cached value keeps them alive so no id is reused meanwhile.
+    key = (
+        reporter,
+        id(source),
+        source_identity,
+        id(destination),
+        destination_identity,
+        id(service),
+        response_flags,
+        mtls,
+    )
+    hit = _LABELS.get(key)
+    if hit is not None:
+        return hit[0]
+    labels = _build_labels(
+        reporter, source, source_identity, destination, destination_identity, service,
+        response_flags, mtls,
+    )  # fmt: skip
+    if len(_LABELS) >= _LABELS_MAX:
+        _LABELS.clear()  # config changes leave stale entries behind: start over
+    _LABELS[key] = (labels, source, destination, service)
+    return labels
+
+
+_LABELS_MAX = 4096
+_LABELS: dict[tuple[object, ...], tuple[TcpLabels, object, object, object]] = {}
+
+
+def _build_labels(
+    reporter: str,
+    source: Workload | None,
+    source_identity: SpiffeId | None,
+    destination: Workload | None,
+    destination_identity: SpiffeId | None,
+    service: Service | None,
+    response_flags: str,
+    mtls: bool,
+) -> TcpLabels:
     src = source
     dst = destination
     dst_principal: SpiffeId | None = destination_identity

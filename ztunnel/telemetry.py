@@ -15,46 +15,75 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
 from ztunnel.metrics import TcpLabels, TcpMetrics
 
+if TYPE_CHECKING:
+    from ztunnel.identity import SpiffeId
+    from ztunnel.sockets import SocketAddr
+    from ztunnel.state import Workload
+
 log = structlog.get_logger(__name__)
 
 
-def _no_counts() -> tuple[int, int]:
-    return (0, 0)
+class Relay(Protocol):
+    """What a table entry reads live and can stop: the relay moving the connection's bytes.
+    `sent` is toward the destination."""
+
+    @property
+    def sent(self) -> int: ...
+
+    @property
+    def received(self) -> int: ...
+
+    def abort(self, reason: str) -> None: ...
 
 
 @dataclass(eq=False, slots=True)
 class Tracked:
+    """One open connection. It holds references and renders its strings only when shown:
+    a tunnel keeps one per open connection."""
+
     direction: str  # outbound | inbound | inbound_plaintext | passthrough
-    pod: str  # "namespace/name" of the enrolled pod the connection belongs to
-    src: str
-    dst: str
+    pod: Workload  # the enrolled pod the connection belongs to
+    src: SocketAddr
+    dst: SocketAddr
     labels: TcpLabels
-    hbone: str | None = None
-    src_identity: str | None = None
-    dst_identity: str | None = None
+    hbone: object = None  # the HBONE address, or how the hop was made
+    src_identity: SpiffeId | None = None
+    dst_identity: SpiffeId | None = None
     started_at: float = field(default_factory=time.time)
-    # Live (request bytes, response bytes): client -> server, server -> client.
-    counts: Callable[[], tuple[int, int]] = _no_counts
-    abort: Callable[[str], None] | None = None
+    relay: Relay | None = None
+    # Whether the request direction (client -> server) is the relay's `received`: so for
+    # the server end of an HBONE stream, whose `sent` goes back into the tunnel.
+    request_is_received: bool = False
     # Inbound only: the denial reason under the current policy, or None while allowed.
-    recheck: Callable[[], str | None] | None = None
+    recheck: Callable[[Tracked], str | None] | None = None
+
+    def counts(self) -> tuple[int, int]:
+        """Live (request bytes, response bytes): client -> server, server -> client."""
+        r = self.relay
+        if r is None:
+            return (0, 0)
+        return (r.received, r.sent) if self.request_is_received else (r.sent, r.received)
+
+    def abort(self, reason: str) -> None:
+        if self.relay is not None:
+            self.relay.abort(reason)
 
     def to_json(self) -> dict[str, Any]:
         request, response = self.counts()
         return {
             "direction": self.direction,
-            "pod": self.pod,
-            "src": self.src,
-            "dst": self.dst,
-            "hbone": self.hbone,
-            "srcIdentity": self.src_identity,
-            "dstIdentity": self.dst_identity,
+            "pod": f"{self.pod.namespace}/{self.pod.name}",
+            "src": str(self.src),
+            "dst": str(self.dst),
+            "hbone": None if self.hbone is None else str(self.hbone),
+            "srcIdentity": None if self.src_identity is None else str(self.src_identity),
+            "dstIdentity": None if self.dst_identity is None else str(self.dst_identity),
             # From the client's point of view, as the access log's bytes_sent/bytes_recv.
             "bytesSent": request,
             "bytesReceived": response,
@@ -90,16 +119,16 @@ class Telemetry:
         """Re-evaluate every open inbound connection; abort those now denied."""
         closed = 0
         for entry in list(self._open):
-            if entry.recheck is None or entry.abort is None:
+            if entry.recheck is None or entry.relay is None:
                 continue
-            reason = entry.recheck()
+            reason = entry.recheck(entry)
             if reason is not None:
                 log.info(
                     "connection closed by policy change",
-                    pod=entry.pod,
-                    src=entry.src,
-                    dst=entry.dst,
-                    src_identity=entry.src_identity,
+                    pod=f"{entry.pod.namespace}/{entry.pod.name}",
+                    src=str(entry.src),
+                    dst=str(entry.dst),
+                    src_identity=str(entry.src_identity) if entry.src_identity else None,
                     reason=reason,
                 )
                 entry.abort(f"policy now denies it: {reason}")

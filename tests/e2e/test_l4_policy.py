@@ -611,17 +611,6 @@ spec:
     assert reachable(cluster, "mesh", "client", server_b(cluster), 9000)
 
 
-def test_quitquitquit_stops_the_tunnel(cluster: mesh.Cluster) -> None:
-    # Last in this module: the cluster is torn down after it.
-    (rec,) = [r for r in read_records(cluster.state.pidfile_dir) if r.name == "ztunnel-n2"]
-    status, _ = admin(cluster, "n2", "/quitquitquit", "POST")
-    assert status == 200
-    deadline = time.monotonic() + 15
-    while is_running(rec.pid, rec.start_time):
-        assert time.monotonic() < deadline, "the tunnel did not exit"
-        time.sleep(0.05)
-
-
 # ---- same node: delivered in process ------------------------------------------------------
 
 
@@ -724,4 +713,15 @@ def test_same_node_connections_are_delivered_in_process_and_fully_accounted(
     deadline = time.monotonic() + 10
     while total(scrape(cluster, "n1"), name, response_flags="DENY", **pair) < denied_before + 2:
         assert time.monotonic() < deadline, "the denial was not counted by both reporters"
+        time.sleep(0.05)
+
+
+def test_quitquitquit_stops_the_tunnel(cluster: mesh.Cluster) -> None:
+    # Last in this module: the cluster is torn down after it.
+    (rec,) = [r for r in read_records(cluster.state.pidfile_dir) if r.name == "ztunnel-n2"]
+    status, _ = admin(cluster, "n2", "/quitquitquit", "POST")
+    assert status == 200
+    deadline = time.monotonic() + 15
+    while is_running(rec.pid, rec.start_time):
+        assert time.monotonic() < deadline, "the tunnel did not exit"
         time.sleep(0.05)

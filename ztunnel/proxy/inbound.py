@@ -169,6 +169,7 @@ class InboundProxy:
         self.telemetry = telemetry if telemetry is not None else Telemetry()
         self._state = state
         self.connections: set[_InboundH2] = set()
+        self.recheck = self._recheck  # one bound method, shared by every table entry
         # Same-node connections delivered in process (see `connect_local`).
         self.local: set[LocalDelivery] = set()
 
@@ -180,6 +181,10 @@ class InboundProxy:
 
     def protocol(self) -> H2Transport:
         return _InboundH2(self)
+
+    def _recheck(self, entry: Tracked) -> str | None:
+        """An open connection under the current policy: None while still allowed."""
+        return self.authorize(self._workload(), entry.src_identity, entry.src, entry.dst)
 
     def on_request(self, h2: H2Transport, sid: int, headers: Headers) -> None:
         assert isinstance(h2, _InboundH2)
@@ -205,21 +210,16 @@ class InboundProxy:
         client: SocketAddr,
     ) -> None:
         src = self._state().workload_by_ip(workload.network, client.ip)
+        sockname = h2.transport.get_extra_info("sockname") if h2.transport else None
         record = ConnectionLog(
             "inbound",
-            **{
-                "src.addr": str(client),
-                "src.workload": src.name if src is not None else None,
-                "src.namespace": src.namespace if src is not None else None,
-                "src.identity": str(h2.peer) if h2.peer else None,
-                "dst.addr": str(decision.target) if decision.target else None,
-                "dst.hbone_addr": str(h2.transport.get_extra_info("sockname")[0]) + ":15008"
-                if h2.transport
-                else None,
-                "dst.workload": workload.name,
-                "dst.namespace": workload.namespace,
-                "dst.identity": str(workload.identity),
-            },
+            src=client,
+            src_workload=src,
+            src_identity=h2.peer,
+            dst=decision.target,
+            hbone=f"{sockname[0]}:15008" if sockname else None,
+            dst_workload=workload,
+            dst_identity=workload.identity,
         )
         if decision.status != 200 or decision.target is None:
             _refuse(h2, splice, decision.status, decision.reason)
@@ -244,19 +244,18 @@ class InboundProxy:
             app.transport.abort()
             record.finish(error="client went away before the app answered")
             return
-        peer = h2.peer
         entry = Tracked(
             "inbound",
-            f"{workload.namespace}/{workload.name}",
-            str(client),
-            str(target),
-            self.labels(workload, peer, client, ResponseFlags.NONE),
-            hbone=record.fields.get("dst.hbone_addr"),
-            src_identity=str(peer) if peer else None,
-            dst_identity=str(workload.identity),
-            counts=lambda: (splice.received, splice.sent),
-            abort=splice.abort,
-            recheck=lambda: self.authorize(self._workload(), peer, client, target),
+            workload,
+            client,
+            target,
+            self.labels(workload, h2.peer, client, ResponseFlags.NONE),
+            hbone=record.hbone,
+            src_identity=h2.peer,
+            dst_identity=workload.identity,
+            relay=splice,
+            request_is_received=True,
+            recheck=self.recheck,
         )
         h2.conn.respond(splice.sid, 200, splice, end=False)
         splice.start(app)
@@ -288,17 +287,13 @@ class InboundProxy:
         decision = decide(workload, headers, peer, client, self.authorize)
         record = ConnectionLog(
             "inbound",
-            **{
-                "src.addr": str(client),
-                "src.workload": src.name if src is not None else None,
-                "src.namespace": src.namespace if src is not None else None,
-                "src.identity": str(peer),
-                "dst.addr": str(target),
-                "dst.hbone_addr": LOCAL_HOP,
-                "dst.workload": workload.name,
-                "dst.namespace": workload.namespace,
-                "dst.identity": str(workload.identity),
-            },
+            src=client,
+            src_workload=src,
+            src_identity=peer,
+            dst=target,
+            hbone=LOCAL_HOP,
+            dst_workload=workload,
+            dst_identity=workload.identity,
         )
         if decision.status != 200:
             record.finish(error=f"{decision.status}: {decision.reason}")
@@ -358,25 +353,21 @@ class LocalDelivery:
         self.pipe: TcpPipe | None = None
         self.entry = Tracked(
             "inbound",
-            f"{workload.namespace}/{workload.name}",
-            str(client),
-            str(target),
+            workload,
+            client,
+            target,
             proxy.labels(workload, peer, client, ResponseFlags.NONE),
             hbone=LOCAL_HOP,
-            src_identity=str(peer),
-            dst_identity=str(workload.identity),
-            counts=self._counts,
-            abort=self.abort,
-            recheck=lambda: proxy.authorize(proxy._workload(), peer, client, target),
+            src_identity=peer,
+            dst_identity=workload.identity,
+            recheck=proxy.recheck,
         )
-
-    def _counts(self) -> tuple[int, int]:
-        return (self.pipe.sent, self.pipe.received) if self.pipe is not None else (0, 0)
 
     def attach(self, pipe: TcpPipe) -> None:
         """The source joined our app to its client: book the connection open until the
         pipe ends (however it ends)."""
         self.pipe = pipe
+        self.entry.relay = pipe
         self.proxy.local.add(self)
         self.proxy.telemetry.open(self.entry)
         pipe.done.add_done_callback(self._ended)

@@ -41,6 +41,7 @@ class InboundPassthroughProxy:
         self.telemetry = telemetry if telemetry is not None else Telemetry()
         self._state = state
         self.pipes: set[TcpPipe] = set()
+        self.recheck = self._recheck  # one bound method, shared by every table entry
 
     def protocol(self) -> AppSide:
         return AppSide(on_made=self._accepted)
@@ -53,21 +54,14 @@ class InboundPassthroughProxy:
         assert t is not None
         workload = self._workload()
         client = SocketAddr.of(t.get_extra_info("peername"))
-        record = ConnectionLog(
-            "inbound",
-            **{
-                "src.addr": str(client),
-                "dst.workload": workload.name,
-                "dst.namespace": workload.namespace,
-            },
-        )
+        record = ConnectionLog("inbound", src=client, dst_workload=workload)
         try:
             target = self._orig_dst(t.get_extra_info("socket"))
         except OSError as e:
             t.abort()
             record.finish(error=f"no original destination: {e}")
             return
-        record.set(**{"dst.addr": str(target)})
+        record.dst = target
         if target.port in TUNNEL_PORTS or target.ip not in workload.ips:
             t.abort()
             record.finish(error=f"refused: {target} is not an app port of this pod")
@@ -95,14 +89,13 @@ class InboundPassthroughProxy:
         pipe = TcpPipe(app, upstream)
         entry = Tracked(
             "inbound_plaintext",
-            f"{workload.namespace}/{workload.name}",
-            str(client),
-            str(target),
+            workload,
+            client,
+            target,
             inbound_labels(self._state(), workload, None, client, ResponseFlags.NONE),
-            dst_identity=str(workload.identity),
-            counts=lambda: (pipe.sent, pipe.received),
-            abort=pipe.abort,
-            recheck=lambda: self.authorize(self._workload(), None, client, target),
+            dst_identity=workload.identity,
+            relay=pipe,
+            recheck=self.recheck,
         )
         self.pipes.add(pipe)
         pipe.start()
@@ -117,6 +110,9 @@ class InboundPassthroughProxy:
             # On cancellation too: the live counts are the final ones.
             self.telemetry.close(entry, request_bytes=pipe.sent, response_bytes=pipe.received)
         record.finish(res.sent, res.received, res.error)
+
+    def _recheck(self, entry: Tracked) -> str | None:
+        return self.authorize(self._workload(), None, entry.src, entry.dst)
 
     def close(self) -> None:
         for pipe in list(self.pipes):

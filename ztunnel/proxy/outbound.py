@@ -222,13 +222,7 @@ class OutboundProxy:
         client = SocketAddr.of(t.get_extra_info("peername"))
         sock = t.get_extra_info("socket")
         record = ConnectionLog(
-            "outbound",
-            **{
-                "src.addr": str(client),
-                "src.workload": source.name,
-                "src.namespace": source.namespace,
-                "src.identity": str(source.identity),
-            },
+            "outbound", src=client, src_workload=source, src_identity=source.identity
         )
         try:
             dst = self._orig_dst(sock)
@@ -237,18 +231,11 @@ class OutboundProxy:
             record.finish(error=f"no original destination: {e}")
             return
         decision = decide(self._state(), source, dst)
-        record.set(**{"dst.addr": str(decision.target)})
-        if decision.destination is not None:
-            d = decision.destination
-            record.set(
-                **{
-                    "dst.workload": d.name,
-                    "dst.namespace": d.namespace,
-                    "dst.identity": str(d.identity) if decision.route is Route.HBONE else None,
-                }
-            )
-        if decision.service is not None:
-            record.set(**{"dst.service": decision.service.hostname})
+        record.dst = decision.target
+        record.dst_workload = decision.destination
+        if decision.destination is not None and decision.route is Route.HBONE:
+            record.dst_identity = decision.destination.identity
+        record.service = decision.service
         try:
             if decision.route is Route.REFUSE:
                 t.abort()
@@ -282,24 +269,25 @@ class OutboundProxy:
         source: Workload,
         client: SocketAddr,
         decision: OutboundDecision,
-        counts: Callable[[], tuple[int, int]],
-        hop: str | None = None,
+        relay: TcpPipe | HboneSplice,
+        hop: object = None,
     ) -> Tracked:
         hbone = decision.route is Route.HBONE
+        assert decision.target is not None
         return Tracked(
             "outbound",
-            f"{source.namespace}/{source.name}",
-            str(client),
-            str(decision.target),
+            source,
+            client,
+            decision.target,
             outbound_labels(source, decision, ResponseFlags.NONE),
-            hbone=(hop or str(decision.next_hop)) if hbone else None,
-            src_identity=str(source.identity),
+            hbone=(hop or decision.next_hop) if hbone else None,
+            src_identity=source.identity,
             dst_identity=(
-                str(decision.destination.identity)
+                decision.destination.identity
                 if hbone and decision.destination is not None
                 else None
             ),
-            counts=counts,
+            relay=relay,
         )
 
     async def _passthrough(
@@ -313,7 +301,7 @@ class OutboundProxy:
         assert decision.next_hop is not None
         _, upstream = await open_tcp(self._factory, decision.next_hop)
         pipe = TcpPipe(app, upstream)
-        entry = self._tracked(source, client, decision, lambda: (pipe.sent, pipe.received))
+        entry = self._tracked(source, client, decision, pipe)
         await self._relay(pipe, pipe.start, entry, record)
 
     async def _relay(
@@ -325,7 +313,6 @@ class OutboundProxy:
     ) -> None:
         """Run a joined connection to its end; book it (table, metrics, access log) once.
         Outbound, the request direction is the app's: `sent`."""
-        entry.abort = relay.abort
         start()
         self.telemetry.open(entry)
         try:
@@ -352,7 +339,7 @@ class OutboundProxy:
         start and end in this process are skipped. (Upstream ztunnel has had the same
         in-memory path for same-node traffic.)"""
         assert decision.target is not None
-        record.set(**{"dst.hbone_addr": LOCAL_HOP})
+        record.hbone = LOCAL_HOP
         t = app.transport
         assert t is not None
         verdict, delivery = await local.connect_local(source.identity, client, decision.target)
@@ -364,9 +351,7 @@ class OutboundProxy:
             return
         pipe = TcpPipe(app, delivery.app)
         delivery.attach(pipe)  # at once: nothing may come between connecting and booking
-        entry = self._tracked(
-            source, client, decision, lambda: (pipe.sent, pipe.received), hop=LOCAL_HOP
-        )
+        entry = self._tracked(source, client, decision, pipe, hop=LOCAL_HOP)
         await self._relay(pipe, pipe.start, entry, record)
 
     async def _hbone(
@@ -378,7 +363,7 @@ class OutboundProxy:
         record: ConnectionLog,
     ) -> None:
         assert decision.next_hop is not None
-        record.set(**{"dst.hbone_addr": str(decision.next_hop)})
+        record.hbone = decision.next_hop
         t = app.transport
         assert t is not None
         # The client's own address, as upstream keys its pool: not our socket's local
@@ -413,7 +398,7 @@ class OutboundProxy:
             flags = ResponseFlags.DENY if status == 401 else ResponseFlags.CONNECT
             self.telemetry.refused(outbound_labels(source, decision, flags))
             return
-        entry = self._tracked(source, client, decision, lambda: (splice.sent, splice.received))
+        entry = self._tracked(source, client, decision, splice)
         await self._relay(splice, lambda: splice.start(app), entry, record)
 
 
