@@ -26,7 +26,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import structlog
-from cryptography import x509
 
 from ztunnel.certs import WorkloadCertificate
 from ztunnel.identity import IdentityError, SpiffeId
@@ -62,17 +61,23 @@ def client_context(cert: WorkloadCertificate) -> ssl.SSLContext:
 
 def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> SpiffeId:
     """The SPIFFE identity in the peer's leaf certificate (exactly one is required)."""
-    der = ssl_object.getpeercert(binary_form=True)
-    if not der:
-        raise PeerVerificationError("peer presented no certificate")
+    # The dict form is what OpenSSL parsed during the handshake: no second parse per
+    # connection, and no `cryptography` in the tunnel. It is filled in only for a verified
+    # certificate, which every context built here requires.
     try:
-        leaf = x509.load_der_x509_certificate(der)
-        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        raise PeerVerificationError("peer certificate has no subjectAltName") from None
-    except ValueError as e:
+        cert = ssl_object.getpeercert()
+    except ssl.SSLError as e:
         raise PeerVerificationError(f"peer certificate cannot be parsed: {e}") from e
-    uris = [u for u in san.get_values_for_type(x509.UniformResourceIdentifier)]
+    if cert is None:
+        raise PeerVerificationError("peer presented no certificate")
+    if not cert:
+        raise PeerVerificationError(
+            "peer certificate was not verified (the TLS context must require peer certificates)"
+        )
+    sans = cert.get("subjectAltName")
+    if not sans:
+        raise PeerVerificationError("peer certificate has no subjectAltName")
+    uris = [value for kind, value in _pairs(sans) if kind == "URI"]
     spiffe = [u for u in uris if u.startswith("spiffe://")]
     if len(spiffe) != 1:
         raise PeerVerificationError(
@@ -83,6 +88,17 @@ def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> SpiffeId:
         return SpiffeId.parse(spiffe[0])
     except IdentityError as e:
         raise PeerVerificationError(f"peer certificate identity is invalid: {e}") from e
+
+
+def _pairs(sans: object) -> list[tuple[str, str]]:
+    """subjectAltName as (type, value) pairs, e.g. ("URI", "spiffe://..."), ("DNS", ...)."""
+    pairs: list[tuple[str, str]] = []
+    for entry in sans if isinstance(sans, tuple) else ():
+        if isinstance(entry, tuple) and len(entry) == 2:
+            kind, value = entry
+            if isinstance(kind, str) and isinstance(value, str):
+                pairs.append((kind, value))
+    return pairs
 
 
 def hbone_peer(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> SpiffeId:

@@ -291,59 +291,153 @@ def test_verify_server_lists_expected_and_got():
 
 
 class FakeSSLObject:
-    def __init__(self, der: bytes | None) -> None:
-        self._der = der
+    """A fake SSL object: the only way to see a peer without a certificate, which none of
+    the mesh's contexts lets complete a handshake."""
 
-    def getpeercert(self, binary_form: bool = False) -> bytes | None:
-        return self._der
+    def getpeercert(self, binary_form: bool = False) -> None:
+        return None
 
 
-def _cert_with_sans(sans: list[x509.GeneralName]) -> bytes:
-    key = ec.generate_private_key(ec.SECP256R1())
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([]))
-        .issuer_name(x509.Name([]))
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(datetime.now(UTC))
-        .not_valid_after(datetime.now(UTC) + timedelta(hours=1))
-    )
-    if sans:
-        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=True)
-    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+class SanCA:
+    """A throwaway CA that issues leaves with any subjectAltName (ours only issues SPIFFE)."""
+
+    def __init__(self) -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "san test root")])
+        self.cert = (
+            self._builder(name, self.key.public_key())
+            .issuer_name(name)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=False,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .sign(self.key, hashes.SHA256())
+        )
+
+    @staticmethod
+    def _builder(
+        subject: x509.Name, public_key: ec.EllipticCurvePublicKey
+    ) -> x509.CertificateBuilder:
+        now = datetime.now(UTC)
+        return (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=1))
+            .not_valid_after(now + timedelta(hours=1))
+        )
+
+    def leaf(self, sans: list[x509.GeneralName]) -> WorkloadCertificate:
+        key = ec.generate_private_key(ec.SECP256R1())
+        # A subject name, so that a leaf without subjectAltName is still a valid certificate.
+        subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "san test leaf")])
+        builder = self._builder(subject, key.public_key()).issuer_name(self.cert.subject)
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        cert = builder.sign(self.key, hashes.SHA256())
+        pem = serialization.Encoding.PEM
+        return WorkloadCertificate(
+            identity=SERVER_ID,  # what the context builder logs; the SANs above are what count
+            key_pem=key.private_bytes(
+                pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            ),
+            chain_pem=[cert.public_bytes(pem), self.cert.public_bytes(pem)],
+            roots_pem=self.cert.public_bytes(pem),
+            serial=cert.serial_number,
+            not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc,
+        )
+
+
+@pytest.fixture(scope="module")
+def san_ca() -> SanCA:
+    return SanCA()
+
+
+def client_peer_seen_by_server(san_ca: SanCA, sans: list[x509.GeneralName]) -> ServerResult:
+    """A real handshake whose client leaf has `sans`; what `peer_identity` said on the server."""
+    server = san_ca.leaf([x509.UniformResourceIdentifier(str(SERVER_ID))])
+    port, thread, result = serve_once(server_context(server))
+    tconn, _ = connect_and_read(client_context(san_ca.leaf(sans)), port)
+    if tconn is not None:
+        tconn.close()
+    thread.join(10)
+    return result
 
 
 @pytest.mark.parametrize(
-    ("der", "message"),
+    ("sans", "message"),
     [
-        (None, "no certificate"),
-        (b"\x30\x03junk", "cannot be parsed"),
-        (_cert_with_sans([]), "no subjectAltName"),
-        (_cert_with_sans([x509.DNSName("a.example")]), "exactly one SPIFFE URI SAN, it has 0"),
+        ([], "no subjectAltName"),
+        ([x509.DNSName("a.example")], "exactly one SPIFFE URI SAN, it has 0"),
         (
-            _cert_with_sans(
-                [
-                    x509.UniformResourceIdentifier(str(SERVER_ID)),
-                    x509.UniformResourceIdentifier(str(CLIENT_ID)),
-                ]
-            ),
-            "it has 2",
+            [
+                x509.UniformResourceIdentifier(str(SERVER_ID)),
+                x509.UniformResourceIdentifier(str(CLIENT_ID)),
+            ],
+            f"it has 2: {SERVER_ID}, {CLIENT_ID}",
         ),
-        (_cert_with_sans([x509.UniformResourceIdentifier("spiffe://td/x")]), "invalid"),
+        ([x509.UniformResourceIdentifier("https://x.example")], "it has 0$"),
+        ([x509.UniformResourceIdentifier("spiffe://td/x")], "identity is invalid"),
     ],
-    ids=["none", "junk", "no-san", "dns-only", "two", "malformed"],
+    ids=["no-san", "dns-only", "two", "non-spiffe-uri", "malformed"],
 )
-def test_peer_identity_rejects(der, message):
-    with pytest.raises(PeerVerificationError, match=message):
-        peer_identity(FakeSSLObject(der))  # type: ignore[arg-type]
+def test_peer_identity_rejects(san_ca, sans, message):
+    result = client_peer_seen_by_server(san_ca, sans)
+    assert isinstance(result.error, PeerVerificationError), result.error
+    assert re.search(message, str(result.error)), str(result.error)
+    assert result.peer is None
 
 
-def test_peer_identity_ignores_non_spiffe_uris():
-    der = _cert_with_sans(
+def test_peer_identity_without_a_certificate():
+    with pytest.raises(PeerVerificationError, match="no certificate"):
+        peer_identity(FakeSSLObject())  # type: ignore[arg-type]
+
+
+def test_peer_identity_ignores_non_spiffe_uris_and_other_names(san_ca):
+    result = client_peer_seen_by_server(
+        san_ca,
         [
+            x509.DNSName("a.example"),
             x509.UniformResourceIdentifier("https://x.example"),
-            x509.UniformResourceIdentifier(str(SERVER_ID)),
-        ]
+            x509.UniformResourceIdentifier(str(CLIENT_ID)),
+            x509.RFC822Name("a@x.example"),
+        ],
     )
-    assert peer_identity(FakeSSLObject(der)) == SERVER_ID  # type: ignore[arg-type]
+    assert result.error is None
+    assert result.peer == CLIENT_ID
+
+
+def test_peer_identity_refuses_an_unverified_certificate(server_cert, client_cert):
+    # A context that does not verify the peer yields an empty certificate dict: the
+    # identity in it is unproven, so it must not be read.
+    unverified = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    unverified.check_hostname = False
+    unverified.verify_mode = ssl.CERT_NONE
+    unverified.set_alpn_protocols(["h2"])
+    with (
+        tls._private_file(client_cert.presented_chain_pem) as chain,
+        tls._private_file(client_cert.key_pem) as key,
+    ):
+        unverified.load_cert_chain(chain, key)
+    port, thread, result = serve_once(server_context(server_cert))
+    tconn, data = connect_and_read(unverified, port)
+    assert data == b"ok"
+    assert tconn is not None
+    with pytest.raises(PeerVerificationError, match="not verified"):
+        peer_identity(tconn)
+    tconn.close()
+    thread.join(10)
+    assert result.peer == CLIENT_ID  # the server did verify the client
