@@ -256,6 +256,7 @@ class PodProxy:
         self.client_ctx: ssl.SSLContext | None = None
         self.pool: ConnectionPool | None = None
         self.inbound: InboundProxy | None = None
+        self.outbound: OutboundProxy | None = None
         self.passthrough: InboundPassthroughProxy | None = None
         self.status = "starting"
         self._unsubscribe: Callable[[], None] | None = None
@@ -294,7 +295,7 @@ class PodProxy:
 
         pool = ConnectionPool(self._connect)
         self.pool = pool
-        outbound = OutboundProxy(
+        self.outbound = outbound = OutboundProxy(
             lambda: self.workload,
             self._state,
             factory,
@@ -398,7 +399,7 @@ class PodProxy:
         return (
             len(self.tasks) > 0
             or self._accepted.open_count() > 0
-            or (self.inbound is not None and len(self.inbound.local) > 0)
+            or (self.inbound is not None and len(self.inbound.relays) > 0)
         )
 
     async def stop(self) -> None:
@@ -409,6 +410,8 @@ class PodProxy:
             server.close()
         if self.hbone_server is not None:
             self.hbone_server.close()
+        if self.outbound is not None:
+            self.outbound.close()
         if self.inbound is not None:
             self.inbound.close()
         if self.passthrough is not None:

@@ -12,6 +12,7 @@ Byte directions follow Istio: "received" is what the client sent (the request di
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import structlog
 from ztunnel.metrics import TcpLabels, TcpMetrics
 
 if TYPE_CHECKING:
+    from ztunnel.accesslog import ConnectionLog
     from ztunnel.identity import SpiffeId
     from ztunnel.sockets import SocketAddr
     from ztunnel.state import Workload
@@ -39,7 +41,22 @@ class Relay(Protocol):
     @property
     def received(self) -> int: ...
 
+    @property
+    def done(self) -> asyncio.Future[Any]: ...
+
     def abort(self, reason: str) -> None: ...
+
+
+class RelayOwner(Protocol):
+    """The proxy a relay runs for: it knows its open relays (to stop them) and whether it
+    is stopping (then every connection it ends is logged as stopped)."""
+
+    stopping: bool
+    relays: set[Any]
+
+
+# The access-log error of connections ended because the tunnel stopped serving the pod.
+STOPPED = "tunnel stopped serving the pod"
 
 
 @dataclass(eq=False, slots=True)
@@ -105,6 +122,25 @@ class Telemetry:
             return  # closing twice must not count twice
         self._open.discard(entry)
         self.metrics.closed(entry.labels, received=request_bytes, sent=response_bytes)
+
+    def follow(self, entry: Tracked, record: ConnectionLog, owner: RelayOwner) -> None:
+        """Book a started relay: open in the table and metrics now; closed, counted and
+        logged (exactly once) when its `done` resolves. No task waits for it: a coroutine
+        chain parked for a connection's whole life would cost more memory than the
+        connection's own state."""
+        relay = entry.relay
+        assert relay is not None
+        owner.relays.add(relay)
+        self.open(entry)
+
+        def ended(done: asyncio.Future[Any]) -> None:
+            owner.relays.discard(relay)
+            request, response = entry.counts()  # the relay's counters are final now
+            self.close(entry, request_bytes=request, response_bytes=response)
+            error = STOPPED if owner.stopping or done.cancelled() else done.result().error
+            record.finish(request, response, error)
+
+        relay.done.add_done_callback(ended)
 
     def refused(self, labels: TcpLabels) -> None:
         self.metrics.refused(labels)

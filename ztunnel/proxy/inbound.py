@@ -23,7 +23,7 @@ from ztunnel.hbone.conn import Headers
 from ztunnel.hbone.transport import H2Transport
 from ztunnel.identity import SpiffeId
 from ztunnel.metrics import ResponseFlags, TcpLabels, tcp_labels
-from ztunnel.proxy.relay import AppSide, HboneSplice, RelayResult, TcpPipe
+from ztunnel.proxy.relay import AppSide, HboneSplice, TcpPipe
 from ztunnel.sockets import (
     TUNNEL_PORTS,
     SocketAddr,
@@ -32,7 +32,7 @@ from ztunnel.sockets import (
     tune_stream,
 )
 from ztunnel.state import MeshState, Workload
-from ztunnel.telemetry import Telemetry, Tracked
+from ztunnel.telemetry import STOPPED, Telemetry, Tracked
 from ztunnel.tls import PeerVerificationError, hbone_peer, verify_client
 
 log = structlog.get_logger(__name__)
@@ -170,8 +170,9 @@ class InboundProxy:
         self._state = state
         self.connections: set[_InboundH2] = set()
         self.recheck = self._recheck  # one bound method, shared by every table entry
-        # Same-node connections delivered in process (see `connect_local`).
-        self.local: set[LocalDelivery] = set()
+        # Open connections (HBONE streams and same-node pipes), to end them on close.
+        self.relays: set[HboneSplice | TcpPipe] = set()
+        self.stopping = False
 
     def labels(
         self, workload: Workload, peer: SpiffeId | None, client: SocketAddr, flags: str
@@ -231,7 +232,7 @@ class InboundProxy:
         try:
             _, app = await connect_app(self._factory, target, str(client.ip))
         except asyncio.CancelledError:
-            record.finish(error="tunnel stopped serving the pod")
+            record.finish(error=STOPPED)
             raise
         except (TimeoutError, OSError) as e:
             reason = f"connecting to the app at {target} failed: {e}"
@@ -259,16 +260,7 @@ class InboundProxy:
         )
         h2.conn.respond(splice.sid, 200, splice, end=False)
         splice.start(app)
-        self.telemetry.open(entry)
-        try:
-            res = await splice.done
-        except asyncio.CancelledError:  # the pod is being removed
-            self.telemetry.close(entry, request_bytes=splice.received, response_bytes=splice.sent)
-            record.finish(splice.received, splice.sent, "tunnel stopped serving the pod")
-            raise
-        # Inbound: the request direction is the stream toward the app (`received`).
-        self.telemetry.close(entry, request_bytes=res.received, response_bytes=res.sent)
-        record.finish(res.received, res.sent, res.error)
+        self.telemetry.follow(entry, record, self)
 
     async def connect_local(
         self, peer: SpiffeId, client: SocketAddr, target: SocketAddr
@@ -303,7 +295,7 @@ class InboundProxy:
         try:
             _, app = await connect_app(self._factory, target, str(client.ip))
         except asyncio.CancelledError:
-            record.finish(error="tunnel stopped serving the pod")
+            record.finish(error=STOPPED)
             raise
         except (TimeoutError, OSError) as e:
             reason = f"connecting to the app at {target} failed: {e}"
@@ -320,10 +312,11 @@ class InboundProxy:
             h2.drain("tunnel draining")
 
     def close(self) -> None:
+        self.stopping = True
+        for relay in list(self.relays):
+            relay.abort(STOPPED)
         for h2 in list(self.connections):
             h2.close(reason="pod removed")
-        for delivery in list(self.local):
-            delivery.abort("pod removed")
 
 
 # The HBONE address shown for a same-node connection delivered in process.
@@ -335,7 +328,7 @@ class LocalDelivery:
     metrics and access-log line, kept exactly as for an HBONE stream. Inbound, the request
     direction is the pipe's `sent` (client -> app)."""
 
-    __slots__ = ("app", "entry", "pipe", "proxy", "record")
+    __slots__ = ("app", "entry", "proxy", "record")
 
     def __init__(
         self,
@@ -350,7 +343,6 @@ class LocalDelivery:
         self.proxy = proxy
         self.record = record
         self.app = app
-        self.pipe: TcpPipe | None = None
         self.entry = Tracked(
             "inbound",
             workload,
@@ -366,30 +358,8 @@ class LocalDelivery:
     def attach(self, pipe: TcpPipe) -> None:
         """The source joined our app to its client: book the connection open until the
         pipe ends (however it ends)."""
-        self.pipe = pipe
         self.entry.relay = pipe
-        self.proxy.local.add(self)
-        self.proxy.telemetry.open(self.entry)
-        pipe.done.add_done_callback(self._ended)
-
-    def _ended(self, done: asyncio.Future[RelayResult]) -> None:
-        self.proxy.local.discard(self)
-        pipe = self.pipe
-        assert pipe is not None
-        self.proxy.telemetry.close(
-            self.entry, request_bytes=pipe.sent, response_bytes=pipe.received
-        )
-        if done.cancelled():
-            self.record.finish(pipe.sent, pipe.received, "tunnel stopped serving the pod")
-            return
-        res = done.result()
-        self.record.finish(res.sent, res.received, res.error)
-
-    def abort(self, reason: str) -> None:
-        if self.pipe is not None:
-            self.pipe.abort(reason)
-        elif self.app.transport is not None:
-            self.app.transport.abort()
+        self.proxy.telemetry.follow(self.entry, self.record, self.proxy)
 
 
 def inbound_labels(

@@ -17,7 +17,7 @@ from ztunnel.proxy.inbound import Authorizer, allow_all, connect_app, inbound_la
 from ztunnel.proxy.relay import AppSide, TcpPipe
 from ztunnel.sockets import TUNNEL_PORTS, SocketAddr, SocketFactory, original_dst
 from ztunnel.state import MeshState, Workload
-from ztunnel.telemetry import Telemetry, Tracked
+from ztunnel.telemetry import STOPPED, Telemetry, Tracked
 
 
 class InboundPassthroughProxy:
@@ -40,7 +40,8 @@ class InboundPassthroughProxy:
         self._orig_dst = orig_dst
         self.telemetry = telemetry if telemetry is not None else Telemetry()
         self._state = state
-        self.pipes: set[TcpPipe] = set()
+        self.relays: set[TcpPipe] = set()
+        self.stopping = False
         self.recheck = self._recheck  # one bound method, shared by every table entry
 
     def protocol(self) -> AppSide:
@@ -77,7 +78,7 @@ class InboundPassthroughProxy:
         try:
             _, upstream = await connect_app(self._factory, target, str(client.ip))
         except asyncio.CancelledError:
-            record.finish(error="tunnel stopped serving the pod")
+            record.finish(error=STOPPED)
             raise
         except (TimeoutError, OSError) as e:
             t.abort()
@@ -97,23 +98,13 @@ class InboundPassthroughProxy:
             relay=pipe,
             recheck=self.recheck,
         )
-        self.pipes.add(pipe)
         pipe.start()
-        self.telemetry.open(entry)
-        try:
-            res = await pipe.done
-        except asyncio.CancelledError:  # the pod is being released
-            record.finish(pipe.sent, pipe.received, "tunnel stopped serving the pod")
-            raise
-        finally:
-            self.pipes.discard(pipe)
-            # On cancellation too: the live counts are the final ones.
-            self.telemetry.close(entry, request_bytes=pipe.sent, response_bytes=pipe.received)
-        record.finish(res.sent, res.received, res.error)
+        self.telemetry.follow(entry, record, self)
 
     def _recheck(self, entry: Tracked) -> str | None:
         return self.authorize(self._workload(), None, entry.src, entry.dst)
 
     def close(self) -> None:
-        for pipe in list(self.pipes):
-            pipe.abort("pod removed")
+        self.stopping = True
+        for pipe in list(self.relays):
+            pipe.abort(STOPPED)

@@ -36,7 +36,7 @@ from ztunnel.sockets import (
     tune_stream,
 )
 from ztunnel.state import HealthStatus, MeshState, Service, TunnelProtocol, Workload
-from ztunnel.telemetry import Telemetry, Tracked
+from ztunnel.telemetry import STOPPED, Telemetry, Tracked
 from ztunnel.tls import PeerVerificationError
 
 log = structlog.get_logger(__name__)
@@ -44,7 +44,6 @@ log = structlog.get_logger(__name__)
 CONNECT_TIMEOUT = 10.0
 # Attempts for a CONNECT whose stream the server refused unprocessed (REFUSED_STREAM).
 CONNECT_ATTEMPTS = 3
-STOPPED = "tunnel stopped serving the pod"
 
 
 class Route(enum.Enum):
@@ -208,6 +207,8 @@ class OutboundProxy:
         self.telemetry = telemetry if telemetry is not None else Telemetry()
         # The inbound proxy of a destination this same tunnel serves, if any.
         self._local = local
+        self.relays: set[TcpPipe | HboneSplice] = set()
+        self.stopping = False
 
     def protocol(self) -> AppSide:
         return AppSide(on_made=self._accepted)
@@ -302,27 +303,24 @@ class OutboundProxy:
         _, upstream = await open_tcp(self._factory, decision.next_hop)
         pipe = TcpPipe(app, upstream)
         entry = self._tracked(source, client, decision, pipe)
-        await self._relay(pipe, pipe.start, entry, record)
+        self._book(pipe.start, entry, record)
 
-    async def _relay(
+    def _book(
         self,
-        relay: TcpPipe | HboneSplice,
         start: Callable[[], None],
         entry: Tracked,
         record: ConnectionLog,
     ) -> None:
-        """Run a joined connection to its end; book it (table, metrics, access log) once.
-        Outbound, the request direction is the app's: `sent`."""
+        """Start a joined connection and book it (table, metrics, access log) until it
+        ends. Outbound, the request direction is the app's: `sent`."""
         start()
-        self.telemetry.open(entry)
-        try:
-            res = await relay.done
-        except asyncio.CancelledError:
-            record.finish(relay.sent, relay.received, STOPPED)
-            raise
-        finally:
-            self.telemetry.close(entry, request_bytes=relay.sent, response_bytes=relay.received)
-        record.finish(res.sent, res.received, res.error)
+        self.telemetry.follow(entry, record, self)
+
+    def close(self) -> None:
+        """The pod is leaving: end its open connections (logged as stopped)."""
+        self.stopping = True
+        for relay in list(self.relays):
+            relay.abort(STOPPED)
 
     async def _same_node(
         self,
@@ -352,7 +350,7 @@ class OutboundProxy:
         pipe = TcpPipe(app, delivery.app)
         delivery.attach(pipe)  # at once: nothing may come between connecting and booking
         entry = self._tracked(source, client, decision, pipe, hop=LOCAL_HOP)
-        await self._relay(pipe, pipe.start, entry, record)
+        self._book(pipe.start, entry, record)
 
     async def _hbone(
         self,
@@ -399,7 +397,7 @@ class OutboundProxy:
             self.telemetry.refused(outbound_labels(source, decision, flags))
             return
         entry = self._tracked(source, client, decision, splice)
-        await self._relay(splice, lambda: splice.start(app), entry, record)
+        self._book(lambda: splice.start(app), entry, record)
 
 
 def outbound_labels(source: Workload, decision: OutboundDecision, flags: str) -> TcpLabels:
