@@ -16,6 +16,7 @@ Every lookup is a single dict access; building is linear in the size of the inpu
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import json
 from collections.abc import Iterable, Mapping
@@ -87,6 +88,13 @@ class GatewayAddress:
 ServicePortMap = tuple[tuple[str, tuple[tuple[int, int], ...]], ...]
 
 
+@functools.lru_cache(maxsize=16384)
+def _identity(trust_domain: str, namespace: str, service_account: str) -> SpiffeId:
+    # One shared object per identity: the data path asks for a workload's identity several
+    # times per connection, and the table entries of open connections hold it.
+    return SpiffeId(trust_domain, namespace, service_account)
+
+
 @dataclass(frozen=True, slots=True)
 class Workload:
     """One pod (or other endpoint) as the tunnel sees it."""
@@ -116,7 +124,7 @@ class Workload:
 
     @property
     def identity(self) -> SpiffeId:
-        return SpiffeId(self.trust_domain, self.namespace, self.service_account)
+        return _identity(self.trust_domain, self.namespace, self.service_account)
 
     @property
     def addresses(self) -> tuple[NetworkAddress, ...]:

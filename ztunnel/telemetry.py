@@ -79,6 +79,20 @@ class Tracked:
     request_is_received: bool = False
     # Inbound only: the denial reason under the current policy, or None while allowed.
     recheck: Callable[[Tracked], str | None] | None = None
+    # Set by `Telemetry.follow`: who books the end (fields, not a closure: less memory).
+    telemetry: Telemetry | None = None
+    record: ConnectionLog | None = None
+    owner: RelayOwner | None = None
+
+    def ended(self, done: asyncio.Future[Any]) -> None:
+        """The relay ended: close the entry, count it, write its access-log line."""
+        telemetry, record, owner = self.telemetry, self.record, self.owner
+        assert telemetry is not None and record is not None and owner is not None
+        owner.relays.discard(self.relay)
+        request, response = self.counts()  # the relay's counters are final now
+        telemetry.close(self, request_bytes=request, response_bytes=response)
+        error = STOPPED if owner.stopping or done.cancelled() else done.result().error
+        record.finish(request, response, error)
 
     def counts(self) -> tuple[int, int]:
         """Live (request bytes, response bytes): client -> server, server -> client."""
@@ -132,15 +146,8 @@ class Telemetry:
         assert relay is not None
         owner.relays.add(relay)
         self.open(entry)
-
-        def ended(done: asyncio.Future[Any]) -> None:
-            owner.relays.discard(relay)
-            request, response = entry.counts()  # the relay's counters are final now
-            self.close(entry, request_bytes=request, response_bytes=response)
-            error = STOPPED if owner.stopping or done.cancelled() else done.result().error
-            record.finish(request, response, error)
-
-        relay.done.add_done_callback(ended)
+        entry.telemetry, entry.record, entry.owner = self, record, owner
+        relay.done.add_done_callback(entry.ended)
 
     def refused(self, labels: TcpLabels) -> None:
         self.metrics.refused(labels)

@@ -373,9 +373,10 @@ class OutboundProxy:
         headers = connect_headers(source, decision, client)
         for attempt in range(CONNECT_ATTEMPTS):
             h2 = await self._pool.checkout(key)
-            splice = HboneSplice(h2)
+            splice = HboneSplice(h2, client=True)
             splice.sid = self._pool.open_stream(h2, headers, splice)
             try:
+                assert splice.response is not None
                 status, _ = await asyncio.wait_for(splice.response, CONNECT_TIMEOUT)
                 break
             except ConnectionError:

@@ -63,7 +63,7 @@ class AppSide(asyncio.Protocol):
         self.on_made = on_made  # for accepted connections: start handling them
         self.transport: asyncio.Transport | None = None
         self.sink: _Sink | None = None
-        self.early: list[bytes] = []
+        self.early: list[bytes] | None = None  # created on first early data (rare)
         self.eof = False
         self.lost: Exception | bool | None = False
         self.paused_writing = False
@@ -79,6 +79,8 @@ class AppSide(asyncio.Protocol):
         if sink is not None:
             sink.app_data(data)
         else:
+            if self.early is None:
+                self.early = []
             self.early.append(data)
             assert self.transport is not None
             self.transport.pause_reading()
@@ -107,8 +109,8 @@ class AppSide(asyncio.Protocol):
     def attach(self, sink: _Sink) -> None:
         """Start delivering to `sink`: first what arrived early, then live."""
         self.sink = sink
-        early, self.early = self.early, []
-        for chunk in early:
+        early, self.early = self.early, None
+        for chunk in early or ():
             sink.app_data(chunk)
         if self.eof:
             sink.app_eof()
@@ -138,7 +140,7 @@ class HboneSplice:
         "up_done",
     )
 
-    def __init__(self, h2: H2Transport) -> None:
+    def __init__(self, h2: H2Transport, client: bool = False) -> None:
         loop = asyncio.get_running_loop()
         self.h2 = h2
         self.sid = 0
@@ -149,10 +151,14 @@ class HboneSplice:
         self.down_done = False
         self.started = False
         self._owed = 0  # receive credit held back while the app pushes back
-        self._early: list[bytes] = []  # stream bytes that arrived before the app was attached
+        # Stream bytes that arrived before the app was attached (None until some do).
+        self._early: list[bytes] | None = None
         self._app_read_paused = False
         self.reset_code: int | None = None  # why the stream was reset, if it was
-        self.response: asyncio.Future[tuple[int, Headers]] = loop.create_future()
+        # The client end awaits the CONNECT's answer; the server end has none to await.
+        self.response: asyncio.Future[tuple[int, Headers]] | None = (
+            loop.create_future() if client else None
+        )
         self.done: asyncio.Future[RelayResult] = loop.create_future()
 
     # ---- joining ------------------------------------------------------------------------
@@ -162,8 +168,8 @@ class HboneSplice:
         self.app = app
         self.started = True
         self.h2.listeners.add(self)
-        early, self._early = self._early, []
-        for chunk in early:
+        early, self._early = self._early, None
+        for chunk in early or ():
             self._to_app(chunk)
         if self.down_done:
             self._app_write_eof()
@@ -177,12 +183,14 @@ class HboneSplice:
     # ---- StreamHandler: the HTTP/2 side --------------------------------------------------
 
     def on_response(self, status: int, headers: Headers) -> None:
-        if not self.response.done():
+        if self.response is not None and not self.response.done():
             self.response.set_result((status, headers))
 
     def on_data(self, data: memoryview) -> None:
         if not self.started:
             # The stream window (4 MiB) bounds what can arrive before we acknowledge it.
+            if self._early is None:
+                self._early = []
             self._early.append(bytes(data))
             return
         self._to_app(data)
@@ -210,7 +218,7 @@ class HboneSplice:
     def on_reset(self, code: int) -> None:
         self.reset_code = code
         name = error_name(code)
-        if not self.response.done():
+        if self.response is not None and not self.response.done():
             self.response.set_exception(
                 ConnectionError(f"HBONE stream reset ({name}): {self.h2.conn.close_reason}")
             )
@@ -302,9 +310,9 @@ class HboneSplice:
         # Credit still held back (bytes the app never took, or that arrived before it was
         # attached) belongs to the shared connection window: return it, or every such
         # stream would shrink that window for good until the connection stalls.
-        leftover = self._owed + sum(len(c) for c in self._early)
+        leftover = self._owed + sum(len(c) for c in self._early or ())
         self._owed = 0
-        self._early = []
+        self._early = None
         if leftover:
             self.h2.conn.ack(self.sid, leftover)
             self.h2.flush()
