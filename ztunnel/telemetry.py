@@ -52,7 +52,7 @@ class RelayOwner(Protocol):
     is stopping (then every connection it ends is logged as stopped)."""
 
     stopping: bool
-    relays: set[Any]
+    relays: dict[Any, None]
 
 
 # The access-log error of connections ended because the tunnel stopped serving the pod.
@@ -88,7 +88,7 @@ class Tracked:
         """The relay ended: close the entry, count it, write its access-log line."""
         telemetry, record, owner = self.telemetry, self.record, self.owner
         assert telemetry is not None and record is not None and owner is not None
-        owner.relays.discard(self.relay)
+        owner.relays.pop(self.relay, None)
         request, response = self.counts()  # the relay's counters are final now
         telemetry.close(self, request_bytes=request, response_bytes=response)
         error = STOPPED if owner.stopping or done.cancelled() else done.result().error
@@ -125,16 +125,18 @@ class Tracked:
 class Telemetry:
     def __init__(self, metrics: TcpMetrics | None = None) -> None:
         self.metrics = metrics if metrics is not None else TcpMetrics()
-        self._open: set[Tracked] = set()
+        # Dicts as ordered sets: at thousands of entries a set's table costs about twice
+        # a dict's per entry, and a tunnel keeps one entry per open connection.
+        self._open: dict[Tracked, None] = {}
 
     def open(self, entry: Tracked) -> None:
-        self._open.add(entry)
+        self._open[entry] = None
         self.metrics.opened(entry.labels)
 
     def close(self, entry: Tracked, *, request_bytes: int, response_bytes: int) -> None:
         if entry not in self._open:
             return  # closing twice must not count twice
-        self._open.discard(entry)
+        del self._open[entry]
         self.metrics.closed(entry.labels, received=request_bytes, sent=response_bytes)
 
     def follow(self, entry: Tracked, record: ConnectionLog, owner: RelayOwner) -> None:
@@ -144,7 +146,7 @@ class Telemetry:
         connection's own state."""
         relay = entry.relay
         assert relay is not None
-        owner.relays.add(relay)
+        owner.relays[relay] = None
         self.open(entry)
         entry.telemetry, entry.record, entry.owner = self, record, owner
         relay.done.add_done_callback(entry.ended)

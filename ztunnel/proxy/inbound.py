@@ -171,7 +171,7 @@ class InboundProxy:
         self.connections: set[_InboundH2] = set()
         self.recheck = self._recheck  # one bound method, shared by every table entry
         # Open connections (HBONE streams and same-node pipes), to end them on close.
-        self.relays: set[HboneSplice | TcpPipe] = set()
+        self.relays: dict[HboneSplice | TcpPipe, None] = {}  # an ordered set
         self.stopping = False
 
     def labels(

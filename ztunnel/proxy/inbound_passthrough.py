@@ -40,7 +40,7 @@ class InboundPassthroughProxy:
         self._orig_dst = orig_dst
         self.telemetry = telemetry if telemetry is not None else Telemetry()
         self._state = state
-        self.relays: set[TcpPipe] = set()
+        self.relays: dict[TcpPipe, None] = {}  # an ordered set
         self.stopping = False
         self.recheck = self._recheck  # one bound method, shared by every table entry
 

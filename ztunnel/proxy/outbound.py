@@ -207,7 +207,7 @@ class OutboundProxy:
         self.telemetry = telemetry if telemetry is not None else Telemetry()
         # The inbound proxy of a destination this same tunnel serves, if any.
         self._local = local
-        self.relays: set[TcpPipe | HboneSplice] = set()
+        self.relays: dict[TcpPipe | HboneSplice, None] = {}  # an ordered set
         self.stopping = False
 
     def protocol(self) -> AppSide:
@@ -378,6 +378,7 @@ class OutboundProxy:
             try:
                 assert splice.response is not None
                 status, _ = await asyncio.wait_for(splice.response, CONNECT_TIMEOUT)
+                splice.response = None  # answered: not kept for the connection's life
                 break
             except ConnectionError:
                 # A draining server (a tunnel being upgraded) refuses streams it never
