@@ -12,7 +12,6 @@ Byte directions follow Istio: "received" is what the client sent (the request di
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,8 +40,7 @@ class Relay(Protocol):
     @property
     def received(self) -> int: ...
 
-    @property
-    def done(self) -> asyncio.Future[Any]: ...
+    def when_done(self, callback: Callable[[Any], None]) -> None: ...
 
     def abort(self, reason: str) -> None: ...
 
@@ -84,14 +82,14 @@ class Tracked:
     record: ConnectionLog | None = None
     owner: RelayOwner | None = None
 
-    def ended(self, done: asyncio.Future[Any]) -> None:
+    def ended(self, result: Any) -> None:
         """The relay ended: close the entry, count it, write its access-log line."""
         telemetry, record, owner = self.telemetry, self.record, self.owner
         assert telemetry is not None and record is not None and owner is not None
         owner.relays.pop(self.relay, None)
         request, response = self.counts()  # the relay's counters are final now
         telemetry.close(self, request_bytes=request, response_bytes=response)
-        error = STOPPED if owner.stopping or done.cancelled() else done.result().error
+        error = STOPPED if owner.stopping else result.error
         record.finish(request, response, error)
 
     def counts(self) -> tuple[int, int]:
@@ -149,7 +147,7 @@ class Telemetry:
         owner.relays[relay] = None
         self.open(entry)
         entry.telemetry, entry.record, entry.owner = self, record, owner
-        relay.done.add_done_callback(entry.ended)
+        relay.when_done(entry.ended)
 
     def refused(self, labels: TcpLabels) -> None:
         self.metrics.refused(labels)

@@ -130,7 +130,7 @@ def test_credit_held_by_dead_streams_returns_to_the_shared_connection_window() -
             for sid in sids:
                 client.conn.reset(sid)
             client.flush()
-            await _until(lambda: all(s.done.done() for s in splices), "stalled streams ended")
+            await _until(lambda: all(s.finished for s in splices), "stalled streams ended")
 
             # A fresh stream on the same connection must get its bytes through.
             sid = client.open_stream(DRAIN, _Client())

@@ -240,7 +240,7 @@ class InboundProxy:
             record.finish(error=f"503: {reason}")
             self.telemetry.refused(self.labels(workload, h2.peer, client, ResponseFlags.CONNECT))
             return
-        if splice.done.done():  # the client gave up while we were connecting
+        if splice.finished:  # the client gave up while we were connecting
             assert app.transport is not None
             app.transport.abort()
             record.finish(error="client went away before the app answered")

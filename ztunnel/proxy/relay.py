@@ -33,6 +33,46 @@ class RelayResult:
     error: str | None
 
 
+DoneCallback = Callable[[RelayResult], None]
+
+
+class _Ends:
+    """How a relay announces its end: once, synchronously, to every callback registered
+    with `when_done` (a Future per connection, its callback list and copied context would
+    cost more than the relay itself; nothing needs to await the end)."""
+
+    __slots__ = ("_watchers", "result")
+
+    def __init__(self) -> None:
+        self.result: RelayResult | None = None
+        self._watchers: DoneCallback | list[DoneCallback] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.result is not None
+
+    def when_done(self, callback: DoneCallback) -> None:
+        """Call `callback(result)` when the relay ends (at once if it has)."""
+        if self.result is not None:
+            callback(self.result)
+        elif self._watchers is None:
+            self._watchers = callback
+        elif isinstance(self._watchers, list):
+            self._watchers.append(callback)
+        else:
+            self._watchers = [self._watchers, callback]
+
+    def _announce(self, sent: int, received: int, error: str | None) -> None:
+        if self.result is not None:
+            return
+        self.result = result = RelayResult(sent, received, error)
+        watchers, self._watchers = self._watchers, None
+        if watchers is None:
+            return
+        for callback in watchers if isinstance(watchers, list) else (watchers,):
+            callback(result)
+
+
 def _lost_reason(exc: Exception | None) -> str:
     return f"connection lost: {exc}" if exc else "closed before both directions ended"
 
@@ -120,7 +160,7 @@ class AppSide(asyncio.Protocol):
             self.transport.resume_reading()
 
 
-class HboneSplice:
+class HboneSplice(_Ends):
     """One TCP connection <-> one HTTP/2 CONNECT stream (either end of the tunnel)."""
 
     __slots__ = (
@@ -128,7 +168,6 @@ class HboneSplice:
         "_early",
         "_owed",
         "app",
-        "done",
         "down_done",
         "h2",
         "received",
@@ -159,7 +198,7 @@ class HboneSplice:
         self.response: asyncio.Future[tuple[int, Headers]] | None = (
             loop.create_future() if client else None
         )
-        self.done: asyncio.Future[RelayResult] = loop.create_future()
+        super().__init__()
 
     # ---- joining ------------------------------------------------------------------------
 
@@ -173,7 +212,7 @@ class HboneSplice:
             self._to_app(chunk)
         if self.down_done:
             self._app_write_eof()
-        if self.done.done():
+        if self.result is not None:
             self._close_app(abort=True)
             return
         app.attach(self)
@@ -316,8 +355,7 @@ class HboneSplice:
         if leftover:
             self.h2.conn.ack(self.sid, leftover)
             self.h2.flush()
-        if not self.done.done():
-            self.done.set_result(RelayResult(self.sent, self.received, error))
+        self._announce(self.sent, self.received, error)
 
     def finish_unstarted(self, reason: str) -> None:
         """The stream was answered with an error and never joined to an app."""
@@ -369,17 +407,19 @@ class _TcpEnd:
             t.resume_reading()
 
 
-class TcpPipe:
+class TcpPipe(_Ends):
     """Two TCP connections joined: `client` is the accepted one, `upstream` the one we
     opened. `sent` counts client -> upstream."""
+
+    __slots__ = ("_eofs", "client", "received", "sent", "upstream")
 
     def __init__(self, client: AppSide, upstream: AppSide) -> None:
         self.client = client
         self.upstream = upstream
         self.sent = 0
         self.received = 0
-        self._eofs: set[str] = set()
-        self.done: asyncio.Future[RelayResult] = asyncio.get_running_loop().create_future()
+        self._eofs = 0  # bit 1: client -> upstream ended, bit 2: the other direction
+        super().__init__()
 
     def start(self) -> None:
         # Each side's pause/resume_writing callbacks throttle reading on the other side,
@@ -395,13 +435,13 @@ class TcpPipe:
             self.received += n
 
     def eof(self, which: str) -> None:
-        self._eofs.add(which)
-        if len(self._eofs) == 2:
+        self._eofs |= 1 if which == "sent" else 2
+        if self._eofs == 3:
             self._close(abort=False)
             self._finish(None)
 
     def lost(self, which: str, exc: Exception | None) -> None:
-        if len(self._eofs) < 2:
+        if self._eofs != 3:
             self._close(abort=True)
             self._finish(
                 f"connection lost: {exc}" if exc else "closed before both directions ended"
@@ -421,5 +461,4 @@ class TcpPipe:
                     t.close()
 
     def _finish(self, error: str | None) -> None:
-        if not self.done.done():
-            self.done.set_result(RelayResult(self.sent, self.received, error))
+        self._announce(self.sent, self.received, error)
