@@ -8,6 +8,7 @@ loopback use a plain factory in the current namespace.
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import os
 import socket
@@ -50,7 +51,14 @@ class SocketAddr:
 
     @classmethod
     def of(cls, sockaddr: tuple[str, int] | tuple[str, int, int, int]) -> SocketAddr:
-        return cls(ipaddress.ip_address(sockaddr[0]), int(sockaddr[1]))
+        return cls(_ip(sockaddr[0]), int(sockaddr[1]))
+
+
+@functools.lru_cache(maxsize=4096)
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    # A node sees the same few client addresses on thousands of connections: parse each
+    # once and share the object (memory per open connection, and time per accept).
+    return ipaddress.ip_address(text)
 
 
 class SocketFactory(Protocol):

@@ -42,10 +42,11 @@ class InboundPassthroughProxy:
         self._state = state
         self.relays: dict[TcpPipe, None] = {}  # an ordered set
         self.stopping = False
+        self._on_accept = self._accepted  # one bound method for every accepted connection
         self.recheck = self._recheck  # one bound method, shared by every table entry
 
     def protocol(self) -> AppSide:
-        return AppSide(on_made=self._accepted)
+        return AppSide(on_made=self._on_accept)
 
     def _accepted(self, app: AppSide) -> None:
         self._track(asyncio.get_running_loop().create_task(self._handle(app)))

@@ -209,9 +209,10 @@ class OutboundProxy:
         self._local = local
         self.relays: dict[TcpPipe | HboneSplice, None] = {}  # an ordered set
         self.stopping = False
+        self._on_accept = self._accepted  # one bound method for every accepted connection
 
     def protocol(self) -> AppSide:
-        return AppSide(on_made=self._accepted)
+        return AppSide(on_made=self._on_accept)
 
     def _accepted(self, app: AppSide) -> None:
         self._track(asyncio.get_running_loop().create_task(self._handle(app)))

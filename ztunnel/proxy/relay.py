@@ -111,8 +111,9 @@ class AppSide(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
-        if self.on_made is not None:
-            self.on_made(self)
+        on_made, self.on_made = self.on_made, None  # once; and not held for the connection
+        if on_made is not None:
+            on_made(self)
 
     def data_received(self, data: bytes) -> None:
         sink = self.sink
