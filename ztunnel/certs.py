@@ -1,9 +1,13 @@
 """Workload certificates: request them from the CA, keep them fresh, hand them out.
 
 Invariants:
-- One worker task per identity. It fetches a certificate (a new ECDSA P-256 key and a
+- One refresh task per identity. It fetches a certificate (a new ECDSA P-256 key and a
   SHA-256 CSR with the SPIFFE URI SAN only, no CN per request), then sleeps until half of
   the certificate's lifetime has passed and fetches again.
+- Keys, CSRs and chain checks are made by the certificate worker, a child process
+  (`ztunnel.certworker_client`): this module, and so the tunnel, never imports
+  `cryptography`. `new_key_and_csr` and `build_certificate` do the same work in process
+  for other callers (tools, tests) and import it only when called.
 - A failed fetch is retried with exponential backoff (500 ms doubling up to 150 s); the
   previous certificate stays in use until a new one arrives.
 - Concurrent `get` callers share the attempt in flight. With no certificate and the last
@@ -23,10 +27,8 @@ from pathlib import Path
 from typing import Protocol
 
 import structlog
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
+from ztunnel.certworker_client import CertWorkerClient, CertWorkerError, LeafFacts, NewKey
 from ztunnel.httpclient import ProtocolError, post_unix
 from ztunnel.identity import SpiffeId
 
@@ -75,55 +77,56 @@ class CertificateClient(Protocol):
     async def sign(self, csr_pem: bytes, ttl: timedelta) -> list[bytes]: ...
 
 
+class CertCrypto(Protocol):
+    """Makes keys and CSRs and checks chains (the certificate worker; a test may pass its own)."""
+
+    async def new_key_and_csr(self, identity: str) -> NewKey: ...
+
+    async def check_chain(
+        self, identity: str, public_key_pem: bytes, chain_pem: list[bytes]
+    ) -> LeafFacts: ...
+
+    async def close(self) -> None: ...
+
+
 def new_key_and_csr(identity: SpiffeId) -> tuple[bytes, bytes]:
-    """A fresh EC P-256 key (PKCS#8 PEM) and a CSR whose only name is the URI SAN."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([]))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(identity))]),
-            critical=True,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    return key_pem, csr.public_bytes(serialization.Encoding.PEM)
+    """A fresh EC P-256 key (PKCS#8 PEM) and a CSR whose only name is the URI SAN.
+
+    In process, so it imports `cryptography`; the tunnel itself uses the worker."""
+    from ztunnel import certcrypto
+
+    made = certcrypto.new_key_and_csr(str(identity))
+    return made.key_pem, made.csr_pem
 
 
 def build_certificate(
     identity: SpiffeId, key_pem: bytes, chain_pem: list[bytes]
 ) -> WorkloadCertificate:
-    """Check that the CA's answer is a chain for our key and identity, and wrap it."""
-    if len(chain_pem) < 2:
-        raise CertificateError(
-            f"CA returned {len(chain_pem)} certificate(s) for {identity}; "
-            "expected the leaf and at least the root"
-        )
+    """Check that the CA's answer is a chain for our key and identity, and wrap it.
+
+    In process, so it imports `cryptography`; the tunnel itself uses the worker."""
+    from ztunnel import certcrypto
+
     try:
-        leaf = x509.load_pem_x509_certificate(chain_pem[0])
-        for pem in chain_pem[1:]:
-            x509.load_pem_x509_certificate(pem)
-    except ValueError as e:
-        raise CertificateError(f"CA returned an unreadable certificate for {identity}: {e}") from e
-    key = serialization.load_pem_private_key(key_pem, password=None)
-    if leaf.public_key() != key.public_key():
-        raise CertificateError(f"CA returned a leaf for another key when asked for {identity}")
-    uris = _uri_sans(leaf)
-    if uris != [str(identity)]:
-        raise CertificateError(f"CA returned a leaf for {uris}, asked for {identity}")
+        facts = certcrypto.check_chain(str(identity), certcrypto.public_key_pem(key_pem), chain_pem)
+    except certcrypto.ChainError as e:
+        raise CertificateError(str(e)) from e
+    return _workload_certificate(
+        identity, key_pem, chain_pem, LeafFacts(facts.serial, facts.not_before, facts.not_after)
+    )
+
+
+def _workload_certificate(
+    identity: SpiffeId, key_pem: bytes, chain_pem: list[bytes], leaf: LeafFacts
+) -> WorkloadCertificate:
     return WorkloadCertificate(
         identity=identity,
         key_pem=key_pem,
         chain_pem=list(chain_pem),
         roots_pem=chain_pem[-1],
-        serial=leaf.serial_number,
-        not_before=leaf.not_valid_before_utc,
-        not_after=leaf.not_valid_after_utc,
+        serial=leaf.serial,
+        not_before=leaf.not_before,
+        not_after=leaf.not_after,
     )
 
 
@@ -192,8 +195,11 @@ class CertificateManager:
         *,
         clock: Clock | None = None,
         sleep: Sleep | None = None,
+        crypto: CertCrypto | None = None,
     ) -> None:
+        """`crypto` defaults to a certificate worker of our own; the manager closes it."""
         self._client = client
+        self._crypto: CertCrypto = crypto if crypto is not None else CertWorkerClient()
         self._ttl = ttl
         self._clock: Clock = clock or (lambda: datetime.now(UTC))
         self._sleep: Sleep = sleep or asyncio.sleep
@@ -244,6 +250,7 @@ class CertificateManager:
         for entry in entries:
             self._stop(entry, "certificate manager is closed")
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self._crypto.close()
 
     def _ensure(self, identity: SpiffeId) -> _Entry:
         if self._closed:
@@ -297,14 +304,26 @@ class CertificateManager:
             await self._sleep(delay)
 
     async def _fetch(self, identity: SpiffeId) -> WorkloadCertificate:
-        key_pem, csr_pem = new_key_and_csr(identity)
         try:
-            chain = await self._client.sign(csr_pem, self._ttl)
+            made = await self._crypto.new_key_and_csr(str(identity))
+        except CertWorkerError as e:
+            raise CertificateError(f"no key and CSR for {identity}: {e}") from e
+        except Exception as e:  # a worker-client bug must not kill the refresh loop either
+            raise CertificateError(f"no key and CSR for {identity}: {e!r}") from e
+        try:
+            chain = await self._client.sign(made.csr_pem, self._ttl)
         except CertificateError:
             raise
         except Exception as e:  # a client bug must not kill the refresh loop
             raise CertificateError(f"certificate request for {identity} failed: {e!r}") from e
-        return build_certificate(identity, key_pem, chain)
+        try:
+            leaf = await self._crypto.check_chain(str(identity), made.public_key_pem, chain)
+        except CertWorkerError as e:
+            # The worker's own words: what is wrong with the chain, or what the worker did.
+            raise CertificateError(str(e)) from e
+        except Exception as e:
+            raise CertificateError(f"chain check for {identity} failed: {e!r}") from e
+        return _workload_certificate(identity, made.key_pem, chain, leaf)
 
     def _notify(self, cert: WorkloadCertificate) -> None:
         for callback in list(self._listeners):
@@ -323,19 +342,12 @@ def _fail(fut: asyncio.Future[WorkloadCertificate], error: CertificateError) -> 
     fut.exception()
 
 
-def _uri_sans(cert: x509.Certificate) -> list[str]:
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return []
-    return [str(v) for v in san.get_values_for_type(x509.UniformResourceIdentifier)]
-
-
 def _ensure_newline(pem: bytes) -> bytes:
     return pem if pem.endswith(b"\n") else pem + b"\n"
 
 
 __all__ = [
+    "CertCrypto",
     "CertificateClient",
     "CertificateError",
     "CertificateManager",
