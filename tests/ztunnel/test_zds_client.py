@@ -43,6 +43,7 @@ from zds.messages import (
 from zds.server import ZdsNack, ZdsServer
 from ztunnel import admin_view
 from ztunnel.certs import CertificateManager
+from ztunnel.certworker_client import CertWorkerClient
 from ztunnel.config import ConfigurationError, parse_config
 from ztunnel.discovery import parse_local_config
 from ztunnel.node import NodeProxy
@@ -368,7 +369,9 @@ class Stack:
     """The agent's ZdsServer and a tunnel: ZdsClient driving a real NodeProxy."""
 
     def __init__(self, sock_path: Path, state: MeshState) -> None:
-        self.certs = CertificateManager(InProcessCA())
+        # A worker that leaves as soon as it is idle, so fd checks can wait for it to go.
+        self.cert_worker = CertWorkerClient(idle_exit=0.01)
+        self.certs = CertificateManager(InProcessCA(), crypto=self.cert_worker)
         self.node = NodeProxy(NODE, self.certs, "cluster.local", workload_wait=0.2)
         self.node.on_state(state)
         self.agent = ZdsServer(sock_path)
@@ -476,6 +479,7 @@ def test_a_failed_start_is_nacked_with_its_reason_and_stays_pending(sock_path):
         assert "setns" in e.value.error and not stack.agent.acked("k8s-uid-1")
         # The agent's next snapshot no longer names it: drained, fd released.
         await stack.agent.delete("k8s-uid-1")
+        await until(lambda: stack.cert_worker.running == 0, "the certificate worker to exit")
         assert stack.node.pending == {} and open_fds() == before
         await stack.close()
 
