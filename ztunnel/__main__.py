@@ -11,6 +11,7 @@ from datetime import timedelta
 import structlog
 
 from ztunnel import logging as ztlog
+from ztunnel import malloc
 from ztunnel.admin import AdminServer, MetricsServer, process_metrics
 from ztunnel.certs import CertificateManager, LocalCAClient
 from ztunnel.config import Config, ConfigurationError, parse_config
@@ -81,6 +82,7 @@ async def run(cfg: Config) -> None:
 
 
 def main() -> int:
+    malloc.tune()  # before the loop allocates anything
     try:
         cfg = parse_config(os.environ)
     except ConfigurationError as e:
