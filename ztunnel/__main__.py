@@ -24,6 +24,8 @@ from ztunnel.zds_client import ZdsClient
 
 log = structlog.get_logger("ztunnel")
 
+TRIM_CHECK_SECONDS = 1.0
+
 
 async def run(cfg: Config) -> None:
     token = cfg.ca_token_path.read_text().strip()
@@ -57,6 +59,7 @@ async def run(cfg: Config) -> None:
     metrics = MetricsServer(node.telemetry.metrics, process_metrics(), cfg.metrics_port)
     await metrics.start()
     log.info("ztunnel started", node=cfg.node_name, pid=os.getpid())
+    trimmer = asyncio.ensure_future(_trim_when_idle(node))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -67,6 +70,7 @@ async def run(cfg: Config) -> None:
     await asyncio.wait([quit_requested, stopped], return_when=asyncio.FIRST_COMPLETED)
     quit_requested.cancel()
     stopped.cancel()
+    trimmer.cancel()
     # Drain: no new pods, no new connections (a newer tunnel's listeners take them), open
     # connections run to their end or the deadline; then whatever is left is closed.
     log.info("ztunnel draining", node=cfg.node_name, deadline_seconds=cfg.drain_seconds)
@@ -79,6 +83,16 @@ async def run(cfg: Config) -> None:
     await node.close()
     await watcher.close()
     await certs.close()
+
+
+async def _trim_when_idle(node: NodeProxy, interval: float = TRIM_CHECK_SECONDS) -> None:
+    """Hand memory freed after a burst back to the system once the node is quiet."""
+    idle = malloc.IdleTrim()
+    while True:
+        await asyncio.sleep(interval)
+        t = node.telemetry
+        if idle.check(t.opened_total, t.closed_total):
+            malloc.trim()
 
 
 def main() -> int:

@@ -6,7 +6,8 @@ fresh mapping, so each read cost an mmap, an mremap, a munmap and a page fault: 
 system calls per request on each tunnel, a third of all the tunnel's system calls under a
 request/response load. Above the largest such buffer, they come from the heap and are
 reused. The trim threshold keeps that much free memory at the top of the heap instead of
-returning and re-asking for it on every burst; `trim` gives it back when the node is quiet.
+returning and re-asking for it on every burst; `trim` gives it back when the node is quiet
+(`IdleTrim` decides when: never under load, where it would only cost time).
 """
 
 from __future__ import annotations
@@ -48,3 +49,24 @@ def trim() -> bool:
     """Return the heap's free memory to the system; True if any was returned."""
     libc = _libc()
     return libc is not None and bool(libc.malloc_trim(0))
+
+
+class IdleTrim:
+    """When to give freed memory back: after activity (connections opened or closed), once
+    a whole check interval has passed with none. So at most once per quiet spell, and never
+    while connections come and go (a trim walks the heap: a millisecond better spent on
+    traffic)."""
+
+    def __init__(self) -> None:
+        self._seen: tuple[int, int] = (0, 0)
+        self._trimmed_at: tuple[int, int] = (0, 0)
+
+    def check(self, opened: int, closed: int) -> bool:
+        """Called every interval with the running totals; True means trim now."""
+        now = (opened, closed)
+        quiet = now == self._seen
+        self._seen = now
+        if quiet and now != self._trimmed_at:
+            self._trimmed_at = now
+            return True
+        return False

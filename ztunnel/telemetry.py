@@ -126,15 +126,19 @@ class Telemetry:
         # Dicts as ordered sets: at thousands of entries a set's table costs about twice
         # a dict's per entry, and a tunnel keeps one entry per open connection.
         self._open: dict[Tracked, None] = {}
+        self.opened_total = 0  # running totals: activity, for whoever watches for quiet
+        self.closed_total = 0
 
     def open(self, entry: Tracked) -> None:
         self._open[entry] = None
+        self.opened_total += 1
         self.metrics.opened(entry.labels)
 
     def close(self, entry: Tracked, *, request_bytes: int, response_bytes: int) -> None:
         if entry not in self._open:
             return  # closing twice must not count twice
         del self._open[entry]
+        self.closed_total += 1
         self.metrics.closed(entry.labels, received=request_bytes, sent=response_bytes)
 
     def follow(self, entry: Tracked, record: ConnectionLog, owner: RelayOwner) -> None:
