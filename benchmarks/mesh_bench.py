@@ -5,8 +5,9 @@ Scenarios (meshbench/): `none` (no mesh), `ambient` (node tunnels, HBONE mTLS), 
 `sidecar` (a tunnel per pod) and `sidecar-haproxy` (HAProxy pairs); each in the
 cross-node and same-node placement. Per scenario and placement: single-connection bulk
 throughput, open-loop HTTP/1.1 latency at fixed rates (1 KB each way, keep-alive), proxy
-CPU per 1000 requests and RSS (from /proc), new connections per second, and proxy memory
-per open idle connection. The plain scenarios share one cluster and run first; the others
+CPU per 1000 requests and RSS (from /proc), new connections per second, new mTLS handshakes
+per second at the destination side (see HBONE_NOTE), and proxy memory per open idle
+connection. The plain scenarios share one cluster and run first; the others
 bring up their own. With --rounds > 1 every scenario is measured once per round and the
 report shows medians (drift on the shared machine spreads over all rows).
 
@@ -50,10 +51,22 @@ METRICS_PORT = 15020
 PHASE_GRACE = 60.0  # seconds a load subprocess may run beyond its own bound
 HBONE_NOTE = (
     "mTLS handshakes: the tunnel pools HBONE connections per (source identity, destination "
-    "identities, destination, source IP), as upstream, so new TCP connections ride existing "
-    "mTLS connections and the handshake rate is not observable from outside; the row "
-    "'Connections the source tunnel opened per second' counts istio_tcp_connections_opened "
-    "(reporter=source) on the client's tunnel, i.e. new HBONE streams."
+    "identities, destination, source IP), as upstream, so the app's new TCP connections ride "
+    "existing mTLS connections; the row 'Connections the source tunnel opened per second' "
+    "counts istio_tcp_connections_opened (reporter=source) on the client's tunnel, i.e. new "
+    "HBONE streams. The row 'New mTLS handshakes per second (HBONE CONNECT answered)' is "
+    "measured apart, at the destination side: worker processes in the client pod's netns "
+    "each open a new TCP connection to the server pod's 15008 (ambient: the server node's "
+    "tunnel; sidecar: the server pod's sidecar), with the tunnel's SO_MARK so the pod's "
+    "capture lets it through as it does the source tunnel's own connections (unmarked, it "
+    "would be redirected to the client's tunnel, which refuses port 15008), do a full TLS "
+    "1.3 handshake with a client certificate of the client pod's identity from the "
+    "cluster's CA, check the server's SPIFFE identity, send an HTTP/2 CONNECT for the app's "
+    "port, wait for the 200 (sent once the server reached the app) and close. "
+    "sidecar-haproxy: the same to the server-side HAProxy's TLS port with its client "
+    "certificate, and one small HTTP/1.1 request to the app instead of the CONNECT. Rows "
+    "beside it give the load generator's CPU (cores busy) and the server side's CPU per "
+    "handshake: a client near its cores' limit means the figure is the client's."
 )
 IDLE_NOTE = (
     "Idle RSS is sampled when a scenario starts. none, ambient and relay share one cluster, "
@@ -72,6 +85,7 @@ class Settings:
     bulk_seconds: float
     bulk_bytes: int
     connect_seconds: float
+    handshake_seconds: float
     idle_conns: int
     rounds: int
     placements: tuple[str, ...]
@@ -79,11 +93,14 @@ class Settings:
     earlier: bool
 
 
-QUICK = Settings("quick", (1000,), 3.0, 8, 2.0, 1 << 29, 2.0, 2000, 1, plain.PLACEMENTS, (), True)
+QUICK = Settings(
+    "quick", (1000,), 3.0, 8, 2.0, 1 << 29, 2.0, 2.0, 2000, 1, plain.PLACEMENTS, (), True
+)
 # Two rounds, the second in reverse order, so neither drift nor position favours a row.
 FULL = Settings(
-    "full", (500, 1000, 2000), 5.0, 16, 4.0, 1 << 31, 3.0, 10000, 2, plain.PLACEMENTS, (), True
-)
+    "full", (500, 1000, 2000), 5.0, 16, 4.0, 1 << 31, 3.0, 3.0, 10000, 2, plain.PLACEMENTS, (),
+    True,
+)  # fmt: skip
 
 
 class BenchError(RuntimeError):
@@ -226,6 +243,39 @@ def idle_connections(running: Running, count: int) -> dict[str, Any]:
     }
 
 
+HANDSHAKE_WORKERS = 4  # blocking attempts in flight; two per core of this 2-core machine
+
+
+def handshakes(running: Running, seconds: float) -> dict[str, Any] | None:
+    """New mTLS handshakes per second the destination side accepts (loadgen `handshake`),
+    with the client's CPU and the accepting proxy's CPU per handshake."""
+    hs = running.handshake
+    if hs is None:
+        return None
+    extra = [
+        "--protocol", hs.protocol, "--app-port", str(hs.app_port),
+        "--server-identity", hs.server_identity,
+        "--cert", str(hs.tls.cert), "--key", str(hs.tls.key), "--roots", str(hs.tls.roots),
+        "--mark", str(hs.mark), "--seconds", str(seconds),
+        "--workers", str(HANDSHAKE_WORKERS),
+    ]  # fmt: skip
+    roles = {r: running.proxies[r] for r in hs.server_roles if r in running.proxies}
+    before = costs.sample(roles)
+    res = loadgen("handshake", Endpoint(hs.netns, hs.host, hs.port), extra, seconds)
+    after = costs.sample(roles)
+    n = int(res["handshakes"])
+    server = costs.load_costs(before, after, n)["total"]
+    cpu = server["cpu_s"]
+    res["origin"] = hs.origin
+    res["server_roles"] = list(roles)
+    res["server_cpu_s"] = cpu
+    res["server_cpu_ms_per_handshake"] = cpu * 1000.0 / n if cpu is not None and n else None
+    res["server_cpu_cores"] = (
+        cpu / res["seconds"] if cpu is not None and res["seconds"] > 0 else None
+    )
+    return res
+
+
 def tunnel_opened(running: Running) -> float | None:
     """istio_tcp_connections_opened_total (reporter=source) on the client's node tunnel."""
     if running.tunnel_admin is None:
@@ -301,6 +351,9 @@ def measure(
             conn["tunnel_opened"] = t1 - t0
             conn["tunnel_opened_per_second"] = (t1 - t0) / conn["seconds"]
         out["connect"] = conn
+        if running.handshake is not None:
+            progress(f"{tag}: new mTLS handshakes ({st.handshake_seconds:g} s)")
+            out["handshake"] = handshakes(running, st.handshake_seconds)
         dead = sorted(role for role, u in costs.sample(running.proxies).items() if u is None)
         if dead:
             out["dead_proxies"] = dead
@@ -392,6 +445,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, Path | None]:
     ap.add_argument("--conns", type=int, help="keep-alive connections for the HTTP load")
     ap.add_argument("--bulk-seconds", type=float)
     ap.add_argument("--connect-seconds", type=float)
+    ap.add_argument("--handshake-seconds", type=float, help="seconds of new mTLS handshakes")
     ap.add_argument("--idle-conns", type=int, help="idle connections for memory per connection")
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--placements", help="comma-separated: cross-node,same-node")
@@ -408,7 +462,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, Path | None]:
     changes: dict[str, Any] = {}
     if a.rates:
         changes["rates"] = tuple(int(r) for r in a.rates.split(","))
-    for field in ("conns", "bulk_seconds", "connect_seconds", "idle_conns", "rounds"):
+    fields = ("conns", "bulk_seconds", "connect_seconds", "handshake_seconds", "idle_conns")
+    for field in (*fields, "rounds"):
         if getattr(a, field) is not None:
             changes[field] = getattr(a, field)
     if a.seconds is not None:

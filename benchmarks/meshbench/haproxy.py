@@ -53,7 +53,7 @@ from ztunnel.certs import new_key_and_csr
 from ztunnel.identity import SpiffeId
 
 from . import sidecar_cluster as sc
-from .scenario import Endpoint, Running
+from .scenario import HTTP, ClientTls, Endpoint, HandshakeTarget, Running
 
 CLIENT_HTTP_PORT = 15080  # the client sidecar, where the app's HTTP is redirected
 CLIENT_BULK_PORT = 15081
@@ -62,6 +62,11 @@ SERVER_BULK_PORT = 15444
 USER = "haproxy"  # Debian's package creates it; the capture skips its connections
 CHAIN = "MESHBENCH-HAPROXY"
 THREADS = 1
+# Open files per HAProxy. The machine's limit (20 000 here, soft = hard) would cap the
+# client side at about 10 000 connections (two descriptors each); HAProxy starts as root
+# and raises its own limit to this before dropping privileges (root may exceed the hard
+# limit up to fs.nr_open), so 10 000 idle connections fit with room to spare.
+NOFILE = 65536
 IDLE_TIMEOUT = "300s"
 READY_TIMEOUT = 15.0
 CERT_TTL = timedelta(hours=24)
@@ -110,8 +115,9 @@ def _common(stats_socket: Path) -> list[str]:
     return [
         "global",
         f"    nbthread {THREADS}",
-        # No maxconn: HAProxy derives it from the fd limit (two fds per proxied
-        # connection), which is the most this machine lets it hold.
+        f"    ulimit-n {NOFILE}",
+        # No maxconn: HAProxy derives it from the fd limit above (two fds per proxied
+        # connection).
         f"    stats socket {stats_socket} mode 600 level user",
         # After binding and loading the certificates: the capture knows us by this uid.
         f"    user {USER}",
@@ -323,6 +329,24 @@ class HaproxyScenario:
             http=Endpoint(client_netns, server_ip, sc.HTTP_PORT),
             bulk=Endpoint(client_netns, server_ip, sc.BULK_PORT),
             proxies=pids,
+            handshake=HandshakeTarget(
+                netns=client_netns,
+                host=server_ip,
+                port=SERVER_HTTP_PORT,
+                protocol=HTTP,
+                app_port=sc.HTTP_PORT,
+                server_identity=str(SpiffeId(cluster.spec.trust_domain, sc.NAMESPACE, "server")),
+                # The client sidecar's own certificate (its PEM holds the key too).
+                tls=ClientTls(cert=tls.client, key=tls.client, roots=tls.ca),
+                # The client pod's capture covers only the app's two ports to the server.
+                mark=0,
+                server_roles=("server-sidecar",),
+                origin=(
+                    f"client pod netns (not captured: the capture covers only the app's "
+                    f"ports) -> the server-side HAProxy's TLS port {SERVER_HTTP_PORT}, "
+                    "one HTTP/1.1 request to the app per connection"
+                ),
+            ),
         )
 
     def _wait_ready(self, side: str) -> None:

@@ -13,6 +13,14 @@ period; unanswered requests are counted, not hidden.
 close`, read the answer and close, as fast as they can for --seconds.
 `idle`: open --count connections (each answers one request first, so the path is set up
 end to end), print `{"opened": n, ...}`, hold them until a line arrives on stdin, close.
+`handshake`: --workers processes each, as fast as they can for --seconds (and at most
+--count attempts in all): a new TCP connection to the destination side's mTLS listener
+(SO_MARK --mark, so an enrolled pod's capture lets it through), a full TLS 1.3 handshake
+with the client certificate (no session is ever resumed), a check of the server's SPIFFE
+identity, then `--protocol hbone`: an HTTP/2 CONNECT for the app's port, answered 200 (the
+server answers once it has connected to the app), or `http`: one HTTP/1.1 request to the
+app; then close. Reports the rate and the workers' own CPU time, so a reader can tell
+whether the client or the server was the limit.
 """
 
 from __future__ import annotations
@@ -21,19 +29,28 @@ import argparse
 import asyncio
 import importlib.util
 import json
+import multiprocessing
 import resource
 import select
 import socket
+import ssl
 import struct
 import sys
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
 import uvloop
+
+from ztunnel.tls import hbone_peer, peer_identity
 
 from .hist import Histogram
 
@@ -292,10 +309,132 @@ async def _idle(host: str, port: int, count: int, parallel: int) -> dict[str, An
     return {"opened": len(held), "failed": failed}
 
 
+# --- handshake: new mTLS connections -------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeJob:
+    host: str
+    port: int
+    protocol: str  # "hbone" | "http"
+    app_port: int
+    server_identity: str
+    cert: str
+    key: str
+    roots: str
+    mark: int
+    seconds: float
+    count: int  # this worker's most attempts
+
+
+def handshake_context(job: HandshakeJob) -> ssl.SSLContext:
+    """The client side as the tunnel's (ztunnel.tls): TLS 1.3 only, the mesh roots only,
+    a client certificate, ALPN h2 for HBONE; no hostname (the identity is checked after)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.options |= ssl.OP_NO_TICKET
+    if job.protocol == "hbone":
+        ctx.set_alpn_protocols(["h2"])
+    ctx.load_verify_locations(cafile=job.roots)
+    ctx.load_cert_chain(job.cert, job.key)
+    return ctx
+
+
+def _hbone_connect(tls: ssl.SSLSocket, authority: str) -> None:
+    """CONNECT `authority` on stream 1 and wait for its response; it must be 200."""
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    conn.send_headers(1, [(":method", "CONNECT"), (":authority", authority)])
+    tls.sendall(conn.data_to_send())
+    while True:
+        data = tls.recv(65536)
+        if not data:
+            raise ConnectionError("server closed before answering the CONNECT")
+        for ev in conn.receive_data(data):
+            if isinstance(ev, h2.events.ResponseReceived) and ev.stream_id == 1:
+                status = dict(ev.headers).get(b":status")
+                if status != b"200":
+                    raise ConnectionError(f"CONNECT answered {status!r}")
+                # Leave as the tunnel does with a stream it no longer needs.
+                conn.reset_stream(1)
+                conn.close_connection()
+                tls.sendall(conn.data_to_send())
+                return
+            if isinstance(ev, h2.events.StreamReset | h2.events.ConnectionTerminated):
+                raise ConnectionError(f"CONNECT failed: {ev}")
+        if out := conn.data_to_send():
+            tls.sendall(out)
+
+
+def handshake_once(ctx: ssl.SSLContext, job: HandshakeJob) -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        if job.mark:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, job.mark)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(5.0)
+        sock.connect((job.host, job.port))
+        with ctx.wrap_socket(sock, server_hostname=None) as tls:  # the handshake, in full
+            peer = hbone_peer(tls) if job.protocol == "hbone" else peer_identity(tls)
+            if str(peer) != job.server_identity:
+                raise ConnectionError(f"server is {peer}, expected {job.server_identity}")
+            if job.protocol == "hbone":
+                _hbone_connect(tls, f"{job.host}:{job.app_port}")
+            else:
+                tls.sendall(request_bytes(16, close=True))
+                with tls.makefile("rb") as f:
+                    read_response(f)
+    finally:
+        sock.close()
+
+
+def handshake_worker(job: HandshakeJob) -> dict[str, Any]:
+    """One worker process: attempts until its time or count is up; its own CPU time."""
+    ctx = handshake_context(job)
+    ok = failed = 0
+    errors: list[str] = []
+    cpu0 = time.process_time()
+    deadline = time.monotonic() + job.seconds
+    while ok + failed < job.count and time.monotonic() < deadline:
+        try:
+            handshake_once(ctx, job)
+            ok += 1
+        except (OSError, ValueError, h2.exceptions.H2Error) as e:
+            failed += 1
+            if len(errors) < 3:
+                errors.append(f"{type(e).__name__}: {e}")
+    return {"ok": ok, "failed": failed, "errors": errors, "cpu_s": time.process_time() - cpu0}
+
+
+def handshakes(job: HandshakeJob, workers: int) -> dict[str, Any]:
+    per = max(1, job.count // workers)
+    jobs = [replace(job, count=per) for _ in range(workers)]
+    # Processes, not threads: each handshake is CPU work under the GIL otherwise.
+    start = time.monotonic()
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        got = pool.map(handshake_worker, jobs)
+    wall = time.monotonic() - start
+    ok = sum(g["ok"] for g in got)
+    cpu = sum(g["cpu_s"] for g in got)
+    return {
+        "handshakes": ok,
+        "failed": sum(g["failed"] for g in got),
+        "errors": [e for g in got for e in g["errors"]][:5],
+        "seconds": wall,
+        "handshakes_per_second": ok / wall if wall > 0 else 0.0,
+        "workers": workers,
+        "client_cpu_s": cpu,
+        "client_cpu_cores": cpu / wall if wall > 0 else 0.0,
+        "client_cpu_ms_per_handshake": cpu * 1000.0 / ok if ok else None,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     sub = ap.add_subparsers(dest="mode", required=True)
-    for mode in ("http", "bulk", "connect", "idle"):
+    for mode in ("http", "bulk", "connect", "idle", "handshake"):
         p = sub.add_parser(mode)
         p.add_argument("--host", required=True)
         p.add_argument("--port", type=int, required=True)
@@ -306,8 +445,17 @@ def main() -> None:
             p.add_argument("--size", type=int, default=1024)
         if mode == "bulk":
             p.add_argument("--bytes", type=int, default=1 << 30)
-        if mode == "connect":
+        if mode in ("connect", "handshake"):
             p.add_argument("--workers", type=int, default=4)
+        if mode == "handshake":
+            p.add_argument("--protocol", choices=("hbone", "http"), default="hbone")
+            p.add_argument("--app-port", type=int, required=True)
+            p.add_argument("--server-identity", required=True)
+            p.add_argument("--cert", required=True)
+            p.add_argument("--key", required=True)
+            p.add_argument("--roots", required=True)
+            p.add_argument("--mark", type=lambda s: int(s, 0), default=0)
+            p.add_argument("--count", type=int, default=1_000_000)
         if mode == "idle":
             p.add_argument("--count", type=int, default=10000)
             p.add_argument("--parallel", type=int, default=256)
@@ -319,6 +467,12 @@ def main() -> None:
         out = bulk(a.host, a.port, a.bytes, a.seconds)
     elif a.mode == "connect":
         out = connect(a.host, a.port, a.seconds, a.workers)
+    elif a.mode == "handshake":
+        job = HandshakeJob(
+            a.host, a.port, a.protocol, a.app_port, a.server_identity,
+            a.cert, a.key, a.roots, a.mark, a.seconds, a.count,
+        )  # fmt: skip
+        out = handshakes(job, a.workers)
     else:
         uvloop.run(_idle(a.host, a.port, a.count, a.parallel))
         return

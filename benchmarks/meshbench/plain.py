@@ -23,8 +23,11 @@ from l4_datapath import RELAY, BenchError, _env, _wait_listening
 from localcluster.mesh import ADMIN_PORT, Cluster, down, process_record, tunnel_name, up
 from localcluster.processes import ManagedProcess, spawn_in_netns
 from localcluster.spec import valid_cluster_name
+from ztunnel.identity import SpiffeId
+from ztunnel.sockets import INBOUND_HBONE_PORT, TUNNEL_MARK
 
-from .scenario import Endpoint, Running
+from .handshake import mint_from_ca, private_dir
+from .scenario import HBONE, Endpoint, HandshakeTarget, Running
 
 HERE = Path(__file__).resolve().parent
 CLUSTER_FILE = HERE / "bench.yaml"
@@ -153,8 +156,19 @@ class Ambient(_Base):
 
     name = "ambient"
 
+    def __init__(self, placement: str) -> None:
+        super().__init__(placement)
+        self._tls_dir: Path | None = None
+
     def start(self, workdir: Path) -> Running:
         cluster = self._acquire(workdir)
+        try:
+            return self._start(cluster, workdir)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, cluster: Cluster, workdir: Path) -> Running:
         http, bulk = _endpoints(cluster, MESH_NS, self.placement)
         # Only the tunnels on the path are the scenario's cost (same-node: just node1's).
         nodes = sorted({CLIENT_NODE, SERVER_NODE[self.placement]})
@@ -162,11 +176,50 @@ class Ambient(_Base):
         for node in nodes:
             rec = process_record(cluster, tunnel_name(node))
             if rec is None:
-                self.stop()
                 raise BenchError(f"ambient: the tunnel of {node} is not running")
             proxies[f"tunnel-{node}"] = [rec.pid]
         admin = (cluster.layout.node(CLIENT_NODE).netns_path, f"127.0.0.1:{ADMIN_PORT}")
-        return Running(http=http, bulk=bulk, proxies=proxies, tunnel_admin=admin)
+        return Running(
+            http=http,
+            bulk=bulk,
+            proxies=proxies,
+            tunnel_admin=admin,
+            handshake=self._handshake(cluster, workdir, http),
+        )
+
+    def _handshake(self, cluster: Cluster, workdir: Path, http: Endpoint) -> HandshakeTarget:
+        """The server node's tunnel on the server pod's 15008, with the client pod's
+        identity (from the cluster's CA, as the client node's tunnel gets it)."""
+        td = cluster.spec.trust_domain
+        self._tls_dir = private_dir(workdir, "hs-ambient-")
+        tls = mint_from_ca(
+            cluster.paths.ca_socket,
+            cluster.paths.token(CLIENT_NODE),
+            SpiffeId(td, MESH_NS, "client"),
+            self._tls_dir,
+        )
+        server = SERVER_NODE[self.placement]
+        return HandshakeTarget(
+            netns=http.netns,
+            host=http.host,
+            port=INBOUND_HBONE_PORT,
+            protocol=HBONE,
+            app_port=HTTP_PORT,
+            server_identity=str(SpiffeId(td, MESH_NS, "server")),
+            tls=tls,
+            mark=TUNNEL_MARK,
+            server_roles=(f"tunnel-{server}",),
+            origin=(
+                f"client pod netns (SO_MARK {TUNNEL_MARK:#x}, as the source tunnel's own "
+                f"sockets) -> {server}'s tunnel on the server pod's {INBOUND_HBONE_PORT}"
+            ),
+        )
+
+    def stop(self) -> None:
+        if self._tls_dir is not None:
+            shutil.rmtree(self._tls_dir, ignore_errors=True)
+            self._tls_dir = None
+        super().stop()
 
 
 class Relay(_Base):

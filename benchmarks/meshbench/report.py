@@ -9,6 +9,8 @@ The raw document (results.json) is:
              "http": {"<rate>": {"latency_ms": {...}, "achieved_rps", "answered",
                                  "unanswered", "hist_ns": {...}, "costs": {role: {...}}}},
              "connect": {"per_second", "tunnel_opened_per_second"?, ...},
+             "handshake"?: {"handshakes_per_second", "client_cpu_cores",
+                            "server_cpu_ms_per_handshake", ...},
              "conns": {"opened", "bytes_per_connection", ...}}],
    "skipped": [{"scenario", "reason"}], "notes": [str], "earlier": {"rbac_check": {...}, ...}}
 Only ratios within one run mean anything (the machines are shared); the report says so.
@@ -72,6 +74,10 @@ def flatten(run: dict[str, Any]) -> dict[str, float]:
     conn = run.get("connect", {})
     put("conn_per_s", conn.get("per_second"))
     put("tunnel_opened_per_s", conn.get("tunnel_opened_per_second"))
+    hs = run.get("handshake") or {}
+    put("handshakes_per_s", hs.get("handshakes_per_second"))
+    put("handshake_client_cores", hs.get("client_cpu_cores"))
+    put("handshake_server_cpu_ms", hs.get("server_cpu_ms_per_handshake"))
     put("kb_per_conn", run.get("conns", {}).get("bytes_per_connection"), 1 / 1024)
     return out
 
@@ -224,6 +230,24 @@ def metrics_for(rates: Iterable[str]) -> list[Metric]:
             "Connections the source tunnel opened per second",
             "conn/s",
             ".0f",
+        ),
+        Metric(
+            "handshakes_per_s",
+            "New mTLS handshakes per second (HBONE CONNECT answered)",
+            "handshakes/s",
+            ".0f",
+        ),
+        Metric(
+            "handshake_client_cores",
+            "Load generator CPU during the handshakes (cores busy)",
+            "cores",
+            ".2f",
+        ),
+        Metric(
+            "handshake_server_cpu_ms",
+            "Server-side proxy CPU per new mTLS handshake",
+            "CPU ms",
+            ".2f",
         ),
         Metric("kb_per_conn", "Proxy memory per open idle connection", "KB", ".2f"),
     ]

@@ -22,6 +22,37 @@ class Endpoint:
     port: int
 
 
+HBONE = "hbone"  # HTTP/2 CONNECT (ALPN h2), answered 200 once the app is connected
+HTTP = "http"  # one HTTP/1.1 request over the TLS connection (HAProxy's HTTP frontend)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientTls:
+    cert: Path  # leaf (plus intermediates) presented to the server
+    key: Path
+    roots: Path  # the mesh roots the server's chain must lead to
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeTarget:
+    """The destination side's mTLS listener and how to reach it uncaptured."""
+
+    netns: str  # where the attempts run (the client pod's netns)
+    host: str  # the server pod's IP
+    port: int  # the listener: the tunnel's 15008, or HAProxy's TLS port
+    protocol: str  # HBONE or HTTP
+    app_port: int  # the app port named in the CONNECT authority (or behind the HTTP frontend)
+    server_identity: str  # the SPIFFE id the server must prove
+    tls: ClientTls
+    # SO_MARK of the attempts' sockets (0: none). In a captured pod every outbound TCP
+    # connection without the tunnel's mark is redirected to the tunnel's outbound port, and
+    # the tunnel refuses a destination port of its own (15008); with the mark the attempts
+    # leave the pod as the source tunnel's own HBONE connections do.
+    mark: int
+    server_roles: tuple[str, ...]  # Running.proxies roles that accept the handshakes
+    origin: str  # one line for the report: from where, to what
+
+
 @dataclass(slots=True)
 class Running:
     http: Endpoint  # HTTP/1.1 server answering 1 KB per 1 KB request (keep-alive)
@@ -29,6 +60,8 @@ class Running:
     proxies: dict[str, list[int]]  # role -> pids whose CPU/RSS are the scenario's cost
     # (node netns path, "127.0.0.1:15000") when an ambient tunnel serves it, else None
     tunnel_admin: tuple[str, str] | None = None
+    # Where new mTLS handshakes are measured; None: the scenario has no mTLS.
+    handshake: HandshakeTarget | None = None
 
 
 class Scenario(Protocol):

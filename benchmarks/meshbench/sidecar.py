@@ -27,9 +27,12 @@ from localcluster.processes import spawn_in_netns
 from localcluster.xds import workload_uid
 from redirect import capture
 from ztunnel import config as ztcfg
+from ztunnel.identity import SpiffeId
+from ztunnel.sockets import INBOUND_HBONE_PORT, TUNNEL_MARK
 
 from . import sidecar_cluster as sc
-from .scenario import Endpoint, Running
+from .handshake import mint_from_ca, private_dir
+from .scenario import HBONE, Endpoint, HandshakeTarget, Running
 
 READY_TIMEOUT = 30.0
 # The tunnel's own defaults; they are per pod here, as a sidecar's are.
@@ -56,6 +59,7 @@ class SidecarScenario:
         self.cluster_name = cluster_name or ("scx" if placement == "cross-node" else "scs")
         self._state_root: Path | None = None
         self._cluster_file: Path | None = None
+        self._tls_dir: Path | None = None
         self.cluster: mesh.Cluster | None = None
 
     def start(self, workdir: Path) -> Running:
@@ -74,17 +78,49 @@ class SidecarScenario:
             }
             for pod in (sc.CLIENT_POD, sc.SERVER_POD):
                 self._wait_ready(cluster, pod)
+            client_netns = sc.pod_netns(cluster, sc.CLIENT_POD)
+            server_ip = sc.pod_ip(cluster, sc.SERVER_POD)
+            handshake = self._handshake(cluster, workdir, client_netns, server_ip)
         except BaseException:
             self.stop()
             raise
-        client_netns = sc.pod_netns(cluster, sc.CLIENT_POD)
-        server_ip = sc.pod_ip(cluster, sc.SERVER_POD)
         return Running(
             http=Endpoint(client_netns, server_ip, sc.HTTP_PORT),
             bulk=Endpoint(client_netns, server_ip, sc.BULK_PORT),
             proxies=pids,
             # The client's sidecar is our tunnel too: its admin port, in the client pod.
             tunnel_admin=(client_netns, f"127.0.0.1:{ADMIN_PORT}"),
+            handshake=handshake,
+        )
+
+    def _handshake(
+        self, cluster: mesh.Cluster, workdir: Path, client_netns: str, server_ip: str
+    ) -> HandshakeTarget:
+        """The server pod's sidecar on its 15008, with the client pod's identity from the
+        cluster's CA (as the client's sidecar gets it, with its node's token)."""
+        td = cluster.spec.trust_domain
+        self._tls_dir = private_dir(workdir, f"hs-{self.cluster_name}-")
+        client_node = cluster.spec.pod(sc.NAMESPACE, sc.CLIENT_POD).node
+        tls = mint_from_ca(
+            cluster.paths.ca_socket,
+            cluster.paths.token(client_node),
+            SpiffeId(td, sc.NAMESPACE, "client"),
+            self._tls_dir,
+        )
+        return HandshakeTarget(
+            netns=client_netns,
+            host=server_ip,
+            port=INBOUND_HBONE_PORT,
+            protocol=HBONE,
+            app_port=sc.HTTP_PORT,
+            server_identity=str(SpiffeId(td, sc.NAMESPACE, "server")),
+            tls=tls,
+            mark=TUNNEL_MARK,
+            server_roles=("server-sidecar",),
+            origin=(
+                f"client pod netns (SO_MARK {TUNNEL_MARK:#x}, as the client sidecar's own "
+                f"sockets) -> the server pod's sidecar on its {INBOUND_HBONE_PORT}"
+            ),
         )
 
     def _start_sidecar(self, cluster: mesh.Cluster, pod: str) -> int:
@@ -155,4 +191,7 @@ class SidecarScenario:
             shutil.rmtree(self._state_root, ignore_errors=True)
         if self._cluster_file is not None:
             self._cluster_file.unlink(missing_ok=True)
+        if self._tls_dir is not None:
+            shutil.rmtree(self._tls_dir, ignore_errors=True)
+            self._tls_dir = None
         self.cluster = None

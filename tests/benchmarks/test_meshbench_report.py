@@ -29,6 +29,7 @@ def run(
     rnd: int = 0,
     idle_mb: float = 30.0,
     per_conn_kb: float = 4.0,
+    handshakes: float | None = None,
 ) -> dict[str, Any]:
     h = Histogram()
     h.record_all(int(p99 * 1e6 * f) for f in (0.3, 0.5, 0.6, 0.9, 1.0))
@@ -36,7 +37,7 @@ def run(
     c = {"total": {"cpu_s_per_1000_req": cpu, "rss_kb": 2048.0 if cpu is not None else None}}
     if tunnels:
         c["tunnel-node1"] = {"cpu_s_per_1000_req": cpu}
-    return {
+    out: dict[str, Any] = {
         "scenario": scenario,
         "placement": placement,
         "round": rnd,
@@ -54,6 +55,13 @@ def run(
         "connect": {"per_second": 500.0},
         "conns": {"bytes_per_connection": per_conn_kb * 1024},
     }
+    if handshakes is not None:
+        out["handshake"] = {
+            "handshakes_per_second": handshakes,
+            "client_cpu_cores": 0.5,
+            "server_cpu_ms_per_handshake": 1000.0 / handshakes,
+        }
+    return out
 
 
 def doc() -> dict[str, Any]:
@@ -63,10 +71,10 @@ def doc() -> dict[str, Any]:
         "runs": [
             run("none", gbit=10.0, p99=1.0, cpu=None),
             run("none", gbit=12.0, p99=1.2, cpu=None, rnd=1),
-            run("ambient", gbit=4.0, p99=1.1, cpu=0.05),
-            run("ambient", gbit=4.0, p99=1.1, cpu=0.05, rnd=1, idle_mb=50.0),
+            run("ambient", gbit=4.0, p99=1.1, cpu=0.05, handshakes=300.0),
+            run("ambient", gbit=4.0, p99=1.1, cpu=0.05, rnd=1, idle_mb=50.0, handshakes=500.0),
             run("relay", gbit=5.0, p99=1.05, cpu=0.02) | {"dead_proxies": ["relay-a"]},
-            run("sidecar", gbit=2.0, p99=1.6, cpu=0.2),
+            run("sidecar", gbit=2.0, p99=1.6, cpu=0.2, handshakes=200.0),
             {"scenario": "relay", "placement": "same-node", "round": 0, "error": "boom"},
         ],
         "skipped": [{"scenario": "sidecar-haproxy", "reason": "module does not import"}],
@@ -138,6 +146,20 @@ def test_markdown_tables_are_well_formed_and_show_ratios() -> None:
     assert "proxy process(es) relay-a gone" in md
     assert "rbac_check: not run (exit 1)" in md
     assert "![throughput.png](throughput.png)" in md
+
+
+def test_handshake_rows_show_the_median_and_the_ratio_to_sidecar() -> None:
+    agg = report.aggregate(doc()["runs"])
+    assert agg[("ambient", "cross-node")]["handshakes_per_s"] == pytest.approx(400.0)
+    assert "handshakes_per_s" not in agg[("none", "cross-node")]
+    md = report.render(doc(), [])
+    table = next(t for t in _tables(md) if "handshakes/s" in t[0])
+    assert "## New mTLS handshakes per second (HBONE CONNECT answered)" in md
+    amb = next(line for line in table if line.startswith("| ambient "))
+    # ambient 400/s (median of 300 and 500); none has none (n/a); x sidecar 400/200.
+    assert "| 400 | n/a | 2.00 |" in amb
+    assert any("cores" in t[0] for t in _tables(md))
+    assert any("CPU ms" in t[0] for t in _tables(md))
 
 
 def test_write_report_writes_pngs(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """The whole harness at tiny scale (none and ambient, cross-node, about a second per phase):
-results.json, report.md and the plots are written and well formed. Nothing about speed is
-asserted; the figures of so short a run mean nothing."""
+results.json, report.md and the plots are written and well formed, and ambient's new mTLS
+handshakes (loadgen `handshake`) were made and answered. Nothing about speed is asserted;
+the figures of so short a run mean nothing."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ def test_harness_writes_raw_results_report_and_plots(tmp_path: Path) -> None:
         sys.executable, "benchmarks/mesh_bench.py", "--quick",
         "--scenarios", "none,ambient", "--placements", "cross-node",
         "--rates", "200", "--seconds", "1", "--conns", "2",
-        "--bulk-seconds", "0.5", "--connect-seconds", "0.5", "--idle-conns", "20",
+        "--bulk-seconds", "0.5", "--connect-seconds", "0.5", "--handshake-seconds", "0.5",
+        "--idle-conns", "20",
         "--no-earlier", "--cluster-name", "mbsmoke", "--out", str(out),
     ]  # fmt: skip
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=240)
@@ -48,9 +50,17 @@ def test_harness_writes_raw_results_report_and_plots(tmp_path: Path) -> None:
     assert set(amb["proxies"]) == {"tunnel-node1", "tunnel-node2"}
     assert amb["http"]["200"]["costs"]["total"]["cpu_s"] is not None
     assert amb["connect"]["tunnel_opened"] >= amb["connect"]["connections"]
+    hs = amb["handshake"]
+    assert hs["handshakes"] > 0 and hs["failed"] == 0, hs.get("errors")
+    assert hs["handshakes_per_second"] > 0
+    assert hs["client_cpu_s"] > 0 and hs["server_cpu_s"] is not None
+    assert hs["server_roles"] == ["tunnel-node2"]
+    none = next(r for r in doc["runs"] if r["scenario"] == "none")
+    assert "handshake" not in none  # no mTLS, nothing to measure
 
     md = (out / "report.md").read_text()
     assert "## Targets" in md and "## p99 latency at 200 rps" in md
+    assert "## New mTLS handshakes per second (HBONE CONNECT answered)" in md
     table = [line for line in md.splitlines() if line.startswith("| ambient ")]
     assert table and all(line.count("|") == table[0].count("|") for line in table[:3])
     for name in ("latency_cdf_cross-node.png", "cpu_per_1000.png", "memory.png",
