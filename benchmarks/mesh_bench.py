@@ -65,8 +65,10 @@ HBONE_NOTE = (
     "port, wait for the 200 (sent once the server reached the app) and close. "
     "sidecar-haproxy: the same to the server-side HAProxy's TLS port with its client "
     "certificate, and one small HTTP/1.1 request to the app instead of the CONNECT. Rows "
-    "beside it give the load generator's CPU (cores busy) and the server side's CPU per "
-    "handshake: a client near its cores' limit means the figure is the client's."
+    "beside it give the load generator's CPU (cores busy) and the accepting proxy's CPU per "
+    "handshake (times the rate: its cores busy). The proxy is the limit when it is near one "
+    "core busy (one event loop; one HAProxy thread); below that, the client, the proxy, the "
+    "app and the kernel shared the machine's cores and the figure is the machine's."
 )
 IDLE_NOTE = (
     "Idle RSS is sampled when a scenario starts. none, ambient and relay share one cluster, "

@@ -36,6 +36,7 @@ from __future__ import annotations
 import csv
 import io
 import pwd
+import resource
 import shutil
 import socket
 import subprocess
@@ -62,11 +63,8 @@ SERVER_BULK_PORT = 15444
 USER = "haproxy"  # Debian's package creates it; the capture skips its connections
 CHAIN = "MESHBENCH-HAPROXY"
 THREADS = 1
-# Open files per HAProxy. The machine's limit (20 000 here, soft = hard) would cap the
-# client side at about 10 000 connections (two descriptors each); HAProxy starts as root
-# and raises its own limit to this before dropping privileges (root may exceed the hard
-# limit up to fs.nr_open), so 10 000 idle connections fit with room to spare.
-NOFILE = 65536
+# Descriptors kept back from maxconn (see `maxconn_for`).
+FD_RESERVE = 2000
 IDLE_TIMEOUT = "300s"
 READY_TIMEOUT = 15.0
 CERT_TTL = timedelta(hours=24)
@@ -111,13 +109,29 @@ def write_tls_files(directory: Path, trust_domain: str, namespace: str) -> TlsFi
     return files
 
 
-def _common(stats_socket: Path) -> list[str]:
+def open_file_limit() -> int:
+    """The hard RLIMIT_NOFILE HAProxy inherits (it raises its soft limit to it)."""
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+
+
+def maxconn_for(nofile: int) -> int:
+    """maxconn for an open-file limit. HAProxy's own choice is about nofile / 2 (two
+    descriptors for every connection, the worst case), which caps the idle-connection phase
+    near 10 000 here (limit 20 000, soft = hard, and no CAP_SYS_RESOURCE to raise it, not
+    even for root). An idle keep-alive HTTP connection holds one descriptor: its server-side
+    connection went back to the pool (`http-reuse always`), and pooled ones are as many as
+    requests in flight. So: the limit less a reserve for those, never below HAProxy's own."""
+    return max(nofile // 2, nofile - FD_RESERVE)
+
+
+def _common(stats_socket: Path, maxconn: int | None) -> list[str]:
     return [
         "global",
         f"    nbthread {THREADS}",
-        f"    ulimit-n {NOFILE}",
-        # No maxconn: HAProxy derives it from the fd limit above (two fds per proxied
-        # connection).
+        f"    maxconn {maxconn_for(open_file_limit()) if maxconn is None else maxconn}",
+        # HAProxy would try to raise the limit to 2 x maxconn and, as it cannot, refuse to
+        # start: run within the limit it has (it logs an alert about it at start).
+        "    no strict-limits",
         f"    stats socket {stats_socket} mode 600 level user",
         # After binding and loading the certificates: the capture knows us by this uid.
         f"    user {USER}",
@@ -136,12 +150,12 @@ def _common(stats_socket: Path) -> list[str]:
     ]
 
 
-def client_config(tls: TlsFiles, stats_socket: Path) -> str:
+def client_config(tls: TlsFiles, stats_socket: Path, maxconn: int | None = None) -> str:
     """The client pod's sidecar: the app's redirected HTTP (and TCP) in on loopback, mTLS
     out to the original destination (server address 0.0.0.0: same IP and port)."""
     upstream = f"ssl crt {tls.client} ca-file {tls.ca} verify required"
     lines = [
-        *_common(stats_socket),
+        *_common(stats_socket, maxconn),
         "frontend http_in",
         f"    bind 127.0.0.1:{CLIENT_HTTP_PORT}",
         "    default_backend http_out",
@@ -162,12 +176,12 @@ def client_config(tls: TlsFiles, stats_socket: Path) -> str:
     return "\n".join(lines)
 
 
-def server_config(tls: TlsFiles, stats_socket: Path) -> str:
+def server_config(tls: TlsFiles, stats_socket: Path, maxconn: int | None = None) -> str:
     """The server pod's sidecar: the redirected inbound as mTLS (a client certificate from
     the mesh root is required), plain HTTP (and TCP) to the app on loopback."""
     downstream = f"ssl crt {tls.server} ca-file {tls.ca} verify required"
     lines = [
-        *_common(stats_socket),
+        *_common(stats_socket, maxconn),
         "frontend http_in",
         f"    bind :{SERVER_HTTP_PORT} {downstream}",
         "    default_backend app",
