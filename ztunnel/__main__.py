@@ -96,7 +96,6 @@ async def _trim_when_idle(node: NodeProxy, interval: float = TRIM_CHECK_SECONDS)
 
 
 def main() -> int:
-    malloc.tune()  # before the loop allocates anything
     try:
         cfg = parse_config(os.environ)
     except ConfigurationError as e:

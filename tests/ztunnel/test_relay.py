@@ -146,3 +146,72 @@ def test_credit_held_by_dead_streams_returns_to_the_shared_connection_window() -
                 srv.close()
 
     run(main)
+
+
+def test_a_slow_app_gets_every_byte_exactly_while_other_streams_reuse_the_read_buffer() -> None:
+    """Received DATA reaches apps as views of the one shared receive buffer. An app that
+    reads slowly makes its transport queue such views; the buffer must then not be reused,
+    or the queued bytes would be overwritten by the next read (any stream's)."""
+    import hashlib
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        got: dict[str, hashlib._Hash] = {"slow": hashlib.sha256(), "fast": hashlib.sha256()}
+        sizes = {"slow": 0, "fast": 0}
+
+        def sink(name: str, delay: float) -> Callable[..., Awaitable[None]]:
+            async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+                while data := await r.read(7919):
+                    got[name].update(data)
+                    sizes[name] += len(data)
+                    if delay:
+                        await asyncio.sleep(delay)
+                w.close()
+
+            return serve
+
+        slow_srv = await asyncio.start_server(sink("slow", 0.002), LOOPBACK, 0)
+        for s in slow_srv.sockets:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        fast_srv = await asyncio.start_server(sink("fast", 0.0), LOOPBACK, 0)
+        apps = {
+            "slow": slow_srv.sockets[0].getsockname()[1],
+            "fast": fast_srv.sockets[0].getsockname()[1],
+        }
+        splices: list[HboneSplice] = []
+        server, port = await _server_side(apps, splices)
+        _, client = await loop.create_connection(
+            lambda: H2Transport(client=True, keepalive=False), LOOPBACK, port
+        )
+        await client.ready
+        want = {name: hashlib.sha256() for name in apps}
+        total = 3 * MB
+        try:
+            sids = {
+                name: client.open_stream([(":method", "CONNECT"), (":authority", name)], _Client())
+                for name in apps
+            }
+            sent = 0
+            i = 0
+            while sent < total:  # distinct bytes per chunk: a reused buffer would show
+                for name, sid in sids.items():
+                    chunk = bytes([(i * 7 + len(name)) % 251]) * 65521 + i.to_bytes(8, "big")
+                    want[name].update(chunk)
+                    client.conn.send_data(sid, chunk)
+                client.flush()
+                sent += 65529
+                i += 1
+                await asyncio.sleep(0)
+            for sid in sids.values():
+                client.conn.end_stream(sid)
+            client.flush()
+            await _until(lambda: min(sizes.values()) >= sent, "both apps got everything", 60)
+            for name in apps:
+                assert sizes[name] == sent
+                assert got[name].hexdigest() == want[name].hexdigest(), name
+        finally:
+            client.close()
+            for srv in (server, slow_srv, fast_srv):
+                srv.close()
+
+    run(main)

@@ -312,7 +312,7 @@ class H2Connection:
 
     # ---- receiving ---------------------------------------------------------------------
 
-    def receive(self, data: bytes) -> None:
+    def receive(self, data: bytes | memoryview) -> None:
         if self.closed:
             return
         try:
@@ -322,7 +322,7 @@ class H2Connection:
         except (hpack.HPACKError, ValueError) as e:
             self.close(ErrorCode.COMPRESSION_ERROR, f"bad header block: {e}")
 
-    def _receive(self, data: bytes) -> None:
+    def _receive(self, data: bytes | memoryview) -> None:
         if self._buf:
             # Only frame headers and small control frames are ever buffered here: DATA
             # payloads stream through as they arrive, so this copy stays small.

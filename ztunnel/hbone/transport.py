@@ -29,10 +29,48 @@ class BackpressureListener(Protocol):
 
 # Output up to this size is joined into one buffer (one TLS record) per flush.
 COALESCE_BYTES = 64 * 1024
+# The receive buffer: as large as the TLS transport's own read size.
+READ_BUFFER_SIZE = 256 * 1024
 
 
-class H2Transport(asyncio.Protocol):
-    """An HTTP/2 connection bound to one (TLS) transport."""
+class _ReadBuffer:
+    """The one receive buffer every HBONE connection of the process reads into.
+
+    As a plain Protocol, the TLS transport would allocate a fresh 256 KiB bytes object per
+    read (glibc maps and unmaps that much memory for each: three system calls and a page
+    fault per request) and join multi-record reads with a copy. Decrypting into this buffer
+    instead costs nothing per read. One buffer serves all connections: a read is handed
+    to `buffer_updated` and fully processed before the loop reads anything else.
+
+    Received DATA is passed on as views of this buffer, so it may be reused only once
+    nothing holds such a view. Everything the HTTP/2 connection keeps is copied; the one
+    holder is an app transport that could not send a view at once and queued it. Whoever
+    sees that calls `lend`: the next read gets a fresh buffer, and this one lives as long
+    as the queued views.
+    """
+
+    buf: bytearray | None = None
+
+    @classmethod
+    def get(cls) -> bytearray:
+        buf = cls.buf
+        if buf is None:
+            buf = cls.buf = bytearray(READ_BUFFER_SIZE)
+        return buf
+
+    @classmethod
+    def lend(cls) -> None:
+        cls.buf = None
+
+
+def read_buffer_lent() -> None:
+    """A view of received data was queued (not sent at once): do not reuse the buffer."""
+    _ReadBuffer.lend()
+
+
+class H2Transport(asyncio.BufferedProtocol):
+    """An HTTP/2 connection bound to one (TLS) transport. (A BufferedProtocol only: the
+    event loop ignores get_buffer on a class that is also an asyncio.Protocol.)"""
 
     def __init__(
         self,
@@ -69,8 +107,12 @@ class H2Transport(asyncio.Protocol):
         if self._keepalive:
             self._ping_timer = asyncio.get_running_loop().call_later(PING_INTERVAL, self._ping)
 
-    def data_received(self, data: bytes) -> None:
-        self.conn.receive(data)
+    def get_buffer(self, sizehint: int) -> bytearray:
+        return _ReadBuffer.get()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        buf = _ReadBuffer.get()
+        self.conn.receive(memoryview(buf)[:nbytes])
         self.flush()
 
     def eof_received(self) -> bool:

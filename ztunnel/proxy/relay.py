@@ -21,7 +21,7 @@ from typing import Protocol, cast
 
 from ztunnel.hbone.conn import SEND_LOW_WATER, Headers, error_name
 from ztunnel.hbone.h2frames import ErrorCode
-from ztunnel.hbone.transport import H2Transport
+from ztunnel.hbone.transport import H2Transport, read_buffer_lent
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +244,8 @@ class HboneSplice(_Ends):
             self.h2.conn.ack(self.sid, n)
             return
         app.transport.write(data)
+        if app.transport.get_write_buffer_size():
+            read_buffer_lent()  # the transport may hold this view of the receive buffer
         if app.paused_writing:
             self._owed += n
         else:
