@@ -395,6 +395,21 @@ def test_denied_connections_are_counted_with_the_deny_flag(cluster: mesh.Cluster
         time.sleep(0.05)
 
 
+def access_lines(c: mesh.Cluster, size: int, want: int = 2) -> list[dict[str, Any]]:
+    """The access-log lines (both tunnels) of connections that sent exactly `size` bytes:
+    an unusual count picks one connection's lines out. Waits until `want` are written."""
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [
+            x
+            for x in (json.loads(line) for line in tunnel_log(c).splitlines())
+            if x.get("event") == "connection complete" and x.get("bytes_sent") == size
+        ]
+        if len(lines) >= want or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.05)
+
+
 def test_access_log_has_every_field_on_both_ends(cluster: mesh.Cluster) -> None:
     size = 7919  # an unusual byte count picks this connection's lines out of the logs
     with connect(cluster, "mesh", "client", vip(cluster, "mesh", "server"), 80) as s:
@@ -408,16 +423,7 @@ def test_access_log_has_every_field_on_both_ends(cluster: mesh.Cluster) -> None:
         "dst.hbone_addr", "dst.service", "dst.workload", "dst.namespace", "dst.identity",
         "direction", "bytes_sent", "bytes_recv", "duration",
     }  # fmt: skip
-    deadline = time.monotonic() + 10
-    while True:
-        lines = [
-            x
-            for x in (json.loads(line) for line in tunnel_log(cluster).splitlines())
-            if x.get("event") == "connection complete" and x.get("bytes_sent") == size
-        ]
-        if len(lines) == 2 or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+    lines = access_lines(cluster, size)
     by_dir = {x["direction"]: x for x in lines}
     assert set(by_dir) == {"outbound", "inbound"}
     out, inbound = by_dir["outbound"], by_dir["inbound"]
@@ -683,16 +689,7 @@ def test_same_node_connections_are_delivered_in_process_and_fully_accounted(
         if n == "istio_tcp_received_bytes_total" and ("destination_workload", "server-a") in lbl
     ]
     assert series and all(x["connection_security_policy"] == "mutual_tls" for x in series)
-    deadline = time.monotonic() + 10
-    while True:
-        lines = [
-            x
-            for x in (json.loads(line) for line in tunnel_log(cluster).splitlines())
-            if x.get("event") == "connection complete" and x.get("bytes_sent") == size
-        ]
-        if len(lines) == 2 or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+    lines = access_lines(cluster, size)
     assert {x["direction"] for x in lines} == {"outbound", "inbound"}
     assert all(x["dst.hbone_addr"] == "in-process" for x in lines)
 
