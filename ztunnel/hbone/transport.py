@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import time
 from collections.abc import Callable
 from typing import Protocol, cast
@@ -31,10 +32,12 @@ class BackpressureListener(Protocol):
 COALESCE_BYTES = 64 * 1024
 # The receive buffer: as large as the TLS transport's own read size.
 READ_BUFFER_SIZE = 256 * 1024
+# Buffers set aside while app transports still queue views of them (beyond: not kept).
+MAX_LENT_BUFFERS = 8
 
 
 class _ReadBuffer:
-    """The one receive buffer every HBONE connection of the process reads into.
+    """The receive buffer every HBONE connection of the process reads into.
 
     As a plain Protocol, the TLS transport would allocate a fresh 256 KiB bytes object per
     read (glibc maps and unmaps that much memory for each: three system calls and a page
@@ -45,22 +48,35 @@ class _ReadBuffer:
     Received DATA is passed on as views of this buffer, so it may be reused only once
     nothing holds such a view. Everything the HTTP/2 connection keeps is copied; the one
     holder is an app transport that could not send a view at once and queued it. Whoever
-    sees that calls `lend`: the next read gets a fresh buffer, and this one lives as long
-    as the queued views.
+    sees that calls `lend`: the buffer is set aside and the next read gets another. A
+    set-aside buffer is taken back once no view of it is left (every view holds a
+    reference to it), so a slow app does not cost a new zero-filled 256 KiB per read.
     """
 
-    buf: bytearray | None = None
+    current: bytearray | None = None
+    lent: list[bytearray] = []  # process-wide by design
 
     @classmethod
     def get(cls) -> bytearray:
-        buf = cls.buf
+        buf = cls.current
         if buf is None:
-            buf = cls.buf = bytearray(READ_BUFFER_SIZE)
+            buf = cls.current = cls._reclaim() or bytearray(READ_BUFFER_SIZE)
         return buf
 
     @classmethod
     def lend(cls) -> None:
-        cls.buf = None
+        buf, cls.current = cls.current, None
+        if buf is not None and len(cls.lent) < MAX_LENT_BUFFERS:
+            cls.lent.append(buf)
+
+    @classmethod
+    def _reclaim(cls) -> bytearray | None:
+        lent = cls.lent
+        for i in range(len(lent)):
+            # Held by the list and by getrefcount's argument only: no view is alive.
+            if sys.getrefcount(lent[i]) == 2:
+                return lent.pop(i)
+        return None
 
 
 def read_buffer_lent() -> None:
