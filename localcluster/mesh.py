@@ -25,6 +25,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -350,10 +351,16 @@ def agent_name(node: str) -> str:
 
 
 def start_tunnel(
-    spec: ClusterSpec, layout: NetworkLayout, state: ClusterState, node: str, name: str = ""
+    spec: ClusterSpec,
+    layout: NetworkLayout,
+    state: ClusterState,
+    node: str,
+    name: str = "",
+    extra_env: Mapping[str, str] | None = None,
 ) -> ManagedProcess:
     """Start a node's tunnel. A distinct `name` starts a second one beside it (an upgrade
-    overlap: SO_REUSEPORT listeners, and the agent sends new pods to the newest)."""
+    overlap: SO_REUSEPORT listeners, and the agent sends new pods to the newest).
+    `extra_env` adds tunnel settings (ztunnel/config.py), e.g. SAME_NODE_IN_PROCESS."""
     paths = MeshPaths(state.dir / "mesh")
     env = _base_env()
     env.update(
@@ -366,6 +373,7 @@ def start_tunnel(
         }
     )
     env["ZDS_SOCKET"] = str(paths.zds_socket(node))
+    env.update(extra_env or {})
     pname = name or tunnel_name(node)
     return spawn_in_netns(
         layout.node(node).netns_path,
@@ -472,8 +480,10 @@ def kill_tunnel(cluster: Cluster, node: str, name: str = "") -> bool:
     return _stop(cluster, name or tunnel_name(node), signal.SIGKILL)
 
 
-def start_node_tunnel(cluster: Cluster, node: str, name: str = "") -> ManagedProcess:
-    return start_tunnel(cluster.spec, cluster.layout, cluster.state, node, name)
+def start_node_tunnel(
+    cluster: Cluster, node: str, name: str = "", extra_env: Mapping[str, str] | None = None
+) -> ManagedProcess:
+    return start_tunnel(cluster.spec, cluster.layout, cluster.state, node, name, extra_env)
 
 
 def restart_tunnel(cluster: Cluster, node: str) -> ManagedProcess:

@@ -713,6 +713,46 @@ def test_same_node_connections_are_delivered_in_process_and_fully_accounted(
         time.sleep(0.05)
 
 
+def test_same_node_goes_over_hbone_when_in_process_delivery_is_off(cluster: mesh.Cluster) -> None:
+    """SAME_NODE_IN_PROCESS=false: n1's tunnel is upgraded to one with it off, and a
+    same-node connection then takes the HBONE hop to the pod's own 15008, as any other."""
+    name = "ztunnel-n1-hbone"
+    old = mesh.process_record(cluster, mesh.tunnel_name("n1"))
+    assert old is not None
+    mesh.start_node_tunnel(cluster, "n1", name, {"SAME_NODE_IN_PROCESS": "false"})
+    log = cluster.state.log_dir / f"{name}.log"
+    deadline = time.monotonic() + 20
+    while (log.read_text() if log.exists() else "").count('"pod enrolled"') < 2:
+        assert time.monotonic() < deadline, "the new tunnel never served n1's two pods"
+        time.sleep(0.05)
+    mesh.stop_tunnel(cluster, "n1")  # the old one drains and leaves
+    a = pod_ip(cluster, "mesh", "server-a")
+    _, why = admin(cluster, "n1", f"/debug/explain?source=mesh/client&destination={a}:9000")
+    assert [e["delivery"] for e in why["endpoints"]] == ["hbone"]
+    with connect(cluster, "mesh", "client", a, 9000) as s:
+        host, port = s.getsockname()[:2]
+        first = s.makefile("rb").readline()
+        assert first.decode().split(":")[0] == pod_ip(cluster, "mesh", "client")
+        deadline = time.monotonic() + 10
+        while True:
+            _, table = admin(cluster, "n1", "/connections")
+            # Over HBONE the inbound end sees the tunnel's own connection as the client
+            # (same IP, another port): it is found by pod and identity instead.
+            mine = [c for c in table if c["src"] == f"{host}:{port}"] + [
+                c
+                for c in table
+                if c["direction"] == "inbound"
+                and c["pod"] == "mesh/server-a"
+                and c["srcIdentity"] == spiffe("mesh", "client")
+            ]
+            if len(mine) == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert {c["direction"] for c in mine} == {"outbound", "inbound"}
+        assert all(c["hbone"] == f"{a}:15008" for c in mine)
+    assert reachable(cluster, "mesh", "client", a, 9000)
+
+
 def test_quitquitquit_stops_the_tunnel(cluster: mesh.Cluster) -> None:
     # Last in this module: the cluster is torn down after it.
     (rec,) = [r for r in read_records(cluster.state.pidfile_dir) if r.name == "ztunnel-n2"]
