@@ -669,7 +669,10 @@ class H2Connection:
     # ---- sending ---------------------------------------------------------------------
 
     def _send_headers(self, sid: int, headers: Iterable[tuple[str, str]], end_stream: bool) -> None:
-        block = self._encoder.encode(list(headers))
+        # Literal strings, not Huffman-coded: the hpack library codes Huffman in Python,
+        # which cost 17 us to encode and 26 us to decode per CONNECT (a tenth of a new
+        # connection's CPU in the tunnels) to save about 16 bytes.
+        block = self._encoder.encode(list(headers), huffman=False)
         limit = self._peer_max_frame
         first, rest = block[:limit], block[limit:]
         flags = Flag.END_STREAM if end_stream else 0
