@@ -501,7 +501,15 @@ def node_http(
 ) -> tuple[int, bytes]:
     """One HTTP/1.0 request to a port of a node's tunnel on 127.0.0.1, from inside the node
     netns (the admin port listens nowhere else). Raises OSError when unreachable."""
-    s = nsutil.socket_at(layout.node(node).netns_path)
+    return netns_http(layout.node(node).netns_path, port, path, method, timeout)
+
+
+def netns_http(
+    netns_path: str, port: int, path: str, method: str = "GET", timeout: float = 5.0
+) -> tuple[int, bytes]:
+    """One HTTP/1.0 request to 127.0.0.1:`port` inside a netns: (status, body). Raises
+    OSError when unreachable or when what answers is not HTTP."""
+    s = nsutil.socket_at(netns_path)
     try:
         s.settimeout(timeout)
         s.connect(("127.0.0.1", port))
@@ -515,7 +523,7 @@ def node_http(
     try:
         status = int(head.split(b" ", 2)[1])
     except (IndexError, ValueError):
-        raise OSError(f"not an HTTP response from port {port} on node {node}") from None
+        raise OSError(f"not an HTTP response from port {port} in {netns_path}") from None
     return status, body
 
 

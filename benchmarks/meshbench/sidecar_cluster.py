@@ -16,7 +16,6 @@ from typing import Any
 
 import yaml
 
-import nsutil
 from localcluster import mesh
 from localcluster.apps import INHERITED_ENV
 
@@ -125,18 +124,7 @@ def http_get_json(netns_path: str, port: int, path: str, timeout: float = 2.0) -
     """GET http://127.0.0.1:<port><path> from inside a netns; the decoded JSON body, or
     None when unreachable or not JSON (a sidecar's admin ports listen in its pod)."""
     try:
-        s = nsutil.socket_at(netns_path)
-    except OSError:
-        return None
-    try:
-        s.settimeout(timeout)
-        s.connect(("127.0.0.1", port))
-        s.sendall(f"GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n".encode())
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-        return json.loads(data.partition(b"\r\n\r\n")[2])
+        _, body = mesh.netns_http(netns_path, port, path, timeout=timeout)
+        return json.loads(body)
     except (OSError, ValueError):
         return None
-    finally:
-        s.close()
