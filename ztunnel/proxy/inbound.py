@@ -174,11 +174,52 @@ class InboundProxy:
         self.relays: dict[HboneSplice | TcpPipe, None] = {}  # an ordered set
         self.stopping = False
 
-    def labels(
-        self, workload: Workload, peer: SpiffeId | None, client: SocketAddr, flags: str
-    ) -> TcpLabels:
-        """Destination-reported labels; the source workload is found by its address."""
-        return inbound_labels(self._state(), workload, peer, client, flags)
+    def _record(
+        self, workload: Workload, peer: SpiffeId | None, client: SocketAddr, hbone: str | None
+    ) -> ConnectionLog:
+        """The access-log line of one inbound connection (HBONE or in process). The client's
+        workload is whatever owns its address, if the mesh knows it."""
+        return ConnectionLog(
+            "inbound",
+            src=client,
+            src_workload=self._state().workload_by_ip(workload.network, client.ip),
+            src_identity=peer,
+            hbone=hbone,
+            dst_workload=workload,
+            dst_identity=workload.identity,
+        )
+
+    def _refused(self, record: ConnectionLog, status: int, reason: str, flags: str) -> None:
+        """End a connection that never reached the app: its line, and (with a flag) its count."""
+        record.finish(error=f"{status}: {reason}")
+        if flags != ResponseFlags.NONE:
+            self.telemetry.refused(self.labels(record, flags))
+
+    def labels(self, record: ConnectionLog, flags: str) -> TcpLabels:
+        """Destination-reported labels of a logged connection."""
+        workload = record.dst_workload
+        assert workload is not None
+        peer = record.src_identity
+        return inbound_labels(
+            record.src_workload, workload, peer if isinstance(peer, SpiffeId) else None, flags
+        )
+
+    async def _connect_app(
+        self, record: ConnectionLog, target: SocketAddr
+    ) -> tuple[AppSide | None, str]:
+        """Connect to the app as the client. On failure the connection is already logged and
+        counted: (None, why)."""
+        assert isinstance(record.src, SocketAddr)
+        try:
+            _, app = await connect_app(self._factory, target, str(record.src.ip))
+        except asyncio.CancelledError:
+            record.finish(error=STOPPED)
+            raise
+        except (TimeoutError, OSError) as e:
+            reason = f"connecting to the app at {target} failed: {e}"
+            self._refused(record, 503, reason, ResponseFlags.CONNECT)
+            return None, reason
+        return app, ""
 
     def protocol(self) -> H2Transport:
         return _InboundH2(self)
@@ -210,35 +251,20 @@ class InboundProxy:
         decision: InboundDecision,
         client: SocketAddr,
     ) -> None:
-        src = self._state().workload_by_ip(workload.network, client.ip)
         sockname = h2.transport.get_extra_info("sockname") if h2.transport else None
-        record = ConnectionLog(
-            "inbound",
-            src=client,
-            src_workload=src,
-            src_identity=h2.peer,
-            dst=decision.target,
-            hbone=f"{sockname[0]}:15008" if sockname else None,
-            dst_workload=workload,
-            dst_identity=workload.identity,
+        record = self._record(
+            workload, h2.peer, client, f"{sockname[0]}:15008" if sockname else None
         )
+        record.dst = decision.target
         if decision.status != 200 or decision.target is None:
             _refuse(h2, splice, decision.status, decision.reason)
-            record.finish(error=f"{decision.status}: {decision.reason}")
-            if decision.status == 401:
-                self.telemetry.refused(self.labels(workload, h2.peer, client, ResponseFlags.DENY))
+            flags = ResponseFlags.DENY if decision.status == 401 else ResponseFlags.NONE
+            self._refused(record, decision.status, decision.reason, flags)
             return
         target = decision.target
-        try:
-            _, app = await connect_app(self._factory, target, str(client.ip))
-        except asyncio.CancelledError:
-            record.finish(error=STOPPED)
-            raise
-        except (TimeoutError, OSError) as e:
-            reason = f"connecting to the app at {target} failed: {e}"
-            _refuse(h2, splice, 503, reason)
-            record.finish(error=f"503: {reason}")
-            self.telemetry.refused(self.labels(workload, h2.peer, client, ResponseFlags.CONNECT))
+        app, why = await self._connect_app(record, target)
+        if app is None:
+            _refuse(h2, splice, 503, why)
             return
         if splice.finished:  # the client gave up while we were connecting
             assert app.transport is not None
@@ -250,7 +276,7 @@ class InboundProxy:
             workload,
             client,
             target,
-            self.labels(workload, h2.peer, client, ResponseFlags.NONE),
+            self.labels(record, ResponseFlags.NONE),
             hbone=record.hbone,
             src_identity=h2.peer,
             dst_identity=workload.identity,
@@ -274,34 +300,17 @@ class InboundProxy:
         spent on a hop that does not exist. Returns the decision, and when it is 200 the
         connected app to join."""
         workload = self._workload()
-        src = self._state().workload_by_ip(workload.network, client.ip)
         headers = [(":method", "CONNECT"), (":authority", str(target))]
         decision = decide(workload, headers, peer, client, self.authorize)
-        record = ConnectionLog(
-            "inbound",
-            src=client,
-            src_workload=src,
-            src_identity=peer,
-            dst=target,
-            hbone=LOCAL_HOP,
-            dst_workload=workload,
-            dst_identity=workload.identity,
-        )
+        record = self._record(workload, peer, client, LOCAL_HOP)
+        record.dst = target
         if decision.status != 200:
-            record.finish(error=f"{decision.status}: {decision.reason}")
-            if decision.status == 401:
-                self.telemetry.refused(self.labels(workload, peer, client, ResponseFlags.DENY))
+            flags = ResponseFlags.DENY if decision.status == 401 else ResponseFlags.NONE
+            self._refused(record, decision.status, decision.reason, flags)
             return decision, None
-        try:
-            _, app = await connect_app(self._factory, target, str(client.ip))
-        except asyncio.CancelledError:
-            record.finish(error=STOPPED)
-            raise
-        except (TimeoutError, OSError) as e:
-            reason = f"connecting to the app at {target} failed: {e}"
-            record.finish(error=f"503: {reason}")
-            self.telemetry.refused(self.labels(workload, peer, client, ResponseFlags.CONNECT))
-            return InboundDecision(503, target, reason), None
+        app, why = await self._connect_app(record, target)
+        if app is None:
+            return InboundDecision(503, target, why), None
         return decision, LocalDelivery(self, workload, peer, client, target, record, app)
 
     def drain(self) -> None:
@@ -348,7 +357,7 @@ class LocalDelivery:
             workload,
             client,
             target,
-            proxy.labels(workload, peer, client, ResponseFlags.NONE),
+            proxy.labels(record, ResponseFlags.NONE),
             hbone=LOCAL_HOP,
             src_identity=peer,
             dst_identity=workload.identity,
@@ -363,17 +372,13 @@ class LocalDelivery:
 
 
 def inbound_labels(
-    state: MeshState,
-    workload: Workload,
-    peer: SpiffeId | None,
-    client: SocketAddr,
-    flags: str,
+    source: Workload | None, workload: Workload, peer: SpiffeId | None, flags: str
 ) -> TcpLabels:
     """Metric labels as the destination reports them: the client's workload is whatever
     owns its address (if the mesh knows it), its principal what it proved (if anything)."""
     return tcp_labels(
         reporter="destination",
-        source=state.workload_by_ip(workload.network, client.ip),
+        source=source,
         source_identity=peer,
         destination=workload,
         destination_identity=workload.identity,

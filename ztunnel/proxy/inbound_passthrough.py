@@ -12,7 +12,7 @@ import socket
 from collections.abc import Callable
 
 from ztunnel.accesslog import ConnectionLog
-from ztunnel.metrics import ResponseFlags
+from ztunnel.metrics import ResponseFlags, TcpLabels
 from ztunnel.proxy.inbound import Authorizer, allow_all, connect_app, inbound_labels
 from ztunnel.proxy.relay import AppSide, TcpPipe
 from ztunnel.sockets import TUNNEL_PORTS, SocketAddr, SocketFactory, original_dst
@@ -72,9 +72,7 @@ class InboundPassthroughProxy:
         if denied is not None:
             t.abort()
             record.finish(error=f"denied: {denied}")
-            self.telemetry.refused(
-                inbound_labels(self._state(), workload, None, client, ResponseFlags.DENY)
-            )
+            self.telemetry.refused(self._labels(workload, client, ResponseFlags.DENY))
             return
         try:
             _, upstream = await connect_app(self._factory, target, str(client.ip))
@@ -84,9 +82,7 @@ class InboundPassthroughProxy:
         except (TimeoutError, OSError) as e:
             t.abort()
             record.finish(error=f"connecting to the app at {target} failed: {e}")
-            self.telemetry.refused(
-                inbound_labels(self._state(), workload, None, client, ResponseFlags.CONNECT)
-            )
+            self.telemetry.refused(self._labels(workload, client, ResponseFlags.CONNECT))
             return
         pipe = TcpPipe(app, upstream)
         entry = Tracked(
@@ -94,13 +90,18 @@ class InboundPassthroughProxy:
             workload,
             client,
             target,
-            inbound_labels(self._state(), workload, None, client, ResponseFlags.NONE),
+            self._labels(workload, client, ResponseFlags.NONE),
             dst_identity=workload.identity,
             relay=pipe,
             recheck=self.recheck,
         )
         pipe.start()
         self.telemetry.follow(entry, record, self)
+
+    def _labels(self, workload: Workload, client: SocketAddr, flags: str) -> TcpLabels:
+        # A plaintext client proves no identity; its workload is whatever owns its address.
+        source = self._state().workload_by_ip(workload.network, client.ip)
+        return inbound_labels(source, workload, None, flags)
 
     def _recheck(self, entry: Tracked) -> str | None:
         return self.authorize(self._workload(), None, entry.src, entry.dst)
