@@ -10,7 +10,7 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 
-apt_pkgs=(iptables ipset iproute2 tcpdump haproxy procps python3-venv python3-dev gcc make)
+apt_pkgs=(iptables nftables ipset iproute2 tcpdump haproxy procps python3-venv python3-dev gcc make)
 missing=()
 for p in "${apt_pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
