@@ -54,7 +54,7 @@ PLAIN_NS = "plain"
 MESH_NS = "mesh"
 CLIENT_POD = "client-0"
 SERVER_POD = "server-0"
-TUNNEL_MARK = 0x539  # ztunnel.sockets.TUNNEL_MARK: probes from a pod netns skip capture
+TUNNEL_MARK = 0x539  # meshcore.sockets.TUNNEL_MARK: probes from a pod netns skip capture
 
 TARGET_TUNNEL_OVER_RELAY = 0.7
 TARGET_ADDED_P99_MS = 0.15

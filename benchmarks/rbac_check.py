@@ -32,9 +32,9 @@ from collections.abc import Callable
 from ipaddress import ip_address
 from typing import Any
 
-from ztunnel.identity import SpiffeId
-from ztunnel.rbac import PolicyIndex, Request, Verdict, clear_parse_cache
-from ztunnel.state import HealthStatus, MeshState, RawPolicy, TunnelProtocol, Workload
+from meshcore.identity.spiffe import SpiffeId
+from meshcore.policy.rbac import PolicyIndex, Request, Verdict, clear_parse_cache
+from meshcore.state import HealthStatus, MeshState, RawPolicy, TunnelProtocol, Workload
 
 ROOT = "istio-system"
 TARGET_US = 50.0

@@ -50,8 +50,8 @@ from typing import Any
 
 import yaml
 
-from ztunnel.discovery import parse_local_config
-from ztunnel.state import MeshState
+from meshcore.discovery import parse_local_config
+from meshcore.state import MeshState
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from ztunnel.identity import IdentityError, SpiffeId
+from meshcore.identity.spiffe import IdentityError, SpiffeId
 
 ROOT_VALIDITY = timedelta(days=3650)
 DEFAULT_LEAF_TTL = timedelta(hours=24)

@@ -34,7 +34,12 @@ import yaml
 from aiohttp import web
 
 from controlplane.ca import DEFAULT_LEAF_TTL, CAError, CertificateAuthority, csr_identity, parse_csr
-from ztunnel.identity import DEFAULT_SERVICE_ACCOUNT, DEFAULT_TRUST_DOMAIN, IdentityError, SpiffeId
+from meshcore.identity.spiffe import (
+    DEFAULT_SERVICE_ACCOUNT,
+    DEFAULT_TRUST_DOMAIN,
+    IdentityError,
+    SpiffeId,
+)
 
 log = structlog.get_logger(__name__)
 

@@ -524,7 +524,7 @@ async def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from ztunnel import logging as ztlog
+    from meshcore.observability import logging as ztlog
 
     ztlog.configure(args.log_level)
     try:

@@ -10,16 +10,16 @@ from datetime import timedelta
 
 import structlog
 
-from ztunnel import logging as ztlog
-from ztunnel import malloc
-from ztunnel.admin import AdminServer, MetricsServer, process_metrics
-from ztunnel.certs import CertificateManager, LocalCAClient
+from meshcore.admin.server import AdminServer, MetricsServer, process_metrics
+from meshcore.discovery import LocalConfigWatcher
+from meshcore.identity.certs import CertificateManager, LocalCAClient
+from meshcore.observability import logging as ztlog
+from meshcore.runtime import malloc
+from meshcore.state import ConfigError
 from ztunnel.config import Config, ConfigurationError, parse_config
-from ztunnel.discovery import LocalConfigWatcher
 from ztunnel.inpod import FileEnrolmentSource
 from ztunnel.node import NodeProxy
 from ztunnel.readiness import ReadinessServer
-from ztunnel.state import ConfigError
 from ztunnel.zds_client import ZdsClient
 
 log = structlog.get_logger("ztunnel")

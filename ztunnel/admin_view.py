@@ -13,11 +13,11 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from ztunnel.authz import authorize
+from meshcore.policy.authz import authorize
+from meshcore.policy.rbac import PolicyIndex
+from meshcore.sockets import SocketAddr
+from meshcore.state import MeshState, Service, TunnelProtocol, Workload
 from ztunnel.proxy.outbound import OutboundDecision, Route, decide
-from ztunnel.rbac import PolicyIndex
-from ztunnel.sockets import SocketAddr
-from ztunnel.state import MeshState, Service, TunnelProtocol, Workload
 
 if TYPE_CHECKING:
     from ztunnel.node import NodeProxy

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ztunnel.identity import DEFAULT_TRUST_DOMAIN
+from meshcore.identity.spiffe import DEFAULT_TRUST_DOMAIN
 
 NODE_NAME = "NODE_NAME"
 LOCAL_XDS_PATH = "LOCAL_XDS_PATH"

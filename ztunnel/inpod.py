@@ -23,16 +23,14 @@ import structlog
 import yaml
 
 import nsutil
-from zds.messages import WorkloadInfo
-from ztunnel import tls
-from ztunnel.certs import CertificateManager, WorkloadCertificate
-from ztunnel.hbone.pool import ConnectionPool, PoolKey
-from ztunnel.hbone.transport import H2Transport
-from ztunnel.identity import SpiffeId
-from ztunnel.proxy.inbound import Authorizer, InboundProxy, allow_all
-from ztunnel.proxy.inbound_passthrough import InboundPassthroughProxy
-from ztunnel.proxy.outbound import OutboundProxy, hbone_connect
-from ztunnel.sockets import (
+from meshcore import tls
+from meshcore.hbone.pool import ConnectionPool, PoolKey
+from meshcore.hbone.transport import H2Transport
+from meshcore.identity.certs import CertificateManager, WorkloadCertificate
+from meshcore.identity.spiffe import SpiffeId
+from meshcore.observability.connections import Telemetry
+from meshcore.runtime.tasks import TaskSet
+from meshcore.sockets import (
     INBOUND_HBONE_PORT,
     INBOUND_PLAIN_PORT,
     OUTBOUND_PORT,
@@ -40,9 +38,11 @@ from ztunnel.sockets import (
     SocketFactory,
     listener,
 )
-from ztunnel.state import MeshState, Workload
-from ztunnel.tasks import TaskSet
-from ztunnel.telemetry import Telemetry
+from meshcore.state import MeshState, Workload
+from zds.messages import WorkloadInfo
+from ztunnel.proxy.inbound import Authorizer, InboundProxy, allow_all
+from ztunnel.proxy.inbound_passthrough import InboundPassthroughProxy
+from ztunnel.proxy.outbound import OutboundProxy, hbone_connect
 
 log = structlog.get_logger(__name__)
 

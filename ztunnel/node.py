@@ -25,18 +25,18 @@ from typing import Any
 
 import structlog
 
+from meshcore.identity.certs import CertificateManager
+from meshcore.identity.spiffe import SpiffeId
+from meshcore.observability.connections import Telemetry
+from meshcore.policy.authz import authorize
+from meshcore.policy.rbac import PolicyIndex
+from meshcore.runtime.tasks import TaskSet
+from meshcore.sockets import SocketAddr
+from meshcore.state import MeshState, Workload
 from ztunnel import admin_view
-from ztunnel.authz import authorize
-from ztunnel.certs import CertificateManager
 from ztunnel.config import DEFAULT_RELEASE_DRAIN_SECONDS, DEFAULT_ROOT_NAMESPACE
-from ztunnel.identity import SpiffeId
 from ztunnel.inpod import Enrolment, PodProxy
 from ztunnel.proxy.inbound import InboundProxy
-from ztunnel.rbac import PolicyIndex
-from ztunnel.sockets import SocketAddr
-from ztunnel.state import MeshState, Workload
-from ztunnel.tasks import TaskSet
-from ztunnel.telemetry import Telemetry
 
 log = structlog.get_logger(__name__)
 

@@ -3,7 +3,7 @@ when the mesh config is loaded and every enrolled pod has its certificate and li
 
 from __future__ import annotations
 
-from ztunnel.httpserver import NodeHttpServer, Request, Response, Routes
+from meshcore.http1.server import NodeHttpServer, Request, Response, Routes
 from ztunnel.node import NodeProxy
 
 

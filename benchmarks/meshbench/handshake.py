@@ -16,8 +16,8 @@ import tempfile
 from datetime import timedelta
 from pathlib import Path
 
-from ztunnel.certs import LocalCAClient, build_certificate, new_key_and_csr
-from ztunnel.identity import SpiffeId
+from meshcore.identity.certs import LocalCAClient, build_certificate, new_key_and_csr
+from meshcore.identity.spiffe import SpiffeId
 
 from .scenario import ClientTls
 

@@ -50,8 +50,8 @@ import nsutil
 from controlplane.ca import CertificateAuthority
 from localcluster import mesh
 from localcluster.processes import spawn_in_netns
-from ztunnel.certs import new_key_and_csr
-from ztunnel.identity import SpiffeId
+from meshcore.identity.certs import new_key_and_csr
+from meshcore.identity.spiffe import SpiffeId
 
 from . import sidecar_cluster as sc
 from .scenario import HTTP, ClientTls, Endpoint, HandshakeTarget, Running

@@ -50,7 +50,7 @@ import h2.events
 import h2.exceptions
 import uvloop
 
-from ztunnel.tls import hbone_peer, peer_identity
+from meshcore.tls import hbone_peer, peer_identity
 
 from .hist import Histogram
 
@@ -328,7 +328,7 @@ class HandshakeJob:
 
 
 def handshake_context(job: HandshakeJob) -> ssl.SSLContext:
-    """The client side as the tunnel's (ztunnel.tls): TLS 1.3 only, the mesh roots only,
+    """The client side as the tunnel's (meshcore.tls): TLS 1.3 only, the mesh roots only,
     a client certificate, ALPN h2 for HBONE; no hostname (the identity is checked after)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3

@@ -23,8 +23,8 @@ from l4_datapath import RELAY, BenchError, _env, _wait_listening
 from localcluster.mesh import ADMIN_PORT, Cluster, down, process_record, tunnel_name, up
 from localcluster.processes import ManagedProcess, spawn_in_netns
 from localcluster.spec import valid_cluster_name
-from ztunnel.identity import SpiffeId
-from ztunnel.sockets import INBOUND_HBONE_PORT, TUNNEL_MARK
+from meshcore.identity.spiffe import SpiffeId
+from meshcore.sockets import INBOUND_HBONE_PORT, TUNNEL_MARK
 
 from .handshake import mint_from_ca, private_dir
 from .scenario import HBONE, Endpoint, HandshakeTarget, Running

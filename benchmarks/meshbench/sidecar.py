@@ -25,10 +25,10 @@ import yaml
 from localcluster import mesh
 from localcluster.processes import spawn_in_netns
 from localcluster.xds import workload_uid
+from meshcore.identity.spiffe import SpiffeId
+from meshcore.sockets import INBOUND_HBONE_PORT, TUNNEL_MARK
 from redirect import capture
 from ztunnel import config as ztcfg
-from ztunnel.identity import SpiffeId
-from ztunnel.sockets import INBOUND_HBONE_PORT, TUNNEL_MARK
 
 from . import sidecar_cluster as sc
 from .handshake import mint_from_ca, private_dir

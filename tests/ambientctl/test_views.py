@@ -14,7 +14,7 @@ import pytest
 
 from ambientctl import views
 from ambientctl.cli import build_parser
-from ztunnel.admin import AdminServer
+from meshcore.admin.server import AdminServer
 
 W_FRONTEND = {
     "uid": "travel/frontend",

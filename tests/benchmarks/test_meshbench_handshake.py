@@ -1,5 +1,5 @@
 """The load generator's `handshake` mode on loopback: a real TLS 1.3 server built with the
-tunnel's own server context (ztunnel.tls) and certificates from the project's CA, speaking
+tunnel's own server context (meshcore.tls) and certificates from the project's CA, speaking
 HTTP/2 with h2. An attempt counts only when the server proves the expected identity and
 answers the CONNECT with 200."""
 
@@ -20,9 +20,9 @@ import h2.events
 import pytest
 
 from controlplane.ca import CertificateAuthority
-from ztunnel.certs import build_certificate, new_key_and_csr
-from ztunnel.identity import SpiffeId
-from ztunnel.tls import server_context
+from meshcore.identity.certs import build_certificate, new_key_and_csr
+from meshcore.identity.spiffe import SpiffeId
+from meshcore.tls import server_context
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 

@@ -16,8 +16,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from controlplane.ca import CAError, CertificateAuthority
-from ztunnel.certs import new_key_and_csr
-from ztunnel.identity import SpiffeId
+from meshcore.identity.certs import new_key_and_csr
+from meshcore.identity.spiffe import SpiffeId
 
 TD = "cluster.local"
 ALICE = SpiffeId(TD, "shop", "alice")

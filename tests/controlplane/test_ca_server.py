@@ -21,8 +21,8 @@ from cryptography import x509
 
 from controlplane.ca import CertificateAuthority
 from controlplane.ca_server import CAServer, WorkloadsFileAuthorizer, parse_workload_grants
-from ztunnel.certs import CertificateError, LocalCAClient, new_key_and_csr
-from ztunnel.identity import SpiffeId
+from meshcore.identity.certs import CertificateError, LocalCAClient, new_key_and_csr
+from meshcore.identity.spiffe import SpiffeId
 
 TD = "cluster.local"
 ALICE = SpiffeId(TD, "shop", "alice")  # runs on node-a

@@ -34,9 +34,9 @@ from localcluster import mesh
 from localcluster.capture import Capture
 from localcluster.processes import is_running, read_records
 from localcluster.wire import negotiated_version, read_pcap, reassemble, tls_records
-from ztunnel import tls
-from ztunnel.certs import WorkloadCertificate, build_certificate, new_key_and_csr
-from ztunnel.identity import SpiffeId
+from meshcore import tls
+from meshcore.identity.certs import WorkloadCertificate, build_certificate, new_key_and_csr
+from meshcore.identity.spiffe import SpiffeId
 
 from .common import (
     HERE,

@@ -2,7 +2,7 @@
 
 Netns tests build a two-namespace topology of their own: a "client" netns and a "pod" netns
 joined by a veth, nothing routed from the root namespace. Inside the pod, the tunnel's
-listeners are stood in for by the tunnel's own `ztunnel.sockets.listener` (marked 0x539,
+listeners are stood in for by the tunnel's own `meshcore.sockets.listener` (marked 0x539,
 IP_TRANSPARENT where the tunnel sets it), created from outside through the netns fd as the
 tunnel does. State is compared through the command-line tools (tc, ip, sysctl,
 iptables-save), independently of the modules under test.
@@ -29,12 +29,12 @@ from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 import nsutil
+from meshcore import sockets
+from meshcore.sockets import NetnsSocketFactory, SocketAddr, listener, make_transparent
 from redirect import capture, ebpf, ebpf_plan
 from redirect.capture import RedirectMode
 from redirect.iptables import CaptureError
 from redirect.rules import InpodConfig
-from ztunnel import sockets
-from ztunnel.sockets import NetnsSocketFactory, SocketAddr, listener, make_transparent
 
 CLIENT_IP = "10.253.0.1"
 POD_IP = "10.253.0.2"

@@ -26,6 +26,10 @@ from structlog.testing import capture_logs
 
 import nsutil
 from controlplane.ca import CertificateAuthority, csr_identity, parse_csr
+from meshcore.discovery import parse_local_config
+from meshcore.identity.certs import CertificateManager
+from meshcore.identity.certworker_client import CertWorkerClient
+from meshcore.state import MeshState
 from tests.zds.common import open_fds, opened, run, until
 from tests.zds.recording import RecordingPods
 from zds import wire
@@ -42,12 +46,8 @@ from zds.messages import (
 )
 from zds.server import ZdsNack, ZdsServer
 from ztunnel import admin_view
-from ztunnel.certs import CertificateManager
-from ztunnel.certworker_client import CertWorkerClient
 from ztunnel.config import ConfigurationError, parse_config
-from ztunnel.discovery import parse_local_config
 from ztunnel.node import NodeProxy
-from ztunnel.state import MeshState
 from ztunnel.zds_client import MAX_ERROR_BYTES, ZdsClient
 
 INFO = WorkloadInfo("web", "default", "web")

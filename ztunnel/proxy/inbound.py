@@ -18,22 +18,22 @@ from typing import cast
 
 import structlog
 
-from ztunnel.accesslog import ConnectionLog
-from ztunnel.hbone.conn import Headers
-from ztunnel.hbone.transport import H2Transport
-from ztunnel.identity import SpiffeId
-from ztunnel.metrics import ResponseFlags, TcpLabels, tcp_labels
-from ztunnel.proxy.relay import AppSide, HboneSplice, TcpPipe
-from ztunnel.sockets import (
+from meshcore.hbone.conn import Headers
+from meshcore.hbone.transport import H2Transport
+from meshcore.identity.spiffe import SpiffeId
+from meshcore.observability.accesslog import ConnectionLog
+from meshcore.observability.connections import STOPPED, Telemetry, Tracked
+from meshcore.observability.metrics import ResponseFlags, TcpLabels, tcp_labels
+from meshcore.relay import AppSide, HboneSplice, TcpPipe
+from meshcore.sockets import (
     TUNNEL_PORTS,
     SocketAddr,
     SocketFactory,
     make_transparent,
     tune_stream,
 )
-from ztunnel.state import MeshState, Workload
-from ztunnel.telemetry import STOPPED, Telemetry, Tracked
-from ztunnel.tls import PeerVerificationError, hbone_peer, verify_client
+from meshcore.state import MeshState, Workload
+from meshcore.tls import PeerVerificationError, hbone_peer, verify_client
 
 log = structlog.get_logger(__name__)
 

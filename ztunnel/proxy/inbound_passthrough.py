@@ -11,13 +11,13 @@ import asyncio
 import socket
 from collections.abc import Callable
 
-from ztunnel.accesslog import ConnectionLog
-from ztunnel.metrics import ResponseFlags, TcpLabels
+from meshcore.observability.accesslog import ConnectionLog
+from meshcore.observability.connections import STOPPED, Telemetry, Tracked
+from meshcore.observability.metrics import ResponseFlags, TcpLabels
+from meshcore.relay import AppSide, TcpPipe
+from meshcore.sockets import TUNNEL_PORTS, SocketAddr, SocketFactory, original_dst
+from meshcore.state import MeshState, Workload
 from ztunnel.proxy.inbound import Authorizer, allow_all, connect_app, inbound_labels
-from ztunnel.proxy.relay import AppSide, TcpPipe
-from ztunnel.sockets import TUNNEL_PORTS, SocketAddr, SocketFactory, original_dst
-from ztunnel.state import MeshState, Workload
-from ztunnel.telemetry import STOPPED, Telemetry, Tracked
 
 
 class InboundPassthroughProxy:

@@ -19,15 +19,15 @@ from dataclasses import dataclass
 
 import structlog
 
-from ztunnel.accesslog import ConnectionLog
-from ztunnel.hbone.h2frames import ErrorCode
-from ztunnel.hbone.pool import ConnectionPool, PoolKey
-from ztunnel.hbone.transport import H2Transport
-from ztunnel.identity import SpiffeId
-from ztunnel.metrics import ResponseFlags, TcpLabels, tcp_labels
-from ztunnel.proxy.inbound import LOCAL_HOP, InboundProxy
-from ztunnel.proxy.relay import AppSide, HboneSplice, TcpPipe
-from ztunnel.sockets import (
+from meshcore.hbone.h2frames import ErrorCode
+from meshcore.hbone.pool import ConnectionPool, PoolKey
+from meshcore.hbone.transport import H2Transport
+from meshcore.identity.spiffe import SpiffeId
+from meshcore.observability.accesslog import ConnectionLog
+from meshcore.observability.connections import STOPPED, Telemetry, Tracked
+from meshcore.observability.metrics import ResponseFlags, TcpLabels, tcp_labels
+from meshcore.relay import AppSide, HboneSplice, TcpPipe
+from meshcore.sockets import (
     INBOUND_HBONE_PORT,
     TUNNEL_PORTS,
     SocketAddr,
@@ -35,9 +35,9 @@ from ztunnel.sockets import (
     original_dst,
     tune_stream,
 )
-from ztunnel.state import HealthStatus, MeshState, Service, TunnelProtocol, Workload
-from ztunnel.telemetry import STOPPED, Telemetry, Tracked
-from ztunnel.tls import PeerVerificationError
+from meshcore.state import HealthStatus, MeshState, Service, TunnelProtocol, Workload
+from meshcore.tls import PeerVerificationError
+from ztunnel.proxy.inbound import LOCAL_HOP, InboundProxy
 
 log = structlog.get_logger(__name__)
 

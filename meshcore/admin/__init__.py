@@ -1,0 +1,1 @@
+"""The admin (node-local) and metrics HTTP servers."""

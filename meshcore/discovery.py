@@ -1,0 +1,679 @@
+"""Config sources for the tunnel: the local YAML document (LOCAL_XDS_PATH) and its watcher.
+
+`parse_local_config` is a pure function from the text of the file (YAML, or JSON, which is
+parsed much faster) to a `MeshState`. It is
+strict: unknown keys, wrong types, bad IPs and out-of-range ports are `ConfigError`s naming
+the path of the bad value (`workloads[3].workloadIps[0]: ...`); no other exception escapes,
+whatever the input. YAML aliases are resolved, but policy entries are copied with a size
+budget so a small aliased file cannot expand into gigabytes.
+
+`LocalConfigWatcher` polls the file and hands each new valid snapshot to a callback. A bad
+edit is logged and the last good snapshot stays in force: a typo must never take down the
+mesh on a node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import ipaddress
+import json
+import os
+import re
+import socket
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import structlog
+import yaml
+
+from meshcore.identity.spiffe import (
+    DEFAULT_SERVICE_ACCOUNT,
+    DEFAULT_TRUST_DOMAIN,
+    IdentityError,
+    SpiffeId,
+)
+from meshcore.runtime.gcpause import collector_paused
+from meshcore.state import (
+    HBONE_PORT,
+    ConfigError,
+    GatewayAddress,
+    HealthStatus,
+    IPAddress,
+    MeshState,
+    NetworkAddress,
+    RawPolicy,
+    Service,
+    ServicePort,
+    ServicePortMap,
+    TunnelProtocol,
+    Workload,
+)
+
+__all__ = ["ConfigError", "LocalConfigWatcher", "parse_local_config"]
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_PROTOCOL = "TCP"
+DEFAULT_NETWORK = ""
+DEFAULT_STATUS = "Healthy"
+DEFAULT_CANONICAL_REVISION = "latest"
+DEFAULT_WORKLOAD_TYPE = "pod"
+DEFAULT_CLUSTER_ID = "Kubernetes"
+
+# Both the YAML spelling ("TCP") and the xDS enum names are accepted, case-insensitively.
+_PROTOCOLS = {
+    "TCP": TunnelProtocol.NONE,
+    "NONE": TunnelProtocol.NONE,
+    "HBONE": TunnelProtocol.HBONE,
+}
+_STATUSES = {"HEALTHY": HealthStatus.HEALTHY, "UNHEALTHY": HealthStatus.UNHEALTHY}
+
+_TOP_KEYS = frozenset({"workloads", "services", "policies"})
+_WORKLOAD_KEYS = frozenset(
+    {
+        "uid",
+        "name",
+        "namespace",
+        "serviceAccount",
+        "trustDomain",
+        "workloadIps",
+        "protocol",
+        "node",
+        "canonicalName",
+        "canonicalRevision",
+        "workloadName",
+        "workloadType",
+        "clusterId",
+        "status",
+        "network",
+        "waypoint",
+        "services",
+        "labels",
+        "authorizationPolicies",
+    }
+)
+_SERVICE_KEYS = frozenset(
+    {"name", "namespace", "hostname", "vips", "ports", "subjectAltNames", "waypoint"}
+)
+_WAYPOINT_KEYS = frozenset({"hostname", "address", "hboneMtlsPort"})
+# ASCII only: str.isdigit() accepts characters such as '²' that int() rejects.
+_DIGITS = re.compile(r"[0-9]{1,5}")
+
+# A policy entry larger than this many YAML nodes is refused: real policies are tiny, and
+# the limit stops an alias bomb before it is expanded into JSON.
+_POLICY_NODE_BUDGET = 100_000
+_POLICY_MAX_DEPTH = 64
+
+
+# -- YAML loading -----------------------------------------------------------------------------
+
+_BaseLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _StrictLoader(_BaseLoader):  # type: ignore[valid-type,misc]
+    """SafeLoader that refuses duplicate mapping keys (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:
+                continue  # unhashable key: the base constructor reports it properly
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found duplicate key {key!r}",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        result: dict[Any, Any] = super().construct_mapping(node, deep=deep)
+        return result
+
+
+def _no_duplicate_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ConfigError(f"not valid JSON: found duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _load_document(text: str) -> Any:
+    # JSON is YAML too, and json parses it about a hundred times faster than PyYAML: a large
+    # generated config written as JSON takes the fast path. Flow-style YAML such as
+    # `{workloads: []}` is not JSON and falls through to the YAML loader.
+    if text.lstrip().startswith("{"):
+        try:
+            return json.loads(text, object_pairs_hook=_no_duplicate_pairs)
+        except json.JSONDecodeError:
+            pass
+        except RecursionError as exc:
+            raise ConfigError("not valid JSON: nested too deeply") from exc
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: no arbitrary objects
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"not valid YAML: {exc}") from exc
+    except (ValueError, TypeError, OverflowError, RecursionError, MemoryError) as exc:
+        # PyYAML's constructors raise these for things like a timestamp with month 13 or a
+        # deeply nested document; all of them mean the same thing to the operator.
+        raise ConfigError(f"not valid YAML: {type(exc).__name__}: {exc}") from exc
+
+
+# -- field helpers ----------------------------------------------------------------------------
+
+
+class _Shared(dict[Hashable, Any]):
+    """`shared[value]` is the first value equal to `value` seen during this parse.
+
+    A generated config repeats the same namespace, node, trust domain, cluster, label set
+    and service port map on thousands of workloads, and the parsers give each occurrence
+    its own object: sharing them (all are immutable) more than halves what a snapshot holds.
+    A dict subscript keeps the common case (seen before) in C.
+    """
+
+    def __missing__(self, value: Hashable) -> Any:
+        self[value] = value
+        return value
+
+
+def _fail(path: str, message: str) -> NoReturn:
+    raise ConfigError(f"{path}: {message}")
+
+
+def _mapping(value: Any, path: str) -> Mapping[Any, Any]:
+    if not isinstance(value, dict):
+        _fail(path, f"expected a mapping, got {_kind(value)}")
+    return value
+
+
+def _list(value: Any, path: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        _fail(path, f"expected a list, got {_kind(value)}")
+    return value
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    return type(value).__name__
+
+
+def _check_keys(entry: Mapping[Any, Any], allowed: frozenset[str], path: str) -> None:
+    unknown = [k for k in entry if k not in allowed]
+    if unknown:
+        names = ", ".join(repr(k) for k in unknown)
+        _fail(path, f"unknown key(s) {names}; allowed: {', '.join(sorted(allowed))}")
+
+
+def _str(entry: Mapping[Any, Any], key: str, path: str, default: str | None = None) -> str:
+    value = entry.get(key)
+    if value is None:
+        if default is None:
+            _fail(f"{path}.{key}", "is required")
+        return default
+    if not isinstance(value, str):
+        _fail(f"{path}.{key}", f"expected a string, got {_kind(value)} {value!r} (quote it)")
+    return value
+
+
+def _name(entry: Mapping[Any, Any], key: str, path: str, default: str | None = None) -> str:
+    """A string that is also a path segment: non-empty, no '/'."""
+    value = _str(entry, key, path, default)
+    if not value or "/" in value:
+        _fail(f"{path}.{key}", f"{value!r} must be non-empty and contain no '/'")
+    return value
+
+
+def _uid(entry: Mapping[Any, Any], path: str) -> str:
+    value = _str(entry, "uid", path)
+    if not value.strip():
+        _fail(f"{path}.uid", "must not be empty")
+    return value
+
+
+def _port(value: Any, path: str) -> int:
+    # YAML gives `80: 8080` as ints and `"80": "8080"` as strings; both mean the same.
+    if isinstance(value, str) and _DIGITS.fullmatch(value.strip()):
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(path, f"{value!r} is not a port number")
+    if not 1 <= value <= 65535:
+        _fail(path, f"port {value} is not in 1..65535")
+    return value
+
+
+def _ip(value: Any, path: str) -> IPAddress:
+    if not isinstance(value, str):
+        _fail(path, f"expected an IP address string, got {_kind(value)} {value!r}")
+    # Fast path for the common case: inet_pton takes exactly the dotted quads ipaddress
+    # takes (no leading zeros, no short forms) at a quarter of the cost. Anything else,
+    # IPv6 included, goes the general way, which also words the error.
+    try:
+        return ipaddress.IPv4Address(socket.inet_pton(socket.AF_INET, value))
+    except (OSError, ValueError):
+        pass
+    try:
+        return ipaddress.ip_address(value)
+    except ValueError:
+        _fail(path, f"{value!r} is not an IP address")
+
+
+def _network_address(value: Any, path: str) -> NetworkAddress:
+    if not isinstance(value, str) or value.count("/") != 1:
+        _fail(path, f"{value!r} is not of the form '<network>/<ip>' (e.g. '/10.96.0.10')")
+    network, _, ip = value.partition("/")
+    return NetworkAddress(network, _ip(ip, path))
+
+
+def _enum(
+    entry: Mapping[Any, Any], key: str, path: str, default: str, table: Mapping[str, Any]
+) -> Any:
+    value = _str(entry, key, path, default)
+    try:
+        return table[value.upper()]
+    except KeyError:
+        _fail(f"{path}.{key}", f"{value!r} is not one of {', '.join(sorted(table))}")
+
+
+def _port_map(value: Any, path: str) -> tuple[tuple[int, int], ...]:
+    ports = _mapping(value, path) if value is not None else {}
+    pairs: dict[int, int] = {}
+    for raw_port, raw_target in ports.items():
+        port = _port(raw_port, f"{path}[{raw_port!r}]")
+        if port in pairs:
+            _fail(path, f"port {port} is given twice")
+        pairs[port] = _port(raw_target, f"{path}[{raw_port!r}]")
+    return tuple(sorted(pairs.items()))
+
+
+def _waypoint(value: Any, path: str) -> GatewayAddress | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        entry: Mapping[Any, Any] = {"hostname": value}
+    else:
+        entry = _mapping(value, path)
+        _check_keys(entry, _WAYPOINT_KEYS, path)
+    port = HBONE_PORT
+    if entry.get("hboneMtlsPort") is not None:
+        port = _port(entry["hboneMtlsPort"], f"{path}.hboneMtlsPort")
+    hostname = entry.get("hostname")
+    address = entry.get("address")
+    if (hostname is None) == (address is None):
+        _fail(path, "give exactly one of 'hostname' ('ns/host') or 'address' ('<network>/<ip>')")
+    if hostname is not None:
+        if not isinstance(hostname, str) or hostname.count("/") != 1 or hostname.startswith("/"):
+            _fail(f"{path}.hostname", f"{hostname!r} is not of the form 'namespace/hostname'")
+        return GatewayAddress(hostname=hostname, hbone_port=port)
+    return GatewayAddress(address=_network_address(address, f"{path}.address"), hbone_port=port)
+
+
+# -- entries ----------------------------------------------------------------------------------
+
+
+def _parse_workload(value: Any, path: str, shared: _Shared) -> Workload:
+    entry = _mapping(value, path)
+    _check_keys(entry, _WORKLOAD_KEYS, path)
+    name = _name(entry, "name", path)
+    namespace = _name(entry, "namespace", path)
+    service_account = _name(entry, "serviceAccount", path, DEFAULT_SERVICE_ACCOUNT)
+    trust_domain = _name(entry, "trustDomain", path, DEFAULT_TRUST_DOMAIN)
+    try:
+        SpiffeId(trust_domain, namespace, service_account)
+    except IdentityError as exc:  # pragma: no cover - _name already enforces the same rules
+        _fail(path, str(exc))
+
+    ips_path = f"{path}.workloadIps"
+    ips: list[IPAddress] = []
+    for i, raw in enumerate(_list(entry.get("workloadIps"), ips_path)):
+        ip = _ip(raw, f"{ips_path}[{i}]")
+        if ip in ips:
+            _fail(f"{ips_path}[{i}]", f"{ip} is listed twice")
+        ips.append(ip)
+
+    svc_path = f"{path}.services"
+    raw_services = entry.get("services")
+    services_map = _mapping(raw_services, svc_path) if raw_services is not None else {}
+    services: list[tuple[str, tuple[tuple[int, int], ...]]] = []
+    for key, ports in services_map.items():
+        key_path = f"{svc_path}[{key!r}]"
+        if not isinstance(key, str) or key.count("/") != 1 or key.startswith("/"):
+            _fail(key_path, "service key must be 'namespace/hostname'")
+        services.append((shared[key], shared[_port_map(ports, key_path)]))
+    service_map: ServicePortMap = shared[tuple(sorted(services))]
+
+    # uid and name are unique to the workload; everything else is typically shared with
+    # many others (see _Shared).
+    return Workload(
+        uid=_uid(entry, path),
+        name=name,
+        namespace=shared[namespace],
+        service_account=shared[service_account],
+        trust_domain=shared[trust_domain],
+        ips=tuple(ips),
+        network=shared[_str(entry, "network", path, DEFAULT_NETWORK)],
+        protocol=_enum(entry, "protocol", path, DEFAULT_PROTOCOL, _PROTOCOLS),
+        node=shared[_str(entry, "node", path, "")],
+        canonical_name=shared[_str(entry, "canonicalName", path, name)],
+        canonical_revision=shared[
+            _str(entry, "canonicalRevision", path, DEFAULT_CANONICAL_REVISION)
+        ],
+        workload_name=shared[_str(entry, "workloadName", path, name)],
+        workload_type=shared[_str(entry, "workloadType", path, DEFAULT_WORKLOAD_TYPE)],
+        cluster_id=shared[_str(entry, "clusterId", path, DEFAULT_CLUSTER_ID)],
+        status=_enum(entry, "status", path, DEFAULT_STATUS, _STATUSES),
+        waypoint=shared[_waypoint(entry.get("waypoint"), f"{path}.waypoint")],
+        services=service_map,
+        labels=_labels(entry.get("labels"), f"{path}.labels", shared),
+        authorization_policies=shared[_policy_refs(entry, path, shared)],
+    )
+
+
+def _labels(value: Any, path: str, shared: _Shared) -> tuple[tuple[str, str], ...]:
+    if value is None:
+        return ()
+    out = []
+    for k, v in _mapping(value, path).items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            _fail(path, f"label {k!r}: {v!r} must be a string to a string (quote it)")
+        out.append((shared[k], shared[v]))
+    # Pods of one ReplicaSet carry the same labels: one tuple serves them all.
+    labels: tuple[tuple[str, str], ...] = shared[tuple(sorted(out))]
+    return labels
+
+
+def _policy_refs(entry: Mapping[Any, Any], path: str, shared: _Shared) -> tuple[str, ...]:
+    key = "authorizationPolicies"
+    refs = _list(entry.get(key), f"{path}.{key}")
+    for i, ref in enumerate(refs):
+        if not isinstance(ref, str) or ref.count("/") != 1:
+            _fail(f"{path}.{key}[{i}]", f"{ref!r} must be 'namespace/name'")
+    return tuple(shared[ref] for ref in refs)
+
+
+def _parse_service(value: Any, path: str, shared: _Shared) -> Service:
+    entry = _mapping(value, path)
+    _check_keys(entry, _SERVICE_KEYS, path)
+    vips_path = f"{path}.vips"
+    vips: list[NetworkAddress] = []
+    for i, raw in enumerate(_list(entry.get("vips"), vips_path)):
+        vip = _network_address(raw, f"{vips_path}[{i}]")
+        if vip in vips:
+            _fail(f"{vips_path}[{i}]", f"{vip} is listed twice")
+        vips.append(vip)
+    sans_path = f"{path}.subjectAltNames"
+    sans: list[str] = []
+    for i, raw in enumerate(_list(entry.get("subjectAltNames"), sans_path)):
+        if not isinstance(raw, str) or not raw:
+            _fail(f"{sans_path}[{i}]", f"expected a non-empty string, got {raw!r}")
+        sans.append(raw)
+    hostname = _str(entry, "hostname", path)
+    if not hostname or "/" in hostname:
+        _fail(f"{path}.hostname", f"{hostname!r} must be non-empty and contain no '/'")
+    return Service(
+        name=_name(entry, "name", path),
+        namespace=shared[_name(entry, "namespace", path)],
+        hostname=hostname,
+        vips=tuple(vips),
+        ports=shared[
+            tuple(ServicePort(p, t) for p, t in _port_map(entry.get("ports"), f"{path}.ports"))
+        ],
+        subject_alt_names=tuple(sans),
+        waypoint=_waypoint(entry.get("waypoint"), f"{path}.waypoint"),
+    )
+
+
+def _plain_copy(value: Any, path: str, budget: list[int], depth: int = 0) -> Any:
+    """Copy YAML data into JSON-able values, refusing anything huge, deep or non-JSON."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        _fail(path, f"policy is too large (more than {_POLICY_NODE_BUDGET} values)")
+    if depth > _POLICY_MAX_DEPTH:
+        _fail(path, f"policy is nested more than {_POLICY_MAX_DEPTH} levels deep")
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            _fail(path, f"{value!r} is not a finite number")
+        return value
+    if isinstance(value, list):
+        return [_plain_copy(v, f"{path}[{i}]", budget, depth + 1) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                _fail(path, f"key {k!r} must be a string")
+            out[k] = _plain_copy(v, f"{path}.{k}", budget, depth + 1)
+        return out
+    _fail(path, f"{_kind(value)} values are not supported here; quote it")
+
+
+_POLICY_KINDS = frozenset({"AuthorizationPolicy", "PeerAuthentication"})
+
+
+def _parse_policy(value: Any, path: str) -> RawPolicy:
+    """Either an xDS-style entry (name, namespace at the top) or an Istio resource as
+    users write it (apiVersion, kind, metadata, spec). Its meaning is `meshcore.policy.rbac`'s job;
+    here only the name, namespace and kind are checked."""
+    entry = _mapping(value, path)
+    kind = "AuthorizationPolicy"
+    where: Mapping[Any, Any] = entry
+    where_path = path
+    if "kind" in entry or "metadata" in entry:
+        kind = _str(entry, "kind", path)
+        if kind not in _POLICY_KINDS:
+            _fail(f"{path}.kind", f"{kind!r} is not one of {', '.join(sorted(_POLICY_KINDS))}")
+        where_path = f"{path}.metadata"
+        where = _mapping(entry.get("metadata"), where_path)
+    name = _name(where, "name", where_path)
+    namespace = _str(where, "namespace", where_path, "")
+    if "/" in namespace:
+        _fail(f"{where_path}.namespace", f"{namespace!r} must contain no '/'")
+    plain = _plain_copy(entry, path, [_POLICY_NODE_BUDGET])
+    return RawPolicy.from_mapping(name, namespace, plain, kind)
+
+
+def parse_local_config(text: str) -> MeshState:
+    """Parse the LOCAL_XDS document. Raises `ConfigError` (and nothing else) on bad input."""
+    if not isinstance(text, str):
+        raise ConfigError(f"config must be text, got {_kind(text)}")
+    with collector_paused():
+        return _parse_document(text)
+
+
+def _parse_document(text: str) -> MeshState:
+    doc = _load_document(text)
+    if doc is None:
+        return MeshState.empty()
+    top = _mapping(doc, "config")
+    _check_keys(top, _TOP_KEYS, "config")
+    shared = _Shared()
+    workloads = [
+        _parse_workload(w, f"workloads[{i}]", shared)
+        for i, w in enumerate(_list(top.get("workloads"), "workloads"))
+    ]
+    services = [
+        _parse_service(s, f"services[{i}]", shared)
+        for i, s in enumerate(_list(top.get("services"), "services"))
+    ]
+    policies = [
+        _parse_policy(p, f"policies[{i}]")
+        for i, p in enumerate(_list(top.get("policies"), "policies"))
+    ]
+    return MeshState.build(workloads, services, policies)
+
+
+# -- watcher ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _FileStamp:
+    """What a cheap stat tells us; inode catches an atomic rename over the file."""
+
+    mtime_ns: int
+    size: int
+    inode: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> _FileStamp:
+        return cls(st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def _read_and_parse(path: Path) -> tuple[_FileStamp, str, MeshState | ConfigError]:
+    """Read the file once (stat from the same open fd) and parse it; runs in a worker thread."""
+    with path.open("rb") as f:
+        stamp = _FileStamp.of(os.fstat(f.fileno()))
+        data = f.read()
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return stamp, digest, ConfigError(f"{path}: not UTF-8 text: {exc}")
+    try:
+        return stamp, digest, parse_local_config(text)
+    except ConfigError as exc:
+        return stamp, digest, ConfigError(f"{path}: {exc}")
+
+
+class LocalConfigWatcher:
+    """Polls a LOCAL_XDS file and calls `on_update` with every new valid `MeshState`.
+
+    `start()` loads the file (a missing or invalid file is a `ConfigError` then, since there
+    is no good state to fall back on), calls `on_update` with that first state, and starts
+    polling. Later, a change is detected by (mtime_ns, size, inode) and confirmed by a
+    SHA-256 of the content, so `touch` alone never triggers an update. A bad edit logs
+    `config_rejected` and keeps the last good state; a briefly missing file is waited out.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        on_update: Callable[[MeshState], None],
+        interval: float = 0.5,
+    ) -> None:
+        if interval <= 0:
+            raise ValueError(f"poll interval must be positive, got {interval}")
+        self._path = Path(path)
+        self._on_update = on_update
+        self._interval = interval
+        self._current = MeshState.empty()
+        self._stamp: _FileStamp | None = None
+        self._seen_digest = ""  # content last examined (good or bad)
+        self._good_digest = ""  # content that produced `_current`
+        self._missing = False
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def current(self) -> MeshState:
+        return self._current
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    async def start(self) -> None:
+        if self._task is not None:
+            raise RuntimeError("LocalConfigWatcher.start() called twice")
+        try:
+            stamp, digest, result = await asyncio.to_thread(_read_and_parse, self._path)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read local config {self._path}: {exc.strerror or exc}; "
+                "check LOCAL_XDS_PATH"
+            ) from exc
+        if isinstance(result, ConfigError):
+            raise result
+        self._stamp, self._seen_digest, self._good_digest = stamp, digest, digest
+        self._current = result
+        log.info("config_loaded", path=str(self._path), **_counts(result))
+        # Unlike later updates, a failing consumer here propagates: the caller is starting up.
+        self._on_update(result)
+        self._task = asyncio.create_task(self._poll_loop(), name=f"local-config-watch:{self._path}")
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is None:
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def check_now(self) -> bool:
+        """Look at the file once; True if a new state was applied. The poll loop uses this."""
+        # One check at a time: a manual check racing the poll loop must not apply an older
+        # read after a newer one.
+        async with self._lock:
+            return await self._check()
+
+    async def _check(self) -> bool:
+        try:
+            stamp = _FileStamp.of(self._path.stat())
+        except FileNotFoundError:
+            # An editor or an atomic writer may remove the file for a moment; keep going.
+            if not self._missing:
+                log.warning("config_missing", path=str(self._path))
+                self._missing = True
+            return False
+        except OSError as exc:
+            log.warning("config_unreadable", path=str(self._path), error=str(exc))
+            return False
+        if self._missing:
+            log.info("config_reappeared", path=str(self._path))
+            self._missing = False
+        if stamp == self._stamp:
+            return False
+        try:
+            stamp, digest, result = await asyncio.to_thread(_read_and_parse, self._path)
+        except OSError:
+            return False  # vanished between stat and open: the next poll sees the new file
+        self._stamp = stamp
+        if digest == self._seen_digest:
+            return False  # touched or rewritten with the same bytes
+        self._seen_digest = digest
+        if isinstance(result, ConfigError):
+            log.error("config_rejected", path=str(self._path), error=str(result))
+            return False
+        if digest == self._good_digest:
+            log.info("config_restored", path=str(self._path))
+            return False  # back to the content already in force
+        self._good_digest = digest
+        self._current = result
+        log.info("config_updated", path=str(self._path), **_counts(result))
+        self._deliver(result)
+        return True
+
+    def _deliver(self, state: MeshState) -> None:
+        try:
+            self._on_update(state)
+        except Exception:
+            # A failing consumer must not stop the watcher; the next change retries it.
+            log.exception("config_update_callback_failed", path=str(self._path))
+
+    async def _poll_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self.check_now()
+            except Exception:
+                log.exception("config_watch_error", path=str(self._path))
+
+
+def _counts(state: MeshState) -> dict[str, int]:
+    return {
+        "workloads": len(state.workloads),
+        "services": len(state.services),
+        "policies": len(state.policies),
+    }

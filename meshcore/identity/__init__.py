@@ -1,0 +1,2 @@
+"""SPIFFE identities and workload certificates: the manager, the CA client and the key/CSR
+worker process."""

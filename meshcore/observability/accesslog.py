@@ -1,0 +1,95 @@
+"""One access-log line per proxied connection, written when it ends.
+
+`ConnectionLog` is the connection-result guard: whatever path a connection takes, exactly
+one line is written, with a default outcome if no path recorded one.
+
+It holds references (addresses, workloads, identities) and renders the line's strings only
+when the connection ends: a tunnel keeps one of these per open connection, and a dict of
+preformatted strings would cost more than the connection's own state.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import structlog
+
+if TYPE_CHECKING:
+    from meshcore.state import Service, Workload
+
+log = structlog.get_logger("access")
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+class ConnectionLog:
+    __slots__ = (
+        "_done",
+        "_start",
+        "direction",
+        "dst",
+        "dst_identity",
+        "dst_workload",
+        "hbone",
+        "service",
+        "src",
+        "src_identity",
+        "src_workload",
+    )
+
+    def __init__(
+        self,
+        direction: str,
+        *,
+        src: object = None,
+        src_workload: Workload | None = None,
+        src_identity: object = None,
+        dst: object = None,
+        hbone: object = None,
+        service: Service | None = None,
+        dst_workload: Workload | None = None,
+        dst_identity: object = None,
+    ) -> None:
+        self._start = time.monotonic()
+        self._done = False
+        self.direction = direction
+        self.src = src  # the client's address
+        self.src_workload = src_workload
+        self.src_identity = src_identity
+        self.dst = dst  # where the bytes are delivered (pod IP and port)
+        self.hbone = hbone  # the HBONE address (or how the hop was made)
+        self.service = service
+        self.dst_workload = dst_workload
+        self.dst_identity = dst_identity
+
+    def fields(self) -> dict[str, str | None]:
+        """The line's connection fields (absent ones are None)."""
+        s, d = self.src_workload, self.dst_workload
+        return {
+            "direction": self.direction,
+            "src.addr": _text(self.src),
+            "src.workload": s.name if s is not None else None,
+            "src.namespace": s.namespace if s is not None else None,
+            "src.identity": _text(self.src_identity),
+            "dst.addr": _text(self.dst),
+            "dst.hbone_addr": _text(self.hbone),
+            "dst.service": self.service.hostname if self.service is not None else None,
+            "dst.workload": d.name if d is not None else None,
+            "dst.namespace": d.namespace if d is not None else None,
+            "dst.identity": _text(self.dst_identity),
+        }
+
+    def finish(self, sent: int = 0, received: int = 0, error: str | None = None) -> None:
+        if self._done:
+            return
+        self._done = True
+        f: dict[str, object] = {k: v for k, v in self.fields().items() if v is not None}
+        f["bytes_sent"] = sent
+        f["bytes_recv"] = received
+        f["duration"] = f"{(time.monotonic() - self._start) * 1000:.1f}ms"
+        if error:
+            f["error"] = error
+        log.info("connection complete", **f)

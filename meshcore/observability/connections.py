@@ -1,0 +1,183 @@
+"""The node's book of open connections, feeding the TCP metrics and the operator views.
+
+Every proxied connection that got as far as moving bytes is `open`ed here with its metric
+labels and `close`d once with its byte counts; one that was refused or failed before that is
+`refused` (counted, never listed). While open, an entry can report live byte counts, and
+inbound entries can be re-checked against the current policy and aborted when it no longer
+allows them.
+
+Byte directions follow Istio: "received" is what the client sent (the request direction),
+"sent" is what went back to it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import structlog
+
+from meshcore.observability.metrics import TcpLabels, TcpMetrics
+
+if TYPE_CHECKING:
+    from meshcore.identity.spiffe import SpiffeId
+    from meshcore.observability.accesslog import ConnectionLog
+    from meshcore.sockets import SocketAddr
+    from meshcore.state import Workload
+
+log = structlog.get_logger(__name__)
+
+
+class Relay(Protocol):
+    """What a table entry reads live and can stop: the relay moving the connection's bytes.
+    `sent` is toward the destination."""
+
+    @property
+    def sent(self) -> int: ...
+
+    @property
+    def received(self) -> int: ...
+
+    def when_done(self, callback: Callable[[Any], None]) -> None: ...
+
+    def abort(self, reason: str) -> None: ...
+
+
+class RelayOwner(Protocol):
+    """The proxy a relay runs for: it knows its open relays (to stop them) and whether it
+    is stopping (then every connection it ends is logged as stopped)."""
+
+    stopping: bool
+    relays: dict[Any, None]
+
+
+# The access-log error of connections ended because the tunnel stopped serving the pod.
+STOPPED = "tunnel stopped serving the pod"
+
+
+@dataclass(eq=False, slots=True)
+class Tracked:
+    """One open connection. It holds references and renders its strings only when shown:
+    a tunnel keeps one per open connection."""
+
+    direction: str  # outbound | inbound | inbound_plaintext | passthrough
+    pod: Workload  # the enrolled pod the connection belongs to
+    src: SocketAddr
+    dst: SocketAddr
+    labels: TcpLabels
+    hbone: object = None  # the HBONE address, or how the hop was made
+    src_identity: SpiffeId | None = None
+    dst_identity: SpiffeId | None = None
+    started_at: float = field(default_factory=time.time)
+    relay: Relay | None = None
+    # Whether the request direction (client -> server) is the relay's `received`: so for
+    # the server end of an HBONE stream, whose `sent` goes back into the tunnel.
+    request_is_received: bool = False
+    # Inbound only: the denial reason under the current policy, or None while allowed.
+    recheck: Callable[[Tracked], str | None] | None = None
+    # Set by `Telemetry.follow`: who books the end (fields, not a closure: less memory).
+    telemetry: Telemetry | None = None
+    record: ConnectionLog | None = None
+    owner: RelayOwner | None = None
+
+    def ended(self, result: Any) -> None:
+        """The relay ended: close the entry, count it, write its access-log line."""
+        telemetry, record, owner = self.telemetry, self.record, self.owner
+        assert telemetry is not None and record is not None and owner is not None
+        owner.relays.pop(self.relay, None)
+        request, response = self.counts()  # the relay's counters are final now
+        telemetry.close(self, request_bytes=request, response_bytes=response)
+        error = STOPPED if owner.stopping else result.error
+        record.finish(request, response, error)
+
+    def counts(self) -> tuple[int, int]:
+        """Live (request bytes, response bytes): client -> server, server -> client."""
+        r = self.relay
+        if r is None:
+            return (0, 0)
+        return (r.received, r.sent) if self.request_is_received else (r.sent, r.received)
+
+    def abort(self, reason: str) -> None:
+        if self.relay is not None:
+            self.relay.abort(reason)
+
+    def to_json(self) -> dict[str, Any]:
+        request, response = self.counts()
+        return {
+            "direction": self.direction,
+            "pod": f"{self.pod.namespace}/{self.pod.name}",
+            "src": str(self.src),
+            "dst": str(self.dst),
+            "hbone": None if self.hbone is None else str(self.hbone),
+            "srcIdentity": None if self.src_identity is None else str(self.src_identity),
+            "dstIdentity": None if self.dst_identity is None else str(self.dst_identity),
+            # From the client's point of view, as the access log's bytes_sent/bytes_recv.
+            "bytesSent": request,
+            "bytesReceived": response,
+            "startedAt": self.started_at,
+        }
+
+
+class Telemetry:
+    def __init__(self, metrics: TcpMetrics | None = None) -> None:
+        self.metrics = metrics if metrics is not None else TcpMetrics()
+        # Dicts as ordered sets: at thousands of entries a set's table costs about twice
+        # a dict's per entry, and a tunnel keeps one entry per open connection.
+        self._open: dict[Tracked, None] = {}
+        self.opened_total = 0  # running totals: activity, for whoever watches for quiet
+        self.closed_total = 0
+
+    def open(self, entry: Tracked) -> None:
+        self._open[entry] = None
+        self.opened_total += 1
+        self.metrics.opened(entry.labels)
+
+    def close(self, entry: Tracked, *, request_bytes: int, response_bytes: int) -> None:
+        if entry not in self._open:
+            return  # closing twice must not count twice
+        del self._open[entry]
+        self.closed_total += 1
+        self.metrics.closed(entry.labels, received=request_bytes, sent=response_bytes)
+
+    def follow(self, entry: Tracked, record: ConnectionLog, owner: RelayOwner) -> None:
+        """Book a started relay: open in the table and metrics now; closed, counted and
+        logged (exactly once) when its `done` resolves. No task waits for it: a coroutine
+        chain parked for a connection's whole life would cost more memory than the
+        connection's own state."""
+        relay = entry.relay
+        assert relay is not None
+        owner.relays[relay] = None
+        self.open(entry)
+        entry.telemetry, entry.record, entry.owner = self, record, owner
+        relay.when_done(entry.ended)
+
+    def refused(self, labels: TcpLabels) -> None:
+        self.metrics.refused(labels)
+
+    def connections(self) -> list[dict[str, Any]]:
+        return [e.to_json() for e in sorted(self._open, key=lambda e: e.started_at)]
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def recheck(self) -> int:
+        """Re-evaluate every open inbound connection; abort those now denied."""
+        closed = 0
+        for entry in list(self._open):
+            if entry.recheck is None or entry.relay is None:
+                continue
+            reason = entry.recheck(entry)
+            if reason is not None:
+                log.info(
+                    "connection closed by policy change",
+                    pod=f"{entry.pod.namespace}/{entry.pod.name}",
+                    src=str(entry.src),
+                    dst=str(entry.dst),
+                    src_identity=str(entry.src_identity) if entry.src_identity else None,
+                    reason=reason,
+                )
+                entry.abort(f"policy now denies it: {reason}")
+                closed += 1
+        return closed

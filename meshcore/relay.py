@@ -1,0 +1,467 @@
+"""Moving bytes: an app-side TCP connection joined to an HBONE stream or to another TCP
+connection, in both directions, with half-close and back-pressure end to end.
+
+Invariants:
+- No unbounded buffering. Bytes read from a TCP side are written on at once; when the
+  other side pushes back (TLS write buffer over its high mark, a full HTTP/2 send queue,
+  a TCP write buffer over its high mark) reading stops until it drains. HBONE receive
+  credit is returned only once the bytes were handed to the app's transport without it
+  pushing back, so a slow app stalls the remote sender, not our memory.
+- Half-close crosses the tunnel: a TCP FIN becomes END_STREAM and END_STREAM becomes
+  FIN (write_eof). The connection ends when both directions ended, or at once on a reset.
+- Every relay finishes exactly once, with its byte counts, through `done`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, cast
+
+from meshcore.hbone.conn import SEND_LOW_WATER, Headers, error_name
+from meshcore.hbone.h2frames import ErrorCode
+from meshcore.hbone.transport import H2Transport, read_buffer_lent
+
+
+@dataclass(frozen=True, slots=True)
+class RelayResult:
+    """What one proxied connection moved. `sent` is toward the destination."""
+
+    sent: int
+    received: int
+    error: str | None
+
+
+DoneCallback = Callable[[RelayResult], None]
+
+
+class _Ends:
+    """How a relay announces its end: once, synchronously, to every callback registered
+    with `when_done` (a Future per connection, its callback list and copied context would
+    cost more than the relay itself; nothing needs to await the end)."""
+
+    __slots__ = ("_watchers", "result")
+
+    def __init__(self) -> None:
+        self.result: RelayResult | None = None
+        self._watchers: DoneCallback | list[DoneCallback] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.result is not None
+
+    def when_done(self, callback: DoneCallback) -> None:
+        """Call `callback(result)` when the relay ends (at once if it has)."""
+        if self.result is not None:
+            callback(self.result)
+        elif self._watchers is None:
+            self._watchers = callback
+        elif isinstance(self._watchers, list):
+            self._watchers.append(callback)
+        else:
+            self._watchers = [self._watchers, callback]
+
+    def _announce(self, sent: int, received: int, error: str | None) -> None:
+        if self.result is not None:
+            return
+        self.result = result = RelayResult(sent, received, error)
+        watchers, self._watchers = self._watchers, None
+        if watchers is None:
+            return
+        for callback in watchers if isinstance(watchers, list) else (watchers,):
+            callback(result)
+
+
+def _lost_reason(exc: Exception | None) -> str:
+    return f"connection lost: {exc}" if exc else "closed before both directions ended"
+
+
+class _Sink(Protocol):
+    def app_data(self, data: bytes) -> None: ...
+
+    def app_eof(self) -> None: ...
+
+    def app_lost(self, exc: Exception | None) -> None: ...
+
+    def app_pause_writing(self) -> None: ...
+
+    def app_resume_writing(self) -> None: ...
+
+
+class AppSide(asyncio.Protocol):
+    """A plain TCP connection (the app's, or an upstream's) feeding a sink.
+
+    Until a sink is attached, received bytes are held and reading pauses: that bounds the
+    early data to one read. (uvloop ignores pause_reading inside connection_made, so the
+    pause happens on the first data instead.)
+    """
+
+    __slots__ = ("early", "eof", "lost", "on_made", "paused_writing", "sink", "transport")
+
+    def __init__(self, on_made: Callable[[AppSide], None] | None = None) -> None:
+        self.on_made = on_made  # for accepted connections: start handling them
+        self.transport: asyncio.Transport | None = None
+        self.sink: _Sink | None = None
+        self.early: list[bytes] | None = None  # created on first early data (rare)
+        self.eof = False
+        self.lost: Exception | bool | None = False
+        self.paused_writing = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        on_made, self.on_made = self.on_made, None  # once; and not held for the connection
+        if on_made is not None:
+            on_made(self)
+
+    def data_received(self, data: bytes) -> None:
+        sink = self.sink
+        if sink is not None:
+            sink.app_data(data)
+        else:
+            if self.early is None:
+                self.early = []
+            self.early.append(data)
+            assert self.transport is not None
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if self.sink is not None:
+            self.sink.app_eof()
+        return True  # keep our write side open: half-close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = exc if exc is not None else True
+        if self.sink is not None:
+            self.sink.app_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.paused_writing = True
+        if self.sink is not None:
+            self.sink.app_pause_writing()
+
+    def resume_writing(self) -> None:
+        self.paused_writing = False
+        if self.sink is not None:
+            self.sink.app_resume_writing()
+
+    def attach(self, sink: _Sink) -> None:
+        """Start delivering to `sink`: first what arrived early, then live."""
+        self.sink = sink
+        early, self.early = self.early, None
+        for chunk in early or ():
+            sink.app_data(chunk)
+        if self.eof:
+            sink.app_eof()
+        if self.lost is not False:
+            sink.app_lost(self.lost if isinstance(self.lost, Exception) else None)
+        elif self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+
+class HboneSplice(_Ends):
+    """One TCP connection <-> one HTTP/2 CONNECT stream (either end of the tunnel)."""
+
+    __slots__ = (
+        "_app_read_paused",
+        "_early",
+        "_owed",
+        "app",
+        "down_done",
+        "h2",
+        "received",
+        "reset_code",
+        "response",
+        "sent",
+        "sid",
+        "started",
+        "up_done",
+    )
+
+    def __init__(self, h2: H2Transport, client: bool = False) -> None:
+        loop = asyncio.get_running_loop()
+        self.h2 = h2
+        self.sid = 0
+        self.app: AppSide | None = None
+        self.sent = 0  # app -> stream
+        self.received = 0  # stream -> app
+        self.up_done = False
+        self.down_done = False
+        self.started = False
+        self._owed = 0  # receive credit held back while the app pushes back
+        # Stream bytes that arrived before the app was attached (None until some do).
+        self._early: list[bytes] | None = None
+        self._app_read_paused = False
+        self.reset_code: int | None = None  # why the stream was reset, if it was
+        # The client end awaits the CONNECT's answer; the server end has none to await.
+        self.response: asyncio.Future[tuple[int, Headers]] | None = (
+            loop.create_future() if client else None
+        )
+        super().__init__()
+
+    # ---- joining ------------------------------------------------------------------------
+
+    def start(self, app: AppSide) -> None:
+        """Both ends exist: move bytes from now on."""
+        self.app = app
+        self.started = True
+        self.h2.listeners.add(self)
+        early, self._early = self._early, None
+        for chunk in early or ():
+            self._to_app(chunk)
+        if self.down_done:
+            self._app_write_eof()
+        if self.result is not None:
+            self._close_app(abort=True)
+            return
+        app.attach(self)
+        self.h2.flush()
+        self._maybe_finish()
+
+    # ---- StreamHandler: the HTTP/2 side --------------------------------------------------
+
+    def on_response(self, status: int, headers: Headers) -> None:
+        if self.response is not None and not self.response.done():
+            self.response.set_result((status, headers))
+
+    def on_data(self, data: memoryview) -> None:
+        if not self.started:
+            # The stream window (4 MiB) bounds what can arrive before we acknowledge it.
+            if self._early is None:
+                self._early = []
+            self._early.append(bytes(data))
+            return
+        self._to_app(data)
+
+    def _to_app(self, data: bytes | memoryview) -> None:
+        n = len(data)
+        self.received += n
+        app = self.app
+        assert app is not None and app.transport is not None
+        if app.transport.is_closing():
+            self.h2.conn.ack(self.sid, n)
+            return
+        app.transport.write(data)
+        if app.transport.get_write_buffer_size():
+            read_buffer_lent()  # the transport may hold this view of the receive buffer
+        if app.paused_writing:
+            self._owed += n
+        else:
+            self.h2.conn.ack(self.sid, n)
+
+    def on_end(self) -> None:
+        self.down_done = True
+        if self.started:
+            self._app_write_eof()
+            self._maybe_finish()
+
+    def on_reset(self, code: int) -> None:
+        self.reset_code = code
+        name = error_name(code)
+        if self.response is not None and not self.response.done():
+            self.response.set_exception(
+                ConnectionError(f"HBONE stream reset ({name}): {self.h2.conn.close_reason}")
+            )
+            # Only the client side awaits the response; mark it seen so a server-side
+            # reset is not reported as an unretrieved exception.
+            self.response.exception()
+        self._finish(f"stream reset ({name})")
+        if self.started:
+            self._close_app(abort=True)
+
+    def on_send_ready(self) -> None:
+        self.resume_producing()
+
+    # ---- BackpressureListener: TLS write buffer --------------------------------------
+
+    def pause_producing(self) -> None:
+        if self.app is not None and self.app.transport is not None and not self._app_read_paused:
+            self._app_read_paused = True
+            self.app.transport.pause_reading()
+        # Whatever paused us, resuming also needs the stream queue drained: be told.
+        self.h2.conn.notify_when_drained(self.sid)
+
+    def resume_producing(self) -> None:
+        if (
+            self._app_read_paused
+            and not self.h2.write_paused
+            and self.h2.conn.pending(self.sid) <= SEND_LOW_WATER
+            and self.app is not None
+            and self.app.transport is not None
+        ):
+            self._app_read_paused = False
+            self.app.transport.resume_reading()
+
+    # ---- _Sink: the TCP side -----------------------------------------------------------
+
+    def app_data(self, data: bytes) -> None:
+        self.sent += len(data)
+        more = self.h2.conn.send_data(self.sid, data)
+        self.h2.flush()
+        if not more or self.h2.write_paused:
+            self.pause_producing()
+
+    def app_eof(self) -> None:
+        self.up_done = True
+        self.h2.conn.end_stream(self.sid)
+        self.h2.flush()
+        self._maybe_finish()
+
+    def app_lost(self, exc: Exception | None) -> None:
+        if not (self.up_done and self.down_done):
+            self.h2.conn.reset(self.sid, ErrorCode.CANCEL)
+            self.h2.flush()
+            self._finish(
+                f"connection lost: {exc}" if exc else "closed before both directions ended"
+            )
+        self._finish(None)
+
+    def app_pause_writing(self) -> None:
+        pass  # credit is withheld in _to_app while the app's transport pushes back
+
+    def app_resume_writing(self) -> None:
+        if self._owed:
+            owed, self._owed = self._owed, 0
+            self.h2.conn.ack(self.sid, owed)
+            self.h2.flush()
+
+    # ---- ending ------------------------------------------------------------------------
+
+    def _app_write_eof(self) -> None:
+        t = self.app.transport if self.app is not None else None
+        if t is not None and not t.is_closing() and t.can_write_eof():
+            t.write_eof()
+
+    def _maybe_finish(self) -> None:
+        if self.up_done and self.down_done:
+            self._close_app(abort=False)
+            self._finish(None)
+
+    def _close_app(self, abort: bool) -> None:
+        t = self.app.transport if self.app is not None else None
+        if t is not None and not t.is_closing():
+            if abort:
+                t.abort()
+            else:
+                t.close()
+
+    def _finish(self, error: str | None) -> None:
+        self.h2.listeners.discard(self)
+        # Credit still held back (bytes the app never took, or that arrived before it was
+        # attached) belongs to the shared connection window: return it, or every such
+        # stream would shrink that window for good until the connection stalls.
+        leftover = self._owed + sum(len(c) for c in self._early or ())
+        self._owed = 0
+        self._early = None
+        if leftover:
+            self.h2.conn.ack(self.sid, leftover)
+            self.h2.flush()
+        self._announce(self.sent, self.received, error)
+
+    def finish_unstarted(self, reason: str) -> None:
+        """The stream was answered with an error and never joined to an app."""
+        self._finish(reason)
+
+    def abort(self, reason: str) -> None:
+        """End both sides now (for example when policy no longer allows the connection)."""
+        self.h2.conn.reset(self.sid, ErrorCode.CANCEL)
+        self.h2.flush()
+        self._close_app(abort=True)
+        self._finish(reason)
+
+
+class _TcpEnd:
+    """One direction's view of a TCP<->TCP pipe: bytes read here go to `peer`."""
+
+    __slots__ = ("counter", "peer", "pipe", "side")
+
+    def __init__(self, pipe: TcpPipe, side: AppSide, peer: AppSide, counter: str) -> None:
+        self.pipe = pipe
+        self.side = side
+        self.peer = peer
+        self.counter = counter
+
+    def app_data(self, data: bytes) -> None:
+        self.pipe.count(self.counter, len(data))
+        t = self.peer.transport
+        assert t is not None
+        t.write(data)
+
+    def app_eof(self) -> None:
+        t = self.peer.transport
+        if t is not None and not t.is_closing() and t.can_write_eof():
+            t.write_eof()
+        self.pipe.eof(self.counter)
+
+    def app_lost(self, exc: Exception | None) -> None:
+        self.pipe.lost(self.counter, exc)
+
+    # The peer's write buffer is full: stop reading here until it drains.
+    def app_pause_writing(self) -> None:
+        t = self.peer.transport
+        if t is not None and not t.is_closing():
+            t.pause_reading()
+
+    def app_resume_writing(self) -> None:
+        t = self.peer.transport
+        if t is not None and not t.is_closing():
+            t.resume_reading()
+
+
+class TcpPipe(_Ends):
+    """Two TCP connections joined: `client` is the accepted one, `upstream` the one we
+    opened. `sent` counts client -> upstream."""
+
+    __slots__ = ("_eofs", "client", "received", "sent", "upstream")
+
+    def __init__(self, client: AppSide, upstream: AppSide) -> None:
+        self.client = client
+        self.upstream = upstream
+        self.sent = 0
+        self.received = 0
+        self._eofs = 0  # bit 1: client -> upstream ended, bit 2: the other direction
+        super().__init__()
+
+    def start(self) -> None:
+        # Each side's pause/resume_writing callbacks throttle reading on the other side,
+        # so the sink objects are crossed: client's sink writes to upstream, and when the
+        # client's write buffer fills, the *upstream* reader pauses.
+        self.client.attach(_TcpEnd(self, self.client, self.upstream, "sent"))
+        self.upstream.attach(_TcpEnd(self, self.upstream, self.client, "received"))
+
+    def count(self, which: str, n: int) -> None:
+        if which == "sent":
+            self.sent += n
+        else:
+            self.received += n
+
+    def eof(self, which: str) -> None:
+        self._eofs |= 1 if which == "sent" else 2
+        if self._eofs == 3:
+            self._close(abort=False)
+            self._finish(None)
+
+    def lost(self, which: str, exc: Exception | None) -> None:
+        if self._eofs != 3:
+            self._close(abort=True)
+            self._finish(
+                f"connection lost: {exc}" if exc else "closed before both directions ended"
+            )
+
+    def abort(self, reason: str) -> None:
+        self._close(abort=True)
+        self._finish(reason)
+
+    def _close(self, abort: bool) -> None:
+        for side in (self.client, self.upstream):
+            t = side.transport
+            if t is not None and not t.is_closing():
+                if abort:
+                    t.abort()
+                else:
+                    t.close()
+
+    def _finish(self, error: str | None) -> None:
+        self._announce(self.sent, self.received, error)

@@ -1,0 +1,1 @@
+"""Process plumbing: named task sets, garbage-collector pauses, returning freed memory."""

@@ -1,0 +1,396 @@
+"""The tunnel's view of the mesh: workloads, services and policies, and their lookups.
+
+Domain types here are frozen values built once at the edge (see `meshcore.discovery`); nothing
+inside them is a raw dict, so a snapshot can be shared between tasks without copying.
+
+Invariants of a `MeshState` (checked by `MeshState.build`, which raises `ConfigError`):
+- workload uids are unique; no two workloads claim the same (network, IP);
+- service keys ("namespace/hostname") are unique, hostnames are unique, and no two services
+  claim the same (network, VIP);
+- policy keys ("namespace/name") are unique.
+A `MeshState` never changes after it is built: a config change builds a new snapshot and the
+holder swaps the reference, so a connection that looked up a workload keeps a consistent view.
+Every lookup is a single dict access; building is linear in the size of the input.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import ipaddress
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshcore.identity.spiffe import SpiffeId
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+HBONE_PORT = 15008
+
+
+class ConfigError(ValueError):
+    """Mesh configuration that cannot be used; the message names the offending entry."""
+
+
+class TunnelProtocol(enum.Enum):
+    """How traffic reaches a workload: plain TCP (not enrolled) or HBONE (enrolled)."""
+
+    NONE = "NONE"
+    HBONE = "HBONE"
+
+
+class HealthStatus(enum.Enum):
+    HEALTHY = "HEALTHY"
+    UNHEALTHY = "UNHEALTHY"
+
+
+def _check_port(port: int, what: str) -> None:
+    # bool is an int subclass; True as a port is always a typo in config.
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ConfigError(f"{what}: port {port!r} is not in 1..65535")
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class NetworkAddress:
+    """An IP on a named network; the same IP on two networks is two different addresses."""
+
+    network: str
+    ip: IPAddress
+
+    def __str__(self) -> str:
+        return f"{self.network}/{self.ip}"
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayAddress:
+    """Where a waypoint is reached: exactly one of a service hostname ("ns/host") or an address.
+
+    `hbone_port` is the waypoint's HBONE listener (15008 unless the waypoint says otherwise).
+    """
+
+    hostname: str | None = None
+    address: NetworkAddress | None = None
+    hbone_port: int = HBONE_PORT
+
+    def __post_init__(self) -> None:
+        if (self.hostname is None) == (self.address is None):
+            raise ConfigError("a waypoint needs exactly one of a hostname or an address")
+        if self.hostname is not None and self.hostname.count("/") != 1:
+            raise ConfigError(
+                f"waypoint hostname {self.hostname!r} must be of the form 'namespace/hostname'"
+            )
+        _check_port(self.hbone_port, "waypoint hboneMtlsPort")
+
+
+# ("ns/hostname", ((service_port, target_port), ...)), sorted, so equal maps compare equal.
+ServicePortMap = tuple[tuple[str, tuple[tuple[int, int], ...]], ...]
+
+
+@functools.lru_cache(maxsize=16384)
+def _identity(trust_domain: str, namespace: str, service_account: str) -> SpiffeId:
+    # One shared object per identity: the data path asks for a workload's identity several
+    # times per connection, and the table entries of open connections hold it.
+    return SpiffeId(trust_domain, namespace, service_account)
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """One pod (or other endpoint) as the tunnel sees it."""
+
+    uid: str
+    name: str
+    namespace: str
+    service_account: str
+    trust_domain: str
+    ips: tuple[IPAddress, ...]
+    network: str
+    protocol: TunnelProtocol
+    node: str
+    canonical_name: str
+    canonical_revision: str
+    workload_name: str
+    workload_type: str
+    cluster_id: str
+    status: HealthStatus
+    waypoint: GatewayAddress | None
+    services: ServicePortMap
+    # Pod labels, sorted by key: workload-selector policies match against them.
+    labels: tuple[tuple[str, str], ...] = ()
+    # Policies ("namespace/name") the control plane attached to this workload, as istiod
+    # does in Workload.authorization_policies; selector matching adds to these.
+    authorization_policies: tuple[str, ...] = ()
+
+    @property
+    def identity(self) -> SpiffeId:
+        return _identity(self.trust_domain, self.namespace, self.service_account)
+
+    @property
+    def addresses(self) -> tuple[NetworkAddress, ...]:
+        return tuple(NetworkAddress(self.network, ip) for ip in self.ips)
+
+    @property
+    def service_keys(self) -> tuple[str, ...]:
+        return tuple(key for key, _ in self.services)
+
+    def target_port(self, service_key: str, service_port: int) -> int | None:
+        """The workload's own port for `service_port` of a service, if it declares one.
+
+        None means the workload has no mapping: the caller falls back to the service's
+        target port. The maps are a handful of entries, so a scan beats building dicts.
+        """
+        for key, ports in self.services:
+            if key == service_key:
+                for port, target in ports:
+                    if port == service_port:
+                        return target
+                return None
+        return None
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class ServicePort:
+    port: int
+    target_port: int
+
+    def __post_init__(self) -> None:
+        _check_port(self.port, "service port")
+        _check_port(self.target_port, f"target port of service port {self.port}")
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    name: str
+    namespace: str
+    hostname: str
+    vips: tuple[NetworkAddress, ...]
+    ports: tuple[ServicePort, ...]
+    subject_alt_names: tuple[str, ...]
+    waypoint: GatewayAddress | None
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.hostname}"
+
+    def target_port(self, port: int) -> int | None:
+        for entry in self.ports:
+            if entry.port == port:
+                return entry.target_port
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class RawPolicy:
+    """An authorization policy kept verbatim until the policy module parses it.
+
+    `spec_json` is canonical JSON (sorted keys, no whitespace) of the whole entry, so two
+    equal policies compare and hash equal and nothing from the source is lost.
+    """
+
+    name: str
+    namespace: str
+    spec_json: str
+    # "AuthorizationPolicy" (also the xDS-style entries without a kind) or
+    # "PeerAuthentication".
+    kind: str = "AuthorizationPolicy"
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def spec(self) -> Any:
+        """A fresh decoded copy of the entry (mutating it cannot change this policy)."""
+        return json.loads(self.spec_json)
+
+    @classmethod
+    def from_mapping(
+        cls,
+        name: str,
+        namespace: str,
+        entry: Mapping[str, Any],
+        kind: str = "AuthorizationPolicy",
+    ) -> RawPolicy:
+        try:
+            text = json.dumps(entry, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"policy {namespace}/{name} is not plain JSON data: {exc}") from exc
+        return cls(name, namespace, text, kind)
+
+
+def _workload_order(w: Workload) -> str:
+    return w.uid
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class MeshState:
+    """An immutable snapshot of the mesh with O(1) indexes. Build it with `MeshState.build`."""
+
+    _workloads: tuple[Workload, ...]
+    _services: tuple[Service, ...]
+    _policies: tuple[RawPolicy, ...]
+    _by_uid: Mapping[str, Workload] = field(repr=False)
+    # network -> IP -> workload: one small dict per network rather than a (network, IP)
+    # tuple per address, which saved 56 bytes per workload and a tuple per lookup.
+    _by_addr: Mapping[str, Mapping[IPAddress, Workload]] = field(repr=False)
+    _by_node: Mapping[str, tuple[Workload, ...]] = field(repr=False)
+    _by_identity: Mapping[SpiffeId, tuple[Workload, ...]] = field(repr=False)
+    _svc_by_vip: Mapping[str, Mapping[IPAddress, Service]] = field(repr=False)
+    _svc_by_hostname: Mapping[str, Service] = field(repr=False)
+    _svc_by_key: Mapping[str, Service] = field(repr=False)
+    _endpoints: Mapping[str, tuple[Workload, ...]] = field(repr=False)
+    _policy_by_key: Mapping[str, RawPolicy] = field(repr=False)
+    _policies_by_ns: Mapping[str, tuple[RawPolicy, ...]] = field(repr=False)
+
+    @classmethod
+    def empty(cls) -> MeshState:
+        return cls.build((), (), ())
+
+    @classmethod
+    def build(
+        cls,
+        workloads: Iterable[Workload],
+        services: Iterable[Service],
+        policies: Iterable[RawPolicy],
+    ) -> MeshState:
+        wls = tuple(workloads)
+        svcs = tuple(services)
+        pols = tuple(policies)
+
+        by_uid: dict[str, Workload] = {}
+        by_addr: dict[str, dict[IPAddress, Workload]] = {}
+        by_node: dict[str, list[Workload]] = {}
+        by_identity: dict[SpiffeId, list[Workload]] = {}
+        endpoints: dict[str, list[Workload]] = {}
+        for w in wls:
+            if w.uid in by_uid:
+                raise ConfigError(f"two workloads have uid {w.uid!r}")
+            by_uid[w.uid] = w
+            for ip in w.ips:
+                other = by_addr.setdefault(w.network, {}).setdefault(ip, w)
+                if other is not w:
+                    raise ConfigError(
+                        f"workloads {other.uid!r} and {w.uid!r} both claim IP {ip} "
+                        f"on network {w.network!r}"
+                    )
+            by_node.setdefault(w.node, []).append(w)
+            by_identity.setdefault(w.identity, []).append(w)
+            for key in w.service_keys:
+                endpoints.setdefault(key, []).append(w)
+
+        svc_by_vip: dict[str, dict[IPAddress, Service]] = {}
+        svc_by_hostname: dict[str, Service] = {}
+        svc_by_key: dict[str, Service] = {}
+        for s in svcs:
+            if s.key in svc_by_key:
+                raise ConfigError(f"two services have the key {s.key!r}")
+            svc_by_key[s.key] = s
+            other_svc = svc_by_hostname.setdefault(s.hostname, s)
+            if other_svc is not s:
+                raise ConfigError(
+                    f"services {other_svc.key!r} and {s.key!r} both use hostname {s.hostname!r}"
+                )
+            for vip in s.vips:
+                other_svc = svc_by_vip.setdefault(vip.network, {}).setdefault(vip.ip, s)
+                if other_svc is not s:
+                    raise ConfigError(
+                        f"services {other_svc.key!r} and {s.key!r} both claim VIP {vip.ip} "
+                        f"on network {vip.network!r}"
+                    )
+
+        policy_by_key: dict[str, RawPolicy] = {}
+        policies_by_ns: dict[str, list[RawPolicy]] = {}
+        seen: set[tuple[str, str]] = set()
+        for p in pols:
+            if (p.kind, p.key) in seen:
+                raise ConfigError(f"two {p.kind} entries have the key {p.key!r}")
+            seen.add((p.kind, p.key))
+            if p.kind == "AuthorizationPolicy":
+                policy_by_key[p.key] = p
+            policies_by_ns.setdefault(p.namespace, []).append(p)
+
+        return cls(
+            wls,
+            svcs,
+            pols,
+            by_uid,
+            by_addr,
+            {k: tuple(v) for k, v in by_node.items()},
+            {k: tuple(v) for k, v in by_identity.items()},
+            svc_by_vip,
+            svc_by_hostname,
+            svc_by_key,
+            # Sorted by uid so endpoint order (and so load balancing) does not depend on
+            # the order entries happen to appear in the source.
+            {k: tuple(sorted(v, key=_workload_order)) for k, v in endpoints.items()},
+            policy_by_key,
+            {k: tuple(v) for k, v in policies_by_ns.items()},
+        )
+
+    # -- collections ------------------------------------------------------------------------
+
+    @property
+    def workloads(self) -> tuple[Workload, ...]:
+        return self._workloads
+
+    @property
+    def services(self) -> tuple[Service, ...]:
+        return self._services
+
+    @property
+    def policies(self) -> tuple[RawPolicy, ...]:
+        return self._policies
+
+    # -- lookups ----------------------------------------------------------------------------
+
+    def workload_by_uid(self, uid: str) -> Workload | None:
+        return self._by_uid.get(uid)
+
+    def workload_by_ip(self, network: str, ip: IPAddress) -> Workload | None:
+        by_ip = self._by_addr.get(network)
+        return None if by_ip is None else by_ip.get(ip)
+
+    def workloads_on_node(self, node: str) -> tuple[Workload, ...]:
+        return self._by_node.get(node, ())
+
+    def workloads_with_identity(self, identity: SpiffeId) -> tuple[Workload, ...]:
+        return self._by_identity.get(identity, ())
+
+    def service_by_vip(self, network: str, ip: IPAddress) -> Service | None:
+        by_ip = self._svc_by_vip.get(network)
+        return None if by_ip is None else by_ip.get(ip)
+
+    def service_by_hostname(self, hostname: str) -> Service | None:
+        return self._svc_by_hostname.get(hostname)
+
+    def service_by_key(self, key: str) -> Service | None:
+        return self._svc_by_key.get(key)
+
+    def endpoints(self, service: Service) -> tuple[Workload, ...]:
+        """Workloads that name `service` in their services map, ordered by uid."""
+        return self._endpoints.get(service.key, ())
+
+    def policy_by_key(self, key: str) -> RawPolicy | None:
+        return self._policy_by_key.get(key)
+
+    def policies_in_namespace(self, namespace: str) -> tuple[RawPolicy, ...]:
+        return self._policies_by_ns.get(namespace, ())
+
+    def __eq__(self, other: object) -> bool:
+        # Two snapshots are equal when they hold the same entries; the indexes follow.
+        if not isinstance(other, MeshState):
+            return NotImplemented
+        return (
+            self._workloads == other._workloads
+            and self._services == other._services
+            and self._policies == other._policies
+        )
+
+    def __hash__(self) -> int:
+        return hash((self._workloads, self._services, self._policies))
+
+    def __repr__(self) -> str:
+        return (
+            f"MeshState(workloads={len(self._workloads)}, services={len(self._services)}, "
+            f"policies={len(self._policies)})"
+        )

@@ -1,0 +1,318 @@
+"""Admin (15000) and metrics (15020) servers, run for real on loopback ephemeral ports.
+
+The admin server is fed by `StaticSource`, a small in-test `AdminSource` with fixed answers
+(the tunnel's node is the real source; here the servers' HTTP behaviour is what is tested).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+from collections.abc import Iterator
+from ipaddress import ip_address
+from typing import Any
+
+import aiohttp
+import pytest
+import structlog
+from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
+
+from meshcore.admin.server import AdminServer, MetricsServer, process_metrics
+from meshcore.observability.metrics import ResponseFlags, TcpMetrics, tcp_labels
+
+CONFIG = {
+    "node": "n1",
+    "loggingLevel": "info",
+    "workloads": [{"uid": "travel/frontend", "name": "frontend", "ips": ["10.244.1.10"]}],
+    "services": [],
+}
+CONNECTIONS = [
+    {
+        "direction": "outbound",
+        "pod": "travel/frontend",
+        "src": "10.244.1.10:40000",
+        "dst": "10.244.2.20:9000",
+        "hbone": "10.244.2.20:15008",
+        "srcIdentity": "spiffe://cluster.local/ns/travel/sa/frontend",
+        "dstIdentity": "spiffe://cluster.local/ns/travel/sa/bookings",
+        "bytesSent": 10,
+        "bytesReceived": 20,
+        "startedAt": 1700000000.5,
+    }
+]
+
+
+class StaticSource:
+    """An AdminSource with fixed answers that records what it was asked."""
+
+    def __init__(self) -> None:
+        self.quits = 0
+        self.explained: list[tuple[str, str]] = []
+        self.before_quit: list[bool] = []
+        self.on_quit: Any = None
+
+    def config_dump(self) -> dict[str, Any]:
+        # An address object on purpose: the server must still produce JSON.
+        return {**CONFIG, "extra": ip_address("10.0.0.1")}
+
+    def connections(self) -> list[dict[str, Any]]:
+        return CONNECTIONS
+
+    def explain(self, source: str, destination: str) -> dict[str, Any]:
+        self.explained.append((source, destination))
+        if source != "travel/frontend":
+            raise ValueError(f"no pod {source}")
+        if destination == "boom:1":
+            raise RuntimeError("internal failure")
+        return {"source": {"workload": source}, "destination": {"input": destination}}
+
+    def request_quit(self) -> None:
+        self.quits += 1
+        if self.on_quit is not None:
+            self.on_quit()
+
+
+@pytest.fixture
+def restore_log_level() -> Iterator[None]:
+    wrapper = structlog.get_config()["wrapper_class"]
+    root = logging.getLogger().level
+    yield
+    structlog.configure(wrapper_class=wrapper)
+    logging.getLogger().setLevel(root)
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+async def started_admin(source: StaticSource) -> tuple[AdminServer, str]:
+    server = AdminServer(source, port=0, host="127.0.0.1")
+    await server.start()
+    assert server.port != 0
+    return server, f"http://127.0.0.1:{server.port}"
+
+
+def test_admin_endpoints_with_a_static_source():
+    source = StaticSource()
+
+    async def main() -> None:
+        server, base = await started_admin(source)
+        try:
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"{base}/config_dump") as r:
+                    assert r.status == 200
+                    assert r.content_type == "application/json"
+                    assert await r.json() == {**CONFIG, "extra": "10.0.0.1"}
+                async with http.get(f"{base}/connections") as r:
+                    assert r.status == 200
+                    assert await r.json() == CONNECTIONS
+
+                q = {"source": "travel/frontend", "destination": "bookings:80"}
+                async with http.get(f"{base}/debug/explain", params=q) as r:
+                    assert r.status == 200
+                    assert await r.json() == {
+                        "source": {"workload": "travel/frontend"},
+                        "destination": {"input": "bookings:80"},
+                    }
+                assert source.explained == [("travel/frontend", "bookings:80")]
+
+                q = {"source": "travel/ghost", "destination": "bookings:80"}
+                async with http.get(f"{base}/debug/explain", params=q) as r:
+                    assert r.status == 400
+                    assert await r.json() == {"error": "no pod travel/ghost"}
+
+                async with http.get(f"{base}/debug/explain?source=travel/frontend") as r:
+                    assert r.status == 400
+                    assert "destination" in (await r.json())["error"]
+
+                # A source that fails unexpectedly is a 500 that says why, not a hang.
+                q = {"source": "travel/frontend", "destination": "boom:1"}
+                async with http.get(f"{base}/debug/explain", params=q) as r:
+                    assert r.status == 500
+                    assert "internal failure" in (await r.json())["error"]
+        finally:
+            await server.close()
+
+    run(main())
+
+
+def test_admin_index_and_unknown_paths_list_the_endpoints():
+    async def main() -> None:
+        server, base = await started_admin(StaticSource())
+        try:
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"{base}/") as r:
+                    assert r.status == 200
+                    index = await r.text()
+                async with http.get(f"{base}/stats") as r:
+                    assert r.status == 404
+                    missing = await r.text()
+        finally:
+            await server.close()
+        for text in (index, missing):
+            for path in ("/config_dump", "/connections", "/debug/explain", "/logging"):
+                assert path in text
+            assert "/quitquitquit" in text
+        assert missing.startswith("invalid path")
+
+    run(main())
+
+
+def test_logging_level_changes_at_runtime(restore_log_level):
+    probe = structlog.get_logger("ztunnel.probe")
+
+    def logged_at(level: str) -> bool:
+        with capture_logs() as captured:
+            getattr(probe, level)("probe line")
+        return bool(captured)
+
+    async def main() -> None:
+        server, base = await started_admin(StaticSource())
+        try:
+            async with aiohttp.ClientSession() as http:
+                async with http.post(f"{base}/logging?level=error") as r:
+                    assert r.status == 200
+                    assert await r.json() == {"level": "error"}
+                assert not logged_at("warning")
+                assert logged_at("error")
+                assert logging.getLogger().level == logging.ERROR
+
+                async with http.get(f"{base}/logging") as r:
+                    assert await r.json() == {"level": "error"}
+
+                # trace is accepted as ztunnel/Envoy spell it and means debug here.
+                async with http.post(f"{base}/logging", params={"level": "trace"}) as r:
+                    assert r.status == 200
+                    assert await r.json() == {"level": "debug"}
+                assert logged_at("debug")
+                assert structlog.get_logger().get_effective_level() == logging.DEBUG
+
+                async with http.post(f"{base}/logging", params={"level": "warning"}) as r:
+                    assert await r.json() == {"level": "warning"}
+                assert not logged_at("info")
+
+                async with http.post(f"{base}/logging", params={"level": "loud"}) as r:
+                    assert r.status == 400
+                    assert "loud" in (await r.json())["error"]
+                # A bad level changes nothing.
+                async with http.post(f"{base}/logging") as r:
+                    assert await r.json() == {"level": "warning"}
+        finally:
+            await server.close()
+
+    run(main())
+
+
+def test_quitquitquit_answers_then_requests_quit():
+    source = StaticSource()
+    answered = threading.Event()
+
+    def client(port: int) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"POST /quitquitquit HTTP/1.0\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+                if data.endswith(b"\r\n\r\nOK\n"):
+                    answered.set()
+            return data
+
+    # request_quit blocks the server's loop until the client holds the full answer: that
+    # can only happen if the answer was written before request_quit was called.
+    source.on_quit = lambda: source.before_quit.append(answered.wait(10))
+
+    async def main() -> bytes:
+        server, base = await started_admin(source)
+        try:
+            async with aiohttp.ClientSession() as http, http.get(f"{base}/quitquitquit") as r:
+                assert r.status == 405
+            assert source.quits == 0
+            return await asyncio.to_thread(client, server.port)
+        finally:
+            await server.close()
+
+    data = run(main())
+    assert data.startswith(b"HTTP/1.0 200") or data.startswith(b"HTTP/1.1 200")
+    assert data.endswith(b"\r\n\r\nOK\n")
+    assert source.quits == 1
+    assert source.before_quit == [True]
+
+
+def test_metrics_server_serves_both_paths_with_the_text_format():
+    metrics = TcpMetrics()
+    ok = tcp_labels(
+        reporter="destination",
+        source=None,
+        source_identity=None,
+        destination=None,
+        destination_identity=None,
+        service=None,
+        mtls=True,
+    )
+    metrics.opened(ok)
+    metrics.closed(ok, received=123, sent=456)
+    metrics.refused(
+        tcp_labels(
+            reporter="destination",
+            source=None,
+            source_identity=None,
+            destination=None,
+            destination_identity=None,
+            service=None,
+            response_flags=ResponseFlags.DENY,
+            mtls=True,
+        )
+    )
+
+    def istio_samples(text: str) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name.startswith("istio_"):
+                    out[f"{s.name}/{s.labels['response_flags']}"] = s.value
+        return out
+
+    async def main() -> tuple[list[str], list[str]]:
+        server = MetricsServer(metrics, process_metrics(), port=0, host="127.0.0.1")
+        await server.start()
+        bodies, types = [], []
+        try:
+            async with aiohttp.ClientSession() as http:
+                for path in ("/metrics", "/stats/prometheus"):
+                    async with http.get(f"http://127.0.0.1:{server.port}{path}") as r:
+                        assert r.status == 200
+                        types.append(r.headers["Content-Type"])
+                        bodies.append(await r.text())
+                async with http.get(f"http://127.0.0.1:{server.port}/other") as r:
+                    assert r.status == 404
+        finally:
+            await server.close()
+        return bodies, types
+
+    bodies, types = run(main())
+    assert types == [TcpMetrics.CONTENT_TYPE] * 2
+    assert istio_samples(bodies[0]) == istio_samples(bodies[1])
+    assert istio_samples(bodies[0]) == {
+        "istio_tcp_connections_opened_total/-": 2,
+        "istio_tcp_connections_closed_total/-": 1,
+        "istio_tcp_connections_closed_total/DENY": 1,
+        "istio_tcp_received_bytes_total/-": 123,
+        "istio_tcp_sent_bytes_total/-": 456,
+        "istio_tcp_sockets_open/-": 0,
+    }
+    # The extra exposition (process metrics) follows the TCP metrics.
+    assert "process_resident_memory_bytes" in bodies[0]
+
+
+def test_servers_stop_and_free_their_port():
+    async def main() -> None:
+        server, _ = await started_admin(StaticSource())
+        port = server.port
+        await server.stop()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+    run(main())

@@ -1,0 +1,364 @@
+"""The sans-IO HTTP/2 core against a different HTTP/2 stack (the `h2` library), in memory.
+
+Our server is driven by an h2 client and our client by an h2 server, so what is tested is
+conformance to HTTP/2, not agreement of our code with itself.
+"""
+
+from __future__ import annotations
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
+import pytest
+
+from meshcore.hbone.conn import (
+    CONNECTION_WINDOW,
+    SEND_LOW_WATER,
+    STREAM_WINDOW,
+    H2Connection,
+    Headers,
+)
+from meshcore.hbone.h2frames import (
+    PREFACE,
+    ErrorCode,
+    Flag,
+    FrameType,
+    frame_header,
+    rst_stream,
+)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.requests: list[tuple[int, Headers]] = []
+        self.terminated: list[tuple[int, str]] = []
+        self.pings: list[bytes] = []
+
+    def on_request(self, stream_id: int, headers: Headers) -> None:
+        self.requests.append((stream_id, headers))
+
+    def on_terminated(self, code: int, reason: str) -> None:
+        self.terminated.append((code, reason))
+
+    def on_ping_ack(self, payload: bytes) -> None:
+        self.pings.append(payload)
+
+
+class StreamRec:
+    def __init__(self, conn: H2Connection | None = None, auto_ack: bool = True) -> None:
+        self.conn = conn
+        self.sid = 0
+        self.auto_ack = auto_ack
+        self.data = bytearray()
+        self.ended = False
+        self.reset: int | None = None
+        self.response: tuple[int, Headers] | None = None
+        self.ready = 0
+
+    def on_response(self, status: int, headers: Headers) -> None:
+        self.response = (status, headers)
+
+    def on_data(self, data: memoryview) -> None:
+        self.data += data
+        if self.auto_ack and self.conn is not None:
+            self.conn.ack(self.sid, len(data))
+
+    def on_end(self) -> None:
+        self.ended = True
+
+    def on_reset(self, code: int) -> None:
+        self.reset = code
+
+    def on_send_ready(self) -> None:
+        self.ready += 1
+
+
+def h2_client() -> h2.connection.H2Connection:
+    c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    c.initiate_connection()
+    return c
+
+
+def pump_to_ours(theirs: h2.connection.H2Connection, ours: H2Connection) -> None:
+    data = theirs.data_to_send()
+    if data:
+        ours.receive(data)
+
+
+def pump_to_theirs(ours: H2Connection, theirs: h2.connection.H2Connection) -> list[h2.events.Event]:
+    out = b"".join(bytes(x) for x in ours.take_output())
+    return theirs.receive_data(out) if out else []
+
+
+CONNECT = [(":method", "CONNECT"), (":authority", "10.0.0.2:8080")]
+
+
+def test_server_accepts_connect_from_h2_client_and_relays_both_ways() -> None:
+    rec = Recorder()
+    server = H2Connection(client=False, handler=rec)
+    server.initiate()
+    client = h2_client()
+    pump_to_ours(client, server)
+    events = pump_to_theirs(server, client)
+    settings = [e for e in events if isinstance(e, h2.events.RemoteSettingsChanged)]
+    assert settings, "server must send SETTINGS"
+    changed = settings[0].changed_settings
+    assert changed[h2.settings.SettingCodes.INITIAL_WINDOW_SIZE].new_value == STREAM_WINDOW
+    assert changed[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS].new_value == 200
+    assert client.outbound_flow_control_window == CONNECTION_WINDOW
+
+    client.send_headers(1, CONNECT)
+    pump_to_ours(client, server)
+    assert rec.requests == [(1, CONNECT)]
+    stream = StreamRec(server)
+    stream.sid = 1
+    server.respond(1, 200, stream, end=False)
+    events = pump_to_theirs(server, client)
+    resp = [e for e in events if isinstance(e, h2.events.ResponseReceived)]
+    assert resp and dict(resp[0].headers)[b":status"] == b"200"
+
+    payload = bytes(range(256)) * 1000
+    client.send_data(1, payload)
+    pump_to_ours(client, server)
+    assert bytes(stream.data) == payload
+    server.send_data(1, b"pong" * 100)
+    server.end_stream(1)
+    events = pump_to_theirs(server, client)
+    got = b"".join(e.data for e in events if isinstance(e, h2.events.DataReceived))
+    assert got == b"pong" * 100
+    assert any(isinstance(e, h2.events.StreamEnded) for e in events)
+    client.end_stream(1)
+    pump_to_ours(client, server)
+    assert stream.ended
+    assert server.open_streams == 0
+
+
+def test_client_against_h2_server_flow_control_and_half_close() -> None:
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    server.initiate_connection()
+    rec = Recorder()
+    ours = H2Connection(client=True, handler=rec)
+    ours.initiate()
+    pump_to_theirs(ours, server)
+    pump_to_ours(server, ours)
+    stream = StreamRec(ours)
+    stream.sid = ours.open_stream(CONNECT, stream)
+    events = pump_to_theirs(ours, server)
+    req = [e for e in events if isinstance(e, h2.events.RequestReceived)]
+    assert req and dict(req[0].headers)[b":method"] == b"CONNECT"
+    server.send_headers(stream.sid, [(":status", "200")])
+    pump_to_ours(server, ours)
+    assert stream.response is not None and stream.response[0] == 200
+
+    # More than the peer's default 64 KiB window: the rest must wait for WINDOW_UPDATE.
+    big = b"x" * 200_000
+    ours.send_data(stream.sid, big)
+    ours.end_stream(stream.sid)
+    received = bytearray()
+    ended = False
+    for _ in range(50):
+        events = pump_to_theirs(ours, server)
+        for e in events:
+            if isinstance(e, h2.events.DataReceived):
+                received += e.data
+                server.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
+            if isinstance(e, h2.events.StreamEnded):
+                ended = True
+        pump_to_ours(server, ours)
+        if ended:
+            break
+    assert bytes(received) == big
+    assert ended, "END_STREAM must follow the queued data"
+
+
+def _our_client_stream(
+    server: h2.connection.H2Connection,
+) -> tuple[H2Connection, StreamRec]:
+    server.initiate_connection()
+    ours = H2Connection(client=True, handler=Recorder())
+    ours.initiate()
+    pump_to_theirs(ours, server)
+    pump_to_ours(server, ours)
+    stream = StreamRec(ours)
+    stream.sid = ours.open_stream(CONNECT, stream)
+    pump_to_theirs(ours, server)
+    server.send_headers(stream.sid, [(":status", "200")])
+    pump_to_ours(server, ours)
+    return ours, stream
+
+
+def test_send_ready_fires_after_a_pause_between_the_marks() -> None:
+    # A producer that paused for another reason (a full TLS buffer) while the queue sat
+    # between the low and high marks must still hear when the queue drains.
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    ours, stream = _our_client_stream(server)
+    window = 65_535  # the h2 server's default stream window
+    more = ours.send_data(stream.sid, b"z" * (window + SEND_LOW_WATER + 1000))
+    assert more, "below the high mark: no pause asked for"
+    assert ours.pending(stream.sid) > SEND_LOW_WATER
+    ours.notify_when_drained(stream.sid)
+    received = 0
+    for _ in range(20):
+        for e in pump_to_theirs(ours, server):
+            if isinstance(e, h2.events.DataReceived):
+                received += e.flow_controlled_length
+                server.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
+        pump_to_ours(server, ours)
+        if stream.ready:
+            break
+    assert stream.ready == 1
+    assert ours.pending(stream.sid) <= SEND_LOW_WATER
+
+
+def test_notify_when_drained_below_the_low_mark_asks_for_nothing() -> None:
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    ours, stream = _our_client_stream(server)
+    ours.send_data(stream.sid, b"q" * 1000)
+    ours.notify_when_drained(stream.sid)
+    pump_to_theirs(ours, server)
+    assert stream.ready == 0
+
+
+def test_receive_credit_only_returned_after_ack() -> None:
+    rec = Recorder()
+    server = H2Connection(client=False, handler=rec)
+    server.initiate()
+    client = h2_client()
+    pump_to_ours(client, server)
+    pump_to_theirs(server, client)
+    client.send_headers(1, CONNECT)
+    pump_to_ours(client, server)
+    stream = StreamRec(server, auto_ack=False)
+    stream.sid = 1
+    server.respond(1, 200, stream, end=False)
+    pump_to_theirs(server, client)
+    sent = 0
+    chunk = b"y" * 16384
+    while client.local_flow_control_window(1) >= len(chunk) and sent < 2 * STREAM_WINDOW:
+        client.send_data(1, chunk)
+        sent += len(chunk)
+    pump_to_ours(client, server)
+    pump_to_theirs(server, client)
+    # Without acks the client is stuck at the stream window: nothing unbounded buffered.
+    assert sent <= STREAM_WINDOW
+    assert client.local_flow_control_window(1) < len(chunk)
+    server.ack(1, len(stream.data))
+    pump_to_theirs(server, client)
+    assert client.local_flow_control_window(1) >= STREAM_WINDOW // 2
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"GET / HTTP/1.1\r\n\r\n",
+        PREFACE + frame_header(4, FrameType.PING, 0, 0) + b"abcd",
+        PREFACE + frame_header(2 * 1024 * 1024, FrameType.SETTINGS, 0, 0),
+    ],
+)
+def test_malformed_input_ends_connection_with_goaway(garbage: bytes) -> None:
+    rec = Recorder()
+    server = H2Connection(client=False, handler=rec)
+    server.receive(garbage)
+    assert server.closed
+    assert rec.terminated and rec.terminated[0][0] != ErrorCode.NO_ERROR
+    out = b"".join(bytes(x) for x in server.take_output())
+    assert out[3] == FrameType.GOAWAY
+
+
+def test_bad_hpack_is_a_compression_error() -> None:
+    rec = Recorder()
+    server = H2Connection(client=False, handler=rec)
+    client = h2_client()
+    pump_to_ours(client, server)
+    server.receive(frame_header(3, FrameType.HEADERS, 0x4 | 0x1, 1) + b"\xff\xff\xff")
+    assert server.closed
+    assert rec.terminated[0][0] == ErrorCode.COMPRESSION_ERROR
+
+
+def test_split_frames_reassemble_across_reads() -> None:
+    rec = Recorder()
+    server = H2Connection(client=False, handler=rec)
+    server.initiate()
+    client = h2_client()
+    client.send_headers(1, CONNECT)
+    data = client.data_to_send()
+    for i in range(len(data)):  # one byte at a time
+        server.receive(data[i : i + 1])
+    assert rec.requests == [(1, CONNECT)]
+    stream = StreamRec(server)
+    stream.sid = 1
+    server.respond(1, 200, stream, end=False)
+    pump_to_theirs(server, client)
+    client.send_data(1, b"abcdef" * 1000, end_stream=True)
+    data = client.data_to_send()
+    for i in range(0, len(data), 7):
+        server.receive(data[i : i + 7])
+    assert bytes(stream.data) == b"abcdef" * 1000
+    assert stream.ended
+
+
+def test_padded_data_is_delivered_without_padding_and_credited() -> None:
+    rec = Recorder()
+    server = H2Connection(client=False, handler=rec)
+    server.initiate()
+    client = h2_client()
+    pump_to_ours(client, server)
+    pump_to_theirs(server, client)
+    client.send_headers(1, CONNECT)
+    pump_to_ours(client, server)
+    stream = StreamRec(server)
+    stream.sid = 1
+    server.respond(1, 200, stream, end=False)
+    pump_to_theirs(server, client)
+    client.send_data(1, b"padded" * 100, pad_length=200, end_stream=True)
+    pump_to_ours(client, server)
+    assert bytes(stream.data) == b"padded" * 100
+    assert stream.ended
+
+
+def test_drain_refuses_new_streams_and_lets_open_ones_finish() -> None:
+    rec = Recorder()
+    server = H2Connection(client=False, handler=rec)
+    server.initiate()
+    client = h2_client()
+    pump_to_ours(client, server)
+    pump_to_theirs(server, client)
+    client.send_headers(1, CONNECT)
+    pump_to_ours(client, server)
+    stream = StreamRec(server)
+    stream.sid = 1
+    server.respond(1, 200, stream, end=False)
+    pump_to_theirs(server, client)
+
+    server.drain("upgrade")
+    events = pump_to_theirs(server, client)
+    goaways = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+    assert goaways and goaways[0].last_stream_id == 1
+    assert goaways[0].error_code == ErrorCode.NO_ERROR
+    assert not server.drained  # stream 1 is still open
+
+    # A stream the client opened before it saw the GOAWAY is refused, never processed.
+    late = h2_client()
+    raw = late.data_to_send()
+    late.send_headers(3, CONNECT)
+    server2 = H2Connection(client=False, handler=Recorder())
+    server2.initiate()
+    server2.receive(raw)
+    server2.drain()
+    server2.receive(late.data_to_send())
+    # (h2 stops reading at a GOAWAY, so the frame is checked on the wire.)
+    wire = b"".join(bytes(x) for x in server2.take_output())
+    assert wire.endswith(rst_stream(3, ErrorCode.REFUSED_STREAM))
+    assert not server2.streams
+
+    # The open stream still carries data both ways, then ends the drain. (h2 refuses to
+    # send after a GOAWAY, so the client's frame is written by hand.)
+    server.receive(frame_header(10, FrameType.DATA, Flag.END_STREAM, 1) + b"still here")
+    assert bytes(stream.data) == b"still here" and stream.ended
+    server.send_data(1, b"bye")
+    server.end_stream(1)
+    wire = b"".join(bytes(x) for x in server.take_output())
+    assert frame_header(3, FrameType.DATA, 0, 1) + b"bye" in wire
+    assert wire.endswith(frame_header(0, FrameType.DATA, Flag.END_STREAM, 1))
+    assert server.drained
