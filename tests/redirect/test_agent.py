@@ -183,7 +183,6 @@ def run(scenario: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(scenario())  # type: ignore[arg-type]
 
 
-
 async def enrolled_through_a_tunnel(env: Env) -> ScriptedTunnel:
     """A scripted tunnel connects, acks the one pod and the snapshot: the pod is enrolled."""
     tunnel = await ScriptedTunnel.connect(env.socket)
@@ -193,6 +192,7 @@ async def enrolled_through_a_tunnel(env: Env) -> ScriptedTunnel:
     await tunnel.ack()
     await until(lambda: env.pod_state() == "enrolled", "enrolled")
     return tunnel
+
 
 def test_enrol_without_tunnel_fails_closed_then_acks_in_order(env: Env) -> None:
     env.publish(ambient=True)
