@@ -16,7 +16,7 @@ from ambientctl import views
 from localcluster import mesh
 from localcluster.spec import SpecError, load_cluster
 from localcluster.state import StateError
-from meshcore.admin.server import ADMIN_PORT
+from meshcore.defaults import ADMIN_PORT
 
 
 def _cmd_up(args: argparse.Namespace) -> int:

@@ -22,8 +22,7 @@ import nsutil
 from localcluster import mesh
 from localcluster.capture import Capture
 from localcluster.wire import NotTLS, negotiated_version, read_pcap, reassemble, tls_records
-from ztunnel.config import DEFAULT_ADMIN_PORT as ADMIN_PORT
-from ztunnel.config import DEFAULT_METRICS_PORT as METRICS_PORT
+from meshcore.defaults import ADMIN_PORT, HBONE_PORT, METRICS_PORT
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "demo"
 CLUSTER_FILE = DEMO_DIR / "travel-cluster.yaml"
@@ -213,7 +212,7 @@ def _report_wire(pcap: Path) -> bool:
             f"   {src[0]}:{src[1]} -> {dst[0]}:{dst[1]}: {len(data)} bytes in {len(records)} "
             f"TLS records (types {kinds}) {vtext}" + (f" LEAKED {leaked}" if leaked else "")
         )
-        ok &= not leaked and 15008 in ports
+        ok &= not leaked and HBONE_PORT in ports
     if not streams:
         print("   no traffic crossed the link (unexpected)")
         ok = False

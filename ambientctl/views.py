@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlencode
 
-from meshcore.admin.server import ADMIN_PORT
+from meshcore.defaults import ADMIN_PORT
 
 MISSING = "-"
 

@@ -39,6 +39,7 @@ import nsutil
 from localcluster.apps import INHERITED_ENV
 from localcluster.mesh import Cluster, down, up
 from localcluster.processes import ManagedProcess, spawn_in_netns
+from meshcore.defaults import TUNNEL_MARK
 
 HERE = Path(__file__).resolve().parent
 CLUSTER_FILE = HERE / "bench-cluster.yaml"
@@ -54,7 +55,6 @@ PLAIN_NS = "plain"
 MESH_NS = "mesh"
 CLIENT_POD = "client-0"
 SERVER_POD = "server-0"
-TUNNEL_MARK = 0x539  # meshcore.sockets.TUNNEL_MARK: probes from a pod netns skip capture
 
 TARGET_TUNNEL_OVER_RELAY = 0.7
 TARGET_ADDED_P99_MS = 0.15

@@ -43,11 +43,11 @@ from meshbench.scenario import Endpoint, Running, Scenario
 
 import nsutil
 from localcluster.apps import INHERITED_ENV
+from meshcore.defaults import METRICS_PORT
 
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
 OPTIONAL = ("sidecar", "haproxy")  # scenario modules built separately; skipped if absent
-METRICS_PORT = 15020
 PHASE_GRACE = 60.0  # seconds a load subprocess may run beyond its own bound
 HBONE_NOTE = (
     "mTLS handshakes: the tunnel pools HBONE connections per (source identity, destination "

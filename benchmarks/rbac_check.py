@@ -32,11 +32,12 @@ from collections.abc import Callable
 from ipaddress import ip_address
 from typing import Any
 
+from meshcore.defaults import ROOT_NAMESPACE
 from meshcore.identity.spiffe import SpiffeId
 from meshcore.policy.rbac import PolicyIndex, Request, Verdict, clear_parse_cache
 from meshcore.state import HealthStatus, MeshState, RawPolicy, TunnelProtocol, Workload
 
-ROOT = "istio-system"
+ROOT = ROOT_NAMESPACE
 TARGET_US = 50.0
 NAMESPACE = "shop"
 LABELS = {"app": "checkout", "version": "v1", "team": "payments"}

@@ -34,12 +34,8 @@ import yaml
 from aiohttp import web
 
 from controlplane.ca import DEFAULT_LEAF_TTL, CAError, CertificateAuthority, csr_identity, parse_csr
-from meshcore.identity.spiffe import (
-    DEFAULT_SERVICE_ACCOUNT,
-    DEFAULT_TRUST_DOMAIN,
-    IdentityError,
-    SpiffeId,
-)
+from meshcore.defaults import TRUST_DOMAIN
+from meshcore.identity.spiffe import DEFAULT_SERVICE_ACCOUNT, IdentityError, SpiffeId
 
 log = structlog.get_logger(__name__)
 
@@ -209,7 +205,7 @@ def parse_workload_grants(doc: Any) -> frozenset[tuple[str, SpiffeId]]:
             continue  # a workload with no node cannot be vouched for by any node
         try:
             identity = SpiffeId(
-                str(w.get("trustDomain") or DEFAULT_TRUST_DOMAIN),
+                str(w.get("trustDomain") or TRUST_DOMAIN),
                 namespace,
                 str(w.get("serviceAccount") or DEFAULT_SERVICE_ACCOUNT),
             )
@@ -268,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state-dir", required=True, help="directory for ca/root-*.pem")
     parser.add_argument("--socket", required=True, help="unix socket path to listen on")
     parser.add_argument("--tokens-file", required=True, help="YAML/JSON token -> node name")
-    parser.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN)
+    parser.add_argument("--trust-domain", default=TRUST_DOMAIN)
     parser.add_argument("--workloads-file", required=True, help="local-mode workloads YAML")
     args = parser.parse_args(argv)
     try:

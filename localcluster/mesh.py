@@ -47,10 +47,9 @@ from localcluster.processes import (
 from localcluster.spec import ClusterSpec, NamespaceSpec, PodSpec, load_cluster
 from localcluster.state import ClusterState, live_netns, teardown
 from localcluster.xds import local_xds, workload, workload_uid
+from meshcore.defaults import ADMIN_PORT, READINESS_PORT, TUNNEL_MARK
 from redirect.enrolment import PodInfo, SourceError, parse_source, pod_doc, wanted
 
-READINESS_PORT = 15021
-ADMIN_PORT = 15000  # the tunnel's admin port (config dump), node-local
 READY_TIMEOUT = 60.0
 
 
@@ -693,7 +692,7 @@ def _port_open(netns_path: str, ip: str, port: int) -> bool:
     s = nsutil.socket_at(netns_path)
     try:
         # Marked like the tunnel's own sockets so the probe is not captured.
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 0x539)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, TUNNEL_MARK)
         s.settimeout(0.5)
         s.connect((ip, port))
         return True

@@ -30,15 +30,10 @@ from typing import Any, NoReturn
 import structlog
 import yaml
 
-from meshcore.identity.spiffe import (
-    DEFAULT_SERVICE_ACCOUNT,
-    DEFAULT_TRUST_DOMAIN,
-    IdentityError,
-    SpiffeId,
-)
+from meshcore.defaults import HBONE_PORT, TRUST_DOMAIN
+from meshcore.identity.spiffe import DEFAULT_SERVICE_ACCOUNT, IdentityError, SpiffeId
 from meshcore.runtime.gcpause import collector_paused
 from meshcore.state import (
-    HBONE_PORT,
     ConfigError,
     GatewayAddress,
     HealthStatus,
@@ -329,7 +324,7 @@ def _parse_workload(value: Any, path: str, shared: _Shared) -> Workload:
     name = _name(entry, "name", path)
     namespace = _name(entry, "namespace", path)
     service_account = _name(entry, "serviceAccount", path, DEFAULT_SERVICE_ACCOUNT)
-    trust_domain = _name(entry, "trustDomain", path, DEFAULT_TRUST_DOMAIN)
+    trust_domain = _name(entry, "trustDomain", path, TRUST_DOMAIN)
     try:
         SpiffeId(trust_domain, namespace, service_account)
     except IdentityError as exc:  # pragma: no cover - _name already enforces the same rules

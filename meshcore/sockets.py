@@ -17,15 +17,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import nsutil
+from meshcore.defaults import INBOUND_PLAIN_PORT, OUTBOUND_PORT, TUNNEL_MARK
 
-# The tunnel's own ports inside every enrolled pod (protocols.md). A connection to any of
-# them through the capture is a self-call and is refused.
-OUTBOUND_PORT = 15001
-INBOUND_PLAIN_PORT = 15006
-INBOUND_HBONE_PORT = 15008
-TUNNEL_PORTS = frozenset({OUTBOUND_PORT, INBOUND_PLAIN_PORT, INBOUND_HBONE_PORT})
-
-TUNNEL_MARK = 0x539  # every socket the tunnel opens carries it, so capture rules skip it
 SO_ORIGINAL_DST = 80
 IP_TRANSPARENT = 19
 IP_FREEBIND = 15

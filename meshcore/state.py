@@ -23,11 +23,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from meshcore.defaults import HBONE_PORT
 from meshcore.identity.spiffe import SpiffeId
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-HBONE_PORT = 15008
 
 
 class ConfigError(ValueError):

@@ -37,13 +37,14 @@ from typing import Any, Protocol
 
 import structlog
 
+from meshcore.defaults import ROOT_NAMESPACE
+
 log = structlog.get_logger(__name__)
 
 DATAPLANE_MODE_LABEL = "istio.io/dataplane-mode"
 DATAPLANE_MODE_AMBIENT = "ambient"
 DATAPLANE_MODE_NONE = "none"
 SIDECAR_STATUS_ANNOTATION = "sidecar.istio.io/status"
-DEFAULT_SYSTEM_NAMESPACE = "istio-system"
 TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
 SOURCE_VERSION = 1
 
@@ -93,7 +94,7 @@ class NodeView:
 def redirection_enabled(
     namespace_labels: Mapping[str, str] | None,
     pod: PodInfo,
-    system_namespace: str = DEFAULT_SYSTEM_NAMESPACE,
+    system_namespace: str = ROOT_NAMESPACE,
 ) -> bool:
     """Whether `pod` should have its traffic redirected through the node's tunnel.
 
@@ -117,7 +118,7 @@ def redirection_enabled(
     return not (pod.namespace == system_namespace and pod.labels.get("app") == "ztunnel")
 
 
-def wanted(view: NodeView, system_namespace: str = DEFAULT_SYSTEM_NAMESPACE) -> dict[str, PodInfo]:
+def wanted(view: NodeView, system_namespace: str = ROOT_NAMESPACE) -> dict[str, PodInfo]:
     """The pods of `view.node` to enrol now (by uid): enabled, with an IP and a netns."""
     return {
         uid: pod

@@ -26,6 +26,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
+from meshcore.defaults import HBONE_PORT, INBOUND_PLAIN_PORT, OUTBOUND_PORT, TUNNEL_MARK
+
 CHAIN_PREROUTING = "ISTIO_PRERT"
 CHAIN_OUTPUT = "ISTIO_OUTPUT"
 OUR_CHAINS = (CHAIN_PREROUTING, CHAIN_OUTPUT)
@@ -63,13 +65,13 @@ class SaveParseError(ValueError):
 class InpodConfig:
     """Everything the in-pod rules depend on. Defaults are Istio ambient's values."""
 
-    tunnel_mark: int = 0x539  # SO_MARK on every socket the tunnel opens
+    tunnel_mark: int = TUNNEL_MARK  # SO_MARK on every socket the tunnel opens
     mask: int = 0xFFF  # the mark bits we own; the rest belong to others
     conn_mark: int = 0x111  # connmark of connections the tunnel opened into the pod
     probe_snat_ip: IPv4Address = DEFAULT_PROBE_SNAT_IP  # kubelet probes arrive from here
-    outbound_port: int = 15001
-    inbound_plain_port: int = 15006
-    inbound_hbone_port: int = 15008
+    outbound_port: int = OUTBOUND_PORT
+    inbound_plain_port: int = INBOUND_PLAIN_PORT
+    inbound_hbone_port: int = HBONE_PORT
     route_table: int = 100
     rule_priority: int = 32764
     capture_dns: bool = False

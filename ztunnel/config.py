@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from meshcore.identity.spiffe import DEFAULT_TRUST_DOMAIN
+from meshcore import defaults
 
 NODE_NAME = "NODE_NAME"
 LOCAL_XDS_PATH = "LOCAL_XDS_PATH"
@@ -29,16 +29,11 @@ DRAIN_SECONDS = "DRAIN_SECONDS"
 RELEASE_DRAIN_SECONDS = "RELEASE_DRAIN_SECONDS"
 SAME_NODE_IN_PROCESS = "SAME_NODE_IN_PROCESS"
 
-DEFAULT_READINESS_PORT = 15021
-DEFAULT_ADMIN_PORT = 15000
-DEFAULT_METRICS_PORT = 15020
 # How long a stopping tunnel lets open connections finish (Kubernetes' default grace).
 DEFAULT_DRAIN_SECONDS = 30
 # How long a pod leaving the mesh keeps the connections this tunnel carries for it (the node
 # agent waits for the answer, and then removes the return path they need).
 DEFAULT_RELEASE_DRAIN_SECONDS = 30
-# Policies here without a selector apply mesh-wide, as in Istio's root namespace.
-DEFAULT_ROOT_NAMESPACE = "istio-system"
 DEFAULT_CERT_TTL = 24 * 3600
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_UNIX_PATH = 107  # sun_path holds 108 bytes, the last one a NUL
@@ -57,13 +52,13 @@ class Config:
     enrolment_path: Path | None
     ca_address: Path
     ca_token_path: Path
-    trust_domain: str = DEFAULT_TRUST_DOMAIN
-    readiness_port: int = DEFAULT_READINESS_PORT
+    trust_domain: str = defaults.TRUST_DOMAIN
+    readiness_port: int = defaults.READINESS_PORT
     log_level: str = "info"
     cert_ttl_seconds: int = DEFAULT_CERT_TTL
-    root_namespace: str = DEFAULT_ROOT_NAMESPACE
-    admin_port: int = DEFAULT_ADMIN_PORT
-    metrics_port: int = DEFAULT_METRICS_PORT
+    root_namespace: str = defaults.ROOT_NAMESPACE
+    admin_port: int = defaults.ADMIN_PORT
+    metrics_port: int = defaults.METRICS_PORT
     drain_seconds: int = DEFAULT_DRAIN_SECONDS
     release_drain_seconds: int = DEFAULT_RELEASE_DRAIN_SECONDS
     zds_socket: Path | None = None
@@ -133,13 +128,13 @@ def parse_config(env: Mapping[str, str]) -> Config:
         zds_socket=zds_socket,
         ca_address=Path(_required(env, CA_ADDRESS)),
         ca_token_path=Path(_required(env, CA_TOKEN_PATH)),
-        trust_domain=env.get(TRUST_DOMAIN, DEFAULT_TRUST_DOMAIN) or DEFAULT_TRUST_DOMAIN,
-        readiness_port=_int(env, READINESS_PORT, DEFAULT_READINESS_PORT, 1, 65535),
+        trust_domain=env.get(TRUST_DOMAIN, "").strip() or defaults.TRUST_DOMAIN,
+        readiness_port=_int(env, READINESS_PORT, defaults.READINESS_PORT, 1, 65535),
         log_level=level,
         cert_ttl_seconds=_int(env, CERT_TTL_SECONDS, DEFAULT_CERT_TTL, 60, 7 * 24 * 3600),
-        root_namespace=env.get(ROOT_NAMESPACE, "").strip() or DEFAULT_ROOT_NAMESPACE,
-        admin_port=_int(env, ADMIN_PORT, DEFAULT_ADMIN_PORT, 1, 65535),
-        metrics_port=_int(env, METRICS_PORT, DEFAULT_METRICS_PORT, 1, 65535),
+        root_namespace=env.get(ROOT_NAMESPACE, "").strip() or defaults.ROOT_NAMESPACE,
+        admin_port=_int(env, ADMIN_PORT, defaults.ADMIN_PORT, 1, 65535),
+        metrics_port=_int(env, METRICS_PORT, defaults.METRICS_PORT, 1, 65535),
         drain_seconds=_int(env, DRAIN_SECONDS, DEFAULT_DRAIN_SECONDS, 0, 3600),
         release_drain_seconds=_int(
             env, RELEASE_DRAIN_SECONDS, DEFAULT_RELEASE_DRAIN_SECONDS, 0, 40

@@ -24,20 +24,14 @@ import yaml
 
 import nsutil
 from meshcore import tls
+from meshcore.defaults import HBONE_PORT, INBOUND_PLAIN_PORT, OUTBOUND_PORT
 from meshcore.hbone.pool import ConnectionPool, PoolKey
 from meshcore.hbone.transport import H2Transport
 from meshcore.identity.certs import CertificateManager, WorkloadCertificate
 from meshcore.identity.spiffe import SpiffeId
 from meshcore.observability.connections import Telemetry
 from meshcore.runtime.tasks import TaskSet
-from meshcore.sockets import (
-    INBOUND_HBONE_PORT,
-    INBOUND_PLAIN_PORT,
-    OUTBOUND_PORT,
-    NetnsSocketFactory,
-    SocketFactory,
-    listener,
-)
+from meshcore.sockets import NetnsSocketFactory, SocketFactory, listener
 from meshcore.state import MeshState, Workload
 from zds.messages import WorkloadInfo
 from ztunnel.proxy.inbound import Authorizer, InboundProxy, allow_all
@@ -338,7 +332,7 @@ class PodProxy:
 
     async def _hbone_server(self, ctx: ssl.SSLContext) -> asyncio.Server:
         assert self._factory is not None and self.inbound is not None
-        sock = listener(self._factory, INBOUND_HBONE_PORT)
+        sock = listener(self._factory, HBONE_PORT)
         try:
             return await asyncio.get_running_loop().create_server(
                 self._accepted.wrap(self.inbound.protocol),

@@ -25,6 +25,7 @@ from typing import Any
 
 import structlog
 
+from meshcore.defaults import ROOT_NAMESPACE
 from meshcore.identity.certs import CertificateManager
 from meshcore.identity.spiffe import SpiffeId
 from meshcore.observability.connections import Telemetry
@@ -34,7 +35,7 @@ from meshcore.runtime.tasks import TaskSet
 from meshcore.sockets import SocketAddr
 from meshcore.state import MeshState, Workload
 from ztunnel import admin_view
-from ztunnel.config import DEFAULT_RELEASE_DRAIN_SECONDS, DEFAULT_ROOT_NAMESPACE
+from ztunnel.config import DEFAULT_RELEASE_DRAIN_SECONDS
 from ztunnel.inpod import Enrolment, PodProxy
 from ztunnel.proxy.inbound import InboundProxy
 
@@ -57,7 +58,7 @@ class NodeProxy:
         node_name: str,
         certs: CertificateManager,
         trust_domain: str,
-        root_namespace: str = DEFAULT_ROOT_NAMESPACE,
+        root_namespace: str = ROOT_NAMESPACE,
         telemetry: Telemetry | None = None,
         workload_wait: float = WORKLOAD_WAIT,
         release_drain: float = DEFAULT_RELEASE_DRAIN_SECONDS,

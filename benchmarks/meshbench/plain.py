@@ -20,11 +20,11 @@ from pathlib import Path
 import yaml
 from l4_datapath import RELAY, BenchError, _env, _wait_listening
 
-from localcluster.mesh import ADMIN_PORT, Cluster, down, process_record, tunnel_name, up
+from localcluster.mesh import Cluster, down, process_record, tunnel_name, up
 from localcluster.processes import ManagedProcess, spawn_in_netns
 from localcluster.spec import valid_cluster_name
+from meshcore.defaults import ADMIN_PORT, HBONE_PORT, TUNNEL_MARK
 from meshcore.identity.spiffe import SpiffeId
-from meshcore.sockets import INBOUND_HBONE_PORT, TUNNEL_MARK
 
 from .handshake import mint_from_ca, private_dir
 from .scenario import HBONE, Endpoint, HandshakeTarget, Running
@@ -202,7 +202,7 @@ class Ambient(_Base):
         return HandshakeTarget(
             netns=http.netns,
             host=http.host,
-            port=INBOUND_HBONE_PORT,
+            port=HBONE_PORT,
             protocol=HBONE,
             app_port=HTTP_PORT,
             server_identity=str(SpiffeId(td, MESH_NS, "server")),
@@ -211,7 +211,7 @@ class Ambient(_Base):
             server_roles=(f"tunnel-{server}",),
             origin=(
                 f"client pod netns (SO_MARK {TUNNEL_MARK:#x}, as the source tunnel's own "
-                f"sockets) -> {server}'s tunnel on the server pod's {INBOUND_HBONE_PORT}"
+                f"sockets) -> {server}'s tunnel on the server pod's {HBONE_PORT}"
             ),
         )
 

@@ -25,8 +25,8 @@ import yaml
 from localcluster import mesh
 from localcluster.processes import spawn_in_netns
 from localcluster.xds import workload_uid
+from meshcore.defaults import ADMIN_PORT, HBONE_PORT, METRICS_PORT, READINESS_PORT, TUNNEL_MARK
 from meshcore.identity.spiffe import SpiffeId
-from meshcore.sockets import INBOUND_HBONE_PORT, TUNNEL_MARK
 from redirect import capture
 from ztunnel import config as ztcfg
 
@@ -36,9 +36,6 @@ from .scenario import HBONE, Endpoint, HandshakeTarget, Running
 
 READY_TIMEOUT = 30.0
 # The tunnel's own defaults; they are per pod here, as a sidecar's are.
-READINESS_PORT = ztcfg.DEFAULT_READINESS_PORT
-ADMIN_PORT = ztcfg.DEFAULT_ADMIN_PORT
-METRICS_PORT = ztcfg.DEFAULT_METRICS_PORT
 
 
 class SidecarUpError(RuntimeError):
@@ -110,7 +107,7 @@ class SidecarScenario:
         return HandshakeTarget(
             netns=client_netns,
             host=server_ip,
-            port=INBOUND_HBONE_PORT,
+            port=HBONE_PORT,
             protocol=HBONE,
             app_port=sc.HTTP_PORT,
             server_identity=str(SpiffeId(td, sc.NAMESPACE, "server")),
@@ -119,7 +116,7 @@ class SidecarScenario:
             server_roles=("server-sidecar",),
             origin=(
                 f"client pod netns (SO_MARK {TUNNEL_MARK:#x}, as the client sidecar's own "
-                f"sockets) -> the server pod's sidecar on its {INBOUND_HBONE_PORT}"
+                f"sockets) -> the server pod's sidecar on its {HBONE_PORT}"
             ),
         )
 

@@ -23,12 +23,10 @@ from typing import Any, Protocol
 
 import structlog
 
+from meshcore.defaults import ADMIN_PORT, METRICS_PORT
 from meshcore.http1.server import NodeHttpServer, Request, Response, Routes
 from meshcore.observability.metrics import TcpMetrics
 from meshcore.observability.promtext import ProcessMetrics
-
-ADMIN_PORT = 15000
-METRICS_PORT = 15020
 
 log = structlog.get_logger(__name__)
 

@@ -32,9 +32,8 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from meshcore.defaults import ROOT_NAMESPACE
 from meshcore.state import ConfigError, RawPolicy, Workload
-
-DEFAULT_ROOT_NAMESPACE = "istio-system"
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -256,7 +255,7 @@ def _parse_port(where: Where, text: str, path: str) -> int:
 
 
 def parse_peer_authentication(
-    raw: RawPolicy, root_namespace: str = DEFAULT_ROOT_NAMESPACE
+    raw: RawPolicy, root_namespace: str = ROOT_NAMESPACE
 ) -> PeerAuthentication:
     """Parse and validate one PeerAuthentication. Raises ConfigError naming the field."""
     where = Where("PeerAuthentication", raw.key)
@@ -346,7 +345,7 @@ class PeerAuthIndex:
     """PeerAuthentications indexed by level, resolving a workload's mTLS mode."""
 
     def __init__(
-        self, policies: Iterable[PeerAuthentication], root_namespace: str = DEFAULT_ROOT_NAMESPACE
+        self, policies: Iterable[PeerAuthentication], root_namespace: str = ROOT_NAMESPACE
     ) -> None:
         self.root_namespace = root_namespace
         self.policies = tuple(sorted(policies, key=lambda p: p.key))

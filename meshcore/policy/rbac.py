@@ -56,9 +56,9 @@ from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any, Final
 
+from meshcore.defaults import ROOT_NAMESPACE
 from meshcore.identity.spiffe import SpiffeId
 from meshcore.policy.peerauth import (
-    DEFAULT_ROOT_NAMESPACE,
     Labels,
     MtlsDecision,
     MtlsMode,
@@ -808,7 +808,7 @@ def _target_refs(where: Where, body: Mapping[str, Any], path: str) -> tuple[str,
     return tuple(out)
 
 
-def parse_policy(raw: RawPolicy, root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> Policy:
+def parse_policy(raw: RawPolicy, root_namespace: str = ROOT_NAMESPACE) -> Policy:
     """Parse and validate one AuthorizationPolicy.
 
     Raises ConfigError (and nothing else) with a message naming the entry and the field.
@@ -1431,7 +1431,7 @@ class PolicyIndex:
         policies: Iterable[Policy],
         peer_authentications: Iterable[PeerAuthentication] = (),
         errors: Iterable[str] = (),
-        root_namespace: str = DEFAULT_ROOT_NAMESPACE,
+        root_namespace: str = ROOT_NAMESPACE,
     ) -> None:
         self.root_namespace = root_namespace
         self.policies: tuple[Policy, ...] = tuple(sorted(policies, key=lambda p: p.key))
@@ -1463,7 +1463,7 @@ class PolicyIndex:
         )
 
     @classmethod
-    def build(cls, state: MeshState, root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> PolicyIndex:
+    def build(cls, state: MeshState, root_namespace: str = ROOT_NAMESPACE) -> PolicyIndex:
         """Parse every AuthorizationPolicy and PeerAuthentication of `state`.
 
         A policy that does not parse is kept as a fail-closed stand-in (it denies everything

@@ -24,6 +24,7 @@ import nsutil
 from ambientctl import cli
 from localcluster import mesh
 from localcluster.xds import workload_uid
+from meshcore.defaults import ADMIN_PORT
 from redirect import probes
 from redirect.enrolment import DATAPLANE_MODE_LABEL
 from redirect.probes import ProbeConfig
@@ -78,7 +79,7 @@ def carried(c: mesh.Cluster, local: tuple[str, int], wait: float = 10.0) -> bool
 
 def open_in_tunnel(c: mesh.Cluster, node: str, local: tuple[str, int]) -> bool:
     """Whether a node's tunnel lists the connection from `local` as open (admin view)."""
-    status, body = mesh.node_http(c.layout, node, mesh.ADMIN_PORT, "/connections")
+    status, body = mesh.node_http(c.layout, node, ADMIN_PORT, "/connections")
     assert status == 200
     return f'"src": "{local[0]}:{local[1]}"' in body.decode()
 

@@ -29,7 +29,7 @@ from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 import nsutil
-from meshcore import sockets
+from meshcore import defaults, sockets
 from meshcore.sockets import NetnsSocketFactory, SocketAddr, listener, make_transparent
 from redirect import capture, ebpf, ebpf_plan
 from redirect.capture import RedirectMode
@@ -195,7 +195,7 @@ def _nothing_pending(server: socket.socket) -> bool:
 
 @pytest.mark.netns
 def test_outbound_lands_on_15001_with_original_destination(captured: Topology) -> None:
-    out = captured.tunnel_listener(sockets.OUTBOUND_PORT)
+    out = captured.tunnel_listener(defaults.OUTBOUND_PORT)
     remote = captured.remote_server()
     app = captured.pod_socket()
 
@@ -210,11 +210,11 @@ def test_outbound_lands_on_15001_with_original_destination(captured: Topology) -
 
 @pytest.mark.netns
 def test_inbound_lands_on_15006_with_original_destination(captured: Topology) -> None:
-    inbound = captured.tunnel_listener(sockets.INBOUND_PLAIN_PORT)
-    outbound = captured.tunnel_listener(sockets.OUTBOUND_PORT)
+    inbound = captured.tunnel_listener(defaults.INBOUND_PLAIN_PORT)
+    outbound = captured.tunnel_listener(defaults.OUTBOUND_PORT)
     app = captured.app_server()
 
-    for port in (APP_PORT, sockets.OUTBOUND_PORT):  # a tunnel port too: a self-call to refuse
+    for port in (APP_PORT, defaults.OUTBOUND_PORT):  # a tunnel port too: a self-call to refuse
         client = captured.client_socket()
         client.connect((POD_IP, port))
         conn, peer = inbound.accept()
@@ -228,21 +228,21 @@ def test_inbound_lands_on_15006_with_original_destination(captured: Topology) ->
 
 @pytest.mark.netns
 def test_hbone_port_reaches_15008(captured: Topology) -> None:
-    hbone = captured.tunnel_listener(sockets.INBOUND_HBONE_PORT)
-    inbound = captured.tunnel_listener(sockets.INBOUND_PLAIN_PORT)
+    hbone = captured.tunnel_listener(defaults.HBONE_PORT)
+    inbound = captured.tunnel_listener(defaults.INBOUND_PLAIN_PORT)
     client = captured.client_socket()
-    client.connect((POD_IP, sockets.INBOUND_HBONE_PORT))
+    client.connect((POD_IP, defaults.HBONE_PORT))
     conn, peer = hbone.accept()
     with conn:
         assert peer[0] == CLIENT_IP
-        assert conn.getsockname() == (POD_IP, sockets.INBOUND_HBONE_PORT)
+        assert conn.getsockname() == (POD_IP, defaults.HBONE_PORT)
         _exchange(client, conn, 1 << 16)
     assert _nothing_pending(inbound)
 
 
 @pytest.mark.netns
 def test_tunnel_marked_traffic_goes_straight_out(captured: Topology) -> None:
-    out = captured.tunnel_listener(sockets.OUTBOUND_PORT)
+    out = captured.tunnel_listener(defaults.OUTBOUND_PORT)
     remote = captured.remote_server()
     tunnel = captured.tunnel_socket()
     tunnel.connect((CLIENT_IP, REMOTE_PORT))
@@ -256,8 +256,8 @@ def test_tunnel_marked_traffic_goes_straight_out(captured: Topology) -> None:
 
 @pytest.mark.netns
 def test_loopback_inside_pod_is_untouched(captured: Topology) -> None:
-    out = captured.tunnel_listener(sockets.OUTBOUND_PORT)
-    inbound = captured.tunnel_listener(sockets.INBOUND_PLAIN_PORT)
+    out = captured.tunnel_listener(defaults.OUTBOUND_PORT)
+    inbound = captured.tunnel_listener(defaults.INBOUND_PLAIN_PORT)
     app = captured.app_server()
     for target in ("127.0.0.1", POD_IP):  # loopback, and the app calling its own pod IP
         caller = captured.pod_socket()
@@ -275,7 +275,7 @@ def test_loopback_inside_pod_is_untouched(captured: Topology) -> None:
 def test_transparent_connect_to_app_keeps_client_source(captured: Topology) -> None:
     """The tunnel's inbound leg: connect to the app from the client's own address. The app's
     replies go towards the client's network and must come back to the tunnel's socket."""
-    inbound = captured.tunnel_listener(sockets.INBOUND_PLAIN_PORT)
+    inbound = captured.tunnel_listener(defaults.INBOUND_PLAIN_PORT)
     app = captured.app_server()
     tunnel = captured.tunnel_socket()
     make_transparent(tunnel, CLIENT_IP)
@@ -290,7 +290,7 @@ def test_transparent_connect_to_app_keeps_client_source(captured: Topology) -> N
 
 @pytest.mark.netns
 def test_kubelet_probe_source_passes_untouched(captured: Topology) -> None:
-    inbound = captured.tunnel_listener(sockets.INBOUND_PLAIN_PORT)
+    inbound = captured.tunnel_listener(defaults.INBOUND_PLAIN_PORT)
     app = captured.app_server()
     probe = captured.client_socket()
     probe.bind((PROBE_IP, 0))
@@ -326,7 +326,7 @@ def test_release_keeps_captured_connections_and_lets_new_ones_go_direct(
 ) -> None:
     """`stop_redirects` (a pod leaving the mesh): a connection the capture steered to the
     tunnel keeps flowing there; a new one goes straight to its destination."""
-    out = captured.tunnel_listener(sockets.OUTBOUND_PORT)
+    out = captured.tunnel_listener(defaults.OUTBOUND_PORT)
     remote = captured.remote_server()
     app = captured.pod_socket()
     app.connect((CLIENT_IP, REMOTE_PORT))

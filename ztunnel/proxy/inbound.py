@@ -18,6 +18,7 @@ from typing import cast
 
 import structlog
 
+from meshcore.defaults import HBONE_PORT, TUNNEL_PORTS
 from meshcore.hbone.conn import Headers
 from meshcore.hbone.transport import H2Transport
 from meshcore.identity.spiffe import SpiffeId
@@ -25,13 +26,7 @@ from meshcore.observability.accesslog import ConnectionLog
 from meshcore.observability.connections import STOPPED, Telemetry, Tracked
 from meshcore.observability.metrics import ResponseFlags, TcpLabels, tcp_labels
 from meshcore.relay import AppSide, HboneSplice, TcpPipe
-from meshcore.sockets import (
-    TUNNEL_PORTS,
-    SocketAddr,
-    SocketFactory,
-    make_transparent,
-    tune_stream,
-)
+from meshcore.sockets import SocketAddr, SocketFactory, make_transparent, tune_stream
 from meshcore.state import MeshState, Workload
 from meshcore.tls import PeerVerificationError, hbone_peer, verify_client
 
@@ -253,7 +248,7 @@ class InboundProxy:
     ) -> None:
         sockname = h2.transport.get_extra_info("sockname") if h2.transport else None
         record = self._record(
-            workload, h2.peer, client, f"{sockname[0]}:15008" if sockname else None
+            workload, h2.peer, client, f"{sockname[0]}:{HBONE_PORT}" if sockname else None
         )
         record.dst = decision.target
         if decision.status != 200 or decision.target is None:

@@ -11,11 +11,12 @@ import asyncio
 import socket
 from collections.abc import Callable
 
+from meshcore.defaults import TUNNEL_PORTS
 from meshcore.observability.accesslog import ConnectionLog
 from meshcore.observability.connections import STOPPED, Telemetry, Tracked
 from meshcore.observability.metrics import ResponseFlags, TcpLabels
 from meshcore.relay import AppSide, TcpPipe
-from meshcore.sockets import TUNNEL_PORTS, SocketAddr, SocketFactory, original_dst
+from meshcore.sockets import SocketAddr, SocketFactory, original_dst
 from meshcore.state import MeshState, Workload
 from ztunnel.proxy.inbound import Authorizer, allow_all, connect_app, inbound_labels
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from meshcore.defaults import HBONE_PORT, TUNNEL_PORTS
 from meshcore.hbone.h2frames import ErrorCode
 from meshcore.hbone.pool import ConnectionPool, PoolKey
 from meshcore.hbone.transport import H2Transport
@@ -27,14 +28,7 @@ from meshcore.observability.accesslog import ConnectionLog
 from meshcore.observability.connections import STOPPED, Telemetry, Tracked
 from meshcore.observability.metrics import ResponseFlags, TcpLabels, tcp_labels
 from meshcore.relay import AppSide, HboneSplice, TcpPipe
-from meshcore.sockets import (
-    INBOUND_HBONE_PORT,
-    TUNNEL_PORTS,
-    SocketAddr,
-    SocketFactory,
-    original_dst,
-    tune_stream,
-)
+from meshcore.sockets import SocketAddr, SocketFactory, original_dst, tune_stream
 from meshcore.state import HealthStatus, MeshState, Service, TunnelProtocol, Workload
 from meshcore.tls import PeerVerificationError
 from ztunnel.proxy.inbound import LOCAL_HOP, InboundProxy
@@ -130,7 +124,7 @@ def _to_workload(w: Workload, target: SocketAddr, service: Service | None) -> Ou
         return OutboundDecision(
             Route.HBONE,
             target,
-            next_hop=SocketAddr(target.ip, INBOUND_HBONE_PORT),
+            next_hop=SocketAddr(target.ip, HBONE_PORT),
             expected_identities=frozenset({w.identity, *sans}),
             destination=w,
             service=service,

@@ -10,12 +10,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from meshcore.defaults import ROOT_NAMESPACE
 from meshcore.policy.peerauth import MtlsMode, PeerAuthentication, parse_peer_authentication
 from meshcore.policy.rbac import PolicyIndex
 from meshcore.state import ConfigError, MeshState, RawPolicy, Workload
 from tests.meshcore.policy.test_rbac import workload as rbac_workload
 
-ROOT = "istio-system"
+ROOT = ROOT_NAMESPACE
 NS = "app"
 WEB = {"app": "web"}
 

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from meshcore.defaults import ROOT_NAMESPACE
 from meshcore.identity.spiffe import SpiffeId
 from meshcore.policy.rbac import (
     Action,
@@ -31,7 +32,7 @@ from meshcore.policy.rbac import (
 )
 from meshcore.state import ConfigError, HealthStatus, MeshState, RawPolicy, TunnelProtocol, Workload
 
-ROOT = "istio-system"
+ROOT = ROOT_NAMESPACE
 NS = "app"  # the namespace of the workload under test
 
 CLIENT = SpiffeId("cluster.local", "client-ns", "client-sa")
