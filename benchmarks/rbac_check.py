@@ -34,7 +34,9 @@ from typing import Any
 
 from meshcore.defaults import ROOT_NAMESPACE
 from meshcore.identity.spiffe import SpiffeId
-from meshcore.policy.rbac import PolicyIndex, Request, Verdict, clear_parse_cache
+from meshcore.policy.index import PolicyIndex, clear_parse_cache
+from meshcore.policy.model import Request
+from meshcore.policy.verdict import Verdict
 from meshcore.state import HealthStatus, MeshState, RawPolicy, TunnelProtocol, Workload
 
 ROOT = ROOT_NAMESPACE

@@ -460,7 +460,7 @@ _POLICY_KINDS = frozenset({"AuthorizationPolicy", "PeerAuthentication"})
 
 def _parse_policy(value: Any, path: str) -> RawPolicy:
     """Either an xDS-style entry (name, namespace at the top) or an Istio resource as
-    users write it (apiVersion, kind, metadata, spec). Its meaning is `meshcore.policy.rbac`'s job;
+    users write it (apiVersion, kind, metadata, spec). Its meaning is `meshcore.policy`'s job;
     here only the name, namespace and kind are checked."""
     entry = _mapping(value, path)
     kind = "AuthorizationPolicy"

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from meshcore.policy.authz import authorize
-from meshcore.policy.rbac import PolicyIndex
+from meshcore.policy.index import PolicyIndex
 from meshcore.sockets import SocketAddr
 from meshcore.state import MeshState, Service, TunnelProtocol, Workload
 from ztunnel.proxy.outbound import OutboundDecision, Route, decide

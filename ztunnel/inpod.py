@@ -34,7 +34,8 @@ from meshcore.runtime.tasks import TaskSet
 from meshcore.sockets import NetnsSocketFactory, SocketFactory, listener
 from meshcore.state import MeshState, Workload
 from zds.messages import WorkloadInfo
-from ztunnel.proxy.inbound import Authorizer, InboundProxy, allow_all
+from ztunnel.proxy.common import Authorizer, allow_all
+from ztunnel.proxy.inbound import InboundProxy
 from ztunnel.proxy.inbound_passthrough import InboundPassthroughProxy
 from ztunnel.proxy.outbound import OutboundProxy, hbone_connect
 

@@ -30,7 +30,8 @@ from meshcore.identity.certs import CertificateManager
 from meshcore.identity.spiffe import SpiffeId
 from meshcore.observability.connections import Telemetry
 from meshcore.policy.authz import authorize
-from meshcore.policy.rbac import PolicyIndex
+from meshcore.policy.index import PolicyIndex
+from meshcore.policy.verdict import Verdict
 from meshcore.runtime.tasks import TaskSet
 from meshcore.sockets import SocketAddr
 from meshcore.state import MeshState, Workload
@@ -128,22 +129,20 @@ class NodeProxy:
 
     def authorize(
         self, workload: Workload, peer: SpiffeId | None, client: SocketAddr, target: SocketAddr
-    ) -> str | None:
-        """The proxies' authorizer: None to allow, else why not. Dry-run policies are logged
-        here, never enforced."""
-        result = authorize(self.policies, workload, peer, client.ip, target)
-        if result.verdict is not None:
-            for dry in result.verdict.dry_run:
-                log.info(
-                    "dry-run policy evaluated",
-                    policy=dry.policy,
-                    action=dry.action.value,
-                    matched=dry.matched,
-                    src=str(client),
-                    src_identity=str(peer) if peer else None,
-                    dst=str(target),
-                )
-        return None if result.allowed else result.reason
+    ) -> Verdict:
+        """The proxies' authorizer. Dry-run policies are logged here, never enforced."""
+        verdict = authorize(self.policies, workload, peer, client.ip, target)
+        for dry in verdict.dry_run:
+            log.info(
+                "dry-run policy evaluated",
+                policy=dry.policy,
+                action=dry.action.value,
+                matched=dry.matched,
+                src=str(client),
+                src_identity=str(peer) if peer else None,
+                dst=str(target),
+            )
+        return verdict
 
     def local_inbound(self, workload: Workload) -> InboundProxy | None:
         """The inbound proxy of `workload` when this tunnel serves it and is accepting for

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 if TYPE_CHECKING:
+    from meshcore.policy.verdict import Verdict
     from meshcore.state import Service, Workload
 
 log = structlog.get_logger("access")
@@ -38,6 +39,7 @@ class ConnectionLog:
         "src",
         "src_identity",
         "src_workload",
+        "verdict",
     )
 
     def __init__(
@@ -64,6 +66,8 @@ class ConnectionLog:
         self.service = service
         self.dst_workload = dst_workload
         self.dst_identity = dst_identity
+        # Inbound: the authorization verdict, so the line names the policy that decided.
+        self.verdict: Verdict | None = None
 
     def fields(self) -> dict[str, str | None]:
         """The line's connection fields (absent ones are None)."""
@@ -80,7 +84,15 @@ class ConnectionLog:
             "dst.workload": d.name if d is not None else None,
             "dst.namespace": d.namespace if d is not None else None,
             "dst.identity": _text(self.dst_identity),
+            "authorization_policy": self._policy(),
         }
+
+    def _policy(self) -> str | None:
+        """`ns/name` (and `#rule`) of the policy behind an inbound verdict, if one decided."""
+        v = self.verdict
+        if v is None or v.policy is None:
+            return None
+        return v.policy if v.rule is None else f"{v.policy}#{v.rule}"
 
     def finish(self, sent: int = 0, received: int = 0, error: str | None = None) -> None:
         if self._done:

@@ -24,6 +24,7 @@ from meshcore.observability.metrics import TcpLabels, TcpMetrics
 if TYPE_CHECKING:
     from meshcore.identity.spiffe import SpiffeId
     from meshcore.observability.accesslog import ConnectionLog
+    from meshcore.policy.verdict import Verdict
     from meshcore.sockets import SocketAddr
     from meshcore.state import Workload
 
@@ -75,8 +76,8 @@ class Tracked:
     # Whether the request direction (client -> server) is the relay's `received`: so for
     # the server end of an HBONE stream, whose `sent` goes back into the tunnel.
     request_is_received: bool = False
-    # Inbound only: the denial reason under the current policy, or None while allowed.
-    recheck: Callable[[Tracked], str | None] | None = None
+    # Inbound only: the connection's verdict under the current policy.
+    recheck: Callable[[Tracked], Verdict] | None = None
     # Set by `Telemetry.follow`: who books the end (fields, not a closure: less memory).
     telemetry: Telemetry | None = None
     record: ConnectionLog | None = None
@@ -168,16 +169,18 @@ class Telemetry:
         for entry in list(self._open):
             if entry.recheck is None or entry.relay is None:
                 continue
-            reason = entry.recheck(entry)
-            if reason is not None:
+            verdict = entry.recheck(entry)
+            if not verdict.allowed:
                 log.info(
                     "connection closed by policy change",
                     pod=f"{entry.pod.namespace}/{entry.pod.name}",
                     src=str(entry.src),
                     dst=str(entry.dst),
                     src_identity=str(entry.src_identity) if entry.src_identity else None,
-                    reason=reason,
+                    policy=verdict.policy,
+                    rule=verdict.rule,
+                    reason=verdict.reason,
                 )
-                entry.abort(f"policy now denies it: {reason}")
+                entry.abort(f"policy now denies it: {verdict.reason}")
                 closed += 1
         return closed

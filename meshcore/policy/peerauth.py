@@ -1,12 +1,6 @@
 """PeerAuthentication: which inbound connections must be mTLS. Pure: no I/O.
 
-Also home of the small parsing helpers `meshcore.policy.rbac` shares with it: the two shapes a
-policy entry comes in, workload selectors and typed access to decoded JSON.
-
-Entry shapes (see `meshcore.discovery._parse_policy`):
-- an Istio resource as users write it: `apiVersion`, `kind`, `metadata: {name, namespace,
-  annotations}`, `spec`;
-- a flat entry: `name`, `namespace` and the spec's fields at the top level.
+Entry shapes: see `meshcore.policy.resource` (the Istio resource, or a flat entry).
 
 PeerAuthentication semantics (Istio's, as istiod resolves them for ambient):
 - `spec: {selector: {matchLabels}, mtls: {mode}, portLevelMtls: {"8080": {mode}}}`; mode is
@@ -28,153 +22,14 @@ Deviations, both toward refusing plaintext (fail closed):
 from __future__ import annotations
 
 import enum
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 
 from meshcore.defaults import ROOT_NAMESPACE
+from meshcore.policy.resource import Labels, parse_selector, reader_for, selects, unwrap
+from meshcore.reader import Reader, join
 from meshcore.state import ConfigError, RawPolicy, Workload
-
-Labels = tuple[tuple[str, str], ...]
-
-# Keys of an Istio resource envelope. `status` is what the API server writes back; it is
-# accepted so that `kubectl get -o yaml` output can be used as is, and never read.
-_ENVELOPE_KEYS = frozenset({"apiVersion", "kind", "metadata", "spec", "status"})
-_DRY_RUN_ANNOTATION = "istio.io/dry-run"
-
-
-# -- shared parsing helpers ----------------------------------------------------------------------
-
-
-class Where:
-    """Names the policy being parsed, so every error says which entry and which field."""
-
-    __slots__ = ("key", "kind")
-
-    def __init__(self, kind: str, key: str) -> None:
-        self.kind = kind
-        self.key = key
-
-    def fail(self, path: str, message: str) -> NoReturn:
-        where = f"{path}: " if path else ""
-        raise ConfigError(f"{self.kind} {self.key}: {where}{message}")
-
-
-def describe(value: Any) -> str:
-    """A short description of a JSON value's type, for error messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a mapping"
-    return type(value).__name__
-
-
-def mapping(where: Where, value: Any, path: str) -> dict[str, Any]:
-    """`value` as a mapping; null counts as empty (YAML writes an empty field as null)."""
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        where.fail(path, f"expected a mapping, got {describe(value)}")
-    return value
-
-
-def items(where: Where, value: Any, path: str) -> list[Any]:
-    """`value` as a list; null counts as empty."""
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        where.fail(path, f"expected a list, got {describe(value)}")
-    return value
-
-
-def check_keys(where: Where, entry: Mapping[str, Any], allowed: Collection[str], path: str) -> None:
-    if all(k in allowed for k in entry):
-        return
-    allowed_set = frozenset(allowed)
-    unknown = sorted(k for k in entry if k not in allowed_set)
-    if unknown:
-        at = f"{path}." if path else ""
-        where.fail(
-            f"{at}{unknown[0]}",
-            f"unknown field (expected one of {', '.join(sorted(allowed_set))})",
-        )
-
-
-def join(path: str, name: str) -> str:
-    return f"{path}.{name}" if path else name
-
-
-def parse_selector(where: Where, value: Any, path: str) -> Labels:
-    """`{matchLabels: {k: v}}` as sorted pairs; () when absent or empty."""
-    sel = mapping(where, value, path)
-    check_keys(where, sel, ("matchLabels",), path)
-    labels_path = join(path, "matchLabels")
-    out: list[tuple[str, str]] = []
-    for k, v in mapping(where, sel.get("matchLabels"), labels_path).items():
-        if not k:
-            where.fail(labels_path, "a label name must not be empty")
-        if not isinstance(v, str):
-            where.fail(f"{labels_path}.{k}", f"label value must be a string, got {describe(v)}")
-        out.append((k, v))
-    return tuple(sorted(out))
-
-
-def selects(selector: Labels, labels: Mapping[str, str]) -> bool:
-    """Whether every selector label is on the workload (an empty selector selects all)."""
-    return all(labels.get(k) == v for k, v in selector)
-
-
-@dataclass(frozen=True, slots=True)
-class Envelope:
-    """One policy entry, unwrapped: its body (the spec) and where the body lives."""
-
-    resource: bool  # Istio resource form (kind/metadata/spec) rather than a flat entry
-    body: dict[str, Any]
-    body_path: str  # "spec" for resources, "" for flat entries
-    dry_run: bool | None  # from the resource's annotation; None when not given
-
-
-def decode(raw: RawPolicy, where: Where) -> Any:
-    try:
-        return raw.spec()
-    except ValueError as exc:  # a RawPolicy built by hand with broken JSON
-        where.fail("", f"entry is not valid JSON: {exc}")
-
-
-def unwrap(raw: RawPolicy, where: Where, kind: str) -> Envelope:
-    """Split an entry into its body, checking the envelope of the Istio resource form."""
-    entry = decode(raw, where)
-    if not isinstance(entry, dict):
-        where.fail("", f"expected a mapping, got {describe(entry)}")
-    if "kind" not in entry and "metadata" not in entry:
-        return Envelope(False, entry, "", None)
-    check_keys(where, entry, _ENVELOPE_KEYS, "")
-    if entry.get("kind") != kind:
-        where.fail("kind", f"expected {kind!r}, got {entry.get('kind')!r}")
-    api = entry.get("apiVersion")
-    if api is not None and (not isinstance(api, str) or not api.startswith("security.istio.io/")):
-        where.fail("apiVersion", f"expected security.istio.io/<version>, got {api!r}")
-    meta = mapping(where, entry.get("metadata"), "metadata")
-    annotations = mapping(where, meta.get("annotations"), "metadata.annotations")
-    dry_run: bool | None = None
-    if _DRY_RUN_ANNOTATION in annotations:
-        text = annotations[_DRY_RUN_ANNOTATION]
-        if not isinstance(text, str) or text.lower() not in ("true", "false"):
-            where.fail(
-                f"metadata.annotations.{_DRY_RUN_ANNOTATION}",
-                f'expected "true" or "false", got {text!r}',
-            )
-        dry_run = text.lower() == "true"
-    return Envelope(True, mapping(where, entry.get("spec"), "spec"), "spec", dry_run)
-
 
 # -- PeerAuthentication ---------------------------------------------------------------------------
 
@@ -231,9 +86,9 @@ class PeerAuthentication:
         return out
 
 
-def _parse_mode(where: Where, value: Any, path: str) -> MtlsMode:
-    body = mapping(where, value, path)
-    check_keys(where, body, ("mode",), path)
+def _parse_mode(where: Reader, value: Any, path: str) -> MtlsMode:
+    body = where.mapping(value, path)
+    where.check_keys(body, ("mode",), path)
     mode = body.get("mode")
     if mode is None:
         return MtlsMode.UNSET
@@ -245,33 +100,24 @@ def _parse_mode(where: Where, value: Any, path: str) -> MtlsMode:
     return MtlsMode[mode]
 
 
-def _parse_port(where: Where, text: str, path: str) -> int:
-    if not text.isdigit() or not text.isascii():
-        where.fail(path, f"port {text!r} is not a number")
-    port = int(text)
-    if not 1 <= port <= 65535:
-        where.fail(path, f"port {port} is not in 1..65535")
-    return port
-
-
 def parse_peer_authentication(
     raw: RawPolicy, root_namespace: str = ROOT_NAMESPACE
 ) -> PeerAuthentication:
     """Parse and validate one PeerAuthentication. Raises ConfigError naming the field."""
-    where = Where("PeerAuthentication", raw.key)
+    where = reader_for("PeerAuthentication", raw.key)
     if raw.kind != "PeerAuthentication":
         where.fail("kind", f"is a {raw.kind}, not a PeerAuthentication")
     env = unwrap(raw, where, "PeerAuthentication")
     body = env.body
-    check_keys(where, body, _PA_SPEC_KEYS if env.resource else _PA_FLAT_KEYS, env.body_path)
+    where.check_keys(body, _PA_SPEC_KEYS if env.resource else _PA_FLAT_KEYS, env.body_path)
     selector = parse_selector(where, body.get("selector"), join(env.body_path, "selector"))
     mode = _parse_mode(where, body.get("mtls"), join(env.body_path, "mtls"))
     ports_path = join(env.body_path, "portLevelMtls")
     port_modes: dict[int, MtlsMode] = {}
     raw_ports = body.get("portLevelMtls")
     if raw_ports is not None:
-        for text, value in mapping(where, raw_ports, ports_path).items():
-            port = _parse_port(where, text, f"{ports_path}.{text}")
+        for text, value in where.mapping(raw_ports, ports_path).items():
+            port = where.port(text, f"{ports_path}.{text}")
             if port in port_modes:
                 where.fail(f"{ports_path}.{text}", f"port {port} is listed twice")
             port_modes[port] = _parse_mode(where, value, f"{ports_path}.{text}")
@@ -301,7 +147,7 @@ def _salvage(raw: RawPolicy, error: str) -> PeerAuthentication:
     the selector if that part of the entry parses (else it is namespace- or mesh-wide)."""
     selector: Labels = ()
     try:
-        where = Where("PeerAuthentication", raw.key)
+        where = reader_for("PeerAuthentication", raw.key)
         env = unwrap(raw, where, "PeerAuthentication")
         selector = parse_selector(where, env.body.get("selector"), "selector")
     except ConfigError:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
@@ -24,15 +23,15 @@ from meshcore.hbone.transport import H2Transport
 from meshcore.identity.spiffe import SpiffeId
 from meshcore.observability.accesslog import ConnectionLog
 from meshcore.observability.connections import STOPPED, Telemetry, Tracked
-from meshcore.observability.metrics import ResponseFlags, TcpLabels, tcp_labels
+from meshcore.observability.metrics import ResponseFlags, TcpLabels
+from meshcore.policy.verdict import Verdict
 from meshcore.relay import AppSide, HboneSplice, TcpPipe
-from meshcore.sockets import SocketAddr, SocketFactory, make_transparent, tune_stream
+from meshcore.sockets import SocketAddr, SocketFactory
 from meshcore.state import MeshState, Workload
 from meshcore.tls import PeerVerificationError, hbone_peer, verify_client
+from ztunnel.proxy.common import Authorizer, allow_all, connect_tcp, inbound_labels
 
 log = structlog.get_logger(__name__)
-
-APP_CONNECT_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,15 +39,8 @@ class InboundDecision:
     status: int  # 200 means: connect to `target` and relay
     target: SocketAddr | None
     reason: str
-
-
-# The authorization seam: (destination workload, peer identity, client address, target)
-# -> None to allow, or the reason for a denial. L4 policy plugs in here.
-Authorizer = Callable[[Workload, SpiffeId | None, SocketAddr, SocketAddr], str | None]
-
-
-def allow_all(_w: Workload, _p: SpiffeId | None, _c: SocketAddr, _t: SocketAddr) -> str | None:
-    return None
+    # The authorization verdict, once the request got as far as being authorized.
+    verdict: Verdict | None = None
 
 
 def parse_authority(authority: str) -> SocketAddr:
@@ -83,28 +75,10 @@ def decide(
         return InboundDecision(400, target, f"target {target.ip} is not this pod ({workload.name})")
     if target.port in TUNNEL_PORTS:
         return InboundDecision(503, target, f"port {target.port} is the tunnel's own")
-    denied = authorize(workload, peer, client, target)
-    if denied is not None:
-        return InboundDecision(401, target, denied)
-    return InboundDecision(200, target, "allowed")
-
-
-async def connect_app(
-    factory: SocketFactory, target: SocketAddr, client_ip: str
-) -> tuple[asyncio.Transport, AppSide]:
-    """Connect to the app from inside its pod, as the original client when the factory
-    allows it, so the app sees the real source address."""
-    loop = asyncio.get_running_loop()
-    sock = factory.new(socket.AF_INET6 if target.ip.version == 6 else socket.AF_INET)
-    try:
-        tune_stream(sock)
-        if factory.transparent:
-            make_transparent(sock, client_ip)
-        await asyncio.wait_for(loop.sock_connect(sock, target.pair), APP_CONNECT_TIMEOUT)
-        return await loop.create_connection(AppSide, sock=sock)
-    except BaseException:
-        sock.close()
-        raise
+    verdict = authorize(workload, peer, client, target)
+    if not verdict.allowed:
+        return InboundDecision(401, target, verdict.reason, verdict)
+    return InboundDecision(200, target, "allowed", verdict)
 
 
 def _refuse(h2: H2Transport, splice: HboneSplice, status: int, reason: str) -> None:
@@ -206,7 +180,7 @@ class InboundProxy:
         counted: (None, why)."""
         assert isinstance(record.src, SocketAddr)
         try:
-            _, app = await connect_app(self._factory, target, str(record.src.ip))
+            _, app = await connect_tcp(self._factory, target, as_client=str(record.src.ip))
         except asyncio.CancelledError:
             record.finish(error=STOPPED)
             raise
@@ -219,8 +193,8 @@ class InboundProxy:
     def protocol(self) -> H2Transport:
         return _InboundH2(self)
 
-    def _recheck(self, entry: Tracked) -> str | None:
-        """An open connection under the current policy: None while still allowed."""
+    def _recheck(self, entry: Tracked) -> Verdict:
+        """An open connection under the current policy."""
         return self.authorize(self._workload(), entry.src_identity, entry.src, entry.dst)
 
     def on_request(self, h2: H2Transport, sid: int, headers: Headers) -> None:
@@ -251,6 +225,7 @@ class InboundProxy:
             workload, h2.peer, client, f"{sockname[0]}:{HBONE_PORT}" if sockname else None
         )
         record.dst = decision.target
+        record.verdict = decision.verdict
         if decision.status != 200 or decision.target is None:
             _refuse(h2, splice, decision.status, decision.reason)
             flags = ResponseFlags.DENY if decision.status == 401 else ResponseFlags.NONE
@@ -299,6 +274,7 @@ class InboundProxy:
         decision = decide(workload, headers, peer, client, self.authorize)
         record = self._record(workload, peer, client, LOCAL_HOP)
         record.dst = target
+        record.verdict = decision.verdict
         if decision.status != 200:
             flags = ResponseFlags.DENY if decision.status == 401 else ResponseFlags.NONE
             self._refused(record, decision.status, decision.reason, flags)
@@ -364,20 +340,3 @@ class LocalDelivery:
         pipe ends (however it ends)."""
         self.entry.relay = pipe
         self.proxy.telemetry.follow(self.entry, self.record, self.proxy)
-
-
-def inbound_labels(
-    source: Workload | None, workload: Workload, peer: SpiffeId | None, flags: str
-) -> TcpLabels:
-    """Metric labels as the destination reports them: the client's workload is whatever
-    owns its address (if the mesh knows it), its principal what it proved (if anything)."""
-    return tcp_labels(
-        reporter="destination",
-        source=source,
-        source_identity=peer,
-        destination=workload,
-        destination_identity=workload.identity,
-        service=None,
-        response_flags=flags,
-        mtls=peer is not None,
-    )

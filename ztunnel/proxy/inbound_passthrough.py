@@ -15,13 +15,20 @@ from meshcore.defaults import TUNNEL_PORTS
 from meshcore.observability.accesslog import ConnectionLog
 from meshcore.observability.connections import STOPPED, Telemetry, Tracked
 from meshcore.observability.metrics import ResponseFlags, TcpLabels
+from meshcore.policy.verdict import Verdict
 from meshcore.relay import AppSide, TcpPipe
 from meshcore.sockets import SocketAddr, SocketFactory, original_dst
 from meshcore.state import MeshState, Workload
-from ztunnel.proxy.inbound import Authorizer, allow_all, connect_app, inbound_labels
+from ztunnel.proxy.common import (
+    Authorizer,
+    ListenerProxy,
+    allow_all,
+    connect_tcp,
+    inbound_labels,
+)
 
 
-class InboundPassthroughProxy:
+class InboundPassthroughProxy(ListenerProxy):
     """The 15006 listener of one pod."""
 
     def __init__(
@@ -34,23 +41,14 @@ class InboundPassthroughProxy:
         telemetry: Telemetry | None = None,
         state: Callable[[], MeshState] = MeshState.empty,
     ) -> None:
+        super().__init__(tasks)
         self._workload = workload
         self._factory = factory
-        self._track = tasks
         self.authorize = authorize
         self._orig_dst = orig_dst
         self.telemetry = telemetry if telemetry is not None else Telemetry()
         self._state = state
-        self.relays: dict[TcpPipe, None] = {}  # an ordered set
-        self.stopping = False
-        self._on_accept = self._accepted  # one bound method for every accepted connection
         self.recheck = self._recheck  # one bound method, shared by every table entry
-
-    def protocol(self) -> AppSide:
-        return AppSide(on_made=self._on_accept)
-
-    def _accepted(self, app: AppSide) -> None:
-        self._track(asyncio.get_running_loop().create_task(self._handle(app)))
 
     async def _handle(self, app: AppSide) -> None:
         t = app.transport
@@ -69,14 +67,15 @@ class InboundPassthroughProxy:
             t.abort()
             record.finish(error=f"refused: {target} is not an app port of this pod")
             return
-        denied = self.authorize(workload, None, client, target)
-        if denied is not None:
+        verdict = self.authorize(workload, None, client, target)
+        record.verdict = verdict
+        if not verdict.allowed:
             t.abort()
-            record.finish(error=f"denied: {denied}")
+            record.finish(error=verdict.reason)
             self.telemetry.refused(self._labels(workload, client, ResponseFlags.DENY))
             return
         try:
-            _, upstream = await connect_app(self._factory, target, str(client.ip))
+            _, upstream = await connect_tcp(self._factory, target, as_client=str(client.ip))
         except asyncio.CancelledError:
             record.finish(error=STOPPED)
             raise
@@ -104,10 +103,5 @@ class InboundPassthroughProxy:
         source = self._state().workload_by_ip(workload.network, client.ip)
         return inbound_labels(source, workload, None, flags)
 
-    def _recheck(self, entry: Tracked) -> str | None:
+    def _recheck(self, entry: Tracked) -> Verdict:
         return self.authorize(self._workload(), None, entry.src, entry.dst)
-
-    def close(self) -> None:
-        self.stopping = True
-        for pipe in list(self.relays):
-            pipe.abort(STOPPED)

@@ -31,11 +31,11 @@ from meshcore.relay import AppSide, HboneSplice, TcpPipe
 from meshcore.sockets import SocketAddr, SocketFactory, original_dst, tune_stream
 from meshcore.state import HealthStatus, MeshState, Service, TunnelProtocol, Workload
 from meshcore.tls import PeerVerificationError
+from ztunnel.proxy.common import CONNECT_TIMEOUT, ListenerProxy, connect_tcp
 from ztunnel.proxy.inbound import LOCAL_HOP, InboundProxy
 
 log = structlog.get_logger(__name__)
 
-CONNECT_TIMEOUT = 10.0
 # Attempts for a CONNECT whose stream the server refused unprocessed (REFUSED_STREAM).
 CONNECT_ATTEMPTS = 3
 
@@ -164,21 +164,7 @@ def connect_headers(
     ]
 
 
-async def open_tcp(factory: SocketFactory, target: SocketAddr) -> tuple[asyncio.Transport, AppSide]:
-    loop = asyncio.get_running_loop()
-    family = socket.AF_INET6 if target.ip.version == 6 else socket.AF_INET
-    sock = factory.new(family)
-    try:
-        tune_stream(sock)
-        await asyncio.wait_for(loop.sock_connect(sock, target.pair), CONNECT_TIMEOUT)
-        transport, proto = await loop.create_connection(AppSide, sock=sock)
-    except BaseException:
-        sock.close()
-        raise
-    return transport, proto
-
-
-class OutboundProxy:
+class OutboundProxy(ListenerProxy):
     """The 15001 listener of one pod."""
 
     def __init__(
@@ -192,24 +178,15 @@ class OutboundProxy:
         telemetry: Telemetry | None = None,
         local: Callable[[Workload], InboundProxy | None] | None = None,
     ) -> None:
+        super().__init__(tasks)
         self._workload = workload
         self._state = state
         self._factory = factory
         self._pool = pool
-        self._track = tasks
         self._orig_dst = orig_dst
         self.telemetry = telemetry if telemetry is not None else Telemetry()
         # The inbound proxy of a destination this same tunnel serves, if any.
         self._local = local
-        self.relays: dict[TcpPipe | HboneSplice, None] = {}  # an ordered set
-        self.stopping = False
-        self._on_accept = self._accepted  # one bound method for every accepted connection
-
-    def protocol(self) -> AppSide:
-        return AppSide(on_made=self._on_accept)
-
-    def _accepted(self, app: AppSide) -> None:
-        self._track(asyncio.get_running_loop().create_task(self._handle(app)))
 
     async def _handle(self, app: AppSide) -> None:
         t = app.transport
@@ -295,7 +272,7 @@ class OutboundProxy:
         record: ConnectionLog,
     ) -> None:
         assert decision.next_hop is not None
-        _, upstream = await open_tcp(self._factory, decision.next_hop)
+        _, upstream = await connect_tcp(self._factory, decision.next_hop)
         pipe = TcpPipe(app, upstream)
         entry = self._tracked(source, client, decision, pipe)
         self._book(pipe.start, entry, record)
@@ -310,12 +287,6 @@ class OutboundProxy:
         ends. Outbound, the request direction is the app's: `sent`."""
         start()
         self.telemetry.follow(entry, record, self)
-
-    def close(self) -> None:
-        """The pod is leaving: end its open connections (logged as stopped)."""
-        self.stopping = True
-        for relay in list(self.relays):
-            relay.abort(STOPPED)
 
     async def _same_node(
         self,

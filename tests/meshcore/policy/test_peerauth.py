@@ -4,6 +4,7 @@ PolicyIndex)."""
 from __future__ import annotations
 
 import json
+from ipaddress import ip_address
 from typing import Any
 
 import pytest
@@ -11,14 +12,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meshcore.defaults import ROOT_NAMESPACE
+from meshcore.identity.spiffe import SpiffeId
+from meshcore.policy.index import PolicyIndex
+from meshcore.policy.model import Request
 from meshcore.policy.peerauth import MtlsMode, PeerAuthentication, parse_peer_authentication
-from meshcore.policy.rbac import PolicyIndex
 from meshcore.state import ConfigError, MeshState, RawPolicy, Workload
 from tests.meshcore.policy.test_rbac import workload as rbac_workload
 
 ROOT = ROOT_NAMESPACE
 NS = "app"
 WEB = {"app": "web"}
+WEB_IP = ip_address("10.1.0.1")
+CLIENT_IP = ip_address("10.0.0.5")
+CLIENT = SpiffeId("cluster.local", "client", "client")
 
 
 def workload(
@@ -92,16 +98,43 @@ PRECEDENCE: list[tuple[str, list[RawPolicy], str, str]] = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("raws", "port_8080", "port_9090"),
-    [pytest.param(r, a, b, id=i) for i, r, a, b in PRECEDENCE],
-)
+PRECEDENCE_PARAMS = [pytest.param(r, a, b, id=i) for i, r, a, b in PRECEDENCE]
+
+
+@pytest.mark.parametrize(("raws", "port_8080", "port_9090"), PRECEDENCE_PARAMS)
 def test_precedence(raws: list[RawPolicy], port_8080: str, port_9090: str):
     index = build(*raws)
     web = workload(labels=WEB)
     assert index.mtls_mode(web, 8080) is MtlsMode[port_8080]
     assert index.mtls_mode(web, 9090) is MtlsMode[port_9090]
     assert index.errors == ()
+
+
+@pytest.mark.parametrize(("raws", "port_8080", "port_9090"), PRECEDENCE_PARAMS)
+def test_the_verdict_carries_the_ports_mode(raws: list[RawPolicy], port_8080: str, port_9090: str):
+    """What `authorize` answers names the same mode `mtls_mode` resolves, port by port, and a
+    plaintext client is refused exactly where that mode is STRICT."""
+    index = build(*raws)
+    web = workload(labels=WEB)
+    for port, expected in ((8080, port_8080), (9090, port_9090)):
+        tls = index.evaluate(web, Request(CLIENT_IP, CLIENT, WEB_IP, port))
+        plain = index.evaluate(web, Request(CLIENT_IP, None, WEB_IP, port))
+        assert (tls.mtls, plain.mtls) == (MtlsMode[expected], MtlsMode[expected])
+        assert tls.allowed
+        assert plain.allowed is (expected != S)
+
+
+def test_strict_refuses_plaintext_before_a_broken_policy_is_consulted():
+    broken = RawPolicy.from_mapping(
+        "typo", NS, {"kind": "AuthorizationPolicy", "metadata": {}, "spec": {"action": "ALOW"}}
+    )
+    index = build(namespace(S), broken)
+    plain = index.evaluate(workload(), Request(CLIENT_IP, None, WEB_IP, 8080))
+    assert (plain.allowed, plain.policy, plain.mtls) == (False, "app/ns", MtlsMode.STRICT)
+    assert "requires mTLS (STRICT)" in plain.reason
+    tls = index.evaluate(workload(), Request(CLIENT_IP, CLIENT, WEB_IP, 8080))
+    assert (tls.allowed, tls.policy) == (False, "app/typo")
+    assert "invalid" in tls.reason
 
 
 def test_selector_policy_does_not_apply_to_other_workloads_or_namespaces():
@@ -202,7 +235,7 @@ MALFORMED: list[tuple[str, RawPolicy, str]] = [
     (
         "port not a number",
         pa("p", {"selector": {"matchLabels": WEB}, "portLevelMtls": {"http": {"mode": "STRICT"}}}),
-        "spec.portLevelMtls.http: port 'http' is not a number",
+        "spec.portLevelMtls.http: 'http' is not a port number",
     ),
     (
         "port zero",

@@ -15,21 +15,22 @@ from hypothesis import strategies as st
 
 from meshcore.defaults import ROOT_NAMESPACE
 from meshcore.identity.spiffe import SpiffeId
-from meshcore.policy.rbac import (
+from meshcore.policy.compile import matching_rule
+from meshcore.policy.index import PolicyIndex
+from meshcore.policy.model import (
     Action,
-    DryRunResult,
     Match,
     MatchKind,
-    MtlsMode,
     Policy,
-    PolicyIndex,
     Request,
     Rule,
     Scope,
     ServiceAccountMatch,
     StringMatch,
-    parse_policy,
 )
+from meshcore.policy.parse import parse_policy
+from meshcore.policy.peerauth import MtlsMode
+from meshcore.policy.verdict import DryRunResult
 from meshcore.state import ConfigError, HealthStatus, MeshState, RawPolicy, TunnelProtocol, Workload
 
 ROOT = ROOT_NAMESPACE
@@ -230,7 +231,7 @@ def test_field_matching(rule: dict[str, Any], expected: tuple[bool, bool, bool],
     # The reference (unindexed) matcher agrees.
     (policy,) = deny.policies
     assert policy.rules[0].matches(req) is want
-    assert policy.matching_rule(req) == (0 if want else None)
+    assert matching_rule(policy, req) == (0 if want else None)
 
 
 def test_bare_service_account_uses_the_policy_namespace():
@@ -238,7 +239,7 @@ def test_bare_service_account_uses_the_policy_namespace():
     assert policy.rules[0].clauses == (
         (Match(service_accounts=(ServiceAccountMatch("client-ns", "client-sa"),)),),
     )
-    assert policy.matching_rule(TLS) == 0
+    assert matching_rule(policy, TLS) == 0
 
 
 @pytest.mark.parametrize(
@@ -255,14 +256,14 @@ def test_bare_service_account_uses_the_policy_namespace():
 )
 def test_ip_blocks_v6_and_mapped(blocks: list[str], req: Request, expected: bool):
     policy = allow_one({"from": [{"source": {"ipBlocks": blocks}}]})
-    assert (policy.matching_rule(req) == 0) is expected
+    assert (matching_rule(policy, req) == 0) is expected
     assert policy.rules[0].matches(req) is expected
 
 
 def test_destination_ip_v6():
     policy = allow_one({"when": [{"key": "destination.ip", "values": ["fd01::/16"]}]})
-    assert policy.matching_rule(V6) == 0
-    assert policy.matching_rule(TLS) is None
+    assert matching_rule(policy, V6) == 0
+    assert matching_rule(policy, TLS) is None
 
 
 def test_ports_may_be_numbers():
@@ -305,7 +306,7 @@ def test_compiled_namespace_matcher_agrees_with_istio_notation(pattern: str, ns:
     policy = allow_one({"from": [{"source": {"namespaces": [pattern]}}]})
     req = Request(TLS.src_ip, SpiffeId("td", ns, "sa"), TLS.dst_ip, 80)
     expected = StringMatch.istio(pattern).matches(ns)
-    assert (policy.matching_rule(req) == 0) is expected
+    assert (matching_rule(policy, req) == 0) is expected
     assert (
         build(istio("p", {"rules": [policy_rule(pattern)]})).evaluate(workload(), req).allowed
     ) is expected
@@ -650,6 +651,7 @@ def test_dry_run_next_to_enforced_policies():
         "rule": 0,
         "action": "ALLOW",
         "reason": "allowed by ALLOW policy app/enforced rule 0",
+        "mtls": "PERMISSIVE",
         "dryRun": [{"policy": "app/dry", "action": "DENY", "matched": True, "rule": 0}],
     }
 
@@ -1278,7 +1280,7 @@ def test_arbitrary_specs_parse_or_raise_config_error(raw: RawPolicy):
     # Whatever parses can be dumped and evaluated.
     json.dumps(policy.to_json())
     for req in (TLS, PLAIN, V6):
-        policy.matching_rule(req)
+        matching_rule(policy, req)
     build(raw).evaluate(workload(), TLS)
 
 
@@ -1565,7 +1567,7 @@ def test_policies_are_values():
     b = parse_policy(istio("p", ALLOW_CLIENT), ROOT)
     assert a == b and hash(a) == hash(b)
     assert a.key == "app/p"
-    assert replace(a, name="q").matching_rule(TLS) == 0  # compiled again on replace
+    assert matching_rule(replace(a, name="q"), TLS) == 0  # compiled again on replace
 
 
 # -- rebuilds --------------------------------------------------------------------------------------
