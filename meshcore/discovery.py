@@ -17,21 +17,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import ipaddress
 import json
 import os
-import re
-import socket
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import structlog
 import yaml
 
 from meshcore.defaults import HBONE_PORT, TRUST_DOMAIN
 from meshcore.identity.spiffe import DEFAULT_SERVICE_ACCOUNT, IdentityError, SpiffeId
+from meshcore.reader import Reader, describe
 from meshcore.runtime.gcpause import collector_paused
 from meshcore.state import (
     ConfigError,
@@ -95,8 +93,6 @@ _SERVICE_KEYS = frozenset(
     {"name", "namespace", "hostname", "vips", "ports", "subjectAltNames", "waypoint"}
 )
 _WAYPOINT_KEYS = frozenset({"hostname", "address", "hboneMtlsPort"})
-# ASCII only: str.isdigit() accepts characters such as '²' that int() rejects.
-_DIGITS = re.compile(r"[0-9]{1,5}")
 
 # A policy entry larger than this many YAML nodes is refused: real policies are tiny, and
 # the limit stops an alias bomb before it is expanded into JSON.
@@ -181,88 +177,24 @@ class _Shared(dict[Hashable, Any]):
         return value
 
 
-def _fail(path: str, message: str) -> NoReturn:
-    raise ConfigError(f"{path}: {message}")
-
-
-def _mapping(value: Any, path: str) -> Mapping[Any, Any]:
-    if not isinstance(value, dict):
-        _fail(path, f"expected a mapping, got {_kind(value)}")
-    return value
-
-
-def _list(value: Any, path: str) -> list[Any]:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        _fail(path, f"expected a list, got {_kind(value)}")
-    return value
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    return type(value).__name__
-
-
-def _check_keys(entry: Mapping[Any, Any], allowed: frozenset[str], path: str) -> None:
-    unknown = [k for k in entry if k not in allowed]
-    if unknown:
-        names = ", ".join(repr(k) for k in unknown)
-        _fail(path, f"unknown key(s) {names}; allowed: {', '.join(sorted(allowed))}")
+# Every raw value is read through the shared strict reader: errors name the path and are
+# worded as in every other input of the mesh.
+_R = Reader(ConfigError)
+# Bound once: the parse of a large config calls these per field.
+_fail, _mapping, _items, _check_keys = _R.fail, _R.mapping, _R.items, _R.check_keys
+_name, _ip, _port, _string_map = _R.name, _R.ip, _R.port, _R.string_map
 
 
 def _str(entry: Mapping[Any, Any], key: str, path: str, default: str | None = None) -> str:
-    value = entry.get(key)
-    if value is None:
-        if default is None:
-            _fail(f"{path}.{key}", "is required")
-        return default
-    if not isinstance(value, str):
-        _fail(f"{path}.{key}", f"expected a string, got {_kind(value)} {value!r} (quote it)")
-    return value
-
-
-def _name(entry: Mapping[Any, Any], key: str, path: str, default: str | None = None) -> str:
-    """A string that is also a path segment: non-empty, no '/'."""
-    value = _str(entry, key, path, default)
-    if not value or "/" in value:
-        _fail(f"{path}.{key}", f"{value!r} must be non-empty and contain no '/'")
-    return value
+    # Optional text fields of the mesh config may be empty (the default network is "").
+    return _R.string(entry, key, path, default, empty_ok=True)
 
 
 def _uid(entry: Mapping[Any, Any], path: str) -> str:
-    value = _str(entry, "uid", path)
+    value = _R.string(entry, "uid", path)
     if not value.strip():
         _fail(f"{path}.uid", "must not be empty")
     return value
-
-
-def _port(value: Any, path: str) -> int:
-    # YAML gives `80: 8080` as ints and `"80": "8080"` as strings; both mean the same.
-    if isinstance(value, str) and _DIGITS.fullmatch(value.strip()):
-        value = int(value.strip())
-    if isinstance(value, bool) or not isinstance(value, int):
-        _fail(path, f"{value!r} is not a port number")
-    if not 1 <= value <= 65535:
-        _fail(path, f"port {value} is not in 1..65535")
-    return value
-
-
-def _ip(value: Any, path: str) -> IPAddress:
-    if not isinstance(value, str):
-        _fail(path, f"expected an IP address string, got {_kind(value)} {value!r}")
-    # Fast path for the common case: inet_pton takes exactly the dotted quads ipaddress
-    # takes (no leading zeros, no short forms) at a quarter of the cost. Anything else,
-    # IPv6 included, goes the general way, which also words the error.
-    try:
-        return ipaddress.IPv4Address(socket.inet_pton(socket.AF_INET, value))
-    except (OSError, ValueError):
-        pass
-    try:
-        return ipaddress.ip_address(value)
-    except ValueError:
-        _fail(path, f"{value!r} is not an IP address")
 
 
 def _network_address(value: Any, path: str) -> NetworkAddress:
@@ -319,7 +251,7 @@ def _waypoint(value: Any, path: str) -> GatewayAddress | None:
 
 
 def _parse_workload(value: Any, path: str, shared: _Shared) -> Workload:
-    entry = _mapping(value, path)
+    entry = _mapping(value, path, required=True)
     _check_keys(entry, _WORKLOAD_KEYS, path)
     name = _name(entry, "name", path)
     namespace = _name(entry, "namespace", path)
@@ -332,7 +264,7 @@ def _parse_workload(value: Any, path: str, shared: _Shared) -> Workload:
 
     ips_path = f"{path}.workloadIps"
     ips: list[IPAddress] = []
-    for i, raw in enumerate(_list(entry.get("workloadIps"), ips_path)):
+    for i, raw in enumerate(_items(entry.get("workloadIps"), ips_path)):
         ip = _ip(raw, f"{ips_path}[{i}]")
         if ip in ips:
             _fail(f"{ips_path}[{i}]", f"{ip} is listed twice")
@@ -379,11 +311,7 @@ def _parse_workload(value: Any, path: str, shared: _Shared) -> Workload:
 def _labels(value: Any, path: str, shared: _Shared) -> tuple[tuple[str, str], ...]:
     if value is None:
         return ()
-    out = []
-    for k, v in _mapping(value, path).items():
-        if not isinstance(k, str) or not isinstance(v, str):
-            _fail(path, f"label {k!r}: {v!r} must be a string to a string (quote it)")
-        out.append((shared[k], shared[v]))
+    out = [(shared[k], shared[v]) for k, v in _string_map(value, path).items()]
     # Pods of one ReplicaSet carry the same labels: one tuple serves them all.
     labels: tuple[tuple[str, str], ...] = shared[tuple(sorted(out))]
     return labels
@@ -391,7 +319,7 @@ def _labels(value: Any, path: str, shared: _Shared) -> tuple[tuple[str, str], ..
 
 def _policy_refs(entry: Mapping[Any, Any], path: str, shared: _Shared) -> tuple[str, ...]:
     key = "authorizationPolicies"
-    refs = _list(entry.get(key), f"{path}.{key}")
+    refs = _items(entry.get(key), f"{path}.{key}")
     for i, ref in enumerate(refs):
         if not isinstance(ref, str) or ref.count("/") != 1:
             _fail(f"{path}.{key}[{i}]", f"{ref!r} must be 'namespace/name'")
@@ -399,24 +327,22 @@ def _policy_refs(entry: Mapping[Any, Any], path: str, shared: _Shared) -> tuple[
 
 
 def _parse_service(value: Any, path: str, shared: _Shared) -> Service:
-    entry = _mapping(value, path)
+    entry = _mapping(value, path, required=True)
     _check_keys(entry, _SERVICE_KEYS, path)
     vips_path = f"{path}.vips"
     vips: list[NetworkAddress] = []
-    for i, raw in enumerate(_list(entry.get("vips"), vips_path)):
+    for i, raw in enumerate(_items(entry.get("vips"), vips_path)):
         vip = _network_address(raw, f"{vips_path}[{i}]")
         if vip in vips:
             _fail(f"{vips_path}[{i}]", f"{vip} is listed twice")
         vips.append(vip)
     sans_path = f"{path}.subjectAltNames"
     sans: list[str] = []
-    for i, raw in enumerate(_list(entry.get("subjectAltNames"), sans_path)):
+    for i, raw in enumerate(_items(entry.get("subjectAltNames"), sans_path)):
         if not isinstance(raw, str) or not raw:
             _fail(f"{sans_path}[{i}]", f"expected a non-empty string, got {raw!r}")
         sans.append(raw)
-    hostname = _str(entry, "hostname", path)
-    if not hostname or "/" in hostname:
-        _fail(f"{path}.hostname", f"{hostname!r} must be non-empty and contain no '/'")
+    hostname = _name(entry, "hostname", path)
     return Service(
         name=_name(entry, "name", path),
         namespace=shared[_name(entry, "namespace", path)],
@@ -452,7 +378,7 @@ def _plain_copy(value: Any, path: str, budget: list[int], depth: int = 0) -> Any
                 _fail(path, f"key {k!r} must be a string")
             out[k] = _plain_copy(v, f"{path}.{k}", budget, depth + 1)
         return out
-    _fail(path, f"{_kind(value)} values are not supported here; quote it")
+    _fail(path, f"{describe(value)} values are not supported here; quote it")
 
 
 _POLICY_KINDS = frozenset({"AuthorizationPolicy", "PeerAuthentication"})
@@ -462,7 +388,7 @@ def _parse_policy(value: Any, path: str) -> RawPolicy:
     """Either an xDS-style entry (name, namespace at the top) or an Istio resource as
     users write it (apiVersion, kind, metadata, spec). Its meaning is `meshcore.policy`'s job;
     here only the name, namespace and kind are checked."""
-    entry = _mapping(value, path)
+    entry = _mapping(value, path, required=True)
     kind = "AuthorizationPolicy"
     where: Mapping[Any, Any] = entry
     where_path = path
@@ -471,7 +397,7 @@ def _parse_policy(value: Any, path: str) -> RawPolicy:
         if kind not in _POLICY_KINDS:
             _fail(f"{path}.kind", f"{kind!r} is not one of {', '.join(sorted(_POLICY_KINDS))}")
         where_path = f"{path}.metadata"
-        where = _mapping(entry.get("metadata"), where_path)
+        where = _mapping(entry.get("metadata"), where_path, required=True)
     name = _name(where, "name", where_path)
     namespace = _str(where, "namespace", where_path, "")
     if "/" in namespace:
@@ -483,7 +409,7 @@ def _parse_policy(value: Any, path: str) -> RawPolicy:
 def parse_local_config(text: str) -> MeshState:
     """Parse the LOCAL_XDS document. Raises `ConfigError` (and nothing else) on bad input."""
     if not isinstance(text, str):
-        raise ConfigError(f"config must be text, got {_kind(text)}")
+        raise ConfigError(f"config must be text, got {describe(text)}")
     with collector_paused():
         return _parse_document(text)
 
@@ -492,20 +418,20 @@ def _parse_document(text: str) -> MeshState:
     doc = _load_document(text)
     if doc is None:
         return MeshState.empty()
-    top = _mapping(doc, "config")
+    top = _mapping(doc, "config", required=True)
     _check_keys(top, _TOP_KEYS, "config")
     shared = _Shared()
     workloads = [
         _parse_workload(w, f"workloads[{i}]", shared)
-        for i, w in enumerate(_list(top.get("workloads"), "workloads"))
+        for i, w in enumerate(_items(top.get("workloads"), "workloads"))
     ]
     services = [
         _parse_service(s, f"services[{i}]", shared)
-        for i, s in enumerate(_list(top.get("services"), "services"))
+        for i, s in enumerate(_items(top.get("services"), "services"))
     ]
     policies = [
         _parse_policy(p, f"policies[{i}]")
-        for i, p in enumerate(_list(top.get("policies"), "policies"))
+        for i, p in enumerate(_items(top.get("policies"), "policies"))
     ]
     return MeshState.build(workloads, services, policies)
 

@@ -97,15 +97,17 @@ class Reader:
     ) -> str:
         """`entry[key]` as a string; without a default the field is required."""
         value = entry.get(key)
-        where = join(path, key)
+        # Paths are formatted only to report an error: a large config reads many fields.
         if value is None:
             if default is None:
-                self.fail(where, "is required")
+                self.fail(join(path, key), "is required")
             return default
         if not isinstance(value, str):
-            self.fail(where, f"expected a string, got {describe(value)} {value!r} (quote it)")
+            self.fail(
+                join(path, key), f"expected a string, got {describe(value)} {value!r} (quote it)"
+            )
         if not value and not empty_ok:
-            self.fail(where, "must not be empty")
+            self.fail(join(path, key), "must not be empty")
         return value
 
     def name(
