@@ -30,7 +30,7 @@ import hashlib
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, ip_address
+from ipaddress import IPv4Address
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Protocol
@@ -38,6 +38,7 @@ from typing import Any, Protocol
 import structlog
 
 from meshcore.defaults import ROOT_NAMESPACE
+from meshcore.reader import Reader
 
 log = structlog.get_logger(__name__)
 
@@ -138,39 +139,34 @@ def wanted(view: NodeView, system_namespace: str = ROOT_NAMESPACE) -> dict[str, 
 #            "labels", "annotations", "hostNetwork", "phase"}]}
 
 
+# The pod source is read strictly, worded as every other input of the mesh.
+_R = Reader(SourceError)
+
+
 def parse_source(text: str, node: str) -> NodeView:
     """The view of `node` in a pod-source document. Raises SourceError."""
     try:
         doc = json.loads(text) if text.strip() else {}
     except ValueError as e:
         raise SourceError(f"pod source is not JSON: {e}") from None
-    if not isinstance(doc, dict):
-        raise SourceError("pod source: expected an object with `namespaces` and `pods`")
-    unknown = set(doc) - {"version", "namespaces", "pods"}
-    if unknown:
-        raise SourceError(f"pod source: unknown keys {sorted(unknown)}")
+    doc = _R.mapping(doc, "pod source", required=True)
+    _R.check_keys(doc, ("version", "namespaces", "pods"), "")
     version = doc.get("version", SOURCE_VERSION)
     if version != SOURCE_VERSION:
-        raise SourceError(f"version: {version!r} is not supported (expected {SOURCE_VERSION})")
-    raw_ns = doc.get("namespaces")
-    raw_ns = {} if raw_ns is None else raw_ns
-    if not isinstance(raw_ns, dict):
-        raise SourceError("namespaces: expected an object keyed by namespace name")
+        _R.fail("version", f"{version!r} is not supported (expected {SOURCE_VERSION})")
     namespaces: dict[str, Mapping[str, str]] = {}
-    for name, entry in raw_ns.items():
+    for name, entry in _R.mapping(doc.get("namespaces"), "namespaces").items():
         where = f"namespaces.{name}"
-        if not isinstance(entry, dict) or set(entry) - {"labels"}:
-            raise SourceError(f"{where}: expected {{labels: {{...}}}}")
-        namespaces[str(name)] = _str_map(entry.get("labels"), f"{where}.labels")
-    raw_pods = doc.get("pods")
-    raw_pods = [] if raw_pods is None else raw_pods
-    if not isinstance(raw_pods, list):
-        raise SourceError("pods: expected a list")
+        body = _R.mapping(entry, where, required=True)
+        _R.check_keys(body, ("labels",), where)
+        namespaces[str(name)] = MappingProxyType(
+            _R.string_map(body.get("labels"), f"{where}.labels")
+        )
     pods: dict[str, PodInfo] = {}
-    for i, entry in enumerate(raw_pods):
+    for i, entry in enumerate(_R.items(doc.get("pods"), "pods")):
         pod = _parse_pod(entry, f"pods[{i}]")
         if pod.uid in pods:
-            raise SourceError(f"pods[{i}].uid: {pod.uid!r} appears twice")
+            _R.fail(f"pods[{i}].uid", f"{pod.uid!r} appears twice")
         if pod.node == node:
             pods[pod.uid] = pod
     return NodeView(node, MappingProxyType(pods), MappingProxyType(namespaces))
@@ -193,69 +189,33 @@ _POD_KEYS = frozenset(
 )
 
 
-def _parse_pod(entry: Any, where: str) -> PodInfo:
-    if not isinstance(entry, dict):
-        raise SourceError(f"{where}: expected an object")
-    unknown = set(entry) - _POD_KEYS
-    if unknown:
-        raise SourceError(f"{where}: unknown keys {sorted(unknown)}")
-    uid = _req_str(entry, "uid", where)
-    name = _req_str(entry, "name", where)
-    namespace = _req_str(entry, "namespace", where)
-    node = _req_str(entry, "node", where)
-    sa = entry.get("serviceAccount", "default")
-    if not isinstance(sa, str) or not sa:
-        raise SourceError(f"{where}.serviceAccount: expected a non-empty string")
+def _parse_pod(value: Any, where: str) -> PodInfo:
+    entry = _R.mapping(value, where, required=True)
+    _R.check_keys(entry, _POD_KEYS, where)
     ip: IPv4Address | None = None
     raw_ip = entry.get("ip")
     if raw_ip not in (None, ""):
-        try:
-            parsed = ip_address(str(raw_ip))
-        except ValueError:
-            raise SourceError(f"{where}.ip: {raw_ip!r} is not an IP address") from None
+        parsed = _R.ip(raw_ip, f"{where}.ip")
         if not isinstance(parsed, IPv4Address):
-            raise SourceError(f"{where}.ip: {raw_ip!r}: only IPv4 pods are supported")
+            _R.fail(f"{where}.ip", f"{raw_ip!r}: only IPv4 pods are supported")
         ip = parsed
-    netns = entry.get("netns", "")
-    if not isinstance(netns, str):
-        raise SourceError(f"{where}.netns: expected a path string")
-    host_network = entry.get("hostNetwork", False)
-    if not isinstance(host_network, bool):
-        raise SourceError(f"{where}.hostNetwork: expected true or false")
-    phase = entry.get("phase", "Running")
-    if not isinstance(phase, str) or not phase:
-        raise SourceError(f"{where}.phase: expected a string such as Running")
     return PodInfo(
-        uid=uid,
-        name=name,
-        namespace=namespace,
-        node=node,
-        service_account=sa,
+        uid=_R.string(entry, "uid", where),
+        name=_R.string(entry, "name", where),
+        namespace=_R.string(entry, "namespace", where),
+        node=_R.string(entry, "node", where),
+        service_account=_R.string(entry, "serviceAccount", where, "default"),
         ip=ip,
-        netns=netns,
-        labels=_str_map(entry.get("labels"), f"{where}.labels"),
-        annotations=_str_map(entry.get("annotations"), f"{where}.annotations"),
-        host_network=host_network,
-        phase=phase,
+        netns=_R.string(entry, "netns", where, "", empty_ok=True),
+        labels=_labels(entry.get("labels"), f"{where}.labels"),
+        annotations=_labels(entry.get("annotations"), f"{where}.annotations"),
+        host_network=_R.boolean(entry, "hostNetwork", where, False),
+        phase=_R.string(entry, "phase", where, "Running"),
     )
 
 
-def _req_str(entry: Mapping[str, Any], key: str, where: str) -> str:
-    value = entry.get(key)
-    if not isinstance(value, str) or not value:
-        raise SourceError(f"{where}.{key}: expected a non-empty string, got {value!r}")
-    return value
-
-
-def _str_map(value: Any, where: str) -> Mapping[str, str]:
-    if value is None:
-        return _EMPTY
-    if not isinstance(value, dict):
-        raise SourceError(f"{where}: expected an object of strings")
-    for k, v in value.items():
-        if not isinstance(k, str) or not isinstance(v, str):
-            raise SourceError(f"{where}: {k!r}: {v!r} is not a string pair")
-    return MappingProxyType(dict(value))
+def _labels(value: Any, where: str) -> Mapping[str, str]:
+    return MappingProxyType(_R.string_map(value, where)) if value else _EMPTY
 
 
 def pod_doc(pod: PodInfo) -> dict[str, Any]:
