@@ -10,6 +10,7 @@ from datetime import timedelta
 
 import structlog
 
+from meshcore.admin.readiness import ReadinessServer
 from meshcore.admin.server import AdminServer, MetricsServer, process_metrics
 from meshcore.discovery import LocalConfigWatcher
 from meshcore.identity.certs import CertificateManager, LocalCAClient
@@ -19,7 +20,6 @@ from meshcore.state import ConfigError
 from ztunnel.config import Config, ConfigurationError, parse_config
 from ztunnel.inpod import FileEnrolmentSource
 from ztunnel.node import NodeProxy
-from ztunnel.readiness import ReadinessServer
 from ztunnel.zds_client import ZdsClient
 
 log = structlog.get_logger("ztunnel")

@@ -25,6 +25,7 @@ from typing import Any
 
 import structlog
 
+from meshcore.admin import views
 from meshcore.defaults import ROOT_NAMESPACE
 from meshcore.identity.certs import CertificateManager
 from meshcore.identity.spiffe import SpiffeId
@@ -35,8 +36,8 @@ from meshcore.policy.verdict import Verdict
 from meshcore.runtime.tasks import TaskSet
 from meshcore.sockets import SocketAddr
 from meshcore.state import MeshState, Workload
-from ztunnel import admin_view
 from ztunnel.config import DEFAULT_RELEASE_DRAIN_SECONDS
+from ztunnel.explain import explain
 from ztunnel.inpod import Enrolment, PodProxy
 from ztunnel.proxy.inbound import InboundProxy
 
@@ -354,15 +355,36 @@ class NodeProxy:
     # ---- AdminSource ---------------------------------------------------------------------
 
     def config_dump(self) -> dict[str, Any]:
-        return admin_view.config_dump(self)
+        pods = []
+        for uid, enrolment in sorted(self.desired.items()):
+            running = self.pods.get(uid)
+            w = self.workload_of(uid)
+            pods.append(
+                {
+                    "uid": uid,
+                    "workload": f"{w.namespace}/{w.name}" if w is not None else None,
+                    "netns": enrolment.netns,
+                    "status": running.status
+                    if running is not None
+                    else f"pending: {self.pending.get(uid, 'not reconciled yet')}",
+                    "listeners": running.listeners() if running is not None else {},
+                }
+            )
+        return {
+            "node": self.node_name,
+            **views.mesh_json(self.state, self.policies),
+            "certificates": views.certificates_json(
+                self.certs.snapshot(), (pod.identity for pod in self.pods.values())
+            ),
+            "pods": pods,
+            "openConnections": len(self.telemetry),
+        }
 
     def connections(self) -> list[dict[str, Any]]:
         return self.telemetry.connections()
 
     def explain(self, source: str, destination: str) -> dict[str, Any]:
-        return admin_view.explain(
-            self.state, self.policies, source, destination, in_process=self._in_process
-        )
+        return explain(self.state, self.policies, source, destination, in_process=self._in_process)
 
     def _in_process(self, source: Workload, destination: Workload) -> bool:
         return source.node == self.node_name and self.local_inbound(destination) is not None

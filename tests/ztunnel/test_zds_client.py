@@ -45,7 +45,6 @@ from zds.messages import (
     encode,
 )
 from zds.server import ZdsNack, ZdsServer
-from ztunnel import admin_view
 from ztunnel.config import ConfigurationError, parse_config
 from ztunnel.node import NodeProxy
 from ztunnel.zds_client import MAX_ERROR_BYTES, ZdsClient
@@ -406,7 +405,7 @@ def test_a_pod_whose_workload_is_not_known_yet_is_acked_and_pending(sock_path):
         }
         assert not node.status()["ready"]
         assert len(open_fds() - before) == 1  # the node holds the pod's netns fd
-        dump = admin_view.config_dump(node)
+        dump = node.config_dump()
         assert dump["pods"][0]["netns"].startswith("netns:[")
         await stack.agent.delete("k8s-uid-1")
         assert node.status()["pods"] == {} and node.ready
@@ -558,7 +557,7 @@ def test_a_pod_is_served_in_the_netns_the_agent_sent(sock_path, pod_netns):
         assert pod.listeners()["inbound"] == "0.0.0.0:15008"
         for port in (15001, 15006, 15008):
             assert _connects(pod_netns, port)
-        dump = admin_view.config_dump(node)
+        dump = node.config_dump()
         assert [p["status"] for p in dump["pods"]] == ["ready"]
         # Delete: listeners gone from the pod's netns, the fd closed.
         await stack.agent.delete("k8s-uid-9")

@@ -1,115 +1,22 @@
-"""What the admin port shows: the config dump and `explain`, as JSON-able data.
+"""`explain`: what would happen to a connection from this pod to that address, without
+sending anything.
 
-`explain` answers "what would happen to a connection from this pod to that address" without
-sending anything, by calling the very functions the data path calls: `outbound.decide` for
-the route (once per candidate endpoint, since the data path picks one at random) and
-`authz.authorize` for the destination tunnel's verdict.
+It calls the very functions the data path calls: `outbound.decide` for the route (once per
+candidate endpoint, since the data path picks one at random) and `authorize` for the
+destination tunnel's verdict.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from meshcore.policy.authz import authorize
 from meshcore.policy.index import PolicyIndex
 from meshcore.sockets import SocketAddr
-from meshcore.state import MeshState, Service, TunnelProtocol, Workload
+from meshcore.state import MeshState, TunnelProtocol, Workload
 from ztunnel.proxy.outbound import OutboundDecision, Route, decide
-
-if TYPE_CHECKING:
-    from ztunnel.node import NodeProxy
-
-
-def _time(dt: datetime) -> str:
-    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def workload_json(w: Workload) -> dict[str, Any]:
-    return {
-        "uid": w.uid,
-        "name": w.name,
-        "namespace": w.namespace,
-        "serviceAccount": w.service_account,
-        "identity": str(w.identity),
-        "ips": [str(ip) for ip in w.ips],
-        "network": w.network,
-        "node": w.node,
-        "protocol": "HBONE" if w.protocol is TunnelProtocol.HBONE else "TCP",
-        "status": w.status.value,
-        "canonicalName": w.canonical_name,
-        "canonicalRevision": w.canonical_revision,
-        "labels": dict(w.labels),
-        "authorizationPolicies": list(w.authorization_policies),
-        "services": {key: {str(sp): tp for sp, tp in ports} for key, ports in w.services},
-        "waypoint": w.waypoint.hostname if w.waypoint is not None else None,
-    }
-
-
-def service_json(state: MeshState, s: Service) -> dict[str, Any]:
-    return {
-        "name": s.name,
-        "namespace": s.namespace,
-        "hostname": s.hostname,
-        "vips": [f"{v.network}/{v.ip}" for v in s.vips],
-        "ports": {str(p.port): p.target_port for p in s.ports},
-        "subjectAltNames": list(s.subject_alt_names),
-        "waypoint": s.waypoint.hostname if s.waypoint is not None else None,
-        "endpoints": [w.uid for w in state.endpoints(s)],
-    }
-
-
-def config_dump(node: NodeProxy) -> dict[str, Any]:
-    state = node.state
-    now = datetime.now(UTC)
-    certs = []
-    for c in node.certs.snapshot():
-        certs.append(
-            {
-                "identity": str(c.identity),
-                "serial": f"{c.serial:x}",
-                "notBefore": _time(c.not_before),
-                "notAfter": _time(c.not_after),
-                "state": "valid" if c.not_before <= now < c.not_after else "expired",
-            }
-        )
-    held = {c["identity"] for c in certs}
-    for pod in node.pods.values():
-        if str(pod.identity) not in held:
-            held.add(str(pod.identity))
-            certs.append({"identity": str(pod.identity), "state": "pending"})
-    pods = []
-    for uid, enrolment in sorted(node.desired.items()):
-        running = node.pods.get(uid)
-        w = node.workload_of(uid)
-        pods.append(
-            {
-                "uid": uid,
-                "workload": f"{w.namespace}/{w.name}" if w is not None else None,
-                "netns": enrolment.netns,
-                "status": running.status
-                if running is not None
-                else f"pending: {node.pending.get(uid, 'not reconciled yet')}",
-                "listeners": running.listeners() if running is not None else {},
-            }
-        )
-    return {
-        "node": node.node_name,
-        "rootNamespace": node.root_namespace,
-        "workloads": [workload_json(w) for w in state.workloads],
-        "services": [service_json(state, s) for s in state.services],
-        "policies": [p.to_json() for p in node.policies.policies],
-        "peerAuthentications": node.policies.peer_authentications_json(),
-        "policyErrors": list(node.policies.errors),
-        "certificates": sorted(certs, key=lambda c: str(c["identity"])),
-        "pods": pods,
-        "openConnections": len(node.telemetry),
-    }
-
-
-# ---- explain ----------------------------------------------------------------------------
 
 
 def _find_source(state: MeshState, ref: str) -> Workload:

@@ -9,7 +9,7 @@ from typing import Any
 
 import aiohttp
 
-from ztunnel.readiness import ReadinessServer
+from meshcore.admin.readiness import ReadinessServer
 
 
 class StaticStatus:
@@ -24,7 +24,7 @@ def test_ready_is_200_and_not_ready_is_503_with_the_status_as_json():
     source = StaticStatus()
 
     async def main() -> list[tuple[int, str, Any]]:
-        server = ReadinessServer(source, 0, host="127.0.0.1")  # type: ignore[arg-type]
+        server = ReadinessServer(source, 0, host="127.0.0.1")
         await server.start()
         out = []
         try:
