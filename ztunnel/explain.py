@@ -15,7 +15,7 @@ from typing import Any
 from meshcore.policy.authz import authorize
 from meshcore.policy.index import PolicyIndex
 from meshcore.sockets import SocketAddr
-from meshcore.state import MeshState, TunnelProtocol, Workload
+from meshcore.state import HealthStatus, MeshState, TunnelProtocol, Workload
 from ztunnel.proxy.outbound import OutboundDecision, Route, decide
 
 
@@ -73,7 +73,7 @@ def _endpoint_json(
         "hbone": str(d.next_hop) if d.route is Route.HBONE else None,
         "identity": str(w.identity) if w is not None and d.route is Route.HBONE else None,
         "node": w.node if w is not None else None,
-        "healthy": w.status.value == "HEALTHY" if w is not None else None,
+        "healthy": w.status is HealthStatus.HEALTHY if w is not None else None,
         "route": d.route.name,
     }
     if d.route is Route.HBONE and w is not None:

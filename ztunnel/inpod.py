@@ -11,6 +11,7 @@ listeners, its HBONE client pool, and its open connections.
 from __future__ import annotations
 
 import asyncio
+import enum
 import hashlib
 import os
 import ssl
@@ -44,6 +45,36 @@ log = structlog.get_logger(__name__)
 
 class EnrolmentError(ValueError):
     """The enrolment file is malformed."""
+
+
+class PodState(enum.Enum):
+    """Where one enrolled pod's proxy is in its life; the values are what views show."""
+
+    STARTING = "starting"  # its certificate and listeners are on their way
+    READY = "ready"  # serving
+    DRAINING = "draining"  # listeners closed; open connections run to their end
+    STOPPING = "stopping"  # ending its connections, releasing its netns
+    STOPPED = "stopped"
+
+
+# The lifecycle, as a table: any other step is a bug, and is refused loudly.
+_NEXT: dict[PodState, frozenset[PodState]] = {
+    PodState.STARTING: frozenset({PodState.READY, PodState.DRAINING, PodState.STOPPING}),
+    PodState.READY: frozenset({PodState.DRAINING, PodState.STOPPING}),
+    # A draining tunnel may be asked to release the pod too: still draining.
+    PodState.DRAINING: frozenset({PodState.DRAINING, PodState.STOPPING}),
+    PodState.STOPPING: frozenset({PodState.STOPPED}),
+    PodState.STOPPED: frozenset(),
+}
+
+
+def lifecycle_step(current: PodState, to: PodState, pod: str) -> PodState:
+    """`to`, if the lifecycle allows going there from `current`; else a RuntimeError."""
+    if to not in _NEXT[current]:
+        raise RuntimeError(
+            f"pod {pod}: {current.value} -> {to.value} is not a step of the pod lifecycle"
+        )
+    return to
 
 
 class NetnsFd:
@@ -253,7 +284,7 @@ class PodProxy:
         self.inbound: InboundProxy | None = None
         self.outbound: OutboundProxy | None = None
         self.passthrough: InboundPassthroughProxy | None = None
-        self.status = "starting"
+        self.state = PodState.STARTING
         self._unsubscribe: Callable[[], None] | None = None
         self._accepted = _Accepted()
 
@@ -329,7 +360,10 @@ class PodProxy:
                 s.close()
             raise
         self.hbone_server = await self._hbone_server(self.server_ctx)
-        self.status = "ready"
+        self._move(PodState.READY)
+
+    def _move(self, to: PodState) -> None:
+        self.state = lifecycle_step(self.state, to, self.workload.name)
 
     async def _hbone_server(self, ctx: ssl.SSLContext) -> asyncio.Server:
         assert self._factory is not None and self.inbound is not None
@@ -380,7 +414,7 @@ class PodProxy:
         """Drain, step one: close the listeners (connections still queued on them move to
         another tunnel's listener in the same SO_REUSEPORT group) and send GOAWAY on the
         HBONE connections. Connections already accepted keep running."""
-        self.status = "draining"
+        self._move(PodState.DRAINING)
         for server in self.servers:
             server.close()
         if self.hbone_server is not None:
@@ -398,7 +432,9 @@ class PodProxy:
         )
 
     async def stop(self) -> None:
-        self.status = "stopping"
+        if self.state in (PodState.STOPPING, PodState.STOPPED):
+            return  # stopping twice is stopping once
+        self._move(PodState.STOPPING)
         if self._unsubscribe is not None:
             self._unsubscribe()
         for server in self.servers:
@@ -417,7 +453,7 @@ class PodProxy:
         self._accepted.abort_all()
         if isinstance(self._factory, NetnsSocketFactory):
             self._factory.close()
-        self.status = "stopped"
+        self._move(PodState.STOPPED)
 
 
 def _hand_over_queued_connections(netns_fd: int, pod: str) -> None:

@@ -38,7 +38,7 @@ from meshcore.sockets import SocketAddr
 from meshcore.state import MeshState, Workload
 from ztunnel.config import DEFAULT_RELEASE_DRAIN_SECONDS
 from ztunnel.explain import explain
-from ztunnel.inpod import Enrolment, PodProxy
+from ztunnel.inpod import Enrolment, PodProxy, PodState
 from ztunnel.proxy.inbound import InboundProxy
 
 log = structlog.get_logger(__name__)
@@ -154,7 +154,7 @@ class NodeProxy:
         if index is None:
             index = self._by_workload = {p.workload.uid: p for p in self.pods.values()}
         pod = index.get(workload.uid)
-        if pod is None or pod.status != "ready":
+        if pod is None or pod.state is not PodState.READY:
             return None  # draining or stopping: as for HBONE, new connections go elsewhere
         return pod.inbound
 
@@ -343,7 +343,7 @@ class NodeProxy:
         )
 
     def status(self) -> dict[str, Any]:
-        pods: dict[str, str] = {uid: p.status for uid, p in self.pods.items()}
+        pods: dict[str, str] = {uid: p.state.value for uid, p in self.pods.items()}
         pods.update({uid: f"pending: {why}" for uid, why in self.pending.items()})
         for uid in self.desired:
             pods.setdefault(uid, "pending: not reconciled yet")
@@ -364,7 +364,7 @@ class NodeProxy:
                     "uid": uid,
                     "workload": f"{w.namespace}/{w.name}" if w is not None else None,
                     "netns": enrolment.netns,
-                    "status": running.status
+                    "status": running.state.value
                     if running is not None
                     else f"pending: {self.pending.get(uid, 'not reconciled yet')}",
                     "listeners": running.listeners() if running is not None else {},

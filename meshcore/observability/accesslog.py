@@ -10,6 +10,7 @@ preformatted strings would cost more than the connection's own state.
 
 from __future__ import annotations
 
+import enum
 import time
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,15 @@ if TYPE_CHECKING:
     from meshcore.state import Service, Workload
 
 log = structlog.get_logger("access")
+
+
+class Direction(enum.Enum):
+    """Which way a proxied connection goes, as the access log and the table say it."""
+
+    OUTBOUND = "outbound"  # from an enrolled pod's app, captured on 15001
+    INBOUND = "inbound"  # into an enrolled pod: HBONE on 15008, in process, or plaintext
+    # The connection table tells plaintext clients (15006) apart from mesh ones.
+    INBOUND_PLAINTEXT = "inbound_plaintext"
 
 
 def _text(value: object) -> str | None:
@@ -44,7 +54,7 @@ class ConnectionLog:
 
     def __init__(
         self,
-        direction: str,
+        direction: Direction,
         *,
         src: object = None,
         src_workload: Workload | None = None,
@@ -73,7 +83,7 @@ class ConnectionLog:
         """The line's connection fields (absent ones are None)."""
         s, d = self.src_workload, self.dst_workload
         return {
-            "direction": self.direction,
+            "direction": self.direction.value,
             "src.addr": _text(self.src),
             "src.workload": s.name if s is not None else None,
             "src.namespace": s.namespace if s is not None else None,

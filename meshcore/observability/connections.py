@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
+from meshcore.observability.accesslog import Direction
 from meshcore.observability.metrics import TcpLabels, TcpMetrics
 
 if TYPE_CHECKING:
@@ -63,7 +64,7 @@ class Tracked:
     """One open connection. It holds references and renders its strings only when shown:
     a tunnel keeps one per open connection."""
 
-    direction: str  # outbound | inbound | inbound_plaintext | passthrough
+    direction: Direction
     pod: Workload  # the enrolled pod the connection belongs to
     src: SocketAddr
     dst: SocketAddr
@@ -107,7 +108,7 @@ class Tracked:
     def to_json(self) -> dict[str, Any]:
         request, response = self.counts()
         return {
-            "direction": self.direction,
+            "direction": self.direction.value,
             "pod": f"{self.pod.namespace}/{self.pod.name}",
             "src": str(self.src),
             "dst": str(self.dst),

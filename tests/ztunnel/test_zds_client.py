@@ -46,6 +46,7 @@ from zds.messages import (
 )
 from zds.server import ZdsNack, ZdsServer
 from ztunnel.config import ConfigurationError, parse_config
+from ztunnel.inpod import PodState
 from ztunnel.node import NodeProxy
 from ztunnel.zds_client import MAX_ERROR_BYTES, ZdsClient
 
@@ -552,7 +553,7 @@ def test_a_pod_is_served_in_the_netns_the_agent_sent(sock_path, pod_netns):
         node.on_state(mesh(("cluster//Pod/default/late", "late"), ("c//Pod/default/web", "web")))
         await until(lambda: "k8s-uid-9" in node.pods, "the pod to start")
         pod = node.pods["k8s-uid-9"]
-        assert pod.status == "ready" and str(pod.identity).endswith("/ns/default/sa/web")
+        assert pod.state is PodState.READY and str(pod.identity).endswith("/ns/default/sa/web")
         assert node.ready and node.status()["pods"] == {"k8s-uid-9": "ready"}
         assert pod.listeners()["inbound"] == "0.0.0.0:15008"
         for port in (15001, 15006, 15008):

@@ -21,7 +21,7 @@ from meshcore.defaults import HBONE_PORT, TUNNEL_PORTS
 from meshcore.hbone.conn import Headers
 from meshcore.hbone.transport import H2Transport
 from meshcore.identity.spiffe import SpiffeId
-from meshcore.observability.accesslog import ConnectionLog
+from meshcore.observability.accesslog import ConnectionLog, Direction
 from meshcore.observability.connections import STOPPED, Telemetry, Tracked
 from meshcore.observability.metrics import ResponseFlags, TcpLabels
 from meshcore.policy.verdict import Verdict
@@ -149,7 +149,7 @@ class InboundProxy:
         """The access-log line of one inbound connection (HBONE or in process). The client's
         workload is whatever owns its address, if the mesh knows it."""
         return ConnectionLog(
-            "inbound",
+            Direction.INBOUND,
             src=client,
             src_workload=self._state().workload_by_ip(workload.network, client.ip),
             src_identity=peer,
@@ -242,7 +242,7 @@ class InboundProxy:
             record.finish(error="client went away before the app answered")
             return
         entry = Tracked(
-            "inbound",
+            Direction.INBOUND,
             workload,
             client,
             target,
@@ -324,7 +324,7 @@ class LocalDelivery:
         self.record = record
         self.app = app
         self.entry = Tracked(
-            "inbound",
+            Direction.INBOUND,
             workload,
             client,
             target,

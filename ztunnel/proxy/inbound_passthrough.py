@@ -12,7 +12,7 @@ import socket
 from collections.abc import Callable
 
 from meshcore.defaults import TUNNEL_PORTS
-from meshcore.observability.accesslog import ConnectionLog
+from meshcore.observability.accesslog import ConnectionLog, Direction
 from meshcore.observability.connections import STOPPED, Telemetry, Tracked
 from meshcore.observability.metrics import ResponseFlags, TcpLabels
 from meshcore.policy.verdict import Verdict
@@ -55,7 +55,7 @@ class InboundPassthroughProxy(ListenerProxy):
         assert t is not None
         workload = self._workload()
         client = SocketAddr.of(t.get_extra_info("peername"))
-        record = ConnectionLog("inbound", src=client, dst_workload=workload)
+        record = ConnectionLog(Direction.INBOUND, src=client, dst_workload=workload)
         try:
             target = self._orig_dst(t.get_extra_info("socket"))
         except OSError as e:
@@ -86,7 +86,7 @@ class InboundPassthroughProxy(ListenerProxy):
             return
         pipe = TcpPipe(app, upstream)
         entry = Tracked(
-            "inbound_plaintext",
+            Direction.INBOUND_PLAINTEXT,
             workload,
             client,
             target,

@@ -24,7 +24,7 @@ from meshcore.hbone.h2frames import ErrorCode
 from meshcore.hbone.pool import ConnectionPool, PoolKey
 from meshcore.hbone.transport import H2Transport
 from meshcore.identity.spiffe import SpiffeId
-from meshcore.observability.accesslog import ConnectionLog
+from meshcore.observability.accesslog import ConnectionLog, Direction
 from meshcore.observability.connections import STOPPED, Telemetry, Tracked
 from meshcore.observability.metrics import ResponseFlags, TcpLabels, tcp_labels
 from meshcore.relay import AppSide, HboneSplice, TcpPipe
@@ -195,7 +195,7 @@ class OutboundProxy(ListenerProxy):
         client = SocketAddr.of(t.get_extra_info("peername"))
         sock = t.get_extra_info("socket")
         record = ConnectionLog(
-            "outbound", src=client, src_workload=source, src_identity=source.identity
+            Direction.OUTBOUND, src=client, src_workload=source, src_identity=source.identity
         )
         try:
             dst = self._orig_dst(sock)
@@ -248,7 +248,7 @@ class OutboundProxy(ListenerProxy):
         hbone = decision.route is Route.HBONE
         assert decision.target is not None
         return Tracked(
-            "outbound",
+            Direction.OUTBOUND,
             source,
             client,
             decision.target,
