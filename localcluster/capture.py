@@ -10,7 +10,7 @@ from pathlib import Path
 import nsutil
 
 
-class CaptureError(RuntimeError):
+class PacketCaptureError(RuntimeError):
     pass
 
 
@@ -54,7 +54,9 @@ class Capture:
                 break
         if b"listening on" not in line:
             self.stop()
-            raise CaptureError(f"tcpdump did not start on {iface}: {line.decode(errors='replace')}")
+            raise PacketCaptureError(
+                f"tcpdump did not start on {iface}: {line.decode(errors='replace')}"
+            )
 
     def stop(self) -> None:
         if self._proc.poll() is None:

@@ -2,7 +2,7 @@
 
 `parse_local_config` is a pure function from the text of the file (YAML, or JSON, which is
 parsed much faster) to a `MeshState`. It is
-strict: unknown keys, wrong types, bad IPs and out-of-range ports are `ConfigError`s naming
+strict: unknown keys, wrong types, bad IPs and out-of-range ports are `MeshConfigError`s naming
 the path of the bad value (`workloads[3].workloadIps[0]: ...`); no other exception escapes,
 whatever the input. YAML aliases are resolved, but policy entries are copied with a size
 budget so a small aliased file cannot expand into gigabytes.
@@ -32,10 +32,10 @@ from meshcore.identity.spiffe import DEFAULT_SERVICE_ACCOUNT, IdentityError, Spi
 from meshcore.reader import Reader, describe
 from meshcore.runtime.gcpause import collector_paused
 from meshcore.state import (
-    ConfigError,
     GatewayAddress,
     HealthStatus,
     IPAddress,
+    MeshConfigError,
     MeshState,
     NetworkAddress,
     RawPolicy,
@@ -46,7 +46,7 @@ from meshcore.state import (
     Workload,
 )
 
-__all__ = ["ConfigError", "LocalConfigWatcher", "parse_local_config"]
+__all__ = ["LocalConfigWatcher", "MeshConfigError", "parse_local_config"]
 
 log = structlog.get_logger(__name__)
 
@@ -134,7 +134,7 @@ def _no_duplicate_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise ConfigError(f"not valid JSON: found duplicate key {key!r}")
+            raise MeshConfigError(f"not valid JSON: found duplicate key {key!r}")
         out[key] = value
     return out
 
@@ -149,15 +149,15 @@ def _load_document(text: str) -> Any:
         except json.JSONDecodeError:
             pass
         except RecursionError as exc:
-            raise ConfigError("not valid JSON: nested too deeply") from exc
+            raise MeshConfigError("not valid JSON: nested too deeply") from exc
     try:
         return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: no arbitrary objects
     except yaml.YAMLError as exc:
-        raise ConfigError(f"not valid YAML: {exc}") from exc
+        raise MeshConfigError(f"not valid YAML: {exc}") from exc
     except (ValueError, TypeError, OverflowError, RecursionError, MemoryError) as exc:
         # PyYAML's constructors raise these for things like a timestamp with month 13 or a
         # deeply nested document; all of them mean the same thing to the operator.
-        raise ConfigError(f"not valid YAML: {type(exc).__name__}: {exc}") from exc
+        raise MeshConfigError(f"not valid YAML: {type(exc).__name__}: {exc}") from exc
 
 
 # -- field helpers ----------------------------------------------------------------------------
@@ -179,7 +179,7 @@ class _Shared(dict[Hashable, Any]):
 
 # Every raw value is read through the shared strict reader: errors name the path and are
 # worded as in every other input of the mesh.
-_R = Reader(ConfigError)
+_R = Reader(MeshConfigError)
 # Bound once: the parse of a large config calls these per field.
 _fail, _mapping, _items, _check_keys = _R.fail, _R.mapping, _R.items, _R.check_keys
 _name, _ip, _port, _string_map = _R.name, _R.ip, _R.port, _R.string_map
@@ -407,9 +407,9 @@ def _parse_policy(value: Any, path: str) -> RawPolicy:
 
 
 def parse_local_config(text: str) -> MeshState:
-    """Parse the LOCAL_XDS document. Raises `ConfigError` (and nothing else) on bad input."""
+    """Parse the LOCAL_XDS document. Raises `MeshConfigError` (and nothing else) on bad input."""
     if not isinstance(text, str):
-        raise ConfigError(f"config must be text, got {describe(text)}")
+        raise MeshConfigError(f"config must be text, got {describe(text)}")
     with collector_paused():
         return _parse_document(text)
 
@@ -452,7 +452,7 @@ class _FileStamp:
         return cls(st.st_mtime_ns, st.st_size, st.st_ino)
 
 
-def _read_and_parse(path: Path) -> tuple[_FileStamp, str, MeshState | ConfigError]:
+def _read_and_parse(path: Path) -> tuple[_FileStamp, str, MeshState | MeshConfigError]:
     """Read the file once (stat from the same open fd) and parse it; runs in a worker thread."""
     with path.open("rb") as f:
         stamp = _FileStamp.of(os.fstat(f.fileno()))
@@ -461,17 +461,17 @@ def _read_and_parse(path: Path) -> tuple[_FileStamp, str, MeshState | ConfigErro
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        return stamp, digest, ConfigError(f"{path}: not UTF-8 text: {exc}")
+        return stamp, digest, MeshConfigError(f"{path}: not UTF-8 text: {exc}")
     try:
         return stamp, digest, parse_local_config(text)
-    except ConfigError as exc:
-        return stamp, digest, ConfigError(f"{path}: {exc}")
+    except MeshConfigError as exc:
+        return stamp, digest, MeshConfigError(f"{path}: {exc}")
 
 
 class LocalConfigWatcher:
     """Polls a LOCAL_XDS file and calls `on_update` with every new valid `MeshState`.
 
-    `start()` loads the file (a missing or invalid file is a `ConfigError` then, since there
+    `start()` loads the file (a missing or invalid file is a `MeshConfigError` then, since there
     is no good state to fall back on), calls `on_update` with that first state, and starts
     polling. Later, a change is detected by (mtime_ns, size, inode) and confirmed by a
     SHA-256 of the content, so `touch` alone never triggers an update. A bad edit logs
@@ -511,11 +511,11 @@ class LocalConfigWatcher:
         try:
             stamp, digest, result = await asyncio.to_thread(_read_and_parse, self._path)
         except OSError as exc:
-            raise ConfigError(
+            raise MeshConfigError(
                 f"cannot read local config {self._path}: {exc.strerror or exc}; "
                 "check LOCAL_XDS_PATH"
             ) from exc
-        if isinstance(result, ConfigError):
+        if isinstance(result, MeshConfigError):
             raise result
         self._stamp, self._seen_digest, self._good_digest = stamp, digest, digest
         self._current = result
@@ -564,7 +564,7 @@ class LocalConfigWatcher:
         if digest == self._seen_digest:
             return False  # touched or rewritten with the same bytes
         self._seen_digest = digest
-        if isinstance(result, ConfigError):
+        if isinstance(result, MeshConfigError):
             log.error("config_rejected", path=str(self._path), error=str(result))
             return False
         if digest == self._good_digest:

@@ -3,7 +3,7 @@
 Domain types here are frozen values built once at the edge (see `meshcore.discovery`); nothing
 inside them is a raw dict, so a snapshot can be shared between tasks without copying.
 
-Invariants of a `MeshState` (checked by `MeshState.build`, which raises `ConfigError`):
+Invariants of a `MeshState` (checked by `MeshState.build`, which raises `MeshConfigError`):
 - workload uids are unique; no two workloads claim the same (network, IP);
 - service keys ("namespace/hostname") are unique, hostnames are unique, and no two services
   claim the same (network, VIP);
@@ -29,7 +29,7 @@ from meshcore.identity.spiffe import SpiffeId
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-class ConfigError(ValueError):
+class MeshConfigError(ValueError):
     """Mesh configuration that cannot be used; the message names the offending entry."""
 
 
@@ -48,7 +48,7 @@ class HealthStatus(enum.Enum):
 def _check_port(port: int, what: str) -> None:
     # bool is an int subclass; True as a port is always a typo in config.
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        raise ConfigError(f"{what}: port {port!r} is not in 1..65535")
+        raise MeshConfigError(f"{what}: port {port!r} is not in 1..65535")
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -75,9 +75,9 @@ class GatewayAddress:
 
     def __post_init__(self) -> None:
         if (self.hostname is None) == (self.address is None):
-            raise ConfigError("a waypoint needs exactly one of a hostname or an address")
+            raise MeshConfigError("a waypoint needs exactly one of a hostname or an address")
         if self.hostname is not None and self.hostname.count("/") != 1:
-            raise ConfigError(
+            raise MeshConfigError(
                 f"waypoint hostname {self.hostname!r} must be of the form 'namespace/hostname'"
             )
         _check_port(self.hbone_port, "waypoint hboneMtlsPort")
@@ -213,7 +213,9 @@ class RawPolicy:
         try:
             text = json.dumps(entry, sort_keys=True, separators=(",", ":"), allow_nan=False)
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"policy {namespace}/{name} is not plain JSON data: {exc}") from exc
+            raise MeshConfigError(
+                f"policy {namespace}/{name} is not plain JSON data: {exc}"
+            ) from exc
         return cls(name, namespace, text, kind)
 
 
@@ -263,12 +265,12 @@ class MeshState:
         endpoints: dict[str, list[Workload]] = {}
         for w in wls:
             if w.uid in by_uid:
-                raise ConfigError(f"two workloads have uid {w.uid!r}")
+                raise MeshConfigError(f"two workloads have uid {w.uid!r}")
             by_uid[w.uid] = w
             for ip in w.ips:
                 other = by_addr.setdefault(w.network, {}).setdefault(ip, w)
                 if other is not w:
-                    raise ConfigError(
+                    raise MeshConfigError(
                         f"workloads {other.uid!r} and {w.uid!r} both claim IP {ip} "
                         f"on network {w.network!r}"
                     )
@@ -282,17 +284,17 @@ class MeshState:
         svc_by_key: dict[str, Service] = {}
         for s in svcs:
             if s.key in svc_by_key:
-                raise ConfigError(f"two services have the key {s.key!r}")
+                raise MeshConfigError(f"two services have the key {s.key!r}")
             svc_by_key[s.key] = s
             other_svc = svc_by_hostname.setdefault(s.hostname, s)
             if other_svc is not s:
-                raise ConfigError(
+                raise MeshConfigError(
                     f"services {other_svc.key!r} and {s.key!r} both use hostname {s.hostname!r}"
                 )
             for vip in s.vips:
                 other_svc = svc_by_vip.setdefault(vip.network, {}).setdefault(vip.ip, s)
                 if other_svc is not s:
-                    raise ConfigError(
+                    raise MeshConfigError(
                         f"services {other_svc.key!r} and {s.key!r} both claim VIP {vip.ip} "
                         f"on network {vip.network!r}"
                     )
@@ -302,7 +304,7 @@ class MeshState:
         seen: set[tuple[str, str]] = set()
         for p in pols:
             if (p.kind, p.key) in seen:
-                raise ConfigError(f"two {p.kind} entries have the key {p.key!r}")
+                raise MeshConfigError(f"two {p.kind} entries have the key {p.key!r}")
             seen.add((p.kind, p.key))
             if p.kind == "AuthorizationPolicy":
                 policy_by_key[p.key] = p

@@ -16,8 +16,8 @@ from meshcore.discovery import LocalConfigWatcher
 from meshcore.identity.certs import CertificateManager, LocalCAClient
 from meshcore.observability import logging as ztlog
 from meshcore.runtime import malloc
-from meshcore.state import ConfigError
-from ztunnel.config import Config, ConfigurationError, parse_config
+from meshcore.state import MeshConfigError
+from ztunnel.config import Config, EnvConfigError, parse_config
 from ztunnel.inpod import FileEnrolmentSource
 from ztunnel.node import NodeProxy
 from ztunnel.zds_client import ZdsClient
@@ -56,7 +56,7 @@ async def run(cfg: Config) -> None:
     # Admin answers only on loopback of the tunnel's own netns; metrics are for scrapers.
     admin = AdminServer(node, cfg.admin_port, host="127.0.0.1")
     await admin.start()
-    metrics = MetricsServer(node.telemetry.metrics, process_metrics(), cfg.metrics_port)
+    metrics = MetricsServer(node.connection_table.metrics, process_metrics(), cfg.metrics_port)
     await metrics.start()
     log.info("ztunnel started", node=cfg.node_name, pid=os.getpid())
     trimmer = asyncio.ensure_future(_trim_when_idle(node))
@@ -90,7 +90,7 @@ async def _trim_when_idle(node: NodeProxy, interval: float = TRIM_CHECK_SECONDS)
     idle = malloc.IdleTrim()
     while True:
         await asyncio.sleep(interval)
-        t = node.telemetry
+        t = node.connection_table
         if idle.check(t.opened_total, t.closed_total):
             malloc.trim()
 
@@ -98,7 +98,7 @@ async def _trim_when_idle(node: NodeProxy, interval: float = TRIM_CHECK_SECONDS)
 def main() -> int:
     try:
         cfg = parse_config(os.environ)
-    except ConfigurationError as e:
+    except EnvConfigError as e:
         print(f"ztunnel: {e}", file=sys.stderr)
         return 2
     ztlog.configure(cfg.log_level)
@@ -110,7 +110,7 @@ def main() -> int:
         pass
     try:
         asyncio.run(run(cfg))
-    except (ConfigError, OSError) as e:
+    except (MeshConfigError, OSError) as e:
         log.error("ztunnel failed", error=str(e))
         return 1
     return 0

@@ -39,7 +39,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_UNIX_PATH = 107  # sun_path holds 108 bytes, the last one a NUL
 
 
-class ConfigurationError(ValueError):
+class EnvConfigError(ValueError):
     """The environment does not describe a runnable tunnel; the message names the variable."""
 
 
@@ -70,7 +70,7 @@ class Config:
 def _required(env: Mapping[str, str], name: str) -> str:
     value = env.get(name, "").strip()
     if not value:
-        raise ConfigurationError(f"{name} must be set")
+        raise EnvConfigError(f"{name} must be set")
     return value
 
 
@@ -81,9 +81,9 @@ def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -
     try:
         value = int(raw)
     except ValueError:
-        raise ConfigurationError(f"{name}={raw!r} is not an integer") from None
+        raise EnvConfigError(f"{name}={raw!r} is not an integer") from None
     if not low <= value <= high:
-        raise ConfigurationError(f"{name}={value} is outside {low}..{high}")
+        raise EnvConfigError(f"{name}={value} is outside {low}..{high}")
     return value
 
 
@@ -95,7 +95,7 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
         return True
     if raw in ("0", "false", "no", "off"):
         return False
-    raise ConfigurationError(f"{name}={raw!r} is not a boolean (true or false)")
+    raise EnvConfigError(f"{name}={raw!r} is not a boolean (true or false)")
 
 
 def _enrolment(env: Mapping[str, str]) -> tuple[Path | None, Path | None]:
@@ -104,13 +104,13 @@ def _enrolment(env: Mapping[str, str]) -> tuple[Path | None, Path | None]:
     file = env.get(ENROLMENT_PATH, "").strip()
     if zds and file:
         # Refused rather than silently preferring one: either could be the intended source.
-        raise ConfigurationError(f"set either {ZDS_SOCKET} or {ENROLMENT_PATH}, not both")
+        raise EnvConfigError(f"set either {ZDS_SOCKET} or {ENROLMENT_PATH}, not both")
     if not zds and not file:
-        raise ConfigurationError(f"{ZDS_SOCKET} or {ENROLMENT_PATH} must be set")
+        raise EnvConfigError(f"{ZDS_SOCKET} or {ENROLMENT_PATH} must be set")
     if file:
         return Path(file), None
     if len(os.fsencode(zds)) > MAX_UNIX_PATH:
-        raise ConfigurationError(
+        raise EnvConfigError(
             f"{ZDS_SOCKET}={zds!r} is longer than a unix socket path may be ({MAX_UNIX_PATH} bytes)"
         )
     return None, Path(zds)
@@ -119,7 +119,7 @@ def _enrolment(env: Mapping[str, str]) -> tuple[Path | None, Path | None]:
 def parse_config(env: Mapping[str, str]) -> Config:
     level = env.get(LOG_LEVEL, "info").lower()
     if level not in LOG_LEVELS:
-        raise ConfigurationError(f"{LOG_LEVEL}={level!r} is not one of {', '.join(LOG_LEVELS)}")
+        raise EnvConfigError(f"{LOG_LEVEL}={level!r} is not one of {', '.join(LOG_LEVELS)}")
     enrolment_path, zds_socket = _enrolment(env)
     return Config(
         node_name=_required(env, NODE_NAME),

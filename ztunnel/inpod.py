@@ -30,7 +30,7 @@ from meshcore.hbone.pool import ConnectionPool, PoolKey
 from meshcore.hbone.transport import H2Transport
 from meshcore.identity.certs import CertificateManager, WorkloadCertificate
 from meshcore.identity.spiffe import SpiffeId
-from meshcore.observability.connections import Telemetry
+from meshcore.observability.connections import ConnectionTable
 from meshcore.runtime.tasks import TaskSet
 from meshcore.sockets import NetnsSocketFactory, SocketFactory, listener
 from meshcore.state import MeshState, Workload
@@ -263,10 +263,12 @@ class PodProxy:
         trust_domain: str,
         authorize: Authorizer = allow_all,
         factory: SocketFactory | None = None,
-        telemetry: Telemetry | None = None,
+        connection_table: ConnectionTable | None = None,
         local: Callable[[Workload], InboundProxy | None] | None = None,
     ) -> None:
-        self.telemetry = telemetry if telemetry is not None else Telemetry()
+        self.connection_table = (
+            connection_table if connection_table is not None else ConnectionTable()
+        )
         self._local = local
         self.enrolment = enrolment
         self.workload = workload
@@ -327,7 +329,7 @@ class PodProxy:
             factory,
             pool,
             track,
-            telemetry=self.telemetry,
+            connection_table=self.connection_table,
             local=self._local,
         )
         self.inbound = InboundProxy(
@@ -336,7 +338,7 @@ class PodProxy:
             self._trust_domain,
             track,
             self._authorize,
-            telemetry=self.telemetry,
+            connection_table=self.connection_table,
             state=self._state,
         )
         self.passthrough = InboundPassthroughProxy(
@@ -344,7 +346,7 @@ class PodProxy:
             factory,
             track,
             self._authorize,
-            telemetry=self.telemetry,
+            connection_table=self.connection_table,
             state=self._state,
         )
         socks = [listener(factory, OUTBOUND_PORT), listener(factory, INBOUND_PLAIN_PORT)]

@@ -29,7 +29,7 @@ from meshcore.admin import views
 from meshcore.defaults import ROOT_NAMESPACE
 from meshcore.identity.certs import CertificateManager
 from meshcore.identity.spiffe import SpiffeId
-from meshcore.observability.connections import Telemetry
+from meshcore.observability.connections import ConnectionTable
 from meshcore.policy.authz import authorize
 from meshcore.policy.index import PolicyIndex
 from meshcore.policy.verdict import Verdict
@@ -61,7 +61,7 @@ class NodeProxy:
         certs: CertificateManager,
         trust_domain: str,
         root_namespace: str = ROOT_NAMESPACE,
-        telemetry: Telemetry | None = None,
+        connection_table: ConnectionTable | None = None,
         workload_wait: float = WORKLOAD_WAIT,
         release_drain: float = DEFAULT_RELEASE_DRAIN_SECONDS,
         same_node_in_process: bool = True,
@@ -73,7 +73,9 @@ class NodeProxy:
         self.certs = certs
         self.trust_domain = trust_domain
         self.root_namespace = root_namespace
-        self.telemetry = telemetry if telemetry is not None else Telemetry()
+        self.connection_table = (
+            connection_table if connection_table is not None else ConnectionTable()
+        )
         self.policies = PolicyIndex.build(MeshState.empty(), root_namespace)
         self.quit_requested = asyncio.Event()
         self.state = MeshState.empty()
@@ -112,7 +114,7 @@ class NodeProxy:
         changed, self._state_changed = self._state_changed, asyncio.Event()
         changed.set()
         # Workloads (labels, addresses) feed policy too: re-check after any change.
-        closed = self.telemetry.recheck()
+        closed = self.connection_table.recheck()
         if closed:
             log.info("policy re-check closed connections", count=closed)
         self._dirty.set()
@@ -306,7 +308,7 @@ class NodeProxy:
             self.certs,
             self.trust_domain,
             self.authorize,
-            telemetry=self.telemetry,
+            connection_table=self.connection_table,
             local=self.local_inbound,
         )
         try:
@@ -377,11 +379,11 @@ class NodeProxy:
                 self.certs.snapshot(), (pod.identity for pod in self.pods.values())
             ),
             "pods": pods,
-            "openConnections": len(self.telemetry),
+            "openConnections": len(self.connection_table),
         }
 
     def connections(self) -> list[dict[str, Any]]:
-        return self.telemetry.connections()
+        return self.connection_table.connections()
 
     def explain(self, source: str, destination: str) -> dict[str, Any]:
         return explain(self.state, self.policies, source, destination, in_process=self._in_process)

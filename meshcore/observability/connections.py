@@ -79,18 +79,18 @@ class Tracked:
     request_is_received: bool = False
     # Inbound only: the connection's verdict under the current policy.
     recheck: Callable[[Tracked], Verdict] | None = None
-    # Set by `Telemetry.follow`: who books the end (fields, not a closure: less memory).
-    telemetry: Telemetry | None = None
+    # Set by `ConnectionTable.follow`: who books the end (fields, not a closure: less memory).
+    connection_table: ConnectionTable | None = None
     record: ConnectionLog | None = None
     owner: RelayOwner | None = None
 
     def ended(self, result: Any) -> None:
         """The relay ended: close the entry, count it, write its access-log line."""
-        telemetry, record, owner = self.telemetry, self.record, self.owner
-        assert telemetry is not None and record is not None and owner is not None
+        connection_table, record, owner = self.connection_table, self.record, self.owner
+        assert connection_table is not None and record is not None and owner is not None
         owner.relays.pop(self.relay, None)
         request, response = self.counts()  # the relay's counters are final now
-        telemetry.close(self, request_bytes=request, response_bytes=response)
+        connection_table.close(self, request_bytes=request, response_bytes=response)
         error = STOPPED if owner.stopping else result.error
         record.finish(request, response, error)
 
@@ -122,7 +122,10 @@ class Tracked:
         }
 
 
-class Telemetry:
+class ConnectionTable:
+    """The node's open connections: each proxy books what it relays here, and the metrics,
+    `/connections`, the policy re-check and drain all read this one table."""
+
     def __init__(self, metrics: TcpMetrics | None = None) -> None:
         self.metrics = metrics if metrics is not None else TcpMetrics()
         # Dicts as ordered sets: at thousands of entries a set's table costs about twice
@@ -152,7 +155,7 @@ class Telemetry:
         assert relay is not None
         owner.relays[relay] = None
         self.open(entry)
-        entry.telemetry, entry.record, entry.owner = self, record, owner
+        entry.connection_table, entry.record, entry.owner = self, record, owner
         relay.when_done(entry.ended)
 
     def refused(self, labels: TcpLabels) -> None:

@@ -26,14 +26,14 @@ from meshcore.policy.peerauth import MtlsMode, PeerAuthentication, PeerAuthIndex
 from meshcore.policy.resource import Labels, selects
 from meshcore.policy.verdict import Verdict
 from meshcore.runtime.gcpause import collector_paused
-from meshcore.state import ConfigError, MeshState, RawPolicy, Workload
+from meshcore.state import MeshConfigError, MeshState, RawPolicy, Workload
 
 _CACHE_LIMIT = 65536
 
 # Parsed policies by entry: a config change rebuilds the index from the whole mesh config, but
 # usually changes few entries, so a rebuild only parses those. Entries and policies are
 # immutable values, so sharing them between snapshots is safe. Bounded: cleared when full.
-_PARSED: dict[tuple[RawPolicy, str], Policy | ConfigError] = {}
+_PARSED: dict[tuple[RawPolicy, str], Policy | MeshConfigError] = {}
 _PARSED_LIMIT = 200_000
 
 
@@ -43,13 +43,13 @@ def _parse_cached(raw: RawPolicy, root_namespace: str) -> Policy:
     if found is None:
         try:
             found = parse_policy(raw, root_namespace)
-        except ConfigError as exc:
+        except MeshConfigError as exc:
             found = exc
         if len(_PARSED) >= _PARSED_LIMIT:
             _PARSED.clear()
         _PARSED[key] = found
-    if isinstance(found, ConfigError):
-        raise ConfigError(str(found))
+    if isinstance(found, MeshConfigError):
+        raise MeshConfigError(str(found))
     return found
 
 
@@ -126,7 +126,7 @@ class PolicyIndex:
             try:
                 policies.append(_parse_cached(raw, root_namespace))
                 continue
-            except ConfigError as exc:
+            except MeshConfigError as exc:
                 message = str(exc)
             except Exception as exc:  # a parser bug must still fail closed
                 message = f"AuthorizationPolicy {raw.key}: cannot be parsed: {exc!r}"

@@ -1,6 +1,6 @@
 """AuthorizationPolicy parsing: an entry of the mesh config to a validated `Policy`. Pure.
 
-`parse_policy` raises ConfigError (and nothing else) with a message naming the entry and the
+`parse_policy` raises MeshConfigError (and nothing else) with a message naming the entry and the
 field; `salvage_policy` builds the fail-closed stand-in for an entry that did not parse.
 
 Entry forms accepted (all three may carry `selector: {matchLabels}`):
@@ -51,7 +51,7 @@ from meshcore.policy.model import (
 )
 from meshcore.policy.resource import Labels, parse_selector, reader_for, unwrap
 from meshcore.reader import Reader, describe, join
-from meshcore.state import ConfigError, RawPolicy
+from meshcore.state import MeshConfigError, RawPolicy
 
 _SPIFFE = "spiffe://"
 
@@ -449,7 +449,7 @@ def _target_refs(where: Reader, body: Mapping[str, Any], path: str) -> tuple[str
 def parse_policy(raw: RawPolicy, root_namespace: str = ROOT_NAMESPACE) -> Policy:
     """Parse and validate one AuthorizationPolicy.
 
-    Raises ConfigError (and nothing else) with a message naming the entry and the field.
+    Raises MeshConfigError (and nothing else) with a message naming the entry and the field.
     """
     where = reader_for("AuthorizationPolicy", raw.key)
     if raw.kind != "AuthorizationPolicy":
@@ -547,7 +547,7 @@ def salvage_policy(raw: RawPolicy, root_namespace: str, error: str) -> Policy:
         env = unwrap(raw, where, "AuthorizationPolicy")
         body = env.body
         dry_run = bool(env.dry_run)
-    except ConfigError:
+    except MeshConfigError:
         pass
 
     selector_unreadable = False
@@ -556,7 +556,7 @@ def salvage_policy(raw: RawPolicy, root_namespace: str, error: str) -> Policy:
         nonlocal selector_unreadable
         try:
             part()
-        except ConfigError:
+        except MeshConfigError:
             selector_unreadable = selector_unreadable or part is read_selector
 
     def read_selector() -> None:

@@ -29,7 +29,7 @@ from typing import Any
 from meshcore.defaults import ROOT_NAMESPACE
 from meshcore.policy.resource import Labels, parse_selector, reader_for, selects, unwrap
 from meshcore.reader import Reader, join
-from meshcore.state import ConfigError, RawPolicy, Workload
+from meshcore.state import MeshConfigError, RawPolicy, Workload
 
 # -- PeerAuthentication ---------------------------------------------------------------------------
 
@@ -103,7 +103,7 @@ def _parse_mode(where: Reader, value: Any, path: str) -> MtlsMode:
 def parse_peer_authentication(
     raw: RawPolicy, root_namespace: str = ROOT_NAMESPACE
 ) -> PeerAuthentication:
-    """Parse and validate one PeerAuthentication. Raises ConfigError naming the field."""
+    """Parse and validate one PeerAuthentication. Raises MeshConfigError naming the field."""
     where = reader_for("PeerAuthentication", raw.key)
     if raw.kind != "PeerAuthentication":
         where.fail("kind", f"is a {raw.kind}, not a PeerAuthentication")
@@ -150,7 +150,7 @@ def _salvage(raw: RawPolicy, error: str) -> PeerAuthentication:
         where = reader_for("PeerAuthentication", raw.key)
         env = unwrap(raw, where, "PeerAuthentication")
         selector = parse_selector(where, env.body.get("selector"), "selector")
-    except ConfigError:
+    except MeshConfigError:
         pass
     return PeerAuthentication(raw.name, raw.namespace, selector, MtlsMode.STRICT, (), (), error)
 
@@ -158,7 +158,7 @@ def _salvage(raw: RawPolicy, error: str) -> PeerAuthentication:
 def parse_or_salvage(raw: RawPolicy, root_namespace: str) -> PeerAuthentication:
     try:
         return parse_peer_authentication(raw, root_namespace)
-    except ConfigError as exc:
+    except MeshConfigError as exc:
         return _salvage(raw, str(exc))
     except Exception as exc:  # a parser bug must still fail closed
         return _salvage(raw, f"PeerAuthentication {raw.key}: cannot be parsed: {exc!r}")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshcore.reader import Reader, describe, join
-from meshcore.state import ConfigError, RawPolicy
+from meshcore.state import MeshConfigError, RawPolicy
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -26,7 +26,7 @@ DRY_RUN_ANNOTATION = "istio.io/dry-run"
 
 def reader_for(kind: str, key: str) -> Reader:
     """A reader whose every error names the policy being parsed and the field."""
-    return Reader(ConfigError, f"{kind} {key}: ")
+    return Reader(MeshConfigError, f"{kind} {key}: ")
 
 
 def parse_selector(r: Reader, value: Any, path: str) -> Labels:

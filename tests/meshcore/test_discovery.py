@@ -20,9 +20,9 @@ from structlog.testing import capture_logs
 from meshcore.discovery import LocalConfigWatcher, parse_local_config
 from meshcore.identity.spiffe import SpiffeId
 from meshcore.state import (
-    ConfigError,
     GatewayAddress,
     HealthStatus,
+    MeshConfigError,
     MeshState,
     NetworkAddress,
     ServicePort,
@@ -300,7 +300,7 @@ S = "services[0]"
 def test_workload_errors(fields, message):
     entry = {**MINIMAL_WORKLOAD, **fields}
     entry = {k: v for k, v in entry.items() if v is not None or k not in MINIMAL_WORKLOAD}
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(MeshConfigError) as err:
         parse_local_config(doc(workloads=[entry]))
     assert message in str(err.value)
 
@@ -331,7 +331,7 @@ def test_workload_errors(fields, message):
 def test_service_errors(fields, message):
     entry = {**MINIMAL_SERVICE, **fields}
     entry = {k: v for k, v in entry.items() if v is not None}
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(MeshConfigError) as err:
         parse_local_config(doc(services=[entry]))
     assert message in str(err.value)
 
@@ -363,7 +363,7 @@ def test_service_errors(fields, message):
     ],
 )
 def test_document_errors(text, message):
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(MeshConfigError) as err:
         parse_local_config(text)
     assert message in str(err.value)
 
@@ -371,7 +371,7 @@ def test_document_errors(text, message):
 def test_duplicates_across_entries_are_refused():
     a = {**MINIMAL_WORKLOAD, "workloadIps": ["10.0.0.1"]}
     b = {**MINIMAL_WORKLOAD, "uid": "u2", "workloadIps": ["10.0.0.1"]}
-    with pytest.raises(ConfigError, match=r"workloads 'u1' and 'u2' both claim IP 10\.0\.0\.1"):
+    with pytest.raises(MeshConfigError, match=r"workloads 'u1' and 'u2' both claim IP 10\.0\.0\.1"):
         parse_local_config(doc(workloads=[a, b]))
 
 
@@ -381,13 +381,13 @@ def test_alias_bomb_in_a_policy_is_refused_quickly():
     anchors += [f"    k{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 10)]
     text = "policies:\n  - name: bomb\n" + "\n".join(anchors) + "\n"
     started = time.monotonic()
-    with pytest.raises(ConfigError, match="policy is too large"):
+    with pytest.raises(MeshConfigError, match="policy is too large"):
         parse_local_config(text)
     assert time.monotonic() - started < 5
 
 
 def test_recursive_alias_is_refused():
-    with pytest.raises(ConfigError):
+    with pytest.raises(MeshConfigError):
         parse_local_config("policies:\n  - &p {name: p, self: *p}\n")
 
 
@@ -397,7 +397,7 @@ def test_recursive_alias_is_refused():
 def _parse_or_config_error(text: str) -> None:
     try:
         state = parse_local_config(text)
-    except ConfigError as exc:
+    except MeshConfigError as exc:
         message = str(exc)
         assert message, "every rejection must say what is wrong"
         return
@@ -672,7 +672,7 @@ def test_watcher_first_load_failure_is_a_config_error(tmp_path, content, message
 
     async def run() -> None:
         w = LocalConfigWatcher(path, seen.append, interval=INTERVAL)
-        with pytest.raises(ConfigError) as err:
+        with pytest.raises(MeshConfigError) as err:
             await w.start()
         assert message in str(err.value)
         assert str(path) in str(err.value)
@@ -687,7 +687,7 @@ def test_watcher_rejects_non_utf8(tmp_path):
     path.write_bytes(b"workloads: [\xff]\n")
 
     async def run() -> None:
-        with pytest.raises(ConfigError, match="not UTF-8"):
+        with pytest.raises(MeshConfigError, match="not UTF-8"):
             await LocalConfigWatcher(path, lambda s: None).start()
 
     asyncio.run(run())

@@ -11,9 +11,9 @@ import pytest
 
 from meshcore.identity.spiffe import SpiffeId
 from meshcore.state import (
-    ConfigError,
     GatewayAddress,
     HealthStatus,
+    MeshConfigError,
     MeshState,
     NetworkAddress,
     RawPolicy,
@@ -140,7 +140,7 @@ def test_empty_state_has_nothing():
     ],
 )
 def test_duplicates_are_refused_naming_both(workloads, services, policies, message):
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(MeshConfigError) as err:
         MeshState.build(workloads, services, policies)
     assert message in str(err.value)
 
@@ -156,7 +156,7 @@ def test_same_ip_on_different_networks_is_allowed():
 def test_same_hostname_in_two_services_is_refused():
     a = svc("x", "10.96.0.1")
     b = replace(svc("y", "10.96.0.2", namespace="other"), hostname=a.hostname)
-    with pytest.raises(ConfigError, match="both use hostname"):
+    with pytest.raises(MeshConfigError, match="both use hostname"):
         MeshState.build([], [a, b], [])
 
 
@@ -192,7 +192,7 @@ def test_domain_values_are_frozen_and_hashable():
 
 @pytest.mark.parametrize(("port", "target"), [(0, 80), (80, 0), (65536, 80), (80, 70000)])
 def test_service_port_range_is_checked(port, target):
-    with pytest.raises(ConfigError, match=r"not in 1\.\.65535"):
+    with pytest.raises(MeshConfigError, match=r"not in 1\.\.65535"):
         ServicePort(port, target)
 
 
@@ -200,13 +200,13 @@ def test_gateway_address_needs_exactly_one_destination():
     addr = NetworkAddress("", IPv4Address("10.0.0.9"))
     assert GatewayAddress(hostname="travel/waypoint").hbone_port == 15008
     assert GatewayAddress(address=addr, hbone_port=15009).address == addr
-    with pytest.raises(ConfigError, match="exactly one"):
+    with pytest.raises(MeshConfigError, match="exactly one"):
         GatewayAddress()
-    with pytest.raises(ConfigError, match="exactly one"):
+    with pytest.raises(MeshConfigError, match="exactly one"):
         GatewayAddress(hostname="travel/w", address=addr)
-    with pytest.raises(ConfigError, match="namespace/hostname"):
+    with pytest.raises(MeshConfigError, match="namespace/hostname"):
         GatewayAddress(hostname="waypoint")
-    with pytest.raises(ConfigError, match="hboneMtlsPort"):
+    with pytest.raises(MeshConfigError, match="hboneMtlsPort"):
         GatewayAddress(hostname="travel/w", hbone_port=0)
 
 
@@ -218,7 +218,7 @@ def test_raw_policy_is_canonical_and_lossless():
     assert p1.spec() == {"a": {"x": None, "y": 1}, "b": [1, 2]}
     p1.spec()["a"] = "mutated"
     assert p1.spec()["a"] == {"x": None, "y": 1}
-    with pytest.raises(ConfigError, match="not plain JSON"):
+    with pytest.raises(MeshConfigError, match="not plain JSON"):
         RawPolicy.from_mapping("p", "ns", {"x": float("nan")})
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ztunnel.config import ConfigurationError, parse_config
+from ztunnel.config import EnvConfigError, parse_config
 
 BASE = {
     "NODE_NAME": "n1",
@@ -24,5 +24,5 @@ def test_same_node_in_process_is_on_unless_turned_off() -> None:
 
 
 def test_a_boolean_that_is_not_one_names_the_variable() -> None:
-    with pytest.raises(ConfigurationError, match="SAME_NODE_IN_PROCESS='maybe' is not a boolean"):
+    with pytest.raises(EnvConfigError, match="SAME_NODE_IN_PROCESS='maybe' is not a boolean"):
         parse_config({**BASE, "SAME_NODE_IN_PROCESS": "maybe"})

@@ -45,7 +45,7 @@ from zds.messages import (
     encode,
 )
 from zds.server import ZdsNack, ZdsServer
-from ztunnel.config import ConfigurationError, parse_config
+from ztunnel.config import EnvConfigError, parse_config
 from ztunnel.inpod import PodState
 from ztunnel.node import NodeProxy
 from ztunnel.zds_client import MAX_ERROR_BYTES, ZdsClient
@@ -327,7 +327,7 @@ def test_config_zds_socket_replaces_the_enrolment_file():
     ],
 )
 def test_config_enrolment_source_errors_name_the_variable(extra, says):
-    with pytest.raises(ConfigurationError, match=says):
+    with pytest.raises(EnvConfigError, match=says):
         parse_config({**BASE, **extra})
 
 

@@ -22,7 +22,7 @@ from meshcore.hbone.conn import Headers
 from meshcore.hbone.transport import H2Transport
 from meshcore.identity.spiffe import SpiffeId
 from meshcore.observability.accesslog import ConnectionLog, Direction
-from meshcore.observability.connections import STOPPED, Telemetry, Tracked
+from meshcore.observability.connections import STOPPED, ConnectionTable, Tracked
 from meshcore.observability.metrics import ResponseFlags, TcpLabels
 from meshcore.policy.verdict import Verdict
 from meshcore.relay import AppSide, HboneSplice, TcpPipe
@@ -127,7 +127,7 @@ class InboundProxy:
         trust_domain: str,
         tasks: Callable[[asyncio.Future[None]], None],
         authorize: Authorizer = allow_all,
-        telemetry: Telemetry | None = None,
+        connection_table: ConnectionTable | None = None,
         state: Callable[[], MeshState] = MeshState.empty,
     ) -> None:
         self._workload = workload
@@ -135,7 +135,9 @@ class InboundProxy:
         self.trust_domain = trust_domain
         self._track = tasks
         self.authorize = authorize
-        self.telemetry = telemetry if telemetry is not None else Telemetry()
+        self.connection_table = (
+            connection_table if connection_table is not None else ConnectionTable()
+        )
         self._state = state
         self.connections: set[_InboundH2] = set()
         self.recheck = self._recheck  # one bound method, shared by every table entry
@@ -162,7 +164,7 @@ class InboundProxy:
         """End a connection that never reached the app: its line, and (with a flag) its count."""
         record.finish(error=f"{status}: {reason}")
         if flags != ResponseFlags.NONE:
-            self.telemetry.refused(self.labels(record, flags))
+            self.connection_table.refused(self.labels(record, flags))
 
     def labels(self, record: ConnectionLog, flags: str) -> TcpLabels:
         """Destination-reported labels of a logged connection."""
@@ -256,7 +258,7 @@ class InboundProxy:
         )
         h2.conn.respond(splice.sid, 200, splice, end=False)
         splice.start(app)
-        self.telemetry.follow(entry, record, self)
+        self.connection_table.follow(entry, record, self)
 
     async def connect_local(
         self, peer: SpiffeId, client: SocketAddr, target: SocketAddr
@@ -339,4 +341,4 @@ class LocalDelivery:
         """The source joined our app to its client: book the connection open until the
         pipe ends (however it ends)."""
         self.entry.relay = pipe
-        self.proxy.telemetry.follow(self.entry, self.record, self.proxy)
+        self.proxy.connection_table.follow(self.entry, self.record, self.proxy)

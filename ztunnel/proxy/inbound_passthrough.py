@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from meshcore.defaults import TUNNEL_PORTS
 from meshcore.observability.accesslog import ConnectionLog, Direction
-from meshcore.observability.connections import STOPPED, Telemetry, Tracked
+from meshcore.observability.connections import STOPPED, ConnectionTable, Tracked
 from meshcore.observability.metrics import ResponseFlags, TcpLabels
 from meshcore.policy.verdict import Verdict
 from meshcore.relay import AppSide, TcpPipe
@@ -38,7 +38,7 @@ class InboundPassthroughProxy(ListenerProxy):
         tasks: Callable[[asyncio.Future[None]], None],
         authorize: Authorizer = allow_all,
         orig_dst: Callable[[socket.socket], SocketAddr] = original_dst,
-        telemetry: Telemetry | None = None,
+        connection_table: ConnectionTable | None = None,
         state: Callable[[], MeshState] = MeshState.empty,
     ) -> None:
         super().__init__(tasks)
@@ -46,7 +46,9 @@ class InboundPassthroughProxy(ListenerProxy):
         self._factory = factory
         self.authorize = authorize
         self._orig_dst = orig_dst
-        self.telemetry = telemetry if telemetry is not None else Telemetry()
+        self.connection_table = (
+            connection_table if connection_table is not None else ConnectionTable()
+        )
         self._state = state
         self.recheck = self._recheck  # one bound method, shared by every table entry
 
@@ -72,7 +74,7 @@ class InboundPassthroughProxy(ListenerProxy):
         if not verdict.allowed:
             t.abort()
             record.finish(error=verdict.reason)
-            self.telemetry.refused(self._labels(workload, client, ResponseFlags.DENY))
+            self.connection_table.refused(self._labels(workload, client, ResponseFlags.DENY))
             return
         try:
             _, upstream = await connect_tcp(self._factory, target, as_client=str(client.ip))
@@ -82,7 +84,7 @@ class InboundPassthroughProxy(ListenerProxy):
         except (TimeoutError, OSError) as e:
             t.abort()
             record.finish(error=f"connecting to the app at {target} failed: {e}")
-            self.telemetry.refused(self._labels(workload, client, ResponseFlags.CONNECT))
+            self.connection_table.refused(self._labels(workload, client, ResponseFlags.CONNECT))
             return
         pipe = TcpPipe(app, upstream)
         entry = Tracked(
@@ -96,7 +98,7 @@ class InboundPassthroughProxy(ListenerProxy):
             recheck=self.recheck,
         )
         pipe.start()
-        self.telemetry.follow(entry, record, self)
+        self.connection_table.follow(entry, record, self)
 
     def _labels(self, workload: Workload, client: SocketAddr, flags: str) -> TcpLabels:
         # A plaintext client proves no identity; its workload is whatever owns its address.

@@ -25,7 +25,7 @@ from meshcore.hbone.pool import ConnectionPool, PoolKey
 from meshcore.hbone.transport import H2Transport
 from meshcore.identity.spiffe import SpiffeId
 from meshcore.observability.accesslog import ConnectionLog, Direction
-from meshcore.observability.connections import STOPPED, Telemetry, Tracked
+from meshcore.observability.connections import STOPPED, ConnectionTable, Tracked
 from meshcore.observability.metrics import ResponseFlags, TcpLabels, tcp_labels
 from meshcore.relay import AppSide, HboneSplice, TcpPipe
 from meshcore.sockets import SocketAddr, SocketFactory, original_dst, tune_stream
@@ -175,7 +175,7 @@ class OutboundProxy(ListenerProxy):
         pool: ConnectionPool,
         tasks: Callable[[asyncio.Future[None]], None],
         orig_dst: Callable[[socket.socket], SocketAddr] = original_dst,
-        telemetry: Telemetry | None = None,
+        connection_table: ConnectionTable | None = None,
         local: Callable[[Workload], InboundProxy | None] | None = None,
     ) -> None:
         super().__init__(tasks)
@@ -184,7 +184,9 @@ class OutboundProxy(ListenerProxy):
         self._factory = factory
         self._pool = pool
         self._orig_dst = orig_dst
-        self.telemetry = telemetry if telemetry is not None else Telemetry()
+        self.connection_table = (
+            connection_table if connection_table is not None else ConnectionTable()
+        )
         # The inbound proxy of a destination this same tunnel serves, if any.
         self._local = local
 
@@ -235,7 +237,7 @@ class OutboundProxy(ListenerProxy):
                 if isinstance(e, ssl.SSLError | PeerVerificationError)
                 else ResponseFlags.CONNECT
             )
-            self.telemetry.refused(outbound_labels(source, decision, flags))
+            self.connection_table.refused(outbound_labels(source, decision, flags))
 
     def _tracked(
         self,
@@ -286,7 +288,7 @@ class OutboundProxy(ListenerProxy):
         """Start a joined connection and book it (table, metrics, access log) until it
         ends. Outbound, the request direction is the app's: `sent`."""
         start()
-        self.telemetry.follow(entry, record, self)
+        self.connection_table.follow(entry, record, self)
 
     async def _same_node(
         self,
@@ -311,7 +313,7 @@ class OutboundProxy(ListenerProxy):
             t.abort()
             record.finish(error=f"destination answered {verdict.status}: {verdict.reason}")
             flags = ResponseFlags.DENY if verdict.status == 401 else ResponseFlags.CONNECT
-            self.telemetry.refused(outbound_labels(source, decision, flags))
+            self.connection_table.refused(outbound_labels(source, decision, flags))
             return
         pipe = TcpPipe(app, delivery.app)
         delivery.attach(pipe)  # at once: nothing may come between connecting and booking
@@ -362,7 +364,7 @@ class OutboundProxy(ListenerProxy):
             t.abort()
             record.finish(error=f"HBONE CONNECT answered {status}")
             flags = ResponseFlags.DENY if status == 401 else ResponseFlags.CONNECT
-            self.telemetry.refused(outbound_labels(source, decision, flags))
+            self.connection_table.refused(outbound_labels(source, decision, flags))
             return
         entry = self._tracked(source, client, decision, splice)
         self._book(lambda: splice.start(app), entry, record)

@@ -16,7 +16,7 @@ from meshcore.identity.spiffe import SpiffeId
 from meshcore.policy.index import PolicyIndex
 from meshcore.policy.model import Request
 from meshcore.policy.peerauth import MtlsMode, PeerAuthentication, parse_peer_authentication
-from meshcore.state import ConfigError, MeshState, RawPolicy, Workload
+from meshcore.state import MeshConfigError, MeshState, RawPolicy, Workload
 from tests.meshcore.policy.test_rbac import workload as rbac_workload
 
 ROOT = ROOT_NAMESPACE
@@ -267,7 +267,7 @@ MALFORMED: list[tuple[str, RawPolicy, str]] = [
 
 @pytest.mark.parametrize(("raw", "message"), [pytest.param(r, m, id=i) for i, r, m in MALFORMED])
 def test_malformed_is_a_clear_config_error(raw: RawPolicy, message: str):
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(MeshConfigError) as info:
         parse_peer_authentication(raw, ROOT)
     assert str(info.value).startswith("PeerAuthentication app/p: ")
     assert message in str(info.value)
@@ -355,7 +355,7 @@ def test_arbitrary_specs_parse_or_raise_config_error(spec: Any, resource: bool):
     error = None
     try:
         parsed = parse_peer_authentication(raw, ROOT)
-    except ConfigError as exc:
+    except MeshConfigError as exc:
         error = str(exc)
     if error is not None:
         assert error.startswith("PeerAuthentication app/p")

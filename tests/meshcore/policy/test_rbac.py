@@ -31,7 +31,14 @@ from meshcore.policy.model import (
 from meshcore.policy.parse import parse_policy
 from meshcore.policy.peerauth import MtlsMode
 from meshcore.policy.verdict import DryRunResult
-from meshcore.state import ConfigError, HealthStatus, MeshState, RawPolicy, TunnelProtocol, Workload
+from meshcore.state import (
+    HealthStatus,
+    MeshConfigError,
+    MeshState,
+    RawPolicy,
+    TunnelProtocol,
+    Workload,
+)
 
 ROOT = ROOT_NAMESPACE
 NS = "app"  # the namespace of the workload under test
@@ -1089,7 +1096,7 @@ MALFORMED: list[tuple[str, RawPolicy, str]] = [
 
 @pytest.mark.parametrize(("raw", "message"), [pytest.param(r, m, id=i) for i, r, m in MALFORMED])
 def test_malformed_policy_is_a_clear_config_error(raw: RawPolicy, message: str):
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(MeshConfigError) as info:
         parse_policy(raw, ROOT)
     assert message in str(info.value)
     assert str(info.value).startswith("AuthorizationPolicy app/p")
@@ -1272,7 +1279,7 @@ def test_arbitrary_specs_parse_or_raise_config_error(raw: RawPolicy):
     error = None
     try:
         policy = parse_policy(raw, ROOT)
-    except ConfigError as exc:
+    except MeshConfigError as exc:
         error = str(exc)
     if error is not None:
         assert error.startswith("AuthorizationPolicy app/p")
