@@ -34,8 +34,8 @@ import yaml
 from aiohttp import web
 
 from controlplane.ca import DEFAULT_LEAF_TTL, CAError, CertificateAuthority, csr_identity, parse_csr
-from meshcore.defaults import TRUST_DOMAIN
-from meshcore.identity.spiffe import DEFAULT_SERVICE_ACCOUNT, IdentityError, SpiffeId
+from meshcore.defaults import SERVICE_ACCOUNT, TRUST_DOMAIN
+from meshcore.identity.spiffe import IdentityError, SpiffeId
 
 log = structlog.get_logger(__name__)
 
@@ -207,7 +207,7 @@ def parse_workload_grants(doc: Any) -> frozenset[tuple[str, SpiffeId]]:
             identity = SpiffeId(
                 str(w.get("trustDomain") or TRUST_DOMAIN),
                 namespace,
-                str(w.get("serviceAccount") or DEFAULT_SERVICE_ACCOUNT),
+                str(w.get("serviceAccount") or SERVICE_ACCOUNT),
             )
         except IdentityError as e:
             raise ValueError(f"workloads[{i}] ({w.get('name')!r}): {e}") from e

@@ -25,5 +25,8 @@ READINESS_PORT: Final = 15021  # /healthz/ready
 TUNNEL_MARK: Final = 0x539
 
 TRUST_DOMAIN: Final = "cluster.local"
+# What a pod runs as, and where a resource lives, when nothing says otherwise (Kubernetes').
+SERVICE_ACCOUNT: Final = "default"
+NAMESPACE: Final = "default"
 # Policies here without a selector apply mesh-wide; istio-cni never captures its pods.
 ROOT_NAMESPACE: Final = "istio-system"

@@ -27,8 +27,8 @@ from typing import Any
 import structlog
 import yaml
 
-from meshcore.defaults import HBONE_PORT, TRUST_DOMAIN
-from meshcore.identity.spiffe import DEFAULT_SERVICE_ACCOUNT, IdentityError, SpiffeId
+from meshcore.defaults import HBONE_PORT, SERVICE_ACCOUNT, TRUST_DOMAIN
+from meshcore.identity.spiffe import IdentityError, SpiffeId
 from meshcore.reader import Reader, describe
 from meshcore.runtime.gcpause import collector_paused
 from meshcore.state import (
@@ -255,7 +255,7 @@ def _parse_workload(value: Any, path: str, shared: _Shared) -> Workload:
     _check_keys(entry, _WORKLOAD_KEYS, path)
     name = _name(entry, "name", path)
     namespace = _name(entry, "namespace", path)
-    service_account = _name(entry, "serviceAccount", path, DEFAULT_SERVICE_ACCOUNT)
+    service_account = _name(entry, "serviceAccount", path, SERVICE_ACCOUNT)
     trust_domain = _name(entry, "trustDomain", path, TRUST_DOMAIN)
     try:
         SpiffeId(trust_domain, namespace, service_account)

@@ -51,12 +51,12 @@ from redirect.capture import RedirectMode
 from redirect.enrolment import FilePodSource, NodeView, PodInfo, PodSource, wanted
 from redirect.iptables import CaptureError
 from redirect.probes import ProbeConfig, ProbeError
-from zds import WorkloadInfo, ZdsError
+from zds import WorkloadInfo, ZdsError, wire
 from zds.server import ZdsNack, ZdsServer, ZdsSuperseded, ZdsUnavailable
 
 log = structlog.get_logger("redirect.agent")
 
-DEFAULT_ZDS_SOCKET = "/var/run/ztunnel/ztunnel.sock"
+DEFAULT_ZDS_SOCKET = wire.DEFAULT_SOCKET_PATH
 # Retry backoff for failed steps: upstream's work queue starts at 5 ms and caps at 5 s.
 _RETRY_MIN = 0.05
 _RETRY_MAX = 5.0

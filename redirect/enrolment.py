@@ -37,7 +37,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from meshcore.defaults import ROOT_NAMESPACE
+from meshcore.defaults import ROOT_NAMESPACE, SERVICE_ACCOUNT
 from meshcore.reader import Reader
 
 log = structlog.get_logger(__name__)
@@ -65,7 +65,7 @@ class PodInfo:
     name: str
     namespace: str
     node: str
-    service_account: str = "default"
+    service_account: str = SERVICE_ACCOUNT
     ip: IPv4Address | None = None  # None until the pod network is set up
     netns: str = ""  # path of the pod's network namespace; "" until known
     labels: Mapping[str, str] = field(default_factory=lambda: _EMPTY, hash=False)
@@ -204,7 +204,7 @@ def _parse_pod(value: Any, where: str) -> PodInfo:
         name=_R.string(entry, "name", where),
         namespace=_R.string(entry, "namespace", where),
         node=_R.string(entry, "node", where),
-        service_account=_R.string(entry, "serviceAccount", where, "default"),
+        service_account=_R.string(entry, "serviceAccount", where, SERVICE_ACCOUNT),
         ip=ip,
         netns=_R.string(entry, "netns", where, "", empty_ok=True),
         labels=_labels(entry.get("labels"), f"{where}.labels"),
