@@ -15,12 +15,17 @@ Invariants:
 - Any protocol violation by the peer ends the connection with GOAWAY and resets every
   stream; a stream-level error resets only that stream. Nothing raises to the caller on
   bad input: the peer's bytes can never crash the process.
+- What a peer may cost is bounded (`H2Limits`): streams, header bytes, streams it resets
+  before we answer (rapid reset), empty frames, control frames between useful ones,
+  SETTINGS entries, and replies queued while it does not read. Past a limit the connection
+  ends with GOAWAY ENHANCE_YOUR_CALM and `limit_hit` names the limit.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import hpack
@@ -46,6 +51,7 @@ from meshcore.hbone.h2frames import (
     u32,
     window_update,
 )
+from meshcore.hbone.limits import DEFAULT_LIMITS, H2Limits
 
 Headers = list[tuple[str, str]]
 
@@ -54,9 +60,6 @@ Headers = list[tuple[str, str]]
 STREAM_WINDOW = 4 * 1024 * 1024
 CONNECTION_WINDOW = 16 * 1024 * 1024
 MAX_FRAME_SIZE = 1024 * 1024
-SERVER_MAX_CONCURRENT_STREAMS = 200
-# Header blocks are tiny for CONNECT; a bound stops a CONTINUATION flood.
-MAX_HEADER_BLOCK = 64 * 1024
 # Send queue marks per stream: pause the producer above HIGH, resume below LOW.
 SEND_HIGH_WATER = 512 * 1024
 SEND_LOW_WATER = 128 * 1024
@@ -91,9 +94,47 @@ def error_name(code: int) -> str:
 
 
 class ProtocolViolation(Exception):
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str, limit: str | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.limit = limit  # the H2Limits field that was exceeded, if that is what happened
+
+
+def _over(limit: str, message: str) -> ProtocolViolation:
+    return ProtocolViolation(ErrorCode.ENHANCE_YOUR_CALM, message, limit)
+
+
+# Request headers a CONNECT may carry as pseudo-headers (RFC 9113 8.3.1, 8.5; RFC 8441).
+_REQUEST_PSEUDO = frozenset({":method", ":scheme", ":authority", ":path", ":protocol"})
+# Connection-specific fields are malformed in HTTP/2 (RFC 9113 8.2.2).
+_CONNECTION_FIELDS = frozenset(
+    {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"}
+)
+_UPPER = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def malformed_request(headers: Headers) -> str | None:
+    """Why a request's header list is malformed (RFC 9113 8.1.1, 8.2, 8.3), or None."""
+    seen: set[str] = set()
+    regular = False
+    for name, value in headers:
+        if not name or not _UPPER.isdisjoint(name):
+            return f"header name {name!r} is not lowercase"
+        if name.startswith(":"):
+            if regular:
+                return f"pseudo-header {name} after a regular header"
+            if name not in _REQUEST_PSEUDO:
+                return f"unknown pseudo-header {name}"
+            if name in seen:
+                return f"pseudo-header {name} given twice"
+            seen.add(name)
+        else:
+            regular = True
+            if name in _CONNECTION_FIELDS or (name == "te" and value != "trailers"):
+                return f"connection-specific header {name}"
+    if ":method" not in seen:
+        return "no :method"
+    return None
 
 
 class _Stream:
@@ -130,22 +171,31 @@ class _Stream:
 class H2Connection:
     """One HTTP/2 connection, client or server side."""
 
-    def __init__(self, client: bool, handler: ConnectionHandler) -> None:
+    def __init__(
+        self,
+        client: bool,
+        handler: ConnectionHandler,
+        limits: H2Limits = DEFAULT_LIMITS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.client = client
         self.handler = handler
+        self.limits = limits
+        self._clock = clock
         self.out: list[bytes | memoryview] = []
         self.streams: dict[int, _Stream] = {}
         self.closed = False
         self.goaway_received = False
         self.draining = False  # we sent a graceful GOAWAY: no new streams, open ones finish
         self.close_reason = ""
+        self.limit_hit: str | None = None  # the H2Limits field that ended the connection
         self._buf = bytearray()
         self._preface_pending = not client
         self._next_stream_id = 1
         self._last_peer_stream = 0
         self._encoder = hpack.Encoder()
         self._decoder = hpack.Decoder()
-        self._decoder.max_header_list_size = MAX_HEADER_BLOCK
+        self._decoder.max_header_list_size = limits.max_header_block
         self._peer_initial_window = DEFAULT_WINDOW
         self._peer_max_frame = DEFAULT_MAX_FRAME
         self.peer_max_concurrent = 2**31 - 1
@@ -160,6 +210,16 @@ class H2Connection:
         self._data_left = 0  # bytes of the current DATA frame still to come
         self._data_flags = 0
         self._data_stream: _Stream | None = None
+        # What the peer has cost so far (see H2Limits).
+        self._unanswered: dict[int, None] = {}  # server: peer streams we have not answered
+        self._peer_streams = 0
+        self._premature_resets = 0
+        self._empty_frames = 0
+        self._control_frames = 0
+        self._settings_second = 0.0
+        self._settings_entries = 0
+        self.replies_queued = 0  # replies queued since the peer last read everything
+        self.peer_behind = False  # set by the shell while the peer does not read
 
     # ---- setup -------------------------------------------------------------------------
 
@@ -170,10 +230,10 @@ class H2Connection:
             Setting.ENABLE_PUSH: 0,
             Setting.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
             Setting.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
-            Setting.MAX_HEADER_LIST_SIZE: MAX_HEADER_BLOCK,
+            Setting.MAX_HEADER_LIST_SIZE: self.limits.max_header_block,
         }
         if not self.client:
-            settings[Setting.MAX_CONCURRENT_STREAMS] = SERVER_MAX_CONCURRENT_STREAMS
+            settings[Setting.MAX_CONCURRENT_STREAMS] = self.limits.max_concurrent_streams
             del settings[Setting.ENABLE_PUSH]
         if self.client:
             self.out.append(PREFACE)
@@ -206,6 +266,7 @@ class H2Connection:
         if st is None or self.closed:
             return
         st.handler = handler
+        self._unanswered.pop(sid, None)
         self._send_headers(sid, [(":status", str(status))], end_stream=end)
         if end:
             st.local_closed = True
@@ -249,6 +310,7 @@ class H2Connection:
     def reset(self, sid: int, code: int = ErrorCode.CANCEL) -> None:
         st = self.streams.pop(sid, None)
         self._blocked.pop(sid, None)
+        self._unanswered.pop(sid, None)
         if st is not None and not self.closed:
             self.out.append(rst_stream(sid, code))
 
@@ -303,12 +365,31 @@ class H2Connection:
     def drained(self) -> bool:
         return self.draining and not self.streams
 
-    def close(self, code: int = ErrorCode.NO_ERROR, reason: str = "closed locally") -> None:
-        """Send GOAWAY and end every stream."""
+    def close(
+        self, code: int = ErrorCode.NO_ERROR, reason: str = "closed locally", debug: str = ""
+    ) -> None:
+        """Send GOAWAY and end every stream. The GOAWAY's debug text is `debug`, else
+        `reason`, cut to printable ASCII: never more than we mean to tell the peer."""
         if self.closed:
             return
-        self.out.append(goaway(self._last_peer_stream, code, reason.encode()[:256]))
+        text = "".join(c for c in (debug or reason)[:128] if " " <= c <= "~")
+        self.out.append(goaway(self._last_peer_stream, code, text.encode("ascii")))
         self._terminate(code, reason)
+
+    def peer_caught_up(self) -> None:
+        """The shell wrote everything queued: replies are no longer piling up."""
+        self.peer_behind = False
+        self.replies_queued = 0
+
+    def _reply(self, frame: bytes) -> None:
+        """Queue a frame the peer made us send (an ACK, a reset of its stream)."""
+        self.out.append(frame)
+        self.replies_queued += 1
+        if self.peer_behind and self.replies_queued > self.limits.max_queued_replies:
+            raise _over(
+                "max_queued_replies",
+                f"peer does not read: {self.replies_queued} replies queued",
+            )
 
     # ---- receiving ---------------------------------------------------------------------
 
@@ -318,9 +399,11 @@ class H2Connection:
         try:
             self._receive(data)
         except ProtocolViolation as e:
+            self.limit_hit = e.limit
             self.close(e.code, str(e))
         except (hpack.HPACKError, ValueError) as e:
-            self.close(ErrorCode.COMPRESSION_ERROR, f"bad header block: {e}")
+            # The decoder's words stay in our log; the peer learns only what failed.
+            self.close(ErrorCode.COMPRESSION_ERROR, f"bad header block: {e}", "bad header block")
 
     def _receive(self, data: bytes | memoryview) -> None:
         if self._buf:
@@ -388,6 +471,10 @@ class H2Connection:
         """A DATA frame starts; its payload follows in one or more `_data_chunk` calls."""
         if sid == 0:
             raise ProtocolViolation(ErrorCode.PROTOCOL_ERROR, "DATA on stream 0")
+        if length or flags & Flag.END_STREAM:
+            self._progress()
+        else:
+            self._empty("empty DATA frame")
         self._recv_window -= length
         if self._recv_window < 0:
             raise ProtocolViolation(ErrorCode.FLOW_CONTROL_ERROR, "connection window exceeded")
@@ -419,6 +506,26 @@ class H2Connection:
         if st is not None and self._data_flags & Flag.END_STREAM and self.streams.get(st.id) is st:
             self._remote_end(st)
 
+    def _progress(self) -> None:
+        """A frame that did some work: the flood counters start again."""
+        self._empty_frames = 0
+        self._control_frames = 0
+
+    def _empty(self, what: str) -> None:
+        self._empty_frames += 1
+        if self._empty_frames > self.limits.max_empty_frames:
+            raise _over(
+                "max_empty_frames", f"{self._empty_frames} frames in a row carry nothing ({what})"
+            )
+
+    def _control(self, what: str) -> None:
+        self._control_frames += 1
+        if self._control_frames > self.limits.max_control_frames_without_progress:
+            raise _over(
+                "max_control_frames_without_progress",
+                f"{self._control_frames} {what} frames without a stream making progress",
+            )
+
     def _frame(self, ftype: int, flags: int, sid: int, payload: memoryview) -> None:
         if self._cont_sid and ftype != FrameType.CONTINUATION:
             raise ProtocolViolation(ErrorCode.PROTOCOL_ERROR, "expected CONTINUATION")
@@ -439,11 +546,24 @@ class H2Connection:
         elif ftype == FrameType.GOAWAY:
             self._on_goaway(sid, payload)
         elif ftype == FrameType.PRIORITY:
-            if sid == 0 or len(payload) != 5:
-                raise ProtocolViolation(ErrorCode.PROTOCOL_ERROR, "malformed PRIORITY")
+            self._on_priority(sid, payload)
         elif ftype == FrameType.PUSH_PROMISE:
             raise ProtocolViolation(ErrorCode.PROTOCOL_ERROR, "PUSH_PROMISE is disabled")
-        # Unknown frame types are ignored (RFC 9113 section 4.1).
+        else:
+            # Unknown frame types are ignored (RFC 9113 section 4.1), but not for free.
+            self._empty(f"unknown frame type {ftype}")
+
+    def _on_priority(self, sid: int, payload: memoryview) -> None:
+        # Priorities are advisory and we do not use them (RFC 9113 5.3.2).
+        if sid == 0:
+            raise ProtocolViolation(ErrorCode.PROTOCOL_ERROR, "PRIORITY on stream 0")
+        self._empty("PRIORITY")
+        if len(payload) != 5:
+            st = self.streams.get(sid)
+            if st is not None:
+                self._stream_error(st, ErrorCode.FRAME_SIZE_ERROR)
+            else:
+                self._reply(rst_stream(sid, ErrorCode.FRAME_SIZE_ERROR))
 
     def _strip_padding(self, flags: int, payload: memoryview) -> tuple[memoryview, int]:
         if not flags & Flag.PADDED:
@@ -460,6 +580,8 @@ class H2Connection:
         self._data_begin(flags, sid, len(payload))
         self._data_left = 0
         body, overhead = self._strip_padding(flags, payload)
+        if not body and not flags & Flag.END_STREAM:
+            self._empty("DATA with only padding")
         self.ack(sid, overhead)  # padding is never handed to anyone: credit it now
         if body:
             self._data_chunk(body)
@@ -471,7 +593,7 @@ class H2Connection:
             idle = True
         if idle:
             raise ProtocolViolation(ErrorCode.PROTOCOL_ERROR, f"frame on idle stream {sid}")
-        self.out.append(rst_stream(sid, ErrorCode.STREAM_CLOSED))
+        self._reply(rst_stream(sid, ErrorCode.STREAM_CLOSED))
 
     def _remote_end(self, st: _Stream) -> None:
         st.remote_closed = True
@@ -487,6 +609,7 @@ class H2Connection:
     def _on_headers(self, flags: int, sid: int, payload: memoryview) -> None:
         if sid == 0:
             raise ProtocolViolation(ErrorCode.PROTOCOL_ERROR, "HEADERS on stream 0")
+        self._progress()
         block, _ = self._strip_padding(flags, payload)
         if flags & Flag.PRIORITY:
             if len(block) < 5:
@@ -503,17 +626,19 @@ class H2Connection:
     def _on_continuation(self, flags: int, sid: int, payload: memoryview) -> None:
         if not self._cont_sid or sid != self._cont_sid:
             raise ProtocolViolation(ErrorCode.PROTOCOL_ERROR, "unexpected CONTINUATION")
+        if not payload and not flags & Flag.END_HEADERS:
+            self._empty("empty CONTINUATION")
         self._cont_block += payload
-        if len(self._cont_block) > MAX_HEADER_BLOCK:
-            raise ProtocolViolation(ErrorCode.ENHANCE_YOUR_CALM, "header block too large")
+        if len(self._cont_block) > self.limits.max_header_block:
+            raise _over("max_header_block", "header block too large")
         if flags & Flag.END_HEADERS:
             self._cont_sid = 0
             block, self._cont_block = bytes(self._cont_block), bytearray()
             self._header_block(sid, block, self._cont_end_stream)
 
     def _header_block(self, sid: int, block: bytes, end_stream: bool) -> None:
-        if len(block) > MAX_HEADER_BLOCK:
-            raise ProtocolViolation(ErrorCode.ENHANCE_YOUR_CALM, "header block too large")
+        if len(block) > self.limits.max_header_block:
+            raise _over("max_header_block", "header block too large")
         # Decoding must happen even for streams we will refuse: HPACK state is shared.
         raw = self._decoder.decode(block, raw=True)
         headers: Headers = [
@@ -530,7 +655,8 @@ class H2Connection:
             self._unknown_stream_frame(sid)
             return
         status_values = [v for k, v in headers if k == ":status"]
-        if len(status_values) != 1 or not status_values[0].isdigit():
+        uppercase = any(not _UPPER.isdisjoint(k) for k, _ in headers)
+        if uppercase or len(status_values) != 1 or not status_values[0].isdigit():
             self.reset(sid, ErrorCode.PROTOCOL_ERROR)
             if st.handler is not None:
                 st.handler.on_reset(ErrorCode.PROTOCOL_ERROR)
@@ -553,14 +679,20 @@ class H2Connection:
         if sid % 2 == 0 or sid <= self._last_peer_stream:
             raise ProtocolViolation(ErrorCode.PROTOCOL_ERROR, f"bad new stream id {sid}")
         self._last_peer_stream = sid
-        if self.draining or len(self.streams) >= SERVER_MAX_CONCURRENT_STREAMS:
+        self._peer_streams += 1
+        if self.draining or len(self.streams) >= self.limits.max_concurrent_streams:
             # Draining: a stream the peer opened before it saw our GOAWAY. REFUSED_STREAM
             # tells it nothing was processed, so it may safely retry on a new connection.
-            self.out.append(rst_stream(sid, ErrorCode.REFUSED_STREAM))
+            self._reply(rst_stream(sid, ErrorCode.REFUSED_STREAM))
+            return
+        why = malformed_request(headers)
+        if why is not None:
+            self._reply(rst_stream(sid, ErrorCode.PROTOCOL_ERROR))
             return
         st = _Stream(sid, None, self._peer_initial_window)
         st.remote_closed = end_stream
         self.streams[sid] = st
+        self._unanswered[sid] = None
         self.handler.on_request(sid, headers)
 
     def _on_window_update(self, sid: int, payload: memoryview) -> None:
@@ -601,29 +733,55 @@ class H2Connection:
     def _on_settings(self, flags: int, sid: int, payload: memoryview) -> None:
         if sid != 0:
             raise ProtocolViolation(ErrorCode.PROTOCOL_ERROR, "SETTINGS on a stream")
+        self._control("SETTINGS")
         if flags & Flag.ACK:
             if payload:
                 raise ProtocolViolation(ErrorCode.FRAME_SIZE_ERROR, "SETTINGS ACK with payload")
             return
         if len(payload) % 6:
             raise ProtocolViolation(ErrorCode.FRAME_SIZE_ERROR, "SETTINGS length")
+        entries = len(payload) // 6
+        self._settings_budget(entries)
+        window: int | None = None
         for i in range(0, len(payload), 6):
             key = (payload[i] << 8) | payload[i + 1]
             value = u32(payload, i + 2)
-            self._apply_setting(key, value)
-        self.out.append(settings_ack())
+            if key == Setting.INITIAL_WINDOW_SIZE:
+                if value > MAX_WINDOW:
+                    raise ProtocolViolation(
+                        ErrorCode.FLOW_CONTROL_ERROR, "initial window too large"
+                    )
+                window = value  # applied once per frame: each change walks every stream
+            else:
+                self._apply_setting(key, value)
+        if window is not None:
+            self._set_initial_window(window)
+        self._reply(settings_ack())
+
+    def _settings_budget(self, entries: int) -> None:
+        limits = self.limits
+        if entries > limits.max_settings_entries:
+            raise _over("max_settings_entries", f"SETTINGS frame with {entries} entries")
+        now = self._clock()
+        if now - self._settings_second >= 1.0:
+            self._settings_second, self._settings_entries = now, 0
+        self._settings_entries += entries
+        if self._settings_entries > limits.max_settings_entries_per_second:
+            raise _over(
+                "max_settings_entries_per_second",
+                f"{self._settings_entries} SETTINGS entries within a second",
+            )
+
+    def _set_initial_window(self, value: int) -> None:
+        delta = value - self._peer_initial_window
+        self._peer_initial_window = value
+        for st in list(self.streams.values()):
+            st.send_window += delta
+            if delta > 0:
+                self._flush_stream(st)
 
     def _apply_setting(self, key: int, value: int) -> None:
-        if key == Setting.INITIAL_WINDOW_SIZE:
-            if value > MAX_WINDOW:
-                raise ProtocolViolation(ErrorCode.FLOW_CONTROL_ERROR, "initial window too large")
-            delta = value - self._peer_initial_window
-            self._peer_initial_window = value
-            for st in list(self.streams.values()):
-                st.send_window += delta
-                if delta > 0:
-                    self._flush_stream(st)
-        elif key == Setting.MAX_FRAME_SIZE:
+        if key == Setting.MAX_FRAME_SIZE:
             if not DEFAULT_MAX_FRAME <= value <= MAX_FRAME_LIMIT:
                 raise ProtocolViolation(ErrorCode.PROTOCOL_ERROR, "bad SETTINGS_MAX_FRAME_SIZE")
             self._peer_max_frame = value
@@ -635,20 +793,41 @@ class H2Connection:
             raise ProtocolViolation(ErrorCode.PROTOCOL_ERROR, "bad SETTINGS_ENABLE_PUSH")
 
     def _on_ping(self, flags: int, sid: int, payload: memoryview) -> None:
-        if sid != 0 or len(payload) != 8:
-            raise ProtocolViolation(ErrorCode.PROTOCOL_ERROR, "malformed PING")
+        if sid != 0:
+            raise ProtocolViolation(ErrorCode.PROTOCOL_ERROR, "PING on a stream")
+        if len(payload) != 8:
+            raise ProtocolViolation(ErrorCode.FRAME_SIZE_ERROR, "PING length")
+        self._control("PING")
         if flags & Flag.ACK:
             self.handler.on_ping_ack(bytes(payload))
         else:
-            self.out.append(ping(bytes(payload), ack=True))
+            self._reply(ping(bytes(payload), ack=True))
 
     def _on_rst(self, sid: int, payload: memoryview) -> None:
-        if sid == 0 or len(payload) != 4:
-            raise ProtocolViolation(ErrorCode.PROTOCOL_ERROR, "malformed RST_STREAM")
+        if sid == 0:
+            raise ProtocolViolation(ErrorCode.PROTOCOL_ERROR, "RST_STREAM on stream 0")
+        if len(payload) != 4:
+            raise ProtocolViolation(ErrorCode.FRAME_SIZE_ERROR, "RST_STREAM length")
         st = self.streams.pop(sid, None)
         self._blocked.pop(sid, None)
+        if sid in self._unanswered:
+            del self._unanswered[sid]
+            self._premature_reset()
+        elif st is None:
+            self._empty("RST_STREAM of a closed stream")
         if st is not None and st.handler is not None:
             st.handler.on_reset(u32(payload))
+
+    def _premature_reset(self) -> None:
+        """The peer reset a stream before we answered it: cheap for it, not for us (the
+        answer may be an app connect). Many of them, and most of its streams: rapid reset."""
+        self._premature_resets += 1
+        n = self._premature_resets
+        if n > self.limits.max_premature_resets and 2 * n > self._peer_streams:
+            raise _over(
+                "max_premature_resets",
+                f"rapid reset: {n} of {self._peer_streams} streams reset before an answer",
+            )
 
     def _on_goaway(self, sid: int, payload: memoryview) -> None:
         if sid != 0 or len(payload) < 8:
@@ -726,6 +905,7 @@ class H2Connection:
         streams = list(self.streams.values())
         self.streams.clear()
         self._blocked.clear()
+        self._unanswered.clear()
         for st in streams:
             if st.handler is not None:
                 st.handler.on_reset(ErrorCode.CANCEL if code == ErrorCode.NO_ERROR else code)
