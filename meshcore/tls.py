@@ -84,6 +84,12 @@ def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> SpiffeId:
             f"peer certificate must carry exactly one SPIFFE URI SAN, it has {len(spiffe)}"
             + (f": {', '.join(spiffe)}" if spiffe else "")
         )
+    if len(uris) != 1:
+        # An X.509-SVID has exactly one URI SAN (SPIFFE X509-SVID 2): a second URI could
+        # be read as the identity by another verifier.
+        raise PeerVerificationError(
+            f"peer certificate carries {len(uris)} URI SANs; an X.509-SVID has exactly one"
+        )
     try:
         return SpiffeId.parse(spiffe[0])
     except IdentityError as e:

@@ -406,18 +406,31 @@ def test_peer_identity_without_a_certificate():
         peer_identity(FakeSSLObject())  # type: ignore[arg-type]
 
 
-def test_peer_identity_ignores_non_spiffe_uris_and_other_names(san_ca):
+def test_peer_identity_ignores_names_that_are_not_uris(san_ca):
     result = client_peer_seen_by_server(
         san_ca,
         [
             x509.DNSName("a.example"),
-            x509.UniformResourceIdentifier("https://x.example"),
             x509.UniformResourceIdentifier(str(CLIENT_ID)),
             x509.RFC822Name("a@x.example"),
         ],
     )
     assert result.error is None
     assert result.peer == CLIENT_ID
+
+
+def test_peer_identity_refuses_a_second_uri_beside_the_spiffe_one(san_ca):
+    """An X.509-SVID has exactly one URI SAN: another verifier might read the other one."""
+    result = client_peer_seen_by_server(
+        san_ca,
+        [
+            x509.UniformResourceIdentifier(str(CLIENT_ID)),
+            x509.UniformResourceIdentifier("https://x.example"),
+        ],
+    )
+    assert isinstance(result.error, PeerVerificationError), result.error
+    assert "2 URI SANs" in str(result.error)
+    assert result.peer is None
 
 
 def test_peer_identity_refuses_an_unverified_certificate(server_cert, client_cert):
