@@ -188,7 +188,8 @@ class H2Connection:
         self.goaway_received = False
         self.draining = False  # we sent a graceful GOAWAY: no new streams, open ones finish
         self.close_reason = ""
-        self.limit_hit: str | None = None  # the H2Limits field that ended the connection
+        # Which limit ended the connection: an H2Limits field, or a timeout of the shell.
+        self.limit_hit: str | None = None
         self._buf = bytearray()
         self._preface_pending = not client
         self._next_stream_id = 1
@@ -247,6 +248,11 @@ class H2Connection:
     @property
     def open_streams(self) -> int:
         return len(self.streams)
+
+    @property
+    def preface_received(self) -> bool:
+        """Server side: the client's preface and first SETTINGS have arrived."""
+        return not self._preface_pending and not self._expect_settings
 
     # ---- API used by stream owners ---------------------------------------------------
 

@@ -40,3 +40,23 @@ class H2Limits:
 
 
 DEFAULT_LIMITS = H2Limits()
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """How long an HBONE connection may take, or sit, before it is closed (seconds)."""
+
+    # TLS handshake of an accepted connection (unauthenticated until it completes).
+    handshake: float = 10.0
+    # From the end of the handshake to the client's HTTP/2 preface and SETTINGS.
+    preface: float = 10.0
+    # An inbound connection with no stream open for this long is drained (upstream
+    # ztunnel's pool closes idle client connections after 5 minutes; Envoy's default is 1 h).
+    idle: float = 600.0
+    # Keepalive (protocols.md): PING every `ping_interval`, give up after `ping_timeout`
+    # without an answer, on both sides.
+    ping_interval: float = 10.0
+    ping_timeout: float = 20.0
+
+
+DEFAULT_TIMEOUTS = Timeouts()

@@ -13,11 +13,10 @@ import time
 from collections.abc import Callable
 from typing import Protocol, cast
 
-from meshcore.hbone.conn import H2Connection, Headers, StreamHandler
+from meshcore.hbone.conn import H2Connection, Headers, StreamHandler, error_name
+from meshcore.hbone.h2frames import ErrorCode
+from meshcore.hbone.limits import DEFAULT_LIMITS, DEFAULT_TIMEOUTS, H2Limits, Timeouts
 
-# Keepalive (protocols.md): PING every 10 s, give up after 20 s without an answer.
-PING_INTERVAL = 10.0
-PING_TIMEOUT = 20.0
 # How long a drained connection stays open to refuse late streams before it closes.
 DRAIN_CLOSE_GRACE = 1.0
 
@@ -94,8 +93,15 @@ class H2Transport(asyncio.BufferedProtocol):
         on_request: Callable[[H2Transport, int, Headers], None] | None = None,
         on_closed: Callable[[H2Transport], None] | None = None,
         keepalive: bool = True,
+        limits: H2Limits = DEFAULT_LIMITS,
+        timeouts: Timeouts = DEFAULT_TIMEOUTS,
+        on_refused: Callable[[H2Transport, str], None] | None = None,
     ) -> None:
-        self.conn = H2Connection(client, self)
+        self.conn = H2Connection(client, self, limits)
+        self.timeouts = timeouts
+        # Told once when we end the connection for the peer's misbehaviour (the limit it
+        # hit, or the HTTP/2 error it caused), to log and count it.
+        self._on_refused = on_refused
         self.transport: asyncio.Transport | None = None
         self.write_paused = False
         self.listeners: set[BackpressureListener] = set()
@@ -110,6 +116,7 @@ class H2Transport(asyncio.BufferedProtocol):
         self._ping_sent_at = 0.0
         self._closed_reported = False
         self._drain_close: asyncio.TimerHandle | None = None
+        self._preface_timer: asyncio.TimerHandle | None = None
 
     # ---- asyncio.Protocol ----------------------------------------------------------------
 
@@ -120,8 +127,13 @@ class H2Transport(asyncio.BufferedProtocol):
         self.flush()
         if not self.ready.done():
             self.ready.set_result(None)
+        loop = asyncio.get_running_loop()
         if self._keepalive:
-            self._ping_timer = asyncio.get_running_loop().call_later(PING_INTERVAL, self._ping)
+            self._ping_timer = loop.call_later(self.timeouts.ping_interval, self._ping)
+        if not self.conn.client:
+            # A client that finished TLS must speak HTTP/2 promptly: a connection that
+            # never sends its preface would otherwise be held for ever.
+            self._preface_timer = loop.call_later(self.timeouts.preface, self._preface_due)
 
     def get_buffer(self, sizehint: int) -> bytearray:
         return _ReadBuffer.get()
@@ -139,6 +151,8 @@ class H2Transport(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._ping_timer is not None:
             self._ping_timer.cancel()
+        if self._preface_timer is not None:
+            self._preface_timer.cancel()
         if self._drain_close is not None:
             self._drain_close.cancel()
         if not self.conn.closed:
@@ -152,23 +166,30 @@ class H2Transport(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        # From now on, what the peer makes us answer piles up: the connection bounds it.
+        self.conn.peer_behind = True
         for listener in list(self.listeners):
             listener.pause_producing()
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self.conn.peer_caught_up()
         for listener in list(self.listeners):
             listener.resume_producing()
 
     # ---- ConnectionHandler (called by H2Connection) -------------------------------------
 
     def on_request(self, stream_id: int, headers: Headers) -> None:
+        self.last_active = time.monotonic()
         if self._on_request is None:
             self.conn.respond(stream_id, 405, None, end=True)
             return
         self._on_request(self, stream_id, headers)
 
     def on_terminated(self, code: int, reason: str) -> None:
+        if code != ErrorCode.NO_ERROR and not self.conn.goaway_received:
+            # We ended it for something the peer did (a GOAWAY it sent is its own business).
+            self._refused(self.conn.limit_hit or error_name(code))
         # Flush the GOAWAY, then close; the transport reports connection_lost later.
         self.flush()
         if self.transport is not None:
@@ -229,6 +250,19 @@ class H2Transport(asyncio.BufferedProtocol):
         self.conn.close(reason=reason)
         self.flush()
 
+    def _refused(self, reason: str) -> None:
+        on_refused, self._on_refused = self._on_refused, None  # once per connection
+        if on_refused is not None:
+            on_refused(self, reason)
+
+    def _preface_due(self) -> None:
+        self._preface_timer = None
+        if self.conn.closed or self.conn.preface_received:
+            return
+        self.conn.limit_hit = "preface_timeout"  # what on_terminated reports
+        self.conn.close(ErrorCode.PROTOCOL_ERROR, "no HTTP/2 preface", "no HTTP/2 preface")
+        self.flush()
+
     def _report_closed(self) -> None:
         if self._closed_reported:
             return
@@ -240,13 +274,22 @@ class H2Transport(asyncio.BufferedProtocol):
         if self.conn.closed:
             return
         loop = asyncio.get_running_loop()
+        t = self.timeouts
         if self._ping_outstanding is not None:
-            if loop.time() - self._ping_sent_at >= PING_TIMEOUT:
-                self.close(reason=f"no PING answer within {PING_TIMEOUT:.0f} s")
+            if loop.time() - self._ping_sent_at >= t.ping_timeout:
+                self.close(reason=f"no PING answer within {t.ping_timeout:.0f} s")
                 return
         else:
             self._ping_outstanding = os.urandom(8)
             self._ping_sent_at = loop.time()
             self.conn.send_ping(self._ping_outstanding)
             self.flush()
-        self._ping_timer = loop.call_later(PING_INTERVAL, self._ping)
+        if (
+            not self.conn.client
+            and not self.conn.streams
+            and time.monotonic() - self.last_active >= t.idle
+        ):
+            # Idle: drained, not cut, so a stream opened as we decide still gets its
+            # REFUSED_STREAM and is retried on a new connection.
+            self.drain(f"idle for {t.idle:.0f} s")
+        self._ping_timer = loop.call_later(t.ping_interval, self._ping)

@@ -40,6 +40,10 @@ CLOSED = "istio_tcp_connections_closed"
 RECEIVED_BYTES = "istio_tcp_received_bytes"
 SENT_BYTES = "istio_tcp_sent_bytes"
 SOCKETS_OPEN = "istio_tcp_sockets_open"
+# Not upstream's: HBONE connections we ended because the peer broke the protocol or hit a
+# limit (H2Limits), and TLS handshakes we refused, by reason. An attack shows here.
+HBONE_REFUSED = "hbone_connections_refused"
+HBONE_REFUSED_LABELS = ("direction", "reason")
 
 _HELP = {
     OPENED: "The total number of TCP connections opened",
@@ -231,6 +235,17 @@ class TcpMetrics:
         self._received: dict[TcpLabels, int] = {}
         self._sent: dict[TcpLabels, int] = {}
         self._open: dict[TcpLabels, int] = {}
+        self._hbone_refused: dict[tuple[str, str], int] = {}
+
+    def hbone_refused(self, direction: str, reason: str) -> None:
+        """An HBONE connection ended by us for the peer's misbehaviour (`reason`: the limit,
+        the HTTP/2 error, or why its TLS handshake was refused). `direction`: inbound when
+        the peer is a client of our listener, outbound when it is a server we dialled."""
+        key = (direction, reason)
+        self._hbone_refused[key] = self._hbone_refused.get(key, 0) + 1
+
+    def hbone_refused_count(self, direction: str, reason: str) -> int:
+        return self._hbone_refused.get((direction, reason), 0)
 
     def opened(self, labels: TcpLabels) -> None:
         """A connection was accepted and is being proxied."""
@@ -301,6 +316,15 @@ class TcpMetrics:
                 promtext.GAUGE,
                 LABEL_NAMES,
                 [(labels.values(), value) for labels, value in list(self._open.items())],
+            )
+        )
+        families.append(
+            promtext.Family(
+                f"{HBONE_REFUSED}_total",
+                "HBONE connections and TLS handshakes refused for the peer's misbehaviour",
+                promtext.COUNTER,
+                HBONE_REFUSED_LABELS,
+                list(self._hbone_refused.items()),
             )
         )
         return promtext.render(families)

@@ -1,0 +1,156 @@
+"""The HBONE shell's limits against a real peer on loopback (plain TCP: TLS is beside the
+point here): a client that never speaks HTTP/2, one that never reads the replies it asks
+for, and one that sits idle. Each is ended, told why, and reported once."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from collections.abc import Iterator
+
+import pytest
+
+from meshcore.hbone.h2frames import (
+    PREFACE,
+    ErrorCode,
+    FrameType,
+    parse_header,
+    ping,
+    settings_frame,
+)
+from meshcore.hbone.limits import H2Limits, Timeouts
+from meshcore.hbone.transport import H2Transport
+
+
+class Server:
+    """One HBONE server transport per accepted connection; what it reported."""
+
+    def __init__(self, limits: H2Limits, timeouts: Timeouts) -> None:
+        self.limits = limits
+        self.timeouts = timeouts
+        self.refused: list[str] = []
+        self.transports: list[H2Transport] = []
+        self.server: asyncio.Server | None = None
+
+    def protocol(self) -> H2Transport:
+        t = H2Transport(
+            client=False,
+            on_request=lambda h2, sid, _h: h2.conn.respond(sid, 200, None, end=False),
+            limits=self.limits,
+            timeouts=self.timeouts,
+            on_refused=lambda _t, reason: self.refused.append(reason),
+        )
+        self.transports.append(t)
+        return t
+
+    async def start(self) -> int:
+        self.server = await asyncio.get_running_loop().create_server(self.protocol, "127.0.0.1", 0)
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+def goaway_code(data: bytes) -> int | None:
+    off = 0
+    while off + 9 <= len(data):
+        length, ftype, _, _ = parse_header(data, off)
+        if ftype == FrameType.GOAWAY and off + 9 + 8 <= len(data):
+            code: int = struct.unpack(">L", data[off + 13 : off + 17])[0]
+            return code
+        off += 9 + length
+    return None
+
+
+async def read_all(reader: asyncio.StreamReader, limit: float = 10.0) -> bytes:
+    out = b""
+    while True:
+        chunk = await asyncio.wait_for(reader.read(65536), limit)
+        if not chunk:
+            return out
+        out += chunk
+
+
+def run(loop: asyncio.AbstractEventLoop, server: Server, client: object) -> object:
+    async def main() -> object:
+        port = await server.start()
+        try:
+            return await client(port)  # type: ignore[operator]
+        finally:
+            assert server.server is not None
+            server.server.close()
+            for t in server.transports:
+                if t.transport is not None:
+                    t.transport.abort()
+
+    return loop.run_until_complete(main())
+
+
+def test_a_client_that_never_sends_the_preface_is_closed(loop: asyncio.AbstractEventLoop):
+    server = Server(H2Limits(), Timeouts(preface=0.2))
+
+    async def client(port: int) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            return await read_all(reader)
+        finally:
+            writer.close()
+
+    data = run(loop, server, client)
+    assert isinstance(data, bytes) and goaway_code(data) == ErrorCode.PROTOCOL_ERROR
+    assert server.refused == ["preface_timeout"]
+
+
+def test_a_client_that_asks_for_replies_and_never_reads_them_is_cut_off(
+    loop: asyncio.AbstractEventLoop,
+):
+    """PINGs into a socket nobody reads: the replies back up into our TLS (here TCP) write
+    buffer; once it pushes back, only `max_queued_replies` more are queued, then the
+    connection ends. The memory it held is the transport's buffer plus those replies."""
+    limits = H2Limits(max_queued_replies=500, max_control_frames_without_progress=10**9)
+    server = Server(limits, Timeouts())
+
+    async def client(port: int) -> int:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        burst = ping(b"12345678") * 4096
+        await asyncio.get_running_loop().sock_sendall(sock, PREFACE + settings_frame({}))
+        sent = 0
+        try:
+            while sent < 2_000_000 and not server.refused:  # bounded: 2 M PINGs at most
+                await asyncio.wait_for(asyncio.get_running_loop().sock_sendall(sock, burst), 10)
+                sent += 4096
+        except (ConnectionError, OSError):
+            pass  # the server closed on us: expected
+        finally:
+            sock.close()
+        return sent
+
+    sent = run(loop, server, client)
+    assert server.refused == ["max_queued_replies"]
+    assert isinstance(sent, int) and sent < 2_000_000
+
+
+def test_an_idle_connection_is_drained(loop: asyncio.AbstractEventLoop):
+    server = Server(H2Limits(), Timeouts(idle=0.3, ping_interval=0.1))
+
+    async def client(port: int) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(PREFACE + settings_frame({}))
+        try:
+            return await read_all(reader)
+        finally:
+            writer.close()
+
+    data = run(loop, server, client)
+    assert isinstance(data, bytes) and goaway_code(data) == ErrorCode.NO_ERROR
+    assert b"idle for" in data
+    assert server.refused == []  # idle is not misbehaviour
