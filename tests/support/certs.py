@@ -1,0 +1,33 @@
+"""The project's CA held in memory: certificates for tests without a CA process or socket."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from controlplane.ca import CertificateAuthority, csr_identity, parse_csr
+from meshcore.identity.certs import WorkloadCertificate, build_certificate, new_key_and_csr
+from meshcore.identity.spiffe import SpiffeId
+from tests.support.mesh import TRUST_DOMAIN
+
+
+def issue(
+    ca: CertificateAuthority, identity: SpiffeId, ttl: timedelta = timedelta(hours=1)
+) -> WorkloadCertificate:
+    """A fresh key and a certificate for `identity` signed by `ca`, checked as the tunnel
+    checks what its CA returns."""
+    key_pem, csr_pem = new_key_and_csr(identity)
+    return build_certificate(identity, key_pem, ca.sign_csr(csr_pem, identity, ttl))
+
+
+class InProcessCA:
+    """The real CA, signing in this process: a `CertificateClient` for the certificate
+    manager without the CA's socket (tests/controlplane covers that)."""
+
+    def __init__(self, trust_domain: str = TRUST_DOMAIN) -> None:
+        self.ca = CertificateAuthority.create(trust_domain)
+        self.calls: list[SpiffeId] = []
+
+    async def sign(self, csr_pem: bytes, ttl: timedelta) -> list[bytes]:
+        identity = csr_identity(parse_csr(csr_pem))
+        self.calls.append(identity)
+        return self.ca.sign_csr(csr_pem, identity, ttl)

@@ -1,0 +1,28 @@
+"""File descriptors: what this process holds, and a plain fd opened for a test."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+def open_fds() -> set[int]:
+    """This process's open fds. Compare a set taken before with one taken after, once
+    everything the test started has ended (a leak shows as a new number)."""
+    return {int(n) for n in os.listdir("/proc/self/fd")}
+
+
+def fd_target(fd: int) -> str:
+    """What an fd refers to (a path, `socket:[ino]`, `net:[ino]`), for failure messages."""
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+@contextmanager
+def opened(path: str) -> Iterator[int]:
+    """A plain fd on `path` (/dev/null, a netns file), closed afterwards."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
