@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from ipaddress import ip_address
 from typing import Any
 
+from meshcore.sockets import SocketAddr
 from meshcore.state import (
     HealthStatus,
     IPAddress,
@@ -31,6 +32,12 @@ from meshcore.state import (
 
 TRUST_DOMAIN = "cluster.local"
 ROOT_NAMESPACE = "istio-system"
+
+
+def addr(text: str) -> SocketAddr:
+    """`ip:port` or `[v6]:port` as a SocketAddr."""
+    host, _, port = text.rpartition(":")
+    return SocketAddr(ip_address(host.strip("[]")), int(port))
 
 
 def ips(*texts: str) -> tuple[IPAddress, ...]:
