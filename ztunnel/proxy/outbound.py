@@ -29,7 +29,7 @@ from meshcore.observability.connections import STOPPED, ConnectionTable, Tracked
 from meshcore.observability.metrics import ResponseFlags, TcpLabels, tcp_labels
 from meshcore.relay import AppSide, HboneSplice, TcpPipe
 from meshcore.sockets import SocketAddr, SocketFactory, original_dst, tune_stream
-from meshcore.state import HealthStatus, MeshState, Service, TunnelProtocol, Workload
+from meshcore.state import HealthStatus, IPAddress, MeshState, Service, TunnelProtocol, Workload
 from meshcore.tls import PeerVerificationError
 from ztunnel.proxy.common import CONNECT_TIMEOUT, ListenerProxy, connect_tcp
 from ztunnel.proxy.inbound import LOCAL_HOP, InboundProxy
@@ -71,6 +71,15 @@ def _target_port(service: Service, endpoint: Workload, port: int) -> int | None:
     return mapped if mapped is not None else service.target_port(port)
 
 
+def _endpoint_ip(endpoint: Workload, dst: SocketAddr) -> IPAddress:
+    # A dual-stack endpoint is reached in the family the app used (as upstream's
+    # pick_workload_destination); a single-stack one at the address it has.
+    for ip in endpoint.ips:
+        if ip.version == dst.ip.version:
+            return ip
+    return endpoint.ips[0]
+
+
 def decide(
     state: MeshState,
     source: Workload,
@@ -103,7 +112,7 @@ def decide(
         endpoint = choose(candidates)
         tport = _target_port(service, endpoint, dst.port)
         assert tport is not None
-        return _to_workload(endpoint, SocketAddr(endpoint.ips[0], tport), service)
+        return _to_workload(endpoint, SocketAddr(_endpoint_ip(endpoint, dst), tport), service)
     workload = state.workload_by_ip(source.network, dst.ip)
     if workload is None:
         return OutboundDecision(

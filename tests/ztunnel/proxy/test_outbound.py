@@ -264,6 +264,13 @@ CASES = [
         workloads=(DUAL_0,),
         services=(DUAL,),
     ),
+    case(
+        "dual-stack endpoint behind the IPv6 VIP: its IPv6 address, as upstream",
+        "[fd00:96::40]:80",
+        hbone(DUAL_0, 8080, DUAL, ip="fd00:244::40"),
+        workloads=(DUAL_0,),
+        services=(DUAL,),
+    ),
     # -- networks
     case(
         "a VIP on another network is not a service here: PASSTHROUGH",
