@@ -45,11 +45,14 @@ class InboundDecision:
 
 def parse_authority(authority: str) -> SocketAddr:
     """`ip:port` or `[v6]:port`; host names are not accepted (HBONE targets an address)."""
-    if authority.startswith("["):
+    bracketed = authority.startswith("[")
+    if bracketed:
         host, sep, port = authority[1:].partition("]:")
     else:
         host, sep, port = authority.rpartition(":")
-    if not sep or not port.isdigit():
+    # IPv6 only in brackets and IPv4 only without (RFC 3986), ASCII digits only: what
+    # upstream's socket-address parse accepts. "fd00::1:80" is otherwise ambiguous.
+    if not sep or not (port.isascii() and port.isdigit()) or (":" in host) != bracketed:
         raise ValueError(f"authority {authority!r} is not ip:port")
     p = int(port)
     if not 0 < p < 65536:

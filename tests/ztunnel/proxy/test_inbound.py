@@ -144,6 +144,24 @@ CASES = [
         bad("authority '[fd00:244::20]8080' is not ip:port"),
         id="IPv6 without the colon before the port: 400",
     ),
+    pytest.param(
+        connect("fd00:244::20:8080"),
+        None,
+        bad("authority 'fd00:244::20:8080' is not ip:port"),
+        id="IPv6 without brackets: 400 (ambiguous; upstream refuses it too)",
+    ),
+    pytest.param(
+        connect("[10.244.2.20]:8080"),
+        None,
+        bad("authority '[10.244.2.20]:8080' is not ip:port"),
+        id="IPv4 in brackets: 400",
+    ),
+    pytest.param(
+        connect("10.244.2.20:\uff18\uff10"),
+        None,
+        bad("authority '10.244.2.20:\uff18\uff10' is not ip:port"),
+        id="a port in non-ASCII digits: 400",
+    ),
     # -- not this pod: 400
     pytest.param(
         connect("10.244.2.21:8080"),
