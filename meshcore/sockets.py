@@ -113,9 +113,12 @@ def tune_stream(sock: socket.socket) -> None:
 TRANSPARENT_LISTENER_PORTS = frozenset({OUTBOUND_PORT, INBOUND_PLAIN_PORT})
 
 
-def listener(factory: SocketFactory, port: int, backlog: int = 1024) -> socket.socket:
-    """A listening socket on 0.0.0.0:port with SO_REUSEPORT (an old and a new tunnel can
-    overlap during an upgrade).
+def listener(
+    factory: SocketFactory, port: int, backlog: int = 1024, host: str = "0.0.0.0"
+) -> socket.socket:
+    """A listening socket on host:port (0.0.0.0 in a pod's own netns; a pod's loopback
+    address when tests run pods side by side in one netns) with SO_REUSEPORT (an old and a
+    new tunnel can overlap during an upgrade).
 
     In a pod (a transparent factory) the 15001 and 15006 listeners are IP_TRANSPARENT: with
     the eBPF capture an outbound connection keeps its remote destination as the accepted
@@ -130,7 +133,7 @@ def listener(factory: SocketFactory, port: int, backlog: int = 1024) -> socket.s
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if factory.transparent and port in TRANSPARENT_LISTENER_PORTS:
             s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-        s.bind(("0.0.0.0", port))
+        s.bind((host, port))
         s.listen(backlog)
     except OSError:
         s.close()

@@ -14,6 +14,7 @@ import asyncio
 import enum
 import hashlib
 import os
+import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,7 +33,13 @@ from meshcore.identity.certs import CertificateManager, WorkloadCertificate
 from meshcore.identity.spiffe import SpiffeId
 from meshcore.observability.connections import ConnectionTable
 from meshcore.runtime.tasks import TaskSet
-from meshcore.sockets import NetnsSocketFactory, SocketFactory, listener
+from meshcore.sockets import (
+    NetnsSocketFactory,
+    SocketAddr,
+    SocketFactory,
+    listener,
+    original_dst,
+)
 from meshcore.state import MeshState, Workload
 from zds.messages import WorkloadInfo
 from ztunnel.proxy.common import Authorizer, allow_all
@@ -265,11 +272,19 @@ class PodProxy:
         factory: SocketFactory | None = None,
         connection_table: ConnectionTable | None = None,
         local: Callable[[Workload], InboundProxy | None] | None = None,
+        *,
+        listen_ip: str = "0.0.0.0",
+        orig_dst: Callable[[socket.socket], SocketAddr] = original_dst,
     ) -> None:
+        """`listen_ip` and `orig_dst` are for pods side by side on loopback (tests, the
+        plain factory): where the listeners bind, and the original destination the
+        capture would have recorded (SO_ORIGINAL_DST needs the kernel's REDIRECT)."""
         self.connection_table = (
             connection_table if connection_table is not None else ConnectionTable()
         )
         self._local = local
+        self._listen_ip = listen_ip
+        self._orig_dst = orig_dst
         self.enrolment = enrolment
         self.workload = workload
         self._state = state
@@ -329,6 +344,7 @@ class PodProxy:
             factory,
             pool,
             track,
+            orig_dst=self._orig_dst,
             connection_table=self.connection_table,
             local=self._local,
         )
@@ -346,10 +362,14 @@ class PodProxy:
             factory,
             track,
             self._authorize,
+            orig_dst=self._orig_dst,
             connection_table=self.connection_table,
             state=self._state,
         )
-        socks = [listener(factory, OUTBOUND_PORT), listener(factory, INBOUND_PLAIN_PORT)]
+        socks = [
+            listener(factory, OUTBOUND_PORT, host=self._listen_ip),
+            listener(factory, INBOUND_PLAIN_PORT, host=self._listen_ip),
+        ]
         try:
             self.servers = [
                 await loop.create_server(self._accepted.wrap(outbound.protocol), sock=socks[0]),
@@ -369,7 +389,7 @@ class PodProxy:
 
     async def _hbone_server(self, ctx: ssl.SSLContext) -> asyncio.Server:
         assert self._factory is not None and self.inbound is not None
-        sock = listener(self._factory, HBONE_PORT)
+        sock = listener(self._factory, HBONE_PORT, host=self._listen_ip)
         try:
             return await asyncio.get_running_loop().create_server(
                 self._accepted.wrap(self.inbound.protocol),
