@@ -1,0 +1,438 @@
+"""Three pods' proxies on loopback, without root: real TCP, TLS 1.3 and HTTP/2 CONNECT.
+
+Each pod is a real `PodProxy` (15001, 15006 and 15008, with the plain socket factory) on
+an address of its own in 127.0.0.0/8, with certificates from the project's CA held in
+memory (through the real certificate manager and its worker process), and the real
+policy decision of its node. Pods A (client) and C (intruder) are on node1, pod B (web,
+behind the `web` service) on node2, so A -> B crosses "nodes" over HBONE.
+
+What needs the kernel is left to the netns tier: capture (here the test records, for
+each client connection, the destination REDIRECT and conntrack would have kept: hence
+`__recorded_redirects` in the names), transparent sockets (the app sees the tunnel's
+address, not the client's) and routing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import random
+import socket
+from collections.abc import Iterator, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
+
+from meshcore.identity.certs import CertificateManager
+from meshcore.identity.spiffe import SpiffeId
+from meshcore.observability.connections import ConnectionTable
+from meshcore.sockets import PlainSocketFactory, SocketAddr
+from meshcore.state import MeshState, Workload
+from tests.support.aio import Loop, wait_until
+from tests.support.certs import InProcessCA
+from tests.support.mesh import (
+    addr,
+    authorization_policy,
+    ips,
+    mesh_state,
+    ports,
+    serves,
+    service,
+    vips,
+    workload,
+)
+from ztunnel.inpod import Enrolment, PodProxy
+from ztunnel.node import NodeProxy
+
+LogLines = list[MutableMapping[str, Any]]
+
+VIP = "10.96.0.20"  # never dialled: the outbound proxy maps it to pod B
+CLIENT_ID = SpiffeId("cluster.local", "shop", "client")
+INTRUDER_ID = SpiffeId("cluster.local", "shop", "intruder")
+WEB_ID = SpiffeId("cluster.local", "shop", "web")
+
+
+def loopback_addresses(n: int) -> list[str]:
+    """`n` addresses in 127.0.0.0/8, fresh per run and outside 127.0.0.x. The listeners
+    bind the fixed pod ports (15001/15006/15008, which the outbound side dials), so two
+    runs at once must not share an address."""
+    rng = random.SystemRandom()
+    base = f"127.{rng.randint(1, 254)}.{rng.randint(0, 255)}."
+    start = rng.randint(1, 254 - n)
+    return [f"{base}{start + i}" for i in range(n)]
+
+
+class Redirects:
+    """The capture's part, recorded by the test: for each client connection, the
+    destination it asked for, keyed by the client's own address (recorded before it
+    connects, so the proxy can never look first)."""
+
+    def __init__(self) -> None:
+        self._by_client: dict[SocketAddr, SocketAddr] = {}
+
+    def original_dst(self, sock: socket.socket) -> SocketAddr:
+        try:
+            return self._by_client[SocketAddr.of(sock.getpeername())]
+        except KeyError:
+            raise OSError(errno.ENOENT, "no redirect recorded for this client") from None
+
+    async def connect(
+        self, src_ip: str, listener: SocketAddr, dst: SocketAddr
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A client at `src_ip` whose connection to `dst` the capture sends to `listener`."""
+        sock = socket.socket()
+        try:
+            sock.setblocking(False)
+            sock.bind((src_ip, 0))
+            self._by_client[SocketAddr.of(sock.getsockname())] = dst
+            await asyncio.get_running_loop().sock_connect(sock, listener.pair)
+            return await asyncio.open_connection(sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+
+
+@dataclass
+class EchoApp:
+    """The app in pod B: echoes every byte, half-closes after the client did."""
+
+    peers: list[SocketAddr] = field(default_factory=list)
+    server: asyncio.Server | None = None
+
+    async def start(self, ip: str) -> int:
+        self.server = await asyncio.start_server(self._serve, ip, 0)
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.peers.append(SocketAddr.of(writer.get_extra_info("peername")))
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+            writer.write_eof()
+            await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+@dataclass
+class Pod:
+    workload: Workload
+    proxy: PodProxy
+
+    @property
+    def ip(self) -> str:
+        return str(self.workload.ips[0])
+
+    def port(self, number: int) -> SocketAddr:
+        return addr(f"{self.ip}:{number}")
+
+
+@dataclass
+class LoopbackMesh:
+    a: Pod
+    b: Pod
+    c: Pod
+    node1: NodeProxy
+    node2: NodeProxy
+    app: EchoApp
+    app_port: int
+    outsider_ip: str
+    redirects: Redirects
+
+    async def from_pod(
+        self, pod: Pod, dst: str
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """The pod's app connects to `dst`; the capture hands it to the pod's 15001."""
+        return await self.redirects.connect(pod.ip, pod.port(15001), addr(dst))
+
+    async def plaintext_to(self, pod: Pod) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A client outside the mesh connects to the pod's app; the capture hands it to
+        the pod's 15006."""
+        dst = pod.port(self.app_port)
+        return await self.redirects.connect(self.outsider_ip, pod.port(15006), dst)
+
+
+def build_state(ip: dict[str, str], app_port: int) -> MeshState:
+    web = service(name="web", namespace="shop", vips=vips(VIP), ports=ports({80: app_port}))
+    pods = [
+        workload(name="client-0", namespace="shop", service_account="client", ips=ips(ip["a"])),
+        workload(
+            name="web-0",
+            namespace="shop",
+            service_account="web",
+            ips=ips(ip["b"]),
+            node="node2",
+            services=serves((web, {})),
+        ),
+        workload(name="intruder-0", namespace="shop", service_account="intruder", ips=ips(ip["c"])),
+    ]
+    deny_intruder = authorization_policy(
+        "deny-intruder",
+        {
+            "action": "DENY",
+            "rules": [
+                {"from": [{"source": {"principals": ["cluster.local/ns/shop/sa/intruder"]}}]}
+            ],
+        },
+        namespace="shop",
+    )
+    return mesh_state(pods, [web], [deny_intruder])
+
+
+@pytest.fixture
+def logs() -> Iterator[LogLines]:
+    with capture_logs() as captured:
+        yield captured
+
+
+@pytest.fixture
+def aio_uvloop() -> Iterator[Loop]:
+    """The tunnel's own loop."""
+    loop = Loop("uvloop")
+    yield loop
+    loop.close()
+
+
+@pytest.fixture
+def mesh(aio_uvloop: Loop, logs: LogLines) -> LoopbackMesh:
+    aio = aio_uvloop
+
+    async def start() -> LoopbackMesh:
+        a_ip, b_ip, c_ip, outsider_ip = loopback_addresses(4)
+        app = aio.closing(EchoApp())
+        app_port = await app.start(b_ip)
+        state = build_state({"a": a_ip, "b": b_ip, "c": c_ip}, app_port)
+        certs = CertificateManager(InProcessCA())
+        aio.defer(certs.close)  # after the pods stop (last deferred, first run)
+        node1 = NodeProxy("node1", certs, "cluster.local")
+        node2 = NodeProxy("node2", certs, "cluster.local")
+        for node in (node1, node2):
+            node.on_state(state)
+        redirects = Redirects()
+
+        async def pod(name: str, node: NodeProxy) -> Pod:
+            w = next(w for w in state.workloads if w.name == name)
+            proxy = PodProxy(
+                Enrolment(w.uid, "loopback"),
+                w,
+                lambda: node.state,
+                certs,
+                "cluster.local",
+                node.authorize,
+                factory=PlainSocketFactory(),
+                connection_table=node.connection_table,
+                listen_ip=str(w.ips[0]),
+                orig_dst=redirects.original_dst,
+            )
+            aio.defer(proxy.stop)
+            await proxy.start()
+            return Pod(w, proxy)
+
+        return LoopbackMesh(
+            a=await pod("client-0", node1),
+            b=await pod("web-0", node2),
+            c=await pod("intruder-0", node1),
+            node1=node1,
+            node2=node2,
+            app=app,
+            app_port=app_port,
+            outsider_ip=outsider_ip,
+            redirects=redirects,
+        )
+
+    return aio.run(start)
+
+
+def count(table: ConnectionTable, name: str, **labels: str) -> float:
+    """A counter of this node's metrics text, summed over the series matching `labels`."""
+    total = 0.0
+    text = table.metrics.render().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def access_lines(logs: LogLines, **fields: str) -> list[MutableMapping[str, Any]]:
+    return [
+        line
+        for line in logs
+        if line["event"] == "connection complete"
+        and all(line.get(k) == v for k, v in fields.items())
+    ]
+
+
+async def read_all(reader: asyncio.StreamReader) -> bytes:
+    """Everything until the connection ends; a reset ends it too (what a denied client
+    sees may be either, depending on what the kernel still held)."""
+    got = b""
+    try:
+        while chunk := await reader.read(65536):
+            got += chunk
+    except ConnectionResetError:
+        pass
+    return got
+
+
+def test_hbone_from_pod_to_service_reaches_the_app_with_the_client_identity__recorded_redirects(
+    aio_uvloop: Loop, mesh: LoopbackMesh, logs: LogLines
+) -> None:
+    payload = bytes(range(256)) * 4096  # 1 MiB: many DATA frames, flow control both ways
+
+    async def main() -> None:
+        reader, writer = await mesh.from_pod(mesh.a, f"{VIP}:80")
+        writer.write(b"hello")
+        assert await reader.readexactly(5) == b"hello"
+        # Open: each side's table shows it, the destination with the proven identity.
+        (inbound,) = mesh.node2.connection_table.connections()
+        assert inbound["direction"] == "inbound"
+        assert inbound["srcIdentity"] == str(CLIENT_ID)
+        assert inbound["dstIdentity"] == str(WEB_ID)
+        assert inbound["hbone"] == f"{mesh.b.ip}:15008"
+        (outbound,) = mesh.node1.connection_table.connections()
+        assert outbound["direction"] == "outbound"
+        assert outbound["dst"] == f"{mesh.b.ip}:{mesh.app_port}"
+        assert outbound["hbone"] == f"{mesh.b.ip}:15008"
+
+        echoed = asyncio.ensure_future(read_all(reader))
+        writer.write(payload)
+        writer.write_eof()
+        assert await echoed == payload
+        writer.close()
+        await wait_until(lambda: len(access_lines(logs)) == 2, "both access-log lines")
+
+    aio_uvloop.run(main)
+
+    size = 5 + len(payload)
+    (src_line,) = access_lines(logs, direction="outbound")
+    assert src_line["src.identity"] == str(CLIENT_ID)
+    assert src_line["dst.identity"] == str(WEB_ID)
+    assert src_line["dst.service"] == "web.shop.svc.cluster.local"
+    assert src_line["dst.addr"] == f"{mesh.b.ip}:{mesh.app_port}"
+    assert (src_line["bytes_sent"], src_line["bytes_recv"]) == (size, size)
+    assert "error" not in src_line
+    (dst_line,) = access_lines(logs, direction="inbound")
+    assert dst_line["src.identity"] == str(CLIENT_ID)  # what the TLS handshake proved
+    # The tunnel's HBONE socket leaves from its own loopback address here, which no
+    # workload owns (in a pod it leaves from the pod's IP: the netns tier checks that).
+    assert "src.workload" not in dst_line
+    assert dst_line["dst.workload"] == "web-0"
+    assert (dst_line["bytes_sent"], dst_line["bytes_recv"]) == (size, size)
+    assert "error" not in dst_line
+
+    closed = "istio_tcp_connections_closed_total"
+    for node, reporter in ((mesh.node1, "source"), (mesh.node2, "destination")):
+        labels = {
+            "reporter": reporter,
+            "source_principal": str(CLIENT_ID),
+            "destination_principal": str(WEB_ID),
+            "connection_security_policy": "mutual_tls",
+            "response_flags": "-",
+        }
+        assert count(node.connection_table, closed, **labels) == 1
+        assert count(node.connection_table, "istio_tcp_received_bytes_total", **labels) == size
+        assert count(node.connection_table, "istio_tcp_sent_bytes_total", **labels) == size
+    # Without transparent sockets (root) the app sees the tunnel's address, not pod A's.
+    assert mesh.app.peers and all(str(p.ip) != mesh.a.ip for p in mesh.app.peers)
+
+
+def test_a_denied_client_is_cut_off_and_the_denial_counted_on_both_ends__recorded_redirects(
+    aio_uvloop: Loop, mesh: LoopbackMesh, logs: LogLines
+) -> None:
+    async def main() -> bytes:
+        reader, writer = await mesh.from_pod(mesh.c, f"{VIP}:80")
+        writer.write(b"let me in")
+        got = await read_all(reader)
+        writer.close()
+        await wait_until(lambda: len(access_lines(logs)) == 2, "both access-log lines")
+        return got
+
+    assert aio_uvloop.run(main) == b""  # not a byte from the app
+    assert mesh.app.peers == []  # the app never saw the connection
+
+    (dst_line,) = access_lines(logs, direction="inbound")
+    assert dst_line["error"].startswith("401: ")
+    assert "shop/deny-intruder" in dst_line["error"]
+    assert dst_line["src.identity"] == str(INTRUDER_ID)
+    (src_line,) = access_lines(logs, direction="outbound")
+    assert src_line["error"] == "HBONE CONNECT answered 401"
+
+    closed = "istio_tcp_connections_closed_total"
+    deny = {"response_flags": "DENY", "source_principal": str(INTRUDER_ID)}
+    assert count(mesh.node1.connection_table, closed, reporter="source", **deny) == 1
+    assert count(mesh.node2.connection_table, closed, reporter="destination", **deny) == 1
+    assert (
+        mesh.node1.connection_table.connections() == mesh.node2.connection_table.connections() == []
+    )
+
+
+def test_a_plaintext_client_reaches_the_app_through_15006_without_identity__recorded_redirects(
+    aio_uvloop: Loop, mesh: LoopbackMesh, logs: LogLines
+) -> None:
+    async def main() -> bytes:
+        reader, writer = await mesh.plaintext_to(mesh.b)
+        writer.write(b"plain bytes")
+        writer.write_eof()
+        got = await read_all(reader)
+        writer.close()
+        await wait_until(lambda: len(access_lines(logs)) == 1, "the access-log line")
+        return got
+
+    assert aio_uvloop.run(main) == b"plain bytes"
+    (line,) = access_lines(logs)
+    assert line["direction"] == "inbound"
+    assert line["src.addr"].startswith(f"{mesh.outsider_ip}:")
+    assert "src.identity" not in line  # plaintext proves nothing
+    assert (line["bytes_sent"], line["bytes_recv"]) == (11, 11)
+    labels = {
+        "reporter": "destination",
+        "source_principal": "unknown",
+        "connection_security_policy": "unknown",
+        "response_flags": "-",
+    }
+    assert count(mesh.node2.connection_table, "istio_tcp_connections_closed_total", **labels) == 1
+
+
+def test_outside_the_mesh_is_plain_tcp_and_a_tunnel_port_is_refused__recorded_redirects(
+    aio_uvloop: Loop, mesh: LoopbackMesh, logs: LogLines
+) -> None:
+    outside = aio_uvloop.closing(EchoApp())
+
+    async def main() -> tuple[bytes, bytes]:
+        # An address no workload has: PASSTHROUGH, plain TCP from pod A.
+        port = await outside.start(mesh.outsider_ip)
+        reader, writer = await mesh.from_pod(mesh.a, f"{mesh.outsider_ip}:{port}")
+        writer.write(b"direct")
+        writer.write_eof()
+        direct = await read_all(reader)
+        writer.close()
+        # A self-call through the capture: refused before anything is dialled.
+        reader, writer = await mesh.from_pod(mesh.a, f"{mesh.b.ip}:15008")
+        refused = await read_all(reader)
+        writer.close()
+        await wait_until(lambda: len(access_lines(logs)) == 2, "both access-log lines")
+        return direct, refused
+
+    direct, refused = aio_uvloop.run(main)
+    assert direct == b"direct"
+    assert refused == b""
+    passed, self_call = access_lines(logs)
+    assert passed["direction"] == "outbound" and "error" not in passed
+    assert "dst.hbone_addr" not in passed and "dst.identity" not in passed
+    assert (passed["bytes_sent"], passed["bytes_recv"]) == (6, 6)
+    assert self_call["error"] == "refused: port 15008 is the tunnel's own"
+    assert mesh.app.peers == []  # nothing reached pod B's app
+    labels = {"reporter": "source", "connection_security_policy": "unknown"}
+    assert count(mesh.node1.connection_table, "istio_tcp_connections_closed_total", **labels) == 1
