@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.zds.common import LOOPS, open_fds, opened, run
+from tests.support.aio import LOOPS, run
+from tests.support.fds import open_fds, opened
 from zds import wire
 from zds.messages import (
     MAX_MESSAGE_SIZE,
@@ -66,7 +67,7 @@ def test_packets_keep_their_boundaries_and_carry_one_fd(loop_name):
             a.close()
             assert await wire.recv_packet(b) is None  # end of stream
 
-    run(main, loop_name)
+    run(main, loop=loop_name)
 
 
 def test_a_packet_over_the_limit_is_refused_and_its_fd_closed(loop_name):
@@ -83,7 +84,7 @@ def test_a_packet_over_the_limit_is_refused_and_its_fd_closed(loop_name):
             await wire.send_packet(a, b"next")
             assert await wire.recv_packet(b) == wire.Packet(b"next", None)
 
-    run(main, loop_name)
+    run(main, loop=loop_name)
 
 
 def test_two_fds_are_refused_and_both_closed(loop_name):
@@ -97,7 +98,7 @@ def test_two_fds_are_refused_and_both_closed(loop_name):
                 await wire.recv_packet(b)
             assert open_fds() == before
 
-    run(main, loop_name)
+    run(main, loop=loop_name)
 
 
 def test_too_many_fds_truncate_the_ancillary_data_and_all_are_closed(loop_name):
@@ -111,7 +112,7 @@ def test_too_many_fds_truncate_the_ancillary_data_and_all_are_closed(loop_name):
                 await wire.recv_packet(b)
             assert open_fds() == before
 
-    run(main, loop_name)
+    run(main, loop=loop_name)
 
 
 @pytest.mark.parametrize(
@@ -135,7 +136,7 @@ def test_bad_requests_are_refused_without_leaking_fds(loop_name, data, with_fd, 
                 await wire.recv_request(b)
             assert open_fds() == before
 
-    run(main, loop_name)
+    run(main, loop=loop_name)
 
 
 def test_hello_and_responses_must_not_carry_fds(loop_name):
@@ -152,7 +153,7 @@ def test_hello_and_responses_must_not_carry_fds(loop_name):
                 await wire.recv_response(b)
             assert open_fds() == before
 
-    run(main, loop_name)
+    run(main, loop=loop_name)
 
 
 def test_typed_round_trip(loop_name):
@@ -169,7 +170,7 @@ def test_typed_round_trip(loop_name):
             await wire.send_message(a, WorkloadResponse(Ack("why")))
             assert await wire.recv_response(b) == WorkloadResponse(Ack("why"))
 
-    run(main, loop_name)
+    run(main, loop=loop_name)
 
 
 def test_a_cancelled_receive_loses_nothing(loop_name):
@@ -184,7 +185,7 @@ def test_a_cancelled_receive_loses_nothing(loop_name):
             await wire.send_packet(a, b"kept")
             assert await wire.recv_packet(b) == wire.Packet(b"kept", None)
 
-    run(main, loop_name)
+    run(main, loop=loop_name)
 
 
 def test_sending_to_a_closed_peer_is_zds_closed(loop_name):
@@ -195,7 +196,7 @@ def test_sending_to_a_closed_peer_is_zds_closed(loop_name):
             with pytest.raises(wire.ZdsClosed):
                 await wire.send_packet(a, b"x")
 
-    run(main, loop_name)
+    run(main, loop=loop_name)
 
 
 def test_a_full_socket_waits_for_room(loop_name):
@@ -217,7 +218,7 @@ def test_a_full_socket_waits_for_room(loop_name):
             await blocked
             assert await wire.recv_packet(b) == wire.Packet(b"last", None)
 
-    run(main, loop_name)
+    run(main, loop=loop_name)
 
 
 def test_refuses_to_send_empty_or_overlong_packets():
@@ -249,7 +250,7 @@ def test_listen_is_private_replaces_a_stale_socket_and_accepts(tmp_path: Path, l
                 await wire.send_message(client, ZdsHello())
                 assert await wire.recv_hello(server) == ZdsHello()
 
-    run(main, loop_name)
+    run(main, loop=loop_name)
 
 
 def test_listen_refuses_to_replace_a_file_that_is_not_a_socket(tmp_path: Path):

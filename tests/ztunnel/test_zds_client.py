@@ -2,7 +2,7 @@
 
 - Against an agent driven by hand over a real socket (RawAgent): everything a real agent
   would never send, the agent going away and coming back. The pod manager there is the
-  recording stand-in from tests/zds/recording.py (named in each test).
+  recording stand-in `tests.support.zds.RecordingPods` (named in each test).
 - With the real NodeProxy and the real agent: pending pods, failed starts (nack), fd
   ownership; and, in a real network namespace (netns tier), a pod served from the fd.
 """
@@ -12,11 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import json
 import secrets
-import socket
 from collections.abc import Iterator, MutableMapping
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,21 +22,20 @@ from pyroute2 import IPRoute, netns
 from structlog.testing import capture_logs
 
 import nsutil
-from controlplane.ca import CertificateAuthority, csr_identity, parse_csr
-from meshcore.discovery import parse_local_config
 from meshcore.identity.certs import CertificateManager
 from meshcore.identity.certworker_client import CertWorkerClient
 from meshcore.state import MeshState
-from tests.zds.common import open_fds, opened, run, until
-from tests.zds.recording import RecordingPods
-from zds import wire
+from tests.support.aio import Loop, wait_until
+from tests.support.certs import InProcessCA
+from tests.support.fds import open_fds, opened
+from tests.support.mesh import ips, mesh_state, workload
+from tests.support.zds import INFO, HandAgent, RecordingPods
 from zds.messages import (
     AddWorkload,
     DelWorkload,
     KeepWorkload,
     SnapshotSent,
     Version,
-    WorkloadInfo,
     WorkloadRequest,
     ZdsHello,
     encode,
@@ -50,61 +46,7 @@ from ztunnel.inpod import PodState
 from ztunnel.node import NodeProxy
 from ztunnel.zds_client import MAX_ERROR_BYTES, ZdsClient
 
-INFO = WorkloadInfo("web", "default", "web")
 NODE = "node1"
-
-
-class RawAgent:
-    """An agent spoken by hand: it listens, and the test chooses every packet."""
-
-    def __init__(self, path: Path) -> None:
-        self.listener = wire.listen(path)
-        self.conn: socket.socket | None = None
-
-    async def accept(self) -> ZdsHello:
-        if self.conn is not None:
-            self.conn.close()
-        self.conn = await asyncio.wait_for(wire.accept(self.listener), 20)
-        hello = await wire.recv_hello(self.conn)
-        assert hello is not None
-        return hello
-
-    async def send(self, payload: object, fd: int | None = None) -> None:
-        assert self.conn is not None
-        await wire.send_message(self.conn, WorkloadRequest(payload), fd)  # type: ignore[arg-type]
-
-    async def send_raw(self, data: bytes, fd: int | None = None) -> None:
-        assert self.conn is not None
-        if fd is None:
-            self.conn.send(data)
-        else:
-            socket.send_fds(self.conn, [data], [fd])
-
-    async def answer(self) -> str:
-        assert self.conn is not None
-        response = await wire.recv_response(self.conn)
-        assert response is not None, "the tunnel closed the connection"
-        return response.payload.error
-
-    async def exchange(self, payload: object, fd: int | None = None) -> str:
-        await self.send(payload, fd)
-        return await self.answer()
-
-    async def add(self, uid: str, netns_path: str = "/proc/self/ns/net") -> str:
-        with opened(netns_path) as fd:
-            return await self.exchange(AddWorkload(uid, INFO), fd)
-
-    async def closed_by_tunnel(self) -> bool:
-        assert self.conn is not None
-        try:
-            return await wire.recv_packet(self.conn) is None
-        except wire.ZdsClosed:
-            return True
-
-    def close(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
-        self.listener.close()
 
 
 def synced(pods: RecordingPods) -> bool:
@@ -116,8 +58,8 @@ def sock_path(tmp_path: Path) -> Path:
     return tmp_path / "ztunnel.sock"
 
 
-async def client_for(path: Path, pods: object) -> ZdsClient:
-    client = ZdsClient(path, pods, backoff_initial=0.002, backoff_max=0.01)  # type: ignore[arg-type]
+async def client_for(aio: Loop, path: Path, pods: object) -> ZdsClient:
+    client = aio.closing(ZdsClient(path, pods, backoff_initial=0.002, backoff_max=0.01))  # type: ignore[arg-type]
     await client.start()
     return client
 
@@ -125,11 +67,11 @@ async def client_for(path: Path, pods: object) -> ZdsClient:
 # ---- against a hand-driven agent, with the recording pod manager ---------------------------
 
 
-def test_hello_then_snapshot_makes_the_tunnel_synced__recording_pods(sock_path):
+def test_hello_then_snapshot_makes_the_tunnel_synced__recording_pods(aio, sock_path):
     async def main():
-        agent = RawAgent(sock_path)
-        pods = RecordingPods()
-        client = await client_for(sock_path, pods)
+        agent = aio.closing(HandAgent(sock_path))
+        pods = aio.closing(RecordingPods())
+        client = await client_for(aio, sock_path, pods)
         assert await agent.accept() == ZdsHello(Version.V1)
         assert not synced(pods) and pods.enrolment_source == "zds"
         assert await agent.add("a") == ""
@@ -137,10 +79,8 @@ def test_hello_then_snapshot_makes_the_tunnel_synced__recording_pods(sock_path):
         assert synced(pods) and pods.calls == [("add", "a"), ("keep_only", {"a"})]
         await client.close()
         assert await agent.closed_by_tunnel()
-        agent.close()
-        pods.close()
 
-    run(main)
+    aio.run(main)
 
 
 @pytest.mark.parametrize(
@@ -157,16 +97,16 @@ def test_hello_then_snapshot_makes_the_tunnel_synced__recording_pods(sock_path):
     ],
 )
 def test_bad_requests_get_a_nack_then_the_connection_closes__recording_pods(
-    sock_path, packet, with_fd, says
+    aio, sock_path, packet, with_fd, says
 ):
     if packet == b"":
         packet = b"\x3a\x00"  # only an unknown field: a request without a payload
 
     async def main():
         before = open_fds()
-        agent = RawAgent(sock_path)
-        pods = RecordingPods()
-        client = await client_for(sock_path, pods)
+        agent = aio.closing(HandAgent(sock_path))
+        pods = aio.closing(RecordingPods())
+        client = await client_for(aio, sock_path, pods)
         await agent.accept()
         with capture_logs() as logs:
             if with_fd:
@@ -185,16 +125,17 @@ def test_bad_requests_get_a_nack_then_the_connection_closes__recording_pods(
         agent.close()
         assert open_fds() == before  # the fd that came with the bad packet was closed
 
-    run(main)
+    aio.run(main)
 
 
 def test_keep_and_a_second_snapshot_after_the_snapshot_break_the_protocol__recording_pods(
+    aio,
     sock_path,
 ):
     async def main():
-        agent = RawAgent(sock_path)
-        pods = RecordingPods()
-        client = await client_for(sock_path, pods)
+        agent = aio.closing(HandAgent(sock_path))
+        pods = aio.closing(RecordingPods())
+        await client_for(aio, sock_path, pods)
         await agent.accept()
         assert await agent.exchange(SnapshotSent()) == ""
         assert "pod keep received after snapshot" in await agent.exchange(KeepWorkload("a"))
@@ -204,19 +145,17 @@ def test_keep_and_a_second_snapshot_after_the_snapshot_break_the_protocol__recor
         assert "pod snapshot received already" in await agent.exchange(SnapshotSent())
         assert await agent.closed_by_tunnel()
         assert not synced(pods)
-        await client.close()
-        agent.close()
 
-    run(main)
+    aio.run(main)
 
 
 def test_keep_and_delete_before_the_snapshot_shape_what_it_drains__recording_pods(
-    sock_path, tmp_path
+    aio, sock_path, tmp_path
 ):
     async def main():
-        agent = RawAgent(sock_path)
-        pods = RecordingPods()
-        client = await client_for(sock_path, pods)
+        agent = aio.closing(HandAgent(sock_path))
+        pods = aio.closing(RecordingPods())
+        await client_for(aio, sock_path, pods)
         await agent.accept()
         for uid in "abc":
             stand_in = tmp_path / f"netns-{uid}"
@@ -233,71 +172,63 @@ def test_keep_and_delete_before_the_snapshot_shape_what_it_drains__recording_pod
         assert await agent.exchange(SnapshotSent()) == ""
         assert set(pods.serving) == {"a"}
         assert pods.calls[-1] == ("keep_only", {"a"})
-        await client.close()
-        agent.close()
-        pods.close()
 
-    run(main)
+    aio.run(main)
 
 
-def test_a_long_failure_reason_is_cut_to_fit_upstreams_buffer__recording_pods(sock_path):
+def test_a_long_failure_reason_is_cut_to_fit_upstreams_buffer__recording_pods(aio, sock_path):
     async def main():
-        agent = RawAgent(sock_path)
-        pods = RecordingPods()
+        agent = aio.closing(HandAgent(sock_path))
+        pods = aio.closing(RecordingPods())
         pods.fail["a"] = "é" * 5000
-        client = await client_for(sock_path, pods)
+        await client_for(aio, sock_path, pods)
         await agent.accept()
         error = await agent.add("a")
         assert error.startswith("failure to start proxy: é") and error.endswith("...")
         assert len(error.encode()) <= MAX_ERROR_BYTES
-        await client.close()
-        agent.close()
 
-    run(main)
+    aio.run(main)
 
 
-def test_a_pod_manager_failure_is_a_nack_not_a_crash__recording_pods(sock_path):
+def test_a_pod_manager_failure_is_a_nack_not_a_crash__recording_pods(aio, sock_path):
     class Broken(RecordingPods):
         async def remove_pod(self, uid: str) -> None:
             raise OSError(errno.EIO, "disk on fire")
 
     async def main():
-        agent = RawAgent(sock_path)
-        pods = Broken()
-        client = await client_for(sock_path, pods)
+        agent = aio.closing(HandAgent(sock_path))
+        pods = aio.closing(Broken())
+        await client_for(aio, sock_path, pods)
         await agent.accept()
         assert "failure to remove proxy: OSError" in await agent.exchange(DelWorkload("a"))
         assert await agent.exchange(SnapshotSent()) == ""  # same connection, still fine
-        await client.close()
-        agent.close()
 
-    run(main)
+    aio.run(main)
 
 
-def test_the_agent_away_is_logged_once_per_outage__recording_pods(sock_path):
+def test_the_agent_away_is_logged_once_per_outage__recording_pods(aio, sock_path):
     def count(logs: list[MutableMapping[str, Any]], event: str) -> int:
         return sum(1 for e in logs if e["event"] == event)
 
     async def main():
-        pods = RecordingPods()
+        pods = aio.closing(RecordingPods())
         with capture_logs() as logs:
-            client = await client_for(sock_path, pods)
-            await until(lambda: "unreachable" in pods.enrolment_detail, "a failed attempt")
+            await client_for(aio, sock_path, pods)
+            await wait_until(lambda: "unreachable" in pods.enrolment_detail, "a failed attempt")
             await asyncio.sleep(0.1)  # many more attempts at a 10 ms ceiling
             assert count(logs, "node agent unreachable; retrying") == 1
-            agent = RawAgent(sock_path)
+            agent = aio.closing(HandAgent(sock_path))
             await agent.accept()
             assert count(logs, "node agent reachable again") == 1
             assert await agent.exchange(SnapshotSent()) == ""
             agent.close()  # a second outage, logged once more
             sock_path.unlink()
-            await until(lambda: "unreachable" in pods.enrolment_detail, "the second outage")
+            await wait_until(lambda: "unreachable" in pods.enrolment_detail, "the second outage")
             await asyncio.sleep(0.05)
             assert count(logs, "node agent unreachable; retrying") == 2
         assert not synced(pods)
-        await client.close()
 
-    run(main)
+    aio.run(main)
 
 
 # ---- configuration -----------------------------------------------------------------------
@@ -334,34 +265,17 @@ def test_config_enrolment_source_errors_name_the_variable(extra, says):
 # ---- the real NodeProxy ------------------------------------------------------------------
 
 
-class InProcessCA:
-    """The real CA, called in process instead of over its socket."""
-
-    def __init__(self) -> None:
-        self.ca = CertificateAuthority.create("cluster.local")
-
-    async def sign(self, csr_pem: bytes, ttl: timedelta) -> list[bytes]:
-        return self.ca.sign_csr(csr_pem, csr_identity(parse_csr(csr_pem)), ttl)
-
-
 def mesh(*pods: tuple[str, str]) -> MeshState:
     """Workloads (uid, name) on this node, uids as the control plane writes them."""
-    return parse_local_config(
-        json.dumps(
-            {
-                "workloads": [
-                    {
-                        "uid": uid,
-                        "name": name,
-                        "namespace": "default",
-                        "serviceAccount": name,
-                        "node": NODE,
-                        "workloadIps": [f"10.250.0.{i + 2}"],
-                    }
-                    for i, (uid, name) in enumerate(pods)
-                ]
-            }
+    return mesh_state(
+        workload(
+            uid=uid,
+            name=name,
+            service_account=name,
+            node=NODE,
+            ips=ips(f"10.250.0.{i + 2}"),
         )
+        for i, (uid, name) in enumerate(pods)
     )
 
 
@@ -381,7 +295,7 @@ class Stack:
         self.node.start()
         await self.agent.start()
         await self.client.start()
-        await until(lambda: self.agent.tunnels == 1, "the tunnel to connect")
+        await wait_until(lambda: self.agent.tunnels == 1, "the tunnel to connect")
 
     async def close(self) -> None:
         await self.client.close()
@@ -390,9 +304,9 @@ class Stack:
         await self.certs.close()
 
 
-def test_a_pod_whose_workload_is_not_known_yet_is_acked_and_pending(sock_path):
+def test_a_pod_whose_workload_is_not_known_yet_is_acked_and_pending(aio, sock_path):
     async def main():
-        stack = Stack(sock_path, mesh())
+        stack = aio.closing(Stack(sock_path, mesh()))
         await stack.start()
         node = stack.node
         assert node.status()["enrolment"] == "zds: connected" and node.ready
@@ -411,14 +325,13 @@ def test_a_pod_whose_workload_is_not_known_yet_is_acked_and_pending(sock_path):
         await stack.agent.delete("k8s-uid-1")
         assert node.status()["pods"] == {} and node.ready
         assert open_fds() == before  # the tunnel closed the fd it owned
-        await stack.close()
 
-    run(main)
+    aio.run(main)
 
 
-def test_pods_without_workloads_wait_once_per_config_version_not_once_each(sock_path):
+def test_pods_without_workloads_wait_once_per_config_version_not_once_each(aio, sock_path):
     async def main():
-        stack = Stack(sock_path, mesh())
+        stack = aio.closing(Stack(sock_path, mesh()))
         await stack.start()
         await stack.agent.add("a", INFO, "/proc/self/ns/net")  # waits, in vain
         # Were the next adds to wait as well, a snapshot of many such pods would take
@@ -430,14 +343,13 @@ def test_pods_without_workloads_wait_once_per_config_version_not_once_each(sock_
         assert all(stack.agent.acked(uid) for uid in "abc")
         # (These netns fds are the test's own netns: the mesh never names the pods, so
         # nothing is ever bound there.)
-        await stack.close()
 
-    run(main)
+    aio.run(main)
 
 
-def test_the_node_owns_exactly_one_fd_per_enrolled_pod(sock_path):
+def test_the_node_owns_exactly_one_fd_per_enrolled_pod(aio, sock_path):
     async def main():
-        stack = Stack(sock_path, mesh())  # no workloads: nothing is ever started
+        stack = aio.closing(Stack(sock_path, mesh()))  # no workloads: nothing is ever started
         await stack.start()
         node = stack.node
         before = open_fds()
@@ -455,7 +367,7 @@ def test_the_node_owns_exactly_one_fd_per_enrolled_pod(sock_path):
         await stack.close()  # closing the node releases the rest
         assert open_fds() <= before
 
-    run(main)
+    aio.run(main)
 
 
 def warm_netns_home() -> None:
@@ -465,9 +377,9 @@ def warm_netns_home() -> None:
         nsutil.socket_in(fd).close()
 
 
-def test_a_failed_start_is_nacked_with_its_reason_and_stays_pending(sock_path):
+def test_a_failed_start_is_nacked_with_its_reason_and_stays_pending(aio, sock_path):
     async def main():
-        stack = Stack(sock_path, mesh(("cluster//Pod/default/web", "web")))
+        stack = aio.closing(Stack(sock_path, mesh(("cluster//Pod/default/web", "web"))))
         await stack.start()
         warm_netns_home()
         before = open_fds()
@@ -479,32 +391,29 @@ def test_a_failed_start_is_nacked_with_its_reason_and_stays_pending(sock_path):
         assert "setns" in e.value.error and not stack.agent.acked("k8s-uid-1")
         # The agent's next snapshot no longer names it: drained, fd released.
         await stack.agent.delete("k8s-uid-1")
-        await until(lambda: stack.cert_worker.running == 0, "the certificate worker to exit")
+        await wait_until(lambda: stack.cert_worker.running == 0, "the certificate worker to exit")
         assert stack.node.pending == {} and open_fds() == before
-        await stack.close()
 
-    run(main)
+    aio.run(main)
 
 
-def test_a_node_restart_of_the_agent_keeps_pending_pods_it_still_names(sock_path):
+def test_a_node_restart_of_the_agent_keeps_pending_pods_it_still_names(aio, sock_path):
     async def main():
-        stack = Stack(sock_path, mesh())
+        stack = aio.closing(Stack(sock_path, mesh()))
         await stack.start()
         await stack.agent.add("a", INFO, "/proc/self/ns/net")
         await stack.agent.add("b", INFO, "/proc/self/ns/net")
         await stack.agent.close()
-        await until(lambda: not stack.node.enrolment_synced, "the tunnel to notice")
+        await wait_until(lambda: not stack.node.enrolment_synced, "the tunnel to notice")
         assert set(stack.node.desired) == {"a", "b"}
-        agent2 = ZdsServer(sock_path)
+        agent2 = aio.closing(ZdsServer(sock_path))
         await agent2.start()
-        await until(lambda: agent2.tunnels == 1, "the reconnect")
+        await wait_until(lambda: agent2.tunnels == 1, "the reconnect")
         assert stack.node.desired == {}  # the new agent named nothing: both drained
         await agent2.add("c", INFO, "/proc/self/ns/net")
         assert set(stack.node.desired) == {"c"}
-        await agent2.close()
-        await stack.close()
 
-    run(main)
+    aio.run(main)
 
 
 # ---- netns tier: a pod really served from the fd the agent sent ----------------------------
@@ -539,9 +448,9 @@ def _connects(netns_path: str, port: int) -> bool:
 
 
 @pytest.mark.netns
-def test_a_pod_is_served_in_the_netns_the_agent_sent(sock_path, pod_netns):
+def test_a_pod_is_served_in_the_netns_the_agent_sent(aio, sock_path, pod_netns):
     async def main():
-        stack = Stack(sock_path, mesh(("cluster//Pod/default/late", "late")))
+        stack = aio.closing(Stack(sock_path, mesh(("cluster//Pod/default/late", "late"))))
         await stack.start()
         node = stack.node
         warm_netns_home()
@@ -551,7 +460,7 @@ def test_a_pod_is_served_in_the_netns_the_agent_sent(sock_path, pod_netns):
         assert node.status()["pods"]["k8s-uid-9"].startswith("pending: workload not")
         assert not _connects(pod_netns, 15001)
         node.on_state(mesh(("cluster//Pod/default/late", "late"), ("c//Pod/default/web", "web")))
-        await until(lambda: "k8s-uid-9" in node.pods, "the pod to start")
+        await wait_until(lambda: "k8s-uid-9" in node.pods, "the pod to start")
         pod = node.pods["k8s-uid-9"]
         assert pod.state is PodState.READY and str(pod.identity).endswith("/ns/default/sa/web")
         assert node.ready and node.status()["pods"] == {"k8s-uid-9": "ready"}
@@ -565,7 +474,6 @@ def test_a_pod_is_served_in_the_netns_the_agent_sent(sock_path, pod_netns):
         assert node.pods == {}
         assert not _connects(pod_netns, 15008)
         # Every fd of the pod is closed: its netns, listeners, and the connections above.
-        await until(lambda: open_fds() == before, "every fd of the pod to be closed")
-        await stack.close()
+        await wait_until(lambda: open_fds() == before, "every fd of the pod to be closed")
 
-    run(main)
+    aio.run(main)
