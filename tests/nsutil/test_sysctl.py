@@ -3,27 +3,24 @@
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 
 import pytest
-from pyroute2 import netns
 
 import nsutil
+from tests.support.netns import throwaway_netns
 
 pytestmark = pytest.mark.netns
 
 
 @pytest.fixture
 def ns_fd() -> Iterator[int]:
-    name = f"sysctl-{uuid.uuid4().hex[:8]}"
-    netns.create(name)
-    fd = nsutil.open_netns(nsutil.netns_path(name))
-    try:
-        yield fd
-    finally:
-        os.close(fd)
-        netns.remove(name)
+    with throwaway_netns("sysctl", lo_up=False) as path:
+        fd = nsutil.open_netns(path)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
 
 
 def test_sysctl_is_set_in_the_namespace_only(ns_fd: int) -> None:

@@ -8,46 +8,28 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import secrets
-import socket
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pyroute2 import IPRoute, netns
 
 import nsutil
 from redirect import probes
 from redirect.agent import NodeAgent, NodeDataplane, zds_server_factory
 from redirect.enrolment import FilePodSource, PodInfo, pod_doc
 from redirect.probes import ProbeConfig
-from zds import wire
-from zds.messages import (
-    Ack,
-    AddWorkload,
-    DelWorkload,
-    SnapshotSent,
-    WorkloadRequest,
-    WorkloadResponse,
-    ZdsHello,
-)
+from tests.support.aio import Loop, wait_until
+from tests.support.netns import throwaway_netns
+from tests.support.zds import HandTunnel
+from zds.messages import DelWorkload, SnapshotSent
 
 pytestmark = pytest.mark.netns
 
 POD_IP = IPv4Address("10.250.0.10")
 UID = "t//Pod/mesh/app"
-
-
-def _make_netns(prefix: str) -> str:
-    name = f"{prefix}-{secrets.token_hex(4)}"
-    netns.create(name)
-    path = nsutil.netns_path(name)
-    with IPRoute(netns=path, flags=0) as ipr:
-        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-    return name
 
 
 @dataclass
@@ -121,273 +103,178 @@ class Env:
 
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[Env]:
-    node, pod = _make_netns("rda-node"), _make_netns("rda-pod")
-    try:
-        yield Env(nsutil.netns_path(node), nsutil.netns_path(pod), tmp_path)
-    finally:
-        netns.remove(pod)
-        netns.remove(node)
+    with throwaway_netns("rda-node") as node, throwaway_netns("rda-pod") as pod:
+        yield Env(node, pod, tmp_path)
 
 
-class ScriptedTunnel:
-    """The tunnel's side of ZDS, one message at a time (a stand-in for `python -m ztunnel`)."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-
-    @classmethod
-    async def connect(cls, path: Path) -> ScriptedTunnel:
-        sock = await wire.connect(path)
-        await wire.send_message(sock, ZdsHello())
-        return cls(sock)
-
-    async def next(self, limit: float = 10.0) -> tuple[WorkloadRequest, int | None]:
-        got = await asyncio.wait_for(wire.recv_request(self.sock), limit)
-        assert got is not None, "the agent closed the connection"
-        return got
-
-    async def ack(self, error: str = "") -> None:
-        await wire.send_message(self.sock, WorkloadResponse(Ack(error)))
-
-    async def expect_add(self, uid: str = UID) -> int:
-        """The next request is AddWorkload(uid) with a netns fd; returns the fd's inode."""
-        request, fd = await self.next()
-        assert isinstance(request.payload, AddWorkload), request
-        assert request.payload.uid == uid
-        assert fd is not None
-        try:
-            return os.fstat(fd).st_ino
-        finally:
-            os.close(fd)
-
-    async def expect(self, kind: type) -> WorkloadRequest:
-        request, fd = await self.next()
-        wire.close_fd(fd)
-        assert isinstance(request.payload, kind), request
-        return request
-
-    def close(self) -> None:
-        self.sock.close()
+@pytest.fixture
+def aio(env: Env, aio: Loop) -> Loop:
+    """The test's loop (tests/conftest.py), set up after the namespaces, so the agents and
+    tunnels on it are closed before the namespaces are removed."""
+    return aio
 
 
-async def until(cond: Callable[[], bool], what: str, limit: float = 15.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + limit
-    while not cond():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
-def run(scenario: Callable[[], Awaitable[None]]) -> None:
-    asyncio.run(scenario())  # type: ignore[arg-type]
-
-
-async def enrolled_through_a_tunnel(env: Env) -> ScriptedTunnel:
-    """A scripted tunnel connects, acks the one pod and the snapshot: the pod is enrolled."""
-    tunnel = await ScriptedTunnel.connect(env.socket)
-    await tunnel.expect_add()
+async def enrolled_through_a_tunnel(aio: Loop, env: Env) -> HandTunnel:
+    """A hand tunnel connects, acks the one pod and the snapshot: the pod is enrolled."""
+    tunnel = aio.closing(await HandTunnel.connect(env.socket))
+    await tunnel.expect_add(UID)
     await tunnel.ack()
     await tunnel.expect(SnapshotSent)
     await tunnel.ack()
-    await until(lambda: env.pod_state() == "enrolled", "enrolled")
+    await wait_until(lambda: env.pod_state() == "enrolled", "enrolled")
     return tunnel
 
 
-def test_enrol_without_tunnel_fails_closed_then_acks_in_order(env: Env) -> None:
+async def started_agent(aio: Loop, env: Env) -> NodeAgent:
+    agent = aio.closing(env.agent())
+    await agent.start()
+    return agent
+
+
+def test_enrol_without_tunnel_fails_closed_then_acks_in_order(env: Env, aio: Loop) -> None:
     env.publish(ambient=True)
 
     async def scenario() -> None:
-        agent = env.agent()
-        await agent.start()
-        try:
-            # No tunnel: captured (traffic blocked), pending, not in the probe set.
-            await until(lambda: env.pod_state() == "pending", "pending")
-            assert "no tunnel" in env.status()["pods"][UID]["reason"]
-            assert env.captured()
-            assert env.probe_entries() == {}
+        agent = await started_agent(aio, env)
+        # No tunnel: captured (traffic blocked), pending, not in the probe set.
+        await wait_until(lambda: env.pod_state() == "pending", "pending")
+        assert "no tunnel" in env.status()["pods"][UID]["reason"]
+        assert env.captured()
+        assert env.probe_entries() == {}
 
-            tunnel = await ScriptedTunnel.connect(env.socket)
-            inode = await tunnel.expect_add()  # the snapshot carries the pending pod
-            assert inode == os.stat(env.pod).st_ino
-            assert env.probe_entries() == {}  # not before the ack
-            await tunnel.ack()
-            await tunnel.expect(SnapshotSent)
-            await tunnel.ack()
-            await until(lambda: env.pod_state() == "enrolled", "enrolled")
-            assert env.probe_entries() == {POD_IP: UID}
-            assert env.status()["tunnels"] == 1
-
-            # Un-label: the probe entry and the redirects go before the tunnel hears of it;
-            # the return path of connections it still carries stays until it acks.
-            env.publish(ambient=False)
-            request = await tunnel.expect(DelWorkload)
-            assert request.payload == DelWorkload(UID)
-            assert env.probe_entries() == {}
-            assert not env.redirecting()
-            assert env.captured()
-            await tunnel.ack()
-            await until(lambda: env.pod_state() is None, "the pod to leave the status")
-            assert not env.captured()
-            tunnel.close()
-        finally:
-            await agent.close()
-        assert env.status()["running"] is False
-
-    run(scenario)
-
-
-def test_pod_opt_out_label_is_never_captured(env: Env) -> None:
-    env.publish(ambient=True, labels={"istio.io/dataplane-mode": "none"})
-
-    async def scenario() -> None:
-        agent = env.agent()
-        await agent.start()
-        try:
-            tunnel = await ScriptedTunnel.connect(env.socket)
-            await tunnel.expect(SnapshotSent)  # an empty snapshot
-            await tunnel.ack()
-            await until(lambda: env.status().get("tunnels") == 1, "the tunnel")
-            assert env.pod_state() is None
-            assert not env.captured()
-            tunnel.close()
-        finally:
-            await agent.close()
-
-    run(scenario)
-
-
-def test_refused_pod_stays_pending_and_is_retried(env: Env) -> None:
-    env.publish(ambient=True)
-
-    async def scenario() -> None:
-        agent = env.agent()
-        await agent.start()
-        try:
-            tunnel = await ScriptedTunnel.connect(env.socket)
-            await tunnel.expect_add()
-            await tunnel.ack("no certificate yet")  # refused in the snapshot
-            await tunnel.expect(SnapshotSent)
-            await tunnel.ack()
-            await until(lambda: env.pod_state() == "pending", "pending")
-            assert env.captured()  # still failing closed
-            await tunnel.expect_add()  # sent again
-            await tunnel.ack()
-            await until(lambda: env.pod_state() == "enrolled", "enrolled")
-            tunnel.close()
-        finally:
-            await agent.close()
-
-    run(scenario)
-
-
-def test_tunnel_loss_makes_enrolled_pods_pending_until_a_new_one_acks(env: Env) -> None:
-    env.publish(ambient=True)
-
-    async def scenario() -> None:
-        agent = env.agent()
-        await agent.start()
-        try:
-            tunnel = await enrolled_through_a_tunnel(env)
-            tunnel.close()
-            await until(lambda: env.pod_state() == "pending", "pending after the tunnel left")
-            assert env.captured() and env.probe_entries() == {POD_IP: UID}
-            second = await ScriptedTunnel.connect(env.socket)
-            await second.expect_add()
-            await second.ack()
-            await second.expect(SnapshotSent)
-            await second.ack()
-            await until(lambda: env.pod_state() == "enrolled", "enrolled again")
-            second.close()
-        finally:
-            await agent.close()
-
-    run(scenario)
-
-
-def test_restarted_agent_sends_a_complete_snapshot_and_keeps_rules(env: Env) -> None:
-    env.publish(ambient=True)
-
-    async def scenario() -> None:
-        first = env.agent()
-        await first.start()
-        tunnel = await ScriptedTunnel.connect(env.socket)
-        await tunnel.expect_add()
+        tunnel = aio.closing(await HandTunnel.connect(env.socket))
+        inode = await tunnel.expect_add(UID)  # the snapshot carries the pending pod
+        assert inode == os.stat(env.pod).st_ino
+        assert env.probe_entries() == {}  # not before the ack
         await tunnel.ack()
         await tunnel.expect(SnapshotSent)
         await tunnel.ack()
-        await until(lambda: env.pod_state() == "enrolled", "enrolled")
+        await wait_until(lambda: env.pod_state() == "enrolled", "enrolled")
+        assert env.probe_entries() == {POD_IP: UID}
+        assert env.status()["tunnels"] == 1
+
+        # Un-label: the probe entry and the redirects go before the tunnel hears of it;
+        # the return path of connections it still carries stays until it acks.
+        env.publish(ambient=False)
+        request = await tunnel.expect(DelWorkload)
+        assert request.payload == DelWorkload(UID)
+        assert env.probe_entries() == {}
+        assert not env.redirecting()
+        assert env.captured()
+        await tunnel.ack()
+        await wait_until(lambda: env.pod_state() is None, "the pod to leave the status")
+        assert not env.captured()
+        await agent.close()
+        assert env.status()["running"] is False
+
+    aio.run(scenario)
+
+
+def test_pod_opt_out_label_is_never_captured(env: Env, aio: Loop) -> None:
+    env.publish(ambient=True, labels={"istio.io/dataplane-mode": "none"})
+
+    async def scenario() -> None:
+        await started_agent(aio, env)
+        tunnel = aio.closing(await HandTunnel.connect(env.socket))
+        await tunnel.expect(SnapshotSent)  # an empty snapshot
+        await tunnel.ack()
+        await wait_until(lambda: env.status().get("tunnels") == 1, "the tunnel")
+        assert env.pod_state() is None
+        assert not env.captured()
+
+    aio.run(scenario)
+
+
+def test_refused_pod_stays_pending_and_is_retried(env: Env, aio: Loop) -> None:
+    env.publish(ambient=True)
+
+    async def scenario() -> None:
+        await started_agent(aio, env)
+        tunnel = aio.closing(await HandTunnel.connect(env.socket))
+        await tunnel.expect_add(UID)
+        await tunnel.ack("no certificate yet")  # refused in the snapshot
+        await tunnel.expect(SnapshotSent)
+        await tunnel.ack()
+        await wait_until(lambda: env.pod_state() == "pending", "pending")
+        assert env.captured()  # still failing closed
+        await tunnel.expect_add(UID)  # sent again
+        await tunnel.ack()
+        await wait_until(lambda: env.pod_state() == "enrolled", "enrolled")
+
+    aio.run(scenario)
+
+
+def test_tunnel_loss_makes_enrolled_pods_pending_until_a_new_one_acks(env: Env, aio: Loop) -> None:
+    env.publish(ambient=True)
+
+    async def scenario() -> None:
+        await started_agent(aio, env)
+        tunnel = await enrolled_through_a_tunnel(aio, env)
+        tunnel.close()
+        await wait_until(lambda: env.pod_state() == "pending", "pending after the tunnel left")
+        assert env.captured() and env.probe_entries() == {POD_IP: UID}
+        await enrolled_through_a_tunnel(aio, env)  # enrolled again
+
+    aio.run(scenario)
+
+
+def test_restarted_agent_sends_a_complete_snapshot_and_keeps_rules(env: Env, aio: Loop) -> None:
+    env.publish(ambient=True)
+
+    async def scenario() -> None:
+        first = await started_agent(aio, env)
+        tunnel = await enrolled_through_a_tunnel(aio, env)
         await first.close()
         tunnel.close()
         # The pod keeps failing closed while no agent runs.
         assert env.captured() and env.probe_entries() == {POD_IP: UID}
 
-        second = env.agent()
-        await second.start()
-        try:
-            again = await ScriptedTunnel.connect(env.socket)
-            await again.expect_add()  # already in the first snapshot: nothing is drained
-            await again.ack()
-            await again.expect(SnapshotSent)
-            await again.ack()
-            await until(lambda: env.pod_state() == "enrolled", "enrolled after restart")
-            assert env.probe_entries() == {POD_IP: UID}
-            again.close()
-        finally:
-            await second.close()
+        await started_agent(aio, env)
+        # Already in the first snapshot: nothing is drained.
+        await enrolled_through_a_tunnel(aio, env)
+        assert env.probe_entries() == {POD_IP: UID}
 
-    run(scenario)
+    aio.run(scenario)
 
 
-def test_malformed_source_keeps_the_last_good_view(env: Env) -> None:
+def test_malformed_source_keeps_the_last_good_view(env: Env, aio: Loop) -> None:
     env.publish(ambient=True)
 
     async def scenario() -> None:
-        agent = env.agent()
-        await agent.start()
-        try:
-            tunnel = await enrolled_through_a_tunnel(env)
-            env.pods_file.write_text('{"pods": [{"uid": 7}]}')
-            await until(lambda: bool(env.status().get("sourceError")), "the error reported")
-            assert "pods[0].uid" in env.status()["sourceError"]
-            assert env.pod_state() == "enrolled" and env.captured()
-            tunnel.close()
-        finally:
-            await agent.close()
+        await started_agent(aio, env)
+        await enrolled_through_a_tunnel(aio, env)
+        env.pods_file.write_text('{"pods": [{"uid": 7}]}')
+        await wait_until(lambda: bool(env.status().get("sourceError")), "the error reported")
+        assert "pods[0].uid" in env.status()["sourceError"]
+        assert env.pod_state() == "enrolled" and env.captured()
 
-    run(scenario)
+    aio.run(scenario)
 
 
-def test_stale_probe_entries_are_pruned_at_start(env: Env) -> None:
+def test_stale_probe_entries_are_pruned_at_start(env: Env, aio: Loop) -> None:
     cfg = ProbeConfig()
     probes.install(env.node, cfg)
     probes.add(env.node, cfg, IPv4Address("10.250.0.99"), "gone//Pod/x/y")
     env.publish(ambient=False)
 
     async def scenario() -> None:
-        agent = env.agent()
-        await agent.start()
-        await agent.close()
+        await started_agent(aio, env)
 
-    run(scenario)
+    aio.run(scenario)
     assert env.probe_entries() == {}
 
 
-def test_agent_waits_for_a_readable_source_before_serving(env: Env) -> None:
+def test_agent_waits_for_a_readable_source_before_serving(env: Env, aio: Loop) -> None:
     env.pods_file.write_text("{ half a file")
 
     async def scenario() -> None:
-        agent = env.agent()
+        agent = aio.closing(env.agent())
         starting = asyncio.ensure_future(agent.start())
         await asyncio.sleep(0.2)
         # Nothing served yet: a tunnel connecting now would get an empty snapshot.
         assert not starting.done() and not env.socket.exists()
         env.publish(ambient=True)
         await asyncio.wait_for(starting, 15)
-        try:
-            tunnel = await enrolled_through_a_tunnel(env)
-            tunnel.close()
-        finally:
-            await agent.close()
+        await enrolled_through_a_tunnel(aio, env)
 
-    run(scenario)
+    aio.run(scenario)

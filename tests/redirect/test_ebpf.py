@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
-from pyroute2 import IPRoute, netns
+from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 import nsutil
@@ -35,6 +35,7 @@ from redirect import capture, ebpf, ebpf_plan
 from redirect.capture import RedirectMode
 from redirect.iptables import CaptureError
 from redirect.rules import InpodConfig
+from tests.support.netns import throwaway_netns
 
 CLIENT_IP = "10.253.0.1"
 POD_IP = "10.253.0.2"
@@ -129,23 +130,16 @@ def _wire(pod: str, client: str) -> None:
 
 @pytest.fixture
 def topology() -> Iterator[Topology]:
-    tag = secrets.token_hex(4)
-    names = (f"ebt-c-{tag}", f"ebt-p-{tag}")
-    created: list[str] = []
-    try:
-        for name in names:
-            netns.create(name)
-            created.append(name)
-        client, pod = (nsutil.netns_path(n) for n in names)
+    with (
+        throwaway_netns("ebt-c", lo_up=False) as client,
+        throwaway_netns("ebt-p", lo_up=False) as pod,
+    ):
         _wire(pod, client)
         topo = Topology(client, pod, nsutil.open_netns(client), nsutil.open_netns(pod))
         try:
             yield topo
         finally:
             topo.close()
-    finally:
-        for name in created:
-            netns.remove(name)  # takes the veth, qdiscs, filters and routes with it
 
 
 @pytest.fixture(params=list(RedirectMode), ids=lambda m: m.value)
@@ -446,16 +440,11 @@ def test_missing_netns_is_a_capture_error(mode: RedirectMode) -> None:
 
 @pytest.mark.netns
 def test_ebpf_pod_without_addressed_interface_fails_closed() -> None:
-    name = f"ebt-bare-{secrets.token_hex(4)}"
-    netns.create(name)
-    try:
-        path = nsutil.netns_path(name)
+    with throwaway_netns("ebt-bare", lo_up=False) as path:
         before = _state(path)
         with pytest.raises(CaptureError, match="no interface with an IPv4 address"):
             capture.install(path, RedirectMode.EBPF)
         assert _state(path) == before
-    finally:
-        netns.remove(name)
 
 
 @pytest.mark.netns

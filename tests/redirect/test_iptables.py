@@ -13,12 +13,13 @@ import struct
 from collections.abc import Iterator
 
 import pytest
-from pyroute2 import IPRoute, netns
+from pyroute2 import IPRoute
 
 import nsutil
 from redirect import rules
 from redirect.iptables import CaptureError, apply_inpod, remove_inpod, snapshot
 from redirect.rules import InpodConfig
+from tests.support.netns import throwaway_netns
 
 pytestmark = pytest.mark.netns
 
@@ -48,16 +49,8 @@ def _state(path: str) -> dict[str, str]:
 
 @pytest.fixture
 def pod() -> Iterator[str]:
-    """A fresh named netns with lo up; yields its path; always removed."""
-    name = f"rdt-{secrets.token_hex(4)}"
-    netns.create(name)
-    try:
-        path = nsutil.netns_path(name)
-        with IPRoute(netns=path, flags=0) as ipr:
-            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+    with throwaway_netns("rdt") as path:
         yield path
-    finally:
-        netns.remove(name)
 
 
 def test_apply_twice_changes_nothing_and_remove_restores(pod: str) -> None:

@@ -13,7 +13,6 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
-from pyroute2 import IPRoute, netns
 
 import nsutil
 from redirect import probes
@@ -30,6 +29,7 @@ from redirect.probes import (
     sync_script,
 )
 from redirect.rules import EMPTY, SaveParseError, parse_iptables_save
+from tests.support.netns import throwaway_netns
 
 GOLDEN = Path(__file__).parent / "golden"
 A, B, C = IPv4Address("10.244.1.10"), IPv4Address("10.244.1.11"), IPv4Address("10.244.1.12")
@@ -161,18 +161,11 @@ def _state(path: str) -> dict[str, str]:
 @pytest.fixture
 def node() -> Iterator[str]:
     """A fresh netns with lo up and a foreign nat rule, like a node; always removed."""
-    name = f"rdp-{secrets.token_hex(4)}"
-    netns.create(name)
-    try:
-        path = nsutil.netns_path(name)
-        with IPRoute(netns=path, flags=0) as ipr:
-            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+    with throwaway_netns("rdp") as path:
         nsutil.run_in(
             path, "iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "lo", "-j", "ACCEPT"
         )
         yield path
-    finally:
-        netns.remove(name)
 
 
 @pytest.mark.netns

@@ -12,13 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import secrets
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pyroute2 import IPRoute, netns
 from structlog.testing import capture_logs
 
 import nsutil
@@ -29,6 +27,7 @@ from tests.support.aio import Loop, wait_until
 from tests.support.certs import InProcessCA
 from tests.support.fds import open_fds, opened
 from tests.support.mesh import ips, mesh_state, workload
+from tests.support.netns import throwaway_netns
 from tests.support.zds import INFO, HandAgent, RecordingPods
 from zds.messages import (
     AddWorkload,
@@ -421,15 +420,8 @@ def test_a_node_restart_of_the_agent_keeps_pending_pods_it_still_names(aio, sock
 
 @pytest.fixture
 def pod_netns() -> Iterator[str]:
-    name = f"zds-{secrets.token_hex(4)}"
-    netns.create(name)
-    try:
-        path = nsutil.netns_path(name)
-        with IPRoute(netns=path, flags=0) as ipr:
-            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+    with throwaway_netns("zds") as path:
         yield path
-    finally:
-        netns.remove(name)
 
 
 def _connects(netns_path: str, port: int) -> bool:
