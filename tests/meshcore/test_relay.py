@@ -4,56 +4,43 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import socket
 from collections.abc import Awaitable, Callable
 
-import uvloop
+import pytest
 
 from meshcore.hbone.conn import CONNECTION_WINDOW, STREAM_WINDOW, Headers
 from meshcore.hbone.transport import H2Transport
 from meshcore.relay import AppSide, HboneSplice
+from tests.support.aio import Loop, wait_until
+from tests.support.h2 import StreamRec, connect_request
 
 MB = 1024 * 1024
 LOOPBACK = "127.0.0.1"
-STALL = [(":method", "CONNECT"), (":authority", "stall")]
-DRAIN = [(":method", "CONNECT"), (":authority", "drain")]
+
+# On the tunnel's own loop: the shared receive buffer is a BufferedProtocol path.
+pytestmark = pytest.mark.parametrize("aio", ["uvloop"], indirect=True)
 
 
-def run(main: Callable[[], Awaitable[None]]) -> None:
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(main())  # type: ignore[arg-type]
+async def app_port(aio: Loop, serve: Callable[..., Awaitable[None]], rcvbuf: int = 0) -> int:
+    """A TCP app on loopback (closed when the test ends); its port. A small `rcvbuf`
+    makes an app that does not read push back quickly."""
+    srv = aio.closing(await asyncio.start_server(serve, LOOPBACK, 0))
+    if rcvbuf:
+        for s in srv.sockets:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    port: int = srv.sockets[0].getsockname()[1]
+    return port
 
 
-async def _until(cond: Callable[[], bool], what: str, limit: float = 20.0) -> None:
-    """Wait for a state; the limit only turns a hang into a failure."""
-    deadline = asyncio.get_running_loop().time() + limit
-    while not cond():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"never happened: {what}")
-        await asyncio.sleep(0.01)
-
-
-class _Client:
-    """A client-side stream owner that only needs to exist."""
-
-    def on_response(self, status: int, headers: Headers) -> None:
-        self.status = status
-
-    def on_data(self, data: memoryview) -> None: ...
-
-    def on_end(self) -> None: ...
-
-    def on_reset(self, code: int) -> None: ...
-
-    def on_send_ready(self) -> None: ...
-
-
-async def _server_side(
-    apps: dict[str, int], splices: list[HboneSplice]
-) -> tuple[asyncio.Server, int]:
-    """An HBONE-like server: CONNECT to `:authority` name -> the app on that port."""
+async def hbone_pair(aio: Loop, apps: dict[str, int]) -> tuple[H2Transport, list[HboneSplice]]:
+    """Our HTTP/2 client connected to an HBONE-like server on loopback: a CONNECT to
+    `:authority` name goes to the app on that port. Returns the client and the server's
+    splices (as they are made); everything is closed when the test ends."""
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task[None]] = set()
+    splices: list[HboneSplice] = []
 
     async def join(h2: H2Transport, splice: HboneSplice, port: int) -> None:
         # A tiny send buffer toward the app, so a stalled app pushes back quickly.
@@ -73,89 +60,79 @@ async def _server_side(
         port = apps[dict(headers)[":authority"]]
         tasks.add(loop.create_task(join(h2, splice, port)))
 
-    server = await loop.create_server(
-        lambda: H2Transport(client=False, on_request=on_request, keepalive=False), LOOPBACK, 0
+    server = aio.closing(
+        await loop.create_server(
+            lambda: H2Transport(client=False, on_request=on_request, keepalive=False), LOOPBACK, 0
+        )
     )
-    return server, server.sockets[0].getsockname()[1]
+    port = server.sockets[0].getsockname()[1]
+    _, client = await loop.create_connection(
+        lambda: H2Transport(client=True, keepalive=False), LOOPBACK, port
+    )
+    aio.closing(client)
+    await client.ready
+    return client, splices
 
 
-def test_credit_held_by_dead_streams_returns_to_the_shared_connection_window() -> None:
+def test_credit_held_by_dead_streams_returns_to_the_shared_connection_window(aio: Loop) -> None:
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        stalled: list[asyncio.StreamWriter] = []
         drained = [0]
 
         async def stall(_: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            stalled.append(w)  # never reads: every byte for it is held back
+            aio.defer(w.close)  # never reads: every byte for it is held back
 
         async def drain(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
             while data := await r.read(MB):
                 drained[0] += len(data)
             w.close()
 
-        stall_srv = await asyncio.start_server(stall, LOOPBACK, 0)
-        for s in stall_srv.sockets:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-        drain_srv = await asyncio.start_server(drain, LOOPBACK, 0)
         apps = {
-            "stall": stall_srv.sockets[0].getsockname()[1],
-            "drain": drain_srv.sockets[0].getsockname()[1],
+            "stall": await app_port(aio, stall, rcvbuf=16384),
+            "drain": await app_port(aio, drain),
         }
-        splices: list[HboneSplice] = []
-        server, port = await _server_side(apps, splices)
-        _, client = await loop.create_connection(
-            lambda: H2Transport(client=True, keepalive=False), LOOPBACK, port
+        client, splices = await hbone_pair(aio, apps)
+        # Enough stalled streams, each offered more than its window, to use up the
+        # whole connection window with bytes the server holds back.
+        n = CONNECTION_WINDOW // STREAM_WINDOW + 1
+        sids = []
+        for _ in range(n):
+            sid = client.open_stream(connect_request("stall"), StreamRec())
+            client.conn.send_data(sid, b"s" * (STREAM_WINDOW + MB))
+            client.flush()
+            sids.append(sid)
+        await wait_until(
+            lambda: (
+                len(splices) == n
+                and all(s.started for s in splices)
+                and client.conn._send_window <= 0
+                and sum(s._owed for s in splices) >= CONNECTION_WINDOW // 2
+            ),
+            "the server holds back most of the connection window for stalled apps",
         )
-        await client.ready
-        try:
-            # Enough stalled streams, each offered more than its window, to use up the
-            # whole connection window with bytes the server holds back.
-            n = CONNECTION_WINDOW // STREAM_WINDOW + 1
-            sids = []
-            for _ in range(n):
-                sid = client.open_stream(STALL, _Client())
-                client.conn.send_data(sid, b"s" * (STREAM_WINDOW + MB))
-                client.flush()
-                sids.append(sid)
-            await _until(
-                lambda: (
-                    len(splices) == n
-                    and all(s.started for s in splices)
-                    and client.conn._send_window <= 0
-                    and sum(s._owed for s in splices) >= CONNECTION_WINDOW // 2
-                ),
-                "the server holds back most of the connection window for stalled apps",
-            )
 
-            for sid in sids:
-                client.conn.reset(sid)
-            client.flush()
-            await _until(lambda: all(s.finished for s in splices), "stalled streams ended")
+        for sid in sids:
+            client.conn.reset(sid)
+        client.flush()
+        await wait_until(lambda: all(s.finished for s in splices), "stalled streams ended")
 
-            # A fresh stream on the same connection must get its bytes through.
-            sid = client.open_stream(DRAIN, _Client())
-            client.conn.send_data(sid, b"d" * (2 * MB))
-            client.conn.end_stream(sid)
-            client.flush()
-            await _until(lambda: drained[0] == 2 * MB, "a new stream moves its bytes")
-        finally:
-            client.close()
-            for w in stalled:
-                w.close()
-            for srv in (server, stall_srv, drain_srv):
-                srv.close()
+        # A fresh stream on the same connection must get its bytes through.
+        sid = client.open_stream(connect_request("drain"), StreamRec())
+        client.conn.send_data(sid, b"d" * (2 * MB))
+        client.conn.end_stream(sid)
+        client.flush()
+        await wait_until(lambda: drained[0] == 2 * MB, "a new stream moves its bytes")
 
-    run(main)
+    aio.run(main)
 
 
-def test_a_slow_app_gets_every_byte_exactly_while_other_streams_reuse_the_read_buffer() -> None:
+def test_a_slow_app_gets_every_byte_exactly_while_other_streams_reuse_the_read_buffer(
+    aio: Loop,
+) -> None:
     """Received DATA reaches apps as views of the one shared receive buffer. An app that
     reads slowly makes its transport queue such views; the buffer must then not be reused,
     or the queued bytes would be overwritten by the next read (any stream's)."""
-    import hashlib
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
         got: dict[str, hashlib._Hash] = {"slow": hashlib.sha256(), "fast": hashlib.sha256()}
         sizes = {"slow": 0, "fast": 0}
 
@@ -170,48 +147,31 @@ def test_a_slow_app_gets_every_byte_exactly_while_other_streams_reuse_the_read_b
 
             return serve
 
-        slow_srv = await asyncio.start_server(sink("slow", 0.002), LOOPBACK, 0)
-        for s in slow_srv.sockets:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-        fast_srv = await asyncio.start_server(sink("fast", 0.0), LOOPBACK, 0)
         apps = {
-            "slow": slow_srv.sockets[0].getsockname()[1],
-            "fast": fast_srv.sockets[0].getsockname()[1],
+            "slow": await app_port(aio, sink("slow", 0.002), rcvbuf=16384),
+            "fast": await app_port(aio, sink("fast", 0.0)),
         }
-        splices: list[HboneSplice] = []
-        server, port = await _server_side(apps, splices)
-        _, client = await loop.create_connection(
-            lambda: H2Transport(client=True, keepalive=False), LOOPBACK, port
-        )
-        await client.ready
+        client, _ = await hbone_pair(aio, apps)
         want = {name: hashlib.sha256() for name in apps}
         total = 3 * MB
-        try:
-            sids = {
-                name: client.open_stream([(":method", "CONNECT"), (":authority", name)], _Client())
-                for name in apps
-            }
-            sent = 0
-            i = 0
-            while sent < total:  # distinct bytes per chunk: a reused buffer would show
-                for name, sid in sids.items():
-                    chunk = bytes([(i * 7 + len(name)) % 251]) * 65521 + i.to_bytes(8, "big")
-                    want[name].update(chunk)
-                    client.conn.send_data(sid, chunk)
-                client.flush()
-                sent += 65529
-                i += 1
-                await asyncio.sleep(0)
-            for sid in sids.values():
-                client.conn.end_stream(sid)
+        sids = {name: client.open_stream(connect_request(name), StreamRec()) for name in apps}
+        sent = 0
+        i = 0
+        while sent < total:  # distinct bytes per chunk: a reused buffer would show
+            for name, sid in sids.items():
+                chunk = bytes([(i * 7 + len(name)) % 251]) * 65521 + i.to_bytes(8, "big")
+                want[name].update(chunk)
+                client.conn.send_data(sid, chunk)
             client.flush()
-            await _until(lambda: min(sizes.values()) >= sent, "both apps got everything", 60)
-            for name in apps:
-                assert sizes[name] == sent
-                assert got[name].hexdigest() == want[name].hexdigest(), name
-        finally:
-            client.close()
-            for srv in (server, slow_srv, fast_srv):
-                srv.close()
+            sent += 65529
+            i += 1
+            await asyncio.sleep(0)
+        for sid in sids.values():
+            client.conn.end_stream(sid)
+        client.flush()
+        await wait_until(lambda: min(sizes.values()) >= sent, "both apps got everything", 60)
+        for name in apps:
+            assert sizes[name] == sent
+            assert got[name].hexdigest() == want[name].hexdigest(), name
 
-    run(main)
+    aio.run(main)
