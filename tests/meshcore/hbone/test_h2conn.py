@@ -17,81 +17,29 @@ from meshcore.hbone.conn import (
     SEND_LOW_WATER,
     STREAM_WINDOW,
     H2Connection,
-    Headers,
 )
 from meshcore.hbone.h2frames import (
     PREFACE,
     ErrorCode,
-    Flag,
     FrameType,
     frame_header,
     rst_stream,
 )
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.requests: list[tuple[int, Headers]] = []
-        self.terminated: list[tuple[int, str]] = []
-        self.pings: list[bytes] = []
-
-    def on_request(self, stream_id: int, headers: Headers) -> None:
-        self.requests.append((stream_id, headers))
-
-    def on_terminated(self, code: int, reason: str) -> None:
-        self.terminated.append((code, reason))
-
-    def on_ping_ack(self, payload: bytes) -> None:
-        self.pings.append(payload)
-
-
-class StreamRec:
-    def __init__(self, conn: H2Connection | None = None, auto_ack: bool = True) -> None:
-        self.conn = conn
-        self.sid = 0
-        self.auto_ack = auto_ack
-        self.data = bytearray()
-        self.ended = False
-        self.reset: int | None = None
-        self.response: tuple[int, Headers] | None = None
-        self.ready = 0
-
-    def on_response(self, status: int, headers: Headers) -> None:
-        self.response = (status, headers)
-
-    def on_data(self, data: memoryview) -> None:
-        self.data += data
-        if self.auto_ack and self.conn is not None:
-            self.conn.ack(self.sid, len(data))
-
-    def on_end(self) -> None:
-        self.ended = True
-
-    def on_reset(self, code: int) -> None:
-        self.reset = code
-
-    def on_send_ready(self) -> None:
-        self.ready += 1
-
-
-def h2_client() -> h2.connection.H2Connection:
-    c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    c.initiate_connection()
-    return c
-
-
-def pump_to_ours(theirs: h2.connection.H2Connection, ours: H2Connection) -> None:
-    data = theirs.data_to_send()
-    if data:
-        ours.receive(data)
-
-
-def pump_to_theirs(ours: H2Connection, theirs: h2.connection.H2Connection) -> list[h2.events.Event]:
-    out = b"".join(bytes(x) for x in ours.take_output())
-    return theirs.receive_data(out) if out else []
-
-
-CONNECT = [(":method", "CONNECT"), (":authority", "10.0.0.2:8080")]
+from tests.support.h2 import (
+    CONNECT,
+    STATUS_OK,
+    Recorder,
+    ServedStream,
+    StreamRec,
+    data_frame,
+    h2_client,
+    h2_server,
+    headers_frame,
+    our_client_stream,
+    pump_to_ours,
+    pump_to_theirs,
+    taken,
+)
 
 
 def test_server_accepts_connect_from_h2_client_and_relays_both_ways() -> None:
@@ -135,7 +83,7 @@ def test_server_accepts_connect_from_h2_client_and_relays_both_ways() -> None:
 
 
 def test_client_against_h2_server_flow_control_and_half_close() -> None:
-    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    server = h2_server()
     server.initiate_connection()
     rec = Recorder()
     ours = H2Connection(client=True, handler=rec)
@@ -147,7 +95,7 @@ def test_client_against_h2_server_flow_control_and_half_close() -> None:
     events = pump_to_theirs(ours, server)
     req = [e for e in events if isinstance(e, h2.events.RequestReceived)]
     assert req and dict(req[0].headers)[b":method"] == b"CONNECT"
-    server.send_headers(stream.sid, [(":status", "200")])
+    server.send_headers(stream.sid, STATUS_OK)
     pump_to_ours(server, ours)
     assert stream.response is not None and stream.response[0] == 200
 
@@ -172,27 +120,11 @@ def test_client_against_h2_server_flow_control_and_half_close() -> None:
     assert ended, "END_STREAM must follow the queued data"
 
 
-def _our_client_stream(
-    server: h2.connection.H2Connection,
-) -> tuple[H2Connection, StreamRec]:
-    server.initiate_connection()
-    ours = H2Connection(client=True, handler=Recorder())
-    ours.initiate()
-    pump_to_theirs(ours, server)
-    pump_to_ours(server, ours)
-    stream = StreamRec(ours)
-    stream.sid = ours.open_stream(CONNECT, stream)
-    pump_to_theirs(ours, server)
-    server.send_headers(stream.sid, [(":status", "200")])
-    pump_to_ours(server, ours)
-    return ours, stream
-
-
 def test_send_ready_fires_after_a_pause_between_the_marks() -> None:
     # A producer that paused for another reason (a full TLS buffer) while the queue sat
     # between the low and high marks must still hear when the queue drains.
-    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
-    ours, stream = _our_client_stream(server)
+    server = h2_server()
+    ours, stream = our_client_stream(server)
     window = 65_535  # the h2 server's default stream window
     more = ours.send_data(stream.sid, b"z" * (window + SEND_LOW_WATER + 1000))
     assert more, "below the high mark: no pause asked for"
@@ -212,8 +144,8 @@ def test_send_ready_fires_after_a_pause_between_the_marks() -> None:
 
 
 def test_notify_when_drained_below_the_low_mark_asks_for_nothing() -> None:
-    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
-    ours, stream = _our_client_stream(server)
+    server = h2_server()
+    ours, stream = our_client_stream(server)
     ours.send_data(stream.sid, b"q" * 1000)
     ours.notify_when_drained(stream.sid)
     pump_to_theirs(ours, server)
@@ -221,18 +153,8 @@ def test_notify_when_drained_below_the_low_mark_asks_for_nothing() -> None:
 
 
 def test_receive_credit_only_returned_after_ack() -> None:
-    rec = Recorder()
-    server = H2Connection(client=False, handler=rec)
-    server.initiate()
-    client = h2_client()
-    pump_to_ours(client, server)
-    pump_to_theirs(server, client)
-    client.send_headers(1, CONNECT)
-    pump_to_ours(client, server)
-    stream = StreamRec(server, auto_ack=False)
-    stream.sid = 1
-    server.respond(1, 200, stream, end=False)
-    pump_to_theirs(server, client)
+    served = ServedStream(auto_ack=False)
+    server, client, stream = served.server, served.client, served.stream
     sent = 0
     chunk = b"y" * 16384
     while client.local_flow_control_window(1) >= len(chunk) and sent < 2 * STREAM_WINDOW:
@@ -262,7 +184,7 @@ def test_malformed_input_ends_connection_with_goaway(garbage: bytes) -> None:
     server.receive(garbage)
     assert server.closed
     assert rec.terminated and rec.terminated[0][0] != ErrorCode.NO_ERROR
-    out = b"".join(bytes(x) for x in server.take_output())
+    out = taken(server)
     assert out[3] == FrameType.GOAWAY
 
 
@@ -271,7 +193,7 @@ def test_bad_hpack_is_a_compression_error() -> None:
     server = H2Connection(client=False, handler=rec)
     client = h2_client()
     pump_to_ours(client, server)
-    server.receive(frame_header(3, FrameType.HEADERS, 0x4 | 0x1, 1) + b"\xff\xff\xff")
+    server.receive(headers_frame(1, b"\xff\xff\xff", end_stream=True))
     assert server.closed
     assert rec.terminated[0][0] == ErrorCode.COMPRESSION_ERROR
 
@@ -299,18 +221,8 @@ def test_split_frames_reassemble_across_reads() -> None:
 
 
 def test_padded_data_is_delivered_without_padding_and_credited() -> None:
-    rec = Recorder()
-    server = H2Connection(client=False, handler=rec)
-    server.initiate()
-    client = h2_client()
-    pump_to_ours(client, server)
-    pump_to_theirs(server, client)
-    client.send_headers(1, CONNECT)
-    pump_to_ours(client, server)
-    stream = StreamRec(server)
-    stream.sid = 1
-    server.respond(1, 200, stream, end=False)
-    pump_to_theirs(server, client)
+    served = ServedStream()
+    server, client, stream = served.server, served.client, served.stream
     client.send_data(1, b"padded" * 100, pad_length=200, end_stream=True)
     pump_to_ours(client, server)
     assert bytes(stream.data) == b"padded" * 100
@@ -318,18 +230,8 @@ def test_padded_data_is_delivered_without_padding_and_credited() -> None:
 
 
 def test_drain_refuses_new_streams_and_lets_open_ones_finish() -> None:
-    rec = Recorder()
-    server = H2Connection(client=False, handler=rec)
-    server.initiate()
-    client = h2_client()
-    pump_to_ours(client, server)
-    pump_to_theirs(server, client)
-    client.send_headers(1, CONNECT)
-    pump_to_ours(client, server)
-    stream = StreamRec(server)
-    stream.sid = 1
-    server.respond(1, 200, stream, end=False)
-    pump_to_theirs(server, client)
+    served = ServedStream()
+    server, client, stream = served.server, served.client, served.stream
 
     server.drain("upgrade")
     events = pump_to_theirs(server, client)
@@ -348,17 +250,17 @@ def test_drain_refuses_new_streams_and_lets_open_ones_finish() -> None:
     server2.drain()
     server2.receive(late.data_to_send())
     # (h2 stops reading at a GOAWAY, so the frame is checked on the wire.)
-    wire = b"".join(bytes(x) for x in server2.take_output())
+    wire = taken(server2)
     assert wire.endswith(rst_stream(3, ErrorCode.REFUSED_STREAM))
     assert not server2.streams
 
     # The open stream still carries data both ways, then ends the drain. (h2 refuses to
     # send after a GOAWAY, so the client's frame is written by hand.)
-    server.receive(frame_header(10, FrameType.DATA, Flag.END_STREAM, 1) + b"still here")
+    server.receive(data_frame(1, b"still here", end_stream=True))
     assert bytes(stream.data) == b"still here" and stream.ended
     server.send_data(1, b"bye")
     server.end_stream(1)
-    wire = b"".join(bytes(x) for x in server.take_output())
-    assert frame_header(3, FrameType.DATA, 0, 1) + b"bye" in wire
-    assert wire.endswith(frame_header(0, FrameType.DATA, Flag.END_STREAM, 1))
+    wire = taken(server)
+    assert data_frame(1, b"bye") in wire
+    assert wire.endswith(data_frame(1, end_stream=True))
     assert server.drained
