@@ -4,61 +4,50 @@ from __future__ import annotations
 
 import time
 from dataclasses import FrozenInstanceError, replace
-from ipaddress import IPv4Address, IPv6Address, ip_address
-from typing import Any
+from ipaddress import IPv4Address, IPv6Address
 
 import pytest
 
 from meshcore.identity.spiffe import SpiffeId
 from meshcore.state import (
     GatewayAddress,
-    HealthStatus,
     MeshConfigError,
     MeshState,
     NetworkAddress,
     RawPolicy,
     Service,
     ServicePort,
-    TunnelProtocol,
     Workload,
 )
+from tests.support.mesh import ips, service, vips, workload
+from tests.support.mesh import ports as service_ports
 
 SVC_KEY = "travel/frontend.travel.svc.cluster.local"
 
 
-def wl(uid: str, *ips: str, node: str = "node1", network: str = "", services=(), **kw) -> Workload:
-    fields: dict[str, Any] = {
-        "uid": uid,
-        "name": uid.rsplit("/", 1)[-1],
-        "namespace": "travel",
-        "service_account": "frontend",
-        "trust_domain": "cluster.local",
-        "ips": tuple(ip_address(i) for i in ips),
-        "network": network,
-        "protocol": TunnelProtocol.HBONE,
-        "node": node,
-        "canonical_name": "frontend",
-        "canonical_revision": "v1",
-        "workload_name": "frontend",
-        "workload_type": "pod",
-        "cluster_id": "Kubernetes",
-        "status": HealthStatus.HEALTHY,
-        "waypoint": None,
-        "services": tuple(services),
-    }
-    fields.update(kw)
-    return Workload(**fields)
+def wl(
+    uid: str, *addrs: str, node: str = "node1", network: str = "", services=(), **kw
+) -> Workload:
+    return workload(
+        uid=uid,
+        name=uid.rsplit("/", 1)[-1],
+        namespace="travel",
+        service_account="frontend",
+        ips=ips(*addrs),
+        network=network,
+        node=node,
+        canonical_name="frontend",
+        canonical_revision="v1",
+        workload_name="frontend",
+        workload_type="pod",
+        services=tuple(services),
+        **kw,
+    )
 
 
-def svc(name: str, *vips: str, namespace: str = "travel", ports=((80, 8080),)) -> Service:
-    return Service(
-        name=name,
-        namespace=namespace,
-        hostname=f"{name}.{namespace}.svc.cluster.local",
-        vips=tuple(NetworkAddress("", ip_address(v)) for v in vips),
-        ports=tuple(ServicePort(p, t) for p, t in ports),
-        subject_alt_names=(),
-        waypoint=None,
+def svc(name: str, *addrs: str, namespace: str = "travel", ports=((80, 8080),)) -> Service:
+    return service(
+        name=name, namespace=namespace, vips=vips(*addrs), ports=service_ports(dict(ports))
     )
 
 

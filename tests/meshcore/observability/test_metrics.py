@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from ipaddress import ip_address
 from typing import Any
 
 import pytest
@@ -18,13 +17,9 @@ from meshcore.observability.metrics import (
     tcp_labels,
 )
 from meshcore.state import (
-    HealthStatus,
-    NetworkAddress,
-    Service,
-    ServicePort,
-    TunnelProtocol,
     Workload,
 )
+from tests.support.mesh import ports, service, vips, workload
 
 
 def wl(name: str, namespace: str, sa: str, **kw: Any) -> Workload:
@@ -33,34 +28,17 @@ def wl(name: str, namespace: str, sa: str, **kw: Any) -> Workload:
         "name": f"{name}-7d4f9-abcde",
         "namespace": namespace,
         "service_account": sa,
-        "trust_domain": "cluster.local",
-        "ips": (ip_address("10.244.1.10"),),
-        "network": "",
-        "protocol": TunnelProtocol.HBONE,
-        "node": "n1",
         "canonical_name": name,
         "canonical_revision": "v1",
         "workload_name": name,
-        "workload_type": "deployment",
-        "cluster_id": "Kubernetes",
-        "status": HealthStatus.HEALTHY,
-        "waypoint": None,
-        "services": (),
     }
-    fields.update(kw)
-    return Workload(**fields)
+    return workload(**{**fields, **kw})
 
 
 FRONTEND = wl("frontend", "travel", "frontend")
 BOOKINGS = wl("bookings", "travel", "bookings", canonical_revision="v2")
-BOOKINGS_SVC = Service(
-    name="bookings",
-    namespace="travel",
-    hostname="bookings.travel.svc.cluster.local",
-    vips=(NetworkAddress("", ip_address("10.96.0.20")),),
-    ports=(ServicePort(80, 9000),),
-    subject_alt_names=(),
-    waypoint=None,
+BOOKINGS_SVC = service(
+    name="bookings", namespace="travel", vips=vips("10.96.0.20"), ports=ports({80: 9000})
 )
 
 

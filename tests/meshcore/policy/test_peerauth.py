@@ -18,6 +18,7 @@ from meshcore.policy.model import Request
 from meshcore.policy.peerauth import MtlsMode, PeerAuthentication, parse_peer_authentication
 from meshcore.state import MeshConfigError, MeshState, RawPolicy, Workload
 from tests.meshcore.policy.test_rbac import workload as rbac_workload
+from tests.support.mesh import peer_authentication
 
 ROOT = ROOT_NAMESPACE
 NS = "app"
@@ -34,13 +35,7 @@ def workload(
 
 
 def pa(name: str, spec: Any, ns: str = NS) -> RawPolicy:
-    entry = {
-        "apiVersion": "security.istio.io/v1beta1",
-        "kind": "PeerAuthentication",
-        "metadata": {"name": name, "namespace": ns},
-        "spec": spec,
-    }
-    return RawPolicy.from_mapping(name, ns, entry, kind="PeerAuthentication")
+    return peer_authentication(name, spec, ns)
 
 
 def mode(m: str | None) -> dict[str, Any]:

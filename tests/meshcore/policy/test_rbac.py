@@ -31,14 +31,9 @@ from meshcore.policy.model import (
 from meshcore.policy.parse import parse_policy
 from meshcore.policy.peerauth import MtlsMode
 from meshcore.policy.verdict import DryRunResult
-from meshcore.state import (
-    HealthStatus,
-    MeshConfigError,
-    MeshState,
-    RawPolicy,
-    TunnelProtocol,
-    Workload,
-)
+from meshcore.state import MeshConfigError, MeshState, RawPolicy, Workload
+from tests.support.mesh import authorization_policy, ips
+from tests.support.mesh import workload as base_workload
 
 ROOT = ROOT_NAMESPACE
 NS = "app"  # the namespace of the workload under test
@@ -61,24 +56,16 @@ def workload(
     uid: str | None = None,
     ip: str = "10.1.0.1",
 ) -> Workload:
-    return Workload(
+    return base_workload(
         uid=uid or f"{ns}/pod-{len(labels or {})}-{len(attached)}",
         name="pod",
         namespace=ns,
         service_account="server",
-        trust_domain="cluster.local",
-        ips=(ip_address(ip),),
-        network="",
-        protocol=TunnelProtocol.HBONE,
-        node="node1",
+        ips=ips(ip),
         canonical_name="server",
         canonical_revision="v1",
         workload_name="server",
-        workload_type="deployment",
         cluster_id="c1",
-        status=HealthStatus.HEALTHY,
-        waypoint=None,
-        services=(),
         labels=tuple(sorted((labels or {}).items())),
         authorization_policies=attached,
     )
@@ -91,16 +78,7 @@ def istio(
     annotations: dict[str, Any] | None = None,
 ) -> RawPolicy:
     """An AuthorizationPolicy as users write it."""
-    meta: dict[str, Any] = {"name": name, "namespace": ns}
-    if annotations is not None:
-        meta["annotations"] = annotations
-    entry = {
-        "apiVersion": "security.istio.io/v1",
-        "kind": "AuthorizationPolicy",
-        "metadata": meta,
-        "spec": spec,
-    }
-    return RawPolicy.from_mapping(name, ns, entry)
+    return authorization_policy(name, spec, ns, annotations)
 
 
 def flat(name: str, ns: str = NS, **body: Any) -> RawPolicy:
