@@ -35,8 +35,8 @@ from localcluster.capture import Capture
 from localcluster.processes import is_running, read_records
 from localcluster.wire import negotiated_version, read_pcap, reassemble, tls_records
 from meshcore import tls
-from meshcore.identity.certs import WorkloadCertificate, build_certificate, new_key_and_csr
 from meshcore.identity.spiffe import SpiffeId
+from tests.support.certs import issue
 
 from .common import (
     HERE,
@@ -191,11 +191,6 @@ def test_node_link_carries_tls13_only(cluster: mesh.Cluster) -> None:
 # ---- who may connect to 15008 ------------------------------------------------------------
 
 
-def _cert(ca: CertificateAuthority, identity: SpiffeId) -> WorkloadCertificate:
-    key, csr = new_key_and_csr(identity)
-    return build_certificate(identity, key, ca.sign_csr(csr, identity))
-
-
 def _mesh_ca(c: mesh.Cluster, trust_domain: str = "cluster.local") -> CertificateAuthority:
     """The mesh's own root, signing for `trust_domain` (the real CA refuses other domains;
     the test needs a certificate that chains to the mesh root but names another one)."""
@@ -224,7 +219,7 @@ def _expect_no_http2(sock_factory: object) -> None:
 
 def test_client_certificate_from_another_ca_is_refused(cluster: mesh.Cluster) -> None:
     mesh_roots = _mesh_ca(cluster).roots_pem()
-    foreign = _cert(
+    foreign = issue(
         CertificateAuthority.create("cluster.local"), SpiffeId("cluster.local", "mesh", "client")
     )
     cert = dataclasses.replace(foreign, roots_pem=mesh_roots)
@@ -233,14 +228,14 @@ def test_client_certificate_from_another_ca_is_refused(cluster: mesh.Cluster) ->
 
 
 def test_client_certificate_of_another_trust_domain_is_refused(cluster: mesh.Cluster) -> None:
-    other = _cert(_mesh_ca(cluster, "other.example"), SpiffeId("other.example", "mesh", "client"))
+    other = issue(_mesh_ca(cluster, "other.example"), SpiffeId("other.example", "mesh", "client"))
     ctx = tls.client_context(other)
     _expect_no_http2(lambda: _tls_to_15008(cluster, ctx, pod_ip(cluster, "mesh", "server-b")))
     assert logged(cluster, "hbone client rejected")
 
 
 def test_client_without_alpn_h2_is_refused(cluster: mesh.Cluster) -> None:
-    cert = _cert(_mesh_ca(cluster), SpiffeId("cluster.local", "mesh", "client"))
+    cert = issue(_mesh_ca(cluster), SpiffeId("cluster.local", "mesh", "client"))
     ctx = tls.client_context(cert)
     ctx.set_alpn_protocols(["http/1.1"])
     _expect_no_http2(lambda: _tls_to_15008(cluster, ctx, pod_ip(cluster, "mesh", "server-b")))
@@ -295,7 +290,7 @@ class H2Client:
 
 
 def test_h2_library_client_gets_200_and_bytes_or_400_for_another_pod(cluster: mesh.Cluster) -> None:
-    cert = _cert(_mesh_ca(cluster), SpiffeId("cluster.local", "mesh", "client"))
+    cert = issue(_mesh_ca(cluster), SpiffeId("cluster.local", "mesh", "client"))
     ctx = tls.client_context(cert)
     with _tls_to_15008(cluster, ctx, pod_ip(cluster, "mesh", "server-b")) as s:
         assert s.version() == "TLSv1.3"

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from controlplane.ca import CertificateAuthority
 from meshcore import tls
-from meshcore.identity.certs import WorkloadCertificate, build_certificate, new_key_and_csr
+from meshcore.identity.certs import WorkloadCertificate
 from meshcore.identity.spiffe import SpiffeId
 from meshcore.tls import (
     TLS13_CIPHERSUITES,
@@ -37,16 +37,13 @@ from meshcore.tls import (
     verify_client,
     verify_server,
 )
+from tests.support.certs import issue
+from tests.support.fds import open_fds
 
 TD = "cluster.local"
 SERVER_ID = SpiffeId(TD, "shop", "server")
 CLIENT_ID = SpiffeId(TD, "shop", "client")
 FOREIGN_ID = SpiffeId("other.example", "shop", "client")
-
-
-def issue(ca: CertificateAuthority, identity: SpiffeId) -> WorkloadCertificate:
-    key_pem, csr_pem = new_key_and_csr(identity)
-    return build_certificate(identity, key_pem, ca.sign_csr(csr_pem, identity, timedelta(hours=1)))
 
 
 @pytest.fixture(scope="module")
@@ -128,10 +125,10 @@ def test_contexts_have_the_mesh_settings(server_cert, client_cert):
 
 
 def test_building_contexts_leaks_no_file_descriptors(server_cert):
-    before = len(os.listdir("/proc/self/fd"))
+    before = open_fds()
     for _ in range(20):
         server_context(server_cert)
-    assert len(os.listdir("/proc/self/fd")) <= before
+    assert open_fds() <= before
 
 
 def test_private_file_fallback_removes_the_key(monkeypatch, tmp_path, server_cert):
@@ -153,7 +150,7 @@ def test_private_file_fallback_removes_the_key(monkeypatch, tmp_path, server_cer
     assert list(tmp_path.iterdir()) == []
 
 
-def test_mutual_tls_handshake_asyncio(server_cert, client_cert):
+def test_mutual_tls_handshake_asyncio(aio, server_cert, client_cert):
     async def main() -> None:
         seen: dict[str, object] = {}
 
@@ -167,29 +164,26 @@ def test_mutual_tls_handshake_asyncio(server_cert, client_cert):
             await reader.read()  # until the client closes
             writer.close()
 
-        server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_context(server_cert))
+        server = aio.closing(
+            await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_context(server_cert))
+        )
         port = server.sockets[0].getsockname()[1]
-        try:
-            reader, writer = await asyncio.open_connection(
-                "127.0.0.1", port, ssl=client_context(client_cert), server_hostname=""
-            )
-            assert await reader.readexactly(2) == b"hi"
-            obj = writer.get_extra_info("ssl_object")
-            assert peer_identity(obj) == SERVER_ID
-            verify_server(peer_identity(obj), frozenset({SERVER_ID}))
-            assert obj.selected_alpn_protocol() == "h2"
-            assert obj.version() == "TLSv1.3"
-            assert obj.cipher()[0] in TLS13_CIPHERSUITES
-            assert not obj.session.has_ticket  # no resumption possible
-            writer.close()
-            await writer.wait_closed()
-        finally:
-            server.close()
-            await server.wait_closed()
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=client_context(client_cert), server_hostname=""
+        )
+        aio.closing(writer)
+        assert await reader.readexactly(2) == b"hi"
+        obj = writer.get_extra_info("ssl_object")
+        assert peer_identity(obj) == SERVER_ID
+        verify_server(peer_identity(obj), frozenset({SERVER_ID}))
+        assert obj.selected_alpn_protocol() == "h2"
+        assert obj.version() == "TLSv1.3"
+        assert obj.cipher()[0] in TLS13_CIPHERSUITES
+        assert not obj.session.has_ticket  # no resumption possible
         assert seen == {"peer": CLIENT_ID, "alpn": "h2", "version": "TLSv1.3"}
         verify_client(CLIENT_ID, TD)
 
-    asyncio.run(asyncio.wait_for(main(), 20))
+    aio.run(main)
 
 
 def test_mutual_tls_handshake_blocking(server_cert, client_cert):

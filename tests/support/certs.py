@@ -30,4 +30,8 @@ class InProcessCA:
     async def sign(self, csr_pem: bytes, ttl: timedelta) -> list[bytes]:
         identity = csr_identity(parse_csr(csr_pem))
         self.calls.append(identity)
+        await self.before_signing(identity)
         return self.ca.sign_csr(csr_pem, identity, ttl)
+
+    async def before_signing(self, identity: SpiffeId) -> None:
+        """Where a test holds or fails a request (nothing here)."""

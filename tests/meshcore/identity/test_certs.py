@@ -20,32 +20,27 @@ from meshcore.identity.certs import (
     new_key_and_csr,
 )
 from meshcore.identity.spiffe import SpiffeId
+from tests.support.certs import InProcessCA
 
 TD = "cluster.local"
 ALICE = SpiffeId(TD, "shop", "alice")
 BOB = SpiffeId(TD, "shop", "bob")
 
 
-class CAClient:
-    """Signs with a real in-memory CA; can be told to fail or to wait for a gate."""
+class CAClient(InProcessCA):
+    """The in-memory CA; can be told to fail or to wait for a gate."""
 
     def __init__(self) -> None:
-        self.ca = CertificateAuthority.create(TD)
-        self.calls: list[SpiffeId] = []
+        super().__init__()
         self.failures_left = 0
         self.gate: asyncio.Event | None = None
 
-    async def sign(self, csr_pem: bytes, ttl: timedelta) -> list[bytes]:
-        csr = x509.load_pem_x509_csr(csr_pem)
-        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        identity = SpiffeId.parse(san.get_values_for_type(x509.UniformResourceIdentifier)[0])
-        self.calls.append(identity)
+    async def before_signing(self, identity: SpiffeId) -> None:
         if self.gate is not None:
             await self.gate.wait()
         if self.failures_left:
             self.failures_left -= 1
             raise CertificateError("CA refused (503): try later")
-        return self.ca.sign_csr(csr_pem, identity, ttl)
 
 
 class FakeSleep:
@@ -72,14 +67,10 @@ class FakeSleep:
         self._blocked.pop(0).set_result(None)
 
 
-def run(coro_fn) -> None:
-    asyncio.run(asyncio.wait_for(coro_fn(), 20))
-
-
-def test_fetch_builds_a_consistent_certificate():
+def test_fetch_builds_a_consistent_certificate(aio):
     async def main() -> None:
         client, sleep = CAClient(), FakeSleep()
-        mgr = CertificateManager(client, timedelta(hours=4), sleep=sleep)
+        mgr = aio.closing(CertificateManager(client, timedelta(hours=4), sleep=sleep))
         cert = await mgr.get(ALICE)
         assert cert.identity == ALICE
         assert cert.roots_pem == client.ca.roots_pem()
@@ -94,9 +85,8 @@ def test_fetch_builds_a_consistent_certificate():
         assert await mgr.get(ALICE) is cert
         assert client.calls == [ALICE]
         assert mgr.snapshot() == [cert]
-        await mgr.close()
 
-    run(main)
+    aio.run(main)
 
 
 def test_csr_has_the_uri_san_only():
@@ -113,11 +103,11 @@ def test_csr_has_the_uri_san_only():
     assert new_key_and_csr(ALICE)[0] != key_pem  # a fresh key each time
 
 
-def test_concurrent_callers_share_one_request():
+def test_concurrent_callers_share_one_request(aio):
     async def main() -> None:
         client = CAClient()
         client.gate = asyncio.Event()
-        mgr = CertificateManager(client, sleep=FakeSleep())
+        mgr = aio.closing(CertificateManager(client, sleep=FakeSleep()))
         getters = [asyncio.create_task(mgr.get(ALICE)) for _ in range(10)]
         await asyncio.sleep(0.01)
         assert not any(t.done() for t in getters)
@@ -125,32 +115,32 @@ def test_concurrent_callers_share_one_request():
         certs = await asyncio.gather(*getters)
         assert len({c.serial for c in certs}) == 1
         assert client.calls == [ALICE]
-        await mgr.close()
 
-    run(main)
+    aio.run(main)
 
 
-def test_one_caller_cancelled_does_not_cancel_the_shared_fetch():
+def test_one_caller_cancelled_does_not_cancel_the_shared_fetch(aio):
     async def main() -> None:
         client = CAClient()
         client.gate = asyncio.Event()
-        mgr = CertificateManager(client, sleep=FakeSleep())
+        mgr = aio.closing(CertificateManager(client, sleep=FakeSleep()))
         first, second = asyncio.create_task(mgr.get(ALICE)), asyncio.create_task(mgr.get(ALICE))
         await asyncio.sleep(0.01)
         first.cancel()
         client.gate.set()
         assert (await second).identity == ALICE
         assert client.calls == [ALICE]
-        await mgr.close()
 
-    run(main)
+    aio.run(main)
 
 
-def test_refresh_at_half_life_notifies_listeners():
+def test_refresh_at_half_life_notifies_listeners(aio):
     async def main() -> None:
         now = datetime.now(UTC)
         client, sleep = CAClient(), FakeSleep()
-        mgr = CertificateManager(client, timedelta(hours=24), clock=lambda: now, sleep=sleep)
+        mgr = aio.closing(
+            CertificateManager(client, timedelta(hours=24), clock=lambda: now, sleep=sleep)
+        )
         updates: list[WorkloadCertificate] = []
         mgr.on_update(updates.append)
         first = await mgr.get(ALICE)
@@ -166,15 +156,14 @@ def test_refresh_at_half_life_notifies_listeners():
         assert second.key_pem != first.key_pem
         assert [u.serial for u in updates] == [first.serial, second.serial]
         assert client.calls == [ALICE, ALICE]
-        await mgr.close()
 
-    run(main)
+    aio.run(main)
 
 
-def test_failed_refresh_backs_off_and_keeps_the_old_certificate():
+def test_failed_refresh_backs_off_and_keeps_the_old_certificate(aio):
     async def main() -> None:
         client, sleep = CAClient(), FakeSleep()
-        mgr = CertificateManager(client, sleep=sleep)
+        mgr = aio.closing(CertificateManager(client, sleep=sleep))
         first = await mgr.get(ALICE)
         await sleep.wait_for_calls(1)
         client.failures_left = 4
@@ -187,16 +176,15 @@ def test_failed_refresh_backs_off_and_keeps_the_old_certificate():
         await sleep.wait_for_calls(6)
         assert (await mgr.get(ALICE)).serial != first.serial
         assert sleep.calls[5] > 3600  # back to the half-life schedule
-        await mgr.close()
 
-    run(main)
+    aio.run(main)
 
 
-def test_first_fetch_failure_is_reported_then_retried():
+def test_first_fetch_failure_is_reported_then_retried(aio):
     async def main() -> None:
         client, sleep = CAClient(), FakeSleep()
         client.failures_left = 1
-        mgr = CertificateManager(client, sleep=sleep)
+        mgr = aio.closing(CertificateManager(client, sleep=sleep))
         with pytest.raises(CertificateError, match="try later"):
             await mgr.get(ALICE)
         await sleep.wait_for_calls(1)
@@ -216,15 +204,14 @@ def test_first_fetch_failure_is_reported_then_retried():
         client.gate.set()
         assert (await retry).identity == ALICE
         assert len(client.calls) == 2
-        await mgr.close()
 
-    run(main)
+    aio.run(main)
 
 
-def test_prefetch_forget_and_close():
+def test_prefetch_forget_and_close(aio):
     async def main() -> None:
         client, sleep = CAClient(), FakeSleep()
-        mgr = CertificateManager(client, sleep=sleep)
+        mgr = aio.closing(CertificateManager(client, sleep=sleep))
         mgr.prefetch(ALICE)
         mgr.prefetch(BOB)
         await sleep.wait_for_calls(2)
@@ -245,15 +232,15 @@ def test_prefetch_forget_and_close():
         with pytest.raises(CertificateError, match="closed"):
             await mgr.get(ALICE)
 
-    run(main)
+    aio.run(main)
 
 
-def test_real_time_refresh_with_a_short_lifetime():
+def test_real_time_refresh_with_a_short_lifetime(aio):
     # No fakes: the CA back-dates not_before by a minute, so a 1 s certificate is past its
     # half-life at once; the manager must still pace refreshes (MIN_REFRESH_DELAY), not spin.
     async def main() -> None:
         client = CAClient()
-        mgr = CertificateManager(client, timedelta(seconds=1))
+        mgr = aio.closing(CertificateManager(client, timedelta(seconds=1)))
         seen: list[int] = []
         mgr.on_update(lambda c: seen.append(c.serial))
         await mgr.get(ALICE)
@@ -262,7 +249,7 @@ def test_real_time_refresh_with_a_short_lifetime():
         assert 2 <= len(seen) <= 3
         assert len(set(seen)) == len(seen)
 
-    run(main)
+    aio.run(main)
 
 
 def test_backoff_schedule():

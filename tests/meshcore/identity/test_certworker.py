@@ -26,27 +26,16 @@ import pytest
 import yaml
 from cryptography import x509
 
-from controlplane.ca import CertificateAuthority, csr_identity, parse_csr
+from controlplane.ca import CertificateAuthority
 from meshcore.identity import certworker
 from meshcore.identity.certs import CertificateError, CertificateManager, build_certificate
 from meshcore.identity.certworker_client import CertWorkerClient, CertWorkerError
 from meshcore.identity.spiffe import SpiffeId
+from tests.support.certs import InProcessCA
 
 TD = "cluster.local"
 ALICE = SpiffeId(TD, "shop", "alice")
 BOB = SpiffeId(TD, "shop", "bob")
-
-
-class InProcessCA:
-    """The real CA, signing in this process."""
-
-    def __init__(self) -> None:
-        self.ca = CertificateAuthority.create(TD)
-        self.calls = 0
-
-    async def sign(self, csr_pem: bytes, ttl: timedelta) -> list[bytes]:
-        self.calls += 1
-        return self.ca.sign_csr(csr_pem, csr_identity(parse_csr(csr_pem)), ttl)
 
 
 class FirstSleepOnly:
@@ -70,10 +59,6 @@ class HeldSleep:
     async def __call__(self, seconds: float) -> None:
         self.calls.append(seconds)
         await asyncio.Event().wait()
-
-
-def run(coro_fn) -> None:
-    asyncio.run(asyncio.wait_for(coro_fn(), 60))
 
 
 def python(code: str) -> list[str]:
@@ -158,11 +143,13 @@ def test_worker_stops_at_a_request_without_an_id():
 # --- the client, with the real worker -------------------------------------------------
 
 
-def test_client_and_real_worker_give_a_certificate_that_matches_the_ca():
+def test_client_and_real_worker_give_a_certificate_that_matches_the_ca(aio):
     async def main() -> None:
         ca = InProcessCA()
         client = CertWorkerClient()
-        mgr = CertificateManager(ca, timedelta(hours=1), sleep=HeldSleep(), crypto=client)
+        mgr = aio.closing(
+            CertificateManager(ca, timedelta(hours=1), sleep=HeldSleep(), crypto=client)
+        )
         cert = await mgr.get(ALICE)
         leaf = x509.load_pem_x509_certificate(cert.chain_pem[0])
         assert leaf.serial_number == cert.serial
@@ -176,27 +163,26 @@ def test_client_and_real_worker_give_a_certificate_that_matches_the_ca():
         await mgr.close()
         assert client.running == 0
 
-    run(main)
+    aio.run(main)
 
 
-def test_many_identities_at_once_share_one_worker_process():
+def test_many_identities_at_once_share_one_worker_process(aio):
     async def main() -> None:
         client = CertWorkerClient()
-        mgr = CertificateManager(InProcessCA(), sleep=HeldSleep(), crypto=client)
+        mgr = aio.closing(CertificateManager(InProcessCA(), sleep=HeldSleep(), crypto=client))
         ids = [SpiffeId(TD, "shop", f"sa-{i}") for i in range(50)]
         certs = await asyncio.gather(*(mgr.get(i) for i in ids))
         assert [c.identity for c in certs] == ids
         assert len({c.key_pem for c in certs}) == 50
         assert client.started == 1
-        await mgr.close()
 
-    run(main)
+    aio.run(main)
 
 
-def test_an_idle_worker_exits_and_a_later_request_starts_another():
+def test_an_idle_worker_exits_and_a_later_request_starts_another(aio):
     async def main() -> None:
         client = CertWorkerClient(idle_exit=0.1)
-        mgr = CertificateManager(InProcessCA(), sleep=HeldSleep(), crypto=client)
+        mgr = aio.closing(CertificateManager(InProcessCA(), sleep=HeldSleep(), crypto=client))
         await mgr.get(ALICE)
         for _ in range(500):
             if client.running == 0:
@@ -205,12 +191,11 @@ def test_an_idle_worker_exits_and_a_later_request_starts_another():
         assert client.running == 0  # exited on its own (stdin closed) and was reaped
         await mgr.get(BOB)
         assert client.started == 2
-        await mgr.close()
 
-    run(main)
+    aio.run(main)
 
 
-def test_a_wrong_chain_is_refused_with_the_workers_reason():
+def test_a_wrong_chain_is_refused_with_the_workers_reason(aio):
     class WrongIdentityCA(InProcessCA):
         async def sign(self, csr_pem: bytes, ttl: timedelta) -> list[bytes]:
             other = CertificateAuthority.create(TD)
@@ -219,12 +204,11 @@ def test_a_wrong_chain_is_refused_with_the_workers_reason():
             return other.sign_csr(new_key_and_csr(BOB)[1], BOB, ttl)
 
     async def main() -> None:
-        mgr = CertificateManager(WrongIdentityCA(), sleep=HeldSleep())
+        mgr = aio.closing(CertificateManager(WrongIdentityCA(), sleep=HeldSleep()))
         with pytest.raises(CertificateError, match=re.escape(f"asked for {ALICE}")):
             await mgr.get(ALICE)
-        await mgr.close()
 
-    run(main)
+    aio.run(main)
 
 
 # --- the client, with broken workers --------------------------------------------------
@@ -241,7 +225,7 @@ async def first_error(command: list[str], within: float = 5.0) -> CertWorkerErro
         await client.close()
 
 
-def test_garbage_output_is_a_clear_error_and_the_worker_is_killed():
+def test_garbage_output_is_a_clear_error_and_the_worker_is_killed(aio):
     async def main() -> None:
         error = await first_error(
             python("""
@@ -254,7 +238,7 @@ def test_garbage_output_is_a_clear_error_and_the_worker_is_killed():
         assert "sent a malformed answer (not JSON): b'hello, I am not JSON" in str(error)
         assert gone(pid_in(str(error)))
 
-    run(main)
+    aio.run(main)
 
 
 @pytest.mark.parametrize(
@@ -267,7 +251,7 @@ def test_garbage_output_is_a_clear_error_and_the_worker_is_killed():
     ],
     ids=["unknown-id", "not-object", "wrong-field", "bad-error"],
 )
-def test_malformed_answers_are_errors(answer, problem):
+def test_malformed_answers_are_errors(aio, answer, problem):
     async def main() -> None:
         error = await first_error(
             python(f"""
@@ -279,10 +263,10 @@ def test_malformed_answers_are_errors(answer, problem):
         )
         assert f"malformed answer ({problem})" in str(error)
 
-    run(main)
+    aio.run(main)
 
 
-def test_exit_without_an_answer_reports_status_and_stderr():
+def test_exit_without_an_answer_reports_status_and_stderr(aio):
     async def main() -> None:
         error = await first_error(
             python("""
@@ -295,18 +279,18 @@ def test_exit_without_an_answer_reports_status_and_stderr():
         assert "exited with status 3 before answering" in str(error)
         assert "stderr: cannot load the crypto library" in str(error)
 
-    run(main)
+    aio.run(main)
 
 
-def test_a_worker_that_cannot_be_started_is_an_error():
+def test_a_worker_that_cannot_be_started_is_an_error(aio):
     async def main() -> None:
         error = await first_error(["/nonexistent/python", "-m", "meshcore.identity.certworker"])
         assert "cannot start the certificate worker /nonexistent/python" in str(error)
 
-    run(main)
+    aio.run(main)
 
 
-def test_a_hung_worker_is_killed_after_the_timeout():
+def test_a_hung_worker_is_killed_after_the_timeout(aio):
     async def main() -> None:
         started = time.monotonic()
         error = await first_error(
@@ -324,39 +308,40 @@ def test_a_hung_worker_is_killed_after_the_timeout():
         assert "stderr: thinking..." in str(error)
         assert gone(pid_in(str(error)))
 
-    run(main)
+    aio.run(main)
 
 
-def test_a_worker_that_never_reads_is_killed_after_the_timeout():
+def test_a_worker_that_never_reads_is_killed_after_the_timeout(aio):
     # Requests fill the pipe; even waiting for room to write is bounded.
     async def main() -> None:
-        client = CertWorkerClient(python("import time; time.sleep(60)"), timeout=0.5)
+        client = aio.closing(CertWorkerClient(python("import time; time.sleep(60)"), timeout=0.5))
         chain = [b"x" * 200_000, b"y"]
         with pytest.raises(CertWorkerError, match=r"gave no answer within 0\.5 s"):
             await client.check_chain(str(ALICE), b"key", chain)
         await client.close()
         assert client.running == 0
 
-    run(main)
+    aio.run(main)
 
 
-def test_a_dead_worker_fails_every_pending_request_at_once():
+def test_a_dead_worker_fails_every_pending_request_at_once(aio):
     async def main() -> None:
-        mgr = CertificateManager(
-            InProcessCA(),
-            sleep=HeldSleep(),
-            crypto=CertWorkerClient(python("import sys; sys.stdin.readline(); sys.exit(1)")),
+        mgr = aio.closing(
+            CertificateManager(
+                InProcessCA(),
+                sleep=HeldSleep(),
+                crypto=CertWorkerClient(python("import sys; sys.stdin.readline(); sys.exit(1)")),
+            )
         )
         ids = [SpiffeId(TD, "shop", f"sa-{i}") for i in range(10)]
         results = await asyncio.gather(*(mgr.get(i) for i in ids), return_exceptions=True)
         assert all(isinstance(r, CertificateError) for r in results), results
         assert all("exited with status 1" in str(r) for r in results)
-        await mgr.close()
 
-    run(main)
+    aio.run(main)
 
 
-def test_a_failed_worker_is_retried_by_the_backoff(tmp_path: Path):
+def test_a_failed_worker_is_retried_by_the_backoff(aio, tmp_path: Path):
     # The first worker dies; the retry, after the backoff, gets a working one.
     marker = tmp_path / "failed-once"
     command = python(f"""
@@ -371,7 +356,7 @@ def test_a_failed_worker_is_retried_by_the_backoff(tmp_path: Path):
         sleep = FirstSleepOnly()
         updates: list[SpiffeId] = []
         client = CertWorkerClient(command)
-        mgr = CertificateManager(InProcessCA(), sleep=sleep, crypto=client)
+        mgr = aio.closing(CertificateManager(InProcessCA(), sleep=sleep, crypto=client))
         mgr.on_update(lambda c: updates.append(c.identity))
         with pytest.raises(CertificateError, match="first start fails"):
             await mgr.get(ALICE)
@@ -383,9 +368,8 @@ def test_a_failed_worker_is_retried_by_the_backoff(tmp_path: Path):
         assert sleep.calls[0] == 0.5  # the first backoff step
         assert (await mgr.get(ALICE)).identity == ALICE
         assert client.started == 2
-        await mgr.close()
 
-    run(main)
+    aio.run(main)
 
 
 # --- the tunnel's process never imports cryptography -----------------------------------
