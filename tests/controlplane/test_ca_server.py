@@ -23,6 +23,7 @@ from controlplane.ca import CertificateAuthority
 from controlplane.ca_server import CAServer, WorkloadsFileAuthorizer, parse_workload_grants
 from meshcore.identity.certs import CertificateError, LocalCAClient, new_key_and_csr
 from meshcore.identity.spiffe import SpiffeId
+from tests.support.aio import run
 
 TD = "cluster.local"
 ALICE = SpiffeId(TD, "shop", "alice")  # runs on node-a
@@ -82,7 +83,7 @@ def run_with_server(tmp_path: Path, scenario) -> None:
             await server.close()
         assert not sock.exists()
 
-    asyncio.run(main())
+    run(main)
 
 
 def test_good_token_and_local_identity_gets_a_chain(tmp_path):
@@ -164,7 +165,7 @@ def test_unreachable_ca_is_a_clear_error(tmp_path):
         with pytest.raises(CertificateError, match="cannot reach the CA"):
             await client.sign(new_key_and_csr(ALICE)[1], timedelta(hours=1))
 
-    asyncio.run(main())
+    run(main)
 
 
 def test_workload_grants_defaults():
@@ -217,9 +218,7 @@ def test_standalone_process(tmp_path):
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
             assert time.monotonic() < deadline, "CA socket did not appear"
             time.sleep(0.05)
-        chain = asyncio.run(
-            LocalCAClient(sock, token).sign(new_key_and_csr(ALICE)[1], timedelta(hours=1))
-        )
+        chain = run(LocalCAClient(sock, token).sign(new_key_and_csr(ALICE)[1], timedelta(hours=1)))
         root = (tmp_path / "state" / "ca" / "root-cert.pem").read_bytes()
         assert chain[-1] == root
     finally:

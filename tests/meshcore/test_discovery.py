@@ -7,6 +7,7 @@ import copy
 import json
 import os
 import time
+from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from meshcore.state import (
     ServicePort,
     TunnelProtocol,
 )
+from tests.support.aio import Loop, wait_until
 
 FULL = """
 workloads:
@@ -487,12 +489,17 @@ def _ip_of(state: MeshState) -> str:
     return str(state.workloads[0].ips[0])
 
 
-async def _wait_for(predicate, limit: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + limit
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(INTERVAL)
+async def until_polled(predicate: Callable[[], bool]) -> None:
+    await wait_until(predicate, "the watcher's next poll to see it", interval=INTERVAL)
+
+
+async def watching(
+    aio: Loop, path: Path, on_update: Callable[[MeshState], None]
+) -> LocalConfigWatcher:
+    """A started watcher of `path`, closed when the test ends."""
+    w = aio.closing(LocalConfigWatcher(path, on_update, interval=INTERVAL))
+    await w.start()
+    return w
 
 
 def _bump_mtime(path: Path) -> None:
@@ -501,135 +508,114 @@ def _bump_mtime(path: Path) -> None:
     os.utime(path, ns=(st_.st_atime_ns, st_.st_mtime_ns + 1_000_000_000))
 
 
-def test_watcher_applies_a_change(tmp_path):
+def test_watcher_applies_a_change(aio, tmp_path):
     path = tmp_path / "mesh.yaml"
     path.write_text(GOOD_A)
     seen: list[MeshState] = []
 
-    async def run() -> None:
-        w = LocalConfigWatcher(path, seen.append, interval=INTERVAL)
-        await w.start()
-        try:
-            assert _ip_of(w.current) == "10.0.0.1"
-            assert len(seen) == 1
-            path.write_text(GOOD_B)
-            _bump_mtime(path)
-            await _wait_for(lambda: len(seen) == 2)
-            assert _ip_of(seen[-1]) == "10.0.0.2"
-            assert w.current is seen[-1]
-        finally:
-            await w.close()
+    async def main() -> None:
+        w = await watching(aio, path, seen.append)
+        assert _ip_of(w.current) == "10.0.0.1"
+        assert len(seen) == 1
+        path.write_text(GOOD_B)
+        _bump_mtime(path)
+        await until_polled(lambda: len(seen) == 2)
+        assert _ip_of(seen[-1]) == "10.0.0.2"
+        assert w.current is seen[-1]
 
-    asyncio.run(run())
+    aio.run(main)
 
 
-def test_watcher_keeps_the_last_good_state_on_a_bad_edit_and_logs_it(tmp_path):
+def test_watcher_keeps_the_last_good_state_on_a_bad_edit_and_logs_it(aio, tmp_path):
     path = tmp_path / "mesh.yaml"
     path.write_text(GOOD_A)
     seen: list[MeshState] = []
 
-    async def run() -> None:
-        w = LocalConfigWatcher(path, seen.append, interval=INTERVAL)
-        await w.start()
-        try:
-            with capture_logs() as logs:
-                path.write_text(BAD)
-                _bump_mtime(path)
-                await _wait_for(lambda: any(e["event"] == "config_rejected" for e in logs))
-                # Several more polls of the same bad file: logged once, state unchanged.
-                await asyncio.sleep(INTERVAL * 5)
-            rejected = [e for e in logs if e["event"] == "config_rejected"]
-            assert len(rejected) == 1
-            assert (
-                "workloads[0].workloadIps[0]: '10.1.1' is not an IP address"
-                in (rejected[0]["error"])
-            )
-            assert rejected[0]["log_level"] == "error"
-            assert len(seen) == 1
-            assert _ip_of(w.current) == "10.0.0.1"
-            # A later good edit is applied again.
-            path.write_text(GOOD_B)
-            _bump_mtime(path)
-            await _wait_for(lambda: len(seen) == 2)
-            assert _ip_of(w.current) == "10.0.0.2"
-        finally:
-            await w.close()
-
-    asyncio.run(run())
-
-
-def test_watcher_sees_an_atomic_replace(tmp_path):
-    path = tmp_path / "mesh.yaml"
-    path.write_text(GOOD_A)
-    seen: list[MeshState] = []
-
-    async def run() -> None:
-        w = LocalConfigWatcher(path, seen.append, interval=INTERVAL)
-        await w.start()
-        try:
-            tmp = tmp_path / "mesh.yaml.tmp"
-            tmp.write_text(GOOD_B)
-            # Keep mtime and size equal to the old file: only the inode tells them apart.
-            old = path.stat()
-            os.utime(tmp, ns=(old.st_atime_ns, old.st_mtime_ns))
-            assert tmp.stat().st_size == old.st_size
-            os.replace(tmp, path)
-            await _wait_for(lambda: len(seen) == 2)
-            assert _ip_of(w.current) == "10.0.0.2"
-        finally:
-            await w.close()
-
-    asyncio.run(run())
-
-
-def test_watcher_ignores_touch_and_survives_a_missing_file(tmp_path):
-    path = tmp_path / "mesh.yaml"
-    path.write_text(GOOD_A)
-    seen: list[MeshState] = []
-
-    async def run() -> None:
-        w = LocalConfigWatcher(path, seen.append, interval=INTERVAL)
-        await w.start()
-        try:
-            with capture_logs() as logs:
-                _bump_mtime(path)
-                assert await w.check_now() is False
-                path.unlink()
-                await _wait_for(lambda: any(e["event"] == "config_missing" for e in logs))
-                assert _ip_of(w.current) == "10.0.0.1"
-                path.write_text(GOOD_B)
-                await _wait_for(lambda: len(seen) == 2)
-            assert _ip_of(w.current) == "10.0.0.2"
-            assert len(seen) == 2
-        finally:
-            await w.close()
-
-    asyncio.run(run())
-
-
-def test_watcher_reverting_a_bad_edit_restores_without_a_new_update(tmp_path):
-    path = tmp_path / "mesh.yaml"
-    path.write_text(GOOD_A)
-    seen: list[MeshState] = []
-
-    async def run() -> None:
-        w = LocalConfigWatcher(path, seen.append, interval=INTERVAL)
-        await w.start()
-        try:
+    async def main() -> None:
+        w = await watching(aio, path, seen.append)
+        with capture_logs() as logs:
             path.write_text(BAD)
             _bump_mtime(path)
-            assert await w.check_now() is False
-            path.write_text(GOOD_A)
+            await until_polled(lambda: any(e["event"] == "config_rejected" for e in logs))
+            # Several more polls of the same bad file: logged once, state unchanged.
+            await asyncio.sleep(INTERVAL * 5)
+        rejected = [e for e in logs if e["event"] == "config_rejected"]
+        assert len(rejected) == 1
+        assert (
+            "workloads[0].workloadIps[0]: '10.1.1' is not an IP address" in (rejected[0]["error"])
+        )
+        assert rejected[0]["log_level"] == "error"
+        assert len(seen) == 1
+        assert _ip_of(w.current) == "10.0.0.1"
+        # A later good edit is applied again.
+        path.write_text(GOOD_B)
+        _bump_mtime(path)
+        await until_polled(lambda: len(seen) == 2)
+        assert _ip_of(w.current) == "10.0.0.2"
+
+    aio.run(main)
+
+
+def test_watcher_sees_an_atomic_replace(aio, tmp_path):
+    path = tmp_path / "mesh.yaml"
+    path.write_text(GOOD_A)
+    seen: list[MeshState] = []
+
+    async def main() -> None:
+        w = await watching(aio, path, seen.append)
+        tmp = tmp_path / "mesh.yaml.tmp"
+        tmp.write_text(GOOD_B)
+        # Keep mtime and size equal to the old file: only the inode tells them apart.
+        old = path.stat()
+        os.utime(tmp, ns=(old.st_atime_ns, old.st_mtime_ns))
+        assert tmp.stat().st_size == old.st_size
+        os.replace(tmp, path)
+        await until_polled(lambda: len(seen) == 2)
+        assert _ip_of(w.current) == "10.0.0.2"
+
+    aio.run(main)
+
+
+def test_watcher_ignores_touch_and_survives_a_missing_file(aio, tmp_path):
+    path = tmp_path / "mesh.yaml"
+    path.write_text(GOOD_A)
+    seen: list[MeshState] = []
+
+    async def main() -> None:
+        w = await watching(aio, path, seen.append)
+        with capture_logs() as logs:
             _bump_mtime(path)
             assert await w.check_now() is False
-            assert len(seen) == 1
-        finally:
-            await w.close()
+            path.unlink()
+            await until_polled(lambda: any(e["event"] == "config_missing" for e in logs))
+            assert _ip_of(w.current) == "10.0.0.1"
+            path.write_text(GOOD_B)
+            await until_polled(lambda: len(seen) == 2)
+        assert _ip_of(w.current) == "10.0.0.2"
+        assert len(seen) == 2
 
-    asyncio.run(run())
+    aio.run(main)
 
 
-def test_watcher_survives_a_failing_callback(tmp_path):
+def test_watcher_reverting_a_bad_edit_restores_without_a_new_update(aio, tmp_path):
+    path = tmp_path / "mesh.yaml"
+    path.write_text(GOOD_A)
+    seen: list[MeshState] = []
+
+    async def main() -> None:
+        w = await watching(aio, path, seen.append)
+        path.write_text(BAD)
+        _bump_mtime(path)
+        assert await w.check_now() is False
+        path.write_text(GOOD_A)
+        _bump_mtime(path)
+        assert await w.check_now() is False
+        assert len(seen) == 1
+
+    aio.run(main)
+
+
+def test_watcher_survives_a_failing_callback(aio, tmp_path):
     path = tmp_path / "mesh.yaml"
     path.write_text(GOOD_A)
     calls: list[MeshState] = []
@@ -639,38 +625,34 @@ def test_watcher_survives_a_failing_callback(tmp_path):
         if len(calls) == 2:
             raise RuntimeError("consumer broke")
 
-    async def run() -> None:
-        w = LocalConfigWatcher(path, on_update, interval=INTERVAL)
-        await w.start()
-        try:
-            with capture_logs() as logs:
-                path.write_text(GOOD_B)
-                _bump_mtime(path)
-                await _wait_for(lambda: len(calls) == 2)
-                await _wait_for(
-                    lambda: any(e["event"] == "config_update_callback_failed" for e in logs)
-                )
-            path.write_text(GOOD_A)
+    async def main() -> None:
+        w = await watching(aio, path, on_update)
+        with capture_logs() as logs:
+            path.write_text(GOOD_B)
             _bump_mtime(path)
-            await _wait_for(lambda: len(calls) == 3)
-            assert _ip_of(w.current) == "10.0.0.1"
-        finally:
-            await w.close()
+            await until_polled(lambda: len(calls) == 2)
+            await until_polled(
+                lambda: any(e["event"] == "config_update_callback_failed" for e in logs)
+            )
+        path.write_text(GOOD_A)
+        _bump_mtime(path)
+        await until_polled(lambda: len(calls) == 3)
+        assert _ip_of(w.current) == "10.0.0.1"
 
-    asyncio.run(run())
+    aio.run(main)
 
 
 @pytest.mark.parametrize(
     ("content", "message"),
     [(None, "cannot read local config"), (BAD, "'10.1.1' is not an IP address")],
 )
-def test_watcher_first_load_failure_is_a_config_error(tmp_path, content, message):
+def test_watcher_first_load_failure_is_a_config_error(aio, tmp_path, content, message):
     path = tmp_path / "mesh.yaml"
     if content is not None:
         path.write_text(content)
     seen: list[MeshState] = []
 
-    async def run() -> None:
+    async def main() -> None:
         w = LocalConfigWatcher(path, seen.append, interval=INTERVAL)
         with pytest.raises(MeshConfigError) as err:
             await w.start()
@@ -678,16 +660,16 @@ def test_watcher_first_load_failure_is_a_config_error(tmp_path, content, message
         assert str(path) in str(err.value)
         await w.close()  # closing a watcher that never started is fine
 
-    asyncio.run(run())
+    aio.run(main)
     assert seen == []
 
 
-def test_watcher_rejects_non_utf8(tmp_path):
+def test_watcher_rejects_non_utf8(aio, tmp_path):
     path = tmp_path / "mesh.yaml"
     path.write_bytes(b"workloads: [\xff]\n")
 
-    async def run() -> None:
+    async def main() -> None:
         with pytest.raises(MeshConfigError, match="not UTF-8"):
             await LocalConfigWatcher(path, lambda s: None).start()
 
-    asyncio.run(run())
+    aio.run(main)

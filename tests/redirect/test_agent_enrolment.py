@@ -131,13 +131,13 @@ def test_malformed_documents_name_the_field(text: str, field: str) -> None:
 # ---- the file source ------------------------------------------------------------------------
 
 
-def test_file_source_delivers_changes_and_keeps_the_last_good_view(tmp_path: Path) -> None:
+def test_file_source_delivers_changes_and_keeps_the_last_good_view(aio, tmp_path: Path) -> None:
     path = tmp_path / "pods.json"
     path.write_text(doc([pod_doc(pod(uid="a"))]))
     seen: list[NodeView] = []
 
     async def scenario() -> None:
-        source = FilePodSource(path, "n1", interval=0.01)
+        source = aio.closing(FilePodSource(path, "n1", interval=0.01))
         await source.start(seen.append)
         assert [set(v.pods) for v in seen] == [{"a"}]  # the first view, before start returns
         path.write_text("{ not json")
@@ -148,9 +148,8 @@ def test_file_source_delivers_changes_and_keeps_the_last_good_view(tmp_path: Pat
         assert source.last_error is None
         path.write_text(doc([pod_doc(pod(uid="a")), pod_doc(pod(uid="b", name="q"))]))
         await asyncio.sleep(0.05)  # same text: no new delivery
-        await source.close()
 
-    asyncio.run(scenario())
+    aio.run(scenario)
     assert [set(v.pods) for v in seen] == [{"a"}, {"a", "b"}]
 
 

@@ -3,7 +3,6 @@ tunnel's node is the real one; here the HTTP answer is what is tested)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
@@ -20,27 +19,24 @@ class StaticStatus:
         return self.doc
 
 
-def test_ready_is_200_and_not_ready_is_503_with_the_status_as_json():
+def test_ready_is_200_and_not_ready_is_503_with_the_status_as_json(aio):
     source = StaticStatus()
 
     async def main() -> list[tuple[int, str, Any]]:
-        server = ReadinessServer(source, 0, host="127.0.0.1")
+        server = aio.closing(ReadinessServer(source, 0, host="127.0.0.1"))
         await server.start()
         out = []
-        try:
-            url = f"http://127.0.0.1:{server.port}/healthz/ready"
-            async with aiohttp.ClientSession() as http:
-                for ready in (False, True):
-                    source.doc = {**source.doc, "ready": ready}
-                    async with http.get(url) as r:
-                        out.append((r.status, r.content_type, json.loads(await r.text())))
-                async with http.get(f"http://127.0.0.1:{server.port}/other") as r:
-                    out.append((r.status, r.content_type, None))
-        finally:
-            await server.close()
+        url = f"http://127.0.0.1:{server.port}/healthz/ready"
+        async with aiohttp.ClientSession() as http:
+            for ready in (False, True):
+                source.doc = {**source.doc, "ready": ready}
+                async with http.get(url) as r:
+                    out.append((r.status, r.content_type, json.loads(await r.text())))
+            async with http.get(f"http://127.0.0.1:{server.port}/other") as r:
+                out.append((r.status, r.content_type, None))
         return out
 
-    got = asyncio.run(asyncio.wait_for(main(), 30))
+    got = aio.run(main)
     assert got == [
         (503, "application/json", {"ready": False, "pods": {"travel/frontend": "pending"}}),
         (200, "application/json", {"ready": True, "pods": {"travel/frontend": "pending"}}),

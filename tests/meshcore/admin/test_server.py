@@ -22,6 +22,7 @@ from structlog.testing import capture_logs
 
 from meshcore.admin.server import AdminServer, MetricsServer, process_metrics
 from meshcore.observability.metrics import ResponseFlags, TcpMetrics, tcp_labels
+from tests.support.aio import Loop
 
 CONFIG = {
     "node": "n1",
@@ -84,84 +85,74 @@ def restore_log_level() -> Iterator[None]:
     logging.getLogger().setLevel(root)
 
 
-def run(coro: Any) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, 30))
-
-
-async def started_admin(source: StaticSource) -> tuple[AdminServer, str]:
-    server = AdminServer(source, port=0, host="127.0.0.1")
+async def started_admin(aio: Loop, source: StaticSource) -> tuple[AdminServer, str]:
+    server = aio.closing(AdminServer(source, port=0, host="127.0.0.1"))
     await server.start()
     assert server.port != 0
     return server, f"http://127.0.0.1:{server.port}"
 
 
-def test_admin_endpoints_with_a_static_source():
+def test_admin_endpoints_with_a_static_source(aio):
     source = StaticSource()
 
     async def main() -> None:
-        server, base = await started_admin(source)
-        try:
-            async with aiohttp.ClientSession() as http:
-                async with http.get(f"{base}/config_dump") as r:
-                    assert r.status == 200
-                    assert r.content_type == "application/json"
-                    assert await r.json() == {**CONFIG, "extra": "10.0.0.1"}
-                async with http.get(f"{base}/connections") as r:
-                    assert r.status == 200
-                    assert await r.json() == CONNECTIONS
+        _, base = await started_admin(aio, source)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{base}/config_dump") as r:
+                assert r.status == 200
+                assert r.content_type == "application/json"
+                assert await r.json() == {**CONFIG, "extra": "10.0.0.1"}
+            async with http.get(f"{base}/connections") as r:
+                assert r.status == 200
+                assert await r.json() == CONNECTIONS
 
-                q = {"source": "travel/frontend", "destination": "bookings:80"}
-                async with http.get(f"{base}/debug/explain", params=q) as r:
-                    assert r.status == 200
-                    assert await r.json() == {
-                        "source": {"workload": "travel/frontend"},
-                        "destination": {"input": "bookings:80"},
-                    }
-                assert source.explained == [("travel/frontend", "bookings:80")]
+            q = {"source": "travel/frontend", "destination": "bookings:80"}
+            async with http.get(f"{base}/debug/explain", params=q) as r:
+                assert r.status == 200
+                assert await r.json() == {
+                    "source": {"workload": "travel/frontend"},
+                    "destination": {"input": "bookings:80"},
+                }
+            assert source.explained == [("travel/frontend", "bookings:80")]
 
-                q = {"source": "travel/ghost", "destination": "bookings:80"}
-                async with http.get(f"{base}/debug/explain", params=q) as r:
-                    assert r.status == 400
-                    assert await r.json() == {"error": "no pod travel/ghost"}
+            q = {"source": "travel/ghost", "destination": "bookings:80"}
+            async with http.get(f"{base}/debug/explain", params=q) as r:
+                assert r.status == 400
+                assert await r.json() == {"error": "no pod travel/ghost"}
 
-                async with http.get(f"{base}/debug/explain?source=travel/frontend") as r:
-                    assert r.status == 400
-                    assert "destination" in (await r.json())["error"]
+            async with http.get(f"{base}/debug/explain?source=travel/frontend") as r:
+                assert r.status == 400
+                assert "destination" in (await r.json())["error"]
 
-                # A source that fails unexpectedly is a 500 that says why, not a hang.
-                q = {"source": "travel/frontend", "destination": "boom:1"}
-                async with http.get(f"{base}/debug/explain", params=q) as r:
-                    assert r.status == 500
-                    assert "internal failure" in (await r.json())["error"]
-        finally:
-            await server.close()
+            # A source that fails unexpectedly is a 500 that says why, not a hang.
+            q = {"source": "travel/frontend", "destination": "boom:1"}
+            async with http.get(f"{base}/debug/explain", params=q) as r:
+                assert r.status == 500
+                assert "internal failure" in (await r.json())["error"]
 
-    run(main())
+    aio.run(main)
 
 
-def test_admin_index_and_unknown_paths_list_the_endpoints():
+def test_admin_index_and_unknown_paths_list_the_endpoints(aio):
     async def main() -> None:
-        server, base = await started_admin(StaticSource())
-        try:
-            async with aiohttp.ClientSession() as http:
-                async with http.get(f"{base}/") as r:
-                    assert r.status == 200
-                    index = await r.text()
-                async with http.get(f"{base}/stats") as r:
-                    assert r.status == 404
-                    missing = await r.text()
-        finally:
-            await server.close()
+        _, base = await started_admin(aio, StaticSource())
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{base}/") as r:
+                assert r.status == 200
+                index = await r.text()
+            async with http.get(f"{base}/stats") as r:
+                assert r.status == 404
+                missing = await r.text()
         for text in (index, missing):
             for path in ("/config_dump", "/connections", "/debug/explain", "/logging"):
                 assert path in text
             assert "/quitquitquit" in text
         assert missing.startswith("invalid path")
 
-    run(main())
+    aio.run(main)
 
 
-def test_logging_level_changes_at_runtime(restore_log_level):
+def test_logging_level_changes_at_runtime(aio, restore_log_level):
     probe = structlog.get_logger("ztunnel.probe")
 
     def logged_at(level: str) -> bool:
@@ -170,43 +161,40 @@ def test_logging_level_changes_at_runtime(restore_log_level):
         return bool(captured)
 
     async def main() -> None:
-        server, base = await started_admin(StaticSource())
-        try:
-            async with aiohttp.ClientSession() as http:
-                async with http.post(f"{base}/logging?level=error") as r:
-                    assert r.status == 200
-                    assert await r.json() == {"level": "error"}
-                assert not logged_at("warning")
-                assert logged_at("error")
-                assert logging.getLogger().level == logging.ERROR
+        _, base = await started_admin(aio, StaticSource())
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{base}/logging?level=error") as r:
+                assert r.status == 200
+                assert await r.json() == {"level": "error"}
+            assert not logged_at("warning")
+            assert logged_at("error")
+            assert logging.getLogger().level == logging.ERROR
 
-                async with http.get(f"{base}/logging") as r:
-                    assert await r.json() == {"level": "error"}
+            async with http.get(f"{base}/logging") as r:
+                assert await r.json() == {"level": "error"}
 
-                # trace is accepted as ztunnel/Envoy spell it and means debug here.
-                async with http.post(f"{base}/logging", params={"level": "trace"}) as r:
-                    assert r.status == 200
-                    assert await r.json() == {"level": "debug"}
-                assert logged_at("debug")
-                assert structlog.get_logger().get_effective_level() == logging.DEBUG
+            # trace is accepted as ztunnel/Envoy spell it and means debug here.
+            async with http.post(f"{base}/logging", params={"level": "trace"}) as r:
+                assert r.status == 200
+                assert await r.json() == {"level": "debug"}
+            assert logged_at("debug")
+            assert structlog.get_logger().get_effective_level() == logging.DEBUG
 
-                async with http.post(f"{base}/logging", params={"level": "warning"}) as r:
-                    assert await r.json() == {"level": "warning"}
-                assert not logged_at("info")
+            async with http.post(f"{base}/logging", params={"level": "warning"}) as r:
+                assert await r.json() == {"level": "warning"}
+            assert not logged_at("info")
 
-                async with http.post(f"{base}/logging", params={"level": "loud"}) as r:
-                    assert r.status == 400
-                    assert "loud" in (await r.json())["error"]
-                # A bad level changes nothing.
-                async with http.post(f"{base}/logging") as r:
-                    assert await r.json() == {"level": "warning"}
-        finally:
-            await server.close()
+            async with http.post(f"{base}/logging", params={"level": "loud"}) as r:
+                assert r.status == 400
+                assert "loud" in (await r.json())["error"]
+            # A bad level changes nothing.
+            async with http.post(f"{base}/logging") as r:
+                assert await r.json() == {"level": "warning"}
 
-    run(main())
+    aio.run(main)
 
 
-def test_quitquitquit_answers_then_requests_quit():
+def test_quitquitquit_answers_then_requests_quit(aio):
     source = StaticSource()
     answered = threading.Event()
 
@@ -225,23 +213,20 @@ def test_quitquitquit_answers_then_requests_quit():
     source.on_quit = lambda: source.before_quit.append(answered.wait(10))
 
     async def main() -> bytes:
-        server, base = await started_admin(source)
-        try:
-            async with aiohttp.ClientSession() as http, http.get(f"{base}/quitquitquit") as r:
-                assert r.status == 405
-            assert source.quits == 0
-            return await asyncio.to_thread(client, server.port)
-        finally:
-            await server.close()
+        server, base = await started_admin(aio, source)
+        async with aiohttp.ClientSession() as http, http.get(f"{base}/quitquitquit") as r:
+            assert r.status == 405
+        assert source.quits == 0
+        return await asyncio.to_thread(client, server.port)
 
-    data = run(main())
+    data = aio.run(main)
     assert data.startswith(b"HTTP/1.0 200") or data.startswith(b"HTTP/1.1 200")
     assert data.endswith(b"\r\n\r\nOK\n")
     assert source.quits == 1
     assert source.before_quit == [True]
 
 
-def test_metrics_server_serves_both_paths_with_the_text_format():
+def test_metrics_server_serves_both_paths_with_the_text_format(aio):
     metrics = TcpMetrics()
     ok = tcp_labels(
         reporter="destination",
@@ -276,23 +261,20 @@ def test_metrics_server_serves_both_paths_with_the_text_format():
         return out
 
     async def main() -> tuple[list[str], list[str]]:
-        server = MetricsServer(metrics, process_metrics(), port=0, host="127.0.0.1")
+        server = aio.closing(MetricsServer(metrics, process_metrics(), port=0, host="127.0.0.1"))
         await server.start()
         bodies, types = [], []
-        try:
-            async with aiohttp.ClientSession() as http:
-                for path in ("/metrics", "/stats/prometheus"):
-                    async with http.get(f"http://127.0.0.1:{server.port}{path}") as r:
-                        assert r.status == 200
-                        types.append(r.headers["Content-Type"])
-                        bodies.append(await r.text())
-                async with http.get(f"http://127.0.0.1:{server.port}/other") as r:
-                    assert r.status == 404
-        finally:
-            await server.close()
+        async with aiohttp.ClientSession() as http:
+            for path in ("/metrics", "/stats/prometheus"):
+                async with http.get(f"http://127.0.0.1:{server.port}{path}") as r:
+                    assert r.status == 200
+                    types.append(r.headers["Content-Type"])
+                    bodies.append(await r.text())
+            async with http.get(f"http://127.0.0.1:{server.port}/other") as r:
+                assert r.status == 404
         return bodies, types
 
-    bodies, types = run(main())
+    bodies, types = aio.run(main)
     assert types == [TcpMetrics.CONTENT_TYPE] * 2
     assert istio_samples(bodies[0]) == istio_samples(bodies[1])
     assert istio_samples(bodies[0]) == {
@@ -307,12 +289,12 @@ def test_metrics_server_serves_both_paths_with_the_text_format():
     assert "process_resident_memory_bytes" in bodies[0]
 
 
-def test_servers_stop_and_free_their_port():
+def test_servers_stop_and_free_their_port(aio):
     async def main() -> None:
-        server, _ = await started_admin(StaticSource())
+        server, _ = await started_admin(aio, StaticSource())
         port = server.port
         await server.stop()
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", port), timeout=5).close()
 
-    run(main())
+    aio.run(main)

@@ -18,6 +18,7 @@ from meshcore.http1.parse import parse_request_head
 from meshcore.identity import certs
 from meshcore.identity.certs import CertificateError, LocalCAClient, new_key_and_csr
 from meshcore.identity.spiffe import SpiffeId
+from tests.support.aio import run
 
 Answer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -43,7 +44,7 @@ def serve(path: Path, answer: Answer, scenario: Callable[[], Awaitable[Any]]) ->
             server.close()
             await server.wait_closed()
 
-    return asyncio.run(asyncio.wait_for(main(), 30))
+    return run(main, limit=30)
 
 
 @pytest.mark.parametrize(

@@ -40,10 +40,6 @@ class EchoServer(NodeHttpServer):
         }
 
 
-def run(coro: Any) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, 30))
-
-
 async def started(**kw: Any) -> EchoServer:
     server = EchoServer(0, "127.0.0.1", **kw)
     await server.start()
@@ -84,67 +80,61 @@ def parse(raw: bytes) -> tuple[int, dict[str, str], bytes]:
 # -- good requests ------------------------------------------------------------------------
 
 
-def test_get_and_post_with_query_and_body():
+def test_get_and_post_with_query_and_body(aio):
     async def main() -> None:
-        server = await started()
-        try:
-            status, headers, body = await exchange(
-                server.port,
-                b"GET /echo?a=1&b=two%20words&a=2&flag&plus=x+y HTTP/1.1\r\nHost: h\r\n\r\n",
-            )
-            assert status == 200
-            assert headers["content-type"] == "application/json; charset=utf-8"
-            doc = json.loads(body)
-            assert doc["method"] == "GET"
-            assert doc["query"] == {"a": "1", "b": "two words", "flag": "", "plus": "x y"}
-            assert doc["host"] == "h"
-            assert doc["remote"] == "127.0.0.1"
+        server = aio.closing(await started())
+        status, headers, body = await exchange(
+            server.port,
+            b"GET /echo?a=1&b=two%20words&a=2&flag&plus=x+y HTTP/1.1\r\nHost: h\r\n\r\n",
+        )
+        assert status == 200
+        assert headers["content-type"] == "application/json; charset=utf-8"
+        doc = json.loads(body)
+        assert doc["method"] == "GET"
+        assert doc["query"] == {"a": "1", "b": "two words", "flag": "", "plus": "x y"}
+        assert doc["host"] == "h"
+        assert doc["remote"] == "127.0.0.1"
 
-            status, _, body = await exchange(
-                server.port,
-                b"POST /echo HTTP/1.0\r\nContent-Length: 5\r\n\r\nhello",
-            )
-            assert status == 200
-            assert json.loads(body)["body"] == "hello"
+        status, _, body = await exchange(
+            server.port,
+            b"POST /echo HTTP/1.0\r\nContent-Length: 5\r\n\r\nhello",
+        )
+        assert status == 200
+        assert json.loads(body)["body"] == "hello"
 
-            # Percent-decoded path; absolute-form target.
-            status, _, body = await exchange(
-                server.port, b"GET http://x/a%20b/%C3%A9?q=1 HTTP/1.1\r\n\r\n"
-            )
-            assert status == 200
-            assert json.loads(body)["path"] == "/a b/é"
+        # Percent-decoded path; absolute-form target.
+        status, _, body = await exchange(
+            server.port, b"GET http://x/a%20b/%C3%A9?q=1 HTTP/1.1\r\n\r\n"
+        )
+        assert status == 200
+        assert json.loads(body)["path"] == "/a b/é"
 
-            # HEAD: the headers of the GET, no body.
-            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-            writer.write(b"HEAD /echo HTTP/1.1\r\n\r\n")
-            raw = await asyncio.wait_for(reader.read(-1), 10)
-            writer.close()
-            head, _, rest = raw.partition(b"\r\n\r\n")
-            assert head.startswith(b"HTTP/1.1 200 OK") and rest == b""
-            assert b"Content-Length: 0" not in head
-        finally:
-            await server.close()
+        # HEAD: the headers of the GET, no body.
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"HEAD /echo HTTP/1.1\r\n\r\n")
+        raw = await asyncio.wait_for(reader.read(-1), 10)
+        writer.close()
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK") and rest == b""
+        assert b"Content-Length: 0" not in head
 
-    run(main())
+    aio.run(main)
 
 
-def test_unknown_path_is_404_and_a_failing_handler_is_500():
+def test_unknown_path_is_404_and_a_failing_handler_is_500(aio):
     async def main() -> None:
-        server = await started()
-        try:
-            status, headers, body = await exchange(server.port, b"GET /nope HTTP/1.1\r\n\r\n")
-            assert (status, body) == (404, b"404: Not Found")
-            assert headers["content-type"] == "text/plain; charset=utf-8"
-            status, _, body = await exchange(server.port, b"GET /boom HTTP/1.1\r\n\r\n")
-            assert status == 500
-            assert b"RuntimeError: handler exploded" in body
-            # Still serving.
-            status, _, _ = await exchange(server.port, b"GET /echo HTTP/1.1\r\n\r\n")
-            assert status == 200
-        finally:
-            await server.close()
+        server = aio.closing(await started())
+        status, headers, body = await exchange(server.port, b"GET /nope HTTP/1.1\r\n\r\n")
+        assert (status, body) == (404, b"404: Not Found")
+        assert headers["content-type"] == "text/plain; charset=utf-8"
+        status, _, body = await exchange(server.port, b"GET /boom HTTP/1.1\r\n\r\n")
+        assert status == 500
+        assert b"RuntimeError: handler exploded" in body
+        # Still serving.
+        status, _, _ = await exchange(server.port, b"GET /echo HTTP/1.1\r\n\r\n")
+        assert status == 200
 
-    run(main())
+    aio.run(main)
 
 
 # -- bad input ----------------------------------------------------------------------------
@@ -185,183 +175,158 @@ def test_unknown_path_is_404_and_a_failing_handler_is_500():
         (b"POST /boom HTTP/1.1\r\n\r\n", 405, b"Method Not Allowed"),
     ],
 )
-def test_malformed_requests_get_a_clear_error(request_bytes, status, says):
+def test_malformed_requests_get_a_clear_error(aio, request_bytes, status, says):
     async def main() -> None:
-        server = await started()
-        try:
-            got, headers, body = await exchange(server.port, request_bytes)
-            assert got == status, body
-            assert says in body
-            if status == 405:
-                assert headers["allow"] in ("GET, HEAD, POST", "GET, HEAD")
-            # The server is unharmed.
-            got, _, _ = await exchange(server.port, b"GET /echo HTTP/1.1\r\n\r\n")
-            assert got == 200
-        finally:
-            await server.close()
+        server = aio.closing(await started())
+        got, headers, body = await exchange(server.port, request_bytes)
+        assert got == status, body
+        assert says in body
+        if status == 405:
+            assert headers["allow"] in ("GET, HEAD, POST", "GET, HEAD")
+        # The server is unharmed.
+        got, _, _ = await exchange(server.port, b"GET /echo HTTP/1.1\r\n\r\n")
+        assert got == 200
 
-    run(main())
+    aio.run(main)
 
 
-def test_oversized_head_is_431():
+def test_oversized_head_is_431(aio):
     async def main() -> None:
-        server = await started(max_head=4096)
-        try:
-            big = b"GET /echo HTTP/1.1\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n"
-            status, _, body = await exchange(server.port, big)
-            assert status == 431
-            assert b"4096 bytes" in body
-            many = b"GET /echo HTTP/1.1\r\n" + b"X: y\r\n" * 2000 + b"\r\n"
-            status, _, _ = await exchange(server.port, many)
-            assert status == 431
-            line = b"GET /" + b"x" * 10000 + b" HTTP/1.1\r\n\r\n"
-            status, _, _ = await exchange(server.port, line)
-            assert status == 431
-            # A head just under the limit is fine.
-            ok = b"GET /echo HTTP/1.1\r\nX-Big: " + b"a" * 3000 + b"\r\n\r\n"
-            status, _, _ = await exchange(server.port, ok)
-            assert status == 200
-        finally:
-            await server.close()
+        server = aio.closing(await started(max_head=4096))
+        big = b"GET /echo HTTP/1.1\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n"
+        status, _, body = await exchange(server.port, big)
+        assert status == 431
+        assert b"4096 bytes" in body
+        many = b"GET /echo HTTP/1.1\r\n" + b"X: y\r\n" * 2000 + b"\r\n"
+        status, _, _ = await exchange(server.port, many)
+        assert status == 431
+        line = b"GET /" + b"x" * 10000 + b" HTTP/1.1\r\n\r\n"
+        status, _, _ = await exchange(server.port, line)
+        assert status == 431
+        # A head just under the limit is fine.
+        ok = b"GET /echo HTTP/1.1\r\nX-Big: " + b"a" * 3000 + b"\r\n\r\n"
+        status, _, _ = await exchange(server.port, ok)
+        assert status == 200
 
-    run(main())
+    aio.run(main)
 
 
-def test_default_head_limit_is_16k():
+def test_default_head_limit_is_16k(aio):
     async def main() -> None:
-        server = await started()
-        try:
-            big = b"GET /echo HTTP/1.1\r\nX-Big: " + b"a" * (17 * 1024) + b"\r\n\r\n"
-            status, _, _ = await exchange(server.port, big)
-            assert status == 431
-            ok = b"GET /echo HTTP/1.1\r\nX-Big: " + b"a" * (15 * 1024) + b"\r\n\r\n"
-            status, _, _ = await exchange(server.port, ok)
-            assert status == 200
-        finally:
-            await server.close()
+        server = aio.closing(await started())
+        big = b"GET /echo HTTP/1.1\r\nX-Big: " + b"a" * (17 * 1024) + b"\r\n\r\n"
+        status, _, _ = await exchange(server.port, big)
+        assert status == 431
+        ok = b"GET /echo HTTP/1.1\r\nX-Big: " + b"a" * (15 * 1024) + b"\r\n\r\n"
+        status, _, _ = await exchange(server.port, ok)
+        assert status == 200
 
-    run(main())
+    aio.run(main)
 
 
-def test_body_too_large_is_413_before_it_is_read():
+def test_body_too_large_is_413_before_it_is_read(aio):
     async def main() -> None:
-        server = await started(max_body=1024)
-        try:
-            # Only the head is sent: the answer must not wait for the promised body.
-            head = b"POST /echo HTTP/1.1\r\nContent-Length: 2000000\r\n\r\n"
-            status, _, body = await exchange(server.port, head + b"x" * 5000)
-            assert status == 413
-            assert b"2000000" in body
-            status, _, body = await exchange(
-                server.port, b"POST /echo HTTP/1.1\r\nContent-Length: 1024\r\n\r\n" + b"y" * 1024
+        server = aio.closing(await started(max_body=1024))
+        # Only the head is sent: the answer must not wait for the promised body.
+        head = b"POST /echo HTTP/1.1\r\nContent-Length: 2000000\r\n\r\n"
+        status, _, body = await exchange(server.port, head + b"x" * 5000)
+        assert status == 413
+        assert b"2000000" in body
+        status, _, body = await exchange(
+            server.port, b"POST /echo HTTP/1.1\r\nContent-Length: 1024\r\n\r\n" + b"y" * 1024
+        )
+        assert status == 200
+        assert json.loads(body)["body"] == "y" * 1024
+
+    aio.run(main)
+
+
+def test_body_shorter_than_announced_is_400(aio):
+    async def main() -> None:
+        server = aio.closing(await started())
+        data = b"POST /echo HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc"
+        status, _, body = await exchange(server.port, data, half_close=True)
+        assert status == 400
+        assert b"shorter" in body
+        # A head cut short is a 400 too.
+        status, _, _ = await exchange(server.port, b"GET /echo HTTP/1.1\r\n", half_close=True)
+        assert status == 400
+
+    aio.run(main)
+
+
+def test_idle_client_is_closed_after_the_read_timeout(aio):
+    async def main() -> None:
+        server = aio.closing(await started(read_timeout=0.3))
+        t0 = time.monotonic()
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        raw = await asyncio.wait_for(reader.read(-1), 5)  # EOF: the server closed
+        elapsed = time.monotonic() - t0
+        writer.close()
+        assert 0.25 <= elapsed < 3
+        assert parse(raw)[0] == 408
+
+        # Slowloris: a head trickled in, a byte at a time, gets no more time than that.
+        t0 = time.monotonic()
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+
+        async def trickle() -> None:
+            for b in b"GET /echo HTTP/1.1\r\nX: " + b"a" * 100:
+                writer.write(bytes([b]))
+                await asyncio.sleep(0.05)
+
+        feeder = asyncio.create_task(trickle())
+        raw = await asyncio.wait_for(reader.read(-1), 5)
+        feeder.cancel()
+        writer.close()
+        assert time.monotonic() - t0 < 3
+        assert parse(raw)[0] == 408
+
+    aio.run(main)
+
+
+def test_many_concurrent_connections_are_all_served(aio):
+    async def main() -> None:
+        server = aio.closing(await started(max_connections=300))
+        results = await asyncio.gather(
+            *(
+                exchange(server.port, f"GET /echo?i={i} HTTP/1.1\r\n\r\n".encode())
+                for i in range(200)
             )
-            assert status == 200
-            assert json.loads(body)["body"] == "y" * 1024
-        finally:
-            await server.close()
+        )
+        assert [json.loads(body)["query"]["i"] for _, _, body in results] == [
+            str(i) for i in range(200)
+        ]
 
-    run(main())
+    aio.run(main)
 
 
-def test_body_shorter_than_announced_is_400():
+def test_connections_past_the_limit_get_503_and_the_server_recovers(aio):
     async def main() -> None:
-        server = await started()
-        try:
-            data = b"POST /echo HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc"
-            status, _, body = await exchange(server.port, data, half_close=True)
-            assert status == 400
-            assert b"shorter" in body
-            # A head cut short is a 400 too.
-            status, _, _ = await exchange(server.port, b"GET /echo HTTP/1.1\r\n", half_close=True)
-            assert status == 400
-        finally:
-            await server.close()
-
-    run(main())
-
-
-def test_idle_client_is_closed_after_the_read_timeout():
-    async def main() -> None:
-        server = await started(read_timeout=0.3)
-        try:
-            t0 = time.monotonic()
-            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-            raw = await asyncio.wait_for(reader.read(-1), 5)  # EOF: the server closed
-            elapsed = time.monotonic() - t0
-            writer.close()
-            assert 0.25 <= elapsed < 3
-            assert parse(raw)[0] == 408
-
-            # Slowloris: a head trickled in, a byte at a time, gets no more time than that.
-            t0 = time.monotonic()
-            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-
-            async def trickle() -> None:
-                for b in b"GET /echo HTTP/1.1\r\nX: " + b"a" * 100:
-                    writer.write(bytes([b]))
-                    await asyncio.sleep(0.05)
-
-            feeder = asyncio.create_task(trickle())
-            raw = await asyncio.wait_for(reader.read(-1), 5)
-            feeder.cancel()
-            writer.close()
-            assert time.monotonic() - t0 < 3
-            assert parse(raw)[0] == 408
-        finally:
-            await server.close()
-
-    run(main())
-
-
-def test_many_concurrent_connections_are_all_served():
-    async def main() -> None:
-        server = await started(max_connections=300)
-        try:
-            results = await asyncio.gather(
-                *(
-                    exchange(server.port, f"GET /echo?i={i} HTTP/1.1\r\n\r\n".encode())
-                    for i in range(200)
-                )
-            )
-            assert [json.loads(body)["query"]["i"] for _, _, body in results] == [
-                str(i) for i in range(200)
-            ]
-        finally:
-            await server.close()
-
-    run(main())
-
-
-def test_connections_past_the_limit_get_503_and_the_server_recovers():
-    async def main() -> None:
-        server = await started(max_connections=4, read_timeout=20)
+        server = aio.closing(await started(max_connections=4, read_timeout=20))
         idle = []
-        try:
-            for _ in range(4):
-                idle.append(await asyncio.open_connection("127.0.0.1", server.port))
-            await asyncio.sleep(0.2)  # let the server accept them (same event loop)
-            status, _, body = await exchange(server.port, b"")
-            assert status == 503
-            assert b"too many connections" in body
-            for _, writer in idle:
-                writer.close()
-            idle.clear()
-            await asyncio.sleep(0.2)
-            status, _, _ = await exchange(server.port, b"GET /echo HTTP/1.1\r\n\r\n")
-            assert status == 200
-        finally:
-            for _, writer in idle:
-                writer.close()
-            await server.close()
+        for _ in range(4):
+            _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            idle.append(aio.closing(writer))
+        await asyncio.sleep(0.2)  # let the server accept them (same event loop)
+        status, _, body = await exchange(server.port, b"")
+        assert status == 503
+        assert b"too many connections" in body
+        for writer in idle:
+            writer.close()
+        await asyncio.sleep(0.2)
+        status, _, _ = await exchange(server.port, b"GET /echo HTTP/1.1\r\n\r\n")
+        assert status == 200
 
-    run(main())
+    aio.run(main)
 
 
-def test_close_ends_open_connections_and_frees_the_port():
+def test_close_ends_open_connections_and_frees_the_port(aio):
     async def main() -> None:
-        server = await started(read_timeout=60)
+        server = aio.closing(await started(read_timeout=60))
         port = server.port
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        aio.closing(writer)
         writer.write(b"GET /echo HTTP/1.1\r\n")  # an unfinished request
         await asyncio.sleep(0.1)
         t0 = time.monotonic()
@@ -372,18 +337,15 @@ def test_close_ends_open_connections_and_frees_the_port():
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", port), timeout=5).close()
 
-    run(main())
+    aio.run(main)
 
 
-def test_two_servers_share_a_port_with_reuseport():
+def test_two_servers_share_a_port_with_reuseport(aio):
     async def main() -> None:
-        first = await started()
-        try:
-            second = EchoServer(first.port, "127.0.0.1")
-            await second.start()
-            assert second.port == first.port
-            await second.close()
-        finally:
-            await first.close()
+        first = aio.closing(await started())
+        second = aio.closing(EchoServer(first.port, "127.0.0.1"))
+        await second.start()
+        assert second.port == first.port
+        await second.close()
 
-    run(main())
+    aio.run(main)
