@@ -1,15 +1,11 @@
-"""What the end-to-end modules share: the module-scoped cluster and small pod-side helpers."""
+"""What the end-to-end modules share: small pod-side helpers (the fixtures are in conftest.py)."""
 
 from __future__ import annotations
 
 import socket
 import subprocess
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 import nsutil
 from localcluster import mesh
@@ -21,21 +17,6 @@ MB = 1 << 20
 def root_links() -> set[str]:
     out = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True)
     return {line.split(":")[1].strip().split("@")[0] for line in out.stdout.splitlines()}
-
-
-@pytest.fixture(scope="module")
-def root_links_before() -> set[str]:
-    return root_links()
-
-
-@pytest.fixture(scope="module")
-def cluster(root_links_before: set[str]) -> Iterator[mesh.Cluster]:
-    state_root = tempfile.mkdtemp(prefix="e2e-state-")
-    c = mesh.up(HERE / "cluster.yaml", state_root)
-    try:
-        yield c
-    finally:
-        mesh.down(c.spec.name, state_root)
 
 
 def pod_ip(c: mesh.Cluster, ns: str, name: str) -> str:

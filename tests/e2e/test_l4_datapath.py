@@ -19,7 +19,6 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import h2.config
@@ -39,7 +38,6 @@ from meshcore.identity.spiffe import SpiffeId
 from tests.support.certs import issue
 
 from .common import (
-    HERE,
     MB,
     connect,
     echo,
@@ -47,23 +45,11 @@ from .common import (
     pod_ip,
     pod_socket,
     root_links,
-    root_links_before,
     vip,
 )
 
-__all__ = ["root_links_before"]  # a module fixture, imported to be used here
-
-
-@pytest.fixture(scope="module", params=["iptables", "ebpf"])
-def cluster(request: pytest.FixtureRequest, root_links_before: set[str]) -> Iterator[mesh.Cluster]:
-    """The whole module runs once per capture mode: both must behave the same."""
-    state_root = tempfile.mkdtemp(prefix="e2e-state-")
-    c = mesh.up(HERE / "cluster.yaml", state_root, redirect_mode=request.param)
-    try:
-        yield c
-    finally:
-        mesh.down(c.spec.name, state_root)
-
+# Both capture modes must behave the same: the module runs once per mode.
+REDIRECT_MODES = ("iptables", "ebpf")
 
 pytestmark = pytest.mark.netns
 

@@ -23,9 +23,7 @@ import nsutil
 from localcluster import mesh
 from localcluster.processes import is_running, read_records
 
-from .common import HERE, cluster, connect, echo, pod_ip, root_links_before, tunnel_log, vip
-
-__all__ = ["cluster", "root_links_before"]  # module fixtures, imported to be used here
+from .common import HERE, connect, echo, pod_ip, tunnel_log, vip
 
 pytestmark = pytest.mark.netns
 

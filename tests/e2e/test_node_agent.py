@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
 import pytest
-from pyroute2 import netns as pr_netns
 
 import nsutil
 from ambientctl import cli
@@ -28,6 +26,7 @@ from meshcore.defaults import ADMIN_PORT
 from redirect import probes
 from redirect.enrolment import DATAPLANE_MODE_LABEL
 from redirect.probes import ProbeConfig
+from tests.support.aio import wait_until_sync
 
 from .common import connect, pod_ip
 
@@ -38,19 +37,8 @@ CLUSTER_FILE = HERE / "agent.yaml"
 PROBE_SOURCE = "169.254.7.127"
 
 
-@pytest.fixture(scope="module", params=["iptables", "ebpf"])
-def cluster(request: pytest.FixtureRequest) -> Iterator[mesh.Cluster]:
-    """The cluster, once per capture mode: the agent's behaviour must not depend on it."""
-    state_root = tempfile.mkdtemp(prefix="agent-e2e-")
-    c = mesh.up(CLUSTER_FILE, state_root, redirect_mode=request.param)
-    try:
-        yield c
-    finally:
-        mesh.down(c.spec.name, state_root)
-        # Everything went: namespaces (with their ipsets and rules) and sockets.
-        left = [n for n in pr_netns.listnetns() if n.startswith(f"{c.spec.name}-")]
-        assert not left, f"namespaces left behind: {left}"
-        assert not list(Path(state_root).glob("**/*.sock"))
+# The agent's behaviour must not depend on the capture mode.
+REDIRECT_MODES = ("iptables", "ebpf")
 
 
 def mesh_mode(c: mesh.Cluster) -> str:
@@ -84,12 +72,9 @@ def open_in_tunnel(c: mesh.Cluster, node: str, local: tuple[str, int]) -> bool:
     return f'"src": "{local[0]}:{local[1]}"' in body.decode()
 
 
-def until(cond: Callable[[], bool], what: str, limit: float = 30.0) -> None:
-    deadline = time.monotonic() + limit
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+def until(cond: Callable[[], bool], what: str) -> None:
+    # A cluster of processes: a longer bound than in-process waits.
+    wait_until_sync(cond, what, limit=30.0, interval=0.05)
 
 
 def talk(s: socket.socket, payload: bytes) -> bytes:

@@ -15,9 +15,7 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -31,14 +29,8 @@ from .common import HERE
 pytestmark = pytest.mark.netns
 
 
-@pytest.fixture(scope="module", params=["iptables", "ebpf"])
-def cluster(request: pytest.FixtureRequest) -> Iterator[mesh.Cluster]:
-    state_root = tempfile.mkdtemp(prefix="rst-state-")
-    c = mesh.up(HERE / "restart.yaml", state_root, redirect_mode=request.param)
-    try:
-        yield c
-    finally:
-        mesh.down(c.spec.name, state_root)
+CLUSTER_FILE = HERE / "restart.yaml"
+REDIRECT_MODES = ("iptables", "ebpf")
 
 
 def tunnel_record(c: mesh.Cluster, node: str) -> ProcessRecord:

@@ -1,0 +1,62 @@
+"""Fixtures of the end-to-end tier: each module runs against one cluster of its own.
+
+A module names its cluster file (`CLUSTER_FILE`, default cluster.yaml) and the capture
+modes it must pass in (`REDIRECT_MODES`, default iptables only); the `cluster` fixture
+brings that cluster up once per mode for the whole module and always takes it down
+afterwards, checking that nothing of it is left. Helpers the tests call are in common.py.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pyroute2 import netns as pr_netns
+
+from localcluster import mesh
+
+from .common import HERE, root_links
+
+DEFAULT_MODES = ("iptables",)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    modes = getattr(metafunc.module, "REDIRECT_MODES", DEFAULT_MODES)
+    if "redirect_mode" in metafunc.fixturenames and len(modes) > 1:
+        metafunc.parametrize("redirect_mode", modes, scope="module", indirect=True)
+
+
+@pytest.fixture(scope="module")
+def redirect_mode(request: pytest.FixtureRequest) -> str:
+    """The capture mode the module's cluster runs in."""
+    mode: str = getattr(request, "param", DEFAULT_MODES[0])
+    return mode
+
+
+@pytest.fixture(scope="module")
+def root_links_before() -> set[str]:
+    return root_links()
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    request: pytest.FixtureRequest, redirect_mode: str, root_links_before: set[str]
+) -> Iterator[mesh.Cluster]:
+    cluster_file: Path = getattr(request.module, "CLUSTER_FILE", HERE / "cluster.yaml")
+    state_root = tempfile.mkdtemp(prefix="e2e-state-")
+    try:
+        c = mesh.up(cluster_file, state_root, redirect_mode=redirect_mode)
+        try:
+            yield c
+        finally:
+            mesh.down(c.spec.name, state_root)
+        # Everything went: namespaces (with their rules and ipsets), sockets, root links.
+        left = [n for n in pr_netns.listnetns() if n.startswith(f"{c.spec.name}-")]
+        assert not left, f"namespaces left behind: {left}"
+        assert not list(Path(state_root).glob("**/*.sock")), "sockets left behind"
+        assert root_links() == root_links_before, "links left in the root namespace"
+    finally:
+        shutil.rmtree(state_root, ignore_errors=True)
