@@ -35,6 +35,12 @@ def _resolve(state: MeshState, source: Workload, destination: str) -> tuple[Sock
     host, sep, port_text = destination.rpartition(":")
     if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise ValueError(f"destination {destination!r} must be <host or ip>:<port>")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        # "fd00::20:8080" could be an address with no port: ask, as the data path would.
+        raise ValueError(
+            f"destination {destination!r} must be <host or ip>:<port> (an IPv6 address in "
+            "brackets: [fd00::1]:80)"
+        )
     port = int(port_text)
     host = host.strip("[]")
     try:

@@ -335,6 +335,12 @@ def test_a_waypoint_bound_service_is_explained_as_the_data_path_goes_today() -> 
         pytest.param("shop/client-0", "web:http", "must be <host or ip>:<port>", id="named port"),
         pytest.param(
             "shop/client-0",
+            "fd00::20:8080",
+            r"must be <host or ip>:<port> \(an IPv6 address in brackets:",
+            id="IPv6 without brackets (is 8080 a port or part of the address?)",
+        ),
+        pytest.param(
+            "shop/client-0",
             "nowhere:80",
             "neither an IP address nor a known service",
             id="unknown host",
