@@ -148,3 +148,42 @@ def _resource(
         meta["annotations"] = dict(annotations)
     entry = {"apiVersion": api_version, "kind": kind, "metadata": meta, "spec": spec}
     return RawPolicy.from_mapping(name, namespace, entry, kind=kind)
+
+
+# -- an example mesh the decision tables share ------------------------------------------------
+# A client pod in namespace `shop` (node1) calls the `web` service, whose pods run on node2;
+# `legacy` is a service outside the mesh.
+
+CLIENT_POD = workload(
+    name="client-0",
+    namespace="shop",
+    service_account="client",
+    ips=ips("10.244.1.10"),
+    canonical_name="client",
+    canonical_revision="v1",
+    workload_name="client",
+)
+WEB_SERVICE = service(
+    name="web", namespace="shop", vips=vips("10.96.0.20"), ports=ports({80: 8080})
+)
+LEGACY_SERVICE = service(name="legacy", namespace="legacy", vips=vips("10.96.0.30"))
+LEGACY_POD = workload(
+    name="legacy-0",
+    namespace="legacy",
+    ips=ips("10.244.3.30"),
+    protocol=TunnelProtocol.NONE,
+    services=serves((LEGACY_SERVICE, {})),
+)
+
+
+def web_pod(name: str, *addresses: str, **kw: Any) -> Workload:
+    """A pod of the `web` service (labelled app=web, on node2, no port map of its own
+    unless `services` says otherwise)."""
+    fields: dict[str, Any] = {
+        "namespace": "shop",
+        "service_account": "web",
+        "node": "node2",
+        "labels": (("app", "web"),),
+        "services": serves((WEB_SERVICE, {})),
+    }
+    return workload(name=name, ips=ips(*addresses), **{**fields, **kw})

@@ -59,6 +59,13 @@ class Node:
         await server.start()
         return server
 
+    async def connected(self) -> tuple[ZdsServer, ZdsClient, RecordingPods]:
+        """An agent and one tunnel through the whole handshake."""
+        agent = await self.agent()
+        client, pods = await self.tunnel()
+        await wait_until(lambda: agent.tunnels == 1, "the tunnel")
+        return agent, client, pods
+
     async def tunnel(self, pods: RecordingPods | None = None) -> tuple[ZdsClient, RecordingPods]:
         pods = self.aio.closing(pods if pods is not None else RecordingPods())
         client = self.aio.closing(
@@ -97,9 +104,7 @@ def test_snapshot_carries_pods_added_while_no_tunnel_was_there__recording_pods(a
 
 def test_add_is_acked_only_once_the_pod_started__recording_pods(aio, node):
     async def main():
-        agent = await node.agent()
-        _, pods = await node.tunnel()
-        await wait_until(lambda: agent.tunnels == 1, "the tunnel")
+        agent, _, pods = await node.connected()
         gate = pods.hold["c"] = asyncio.Event()
         adding = asyncio.ensure_future(agent.add("c", info("c"), node.netns("c")))
         await wait_until(lambda: ("add", "c") in pods.calls, "the add to arrive")
@@ -114,9 +119,7 @@ def test_add_is_acked_only_once_the_pod_started__recording_pods(aio, node):
 
 def test_a_failed_start_is_a_nack_with_the_reason__recording_pods(aio, node):
     async def main():
-        agent = await node.agent()
-        _, pods = await node.tunnel()
-        await wait_until(lambda: agent.tunnels == 1, "the tunnel")
+        agent, _, pods = await node.connected()
         pods.fail["bad"] = "no certificate: CA unreachable"
         with pytest.raises(ZdsNack, match="failure to start proxy: no certificate") as e:
             await agent.add("bad", info("bad"), node.netns("bad"))
@@ -131,9 +134,7 @@ def test_a_failed_start_is_a_nack_with_the_reason__recording_pods(aio, node):
 
 def test_delete_stops_the_pod_and_the_next_snapshot_omits_it__recording_pods(aio, node):
     async def main():
-        agent = await node.agent()
-        client, pods = await node.tunnel()
-        await wait_until(lambda: agent.tunnels == 1, "the tunnel")
+        agent, client, pods = await node.connected()
         await agent.add("a", info("a"), node.netns("a"))
         await agent.add("b", info("b"), node.netns("b"))
         await agent.delete("a")
@@ -153,9 +154,7 @@ def test_delete_stops_the_pod_and_the_next_snapshot_omits_it__recording_pods(aio
 def test_agent_restart_while_the_tunnel_runs__recording_pods(aio, node):
     async def main():
         before = open_fds()
-        agent = await node.agent()
-        client, pods = await node.tunnel()
-        await wait_until(lambda: agent.tunnels == 1, "the tunnel")
+        agent, client, pods = await node.connected()
         for pod in "abc":
             await agent.add(pod, info(pod), node.netns(pod))
         assert pods.starts == ["a", "b", "c"]
@@ -188,9 +187,7 @@ def test_agent_restart_while_the_tunnel_runs__recording_pods(aio, node):
 
 def test_a_pod_whose_netns_the_new_agent_cannot_open_is_kept__recording_pods(aio, node):
     async def main():
-        agent = await node.agent()
-        _, pods = await node.tunnel()
-        await wait_until(lambda: agent.tunnels == 1, "the tunnel")
+        agent, _, pods = await node.connected()
         await agent.add("a", info("a"), node.netns("a"))
         await agent.add("b", info("b"), node.netns("b"))
         await agent.close()
@@ -219,9 +216,7 @@ def test_a_pod_whose_netns_the_new_agent_cannot_open_is_kept__recording_pods(aio
 def test_tunnel_restart_while_the_agent_runs__recording_pods(aio, node):
     async def main():
         before = open_fds()
-        agent = await node.agent()
-        client, pods = await node.tunnel()
-        await wait_until(lambda: agent.tunnels == 1, "the tunnel")
+        agent, client, pods = await node.connected()
         await agent.add("a", info("a"), node.netns("a"))
         await agent.add("b", info("b"), node.netns("b"))
         await client.close()
@@ -243,9 +238,7 @@ def test_tunnel_restart_while_the_agent_runs__recording_pods(aio, node):
 
 def test_two_tunnels_adds_go_to_the_newest_deletes_to_both__recording_pods(aio, node):
     async def main():
-        agent = await node.agent()
-        _, old_pods = await node.tunnel()
-        await wait_until(lambda: agent.tunnels == 1, "the old tunnel")
+        agent, _, old_pods = await node.connected()
         await agent.add("a", info("a"), node.netns("a"))
         new, new_pods = await node.tunnel()  # an upgrade: both connected
         await wait_until(lambda: agent.tunnels == 2, "the new tunnel")
@@ -310,9 +303,7 @@ def test_an_add_during_a_snapshot_joins_it_and_is_not_sent_twice__recording_pods
 
 def test_the_same_pod_added_again_with_a_new_netns_replaces_it__recording_pods(aio, node):
     async def main():
-        agent = await node.agent()
-        _, pods = await node.tunnel()
-        await wait_until(lambda: agent.tunnels == 1, "the tunnel")
+        agent, _, pods = await node.connected()
         await agent.add("a", info("a"), node.netns("a"))
         await agent.add("a", info("a"), node.netns("a"))  # same netns: nothing new
         assert pods.starts == ["a"]

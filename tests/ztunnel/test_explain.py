@@ -17,48 +17,24 @@ from meshcore.defaults import ROOT_NAMESPACE
 from meshcore.policy.index import PolicyIndex
 from meshcore.state import GatewayAddress, HealthStatus, MeshState, TunnelProtocol, Workload
 from tests.support.mesh import (
+    CLIENT_POD,
+    LEGACY_POD,
+    LEGACY_SERVICE,
+    WEB_SERVICE,
     authorization_policy,
     ips,
     mesh_state,
     peer_authentication,
-    ports,
-    serves,
-    service,
     vips,
-    workload,
+    web_pod,
 )
 from ztunnel.explain import explain
 
-WEB = service(name="web", namespace="shop", vips=vips("10.96.0.20"), ports=ports({80: 8080}))
-LEGACY = service(name="legacy", namespace="legacy", vips=vips("10.96.0.30"))
-CLIENT = workload(
-    name="client-0", namespace="shop", service_account="client", ips=ips("10.244.1.10")
-)
-WEB_0 = workload(
-    name="web-0",
-    namespace="shop",
-    service_account="web",
-    ips=ips("10.244.2.20"),
-    node="node2",
-    services=serves((WEB, {})),
-)
-WEB_1 = replace(
-    WEB_0, uid="Kubernetes//Pod/shop/web-1", name="web-1", ips=ips("10.244.1.21"), node="node1"
-)
-SICK = replace(
-    WEB_0,
-    uid="Kubernetes//Pod/shop/web-2",
-    name="web-2",
-    ips=ips("10.244.2.22"),
-    status=HealthStatus.UNHEALTHY,
-)
-LEGACY_0 = workload(
-    name="legacy-0",
-    namespace="legacy",
-    ips=ips("10.244.3.30"),
-    protocol=TunnelProtocol.NONE,
-    services=serves((LEGACY, {})),
-)
+WEB, LEGACY, CLIENT = WEB_SERVICE, LEGACY_SERVICE, CLIENT_POD
+WEB_0 = web_pod("web-0", "10.244.2.20")
+WEB_1 = web_pod("web-1", "10.244.1.21", node="node1")
+SICK = web_pod("web-2", "10.244.2.22", status=HealthStatus.UNHEALTHY)
+LEGACY_0 = LEGACY_POD
 OUTSIDER = replace(
     CLIENT,
     uid="Kubernetes//Pod/shop/outsider",

@@ -27,19 +27,12 @@ from meshcore.state import RawPolicy
 from tests.support.mesh import (
     addr,
     authorization_policy,
-    ips,
     mesh_state,
     peer_authentication,
-    workload,
+    web_pod,
 )
 
-WEB = workload(
-    name="web-0",
-    namespace="shop",
-    service_account="web",
-    ips=ips("10.244.2.20"),
-    labels=(("app", "web"),),
-)
+WEB = web_pod("web-0", "10.244.2.20")
 CLIENT = SpiffeId("cluster.local", "shop", "client")
 OTHER = SpiffeId("cluster.local", "shop", "other")
 CLIENT_IP = ip_address("10.244.1.10")

@@ -19,10 +19,13 @@ from meshcore.state import (
     GatewayAddress,
     HealthStatus,
     Service,
-    TunnelProtocol,
     Workload,
 )
 from tests.support.mesh import (
+    CLIENT_POD,
+    LEGACY_POD,
+    LEGACY_SERVICE,
+    WEB_SERVICE,
     addr,
     ips,
     mesh_state,
@@ -30,35 +33,12 @@ from tests.support.mesh import (
     serves,
     service,
     vips,
-    workload,
+    web_pod,
 )
 from ztunnel.proxy.outbound import OutboundDecision, Route, connect_headers, decide
 
-CLIENT = workload(
-    name="client-0",
-    namespace="shop",
-    service_account="client",
-    ips=ips("10.244.1.10"),
-    canonical_name="client",
-    canonical_revision="v1",
-    workload_name="client",
-    workload_type="deployment",
-)
-WEB = service(
-    name="web", namespace="shop", vips=vips("10.96.0.20"), ports=ports({80: 8080, 443: 8443})
-)
-
-
-def web_pod(name: str, *addresses: str, **kw: object) -> Workload:
-    """An endpoint of WEB (its own port map empty unless `services` says otherwise)."""
-    fields: dict[str, object] = {
-        "namespace": "shop",
-        "service_account": "web",
-        "node": "node2",
-        "services": serves((WEB, {})),
-    }
-    fields.update(kw)
-    return workload(name=name, ips=ips(*addresses), **fields)
+CLIENT = CLIENT_POD
+WEB = replace(WEB_SERVICE, ports=ports({80: 8080, 443: 8443}))
 
 
 WEB_0 = web_pod("web-0", "10.244.2.20")
@@ -67,14 +47,7 @@ SICK_0 = replace(WEB_0, status=HealthStatus.UNHEALTHY)
 NO_IP_0 = web_pod("web-0")
 OWN_PORT_0 = web_pod("web-0", "10.244.2.20", services=serves((WEB, {80: 9090})))
 EXTRA_PORT_0 = web_pod("web-0", "10.244.2.20", services=serves((WEB, {8000: 9000})))
-LEGACY_SVC = service(name="legacy", namespace="legacy", vips=vips("10.96.0.30"))
-LEGACY_0 = workload(
-    name="legacy-0",
-    namespace="legacy",
-    ips=ips("10.244.3.30"),
-    protocol=TunnelProtocol.NONE,
-    services=serves((LEGACY_SVC, {})),
-)
+LEGACY_SVC, LEGACY_0 = LEGACY_SERVICE, LEGACY_POD
 CANARY = SpiffeId("cluster.local", "shop", "web-canary")
 WEB_SANS = replace(WEB, subject_alt_names=(str(CANARY), "web.shop.svc.cluster.local"))
 WEB6 = service(name="web6", namespace="shop", vips=vips("fd00:96::20"), ports=ports({80: 8080}))
