@@ -112,6 +112,14 @@ TWO = "one of 2 healthy endpoints, chosen at random per connection"
 WEB_SVC = "shop/web.shop.svc.cluster.local"
 
 
+def to_web(*endpoints: Endpoint, via: str = f"service {WEB_SVC}") -> Explained:
+    """The web service's answer: an HBONE route to each of its healthy pods."""
+    return Explained("HBONE", via, WEB_SVC, TWO, endpoints)
+
+
+BOTH_PODS = to_web(hbone_to(WEB_0), hbone_to(WEB_1))
+
+
 def case(
     id: str,
     destination: str,
@@ -127,22 +135,22 @@ CASES = [
     case(
         "service by short name: every healthy endpoint, each with its verdict",
         "web:80",
-        Explained("HBONE", f"service {WEB_SVC}", WEB_SVC, TWO, (hbone_to(WEB_0), hbone_to(WEB_1))),
+        BOTH_PODS,
     ),
     case(
         "service as name.namespace",
         "web.shop:80",
-        Explained("HBONE", f"service {WEB_SVC}", WEB_SVC, TWO, (hbone_to(WEB_0), hbone_to(WEB_1))),
+        BOTH_PODS,
     ),
     case(
         "service as name.namespace.svc",
         "web.shop.svc:80",
-        Explained("HBONE", f"service {WEB_SVC}", WEB_SVC, TWO, (hbone_to(WEB_0), hbone_to(WEB_1))),
+        BOTH_PODS,
     ),
     case(
         "service by its VIP",
         "10.96.0.20:80",
-        Explained("HBONE", "address", WEB_SVC, TWO, (hbone_to(WEB_0), hbone_to(WEB_1))),
+        to_web(hbone_to(WEB_0), hbone_to(WEB_1), via="address"),
     ),
     case(
         "a pod IP: that pod only",
@@ -152,34 +160,22 @@ CASES = [
     case(
         "a pod this tunnel serves too: delivered in process, still authorized",
         "web:80",
-        Explained(
-            "HBONE",
-            f"service {WEB_SVC}",
-            WEB_SVC,
-            TWO,
-            (hbone_to(WEB_0), hbone_to(WEB_1, delivery="in-process")),
-        ),
+        to_web(hbone_to(WEB_0), hbone_to(WEB_1, delivery="in-process")),
         in_process=("web-1",),
     ),
     case(
         "denied by policy: the verdict names it, on every endpoint",
         "web:80",
-        Explained(
-            "HBONE",
-            f"service {WEB_SVC}",
-            WEB_SVC,
-            TWO,
-            (
-                hbone_to(WEB_0, allowed=False, policy="shop/deny-client"),
-                hbone_to(WEB_1, allowed=False, policy="shop/deny-client"),
-            ),
+        to_web(
+            hbone_to(WEB_0, allowed=False, policy="shop/deny-client"),
+            hbone_to(WEB_1, allowed=False, policy="shop/deny-client"),
         ),
         policies=(DENY_CLIENT,),
     ),
     case(
         "STRICT: a mesh client proves its identity, so allowed",
         "web:80",
-        Explained("HBONE", f"service {WEB_SVC}", WEB_SVC, TWO, (hbone_to(WEB_0), hbone_to(WEB_1))),
+        BOTH_PODS,
         policies=(STRICT,),
     ),
     case(
