@@ -1,0 +1,224 @@
+"""Accepting HBONE clients: TCP first, then a TLS handshake we run and bound ourselves.
+
+A TLS handshake is the cheapest state a stranger can make us hold: it needs no
+certificate, only a TCP connection to a pod's 15008. So the listener accepts plain TCP,
+counts each connection whose handshake is in progress (per tunnel and per source
+address), refuses a new one at once past the limits, times the handshake out, and only
+then hands the TLS transport to the HTTP/2 protocol. A failed or refused handshake is
+counted and logged (at a bounded rate), and leaves nothing behind: every accepted
+connection is known until it is closed, whatever happens to its handshake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeLimits:
+    # TLS handshakes in progress at once, over every HBONE listener of the process, and
+    # from one source address (a pod can reach any pod IP; one must not starve the rest).
+    max_pending: int = 512
+    max_pending_per_source: int = 64
+    # How long a handshake may take.
+    timeout: float = 10.0
+
+
+DEFAULT_HANDSHAKE_LIMITS = HandshakeLimits()
+
+
+class RateLimitedLog:
+    """At most `per_second` lines a second; the rest are counted and summed up in the
+    next line that is written, so a flood cannot fill the log or burn CPU on it."""
+
+    def __init__(self, per_second: int = 10) -> None:
+        self._per_second = per_second
+        self._second = 0.0
+        self._written = 0
+        self._suppressed = 0
+
+    def warning(self, event: str, **fields: Any) -> None:
+        now = time.monotonic()
+        if now - self._second >= 1.0:
+            self._second, self._written = now, 0
+        if self._written >= self._per_second:
+            self._suppressed += 1
+            return
+        self._written += 1
+        if self._suppressed:
+            fields["suppressed_before"] = self._suppressed
+            self._suppressed = 0
+        log.warning(event, **fields)
+
+
+class HandshakeGate:
+    """The handshakes in progress of one process's HBONE listeners, and the limits on them.
+    `on_refused(reason)` is told of every connection refused or whose handshake failed."""
+
+    def __init__(
+        self,
+        limits: HandshakeLimits = DEFAULT_HANDSHAKE_LIMITS,
+        on_refused: Callable[[str], None] | None = None,
+    ) -> None:
+        self.limits = limits
+        self.pending = 0
+        self.by_source: dict[str, int] = {}
+        self._on_refused = on_refused
+        self.log = RateLimitedLog()
+
+    def admit(self, source: str) -> str | None:
+        """Take a slot for a new handshake from `source`; or why not."""
+        if self.pending >= self.limits.max_pending:
+            return "max_pending_handshakes"
+        n = self.by_source.get(source, 0)
+        if n >= self.limits.max_pending_per_source:
+            return "max_pending_handshakes_per_source"
+        self.pending += 1
+        self.by_source[source] = n + 1
+        return None
+
+    def release(self, source: str) -> None:
+        self.pending -= 1
+        n = self.by_source[source] - 1
+        if n:
+            self.by_source[source] = n
+        else:
+            del self.by_source[source]
+
+    def refused(self, source: str, reason: str, detail: str = "") -> None:
+        if self._on_refused is not None:
+            self._on_refused(reason)
+        self.log.warning("hbone handshake refused", src=source, reason=reason, detail=detail)
+
+
+def handshake_failure(exc: BaseException) -> str:
+    """A short, stable name for why a handshake failed (a metric label)."""
+    if isinstance(exc, TimeoutError):
+        return "tls_handshake_timeout"
+    if isinstance(exc, ssl.SSLError):
+        reason = getattr(exc, "reason", None)
+        return f"tls_{reason.lower()}" if isinstance(reason, str) else "tls_handshake_failed"
+    return "tls_connection_lost"
+
+
+class TlsListener:
+    """Serves one listening socket: accept, a bounded TLS handshake, then `factory()`'s
+    protocol on the TLS transport. `close()` stops accepting and ends the handshakes still
+    in progress (a pod that stops serving); established connections are the protocol's.
+
+    The accept loop is ours rather than the event loop's server, so a connection over the
+    limits is closed before any TLS state exists, and a failed handshake is seen (the
+    loop's TLS server tells no one when a handshake fails).
+    """
+
+    def __init__(
+        self,
+        ctx: ssl.SSLContext,
+        factory: Callable[[], asyncio.BaseProtocol],
+        gate: HandshakeGate,
+    ) -> None:
+        self.ctx = ctx
+        self.factory = factory
+        self.gate = gate
+        self.sock: socket.socket | None = None
+        self.handshaking: dict[asyncio.Task[None], None] = {}
+        self._accepting: asyncio.Task[None] | None = None
+
+    async def start(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self._accepting = asyncio.get_running_loop().create_task(self._accept_loop())
+
+    def sockname(self) -> tuple[str, int]:
+        assert self.sock is not None
+        name: tuple[str, int] = self.sock.getsockname()[:2]
+        return name
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        sock = self.sock
+        assert sock is not None
+        while True:
+            try:
+                conn, peer = await loop.sock_accept(sock)
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of descriptors: back off instead of spinning on a ready socket.
+                    self.gate.log.warning("hbone accept failed", error=str(e))
+                    await asyncio.sleep(0.1)
+                    continue
+                if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EAGAIN):
+                    continue
+                raise
+            source = str(peer[0])
+            why = self.gate.admit(source)
+            if why is not None:
+                conn.close()  # before any TLS state exists: nothing to time out
+                self.gate.refused(source, why)
+                continue
+            task = loop.create_task(self._handshake(conn, source))
+            self.handshaking[task] = None
+
+    async def _handshake(self, conn: socket.socket, source: str) -> None:
+        loop = asyncio.get_running_loop()
+        timeout = self.gate.limits.timeout
+        try:
+            try:
+                # Our own deadline, so a timeout is told apart from a failure; the loop's
+                # (a little later) only backs it up.
+                await asyncio.wait_for(
+                    loop.connect_accepted_socket(
+                        self._handover, conn, ssl=self.ctx, ssl_handshake_timeout=timeout + 1
+                    ),
+                    timeout,
+                )
+            except (OSError, ssl.SSLError, TimeoutError) as e:
+                conn.close()
+                self.gate.refused(source, handshake_failure(e), str(e))
+            except BaseException:
+                conn.close()
+                raise
+        finally:
+            self.gate.release(source)
+            task = asyncio.current_task()
+            if task is not None:
+                self.handshaking.pop(task, None)
+
+    def _handover(self) -> _Handover:
+        return _Handover(self.factory)
+
+    def close(self) -> None:
+        if self._accepting is not None:
+            self._accepting.cancel()
+            self._accepting = None
+        if self.sock is not None:
+            self.sock.close()
+        for task in list(self.handshaking):
+            task.cancel()
+
+
+class _Handover(asyncio.Protocol):
+    """Stands in for the real protocol while the handshake runs, and swaps it in the moment
+    the handshake is done (before any application byte can arrive): a stranger's failed
+    handshake costs this object only, not an HTTP/2 connection's state."""
+
+    __slots__ = ("factory",)
+
+    def __init__(self, factory: Callable[[], asyncio.BaseProtocol]) -> None:
+        self.factory = factory
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        protocol = self.factory()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
