@@ -15,7 +15,7 @@ Invariants:
 - Any protocol violation by the peer ends the connection with GOAWAY and resets every
   stream; a stream-level error resets only that stream. Nothing raises to the caller on
   bad input: the peer's bytes can never crash the process.
-- What a peer may cost is bounded (`H2Limits`): streams, header bytes, streams it resets
+- What a peer may cost is bounded (`HboneLimits`): streams, header bytes, streams it resets
   before we answer (rapid reset), empty frames, control frames between useful ones,
   SETTINGS entries, and replies queued while it does not read. Past a limit the connection
   ends with GOAWAY ENHANCE_YOUR_CALM and `limit_hit` names the limit.
@@ -51,7 +51,7 @@ from meshcore.hbone.h2frames import (
     u32,
     window_update,
 )
-from meshcore.hbone.limits import DEFAULT_LIMITS, H2Limits
+from meshcore.hbone.limits import DEFAULT_LIMITS, HboneLimits
 
 Headers = list[tuple[str, str]]
 
@@ -97,7 +97,7 @@ class ProtocolViolation(Exception):
     def __init__(self, code: ErrorCode, message: str, limit: str | None = None) -> None:
         super().__init__(message)
         self.code = code
-        self.limit = limit  # the H2Limits field that was exceeded, if that is what happened
+        self.limit = limit  # the HboneLimits field that was exceeded, if that is what happened
 
 
 def _over(limit: str, message: str) -> ProtocolViolation:
@@ -175,7 +175,7 @@ class H2Connection:
         self,
         client: bool,
         handler: ConnectionHandler,
-        limits: H2Limits = DEFAULT_LIMITS,
+        limits: HboneLimits = DEFAULT_LIMITS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.client = client
@@ -188,7 +188,7 @@ class H2Connection:
         self.goaway_received = False
         self.draining = False  # we sent a graceful GOAWAY: no new streams, open ones finish
         self.close_reason = ""
-        # Which limit ended the connection: an H2Limits field, or a timeout of the shell.
+        # Which limit ended the connection: an HboneLimits field, or a timeout of the shell.
         self.limit_hit: str | None = None
         self._buf = bytearray()
         self._preface_pending = not client
@@ -211,7 +211,7 @@ class H2Connection:
         self._data_left = 0  # bytes of the current DATA frame still to come
         self._data_flags = 0
         self._data_stream: _Stream | None = None
-        # What the peer has cost so far (see H2Limits).
+        # What the peer has cost so far (see HboneLimits).
         self._unanswered: dict[int, None] = {}  # server: peer streams we have not answered
         self._peer_streams = 0
         self._premature_resets = 0

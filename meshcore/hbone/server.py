@@ -17,25 +17,13 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
+from meshcore.hbone.limits import DEFAULT_LIMITS, HboneLimits
+
 log = structlog.get_logger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class HandshakeLimits:
-    # TLS handshakes in progress at once, over every HBONE listener of the process, and
-    # from one source address (a pod can reach any pod IP; one must not starve the rest).
-    max_pending: int = 512
-    max_pending_per_source: int = 64
-    # How long a handshake may take.
-    timeout: float = 10.0
-
-
-DEFAULT_HANDSHAKE_LIMITS = HandshakeLimits()
 
 
 class RateLimitedLog:
@@ -68,7 +56,7 @@ class HandshakeGate:
 
     def __init__(
         self,
-        limits: HandshakeLimits = DEFAULT_HANDSHAKE_LIMITS,
+        limits: HboneLimits = DEFAULT_LIMITS,
         on_refused: Callable[[str], None] | None = None,
     ) -> None:
         self.limits = limits
@@ -79,10 +67,10 @@ class HandshakeGate:
 
     def admit(self, source: str) -> str | None:
         """Take a slot for a new handshake from `source`; or why not."""
-        if self.pending >= self.limits.max_pending:
+        if self.pending >= self.limits.max_pending_handshakes:
             return "max_pending_handshakes"
         n = self.by_source.get(source, 0)
-        if n >= self.limits.max_pending_per_source:
+        if n >= self.limits.max_pending_handshakes_per_source:
             return "max_pending_handshakes_per_source"
         self.pending += 1
         self.by_source[source] = n + 1
@@ -172,7 +160,7 @@ class TlsListener:
 
     async def _handshake(self, conn: socket.socket, source: str) -> None:
         loop = asyncio.get_running_loop()
-        timeout = self.gate.limits.timeout
+        timeout = self.gate.limits.handshake_timeout
         try:
             try:
                 # Our own deadline, so a timeout is told apart from a failure; the loop's

@@ -15,7 +15,7 @@ from typing import Protocol, cast
 
 from meshcore.hbone.conn import H2Connection, Headers, StreamHandler, error_name
 from meshcore.hbone.h2frames import ErrorCode
-from meshcore.hbone.limits import DEFAULT_LIMITS, DEFAULT_TIMEOUTS, H2Limits, Timeouts
+from meshcore.hbone.limits import DEFAULT_LIMITS, HboneLimits
 
 # How long a drained connection stays open to refuse late streams before it closes.
 DRAIN_CLOSE_GRACE = 1.0
@@ -93,12 +93,11 @@ class H2Transport(asyncio.BufferedProtocol):
         on_request: Callable[[H2Transport, int, Headers], None] | None = None,
         on_closed: Callable[[H2Transport], None] | None = None,
         keepalive: bool = True,
-        limits: H2Limits = DEFAULT_LIMITS,
-        timeouts: Timeouts = DEFAULT_TIMEOUTS,
+        limits: HboneLimits = DEFAULT_LIMITS,
         on_refused: Callable[[H2Transport, str], None] | None = None,
     ) -> None:
         self.conn = H2Connection(client, self, limits)
-        self.timeouts = timeouts
+        self.limits = limits
         # Told once when we end the connection for the peer's misbehaviour (the limit it
         # hit, or the HTTP/2 error it caused), to log and count it.
         self._on_refused = on_refused
@@ -129,11 +128,11 @@ class H2Transport(asyncio.BufferedProtocol):
             self.ready.set_result(None)
         loop = asyncio.get_running_loop()
         if self._keepalive:
-            self._ping_timer = loop.call_later(self.timeouts.ping_interval, self._ping)
+            self._ping_timer = loop.call_later(self.limits.ping_interval, self._ping)
         if not self.conn.client:
             # A client that finished TLS must speak HTTP/2 promptly: a connection that
             # never sends its preface would otherwise be held for ever.
-            self._preface_timer = loop.call_later(self.timeouts.preface, self._preface_due)
+            self._preface_timer = loop.call_later(self.limits.preface_timeout, self._preface_due)
 
     def get_buffer(self, sizehint: int) -> bytearray:
         return _ReadBuffer.get()
@@ -274,7 +273,7 @@ class H2Transport(asyncio.BufferedProtocol):
         if self.conn.closed:
             return
         loop = asyncio.get_running_loop()
-        t = self.timeouts
+        t = self.limits
         if self._ping_outstanding is not None:
             if loop.time() - self._ping_sent_at >= t.ping_timeout:
                 self.close(reason=f"no PING answer within {t.ping_timeout:.0f} s")
@@ -287,9 +286,9 @@ class H2Transport(asyncio.BufferedProtocol):
         if (
             not self.conn.client
             and not self.conn.streams
-            and time.monotonic() - self.last_active >= t.idle
+            and time.monotonic() - self.last_active >= t.idle_timeout
         ):
             # Idle: drained, not cut, so a stream opened as we decide still gets its
             # REFUSED_STREAM and is retried on a new connection.
-            self.drain(f"idle for {t.idle:.0f} s")
+            self.drain(f"idle for {t.idle_timeout:.0f} s")
         self._ping_timer = loop.call_later(t.ping_interval, self._ping)

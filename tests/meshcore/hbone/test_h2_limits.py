@@ -1,4 +1,4 @@
-"""What a hostile HTTP/2 peer may cost the sans-IO connection (H2Limits), as transcripts:
+"""What a hostile HTTP/2 peer may cost the sans-IO connection (HboneLimits), as transcripts:
 bytes in, then the GOAWAY or RST_STREAM out, the limit named, and the cost bounded.
 
 Each flood here is one that a peer can send for almost nothing (issue: rapid reset,
@@ -25,7 +25,7 @@ from meshcore.hbone.h2frames import (
     rst_stream,
     settings_frame,
 )
-from meshcore.hbone.limits import H2Limits
+from meshcore.hbone.limits import HboneLimits
 
 CONNECT: Headers = [(":method", "CONNECT"), (":authority", "10.0.0.1:8080")]
 
@@ -50,10 +50,12 @@ class Recorder:
 class Peer:
     """The hostile client: a server-side H2Connection and the bytes we feed it."""
 
-    def __init__(self, limits: H2Limits | None = None, clock: float | None = None) -> None:
+    def __init__(self, limits: HboneLimits | None = None, clock: float | None = None) -> None:
         self.handler = Recorder()
         self.now = clock if clock is not None else 0.0
-        self.conn = H2Connection(False, self.handler, limits or H2Limits(), clock=lambda: self.now)
+        self.conn = H2Connection(
+            False, self.handler, limits or HboneLimits(), clock=lambda: self.now
+        )
         self.conn.initiate()
         self.encoder = hpack.Encoder()
         self.conn.receive(PREFACE + settings_frame({}))
@@ -87,7 +89,7 @@ class Peer:
 def test_rapid_reset_is_cut_off_with_enhance_your_calm():
     """CVE-2023-44487: CONNECT + RST_STREAM pairs. Each costs the peer 40 bytes and would
     cost us an app connect; past the limit the connection ends."""
-    p = Peer(H2Limits(max_premature_resets=20))
+    p = Peer(HboneLimits(max_premature_resets=20))
     sid = 1
     while not p.conn.closed and sid < 20_000:
         p.send(p.headers(sid) + rst_stream(sid, ErrorCode.CANCEL))
@@ -100,7 +102,7 @@ def test_rapid_reset_is_cut_off_with_enhance_your_calm():
 def test_resets_after_an_answer_and_a_few_early_ones_are_fine():
     """A client that gives up on some streams is not an attacker: answered streams may be
     reset freely, and early resets count only while they are most of its streams."""
-    p = Peer(H2Limits(max_premature_resets=20))
+    p = Peer(HboneLimits(max_premature_resets=20))
     for i in range(500):
         sid = 2 * i + 1
         p.send(p.headers(sid))
@@ -115,7 +117,7 @@ def test_resets_after_an_answer_and_a_few_early_ones_are_fine():
 def test_empty_continuation_flood_is_cut_off_by_frames_not_bytes():
     """CVE-2024-27316: HEADERS without END_HEADERS, then empty CONTINUATION frames. They
     never grow the header block, so only counting frames stops them."""
-    p = Peer(H2Limits(max_empty_frames=10))
+    p = Peer(HboneLimits(max_empty_frames=10))
     p.send(p.headers(1, flags=0))
     sent = 0
     while not p.conn.closed and sent < 1_000_000:
@@ -136,7 +138,7 @@ def test_empty_continuation_flood_is_cut_off_by_frames_not_bytes():
     ids=["empty DATA", "PRIORITY", "unknown type"],
 )
 def test_frames_that_carry_nothing_are_bounded(frame: bytes):
-    p = Peer(H2Limits(max_empty_frames=10))
+    p = Peer(HboneLimits(max_empty_frames=10))
     p.send(p.headers(1))
     p.send(frame * 10)
     assert not p.conn.closed  # ten in a row is allowed
@@ -146,7 +148,7 @@ def test_frames_that_carry_nothing_are_bounded(frame: bytes):
 
 
 def test_ping_flood_is_cut_off_and_keepalive_pings_are_not():
-    p = Peer(H2Limits(max_control_frames_without_progress=1000))
+    p = Peer(HboneLimits(max_control_frames_without_progress=1000))
     for _ in range(5):
         p.send(ping(b"12345678") * 200)
         p.send(p.headers(2 * _ + 1))  # a stream opened now and then: progress
@@ -158,7 +160,7 @@ def test_ping_flood_is_cut_off_and_keepalive_pings_are_not():
 def test_replies_to_a_peer_that_does_not_read_are_bounded():
     """PINGs answered into a socket nobody reads: once the shell says the peer is behind,
     only `max_queued_replies` more answers are queued, then the connection ends."""
-    p = Peer(H2Limits(max_queued_replies=100))
+    p = Peer(HboneLimits(max_queued_replies=100))
     p.send(ping(b"12345678") * 500)
     assert not p.conn.closed  # the peer reads (nothing said otherwise)
     p.conn.peer_caught_up()
@@ -186,7 +188,7 @@ def test_settings_amplification_walks_the_streams_once_per_frame():
 
 
 def test_settings_entries_per_frame_and_per_second():
-    p = Peer(H2Limits(max_settings_entries=8, max_settings_entries_per_second=40))
+    p = Peer(HboneLimits(max_settings_entries=8, max_settings_entries_per_second=40))
     two_entries: dict[int, int] = {
         Setting.INITIAL_WINDOW_SIZE: 70_000,
         Setting.MAX_FRAME_SIZE: 20_000,
@@ -197,14 +199,14 @@ def test_settings_entries_per_frame_and_per_second():
     assert not p.conn.closed
     p.send(settings_frame({Setting.HEADER_TABLE_SIZE: 1}) * 31)  # 10 + 31 = 41 > 40
     assert p.conn.limit_hit == "max_settings_entries_per_second"
-    q = Peer(H2Limits(max_settings_entries=8))
+    q = Peer(HboneLimits(max_settings_entries=8))
     nine = b"".join(struct.pack(">HL", Setting.HEADER_TABLE_SIZE, 0) for _ in range(9))
     q.send(frame_header(len(nine), FrameType.SETTINGS, 0, 0) + nine)
     assert q.conn.limit_hit == "max_settings_entries"
 
 
 def test_settings_budget_refills_each_second():
-    p = Peer(H2Limits(max_settings_entries_per_second=10), clock=100.0)
+    p = Peer(HboneLimits(max_settings_entries_per_second=10), clock=100.0)
     for second in range(20):
         p.now = 100.0 + second
         p.send(settings_frame({Setting.HEADER_TABLE_SIZE: 4096}) * 10)

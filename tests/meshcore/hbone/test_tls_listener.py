@@ -15,7 +15,8 @@ import pytest
 
 from controlplane.ca import CertificateAuthority
 from meshcore import tls
-from meshcore.hbone.server import HandshakeGate, HandshakeLimits, TlsListener
+from meshcore.hbone.limits import HboneLimits
+from meshcore.hbone.server import HandshakeGate, TlsListener
 from meshcore.hbone.transport import H2Transport
 from meshcore.identity.spiffe import SpiffeId
 from tests.support.aio import Loop, wait_until
@@ -47,7 +48,7 @@ class Served:
 
 
 async def start(
-    aio: Loop, ctx: ssl.SSLContext, limits: HandshakeLimits
+    aio: Loop, ctx: ssl.SSLContext, limits: HboneLimits
 ) -> tuple[TlsListener, Counter[str], Served, int]:
     refused: Counter[str] = Counter()
     served = Served()
@@ -70,7 +71,7 @@ def test_a_mesh_client_gets_through(aio: Loop, contexts):
     server_ctx, client_ctx = contexts
 
     async def main() -> None:
-        listener, refused, served, port = await start(aio, server_ctx, HandshakeLimits())
+        listener, refused, served, port = await start(aio, server_ctx, HboneLimits())
         _, writer = await asyncio.open_connection(
             "127.0.0.1", port, ssl=client_ctx, server_hostname=None
         )
@@ -87,7 +88,9 @@ def test_a_mesh_client_gets_through(aio: Loop, contexts):
 @on_both_loops
 def test_unfinished_handshakes_are_bounded_per_source_and_timed_out(aio: Loop, contexts):
     server_ctx, _ = contexts
-    limits = HandshakeLimits(max_pending=100, max_pending_per_source=5, timeout=0.5)
+    limits = HboneLimits(
+        max_pending_handshakes=100, max_pending_handshakes_per_source=5, handshake_timeout=0.5
+    )
 
     async def main() -> None:
         listener, refused, served, port = await start(aio, server_ctx, limits)
@@ -111,7 +114,9 @@ def test_unfinished_handshakes_are_bounded_per_source_and_timed_out(aio: Loop, c
 @on_both_loops
 def test_the_tunnel_wide_limit_holds_across_sources(aio: Loop, contexts):
     server_ctx, _ = contexts
-    limits = HandshakeLimits(max_pending=4, max_pending_per_source=4, timeout=5)
+    limits = HboneLimits(
+        max_pending_handshakes=4, max_pending_handshakes_per_source=4, handshake_timeout=5
+    )
 
     async def main() -> None:
         listener, refused, _, port = await start(aio, server_ctx, limits)
@@ -158,7 +163,7 @@ def test_failed_handshakes_leave_nothing_behind(aio: Loop, contexts, attempt: st
         w.close()
 
     async def main() -> tuple[int, int]:
-        listener, refused, served, port = await start(aio, server_ctx, HandshakeLimits())
+        listener, refused, served, port = await start(aio, server_ctx, HboneLimits())
         for _ in range(200):  # warm up the caches before counting
             await once(port)
         await wait_until(lambda: listener.gate.pending == 0, "warm-up handshakes to end")

@@ -19,16 +19,15 @@ from meshcore.hbone.h2frames import (
     ping,
     settings_frame,
 )
-from meshcore.hbone.limits import H2Limits, Timeouts
+from meshcore.hbone.limits import HboneLimits
 from meshcore.hbone.transport import H2Transport
 
 
 class Server:
     """One HBONE server transport per accepted connection; what it reported."""
 
-    def __init__(self, limits: H2Limits, timeouts: Timeouts) -> None:
+    def __init__(self, limits: HboneLimits) -> None:
         self.limits = limits
-        self.timeouts = timeouts
         self.refused: list[str] = []
         self.transports: list[H2Transport] = []
         self.server: asyncio.Server | None = None
@@ -38,7 +37,6 @@ class Server:
             client=False,
             on_request=lambda h2, sid, _h: h2.conn.respond(sid, 200, None, end=False),
             limits=self.limits,
-            timeouts=self.timeouts,
             on_refused=lambda _t, reason: self.refused.append(reason),
         )
         self.transports.append(t)
@@ -93,7 +91,7 @@ def run(loop: asyncio.AbstractEventLoop, server: Server, client: object) -> obje
 
 
 def test_a_client_that_never_sends_the_preface_is_closed(loop: asyncio.AbstractEventLoop):
-    server = Server(H2Limits(), Timeouts(preface=0.2))
+    server = Server(HboneLimits(preface_timeout=0.2))
 
     async def client(port: int) -> bytes:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -113,8 +111,8 @@ def test_a_client_that_asks_for_replies_and_never_reads_them_is_cut_off(
     """PINGs into a socket nobody reads: the replies back up into our TLS (here TCP) write
     buffer; once it pushes back, only `max_queued_replies` more are queued, then the
     connection ends. The memory it held is the transport's buffer plus those replies."""
-    limits = H2Limits(max_queued_replies=500, max_control_frames_without_progress=10**9)
-    server = Server(limits, Timeouts())
+    limits = HboneLimits(max_queued_replies=500, max_control_frames_without_progress=10**9)
+    server = Server(limits)
 
     async def client(port: int) -> int:
         sock = socket.socket()
@@ -140,7 +138,7 @@ def test_a_client_that_asks_for_replies_and_never_reads_them_is_cut_off(
 
 
 def test_an_idle_connection_is_drained(loop: asyncio.AbstractEventLoop):
-    server = Server(H2Limits(), Timeouts(idle=0.3, ping_interval=0.1))
+    server = Server(HboneLimits(idle_timeout=0.3, ping_interval=0.1))
 
     async def client(port: int) -> bytes:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
