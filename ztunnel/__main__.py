@@ -39,6 +39,7 @@ async def run(cfg: Config) -> None:
         root_namespace=cfg.root_namespace,
         release_drain=cfg.release_drain_seconds,
         same_node_in_process=cfg.same_node_in_process,
+        hbone_limits=cfg.hbone_limits,
     )
     watcher = LocalConfigWatcher(cfg.local_xds_path, node.on_state)
     await watcher.start()

@@ -5,12 +5,16 @@ Every variable name and default is written once, here.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from meshcore import defaults
+from meshcore.hbone.limits import DEFAULT_LIMITS, HboneLimits
 
 NODE_NAME = "NODE_NAME"
 LOCAL_XDS_PATH = "LOCAL_XDS_PATH"
@@ -28,6 +32,8 @@ METRICS_PORT = "METRICS_PORT"
 DRAIN_SECONDS = "DRAIN_SECONDS"
 RELEASE_DRAIN_SECONDS = "RELEASE_DRAIN_SECONDS"
 SAME_NODE_IN_PROCESS = "SAME_NODE_IN_PROCESS"
+# Every HboneLimits field is a setting of its own: HBONE_<FIELD IN CAPITALS>.
+HBONE_PREFIX = "HBONE_"
 
 # How long a stopping tunnel lets open connections finish (Kubernetes' default grace).
 DEFAULT_DRAIN_SECONDS = 30
@@ -65,6 +71,8 @@ class Config:
     # Same-node connections go from one pod's proxy to the other's in process, skipping
     # the TLS and HTTP/2 of a hop that starts and ends here; false sends them over HBONE.
     same_node_in_process: bool = True
+    # What one HBONE peer may cost (meshcore/hbone/limits.py).
+    hbone_limits: HboneLimits = DEFAULT_LIMITS
 
 
 def _required(env: Mapping[str, str], name: str) -> str:
@@ -116,6 +124,36 @@ def _enrolment(env: Mapping[str, str]) -> tuple[Path | None, Path | None]:
     return None, Path(zds)
 
 
+def hbone_limit_names() -> dict[str, str]:
+    """Environment variable -> HboneLimits field."""
+    return {f"{HBONE_PREFIX}{f.name.upper()}": f.name for f in dataclasses.fields(HboneLimits)}
+
+
+def _hbone_limits(env: Mapping[str, str]) -> HboneLimits:
+    changes: dict[str, Any] = {}
+    for name, field in hbone_limit_names().items():
+        raw = env.get(name, "").strip()
+        if not raw:
+            continue
+        default = getattr(DEFAULT_LIMITS, field)
+        try:
+            value = int(raw) if isinstance(default, int) else float(raw)
+        except ValueError:
+            kind = "an integer" if isinstance(default, int) else "a number of seconds"
+            raise EnvConfigError(f"{name}={raw!r} is not {kind}") from None
+        if not (value > 0 and math.isfinite(value)):
+            # Zero would switch a protection off; a limit is a positive number.
+            raise EnvConfigError(f"{name}={raw!r} must be greater than 0")
+        changes[field] = value
+    for name in env:
+        if name.startswith(HBONE_PREFIX) and name not in hbone_limit_names():
+            raise EnvConfigError(
+                f"{name} is not a setting (HBONE_ settings: "
+                f"{', '.join(sorted(hbone_limit_names()))})"
+            )
+    return dataclasses.replace(DEFAULT_LIMITS, **changes)
+
+
 def parse_config(env: Mapping[str, str]) -> Config:
     level = env.get(LOG_LEVEL, "info").lower()
     if level not in LOG_LEVELS:
@@ -140,4 +178,5 @@ def parse_config(env: Mapping[str, str]) -> Config:
             env, RELEASE_DRAIN_SECONDS, DEFAULT_RELEASE_DRAIN_SECONDS, 0, 40
         ),
         same_node_in_process=_bool(env, SAME_NODE_IN_PROCESS, True),
+        hbone_limits=_hbone_limits(env),
     )

@@ -28,6 +28,7 @@ import nsutil
 from meshcore import tls
 from meshcore.defaults import HBONE_PORT, INBOUND_PLAIN_PORT, OUTBOUND_PORT
 from meshcore.hbone.pool import ConnectionPool, PoolKey
+from meshcore.hbone.server import Guard, TlsListener
 from meshcore.hbone.transport import H2Transport
 from meshcore.identity.certs import CertificateManager, WorkloadCertificate
 from meshcore.identity.spiffe import SpiffeId
@@ -275,6 +276,7 @@ class PodProxy:
         *,
         listen_ip: str = "0.0.0.0",
         orig_dst: Callable[[socket.socket], SocketAddr] = original_dst,
+        guard: Guard | None = None,
     ) -> None:
         """`listen_ip` and `orig_dst` are for pods side by side on loopback (tests, the
         plain factory): where the listeners bind, and the original destination the
@@ -283,6 +285,8 @@ class PodProxy:
             connection_table if connection_table is not None else ConnectionTable()
         )
         self._local = local
+        # The node's guard: the handshake limits are per tunnel, not per pod.
+        self.guard = guard if guard is not None else Guard()
         self._listen_ip = listen_ip
         self._orig_dst = orig_dst
         self.enrolment = enrolment
@@ -294,7 +298,7 @@ class PodProxy:
         self._factory = factory
         self.tasks = TaskSet(f"pod:{workload.name}")
         self.servers: list[asyncio.Server] = []
-        self.hbone_server: asyncio.Server | None = None
+        self.hbone_server: TlsListener | None = None
         self.server_ctx: ssl.SSLContext | None = None
         self.client_ctx: ssl.SSLContext | None = None
         self.pool: ConnectionPool | None = None
@@ -314,11 +318,11 @@ class PodProxy:
         out: dict[str, str] = {}
         named = [("outbound", s) for s in self.servers[:1]]
         named += [("inbound_plaintext", s) for s in self.servers[1:2]]
-        if self.hbone_server is not None:
-            named.append(("inbound", self.hbone_server))
         for name, server in named:
             addrs = [sock.getsockname() for sock in server.sockets]
             out[name] = ", ".join(f"{a[0]}:{a[1]}" for a in addrs) or "closed"
+        if self.hbone_server is not None:
+            out["inbound"] = self.hbone_server.address
         return out
 
     async def start(self) -> None:
@@ -356,6 +360,7 @@ class PodProxy:
             self._authorize,
             connection_table=self.connection_table,
             state=self._state,
+            guard=self.guard,
         )
         self.passthrough = InboundPassthroughProxy(
             lambda: self.workload,
@@ -387,19 +392,16 @@ class PodProxy:
     def _move(self, to: PodState) -> None:
         self.state = lifecycle_step(self.state, to, self.workload.name)
 
-    async def _hbone_server(self, ctx: ssl.SSLContext) -> asyncio.Server:
+    async def _hbone_server(self, ctx: ssl.SSLContext) -> TlsListener:
         assert self._factory is not None and self.inbound is not None
         sock = listener(self._factory, HBONE_PORT, host=self._listen_ip)
+        server = TlsListener(ctx, self.inbound.protocol, self.guard.gate)
         try:
-            return await asyncio.get_running_loop().create_server(
-                self._accepted.wrap(self.inbound.protocol),
-                sock=sock,
-                ssl=ctx,
-                ssl_handshake_timeout=10.0,
-            )
+            await server.start(sock)
         except BaseException:
             sock.close()
             raise
+        return server
 
     async def _connect(self, key: PoolKey) -> H2Transport:
         assert self._factory is not None and self.pool is not None
@@ -414,7 +416,7 @@ class PodProxy:
             peer = tls.hbone_peer(h2.transport.get_extra_info("ssl_object"))
             tls.verify_server(peer, expected)
 
-        return await hbone_connect(key, self._factory, context, verify, pool.forget)
+        return await hbone_connect(key, self._factory, context, verify, pool.forget, self.guard)
 
     def _on_cert(self, cert: WorkloadCertificate) -> None:
         if cert.identity != self.identity:
@@ -430,7 +432,7 @@ class PodProxy:
         new = await self._hbone_server(ctx)
         old, self.hbone_server, self.server_ctx = self.hbone_server, new, ctx
         if old is not None:
-            old.close()
+            old.stop_accepting()  # its handshakes in progress may finish
 
     def stop_accepting(self) -> None:
         """Drain, step one: close the listeners (connections still queued on them move to
@@ -440,7 +442,7 @@ class PodProxy:
         for server in self.servers:
             server.close()
         if self.hbone_server is not None:
-            self.hbone_server.close()
+            self.hbone_server.stop_accepting()
         if self.inbound is not None:
             self.inbound.drain()
 
@@ -450,6 +452,7 @@ class PodProxy:
         return (
             len(self.tasks) > 0
             or self._accepted.open_count() > 0
+            or (self.hbone_server is not None and len(self.hbone_server.handshaking) > 0)
             or (self.inbound is not None and len(self.inbound.relays) > 0)
         )
 

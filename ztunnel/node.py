@@ -27,6 +27,8 @@ import structlog
 
 from meshcore.admin import views
 from meshcore.defaults import ROOT_NAMESPACE
+from meshcore.hbone.limits import DEFAULT_LIMITS, HboneLimits
+from meshcore.hbone.server import Guard
 from meshcore.identity.certs import CertificateManager
 from meshcore.identity.spiffe import SpiffeId
 from meshcore.observability.connections import ConnectionTable
@@ -65,6 +67,7 @@ class NodeProxy:
         workload_wait: float = WORKLOAD_WAIT,
         release_drain: float = DEFAULT_RELEASE_DRAIN_SECONDS,
         same_node_in_process: bool = True,
+        hbone_limits: HboneLimits = DEFAULT_LIMITS,
     ) -> None:
         self.node_name = node_name
         self.workload_wait = workload_wait
@@ -77,6 +80,8 @@ class NodeProxy:
             connection_table if connection_table is not None else ConnectionTable()
         )
         self.policies = PolicyIndex.build(MeshState.empty(), root_namespace)
+        # Every pod's HBONE endpoints share one guard: the handshake limits are per tunnel.
+        self.guard = Guard(hbone_limits, self.connection_table.metrics.hbone_refused)
         self.quit_requested = asyncio.Event()
         self.state = MeshState.empty()
         self.state_loaded = False
@@ -310,6 +315,7 @@ class NodeProxy:
             self.authorize,
             connection_table=self.connection_table,
             local=self.local_inbound,
+            guard=self.guard,
         )
         try:
             await pod.start()

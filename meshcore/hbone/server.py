@@ -52,17 +52,18 @@ class RateLimitedLog:
 
 class HandshakeGate:
     """The handshakes in progress of one process's HBONE listeners, and the limits on them.
-    `on_refused(reason)` is told of every connection refused or whose handshake failed."""
+    `report(reason, source, detail)` is told of every connection refused before its
+    handshake or whose handshake failed."""
 
     def __init__(
         self,
         limits: HboneLimits = DEFAULT_LIMITS,
-        on_refused: Callable[[str], None] | None = None,
+        report: Callable[[str, str, str], None] | None = None,
     ) -> None:
         self.limits = limits
         self.pending = 0
         self.by_source: dict[str, int] = {}
-        self._on_refused = on_refused
+        self._report = report
         self.log = RateLimitedLog()
 
     def admit(self, source: str) -> str | None:
@@ -85,9 +86,37 @@ class HandshakeGate:
             del self.by_source[source]
 
     def refused(self, source: str, reason: str, detail: str = "") -> None:
-        if self._on_refused is not None:
-            self._on_refused(reason)
-        self.log.warning("hbone handshake refused", src=source, reason=reason, detail=detail)
+        if self._report is not None:
+            self._report(reason, source, detail)
+        else:
+            self.log.warning("hbone handshake refused", src=source, reason=reason, detail=detail)
+
+
+class Guard:
+    """What every HBONE connection of one proxy process is held to, and where a refusal
+    goes: the limits, the handshake gate its listeners share, and one reporter that counts
+    each refusal (`count(direction, reason)`) and logs it at a bounded rate. `direction`
+    is inbound for a client of our listener, outbound for a server we dialled."""
+
+    def __init__(
+        self,
+        limits: HboneLimits = DEFAULT_LIMITS,
+        count: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.limits = limits
+        self._count = count
+        self._log = RateLimitedLog()
+        self.gate = HandshakeGate(limits, self._handshake_refused)
+
+    def refused(self, direction: str, reason: str, peer: str, detail: str = "") -> None:
+        if self._count is not None:
+            self._count(direction, reason)
+        self._log.warning(
+            "hbone peer refused", direction=direction, reason=reason, peer=peer, detail=detail
+        )
+
+    def _handshake_refused(self, reason: str, source: str, detail: str) -> None:
+        self.refused("inbound", reason, source, detail)
 
 
 def handshake_failure(exc: BaseException) -> str:
@@ -122,16 +151,23 @@ class TlsListener:
         self.sock: socket.socket | None = None
         self.handshaking: dict[asyncio.Task[None], None] = {}
         self._accepting: asyncio.Task[None] | None = None
+        self._address = ""
 
     async def start(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         self.sock = sock
+        self._address = "{}:{}".format(*sock.getsockname()[:2])
         self._accepting = asyncio.get_running_loop().create_task(self._accept_loop())
 
     def sockname(self) -> tuple[str, int]:
         assert self.sock is not None
         name: tuple[str, int] = self.sock.getsockname()[:2]
         return name
+
+    @property
+    def address(self) -> str:
+        """`ip:port` while accepting, else `closed` (for views)."""
+        return self._address if self._accepting is not None else "closed"
 
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -186,12 +222,18 @@ class TlsListener:
     def _handover(self) -> _Handover:
         return _Handover(self.factory)
 
-    def close(self) -> None:
+    def stop_accepting(self) -> None:
+        """No new connections (queued ones move to another listener of the SO_REUSEPORT
+        group); handshakes in progress may finish."""
         if self._accepting is not None:
             self._accepting.cancel()
             self._accepting = None
         if self.sock is not None:
             self.sock.close()
+
+    def close(self) -> None:
+        """Stop accepting and end the handshakes still in progress."""
+        self.stop_accepting()
         for task in list(self.handshaking):
             task.cancel()
 

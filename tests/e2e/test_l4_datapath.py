@@ -217,7 +217,7 @@ def test_client_certificate_of_another_trust_domain_is_refused(cluster: mesh.Clu
     other = issue(_mesh_ca(cluster, "other.example"), SpiffeId("other.example", "mesh", "client"))
     ctx = tls.client_context(other)
     _expect_no_http2(lambda: _tls_to_15008(cluster, ctx, pod_ip(cluster, "mesh", "server-b")))
-    assert logged(cluster, "hbone client rejected")
+    assert logged(cluster, "hbone peer refused") and logged(cluster, "peer_identity")
 
 
 def test_client_without_alpn_h2_is_refused(cluster: mesh.Cluster) -> None:

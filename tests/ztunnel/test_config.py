@@ -26,3 +26,33 @@ def test_same_node_in_process_is_on_unless_turned_off() -> None:
 def test_a_boolean_that_is_not_one_names_the_variable() -> None:
     with pytest.raises(EnvConfigError, match="SAME_NODE_IN_PROCESS='maybe' is not a boolean"):
         parse_config({**BASE, "SAME_NODE_IN_PROCESS": "maybe"})
+
+
+def test_every_hbone_limit_is_a_setting_with_its_default() -> None:
+    from meshcore.hbone.limits import DEFAULT_LIMITS
+    from ztunnel.config import hbone_limit_names
+
+    assert parse_config(BASE).hbone_limits == DEFAULT_LIMITS
+    names = hbone_limit_names()
+    assert names["HBONE_MAX_PREMATURE_RESETS"] == "max_premature_resets"
+    assert names["HBONE_IDLE_TIMEOUT"] == "idle_timeout"
+    env = {**BASE, "HBONE_MAX_PREMATURE_RESETS": "20", "HBONE_IDLE_TIMEOUT": "2.5"}
+    limits = parse_config(env).hbone_limits
+    assert (limits.max_premature_resets, limits.idle_timeout) == (20, 2.5)
+    assert limits.max_empty_frames == DEFAULT_LIMITS.max_empty_frames
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("HBONE_MAX_EMPTY_FRAMES", "ten", "is not an integer"),
+        ("HBONE_MAX_EMPTY_FRAMES", "1.5", "is not an integer"),
+        ("HBONE_IDLE_TIMEOUT", "soon", "is not a number of seconds"),
+        ("HBONE_MAX_EMPTY_FRAMES", "0", "must be greater than 0"),
+        ("HBONE_PING_TIMEOUT", "inf", "must be greater than 0"),
+        ("HBONE_MAX_EMPTY_FRAME", "5", "is not a setting"),
+    ],
+)
+def test_a_bad_hbone_limit_names_the_variable(name: str, value: str, message: str) -> None:
+    with pytest.raises(EnvConfigError, match=f"{name}.*{message}"):
+        parse_config({**BASE, name: value})

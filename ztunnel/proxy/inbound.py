@@ -10,6 +10,7 @@ cannot be reached.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ import structlog
 
 from meshcore.defaults import HBONE_PORT, TUNNEL_PORTS
 from meshcore.hbone.conn import Headers
+from meshcore.hbone.h2frames import ErrorCode
+from meshcore.hbone.server import Guard
 from meshcore.hbone.transport import H2Transport
 from meshcore.identity.spiffe import SpiffeId
 from meshcore.observability.accesslog import ConnectionLog, Direction
@@ -94,14 +97,56 @@ def _refuse(h2: H2Transport, splice: HboneSplice, status: int, reason: str) -> N
     h2.flush()
 
 
+class _Connecting:
+    """A stream's handler while its app connect runs: the splice gets its bytes, and a reset
+    also cancels the connect. Answering the stream hands it to the splice itself."""
+
+    __slots__ = ("splice", "task")
+
+    def __init__(self, splice: HboneSplice, task: asyncio.Task[None]) -> None:
+        self.splice = splice
+        self.task = task
+
+    def on_response(self, status: int, headers: Headers) -> None:
+        pass  # a server stream gets no response
+
+    def on_data(self, data: memoryview) -> None:
+        self.splice.on_data(data)
+
+    def on_end(self) -> None:
+        self.splice.on_end()
+
+    def on_reset(self, code: int) -> None:
+        self.splice.on_reset(code)
+        self.task.cancel()
+
+    def on_send_ready(self) -> None:
+        self.splice.on_send_ready()
+
+
+def _connected(connecting: dict[int, asyncio.Task[None]], sid: int, _task: object) -> None:
+    connecting.pop(sid, None)
+
+
 class _InboundH2(H2Transport):
     """Server side HTTP/2 that first checks the client's identity after the handshake."""
 
     def __init__(self, server: InboundProxy) -> None:
-        super().__init__(client=False, on_request=server.on_request, keepalive=False)
+        guard = server.guard
+        super().__init__(
+            client=False,
+            on_request=server.on_request,
+            # Keepalive PINGs and the idle drain: a client that finished its handshake and
+            # then went quiet is not held for ever.
+            keepalive=True,
+            limits=guard.limits,
+            on_refused=server.h2_refused,
+        )
         self.server = server
         self.peer: SpiffeId | None = None
         self.client: SocketAddr | None = None
+        # App connects in flight, by stream: bounded, and cancelled if the stream is reset.
+        self.connecting: dict[int, asyncio.Task[None]] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         try:
@@ -109,7 +154,7 @@ class _InboundH2(H2Transport):
             self.peer = hbone_peer(transport.get_extra_info("ssl_object"))
             verify_client(self.peer, self.server.trust_domain)
         except (PeerVerificationError, ValueError, TypeError) as e:
-            log.warning("hbone client rejected", peer=str(self.client), error=str(e))
+            self.server.guard.refused("inbound", "peer_identity", str(self.client), str(e))
             cast(asyncio.Transport, transport).abort()
             return
         super().connection_made(transport)
@@ -132,7 +177,9 @@ class InboundProxy:
         authorize: Authorizer = allow_all,
         connection_table: ConnectionTable | None = None,
         state: Callable[[], MeshState] = MeshState.empty,
+        guard: Guard | None = None,
     ) -> None:
+        self.guard = guard if guard is not None else Guard()
         self._workload = workload
         self._factory = factory
         self.trust_domain = trust_domain
@@ -178,8 +225,13 @@ class InboundProxy:
             record.src_workload, workload, peer if isinstance(peer, SpiffeId) else None, flags
         )
 
+    def h2_refused(self, h2: H2Transport, reason: str) -> None:
+        """An HBONE client broke the protocol or hit a limit: its connection is ending."""
+        client = h2.client if isinstance(h2, _InboundH2) else None
+        self.guard.refused("inbound", reason, str(client), h2.conn.close_reason)
+
     async def _connect_app(
-        self, record: ConnectionLog, target: SocketAddr
+        self, record: ConnectionLog, target: SocketAddr, splice: HboneSplice | None = None
     ) -> tuple[AppSide | None, str]:
         """Connect to the app as the client. On failure the connection is already logged and
         counted: (None, why)."""
@@ -187,6 +239,11 @@ class InboundProxy:
         try:
             _, app = await connect_tcp(self._factory, target, as_client=str(record.src.ip))
         except asyncio.CancelledError:
+            if splice is not None and splice.finished:
+                # Its stream was reset while we were connecting (the connect is abandoned,
+                # not left to run: rapid reset must not cost us an app connection each).
+                record.finish(error="client reset the stream before the app answered")
+                return None, "stream reset"
             record.finish(error=STOPPED)
             raise
         except (TimeoutError, OSError) as e:
@@ -210,11 +267,26 @@ class InboundProxy:
         decision = decide(workload, headers, h2.peer, client, self.authorize)
         splice = HboneSplice(h2)
         splice.sid = sid
-        # Hold whatever the client sends before our answer; the stream window bounds it.
-        h2.conn.streams[sid].handler = splice
+        if (
+            decision.status == 200
+            and len(h2.connecting) >= self.guard.limits.max_connects_in_flight
+        ):
+            # Nothing was done for this stream: the client may retry it.
+            h2.conn.reset(sid, ErrorCode.REFUSED_STREAM)
+            h2.flush()
+            self.guard.refused("inbound", "max_connects_in_flight", str(client))
+            return
         task = asyncio.get_running_loop().create_task(
             self._serve(h2, splice, workload, decision, client)
         )
+        # Hold whatever the client sends before our answer (the stream window bounds it);
+        # while the app connect runs, a reset of the stream cancels it.
+        h2.conn.streams[sid].handler = (
+            _Connecting(splice, task) if decision.status == 200 else splice
+        )
+        if decision.status == 200:
+            h2.connecting[sid] = task
+            task.add_done_callback(functools.partial(_connected, h2.connecting, sid))
         self._track(task)
 
     async def _serve(
@@ -237,9 +309,10 @@ class InboundProxy:
             self._refused(record, decision.status, decision.reason, flags)
             return
         target = decision.target
-        app, why = await self._connect_app(record, target)
+        app, why = await self._connect_app(record, target, splice)
         if app is None:
-            _refuse(h2, splice, 503, why)
+            if not splice.finished:
+                _refuse(h2, splice, 503, why)
             return
         if splice.finished:  # the client gave up while we were connecting
             assert app.transport is not None

@@ -22,6 +22,7 @@ import structlog
 from meshcore.defaults import HBONE_PORT, TUNNEL_PORTS
 from meshcore.hbone.h2frames import ErrorCode
 from meshcore.hbone.pool import ConnectionPool, PoolKey
+from meshcore.hbone.server import Guard
 from meshcore.hbone.transport import H2Transport
 from meshcore.identity.spiffe import SpiffeId
 from meshcore.observability.accesslog import ConnectionLog, Direction
@@ -411,9 +412,17 @@ async def hbone_connect(
     ssl_context: Callable[[SpiffeId], ssl.SSLContext],
     verify: Callable[[H2Transport, frozenset[SpiffeId]], None],
     on_closed: Callable[[H2Transport], None],
+    guard: Guard | None = None,
 ) -> H2Transport:
     """Open one mTLS HTTP/2 connection for the pool: TCP from the source pod, TLS with the
-    source's certificate, then check the server proves one of the expected identities."""
+    source's certificate, then check the server proves one of the expected identities.
+    The connection holds the server to the same limits a client of ours is held to."""
+    guard = guard if guard is not None else Guard()
+    server = f"{key.dst[0]}:{key.dst[1]}"
+
+    def refused(_h2: H2Transport, reason: str) -> None:
+        guard.refused("outbound", reason, server)
+
     loop = asyncio.get_running_loop()
     ip = ipaddress.ip_address(key.dst[0])
     sock = factory.new(socket.AF_INET6 if ip.version == 6 else socket.AF_INET)
@@ -423,7 +432,9 @@ async def hbone_connect(
         ctx = ssl_context(key.src_identity)
         _, h2 = await asyncio.wait_for(
             loop.create_connection(
-                lambda: H2Transport(client=True, on_closed=on_closed),
+                lambda: H2Transport(
+                    client=True, on_closed=on_closed, limits=guard.limits, on_refused=refused
+                ),
                 sock=sock,
                 ssl=ctx,
                 server_hostname="",

@@ -52,7 +52,7 @@ async def start(
 ) -> tuple[TlsListener, Counter[str], Served, int]:
     refused: Counter[str] = Counter()
     served = Served()
-    gate = HandshakeGate(limits, lambda reason: refused.update([reason]))
+    gate = HandshakeGate(limits, lambda reason, _src, _detail: refused.update([reason]))
     listener = TlsListener(ctx, served.factory, gate)
     await listener.start(socket.create_server(("127.0.0.1", 0), backlog=4096))
     aio.defer(listener.close)
