@@ -46,7 +46,13 @@ from meshcore.state import (
     Workload,
 )
 
-__all__ = ["LocalConfigWatcher", "MeshConfigError", "parse_local_config"]
+__all__ = [
+    "ConfigStatus",
+    "LocalConfigWatcher",
+    "MeshConfigError",
+    "parse_local_config",
+    "parse_policy_entry",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -384,10 +390,11 @@ def _plain_copy(value: Any, path: str, budget: list[int], depth: int = 0) -> Any
 _POLICY_KINDS = frozenset({"AuthorizationPolicy", "PeerAuthentication"})
 
 
-def _parse_policy(value: Any, path: str) -> RawPolicy:
-    """Either an xDS-style entry (name, namespace at the top) or an Istio resource as
-    users write it (apiVersion, kind, metadata, spec). Its meaning is `meshcore.policy`'s job;
-    here only the name, namespace and kind are checked."""
+def parse_policy_entry(value: Any, path: str) -> RawPolicy:
+    """One entry of `policies`: either an xDS-style entry (name, namespace at the top) or an
+    Istio resource as users write it (apiVersion, kind, metadata, spec). Its meaning is
+    `meshcore.policy`'s job; here only the name, namespace and kind are checked. Public so
+    that tools can check an entry exactly as the tunnel reads it."""
     entry = _mapping(value, path, required=True)
     kind = "AuthorizationPolicy"
     where: Mapping[Any, Any] = entry
@@ -430,7 +437,7 @@ def _parse_document(text: str) -> MeshState:
         for i, s in enumerate(_items(top.get("services"), "services"))
     ]
     policies = [
-        _parse_policy(p, f"policies[{i}]")
+        parse_policy_entry(p, f"policies[{i}]")
         for i, p in enumerate(_items(top.get("policies"), "policies"))
     ]
     return MeshState.build(workloads, services, policies)
@@ -468,6 +475,23 @@ def _read_and_parse(path: Path) -> tuple[_FileStamp, str, MeshState | MeshConfig
         return stamp, digest, MeshConfigError(f"{path}: {exc}")
 
 
+@dataclass(frozen=True, slots=True)
+class ConfigStatus:
+    """Which config a tunnel runs, named by the SHA-256 of the file's bytes, so a writer can
+    tell when its change is in force; and, while the newest file is refused, that file's
+    digest and why (the last good config stays in force meanwhile)."""
+
+    digest: str
+    rejected_digest: str | None = None
+    rejected_error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        rejected = None
+        if self.rejected_digest is not None:
+            rejected = {"digest": self.rejected_digest, "error": self.rejected_error}
+        return {"digest": self.digest, "rejected": rejected}
+
+
 class LocalConfigWatcher:
     """Polls a LOCAL_XDS file and calls `on_update` with every new valid `MeshState`.
 
@@ -493,6 +517,7 @@ class LocalConfigWatcher:
         self._stamp: _FileStamp | None = None
         self._seen_digest = ""  # content last examined (good or bad)
         self._good_digest = ""  # content that produced `_current`
+        self._rejected: tuple[str, str] | None = None  # (digest, error) of a refused newest file
         self._missing = False
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -504,6 +529,12 @@ class LocalConfigWatcher:
     @property
     def path(self) -> Path:
         return self._path
+
+    @property
+    def status(self) -> ConfigStatus:
+        if self._rejected is None:
+            return ConfigStatus(self._good_digest)
+        return ConfigStatus(self._good_digest, *self._rejected)
 
     async def start(self) -> None:
         if self._task is not None:
@@ -566,7 +597,9 @@ class LocalConfigWatcher:
         self._seen_digest = digest
         if isinstance(result, MeshConfigError):
             log.error("config_rejected", path=str(self._path), error=str(result))
+            self._rejected = (digest, str(result))
             return False
+        self._rejected = None
         if digest == self._good_digest:
             log.info("config_restored", path=str(self._path))
             return False  # back to the content already in force

@@ -44,6 +44,7 @@ async def run(cfg: Config) -> None:
     watcher = LocalConfigWatcher(cfg.local_xds_path, node.on_state)
     await watcher.start()
     node.on_state(watcher.current)
+    node.config_status = lambda: watcher.status
     enrolment: FileEnrolmentSource | ZdsClient
     if cfg.zds_socket is not None:
         enrolment = ZdsClient(cfg.zds_socket, node)

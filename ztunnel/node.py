@@ -21,12 +21,14 @@ unencrypted: until then the pod's captured traffic finds no listener.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import structlog
 
 from meshcore.admin import views
 from meshcore.defaults import ROOT_NAMESPACE
+from meshcore.discovery import ConfigStatus
 from meshcore.hbone.limits import DEFAULT_LIMITS, HboneLimits
 from meshcore.hbone.server import Guard
 from meshcore.identity.certs import CertificateManager
@@ -85,6 +87,9 @@ class NodeProxy:
         self.quit_requested = asyncio.Event()
         self.state = MeshState.empty()
         self.state_loaded = False
+        # Which config file content is in force and whether a newer one was refused, from
+        # the config source (readiness and the config dump show it: writers wait on it).
+        self.config_status: Callable[[], ConfigStatus] | None = None
         self.desired: dict[str, Enrolment] = {}
         self.pods: dict[str, PodProxy] = {}
         self._by_workload: dict[str, PodProxy] | None = None  # workload uid -> pod, lazily
@@ -358,7 +363,15 @@ class NodeProxy:
         enrolment = self.enrolment_source
         if self.enrolment_detail:
             enrolment += f": {self.enrolment_detail}"
-        return {"node": self.node_name, "ready": self.ready, "pods": pods, "enrolment": enrolment}
+        out: dict[str, Any] = {
+            "node": self.node_name,
+            "ready": self.ready,
+            "pods": pods,
+            "enrolment": enrolment,
+        }
+        if self.config_status is not None:
+            out["config"] = self.config_status().to_json()
+        return out
 
     # ---- AdminSource ---------------------------------------------------------------------
 
@@ -378,7 +391,7 @@ class NodeProxy:
                     "listeners": running.listeners() if running is not None else {},
                 }
             )
-        return {
+        dump: dict[str, Any] = {
             "node": self.node_name,
             **views.mesh_json(self.state, self.policies),
             "certificates": views.certificates_json(
@@ -387,6 +400,9 @@ class NodeProxy:
             "pods": pods,
             "openConnections": len(self.connection_table),
         }
+        if self.config_status is not None:
+            dump["config"] = self.config_status().to_json()
+        return dump
 
     def connections(self) -> list[dict[str, Any]]:
         return self.connection_table.connections()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import hashlib
 import json
 import os
 import time
@@ -671,5 +672,45 @@ def test_watcher_rejects_non_utf8(aio, tmp_path):
     async def main() -> None:
         with pytest.raises(MeshConfigError, match="not UTF-8"):
             await LocalConfigWatcher(path, lambda s: None).start()
+
+    aio.run(main)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_watcher_status_names_the_config_in_force_and_a_refused_newer_one(aio, tmp_path):
+    """A writer can tell when its file is in force, or that it was refused and why."""
+    path = tmp_path / "mesh.yaml"
+    path.write_text(GOOD_A)
+    good_a = _sha256(path)
+
+    async def main() -> None:
+        w = await watching(aio, path, lambda s: None)
+        assert w.status.to_json() == {"digest": good_a, "rejected": None}
+        path.write_text(BAD)
+        _bump_mtime(path)
+        bad = _sha256(path)
+        await w.check_now()
+        status = w.status.to_json()
+        assert status["digest"] == good_a  # the last good config stays in force
+        assert status["rejected"]["digest"] == bad
+        assert "'10.1.1' is not an IP address" in status["rejected"]["error"]
+        # A new good file clears the refusal and is named as the one in force.
+        path.write_text(GOOD_B)
+        _bump_mtime(path)
+        await w.check_now()
+        in_force = _sha256(path)
+        assert w.status.to_json() == {"digest": in_force, "rejected": None}
+        # Refused again, then restored to the content in force: no refusal left either.
+        path.write_text(BAD)
+        _bump_mtime(path)
+        await w.check_now()
+        assert w.status.rejected_digest == bad
+        path.write_text(GOOD_B)
+        _bump_mtime(path)
+        await w.check_now()
+        assert w.status.to_json() == {"digest": in_force, "rejected": None}
 
     aio.run(main)
