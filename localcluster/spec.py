@@ -27,7 +27,10 @@ from typing import Any
 
 import yaml
 
-from redirect.enrolment import PodInfo, redirection_enabled
+from localcluster.inputs import InputError, read_text
+from localcluster.labels import label_errors
+from localcluster.policies import PolicyError, check_documents
+from redirect.enrolment import DATAPLANE_MODE_LABEL, PodInfo, redirection_enabled
 
 DEFAULT_TRUST_DOMAIN = "cluster.local"
 # The DNS suffix of service hostnames; not the trust domain, even when equal by default.
@@ -36,15 +39,22 @@ NODE_NETWORK = IPv4Network("10.10.0.0/24")
 SERVICE_CIDR = IPv4Network("10.96.0.0/16")
 FIRST_HOST_OFFSET = 10  # pods start at .10, services at 10.96.0.10, nodes at 10.10.0.11
 MAX_NODES = 244  # 10 + i must stay a usable host in NODE_NETWORK
-DATAPLANE_MODE_LABEL = "istio.io/dataplane-mode"
+# Each pod is a netns and a process on one machine; these bound what a file can ask for
+# (the address ranges alone would allow 60,000 pods and 65,000 services).
+MAX_PODS = 500
+MAX_NAMESPACES = 200
+MAX_SERVICES = 500
 PYTHON_PLACEHOLDER = "{python}"
 
-# The cluster name prefixes every netns name, and teardown deletes by that prefix.
+# The cluster name prefixes every netns name (`<cluster>-...`).
 _CLUSTER_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?$")
 # Node names appear inside netns names; 15 keeps `<cluster>-<node>-p<k>` under 40 chars.
 _NODE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _TRAILING_ORDINAL = re.compile(r"-\d+$")
+# Netns names are `<cluster>-c` (the bridge), `<cluster>-<node>` and `<cluster>-<node>-p<k>`:
+# a node named `c`, or `<other node>-p<k>`, would take another namespace's name.
+_RESERVED_NODE_NAME = re.compile(r"^c$|-p\d+$")
 
 
 class SpecError(ValueError):
@@ -229,9 +239,9 @@ def load_cluster(path: Path | str) -> ClusterSpec:
     """Read and validate a cluster file; commands run relative to its directory."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as e:
-        raise SpecError(f"cannot read cluster file {p}: {e.strerror}") from e
+        text = read_text(p, "cluster file")
+    except InputError as e:
+        raise SpecError(str(e)) from None
     return parse_cluster(text, p.resolve().parent)
 
 
@@ -269,18 +279,18 @@ def parse_cluster(text: str, base_dir: Path) -> ClusterSpec:
 
 
 def _parse_policies(value: Any) -> tuple[str, ...]:
-    """Istio AuthorizationPolicy / PeerAuthentication resources, passed to the tunnels
-    verbatim (they validate them); kept as JSON text so the spec stays hashable."""
+    """Istio AuthorizationPolicy / PeerAuthentication resources, checked as `ambientctl
+    apply` checks them (the tunnels' own parsers; namespace defaults to `default`); kept
+    as JSON text so the spec stays hashable."""
     if value is None:
         return ()
     if not isinstance(value, list):
         raise SpecError("policies: expected a list of AuthorizationPolicy/PeerAuthentication")
-    out = []
-    for i, item in enumerate(value):
-        if not isinstance(item, dict):
-            raise SpecError(f"policies[{i}]: expected a mapping")
-        out.append(json.dumps(item, sort_keys=True))
-    return tuple(out)
+    try:
+        checked = check_documents(value, "policies")
+    except PolicyError as e:
+        raise SpecError(str(e)) from None
+    return tuple(json.dumps(dict(r.doc), sort_keys=True) for r in checked)
 
 
 def _parse_nodes(items: list[Any]) -> tuple[NodeSpec, ...]:
@@ -296,6 +306,11 @@ def _parse_nodes(items: list[Any]) -> tuple[NodeSpec, ...]:
         name = _str(m, "name", where)
         if not _NODE_NAME.match(name):
             raise SpecError(f"{where}: node name {name!r} must be 1-15 characters of [a-z0-9-]")
+        if _RESERVED_NODE_NAME.search(name):
+            raise SpecError(
+                f"{where}: node name {name!r} is reserved: its network namespace would take "
+                "the name of the cluster's bridge namespace (`c`) or of a pod's (`-p<k>`)"
+            )
         if name in seen:
             raise SpecError(f"{where}: duplicate node name {name!r}")
         seen.add(name)
@@ -304,6 +319,7 @@ def _parse_nodes(items: list[Any]) -> tuple[NodeSpec, ...]:
 
 
 def _parse_namespaces(items: list[Any]) -> tuple[NamespaceSpec, ...]:
+    _at_most(items, MAX_NAMESPACES, "namespaces")
     out: list[NamespaceSpec] = []
     seen: set[str] = set()
     for i, item in enumerate(items):
@@ -313,7 +329,7 @@ def _parse_namespaces(items: list[Any]) -> tuple[NamespaceSpec, ...]:
         if name in seen:
             raise SpecError(f"{where}: duplicate namespace {name!r}")
         seen.add(name)
-        out.append(NamespaceSpec(name, _str_map(m, "labels", where)))
+        out.append(NamespaceSpec(name, _labels(m, "labels", where)))
     return tuple(out)
 
 
@@ -323,6 +339,7 @@ def _parse_pods(
     namespaces: tuple[NamespaceSpec, ...],
     base_dir: Path,
 ) -> tuple[PodSpec, ...]:
+    _at_most(items, MAX_PODS, "pods")
     by_node = {n.name: n for n in nodes}
     ns_names = {ns.name for ns in namespaces}
     keys = {"name", "namespace", "serviceAccount", "labels", "node", "ip", "command", "env"}
@@ -375,7 +392,7 @@ def _parse_pods(
                 service_account=_dns_label(
                     _str(m, "serviceAccount", where, "default"), where, "serviceAccount"
                 ),
-                labels=_str_map(m, "labels", where),
+                labels=_labels(m, "labels", where),
                 node=node.name,
                 ip=resolved,
                 command=_command(m, where),
@@ -388,6 +405,7 @@ def _parse_pods(
 def _parse_services(
     items: list[Any], namespaces: tuple[NamespaceSpec, ...]
 ) -> tuple[ServiceSpec, ...]:
+    _at_most(items, MAX_SERVICES, "services")
     ns_names = {ns.name for ns in namespaces}
     raw: list[tuple[str, dict[str, Any], IPv4Address | None]] = []
     claimed: dict[IPv4Address, str] = {}
@@ -424,7 +442,7 @@ def _parse_services(
                 name=m["name"],
                 namespace=m["namespace"],
                 vip=resolved,
-                selector=_str_map(m, "selector", where),
+                selector=_labels(m, "selector", where),
                 ports=_ports(m, where),
             )
         )
@@ -512,6 +530,20 @@ def _str_map(m: dict[str, Any], key: str, where: str) -> Mapping[str, str]:
             )
         out[k] = v
     return MappingProxyType(out)
+
+
+def _labels(m: dict[str, Any], key: str, where: str) -> Mapping[str, str]:
+    """A string map whose entries follow Kubernetes' label syntax."""
+    labels = _str_map(m, key, where)
+    problems = label_errors(labels)
+    if problems:
+        raise SpecError(f"{where}.{key}: {'; '.join(problems)}")
+    return labels
+
+
+def _at_most(items: list[Any], limit: int, key: str) -> None:
+    if len(items) > limit:
+        raise SpecError(f"at most {limit} entries under {key!r} are supported, got {len(items)}")
 
 
 def _dns_label(value: str, where: str, what: str) -> str:
