@@ -3,10 +3,14 @@
 Invariants:
 - the record (state.json) names a netns BEFORE that netns is created, so a crash at any
   point leaves a record that covers everything that exists;
-- teardown is idempotent and also works without a record: it deletes every netns named
-  `<cluster>-*` and stops every process still inside one of them (a process spawned but
-  not yet recorded when a crash hit has no pidfile, but it lives in a cluster netns);
-- teardown never touches `ca/` in the state directory: the mesh keeps its CA there.
+- ownership is exact: teardown removes the namespaces the record names and nothing else
+  (never by name prefix: `<cluster>-*` may match another cluster's namespaces, as `uxq-n1-*`
+  matches the pods of node n1 of cluster `uxq`), stops the processes with a pidfile and
+  every process still inside one of the recorded namespaces (a process spawned but not yet
+  recorded when a crash hit has no pidfile, but it lives in a cluster netns);
+- teardown is idempotent, runs shielded from SIGINT/SIGTERM (`localcluster.interrupt`), and
+  never touches `ca/` in the state directory (the mesh keeps its CA there) nor the logs a
+  failed `up` kept (`failed-up-logs/`).
 """
 
 from __future__ import annotations
@@ -21,12 +25,15 @@ from pathlib import Path
 from pyroute2 import netns as pr_netns
 
 import nsutil
+from localcluster import registry
+from localcluster.interrupt import TornDown, note_teardown, shielded
 from localcluster.processes import ProcessRecord, proc_stat, stop_recorded, terminate
 from localcluster.spec import valid_cluster_name
 
 DEFAULT_STATE_ROOT = Path("/var/lib/ambientctl")
-STATE_FILE = "state.json"
-KEEP_DIRS = frozenset({"ca"})
+STATE_FILE = registry.STATE_FILE
+FAILED_UP_LOGS = "failed-up-logs"
+KEEP_DIRS = frozenset({"ca", FAILED_UP_LOGS})
 
 
 class StateError(RuntimeError):
@@ -109,23 +116,27 @@ def state_dir(cluster: str, state_root: Path | str | None = None) -> Path:
 class TeardownReport:
     processes_stopped: int
     netns_removed: tuple[str, ...]
+    found: bool = True  # whether there was a record of the cluster at all
 
 
 def teardown(cluster_name: str, state_root: Path | str | None = None) -> TeardownReport:
-    """Remove everything the cluster made; succeed when nothing exists. Idempotent."""
+    """Remove everything the cluster's record names; succeed when nothing exists.
+    Idempotent. A signal arriving meanwhile is raised once it is done."""
     d = state_dir(cluster_name, state_root)
-    recorded = ClusterState.load(cluster_name, state_root) if d.is_dir() else None
-    stopped = stop_recorded(d / "pids") if d.is_dir() else 0
-    prefix = f"{cluster_name}-"
-    names = set(recorded.netns if recorded else [])
-    names.update(n for n in pr_netns.listnetns() if n.startswith(prefix))
-    stopped += terminate(_processes_inside(names))
-    removed: list[str] = []
-    for name in sorted(names):
-        if _remove_netns(name):
-            removed.append(name)
-    _remove_runtime_files(d)
-    return TeardownReport(stopped, tuple(removed))
+    with shielded():
+        recorded = ClusterState.load(cluster_name, state_root) if d.is_dir() else None
+        stopped = stop_recorded(d / "pids") if d.is_dir() else 0
+        names = set(recorded.netns if recorded else [])
+        stopped += terminate(_processes_inside(names))
+        removed: list[str] = []
+        for name in sorted(names):
+            if _remove_netns(name):
+                removed.append(name)
+        _remove_runtime_files(d)
+        registry.release(cluster_name, d)
+        report = TeardownReport(stopped, tuple(removed), found=recorded is not None)
+        note_teardown(TornDown(cluster_name, len(removed), stopped))
+    return report
 
 
 def _processes_inside(netns_names: set[str]) -> list[ProcessRecord]:
@@ -182,6 +193,7 @@ def _remove_runtime_files(d: Path) -> None:
 
 
 def live_netns(cluster_name: str) -> list[str]:
-    """The network namespaces of a cluster that exist right now (by name prefix)."""
+    """The network namespaces named like the cluster's (`<cluster>-*`) that exist now: the
+    ones a new cluster of that name must not be built over (never a list to delete)."""
     prefix = f"{cluster_name}-"
     return sorted(n for n in pr_netns.listnetns() if n.startswith(prefix))
