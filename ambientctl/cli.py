@@ -1,4 +1,11 @@
-"""`ambientctl`: bring a local cluster up or down, look at it, run the demo."""
+"""`ambientctl`: bring a local cluster up or down, look at it, run the demo.
+
+Every failure is one message on stderr and an exit code, never a traceback: 2 for a
+command line that cannot mean anything (argparse's own errors, a malformed label), 1 for
+everything else (a bad file, a cluster that is not running, a name it does not know, a
+change the mesh refuses). `up` and `demo` tear down what they built on SIGINT or SIGTERM
+and exit 130 / 143 (`localcluster.interrupt`).
+"""
 
 from __future__ import annotations
 
@@ -7,16 +14,68 @@ import json
 import os
 import subprocess
 import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 import nsutil
 from ambientctl import views
-from localcluster import mesh
+from localcluster import mesh, registry
+from localcluster.inputs import InputError, read_text
+from localcluster.interrupt import run_interruptible
+from localcluster.labels import LabelError, parse_changes
+from localcluster.network import NetworkError
+from localcluster.policies import KIND_NAMES, PolicyError, delete_keys
+from localcluster.processes import ProcessError
 from localcluster.spec import SpecError, load_cluster
-from localcluster.state import StateError
+from localcluster.state import DEFAULT_STATE_ROOT, StateError
 from meshcore.defaults import ADMIN_PORT
+
+EXIT_RUNTIME = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+DEFAULT_WAIT_TIMEOUT = 60.0
+DEBUG_ENV = "AMBIENTCTL_DEBUG"  # set to 1: unexpected errors also print their traceback
+
+# What a command can run into that is the input's or the machine's fault, not ours: the
+# message is the whole story.
+EXPECTED = (
+    SpecError,
+    StateError,
+    InputError,
+    PolicyError,
+    LabelError,
+    mesh.MeshUpError,
+    mesh.NotRunning,
+    mesh.ConfigNotInForce,
+    registry.ClusterConflict,
+    NetworkError,
+    ProcessError,
+    views.ViewError,
+    OSError,
+)
+
+
+class UsageError(Exception):
+    """The command line cannot mean anything (exit 2)."""
+
+
+class NotFound(Exception):
+    """A name the cluster does not have (exit 1); the message lists the ones it has."""
+
+
+class Refused(Exception):
+    """A change refused as a whole (exit 1); nothing was changed."""
+
+
+def _root(args: argparse.Namespace) -> str:
+    return str(args.state_root or DEFAULT_STATE_ROOT)
+
+
+# ---- up / down / status -------------------------------------------------------------------
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -32,80 +91,117 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
 def _cluster_name(arg: str) -> str:
     p = Path(arg)
-    if p.suffix in (".yaml", ".yml") or p.exists():
+    if p.suffix in (".yaml", ".yml") or p.is_file():
         return load_cluster(p).name
     return arg
 
 
 def _cmd_down(args: argparse.Namespace) -> int:
+    """Idempotent, as `kind delete cluster` is: a cleanup step (a CI `trap`, a script run
+    after a failed `up`) must not fail because there is nothing left. A name without a
+    record changes nothing and says so."""
     name = _cluster_name(args.cluster)
-    mesh.down(name, args.state_root)
-    print(f"cluster {name} is down")
+    report = mesh.down(name, args.state_root)
+    if not report.found and not report.netns_removed and not report.processes_stopped:
+        print(f"nothing to do: no cluster {name} under {_root(args)}")
+        return 0
+    print(
+        f"cluster {name} is down ({len(report.netns_removed)} namespaces, "
+        f"{report.processes_stopped} processes stopped)"
+    )
     return 0
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    """Per node: the tunnel's readiness and the node agent's view (pods enrolled or
-    pending, with the reason). Exit 1 unless every tunnel is ready and no pod waits."""
+    """Per node: the tunnel's readiness (with the mesh config it runs) and the node agent's
+    view. Exit 1 unless every tunnel is ready, runs the config as written and no pod
+    waits."""
     cluster = mesh.attach(args.cluster_file, args.state_root)
     out: dict[str, dict[str, object]] = {}
-    ok = True
+    problems: list[str] = []
+    refused = False
     for n in cluster.spec.nodes:
         tunnel = mesh.tunnel_status(cluster.layout, n.name)
-        entry: dict[str, object] = {"tunnel": tunnel}
-        ok = ok and bool(tunnel and tunnel.get("ready"))
         agent = mesh.agent_status(cluster, n.name)
-        entry["agent"] = agent
+        out[n.name] = {"tunnel": tunnel, "agent": agent}
+        if not (tunnel and tunnel.get("ready")):
+            problems.append(f"node {n.name}: tunnel not ready")
+        if agent is None:
+            problems.append(f"node {n.name}: node agent not running")
         pods = (agent or {}).get("pods") or {}
-        ok = ok and agent is not None
-        ok = ok and all(p.get("state") == "enrolled" for p in pods.values())
-        out[n.name] = entry
+        waiting = sorted(u for u, p in pods.items() if p.get("state") != "enrolled")
+        if waiting:
+            problems.append(f"node {n.name}: pods not enrolled: {', '.join(waiting)}")
+        config = mesh.config_problem(tunnel, None) if tunnel else None
+        if config is not None:
+            refused = True
+            problems.append(f"node {n.name}: {config}")
     print(json.dumps(out, indent=2))
-    return 0 if ok else 1
+    for p in problems:
+        print(f"ambientctl status: {p}", file=sys.stderr)
+    if refused:
+        print(
+            "ambientctl status: the next `ambientctl apply` or `label` regenerates the mesh "
+            "config from the cluster's records",
+            file=sys.stderr,
+        )
+    return 0 if not problems else EXIT_RUNTIME
 
 
-def _parse_label(text: str) -> tuple[str, str | None]:
-    """`key=value` sets, `key-` removes (kubectl's forms)."""
-    if "=" in text:
-        key, _, value = text.partition("=")
-        return key, value
-    if text.endswith("-") and len(text) > 1:
-        return text[:-1], None
-    raise ValueError(f"label {text!r}: expected KEY=VALUE or KEY-")
+# ---- label / exec ---------------------------------------------------------------------------
 
 
 def _cmd_label(args: argparse.Namespace) -> int:
-    """Label a namespace or pod in the running cluster; enrolment follows at runtime."""
+    """Label a namespace or pod in the running cluster; enrolment follows at runtime.
+    Every change is checked before any is made (all or nothing)."""
+    try:
+        changes = parse_changes(args.labels)
+    except LabelError as e:
+        raise UsageError(str(e)) from None
+    if args.kind == "pod" and "/" not in args.name:
+        args.name = f"default/{args.name}"
     cluster = mesh.attach(args.cluster_file, args.state_root)
     try:
-        changes = [_parse_label(t) for t in args.labels]
-    except ValueError as e:
-        print(f"ambientctl label: {e}", file=sys.stderr)
-        return 2
-    try:
-        for key, value in changes:
-            if args.kind == "namespace":
-                mesh.label_namespace(cluster, args.name, key, value)
-            else:
-                ns, sep, name = args.name.rpartition("/")
-                mesh.label_pod(cluster, ns if sep else "default", name, key, value)
-    except (KeyError, ValueError) as e:
-        print(f"ambientctl label: {e.args[0] if e.args else e}", file=sys.stderr)
-        return 1
-    print(f"{args.kind} {args.name} labelled")
+        done = mesh.label(cluster, args.kind, args.name, changes)
+    except KeyError as e:
+        raise NotFound(e.args[0]) from None
+    for line in done.lines:
+        print(line)
     return 0
 
 
+def _pod_ref(ref: str) -> tuple[str, str]:
+    ns, _, name = ref.rpartition("/")
+    if not name or ref.count("/") > 1:
+        raise UsageError(f"pod {ref!r}: expected <namespace>/<pod> or <pod>")
+    return ns or "default", name
+
+
+def _find_pod(cluster: mesh.Cluster, ref: str) -> tuple[str, str]:
+    ns, name = _pod_ref(ref)
+    if not any(p.namespace == ns and p.name == name for p in cluster.spec.pods):
+        known = ", ".join(f"{p.namespace}/{p.name}" for p in cluster.spec.pods)
+        raise NotFound(f"no pod {ns}/{name} in cluster {cluster.spec.name} (pods: {known})")
+    return ns, name
+
+
 def _cmd_exec(args: argparse.Namespace) -> int:
-    cluster = mesh.attach(args.cluster_file, args.state_root)
-    ns, _, name = args.pod.rpartition("/")
-    where = cluster.pod_netns(ns or "default", name)
     argv = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not argv:
-        print("ambientctl exec: no command given", file=sys.stderr)
-        return 2
-    proc = subprocess.run(argv, preexec_fn=nsutil.preexec_enter(where), check=False)
+        raise UsageError("no command given (ambientctl exec FILE NS/POD -- CMD ARGS...)")
+    _pod_ref(args.pod)
+    cluster = mesh.attach(args.cluster_file, args.state_root)
+    where = cluster.pod_netns(*_find_pod(cluster, args.pod))
+    try:
+        proc = subprocess.run(argv, preexec_fn=nsutil.preexec_enter(where), check=False)
+    except FileNotFoundError:
+        raise NotFound(f"command {argv[0]!r} not found") from None
+    except PermissionError:
+        raise NotFound(f"command {argv[0]!r} cannot be run (permission denied)") from None
     return proc.returncode
+
+
+# ---- views --------------------------------------------------------------------------------
 
 
 def _admin_getter(cluster: mesh.Cluster) -> views.Getter:
@@ -119,75 +215,98 @@ def _status_hint(args: argparse.Namespace) -> str:
     return f"(see: ambientctl status {args.cluster_file})"
 
 
+def _check_node(cluster: mesh.Cluster, node: str | None) -> list[str]:
+    names = [n.name for n in cluster.spec.nodes]
+    if node is not None and node not in names:
+        raise NotFound(
+            f"no node {node!r} in cluster {cluster.spec.name} (nodes: {', '.join(names)})"
+        )
+    return [node] if node is not None else names
+
+
 def _cmd_view(args: argparse.Namespace) -> int:
     cluster = mesh.attach(args.cluster_file, args.state_root)
-    names = [n.name for n in cluster.spec.nodes]
-    if args.node is not None and args.node not in names:
-        print(
-            f"ambientctl {args.cmd}: no node {args.node!r} in cluster {cluster.spec.name} "
-            f"(nodes: {', '.join(names)})",
-            file=sys.stderr,
-        )
-        return 2
-    nodes = [args.node] if args.node is not None else names
+    nodes = _check_node(cluster, args.node)
     out = views.show(args.cmd, _admin_getter(cluster), nodes, args.output, _status_hint(args))
     print(out, end="")
     return 0
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
+    _pod_ref(args.source)
     cluster = mesh.attach(args.cluster_file, args.state_root)
-    ns, _, name = args.source.rpartition("/")
-    source = f"{ns or 'default'}/{name}"
-    node = args.node
-    if node is None:
-        pods = [p for p in cluster.spec.pods if f"{p.namespace}/{p.name}" == source]
-        if not pods:
-            print(
-                f"ambientctl explain: no pod {source} in cluster {cluster.spec.name}",
-                file=sys.stderr,
-            )
-            return 2
-        node = pods[0].node  # its own tunnel decides how its connections go
+    ns, name = _find_pod(cluster, args.source)
+    node = _check_node(cluster, args.node)[0] if args.node else cluster.spec.pod(ns, name).node
     out = views.explain(
-        _admin_getter(cluster), node, source, args.destination, args.output, _status_hint(args)
-    )
+        _admin_getter(cluster), node, f"{ns}/{name}", args.destination, args.output,
+        _status_hint(args),
+    )  # fmt: skip
     print(out, end="")
+    return 0
+
+
+# ---- apply / delete -------------------------------------------------------------------------
+
+
+def _documents(filename: str) -> list[Any]:
+    """The YAML documents of a file (or stdin), size-capped and text-only."""
+    text = read_text(filename, "policy file")
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as e:
+        raise InputError(f"{filename} is not YAML: {e}") from None
+    if not docs:
+        raise InputError(f"{filename} holds no documents")
+    return docs
+
+
+def _finish(cluster: mesh.Cluster, done: mesh.ConfigChange, args: argparse.Namespace) -> int:
+    suffix = " (dry run)" if args.dry_run else ""
+    for line in done.lines:
+        print(line + suffix)
+    for w in done.warnings:
+        print(f"Warning: {w}", file=sys.stderr)
+    if args.wait and done.digest is not None:
+        mesh.wait_config(cluster, done.digest, args.timeout)
+        print(f"every tunnel runs the new mesh config ({done.digest[:12]})")
     return 0
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
     """Apply AuthorizationPolicy / PeerAuthentication YAML (one or more documents, as for
     kubectl) to a running cluster; every tunnel reloads it without a restart."""
+    docs = _documents(args.filename)
     cluster = mesh.attach(args.cluster_file, args.state_root)
-    text = sys.stdin.read() if args.filename == "-" else Path(args.filename).read_text()
+    source = "stdin" if args.filename == "-" else args.filename
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as e:
-        print(f"ambientctl apply: {args.filename} is not YAML: {e}", file=sys.stderr)
-        return 2
-    try:
-        applied = mesh.apply_policies(cluster, docs)
-    except ValueError as e:
-        print(f"ambientctl apply: {e}", file=sys.stderr)
-        return 2
-    for what in applied:
-        print(f"{what} applied")
-    return 0
+        done = mesh.apply_policies(cluster, docs, source, dry_run=args.dry_run)
+    except PolicyError as e:
+        raise Refused(f"{e}\nnothing was applied") from None
+    return _finish(cluster, done, args)
 
 
 def _cmd_delete(args: argparse.Namespace) -> int:
+    if args.filename is not None:
+        if args.kind is not None:
+            raise UsageError("give either -f FILE or KIND NAMESPACE/NAME, not both")
+        source = "stdin" if args.filename == "-" else args.filename
+        keys = delete_keys(_documents(args.filename), source)
+    else:
+        if args.kind is None or args.name is None:
+            raise UsageError("give KIND NAMESPACE/NAME, or -f FILE")
+        kind = KIND_NAMES.get(args.kind.lower())
+        if kind is None:
+            raise UsageError(f"kind {args.kind!r}: expected one of {', '.join(KIND_NAMES)}")
+        ns, sep, name = args.name.rpartition("/")
+        if not name or args.name.count("/") > 1:
+            raise UsageError(f"{args.name!r}: expected <namespace>/<name> or <name>")
+        keys = [(kind, ns if sep else "default", name)]
     cluster = mesh.attach(args.cluster_file, args.state_root)
-    ns, sep, name = args.name.rpartition("/")
-    kind = {
-        "authorizationpolicy": "AuthorizationPolicy",
-        "peerauthentication": "PeerAuthentication",
-    }[args.kind.lower()]
-    if not mesh.delete_policy(cluster, kind, ns if sep else "default", name):
-        print(f"ambientctl delete: no {kind} {args.name}", file=sys.stderr)
-        return 1
-    print(f"{kind} {args.name} deleted")
-    return 0
+    try:
+        done = mesh.delete_policies(cluster, keys, dry_run=args.dry_run)
+    except PolicyError as e:
+        raise Refused(f"{e}\nnothing was deleted") from None
+    return _finish(cluster, done, args)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -196,13 +315,29 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.state_root)
 
 
+# ---- the command line -------------------------------------------------------------------------
+
+
 def _view_options(p: argparse.ArgumentParser, node_help: str) -> None:
     p.add_argument("--node", help=node_help)
     p.add_argument("-o", "--output", choices=("table", "json"), default="table")
 
 
+def _change_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dry-run", action="store_true", help="check and show, change nothing")
+    p.add_argument(
+        "--wait", action="store_true", help="return once every node's tunnel runs the change"
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_WAIT_TIMEOUT,
+        help=f"seconds --wait waits at most (default {DEFAULT_WAIT_TIMEOUT:g})",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ambientctl", description=__doc__)
+    p = argparse.ArgumentParser(prog="ambientctl", description=(__doc__ or "").split("\n")[0])
     p.add_argument(
         "--state-root",
         default=os.environ.get("AMBIENT_STATE_ROOT"),
@@ -262,32 +397,67 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("cluster_file")
     ap.add_argument("-f", "--filename", required=True, help="YAML file, or - for stdin")
+    _change_options(ap)
     ap.set_defaults(fn=_cmd_apply)
-    rm = sub.add_parser("delete", help="delete a policy from a running cluster")
+    rm = sub.add_parser("delete", help="delete policies from a running cluster")
     rm.add_argument("cluster_file")
-    rm.add_argument(
-        "kind",
-        type=str.lower,
-        choices=("authorizationpolicy", "peerauthentication"),
-    )
-    rm.add_argument("name", help="<namespace>/<name>")
+    rm.add_argument("kind", nargs="?", help="authorizationpolicy or peerauthentication")
+    rm.add_argument("name", nargs="?", help="<namespace>/<name>")
+    rm.add_argument("-f", "--filename", help="delete what this YAML file names (- for stdin)")
+    _change_options(rm)
     rm.set_defaults(fn=_cmd_delete)
     demo = sub.add_parser("demo", help="the travel-booking demo, end to end")
     demo.set_defaults(fn=_cmd_demo)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if os.geteuid() != 0:
-        print("ambientctl: run as root (network namespaces need it)", file=sys.stderr)
-        return 2
+def _run(args: argparse.Namespace) -> int:
+    """One command; every error it can run into becomes a message and an exit code."""
+    prog = f"ambientctl {args.cmd}"
     try:
         rc: int = args.fn(args)
-    except (SpecError, StateError, mesh.MeshUpError, views.ViewError, OSError) as e:
-        print(f"ambientctl: {e}", file=sys.stderr)
-        return 1
+    except UsageError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (NotFound, Refused, *EXPECTED) as e:
+        print(f"{prog}: {_message(e)}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except Exception as e:  # a bug: still a message, the traceback only on request
+        if os.environ.get(DEBUG_ENV) == "1":
+            traceback.print_exc()
+        print(
+            f"{prog}: unexpected error: {type(e).__name__}: {e} "
+            f"(set {DEBUG_ENV}=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_RUNTIME
     return rc
+
+
+def _message(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        where = f" ({e.filename})" if e.filename else ""
+        return f"{e.strerror}{where}"
+    return str(e)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse printed the usage error (or --help)
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    if os.geteuid() != 0:
+        print("ambientctl: run as root (network namespaces need it)", file=sys.stderr)
+        return EXIT_RUNTIME
+    command: Callable[[], int] = lambda: _run(args)  # noqa: E731
+    if args.cmd in ("up", "demo"):
+        # These build a cluster: a signal tears down what this run built, and says so.
+        return run_interruptible(command, "ambientctl")
+    try:
+        return command()
+    except KeyboardInterrupt:
+        print("ambientctl: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Kubernetes-style variables from the spec, then the pod's own `env`.
 from __future__ import annotations
 
 import os
+import shutil
 
 from localcluster.network import NetworkLayout
 from localcluster.processes import ManagedProcess, spawn_in_netns
@@ -22,6 +23,24 @@ def app_env(spec: ClusterSpec, namespace: str, name: str) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"  # logs appear as they happen, not at exit
     env.update(pod_env(spec, spec.pod(namespace, name)))
     return env
+
+
+def missing_commands(spec: ClusterSpec) -> list[str]:
+    """Each pod whose program does not exist or cannot be run, said plainly: checked before
+    anything is built, so a typo costs nothing to tear down."""
+    out = []
+    for pod in spec.pods:
+        prog = pod.command[0]
+        where = f"pod {pod.namespace}/{pod.name}: command {prog!r}"
+        if "/" in prog:
+            path = spec.base_dir / prog  # absolute stays absolute
+            if not path.is_file():
+                out.append(f"{where} does not exist")
+            elif not os.access(path, os.X_OK):
+                out.append(f"{where} is not executable")
+        elif shutil.which(prog, path=app_env(spec, pod.namespace, pod.name).get("PATH")) is None:
+            out.append(f"{where} is not on PATH (nor a path relative to {spec.base_dir})")
+    return out
 
 
 def process_name(namespace: str, name: str) -> str:

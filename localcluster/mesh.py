@@ -17,24 +17,29 @@ cluster file.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import yaml
 
 import nsutil
-from localcluster.apps import INHERITED_ENV, start_apps
+from localcluster import meshconfig, policies, registry
+from localcluster.apps import INHERITED_ENV, missing_commands, process_name, start_apps
+from localcluster.labels import LabelChange, LabelError, label_errors
+from localcluster.meshconfig import MeshPaths as MeshPaths
+from localcluster.meshconfig import pod_info as pod_info
+from localcluster.meshconfig import pod_source_doc as pod_source_doc
+from localcluster.meshconfig import write_pod_source as write_pod_source
 from localcluster.network import NetworkLayout, apply_service_rules, build_network, plan_layout
 from localcluster.processes import (
     ManagedProcess,
@@ -44,53 +49,24 @@ from localcluster.processes import (
     spawn_in_netns,
     terminate,
 )
-from localcluster.spec import ClusterSpec, NamespaceSpec, PodSpec, load_cluster
-from localcluster.state import ClusterState, live_netns, teardown
-from localcluster.xds import local_xds, workload, workload_uid
+from localcluster.spec import ClusterSpec, load_cluster
+from localcluster.state import (
+    FAILED_UP_LOGS,
+    ClusterState,
+    TeardownReport,
+    live_netns,
+    state_dir,
+    teardown,
+)
+from localcluster.xds import workload_uid
 from meshcore.defaults import ADMIN_PORT, READINESS_PORT, TUNNEL_MARK
-from redirect.enrolment import PodInfo, SourceError, parse_source, pod_doc, wanted
+from redirect.enrolment import SourceError, parse_source, wanted
 
 READY_TIMEOUT = 60.0
 
 
 class MeshUpError(RuntimeError):
     """The cluster could not be brought up; the message says which step and why."""
-
-
-@dataclass(frozen=True, slots=True)
-class MeshPaths:
-    root: Path
-
-    @property
-    def xds(self) -> Path:
-        return self.root / "xds.yaml"
-
-    @property
-    def ca_socket(self) -> Path:
-        return self.root / "ca.sock"
-
-    @property
-    def tokens(self) -> Path:
-        return self.root / "tokens.yaml"
-
-    def token(self, node: str) -> Path:
-        return self.root / f"token-{node}"
-
-    @property
-    def pods(self) -> Path:
-        """The pod source every node agent watches (namespaces and pods with labels)."""
-        return self.root / "pods.json"
-
-    def zds_socket(self, node: str) -> Path:
-        return self.root / f"zds-{node}.sock"
-
-    def agent_status(self, node: str) -> Path:
-        return self.root / f"agent-{node}.json"
-
-    @property
-    def redirect_mode(self) -> Path:
-        """The capture mode the cluster's agents run in (restarts keep it)."""
-        return self.root / "redirect-mode"
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,174 +92,161 @@ class Cluster:
         return self.layout.pod(namespace, name).netns_path
 
 
-def _write(path: Path, text: str, mode: int = 0o644) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.chmod(mode)
-    tmp.replace(path)  # atomic: the tunnel's watcher never sees half a file
+def write_mesh_config(
+    spec: ClusterSpec, paths: MeshPaths, policies: Sequence[Mapping[str, Any]] | None = None
+) -> str:
+    """Generate the mesh config (see `localcluster.meshconfig`); returns its digest."""
+    return meshconfig.write_mesh_config(spec, paths, policies)
 
 
-def write_mesh_config(spec: ClusterSpec, paths: MeshPaths) -> None:
-    _write(paths.xds, yaml.safe_dump(local_xds(spec), sort_keys=False))
+def current_spec(cluster: Cluster) -> ClusterSpec:
+    """The cluster file's spec with the labels in force now (from the pod source file)."""
+    return meshconfig.current_spec(cluster.spec, cluster.paths)
 
 
-def _policy_key(doc: Any) -> tuple[str, str, str]:
-    """(kind, namespace, name) of a policy entry in either accepted shape."""
-    if not isinstance(doc, dict):
-        raise ValueError(f"a policy must be a mapping, got {type(doc).__name__}")
-    meta = doc.get("metadata") if ("kind" in doc or "metadata" in doc) else doc
-    if not isinstance(meta, dict) or not meta.get("name"):
-        raise ValueError("a policy needs metadata.name (or name)")
-    kind = str(doc.get("kind", "AuthorizationPolicy"))
-    return kind, str(meta.get("namespace", "")), str(meta["name"])
-
-
-def read_policies(cluster: Cluster) -> list[Any]:
-    doc = yaml.safe_load(cluster.paths.xds.read_text()) or {}
-    return list(doc.get("policies") or [])
-
-
-def apply_policies(cluster: Cluster, docs: list[Any]) -> list[str]:
-    """Create or replace policies in the running mesh (the tunnels pick the change up
-    without a restart). Returns the `kind namespace/name` of each one applied."""
-    doc = yaml.safe_load(cluster.paths.xds.read_text()) or {}
-    current = list(doc.get("policies") or [])
-    applied = []
-    for new in docs:
-        key = _policy_key(new)
-        current = [p for p in current if _policy_key(p) != key]
-        current.append(new)
-        applied.append(f"{key[0]} {key[1]}/{key[2]}")
-    doc["policies"] = current
-    _write(cluster.paths.xds, yaml.safe_dump(doc, sort_keys=False))
-    return applied
-
-
-def delete_policy(cluster: Cluster, kind: str, namespace: str, name: str) -> bool:
-    doc = yaml.safe_load(cluster.paths.xds.read_text()) or {}
-    current = list(doc.get("policies") or [])
-    kept = [p for p in current if _policy_key(p) != (kind, namespace, name)]
-    doc["policies"] = kept
-    _write(cluster.paths.xds, yaml.safe_dump(doc, sort_keys=False))
-    return len(kept) != len(current)
+def read_pod_source(cluster: Cluster) -> dict[str, Any]:
+    return meshconfig.read_pod_source(cluster.paths)
 
 
 def enrolled_uids(spec: ClusterSpec, node: str) -> set[str]:
     return {workload_uid(spec, p) for p in spec.pods_on(node) if p.enrolled(spec)}
 
 
-# ---- the pod source (what the node agents watch) -------------------------------------
+# ---- policies --------------------------------------------------------------------------
 
 
-def pod_info(spec: ClusterSpec, layout: NetworkLayout, pod: PodSpec) -> PodInfo:
-    return PodInfo(
-        uid=workload_uid(spec, pod),
-        name=pod.name,
-        namespace=pod.namespace,
-        node=pod.node,
-        service_account=pod.service_account,
-        ip=pod.ip,
-        netns=layout.pod(pod.namespace, pod.name).netns_path,
-        labels=pod.labels,
-    )
+@dataclass(frozen=True, slots=True)
+class ConfigChange:
+    """What a change through the records did: one line per resource (`<kind> <ns>/<name>
+    created|configured|unchanged|deleted`), warnings, and the digest of the mesh config
+    written (None for a dry run: nothing was written)."""
+
+    lines: tuple[str, ...]
+    warnings: tuple[str, ...] = ()
+    digest: str | None = None
 
 
-def pod_source_doc(spec: ClusterSpec, layout: NetworkLayout) -> dict[str, Any]:
-    """The pod source document for the whole cluster (pure)."""
-    return {
-        "version": 1,
-        "namespaces": {ns.name: {"labels": dict(ns.labels)} for ns in spec.namespaces},
-        "pods": [pod_doc(pod_info(spec, layout, p)) for p in spec.pods],
-    }
+def read_policies(cluster: Cluster) -> list[dict[str, Any]]:
+    """The policy resources in force (the record the mesh config is generated from)."""
+    return meshconfig.read_policy_records(cluster.spec, cluster.paths)
 
 
-def write_pod_source(paths: MeshPaths, doc: dict[str, Any]) -> None:
-    _write(paths.pods, json.dumps(doc, indent=2, sort_keys=True) + "\n")
+def _verb(current: dict[policies.Key, dict[str, Any]], res: policies.Resource) -> str:
+    old = current.get(res.key)
+    if old is None:
+        return "created"
+    return "unchanged" if old == dict(res.doc) else "configured"
 
 
-def read_pod_source(cluster: Cluster) -> dict[str, Any]:
-    doc = json.loads(cluster.paths.pods.read_text())
-    if not isinstance(doc, dict):
-        raise ValueError(f"{cluster.paths.pods}: not a pod source document")
-    return doc
+def apply_policies(
+    cluster: Cluster, docs: Sequence[Any], source: str = "policy", dry_run: bool = False
+) -> ConfigChange:
+    """Create or replace policies in the running mesh (the tunnels reload without a
+    restart). Every document is checked with the tunnels' own parsers first; one bad
+    document refuses them all (PolicyError) and nothing is written."""
+    checked = policies.check_documents(docs, source)
+    with meshconfig.records_lock(cluster.paths):
+        current_docs = read_policies(cluster)
+        current = {policies.key_of(d): d for d in current_docs}
+        lines = tuple(f"{policies.describe(r.key)} {_verb(current, r)}" for r in checked)
+        warnings = tuple(f"{policies.describe(r.key)}: {w}" for r in checked for w in r.warnings)
+        merged = policies.merge(current_docs, checked)
+        if dry_run:
+            return ConfigChange(lines, warnings)
+        meshconfig.write_policy_records(cluster.paths, merged)
+        digest = meshconfig.regenerate(cluster.spec, cluster.paths)
+    return ConfigChange(lines, warnings, digest)
 
 
-def current_spec(cluster: Cluster) -> ClusterSpec:
-    """The cluster file's spec with the labels in force now (from the pod source file)."""
+def delete_policies(
+    cluster: Cluster, keys: Sequence[policies.Key], dry_run: bool = False
+) -> ConfigChange:
+    """Remove the named policies; if one is not there, PolicyError and nothing changes."""
+    with meshconfig.records_lock(cluster.paths):
+        kept = policies.remove(read_policies(cluster), keys)
+        lines = tuple(f"{policies.describe(k)} deleted" for k in dict.fromkeys(keys))
+        if dry_run:
+            return ConfigChange(lines)
+        meshconfig.write_policy_records(cluster.paths, kept)
+        digest = meshconfig.regenerate(cluster.spec, cluster.paths)
+    return ConfigChange(lines, digest=digest)
+
+
+def delete_policy(cluster: Cluster, kind: str, namespace: str, name: str) -> bool:
+    """Remove one policy; False if there is none of that kind and name."""
     try:
+        delete_policies(cluster, [(kind, namespace, name)])
+    except policies.PolicyError:
+        return False
+    return True
+
+
+# ---- labels: enrolment at runtime --------------------------------------------------------
+
+
+def label(cluster: Cluster, kind: str, name: str, changes: Sequence[LabelChange]) -> ConfigChange:
+    """Apply every change to one namespace (`kind` "namespace", `name` NS) or pod ("pod",
+    NS/POD) at once, as `kubectl label` does: the agents enrol or release its pods and the
+    mesh config follows. Raises KeyError for an unknown target, LabelError for a change
+    the agents would not accept; then nothing changes."""
+    with meshconfig.records_lock(cluster.paths):
         doc = read_pod_source(cluster)
-    except (OSError, ValueError):
-        return cluster.spec
-    ns_labels = {
-        name: dict(entry.get("labels") or {})
-        for name, entry in (doc.get("namespaces") or {}).items()
-    }
-    pod_labels = {
-        (p["namespace"], p["name"]): dict(p.get("labels") or {}) for p in doc.get("pods") or []
-    }
-    spec = cluster.spec
-    namespaces = tuple(
-        NamespaceSpec(ns.name, MappingProxyType(ns_labels.get(ns.name, dict(ns.labels))))
-        for ns in spec.namespaces
-    )
-    pods = tuple(
-        dataclasses.replace(
-            p, labels=MappingProxyType(pod_labels.get((p.namespace, p.name), dict(p.labels)))
-        )
-        for p in spec.pods
-    )
-    return dataclasses.replace(spec, namespaces=namespaces, pods=pods)
-
-
-def _apply_label(labels: dict[str, str], key: str, value: str | None) -> None:
-    if not key:
-        raise ValueError("a label needs a key")
-    if value is None:
-        labels.pop(key, None)
-    else:
-        labels[key] = value
+        if kind == "namespace":
+            entry = (doc.get("namespaces") or {}).get(name)
+            if entry is None:
+                known = ", ".join(sorted(doc.get("namespaces") or {}))
+                raise KeyError(
+                    f"no namespace {name!r} in cluster {cluster.spec.name} (namespaces: {known})"
+                )
+        else:
+            ns, _, pod = name.rpartition("/")
+            found = [
+                e
+                for e in doc.get("pods") or []
+                if e.get("namespace") == (ns or "default") and e.get("name") == pod
+            ]
+            if not found:
+                known = ", ".join(f"{p.namespace}/{p.name}" for p in cluster.spec.pods)
+                raise KeyError(
+                    f"no pod {ns or 'default'}/{pod} in cluster {cluster.spec.name} (pods: {known})"
+                )
+            entry = found[0]
+        labels = dict(entry.get("labels") or {})
+        for change in changes:
+            if change.value is None:
+                labels.pop(change.key, None)
+            else:
+                labels[change.key] = change.value
+        problems = label_errors(labels)
+        if problems:
+            raise LabelError("; ".join(problems))
+        entry["labels"] = labels
+        digest = _publish(cluster, doc)
+    return ConfigChange((f"{kind} {name} labeled",), digest=digest)
 
 
 def label_namespace(cluster: Cluster, namespace: str, key: str, value: str | None) -> None:
-    """Set (or with None remove) a namespace label in the running cluster: the agents
-    enrol or release its pods, and the mesh config follows (HBONE only when enrolled)."""
-    doc = read_pod_source(cluster)
-    entry = (doc.get("namespaces") or {}).get(namespace)
-    if entry is None:
-        raise KeyError(f"no namespace {namespace!r} in cluster {cluster.spec.name!r}")
-    labels = dict(entry.get("labels") or {})
-    _apply_label(labels, key, value)
-    entry["labels"] = labels
-    _publish(cluster, doc)
+    """Set (or with None remove) a namespace label in the running cluster."""
+    label(cluster, "namespace", namespace, [LabelChange(key, value)])
 
 
 def label_pod(cluster: Cluster, namespace: str, name: str, key: str, value: str | None) -> None:
     """Set (or with None remove) a pod label in the running cluster."""
-    doc = read_pod_source(cluster)
-    for entry in doc.get("pods") or []:
-        if entry.get("namespace") == namespace and entry.get("name") == name:
-            labels = dict(entry.get("labels") or {})
-            _apply_label(labels, key, value)
-            entry["labels"] = labels
-            _publish(cluster, doc)
-            return
-    raise KeyError(f"no pod {namespace}/{name} in cluster {cluster.spec.name!r}")
+    label(cluster, "pod", f"{namespace}/{name}", [LabelChange(key, value)])
 
 
-def _publish(cluster: Cluster, doc: dict[str, Any]) -> None:
+def _publish(cluster: Cluster, doc: dict[str, Any]) -> str:
     # The pod source first, as the API server would change first; then the mesh config,
     # where a workload's protocol and labels are derived from it (as istiod derives them).
     try:
         parse_source(json.dumps(doc), "")
     except SourceError as e:
-        raise ValueError(f"label change rejected: {e}") from None
-    write_pod_source(cluster.paths, doc)
-    spec = current_spec(cluster)
-    xds = yaml.safe_load(cluster.paths.xds.read_text()) or {}
-    xds["workloads"] = [workload(spec, p) for p in spec.pods]
-    _write(cluster.paths.xds, yaml.safe_dump(xds, sort_keys=False))
+        raise LabelError(f"label change rejected: {e}") from None
+    meshconfig.write_pod_source(cluster.paths, doc)
+    digest = meshconfig.regenerate(cluster.spec, cluster.paths)
     # Service endpoints are chosen by pod labels: keep the nodes' service rules in step.
-    apply_service_rules(spec, cluster.layout)
+    apply_service_rules(current_spec(cluster), cluster.layout)
+    return digest
 
 
 def wanted_uids(cluster: Cluster, node: str) -> set[str]:
@@ -305,8 +268,8 @@ def start_control_plane(spec: ClusterSpec, layout: NetworkLayout, state: Cluster
     for node in spec.nodes:
         token = secrets.token_hex(32)
         tokens[token] = node.name
-        _write(paths.token(node.name), token, mode=0o600)
-    _write(paths.tokens, yaml.safe_dump(tokens), mode=0o600)
+        meshconfig.write_file(paths.token(node.name), token, mode=0o600)
+    meshconfig.write_file(paths.tokens, yaml.safe_dump(tokens), mode=0o600)
     spawn_in_netns(
         layout.cluster_netns_path,
         [
@@ -330,9 +293,7 @@ def start_control_plane(spec: ClusterSpec, layout: NetworkLayout, state: Cluster
         state.pidfile_dir,
         "ca",
     )
-    _wait_for(
-        lambda: paths.ca_socket.exists(), 15.0, "the CA socket to appear", state.log_dir / "ca.log"
-    )
+    _wait_for(lambda: paths.ca_socket.exists(), 15.0, "the CA socket to appear (see ca.log)")
 
 
 def _base_env() -> dict[str, str]:
@@ -603,7 +564,7 @@ def wait_ready(cluster: Cluster, timeout: float = READY_TIMEOUT) -> None:
         return all(ready(n) for n in want)
 
     try:
-        _wait_for(all_ready, timeout, "every tunnel to report ready", cluster.state.log_dir)
+        _wait_for(all_ready, timeout, "every tunnel to report ready")
     except MeshUpError as e:
         raise MeshUpError(f"{e}; not ready: {_not_ready(cluster, want)}") from None
 
@@ -627,13 +588,30 @@ def _not_ready(cluster: Cluster, want: dict[str, set[str]]) -> str:
     return "; ".join(out) or "(ready now)"
 
 
-def _wait_for(cond: Any, timeout: float, what: str, logs: Path) -> None:
+def _wait_for(
+    cond: Callable[[], bool],
+    timeout: float,
+    what: str,
+    failed: Callable[[], str | None] | None = None,
+) -> None:
+    """Poll `cond` until true; `failed` says why waiting longer is pointless (fail fast)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if cond():
             return
+        why = failed() if failed is not None else None
+        if why is not None:
+            raise MeshUpError(f"{what}: {why}")
         time.sleep(0.1)
-    raise MeshUpError(f"timed out after {timeout:.0f} s waiting for {what}; see the logs in {logs}")
+    raise MeshUpError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+class NotRunning(RuntimeError):
+    """The cluster a command names is not up (under the state root given)."""
+
+
+class ConfigNotInForce(RuntimeError):
+    """A tunnel refused the mesh config just written, or did not load it in time."""
 
 
 def up(
@@ -642,17 +620,31 @@ def up(
     mesh: bool = True,
     redirect_mode: str = "iptables",
 ) -> Cluster:
-    """Build the cluster; `redirect_mode` is the node agents' capture mode (iptables|ebpf)."""
+    """Build the cluster; `redirect_mode` is the node agents' capture mode (iptables|ebpf).
+
+    Nothing is built unless the file is valid, every pod's command exists and the name
+    is free (`localcluster.registry`). On any failure or interrupt, everything built is
+    torn down; a failure keeps the logs (`<state>/<cluster>/failed-up-logs`) and says so."""
     spec = load_cluster(cluster_file)
+    missing = missing_commands(spec)
+    if missing:
+        raise MeshUpError("; ".join(missing))
+    d = state_dir(spec.name, state_root)
+    try:
+        registry.claim(spec.name, d)
+    except registry.ClusterConflict as e:
+        raise MeshUpError(str(e)) from None
     running = live_netns(spec.name)
     if running:
         # Never tear down what this call did not build: another run may own it.
+        registry.release(spec.name, d)
         raise MeshUpError(
-            f"cluster {spec.name} is already up ({len(running)} network namespaces, e.g. "
-            f"{running[0]}); run `ambientctl down {spec.name}` first"
+            f"network namespaces named like cluster {spec.name}'s exist ({len(running)}, e.g. "
+            f"{running[0]}): it is already up, or they are another cluster's; `ambientctl "
+            "down` the cluster they belong to first"
         )
-    state = ClusterState.open(spec.name, state_root)
     try:
+        state = ClusterState.open(spec.name, state_root)
         layout = build_network(spec, state)
         apply_service_rules(spec, layout)
         cluster = Cluster(spec, layout, state, mesh)
@@ -660,32 +652,75 @@ def up(
             cluster.paths.root.mkdir(parents=True, exist_ok=True)
             write_mesh_config(spec, cluster.paths)
             write_pod_source(cluster.paths, pod_source_doc(spec, layout))
-            _write(cluster.paths.redirect_mode, redirect_mode + "\n")
+            meshconfig.write_file(cluster.paths.redirect_mode, redirect_mode + "\n")
             start_control_plane(spec, layout, state)
             for node in spec.nodes:
                 start_agent(spec, layout, state, node.name, redirect_mode)
                 start_tunnel(spec, layout, state, node.name)
             wait_ready(cluster)
-        start_apps(spec, layout, state)
-        _wait_apps(cluster)
-    except BaseException:
+        apps = start_apps(spec, layout, state)
+        _wait_apps(cluster, {p.record.name: p for p in apps})
+    except Exception as e:
+        kept = _keep_logs(d)
+        teardown(spec.name, state_root)
+        where = f"; the logs are kept in {kept}" if kept is not None else ""
+        raise MeshUpError(f"cluster {spec.name} did not come up: {e}{where}") from e
+    except BaseException:  # interrupted (Ctrl-C, SIGTERM): tear down, say nothing more
         teardown(spec.name, state_root)
         raise
     return cluster
 
 
-def _wait_apps(cluster: Cluster, timeout: float = 15.0) -> None:
-    """Wait until each pod with a listening app port (a service target) accepts."""
-    targets = []
+def _keep_logs(d: Path) -> Path | None:
+    """Move the logs of a failed `up` where teardown leaves them (replacing the previous
+    failure's). The processes still writing keep their files: they are moved, not copied."""
+    logs = d / "logs"
+    if not logs.is_dir() or not any(logs.iterdir()):
+        return None
+    kept = d / FAILED_UP_LOGS
+    shutil.rmtree(kept, ignore_errors=True)
+    logs.rename(kept)
+    return kept
+
+
+def _wait_apps(
+    cluster: Cluster, started: Mapping[str, ManagedProcess], timeout: float = 15.0
+) -> None:
+    """Wait until each pod with a listening app port (a service target) accepts; fail at
+    once when such a pod's app has exited, and name what does not listen."""
+    targets: list[tuple[str, str, int]] = []  # (ns/pod, process name, port)
     for svc in cluster.spec.services:
         for pod in cluster.spec.endpoints(svc):
             for port in svc.ports:
-                targets.append((cluster.layout.pod(pod.namespace, pod.name), port.target_port))
+                target = (f"{pod.namespace}/{pod.name}", process_name(pod.namespace, pod.name))
+                targets.append((*target, port.target_port))
 
-    def accepting() -> bool:
-        return all(_port_open(where.netns_path, str(where.ip), port) for where, port in targets)
+    def closed() -> list[tuple[str, str, int]]:
+        out = []
+        for ref, pname, port in targets:
+            where = cluster.layout.pod(*ref.split("/", 1))
+            if not _port_open(where.netns_path, str(where.ip), port):
+                out.append((ref, pname, port))
+        return out
 
-    _wait_for(accepting, timeout, "the apps to listen", cluster.state.log_dir)
+    def exited() -> str | None:
+        for ref, pname, port in closed():
+            proc = started.get(pname)
+            code = proc.popen.poll() if proc is not None else None
+            if code is not None:
+                return (
+                    f"the app of pod {ref} exited with code {code} before listening on port "
+                    f"{port} (its log: {pname}.log)"
+                )
+        return None
+
+    try:
+        _wait_for(lambda: not closed(), timeout, "the apps to listen", exited)
+    except MeshUpError as e:
+        if "timed out" not in str(e):
+            raise
+        waiting = ", ".join(f"pod {ref} port {port}" for ref, _, port in closed())
+        raise MeshUpError(f"{e}; not listening: {waiting or '(listening now)'}") from None
 
 
 def _port_open(netns_path: str, ip: str, port: int) -> bool:
@@ -703,11 +738,72 @@ def _port_open(netns_path: str, ip: str, port: int) -> bool:
 
 
 def attach(cluster_file: Path | str, state_root: Path | str | None = None) -> Cluster:
-    """The handle of an already running cluster (for the CLI's other commands)."""
+    """The handle of a running cluster (for the CLI's other commands). Creates nothing;
+    raises NotRunning unless the cluster's record and its bridge namespace exist."""
     spec = load_cluster(cluster_file)
-    state = ClusterState.open(spec.name, state_root)
-    return Cluster(spec, plan_layout(spec), state, (state.dir / "mesh").exists())
+    state = ClusterState.load(spec.name, state_root)
+    layout = plan_layout(spec)
+    if (
+        state is None
+        or layout.cluster_netns not in state.netns
+        or not os.path.exists(layout.cluster_netns_path)
+    ):
+        root = state_dir(spec.name, state_root).parent
+        raise NotRunning(
+            f"cluster {spec.name} is not running under {root} (ambientctl up {cluster_file})"
+        )
+    return Cluster(spec, layout, state, (state.dir / "mesh").exists())
 
 
-def down(name: str, state_root: Path | str | None = None) -> None:
-    teardown(name, state_root)
+def down(name: str, state_root: Path | str | None = None) -> TeardownReport:
+    """Tear down exactly what the cluster's record names (see `localcluster.state`)."""
+    return teardown(name, state_root)
+
+
+def config_problem(status: Mapping[str, Any] | None, digest: str | None) -> str | None:
+    """Why a tunnel (its readiness JSON) does not run the mesh config `digest`, or None.
+    Pure: `status` is None when the tunnel did not answer."""
+    if status is None:
+        return "tunnel unreachable"
+    config = status.get("config")
+    if not isinstance(config, Mapping):
+        return "the tunnel does not report its config"
+    rejected = config.get("rejected")
+    if isinstance(rejected, Mapping):
+        return (
+            f"the tunnel refused the mesh config {str(rejected.get('digest'))[:12]}: "
+            f"{rejected.get('error')}; it keeps running the previous one "
+            f"{str(config.get('digest'))[:12]}"
+        )
+    if digest is not None and config.get("digest") != digest:
+        return f"the tunnel runs {str(config.get('digest'))[:12]}, not {digest[:12]} (yet)"
+    return None
+
+
+def wait_config(cluster: Cluster, digest: str, timeout: float = READY_TIMEOUT) -> None:
+    """Until every node's tunnel runs the mesh config `digest`; raises ConfigNotInForce at
+    once when one refuses it, or at the timeout naming the nodes that do not run it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        waiting = {}
+        for n in cluster.spec.nodes:
+            status = tunnel_status(cluster.layout, n.name)
+            config = (status or {}).get("config") or {}
+            rejected = config.get("rejected") if isinstance(config, dict) else None
+            if isinstance(rejected, dict) and rejected.get("digest") == digest:
+                error = rejected.get("error")
+                raise ConfigNotInForce(
+                    f"node {n.name}: the tunnel refused the new mesh config: {error}"
+                )
+            problem = config_problem(status, digest)
+            if problem is not None:
+                waiting[n.name] = problem
+        if not waiting:
+            return
+        if time.monotonic() >= deadline:
+            detail = "; ".join(f"node {k}: {v}" for k, v in waiting.items())
+            raise ConfigNotInForce(
+                f"timed out after {timeout:g} s waiting for every tunnel to run the new mesh "
+                f"config: {detail}"
+            )
+        time.sleep(0.1)

@@ -8,6 +8,7 @@ use int keys (service port -> target port), as the tunnel's local-file reader ex
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from localcluster.spec import ClusterSpec, PodSpec, ServiceSpec
@@ -17,11 +18,18 @@ CANONICAL_REVISION_LABEL = "service.istio.io/canonical-revision"
 DEFAULT_NETWORK = ""  # single-network cluster: VIPs are written "/<ip>"
 
 
-def local_xds(spec: ClusterSpec) -> dict[str, Any]:
+def local_xds(
+    spec: ClusterSpec, policies: Sequence[Mapping[str, Any]] | None = None
+) -> dict[str, Any]:
+    """The whole document; `policies` (the ones applied since) replace the cluster file's."""
     return {
         "workloads": [workload(spec, pod) for pod in spec.pods],
         "services": [service(svc) for svc in spec.services],
-        "policies": [json.loads(p) for p in spec.policies],
+        "policies": (
+            [json.loads(p) for p in spec.policies]
+            if policies is None
+            else [dict(p) for p in policies]
+        ),
     }
 
 
