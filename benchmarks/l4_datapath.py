@@ -12,8 +12,9 @@ latency, open loop at a fixed --rate over one keep-alive connection. Only ratios
 the same run mean anything (absolute numbers drift between runs on a VM).
 
 Invariants: needs root; uses its own state root (a temp dir) and always tears the cluster
-down; every process it starts is recorded and stopped by PID; all traffic stays inside the
-cluster's namespaces; every client run is bounded by a subprocess timeout.
+down, also on SIGINT or SIGTERM (then it exits 130 / 143); every process it starts is
+recorded and stopped by PID; all traffic stays inside the cluster's namespaces; every client
+run is bounded by a subprocess timeout.
 Raw results go to benchmarks/results/l4-<timestamp>.json.
 """
 
@@ -37,7 +38,8 @@ from typing import Any
 
 import nsutil
 from localcluster.apps import INHERITED_ENV
-from localcluster.mesh import Cluster, down, up
+from localcluster.interrupt import run_interruptible
+from localcluster.mesh import Cluster, MeshUpError, down, up
 from localcluster.processes import ManagedProcess, spawn_in_netns
 from meshcore.defaults import TUNNEL_MARK
 
@@ -324,24 +326,27 @@ def main() -> int:
         return 2
     p = Params(args.bytes, args.seconds, args.rate, args.latency_seconds, args.size, args.rounds)
     state_root = Path(tempfile.mkdtemp(prefix="l4bench-"))
-    ok = False
+    ok = interrupted = False
     cluster: Cluster | None = None
     try:
         print(f"bringing up the cluster (state in {state_root})", flush=True)
         cluster = up(CLUSTER_FILE, state_root, mesh=True)
         rounds = run(p, cluster)
         ok = True
-    except BenchError as e:
+    except (BenchError, MeshUpError) as e:
         print(f"l4_datapath: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # SIGINT/SIGTERM (localcluster.interrupt): clean up, say so
+        interrupted = True
+        raise
     finally:
         if cluster is not None:
-            if not ok:  # teardown deletes the logs; keep a copy to read what went wrong
+            if not ok and not interrupted:  # teardown deletes the logs; keep a copy
                 kept = state_root / "logs-kept"
                 shutil.copytree(cluster.state.log_dir, kept, dirs_exist_ok=True)
                 print(f"l4_datapath: logs kept in {kept}", file=sys.stderr)
             down(cluster.spec.name, state_root)
-        if ok:
+        if ok or interrupted:
             shutil.rmtree(state_root, ignore_errors=True)
     results = median_results(rounds)
     r = ratios(results)
@@ -374,4 +379,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_interruptible(main, "l4_datapath"))

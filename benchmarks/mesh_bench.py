@@ -15,6 +15,7 @@ Writes benchmarks/results/<timestamp>/: results.json (raw, with latency histogra
 report.md (a table per metric, ratios to `none` and ambient to `sidecar`, the targets of
 issue 5), and PNG plots. The earlier benchmarks (rbac_check, state_load) run in quick
 settings and join the report. Needs root; every process it starts is stopped by PID.
+Interrupted (SIGINT, SIGTERM), it tears down the clusters it built and exits 130 / 143.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ from meshbench.scenario import Endpoint, Running, Scenario
 
 import nsutil
 from localcluster.apps import INHERITED_ENV
+from localcluster.interrupt import run_interruptible
+from localcluster.mesh import MeshUpError
 from meshcore.defaults import METRICS_PORT
 
 HERE = Path(__file__).resolve().parent
@@ -501,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="meshbench-") as tmp:
         try:
             runs, skipped = run_all(st, Path(tmp))
-        except BenchError as e:
+        except (BenchError, MeshUpError) as e:
             print(f"mesh_bench: {e}", file=sys.stderr)
             return 1
     earlier = run_earlier() if st.earlier else {}
@@ -529,4 +532,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # SIGINT/SIGTERM: every scenario's `finally` tears its cluster down; then say what.
+    sys.exit(run_interruptible(main, "mesh_bench"))
