@@ -14,7 +14,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -127,19 +126,13 @@ def _policy_chapter(cluster: mesh.Cluster) -> bool:
     agreeing, and the denial in the destination's metrics."""
     key = "travel/pricing-from-flights"
     print(f"== policy: AuthorizationPolicy {key} (pricing accepts only flights' identity)")
-    mesh.apply_policies(cluster, [PRICING_POLICY])
-    deadline = time.monotonic() + 15
-    while not all(
-        any(
-            f"{p['namespace']}/{p['name']}" == key
-            for p in _admin(cluster, n.name, "/config_dump")["policies"]
-        )
-        for n in cluster.spec.nodes
-    ):
-        if time.monotonic() > deadline:
-            print("   FAILED: the tunnels never loaded the policy")
-            return False
-        time.sleep(0.05)
+    done = mesh.apply_policies(cluster, [PRICING_POLICY])
+    assert done.digest is not None  # not a dry run: the mesh config was written
+    try:
+        mesh.wait_config(cluster, done.digest, timeout=15)
+    except mesh.ConfigNotInForce as e:
+        print(f"   FAILED: the tunnels never loaded the policy: {e}")
+        return False
     ok = True
     why = _admin(
         cluster, "node1", "/debug/explain?source=travel/frontend-0&destination=pricing.travel:80"
