@@ -602,7 +602,7 @@ spec:
   action: DENY
   rules: [{from: [{source: {principals: [cluster.local/ns/mesh/sa/client]}}]}]
 """
-    assert "AuthorizationPolicy mesh/deny-client applied" in ctl(
+    assert "AuthorizationPolicy mesh/deny-client created" in ctl(
         "apply", cfile, "-f", "-", stdin=policy
     )
     wait_policies(cluster, {"mesh/deny-client"})
