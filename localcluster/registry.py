@@ -125,6 +125,8 @@ def claim(name: str, state_dir: Path) -> None:
 def release(name: str, state_dir: Path) -> None:
     """Forget `name`, if it is the cluster recorded in `state_dir` (another state root's
     cluster of the same name is not this one)."""
+    if not _dir().is_dir():
+        return  # nothing was ever claimed here (and a teardown needs no write access)
     with _locked() as d:
         path = d / f"{name}.json"
         entry = _read(path)
