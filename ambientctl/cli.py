@@ -32,7 +32,7 @@ from localcluster.policies import KIND_NAMES, PolicyError, delete_keys
 from localcluster.processes import ProcessError
 from localcluster.spec import SpecError, load_cluster
 from localcluster.state import DEFAULT_STATE_ROOT, StateError
-from meshcore.defaults import ADMIN_PORT
+from meshcore.defaults import ADMIN_PORT, NAMESPACE
 
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
@@ -174,7 +174,7 @@ def _pod_ref(ref: str) -> tuple[str, str]:
     ns, _, name = ref.rpartition("/")
     if not name or ref.count("/") > 1:
         raise UsageError(f"pod {ref!r}: expected <namespace>/<pod> or <pod>")
-    return ns or "default", name
+    return ns or NAMESPACE, name
 
 
 def _find_pod(cluster: mesh.Cluster, ref: str) -> tuple[str, str]:
@@ -300,7 +300,7 @@ def _cmd_delete(args: argparse.Namespace) -> int:
         ns, sep, name = args.name.rpartition("/")
         if not name or args.name.count("/") > 1:
             raise UsageError(f"{args.name!r}: expected <namespace>/<name> or <name>")
-        keys = [(kind, ns if sep else "default", name)]
+        keys = [(kind, ns if sep else NAMESPACE, name)]
     cluster = mesh.attach(args.cluster_file, args.state_root)
     try:
         done = mesh.delete_policies(cluster, keys, dry_run=args.dry_run)

@@ -59,7 +59,7 @@ from localcluster.state import (
     teardown,
 )
 from localcluster.xds import workload_uid
-from meshcore.defaults import ADMIN_PORT, READINESS_PORT, TUNNEL_MARK
+from meshcore.defaults import ADMIN_PORT, NAMESPACE, READINESS_PORT, TUNNEL_MARK
 from redirect.enrolment import SourceError, parse_source, wanted
 
 READY_TIMEOUT = 60.0
@@ -203,7 +203,7 @@ def label(cluster: Cluster, kind: str, name: str, changes: Sequence[LabelChange]
             found = [
                 e
                 for e in doc.get("pods") or []
-                if e.get("namespace") == (ns or "default") and e.get("name") == pod
+                if e.get("namespace") == (ns or NAMESPACE) and e.get("name") == pod
             ]
             if not found:
                 known = ", ".join(f"{p.namespace}/{p.name}" for p in cluster.spec.pods)

@@ -14,7 +14,6 @@ cluster bridge and pod CIDR 10.244.i.0/24 with gateway 10.244.i.1; pods without 
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import re
 import sys
@@ -30,9 +29,10 @@ import yaml
 from localcluster.inputs import InputError, read_text
 from localcluster.labels import label_errors
 from localcluster.policies import PolicyError, check_documents
+from meshcore.defaults import SERVICE_ACCOUNT, TRUST_DOMAIN
+from meshcore.reader import Reader, join
 from redirect.enrolment import DATAPLANE_MODE_LABEL, PodInfo, redirection_enabled
 
-DEFAULT_TRUST_DOMAIN = "cluster.local"
 # The DNS suffix of service hostnames; not the trust domain, even when equal by default.
 DNS_DOMAIN = "cluster.local"
 NODE_NETWORK = IPv4Network("10.10.0.0/24")
@@ -261,7 +261,7 @@ def parse_cluster(text: str, base_dir: Path) -> ClusterSpec:
             f"cluster name {name!r} must be 1-10 characters of [a-z0-9-], "
             "starting and ending with a letter or digit"
         )
-    trust_domain = _str(root, "trustDomain", "cluster file", DEFAULT_TRUST_DOMAIN)
+    trust_domain = _str(root, "trustDomain", "cluster file", TRUST_DOMAIN)
     nodes = _parse_nodes(_list(root, "nodes", "cluster file", required=True))
     namespaces = _parse_namespaces(_list(root, "namespaces", "cluster file"))
     pods = _parse_pods(_list(root, "pods", "cluster file"), nodes, namespaces, base_dir)
@@ -390,7 +390,7 @@ def _parse_pods(
                 name=m["name"],
                 namespace=m["namespace"],
                 service_account=_dns_label(
-                    _str(m, "serviceAccount", where, "default"), where, "serviceAccount"
+                    _str(m, "serviceAccount", where, SERVICE_ACCOUNT), where, "serviceAccount"
                 ),
                 labels=_labels(m, "labels", where),
                 node=node.name,
@@ -459,7 +459,7 @@ def _ports(m: dict[str, Any], where: str) -> tuple[PortSpec, ...]:
         pw = f"{where}.ports[{i}]"
         pm = _mapping(item, pw, {"port", "targetPort", "name"})
         if "port" not in pm:
-            raise SpecError(f"{pw}: missing required field 'port'")
+            raise SpecError(f"{pw}.port: is required")
         port = _port_number(pm["port"], f"{pw}.port")
         target = _port_number(pm.get("targetPort", port), f"{pw}.targetPort")
         if port in seen:
@@ -471,7 +471,7 @@ def _ports(m: dict[str, Any], where: str) -> tuple[PortSpec, ...]:
 
 def _command(m: dict[str, Any], where: str) -> tuple[str, ...]:
     if "command" not in m:
-        raise SpecError(f"{where}: missing required field 'command' (a list of strings)")
+        raise SpecError(f"{where}.command: is required (a list of strings)")
     cmd = m["command"]
     if not isinstance(cmd, list) or not cmd or not all(isinstance(a, str) for a in cmd):
         raise SpecError(f"{where}: 'command' must be a non-empty list of strings")
@@ -481,55 +481,40 @@ def _command(m: dict[str, Any], where: str) -> tuple[str, ...]:
 # --- small typed readers: every raw value is checked once, here ---------------------------
 
 
+# The shared strict reader: the cluster file's mistakes are worded as the mesh config's.
+_R = Reader(SpecError)
+_EMPTY: Mapping[str, str] = MappingProxyType({})
+# The top level of the file: its errors say which file part they are about.
+_TOP = Reader(SpecError, "cluster file: ")
+
+
+def _reader(where: str) -> tuple[Reader, str]:
+    return (_TOP, "") if where == "cluster file" else (_R, where)
+
+
 def _mapping(value: Any, where: str, allowed: set[str]) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise SpecError(f"{where} must be a mapping, got {type(value).__name__}")
-    for key in value:
-        if key not in allowed:
-            raise SpecError(
-                f"{where}: unknown field {key!r}; expected one of {', '.join(sorted(allowed))}"
-            )
-    return value
+    r, path = _reader(where)
+    m = r.mapping(value, path, required=True)
+    r.check_keys(m, allowed, path)
+    return m
 
 
 def _str(m: dict[str, Any], key: str, where: str, default: str | None = None) -> str:
-    if key not in m or m[key] is None:
-        if default is None:
-            raise SpecError(f"{where}: missing required field {key!r}")
-        return default
-    value = m[key]
-    if not isinstance(value, str) or (not value and default is None):
-        raise SpecError(f"{where}: {key!r} must be a non-empty string, got {value!r}")
-    return value
+    r, path = _reader(where)
+    return r.string(m, key, path, default, empty_ok=default is not None)
 
 
 def _list(m: dict[str, Any], key: str, where: str, required: bool = False) -> list[Any]:
-    if key not in m or m[key] is None:
-        if required:
-            raise SpecError(f"{where}: missing required field {key!r}")
-        return []
-    value = m[key]
-    if not isinstance(value, list):
-        raise SpecError(f"{where}: {key!r} must be a list, got {type(value).__name__}")
-    return value
+    r, path = _reader(where)
+    if required and m.get(key) is None:
+        r.fail(join(path, key), "is required")
+    return r.items(m.get(key), join(path, key))
 
 
 def _str_map(m: dict[str, Any], key: str, where: str) -> Mapping[str, str]:
+    r, path = _reader(where)
     value = m.get(key)
-    if value is None:
-        return MappingProxyType({})
-    if not isinstance(value, dict):
-        raise SpecError(f"{where}: {key!r} must be a mapping of strings")
-    out: dict[str, str] = {}
-    for k, v in value.items():
-        # YAML turns `version: 1` or `enabled: true` into non-strings; say so plainly.
-        if not isinstance(k, str) or not isinstance(v, str):
-            raise SpecError(
-                f"{where}: {key!r} entry {k!r}: {v!r} must map a string to a string "
-                "(quote numbers and booleans)"
-            )
-        out[k] = v
-    return MappingProxyType(out)
+    return MappingProxyType(r.string_map(value, join(path, key))) if value else _EMPTY
 
 
 def _labels(m: dict[str, Any], key: str, where: str) -> Mapping[str, str]:
@@ -553,15 +538,11 @@ def _dns_label(value: str, where: str, what: str) -> str:
 
 
 def _ipv4(value: Any, where: str) -> IPv4Address:
-    if not isinstance(value, str):
-        raise SpecError(f"{where}: must be an IPv4 address string, got {value!r}")
-    try:
-        return IPv4Address(value)
-    except ipaddress.AddressValueError as e:
-        raise SpecError(f"{where}: {value!r} is not an IPv4 address") from e
+    ip = _R.ip(value, where)
+    if not isinstance(ip, IPv4Address):
+        _R.fail(where, f"{value!r} is not an IPv4 address (the local cluster is IPv4 only)")
+    return ip
 
 
 def _port_number(value: Any, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-        raise SpecError(f"{where}: must be a port number 1-65535, got {value!r}")
-    return value
+    return _R.port(value, where)
