@@ -220,6 +220,11 @@ class H2Connection:
         self._settings_second = 0.0
         self._settings_entries = 0
         self.replies_queued = 0  # replies queued since the peer last read everything
+        # Bytes queued on all streams for want of window, and the streams paused because
+        # that total is over the connection's budget (not for their own queue).
+        self.buffered = 0
+        self._budget_paused: dict[int, None] = {}
+        self.data_out = 0  # DATA bytes sent: progress, for the shell's stall check
         self.peer_behind = False  # set by the shell while the peer does not read
 
     # ---- setup -------------------------------------------------------------------------
@@ -291,6 +296,7 @@ class H2Connection:
                 # Nothing queued and the windows allow it all: one DATA frame, now.
                 st.send_window -= n
                 self._send_window -= n
+                self.data_out += n
                 self.out.append(frame_header(n, FrameType.DATA, 0, sid))
                 self.out.append(data)
                 return True
@@ -299,9 +305,16 @@ class H2Connection:
                 st.pending = deque()
             st.pending.append(mv)
             st.pending_bytes += n
+            self.buffered += n
             self._flush_stream(st)
         if st.pending_bytes > SEND_HIGH_WATER:
             st.send_paused = True
+            return False
+        if self.buffered > self.limits.max_buffered_per_connection:
+            # Each stream's queue is bounded; so is their sum, or a peer that reads nothing
+            # could make us hold a queue for each of its streams.
+            st.send_paused = True
+            self._budget_paused[sid] = None
             return False
         return True
 
@@ -317,8 +330,15 @@ class H2Connection:
         st = self.streams.pop(sid, None)
         self._blocked.pop(sid, None)
         self._unanswered.pop(sid, None)
-        if st is not None and not self.closed:
-            self.out.append(rst_stream(sid, code))
+        if st is not None:
+            self._unqueue(st)
+            if not self.closed:
+                self.out.append(rst_stream(sid, code))
+
+    def _unqueue(self, st: _Stream) -> None:
+        """A stream is gone: what it had queued no longer counts against the budget."""
+        self.buffered -= st.pending_bytes
+        self._budget_paused.pop(st.id, None)
 
     def ack(self, sid: int, n: int) -> None:
         """The consumer has passed `n` received bytes on: return that credit to the peer."""
@@ -816,6 +836,8 @@ class H2Connection:
             raise ProtocolViolation(ErrorCode.FRAME_SIZE_ERROR, "RST_STREAM length")
         st = self.streams.pop(sid, None)
         self._blocked.pop(sid, None)
+        if st is not None:
+            self._unqueue(st)
         if sid in self._unanswered:
             del self._unanswered[sid]
             self._premature_reset()
@@ -846,6 +868,7 @@ class H2Connection:
         # Streams the peer never processed are refused; the others may finish.
         for st in [s for s in self.streams.values() if s.id > last and self.client]:
             self.streams.pop(st.id, None)
+            self._unqueue(st)
             if st.handler is not None:
                 st.handler.on_reset(ErrorCode.REFUSED_STREAM)
         if code != ErrorCode.NO_ERROR or not self.streams:
@@ -886,6 +909,8 @@ class H2Connection:
                 pending.popleft()
             n = len(chunk)
             st.pending_bytes -= n
+            self.buffered -= n
+            self.data_out += n
             st.send_window -= n
             self._send_window -= n
             flags = Flag.END_STREAM if (st.end_queued and not pending) else 0
@@ -898,12 +923,27 @@ class H2Connection:
         if st.end_queued and not st.local_closed:
             out.append(frame_header(0, FrameType.DATA, Flag.END_STREAM, st.id))
             st.local_closed = True
-        if st.send_paused and st.pending_bytes <= SEND_LOW_WATER:
+        if (
+            st.send_paused
+            and st.pending_bytes <= SEND_LOW_WATER
+            and st.id not in self._budget_paused
+        ):
             st.send_paused = False
             if st.handler is not None:
                 st.handler.on_send_ready()
+        if self._budget_paused and self.buffered <= self.limits.max_buffered_per_connection // 2:
+            self._resume_budget_paused()
         if st.local_closed:
             self._maybe_forget(st)
+
+    def _resume_budget_paused(self) -> None:
+        paused, self._budget_paused = self._budget_paused, {}
+        for sid in paused:
+            other = self.streams.get(sid)
+            if other is not None and other.send_paused and other.pending_bytes <= SEND_LOW_WATER:
+                other.send_paused = False
+                if other.handler is not None:
+                    other.handler.on_send_ready()
 
     def _terminate(self, code: int, reason: str) -> None:
         self.closed = True
@@ -912,6 +952,8 @@ class H2Connection:
         self.streams.clear()
         self._blocked.clear()
         self._unanswered.clear()
+        self._budget_paused.clear()
+        self.buffered = 0
         for st in streams:
             if st.handler is not None:
                 st.handler.on_reset(ErrorCode.CANCEL if code == ErrorCode.NO_ERROR else code)

@@ -52,6 +52,9 @@ class HboneLimits:
     # Replies (PING and SETTINGS ACKs, RST_STREAM) we may queue while the peer does not
     # read its socket; past it the connection is closed (Envoy: max_outbound_control_frames).
     max_queued_replies: int = 1_000
+    # Bytes queued for the peer on all of a connection's streams (each stream's own queue
+    # pauses its producer at 512 KiB); past it every stream's producer pauses.
+    max_buffered_per_connection: int = 4 * 1024 * 1024
     # -- time ------------------------------------------------------------------------------
     # An inbound connection with no stream open for this long is drained (upstream
     # ztunnel's pool closes idle client connections after 5 minutes; Envoy's default is 1 h).
@@ -60,6 +63,9 @@ class HboneLimits:
     # without an answer, on both sides.
     ping_interval: float = 10.0
     ping_timeout: float = 20.0
+    # A connection with bytes queued for the peer and none sent for this long: the peer
+    # reads nothing (grants no window). It is closed, and what it held is freed.
+    stall_timeout: float = 60.0
 
 
 DEFAULT_LIMITS = HboneLimits()

@@ -102,7 +102,11 @@ class H2Transport(asyncio.BufferedProtocol):
         # hit, or the HTTP/2 error it caused), to log and count it.
         self._on_refused = on_refused
         self.transport: asyncio.Transport | None = None
+        # Producers pause while the TLS write buffer is full, or while the streams' queues
+        # together are over the connection's budget; they resume when neither holds.
         self.write_paused = False
+        self._tls_full = False
+        self._over_budget = False
         self.listeners: set[BackpressureListener] = set()
         self.last_active = time.monotonic()
         self.reserved = 0  # stream slots promised by the pool but not yet opened
@@ -116,6 +120,9 @@ class H2Transport(asyncio.BufferedProtocol):
         self._closed_reported = False
         self._drain_close: asyncio.TimerHandle | None = None
         self._preface_timer: asyncio.TimerHandle | None = None
+        # The stall check: DATA sent so far when bytes were last seen waiting, and since when.
+        self._stall_mark = -1
+        self._stall_since = 0.0
 
     # ---- asyncio.Protocol ----------------------------------------------------------------
 
@@ -164,17 +171,41 @@ class H2Transport(asyncio.BufferedProtocol):
             self.ready.set_exception(ConnectionError("connection lost before it was ready"))
 
     def pause_writing(self) -> None:
-        self.write_paused = True
         # From now on, what the peer makes us answer piles up: the connection bounds it.
         self.conn.peer_behind = True
+        self._tls_full = True
+        self._pause_producers()
+
+    def resume_writing(self) -> None:
+        self.conn.peer_caught_up()
+        self._tls_full = False
+        self._resume_producers()
+
+    def _pause_producers(self) -> None:
+        if self.write_paused:
+            return
+        self.write_paused = True
         for listener in list(self.listeners):
             listener.pause_producing()
 
-    def resume_writing(self) -> None:
+    def _resume_producers(self) -> None:
+        if not self.write_paused or self._tls_full or self._over_budget:
+            return
         self.write_paused = False
-        self.conn.peer_caught_up()
         for listener in list(self.listeners):
             listener.resume_producing()
+
+    def _check_budget(self) -> None:
+        """Every producer pauses once the streams' queues together are over the budget (so a
+        peer cannot make us hold a full queue per stream), and resumes at half of it."""
+        budget = self.limits.max_buffered_per_connection
+        buffered = self.conn.buffered
+        if buffered > budget and not self._over_budget:
+            self._over_budget = True
+            self._pause_producers()
+        elif self._over_budget and buffered <= budget // 2:
+            self._over_budget = False
+            self._resume_producers()
 
     # ---- ConnectionHandler (called by H2Connection) -------------------------------------
 
@@ -202,7 +233,10 @@ class H2Transport(asyncio.BufferedProtocol):
     # ---- use ---------------------------------------------------------------------------
 
     def flush(self) -> None:
-        out = self.conn.take_output()
+        conn = self.conn
+        if conn.buffered > self.limits.max_buffered_per_connection or self._over_budget:
+            self._check_budget()
+        out = conn.take_output()
         if out and self.transport is not None and not self.transport.is_closing():
             # The TLS transport turns every buffer it is given into a TLS record of its
             # own: a 9-byte frame header and its payload would be two records, each
@@ -262,6 +296,15 @@ class H2Transport(asyncio.BufferedProtocol):
         self.conn.close(ErrorCode.PROTOCOL_ERROR, "no HTTP/2 preface", "no HTTP/2 preface")
         self.flush()
 
+    def _stalled(self, now: float) -> bool:
+        """Whether bytes have waited for the peer, with no DATA sent, for `stall_timeout`."""
+        conn = self.conn
+        if not conn.buffered or conn.data_out != self._stall_mark:
+            self._stall_mark = conn.data_out if conn.buffered else -1
+            self._stall_since = now
+            return False
+        return now - self._stall_since >= self.limits.stall_timeout
+
     def _report_closed(self) -> None:
         if self._closed_reported:
             return
@@ -283,10 +326,20 @@ class H2Transport(asyncio.BufferedProtocol):
             self._ping_sent_at = loop.time()
             self.conn.send_ping(self._ping_outstanding)
             self.flush()
+        now = time.monotonic()
+        if self._stalled(now):
+            self.conn.limit_hit = "stall_timeout"  # what on_terminated reports
+            self.conn.close(
+                ErrorCode.ENHANCE_YOUR_CALM,
+                f"{self.conn.buffered} bytes queued and none read for {t.stall_timeout:.0f} s",
+                "stalled",
+            )
+            self.flush()
+            return
         if (
             not self.conn.client
             and not self.conn.streams
-            and time.monotonic() - self.last_active >= t.idle_timeout
+            and now - self.last_active >= t.idle_timeout
         ):
             # Idle: drained, not cut, so a stream opened as we decide still gets its
             # REFUSED_STREAM and is retried on a new connection.

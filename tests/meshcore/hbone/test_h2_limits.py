@@ -286,3 +286,66 @@ def test_goaway_debug_data_is_ours_and_printable():
     p2 = Peer()
     p2.conn.close(ErrorCode.INTERNAL_ERROR, "line one\nline \u2603 two")
     assert p2.goaway()[1] == b"line oneline  two"
+
+
+class Producer:
+    """A stream's owner on our side: counts the wake-ups after a pause."""
+
+    def __init__(self) -> None:
+        self.ready = 0
+
+    def on_response(self, status: int, headers: Headers) -> None: ...
+    def on_data(self, data: memoryview) -> None: ...
+    def on_end(self) -> None: ...
+    def on_reset(self, code: int) -> None: ...
+
+    def on_send_ready(self) -> None:
+        self.ready += 1
+
+
+def test_what_all_streams_queue_is_bounded_by_the_connection_budget():
+    """A peer that grants no window to any of its streams: each stream's queue pauses at
+    512 KiB, but 200 of them would hold 100 MiB; the connection's budget pauses every
+    producer once the sum is over it, and wakes them when the peer reads again."""
+    budget = 1024 * 1024
+    p = Peer(HboneLimits(max_buffered_per_connection=budget))
+    p.send(settings_frame({Setting.INITIAL_WINDOW_SIZE: 0}))  # no stream may send a byte
+    producers = {}
+    for i in range(20):
+        sid = 2 * i + 1
+        p.send(p.headers(sid))
+        producers[sid] = Producer()
+        p.conn.respond(sid, 200, producers[sid], end=False)
+    accepted = {sid: 0 for sid in producers}
+    for _ in range(8):  # every producer offers 64 KiB at a time until told to pause
+        for sid in producers:
+            if accepted[sid] < 0:
+                continue
+            if p.conn.send_data(sid, b"x" * 65536):
+                accepted[sid] += 1
+            else:
+                accepted[sid] = -1
+    # Each producer pauses once the sum is over the budget (the shell, H2Transport, also
+    # pauses all of them at once at that point): at most one more chunk each.
+    assert p.conn.buffered <= budget + len(producers) * 65536
+    assert all(a == -1 for a in accepted.values())  # every producer was paused
+    p.frames()
+    # The peer reads again: windows for every stream, and for the connection.
+    p.send(frame_header(4, FrameType.WINDOW_UPDATE, 0, 0) + struct.pack(">L", 1 << 24))
+    for sid in producers:
+        p.send(frame_header(4, FrameType.WINDOW_UPDATE, 0, sid) + struct.pack(">L", 1 << 20))
+    assert p.conn.buffered == 0
+    assert all(pr.ready == 1 for pr in producers.values())  # each woken once
+
+
+def test_a_reset_stream_gives_its_queue_back_to_the_budget():
+    p = Peer(HboneLimits(max_buffered_per_connection=256 * 1024))
+    p.send(settings_frame({Setting.INITIAL_WINDOW_SIZE: 0}))
+    a, b = Producer(), Producer()
+    p.send(p.headers(1) + p.headers(3))
+    p.conn.respond(1, 200, a, end=False)
+    p.conn.respond(3, 200, b, end=False)
+    assert p.conn.send_data(1, b"x" * 200_000)
+    assert not p.conn.send_data(3, b"y" * 100_000)  # over the budget: paused
+    p.send(rst_stream(1, ErrorCode.CANCEL))
+    assert p.conn.buffered == 100_000

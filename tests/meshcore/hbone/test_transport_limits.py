@@ -1,6 +1,7 @@
 """The HBONE shell's limits against a real peer on loopback (plain TCP: TLS is beside the
 point here): a client that never speaks HTTP/2, one that never reads the replies it asks
-for, and one that sits idle. Each is ended, told why, and reported once."""
+for, one that reads no data, and one that sits idle. Each is ended, told why, and reported
+once."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ import socket
 import struct
 from collections.abc import Iterator
 
+import hpack
 import pytest
 
 from meshcore.hbone.h2frames import (
     PREFACE,
     ErrorCode,
+    Flag,
     FrameType,
+    frame_header,
     parse_header,
     ping,
     settings_frame,
@@ -26,16 +30,23 @@ from meshcore.hbone.transport import H2Transport
 class Server:
     """One HBONE server transport per accepted connection; what it reported."""
 
-    def __init__(self, limits: HboneLimits) -> None:
+    def __init__(self, limits: HboneLimits, reply: bytes = b"") -> None:
         self.limits = limits
+        self.reply = reply  # what the server sends on each stream it answers
         self.refused: list[str] = []
         self.transports: list[H2Transport] = []
         self.server: asyncio.Server | None = None
 
+    def answer(self, h2: H2Transport, sid: int, _headers: object) -> None:
+        h2.conn.respond(sid, 200, None, end=False)
+        if self.reply:
+            h2.conn.send_data(sid, self.reply)
+            h2.flush()
+
     def protocol(self) -> H2Transport:
         t = H2Transport(
             client=False,
-            on_request=lambda h2, sid, _h: h2.conn.respond(sid, 200, None, end=False),
+            on_request=self.answer,
             limits=self.limits,
             on_refused=lambda _t, reason: self.refused.append(reason),
         )
@@ -152,3 +163,84 @@ def test_an_idle_connection_is_drained(loop: asyncio.AbstractEventLoop):
     assert isinstance(data, bytes) and goaway_code(data) == ErrorCode.NO_ERROR
     assert b"idle for" in data
     assert server.refused == []  # idle is not misbehaviour
+
+
+def test_a_peer_that_reads_nothing_is_closed_after_the_stall_timeout(
+    loop: asyncio.AbstractEventLoop,
+):
+    """Bytes queued for a peer that grants no window are held only for `stall_timeout`."""
+    server = Server(HboneLimits(stall_timeout=0.3, ping_interval=0.1), reply=b"r" * 300_000)
+
+    async def client(port: int) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        block = hpack.Encoder().encode([(":method", "CONNECT"), (":authority", "10.0.0.1:80")])
+        writer.write(
+            PREFACE
+            + settings_frame({})
+            + frame_header(len(block), FrameType.HEADERS, Flag.END_HEADERS, 1)
+            + block
+        )
+        try:
+            return await read_all(reader)  # reads, but never sends a WINDOW_UPDATE
+        finally:
+            writer.close()
+
+    data = run(loop, server, client)
+    assert isinstance(data, bytes) and goaway_code(data) == ErrorCode.ENHANCE_YOUR_CALM
+    assert server.refused == ["stall_timeout"]
+
+
+class Producers:
+    """Stands for every stream's producer (app reader) of a server connection."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def pause_producing(self) -> None:
+        self.events.append("pause")
+
+    def resume_producing(self) -> None:
+        self.events.append("resume")
+
+
+def test_every_producer_pauses_while_the_queues_are_over_the_budget(
+    loop: asyncio.AbstractEventLoop,
+):
+    """A peer that grants no window: once the streams' queues together pass the budget,
+    every producer of the connection pauses at once; when the peer reads, they resume."""
+    server = Server(HboneLimits(max_buffered_per_connection=1 << 20), reply=b"r" * 600_000)
+    producers = Producers()
+    original = server.protocol
+
+    def protocol() -> H2Transport:
+        t = original()
+        t.listeners.add(producers)
+        return t
+
+    server.protocol = protocol  # type: ignore[method-assign]
+
+    async def client(port: int) -> list[str]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        encoder = hpack.Encoder()
+        writer.write(PREFACE + settings_frame({0x4: 0}))  # INITIAL_WINDOW_SIZE 0
+        for sid in (1, 3, 5):
+            block = encoder.encode([(":method", "CONNECT"), (":authority", "10.0.0.1:80")])
+            writer.write(frame_header(len(block), FrameType.HEADERS, Flag.END_HEADERS, sid) + block)
+        await writer.drain()
+        deadline = asyncio.get_running_loop().time() + 10
+        while "pause" not in producers.events:
+            assert asyncio.get_running_loop().time() < deadline, "never paused"
+            await asyncio.sleep(0.01)
+        assert server.transports[0].conn.buffered > 1 << 20
+        grant = frame_header(4, FrameType.WINDOW_UPDATE, 0, 0) + struct.pack(">L", 1 << 24)
+        for sid in (1, 3, 5):
+            grant += frame_header(4, FrameType.WINDOW_UPDATE, 0, sid) + struct.pack(">L", 1 << 20)
+        writer.write(grant)
+        while "resume" not in producers.events:
+            assert asyncio.get_running_loop().time() < deadline, "never resumed"
+            await reader.read(65536)
+        writer.close()
+        return producers.events
+
+    events = run(loop, server, client)
+    assert events == ["pause", "resume"]
