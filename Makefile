@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint typecheck unit bench clean
+.PHONY: setup demo test lint typecheck layering unit bench clean
 
 setup:
 	bash scripts/setup.sh
@@ -17,9 +17,15 @@ lint: setup
 typecheck: setup
 	$(VENV)/bin/mypy .
 
+# The import contracts of pyproject.toml's [tool.importlinter].
+layering: setup
+	$(VENV)/bin/lint-imports
+
 test: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy .
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -p no:cacheprovider
 
 # Every scenario of the mesh cost benchmark in one run (needs root; < 15 min on 2 cores).
