@@ -6,11 +6,45 @@ Under CI (CI=true) a netns test that cannot run is a failure, never a silent ski
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
+import pluggy
 import pytest
 
+from tests.scripts.programs import ProgramGuard, read_list
 from tests.support.aio import Loop
+
+# Every program a test starts must be in scripts/programs.txt, which setup installs: an audit
+# hook records any other, and the test that ran it fails (at teardown, naming the program).
+# Each process of the run (xdist's workers too) has its own hook.
+_PROGRAMS = ProgramGuard(read_list())
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    _PROGRAMS.install()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(
+    item: pytest.Item, nextitem: pytest.Item | None
+) -> Generator[None, object, None]:
+    _PROGRAMS.current = item.nodeid
+    yield
+    _PROGRAMS.current = "between tests"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pluggy.Result[pytest.TestReport], None]:
+    outcome = yield
+    if call.when == "teardown" and _PROGRAMS.violations:
+        # Also what ran before this test, while collecting: reported by the first test after.
+        ran = "; ".join(f"{program} (in {where})" for where, program in _PROGRAMS.violations)
+        _PROGRAMS.violations.clear()
+        report = outcome.get_result()
+        report.outcome = "failed"
+        report.longrepr = f"ran programs missing from scripts/programs.txt: {ran}"
 
 
 def _netns_unavailable() -> str:
