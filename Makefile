@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint typecheck layering unit bench clean
+.PHONY: setup demo test lint typecheck layering unit bench lock clean
 
 setup:
 	bash scripts/setup.sh
@@ -34,5 +34,9 @@ test: setup
 bench: setup
 	$(PY) benchmarks/mesh_bench.py
 
+# constraints.txt from the newest releases pyproject.toml allows (scripts/lock.sh).
+lock:
+	bash scripts/lock.sh
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info .setup-stamp

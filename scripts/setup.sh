@@ -5,8 +5,10 @@
 # 1. The system part (scripts/setup-system.sh): the Debian package of every program listed in
 #    scripts/programs.txt, and bcc with the kernel headers for the eBPF mode. Needs root; as
 #    any other user it only names what is missing.
-# 2. The Python part: a virtualenv in .venv with the project installed editable. Needs no
-#    root, only a checkout it can write.
+# 2. The Python part: a virtualenv in .venv with the project installed editable and every
+#    package at the version constraints.txt pins, so a new release of a dependency cannot
+#    break an unchanged tree (`make lock` refreshes the pins). Needs no root, only a checkout
+#    it can write.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,11 +22,16 @@ elif ! .venv/bin/python -c '' 2>/dev/null; then
     "$PY" -m venv --clear .venv
 fi
 stamp=.venv/.installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e '.[dev]'
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
+    # pip first, at its pinned version: it resolves everything else.
+    .venv/bin/python -m pip install -q -c constraints.txt pip
+    # The build dependencies (setuptools, for the editable install, in pip's isolated build
+    # environment) are pinned by the same file.
+    .venv/bin/python -m pip install -q -c constraints.txt --build-constraint constraints.txt \
+        -e '.[dev]'
     touch "$stamp"
 fi
+
 # bcc is pure Python over libbcc: link only its package into the venv (not all of Debian's
 # dist-packages, whose other modules would shadow the venv's).
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
