@@ -1,10 +1,12 @@
-"""Setup's system part without root: it names what is missing and installs nothing."""
+"""The parts of setup that must work without root: the system part's check (it names what is
+missing and installs nothing), and the unprivileged runner that `make unit` uses."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--no-new-privs"]
+CAP_DAC_READ_SEARCH = 1 << 2
 
 
 @pytest.fixture
@@ -60,3 +63,34 @@ def test_the_system_part_as_a_user_stamps_a_complete_list(checkout):
     assert done.returncode == 0, done.stderr
     assert "missing" not in done.stderr
     assert (checkout / ".setup-stamp").exists()
+
+
+PROBE = """
+import os
+caps = [line for line in open("/proc/self/status") if line.startswith("CapEff:")]
+print(os.geteuid(), os.getegid(), int(caps[0].split()[1], 16), os.environ["HOME"],
+      os.environ.get("TMPDIR", "-"))
+"""
+
+
+def test_the_unprivileged_runner_drops_root():
+    done = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "unprivileged.sh"), sys.executable, "-c", PROBE],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    uid, gid, caps, home, tmp = done.stdout.split()
+    assert int(uid) != 0 and int(gid) != 0
+    # No capability, or when it says so only the one to read the checkout and interpreter.
+    allowed = CAP_DAC_READ_SEARCH if "CAP_DAC_READ_SEARCH" in done.stderr else 0
+    if os.geteuid() != 0:
+        allowed = CAP_DAC_READ_SEARCH  # already unprivileged: it keeps what this run has
+    assert int(caps) & ~allowed == 0
+    if os.geteuid() == 0:
+        assert (int(uid), int(gid)) == (65534, 65534)
+        assert Path(home).stat().st_uid == 65534  # its own home, kept for its caches
+        assert not Path(tmp).exists()  # its TMPDIR is removed afterwards
