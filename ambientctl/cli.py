@@ -19,8 +19,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 import nsutil
 from ambientctl import views
 from localcluster import mesh, registry
@@ -33,6 +31,7 @@ from localcluster.processes import ProcessError
 from localcluster.spec import SpecError, load_cluster
 from localcluster.state import DEFAULT_STATE_ROOT, StateError
 from meshcore.defaults import ADMIN_PORT, NAMESPACE
+from meshcore.reader import load_documents
 
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
@@ -251,10 +250,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 def _documents(filename: str) -> list[Any]:
     """The YAML documents of a file (or stdin), size-capped and text-only."""
     text = read_text(filename, "policy file")
-    try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as e:
-        raise InputError(f"{filename} is not YAML: {e}") from None
+    docs = load_documents(text, lambda message: InputError(f"{filename} is {message}"))
     if not docs:
         raise InputError(f"{filename} holds no documents")
     return docs

@@ -24,13 +24,11 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import yaml
-
 from localcluster.inputs import InputError, read_text
 from localcluster.labels import label_errors
 from localcluster.policies import PolicyError, check_documents
 from meshcore.defaults import SERVICE_ACCOUNT, TRUST_DOMAIN
-from meshcore.reader import Reader, join
+from meshcore.reader import Reader, join, load_document
 from redirect.enrolment import DATAPLANE_MODE_LABEL, PodInfo, redirection_enabled
 
 # The DNS suffix of service hostnames; not the trust domain, even when equal by default.
@@ -246,10 +244,7 @@ def load_cluster(path: Path | str) -> ClusterSpec:
 
 
 def parse_cluster(text: str, base_dir: Path) -> ClusterSpec:
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise SpecError(f"cluster file is not valid YAML: {e}") from e
+    doc = load_document(text, lambda message: SpecError(f"cluster file is {message}"))
     root = _mapping(
         doc,
         "cluster file",

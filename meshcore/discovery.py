@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import os
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
@@ -25,11 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-import yaml
 
 from meshcore.defaults import HBONE_PORT, SERVICE_ACCOUNT, TRUST_DOMAIN
 from meshcore.identity.spiffe import IdentityError, SpiffeId
-from meshcore.reader import Reader, describe
+from meshcore.reader import Reader, describe, load_document
 from meshcore.runtime.gcpause import collector_paused
 from meshcore.state import (
     GatewayAddress,
@@ -106,64 +104,8 @@ _POLICY_NODE_BUDGET = 100_000
 _POLICY_MAX_DEPTH = 64
 
 
-# -- YAML loading -----------------------------------------------------------------------------
-
-_BaseLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-class _StrictLoader(_BaseLoader):  # type: ignore[valid-type,misc]
-    """SafeLoader that refuses duplicate mapping keys (PyYAML silently keeps the last)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=True)
-            try:
-                duplicate = key in seen
-            except TypeError:
-                continue  # unhashable key: the base constructor reports it properly
-            if duplicate:
-                raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping",
-                    node.start_mark,
-                    f"found duplicate key {key!r}",
-                    key_node.start_mark,
-                )
-            seen.add(key)
-        result: dict[Any, Any] = super().construct_mapping(node, deep=deep)
-        return result
-
-
-def _no_duplicate_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise MeshConfigError(f"not valid JSON: found duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
 def _load_document(text: str) -> Any:
-    # JSON is YAML too, and json parses it about a hundred times faster than PyYAML: a large
-    # generated config written as JSON takes the fast path. Flow-style YAML such as
-    # `{workloads: []}` is not JSON and falls through to the YAML loader.
-    if text.lstrip().startswith("{"):
-        try:
-            return json.loads(text, object_pairs_hook=_no_duplicate_pairs)
-        except json.JSONDecodeError:
-            pass
-        except RecursionError as exc:
-            raise MeshConfigError("not valid JSON: nested too deeply") from exc
-    try:
-        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: no arbitrary objects
-    except yaml.YAMLError as exc:
-        raise MeshConfigError(f"not valid YAML: {exc}") from exc
-    except (ValueError, TypeError, OverflowError, RecursionError, MemoryError) as exc:
-        # PyYAML's constructors raise these for things like a timestamp with month 13 or a
-        # deeply nested document; all of them mean the same thing to the operator.
-        raise MeshConfigError(f"not valid YAML: {type(exc).__name__}: {exc}") from exc
+    return load_document(text, MeshConfigError)
 
 
 # -- field helpers ----------------------------------------------------------------------------

@@ -15,11 +15,92 @@ may put the entry it is reading in front of every message (`prefix`).
 from __future__ import annotations
 
 import ipaddress
+import json
 import socket
 from collections.abc import Callable, Collection, Mapping
 from typing import Any, NoReturn
 
+import yaml
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# -- documents ---------------------------------------------------------------------------------
+
+_BaseLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _StrictLoader(_BaseLoader):  # type: ignore[valid-type,misc]
+    """SafeLoader (libyaml's when present) that refuses duplicate mapping keys: PyYAML
+    silently keeps the last, so a key given twice would mean something nobody wrote."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:
+                continue  # unhashable key: the base constructor reports it properly
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found duplicate key {key!r}",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        result: dict[Any, Any] = super().construct_mapping(node, deep=deep)
+        return result
+
+
+# What PyYAML's constructors raise for bad input besides YAMLError (a timestamp with month
+# 13, a document nested too deeply): all of it means "not valid YAML" to the person who
+# wrote it.
+_YAML_ERRORS = (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError, MemoryError)
+
+
+def _yaml_error(error: Callable[[str], Exception], exc: BaseException) -> Exception:
+    if isinstance(exc, yaml.YAMLError):
+        return error(f"not valid YAML: {exc}")
+    return error(f"not valid YAML: {type(exc).__name__}: {exc}")
+
+
+def load_document(text: str, error: Callable[[str], Exception] = ValueError) -> Any:
+    """One YAML (or JSON) document, strictly: duplicate keys and anything but plain data
+    are refused with `error(message)`."""
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                raise error(f"not valid JSON: found duplicate key {key!r}")
+            out[key] = value
+        return out
+
+    # JSON is YAML too, and json parses it about a hundred times faster than PyYAML: a large
+    # generated document written as JSON takes the fast path. Flow-style YAML such as
+    # `{workloads: []}` is not JSON and falls through to the YAML loader.
+    if text.lstrip().startswith("{"):
+        try:
+            return json.loads(text, object_pairs_hook=no_duplicates)
+        except json.JSONDecodeError:
+            pass
+        except RecursionError as exc:
+            raise error("not valid JSON: nested too deeply") from exc
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: no objects
+    except _YAML_ERRORS as exc:
+        raise _yaml_error(error, exc) from exc
+
+
+def load_documents(text: str, error: Callable[[str], Exception] = ValueError) -> list[Any]:
+    """Every document of a YAML stream (`---` between them), strictly; empty ones dropped."""
+    try:
+        return [d for d in yaml.load_all(text, Loader=_StrictLoader) if d is not None]
+    except _YAML_ERRORS as exc:
+        raise _yaml_error(error, exc) from exc
 
 
 def describe(value: Any) -> str:

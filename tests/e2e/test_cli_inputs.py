@@ -147,7 +147,7 @@ STAR: dict[str, Any] = {
         (docs(authz("p", **STAR)), "spec.rules[0].from[0].source.principals[0]: "
          "'cluster.local/ns/*/sa/a': '*' may only be the whole value"),
         (docs(authz("good"), VIRTUAL_SERVICE), "stdin[1]: kind 'VirtualService'"),
-        ("{not: [yaml", "is not YAML"),
+        ("{not: [yaml", "is not valid YAML"),
         ("", "holds no documents"),
     ],
     ids=["virtual service", "bad action", "typo'd field", "star inside a principal",

@@ -317,3 +317,18 @@ def test_allocated_pod_ips_are_unique_and_inside_node_cidr(placement):
     for p in spec.pods:
         assert p.ip in spec.node(p.node).pod_cidr
         assert int(p.ip) & 0xFF >= 10
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("name: a\nname: b\nnodes: [{name: n1}]\n", "found duplicate key 'name'"),
+        ("name: [\n", "cluster file is not valid YAML"),
+        ("name: !!python/object:os.system {}\n", "cluster file is not valid YAML"),
+    ],
+    ids=["duplicate key", "broken", "python object"],
+)
+def test_a_cluster_file_is_read_strictly(text: str, message: str):
+    """As the mesh config: a key given twice is refused, not silently the last one."""
+    with pytest.raises(SpecError, match=message):
+        parse_cluster(text, Path("."))
