@@ -838,13 +838,17 @@ class H2Connection:
         self._blocked.pop(sid, None)
         if st is not None:
             self._unqueue(st)
-        if sid in self._unanswered:
+        premature = sid in self._unanswered
+        if premature:
             del self._unanswered[sid]
+        # Its owner hears of the reset first: the stream has left `streams`, so the close
+        # that a limit may now cause would not reach it (and its app connect would go on).
+        if st is not None and st.handler is not None:
+            st.handler.on_reset(u32(payload))
+        if premature:
             self._premature_reset()
         elif st is None:
             self._empty("RST_STREAM of a closed stream")
-        if st is not None and st.handler is not None:
-            st.handler.on_reset(u32(payload))
 
     def _premature_reset(self) -> None:
         """The peer reset a stream before we answered it: cheap for it, not for us (the

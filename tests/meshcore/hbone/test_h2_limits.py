@@ -26,6 +26,7 @@ from meshcore.hbone.h2frames import (
     settings_frame,
 )
 from meshcore.hbone.limits import HboneLimits
+from tests.support.h2 import StreamRec
 
 CONNECT: Headers = [(":method", "CONNECT"), (":authority", "10.0.0.1:8080")]
 
@@ -97,6 +98,23 @@ def test_rapid_reset_is_cut_off_with_enhance_your_calm():
     assert p.conn.closed and p.conn.limit_hit == "max_premature_resets"
     assert len(p.handler.requests) == 21  # the 21st reset is the one over the limit
     assert p.goaway()[0] == ErrorCode.ENHANCE_YOUR_CALM
+
+
+def test_the_reset_over_the_limit_reaches_its_stream_too():
+    """Every stream the peer resets hears of it, the one whose reset ends the connection
+    too: its owner cancels the app connect it started (that stream had already left the
+    connection's books, so the close alone would not reach it)."""
+    p = Peer(HboneLimits(max_premature_resets=20))
+    streams: dict[int, StreamRec] = {}
+    sid = 1
+    while not p.conn.closed and sid < 200:
+        p.send(p.headers(sid))
+        streams[sid] = p.conn.streams[sid].handler = StreamRec()
+        p.send(rst_stream(sid, ErrorCode.CANCEL))
+        sid += 2
+    assert p.conn.limit_hit == "max_premature_resets"
+    assert len(streams) == 21
+    assert all(s.reset == ErrorCode.CANCEL for s in streams.values())
 
 
 def test_resets_after_an_answer_and_a_few_early_ones_are_fine():
