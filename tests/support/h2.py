@@ -10,13 +10,16 @@ Frames the hot path encodes (SETTINGS, WINDOW_UPDATE, RST_STREAM, PING, GOAWAY) 
 
 from __future__ import annotations
 
+import struct
+from dataclasses import dataclass
+
 import h2.config
 import h2.connection
 import h2.events
 import hpack
 
-from meshcore.hbone.conn import H2Connection, Headers
-from meshcore.hbone.h2frames import Flag, FrameType, frame_header
+from meshcore.hbone.conn import H2Connection, Headers, error_name
+from meshcore.hbone.h2frames import Flag, FrameType, frame_header, parse_header
 
 STATUS_OK = [(":status", "200")]
 
@@ -42,6 +45,61 @@ def headers_frame(
     block = headers if isinstance(headers, bytes) else hpack.Encoder().encode(headers)
     flags = (Flag.END_STREAM if end_stream else 0) | (Flag.END_HEADERS if end_headers else 0)
     return frame_header(len(block), FrameType.HEADERS, flags, stream_id) + block
+
+
+@dataclass(frozen=True)
+class Goaway:
+    code: int
+    debug: str
+
+    @property
+    def name(self) -> str:
+        return error_name(self.code)
+
+
+class Frames:
+    """What a server sent on one connection, parsed as it arrives (`feed`), for a client
+    written by hand: the GOAWAY, each stream's status or reset, PING ACKs, DATA bytes."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._decoder = hpack.Decoder()
+        self.goaway: Goaway | None = None
+        self.status: dict[int, int] = {}  # stream -> :status of its response
+        self.resets: dict[int, int] = {}  # stream -> RST_STREAM code
+        self.ping_acks = 0
+        self.settings = 0
+        self.data = 0
+
+    def feed(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        off = 0
+        while len(buf) - off >= 9:
+            length, ftype, flags, sid = parse_header(buf, off)
+            if len(buf) - off - 9 < length:
+                break
+            payload = bytes(buf[off + 9 : off + 9 + length])
+            off += 9 + length
+            self._frame(ftype, flags, sid, payload)
+        del buf[:off]
+
+    def _frame(self, ftype: int, flags: int, sid: int, payload: bytes) -> None:
+        if ftype == FrameType.GOAWAY:
+            code = struct.unpack(">L", payload[4:8])[0]
+            self.goaway = Goaway(code, payload[8:].decode("latin-1"))
+        elif ftype == FrameType.HEADERS:
+            raw = self._decoder.decode(payload, raw=True)
+            headers = {bytes(k).decode(): bytes(v).decode() for k, v in raw}
+            self.status[sid] = int(headers.get(":status", "0"))
+        elif ftype == FrameType.RST_STREAM:
+            self.resets[sid] = struct.unpack(">L", payload)[0]
+        elif ftype == FrameType.PING and flags & Flag.ACK:
+            self.ping_acks += 1
+        elif ftype == FrameType.SETTINGS and not flags & Flag.ACK:
+            self.settings += 1
+        elif ftype == FrameType.DATA:
+            self.data += len(payload)
 
 
 class Recorder:

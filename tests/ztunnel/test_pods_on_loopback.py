@@ -22,10 +22,12 @@ from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import hpack
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
+from meshcore.hbone.h2frames import PREFACE, ErrorCode, rst_stream, settings_frame
 from meshcore.identity.certs import CertificateManager
 from meshcore.identity.spiffe import SpiffeId
 from meshcore.observability.connections import ConnectionTable
@@ -33,6 +35,7 @@ from meshcore.sockets import PlainSocketFactory, SocketAddr
 from meshcore.state import MeshState, Workload
 from tests.support.aio import Loop, wait_until
 from tests.support.certs import InProcessCA
+from tests.support.h2 import Frames, connect_request, headers_frame
 from tests.support.mesh import (
     addr,
     authorization_policy,
@@ -436,3 +439,37 @@ def test_outside_the_mesh_is_plain_tcp_and_a_tunnel_port_is_refused__recorded_re
     assert mesh.app.peers == []  # nothing reached pod B's app
     labels = {"reporter": "source", "connection_security_policy": "unknown"}
     assert count(mesh.node1.connection_table, "istio_tcp_connections_closed_total", **labels) == 1
+
+
+def test_rapid_reset_at_a_pods_15008_ends_the_connection_with_enhance_your_calm(
+    aio_uvloop: Loop, mesh: LoopbackMesh, logs: LogLines
+) -> None:
+    """2 000 CONNECT + RST_STREAM pairs at pod B's 15008 in one write (issue: 20 000 of
+    them made as many app connects). Each reset cancels its stream's app connect and leaves
+    the connects in flight at once, so every stream counts as reset before an answer, and
+    the 101st ends the connection; none is refused as a connect in flight instead (which
+    hid them from the rapid-reset count)."""
+
+    async def main() -> Frames:
+        assert mesh.a.proxy.client_ctx is not None  # pod A's certificate, as its tunnel dials
+        reader, writer = await asyncio.open_connection(
+            mesh.b.ip, 15008, ssl=mesh.a.proxy.client_ctx, server_hostname=None
+        )
+        encoder = hpack.Encoder()
+        authority = f"{mesh.b.ip}:{mesh.app_port}"
+        attack = PREFACE + settings_frame({})
+        for sid in range(1, 4000, 2):
+            block = encoder.encode(connect_request(authority))
+            attack += headers_frame(sid, block) + rst_stream(sid, ErrorCode.CANCEL)
+        writer.write(attack)
+        frames = Frames()
+        frames.feed(await read_all(reader))
+        writer.close()
+        return frames
+
+    frames = aio_uvloop.run(main)
+    assert frames.goaway is not None and frames.goaway.code == ErrorCode.ENHANCE_YOUR_CALM
+    assert frames.status == {}  # no stream was answered
+    refusals = [line for line in logs if line["event"] == "hbone peer refused"]
+    assert [line["reason"] for line in refusals] == ["max_premature_resets"]
+    assert "101 of 101 streams" in refusals[0]["detail"]

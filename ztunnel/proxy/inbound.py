@@ -101,11 +101,17 @@ class _Connecting:
     """A stream's handler while its app connect runs: the splice gets its bytes, and a reset
     also cancels the connect. Answering the stream hands it to the splice itself."""
 
-    __slots__ = ("splice", "task")
+    __slots__ = ("connecting", "splice", "task")
 
-    def __init__(self, splice: HboneSplice, task: asyncio.Task[None]) -> None:
+    def __init__(
+        self,
+        splice: HboneSplice,
+        task: asyncio.Task[None],
+        connecting: dict[int, asyncio.Task[None]],
+    ) -> None:
         self.splice = splice
         self.task = task
+        self.connecting = connecting  # the connection's connects in flight
 
     def on_response(self, status: int, headers: Headers) -> None:
         pass  # a server stream gets no response
@@ -118,6 +124,10 @@ class _Connecting:
 
     def on_reset(self, code: int) -> None:
         self.splice.on_reset(code)
+        # No longer in flight from now on, not only once the cancelled task has run: the
+        # streams the peer opens and resets in one read must each count as a premature
+        # reset (rapid reset), not be refused as connects in flight and escape the count.
+        self.connecting.pop(self.splice.sid, None)
         self.task.cancel()
 
     def on_send_ready(self) -> None:
@@ -282,7 +292,7 @@ class InboundProxy:
         # Hold whatever the client sends before our answer (the stream window bounds it);
         # while the app connect runs, a reset of the stream cancels it.
         h2.conn.streams[sid].handler = (
-            _Connecting(splice, task) if decision.status == 200 else splice
+            _Connecting(splice, task, h2.connecting) if decision.status == 200 else splice
         )
         if decision.status == 200:
             h2.connecting[sid] = task
