@@ -66,6 +66,11 @@ class HboneLimits:
     # A connection with bytes queued for the peer and none sent for this long: the peer
     # reads nothing (grants no window). It is closed, and what it held is freed.
     stall_timeout: float = 60.0
+    # A connection we ended: how long its TLS close may take (our close_notify out, the
+    # peer's awaited) before it is dropped. asyncio and uvloop wait 30 s, so a peer that
+    # never answers held every connection refused to it that long (300 silent connections
+    # ended at the preface timeout: 15 MB for 30 s).
+    shutdown_timeout: float = 5.0
 
 
 DEFAULT_LIMITS = HboneLimits()

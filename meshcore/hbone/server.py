@@ -203,7 +203,11 @@ class TlsListener:
                 # (a little later) only backs it up.
                 await asyncio.wait_for(
                     loop.connect_accepted_socket(
-                        self._handover, conn, ssl=self.ctx, ssl_handshake_timeout=timeout + 1
+                        self._handover,
+                        conn,
+                        ssl=self.ctx,
+                        ssl_handshake_timeout=timeout + 1,
+                        ssl_shutdown_timeout=self.gate.limits.shutdown_timeout,
                     ),
                     timeout,
                 )

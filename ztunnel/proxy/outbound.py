@@ -438,6 +438,7 @@ async def hbone_connect(
                 sock=sock,
                 ssl=ctx,
                 server_hostname="",
+                ssl_shutdown_timeout=guard.limits.shutdown_timeout,
             ),
             CONNECT_TIMEOUT,
         )

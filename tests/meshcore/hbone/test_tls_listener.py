@@ -15,12 +15,14 @@ import pytest
 
 from controlplane.ca import CertificateAuthority
 from meshcore import tls
+from meshcore.hbone.h2frames import ErrorCode
 from meshcore.hbone.limits import HboneLimits
 from meshcore.hbone.server import HandshakeGate, TlsListener
 from meshcore.hbone.transport import H2Transport
 from meshcore.identity.spiffe import SpiffeId
 from tests.support.aio import Loop, wait_until
 from tests.support.certs import issue
+from tests.support.h2 import Frames
 
 # The tunnel runs on uvloop; the listener must hold on both loops.
 on_both_loops = pytest.mark.parametrize("aio", ["asyncio", "uvloop"], indirect=True)
@@ -189,3 +191,57 @@ def test_failed_handshakes_leave_nothing_behind(aio: Loop, contexts, attempt: st
     before, after = aio.run(main, limit=120)
     # A leak of one object per attempt would show as thousands; allow loop bookkeeping.
     assert after - before < 200, (before, after)
+
+
+@on_both_loops
+def test_a_peer_that_never_answers_our_close_is_dropped_after_the_shutdown_timeout(
+    aio: Loop, contexts
+):
+    """A mesh client finishes TLS and then says nothing, and never answers the close that
+    follows: its connection (and what the TLS layer holds for it) is dropped once
+    `shutdown_timeout` has passed, not after the event loop's own 30 s."""
+    server_ctx, client_ctx = contexts
+    limits = HboneLimits(preface_timeout=0.2, shutdown_timeout=0.3)
+
+    async def main() -> None:
+        lost: list[H2Transport] = []
+
+        def factory() -> H2Transport:
+            t = H2Transport(client=False, keepalive=False, limits=limits, on_closed=lost.append)
+            served.transports.append(t)
+            return t
+
+        served = Served()
+        gate = HandshakeGate(limits)
+        listener = TlsListener(server_ctx, factory, gate)
+        await listener.start(socket.create_server(("127.0.0.1", 0)))
+        aio.defer(listener.close)
+
+        def connect() -> ssl.SSLSocket:
+            raw = socket.create_connection(listener.sockname(), timeout=10)
+            tls_sock: ssl.SSLSocket = client_ctx.wrap_socket(raw, server_hostname=None)
+            return tls_sock
+
+        client = await asyncio.to_thread(connect)
+        aio.defer(client.close)  # never before the test ends: it does not answer the close
+        await wait_until(lambda: bool(lost), "the server to drop the connection", limit=10)
+        t = served.transports[0]
+        assert t.conn.limit_hit == "preface_timeout"
+        # What the client got: the GOAWAY and the TLS close, then the end of the TCP stream.
+        client.settimeout(5)
+        frames = Frames()
+        while data := await asyncio.to_thread(client.recv, 65536):
+            frames.feed(data)
+        assert frames.goaway is not None and frames.goaway.code == ErrorCode.PROTOCOL_ERROR
+        raw_end = await asyncio.to_thread(_raw_recv, client)
+        assert raw_end in (b"", None)  # FIN, or a reset: the TCP connection is gone
+
+    aio.run(main)
+
+
+def _raw_recv(sock: ssl.SSLSocket) -> bytes | None:
+    """The next bytes of the TCP stream under a TLS socket, past TLS: b"" at its end."""
+    try:
+        return socket.socket.recv(sock, 1)
+    except ConnectionResetError:
+        return None
