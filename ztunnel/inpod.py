@@ -351,6 +351,7 @@ class PodProxy:
             orig_dst=self._orig_dst,
             connection_table=self.connection_table,
             local=self._local,
+            guard=self.guard,
         )
         self.inbound = InboundProxy(
             lambda: self.workload,
@@ -370,6 +371,7 @@ class PodProxy:
             orig_dst=self._orig_dst,
             connection_table=self.connection_table,
             state=self._state,
+            guard=self.guard,
         )
         socks = [
             listener(factory, OUTBOUND_PORT, host=self._listen_ip),

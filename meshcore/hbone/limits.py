@@ -1,4 +1,5 @@
-"""What one HBONE peer may cost: every limit an HBONE endpoint enforces (limits.md).
+"""What one HBONE peer may cost: every limit an HBONE endpoint enforces (limits.md), and
+what a hostile app may make a pod's plaintext listeners hold.
 
 Each limit is modelled on what Envoy and upstream ztunnel's Rust stack (h2, hyper)
 enforce, counts events as well as bytes (an attack made of empty frames costs the attacker
@@ -55,6 +56,13 @@ class HboneLimits:
     # Bytes queued for the peer on all of a connection's streams (each stream's own queue
     # pauses its producer at 512 KiB); past it every stream's producer pauses.
     max_buffered_per_connection: int = 4 * 1024 * 1024
+    # -- a pod's plaintext listeners (15001, 15006): a hostile app inside the pod ------------
+    # Connections one listener has accepted and not yet joined to where they go (waiting for
+    # an HBONE CONNECT answer, a passthrough connect, or the app's connect on 15006): each
+    # holds descriptors and a task for up to the 10 s connect timeout. Past it a newly
+    # accepted connection is reset at once. Generous for a busy app; the connections
+    # already relaying are not counted.
+    max_connects_in_flight_per_listener: int = 1024
     # -- time ------------------------------------------------------------------------------
     # An inbound connection with no stream open for this long is drained (upstream
     # ztunnel's pool closes idle client connections after 5 minutes; Envoy's default is 1 h).

@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from meshcore.hbone.h2frames import PREFACE, ErrorCode, rst_stream, settings_frame
+from meshcore.hbone.limits import HboneLimits
 from meshcore.identity.certs import CertificateManager
 from meshcore.identity.spiffe import SpiffeId
 from meshcore.observability.connections import ConnectionTable
@@ -208,7 +209,14 @@ def aio_uvloop() -> Iterator[Loop]:
 
 
 @pytest.fixture
-def mesh(aio_uvloop: Loop, logs: LogLines) -> LoopbackMesh:
+def limits(request: pytest.FixtureRequest) -> HboneLimits:
+    """The nodes' limits: the defaults, unless a test parametrizes this fixture."""
+    chosen: HboneLimits = getattr(request, "param", HboneLimits())
+    return chosen
+
+
+@pytest.fixture
+def mesh(aio_uvloop: Loop, logs: LogLines, limits: HboneLimits) -> LoopbackMesh:
     aio = aio_uvloop
 
     async def start() -> LoopbackMesh:
@@ -218,8 +226,8 @@ def mesh(aio_uvloop: Loop, logs: LogLines) -> LoopbackMesh:
         state = build_state({"a": a_ip, "b": b_ip, "c": c_ip}, app_port)
         certs = CertificateManager(InProcessCA())
         aio.defer(certs.close)  # after the pods stop (last deferred, first run)
-        node1 = NodeProxy("node1", certs, "cluster.local")
-        node2 = NodeProxy("node2", certs, "cluster.local")
+        node1 = NodeProxy("node1", certs, "cluster.local", hbone_limits=limits)
+        node2 = NodeProxy("node2", certs, "cluster.local", hbone_limits=limits)
         for node in (node1, node2):
             node.on_state(state)
         redirects = Redirects()
@@ -237,6 +245,7 @@ def mesh(aio_uvloop: Loop, logs: LogLines) -> LoopbackMesh:
                 connection_table=node.connection_table,
                 listen_ip=str(w.ips[0]),
                 orig_dst=redirects.original_dst,
+                guard=node.guard,  # as the node starts its pods: one guard, counted
             )
             aio.defer(proxy.stop)
             await proxy.start()
@@ -473,3 +482,72 @@ def test_rapid_reset_at_a_pods_15008_ends_the_connection_with_enhance_your_calm(
     refusals = [line for line in logs if line["event"] == "hbone peer refused"]
     assert [line["reason"] for line in refusals] == ["max_premature_resets"]
     assert "101 of 101 streams" in refusals[0]["detail"]
+
+
+@pytest.mark.parametrize(
+    "limits", [HboneLimits(max_connects_in_flight_per_listener=3)], indirect=True
+)
+@pytest.mark.parametrize("port", [15001, 15006])
+def test_a_pods_listener_holds_a_bounded_number_of_connections_in_flight__recorded_redirects(
+    aio_uvloop: Loop, mesh: LoopbackMesh, logs: LogLines, port: int
+) -> None:
+    """A hostile app (15001: in pod A; 15006: a client outside the mesh) opens connections
+    to a destination that never answers: each waits in the tunnel for its connect. Past
+    `max_connects_in_flight_per_listener` (3 here) a new one is reset at once, counted and
+    logged through the node's guard; once the destination answers, the listener takes new
+    connections again."""
+    aio = aio_uvloop
+    outbound = port == 15001
+    pod = mesh.a if outbound else mesh.b
+    node = mesh.node1 if outbound else mesh.node2
+    proxy = pod.proxy.outbound if outbound else pod.proxy.passthrough
+    assert proxy is not None
+    direction = "outbound" if outbound else "inbound"
+
+    # Where the connections go (outbound: an address outside the mesh, passed through;
+    # inbound: a port of pod B's app): a listener whose one-place accept queue is full,
+    # so the kernel drops every further SYN and each connect hangs.
+    stuck = aio.closing(socket.create_server((mesh.outsider_ip if outbound else pod.ip, 0)))
+    stuck.listen(0)
+    aio.closing(socket.create_connection(stuck.getsockname()))
+    dst = addr("{}:{}".format(*stuck.getsockname()))
+
+    async def connect() -> asyncio.StreamReader:
+        if outbound:
+            reader, writer = await mesh.redirects.connect(pod.ip, pod.port(15001), dst)
+        else:
+            reader, writer = await mesh.redirects.connect(mesh.outsider_ip, pod.port(15006), dst)
+        aio.defer(writer.close)
+        return reader
+
+    def refused() -> float:
+        return count(
+            node.connection_table,
+            "hbone_connections_refused_total",
+            direction=direction,
+            reason="max_connects_in_flight_per_listener",
+        )
+
+    async def main() -> None:
+        waiting = [await connect() for _ in range(3)]
+        await wait_until(lambda: proxy.in_flight == 3, "three connects in flight")
+        over = [await connect() for _ in range(2)]
+        for reader in over:
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(reader.read(), 5)
+        assert proxy.in_flight == 3
+        assert refused() == 2
+        # The destination takes connections again: the dropped SYNs are sent again (after
+        # a second), the connects complete, and the listener has room once more.
+        stuck.listen(16)
+        await wait_until(lambda: proxy.in_flight == 0, "the connects in flight to complete")
+        await connect()
+        await wait_until(lambda: proxy.in_flight == 0, "the new connection to be joined")
+        assert refused() == 2
+        assert not any(r.at_eof() for r in waiting)
+
+    aio.run(main)
+    lines = [line for line in logs if line["event"] == "hbone peer refused"]
+    assert [(line["direction"], line["reason"]) for line in lines] == [
+        (direction, "max_connects_in_flight_per_listener")
+    ] * 2

@@ -4,9 +4,12 @@ seam, the TCP connect from inside the pod, and the destination's metric labels."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import struct
 from collections.abc import Callable
 
+from meshcore.hbone.server import Guard
 from meshcore.identity.spiffe import SpiffeId
 from meshcore.observability.connections import STOPPED, Relay
 from meshcore.observability.metrics import TcpLabels, tcp_labels
@@ -45,22 +48,65 @@ async def connect_tcp(
         raise
 
 
+# The limit a listener's connections in flight are held to (HboneLimits), as reported.
+IN_FLIGHT_LIMIT = "max_connects_in_flight_per_listener"
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends an RST
+
+
+def reset(transport: asyncio.Transport) -> None:
+    """Close an accepted connection with an RST: the app sees a refusal at once, not an
+    empty answer, and the kernel keeps nothing of it (no TIME_WAIT)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    transport.abort()
+
+
 class ListenerProxy:
     """The skeleton of a proxy behind a listener of a pod (15001, 15006): one task per
     accepted connection, its relay booked in `relays` until it ends, and `close` to end
-    them all when the pod leaves (each is then logged as stopped)."""
+    them all when the pod leaves (each is then logged as stopped).
 
-    def __init__(self, tasks: Callable[[asyncio.Future[None]], None]) -> None:
+    Connections accepted and not yet joined to where they go (the task still runs) are
+    bounded by the guard's `max_connects_in_flight_per_listener`: past it a new one is
+    reset at once and the refusal goes through the guard (`direction` as it counts it), so
+    an app in the pod cannot make the tunnel hold descriptors and tasks without bound."""
+
+    def __init__(
+        self,
+        tasks: Callable[[asyncio.Future[None]], None],
+        guard: Guard | None = None,
+        direction: str = "outbound",
+    ) -> None:
         self._track = tasks
+        self.guard = guard if guard is not None else Guard()
+        self._direction = direction
         self.relays: dict[Relay, None] = {}  # an ordered set
         self.stopping = False
+        self.in_flight = 0  # accepted, their task still running
         self._on_accept = self._accepted  # one bound method for every accepted connection
+        self._on_handled = self._handled
 
     def protocol(self) -> AppSide:
         return AppSide(on_made=self._on_accept)
 
     def _accepted(self, app: AppSide) -> None:
-        self._track(asyncio.get_running_loop().create_task(self._handle(app)))
+        t = app.transport
+        assert t is not None
+        if self.in_flight >= self.guard.limits.max_connects_in_flight_per_listener:
+            peer = t.get_extra_info("peername")
+            reset(t)
+            where = f"{peer[0]}:{peer[1]}" if peer else "unknown"
+            self.guard.refused(self._direction, IN_FLIGHT_LIMIT, where)
+            return
+        self.in_flight += 1
+        task = asyncio.get_running_loop().create_task(self._handle(app))
+        task.add_done_callback(self._on_handled)
+        self._track(task)
+
+    def _handled(self, _task: asyncio.Future[None]) -> None:
+        self.in_flight -= 1
 
     async def _handle(self, app: AppSide) -> None:
         raise NotImplementedError

@@ -12,6 +12,7 @@ import socket
 from collections.abc import Callable
 
 from meshcore.defaults import TUNNEL_PORTS
+from meshcore.hbone.server import Guard
 from meshcore.observability.accesslog import ConnectionLog, Direction
 from meshcore.observability.connections import STOPPED, ConnectionTable, Tracked
 from meshcore.observability.metrics import ResponseFlags, TcpLabels
@@ -40,8 +41,9 @@ class InboundPassthroughProxy(ListenerProxy):
         orig_dst: Callable[[socket.socket], SocketAddr] = original_dst,
         connection_table: ConnectionTable | None = None,
         state: Callable[[], MeshState] = MeshState.empty,
+        guard: Guard | None = None,
     ) -> None:
-        super().__init__(tasks)
+        super().__init__(tasks, guard, "inbound")
         self._workload = workload
         self._factory = factory
         self.authorize = authorize

@@ -187,8 +187,9 @@ class OutboundProxy(ListenerProxy):
         orig_dst: Callable[[socket.socket], SocketAddr] = original_dst,
         connection_table: ConnectionTable | None = None,
         local: Callable[[Workload], InboundProxy | None] | None = None,
+        guard: Guard | None = None,
     ) -> None:
-        super().__init__(tasks)
+        super().__init__(tasks, guard, "outbound")
         self._workload = workload
         self._state = state
         self._factory = factory
