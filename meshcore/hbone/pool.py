@@ -78,6 +78,12 @@ class ConnectionPool:
             self._connecting[key] = fut
             try:
                 h2 = await self._connect(key)
+                if not h2.usable:
+                    # Ended as soon as it was made (the server refused us, or broke a limit
+                    # at once): dialling again straight away would loop for as long as the
+                    # server keeps doing it.
+                    why = h2.conn.close_reason or "closed"
+                    raise ConnectionError(f"the HBONE connection ended as it opened: {why}")
             except BaseException as e:
                 fut.set_result(None)  # wake waiters: they retry (and report their own error)
                 raise e
