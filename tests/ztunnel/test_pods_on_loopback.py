@@ -20,14 +20,21 @@ import random
 import socket
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import hpack
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
-from meshcore.hbone.h2frames import PREFACE, ErrorCode, rst_stream, settings_frame
+from meshcore.hbone.h2frames import (
+    PREFACE,
+    ErrorCode,
+    frame_header,
+    ping,
+    rst_stream,
+    settings_frame,
+)
 from meshcore.hbone.limits import HboneLimits
 from meshcore.identity.certs import CertificateManager
 from meshcore.identity.spiffe import SpiffeId
@@ -551,3 +558,69 @@ def test_a_pods_listener_holds_a_bounded_number_of_connections_in_flight__record
     assert [(line["direction"], line["reason"]) for line in lines] == [
         (direction, "max_connects_in_flight_per_listener")
     ] * 2
+
+
+class HostileServer(asyncio.Protocol):
+    """Stands where pod B's 15008 was, with pod B's own certificate (a compromised tunnel):
+    answers a client's preface with its SETTINGS and then `flood`."""
+
+    def __init__(self, flood: bytes) -> None:
+        self.flood = flood
+        self.frames = Frames()  # what the client sent, past its preface
+        self.transport: asyncio.Transport | None = None
+        self._preface = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.write(settings_frame({}) + self.flood)
+
+    def data_received(self, data: bytes) -> None:
+        if len(self._preface) < len(PREFACE):
+            take = len(PREFACE) - len(self._preface)
+            self._preface += data[:take]
+            data = data[take:]
+        self.frames.feed(data)
+
+
+@pytest.mark.parametrize(
+    ("flood", "reason"),
+    [
+        (ping(b"hostile!") * 20_000, "max_control_frames_without_progress"),
+        (frame_header(0, 0xFA, 0, 0) * 100, "max_empty_frames"),  # an unknown frame type
+    ],
+    ids=["PING flood", "empty frames"],
+)
+def test_a_hostile_hbone_server_is_cut_off_by_the_client_tunnel__recorded_redirects(
+    aio_uvloop: Loop, mesh: LoopbackMesh, logs: LogLines, flood: bytes, reason: str
+) -> None:
+    """The outbound side is held to the same limits: pod A's tunnel dials pod B's 15008,
+    where a hostile server (with pod B's certificate) floods it. The client side ends the
+    connection with GOAWAY ENHANCE_YOUR_CALM, counts and logs it as `outbound`, and the app
+    is cut off, not left waiting."""
+    aio = aio_uvloop
+
+    async def main() -> tuple[HostileServer, bytes]:
+        ctx = mesh.b.proxy.server_ctx
+        assert ctx is not None
+        await mesh.b.proxy.stop()  # its 15008 goes; the hostile server takes the address
+        hostile = HostileServer(flood)
+        server = await asyncio.get_running_loop().create_server(
+            lambda: hostile, mesh.b.ip, 15008, ssl=ctx
+        )
+        aio.defer(server.close)
+        reader, writer = await mesh.from_pod(mesh.a, f"{VIP}:80")
+        aio.defer(writer.close)
+        got = await asyncio.wait_for(read_all(reader), 15)
+        await wait_until(lambda: hostile.frames.goaway is not None, "the client's GOAWAY")
+        return hostile, got
+
+    hostile, got = aio.run(main)
+    assert got == b""  # the app was cut off
+    assert hostile.frames.goaway is not None
+    assert hostile.frames.goaway.code == ErrorCode.ENHANCE_YOUR_CALM
+    refused = "hbone_connections_refused_total"
+    node1 = mesh.node1.connection_table
+    assert count(node1, refused, direction="outbound", reason=reason) == 1
+    lines = [line for line in logs if line["event"] == "hbone peer refused"]
+    assert [(line["direction"], line["reason"]) for line in lines] == [("outbound", reason)]
+    assert lines[0]["peer"] == f"{mesh.b.ip}:15008"
