@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ssl
 from datetime import timedelta
 
 from controlplane.ca import CertificateAuthority, csr_identity, parse_csr
@@ -35,3 +37,16 @@ class InProcessCA:
 
     async def before_signing(self, identity: SpiffeId) -> None:
         """Where a test holds or fails a request (nothing here)."""
+
+
+def client_hello() -> bytes:
+    """The first flight of a real TLS client: a ClientHello, as bytes (cut it short to
+    leave a server's handshake waiting)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return outgoing.read()

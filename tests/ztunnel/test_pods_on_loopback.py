@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import random
 import socket
+import ssl
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -42,7 +44,7 @@ from meshcore.observability.connections import ConnectionTable
 from meshcore.sockets import PlainSocketFactory, SocketAddr
 from meshcore.state import MeshState, Workload
 from tests.support.aio import Loop, wait_until
-from tests.support.certs import InProcessCA
+from tests.support.certs import InProcessCA, client_hello
 from tests.support.h2 import Frames, connect_request, headers_frame
 from tests.support.mesh import (
     addr,
@@ -624,3 +626,56 @@ def test_a_hostile_hbone_server_is_cut_off_by_the_client_tunnel__recorded_redire
     lines = [line for line in logs if line["event"] == "hbone peer refused"]
     assert [(line["direction"], line["reason"]) for line in lines] == [("outbound", reason)]
     assert lines[0]["peer"] == f"{mesh.b.ip}:15008"
+
+
+@pytest.mark.slow
+def test_ten_thousand_failed_handshakes_at_a_pods_15008_leave_nothing_behind(
+    aio_uvloop: Loop, mesh: LoopbackMesh, logs: LogLines
+) -> None:
+    """10 000 failed handshakes at pod B's 15008, one at a time: connect then close, a
+    ClientHello cut short, no client certificate (issue: each one kept 3.6 KB for ever).
+    Through the pod's real listener and the node's guard, each is counted once, and the
+    process's objects come back to where they were."""
+    bare = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # no client certificate
+    bare.check_hostname = False
+    bare.verify_mode = ssl.CERT_NONE
+    hello = client_hello()[:100]
+    kinds = {"connect then close": 8000, "partial ClientHello": 1500, "no certificate": 500}
+
+    async def once(kind: str) -> None:
+        if kind == "no certificate":
+            try:
+                _, w = await asyncio.open_connection(mesh.b.ip, 15008, ssl=bare)
+                w.close()
+            except (OSError, ssl.SSLError):
+                pass
+            return
+        _, w = await asyncio.open_connection(mesh.b.ip, 15008)
+        if kind == "partial ClientHello":
+            w.write(hello)
+        w.close()
+
+    async def main() -> tuple[int, int]:
+        listener = mesh.b.proxy.hbone_server
+        assert listener is not None
+        for _ in range(200):  # warm up the caches before counting
+            await once("connect then close")
+        await wait_until(lambda: listener.gate.pending == 0, "warm-up handshakes to end")
+        gc.collect()
+        before = len(gc.get_objects()) - len(logs)
+        for kind, n in kinds.items():
+            for _ in range(n):
+                await once(kind)
+        await wait_until(lambda: listener.gate.pending == 0, "every handshake to end")
+        await asyncio.sleep(0.1)
+        gc.collect()
+        after = len(gc.get_objects()) - len(logs)  # the test's own log capture is not counted
+        assert not listener.handshaking and listener.gate.by_source == {}
+        assert mesh.b.proxy.inbound is not None and not mesh.b.proxy.inbound.connections
+        return before, after
+
+    before, after = aio_uvloop.run(main, limit=180)
+    refused = "hbone_connections_refused_total"
+    assert count(mesh.node2.connection_table, refused, direction="inbound") == 10_200
+    # A leak of one object per attempt would show as thousands; allow loop bookkeeping.
+    assert after - before < 200, (before, after)
