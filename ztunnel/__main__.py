@@ -92,8 +92,7 @@ async def _trim_when_idle(node: NodeProxy, interval: float = TRIM_CHECK_SECONDS)
     idle = malloc.IdleTrim()
     while True:
         await asyncio.sleep(interval)
-        t = node.connection_table
-        if idle.check(t.opened_total, t.closed_total):
+        if idle.check(*node.activity()):
             malloc.trim()
 
 

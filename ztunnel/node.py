@@ -31,6 +31,7 @@ from meshcore.defaults import ROOT_NAMESPACE
 from meshcore.discovery import ConfigStatus
 from meshcore.hbone.limits import DEFAULT_LIMITS, HboneLimits
 from meshcore.hbone.server import Guard
+from meshcore.hbone.transport import H2Transport
 from meshcore.identity.certs import CertificateManager
 from meshcore.identity.spiffe import SpiffeId
 from meshcore.observability.connections import ConnectionTable
@@ -403,6 +404,17 @@ class NodeProxy:
         if self.config_status is not None:
             dump["config"] = self.config_status().to_json()
         return dump
+
+    def activity(self) -> tuple[int, int]:
+        """Connections opened and closed so far, at every layer: the relayed ones, and the
+        TLS connections of the HBONE listeners and transports (an attack may make only
+        these, and what they held is freed as they close). While it does not change, the
+        node is quiet."""
+        t, gate = self.connection_table, self.guard.gate
+        return (
+            t.opened_total + gate.accepted,
+            t.closed_total + gate.finished + H2Transport.closed_total,
+        )
 
     def connections(self) -> list[dict[str, Any]]:
         return self.connection_table.connections()

@@ -65,6 +65,11 @@ class HandshakeGate:
         self.by_source: dict[str, int] = {}
         self._report = report
         self.log = RateLimitedLog()
+        # Running totals of the connections the listeners accepted, and of those whose
+        # handshake is over (handed on, failed, or refused before TLS): activity, for
+        # whoever watches for quiet. An attack may make nothing else.
+        self.accepted = 0
+        self.finished = 0
 
     def admit(self, source: str) -> str | None:
         """Take a slot for a new handshake from `source`; or why not."""
@@ -79,6 +84,7 @@ class HandshakeGate:
 
     def release(self, source: str) -> None:
         self.pending -= 1
+        self.finished += 1
         n = self.by_source[source] - 1
         if n:
             self.by_source[source] = n
@@ -186,9 +192,11 @@ class TlsListener:
                     continue
                 raise
             source = str(peer[0])
+            self.gate.accepted += 1
             why = self.gate.admit(source)
             if why is not None:
                 conn.close()  # before any TLS state exists: nothing to time out
+                self.gate.finished += 1
                 self.gate.refused(source, why)
                 continue
             task = loop.create_task(self._handshake(conn, source))

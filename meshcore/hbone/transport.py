@@ -87,6 +87,10 @@ class H2Transport(asyncio.BufferedProtocol):
     """An HTTP/2 connection bound to one (TLS) transport. (A BufferedProtocol only: the
     event loop ignores get_buffer on a class that is also an asyncio.Protocol.)"""
 
+    # Connections of the process that have closed (their TLS state is freed then): a
+    # running total, activity for whoever watches for quiet. Process-wide by design.
+    closed_total = 0
+
     def __init__(
         self,
         client: bool,
@@ -155,6 +159,7 @@ class H2Transport(asyncio.BufferedProtocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        H2Transport.closed_total += 1
         if self._ping_timer is not None:
             self._ping_timer.cancel()
         if self._preface_timer is not None:
