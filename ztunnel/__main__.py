@@ -93,7 +93,7 @@ async def _trim_when_idle(node: NodeProxy, interval: float = TRIM_CHECK_SECONDS)
     while True:
         await asyncio.sleep(interval)
         if idle.check(*node.activity()):
-            malloc.trim()
+            malloc.collect_and_trim()
 
 
 def main() -> int:
