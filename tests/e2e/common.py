@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import subprocess
 import time
 from pathlib import Path
 
 import nsutil
+from controlplane.ca import CertificateAuthority
 from localcluster import mesh
 
 HERE = Path(__file__).parent
@@ -65,3 +67,10 @@ def logged(c: mesh.Cluster, text: str, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def mesh_ca(c: mesh.Cluster, trust_domain: str = "cluster.local") -> CertificateAuthority:
+    """The mesh's own root, signing for `trust_domain` (the real CA refuses other domains;
+    a test may need a certificate that chains to the mesh root but names another one)."""
+    ca = CertificateAuthority.load_or_create(c.state.dir, "cluster.local")
+    return dataclasses.replace(ca, trust_domain=trust_domain)

@@ -42,6 +42,7 @@ from .common import (
     connect,
     echo,
     logged,
+    mesh_ca,
     pod_ip,
     pod_socket,
     root_links,
@@ -177,13 +178,6 @@ def test_node_link_carries_tls13_only(cluster: mesh.Cluster) -> None:
 # ---- who may connect to 15008 ------------------------------------------------------------
 
 
-def _mesh_ca(c: mesh.Cluster, trust_domain: str = "cluster.local") -> CertificateAuthority:
-    """The mesh's own root, signing for `trust_domain` (the real CA refuses other domains;
-    the test needs a certificate that chains to the mesh root but names another one)."""
-    ca = CertificateAuthority.load_or_create(c.state.dir, "cluster.local")
-    return dataclasses.replace(ca, trust_domain=trust_domain)
-
-
 def _tls_to_15008(c: mesh.Cluster, ctx: ssl.SSLContext, target_ip: str) -> ssl.SSLSocket:
     raw = pod_socket(c, "plain", "outsider")  # not enrolled: talks to 15008 directly
     raw.settimeout(10)
@@ -204,7 +198,7 @@ def _expect_no_http2(sock_factory: object) -> None:
 
 
 def test_client_certificate_from_another_ca_is_refused(cluster: mesh.Cluster) -> None:
-    mesh_roots = _mesh_ca(cluster).roots_pem()
+    mesh_roots = mesh_ca(cluster).roots_pem()
     foreign = issue(
         CertificateAuthority.create("cluster.local"), SpiffeId("cluster.local", "mesh", "client")
     )
@@ -214,14 +208,14 @@ def test_client_certificate_from_another_ca_is_refused(cluster: mesh.Cluster) ->
 
 
 def test_client_certificate_of_another_trust_domain_is_refused(cluster: mesh.Cluster) -> None:
-    other = issue(_mesh_ca(cluster, "other.example"), SpiffeId("other.example", "mesh", "client"))
+    other = issue(mesh_ca(cluster, "other.example"), SpiffeId("other.example", "mesh", "client"))
     ctx = tls.client_context(other)
     _expect_no_http2(lambda: _tls_to_15008(cluster, ctx, pod_ip(cluster, "mesh", "server-b")))
     assert logged(cluster, "hbone peer refused") and logged(cluster, "peer_identity")
 
 
 def test_client_without_alpn_h2_is_refused(cluster: mesh.Cluster) -> None:
-    cert = issue(_mesh_ca(cluster), SpiffeId("cluster.local", "mesh", "client"))
+    cert = issue(mesh_ca(cluster), SpiffeId("cluster.local", "mesh", "client"))
     ctx = tls.client_context(cert)
     ctx.set_alpn_protocols(["http/1.1"])
     _expect_no_http2(lambda: _tls_to_15008(cluster, ctx, pod_ip(cluster, "mesh", "server-b")))
@@ -276,7 +270,7 @@ class H2Client:
 
 
 def test_h2_library_client_gets_200_and_bytes_or_400_for_another_pod(cluster: mesh.Cluster) -> None:
-    cert = issue(_mesh_ca(cluster), SpiffeId("cluster.local", "mesh", "client"))
+    cert = issue(mesh_ca(cluster), SpiffeId("cluster.local", "mesh", "client"))
     ctx = tls.client_context(cert)
     with _tls_to_15008(cluster, ctx, pod_ip(cluster, "mesh", "server-b")) as s:
         assert s.version() == "TLSv1.3"

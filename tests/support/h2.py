@@ -64,12 +64,17 @@ class Frames:
     def __init__(self) -> None:
         self._buf = bytearray()
         self._decoder = hpack.Decoder()
-        self.goaway: Goaway | None = None
+        self.goaways: list[Goaway] = []  # a graceful one may be followed by another
         self.status: dict[int, int] = {}  # stream -> :status of its response
         self.resets: dict[int, int] = {}  # stream -> RST_STREAM code
         self.ping_acks = 0
         self.settings = 0
         self.data = 0
+
+    @property
+    def goaway(self) -> Goaway | None:
+        """The first GOAWAY: why the server ended (or began to end) the connection."""
+        return self.goaways[0] if self.goaways else None
 
     def feed(self, data: bytes) -> None:
         buf = self._buf
@@ -87,7 +92,7 @@ class Frames:
     def _frame(self, ftype: int, flags: int, sid: int, payload: bytes) -> None:
         if ftype == FrameType.GOAWAY:
             code = struct.unpack(">L", payload[4:8])[0]
-            self.goaway = Goaway(code, payload[8:].decode("latin-1"))
+            self.goaways.append(Goaway(code, payload[8:].decode("latin-1")))
         elif ftype == FrameType.HEADERS:
             raw = self._decoder.decode(payload, raw=True)
             headers = {bytes(k).decode(): bytes(v).decode() for k, v in raw}
