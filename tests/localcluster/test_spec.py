@@ -272,7 +272,7 @@ _values = st.recursive(
 )
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     section=st.sampled_from(["nodes", "namespaces", "pods", "services"]),
     index=st.integers(0, 1),

@@ -407,7 +407,7 @@ def _parse_or_config_error(text: str) -> None:
     assert isinstance(state, MeshState)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.text(max_size=300))
 def test_arbitrary_text_only_ever_raises_config_error(text):
     _parse_or_config_error(text)
@@ -456,7 +456,7 @@ _yamlish = st.recursive(
 )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_yamlish)
 def test_arbitrary_yaml_structures_only_ever_raise_config_error(value):
     _parse_or_config_error(yaml.safe_dump(value))
@@ -472,7 +472,7 @@ def _mutations(base: dict[str, Any]) -> st.SearchStrategy[str]:
     return st.tuples(st.sampled_from(sorted(base["workloads"][0])), _yamlish).map(mutate)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_mutations(yaml.safe_load(FULL)))
 def test_one_bad_field_in_a_valid_document_only_ever_raises_config_error(text):
     _parse_or_config_error(text)

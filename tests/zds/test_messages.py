@@ -133,7 +133,7 @@ def _agree_when_we_accept(cls: type, data: bytes) -> None:
         assert _pb_decode(cls, data) == ours
 
 
-@settings(max_examples=1500)
+@settings(max_examples=500)
 @given(st.sampled_from(TOP_LEVEL), st.binary(max_size=64))
 def test_random_bytes_are_a_message_or_a_zds_error(cls, data):
     _agree_when_we_accept(cls, data)
@@ -169,7 +169,7 @@ _field = st.one_of(
 )
 
 
-@settings(max_examples=1500)
+@settings(max_examples=500)
 @given(st.sampled_from(TOP_LEVEL), st.lists(_field, max_size=5))
 def test_structured_fuzz_agrees_with_protobuf(cls, fields):
     _agree_when_we_accept(cls, b"".join(fields))

@@ -343,7 +343,7 @@ JSONISH = st.recursive(
 )
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
 @given(spec=JSONISH, resource=st.booleans())
 def test_arbitrary_specs_parse_or_raise_config_error(spec: Any, resource: bool):
     raw = pa("p", spec) if resource else RawPolicy("p", NS, json.dumps(spec), "PeerAuthentication")

@@ -1251,7 +1251,7 @@ FUZZ_ENTRIES = st.one_of(
 )
 
 
-@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=250, suppress_health_check=[HealthCheck.too_slow])
 @given(raw=FUZZ_ENTRIES)
 def test_arbitrary_specs_parse_or_raise_config_error(raw: RawPolicy):
     error = None
@@ -1347,7 +1347,7 @@ def reference_verdict(
     return False, None, None
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
 @given(specs=st.lists(SPEC, min_size=1, max_size=4), reqs=st.lists(REQUEST, min_size=1, max_size=6))
 def test_indexed_evaluation_agrees_with_the_reference(
     specs: list[dict[str, Any]], reqs: list[Request]
