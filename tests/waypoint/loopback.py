@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from ipaddress import ip_address
 from pathlib import Path
+from typing import Any
 
 from meshcore import tls
 from meshcore.hbone.dial import hbone_connect
@@ -133,7 +134,8 @@ def with_port_protocol(svc: Service, app_protocol: str) -> Service:
     for p in svc.ports:
         fields = {f.name for f in dataclasses.fields(p)}
         if "app_protocol" in fields:
-            new_ports.append(dataclasses.replace(p, **{"app_protocol": app_protocol}))
+            replace: Any = dataclasses.replace  # the field is newer than this helper
+            new_ports.append(replace(p, app_protocol=app_protocol))
         else:
             new_ports.append(p)
     return dataclasses.replace(svc, ports=tuple(new_ports))
