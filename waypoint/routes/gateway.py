@@ -69,6 +69,13 @@ _HTTP_FILTERS = (
     "RequestMirror",
 )
 _GRPC_FILTERS = ("RequestHeaderModifier", "ResponseHeaderModifier", "RequestMirror")
+_FILTER_FIELDS = {
+    "RequestHeaderModifier": "requestHeaderModifier",
+    "ResponseHeaderModifier": "responseHeaderModifier",
+    "RequestRedirect": "requestRedirect",
+    "URLRewrite": "urlRewrite",
+    "RequestMirror": "requestMirror",
+}
 _UNSUPPORTED_FILTERS = ("CORS", "ExtensionRef", "ExternalAuth")
 
 
@@ -258,7 +265,7 @@ def _filters(
         if kind in _UNSUPPORTED_FILTERS:
             r.fail(join(at, "type"), f"{kind!r} filters are not supported by the waypoint")
         kind = one_of(r, kind, join(at, "type"), allowed)
-        field = kind[0].lower() + kind[1:]
+        field = _FILTER_FIELDS[kind]
         r.check_keys(entry, ("type", field), at)
         if kind in seen and kind != "RequestMirror":
             r.fail(join(at, "type"), f"{kind} may be given only once")
