@@ -83,13 +83,14 @@ def _hash(text: str) -> int:
 
 
 class HashRing:
-    """A consistent-hash ring (Envoy's ring hash): each endpoint owns `size / n` points, so
-    when one leaves only the keys it owned move; the others keep their endpoint."""
+    """A consistent-hash ring (ketama style): each endpoint owns the same number of points,
+    fixed by the policy's ring size and not by how many endpoints there are, so when one
+    leaves only the keys it owned move; every other key keeps its endpoint."""
 
     __slots__ = ("_owners", "_points")
 
     def __init__(self, endpoints: Sequence[str], size: int = 1024) -> None:
-        per = max(1, size // max(1, len(endpoints)))
+        per = max(16, min(size // 8, 1024))
         ring = sorted((_hash(f"{e}_{i}"), e) for e in sorted(set(endpoints)) for i in range(per))
         self._points = [p for p, _ in ring]
         self._owners = [e for _, e in ring]

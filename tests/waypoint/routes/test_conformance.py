@@ -1,3 +1,5 @@
+# The case tables read best one case per line.
+# ruff: noqa: E501
 """The Gateway API mesh conformance cases (kubernetes-sigs/gateway-api
 conformance/tests/mesh), run against the route table: each case's id names the upstream
 test and its case. The manifests are upstream's, in ./conformance.
@@ -78,7 +80,10 @@ QUERY = [
 @pytest.mark.parametrize(
     ("path", "headers", "expected"),
     QUERY,
-    ids=[f"MeshHTTPRouteQueryParamMatching/{i} {p} {h or ''} -> {e}" for i, (p, h, e) in enumerate(QUERY)],
+    ids=[
+        f"MeshHTTPRouteQueryParamMatching/{i} {p} {h or ''} -> {e}"
+        for i, (p, h, e) in enumerate(QUERY)
+    ],
 )
 def test_query_params(path, headers, expected):
     assert backend_of("httproute-query-param-matching", facts(path, headers=headers)) == expected
@@ -188,7 +193,10 @@ HEADER_CASES = [
 @pytest.mark.parametrize(
     "manifest",
     ["httproute-request-header-modifier", "httproute-request-header-modifier-backend"],
-    ids=["MeshHTTPRouteRequestHeaderModifier", "MeshHTTPRouteRequestHeaderModifier(backend filters)"],
+    ids=[
+        "MeshHTTPRouteRequestHeaderModifier",
+        "MeshHTTPRouteRequestHeaderModifier(backend filters)",
+    ],
 )
 @pytest.mark.parametrize(
     ("path", "headers", "expected", "absent"),
@@ -279,7 +287,9 @@ def test_mesh_ports(svc, port, header):
 
 
 @pytest.mark.parametrize(
-    ("path", "target"), [("/v1", "echo-v1"), ("/v2", "echo-v2")], ids=["MeshSplit/v1", "MeshSplit/v2"]
+    ("path", "target"),
+    [("/v1", "echo-v1"), ("/v2", "echo-v2")],
+    ids=["MeshSplit/v1", "MeshSplit/v2"],
 )
 def test_mesh_split(path, target):
     assert backend_of("mesh-split", facts(path, authority="echo")) == target
