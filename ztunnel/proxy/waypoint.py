@@ -30,6 +30,7 @@ from meshcore.state import (
     WaypointEndpoint,
     Workload,
 )
+from ztunnel.proxy.common import Authorizer
 
 # The response flag of a connection refused because its waypoint is unavailable (in the
 # metrics' `response_flags` and the access-log line's error).
@@ -156,3 +157,17 @@ def waypoint_gate(state: MeshState, workload: Workload, peer: SpiffeId | None) -
         f"denied: {workload.namespace}/{workload.name} is bound to waypoint {waypoint}, "
         f"which alone may reach it; {who} tried to bypass it",
     )
+
+
+def gated(authorize: Authorizer, state: Callable[[], MeshState]) -> Authorizer:
+    """`authorize` behind the waypoint gate: what the inbound listeners (15008, 15006, the
+    in-process hop) and the re-check of open connections after a config change call, so
+    a pod bound to a waypoint later also loses its direct connections."""
+
+    def check(
+        workload: Workload, peer: SpiffeId | None, client: SocketAddr, target: SocketAddr
+    ) -> Verdict:
+        denied = waypoint_gate(state(), workload, peer)
+        return denied if denied is not None else authorize(workload, peer, client, target)
+
+    return check
