@@ -102,7 +102,6 @@ def mesh_json(state: MeshState, policies: PolicyIndex) -> dict[str, Any]:
         "policyErrors": list(policies.errors),
         # The L7 resources (HTTPRoute, VirtualService, ...) carried for waypoints.
         "resources": [
-            {"kind": r.kind, "namespace": r.namespace, "name": r.name}
-            for r in state.l7_resources
+            {"kind": r.kind, "namespace": r.namespace, "name": r.name} for r in state.l7_resources
         ],
     }
