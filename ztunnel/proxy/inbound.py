@@ -33,6 +33,7 @@ from meshcore.sockets import SocketAddr, SocketFactory
 from meshcore.state import MeshState, Workload
 from meshcore.tls import PeerVerificationError, hbone_peer, verify_client
 from ztunnel.proxy.common import Authorizer, allow_all, connect_tcp, inbound_labels
+from ztunnel.proxy.waypoint import gated
 
 log = structlog.get_logger(__name__)
 
@@ -194,7 +195,8 @@ class InboundProxy:
         self._factory = factory
         self.trust_domain = trust_domain
         self._track = tasks
-        self.authorize = authorize
+        # A pod bound to a waypoint accepts only the waypoint (ztunnel.proxy.waypoint).
+        self.authorize = gated(authorize, state)
         self.connection_table = (
             connection_table if connection_table is not None else ConnectionTable()
         )
