@@ -322,6 +322,11 @@ def waypoint_status(
     ]
 
 
+def read_resources(cluster: Cluster) -> list[dict[str, Any]]:
+    """The L7 resources in force."""
+    return meshconfig.read_resource_records(cluster.paths)
+
+
 def waypoint_problems(cluster: Cluster) -> list[str]:
     """Waypoint labels that do not take effect as written, or name a missing waypoint."""
     return binding_problems(current_spec(cluster))
