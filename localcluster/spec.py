@@ -247,7 +247,8 @@ def waypoint_service(g: gw.GatewaySpec) -> ServiceSpec:
         namespace=g.namespace,
         vip=g.placed().vip,
         selector=MappingProxyType({gw.GATEWAY_NAME_LABEL: g.name}),
-        ports=(PortSpec(gw.HBONE_PORT, gw.HBONE_PORT, "mesh"),),
+        # Unnamed: the tunnels only dial it, and a plain port map reads everywhere.
+        ports=(PortSpec(gw.HBONE_PORT, gw.HBONE_PORT),),
         gateway=g.name,
     )
 
