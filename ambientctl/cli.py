@@ -619,8 +619,16 @@ def _message(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra and getattr(args, "waypoint_cmd", None) == "delete":
+            # NAMEs after `-n NS`: argparse matches positionals once, before the option.
+            if any(e.startswith("-") for e in extra):
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            args.names = [*args.names, *extra]
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as e:  # argparse printed the usage error (or --help)
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     if os.geteuid() != 0:

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
+import nsutil
 from localcluster import mesh
 from localcluster.processes import read_records
 
@@ -52,6 +53,15 @@ def entry(doc: dict[str, Any], kind: str, name: str) -> dict[str, Any]:
     return dict(found[0])
 
 
+def environ(pid: int) -> dict[str, str]:
+    """A process's environment, or {} once it has exited."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes().decode()
+    except OSError:
+        return {}
+    return dict(line.split("=", 1) for line in raw.split("\0") if "=" in line)
+
+
 def app_pid(c: mesh.Cluster) -> int:
     return next(r.pid for r in read_records(c.state.pidfile_dir) if r.name == "app-shop-web-0")
 
@@ -82,15 +92,11 @@ def test_waypoint_apply_status_bind_and_delete(cluster: mesh.Cluster) -> None:
 
     # The pod: its own netns on n1, recorded; the process: `python -m waypoint` in it.
     netns = f"{cluster.spec.name}-n1-w1"
-    assert os.path.exists(f"/run/netns/{netns}")
+    assert os.path.exists(nsutil.netns_path(netns))
     assert netns in json.loads(cluster.state.path.read_text())["netns"]
     (rec,) = [r for r in read_records(cluster.state.pidfile_dir) if r.name.startswith("waypoint")]
-    assert rec.argv[1:] == ("-m", "waypoint") and rec.netns_path == f"/run/netns/{netns}"
-    env = dict(
-        line.split("=", 1)
-        for line in Path(f"/proc/{rec.pid}/environ").read_bytes().decode().split("\0")
-        if "=" in line
-    ) if Path(f"/proc/{rec.pid}/environ").exists() else {}  # fmt: skip
+    assert rec.argv[1:] == ("-m", "waypoint") and rec.netns_path == nsutil.netns_path(netns)
+    env = environ(rec.pid)
     if env:  # still running: the contract's variables
         assert env["WAYPOINT_NAME"] == "waypoint" and env["SERVICE_ACCOUNT"] == "waypoint"
         assert env["POD_NAMESPACE"] == "shop" and env["POD_IP"] == "10.244.1.12"
@@ -147,7 +153,7 @@ def test_waypoint_apply_status_bind_and_delete(cluster: mesh.Cluster) -> None:
     # delete: the pod, its process and its records go.
     deleted = ctl(cluster, "waypoint", "delete", FILE, "-n", "shop", "waypoint")
     assert deleted.returncode == 0, deleted.stderr
-    assert not os.path.exists(f"/run/netns/{netns}")
+    assert not os.path.exists(nsutil.netns_path(netns))
     assert netns not in json.loads(cluster.state.path.read_text())["netns"]
     assert not [r for r in read_records(cluster.state.pidfile_dir) if r.name.startswith("waypoint")]
     assert all(w["name"] != "waypoint-0" for w in xds(cluster)["workloads"])
@@ -155,7 +161,7 @@ def test_waypoint_apply_status_bind_and_delete(cluster: mesh.Cluster) -> None:
     # Applied again (on the slot freed), and left for `down` to remove.
     again = ctl(cluster, "waypoint", "apply", FILE, "-n", "shop", "--enroll-namespace")
     assert again.returncode == 0, again.stderr
-    assert os.path.exists(f"/run/netns/{netns}")
+    assert os.path.exists(nsutil.netns_path(netns))
     assert "waypoint" in entry(xds(cluster), "services", "web")  # the namespace label binds
 
 
