@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from meshcore.defaults import ROOT_NAMESPACE
 from meshcore.policy.model import Action
@@ -33,6 +33,7 @@ from waypoint.authz.model import (
     SERVICE_ENTRY,
     WAYPOINT_CLASS,
     L7Policy,
+    TargetRef,
 )
 from waypoint.http.message import Response, text_response
 
@@ -85,8 +86,19 @@ class L7Verdict:
 ALLOWED_NO_POLICY = L7Verdict(True, None, None, None, "allowed: no ALLOW policy applies")
 
 
+class Targeted(Protocol):
+    """What scoping reads of a policy (AuthorizationPolicy or RequestAuthentication)."""
+
+    @property
+    def namespace(self) -> str: ...
+    @property
+    def target_refs(self) -> tuple[TargetRef, ...]: ...
+    @property
+    def targets_unknown(self) -> bool: ...
+
+
 def targets(
-    policy: L7Policy,
+    policy: Targeted,
     waypoint: WaypointRef,
     destination: DestinationRef | None,
     root_namespace: str = ROOT_NAMESPACE,
@@ -116,14 +128,18 @@ def targets(
     return False
 
 
+T = TypeVar("T", bound=Targeted)
+
+
 def applicable(
-    policies: Iterable[L7Policy],
+    policies: Iterable[T],
     waypoint: WaypointRef,
     destination: DestinationRef | None,
     root_namespace: str = ROOT_NAMESPACE,
-) -> tuple[L7Policy, ...]:
-    """The policies that apply to requests through `waypoint` to `destination`, in the
-    given order. Depends only on the destination, so the proxy may cache it per service."""
+) -> tuple[T, ...]:
+    """The policies (AuthorizationPolicy or RequestAuthentication) that apply to requests
+    through `waypoint` to `destination`, in the given order. Depends only on the
+    destination, so the proxy may cache it per service."""
     return tuple(p for p in policies if targets(p, waypoint, destination, root_namespace))
 
 

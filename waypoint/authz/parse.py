@@ -239,9 +239,12 @@ def _rules(r: Reader, raw: Any, path: str, namespace: str) -> tuple[Rule, ...]:
     return tuple(rules)
 
 
-def _target_refs(
+def parse_target_refs(
     r: Reader, body: Mapping[str, Any], path: str, namespace: str, root: str
 ) -> tuple[TargetRef, ...]:
+    """`targetRef` or `targetRefs` of a waypoint policy (AuthorizationPolicy,
+    RequestAuthentication): at most 16; Gateway, GatewayClass istio-waypoint (root
+    namespace only), Service or ServiceEntry, each in the policy's namespace."""
     if body.get("targetRef") is not None and body.get("targetRefs") is not None:
         r.fail(join(path, "targetRef"), "give either targetRef or targetRefs, not both")
     if body.get("targetRef") is not None:
@@ -322,7 +325,7 @@ def parse_l7_policy(
         )
     if body.get("provider") is not None:
         r.fail("spec.provider", "only a CUSTOM policy has a provider")
-    refs = _target_refs(r, body, "spec", raw.namespace, root_namespace)
+    refs = parse_target_refs(r, body, "spec", raw.namespace, root_namespace)
     if body.get("selector") is not None and refs:
         r.fail("spec.selector", "a policy has either a selector or targetRefs")
     return L7Policy(
@@ -351,7 +354,7 @@ def salvage_l7_policy(
         dry_run = bool(unwrap(_raw(doc, r, default_namespace), r, KIND).dry_run)
     if isinstance(spec, Mapping) and (spec.get("targetRef") or spec.get("targetRefs")):
         try:
-            refs = _target_refs(r, spec, "spec", namespace, root_namespace)
+            refs = parse_target_refs(r, spec, "spec", namespace, root_namespace)
         except MeshConfigError:
             unknown = True
     return L7Policy(
