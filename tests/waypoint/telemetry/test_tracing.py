@@ -300,7 +300,8 @@ def test_spans_reach_the_collector_with_links(aio: Loop):
         )
         trace.finish(incoming, status=200)
         exporter.submit_all(trace.spans)
-        await wait_until(lambda: len(receiver.spans()) == 3, "three spans at the collector")
+        # The collector keeps the spans before the exporter reads its answer: wait for both.
+        await wait_until(lambda: exporter.exported == 3, "three spans exported")
 
         assert receiver.paths == ["POST /v1/traces"]
         assert receiver.heads[0]["content-type"] == CONTENT_TYPE
@@ -335,7 +336,8 @@ def test_failed_posts_are_retried(aio: Loop):
         aio.defer(exporter.shutdown)
         trace = start_request(req())
         exporter.submit(trace.finish(req(), status=200))
-        await wait_until(lambda: len(receiver.spans()) == 1, "the span after two 503s")
+        await wait_until(lambda: exporter.exported == 1, "the span exported after two 503s")
+        assert len(receiver.spans()) == 1
         assert receiver.answered == 3 and exporter.failed_posts == 2 and exporter.dropped == 0
 
     aio.run(main)
