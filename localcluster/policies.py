@@ -25,6 +25,9 @@ from typing import Any
 from localcluster import gateways as gw
 from meshcore.defaults import NAMESPACE as DEFAULT_NAMESPACE
 from meshcore.policy.validate import ENFORCED_KINDS, check_resource
+from waypoint.authn.parse import validate_request_authentication
+from waypoint.authz.parse import validate_policy
+from waypoint.routes.validate import validate_resource
 
 MAX_POLICIES = 1000  # per cluster: real meshes have tens; each one costs every tunnel
 MAX_RESOURCES = 1000  # L7 resources per cluster, for the same reason
@@ -129,7 +132,21 @@ def validate_l7(doc: Mapping[str, Any]) -> list[str]:
         problems.append(f"metadata.namespace {namespace!r}: expected a DNS label")
     if not isinstance(doc.get("spec"), Mapping):
         problems.append("spec: expected a mapping")
-    return problems
+    if problems:
+        return problems
+    # The spec's meaning: the waypoint's own strict parsers, so what `apply` accepts is
+    # exactly what a waypoint will enforce (a Gateway's shape is checked by gateways.py).
+    full = dict(doc)
+    full.setdefault("metadata", {})
+    if "namespace" not in full["metadata"]:
+        full["metadata"] = {**full["metadata"], "namespace": DEFAULT_NAMESPACE}
+    if kind in ("HTTPRoute", "GRPCRoute", "VirtualService", "DestinationRule"):
+        return validate_resource(full)
+    if kind == "RequestAuthentication":
+        return validate_request_authentication(full)
+    if _is_targeted_policy(doc):
+        return validate_policy(full)
+    return []
 
 
 def _is_targeted_policy(doc: Mapping[str, Any]) -> bool:

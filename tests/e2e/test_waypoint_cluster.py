@@ -27,7 +27,6 @@ FILE = str(CLUSTER_FILE)
 AMBIENTCTL = Path(sys.executable).parent / "ambientctl"
 # The waypoint process itself lands separately; until `python -m waypoint` exists, its
 # readiness cannot be asked of it.
-WAYPOINT_MAIN = (HERE.parent.parent / "waypoint" / "__main__.py").exists()
 
 
 def ctl(c: mesh.Cluster, *args: str) -> subprocess.CompletedProcess[str]:
@@ -165,9 +164,6 @@ def test_waypoint_apply_status_bind_and_delete(cluster: mesh.Cluster) -> None:
     assert "waypoint" in entry(xds(cluster), "services", "web")  # the namespace label binds
 
 
-@pytest.mark.xfail(
-    not WAYPOINT_MAIN, reason="needs the waypoint process (python -m waypoint)", strict=True
-)
 def test_waypoint_is_programmed_once_it_answers_ready(cluster: mesh.Cluster) -> None:
     ctl(cluster, "waypoint", "apply", FILE, "-n", "shop", "--name", "ready")
     done = ctl(cluster, "waypoint", "apply", FILE, "-n", "shop", "--name", "ready", "--wait",

@@ -285,8 +285,16 @@ def route(kind: str = "HTTPRoute", **over: Any) -> dict[str, Any]:
     groups = {"VirtualService": "networking.istio.io", "DestinationRule": "networking.istio.io",
               "RequestAuthentication": "security.istio.io"}  # fmt: skip
     api = groups.get(kind, "gateway.networking.k8s.io") + "/v1"
+    specs = {
+        "VirtualService": {
+            "hosts": ["web"],
+            "http": [{"route": [{"destination": {"host": "web"}}]}],
+        },
+        "DestinationRule": {"host": "web", "trafficPolicy": {"loadBalancer": {"simple": "RANDOM"}}},
+    }
+    spec = specs.get(kind, {"parentRefs": [{"kind": "Service", "name": "web"}]})
     doc = {"apiVersion": api, "kind": kind, "metadata": {"name": "r", "namespace": "shop"},
-           "spec": {"parentRefs": [{"kind": "Service", "name": "web"}]}}  # fmt: skip
+           "spec": spec}  # fmt: skip
     doc.update(over)
     return doc
 
@@ -294,6 +302,13 @@ def route(kind: str = "HTTPRoute", **over: Any) -> dict[str, Any]:
 L7 = [
     ("httproute ok", route(), []),
     ("virtualservice ok", route("VirtualService"), []),
+    ("destinationrule ok", route("DestinationRule"), []),
+    # The spec's meaning is the waypoint's parsers' (what apply accepts is what runs).
+    ("httproute bad match", route(spec={"parentRefs": [{"kind": "Service", "name": "web"}],
+     "rules": [{"matches": [{"path": {"type": "Regex", "value": "/a"}}]}]}),
+     ["spec.rules[0].matches[0].path.type"]),
+    ("virtualservice typo", route("VirtualService", spec={"hosts": ["web"], "htp": []}),
+     ["spec.htp"]),
     ("wrong group", route(apiVersion="networking.istio.io/v1"), ["a HTTPRoute is"]),
     ("spec a list", route(spec=[]), ["spec: expected a mapping"]),
     ("bad name", route(metadata={"name": "R!"}), ["metadata.name 'R!'"]),
