@@ -64,13 +64,13 @@ class _RequestBody(StreamBody):
 class _Connection:
     __slots__ = (
         "_body_error",
-        "refused",
         "_continue_state",
         "_draining",
         "_handler",
         "_limits",
         "_parser",
         "_stream",
+        "refused",
     )
 
     def __init__(
