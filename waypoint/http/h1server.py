@@ -167,8 +167,9 @@ class _Connection:
                 return
             self._body_error = None
             self._continue_state = "wanted" if head.expect_continue else "none"
+            # No body is a body of length 0 (not unknown): forwarded, it needs no framing.
             body = _RequestBody(
-                head.length if head.framing is Framing.LENGTH else None,
+                None if head.framing is Framing.CHUNKED else head.length or 0,
                 self._send_continue if head.expect_continue else None,
             )
             request = Request(
