@@ -31,7 +31,7 @@ async def run(cfg: WaypointConfig) -> None:
     await readiness.start()
     admin = AdminServer(wp, cfg.admin_port, host="127.0.0.1")
     await admin.start()
-    metrics = MetricsServer(wp.metrics, process_metrics(), cfg.metrics_port)
+    metrics = MetricsServer(wp, process_metrics(), cfg.metrics_port)
     await metrics.start()
     log.info(
         "waypoint started",

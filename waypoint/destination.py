@@ -15,7 +15,14 @@ import enum
 import ipaddress
 from dataclasses import dataclass
 
-from meshcore.state import GatewayAddress, MeshState, Service, Workload
+from meshcore.state import (
+    AppProtocol,
+    GatewayAddress,
+    MeshState,
+    Service,
+    Workload,
+    port_protocol,
+)
 
 
 class L7Protocol(enum.Enum):
@@ -26,31 +33,16 @@ class L7Protocol(enum.Enum):
     UNDECLARED = "undeclared"  # sniffed
 
 
-# Istio's protocol names (appProtocol values and port-name prefixes) -> what we speak.
-_BY_NAME = {
-    "http": L7Protocol.HTTP,
-    "http11": L7Protocol.HTTP,
-    "http2": L7Protocol.HTTP2,
-    "h2c": L7Protocol.HTTP2,
-    "kubernetes.io/h2c": L7Protocol.HTTP2,
-    "grpc": L7Protocol.GRPC,
-    "grpc-web": L7Protocol.HTTP,
-    "tcp": L7Protocol.TCP,
-    "tls": L7Protocol.TCP,
-    "https": L7Protocol.TCP,
-    "mongo": L7Protocol.TCP,
-    "mysql": L7Protocol.TCP,
-    "redis": L7Protocol.TCP,
+# The port's declared protocol (Istio's rule, `meshcore.state.port_protocol`) -> what we
+# speak. TLS is passed through: the waypoint cannot read it.
+_SPEAK = {
+    AppProtocol.HTTP11: L7Protocol.HTTP,
+    AppProtocol.HTTP2: L7Protocol.HTTP2,
+    AppProtocol.GRPC: L7Protocol.GRPC,
+    AppProtocol.TCP: L7Protocol.TCP,
+    AppProtocol.TLS: L7Protocol.TCP,
+    AppProtocol.UNKNOWN: L7Protocol.UNDECLARED,
 }
-
-
-def protocol_of(app_protocol: str | None, port_name: str | None) -> L7Protocol:
-    """Istio's rule: appProtocol first, else the port name up to its first '-'."""
-    if app_protocol:
-        return _BY_NAME.get(app_protocol.lower(), L7Protocol.UNDECLARED)
-    if port_name:
-        return _BY_NAME.get(port_name.lower().split("-", 1)[0], L7Protocol.UNDECLARED)
-    return L7Protocol.UNDECLARED
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,12 +101,7 @@ def parse_authority(authority: str) -> tuple[str, int] | None:
 
 
 def _port_protocol(service: Service, port: int) -> L7Protocol:
-    for entry in service.ports:
-        if entry.port == port:
-            return protocol_of(
-                getattr(entry, "app_protocol", None) or None, getattr(entry, "name", None) or None
-            )
-    return L7Protocol.UNDECLARED
+    return _SPEAK[port_protocol(service, port)]
 
 
 def resolve(state: MeshState, network: str, me: Me, authority: str) -> Destination | Refused:

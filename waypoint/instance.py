@@ -21,8 +21,12 @@ from meshcore.observability.metrics import TcpMetrics
 from meshcore.state import MeshState
 from waypoint.config import WaypointConfig
 from waypoint.destination import Me
+from waypoint.l7config import L7Config
 from waypoint.proxy import WaypointProxy
+from waypoint.router import Router
 from waypoint.server import WaypointServer
+from waypoint.telemetry.export import ExportSettings, OtlpExporter
+from waypoint.telemetry.metrics import RequestMetrics
 from waypoint.upstream import Upstream
 
 log = structlog.get_logger("waypoint")
@@ -65,7 +69,24 @@ class Waypoint:
         self.cert: WorkloadCertificate | None = None
         self._client_ctx: Any = None
         self.upstream = Upstream(self.identity, self._client_context, str(cfg.pod_ip), self.guard)
-        self.proxy = WaypointProxy(lambda: self.state, self.upstream)
+        self.l7 = L7Config.build(self.state, cfg.namespace, cfg.name)
+        self.request_metrics = RequestMetrics()
+        self.exporter = (
+            OtlpExporter(ExportSettings(cfg.otlp_endpoint, f"{cfg.name}.{cfg.namespace}"))
+            if cfg.otlp_endpoint
+            else None
+        )
+        self.router = Router(
+            lambda: self.state,
+            lambda: self.l7,
+            self.upstream,
+            self.request_metrics,
+            lambda: self.server.network,
+            self.exporter,
+        )
+        self.proxy = WaypointProxy(
+            lambda: self.state, self.upstream, self.router, draining=lambda: self.draining
+        )
         self.me = me_of(cfg)
         self.server = WaypointServer(
             self.me, "", cfg.trust_domain, lambda: self.state, self.proxy.serve, self.guard
@@ -79,11 +100,16 @@ class Waypoint:
 
     def _on_state(self, state: MeshState) -> None:
         self.state = state
+        self.l7 = L7Config.build(state, self.cfg.namespace, self.cfg.name)
+        for message in self.l7.messages:
+            log.warning("route config", message=message)
 
     async def start(self) -> None:
         if self.watcher is not None:
             await self.watcher.start()
-            self.state = self.watcher.current
+        self._on_state(self.watcher.current if self.watcher is not None else self.state)
+        if self.exporter is not None:
+            self.exporter.start()
         mine = [w for w in self.state.workloads if self.cfg.pod_ip in w.ips]
         # Services and workloads live on a network; the waypoint's own workload says which.
         self.server.network = mine[0].network if mine else ""
@@ -157,8 +183,14 @@ class Waypoint:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.server.idle.wait(), self.cfg.drain_seconds)
 
+    def render(self) -> bytes:
+        """15020: the request metrics and the HBONE refusals."""
+        return self.request_metrics.render() + self.metrics.render()
+
     async def close(self) -> None:
         await self.server.close()
+        if self.exporter is not None:
+            await self.exporter.shutdown()
         self.upstream.close()
         if self.watcher is not None:
             await self.watcher.close()

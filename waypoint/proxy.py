@@ -14,10 +14,14 @@ import structlog
 
 from meshcore.hbone.stream import HboneStream
 from meshcore.state import MeshState
-from waypoint.destination import Destination
+from waypoint.destination import Destination, L7Protocol
 from waypoint.endpoints import Endpoint, direct_endpoint, service_endpoints
+from waypoint.http.h1server import serve_http1
+from waypoint.http.message import Request, Response
+from waypoint.http.splice import splice
+from waypoint.http.stream import ByteStream
+from waypoint.router import Accounted, Router
 from waypoint.server import Inbound
-from waypoint.splice import splice
 from waypoint.upstream import Upstream
 
 log = structlog.get_logger("waypoint")
@@ -28,9 +32,17 @@ class NoEndpoint(LookupError):
 
 
 class WaypointProxy:
-    def __init__(self, state: Callable[[], MeshState], upstream: Upstream) -> None:
+    def __init__(
+        self,
+        state: Callable[[], MeshState],
+        upstream: Upstream,
+        router: Router | None = None,
+        draining: Callable[[], bool] = lambda: False,
+    ) -> None:
         self._state = state
         self.upstream = upstream
+        self.router = router
+        self.draining = draining
         self._rr = itertools.count()
 
     def endpoints(self, destination: Destination) -> tuple[Endpoint, ...]:
@@ -47,7 +59,28 @@ class WaypointProxy:
         return endpoints[next(self._rr) % len(endpoints)]
 
     async def serve(self, stream: HboneStream, inbound: Inbound) -> None:
-        await self.tcp(stream, inbound)
+        protocol = inbound.destination.protocol
+        if protocol is L7Protocol.TCP or self.router is None:
+            await self.tcp(stream, inbound)
+        elif protocol is L7Protocol.HTTP:
+            await self.http1(stream, inbound)
+        else:
+            # HTTP/2, gRPC and undeclared ports: passed through as TCP until their codecs
+            # are wired in.
+            await self.tcp(stream, inbound)
+
+    async def http1(self, stream: ByteStream, inbound: Inbound) -> None:
+        router = self.router
+        assert router is not None
+        books: dict[Accounted, None] = {}
+
+        async def handler(request: Request) -> Response:
+            return await router.handle(request, inbound, books)
+
+        try:
+            await serve_http1(stream, handler, draining=self.draining)
+        finally:
+            router.abandon(books)
 
     def upstream_headers(self, inbound: Inbound) -> list[tuple[str, str]]:
         """What the upstream CONNECT carries on from the client's: who the client was."""
@@ -58,7 +91,7 @@ class WaypointProxy:
                 out.append((name, value))
         return out
 
-    async def tcp(self, stream: HboneStream, inbound: Inbound, prefix: bytes = b"") -> None:
+    async def tcp(self, stream: ByteStream, inbound: Inbound, prefix: bytes = b"") -> None:
         """TCP passthrough: one upstream stream per client stream, bytes both ways."""
         try:
             endpoint = self.pick(inbound.destination)
@@ -73,7 +106,7 @@ class WaypointProxy:
             )
             stream.abort("upstream connect failed")
             return
-        sent, received = await splice(stream, up, prefix)
+        sent, received = await splice(stream, up, from_a=prefix)
         log.debug(
             "tcp done", destination=inbound.destination.authority, sent=sent, received=received
         )
