@@ -15,9 +15,7 @@ import structlog
 
 from meshcore.admin.readiness import ReadinessServer
 from meshcore.admin.server import AdminServer, MetricsServer, process_metrics
-from meshcore.envconfig import EnvConfigError
-from meshcore.observability import logging as meshlog
-from meshcore.state import MeshConfigError
+from meshcore.runtime.entry import run_process
 from waypoint.config import WaypointConfig, parse_config
 from waypoint.instance import Waypoint
 
@@ -57,24 +55,7 @@ async def run(cfg: WaypointConfig) -> None:
 
 
 def main() -> int:
-    try:
-        cfg = parse_config(os.environ)
-    except EnvConfigError as e:
-        print(f"waypoint: {e}", file=sys.stderr)
-        return 2
-    meshlog.configure(cfg.log_level)
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    try:
-        asyncio.run(run(cfg))
-    except (MeshConfigError, OSError) as e:
-        log.error("waypoint failed", error=str(e))
-        return 1
-    return 0
+    return run_process("waypoint", parse_config, lambda cfg: cfg.log_level, run)
 
 
 if __name__ == "__main__":

@@ -12,19 +12,18 @@ import asyncio
 import socket
 import ssl
 from collections.abc import Callable, Coroutine
-from typing import Any, cast
+from typing import Any
 
 import structlog
 
 from meshcore.hbone.conn import Headers
-from meshcore.hbone.server import Guard, TlsListener
+from meshcore.hbone.server import Guard, TlsListener, verified_client
 from meshcore.hbone.stream import HboneStream
 from meshcore.hbone.transport import H2Transport
 from meshcore.identity.spiffe import SpiffeId
 from meshcore.runtime.tasks import TaskSet
 from meshcore.sockets import SocketAddr
 from meshcore.state import MeshState
-from meshcore.tls import PeerVerificationError, hbone_peer, verify_client
 from waypoint.destination import Destination, Me, Refused, resolve
 
 log = structlog.get_logger("waypoint")
@@ -81,14 +80,10 @@ class _WaypointH2(H2Transport):
         self.client: SocketAddr | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        try:
-            self.client = SocketAddr.of(transport.get_extra_info("peername"))
-            self.peer = hbone_peer(transport.get_extra_info("ssl_object"))
-            verify_client(self.peer, self.server.trust_domain)
-        except (PeerVerificationError, ValueError, TypeError) as e:
-            self.server.guard.refused("inbound", "peer_identity", str(self.client), str(e))
-            cast(asyncio.Transport, transport).abort()
+        proven = verified_client(transport, self.server.trust_domain, self.server.guard)
+        if proven is None:
             return
+        self.client, self.peer = proven
         super().connection_made(transport)
         self.server.connections[self] = None
 

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from ipaddress import ip_address
 from pathlib import Path
+from typing import Any
 
 from meshcore import tls
 from meshcore.discovery import parse_resource_entry
@@ -155,43 +156,7 @@ async def start(
         servers.append(server)
         aio.defer(_closer(server))
     state = build_state(wp_ip, client_ip, backend_ips, app_port, app_protocol)
-    certs = CertificateManager(InProcessCA())
-    aio.defer(certs.close)
-    node2 = NodeProxy("node2", certs, TD)
-    node2.on_state(state)
-    for w in state.workloads:
-        if w.node != "node2":
-            continue
-        proxy = PodProxy(
-            Enrolment(w.uid, "loopback"),
-            w,
-            lambda: node2.state,
-            certs,
-            TD,
-            node2.authorize,
-            factory=PlainSocketFactory(),
-            connection_table=node2.connection_table,
-            listen_ip=str(w.ips[0]),
-            guard=node2.guard,
-        )
-        aio.defer(proxy.stop)
-        await proxy.start()
-    cfg = WaypointConfig(
-        name="waypoint",
-        namespace="shop",
-        node_name="node1",
-        pod_ip=ip_address(wp_ip),
-        local_xds_path=Path("/nonexistent"),
-        ca_address=Path("/nonexistent"),
-        ca_token_path=Path("/nonexistent"),
-        trust_domain=TD,
-    )
-    wp = Waypoint(cfg, certs=certs, state=state)
-    aio.defer(wp.close)
-    await wp.start()
-    lw = LoopbackWaypoint(wp, state, certs, wp_ip, client_ip, backend_ips, app_port, node2)
-    aio.defer(lambda: _close_pool(lw))
-    return lw
+    return await _start_with(aio, state, wp_ip, client_ip, backend_ips, app_port)
 
 
 def _closer(server: asyncio.Server) -> Callable[[], Awaitable[None]]:
@@ -232,8 +197,8 @@ async def start_mesh(
     aio: Loop,
     services: dict[str, list[AppServe]],
     app_protocol: str = "http",
-    resources: list[dict[str, object]] | None = None,
-    policies: list[dict[str, object]] | None = None,
+    resources: list[dict[str, Any]] | None = None,
+    policies: list[dict[str, Any]] | None = None,
 ) -> Mesh:
     """Services (name -> one app per pod), every one bound to the waypoint, port 80 declaring
     `app_protocol`, with L7 `resources` (HTTPRoute, DestinationRule, ...) and targeted
