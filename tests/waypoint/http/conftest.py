@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import pytest
@@ -20,7 +21,23 @@ def no_leaks(aio: Loop) -> Iterator[Loop]:
     before = open_fds()
     yield aio
     assert not tasks_left(aio)
-    leaked = open_fds() - before
+
+    def leaked() -> dict[int, str]:
+        # gRPC's runtime keeps its own fds for the process once loaded (an eventfd, a unix
+        # socketpair); these tests run on TCP, so TCP sockets are what a codec could leak.
+        with open("/proc/net/unix") as f:
+            unix = {f"socket:[{line.split()[6]}]" for line in list(f)[1:]}
+        found = {}
+        for fd in open_fds() - before:
+            with contextlib.suppress(FileNotFoundError):  # closed meanwhile
+                found[fd] = fd_target(fd)
+        return {
+            fd: what
+            for fd, what in found.items()
+            if not what.startswith("anon_inode:") and what not in unix
+        }
+
     # Closed sockets may take a moment to leave the table: asyncio closes them on the loop.
-    aio.run(wait_until(lambda: not (open_fds() - before), "fds to close", limit=5.0))
-    assert not (open_fds() - before), {fd: fd_target(fd) for fd in leaked}
+    with contextlib.suppress(AssertionError):
+        aio.run(wait_until(lambda: not leaked(), "fds to close", limit=5.0))
+    assert not leaked()
