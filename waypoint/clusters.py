@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from waypoint.endpoints import Endpoint
 from waypoint.http.h1client import Http1Client
+from waypoint.http.h2client import Http2Client
 from waypoint.lb import Balancer, balancer
 from waypoint.outlier import OutlierDetector
 from waypoint.routes.destinationrule import TrafficPolicy
@@ -22,6 +23,13 @@ from waypoint.routes.destinationrule import TrafficPolicy
 MAX_IDLE_PER_ENDPOINT = 32
 
 _closing: set[asyncio.Task[None]] = set()
+
+
+def discard_h2(client: Http2Client) -> None:
+    """Close an HTTP/2 upstream in the background (GOAWAY; its streams end)."""
+    task = asyncio.get_running_loop().create_task(client.aclose())
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
 
 
 def discard(client: Http1Client) -> None:
@@ -45,6 +53,8 @@ class Cluster:
     connections: int = 0  # upstream HTTP/1.1 connections open (busy or idle)
     in_flight: dict[str, int] = field(default_factory=dict)  # by endpoint address
     idle: dict[str, list[Http1Client]] = field(default_factory=dict)
+    # HTTP/2 upstreams: one multiplexed connection (an HBONE stream) per endpoint.
+    h2: dict[str, Http2Client] = field(default_factory=dict)
     served: dict[int, int] = field(default_factory=dict)  # requests per connection (by id)
 
     def refresh(self, policy: TrafficPolicy, endpoints: Sequence[Endpoint]) -> None:
@@ -62,6 +72,8 @@ class Cluster:
             self.outlier = OutlierDetector(policy.outlier, addresses)
         else:
             self.outlier.set_endpoints(addresses)
+        for address in set(self.h2) - set(addresses):
+            discard_h2(self.h2.pop(address))
         gone = set(self.idle) - set(addresses)
         for address in gone:
             for client in self.idle.pop(address):

@@ -85,7 +85,11 @@ class Waypoint:
             self.exporter,
         )
         self.proxy = WaypointProxy(
-            lambda: self.state, self.upstream, self.router, draining=lambda: self.draining
+            lambda: self.state,
+            self.upstream,
+            self.router,
+            draining=lambda: self.draining,
+            sniff_timeout=cfg.sniff_timeout,
         )
         self.me = me_of(cfg)
         self.server = WaypointServer(

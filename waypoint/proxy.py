@@ -17,7 +17,9 @@ from meshcore.state import MeshState
 from waypoint.destination import Destination, L7Protocol
 from waypoint.endpoints import Endpoint, direct_endpoint, service_endpoints
 from waypoint.http.h1server import serve_http1
+from waypoint.http.h2server import serve_http2
 from waypoint.http.message import Request, Response
+from waypoint.http.sniff import PrefixedStream, sniff
 from waypoint.http.splice import splice
 from waypoint.http.stream import ByteStream
 from waypoint.router import Accounted, Router
@@ -38,7 +40,9 @@ class WaypointProxy:
         upstream: Upstream,
         router: Router | None = None,
         draining: Callable[[], bool] = lambda: False,
+        sniff_timeout: float = 0.2,
     ) -> None:
+        self.sniff_timeout = sniff_timeout
         self._state = state
         self.upstream = upstream
         self.router = router
@@ -63,13 +67,19 @@ class WaypointProxy:
         if protocol is L7Protocol.TCP or self.router is None:
             await self.tcp(stream, inbound)
         elif protocol is L7Protocol.HTTP:
-            await self.http1(stream, inbound)
+            await self.http(stream, inbound, h2=False)
+        elif protocol in (L7Protocol.HTTP2, L7Protocol.GRPC):
+            await self.http(stream, inbound, h2=True)
         else:
-            # HTTP/2, gRPC and undeclared ports: passed through as TCP until their codecs
-            # are wired in.
-            await self.tcp(stream, inbound)
+            # Undeclared: the client's first bytes say which, and silence says the server
+            # speaks first (MySQL, SMTP): that is TCP, connected at once, never stalled.
+            kind, prefix = await sniff(stream, self.sniff_timeout)
+            if kind == "tcp":
+                await self.tcp(stream, inbound, prefix)
+            else:
+                await self.http(PrefixedStream(stream, prefix), inbound, h2=kind == "h2")
 
-    async def http1(self, stream: ByteStream, inbound: Inbound) -> None:
+    async def http(self, stream: ByteStream, inbound: Inbound, h2: bool) -> None:
         router = self.router
         assert router is not None
         books: dict[Accounted, None] = {}
@@ -78,7 +88,10 @@ class WaypointProxy:
             return await router.handle(request, inbound, books)
 
         try:
-            await serve_http1(stream, handler, draining=self.draining)
+            if h2:
+                await serve_http2(stream, handler, draining=self.draining)
+            else:
+                await serve_http1(stream, handler, draining=self.draining)
         finally:
             router.abandon(books)
 

@@ -25,17 +25,20 @@ from meshcore.state import MeshState, Service, Workload
 from waypoint.authn.verify import unauthorized_response
 from waypoint.authz.decide import authorize_request, denied_response
 from waypoint.authz.facts import facts_for
-from waypoint.clusters import Cluster, discard
+from waypoint.clusters import Cluster, discard, discard_h2
 from waypoint.endpoints import Endpoint, service_endpoints
 from waypoint.http.h1client import Http1Client, UpstreamError
+from waypoint.http.h2client import Http2Client, StreamError
 from waypoint.http.message import (
     Body,
     BodyError,
     BufferedBody,
     Request,
     Response,
+    Wire,
     text_response,
 )
+from waypoint.http.stream import ByteStream
 from waypoint.l7config import L7Config
 from waypoint.lb import PickContext, hash_key, pick
 from waypoint.routes.facts import RequestFacts
@@ -451,6 +454,11 @@ class Router:
         if endpoint is None:
             return _Try(None, Failure.CONNECT_FAILURE, None, "no healthy upstream",
                         ResponseFlag.NO_HEALTHY_UPSTREAM)  # fmt: skip
+        if request.wire is Wire.HTTP2:
+            return await self._try_h2(
+                request, cluster, endpoint, path, authority, headers, facts, per_try, trace,
+                record,
+            )  # fmt: skip
         client = cluster.take_idle(endpoint.address)
         verdict = admit_request(
             cluster.policy.pool,
@@ -552,6 +560,106 @@ class Router:
                 error=error,
             )
 
+    async def _try_h2(
+        self,
+        request: Request,
+        cluster: Cluster,
+        endpoint: Endpoint,
+        path: str,
+        authority: str,
+        headers: list[tuple[str, str]],
+        facts: RequestFacts,
+        per_try: float | None,
+        trace: RequestTrace,
+        record: RequestLog,
+    ) -> _Try:
+        """One try over HTTP/2 (gRPC, or a client that spoke HTTP/2): requests to an
+        endpoint share one multiplexed connection, so only active requests are limited."""
+        verdict = admit_request(
+            cluster.policy.pool,
+            http2=True,
+            active_requests=cluster.active_requests,
+            pending=0,
+            connections=len(cluster.h2),
+        )
+        if verdict is PoolVerdict.OVERFLOW:
+            return _Try(None, 503, endpoint, "upstream overflow", ResponseFlag.UPSTREAM_OVERFLOW)
+        attempt = trace.attempt()
+        upstream = Request(
+            method=request.method,
+            authority=authority,
+            path=path,
+            headers=[*_without_trace(headers), *trace.upstream_headers(attempt)],
+            body=request.body,
+            scheme=request.scheme,
+            wire=Wire.HTTP2,
+        )
+        address = endpoint.address
+        cluster.active_requests += 1
+        cluster.in_flight[address] = cluster.in_flight.get(address, 0) + 1
+        status: int | None = None
+        error: str | None = None
+        client: Http2Client | None = None
+        try:
+            async with asyncio.timeout(per_try):
+                client = cluster.h2.get(address)
+                if client is None or not client.available:
+                    if client is not None and client.active == 0:
+                        discard_h2(cluster.h2.pop(address))
+                    stream = await self._open(endpoint, record)
+                    client = Http2Client(stream)
+                    cluster.h2[address] = client
+                response = await client.send(upstream)
+            status = response.status
+            outcome: Outcome = status
+            grpc_status = _grpc_status(response) if facts.is_grpc else None
+            if grpc_status is not None and grpc_status != 0:
+                outcome = GrpcStatus(grpc_status)
+            if cluster.outlier is not None:
+                cluster.outlier.record(address, status, time.monotonic())
+            return _Try(response, outcome, endpoint)
+        except _ConnectFailed as e:
+            error = str(e)
+            self._outlier_failure(cluster, endpoint)
+            return _Try(None, Failure.CONNECT_FAILURE, endpoint, error,
+                        ResponseFlag.UPSTREAM_CONNECTION_FAILURE)  # fmt: skip
+        except TimeoutError:
+            error = "upstream per-try timeout"
+            self._outlier_failure(cluster, endpoint)
+            return _Try(None, Failure.TIMEOUT, endpoint, error,
+                        ResponseFlag.UPSTREAM_REQUEST_TIMEOUT)  # fmt: skip
+        except (StreamError, BodyError, ConnectionError, OSError) as e:
+            error = str(e) or type(e).__name__
+            if client is not None and not client.available and cluster.h2.get(address) is client:
+                discard_h2(cluster.h2.pop(address))
+            self._outlier_failure(cluster, endpoint)
+            return _Try(None, Failure.RESET, endpoint, error,
+                        ResponseFlag.UPSTREAM_CONNECTION_TERMINATION)  # fmt: skip
+        finally:
+            cluster.active_requests -= 1
+            left = cluster.in_flight.get(address, 1) - 1
+            if left:
+                cluster.in_flight[address] = left
+            else:
+                cluster.in_flight.pop(address, None)
+            trace.end_attempt(
+                attempt,
+                method=request.method,
+                url=f"{request.scheme}://{authority}{path}",
+                peer=endpoint.ip,
+                peer_port=endpoint.port,
+                status=status,
+                error=error,
+            )
+
+    async def _open(self, endpoint: Endpoint, record: RequestLog) -> ByteStream:
+        try:
+            return await self._upstream.open(
+                endpoint.workload, endpoint.ip, endpoint.port, _connect_headers(record)
+            )
+        except (OSError, ConnectionError, HboneStreamError) as e:
+            raise _ConnectFailed(f"connecting to {endpoint.address}: {e}") from None
+
     def _outlier_failure(self, cluster: Cluster, endpoint: Endpoint) -> None:
         if cluster.outlier is not None:
             cluster.outlier.record(endpoint.address, None, time.monotonic())
@@ -559,13 +667,7 @@ class Router:
     async def _connect(
         self, cluster: Cluster, endpoint: Endpoint, record: RequestLog
     ) -> Http1Client:
-        try:
-            stream = await self._upstream.open(
-                endpoint.workload, endpoint.ip, endpoint.port, _connect_headers(record)
-            )
-        except (OSError, ConnectionError, HboneStreamError) as e:
-            raise _ConnectFailed(f"connecting to {endpoint.address}: {e}") from None
-        return Http1Client(stream)
+        return Http1Client(await self._open(endpoint, record))
 
     def _returning(
         self, cluster: Cluster, endpoint: Endpoint, client: Http1Client, body: Body

@@ -40,6 +40,8 @@ from tests.support.mesh import (
     workload,
 )
 from waypoint.config import WaypointConfig
+from waypoint.http.splice import splice
+from waypoint.http.stream import AsyncioByteStream
 from waypoint.instance import Waypoint
 from ztunnel.inpod import Enrolment, PodProxy
 from ztunnel.node import NodeProxy
@@ -139,6 +141,8 @@ def build_state(
 
 def with_port_protocol(svc: Service, app_protocol: str) -> Service:
     """The service with every port declaring `app_protocol` (Istio's names: http, grpc...)."""
+    if not app_protocol:
+        return svc  # undeclared: the waypoint sniffs
     protocol = parse_app_protocol(app_protocol)
     ports_ = tuple(dataclasses.replace(p, app_protocol=protocol) for p in svc.ports)
     return dataclasses.replace(svc, ports=ports_)
@@ -180,6 +184,22 @@ class Mesh:
     lw: LoopbackWaypoint
     vips: dict[str, str]  # service name -> VIP
     pods: dict[str, list[str]]  # service name -> its pods' IPs
+    servers: list[asyncio.Server] = dataclasses.field(default_factory=list)
+
+    async def forwarder(self, service: str, port: int = 80) -> tuple[str, int]:
+        """A local TCP port whose connections each become one CONNECT to the service through
+        the waypoint (what the client's tunnel does), for clients that need a socket
+        (grpcio, websockets)."""
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            stream = await self.lw.connect(f"{self.vips[service]}:{port}")
+            await splice(AsyncioByteStream(reader, writer), stream)
+            writer.close()
+
+        server = await asyncio.start_server(serve, self.lw.client_ip, 0)
+        self.servers.append(server)
+        listening: tuple[str, int] = server.sockets[0].getsockname()[:2]
+        return listening
 
     async def request(self, service: str, raw: bytes, port: int = 80) -> bytes:
         """One HTTP/1.1 exchange (the client's bytes as written) through the waypoint: the
@@ -195,7 +215,7 @@ class Mesh:
 
 async def start_mesh(
     aio: Loop,
-    services: dict[str, list[AppServe]],
+    services: dict[str, list[Any]],  # AppServe, or an app with start_on(ip, port)/stop
     app_protocol: str = "http",
     resources: list[dict[str, Any]] | None = None,
     policies: list[dict[str, Any]] | None = None,
@@ -220,9 +240,14 @@ async def start_mesh(
         for app in apps:
             ip = pod_ips[i]
             i += 1
-            server = await asyncio.start_server(app, ip, app_port)
-            app_port = server.sockets[0].getsockname()[1]
-            aio.defer(_closer(server))
+            start_on = getattr(app, "start_on", None)
+            if start_on is not None:  # an app with a server of its own (grpcio, websockets)
+                app_port = await start_on(ip, app_port)
+                aio.defer(getattr(app, "stop"))  # noqa: B009 (an optional method)
+            else:
+                server = await asyncio.start_server(app, ip, app_port)
+                app_port = server.sockets[0].getsockname()[1]
+                aio.defer(_closer(server))
             pods_of.setdefault(name, []).append(ip)
     for name in services:
         svc = service(name=name, namespace="shop", vips=vips(vip_of[name]),
@@ -261,7 +286,14 @@ async def start_mesh(
     ]
     state = MeshState.build(pods, svc_objs, pols, raw)
     lw = await _start_with(aio, state, wp_ip, client_ip, pod_ips, app_port)
-    return Mesh(lw, vip_of, pods_of)
+    mesh = Mesh(lw, vip_of, pods_of)
+
+    async def close_forwarders() -> None:
+        for server in mesh.servers:
+            server.close()
+
+    aio.defer(close_forwarders)
+    return mesh
 
 
 async def _start_with(
