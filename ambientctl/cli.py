@@ -32,7 +32,11 @@ from localcluster.processes import ProcessError
 from localcluster.spec import SpecError, load_cluster
 from localcluster.state import DEFAULT_STATE_ROOT, StateError
 from meshcore.defaults import ADMIN_PORT, NAMESPACE
+from meshcore.discovery import parse_local_config
 from meshcore.reader import load_documents
+from meshcore.state import MeshConfigError
+from waypoint import explain as wx
+from waypoint.l7config import ROUTE_KINDS
 
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
@@ -55,6 +59,7 @@ EXPECTED = (
     NetworkError,
     ProcessError,
     views.ViewError,
+    MeshConfigError,
     OSError,
 )
 
@@ -237,11 +242,42 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     cluster = mesh.attach(args.cluster_file, args.state_root)
     ns, name = _find_pod(cluster, args.source)
     node = _check_node(cluster, args.node)[0] if args.node else cluster.spec.pod(ns, name).node
-    out = views.explain(
-        _admin_getter(cluster), node, f"{ns}/{name}", args.destination, args.output,
-        _status_hint(args),
-    )  # fmt: skip
-    print(out, end="")
+    if args.http is None:
+        if args.header:
+            raise UsageError("-H/--header goes with --http")
+        out = views.explain(
+            _admin_getter(cluster), node, f"{ns}/{name}", args.destination, args.output,
+            _status_hint(args),
+        )  # fmt: skip
+        print(out, end="")
+        return 0
+    try:
+        probe = wx.parse_probe(args.http, args.header or [], args.destination)
+    except wx.ExplainError as e:
+        raise UsageError(str(e)) from None
+    doc = views.explain_doc(
+        _admin_getter(cluster), node, f"{ns}/{name}", args.destination, _status_hint(args)
+    )
+    request = {
+        "method": probe.method,
+        "path": probe.path,
+        "authority": probe.authority,
+        "headers": [list(h) for h in probe.headers],
+    }
+    hop = views.waypoint_hop(doc)
+    if isinstance(hop, str):
+        http = views.no_waypoint(request, hop)
+    else:
+        # The waypoint's own decision functions, on the mesh config every proxy reads now.
+        state = parse_local_config(cluster.paths.xds.read_text())
+        source = next((w for w in state.workloads if w.namespace == ns and w.name == name), None)
+        try:
+            gateway = wx.gateway_of(state, hop[0])
+        except wx.ExplainError as e:
+            raise NotFound(str(e)) from None
+        network = source.network if source is not None else ""
+        http = wx.explain_request(state, gateway, hop[1], probe, source, network).to_json()
+    print(views.render_explain_http(doc, http, args.output), end="")
     return 0
 
 
@@ -414,11 +450,16 @@ def _cmd_waypoint_delete(args: argparse.Namespace) -> int:
 
 
 def _cmd_routes(args: argparse.Namespace) -> int:
-    """Each service's routes (HTTPRoute, GRPCRoute, VirtualService) from the records."""
+    """Each service's routes (HTTPRoute, GRPCRoute, VirtualService) with the status the
+    waypoints compute: Accepted / ResolvedRefs, with the reason when not."""
     cluster = mesh.attach(args.cluster_file, args.state_root)
     spec = mesh.current_spec(cluster)
-    resources = mesh.read_resources(cluster)
-    rows = waypoint_views.routes(spec, resources)
+    # The status a waypoint computes, from the mesh config every proxy reads.
+    state = parse_local_config(cluster.paths.xds.read_text())
+    documents = [r.document() for kind in ROUTE_KINDS for r in state.resources(kind)]
+    gateways = [g.key for g in gw.sorted_gateways(spec.gateways)]
+    statuses = waypoint_views.waypoint_statuses(documents, state.services, gateways)
+    rows = waypoint_views.routes(spec, documents, statuses)
     if args.namespace is not None and not args.all_namespaces:
         _check_namespace(cluster, args.namespace)
         rows = [r for r in rows if r.namespace == args.namespace]
@@ -558,6 +599,21 @@ def build_parser() -> argparse.ArgumentParser:
     explain_cmd.add_argument("source", help="<namespace>/<pod>")
     explain_cmd.add_argument("destination", help="<host or ip>:<port>")
     _view_options(explain_cmd, "ask this node's tunnel (default: the source pod's node)")
+    explain_cmd.add_argument(
+        "--http",
+        nargs="?",
+        const="GET /",
+        metavar="'METHOD /PATH'",
+        help="also show what the waypoint on the path would decide for this request "
+        "(default GET /; nothing is sent)",
+    )
+    explain_cmd.add_argument(
+        "-H",
+        "--header",
+        action="append",
+        metavar="'NAME: VALUE'",
+        help="a request header for --http (repeatable; host: replaces the destination)",
+    )
     explain_cmd.set_defaults(fn=_cmd_explain)
     ap = sub.add_parser(
         "apply",

@@ -407,6 +407,12 @@ def render_explain(doc: Mapping[str, Any]) -> str:
         f"Route:        {_text(doc.get('route'))}",
         f"Reason:       {_text(doc.get('reason'))}",
     ]
+    if "waypoint" in doc or "waypoint_reason" in doc:
+        hop = _dict(doc.get("waypoint"))
+        what = f"{_text(hop.get('name'))} ({_text(hop.get('status'))})" if hop else "none"
+        lines.append(f"Waypoint:     {what}")
+        if doc.get("waypoint_reason"):
+            lines.append(f"  why:        {doc['waypoint_reason']}")
     if doc.get("selection"):
         lines.append(f"Selection:    {doc['selection']}")
     endpoints = _dicts(doc.get("endpoints"))
@@ -431,6 +437,201 @@ def render_explain(doc: Mapping[str, Any]) -> str:
             detail.append(f"mtls:           {_text(e.get('mtls'))}")
         lines.extend(f"      {d}" for d in detail)
     return "\n".join(lines) + "\n"
+
+
+# -- explain --http: the waypoint's L7 decision ------------------------------------------------
+
+
+def _seconds(value: Any) -> str:
+    return f"{value:g}s" if isinstance(value, int | float) else "none"
+
+
+def _headers_edit(edit: Any) -> str:
+    e = _dict(edit)
+    parts = [f"set {k}: {v}" for k, v in _pairs(e.get("set"))]
+    parts += [f"add {k}: {v}" for k, v in _pairs(e.get("add"))]
+    parts += [f"remove {_text(n)}" for n in _list(e.get("remove"))]
+    return "; ".join(parts) if parts else MISSING
+
+
+def _pairs(value: Any) -> list[tuple[str, str]]:
+    return [(_text(p[0]), _text(p[1])) for p in _list(value) if isinstance(p, list) and len(p) == 2]
+
+
+def _retry_line(retry: Any) -> str:
+    r = _dict(retry)
+    if not r:
+        return MISSING
+    attempts = r.get("attempts")
+    if attempts == 0:
+        text = "none"
+    else:
+        text = f"{_text(attempts)} retries on {_text(r.get('retryOn'))}"
+        if r.get("codes"):
+            text += f" (codes {_text(r.get('codes'))})"
+        if r.get("perTryTimeout") is not None:
+            text += f", per try {_seconds(r.get('perTryTimeout'))}"
+    if r.get("default"):
+        text += " (Istio's default: the route sets none)"
+    return text
+
+
+def _fault_line(fault: Any) -> str:
+    f = _dict(fault)
+    parts = []
+    delay = _dict(f.get("delay"))
+    if delay:
+        parts.append(f"delay {_seconds(delay.get('seconds'))} for {_text(delay.get('percent'))}%")
+    abort = _dict(f.get("abort"))
+    if abort:
+        code = abort.get("httpStatus")
+        what = (
+            f"HTTP {code}" if code is not None else f"grpc-status {_text(abort.get('grpcStatus'))}"
+        )
+        parts.append(f"abort {what} for {_text(abort.get('percent'))}%")
+    return ", ".join(parts) if parts else "none"
+
+
+_UNLIMITED = 2**32 - 1
+
+
+def _policy_lines(policy: Any) -> list[str]:
+    p = _dict(policy)
+    if not p:
+        return []
+    lb = _dict(p.get("loadBalancer"))
+    balancer = _text(lb.get("kind"))
+    if lb.get("hashOn"):
+        balancer += f" on {lb['hashOn']} {_text(lb.get('hashName'))}"
+    pool = _dict(p.get("connectionPool"))
+    limits = [
+        f"{k} {v}" for k, v in pool.items() if isinstance(v, int) and v not in (0, _UNLIMITED)
+    ]
+    lines = [
+        f"lb:             {balancer}",
+        f"pool:           {', '.join(limits) if limits else 'no limits'}",
+    ]
+    od = _dict(p.get("outlierDetection"))
+    if od:
+        lines.append(
+            f"outlier:        eject after {_text(od.get('consecutive5xxErrors'))} consecutive 5xx "
+            f"({_text(od.get('consecutiveGatewayErrors'))} gateway errors), every "
+            f"{_seconds(od.get('interval'))}, for {_seconds(od.get('baseEjectionTime'))}, "
+            f"at most {_text(od.get('maxEjectionPercent'))}%"
+        )
+    else:
+        lines.append("outlier:        off")
+    return lines
+
+
+def render_http(doc: Mapping[str, Any]) -> str:
+    """The waypoint's decision for one request (`waypoint.explain`'s JSON), or why there is
+    none (`{"waypoint": null, "summary": ...}`)."""
+    lines = ["", "HTTP (L7, at the waypoint)"]
+    req = _dict(doc.get("request"))
+    if req:
+        lines.append(
+            f"  Request:        {_text(req.get('method'))} {_text(req.get('path'))} "
+            f"(host {_text(req.get('authority'))})"
+        )
+        for k, v in _pairs(req.get("headers")):
+            lines.append(f"    {k}: {v}")
+    if not doc.get("waypoint"):
+        lines.append(f"  Waypoint:       none: {_text(doc.get('summary'))}")
+        return "\n".join(lines) + "\n"
+    connect = _dict(doc.get("connect"))
+    target = _text(connect.get("service") or connect.get("workload"))
+    lines.append(
+        f"  Waypoint:       {doc['waypoint']} (CONNECT {_text(connect.get('authority'))}, "
+        f"{target}, {_text(connect.get('protocol'))})"
+    )
+    lines.append(f"  Outcome:        {_text(doc.get('summary'))}")
+    if not doc.get("l7"):
+        return "\n".join(lines) + "\n"
+    authn = doc.get("authentication")
+    if isinstance(authn, dict):
+        ok = "verified" if authn.get("ok") else "REFUSED"
+        who = f" as {authn['principal']}" if authn.get("principal") else ""
+        lines.append(f"  Authentication: {ok}{who} ({_text(authn.get('reason'))})")
+    else:
+        lines.append("  Authentication: no RequestAuthentication applies")
+    if "authorization" in doc:
+        auth = doc.get("authorization")
+        lines.extend(f"  {line}" for line in _verdict(auth))
+        pols = _dict(auth).get("policies")
+        lines.append(f"    policies:     {_text(pols) if pols else 'none apply'}")
+    route = _dict(doc.get("route"))
+    if route:
+        if route.get("matched"):
+            lines.append(f"  Route:          {route['matched']}")
+        else:
+            lines.append("  Route:          default (no route matched: to the service addressed)")
+        action = route.get("action")
+        if action == "redirect":
+            r = _dict(route.get("redirect"))
+            lines.append(
+                f"  Action:         redirect {_text(r.get('status'))} to {_text(r.get('location'))}"
+            )
+        elif action == "direct":
+            r = _dict(route.get("direct"))
+            lines.append(
+                f"  Action:         answer {_text(r.get('status'))} {_text(r.get('body'))}"
+            )
+        else:
+            lines.append("  Action:         forward")
+            rewrite = _dict(route.get("rewrite"))
+            if rewrite:
+                path = _dict(rewrite.get("path"))
+                parts = []
+                if path:
+                    parts.append(f"path {_text(path.get('kind'))} {_text(path.get('value'))}")
+                if rewrite.get("hostname"):
+                    parts.append(f"host {rewrite['hostname']}")
+                lines.append(f"  Rewrite:        {', '.join(parts) or MISSING}")
+            if route.get("requestHeaders"):
+                lines.append(f"  Request hdrs:   {_headers_edit(route['requestHeaders'])}")
+            if route.get("responseHeaders"):
+                lines.append(f"  Response hdrs:  {_headers_edit(route['responseHeaders'])}")
+            for m in _dicts(route.get("mirrors")):
+                lines.append(
+                    f"  Mirror:         {_text(m.get('service'))}:{_text(m.get('port'))} "
+                    f"({_text(m.get('percent'))}%)"
+                )
+            lines.append(f"  Retry:          {_retry_line(route.get('retry'))}")
+            t = _dict(route.get("timeouts"))
+            lines.append(
+                f"  Timeouts:       request {_seconds(t.get('request'))}, "
+                f"per try {_seconds(t.get('backendRequest'))}"
+            )
+            lines.append(f"  Fault:          {_fault_line(route.get('fault'))}")
+    backends = _dicts(doc.get("backends"))
+    if route.get("action", "forward") == "forward" and route:
+        lines.append(f"  Backends:       {len(backends) if backends else 'none'}")
+    for b in backends:
+        share = b.get("share")
+        pct = f"{share:.0%}" if isinstance(share, int | float) else MISSING
+        name = _text(b.get("service")) if b.get("service") else "the pod addressed"
+        lines.append(f"    - {name}:{_text(b.get('port'))} weight {_text(b.get('weight'))} ({pct})")
+        detail = []
+        if b.get("subset"):
+            detail.append(f"subset:         {b['subset']}")
+        if b.get("status") is not None:
+            detail.append(f"answered:       {b['status']} (the backend does not resolve)")
+        detail.append(f"sent as:        {_text(b.get('path'))} (host {_text(b.get('authority'))})")
+        if b.get("requestHeaders"):
+            detail.append(f"request hdrs:   {_headers_edit(b['requestHeaders'])}")
+        if b.get("responseHeaders"):
+            detail.append(f"response hdrs:  {_headers_edit(b['responseHeaders'])}")
+        detail.extend(_policy_lines(b.get("trafficPolicy")))
+        eps = _list(b.get("endpoints"))
+        detail.append(f"endpoints:      {', '.join(map(_text, eps)) if eps else 'none healthy'}")
+        lines.extend(f"        {d}" for d in detail)
+    return "\n".join(lines) + "\n"
+
+
+def no_waypoint(request: Mapping[str, Any], reason: str) -> dict[str, Any]:
+    """`--http`'s answer when the connection does not go through a waypoint."""
+    return {"waypoint": None, "request": dict(request), "summary": reason}
 
 
 # -- the commands' shared shape ---------------------------------------------------------------
@@ -463,10 +664,42 @@ def show(kind: str, get: Getter, nodes: Sequence[str], output: str, hint: str = 
     return as_json(data) if output == "json" else render(data, len(nodes) > 1)
 
 
-def explain(
-    get: Getter, node: str, source: str, destination: str, output: str, hint: str = ""
-) -> str:
+def explain_doc(get: Getter, node: str, source: str, destination: str, hint: str = "") -> Any:
+    """The tunnel's `/debug/explain` answer (an object)."""
     doc = fetch(get, node, explain_path(source, destination), hint)
     if not isinstance(doc, dict):
         raise ViewError(f"node {node}: explain answered {type(doc).__name__}, not an object")
+    return doc
+
+
+def explain(
+    get: Getter, node: str, source: str, destination: str, output: str, hint: str = ""
+) -> str:
+    doc = explain_doc(get, node, source, destination, hint)
     return as_json(doc) if output == "json" else render_explain(doc)
+
+
+def waypoint_hop(doc: Mapping[str, Any]) -> tuple[str, str] | str:
+    """From the tunnel's answer: (the waypoint as bindings name it, the CONNECT authority
+    sent to it) when the connection goes through one, else why not (one sentence)."""
+    hop = _dict(doc.get("waypoint"))
+    reason = str(doc.get("waypoint_reason") or "the connection goes through no waypoint")
+    if not hop:
+        return f"no waypoint on the path: {reason}"
+    if hop.get("status") != "used" or not hop.get("name"):
+        return f"the waypoint is not used: {reason}"
+    dst = _dict(doc.get("destination"))
+    authority = hop.get("authority")
+    if not authority and dst.get("ip") is not None:
+        ip = str(dst["ip"])
+        authority = f"[{ip}]:{dst.get('port')}" if ":" in ip else f"{ip}:{dst.get('port')}"
+    if not authority:
+        return "the tunnel did not say which destination it sends the waypoint"
+    return str(hop["name"]), str(authority)
+
+
+def render_explain_http(doc: Mapping[str, Any], http: Mapping[str, Any], output: str) -> str:
+    """`explain --http`: the tunnel's answer, then the waypoint's (JSON: under "http")."""
+    if output == "json":
+        return as_json({**doc, "http": dict(http)})
+    return render_explain(doc) + render_http(http)

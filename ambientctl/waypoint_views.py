@@ -14,6 +14,9 @@ from typing import Any
 from ambientctl.views import MISSING, as_json, table
 from localcluster import gateways as gw
 from localcluster.spec import ClusterSpec
+from meshcore.state import Service
+from waypoint.routes.status import Condition
+from waypoint.routes.table import RouteTable
 
 ROUTE_KINDS = ("HTTPRoute", "GRPCRoute", "VirtualService")
 WAIT_POLL = 0.2
@@ -88,14 +91,25 @@ class RouteRow:
     kind: str
     route: str  # namespace/name of the route
     status: str
+    conditions: tuple[Condition, ...] = ()
 
-    def to_json(self) -> dict[str, str]:
+    def to_json(self) -> dict[str, Any]:
         return {
             "namespace": self.namespace,
             "service": self.service,
             "kind": self.kind,
             "route": self.route,
             "status": self.status,
+            "conditions": [
+                {
+                    "type": c.type,
+                    "status": "True" if c.status else "False",
+                    "reason": c.reason,
+                    "message": c.message,
+                    "parent": c.parent,
+                }
+                for c in self.conditions
+            ],
         }
 
 
@@ -113,6 +127,46 @@ def route_status(doc: Mapping[str, Any]) -> str:
                     text += f" ({c.get('message')})"
                 out.append(text)
     return ", ".join(out) if out else "Recorded"
+
+
+def waypoint_statuses(
+    documents: Sequence[Any], services: Sequence[Service], gateways: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str, str], tuple[Condition, ...]]:
+    """(kind, namespace, name) -> the conditions the waypoints compute (`RouteTable.build`).
+
+    A route whose parent is a waypoint Gateway is accepted only by that waypoint's table, so
+    one table is built per waypoint (and one for none): a condition about one parent comes
+    from the table that accepts it when one does."""
+    tables = [RouteTable.build(documents, services, gateway=None)]
+    tables += [RouteTable.build(documents, services, gateway=g) for g in gateways]
+    merged: dict[tuple[str, str, str], dict[tuple[str, str | None], Condition]] = {}
+    for t in tables:
+        for st in t.statuses():
+            conditions = merged.setdefault((st.kind, st.namespace, st.name), {})
+            for c in st.conditions:
+                key = (c.type, c.parent)
+                have = conditions.get(key)
+                if have is None or (c.status and not have.status):
+                    conditions[key] = c
+    return {k: tuple(v.values()) for k, v in merged.items()}
+
+
+def status_text(conditions: Sequence[Condition]) -> str:
+    """The conditions that hold by type ("Accepted, ResolvedRefs"); each failing one with its
+    reason and message."""
+    if not conditions:
+        return "Unknown"
+    parts: list[str] = []
+    for c in conditions:
+        if c.status:
+            text = c.type
+        else:
+            text = f"{c.type}=False {c.reason}"
+            if c.message:
+                text += f": {c.message}"
+        if text not in parts:
+            parts.append(text)
+    return ", ".join(parts)
 
 
 def _targets(doc: Mapping[str, Any], spec: ClusterSpec) -> list[tuple[str, str]]:
@@ -139,7 +193,13 @@ def _targets(doc: Mapping[str, Any], spec: ClusterSpec) -> list[tuple[str, str]]
     return out
 
 
-def routes(spec: ClusterSpec, resources: Sequence[Mapping[str, Any]]) -> list[RouteRow]:
+def routes(
+    spec: ClusterSpec,
+    resources: Sequence[Mapping[str, Any]],
+    statuses: Mapping[tuple[str, str, str], tuple[Condition, ...]] | None = None,
+) -> list[RouteRow]:
+    """One row per (service, route); the status is the waypoints' (`waypoint_statuses`)
+    when given, else what the record says."""
     rows = []
     for doc in resources:
         if doc.get("kind") not in ROUTE_KINDS:
@@ -147,9 +207,13 @@ def routes(spec: ClusterSpec, resources: Sequence[Mapping[str, Any]]) -> list[Ro
         meta = doc.get("metadata")
         if not isinstance(meta, Mapping):
             continue
+        kind = str(doc.get("kind"))
         ref = f"{meta.get('namespace')}/{meta.get('name')}"
+        key = (kind, str(meta.get("namespace")), str(meta.get("name")))
+        conditions = statuses.get(key) if statuses is not None else None
+        status = status_text(conditions) if conditions is not None else route_status(doc)
         for ns, svc in _targets(doc, spec) or [(str(meta.get("namespace")), MISSING)]:
-            rows.append(RouteRow(ns, svc, str(doc.get("kind")), ref, route_status(doc)))
+            rows.append(RouteRow(ns, svc, kind, ref, status, conditions or ()))
     return sorted(rows, key=lambda r: (r.namespace, r.service, r.kind, r.route))
 
 
