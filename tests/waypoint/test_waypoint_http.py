@@ -74,12 +74,13 @@ def test_weights_split_between_versions(aio: Loop) -> None:
             resources=[split],
         )
         served = {"v1": 0, "v2": 0}
-        for _ in range(200):
+        for _ in range(100):
             _, headers, _ = parse(await mesh.request("web", get("/")))
             served[headers["x-served-by"]] += 1
-        # Binomial(200, 0.1): mean 20, sd 4.2; 5..40 is beyond 3.5 sd either way.
-        assert 5 <= served["v2"] <= 40, served
-        assert served["v1"] + served["v2"] == 200
+        # Binomial(100, 0.1): mean 10, sd 3; 1..22 is 3 sd or more either way. (The e2e
+        # tier checks the split over 1000 requests through both tunnels.)
+        assert 1 <= served["v2"] <= 22, served
+        assert served["v1"] + served["v2"] == 100
 
     aio.run(main, limit=120)
 

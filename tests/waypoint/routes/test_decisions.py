@@ -321,7 +321,7 @@ structured = st.recursive(json_values, lambda inner: st.dictionaries(keys, inner
                           max_leaves=20)  # fmt: skip
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
     kind=st.sampled_from(
         ["HTTPRoute", "GRPCRoute", "VirtualService", "DestinationRule", "ReferenceGrant", "X"]
