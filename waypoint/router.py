@@ -52,6 +52,7 @@ from waypoint.server import Inbound
 from waypoint.telemetry.accesslog import RequestLog
 from waypoint.telemetry.export import OtlpExporter
 from waypoint.telemetry.flags import ResponseFlag, join_flags
+from waypoint.telemetry.grpcframes import MessageCounter
 from waypoint.telemetry.metrics import RequestMetrics, RequestProtocol, request_labels
 from waypoint.telemetry.tracing import RequestTrace, start_request
 from waypoint.upstream import Upstream
@@ -99,12 +100,18 @@ class Accounted:
     failure), closes the books of the request once; and gives the upstream connection back
     when the exchange completed cleanly."""
 
-    __slots__ = ("_body", "_done", "_on_done", "sent")
+    __slots__ = ("_body", "_done", "_on_done", "messages", "sent")
 
-    def __init__(self, body: Body, on_done: Callable[[int, str | None], None]) -> None:
+    def __init__(
+        self,
+        body: Body,
+        on_done: Callable[[int, str | None], None],
+        messages: MessageCounter | None = None,
+    ) -> None:
         self._body = body
         self._on_done: Callable[[int, str | None], None] | None = on_done
         self.sent = 0
+        self.messages = messages  # gRPC: the messages that went by
 
     async def read(self) -> bytes:
         try:
@@ -114,6 +121,8 @@ class Accounted:
             raise
         if chunk:
             self.sent += len(chunk)
+            if self.messages is not None:
+                self.messages.feed(chunk)
         else:
             self.finish(None)
         return chunk
@@ -181,6 +190,10 @@ class Router:
         started = time.monotonic()
         grpc = _grpc(request)
         request_bytes = request.body.length or 0
+        request_messages = response_messages = None
+        if grpc:
+            request_messages, response_messages = MessageCounter(), MessageCounter()
+            request.body = Accounted(request.body, lambda _n, _e: None, request_messages)
         try:
             response = await self._handle(request, inbound, state, cfg, record, trace, grpc)
         except Exception as e:  # a bug must cost one request, never the connection
@@ -211,8 +224,8 @@ class Router:
                 duration_ms=(time.monotonic() - started) * 1000.0,
                 request_bytes=request_bytes,
                 response_bytes=sent,
-                request_messages=1 if grpc else 0,
-                response_messages=1 if grpc and sent else 0,
+                request_messages=request_messages.messages if request_messages else 0,
+                response_messages=response_messages.messages if response_messages else 0,
             )
             trace.finish(
                 request, status=response.status, client=src_ip, route=record.route, error=error
@@ -220,7 +233,7 @@ class Router:
             if self._exporter is not None:
                 self._exporter.submit_all(trace.spans)
 
-        accounted = Accounted(response.body, done)
+        accounted = Accounted(response.body, done, response_messages)
         response.body = accounted
         if request.method == "HEAD" or response.status in (204, 304) or response.status < 200:
             accounted.finish(None)  # no body will be read

@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 import pytest
 import websockets
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.aio import Loop
 from tests.waypoint.apps import app, get, parse
@@ -99,6 +100,11 @@ def test_grpc_unary_and_server_streaming_through_the_waypoint(aio: Loop) -> None
             assert got == [b"0", b"1", b"2", b"3", b"4"]
         text = mesh.lw.waypoint.render().decode()
         assert 'request_protocol="grpc"' in text and 'grpc_response_status="3"' in text
+        # Messages counted by their framing: 3 requests; 1 + 0 + 5 answers.
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        sent = sum(s.value for s in families["istio_request_messages"].samples)
+        answered = sum(s.value for s in families["istio_response_messages"].samples)
+        assert (sent, answered) == (3, 6)
 
     aio.run(main, limit=60)
 
