@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import time
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -25,9 +25,11 @@ from waypoint.l7config import L7Config
 from waypoint.proxy import WaypointProxy
 from waypoint.router import Router
 from waypoint.server import WaypointServer
-from waypoint.telemetry.export import ExportSettings, OtlpExporter
 from waypoint.telemetry.metrics import RequestMetrics
 from waypoint.upstream import Upstream
+
+if TYPE_CHECKING:
+    from waypoint.telemetry.export import OtlpExporter
 
 log = structlog.get_logger("waypoint")
 
@@ -71,11 +73,13 @@ class Waypoint:
         self.upstream = Upstream(self.identity, self._client_context, str(cfg.pod_ip), self.guard)
         self.l7 = L7Config.build(self.state, cfg.namespace, cfg.name)
         self.request_metrics = RequestMetrics()
-        self.exporter = (
-            OtlpExporter(ExportSettings(cfg.otlp_endpoint, f"{cfg.name}.{cfg.namespace}"))
-            if cfg.otlp_endpoint
-            else None
-        )
+        self.exporter: OtlpExporter | None = None
+        if cfg.otlp_endpoint:
+            # Loaded only when traces are exported: protobuf costs about 5 MB resident.
+            from waypoint.telemetry.export import ExportSettings, OtlpExporter
+
+            settings = ExportSettings(cfg.otlp_endpoint, f"{cfg.name}.{cfg.namespace}")
+            self.exporter = OtlpExporter(settings)
         self.router = Router(
             lambda: self.state,
             lambda: self.l7,

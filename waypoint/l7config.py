@@ -10,14 +10,15 @@ fail closed (they deny what they target), as the parsers decide.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from meshcore.defaults import ROOT_NAMESPACE
 from meshcore.state import MeshState, Service
 from waypoint.authn.parse import RequestAuthentication, load_request_authentication
-from waypoint.authn.verify import JwtVerifier
 from waypoint.authz.decide import DestinationRef, WaypointRef, applicable
 from waypoint.authz.model import L7Policy
 from waypoint.authz.parse import load_l7_policy
+from waypoint.http.message import Request
 from waypoint.routes.table import RouteTable
 
 ROUTE_KINDS = ("HTTPRoute", "GRPCRoute", "VirtualService", "DestinationRule", "ReferenceGrant")
@@ -32,12 +33,43 @@ def _targeted(doc: object) -> bool:
     return isinstance(spec, dict) and ("targetRefs" in spec or "targetRef" in spec)
 
 
+class Authenticator(Protocol):
+    """The JWT check of a destination (`waypoint.authn.verify.JwtVerifier`)."""
+
+    @property
+    def active(self) -> bool: ...
+
+    def authenticate(self, request: Request) -> Any: ...
+
+
+class _NoJwt:
+    """No RequestAuthentication applies: every request passes untouched. The JWT library
+    (and the cryptography it loads, about 20 MB resident) is imported only by a waypoint
+    that has a RequestAuthentication to enforce."""
+
+    active = False
+
+    def authenticate(self, request: Request) -> Any:
+        raise AssertionError("no RequestAuthentication applies")
+
+
+NO_JWT = _NoJwt()
+
+
+def _verifier(authns: tuple[RequestAuthentication, ...]) -> Authenticator:
+    if not authns:
+        return NO_JWT
+    from waypoint.authn.verify import JwtVerifier
+
+    return JwtVerifier(authns)
+
+
 @dataclass(slots=True)
 class ForDestination:
     """What applies to requests for one destination service (or a pod: `None`)."""
 
     policies: tuple[L7Policy, ...]
-    verifier: JwtVerifier
+    verifier: Authenticator
 
 
 @dataclass(slots=True)
@@ -73,7 +105,7 @@ class L7Config:
             dest = DestinationRef(service.namespace, service.name) if service is not None else None
             policies = applicable(self.policies, self.waypoint, dest, self.root_namespace)
             authns = applicable(self.authns, self.waypoint, dest, self.root_namespace)
-            hit = ForDestination(policies, JwtVerifier(authns))
+            hit = ForDestination(policies, _verifier(authns))
             self._per_destination[key] = hit
         return hit
 

@@ -17,12 +17,12 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import structlog
 
 from meshcore.hbone.stream import HboneStreamError
 from meshcore.state import MeshState, Service, Workload
-from waypoint.authn.verify import unauthorized_response
 from waypoint.authz.decide import authorize_request, denied_response
 from waypoint.authz.facts import facts_for
 from waypoint.clusters import Cluster, discard, discard_h2
@@ -50,12 +50,14 @@ from waypoint.routes.retry import Failure, GrpcStatus, Outcome, backoff, should_
 from waypoint.routes.table import choose_backend
 from waypoint.server import Inbound
 from waypoint.telemetry.accesslog import RequestLog
-from waypoint.telemetry.export import OtlpExporter
 from waypoint.telemetry.flags import ResponseFlag, join_flags
 from waypoint.telemetry.grpcframes import MessageCounter
 from waypoint.telemetry.metrics import RequestMetrics, RequestProtocol, request_labels
 from waypoint.telemetry.tracing import RequestTrace, start_request
 from waypoint.upstream import Upstream
+
+if TYPE_CHECKING:  # the exporter (and protobuf) load only when traces are exported
+    from waypoint.telemetry.export import OtlpExporter
 
 log = structlog.get_logger("waypoint")
 
@@ -265,6 +267,8 @@ class Router:
         if applies.verifier.active:
             result = applies.verifier.authenticate(request)
             if not result.ok:
+                from waypoint.authn.verify import unauthorized_response  # loaded with the JWT check
+
                 record.flag(ResponseFlag.DENY)
                 record.error = result.reason
                 return unauthorized_response(result)
