@@ -563,7 +563,9 @@ def test_no_retry_after_the_budget(l7: L7) -> None:
     assert r.status == 503, f"expected 503 once the retries are spent, saw {r.status}"
     line = l7.access_line(lambda d: d.get("path") == "/reset/always")
     assert line["attempts"] == 3, f"expected 1 try + 2 retries, saw {line}"
-    assert "URX" in line["response_flags"] or "UC" in line["response_flags"], line
+    # Each try ended in a reset (UC), and the retries ran out (URX).
+    flags = set(line["response_flags"].split(","))
+    assert {"UC", "URX"} <= flags, f"expected flags UC and URX, saw {line}"
 
 
 def test_request_timeout_is_504_ut(l7: L7) -> None:
@@ -669,8 +671,9 @@ def test_a_pod_bound_to_the_waypoint_takes_its_waypoint_only(l7: L7) -> None:
     with client(l7.c, target, port=8080) as pc:
         r = pc.request("/via-waypoint")
     assert r.status == 200, f"expected 200 through the waypoint, saw {r.status}"
+    # Port 8080 is no service's declared port, so the waypoint carries it as TCP: the app
+    # seeing the waypoint as its client is the proof that it went through it.
     assert r.info()["client"] == l7.waypoint_ip(), f"expected the waypoint as client: {r.info()}"
-    l7.access_line(lambda d: d.get("path") == "/via-waypoint")
 
 
 # ---- 6. a missing waypoint ---------------------------------------------------------------------
