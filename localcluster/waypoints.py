@@ -13,9 +13,11 @@ why not.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -24,7 +26,13 @@ from localcluster import gateways as gw
 from localcluster.apps import INHERITED_ENV
 from localcluster.meshconfig import MeshPaths
 from localcluster.network import NetworkLayout, build_pod, remove_pod_netns, waypoint_layout
-from localcluster.processes import ManagedProcess, proc_stat, read_records, spawn_in_netns
+from localcluster.processes import (
+    ManagedProcess,
+    ProcessError,
+    proc_stat,
+    read_records,
+    spawn_in_netns,
+)
 from localcluster.processes import terminate as terminate_processes
 from localcluster.spec import ClusterSpec
 from localcluster.state import ClusterState
@@ -74,6 +82,77 @@ def start(
         state.pidfile_dir,
         name,
     )
+
+
+def restart(
+    spec: ClusterSpec,
+    state: ClusterState,
+    paths: MeshPaths,
+    g: gw.GatewaySpec,
+    timeout: float = 30.0,
+) -> ManagedProcess:
+    """Replace the waypoint's process without refusing a connection, as a rolling update
+    does: the new process starts beside the old one (both listen on 15008 with
+    SO_REUSEPORT) with the old one's environment, and once its log says it started, the
+    old one gets SIGTERM and drains (GOAWAY; open streams finish). The new process then
+    holds the waypoint's record. Raises ProcessError if the new one does not start."""
+    name = process_name(g)
+    old = [r for r in read_records(state.pidfile_dir) if r.name == name]
+    env = _environ(old[0].pid) if old else {}
+    log = state.log_dir / f"{name}.log"
+    mark = log.stat().st_size if log.exists() else 0
+    new = spawn_in_netns(
+        waypoint_layout(spec, g).netns_path,
+        [sys.executable, "-m", "waypoint"],
+        env or waypoint_env(spec, paths, g),
+        Path.cwd(),
+        log,
+        state.pidfile_dir,
+        f"{name}-next",
+    )
+    deadline = time.monotonic() + timeout
+    while not _started(_read_from(log, mark), new.record.pid):
+        if new.popen.poll() is not None or time.monotonic() > deadline:
+            terminate_processes([new.record])
+            new.pidfile.unlink(missing_ok=True)
+            raise ProcessError(f"the new process of {name} did not start (its log: {log})")
+        time.sleep(0.05)
+    terminate_processes(old, timeout=timeout)
+    record = dataclasses.replace(new.record, name=name)
+    pidfile = state.pidfile_dir / f"{name}.pid"
+    tmp = pidfile.with_suffix(".tmp")
+    tmp.write_text(record.to_json())
+    tmp.replace(pidfile)
+    new.pidfile.unlink(missing_ok=True)
+    return ManagedProcess(record, new.popen, pidfile)
+
+
+def _environ(pid: int) -> dict[str, str]:
+    """A process's environment ({} once it has gone)."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes().decode()
+    except (OSError, UnicodeDecodeError):
+        return {}
+    return dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
+
+
+def _started(log: str, pid: int) -> bool:
+    """Whether the log holds the "waypoint started" line of process `pid` (JSON lines)."""
+    for line in log.splitlines():
+        if '"waypoint started"' in line:
+            with contextlib.suppress(ValueError):
+                if json.loads(line).get("pid") == pid:
+                    return True
+    return False
+
+
+def _read_from(path: Path, offset: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def create(
