@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import nsutil
-from ambientctl import views
+from ambientctl import views, waypoint_views
+from localcluster import gateways as gw
 from localcluster import mesh, registry
 from localcluster.inputs import InputError, read_text
 from localcluster.interrupt import run_interruptible
@@ -157,7 +158,7 @@ def _cmd_label(args: argparse.Namespace) -> int:
         changes = parse_changes(args.labels)
     except LabelError as e:
         raise UsageError(str(e)) from None
-    if args.kind == "pod" and "/" not in args.name:
+    if args.kind in ("pod", "service") and "/" not in args.name:
         args.name = f"default/{args.name}"
     cluster = mesh.attach(args.cluster_file, args.state_root)
     try:
@@ -274,8 +275,10 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     docs = _documents(args.filename)
     cluster = mesh.attach(args.cluster_file, args.state_root)
     source = "stdin" if args.filename == "-" else args.filename
+    if args.node is not None:
+        _check_node(cluster, args.node)
     try:
-        done = mesh.apply_policies(cluster, docs, source, dry_run=args.dry_run)
+        done = mesh.apply_resources(cluster, docs, source, dry_run=args.dry_run, node=args.node)
     except PolicyError as e:
         raise Refused(f"{e}\nnothing was applied") from None
     return _finish(cluster, done, args)
@@ -299,10 +302,131 @@ def _cmd_delete(args: argparse.Namespace) -> int:
         keys = [(kind, ns if sep else NAMESPACE, name)]
     cluster = mesh.attach(args.cluster_file, args.state_root)
     try:
-        done = mesh.delete_policies(cluster, keys, dry_run=args.dry_run)
+        done = mesh.delete_resources(cluster, keys, dry_run=args.dry_run)
     except PolicyError as e:
         raise Refused(f"{e}\nnothing was deleted") from None
     return _finish(cluster, done, args)
+
+
+# ---- waypoints ---------------------------------------------------------------------------------
+
+
+def _check_namespace(cluster: mesh.Cluster, namespace: str) -> str:
+    names = [ns.name for ns in cluster.spec.namespaces]
+    if namespace not in names:
+        raise NotFound(
+            f"no namespace {namespace!r} in cluster {cluster.spec.name} "
+            f"(namespaces: {', '.join(names)})"
+        )
+    return namespace
+
+
+def _cmd_waypoint_apply(args: argparse.Namespace) -> int:
+    """`istioctl waypoint apply`: the Gateway, its pod and process; with --enroll-namespace
+    the namespace's `istio.io/use-waypoint` label; with --wait, until it is Programmed."""
+    doc = gw.waypoint_resource(args.name, args.namespace, args.waypoint_for)
+    try:
+        gw.parse_gateway(doc, "--name")
+    except gw.GatewayError as e:
+        raise UsageError(str(e)) from None
+    cluster = mesh.attach(args.cluster_file, args.state_root)
+    _check_namespace(cluster, args.namespace)
+    if args.node is not None:
+        _check_node(cluster, args.node)
+    try:
+        done = mesh.apply_resources(cluster, [doc], "waypoint", node=args.node)
+    except PolicyError as e:
+        raise Refused(f"{e}\nnothing was applied") from None
+    print(f"waypoint {args.namespace}/{args.name} applied ({done.lines[0].split(' ', 2)[2]})")
+    if args.enroll_namespace:
+        change = parse_changes([f"istio.io/use-waypoint={args.name}"])
+        mesh.label(cluster, "namespace", args.namespace, change)
+        print(f"namespace {args.namespace} labeled with istio.io/use-waypoint={args.name}")
+    if args.wait:
+
+        def poll() -> gw.Readiness:
+            for g, r in mesh.waypoint_status(cluster, args.namespace):
+                if g.name == args.name:
+                    return r
+            return gw.Readiness(False, "NotFound", "the waypoint is gone")
+
+        ready = waypoint_views.wait_programmed(poll, args.timeout)
+        if not ready.ready:
+            raise Refused(
+                f"waypoint {args.namespace}/{args.name} is not programmed after "
+                f"{args.timeout:g} s: {ready.message}"
+            )
+        print(f"waypoint {args.namespace}/{args.name} is programmed")
+    return 0
+
+
+def _waypoints(args: argparse.Namespace) -> tuple[mesh.Cluster, list[Any]]:
+    cluster = mesh.attach(args.cluster_file, args.state_root)
+    namespace = None if getattr(args, "all_namespaces", False) else args.namespace
+    if namespace is not None:
+        _check_namespace(cluster, namespace)
+    return cluster, mesh.waypoint_status(cluster, namespace)
+
+
+def _cmd_waypoint_list(args: argparse.Namespace) -> int:
+    _, found = _waypoints(args)
+    if args.output == "json":
+        print(waypoint_views.as_json_list(found), end="")
+    else:
+        print(waypoint_views.render_list(found, args.all_namespaces), end="")
+    return 0
+
+
+def _cmd_waypoint_status(args: argparse.Namespace) -> int:
+    """Ready, or why not, answered at once; exit 1 unless every waypoint asked about is
+    programmed."""
+    cluster, found = _waypoints(args)
+    if args.name is not None:
+        found = [(g, r) for g, r in found if g.name == args.name]
+        if not found:
+            raise NotFound(f"no waypoint {args.namespace}/{args.name}")
+    elif not found:
+        raise NotFound(f"no waypoint in namespace {args.namespace}")
+    print(waypoint_views.render_status(found), end="")
+    problems = [p for p in mesh.waypoint_problems(cluster) if f" {args.namespace}/" in p]
+    for p in problems:
+        print(f"Warning: {p}", file=sys.stderr)
+    return 0 if all(r.ready for _, r in found) else EXIT_RUNTIME
+
+
+def _cmd_waypoint_delete(args: argparse.Namespace) -> int:
+    if bool(args.names) == bool(args.all):
+        raise UsageError("give the waypoint NAME(s), or --all")
+    cluster, found = _waypoints(args)
+    names = [g.name for g, _ in found] if args.all else list(args.names)
+    if not names:
+        print(f"no waypoint in namespace {args.namespace}")
+        return 0
+    keys = [(gw.GATEWAY_KIND, args.namespace, n) for n in names]
+    try:
+        done = mesh.delete_resources(cluster, keys)
+    except PolicyError as e:
+        raise Refused(f"{e}\nnothing was deleted") from None
+    for name in names:
+        print(f"waypoint {args.namespace}/{name} deleted")
+    del done
+    return 0
+
+
+def _cmd_routes(args: argparse.Namespace) -> int:
+    """Each service's routes (HTTPRoute, GRPCRoute, VirtualService) from the records."""
+    cluster = mesh.attach(args.cluster_file, args.state_root)
+    spec = mesh.current_spec(cluster)
+    resources = mesh.read_resources(cluster)
+    rows = waypoint_views.routes(spec, resources)
+    if args.namespace is not None and not args.all_namespaces:
+        _check_namespace(cluster, args.namespace)
+        rows = [r for r in rows if r.namespace == args.namespace]
+    if args.output == "json":
+        print(views.as_json([r.to_json() for r in rows]), end="")
+    else:
+        print(waypoint_views.render_routes(rows), end="")
+    return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -330,6 +454,53 @@ def _change_options(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_WAIT_TIMEOUT,
         help=f"seconds --wait waits at most (default {DEFAULT_WAIT_TIMEOUT:g})",
     )
+
+
+def _namespace_options(p: argparse.ArgumentParser, required: bool) -> None:
+    group = p.add_mutually_exclusive_group(required=required)
+    group.add_argument("-n", "--namespace", help="the namespace")
+    group.add_argument("-A", "--all-namespaces", action="store_true", help="every namespace")
+
+
+def _waypoint_parser(sub: Any) -> None:
+    wp = sub.add_parser("waypoint", help="waypoints (L7 proxies): apply, list, status, delete")
+    wsub = wp.add_subparsers(dest="waypoint_cmd", required=True)
+    ap = wsub.add_parser("apply", help="create or update a waypoint in a namespace")
+    ap.add_argument("cluster_file")
+    ap.add_argument("-n", "--namespace", required=True)
+    ap.add_argument("--name", default=gw.DEFAULT_NAME, help="default: waypoint")
+    ap.add_argument(
+        "--for",
+        dest="waypoint_for",
+        choices=gw.WAYPOINT_FOR,
+        default=gw.DEFAULT_WAYPOINT_FOR,
+        help="the traffic it takes: service (default), workload, all or none",
+    )
+    ap.add_argument(
+        "--enroll-namespace",
+        action="store_true",
+        help="label the namespace istio.io/use-waypoint=<name>",
+    )
+    ap.add_argument("--node", help="where its pod runs (default: the first node)")
+    ap.add_argument("--wait", action="store_true", help="return once it is programmed")
+    ap.add_argument("--timeout", type=float, default=DEFAULT_WAIT_TIMEOUT)
+    ap.set_defaults(fn=_cmd_waypoint_apply)
+    ls = wsub.add_parser("list", help="the waypoints, with their addresses and readiness")
+    ls.add_argument("cluster_file")
+    _namespace_options(ls, required=True)
+    ls.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    ls.set_defaults(fn=_cmd_waypoint_list)
+    st = wsub.add_parser("status", help="whether a namespace's waypoints are ready, or why not")
+    st.add_argument("cluster_file")
+    st.add_argument("-n", "--namespace", required=True)
+    st.add_argument("--name", help="only this waypoint")
+    st.set_defaults(fn=_cmd_waypoint_status)
+    rm = wsub.add_parser("delete", help="delete waypoints (their pods and processes)")
+    rm.add_argument("cluster_file")
+    rm.add_argument("-n", "--namespace", required=True)
+    rm.add_argument("names", nargs="*", help="waypoint names")
+    rm.add_argument("--all", action="store_true", help="every waypoint of the namespace")
+    rm.set_defaults(fn=_cmd_waypoint_delete)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -360,8 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
         "label", help="label a namespace or pod at runtime (enrols or releases its pods)"
     )
     lb.add_argument("cluster_file")
-    lb.add_argument("kind", choices=("namespace", "pod"))
-    lb.add_argument("name", help="<namespace>, or <namespace>/<pod>")
+    lb.add_argument("kind", choices=("namespace", "service", "pod"))
+    lb.add_argument("name", help="<namespace>, or <namespace>/<service or pod>")
     lb.add_argument("labels", nargs="+", help="KEY=VALUE to set, KEY- to remove")
     lb.set_defaults(fn=_cmd_label)
     ex = sub.add_parser("exec", help="run a command inside a pod's network namespace")
@@ -389,19 +560,27 @@ def build_parser() -> argparse.ArgumentParser:
     _view_options(explain_cmd, "ask this node's tunnel (default: the source pod's node)")
     explain_cmd.set_defaults(fn=_cmd_explain)
     ap = sub.add_parser(
-        "apply", help="apply AuthorizationPolicy / PeerAuthentication YAML to a running cluster"
+        "apply",
+        help="apply policies, routes and waypoint Gateways (YAML) to a running cluster",
     )
     ap.add_argument("cluster_file")
     ap.add_argument("-f", "--filename", required=True, help="YAML file, or - for stdin")
+    ap.add_argument("--node", help="where a new waypoint Gateway's pod runs (default: 1st node)")
     _change_options(ap)
     ap.set_defaults(fn=_cmd_apply)
-    rm = sub.add_parser("delete", help="delete policies from a running cluster")
+    rm = sub.add_parser("delete", help="delete policies, routes, waypoints from a running cluster")
     rm.add_argument("cluster_file")
-    rm.add_argument("kind", nargs="?", help="authorizationpolicy or peerauthentication")
+    rm.add_argument("kind", nargs="?", help="authorizationpolicy, httproute, gateway, ...")
     rm.add_argument("name", nargs="?", help="<namespace>/<name>")
     rm.add_argument("-f", "--filename", help="delete what this YAML file names (- for stdin)")
     _change_options(rm)
     rm.set_defaults(fn=_cmd_delete)
+    _waypoint_parser(sub)
+    rt = sub.add_parser("routes", help="each service's routes (HTTPRoute, GRPCRoute, ...)")
+    rt.add_argument("cluster_file")
+    _namespace_options(rt, required=False)
+    rt.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    rt.set_defaults(fn=_cmd_routes)
     demo = sub.add_parser("demo", help="the travel-booking demo, end to end")
     demo.set_defaults(fn=_cmd_demo)
     return p
@@ -410,6 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     """One command; every error it can run into becomes a message and an exit code."""
     prog = f"ambientctl {args.cmd}"
+    if args.cmd == "waypoint":
+        prog += f" {args.waypoint_cmd}"
     try:
         rc: int = args.fn(args)
     except UsageError as e:
@@ -438,8 +619,16 @@ def _message(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra and getattr(args, "waypoint_cmd", None) == "delete":
+            # NAMEs after `-n NS`: argparse matches positionals once, before the option.
+            if any(e.startswith("-") for e in extra):
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            args.names = [*args.names, *extra]
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as e:  # argparse printed the usage error (or --help)
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     if os.geteuid() != 0:

@@ -4,6 +4,8 @@ Key: an optional prefix (a DNS subdomain, at most 253 characters) and `/`, then 
 at most 63 characters of `[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?`. Value: empty, or at
 most 63 characters of the same form. `istio.io/dataplane-mode` takes `ambient` or `none`
 only (case-sensitive, as Istio reads it): any other value would silently enrol nothing.
+`istio.io/use-waypoint` and `istio.io/use-waypoint-namespace` take a DNS label (a Gateway's
+or a namespace's name; `none` opts out of a namespace's waypoint).
 """
 
 from __future__ import annotations
@@ -21,6 +23,12 @@ MAX_VALUE = 63
 _NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
 _DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
 _DNS_SUBDOMAIN = re.compile(rf"{_DNS_LABEL}(\.{_DNS_LABEL})*")
+_DNS_LABEL_VALUE = re.compile(_DNS_LABEL)
+# The waypoint bindings: each value names a Gateway (or `none`) or a namespace.
+WAYPOINT_LABELS = {
+    "istio.io/use-waypoint": "waypoint Gateway (or none)",
+    "istio.io/use-waypoint-namespace": "namespace",
+}
 _NAME_RULE = "alphanumerics, '-', '_' or '.', starting and ending with an alphanumeric"
 
 
@@ -62,6 +70,11 @@ def value_error(key: str, value: str) -> str | None:
         return f"label {key}: value {_short(value)} is longer than {MAX_VALUE} characters"
     if value and not _NAME.fullmatch(value):
         return f"label {key}: value {value!r} must be empty or {_NAME_RULE}"
+    if key in WAYPOINT_LABELS and not _DNS_LABEL_VALUE.fullmatch(value):
+        return (
+            f"label {key}: value {value!r} must name a {WAYPOINT_LABELS[key]} "
+            "(a DNS label: lowercase alphanumerics and '-')"
+        )
     if key == DATAPLANE_MODE_LABEL and value not in DATAPLANE_MODES:
         return (
             f"label {key}: value {value!r} must be one of {', '.join(DATAPLANE_MODES)} "

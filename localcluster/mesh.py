@@ -8,6 +8,11 @@ until every agent reports its pods enrolled and every tunnel ready with exactly 
 pods -> start the apps. Capture before the tunnel is ready fails closed: the redirected
 connections are refused, never sent in plaintext around the tunnel.
 
+Waypoints (Gateways of class istio-waypoint, from the cluster file or applied later) each
+get a pod and a `python -m waypoint` process (`localcluster.waypoints`), started once the
+tunnels are ready; `apply_resources` / `delete_resources` add and remove them at runtime
+along with policies and L7 resources, all or nothing.
+
 Enrolment is by labels at runtime (`label_namespace`, `label_pod`): the pod source file
 (`<state>/mesh/pods.json`, what a Kubernetes API server would say) and the mesh config's
 workloads are rewritten, and the agents and tunnels follow without restarting any app.
@@ -17,6 +22,7 @@ cluster file.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
@@ -33,7 +39,8 @@ from typing import Any
 import yaml
 
 import nsutil
-from localcluster import meshconfig, policies, registry
+from localcluster import gateways as gw
+from localcluster import meshconfig, policies, registry, waypoints
 from localcluster.apps import INHERITED_ENV, missing_commands, process_name, start_apps
 from localcluster.labels import LabelChange, LabelError, label_errors
 from localcluster.meshconfig import MeshPaths as MeshPaths
@@ -49,7 +56,7 @@ from localcluster.processes import (
     spawn_in_netns,
     terminate,
 )
-from localcluster.spec import ClusterSpec, load_cluster
+from localcluster.spec import ClusterSpec, SpecError, gateway_problem, load_cluster, place_gateway
 from localcluster.state import (
     FAILED_UP_LOGS,
     ClusterState,
@@ -58,7 +65,7 @@ from localcluster.state import (
     state_dir,
     teardown,
 )
-from localcluster.xds import workload_uid
+from localcluster.xds import binding_problems, workload_uid
 from meshcore.defaults import ADMIN_PORT, NAMESPACE, READINESS_PORT, TUNNEL_MARK
 from redirect.enrolment import SourceError, parse_source, wanted
 
@@ -172,6 +179,165 @@ def delete_policies(
     return ConfigChange(lines, digest=digest)
 
 
+def apply_resources(
+    cluster: Cluster,
+    docs: Sequence[Any],
+    source: str = "resource",
+    dry_run: bool = False,
+    node: str | None = None,
+) -> ConfigChange:
+    """`kubectl apply` of any mix of policies, L7 resources and waypoint Gateways: every
+    document checked first, one bad document refuses them all (PolicyError) and nothing is
+    written. A new waypoint Gateway gets its pod (on `node`, default the first) and process;
+    if that fails, what this call built is removed and the records are as before."""
+    batch = policies.check_batch(docs, source)
+    with meshconfig.records_lock(cluster.paths):
+        now = current_spec(cluster)
+        old_policies = read_policies(cluster)
+        old_resources = meshconfig.read_resource_records(cluster.paths)
+        had_gateways = cluster.paths.gateways.exists()
+        lines: list[str] = []
+        current = {policies.key_of(d): d for d in [*old_policies, *old_resources]}
+        lines += [f"{policies.describe(r.key)} {_verb(current, r)}" for r in batch.policies]
+        lines += [f"{policies.describe(r.key)} {_verb(current, r)}" for r in batch.resources]
+        warnings = tuple(
+            f"{policies.describe(r.key)}: {w}" for r in batch.policies for w in r.warnings
+        )
+        new_policies = policies.merge(old_policies, batch.policies)
+        new_resources = policies.merge(
+            old_resources, batch.resources, policies.MAX_RESOURCES, "L7 resources"
+        )
+        gateways, created, gw_lines = _merge_gateways(now, batch.waypoints, node)
+        lines += gw_lines
+        if dry_run:
+            return ConfigChange(tuple(lines), warnings)
+        after = dataclasses.replace(now, gateways=tuple(gateways))
+        built: list[gw.GatewaySpec] = []
+        try:
+            for g in created:
+                built.append(g)
+                waypoints.create(after, cluster.layout, cluster.state, g)
+            meshconfig.write_policy_records(cluster.paths, new_policies)
+            meshconfig.write_resource_records(cluster.paths, new_resources)
+            meshconfig.write_gateway_records(cluster.paths, gateways)
+            digest = meshconfig.regenerate(cluster.spec, cluster.paths)
+            apply_service_rules(current_spec(cluster), cluster.layout)
+            for g in created:
+                waypoints.start(after, cluster.state, cluster.paths, g)
+        except BaseException:
+            for g in built:
+                waypoints.remove(after, cluster.state, g)
+            meshconfig.write_policy_records(cluster.paths, old_policies)
+            meshconfig.write_resource_records(cluster.paths, old_resources)
+            if had_gateways:
+                meshconfig.write_gateway_records(cluster.paths, now.gateways)
+            else:
+                cluster.paths.gateways.unlink(missing_ok=True)
+            meshconfig.regenerate(cluster.spec, cluster.paths)
+            raise
+    return ConfigChange(tuple(lines), warnings, digest)
+
+
+def _merge_gateways(
+    now: ClusterSpec, new: Sequence[gw.GatewaySpec], node: str | None
+) -> tuple[list[gw.GatewaySpec], list[gw.GatewaySpec], list[str]]:
+    """(the gateways after apply, the ones to create, one line each). An existing Gateway
+    keeps its placement; a new one is placed on `node`. Raises PolicyError naming every
+    Gateway that cannot join the cluster."""
+    gateways = list(now.gateways)
+    created: list[gw.GatewaySpec] = []
+    lines: list[str] = []
+    problems: list[str] = []
+    for g in new:
+        label = f"{gw.GATEWAY_KIND} {g.namespace}/{g.name}"
+        index = next((i for i, o in enumerate(gateways) if o.key == g.key), None)
+        if index is not None:
+            old = gateways[index]
+            gateways[index] = dataclasses.replace(g, placement=old.placement)
+            lines.append(f"{label} {'unchanged' if old.doc == g.doc else 'configured'}")
+            continue
+        problem = gateway_problem(now, g)
+        if problem is not None:
+            problems.append(problem)
+            continue
+        try:
+            placed = place_gateway(dataclasses.replace(now, gateways=tuple(gateways)), g, node)
+        except SpecError as e:
+            problems.append(f"{label}: {e}")
+            continue
+        gateways.append(placed)
+        created.append(placed)
+        lines.append(f"{label} created (waypoint pod {g.pod_name} on node {placed.placed().node})")
+    if problems:
+        raise policies.PolicyError(problems)
+    return gateways, created, lines
+
+
+def delete_resources(
+    cluster: Cluster, keys: Sequence[policies.Key], dry_run: bool = False
+) -> ConfigChange:
+    """Remove the named policies, L7 resources and waypoints (their pods and processes
+    too); if one is not there, PolicyError and nothing changes."""
+    wanted = list(dict.fromkeys(keys))
+    with meshconfig.records_lock(cluster.paths):
+        now = current_spec(cluster)
+        old_policies = read_policies(cluster)
+        old_resources = meshconfig.read_resource_records(cluster.paths)
+        present = {policies.key_of(d) for d in [*old_policies, *old_resources]}
+        present |= {(gw.GATEWAY_KIND, g.namespace, g.name) for g in now.gateways}
+        missing = [k for k in wanted if k not in present]
+        if missing:
+            raise policies.PolicyError([f"no {policies.describe(k)}" for k in missing])
+        gone = set(wanted)
+        doomed = [g for g in now.gateways if (gw.GATEWAY_KIND, g.namespace, g.name) in gone]
+        lines = tuple(f"{policies.describe(k)} deleted" for k in wanted)
+        if dry_run:
+            return ConfigChange(lines)
+        meshconfig.write_policy_records(
+            cluster.paths, [d for d in old_policies if policies.key_of(d) not in gone]
+        )
+        meshconfig.write_resource_records(
+            cluster.paths, [d for d in old_resources if policies.key_of(d) not in gone]
+        )
+        meshconfig.write_gateway_records(
+            cluster.paths, [g for g in now.gateways if g not in doomed]
+        )
+        digest = meshconfig.regenerate(cluster.spec, cluster.paths)
+        apply_service_rules(current_spec(cluster), cluster.layout)
+        # The records first: no tunnel is told of a waypoint whose pod is already gone.
+        for g in doomed:
+            waypoints.remove(now, cluster.state, g)
+    return ConfigChange(lines, digest=digest)
+
+
+def waypoint_status(
+    cluster: Cluster, namespace: str | None = None
+) -> list[tuple[gw.GatewaySpec, gw.Readiness]]:
+    """Each waypoint (of `namespace`, or all) and whether it is Programmed, asked now."""
+    spec = current_spec(cluster)
+    return [
+        (g, waypoints.readiness(spec, cluster.state, g))
+        for g in gw.sorted_gateways(spec.gateways)
+        if namespace is None or g.namespace == namespace
+    ]
+
+
+def read_resources(cluster: Cluster) -> list[dict[str, Any]]:
+    """The L7 resources in force."""
+    return meshconfig.read_resource_records(cluster.paths)
+
+
+def waypoint_problems(cluster: Cluster) -> list[str]:
+    """Waypoint labels that do not take effect as written, or name a missing waypoint."""
+    return binding_problems(current_spec(cluster))
+
+
+def start_waypoints(cluster: Cluster) -> list[ManagedProcess]:
+    """Start the process of every waypoint whose pod exists (at `up`, after the tunnels)."""
+    spec = current_spec(cluster)
+    return [waypoints.start(spec, cluster.state, cluster.paths, g) for g in spec.gateways]
+
+
 def delete_policy(cluster: Cluster, kind: str, namespace: str, name: str) -> bool:
     """Remove one policy; False if there is none of that kind and name."""
     try:
@@ -189,6 +355,8 @@ def label(cluster: Cluster, kind: str, name: str, changes: Sequence[LabelChange]
     NS/POD) at once, as `kubectl label` does: the agents enrol or release its pods and the
     mesh config follows. Raises KeyError for an unknown target, LabelError for a change
     the agents would not accept; then nothing changes."""
+    if kind == "service":
+        return _label_service(cluster, name, changes)
     with meshconfig.records_lock(cluster.paths):
         doc = read_pod_source(cluster)
         if kind == "namespace":
@@ -223,6 +391,35 @@ def label(cluster: Cluster, kind: str, name: str, changes: Sequence[LabelChange]
         entry["labels"] = labels
         digest = _publish(cluster, doc)
     return ConfigChange((f"{kind} {name} labeled",), digest=digest)
+
+
+def _label_service(cluster: Cluster, name: str, changes: Sequence[LabelChange]) -> ConfigChange:
+    """A Service's labels (`istio.io/use-waypoint` binds it to a waypoint); the mesh config
+    follows, no app restarts."""
+    ns, _, svc_name = name.rpartition("/")
+    ns = ns or NAMESPACE
+    with meshconfig.records_lock(cluster.paths):
+        spec = current_spec(cluster)
+        found = [s for s in spec.services if s.namespace == ns and s.name == svc_name]
+        if not found:
+            known = ", ".join(f"{s.namespace}/{s.name}" for s in spec.services)
+            raise KeyError(
+                f"no service {ns}/{svc_name} in cluster {cluster.spec.name} (services: {known})"
+            )
+        labels = dict(found[0].labels)
+        for change in changes:
+            if change.value is None:
+                labels.pop(change.key, None)
+            else:
+                labels[change.key] = change.value
+        problems = label_errors(labels)
+        if problems:
+            raise LabelError("; ".join(problems))
+        records = meshconfig.read_service_labels(cluster.paths)
+        records[f"{ns}/{svc_name}"] = labels
+        meshconfig.write_service_labels(cluster.paths, records)
+        digest = meshconfig.regenerate(cluster.spec, cluster.paths)
+    return ConfigChange((f"service {ns}/{svc_name} labeled",), digest=digest)
 
 
 def label_namespace(cluster: Cluster, namespace: str, key: str, value: str | None) -> None:
@@ -658,6 +855,7 @@ def up(
                 start_agent(spec, layout, state, node.name, redirect_mode)
                 start_tunnel(spec, layout, state, node.name)
             wait_ready(cluster)
+            start_waypoints(cluster)
         apps = start_apps(spec, layout, state)
         _wait_apps(cluster, {p.record.name: p for p in apps})
     except Exception as e:

@@ -2,7 +2,11 @@
 
 Records, under `<state>/mesh` (what a Kubernetes API server would store):
 - `pods.json`: the pod source the node agents watch (namespaces and pods with labels);
-- `policies.json`: the AuthorizationPolicy / PeerAuthentication resources in force.
+- `policies.json`: the AuthorizationPolicy / PeerAuthentication resources in force;
+- `resources.json`: the L7 resources in force (HTTPRoute, GRPCRoute, VirtualService,
+  DestinationRule, RequestAuthentication, Gateways of other classes), for the waypoints;
+- `gateways.json`: the waypoint Gateways, each with its placement (node, pod IP, VIP, slot);
+- `services.json`: the labels of each Service (`istio.io/use-waypoint` binds it at runtime).
 
 The mesh config the tunnels read (`xds.yaml`, LOCAL_XDS_PATH) is always generated whole
 from the cluster file and these records, never edited in place. Every record is checked
@@ -27,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from localcluster import gateways as gw
 from localcluster.network import NetworkLayout
 from localcluster.spec import ClusterSpec, NamespaceSpec, PodSpec
 from localcluster.xds import local_xds, workload_uid
@@ -61,6 +66,21 @@ class MeshPaths:
     def policies(self) -> Path:
         """The policy resources in force (the record the mesh config's `policies` come from)."""
         return self.root / "policies.json"
+
+    @property
+    def resources(self) -> Path:
+        """The L7 resources in force (the mesh config's `resources` come from it)."""
+        return self.root / "resources.json"
+
+    @property
+    def gateways(self) -> Path:
+        """The waypoint Gateways, with where each one runs."""
+        return self.root / "gateways.json"
+
+    @property
+    def service_labels(self) -> Path:
+        """Each Service's labels ("ns/name" -> labels), once one has been labelled."""
+        return self.root / "services.json"
 
     @property
     def lock(self) -> Path:
@@ -100,12 +120,15 @@ def records_lock(paths: MeshPaths) -> Iterator[None]:
 
 
 def write_mesh_config(
-    spec: ClusterSpec, paths: MeshPaths, policies: Sequence[Mapping[str, Any]] | None = None
+    spec: ClusterSpec,
+    paths: MeshPaths,
+    policies: Sequence[Mapping[str, Any]] | None = None,
+    resources: Sequence[Mapping[str, Any]] = (),
 ) -> str:
-    """Generate the mesh config from `spec` (with the labels in force) and the policies
-    (default: the cluster file's). Returns the SHA-256 of the bytes written: the digest a
-    tunnel reports once it runs them."""
-    data = yaml.safe_dump(local_xds(spec, policies), sort_keys=False).encode()
+    """Generate the mesh config from `spec` (with the labels and waypoints in force), the
+    policies (default: the cluster file's) and the L7 resources. Returns the SHA-256 of the
+    bytes written: the digest a tunnel reports once it runs them."""
+    data = yaml.safe_dump(local_xds(spec, policies, resources), sort_keys=False).encode()
     write_file(paths.xds, data)
     return hashlib.sha256(data).hexdigest()
 
@@ -133,6 +156,61 @@ def read_policy_records(spec: ClusterSpec, paths: MeshPaths) -> list[dict[str, A
 
 def write_policy_records(paths: MeshPaths, docs: Sequence[Mapping[str, Any]]) -> None:
     write_file(paths.policies, json.dumps([dict(d) for d in docs], indent=1) + "\n")
+
+
+def read_resource_records(paths: MeshPaths) -> list[dict[str, Any]]:
+    """The L7 resources in force (none before the first apply)."""
+    return _read_list(paths.resources, "L7 resources")
+
+
+def write_resource_records(paths: MeshPaths, docs: Sequence[Mapping[str, Any]]) -> None:
+    write_file(paths.resources, json.dumps([dict(d) for d in docs], indent=1) + "\n")
+
+
+def _read_list(path: Path, what: str) -> list[dict[str, Any]]:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return []
+    if not isinstance(doc, list) or not all(isinstance(d, dict) for d in doc):
+        raise ValueError(f"{path}: not a list of {what}")
+    return doc
+
+
+# ---- waypoints and service labels ----------------------------------------------------------
+
+
+def read_gateway_records(spec: ClusterSpec, paths: MeshPaths) -> list[gw.GatewaySpec]:
+    """The waypoint Gateways in force; before any change, the cluster file's."""
+    if not paths.gateways.exists():
+        return list(spec.gateways)
+    out = []
+    for i, record in enumerate(_read_list(paths.gateways, "gateway records")):
+        try:
+            out.append(gw.from_record(record, f"{paths.gateways}[{i}]"))
+        except gw.GatewayError as e:
+            raise ValueError(str(e)) from None
+    return out
+
+
+def write_gateway_records(paths: MeshPaths, gateways: Sequence[gw.GatewaySpec]) -> None:
+    records = [gw.to_record(g) for g in gw.sorted_gateways(gateways)]
+    write_file(paths.gateways, json.dumps(records, indent=1) + "\n")
+
+
+def read_service_labels(paths: MeshPaths) -> dict[str, dict[str, str]]:
+    try:
+        doc = json.loads(paths.service_labels.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    if not isinstance(doc, dict):
+        raise ValueError(f"{paths.service_labels}: not a map of service labels")
+    return {str(k): dict(v) for k, v in doc.items() if isinstance(v, dict)}
+
+
+def write_service_labels(paths: MeshPaths, labels: Mapping[str, Mapping[str, str]]) -> None:
+    doc = {k: dict(v) for k, v in sorted(labels.items())}
+    write_file(paths.service_labels, json.dumps(doc, indent=1, sort_keys=True) + "\n")
 
 
 # ---- the pod source (what the node agents watch) --------------------------------------------
@@ -172,7 +250,20 @@ def read_pod_source(paths: MeshPaths) -> dict[str, Any]:
 
 
 def current_spec(spec: ClusterSpec, paths: MeshPaths) -> ClusterSpec:
-    """The cluster file's spec with the labels in force now (from the pod source file)."""
+    """The cluster file's spec with the labels and waypoints in force now (from the pod
+    source file, the service labels and the gateway records)."""
+    try:
+        service_labels = read_service_labels(paths)
+        gateways = tuple(read_gateway_records(spec, paths))
+    except (OSError, ValueError):
+        service_labels, gateways = {}, spec.gateways
+    services = tuple(
+        dataclasses.replace(s, labels=MappingProxyType(service_labels[f"{s.namespace}/{s.name}"]))
+        if f"{s.namespace}/{s.name}" in service_labels
+        else s
+        for s in spec.services
+    )
+    spec = dataclasses.replace(spec, services=services, gateways=gateways)
     try:
         doc = read_pod_source(paths)
     except (OSError, ValueError):
@@ -199,4 +290,9 @@ def current_spec(spec: ClusterSpec, paths: MeshPaths) -> ClusterSpec:
 
 def regenerate(spec: ClusterSpec, paths: MeshPaths) -> str:
     """The mesh config from the records, whole; the caller holds `records_lock`."""
-    return write_mesh_config(current_spec(spec, paths), paths, read_policy_records(spec, paths))
+    return write_mesh_config(
+        current_spec(spec, paths),
+        paths,
+        read_policy_records(spec, paths),
+        read_resource_records(paths),
+    )

@@ -7,6 +7,7 @@ Topology (all of it inside namespaces this module creates; nothing in the root n
                    a route to every other node's pod CIDR via that node's IP;
                    kube-proxy-style DNAT for service VIPs (chain AMB-SERVICES)
     <c>-<node>-p<k>  eth0 = pod IP/24 on cni0 (node side `vp<k>`), default route via gateway
+    <c>-<node>-w<k>  a waypoint pod, the same (node side `vw<k>`); k is its recorded slot
 
 Invariants:
 - every veth is created with its peer placed directly in the target namespace, so no
@@ -31,6 +32,7 @@ from pyroute2 import IPRoute, NetlinkError
 from pyroute2 import netns as pr_netns
 
 import nsutil
+from localcluster.gateways import GatewaySpec
 from localcluster.spec import SERVICE_CIDR, ClusterSpec, NodeSpec
 
 CLUSTER_BRIDGE = "br0"
@@ -146,7 +148,24 @@ def plan_layout(spec: ClusterSpec) -> NetworkLayout:
     # Keep file order for pods: callers iterate spec.pods and layout.pods side by side.
     order = {(p.namespace, p.name): i for i, p in enumerate(spec.pods)}
     pods.sort(key=lambda p: order[(p.namespace, p.name)])
+    # Waypoints after them, named by their recorded slot: adding or removing one never
+    # renames another's namespace.
+    pods += [waypoint_layout(spec, g) for g in spec.gateways]
     return NetworkLayout(spec.name, f"{spec.name}-c", nodes, tuple(pods))
+
+
+def waypoint_layout(spec: ClusterSpec, g: GatewaySpec) -> PodLayout:
+    p = g.placed()
+    node = spec.node(p.node)
+    return PodLayout(
+        namespace=g.namespace,
+        name=g.pod_name,
+        node=node.name,
+        netns=f"{spec.name}-{node.name}-w{p.slot}",
+        ip=p.ip,
+        gateway=node.gateway,
+        host_ifname=f"vw{p.slot}",
+    )
 
 
 def service_rules(spec: ClusterSpec, node: NodeSpec, install_jumps: bool) -> str:
@@ -163,7 +182,7 @@ def service_rules(spec: ClusterSpec, node: NodeSpec, install_jumps: bool) -> str
             f"-A OUTPUT -j {SERVICES_CHAIN}",
             f"-A POSTROUTING -j {POSTROUTING_CHAIN}",
         ]
-    for svc in spec.services:
+    for svc in spec.all_services():
         endpoints = spec.endpoints(svc)
         for port in svc.ports:
             match = f"-A {SERVICES_CHAIN} -d {svc.vip}/32 -p tcp -m tcp --dport {port.port}"
@@ -296,6 +315,20 @@ def _build_node(layout: NetworkLayout, node: NodeLayout, state: Recorder) -> Non
         ipr.link("set", index=br, state="up")
     with _step(f"ip_forward in {node.netns}"):
         _write_sysctl(node.netns, "net.ipv4.ip_forward", "1")
+
+
+def build_pod(node: NodeLayout, pod: PodLayout, state: Recorder) -> None:
+    """One pod's namespace, veth and addresses on a running node (a waypoint added later)."""
+    _build_pod(node, pod, state)
+
+
+def remove_pod_netns(pod: PodLayout) -> bool:
+    """Remove a pod's namespace (its veth goes with it); False if it was not there."""
+    if not os.path.exists(pod.netns_path):
+        return False
+    with _step(f"remove netns {pod.netns}"):
+        pr_netns.remove(pod.netns)
+    return True
 
 
 def _build_pod(node: NodeLayout, pod: PodLayout, state: Recorder) -> None:

@@ -14,6 +14,7 @@ cluster bridge and pod CIDR 10.244.i.0/24 with gateway 10.244.i.1; pods without 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
@@ -24,6 +25,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from localcluster import gateways as gw
 from localcluster.inputs import InputError, read_text
 from localcluster.labels import label_errors
 from localcluster.policies import PolicyError, check_documents
@@ -50,9 +52,19 @@ _CLUSTER_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?$")
 _NODE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _TRAILING_ORDINAL = re.compile(r"-\d+$")
-# Netns names are `<cluster>-c` (the bridge), `<cluster>-<node>` and `<cluster>-<node>-p<k>`:
-# a node named `c`, or `<other node>-p<k>`, would take another namespace's name.
-_RESERVED_NODE_NAME = re.compile(r"^c$|-p\d+$")
+# Netns names are `<cluster>-c` (the bridge), `<cluster>-<node>`, `<cluster>-<node>-p<k>`
+# (pods) and `<cluster>-<node>-w<k>` (waypoints): a node named `c`, or `<other node>-p<k>`
+# or `-w<k>`, would take another namespace's name.
+_RESERVED_NODE_NAME = re.compile(r"^c$|-[pw]\d+$")
+# The appProtocol values the mesh config's reader takes (any case): istio.workload's
+# AppProtocol names, Istio's protocol names and Kubernetes' well-known ones. The waypoint
+# chooses HTTP, gRPC or TCP by them; anything else would make every tunnel refuse the config.
+APP_PROTOCOLS = frozenset(
+    {"unknown", "http11", "http2", "grpc", "tcp", "tls", "http", "http_proxy", "grpc-web"}
+    | {"mongo", "mysql", "redis", "https"}
+    | {"kubernetes.io/h2c", "kubernetes.io/ws", "kubernetes.io/wss"}
+)
+MAX_GATEWAYS = 50
 
 
 class SpecError(ValueError):
@@ -83,6 +95,7 @@ class PortSpec:
     port: int
     target_port: int
     name: str = ""
+    app_protocol: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +108,11 @@ class PodSpec:
     ip: IPv4Address
     command: tuple[str, ...]  # already resolved: `{python}` replaced by sys.executable
     env: Mapping[str, str] = field(hash=False)
+    gateway: str = ""  # the waypoint Gateway this pod runs (its name), else ""
+
+    @property
+    def is_waypoint(self) -> bool:
+        return bool(self.gateway)
 
     def enrolled(self, spec: ClusterSpec) -> bool:
         """In the mesh, by the node agent's own rule (`redirect.enrolment`): namespace or
@@ -117,6 +135,8 @@ class ServiceSpec:
     vip: IPv4Address
     selector: Mapping[str, str] = field(hash=False)
     ports: tuple[PortSpec, ...]
+    labels: Mapping[str, str] = field(hash=False, default_factory=lambda: _EMPTY)
+    gateway: str = ""  # the waypoint Gateway this Service fronts (its name), else ""
 
     @property
     def hostname(self) -> str:
@@ -140,6 +160,26 @@ class ClusterSpec:
     services: tuple[ServiceSpec, ...]
     base_dir: Path  # cwd of every pod command: the cluster file's directory
     policies: tuple[str, ...] = ()  # JSON text of each policy resource
+    gateways: tuple[gw.GatewaySpec, ...] = ()  # waypoints, placed
+
+    def gateway(self, namespace: str, name: str) -> gw.GatewaySpec | None:
+        for g in self.gateways:
+            if g.namespace == namespace and g.name == name:
+                return g
+        return None
+
+    def waypoint_pods(self) -> tuple[PodSpec, ...]:
+        return tuple(waypoint_pod(self, g) for g in self.gateways)
+
+    def waypoint_services(self) -> tuple[ServiceSpec, ...]:
+        return tuple(waypoint_service(g) for g in self.gateways)
+
+    def all_pods(self) -> tuple[PodSpec, ...]:
+        """The cluster file's pods, then each waypoint's."""
+        return self.pods + self.waypoint_pods()
+
+    def all_services(self) -> tuple[ServiceSpec, ...]:
+        return self.services + self.waypoint_services()
 
     def node(self, name: str) -> NodeSpec:
         for n in self.nodes:
@@ -170,10 +210,83 @@ class ClusterSpec:
 
     def endpoints(self, service: ServiceSpec) -> tuple[PodSpec, ...]:
         """Pods in the service's namespace matching its selector, in file order."""
-        return tuple(p for p in self.pods if service.selects(p))
+        return tuple(p for p in self.all_pods() if service.selects(p))
 
     def services_for(self, pod: PodSpec) -> tuple[ServiceSpec, ...]:
-        return tuple(s for s in self.services if s.selects(pod))
+        return tuple(s for s in self.all_services() if s.selects(pod))
+
+
+# --- waypoints: the pod and Service istiod's deployment controller would create (pure) -----
+
+WAYPOINT_POD_LABELS = {"istio.io/dataplane-mode": "none"}
+
+
+def waypoint_pod(spec: ClusterSpec, g: gw.GatewaySpec) -> PodSpec:
+    p = g.placed()
+    labels = {
+        gw.GATEWAY_NAME_LABEL: g.name,
+        "service.istio.io/canonical-name": g.name,
+        **WAYPOINT_POD_LABELS,
+    }
+    return PodSpec(
+        name=g.pod_name,
+        namespace=g.namespace,
+        service_account=g.service_account,
+        labels=MappingProxyType(labels),
+        node=p.node,
+        ip=p.ip,
+        command=(sys.executable, "-m", "waypoint"),
+        env=_EMPTY,
+        gateway=g.name,
+    )
+
+
+def waypoint_service(g: gw.GatewaySpec) -> ServiceSpec:
+    return ServiceSpec(
+        name=g.name,
+        namespace=g.namespace,
+        vip=g.placed().vip,
+        selector=MappingProxyType({gw.GATEWAY_NAME_LABEL: g.name}),
+        # Unnamed: the tunnels only dial it, and a plain port map reads everywhere.
+        ports=(PortSpec(gw.HBONE_PORT, gw.HBONE_PORT),),
+        gateway=g.name,
+    )
+
+
+def place_gateway(spec: ClusterSpec, g: gw.GatewaySpec, node: str | None) -> gw.GatewaySpec:
+    """`g` placed on `node` (default: the first node) at addresses no pod, service or
+    other waypoint of `spec` uses. Raises SpecError."""
+    name = node or spec.nodes[0].name
+    try:
+        target = spec.node(name)
+    except KeyError:
+        known = ", ".join(n.name for n in spec.nodes)
+        raise SpecError(f"no node {name!r} in cluster {spec.name} (nodes: {known})") from None
+    try:
+        return gw.place(
+            g,
+            target.name,
+            target.pod_cidr,
+            {p.ip for p in spec.all_pods()} | {target.gateway},
+            SERVICE_CIDR,
+            {s.vip for s in spec.all_services()},
+            {o.placed().slot for o in spec.gateways if o.placed().node == target.name},
+            FIRST_HOST_OFFSET,
+        )
+    except gw.GatewayError as e:
+        raise SpecError(str(e)) from None
+
+
+def gateway_problem(spec: ClusterSpec, g: gw.GatewaySpec) -> str | None:
+    """Why `g` cannot join `spec` (unknown namespace, a pod or service by its names), or None."""
+    names = ", ".join(ns.name for ns in spec.namespaces)
+    if not any(ns.name == g.namespace for ns in spec.namespaces):
+        return f"Gateway {g.namespace}/{g.name}: no namespace {g.namespace!r} (namespaces: {names})"
+    if any(p.namespace == g.namespace and p.name == g.pod_name for p in spec.pods):
+        return f"Gateway {g.namespace}/{g.name}: its pod name {g.pod_name} is a pod's already"
+    if any(s.namespace == g.namespace and s.name == g.name for s in spec.services):
+        return f"Gateway {g.namespace}/{g.name}: its Service name {g.name} is a service's already"
+    return None
 
 
 def valid_cluster_name(name: str) -> bool:
@@ -248,7 +361,7 @@ def parse_cluster(text: str, base_dir: Path) -> ClusterSpec:
     root = _mapping(
         doc,
         "cluster file",
-        {"name", "trustDomain", "nodes", "namespaces", "pods", "services", "policies"},
+        {"name", "trustDomain", "nodes", "namespaces", "pods", "services", "policies", "gateways"},
     )
     name = _str(root, "name", "cluster file")
     if not _CLUSTER_NAME.match(name):
@@ -261,7 +374,7 @@ def parse_cluster(text: str, base_dir: Path) -> ClusterSpec:
     namespaces = _parse_namespaces(_list(root, "namespaces", "cluster file"))
     pods = _parse_pods(_list(root, "pods", "cluster file"), nodes, namespaces, base_dir)
     services = _parse_services(_list(root, "services", "cluster file"), namespaces)
-    return ClusterSpec(
+    spec = ClusterSpec(
         name=name,
         trust_domain=trust_domain,
         nodes=nodes,
@@ -271,6 +384,25 @@ def parse_cluster(text: str, base_dir: Path) -> ClusterSpec:
         base_dir=base_dir,
         policies=_parse_policies(root.get("policies")),
     )
+    return _with_gateways(spec, _list(root, "gateways", "cluster file"))
+
+
+def _with_gateways(spec: ClusterSpec, items: list[Any]) -> ClusterSpec:
+    """The cluster file's waypoint Gateways, placed in file order on the first node."""
+    _at_most(items, MAX_GATEWAYS, "gateways")
+    for i, item in enumerate(items):
+        where = f"gateways[{i}]"
+        try:
+            g = gw.parse_gateway(item, where)
+        except gw.GatewayError as e:
+            raise SpecError(str(e)) from None
+        if spec.gateway(g.namespace, g.name) is not None:
+            raise SpecError(f"{where}: duplicate Gateway {g.namespace}/{g.name}")
+        problem = gateway_problem(spec, g)
+        if problem is not None:
+            raise SpecError(f"{where}: {problem}")
+        spec = dataclasses.replace(spec, gateways=(*spec.gateways, place_gateway(spec, g, None)))
+    return spec
 
 
 def _parse_policies(value: Any) -> tuple[str, ...]:
@@ -407,7 +539,7 @@ def _parse_services(
     seen: set[tuple[str, str]] = set()
     for i, item in enumerate(items):
         where = f"services[{i}]"
-        m = _mapping(item, where, {"name", "namespace", "vip", "selector", "ports"})
+        m = _mapping(item, where, {"name", "namespace", "vip", "selector", "ports", "labels"})
         name = _dns_label(_str(m, "name", where), where, "service name")
         where = f"services[{i}] ({name})"
         namespace = _str(m, "namespace", where)
@@ -439,6 +571,7 @@ def _parse_services(
                 vip=resolved,
                 selector=_labels(m, "selector", where),
                 ports=_ports(m, where),
+                labels=_labels(m, "labels", where),
             )
         )
     return tuple(out)
@@ -450,9 +583,10 @@ def _ports(m: dict[str, Any], where: str) -> tuple[PortSpec, ...]:
         raise SpecError(f"{where}: 'ports' needs at least one entry")
     out: list[PortSpec] = []
     seen: set[int] = set()
+    names: set[str] = set()
     for i, item in enumerate(items):
         pw = f"{where}.ports[{i}]"
-        pm = _mapping(item, pw, {"port", "targetPort", "name"})
+        pm = _mapping(item, pw, {"port", "targetPort", "name", "appProtocol"})
         if "port" not in pm:
             raise SpecError(f"{pw}.port: is required")
         port = _port_number(pm["port"], f"{pw}.port")
@@ -460,7 +594,19 @@ def _ports(m: dict[str, Any], where: str) -> tuple[PortSpec, ...]:
         if port in seen:
             raise SpecError(f"{pw}: duplicate service port {port}")
         seen.add(port)
-        out.append(PortSpec(port, target, _str(pm, "name", pw, "")))
+        name = _str(pm, "name", pw, "")
+        if name:
+            _dns_label(name, pw, "port name")
+            if name in names:
+                raise SpecError(f"{pw}: duplicate port name {name!r}")
+            names.add(name)
+        app_protocol = _str(pm, "appProtocol", pw, "")
+        if app_protocol and app_protocol.lower() not in APP_PROTOCOLS:
+            raise SpecError(
+                f"{pw}.appProtocol: {app_protocol!r} is not one of "
+                f"{', '.join(sorted(APP_PROTOCOLS))} (any case)"
+            )
+        out.append(PortSpec(port, target, name, app_protocol))
     return tuple(out)
 
 

@@ -91,6 +91,12 @@ class ClusterState:
             self.netns.append(name)
             self.save()
 
+    def forget_netns(self, name: str) -> None:
+        """Call AFTER removing the netns (a waypoint deleted while the cluster runs)."""
+        if name in self.netns:
+            self.netns.remove(name)
+            self.save()
+
     def save(self) -> None:
         doc = {
             "cluster": self.cluster,

@@ -7,6 +7,13 @@ the path of the bad value (`workloads[3].workloadIps[0]: ...`); no other excepti
 whatever the input. YAML aliases are resolved, but policy entries are copied with a size
 budget so a small aliased file cannot expand into gigabytes.
 
+Besides workloads, services and L4 policies, the document may carry the L7 resources a
+waypoint acts on (HTTPRoute, GRPCRoute, VirtualService, DestinationRule,
+RequestAuthentication, Gateway), under `resources` (or among `policies`, where
+`kubectl apply`-style lists put every document). They are kept verbatim: only their kind,
+name and namespace are checked here, so a spec the tunnel does not understand can never
+make it refuse the whole config; the waypoint parses them with its own strict parsers.
+
 `LocalConfigWatcher` polls the file and hands each new valid snapshot to a callback. A bad
 edit is logged and the last good snapshot stays in force: a typo must never take down the
 mesh on a node.
@@ -30,6 +37,8 @@ from meshcore.identity.spiffe import IdentityError, SpiffeId
 from meshcore.reader import Reader, describe, load_document
 from meshcore.runtime.gcpause import collector_paused
 from meshcore.state import (
+    L7_KINDS,
+    AppProtocol,
     GatewayAddress,
     HealthStatus,
     IPAddress,
@@ -37,11 +46,13 @@ from meshcore.state import (
     MeshState,
     NetworkAddress,
     RawPolicy,
+    RawResource,
     Service,
     ServicePort,
     ServicePortMap,
     TunnelProtocol,
     Workload,
+    parse_app_protocol,
 )
 
 __all__ = [
@@ -50,6 +61,7 @@ __all__ = [
     "MeshConfigError",
     "parse_local_config",
     "parse_policy_entry",
+    "parse_resource_entry",
 ]
 
 log = structlog.get_logger(__name__)
@@ -69,7 +81,7 @@ _PROTOCOLS = {
 }
 _STATUSES = {"HEALTHY": HealthStatus.HEALTHY, "UNHEALTHY": HealthStatus.UNHEALTHY}
 
-_TOP_KEYS = frozenset({"workloads", "services", "policies"})
+_TOP_KEYS = frozenset({"workloads", "services", "policies", "resources"})
 _WORKLOAD_KEYS = frozenset(
     {
         "uid",
@@ -96,7 +108,11 @@ _WORKLOAD_KEYS = frozenset(
 _SERVICE_KEYS = frozenset(
     {"name", "namespace", "hostname", "vips", "ports", "subjectAltNames", "waypoint"}
 )
-_WAYPOINT_KEYS = frozenset({"hostname", "address", "hboneMtlsPort"})
+_WAYPOINT_KEYS = frozenset({"hostname", "address", "hboneMtlsPort", "failOpen"})
+_PORT_KEYS = frozenset({"port", "targetPort", "name", "appProtocol"})
+_PORT_DETAIL_KEYS = frozenset({"targetPort", "name", "appProtocol"})
+# A Service port's name as Kubernetes takes it: a DNS label (RFC 1123).
+_PORT_NAME_MAX = 63
 
 # A policy entry larger than this many YAML nodes is refused: real policies are tiny, and
 # the limit stops an alias bomb before it is expanded into JSON.
@@ -173,6 +189,80 @@ def _port_map(value: Any, path: str) -> tuple[tuple[int, int], ...]:
     return tuple(sorted(pairs.items()))
 
 
+def _port_name(value: Any, path: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        _fail(path, f"expected a string, got {describe(value)} {value!r}")
+    ok = (
+        0 < len(value) <= _PORT_NAME_MAX
+        and value.isascii()
+        and all(c.islower() or c.isdigit() or c == "-" for c in value)
+        and value[0] != "-"
+        and value[-1] != "-"
+    )
+    if not ok:
+        _fail(
+            path,
+            f"{value!r} is not a port name (lower-case letters, digits and '-', "
+            f"at most {_PORT_NAME_MAX} characters, e.g. 'http-web')",
+        )
+    return value
+
+
+def _app_protocol(value: Any, path: str) -> AppProtocol | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        _fail(path, f"expected a string, got {describe(value)} {value!r}")
+    try:
+        return parse_app_protocol(value)
+    except ValueError as exc:
+        _fail(path, str(exc))
+
+
+def _service_ports(value: Any, path: str) -> tuple[ServicePort, ...]:
+    """A service's ports: `{port: targetPort}` or `{port: {targetPort, name, appProtocol}}`,
+    or a list of `{port, targetPort, name, appProtocol}` as Kubernetes writes them."""
+    found: dict[int, ServicePort] = {}
+    names: dict[str, int] = {}
+
+    def add(port: int, entry: Mapping[Any, Any], at: str) -> None:
+        if port in found:
+            _fail(at, f"port {port} is given twice")
+        target = _port(entry.get("targetPort", port), f"{at}.targetPort")
+        name = _port_name(entry.get("name"), f"{at}.name")
+        if name and name in names:
+            _fail(f"{at}.name", f"{name!r} is also the name of port {names[name]}")
+        if name:
+            names[name] = port
+        app = _app_protocol(entry.get("appProtocol"), f"{at}.appProtocol")
+        found[port] = ServicePort(port, target, name, app)
+
+    if isinstance(value, list):
+        for i, raw in enumerate(value):
+            at = f"{path}[{i}]"
+            entry = _mapping(raw, at, required=True)
+            _check_keys(entry, _PORT_KEYS, at)
+            if "port" not in entry:
+                _fail(f"{at}.port", "is required")
+            add(_port(entry["port"], f"{at}.port"), entry, at)
+    else:
+        for raw_port, raw in (_mapping(value, path) if value is not None else {}).items():
+            at = f"{path}[{raw_port!r}]"
+            port = _port(raw_port, at)
+            if isinstance(raw, dict):
+                _check_keys(raw, _PORT_DETAIL_KEYS, at)
+                if "targetPort" not in raw:
+                    _fail(f"{at}.targetPort", "is required")
+                add(port, raw, at)
+            else:
+                if port in found:
+                    _fail(path, f"port {port} is given twice")
+                found[port] = ServicePort(port, _port(raw, at))
+    return tuple(sorted(found.values()))
+
+
 def _waypoint(value: Any, path: str) -> GatewayAddress | None:
     if value is None:
         return None
@@ -184,6 +274,7 @@ def _waypoint(value: Any, path: str) -> GatewayAddress | None:
     port = HBONE_PORT
     if entry.get("hboneMtlsPort") is not None:
         port = _port(entry["hboneMtlsPort"], f"{path}.hboneMtlsPort")
+    fail_open = _R.boolean(entry, "failOpen", path, False)
     hostname = entry.get("hostname")
     address = entry.get("address")
     if (hostname is None) == (address is None):
@@ -191,8 +282,12 @@ def _waypoint(value: Any, path: str) -> GatewayAddress | None:
     if hostname is not None:
         if not isinstance(hostname, str) or hostname.count("/") != 1 or hostname.startswith("/"):
             _fail(f"{path}.hostname", f"{hostname!r} is not of the form 'namespace/hostname'")
-        return GatewayAddress(hostname=hostname, hbone_port=port)
-    return GatewayAddress(address=_network_address(address, f"{path}.address"), hbone_port=port)
+        return GatewayAddress(hostname=hostname, hbone_port=port, fail_open=fail_open)
+    return GatewayAddress(
+        address=_network_address(address, f"{path}.address"),
+        hbone_port=port,
+        fail_open=fail_open,
+    )
 
 
 # -- entries ----------------------------------------------------------------------------------
@@ -296,9 +391,7 @@ def _parse_service(value: Any, path: str, shared: _Shared) -> Service:
         namespace=shared[_name(entry, "namespace", path)],
         hostname=hostname,
         vips=tuple(vips),
-        ports=shared[
-            tuple(ServicePort(p, t) for p, t in _port_map(entry.get("ports"), f"{path}.ports"))
-        ],
+        ports=shared[_service_ports(entry.get("ports"), f"{path}.ports")],
         subject_alt_names=tuple(sans),
         waypoint=_waypoint(entry.get("waypoint"), f"{path}.waypoint"),
     )
@@ -355,6 +448,30 @@ def parse_policy_entry(value: Any, path: str) -> RawPolicy:
     return RawPolicy.from_mapping(name, namespace, plain, kind)
 
 
+def _metadata(entry: Mapping[Any, Any], path: str) -> tuple[str, str]:
+    where_path = f"{path}.metadata"
+    where = _mapping(entry.get("metadata"), where_path, required=True)
+    name = _name(where, "name", where_path)
+    namespace = _str(where, "namespace", where_path, "")
+    if "/" in namespace:
+        _fail(f"{where_path}.namespace", f"{namespace!r} must contain no '/'")
+    return name, namespace
+
+
+def parse_resource_entry(value: Any, path: str) -> RawResource:
+    """One L7 resource (HTTPRoute, GRPCRoute, VirtualService, DestinationRule,
+    RequestAuthentication, Gateway) as users write it. Only the kind, the metadata's name
+    and namespace are checked, and that it is plain JSON data of a bounded size; the spec
+    is the waypoint's to parse."""
+    entry = _mapping(value, path, required=True)
+    kind = _str(entry, "kind", path)
+    if kind not in L7_KINDS:
+        _fail(f"{path}.kind", f"{kind!r} is not one of {', '.join(sorted(L7_KINDS))}")
+    name, namespace = _metadata(entry, path)
+    plain = _plain_copy(entry, path, [_POLICY_NODE_BUDGET])
+    return RawResource.from_mapping(kind, name, namespace, plain)
+
+
 def parse_local_config(text: str) -> MeshState:
     """Parse the LOCAL_XDS document. Raises `MeshConfigError` (and nothing else) on bad input."""
     if not isinstance(text, str):
@@ -378,11 +495,19 @@ def _parse_document(text: str) -> MeshState:
         _parse_service(s, f"services[{i}]", shared)
         for i, s in enumerate(_items(top.get("services"), "services"))
     ]
-    policies = [
-        parse_policy_entry(p, f"policies[{i}]")
-        for i, p in enumerate(_items(top.get("policies"), "policies"))
-    ]
-    return MeshState.build(workloads, services, policies)
+    policies: list[RawPolicy] = []
+    resources: list[RawResource] = []
+    for i, p in enumerate(_items(top.get("policies"), "policies")):
+        # A kubectl-apply-style list may hold L7 documents beside the policies.
+        if isinstance(p, dict) and p.get("kind") in L7_KINDS:
+            resources.append(parse_resource_entry(p, f"policies[{i}]"))
+        else:
+            policies.append(parse_policy_entry(p, f"policies[{i}]"))
+    resources.extend(
+        parse_resource_entry(r, f"resources[{i}]")
+        for i, r in enumerate(_items(top.get("resources"), "resources"))
+    )
+    return MeshState.build(workloads, services, policies, resources)
 
 
 # -- watcher ----------------------------------------------------------------------------------
@@ -572,4 +697,5 @@ def _counts(state: MeshState) -> dict[str, int]:
         "workloads": len(state.workloads),
         "services": len(state.services),
         "policies": len(state.policies),
+        "resources": len(state.l7_resources),
     }

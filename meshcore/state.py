@@ -7,7 +7,8 @@ Invariants of a `MeshState` (checked by `MeshState.build`, which raises `MeshCon
 - workload uids are unique; no two workloads claim the same (network, IP);
 - service keys ("namespace/hostname") are unique, hostnames are unique, and no two services
   claim the same (network, VIP);
-- policy keys ("namespace/name") are unique.
+- policy keys ("namespace/name") are unique per kind, and so are the keys of the raw L7
+  resources (HTTPRoute, VirtualService, ...) per kind.
 A `MeshState` never changes after it is built: a config change builds a new snapshot and the
 holder swaps the reference, so a connection that looked up a workload keeps a consistent view.
 Every lookup is a single dict access; building is linear in the size of the input.
@@ -67,11 +68,19 @@ class GatewayAddress:
     """Where a waypoint is reached: exactly one of a service hostname ("ns/host") or an address.
 
     `hbone_port` is the waypoint's HBONE listener (15008 unless the waypoint says otherwise).
+    `fail_open` is ours, not Istio's: when the waypoint is missing or has no ready endpoint,
+    a tunnel refuses the connection (False, the default) or goes straight to the destination
+    as if no waypoint were bound (True).
     """
 
     hostname: str | None = None
     address: NetworkAddress | None = None
     hbone_port: int = HBONE_PORT
+    fail_open: bool = False
+
+    def __str__(self) -> str:
+        where = self.hostname if self.hostname is not None else str(self.address)
+        return where if self.hbone_port == HBONE_PORT else f"{where}:{self.hbone_port}"
 
     def __post_init__(self) -> None:
         if (self.hostname is None) == (self.address is None):
@@ -148,14 +157,86 @@ class Workload:
         return None
 
 
+class AppProtocol(enum.StrEnum):
+    """A port's declared application protocol: istio.workload's `AppProtocol` values.
+
+    A StrEnum so a port (an ordered value) compares whatever its protocol."""
+
+    UNKNOWN = "UNKNOWN"
+    HTTP11 = "HTTP11"
+    HTTP2 = "HTTP2"
+    GRPC = "GRPC"
+    TCP = "TCP"
+    TLS = "TLS"
+
+
+# Istio's protocol names (`protocol.Parse`, case-insensitive), as they appear in a port's
+# `appProtocol` or before the first '-' of its name, mapped to the AppProtocol the
+# waypoint acts on. Server-first protocols (mysql, mongo, redis) are TCP: never sniffed.
+_ISTIO_PROTOCOLS: Mapping[str, AppProtocol] = {
+    "http": AppProtocol.HTTP11,
+    "http_proxy": AppProtocol.HTTP11,
+    "grpc-web": AppProtocol.HTTP11,
+    "http2": AppProtocol.HTTP2,
+    "grpc": AppProtocol.GRPC,
+    "tcp": AppProtocol.TCP,
+    "mongo": AppProtocol.TCP,
+    "mysql": AppProtocol.TCP,
+    "redis": AppProtocol.TCP,
+    "tls": AppProtocol.TLS,
+    "https": AppProtocol.TLS,
+}
+# Kubernetes' well-known appProtocol values (KEP-3726), accepted only as appProtocol.
+_K8S_APP_PROTOCOLS: Mapping[str, AppProtocol] = {
+    "kubernetes.io/h2c": AppProtocol.HTTP2,
+    "kubernetes.io/ws": AppProtocol.HTTP11,
+    "kubernetes.io/wss": AppProtocol.TLS,
+}
+APP_PROTOCOL_NAMES: tuple[str, ...] = (
+    *(p.value for p in AppProtocol),
+    *_ISTIO_PROTOCOLS,
+    *_K8S_APP_PROTOCOLS,
+)
+
+
+def parse_app_protocol(value: str) -> AppProtocol:
+    """An `appProtocol` as written: an AppProtocol name (HTTP11, GRPC, ...), an Istio
+    protocol name (http, http2, grpc, tcp, tls, ...) or a Kubernetes one
+    (kubernetes.io/h2c, ...); any case. Anything else is a `ValueError`."""
+    if value in AppProtocol.__members__:
+        return AppProtocol[value]
+    lowered = value.lower()
+    found = _ISTIO_PROTOCOLS.get(lowered) or _K8S_APP_PROTOCOLS.get(lowered)
+    if found is None and value.upper() in AppProtocol.__members__:
+        found = AppProtocol[value.upper()]
+    if found is None:
+        raise ValueError(f"{value!r} is not one of {', '.join(APP_PROTOCOL_NAMES)}")
+    return found
+
+
 @dataclass(frozen=True, slots=True, order=True)
 class ServicePort:
     port: int
     target_port: int
+    # The port's name ("http-web"): Istio reads the protocol from its prefix.
+    name: str = ""
+    # The declared protocol; None when the port declares none (Istio's UNKNOWN = 0).
+    app_protocol: AppProtocol | None = None
 
     def __post_init__(self) -> None:
         _check_port(self.port, "service port")
         _check_port(self.target_port, f"target port of service port {self.port}")
+
+    @property
+    def protocol(self) -> AppProtocol:
+        """Istio's rule: `appProtocol` first, else the name's prefix before the first '-'
+        (`http`, `http2`, `grpc`, `tcp`, `tls`, ...), else UNKNOWN (the waypoint sniffs)."""
+        if self.app_protocol is not None:
+            return self.app_protocol
+        prefix = self.name.split("-", 1)[0].lower()
+        if prefix == "grpc" and self.name.lower().startswith("grpc-web"):
+            return AppProtocol.HTTP11  # "grpc-web" is a name of its own, not grpc + "-web"
+        return _ISTIO_PROTOCOLS.get(prefix, AppProtocol.UNKNOWN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +258,19 @@ class Service:
             if entry.port == port:
                 return entry.target_port
         return None
+
+    def port(self, port: int) -> ServicePort | None:
+        for entry in self.ports:
+            if entry.port == port:
+                return entry
+        return None
+
+
+def port_protocol(service: Service, port: int) -> AppProtocol:
+    """The protocol of `service`'s port `port` by Istio's rule (`ServicePort.protocol`);
+    UNKNOWN for a port the service does not declare."""
+    entry = service.port(port)
+    return AppProtocol.UNKNOWN if entry is None else entry.protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +313,71 @@ class RawPolicy:
         return cls(name, namespace, text, kind)
 
 
+# The L7 resources a mesh config may carry for waypoints. The tunnel checks only their
+# metadata (kind, name, namespace); the waypoint parses their spec with its own parsers.
+L7_KINDS = frozenset(
+    {
+        "HTTPRoute",
+        "GRPCRoute",
+        "VirtualService",
+        "DestinationRule",
+        "RequestAuthentication",
+        "Gateway",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RawResource:
+    """A resource of the mesh config kept verbatim (an L7 resource, or a policy seen through
+    `MeshState.resources`). `spec_json` is canonical JSON (sorted keys, no whitespace) of the
+    whole document, so equal resources compare and hash equal and nothing is lost."""
+
+    kind: str
+    name: str
+    namespace: str
+    spec_json: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def document(self) -> Any:
+        """A fresh decoded copy of the whole document (mutating it changes nothing here)."""
+        return json.loads(self.spec_json)
+
+    @classmethod
+    def from_mapping(
+        cls, kind: str, name: str, namespace: str, entry: Mapping[str, Any]
+    ) -> RawResource:
+        try:
+            text = json.dumps(entry, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise MeshConfigError(
+                f"{kind} {namespace}/{name} is not plain JSON data: {exc}"
+            ) from exc
+        return cls(kind, name, namespace, text)
+
+
+@dataclass(frozen=True, slots=True)
+class WaypointEndpoint:
+    """One place a waypoint can be reached: its workload, the IP to dial, its HBONE port."""
+
+    workload: Workload
+    ip: IPAddress
+    hbone_port: int
+
+
+def _prefer_family(w: Workload, version: int | None) -> IPAddress:
+    # The caller's address family when the workload has it (as upstream adapts a
+    # hostname-addressed waypoint to the caller's family), else its first address.
+    if version is not None:
+        for ip in w.ips:
+            if ip.version == version:
+                return ip
+    return w.ips[0]
+
+
 def _workload_order(w: Workload) -> str:
     return w.uid
 
@@ -230,6 +389,7 @@ class MeshState:
     _workloads: tuple[Workload, ...]
     _services: tuple[Service, ...]
     _policies: tuple[RawPolicy, ...]
+    _resources: tuple[RawResource, ...]
     _by_uid: Mapping[str, Workload] = field(repr=False)
     # network -> IP -> workload: one small dict per network rather than a (network, IP)
     # tuple per address, which saved 56 bytes per workload and a tuple per lookup.
@@ -242,6 +402,8 @@ class MeshState:
     _endpoints: Mapping[str, tuple[Workload, ...]] = field(repr=False)
     _policy_by_key: Mapping[str, RawPolicy] = field(repr=False)
     _policies_by_ns: Mapping[str, tuple[RawPolicy, ...]] = field(repr=False)
+    # kind -> its resources (policies included, as RawResource), in the source's order.
+    _resources_by_kind: Mapping[str, tuple[RawResource, ...]] = field(repr=False)
 
     @classmethod
     def empty(cls) -> MeshState:
@@ -253,10 +415,12 @@ class MeshState:
         workloads: Iterable[Workload],
         services: Iterable[Service],
         policies: Iterable[RawPolicy],
+        resources: Iterable[RawResource] = (),
     ) -> MeshState:
         wls = tuple(workloads)
         svcs = tuple(services)
         pols = tuple(policies)
+        res = tuple(resources)
 
         by_uid: dict[str, Workload] = {}
         by_addr: dict[str, dict[IPAddress, Workload]] = {}
@@ -310,10 +474,24 @@ class MeshState:
                 policy_by_key[p.key] = p
             policies_by_ns.setdefault(p.namespace, []).append(p)
 
+        by_kind: dict[str, list[RawResource]] = {}
+        for p in pols:
+            by_kind.setdefault(p.kind, []).append(
+                RawResource(p.kind, p.name, p.namespace, p.spec_json)
+            )
+        for r in res:
+            if r.kind in ("AuthorizationPolicy", "PeerAuthentication"):
+                raise MeshConfigError(f"{r.kind} {r.key} belongs with the policies")
+            if (r.kind, r.key) in seen:
+                raise MeshConfigError(f"two {r.kind} entries have the key {r.key!r}")
+            seen.add((r.kind, r.key))
+            by_kind.setdefault(r.kind, []).append(r)
+
         return cls(
             wls,
             svcs,
             pols,
+            res,
             by_uid,
             by_addr,
             {k: tuple(v) for k, v in by_node.items()},
@@ -326,6 +504,7 @@ class MeshState:
             {k: tuple(sorted(v, key=_workload_order)) for k, v in endpoints.items()},
             policy_by_key,
             {k: tuple(v) for k, v in policies_by_ns.items()},
+            {k: tuple(v) for k, v in by_kind.items()},
         )
 
     # -- collections ------------------------------------------------------------------------
@@ -341,6 +520,16 @@ class MeshState:
     @property
     def policies(self) -> tuple[RawPolicy, ...]:
         return self._policies
+
+    @property
+    def l7_resources(self) -> tuple[RawResource, ...]:
+        """The L7 resources (HTTPRoute, VirtualService, ...), in the source's order."""
+        return self._resources
+
+    def resources(self, kind: str) -> tuple[RawResource, ...]:
+        """Every resource of one kind, verbatim: an L7 kind, or AuthorizationPolicy /
+        PeerAuthentication (the policies seen as raw resources)."""
+        return self._resources_by_kind.get(kind, ())
 
     # -- lookups ----------------------------------------------------------------------------
 
@@ -377,6 +566,47 @@ class MeshState:
     def policies_in_namespace(self, namespace: str) -> tuple[RawPolicy, ...]:
         return self._policies_by_ns.get(namespace, ())
 
+    # -- waypoints --------------------------------------------------------------------------
+
+    def waypoint_workloads(self, waypoint: GatewayAddress) -> tuple[Workload, ...]:
+        """Every workload that serves as `waypoint`, whatever its health: a hostname names
+        a service ("ns/host") and its endpoints; an address a service VIP or a workload.
+        Empty when the mesh does not know the waypoint."""
+        if waypoint.hostname is not None:
+            svc = self._svc_by_key.get(waypoint.hostname)
+            return () if svc is None else self.endpoints(svc)
+        assert waypoint.address is not None
+        address = waypoint.address
+        svc = self.service_by_vip(address.network, address.ip)
+        if svc is not None:
+            return self.endpoints(svc)
+        w = self.workload_by_ip(address.network, address.ip)
+        return () if w is None else (w,)
+
+    def waypoint_endpoints(
+        self, waypoint: GatewayAddress, ip_version: int | None = None
+    ) -> tuple[WaypointEndpoint, ...]:
+        """Where a connection to `waypoint` may go: its healthy workloads that speak HBONE
+        and have an address, at the IP of the caller's family (`ip_version`) when they
+        have one (a waypoint named by a workload's address: that address), and the
+        waypoint's HBONE port. Ordered by uid; empty means the waypoint is missing or has
+        no ready endpoint."""
+        out: list[WaypointEndpoint] = []
+        pinned: IPAddress | None = None
+        if (
+            waypoint.address is not None
+            and self.service_by_vip(waypoint.address.network, waypoint.address.ip) is None
+        ):
+            pinned = waypoint.address.ip
+        for w in self.waypoint_workloads(waypoint):
+            if w.status is not HealthStatus.HEALTHY or w.protocol is not TunnelProtocol.HBONE:
+                continue
+            if not w.ips:
+                continue
+            ip = pinned if pinned is not None else _prefer_family(w, ip_version)
+            out.append(WaypointEndpoint(w, ip, waypoint.hbone_port))
+        return tuple(out)
+
     def __eq__(self, other: object) -> bool:
         # Two snapshots are equal when they hold the same entries; the indexes follow.
         if not isinstance(other, MeshState):
@@ -385,13 +615,14 @@ class MeshState:
             self._workloads == other._workloads
             and self._services == other._services
             and self._policies == other._policies
+            and self._resources == other._resources
         )
 
     def __hash__(self) -> int:
-        return hash((self._workloads, self._services, self._policies))
+        return hash((self._workloads, self._services, self._policies, self._resources))
 
     def __repr__(self) -> str:
         return (
             f"MeshState(workloads={len(self._workloads)}, services={len(self._services)}, "
-            f"policies={len(self._policies)})"
+            f"policies={len(self._policies)}, resources={len(self._resources)})"
         )

@@ -14,10 +14,9 @@ from meshcore.admin.readiness import ReadinessServer
 from meshcore.admin.server import AdminServer, MetricsServer, process_metrics
 from meshcore.discovery import LocalConfigWatcher
 from meshcore.identity.certs import CertificateManager, LocalCAClient
-from meshcore.observability import logging as ztlog
 from meshcore.runtime import malloc
-from meshcore.state import MeshConfigError
-from ztunnel.config import Config, EnvConfigError, parse_config
+from meshcore.runtime.entry import run_process
+from ztunnel.config import Config, parse_config
 from ztunnel.inpod import FileEnrolmentSource
 from ztunnel.node import NodeProxy
 from ztunnel.zds_client import ZdsClient
@@ -97,24 +96,7 @@ async def _trim_when_idle(node: NodeProxy, interval: float = TRIM_CHECK_SECONDS)
 
 
 def main() -> int:
-    try:
-        cfg = parse_config(os.environ)
-    except EnvConfigError as e:
-        print(f"ztunnel: {e}", file=sys.stderr)
-        return 2
-    ztlog.configure(cfg.log_level)
-    try:
-        import uvloop  # the event loop; plain asyncio works, uvloop is about 2x faster
-
-        uvloop.install()
-    except ImportError:
-        pass
-    try:
-        asyncio.run(run(cfg))
-    except (MeshConfigError, OSError) as e:
-        log.error("ztunnel failed", error=str(e))
-        return 1
-    return 0
+    return run_process("ztunnel", parse_config, lambda cfg: cfg.log_level, run)
 
 
 if __name__ == "__main__":

@@ -5,15 +5,19 @@ Every variable name and default is written once, here.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from meshcore import defaults
+from meshcore.envconfig import EnvConfigError as EnvConfigError
+from meshcore.envconfig import boolean as _bool
+from meshcore.envconfig import hbone_limit_names as hbone_limit_names
+from meshcore.envconfig import hbone_limits as _hbone_limits
+from meshcore.envconfig import integer as _int
+from meshcore.envconfig import log_level as _log_level
+from meshcore.envconfig import required as _required
 from meshcore.hbone.limits import DEFAULT_LIMITS, HboneLimits
 
 NODE_NAME = "NODE_NAME"
@@ -32,8 +36,8 @@ METRICS_PORT = "METRICS_PORT"
 DRAIN_SECONDS = "DRAIN_SECONDS"
 RELEASE_DRAIN_SECONDS = "RELEASE_DRAIN_SECONDS"
 SAME_NODE_IN_PROCESS = "SAME_NODE_IN_PROCESS"
-# Every HboneLimits field is a setting of its own: HBONE_<FIELD IN CAPITALS>.
-HBONE_PREFIX = "HBONE_"
+# Every HboneLimits field is a setting of its own: HBONE_<FIELD IN CAPITALS>
+# (meshcore.envconfig.hbone_limits).
 
 # How long a stopping tunnel lets open connections finish (Kubernetes' default grace).
 DEFAULT_DRAIN_SECONDS = 30
@@ -41,12 +45,7 @@ DEFAULT_DRAIN_SECONDS = 30
 # agent waits for the answer, and then removes the return path they need).
 DEFAULT_RELEASE_DRAIN_SECONDS = 30
 DEFAULT_CERT_TTL = 24 * 3600
-LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_UNIX_PATH = 107  # sun_path holds 108 bytes, the last one a NUL
-
-
-class EnvConfigError(ValueError):
-    """The environment does not describe a runnable tunnel; the message names the variable."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,37 +74,6 @@ class Config:
     hbone_limits: HboneLimits = DEFAULT_LIMITS
 
 
-def _required(env: Mapping[str, str], name: str) -> str:
-    value = env.get(name, "").strip()
-    if not value:
-        raise EnvConfigError(f"{name} must be set")
-    return value
-
-
-def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise EnvConfigError(f"{name}={raw!r} is not an integer") from None
-    if not low <= value <= high:
-        raise EnvConfigError(f"{name}={value} is outside {low}..{high}")
-    return value
-
-
-def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name, "").strip().lower()
-    if raw == "":
-        return default
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    raise EnvConfigError(f"{name}={raw!r} is not a boolean (true or false)")
-
-
 def _enrolment(env: Mapping[str, str]) -> tuple[Path | None, Path | None]:
     """(enrolment file, ZDS socket): exactly one is set."""
     zds = env.get(ZDS_SOCKET, "").strip()
@@ -124,40 +92,8 @@ def _enrolment(env: Mapping[str, str]) -> tuple[Path | None, Path | None]:
     return None, Path(zds)
 
 
-def hbone_limit_names() -> dict[str, str]:
-    """Environment variable -> HboneLimits field."""
-    return {f"{HBONE_PREFIX}{f.name.upper()}": f.name for f in dataclasses.fields(HboneLimits)}
-
-
-def _hbone_limits(env: Mapping[str, str]) -> HboneLimits:
-    changes: dict[str, Any] = {}
-    for name, field in hbone_limit_names().items():
-        raw = env.get(name, "").strip()
-        if not raw:
-            continue
-        default = getattr(DEFAULT_LIMITS, field)
-        try:
-            value = int(raw) if isinstance(default, int) else float(raw)
-        except ValueError:
-            kind = "an integer" if isinstance(default, int) else "a number of seconds"
-            raise EnvConfigError(f"{name}={raw!r} is not {kind}") from None
-        if not (value > 0 and math.isfinite(value)):
-            # Zero would switch a protection off; a limit is a positive number.
-            raise EnvConfigError(f"{name}={raw!r} must be greater than 0")
-        changes[field] = value
-    for name in env:
-        if name.startswith(HBONE_PREFIX) and name not in hbone_limit_names():
-            raise EnvConfigError(
-                f"{name} is not a setting (HBONE_ settings: "
-                f"{', '.join(sorted(hbone_limit_names()))})"
-            )
-    return dataclasses.replace(DEFAULT_LIMITS, **changes)
-
-
 def parse_config(env: Mapping[str, str]) -> Config:
-    level = env.get(LOG_LEVEL, "info").lower()
-    if level not in LOG_LEVELS:
-        raise EnvConfigError(f"{LOG_LEVEL}={level!r} is not one of {', '.join(LOG_LEVELS)}")
+    level = _log_level(env, LOG_LEVEL)
     enrolment_path, zds_socket = _enrolment(env)
     return Config(
         node_name=_required(env, NODE_NAME),

@@ -3,7 +3,12 @@ sending anything.
 
 It calls the very functions the data path calls: `outbound.decide` for the route (once per
 candidate endpoint, since the data path picks one at random) and `authorize` for the
-destination tunnel's verdict.
+destination tunnel's verdict (behind the same waypoint gate the inbound listeners apply).
+
+Waypoints: `waypoint` says which waypoint the connection goes through and why (a service
+or a workload binding), the `:authority` sent to it, or that it is missing or not ready
+(refused, or `failOpen`); `waypoint_reason` says, in one sentence, why a waypoint is or is
+not used, since "my waypoint is not used" is the question operators ask most.
 """
 
 from __future__ import annotations
@@ -14,9 +19,11 @@ from typing import Any
 
 from meshcore.policy.authz import authorize
 from meshcore.policy.index import PolicyIndex
+from meshcore.policy.verdict import Verdict
 from meshcore.sockets import SocketAddr
 from meshcore.state import HealthStatus, MeshState, TunnelProtocol, Workload
 from ztunnel.proxy.outbound import OutboundDecision, Route, decide
+from ztunnel.proxy.waypoint import WaypointHop, is_from_waypoint, waypoint_gate
 
 
 def _find_source(state: MeshState, ref: str) -> Workload:
@@ -65,13 +72,29 @@ def _resolve(state: MeshState, source: Workload, destination: str) -> tuple[Sock
     raise ValueError(f"{host!r} is neither an IP address nor a known service host name")
 
 
+def _verdict(
+    state: MeshState,
+    policies: PolicyIndex,
+    w: Workload,
+    peer: Workload,
+    client: Any,
+    target: SocketAddr,
+) -> Verdict:
+    """What `w`'s tunnel decides for `peer`: the waypoint gate, then policy."""
+    denied = waypoint_gate(state, w, peer.identity)
+    return denied if denied is not None else authorize(policies, w, peer.identity, client, target)
+
+
 def _endpoint_json(
+    state: MeshState,
     policies: PolicyIndex,
     source: Workload,
     d: OutboundDecision,
     in_process: Callable[[Workload, Workload], bool],
 ) -> dict[str, Any]:
     w = d.destination
+    if d.via_waypoint:
+        return _waypoint_endpoint_json(state, policies, d)
     out: dict[str, Any] = {
         "workload": f"{w.namespace}/{w.name}" if w is not None else None,
         "ip": str(d.target.ip) if d.target is not None else None,
@@ -88,10 +111,92 @@ def _endpoint_json(
     if d.route is Route.HBONE and w is not None and d.target is not None:
         # What the destination's tunnel decides for this client: its address is the
         # source pod's, its identity the source's certificate.
-        result = authorize(policies, w, source.identity, source.ips[0], d.target)
+        result = _verdict(state, policies, w, source, source.ips[0], d.target)
         out["authorization"] = result.to_json()
         out["mtls"] = result.mtls.value
     return out
+
+
+def _waypoint_endpoint_json(
+    state: MeshState, policies: PolicyIndex, d: OutboundDecision
+) -> dict[str, Any]:
+    """A waypoint endpoint: dialled over the network (a waypoint pod is never captured, so
+    never in process), sent the original destination as `:authority`. Behind a workload
+    binding, the pod's tunnel then sees the waypoint's identity: its verdict is shown."""
+    hop = d.waypoint
+    assert hop is not None and hop.endpoint is not None and d.target is not None
+    w = hop.endpoint.workload
+    out: dict[str, Any] = {
+        "workload": f"{w.namespace}/{w.name}",
+        "ip": str(hop.endpoint.ip),
+        "port": hop.endpoint.hbone_port,
+        "hbone": str(d.next_hop),
+        "identity": str(w.identity),
+        "node": w.node,
+        "healthy": w.status is HealthStatus.HEALTHY,
+        "route": d.route.name,
+        "delivery": "hbone",
+        "waypoint": True,
+        "authority": d.authority,
+    }
+    behind = hop.behind
+    if behind is not None and behind.protocol is TunnelProtocol.HBONE:
+        result = _verdict(state, policies, behind, w, hop.endpoint.ip, d.target)
+        out["behind"] = {
+            "workload": f"{behind.namespace}/{behind.name}",
+            "authorization": result.to_json(),
+            "mtls": result.mtls.value,
+        }
+    return out
+
+
+def _hop_json(hop: WaypointHop, d: OutboundDecision) -> dict[str, Any]:
+    status = "failed-open" if hop.failed_open else "refused"
+    if hop.endpoint is not None:
+        status = "used"
+    return {
+        "name": hop.name,
+        "hostname": hop.address.hostname,
+        "address": str(hop.address.address) if hop.address.address is not None else None,
+        "hbonePort": hop.address.hbone_port,
+        "failOpen": hop.address.fail_open,
+        "binding": hop.binding.value,
+        "bound": hop.bound,
+        "status": status,
+        "problem": hop.problem or None,
+        "authority": d.authority if hop.endpoint is not None else None,
+    }
+
+
+def _why_no_waypoint(state: MeshState, source: Workload, d: OutboundDecision) -> str:
+    """Why a connection goes without a waypoint, in the operator's terms."""
+    svc = d.service
+    if svc is not None:
+        if svc.waypoint is not None and is_from_waypoint(state, svc.waypoint, source, None):
+            return (
+                f"the source is service {svc.key}'s waypoint {svc.waypoint} itself: "
+                "its own connections go straight to the endpoints"
+            )
+        if svc.waypoint is None:
+            return (
+                f"service {svc.key} is not bound to a waypoint (label the service or its "
+                "namespace istio.io/use-waypoint, with a waypoint for service or all); a "
+                "pod's own binding applies only to traffic sent to the pod's IP"
+            )
+        return f"service {svc.key}'s waypoint is not used"
+    w = d.destination
+    if w is None:
+        return "the destination is not in the mesh, so no waypoint applies"
+    if w.waypoint is not None and is_from_waypoint(state, w.waypoint, source, None):
+        return (
+            f"the source is {w.namespace}/{w.name}'s waypoint {w.waypoint} itself: "
+            "its own connections go straight to the pod"
+        )
+    return (
+        f"workload {w.namespace}/{w.name} is not bound to a waypoint (a service's waypoint "
+        "applies only to traffic sent to the service's VIP; a pod binding needs a waypoint "
+        "for workload or all)"
+    )
 
 
 def _never(_source: Workload, _destination: Workload) -> bool:
@@ -144,8 +249,14 @@ def explain(
     result["destination"]["service"] = f"{svc.namespace}/{svc.hostname}" if svc else None
     result["route"] = first.route.name
     result["reason"] = first.reason
+    hop = first.waypoint
+    result["waypoint"] = _hop_json(hop, first) if hop is not None else None
+    result["waypoint_reason"] = (
+        hop.describe() if hop is not None else _why_no_waypoint(state, source, first)
+    )
+    what = "waypoint endpoints" if first.via_waypoint else "endpoints"
     result["selection"] = (
-        f"one of {len(candidates)} healthy endpoints, chosen at random per connection"
+        f"one of {len(candidates)} healthy {what}, chosen at random per connection"
         if len(candidates) > 1
         else "the only endpoint"
         if candidates
@@ -154,5 +265,7 @@ def explain(
     if first.route is Route.REFUSE:
         result["endpoints"] = []
         return result
-    result["endpoints"] = [_endpoint_json(policies, source, d, in_process) for d in decisions]
+    result["endpoints"] = [
+        _endpoint_json(state, policies, source, d, in_process) for d in decisions
+    ]
     return result

@@ -27,6 +27,7 @@ import yaml
 import nsutil
 from meshcore import tls
 from meshcore.defaults import HBONE_PORT, INBOUND_PLAIN_PORT, OUTBOUND_PORT
+from meshcore.hbone.dial import hbone_connect
 from meshcore.hbone.pool import ConnectionPool, PoolKey
 from meshcore.hbone.server import Guard, TlsListener
 from meshcore.hbone.transport import H2Transport
@@ -46,7 +47,7 @@ from zds.messages import WorkloadInfo
 from ztunnel.proxy.common import Authorizer, allow_all
 from ztunnel.proxy.inbound import InboundProxy
 from ztunnel.proxy.inbound_passthrough import InboundPassthroughProxy
-from ztunnel.proxy.outbound import OutboundProxy, hbone_connect
+from ztunnel.proxy.outbound import OutboundProxy
 
 log = structlog.get_logger(__name__)
 

@@ -199,12 +199,19 @@ class AdminServer(NodeHttpServer):
 # -- metrics server -----------------------------------------------------------------------
 
 
+class MetricsText(Protocol):
+    """What a metrics endpoint serves: the tunnel's TCP counters, the waypoint's request
+    metrics, or any other source of Prometheus text."""
+
+    def render(self) -> bytes: ...
+
+
 class MetricsServer(NodeHttpServer):
     """`/metrics` and `/stats/prometheus` (same body), as ztunnel serves them on 15020."""
 
     def __init__(
         self,
-        metrics: TcpMetrics,
+        metrics: MetricsText,
         extra: Callable[[], bytes] | None = None,
         port: int = METRICS_PORT,
         host: str = "0.0.0.0",

@@ -10,11 +10,23 @@ from typing import Any
 from meshcore.identity.certs import WorkloadCertificate
 from meshcore.identity.spiffe import SpiffeId
 from meshcore.policy.index import PolicyIndex
-from meshcore.state import MeshState, Service, TunnelProtocol, Workload
+from meshcore.state import GatewayAddress, MeshState, Service, TunnelProtocol, Workload
 
 
 def _time(dt: datetime) -> str:
     return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def waypoint_json(gw: GatewayAddress | None) -> dict[str, Any] | None:
+    """A waypoint binding: where it is reached and whether it fails open."""
+    if gw is None:
+        return None
+    return {
+        "hostname": gw.hostname,
+        "address": str(gw.address) if gw.address is not None else None,
+        "hboneMtlsPort": gw.hbone_port,
+        "failOpen": gw.fail_open,
+    }
 
 
 def workload_json(w: Workload) -> dict[str, Any]:
@@ -34,7 +46,9 @@ def workload_json(w: Workload) -> dict[str, Any]:
         "labels": dict(w.labels),
         "authorizationPolicies": list(w.authorization_policies),
         "services": {key: {str(sp): tp for sp, tp in ports} for key, ports in w.services},
-        "waypoint": w.waypoint.hostname if w.waypoint is not None else None,
+        # "waypoint" names it ("ns/host", or the address); the details are beside it.
+        "waypoint": str(w.waypoint) if w.waypoint is not None else None,
+        "waypointAddress": waypoint_json(w.waypoint),
     }
 
 
@@ -45,8 +59,13 @@ def service_json(state: MeshState, s: Service) -> dict[str, Any]:
         "hostname": s.hostname,
         "vips": [f"{v.network}/{v.ip}" for v in s.vips],
         "ports": {str(p.port): p.target_port for p in s.ports},
+        # Each port's name and protocol by Istio's rule (what a waypoint acts on).
+        "portProtocols": {
+            str(p.port): {"name": p.name or None, "protocol": p.protocol.value} for p in s.ports
+        },
         "subjectAltNames": list(s.subject_alt_names),
-        "waypoint": s.waypoint.hostname if s.waypoint is not None else None,
+        "waypoint": str(s.waypoint) if s.waypoint is not None else None,
+        "waypointAddress": waypoint_json(s.waypoint),
         "endpoints": [w.uid for w in state.endpoints(s)],
     }
 
@@ -81,4 +100,8 @@ def mesh_json(state: MeshState, policies: PolicyIndex) -> dict[str, Any]:
         "policies": [p.to_json() for p in policies.policies],
         "peerAuthentications": policies.peer_authentications_json(),
         "policyErrors": list(policies.errors),
+        # The L7 resources (HTTPRoute, VirtualService, ...) carried for waypoints.
+        "resources": [
+            {"kind": r.kind, "namespace": r.namespace, "name": r.name} for r in state.l7_resources
+        ],
     }

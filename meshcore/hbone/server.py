@@ -17,11 +17,14 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
 from meshcore.hbone.limits import DEFAULT_LIMITS, HboneLimits
+from meshcore.identity.spiffe import SpiffeId
+from meshcore.sockets import SocketAddr
+from meshcore.tls import PeerVerificationError, hbone_peer, verify_client
 
 log = structlog.get_logger(__name__)
 
@@ -133,6 +136,24 @@ def handshake_failure(exc: BaseException) -> str:
         reason = getattr(exc, "reason", None)
         return f"tls_{reason.lower()}" if isinstance(reason, str) else "tls_handshake_failed"
     return "tls_connection_lost"
+
+
+def verified_client(
+    transport: asyncio.BaseTransport, trust_domain: str, guard: Guard
+) -> tuple[SocketAddr, SpiffeId] | None:
+    """A server-side HBONE connection's client address and proven identity (ALPN h2, one
+    SPIFFE URI SAN, our trust domain); None, with the connection aborted and the refusal
+    counted and logged, when it does not prove one."""
+    client: SocketAddr | None = None
+    try:
+        client = SocketAddr.of(transport.get_extra_info("peername"))
+        peer = hbone_peer(transport.get_extra_info("ssl_object"))
+        verify_client(peer, trust_domain)
+    except (PeerVerificationError, ValueError, TypeError) as e:
+        guard.refused("inbound", "peer_identity", str(client), str(e))
+        cast(asyncio.Transport, transport).abort()
+        return None
+    return client, peer
 
 
 class TlsListener:

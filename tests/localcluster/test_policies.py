@@ -100,7 +100,10 @@ def test_remove_is_all_or_nothing() -> None:
 def test_delete_keys_read_only_kind_namespace_and_name() -> None:
     broken = authz("a", ns=None, action="ALLOWW")  # its spec does not matter to delete
     assert delete_keys([broken], "f") == [("AuthorizationPolicy", "default", "a")]
-    with pytest.raises(PolicyError, match="kind 'VirtualService' is not one this mesh holds"):
-        delete_keys([{**authz("a"), "kind": "VirtualService"}], "f")
+    assert delete_keys([{**authz("a"), "kind": "VirtualService"}], "f") == [
+        ("VirtualService", "travel", "a")
+    ]
+    with pytest.raises(PolicyError, match="kind 'Ingress' is not one this mesh holds"):
+        delete_keys([{**authz("a"), "kind": "Ingress"}], "f")
     with pytest.raises(PolicyError, match=r"metadata\.name not set"):
         delete_keys([{**authz("a"), "metadata": {"namespace": "x"}}], "f")

@@ -75,7 +75,7 @@ services:
     namespace: travel
     hostname: frontend.travel.svc.cluster.local
     vips: ["/10.96.0.10"]
-    ports: {80: 8080}
+    ports: {80: {targetPort: 8080, name: http}}
     subjectAltNames: []
 policies: []
 """
@@ -89,7 +89,7 @@ def test_round_trips_through_yaml_with_int_port_keys():
     doc = local_xds(parse_cluster(CLUSTER, Path("/")))
     again = yaml.safe_load(yaml.safe_dump(doc))
     assert again == doc
-    assert again["services"][0]["ports"] == {80: 8080}
+    assert again["services"][0]["ports"] == {80: {"targetPort": 8080, "name": "http"}}
 
 
 def _pod(labels: str, name: str = "web-3"):

@@ -320,7 +320,7 @@ def test_workload_errors(fields, message):
         ({"vips": ["a/b/10.0.0.1"]}, f"{S}.vips[0]: 'a/b/10.0.0.1' is not of the form"),
         ({"vips": ["/10.0.0.1", "/10.0.0.1"]}, f"{S}.vips[1]: /10.0.0.1 is listed twice"),
         ({"vips": {"/10.0.0.1": 1}}, f"{S}.vips: expected a list, got a mapping"),
-        ({"ports": [80]}, f"{S}.ports: expected a mapping, got a list"),
+        ({"ports": [80]}, f"{S}.ports[0]: expected a mapping, got a number"),
         ({"ports": {80: 0}}, f"{S}.ports[80]: port 0 is not in 1..65535"),
         ({"ports": {-1: 80}}, f"{S}.ports[-1]: port -1 is not in 1..65535"),
         ({"ports": {"99999": 80}}, "port 99999 is not in 1..65535"),

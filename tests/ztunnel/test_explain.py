@@ -15,7 +15,7 @@ import pytest
 
 from meshcore.defaults import ROOT_NAMESPACE
 from meshcore.policy.index import PolicyIndex
-from meshcore.state import GatewayAddress, HealthStatus, MeshState, TunnelProtocol, Workload
+from meshcore.state import HealthStatus, MeshState, TunnelProtocol, Workload
 from tests.support.mesh import (
     CLIENT_POD,
     LEGACY_POD,
@@ -259,6 +259,12 @@ def test_the_whole_answer_for_one_endpoint() -> None:
         },
         "route": "HBONE",
         "reason": "destination is in the mesh",
+        "waypoint": None,
+        "waypoint_reason": (
+            "workload shop/web-0 is not bound to a waypoint (a service's waypoint applies "
+            "only to traffic sent to the service's VIP; a pod binding needs a waypoint for "
+            "workload or all)"
+        ),
         "selection": "direct",
         "endpoints": [
             {
@@ -284,15 +290,6 @@ def test_the_whole_answer_for_one_endpoint() -> None:
             }
         ],
     }
-
-
-def test_a_waypoint_bound_service_is_explained_as_the_data_path_goes_today() -> None:
-    # Waypoints are not implemented yet: the tunnel goes straight to the endpoint, and
-    # explain must say what the data path does, not what a waypoint would do.
-    bound = replace(WEB, waypoint=GatewayAddress(hostname="shop/waypoint.shop.svc.cluster.local"))
-    state = mesh_state(WORLD, (bound, LEGACY))
-    got = explain(state, index(state), "shop/client-0", "web:80")
-    assert summary(got).endpoints == (hbone_to(WEB_0), hbone_to(WEB_1))
 
 
 @pytest.mark.parametrize(

@@ -14,10 +14,10 @@ from tests.support.certs import InProcessCA
 from ztunnel.node import NodeProxy
 
 GOOD = "workloads: []\nservices: []\npolicies: []\n"
-# What an `apply` of a VirtualService used to leave in the file.
+# A kind the mesh config does not carry (a Sidecar has no meaning in ambient mode).
 REFUSED = GOOD.replace(
     "policies: []",
-    "policies: [{apiVersion: networking.istio.io/v1, kind: VirtualService, "
+    "policies: [{apiVersion: networking.istio.io/v1, kind: Sidecar, "
     "metadata: {name: vs, namespace: default}, spec: {}}]",
 )
 
@@ -46,6 +46,6 @@ def test_status_and_config_dump_carry_the_digest_in_force_and_a_refusal(
         assert after == node.config_dump()["config"]
         assert after["digest"] == good  # the last good config stays in force
         assert after["rejected"]["digest"] == hashlib.sha256(path.read_bytes()).hexdigest()
-        assert "'VirtualService' is not one of AuthorizationPolicy" in after["rejected"]["error"]
+        assert "'Sidecar' is not one of AuthorizationPolicy" in after["rejected"]["error"]
 
     aio.run(main)

@@ -9,6 +9,7 @@ import socket
 import struct
 from collections.abc import Callable
 
+from meshcore.hbone.dial import CONNECT_TIMEOUT as CONNECT_TIMEOUT
 from meshcore.hbone.server import Guard
 from meshcore.identity.spiffe import SpiffeId
 from meshcore.observability.connections import STOPPED, Relay
@@ -17,8 +18,6 @@ from meshcore.policy.verdict import ALLOW_ALL, Verdict
 from meshcore.relay import AppSide
 from meshcore.sockets import SocketAddr, SocketFactory, make_transparent, tune_stream
 from meshcore.state import Workload
-
-CONNECT_TIMEOUT = 10.0
 
 # The authorization seam: (destination workload, peer identity or None for plaintext,
 # client address, target) -> the verdict. The node plugs in the policy index's `authorize`.

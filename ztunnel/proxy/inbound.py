@@ -14,14 +14,13 @@ import functools
 import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
 
 import structlog
 
 from meshcore.defaults import HBONE_PORT, TUNNEL_PORTS
 from meshcore.hbone.conn import Headers
 from meshcore.hbone.h2frames import ErrorCode
-from meshcore.hbone.server import Guard
+from meshcore.hbone.server import Guard, verified_client
 from meshcore.hbone.transport import H2Transport
 from meshcore.identity.spiffe import SpiffeId
 from meshcore.observability.accesslog import ConnectionLog, Direction
@@ -31,8 +30,8 @@ from meshcore.policy.verdict import Verdict
 from meshcore.relay import AppSide, HboneSplice, TcpPipe
 from meshcore.sockets import SocketAddr, SocketFactory
 from meshcore.state import MeshState, Workload
-from meshcore.tls import PeerVerificationError, hbone_peer, verify_client
 from ztunnel.proxy.common import Authorizer, allow_all, connect_tcp, inbound_labels
+from ztunnel.proxy.waypoint import gated
 
 log = structlog.get_logger(__name__)
 
@@ -159,14 +158,10 @@ class _InboundH2(H2Transport):
         self.connecting: dict[int, asyncio.Task[None]] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        try:
-            self.client = SocketAddr.of(transport.get_extra_info("peername"))
-            self.peer = hbone_peer(transport.get_extra_info("ssl_object"))
-            verify_client(self.peer, self.server.trust_domain)
-        except (PeerVerificationError, ValueError, TypeError) as e:
-            self.server.guard.refused("inbound", "peer_identity", str(self.client), str(e))
-            cast(asyncio.Transport, transport).abort()
+        proven = verified_client(transport, self.server.trust_domain, self.server.guard)
+        if proven is None:
             return
+        self.client, self.peer = proven
         super().connection_made(transport)
         self.server.connections.add(self)
 
@@ -194,7 +189,8 @@ class InboundProxy:
         self._factory = factory
         self.trust_domain = trust_domain
         self._track = tasks
-        self.authorize = authorize
+        # A pod bound to a waypoint accepts only the waypoint (ztunnel.proxy.waypoint).
+        self.authorize = gated(authorize, state)
         self.connection_table = (
             connection_table if connection_table is not None else ConnectionTable()
         )

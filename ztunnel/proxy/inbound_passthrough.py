@@ -27,6 +27,7 @@ from ztunnel.proxy.common import (
     connect_tcp,
     inbound_labels,
 )
+from ztunnel.proxy.waypoint import gated
 
 
 class InboundPassthroughProxy(ListenerProxy):
@@ -46,7 +47,8 @@ class InboundPassthroughProxy(ListenerProxy):
         super().__init__(tasks, guard, "inbound")
         self._workload = workload
         self._factory = factory
-        self.authorize = authorize
+        # A pod bound to a waypoint accepts only the waypoint (ztunnel.proxy.waypoint).
+        self.authorize = gated(authorize, state)
         self._orig_dst = orig_dst
         self.connection_table = (
             connection_table if connection_table is not None else ConnectionTable()

@@ -1,21 +1,29 @@
 """Outbound (15001): what an enrolled pod's captured connection becomes.
 
 `decide` is pure: from the mesh state, the source workload and the original destination it
-returns a frozen `OutboundDecision` (HBONE to a pod's 15008, plain passthrough, or refuse).
-`OutboundProxy` carries the decision out.
+returns a frozen `OutboundDecision` (HBONE to a pod's 15008 or to a waypoint, plain
+passthrough, or refuse). `OutboundProxy` carries the decision out.
+
+Waypoints, as upstream ztunnel's `build_request` (see `ztunnel.proxy.waypoint`):
+1. a service VIP whose service has a waypoint: HBONE to a waypoint endpoint's
+   `IP:hbone_port`, `:authority` the original `VIP:port`, the waypoint's identity expected;
+2. a pod IP whose workload has a waypoint, unless the connection comes from that
+   waypoint: HBONE to the waypoint, `:authority` the original `podIP:port`;
+3. otherwise to the destination itself.
+A bound waypoint that is missing or not ready refuses the connection (fail closed) unless
+its address says `failOpen`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
-import ipaddress
 import os
 import random
 import socket
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import structlog
 
@@ -23,17 +31,24 @@ from meshcore.defaults import HBONE_PORT, TUNNEL_PORTS
 from meshcore.hbone.h2frames import ErrorCode
 from meshcore.hbone.pool import ConnectionPool, PoolKey
 from meshcore.hbone.server import Guard
-from meshcore.hbone.transport import H2Transport
 from meshcore.identity.spiffe import SpiffeId
 from meshcore.observability.accesslog import ConnectionLog, Direction
 from meshcore.observability.connections import STOPPED, ConnectionTable, Tracked
 from meshcore.observability.metrics import ResponseFlags, TcpLabels, tcp_labels
 from meshcore.relay import AppSide, HboneSplice, TcpPipe
-from meshcore.sockets import SocketAddr, SocketFactory, original_dst, tune_stream
+from meshcore.sockets import SocketAddr, SocketFactory, original_dst
 from meshcore.state import HealthStatus, IPAddress, MeshState, Service, TunnelProtocol, Workload
 from meshcore.tls import PeerVerificationError
 from ztunnel.proxy.common import CONNECT_TIMEOUT, ListenerProxy, connect_tcp
 from ztunnel.proxy.inbound import LOCAL_HOP, InboundProxy
+from ztunnel.proxy.waypoint import (
+    WAYPOINT_UNAVAILABLE,
+    Binding,
+    WaypointHop,
+    choose_waypoint,
+    is_from_waypoint,
+    waypoint_sans,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -56,13 +71,23 @@ class OutboundDecision:
     next_hop: SocketAddr | None = None
     # Identities the HBONE server may prove (the workload's, plus the service's SANs).
     expected_identities: frozenset[SpiffeId] = frozenset()
+    # The workload at the other end of the HBONE connection: the destination pod, or the
+    # waypoint when the connection goes through one.
     destination: Workload | None = None
     service: Service | None = None
     reason: str = ""
+    # The waypoint the destination is bound to: the hop through it (then `target` is the
+    # original destination, sent as `:authority`, and `next_hop` the waypoint), or why it
+    # was not used (refused, or failed open).
+    waypoint: WaypointHop | None = None
 
     @property
     def authority(self) -> str:
         return str(self.target)
+
+    @property
+    def via_waypoint(self) -> bool:
+        return self.waypoint is not None and self.waypoint.endpoint is not None
 
 
 def _target_port(service: Service, endpoint: Workload, port: int) -> int | None:
@@ -86,40 +111,95 @@ def decide(
     source: Workload,
     dst: SocketAddr,
     choose: Callable[[list[Workload]], Workload] = random.choice,
+    client: IPAddress | None = None,
 ) -> OutboundDecision:
+    """`client`: the address the connection came from (the source pod's own IPs if not
+    given); with the source's identity it tells a waypoint's own upstream leg."""
     if dst.port in TUNNEL_PORTS:
         return OutboundDecision(Route.REFUSE, dst, reason=f"port {dst.port} is the tunnel's own")
     service = state.service_by_vip(source.network, dst.ip)
     if service is not None:
-        candidates = [
-            w
-            for w in state.endpoints(service)
-            if w.status is HealthStatus.HEALTHY and w.ips and _target_port(service, w, dst.port)
-        ]
-        if service.target_port(dst.port) is None and not candidates:
-            return OutboundDecision(
-                Route.REFUSE,
-                dst,
-                service=service,
-                reason=f"{service.hostname} has no port {dst.port}",
-            )
-        if not candidates:
-            return OutboundDecision(
-                Route.REFUSE,
-                dst,
-                service=service,
-                reason=f"{service.hostname} has no healthy endpoints",
-            )
-        endpoint = choose(candidates)
-        tport = _target_port(service, endpoint, dst.port)
-        assert tport is not None
-        return _to_workload(endpoint, SocketAddr(_endpoint_ip(endpoint, dst), tport), service)
+        hop: WaypointHop | None = None
+        gw = service.waypoint
+        if gw is not None and not is_from_waypoint(state, gw, source, client):
+            hop = choose_waypoint(state, gw, Binding.SERVICE, f"service {service.key}", dst, choose)
+            if not hop.failed_open:
+                return _through_waypoint(state, hop, dst, service)
+        return _with_hop(_to_service(state, service, dst, choose), hop)
     workload = state.workload_by_ip(source.network, dst.ip)
     if workload is None:
         return OutboundDecision(
             Route.PASSTHROUGH, dst, next_hop=dst, reason="destination is not a known workload"
         )
+    gw = workload.waypoint
+    if gw is not None and not is_from_waypoint(state, gw, source, client):
+        bound = f"workload {workload.namespace}/{workload.name}"
+        hop = choose_waypoint(state, gw, Binding.WORKLOAD, bound, dst, choose, behind=workload)
+        if not hop.failed_open:
+            return _through_waypoint(state, hop, dst, None)
+        return _with_hop(_to_workload(workload, dst, None), hop)
     return _to_workload(workload, dst, None)
+
+
+def _with_hop(decision: OutboundDecision, hop: WaypointHop | None) -> OutboundDecision:
+    """A direct decision that failed open past an unavailable waypoint says so."""
+    if hop is None:
+        return decision
+    return replace(decision, waypoint=hop, reason=f"{hop.describe()}: {decision.reason}")
+
+
+def _through_waypoint(
+    state: MeshState, hop: WaypointHop, dst: SocketAddr, service: Service | None
+) -> OutboundDecision:
+    """HBONE to the waypoint with the original destination as the authority; or, with no
+    ready endpoint (and no failOpen), a refusal that names the waypoint."""
+    endpoint = hop.endpoint
+    if endpoint is None:
+        return OutboundDecision(
+            Route.REFUSE, dst, service=service, reason=hop.describe(), waypoint=hop
+        )
+    sans = waypoint_sans(state, hop.address)
+    return OutboundDecision(
+        Route.HBONE,
+        dst,  # the original VIP:port or podIP:port, never translated
+        next_hop=SocketAddr(endpoint.ip, endpoint.hbone_port),
+        expected_identities=frozenset({endpoint.workload.identity, *sans}),
+        destination=endpoint.workload,
+        service=service,
+        reason=hop.describe(),
+        waypoint=hop,
+    )
+
+
+def _to_service(
+    state: MeshState,
+    service: Service,
+    dst: SocketAddr,
+    choose: Callable[[list[Workload]], Workload],
+) -> OutboundDecision:
+    candidates = [
+        w
+        for w in state.endpoints(service)
+        if w.status is HealthStatus.HEALTHY and w.ips and _target_port(service, w, dst.port)
+    ]
+    if service.target_port(dst.port) is None and not candidates:
+        return OutboundDecision(
+            Route.REFUSE,
+            dst,
+            service=service,
+            reason=f"{service.hostname} has no port {dst.port}",
+        )
+    if not candidates:
+        return OutboundDecision(
+            Route.REFUSE,
+            dst,
+            service=service,
+            reason=f"{service.hostname} has no healthy endpoints",
+        )
+    endpoint = choose(candidates)
+    tport = _target_port(service, endpoint, dst.port)
+    assert tport is not None
+    return _to_workload(endpoint, SocketAddr(_endpoint_ip(endpoint, dst), tport), service)
 
 
 def _to_workload(w: Workload, target: SocketAddr, service: Service | None) -> OutboundDecision:
@@ -216,7 +296,9 @@ class OutboundProxy(ListenerProxy):
             t.abort()
             record.finish(error=f"no original destination: {e}")
             return
-        decision = decide(self._state(), source, dst)
+        decision = decide(self._state(), source, dst, client=client.ip)
+        if decision.waypoint is not None and decision.waypoint.endpoint is None:
+            self._waypoint_unavailable(source, client, decision)
         record.dst = decision.target
         record.dst_workload = decision.destination
         if decision.destination is not None and decision.route is Route.HBONE:
@@ -225,13 +307,25 @@ class OutboundProxy(ListenerProxy):
         try:
             if decision.route is Route.REFUSE:
                 t.abort()
+                if decision.waypoint is not None:
+                    record.finish(error=f"refused [{WAYPOINT_UNAVAILABLE}]: {decision.reason}")
+                    self.connection_table.refused(
+                        outbound_labels(source, decision, WAYPOINT_UNAVAILABLE)
+                    )
+                    return
                 record.finish(error=f"refused: {decision.reason}")
                 return
             if decision.route is Route.PASSTHROUGH:
                 await self._passthrough(app, source, client, decision, record)
                 return
             assert decision.destination is not None  # decide() names an HBONE destination
-            local = self._local(decision.destination) if self._local is not None else None
+            # Never in process through a waypoint: a waypoint pod is not captured, so it is
+            # dialled over the network like any HBONE peer.
+            local = (
+                self._local(decision.destination)
+                if self._local is not None and not decision.via_waypoint
+                else None
+            )
             if local is not None:
                 await self._same_node(app, local, source, client, decision, record)
             else:
@@ -249,6 +343,23 @@ class OutboundProxy(ListenerProxy):
                 else ResponseFlags.CONNECT
             )
             self.connection_table.refused(outbound_labels(source, decision, flags))
+
+    def _waypoint_unavailable(
+        self, source: Workload, client: SocketAddr, decision: OutboundDecision
+    ) -> None:
+        hop = decision.waypoint
+        assert hop is not None
+        log.warning(
+            "waypoint unavailable: failing open"
+            if hop.failed_open
+            else "waypoint unavailable: connection refused",
+            waypoint=hop.name,
+            bound=hop.bound,
+            problem=hop.problem,
+            src=str(client),
+            src_workload=f"{source.namespace}/{source.name}",
+            dst=str(decision.target),
+        )
 
     def _tracked(
         self,
@@ -405,57 +516,3 @@ def _describe(e: BaseException, decision: OutboundDecision) -> str:
             )
         return f"timed out connecting to {decision.next_hop}"
     return f"{type(e).__name__}: {e}"
-
-
-async def hbone_connect(
-    key: PoolKey,
-    factory: SocketFactory,
-    ssl_context: Callable[[SpiffeId], ssl.SSLContext],
-    verify: Callable[[H2Transport, frozenset[SpiffeId]], None],
-    on_closed: Callable[[H2Transport], None],
-    guard: Guard | None = None,
-) -> H2Transport:
-    """Open one mTLS HTTP/2 connection for the pool: TCP from the source pod, TLS with the
-    source's certificate, then check the server proves one of the expected identities.
-    The connection holds the server to the same limits a client of ours is held to."""
-    guard = guard if guard is not None else Guard()
-    server = f"{key.dst[0]}:{key.dst[1]}"
-
-    def refused(_h2: H2Transport, reason: str) -> None:
-        guard.refused("outbound", reason, server)
-
-    loop = asyncio.get_running_loop()
-    ip = ipaddress.ip_address(key.dst[0])
-    sock = factory.new(socket.AF_INET6 if ip.version == 6 else socket.AF_INET)
-    try:
-        tune_stream(sock)
-        await asyncio.wait_for(loop.sock_connect(sock, key.dst), CONNECT_TIMEOUT)
-        ctx = ssl_context(key.src_identity)
-        _, h2 = await asyncio.wait_for(
-            loop.create_connection(
-                lambda: H2Transport(
-                    client=True, on_closed=on_closed, limits=guard.limits, on_refused=refused
-                ),
-                sock=sock,
-                ssl=ctx,
-                server_hostname="",
-                ssl_shutdown_timeout=guard.limits.shutdown_timeout,
-            ),
-            CONNECT_TIMEOUT,
-        )
-    except TimeoutError:
-        sock.close()
-        raise TimeoutError(
-            f"connecting to {key.dst[0]}:{key.dst[1]} timed out: is port 15008 blocked by a "
-            "network policy, or is the destination's tunnel down?"
-        ) from None
-    except BaseException:
-        sock.close()
-        raise
-    assert isinstance(h2, H2Transport)
-    try:
-        verify(h2, key.dst_identities)
-    except Exception:
-        h2.close(reason="server identity rejected")
-        raise
-    return h2

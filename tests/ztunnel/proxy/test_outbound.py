@@ -16,7 +16,6 @@ import pytest
 from meshcore.identity.spiffe import SpiffeId
 from meshcore.sockets import SocketAddr
 from meshcore.state import (
-    GatewayAddress,
     HealthStatus,
     Service,
     Workload,
@@ -58,9 +57,6 @@ DUAL = service(
 DUAL_0 = web_pod("dual-0", "10.244.2.40", "fd00:244::40", services=serves((DUAL, {})))
 WEB_NET2 = replace(WEB, vips=vips("10.96.0.20", network="net2"))
 CLIENT_NET2 = replace(CLIENT, network="net2")
-WAYPOINT = GatewayAddress(hostname="shop/waypoint.shop.svc.cluster.local")
-WEB_WAYPOINT = replace(WEB, waypoint=WAYPOINT)
-WAYPOINTED_0 = replace(WEB_0, waypoint=WAYPOINT)
 
 
 def hbone(
@@ -282,20 +278,6 @@ CASES = [
         "pod IP, readiness port 15021: not a tunnel data port, HBONE",
         "10.244.2.20:15021",
         hbone(WEB_0, 15021),
-    ),
-    # -- waypoints: not implemented yet (a later issue); today the tunnel goes straight
-    # to the destination. These rows change when waypoints land.
-    case(
-        "waypoint-bound service: straight to the endpoint (no waypoints yet)",
-        "10.96.0.20:80",
-        hbone(WEB_0, 8080, WEB_WAYPOINT),
-        services=(WEB_WAYPOINT,),
-    ),
-    case(
-        "waypoint-bound pod: straight to it (no waypoints yet)",
-        "10.244.2.20:8080",
-        hbone(WAYPOINTED_0, 8080),
-        workloads=(WAYPOINTED_0,),
     ),
 ]
 

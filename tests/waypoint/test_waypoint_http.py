@@ -1,0 +1,257 @@
+"""HTTP/1.1 through the waypoint on loopback: the router's decisions carried out for real
+(routes, weights, filters, authorization, retries, timeouts, faults, metrics), each request
+an HBONE CONNECT stream to the waypoint as the client's tunnel sends it, each upstream leg
+HBONE to the endpoint's tunnel."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.aio import Loop
+from tests.waypoint.apps import app, get, parse
+from tests.waypoint.loopback import start_mesh
+
+
+@pytest.fixture
+def aio() -> Iterator[Loop]:
+    loop = Loop("uvloop")
+    yield loop
+    loop.close()
+
+
+def route(name: str, rules: list[dict[str, object]], parent: str = "web") -> dict[str, object]:
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": name, "namespace": "shop"},
+        "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": parent}],
+                 "rules": rules},
+    }  # fmt: skip
+
+
+def backend(name: str, weight: int = 1) -> dict[str, object]:
+    return {"name": name, "port": 80, "weight": weight}
+
+
+def test_a_request_reaches_the_service_through_the_waypoint(aio: Loop) -> None:
+    async def main() -> None:
+        mesh = await start_mesh(aio, {"web": [app("web-a")]})
+        status, _, body = parse(await mesh.request("web", get("/hello?x=1")))
+        assert status == 200
+        info = json.loads(body)
+        assert info["app"] == "web-a" and info["path"] == "/hello?x=1"
+        # The waypoint added a request id and a trace context the app can propagate.
+        assert info["headers"]["x-request-id"]
+        assert info["headers"]["traceparent"].startswith("00-")
+        metrics = mesh.lw.waypoint.render().decode()
+        total = sum(
+            s.value
+            for f in text_string_to_metric_families(metrics)
+            for s in f.samples
+            if s.name == "istio_requests_total"
+            and s.labels["reporter"] == "waypoint"
+            and s.labels["response_code"] == "200"
+            and s.labels["destination_service_name"] == "web"
+            and s.labels["source_principal"] == "spiffe://cluster.local/ns/shop/sa/client"
+        )
+        assert total == 1
+
+    aio.run(main)
+
+
+def test_weights_split_between_versions(aio: Loop) -> None:
+    split = route("split", [{"backendRefs": [backend("web-v1", 90), backend("web-v2", 10)]}])
+
+    async def main() -> None:
+        mesh = await start_mesh(
+            aio,
+            {"web": [app("web")], "web-v1": [app("v1")], "web-v2": [app("v2")]},
+            resources=[split],
+        )
+        served = {"v1": 0, "v2": 0}
+        for _ in range(200):
+            _, headers, _ = parse(await mesh.request("web", get("/")))
+            served[headers["x-served-by"]] += 1
+        # Binomial(200, 0.1): mean 20, sd 4.2; 5..40 is beyond 3.5 sd either way.
+        assert 5 <= served["v2"] <= 40, served
+        assert served["v1"] + served["v2"] == 200
+
+    aio.run(main, limit=120)
+
+
+def test_matches_and_filters(aio: Loop) -> None:
+    rules = route(
+        "rules",
+        [
+            {
+                "matches": [{"path": {"type": "PathPrefix", "value": "/v2"}}],
+                "filters": [
+                    {"type": "URLRewrite",
+                     "urlRewrite": {"path": {"type": "ReplacePrefixMatch",
+                                             "replacePrefixMatch": "/"}}},
+                    {"type": "RequestHeaderModifier",
+                     "requestHeaderModifier": {"set": [{"name": "x-canary", "value": "yes"}]}},
+                    {"type": "ResponseHeaderModifier",
+                     "responseHeaderModifier": {"add": [{"name": "x-route", "value": "v2"}]}},
+                ],
+                "backendRefs": [backend("web-v2")],
+            },
+            {
+                "matches": [{"path": {"type": "Exact", "value": "/old"}}],
+                "filters": [{"type": "RequestRedirect",
+                             "requestRedirect": {"path": {"type": "ReplaceFullPath",
+                                                          "replaceFullPath": "/new"},
+                                                 "statusCode": 301}}],
+            },
+            {"matches": [{"method": "POST"}], "backendRefs": [backend("web-v1")]},
+        ],
+    )  # fmt: skip
+
+    async def main() -> None:
+        mesh = await start_mesh(
+            aio, {"web": [app("web")], "web-v1": [app("v1")], "web-v2": [app("v2")]},
+            resources=[rules],
+        )  # fmt: skip
+        status, headers, body = parse(await mesh.request("web", get("/v2/items")))
+        info = json.loads(body)
+        assert (status, info["app"], info["path"]) == (200, "v2", "/items")
+        assert info["headers"]["x-canary"] == "yes" and headers["x-route"] == "v2"
+        status, headers, _ = parse(await mesh.request("web", get("/old")))
+        assert status == 301 and headers["location"] == "http://web/new"
+        status, _, body = parse(await mesh.request("web", get("/x", method="POST", body=b"{}")))
+        assert json.loads(body)["app"] == "v1"
+        # Routes exist for the service, none matches: 404.
+        status, _, _ = parse(await mesh.request("web", get("/nothing")))
+        assert status == 404
+
+    aio.run(main)
+
+
+def test_l7_policy_denies_post_and_allows_get(aio: Loop) -> None:
+    policy = {
+        "name": "get-only",
+        "spec": {
+            "targetRefs": [{"kind": "Service", "group": "", "name": "web"}],
+            "action": "ALLOW",
+            "rules": [{"to": [{"operation": {"methods": ["GET"]}}]}],
+        },
+    }
+
+    async def main() -> None:
+        mesh = await start_mesh(aio, {"web": [app("web")]}, policies=[policy])
+        status, _, _ = parse(await mesh.request("web", get("/")))
+        assert status == 200
+        status, _, body = parse(await mesh.request("web", get("/", method="POST", body=b"x")))
+        assert (status, body) == (403, b"RBAC: access denied")
+
+    aio.run(main)
+
+
+def test_retries_hide_a_backend_that_resets_one_connection_in_three(aio: Loop) -> None:
+    # Istio's default policy does not retry a reset (only connect-failure, refused-stream,
+    # unavailable, cancelled): the VirtualService asks for it, as users do.
+    vs = {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "VirtualService",
+        "metadata": {"name": "retry", "namespace": "shop"},
+        "spec": {
+            "hosts": ["web.shop.svc.cluster.local"],
+            "http": [
+                {
+                    "route": [{"destination": {"host": "web.shop.svc.cluster.local"}}],
+                    "retries": {"attempts": 3, "retryOn": "reset,connect-failure"},
+                }
+            ],
+        },
+    }
+
+    async def main() -> None:
+        mesh = await start_mesh(aio, {"web": [app("flaky", reset_every=3)]}, resources=[vs])
+        statuses = [parse(await mesh.request("web", get("/")))[0] for _ in range(30)]
+        assert statuses == [200] * 30
+        text = mesh.lw.waypoint.render().decode()
+        assert 'response_code="503"' not in text
+
+    aio.run(main, limit=120)
+
+
+def test_without_a_retry_policy_for_resets_the_reset_is_a_503(aio: Loop) -> None:
+    async def main() -> None:
+        mesh = await start_mesh(aio, {"web": [app("flaky", reset_every=1)]})
+        status, _, body = parse(await mesh.request("web", get("/")))
+        assert status == 503 and b"reset" in body
+        assert 'response_flags="UC"' in mesh.lw.waypoint.render().decode()
+
+    aio.run(main)
+
+
+def test_a_request_timeout_is_a_504(aio: Loop) -> None:
+    slow = route("slow", [{"backendRefs": [backend("web")], "timeouts": {"request": "200ms"}}])
+
+    async def main() -> None:
+        mesh = await start_mesh(aio, {"web": [app("slow", delay=2.0)]}, resources=[slow])
+        status, _, body = parse(await mesh.request("web", get("/")))
+        assert status == 504 and b"timeout" in body
+        text = mesh.lw.waypoint.render().decode()
+        assert 'response_flags="UT"' in text
+
+    aio.run(main)
+
+
+def test_connection_pool_overflow_is_503_uo(aio: Loop) -> None:
+    rule = {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "DestinationRule",
+        "metadata": {"name": "tight", "namespace": "shop"},
+        "spec": {
+            "host": "web.shop.svc.cluster.local",
+            "trafficPolicy": {
+                "connectionPool": {
+                    "tcp": {"maxConnections": 1},
+                    "http": {"http1MaxPendingRequests": 1},
+                }
+            },
+        },
+    }
+
+    async def main() -> None:
+        mesh = await start_mesh(aio, {"web": [app("web", delay=0.5)]}, resources=[rule])
+        answers = await asyncio.gather(*(mesh.request("web", get("/")) for _ in range(6)))
+        statuses = sorted(parse(a)[0] for a in answers)
+        assert 200 in statuses and 503 in statuses, statuses
+        assert 'response_flags="UO"' in mesh.lw.waypoint.render().decode()
+
+    aio.run(main)
+
+
+def test_fault_injection_aborts_and_delays(aio: Loop) -> None:
+    vs = {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "VirtualService",
+        "metadata": {"name": "faulty", "namespace": "shop"},
+        "spec": {
+            "hosts": ["web.shop.svc.cluster.local"],
+            "http": [
+                {
+                    "match": [{"uri": {"prefix": "/abort"}}],
+                    "fault": {"abort": {"httpStatus": 418, "percentage": {"value": 100}}},
+                    "route": [{"destination": {"host": "web.shop.svc.cluster.local"}}],
+                },
+                {"route": [{"destination": {"host": "web.shop.svc.cluster.local"}}]},
+            ],
+        },
+    }
+
+    async def main() -> None:
+        mesh = await start_mesh(aio, {"web": [app("web")]}, resources=[vs])
+        status, _, body = parse(await mesh.request("web", get("/abort")))
+        assert (status, body) == (418, b"fault filter abort")
+        status, _, _ = parse(await mesh.request("web", get("/fine")))
+        assert status == 200
+
+    aio.run(main)

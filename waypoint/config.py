@@ -1,0 +1,119 @@
+"""The waypoint's one immutable configuration, parsed from its environment (pure).
+
+Every variable name and default is written here once. The local cluster sets them when it
+starts a waypoint pod; on Kubernetes the waypoint's Deployment does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from meshcore import defaults
+from meshcore.envconfig import (
+    EnvConfigError,
+    boolean,
+    hbone_limits,
+    integer,
+    log_level,
+    required,
+    seconds,
+)
+from meshcore.hbone.limits import DEFAULT_LIMITS, HboneLimits
+
+NODE_NAME = "NODE_NAME"
+LOCAL_XDS_PATH = "LOCAL_XDS_PATH"
+CA_ADDRESS = "CA_ADDRESS"
+CA_TOKEN_PATH = "CA_TOKEN_PATH"
+TRUST_DOMAIN = "TRUST_DOMAIN"
+WAYPOINT_NAME = "WAYPOINT_NAME"
+POD_NAMESPACE = "POD_NAMESPACE"
+SERVICE_ACCOUNT = "SERVICE_ACCOUNT"
+POD_IP = "POD_IP"
+LOG_LEVEL = "LOG_LEVEL"
+OTLP_ENDPOINT = "OTLP_ENDPOINT"
+READINESS_PORT = "READINESS_PORT"
+METRICS_PORT = "METRICS_PORT"
+ADMIN_PORT = "ADMIN_PORT"
+CERT_TTL_SECONDS = "CERT_TTL_SECONDS"
+DRAIN_SECONDS = "DRAIN_SECONDS"
+SNIFF_TIMEOUT = "SNIFF_TIMEOUT"
+ACCESS_LOG = "ACCESS_LOG"
+
+DEFAULT_CERT_TTL = 24 * 3600
+DEFAULT_DRAIN_SECONDS = 5
+# How long an undeclared port waits for the client's first bytes before treating the
+# connection as TCP: a server-first protocol (MySQL, SMTP) sends nothing until the server
+# greets it, so waiting longer only delays its greeting.
+DEFAULT_SNIFF_TIMEOUT = 0.2
+# Upstream Envoy waypoints: 100 concurrent streams per HBONE connection.
+WAYPOINT_LIMITS = dataclasses.replace(DEFAULT_LIMITS, max_concurrent_streams=100)
+
+
+@dataclass(frozen=True, slots=True)
+class WaypointConfig:
+    name: str  # the Gateway's name
+    namespace: str
+    node_name: str
+    pod_ip: ipaddress.IPv4Address | ipaddress.IPv6Address
+    local_xds_path: Path
+    ca_address: Path
+    ca_token_path: Path
+    service_account: str = ""  # "" = the Gateway's name, as istiod's deployment does
+    trust_domain: str = defaults.TRUST_DOMAIN
+    log_level: str = "info"
+    otlp_endpoint: str | None = None
+    readiness_port: int = defaults.READINESS_PORT
+    metrics_port: int = defaults.METRICS_PORT
+    admin_port: int = defaults.ADMIN_PORT
+    hbone_port: int = defaults.HBONE_PORT
+    cert_ttl_seconds: int = DEFAULT_CERT_TTL
+    drain_seconds: int = DEFAULT_DRAIN_SECONDS
+    sniff_timeout: float = DEFAULT_SNIFF_TIMEOUT
+    access_log: bool = True
+    hbone_limits: HboneLimits = WAYPOINT_LIMITS
+
+    @property
+    def account(self) -> str:
+        return self.service_account or self.name
+
+
+def _otlp(env: Mapping[str, str]) -> str | None:
+    raw = env.get(OTLP_ENDPOINT, "").strip()
+    if not raw:
+        return None
+    if not raw.startswith("http://"):
+        raise EnvConfigError(f"{OTLP_ENDPOINT}={raw!r} must be an http:// URL (OTLP/HTTP)")
+    return raw.rstrip("/")
+
+
+def parse_config(env: Mapping[str, str]) -> WaypointConfig:
+    raw_ip = required(env, POD_IP)
+    try:
+        pod_ip = ipaddress.ip_address(raw_ip)
+    except ValueError:
+        raise EnvConfigError(f"{POD_IP}={raw_ip!r} is not an IP address") from None
+    return WaypointConfig(
+        name=required(env, WAYPOINT_NAME),
+        namespace=required(env, POD_NAMESPACE),
+        node_name=required(env, NODE_NAME),
+        pod_ip=pod_ip,
+        local_xds_path=Path(required(env, LOCAL_XDS_PATH)),
+        ca_address=Path(required(env, CA_ADDRESS)),
+        ca_token_path=Path(required(env, CA_TOKEN_PATH)),
+        service_account=env.get(SERVICE_ACCOUNT, "").strip(),
+        trust_domain=env.get(TRUST_DOMAIN, "").strip() or defaults.TRUST_DOMAIN,
+        log_level=log_level(env, LOG_LEVEL),
+        otlp_endpoint=_otlp(env),
+        readiness_port=integer(env, READINESS_PORT, defaults.READINESS_PORT, 1, 65535),
+        metrics_port=integer(env, METRICS_PORT, defaults.METRICS_PORT, 1, 65535),
+        admin_port=integer(env, ADMIN_PORT, defaults.ADMIN_PORT, 1, 65535),
+        cert_ttl_seconds=integer(env, CERT_TTL_SECONDS, DEFAULT_CERT_TTL, 60, 7 * 24 * 3600),
+        drain_seconds=integer(env, DRAIN_SECONDS, DEFAULT_DRAIN_SECONDS, 0, 3600),
+        sniff_timeout=seconds(env, SNIFF_TIMEOUT, DEFAULT_SNIFF_TIMEOUT, 0.01, 5.0),
+        access_log=boolean(env, ACCESS_LOG, True),
+        hbone_limits=hbone_limits(env, WAYPOINT_LIMITS),
+    )

@@ -1,0 +1,197 @@
+"""One running waypoint: its configuration, certificates, mesh state, HBONE server,
+upstream pool and proxy, and what its readiness and admin ports report about it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from datetime import timedelta
+from typing import Any
+
+import structlog
+
+from meshcore import tls
+from meshcore.admin.views import service_json, workload_json
+from meshcore.discovery import LocalConfigWatcher
+from meshcore.hbone.server import Guard
+from meshcore.identity.certs import CertificateManager, LocalCAClient, WorkloadCertificate
+from meshcore.identity.spiffe import SpiffeId
+from meshcore.observability.metrics import TcpMetrics
+from meshcore.state import MeshState
+from waypoint.config import WaypointConfig
+from waypoint.destination import Me
+from waypoint.l7config import L7Config
+from waypoint.proxy import WaypointProxy
+from waypoint.router import Router
+from waypoint.server import WaypointServer
+from waypoint.telemetry.export import ExportSettings, OtlpExporter
+from waypoint.telemetry.metrics import RequestMetrics
+from waypoint.upstream import Upstream
+
+log = structlog.get_logger("waypoint")
+
+DNS_DOMAIN = "cluster.local"
+
+
+def me_of(cfg: WaypointConfig) -> Me:
+    """This waypoint as bindings name it: the Service istiod (and the local cluster)
+    creates for a Gateway is `<name>.<ns>.svc.cluster.local`."""
+    host = f"{cfg.name}.{cfg.namespace}.svc.{DNS_DOMAIN}"
+    return Me(f"{cfg.namespace}/{host}", frozenset({str(cfg.pod_ip)}))
+
+
+class Waypoint:
+    """The running waypoint: the admin and readiness servers' source."""
+
+    def __init__(
+        self,
+        cfg: WaypointConfig,
+        certs: CertificateManager | None = None,
+        state: MeshState | None = None,
+    ) -> None:
+        """`certs` and `state` replace the CA socket and the config file (tests on
+        loopback pass an in-memory CA and a built `MeshState`)."""
+        self.cfg = cfg
+        self.identity = SpiffeId(cfg.trust_domain, cfg.namespace, cfg.account)
+        self.metrics = TcpMetrics()
+        self.guard = Guard(cfg.hbone_limits, self.metrics.hbone_refused)
+        self.state = state if state is not None else MeshState.empty()
+        self.watcher = (
+            LocalConfigWatcher(cfg.local_xds_path, self._on_state) if state is None else None
+        )
+        if certs is None:
+            token = cfg.ca_token_path.read_text().strip()
+            certs = CertificateManager(
+                LocalCAClient(cfg.ca_address, token), ttl=timedelta(seconds=cfg.cert_ttl_seconds)
+            )
+        self.certs = certs
+        self.cert: WorkloadCertificate | None = None
+        self._client_ctx: Any = None
+        self.upstream = Upstream(self.identity, self._client_context, str(cfg.pod_ip), self.guard)
+        self.l7 = L7Config.build(self.state, cfg.namespace, cfg.name)
+        self.request_metrics = RequestMetrics()
+        self.exporter = (
+            OtlpExporter(ExportSettings(cfg.otlp_endpoint, f"{cfg.name}.{cfg.namespace}"))
+            if cfg.otlp_endpoint
+            else None
+        )
+        self.router = Router(
+            lambda: self.state,
+            lambda: self.l7,
+            self.upstream,
+            self.request_metrics,
+            lambda: self.server.network,
+            self.exporter,
+        )
+        self.proxy = WaypointProxy(
+            lambda: self.state, self.upstream, self.router, draining=lambda: self.draining
+        )
+        self.me = me_of(cfg)
+        self.server = WaypointServer(
+            self.me, "", cfg.trust_domain, lambda: self.state, self.proxy.serve, self.guard
+        )
+        self.quit_requested = asyncio.Event()
+        self.draining = False
+        self.started = time.time()
+
+    def _client_context(self) -> Any:
+        return self._client_ctx
+
+    def _on_state(self, state: MeshState) -> None:
+        self.state = state
+        self.l7 = L7Config.build(state, self.cfg.namespace, self.cfg.name)
+        for message in self.l7.messages:
+            log.warning("route config", message=message)
+
+    async def start(self) -> None:
+        if self.watcher is not None:
+            await self.watcher.start()
+        self._on_state(self.watcher.current if self.watcher is not None else self.state)
+        if self.exporter is not None:
+            self.exporter.start()
+        mine = [w for w in self.state.workloads if self.cfg.pod_ip in w.ips]
+        # Services and workloads live on a network; the waypoint's own workload says which.
+        self.server.network = mine[0].network if mine else ""
+        self.cert = await self.certs.get(self.identity)
+        self._client_ctx = tls.client_context(self.cert)
+        self.certs.on_update(self._on_cert)
+        await self.server.start(
+            tls.server_context(self.cert), str(self.cfg.pod_ip), self.cfg.hbone_port
+        )
+
+    def _on_cert(self, cert: WorkloadCertificate) -> None:
+        if cert.identity != self.identity:
+            return
+        self.cert = cert
+        self._client_ctx = tls.client_context(cert)
+        # A new listener with the new certificate beside the old one (SO_REUSEPORT).
+        self.server.tasks.spawn(
+            self.server.start(tls.server_context(cert), str(self.cfg.pod_ip), self.cfg.hbone_port),
+            "rotate-15008",
+        )
+
+    # ---- ReadinessSource / AdminSource ---------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        problems = []
+        if self.cert is None:
+            problems.append("no certificate yet")
+        if self.server.listener is None:
+            problems.append("not listening on 15008")
+        if self.draining:
+            problems.append("draining")
+        config = self.watcher.status if self.watcher is not None else None
+        return {
+            "ready": not problems,
+            "problems": problems,
+            "waypoint": f"{self.cfg.namespace}/{self.cfg.name}",
+            "identity": str(self.identity),
+            "address": self.server.address,
+            "config_digest": config.digest if config is not None else None,
+            "streams": self.server.busy,
+        }
+
+    def config_dump(self) -> dict[str, Any]:
+        state = self.state
+        return {
+            "waypoint": self.status(),
+            "services": [
+                service_json(state, s) for s in state.services if self.me.named_by(s.waypoint)
+            ],
+            "workloads": [
+                workload_json(w) for w in state.workloads if self.me.named_by(w.waypoint)
+            ],
+        }
+
+    def connections(self) -> list[dict[str, Any]]:
+        return [
+            {"authority": s.h2.conn.close_reason or "", "sent": s.sent, "received": s.received}
+            for s in self.server.streams
+        ]
+
+    def explain(self, source: str, destination: str) -> dict[str, Any]:
+        raise ValueError("explain runs on the tunnel's admin port, not the waypoint's")
+
+    def request_quit(self) -> None:
+        self.quit_requested.set()
+
+    async def drain(self) -> None:
+        self.draining = True
+        self.server.stop_accepting()
+        self.server.drain()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.server.idle.wait(), self.cfg.drain_seconds)
+
+    def render(self) -> bytes:
+        """15020: the request metrics and the HBONE refusals."""
+        return self.request_metrics.render() + self.metrics.render()
+
+    async def close(self) -> None:
+        await self.server.close()
+        if self.exporter is not None:
+            await self.exporter.shutdown()
+        self.upstream.close()
+        if self.watcher is not None:
+            await self.watcher.close()
+        await self.certs.close()

@@ -1,0 +1,155 @@
+"""One access-log line per request, as JSON through structlog (the mesh's logging).
+
+`RequestLog` is the request-result guard: the proxy fills it in as the request goes (route,
+verdict, upstream host, attempts, status, flags, bytes) and calls `finish` when the
+response is done or the request failed; `finish` writes exactly one line, however many
+times it is called. Strings are made only when the line is written.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import structlog
+
+from meshcore.identity.spiffe import SpiffeId
+from meshcore.state import Service, Workload
+from waypoint.authz.decide import L7Verdict
+from waypoint.telemetry.flags import ResponseFlag, join_flags
+
+log = structlog.get_logger("access")
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+class RequestLog:
+    __slots__ = (
+        "_done",
+        "_start",
+        "attempts",
+        "authority",
+        "bytes_received",
+        "bytes_sent",
+        "dst_identity",
+        "dst_workload",
+        "error",
+        "flags",
+        "method",
+        "path",
+        "request_id",
+        "route",
+        "service",
+        "src",
+        "src_identity",
+        "src_workload",
+        "status",
+        "trace_id",
+        "upstream_host",
+        "verdict",
+    )
+
+    def __init__(
+        self,
+        *,
+        method: str,
+        authority: str,
+        path: str,
+        src: object = None,
+        src_identity: SpiffeId | None = None,
+        src_workload: Workload | None = None,
+        service: Service | None = None,
+        request_id: str | None = None,
+        trace_id: str | None = None,
+    ) -> None:
+        self._start = time.monotonic()
+        self._done = False
+        self.method = method
+        self.authority = authority
+        self.path = path
+        self.src = src  # the client's address
+        self.src_identity = src_identity
+        self.src_workload = src_workload
+        self.service = service
+        self.request_id = request_id
+        self.trace_id = trace_id
+        self.route: str | None = None  # "ns/name" of the route (and rule) that matched
+        self.verdict: L7Verdict | None = None
+        self.upstream_host: object = None  # the endpoint of the last attempt
+        self.dst_workload: Workload | None = None
+        self.dst_identity: SpiffeId | None = None
+        self.attempts = 0
+        self.status = 0  # 0: no response was sent
+        self.flags: list[ResponseFlag] = []
+        self.bytes_received = 0  # request body bytes from the client
+        self.bytes_sent = 0  # response body bytes to the client
+        self.error: str | None = None
+
+    def flag(self, *flags: ResponseFlag) -> None:
+        self.flags.extend(flags)
+
+    @property
+    def response_flags(self) -> str:
+        return join_flags(self.flags)
+
+    def elapsed_ms(self) -> float:
+        return (time.monotonic() - self._start) * 1000
+
+    def fields(self) -> dict[str, object]:
+        """The line's fields; absent ones are left out."""
+        v = self.verdict
+        policy = None
+        if v is not None and v.policy is not None:
+            policy = v.policy if v.rule is None else f"{v.policy}#{v.rule}"
+        s, d = self.src_workload, self.dst_workload
+        out: dict[str, object | None] = {
+            "method": self.method,
+            "authority": self.authority,
+            "path": self.path,
+            "status": self.status,
+            "response_flags": self.response_flags,
+            "upstream_host": _text(self.upstream_host),
+            "attempts": self.attempts,
+            "duration_ms": round(self.elapsed_ms(), 3),
+            "bytes_received": self.bytes_received,
+            "bytes_sent": self.bytes_sent,
+            "trace_id": self.trace_id,
+            "request_id": self.request_id,
+            "src.addr": _text(self.src),
+            "src.identity": _text(self.src_identity),
+            "src.workload": s.name if s is not None else None,
+            "src.namespace": s.namespace if s is not None else None,
+            "dst.service": self.service.hostname if self.service is not None else None,
+            "dst.workload": d.name if d is not None else None,
+            "dst.namespace": d.namespace if d is not None else None,
+            "dst.identity": _text(self.dst_identity),
+            "route": self.route,
+            "authorization_policy": policy,
+            "authorization": None if v is None else ("allowed" if v.allowed else "denied"),
+            "audited": list(v.audited) if v is not None and v.audited else None,
+            "error": self.error,
+        }
+        return {k: val for k, val in out.items() if val is not None}
+
+    def finish(
+        self,
+        status: int | None = None,
+        flags: Iterable[ResponseFlag] = (),
+        error: str | None = None,
+    ) -> None:
+        """Write the line (once); `status`, `flags` and `error` are the last word on them."""
+        if self._done:
+            return
+        self._done = True
+        if status is not None:
+            self.status = status
+        self.flags.extend(flags)
+        if error is not None:
+            self.error = error
+        log.info("request complete", **self.fields())
+
+    @property
+    def done(self) -> bool:
+        return self._done
