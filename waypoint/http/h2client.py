@@ -222,8 +222,8 @@ class Http2Client:
                 reason = f"stream reset by the upstream ({event.error_code!r})"
                 if not exchange.head.done():
                     exchange.head.set_exception(StreamError(reason))
-                if exchange.body is not None:
-                    exchange.body.fail(reason)
+                if exchange.body is not None and not exchange.body.ended:
+                    exchange.body.fail(reason)  # an answer that already ended stands
                 if exchange.sender is not None:
                     exchange.sender.cancel()
         elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):

@@ -282,6 +282,11 @@ class _Server:
                     shell.flush()
                 else:
                     await shell.send_body(stream_id, body)
+            if stream_id in self._bodies:
+                # Answered before the request body ended: tell the client to stop sending
+                # it (RFC 9113 8.1), or its sender would wait for credit forever.
+                self._bodies.pop(stream_id).fail("answered before the request body ended")
+                shell.reset(stream_id, h2.errors.ErrorCodes.NO_ERROR)
             await shell.stream.drain()
         except (h2.exceptions.StreamClosedError, BodyError):
             return

@@ -128,6 +128,25 @@ def test_flow_control_credit_returns_only_as_the_handler_reads(no_leaks: Loop) -
     no_leaks.run(scenario)
 
 
+def test_answer_before_the_request_body_ended_stops_the_upload(no_leaks: Loop) -> None:
+    async def early(request: Request) -> Response:
+        return Response(413, [], BufferedBody(b"too big"))
+
+    async def scenario() -> None:
+        limits = Http2Limits(stream_window=65535, connection_window=65535)
+        async with h2_server(early, limits) as server, h2_client(server.port) as client:
+            upload = StreamBody()  # never ends: only the reset stops the sender
+            upload.feed(b"z" * 200_000)
+            response = await client.send(Request("POST", "svc", "/", [], upload))
+            assert response.status == 413
+            assert await read_all(response.body, 100) == b"too big"
+            await wait_until(lambda: client.active == 0, "the stream to be released")
+            again = await client.send(post("/next", b"ok"))
+            assert again.status == 413
+
+    no_leaks.run(scenario)
+
+
 def test_client_cancel_resets_the_stream_and_the_handler_sees_it(no_leaks: Loop) -> None:
     seen: list[str] = []
     started = asyncio.Event()
@@ -325,6 +344,12 @@ def grpc_handlers() -> grpc.GenericRpcHandler:
         for i in range(int(request)):
             yield b"item%d" % i
 
+    async def stream_fail(
+        request: bytes, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        yield b"first"
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "after one")
+
     async def fail(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         await context.abort(grpc.StatusCode.NOT_FOUND, "no such thing")
         return b""
@@ -335,6 +360,7 @@ def grpc_handlers() -> grpc.GenericRpcHandler:
             "Unary": grpc.unary_unary_rpc_method_handler(unary),
             "Stream": grpc.unary_stream_rpc_method_handler(stream),
             "Fail": grpc.unary_unary_rpc_method_handler(fail),
+            "StreamFail": grpc.unary_stream_rpc_method_handler(stream_fail),
         },
     )
 
@@ -378,6 +404,19 @@ async def calls(channel: grpc.aio.Channel) -> None:
         await fail(b"x")
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
     assert info.value.details() == "no such thing"
+
+    # An error after a message: the status can only come in the trailers.
+    call_f = channel.unary_stream("/test.Echo/StreamFail")(b"x")
+    got: list[bytes] = []
+
+    async def collect() -> None:
+        async for item in call_f:
+            got.append(item)
+
+    with pytest.raises(grpc.aio.AioRpcError) as info_s:
+        await collect()
+    assert got == [b"first"]
+    assert info_s.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
     # Many calls at once share the one upstream connection.
     results = await asyncio.gather(*(unary(b"%d" % i) for i in range(30)))
