@@ -41,7 +41,7 @@ class Http2Limits:
     # counts of the same order.
     max_rapid_resets: int = 200
     reset_window: float = 10.0
-    # PING and SETTINGS frames per `reset_window`: each costs us a reply.
+    # PING, SETTINGS and empty DATA frames per `reset_window`: each costs us work.
     max_control_frames: int = 1000
     idle_timeout: float = 300.0  # no stream open and nothing received
 

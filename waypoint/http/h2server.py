@@ -174,6 +174,15 @@ class _Server:
         if isinstance(event, h2.events.RequestReceived):
             self._on_request(event)
         elif isinstance(event, h2.events.DataReceived):
+            if (
+                not event.data
+                and event.stream_ended is None
+                and self._too_many(self._control, shell.limits.max_control_frames)
+            ):
+                # Empty DATA frames cost the sender nothing and us an event each.
+                log.warning("http2: empty DATA flood: closing the connection")
+                self._goaway(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+                return False
             body = self._bodies.get(event.stream_id)
             padding = event.flow_controlled_length - len(event.data)
             if padding:

@@ -18,6 +18,8 @@ import pytest
 
 from tests.support.aio import Loop, wait_until
 from tests.waypoint.http.loopback import Server, connect
+from waypoint.http.h1client import Http1Client
+from waypoint.http.h1server import serve_http1
 from waypoint.http.h2base import Http2Limits
 from waypoint.http.h2client import Http2Client, StreamError
 from waypoint.http.h2server import serve_http2
@@ -211,6 +213,64 @@ def test_upstream_reset_fails_the_pending_send(no_leaks: Loop) -> None:
             with pytest.raises((StreamError, asyncio.TimeoutError)):
                 async with asyncio.timeout(2):
                     await client.send(post("/x", b""))
+
+    no_leaks.run(scenario)
+
+
+# --- Across the two wires ------------------------------------------------------------------
+
+
+def test_http2_to_http1_and_back(no_leaks: Loop) -> None:
+    """h2 client -> serve_http2 -> Http1Client -> serve_http1, and the reverse: the message
+    types carry method, path, fields, bodies and trailers across either wire."""
+
+    async def h1_echo(request: Request) -> Response:
+        data = await read_all(request.body, 1 << 20)
+        body = StreamBody()
+        body.feed(b"%s %s %s|" % (request.method.encode(), request.path.encode(), data or b""))
+        body.end([("x-echo-trailer", "1")])
+        return Response(200, [("x-seen-te", request.header("te") or "-")], body)
+
+    async def h1_on_stream(stream: ByteStream) -> None:
+        await serve_http1(stream, h1_echo)
+
+    async def scenario() -> None:
+        async with Server(h1_on_stream) as h1_up, h2_server(echo) as h2_up:
+            upstreams: list[AsyncioByteStream] = []
+
+            async def to_h1(request: Request) -> Response:
+                stream = await connect(h1_up.port)
+                upstreams.append(stream)
+                return await Http1Client(stream).send(request)
+
+            h2_forward = H2Forwarder(h2_up.port)
+
+            async def h1_on_front(stream: ByteStream) -> None:
+                await serve_http1(stream, h2_forward)
+
+            try:
+                async with h2_server(to_h1) as front2, Server(h1_on_front) as front1:
+                    async with h2_client(front2.port) as client:
+                        response = await client.send(post("/via-h1?q=1", b"body"))
+                        assert await read_all(response.body, 100) == b"POST /via-h1?q=1 body|"
+                        assert response.body.trailers == [("x-echo-trailer", "1")]
+
+                    stream = await connect(front1.port)
+                    h1 = Http1Client(stream)
+                    upload = StreamBody()
+                    upload.feed(b"chunked")
+                    upload.end([("x-up", "2")])
+                    response = await h1.send(Request("PUT", "svc", "/via-h2", [], upload))
+                    assert response.header("x-path") == "/via-h2"
+                    assert response.header("x-trailer-x-up") == "2"
+                    assert await read_all(response.body, 100) == b"chunked"
+                    assert response.body.trailers == [("x-done", "yes")]
+                    await h1.aclose()
+                    stream.close()
+            finally:
+                await h2_forward.close()
+                for up in upstreams:
+                    up.close()
 
     no_leaks.run(scenario)
 
