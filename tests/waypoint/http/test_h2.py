@@ -34,6 +34,9 @@ from waypoint.http.message import (
 )
 from waypoint.http.stream import AsyncioByteStream, ByteStream
 
+# The proxies run on uvloop; these run on both loops.
+LOOPS = pytest.mark.parametrize("aio", ["asyncio", "uvloop"], indirect=True)
+
 
 def h2_server(
     handler: Handler, limits: Http2Limits | None = None, drain: asyncio.Event | None = None
@@ -68,6 +71,7 @@ def post(path: str, body: bytes, trailers: list[tuple[str, str]] | None = None) 
     )
 
 
+@LOOPS
 def test_many_streams_on_one_connection_with_trailers_both_ways(no_leaks: Loop) -> None:
     async def one(client: Http2Client, i: int) -> None:
         response = await client.send(post(f"/s{i}", b"x" * (i * 1000), [("x-n", str(i))]))
@@ -103,6 +107,7 @@ def test_trailers_only_and_empty_answers(no_leaks: Loop) -> None:
     no_leaks.run(scenario)
 
 
+@LOOPS
 def test_flow_control_credit_returns_only_as_the_handler_reads(no_leaks: Loop) -> None:
     window = 65535
     bodies: list[StreamBody] = []
@@ -181,6 +186,7 @@ def test_client_cancel_resets_the_stream_and_the_handler_sees_it(no_leaks: Loop)
     no_leaks.run(scenario)
 
 
+@LOOPS
 def test_drain_sends_goaway_and_open_streams_finish(no_leaks: Loop) -> None:
     drain = asyncio.Event()
     gate = asyncio.Event()
