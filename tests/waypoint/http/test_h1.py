@@ -450,3 +450,21 @@ def test_the_oracle_compares_accepted_requests() -> None:
     assert len(accepted) >= 8
     assert all(theirs(raw) == ours(raw) for raw in accepted)
     assert ours(HAND_PICKED[3]) == ("POST", "/p", [], b"hello")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.binary(min_size=1, max_size=40), max_size=8),
+    st.lists(st.tuples(st.sampled_from(["x-a", "grpc-status"]), st.sampled_from(["0", "v w"]))),
+    st.integers(min_value=1, max_value=13),
+)
+def test_chunked_round_trip_in_any_split(
+    parts: list[bytes], trailers: list[tuple[str, str]], step: int
+) -> None:
+    """What `chunk`/`last_chunk` write, `BodyReader` reads back, however it arrives."""
+    wire = b"".join(h1.chunk(p) for p in parts) + h1.last_chunk(trailers) + b"NEXT"
+    data, end, rest = feed_all(Framing.CHUNKED, None, wire, step)
+    assert data == b"".join(parts)
+    assert isinstance(end, EndOfMessage)
+    assert end.trailers == trailers
+    assert rest == b"NEXT"

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.support.aio import Loop
 from tests.waypoint.http.loopback import Server, connect, read_until
@@ -131,3 +133,18 @@ def test_prefixed_stream_replays_then_reads() -> None:
         assert await stream.read() == b""
 
     asyncio.run(scenario())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(min_size=1, max_size=40))
+def test_classify_is_total_and_stable(data: bytes) -> None:
+    """Any bytes get an answer once enough arrived, and a decided prefix stays decided
+    when more bytes follow (so reading more never changes the path taken)."""
+    decided = None
+    for i in range(1, len(data) + 1):
+        kind = classify(data[:i])
+        if decided is not None:
+            assert kind == decided
+        decided = decided or kind
+    if len(data) >= len(H2_PREFACE):
+        assert classify(data) is not None
