@@ -539,3 +539,25 @@ def test_client_gone_mid_body_fails_the_body(no_leaks: Loop) -> None:
 def test_limits_are_settings() -> None:
     limits = replace(Http1Limits(), max_headers=10)
     assert limits.max_headers == 10
+
+
+def test_stalled_request_body_fails_the_body(no_leaks: Loop) -> None:
+    seen: list[str] = []
+
+    async def handler(request: Request) -> Response:
+        try:
+            await read_all(request.body, 1 << 20)
+        except BodyError as e:
+            seen.append(str(e))
+        return Response(200, [], BufferedBody(b""))
+
+    async def scenario() -> None:
+        async with serving(handler, Http1Limits(body_timeout=0.2)) as server:
+            client = await connect(server.port)
+            client.write(POST + b"Content-Length: 100\r\n\r\nonly-some")
+            raw = await read_until_eof(client)  # the server ends the connection
+            client.close()
+        assert seen == ["request body stalled"]
+        assert statuses(raw) == [408]
+
+    no_leaks.run(scenario)

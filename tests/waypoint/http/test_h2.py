@@ -513,3 +513,61 @@ def test_grpc_through_serve_http2_and_http2_client(no_leaks: Loop) -> None:
             await upstream.stop(None)
 
     no_leaks.run(scenario)
+
+
+def test_available_follows_the_servers_stream_limit(no_leaks: Loop) -> None:
+    gate = asyncio.Event()
+
+    async def gated(request: Request) -> Response:
+        await gate.wait()
+        return Response(200, [], BufferedBody(b"ok"))
+
+    async def scenario() -> None:
+        limits = Http2Limits(max_concurrent_streams=2)
+        async with h2_server(gated, limits) as server, h2_client(server.port) as client:
+            await wait_until(
+                lambda: client._shell.conn.remote_settings.max_concurrent_streams == 2,
+                "the server's SETTINGS",
+            )
+            first = [asyncio.create_task(client.send(post(f"/{i}", b""))) for i in range(2)]
+            await wait_until(lambda: not client.available, "the limit to be reached")
+            with pytest.raises(StreamError):
+                await client.send(post("/third", b""))
+            gate.set()
+            for task in first:
+                assert (await task).status == 200
+            await wait_until(lambda: client.available, "room again")
+
+    no_leaks.run(scenario)
+
+
+def test_idle_connection_gets_goaway(no_leaks: Loop) -> None:
+    async def scenario() -> None:
+        async with h2_server(echo, Http2Limits(idle_timeout=0.2)) as server:
+            stream, conn = await raw_h2(server.port)
+            events = await events_until(stream, conn, h2.events.ConnectionTerminated)
+            stream.close()
+        (goaway,) = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+        assert goaway.error_code == h2.errors.ErrorCodes.NO_ERROR
+
+    no_leaks.run(scenario)
+
+
+def test_draining_callable_sends_goaway_after_the_next_request(no_leaks: Loop) -> None:
+    draining = False
+
+    async def handler(request: Request) -> Response:
+        nonlocal draining
+        draining = True
+        return Response(200, [], BufferedBody(b"last"))
+
+    async def on_stream(stream: ByteStream) -> None:
+        await serve_http2(stream, handler, Http2Limits(), draining=lambda: draining)
+
+    async def scenario() -> None:
+        async with Server(on_stream) as server, h2_client(server.port) as client:
+            response = await client.send(post("/", b""))
+            assert await read_all(response.body, 10) == b"last"
+            await wait_until(lambda: not client.available, "GOAWAY")
+
+    no_leaks.run(scenario)
