@@ -97,6 +97,18 @@ def decoded(headers: Iterable[tuple[bytes | str, bytes | str]] | None) -> Header
     return out
 
 
+def framed(headers: list[tuple[bytes, bytes]], length: int | None) -> list[tuple[bytes, bytes]]:
+    """`headers` with a Content-Length field set from the body: a filter may have replaced
+    the body, and HTTP/2 peers refuse a length the DATA does not match. None is added where
+    there was none (the body is then streamed, and trailers can follow on any wire)."""
+    if not any(k == b"content-length" for k, _ in headers):
+        return headers
+    out = [(k, v) for k, v in headers if k != b"content-length"]
+    if length is not None:
+        out.append((b"content-length", str(length).encode()))
+    return out
+
+
 def split_pseudo(headers: list[tuple[str, str]]) -> tuple[dict[str, str], Headers]:
     pseudo: dict[str, str] = {}
     regular: Headers = []
@@ -236,6 +248,7 @@ __all__ = [
     "Http2Limits",
     "content_length",
     "decoded",
+    "framed",
     "new_connection",
     "split_pseudo",
     "wire_headers",

@@ -25,6 +25,7 @@ from waypoint.http.h2base import (
     Http2Limits,
     content_length,
     decoded,
+    framed,
     new_connection,
     split_pseudo,
     wire_headers,
@@ -93,7 +94,7 @@ class Http2Client:
             (b":scheme", request.scheme.encode("latin-1")),
             (b":authority", request.authority.encode("latin-1")),
             (b":path", request.path.encode("latin-1")),
-            *wire_headers(request.headers),
+            *framed(wire_headers(request.headers), request.body.length),
         ]
         body = request.body
         empty = body.length == 0 and not body.trailers

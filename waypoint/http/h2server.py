@@ -29,6 +29,7 @@ from waypoint.http.h2base import (
     Http2Limits,
     content_length,
     decoded,
+    framed,
     new_connection,
     split_pseudo,
     wire_headers,
@@ -274,8 +275,12 @@ class _Server:
             log.exception("http2: handler failed for %s %s", request.method, request.path)
             response = text_response(500, "internal error")
         status = 502 if response.status < 200 else response.status
-        headers = [(b":status", str(status).encode()), *wire_headers(response.headers)]
         body = response.body
+        fields = wire_headers(response.headers)
+        if request.method != "HEAD" and status not in (204, 304):
+            # (a HEAD or 304 answer's Content-Length describes the resource: kept as given)
+            fields = framed(fields, body.length)
+        headers = [(b":status", str(status).encode()), *fields]
         try:
             if body.length == 0 and not _has_trailers(body):
                 # Trailers-only (gRPC errors) and empty answers: one HEADERS, END_STREAM.

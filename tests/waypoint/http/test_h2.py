@@ -20,7 +20,7 @@ from tests.support.aio import Loop, wait_until
 from tests.waypoint.http.loopback import Server, connect
 from waypoint.http.h1client import Http1Client
 from waypoint.http.h1server import serve_http1
-from waypoint.http.h2base import Http2Limits
+from waypoint.http.h2base import Http2Limits, framed
 from waypoint.http.h2client import Http2Client, StreamError
 from waypoint.http.h2server import serve_http2
 from waypoint.http.message import (
@@ -571,3 +571,23 @@ def test_draining_callable_sends_goaway_after_the_next_request(no_leaks: Loop) -
             await wait_until(lambda: not client.available, "GOAWAY")
 
     no_leaks.run(scenario)
+
+
+@pytest.mark.parametrize(
+    ("headers", "length", "expect"),
+    [
+        ([(b"x-a", b"1")], 5, [(b"x-a", b"1")]),
+        (
+            [(b"content-length", b"9"), (b"x-a", b"1")],
+            5,
+            [(b"x-a", b"1"), (b"content-length", b"5")],
+        ),
+        ([(b"content-length", b"9")], None, []),
+        ([(b"content-length", b"0")], 0, [(b"content-length", b"0")]),
+    ],
+    ids=["none-added", "stale-length-replaced", "unknown-length-dropped", "zero-kept"],
+)
+def test_framed_content_length(
+    headers: list[tuple[bytes, bytes]], length: int | None, expect: list[tuple[bytes, bytes]]
+) -> None:
+    assert framed(headers, length) == expect
