@@ -12,6 +12,11 @@ from hypothesis import strategies as st
 
 from tests.support.aio import Loop
 from tests.waypoint.http.loopback import Server, connect, read_until
+from waypoint.http.h1client import Http1Client
+from waypoint.http.h1server import serve_http1
+from waypoint.http.h2client import Http2Client
+from waypoint.http.h2server import serve_http2
+from waypoint.http.message import BufferedBody, Request, Response, read_all
 from waypoint.http.sniff import H2_PREFACE, PrefixedStream, classify, sniff
 from waypoint.http.splice import splice
 from waypoint.http.stream import ByteStream
@@ -148,3 +153,33 @@ def test_classify_is_total_and_stable(data: bytes) -> None:
         decided = decided or kind
     if len(data) >= len(H2_PREFACE):
         assert classify(data) is not None
+
+
+async def hello(request: Request) -> Response:
+    return Response(200, [("x-wire", request.wire.value)], BufferedBody(b"hi"))
+
+
+async def sniffing_server(stream: ByteStream) -> None:
+    """What the proxy does on an undeclared port: sniff, then the codec with the prefix."""
+    kind, prefix = await sniff(stream, 0.2)
+    replayed = PrefixedStream(stream, prefix)
+    if kind == "h2":
+        await serve_http2(replayed, hello)
+    elif kind == "http1":
+        await serve_http1(replayed, hello)
+
+
+@pytest.mark.parametrize("wire", ["h2", "http1"])
+def test_sniffed_prefix_is_replayed_to_the_codec(no_leaks: Loop, wire: str) -> None:
+    async def scenario() -> None:
+        async with Server(sniffing_server) as server:
+            stream = await connect(server.port)
+            client: Http1Client | Http2Client
+            client = Http2Client(stream) if wire == "h2" else Http1Client(stream)
+            response = await client.send(Request("GET", "svc", "/", []))
+            assert await read_all(response.body, 10) == b"hi"
+            assert response.header("x-wire") == ("HTTP/2" if wire == "h2" else "HTTP/1.1")
+            await client.aclose()
+            stream.close()
+
+    no_leaks.run(scenario)
