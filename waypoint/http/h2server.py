@@ -269,6 +269,20 @@ class _Server:
 
     async def _respond(self, stream_id: int, request: Request) -> None:
         shell = self._shell
+        answered = False
+        try:
+            await self._answer(stream_id, request)
+            answered = True
+        finally:
+            if not answered and not shell.closed:
+                # Cancelled (the client reset the stream: then this is a no-op) or failed
+                # midway: a stream must never stay open without an answer.
+                shell.reset(stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+            if self._draining() and not self._goaway_sent and not shell.closed:
+                self._goaway(h2.errors.ErrorCodes.NO_ERROR)
+
+    async def _answer(self, stream_id: int, request: Request) -> None:
+        shell = self._shell
         try:
             response = await self._handler(request)
         except Exception:
@@ -307,9 +321,6 @@ class _Server:
         except h2.exceptions.ProtocolError as e:
             log.debug("http2: response on stream %d not sent: %s", stream_id, e)
             shell.reset(stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
-        finally:
-            if self._draining() and not self._goaway_sent and not shell.closed:
-                self._goaway(h2.errors.ErrorCodes.NO_ERROR)
 
 
 def _host(headers: list[tuple[str, str]]) -> str:
