@@ -30,7 +30,11 @@ class UpstreamError(Exception):
 
 
 class Http1Client:
-    """HTTP/1.1 over one upstream `ByteStream` (one exchange at a time)."""
+    """HTTP/1.1 over one upstream `ByteStream` (one exchange at a time).
+
+    A connection that is not `reusable` after an exchange must be closed with `aclose()`:
+    it may still be sending a request body the upstream stopped reading (it answered
+    early), and that task ends only there."""
 
     __slots__ = (
         "_broken",

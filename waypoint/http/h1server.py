@@ -140,6 +140,9 @@ class _Connection:
                 event = parser.next_body()
                 if event is None:
                     if not await self._read(self._limits.body_timeout):
+                        # Answered 408 and closed, like broken framing: the rest of the
+                        # body may still come and must not be read as a request.
+                        self._body_error = ProtocolError(408, "request body stalled")
                         body.fail("request body stalled")
                         return
                     continue

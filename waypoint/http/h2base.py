@@ -41,7 +41,7 @@ class Http2Limits:
     # counts of the same order.
     max_rapid_resets: int = 200
     reset_window: float = 10.0
-    # PING and SETTINGS frames per `reset_window`: each costs us a reply.
+    # PING, SETTINGS and empty DATA frames per `reset_window`: each costs us work.
     max_control_frames: int = 1000
     idle_timeout: float = 300.0  # no stream open and nothing received
 
@@ -94,6 +94,18 @@ def decoded(headers: Iterable[tuple[bytes | str, bytes | str]] | None) -> Header
         name = k.decode("latin-1") if isinstance(k, bytes) else k
         value = v.decode("latin-1") if isinstance(v, bytes) else v
         out.append((name, value))
+    return out
+
+
+def framed(headers: list[tuple[bytes, bytes]], length: int | None) -> list[tuple[bytes, bytes]]:
+    """`headers` with a Content-Length field set from the body: a filter may have replaced
+    the body, and HTTP/2 peers refuse a length the DATA does not match. None is added where
+    there was none (the body is then streamed, and trailers can follow on any wire)."""
+    if not any(k == b"content-length" for k, _ in headers):
+        return headers
+    out = [(k, v) for k, v in headers if k != b"content-length"]
+    if length is not None:
+        out.append((b"content-length", str(length).encode()))
     return out
 
 
@@ -236,6 +248,7 @@ __all__ = [
     "Http2Limits",
     "content_length",
     "decoded",
+    "framed",
     "new_connection",
     "split_pseudo",
     "wire_headers",

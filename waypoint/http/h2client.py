@@ -25,6 +25,7 @@ from waypoint.http.h2base import (
     Http2Limits,
     content_length,
     decoded,
+    framed,
     new_connection,
     split_pseudo,
     wire_headers,
@@ -93,7 +94,7 @@ class Http2Client:
             (b":scheme", request.scheme.encode("latin-1")),
             (b":authority", request.authority.encode("latin-1")),
             (b":path", request.path.encode("latin-1")),
-            *wire_headers(request.headers),
+            *framed(wire_headers(request.headers), request.body.length),
         ]
         body = request.body
         empty = body.length == 0 and not body.trailers
@@ -222,8 +223,8 @@ class Http2Client:
                 reason = f"stream reset by the upstream ({event.error_code!r})"
                 if not exchange.head.done():
                     exchange.head.set_exception(StreamError(reason))
-                if exchange.body is not None:
-                    exchange.body.fail(reason)
+                if exchange.body is not None and not exchange.body.ended:
+                    exchange.body.fail(reason)  # an answer that already ended stands
                 if exchange.sender is not None:
                     exchange.sender.cancel()
         elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):

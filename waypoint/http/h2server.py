@@ -29,6 +29,7 @@ from waypoint.http.h2base import (
     Http2Limits,
     content_length,
     decoded,
+    framed,
     new_connection,
     split_pseudo,
     wire_headers,
@@ -174,6 +175,15 @@ class _Server:
         if isinstance(event, h2.events.RequestReceived):
             self._on_request(event)
         elif isinstance(event, h2.events.DataReceived):
+            if (
+                not event.data
+                and event.stream_ended is None
+                and self._too_many(self._control, shell.limits.max_control_frames)
+            ):
+                # Empty DATA frames cost the sender nothing and us an event each.
+                log.warning("http2: empty DATA flood: closing the connection")
+                self._goaway(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+                return False
             body = self._bodies.get(event.stream_id)
             padding = event.flow_controlled_length - len(event.data)
             if padding:
@@ -259,14 +269,32 @@ class _Server:
 
     async def _respond(self, stream_id: int, request: Request) -> None:
         shell = self._shell
+        answered = False
+        try:
+            await self._answer(stream_id, request)
+            answered = True
+        finally:
+            if not answered and not shell.closed:
+                # Cancelled (the client reset the stream: then this is a no-op) or failed
+                # midway: a stream must never stay open without an answer.
+                shell.reset(stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+            if self._draining() and not self._goaway_sent and not shell.closed:
+                self._goaway(h2.errors.ErrorCodes.NO_ERROR)
+
+    async def _answer(self, stream_id: int, request: Request) -> None:
+        shell = self._shell
         try:
             response = await self._handler(request)
         except Exception:
             log.exception("http2: handler failed for %s %s", request.method, request.path)
             response = text_response(500, "internal error")
         status = 502 if response.status < 200 else response.status
-        headers = [(b":status", str(status).encode()), *wire_headers(response.headers)]
         body = response.body
+        fields = wire_headers(response.headers)
+        if request.method != "HEAD" and status not in (204, 304):
+            # (a HEAD or 304 answer's Content-Length describes the resource: kept as given)
+            fields = framed(fields, body.length)
+        headers = [(b":status", str(status).encode()), *fields]
         try:
             if body.length == 0 and not _has_trailers(body):
                 # Trailers-only (gRPC errors) and empty answers: one HEADERS, END_STREAM.
@@ -282,15 +310,17 @@ class _Server:
                     shell.flush()
                 else:
                     await shell.send_body(stream_id, body)
+            if stream_id in self._bodies:
+                # Answered before the request body ended: tell the client to stop sending
+                # it (RFC 9113 8.1), or its sender would wait for credit forever.
+                self._bodies.pop(stream_id).fail("answered before the request body ended")
+                shell.reset(stream_id, h2.errors.ErrorCodes.NO_ERROR)
             await shell.stream.drain()
         except (h2.exceptions.StreamClosedError, BodyError):
             return
         except h2.exceptions.ProtocolError as e:
             log.debug("http2: response on stream %d not sent: %s", stream_id, e)
             shell.reset(stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
-        finally:
-            if self._draining() and not self._goaway_sent and not shell.closed:
-                self._goaway(h2.errors.ErrorCodes.NO_ERROR)
 
 
 def _host(headers: list[tuple[str, str]]) -> str:

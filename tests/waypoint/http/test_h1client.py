@@ -29,6 +29,9 @@ from waypoint.http.message import (
 from waypoint.http.splice import splice
 from waypoint.http.stream import AsyncioByteStream, ByteStream
 
+# The proxies run on uvloop; these run on both loops.
+LOOPS = pytest.mark.parametrize("aio", ["asyncio", "uvloop"], indirect=True)
+
 
 def http1_server(handler: Handler) -> Server:
     async def on_stream(stream: ByteStream) -> None:
@@ -70,6 +73,7 @@ def test_keep_alive_reuse_against_our_server(no_leaks: Loop) -> None:
     no_leaks.run(scenario)
 
 
+@LOOPS
 def test_chunked_both_ways_with_trailers(no_leaks: Loop) -> None:
     async def scenario() -> None:
         async with http1_server(echo) as server:
@@ -317,6 +321,7 @@ class Forwarder:
                 await stream._writer.wait_closed()
 
 
+@LOOPS
 def test_websocket_echo_through_serve_http1_and_http1_client(no_leaks: Loop) -> None:
     async def echo_ws(ws: ServerConnection) -> None:
         async for message in ws:
@@ -360,6 +365,7 @@ def test_websocket_refused_upstream_answer_passes_through(no_leaks: Loop) -> Non
     no_leaks.run(scenario)
 
 
+@LOOPS
 def test_splice_half_close_and_counts(no_leaks: Loop) -> None:
     """A client that ends its side still receives the rest of the answer."""
 

@@ -25,6 +25,9 @@ from waypoint.http.message import (
 )
 from waypoint.http.stream import ByteStream
 
+# The proxies run on uvloop; these run on both loops.
+LOOPS = pytest.mark.parametrize("aio", ["asyncio", "uvloop"], indirect=True)
+
 
 class Recorder:
     """A handler that records each request (with its whole body) and answers with the
@@ -76,6 +79,7 @@ def statuses(raw: bytes) -> list[int]:
     return [int(code) for code in re.findall(rb"HTTP/1\.1 (\d{3}) ", raw)]
 
 
+@LOOPS
 def test_keep_alive_serves_several_requests_on_one_connection(no_leaks: Loop) -> None:
     handler = Recorder()
 
@@ -94,6 +98,7 @@ def test_keep_alive_serves_several_requests_on_one_connection(no_leaks: Loop) ->
     no_leaks.run(scenario)
 
 
+@LOOPS
 def test_pipelined_requests_are_answered_in_order(no_leaks: Loop) -> None:
     requests = b"".join(
         f"POST /p{i} HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n{i}{i}".encode()
@@ -401,6 +406,7 @@ SMUGGLING = [
 ]
 
 
+@LOOPS
 @pytest.mark.parametrize(
     ("request_bytes", "status"),
     [(r, s) for _, r, s in SMUGGLING],
@@ -469,6 +475,7 @@ def test_chunked_body_over_the_limit_is_413(no_leaks: Loop) -> None:
     assert statuses(raw) == [413]
 
 
+@LOOPS
 def test_slow_loris_head_gets_408(no_leaks: Loop) -> None:
     limits = Http1Limits(head_timeout=0.3)
     handler = Recorder()
@@ -532,3 +539,25 @@ def test_client_gone_mid_body_fails_the_body(no_leaks: Loop) -> None:
 def test_limits_are_settings() -> None:
     limits = replace(Http1Limits(), max_headers=10)
     assert limits.max_headers == 10
+
+
+def test_stalled_request_body_fails_the_body(no_leaks: Loop) -> None:
+    seen: list[str] = []
+
+    async def handler(request: Request) -> Response:
+        try:
+            await read_all(request.body, 1 << 20)
+        except BodyError as e:
+            seen.append(str(e))
+        return Response(200, [], BufferedBody(b""))
+
+    async def scenario() -> None:
+        async with serving(handler, Http1Limits(body_timeout=0.2)) as server:
+            client = await connect(server.port)
+            client.write(POST + b"Content-Length: 100\r\n\r\nonly-some")
+            raw = await read_until_eof(client)  # the server ends the connection
+            client.close()
+        assert seen == ["request body stalled"]
+        assert statuses(raw) == [408]
+
+    no_leaks.run(scenario)

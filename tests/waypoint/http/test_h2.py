@@ -18,7 +18,9 @@ import pytest
 
 from tests.support.aio import Loop, wait_until
 from tests.waypoint.http.loopback import Server, connect
-from waypoint.http.h2base import Http2Limits
+from waypoint.http.h1client import Http1Client
+from waypoint.http.h1server import serve_http1
+from waypoint.http.h2base import Http2Limits, framed
 from waypoint.http.h2client import Http2Client, StreamError
 from waypoint.http.h2server import serve_http2
 from waypoint.http.message import (
@@ -31,6 +33,9 @@ from waypoint.http.message import (
     read_all,
 )
 from waypoint.http.stream import AsyncioByteStream, ByteStream
+
+# The proxies run on uvloop; these run on both loops.
+LOOPS = pytest.mark.parametrize("aio", ["asyncio", "uvloop"], indirect=True)
 
 
 def h2_server(
@@ -66,6 +71,7 @@ def post(path: str, body: bytes, trailers: list[tuple[str, str]] | None = None) 
     )
 
 
+@LOOPS
 def test_many_streams_on_one_connection_with_trailers_both_ways(no_leaks: Loop) -> None:
     async def one(client: Http2Client, i: int) -> None:
         response = await client.send(post(f"/s{i}", b"x" * (i * 1000), [("x-n", str(i))]))
@@ -101,6 +107,7 @@ def test_trailers_only_and_empty_answers(no_leaks: Loop) -> None:
     no_leaks.run(scenario)
 
 
+@LOOPS
 def test_flow_control_credit_returns_only_as_the_handler_reads(no_leaks: Loop) -> None:
     window = 65535
     bodies: list[StreamBody] = []
@@ -124,6 +131,25 @@ def test_flow_control_credit_returns_only_as_the_handler_reads(no_leaks: Loop) -
             release.set()
             response = await sending
             assert await read_all(response.body, 100) == b"1000000"
+
+    no_leaks.run(scenario)
+
+
+def test_answer_before_the_request_body_ended_stops_the_upload(no_leaks: Loop) -> None:
+    async def early(request: Request) -> Response:
+        return Response(413, [], BufferedBody(b"too big"))
+
+    async def scenario() -> None:
+        limits = Http2Limits(stream_window=65535, connection_window=65535)
+        async with h2_server(early, limits) as server, h2_client(server.port) as client:
+            upload = StreamBody()  # never ends: only the reset stops the sender
+            upload.feed(b"z" * 200_000)
+            response = await client.send(Request("POST", "svc", "/", [], upload))
+            assert response.status == 413
+            assert await read_all(response.body, 100) == b"too big"
+            await wait_until(lambda: client.active == 0, "the stream to be released")
+            again = await client.send(post("/next", b"ok"))
+            assert again.status == 413
 
     no_leaks.run(scenario)
 
@@ -160,6 +186,7 @@ def test_client_cancel_resets_the_stream_and_the_handler_sees_it(no_leaks: Loop)
     no_leaks.run(scenario)
 
 
+@LOOPS
 def test_drain_sends_goaway_and_open_streams_finish(no_leaks: Loop) -> None:
     drain = asyncio.Event()
     gate = asyncio.Event()
@@ -183,15 +210,75 @@ def test_drain_sends_goaway_and_open_streams_finish(no_leaks: Loop) -> None:
     no_leaks.run(scenario)
 
 
-def test_upstream_reset_fails_the_pending_send(no_leaks: Loop) -> None:
+def test_a_stream_left_without_answer_is_reset(no_leaks: Loop) -> None:
     async def broken(request: Request) -> Response:
-        raise asyncio.CancelledError  # the task ends without an answer: the stream is dropped
+        if request.path == "/x":
+            raise asyncio.CancelledError  # the task ends without an answer
+        return Response(200)
 
     async def scenario() -> None:
         async with h2_server(broken) as server, h2_client(server.port) as client:
-            with pytest.raises((StreamError, asyncio.TimeoutError)):
-                async with asyncio.timeout(2):
-                    await client.send(post("/x", b""))
+            with pytest.raises(StreamError, match="reset"):
+                await client.send(post("/x", b""))
+            assert (await client.send(post("/y", b""))).status == 200
+
+    no_leaks.run(scenario)
+
+
+# --- Across the two wires ------------------------------------------------------------------
+
+
+def test_http2_to_http1_and_back(no_leaks: Loop) -> None:
+    """h2 client -> serve_http2 -> Http1Client -> serve_http1, and the reverse: the message
+    types carry method, path, fields, bodies and trailers across either wire."""
+
+    async def h1_echo(request: Request) -> Response:
+        data = await read_all(request.body, 1 << 20)
+        body = StreamBody()
+        body.feed(b"%s %s %s|" % (request.method.encode(), request.path.encode(), data or b""))
+        body.end([("x-echo-trailer", "1")])
+        return Response(200, [("x-seen-te", request.header("te") or "-")], body)
+
+    async def h1_on_stream(stream: ByteStream) -> None:
+        await serve_http1(stream, h1_echo)
+
+    async def scenario() -> None:
+        async with Server(h1_on_stream) as h1_up, h2_server(echo) as h2_up:
+            upstreams: list[AsyncioByteStream] = []
+
+            async def to_h1(request: Request) -> Response:
+                stream = await connect(h1_up.port)
+                upstreams.append(stream)
+                return await Http1Client(stream).send(request)
+
+            h2_forward = H2Forwarder(h2_up.port)
+
+            async def h1_on_front(stream: ByteStream) -> None:
+                await serve_http1(stream, h2_forward)
+
+            try:
+                async with h2_server(to_h1) as front2, Server(h1_on_front) as front1:
+                    async with h2_client(front2.port) as client:
+                        response = await client.send(post("/via-h1?q=1", b"body"))
+                        assert await read_all(response.body, 100) == b"POST /via-h1?q=1 body|"
+                        assert response.body.trailers == [("x-echo-trailer", "1")]
+
+                    stream = await connect(front1.port)
+                    h1 = Http1Client(stream)
+                    upload = StreamBody()
+                    upload.feed(b"chunked")
+                    upload.end([("x-up", "2")])
+                    response = await h1.send(Request("PUT", "svc", "/via-h2", [], upload))
+                    assert response.header("x-path") == "/via-h2"
+                    assert response.header("x-trailer-x-up") == "2"
+                    assert await read_all(response.body, 100) == b"chunked"
+                    assert response.body.trailers == [("x-done", "yes")]
+                    await h1.aclose()
+                    stream.close()
+            finally:
+                await h2_forward.close()
+                for up in upstreams:
+                    up.close()
 
     no_leaks.run(scenario)
 
@@ -325,6 +412,12 @@ def grpc_handlers() -> grpc.GenericRpcHandler:
         for i in range(int(request)):
             yield b"item%d" % i
 
+    async def stream_fail(
+        request: bytes, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        yield b"first"
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "after one")
+
     async def fail(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         await context.abort(grpc.StatusCode.NOT_FOUND, "no such thing")
         return b""
@@ -335,6 +428,7 @@ def grpc_handlers() -> grpc.GenericRpcHandler:
             "Unary": grpc.unary_unary_rpc_method_handler(unary),
             "Stream": grpc.unary_stream_rpc_method_handler(stream),
             "Fail": grpc.unary_unary_rpc_method_handler(fail),
+            "StreamFail": grpc.unary_stream_rpc_method_handler(stream_fail),
         },
     )
 
@@ -379,6 +473,19 @@ async def calls(channel: grpc.aio.Channel) -> None:
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
     assert info.value.details() == "no such thing"
 
+    # An error after a message: the status can only come in the trailers.
+    call_f = channel.unary_stream("/test.Echo/StreamFail")(b"x")
+    got: list[bytes] = []
+
+    async def collect() -> None:
+        async for item in call_f:
+            got.append(item)
+
+    with pytest.raises(grpc.aio.AioRpcError) as info_s:
+        await collect()
+    assert got == [b"first"]
+    assert info_s.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
     # Many calls at once share the one upstream connection.
     results = await asyncio.gather(*(unary(b"%d" % i) for i in range(30)))
     assert results == [b"echo:%d" % i for i in range(30)]
@@ -408,3 +515,81 @@ def test_grpc_through_serve_http2_and_http2_client(no_leaks: Loop) -> None:
             await upstream.stop(None)
 
     no_leaks.run(scenario)
+
+
+def test_available_follows_the_servers_stream_limit(no_leaks: Loop) -> None:
+    gate = asyncio.Event()
+
+    async def gated(request: Request) -> Response:
+        await gate.wait()
+        return Response(200, [], BufferedBody(b"ok"))
+
+    async def scenario() -> None:
+        limits = Http2Limits(max_concurrent_streams=2)
+        async with h2_server(gated, limits) as server, h2_client(server.port) as client:
+            await wait_until(
+                lambda: client._shell.conn.remote_settings.max_concurrent_streams == 2,
+                "the server's SETTINGS",
+            )
+            first = [asyncio.create_task(client.send(post(f"/{i}", b""))) for i in range(2)]
+            await wait_until(lambda: not client.available, "the limit to be reached")
+            with pytest.raises(StreamError):
+                await client.send(post("/third", b""))
+            gate.set()
+            for task in first:
+                assert (await task).status == 200
+            await wait_until(lambda: client.available, "room again")
+
+    no_leaks.run(scenario)
+
+
+def test_idle_connection_gets_goaway(no_leaks: Loop) -> None:
+    async def scenario() -> None:
+        async with h2_server(echo, Http2Limits(idle_timeout=0.2)) as server:
+            stream, conn = await raw_h2(server.port)
+            events = await events_until(stream, conn, h2.events.ConnectionTerminated)
+            stream.close()
+        (goaway,) = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+        assert goaway.error_code == h2.errors.ErrorCodes.NO_ERROR
+
+    no_leaks.run(scenario)
+
+
+def test_draining_callable_sends_goaway_after_the_next_request(no_leaks: Loop) -> None:
+    draining = False
+
+    async def handler(request: Request) -> Response:
+        nonlocal draining
+        draining = True
+        return Response(200, [], BufferedBody(b"last"))
+
+    async def on_stream(stream: ByteStream) -> None:
+        await serve_http2(stream, handler, Http2Limits(), draining=lambda: draining)
+
+    async def scenario() -> None:
+        async with Server(on_stream) as server, h2_client(server.port) as client:
+            response = await client.send(post("/", b""))
+            assert await read_all(response.body, 10) == b"last"
+            await wait_until(lambda: not client.available, "GOAWAY")
+
+    no_leaks.run(scenario)
+
+
+@pytest.mark.parametrize(
+    ("headers", "length", "expect"),
+    [
+        ([(b"x-a", b"1")], 5, [(b"x-a", b"1")]),
+        (
+            [(b"content-length", b"9"), (b"x-a", b"1")],
+            5,
+            [(b"x-a", b"1"), (b"content-length", b"5")],
+        ),
+        ([(b"content-length", b"9")], None, []),
+        ([(b"content-length", b"0")], 0, [(b"content-length", b"0")]),
+    ],
+    ids=["none-added", "stale-length-replaced", "unknown-length-dropped", "zero-kept"],
+)
+def test_framed_content_length(
+    headers: list[tuple[bytes, bytes]], length: int | None, expect: list[tuple[bytes, bytes]]
+) -> None:
+    assert framed(headers, length) == expect
