@@ -28,7 +28,7 @@ from typing import Any
 import nsutil
 from ambientctl import demo_evidence as ev
 from localcluster import gateways as gw
-from localcluster import mesh, waypoints
+from localcluster import mesh, policies, waypoints
 from localcluster.labels import LabelChange
 from localcluster.network import waypoint_layout
 
@@ -189,6 +189,7 @@ class Act:
         self.netns = ""
         self.ip = ""
         self.log = Path()
+        self.retried_trace = ""  # a retried quote's trace id, from the access log
 
     # -- I/O helpers
 
@@ -271,11 +272,13 @@ class Act:
 
     def setup(self) -> bool:
         print("== L7: a waypoint for namespace travel")
-        done = mesh.delete_policies(self.cluster, [L4_POLICY])
-        print(f"   {done.lines[0]} (behind a waypoint, pricing's peer is the waypoint;")
-        print("   L7 policy is the waypoint's to enforce)")
-        if not self.in_force(done.digest):
-            return False
+        present = {policies.key_of(d) for d in mesh.read_policies(self.cluster)}
+        if L4_POLICY in present:
+            done = mesh.delete_policies(self.cluster, [L4_POLICY])
+            print(f"   {done.lines[0]}: behind a waypoint, pricing's peer is the waypoint,")
+            print("   and L7 policy is the waypoint's to enforce")
+            if not self.in_force(done.digest):
+                return False
         # The waypoint's traces go to a receiver in its own pod: the endpoint is the
         # waypoint's 127.0.0.1, reachable whatever the node.
         with _env("OTLP_ENDPOINT", f"http://127.0.0.1:{OTLP_PORT}"):
@@ -390,8 +393,6 @@ class Act:
         if retried:
             self.retried_trace = str(retried[0].get("trace_id") or "")
         return counts
-
-    retried_trace = ""
 
     def timeout(self) -> bool:
         print(

@@ -173,7 +173,7 @@ def test_fetch_count_reports_each_outcome_and_the_worst_exit_code(runner: AppRun
 def test_a_flaky_replica_resets_but_its_health_check_never_fails(runner: AppRunner) -> None:
     flaky = runner.start("pricing", {}, "--fail-every", "2", pod="pricing-1")
     assert all(flaky.get("/healthz") == (200, "ok") for _ in range(4))
-    statuses = []
+    statuses: list[int | None] = []
     for _ in range(4):
         try:
             statuses.append(flaky.get("/quote?flight=KL1")[0])
