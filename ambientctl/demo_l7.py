@@ -37,6 +37,7 @@ NS = "travel"
 WAYPOINT = "waypoint"
 CLIENT_POD = "frontend-0"
 OTLP_PORT = 4318
+MAX_EXPORT = 16 << 20  # bytes of one OTLP POST the receiver reads
 CANARY_REQUESTS = 200
 CANARY_WEIGHT = 10  # percent to flights v2
 RETRY_REQUESTS = 30
@@ -121,18 +122,21 @@ class Collector:
             protocol_version = "HTTP/1.1"
 
             def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(min(length, 16 << 20))
                 try:
-                    spans = ev.decode_export(body)
+                    length = int(self.headers.get("Content-Length") or "")
+                    if not 0 <= length <= MAX_EXPORT:
+                        raise ValueError(f"Content-Length {length} outside 0..{MAX_EXPORT}")
+                    spans = ev.decode_export(self.rfile.read(length))
                     status = 200
                 except ValueError as e:
+                    self.close_connection = True  # the rest of the stream is not trusted
                     spans, status = [], 400
                     with collector._lock:
                         collector.errors.append(str(e))
-                with collector._lock:
-                    collector.spans.extend(spans)
-                    collector.posts += 1
+                if status == 200:
+                    with collector._lock:
+                        collector.spans.extend(spans)
+                        collector.posts += 1
                 self.send_response(status)
                 self.send_header("Content-Type", "application/x-protobuf")
                 self.send_header("Content-Length", "0")  # an empty ExportTraceServiceResponse

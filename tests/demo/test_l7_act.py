@@ -4,6 +4,7 @@ it prints is the evidence it checked (read from the waypoint, never a constant).
 from __future__ import annotations
 
 import re
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import pytest
 from ambientctl import demo_l7
 from localcluster import mesh
 from localcluster.state import live_netns
+from waypoint.telemetry.export import encode_spans
+from waypoint.telemetry.tracing import Span, SpanKind, StatusCode
 
 pytestmark = pytest.mark.netns
 
@@ -61,3 +64,29 @@ def test_the_l7_act(cluster: mesh.Cluster, capsys: pytest.CaptureFixture[str]) -
     assert re.search(r"^\s+server 'GET VirtualService travel/pricing\[0\]'", trace, re.M)
     assert len(re.findall(r"^\s+client 'GET'", trace, re.M)) >= 2
     assert "http.request.resend_count=1" in trace
+
+
+def _post(port: int, body: bytes, length: str | None = None) -> int:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        head = f"POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Length: {length or len(body)}"
+        s.sendall(head.encode() + b"\r\n\r\n" + body)
+        return int(s.recv(4096).split(b" ", 2)[1])
+
+
+def test_the_receiver_keeps_what_it_decodes_and_refuses_the_rest() -> None:
+    # In this process's own netns: the receiver's socket is made through setns (root).
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    collector = demo_l7.Collector("/proc/self/ns/net", port)
+    try:
+        span = Span(b"\x01" * 16, b"\x02" * 8, None, "GET", SpanKind.SERVER, 1, 2, (),
+                    StatusCode.UNSET)  # fmt: skip
+        assert _post(port, encode_spans([span], "waypoint.travel")) == 200
+        assert _post(port, b"\xff\xff\xff") == 400
+        assert _post(port, b"", length="-5") == 400
+        assert _post(port, b"", length="many") == 400
+        assert [s.name for s in collector.trace("01" * 16)] == ["GET"]
+        assert collector.posts == 1 and len(collector.errors) == 3
+    finally:
+        collector.close()
