@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import nsutil
+from ambientctl import demo_l7
 from localcluster import mesh
 from localcluster.capture import Capture
 from localcluster.wire import NotTLS, negotiated_version, read_pcap, reassemble, tls_records
@@ -94,6 +95,7 @@ def run_demo(state_root: str | None) -> int:
         ok &= bool(seen)
         ok &= _report_wire(pcap)
         ok &= _policy_chapter(cluster)
+        ok &= demo_l7.l7_act(cluster)
     finally:
         print("== tearing down")
         mesh.down(cluster.spec.name, state_root)

@@ -3,6 +3,10 @@
 `GET /quote?flight=KL1234` -> {flight, price, currency, served_by, node, seen_client, hop}.
 The price is a pure function of the flight code (SHA-256, not Python's salted hash()), so
 every replica, every run and every test agrees on it.
+
+`--fail-every N` makes a deliberately flaky replica: every Nth quote is answered with a TCP
+reset instead of a response (what a crashing worker looks like to its caller), so the
+demo can show a retry policy hiding it.
 """
 
 from __future__ import annotations
@@ -65,9 +69,9 @@ def routes(me: PodIdentity) -> Mapping[str, Handler]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(APP, argv)
+    args = parse_args(APP, argv, fail_every=True)
     me = PodIdentity.from_env(os.environ)
-    return serve(APP, routes(me), args.host, args.port)
+    return serve(APP, routes(me), args.host, args.port, args.fail_every)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -36,6 +37,7 @@ ENV_POD_NAME = "POD_NAME"
 ENV_POD_NAMESPACE = "POD_NAMESPACE"
 ENV_POD_IP = "POD_IP"
 ENV_NODE_NAME = "NODE_NAME"
+SERVED_BY_HEADER = "X-Served-By"
 
 
 class ConfigError(ValueError):
@@ -210,7 +212,36 @@ def dispatch(routes: Mapping[str, Handler], req: Request) -> Response:
         return Response(502, exc.body())
 
 
-def _make_handler_class(app: str, routes: Mapping[str, Handler]) -> type[BaseHTTPRequestHandler]:
+class FailEvery:
+    """Which requests a deliberately flaky replica drops: every `n`th one (0: none).
+
+    Thread-safe: the server answers each connection on its own thread, and the count must
+    not skip or repeat under concurrency, or the demo's failure rate would drift.
+    """
+
+    def __init__(self, n: int) -> None:
+        if n < 0:
+            raise ValueError(f"fail every {n}: must be 0 (never) or a positive count")
+        self.n = n
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def next_fails(self) -> bool:
+        if self.n == 0:
+            return False
+        with self._lock:
+            self._count += 1
+            return self._count % self.n == 0
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with a TCP RST instead of a FIN: the caller sees a reset, not an answer."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def _make_handler_class(
+    app: str, routes: Mapping[str, Handler], served_by: str, fail: FailEvery
+) -> type[BaseHTTPRequestHandler]:
     class _Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive with Content-Length on every answer
         server_version = f"travel-{app}/1"
@@ -218,6 +249,12 @@ def _make_handler_class(app: str, routes: Mapping[str, Handler]) -> type[BaseHTT
 
         def do_GET(self) -> None:
             parts = urlsplit(self.path)
+            # Health checks never fail: a flaky replica is still a running one.
+            if parts.path != "/healthz" and fail.next_fails():
+                sys.stderr.write(f"{app}: dropping {self.path} (--fail-every {fail.n})\n")
+                _reset(self.connection)
+                self.close_connection = True
+                return
             req = Request(
                 path=parts.path,
                 query=dict(parse_qsl(parts.query)),
@@ -234,6 +271,9 @@ def _make_handler_class(app: str, routes: Mapping[str, Handler]) -> type[BaseHTT
             self.send_response(resp.status)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(payload)))
+            # Which pod answered, on every answer (also /healthz): the demo counts replicas
+            # and versions from it without parsing bodies.
+            self.send_header(SERVED_BY_HEADER, served_by)
             self.end_headers()
             self.wfile.write(payload)
 
@@ -243,7 +283,16 @@ def _make_handler_class(app: str, routes: Mapping[str, Handler]) -> type[BaseHTT
     return _Handler
 
 
-def parse_args(app: str, argv: Sequence[str] | None) -> argparse.Namespace:
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative (0 means never)")
+    return value
+
+
+def parse_args(
+    app: str, argv: Sequence[str] | None, fail_every: bool = False
+) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=app, description=f"travel demo: the {app} service")
     parser.add_argument("--port", type=int, default=8080, help="TCP port (default 8080)")
     parser.add_argument("--host", default="0.0.0.0", help="listen address (default 0.0.0.0)")
@@ -253,12 +302,25 @@ def parse_args(app: str, argv: Sequence[str] | None) -> argparse.Namespace:
         default=DEFAULT_TIMEOUT_S,
         help=f"seconds to wait for a downstream service (default {DEFAULT_TIMEOUT_S:g})",
     )
+    if fail_every:
+        parser.add_argument(
+            "--fail-every",
+            type=_count,
+            default=0,
+            metavar="N",
+            help="reset every Nth request's connection instead of answering (default 0: never)",
+        )
     return parser.parse_args(argv)
 
 
-def serve(app: str, routes: Mapping[str, Handler], host: str, port: int) -> int:
-    """Serve until SIGTERM/SIGINT, then stop accepting, close the socket and return 0."""
-    server = ThreadingHTTPServer((host, port), _make_handler_class(app, routes))
+def serve(
+    app: str, routes: Mapping[str, Handler], host: str, port: int, fail_every: int = 0
+) -> int:
+    """Serve until SIGTERM/SIGINT, then stop accepting, close the socket and return 0.
+    With `fail_every` N > 0, every Nth request (not /healthz) is answered with a TCP reset."""
+    served_by = PodIdentity.from_env(os.environ).name
+    handler = _make_handler_class(app, routes, served_by, FailEvery(fail_every))
+    server = ThreadingHTTPServer((host, port), handler)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -33,6 +33,8 @@ def test_pods_are_spread_over_both_nodes(cluster: dict[str, Any]) -> None:
         "flights-0": ("travel", "node2"),
         "flights-1": ("travel", "node1"),
         "pricing-0": ("travel", "node2"),
+        "flights-v2-0": ("travel", "node2"),
+        "pricing-1": ("travel", "node1"),
         "legacy-client": ("legacy", "node1"),
     }
 
@@ -54,16 +56,35 @@ def test_every_pod_command_runs_an_existing_script(cluster: dict[str, Any]) -> N
 
 def test_app_pods_run_the_script_named_by_their_app_label(cluster: dict[str, Any]) -> None:
     for pod in cluster["pods"]:
-        if pod["namespace"] != "travel":
+        if pod["namespace"] != "travel" or pod["name"] == "pricing-1":
             continue
         assert Path(pod["command"][1]).stem == pod["labels"]["app"]
         assert pod["serviceAccount"] == pod["labels"]["app"]
         assert pod["command"][2:] == ["--port", "8080"]
 
 
+def test_the_flaky_replica_stays_out_of_pricing_until_relabeled(cluster: dict[str, Any]) -> None:
+    # The L4 part runs without retries: the flaky replica must not serve it. The L7 act
+    # relabels it app=pricing, and it then runs pricing's script with pricing's identity.
+    flaky = pods(cluster)["pricing-1"]
+    assert flaky["labels"]["app"] != "pricing"
+    assert flaky["serviceAccount"] == "pricing"
+    assert flaky["command"][1:] == ["travel/pricing.py", "--port", "8080", "--fail-every", "3"]
+
+
+def test_each_flights_version_has_its_own_service(cluster: dict[str, Any]) -> None:
+    services = {s["name"]: s for s in cluster["services"]}
+    for version in ("v1", "v2"):
+        selector = services[f"flights-{version}"]["selector"]
+        assert selector == {"app": "flights", "version": version}
+    versions = sorted(p["labels"]["version"] for p in cluster["pods"]
+                      if p.get("labels", {}).get("app") == "flights")  # fmt: skip
+    assert versions == ["v1", "v1", "v2"]
+
+
 def test_every_service_selects_pods_on_the_apps_port(cluster: dict[str, Any]) -> None:
     services = {s["name"]: s for s in cluster["services"]}
-    assert set(services) == {"frontend", "flights", "pricing"}
+    assert set(services) == {"frontend", "flights", "pricing", "flights-v1", "flights-v2"}
     for name, svc in services.items():
         selected = [
             p["name"]
@@ -73,7 +94,7 @@ def test_every_service_selects_pods_on_the_apps_port(cluster: dict[str, Any]) ->
         ]
         assert selected, f"service {name} selects no pod"
         assert svc["ports"] == [{"port": 80, "targetPort": 8080, "name": "http"}]
-    assert len([p for p in cluster["pods"] if p.get("labels", {}).get("app") == "flights"]) == 2
+    assert len([p for p in cluster["pods"] if p.get("labels", {}).get("app") == "flights"]) == 3
 
 
 def test_the_apps_find_every_service_they_call(cluster: dict[str, Any]) -> None:
@@ -85,4 +106,4 @@ def test_the_apps_find_every_service_they_call(cluster: dict[str, Any]) -> None:
 def test_the_cluster_parser_accepts_the_file() -> None:
     spec_module = pytest.importorskip("localcluster.spec")
     spec = spec_module.load_cluster(CLUSTER_FILE)
-    assert len(spec.pods) == 5
+    assert len(spec.pods) == 7

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 
 import flights
 import pricing
@@ -136,3 +139,71 @@ def test_fetch_prints_the_body(chain: Chain) -> None:
     )
     assert down.returncode == 2
     assert b"failed" in down.stderr
+
+
+def _fetch(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "travel/fetch.py", *args],
+        cwd=DEMO_DIR,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_every_answer_names_the_pod_that_served_it(chain: Chain) -> None:
+    done = _fetch(chain.flights.url("/healthz"), "--count", "3")
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert lines == [{"status": 200, "served_by": "flights-0", "error": None}] * 3
+
+
+def test_fetch_count_reports_each_outcome_and_the_worst_exit_code(runner: AppRunner) -> None:
+    flaky = runner.start("pricing", {}, "--fail-every", "3", pod="pricing-1")
+    done = _fetch(flaky.url("/quote?flight=KL1"), "--count", "6")
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [line["status"] for line in lines] == [200, 200, None, 200, 200, None]
+    assert all("failed" in line["error"] for line in lines if line["status"] is None)
+    assert done.returncode == 2
+    bad = _fetch(flaky.url("/quote?flight=nope"), "--count", "1")
+    assert (bad.returncode, json.loads(bad.stdout)["status"]) == (1, 400)
+
+
+def test_a_flaky_replica_resets_but_its_health_check_never_fails(runner: AppRunner) -> None:
+    flaky = runner.start("pricing", {}, "--fail-every", "2", pod="pricing-1")
+    assert all(flaky.get("/healthz") == (200, "ok") for _ in range(4))
+    statuses: list[int | None] = []
+    for _ in range(4):
+        try:
+            statuses.append(flaky.get("/quote?flight=KL1")[0])
+        except (ConnectionError, http.client.HTTPException, urllib.error.URLError):
+            statuses.append(None)
+    assert statuses == [200, None, 200, None]
+    assert "dropping /quote?flight=KL1 (--fail-every 2)" in flaky.stderr()
+
+
+@pytest.mark.parametrize("value", ["-1", "x"], ids=["negative", "not-a-number"])
+def test_fail_every_rejects_bad_counts(value: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "travel/pricing.py", "--fail-every", value],
+        cwd=DEMO_DIR,
+        capture_output=True,
+        text=True,
+        timeout=15,
+        check=False,
+    )
+    assert done.returncode == 2 and "--fail-every" in done.stderr
+
+
+def test_fetch_method_is_sent(chain: Chain) -> None:
+    # The apps answer GET only: a POST reaching one is refused by the server itself, which
+    # shows the method went out as asked.
+    done = _fetch(chain.pricing.url("/quote?flight=KL1"), "--method", "post")
+    assert done.returncode == 1 and "answered 501" in done.stderr
+
+
+def test_fetch_count_stops_at_the_deadline(chain: Chain) -> None:
+    done = _fetch(chain.pricing.url("/healthz"), "--count", "100000", "--deadline", "0.5")
+    assert done.returncode == 0
+    assert 0 < len(done.stdout.splitlines()) < 100000
