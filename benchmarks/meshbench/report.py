@@ -30,6 +30,9 @@ BASELINE = "none"
 SIDECAR = "sidecar"
 AMBIENT = "ambient"
 RELAY = "relay"
+WAYPOINT = "ambient-waypoint"
+HAPROXY = "sidecar-haproxy"
+WAYPOINT_ROLE = "waypoint"  # the waypoint process's role among a run's proxies
 REF_RATE = 1000  # the rate the latency and CPU targets speak of
 ORDER = ("none", "ambient", "relay", "sidecar", "sidecar-haproxy", "ambient-waypoint")
 PLACEMENTS = ("cross-node", "same-node")
@@ -59,6 +62,7 @@ def flatten(run: dict[str, Any]) -> dict[str, float]:
     if rss and all(r is not None for r in rss):
         out["idle_rss_mb"] = sum(r for r in rss if r is not None) / 1024
         out["idle_rss_mb_max_proxy"] = max(r for r in rss if r is not None) / 1024
+    put("waypoint_idle_rss_mb", idle.get(WAYPOINT_ROLE, {}).get("rss_kb"), 1 / 1024)
     for rate, ph in run.get("http", {}).items():
         lat = ph.get("latency_ms", {})
         for p in ("p50", "p90", "p99", "p999"):
@@ -71,6 +75,10 @@ def flatten(run: dict[str, Any]) -> dict[str, float]:
         tunnel = [_num(v.get("cpu_s_per_1000_req")) for k, v in c.items() if k.startswith("tunnel")]
         if tunnel and all(t is not None for t in tunnel):
             out[f"tunnel_cpu_s_per_1000_max@{rate}"] = max(t for t in tunnel if t is not None)
+        # The waypoint alone: CPU seconds per 1000 requests is vCPU per 1000 rps.
+        wp = c.get(WAYPOINT_ROLE, {})
+        put(f"waypoint_cpu_s_per_1000@{rate}", wp.get("cpu_s_per_1000_req"))
+        put(f"waypoint_rss_mb@{rate}", wp.get("rss_kb"), 1 / 1024)
     conn = run.get("connect", {})
     put("conn_per_s", conn.get("per_second"))
     put("tunnel_opened_per_s", conn.get("tunnel_opened_per_second"))
@@ -148,6 +156,7 @@ def targets(agg: Agg, rate: int = REF_RATE) -> list[TargetResult]:
     for pl in PLACEMENTS:
         amb, none = agg.get((AMBIENT, pl)), agg.get((BASELINE, pl))
         if amb is None:
+            out.extend(waypoint_targets(agg, pl, rate))
             continue
         rel, side = agg.get((RELAY, pl), {}), agg.get((SIDECAR, pl))
         base = none or {}
@@ -193,7 +202,29 @@ def targets(agg: Agg, rate: int = REF_RATE) -> list[TargetResult]:
         )
         t("tunnel idle RSS (largest tunnel)", amb.get("idle_rss_mb_max_proxy"), 40.0, False, "MB")
         t("memory per open connection (all tunnels)", amb.get("kb_per_conn"), 8.0, False, "KB")
+        out.extend(waypoint_targets(agg, pl, rate))
     return out
+
+
+def waypoint_targets(agg: Agg, pl: str, rate: int = REF_RATE) -> list[TargetResult]:
+    """The waypoint's targets in one placement (none without an ambient-waypoint row):
+    its own CPU per 1000 rps, the p99 it adds over ambient L4, its idle RSS."""
+    wp = agg.get((WAYPOINT, pl))
+    if wp is None:
+        return []
+    r = str(rate)
+    amb = agg.get((AMBIENT, pl), {})
+    return [
+        TargetResult(
+            "waypoint vCPU per 1000 rps", pl, wp.get(f"waypoint_cpu_s_per_1000@{r}"), 0.25,
+            False, "vCPU",
+        ),
+        TargetResult(
+            f"waypoint added p99 over ambient L4 at {rate} rps", pl,
+            _diff(wp.get(f"p99_ms@{r}"), amb.get(f"p99_ms@{r}")), 1.0, False, "ms",
+        ),
+        TargetResult("waypoint idle RSS", pl, wp.get("waypoint_idle_rss_mb"), 60.0, False, "MB"),
+    ]  # fmt: skip
 
 
 def _diff(a: float | None, b: float | None) -> float | None:
@@ -221,9 +252,16 @@ def metrics_for(rates: Iterable[str]) -> list[Metric]:
             Metric(f"achieved_rps@{r}", f"Achieved rate at {r} rps", "req/s", ".0f"),
             Metric(f"cpu_s_per_1000@{r}", f"Proxy CPU per 1000 requests at {r} rps", "CPU s"),
             Metric(f"rss_mb@{r}", f"Proxy RSS after {r} rps", "MB", ".1f"),
+            Metric(
+                f"waypoint_cpu_s_per_1000@{r}",
+                f"Waypoint CPU per 1000 requests at {r} rps (= vCPU per 1000 rps)",
+                "CPU s",
+            ),
+            Metric(f"waypoint_rss_mb@{r}", f"Waypoint RSS after {r} rps", "MB", ".1f"),
         ]
     ms += [
         Metric("idle_rss_mb", "Proxy RSS, idle (all proxies)", "MB", ".1f"),
+        Metric("waypoint_idle_rss_mb", "Waypoint RSS, idle", "MB", ".1f"),
         Metric("conn_per_s", "New connections per second", "conn/s", ".0f"),
         Metric(
             "tunnel_opened_per_s",
@@ -289,6 +327,37 @@ def targets_table(ts: list[TargetResult]) -> str:
     return "\n".join(lines)
 
 
+def waypoint_table(agg: Agg, rates: Iterable[str], placements: list[str]) -> str:
+    """The waypoint (L7) beside ambient (L4) and the L7 sidecar pair, per placement and
+    rate: latency percentiles, the p99 the waypoint adds over ambient, its CPU and RSS.
+    Empty when no ambient-waypoint row was measured."""
+    if not any(s == WAYPOINT for s, _ in agg):
+        return ""
+    head = [
+        "placement", "rps", "scenario", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms",
+        "added p99 over ambient ms", "waypoint vCPU per 1000 rps", "waypoint RSS MB",
+    ]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for pl in placements:
+        amb = agg.get((AMBIENT, pl), {})
+        for r in rates:
+            for s in (AMBIENT, WAYPOINT, HAPROXY):
+                m = agg.get((s, pl))
+                if m is None:
+                    continue
+                p99 = m.get(f"p99_ms@{r}")
+                added = _diff(p99, amb.get(f"p99_ms@{r}")) if s != AMBIENT else None
+                cells = [
+                    pl, r, s,
+                    *(_cell(m.get(f"{p}_ms@{r}"), ".3f") for p in ("p50", "p90", "p99", "p999")),
+                    _cell(added, "+.3f"),
+                    _cell(m.get(f"waypoint_cpu_s_per_1000@{r}"), ".3f"),
+                    _cell(m.get(f"waypoint_rss_mb@{r}"), ".1f"),
+                ]  # fmt: skip
+                lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def earlier_section(earlier: dict[str, Any]) -> str:
     lines: list[str] = []
     rb = earlier.get("rbac_check")
@@ -348,6 +417,20 @@ def render(doc: dict[str, Any], plots: list[str]) -> str:
         targets_table(targets(agg)),
         "",
     ]
+    wp = waypoint_table(agg, rates, placements)
+    if wp:
+        idle = ", ".join(
+            f"{pl} {_cell(agg.get((WAYPOINT, pl), {}).get('waypoint_idle_rss_mb'), '.1f')} MB"
+            for pl in placements
+        )
+        out += [
+            "## Waypoint (L7) beside ambient (L4) and sidecar-haproxy",
+            "",
+            f"Waypoint idle RSS: {idle}.",
+            "",
+            wp,
+            "",
+        ]
     for m in metrics_for(rates):
         if not any(m.key in v for v in agg.values()):
             continue
