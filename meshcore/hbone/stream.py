@@ -106,9 +106,10 @@ class HboneStream:
         if len(data) > max_bytes:
             self._chunks.appendleft(data[max_bytes:])
             data = data[:max_bytes]
-        # The caller has the bytes: only now does the peer get the credit back.
+        # The caller has the bytes: only now does the peer get the credit back (sent with
+        # whatever else this turn writes).
         self.h2.conn.ack(self.sid, len(data))
-        self.h2.flush()
+        self.h2.flush_soon()
         return data
 
     def write(self, data: bytes) -> None:
@@ -117,7 +118,7 @@ class HboneStream:
         self.sent += len(data)
         if not self.h2.conn.send_data(self.sid, data):
             self._send_ready.clear()
-        self.h2.flush()
+        self.h2.flush_soon()
 
     async def drain(self) -> None:
         ready = self._send_ready
@@ -134,7 +135,7 @@ class HboneStream:
             return
         self._wrote_eof = True
         self.h2.conn.end_stream(self.sid)
-        self.h2.flush()
+        self.h2.flush_soon()
         self._forget_if_done()
 
     def abort(self, reason: str) -> None:
