@@ -6,6 +6,9 @@ new connections), every connection gets GOAWAY, open streams finish within DRAIN
 
 from __future__ import annotations
 
+import meshcore.runtime.lean  # noqa: F401  (first: before anything imports structlog)
+
+# isort: split
 import asyncio
 import os
 import signal

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import meshcore.runtime.lean  # noqa: F401  (first: before anything imports structlog)
+
+# isort: split
 import asyncio
 import os
 import signal
 import sys
+import time
 from datetime import timedelta
 
 import structlog
@@ -91,7 +95,7 @@ async def _trim_when_idle(node: NodeProxy, interval: float = TRIM_CHECK_SECONDS)
     idle = malloc.IdleTrim()
     while True:
         await asyncio.sleep(interval)
-        if idle.check(*node.activity()):
+        if idle.check(*node.activity(), time.process_time()):
             malloc.collect_and_trim()
 
 

@@ -100,7 +100,8 @@ import ztunnel, ztunnel.__main__
 for info in pkgutil.walk_packages(ztunnel.__path__, "ztunnel."):
     importlib.import_module(info.name)
 heavy = sys.argv[1:]
-print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in heavy)))
+loaded = [m for m, mod in sys.modules.items() if mod is not None]  # None: marked absent
+print(json.dumps(sorted(m for m in loaded if m.split(".")[0] in heavy)))
 """
 
 
@@ -186,9 +187,18 @@ WAYPOINT_IMPORTS = """
 import json, sys
 import waypoint.__main__, waypoint.instance, waypoint.router, waypoint.l7config
 heavy = sys.argv[1:]
-print(json.dumps(sorted({m.split(".")[0] for m in sys.modules if m.split(".")[0] in heavy})))
+loaded = [m for m, mod in sys.modules.items() if mod is not None]  # None: marked absent
+print(json.dumps(sorted({m.split(".")[0] for m in loaded if m.split(".")[0] in heavy})))
 """
-WAYPOINT_LAZY = ("cryptography", "jwt", "opentelemetry", "google", "aiohttp", "prometheus_client")
+WAYPOINT_LAZY = (
+    "cryptography",
+    "jwt",
+    "opentelemetry",
+    "google",
+    "aiohttp",
+    "prometheus_client",
+    "rich",
+)
 
 
 def test_the_waypoint_loads_jwt_and_protobuf_only_when_configured():

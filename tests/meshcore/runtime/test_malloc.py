@@ -20,6 +20,21 @@ def test_idle_trim_waits_for_a_quiet_interval_after_activity() -> None:
     assert idle.check(9, 4)
 
 
+def test_idle_trim_waits_while_the_process_is_busy_on_open_connections() -> None:
+    """Requests over keep-alive connections open and close nothing: CPU time says busy."""
+    from meshcore.runtime.malloc import BUSY_CPU_SECONDS, IdleTrim
+
+    idle = IdleTrim()
+    step = BUSY_CPU_SECONDS * 10
+    assert not idle.check(4, 0, 0.0)  # connections opened
+    assert not idle.check(4, 0, step)  # same counts, but busy: no trim under load
+    assert not idle.check(4, 0, 2 * step)
+    assert idle.check(4, 0, 2 * step + BUSY_CPU_SECONDS / 2)  # quiet now: trim, once
+    assert not idle.check(4, 0, 2 * step + BUSY_CPU_SECONDS)
+    assert not idle.check(4, 0, 3 * step)  # a burst on the same connections
+    assert idle.check(4, 0, 3 * step)  # then quiet: what the burst freed is given back
+
+
 def test_trim_gives_freed_heap_memory_back() -> None:
     probe = """
 import sys
