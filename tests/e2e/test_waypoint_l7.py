@@ -691,11 +691,6 @@ def test_a_missing_waypoint_fails_closed(l7: L7) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="localcluster publishes every waypoint workload as Healthy whether or not its "
-    "process runs, so a tunnel never sees a fail-open waypoint as unavailable",
-)
 def test_a_fail_open_waypoint_that_is_down_lets_traffic_go_direct(l7: L7) -> None:
     change = mesh.apply_resources(l7.c, [waypoint_gateway("ghost", "service", True)], node="n1")
     g = mesh.current_spec(l7.c).gateway(NS, "ghost")

@@ -113,6 +113,7 @@ class WaypointMesh:
     redirects: Redirects
     outsider_ip: str
     state: MeshState
+    listener: TlsListener
 
     def set_state(self, state: MeshState) -> None:
         """A config change, as the nodes see it (they update the pods they enrolled; these
@@ -226,6 +227,7 @@ def mesh(aio: Loop, logs: LogLines) -> WaypointMesh:
             redirects=redirects,
             outsider_ip=outsider_ip,
             state=state,
+            listener=listener,
         )
 
     return aio.run(start)
@@ -393,3 +395,55 @@ def test_fail_open_goes_straight_to_the_pod_and_says_so(
     assert len(mesh.app.peers) == 1  # pod B's tunnel let it in
     warned = [e for e in logs if e["event"] == "waypoint unavailable: failing open"]
     assert warned and warned[0]["problem"] == "not ready"
+
+
+def test_a_fail_open_waypoint_that_cannot_be_reached_is_bypassed(
+    aio: Loop, mesh: WaypointMesh, logs: LogLines
+) -> None:
+    """Ready by the config, but its port is closed (its pod went down before the control
+    plane noticed): nothing of the app's was sent, so the connection goes straight to the
+    pod, and the tunnel says why. Without failOpen the same connection fails (closed).
+    Here only the service is bound: a pod bound itself admits no peer but its waypoint,
+    and its tunnel cannot know that the waypoint is down."""
+    opened = replace(WP, fail_open=True)
+    state = mesh.state
+    mesh.set_state(
+        mesh_state(
+            [replace(w, waypoint=None) for w in state.workloads],
+            [replace(s, waypoint=opened) if s.waypoint else s for s in state.services],
+        )
+    )
+    mesh.listener.close()
+
+    async def main() -> None:
+        reader, writer = await mesh.redirects.connect(
+            mesh.a.ip, mesh.a.port(15001), SocketAddr.of((VIP, 80))
+        )
+        writer.write(b"open")
+        assert await reader.readexactly(4) == b"open"
+        writer.close()
+
+    aio.run(main)
+    assert mesh.waypoint.seen == []
+    assert len(mesh.app.peers) == 1
+    warned = [e for e in logs if e["event"] == "waypoint unreachable: failing open"]
+    assert warned and warned[0]["waypoint"] == "shop/waypoint.shop.svc.cluster.local"
+
+
+def test_a_fail_closed_waypoint_that_cannot_be_reached_fails_the_connection(
+    aio: Loop, mesh: WaypointMesh, logs: LogLines
+) -> None:
+    mesh.listener.close()
+
+    async def main() -> bytes:
+        reader, writer = await mesh.redirects.connect(
+            mesh.a.ip, mesh.a.port(15001), SocketAddr.of((VIP, 80))
+        )
+        writer.write(b"closed")
+        got = await read_all(reader)
+        writer.close()
+        return got
+
+    assert aio.run(main) == b""
+    assert mesh.app.peers == []
+    assert not [e for e in logs if e["event"] == "waypoint unreachable: failing open"]

@@ -112,15 +112,17 @@ def decide(
     dst: SocketAddr,
     choose: Callable[[list[Workload]], Workload] = random.choice,
     client: IPAddress | None = None,
+    bypass_waypoint: bool = False,
 ) -> OutboundDecision:
     """`client`: the address the connection came from (the source pod's own IPs if not
-    given); with the source's identity it tells a waypoint's own upstream leg."""
+    given); with the source's identity it tells a waypoint's own upstream leg.
+    `bypass_waypoint`: the decision once a fail-open waypoint could not be reached."""
     if dst.port in TUNNEL_PORTS:
         return OutboundDecision(Route.REFUSE, dst, reason=f"port {dst.port} is the tunnel's own")
     service = state.service_by_vip(source.network, dst.ip)
     if service is not None:
         hop: WaypointHop | None = None
-        gw = service.waypoint
+        gw = None if bypass_waypoint else service.waypoint
         if gw is not None and not is_from_waypoint(state, gw, source, client):
             hop = choose_waypoint(state, gw, Binding.SERVICE, f"service {service.key}", dst, choose)
             if not hop.failed_open:
@@ -131,7 +133,7 @@ def decide(
         return OutboundDecision(
             Route.PASSTHROUGH, dst, next_hop=dst, reason="destination is not a known workload"
         )
-    gw = workload.waypoint
+    gw = None if bypass_waypoint else workload.waypoint
     if gw is not None and not is_from_waypoint(state, gw, source, client):
         bound = f"workload {workload.namespace}/{workload.name}"
         hop = choose_waypoint(state, gw, Binding.WORKLOAD, bound, dst, choose, behind=workload)
@@ -328,6 +330,12 @@ class OutboundProxy(ListenerProxy):
             )
             if local is not None:
                 await self._same_node(app, local, source, client, decision, record)
+            elif (
+                decision.via_waypoint
+                and decision.waypoint is not None
+                and (decision.waypoint.address.fail_open)
+            ):
+                await self._fail_open_hbone(app, source, client, dst, decision, record)
             else:
                 await self._hbone(app, source, client, decision, record)
         except asyncio.CancelledError:
@@ -343,6 +351,42 @@ class OutboundProxy(ListenerProxy):
                 else ResponseFlags.CONNECT
             )
             self.connection_table.refused(outbound_labels(source, decision, flags))
+
+    async def _fail_open_hbone(
+        self,
+        app: AppSide,
+        source: Workload,
+        client: SocketAddr,
+        dst: SocketAddr,
+        decision: OutboundDecision,
+        record: ConnectionLog,
+    ) -> None:
+        """Through a fail-open waypoint: if it cannot be reached (its pod is down, its port
+        closed, it does not answer the CONNECT), nothing of the app's has been sent yet, so
+        the connection goes straight to the destination instead, as upstream does when its
+        control plane drops an unready waypoint; and says so."""
+        try:
+            await self._hbone(app, source, client, decision, record)
+            return
+        except (TimeoutError, OSError, ConnectionError, PeerVerificationError) as e:
+            direct = decide(self._state(), source, dst, client=client.ip, bypass_waypoint=True)
+            log.warning(
+                "waypoint unreachable: failing open",
+                waypoint=decision.waypoint.name if decision.waypoint is not None else None,
+                error=str(e) or type(e).__name__,
+                src=str(client),
+                dst=str(dst),
+            )
+        if direct.route is not Route.HBONE or direct.destination is None:
+            raise ConnectionError(f"waypoint unreachable and no direct path: {direct.reason}")
+        record.dst = direct.target
+        record.dst_workload = direct.destination
+        record.dst_identity = direct.destination.identity
+        local = self._local(direct.destination) if self._local is not None else None
+        if local is not None:
+            await self._same_node(app, local, source, client, direct, record)
+        else:
+            await self._hbone(app, source, client, direct, record)
 
     def _waypoint_unavailable(
         self, source: Workload, client: SocketAddr, decision: OutboundDecision
