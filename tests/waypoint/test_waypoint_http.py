@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -254,5 +255,40 @@ def test_fault_injection_aborts_and_delays(aio: Loop) -> None:
         assert (status, body) == (418, b"fault filter abort")
         status, _, _ = parse(await mesh.request("web", get("/fine")))
         assert status == 200
+
+    aio.run(main)
+
+
+def test_request_mirror_copies_to_the_shadow_and_ignores_its_answer(aio: Loop) -> None:
+    mirror = route(
+        "mirror",
+        [
+            {
+                "backendRefs": [backend("web")],
+                "filters": [
+                    {"type": "RequestMirror",
+                     "requestMirror": {"backendRef": {"name": "shadow", "port": 80}}},
+                ],
+            }
+        ],
+    )  # fmt: skip
+    shadow_seen: list[dict[str, Any]] = []
+
+    async def main() -> None:
+        mesh = await start_mesh(
+            aio,
+            {"web": [app("web")], "shadow": [app("shadow", status=500, seen=shadow_seen)]},
+            resources=[mirror],
+        )
+        for _ in range(3):
+            status, headers, _ = parse(await mesh.request("web", get("/copy")))
+            assert status == 200 and headers["x-served-by"] == "web"  # the shadow's 500 unseen
+        for _ in range(100):
+            if len(shadow_seen) == 3:
+                break
+            await asyncio.sleep(0.02)
+        assert [s["path"] for s in shadow_seen] == ["/copy"] * 3
+        # Envoy's convention: the copy's Host says it is a shadow.
+        assert all(str(s["headers"]["host"]).endswith("-shadow") for s in shadow_seen)
 
     aio.run(main)
