@@ -53,7 +53,8 @@ def test_bad_route_is_a_400_with_a_reason(chain: Chain) -> None:
     assert "AMS" in body["error"]
 
 
-def test_pricing_down_is_a_502_naming_pricing(chain: Chain) -> None:
+def test_pricing_down_is_a_502_naming_pricing(own_chain: Chain) -> None:
+    chain = own_chain
     assert chain.pricing.stop() == 0
     status, body = chain.flights.get("/search?from=AMS&to=LIS")
     assert status == 502
@@ -64,7 +65,8 @@ def test_pricing_down_is_a_502_naming_pricing(chain: Chain) -> None:
     assert body["cause"]["downstream"] == "pricing"
 
 
-def test_flights_down_is_a_502_naming_flights(chain: Chain) -> None:
+def test_flights_down_is_a_502_naming_flights(own_chain: Chain) -> None:
+    chain = own_chain
     assert chain.flights.stop() == 0
     status, body = chain.frontend.get(ROUTE)
     assert status == 502

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import FrozenInstanceError, replace
 from ipaddress import IPv4Address, IPv6Address
 
@@ -211,8 +210,10 @@ def test_raw_policy_is_canonical_and_lossless():
         RawPolicy.from_mapping("p", "ns", {"x": float("nan")})
 
 
-def test_building_100k_workloads_is_linear_enough():
-    n = 100_000
+def test_building_20k_workloads_indexes_every_one():
+    # Speed at scale is the benchmark's (benchmarks/state_load.py); here, that every index
+    # holds what it should at a size no hand-written case reaches.
+    n = 20_000
     shared = ((SVC_KEY, ((80, 8080),)),)
     base = wl("x", services=shared)
     workloads = [
@@ -225,10 +226,7 @@ def test_building_100k_workloads_is_linear_enough():
         for i in range(n)
     ]
     s = svc("frontend", "10.96.0.10")
-    started = time.monotonic()
     state = MeshState.build(workloads, [s], [])
-    elapsed = time.monotonic() - started
-    assert elapsed < 10, f"building {n} workloads took {elapsed:.1f}s"
     assert len(state.endpoints(s)) == n
     assert len(state.workloads_on_node("node7")) == n // 50
     found = state.workload_by_ip("", IPv4Address(0x0A000000 + 12345))

@@ -93,19 +93,19 @@ def test_known_encodings(msg, wire):
     assert decode(type(msg), bytes.fromhex(wire)) == msg
 
 
-@settings(max_examples=400)
+@settings(max_examples=200)
 @given(messages)
 def test_ours_encodes_as_protobuf_does(msg):
     assert encode(msg) == to_pb(msg).SerializeToString(deterministic=True)
 
 
-@settings(max_examples=400)
+@settings(max_examples=200)
 @given(messages)
 def test_we_decode_what_protobuf_encodes(msg):
     assert decode(type(msg), to_pb(msg).SerializeToString()) == msg
 
 
-@settings(max_examples=400)
+@settings(max_examples=200)
 @given(messages)
 def test_protobuf_decodes_what_we_encode(msg):
     pb_cls = getattr(reference(), type(msg).__name__)
@@ -133,7 +133,7 @@ def _agree_when_we_accept(cls: type, data: bytes) -> None:
         assert _pb_decode(cls, data) == ours
 
 
-@settings(max_examples=500)
+@settings(max_examples=250)
 @given(st.sampled_from(TOP_LEVEL), st.binary(max_size=64))
 def test_random_bytes_are_a_message_or_a_zds_error(cls, data):
     _agree_when_we_accept(cls, data)
@@ -169,7 +169,7 @@ _field = st.one_of(
 )
 
 
-@settings(max_examples=500)
+@settings(max_examples=250)
 @given(st.sampled_from(TOP_LEVEL), st.lists(_field, max_size=5))
 def test_structured_fuzz_agrees_with_protobuf(cls, fields):
     _agree_when_we_accept(cls, b"".join(fields))

@@ -1251,7 +1251,7 @@ FUZZ_ENTRIES = st.one_of(
 )
 
 
-@settings(max_examples=250, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
 @given(raw=FUZZ_ENTRIES)
 def test_arbitrary_specs_parse_or_raise_config_error(raw: RawPolicy):
     error = None

@@ -431,14 +431,14 @@ def requests(draw: st.DrawFn) -> bytes:
     return head + body
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(requests())
 @example(b"GET / HTTP/1.1\r\nHost: svc\r\nContent-Length: 0\r\n\r\n")
 def test_generated_requests_against_h11(raw: bytes) -> None:
     check_against_h11(raw)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.binary(max_size=200))
 def test_arbitrary_bytes_never_crash_and_never_beat_h11(raw: bytes) -> None:
     check_against_h11(b"POST / HTTP/1.1\r\nHost: a\r\n" + raw)
@@ -452,7 +452,7 @@ def test_the_oracle_compares_accepted_requests() -> None:
     assert ours(HAND_PICKED[3]) == ("POST", "/p", [], b"hello")
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     st.lists(st.binary(min_size=1, max_size=40), max_size=8),
     st.lists(st.tuples(st.sampled_from(["x-a", "grpc-status"]), st.sampled_from(["0", "v w"]))),
