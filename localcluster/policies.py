@@ -205,6 +205,19 @@ def check_batch(docs: Sequence[Any], source: str, l4_only: bool = False) -> Batc
             meta = doc["metadata"]
             res = Resource(str(doc["kind"]), str(meta["namespace"]), str(meta["name"]), doc)
             key = res.key
+        elif "kind" in doc and doc["kind"] not in ENFORCED_KINDS:
+            tunnels = ", ".join(ENFORCED_KINDS)
+            if l4_only and doc["kind"] in L7_KINDS:
+                problems.append(
+                    f"{where}: kind {doc['kind']!r} is not enforced by the tunnels ({tunnels}), "
+                    "so not in a cluster file's policies: give it to `ambientctl apply -f`"
+                )
+            else:
+                problems.append(
+                    f"{where}: kind {doc['kind']!r} is not one this mesh reads: the tunnels "
+                    f"enforce {tunnels}; the waypoints {', '.join(L7_KINDS)}"
+                )
+            continue
         else:
             check = check_resource(doc, path=where)
             errors = list(check.errors)

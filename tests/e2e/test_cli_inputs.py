@@ -125,11 +125,19 @@ CF = str(CLUSTER_FILE)
 
 # ---- apply / delete -------------------------------------------------------------------------
 
-VIRTUAL_SERVICE = {
+# A kind neither the tunnels nor the waypoints read (the waypoints read VirtualService).
+SIDECAR = {
+    "apiVersion": "networking.istio.io/v1",
+    "kind": "Sidecar",
+    "metadata": {"name": "reviews", "namespace": "mesh"},
+    "spec": {"egress": [{"hosts": ["./*"]}]},
+}
+# A VirtualService the waypoints' parser refuses: a typo'd field, named.
+BAD_VIRTUAL_SERVICE = {
     "apiVersion": "networking.istio.io/v1",
     "kind": "VirtualService",
     "metadata": {"name": "reviews", "namespace": "mesh"},
-    "spec": {"hosts": ["reviews"]},
+    "spec": {"hosts": ["reviews"], "htp": []},
 }
 STAR: dict[str, Any] = {
     "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/*/sa/a"]}}]}]
@@ -139,19 +147,20 @@ STAR: dict[str, Any] = {
 @pytest.mark.parametrize(
     ("text", "says"),
     [
-        (docs(VIRTUAL_SERVICE), "kind 'VirtualService' is not enforced by this mesh; it enforces "
-         "AuthorizationPolicy and PeerAuthentication"),
+        (docs(SIDECAR), "kind 'Sidecar' is not one this mesh reads: the tunnels enforce "
+         "AuthorizationPolicy, PeerAuthentication; the waypoints HTTPRoute"),
+        (docs(BAD_VIRTUAL_SERVICE), "spec.htp: unknown field"),
         (docs(authz("p", action="ALLOWW")), "spec.action: expected one of ALLOW, DENY, AUDIT, "
          "CUSTOM, got 'ALLOWW'"),
         (docs(authz("p", action="ALLOW", rulez=[{}])), "spec.rulez: unknown field"),
         (docs(authz("p", **STAR)), "spec.rules[0].from[0].source.principals[0]: "
          "'cluster.local/ns/*/sa/a': '*' may only be the whole value"),
-        (docs(authz("good"), VIRTUAL_SERVICE), "stdin[1]: kind 'VirtualService'"),
+        (docs(authz("good"), SIDECAR), "stdin[1]: kind 'Sidecar'"),
         ("{not: [yaml", "is not valid YAML"),
         ("", "holds no documents"),
     ],
-    ids=["virtual service", "bad action", "typo'd field", "star inside a principal",
-         "one bad document of two", "not yaml", "empty"],
+    ids=["unknown kind", "bad virtual service", "bad action", "typo'd field",
+         "star inside a principal", "one bad document of two", "not yaml", "empty"],
 )  # fmt: skip
 def test_apply_refuses_what_the_tunnels_would_not_enforce(
     ctl: Ctl, unchanged: None, text: str, says: str
@@ -203,9 +212,9 @@ def test_apply_defaults_the_namespace_dry_runs_waits_and_delete_f_removes(
 def test_a_hand_broken_mesh_config_is_reported_and_the_next_change_heals_it(
     cluster: mesh.Cluster, ctl: Ctl
 ) -> None:
-    """What `apply` of a VirtualService did before: every later change was ignored."""
+    """What `apply` of an unknown kind once did: every later change was ignored."""
     doc = yaml.safe_load(cluster.paths.xds.read_text())
-    doc["policies"].append(VIRTUAL_SERVICE)
+    doc["policies"].append(SIDECAR)
     tmp = cluster.paths.xds.with_suffix(".hand")
     tmp.write_text(yaml.safe_dump(doc))
     tmp.replace(cluster.paths.xds)
@@ -217,13 +226,13 @@ def test_a_hand_broken_mesh_config_is_reported_and_the_next_change_heals_it(
     status = ctl("status", CF)
     assert status.returncode == 1
     assert "node n1: the tunnel refused the mesh config" in status.stderr
-    assert "'VirtualService' is not one of AuthorizationPolicy" in status.stderr
+    assert "'Sidecar' is not one of AuthorizationPolicy" in status.stderr
 
     # A label change regenerates the config from the records: the pod is enrolled.
     try:
         done = ctl("label", CF, "namespace", "plain", "istio.io/dataplane-mode=ambient")
         assert done.returncode == 0, done.stderr
-        assert "VirtualService" not in cluster.paths.xds.read_text()
+        assert "Sidecar" not in cluster.paths.xds.read_text()
         wait_until_sync(
             lambda: config_of(cluster).get("digest") == digest(cluster), "the new config"
         )
