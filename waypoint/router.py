@@ -702,7 +702,12 @@ class Router:
             discard(client)
             cluster.connections -= 1
 
-        return Accounted(body, done)
+        accounted = Accounted(body, done)
+        if client.reusable:
+            # Complete already (HEAD, 204, 304: no body): nobody will read one, so the
+            # connection goes back now, not never.
+            accounted.finish(None)
+        return accounted
 
     def _cluster(
         self, state: MeshState, cfg: L7Config, inbound: Inbound, backend: Backend, port: int

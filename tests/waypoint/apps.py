@@ -67,7 +67,7 @@ def app(
                 writer.write(
                     f"HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n"
                     f"content-length: {len(data)}\r\nx-served-by: {name}\r\n\r\n".encode()
-                    + data
+                    + (b"" if method == "HEAD" else data)  # a HEAD answer has no body
                 )
                 await writer.drain()
         finally:

@@ -292,3 +292,18 @@ def test_request_mirror_copies_to_the_shadow_and_ignores_its_answer(aio: Loop) -
         assert all(str(s["headers"]["host"]).endswith("-shadow") for s in shadow_seen)
 
     aio.run(main)
+
+
+def test_answers_without_a_body_give_their_upstream_connection_back(aio: Loop) -> None:
+    """HEAD (and 204, 304) answers have no body for anyone to read to its end: the upstream
+    connection must still go back to the pool, not stay open and counted for ever."""
+
+    async def main() -> None:
+        mesh = await start_mesh(aio, {"web": [app("web")]})
+        for _ in range(5):
+            status, _, body = parse(await mesh.request("web", get("/", method="HEAD")))
+            assert (status, body) == (200, b"")
+        (cluster,) = mesh.lw.waypoint.router._clusters.values()
+        assert cluster.connections == 1 and cluster.idle_count == 1
+
+    aio.run(main)
