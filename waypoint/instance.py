@@ -174,8 +174,14 @@ class Waypoint:
 
     def connections(self) -> list[dict[str, Any]]:
         return [
-            {"authority": s.h2.conn.close_reason or "", "sent": s.sent, "received": s.received}
-            for s in self.server.streams
+            {
+                "authority": inbound.destination.authority,
+                "peer": str(inbound.peer),
+                "client": str(inbound.client),
+                "sent": stream.sent,
+                "received": stream.received,
+            }
+            for stream, inbound in self.server.streams.items()
         ]
 
     def explain(self, source: str, destination: str) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from meshcore.hbone.stream import HboneStreamError
-from meshcore.state import MeshState, Service, Workload
+from meshcore.state import MeshState, Workload
 from waypoint.authz.decide import authorize_request, denied_response
 from waypoint.authz.facts import facts_for
 from waypoint.clusters import Cluster, discard, discard_h2
@@ -53,7 +53,7 @@ from waypoint.telemetry.accesslog import RequestLog
 from waypoint.telemetry.flags import ResponseFlag, join_flags
 from waypoint.telemetry.grpcframes import MessageCounter
 from waypoint.telemetry.metrics import RequestMetrics, RequestProtocol, request_labels
-from waypoint.telemetry.tracing import RequestTrace, start_request
+from waypoint.telemetry.tracing import Attempt, RequestTrace, start_request
 from waypoint.upstream import Upstream
 
 if TYPE_CHECKING:  # the exporter (and protobuf) load only when traces are exported
@@ -509,18 +509,8 @@ class Router:
             # arriving meanwhile must see it (maxConnections).
             cluster.connections += 1
         attempt = trace.attempt()
-        upstream = Request(
-            method=request.method,
-            authority=authority,
-            path=path,
-            headers=[*_without_trace(headers), *trace.upstream_headers(attempt)],
-            body=request.body,
-            scheme=request.scheme,
-            wire=request.wire,
-            upgrade=request.upgrade,
-        )
-        cluster.active_requests += 1
-        cluster.in_flight[endpoint.address] = cluster.in_flight.get(endpoint.address, 0) + 1
+        upstream = _upstream_request(request, authority, path, headers, trace, attempt)
+        _begin(cluster, endpoint)
         status: int | None = None
         error: str | None = None
         try:
@@ -529,53 +519,28 @@ class Router:
                     client = await self._connect(cluster, endpoint, record)
                 response = await client.send(upstream)
             status = response.status
-            outcome: Outcome = status
-            grpc_status = _grpc_status(response) if facts.is_grpc else None
-            if grpc_status is not None and grpc_status != 0:
-                outcome = GrpcStatus(grpc_status)
-            if cluster.outlier is not None:
-                cluster.outlier.record(endpoint.address, status, time.monotonic())
+            self._answered(cluster, endpoint, status)
             response.body = self._returning(cluster, endpoint, client, response.body)
-            return _Try(response, outcome, endpoint)
+            return _Try(response, _outcome(response, facts), endpoint)
         except _ConnectFailed as e:
             error = str(e)
             cluster.connections -= 1
-            self._outlier_failure(cluster, endpoint)
-            return _Try(None, Failure.CONNECT_FAILURE, endpoint, error,
-                        ResponseFlag.UPSTREAM_CONNECTION_FAILURE)  # fmt: skip
+            return self._failed(cluster, endpoint, Failure.CONNECT_FAILURE, error)
         except TimeoutError:
-            error = "upstream per-try timeout"
+            error = PER_TRY_TIMEOUT
             _lose(cluster, client)
-            self._outlier_failure(cluster, endpoint)
-            return _Try(None, Failure.TIMEOUT, endpoint, error,
-                        ResponseFlag.UPSTREAM_REQUEST_TIMEOUT)  # fmt: skip
+            return self._failed(cluster, endpoint, Failure.TIMEOUT, error)
         except (UpstreamError, BodyError, ConnectionError, OSError) as e:
             error = str(e) or type(e).__name__
             _lose(cluster, client)
-            self._outlier_failure(cluster, endpoint)
-            return _Try(None, Failure.RESET, endpoint, error,
-                        ResponseFlag.UPSTREAM_CONNECTION_TERMINATION)  # fmt: skip
+            return self._failed(cluster, endpoint, Failure.RESET, error)
         except BaseException:
             # Cancelled (the request's own timeout, or the client went away) mid-exchange.
             error = "cancelled"
             _lose(cluster, client)
             raise
         finally:
-            cluster.active_requests -= 1
-            left = cluster.in_flight.get(endpoint.address, 1) - 1
-            if left:
-                cluster.in_flight[endpoint.address] = left
-            else:
-                cluster.in_flight.pop(endpoint.address, None)
-            trace.end_attempt(
-                attempt,
-                method=request.method,
-                url=f"{request.scheme}://{authority}{path}",
-                peer=endpoint.ip,
-                peer_port=endpoint.port,
-                status=status,
-                error=error,
-            )
+            _end(cluster, endpoint, trace, attempt, upstream, status, error)
 
     async def _try_h2(
         self,
@@ -602,18 +567,9 @@ class Router:
         if verdict is PoolVerdict.OVERFLOW:
             return _Try(None, 503, endpoint, "upstream overflow", ResponseFlag.UPSTREAM_OVERFLOW)
         attempt = trace.attempt()
-        upstream = Request(
-            method=request.method,
-            authority=authority,
-            path=path,
-            headers=[*_without_trace(headers), *trace.upstream_headers(attempt)],
-            body=request.body,
-            scheme=request.scheme,
-            wire=Wire.HTTP2,
-        )
+        upstream = _upstream_request(request, authority, path, headers, trace, attempt)
         address = endpoint.address
-        cluster.active_requests += 1
-        cluster.in_flight[address] = cluster.in_flight.get(address, 0) + 1
+        _begin(cluster, endpoint)
         status: int | None = None
         error: str | None = None
         client: Http2Client | None = None
@@ -628,46 +584,21 @@ class Router:
                     cluster.h2[address] = client
                 response = await client.send(upstream)
             status = response.status
-            outcome: Outcome = status
-            grpc_status = _grpc_status(response) if facts.is_grpc else None
-            if grpc_status is not None and grpc_status != 0:
-                outcome = GrpcStatus(grpc_status)
-            if cluster.outlier is not None:
-                cluster.outlier.record(address, status, time.monotonic())
-            return _Try(response, outcome, endpoint)
+            self._answered(cluster, endpoint, status)
+            return _Try(response, _outcome(response, facts), endpoint)
         except _ConnectFailed as e:
             error = str(e)
-            self._outlier_failure(cluster, endpoint)
-            return _Try(None, Failure.CONNECT_FAILURE, endpoint, error,
-                        ResponseFlag.UPSTREAM_CONNECTION_FAILURE)  # fmt: skip
+            return self._failed(cluster, endpoint, Failure.CONNECT_FAILURE, error)
         except TimeoutError:
-            error = "upstream per-try timeout"
-            self._outlier_failure(cluster, endpoint)
-            return _Try(None, Failure.TIMEOUT, endpoint, error,
-                        ResponseFlag.UPSTREAM_REQUEST_TIMEOUT)  # fmt: skip
+            error = PER_TRY_TIMEOUT
+            return self._failed(cluster, endpoint, Failure.TIMEOUT, error)
         except (StreamError, BodyError, ConnectionError, OSError) as e:
             error = str(e) or type(e).__name__
             if client is not None and not client.available and cluster.h2.get(address) is client:
                 discard_h2(cluster.h2.pop(address))
-            self._outlier_failure(cluster, endpoint)
-            return _Try(None, Failure.RESET, endpoint, error,
-                        ResponseFlag.UPSTREAM_CONNECTION_TERMINATION)  # fmt: skip
+            return self._failed(cluster, endpoint, Failure.RESET, error)
         finally:
-            cluster.active_requests -= 1
-            left = cluster.in_flight.get(address, 1) - 1
-            if left:
-                cluster.in_flight[address] = left
-            else:
-                cluster.in_flight.pop(address, None)
-            trace.end_attempt(
-                attempt,
-                method=request.method,
-                url=f"{request.scheme}://{authority}{path}",
-                peer=endpoint.ip,
-                peer_port=endpoint.port,
-                status=status,
-                error=error,
-            )
+            _end(cluster, endpoint, trace, attempt, upstream, status, error)
 
     async def _open(self, endpoint: Endpoint, record: RequestLog) -> ByteStream:
         try:
@@ -677,9 +608,15 @@ class Router:
         except (OSError, ConnectionError, HboneStreamError) as e:
             raise _ConnectFailed(f"connecting to {endpoint.address}: {e}") from None
 
-    def _outlier_failure(self, cluster: Cluster, endpoint: Endpoint) -> None:
+    def _answered(self, cluster: Cluster, endpoint: Endpoint, status: int | None) -> None:
+        """Outlier detection hears of every try: a status, or None for no answer at all."""
         if cluster.outlier is not None:
-            cluster.outlier.record(endpoint.address, None, time.monotonic())
+            cluster.outlier.record(endpoint.address, status, time.monotonic())
+
+    def _failed(self, cluster: Cluster, endpoint: Endpoint, failure: Failure, error: str) -> _Try:
+        """A try that got no answer: counted against the endpoint, flagged as Envoy does."""
+        self._answered(cluster, endpoint, None)
+        return _Try(None, failure, endpoint, error, _FAILURE_FLAGS[failure])
 
     async def _connect(
         self, cluster: Cluster, endpoint: Endpoint, record: RequestLog
@@ -784,6 +721,75 @@ class _ConnectFailed(ConnectionError):
     pass
 
 
+PER_TRY_TIMEOUT = "upstream per-try timeout"
+_FAILURE_FLAGS = {
+    Failure.CONNECT_FAILURE: ResponseFlag.UPSTREAM_CONNECTION_FAILURE,
+    Failure.TIMEOUT: ResponseFlag.UPSTREAM_REQUEST_TIMEOUT,
+    Failure.RESET: ResponseFlag.UPSTREAM_CONNECTION_TERMINATION,
+}
+
+
+def _upstream_request(
+    request: Request,
+    authority: str,
+    path: str,
+    headers: list[tuple[str, str]],
+    trace: RequestTrace,
+    attempt: Attempt,
+) -> Request:
+    """What one try sends: the routed request, with this attempt's trace context."""
+    return Request(
+        method=request.method,
+        authority=authority,
+        path=path,
+        headers=[*_without_trace(headers), *trace.upstream_headers(attempt)],
+        body=request.body,
+        scheme=request.scheme,
+        wire=request.wire,
+        upgrade=request.upgrade,
+    )
+
+
+def _outcome(response: Response, facts: RequestFacts) -> Outcome:
+    """What the retry policy judges: the status, or a gRPC status other than OK."""
+    grpc_status = _grpc_status(response) if facts.is_grpc else None
+    if grpc_status is not None and grpc_status != 0:
+        return GrpcStatus(grpc_status)
+    return response.status
+
+
+def _begin(cluster: Cluster, endpoint: Endpoint) -> None:
+    cluster.active_requests += 1
+    cluster.in_flight[endpoint.address] = cluster.in_flight.get(endpoint.address, 0) + 1
+
+
+def _end(
+    cluster: Cluster,
+    endpoint: Endpoint,
+    trace: RequestTrace,
+    attempt: Attempt,
+    sent: Request,
+    status: int | None,
+    error: str | None,
+) -> None:
+    """A try is over, however it ended: the breaker's and balancer's counts, its span."""
+    cluster.active_requests -= 1
+    left = cluster.in_flight.get(endpoint.address, 1) - 1
+    if left:
+        cluster.in_flight[endpoint.address] = left
+    else:
+        cluster.in_flight.pop(endpoint.address, None)
+    trace.end_attempt(
+        attempt,
+        method=sent.method,
+        url=f"{sent.scheme}://{sent.authority}{sent.path}",
+        peer=endpoint.ip,
+        peer_port=endpoint.port,
+        status=status,
+        error=error,
+    )
+
+
 def _lose(cluster: Cluster, client: Http1Client | None) -> None:
     """The exchange failed: its connection (or the one being opened) is gone."""
     if client is not None:
@@ -835,7 +841,3 @@ def _failure_text(t: _Try) -> str:
     if t.flag is ResponseFlag.NO_HEALTHY_UPSTREAM:
         return "no healthy upstream"
     return f"upstream connect error or disconnect/reset before headers. reset reason: {t.error}"
-
-
-def service_of(state: MeshState, key: str) -> Service | None:
-    return state.service_by_key(key)

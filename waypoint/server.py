@@ -109,7 +109,7 @@ class WaypointServer:
         self._serve = serve
         self.guard = guard
         self.connections: dict[_WaypointH2, None] = {}
-        self.streams: dict[HboneStream, None] = {}
+        self.streams: dict[HboneStream, Inbound] = {}  # the streams being served
         self.tasks = TaskSet("waypoint-streams")
         self.listener: TlsListener | None = None
         self.refused = 0  # CONNECTs answered with an error (for readiness/status views)
@@ -156,7 +156,7 @@ class WaypointServer:
             return
         stream = HboneStream.accept(h2, sid)
         inbound = Inbound(h2.peer, h2.client, decided, headers)
-        self.streams[stream] = None
+        self.streams[stream] = inbound
         self.idle.clear()
         task = self.tasks.spawn(self._serve(stream, inbound), f"stream-{sid}")
         task.add_done_callback(lambda _t: self._ended(stream))
