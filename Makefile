@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # processes: on 2 cores a third fills the time a quarter of these tests spend waiting (timeouts,
 # child processes); an idle worker takes tests from a busy one (worksteal).
 UNIT := bash scripts/unprivileged.sh $(PY) -m pytest -p no:cacheprovider -n 3 --dist worksteal \
-	-m "not netns"
+	-m "not netns and not kube"
 
 .PHONY: setup demo test lint typecheck layering unit bench lock clean
 
@@ -37,7 +37,7 @@ test: setup
 	$(VENV)/bin/mypy .
 	$(VENV)/bin/lint-imports
 	$(UNIT)
-	$(PY) -m pytest -p no:cacheprovider -m netns
+	$(PY) -m pytest -p no:cacheprovider -m "netns or kube"
 
 # Every scenario of the mesh cost benchmark in one run (needs root; < 15 min on 2 cores).
 # `$(PY) benchmarks/mesh_bench.py --quick` takes < 3 min; benchmarks/l4_datapath.py still

@@ -23,6 +23,8 @@ missing() {
     local prog pkg
     while read -r prog pkg _; do
         case "$prog" in '' | '#'*) continue ;; esac
+        # "=script": built by that script of ours (setup.sh runs it), not a Debian package.
+        case "$pkg" in =*) continue ;; esac
         if [ "$prog" = - ]; then
             installed "$pkg" || echo "- $pkg"
         elif ! command -v "$prog" >/dev/null 2>&1; then

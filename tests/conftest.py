@@ -56,7 +56,7 @@ def _netns_unavailable() -> str:
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    if "netns" not in item.keywords:
+    if "netns" not in item.keywords and "kube" not in item.keywords:
         return
     why = _netns_unavailable()
     if not why:
