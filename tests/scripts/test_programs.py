@@ -35,6 +35,9 @@ DYNAMIC = {
     ("meshcore/identity/certworker_client.py", "CertWorkerClient._spawn"): (
         "`python -m meshcore.identity.certworker`; a test may pass its own command"
     ),
+    ("localcluster/kube/apiserver.py", "KubeControlPlane._spawn"): (
+        "etcd and the kube-* servers, found by find_binaries() (PATH, else the build's cache)"
+    ),
     ("tests/e2e/test_interrupted_runs.py", "start.go"): (
         "the fixture's runner: each test passes the venv's ambientctl or python and a benchmark"
     ),
