@@ -36,6 +36,7 @@ from meshcore.tls import ALPN_H2, PeerVerificationError, peer_identity, verify_s
 
 _WINDOW = 16 * 1024 * 1024  # a whole mesh snapshot can be several MB
 _READ = 256 * 1024
+_CLOSE_WAIT = 1.0
 
 
 class GrpcClosed(Exception):
@@ -176,8 +177,11 @@ class GrpcStream:
             self._conn.close_connection()
             self._writer.write(self._conn.data_to_send())
         self._writer.close()
+        # A TLS peer that never answers our close_notify must not hold the caller: after a
+        # moment the socket is dropped.
         with contextlib.suppress(Exception):
-            await self._writer.wait_closed()
+            await asyncio.wait_for(self._writer.wait_closed(), _CLOSE_WAIT)
+        self._writer.transport.abort()
 
     # -- reading --------------------------------------------------------------------------
 
