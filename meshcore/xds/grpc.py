@@ -114,9 +114,7 @@ class GrpcStream:
                 if expected is not None:
                     verify_server(peer_identity(sslobj), frozenset({expected}))
             conn = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
-            conn.local_settings.initial_window_size = _WINDOW
             conn.initiate_connection()
-            conn.increment_flow_control_window(_WINDOW)
             scheme = "https" if ssl_context is not None else "http"
             conn.send_headers(
                 1,
@@ -130,6 +128,11 @@ class GrpcStream:
                     ("user-agent", "ambient-mesh-xds"),
                 ],
             )
+            # Credit up front, then each frame's size back as it arrives: explicit
+            # WINDOW_UPDATEs, since a grpc-core server keeps a stream opened before our
+            # SETTINGS at 64 KiB whatever initial window the SETTINGS announce.
+            conn.increment_flow_control_window(_WINDOW)
+            conn.increment_flow_control_window(_WINDOW, stream_id=1)
             writer.write(conn.data_to_send())
             await writer.drain()
         except BaseException:
@@ -216,7 +219,12 @@ class GrpcStream:
             else:
                 self._headers_ok = True
         elif isinstance(event, DataReceived):
-            self._conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            if event.flow_controlled_length:
+                self._conn.increment_flow_control_window(event.flow_controlled_length)
+                if not event.stream_ended:
+                    self._conn.increment_flow_control_window(
+                        event.flow_controlled_length, stream_id=event.stream_id
+                    )
             if not self._headers_ok:
                 self._finish(GrpcClosed(2, "data before response headers"))
                 return

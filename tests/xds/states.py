@@ -119,3 +119,24 @@ def demo_document(
 @cache
 def demo_state() -> MeshState:
     return parse_local_config(json.dumps(demo_document()))
+
+
+def large_state(n: int) -> MeshState:
+    """`n` workloads behind n/10 services: a first push of several HTTP/2 windows."""
+    import dataclasses
+    import ipaddress
+
+    base = demo_state()
+    template = base.workloads[0]
+    svc = base.services[0]
+    workloads = [
+        dataclasses.replace(
+            template,
+            uid=f"c//Pod/ns/w{i}",
+            name=f"w{i}",
+            ips=(ipaddress.IPv4Address(0x0AF00000 + i),),
+            services=((svc.key, ((80, 8080),)),),
+        )
+        for i in range(n)
+    ]
+    return MeshState.build(workloads, [svc], base.policies)

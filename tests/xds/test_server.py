@@ -290,3 +290,23 @@ def test_no_state_in_time_is_a_clear_error(aio: Loop, harness: Harness) -> None:
             await client.start(wait=1.0)
 
     aio.run(main)
+
+
+def test_a_push_larger_than_the_flow_control_window(aio: Loop, harness: Harness) -> None:
+    """A first push of ~1 MB (many HTTP/2 windows of 64 KiB) and then a change reach the
+    client: its receive credit is given back as frames arrive."""
+    from tests.xds.states import large_state
+
+    big = large_state(3000)
+    server = XdsServer(big)
+
+    async def main() -> None:
+        await harness.serve(server)
+        client = await harness.client()
+        assert client.current == convert.canonical(big)
+        assert sum(len(b) for b in convert.resources_of(big)[m.ADDRESS_TYPE].values()) > 512 * 1024
+        smaller = MeshState.build(big.workloads[:-10], big.services, big.policies)
+        server.update(smaller)
+        await wait_until(lambda: len(client.current.workloads) == 2990, "the removals")
+
+    aio.run(main)
