@@ -109,8 +109,10 @@ def test_tunnel_process_runs_on_pushed_state(aio: Loop, harness: Harness, tmp_pa
         await wait_until(has_first, "the tunnel's first state", limit=30, interval=0.2)
         assert len(first["workloads"]) == len(demo_state().workloads)
         assert first["config"]["rejected"] is None
-        # The tunnel speaks gRPC with its own small client: grpcio's core is not loaded.
-        assert "cygrpc" not in memory_map(proc.pid)
+        # The tunnel speaks gRPC with its own small client: grpcio's core is not loaded,
+        # and the TLS to the server needs no `cryptography` either.
+        loaded = memory_map(proc.pid)
+        assert "cygrpc" not in loaded and "cryptography" not in loaded
         server.update(changed_state())
 
         def applied() -> bool:
