@@ -23,6 +23,7 @@ from meshcore.envconfig import (
     seconds,
 )
 from meshcore.hbone.limits import DEFAULT_LIMITS, HboneLimits
+from meshcore.xds.source import XdsSettings, parse_source
 
 NODE_NAME = "NODE_NAME"
 LOCAL_XDS_PATH = "LOCAL_XDS_PATH"
@@ -59,7 +60,9 @@ class WaypointConfig:
     namespace: str
     node_name: str
     pod_ip: ipaddress.IPv4Address | ipaddress.IPv6Address
-    local_xds_path: Path
+    # Exactly one source of mesh state: the local file, or a discovery server (XDS_ADDRESS +
+    # XDS_ROOT_CERT) that pushes routes, policies and endpoints.
+    local_xds_path: Path | None
     ca_address: Path
     ca_token_path: Path
     service_account: str = ""  # "" = the Gateway's name, as istiod's deployment does
@@ -75,6 +78,7 @@ class WaypointConfig:
     sniff_timeout: float = DEFAULT_SNIFF_TIMEOUT
     access_log: bool = True
     hbone_limits: HboneLimits = WAYPOINT_LIMITS
+    xds: XdsSettings | None = None
 
     @property
     def account(self) -> str:
@@ -96,12 +100,14 @@ def parse_config(env: Mapping[str, str]) -> WaypointConfig:
         pod_ip = ipaddress.ip_address(raw_ip)
     except ValueError:
         raise EnvConfigError(f"{POD_IP}={raw_ip!r} is not an IP address") from None
+    local_xds_path, xds = parse_source(env, LOCAL_XDS_PATH)
     return WaypointConfig(
         name=required(env, WAYPOINT_NAME),
         namespace=required(env, POD_NAMESPACE),
         node_name=required(env, NODE_NAME),
         pod_ip=pod_ip,
-        local_xds_path=Path(required(env, LOCAL_XDS_PATH)),
+        local_xds_path=local_xds_path,
+        xds=xds,
         ca_address=Path(required(env, CA_ADDRESS)),
         ca_token_path=Path(required(env, CA_TOKEN_PATH)),
         service_account=env.get(SERVICE_ACCOUNT, "").strip(),

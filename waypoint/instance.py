@@ -13,12 +13,12 @@ import structlog
 
 from meshcore import tls
 from meshcore.admin.views import service_json, workload_json
-from meshcore.discovery import LocalConfigWatcher
 from meshcore.hbone.server import Guard
 from meshcore.identity.certs import CertificateManager, LocalCAClient, WorkloadCertificate
 from meshcore.identity.spiffe import SpiffeId
 from meshcore.observability.metrics import TcpMetrics
 from meshcore.state import MeshState
+from meshcore.xds.source import ConfigSource, open_source
 from waypoint.config import WaypointConfig
 from waypoint.destination import Me
 from waypoint.l7config import L7Config
@@ -59,9 +59,10 @@ class Waypoint:
         self.metrics = TcpMetrics()
         self.guard = Guard(cfg.hbone_limits, self.metrics.hbone_refused)
         self.state = state if state is not None else MeshState.empty()
-        self.watcher = (
-            LocalConfigWatcher(cfg.local_xds_path, self._on_state) if state is None else None
-        )
+        # The mesh state's source (the local file or the discovery server), opened by
+        # `start`; None when a test passed the state in.
+        self.watcher: ConfigSource | None = None
+        self._own_source = state is None
         if certs is None:
             token = cfg.ca_token_path.read_text().strip()
             certs = CertificateManager(
@@ -113,8 +114,17 @@ class Waypoint:
             log.warning("route config", message=message)
 
     async def start(self) -> None:
-        if self.watcher is not None:
-            await self.watcher.start()
+        if self._own_source:
+            cfg = self.cfg
+            self.watcher = await open_source(
+                cfg.local_xds_path,
+                cfg.xds,
+                # Istio's node id shape: <type>~<ip>~<pod>.<namespace>~<namespace>.svc.<domain>
+                node_id=f"router~{cfg.pod_ip}~{cfg.name}.{cfg.namespace}~"
+                f"{cfg.namespace}.svc.{DNS_DOMAIN}",
+                trust_domain=cfg.trust_domain,
+                on_update=self._on_state,
+            )
         self._on_state(self.watcher.current if self.watcher is not None else self.state)
         if self.exporter is not None:
             self.exporter.start()

@@ -16,10 +16,10 @@ import structlog
 
 from meshcore.admin.readiness import ReadinessServer
 from meshcore.admin.server import AdminServer, MetricsServer, process_metrics
-from meshcore.discovery import LocalConfigWatcher
 from meshcore.identity.certs import CertificateManager, LocalCAClient
 from meshcore.runtime import malloc
 from meshcore.runtime.entry import run_process
+from meshcore.xds.source import open_source
 from ztunnel.config import Config, parse_config
 from ztunnel.inpod import FileEnrolmentSource
 from ztunnel.node import NodeProxy
@@ -44,8 +44,13 @@ async def run(cfg: Config) -> None:
         same_node_in_process=cfg.same_node_in_process,
         hbone_limits=cfg.hbone_limits,
     )
-    watcher = LocalConfigWatcher(cfg.local_xds_path, node.on_state)
-    await watcher.start()
+    watcher = await open_source(
+        cfg.local_xds_path,
+        cfg.xds,
+        node_id=cfg.node_name,
+        trust_domain=cfg.trust_domain,
+        on_update=node.on_state,
+    )
     node.on_state(watcher.current)
     node.config_status = lambda: watcher.status
     enrolment: FileEnrolmentSource | ZdsClient

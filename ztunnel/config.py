@@ -19,6 +19,9 @@ from meshcore.envconfig import integer as _int
 from meshcore.envconfig import log_level as _log_level
 from meshcore.envconfig import required as _required
 from meshcore.hbone.limits import DEFAULT_LIMITS, HboneLimits
+from meshcore.xds.source import XDS_ADDRESS as XDS_ADDRESS
+from meshcore.xds.source import XDS_ROOT_CERT as XDS_ROOT_CERT
+from meshcore.xds.source import XdsSettings, parse_source
 
 NODE_NAME = "NODE_NAME"
 LOCAL_XDS_PATH = "LOCAL_XDS_PATH"
@@ -51,7 +54,9 @@ MAX_UNIX_PATH = 107  # sun_path holds 108 bytes, the last one a NUL
 @dataclass(frozen=True, slots=True)
 class Config:
     node_name: str
-    local_xds_path: Path
+    # Exactly one of these says where the mesh state comes from: the local file, or a
+    # discovery server (XDS_ADDRESS + XDS_ROOT_CERT) pushing delta xDS.
+    local_xds_path: Path | None
     # Exactly one of these says where enrolment comes from: the node agent's ZDS socket,
     # or (the local cluster until it runs an agent) an enrolment file.
     enrolment_path: Path | None
@@ -72,6 +77,7 @@ class Config:
     same_node_in_process: bool = True
     # What one HBONE peer may cost (meshcore/hbone/limits.py).
     hbone_limits: HboneLimits = DEFAULT_LIMITS
+    xds: XdsSettings | None = None
 
 
 def _enrolment(env: Mapping[str, str]) -> tuple[Path | None, Path | None]:
@@ -95,9 +101,11 @@ def _enrolment(env: Mapping[str, str]) -> tuple[Path | None, Path | None]:
 def parse_config(env: Mapping[str, str]) -> Config:
     level = _log_level(env, LOG_LEVEL)
     enrolment_path, zds_socket = _enrolment(env)
+    local_xds_path, xds = parse_source(env, LOCAL_XDS_PATH)
     return Config(
         node_name=_required(env, NODE_NAME),
-        local_xds_path=Path(_required(env, LOCAL_XDS_PATH)),
+        local_xds_path=local_xds_path,
+        xds=xds,
         enrolment_path=enrolment_path,
         zds_socket=zds_socket,
         ca_address=Path(_required(env, CA_ADDRESS)),

@@ -1,0 +1,134 @@
+"""`XdsServer`: delta ADS over grpcio.aio, pushing every new MeshState to every stream.
+
+Registered with a generic handler and our codec (no generated code), so the CA service can
+share the same `grpc.aio.Server` and port (15012, as istiod) through `add_to_server`.
+
+Each stream is one task that sleeps until something changed for it (a new snapshot, or a
+request), then writes `DeltaSession.responses` for the newest snapshot. The "queue" of a
+stream is therefore one flag and a reference to the latest snapshot: a client that reads
+slowly holds only its own task back, and when it catches up it gets the net change, never
+the intermediate ones. A malformed request ends that stream with INVALID_ARGUMENT; a NACK is
+logged and kept (`nacks`), and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import itertools
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import structlog
+
+from controlplane.xds.session import DeltaSession, Nack, ProtocolError, Snapshot
+from meshcore.state import MeshState
+from meshcore.xds import convert
+from meshcore.xds import messages as m
+from meshcore.xds.wire import WireError
+
+log = structlog.get_logger("xds.server")
+
+SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+METHOD = "DeltaAggregatedResources"
+MAX_NACKS = 256  # the newest NACKs kept for inspection
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+def snapshot_of(state: MeshState) -> Snapshot:
+    """Every resource of `state` with its version: a content hash, so an unchanged resource
+    keeps its version across snapshots and across server restarts."""
+    out: dict[str, dict[str, tuple[str, bytes]]] = {}
+    for type_url, named in convert.resources_of(state).items():
+        out[type_url] = {
+            name: (hashlib.sha256(body).hexdigest()[:16], body) for name, body in named.items()
+        }
+    return out
+
+
+class XdsServer:
+    def __init__(self, state: MeshState | None = None) -> None:
+        self._snapshot: Snapshot = snapshot_of(state or MeshState.empty())
+        self._generation = itertools.count(1)
+        self._version = str(next(self._generation))
+        self._wakers: set[asyncio.Event] = set()
+        self.nacks: collections.deque[Nack] = collections.deque(maxlen=MAX_NACKS)
+        self.streams_served = 0
+
+    @property
+    def version(self) -> str:
+        return self._version
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._wakers)
+
+    def update(self, state: MeshState) -> None:
+        """Make `state` the one every stream converges to (each is woken; none is awaited)."""
+        self.publish(snapshot_of(state))
+
+    def publish(self, snapshot: Snapshot) -> None:
+        """`update` for a source that already holds encoded, versioned resources."""
+        self._snapshot = snapshot
+        self._version = str(next(self._generation))
+        for wake in self._wakers:
+            wake.set()
+
+    def add_to_server(self, server: Any) -> None:
+        """Register the ADS method on a `grpc.aio.Server` (which may serve others too)."""
+        handler = grpc.stream_stream_rpc_method_handler(
+            self._stream, request_deserializer=_identity, response_serializer=_identity
+        )
+        generic = grpc.method_handlers_generic_handler(SERVICE, {METHOD: handler})
+        server.add_generic_rpc_handlers((generic,))
+
+    async def _stream(self, requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+        session = DeltaSession(frozenset(convert.RESOURCE_TYPES))
+        wake = asyncio.Event()
+        failure: list[str] = []
+        ended = asyncio.Event()
+
+        async def read() -> None:
+            try:
+                async for raw in requests:
+                    req = m.decode(m.DeltaDiscoveryRequest, raw)
+                    nack = session.on_request(req)
+                    if nack is not None:
+                        self.nacks.append(nack)
+                        log.warning(
+                            "xds_nack",
+                            node=nack.node,
+                            type_url=nack.type_url,
+                            nonce=nack.nonce,
+                            code=nack.code,
+                            error=nack.message,
+                        )
+                    wake.set()
+            except (WireError, ProtocolError) as exc:
+                failure.append(str(exc))
+            finally:
+                ended.set()
+                wake.set()
+
+        self._wakers.add(wake)
+        self.streams_served += 1
+        reader = asyncio.create_task(read(), name="xds-stream-reader")
+        try:
+            while True:
+                await wake.wait()
+                wake.clear()
+                if failure:
+                    log.warning("xds_bad_request", node=session.node, error=failure[0])
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, failure[0])
+                if ended.is_set():
+                    return
+                for resp in session.responses(self._snapshot, self._version):
+                    yield m.encode(resp)
+        finally:
+            self._wakers.discard(wake)
+            reader.cancel()
