@@ -81,6 +81,14 @@ def bind(server: Any, address: str, credentials: Any | None) -> int:
     """Listen on `address` ("host:port", port 0 for any); returns the port. Without
     credentials only a loopback host is accepted: discovery is never sent in plaintext."""
     host, _, _ = address.rpartition(":")
+    if address.startswith("unix:"):
+        # A unix socket: reachable from other network namespaces through the file system,
+        # so it is served with TLS like a TCP port (plaintext only for loopback TCP tests).
+        if credentials is None:
+            raise XdsTlsError(f"refusing to serve discovery in plaintext on {address}")
+        if not server.add_secure_port(address, credentials):
+            raise XdsTlsError(f"cannot listen on {address}")
+        return 0
     if credentials is None:
         try:
             loopback = ipaddress.ip_address(host.strip("[]")).is_loopback

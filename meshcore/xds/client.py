@@ -43,6 +43,9 @@ class Received:
     error: str | None
 
 
+UNIX_PREFIX = "unix:"
+
+
 @dataclass(frozen=True, slots=True)
 class XdsTarget:
     host: str
@@ -54,6 +57,12 @@ class XdsTarget:
     def parse(
         cls, address: str, ssl_context: ssl.SSLContext | None, identity: SpiffeId | None
     ) -> XdsTarget:
+        if address.startswith(UNIX_PREFIX):
+            # A unix socket (gRPC's `unix:/path`): how the local cluster's tunnels, in node
+            # namespaces, reach a control plane on the machine's loopback.
+            if len(address) == len(UNIX_PREFIX) or "\0" in address:
+                raise MeshConfigError(f"xDS address {address!r} names no socket path")
+            return cls(address, 0, ssl_context, identity)
         host, sep, port = address.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise MeshConfigError(f"xDS address {address!r} is not host:port")

@@ -103,9 +103,18 @@ class GrpcStream:
         connect_limit: float,
         max_message: int,
     ) -> GrpcStream:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port, ssl=ssl_context, limit=_READ), connect_limit
-        )
+        if host.startswith("unix:"):
+            # TLS over a unix socket: no host name to send or check (the SPIFFE identity is).
+            opened = asyncio.open_unix_connection(
+                host[len("unix:") :],
+                ssl=ssl_context,
+                server_hostname="" if ssl_context is not None else None,
+                limit=_READ,
+            )
+            host, port = "localhost", 15012
+        else:
+            opened = asyncio.open_connection(host, port, ssl=ssl_context, limit=_READ)
+        reader, writer = await asyncio.wait_for(opened, connect_limit)
         try:
             if ssl_context is not None:
                 sslobj = writer.get_extra_info("ssl_object")

@@ -24,7 +24,7 @@ XDS_INITIAL_WAIT = 30.0
 
 @dataclass(frozen=True, slots=True)
 class XdsSettings:
-    address: str  # host:port of the discovery server (istiod's 15012)
+    address: str  # host:port of the discovery server (istiod's 15012), or unix:/path
     root_cert: Path  # PEM roots the server's certificate must chain to (the mesh root)
 
 
@@ -49,8 +49,10 @@ def parse_source(env: Mapping[str, str], local_name: str) -> tuple[Path | None, 
     if local:
         return Path(local), None
     host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise EnvConfigError(f"{XDS_ADDRESS}={address!r} is not host:port")
+    if address.startswith("unix:/"):
+        pass  # a unix socket path, gRPC's spelling
+    elif not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise EnvConfigError(f"{XDS_ADDRESS}={address!r} is neither host:port nor unix:/path")
     root = env.get(XDS_ROOT_CERT, "").strip()
     if not root:
         raise EnvConfigError(f"{XDS_ROOT_CERT} must name the PEM file of the mesh root")

@@ -310,3 +310,39 @@ def test_a_push_larger_than_the_flow_control_window(aio: Loop, harness: Harness)
         await wait_until(lambda: len(client.current.workloads) == 2990, "the removals")
 
     aio.run(main)
+
+
+def test_discovery_over_a_unix_socket_with_tls(aio: Loop, harness: Harness, tmp_path: Any) -> None:
+    # The local cluster's tunnels live in node namespaces and reach the control plane through
+    # a socket file; it is TLS there too, and the server's identity is still checked.
+    from meshcore.xds.client import XdsTarget
+    from meshcore.xds.convert import RESOURCE_TYPES
+    from controlplane.xds.tls import server_identity
+    from meshcore.xds.grpc import client_context
+
+    sock = tmp_path / "xds.sock"
+    server = XdsServer(demo_state())
+    states: list[MeshState] = []
+
+    async def main() -> None:
+        grpc_server = grpc.aio.server()
+        server.add_to_server(grpc_server)
+        assert bind(grpc_server, f"unix:{sock}", harness.credentials) == 0
+        await grpc_server.start()
+        aio.defer(lambda: grpc_server.stop(None))
+        target = XdsTarget.parse(
+            f"unix:{sock}", client_context(harness.ca.roots_pem()), server_identity("cluster.local")
+        )
+        client = XdsClient(target, m.Node(id="node1"), states.append, RESOURCE_TYPES)
+        aio.defer(client.close)
+        await client.start(wait=20)
+        assert client.current == convert.canonical(demo_state())
+        server.update(changed_state())
+        await wait_until(lambda: client.current == convert.canonical(changed_state()), "update")
+
+    aio.run(main)
+
+
+def test_plaintext_is_refused_on_a_unix_socket(tmp_path: Any) -> None:
+    with pytest.raises(XdsTlsError):
+        bind(grpc.aio.server(), f"unix:{tmp_path / 'x.sock'}", None)

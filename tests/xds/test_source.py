@@ -24,8 +24,8 @@ def test_tunnel_takes_an_xds_server() -> None:
     [
         ({}, "LOCAL_XDS_PATH or XDS_ADDRESS must be set"),
         ({"LOCAL_XDS_PATH": "/x", "XDS_ADDRESS": "a:1"}, "not both"),
-        ({"XDS_ADDRESS": "nohost"}, "not host:port"),
-        ({"XDS_ADDRESS": "a:99999"}, "not host:port"),
+        ({"XDS_ADDRESS": "nohost"}, "neither host:port"),
+        ({"XDS_ADDRESS": "a:99999"}, "neither host:port"),
         ({"XDS_ADDRESS": "a:15012"}, "XDS_ROOT_CERT must name"),
     ],
 )
