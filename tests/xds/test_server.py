@@ -315,9 +315,9 @@ def test_a_push_larger_than_the_flow_control_window(aio: Loop, harness: Harness)
 def test_discovery_over_a_unix_socket_with_tls(aio: Loop, harness: Harness, tmp_path: Any) -> None:
     # The local cluster's tunnels live in node namespaces and reach the control plane through
     # a socket file; it is TLS there too, and the server's identity is still checked.
+    from controlplane.xds.tls import server_identity
     from meshcore.xds.client import XdsTarget
     from meshcore.xds.convert import RESOURCE_TYPES
-    from controlplane.xds.tls import server_identity
     from meshcore.xds.grpc import client_context
 
     sock = tmp_path / "xds.sock"
