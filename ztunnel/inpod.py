@@ -42,8 +42,9 @@ from meshcore.sockets import (
     listener,
     original_dst,
 )
-from meshcore.state import MeshState, Workload
+from meshcore.state import IPAddress, MeshState, Workload
 from zds.messages import WorkloadInfo
+from ztunnel.dns.server import DNS_PORT, DnsProxy
 from ztunnel.proxy.common import Authorizer, allow_all
 from ztunnel.proxy.inbound import InboundProxy
 from ztunnel.proxy.inbound_passthrough import InboundPassthroughProxy
@@ -278,10 +279,17 @@ class PodProxy:
         listen_ip: str = "0.0.0.0",
         orig_dst: Callable[[socket.socket], SocketAddr] = original_dst,
         guard: Guard | None = None,
+        dns_upstreams: tuple[IPAddress, ...] | None = None,
+        dns_port: int = DNS_PORT,
     ) -> None:
         """`listen_ip` and `orig_dst` are for pods side by side on loopback (tests, the
         plain factory): where the listeners bind, and the original destination the
-        capture would have recorded (SO_ORIGINAL_DST needs the kernel's REDIRECT)."""
+        capture would have recorded (SO_ORIGINAL_DST needs the kernel's REDIRECT).
+        `dns_upstreams`: run the DNS proxy (127.0.0.1:15053 in the pod, or `listen_ip`)
+        forwarding to these resolvers; None runs none."""
+        self._dns_upstreams = dns_upstreams
+        self._dns_port = dns_port
+        self.dns: DnsProxy | None = None
         self.connection_table = (
             connection_table if connection_table is not None else ConnectionTable()
         )
@@ -390,6 +398,10 @@ class PodProxy:
                 s.close()
             raise
         self.hbone_server = await self._hbone_server(self.server_ctx)
+        if self._dns_upstreams is not None:
+            self.dns = DnsProxy(lambda: self.workload, self._state, factory, self._dns_upstreams)
+            host = "127.0.0.1" if self._listen_ip == "0.0.0.0" else self._listen_ip
+            await self.dns.start(host, self._dns_port)
         self._move(PodState.READY)
 
     def _move(self, to: PodState) -> None:
@@ -477,6 +489,8 @@ class PodProxy:
             self.passthrough.close()
         if self.pool is not None:
             self.pool.close()
+        if self.dns is not None:
+            await self.dns.close()
         await self.tasks.cancel_all()
         self._accepted.abort_all()
         if isinstance(self._factory, NetnsSocketFactory):
