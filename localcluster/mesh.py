@@ -530,6 +530,8 @@ def start_tunnel(
         }
     )
     env["ZDS_SOCKET"] = str(paths.zds_socket(node))
+    if spec.dns.capture:
+        env.update(_dns_env(spec, paths))
     env.update(extra_env or {})
     pname = name or tunnel_name(node)
     return spawn_in_netns(
@@ -541,6 +543,13 @@ def start_tunnel(
         state.pidfile_dir,
         pname,
     )
+
+
+def _dns_env(spec: ClusterSpec, paths: MeshPaths) -> dict[str, str]:
+    """The tunnel's DNS proxy settings; its resolv.conf names the cluster file's resolvers."""
+    resolv = paths.root / "resolv.conf"
+    meshconfig.write_file(resolv, "".join(f"nameserver {ip}\n" for ip in spec.dns.nameservers))
+    return {"ISTIO_META_DNS_CAPTURE": "true", "DNS_RESOLV_CONF": str(resolv)}
 
 
 def start_agent(
@@ -569,6 +578,7 @@ def start_agent(
             str(paths.agent_status(node)),
             "--redirect-mode",
             redirect_mode,
+            "--dns-capture" if spec.dns.capture else "--no-dns-capture",
         ],
         _base_env(),
         Path.cwd(),
