@@ -351,6 +351,8 @@ class PodProxy:
 
         pool = ConnectionPool(self._connect)
         self.pool = pool
+        if self._dns_upstreams is not None:
+            self.dns = DnsProxy(lambda: self.workload, self._state, factory, self._dns_upstreams)
         self.outbound = outbound = OutboundProxy(
             lambda: self.workload,
             self._state,
@@ -361,6 +363,7 @@ class PodProxy:
             connection_table=self.connection_table,
             local=self._local,
             guard=self.guard,
+            resolver=self.dns.lookup if self.dns is not None else None,
         )
         self.inbound = InboundProxy(
             lambda: self.workload,
@@ -398,8 +401,7 @@ class PodProxy:
                 s.close()
             raise
         self.hbone_server = await self._hbone_server(self.server_ctx)
-        if self._dns_upstreams is not None:
-            self.dns = DnsProxy(lambda: self.workload, self._state, factory, self._dns_upstreams)
+        if self.dns is not None:
             host = "127.0.0.1" if self._listen_ip == "0.0.0.0" else self._listen_ip
             await self.dns.start(host, self._dns_port)
         self._move(PodState.READY)

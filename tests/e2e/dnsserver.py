@@ -2,8 +2,8 @@
 
 Written on its own (not with the tunnel's codec), so the tests check the tunnel against an
 independent reading of the wire format. UDP and TCP on port 53: `external.example.org` A is
-203.0.113.7, anything else NXDOMAIN. Each name asked is printed on its own line
-(`asked <name> <type>`), so a test can tell which queries reached it.
+203.0.113.7, each `--record NAME=IP` one more, anything else NXDOMAIN. Each name asked is
+printed on its own line (`asked <name> <type>`), so a test can tell which queries reached it.
 """
 
 from __future__ import annotations
@@ -58,6 +58,11 @@ def serve_tcp_conn(conn: socket.socket) -> None:
 
 
 def main() -> int:
+    args = sys.argv[1:]
+    while args[:1] == ["--record"] and len(args) >= 2:
+        name, _, ip = args[1].partition("=")
+        RECORDS[name] = ip
+        args = args[2:]
     threading.Thread(target=serve_udp, daemon=True).start()
     t = socket.socket()
     t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

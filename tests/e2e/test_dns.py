@@ -128,6 +128,21 @@ def test_service_entry_host_allocated_and_routed(dns_cluster: mesh.Cluster) -> N
     assert seen.split(":")[0] == pod_ip(c, "mesh", "client")
 
 
+def test_service_entry_resolved_by_dns_passes_through(dns_cluster: mesh.Cluster) -> None:
+    c = dns_cluster
+    answer, _ = ask_udp(c, "mesh", "client", "legacy.example.org")
+    rcode, recs = records(answer)
+    assert rcode == 0 and len(recs) == 1
+    allocated = recs[0][1]
+    assert ipaddress.IPv4Address(allocated) in ALLOCATION_RANGE
+    # Connecting to the allocated address: the tunnel asks the resolver for the host and
+    # passes the connection through, in plain TCP, to what it names (the legacy pod).
+    seen, data = echo(c, "mesh", "client", allocated, 80, b"by name")
+    assert data == b"by name"
+    assert seen.split(":")[0] == pod_ip(c, "mesh", "client")
+    assert "asked legacy.example.org 1" in resolver_log(c)
+
+
 def test_unknown_names_forwarded_to_the_upstream(dns_cluster: mesh.Cluster) -> None:
     c = dns_cluster
     answer, source = ask_udp(c, "mesh", "client", "external.example.org")

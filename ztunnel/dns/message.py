@@ -24,6 +24,7 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 HEADER = struct.Struct("!HHHHHH")
 HEADER_LEN = HEADER.size  # 12
 MAX_NAME_WIRE = 255
@@ -282,6 +283,35 @@ def parse_response_head(data: bytes) -> ResponseHead:
         raise DnsFormatError(f"answer carries {qd} questions")
     question = _read_question(data, HEADER_LEN)[0] if qd == 1 else None
     return ResponseHead(ident, flags, question)
+
+
+def answer_addresses(
+    data: bytes, qtype: int
+) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The addresses of type `qtype` (A or AAAA) in an answer's answer section, in order
+    (whatever their owner name: a CNAME chain's end is among them)."""
+    if len(data) < HEADER_LEN:
+        raise DnsFormatError(f"answer of {len(data)} bytes is shorter than a header")
+    _, _, qd, an, _, _ = HEADER.unpack_from(data)
+    pos = HEADER_LEN
+    for _ in range(qd):
+        pos = _read_question(data, pos)[1]
+    out: list[IPAddress] = []
+    for _ in range(an):
+        pos = _read_name(data, pos)[1]
+        if pos + 10 > len(data):
+            raise DnsFormatError("record header runs past the end of the message")
+        rtype, rclass, _ttl, rdlen = struct.unpack_from("!HHIH", data, pos)
+        pos += 10
+        if pos + rdlen > len(data):
+            raise DnsFormatError("record data runs past the end of the message")
+        rdata = data[pos : pos + rdlen]
+        if rtype == qtype == RType.A and rclass == CLASS_IN and rdlen == 4:
+            out.append(ipaddress.IPv4Address(rdata))
+        elif rtype == qtype == RType.AAAA and rclass == CLASS_IN and rdlen == 16:
+            out.append(ipaddress.IPv6Address(rdata))
+        pos += rdlen
+    return out
 
 
 # -- building -----------------------------------------------------------------------------

@@ -73,8 +73,9 @@ def _family(ip: IPAddress) -> int:
     return socket.AF_INET6 if ip.version == 6 else socket.AF_INET
 
 
-class ForwardError(Exception):
-    """No upstream gave a usable answer; the message says why."""
+class ForwardError(OSError):
+    """No upstream gave a usable answer; the message says why. An OSError: to a caller
+    that connects by name, a failed lookup is a failed connect."""
 
 
 class _Collector(asyncio.DatagramProtocol):
@@ -240,6 +241,28 @@ class DnsProxy:
         if self._tcp is not None:
             self._tcp.close()
         await self.tasks.cancel_all()
+
+    async def lookup(self, host: str) -> IPAddress:
+        """`host`'s first IPv4 address, asked of the upstream resolvers (a ServiceEntry
+        resolved by DNS, when a connection is made to it). Raises ForwardError."""
+        try:
+            labels = m.name_labels(host)
+        except (m.DnsFormatError, UnicodeEncodeError) as e:
+            raise ForwardError(f"{host!r} is not a DNS name: {e}") from None
+        ident = int.from_bytes(os.urandom(2), "big")
+        data = m.build_query(ident, labels, m.RType.A)
+        query = m.parse_query(data)
+        try:
+            answer = await self.forwarder.forward(query, data, tcp=False)
+            if m.HEADER.unpack_from(answer)[1] & m.TC:
+                answer = await self.forwarder.forward(query, data, tcp=True)
+            addresses = m.answer_addresses(answer, m.RType.A)
+        except (TimeoutError, m.DnsFormatError) as e:
+            raise ForwardError(f"cannot resolve {host}: {e!r}") from None
+        if not addresses:
+            rcode = m.Rcode(m.HEADER.unpack_from(answer)[1] & m.RCODE_MASK).name
+            raise ForwardError(f"cannot resolve {host}: no A record ({rcode})")
+        return addresses[0]
 
     # -- one query --------------------------------------------------------------------------
 

@@ -14,12 +14,14 @@ import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import pytest
+
 from meshcore.sockets import PlainSocketFactory
 from meshcore.state import MeshState, NetworkAddress
 from tests.support.aio import run
 from tests.support.mesh import service, workload
 from ztunnel.dns import message as m
-from ztunnel.dns.server import DnsLimits, DnsProxy
+from ztunnel.dns.server import DnsLimits, DnsProxy, ForwardError
 
 CLIENT = workload(name="client", namespace="ns1")
 STATE = MeshState.build(
@@ -234,3 +236,12 @@ async def test_tcp_connections_are_bounded(proxy: tuple[DnsProxy, Upstream]) -> 
     writer.close()
     for _, w in held:
         w.close()
+
+
+@scenario
+async def test_lookup_for_connections_by_name(proxy: tuple[DnsProxy, Upstream]) -> None:
+    p, _ = proxy
+    assert await p.lookup("known.example.com") == ipaddress.ip_address("192.0.2.1")
+    for host, why in (("nope.example.com", "NXDOMAIN"), ("bad..name", "not a DNS name")):
+        with pytest.raises(ForwardError, match=why):
+            await p.lookup(host)
