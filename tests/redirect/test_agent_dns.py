@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from redirect import agent
+from redirect.rules import InpodConfig
 
 
 def test_off_by_default_on_by_flag_or_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -21,6 +22,6 @@ def test_off_by_default_on_by_flag_or_environment(monkeypatch: pytest.MonkeyPatc
 
 
 def test_the_dataplane_applies_the_dns_rules_it_was_given() -> None:
-    plane = agent.NodeDataplane(inpod_cfg=agent.InpodConfig(capture_dns=True))
+    plane = agent.NodeDataplane(inpod_cfg=InpodConfig(capture_dns=True))
     assert plane.inpod_cfg.capture_dns
     assert agent.NodeDataplane().inpod_cfg.capture_dns is False
