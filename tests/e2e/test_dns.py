@@ -26,7 +26,7 @@ from .common import HERE, echo, pod_ip, vip
 pytestmark = pytest.mark.netns
 
 CLUSTER_FILE = HERE / "dns.yaml"
-REDIRECT_MODES = ("iptables",)
+REDIRECT_MODES = ("iptables", "ebpf")
 RESOLVER = "10.244.2.53"
 
 

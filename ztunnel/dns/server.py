@@ -20,7 +20,6 @@ Bounds, so a pod cannot make the tunnel hold more than a fixed amount for it:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import os
 import socket
@@ -42,6 +41,10 @@ log = structlog.get_logger(__name__)
 
 DNS_PORT = 15053
 UPSTREAM_PORT = 53
+IP_TRANSPARENT = 19
+IP_RECVORIGDSTADDR = IP_ORIGDSTADDR = 20
+_ANC_SPACE = socket.CMSG_SPACE(16)  # one sockaddr_in
+UDP_BATCH = 64
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
@@ -201,12 +204,13 @@ class DnsProxy:
         self.in_flight = 0
         self.dropped = 0
         self.tcp_connections = 0
-        self._udp: asyncio.DatagramTransport | None = None
+        self._udp_sock: socket.socket | None = None
+        self._udp_addr: tuple[str, int] | None = None
         self._tcp: asyncio.Server | None = None
 
     @property
     def udp_address(self) -> tuple[str, int] | None:
-        return None if self._udp is None else self._udp.get_extra_info("sockname")
+        return self._udp_addr
 
     @property
     def tcp_address(self) -> tuple[str, int] | None:
@@ -224,20 +228,28 @@ class DnsProxy:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # upgrade overlap
                 s.bind((host, port))
+            # Where each query was sent: our own address under the iptables capture
+            # (REDIRECT rewrote it), the resolver's under the eBPF one (steered unchanged).
+            udp.setsockopt(socket.SOL_IP, IP_RECVORIGDSTADDR, 1)
+            if self._factory.transparent:
+                # The eBPF capture hands over connections still addressed to the resolver:
+                # the handshake must be answered from that non-local address.
+                tcp.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
             tcp.listen(128)
-            transport, _ = await loop.create_datagram_endpoint(lambda: _UdpServer(self), sock=udp)
-            self._udp = transport
             self._tcp = await asyncio.start_server(self._serve_tcp, sock=tcp)
         except BaseException:
             udp.close()
             tcp.close()
-            if self._udp is not None:
-                self._udp.close()
             raise
+        self._udp_sock = udp
+        self._udp_addr = udp.getsockname()
+        loop.add_reader(udp.fileno(), self._on_readable)
 
     async def close(self) -> None:
-        if self._udp is not None:
-            self._udp.close()
+        udp, self._udp_sock = self._udp_sock, None
+        if udp is not None:
+            asyncio.get_running_loop().remove_reader(udp.fileno())
+            udp.close()
         if self._tcp is not None:
             self._tcp.close()
         await self.tasks.cancel_all()
@@ -296,13 +308,47 @@ class DnsProxy:
         finally:
             self.in_flight -= 1
 
-    def on_datagram(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.tasks.spawn(self._udp_query(data, addr), "dns-udp")
+    def _on_readable(self) -> None:
+        sock = self._udp_sock
+        # A bounded batch per wakeup, so a flood cannot keep the loop here.
+        for _ in range(UDP_BATCH):
+            if sock is None:
+                return
+            try:
+                data, ancdata, _flags, addr = sock.recvmsg(m.MAX_MESSAGE, _ANC_SPACE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.debug("dns_udp_error", error=str(e))  # ICMP for an earlier answer
+                continue
+            self.tasks.spawn(self._udp_query(data, addr, _original_dst(ancdata)), "dns-udp")
 
-    async def _udp_query(self, data: bytes, addr: tuple[str, int]) -> None:
+    async def _udp_query(
+        self, data: bytes, client: tuple[str, int], to: tuple[str, int] | None
+    ) -> None:
         out = await self.answer(data, tcp=False)
-        if out is not None and self._udp is not None and not self._udp.is_closing():
-            self._udp.sendto(out, addr)
+        sock = self._udp_sock
+        if out is None or sock is None:
+            return
+        try:
+            if to is None or to == self._udp_addr:
+                sock.sendto(out, client)
+            else:
+                self._send_as(to, out, client)
+        except OSError as e:
+            log.debug("dns_udp_send_failed", error=str(e))
+
+    def _send_as(self, source: tuple[str, int], data: bytes, client: tuple[str, int]) -> None:
+        """Answer from the address the query was sent to (the eBPF capture delivered it
+        unchanged): a transparent socket bound there, marked, in the pod's netns."""
+        s = _udp_socket(self._factory, socket.AF_INET)
+        try:
+            s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(source)
+            s.sendto(data, client)
+        finally:
+            s.close()
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.tcp_connections >= self.limits.max_tcp_connections:
@@ -330,14 +376,10 @@ class DnsProxy:
             writer.transport.abort()
 
 
-class _UdpServer(asyncio.DatagramProtocol):
-    def __init__(self, proxy: DnsProxy) -> None:
-        self._proxy = proxy
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self._proxy.on_datagram(data, addr)
-
-    def error_received(self, exc: Exception) -> None:
-        # ICMP for an earlier answer (the client went away): nothing to do.
-        with contextlib.suppress(Exception):
-            log.debug("dns_udp_error", error=str(exc))
+def _original_dst(ancdata: list[tuple[int, int, bytes]]) -> tuple[str, int] | None:
+    """IP_ORIGDSTADDR's sockaddr_in: where the datagram was addressed."""
+    for level, kind, data in ancdata:
+        if level == socket.SOL_IP and kind == IP_ORIGDSTADDR and len(data) >= 8:
+            port = int.from_bytes(data[2:4], "big")
+            return socket.inet_ntoa(data[4:8]), port
+    return None
