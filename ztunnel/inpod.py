@@ -332,6 +332,9 @@ class PodProxy:
             out[name] = ", ".join(f"{a[0]}:{a[1]}" for a in addrs) or "closed"
         if self.hbone_server is not None:
             out["inbound"] = self.hbone_server.address
+        if self.dns is not None and self.dns.udp_address is not None:
+            host, port = self.dns.udp_address
+            out["dns"] = f"{host}:{port} (udp, tcp)"
         return out
 
     async def start(self) -> None:

@@ -10,6 +10,7 @@ which answers the tunnel gave itself and which it forwarded.
 from __future__ import annotations
 
 import ipaddress
+import json
 import socket
 import struct
 import time
@@ -174,3 +175,10 @@ def test_pods_outside_the_mesh_are_not_captured(dns_cluster: mesh.Cluster) -> No
     # Straight to the resolver, which does not know cluster names.
     assert records(answer) == (m.Rcode.NXDOMAIN, [])
     assert "asked server.mesh.svc.cluster.local 1" in resolver_log(c)
+
+
+def test_config_dump_shows_the_dns_listener(dns_cluster: mesh.Cluster) -> None:
+    status, body = mesh.node_http(dns_cluster.layout, "n1", 15000, "/config_dump")
+    assert status == 200
+    pods = {p["workload"]: p for p in json.loads(body)["pods"]}
+    assert pods["mesh/client"]["listeners"]["dns"] == "127.0.0.1:15053 (udp, tcp)"
