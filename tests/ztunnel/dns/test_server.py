@@ -15,6 +15,8 @@ import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meshcore.sockets import PlainSocketFactory
 from meshcore.state import MeshState, NetworkAddress
@@ -65,8 +67,6 @@ class Upstream(asyncio.DatagramProtocol):
 async def serving() -> AsyncIterator[tuple[DnsProxy, Upstream]]:
     loop = asyncio.get_running_loop()
     upstream = Upstream()
-    udp, _ = await loop.create_datagram_endpoint(lambda: upstream, local_addr=("127.0.0.1", 0))
-    port = udp.get_extra_info("sockname")[1]
 
     async def tcp_upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         size = int.from_bytes(await reader.readexactly(2), "big")
@@ -76,7 +76,19 @@ async def serving() -> AsyncIterator[tuple[DnsProxy, Upstream]]:
             await writer.drain()
         writer.close()
 
-    tcp = await asyncio.start_server(tcp_upstream, "127.0.0.1", port)
+    # TCP first on any free port, then UDP on the same number (rarely taken: try again).
+    for _ in range(20):
+        tcp = await asyncio.start_server(tcp_upstream, "127.0.0.1", 0)
+        port = tcp.sockets[0].getsockname()[1]
+        try:
+            udp, _ = await loop.create_datagram_endpoint(
+                lambda: upstream, local_addr=("127.0.0.1", port)
+            )
+            break
+        except OSError:
+            tcp.close()
+    else:
+        raise AssertionError("no port free for both UDP and TCP")
     limits = DnsLimits(
         max_in_flight=2, attempt_timeout=0.3, forward_timeout=0.5, max_tcp_connections=2
     )
@@ -245,3 +257,20 @@ async def test_lookup_for_connections_by_name(proxy: tuple[DnsProxy, Upstream]) 
     for host, why in (("nope.example.com", "NXDOMAIN"), ("bad..name", "not a DNS name")):
         with pytest.raises(ForwardError, match=why):
             await p.lookup(host)
+
+
+NO_UPSTREAM = DnsProxy(lambda: CLIENT, lambda: STATE, PlainSocketFactory(), ())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=700), st.booleans())
+def test_any_bytes_get_an_answer_or_nothing(data: bytes, tcp: bool) -> None:
+    """Whatever arrives, the proxy answers a well-formed message or nothing, never raises
+    (nothing is forwarded here: with no upstream a forward is SERVFAIL at once)."""
+    out = asyncio.run(NO_UPSTREAM.answer(data, tcp))
+    if out is None:
+        return
+    head = m.parse_response_head(out)
+    assert head.id == int.from_bytes(data[:2], "big")
+    assert len(out) <= (m.MAX_MESSAGE if tcp else m.MAX_UDP_EDNS)
+    assert NO_UPSTREAM.in_flight == 0
