@@ -65,7 +65,15 @@ async def run(cfg: Config) -> None:
     # Admin answers only on loopback of the tunnel's own netns; metrics are for scrapers.
     admin = AdminServer(node, cfg.admin_port, host="127.0.0.1")
     await admin.start()
-    metrics = MetricsServer(node.connection_table.metrics, process_metrics(), cfg.metrics_port)
+    process = process_metrics()
+    extra = process
+    if dns_upstreams is not None:
+        dns_metrics = node.dns_metrics.render
+
+        def extra() -> bytes:
+            return process() + dns_metrics()
+
+    metrics = MetricsServer(node.connection_table.metrics, extra, cfg.metrics_port)
     await metrics.start()
     log.info("ztunnel started", node=cfg.node_name, pid=os.getpid())
     trimmer = asyncio.ensure_future(_trim_when_idle(node))

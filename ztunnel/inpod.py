@@ -44,6 +44,7 @@ from meshcore.sockets import (
 )
 from meshcore.state import IPAddress, MeshState, Workload
 from zds.messages import WorkloadInfo
+from ztunnel.dns.metrics import DnsMetrics
 from ztunnel.dns.server import DNS_PORT, DnsProxy
 from ztunnel.proxy.common import Authorizer, allow_all
 from ztunnel.proxy.inbound import InboundProxy
@@ -281,6 +282,7 @@ class PodProxy:
         guard: Guard | None = None,
         dns_upstreams: tuple[IPAddress, ...] | None = None,
         dns_port: int = DNS_PORT,
+        dns_metrics: DnsMetrics | None = None,
     ) -> None:
         """`listen_ip` and `orig_dst` are for pods side by side on loopback (tests, the
         plain factory): where the listeners bind, and the original destination the
@@ -289,6 +291,7 @@ class PodProxy:
         forwarding to these resolvers; None runs none."""
         self._dns_upstreams = dns_upstreams
         self._dns_port = dns_port
+        self._dns_metrics = dns_metrics
         self.dns: DnsProxy | None = None
         self.connection_table = (
             connection_table if connection_table is not None else ConnectionTable()
@@ -355,7 +358,13 @@ class PodProxy:
         pool = ConnectionPool(self._connect)
         self.pool = pool
         if self._dns_upstreams is not None:
-            self.dns = DnsProxy(lambda: self.workload, self._state, factory, self._dns_upstreams)
+            self.dns = DnsProxy(
+                lambda: self.workload,
+                self._state,
+                factory,
+                self._dns_upstreams,
+                metrics=self._dns_metrics,
+            )
         self.outbound = outbound = OutboundProxy(
             lambda: self.workload,
             self._state,

@@ -42,6 +42,7 @@ from meshcore.runtime.tasks import TaskSet
 from meshcore.sockets import SocketAddr
 from meshcore.state import IPAddress, MeshState, Workload
 from ztunnel.config import DEFAULT_RELEASE_DRAIN_SECONDS
+from ztunnel.dns.metrics import DnsMetrics
 from ztunnel.explain import explain
 from ztunnel.inpod import Enrolment, PodProxy, PodState
 from ztunnel.proxy.inbound import InboundProxy
@@ -77,6 +78,8 @@ class NodeProxy:
         DNS proxy (ISTIO_META_DNS_CAPTURE off)."""
         self.node_name = node_name
         self.dns_upstreams = dns_upstreams
+        # The DNS proxies' counters, one set for the node (rendered on 15020).
+        self.dns_metrics = DnsMetrics()
         self.workload_wait = workload_wait
         self.release_drain = release_drain
         self.same_node_in_process = same_node_in_process
@@ -327,6 +330,7 @@ class NodeProxy:
             local=self.local_inbound,
             guard=self.guard,
             dns_upstreams=self.dns_upstreams,
+            dns_metrics=self.dns_metrics,
         )
         try:
             await pod.start()

@@ -182,3 +182,17 @@ def test_config_dump_shows_the_dns_listener(dns_cluster: mesh.Cluster) -> None:
     assert status == 200
     pods = {p["workload"]: p for p in json.loads(body)["pods"]}
     assert pods["mesh/client"]["listeners"]["dns"] == "127.0.0.1:15053 (udp, tcp)"
+
+
+def test_dns_metrics_on_15020(dns_cluster: mesh.Cluster) -> None:
+    status, body = mesh.node_http(dns_cluster.layout, "n1", 15020, "/metrics")
+    assert status == 200
+    text = body.decode()
+    # The earlier tests' queries from the client pod: some answered, some forwarded.
+    for family in ("istio_dns_requests_total", "istio_dns_upstream_requests_total"):
+        lines = [
+            line
+            for line in text.splitlines()
+            if line.startswith(family + "{") and 'source_canonical_service="client"' in line
+        ]
+        assert lines and all(float(line.rsplit(" ", 1)[1]) > 0 for line in lines), family

@@ -35,6 +35,7 @@ from meshcore.runtime.tasks import TaskSet
 from meshcore.sockets import NetnsSocketFactory, SocketFactory
 from meshcore.state import MeshState, Workload
 from ztunnel.dns import message as m
+from ztunnel.dns.metrics import REQUESTS, UPSTREAM_FAILURES, UPSTREAM_REQUESTS, DnsMetrics
 from ztunnel.dns.resolve import Answer, decide
 
 log = structlog.get_logger(__name__)
@@ -194,8 +195,10 @@ class DnsProxy:
         limits: DnsLimits | None = None,
         *,
         upstream_port: int = UPSTREAM_PORT,
+        metrics: DnsMetrics | None = None,
     ) -> None:
         self._workload = workload
+        self.metrics = metrics if metrics is not None else DnsMetrics()
         self._state = state
         self._factory = factory
         self.limits = limits or DnsLimits()
@@ -289,6 +292,8 @@ class DnsProxy:
         if query.opcode != 0:
             return m.build_response(query, m.Rcode.NOTIMP, authoritative=False, limit=limit)
         client = self._workload()
+        key = self.metrics.key(query.question.qtype, tcp, client)
+        self.metrics.add(REQUESTS, key)
         if client is None:
             return m.build_response(query, m.Rcode.SERVFAIL, authoritative=False, limit=limit)
         decision = decide(self._state(), client, query.question)
@@ -300,9 +305,11 @@ class DnsProxy:
                 return m.build_response(query, m.Rcode.SERVFAIL, authoritative=False)
             return None
         self.in_flight += 1
+        self.metrics.add(UPSTREAM_REQUESTS, key)
         try:
             return await self.forwarder.forward(query, data, tcp)
         except (ForwardError, TimeoutError) as e:
+            self.metrics.add(UPSTREAM_FAILURES, key)
             log.info("dns_forward_failed", name=query.question.name, error=str(e))
             return m.build_response(query, m.Rcode.SERVFAIL, authoritative=False, limit=limit)
         finally:

@@ -23,6 +23,7 @@ from meshcore.state import MeshState, NetworkAddress
 from tests.support.aio import run
 from tests.support.mesh import service, workload
 from ztunnel.dns import message as m
+from ztunnel.dns.metrics import REQUESTS, UPSTREAM_FAILURES, UPSTREAM_REQUESTS
 from ztunnel.dns.server import DnsLimits, DnsProxy, ForwardError
 
 CLIENT = workload(name="client", namespace="ns1")
@@ -184,6 +185,28 @@ async def test_unknown_name_forwarded_and_relayed(proxy: tuple[DnsProxy, Upstrea
     assert len(upstream.seen) == 1 and upstream.seen[0][2:] == query[2:]
     nx = await udp_ask(p, m.build_query(5, m.name_labels("nope.example.com"), m.RType.A))
     assert nx is not None and rcode(nx) == m.Rcode.NXDOMAIN
+
+
+@scenario
+async def test_metrics_count_requests_forwards_and_failures(
+    proxy: tuple[DnsProxy, Upstream],
+) -> None:
+    p, _ = proxy
+    await udp_ask(p, m.build_query(1, (b"web",), m.RType.A))
+    await udp_ask(p, m.build_query(2, m.name_labels("known.example.com"), m.RType.A))
+    await udp_ask(p, m.build_query(3, m.name_labels("silent.example.com"), m.RType.A))
+    await tcp_ask(p, m.build_query(4, m.name_labels("x.example.com"), m.RType.MX))
+    who = (CLIENT.canonical_name, CLIENT.canonical_revision)
+    udp_a = ("a", "udp", *who)
+    assert p.metrics.count(REQUESTS, udp_a) == 3
+    assert p.metrics.count(UPSTREAM_REQUESTS, udp_a) == 2
+    assert p.metrics.count(UPSTREAM_FAILURES, udp_a) == 1
+    assert p.metrics.count(UPSTREAM_REQUESTS, ("mx", "tcp", *who)) == 1
+    text = p.metrics.render().decode()
+    assert (
+        'istio_dns_requests_total{request_protocol="udp",request_query_type="a",'
+        f'source_canonical_revision="{who[1]}",source_canonical_service="{who[0]}"}} 3'
+    ) in text
 
 
 @scenario
