@@ -412,7 +412,29 @@ def parse_cluster(text: str, base_dir: Path) -> ClusterSpec:
         dns=_parse_dns(root.get("dns")),
         service_entries=_parse_service_entries(_list(root, "serviceEntries", "cluster file")),
     )
+    _check_entry_hosts(spec)
     return _with_gateways(spec, _list(root, "gateways", "cluster file"))
+
+
+def _check_entry_hosts(spec: ClusterSpec) -> None:
+    """A ServiceEntry host is a service of the mesh: unique, not a Service's hostname, and
+    its written addresses not a Service's VIP (the tunnels would refuse the mesh config)."""
+    hosts = {s.hostname: f"Service {s.namespace}/{s.name}" for s in spec.services}
+    vips = {s.vip: f"Service {s.namespace}/{s.name}" for s in spec.services}
+    for i, text in enumerate(spec.service_entries):
+        doc = json.loads(text)
+        meta, body = doc["metadata"], doc["spec"]
+        me = f"{SERVICE_ENTRY} {meta['namespace']}/{meta['name']}"
+        for host in body["hosts"]:
+            if host in hosts:
+                raise SpecError(f"serviceEntries[{i}]: host {host!r} is also {hosts[host]}'s")
+            hosts[host] = me
+        for raw in body.get("addresses") or ():
+            ip = IPv4Address(raw) if ":" not in raw else None
+            if ip is not None and ip in vips:
+                raise SpecError(f"serviceEntries[{i}]: address {ip} is also {vips[ip]}'s")
+            if ip is not None:
+                vips[ip] = me
 
 
 def _parse_dns(value: Any) -> DnsSpec:

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
+from localcluster.mesh import _check_config
 from localcluster.policies import PolicyError, check_batch
 from localcluster.spec import DnsSpec, SpecError, parse_cluster
 from localcluster.xds import local_xds
@@ -96,3 +97,25 @@ def test_apply_takes_a_service_entry_as_a_resource() -> None:
     bad = {**ENTRY, "spec": {**ENTRY["spec"], "ports": []}}
     with pytest.raises(PolicyError, match="at least one port"):
         check_batch([bad], "f.yaml")
+
+
+def test_an_entry_host_or_address_taken_by_a_service_is_refused() -> None:
+    services = [{"name": "web", "namespace": "shop", "vip": "10.96.0.50", "selector": {},
+                 "ports": [{"port": 80}]}]  # fmt: skip
+    taken_host = {**ENTRY, "spec": {**ENTRY["spec"], "hosts": ["web.shop.svc.cluster.local"]}}
+    with pytest.raises(SpecError, match="also Service shop/web's"):
+        spec_with(services=services, serviceEntries=[taken_host])
+    taken_vip = {**ENTRY, "spec": {**ENTRY["spec"], "addresses": ["10.96.0.50"]}}
+    with pytest.raises(SpecError, match=r"address 10\.96\.0\.50 is also Service shop/web's"):
+        spec_with(services=services, serviceEntries=[taken_vip])
+    twice = {**ENTRY, "metadata": {"name": "other"}}
+    with pytest.raises(SpecError, match=r"'api\.example\.org' is also ServiceEntry default/api's"):
+        spec_with(serviceEntries=[ENTRY, twice])
+
+
+def test_apply_refuses_an_entry_the_mesh_config_would_refuse() -> None:
+    spec = spec_with(serviceEntries=[ENTRY])
+    other = {**ENTRY, "metadata": {"name": "again", "namespace": "default"}}
+    with pytest.raises(PolicyError, match=r"the mesh would refuse the result: .*api\.example\.org"):
+        _check_config(spec, [], [other])
+    _check_config(spec, [], [])  # the cluster file's own entries are fine
