@@ -65,8 +65,10 @@ from localcluster.state import (
     state_dir,
     teardown,
 )
-from localcluster.xds import binding_problems, workload_uid
+from localcluster.xds import binding_problems, local_xds, workload_uid
 from meshcore.defaults import ADMIN_PORT, NAMESPACE, READINESS_PORT, TUNNEL_MARK
+from meshcore.discovery import MeshConfigError, parse_local_config
+from meshcore.serviceentry import KIND as SERVICE_ENTRY
 from redirect.enrolment import SourceError, parse_source, wanted
 
 READY_TIMEOUT = 60.0
@@ -209,6 +211,9 @@ def apply_resources(
         )
         gateways, created, gw_lines = _merge_gateways(now, batch.waypoints, node)
         lines += gw_lines
+        if any(r.kind == SERVICE_ENTRY for r in batch.resources):
+            _check_config(dataclasses.replace(now, gateways=tuple(gateways)), new_policies,
+                          new_resources)  # fmt: skip
         if dry_run:
             return ConfigChange(tuple(lines), warnings)
         after = dataclasses.replace(now, gateways=tuple(gateways))
@@ -236,6 +241,18 @@ def apply_resources(
             meshconfig.regenerate(cluster.spec, cluster.paths)
             raise
     return ConfigChange(tuple(lines), warnings, digest)
+
+
+def _check_config(
+    spec: ClusterSpec, policy_docs: Sequence[Mapping[str, Any]], docs: Sequence[Mapping[str, Any]]
+) -> None:
+    """Refuse a change whose mesh config the tunnels would refuse as a whole: a
+    ServiceEntry is checked alone by `check_batch`, but its hosts and addresses must also
+    be free in the mesh (not another service's hostname or VIP)."""
+    try:
+        parse_local_config(json.dumps(local_xds(spec, policy_docs, docs)))
+    except MeshConfigError as e:
+        raise policies.PolicyError([f"the mesh would refuse the result: {e}"]) from None
 
 
 def _merge_gateways(
@@ -530,6 +547,8 @@ def start_tunnel(
         }
     )
     env["ZDS_SOCKET"] = str(paths.zds_socket(node))
+    if spec.dns.capture:
+        env.update(_dns_env(spec, paths))
     env.update(extra_env or {})
     pname = name or tunnel_name(node)
     return spawn_in_netns(
@@ -541,6 +560,13 @@ def start_tunnel(
         state.pidfile_dir,
         pname,
     )
+
+
+def _dns_env(spec: ClusterSpec, paths: MeshPaths) -> dict[str, str]:
+    """The tunnel's DNS proxy settings; its resolv.conf names the cluster file's resolvers."""
+    resolv = paths.root / "resolv.conf"
+    meshconfig.write_file(resolv, "".join(f"nameserver {ip}\n" for ip in spec.dns.nameservers))
+    return {"ISTIO_META_DNS_CAPTURE": "true", "DNS_RESOLV_CONF": str(resolv)}
 
 
 def start_agent(
@@ -569,6 +595,7 @@ def start_agent(
             str(paths.agent_status(node)),
             "--redirect-mode",
             redirect_mode,
+            "--dns-capture" if spec.dns.capture else "--no-dns-capture",
         ],
         _base_env(),
         Path.cwd(),

@@ -25,6 +25,7 @@ from typing import Any
 from localcluster import gateways as gw
 from meshcore.defaults import NAMESPACE as DEFAULT_NAMESPACE
 from meshcore.policy.validate import ENFORCED_KINDS, check_resource
+from meshcore.serviceentry import validate_service_entry
 from waypoint.authn.parse import validate_request_authentication
 from waypoint.authz.parse import validate_policy
 from waypoint.routes.validate import validate_resource
@@ -39,6 +40,8 @@ L7_KINDS: dict[str, tuple[str, ...]] = {
     "VirtualService": ("networking.istio.io",),
     "DestinationRule": ("networking.istio.io",),
     "RequestAuthentication": ("security.istio.io",),
+    # Read by the tunnels (hosts, addresses) too: meshcore.serviceentry.
+    "ServiceEntry": ("networking.istio.io",),
 }
 ALL_KINDS = (*ENFORCED_KINDS, *L7_KINDS)
 # `kubectl delete authorizationpolicy ...` spellings of the kinds, lowercase.
@@ -144,6 +147,8 @@ def validate_l7(doc: Mapping[str, Any]) -> list[str]:
         return validate_resource(full)
     if kind == "RequestAuthentication":
         return validate_request_authentication(full)
+    if kind == "ServiceEntry":
+        return validate_service_entry(full)
     if _is_targeted_policy(doc):
         return validate_policy(full)
     return []

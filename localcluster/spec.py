@@ -28,9 +28,11 @@ from typing import Any
 from localcluster import gateways as gw
 from localcluster.inputs import InputError, read_text
 from localcluster.labels import label_errors
-from localcluster.policies import PolicyError, check_documents
+from localcluster.policies import PolicyError, check_documents, with_defaults
 from meshcore.defaults import SERVICE_ACCOUNT, TRUST_DOMAIN
 from meshcore.reader import Reader, join, load_document
+from meshcore.serviceentry import KIND as SERVICE_ENTRY
+from meshcore.serviceentry import validate_service_entry
 from redirect.enrolment import DATAPLANE_MODE_LABEL, PodInfo, redirection_enabled
 
 # The DNS suffix of service hostnames; not the trust domain, even when equal by default.
@@ -151,6 +153,17 @@ class ServiceSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class DnsSpec:
+    """The DNS proxy: `capture` turns on the agents' DNS capture (AMBIENT_DNS_CAPTURE) and
+    the tunnels' proxy (ISTIO_META_DNS_CAPTURE); `nameservers` are the resolvers it
+    forwards to (the tunnels' resolv.conf). Pod addresses of this cluster: nothing in a
+    local cluster reaches any other."""
+
+    capture: bool = False
+    nameservers: tuple[IPv4Address, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterSpec:
     name: str
     trust_domain: str
@@ -161,6 +174,8 @@ class ClusterSpec:
     base_dir: Path  # cwd of every pod command: the cluster file's directory
     policies: tuple[str, ...] = ()  # JSON text of each policy resource
     gateways: tuple[gw.GatewaySpec, ...] = ()  # waypoints, placed
+    dns: DnsSpec = DnsSpec()
+    service_entries: tuple[str, ...] = ()  # JSON text of each ServiceEntry
 
     def gateway(self, namespace: str, name: str) -> gw.GatewaySpec | None:
         for g in self.gateways:
@@ -361,7 +376,18 @@ def parse_cluster(text: str, base_dir: Path) -> ClusterSpec:
     root = _mapping(
         doc,
         "cluster file",
-        {"name", "trustDomain", "nodes", "namespaces", "pods", "services", "policies", "gateways"},
+        {
+            "name",
+            "trustDomain",
+            "nodes",
+            "namespaces",
+            "pods",
+            "services",
+            "policies",
+            "gateways",
+            "serviceEntries",
+            "dns",
+        },
     )
     name = _str(root, "name", "cluster file")
     if not _CLUSTER_NAME.match(name):
@@ -383,8 +409,74 @@ def parse_cluster(text: str, base_dir: Path) -> ClusterSpec:
         services=services,
         base_dir=base_dir,
         policies=_parse_policies(root.get("policies")),
+        dns=_parse_dns(root.get("dns")),
+        service_entries=_parse_service_entries(_list(root, "serviceEntries", "cluster file")),
     )
+    _check_entry_hosts(spec)
     return _with_gateways(spec, _list(root, "gateways", "cluster file"))
+
+
+def _check_entry_hosts(spec: ClusterSpec) -> None:
+    """A ServiceEntry host is a service of the mesh: unique, not a Service's hostname, and
+    its written addresses not a Service's VIP (the tunnels would refuse the mesh config)."""
+    hosts = {s.hostname: f"Service {s.namespace}/{s.name}" for s in spec.services}
+    vips = {s.vip: f"Service {s.namespace}/{s.name}" for s in spec.services}
+    for i, text in enumerate(spec.service_entries):
+        doc = json.loads(text)
+        meta, body = doc["metadata"], doc["spec"]
+        me = f"{SERVICE_ENTRY} {meta['namespace']}/{meta['name']}"
+        for host in body["hosts"]:
+            if host in hosts:
+                raise SpecError(f"serviceEntries[{i}]: host {host!r} is also {hosts[host]}'s")
+            hosts[host] = me
+        for raw in body.get("addresses") or ():
+            ip = IPv4Address(raw) if ":" not in raw else None
+            if ip is not None and ip in vips:
+                raise SpecError(f"serviceEntries[{i}]: address {ip} is also {vips[ip]}'s")
+            if ip is not None:
+                vips[ip] = me
+
+
+def _parse_dns(value: Any) -> DnsSpec:
+    if value is None:
+        return DnsSpec()
+    m = _mapping(value, "dns", {"capture", "nameservers"})
+    capture = _R.boolean(m, "capture", "dns", False)
+    servers: list[IPv4Address] = []
+    for i, raw in enumerate(_R.items(m.get("nameservers"), "dns.nameservers")):
+        ip = _R.ip(raw, f"dns.nameservers[{i}]")
+        if not isinstance(ip, IPv4Address):
+            raise SpecError(f"dns.nameservers[{i}]: {ip} is not IPv4 (pods are IPv4 only)")
+        servers.append(ip)
+    if capture and not servers:
+        raise SpecError(
+            "dns.nameservers: required when dns.capture is true (the resolvers the tunnels "
+            "forward unknown names to, e.g. a pod of the cluster)"
+        )
+    if len(servers) > 3:
+        raise SpecError(f"dns.nameservers: at most 3 (a resolv.conf's limit), got {len(servers)}")
+    return DnsSpec(capture, tuple(servers))
+
+
+def _parse_service_entries(items: list[Any]) -> tuple[str, ...]:
+    """ServiceEntry resources (networking.istio.io), checked as `ambientctl apply -f`
+    checks them; namespace defaults to `default`."""
+    out: list[str] = []
+    seen: set[tuple[str, str]] = set()
+    for i, raw in enumerate(items):
+        where = f"serviceEntries[{i}]"
+        if not isinstance(raw, dict) or raw.get("kind") != SERVICE_ENTRY:
+            raise SpecError(f"{where}: expected a {SERVICE_ENTRY} resource")
+        doc = with_defaults(raw)
+        problems = validate_service_entry(doc)
+        if problems:
+            raise SpecError(f"{where}: {problems[0]}")
+        key = (doc["metadata"]["namespace"], doc["metadata"]["name"])
+        if key in seen:
+            raise SpecError(f"{where}: duplicate {SERVICE_ENTRY} {key[0]}/{key[1]}")
+        seen.add(key)
+        out.append(json.dumps(doc, sort_keys=True))
+    return tuple(out)
 
 
 def _with_gateways(spec: ClusterSpec, items: list[Any]) -> ClusterSpec:

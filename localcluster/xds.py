@@ -55,6 +55,7 @@ def local_xds(
         ),
     }
     l7 = [dict(r) for r in resources] + [g.resource() for g in spec.gateways]
+    l7 += [json.loads(e) for e in spec.service_entries]
     if l7:
         doc[RESOURCES_KEY] = l7
     return doc

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import os
 from collections.abc import Callable, Hashable, Mapping
@@ -36,6 +37,15 @@ from meshcore.defaults import HBONE_PORT, SERVICE_ACCOUNT, TRUST_DOMAIN
 from meshcore.identity.spiffe import IdentityError, SpiffeId
 from meshcore.reader import Reader, describe, load_document
 from meshcore.runtime.gcpause import collector_paused
+from meshcore.serviceentry import (
+    KIND as SERVICE_ENTRY,
+)
+from meshcore.serviceentry import (
+    ServiceEntry,
+    ServiceEntryError,
+    host_addresses,
+    parse_service_entry,
+)
 from meshcore.state import (
     L7_KINDS,
     AppProtocol,
@@ -458,6 +468,10 @@ def _metadata(entry: Mapping[Any, Any], path: str) -> tuple[str, str]:
     return name, namespace
 
 
+# The resources kept verbatim: the waypoints' L7 kinds, and ServiceEntry (read here too).
+_RESOURCE_KINDS = L7_KINDS | {SERVICE_ENTRY}
+
+
 def parse_resource_entry(value: Any, path: str) -> RawResource:
     """One L7 resource (HTTPRoute, GRPCRoute, VirtualService, DestinationRule,
     RequestAuthentication, Gateway) as users write it. Only the kind, the metadata's name
@@ -465,8 +479,8 @@ def parse_resource_entry(value: Any, path: str) -> RawResource:
     is the waypoint's to parse."""
     entry = _mapping(value, path, required=True)
     kind = _str(entry, "kind", path)
-    if kind not in L7_KINDS:
-        _fail(f"{path}.kind", f"{kind!r} is not one of {', '.join(sorted(L7_KINDS))}")
+    if kind not in _RESOURCE_KINDS:
+        _fail(f"{path}.kind", f"{kind!r} is not one of {', '.join(sorted(_RESOURCE_KINDS))}")
     name, namespace = _metadata(entry, path)
     plain = _plain_copy(entry, path, [_POLICY_NODE_BUDGET])
     return RawResource.from_mapping(kind, name, namespace, plain)
@@ -503,11 +517,97 @@ def _parse_document(text: str) -> MeshState:
             resources.append(parse_resource_entry(p, f"policies[{i}]"))
         else:
             policies.append(parse_policy_entry(p, f"policies[{i}]"))
-    resources.extend(
-        parse_resource_entry(r, f"resources[{i}]")
-        for i, r in enumerate(_items(top.get("resources"), "resources"))
-    )
-    return MeshState.build(workloads, services, policies, resources)
+    entries: list[ServiceEntry] = []
+    for i, r in enumerate(_items(top.get("resources"), "resources")):
+        raw = parse_resource_entry(r, f"resources[{i}]")
+        resources.append(raw)
+        if raw.kind == SERVICE_ENTRY:
+            try:
+                entries.append(parse_service_entry(r, f"resources[{i}]"))
+            except ServiceEntryError as exc:
+                raise MeshConfigError(str(exc)) from None
+    if entries:
+        workloads, services = _with_service_entries(workloads, services, entries)
+    return MeshState.build(workloads, services, policies, resources, entries)
+
+
+def _entry_port(port: Any) -> ServicePort:
+    app = _app_protocol(port.protocol or None, "port")
+    target = port.target_port if port.target_port is not None else port.number
+    return ServicePort(port.number, target, port.name, app)
+
+
+def _with_service_entries(
+    workloads: list[Workload], services: list[Service], entries: list[ServiceEntry]
+) -> tuple[list[Workload], list[Service]]:
+    """Each host of each entry as a `Service` (hostname = the host, VIPs = its addresses,
+    written or allocated), and each STATIC endpoint as an endpoint of those services: the
+    mesh workload with that IP (so it is reached over HBONE, as Istio does for a
+    WorkloadEntry's address), or else one plain-TCP workload per IP, named after the entry
+    (the tunnel passes traffic through to it)."""
+    addresses = host_addresses(entries)
+    by_ip = {(w.network, ip): i for i, w in enumerate(workloads) for ip in w.ips}
+    extra: dict[IPAddress, Workload] = {}
+    added: dict[int, list[tuple[str, tuple[tuple[int, int], ...]]]] = {}
+    out_services = list(services)
+    for e in entries:
+        ports = tuple(sorted(_entry_port(p) for p in e.ports))
+        for host in e.hosts:
+            svc = Service(
+                name=e.name,
+                namespace=e.namespace,
+                hostname=host,
+                vips=tuple(NetworkAddress(DEFAULT_NETWORK, ip) for ip in addresses[(e.key, host)]),
+                ports=ports,
+                subject_alt_names=e.subject_alt_names,
+                waypoint=None,
+            )
+            out_services.append(svc)
+            for ep in e.endpoints:
+                ip = ep.ip
+                if ip is None:
+                    continue  # a DNS name: resolved when a connection is made
+                port_map = tuple(sorted((p.number, ep.target_port(p)) for p in e.ports))
+                entry = (svc.key, port_map)
+                index = by_ip.get((DEFAULT_NETWORK, ip))
+                if index is not None:
+                    added.setdefault(index, []).append(entry)
+                    continue
+                w = extra.get(ip)
+                if w is None:
+                    w = Workload(
+                        uid=f"{SERVICE_ENTRY}/{e.namespace}/{e.name}/{ip}",
+                        name=f"{e.name}-{ip}",
+                        namespace=e.namespace,
+                        service_account=SERVICE_ACCOUNT,
+                        trust_domain=TRUST_DOMAIN,
+                        ips=(ip,),
+                        network=DEFAULT_NETWORK,
+                        protocol=TunnelProtocol.NONE,
+                        node="",
+                        canonical_name=e.name,
+                        canonical_revision=DEFAULT_CANONICAL_REVISION,
+                        workload_name=e.name,
+                        workload_type="serviceentry",
+                        cluster_id=DEFAULT_CLUSTER_ID,
+                        status=HealthStatus.HEALTHY,
+                        waypoint=None,
+                        services=(),
+                        labels=ep.labels,
+                    )
+                services_map = dict(w.services)
+                if svc.key not in services_map:
+                    services_map[svc.key] = port_map
+                extra[ip] = dataclasses.replace(w, services=tuple(sorted(services_map.items())))
+    out_workloads = list(workloads)
+    for index, more in added.items():
+        w = out_workloads[index]
+        merged = dict(w.services)
+        for key, port_map in more:
+            merged.setdefault(key, port_map)
+        out_workloads[index] = dataclasses.replace(w, services=tuple(sorted(merged.items())))
+    out_workloads.extend(extra.values())
+    return out_workloads, out_services
 
 
 # -- watcher ----------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ Invariants of a `MeshState` (checked by `MeshState.build`, which raises `MeshCon
 - service keys ("namespace/hostname") are unique, hostnames are unique, and no two services
   claim the same (network, VIP);
 - policy keys ("namespace/name") are unique per kind, and so are the keys of the raw L7
-  resources (HTTPRoute, VirtualService, ...) per kind.
+  resources (HTTPRoute, VirtualService, ...) per kind;
+- every host of a ServiceEntry has its service ("namespace/host").
 A `MeshState` never changes after it is built: a config change builds a new snapshot and the
 holder swaps the reference, so a connection that looked up a workload keeps a consistent view.
 Every lookup is a single dict access; building is linear in the size of the input.
@@ -26,6 +27,7 @@ from typing import Any
 
 from meshcore.defaults import HBONE_PORT
 from meshcore.identity.spiffe import SpiffeId
+from meshcore.serviceentry import ServiceEntry
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -404,6 +406,11 @@ class MeshState:
     _policies_by_ns: Mapping[str, tuple[RawPolicy, ...]] = field(repr=False)
     # kind -> its resources (policies included, as RawResource), in the source's order.
     _resources_by_kind: Mapping[str, tuple[RawResource, ...]] = field(repr=False)
+    # ServiceEntries, read (`meshcore.serviceentry`); `discovery` has already turned each
+    # host into a `Service` (key "namespace/host") and its static endpoints into endpoints.
+    _service_entries: tuple[ServiceEntry, ...] = ()
+    # A service key ("namespace/host") -> the entry that made that service.
+    _entry_by_service: Mapping[str, ServiceEntry] = field(default_factory=dict, repr=False)
 
     @classmethod
     def empty(cls) -> MeshState:
@@ -416,7 +423,10 @@ class MeshState:
         services: Iterable[Service],
         policies: Iterable[RawPolicy],
         resources: Iterable[RawResource] = (),
+        service_entries: Iterable[ServiceEntry] = (),
     ) -> MeshState:
+        """`service_entries`: the ServiceEntries behind some of `services` (each host one
+        service "namespace/host"); a host without its service is a `MeshConfigError`."""
         wls = tuple(workloads)
         svcs = tuple(services)
         pols = tuple(policies)
@@ -487,6 +497,15 @@ class MeshState:
             seen.add((r.kind, r.key))
             by_kind.setdefault(r.kind, []).append(r)
 
+        entries = tuple(service_entries)
+        entry_by_service: dict[str, ServiceEntry] = {}
+        for e in entries:
+            for host in e.hosts:
+                key = f"{e.namespace}/{host}"
+                if key not in svc_by_key:
+                    raise MeshConfigError(f"ServiceEntry {e.key}: no service for host {host!r}")
+                entry_by_service[key] = e
+
         return cls(
             wls,
             svcs,
@@ -505,6 +524,8 @@ class MeshState:
             policy_by_key,
             {k: tuple(v) for k, v in policies_by_ns.items()},
             {k: tuple(v) for k, v in by_kind.items()},
+            entries,
+            entry_by_service,
         )
 
     # -- collections ------------------------------------------------------------------------
@@ -555,6 +576,14 @@ class MeshState:
 
     def service_by_key(self, key: str) -> Service | None:
         return self._svc_by_key.get(key)
+
+    @property
+    def service_entries(self) -> tuple[ServiceEntry, ...]:
+        return self._service_entries
+
+    def service_entry_of(self, service: Service) -> ServiceEntry | None:
+        """The ServiceEntry a service was made from (None for a Kubernetes Service)."""
+        return self._entry_by_service.get(service.key)
 
     def endpoints(self, service: Service) -> tuple[Workload, ...]:
         """Workloads that name `service` in their services map, ordered by uid."""
@@ -616,10 +645,19 @@ class MeshState:
             and self._services == other._services
             and self._policies == other._policies
             and self._resources == other._resources
+            and self._service_entries == other._service_entries
         )
 
     def __hash__(self) -> int:
-        return hash((self._workloads, self._services, self._policies, self._resources))
+        return hash(
+            (
+                self._workloads,
+                self._services,
+                self._policies,
+                self._resources,
+                self._service_entries,
+            )
+        )
 
     def __repr__(self) -> str:
         return (

@@ -51,6 +51,7 @@ from redirect.capture import RedirectMode
 from redirect.enrolment import FilePodSource, NodeView, PodInfo, PodSource, wanted
 from redirect.iptables import CaptureError
 from redirect.probes import ProbeConfig, ProbeError
+from redirect.rules import InpodConfig
 from zds import WorkloadInfo, ZdsError, wire
 from zds.server import ZdsNack, ZdsServer, ZdsSuperseded, ZdsUnavailable
 
@@ -93,15 +94,17 @@ class NodeDataplane:
     mode: RedirectMode = RedirectMode.IPTABLES
     probe_cfg: ProbeConfig = field(default_factory=ProbeConfig)
     node_netns: str | None = None  # None: the namespace the agent runs in
+    # The in-pod rules' settings (DNS capture on or off).
+    inpod_cfg: InpodConfig = field(default_factory=InpodConfig)
 
     def install_capture(self, netns: str) -> None:
-        capture.install(netns, self.mode)
+        capture.install(netns, self.mode, self.inpod_cfg)
 
     def stop_redirects(self, netns: str) -> None:
-        capture.stop_redirects(netns, self.mode)
+        capture.stop_redirects(netns, self.mode, self.inpod_cfg)
 
     def remove_capture(self, netns: str) -> None:
-        capture.remove(netns, self.mode)
+        capture.remove(netns, self.mode, self.inpod_cfg)
 
     def install_probes(self) -> None:
         probes.install(self.node_netns, self.probe_cfg)
@@ -489,8 +492,28 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[m.value for m in RedirectMode],
         default=RedirectMode.IPTABLES.value,
     )
+    p.add_argument(
+        "--dns-capture",
+        action=argparse.BooleanOptionalAction,
+        default=_env_flag(DNS_CAPTURE_ENV),
+        help=f"redirect the pods' DNS (UDP/TCP 53) to the tunnel's 15053 "
+        f"(default: ${DNS_CAPTURE_ENV}, else off)",
+    )
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     return p
+
+
+# istio-cni's setting for the same thing (values.cni.ambient.dnsCapture).
+DNS_CAPTURE_ENV = "AMBIENT_DNS_CAPTURE"
+
+
+def _env_flag(name: str) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise SystemExit(f"{name}={value!r}: expected true or false")
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -498,7 +521,7 @@ async def run(args: argparse.Namespace) -> None:
     agent = NodeAgent(
         args.node,
         FilePodSource(args.pods_file, args.node),
-        NodeDataplane(mode),
+        NodeDataplane(mode, inpod_cfg=InpodConfig(capture_dns=args.dns_capture)),
         zds_server_factory(args.zds_socket),
         args.status_file,
         mode,

@@ -109,11 +109,6 @@ class FilterName:
 def check_config(cfg: InpodConfig) -> None:
     """Refuse what the eBPF mode does not implement, rather than capture less than the
     iptables mode would."""
-    if cfg.capture_dns:
-        raise EbpfConfigError(
-            "capture_dns: DNS capture is only implemented by the iptables mode "
-            "(the eBPF programs steer TCP only)"
-        )
     if cfg.probe_snat_ip.version != 4:
         raise EbpfConfigError(f"probe_snat_ip: {cfg.probe_snat_ip} is not IPv4")
 
@@ -133,6 +128,8 @@ def cflags(cfg: InpodConfig, release: bool = False) -> tuple[str, ...]:
         f"-DCFG_INBOUND_PORT={cfg.inbound_plain_port}",
         f"-DCFG_HBONE_PORT={cfg.inbound_hbone_port}",
         f"-DCFG_RELEASE={int(release)}",
+        f"-DCFG_CAPTURE_DNS={int(cfg.capture_dns)}",
+        f"-DCFG_DNS_PORT={cfg.dns_port}",
     )
 
 

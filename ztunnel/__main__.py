@@ -19,8 +19,10 @@ from meshcore.admin.server import AdminServer, MetricsServer, process_metrics
 from meshcore.identity.certs import CertificateManager, LocalCAClient
 from meshcore.runtime import malloc
 from meshcore.runtime.entry import run_process
+from meshcore.state import IPAddress
 from meshcore.xds.source import open_source
-from ztunnel.config import Config, parse_config
+from ztunnel.config import DNS_RESOLV_CONF, Config, parse_config
+from ztunnel.dns.resolvconf import ResolvConfError, nameservers
 from ztunnel.inpod import FileEnrolmentSource
 from ztunnel.node import NodeProxy
 from ztunnel.zds_client import ZdsClient
@@ -35,6 +37,7 @@ async def run(cfg: Config) -> None:
     certs = CertificateManager(
         LocalCAClient(cfg.ca_address, token), ttl=timedelta(seconds=cfg.cert_ttl_seconds)
     )
+    dns_upstreams = _dns_upstreams(cfg)
     node = NodeProxy(
         cfg.node_name,
         certs,
@@ -43,6 +46,7 @@ async def run(cfg: Config) -> None:
         release_drain=cfg.release_drain_seconds,
         same_node_in_process=cfg.same_node_in_process,
         hbone_limits=cfg.hbone_limits,
+        dns_upstreams=dns_upstreams,
     )
     watcher = await open_source(
         cfg.local_xds_path,
@@ -66,7 +70,15 @@ async def run(cfg: Config) -> None:
     # Admin answers only on loopback of the tunnel's own netns; metrics are for scrapers.
     admin = AdminServer(node, cfg.admin_port, host="127.0.0.1")
     await admin.start()
-    metrics = MetricsServer(node.connection_table.metrics, process_metrics(), cfg.metrics_port)
+    process = process_metrics()
+    extra = process
+    if dns_upstreams is not None:
+        dns_metrics = node.dns_metrics.render
+
+        def extra() -> bytes:
+            return process() + dns_metrics()
+
+    metrics = MetricsServer(node.connection_table.metrics, extra, cfg.metrics_port)
     await metrics.start()
     log.info("ztunnel started", node=cfg.node_name, pid=os.getpid())
     trimmer = asyncio.ensure_future(_trim_when_idle(node))
@@ -93,6 +105,19 @@ async def run(cfg: Config) -> None:
     await node.close()
     await watcher.close()
     await certs.close()
+
+
+def _dns_upstreams(cfg: Config) -> tuple[IPAddress, ...] | None:
+    """The DNS proxy's upstream resolvers, or None when the proxy is off. A resolv.conf
+    that cannot be read or names no resolver stops the start: the proxy would answer every
+    forwarded query SERVFAIL."""
+    if not cfg.dns_capture:
+        return None
+    try:
+        return nameservers(cfg.dns_resolv_conf.read_text())
+    except (OSError, UnicodeDecodeError, ResolvConfError) as e:
+        # Exit status 1 with this one line on stderr, before anything was started.
+        raise SystemExit(f"ztunnel: {DNS_RESOLV_CONF}={cfg.dns_resolv_conf}: {e}") from None
 
 
 async def _trim_when_idle(node: NodeProxy, interval: float = TRIM_CHECK_SECONDS) -> None:

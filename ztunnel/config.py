@@ -39,6 +39,13 @@ METRICS_PORT = "METRICS_PORT"
 DRAIN_SECONDS = "DRAIN_SECONDS"
 RELEASE_DRAIN_SECONDS = "RELEASE_DRAIN_SECONDS"
 SAME_NODE_IN_PROCESS = "SAME_NODE_IN_PROCESS"
+# The DNS proxy (15053 in each pod), upstream's proxy-metadata name for it; off by default.
+# The node agent's capture setting must be on too (AMBIENT_DNS_CAPTURE), or no query
+# reaches it.
+DNS_CAPTURE = "ISTIO_META_DNS_CAPTURE"
+# Where the upstream resolvers are named (upstream ztunnel reads its own /etc/resolv.conf).
+DNS_RESOLV_CONF = "DNS_RESOLV_CONF"
+DEFAULT_RESOLV_CONF = "/etc/resolv.conf"
 # Every HboneLimits field is a setting of its own: HBONE_<FIELD IN CAPITALS>
 # (meshcore.envconfig.hbone_limits).
 
@@ -78,6 +85,9 @@ class Config:
     # What one HBONE peer may cost (meshcore/hbone/limits.py).
     hbone_limits: HboneLimits = DEFAULT_LIMITS
     xds: XdsSettings | None = None
+    # The DNS proxy: on or off, and the resolv.conf naming the resolvers it forwards to.
+    dns_capture: bool = False
+    dns_resolv_conf: Path = Path(DEFAULT_RESOLV_CONF)
 
 
 def _enrolment(env: Mapping[str, str]) -> tuple[Path | None, Path | None]:
@@ -123,4 +133,6 @@ def parse_config(env: Mapping[str, str]) -> Config:
         ),
         same_node_in_process=_bool(env, SAME_NODE_IN_PROCESS, True),
         hbone_limits=_hbone_limits(env),
+        dns_capture=_bool(env, DNS_CAPTURE, False),
+        dns_resolv_conf=Path(env.get(DNS_RESOLV_CONF, "").strip() or DEFAULT_RESOLV_CONF),
     )

@@ -42,8 +42,10 @@ from meshcore.sockets import (
     listener,
     original_dst,
 )
-from meshcore.state import MeshState, Workload
+from meshcore.state import IPAddress, MeshState, Workload
 from zds.messages import WorkloadInfo
+from ztunnel.dns.metrics import DnsMetrics
+from ztunnel.dns.server import DNS_PORT, DnsProxy
 from ztunnel.proxy.common import Authorizer, allow_all
 from ztunnel.proxy.inbound import InboundProxy
 from ztunnel.proxy.inbound_passthrough import InboundPassthroughProxy
@@ -278,10 +280,19 @@ class PodProxy:
         listen_ip: str = "0.0.0.0",
         orig_dst: Callable[[socket.socket], SocketAddr] = original_dst,
         guard: Guard | None = None,
+        dns_upstreams: tuple[IPAddress, ...] | None = None,
+        dns_port: int = DNS_PORT,
+        dns_metrics: DnsMetrics | None = None,
     ) -> None:
         """`listen_ip` and `orig_dst` are for pods side by side on loopback (tests, the
         plain factory): where the listeners bind, and the original destination the
-        capture would have recorded (SO_ORIGINAL_DST needs the kernel's REDIRECT)."""
+        capture would have recorded (SO_ORIGINAL_DST needs the kernel's REDIRECT).
+        `dns_upstreams`: run the DNS proxy (127.0.0.1:15053 in the pod, or `listen_ip`)
+        forwarding to these resolvers; None runs none."""
+        self._dns_upstreams = dns_upstreams
+        self._dns_port = dns_port
+        self._dns_metrics = dns_metrics
+        self.dns: DnsProxy | None = None
         self.connection_table = (
             connection_table if connection_table is not None else ConnectionTable()
         )
@@ -324,6 +335,9 @@ class PodProxy:
             out[name] = ", ".join(f"{a[0]}:{a[1]}" for a in addrs) or "closed"
         if self.hbone_server is not None:
             out["inbound"] = self.hbone_server.address
+        if self.dns is not None and self.dns.udp_address is not None:
+            host, port = self.dns.udp_address
+            out["dns"] = f"{host}:{port} (udp, tcp)"
         return out
 
     async def start(self) -> None:
@@ -343,6 +357,14 @@ class PodProxy:
 
         pool = ConnectionPool(self._connect)
         self.pool = pool
+        if self._dns_upstreams is not None:
+            self.dns = DnsProxy(
+                lambda: self.workload,
+                self._state,
+                factory,
+                self._dns_upstreams,
+                metrics=self._dns_metrics,
+            )
         self.outbound = outbound = OutboundProxy(
             lambda: self.workload,
             self._state,
@@ -353,6 +375,7 @@ class PodProxy:
             connection_table=self.connection_table,
             local=self._local,
             guard=self.guard,
+            resolver=self.dns.lookup if self.dns is not None else None,
         )
         self.inbound = InboundProxy(
             lambda: self.workload,
@@ -390,6 +413,9 @@ class PodProxy:
                 s.close()
             raise
         self.hbone_server = await self._hbone_server(self.server_ctx)
+        if self.dns is not None:
+            host = "127.0.0.1" if self._listen_ip == "0.0.0.0" else self._listen_ip
+            await self.dns.start(host, self._dns_port)
         self._move(PodState.READY)
 
     def _move(self, to: PodState) -> None:
@@ -477,6 +503,8 @@ class PodProxy:
             self.passthrough.close()
         if self.pool is not None:
             self.pool.close()
+        if self.dns is not None:
+            await self.dns.close()
         await self.tasks.cancel_all()
         self._accepted.abort_all()
         if isinstance(self._factory, NetnsSocketFactory):

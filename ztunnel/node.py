@@ -40,8 +40,9 @@ from meshcore.policy.index import PolicyIndex
 from meshcore.policy.verdict import Verdict
 from meshcore.runtime.tasks import TaskSet
 from meshcore.sockets import SocketAddr
-from meshcore.state import MeshState, Workload
+from meshcore.state import IPAddress, MeshState, Workload
 from ztunnel.config import DEFAULT_RELEASE_DRAIN_SECONDS
+from ztunnel.dns.metrics import DnsMetrics
 from ztunnel.explain import explain
 from ztunnel.inpod import Enrolment, PodProxy, PodState
 from ztunnel.proxy.inbound import InboundProxy
@@ -71,8 +72,14 @@ class NodeProxy:
         release_drain: float = DEFAULT_RELEASE_DRAIN_SECONDS,
         same_node_in_process: bool = True,
         hbone_limits: HboneLimits = DEFAULT_LIMITS,
+        dns_upstreams: tuple[IPAddress, ...] | None = None,
     ) -> None:
+        """`dns_upstreams`: the resolvers each pod's DNS proxy forwards to; None runs no
+        DNS proxy (ISTIO_META_DNS_CAPTURE off)."""
         self.node_name = node_name
+        self.dns_upstreams = dns_upstreams
+        # The DNS proxies' counters, one set for the node (rendered on 15020).
+        self.dns_metrics = DnsMetrics()
         self.workload_wait = workload_wait
         self.release_drain = release_drain
         self.same_node_in_process = same_node_in_process
@@ -322,6 +329,8 @@ class NodeProxy:
             connection_table=self.connection_table,
             local=self.local_inbound,
             guard=self.guard,
+            dns_upstreams=self.dns_upstreams,
+            dns_metrics=self.dns_metrics,
         )
         try:
             await pod.start()

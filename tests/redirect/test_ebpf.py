@@ -462,10 +462,13 @@ def test_ebpf_refuses_a_pod_with_a_non_ethernet_interface(topology: Topology) ->
 # --- pure -----------------------------------------------------------------------------
 
 
-def test_ebpf_refuses_dns_capture_before_touching_anything() -> None:
-    path = f"/var/run/netns/ebt-never-{secrets.token_hex(4)}"
-    with pytest.raises(CaptureError, match="capture_dns"):
-        capture.install(path, RedirectMode.EBPF, InpodConfig(capture_dns=True))
+def test_dns_capture_is_a_setting_of_the_build() -> None:
+    plain = ebpf_plan.cflags(InpodConfig())
+    dns = ebpf_plan.cflags(InpodConfig(capture_dns=True, dns_port=5353))
+    assert "-DCFG_CAPTURE_DNS=0" in plain and "-DCFG_CAPTURE_DNS=1" in dns
+    assert "-DCFG_DNS_PORT=5353" in dns
+    source = ebpf_plan.SOURCE_PATH.read_text()
+    assert ebpf_plan.build_id(source, plain) != ebpf_plan.build_id(source, dns)
 
 
 def test_filter_names_round_trip_and_foreign_names_are_not_ours() -> None:

@@ -56,3 +56,12 @@ def test_every_hbone_limit_is_a_setting_with_its_default() -> None:
 def test_a_bad_hbone_limit_names_the_variable(name: str, value: str, message: str) -> None:
     with pytest.raises(EnvConfigError, match=f"{name}.*{message}"):
         parse_config({**BASE, name: value})
+
+
+def test_dns_proxy_is_off_unless_turned_on() -> None:
+    cfg = parse_config(BASE)
+    assert cfg.dns_capture is False and str(cfg.dns_resolv_conf) == "/etc/resolv.conf"
+    cfg = parse_config({**BASE, "ISTIO_META_DNS_CAPTURE": "true", "DNS_RESOLV_CONF": "/r.conf"})
+    assert cfg.dns_capture is True and str(cfg.dns_resolv_conf) == "/r.conf"
+    with pytest.raises(EnvConfigError, match="ISTIO_META_DNS_CAPTURE"):
+        parse_config({**BASE, "ISTIO_META_DNS_CAPTURE": "maybe"})

@@ -22,7 +22,7 @@ import os
 import random
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
 import structlog
@@ -36,6 +36,7 @@ from meshcore.observability.accesslog import ConnectionLog, Direction
 from meshcore.observability.connections import STOPPED, ConnectionTable, Tracked
 from meshcore.observability.metrics import ResponseFlags, TcpLabels, tcp_labels
 from meshcore.relay import AppSide, HboneSplice, TcpPipe
+from meshcore.serviceentry import Resolution
 from meshcore.sockets import SocketAddr, SocketFactory, original_dst
 from meshcore.state import HealthStatus, IPAddress, MeshState, Service, TunnelProtocol, Workload
 from meshcore.tls import PeerVerificationError
@@ -80,6 +81,10 @@ class OutboundDecision:
     # original destination, sent as `:authority`, and `next_hop` the waypoint), or why it
     # was not used (refused, or failed open).
     waypoint: WaypointHop | None = None
+    # PASSTHROUGH to a DNS name (a ServiceEntry with resolution DNS): (host, port), resolved
+    # when the connection is made, through the pod's upstream resolvers; then `next_hop` is
+    # None until it is resolved.
+    resolve: tuple[str, int] | None = None
 
     @property
     def authority(self) -> str:
@@ -192,6 +197,9 @@ def _to_service(
             reason=f"{service.hostname} has no port {dst.port}",
         )
     if not candidates:
+        by_entry = _by_entry(state, service, dst)
+        if by_entry is not None:
+            return by_entry
         return OutboundDecision(
             Route.REFUSE,
             dst,
@@ -202,6 +210,40 @@ def _to_service(
     tport = _target_port(service, endpoint, dst.port)
     assert tport is not None
     return _to_workload(endpoint, SocketAddr(_endpoint_ip(endpoint, dst), tport), service)
+
+
+def _by_entry(state: MeshState, service: Service, dst: SocketAddr) -> OutboundDecision | None:
+    """A ServiceEntry host without endpoints to pick from, as Istio routes it: resolution
+    NONE passes the connection through to the address the app connected to; DNS to its
+    first DNS-named endpoint, or else to the host itself, at the port's target, resolved
+    when the connection is made. None when the service is not such an entry."""
+    entry = state.service_entry_of(service)
+    if entry is None or entry.resolution is Resolution.STATIC:
+        return None
+    port = next((p for p in entry.ports if p.number == dst.port), None)
+    if port is None:
+        return None
+    if entry.resolution is Resolution.NONE:
+        return OutboundDecision(
+            Route.PASSTHROUGH,
+            dst,
+            next_hop=dst,
+            service=service,
+            reason=f"ServiceEntry {entry.key} has resolution NONE: to the address itself",
+        )
+    named = [e for e in entry.endpoints if e.ip is None]
+    if named:
+        host, tport = named[0].address, named[0].target_port(port)
+    else:
+        host = service.hostname
+        tport = port.target_port if port.target_port is not None else port.number
+    return OutboundDecision(
+        Route.PASSTHROUGH,
+        dst,
+        service=service,
+        reason=f"ServiceEntry {entry.key} resolves {host} by DNS",
+        resolve=(host, tport),
+    )
 
 
 def _to_workload(w: Workload, target: SocketAddr, service: Service | None) -> OutboundDecision:
@@ -270,8 +312,12 @@ class OutboundProxy(ListenerProxy):
         connection_table: ConnectionTable | None = None,
         local: Callable[[Workload], InboundProxy | None] | None = None,
         guard: Guard | None = None,
+        resolver: Callable[[str], Awaitable[IPAddress]] | None = None,
     ) -> None:
+        """`resolver`: a DNS name to an address through the pod's upstream resolvers (the
+        DNS proxy's); without one, a destination known only by name is refused."""
         super().__init__(tasks, guard, "outbound")
+        self._resolver = resolver
         self._workload = workload
         self._state = state
         self._factory = factory
@@ -439,11 +485,28 @@ class OutboundProxy(ListenerProxy):
         decision: OutboundDecision,
         record: ConnectionLog,
     ) -> None:
+        if decision.resolve is not None:
+            decision = await self._resolved(decision)
+            record.dst = decision.target
         assert decision.next_hop is not None
         _, upstream = await connect_tcp(self._factory, decision.next_hop)
         pipe = TcpPipe(app, upstream)
         entry = self._tracked(source, client, decision, pipe)
         self._book(pipe.start, entry, record)
+
+    async def _resolved(self, decision: OutboundDecision) -> OutboundDecision:
+        """A by-name passthrough with its address: the first the resolvers give. Raises
+        OSError (the connection is then reset and logged) when there is none."""
+        assert decision.resolve is not None
+        host, port = decision.resolve
+        if self._resolver is None:
+            raise OSError(
+                f"{host} is resolved by DNS, and this tunnel runs no DNS proxy "
+                "(ISTIO_META_DNS_CAPTURE)"
+            )
+        ip = await self._resolver(host)
+        target = SocketAddr(ip, port)
+        return replace(decision, target=target, next_hop=target)
 
     def _book(
         self,
