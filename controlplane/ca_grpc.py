@@ -193,7 +193,8 @@ class CaGrpcService:
                 f"policy trust domain {self._policy.trust_domain!r} is not the CA's "
                 f"{ca.trust_domain!r}"
             )
-        self._limiter = limiter or RateLimiter(RATE_PER_S, BURST)
+        # `is None`, not `or`: an empty limiter has len 0 and would be replaced.
+        self._limiter = limiter if limiter is not None else RateLimiter(RATE_PER_S, BURST)
         self._clock = clock
         self.issued = 0
         self.refused = 0

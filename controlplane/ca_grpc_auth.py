@@ -169,13 +169,16 @@ def explain_rejected_token(token: str, api_error: str, audience: str, now: datet
     exp = claims.get("exp")
     if isinstance(exp, int | float) and not isinstance(exp, bool) and exp <= now.timestamp():
         when = datetime.fromtimestamp(exp, UTC).isoformat()
-        return f"unauthenticated: the token expired at {when}; request a fresh one"
+        return (
+            f"unauthenticated: the token expired at {when}; request a fresh one "
+            f"(API server: {api_error})"
+        )
     aud = claims.get("aud")
     auds = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else None
     if auds is not None and audience not in auds:
         return (
             f"unauthenticated: wrong audience: the token is for {auds}, not {audience!r}; "
-            f"request it with audience {audience!r}"
+            f"request it with audience {audience!r} (API server: {api_error})"
         )
     return f"unauthenticated: the API server rejected the token: {api_error}"
 

@@ -6,6 +6,7 @@ import base64
 import json
 import re
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -149,11 +150,13 @@ def test_validity_defaults_and_caps(requested: int, expected: timedelta) -> None
     assert validity(Policy(TD, max_validity=timedelta(hours=2)), requested) <= timedelta(hours=2)
 
 
-def _status(username: str, audiences: list[str] | None = None, **extra: list[str]) -> dict:
-    user: dict = {"username": username}
+def _status(
+    username: str, audiences: list[str] | None = None, **extra: list[str]
+) -> dict[str, Any]:
+    user: dict[str, Any] = {"username": username}
     if extra:
         user["extra"] = extra
-    out: dict = {"authenticated": True, "user": user}
+    out: dict[str, Any] = {"authenticated": True, "user": user}
     if audiences is not None:
         out["audiences"] = audiences
     return out
@@ -179,7 +182,7 @@ def _status(username: str, audiences: list[str] | None = None, **extra: list[str
         (_status("system:serviceaccount:app:a:b"), "malformed"),
     ],
 )
-def test_caller_from_review(status: dict, expected: Caller | str) -> None:
+def test_caller_from_review(status: dict[str, Any], expected: Caller | str) -> None:
     got = caller_from_review(status)
     if isinstance(expected, Caller):
         assert got == expected
@@ -188,8 +191,8 @@ def test_caller_from_review(status: dict, expected: Caller | str) -> None:
         assert expected in got.reason
 
 
-def _jwt(claims: dict) -> str:
-    def b64(d: dict) -> str:
+def _jwt(claims: dict[str, Any]) -> str:
+    def b64(d: dict[str, Any]) -> str:
         return base64.urlsafe_b64encode(json.dumps(d).encode()).rstrip(b"=").decode()
 
     return f"{b64({'alg': 'RS256'})}.{b64(claims)}.c2ln"
@@ -225,7 +228,7 @@ def test_a_refused_token_is_explained(token: str, words: str) -> None:
         ([("authorization", "Bearer a"), ("authorization", "Bearer b")], "more than one"),
     ],
 )
-def test_bearer_token(metadata: list, expected: str) -> None:
+def test_bearer_token(metadata: list[tuple[str, str]], expected: str) -> None:
     got = bearer_token(metadata)
     if isinstance(got, Refusal):
         assert got.code is Code.UNAUTHENTICATED and expected in got.reason
