@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -32,7 +34,9 @@ from controlplane.ca_grpc_auth import Policy, RateLimiter
 from kube.client import KubeClient, load_kubeconfig
 from localcluster.kube.apiserver import ISSUER, KubeControlPlane
 from meshcore.identity import camessages as m
-from meshcore.identity.certs import new_key_and_csr
+from meshcore.identity.certs import CertificateError, CertificateManager, new_key_and_csr
+from meshcore.identity.certworker_client import CertWorkerClient
+from meshcore.identity.istio_ca import CaGrpcSettings, IstioCAClient
 from meshcore.identity.spiffe import SpiffeId
 from tests.controlplane.ca_grpc_pb import compiled
 
@@ -323,3 +327,73 @@ def test_issuance_is_rate_limited_per_node(env: Env) -> None:
         env.ask(env.token(env.zt, "ztunnel", "ztunnel-a"), alice, impersonate=alice)
     finally:
         env.cp.request("DELETE", f"/api/v1/nodes/{node}")
+
+
+# ---- the client side: the certificate worker asks, the manager keeps the result --------
+
+
+def _client_files(env: Env, tmp: Path, pod: str) -> CaGrpcSettings:
+    (tmp / "root-cert.pem").write_bytes(env.ca.roots_pem())
+    (tmp / "istio-token").write_text(env.token(env.zt, "ztunnel", pod))
+    return CaGrpcSettings(f"127.0.0.1:{env.port}", tmp / "root-cert.pem", tmp / "istio-token")
+
+
+def test_the_tunnels_client_gets_its_pods_certificates_through_the_worker(
+    env: Env, tmp_path: Path
+) -> None:
+    settings = _client_files(env, tmp_path, "ztunnel-a")
+    alice, bob = _id(env.app, "alice"), _id(env.app, "bob")
+
+    async def main() -> None:
+        worker = CertWorkerClient()
+        mgr = CertificateManager(IstioCAClient(settings, worker), timedelta(hours=1), crypto=worker)
+        try:
+            cert = await mgr.get(alice)
+            assert cert.identity == alice and cert.roots_pem == env.ca.roots_pem()
+            assert (
+                timedelta(minutes=59)
+                < cert.not_after - cert.not_before
+                <= timedelta(hours=1, minutes=1)
+            )
+            # bob runs on node B only: the CA's reason reaches the caller.
+            with pytest.raises(CertificateError, match="no such pod on your node"):
+                await mgr.get(bob)
+            assert worker.started >= 1  # the call was made by a worker process
+        finally:
+            await mgr.close()
+
+    asyncio.run(main())
+
+
+def test_the_client_says_why_it_cannot_ask(env: Env, tmp_path: Path) -> None:
+    settings = _client_files(env, tmp_path, "ztunnel-a")
+    alice = _id(env.app, "alice")
+    csr = new_key_and_csr(alice)[1]
+
+    async def sign(s: CaGrpcSettings) -> str:
+        worker = CertWorkerClient()
+        try:
+            await IstioCAClient(s, worker, timeout=3).sign(csr, timedelta(hours=1))
+        except CertificateError as e:
+            return str(e)
+        finally:
+            await worker.close()
+        raise AssertionError("signed")
+
+    other_root = CertificateAuthority.create(TD).roots_pem()
+    (tmp_path / "other-root.pem").write_bytes(other_root)
+    cases = [
+        (replace(settings, token_path=tmp_path / "absent"), "cannot read the CA token"),
+        (replace(settings, root_cert=tmp_path / "absent"), "cannot read the CA root"),
+        # A server whose certificate the given root did not sign is not spoken to.
+        (replace(settings, root_cert=tmp_path / "other-root.pem"), "cannot reach the CA"),
+        (replace(settings, address=f"127.0.0.1:{_free_port()}"), "cannot reach the CA"),
+    ]
+    for s, words in cases:
+        assert words in asyncio.run(sign(s))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
