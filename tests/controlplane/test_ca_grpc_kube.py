@@ -12,10 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -39,10 +44,12 @@ from meshcore.identity.certworker_client import CertWorkerClient
 from meshcore.identity.istio_ca import CaGrpcSettings, IstioCAClient
 from meshcore.identity.spiffe import SpiffeId
 from tests.controlplane.ca_grpc_pb import compiled
+from tests.support.netns import throwaway_netns
 
 pytestmark = pytest.mark.kube
 
 TD = "cluster.local"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _ok(cp: KubeControlPlane, method: str, path: str, body: object | None = None) -> Any:
@@ -397,3 +404,130 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+# ---- the tunnel process ------------------------------------------------------------------
+
+
+def _config_dump(port: int) -> dict[str, Any] | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/config_dump", timeout=2) as r:
+            out: dict[str, Any] = json.loads(r.read())
+            return out
+    except OSError:
+        return None
+
+
+@pytest.mark.netns
+def test_the_tunnel_process_gets_its_pods_certificates_from_the_grpc_ca(
+    env: Env, tmp_path: Path
+) -> None:
+    settings = _client_files(env, tmp_path, "ztunnel-a")
+    alice = _id(env.app, "alice")
+    xds = {
+        "workloads": [
+            {
+                "uid": "u-alice",
+                "name": "alice-1",
+                "namespace": env.app,
+                "serviceAccount": "alice",
+                "workloadIps": ["10.250.0.5"],
+                "protocol": "HBONE",
+                "node": env.node_a,
+            }
+        ],
+        "services": [],
+    }
+    (tmp_path / "xds.yaml").write_text(json.dumps(xds))
+    admin = _free_port()
+    with throwaway_netns("cagrpc") as pod_netns:
+        (tmp_path / "enrol.yaml").write_text(
+            json.dumps({"pods": [{"uid": "u-alice", "netns": pod_netns}]})
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ztunnel"],
+            cwd=ROOT,
+            env={
+                **os.environ,
+                "NODE_NAME": env.node_a,
+                "LOCAL_XDS_PATH": str(tmp_path / "xds.yaml"),
+                "ENROLMENT_PATH": str(tmp_path / "enrol.yaml"),
+                "CA_ADDRESS": settings.address,
+                "CA_ROOT_CERT": str(settings.root_cert),
+                "CA_TOKEN_PATH": str(settings.token_path),
+                "TRUST_DOMAIN": TD,
+                "ADMIN_PORT": str(admin),
+                "METRICS_PORT": str(_free_port()),
+                "READINESS_PORT": str(_free_port()),
+            },
+            stdout=subprocess.DEVNULL,
+            stderr=open(tmp_path / "ztunnel.log", "wb"),  # noqa: SIM115
+        )
+        try:
+            deadline = time.monotonic() + 30
+            held: list[dict[str, Any]] = []
+            while time.monotonic() < deadline:
+                assert proc.poll() is None, (tmp_path / "ztunnel.log").read_text()[-2000:]
+                dump = _config_dump(admin)
+                held = [
+                    c for c in (dump or {}).get("certificates", []) if c.get("state") == "valid"
+                ]
+                if held:
+                    break
+                time.sleep(0.2)
+            assert [c["identity"] for c in held] == [str(alice)], (
+                tmp_path / "ztunnel.log"
+            ).read_text()[-2000:]
+            # The call was the worker's: the tunnel process never mapped grpcio's core.
+            assert "cygrpc" not in Path(f"/proc/{proc.pid}/maps").read_text()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def test_the_standalone_process_serves_with_the_stored_root(env: Env, tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "controlplane.ca_grpc",
+            "--state-dir", str(tmp_path),
+            "--kubeconfig", str(env.cp.kubeconfig),
+            "--listen", "127.0.0.1:0",
+            "--trusted-node-account", f"{env.zt}/ztunnel",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        for _ in range(20):  # log lines come first, on the same stdout
+            line = proc.stdout.readline()
+            if not line or line.startswith("listening on port "):
+                break
+        assert line.startswith("listening on port "), line
+        port = int(line.split()[-1])
+        root = CertificateAuthority.load_or_create(tmp_path, TD)  # the root it created
+        (tmp_path / "root.pem").write_bytes(root.roots_pem())
+        (tmp_path / "token").write_text(env.token(env.zt, "ztunnel", "ztunnel-a"))
+        settings = CaGrpcSettings(f"127.0.0.1:{port}", tmp_path / "root.pem", tmp_path / "token")
+        alice = _id(env.app, "alice")
+
+        async def ask() -> list[bytes]:
+            worker = CertWorkerClient()
+            try:
+                csr = new_key_and_csr(alice)[1]
+                return await IstioCAClient(settings, worker).sign(csr, timedelta(hours=1))
+            finally:
+                await worker.close()
+
+        chain = asyncio.run(ask())
+        assert _leaf_uri([c.decode() for c in chain]) == str(alice)
+        assert chain[-1] == root.roots_pem()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
