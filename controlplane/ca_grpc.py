@@ -12,6 +12,9 @@ Invariants:
   a LIST, so a pod created a moment ago is not refused for a stale cache).
 - The decision itself is `controlplane.ca_grpc_auth.decide`, pure; this module only gathers
   its facts, applies the per-node rate limit, signs, and answers.
+- Requests are rate-limited per caller node (a workload without a known node: per service
+  account). A node proxy's impersonation is charged as soon as its node is known, granted or
+  not, so a proxy asking for identities it may not have cannot make the CA LIST pods freely.
 - Every refusal is a gRPC error whose details say why, and is logged with the caller; a
   request that cannot be decoded is INVALID_ARGUMENT; a failure of the API server is
   UNAVAILABLE (the client retries); nothing a client sends crashes the server.
@@ -141,13 +144,9 @@ class KubeFacts:
             return Refusal(Code.UNAUTHENTICATED, reason)
         return caller
 
-    async def node_facts(self, caller: Caller, target: SpiffeId | None) -> NodeFacts:
-        """The caller's pod, and whether a pod running as `target` is on its node."""
-        pod = await self._pod(caller.namespace, caller.pod_name)
-        if pod is None or target is None or not pod.node_name:
-            return NodeFacts(pod, False)
-        found = await self._identity_on_node(pod.node_name, target)
-        return NodeFacts(pod, found)
+    async def caller_pod(self, caller: Caller) -> PodFacts | None:
+        """The pod the caller's token is bound to, None if it does not exist."""
+        return await self._pod(caller.namespace, caller.pod_name)
 
     async def _pod(self, namespace: str, name: str) -> PodFacts | None:
         cached = self.pods.get(f"{namespace}/{name}")
@@ -160,7 +159,8 @@ class KubeFacts:
                 return None
             raise
 
-    async def _identity_on_node(self, node: str, target: SpiffeId) -> bool:
+    async def identity_on_node(self, node: str, target: SpiffeId) -> bool:
+        """Whether a pod running as `target` is on `node` (the index, else a LIST)."""
         if self._on_node.get((node, target.namespace, target.service_account)):
             return True
         listed = await self._client.list(
@@ -239,10 +239,23 @@ class CaGrpcService:
         except CAError as e:
             asked = str(e)
         node: NodeFacts | None = None
+        charged = False
         if needs_node_facts(self._policy, caller, req.impersonated_identity):
             target = _parse_or_none(req.impersonated_identity)
             try:
-                node = await self._facts.node_facts(caller, target)
+                pod = await self._facts.caller_pod(caller)
+                on_node = False
+                if pod is not None and pod.node_name:
+                    # Charged before the lookup that may LIST pods: a node proxy asking for
+                    # identities it may not have costs the API server no more than one
+                    # that gets them.
+                    limited = self._charge(f"node/{pod.node_name}")
+                    if limited is not None:
+                        return self._refuse(limited, peer, caller)
+                    charged = True
+                    if target is not None:
+                        on_node = await self._facts.identity_on_node(pod.node_name, target)
+                node = NodeFacts(pod, on_node)
             except (KubeApiError, aiohttp.ClientError, OSError, TimeoutError) as e:
                 return self._refuse(
                     Refusal(Code.UNAVAILABLE, f"cannot look up the caller's node: {e}"),
@@ -254,20 +267,23 @@ class CaGrpcService:
         )
         if isinstance(decision, Refusal):
             return self._refuse(decision, peer, caller)
+        if not charged:
+            limited = self._charge(f"node/{decision.node}" if decision.node else f"sa/{caller}")
+            if limited is not None:
+                return self._refuse(limited, peer, caller)
         return self._issue(decision, caller, csr_pem, peer)
 
+    def _charge(self, key: str) -> Refusal | None:
+        """One request against `key`'s bucket; the refusal if it is empty."""
+        if self._limiter.allow(key, self._clock()):
+            return None
+        return Refusal(
+            Code.RESOURCE_EXHAUSTED,
+            f"rate limited: {key} asked for more than {self._limiter.burst:g} "
+            f"certificates at once ({self._limiter.rate:g}/s after that); retry later",
+        )
+
     def _issue(self, issue: Issue, caller: Caller, csr_pem: bytes, peer: str) -> bytes | Refusal:
-        key = f"node/{issue.node}" if issue.node else f"sa/{caller}"
-        if not self._limiter.allow(key, self._clock()):
-            return self._refuse(
-                Refusal(
-                    Code.RESOURCE_EXHAUSTED,
-                    f"rate limited: {key} asked for more than {self._limiter.burst:g} "
-                    f"certificates at once ({self._limiter.rate:g}/s after that); retry later",
-                ),
-                peer,
-                caller,
-            )
         try:
             chain = self._ca.sign_csr(csr_pem, issue.identity, issue.validity)
         except CAError as e:

@@ -329,6 +329,11 @@ def test_issuance_is_rate_limited_per_node(env: Env) -> None:
                 last = e
         assert codes.count("ok") >= 12 and "RESOURCE_EXHAUSTED" in codes, codes
         assert f"node/{node}" in (last.details() or "")
+        # Refused requests count too, and before any LIST of pods: asking for an identity
+        # that is not on the node is held back the same way.
+        nobody = _id(env.app, "nobody")
+        err = env.refused(token, nobody, impersonate=nobody)
+        _assert_refused(err, grpc.StatusCode.RESOURCE_EXHAUSTED, "rate limited")
         # Another node is not held back by this one.
         alice = _id(env.app, "alice")
         env.ask(env.token(env.zt, "ztunnel", "ztunnel-a"), alice, impersonate=alice)
