@@ -31,7 +31,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +39,12 @@ import aiohttp
 import grpc
 import structlog
 
-from controlplane.ca import CAError, CertificateAuthority, csr_identity, parse_csr
+from controlplane.ca import MAX_LEAF_TTL, CAError, CertificateAuthority, csr_identity, parse_csr
 from controlplane.ca_grpc_auth import (
     CA_AUDIENCE,
     DEFAULT_TRUSTED_NODE_ACCOUNTS,
+    DEFAULT_VALIDITY,
+    MAX_VALIDITY,
     Caller,
     Code,
     Issue,
@@ -383,18 +385,32 @@ def parse_accounts(values: list[str]) -> frozenset[tuple[str, str]]:
     return frozenset(out)
 
 
-async def _serve(args: argparse.Namespace) -> None:
-    ca = CertificateAuthority.load_or_create(Path(args.state_dir), args.trust_domain)
+def policy_and_limiter(args: argparse.Namespace) -> tuple[Policy, RateLimiter]:
+    """The process's settings, checked before anything starts."""
+    if not 60 <= args.max_cert_ttl_seconds <= MAX_LEAF_TTL.total_seconds():
+        raise CaGrpcError(
+            f"--max-cert-ttl-seconds {args.max_cert_ttl_seconds} is outside "
+            f"60..{int(MAX_LEAF_TTL.total_seconds())}"
+        )
+    if not (args.rate_per_node > 0 and 1 <= args.burst_per_node <= 1_000_000):
+        raise CaGrpcError("--rate-per-node must be positive and --burst-per-node 1..1000000")
     accounts = (
         parse_accounts(args.trusted_node_account)
         if args.trusted_node_account
         else DEFAULT_TRUSTED_NODE_ACCOUNTS
     )
-    policy = Policy(args.trust_domain, accounts)
+    cap = timedelta(seconds=args.max_cert_ttl_seconds)
+    policy = Policy(args.trust_domain, accounts, min(DEFAULT_VALIDITY, cap), cap)
+    return policy, RateLimiter(args.rate_per_node, args.burst_per_node)
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    policy, limiter = policy_and_limiter(args)
+    ca = CertificateAuthority.load_or_create(Path(args.state_dir), args.trust_domain)
     async with KubeClient(load_kubeconfig(args.kubeconfig), timeout=KUBE_TIMEOUT_S) as client:
         facts = KubeFacts(client)
         facts.start()
-        server = CaGrpcServer(CaGrpcService(ca, facts, policy), ca)
+        server = CaGrpcServer(CaGrpcService(ca, facts, policy, limiter), ca)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -423,6 +439,14 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="namespace/serviceaccount of a node proxy (repeatable; default istio-system/ztunnel)",
     )
+    parser.add_argument(
+        "--max-cert-ttl-seconds",
+        type=int,
+        default=int(MAX_VALIDITY.total_seconds()),
+        help="cap on a certificate's lifetime (60..604800; default 7 days)",
+    )
+    parser.add_argument("--rate-per-node", type=float, default=RATE_PER_S, help="requests/s")
+    parser.add_argument("--burst-per-node", type=int, default=BURST, help="requests at once")
     args = parser.parse_args(argv)
     try:
         asyncio.run(_serve(args))

@@ -121,3 +121,42 @@ def test_a_sign_request_the_worker_cannot_make_is_an_error_answer(
     }
     answer = certworker.answer({**request, **change})
     assert answer["id"] == 7 and words in answer["error"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--max-cert-ttl-seconds", "30"], "outside 60..604800"),
+        (["--max-cert-ttl-seconds", "999999"], "outside 60..604800"),
+        (["--rate-per-node", "0"], "--rate-per-node must be positive"),
+        (["--burst-per-node", "0"], "--burst-per-node 1..1000000"),
+        (["--trusted-node-account", "ztunnel"], "not <namespace>/<service account>"),
+    ],
+)
+def test_the_process_refuses_bad_settings_before_starting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], words: str
+) -> None:
+    from controlplane.ca_grpc import main
+
+    argv = ["--state-dir", str(tmp_path), "--kubeconfig", str(tmp_path / "absent"), *flags]
+    assert main(argv) == 1
+    assert words in capsys.readouterr().err
+    assert not (tmp_path / "ca").exists()  # nothing was created
+
+
+def test_the_process_settings_reach_the_policy(tmp_path: Path) -> None:
+    import argparse
+
+    from controlplane.ca_grpc import policy_and_limiter
+
+    args = argparse.Namespace(
+        trust_domain="example.org",
+        trusted_node_account=["kube-system/node-proxy"],
+        max_cert_ttl_seconds=3600,
+        rate_per_node=2.0,
+        burst_per_node=5,
+    )
+    policy, limiter = policy_and_limiter(args)
+    assert policy.trusted_node_accounts == frozenset({("kube-system", "node-proxy")})
+    assert policy.max_validity == policy.default_validity == timedelta(hours=1)
+    assert (limiter.rate, limiter.burst) == (2.0, 5)
