@@ -24,12 +24,18 @@ have_all() {
     for b in "${bins[@]}"; do [ -x "$cache/bin/$b" ] || return 1; done
 }
 
-# The three servers go on PATH (/usr/local/bin links, as root), as every program the project
-# runs is (scripts/programs.txt).
+# The three servers go on PATH (copies in /usr/local/bin, as root), as every program the
+# project runs is (scripts/programs.txt). Copies, not links: root's cache is not readable by
+# the unprivileged test user.
 link_bins() {
     local b
     [ "$(id -u)" = 0 ] || return 0
-    for b in "${bins[@]}"; do ln -sfn "$cache/bin/$b" "/usr/local/bin/$b"; done
+    for b in "${bins[@]}"; do
+        if [ -L "/usr/local/bin/$b" ] || ! cmp -s "$cache/bin/$b" "/usr/local/bin/$b"; then
+            rm -f "/usr/local/bin/$b"
+            install -m 0755 "$cache/bin/$b" "/usr/local/bin/$b"
+        fi
+    done
 }
 
 if have_all && [ -x "$cache/bin/kubectl" ]; then

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Generator, Iterator
+from pathlib import Path
 
 import pluggy
 import pytest
 
+from localcluster.kube.apiserver import KubeControlPlane
 from tests.scripts.programs import ProgramGuard, read_list
 from tests.support.aio import Loop
 
@@ -74,3 +76,16 @@ def aio(request: pytest.FixtureRequest) -> Iterator[Loop]:
     loop = Loop(getattr(request, "param", "asyncio"))
     yield loop
     loop.close()
+
+
+# The real Kubernetes API server: one per test session (about 5 s to start), shared by every
+# test marked `kube` (root tier: the binaries live in root's cache). Each test works in
+# namespaces of its own, so sharing is safe.
+@pytest.fixture(scope="session")
+def kube_cp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeControlPlane]:
+    cp = KubeControlPlane(Path(tmp_path_factory.mktemp("kube")), die_with_parent=True)
+    cp.start()
+    try:
+        yield cp
+    finally:
+        cp.stop()

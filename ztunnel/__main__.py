@@ -16,7 +16,9 @@ import structlog
 
 from meshcore.admin.readiness import ReadinessServer
 from meshcore.admin.server import AdminServer, MetricsServer, process_metrics
-from meshcore.identity.certs import CertificateManager, LocalCAClient
+from meshcore.identity.certs import CertificateClient, CertificateManager, LocalCAClient
+from meshcore.identity.certworker_client import CertWorkerClient
+from meshcore.identity.istio_ca import IstioCAClient
 from meshcore.runtime import malloc
 from meshcore.runtime.entry import run_process
 from meshcore.state import IPAddress
@@ -33,11 +35,16 @@ TRIM_CHECK_SECONDS = 1.0
 
 
 async def run(cfg: Config) -> None:
-    token = cfg.ca_token_path.read_text().strip()
-    certs = CertificateManager(
-        LocalCAClient(cfg.ca_address, token), ttl=timedelta(seconds=cfg.cert_ttl_seconds)
-    )
     dns_upstreams = _dns_upstreams(cfg)
+    # One worker client for keys, CSRs, chain checks and (with a gRPC CA) the CA call itself.
+    worker = CertWorkerClient()
+    client: CertificateClient
+    if cfg.ca_grpc is not None:
+        client = IstioCAClient(cfg.ca_grpc, worker)
+    else:
+        assert cfg.ca_address is not None  # parse_config guarantees one of the two
+        client = LocalCAClient(cfg.ca_address, cfg.ca_token_path.read_text().strip())
+    certs = CertificateManager(client, ttl=timedelta(seconds=cfg.cert_ttl_seconds), crypto=worker)
     node = NodeProxy(
         cfg.node_name,
         certs,

@@ -19,6 +19,7 @@ from meshcore.envconfig import integer as _int
 from meshcore.envconfig import log_level as _log_level
 from meshcore.envconfig import required as _required
 from meshcore.hbone.limits import DEFAULT_LIMITS, HboneLimits
+from meshcore.identity.istio_ca import DEFAULT_TOKEN_PATH, CaGrpcSettings, parse_grpc_address
 from meshcore.xds.source import XDS_ADDRESS as XDS_ADDRESS
 from meshcore.xds.source import XDS_ROOT_CERT as XDS_ROOT_CERT
 from meshcore.xds.source import XdsSettings, parse_source
@@ -29,6 +30,11 @@ ENROLMENT_PATH = "ENROLMENT_PATH"
 ZDS_SOCKET = "ZDS_SOCKET"
 CA_ADDRESS = "CA_ADDRESS"
 CA_TOKEN_PATH = "CA_TOKEN_PATH"
+# CA_ADDRESS is the built-in CA's unix socket (a path), or an Istio-compatible CA over gRPC
+# (host:port or https://host:port, as upstream's). The gRPC CA is verified against
+# CA_ROOT_CERT and authenticated with the service-account token at CA_TOKEN_PATH (upstream's
+# /var/run/secrets/tokens/istio-token by default).
+CA_ROOT_CERT = "CA_ROOT_CERT"
 TRUST_DOMAIN = "TRUST_DOMAIN"
 READINESS_PORT = "READINESS_PORT"
 LOG_LEVEL = "LOG_LEVEL"
@@ -67,7 +73,7 @@ class Config:
     # Exactly one of these says where enrolment comes from: the node agent's ZDS socket,
     # or (the local cluster until it runs an agent) an enrolment file.
     enrolment_path: Path | None
-    ca_address: Path
+    ca_address: Path | None  # the built-in CA's unix socket; None with ca_grpc
     ca_token_path: Path
     trust_domain: str = defaults.TRUST_DOMAIN
     readiness_port: int = defaults.READINESS_PORT
@@ -88,6 +94,8 @@ class Config:
     # The DNS proxy: on or off, and the resolv.conf naming the resolvers it forwards to.
     dns_capture: bool = False
     dns_resolv_conf: Path = Path(DEFAULT_RESOLV_CONF)
+    # An Istio-compatible CA over gRPC instead of the unix socket (CA_ADDRESS host:port).
+    ca_grpc: CaGrpcSettings | None = None
 
 
 def _enrolment(env: Mapping[str, str]) -> tuple[Path | None, Path | None]:
@@ -108,18 +116,44 @@ def _enrolment(env: Mapping[str, str]) -> tuple[Path | None, Path | None]:
     return None, Path(zds)
 
 
+def _ca(env: Mapping[str, str]) -> tuple[Path | None, CaGrpcSettings | None, Path]:
+    """(unix socket, gRPC settings, token path): exactly one of the first two is set."""
+    address = _required(env, CA_ADDRESS)
+    token = env.get(CA_TOKEN_PATH, "").strip()
+    root = env.get(CA_ROOT_CERT, "").strip()
+    if address.startswith("/"):
+        if root:
+            # Refused rather than ignored: the operator meant one CA or the other.
+            raise EnvConfigError(f"{CA_ROOT_CERT} is for a gRPC CA; {CA_ADDRESS} is a socket path")
+        if not token:
+            raise EnvConfigError(f"{CA_TOKEN_PATH} must be set for the CA socket {address}")
+        return Path(address), None, Path(token)
+    try:
+        host_port = parse_grpc_address(address)
+    except ValueError as e:
+        raise EnvConfigError(
+            f"{CA_ADDRESS}: {e} (a socket path starting with /, or host:port of a gRPC CA)"
+        ) from None
+    if not root:
+        raise EnvConfigError(f"{CA_ROOT_CERT} must be set to verify the gRPC CA at {host_port}")
+    token_path = Path(token) if token else DEFAULT_TOKEN_PATH
+    return None, CaGrpcSettings(host_port, Path(root), token_path), token_path
+
+
 def parse_config(env: Mapping[str, str]) -> Config:
     level = _log_level(env, LOG_LEVEL)
     enrolment_path, zds_socket = _enrolment(env)
     local_xds_path, xds = parse_source(env, LOCAL_XDS_PATH)
+    ca_socket, ca_grpc, ca_token_path = _ca(env)
     return Config(
         node_name=_required(env, NODE_NAME),
         local_xds_path=local_xds_path,
         xds=xds,
         enrolment_path=enrolment_path,
         zds_socket=zds_socket,
-        ca_address=Path(_required(env, CA_ADDRESS)),
-        ca_token_path=Path(_required(env, CA_TOKEN_PATH)),
+        ca_address=ca_socket,
+        ca_token_path=ca_token_path,
+        ca_grpc=ca_grpc,
         trust_domain=env.get(TRUST_DOMAIN, "").strip() or defaults.TRUST_DOMAIN,
         readiness_port=_int(env, READINESS_PORT, defaults.READINESS_PORT, 1, 65535),
         log_level=level,

@@ -106,3 +106,16 @@ def _uri_sans(cert: x509.Certificate) -> list[str]:
     except x509.ExtensionNotFound:
         return []
     return [str(v) for v in san.get_values_for_type(x509.UniformResourceIdentifier)]
+
+
+def csr_uri(csr_pem: bytes) -> str:
+    """The one URI SAN of a CSR (the identity it asks for), or a `ChainError`."""
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (ValueError, x509.ExtensionNotFound) as e:
+        raise ChainError(f"the CSR names no identity: {e}") from e
+    uris = [str(v) for v in san.get_values_for_type(x509.UniformResourceIdentifier)]
+    if len(uris) != 1:
+        raise ChainError(f"the CSR names {len(uris)} URIs, expected one")
+    return uris[0]

@@ -13,6 +13,13 @@ Wire format: one JSON object per line, UTF-8, both ways. Every request carries a
     {"id": 2, "op": "check_chain", "identity": "spiffe://...", "public_key": "<SPKI PEM>",
      "chain": ["<leaf PEM>", ..., "<root PEM>"]}
     -> {"id": 2, "serial": 123, "not_before": "<ISO 8601, UTC>", "not_after": "<ISO 8601>"}
+    {"id": 3, "op": "sign_grpc", "address": "host:port", "root_cert": "<path>",
+     "token_path": "<path>", "csr": "<CSR PEM>", "ttl_seconds": 86400, "impersonate": true,
+     "timeout": 10.0}
+    -> {"id": 3, "chain": ["<leaf PEM>", ..., "<root PEM>"]}
+       (Istio's CreateCertificate over gRPC; with "impersonate", the CSR's identity is sent
+       as metadata ImpersonatedIdentity, as a node proxy asks for its pods' identities.
+       grpcio is imported for this operation only.)
     a request that cannot be served -> {"id": n, "error": "<what is wrong>"}
 
 A line that is not a request with an integer id ends the worker (status 2, reason on
@@ -24,9 +31,10 @@ from __future__ import annotations
 import json
 import signal
 import sys
+from pathlib import Path
 from typing import IO, Any
 
-from meshcore.identity.certcrypto import ChainError, check_chain, new_key_and_csr
+from meshcore.identity.certcrypto import ChainError, check_chain, csr_uri, new_key_and_csr
 
 EXIT_BAD_REQUEST = 2
 
@@ -36,6 +44,8 @@ def answer(request: dict[str, Any]) -> dict[str, Any]:
     rid = request["id"]
     op = request.get("op")
     try:
+        if op == "sign_grpc":
+            return {"id": rid, "chain": _sign_grpc(request)}
         identity = _text(request, "identity")
         if op == "key_and_csr":
             made = new_key_and_csr(identity)
@@ -89,6 +99,30 @@ def main() -> int:
     # the tunnel reports, instead of corrupting the answer stream.
     sys.stdout = sys.stderr
     return serve(sys.stdin.buffer, out, sys.stderr)
+
+
+def _sign_grpc(request: dict[str, Any]) -> list[str]:
+    # Imported here: a worker that only makes keys never loads grpcio.
+    from meshcore.identity.ca_grpc_call import CaCallError, create_certificate
+
+    csr = _text(request, "csr")
+    ttl = request.get("ttl_seconds")
+    timeout = request.get("timeout")
+    if type(ttl) is not int or not isinstance(timeout, int | float) or isinstance(timeout, bool):
+        raise ChainError("sign_grpc needs an integer ttl_seconds and a number timeout")
+    impersonated = csr_uri(csr.encode()) if request.get("impersonate") is True else ""
+    try:
+        return create_certificate(
+            _text(request, "address"),
+            Path(_text(request, "root_cert")),
+            Path(_text(request, "token_path")),
+            csr,
+            ttl,
+            impersonated,
+            float(timeout),
+        )
+    except CaCallError as e:
+        raise ChainError(str(e)) from e
 
 
 def _text(request: dict[str, Any], name: str) -> str:

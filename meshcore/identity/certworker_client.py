@@ -101,6 +101,36 @@ class CertWorkerClient:
             datetime.fromisoformat(a["not_after"]),
         )
 
+    async def sign_grpc(
+        self,
+        address: str,
+        root_cert: str,
+        token_path: str,
+        csr_pem: bytes,
+        ttl_seconds: int,
+        *,
+        impersonate: bool,
+        call_timeout: float,
+    ) -> list[bytes]:
+        """The chain an Istio-compatible CA issues for `csr_pem`, asked by the worker over
+        gRPC (so the tunnel never loads grpcio); the CA's refusal is a `CertWorkerError`."""
+        request = {
+            "op": "sign_grpc",
+            "address": address,
+            "root_cert": root_cert,
+            "token_path": token_path,
+            "csr": csr_pem.decode(),
+            "ttl_seconds": ttl_seconds,
+            "impersonate": impersonate,
+            # The gRPC deadline, inside the worker; shorter than the worker's own timeout.
+            "timeout": call_timeout,
+        }
+        a = await self._call(request, _check_chain)
+        chain = a["chain"]
+        if not all(isinstance(c, str) for c in chain):
+            raise CertWorkerError("certificate worker sent a chain that is not a list of PEMs")
+        return [c.encode() for c in chain]
+
     @property
     def running(self) -> int:
         """Worker processes not yet reaped."""
@@ -199,6 +229,7 @@ class _AnswerCheck:
 
 _check_new_key = _AnswerCheck({"key": str, "public_key": str, "csr": str})
 _check_leaf_facts = _AnswerCheck({"serial": int, "not_before": str, "not_after": str})
+_check_chain = _AnswerCheck({"chain": list})
 
 
 @dataclass(slots=True)

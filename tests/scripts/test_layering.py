@@ -29,6 +29,7 @@ HEAVY = (
     "jwt",
     "opentelemetry",
     "google.protobuf",
+    "grpc",
 )
 
 

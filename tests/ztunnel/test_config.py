@@ -1,4 +1,4 @@
-"""The tunnel's environment parsing: booleans."""
+"""The tunnel's environment parsing: booleans, HBONE limits, the CA."""
 
 from __future__ import annotations
 
@@ -65,3 +65,45 @@ def test_dns_proxy_is_off_unless_turned_on() -> None:
     assert cfg.dns_capture is True and str(cfg.dns_resolv_conf) == "/r.conf"
     with pytest.raises(EnvConfigError, match="ISTIO_META_DNS_CAPTURE"):
         parse_config({**BASE, "ISTIO_META_DNS_CAPTURE": "maybe"})
+
+
+def test_the_ca_is_a_socket_path_or_a_grpc_address() -> None:
+    from pathlib import Path
+
+    from meshcore.identity.istio_ca import DEFAULT_TOKEN_PATH, CaGrpcSettings
+
+    unix = parse_config(BASE)
+    assert (unix.ca_address, unix.ca_grpc, unix.ca_token_path) == (
+        Path("/ca.sock"),
+        None,
+        Path("/token"),
+    )
+    grpc_env = {**BASE, "CA_ADDRESS": "https://istiod.istio-system.svc:15012"}
+    grpc_env["CA_ROOT_CERT"] = "/root.pem"
+    del grpc_env["CA_TOKEN_PATH"]
+    cfg = parse_config(grpc_env)
+    assert cfg.ca_address is None
+    assert cfg.ca_grpc == CaGrpcSettings(
+        "istiod.istio-system.svc:15012", Path("/root.pem"), DEFAULT_TOKEN_PATH
+    )
+    assert str(DEFAULT_TOKEN_PATH) == "/var/run/secrets/tokens/istio-token"  # upstream's
+    own = parse_config({**grpc_env, "CA_ADDRESS": "127.0.0.1:15012", "CA_TOKEN_PATH": "/t"})
+    assert own.ca_grpc == CaGrpcSettings("127.0.0.1:15012", Path("/root.pem"), Path("/t"))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"CA_ADDRESS": "127.0.0.1:15012"}, "CA_ROOT_CERT must be set"),
+        ({"CA_ROOT_CERT": "/root.pem"}, "CA_ROOT_CERT is for a gRPC CA"),
+        ({"CA_TOKEN_PATH": ""}, "CA_TOKEN_PATH must be set for the CA socket"),
+        ({"CA_ADDRESS": "http://ca:15012", "CA_ROOT_CERT": "/r"}, "only https://"),
+        ({"CA_ADDRESS": "ca", "CA_ROOT_CERT": "/r"}, "is not host:port"),
+        ({"CA_ADDRESS": "ca:99999", "CA_ROOT_CERT": "/r"}, "is not host:port"),
+        ({"CA_ADDRESS": "https://ca/x:1", "CA_ROOT_CERT": "/r"}, "no path"),
+        ({"CA_ADDRESS": ""}, "CA_ADDRESS must be set"),
+    ],
+)
+def test_a_bad_ca_setting_says_which_and_why(change: dict[str, str], message: str) -> None:
+    with pytest.raises(EnvConfigError, match=message):
+        parse_config({**BASE, **change})
