@@ -1,0 +1,86 @@
+"""Installs the CustomResourceDefinitions the mesh reads, and the `istio-waypoint` GatewayClass.
+
+The CRDs are YAML under `controlplane/crds/` (Istio security and networking, Gateway API), each
+served at the versions users apply today, with a structural schema that keeps `spec` and
+`status` verbatim (the mesh checks specs with its own parsers) and the status subresource on.
+`install_crds` applies them server-side (idempotent: a second run changes nothing), waits until
+the API server reports every one Established (only then can objects of the kind be created),
+then applies the GatewayClass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from importlib import resources
+from typing import Any
+
+import yaml
+
+from kube.client import KubeClient
+from kube.kinds import CRD, GATEWAY_CLASS
+
+FIELD_MANAGER = "ambient-mesh-controlplane"
+WAYPOINT_CLASS = "istio-waypoint"
+WAYPOINT_CONTROLLER = "istio.io/waypoint-controller"
+CRD_FILES = ("istio-security.yaml", "istio-networking.yaml", "gateway-api.yaml")
+
+
+class InstallError(RuntimeError):
+    """The CRDs could not be installed or did not become Established in time."""
+
+
+def load_crds() -> list[dict[str, Any]]:
+    """Every CRD the mesh installs, as decoded documents (in file order)."""
+    out: list[dict[str, Any]] = []
+    folder = resources.files("controlplane").joinpath("crds")
+    for name in CRD_FILES:
+        for doc in yaml.safe_load_all(folder.joinpath(name).read_text(encoding="utf-8")):
+            if isinstance(doc, dict):
+                out.append(doc)
+    return out
+
+
+def waypoint_gateway_class() -> dict[str, Any]:
+    return {
+        "apiVersion": GATEWAY_CLASS.api_version,
+        "kind": "GatewayClass",
+        "metadata": {"name": WAYPOINT_CLASS},
+        "spec": {
+            "controllerName": WAYPOINT_CONTROLLER,
+            "description": "The mesh's waypoints (L7 proxies)",
+        },
+    }
+
+
+def established(crd: dict[str, Any]) -> bool:
+    conditions = (crd.get("status") or {}).get("conditions") or ()
+    return any(
+        isinstance(c, dict) and c.get("type") == "Established" and c.get("status") == "True"
+        for c in conditions
+    )
+
+
+async def install_crds(client: KubeClient, within: float = 30.0) -> list[str]:
+    """Apply every CRD and the waypoint GatewayClass; return the CRD names once all are
+    Established. Raises `InstallError` naming the ones that are not, after `within` seconds."""
+    crds = load_crds()
+    names = [str(c["metadata"]["name"]) for c in crds]
+    for crd in crds:
+        await client.apply(CRD, crd, manager=FIELD_MANAGER)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    waiting = set(names)
+    while waiting:
+        for name in sorted(waiting):
+            if established(await client.get(CRD, name)):
+                waiting.discard(name)
+        if not waiting:
+            break
+        if loop.time() > deadline:
+            raise InstallError(
+                f"CRDs not Established after {within:g} s: {', '.join(sorted(waiting))}; "
+                "check the API server's log"
+            )
+        await asyncio.sleep(0.1)
+    await client.apply(GATEWAY_CLASS, waypoint_gateway_class(), manager=FIELD_MANAGER)
+    return names
