@@ -30,6 +30,8 @@ from controlplane.bindings import WAYPOINT_FOR_LABEL, UseWaypoint, accepts, use_
 from controlplane.endpoints import Obj, Problem, key_of, labels, meta
 from controlplane.waypoints import (
     GATEWAY_NAME_LABEL,
+    MANAGED_LABEL,
+    MANAGED_VALUE,
     WaypointGateway,
     is_waypoint_gateway,
     read_gateway,
@@ -173,8 +175,14 @@ class _Compute:
         return self._address(ref, gw.fail_open)
 
     def _is_waypoint(self, obj: Obj) -> bool:
-        owner = labels(obj).get(GATEWAY_NAME_LABEL)
-        return owner is not None and (ep.namespace_of(obj), owner) in self.waypoints
+        """A waypoint's own pod or Service (also while its Gateway is being deleted)."""
+        lb = labels(obj)
+        owner = lb.get(GATEWAY_NAME_LABEL)
+        if owner is None:
+            return False
+        return lb.get(MANAGED_LABEL) == MANAGED_VALUE or (
+            (ep.namespace_of(obj), owner) in self.waypoints
+        )
 
     # ---- workloads and services ---------------------------------------------------------
 
