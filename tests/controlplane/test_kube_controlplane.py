@@ -8,6 +8,9 @@ import asyncio
 import contextlib
 import ipaddress
 import secrets
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -459,3 +462,52 @@ def test_route_parent_conditions_and_a_bad_policy_fails_closed(
     kube_cp: KubeControlPlane, tmp_path: Path
 ) -> None:
     asyncio.run(_routes_and_bad_policy(kube_cp, tmp_path / "xds.json"))
+
+
+# ---- the program ----------------------------------------------------------------------------
+
+
+def test_python_m_controlplane_writes_the_mesh_config_and_stops_on_sigterm(
+    kube_cp: KubeControlPlane, tmp_path: Path
+) -> None:
+    out = tmp_path / "xds.json"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "controlplane",
+            "--kubeconfig",
+            str(kube_cp.kubeconfig),
+            "--mesh-out",
+            str(out),
+            "--no-waypoints",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        ns = "cp-" + secrets.token_hex(3)
+
+        async def scenario() -> None:
+            async with KubeClient(load_kubeconfig(kube_cp.kubeconfig)) as c:
+                await c.create(kinds.NAMESPACE, {"metadata": {"name": ns, "labels": AMBIENT}})
+                await ensure_node(c)
+                await running_pod(c, ns, "solo-0", "10.244.10.10", {"app": "solo"})
+
+                def has_pod() -> bool:
+                    s = file_state(out)
+                    return bool(s and s.workload_by_uid(f"Kubernetes//Pod/{ns}/solo-0"))
+
+                await until(has_pod, within=30, what="the program's mesh config")
+                await c.delete(kinds.NAMESPACE, ns)
+
+        asyncio.run(scenario())
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, output
+    assert '"event": "mesh pushed"' in output and '"workloads"' in output
