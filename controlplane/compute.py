@@ -193,14 +193,8 @@ class _Compute:
             (s for s in self.inputs.services if ep.spec(s).get("type") != "ExternalName"),
             key=key_of,
         )
-        by_ns: dict[str, list[Obj]] = {}
-        for p in pods:
-            by_ns.setdefault(ep.namespace_of(p), []).append(p)
-        # Pods are matched per namespace: a selector never reaches across namespaces.
-        selected = {
-            key_of(s): [p for p in by_ns.get(ep.namespace_of(s), ()) if ep.selects(s, p)]
-            for s in services
-        }
+        index = ep.PodIndex(pods)
+        selected = {key_of(s): index.selected(s) for s in services}
         member_of: dict[tuple[str, str], list[Obj]] = {}
         for svc in services:
             for p in selected[key_of(svc)]:

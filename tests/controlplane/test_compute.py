@@ -263,3 +263,22 @@ def test_build_state_refuses_what_only_fails_in_combination() -> None:
     b = {"name": "b", "namespace": "s", "hostname": "b.s", "vips": ["/10.96.0.1"]}
     with pytest.raises(MeshConfigError, match="refused"):
         build_state({"services": [a, b]})
+
+
+@pytest.mark.parametrize(
+    "selector",
+    [{"app": "a"}, {"app": "a", "tier": "web"}, {"tier": "web"}, {"app": "zzz"}, {}, None],
+)
+def test_the_pod_index_selects_exactly_what_a_scan_selects(
+    selector: dict[str, str] | None,
+) -> None:
+    from controlplane.endpoints import PodIndex, selects
+
+    pods = [
+        pod("shop", "p1", "10.1.0.1", {"app": "a", "tier": "web"}),
+        pod("shop", "p2", "10.1.0.2", {"app": "a"}),
+        pod("shop", "p3", "10.1.0.3", {"app": "b", "tier": "web"}),
+        pod("other", "p4", "10.1.0.4", {"app": "a", "tier": "web"}),
+    ]
+    svc = service("shop", "s", "10.96.0.1", selector, HTTP)
+    assert PodIndex(pods).selected(svc) == [p for p in pods if selects(svc, p)]
