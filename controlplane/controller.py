@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import hashlib
 import os
 import time
@@ -81,10 +80,6 @@ class ControllerOptions:
     manage_waypoints: bool = True
     write_status: bool = True
     template: wp.WaypointTemplate = field(default_factory=wp.WaypointTemplate)
-
-
-def now_text() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -237,7 +232,7 @@ class MeshController:
         self._reported = current  # a problem that comes back is reported again
 
     async def _event(self, p: Problem) -> None:
-        now = now_text()
+        now = st.now_text()
         body = {
             "apiVersion": "v1",
             "kind": "Event",
@@ -326,7 +321,7 @@ class MeshController:
     async def _write_statuses(
         self, computed: Computed, problems: list[Problem], state: MeshState
     ) -> None:
-        now = now_text()
+        now = st.now_text()
         gateways = self.informers["gateways"].cache
         services = self.informers["services"].cache
         for gw in computed.waypoints:

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from controlplane import status
 from kube.client import KubeClient
 from kube.kinds import CRD, GATEWAY_CLASS
 
@@ -82,5 +83,21 @@ async def install_crds(client: KubeClient, within: float = 30.0) -> list[str]:
                 "check the API server's log"
             )
         await asyncio.sleep(0.1)
-    await client.apply(GATEWAY_CLASS, waypoint_gateway_class(), manager=FIELD_MANAGER)
+    gc = await client.apply(GATEWAY_CLASS, waypoint_gateway_class(), manager=FIELD_MANAGER)
+    await _accept_class(client, gc)
     return names
+
+
+async def _accept_class(client: KubeClient, gc: dict[str, Any]) -> None:
+    """The class's Accepted condition, as the controller that owns it reports it."""
+    old = gc.get("status") or {}
+    generation = (gc.get("metadata") or {}).get("generation") or 0
+    new = [status.condition("Accepted", True, "Accepted", "Handled by the mesh", generation)]
+    conditions = status.merged(old.get("conditions"), new, status.now_text())
+    if not status.same(old.get("conditions"), conditions):
+        await client.patch(
+            GATEWAY_CLASS,
+            WAYPOINT_CLASS,
+            {"status": {"conditions": conditions}},
+            subresource="status",
+        )

@@ -17,6 +17,7 @@ changed (no update loops between the writer and the informer that sees the write
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -41,6 +42,10 @@ def condition(type_: str, ok: bool, reason: str, message: str, generation: int) 
         "message": message,
         "observedGeneration": generation,
     }
+
+
+def now_text() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def generation_of(obj: Obj) -> int:

@@ -135,6 +135,8 @@ async def _crds(cp: KubeControlPlane) -> None:
         assert await install_crds(c) == names  # idempotent
         gc = await c.get(kinds.GATEWAY_CLASS, "istio-waypoint")
         assert gc["spec"]["controllerName"] == WAYPOINT_CONTROLLER
+        (accepted,) = gc["status"]["conditions"]
+        assert (accepted["type"], accepted["status"]) == ("Accepted", "True")
         ns = await create_ns(c, {})
         spec_of = {
             "AuthorizationPolicy": {
