@@ -41,6 +41,13 @@ def load_crds() -> list[dict[str, Any]]:
     return out
 
 
+def cluster_role() -> dict[str, Any]:
+    """The ClusterRole `python -m controlplane` runs with (`controlplane/rbac/`)."""
+    text = resources.files("controlplane").joinpath("rbac", "clusterrole.yaml").read_text()
+    doc: dict[str, Any] = yaml.safe_load(text)
+    return doc
+
+
 def waypoint_gateway_class() -> dict[str, Any]:
     return {
         "apiVersion": GATEWAY_CLASS.api_version,

@@ -5,7 +5,9 @@ patch their status (podIP, Ready) as a kubelet would."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import dataclasses
 import ipaddress
 import secrets
 import signal
@@ -19,9 +21,10 @@ from typing import Any
 import pytest
 
 from controlplane.controller import ControllerOptions, MeshController
-from controlplane.install import WAYPOINT_CONTROLLER, install_crds
+from controlplane.install import WAYPOINT_CONTROLLER, cluster_role, install_crds
 from kube import kinds
 from kube.client import KubeApiError, KubeClient, load_kubeconfig
+from kube.kinds import Kind
 from localcluster.kube.apiserver import KubeControlPlane
 from meshcore.discovery import parse_local_config
 from meshcore.policy.authz import authorize
@@ -513,3 +516,104 @@ def test_python_m_controlplane_writes_the_mesh_config_and_stops_on_sigterm(
             proc.wait()
     assert proc.returncode == 0, output
     assert '"event": "mesh pushed"' in output and '"workloads"' in output
+
+
+# ---- least privilege ------------------------------------------------------------------------
+
+CLUSTER_ROLE = Kind("rbac.authorization.k8s.io", "v1", "ClusterRole", "clusterroles", False)
+CLUSTER_ROLE_BINDING = Kind(
+    "rbac.authorization.k8s.io", "v1", "ClusterRoleBinding", "clusterrolebindings", False
+)
+SECRET = Kind("", "v1", "Secret", "secrets")
+
+
+async def service_account_token(c: KubeClient, ns: str, name: str) -> str:
+    """The token the controller-manager issues for a ServiceAccount (v1.20 makes a Secret)."""
+    await c.create(kinds.SERVICE_ACCOUNT, {"metadata": {"name": name}}, ns)
+
+    async def token() -> str | None:
+        sa = await c.get(kinds.SERVICE_ACCOUNT, name, ns)
+        for ref in sa.get("secrets") or ():
+            secret = await c.get(SECRET, ref["name"], ns)
+            data = (secret.get("data") or {}).get("token")
+            if data:
+                return base64.b64decode(data).decode()
+        return None
+
+    found: str = await until_async(token, what="the service account's token")
+    return found
+
+
+async def _least_privilege(cp: KubeControlPlane, out: Path) -> None:
+    admin_config = load_kubeconfig(cp.kubeconfig)
+    async with KubeClient(admin_config) as admin:
+        home = await create_ns(admin, {})
+        name = "cp-" + secrets.token_hex(3)
+        token = await service_account_token(admin, home, name)
+        role = cluster_role()
+        role["metadata"]["name"] = name
+        await admin.create(CLUSTER_ROLE, role)
+        await admin.create(
+            CLUSTER_ROLE_BINDING,
+            {
+                "metadata": {"name": name},
+                "roleRef": {
+                    "apiGroup": "rbac.authorization.k8s.io",
+                    "kind": "ClusterRole",
+                    "name": name,
+                },
+                "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": home}],
+            },
+        )
+        await ensure_node(admin)
+        try:
+            async with KubeClient(dataclasses.replace(admin_config, token=token)) as c:
+                # Least privilege indeed: it may not read Secrets.
+                with pytest.raises(KubeApiError) as denied:
+                    await c.list(SECRET, home)
+                assert denied.value.status == 403
+                await install_crds(c)
+                mc = MeshController(c, ControllerOptions(mesh_out=out))
+                await mc.start()
+                try:
+                    ns = await create_ns(admin, AMBIENT)
+                    await running_pod(admin, ns, "api-0", "10.244.11.10", {"app": "api"})
+                    await admin.create(kinds.HTTP_ROUTE, http_route(ns, "r", "api", "api"), ns)
+                    await admin.create(
+                        kinds.SERVICE,
+                        {
+                            "metadata": {"name": "api"},
+                            "spec": {"selector": {"app": "api"}, "ports": [{"port": 80}]},
+                        },
+                        ns,
+                    )
+                    await admin.create(kinds.GATEWAY, waypoint_gateway(ns), ns)
+
+                    async def done() -> bool:
+                        gw = await admin.get(kinds.GATEWAY, "waypoint", ns)
+                        route = await admin.get(kinds.HTTP_ROUTE, "r", ns)
+                        try:
+                            await admin.get(kinds.DEPLOYMENT, "waypoint", ns)
+                        except KubeApiError:
+                            return False
+                        return bool(
+                            gw.get("status", {}).get("addresses")
+                            and route.get("status", {}).get("parents")
+                        )
+
+                    await until_async(done, what="objects and statuses written with the role")
+                    s = file_state(out)
+                    assert s is not None and s.workload_by_uid(f"Kubernetes//Pod/{ns}/api-0")
+                    await admin.delete(kinds.NAMESPACE, ns)
+                finally:
+                    await mc.stop()
+        finally:
+            await admin.delete(CLUSTER_ROLE_BINDING, name)
+            await admin.delete(CLUSTER_ROLE, name)
+            await admin.delete(kinds.NAMESPACE, home)
+
+
+def test_the_control_plane_needs_only_its_cluster_role(
+    kube_cp: KubeControlPlane, tmp_path: Path
+) -> None:
+    asyncio.run(_least_privilege(kube_cp, tmp_path / "xds.json"))
