@@ -178,7 +178,8 @@ def route_status(
         if isinstance(p, Mapping)
     }
     parents = []
-    for ref in spec(route).get("parentRefs") or ():
+    refs = spec(route).get("parentRefs")
+    for ref in refs if isinstance(refs, list) else ():
         if not isinstance(ref, Mapping):
             continue
         pname = parent_name(ref, ns)

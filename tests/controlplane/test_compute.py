@@ -157,6 +157,13 @@ def test_namespace_label_binds_services_to_the_waypoint_service_clusterip() -> N
     computed, state = state_of(_waypoint_inputs({"istio.io/use-waypoint": "waypoint"}))
     api = state.service_by_hostname("api.shop.svc.cluster.local")
     assert api.waypoint is not None and str(api.waypoint.address) == "/10.96.0.99"
+    # The tunnels reach it through the waypoint's own pod, on 15008.
+    (endpoint,) = state.waypoint_endpoints(api.waypoint)
+    assert (endpoint.workload.name, str(endpoint.ip), endpoint.hbone_port) == (
+        "waypoint-abc",
+        "10.1.0.9",
+        15008,
+    )
     # The waypoint's own Service and pod are never bound; the pod speaks HBONE itself.
     assert state.service_by_hostname("waypoint.shop.svc.cluster.local").waypoint is None
     wp = state.workload_by_uid("Kubernetes//Pod/shop/waypoint-abc")
