@@ -77,9 +77,8 @@ def test_any_spec_of_a_custom_resource_is_computed_without_raising(
     }
     good = [pod("shop", "a", "10.1.0.5", {"app": "a"})]
     svc = [service("shop", "a", "10.96.0.5", {"app": "a"}, [{"port": 80}])]
-    computed = compute(
-        Inputs(namespaces=[namespace("shop")], pods=good, services=svc, **{field: [obj]})
-    )
+    extra: dict[str, Any] = {field: [obj]}
+    computed = compute(Inputs(namespaces=[namespace("shop")], pods=good, services=svc, **extra))
     _, state, _ = build_state(computed.document)
     assert [w.name for w in state.workloads] == ["a"]  # the others are untouched
     conditions = st.route_conditions(state, [("shop", "x")])
