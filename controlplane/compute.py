@@ -39,7 +39,7 @@ from controlplane.waypoints import (
 from meshcore.defaults import HBONE_PORT, ROOT_NAMESPACE, TRUST_DOMAIN
 from meshcore.discovery import parse_local_config
 from meshcore.policy.validate import check_resource
-from meshcore.state import L7_KINDS, MeshConfigError, MeshState
+from meshcore.state import MeshConfigError, MeshState
 from waypoint.authn.parse import validate_request_authentication
 from waypoint.authz.parse import validate_policy
 from waypoint.routes.validate import validate_resource
@@ -49,6 +49,30 @@ DEFAULT_DOMAIN = "cluster.local"
 RESOURCES_KEY = "resources"
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 ROUTE_KINDS = ("HTTPRoute", "GRPCRoute", "VirtualService", "DestinationRule")
+
+
+def _document_takes_service_entries() -> bool:
+    """Does the mesh config carry ServiceEntries (among `resources`) in this version of the
+    mesh? Asked of the parser itself, once, with a minimal valid entry: until it does, the
+    parser refuses the kind, and the entries are kept aside (`Computed.service_entries`)."""
+    probe = {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "ServiceEntry",
+        "metadata": {"name": "probe", "namespace": "probe"},
+        "spec": {
+            "hosts": ["probe.example"],
+            "ports": [{"number": 80, "name": "http", "protocol": "HTTP"}],
+            "resolution": "NONE",
+        },
+    }
+    try:
+        parse_local_config(json.dumps({RESOURCES_KEY: [probe]}))
+    except MeshConfigError:
+        return False
+    return True
+
+
+SERVICE_ENTRIES_IN_DOCUMENT = _document_takes_service_entries()
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,8 +101,8 @@ class Inputs:
 class Computed:
     document: dict[str, Any]
     problems: tuple[Problem, ...]
-    # ServiceEntries, verbatim. The mesh state does not carry them yet, and the document
-    # parser refuses a kind it does not know; they join `resources` once it does.
+    # ServiceEntries, verbatim, while the mesh config cannot carry them
+    # (`SERVICE_ENTRIES_IN_DOCUMENT`); else they are among the document's `resources`.
     service_entries: tuple[dict[str, Any], ...] = ()
     waypoints: tuple[WaypointGateway, ...] = field(default=())
 
@@ -293,7 +317,7 @@ class _Compute:
                 for e in errors:
                     self.report(kind, obj, e)
                 out.append(doc)  # the waypoint keeps what it can and reports the rest
-        if "ServiceEntry" in L7_KINDS:  # once the mesh state carries them
+        if SERVICE_ENTRIES_IN_DOCUMENT:
             out.extend(clean(o) for o in sorted(self.inputs.service_entries, key=key_of))
         return out
 
@@ -311,7 +335,7 @@ def compute(inputs: Inputs) -> Computed:
     if resources:
         document[RESOURCES_KEY] = resources
     entries: tuple[dict[str, Any], ...] = ()
-    if "ServiceEntry" not in L7_KINDS:
+    if not SERVICE_ENTRIES_IN_DOCUMENT:
         entries = tuple(clean(o) for o in sorted(inputs.service_entries, key=key_of))
     return Computed(
         document=document,

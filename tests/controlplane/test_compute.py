@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from controlplane.compute import Inputs, build_state, compute, dump
+from controlplane.compute import SERVICE_ENTRIES_IN_DOCUMENT, Inputs, build_state, compute, dump
 from meshcore.policy.authz import authorize
 from meshcore.policy.index import PolicyIndex
 from meshcore.sockets import SocketAddr
@@ -245,15 +245,24 @@ def test_l7_resources_are_kept_verbatim_without_server_bookkeeping() -> None:
     }
 
 
-def test_service_entries_are_kept_aside_until_the_state_carries_them() -> None:
+def test_service_entries_are_kept_aside_until_the_mesh_config_carries_them() -> None:
     se = {
         "apiVersion": "networking.istio.io/v1",
         "kind": "ServiceEntry",
         "metadata": {"name": "ext", "namespace": "shop"},
-        "spec": {"hosts": ["a.example"]},
+        "spec": {
+            "hosts": ["a.example"],
+            "resolution": "NONE",
+            "ports": [{"number": 443, "name": "tls", "protocol": "TLS"}],
+        },
     }
-    computed, _ = state_of(Inputs(service_entries=[se]))
-    assert [e["metadata"]["name"] for e in computed.service_entries] == ["ext"]
+    computed, state = state_of(Inputs(service_entries=[se]))
+    if SERVICE_ENTRIES_IN_DOCUMENT:
+        assert [r.name for r in state.resources("ServiceEntry")] == ["ext"]
+        assert computed.service_entries == ()
+    else:
+        assert [e["metadata"]["name"] for e in computed.service_entries] == ["ext"]
+        assert "resources" not in computed.document
 
 
 def test_build_state_drops_only_the_entry_the_parser_refuses() -> None:
