@@ -6,7 +6,8 @@ use int keys (service port -> target port), as the tunnel's local-file reader ex
 port with a `name` or `appProtocol` maps to `{targetPort, name, appProtocol}` instead (the
 waypoint chooses HTTP, gRPC or TCP by them).
 
-Waypoint bindings are computed here, as istiod computes them, from labels:
+Waypoint bindings are computed here, as istiod computes them (the label rules are
+`controlplane.bindings`, shared with the Kubernetes control plane), from labels:
 `istio.io/use-waypoint=<name>` on a Namespace, Service or Pod (the object's own label beats
 its namespace's; `none` opts out) and `istio.io/use-waypoint-namespace=<ns>` beside it for a
 waypoint in another namespace. A service binding takes effect when the Gateway's
@@ -24,15 +25,27 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+# Re-exported: the local cluster's callers name the labels through this module.
+from controlplane.bindings import (
+    NO_WAYPOINT as NO_WAYPOINT,
+)
+from controlplane.bindings import (
+    USE_WAYPOINT_LABEL as USE_WAYPOINT_LABEL,
+)
+from controlplane.bindings import (
+    USE_WAYPOINT_NAMESPACE_LABEL as USE_WAYPOINT_NAMESPACE_LABEL,
+)
+from controlplane.bindings import (
+    UseWaypoint,
+    use_waypoint,
+)
+from controlplane.bindings import accepts as _accepts
 from localcluster import gateways as gw
 from localcluster.spec import ClusterSpec, PodSpec, ServiceSpec
 
 CANONICAL_NAME_LABEL = "service.istio.io/canonical-name"
 CANONICAL_REVISION_LABEL = "service.istio.io/canonical-revision"
 DEFAULT_NETWORK = ""  # single-network cluster: VIPs are written "/<ip>"
-USE_WAYPOINT_LABEL = "istio.io/use-waypoint"
-USE_WAYPOINT_NAMESPACE_LABEL = "istio.io/use-waypoint-namespace"
-NO_WAYPOINT = "none"
 # Where the L7 resources go in the document (the waypoint reads them; the tunnel keeps them
 # verbatim). Only written when there are some, so a mesh without them reads as before.
 RESOURCES_KEY = "resources"
@@ -65,16 +78,6 @@ def local_xds(
 
 
 @dataclass(frozen=True, slots=True)
-class UseWaypoint:
-    """A `use-waypoint` label in force for an object: the waypoint it names, and whose label
-    it is (`source`: "namespace", "service" or "pod")."""
-
-    namespace: str
-    name: str
-    source: str
-
-
-@dataclass(frozen=True, slots=True)
 class Binding:
     """What a service or workload is bound to: `waypoint` (None: not bound), and `problem`,
     why a label does not take effect as written (or why the bound waypoint is missing)."""
@@ -98,26 +101,6 @@ class Binding:
 
 
 NOT_BOUND = Binding(None)
-
-
-def use_waypoint(
-    own: Mapping[str, str], namespace_labels: Mapping[str, str], namespace: str, kind: str
-) -> UseWaypoint | None:
-    """The label in force: the object's own `use-waypoint` beats its namespace's; `none`
-    (at either level, the object's first) means no waypoint. The waypoint's namespace is the
-    `use-waypoint-namespace` label beside the `use-waypoint` that applies, else the object's."""
-    for labels, source in ((own, kind), (namespace_labels, "namespace")):
-        name = labels.get(USE_WAYPOINT_LABEL)
-        if name is None:
-            continue
-        if name == NO_WAYPOINT:
-            return None
-        return UseWaypoint(labels.get(USE_WAYPOINT_NAMESPACE_LABEL) or namespace, name, source)
-    return None
-
-
-def _accepts(waypoint_for: str, traffic: str) -> bool:
-    return waypoint_for in (traffic, "all")
 
 
 def service_binding(spec: ClusterSpec, svc: ServiceSpec) -> Binding:
