@@ -15,9 +15,11 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import structlog
 
+from controlplane.ca import CAError
 from controlplane.controller import ControllerOptions, MeshController
 from controlplane.install import InstallError, install_crds
 from controlplane.waypoints import WaypointTemplate
@@ -48,10 +50,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=_DEFAULTS.host_dir,
         help="node directory with the mesh config, CA socket and token",
     )
+    p.add_argument(
+        "--grpc-listen",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="serve delta xDS and the CA (CreateCertificate) with TLS on ADDR (host:port or "
+        "unix:/path; repeatable), as istiod's 15012",
+    )
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        help="where the mesh CA's root is kept (needed with --grpc-listen)",
+    )
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
     if not 0 <= args.debounce <= 10:
         p.error(f"--debounce {args.debounce} must be within 0..10 seconds")
+    if args.grpc_listen and args.state_dir is None:
+        p.error("--grpc-listen needs --state-dir (the mesh CA that signs istiod's certificate)")
     return args
 
 
@@ -91,13 +108,57 @@ async def run(config: KubeConfig, args: argparse.Namespace) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        grpc_server = await serve_grpc(client, controller, args) if args.grpc_listen else None
         await controller.start()
         log.info("control plane started", mesh_out=str(args.mesh_out))
         try:
             await stop.wait()
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop()
             await controller.stop()
             log.info("control plane stopped", pushes=controller.pushes)
+
+
+class GrpcServing:
+    """istiod's 15012: delta xDS fed by the controller, and the CA, on one TLS server."""
+
+    def __init__(self, server: Any, facts: Any) -> None:
+        self.server = server
+        self.facts = facts
+
+    async def stop(self) -> None:
+        await self.server.stop(1.0)
+        await self.facts.stop()
+
+
+async def serve_grpc(
+    client: KubeClient, controller: MeshController, args: argparse.Namespace
+) -> GrpcServing:
+    # Imported here: without --grpc-listen the control plane loads no grpcio.
+    import grpc
+
+    from controlplane.ca import CertificateAuthority
+    from controlplane.ca_grpc import MAX_CONCURRENT, CaGrpcService, KubeFacts
+    from controlplane.xds.server import XdsServer
+    from controlplane.xds.tls import bind, server_credentials
+
+    ca = CertificateAuthority.load_or_create(args.state_dir, args.trust_domain)
+    xds = XdsServer()
+    # Every state the controller computes goes to every connected proxy; a proxy that
+    # connects before the first one waits for it.
+    controller.on_state(xds.update)
+    facts = KubeFacts(client)
+    facts.start()
+    server = grpc.aio.server(maximum_concurrent_rpcs=MAX_CONCURRENT)
+    xds.add_to_server(server)
+    CaGrpcService(ca, facts).add_to_server(server)
+    creds = server_credentials(ca)
+    for address in args.grpc_listen:
+        port = bind(server, address, creds)
+        log.info("grpc listening", address=address, port=port, services="xds,ca")
+    await server.start()
+    return GrpcServing(server, facts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         asyncio.run(run(config, args))
-    except (KubeApiError, InstallError, OSError) as e:
+    except (KubeApiError, InstallError, OSError, ValueError, CAError) as e:
+        # ValueError: a --grpc-listen address it cannot serve; CAError: the CA's store.
         log.error("control plane failed", error=str(e))
         return 1
     return 0

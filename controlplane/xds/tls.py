@@ -9,16 +9,13 @@ Plaintext is refused except on a loopback address.
 from __future__ import annotations
 
 import ipaddress
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from controlplane.ca import CLOCK_SKEW, CertificateAuthority
+from controlplane.ca import CertificateAuthority
+from controlplane.ca_grpc_tls import serving_certificate
 from meshcore.identity.spiffe import SpiffeId
 
 XDS_NAMESPACE = "istio-system"
@@ -37,39 +34,9 @@ def server_identity(trust_domain: str) -> SpiffeId:
 def server_certificate(
     ca: CertificateAuthority, ttl: timedelta = timedelta(days=7)
 ) -> tuple[bytes, bytes]:
-    """(private key PEM, chain PEM leaf first) for the discovery server."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.now(UTC)
-    identity = server_identity(ca.trust_domain)
-    root_ski = ca.root_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([]))
-        .issuer_name(ca.root_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - CLOCK_SKEW)
-        .not_valid_after(now + ttl)
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.UniformResourceIdentifier(str(identity)), x509.DNSName(XDS_DNS_NAME)]
-            ),
-            critical=True,  # RFC 5280 4.2.1.6: an empty subject makes the SAN critical
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(root_ski.value),
-            critical=False,
-        )
-        .sign(ca.root_key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    return key_pem, leaf.public_bytes(serialization.Encoding.PEM) + ca.roots_pem()
+    """(private key PEM, chain PEM leaf first) for the discovery server: istiod's serving
+    certificate, the same one the gRPC CA presents (they share 15012)."""
+    return serving_certificate(ca, ttl=ttl)
 
 
 def server_credentials(ca: CertificateAuthority, ttl: timedelta = timedelta(days=7)) -> Any:
