@@ -3,16 +3,20 @@ to its labels, and the agent's settings that choose the source. No API server ne
 
 from __future__ import annotations
 
+import asyncio
 import copy
 from ipaddress import IPv4Address
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from kube.client import KubeClient, KubeConfig
+from kube.informer import Event
 from kube.podnetns import netns_path
-from redirect.agent import build_parser, check_args
+from redirect.agent import SettingsError, build_parser, check_args, run
 from redirect.enrolment import NodeView, SourceError, wanted
-from redirect.kubesource import namespace_labels, pod_from_object
+from redirect.kubesource import KubePodSource, namespace_labels, pod_from_object
 
 UID = "5c120c3c-7710-49ac-b107-6a46b3c02071"
 NETNS = str(netns_path(UID))
@@ -174,3 +178,74 @@ def test_bad_settings_are_usage_errors(
         settings(argv, env)
     assert done.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_unreadable_kubeconfig_is_a_settings_error(tmp_path: Path) -> None:
+    bad = tmp_path / "kubeconfig"
+    bad.write_text("- not a kubeconfig\n")
+    args = settings(["--pod-source", "kubernetes", "--node", "n", "--kubeconfig", str(bad)], {})
+    # Refused before anything is built: no netns, socket or rule is touched.
+    with pytest.raises(SettingsError, match=r"Kubernetes credentials: kubeconfig .* not a mapping"):
+        asyncio.run(run(args))
+
+
+# ---- the source's bookkeeping, fed informer events by hand -------------------------------------
+# (A real API server validates every object, so it cannot hand out the malformed pod these
+# tests need; the informer is left out and its handler called directly.)
+
+
+def hand_fed_source() -> tuple[KubePodSource, list[NodeView]]:
+    source = KubePodSource(KubeClient(KubeConfig("https://127.0.0.1:9")), "n1", netns_exists=exists)
+    views: list[NodeView] = []
+    source._on_change = views.append
+    return source, views
+
+
+def test_mock_informer_no_view_before_the_first_lists_then_one_view_per_burst() -> None:
+    async def scenario() -> None:
+        source, views = hand_fed_source()
+        ns = {"metadata": {"name": "travel", "labels": {"istio.io/dataplane-mode": "ambient"}}}
+        source._on_namespace(Event.ADDED, "travel", None, ns)
+        source._on_pod(Event.ADDED, "travel/pricing", None, pod_obj())
+        await asyncio.sleep(0)
+        assert views == []  # a view without its namespaces could release every pod
+        before = source.last_error
+        source._first_publish()
+        assert len(views) == 1 and set(wanted(views[0])) == {UID}
+        assert before is not None and source.last_error is None
+        # A burst (a relist) of changes within one loop iteration: one view.
+        for i in range(50):
+            source._on_pod(
+                Event.MODIFIED, "travel/pricing", None, pod_obj(metadata__labels={"i": str(i)})
+            )
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert len(views) == 2 and views[1].pods[UID].labels["i"] == "49"
+        # Nothing changed: no view.
+        source._on_pod(
+            Event.MODIFIED, "travel/pricing", None, pod_obj(metadata__labels={"i": "49"})
+        )
+        await asyncio.sleep(0)
+        assert len(views) == 2
+
+    asyncio.run(scenario())
+
+
+def test_mock_informer_bad_object_keeps_the_last_reading_and_delete_releases() -> None:
+    async def scenario() -> None:
+        source, views = hand_fed_source()
+        source._first_publish()
+        source._on_pod(Event.ADDED, "travel/pricing", None, pod_obj())
+        source._on_pod(Event.MODIFIED, "travel/pricing", None, pod_obj(status__podIP="bogus"))
+        await asyncio.sleep(0)
+        assert source.view().pods[UID].ip == IPv4Address("10.1.0.5")
+        # Another node's pod (the field selector should not let it through) is never held.
+        other = pod_obj(spec__nodeName="n2")
+        other["metadata"]["uid"] = "6c120c3c-7710-49ac-b107-6a46b3c02071"
+        source._on_pod(Event.ADDED, "travel/other", None, other)
+        assert set(source.view().pods) == {UID}
+        source._on_pod(Event.DELETED, "travel/pricing", pod_obj(), None)
+        await asyncio.sleep(0)
+        assert views[-1].pods == {}
+
+    asyncio.run(scenario())
