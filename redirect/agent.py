@@ -38,7 +38,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -147,6 +147,10 @@ class RedirectionMarker(Protocol):
 
     def mark_redirection(self, pod: PodInfo, enabled: bool) -> None: ...
 
+    def marked(self) -> Collection[str]:
+        """The UIDs of this node's pods that carry the mark now (captured by an agent)."""
+        ...
+
 
 def zds_server_factory(path: Path) -> ZdsFactory:
     def make(on_acked: Callable[[str], None], on_tunnels: Callable[[int], None]) -> Zds:
@@ -241,10 +245,25 @@ class NodeAgent:
         # complete, or it would drain pods that are still in the mesh.
         for pod in initial.values():
             await self._enrol(pod)
+        self._adopt_stale(view, initial)
         await self.zds.start()
         self._write_status()
         self._runner = asyncio.get_running_loop().create_task(self._run(), name="reconcile")
         log.info("node agent started", node=self.node, pods=len(initial), mode=self.mode.value)
+
+    def _adopt_stale(self, view: NodeView, initial: Mapping[str, PodInfo]) -> None:
+        """Pods marked captured that should no longer be (their label went while no agent
+        ran, istio-cni's annotation check): released by the first reconcile. They were
+        never registered, so no tunnel's snapshot names them."""
+        if self.marker is None:
+            return
+        for uid in self.marker.marked():
+            pod = view.pods.get(uid)
+            if pod is None or uid in initial or uid in self.pods:
+                continue
+            log.info("pod captured while no agent ran is no longer wanted", pod=pod.key)
+            self.pods[uid] = Tracked(pod, PodState.REMOVING, "no longer wanted", captured=True)
+            self._dirty.set()
 
     async def close(self) -> None:
         if self._timer is not None:

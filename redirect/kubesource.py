@@ -315,6 +315,15 @@ class KubePodSource:
         self._marks[pod.key] = (pod, enabled)
         self._mark_wake.set()
 
+    def marked(self) -> list[str]:
+        """The UIDs of this node's pods that carry the mark (as last listed or watched)."""
+        uids = []
+        for obj in self.pod_informer.items():
+            md = obj.get("metadata") or {}
+            if (md.get("annotations") or {}).get(REDIRECTION_ANNOTATION) == REDIRECTION_ENABLED:
+                uids.append(str(md.get("uid", "")))
+        return uids
+
     def _marked(self, pod: PodInfo) -> bool | None:
         """Whether the cached object already carries the mark (None: not in the cache)."""
         obj = self.pod_informer.get(pod.key)

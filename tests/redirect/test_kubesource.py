@@ -337,3 +337,41 @@ async def _restart_scenario(aio: Loop, env: Env, kubelet: Kubelet, cp: KubeContr
     await kube.patch(NAMESPACE, ns, {"metadata": {"labels": {MODE: None}}})
     await wait_until(lambda: env.pod_state(uid) is None, "released after the restart")
     assert tunnel.seen == [("del", uid)]
+
+
+def test_pod_unlabelled_while_no_agent_ran_is_released_at_start(
+    kube_cp: KubeControlPlane,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    with environment(kube_cp, tmp_path) as (env, kubelet):
+        aio = Loop()
+        try:
+            aio.run(_stale_scenario(aio, env, kubelet), limit=120)
+        finally:
+            aio.defer(kubelet.cleanup)
+            aio.close()
+
+
+async def _stale_scenario(aio: Loop, env: Env, kubelet: Kubelet) -> None:
+    ns = "travel-" + secrets.token_hex(3)
+    await kubelet.register_node()
+    await kubelet.namespace(ns, {MODE: "ambient"})
+    uid = await kubelet.pod(ns, "pricing")
+    path = await asyncio.to_thread(kubelet.sandbox, uid, POD_IP)
+    await kubelet.report_ip(ns, "pricing", POD_IP)
+    kube = env.client()
+    aio.defer(kube.close)
+    agent = await env.start_agent(aio)
+    await wait_until(lambda: env.pod_state(uid) == "pending", "captured (no tunnel yet)")
+    await until_async(lambda: _is(annotation(kube, ns, "pricing"), "enabled"), "the mark")
+
+    # The agent stops (its capture stays: the pod keeps failing closed), the label goes
+    # meanwhile, and a new agent starts: the mark says the pod was captured, so it is
+    # released although nothing about it changed while this agent watched.
+    await agent.close()
+    assert env.captured(path)
+    await kube.patch(NAMESPACE, ns, {"metadata": {"labels": {MODE: None}}})
+    await env.start_agent(aio)
+    await until_async(lambda: _is(annotation(kube, ns, "pricing"), None), "the mark removed")
+    assert not env.captured(path)
+    assert env.pod_state(uid) is None
