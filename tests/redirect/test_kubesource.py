@@ -3,9 +3,10 @@ rules in real pod namespaces and a real ZDS socket.
 
 There is no kubelet here, so the test plays it: it creates a Node, binds a Pod to it, creates
 the pod's netns under the name the kubelet contract gives (`kube.podnetns.netns_name(uid)`)
-with a veth and the pod's IP, and patches the Pod's status. The tunnel end of ZDS is scripted
-(`AckingTunnel`, a stand-in that acks every request and records it); the real tunnel's side is
-exercised in tests/e2e/test_node_agent.py.
+with a veth and the pod's IP, and patches the Pod's status. The tunnel end of ZDS is either
+scripted (`AckingTunnel`, a stand-in that acks every request and records it) or the tunnel's
+real node, ZDS client and certificates in process (`RealTunnel`), whose listeners are then
+reached inside the pod's netns.
 """
 
 from __future__ import annotations
@@ -29,13 +30,20 @@ from kube.client import KubeApiError, KubeClient, load_kubeconfig
 from kube.kinds import NAMESPACE, NODE, POD
 from kube.podnetns import netns_name, netns_path
 from localcluster.kube.apiserver import KubeControlPlane, running
+from meshcore.identity.certs import CertificateManager
+from meshcore.identity.certworker_client import CertWorkerClient
 from redirect.agent import NodeAgent, NodeDataplane, zds_server_factory
 from redirect.kubesource import REDIRECTION_ANNOTATION, KubePodSource
 from tests.kube.conftest import kube_cp  # noqa: F401  (the session's API server)
 from tests.support.aio import Loop, wait_until
+from tests.support.certs import InProcessCA
+from tests.support.mesh import ips, mesh_state, workload
 from tests.support.netns import throwaway_netns
 from tests.support.zds import HandTunnel
 from zds.messages import AddWorkload, DelWorkload, SnapshotSent
+from ztunnel.inpod import PodState
+from ztunnel.node import NodeProxy
+from ztunnel.zds_client import ZdsClient
 
 pytestmark = [pytest.mark.kube, pytest.mark.netns]
 
@@ -70,6 +78,47 @@ class AckingTunnel:
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
         self.hand.close()
+
+
+class RealTunnel:
+    """The tunnel's node proxy and ZDS client, in process, with an in-process CA."""
+
+    def __init__(self, sock_path: Path, node: str, ns: str, name: str) -> None:
+        self.cert_worker = CertWorkerClient()
+        self.certs = CertificateManager(InProcessCA(), crypto=self.cert_worker)
+        self.node = NodeProxy(node, self.certs, "cluster.local", workload_wait=0.2)
+        # The control plane's view of the pod (the tunnel matches it by name and namespace).
+        pod = workload(
+            uid=f"Kubernetes//Pod/{ns}/{name}",
+            name=name,
+            namespace=ns,
+            node=node,
+            ips=ips(str(POD_IP)),
+        )
+        self.node.on_state(mesh_state([pod]))
+        self.client = ZdsClient(sock_path, self.node, backoff_initial=0.01, backoff_max=0.1)
+
+    async def start(self) -> None:
+        self.node.start()
+        await self.client.start()
+
+    async def close(self) -> None:
+        await self.client.close()
+        await self.node.close()
+        await self.certs.close()
+
+
+def listening(netns: str, port: int) -> bool:
+    """Whether something accepts TCP on 127.0.0.1:`port` inside the pod's netns."""
+    s = nsutil.socket_at(netns)
+    try:
+        s.settimeout(5)
+        s.connect(("127.0.0.1", port))
+        return True
+    except ConnectionRefusedError:
+        return False
+    finally:
+        s.close()
 
 
 @dataclass
@@ -375,3 +424,47 @@ async def _stale_scenario(aio: Loop, env: Env, kubelet: Kubelet) -> None:
     await until_async(lambda: _is(annotation(kube, ns, "pricing"), None), "the mark removed")
     assert not env.captured(path)
     assert env.pod_state(uid) is None
+
+
+def test_labelled_namespace_hands_its_pod_to_a_real_tunnel(
+    kube_cp: KubeControlPlane,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    with environment(kube_cp, tmp_path) as (env, kubelet):
+        aio = Loop()
+        try:
+            aio.run(_real_tunnel_scenario(aio, env, kubelet), limit=120)
+        finally:
+            aio.defer(kubelet.cleanup)
+            aio.close()
+
+
+async def _real_tunnel_scenario(aio: Loop, env: Env, kubelet: Kubelet) -> None:
+    ns = "travel-" + secrets.token_hex(3)
+    await kubelet.register_node()
+    await kubelet.namespace(ns)
+    uid = await kubelet.pod(ns, "pricing")
+    path = await asyncio.to_thread(kubelet.sandbox, uid, POD_IP)
+    await kubelet.report_ip(ns, "pricing", POD_IP)
+    await env.start_agent(aio)
+    tunnel = aio.closing(RealTunnel(env.dir / "zds.sock", env.node, ns, "pricing"))
+    await tunnel.start()
+    await wait_until(lambda: tunnel.node.enrolment_synced, "the tunnel's first snapshot")
+    assert tunnel.node.pods == {} and not listening(path, 15008)
+
+    kube = env.client()
+    aio.defer(kube.close)
+    await kube.patch(NAMESPACE, ns, {"metadata": {"labels": {MODE: "ambient"}}})
+    await wait_until(lambda: env.pod_state(uid) == "enrolled", "enrolled")
+    proxy = tunnel.node.pods[uid]
+    assert proxy.state is PodState.READY
+    assert str(proxy.identity).endswith(f"/ns/{ns}/sa/default")
+    for port in (15001, 15006, 15008):
+        assert listening(path, port), port  # the tunnel serves inside the pod's netns
+    assert env.captured(path)
+
+    await kube.patch(NAMESPACE, ns, {"metadata": {"labels": {MODE: None}}})
+    await wait_until(lambda: env.pod_state(uid) is None, "released")
+    assert tunnel.node.pods == {}
+    assert not listening(path, 15008)
+    assert not env.captured(path)
