@@ -34,7 +34,6 @@ from meshcore.identity.certs import CertificateManager
 from meshcore.identity.certworker_client import CertWorkerClient
 from redirect.agent import NodeAgent, NodeDataplane, zds_server_factory
 from redirect.kubesource import REDIRECTION_ANNOTATION, KubePodSource
-from tests.kube.conftest import kube_cp  # noqa: F401  (the session's API server)
 from tests.support.aio import Loop, wait_until
 from tests.support.certs import InProcessCA
 from tests.support.mesh import ips, mesh_state, workload
@@ -46,6 +45,14 @@ from ztunnel.node import NodeProxy
 from ztunnel.zds_client import ZdsClient
 
 pytestmark = [pytest.mark.kube, pytest.mark.netns]
+
+# The session's API server (`kube_cp`): tests/kube/conftest.py's fixture, seen from here only
+# through this import; where the fixture is shared by every test (tests/conftest.py), the
+# module is gone and the import is skipped.
+with contextlib.suppress(ImportError):
+    from tests.kube.conftest import (  # type: ignore[import-not-found,unused-ignore]
+        kube_cp,  # noqa: F401
+    )
 
 POD_IP = IPv4Address("10.251.0.10")
 MODE = "istio.io/dataplane-mode"
@@ -268,7 +275,7 @@ def environment(cp: KubeControlPlane, tmp_path: Path) -> Iterator[tuple[Env, Kub
 
 
 def test_namespace_label_enrols_and_releases_running_pods(
-    kube_cp: KubeControlPlane,  # noqa: F811
+    kube_cp: KubeControlPlane,
     tmp_path: Path,
 ) -> None:
     with environment(kube_cp, tmp_path) as (env, kubelet):
@@ -389,7 +396,7 @@ async def _restart_scenario(aio: Loop, env: Env, kubelet: Kubelet, cp: KubeContr
 
 
 def test_pod_unlabelled_while_no_agent_ran_is_released_at_start(
-    kube_cp: KubeControlPlane,  # noqa: F811
+    kube_cp: KubeControlPlane,
     tmp_path: Path,
 ) -> None:
     with environment(kube_cp, tmp_path) as (env, kubelet):
@@ -427,7 +434,7 @@ async def _stale_scenario(aio: Loop, env: Env, kubelet: Kubelet) -> None:
 
 
 def test_labelled_namespace_hands_its_pod_to_a_real_tunnel(
-    kube_cp: KubeControlPlane,  # noqa: F811
+    kube_cp: KubeControlPlane,
     tmp_path: Path,
 ) -> None:
     with environment(kube_cp, tmp_path) as (env, kubelet):
