@@ -38,7 +38,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -144,6 +144,17 @@ class Zds(Protocol):
 ZdsFactory = Callable[[Callable[[str], None], Callable[[int], None]], Zds]
 
 
+class RedirectionMarker(Protocol):
+    """Where the agent says which pods it captures (the Kubernetes source annotates the pod
+    `ambient.istio.io/redirection: enabled`, as istio-cni does). Must not block."""
+
+    def mark_redirection(self, pod: PodInfo, enabled: bool) -> None: ...
+
+    def marked(self) -> Collection[str]:
+        """The UIDs of this node's pods that carry the mark now (captured by an agent)."""
+        ...
+
+
 def zds_server_factory(path: Path) -> ZdsFactory:
     def make(on_acked: Callable[[str], None], on_tunnels: Callable[[int], None]) -> Zds:
         server: Zds = ZdsServer(str(path), on_acked=on_acked, on_tunnels_changed=on_tunnels)
@@ -185,9 +196,11 @@ class NodeAgent:
         zds_factory: ZdsFactory,
         status_path: Path | None = None,
         mode: RedirectMode = RedirectMode.IPTABLES,
+        marker: RedirectionMarker | None = None,
     ) -> None:
         self.node = node
         self.source = source
+        self.marker = marker
         self.dataplane = dataplane
         self.status_path = status_path
         self.mode = mode
@@ -235,10 +248,25 @@ class NodeAgent:
         # complete, or it would drain pods that are still in the mesh.
         for pod in initial.values():
             await self._enrol(pod)
+        self._adopt_stale(view, initial)
         await self.zds.start()
         self._write_status()
         self._runner = asyncio.get_running_loop().create_task(self._run(), name="reconcile")
         log.info("node agent started", node=self.node, pods=len(initial), mode=self.mode.value)
+
+    def _adopt_stale(self, view: NodeView, initial: Mapping[str, PodInfo]) -> None:
+        """Pods marked captured that should no longer be (their label went while no agent
+        ran, istio-cni's annotation check): released by the first reconcile. They were
+        never registered, so no tunnel's snapshot names them."""
+        if self.marker is None:
+            return
+        for uid in self.marker.marked():
+            pod = view.pods.get(uid)
+            if pod is None or uid in initial or uid in self.pods:
+                continue
+            log.info("pod captured while no agent ran is no longer wanted", pod=pod.key)
+            self.pods[uid] = Tracked(pod, PodState.REMOVING, "no longer wanted", captured=True)
+            self._dirty.set()
 
     async def close(self) -> None:
         if self._timer is not None:
@@ -323,6 +351,8 @@ class NodeAgent:
                 log.error("capture failed", pod=pod.key, error=str(e))
                 return
             t.captured = True
+            if self.marker is not None:
+                self.marker.mark_redirection(pod, True)
         if t.registered and not t.resend and not self.zds.acked(pod.uid):
             if self.zds.tunnels == 0:
                 # Remembered by the ZDS server: the next tunnel's snapshot carries it and
@@ -418,6 +448,8 @@ class NodeAgent:
             log.error("pod removal failed; retrying", pod=pod.key, error=str(e))
             return
         del self.pods[uid]
+        if self.marker is not None:
+            self.marker.mark_redirection(pod, False)
         log.info("pod removed from the mesh", pod=pod.key, uid=uid)
 
     def _stop_redirects(self, netns: str) -> None:
@@ -481,10 +513,35 @@ class NodeAgent:
 # ---- entry point ----------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+POD_SOURCES = ("file", "kubernetes")
+
+
+class SettingsError(Exception):
+    """The agent's settings cannot work (e.g. unreadable credentials); the message says why."""
+
+
+def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """The agent's settings; NODE_NAME, POD_SOURCE and KUBECONFIG give the defaults (as a
+    DaemonSet sets them), a flag overrides its variable."""
+    env = os.environ if env is None else env
     p = argparse.ArgumentParser(prog="python -m redirect.agent", description=__doc__.split("\n")[0])
-    p.add_argument("--node", required=True, help="this node's name")
-    p.add_argument("--pods-file", required=True, type=Path, help="the pod source (JSON)")
+    p.add_argument(
+        "--node",
+        default=env.get("NODE_NAME") or None,
+        help="this node's name (default: $NODE_NAME)",
+    )
+    p.add_argument(
+        "--pod-source",
+        default=env.get("POD_SOURCE") or "file",
+        help="where pods come from: file (--pods-file) or kubernetes (default: $POD_SOURCE "
+        "or file)",
+    )
+    p.add_argument("--pods-file", type=Path, help="the pod source (JSON), for --pod-source=file")
+    p.add_argument(
+        "--kubeconfig",
+        default=env.get("KUBECONFIG") or None,
+        help="for --pod-source=kubernetes (default: $KUBECONFIG, else the pod's service account)",
+    )
     p.add_argument("--zds-socket", type=Path, default=Path(DEFAULT_ZDS_SOCKET))
     p.add_argument("--status-file", type=Path, help="where to write the agent's view (JSON)")
     p.add_argument(
@@ -516,15 +573,43 @@ def _env_flag(name: str) -> bool:
     raise SystemExit(f"{name}={value!r}: expected true or false")
 
 
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Settings that only make sense together; a usage error (exit 2) names the fix."""
+    if not args.node:
+        p.error("the node name is required: --node or NODE_NAME")
+    if args.pod_source not in POD_SOURCES:
+        p.error(f"pod source {args.pod_source!r} is not one of {', '.join(POD_SOURCES)}")
+    if args.pod_source == "file" and args.pods_file is None:
+        p.error("--pods-file is required with the file pod source")
+
+
 async def run(args: argparse.Namespace) -> None:
     mode = RedirectMode(args.redirect_mode)
+    source: PodSource
+    marker: RedirectionMarker | None = None
+    close_client: Callable[[], Awaitable[None]] | None = None
+    if args.pod_source == "kubernetes":
+        # Imported only here: the file source's agent does not load aiohttp.
+        from kube.client import KubeApiError, KubeClient, in_cluster, load_kubeconfig
+        from redirect.kubesource import KubePodSource
+
+        try:
+            config = load_kubeconfig(args.kubeconfig) if args.kubeconfig else in_cluster()
+        except KubeApiError as e:
+            raise SettingsError(f"Kubernetes credentials: {e.message}") from None
+        client = KubeClient(config)
+        close_client = client.close
+        source = marker = KubePodSource(client, args.node)
+    else:
+        source = FilePodSource(args.pods_file, args.node)
     agent = NodeAgent(
         args.node,
-        FilePodSource(args.pods_file, args.node),
+        source,
         NodeDataplane(mode, inpod_cfg=InpodConfig(capture_dns=args.dns_capture)),
         zds_server_factory(args.zds_socket),
         args.status_file,
         mode,
+        marker,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -543,16 +628,20 @@ async def run(args: argparse.Namespace) -> None:
     await stop.wait()
     log.info("node agent stopping", node=args.node)
     await agent.close()
+    if close_client is not None:
+        await close_client()
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
     from meshcore.observability import logging as ztlog
 
     ztlog.configure(args.log_level)
     try:
         asyncio.run(run(args))
-    except (ProbeError, OSError) as e:
+    except (ProbeError, OSError, SettingsError) as e:
         log.error("node agent failed", error=str(e))
         return 1
     return 0
