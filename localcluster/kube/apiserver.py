@@ -294,17 +294,25 @@ class KubeControlPlane:
         old.stop()
         self.processes.remove(old)
         self._spawn("kube-apiserver", list(old.record.argv))
-        self.wait_ready(timeout)
+        self.wait_ready(timeout, watched=("etcd", "kube-apiserver"))
+        # A controller-manager that was itself still starting exits when it finds no API
+        # server ("unable to get any supported resources"): start it (or the scheduler) again.
+        for p in list(self.processes):
+            if not p.alive():
+                p.stop()
+                self.processes.remove(p)
+                self._spawn(p.record.name, list(p.record.argv))
 
     def ssl_context(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(self.ca_path))
 
-    def wait_ready(self, timeout: float) -> None:
+    def wait_ready(self, timeout: float, watched: Sequence[str] | None = None) -> None:
+        """Until /readyz answers ok; a watched process (default: all) exiting is an error."""
         deadline = time.monotonic() + timeout
         last = "no answer yet"
         while time.monotonic() < deadline:
             for p in self.processes:
-                if not p.alive():
+                if (watched is None or p.record.name in watched) and not p.alive():
                     raise KubeError(
                         f"{p.record.name} exited while starting; read {p.record.log_path}"
                     )
