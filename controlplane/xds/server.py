@@ -40,20 +40,42 @@ def _identity(data: bytes) -> bytes:
     return data
 
 
-def snapshot_of(state: MeshState) -> Snapshot:
+# (type URL, name) -> (the entry it was made from, version, encoded body).
+EncodeCache = dict[tuple[str, str], tuple[object, str, bytes]]
+
+
+def snapshot_of(state: MeshState, cache: EncodeCache | None = None) -> Snapshot:
     """Every resource of `state` with its version: a content hash, so an unchanged resource
-    keeps its version across snapshots and across server restarts."""
-    out: dict[str, dict[str, tuple[str, bytes]]] = {}
-    for type_url, named in convert.resources_of(state).items():
-        out[type_url] = {
-            name: (hashlib.sha256(body).hexdigest()[:16], body) for name, body in named.items()
-        }
+    keeps its version across snapshots and across server restarts.
+
+    With a `cache` (the previous snapshot's entries), an entry equal to the one a resource was
+    last encoded from reuses that encoding: a label change on one namespace re-encodes that
+    namespace's workloads, not 10 000 (comparing two frozen entries costs a tenth of encoding
+    one). The cache is replaced by this snapshot's entries, so it never outgrows the state."""
+    out: dict[str, dict[str, tuple[str, bytes]]] = {t: {} for t in convert.RESOURCE_TYPES}
+    fresh: EncodeCache = {}
+    items: list[convert.Decoded] = [*state.workloads, *state.services, *state.policies]
+    items.extend(state.l7_resources)
+    for item in items:
+        key = convert.name_of(item)
+        hit = cache.get(key) if cache is not None else None
+        if hit is not None and hit[0] == item:
+            version, body = hit[1], hit[2]
+        else:
+            _, _, body = convert.encode_item(item)
+            version = hashlib.sha256(body).hexdigest()[:16]
+        out[key[0]][key[1]] = (version, body)
+        fresh[key] = (item, version, body)
+    if cache is not None:
+        cache.clear()
+        cache.update(fresh)
     return out
 
 
 class XdsServer:
     def __init__(self, state: MeshState | None = None) -> None:
-        self._snapshot: Snapshot = snapshot_of(state or MeshState.empty())
+        self._cache: EncodeCache = {}
+        self._snapshot: Snapshot = snapshot_of(state or MeshState.empty(), self._cache)
         self._generation = itertools.count(1)
         self._version = str(next(self._generation))
         self._wakers: set[asyncio.Event] = set()
@@ -70,7 +92,7 @@ class XdsServer:
 
     def update(self, state: MeshState) -> None:
         """Make `state` the one every stream converges to (each is woken; none is awaited)."""
-        self.publish(snapshot_of(state))
+        self.publish(snapshot_of(state, self._cache))
 
     def publish(self, snapshot: Snapshot) -> None:
         """`update` for a source that already holds encoded, versioned resources."""
