@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from unittest import mock
 
-from controlplane.xds import server as xds_server
 from controlplane.xds.server import EncodeCache, snapshot_of
 from meshcore.xds import convert
 from tests.xds.states import demo_state
@@ -17,7 +16,7 @@ def test_cached_snapshots_equal_fresh_ones_and_encode_only_what_changed() -> Non
     assert snapshot_of(demo_state(), cache) == snapshot_of(demo_state())
     assert len(cache) == sum(len(v) for v in snapshot_of(demo_state()).values())
     real = convert.encode_item
-    with mock.patch.object(xds_server.convert, "encode_item", side_effect=real) as enc:
+    with mock.patch.object(convert, "encode_item", side_effect=real) as enc:
         assert snapshot_of(changed_state(), cache) == snapshot_of(changed_state())
         # changed_state: one workload changed, one removed, one policy removed -> one encode
         # through the cache (the second, uncached call above encodes everything).
