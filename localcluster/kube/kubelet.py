@@ -544,8 +544,11 @@ async def _main(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir) if args.workdir else spec.base_dir
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # Not loop.add_signal_handler: it routes signals through a wakeup fd that pyroute2's
+    # forked helpers inherit, and the SIGTERM pyroute2 sends its helper would then read as
+    # ours. A plain handler runs in the process that got the signal, and only there.
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        signal.signal(sig, lambda *_: loop.call_soon_threadsafe(stop.set))
     async with KubeClient(load_kubeconfig(args.kubeconfig)) as client:
         kubelet = Kubelet(client, spec, state, workdir)
         runner = asyncio.create_task(kubelet.run())

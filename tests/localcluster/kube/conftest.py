@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -70,11 +71,19 @@ class KubeNodes:
         return items
 
     def kubelet_log(self) -> str:
-        """What a failed wait prints: the kubelet's log and the test's pods' status."""
+        """What a failed wait prints: the kubelet's log (with its threads' stacks, which it
+        prints on SIGUSR1) and the test's pods' status."""
+        if is_running(self.kubelet.pid, self.kubelet.record.start_time):
+            os.kill(self.kubelet.pid, signal.SIGUSR1)
+            time.sleep(0.5)
         try:
-            text = Path(self.kubelet.record.log_path).read_text()[-4000:]
+            text = Path(self.kubelet.record.log_path).read_text()[-8000:]
         except OSError:
             text = "(no kubelet log)"
+        alive = is_running(self.kubelet.pid, self.kubelet.record.start_time)
+        text += (
+            f"\nkubelet pid {self.kubelet.pid} running: {alive}, exit {self.kubelet.popen.poll()}"
+        )
         for ns in self.namespaces:
             _, body = self.try_api("GET", f"/api/v1/namespaces/{ns}/pods")
             for p in (body or {}).get("items") or []:
