@@ -70,8 +70,10 @@ def start_kubelet(
     state: ClusterState,
     kubeconfig: Path,
     state_root: Path | str | None = None,
+    workdir: Path | str | None = None,
 ) -> ManagedProcess:
-    """The kubelet, in the caller's netns (it reaches the API server on loopback)."""
+    """The kubelet, in the caller's netns (it reaches the API server on loopback). Pod
+    commands run in `workdir` (default: the cluster file's directory)."""
     env = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
     env["PYTHONUNBUFFERED"] = "1"
     # The kubelet imports this project: run it from the project's root whatever the cwd.
@@ -88,6 +90,8 @@ def start_kubelet(
     ]
     if state_root is not None:
         argv += ["--state-root", str(Path(state_root).resolve())]
+    if workdir is not None:
+        argv += ["--workdir", str(Path(workdir).resolve())]
     return spawn_in_netns(
         here_netns(),
         argv,

@@ -115,14 +115,14 @@ def kube_nodes(kube_cp: KubeControlPlane, tmp_path: Path) -> Iterator[KubeNodes]
     cluster_file.write_text(
         f"name: {name}\nnodes:\n  - name: a{tag}\n  - name: b{tag}\n", encoding="utf-8"
     )
-    # Commands of the demo run relative to demo/ (as the cluster file's directory would be).
     state_root = tmp_path / "state"
     spec = load_cluster(cluster_file)
+    # Pod commands run from demo/, as with demo/travel-kube-cluster.yaml.
     state = ClusterState.open(spec.name, state_root)
     nodes: KubeNodes | None = None
     try:
         layout = build_network(spec, state)
-        kubelet = start_kubelet(cluster_file, state, kube_cp.kubeconfig, state_root)
+        kubelet = start_kubelet(cluster_file, state, kube_cp.kubeconfig, state_root, DEMO)
         nodes = KubeNodes(kube_cp, spec, layout, state, kubelet)
         yield nodes
     finally:
