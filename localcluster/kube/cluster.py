@@ -13,9 +13,11 @@ the hook where they belong once they read Kubernetes; today they read the file s
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,6 +114,36 @@ def record_control_plane(cp: KubeControlPlane, state: ClusterState) -> None:
         os.replace(tmp, dst)
 
 
+def wait_nodes_ready(
+    cp: KubeControlPlane, spec: ClusterSpec, kubelet: ManagedProcess, timeout: float = 30.0
+) -> None:
+    """Until every node of the cluster is registered and Ready (pods can be scheduled);
+    fail at once if the kubelet exits."""
+    deadline = time.monotonic() + timeout
+    waiting = [n.name for n in spec.nodes]
+    while time.monotonic() < deadline:
+        code = kubelet.popen.poll()
+        if code is not None:
+            raise KubeUpError(f"the kubelet exited with {code}; read {kubelet.record.log_path}")
+        waiting = [n for n in waiting if not _node_ready(cp, n)]
+        if not waiting:
+            return
+        time.sleep(0.2)
+    raise KubeUpError(
+        f"nodes {', '.join(waiting)} not Ready after {timeout:g} s; read {kubelet.record.log_path}"
+    )
+
+
+def _node_ready(cp: KubeControlPlane, name: str) -> bool:
+    try:
+        status, body = cp.request("GET", f"/api/v1/nodes/{name}")
+        node = json.loads(body) if status == 200 else {}
+    except (OSError, ValueError):
+        return False
+    conds = (node.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conds)
+
+
 def start_mesh(cluster: KubeCluster) -> None:
     """The hook for the mesh's own processes (CA, node agents, tunnels) in Kubernetes mode.
 
@@ -147,7 +179,8 @@ def up(cluster_file: Path | str, state_root: Path | str | None = None) -> KubeCl
             cp.start()
         finally:
             record_control_plane(cp, state)
-        start_kubelet(cluster_file, state, cp.kubeconfig, state_root)
+        kubelet = start_kubelet(cluster_file, state, cp.kubeconfig, state_root)
+        wait_nodes_ready(cp, spec, kubelet)
         cluster = KubeCluster(spec, layout, state, cp.kubeconfig)
         start_mesh(cluster)
     except Exception as e:
