@@ -141,8 +141,14 @@ def kube_nodes(kube_cp: KubeControlPlane, tmp_path: Path) -> Iterator[KubeNodes]
 def _delete_objects(nodes: KubeNodes) -> None:
     """The test's namespaces (the kubelet still runs: it confirms the pods' deletion), then
     its Node objects, so the scheduler never places a later test's pods on them."""
+    alive = is_running(nodes.kubelet.pid, nodes.kubelet.record.start_time)
     for ns in nodes.namespaces:
         nodes.try_api("DELETE", f"/api/v1/namespaces/{ns}")
+        if not alive:  # nobody will confirm the pods' deletion: force it
+            _, body = nodes.try_api("GET", f"/api/v1/namespaces/{ns}/pods")
+            for p in (body or {}).get("items") or []:
+                path = f"/api/v1/namespaces/{ns}/pods/{p['metadata']['name']}"
+                nodes.try_api("DELETE", path, {"gracePeriodSeconds": 0})
     deadline = time.monotonic() + 30
     for ns in nodes.namespaces:
         while time.monotonic() < deadline:

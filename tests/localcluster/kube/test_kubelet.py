@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 import time
@@ -15,6 +16,7 @@ import nsutil
 from kube.podnetns import netns_name
 from localcluster.kube.kubelet import process_name
 from localcluster.processes import ProcessRecord, is_running
+from localcluster.state import teardown
 
 from .conftest import KubeNodes, pod_ready, wait_for
 
@@ -216,6 +218,14 @@ def test_host_network_pod_runs_in_node_netns(kube_nodes: KubeNodes) -> None:
 def test_exited_container_fails_or_restarts_per_policy(kube_nodes: KubeNodes) -> None:
     k = kube_nodes
     ns = k.namespace()
+    nocmd = {
+        "metadata": {"name": "nocmd"},
+        "spec": {
+            "automountServiceAccountToken": False,
+            "containers": [{"name": "c", "image": "x"}],
+        },
+    }
+    k.api("POST", f"/api/v1/namespaces/{ns}/pods", nocmd)
     for name, policy in (("never", "Never"), ("always", "Always")):
         pod = {
             "metadata": {"name": name},
@@ -234,12 +244,46 @@ def test_exited_container_fails_or_restarts_per_policy(kube_nodes: KubeNodes) ->
         never = (pods.get("never") or {}).get("status") or {}
         always = (pods.get("always") or {}).get("status") or {}
         restarts = (always.get("containerStatuses") or [{}])[0].get("restartCount", 0)
-        return pods if never.get("phase") == "Failed" and restarts >= 2 else {}
+        waiting = ((pods.get("nocmd") or {}).get("status") or {}).get("containerStatuses")
+        done = never.get("phase") == "Failed" and restarts >= 2 and waiting
+        return pods if done else {}
 
     pods = wait_for(settled, 40, "Never -> Failed, Always -> restarted twice", k.kubelet_log)
     term = pods["never"]["status"]["containerStatuses"][0]["state"]["terminated"]
     assert term["exitCode"] == 3
     assert pods["always"]["status"]["phase"] == "Running"
+    # A container without a command cannot run (no image to take an entrypoint from).
+    nocmd_status = pods["nocmd"]["status"]
+    assert nocmd_status["phase"] == "Pending"
+    waiting = nocmd_status["containerStatuses"][0]["state"]["waiting"]
+    assert waiting["reason"] == "CreateContainerError" and "no command" in waiting["message"]
+
+
+def test_teardown_after_a_kubelet_crash_removes_its_pods(kube_nodes: KubeNodes) -> None:
+    k = kube_nodes
+    ns = k.namespace()
+    pod = {
+        "metadata": {"name": "orphan"},
+        "spec": {
+            "automountServiceAccountToken": False,
+            "containers": [
+                {"name": "app", "image": "x", "command": ["python", SLOWAPP, str(PORT), "0"]}
+            ],
+        },
+    }
+    k.api("POST", f"/api/v1/namespaces/{ns}/pods", pod)
+    got = wait_for(
+        lambda: [p for p in k.pods(ns) if pod_ready(p)], 30, "the pod Ready", k.kubelet_log
+    )
+    uid = got[0]["metadata"]["uid"]
+    proc = pod_process(k, uid)
+    os.kill(k.kubelet.pid, signal.SIGKILL)  # no goodbye: only the cluster's record is left
+    k.kubelet.popen.wait(timeout=10)
+    assert is_running(proc.pid, proc.start_time)
+    report = teardown(k.spec.name, k.state.dir.parent)
+    assert netns_name(uid) in report.netns_removed
+    assert not os.path.exists(nsutil.netns_path(netns_name(uid)))
+    assert not is_running(proc.pid, proc.start_time)
 
 
 def test_service_vip_reaches_ready_endpoints_from_another_node(kube_nodes: KubeNodes) -> None:
