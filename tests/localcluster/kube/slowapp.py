@@ -1,7 +1,7 @@
 """A pod's app for the kubelet tests: listens only after a delay, answers with its pod name.
 
-`slowapp.py PORT DELAY_S`: GET /healthz -> 200 "ok", any other path -> 200 "$POD_NAME";
-SIGTERM ends it at once.
+`slowapp.py PORT DELAY_S`: GET /healthz -> 200 "ok", any other path -> 200 "$POD_NAME"
+(or "$HOSTNAME"); SIGTERM ends it at once.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ import time
 
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
-        body = b"ok" if self.path == "/healthz" else os.environ.get("POD_NAME", "").encode()
+        # POD_NAME when the manifest sets it, else HOSTNAME (the kubelet sets it to the pod's).
+        name = os.environ.get("POD_NAME") or os.environ.get("HOSTNAME", "")
+        body = b"ok" if self.path == "/healthz" else name.encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()

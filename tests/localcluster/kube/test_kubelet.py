@@ -14,11 +14,12 @@ import pytest
 
 import nsutil
 from kube.podnetns import netns_name
+from localcluster.kube.cluster import start_kubelet
 from localcluster.kube.kubelet import process_name
 from localcluster.processes import ProcessRecord, is_running
 from localcluster.state import teardown
 
-from .conftest import KubeNodes, pod_ready, wait_for
+from .conftest import DEMO, KubeNodes, pod_ready, wait_for
 
 pytestmark = [pytest.mark.kube, pytest.mark.netns]
 
@@ -257,6 +258,57 @@ def test_exited_container_fails_or_restarts_per_policy(kube_nodes: KubeNodes) ->
     assert nocmd_status["phase"] == "Pending"
     waiting = nocmd_status["containerStatuses"][0]["state"]["waiting"]
     assert waiting["reason"] == "CreateContainerError" and "no command" in waiting["message"]
+
+
+def test_a_restarted_kubelet_replaces_its_predecessors_pods(kube_nodes: KubeNodes) -> None:
+    k = kube_nodes
+    ns = k.namespace()
+    pod = {
+        "metadata": {"name": "again"},
+        "spec": {
+            "automountServiceAccountToken": False,
+            "containers": [
+                {"name": "app", "image": "x", "command": ["python", SLOWAPP, str(PORT), "0"]}
+            ],
+        },
+    }
+    k.api("POST", f"/api/v1/namespaces/{ns}/pods", pod)
+    got = wait_for(
+        lambda: [p for p in k.pods(ns) if pod_ready(p)], 30, "the pod Ready", k.kubelet_log
+    )
+    uid = got[0]["metadata"]["uid"]
+    old = pod_process(k, uid)
+    os.kill(k.kubelet.pid, signal.SIGKILL)
+    k.kubelet.popen.wait(timeout=10)
+    cluster_file = Path(k.kubelet.record.argv[k.kubelet.record.argv.index("--cluster-file") + 1])
+    k.kubelet = start_kubelet(cluster_file, k.state, k.cp.kubeconfig, k.state.dir.parent, DEMO)
+
+    def replaced() -> bool:
+        try:
+            new = pod_process(k, uid)
+        except (OSError, ValueError):
+            return False
+        return new.pid != old.pid and is_running(new.pid, new.start_time)
+
+    wait_for(replaced, 30, "a new process for the pod", k.kubelet_log)
+    assert not is_running(old.pid, old.start_time)
+    new = pod_process(k, uid)
+    node = next(n for n in k.layout.nodes if n.name == got[0]["spec"]["nodeName"])
+
+    def serving() -> tuple[int, bytes] | None:
+        ip = (k.pods(ns)[0].get("status") or {}).get("podIP")
+        return _try_get(node.netns_path, ip) if ip else None
+
+    answer = wait_for(serving, 30, "the new process to serve", k.kubelet_log)
+    assert answer == (200, b"again")
+    assert same_netns(new.pid, nsutil.netns_path(netns_name(uid)))
+
+
+def _try_get(netns_path: str, ip: str) -> tuple[int, bytes] | None:
+    try:
+        return http_get(netns_path, ip, PORT)
+    except OSError:
+        return None
 
 
 def test_teardown_after_a_kubelet_crash_removes_its_pods(kube_nodes: KubeNodes) -> None:
