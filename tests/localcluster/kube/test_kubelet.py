@@ -380,6 +380,20 @@ def test_service_vip_reaches_ready_endpoints_from_another_node(kube_nodes: KubeN
         time.sleep(0.1)
     assert socket.inet_aton(vip)  # a real IPv4 VIP from the API server's range
     assert vip.startswith("10.96.")
+    # Scaled down: the nodes' rules follow, and only the pod left serves the VIP.
+    k.api("PATCH", f"/apis/apps/v1/namespaces/{ns}/deployments/echo", {"spec": {"replicas": 1}})
+    left = wait_for(
+        lambda: (
+            [p for p in k.pods(ns, "app=echo") if not p["metadata"].get("deletionTimestamp")][:1]
+            if len(k.pods(ns, "app=echo")) == 1
+            else []
+        ),
+        30,
+        "one echo pod left",
+        k.kubelet_log,
+    )
+    for _ in range(10):
+        assert http_get(first.netns_path, vip, 80) == (200, left[0]["metadata"]["name"].encode())
 
 
 if __name__ == "__main__":
