@@ -72,7 +72,7 @@ def test_plan_reads_command_args_probe_and_policy() -> None:
     ("container", "spec", "problem"),
     [
         ({"command": None, "args": None}, {}, "has no command"),
-        ({"readinessProbe": {"exec": {"command": ["true"]}}}, {}, "only httpGet and tcpSocket"),
+        ({"readinessProbe": {"exec": {}}}, {}, "only httpGet and tcpSocket"),
         ({"readinessProbe": {"tcpSocket": {"port": "nope"}}}, {}, "no container port named"),
         ({"readinessProbe": {"tcpSocket": {"port": 70000}}}, {}, "out of range"),
         (
