@@ -110,7 +110,6 @@ class PodRecord:
     probing: bool = False
     terminating: bool = False
     reported: dict[str, Any] | None = None
-    message: str = ""
 
     @property
     def netns_path(self) -> str:
