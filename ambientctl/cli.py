@@ -25,6 +25,8 @@ from localcluster import gateways as gw
 from localcluster import mesh, registry
 from localcluster.inputs import InputError, read_text
 from localcluster.interrupt import run_interruptible
+from localcluster.kube import cluster as kube_cluster
+from localcluster.kube.apiserver import KubeError
 from localcluster.labels import LabelError, parse_changes
 from localcluster.network import NetworkError
 from localcluster.policies import KIND_NAMES, PolicyError, delete_keys
@@ -53,6 +55,8 @@ EXPECTED = (
     PolicyError,
     LabelError,
     mesh.MeshUpError,
+    kube_cluster.KubeUpError,
+    KubeError,
     mesh.NotRunning,
     mesh.ConfigNotInForce,
     registry.ClusterConflict,
@@ -84,6 +88,14 @@ def _root(args: argparse.Namespace) -> str:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
+    if args.kubernetes:
+        kc = kube_cluster.up(args.cluster_file, args.state_root)
+        print(
+            f"cluster {kc.spec.name} is up in Kubernetes mode: {len(kc.spec.nodes)} nodes "
+            f"Ready; state in {kc.state.dir}\nkubeconfig: {kc.kubeconfig}\n"
+            f"  kubectl --kubeconfig {kc.kubeconfig} apply -f <manifests>"
+        )
+        return 0
     cluster = mesh.up(
         args.cluster_file, args.state_root, mesh=not args.no_mesh, redirect_mode=args.redirect_mode
     )
@@ -99,6 +111,19 @@ def _cluster_name(arg: str) -> str:
     if p.suffix in (".yaml", ".yml") or p.is_file():
         return load_cluster(p).name
     return arg
+
+
+def _cmd_kubeconfig(args: argparse.Namespace) -> int:
+    """The kubeconfig of a cluster up in Kubernetes mode (for `kubectl --kubeconfig`)."""
+    name = _cluster_name(args.cluster)
+    path = kube_cluster.kubeconfig_path(name, args.state_root)
+    if not path.is_file():
+        raise mesh.NotRunning(
+            f"cluster {name} is not running in Kubernetes mode under {_root(args)} "
+            "(ambientctl up --kubernetes CLUSTER_FILE)"
+        )
+    print(path)
+    return 0
 
 
 def _cmd_down(args: argparse.Namespace) -> int:
@@ -561,7 +586,16 @@ def build_parser() -> argparse.ArgumentParser:
         default="iptables",
         help="how the node agents capture pod traffic (default iptables)",
     )
+    up.add_argument(
+        "--kubernetes",
+        action="store_true",
+        help="a real Kubernetes control plane and kubelet on the file's nodes (pods come "
+        "from kubectl; prints the kubeconfig)",
+    )
     up.set_defaults(fn=_cmd_up)
+    kc = sub.add_parser("kubeconfig", help="the kubeconfig path of a Kubernetes-mode cluster")
+    kc.add_argument("cluster", help="cluster name or cluster file")
+    kc.set_defaults(fn=_cmd_kubeconfig)
     down = sub.add_parser("down", help="remove a local cluster (by name or cluster file)")
     down.add_argument("cluster")
     down.set_defaults(fn=_cmd_down)

@@ -16,9 +16,11 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,15 +89,29 @@ class ClusterState:
 
     def record_netns(self, name: str) -> None:
         """Call BEFORE creating the netns."""
-        if name not in self.netns:
-            self.netns.append(name)
-            self.save()
+        with self._locked():
+            if name not in self.netns:
+                self.netns.append(name)
+                self.save()
 
     def forget_netns(self, name: str) -> None:
-        """Call AFTER removing the netns (a waypoint deleted while the cluster runs)."""
-        if name in self.netns:
-            self.netns.remove(name)
-            self.save()
+        """Call AFTER removing the netns (a waypoint or pod deleted while the cluster runs)."""
+        with self._locked():
+            if name in self.netns:
+                self.netns.remove(name)
+                self.save()
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The record is shared by processes (the CLI and a Kubernetes-mode kubelet both
+        add namespaces): change it under a lock, starting from what is on disk, so no
+        writer loses another's entry."""
+        with open(self.dir / ".state.lock", "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            on_disk = ClusterState.load(self.cluster, self.dir.parent)
+            if on_disk is not None:
+                self.netns = on_disk.netns
+            yield
 
     def save(self) -> None:
         doc = {
@@ -133,6 +149,9 @@ def teardown(cluster_name: str, state_root: Path | str | None = None) -> Teardow
         recorded = ClusterState.load(cluster_name, state_root) if d.is_dir() else None
         stopped = stop_recorded(d / "pids") if d.is_dir() else 0
         names = set(recorded.netns if recorded else [])
+        # A process stopped just now (a kubelet) may have recorded more namespaces meanwhile.
+        again = ClusterState.load(cluster_name, state_root) if d.is_dir() else None
+        names |= set(again.netns if again else [])
         stopped += terminate(_processes_inside(names))
         removed: list[str] = []
         for name in sorted(names):

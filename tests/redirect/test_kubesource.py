@@ -46,14 +46,6 @@ from ztunnel.zds_client import ZdsClient
 
 pytestmark = [pytest.mark.kube, pytest.mark.netns]
 
-# The session's API server (`kube_cp`): tests/kube/conftest.py's fixture, seen from here only
-# through this import; where the fixture is shared by every test (tests/conftest.py), the
-# module is gone and the import is skipped.
-with contextlib.suppress(ImportError):
-    from tests.kube.conftest import (  # type: ignore[import-not-found,unused-ignore]
-        kube_cp,  # noqa: F401
-    )
-
 POD_IP = IPv4Address("10.251.0.10")
 MODE = "istio.io/dataplane-mode"
 

@@ -1,0 +1,192 @@
+"""A local cluster in Kubernetes mode: the nodes' network, a real control plane and the kubelet.
+
+`up(cluster_file)` builds the nodes of a cluster file (no pods: a cluster file with pods or
+services is refused, Kubernetes creates those), starts `KubeControlPlane` under the state
+directory (`<state>/kube`, outliving the call) and `python -m localcluster.kube.kubelet`,
+and records every process in the cluster state's pid directory, so `down` (the ordinary
+`localcluster.state.teardown`) stops them all and removes every netns the kubelet made.
+
+The mesh's own processes (CA, node agents, tunnels) are not started here: `start_mesh` is
+the hook where they belong once they read Kubernetes; today they read the file sources of
+`localcluster.mesh`, which have no pods in this mode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from localcluster import registry
+from localcluster.apps import INHERITED_ENV
+from localcluster.kube.apiserver import KubeControlPlane
+from localcluster.network import NetworkLayout, build_network
+from localcluster.processes import PIDFILE_SUFFIX, ManagedProcess, spawn_in_netns
+from localcluster.spec import ClusterSpec, load_cluster
+from localcluster.state import ClusterState, live_netns, state_dir, teardown
+
+KUBELET = "kubelet"
+KUBE_DIR = "kube"
+
+
+class KubeUpError(RuntimeError):
+    """The Kubernetes-mode cluster could not be brought up; says which step and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class KubeCluster:
+    spec: ClusterSpec
+    layout: NetworkLayout
+    state: ClusterState
+    kubeconfig: Path
+
+
+def kube_dir(state: ClusterState) -> Path:
+    return state.dir / KUBE_DIR
+
+
+def kubeconfig_path(cluster: str, state_root: Path | str | None = None) -> Path:
+    return state_dir(cluster, state_root) / KUBE_DIR / "kubeconfig"
+
+
+def check_nodes_only(spec: ClusterSpec) -> None:
+    if spec.pods or spec.services or spec.gateways:
+        raise KubeUpError(
+            f"cluster file of {spec.name}: in Kubernetes mode only its nodes are used; "
+            f"remove its pods ({len(spec.pods)}), services ({len(spec.services)}) and "
+            f"gateways ({len(spec.gateways)}) and create them with kubectl instead"
+        )
+
+
+def here_netns() -> str:
+    """The caller's own netns, as a path a child can enter (a no-op for it)."""
+    return f"/proc/{os.getpid()}/ns/net"
+
+
+def start_kubelet(
+    cluster_file: Path | str,
+    state: ClusterState,
+    kubeconfig: Path,
+    state_root: Path | str | None = None,
+    workdir: Path | str | None = None,
+) -> ManagedProcess:
+    """The kubelet, in the caller's netns (it reaches the API server on loopback). Pod
+    commands run in `workdir` (default: the cluster file's directory)."""
+    env = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
+    env["PYTHONUNBUFFERED"] = "1"
+    # The kubelet imports this project: run it from the project's root whatever the cwd.
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    argv = [
+        sys.executable,
+        "-m",
+        "localcluster.kube.kubelet",
+        "--kubeconfig",
+        str(kubeconfig),
+        "--cluster-file",
+        str(Path(cluster_file).resolve()),
+    ]
+    if state_root is not None:
+        argv += ["--state-root", str(Path(state_root).resolve())]
+    if workdir is not None:
+        argv += ["--workdir", str(Path(workdir).resolve())]
+    return spawn_in_netns(
+        here_netns(),
+        argv,
+        env,
+        root,
+        state.log_dir / f"{KUBELET}.log",
+        state.pidfile_dir,
+        KUBELET,
+    )
+
+
+def record_control_plane(cp: KubeControlPlane, state: ClusterState) -> None:
+    """Copy the control plane's pid records into the cluster's, so teardown stops them."""
+    for p in cp.processes:
+        dst = state.pidfile_dir / f"kube-{p.record.name}{PIDFILE_SUFFIX}"
+        tmp = dst.with_name(f".{dst.name}.tmp")
+        tmp.write_text(p.record.to_json(), encoding="utf-8")
+        os.replace(tmp, dst)
+
+
+def wait_nodes_ready(
+    cp: KubeControlPlane, spec: ClusterSpec, kubelet: ManagedProcess, timeout: float = 30.0
+) -> None:
+    """Until every node of the cluster is registered and Ready (pods can be scheduled);
+    fail at once if the kubelet exits."""
+    deadline = time.monotonic() + timeout
+    waiting = [n.name for n in spec.nodes]
+    while time.monotonic() < deadline:
+        code = kubelet.popen.poll()
+        if code is not None:
+            raise KubeUpError(f"the kubelet exited with {code}; read {kubelet.record.log_path}")
+        waiting = [n for n in waiting if not _node_ready(cp, n)]
+        if not waiting:
+            return
+        time.sleep(0.2)
+    raise KubeUpError(
+        f"nodes {', '.join(waiting)} not Ready after {timeout:g} s; read {kubelet.record.log_path}"
+    )
+
+
+def _node_ready(cp: KubeControlPlane, name: str) -> bool:
+    try:
+        status, body = cp.request("GET", f"/api/v1/nodes/{name}")
+        node = json.loads(body) if status == 200 else {}
+    except (OSError, ValueError):
+        return False
+    conds = (node.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conds)
+
+
+def start_mesh(cluster: KubeCluster) -> None:
+    """The hook for the mesh's own processes (CA, node agents, tunnels) in Kubernetes mode.
+
+    Nothing yet: they read the file sources `localcluster.mesh` writes from a cluster file,
+    and here the pods come from the API server. Once they read Kubernetes (the pod netns by
+    `kube.podnetns`), they start here, after the kubelet, as `localcluster.mesh.up` starts
+    them per node."""
+
+
+def up(cluster_file: Path | str, state_root: Path | str | None = None) -> KubeCluster:
+    """Build the nodes, start the control plane and the kubelet; on any failure or interrupt
+    tear down what was built."""
+    spec = load_cluster(cluster_file)
+    check_nodes_only(spec)
+    d = state_dir(spec.name, state_root)
+    try:
+        registry.claim(spec.name, d)
+    except registry.ClusterConflict as e:
+        raise KubeUpError(str(e)) from None
+    running = live_netns(spec.name)
+    if running:
+        registry.release(spec.name, d)
+        raise KubeUpError(
+            f"network namespaces named like cluster {spec.name}'s exist ({running[0]}, ...): "
+            "`ambientctl down` it first"
+        )
+    try:
+        state = ClusterState.open(spec.name, state_root)
+        layout = build_network(spec, state)
+        shutil.rmtree(kube_dir(state), ignore_errors=True)
+        cp = KubeControlPlane(kube_dir(state), die_with_parent=False)
+        try:
+            cp.start()
+        finally:
+            record_control_plane(cp, state)
+        kubelet = start_kubelet(cluster_file, state, cp.kubeconfig, state_root)
+        wait_nodes_ready(cp, spec, kubelet)
+        cluster = KubeCluster(spec, layout, state, cp.kubeconfig)
+        start_mesh(cluster)
+    except Exception as e:
+        teardown(spec.name, state_root)
+        raise KubeUpError(f"cluster {spec.name} did not come up: {e}") from e
+    except BaseException:
+        teardown(spec.name, state_root)
+        raise
+    return cluster

@@ -1,0 +1,575 @@
+"""The local cluster's kubelet: it plays every node of a local cluster for a real API server.
+
+`python -m localcluster.kube.kubelet --kubeconfig K --cluster-file F [--state-root R]`
+runs in the caller's netns (the API server's loopback) and, for each node of the cluster
+file (whose network `localcluster.network.build_network` has built):
+- registers a Node (hostname/os labels, InternalIP = the node's IP, podCIDR, capacity,
+  Ready) and heartbeats it: the Lease in kube-node-lease and the status every 10 s;
+- follows the Pods bound to it (an informer per node, `spec.nodeName=<node>`) and realises
+  each: a netns named by its UID (`kube.podnetns`), a veth on the node's bridge, an address
+  from the node's pod CIDR, and the first container's command + args in that netns (the
+  image is recorded, not pulled; a leading `python`/`python3` is this interpreter), with the
+  Kubernetes environment (`localcluster.kube.podplan`). `hostNetwork` pods run in the node
+  netns with the node's IP;
+- reports status (podIP, hostIP, phase, containerStatuses, Ready from the readinessProbe,
+  run from the node netns; no probe: ready once started), restarts exited containers per
+  `restartPolicy` with backoff, and on deletion TERMs the process (the grace period, then
+  KILL), removes the netns and confirms the deletion (grace 0, the pod's UID as precondition);
+- programs the Services' VIPs on every node, kube-proxy style (`localcluster.kube.proxyplan`).
+
+Invariants: every netns is recorded in the cluster state before it is created and every
+process has a pidfile in the state's pid directory, so `ambientctl down` (or a test's
+teardown) removes all of it after any crash. On SIGTERM the kubelet just stops: the pods
+stay, as they do when a real kubelet stops; teardown removes them.
+
+A restarted kubelet does not adopt the pods of its predecessor: it removes their netns and
+processes (they are in the cluster record) and realises the pods afresh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import faulthandler
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any, TypeVar
+
+import nsutil
+from kube import kinds
+from kube.client import KubeApiError, KubeClient, Obj, load_kubeconfig
+from kube.informer import Informer
+from kube.podnetns import PREFIX, netns_name
+from localcluster.apps import INHERITED_ENV
+from localcluster.kube import ipam, nodeobj, podnet
+from localcluster.kube.podplan import (
+    PodPlan,
+    ServiceInfo,
+    container_argv,
+    container_env,
+    plan_pod,
+    service_info,
+)
+from localcluster.kube.podstatus import (
+    ContainerState,
+    PodView,
+    after_exit,
+    pod_status,
+    restart_delay,
+)
+from localcluster.kube.probes import run_probe
+from localcluster.kube.proxyplan import endpoint_of, service_rules
+from localcluster.network import NetworkError, NodeLayout, apply_iptables, plan_layout
+from localcluster.processes import (
+    ManagedProcess,
+    ProcessError,
+    ProcessRecord,
+    proc_stat,
+    spawn_in_netns,
+    terminate,
+)
+from localcluster.spec import ClusterSpec, load_cluster
+from localcluster.state import ClusterState, state_dir
+
+log = logging.getLogger("kubelet")
+
+T = TypeVar("T")
+SYNC_PERIOD_S = 0.5
+SANDBOX_RETRY_S = 5.0
+FINAL_PHASES = frozenset({"Succeeded", "Failed"})
+
+
+@dataclass(slots=True)
+class PodRecord:
+    """The kubelet's own, mutable record of one pod it runs (keyed by UID)."""
+
+    plan: PodPlan
+    node: NodeLayout
+    ip: IPv4Address | None = None
+    netns: str = ""  # "" for a hostNetwork pod or before the sandbox exists
+    proc: ManagedProcess | None = None
+    phase: str = "Pending"
+    state: ContainerState = field(default_factory=lambda: ContainerState("waiting"))
+    last_state: ContainerState | None = None
+    restarts: int = 0
+    retry_at: float = 0.0  # monotonic: when the next start (or sandbox retry) is due
+    start_time: str = ""
+    ready: bool = False
+    probe_due: float = 0.0
+    probe_passes: int = 0
+    probe_fails: int = 0
+    probing: bool = False
+    terminating: bool = False
+    reported: dict[str, Any] | None = None
+
+    @property
+    def netns_path(self) -> str:
+        return nsutil.netns_path(self.netns) if self.netns else self.node.netns_path
+
+
+class Kubelet:
+    def __init__(
+        self,
+        client: KubeClient,
+        spec: ClusterSpec,
+        state: ClusterState,
+        workdir: Path,
+        python: str = sys.executable,
+    ) -> None:
+        self.client = client
+        self.spec = spec
+        self.state = state
+        self.workdir = workdir
+        self.python = python
+        self.nodes = {n.name: n for n in plan_layout(spec).nodes}
+        self.services = Informer(client, kinds.SERVICE)
+        self.pods = {
+            name: Informer(client, kinds.POD, field_selector=f"spec.nodeName={name}")
+            for name in self.nodes
+        }
+        self.records: dict[str, PodRecord] = {}
+        self.applied_rules: dict[str, str] = {}
+        self.wake = asyncio.Event()
+        self.since = nodeobj.now_iso()
+        self._tasks: set[asyncio.Task[None]] = set()
+        # Every netns, link, iptables and process change runs on this one thread: pyroute2's
+        # synchronous API cannot run on the loop's thread, and one thread keeps them in order.
+        self._io_thread = ThreadPoolExecutor(1, thread_name_prefix="kubelet-io")
+
+    async def _io(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._io_thread, fn, *args)
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self._remove_leftovers()  # before any thread exists (see _sandbox)
+        for node in self.nodes.values():
+            await self.register(node)
+        for inf in (self.services, *self.pods.values()):
+            inf.add_handler(lambda *_: self.wake.set())
+            inf.start()
+        await asyncio.gather(*(i.synced.wait() for i in (self.services, *self.pods.values())))
+        self._spawn(self._heartbeats(), "heartbeats")
+        log.info("kubelet: nodes %s registered; following their pods", ", ".join(self.nodes))
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(SYNC_PERIOD_S):
+                    await self.wake.wait()
+            self.wake.clear()
+            try:
+                await self.sync()
+            except (KubeApiError, OSError, NetworkError) as e:
+                log.warning("kubelet: sync failed: %s; retrying", e)
+
+    async def stop(self) -> None:
+        for inf in (self.services, *self.pods.values()):
+            await inf.stop()
+        for t in list(self._tasks):
+            t.cancel()
+        for t in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._io_thread.shutdown(wait=False, cancel_futures=True)
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.error("kubelet: task %s failed: %s", name, t.exception())
+            self.wake.set()
+
+        task.add_done_callback(done)
+
+    def _remove_leftovers(self) -> None:
+        """Pod netns (and their processes) a previous kubelet of this cluster left."""
+        stale = [n for n in self.state.netns if n.startswith(PREFIX)]
+        for name in stale:
+            path = nsutil.netns_path(name)
+            if os.path.exists(path):
+                terminate(_processes_in(path))
+            podnet.remove(name, self.state)
+        for rec_file in self.state.pidfile_dir.glob("pod-*.pid"):
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                terminate([ProcessRecord.from_json(rec_file.read_text())])
+            rec_file.unlink(missing_ok=True)
+
+    # ---- nodes ---------------------------------------------------------------------------
+
+    async def register(self, node: NodeLayout) -> None:
+        obj = nodeobj.node_object(node.name, node.ip, node.pod_cidr)
+        try:
+            await self.client.create(kinds.NODE, obj)
+        except KubeApiError as e:
+            if e.status != 409:
+                raise
+            await self.client.patch(kinds.NODE, node.name, {"metadata": obj["metadata"]})
+        await self.heartbeat(node)
+
+    async def heartbeat(self, node: NodeLayout) -> None:
+        now = nodeobj.now_iso()
+        status = nodeobj.node_status(node.name, node.ip, now, self.since)
+        await self.client.patch(kinds.NODE, node.name, status, subresource="status")
+        lease = nodeobj.lease_object(node.name, nodeobj.now_micro())
+        ns = nodeobj.NODE_LEASE_NAMESPACE
+        try:
+            await self.client.patch(kinds.LEASE, node.name, {"spec": lease["spec"]}, ns)
+        except KubeApiError as e:
+            if e.status != 404:
+                raise
+            await self.client.create(kinds.LEASE, lease, ns)
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(nodeobj.HEARTBEAT_S)
+            for node in self.nodes.values():
+                try:
+                    await self.heartbeat(node)
+                except (KubeApiError, OSError) as e:
+                    log.warning("kubelet: heartbeat of node %s failed: %s", node.name, e)
+
+    # ---- the sync pass -------------------------------------------------------------------
+
+    def _bound_pods(self) -> dict[str, Obj]:
+        out: dict[str, Obj] = {}
+        for inf in self.pods.values():
+            for pod in inf.items():
+                uid = str((pod.get("metadata") or {}).get("uid", ""))
+                if uid:
+                    out[uid] = pod
+        return out
+
+    def _service_infos(self) -> list[ServiceInfo]:
+        return [service_info(s) for s in self.services.items()]
+
+    async def sync(self) -> None:
+        pods = self._bound_pods()
+        now = time.monotonic()
+        for uid, pod in pods.items():
+            rec = self.records.get(uid)
+            md = pod.get("metadata") or {}
+            if md.get("deletionTimestamp"):
+                if rec is None:
+                    await self._confirm_deleted(pod)
+                elif not rec.terminating:
+                    rec.terminating = True
+                    self._spawn(self._terminate(uid, rec, pod), f"terminate-{uid}")
+                continue
+            if rec is None:
+                if str((pod.get("status") or {}).get("phase")) in FINAL_PHASES:
+                    continue  # finished before this kubelet started: nothing to run
+                plan = plan_pod(pod)
+                node = self.nodes.get(plan.node)
+                if node is None:
+                    continue
+                rec = PodRecord(plan, node)
+                self.records[uid] = rec
+            if rec.terminating:
+                continue
+            await self._step(rec, now)
+        for uid, rec in list(self.records.items()):
+            if uid not in pods and not rec.terminating:
+                # Removed without a graceful deletion (forced): stop it all the same.
+                rec.terminating = True
+                self._spawn(self._terminate(uid, rec, None), f"terminate-{uid}")
+        for rec in self.records.values():
+            if not rec.terminating:
+                await self._report(rec)
+        await self._program_services(pods)
+
+    async def _step(self, rec: PodRecord, now: float) -> None:
+        plan = rec.plan
+        if plan.problem:
+            rec.state = ContainerState("waiting", "CreateContainerError", plan.problem)
+            return
+        if rec.proc is not None:
+            code = rec.proc.popen.poll()
+            if code is None:
+                self._maybe_probe(rec, now)
+                return
+            self._exited(rec, code, now)
+        if rec.phase in FINAL_PHASES or now < rec.retry_at:
+            return
+        if rec.ip is None and not await self._sandbox(rec, now):
+            return
+        await self._start(rec, now)
+
+    async def _sandbox(self, rec: PodRecord, now: float) -> bool:
+        node, plan = rec.node, rec.plan
+        if plan.host_network:
+            rec.ip = node.ip
+            return True
+        taken = {r.ip for r in self.records.values() if r.ip is not None and r.node is node}
+        try:
+            ip = ipam.allocate(node.pod_cidr, node.gateway, taken)
+            layout = podnet.pod_layout(node, plan.uid, plan.namespace, plan.name, ip)
+            await self._io(podnet.create, node, layout, self.state)
+        except (NetworkError, ipam.AddressesExhausted, ValueError) as e:
+            rec.state = ContainerState("waiting", "CreatePodSandboxError", str(e))
+            rec.retry_at = now + SANDBOX_RETRY_S
+            log.warning("kubelet: pod %s: %s", plan.key, e)
+            return False
+        rec.ip, rec.netns = ip, layout.netns
+        return True
+
+    async def _start(self, rec: PodRecord, now: float) -> None:
+        plan = rec.plan
+        env = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
+        env.update(PYTHONUNBUFFERED="1", HOSTNAME=plan.name)
+        env.update(container_env(plan, self._service_infos(), str(rec.ip), str(rec.node.ip)))
+        argv = container_argv(plan, env, self.python)
+        cwd = self.workdir / plan.working_dir if plan.working_dir else self.workdir
+        name = process_name(plan.uid)
+        log_path = self.state.log_dir / f"{name}-{plan.namespace}-{plan.name[:100]}.log"
+        try:
+            rec.proc = await self._io(
+                spawn_in_netns,
+                rec.netns_path,
+                argv,
+                env,
+                cwd,
+                log_path,
+                self.state.pidfile_dir,
+                name,
+            )
+        except ProcessError as e:
+            rec.proc = None
+            stamp = nodeobj.now_iso()
+            rec.last_state = ContainerState("terminated", "StartError", str(e), stamp, stamp, 128)
+            self._after(rec, 128, now, "StartError")
+            log.warning("kubelet: pod %s: %s", plan.key, e)
+            return
+        stamp = nodeobj.now_iso()
+        rec.start_time = rec.start_time or stamp
+        rec.state = ContainerState("running", started_at=stamp)
+        rec.phase = "Running"
+        rec.ready = plan.readiness is None
+        rec.probe_passes = rec.probe_fails = 0
+        probe = plan.readiness
+        rec.probe_due = now + (probe.initial_delay_s if probe is not None else 0.0)
+        log.info("kubelet: pod %s started (pid %d, ip %s)", plan.key, rec.proc.pid, rec.ip)
+
+    def _exited(self, rec: PodRecord, code: int, now: float) -> None:
+        assert rec.proc is not None
+        rec.proc.pidfile.unlink(missing_ok=True)
+        rec.proc = None
+        stamp = nodeobj.now_iso()
+        reason = "Completed" if code == 0 else "Error"
+        rec.last_state = ContainerState(
+            "terminated", reason, "", rec.state.started_at, stamp, code if code >= 0 else 128 - code
+        )
+        self._after(rec, rec.last_state.exit_code, now, reason)
+        log.info("kubelet: pod %s: container exited with %d", rec.plan.key, code)
+
+    def _after(self, rec: PodRecord, code: int, now: float, reason: str) -> None:
+        rec.ready = False
+        outcome = after_exit(rec.plan.restart_policy, code)
+        rec.phase = outcome.phase
+        if outcome.restart:
+            delay = restart_delay(rec.restarts)
+            rec.restarts += 1
+            rec.retry_at = now + delay
+            rec.state = ContainerState(
+                "waiting", "CrashLoopBackOff", f"back-off {delay:g}s restarting failed container"
+            )
+        else:
+            assert rec.last_state is not None
+            rec.state = rec.last_state
+
+    def _maybe_probe(self, rec: PodRecord, now: float) -> None:
+        probe = rec.plan.readiness
+        if probe is None or rec.probing or now < rec.probe_due or rec.ip is None:
+            return
+        rec.probing = True
+        rec.probe_due = now + probe.period_s
+        self._spawn(self._probe(rec), f"probe-{rec.plan.uid}")
+
+    async def _probe(self, rec: PodRecord) -> None:
+        probe = rec.plan.readiness
+        assert probe is not None and rec.ip is not None
+        try:
+            ok, why = await run_probe(probe, rec.node.netns_path, str(rec.ip))
+        finally:
+            rec.probing = False
+        was = rec.ready
+        if ok:
+            rec.probe_passes, rec.probe_fails = rec.probe_passes + 1, 0
+            if rec.probe_passes >= probe.success_threshold:
+                rec.ready = rec.proc is not None
+        else:
+            rec.probe_passes, rec.probe_fails = 0, rec.probe_fails + 1
+            if rec.probe_fails >= probe.failure_threshold:
+                rec.ready = False
+        if rec.ready != was:
+            state = "ready" if rec.ready else "not ready"
+            log.info("kubelet: pod %s %s (readiness probe: %s)", rec.plan.key, state, why)
+
+    async def _report(self, rec: PodRecord) -> None:
+        view = PodView(
+            plan=rec.plan,
+            phase=rec.phase,
+            # Reported once the container first started; kept while the sandbox lives.
+            pod_ip=str(rec.ip) if rec.ip is not None and rec.start_time else "",
+            host_ip=str(rec.node.ip),
+            start_time=rec.start_time,
+            state=rec.state,
+            last_state=rec.last_state,
+            ready=rec.ready,
+            restarts=rec.restarts,
+            message=rec.plan.problem,
+        )
+        status = pod_status(view)
+        if status == rec.reported:
+            return
+        try:
+            await self.client.patch(
+                kinds.POD, rec.plan.name, status, rec.plan.namespace, subresource="status"
+            )
+        except KubeApiError as e:
+            if e.status == 404:
+                return  # gone meanwhile; the next pass tears it down
+            raise
+        rec.reported = status
+
+    # ---- deletion ------------------------------------------------------------------------
+
+    async def _terminate(self, uid: str, rec: PodRecord, pod: Obj | None) -> None:
+        plan = rec.plan
+        grace = plan.grace_s
+        if pod is not None:
+            g = (pod.get("metadata") or {}).get("deletionGracePeriodSeconds")
+            if isinstance(g, int) and g >= 0:
+                grace = float(g)
+        try:
+            if rec.proc is not None:
+                await asyncio.to_thread(rec.proc.stop, max(grace, 0.1))
+                rec.proc = None
+            if rec.netns:
+                await self._io(podnet.remove, rec.netns, self.state)
+        except (ProcessError, NetworkError) as e:
+            log.error("kubelet: tearing pod %s down failed: %s; will retry", plan.key, e)
+            rec.terminating = False
+            return
+        self.records.pop(uid, None)  # its address is free again only now
+        if pod is not None:
+            await self._confirm_deleted(pod)
+        log.info("kubelet: pod %s deleted", plan.key)
+
+    async def _confirm_deleted(self, pod: Obj) -> None:
+        md = pod.get("metadata") or {}
+        body = {
+            "apiVersion": "v1",
+            "kind": "DeleteOptions",
+            "gracePeriodSeconds": 0,
+            "preconditions": {"uid": md.get("uid")},
+        }
+        path = kinds.POD.path(str(md.get("namespace")), str(md.get("name")))
+        try:
+            await self.client.request("DELETE", path, body=body)
+        except KubeApiError as e:
+            if e.status not in (404, 409):
+                raise
+
+    # ---- services ------------------------------------------------------------------------
+
+    async def _program_services(self, pods: Mapping[str, Obj]) -> None:
+        services = self._service_infos()
+        endpoints = [ep for p in pods.values() if (ep := endpoint_of(p)) is not None]
+        for node in self.nodes.values():
+            text = service_rules(services, endpoints, node.pod_cidr)
+            if self.applied_rules.get(node.name) == text:
+                continue
+            await self._io(apply_iptables, node.netns_path, text)
+            self.applied_rules[node.name] = text
+
+
+def process_name(uid: str) -> str:
+    return "pod-" + netns_name(uid).removeprefix(PREFIX)
+
+
+def _processes_in(netns_path: str) -> list[ProcessRecord]:
+    st = os.stat(netns_path)
+    out: list[ProcessRecord] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            ns = os.stat(f"/proc/{entry}/ns/net")
+        except OSError:
+            continue
+        ps = proc_stat(int(entry)) if (ns.st_dev, ns.st_ino) == (st.st_dev, st.st_ino) else None
+        if ps is not None:
+            out.append(ProcessRecord("leftover", int(entry), ps[2], (), netns_path, ""))
+    return out
+
+
+# ---- the program ---------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m localcluster.kube.kubelet",
+        description="Play the kubelet (and kube-proxy) of a local cluster's nodes.",
+    )
+    p.add_argument("--kubeconfig", required=True, help="the API server and credentials")
+    p.add_argument("--cluster-file", required=True, help="the cluster file (its nodes)")
+    p.add_argument("--state-root", default=None, help="the cluster's state root")
+    p.add_argument(
+        "--workdir",
+        default=None,
+        help="where pod commands run (default: the cluster file's directory)",
+    )
+    return p
+
+
+async def _main(args: argparse.Namespace) -> int:
+    spec = load_cluster(args.cluster_file)
+    state = ClusterState.load(spec.name, args.state_root)
+    if state is None:
+        root = state_dir(spec.name, args.state_root)
+        print(f"kubelet: cluster {spec.name} has no state under {root}: is it up?", file=sys.stderr)
+        return 1
+    workdir = Path(args.workdir) if args.workdir else spec.base_dir
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    # Not loop.add_signal_handler: it routes signals through a wakeup fd that pyroute2's
+    # forked helpers inherit, and the SIGTERM pyroute2 sends its helper would then read as
+    # ours. A plain handler runs in the process that got the signal, and only there.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: loop.call_soon_threadsafe(stop.set))
+    async with KubeClient(load_kubeconfig(args.kubeconfig)) as client:
+        kubelet = Kubelet(client, spec, state, workdir)
+        runner = asyncio.create_task(kubelet.run())
+        waiter = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({runner, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        runner.cancel()
+        waiter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+        await kubelet.stop()
+        if runner in done and not runner.cancelled() and runner.exception() is not None:
+            print(f"kubelet: {runner.exception()}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    # `kill -USR1 <pid>` prints every thread's stack to the log: a stuck kubelet explains itself.
+    faulthandler.register(signal.SIGUSR1)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    return asyncio.run(_main(build_parser().parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
