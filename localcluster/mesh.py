@@ -476,7 +476,14 @@ def _python() -> str:
     return sys.executable
 
 
-def start_control_plane(spec: ClusterSpec, layout: NetworkLayout, state: ClusterState) -> None:
+def start_control_plane(
+    spec: ClusterSpec,
+    layout: NetworkLayout,
+    state: ClusterState,
+    workloads_file: Path | None = None,
+) -> None:
+    """The node CA. It vouches for (node, identity) from `workloads_file` (default: the mesh
+    config this module writes; in Kubernetes mode, the one the control plane computes)."""
     paths = MeshPaths(state.dir / "mesh")
     tokens = {}
     for node in spec.nodes:
@@ -499,7 +506,7 @@ def start_control_plane(spec: ClusterSpec, layout: NetworkLayout, state: Cluster
             "--trust-domain",
             spec.trust_domain,
             "--workloads-file",
-            str(paths.xds),
+            str(workloads_file or paths.xds),
         ],
         _base_env(),
         Path.cwd(),
@@ -531,6 +538,7 @@ def start_tunnel(
     node: str,
     name: str = "",
     extra_env: Mapping[str, str] | None = None,
+    source_env: Mapping[str, str] | None = None,
 ) -> ManagedProcess:
     """Start a node's tunnel. A distinct `name` starts a second one beside it (an upgrade
     overlap: SO_REUSEPORT listeners, and the agent sends new pods to the newest).
@@ -540,12 +548,14 @@ def start_tunnel(
     env.update(
         {
             "NODE_NAME": node,
-            "LOCAL_XDS_PATH": str(paths.xds),
             "CA_ADDRESS": str(paths.ca_socket),
             "CA_TOKEN_PATH": str(paths.token(node)),
             "TRUST_DOMAIN": spec.trust_domain,
         }
     )
+    # Where its mesh state comes from: the file this module writes, unless the caller names
+    # another source (an xDS server: XDS_ADDRESS and XDS_ROOT_CERT).
+    env.update(source_env or {"LOCAL_XDS_PATH": str(paths.xds)})
     env["ZDS_SOCKET"] = str(paths.zds_socket(node))
     if spec.dns.capture:
         env.update(_dns_env(spec, paths))

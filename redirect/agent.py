@@ -542,6 +542,12 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         default=env.get("KUBECONFIG") or None,
         help="for --pod-source=kubernetes (default: $KUBECONFIG, else the pod's service account)",
     )
+    p.add_argument(
+        "--node-netns",
+        help="the node's network namespace (a path) for the probe set and its rules, when the "
+        "agent runs elsewhere (the local Kubernetes mode runs it on the machine's loopback, "
+        "where the API server is); default: the agent's own",
+    )
     p.add_argument("--zds-socket", type=Path, default=Path(DEFAULT_ZDS_SOCKET))
     p.add_argument("--status-file", type=Path, help="where to write the agent's view (JSON)")
     p.add_argument(
@@ -605,7 +611,11 @@ async def run(args: argparse.Namespace) -> None:
     agent = NodeAgent(
         args.node,
         source,
-        NodeDataplane(mode, inpod_cfg=InpodConfig(capture_dns=args.dns_capture)),
+        NodeDataplane(
+            mode,
+            node_netns=args.node_netns,
+            inpod_cfg=InpodConfig(capture_dns=args.dns_capture),
+        ),
         zds_server_factory(args.zds_socket),
         args.status_file,
         mode,

@@ -6,9 +6,9 @@ directory (`<state>/kube`, outliving the call) and `python -m localcluster.kube.
 and records every process in the cluster state's pid directory, so `down` (the ordinary
 `localcluster.state.teardown`) stops them all and removes every netns the kubelet made.
 
-The mesh's own processes (CA, node agents, tunnels) are not started here: `start_mesh` is
-the hook where they belong once they read Kubernetes; today they read the file sources of
-`localcluster.mesh`, which have no pods in this mode.
+Then `start_mesh` starts the mesh itself: the control plane (`python -m controlplane`:
+informers, xDS and the gRPC CA on a socket file), the node CA, and per node a node agent
+with the Kubernetes pod source and a tunnel fed over xDS.
 """
 
 from __future__ import annotations
@@ -21,15 +21,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from localcluster import registry
+from localcluster import mesh, registry
 from localcluster.apps import INHERITED_ENV
 from localcluster.kube.apiserver import KubeControlPlane
+from localcluster.meshconfig import MeshPaths
 from localcluster.network import NetworkLayout, build_network
 from localcluster.processes import PIDFILE_SUFFIX, ManagedProcess, spawn_in_netns
 from localcluster.spec import ClusterSpec, load_cluster
 from localcluster.state import ClusterState, live_netns, state_dir, teardown
 
 KUBELET = "kubelet"
+CONTROLPLANE = "controlplane"
 KUBE_DIR = "kube"
 
 
@@ -144,16 +146,132 @@ def _node_ready(cp: KubeControlPlane, name: str) -> bool:
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conds)
 
 
-def start_mesh(cluster: KubeCluster) -> None:
-    """The hook for the mesh's own processes (CA, node agents, tunnels) in Kubernetes mode.
-
-    Nothing yet: they read the file sources `localcluster.mesh` writes from a cluster file,
-    and here the pods come from the API server. Once they read Kubernetes (the pod netns by
-    `kube.podnetns`), they start here, after the kubelet, as `localcluster.mesh.up` starts
-    them per node."""
+def mesh_out(state: ClusterState) -> Path:
+    """The mesh config the control plane computes (also the CA's view of who runs where)."""
+    return MeshPaths(state.dir / "mesh").root / "mesh.json"
 
 
-def up(cluster_file: Path | str, state_root: Path | str | None = None) -> KubeCluster:
+def istiod_socket(state: ClusterState) -> Path:
+    """istiod's 15012 as a socket file: delta xDS and the gRPC CA, with TLS. Tunnels in node
+    namespaces reach it through the file system."""
+    return MeshPaths(state.dir / "mesh").root / "istiod.sock"
+
+
+def _env() -> dict[str, str]:
+    env = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
+    env["PYTHONUNBUFFERED"] = "1"
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def start_mesh(cluster: KubeCluster, timeout: float = 60.0) -> None:
+    """The mesh on the Kubernetes cluster, as istiod, istio-cni and ztunnel would run there:
+
+    - `python -m controlplane` (on loopback, beside the API server): follows the API server,
+      writes the mesh config, serves delta xDS and the gRPC CA on `istiod_socket`, deploys
+      waypoints for Gateways of class istio-waypoint;
+    - the CA the tunnels use (`controlplane.ca_server`, node tokens), which vouches for a node
+      holding an identity from the control plane's mesh config;
+    - per node, a node agent with the Kubernetes pod source (on loopback, to reach the API
+      server; its probe set goes into the node netns) and a tunnel in the node netns taking
+      its state over xDS (XDS_ADDRESS, the socket file).
+    """
+    spec, layout, state = cluster.spec, cluster.layout, cluster.state
+    paths = MeshPaths(state.dir / "mesh")
+    paths.root.mkdir(parents=True, exist_ok=True)
+    out = mesh_out(state)
+    root = str(Path(__file__).resolve().parents[2])
+    spawn_in_netns(
+        here_netns(),
+        [
+            sys.executable,
+            "-m",
+            "controlplane",
+            "--kubeconfig",
+            str(cluster.kubeconfig),
+            "--mesh-out",
+            str(out),
+            "--state-dir",
+            str(state.dir),
+            "--trust-domain",
+            spec.trust_domain,
+            "--grpc-listen",
+            f"unix:{istiod_socket(state)}",
+            "--waypoint-host-dir",
+            str(paths.root),
+        ],
+        _env(),
+        root,
+        state.log_dir / f"{CONTROLPLANE}.log",
+        state.pidfile_dir,
+        CONTROLPLANE,
+    )
+    _wait_file(out, timeout, state.log_dir / f"{CONTROLPLANE}.log", "its first mesh config")
+    _wait_file(istiod_socket(state), timeout, state.log_dir / f"{CONTROLPLANE}.log", "istiod.sock")
+    mesh.start_control_plane(spec, layout, state, workloads_file=out)
+    root_cert = state.dir / "ca" / "root-cert.pem"
+    for node in spec.nodes:
+        start_kube_agent(cluster, node.name)
+        mesh.start_tunnel(
+            spec,
+            layout,
+            state,
+            node.name,
+            source_env={
+                "XDS_ADDRESS": f"unix:{istiod_socket(state)}",
+                "XDS_ROOT_CERT": str(root_cert),
+            },
+        )
+
+
+def start_kube_agent(cluster: KubeCluster, node: str) -> ManagedProcess:
+    paths = MeshPaths(cluster.state.dir / "mesh")
+    name = mesh.agent_name(node)
+    return spawn_in_netns(
+        here_netns(),
+        [
+            sys.executable,
+            "-m",
+            "redirect.agent",
+            "--node",
+            node,
+            "--pod-source",
+            "kubernetes",
+            "--kubeconfig",
+            str(cluster.kubeconfig),
+            "--node-netns",
+            cluster.layout.node(node).netns_path,
+            "--zds-socket",
+            str(paths.zds_socket(node)),
+            "--status-file",
+            str(paths.agent_status(node)),
+            "--no-dns-capture",
+        ],
+        _env(),
+        str(Path(__file__).resolve().parents[2]),
+        cluster.state.log_dir / f"{name}.log",
+        cluster.state.pidfile_dir,
+        name,
+    )
+
+
+def _wait_file(path: Path, timeout: float, log: Path, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise KubeUpError(
+                f"the control plane did not write {what} in {timeout:g} s; read {log}"
+            )
+        time.sleep(0.1)
+
+
+def up(
+    cluster_file: Path | str,
+    state_root: Path | str | None = None,
+    workdir: Path | str | None = None,
+    with_mesh: bool = True,
+) -> KubeCluster:
     """Build the nodes, start the control plane and the kubelet; on any failure or interrupt
     tear down what was built."""
     spec = load_cluster(cluster_file)
@@ -179,10 +297,11 @@ def up(cluster_file: Path | str, state_root: Path | str | None = None) -> KubeCl
             cp.start()
         finally:
             record_control_plane(cp, state)
-        kubelet = start_kubelet(cluster_file, state, cp.kubeconfig, state_root)
+        kubelet = start_kubelet(cluster_file, state, cp.kubeconfig, state_root, workdir)
         wait_nodes_ready(cp, spec, kubelet)
         cluster = KubeCluster(spec, layout, state, cp.kubeconfig)
-        start_mesh(cluster)
+        if with_mesh:
+            start_mesh(cluster)
     except Exception as e:
         teardown(spec.name, state_root)
         raise KubeUpError(f"cluster {spec.name} did not come up: {e}") from e
