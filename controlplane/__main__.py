@@ -63,10 +63,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=Path,
         help="where the mesh CA's root is kept (needed with --grpc-listen)",
     )
+    p.add_argument(
+        "--waypoint-token-path",
+        help="the CA token path in a waypoint pod (default: <host dir>/token; $(NODE_NAME) "
+        "expands to the pod's node)",
+    )
+    p.add_argument(
+        "--waypoint-xds-address",
+        help="waypoints take their config over xDS from here (host:port or unix:/path) "
+        "instead of the mesh config file",
+    )
+    p.add_argument("--waypoint-xds-root-cert", help="the root that xDS server is checked with")
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
     if not 0 <= args.debounce <= 10:
         p.error(f"--debounce {args.debounce} must be within 0..10 seconds")
+    if bool(args.waypoint_xds_address) != bool(args.waypoint_xds_root_cert):
+        p.error("--waypoint-xds-address and --waypoint-xds-root-cert go together")
     if args.grpc_listen and args.state_dir is None:
         p.error("--grpc-listen needs --state-dir (the mesh CA that signs istiod's certificate)")
     return args
@@ -83,7 +96,9 @@ def options(args: argparse.Namespace) -> ControllerOptions:
         host_dir=host_dir,
         xds_path=f"{host_dir}/{args.mesh_out.name}",
         ca_address=f"{host_dir}/ca.sock",
-        ca_token_path=f"{host_dir}/token",
+        ca_token_path=args.waypoint_token_path or f"{host_dir}/token",
+        xds_address=args.waypoint_xds_address or "",
+        xds_root_cert=args.waypoint_xds_root_cert or "",
         trust_domain=args.trust_domain,
     )
     return ControllerOptions(

@@ -112,6 +112,10 @@ class WaypointTemplate:
     host_dir: str = "/var/run/ambient-mesh"
     trust_domain: str = defaults.TRUST_DOMAIN
     extra_env: tuple[tuple[str, str], ...] = field(default=())
+    # Set: the waypoint takes its config pushed over xDS from this address (verified with
+    # this root) instead of reading `xds_path`.
+    xds_address: str = ""
+    xds_root_cert: str = ""
 
 
 def _owner(gw: WaypointGateway) -> list[dict[str, Any]]:
@@ -192,7 +196,14 @@ def deployment(gw: WaypointGateway, template: WaypointTemplate) -> dict[str, Any
         _field_env("POD_IP", "status.podIP"),
         _field_env("SERVICE_ACCOUNT", "spec.serviceAccountName"),
         {"name": "TRUST_DOMAIN", "value": template.trust_domain},
-        {"name": "LOCAL_XDS_PATH", "value": template.xds_path},
+        *(
+            [
+                {"name": "XDS_ADDRESS", "value": template.xds_address},
+                {"name": "XDS_ROOT_CERT", "value": template.xds_root_cert},
+            ]
+            if template.xds_address
+            else [{"name": "LOCAL_XDS_PATH", "value": template.xds_path}]
+        ),
         {"name": "CA_ADDRESS", "value": template.ca_address},
         {"name": "CA_TOKEN_PATH", "value": template.ca_token_path},
         *({"name": k, "value": v} for k, v in template.extra_env),

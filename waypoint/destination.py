@@ -52,13 +52,21 @@ class Me:
     service_key: str
     ips: frozenset[str]
 
-    def named_by(self, address: GatewayAddress | None) -> bool:
+    def named_by(self, address: GatewayAddress | None, state: MeshState | None = None) -> bool:
+        """Whether a binding names this waypoint: by its Service's hostname, one of its pod
+        IPs, or (with the mesh state) its Service's VIP, as istiod writes a binding when the
+        waypoint Service has a ClusterIP."""
         if address is None:
             return False
         if address.hostname is not None:
             return address.hostname == self.service_key
         assert address.address is not None
-        return str(address.address.ip) in self.ips
+        if str(address.address.ip) in self.ips:
+            return True
+        if state is None:
+            return False
+        svc = state.service_by_vip(address.address.network, address.address.ip)
+        return svc is not None and svc.key == self.service_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,14 +122,14 @@ def resolve(state: MeshState, network: str, me: Me, authority: str) -> Destinati
     addr = ipaddress.ip_address(ip)
     service = state.service_by_vip(network, addr)
     if service is not None:
-        if not me.named_by(service.waypoint):
+        if not me.named_by(service.waypoint, state):
             return Refused(403, f"service {service.key} does not use this waypoint")
         if service.target_port(port) is None:
             return Refused(404, f"service {service.key} has no port {port}")
         return Destination(ip, port, service, None, _port_protocol(service, port))
     workload = state.workload_by_ip(network, addr)
     if workload is not None:
-        if not me.named_by(workload.waypoint):
+        if not me.named_by(workload.waypoint, state):
             return Refused(
                 403, f"workload {workload.namespace}/{workload.name} does not use this waypoint"
             )

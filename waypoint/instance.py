@@ -175,10 +175,12 @@ class Waypoint:
         return {
             "waypoint": self.status(),
             "services": [
-                service_json(state, s) for s in state.services if self.me.named_by(s.waypoint)
+                service_json(state, s)
+                for s in state.services
+                if self.me.named_by(s.waypoint, state)
             ],
             "workloads": [
-                workload_json(w) for w in state.workloads if self.me.named_by(w.waypoint)
+                workload_json(w) for w in state.workloads if self.me.named_by(w.waypoint, state)
             ],
         }
 

@@ -200,6 +200,14 @@ def start_mesh(cluster: KubeCluster, timeout: float = 60.0) -> None:
             f"unix:{istiod_socket(state)}",
             "--waypoint-host-dir",
             str(paths.root),
+            # The node CA's token of the node the waypoint pod lands on (the kubelet expands
+            # $(NODE_NAME), set from spec.nodeName before it).
+            "--waypoint-token-path",
+            str(paths.root / "token-$(NODE_NAME)"),
+            "--waypoint-xds-address",
+            f"unix:{istiod_socket(state)}",
+            "--waypoint-xds-root-cert",
+            str(state.dir / "ca" / "root-cert.pem"),
         ],
         _env(),
         root,

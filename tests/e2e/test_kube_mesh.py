@@ -197,3 +197,77 @@ def test_kubectl_drives_the_mesh(kmesh: kcluster.KubeCluster) -> None:
     wait_for(lambda: fresh in enrolled(c), 30, "the new pricing pod enrolled")
     answer = wait_for(book, 30, "a booking served by the new pod")
     assert any(h["served_by"] == fresh for h in answer["chain"])
+
+
+def test_a_gateway_and_route_applied_with_kubectl_give_a_working_waypoint(
+    kmesh: kcluster.KubeCluster,
+) -> None:
+    c = kmesh
+    kc(c, "apply", "-f", str(DEMO / "kubernetes"))
+    wait_for(
+        lambda: (lambda ps: len(ps) == 6 and all(map(ready, ps)))(pods(c, "travel")),
+        120,
+        "the travel pods Ready",
+    )
+    legacy = wait_for(lambda: [p for p in pods(c, "legacy") if ready(p)], 60, "the legacy pod")
+    client = nsutil.netns_path(netns_name(legacy[0]["metadata"]["uid"]))
+    vip = json.loads(kc(c, "-n", "travel", "get", "svc", "frontend", "-o", "json"))["spec"][
+        "clusterIP"
+    ]
+    docs = [
+        {
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "Gateway",
+            "metadata": {"name": "waypoint", "namespace": "travel"},
+            "spec": {
+                "gatewayClassName": "istio-waypoint",
+                "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}],
+            },
+        },
+        {
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "HTTPRoute",
+            "metadata": {"name": "flights-to-v2", "namespace": "travel"},
+            "spec": {
+                "parentRefs": [{"group": "", "kind": "Service", "name": "flights", "port": 80}],
+                "rules": [{"backendRefs": [{"name": "flights-v2", "port": 80}]}],
+            },
+        },
+    ]
+    f = Path(c.state.dir) / "waypoint.json"
+    f.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": docs}))
+    kc(c, "apply", "-f", str(f))
+    kc(c, "label", "namespace", "travel", "istio.io/use-waypoint=waypoint")
+
+    def programmed() -> dict[str, Any] | None:
+        gw = json.loads(kc(c, "-n", "travel", "get", "gateway", "waypoint", "-o", "json"))
+        conds = {x["type"]: x["status"] for x in (gw.get("status") or {}).get("conditions", [])}
+        return gw if conds.get("Programmed") == "True" else None
+
+    gw = wait_for(programmed, 90, "the waypoint Gateway Programmed")
+    assert gw["status"]["addresses"], "the Gateway names its address"
+    # The control plane made the waypoint's Deployment; the kubelet runs its pod.
+    deploy = json.loads(kc(c, "-n", "travel", "get", "deployment", "waypoint", "-o", "json"))
+    assert deploy["metadata"]["ownerReferences"][0]["kind"] == "Gateway"
+
+    def via_v2() -> dict[str, Any] | None:
+        try:
+            status, body = http_get(client, vip, 80, "/book?from=AMS&to=LIS")
+        except OSError:
+            return None
+        if status != 200:
+            return None
+        answer = json.loads(body)
+        flights = [h for h in answer["chain"] if h["service"].startswith("flights")]
+        return answer if flights and flights[0]["served_by"].startswith("flights-v2") else None
+
+    wait_for(via_v2, 60, "a booking routed to flights-v2 by the waypoint")
+    for _ in range(5):
+        assert via_v2() is not None, "every booking goes to v2 while the route holds"
+    route = json.loads(kc(c, "-n", "travel", "get", "httproute", "flights-to-v2", "-o", "json"))
+    parents = (route.get("status") or {}).get("parents") or []
+    assert any(
+        x["type"] == "Accepted" and x["status"] == "True"
+        for p in parents
+        for x in p.get("conditions", [])
+    ), route.get("status")
