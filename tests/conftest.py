@@ -5,6 +5,7 @@ Under CI (CI=true) a netns test that cannot run is a failure, never a silent ski
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Generator, Iterator
 from pathlib import Path
@@ -66,6 +67,18 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"netns tier must run under CI but cannot: {why}")
     pytest.skip(f"netns tier: {why}")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_event_loop_policy() -> Iterator[None]:
+    """`asyncio.run()` ends by leaving the main thread with no current event loop, and code
+    that asks for one implicitly (`grpc.aio.server()`) then fails: each test starts with the
+    default policy, as in a fresh process."""
+    yield
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        asyncio.set_event_loop_policy(None)
 
 
 @pytest.fixture

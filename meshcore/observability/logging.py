@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 
 import structlog
 
@@ -19,6 +18,8 @@ def configure(level: str = "info") -> None:
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.ERROR)),
-        logger_factory=structlog.WriteLoggerFactory(file=sys.stdout),
+        # No file named: each logger writes to sys.stdout as it is when the logger is made, so
+        # a stdout replaced later (a test's capture, a redirected child) is followed.
+        logger_factory=structlog.WriteLoggerFactory(),
         cache_logger_on_first_use=False,
     )
