@@ -264,6 +264,9 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 "max": round(lat[-1] * 1000, 1),
             }
             out["push_p99_target_met"] = out["push_ms"]["p99"] < 1000
+            # The control plane's own part of a flip: compute, parse, write (its log's `ms`).
+            rounds = sorted(float(ev.get("ms", 0)) for _, ev in tail.pushes[-len(lat) :])
+            out["controlplane_round_ms_p50"] = round(statistics.median(rounds), 1)
             out["controlplane_rss_after_mb"] = round(rss_kb(cpproc.pid) / 1024, 1)
 
             out["tunnel_rss_mb"] = round(rss_kb(tunnels[0].pid) / 1024, 1)
