@@ -108,6 +108,10 @@ class Informer:
                 failing = self._failed(failing, e)
             except (TimeoutError, aiohttp.ClientError, OSError) as e:
                 failing = self._failed(failing, e)
+            except RuntimeError as e:
+                # aiohttp raises a bare RuntimeError("Connection closed.") when the connection
+                # under a watch goes while it reads: a broken watch like any other.
+                failing = self._failed(failing, e)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX_S)
 
