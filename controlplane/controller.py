@@ -29,7 +29,7 @@ import structlog
 
 from controlplane import status as st
 from controlplane import waypoints as wp
-from controlplane.compute import Computed, Inputs, build_state, compute, dump
+from controlplane.compute import Built, Computed, Inputs, build_written, compute, dump
 from controlplane.endpoints import Problem, service_vips
 from kube import kinds
 from kube.client import KubeApiError, KubeClient, Obj
@@ -181,24 +181,23 @@ class MeshController:
         started = time.perf_counter()
         computed = compute(self.inputs())
         problems = list(computed.problems)
+        built: Built | None = None
         try:
-            document, state, dropped = build_state(computed.document)
-            problems += dropped
+            built = build_written(computed.document)
+            problems += built.problems
         except MeshConfigError as exc:
             log.error("mesh config refused; the one in force stays", error=str(exc))
-            document, state = None, None
-        if document is not None and state is not None:
-            await self._push(document, state, computed, started)
+        if built is not None:
+            await self._push(built, computed, started)
         await self._report(problems)
         if self.options.manage_waypoints:
             await self._reconcile_waypoints(computed)
         if self.options.write_status and self.state is not None:
             await self._write_statuses(computed, problems, self.state)
 
-    async def _push(
-        self, document: dict[str, Any], state: MeshState, computed: Computed, started: float
-    ) -> None:
-        data = dump(document).encode()
+    async def _push(self, built: Built, computed: Computed, started: float) -> None:
+        document, state = built.document, built.state
+        data = built.text.encode()
         digest = hashlib.sha256(data).hexdigest()
         if digest == self.digest:
             return

@@ -19,7 +19,6 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
 
 import aiohttp
 
@@ -181,7 +180,3 @@ class Informer:
                 h(ev, key, old, new)
             except Exception:  # a consumer's bug must not stop the cache following the server
                 log.exception("informer %s: handler failed on %s %s", self.kind.plural, ev, key)
-
-
-def wait_all_synced(informers: list[Informer]) -> Any:
-    return asyncio.gather(*(i.synced.wait() for i in informers))

@@ -64,6 +64,18 @@ def check_nodes_only(spec: ClusterSpec) -> None:
         )
 
 
+# The kubelet and the mesh's processes import this project: they run from its root, with it
+# on PYTHONPATH, whatever the caller's cwd.
+PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+def _env() -> dict[str, str]:
+    env = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PROJECT_ROOT, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
 def here_netns() -> str:
     """The caller's own netns, as a path a child can enter (a no-op for it)."""
     return f"/proc/{os.getpid()}/ns/net"
@@ -78,11 +90,7 @@ def start_kubelet(
 ) -> ManagedProcess:
     """The kubelet, in the caller's netns (it reaches the API server on loopback). Pod
     commands run in `workdir` (default: the cluster file's directory)."""
-    env = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
-    env["PYTHONUNBUFFERED"] = "1"
-    # The kubelet imports this project: run it from the project's root whatever the cwd.
-    root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    env = _env()
     argv = [
         sys.executable,
         "-m",
@@ -100,7 +108,7 @@ def start_kubelet(
         here_netns(),
         argv,
         env,
-        root,
+        PROJECT_ROOT,
         state.log_dir / f"{KUBELET}.log",
         state.pidfile_dir,
         KUBELET,
@@ -157,14 +165,6 @@ def istiod_socket(state: ClusterState) -> Path:
     return MeshPaths(state.dir / "mesh").root / "istiod.sock"
 
 
-def _env() -> dict[str, str]:
-    env = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
-    env["PYTHONUNBUFFERED"] = "1"
-    root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-    return env
-
-
 def start_mesh(cluster: KubeCluster, timeout: float = 60.0) -> None:
     """The mesh on the Kubernetes cluster, as istiod, istio-cni and ztunnel would run there:
 
@@ -181,7 +181,6 @@ def start_mesh(cluster: KubeCluster, timeout: float = 60.0) -> None:
     paths = MeshPaths(state.dir / "mesh")
     paths.root.mkdir(parents=True, exist_ok=True)
     out = mesh_out(state)
-    root = str(Path(__file__).resolve().parents[2])
     spawn_in_netns(
         here_netns(),
         [
@@ -210,7 +209,7 @@ def start_mesh(cluster: KubeCluster, timeout: float = 60.0) -> None:
             str(state.dir / "ca" / "root-cert.pem"),
         ],
         _env(),
-        root,
+        PROJECT_ROOT,
         state.log_dir / f"{CONTROLPLANE}.log",
         state.pidfile_dir,
         CONTROLPLANE,
@@ -257,7 +256,7 @@ def start_kube_agent(cluster: KubeCluster, node: str) -> ManagedProcess:
             "--no-dns-capture",
         ],
         _env(),
-        str(Path(__file__).resolve().parents[2]),
+        PROJECT_ROOT,
         cluster.state.log_dir / f"{name}.log",
         cluster.state.pidfile_dir,
         name,
