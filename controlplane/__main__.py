@@ -3,6 +3,11 @@
 Installs the CRDs (unless `--no-install-crds`), follows the API server, and writes the mesh
 config to FILE atomically at each change (the tunnels' LOCAL_XDS_PATH); creates each waypoint
 Gateway's ServiceAccount, Deployment and Service, and writes statuses back. Stops on SIGTERM.
+
+`--in-cluster` runs it as istiod runs in a cluster (the control plane chart): the service
+account's credentials, the CA root in the Secret istio-ca-secret of its namespace
+($POD_NAMESPACE), the root certificate published to every namespace, waypoints that use
+istiod's 15012 for xDS and certificates, and no mesh config file unless one is asked for.
 Exit codes: 2 bad arguments or credentials, 1 failed while running, 0 stopped.
 """
 
@@ -18,9 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from aiohttp import web
 
-from controlplane.ca import CAError
+from controlplane.ca import CAError, CertificateAuthority
 from controlplane.controller import ControllerOptions, MeshController
+from controlplane.incluster import RootCertPublisher, load_or_create_ca
 from controlplane.install import InstallError, install_crds
 from controlplane.waypoints import WaypointTemplate
 from kube.client import KubeApiError, KubeClient, KubeConfig, config_from_env, load_kubeconfig
@@ -36,7 +43,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m controlplane", description="The mesh computed from Kubernetes."
     )
     p.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, else in-cluster)")
-    p.add_argument("--mesh-out", required=True, type=Path, help="the mesh config file to write")
+    p.add_argument("--mesh-out", type=Path, help="the mesh config file to write")
+    p.add_argument(
+        "--in-cluster",
+        action="store_true",
+        help="run inside the cluster as istiod does: CA root in the Secret istio-ca-secret of "
+        "$POD_NAMESPACE, root certificate ConfigMaps, waypoints on istiod's 15012",
+    )
+    p.add_argument(
+        "--readiness-port",
+        type=int,
+        default=0,
+        help="serve GET /ready on this port (0.0.0.0): 200 once the first mesh config is pushed",
+    )
     p.add_argument("--debounce", type=float, default=0.05, help="seconds to gather changes")
     p.add_argument("--no-install-crds", action="store_true", help="the CRDs are installed")
     p.add_argument("--no-waypoints", action="store_true", help="do not deploy waypoints")
@@ -80,8 +99,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--debounce {args.debounce} must be within 0..10 seconds")
     if bool(args.waypoint_xds_address) != bool(args.waypoint_xds_root_cert):
         p.error("--waypoint-xds-address and --waypoint-xds-root-cert go together")
-    if args.grpc_listen and args.state_dir is None:
-        p.error("--grpc-listen needs --state-dir (the mesh CA that signs istiod's certificate)")
+    if args.in_cluster:
+        args.namespace = os.environ.get("POD_NAMESPACE", "").strip()
+        if not args.namespace:
+            p.error("--in-cluster needs POD_NAMESPACE (the downward API's metadata.namespace)")
+        if args.state_dir is not None:
+            p.error("--in-cluster keeps the CA in the Secret istio-ca-secret, not --state-dir")
+    else:
+        args.namespace = ""
+        if args.mesh_out is None:
+            p.error("--mesh-out is required (outside the cluster the tunnels read that file)")
+        if args.grpc_listen and args.state_dir is None:
+            p.error("--grpc-listen needs --state-dir (the mesh CA that signs istiod's certificate)")
+    if not 0 <= args.readiness_port <= 65535:
+        p.error(f"--readiness-port {args.readiness_port} is not a port")
     return args
 
 
@@ -90,17 +121,6 @@ def kube_config(args: argparse.Namespace) -> KubeConfig:
 
 
 def options(args: argparse.Namespace) -> ControllerOptions:
-    host_dir = args.waypoint_host_dir.rstrip("/") or "/"
-    template = WaypointTemplate(
-        image=args.waypoint_image,
-        host_dir=host_dir,
-        xds_path=f"{host_dir}/{args.mesh_out.name}",
-        ca_address=f"{host_dir}/ca.sock",
-        ca_token_path=args.waypoint_token_path or f"{host_dir}/token",
-        xds_address=args.waypoint_xds_address or "",
-        xds_root_cert=args.waypoint_xds_root_cert or "",
-        trust_domain=args.trust_domain,
-    )
     return ControllerOptions(
         mesh_out=args.mesh_out,
         debounce=args.debounce,
@@ -109,7 +129,24 @@ def options(args: argparse.Namespace) -> ControllerOptions:
         root_namespace=args.root_namespace,
         manage_waypoints=not args.no_waypoints,
         write_status=not args.no_status,
-        template=template,
+        template=waypoint_template(args),
+    )
+
+
+def waypoint_template(args: argparse.Namespace) -> WaypointTemplate:
+    if args.in_cluster:
+        return WaypointTemplate.in_cluster(args.waypoint_image, args.namespace, args.trust_domain)
+    host_dir = args.waypoint_host_dir.rstrip("/") or "/"
+    mesh_file = args.mesh_out.name if args.mesh_out is not None else "mesh.json"
+    return WaypointTemplate(
+        image=args.waypoint_image,
+        host_dir=host_dir,
+        xds_path=f"{host_dir}/{mesh_file}",
+        ca_address=f"{host_dir}/ca.sock",
+        ca_token_path=args.waypoint_token_path or f"{host_dir}/token",
+        xds_address=args.waypoint_xds_address or "",
+        xds_root_cert=args.waypoint_xds_root_cert or "",
+        trust_domain=args.trust_domain,
     )
 
 
@@ -123,16 +160,61 @@ async def run(config: KubeConfig, args: argparse.Namespace) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        grpc_server = await serve_grpc(client, controller, args) if args.grpc_listen else None
+        ca = await mesh_ca(client, args) if args.grpc_listen or args.in_cluster else None
+        publisher = None
+        if args.in_cluster and ca is not None:
+            publisher = RootCertPublisher(
+                client, controller.informers["namespaces"], ca.roots_pem().decode()
+            )
+        grpc_server = (
+            await serve_grpc(client, controller, ca, args)
+            if args.grpc_listen and ca is not None
+            else None
+        )
+        readiness = (
+            await serve_readiness(controller, args.readiness_port) if args.readiness_port else None
+        )
         await controller.start()
-        log.info("control plane started", mesh_out=str(args.mesh_out))
+        if publisher is not None:
+            publisher.start()
+        log.info("control plane started", mesh_out=str(args.mesh_out), in_cluster=args.in_cluster)
         try:
             await stop.wait()
         finally:
+            if readiness is not None:
+                await readiness.cleanup()
             if grpc_server is not None:
                 await grpc_server.stop()
+            if publisher is not None:
+                await publisher.stop()
             await controller.stop()
             log.info("control plane stopped", pushes=controller.pushes)
+
+
+async def mesh_ca(client: KubeClient, args: argparse.Namespace) -> CertificateAuthority:
+    """In the cluster: the root in the Secret istio-ca-secret (created on the first start);
+    outside: the root under --state-dir."""
+    if args.in_cluster:
+        return await load_or_create_ca(client, args.namespace, args.trust_domain)
+    return CertificateAuthority.load_or_create(args.state_dir, args.trust_domain)
+
+
+async def serve_readiness(controller: MeshController, port: int) -> web.AppRunner:
+    """GET /ready: 200 once the first mesh config is pushed (before it, a proxy that
+    connected would wait), else 503; the kubelet's readiness probe, as istiod's :8080."""
+
+    async def ready(_request: web.Request) -> web.Response:
+        if controller.state is None:
+            return web.Response(status=503, text="waiting for the first mesh config\n")
+        return web.Response(text="ready\n")
+
+    app = web.Application()
+    app.router.add_get("/ready", ready)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "0.0.0.0", port).start()
+    log.info("readiness listening", port=port)
+    return runner
 
 
 class GrpcServing:
@@ -148,17 +230,18 @@ class GrpcServing:
 
 
 async def serve_grpc(
-    client: KubeClient, controller: MeshController, args: argparse.Namespace
+    client: KubeClient,
+    controller: MeshController,
+    ca: CertificateAuthority,
+    args: argparse.Namespace,
 ) -> GrpcServing:
     # Imported here: without --grpc-listen the control plane loads no grpcio.
     import grpc
 
-    from controlplane.ca import CertificateAuthority
     from controlplane.ca_grpc import MAX_CONCURRENT, CaGrpcService, KubeFacts
     from controlplane.xds.server import XdsServer
-    from controlplane.xds.tls import bind, server_credentials
+    from controlplane.xds.tls import XDS_DNS_NAME, bind, server_credentials, service_dns_names
 
-    ca = CertificateAuthority.load_or_create(args.state_dir, args.trust_domain)
     xds = XdsServer()
     # Every state the controller computes goes to every connected proxy; a proxy that
     # connects before the first one waits for it.
@@ -168,7 +251,8 @@ async def serve_grpc(
     server = grpc.aio.server(maximum_concurrent_rpcs=MAX_CONCURRENT)
     xds.add_to_server(server)
     CaGrpcService(ca, facts).add_to_server(server)
-    creds = server_credentials(ca)
+    dns_names = service_dns_names(args.namespace) if args.in_cluster else (XDS_DNS_NAME,)
+    creds = server_credentials(ca, dns_names=dns_names)
     for address in args.grpc_listen:
         port = bind(server, address, creds)
         log.info("grpc listening", address=address, port=port, services="xds,ca")
@@ -179,7 +263,7 @@ async def serve_grpc(
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     meshlog.configure(args.log_level)
-    if not args.mesh_out.parent.is_dir():
+    if args.mesh_out is not None and not args.mesh_out.parent.is_dir():
         print(f"controlplane: --mesh-out {args.mesh_out}: no such directory", file=sys.stderr)
         return 2
     try:

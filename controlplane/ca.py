@@ -117,35 +117,62 @@ class CertificateAuthority:
 
     @classmethod
     def _load(cls, key_path: Path, cert_path: Path, trust_domain: str) -> CertificateAuthority:
+        return cls.from_pem(
+            key_path.read_bytes(),
+            cert_path.read_bytes(),
+            trust_domain,
+            str(key_path),
+            str(cert_path),
+        )
+
+    @classmethod
+    def from_pem(
+        cls,
+        key_pem: bytes,
+        cert_pem: bytes,
+        trust_domain: str,
+        key_source: str = "the CA key",
+        cert_source: str = "the CA certificate",
+    ) -> CertificateAuthority:
+        """A stored root (files, or a Kubernetes Secret); every defect is a `CAError` that
+        names its source, never a silently new root."""
+        _check_trust_domain(trust_domain)
         try:
-            key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+            key = serialization.load_pem_private_key(key_pem, password=None)
         except (ValueError, TypeError) as e:
             raise CAError(
-                f"{key_path} is not an unencrypted PEM private key ({e}); restore the file"
+                f"{key_source} is not an unencrypted PEM private key ({e}); restore it"
             ) from e
         if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
-            raise CAError(f"{key_path} holds a {type(key).__name__}, expected an EC P-256 key")
+            raise CAError(f"{key_source} holds a {type(key).__name__}, expected an EC P-256 key")
         try:
-            cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+            cert = x509.load_pem_x509_certificate(cert_pem)
         except ValueError as e:
-            raise CAError(f"{cert_path} is not a PEM certificate ({e}); restore the file") from e
+            raise CAError(f"{cert_source} is not a PEM certificate ({e}); restore it") from e
         if cert.public_key() != key.public_key():
-            raise CAError(f"{cert_path} does not belong to the key in {key_path}")
+            raise CAError(f"{cert_source} does not belong to the key in {key_source}")
         try:
             bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
         except x509.ExtensionNotFound:
             bc = None
         if bc is None or not bc.ca:
-            raise CAError(f"{cert_path} is not a CA certificate (basicConstraints CA:true)")
+            raise CAError(f"{cert_source} is not a CA certificate (basicConstraints CA:true)")
         orgs = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
         stored_domain = str(orgs[0].value) if orgs else ""
         if stored_domain != trust_domain:
             raise CAError(
-                f"the CA in {cert_path.parent} was created for trust domain "
+                f"the CA in {cert_source} was created for trust domain "
                 f"{stored_domain!r}, not {trust_domain!r}; pass the right trust domain or "
-                f"use another state directory"
+                f"use another CA store"
             )
         return cls(trust_domain, key, cert)
+
+    def key_pem(self) -> bytes:
+        return self.root_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
 
     def roots_pem(self) -> bytes:
         return self.root_cert.public_bytes(serialization.Encoding.PEM)

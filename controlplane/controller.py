@@ -71,7 +71,9 @@ STATE_LISTENER = Callable[[MeshState], None]
 
 @dataclass(frozen=True, slots=True)
 class ControllerOptions:
-    mesh_out: Path
+    # The mesh config file (the local cluster's tunnels read it); None in the cluster, where
+    # the proxies take it over xDS only.
+    mesh_out: Path | None
     debounce: float = 0.05
     cluster_id: str = "Kubernetes"
     trust_domain: str = TRUST_DOMAIN
@@ -201,7 +203,8 @@ class MeshController:
         digest = hashlib.sha256(data).hexdigest()
         if digest == self.digest:
             return
-        await asyncio.to_thread(write_atomically, self.options.mesh_out, data)
+        if self.options.mesh_out is not None:
+            await asyncio.to_thread(write_atomically, self.options.mesh_out, data)
         self.digest, self.document, self.state = digest, document, state
         self.pushes += 1
         log.info(

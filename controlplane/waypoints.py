@@ -99,6 +99,12 @@ def read_gateway(obj: Mapping[str, Any]) -> WaypointGateway:
     )
 
 
+ROOT_CERT_DIR = "/var/run/secrets/istio"
+TOKEN_DIR = "/var/run/secrets/tokens"
+# istio-proxy's uid, which upstream waypoints run as.
+PROXY_UID = 1337
+
+
 @dataclass(frozen=True, slots=True)
 class WaypointTemplate:
     """What every waypoint Deployment shares: the image, and where the mesh's files are on
@@ -116,6 +122,28 @@ class WaypointTemplate:
     # this root) instead of reading `xds_path`.
     xds_address: str = ""
     xds_root_cert: str = ""
+    # Set (in the cluster): the CA is istiod's gRPC CA at `ca_address` (host:port), checked
+    # with this root from the `istio-ca-root-cert` ConfigMap, and the waypoint's credential
+    # is its own projected service-account token; no host directory is mounted.
+    ca_root_cert: str = ""
+
+    @classmethod
+    def in_cluster(
+        cls, image: str, control_plane_namespace: str, trust_domain: str
+    ) -> WaypointTemplate:
+        istiod = f"istiod.{control_plane_namespace}.svc:15012"
+        root = f"{ROOT_CERT_DIR}/root-cert.pem"
+        return cls(
+            image=image,
+            xds_path="",
+            ca_address=istiod,
+            ca_token_path=f"{TOKEN_DIR}/istio-token",
+            host_dir="",
+            trust_domain=trust_domain,
+            xds_address=istiod,
+            xds_root_cert=root,
+            ca_root_cert=root,
+        )
 
 
 def _owner(gw: WaypointGateway) -> list[dict[str, Any]]:
@@ -206,8 +234,14 @@ def deployment(gw: WaypointGateway, template: WaypointTemplate) -> dict[str, Any
         ),
         {"name": "CA_ADDRESS", "value": template.ca_address},
         {"name": "CA_TOKEN_PATH", "value": template.ca_token_path},
+        *(
+            [{"name": "CA_ROOT_CERT", "value": template.ca_root_cert}]
+            if template.ca_root_cert
+            else []
+        ),
         *({"name": k, "value": v} for k, v in template.extra_env),
     ]
+    mounts, volumes = _volumes(template)
     container = {
         "name": "waypoint",
         "image": template.image,
@@ -222,8 +256,24 @@ def deployment(gw: WaypointGateway, template: WaypointTemplate) -> dict[str, Any
             "httpGet": {"path": "/healthz/ready", "port": defaults.READINESS_PORT},
             "periodSeconds": 2,
         },
-        "volumeMounts": [{"name": "mesh", "mountPath": template.host_dir}],
+        "volumeMounts": mounts,
     }
+    pod_spec: dict[str, Any] = {
+        "serviceAccountName": gw.name,
+        "terminationGracePeriodSeconds": 30,
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if template.ca_root_cert:
+        # In the cluster, as upstream's waypoints: istio-proxy, nothing it does not need.
+        container["securityContext"] = {
+            "runAsUser": PROXY_UID,
+            "runAsGroup": PROXY_UID,
+            "runAsNonRoot": True,
+            "readOnlyRootFilesystem": True,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+        }
     return {
         "apiVersion": DEPLOYMENT.api_version,
         "kind": "Deployment",
@@ -236,22 +286,36 @@ def deployment(gw: WaypointGateway, template: WaypointTemplate) -> dict[str, Any
         "spec": {
             "replicas": 1,
             "selector": {"matchLabels": {GATEWAY_NAME_LABEL: gw.name}},
-            "template": {
-                "metadata": {"labels": pod_labels},
-                "spec": {
-                    "serviceAccountName": gw.name,
-                    "terminationGracePeriodSeconds": 30,
-                    "containers": [container],
-                    "volumes": [
-                        {
-                            "name": "mesh",
-                            "hostPath": {"path": template.host_dir, "type": "Directory"},
-                        }
-                    ],
-                },
-            },
+            "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
         },
     }
+
+
+def _volumes(template: WaypointTemplate) -> tuple[list[Any], list[Any]]:
+    """(volumeMounts, volumes): the node's mesh directory (local cluster), or the projected
+    CA token and the root certificate ConfigMap (in the cluster, as upstream's)."""
+    if not template.ca_root_cert:
+        return (
+            [{"name": "mesh", "mountPath": template.host_dir}],
+            [{"name": "mesh", "hostPath": {"path": template.host_dir, "type": "Directory"}}],
+        )
+    token = {
+        "serviceAccountToken": {
+            "audience": "istio-ca",
+            "expirationSeconds": 43200,
+            "path": "istio-token",
+        }
+    }
+    return (
+        [
+            {"name": "istio-token", "mountPath": TOKEN_DIR, "readOnly": True},
+            {"name": "istiod-ca-cert", "mountPath": ROOT_CERT_DIR, "readOnly": True},
+        ],
+        [
+            {"name": "istio-token", "projected": {"sources": [token]}},
+            {"name": "istiod-ca-cert", "configMap": {"name": "istio-ca-root-cert"}},
+        ],
+    )
 
 
 def ready_replicas(deployment_obj: Mapping[str, Any] | None) -> int:

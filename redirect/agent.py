@@ -42,7 +42,7 @@ from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
@@ -51,9 +51,14 @@ from redirect.capture import RedirectMode
 from redirect.enrolment import FilePodSource, NodeView, PodInfo, PodSource, wanted
 from redirect.iptables import CaptureError
 from redirect.probes import ProbeConfig, ProbeError
+from redirect.readiness import ReadinessServer
 from redirect.rules import InpodConfig
 from zds import WorkloadInfo, ZdsError, wire
 from zds.server import ZdsNack, ZdsServer, ZdsSuperseded, ZdsUnavailable
+
+if TYPE_CHECKING:  # the file source's agent does not load aiohttp
+    from kube.client import KubeClient
+    from redirect.kubesource import KubePodSource
 
 log = structlog.get_logger("redirect.agent")
 
@@ -82,6 +87,7 @@ class Dataplane(Protocol):
     def stop_redirects(self, netns: str) -> None: ...
     def remove_capture(self, netns: str) -> None: ...
     def install_probes(self) -> None: ...
+    def remove_probes(self) -> None: ...
     def prune_probes(self, keep: Mapping[IPv4Address, str]) -> None: ...
     def add_probe(self, ip: IPv4Address, uid: str) -> None: ...
     def remove_probe(self, ip: IPv4Address, uid: str) -> None: ...
@@ -108,6 +114,9 @@ class NodeDataplane:
 
     def install_probes(self) -> None:
         probes.install(self.node_netns, self.probe_cfg)
+
+    def remove_probes(self) -> None:
+        probes.remove(self.node_netns, self.probe_cfg)
 
     def prune_probes(self, keep: Mapping[IPv4Address, str]) -> None:
         current = probes.entries(self.node_netns, self.probe_cfg)
@@ -282,6 +291,41 @@ class NodeAgent:
         # Capture and probe rules stay: pods keep failing closed while no agent runs, and
         # a restarted agent picks them up again (upstream skips cleanup on restart too).
         self._write_status(running=False)
+
+    async def release_all(self, timeout: float) -> int:  # noqa: ASYNC109
+        """Uninstall: every pod leaves the mesh as a label removal would release it (the
+        tunnel is told first, so connections it carries finish), then the node's probe
+        rules go. Returns how many pods are still held at the deadline (0: all released).
+        Called instead of leaving the rules, and before `close`."""
+        if self._runner is not None:
+            self._runner.cancel()
+            await asyncio.gather(self._runner, return_exceptions=True)
+            self._runner = None
+        for task in list(self._removals.values()):
+            task.cancel()
+        await asyncio.gather(*self._removals.values(), return_exceptions=True)
+        self._removals.clear()
+        uids = list(self.pods)
+        log.info("uninstall: releasing every pod", node=self.node, pods=len(uids))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                # One pass per pod; a failed step leaves the pod tracked, and the next pass
+                # retries it (every step is idempotent).
+                while self.pods:
+                    await asyncio.gather(
+                        *(self._unenrol(uid) for uid in list(self.pods)), return_exceptions=True
+                    )
+                    if self.pods:
+                        await asyncio.sleep(0.2)
+        try:
+            await asyncio.to_thread(self.dataplane.remove_probes)
+        except ProbeError as e:
+            log.error("uninstall: probe rules not removed", error=str(e))
+        left = len(self.pods)
+        if left:
+            log.error("uninstall: pods still captured at the deadline", pods=left)
+        self._write_status(running=False)
+        return left
 
     async def _run(self) -> None:
         while True:
@@ -562,6 +606,19 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         help=f"redirect the pods' DNS (UDP/TCP 53) to the tunnel's 15053 "
         f"(default: ${DNS_CAPTURE_ENV}, else off)",
     )
+    p.add_argument(
+        "--readiness-port",
+        type=int,
+        default=0,
+        help="serve GET /readyz on this port (all addresses of the agent's netns): 200 once "
+        "started; 0 (default) serves nothing",
+    )
+    p.add_argument(
+        "--uninstall-grace",
+        type=float,
+        default=20.0,
+        help="seconds an uninstall may take to release every pod before the agent exits",
+    )
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     return p
 
@@ -587,12 +644,18 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"pod source {args.pod_source!r} is not one of {', '.join(POD_SOURCES)}")
     if args.pod_source == "file" and args.pods_file is None:
         p.error("--pods-file is required with the file pod source")
+    if not 0 <= args.readiness_port <= 65535:
+        p.error(f"--readiness-port {args.readiness_port} is not a port")
+    if not 0 <= args.uninstall_grace <= 300:
+        p.error(f"--uninstall-grace {args.uninstall_grace} must be within 0..300 seconds")
 
 
 async def run(args: argparse.Namespace) -> None:
     mode = RedirectMode(args.redirect_mode)
     source: PodSource
     marker: RedirectionMarker | None = None
+    kube_source: KubePodSource | None = None
+    client: KubeClient | None = None
     close_client: Callable[[], Awaitable[None]] | None = None
     if args.pod_source == "kubernetes":
         # Imported only here: the file source's agent does not load aiohttp.
@@ -605,7 +668,7 @@ async def run(args: argparse.Namespace) -> None:
             raise SettingsError(f"Kubernetes credentials: {e.message}") from None
         client = KubeClient(config)
         close_client = client.close
-        source = marker = KubePodSource(client, args.node)
+        source = marker = kube_source = KubePodSource(client, args.node)
     else:
         source = FilePodSource(args.pods_file, args.node)
     agent = NodeAgent(
@@ -634,9 +697,22 @@ async def run(args: argparse.Namespace) -> None:
     # into our loop, and the agent would stop itself.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
+    started = False
+    readiness = ReadinessServer(args.readiness_port, lambda: started)
+    if args.readiness_port:
+        await readiness.start()
     await agent.start()
+    started = True
     await stop.wait()
     log.info("node agent stopping", node=args.node)
+    pod_name, pod_ns = os.environ.get("POD_NAME", ""), os.environ.get("POD_NAMESPACE", "")
+    if client is not None and kube_source is not None and pod_name and pod_ns:
+        from redirect.uninstall import being_uninstalled
+
+        if await being_uninstalled(client, pod_ns, pod_name):
+            await agent.release_all(args.uninstall_grace)
+            await kube_source.flush_marks(5.0)
+    await readiness.close()
     await agent.close()
     if close_client is not None:
         await close_client()

@@ -315,6 +315,15 @@ class KubePodSource:
         self._marks[pod.key] = (pod, enabled)
         self._mark_wake.set()
 
+    async def flush_marks(self, timeout: float) -> bool:  # noqa: ASYNC109
+        """Wait until every asked-for mark is applied (or its pod is gone); False at the
+        deadline. The agent's uninstall calls it before closing the source."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while self._marks:  # noqa: ASYNC110 (the worker pops entries; polled)
+                    await asyncio.sleep(0.05)
+        return not self._marks
+
     def marked(self) -> list[str]:
         """The UIDs of this node's pods that carry the mark (as last listed or watched)."""
         uids = []

@@ -23,12 +23,15 @@ from meshcore.envconfig import (
     seconds,
 )
 from meshcore.hbone.limits import DEFAULT_LIMITS, HboneLimits
+from meshcore.identity.istio_ca import CA_ADDRESS as CA_ADDRESS
+from meshcore.identity.istio_ca import CA_TOKEN_PATH as CA_TOKEN_PATH
+from meshcore.identity.istio_ca import CaGrpcSettings, parse_ca_source
 from meshcore.xds.source import XdsSettings, parse_source
 
 NODE_NAME = "NODE_NAME"
 LOCAL_XDS_PATH = "LOCAL_XDS_PATH"
-CA_ADDRESS = "CA_ADDRESS"
-CA_TOKEN_PATH = "CA_TOKEN_PATH"
+# CA_ADDRESS (the CA socket's path, or host:port of a gRPC CA such as istiod's 15012),
+# CA_TOKEN_PATH and CA_ROOT_CERT: read by meshcore.identity.istio_ca.parse_ca_source.
 TRUST_DOMAIN = "TRUST_DOMAIN"
 WAYPOINT_NAME = "WAYPOINT_NAME"
 POD_NAMESPACE = "POD_NAMESPACE"
@@ -63,7 +66,7 @@ class WaypointConfig:
     # Exactly one source of mesh state: the local file, or a discovery server (XDS_ADDRESS +
     # XDS_ROOT_CERT) that pushes routes, policies and endpoints.
     local_xds_path: Path | None
-    ca_address: Path
+    ca_address: Path | None  # the CA socket; None with a gRPC CA (`ca_grpc`)
     ca_token_path: Path
     service_account: str = ""  # "" = the Gateway's name, as istiod's deployment does
     trust_domain: str = defaults.TRUST_DOMAIN
@@ -79,6 +82,7 @@ class WaypointConfig:
     access_log: bool = True
     hbone_limits: HboneLimits = WAYPOINT_LIMITS
     xds: XdsSettings | None = None
+    ca_grpc: CaGrpcSettings | None = None
 
     @property
     def account(self) -> str:
@@ -101,6 +105,7 @@ def parse_config(env: Mapping[str, str]) -> WaypointConfig:
     except ValueError:
         raise EnvConfigError(f"{POD_IP}={raw_ip!r} is not an IP address") from None
     local_xds_path, xds = parse_source(env, LOCAL_XDS_PATH)
+    ca = parse_ca_source(env)
     return WaypointConfig(
         name=required(env, WAYPOINT_NAME),
         namespace=required(env, POD_NAMESPACE),
@@ -108,8 +113,9 @@ def parse_config(env: Mapping[str, str]) -> WaypointConfig:
         pod_ip=pod_ip,
         local_xds_path=local_xds_path,
         xds=xds,
-        ca_address=Path(required(env, CA_ADDRESS)),
-        ca_token_path=Path(required(env, CA_TOKEN_PATH)),
+        ca_address=ca.socket,
+        ca_token_path=ca.token_path,
+        ca_grpc=ca.grpc,
         service_account=env.get(SERVICE_ACCOUNT, "").strip(),
         trust_domain=env.get(TRUST_DOMAIN, "").strip() or defaults.TRUST_DOMAIN,
         log_level=log_level(env, LOG_LEVEL),

@@ -14,7 +14,12 @@ import structlog
 from meshcore import tls
 from meshcore.admin.views import service_json, workload_json
 from meshcore.hbone.server import Guard
-from meshcore.identity.certs import CertificateManager, LocalCAClient, WorkloadCertificate
+from meshcore.identity.certs import (
+    CertificateClient,
+    CertificateManager,
+    LocalCAClient,
+    WorkloadCertificate,
+)
 from meshcore.identity.spiffe import SpiffeId
 from meshcore.observability.metrics import TcpMetrics
 from meshcore.state import MeshState
@@ -64,10 +69,7 @@ class Waypoint:
         self.watcher: ConfigSource | None = None
         self._own_source = state is None
         if certs is None:
-            token = cfg.ca_token_path.read_text().strip()
-            certs = CertificateManager(
-                LocalCAClient(cfg.ca_address, token), ttl=timedelta(seconds=cfg.cert_ttl_seconds)
-            )
+            certs = CertificateManager(_ca_client(cfg), ttl=timedelta(seconds=cfg.cert_ttl_seconds))
         self.certs = certs
         self.cert: WorkloadCertificate | None = None
         self._client_ctx: Any = None
@@ -221,3 +223,16 @@ class Waypoint:
         if self.watcher is not None:
             await self.watcher.close()
         await self.certs.close()
+
+
+def _ca_client(cfg: WaypointConfig) -> CertificateClient:
+    """The CA socket (local cluster), or an Istio-compatible CA over gRPC (Kubernetes): the
+    call is made by a certificate worker child, as the tunnel's is. A waypoint asks for its
+    own identity, so without impersonation."""
+    if cfg.ca_grpc is not None:
+        from meshcore.identity.certworker_client import CertWorkerClient
+        from meshcore.identity.istio_ca import IstioCAClient
+
+        return IstioCAClient(cfg.ca_grpc, CertWorkerClient(), impersonate=False)
+    assert cfg.ca_address is not None  # parse_config sets one of the two
+    return LocalCAClient(cfg.ca_address, cfg.ca_token_path.read_text().strip())

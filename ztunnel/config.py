@@ -19,7 +19,10 @@ from meshcore.envconfig import integer as _int
 from meshcore.envconfig import log_level as _log_level
 from meshcore.envconfig import required as _required
 from meshcore.hbone.limits import DEFAULT_LIMITS, HboneLimits
-from meshcore.identity.istio_ca import DEFAULT_TOKEN_PATH, CaGrpcSettings, parse_grpc_address
+from meshcore.identity.istio_ca import CA_ADDRESS as CA_ADDRESS
+from meshcore.identity.istio_ca import CA_ROOT_CERT as CA_ROOT_CERT
+from meshcore.identity.istio_ca import CA_TOKEN_PATH as CA_TOKEN_PATH
+from meshcore.identity.istio_ca import CaGrpcSettings, parse_ca_source
 from meshcore.xds.source import XDS_ADDRESS as XDS_ADDRESS
 from meshcore.xds.source import XDS_ROOT_CERT as XDS_ROOT_CERT
 from meshcore.xds.source import XdsSettings, parse_source
@@ -28,13 +31,8 @@ NODE_NAME = "NODE_NAME"
 LOCAL_XDS_PATH = "LOCAL_XDS_PATH"
 ENROLMENT_PATH = "ENROLMENT_PATH"
 ZDS_SOCKET = "ZDS_SOCKET"
-CA_ADDRESS = "CA_ADDRESS"
-CA_TOKEN_PATH = "CA_TOKEN_PATH"
-# CA_ADDRESS is the built-in CA's unix socket (a path), or an Istio-compatible CA over gRPC
-# (host:port or https://host:port, as upstream's). The gRPC CA is verified against
-# CA_ROOT_CERT and authenticated with the service-account token at CA_TOKEN_PATH (upstream's
-# /var/run/secrets/tokens/istio-token by default).
-CA_ROOT_CERT = "CA_ROOT_CERT"
+# CA_ADDRESS, CA_TOKEN_PATH, CA_ROOT_CERT: meshcore.identity.istio_ca.parse_ca_source (the
+# waypoint reads them the same way).
 TRUST_DOMAIN = "TRUST_DOMAIN"
 READINESS_PORT = "READINESS_PORT"
 LOG_LEVEL = "LOG_LEVEL"
@@ -118,26 +116,8 @@ def _enrolment(env: Mapping[str, str]) -> tuple[Path | None, Path | None]:
 
 def _ca(env: Mapping[str, str]) -> tuple[Path | None, CaGrpcSettings | None, Path]:
     """(unix socket, gRPC settings, token path): exactly one of the first two is set."""
-    address = _required(env, CA_ADDRESS)
-    token = env.get(CA_TOKEN_PATH, "").strip()
-    root = env.get(CA_ROOT_CERT, "").strip()
-    if address.startswith("/"):
-        if root:
-            # Refused rather than ignored: the operator meant one CA or the other.
-            raise EnvConfigError(f"{CA_ROOT_CERT} is for a gRPC CA; {CA_ADDRESS} is a socket path")
-        if not token:
-            raise EnvConfigError(f"{CA_TOKEN_PATH} must be set for the CA socket {address}")
-        return Path(address), None, Path(token)
-    try:
-        host_port = parse_grpc_address(address)
-    except ValueError as e:
-        raise EnvConfigError(
-            f"{CA_ADDRESS}: {e} (a socket path starting with /, or host:port of a gRPC CA)"
-        ) from None
-    if not root:
-        raise EnvConfigError(f"{CA_ROOT_CERT} must be set to verify the gRPC CA at {host_port}")
-    token_path = Path(token) if token else DEFAULT_TOKEN_PATH
-    return None, CaGrpcSettings(host_port, Path(root), token_path), token_path
+    source = parse_ca_source(env)
+    return source.socket, source.grpc, source.token_path
 
 
 def parse_config(env: Mapping[str, str]) -> Config:

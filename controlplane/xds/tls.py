@@ -9,6 +9,7 @@ Plaintext is refused except on a loopback address.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -32,16 +33,27 @@ def server_identity(trust_domain: str) -> SpiffeId:
 
 
 def server_certificate(
-    ca: CertificateAuthority, ttl: timedelta = timedelta(days=7)
+    ca: CertificateAuthority,
+    ttl: timedelta = timedelta(days=7),
+    dns_names: Sequence[str] = (XDS_DNS_NAME,),
 ) -> tuple[bytes, bytes]:
     """(private key PEM, chain PEM leaf first) for the discovery server: istiod's serving
     certificate, the same one the gRPC CA presents (they share 15012)."""
-    return serving_certificate(ca, ttl=ttl)
+    return serving_certificate(ca, dns_names=dns_names, ttl=ttl)
 
 
-def server_credentials(ca: CertificateAuthority, ttl: timedelta = timedelta(days=7)) -> Any:
+def service_dns_names(namespace: str, domain: str = "cluster.local") -> tuple[str, ...]:
+    """The names clients in the cluster dial istiod by, in the namespace it runs in."""
+    return (f"istiod.{namespace}.svc", f"istiod.{namespace}.svc.{domain}")
+
+
+def server_credentials(
+    ca: CertificateAuthority,
+    ttl: timedelta = timedelta(days=7),
+    dns_names: Sequence[str] = (XDS_DNS_NAME,),
+) -> Any:
     """gRPC server credentials with a fresh key and a leaf signed by `ca` for istiod."""
-    return grpc.ssl_server_credentials([server_certificate(ca, ttl)])
+    return grpc.ssl_server_credentials([server_certificate(ca, ttl, dns_names)])
 
 
 def bind(server: Any, address: str, credentials: Any | None) -> int:

@@ -11,10 +11,12 @@ pod's identity through metadata ImpersonatedIdentity (the CSR's identity).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+from meshcore.envconfig import EnvConfigError, required
 from meshcore.identity.certs import CA_REQUEST_TIMEOUT, CertificateError
 from meshcore.identity.certworker_client import CertWorkerClient, CertWorkerError
 
@@ -41,6 +43,47 @@ def parse_grpc_address(value: str) -> str:
     if "/" in host:
         raise ValueError(f"{value!r}: a gRPC CA address has no path")
     return address
+
+
+CA_ADDRESS = "CA_ADDRESS"
+CA_TOKEN_PATH = "CA_TOKEN_PATH"
+CA_ROOT_CERT = "CA_ROOT_CERT"
+
+
+@dataclass(frozen=True, slots=True)
+class CaSource:
+    """Where a proxy gets its certificates: exactly one of `socket` (the mesh's CA socket,
+    `controlplane.ca_server`) and `grpc` (an Istio-compatible CA such as istiod's 15012) is
+    set; `token_path` is the credential either way."""
+
+    socket: Path | None
+    grpc: CaGrpcSettings | None
+    token_path: Path
+
+
+def parse_ca_source(env: Mapping[str, str]) -> CaSource:
+    """CA_ADDRESS (a socket path starting with /, or host:port of a gRPC CA), CA_TOKEN_PATH
+    and CA_ROOT_CERT, as the tunnel and the waypoint both read them (pure)."""
+    address = required(env, CA_ADDRESS)
+    token = env.get(CA_TOKEN_PATH, "").strip()
+    root = env.get(CA_ROOT_CERT, "").strip()
+    if address.startswith("/"):
+        if root:
+            # Refused rather than ignored: the operator meant one CA or the other.
+            raise EnvConfigError(f"{CA_ROOT_CERT} is for a gRPC CA; {CA_ADDRESS} is a socket path")
+        if not token:
+            raise EnvConfigError(f"{CA_TOKEN_PATH} must be set for the CA socket {address}")
+        return CaSource(Path(address), None, Path(token))
+    try:
+        host_port = parse_grpc_address(address)
+    except ValueError as e:
+        raise EnvConfigError(
+            f"{CA_ADDRESS}: {e} (a socket path starting with /, or host:port of a gRPC CA)"
+        ) from None
+    if not root:
+        raise EnvConfigError(f"{CA_ROOT_CERT} must be set to verify the gRPC CA at {host_port}")
+    token_path = Path(token) if token else DEFAULT_TOKEN_PATH
+    return CaSource(None, CaGrpcSettings(host_port, Path(root), token_path), token_path)
 
 
 class IstioCAClient:
