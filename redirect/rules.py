@@ -7,8 +7,9 @@ and the policy-routing entries as frozen values. `redirect.iptables` does the I/
 
 Invariants:
 - Our chains are ISTIO_PRERT and ISTIO_OUTPUT in the mangle, nat and (DNS capture only) raw
-  tables. Declaring a chain in restore text (":CHAIN - [0:0]") creates or flushes it, so the
-  chain bodies are rewritten whole on every apply, never appended to.
+  tables, and ISTIO_INPUT in mangle. Declaring a chain in restore text (":CHAIN - [0:0]")
+  creates or flushes it, so the chain bodies are rewritten whole on every apply, never
+  appended to.
 - Jumps from the built-in chains are the only lines that could pile up on a re-apply; they
   are emitted only when the current ruleset lacks them (`missing_jumps`).
 - Rules are written in the canonical form `iptables-save` prints them in, so a saved ruleset
@@ -30,7 +31,9 @@ from meshcore.defaults import HBONE_PORT, INBOUND_PLAIN_PORT, OUTBOUND_PORT, TUN
 
 CHAIN_PREROUTING = "ISTIO_PRERT"
 CHAIN_OUTPUT = "ISTIO_OUTPUT"
-OUR_CHAINS = (CHAIN_PREROUTING, CHAIN_OUTPUT)
+# mangle only: holds a SYN for a tunnel port while no tunnel listens (see chain_bodies).
+CHAIN_INPUT = "ISTIO_INPUT"
+OUR_CHAINS = (CHAIN_PREROUTING, CHAIN_OUTPUT, CHAIN_INPUT)
 
 # The tables we may touch, in the order restore text lists them.
 TABLES = ("mangle", "nat", "raw")
@@ -198,11 +201,18 @@ def _tables_for(cfg: InpodConfig) -> tuple[str, ...]:
     return TABLES if cfg.capture_dns else ("mangle", "nat")
 
 
+def chains_for(table: str) -> tuple[str, ...]:
+    """Our chains in `table`."""
+    return OUR_CHAINS if table == "mangle" else (CHAIN_PREROUTING, CHAIN_OUTPUT)
+
+
 def jumps(cfg: InpodConfig) -> tuple[Jump, ...]:
-    """The hooks from built-in chains into ours, per table, in upstream's order."""
+    """The hooks from built-in chains into ours, per table, in upstream's order (then
+    ours: the INPUT hook)."""
     out = [
         Jump("mangle", "PREROUTING", CHAIN_PREROUTING),
         Jump("mangle", "OUTPUT", CHAIN_OUTPUT),
+        Jump("mangle", "INPUT", CHAIN_INPUT),
         Jump("nat", "PREROUTING", CHAIN_PREROUTING),
         Jump("nat", "OUTPUT", CHAIN_OUTPUT),
     ]
@@ -218,7 +228,8 @@ def chain_bodies(cfg: InpodConfig) -> dict[str, tuple[tuple[str, str], ...]]:
     """
     tm, cm = cfg.tunnel_mark_spec, cfg.conn_mark_spec
     probe = f"{cfg.probe_snat_ip}/32"
-    pre, out = CHAIN_PREROUTING, CHAIN_OUTPUT
+    pre, out, inp = CHAIN_PREROUTING, CHAIN_OUTPUT, CHAIN_INPUT
+    ports = f"{cfg.outbound_port},{cfg.inbound_plain_port},{cfg.inbound_hbone_port}"
     mangle = (
         # A packet the tunnel sent into the pod marks its connection, so the pod's replies...
         (pre, f"-m mark --mark {tm} -j CONNMARK --set-xmark {cm}"),
@@ -228,6 +239,14 @@ def chain_bodies(cfg: InpodConfig) -> dict[str, tuple[tuple[str, str], ...]]:
             f"-m connmark --mark {cm} -j CONNMARK --restore-mark "
             f"--nfmask {_RESTORE_MASK} --ctmask {_RESTORE_MASK}",
         ),
+        # A new connection to a tunnel port (after the redirect) while no tunnel listens
+        # there, as between one tunnel's exit and the next one's start (an upgrade where
+        # the old pod must go before the new one is made, a crash): its SYN is dropped, not
+        # answered with a reset, so the client's own SYN retransmission reaches the next
+        # tunnel and the connection is made late instead of refused. Still closed: nothing
+        # passes uncaptured. A listening socket there takes the SYN as before.
+        (inp, "-p tcp -m socket --nowildcard -j RETURN"),
+        (inp, f"-p tcp -m multiport --dports {ports} -m tcp {_SYN} -j DROP"),
     )
     nat_pre = (
         # Kubelet probes (SNATed to the probe IP on the node) bypass the mesh.
@@ -301,7 +320,7 @@ def inpod_ruleset(cfg: InpodConfig, current: SavedRules = EMPTY) -> str:
     lines: list[str] = []
     for table in _tables_for(cfg):
         lines.append(f"*{table}")
-        lines += [f":{chain} - [0:0]" for chain in OUR_CHAINS]
+        lines += [f":{chain} - [0:0]" for chain in chains_for(table)]
         lines += [j.spec for j in todo if j.table == table]
         lines += [f"-A {chain} {spec}" for chain, spec in bodies[table]]
         lines.append("COMMIT")

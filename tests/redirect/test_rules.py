@@ -41,10 +41,14 @@ SAVED_APPLIED = """\
 :FORWARD ACCEPT [0:0]
 :OUTPUT ACCEPT [0:0]
 :POSTROUTING ACCEPT [0:0]
+:ISTIO_INPUT - [0:0]
 :ISTIO_OUTPUT - [0:0]
 :ISTIO_PRERT - [0:0]
 -A PREROUTING -j ISTIO_PRERT
+-A INPUT -j ISTIO_INPUT
 -A OUTPUT -j ISTIO_OUTPUT
+-A ISTIO_INPUT -p tcp -m socket --nowildcard -j RETURN
+-A ISTIO_INPUT -p tcp -m multiport --dports 15001,15006,15008 -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j DROP
 -A ISTIO_OUTPUT -m connmark --mark 0x111/0xfff -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff
 -A ISTIO_PRERT -m mark --mark 0x539/0xfff -j CONNMARK --set-xmark 0x111/0xfff
 COMMIT
@@ -141,7 +145,7 @@ def test_parse_iptables_save() -> None:
     assert not saved.has_table("raw")
     assert "OTHER" in saved.chains["nat"]
     assert ("POSTROUTING", "-o eth0 -j OTHER") in saved.table_rules("nat")
-    assert len(saved.table_rules("mangle")) == 4
+    assert len(saved.table_rules("mangle")) == 7
 
 
 def test_parse_counters_form() -> None:
@@ -159,7 +163,7 @@ def test_parse_rejects_garbage(text: str) -> None:
 
 def test_fresh_pod_gets_every_jump() -> None:
     assert missing_jumps(InpodConfig(), EMPTY) == rules.jumps(InpodConfig())
-    assert len(rules.jumps(InpodConfig(capture_dns=True))) == 6
+    assert len(rules.jumps(InpodConfig(capture_dns=True))) == 7
 
 
 def test_applied_pod_gets_no_jumps_and_chains_still_flushed() -> None:
@@ -216,7 +220,7 @@ def test_removal_covers_dns_variant_whatever_the_config() -> None:
     applied = inpod_ruleset(InpodConfig(capture_dns=True))
     removal = removal_ruleset(parse_iptables_save(applied))
     assert "*raw" in removal
-    assert removal.count("-X ") == 6
+    assert removal.count("-X ") == 7
 
 
 def _nft(*items: object) -> str:
@@ -307,5 +311,6 @@ def test_generated_ruleset_reads_back_as_complete(
     assert "-j ISTIO" not in inpod_ruleset(cfg, saved).replace("-A ISTIO", "")
     removal = removal_ruleset(saved)
     tables = 3 if dns else 2
-    assert removal.count("-X ") == 2 * tables
-    assert removal.count("-D ") == 2 * tables
+    # Two chains per table, and mangle's INPUT one.
+    assert removal.count("-X ") == 2 * tables + 1
+    assert removal.count("-D ") == 2 * tables + 1
