@@ -89,10 +89,15 @@ def _root(args: argparse.Namespace) -> str:
 
 def _cmd_up(args: argparse.Namespace) -> int:
     if args.kubernetes:
-        kc = kube_cluster.up(args.cluster_file, args.state_root)
+        kc = kube_cluster.up(args.cluster_file, args.state_root, install=args.install)
+        how = {
+            "helm": "the mesh installed with its Helm charts (istio-system)",
+            "processes": "the mesh as processes beside the cluster",
+            "none": "no mesh",
+        }[args.install]
         print(
             f"cluster {kc.spec.name} is up in Kubernetes mode: {len(kc.spec.nodes)} nodes "
-            f"Ready; state in {kc.state.dir}\nkubeconfig: {kc.kubeconfig}\n"
+            f"Ready, {how}; state in {kc.state.dir}\nkubeconfig: {kc.kubeconfig}\n"
             f"  kubectl --kubeconfig {kc.kubeconfig} apply -f <manifests>"
         )
         return 0
@@ -591,6 +596,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="a real Kubernetes control plane and kubelet on the file's nodes (pods come "
         "from kubectl; prints the kubeconfig)",
+    )
+    up.add_argument(
+        "--install",
+        choices=("helm", "processes", "none"),
+        default="helm",
+        help="with --kubernetes: how the mesh goes on the cluster: its Helm charts, run by the "
+        "kubelet from the image (default; `make image` builds it), or as processes beside "
+        "the cluster, or not at all",
     )
     up.set_defaults(fn=_cmd_up)
     kc = sub.add_parser("kubeconfig", help="the kubeconfig path of a Kubernetes-mode cluster")

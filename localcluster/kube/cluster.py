@@ -278,9 +278,21 @@ def up(
     state_root: Path | str | None = None,
     workdir: Path | str | None = None,
     with_mesh: bool = True,
+    install: str = "processes",
 ) -> KubeCluster:
-    """Build the nodes, start the control plane and the kubelet; on any failure or interrupt
-    tear down what was built."""
+    """Build the nodes, start the control plane and the kubelet, then the mesh: `install`
+    "processes" (beside the cluster, `start_mesh`), "helm" (the charts, run by the kubelet
+    from the image) or "none" (also `with_mesh=False`). On any failure or interrupt tear
+    down what was built."""
+    if install not in ("processes", "helm", "none"):
+        raise KubeUpError(f"install {install!r} is not one of processes, helm, none")
+    if with_mesh and install == "helm":
+        from localcluster.kube import meshchart
+
+        try:  # before anything is built: the charts need the image in the local store
+            meshchart.require_image(meshchart.chart_version())
+        except meshchart.MeshChartError as e:
+            raise KubeUpError(str(e)) from None
     spec = load_cluster(cluster_file)
     check_nodes_only(spec)
     d = state_dir(spec.name, state_root)
@@ -307,8 +319,14 @@ def up(
         kubelet = start_kubelet(cluster_file, state, cp.kubeconfig, state_root, workdir)
         wait_nodes_ready(cp, spec, kubelet)
         cluster = KubeCluster(spec, layout, state, cp.kubeconfig)
-        if with_mesh:
+        if with_mesh and install == "processes":
             start_mesh(cluster)
+        elif with_mesh and install == "helm":
+            from localcluster.kube import meshchart
+            from localcluster.kube.apiserver import kubectl
+
+            meshchart.install(cp.kubeconfig)
+            meshchart.wait_rolled_out(kubectl(), cp.kubeconfig, nodes=len(spec.nodes))
     except Exception as e:
         teardown(spec.name, state_root)
         raise KubeUpError(f"cluster {spec.name} did not come up: {e}") from e
