@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from localcluster.kube.audit import AUDIT_POLICY
 from localcluster.processes import (
     PIDFILE_SUFFIX,
     ManagedProcess,
@@ -149,6 +150,12 @@ class KubeControlPlane:
     def pidfile_dir(self) -> Path:
         return self.dir / "pids"
 
+    @property
+    def audit_log(self) -> Path:
+        """Every request the API server answered, one JSON event per line (level Metadata):
+        who asked what (the RBAC test reads it)."""
+        return self.log_dir / "audit.log"
+
     def start(self, extra_tokens: Sequence[Token] = (), timeout: float = READY_TIMEOUT) -> None:
         bins = find_binaries()
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -169,6 +176,8 @@ class KubeControlPlane:
         etcd_port, peer_port, api_port = free_port(), free_port(), free_port()
         self.server = f"https://127.0.0.1:{api_port}"
         write_kubeconfig(self.kubeconfig, self.server, self.ca_path, self.admin_token)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        (self.pki / "audit-policy.yaml").write_text(AUDIT_POLICY, encoding="utf-8")
         try:
             self._spawn(
                 "etcd",
@@ -205,6 +214,10 @@ class KubeControlPlane:
                     f"--service-cluster-ip-range={SERVICE_CIDR}",
                     "--endpoint-reconciler-type=none",
                     "--allow-privileged=true",
+                    f"--audit-policy-file={self.pki / 'audit-policy.yaml'}",
+                    f"--audit-log-path={self.audit_log}",
+                    "--audit-log-maxsize=100",
+                    "--audit-log-maxbackup=1",
                     "--profiling=false",
                     "--v=1",
                 ],
