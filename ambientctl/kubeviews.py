@@ -205,11 +205,11 @@ class Status:
     @property
     def problems(self) -> list[str]:
         out = [f"{c.kind} {c.namespace}/{c.name}: {c.message}" for c in self.components if not c.ok]
+        # A node without a component's pod is not said here: whether the DaemonSet should
+        # run there (selectors, taints) is its controller's call, summed up in `desired`.
         for n in self.nodes:
             for component, pod, ready in n.pods:
-                if not pod:
-                    out.append(f"node {n.node}: no {component} pod")
-                elif not ready:
+                if pod and not ready:
                     out.append(f"node {n.node}: {component} pod {pod} is not ready")
         return out
 
@@ -263,6 +263,23 @@ def _owned_by(pod: Obj, kind: str, name: str) -> bool:
     )
 
 
+def target_node(pod: Obj) -> str:
+    """Where a pod runs: its nodeName, or (a DaemonSet's pod not bound yet) the node its
+    affinity names."""
+    spec = _dict(pod.get("spec"))
+    if spec.get("nodeName"):
+        return str(spec["nodeName"])
+    required = _dict(_dict(_dict(spec.get("affinity")).get("nodeAffinity")).get(
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ))  # fmt: skip
+    for term in required.get("nodeSelectorTerms") or ():
+        for field_ in _dict(term).get("matchFields") or ():
+            f = _dict(field_)
+            if f.get("key") == "metadata.name" and f.get("values"):
+                return str(f["values"][0])
+    return ""
+
+
 def status(snap: Snapshot) -> Status:
     ns = snap.istio_namespace
     deps = {_name(d): d for d in snap.deployments if _namespace(d) == ns}
@@ -274,19 +291,23 @@ def status(snap: Snapshot) -> Status:
     )
     nodes = []
     pods = snap.of("pods")
-    for node in sorted(_name(n) for n in snap.nodes):
+    daemon_pods = {
+        ds: [
+            p
+            for p in pods
+            if _namespace(p) == ns
+            and _owned_by(p, "DaemonSet", ds)
+            and not meta(p).get("deletionTimestamp")
+        ]
+        for ds in (TUNNEL, NODE_AGENT)
+        if ds in dss  # an absent DaemonSet is said once, as its own problem
+    }
+    # The nodes the DaemonSets run on (or mean to), as the Node objects name them.
+    targeted = {target_node(p) for found in daemon_pods.values() for p in found}
+    for node in sorted(_name(n) for n in snap.nodes if _name(n) in targeted):
         row = []
-        for ds in (TUNNEL, NODE_AGENT):
-            if ds not in dss:
-                continue  # said once, as the DaemonSet's own problem
-            mine = [
-                p
-                for p in pods
-                if _namespace(p) == ns
-                and _owned_by(p, "DaemonSet", ds)
-                and _dict(p.get("spec")).get("nodeName") == node
-                and not meta(p).get("deletionTimestamp")
-            ]
+        for ds, found in daemon_pods.items():
+            mine = [p for p in found if target_node(p) == node]
             best = next((p for p in mine if is_ready(p)), mine[0] if mine else None)
             row.append((ds, _name(best) if best else "", best is not None and is_ready(best)))
         if row:
