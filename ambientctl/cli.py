@@ -1,6 +1,8 @@
-"""`ambientctl`: bring a local cluster up or down, look at it, run the demo; look at the mesh
-on a Kubernetes cluster (`--kubeconfig`/`--context`: status, workloads, services, policies,
-explain, waypoint; `ambientctl.kubecmds`).
+"""`ambientctl`: run a local cluster and its mesh, or look at the mesh of a Kubernetes cluster.
+
+A local cluster: up or down, look at it, change it, run the demo. A Kubernetes cluster
+(`--kubeconfig`/`--context`, else $KUBECONFIG or ~/.kube/config when no cluster file is
+given): status, workloads, services, policies, explain, waypoint (`ambientctl.kubecmds`).
 
 Every failure is one message on stderr and an exit code, never a traceback: 2 for a
 command line that cannot mean anything (argparse's own errors, a malformed label), 1 for

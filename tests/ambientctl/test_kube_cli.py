@@ -159,7 +159,7 @@ def test_status_needs_istiod_and_both_daemonsets_ready(kube_cp: KubeControlPlane
 
             on_api(kube_cp, work)
             last[:] = ctl("status", "--istio-namespace", ns)
-            return last[0] == 0
+            return bool(last[0] == 0)
 
         last: list[Any] = []
         until(all_ready, "status exits 0 once every component is ready", describe=lambda: last)

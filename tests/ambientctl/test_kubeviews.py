@@ -300,3 +300,18 @@ def test_kubeconfig_that_does_not_exist(tmp_path: Path, capsys: pytest.CaptureFi
     # No root needed against a Kubernetes cluster: the error is the kubeconfig's.
     assert cli.main(["--kubeconfig", str(tmp_path / "nope"), "status"]) == cli.EXIT_RUNTIME
     assert "cannot read kubeconfig" in capsys.readouterr().err
+
+
+def test_waypoint_delete_names_before_the_namespace(tmp_path: Path) -> None:
+    kubeconfig = str(tmp_path / "k")
+    args = cli.build_parser().parse_args(
+        ["--kubeconfig", kubeconfig, "waypoint", "delete", "wp1", "-n", "shop"]
+    )
+    target = cli._kube_target(args)
+    assert target == KubeTarget(Path(kubeconfig), None)
+    assert (args.cluster_file, args.names) == (None, ["wp1"])
+    # After the subcommand too; a local command keeps its own handler.
+    args = cli.build_parser().parse_args(["workloads", "--context", "c", "--kubeconfig", "k"])
+    assert cli._kube_target(args) == KubeTarget(Path("k"), "c")
+    args = cli.build_parser().parse_args(["workloads", "c.yaml"])
+    assert cli._kube_target(args) is None and args.fn is cli._cmd_view
