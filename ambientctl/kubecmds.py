@@ -15,6 +15,7 @@ from ambientctl import kubeviews as kv
 from ambientctl import views
 from ambientctl.kubefetch import KubeTarget, KubeUsage
 from kube.client import KubeClient
+from waypoint import explain as wx
 
 EXIT_RUNTIME = 1
 WAIT_POLL = 0.5
@@ -70,15 +71,43 @@ def policies(target: KubeTarget, args: argparse.Namespace) -> int:
 
 
 def explain(target: KubeTarget, args: argparse.Namespace) -> int:
-    if args.http is not None or args.header:
-        raise KubeUsage("--http and -H go with a local cluster only (for now)")
+    """The tunnel's explain on the computed mesh config; with --http, also the waypoint's
+    decision for that request (its own functions, as for a local cluster)."""
     if args.node is not None:
         raise KubeUsage("--node goes with a local cluster (the answer here is computed)")
+    if args.header and args.http is None:
+        raise KubeUsage("-H/--header goes with --http")
     snap = _snapshot(target, args)
     mesh = kv.compute_mesh(snap)
     default_ns = args.namespace or kv.DEFAULT_NAMESPACE
     doc = kv.explain(snap, mesh, args.source, args.destination, default_ns)
-    _emit(args, doc, kv.render_explain_kube(doc))
+    if args.http is None:
+        _emit(args, doc, kv.render_explain_kube(doc))
+        return 0
+    try:
+        authority = kv.default_authority(args.destination, doc)
+        probe = wx.parse_probe(args.http, args.header or [], authority)
+    except wx.ExplainError as e:
+        raise KubeUsage(str(e)) from None
+    request = {
+        "method": probe.method,
+        "path": probe.path,
+        "authority": probe.authority,
+        "headers": [list(h) for h in probe.headers],
+    }
+    hop = views.waypoint_hop(doc)
+    if isinstance(hop, str):
+        http = views.no_waypoint(request, hop)
+    else:
+        src = str(doc["source"]["workload"])
+        source = next((w for w in mesh.state.workloads if f"{w.namespace}/{w.name}" == src), None)
+        gateway = kv.waypoint_gateway(snap, mesh, hop[0])
+        network = source.network if source is not None else ""
+        http = wx.explain_request(mesh.state, gateway, hop[1], probe, source, network).to_json()
+    if args.output == "json":
+        print(views.as_json({**doc, "http": http}), end="")
+    else:
+        print(kv.render_explain_kube(doc) + views.render_http(http), end="")
     return 0
 
 

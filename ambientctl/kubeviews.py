@@ -24,6 +24,7 @@ from meshcore.admin.views import mesh_json
 from meshcore.defaults import ROOT_NAMESPACE, TRUST_DOMAIN
 from meshcore.policy.index import PolicyIndex
 from meshcore.state import MeshConfigError, MeshState, Workload
+from waypoint import explain as wx
 from ztunnel import explain as zx
 
 ISTIO_NAMESPACE = "istio-system"
@@ -741,6 +742,37 @@ def explain(snap: Snapshot, mesh: Mesh, src: str, dst: str, default_ns: str) -> 
     doc["destination"]["input"] = dst  # as the user wrote it ("via" says what it became)
     doc["capture"] = {"source": captured(source)}
     return doc
+
+
+def waypoint_gateway(snap: Snapshot, mesh: Mesh, binding: str) -> tuple[str, str]:
+    """The (namespace, name) of the waypoint a binding names as the tunnel prints it. On
+    Kubernetes a waypoint's address is its Service's ClusterIP ("/10.96.0.30"), which
+    `waypoint.explain.gateway_of` (made for pod addresses) does not know."""
+    ip = _ip(binding.rsplit("/", 1)[-1].rsplit(":", 1)[0] if "[" not in binding else
+             binding.split("[", 1)[1].split("]", 1)[0])  # fmt: skip
+    key = waypoint_names(snap).get(str(ip)) if ip is not None else None
+    if key is not None:
+        ns, _, name = key.partition("/")
+        return ns, name
+    try:
+        return wx.gateway_of(mesh.state, binding)
+    except wx.ExplainError as e:
+        raise ViewError(str(e)) from None
+
+
+def default_authority(ref: str, doc: Mapping[str, Any]) -> str:
+    """The Host an `--http` probe is sent with: the destination as written, with the port
+    explain chose when it has none; a pod's address when it names a pod."""
+    dst = _dict(doc.get("destination"))
+    ip, port = str(dst.get("ip")), dst.get("port")
+    if ref.startswith("["):  # [v6] or [v6]:port
+        return ref if "]:" in ref else f"{ref}:{port}"
+    if ref.count(":") > 1:  # a bare IPv6 address
+        return f"[{ref}]:{port}"
+    host, _, given = ref.partition(":")
+    if dst.get("via") == "address" and _ip(host) is None:  # a pod, by name
+        return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+    return f"{host}:{given or port}"
 
 
 def render_explain_kube(doc: Mapping[str, Any]) -> str:

@@ -371,6 +371,11 @@ def _waypoint(cp: KubeControlPlane, ctl: Ctl, ns: str, ip: str) -> None:
 
     doc = until(through_waypoint, "explain through the waypoint")
     assert doc is not None and doc["endpoints"][0]["ip"] == ip
+    # And what the waypoint would do with a request (its own functions).
+    rc, text, err = ctl("explain", f"{ns}/db-0", f"web.{ns}", "--http", "GET /x")
+    assert rc == 0, err
+    assert f"  Waypoint:       {ns}/waypoint (CONNECT " in text
+    assert f"  Request:        GET /x (host web.{ns}:80)" in text
 
     rc, text, _ = ctl("waypoint", "delete", "-n", ns, "waypoint")
     assert rc == 0 and f"waypoint {ns}/waypoint deleted" in text

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from ambientctl import cli
+from ambientctl import cli, kubecmds
 from ambientctl import kubeviews as kv
 from ambientctl.kubefetch import KubeTarget, KubeUsage, choose
 from ambientctl.views import ViewError
@@ -315,3 +315,36 @@ def test_waypoint_delete_names_before_the_namespace(tmp_path: Path) -> None:
     assert cli._kube_target(args) == KubeTarget(Path("k"), "c")
     args = cli.build_parser().parse_args(["workloads", "c.yaml"])
     assert cli._kube_target(args) is None and args.fn is cli._cmd_view
+
+
+@pytest.mark.parametrize(
+    ("ref", "via", "authority"),
+    [
+        ("web.shop", "service shop/web", "web.shop:80"),
+        ("web.shop:8080", "service shop/web", "web.shop:8080"),
+        ("shop/db-0", "address", "10.0.0.11:80"),
+        ("db-0", "address", "10.0.0.11:80"),
+        ("10.96.0.10", "address", "10.96.0.10:80"),
+        ("[fd00::1]", "address", "[fd00::1]:80"),
+    ],
+)
+def test_default_authority(ref: str, via: str, authority: str) -> None:
+    doc = {"destination": {"ip": "10.0.0.11", "port": 80, "via": via}}
+    assert kv.default_authority(ref, doc) == authority
+
+
+def test_explain_http_through_the_waypoint(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The command's wiring, on the sample instead of an API server: the tunnel's answer,
+    then the waypoint's decision for the request."""
+    monkeypatch.setattr(kubecmds, "_snapshot", lambda *_: snapshot())
+    argv = ["--kubeconfig", "k", "explain", "-n", "shop", "db-0", "web", "--http", "GET /a"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "Waypoint:     /10.96.0.30 (used)" in out
+    assert "GET /a" in out
+    assert cli.main([*argv, "-o", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["http"]["request"]["authority"] == "web:80"
+    assert cli.main(["--kubeconfig", "k", "explain", "shop/db-0", "web.shop", "-H", "a: b"]) == 2
