@@ -32,6 +32,11 @@ def _snapshot(target: KubeTarget, args: argparse.Namespace, mesh: bool = True) -
     return kf.run(target, work)
 
 
+def _no_node(args: argparse.Namespace) -> None:
+    if getattr(args, "node", None) is not None:
+        raise KubeUsage("--node goes with a local cluster (here the views are computed)")
+
+
 def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
     print(views.as_json(data) if args.output == "json" else text, end="")
 
@@ -47,6 +52,7 @@ def status(target: KubeTarget, args: argparse.Namespace) -> int:
 
 
 def workloads(target: KubeTarget, args: argparse.Namespace) -> int:
+    _no_node(args)
     snap = _snapshot(target, args)
     rows = kv.workloads(snap, kv.compute_mesh(snap), args.namespace)
     _emit(args, [r.to_json() for r in rows], kv.render_workloads(rows))
@@ -54,6 +60,7 @@ def workloads(target: KubeTarget, args: argparse.Namespace) -> int:
 
 
 def services(target: KubeTarget, args: argparse.Namespace) -> int:
+    _no_node(args)
     snap = _snapshot(target, args)
     dump = kv.tunnel_dump(kv.compute_mesh(snap))
     data = views.collect_services({"cluster": dump})
@@ -64,6 +71,7 @@ def services(target: KubeTarget, args: argparse.Namespace) -> int:
 
 
 def policies(target: KubeTarget, args: argparse.Namespace) -> int:
+    _no_node(args)
     snap = _snapshot(target, args)
     data = kv.policies(kv.compute_mesh(snap), args.namespace)
     _emit(args, data, kv.render_policies(data))
@@ -73,8 +81,7 @@ def policies(target: KubeTarget, args: argparse.Namespace) -> int:
 def explain(target: KubeTarget, args: argparse.Namespace) -> int:
     """The tunnel's explain on the computed mesh config; with --http, also the waypoint's
     decision for that request (its own functions, as for a local cluster)."""
-    if args.node is not None:
-        raise KubeUsage("--node goes with a local cluster (the answer here is computed)")
+    _no_node(args)
     if args.header and args.http is None:
         raise KubeUsage("-H/--header goes with --http")
     snap = _snapshot(target, args)

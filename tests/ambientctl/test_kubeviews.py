@@ -289,6 +289,7 @@ def test_choose_the_cluster(tmp_path: Path) -> None:
         (["--kubeconfig", "k", "status", "c.yaml"], "not both"),
         (["status", "c.yaml", "--context", "x"], "not both"),
         (["--kubeconfig", "k", "label", "c.yaml", "namespace", "a", "k=v"], "local cluster"),
+        (["--kubeconfig", "k", "workloads", "--node", "n1"], "--node goes with a local"),
     ],
 )
 def test_usage_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
