@@ -1,4 +1,8 @@
-"""`ambientctl`: bring a local cluster up or down, look at it, run the demo.
+"""`ambientctl`: run a local cluster and its mesh, or look at the mesh of a Kubernetes cluster.
+
+A local cluster: up or down, look at it, change it, run the demo. A Kubernetes cluster
+(`--kubeconfig`/`--context`, else $KUBECONFIG or ~/.kube/config when no cluster file is
+given): status, workloads, services, policies, explain, waypoint (`ambientctl.kubecmds`).
 
 Every failure is one message on stderr and an exit code, never a traceback: 2 for a
 command line that cannot mean anything (argparse's own errors, a malformed label), 1 for
@@ -20,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import nsutil
-from ambientctl import views, waypoint_views
+from ambientctl import kubecmds, views, waypoint_views
+from ambientctl.kubefetch import KubeTarget, KubeUsage, choose
+from ambientctl.kubeviews import ISTIO_NAMESPACE
 from localcluster import gateways as gw
 from localcluster import mesh, registry
 from localcluster.inputs import InputError, read_text
@@ -151,6 +157,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     """Per node: the tunnel's readiness (with the mesh config it runs) and the node agent's
     view. Exit 1 unless every tunnel is ready, runs the config as written and no pod
     waits."""
+    if args.output == "table":
+        raise UsageError("a local cluster's status is JSON (-o json)")
     cluster = mesh.attach(args.cluster_file, args.state_root)
     out: dict[str, dict[str, object]] = {}
     problems: list[str] = []
@@ -260,6 +268,8 @@ def _check_node(cluster: mesh.Cluster, node: str | None) -> list[str]:
 
 
 def _cmd_view(args: argparse.Namespace) -> int:
+    if getattr(args, "namespace", None) is not None:
+        raise UsageError("-n/--namespace goes with a Kubernetes cluster (--kubeconfig)")
     cluster = mesh.attach(args.cluster_file, args.state_root)
     nodes = _check_node(cluster, args.node)
     out = views.show(args.cmd, _admin_getter(cluster), nodes, args.output, _status_hint(args))
@@ -268,6 +278,8 @@ def _cmd_view(args: argparse.Namespace) -> int:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
+    if args.namespace is not None and "/" not in args.source:
+        args.source = f"{args.namespace}/{args.source}"
     _pod_ref(args.source)
     cluster = mesh.attach(args.cluster_file, args.state_root)
     ns, name = _find_pod(cluster, args.source)
@@ -509,6 +521,29 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # ---- the command line -------------------------------------------------------------------------
 
 
+def _kube_flags(p: argparse.ArgumentParser, default: str | None) -> None:
+    """Before the subcommand (`default` None) or after it (SUPPRESS: the global one stays)."""
+    p.add_argument(
+        "--kubeconfig",
+        default=default,
+        help="a Kubernetes cluster's kubeconfig (instead of a cluster file; default "
+        "$KUBECONFIG, else ~/.kube/config when no cluster file is given)",
+    )
+    p.add_argument("--context", default=default, help="the kubeconfig context to use")
+
+
+def _cluster_options(p: argparse.ArgumentParser, istio_namespace: bool = False) -> None:
+    """A local cluster's file, or a Kubernetes cluster (kubeconfig, context)."""
+    p.add_argument("cluster_file", nargs="?", help="a local cluster's file")
+    _kube_flags(p, argparse.SUPPRESS)
+    if istio_namespace:
+        p.add_argument(
+            "--istio-namespace",
+            default=ISTIO_NAMESPACE,
+            help="Kubernetes: where the mesh is installed (default istio-system)",
+        )
+
+
 def _view_options(p: argparse.ArgumentParser, node_help: str) -> None:
     p.add_argument("--node", help=node_help)
     p.add_argument("-o", "--output", choices=("table", "json"), default="table")
@@ -537,7 +572,7 @@ def _waypoint_parser(sub: Any) -> None:
     wp = sub.add_parser("waypoint", help="waypoints (L7 proxies): apply, list, status, delete")
     wsub = wp.add_subparsers(dest="waypoint_cmd", required=True)
     ap = wsub.add_parser("apply", help="create or update a waypoint in a namespace")
-    ap.add_argument("cluster_file")
+    _cluster_options(ap)
     ap.add_argument("-n", "--namespace", required=True)
     ap.add_argument("--name", default=gw.DEFAULT_NAME, help="default: waypoint")
     ap.add_argument(
@@ -557,17 +592,17 @@ def _waypoint_parser(sub: Any) -> None:
     ap.add_argument("--timeout", type=float, default=DEFAULT_WAIT_TIMEOUT)
     ap.set_defaults(fn=_cmd_waypoint_apply)
     ls = wsub.add_parser("list", help="the waypoints, with their addresses and readiness")
-    ls.add_argument("cluster_file")
+    _cluster_options(ls)
     _namespace_options(ls, required=True)
     ls.add_argument("-o", "--output", choices=("table", "json"), default="table")
     ls.set_defaults(fn=_cmd_waypoint_list)
     st = wsub.add_parser("status", help="whether a namespace's waypoints are ready, or why not")
-    st.add_argument("cluster_file")
+    _cluster_options(st)
     st.add_argument("-n", "--namespace", required=True)
     st.add_argument("--name", help="only this waypoint")
     st.set_defaults(fn=_cmd_waypoint_status)
     rm = wsub.add_parser("delete", help="delete waypoints (their pods and processes)")
-    rm.add_argument("cluster_file")
+    _cluster_options(rm)
     rm.add_argument("-n", "--namespace", required=True)
     rm.add_argument("names", nargs="*", help="waypoint names")
     rm.add_argument("--all", action="store_true", help="every waypoint of the namespace")
@@ -576,6 +611,7 @@ def _waypoint_parser(sub: Any) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ambientctl", description=(__doc__ or "").split("\n")[0])
+    _kube_flags(p, None)
     p.add_argument(
         "--state-root",
         default=os.environ.get("AMBIENT_STATE_ROOT"),
@@ -612,8 +648,13 @@ def build_parser() -> argparse.ArgumentParser:
     down = sub.add_parser("down", help="remove a local cluster (by name or cluster file)")
     down.add_argument("cluster")
     down.set_defaults(fn=_cmd_down)
-    st = sub.add_parser("status", help="each node's tunnel readiness and agent's pods")
-    st.add_argument("cluster_file")
+    st = sub.add_parser(
+        "status",
+        help="each node's tunnel readiness and agent's pods (Kubernetes: istiod, the "
+        "DaemonSets per node, the ambient namespaces)",
+    )
+    _cluster_options(st, istio_namespace=True)
+    st.add_argument("-o", "--output", choices=("table", "json"), help="Kubernetes: default table")
     st.set_defaults(fn=_cmd_status)
     lb = sub.add_parser(
         "label", help="label a namespace or pod at runtime (enrols or releases its pods)"
@@ -636,15 +677,24 @@ def build_parser() -> argparse.ArgumentParser:
         ("connections", "connections each tunnel is proxying now"),
     ):
         view = sub.add_parser(kind, help=what)
-        view.add_argument("cluster_file")
+        if kind in kubecmds.COMMANDS:
+            _cluster_options(view, istio_namespace=True)
+            view.add_argument("-n", "--namespace", help="only this namespace (Kubernetes)")
+        else:
+            view.add_argument("cluster_file")
         _view_options(view, "only this node's tunnel (default: every node)")
         view.set_defaults(fn=_cmd_view)
     explain_cmd = sub.add_parser(
         "explain", help="how a connection from a pod would be routed and authorized"
     )
-    explain_cmd.add_argument("cluster_file")
-    explain_cmd.add_argument("source", help="<namespace>/<pod>")
-    explain_cmd.add_argument("destination", help="<host or ip>:<port>")
+    _cluster_options(explain_cmd, istio_namespace=True)
+    explain_cmd.add_argument("source", help="<namespace>/<pod>, <pod> with -n, or a pod IP")
+    explain_cmd.add_argument(
+        "destination",
+        help="<host or ip>:<port>; on Kubernetes also <namespace>/<pod>[:port], "
+        "<svc>.<namespace>[:port] (the port defaults to the service's or pod's first)",
+    )
+    explain_cmd.add_argument("-n", "--namespace", help="the namespace of pod names (default)")
     _view_options(explain_cmd, "ask this node's tunnel (default: the source pod's node)")
     explain_cmd.add_argument(
         "--http",
@@ -689,14 +739,53 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run(args: argparse.Namespace) -> int:
-    """One command; every error it can run into becomes a message and an exit code."""
+KUBE_CAPABLE = (*kubecmds.COMMANDS, "waypoint")
+
+
+def _kube_target(args: argparse.Namespace) -> KubeTarget | None:
+    """The Kubernetes cluster the command is for (its handler then is `kubecmds`'), or None
+    for a local cluster."""
+    kubeconfig, context = args.kubeconfig, args.context
+    if args.cmd not in KUBE_CAPABLE:
+        if kubeconfig is not None or context is not None:
+            raise KubeUsage(
+                f"{args.cmd} works on a local cluster (its file), not with --kubeconfig/--context"
+            )
+        return None
+    if (
+        args.cmd == "waypoint"
+        and args.waypoint_cmd == "delete"
+        and args.cluster_file is not None
+        and (kubeconfig is not None or context is not None)
+        and not Path(args.cluster_file).is_file()
+    ):
+        # `waypoint delete NAME -n NS`: with --kubeconfig the first NAME is not a file.
+        args.names = [args.cluster_file, *args.names]
+        args.cluster_file = None
+    target = choose(args.cluster_file, kubeconfig, context, os.environ)
+    if target is not None:
+        fn = (
+            kubecmds.WAYPOINT_COMMANDS[args.waypoint_cmd]
+            if args.cmd == "waypoint"
+            else kubecmds.COMMANDS[args.cmd]
+        )
+        args.fn = lambda a: fn(target, a)
+    return target
+
+
+def _prog(args: argparse.Namespace) -> str:
     prog = f"ambientctl {args.cmd}"
     if args.cmd == "waypoint":
         prog += f" {args.waypoint_cmd}"
+    return prog
+
+
+def _run(args: argparse.Namespace) -> int:
+    """One command; every error it can run into becomes a message and an exit code."""
+    prog = _prog(args)
     try:
         rc: int = args.fn(args)
-    except UsageError as e:
+    except (UsageError, KubeUsage) as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return EXIT_USAGE
     except (NotFound, Refused, *EXPECTED) as e:
@@ -734,7 +823,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as e:  # argparse printed the usage error (or --help)
         return e.code if isinstance(e.code, int) else EXIT_USAGE
-    if os.geteuid() != 0:
+    try:
+        target = _kube_target(args)
+    except KubeUsage as e:
+        print(f"{_prog(args)}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if target is None and os.geteuid() != 0:
         print("ambientctl: run as root (network namespaces need it)", file=sys.stderr)
         return EXIT_RUNTIME
     command: Callable[[], int] = lambda: _run(args)  # noqa: E731

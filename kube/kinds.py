@@ -39,6 +39,7 @@ CONFIG_MAP = Kind("", "v1", "ConfigMap", "configmaps")
 DAEMON_SET = Kind("apps", "v1", "DaemonSet", "daemonsets")
 LEASE = Kind("coordination.k8s.io", "v1", "Lease", "leases")
 DEPLOYMENT = Kind("apps", "v1", "Deployment", "deployments")
+DAEMON_SET = Kind("apps", "v1", "DaemonSet", "daemonsets")
 TOKEN_REVIEW = Kind("authentication.k8s.io", "v1", "TokenReview", "tokenreviews", False)
 CRD = Kind(
     "apiextensions.k8s.io", "v1", "CustomResourceDefinition", "customresourcedefinitions", False
