@@ -159,6 +159,7 @@ def test_rules_are_checked_as_they_are_read():
         meshrbac.parse("rules: []\n")
 
 
+@pytest.mark.usefixtures("helm_present")
 @pytest.mark.parametrize("chart", meshrbac.CHARTS_WITH_RBAC)
 def test_the_chart_renders_the_rules(chart):
     objs = render(chart)
@@ -170,6 +171,7 @@ def test_the_chart_renders_the_rules(chart):
     assert role["metadata"]["namespace"] == NAMESPACE
 
 
+@pytest.mark.usefixtures("helm_present")
 def test_the_tunnel_has_no_rights():
     objs = render("tunnel")
     assert not [o for o in objs if o["apiVersion"].startswith("rbac.authorization.k8s.io/")]
