@@ -53,9 +53,9 @@ def controlplane_calls() -> list[Call]:
     # In-cluster mode: the root ConfigMap in every namespace, the CA Secret at home.
     out += calls("list watch", CONFIGMAP, None)
     out += calls("create", CONFIGMAP, ELSEWHERE)
-    out += calls("get update", CONFIGMAP, ELSEWHERE, "istio-ca-root-cert")
+    out += calls("update", CONFIGMAP, ELSEWHERE, "istio-ca-root-cert")
     out += calls("create", SECRET, HOME)
-    out += calls("get update", SECRET, HOME, "istio-ca-secret")
+    out += calls("get", SECRET, HOME, "istio-ca-secret")
     return out
 
 
@@ -78,6 +78,8 @@ REFUSED: dict[str, list[Call]] = {
     "controlplane": [
         *calls("get list", SECRET, ELSEWHERE),
         *calls("get update", SECRET, HOME, "some-other-secret"),
+        *calls("update delete", SECRET, HOME, "istio-ca-secret"),
+        *calls("get", CONFIGMAP, ELSEWHERE, "istio-ca-root-cert"),
         *calls("list", SECRET, HOME),
         *calls("update", CONFIGMAP, ELSEWHERE, "someone-elses-config"),
         *calls("create patch", kinds.CRD, None),
