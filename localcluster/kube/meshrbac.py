@@ -2,7 +2,8 @@
 `files/rbac.yaml` (the one place they are written; the chart's templates render them into its
 ClusterRole and Role), and asked whether they allow one API call.
 
-Pure apart from reading the file: tests compare these rules with the calls the code makes
+The charts are read from the source checkout (`daemonset/charts`, not part of the installed
+package). Pure apart from reading the file: tests compare these rules with the calls the code makes
 (and with what an API server's audit log records), so a right the code does not need, or a
 call the chart does not allow, shows.
 """

@@ -436,6 +436,18 @@ def test_node_agent_dns_capture_off():
     assert "--no-dns-capture" in args and "--dns-capture" not in args
 
 
+@pytest.mark.parametrize("chart", ["node-agent", "tunnel"])
+def test_dns_capture_as_a_string(chart):
+    """`--set-string dnsCapture=false` (a script's way of passing values) means false too."""
+    out = helm.run(["template", RELEASE, chart_path(chart), "--set-string", "dnsCapture=false"])
+    (ds,) = [o for o in helm.parse_documents(out) if o["kind"] == "DaemonSet"]
+    c = only_container(ds)
+    if chart == "node-agent":
+        assert "--no-dns-capture" in c["args"]
+    else:
+        assert env_of(c)["ISTIO_META_DNS_CAPTURE"] == "false"
+
+
 @pytest.mark.parametrize("mode", ["ebfp", "IPTABLES", "nftables", ""])
 def test_a_bad_redirect_mode_fails_to_render(mode):
     with pytest.raises(helm.HelmError) as failed:
