@@ -80,6 +80,11 @@ def test_the_api_server_accepts_and_installs_every_chart(kube_cp):
             accepted = [ln for ln in out.splitlines() if ln.endswith("(server dry run)")]
             assert len(accepted) == len(objs), out
 
+        # helm's own dry run against the server: nothing is created.
+        shown = helm.install(chart_path("tunnel"), f"dry-{suffix}", ns, kc, dry_run="server")
+        assert "kind: DaemonSet" in shown
+        assert not run_kubectl(cp, "get", "daemonsets", "-n", ns, "-o", "name").strip()
+
         for chart in ("controlplane", "node-agent", "tunnel"):
             release = f"{chart}-{suffix}"
             helm.install(chart_path(chart), release, ns, kc, set=[f"controlPlaneNamespace={ns}"])
@@ -94,6 +99,25 @@ def test_the_api_server_accepts_and_installs_every_chart(kube_cp):
             ]
         )
         assert run_kubectl(cp, "get", "clusterrole", "istiod", "ambient-node-agent", "-o", "name")
+        # An upgrade to another tag changes the tunnel's image, and nothing else is needed.
+        helm.upgrade(
+            chart_path("tunnel"),
+            f"tunnel-{suffix}",
+            ns,
+            kc,
+            set=[f"controlPlaneNamespace={ns}", "tag=0.13.0-next"],
+        )
+        image = run_kubectl(
+            cp,
+            "get",
+            "daemonset",
+            "ztunnel",
+            "-n",
+            ns,
+            "-o",
+            "jsonpath={.spec.template.spec.containers[0].image}",
+        )
+        assert image == "ambient-mesh/mesh:0.13.0-next"
     finally:
         for release in reversed(installed):
             helm.uninstall(release, ns, kc)
