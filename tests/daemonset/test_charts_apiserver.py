@@ -53,7 +53,13 @@ def test_the_api_server_accepts_and_installs_every_chart(kube_cp):
         installed.append(f"base-{suffix}")
         assert gateway_class_exists(cp)
 
-        for chart in ("controlplane", "node-agent", "tunnel"):
+        variants = [
+            ("controlplane", "controlPlaneNamespace=" + ns),
+            ("node-agent", "redirectMode=iptables"),
+            ("node-agent", "redirectMode=ebpf"),  # privileged, the node's bpffs and sources
+            ("tunnel", "controlPlaneNamespace=" + ns),
+        ]
+        for chart, value in variants:
             # `--validate`: rendered with the server's discovery (1.20: no policy/v1, no
             # DaemonSet surge) and checked against its OpenAPI schema.
             text = helm.run(
@@ -67,7 +73,7 @@ def test_the_api_server_accepts_and_installs_every_chart(kube_cp):
                     str(kc),
                     "--validate",
                     "--set",
-                    f"controlPlaneNamespace={ns}",
+                    value,
                 ]
             )
             objs = helm.parse_documents(text)
