@@ -39,7 +39,7 @@ class Release:
     chart: str  # the directory under daemonset/charts
 
 
-# In install order (CRDs first); uninstalled in reverse.
+# In install order (CRDs first).
 RELEASES = (
     Release("mesh-base", "base"),
     Release("mesh-controlplane", "controlplane"),
@@ -131,9 +131,16 @@ def upgrade(
     _helm(helm_argv("upgrade", release, kubeconfig, namespace, {"hub": HUB, "tag": tag, **extra}))
 
 
+# The node agents go first: each releases its node's pods (capture rules, annotation)
+# while the tunnels still run to finish what they carry; then the tunnels, the control
+# plane, and base (whose CRDs helm leaves in place, as for every chart).
+UNINSTALL_ORDER = ("node-agent", "tunnel", "controlplane", "base")
+
+
 def uninstall(kubeconfig: Path, namespace: str = NAMESPACE) -> None:
     errors = []
-    for release in reversed(RELEASES):
+    by_chart = {r.chart: r for r in RELEASES}
+    for release in (by_chart[c] for c in UNINSTALL_ORDER):
         try:
             _helm(helm_argv("uninstall", release, kubeconfig, namespace))
         except MeshChartError as e:
