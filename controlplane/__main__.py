@@ -28,7 +28,7 @@ from aiohttp import web
 from controlplane.ca import CAError, CertificateAuthority
 from controlplane.controller import ControllerOptions, MeshController
 from controlplane.incluster import RootCertPublisher, load_or_create_ca
-from controlplane.install import InstallError, install_crds
+from controlplane.install import InstallError, accept_waypoint_class, install_crds
 from controlplane.waypoints import WaypointTemplate
 from kube.client import KubeApiError, KubeClient, KubeConfig, config_from_env, load_kubeconfig
 from meshcore.defaults import ROOT_NAMESPACE, TRUST_DOMAIN
@@ -155,6 +155,13 @@ async def run(config: KubeConfig, args: argparse.Namespace) -> None:
         if not args.no_install_crds:
             names = await install_crds(client)
             log.info("crds installed", count=len(names))
+        elif args.in_cluster:
+            # The base chart installed the class; its controller says it takes it.
+            try:
+                if not await accept_waypoint_class(client):
+                    log.warning("GatewayClass istio-waypoint not found; waypoints need it")
+            except KubeApiError as e:
+                log.warning("GatewayClass istio-waypoint not accepted", error=str(e))
         controller = MeshController(client, options(args))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

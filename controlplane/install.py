@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from controlplane import status
-from kube.client import KubeClient
+from kube.client import KubeApiError, KubeClient
 from kube.kinds import CRD, GATEWAY_CLASS
 
 FIELD_MANAGER = "ambient-mesh-controlplane"
@@ -93,6 +93,19 @@ async def install_crds(client: KubeClient, within: float = 30.0) -> list[str]:
     gc = await client.apply(GATEWAY_CLASS, waypoint_gateway_class(), manager=FIELD_MANAGER)
     await _accept_class(client, gc)
     return names
+
+
+async def accept_waypoint_class(client: KubeClient) -> bool:
+    """Where the class was installed by someone else (the base chart): report it Accepted,
+    as its controller. False when it is not there (yet)."""
+    try:
+        gc = await client.get(GATEWAY_CLASS, WAYPOINT_CLASS)
+    except KubeApiError as e:
+        if e.status == 404:
+            return False
+        raise
+    await _accept_class(client, gc)
+    return True
 
 
 async def _accept_class(client: KubeClient, gc: dict[str, Any]) -> None:

@@ -56,6 +56,9 @@ def controlplane_calls() -> list[Call]:
     out += calls("update", CONFIGMAP, ELSEWHERE, "istio-ca-root-cert")
     out += calls("create", SECRET, HOME)
     out += calls("get", SECRET, HOME, "istio-ca-secret")
+    # In-cluster mode: the base chart's GatewayClass, reported Accepted.
+    out += calls("get", kinds.GATEWAY_CLASS, None, "istio-waypoint")
+    out += calls("patch", kinds.GATEWAY_CLASS, None, "istio-waypoint", sub="status")
     return out
 
 
@@ -84,6 +87,7 @@ REFUSED: dict[str, list[Call]] = {
         *calls("update", CONFIGMAP, ELSEWHERE, "someone-elses-config"),
         *calls("create patch", kinds.CRD, None),
         *calls("create patch", kinds.GATEWAY_CLASS, None),
+        *calls("get", kinds.GATEWAY_CLASS, None, "someone-elses-class"),
         *calls("delete", kinds.POD, ELSEWHERE),
         *calls("patch", kinds.GATEWAY, ELSEWHERE),
     ],
