@@ -116,6 +116,7 @@ class HostSide:
         self._zone: Zone | None = None
         self._zone_at = 0.0
         self._dirty = True
+        self._listed: list[ListedEndpoints] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._sockets: tuple[socket.socket, ...] = ()
 
@@ -124,6 +125,7 @@ class HostSide:
 
         def endpoints_changed(*_: object) -> None:
             self._dirty = True
+            self._listed = None
             self.wake()  # the service proxy reads them
 
         for inf in (services, *self.pods):
@@ -133,7 +135,10 @@ class HostSide:
     # ---- what the kubelet reads ----------------------------------------------------------
 
     def listed(self) -> list[ListedEndpoints]:
-        return [listed_endpoints(e) for e in self.endpoints.items()]
+        """The Endpoints objects, read again only after one changed (every sync asks)."""
+        if self._listed is None:
+            self._listed = [listed_endpoints(e) for e in self.endpoints.items()]
+        return self._listed
 
     def zone(self) -> Zone:
         now = time.monotonic()
