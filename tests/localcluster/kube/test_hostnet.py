@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -16,9 +17,10 @@ import pytest
 import nsutil
 from kube.podnetns import netns_name
 from localcluster.kube import hostnet
+from localcluster.kube.cluster import start_kubelet
 from localcluster.processes import is_running
 
-from .conftest import KubeNodes, pod_ready, wait_for
+from .conftest import DEMO, KubeNodes, pod_ready, wait_for
 
 pytestmark = [pytest.mark.kube, pytest.mark.netns]
 
@@ -387,3 +389,30 @@ def test_cluster_dns_from_pods_and_nodes(kube_nodes: KubeNodes) -> None:
         s.close()
     assert dig_short(netns, "10.10.0.1", name) == [vip]
     assert is_running(k.kubelet.pid, k.kubelet.record.start_time)
+
+
+def test_a_restarted_kubelet_serves_the_host_again(kube_nodes: KubeNodes) -> None:
+    """The host's address and routes are already there and the sockets were the killed
+    kubelet's: a new kubelet serves DNS and the API server on the same address."""
+    k = kube_nodes
+    node = k.layout.nodes[0]
+    ca = k.cp.ca_path
+    resolv = k.state.dir / "resolv-node.conf"
+    resolv.write_text(hostnet.resolv_conf("default", "ClusterFirstWithHostNet", True), "ascii")
+
+    def both() -> bool:
+        names = attempt(
+            lambda: dig_short(node.netns_path, "10.10.0.1", "kubernetes.default.svc.cluster.local")
+        )
+        api = attempt(
+            lambda: https_version(node.netns_path, ca, "kubernetes", 443, "kubernetes", resolv)
+        )
+        return names == ["10.96.0.1"] and bool(api) and api["status"] == "200"
+
+    wait_for(both, 30, "the host served", k.kubelet_log)
+    os.kill(k.kubelet.pid, signal.SIGKILL)
+    k.kubelet.popen.wait(timeout=10)
+    assert attempt(lambda: dig_short(node.netns_path, "10.10.0.1", "x.cluster.local")) is None
+    cluster_file = Path(k.kubelet.record.argv[k.kubelet.record.argv.index("--cluster-file") + 1])
+    k.kubelet = start_kubelet(cluster_file, k.state, k.cp.kubeconfig, k.state.dir.parent, DEMO)
+    wait_for(both, 30, "the host served by the new kubelet", k.kubelet_log)
