@@ -2,7 +2,9 @@
 
 Topology (all of it inside namespaces this module creates; nothing in the root namespace):
 
-    <c>-c          bridge br0, one port `vn<i>` per node
+    <c>-c          bridge br0, one port `vn<i>` per node; in Kubernetes mode also "the host"
+                   (an address on br0, where the kubelet serves the API server and the
+                   cluster DNS) and a route back to every node's pod CIDR via that node
     <c>-<node>     eth0 = node IP/24 on br0; bridge cni0 = pod gateway/24; ip_forward=1;
                    a route to every other node's pod CIDR via that node's IP;
                    kube-proxy-style DNAT for service VIPs (chain AMB-SERVICES)
@@ -14,12 +16,13 @@ Invariants:
   interface ever exists in the root namespace, not even for an instant;
 - each netns is recorded (Recorder.record_netns) BEFORE it is created, so teardown after a
   crash finds everything;
-- planning (names, addresses, rules text) is pure; only `build_network` and
-  `apply_service_rules` do I/O.
+- planning (names, addresses, rules text) is pure; only `build_network`,
+  `apply_service_rules` and `ensure_host_network` do I/O.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 from collections.abc import Iterator
@@ -166,6 +169,26 @@ def waypoint_layout(spec: ClusterSpec, g: GatewaySpec) -> PodLayout:
         gateway=node.gateway,
         host_ifname=f"vw{p.slot}",
     )
+
+
+@dataclass(frozen=True, slots=True)
+class HostNetwork:
+    """The host's address on br0 in the cluster netns, and the routes its answers take:
+    each node's pod CIDR via that node's IP (pods of every node reach the host)."""
+
+    address: IPv4Address
+    prefixlen: int
+    routes: tuple[tuple[IPv4Network, IPv4Address], ...]
+
+
+def plan_host_network(layout: NetworkLayout, address: IPv4Address, prefixlen: int) -> HostNetwork:
+    net = IPv4Network(f"{address}/{prefixlen}", strict=False)
+    taken = {n.ip for n in layout.nodes}
+    if address in taken or address in (net.network_address, net.broadcast_address):
+        raise ValueError(f"host address {address} is a node's or not a host of {net}")
+    if any(n.ip not in net for n in layout.nodes):
+        raise ValueError(f"host address {address}/{prefixlen} does not share the nodes' network")
+    return HostNetwork(address, prefixlen, tuple((n.pod_cidr, n.ip) for n in layout.nodes))
 
 
 def service_rules(spec: ClusterSpec, node: NodeSpec, install_jumps: bool) -> str:
@@ -357,6 +380,23 @@ def _build_pod(node: NodeLayout, pod: PodLayout, state: Recorder) -> None:
         ipr.addr("add", index=eth, address=str(pod.ip), prefixlen=node.pod_cidr.prefixlen)
         ipr.link("set", index=eth, state="up")
         ipr.route("add", dst="0.0.0.0/0", gateway=str(pod.gateway))
+
+
+def ensure_host_network(layout: NetworkLayout, host: HostNetwork) -> None:
+    """Give br0 the host's address and the cluster netns the routes back to the pods;
+    what is already there stays (a restarted kubelet calls this again)."""
+    with (
+        _step(f"host address {host.address} in {layout.cluster_netns}"),
+        IPRoute(netns=layout.cluster_netns) as ipr,
+    ):
+        br = _index(ipr, CLUSTER_BRIDGE)
+        try:
+            ipr.addr("add", index=br, address=str(host.address), prefixlen=host.prefixlen)
+        except NetlinkError as e:
+            if e.code != errno.EEXIST:
+                raise
+        for dst, via in host.routes:
+            ipr.route("replace", dst=str(dst), gateway=str(via))
 
 
 def apply_iptables(netns_path: str, rules: str) -> None:

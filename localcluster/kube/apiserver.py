@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import ipaddress
 import json
 import os
 import secrets
@@ -393,14 +394,19 @@ def write_kubeconfig(path: Path, server: str, ca: Path, token: str) -> None:
     os.replace(tmp, path)
 
 
+def kubernetes_service_ip() -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The ClusterIP the API server gives `default/kubernetes`: its service range's first."""
+    return ipaddress.ip_network(SERVICE_CIDR)[1]
+
+
 def write_pki(pki: Path) -> None:
-    """A CA, the API server's serving certificate (127.0.0.1, localhost, kubernetes.default),
-    and the service-account signing key pair. Kept across restarts of the same directory."""
+    """A CA, the API server's serving certificate (127.0.0.1, localhost, the `kubernetes`
+    Service's ClusterIP and names up to kubernetes.default.svc.cluster.local), and the
+    service-account signing key pair. Kept across restarts of the same directory."""
     if all((pki / n).exists() for n in ("ca.crt", "apiserver.crt", "apiserver.key", "sa.key")):
         return
     # Imported here: only the set-up of a control plane needs it.
     import datetime
-    import ipaddress
 
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -433,7 +439,9 @@ def write_pki(pki: Path) -> None:
         x509.DNSName("kubernetes.default.svc"),
         x509.DNSName("kubernetes.default.svc.cluster.local"),
         x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-        x509.IPAddress(ipaddress.ip_address("10.96.0.1")),
+        # The ClusterIP of `default/kubernetes`: the API server gives it the first address
+        # of its service range; in-cluster clients verify the certificate against it.
+        x509.IPAddress(kubernetes_service_ip()),
     ]
     cert = (
         x509.CertificateBuilder()

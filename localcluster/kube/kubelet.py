@@ -15,7 +15,9 @@ file (whose network `localcluster.network.build_network` has built):
   run from the node netns; no probe: ready once started), restarts exited containers per
   `restartPolicy` with backoff, and on deletion TERMs the process (the grace period, then
   KILL), removes the netns and confirms the deletion (grace 0, the pod's UID as precondition);
-- programs the Services' VIPs on every node, kube-proxy style (`localcluster.kube.proxyplan`).
+- programs the Services' VIPs on every node, kube-proxy style (`localcluster.kube.proxyplan`);
+- serves "the host" of the cluster, 10.10.0.1 in the cluster netns: the API server and the
+  cluster DNS (`localcluster.kube.hostside`).
 
 Invariants: every netns is recorded in the cluster state before it is created and every
 process has a pidfile in the state's pid directory, so `ambientctl down` (or a test's
@@ -51,6 +53,7 @@ from kube.informer import Informer
 from kube.podnetns import PREFIX, netns_name
 from localcluster.apps import INHERITED_ENV
 from localcluster.kube import ipam, nodeobj, podnet
+from localcluster.kube.hostside import HostSide
 from localcluster.kube.podplan import (
     PodPlan,
     ServiceInfo,
@@ -144,6 +147,14 @@ class Kubelet:
         # Every netns, link, iptables and process change runs on this one thread: pyroute2's
         # synchronous API cannot run on the loop's thread, and one thread keeps them in order.
         self._io_thread = ThreadPoolExecutor(1, thread_name_prefix="kubelet-io")
+        self.host = self._host_side()
+
+    def _host_side(self) -> HostSide:
+        """The API server and cluster DNS on the cluster's host address (see hostside)."""
+        pods = tuple(self.pods.values())
+        return HostSide(
+            self.client, plan_layout(self.spec), self.services, pods, self.wake.set, self._io
+        )
 
     async def _io(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._io_thread, fn, *args)
@@ -159,6 +170,7 @@ class Kubelet:
             inf.start()
         await asyncio.gather(*(i.synced.wait() for i in (self.services, *self.pods.values())))
         self._spawn(self._heartbeats(), "heartbeats")
+        await self.host.start()
         log.info("kubelet: nodes %s registered; following their pods", ", ".join(self.nodes))
         while True:
             with contextlib.suppress(TimeoutError):
@@ -173,6 +185,7 @@ class Kubelet:
     async def stop(self) -> None:
         for inf in (self.services, *self.pods.values()):
             await inf.stop()
+        await self.host.stop()
         for t in list(self._tasks):
             t.cancel()
         for t in list(self._tasks):
@@ -487,7 +500,7 @@ class Kubelet:
         services = self._service_infos()
         endpoints = [ep for p in pods.values() if (ep := endpoint_of(p)) is not None]
         for node in self.nodes.values():
-            text = service_rules(services, endpoints, node.pod_cidr)
+            text = service_rules(services, endpoints, node.pod_cidr, self.host.listed())
             if self.applied_rules.get(node.name) == text:
                 continue
             await self._io(apply_iptables, node.netns_path, text)

@@ -1,12 +1,15 @@
 """Service VIPs for Kubernetes Services, kube-proxy style: the DNAT rules of one node (pure).
 
-A Service with a ClusterIP and a selector gets, per TCP port, one DNAT rule per ready
-endpoint (a Running, Ready pod of its namespace whose labels match, with an IP), chosen
-uniformly at random, in the same chains as the cluster-file services
+A Service with a ClusterIP and a selector gets, per TCP or UDP port, one DNAT rule per
+ready endpoint (a Running, Ready pod of its namespace whose labels match, with an IP),
+chosen uniformly at random, in the same chains as the cluster-file services
 (`localcluster.network`): declaring the chain flushes it, so applying the text again
 replaces the rules. A `targetPort` naming a container port is resolved per pod, as
 kube-proxy does through the Endpoints object; a pod without that port is no endpoint.
-A Service with no ready endpoint gets no rule (its VIP answers nothing, as with
+A Service without a selector takes its endpoints from its Endpoints object (what
+`default/kubernetes` and `kube-system/kube-dns` are: the kubelet writes theirs), each
+Service port paired with the Endpoints ports of the same name and protocol, as kube-proxy
+pairs them. A Service with no ready endpoint gets no rule (its VIP answers nothing, as with
 kube-proxy's iptables mode before it learned to reject).
 """
 
@@ -60,6 +63,49 @@ def endpoint_of(pod: Mapping[str, Any]) -> Endpoint | None:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class ListedEndpoints:
+    """The ready addresses of an Endpoints object, with its ports (name, port, protocol)."""
+
+    namespace: str
+    name: str
+    subsets: tuple[tuple[tuple[str, ...], tuple[tuple[str, int, str], ...]], ...]
+
+    def targets(self, port_name: str, protocol: str) -> list[tuple[str, int]]:
+        return [
+            (ip, number)
+            for ips, ports in self.subsets
+            for name, number, proto in ports
+            if name == port_name and proto == protocol
+            for ip in ips
+        ]
+
+
+def listed_endpoints(obj: Mapping[str, Any]) -> ListedEndpoints:
+    """An Endpoints object as the proxy reads it: `addresses` only (notReadyAddresses take
+    no traffic), ports without a number dropped."""
+    md = obj.get("metadata") or {}
+    subsets: list[tuple[tuple[str, ...], tuple[tuple[str, int, str], ...]]] = []
+    for sub in obj.get("subsets") or []:
+        if not isinstance(sub, dict):
+            continue
+        ips = tuple(
+            str(a["ip"])
+            for a in sub.get("addresses") or []
+            if isinstance(a, dict) and isinstance(a.get("ip"), str)
+        )
+        ports = tuple(
+            (str(p.get("name", "")), p["port"], str(p.get("protocol", "TCP")).upper())
+            for p in sub.get("ports") or []
+            if isinstance(p, dict) and isinstance(p.get("port"), int)
+        )
+        if ips and ports:
+            subsets.append((ips, ports))
+    return ListedEndpoints(
+        str(md.get("namespace", "default")), str(md.get("name", "")), tuple(subsets)
+    )
+
+
 def selects(svc: ServiceInfo, ep: Endpoint) -> bool:
     if not svc.selector or ep.namespace != svc.namespace:
         return False
@@ -75,25 +121,40 @@ def _target(port: int | str, ep: Endpoint) -> int | None:
     return dict(ep.ports).get(port)
 
 
+PROTOCOLS = frozenset({"TCP", "UDP"})
+
+
 def service_rules(
-    services: Sequence[ServiceInfo], endpoints: Sequence[Endpoint], pod_cidr: IPv4Network
+    services: Sequence[ServiceInfo],
+    endpoints: Sequence[Endpoint],
+    pod_cidr: IPv4Network,
+    listed: Sequence[ListedEndpoints] = (),
 ) -> str:
     """iptables-restore input (for --noflush) with every Service's DNAT on a node whose
-    pods are in `pod_cidr`. Deterministic: same input, same text (so unchanged rules are
-    not reapplied)."""
+    pods are in `pod_cidr`; `listed` are the Endpoints objects, used for the Services
+    without a selector. Deterministic: same input, same text (so unchanged rules are not
+    reapplied)."""
     lines = ["*nat", f":{SERVICES_CHAIN} - [0:0]", f":{POSTROUTING_CHAIN} - [0:0]"]
     ordered = sorted(endpoints, key=lambda e: (e.namespace, e.name, e.ip))
+    by_name = {(e.namespace, e.name): e for e in listed}
     for svc in sorted(services, key=lambda s: (s.namespace, s.name)):
         if not svc.has_vip:
             continue
         members = [ep for ep in ordered if selects(svc, ep)]
+        own = by_name.get((svc.namespace, svc.name)) if not svc.selector else None
         for port in svc.ports:
-            if port.protocol.upper() != "TCP":
+            protocol = port.protocol.upper()
+            if protocol not in PROTOCOLS:
                 continue
-            match = f"-A {SERVICES_CHAIN} -d {svc.cluster_ip}/32 -p tcp -m tcp --dport {port.port}"
-            comment = f'-m comment --comment "{svc.namespace}/{svc.name}:{port.port}"'
-            targets = [(ep, t) for ep in members if (t := _target(port.target_port, ep))]
-            for j, (ep, target) in enumerate(targets):
+            p = protocol.lower()
+            match = f"-A {SERVICES_CHAIN} -d {svc.cluster_ip}/32 -p {p} -m {p} --dport {port.port}"
+            comment = f'-m comment --comment "{svc.namespace}/{svc.name}:{port.port}/{p}"'
+            targets: list[tuple[str, int]] = (
+                own.targets(port.name, protocol)
+                if own is not None
+                else [(ep.ip, t) for ep in members if (t := _target(port.target_port, ep))]
+            )
+            for j, (ip, target) in enumerate(targets):
                 remaining = len(targets) - j
                 # Rule j takes 1/(n-j) of what the rules before it left: a uniform choice.
                 pick = (
@@ -101,7 +162,7 @@ def service_rules(
                     if remaining > 1
                     else ""
                 )
-                lines.append(f"{match} {comment} {pick}-j DNAT --to-destination {ep.ip}:{target}")
+                lines.append(f"{match} {comment} {pick}-j DNAT --to-destination {ip}:{target}")
     # Hairpin (see localcluster.network.service_rules): replies must pass the node.
     lines.append(
         f"-A {POSTROUTING_CHAIN} -s {pod_cidr} -o {NODE_BRIDGE} "
