@@ -310,10 +310,13 @@ def _volumes(template: WaypointTemplate) -> tuple[list[Any], list[Any]]:
         [
             {"name": "istio-token", "mountPath": TOKEN_DIR, "readOnly": True},
             {"name": "istiod-ca-cert", "mountPath": ROOT_CERT_DIR, "readOnly": True},
+            # The root file system is read-only; Python's tempfile needs somewhere.
+            {"name": "tmp", "mountPath": "/tmp"},
         ],
         [
             {"name": "istio-token", "projected": {"sources": [token]}},
             {"name": "istiod-ca-cert", "configMap": {"name": "istio-ca-root-cert"}},
+            {"name": "tmp", "emptyDir": {}},
         ],
     )
 
