@@ -7,14 +7,13 @@ import base64
 import json
 import os
 import secrets
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pyroute2 import netns as pr_netns
 
-from localcluster.kube.containerplan import DEFAULT_CAPABILITIES, CAPABILITIES, cap_mask
+from localcluster.kube.containerplan import CAPABILITIES, DEFAULT_CAPABILITIES, cap_mask
 from localcluster.kube.images import STORE_ENV
 from localcluster.kube.kubelet import process_name
 
@@ -32,11 +31,11 @@ def busybox_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def image_nodes(
     busybox_store: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
-) -> Iterator[KubeNodes]:
+) -> KubeNodes:
     """`kube_nodes` whose kubelet reads the test's image store."""
     monkeypatch.setenv(STORE_ENV, str(busybox_store))
     nodes: KubeNodes = request.getfixturevalue("kube_nodes")
-    yield nodes
+    return nodes
 
 
 def bpod(
@@ -211,7 +210,8 @@ def test_root_filesystem_overlay_and_read_only(image_nodes: KubeNodes, busybox_s
         bpod("rw", "echo changed > /etc/image-file && cat /etc/image-file"),
         bpod(
             "ro",
-            "touch /new 2>/dev/null && echo wrote || echo refused; echo ok > /tmp/t/x && cat /tmp/t/x",
+            "touch /new 2>/dev/null && echo wrote || echo refused;"
+            " echo ok > /tmp/t/x && cat /tmp/t/x",
             sc={"readOnlyRootFilesystem": True},
             volumes=[{"name": "scratch", "emptyDir": {}}],
             mounts=[{"name": "scratch", "mountPath": "/tmp/t"}],
@@ -271,6 +271,8 @@ def test_host_path_per_node_and_netns_propagation(image_nodes: KubeNodes) -> Non
         ),
     )
     wait_phase(k, ns, ["netns"], "Running")
+    # While it runs, none of its mounts (root, volumes) is the machine's.
+    assert not [m for m in mount_points() if m.startswith(str(k.state.dir))]
     try:
         pr_netns.create(later)
         wait_phase(k, ns, ["netns"], "Succeeded")
@@ -289,8 +291,6 @@ def test_host_path_per_node_and_netns_propagation(image_nodes: KubeNodes) -> Non
         "no mount left",
         lambda: f"left: {mount_points() - before}\n{k.kubelet_log()}",
     )
-    # And while they ran, none of their mounts was ever the machine's.
-    assert not [m for m in mount_points() if str(k.state.dir) in m]
 
 
 def test_volumes_emptydir_secret_configmap_token(image_nodes: KubeNodes) -> None:
@@ -423,7 +423,8 @@ def test_readiness_probe_graceful_stop_and_problems(image_nodes: KubeNodes) -> N
     ns = k.namespace()
     httpd = bpod(
         "httpd",
-        "mkdir -p /tmp/www && echo hello > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www",
+        "mkdir -p /tmp/www && echo hello > /tmp/www/index.html"
+        " && exec httpd -f -p 8080 -h /tmp/www",
         restart="Always",
     )
     httpd["spec"]["containers"][0]["readinessProbe"] = {
