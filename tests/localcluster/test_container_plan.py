@@ -354,7 +354,7 @@ def test_env_refs_are_planned() -> None:
     plan = plan_pod(
         pod(
             {
-                "command": ["x"],
+                "command": ["python3"],
                 "env": [
                     {"name": "S", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}},
                     {
