@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import calendar
 import contextlib
 import faulthandler
 import json
@@ -91,6 +90,7 @@ from localcluster.kube.volumecontent import (
     TokenKey,
     VolumeNotReady,
     object_keys,
+    renew_at,
     token_key,
     volume_files,
 )
@@ -112,10 +112,10 @@ T = TypeVar("T")
 SYNC_PERIOD_S = 0.5
 SANDBOX_RETRY_S = 5.0
 VOLUME_RETRY_S = 2.0
+IMAGE_RETRY_S = 5.0  # a pod that cannot run looks for its image in the store this often
 # How often a running pod's secret/configMap/downwardAPI files are re-read and rewritten
 # when changed (the real kubelet's sync period is a minute; a local cluster answers sooner).
 VOLUME_REFRESH_S = 2.0
-TOKEN_REFRESH_FRACTION = 0.8  # a projected token is renewed at 80% of its lifetime
 FINAL_PHASES = frozenset({"Succeeded", "Failed"})
 
 
@@ -338,6 +338,13 @@ class Kubelet:
 
     async def _step(self, rec: PodRecord, now: float) -> None:
         plan = rec.plan
+        if plan.problem and plan.image_plan is None and now >= rec.retry_at:
+            # Its image may have been stored since (built after the pod was created), as a
+            # real kubelet keeps pulling: look again now and then.
+            rec.retry_at = now + IMAGE_RETRY_S
+            again = self._plan(rec.pod)
+            if again != plan:
+                rec.plan = plan = again
         if plan.problem:
             rec.state = ContainerState("waiting", "CreateContainerError", plan.problem)
             return
@@ -621,12 +628,8 @@ class Kubelet:
         status = answer.get("status") or {}
         token = str(status.get("token", ""))
         issued = time.time()
-        lifetime = float(expiration_s)
-        with contextlib.suppress(ValueError, TypeError):
-            stamp = time.strptime(str(status.get("expirationTimestamp")), "%Y-%m-%dT%H:%M:%SZ")
-            expires = calendar.timegm(stamp)
-            lifetime = max(expires - issued, 1.0)
-        rec.tokens[key] = (token, issued + TOKEN_REFRESH_FRACTION * lifetime)
+        renew = renew_at(issued, str(status.get("expirationTimestamp", "")), expiration_s)
+        rec.tokens[key] = (token, renew)
         return token
 
     def _maybe_refresh(self, rec: PodRecord, now: float) -> None:

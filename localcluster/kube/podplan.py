@@ -168,8 +168,9 @@ def plan_pod(pod: Mapping[str, Any], bundle: Bundle | None = None, image_id: str
         image_plan = plan_container(pod, first, bundle, image_id) if bundle is not None else None
         if not command and image_plan is None:
             raise PodPlanError(
-                f"container {base.container!r} has no command: images are not pulled, so "
-                "there is no entrypoint to fall back on"
+                f"container {base.container!r} has no command and its image {base.image!r} "
+                "is not in the local image store: images are not pulled, so there is no "
+                "entrypoint to fall back on"
             )
         ports = _container_ports(first)
         return PodPlan(

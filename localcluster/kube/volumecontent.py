@@ -8,7 +8,9 @@ kubelet keeps the container waiting and tries again, as the real one does (Faile
 
 from __future__ import annotations
 
+import calendar
 import json
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,6 +23,22 @@ TokenKey = tuple[str, int, str]  # (audience, expirationSeconds, path)
 
 class VolumeNotReady(RuntimeError):
     """A volume cannot be written yet (its Secret or ConfigMap is missing); says which."""
+
+
+TOKEN_RENEW_FRACTION = 0.8  # a projected token is renewed at 80% of its lifetime
+
+
+def renew_at(issued: float, expiration_timestamp: str, requested_s: int) -> float:
+    """When to ask again for a token issued at `issued` (epoch seconds): at 80% of the
+    lifetime the API server granted (its `expirationTimestamp`, which may differ from the
+    request), else of the one requested."""
+    lifetime = float(requested_s)
+    try:
+        expires = calendar.timegm(time.strptime(expiration_timestamp, "%Y-%m-%dT%H:%M:%SZ"))
+        lifetime = max(expires - issued, 1.0)
+    except ValueError:
+        pass
+    return issued + TOKEN_RENEW_FRACTION * lifetime
 
 
 def token_key(src: FileSource) -> TokenKey:

@@ -32,7 +32,7 @@ from localcluster.kube.containerplan import (
 )
 from localcluster.kube.images import ImageBundle, lookup, normalise
 from localcluster.kube.podplan import plan_pod
-from localcluster.kube.volumecontent import VolumeNotReady, pod_field, volume_files
+from localcluster.kube.volumecontent import VolumeNotReady, pod_field, renew_at, volume_files
 
 DOCKER_DEFAULT = 0xA80425FB
 
@@ -463,3 +463,9 @@ def test_in_root_resolves_links_inside_the_root(tmp_path: Path) -> None:
     assert in_root(r, "/") == r + "/" or in_root(r, "/") == r
     with pytest.raises(RuntimeError, match="too many symbolic links"):
         in_root(r, "/loop/x")
+
+
+def test_token_renewal_at_80_percent_of_the_granted_lifetime() -> None:
+    issued = 1_700_000_000.0  # 2023-11-14T22:13:20Z
+    assert renew_at(issued, "2023-11-14T23:13:20Z", 600) == issued + 0.8 * 3600
+    assert renew_at(issued, "", 600) == issued + 480

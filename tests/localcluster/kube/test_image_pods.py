@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import secrets
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -418,9 +419,12 @@ def test_volumes_emptydir_secret_configmap_token(image_nodes: KubeNodes) -> None
     assert namespace == ns
 
 
-def test_readiness_probe_graceful_stop_and_problems(image_nodes: KubeNodes) -> None:
+def test_readiness_probe_graceful_stop_and_problems(
+    image_nodes: KubeNodes, busybox_store: Path
+) -> None:
     k = image_nodes
     ns = k.namespace()
+    late = f"test/late:{secrets.token_hex(3)}"  # stored only after its pod was created
     httpd = bpod(
         "httpd",
         "mkdir -p /tmp/www && echo hello > /tmp/www/index.html"
@@ -448,6 +452,14 @@ def test_readiness_probe_graceful_stop_and_problems(image_nodes: KubeNodes) -> N
             volumes=[{"name": "d", "hostPath": {"path": "/not/there", "type": "Directory"}}],
             mounts=[{"name": "d", "mountPath": "/d"}],
         ),
+        {
+            "metadata": {"name": "late"},
+            "spec": {
+                "automountServiceAccountToken": False,
+                "restartPolicy": "Never",
+                "containers": [{"name": "c", "image": late}],
+            },
+        },
     )
     wait_for(
         lambda: [p for p in k.pods(ns) if p["metadata"]["name"] == "httpd" and pod_ready(p)],
@@ -463,7 +475,7 @@ def test_readiness_probe_graceful_stop_and_problems(image_nodes: KubeNodes) -> N
             w = (st.get("state") or {}).get("waiting") or {}
             if w.get("message"):
                 out[p["metadata"]["name"]] = w
-        return out if {"noexec", "nfs", "nodir"} <= set(out) else {}
+        return out if {"noexec", "nfs", "nodir", "late"} <= set(out) else {}
 
     w = wait_for(waiting, 60, "the three problems reported", k.kubelet_log)
     assert w["noexec"]["reason"] == "CreateContainerError"
@@ -471,6 +483,16 @@ def test_readiness_probe_graceful_stop_and_problems(image_nodes: KubeNodes) -> N
     assert w["nfs"]["reason"] == "CreateContainerError" and "nfs" in w["nfs"]["message"]
     assert w["nodir"]["reason"] == "ContainerCreating"
     assert "/not/there" in w["nodir"]["message"] and "does not exist" in w["nodir"]["message"]
+    assert w["late"]["reason"] == "CreateContainerError"
+    assert "not in the local image store" in w["late"]["message"]
+    # The image is stored now (image.json last, as image builds do): the pod runs from it.
+    repo, tag = late.split(":")
+    src = busybox_store / "test" / "busybox" / "1"
+    shutil.copytree(src / "rootfs", busybox_store / repo / tag / "rootfs", symlinks=True)
+    meta = json.loads((src / "image.json").read_text())
+    (busybox_store / repo / tag / "image.json").write_text(json.dumps({**meta, "ref": late}))
+    wait_phase(k, ns, ["late"], "Succeeded")
+    assert pod_log(k, ns, "late") == "image-cmd\n0\n"
 
     wait_log(k, ns, "graceful", "up")
     log = log_path(k, ns, "graceful")
