@@ -68,9 +68,11 @@ from localcluster.kube.containerplan import (
 )
 from localcluster.kube.podplan import (
     PodPlan,
+    PodPlanError,
     ServiceInfo,
     container_argv,
     container_env,
+    env_from_vars,
     env_refs,
     expand,
     plan_pod,
@@ -389,14 +391,16 @@ class Kubelet:
             cwd = Path("/")
         else:
             try:
-                refs = await self._env_refs(rec)
+                refs, from_vars = await self._env_refs(rec)
             except VolumeNotReady as e:
                 self._not_ready(rec, now, "CreateContainerConfigError", str(e))
                 return
             env = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
             env.update(PYTHONUNBUFFERED="1", HOSTNAME=plan.name)
             env.update(
-                container_env(plan, self._service_infos(), str(rec.ip), str(rec.node.ip), refs)
+                container_env(
+                    plan, self._service_infos(), str(rec.ip), str(rec.node.ip), refs, from_vars
+                )
             )
             argv = container_argv(plan, env, self.python)
             cwd = self.workdir / plan.working_dir if plan.working_dir else self.workdir
@@ -496,7 +500,7 @@ class Kubelet:
         assert ip is not None and rec.ip is not None
         pdir = self._pod_dir(rec)
         try:
-            refs = await self._env_refs(rec)
+            refs, from_vars = await self._env_refs(rec)
         except VolumeNotReady as e:
             self._not_ready(rec, now, "CreateContainerConfigError", str(e))
             return None
@@ -506,7 +510,7 @@ class Kubelet:
             self._not_ready(rec, now, "ContainerCreating", str(e))
             return None
         services = self._service_infos()
-        kube_env = container_env(plan, services, str(rec.ip), str(rec.node.ip), refs)
+        kube_env = container_env(plan, services, str(rec.ip), str(rec.node.ip), refs, from_vars)
         kube_env.setdefault("HOSTNAME", ip.hostname)
         env = merge_env(ip.image_env, kube_env)
         argv = [*ip.image_argv, *(expand(a, kube_env) for a in ip.pod_argv)]
@@ -538,21 +542,40 @@ class Kubelet:
         launcher = [self.python, "-m", "localcluster.kube.container", str(pdir / "launch.json")]
         return launcher, launcher_env
 
-    async def _env_refs(self, rec: PodRecord) -> dict[tuple[str, str, str], str]:
+    async def _env_refs(
+        self, rec: PodRecord
+    ) -> tuple[dict[tuple[str, str, str], str], dict[str, str]]:
+        """The values `env`'s configMapKeyRef/secretKeyRef name, and the variables of
+        `envFrom`; VolumeNotReady (CreateContainerConfigError) when a required one is
+        missing."""
         out: dict[tuple[str, str, str], str] = {}
         cache: dict[ObjectKey, dict[str, bytes] | None] = {}
-        for ref, optional in env_refs(rec.plan):
-            kind, name, key = ref
+
+        async def read(kind: str, name: str) -> dict[str, bytes] | None:
             if (kind, name) not in cache:
                 cache[(kind, name)] = await self._object(rec.plan.namespace, kind, name)
-            data = cache[(kind, name)]
+            return cache[(kind, name)]
+
+        for ref, optional in env_refs(rec.plan):
+            kind, name, key = ref
+            data = await read(kind, name)
             if data is None or key not in data:
                 if optional:
                     continue
                 what = f"{kind} {name!r}" if data is None else f"key {key!r} of {kind} {name!r}"
                 raise VolumeNotReady(f"env: {what} not found")
             out[ref] = data[key].decode(errors="replace")
-        return out
+        objects: dict[tuple[str, str], dict[str, str] | None] = {}
+        for ef in rec.plan.env_from:
+            data = await read(ef.kind, ef.name)
+            objects[(ef.kind, ef.name)] = (
+                None if data is None else {k: v.decode(errors="replace") for k, v in data.items()}
+            )
+        try:
+            from_vars = env_from_vars(rec.plan.env_from, objects)
+        except PodPlanError as e:
+            raise VolumeNotReady(str(e)) from e
+        return out, from_vars
 
     async def _object(self, namespace: str, kind: str, name: str) -> dict[str, bytes] | None:
         path = f"/api/v1/namespaces/{namespace}/{'secrets' if kind == 'secret' else 'configmaps'}"

@@ -72,6 +72,16 @@ class EnvVar:
 
 
 @dataclass(frozen=True, slots=True)
+class EnvFrom:
+    """One entry of a container's `envFrom`: every key of a ConfigMap or Secret."""
+
+    kind: str  # "configMap" | "secret"
+    name: str
+    prefix: str = ""
+    optional: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class PodPlan:
     uid: str
     namespace: str
@@ -89,6 +99,7 @@ class PodPlan:
     readiness: Probe | None
     problem: str = ""  # set: the pod cannot run, and this says why
     image_plan: ContainerPlan | None = None  # set: runs from the local image store
+    env_from: tuple[EnvFrom, ...] = ()
 
     @property
     def key(self) -> str:
@@ -178,6 +189,7 @@ def plan_pod(pod: Mapping[str, Any], bundle: Bundle | None = None, image_id: str
                 **_fields(base),
                 "command": (*command, *args),
                 "env": _env(first),
+                "env_from": _env_from(first),
                 "readiness": _probe(first.get("readinessProbe"), ports),
                 "image_plan": image_plan,
             }
@@ -229,6 +241,49 @@ def _env(c: Mapping[str, Any]) -> tuple[EnvVar, ...]:
             )
         out.append(EnvVar(name, field=path))
     return tuple(out)
+
+
+def _env_from(c: Mapping[str, Any]) -> tuple[EnvFrom, ...]:
+    out: list[EnvFrom] = []
+    for i, e in enumerate(_list(c.get("envFrom"))):
+        e = _dict(e)
+        for kind, key in (("configMap", "configMapRef"), ("secret", "secretRef")):
+            if key in e:
+                ref = _dict(e[key])
+                out.append(
+                    EnvFrom(
+                        kind,
+                        str(ref.get("name", "")),
+                        str(e.get("prefix", "")),
+                        bool(ref.get("optional", False)),
+                    )
+                )
+                break
+        else:
+            raise PodPlanError(f"envFrom[{i}]: only configMapRef and secretRef are supported")
+    return tuple(out)
+
+
+_ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+
+
+def env_from_vars(
+    env_from: Sequence[EnvFrom], objects: Mapping[tuple[str, str], Mapping[str, str] | None]
+) -> dict[str, str]:
+    """The variables `envFrom` gives, in order (a later source wins), from the objects read
+    (None: not found). A key that is not a valid variable name is skipped, as the kubelet
+    does; a required object that is missing raises PodPlanError."""
+    out: dict[str, str] = {}
+    for ef in env_from:
+        data = objects.get((ef.kind, ef.name))
+        if data is None:
+            if ef.optional:
+                continue
+            raise PodPlanError(f"envFrom: {ef.kind} {ef.name!r} not found")
+        for key, value in data.items():
+            if _ENV_NAME.match(ef.prefix + key):
+                out[ef.prefix + key] = value
+    return out
 
 
 def _probe(v: Any, ports: Mapping[str, int]) -> Probe | None:
@@ -367,11 +422,14 @@ def container_env(
     pod_ip: str,
     host_ip: str,
     refs: Mapping[tuple[str, str, str], str] | None = None,
+    from_vars: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """Service variables, then the container's own `env` in order (each may refer to the
-    ones before it); the container's win on a conflict. `refs`: the values of the
-    ConfigMap/Secret keys the env names (an optional one missing is left unset)."""
+    """Service variables, then `envFrom`'s (`from_vars`, see `env_from_vars`), then the
+    container's own `env` in order (each may refer to the ones before it); the later win on
+    a conflict. `refs`: the values of the ConfigMap/Secret keys the env names (an optional
+    one missing is left unset)."""
     env = service_env(services, plan.namespace)
+    env.update(from_vars or {})
     fields = field_values(plan, pod_ip, host_ip)
     for var in plan.env:
         if var.ref is not None:

@@ -31,7 +31,7 @@ from localcluster.kube.containerplan import (
     resolve_user,
 )
 from localcluster.kube.images import ImageBundle, lookup, normalise
-from localcluster.kube.podplan import plan_pod
+from localcluster.kube.podplan import EnvFrom, container_env, env_from_vars, plan_pod
 from localcluster.kube.volumecontent import VolumeNotReady, pod_field, renew_at, volume_files
 
 DOCKER_DEFAULT = 0xA80425FB
@@ -469,3 +469,27 @@ def test_token_renewal_at_80_percent_of_the_granted_lifetime() -> None:
     issued = 1_700_000_000.0  # 2023-11-14T22:13:20Z
     assert renew_at(issued, "2023-11-14T23:13:20Z", 600) == issued + 0.8 * 3600
     assert renew_at(issued, "", 600) == issued + 480
+
+
+def test_env_from() -> None:
+    plan = plan_pod(
+        pod(
+            {
+                "command": ["python3"],
+                "envFrom": [
+                    {"configMapRef": {"name": "c"}},
+                    {"prefix": "S_", "secretRef": {"name": "s", "optional": True}},
+                ],
+                "env": [{"name": "A", "value": "env-$(B)"}],
+            }
+        )
+    )
+    assert plan.env_from == (EnvFrom("configMap", "c"), EnvFrom("secret", "s", "S_", True))
+    got = env_from_vars(plan.env_from, {("configMap", "c"): {"A": "cm", "B": "b", "1x": "no"}})
+    assert got == {"A": "cm", "B": "b"}  # the optional Secret is missing; `1x` is no name
+    # envFrom under env: `env` wins, and may refer to envFrom's variables.
+    assert container_env(plan, [], "", "", None, got) == {"A": "env-b", "B": "b"}
+    with pytest.raises(PodPlanError, match="configMap 'c' not found"):
+        env_from_vars(plan.env_from, {})
+    bad = plan_pod(pod({"command": ["python3"], "envFrom": [{"nope": {}}]}))
+    assert "only configMapRef and secretRef" in bad.problem

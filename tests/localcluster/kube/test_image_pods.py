@@ -51,6 +51,7 @@ def bpod(
     volumes: list[dict[str, Any]] | None = None,
     mounts: list[dict[str, Any]] | None = None,
     restart: str = "Never",
+    envFrom: list[dict[str, Any]] | None = None,
     **spec: Any,
 ) -> dict[str, Any]:
     """A pod of the busybox image; `script` is its args (run by the image's `sh -c`)."""
@@ -61,7 +62,12 @@ def bpod(
         c["command"] = command
     if args is not None:
         c["args"] = args
-    for key, value in (("securityContext", sc), ("env", env), ("volumeMounts", mounts)):
+    for key, value in (
+        ("securityContext", sc),
+        ("env", env),
+        ("envFrom", envFrom),
+        ("volumeMounts", mounts),
+    ):
         if value:
             c[key] = value
     s: dict[str, Any] = {
@@ -139,6 +145,20 @@ def test_argv_rules_env_user_and_image_status(image_nodes: KubeNodes) -> None:
         {"name": "OVERRIDDEN", "value": "pod"},
         {"name": "FROM_POD", "value": "p-$(OVERRIDDEN)"},
     ]
+    k.api(
+        "POST",
+        f"/api/v1/namespaces/{ns}/configmaps",
+        {"metadata": {"name": "envcm"}, "data": {"FROM_CM": "cm", "1-not-a-name": "x"}},
+    )
+    k.api(
+        "POST",
+        f"/api/v1/namespaces/{ns}/secrets",
+        {"metadata": {"name": "envsec"}, "data": {"k": base64.b64encode(b"sv").decode()}},
+    )
+    both_env: list[dict[str, Any]] = [
+        *env,
+        {"name": "SECRET_VAR", "valueFrom": {"secretKeyRef": {"name": "envsec", "key": "k"}}},
+    ]
     create(
         k,
         ns,
@@ -148,9 +168,12 @@ def test_argv_rules_env_user_and_image_status(image_nodes: KubeNodes) -> None:
         bpod(
             "both",
             command=["/bin/sh", "-c"],
-            args=["echo both $(FROM_POD); id -u; id -g; id -G; pwd; echo $HOME"],
-            env=env,
+            args=[
+                "echo both $(FROM_POD) $P_FROM_CM $SECRET_VAR; id -u; id -g; id -G; pwd; echo $HOME"
+            ],
+            env=both_env,
             sc={"runAsUser": 1000, "runAsGroup": 3000},
+            envFrom=[{"prefix": "P_", "configMapRef": {"name": "envcm"}}],
         ),
         bpod("imageuser", "id -un; id -G", sc={"runAsUser": 1000}),
     )
@@ -161,7 +184,7 @@ def test_argv_rules_env_user_and_image_status(image_nodes: KubeNodes) -> None:
     assert pod_log(k, ns, "command") == "cmd-only\n"
     # runAsGroup wins over the passwd entry's group; the groups /etc/group lists the user in
     # are added; HOME comes from /etc/passwd.
-    assert pod_log(k, ns, "both") == "both p-pod\n1000\n3000\n3000 2000\n/\n/home/app\n"
+    assert pod_log(k, ns, "both") == "both p-pod cm sv\n1000\n3000\n3000 2000\n/\n/home/app\n"
     # No runAsGroup: the user's own group from the image's /etc/passwd.
     assert pod_log(k, ns, "imageuser") == "app\n1000 2000\n"
     st = k.api("GET", f"/api/v1/namespaces/{ns}/pods/image")["status"]["containerStatuses"][0]
