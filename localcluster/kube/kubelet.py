@@ -499,6 +499,9 @@ class Kubelet:
         plan, ip = rec.plan, rec.plan.image_plan
         assert ip is not None and rec.ip is not None
         pdir = self._pod_dir(rec)
+        # Root's alone: it holds the pod's secrets (files, and env in launch.json). The
+        # container reaches what it may through its mounts, not through this path.
+        pdir.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
             refs, from_vars = await self._env_refs(rec)
         except VolumeNotReady as e:

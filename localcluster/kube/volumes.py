@@ -140,6 +140,8 @@ def host_path(volume: Volume, node_dir: Path) -> Path:
 
 
 def empty_dir(volume: Volume, pdir: Path, shm: Path) -> Path:
+    if volume.memory:  # the cluster's directory on /dev/shm is root's alone, as pod dirs are
+        shm.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     d = (shm if volume.memory else pdir / "volumes") / volume.name
     d.mkdir(parents=True, exist_ok=True)
     os.chmod(d, 0o777)  # as the kubelet makes it: any container user may write

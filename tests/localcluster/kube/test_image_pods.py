@@ -248,6 +248,7 @@ def test_root_filesystem_overlay_and_read_only(image_nodes: KubeNodes, busybox_s
     uid = k.api("GET", f"/api/v1/namespaces/{ns}/pods/rw")["metadata"]["uid"]
     upper = k.state.dir / "pods" / uid / "upper" / "etc" / "image-file"
     assert upper.read_text() == "changed\n"
+    assert (k.state.dir / "pods" / uid).stat().st_mode & 0o777 == 0o700  # root's alone
     # Read-only root, writable volume.
     assert pod_log(k, ns, "ro") == "refused\nok\n"
     k.api("DELETE", f"/api/v1/namespaces/{ns}/pods/rw")
