@@ -158,10 +158,17 @@ def teardown(cluster_name: str, state_root: Path | str | None = None) -> Teardow
             if _remove_netns(name):
                 removed.append(name)
         _remove_runtime_files(d)
+        # A Memory emptyDir of the cluster's pods (the kubelet keeps them on /dev/shm).
+        shutil.rmtree(kubelet_shm_dir(cluster_name), ignore_errors=True)
         registry.release(cluster_name, d)
         report = TeardownReport(stopped, tuple(removed), found=recorded is not None)
         note_teardown(TornDown(cluster_name, len(removed), stopped))
     return report
+
+
+def kubelet_shm_dir(cluster_name: str) -> Path:
+    """Where the local kubelet keeps the cluster's Memory emptyDir volumes (a tmpfs)."""
+    return Path("/dev/shm") / f"ambient-kubelet-{cluster_name}"
 
 
 def _processes_inside(netns_names: set[str]) -> list[ProcessRecord]:

@@ -24,6 +24,7 @@ from pathlib import Path
 from localcluster import mesh, registry
 from localcluster.apps import INHERITED_ENV
 from localcluster.kube.apiserver import KubeControlPlane
+from localcluster.kube.images import STORE_ENV
 from localcluster.meshconfig import MeshPaths
 from localcluster.network import NetworkLayout, build_network
 from localcluster.processes import PIDFILE_SUFFIX, ManagedProcess, spawn_in_netns
@@ -71,6 +72,9 @@ PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
 
 def _env() -> dict[str, str]:
     env = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
+    # The kubelet runs a pod's image from the local store this names (images.store_root).
+    if STORE_ENV in os.environ:
+        env[STORE_ENV] = os.environ[STORE_ENV]
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (PROJECT_ROOT, env.get("PYTHONPATH", "")) if p)
     return env

@@ -7,10 +7,15 @@ file (whose network `localcluster.network.build_network` has built):
   Ready) and heartbeats it: the Lease in kube-node-lease and the status every 10 s;
 - follows the Pods bound to it (an informer per node, `spec.nodeName=<node>`) and realises
   each: a netns named by its UID (`kube.podnetns`), a veth on the node's bridge, an address
-  from the node's pod CIDR, and the first container's command + args in that netns (the
-  image is recorded, not pulled; a leading `python`/`python3` is this interpreter), with the
-  Kubernetes environment (`localcluster.kube.podplan`). `hostNetwork` pods run in the node
-  netns with the node's IP;
+  from the node's pod CIDR, and the first container in that netns. An image found in the
+  local image store (`localcluster.kube.images`) runs from its filesystem through the
+  launcher (`localcluster.kube.container`: own mount namespace, overlay root, volumes,
+  user, capabilities; `containerplan` decides it all), its volumes provided under
+  `<state>/pods/<uid>/` (`localcluster.kube.volumes`: secrets, configMaps, downward API,
+  service-account tokens through the TokenRequest API, refreshed while it runs). Any other
+  image is recorded, not pulled: command + args run as they are (a leading
+  `python`/`python3` is this interpreter), with the Kubernetes environment
+  (`localcluster.kube.podplan`). `hostNetwork` pods run in the node netns with the node's IP;
 - reports status (podIP, hostIP, phase, containerStatuses, Ready from the readinessProbe,
   run from the node netns; no probe: ready once started), restarts exited containers per
   `restartPolicy` with backoff, and on deletion TERMs the process (the grace period, then
@@ -34,8 +39,10 @@ import argparse
 import asyncio
 import contextlib
 import faulthandler
+import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -52,13 +59,25 @@ from kube.client import KubeApiError, KubeClient, Obj, load_kubeconfig
 from kube.informer import Informer
 from kube.podnetns import PREFIX, netns_name
 from localcluster.apps import INHERITED_ENV
-from localcluster.kube import ipam, nodeobj, podnet
+from localcluster.kube import images, ipam, nodeobj, podnet, volumes
 from localcluster.kube.hostside import HostSide
+from localcluster.kube.container import LAUNCH_FAILED, last_cap
+from localcluster.kube.containerplan import (
+    capability_set,
+    hosts_file,
+    launch_spec,
+    merge_env,
+    resolv_conf,
+)
 from localcluster.kube.podplan import (
     PodPlan,
+    PodPlanError,
     ServiceInfo,
     container_argv,
     container_env,
+    env_from_vars,
+    env_refs,
+    expand,
     plan_pod,
     service_info,
 )
@@ -71,6 +90,15 @@ from localcluster.kube.podstatus import (
 )
 from localcluster.kube.probes import run_probe
 from localcluster.kube.proxyplan import endpoint_of, service_rules
+from localcluster.kube.volumecontent import (
+    ObjectKey,
+    TokenKey,
+    VolumeNotReady,
+    object_keys,
+    renew_at,
+    token_key,
+    volume_files,
+)
 from localcluster.network import NetworkError, NodeLayout, apply_iptables, plan_layout
 from localcluster.processes import (
     ManagedProcess,
@@ -88,6 +116,11 @@ log = logging.getLogger("kubelet")
 T = TypeVar("T")
 SYNC_PERIOD_S = 0.5
 SANDBOX_RETRY_S = 5.0
+VOLUME_RETRY_S = 2.0
+IMAGE_RETRY_S = 5.0  # a pod that cannot run looks for its image in the store this often
+# How often a running pod's secret/configMap/downwardAPI files are re-read and rewritten
+# when changed (the real kubelet's sync period is a minute; a local cluster answers sooner).
+VOLUME_REFRESH_S = 2.0
 FINAL_PHASES = frozenset({"Succeeded", "Failed"})
 
 
@@ -113,6 +146,11 @@ class PodRecord:
     probing: bool = False
     terminating: bool = False
     reported: dict[str, Any] | None = None
+    pod: Obj = field(default_factory=dict)  # the latest Pod object (downward API files)
+    tokens: dict[TokenKey, tuple[str, float]] = field(default_factory=dict)  # (token, renew at)
+    volumes_due: float = 0.0
+    refreshing: bool = False
+    launch_failures: int = 0
 
     @property
     def netns_path(self) -> str:
@@ -127,12 +165,14 @@ class Kubelet:
         state: ClusterState,
         workdir: Path,
         python: str = sys.executable,
+        image_store: Path | None = None,
     ) -> None:
         self.client = client
         self.spec = spec
         self.state = state
         self.workdir = workdir
         self.python = python
+        self.image_store = image_store if image_store is not None else images.store_root()
         self.nodes = {n.name: n for n in plan_layout(spec).nodes}
         self.services = Informer(client, kinds.SERVICE)
         self.pods = {
@@ -217,6 +257,9 @@ class Kubelet:
             with contextlib.suppress(OSError, ValueError, KeyError):
                 terminate([ProcessRecord.from_json(rec_file.read_text())])
             rec_file.unlink(missing_ok=True)
+        # Their files: root filesystem layers and volumes (their mounts died with them).
+        shutil.rmtree(self.state.dir / "pods", ignore_errors=True)
+        shutil.rmtree(volumes.shm_dir(self.spec.name, "x").parent, ignore_errors=True)
 
     # ---- nodes ---------------------------------------------------------------------------
 
@@ -282,12 +325,13 @@ class Kubelet:
             if rec is None:
                 if str((pod.get("status") or {}).get("phase")) in FINAL_PHASES:
                     continue  # finished before this kubelet started: nothing to run
-                plan = plan_pod(pod)
+                plan = self._plan(pod)
                 node = self.nodes.get(plan.node)
                 if node is None:
                     continue
                 rec = PodRecord(plan, node)
                 self.records[uid] = rec
+            rec.pod = pod
             if rec.terminating:
                 continue
             await self._step(rec, now)
@@ -301,8 +345,21 @@ class Kubelet:
                 await self._report(rec)
         await self._program_services(pods)
 
+    def _plan(self, pod: Obj) -> PodPlan:
+        containers = (pod.get("spec") or {}).get("containers") or [{}]
+        image = str((containers[0] or {}).get("image", ""))
+        bundle = images.lookup(image, self.image_store) if image else None
+        return plan_pod(pod, bundle, bundle.image_id if bundle is not None else "")
+
     async def _step(self, rec: PodRecord, now: float) -> None:
         plan = rec.plan
+        if plan.problem and plan.image_plan is None and now >= rec.retry_at:
+            # Its image may have been stored since (built after the pod was created), as a
+            # real kubelet keeps pulling: look again now and then.
+            rec.retry_at = now + IMAGE_RETRY_S
+            again = self._plan(rec.pod)
+            if again != plan:
+                rec.plan = plan = again
         if plan.problem:
             rec.state = ContainerState("waiting", "CreateContainerError", plan.problem)
             return
@@ -310,6 +367,7 @@ class Kubelet:
             code = rec.proc.popen.poll()
             if code is None:
                 self._maybe_probe(rec, now)
+                self._maybe_refresh(rec, now)
                 return
             self._exited(rec, code, now)
         if rec.phase in FINAL_PHASES or now < rec.retry_at:
@@ -338,11 +396,27 @@ class Kubelet:
 
     async def _start(self, rec: PodRecord, now: float) -> None:
         plan = rec.plan
-        env = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
-        env.update(PYTHONUNBUFFERED="1", HOSTNAME=plan.name)
-        env.update(container_env(plan, self._service_infos(), str(rec.ip), str(rec.node.ip)))
-        argv = container_argv(plan, env, self.python)
-        cwd = self.workdir / plan.working_dir if plan.working_dir else self.workdir
+        if plan.image_plan is not None:
+            launch = await self._prepare_image(rec, now)
+            if launch is None:
+                return
+            argv, env = launch
+            cwd = Path("/")
+        else:
+            try:
+                refs, from_vars = await self._env_refs(rec)
+            except VolumeNotReady as e:
+                self._not_ready(rec, now, "CreateContainerConfigError", str(e))
+                return
+            env = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
+            env.update(PYTHONUNBUFFERED="1", HOSTNAME=plan.name)
+            env.update(
+                container_env(
+                    plan, self._service_infos(), str(rec.ip), str(rec.node.ip), refs, from_vars
+                )
+            )
+            argv = container_argv(plan, env, self.python)
+            cwd = self.workdir / plan.working_dir if plan.working_dir else self.workdir
         name = process_name(plan.uid)
         log_path = self.state.log_dir / f"{name}-{plan.namespace}-{plan.name[:100]}.log"
         try:
@@ -377,6 +451,17 @@ class Kubelet:
         assert rec.proc is not None
         rec.proc.pidfile.unlink(missing_ok=True)
         rec.proc = None
+        failure = self._launch_failure(rec) if code == LAUNCH_FAILED else ""
+        if failure:
+            # The launcher could not build the container: it never ran. Kept waiting and
+            # retried with back-off, as the real kubelet does with CreateContainerError.
+            delay = restart_delay(rec.launch_failures)
+            rec.launch_failures += 1
+            rec.retry_at = now + delay
+            rec.ready = False
+            rec.state = ContainerState("waiting", "CreateContainerError", failure)
+            log.warning("kubelet: pod %s: %s", rec.plan.key, failure)
+            return
         stamp = nodeobj.now_iso()
         reason = "Completed" if code == 0 else "Error"
         rec.last_state = ContainerState(
@@ -399,6 +484,212 @@ class Kubelet:
         else:
             assert rec.last_state is not None
             rec.state = rec.last_state
+
+    # ---- containers from images --------------------------------------------------------
+
+    def _pod_dir(self, rec: PodRecord) -> Path:
+        return volumes.pod_dir(self.state.dir, rec.plan.uid)
+
+    def _launch_failure(self, rec: PodRecord) -> str:
+        if rec.plan.image_plan is None:
+            return ""
+        try:
+            return (self._pod_dir(rec) / "launch-error").read_text(errors="replace").strip()
+        except OSError:
+            return ""
+
+    def _not_ready(self, rec: PodRecord, now: float, reason: str, message: str) -> None:
+        if rec.state.message != message:
+            log.warning("kubelet: pod %s: %s", rec.plan.key, message)
+        rec.state = ContainerState("waiting", reason, message)
+        rec.retry_at = now + VOLUME_RETRY_S
+
+    async def _prepare_image(
+        self, rec: PodRecord, now: float
+    ) -> tuple[list[str], dict[str, str]] | None:
+        """Volumes, /etc files and the launcher's document; None (and the pod waiting with
+        the reason) when something it needs is not there yet."""
+        plan, ip = rec.plan, rec.plan.image_plan
+        assert ip is not None and rec.ip is not None
+        pdir = self._pod_dir(rec)
+        # Root's alone: it holds the pod's secrets (files, and env in launch.json). The
+        # container reaches what it may through its mounts, not through this path.
+        pdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            refs, from_vars = await self._env_refs(rec)
+        except VolumeNotReady as e:
+            self._not_ready(rec, now, "CreateContainerConfigError", str(e))
+            return None
+        try:
+            sources = await self._volume_sources(rec)
+        except (VolumeNotReady, OSError) as e:
+            self._not_ready(rec, now, "ContainerCreating", str(e))
+            return None
+        services = self._service_infos()
+        kube_env = container_env(plan, services, str(rec.ip), str(rec.node.ip), refs, from_vars)
+        kube_env.setdefault("HOSTNAME", ip.hostname)
+        env = merge_env(ip.image_env, kube_env)
+        argv = [*ip.image_argv, *(expand(a, kube_env) for a in ip.pod_argv)]
+        etc = pdir / "etc"
+        texts = {
+            "resolv.conf": resolv_conf(plan.namespace, ip.dns_policy, plan.host_network),
+            "hosts": hosts_file(ip.hostname, str(rec.ip)),
+            "hostname": ip.hostname + "\n",
+        }
+        caps = capability_set(ip.cap_add, ip.cap_drop, ip.privileged, last_cap())
+        spec = launch_spec(
+            ip, argv, env, sources, caps, pdir, {f"/etc/{n}": str(etc / n) for n in texts}
+        )
+
+        def write() -> None:
+            etc.mkdir(parents=True, exist_ok=True)
+            for n, text in texts.items():
+                (etc / n).write_text(text, encoding="utf-8")
+            # Each start is a new container: a fresh writable layer, as a runtime makes one.
+            for d in ("upper", "work"):
+                shutil.rmtree(pdir / d, ignore_errors=True)
+            (pdir / "launch-error").unlink(missing_ok=True)
+            tmp = pdir / ".launch.json.tmp"
+            tmp.write_text(json.dumps(spec), encoding="utf-8")
+            os.replace(tmp, pdir / "launch.json")
+
+        await asyncio.to_thread(write)
+        launcher_env = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
+        launcher = [self.python, "-m", "localcluster.kube.container", str(pdir / "launch.json")]
+        return launcher, launcher_env
+
+    async def _env_refs(
+        self, rec: PodRecord
+    ) -> tuple[dict[tuple[str, str, str], str], dict[str, str]]:
+        """The values `env`'s configMapKeyRef/secretKeyRef name, and the variables of
+        `envFrom`; VolumeNotReady (CreateContainerConfigError) when a required one is
+        missing."""
+        out: dict[tuple[str, str, str], str] = {}
+        cache: dict[ObjectKey, dict[str, bytes] | None] = {}
+
+        async def read(kind: str, name: str) -> dict[str, bytes] | None:
+            if (kind, name) not in cache:
+                cache[(kind, name)] = await self._object(rec.plan.namespace, kind, name)
+            return cache[(kind, name)]
+
+        for ref, optional in env_refs(rec.plan):
+            kind, name, key = ref
+            data = await read(kind, name)
+            if data is None or key not in data:
+                if optional:
+                    continue
+                what = f"{kind} {name!r}" if data is None else f"key {key!r} of {kind} {name!r}"
+                raise VolumeNotReady(f"env: {what} not found")
+            out[ref] = data[key].decode(errors="replace")
+        objects: dict[tuple[str, str], dict[str, str] | None] = {}
+        for ef in rec.plan.env_from:
+            data = await read(ef.kind, ef.name)
+            objects[(ef.kind, ef.name)] = (
+                None if data is None else {k: v.decode(errors="replace") for k, v in data.items()}
+            )
+        try:
+            from_vars = env_from_vars(rec.plan.env_from, objects)
+        except PodPlanError as e:
+            raise VolumeNotReady(str(e)) from e
+        return out, from_vars
+
+    async def _object(self, namespace: str, kind: str, name: str) -> dict[str, bytes] | None:
+        path = f"/api/v1/namespaces/{namespace}/{'secrets' if kind == 'secret' else 'configmaps'}"
+        try:
+            obj = await self.client.request("GET", f"{path}/{name}")
+        except KubeApiError as e:
+            if e.status == 404:
+                return None
+            raise
+        return volumes.object_data(kind, obj)
+
+    async def _volume_sources(self, rec: PodRecord, files_only: bool = False) -> dict[str, str]:
+        """Each volume's path on this machine, created and written as needed."""
+        ip = rec.plan.image_plan
+        assert ip is not None
+        pdir = self._pod_dir(rec)
+        out: dict[str, str] = {}
+        for v in ip.volumes:
+            if v.kind == "hostPath" and not files_only:
+                node_dir = volumes.node_host_dir(self.state.dir, rec.node.name)
+                out[v.name] = str(await asyncio.to_thread(volumes.host_path, v, node_dir))
+            elif v.kind == "emptyDir" and not files_only:
+                shm = volumes.shm_dir(self.spec.name, rec.plan.uid)
+                out[v.name] = str(await asyncio.to_thread(volumes.empty_dir, v, pdir, shm))
+            elif v.kind == "files":
+                objects = {k: await self._object(rec.plan.namespace, *k) for k in object_keys(v)}
+                tokens = {
+                    token_key(s): await self._token(rec, s.audience, s.expiration_s, token_key(s))
+                    for s in v.sources
+                    if s.kind == "serviceAccountToken"
+                }
+                files = volume_files(v, objects, self._pod_view(rec), tokens)
+                target = volumes.files_dir(v, pdir)
+                await asyncio.to_thread(volumes.write_files, target, files)
+                out[v.name] = str(target)
+        return out
+
+    def _pod_view(self, rec: PodRecord) -> Obj:
+        """The Pod as the downward API sees it: its status fields as this kubelet knows
+        them (the API's copy lags behind the first start)."""
+        status = dict(rec.pod.get("status") or {})
+        status["hostIP"] = str(rec.node.ip)
+        if rec.ip is not None:
+            status["podIP"] = str(rec.ip)
+        return {**rec.pod, "status": status}
+
+    async def _token(self, rec: PodRecord, audience: str, expiration_s: int, key: TokenKey) -> str:
+        """A token for the pod's service account, bound to the pod; requested again once
+        80% of its lifetime has passed."""
+        held = rec.tokens.get(key)
+        if held is not None and time.time() < held[1]:
+            return held[0]
+        plan = rec.plan
+        body: dict[str, Any] = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {
+                "audiences": [audience] if audience else [],
+                "expirationSeconds": expiration_s,
+                "boundObjectRef": {
+                    "kind": "Pod",
+                    "apiVersion": "v1",
+                    "name": plan.name,
+                    "uid": plan.uid,
+                },
+            },
+        }
+        path = f"/api/v1/namespaces/{plan.namespace}/serviceaccounts/{plan.service_account}/token"
+        try:
+            answer = await self.client.request("POST", path, body=body)
+        except KubeApiError as e:
+            raise VolumeNotReady(f"token for service account {plan.service_account}: {e}") from e
+        status = answer.get("status") or {}
+        token = str(status.get("token", ""))
+        issued = time.time()
+        renew = renew_at(issued, str(status.get("expirationTimestamp", "")), expiration_s)
+        rec.tokens[key] = (token, renew)
+        return token
+
+    def _maybe_refresh(self, rec: PodRecord, now: float) -> None:
+        ip = rec.plan.image_plan
+        if ip is None or rec.refreshing or now < rec.volumes_due:
+            return
+        if not any(v.kind == "files" for v in ip.volumes):
+            return
+        rec.refreshing = True
+        rec.volumes_due = now + VOLUME_REFRESH_S
+        self._spawn(self._refresh(rec), f"volumes-{rec.plan.uid}")
+
+    async def _refresh(self, rec: PodRecord) -> None:
+        """Rewrite the files volumes that changed (a Secret or ConfigMap updated, a token
+        due); a source gone meanwhile keeps the files the container has."""
+        try:
+            await self._volume_sources(rec, files_only=True)
+        except (VolumeNotReady, KubeApiError, OSError) as e:
+            log.warning("kubelet: pod %s: volume refresh: %s", rec.plan.key, e)
+        finally:
+            rec.refreshing = False
 
     def _maybe_probe(self, rec: PodRecord, now: float) -> None:
         probe = rec.plan.readiness
@@ -441,6 +732,7 @@ class Kubelet:
             ready=rec.ready,
             restarts=rec.restarts,
             message=rec.plan.problem,
+            image_id=rec.plan.image_plan.image_id if rec.plan.image_plan is not None else "",
         )
         status = pod_status(view)
         if status == rec.reported:
@@ -470,7 +762,10 @@ class Kubelet:
                 rec.proc = None
             if rec.netns:
                 await self._io(podnet.remove, rec.netns, self.state)
-        except (ProcessError, NetworkError) as e:
+            if plan.image_plan is not None:
+                shm = volumes.shm_dir(self.spec.name, plan.uid)
+                await asyncio.to_thread(volumes.remove_pod, self._pod_dir(rec), shm)
+        except (ProcessError, NetworkError, OSError) as e:
             log.error("kubelet: tearing pod %s down failed: %s; will retry", plan.key, e)
             rec.terminating = False
             return
@@ -543,6 +838,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="where pod commands run (default: the cluster file's directory)",
     )
+    p.add_argument(
+        "--image-store",
+        default=None,
+        help=f"the local image store (default: ${images.STORE_ENV} or {images.store_root()})",
+    )
     return p
 
 
@@ -562,7 +862,8 @@ async def _main(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: loop.call_soon_threadsafe(stop.set))
     async with KubeClient(load_kubeconfig(args.kubeconfig)) as client:
-        kubelet = Kubelet(client, spec, state, workdir)
+        store = Path(args.image_store) if args.image_store else None
+        kubelet = Kubelet(client, spec, state, workdir, image_store=store)
         runner = asyncio.create_task(kubelet.run())
         waiter = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait({runner, waiter}, return_when=asyncio.FIRST_COMPLETED)

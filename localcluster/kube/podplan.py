@@ -1,15 +1,18 @@
 """What the local kubelet will run for a Pod object: read once from the API's JSON (pure).
 
 Only the first container runs (init containers and sidecars are not supported: the pod's
-status says so). The image is recorded, never pulled: `command` + `args` are run as they
-are, with a leading `python`/`python3` meaning the project's own interpreter, so a manifest
-works without a container runtime. A container without a command cannot run (no image to
-take an entrypoint from) and is reported as `CreateContainerError`.
+status says so). An image found in the local image store (`localcluster.kube.images`) runs
+from its filesystem: the caller passes its bundle and the plan carries a
+`containerplan.ContainerPlan`. Any other image is recorded, never pulled ("project mode"):
+`command` + `args` are run as they are, with a leading `python`/`python3` meaning the
+project's own interpreter, so a manifest works without a container runtime; a container
+without a command then cannot run and is reported as `CreateContainerError`.
 
 The environment is Kubernetes': the service variables of the pod's namespace (plus the
 `kubernetes` service of `default`), then the container's `env` (`value` with `$(VAR)`
-expansion, `valueFrom.fieldRef` for the pod's own fields); `command` and `args` are expanded
-against it as the kubelet does.
+expansion, `valueFrom.fieldRef` for the pod's own fields, `configMapKeyRef`/`secretKeyRef`
+resolved by the kubelet before the start); `command` and `args` are expanded against it as
+the kubelet does.
 """
 
 from __future__ import annotations
@@ -18,6 +21,10 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from localcluster.kube.containerplan import Bundle, ContainerPlan, PodPlanError, plan_container
+
+__all__ = ["PodPlanError"]
 
 PYTHON_WORDS = frozenset({"python", "python3"})
 DEFAULT_GRACE_S = 30.0
@@ -37,10 +44,6 @@ FIELD_PATHS = frozenset(
 RESTART_POLICIES = frozenset({"Always", "OnFailure", "Never"})
 
 
-class PodPlanError(ValueError):
-    """The pod cannot be run as written; the message names the field."""
-
-
 @dataclass(frozen=True, slots=True)
 class Probe:
     """A readinessProbe: an HTTP GET (2xx/3xx passes) or a TCP connect, from the node."""
@@ -58,11 +61,24 @@ class Probe:
 
 @dataclass(frozen=True, slots=True)
 class EnvVar:
-    """One entry of a container's `env`: a literal (`field` empty) or a fieldRef."""
+    """One entry of a container's `env`: a literal, a fieldRef (`field`), or a key of a
+    ConfigMap or Secret (`ref`: kind "configMap"/"secret", name, key; `optional`)."""
 
     name: str
     value: str = ""
     field: str = ""
+    ref: tuple[str, str, str] | None = None
+    optional: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class EnvFrom:
+    """One entry of a container's `envFrom`: every key of a ConfigMap or Secret."""
+
+    kind: str  # "configMap" | "secret"
+    name: str
+    prefix: str = ""
+    optional: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +98,8 @@ class PodPlan:
     service_account: str
     readiness: Probe | None
     problem: str = ""  # set: the pod cannot run, and this says why
+    image_plan: ContainerPlan | None = None  # set: runs from the local image store
+    env_from: tuple[EnvFrom, ...] = ()
 
     @property
     def key(self) -> str:
@@ -119,9 +137,10 @@ def _list(v: Any) -> list[Any]:
     return v if isinstance(v, list) else []
 
 
-def plan_pod(pod: Mapping[str, Any]) -> PodPlan:
-    """The plan for a Pod object; a pod that cannot run gets a plan with `problem` set
-    (never an exception: the kubelet must report it on the pod, not stop)."""
+def plan_pod(pod: Mapping[str, Any], bundle: Bundle | None = None, image_id: str = "") -> PodPlan:
+    """The plan for a Pod object (`bundle`: its image, found in the local store); a pod that
+    cannot run gets a plan with `problem` set (never an exception: the kubelet must report
+    it on the pod, not stop)."""
     md = _dict(pod.get("metadata"))
     spec = _dict(pod.get("spec"))
     containers = _list(spec.get("containers"))
@@ -157,10 +176,12 @@ def plan_pod(pod: Mapping[str, Any]) -> PodPlan:
             )
         command = [str(c) for c in _list(first.get("command"))]
         args = [str(a) for a in _list(first.get("args"))]
-        if not command:
+        image_plan = plan_container(pod, first, bundle, image_id) if bundle is not None else None
+        if not command and image_plan is None:
             raise PodPlanError(
-                f"container {base.container!r} has no command: images are not pulled, so "
-                "there is no entrypoint to fall back on"
+                f"container {base.container!r} has no command and its image {base.image!r} "
+                "is not in the local image store: images are not pulled, so there is no "
+                "entrypoint to fall back on"
             )
         ports = _container_ports(first)
         return PodPlan(
@@ -168,7 +189,9 @@ def plan_pod(pod: Mapping[str, Any]) -> PodPlan:
                 **_fields(base),
                 "command": (*command, *args),
                 "env": _env(first),
+                "env_from": _env_from(first),
                 "readiness": _probe(first.get("readinessProbe"), ports),
+                "image_plan": image_plan,
             }
         )
     except PodPlanError as e:
@@ -193,18 +216,74 @@ def _env(c: Mapping[str, Any]) -> tuple[EnvVar, ...]:
     for i, e in enumerate(_list(c.get("env"))):
         e = _dict(e)
         name = str(e.get("name", ""))
-        ref = _dict(_dict(e.get("valueFrom")).get("fieldRef"))
-        if e.get("valueFrom") is not None:
-            path = str(ref.get("fieldPath", ""))
-            if path not in FIELD_PATHS:
-                raise PodPlanError(
-                    f"env[{i}] ({name}): valueFrom supports fieldRef to "
-                    f"{', '.join(sorted(FIELD_PATHS))}; got {e.get('valueFrom')!r}"
-                )
-            out.append(EnvVar(name, field=path))
-        else:
+        if e.get("valueFrom") is None:
             out.append(EnvVar(name, value=str(e.get("value", ""))))
+            continue
+        value_from = _dict(e.get("valueFrom"))
+        key_ref = next(
+            (
+                (kind, _dict(value_from[key]))
+                for kind, key in (("configMap", "configMapKeyRef"), ("secret", "secretKeyRef"))
+                if key in value_from
+            ),
+            None,
+        )
+        if key_ref is not None:
+            kind, kr = key_ref
+            ref = (kind, str(kr.get("name", "")), str(kr.get("key", "")))
+            out.append(EnvVar(name, ref=ref, optional=bool(kr.get("optional", False))))
+            continue
+        path = str(_dict(value_from.get("fieldRef")).get("fieldPath", ""))
+        if path not in FIELD_PATHS:
+            raise PodPlanError(
+                f"env[{i}] ({name}): valueFrom supports configMapKeyRef, secretKeyRef and "
+                f"fieldRef to {', '.join(sorted(FIELD_PATHS))}; got {e.get('valueFrom')!r}"
+            )
+        out.append(EnvVar(name, field=path))
     return tuple(out)
+
+
+def _env_from(c: Mapping[str, Any]) -> tuple[EnvFrom, ...]:
+    out: list[EnvFrom] = []
+    for i, e in enumerate(_list(c.get("envFrom"))):
+        e = _dict(e)
+        for kind, key in (("configMap", "configMapRef"), ("secret", "secretRef")):
+            if key in e:
+                ref = _dict(e[key])
+                out.append(
+                    EnvFrom(
+                        kind,
+                        str(ref.get("name", "")),
+                        str(e.get("prefix", "")),
+                        bool(ref.get("optional", False)),
+                    )
+                )
+                break
+        else:
+            raise PodPlanError(f"envFrom[{i}]: only configMapRef and secretRef are supported")
+    return tuple(out)
+
+
+_ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+
+
+def env_from_vars(
+    env_from: Sequence[EnvFrom], objects: Mapping[tuple[str, str], Mapping[str, str] | None]
+) -> dict[str, str]:
+    """The variables `envFrom` gives, in order (a later source wins), from the objects read
+    (None: not found). A key that is not a valid variable name is skipped, as the kubelet
+    does; a required object that is missing raises PodPlanError."""
+    out: dict[str, str] = {}
+    for ef in env_from:
+        data = objects.get((ef.kind, ef.name))
+        if data is None:
+            if ef.optional:
+                continue
+            raise PodPlanError(f"envFrom: {ef.kind} {ef.name!r} not found")
+        for key, value in data.items():
+            if _ENV_NAME.match(ef.prefix + key):
+                out[ef.prefix + key] = value
+    return out
 
 
 def _probe(v: Any, ports: Mapping[str, int]) -> Probe | None:
@@ -338,15 +417,33 @@ def field_values(plan: PodPlan, pod_ip: str, host_ip: str) -> dict[str, str]:
 
 
 def container_env(
-    plan: PodPlan, services: Sequence[ServiceInfo], pod_ip: str, host_ip: str
+    plan: PodPlan,
+    services: Sequence[ServiceInfo],
+    pod_ip: str,
+    host_ip: str,
+    refs: Mapping[tuple[str, str, str], str] | None = None,
+    from_vars: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """Service variables, then the container's own `env` in order (each may refer to the
-    ones before it); the container's win on a conflict."""
+    """Service variables, then `envFrom`'s (`from_vars`, see `env_from_vars`), then the
+    container's own `env` in order (each may refer to the ones before it); the later win on
+    a conflict. `refs`: the values of the ConfigMap/Secret keys the env names (an optional
+    one missing is left unset)."""
     env = service_env(services, plan.namespace)
+    env.update(from_vars or {})
     fields = field_values(plan, pod_ip, host_ip)
     for var in plan.env:
-        env[var.name] = fields[var.field] if var.field else expand(var.value, env)
+        if var.ref is not None:
+            value = (refs or {}).get(var.ref)
+            if value is not None:
+                env[var.name] = value
+        else:
+            env[var.name] = fields[var.field] if var.field else expand(var.value, env)
     return env
+
+
+def env_refs(plan: PodPlan) -> list[tuple[tuple[str, str, str], bool]]:
+    """The ConfigMap/Secret keys the container's env names, each with whether it is optional."""
+    return [(v.ref, v.optional) for v in plan.env if v.ref is not None]
 
 
 def container_argv(plan: PodPlan, env: Mapping[str, str], python: str) -> list[str]:

@@ -80,6 +80,7 @@ class PodView:
     ready: bool
     restarts: int
     message: str = ""
+    image_id: str = ""  # `<repository>@<digest>` for a container run from an image
 
 
 def pod_status(v: PodView) -> dict[str, Any]:
@@ -106,7 +107,7 @@ def pod_status(v: PodView) -> dict[str, Any]:
             {
                 "name": v.plan.container,
                 "image": v.plan.image,
-                "imageID": "",
+                "imageID": v.image_id,
                 "ready": ready == "True",
                 "started": started and v.state.kind == "running",
                 "restartCount": v.restarts,

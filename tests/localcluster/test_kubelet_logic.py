@@ -76,9 +76,9 @@ def test_plan_reads_command_args_probe_and_policy() -> None:
         ({"readinessProbe": {"tcpSocket": {"port": "nope"}}}, {}, "no container port named"),
         ({"readinessProbe": {"tcpSocket": {"port": 70000}}}, {}, "out of range"),
         (
-            {"env": [{"name": "X", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]},
+            {"env": [{"name": "X", "valueFrom": {"resourceFieldRef": {"resource": "cpu"}}}]},
             {},
-            "valueFrom supports fieldRef",
+            "valueFrom supports configMapKeyRef, secretKeyRef and fieldRef",
         ),
         ({}, {"restartPolicy": "Sometimes"}, "restartPolicy"),
         ({}, {"initContainers": [{"name": "i"}]}, "only one container"),

@@ -38,6 +38,10 @@ DYNAMIC = {
     ("localcluster/kube/apiserver.py", "KubeControlPlane._spawn"): (
         "etcd and the kube-* servers, found by find_binaries() (PATH, else the build's cache)"
     ),
+    ("localcluster/kube/container.py", "launch"): (
+        "a container's own command, run inside its image's root filesystem (the image's "
+        "programs, not the machine's)"
+    ),
     ("tests/e2e/test_interrupted_runs.py", "start.go"): (
         "the fixture's runner: each test passes the venv's ambientctl or python and a benchmark"
     ),
