@@ -40,16 +40,18 @@ fi
 
 repository=ambient-mesh/mesh
 ref="$repository:$tag"
-cache=${HOME:-/root}/.cache/ambient-mesh
-store=${AMBIENT_IMAGE_STORE:-$cache/images}
+# AMBIENT_IMAGE_CACHE: where the base, buildah's storage and the archives are kept (a build
+# apart from the machine's usual one, e.g. to time a fresh build, sets it and the store).
+cache=${AMBIENT_IMAGE_CACHE:-${HOME:-/root}/.cache/ambient-mesh}
+store=${AMBIENT_IMAGE_STORE:-${HOME:-/root}/.cache/ambient-mesh/images}
 dest="$store/$repository/$tag"
 archive="$cache/images/archives/mesh-$tag.tar"
 containerfile=daemonset/Containerfile
 codename=bookworm
 py=python3
 helper=(env -u PYTHONPATH "$py" "$root/scripts/imagebuild.py")
-bah=(buildah --root "$cache/containers/storage" --runroot /run/ambient-mesh-buildah
-    --storage-driver vfs)
+runroot=/run/ambient-mesh-buildah/$(printf '%s' "$cache" | sha256sum | cut -c1-8)
+bah=(buildah --root "$cache/containers/storage" --runroot "$runroot" --storage-driver vfs)
 
 # --- the content key --------------------------------------------------------------------
 # The packages pyproject.toml's find installs: every top-level package but tests.
@@ -62,7 +64,8 @@ for d in */; do
 done
 package_files() {
     if git -C "$root" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
-        git -C "$root" ls-files -z -- "${packages[@]}"
+        # Untracked files that git does not ignore are in the build context too.
+        git -C "$root" ls-files -z --cached --others --exclude-standard -- "${packages[@]}"
     else
         find "${packages[@]}" -type f ! -path '*/__pycache__/*' -print0 | sort -z
     fi
@@ -71,7 +74,8 @@ key=$({
     echo "version=$version codename=$codename"
     sha256sum "$containerfile" constraints.txt pyproject.toml README.md .containerignore \
         scripts/image-build.sh scripts/imagebuild.py
-    package_files | xargs -0 sha256sum
+    # (a tracked file deleted here is named by sha256sum's error: still a key)
+    package_files | xargs -0 -r sha256sum 2>&1 || true
 } | sha256sum | cut -c1-64)
 
 if [ -f "$dest/image.json" ] && [ -d "$dest/rootfs" ] && [ -f "$archive" ] &&
@@ -194,9 +198,12 @@ for _ in $(seq 1 60); do
     done < <("${bah[@]}" images -q --no-trunc --filter dangling=true 2>/dev/null | sed 's/^sha256://')
     [ "$removed" = 1 ] || break
 done
-"${bah[@]}" images --format '{{.Name}}:{{.Tag}}' 2>/dev/null |
-    grep -E '^localhost/ambient-mesh/base:' | grep -vxF "$base_image" |
-    while read -r old; do "${bah[@]}" rmi "$old" >/dev/null 2>&1 || true; done
+while read -r old; do
+    case "$old" in
+    "$base_image") ;;
+    localhost/ambient-mesh/base:*) "${bah[@]}" rmi "$old" >/dev/null 2>&1 || true ;;
+    esac
+done < <("${bah[@]}" images --format '{{.Name}}:{{.Tag}}' 2>/dev/null)
 
 # --- 3. the archive and the store -------------------------------------------------------------
 rm -f "$archive.tmp" "$archive.digest"

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import subprocess
+import tarfile
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -233,6 +234,22 @@ def test_image_json_is_the_ready_mark_of_a_complete_entry(image, config):
     st = (image / "rootfs" / "opt" / "ambient-mesh" / "venv").stat()
     assert (st.st_uid, st.st_gid) == (0, 0)
     assert (image / "rootfs" / "usr" / "bin" / "python3").exists()
+
+
+@pytest.mark.netns
+def test_the_oci_archive_holds_the_image_the_store_names(image, config):
+    cache = Path(os.environ.get("HOME", "/root")) / ".cache" / "ambient-mesh"
+    cache = Path(os.environ.get("AMBIENT_IMAGE_CACHE", str(cache)))
+    archive = cache / "images" / "archives" / f"mesh-{TAG}.tar"
+    if "AMBIENT_IMAGE_STORE" in os.environ and not archive.exists():
+        pytest.skip("a store of its own: its archive is wherever that build kept it")
+    with tarfile.open(archive) as tar:
+        member = tar.extractfile("index.json")
+        assert member is not None
+        index = json.load(member)
+    [manifest] = index["manifests"]
+    assert manifest["digest"] == config["digest"]
+    assert manifest["annotations"]["org.opencontainers.image.ref.name"] == f"{REPOSITORY}:{TAG}"
 
 
 @pytest.mark.netns
