@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 UNIT := bash scripts/unprivileged.sh $(PY) -m pytest -p no:cacheprovider -n 3 --dist worksteal \
 	-m "not netns and not kube"
 
-.PHONY: setup demo test lint typecheck layering unit bench lock clean
+.PHONY: setup demo test lint typecheck layering unit bench lock image clean
 
 setup:
 	bash scripts/setup.sh
@@ -44,6 +44,11 @@ test: setup
 # runs on its own.
 bench: setup
 	$(PY) benchmarks/mesh_bench.py
+
+# The mesh's container image, ambient-mesh/mesh:0.13.0, into the local image store (root;
+# setup builds it too). `scripts/image-build.sh --tag T --version V` for another tag.
+image:
+	bash scripts/image-build.sh
 
 # constraints.txt from the newest releases pyproject.toml allows (scripts/lock.sh).
 lock:
