@@ -31,6 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from localcluster.kube.hostnet import hosts_file as hosts_file
+from localcluster.kube.hostnet import resolv_conf as resolv_conf
+
 
 class PodPlanError(ValueError):
     """The pod cannot be run as written; the message names the field."""
@@ -681,32 +684,4 @@ def user_plan_of(spec: Mapping[str, Any]) -> UserPlan:
     )
 
 
-# --- the kubelet's /etc files ----------------------------------------------------------------
-# TODO(hostnet): localcluster/kube/hostnet.py (resolv_conf, hosts_file) owns these texts; this
-# stand-in follows the contract's exact text until the two are merged, then goes.
-HOST_ADDRESS = "10.10.0.1"
-CLUSTER_DOMAIN = "cluster.local"
-
-
-def resolv_conf(namespace: str, dns_policy: str, host_network: bool) -> str:
-    """ClusterFirst (and ClusterFirstWithHostNet for hostNetwork): the cluster's DNS on the
-    host address with the namespace's search path; any other policy: the host's DNS alone."""
-    cluster_dns = dns_policy in ("", "ClusterFirst") and not host_network
-    cluster_dns = cluster_dns or dns_policy == "ClusterFirstWithHostNet"
-    if not cluster_dns:
-        return f"nameserver {HOST_ADDRESS}\n"
-    d = CLUSTER_DOMAIN
-    return f"search {namespace}.svc.{d} svc.{d} {d}\nnameserver {HOST_ADDRESS}\noptions ndots:5\n"
-
-
-def hosts_file(hostname: str, pod_ip: str) -> str:
-    return (
-        "# Kubernetes-managed hosts file.\n"
-        "127.0.0.1\tlocalhost\n"
-        "::1\tlocalhost ip6-localhost ip6-loopback\n"
-        "fe00::0\tip6-localnet\n"
-        "fe00::0\tip6-mcastprefix\n"
-        "fe00::1\tip6-allnodes\n"
-        "fe00::2\tip6-allrouters\n"
-        f"{pod_ip}\t{hostname}\n"
-    )
+# The kubelet's /etc files: localcluster.kube.hostnet (re-exported for the kubelet).

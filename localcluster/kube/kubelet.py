@@ -60,7 +60,6 @@ from kube.informer import Informer
 from kube.podnetns import PREFIX, netns_name
 from localcluster.apps import INHERITED_ENV
 from localcluster.kube import images, ipam, nodeobj, podnet, volumes
-from localcluster.kube.hostside import HostSide
 from localcluster.kube.container import LAUNCH_FAILED, last_cap
 from localcluster.kube.containerplan import (
     capability_set,
@@ -69,6 +68,7 @@ from localcluster.kube.containerplan import (
     merge_env,
     resolv_conf,
 )
+from localcluster.kube.hostside import HostSide
 from localcluster.kube.podplan import (
     PodPlan,
     PodPlanError,
