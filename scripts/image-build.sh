@@ -78,8 +78,20 @@ key=$({
     package_files | xargs -0 -r sha256sum 2>&1 || true
 } | sha256sum | cut -c1-64)
 
-if [ -f "$dest/image.json" ] && [ -d "$dest/rootfs" ] && [ -f "$archive" ] &&
-    [ "$(cat "$dest/build-key" 2>/dev/null)" = "$key" ]; then
+up_to_date() {
+    [ -f "$dest/image.json" ] && [ -d "$dest/rootfs" ] && [ -f "$archive" ] &&
+        [ "$(cat "$dest/build-key" 2>/dev/null)" = "$key" ]
+}
+if up_to_date; then
+    echo "image-build: $ref is up to date ($dest)"
+    exit 0
+fi
+# One build at a time in a cache (two setups at once share its storage and store); the one
+# that waited may find the image built meanwhile.
+mkdir -p "$cache"
+exec 9>"$cache/image-build.lock"
+flock 9
+if up_to_date; then
     echo "image-build: $ref is up to date ($dest)"
     exit 0
 fi

@@ -55,7 +55,8 @@ def parse_events(lines: Iterable[str]) -> list[dict[str, Any]]:
             ev = json.loads(line)
         except ValueError:
             continue  # a line cut by a rotation: nothing to learn from it
-        if isinstance(ev, dict) and ev.get("stage") == "ResponseComplete":
+        # A watch is logged at ResponseStarted and completes only when it ends: both count.
+        if isinstance(ev, dict) and ev.get("stage") in ("ResponseComplete", "ResponseStarted"):
             out.append(ev)
     return out
 

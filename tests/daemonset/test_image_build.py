@@ -160,4 +160,4 @@ def test_setup_and_make_build_the_image():
     makefile = (ROOT / "Makefile").read_text()
     assert "\nimage:" in makefile and "scripts/image-build.sh" in makefile
     programs = (ROOT / "scripts" / "programs.txt").read_text().split()
-    assert {"buildah", "debootstrap", "unshare", "chroot"} <= set(programs)
+    assert {"buildah", "debootstrap", "flock", "unshare", "chroot"} <= set(programs)
