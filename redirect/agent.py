@@ -701,17 +701,24 @@ async def run(args: argparse.Namespace) -> None:
     readiness = ReadinessServer(args.readiness_port, lambda: started)
     if args.readiness_port:
         await readiness.start()
+    uninstall = None
+    pod_name, pod_ns = os.environ.get("POD_NAME", ""), os.environ.get("POD_NAMESPACE", "")
+    if client is not None and pod_name and pod_ns:
+        from redirect.uninstall import UninstallWatch
+
+        uninstall = UninstallWatch(client, pod_ns, pod_name)
+        await uninstall.start()
     await agent.start()
     started = True
     await stop.wait()
     log.info("node agent stopping", node=args.node)
-    pod_name, pod_ns = os.environ.get("POD_NAME", ""), os.environ.get("POD_NAMESPACE", "")
-    if client is not None and kube_source is not None and pod_name and pod_ns:
-        from redirect.uninstall import being_uninstalled
-
-        if await being_uninstalled(client, pod_ns, pod_name):
+    if uninstall is not None:
+        if kube_source is not None and await uninstall.going():
             await agent.release_all(args.uninstall_grace)
+            # The annotation patches may be refused by now (the agent's rights go with the
+            # release); the pods stay right either way, the mark is only what users see.
             await kube_source.flush_marks(5.0)
+        await uninstall.stop()
     await readiness.close()
     await agent.close()
     if close_client is not None:

@@ -70,7 +70,7 @@ def node_agent_calls() -> list[Call]:
     out += calls("patch", kinds.POD, ELSEWHERE)
     # Its own Pod and DaemonSet, on SIGTERM.
     out += calls("get", kinds.POD, HOME)
-    out += calls("get", DAEMONSET, HOME, "ambient-node-agent")
+    out += calls("list watch", DAEMONSET, HOME, "ambient-node-agent")
     return out
 
 
@@ -149,7 +149,8 @@ def test_the_checks_can_fail():
     narrower = ComponentRbac(rbac.cluster, ())
     assert [c for c in node_agent_calls() if not allowed(narrower, c)] == [
         ("get", "", "pods", HOME, None),
-        ("get", "apps", "daemonsets", HOME, "ambient-node-agent"),
+        ("list", "apps", "daemonsets", HOME, "ambient-node-agent"),
+        ("watch", "apps", "daemonsets", HOME, "ambient-node-agent"),
     ]
     # resourceNames never allow a request without a name (a list, or a create).
     named = Rule(("",), ("secrets",), ("get", "list", "create"), ("istio-ca-secret",))
