@@ -109,7 +109,7 @@ from localcluster.processes import (
     terminate,
 )
 from localcluster.spec import ClusterSpec, load_cluster
-from localcluster.state import ClusterState, state_dir
+from localcluster.state import ClusterState, kubelet_shm_dir, state_dir
 
 log = logging.getLogger("kubelet")
 
@@ -259,7 +259,7 @@ class Kubelet:
             rec_file.unlink(missing_ok=True)
         # Their files: root filesystem layers and volumes (their mounts died with them).
         shutil.rmtree(self.state.dir / "pods", ignore_errors=True)
-        shutil.rmtree(volumes.shm_dir(self.spec.name, "x").parent, ignore_errors=True)
+        shutil.rmtree(kubelet_shm_dir(self.spec.name), ignore_errors=True)
 
     # ---- nodes ---------------------------------------------------------------------------
 
@@ -347,7 +347,8 @@ class Kubelet:
 
     def _plan(self, pod: Obj) -> PodPlan:
         containers = (pod.get("spec") or {}).get("containers") or [{}]
-        image = str((containers[0] or {}).get("image", ""))
+        first = containers[0] if isinstance(containers[0], dict) else {}
+        image = str(first.get("image", ""))
         bundle = images.lookup(image, self.image_store) if image else None
         return plan_pod(pod, bundle, bundle.image_id if bundle is not None else "")
 
