@@ -300,12 +300,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     doc = views.explain_doc(
         _admin_getter(cluster), node, f"{ns}/{name}", args.destination, _status_hint(args)
     )
-    request = {
-        "method": probe.method,
-        "path": probe.path,
-        "authority": probe.authority,
-        "headers": [list(h) for h in probe.headers],
-    }
+    request = views.probe_request(probe)
     hop = views.waypoint_hop(doc)
     if isinstance(hop, str):
         http = views.no_waypoint(request, hop)

@@ -96,12 +96,7 @@ def explain(target: KubeTarget, args: argparse.Namespace) -> int:
         probe = wx.parse_probe(args.http, args.header or [], authority)
     except wx.ExplainError as e:
         raise KubeUsage(str(e)) from None
-    request = {
-        "method": probe.method,
-        "path": probe.path,
-        "authority": probe.authority,
-        "headers": [list(h) for h in probe.headers],
-    }
+    request = views.probe_request(probe)
     hop = views.waypoint_hop(doc)
     if isinstance(hop, str):
         http = views.no_waypoint(request, hop)

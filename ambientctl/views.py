@@ -16,10 +16,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 from meshcore.defaults import ADMIN_PORT
+
+if TYPE_CHECKING:
+    from waypoint.explain import HttpProbe
 
 MISSING = "-"
 
@@ -627,6 +630,16 @@ def render_http(doc: Mapping[str, Any]) -> str:
         detail.append(f"endpoints:      {', '.join(map(_text, eps)) if eps else 'none healthy'}")
         lines.extend(f"        {d}" for d in detail)
     return "\n".join(lines) + "\n"
+
+
+def probe_request(probe: HttpProbe) -> dict[str, Any]:
+    """An `explain --http` probe (waypoint.explain's) as the request the views show."""
+    return {
+        "method": probe.method,
+        "path": probe.path,
+        "authority": probe.authority,
+        "headers": [list(h) for h in probe.headers],
+    }
 
 
 def no_waypoint(request: Mapping[str, Any], reason: str) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -34,23 +34,14 @@ from localcluster.kube.apiserver import kubectl
 from localcluster.state import live_netns, teardown
 from tests.localcluster.kube.test_kubelet import http_get
 
+from .kubecommon import apply_waypoint, kc, pods, programmed_gateway, ready, routed_to_v2, wait_for
+
 pytestmark = [pytest.mark.kube, pytest.mark.netns, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "demo"
 HERE = Path(__file__).resolve().parent
 NEXT = "-next"
-T = TypeVar("T")
-
-
-def wait_for(get: Callable[[], T | None], within: float, what: str) -> T:
-    deadline = time.monotonic() + within
-    while True:
-        got = get()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"{what}: not within {within} s"
-        time.sleep(0.2)
 
 
 def require_image(tag: str) -> None:
@@ -95,28 +86,6 @@ def _logs_tail(c: kcluster.KubeCluster) -> list[str]:
         if "error" in text.lower():
             out.append(f"--- {log.name}: {text[-1500:]}")
     return out
-
-
-def kc(c: kcluster.KubeCluster, *args: str) -> str:
-    out = subprocess.run(
-        [kubectl(), "--kubeconfig", str(c.kubeconfig), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert out.returncode == 0, f"kubectl {' '.join(args)}: {out.stderr}"
-    return out.stdout
-
-
-def pods(c: kcluster.KubeCluster, ns: str, selector: str = "") -> list[dict[str, Any]]:
-    args = ["-n", ns, "get", "pods", "-o", "json"] + (["-l", selector] if selector else [])
-    return list(json.loads(kc(c, *args))["items"])
-
-
-def ready(p: dict[str, Any]) -> bool:
-    conds = (p.get("status") or {}).get("conditions") or []
-    return any(x.get("type") == "Ready" and x.get("status") == "True" for x in conds)
 
 
 def marked(p: dict[str, Any]) -> bool:
@@ -234,52 +203,20 @@ def test_helm_installs_the_mesh_which_meshes_the_travel_app(
 def _waypoint_routes_to_v2(
     c: kcluster.KubeCluster, book: Callable[[], dict[str, Any] | None]
 ) -> None:
-    docs = [
-        {
-            "apiVersion": "gateway.networking.k8s.io/v1",
-            "kind": "Gateway",
-            "metadata": {"name": "waypoint", "namespace": "travel"},
-            "spec": {
-                "gatewayClassName": "istio-waypoint",
-                "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}],
-            },
-        },
-        {
-            "apiVersion": "gateway.networking.k8s.io/v1",
-            "kind": "HTTPRoute",
-            "metadata": {"name": "flights-to-v2", "namespace": "travel"},
-            "spec": {
-                "parentRefs": [{"group": "", "kind": "Service", "name": "flights", "port": 80}],
-                "rules": [{"backendRefs": [{"name": "flights-v2", "port": 80}]}],
-            },
-        },
-    ]
-    f = Path(c.state.dir) / "waypoint.json"
-    f.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": docs}))
-    kc(c, "apply", "-f", str(f))
-    kc(c, "label", "namespace", "travel", "istio.io/use-waypoint=waypoint")
+    apply_waypoint(c)
     cls = json.loads(kc(c, "get", "gatewayclass", "istio-waypoint", "-o", "json"))
     assert any(
         x["type"] == "Accepted" and x["status"] == "True"
         for x in (cls.get("status") or {}).get("conditions", [])
     ), cls.get("status")
 
-    def programmed() -> bool:
-        gw = json.loads(kc(c, "-n", "travel", "get", "gateway", "waypoint", "-o", "json"))
-        conds = {x["type"]: x["status"] for x in (gw.get("status") or {}).get("conditions", [])}
-        return conds.get("Programmed") == "True"
-
-    wait_for(programmed, 120, "the waypoint Gateway Programmed")
+    wait_for(lambda: programmed_gateway(c), 120, "the waypoint Gateway Programmed")
     (wp,) = pods(c, "travel", "gateway.networking.k8s.io/gateway-name=waypoint")
     (status,) = wp["status"]["containerStatuses"]
     assert "sha256:" in status.get("imageID", ""), "the waypoint runs from the image"
 
     def via_v2() -> dict[str, Any] | None:
-        answer = book()
-        if answer is None:
-            return None
-        flights = [h for h in answer["chain"] if h["service"].startswith("flights")]
-        return answer if flights and flights[0]["served_by"].startswith("flights-v2") else None
+        return routed_to_v2(book())
 
     wait_for(via_v2, 90, "a booking routed to flights-v2 by the waypoint")
     for _ in range(3):

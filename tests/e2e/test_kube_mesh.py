@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import json
 import secrets
-import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -25,26 +24,16 @@ import nsutil
 from kube.podnetns import netns_name
 from localcluster import mesh
 from localcluster.kube import cluster as kcluster
-from localcluster.kube.apiserver import kubectl
 from localcluster.meshconfig import MeshPaths
 from localcluster.state import live_netns, teardown
 from meshcore import defaults
 from tests.localcluster.kube.test_kubelet import http_get
 
+from .kubecommon import apply_waypoint, kc, pods, programmed_gateway, ready, routed_to_v2, wait_for
+
 pytestmark = [pytest.mark.kube, pytest.mark.netns, pytest.mark.slow]
 
 DEMO = Path(__file__).resolve().parents[2] / "demo"
-T = TypeVar("T")
-
-
-def wait_for(get: Callable[[], T | None], within: float, what: str) -> T:
-    deadline = time.monotonic() + within
-    while True:
-        got = get()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"{what}: not within {within} s"
-        time.sleep(0.1)
 
 
 @pytest.fixture
@@ -59,27 +48,6 @@ def kmesh(tmp_path: Path) -> Iterator[kcluster.KubeCluster]:
     finally:
         teardown(name, state_root)
         assert live_netns(name) == []
-
-
-def kc(c: kcluster.KubeCluster, *args: str) -> str:
-    out = subprocess.run(
-        [kubectl(), "--kubeconfig", str(c.kubeconfig), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert out.returncode == 0, f"kubectl {' '.join(args)}: {out.stderr}"
-    return out.stdout
-
-
-def pods(c: kcluster.KubeCluster, ns: str) -> list[dict[str, Any]]:
-    return list(json.loads(kc(c, "-n", ns, "get", "pods", "-o", "json"))["items"])
-
-
-def ready(p: dict[str, Any]) -> bool:
-    conds = (p.get("status") or {}).get("conditions") or []
-    return any(x.get("type") == "Ready" and x.get("status") == "True" for x in conds)
 
 
 def enrolled(c: kcluster.KubeCluster) -> set[str]:
@@ -214,37 +182,9 @@ def test_a_gateway_and_route_applied_with_kubectl_give_a_working_waypoint(
     vip = json.loads(kc(c, "-n", "travel", "get", "svc", "frontend", "-o", "json"))["spec"][
         "clusterIP"
     ]
-    docs = [
-        {
-            "apiVersion": "gateway.networking.k8s.io/v1",
-            "kind": "Gateway",
-            "metadata": {"name": "waypoint", "namespace": "travel"},
-            "spec": {
-                "gatewayClassName": "istio-waypoint",
-                "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}],
-            },
-        },
-        {
-            "apiVersion": "gateway.networking.k8s.io/v1",
-            "kind": "HTTPRoute",
-            "metadata": {"name": "flights-to-v2", "namespace": "travel"},
-            "spec": {
-                "parentRefs": [{"group": "", "kind": "Service", "name": "flights", "port": 80}],
-                "rules": [{"backendRefs": [{"name": "flights-v2", "port": 80}]}],
-            },
-        },
-    ]
-    f = Path(c.state.dir) / "waypoint.json"
-    f.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": docs}))
-    kc(c, "apply", "-f", str(f))
-    kc(c, "label", "namespace", "travel", "istio.io/use-waypoint=waypoint")
+    apply_waypoint(c)
 
-    def programmed() -> dict[str, Any] | None:
-        gw = json.loads(kc(c, "-n", "travel", "get", "gateway", "waypoint", "-o", "json"))
-        conds = {x["type"]: x["status"] for x in (gw.get("status") or {}).get("conditions", [])}
-        return gw if conds.get("Programmed") == "True" else None
-
-    gw = wait_for(programmed, 90, "the waypoint Gateway Programmed")
+    gw = wait_for(lambda: programmed_gateway(c), 90, "the waypoint Gateway Programmed")
     assert gw["status"]["addresses"], "the Gateway names its address"
     # The control plane made the waypoint's Deployment; the kubelet runs its pod.
     deploy = json.loads(kc(c, "-n", "travel", "get", "deployment", "waypoint", "-o", "json"))
@@ -255,11 +195,7 @@ def test_a_gateway_and_route_applied_with_kubectl_give_a_working_waypoint(
             status, body = http_get(client, vip, 80, "/book?from=AMS&to=LIS")
         except OSError:
             return None
-        if status != 200:
-            return None
-        answer = json.loads(body)
-        flights = [h for h in answer["chain"] if h["service"].startswith("flights")]
-        return answer if flights and flights[0]["served_by"].startswith("flights-v2") else None
+        return routed_to_v2(json.loads(body)) if status == 200 else None
 
     wait_for(via_v2, 60, "a booking routed to flights-v2 by the waypoint")
     for _ in range(5):
