@@ -4,8 +4,8 @@ installs it on any cluster: `base` (CRDs), `controlplane` (istiod), `node-agent`
 
 The local kubelet runs the control plane, the node agents and the tunnels from the image's
 file system (`scripts/image-build.sh` puts it in the store); `install` refuses to start
-without it, naming the command that builds it. Pure parts: the release list and the helm
-argv; the rest runs helm and waits on the API server.
+without it, naming the command that builds it. Pure parts: the release list and the
+rollout decision (`rollout_problems`); the rest runs helm and waits on the API server.
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from localcluster.kube import images
-from localcluster.kube.helm import helm_binary
+from localcluster.kube import helm, images
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CHARTS = PROJECT_ROOT / "daemonset" / "charts"
@@ -61,37 +60,6 @@ def image_ref(tag: str) -> str:
     return f"{HUB}/{IMAGE}:{tag}"
 
 
-def helm_argv(
-    verb: str,
-    release: Release,
-    kubeconfig: Path,
-    namespace: str = NAMESPACE,
-    values: Mapping[str, str] = {},
-) -> list[str]:
-    """`helm install|upgrade|uninstall` for one release (pure)."""
-    base = [str(helm_binary()), "--kubeconfig", str(kubeconfig), "-n", namespace]
-    if verb == "uninstall":
-        return [*base, "uninstall", release.name, "--wait", "--timeout", "120s"]
-    argv = [*base, verb, release.name, str(CHARTS / release.chart)]
-    if verb == "install":
-        argv.append("--create-namespace")
-    for key, value in sorted(values.items()):
-        argv += ["--set-string", f"{key}={value}"]
-    return argv
-
-
-def _helm(argv: Sequence[str]) -> str:
-    try:
-        out = subprocess.run(
-            argv, capture_output=True, text=True, timeout=HELM_TIMEOUT_S, check=False
-        )
-    except subprocess.TimeoutExpired:
-        raise MeshChartError(f"{' '.join(argv[3:6])}: no answer in {HELM_TIMEOUT_S:g} s") from None
-    if out.returncode != 0:
-        raise MeshChartError(f"helm {' '.join(argv[5:7])}: {out.stderr.strip() or out.stdout}")
-    return out.stdout
-
-
 def require_image(tag: str) -> images.ImageBundle:
     bundle = images.lookup(image_ref(tag))
     if bundle is None:
@@ -111,11 +79,22 @@ def install(
     """Install the four releases in order; returns the image tag used."""
     tag = tag or chart_version()
     require_image(tag)
-    for release in RELEASES:
-        values = {"hub": HUB, "tag": tag, **extra.get(release.chart, {})}
-        if release.chart == "base":
+    for r in RELEASES:
+        values = {"hub": HUB, "tag": tag, **extra.get(r.chart, {})}
+        if r.chart == "base":
             values = dict(extra.get("base", {}))
-        _helm(helm_argv("install", release, kubeconfig, namespace, values))
+        try:
+            helm.install(
+                CHARTS / r.chart,
+                r.name,
+                namespace,
+                kubeconfig,
+                values,
+                create_namespace=True,
+                timeout=HELM_TIMEOUT_S,
+            )
+        except helm.HelmError as e:
+            raise MeshChartError(f"helm install {r.name}: {e}") from None
     return tag
 
 
@@ -127,8 +106,14 @@ def upgrade(
     extra: Mapping[str, str] = {},
 ) -> None:
     require_image(tag)
-    release = next(r for r in RELEASES if r.chart == chart)
-    _helm(helm_argv("upgrade", release, kubeconfig, namespace, {"hub": HUB, "tag": tag, **extra}))
+    r = next(r for r in RELEASES if r.chart == chart)
+    values = {"hub": HUB, "tag": tag, **extra}
+    try:
+        helm.upgrade(
+            CHARTS / r.chart, r.name, namespace, kubeconfig, values, timeout=HELM_TIMEOUT_S
+        )
+    except helm.HelmError as e:
+        raise MeshChartError(f"helm upgrade {r.name}: {e}") from None
 
 
 # The node agents go first: each releases its node's pods (capture rules, annotation)
@@ -140,11 +125,11 @@ UNINSTALL_ORDER = ("node-agent", "tunnel", "controlplane", "base")
 def uninstall(kubeconfig: Path, namespace: str = NAMESPACE) -> None:
     errors = []
     by_chart = {r.chart: r for r in RELEASES}
-    for release in (by_chart[c] for c in UNINSTALL_ORDER):
+    for r in (by_chart[c] for c in UNINSTALL_ORDER):
         try:
-            _helm(helm_argv("uninstall", release, kubeconfig, namespace))
-        except MeshChartError as e:
-            errors.append(str(e))
+            helm.uninstall(r.name, namespace, kubeconfig, wait=True, timeout=120)
+        except helm.HelmError as e:
+            errors.append(f"helm uninstall {r.name}: {e}")
     if errors:
         raise MeshChartError("; ".join(errors))
 

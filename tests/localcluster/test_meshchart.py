@@ -1,0 +1,53 @@
+"""The mesh charts' rollout decision and release list (pure)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from localcluster.kube.meshchart import RELEASES, UNINSTALL_ORDER, chart_version, rollout_problems
+
+
+def _deploy(ready: int, updated: int | None = None) -> dict[str, Any]:
+    return {
+        "metadata": {"name": "istiod"},
+        "spec": {"replicas": 1},
+        "status": {
+            "readyReplicas": ready,
+            "updatedReplicas": ready if updated is None else updated,
+        },
+    }
+
+
+def _ds(
+    name: str, ready: int, updated: int, generation: int = 2, observed: int = 2
+) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "generation": generation},
+        "status": {
+            "numberReady": ready,
+            "updatedNumberScheduled": updated,
+            "observedGeneration": observed,
+        },
+    }
+
+
+def test_rolled_out_only_when_every_node_runs_the_current_pods() -> None:
+    good = [_ds("ztunnel", 2, 2), _ds("ambient-node-agent", 2, 2)]
+    assert rollout_problems([_deploy(1)], good, nodes=2) == []
+    assert rollout_problems([], good, 2) == ["Deployment istiod not found"]
+    assert rollout_problems([_deploy(0)], good, 2) == ["istiod: 0/1 ready"]
+    # An upgrade in flight: ready, but not all updated; or the new template not yet seen.
+    assert rollout_problems([_deploy(1)], [_ds("ztunnel", 2, 1), good[1]], 2) == [
+        "ztunnel: 2/2 ready, 1 up to date"
+    ]
+    assert rollout_problems([_deploy(1)], [_ds("ztunnel", 2, 2, 3, 2), good[1]], 2) == [
+        "ztunnel: 2/2 ready, 2 up to date"
+    ]
+    assert rollout_problems([_deploy(1)], good[:1], 2) == ["DaemonSet ambient-node-agent not found"]
+
+
+def test_releases_install_crds_first_and_remove_agents_first() -> None:
+    assert [r.chart for r in RELEASES] == ["base", "controlplane", "node-agent", "tunnel"]
+    assert UNINSTALL_ORDER[0] == "node-agent"
+    assert sorted(UNINSTALL_ORDER) == sorted(r.chart for r in RELEASES)
+    assert chart_version() == "0.13.0"
