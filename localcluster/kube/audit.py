@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 AUDIT_POLICY = """\
@@ -61,13 +62,29 @@ def parse_events(lines: Iterable[str]) -> list[dict[str, Any]]:
     return out
 
 
-def calls(events: Iterable[Mapping[str, Any]], user: str) -> set[Call]:
+def received_at(ev: Mapping[str, Any]) -> datetime | None:
+    raw = ev.get("requestReceivedTimestamp")
+    if not isinstance(raw, str):
+        return None
+    try:
+        return datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def calls(
+    events: Iterable[Mapping[str, Any]], user: str, before: datetime | None = None
+) -> set[Call]:
     """The resource requests `user` made (non-resource URLs such as /version are left out:
-    every authenticated user may read them)."""
+    every authenticated user may read them); with `before`, only those received before it."""
     out = set()
     for ev in events:
         if (ev.get("user") or {}).get("username") != user:
             continue
+        if before is not None:
+            at = received_at(ev)
+            if at is None or at >= before:
+                continue
         ref = ev.get("objectRef")
         if not isinstance(ref, Mapping) or not ref.get("resource"):
             continue

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[2]
 APP_VERSION = "0.13.0"
 IMAGE = f"ambient-mesh/mesh:{APP_VERSION}"
 ISTIOD = f"istiod.{NAMESPACE}.svc:15012"
-CAPS = ["NET_ADMIN", "SYS_ADMIN", "NET_RAW"]
+CAPS = {"tunnel": ["NET_ADMIN", "SYS_ADMIN"], "node-agent": ["NET_ADMIN", "SYS_ADMIN", "NET_RAW"]}
 
 
 # ---- helpers -------------------------------------------------------------------------------
@@ -400,7 +400,7 @@ def test_node_agent_container():
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 8000}
     sc = c["securityContext"]
     assert sc["runAsUser"] == 0 and sc["privileged"] is False
-    assert sc["capabilities"] == {"drop": ["ALL"], "add": CAPS}
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": CAPS["node-agent"]}
     assert sc["allowPrivilegeEscalation"] is False
 
 
@@ -502,7 +502,7 @@ def test_tunnel_container():
     assert sc["runAsUser"] == 0
     assert sc["readOnlyRootFilesystem"] is True
     assert sc["allowPrivilegeEscalation"] is False and sc["privileged"] is False
-    assert sc["capabilities"] == {"drop": ["ALL"], "add": CAPS}
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": CAPS["tunnel"]}
 
 
 def test_tunnel_volumes():

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,32 @@ def capture_rules(uid: str) -> list[str]:
     return [line for line in out.splitlines() if "ISTIO" in line]
 
 
+# CAP_NET_ADMIN (12) and CAP_SYS_ADMIN (21).
+TUNNEL_CAPS = (1 << 12) | (1 << 21)
+
+
+def tunnel_caps(uid: str) -> set[int]:
+    """The effective capability sets of the processes in a tunnel pod's netns."""
+    pids = subprocess.run(
+        ["ip", "netns", "pids", netns_name(uid)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout.split()
+    caps = set()
+    for pid in pids:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue  # a short-lived child (the certificate worker) that just ended
+        for line in status.splitlines():
+            if line.startswith("CapEff:"):
+                caps.add(int(line.split()[1], 16))
+    assert caps, f"no process in {netns_name(uid)}"
+    return caps
+
+
 def tunnel_metrics(c: kcluster.KubeCluster, node: str) -> str:
     tunnel = next(
         p for p in pods(c, "istio-system", "app=ztunnel") if p["spec"]["nodeName"] == node
@@ -137,6 +164,9 @@ def test_helm_installs_the_mesh_which_meshes_the_travel_app(
         assert status["ready"], p["metadata"]["name"]
         assert bundle.digest in status.get("imageID", ""), status
     print(f"\nmesh pods run from image {bundle.ref} ({bundle.digest[:19]})")
+    # The tunnel runs with the two capabilities its chart gives it, and no more.
+    for p in tunnels:
+        assert tunnel_caps(p["metadata"]["uid"]) == {TUNNEL_CAPS}, p["metadata"]["name"]
 
     kc(c, "apply", "-f", str(DEMO / "kubernetes"))
     travel = wait_for(
@@ -182,6 +212,7 @@ def test_helm_installs_the_mesh_which_meshes_the_travel_app(
 
     # helm uninstall: the agents release every pod before they go; nothing captures any
     # pod afterwards, the annotation is gone, and the app answers directly.
+    uninstalled_at = datetime.now(UTC)
     meshchart.uninstall(c.kubeconfig)
     wait_for(
         lambda: not pods(c, "istio-system", "app in (ztunnel,ambient-node-agent,istiod)"),
@@ -197,7 +228,7 @@ def test_helm_installs_the_mesh_which_meshes_the_travel_app(
     assert [h["service"] for h in answer["chain"]] == ["frontend", "flights", "pricing"]
     # The components are gone, so their watches have ended: the API server logs a watch when
     # it first writes to it, an idle one only at its end.
-    _rbac_as_used(c)
+    _rbac_as_used(c, uninstalled_at)
 
 
 def _waypoint_routes_to_v2(
@@ -248,10 +279,11 @@ NOT_EXERCISED = {
 }
 
 
-def _rbac_as_used(c: kcluster.KubeCluster) -> None:
+def _rbac_as_used(c: kcluster.KubeCluster, uninstalled_at: datetime) -> None:
     """Every call each component made was allowed, and every right it holds was used (or is
     listed above with the path that needs it): the charts' rules against the API server's
-    audit log of this very run."""
+    audit log of this very run. Refusals count until the uninstall began: from then on helm
+    deletes the components' rights while they are still stopping."""
     from localcluster.kube import audit, helm
 
     log = kcluster.kube_dir(c.state) / "logs" / "audit.log"
@@ -264,7 +296,7 @@ def _rbac_as_used(c: kcluster.KubeCluster) -> None:
     for sa in ("istiod", "ambient-node-agent", "ztunnel"):
         user = f"system:serviceaccount:{meshchart.NAMESPACE}:{sa}"
         used = audit.calls(events, user)
-        denied = sorted(x for x in used if x.denied)
+        denied = sorted(x for x in audit.calls(events, user, before=uninstalled_at) if x.denied)
         assert not denied, f"{sa} was refused: {denied}"
         rules = audit.rules_of(rendered, sa, meshchart.NAMESPACE)
         assert all(audit.allowed(rules, x) for x in used), sa

@@ -108,3 +108,17 @@ def test_rules_bound_to_a_service_account_and_rbac_matching() -> None:
     used = {Call("", "pods", "list", ""), Call("apps", "daemonsets", "get", "istio-system")}
     assert unused(rules, used) == [("", "pods", "get")]
     assert unused([Rule(("*",), ("*",), ("*",))], used) == [("*", "*", "*")]
+
+
+def test_calls_before_a_moment() -> None:
+    from datetime import UTC, datetime
+
+    early = json.loads(_ev("list", "pods"))
+    early["requestReceivedTimestamp"] = "2026-12-02T12:00:00.000001Z"
+    late = json.loads(_ev("patch", "pods", "travel", code=403))
+    late["requestReceivedTimestamp"] = "2026-12-02T12:05:00.000000Z"
+    undated = json.loads(_ev("get", "pods", "x"))
+    events = [early, late, undated]
+    cut = datetime(2026, 12, 2, 12, 1, tzinfo=UTC)
+    assert calls(events, SA, before=cut) == {Call("", "pods", "list", "")}
+    assert len(calls(events, SA)) == 3
