@@ -26,12 +26,12 @@ def wait_for(get: Callable[[], T | None], within: float, what: str) -> T:
         time.sleep(0.1)
 
 
-def kc(c: kcluster.KubeCluster, *args: str) -> str:
+def kc(c: kcluster.KubeCluster, *args: str, timeout: float = 60) -> str:
     out = subprocess.run(
         [kubectl(), "--kubeconfig", str(c.kubeconfig), *args],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
         check=False,
     )
     assert out.returncode == 0, f"kubectl {' '.join(args)}: {out.stderr}"

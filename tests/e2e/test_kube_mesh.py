@@ -152,7 +152,9 @@ def test_kubectl_drives_the_mesh(kmesh: kcluster.KubeCluster) -> None:
 
     # A pod deleted: its Deployment makes a new one, which is enrolled and serves.
     old = next(p for p in pods(c, "travel") if is_pricing_v1(p))
-    kc(c, "-n", "travel", "delete", "pod", old["metadata"]["name"], "--wait=true")
+    # Up to the pod's 30 s grace period plus the kubelet's confirmation: a loaded machine
+    # once took more than 60 s in all.
+    kc(c, "-n", "travel", "delete", "pod", old["metadata"]["name"], "--wait=true", timeout=150)
 
     def new_pricing() -> str | None:
         for p in pods(c, "travel"):
