@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from pyroute2 import netns as pr_netns
 
 from localcluster import mesh
 
-from .common import HERE, root_links
+from .common import HERE, pod_socket, root_links
 
 DEFAULT_MODES = ("iptables",)
 
@@ -50,6 +51,7 @@ def cluster(
     try:
         c = mesh.up(cluster_file, state_root, redirect_mode=redirect_mode)
         try:
+            wait_apps_listening(c)
             yield c
         finally:
             mesh.down(c.spec.name, state_root)
@@ -60,3 +62,34 @@ def cluster(
         assert root_links() == root_links_before, "links left in the root namespace"
     finally:
         shutil.rmtree(state_root, ignore_errors=True)
+
+
+TESTAPP_PORTS = (9000, 9001)
+APP_START_TIMEOUT = 30.0
+
+
+def wait_apps_listening(c: mesh.Cluster) -> None:
+    """Until every testapp pod accepts on its ports. `mesh.up` waits for the mesh, not for
+    the apps (the cluster file has no readiness probes): on a loaded machine a test's first
+    connection could otherwise be refused by an app still starting. Asked over the pod's
+    own loopback, which no capture mode touches."""
+    deadline = time.monotonic() + APP_START_TIMEOUT
+    for pod in c.spec.pods:
+        if not any(arg.endswith("testapp.py") for arg in pod.command):
+            continue
+        for port in TESTAPP_PORTS:
+            while not _accepts(c, pod.namespace, pod.name, port):
+                assert time.monotonic() < deadline, (
+                    f"{pod.namespace}/{pod.name} never listened on {port}"
+                )
+                time.sleep(0.05)
+
+
+def _accepts(c: mesh.Cluster, ns: str, pod: str, port: int) -> bool:
+    with pod_socket(c, ns, pod) as s:
+        s.settimeout(2)
+        try:
+            s.connect(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True

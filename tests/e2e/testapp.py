@@ -21,7 +21,10 @@ def echo(conn: socket.socket, peer: tuple[str, int]) -> None:
 def bulk(conn: socket.socket) -> None:
     with conn:
         f = conn.makefile("rb")
-        _, n, seed = f.readline().split()
+        line = f.readline()
+        if not line:
+            return  # a readiness check: connected, then closed
+        _, n, seed = line.split()
         count, rng = int(n), random.Random(int(seed))
         digest = hashlib.sha256()
         got = [0]
