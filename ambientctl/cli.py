@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import nsutil
-from ambientctl import kubecmds, views, waypoint_views
+from ambientctl import context, kubecmds, views, waypoint_views
 from ambientctl.kubefetch import KubeTarget, KubeUsage, choose
 from ambientctl.kubeviews import ISTIO_NAMESPACE
 from localcluster import gateways as gw
@@ -159,7 +159,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     waits."""
     if args.output == "table":
         raise UsageError("a local cluster's status is JSON (-o json)")
-    cluster = mesh.attach(args.cluster_file, args.state_root)
+    cluster = context.attach(args)
     out: dict[str, dict[str, object]] = {}
     problems: list[str] = []
     refused = False
@@ -203,7 +203,7 @@ def _cmd_label(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     if args.kind in ("pod", "service") and "/" not in args.name:
         args.name = f"default/{args.name}"
-    cluster = mesh.attach(args.cluster_file, args.state_root)
+    cluster = context.attach(args)
     try:
         done = mesh.label(cluster, args.kind, args.name, changes)
     except KeyError as e:
@@ -233,7 +233,7 @@ def _cmd_exec(args: argparse.Namespace) -> int:
     if not argv:
         raise UsageError("no command given (ambientctl exec FILE NS/POD -- CMD ARGS...)")
     _pod_ref(args.pod)
-    cluster = mesh.attach(args.cluster_file, args.state_root)
+    cluster = context.attach(args)
     where = cluster.pod_netns(*_find_pod(cluster, args.pod))
     try:
         proc = subprocess.run(argv, preexec_fn=nsutil.preexec_enter(where), check=False)
@@ -270,7 +270,7 @@ def _check_node(cluster: mesh.Cluster, node: str | None) -> list[str]:
 def _cmd_view(args: argparse.Namespace) -> int:
     if getattr(args, "namespace", None) is not None:
         raise UsageError("-n/--namespace goes with a Kubernetes cluster (--kubeconfig)")
-    cluster = mesh.attach(args.cluster_file, args.state_root)
+    cluster = context.attach(args)
     nodes = _check_node(cluster, args.node)
     out = views.show(args.cmd, _admin_getter(cluster), nodes, args.output, _status_hint(args))
     print(out, end="")
@@ -281,7 +281,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     if args.namespace is not None and "/" not in args.source:
         args.source = f"{args.namespace}/{args.source}"
     _pod_ref(args.source)
-    cluster = mesh.attach(args.cluster_file, args.state_root)
+    cluster = context.attach(args)
     ns, name = _find_pod(cluster, args.source)
     node = _check_node(cluster, args.node)[0] if args.node else cluster.spec.pod(ns, name).node
     if args.http is None:
@@ -346,7 +346,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     """Apply AuthorizationPolicy / PeerAuthentication YAML (one or more documents, as for
     kubectl) to a running cluster; every tunnel reloads it without a restart."""
     docs = _documents(args.filename)
-    cluster = mesh.attach(args.cluster_file, args.state_root)
+    cluster = context.attach(args)
     source = "stdin" if args.filename == "-" else args.filename
     if args.node is not None:
         _check_node(cluster, args.node)
@@ -373,7 +373,7 @@ def _cmd_delete(args: argparse.Namespace) -> int:
         if not name or args.name.count("/") > 1:
             raise UsageError(f"{args.name!r}: expected <namespace>/<name> or <name>")
         keys = [(kind, ns if sep else NAMESPACE, name)]
-    cluster = mesh.attach(args.cluster_file, args.state_root)
+    cluster = context.attach(args)
     try:
         done = mesh.delete_resources(cluster, keys, dry_run=args.dry_run)
     except PolicyError as e:
@@ -402,7 +402,7 @@ def _cmd_waypoint_apply(args: argparse.Namespace) -> int:
         gw.parse_gateway(doc, "--name")
     except gw.GatewayError as e:
         raise UsageError(str(e)) from None
-    cluster = mesh.attach(args.cluster_file, args.state_root)
+    cluster = context.attach(args)
     _check_namespace(cluster, args.namespace)
     if args.node is not None:
         _check_node(cluster, args.node)
@@ -434,7 +434,7 @@ def _cmd_waypoint_apply(args: argparse.Namespace) -> int:
 
 
 def _waypoints(args: argparse.Namespace) -> tuple[mesh.Cluster, list[Any]]:
-    cluster = mesh.attach(args.cluster_file, args.state_root)
+    cluster = context.attach(args)
     namespace = None if getattr(args, "all_namespaces", False) else args.namespace
     if namespace is not None:
         _check_namespace(cluster, namespace)
@@ -489,7 +489,7 @@ def _cmd_waypoint_delete(args: argparse.Namespace) -> int:
 def _cmd_routes(args: argparse.Namespace) -> int:
     """Each service's routes (HTTPRoute, GRPCRoute, VirtualService) with the status the
     waypoints compute: Accepted / ResolvedRefs, with the reason when not."""
-    cluster = mesh.attach(args.cluster_file, args.state_root)
+    cluster = context.attach(args)
     spec = mesh.current_spec(cluster)
     # The status a waypoint computes, from the mesh config every proxy reads.
     state = parse_local_config(cluster.paths.xds.read_text())
@@ -740,9 +740,9 @@ KUBE_CAPABLE = (*kubecmds.COMMANDS, "waypoint")
 def _kube_target(args: argparse.Namespace) -> KubeTarget | None:
     """The Kubernetes cluster the command is for (its handler then is `kubecmds`'), or None
     for a local cluster."""
-    kubeconfig, context = args.kubeconfig, args.context
+    kubeconfig, kube_context = args.kubeconfig, args.context
     if args.cmd not in KUBE_CAPABLE:
-        if kubeconfig is not None or context is not None:
+        if kubeconfig is not None or kube_context is not None:
             raise KubeUsage(
                 f"{args.cmd} works on a local cluster (its file), not with --kubeconfig/--context"
             )
@@ -751,13 +751,13 @@ def _kube_target(args: argparse.Namespace) -> KubeTarget | None:
         args.cmd == "waypoint"
         and args.waypoint_cmd == "delete"
         and args.cluster_file is not None
-        and (kubeconfig is not None or context is not None)
+        and (kubeconfig is not None or kube_context is not None)
         and not Path(args.cluster_file).is_file()
     ):
         # `waypoint delete NAME -n NS`: with --kubeconfig the first NAME is not a file.
         args.names = [args.cluster_file, *args.names]
         args.cluster_file = None
-    target = choose(args.cluster_file, kubeconfig, context, os.environ)
+    target = choose(args.cluster_file, kubeconfig, kube_context, os.environ)
     if target is not None:
         fn = (
             kubecmds.WAYPOINT_COMMANDS[args.waypoint_cmd]
@@ -780,7 +780,7 @@ def _run(args: argparse.Namespace) -> int:
     prog = _prog(args)
     try:
         rc: int = args.fn(args)
-    except (UsageError, KubeUsage) as e:
+    except (UsageError, KubeUsage, context.NoCluster) as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return EXIT_USAGE
     except (NotFound, Refused, *EXPECTED) as e:
