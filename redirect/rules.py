@@ -244,8 +244,13 @@ def chain_bodies(cfg: InpodConfig) -> dict[str, tuple[tuple[str, str], ...]]:
         # the old pod must go before the new one is made, a crash): its SYN is dropped, not
         # answered with a reset, so the client's own SYN retransmission reaches the next
         # tunnel and the connection is made late instead of refused. Still closed: nothing
-        # passes uncaptured. A listening socket there takes the SYN as before.
-        (inp, "-p tcp -m socket --nowildcard -j RETURN"),
+        # passes uncaptured. A listening socket there takes the SYN as before. The socket
+        # lookup comes last in its rule: only a new connection to a tunnel port pays for it,
+        # never the packets of established flows.
+        (
+            inp,
+            f"-p tcp -m multiport --dports {ports} -m tcp {_SYN} -m socket --nowildcard -j RETURN",
+        ),
         (inp, f"-p tcp -m multiport --dports {ports} -m tcp {_SYN} -j DROP"),
     )
     nat_pre = (

@@ -47,7 +47,7 @@ SAVED_APPLIED = """\
 -A PREROUTING -j ISTIO_PRERT
 -A INPUT -j ISTIO_INPUT
 -A OUTPUT -j ISTIO_OUTPUT
--A ISTIO_INPUT -p tcp -m socket --nowildcard -j RETURN
+-A ISTIO_INPUT -p tcp -m multiport --dports 15001,15006,15008 -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m socket --nowildcard -j RETURN
 -A ISTIO_INPUT -p tcp -m multiport --dports 15001,15006,15008 -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j DROP
 -A ISTIO_OUTPUT -m connmark --mark 0x111/0xfff -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff
 -A ISTIO_PRERT -m mark --mark 0x539/0xfff -j CONNMARK --set-xmark 0x111/0xfff
