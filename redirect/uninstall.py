@@ -26,8 +26,8 @@ from kube.informer import Informer
 log = structlog.get_logger("redirect.uninstall")
 
 
-def owning_daemonset(pod: Mapping[str, Any]) -> str | None:
-    """The name of the DaemonSet that controls this pod, if one does."""
+def owning_daemonset(pod: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(name, uid) of the DaemonSet that controls this pod, if one does."""
     for ref in (pod.get("metadata") or {}).get("ownerReferences") or ():
         if (
             isinstance(ref, Mapping)
@@ -36,7 +36,7 @@ def owning_daemonset(pod: Mapping[str, Any]) -> str | None:
             and ref.get("controller")
         ):
             name = ref.get("name")
-            return name if isinstance(name, str) and name else None
+            return (name, str(ref.get("uid", ""))) if isinstance(name, str) and name else None
     return None
 
 
@@ -49,13 +49,6 @@ def daemonset_going(ds: Mapping[str, Any] | None, owner_uid: str) -> bool:
     if owner_uid and md.get("uid") != owner_uid:
         return True
     return bool(md.get("deletionTimestamp"))
-
-
-def _owner_uid(pod: Mapping[str, Any], name: str) -> str:
-    for ref in (pod.get("metadata") or {}).get("ownerReferences") or ():
-        if isinstance(ref, Mapping) and ref.get("kind") == "DaemonSet" and ref.get("name") == name:
-            return str(ref.get("uid", ""))
-    return ""
 
 
 class UninstallWatch:
@@ -83,11 +76,12 @@ class UninstallWatch:
                 "own pod unreadable; an uninstall will keep the capture rules", error=str(e)
             )
             return
-        name = owning_daemonset(pod)
-        if name is None:
+        owner = owning_daemonset(pod)
+        if owner is None:
             log.info("not run by a DaemonSet; stopping never removes the capture rules")
             return
-        self.daemonset, self.owner_uid = name, _owner_uid(pod, name)
+        self.daemonset, self.owner_uid = owner
+        name = owner[0]
         self.informer = Informer(
             self.client, kinds.DAEMON_SET, self.namespace, field_selector=f"metadata.name={name}"
         )

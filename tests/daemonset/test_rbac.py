@@ -28,11 +28,6 @@ def calls(
     return [(v, kind.group, resource, namespace, name) for v in verbs.split()]
 
 
-CONFIGMAP = Kind("", "v1", "ConfigMap", "configmaps")
-SECRET = Kind("", "v1", "Secret", "secrets")
-DAEMONSET = Kind("apps", "v1", "DaemonSet", "daemonsets")
-
-
 def controlplane_calls() -> list[Call]:
     out: list[Call] = []
     # controller.py's informers, across namespaces; the waypoints' Deployments too.
@@ -51,11 +46,11 @@ def controlplane_calls() -> list[Call]:
     out += calls("create", kinds.TOKEN_REVIEW, None)
     out += calls("get", kinds.POD, ELSEWHERE)
     # In-cluster mode: the root ConfigMap in every namespace, the CA Secret at home.
-    out += calls("list watch", CONFIGMAP, None)
-    out += calls("create", CONFIGMAP, ELSEWHERE)
-    out += calls("update", CONFIGMAP, ELSEWHERE, "istio-ca-root-cert")
-    out += calls("create", SECRET, HOME)
-    out += calls("get", SECRET, HOME, "istio-ca-secret")
+    out += calls("list watch", kinds.CONFIG_MAP, None)
+    out += calls("create", kinds.CONFIG_MAP, ELSEWHERE)
+    out += calls("update", kinds.CONFIG_MAP, ELSEWHERE, "istio-ca-root-cert")
+    out += calls("create", kinds.SECRET, HOME)
+    out += calls("get", kinds.SECRET, HOME, "istio-ca-secret")
     # In-cluster mode: the base chart's GatewayClass, reported Accepted.
     out += calls("get", kinds.GATEWAY_CLASS, None, "istio-waypoint")
     out += calls("patch", kinds.GATEWAY_CLASS, None, "istio-waypoint", sub="status")
@@ -70,7 +65,7 @@ def node_agent_calls() -> list[Call]:
     out += calls("patch", kinds.POD, ELSEWHERE)
     # Its own Pod and DaemonSet, on SIGTERM.
     out += calls("get", kinds.POD, HOME)
-    out += calls("list watch", DAEMONSET, HOME, "ambient-node-agent")
+    out += calls("list watch", kinds.DAEMON_SET, HOME, "ambient-node-agent")
     return out
 
 
@@ -79,12 +74,12 @@ EXPECTED = {"controlplane": controlplane_calls, "node-agent": node_agent_calls}
 # Calls that must be refused: what a careless role would allow.
 REFUSED: dict[str, list[Call]] = {
     "controlplane": [
-        *calls("get list", SECRET, ELSEWHERE),
-        *calls("get update", SECRET, HOME, "some-other-secret"),
-        *calls("update delete", SECRET, HOME, "istio-ca-secret"),
-        *calls("get", CONFIGMAP, ELSEWHERE, "istio-ca-root-cert"),
-        *calls("list", SECRET, HOME),
-        *calls("update", CONFIGMAP, ELSEWHERE, "someone-elses-config"),
+        *calls("get list", kinds.SECRET, ELSEWHERE),
+        *calls("get update", kinds.SECRET, HOME, "some-other-secret"),
+        *calls("update delete", kinds.SECRET, HOME, "istio-ca-secret"),
+        *calls("get", kinds.CONFIG_MAP, ELSEWHERE, "istio-ca-root-cert"),
+        *calls("list", kinds.SECRET, HOME),
+        *calls("update", kinds.CONFIG_MAP, ELSEWHERE, "someone-elses-config"),
         *calls("create patch", kinds.CRD, None),
         *calls("create patch", kinds.GATEWAY_CLASS, None),
         *calls("get", kinds.GATEWAY_CLASS, None, "someone-elses-class"),
@@ -93,10 +88,10 @@ REFUSED: dict[str, list[Call]] = {
     ],
     "node-agent": [
         *calls("get", kinds.POD, ELSEWHERE),
-        *calls("get", DAEMONSET, HOME, "ztunnel"),
-        *calls("get", DAEMONSET, ELSEWHERE, "ambient-node-agent"),
+        *calls("get", kinds.DAEMON_SET, HOME, "ztunnel"),
+        *calls("get", kinds.DAEMON_SET, ELSEWHERE, "ambient-node-agent"),
         *calls("update delete", kinds.POD, ELSEWHERE),
-        *calls("get list", SECRET, HOME),
+        *calls("get list", kinds.SECRET, HOME),
         *calls("list", kinds.NODE, None),
     ],
 }

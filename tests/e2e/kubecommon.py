@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from localcluster.kube import cluster as kcluster
 from localcluster.kube.apiserver import kubectl
+from tests.localcluster.kube.test_kubelet import http_get
 
 T = TypeVar("T")
 
@@ -90,3 +91,19 @@ def routed_to_v2(answer: dict[str, Any] | None) -> dict[str, Any] | None:
         return None
     flights = [h for h in answer["chain"] if h["service"].startswith("flights")]
     return answer if flights and flights[0]["served_by"].startswith("flights-v2") else None
+
+
+def booking(c: kcluster.KubeCluster, client_netns: str) -> Callable[[], dict[str, Any] | None]:
+    """A booking through the travel frontend's Service from a pod's netns: its answer, or
+    None while there is none."""
+    svc = json.loads(kc(c, "-n", "travel", "get", "svc", "frontend", "-o", "json"))
+    vip = svc["spec"]["clusterIP"]
+
+    def book() -> dict[str, Any] | None:
+        try:
+            status, body = http_get(client_netns, vip, 80, "/book?from=AMS&to=LIS")
+        except OSError:
+            return None
+        return json.loads(body) if status == 200 else None
+
+    return book

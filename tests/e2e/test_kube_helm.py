@@ -35,7 +35,16 @@ from localcluster.kube.apiserver import kubectl
 from localcluster.state import live_netns, teardown
 from tests.localcluster.kube.test_kubelet import http_get
 
-from .kubecommon import apply_waypoint, kc, pods, programmed_gateway, ready, routed_to_v2, wait_for
+from .kubecommon import (
+    apply_waypoint,
+    booking,
+    kc,
+    pods,
+    programmed_gateway,
+    ready,
+    routed_to_v2,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.kube, pytest.mark.netns, pytest.mark.slow]
 
@@ -181,16 +190,7 @@ def test_helm_installs_the_mesh_which_meshes_the_travel_app(
     legacy = wait_for(lambda: [p for p in pods(c, "legacy") if ready(p)], 60, "the legacy pod")
     assert not capture_rules(legacy[0]["metadata"]["uid"])
     client = nsutil.netns_path(netns_name(legacy[0]["metadata"]["uid"]))
-    vip = json.loads(kc(c, "-n", "travel", "get", "svc", "frontend", "-o", "json"))["spec"][
-        "clusterIP"
-    ]
-
-    def book() -> dict[str, Any] | None:
-        try:
-            status, body = http_get(client, vip, 80, "/book?from=AMS&to=LIS")
-        except OSError:
-            return None
-        return json.loads(body) if status == 200 else None
+    book = booking(c, client)
 
     answer = wait_for(book, 60, "a booking through the mesh")
     assert [h["service"] for h in answer["chain"]] == ["frontend", "flights", "pricing"]

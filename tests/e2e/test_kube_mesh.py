@@ -27,9 +27,17 @@ from localcluster.kube import cluster as kcluster
 from localcluster.meshconfig import MeshPaths
 from localcluster.state import live_netns, teardown
 from meshcore import defaults
-from tests.localcluster.kube.test_kubelet import http_get
 
-from .kubecommon import apply_waypoint, kc, pods, programmed_gateway, ready, routed_to_v2, wait_for
+from .kubecommon import (
+    apply_waypoint,
+    booking,
+    kc,
+    pods,
+    programmed_gateway,
+    ready,
+    routed_to_v2,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.kube, pytest.mark.netns, pytest.mark.slow]
 
@@ -86,16 +94,7 @@ def test_kubectl_drives_the_mesh(kmesh: kcluster.KubeCluster) -> None:
     )
     legacy = wait_for(lambda: [p for p in pods(c, "legacy") if ready(p)], 60, "the legacy pod")
     client = nsutil.netns_path(netns_name(legacy[0]["metadata"]["uid"]))
-    vip = json.loads(kc(c, "-n", "travel", "get", "svc", "frontend", "-o", "json"))["spec"][
-        "clusterIP"
-    ]
-
-    def book() -> dict[str, Any] | None:
-        try:
-            status, body = http_get(client, vip, 80, "/book?from=AMS&to=LIS")
-        except OSError:
-            return None
-        return json.loads(body) if status == 200 else None
+    book = booking(c, client)
 
     # The manifests enrol the travel namespace. Take the label off with kubectl: every pod is
     # released (running on, plain); put it back: every pod is captured again, no restart.
@@ -180,10 +179,7 @@ def test_a_gateway_and_route_applied_with_kubectl_give_a_working_waypoint(
         "the travel pods Ready",
     )
     legacy = wait_for(lambda: [p for p in pods(c, "legacy") if ready(p)], 60, "the legacy pod")
-    client = nsutil.netns_path(netns_name(legacy[0]["metadata"]["uid"]))
-    vip = json.loads(kc(c, "-n", "travel", "get", "svc", "frontend", "-o", "json"))["spec"][
-        "clusterIP"
-    ]
+    book = booking(c, nsutil.netns_path(netns_name(legacy[0]["metadata"]["uid"])))
     apply_waypoint(c)
 
     gw = wait_for(lambda: programmed_gateway(c), 90, "the waypoint Gateway Programmed")
@@ -193,11 +189,7 @@ def test_a_gateway_and_route_applied_with_kubectl_give_a_working_waypoint(
     assert deploy["metadata"]["ownerReferences"][0]["kind"] == "Gateway"
 
     def via_v2() -> dict[str, Any] | None:
-        try:
-            status, body = http_get(client, vip, 80, "/book?from=AMS&to=LIS")
-        except OSError:
-            return None
-        return routed_to_v2(json.loads(body)) if status == 200 else None
+        return routed_to_v2(book())
 
     wait_for(via_v2, 60, "a booking routed to flights-v2 by the waypoint")
     for _ in range(5):

@@ -20,7 +20,7 @@ DS_REF = {
 
 
 def test_the_owning_daemonset_is_the_controller_ref() -> None:
-    assert owning_daemonset(_pod(DS_REF)) == "ambient-node-agent"
+    assert owning_daemonset(_pod(DS_REF)) == ("ambient-node-agent", "ds-1")
     assert owning_daemonset(_pod({**DS_REF, "controller": False})) is None
     assert owning_daemonset(_pod({**DS_REF, "kind": "ReplicaSet"})) is None
     assert owning_daemonset(_pod({**DS_REF, "apiVersion": "extensions/v1beta1"})) is None
