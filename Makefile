@@ -37,7 +37,7 @@ test: setup
 	$(VENV)/bin/mypy .
 	$(VENV)/bin/lint-imports
 	$(UNIT)
-	$(PY) -m pytest -p no:cacheprovider -m "netns or kube"
+	$(PY) -m pytest -p no:cacheprovider --durations=25 -m "netns or kube"
 
 # Every scenario of the mesh cost benchmark in one run (needs root; < 15 min on 2 cores).
 # `$(PY) benchmarks/mesh_bench.py --quick` takes < 3 min; benchmarks/l4_datapath.py still
