@@ -213,10 +213,7 @@ class _Compute:
     def endpoints(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         pods, dropped = ep.unique_by_ip(self.inputs.pods)
         self.problems.extend(dropped)
-        services = sorted(
-            (s for s in self.inputs.services if ep.spec(s).get("type") != "ExternalName"),
-            key=key_of,
-        )
+        services = sorted(filter(ep.published, self.inputs.services), key=key_of)
         index = ep.PodIndex(pods)
         selected = {key_of(s): index.selected(s) for s in services}
         member_of: dict[tuple[str, str], list[Obj]] = {}

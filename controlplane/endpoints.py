@@ -10,6 +10,11 @@ Rules (Istio ambient's, unless marked ours):
 - it is Healthy when its Ready condition is True;
 - a Service selects the Pods of its namespace whose labels include its (non-empty)
   selector; ExternalName Services have no workloads and are left out; only TCP ports count;
+- a Service without a selector (its Endpoints written by hand or by another controller, as
+  for `default/kubernetes`) is left out too (ours, until Endpoints are read): the tunnels
+  then pass its traffic through to its virtual IP, as upstream ztunnel does for an address
+  it does not know, and the node's service proxy takes it from there. Published with no
+  endpoints, it would be refused ("no healthy endpoints") to every enrolled pod;
 - a port's targetPort is a number, or the name of a container port of the pod (resolved per
   pod; a pod without that port is not an endpoint of that port). The service-level
   targetPort of a named port is the first selected pod's (by namespace/name), else the
@@ -215,6 +220,13 @@ def tcp_ports(svc: Obj) -> list[Obj]:
         and isinstance(p.get("port"), int)
         and p.get("protocol", "TCP") == "TCP"
     ]
+
+
+def published(svc: Obj) -> bool:
+    """Whether a Service is one the mesh knows (see the rules above)."""
+    s = spec(svc)
+    selector = s.get("selector")
+    return s.get("type") != "ExternalName" and isinstance(selector, Mapping) and bool(selector)
 
 
 def selects(svc: Obj, pod: Obj) -> bool:

@@ -125,9 +125,22 @@ def test_two_pods_with_one_ip_keep_one_and_report_the_other() -> None:
 
 def test_an_unknown_app_protocol_is_dropped_and_reported_not_fatal() -> None:
     ports = [{"name": "db", "port": 5432, "appProtocol": "example.com/custom"}]
-    computed, state = state_of(Inputs(services=[service("shop", "db", "10.96.0.9", None, ports)]))
+    svc = service("shop", "db", "10.96.0.9", {"app": "db"}, ports)
+    computed, state = state_of(Inputs(services=[svc]))
     assert state.service_by_hostname("db.shop.svc.cluster.local").ports[0].app_protocol is None
     assert "appProtocol ignored" in computed.problems[0].message
+
+
+def test_services_without_a_selector_or_of_type_external_name_are_left_out() -> None:
+    # Their traffic passes through to the virtual IP (the node's service proxy has their
+    # endpoints); published without endpoints they would be refused to enrolled pods.
+    kubernetes = service("default", "kubernetes", "10.96.0.1", None, HTTP)
+    empty = service("default", "empty", "10.96.0.2", {}, HTTP)
+    external = service("default", "ext", "10.96.0.3", {"app": "x"}, HTTP)
+    external["spec"]["type"] = "ExternalName"
+    kept = service("default", "web", "10.96.0.4", {"app": "web"}, HTTP)
+    _, state = state_of(Inputs(services=[kubernetes, empty, external, kept]))
+    assert [s.name for s in state.services] == ["web"]
 
 
 def _waypoint_inputs(ns_labels: dict[str, str], **gw_labels: str) -> Inputs:

@@ -428,8 +428,14 @@ async def _routes_and_bad_policy(cp: KubeControlPlane, out: Path) -> None:
         await c.create(kinds.AUTHORIZATION_POLICY, bad, ns)
 
         async def parents(name: str) -> Any:
+            """The route's computed parent statuses (not the "not computed yet" ones a
+            route may get first, before the controller has seen its parent)."""
             got = await c.get(kinds.HTTP_ROUTE, name, ns)
-            return ((got.get("status") or {}).get("parents")) or None
+            found = ((got.get("status") or {}).get("parents")) or None
+            pending = any(
+                x.get("reason") == "Pending" for p in found or () for x in p["conditions"]
+            )
+            return None if pending else found
 
         (good,) = await until_async(lambda: parents("good"), what="route status")
         cond = {x["type"]: (x["status"], x["reason"]) for x in good["conditions"]}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -129,6 +130,15 @@ def test_kubectl_drives_the_mesh(kmesh: kcluster.KubeCluster) -> None:
 
     wait_for(mtls_on_both, 15, "mutual TLS connections counted by both tunnels")
 
+    # The API server through Service `kubernetes`, which has no selector (its Endpoints are
+    # the API server's own), from an enrolled pod: as in-cluster clients reach it. The mesh
+    # does not publish such a Service, so the tunnel passes the connection through to its
+    # virtual IP and the node's service proxy takes it on.
+    api = json.loads(kc(c, "get", "svc", "kubernetes", "-o", "json"))["spec"]["clusterIP"]
+    inside = next(p for p in pods(c, "travel") if p["metadata"]["name"] in enrolled(c))
+    status = api_status_line(nsutil.netns_path(netns_name(inside["metadata"]["uid"])), api)
+    assert status.startswith("HTTP/1.1 "), status
+
     # An AuthorizationPolicy applied with kubectl: pricing refuses flights.
     policy = {
         "apiVersion": "security.istio.io/v1",
@@ -201,3 +211,17 @@ def test_a_gateway_and_route_applied_with_kubectl_give_a_working_waypoint(
         for p in parents
         for x in p.get("conditions", [])
     ), route.get("status")
+
+
+def api_status_line(netns: str, ip: str) -> str:
+    """The status line the API server answers `GET /version` with, from a pod's netns
+    (captured: an app's socket)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # only the path is under test, not the server's name
+    with nsutil.socket_at(netns) as raw:
+        raw.settimeout(10)
+        raw.connect((ip, 443))
+        with ctx.wrap_socket(raw) as s:
+            s.sendall(b"GET /version HTTP/1.1\r\nHost: kubernetes\r\nConnection: close\r\n\r\n")
+            return s.recv(4096).split(b"\r\n", 1)[0].decode()

@@ -142,7 +142,10 @@ def _delete_objects(nodes: KubeNodes) -> None:
     its Node objects, so the scheduler never places a later test's pods on them."""
     alive = is_running(nodes.kubelet.pid, nodes.kubelet.record.start_time)
     for ns in nodes.namespaces:
+        # Then its pods at once, rather than on the namespace controller's next pass,
+        # seconds later; a terminating namespace takes no replacement pods.
         nodes.try_api("DELETE", f"/api/v1/namespaces/{ns}")
+        nodes.try_api("DELETE", f"/api/v1/namespaces/{ns}/pods")
         if not alive:  # nobody will confirm the pods' deletion: force it
             _, body = nodes.try_api("GET", f"/api/v1/namespaces/{ns}/pods")
             for p in (body or {}).get("items") or []:

@@ -324,8 +324,8 @@ def test_volumes_emptydir_secret_configmap_token(image_nodes: KubeNodes) -> None
     # Admission needs the namespace's service account and its token Secret (automount).
     wait_for(
         lambda: (
-            k.try_api("GET", f"/api/v1/namespaces/{ns}/serviceaccounts/default")[1]
-            and k.api("GET", f"/api/v1/namespaces/{ns}/serviceaccounts/default").get("secrets")
+            (got := k.try_api("GET", f"/api/v1/namespaces/{ns}/serviceaccounts/default"))[0] == 200
+            and got[1].get("secrets")
         ),
         60,
         "the default service account and its token",
