@@ -53,9 +53,10 @@ def client_to_web(opened: float, denied: float = 0) -> list[tuple[str, prom.Samp
                                  connection_security_policy=MTLS, **CLIENT, **WEB)),
     ]  # fmt: skip
     if denied:
-        out.append(("tunnel/n2", tcp_sample(graph.TCP_CLOSED, denied, reporter="destination",
-                                            response_flags="DENY",
-                                            connection_security_policy=MTLS, **CLIENT, **WEB)))  # fmt: skip
+        closed = tcp_sample(graph.TCP_CLOSED, denied, reporter="destination",
+                            response_flags="DENY", connection_security_policy=MTLS,
+                            **CLIENT, **WEB)  # fmt: skip
+        out.append(("tunnel/n2", closed))
     return out
 
 
