@@ -1,7 +1,8 @@
 """`ambientctl dashboard` in a real headless browser (Debian's Chromium, driven over the
 DevTools protocol): on a running local cluster with some traffic the page draws the
 expected edges (mTLS client -> service -> workload, a plaintext one from a pod outside the
-mesh), and after an AuthorizationPolicy denies the client, new traffic shows the denial on
+mesh, client -> waypoint -> service -> workload with requests for a waypoint's service), and
+after an AuthorizationPolicy denies the client, new traffic shows the denial on
 that edge, and clicking the edge shows its `explain` with the DENIED verdict.
 
 Screenshots are kept under test-artifacts/dashboard/ (or $TEST_ARTIFACTS/dashboard/).
@@ -30,6 +31,7 @@ import aiohttp
 import pytest
 
 import nsutil
+from localcluster import gateways as gw
 from localcluster import mesh
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -53,6 +55,9 @@ DENY_CLIENT = {
 }
 CLIENT_EDGE = '.edge[data-source="workload:shop/client"][data-target="service:shop/web"]'
 SERVICE_EDGE = '.edge[data-source="service:shop/web"][data-target="workload:shop/web"]'
+TO_WAYPOINT = '.edge[data-source="workload:shop/client"][data-target="waypoint:shop/waypoint"]'
+FROM_WAYPOINT = '.edge[data-source="waypoint:shop/waypoint"][data-target="service:shop/api"]'
+TO_API = '.edge[data-source="service:shop/api"][data-target="workload:shop/api"]'
 OUTSIDER_EDGE = '.edge[data-source="workload:plain/outsider"][data-target="workload:shop/web"]'
 
 
@@ -63,6 +68,15 @@ def cluster() -> Iterator[mesh.Cluster]:
         c = mesh.up(CLUSTER_FILE, state_root)
         try:
             _wait_listening(c, "shop", "web-0", 9000)
+            _wait_listening(c, "shop", "api-0", 8080)
+            # The waypoint the service api is bound to (by its label in the cluster file).
+            done = mesh.apply_resources(c, [gw.waypoint_resource("waypoint", "shop")], "test")
+            deadline = time.monotonic() + START_TIMEOUT
+            while not all(r.ready for _, r in mesh.waypoint_status(c, "shop")):
+                assert time.monotonic() < deadline, mesh.waypoint_status(c, "shop")
+                time.sleep(0.2)
+            assert done.digest is not None
+            mesh.wait_config(c, done.digest, START_TIMEOUT)
             yield c
         finally:
             mesh.down(c.spec.name, state_root)
@@ -101,6 +115,23 @@ def talk(c: mesh.Cluster, ns: str, pod: str, times: int) -> int:
             except OSError:
                 pass  # refused or reset: a denial
     return answered
+
+
+def requests(c: mesh.Cluster, times: int) -> list[bytes]:
+    """`times` HTTP requests from the client to the api service (through its waypoint); the
+    status lines answered."""
+    vip = str(c.spec.service("shop", "api").vip)
+    out = []
+    for _ in range(times):
+        with nsutil.socket_at(c.pod_netns("shop", "client")) as s:
+            s.settimeout(10)
+            s.connect((vip, 80))
+            s.sendall(b"GET /items HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
+            data = b""
+            while len(data) < 1 << 20 and (chunk := s.recv(65536)):
+                data += chunk
+            out.append(data.split(b"\r\n", 1)[0])
+    return out
 
 
 def _readline(stream: Any, deadline: float) -> str:
@@ -229,7 +260,7 @@ async def drive(devtools_port: int, url: str, cluster: mesh.Cluster) -> None:
             # The mesh's picture: every workload and service, the outsider marked.
             ids = await page.js("[...document.querySelectorAll('.node')].map(n => n.dataset.id)")
             assert {"workload:shop/client", "workload:shop/web", "service:shop/web",
-                    "workload:plain/outsider"} <= set(ids)  # fmt: skip
+                    "workload:plain/outsider", "waypoint:shop/waypoint"} <= set(ids)  # fmt: skip
             state = await page.js(
                 "document.querySelector('.node[data-id=\"workload:plain/outsider\"]').dataset.state"
             )
@@ -237,6 +268,8 @@ async def drive(devtools_port: int, url: str, cluster: mesh.Cluster) -> None:
 
             assert await asyncio.to_thread(talk, cluster, "shop", "client", 5) == 5
             assert await asyncio.to_thread(talk, cluster, "plain", "outsider", 3) == 3
+            answers = await asyncio.to_thread(requests, cluster, 4)
+            assert answers == [b"HTTP/1.1 200 OK"] * 4
             client = await page.wait_for(
                 f"(() => {{ const d = {edge(CLIENT_EDGE)}; "
                 "return d && Number(d.connections) >= 5 ? d : null; })()",
@@ -246,6 +279,19 @@ async def drive(devtools_port: int, url: str, cluster: mesh.Cluster) -> None:
             assert (await page.wait_for(edge(SERVICE_EDGE), "service edge"))["security"] == "mtls"
             outsider = await page.wait_for(edge(OUTSIDER_EDGE), "the outsider's edge")
             assert outsider["security"] == "plaintext"
+            # The waypoint in its place: between the client and the service it serves.
+            to_waypoint = await page.wait_for(
+                f"(() => {{ const d = {edge(TO_WAYPOINT)}; "
+                "return d && Number(d.requests) >= 4 ? d : null; })()",
+                "the client's requests to the waypoint",
+            )
+            assert to_waypoint["security"] == "mtls"
+            assert (
+                float((await page.wait_for(edge(FROM_WAYPOINT), "waypoint edge"))["requests"]) >= 4
+            )
+            assert float((await page.wait_for(edge(TO_API), "api edge"))["requests"]) >= 4
+            assert await page.js(edge('.edge[data-target="service:shop/api"]'
+                                      '[data-source="workload:shop/client"]')) is None  # fmt: skip
             await page.screenshot("1-traffic")
 
             done = mesh.apply_resources(cluster, [DENY_CLIENT], "test")

@@ -4,7 +4,7 @@
 
 const SVG = "http://www.w3.org/2000/svg";
 const POLL_MS = 2000;
-const COL_W = 210, ROW_H = 56, NODE_W = 150, NODE_H = 34, PAD = 30, BAND_GAP = 18;
+const COL_W = 300, ROW_H = 56, NODE_W = 150, NODE_H = 34, PAD = 30, BAND_GAP = 18;
 const BASE_RANK = { external: 0, workload: 0, waypoint: 1, service: 2 };
 let selected = null;
 
@@ -57,7 +57,7 @@ function layout(nodes, edges) {
         pos[n.id] = { x: PAD + 20 + Number(r) * COL_W, y: y + 28 + i * ROW_H };
       });
     }
-    const h = 28 + rows * ROW_H;
+    const h = 28 + rows * ROW_H + 24;  // room below for edges that bow under a row
     boxes.push({ ns, y, h });
     y += h + BAND_GAP;
   }
@@ -92,7 +92,7 @@ function drawNode(n, p, g) {
     title.textContent = `${n.kind} ${n.namespace}/${n.name}: ${n.state}` + (n.reason ? ` (${n.reason})` : "") + (pods.length ? "\n" + pods.join("\n") : "");
   }
   const label = el("text", { x: NODE_W / 2, y: 14, "text-anchor": "middle" }, node);
-  label.textContent = (n.kind === "waypoint" ? "⛨ " : "") + n.name;
+  label.textContent = n.name;
   const sub = el("text", { x: NODE_W / 2, y: 28, "text-anchor": "middle", class: "sub" }, node);
   sub.textContent = n.kind === "workload" ? `${(n.pods || []).length} pod(s) · ${n.state}` : n.kind === "waypoint" ? `waypoint · ${n.state}` : n.kind;
 }
@@ -111,8 +111,14 @@ function drawEdge(e, pos, g) {
   }, g);
   const x1 = a.x + NODE_W, y1 = a.y + NODE_H / 2, x2 = b.x, y2 = b.y + NODE_H / 2;
   const bend = x2 > x1 ? (x2 - x1) / 2 : 120;
-  el("path", { d: `M${x1},${y1} C${x1 + bend},${y1} ${x2 - bend},${y2} ${x2},${y2}`, "marker-end": "url(#arrow)" }, group);
-  const t = el("text", { x: (x1 + x2) / 2, y: (y1 + y2) / 2 - 6, "text-anchor": "middle" }, group);
+  // An edge that skips a column bows below the row, clear of the nodes it passes.
+  const skip = Math.round((x2 - x1 - (COL_W - NODE_W)) / COL_W);
+  const sag = skip > 0 ? ROW_H * 0.9 * skip : 0;
+  const c1 = [x1 + bend, y1 + sag], c2 = [x2 - bend, y2 + sag];
+  el("path", { d: `M${x1},${y1} C${c1[0]},${c1[1]} ${c2[0]},${c2[1]} ${x2},${y2}`, "marker-end": "url(#arrow)" }, group);
+  // The label at the curve's middle (t = 1/2 of the cubic Bezier), just above it.
+  const mx = (x1 + 3 * c1[0] + 3 * c2[0] + x2) / 8, my = (y1 + 3 * c1[1] + 3 * c2[1] + y2) / 8;
+  const t = el("text", { x: mx, y: my - 6, "text-anchor": "middle" }, group);
   t.textContent = edgeLabel(e);
   el("title", {}, group).textContent = `${e.source} → ${e.target} (${e.security})\nclick for explain`;
   group.addEventListener("click", () => explain(e));
@@ -125,8 +131,9 @@ function draw(doc) {
   svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
   svg.setAttribute("width", width);
   svg.setAttribute("height", height);
+  svg.setAttribute("preserveAspectRatio", "xMinYMin meet");
   const defs = el("defs", {}, svg);
-  const marker = el("marker", { id: "arrow", viewBox: "0 0 10 10", refX: 9, refY: 5, markerWidth: 7, markerHeight: 7, orient: "auto-start-reverse" }, defs);
+  const marker = el("marker", { id: "arrow", viewBox: "0 0 10 10", refX: 9, refY: 5, markerWidth: 12, markerHeight: 12, markerUnits: "userSpaceOnUse", orient: "auto-start-reverse" }, defs);
   el("path", { d: "M 0 0 L 10 5 L 0 10 z", fill: "#555" }, marker);
   const nsLayer = el("g", { class: "namespaces" }, svg);
   for (const b of boxes) {
