@@ -40,12 +40,22 @@ def register(sub: Any) -> None:
     context.add_cluster_arg(p)
     p.add_argument(
         "--port",
-        type=int,
+        type=_port,
         default=DEFAULT_PORT,
         help=f"local port to serve on (default {DEFAULT_PORT}; 0: any free port)",
     )
     p.add_argument("--no-browser", action="store_true", help="print the URL, do not open a browser")
     p.set_defaults(fn=run)
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a port, 0..65535")
+    return port
 
 
 def _stop(signum: int, frame: FrameType | None) -> None:
@@ -54,11 +64,8 @@ def _stop(signum: int, frame: FrameType | None) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ambientctl import context
-    from ambientctl.cli import UsageError
     from ambientctl.dashboard import collect, server
 
-    if not 0 <= args.port <= 65535:
-        raise UsageError(f"--port {args.port}: expected 0..65535")
     cluster = context.attach(args)
 
     def ready(url: str) -> None:

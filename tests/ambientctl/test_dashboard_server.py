@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from ambientctl.cli import build_parser
+from ambientctl.cli import build_parser, main
 from ambientctl.dashboard import DEFAULT_PORT, graph, server
 from ambientctl.dashboard.collect import Poll
 
@@ -125,3 +125,5 @@ def test_the_command_line() -> None:
     assert (args.port, args.no_browser) == (0, True)
     args = build_parser().parse_args(["dashboard"])
     assert (args.port, args.no_browser) == (DEFAULT_PORT, False) and DEFAULT_PORT == 20001
+    for bad in ("65536", "-1", "http"):
+        assert main(["dashboard", "c.yaml", "--port", bad]) == 2
