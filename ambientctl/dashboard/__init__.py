@@ -30,9 +30,9 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "dashboard",
         help="serve a live graph of the mesh (traffic, mTLS, denials) on 127.0.0.1",
-        description="Serve a web page on 127.0.0.1 that draws the mesh as a graph: workloads, "
-        "services and waypoints, with each edge's connections/s, requests/s, error rate, "
-        "mTLS and policy denials, updated every 2 s from the tunnels' and waypoints' "
+        description="Serve a web page on 127.0.0.1 that draws the mesh as a graph: workloads,\n"
+        "services and waypoints, with each edge's connections/s, requests/s, error rate,\n"
+        "mTLS and policy denials, updated every 2 s from the tunnels' and waypoints'\n"
         "metrics. Click an edge for its `ambientctl explain`.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
