@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import nsutil
-from ambientctl import context, kubecmds, views, waypoint_views
+from ambientctl import context, dashboard, kubecmds, views, waypoint_views
 from ambientctl.kubefetch import KubeTarget, KubeUsage, choose
 from ambientctl.kubeviews import ISTIO_NAMESPACE
 from localcluster import gateways as gw
@@ -731,6 +731,7 @@ def build_parser() -> argparse.ArgumentParser:
     rt.set_defaults(fn=_cmd_routes)
     demo = sub.add_parser("demo", help="the travel-booking demo, end to end")
     demo.set_defaults(fn=_cmd_demo)
+    dashboard.register(sub)
     return p
 
 
