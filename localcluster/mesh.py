@@ -40,7 +40,7 @@ import yaml
 
 import nsutil
 from localcluster import gateways as gw
-from localcluster import meshconfig, policies, registry, waypoints
+from localcluster import meshconfig, netnshttp, policies, registry, waypoints
 from localcluster.apps import INHERITED_ENV, missing_commands, process_name, start_apps
 from localcluster.labels import LabelChange, LabelError, label_errors
 from localcluster.meshconfig import MeshPaths as MeshPaths
@@ -703,22 +703,7 @@ def netns_http(
 ) -> tuple[int, bytes]:
     """One HTTP/1.0 request to 127.0.0.1:`port` inside a netns: (status, body). Raises
     OSError when unreachable or when what answers is not HTTP."""
-    s = nsutil.socket_at(netns_path)
-    try:
-        s.settimeout(timeout)
-        s.connect(("127.0.0.1", port))
-        s.sendall(f"{method} {path} HTTP/1.0\r\nHost: localhost\r\n\r\n".encode())
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    finally:
-        s.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    try:
-        status = int(head.split(b" ", 2)[1])
-    except (IndexError, ValueError):
-        raise OSError(f"not an HTTP response from port {port} in {netns_path}") from None
-    return status, body
+    return netnshttp.request(netns_path, port, path, method=method, timeout=timeout)
 
 
 def tunnel_status(layout: NetworkLayout, node: str, timeout: float = 2.0) -> dict[str, Any] | None:

@@ -21,8 +21,8 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-import nsutil
 from localcluster import gateways as gw
+from localcluster import netnshttp
 from localcluster.apps import INHERITED_ENV
 from localcluster.meshconfig import MeshPaths
 from localcluster.network import NetworkLayout, build_pod, remove_pod_netns, waypoint_layout
@@ -219,21 +219,7 @@ def readiness(spec: ClusterSpec, state: ClusterState, g: gw.GatewaySpec) -> gw.R
 
 def probe(netns_path: str, ip: str, port: int, path: str) -> tuple[int, bytes]:
     """One HTTP/1.0 GET to `ip:port` from inside a netns: (status, body). Raises OSError."""
-    s = nsutil.socket_at(netns_path)
-    try:
-        s.settimeout(PROBE_TIMEOUT)
-        s.connect((ip, port))
-        s.sendall(f"GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n".encode())
-        data = b""
-        while len(data) < 65536 and (chunk := s.recv(65536)):
-            data += chunk
-    finally:
-        s.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    try:
-        return int(head.split(b" ", 2)[1]), body
-    except (IndexError, ValueError):
-        raise OSError(f"not an HTTP answer from {ip}:{port}") from None
+    return netnshttp.request(netns_path, port, path, ip=ip, timeout=PROBE_TIMEOUT, max_body=65536)
 
 
 def status_view(

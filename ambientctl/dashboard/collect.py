@@ -7,10 +7,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import nsutil
 from ambientctl import views
 from ambientctl.dashboard import graph, prom
-from localcluster import mesh, waypoints
+from localcluster import mesh, netnshttp, waypoints
 from localcluster.network import waypoint_layout
 from localcluster.spec import ClusterSpec
 from localcluster.xds import service_binding, workload_uid
@@ -31,21 +30,9 @@ class Poll:
 
 def http_get(netns_path: str, ip: str, port: int, path: str) -> tuple[int, bytes]:
     """One HTTP/1.0 GET to ip:port from inside a netns; raises OSError."""
-    s = nsutil.socket_at(netns_path)
-    try:
-        s.settimeout(SCRAPE_TIMEOUT)
-        s.connect((ip, port))
-        s.sendall(f"GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n".encode())
-        data = b""
-        while len(data) < MAX_BODY and (chunk := s.recv(65536)):
-            data += chunk
-    finally:
-        s.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    try:
-        return int(head.split(b" ", 2)[1]), body
-    except (IndexError, ValueError):
-        raise OSError(f"not an HTTP answer from {ip}:{port}") from None
+    return netnshttp.request(
+        netns_path, port, path, ip=ip, timeout=SCRAPE_TIMEOUT, max_body=MAX_BODY
+    )
 
 
 def _metrics(text: bytes) -> list[prom.Sample]:
