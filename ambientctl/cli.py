@@ -680,6 +680,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     _kube_flags(p, None)
+    context.add_cluster_option(p, None)
     p.add_argument(
         "--state-root",
         default=os.environ.get("AMBIENT_STATE_ROOT"),
@@ -953,9 +954,12 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     try:
         target = _kube_target(args)
-    except KubeUsage as e:
+    except (KubeUsage, context.NoCluster) as e:
         print(f"{_prog(args)}: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except StateError as e:  # the remembered current cluster cannot be read
+        print(f"{_prog(args)}: {e}", file=sys.stderr)
+        return EXIT_RUNTIME
     if target is None and os.geteuid() != 0 and not getattr(args, "no_cluster", False):
         print("ambientctl: run as root (network namespaces need it)", file=sys.stderr)
         return EXIT_RUNTIME

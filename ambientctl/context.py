@@ -94,13 +94,20 @@ def add_cluster_arg(p: argparse.ArgumentParser, then: Positionals = ()) -> None:
         help="a local cluster's file (default: --cluster, else the current cluster: "
         "ambientctl use)",
     )
+    add_cluster_option(p, argparse.SUPPRESS)
+    p.set_defaults(cluster_then=tuple(then))
+
+
+def add_cluster_option(p: argparse.ArgumentParser, default: str | None) -> None:
+    """`--cluster NAME`: before the subcommand (`default` None) or after it (SUPPRESS: the
+    one given before stays)."""
     p.add_argument(
         "--cluster",
         dest="cluster_name",
         metavar="NAME",
+        default=default,
         help="a local cluster by name (or its file), instead of the current one",
     )
-    p.set_defaults(cluster_then=tuple(then))
 
 
 def _file_like(word: str) -> bool:

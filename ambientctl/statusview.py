@@ -65,7 +65,7 @@ def status(nodes: Sequence[NodeState]) -> Status:
         tunnel_ready = bool(n.tunnel and n.tunnel.get("ready"))
         tunnel = "Unreachable" if n.tunnel is None else "Ready" if tunnel_ready else "NotReady"
         if not tunnel_ready:
-            problems.append(f"node {n.name}: tunnel {tunnel.lower()}")
+            problems.append(f"node {n.name}: tunnel {'not ready' if n.tunnel else 'unreachable'}")
         config = (n.tunnel or {}).get("config")
         digest = config.get("digest") if isinstance(config, Mapping) else None
         if n.tunnel is None:

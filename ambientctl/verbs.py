@@ -256,7 +256,10 @@ def _not_found(kind: KindInfo, ns: str | None, name: str, cluster: mesh.Cluster)
 
 def _get_pods(args: argparse.Namespace) -> int:
     """`get pods` is `ambientctl.pods.run_get_pods`, imported only when asked for."""
-    pods = importlib.import_module("ambientctl.pods")
+    try:
+        pods = importlib.import_module("ambientctl.pods")
+    except ModuleNotFoundError:
+        raise UsageError("get pods is not part of this ambientctl") from None
     return int(pods.run_get_pods(args))
 
 
