@@ -304,12 +304,17 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 # ---- apply / delete -------------------------------------------------------------------------
 
 
-def _documents(filename: str) -> list[Any]:
-    """The YAML documents of a file (or stdin), size-capped and text-only."""
+def _documents(filename: str, namespace: str | None = None) -> list[Any]:
+    """The YAML documents of a file (or stdin), size-capped and text-only; `namespace`
+    (-n) fills in a document's missing metadata.namespace, as kubectl does."""
     text = read_text(filename, "policy file")
     docs = load_documents(text, lambda message: InputError(f"{filename} is {message}"))
     if not docs:
         raise InputError(f"{filename} holds no documents")
+    for doc in docs:
+        meta = doc.get("metadata") if isinstance(doc, dict) else None
+        if namespace and isinstance(meta, dict) and not meta.get("namespace"):
+            meta["namespace"] = namespace
     return docs
 
 
@@ -328,7 +333,7 @@ def _finish(cluster: mesh.Cluster, done: mesh.ConfigChange, args: argparse.Names
 def _cmd_apply(args: argparse.Namespace) -> int:
     """Apply AuthorizationPolicy / PeerAuthentication YAML (one or more documents, as for
     kubectl) to a running cluster; every tunnel reloads it without a restart."""
-    docs = _documents(args.filename)
+    docs = _documents(args.filename, args.namespace)
     cluster = context.attach(args)
     source = "stdin" if args.filename == "-" else args.filename
     if args.node is not None:
@@ -345,7 +350,7 @@ def _cmd_delete(args: argparse.Namespace) -> int:
         if args.kind is not None:
             raise UsageError("give either -f FILE or KIND NAMESPACE/NAME, not both")
         source = "stdin" if args.filename == "-" else args.filename
-        keys = delete_keys(_documents(args.filename), source)
+        keys = delete_keys(_documents(args.filename, args.namespace), source)
     else:
         if args.kind is None or args.name is None:
             raise UsageError("give KIND NAMESPACE/NAME, or -f FILE")
@@ -835,6 +840,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     context.add_cluster_arg(ap)
     ap.add_argument("-f", "--filename", required=True, help="YAML file, or - for stdin")
+    ap.add_argument("-n", "--namespace", help="the namespace of documents that name none")
     ap.add_argument("--node", help="where a new waypoint Gateway's pod runs (default: 1st node)")
     _change_options(ap)
     ap.set_defaults(fn=_cmd_apply)

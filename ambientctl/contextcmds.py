@@ -4,11 +4,14 @@ clusters` (the local clusters under the state root, the current one marked)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import yaml
 
 import nsutil
 from ambientctl import context, tables
@@ -71,6 +74,15 @@ def run_use(args: argparse.Namespace) -> int:
         return 0
     kubeconfig = getattr(args, "kubeconfig", None)
     kube_context = getattr(args, "context", None)
+    if args.cluster is None and kubeconfig is None and kube_context is None and args.namespace:
+        # `use -n NS`: the current cluster, another default namespace.
+        current = context.read_current(args.state_root)
+        if current is None:
+            raise context.NoCluster("no current cluster to set the namespace of")
+        chosen = dataclasses.replace(current, namespace=args.namespace)
+        context.write_current(args.state_root, chosen)
+        print(f"current cluster: {chosen.describe()}")
+        return 0
     if args.cluster is None and kubeconfig is None and kube_context is None:
         current = context.read_current(args.state_root)
         if current is None:
@@ -161,12 +173,15 @@ def print_clusters(args: argparse.Namespace) -> int:
         if i is not None
     ]
     current = context.read_current(args.state_root)
-    if getattr(args, "output", "table") == "json":
+    output = getattr(args, "output", "table")
+    if output in ("json", "yaml"):
         doc = {
             "current": current.to_json() if current is not None else None,
             "clusters": [i.to_json() for i in infos],
         }
-        print(json.dumps(doc, indent=2))
+        print(json.dumps(doc, indent=2) if output == "json" else yaml.safe_dump(doc), end="")
+        if output == "json":
+            print()
         return 0
     rows = cluster_rows(infos, current)
     empty = f"No clusters under {context.root(args.state_root)}."

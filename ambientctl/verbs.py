@@ -343,6 +343,10 @@ def kube_get(target: KubeTarget, args: argparse.Namespace) -> int:
     kind = _kind(args)
     if kind.kind == "Pod":
         return _get_pods(args)
+    if kind.kind == "Cluster":
+        from ambientctl import contextcmds
+
+        return contextcmds.print_clusters(args)
     args.node = None
     if args.output in ("wide", "yaml"):
         raise KubeUsage(f"-o {args.output}: on a Kubernetes cluster `get` prints table or json")

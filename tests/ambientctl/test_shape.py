@@ -514,3 +514,38 @@ def test_usage_errors_exit_2(
     rc, _, err = ctl(capsys, tmp_path, *argv)
     assert rc == 2, err
     assert says in err
+
+
+def test_a_kubernetes_mode_cluster_is_reached_through_its_kubeconfig(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake_cluster(tmp_path, "kind1")
+    kubeconfig = tmp_path / "kind1" / "kube" / "kubeconfig"
+    kubeconfig.parent.mkdir()
+    kubeconfig.write_text("apiVersion: v1\nkind: Config\n")
+    rc, out, _ = ctl(capsys, tmp_path, "use", "kind1")
+    assert (rc, out) == (0, f"current cluster: kind1 (Kubernetes mode; kubeconfig {kubeconfig})\n")
+    args = parse("--state-root", str(tmp_path), "status")
+    assert cli._kube_target(args) == KubeTarget(kubeconfig, None)
+    # Named on the command line, too.
+    assert ctl(capsys, tmp_path, "use", "--clear")[0] == 0
+    args = parse("--state-root", str(tmp_path), "services", "--cluster", "kind1")
+    assert cli._kube_target(args) == KubeTarget(kubeconfig, None)
+    rc, out, _ = ctl(capsys, tmp_path, "clusters", "-o", "json")
+    assert json.loads(out)["clusters"][0]["mode"] == "kubernetes"
+
+
+def test_use_n_changes_only_the_namespace(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc, _, err = ctl(capsys, tmp_path, "use", "-n", "shop")
+    assert rc == 2 and "no current cluster" in err
+    fake_cluster(tmp_path, "alpha")
+    assert ctl(capsys, tmp_path, "use", "alpha")[0] == 0
+    assert (
+        ctl(capsys, tmp_path, "use", "-n", "shop")[1] == "current cluster: alpha, namespace shop\n"
+    )
+    args = parse("--state-root", str(tmp_path), "get", "ap")
+    assert context.namespace(args, "default") == "shop"
+    args = parse("--state-root", str(tmp_path), "get", "ap", "-n", "other")
+    assert context.namespace(args, "default") == "other"
