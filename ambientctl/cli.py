@@ -875,7 +875,7 @@ def build_parser() -> argparse.ArgumentParser:
     rt.set_defaults(fn=_cmd_routes)
     demo = _command(sub, "demo", "the travel-booking demo, end to end", "ambientctl demo")
     demo.set_defaults(fn=_cmd_demo)
-    completion.register(sub)
+    completion.register(sub, p)
     return p
 
 

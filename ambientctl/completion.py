@@ -18,7 +18,8 @@ examples:
 """
 
 
-def register(sub: Any) -> None:
+def register(sub: Any, root: argparse.ArgumentParser) -> None:
+    """`completion`, for the tree under `root` (complete once every command is in it)."""
     p = sub.add_parser(
         "completion",
         help="print a shell completion script (bash or zsh)",
@@ -27,7 +28,7 @@ def register(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("shell", choices=("bash", "zsh"), help="the shell: bash or zsh")
-    p.set_defaults(fn=run, no_cluster=True)
+    p.set_defaults(fn=lambda args: run(root, args), no_cluster=True)
 
 
 def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -94,9 +95,6 @@ def zsh_script(parser: argparse.ArgumentParser) -> str:
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    from ambientctl.cli import build_parser  # the whole tree, as main builds it
-
-    parser = build_parser()
+def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     print(bash_script(parser) if args.shell == "bash" else zsh_script(parser), end="")
     return 0
