@@ -14,11 +14,11 @@ from typing import Any
 
 import yaml
 
-from ambientctl import context, kubecmds, tables, views, waypoint_views
+from ambientctl import context, tables, views, waypoint_views
 from ambientctl import resourceviews as rv
 from ambientctl.errors import NotFound, UsageError
 from ambientctl.kinds import KindInfo, UnknownKind, all_names, resolve
-from ambientctl.kubefetch import KubeTarget, KubeUsage
+from ambientctl.kubefetch import KubeTarget
 from ambientctl.kubeviews import ISTIO_NAMESPACE
 from localcluster import gateways as gw
 from localcluster import mesh
@@ -338,8 +338,7 @@ def _record_rows(kind: KindInfo, records: list[dict[str, Any]]) -> tuple[rv.Colu
 
 
 def kube_get(target: KubeTarget, args: argparse.Namespace) -> int:
-    """On a Kubernetes cluster: the mesh's computed views (workloads, services, policies)
-    and pods; the API objects themselves are kubectl's."""
+    """On a Kubernetes cluster (`ambientctl.kubeget`); pods are `ambientctl.pods`'."""
     kind = _kind(args)
     if kind.kind == "Pod":
         return _get_pods(args)
@@ -347,23 +346,9 @@ def kube_get(target: KubeTarget, args: argparse.Namespace) -> int:
         from ambientctl import contextcmds
 
         return contextcmds.print_clusters(args)
-    args.node = None
-    if args.output in ("wide", "yaml"):
-        raise KubeUsage(f"-o {args.output}: on a Kubernetes cluster `get` prints table or json")
-    if getattr(args, "all_namespaces", False):
-        args.namespace = None
-    fn = {
-        "Workload": kubecmds.workloads,
-        "Service": kubecmds.services,
-        "AuthorizationPolicy": kubecmds.policies,
-        "PeerAuthentication": kubecmds.policies,
-    }.get(kind.kind)
-    if fn is None:
-        raise KubeUsage(
-            f"on a Kubernetes cluster, `kubectl get {kind.plural}` lists them; ambientctl "
-            "shows workloads, services, policies and pods as the mesh computes them"
-        )
-    return fn(target, args)
+    from ambientctl import kubeget
+
+    return kubeget.get(target, args, kind)
 
 
 # ---- describe -------------------------------------------------------------------------------
