@@ -154,6 +154,8 @@ def _cmd_down(args: argparse.Namespace) -> int:
         f"cluster {name} is down ({len(report.netns_removed)} namespaces, "
         f"{report.processes_stopped} processes stopped)"
     )
+    if context.forget(args.state_root, name):
+        print(f"{name} is no longer the current cluster")
     return 0
 
 

@@ -198,6 +198,18 @@ def write_current(state_root: str | Path | None, current: Current | None) -> Non
     os.replace(tmp, path)
 
 
+def forget(state_root: str | Path | None, cluster: str) -> bool:
+    """After `down`: the current cluster is no longer `cluster` (True when it was)."""
+    try:
+        current = read_current(state_root)
+    except StateError:
+        return False
+    if current is None or current.cluster != cluster:
+        return False
+    write_current(state_root, None)
+    return True
+
+
 def kube_mode_kubeconfig(name: str, state_root: str | Path | None) -> Path | None:
     """The kubeconfig of cluster `name` when it is up in Kubernetes mode, else None."""
     try:
@@ -289,7 +301,9 @@ def attach(args: argparse.Namespace) -> mesh.Cluster:
                 f"the current cluster is a Kubernetes cluster ({current.describe()}); this "
                 "command works on a local cluster: give its file or --cluster NAME"
             )
-        ref = current.file or current.cluster
+        # The record's copy is what runs; the file remembered is for a cluster not up yet.
+        has_copy = kept_spec(current.cluster, args.state_root) is not None
+        ref = current.cluster if has_copy or current.file is None else current.file
     if not _is_name(ref):
         return mesh.attach(ref, args.state_root)
     return attach_name(ref, args.state_root)

@@ -549,3 +549,16 @@ def test_use_n_changes_only_the_namespace(
     assert context.namespace(args, "default") == "shop"
     args = parse("--state-root", str(tmp_path), "get", "ap", "-n", "other")
     assert context.namespace(args, "default") == "other"
+
+
+def test_down_forgets_the_current_cluster(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake_cluster(tmp_path, "alpha")
+    fake_cluster(tmp_path, "beta")
+    assert ctl(capsys, tmp_path, "use", "alpha")[0] == 0
+    rc, out, _ = ctl(capsys, tmp_path, "down", "beta")
+    assert rc == 0 and "no longer the current" not in out
+    rc, out, _ = ctl(capsys, tmp_path, "down", "alpha")
+    assert rc == 0 and out.endswith("alpha is no longer the current cluster\n")
+    assert context.read_current(tmp_path) is None
