@@ -153,3 +153,26 @@ def test_a_cluster_that_is_not_running_says_so(ctl: Ctl, tmp_path: Path) -> None
         rc, out, err = ctl(*argv)
         assert (rc, out) == (1, "")
         assert "cluster shpstop is not running under" in err
+
+
+def test_waypoints_in_status_get_and_describe(ctl: Ctl) -> None:
+    rc, _, err = ctl("waypoint", "apply", "-n", "shop", "--wait", "--cluster", NAME)
+    assert rc == 0, err
+    try:
+        rc, out, err = ctl("status", "--cluster", NAME)
+        assert rc == 0, err
+        assert out.splitlines()[1].split()[-1] == "1/1"  # WAYPOINTS: ready/total on n1
+        rc, out, _ = ctl("get", "gw", "-n", "shop", "--cluster", NAME)
+        name, klass, address, programmed = out.splitlines()[1].split()
+        assert (name, klass, programmed) == ("waypoint", "istio-waypoint", "True")
+        rc, out, _ = ctl("get", "wp", "-n", "shop", "--cluster", NAME)
+        assert rc == 0 and out.splitlines()[1].split()[:3] == ["waypoint", "service", address]
+        rc, out, _ = ctl("describe", "wp", "shop/waypoint", "--cluster", NAME)
+        assert rc == 0 and "Programmed: True" in out and f"Address:    {address}" in out
+        rc, out, _ = ctl("describe", "gw", "waypoint", "-n", "shop", "--cluster", NAME)
+        assert rc == 0 and "type: Programmed" in out
+    finally:
+        rc, _, err = ctl("waypoint", "delete", "-n", "shop", "waypoint", "--cluster", NAME)
+        assert rc == 0, err
+    rc, out, _ = ctl("get", "wp", "-A", "--cluster", NAME)
+    assert (rc, out) == (0, "No resources found.\n")
