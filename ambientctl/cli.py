@@ -14,7 +14,7 @@ and exit 130 / 143 (`localcluster.interrupt`).
 from __future__ import annotations
 
 import argparse
-import json
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -24,8 +24,21 @@ from pathlib import Path
 from typing import Any
 
 import nsutil
-from ambientctl import context, dashboard, kubecmds, views, waypoint_views
-from ambientctl.kubefetch import KubeTarget, KubeUsage, choose
+from ambientctl import (
+    completion,
+    context,
+    contextcmds,
+    dashboard,
+    kinds,
+    kubecmds,
+    statuscmd,
+    verbs,
+    viewfilter,
+    views,
+    waypoint_views,
+)
+from ambientctl.errors import NotFound, UsageError
+from ambientctl.kubefetch import KubeTarget, KubeUsage
 from ambientctl.kubeviews import ISTIO_NAMESPACE
 from localcluster import gateways as gw
 from localcluster import mesh, registry
@@ -72,14 +85,6 @@ EXPECTED = (
     MeshConfigError,
     OSError,
 )
-
-
-class UsageError(Exception):
-    """The command line cannot mean anything (exit 2)."""
-
-
-class NotFound(Exception):
-    """A name the cluster does not have (exit 1); the message lists the ones it has."""
 
 
 class Refused(Exception):
@@ -150,45 +155,16 @@ def _cmd_down(args: argparse.Namespace) -> int:
         f"cluster {name} is down ({len(report.netns_removed)} namespaces, "
         f"{report.processes_stopped} processes stopped)"
     )
+    if context.forget(args.state_root, name):
+        print(f"{name} is no longer the current cluster")
     return 0
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    """Per node: the tunnel's readiness (with the mesh config it runs) and the node agent's
-    view. Exit 1 unless every tunnel is ready, runs the config as written and no pod
-    waits."""
-    if args.output == "table":
-        raise UsageError("a local cluster's status is JSON (-o json)")
-    cluster = context.attach(args)
-    out: dict[str, dict[str, object]] = {}
-    problems: list[str] = []
-    refused = False
-    for n in cluster.spec.nodes:
-        tunnel = mesh.tunnel_status(cluster.layout, n.name)
-        agent = mesh.agent_status(cluster, n.name)
-        out[n.name] = {"tunnel": tunnel, "agent": agent}
-        if not (tunnel and tunnel.get("ready")):
-            problems.append(f"node {n.name}: tunnel not ready")
-        if agent is None:
-            problems.append(f"node {n.name}: node agent not running")
-        pods = (agent or {}).get("pods") or {}
-        waiting = sorted(u for u, p in pods.items() if p.get("state") != "enrolled")
-        if waiting:
-            problems.append(f"node {n.name}: pods not enrolled: {', '.join(waiting)}")
-        config = mesh.config_problem(tunnel, None) if tunnel else None
-        if config is not None:
-            refused = True
-            problems.append(f"node {n.name}: {config}")
-    print(json.dumps(out, indent=2))
-    for p in problems:
-        print(f"ambientctl status: {p}", file=sys.stderr)
-    if refused:
-        print(
-            "ambientctl status: the next `ambientctl apply` or `label` regenerates the mesh "
-            "config from the cluster's records",
-            file=sys.stderr,
-        )
-    return 0 if not problems else EXIT_RUNTIME
+    """Per node: the tunnel's readiness (with the mesh config it runs), the node agent and
+    its pods, the waypoints. Exit 1 unless every tunnel is ready, runs the config as
+    written, no pod waits and every waypoint is programmed (`ambientctl.statuscmd`)."""
+    return statuscmd.run(args)
 
 
 # ---- label / exec ---------------------------------------------------------------------------
@@ -197,12 +173,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_label(args: argparse.Namespace) -> int:
     """Label a namespace or pod in the running cluster; enrolment follows at runtime.
     Every change is checked before any is made (all or nothing)."""
+    if args.kind not in LABEL_KINDS:
+        raise UsageError(f"kind {args.kind!r}: expected one of {', '.join(LABEL_KINDS)}")
     try:
         changes = parse_changes(args.labels)
     except LabelError as e:
         raise UsageError(str(e)) from None
     if args.kind in ("pod", "service") and "/" not in args.name:
-        args.name = f"default/{args.name}"
+        args.name = f"{args.namespace or NAMESPACE}/{args.name}"
     cluster = context.attach(args)
     try:
         done = mesh.label(cluster, args.kind, args.name, changes)
@@ -211,6 +189,9 @@ def _cmd_label(args: argparse.Namespace) -> int:
     for line in done.lines:
         print(line)
     return 0
+
+
+LABEL_KINDS = ("namespace", "service", "pod")
 
 
 def _pod_ref(ref: str) -> tuple[str, str]:
@@ -231,7 +212,9 @@ def _find_pod(cluster: mesh.Cluster, ref: str) -> tuple[str, str]:
 def _cmd_exec(args: argparse.Namespace) -> int:
     argv = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not argv:
-        raise UsageError("no command given (ambientctl exec FILE NS/POD -- CMD ARGS...)")
+        raise UsageError("no command given (ambientctl exec NS/POD -- CMD ARGS...)")
+    if args.namespace is not None and "/" not in args.pod:
+        args.pod = f"{args.namespace}/{args.pod}"
     _pod_ref(args.pod)
     cluster = context.attach(args)
     where = cluster.pod_netns(*_find_pod(cluster, args.pod))
@@ -255,7 +238,8 @@ def _admin_getter(cluster: mesh.Cluster) -> views.Getter:
 
 
 def _status_hint(args: argparse.Namespace) -> str:
-    return f"(see: ambientctl status {args.cluster_file})"
+    given = args.cluster_file or getattr(args, "cluster_name", None)
+    return f"(see: ambientctl status{' ' + given if given else ''})"
 
 
 def _check_node(cluster: mesh.Cluster, node: str | None) -> list[str]:
@@ -268,11 +252,13 @@ def _check_node(cluster: mesh.Cluster, node: str | None) -> list[str]:
 
 
 def _cmd_view(args: argparse.Namespace) -> int:
-    if getattr(args, "namespace", None) is not None:
-        raise UsageError("-n/--namespace goes with a Kubernetes cluster (--kubeconfig)")
     cluster = context.attach(args)
     nodes = _check_node(cluster, args.node)
-    out = views.show(args.cmd, _admin_getter(cluster), nodes, args.output, _status_hint(args))
+    if args.namespace is not None:
+        _check_namespace(cluster, args.namespace)
+    out = viewfilter.show(
+        args.cmd, _admin_getter(cluster), nodes, args.output, _status_hint(args), args.namespace
+    )
     print(out, end="")
     return 0
 
@@ -321,12 +307,17 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 # ---- apply / delete -------------------------------------------------------------------------
 
 
-def _documents(filename: str) -> list[Any]:
-    """The YAML documents of a file (or stdin), size-capped and text-only."""
+def _documents(filename: str, namespace: str | None = None) -> list[Any]:
+    """The YAML documents of a file (or stdin), size-capped and text-only; `namespace`
+    (-n) fills in a document's missing metadata.namespace, as kubectl does."""
     text = read_text(filename, "policy file")
     docs = load_documents(text, lambda message: InputError(f"{filename} is {message}"))
     if not docs:
         raise InputError(f"{filename} holds no documents")
+    for doc in docs:
+        meta = doc.get("metadata") if isinstance(doc, dict) else None
+        if namespace and isinstance(meta, dict) and not meta.get("namespace"):
+            meta["namespace"] = namespace
     return docs
 
 
@@ -345,7 +336,7 @@ def _finish(cluster: mesh.Cluster, done: mesh.ConfigChange, args: argparse.Names
 def _cmd_apply(args: argparse.Namespace) -> int:
     """Apply AuthorizationPolicy / PeerAuthentication YAML (one or more documents, as for
     kubectl) to a running cluster; every tunnel reloads it without a restart."""
-    docs = _documents(args.filename)
+    docs = _documents(args.filename, args.namespace)
     cluster = context.attach(args)
     source = "stdin" if args.filename == "-" else args.filename
     if args.node is not None:
@@ -362,17 +353,22 @@ def _cmd_delete(args: argparse.Namespace) -> int:
         if args.kind is not None:
             raise UsageError("give either -f FILE or KIND NAMESPACE/NAME, not both")
         source = "stdin" if args.filename == "-" else args.filename
-        keys = delete_keys(_documents(args.filename), source)
+        keys = delete_keys(_documents(args.filename, args.namespace), source)
     else:
         if args.kind is None or args.name is None:
             raise UsageError("give KIND NAMESPACE/NAME, or -f FILE")
-        kind = KIND_NAMES.get(args.kind.lower())
-        if kind is None:
-            raise UsageError(f"kind {args.kind!r}: expected one of {', '.join(KIND_NAMES)}")
+        try:
+            kind = kinds.resolve(args.kind)
+        except kinds.UnknownKind as e:
+            raise UsageError(str(e)) from None
+        if not kind.is_document:
+            raise UsageError(
+                f"{kind.plural} are not deleted this way; deletable kinds: {', '.join(KIND_NAMES)}"
+            )
         ns, sep, name = args.name.rpartition("/")
         if not name or args.name.count("/") > 1:
             raise UsageError(f"{args.name!r}: expected <namespace>/<name> or <name>")
-        keys = [(kind, ns if sep else NAMESPACE, name)]
+        keys = [(kind.kind, ns if sep else (args.namespace or NAMESPACE), name)]
     cluster = context.attach(args)
     try:
         done = mesh.delete_resources(cluster, keys, dry_run=args.dry_run)
@@ -521,15 +517,18 @@ def _kube_flags(p: argparse.ArgumentParser, default: str | None) -> None:
     p.add_argument(
         "--kubeconfig",
         default=default,
-        help="a Kubernetes cluster's kubeconfig (instead of a cluster file; default "
-        "$KUBECONFIG, else ~/.kube/config when no cluster file is given)",
+        help="a Kubernetes cluster's kubeconfig (instead of a cluster file; default: the "
+        "current cluster (ambientctl use), else $KUBECONFIG, else ~/.kube/config)",
     )
     p.add_argument("--context", default=default, help="the kubeconfig context to use")
 
 
-def _cluster_options(p: argparse.ArgumentParser, istio_namespace: bool = False) -> None:
-    """A local cluster's file, or a Kubernetes cluster (kubeconfig, context)."""
-    p.add_argument("cluster_file", nargs="?", help="a local cluster's file")
+def _cluster_options(
+    p: argparse.ArgumentParser, istio_namespace: bool = False, then: context.Positionals = ()
+) -> None:
+    """A local cluster (its file, --cluster NAME, or the current one), or a Kubernetes
+    cluster (kubeconfig, context)."""
+    context.add_cluster_arg(p, then)
     _kube_flags(p, argparse.SUPPRESS)
     if istio_namespace:
         p.add_argument(
@@ -541,7 +540,9 @@ def _cluster_options(p: argparse.ArgumentParser, istio_namespace: bool = False) 
 
 def _view_options(p: argparse.ArgumentParser, node_help: str) -> None:
     p.add_argument("--node", help=node_help)
-    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    p.add_argument(
+        "-o", "--output", choices=("table", "json"), default="table", help="table or json"
+    )
 
 
 def _change_options(p: argparse.ArgumentParser) -> None:
@@ -563,13 +564,38 @@ def _namespace_options(p: argparse.ArgumentParser, required: bool) -> None:
     group.add_argument("-A", "--all-namespaces", action="store_true", help="every namespace")
 
 
+def _command(sub: Any, name: str, what: str, *examples: str) -> argparse.ArgumentParser:
+    """A subcommand with its one-line help, that line as its description and `examples`
+    (a command and its comment each) as its epilog."""
+    epilog = "examples:\n" + "\n".join(f"  {e}" for e in examples) if examples else None
+    return sub.add_parser(  # type: ignore[no-any-return]
+        name,
+        help=what,
+        description=what[:1].upper() + what[1:] + ".",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
 def _waypoint_parser(sub: Any) -> None:
-    wp = sub.add_parser("waypoint", help="waypoints (L7 proxies): apply, list, status, delete")
-    wsub = wp.add_subparsers(dest="waypoint_cmd", required=True)
-    ap = wsub.add_parser("apply", help="create or update a waypoint in a namespace")
+    wp = _command(
+        sub,
+        "waypoint",
+        "waypoints (L7 proxies): apply, list, status, delete",
+        "ambientctl waypoint apply -n travel --enroll-namespace --wait",
+        "ambientctl waypoint list -A",
+    )
+    wsub = wp.add_subparsers(dest="waypoint_cmd", required=True, metavar="COMMAND")
+    ap = _command(
+        wsub,
+        "apply",
+        "create or update a waypoint in a namespace",
+        "ambientctl waypoint apply -n travel",
+        "ambientctl waypoint apply -n travel --name reviews-wp --for workload --wait",
+    )
     _cluster_options(ap)
-    ap.add_argument("-n", "--namespace", required=True)
-    ap.add_argument("--name", default=gw.DEFAULT_NAME, help="default: waypoint")
+    ap.add_argument("-n", "--namespace", required=True, help="the waypoint's namespace")
+    ap.add_argument("--name", default=gw.DEFAULT_NAME, help="its name (default: waypoint)")
     ap.add_argument(
         "--for",
         dest="waypoint_for",
@@ -584,37 +610,100 @@ def _waypoint_parser(sub: Any) -> None:
     )
     ap.add_argument("--node", help="where its pod runs (default: the first node)")
     ap.add_argument("--wait", action="store_true", help="return once it is programmed")
-    ap.add_argument("--timeout", type=float, default=DEFAULT_WAIT_TIMEOUT)
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_WAIT_TIMEOUT,
+        help=f"seconds --wait waits at most (default {DEFAULT_WAIT_TIMEOUT:g})",
+    )
     ap.set_defaults(fn=_cmd_waypoint_apply)
-    ls = wsub.add_parser("list", help="the waypoints, with their addresses and readiness")
+    ls = _command(
+        wsub,
+        "list",
+        "the waypoints, with their addresses and readiness",
+        "ambientctl waypoint list -n travel",
+        "ambientctl waypoint list -A -o json",
+    )
     _cluster_options(ls)
     _namespace_options(ls, required=True)
-    ls.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    ls.add_argument(
+        "-o", "--output", choices=("table", "json"), default="table", help="table or json"
+    )
     ls.set_defaults(fn=_cmd_waypoint_list)
-    st = wsub.add_parser("status", help="whether a namespace's waypoints are ready, or why not")
+    st = _command(
+        wsub,
+        "status",
+        "whether a namespace's waypoints are ready, or why not",
+        "ambientctl waypoint status -n travel",
+    )
     _cluster_options(st)
-    st.add_argument("-n", "--namespace", required=True)
+    st.add_argument("-n", "--namespace", required=True, help="the waypoints' namespace")
     st.add_argument("--name", help="only this waypoint")
     st.set_defaults(fn=_cmd_waypoint_status)
-    rm = wsub.add_parser("delete", help="delete waypoints (their pods and processes)")
-    _cluster_options(rm)
-    rm.add_argument("-n", "--namespace", required=True)
+    rm = _command(
+        wsub,
+        "delete",
+        "delete waypoints (their pods and processes)",
+        "ambientctl waypoint delete -n travel waypoint",
+        "ambientctl waypoint delete -n travel --all",
+    )
+    _cluster_options(rm, then=(("names", "*"),))
+    rm.add_argument("-n", "--namespace", required=True, help="the waypoints' namespace")
     rm.add_argument("names", nargs="*", help="waypoint names")
     rm.add_argument("--all", action="store_true", help="every waypoint of the namespace")
     rm.set_defaults(fn=_cmd_waypoint_delete)
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("ambient-mesh")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+EPILOG = """\
+which cluster: a command acts on the cluster file given, else --cluster NAME, else the
+current cluster (`ambientctl use NAME|FILE`); with --kubeconfig/--context (or a current
+Kubernetes cluster) status, workloads, services, policies, explain, get and waypoint work
+on a Kubernetes cluster.
+
+examples:
+  ambientctl up demo/travel-cluster.yaml && ambientctl use travel
+  ambientctl status
+  ambientctl get ap -n travel
+  ambientctl explain travel/frontend-0 pricing.travel:80
+  ambientctl apply -f policy.yaml --wait
+  ambientctl down travel
+
+exit codes: 0 ok, 1 a runtime problem (or a status that shows one), 2 a usage error
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ambientctl", description=(__doc__ or "").split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="ambientctl",
+        description=(__doc__ or "").split("\n")[0],
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     _kube_flags(p, None)
+    context.add_cluster_option(p, None)
     p.add_argument(
         "--state-root",
         default=os.environ.get("AMBIENT_STATE_ROOT"),
-        help="where cluster state lives (default /var/lib/ambientctl)",
+        help="where cluster state lives (default $AMBIENT_STATE_ROOT, else /var/lib/ambientctl)",
     )
-    sub = p.add_subparsers(dest="cmd", required=True)
-    up = sub.add_parser("up", help="build a local cluster from a cluster file and start the mesh")
-    up.add_argument("cluster_file")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    up = _command(
+        sub,
+        "up",
+        "build a local cluster from a cluster file and start the mesh",
+        "ambientctl up demo/travel-cluster.yaml",
+        "ambientctl up --redirect-mode ebpf c.yaml",
+        "ambientctl up --kubernetes nodes.yaml      # prints the kubeconfig",
+    )
+    up.add_argument("cluster_file", help="the cluster file (nodes, namespaces, pods, ...)")
     up.add_argument("--no-mesh", action="store_true", help="network and apps only, no tunnels")
     up.add_argument(
         "--redirect-mode",
@@ -637,32 +726,65 @@ def build_parser() -> argparse.ArgumentParser:
         "the cluster, or not at all",
     )
     up.set_defaults(fn=_cmd_up)
-    kc = sub.add_parser("kubeconfig", help="the kubeconfig path of a Kubernetes-mode cluster")
+    kc = _command(
+        sub,
+        "kubeconfig",
+        "the kubeconfig path of a Kubernetes-mode cluster",
+        'kubectl --kubeconfig "$(ambientctl kubeconfig c.yaml)" get pods -A',
+    )
     kc.add_argument("cluster", help="cluster name or cluster file")
     kc.set_defaults(fn=_cmd_kubeconfig)
-    down = sub.add_parser("down", help="remove a local cluster (by name or cluster file)")
-    down.add_argument("cluster")
+    down = _command(
+        sub,
+        "down",
+        "remove a local cluster (by name or cluster file)",
+        "ambientctl down travel",
+        "ambientctl down demo/travel-cluster.yaml",
+    )
+    down.add_argument("cluster", help="cluster name or cluster file")
     down.set_defaults(fn=_cmd_down)
-    st = sub.add_parser(
+    contextcmds.register(sub)
+    st = _command(
+        sub,
         "status",
-        help="each node's tunnel readiness and agent's pods (Kubernetes: istiod, the "
-        "DaemonSets per node, the ambient namespaces)",
+        "per node: tunnel, mesh config in force, agent, pods, waypoints (Kubernetes: istiod, "
+        "the DaemonSets per node, the ambient namespaces)",
+        "ambientctl status",
+        "ambientctl status c.yaml -o json",
+        "ambientctl --kubeconfig ~/.kube/config status",
     )
     _cluster_options(st, istio_namespace=True)
-    st.add_argument("-o", "--output", choices=("table", "json"), help="Kubernetes: default table")
-    st.set_defaults(fn=_cmd_status)
-    lb = sub.add_parser(
-        "label", help="label a namespace or pod at runtime (enrols or releases its pods)"
+    st.add_argument(
+        "-o", "--output", choices=("table", "json"), default="table", help="table or json"
     )
-    lb.add_argument("cluster_file")
-    lb.add_argument("kind", choices=("namespace", "service", "pod"))
-    lb.add_argument("name", help="<namespace>, or <namespace>/<service or pod>")
+    st.set_defaults(fn=_cmd_status)
+    verbs.register(sub)
+    lb = _command(
+        sub,
+        "label",
+        "label a namespace or pod at runtime (enrols or releases its pods)",
+        "ambientctl label namespace travel istio.io/dataplane-mode=ambient",
+        "ambientctl label pod -n travel legacy-0 istio.io/dataplane-mode=none",
+        "ambientctl label service travel/reviews istio.io/use-waypoint=waypoint",
+        "ambientctl label namespace travel istio.io/dataplane-mode-   # remove",
+    )
+    context.add_cluster_arg(lb, then=(("kind", "1"), ("name", "1"), ("labels", "+")))
+    lb.add_argument("kind", metavar="{namespace,service,pod}", help="what to label")
+    lb.add_argument("name", help="<namespace>, or [<namespace>/]<service or pod>")
     lb.add_argument("labels", nargs="+", help="KEY=VALUE to set, KEY- to remove")
+    lb.add_argument("-n", "--namespace", help="the namespace of a service or pod name")
     lb.set_defaults(fn=_cmd_label)
-    ex = sub.add_parser("exec", help="run a command inside a pod's network namespace")
-    ex.add_argument("cluster_file")
-    ex.add_argument("pod", help="<namespace>/<pod>")
-    ex.add_argument("command", nargs=argparse.REMAINDER)
+    ex = _command(
+        sub,
+        "exec",
+        "run a command inside a pod's network namespace",
+        "ambientctl exec travel/frontend-0 -- curl -s reviews.travel",
+        "ambientctl exec -n travel frontend-0 -- ip addr",
+    )
+    context.add_cluster_arg(ex, then=(("pod", "1"), ("command", "*")))
+    ex.add_argument("pod", help="[<namespace>/]<pod>")
+    ex.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command and its args")
+    ex.add_argument("-n", "--namespace", help="the namespace of the pod name")
     ex.set_defaults(fn=_cmd_exec)
     for kind, what in (
         ("workloads", "workloads the tunnels know (config dump)"),
@@ -671,18 +793,23 @@ def build_parser() -> argparse.ArgumentParser:
         ("certificates", "each tunnel's workload certificates"),
         ("connections", "connections each tunnel is proxying now"),
     ):
-        view = sub.add_parser(kind, help=what)
-        if kind in kubecmds.COMMANDS:
-            _cluster_options(view, istio_namespace=True)
-            view.add_argument("-n", "--namespace", help="only this namespace (Kubernetes)")
-        else:
-            view.add_argument("cluster_file")
+        view = _command(
+            sub, kind, what, f"ambientctl {kind}", f"ambientctl {kind} -n travel -o json"
+        )
+        _cluster_options(view, istio_namespace=kind in kubecmds.COMMANDS)
+        view.add_argument("-n", "--namespace", help="only this namespace")
         _view_options(view, "only this node's tunnel (default: every node)")
         view.set_defaults(fn=_cmd_view)
-    explain_cmd = sub.add_parser(
-        "explain", help="how a connection from a pod would be routed and authorized"
+    explain_cmd = _command(
+        sub,
+        "explain",
+        "how a connection from a pod would be routed and authorized",
+        "ambientctl explain travel/frontend-0 pricing.travel:80",
+        "ambientctl explain -n travel frontend-0 reviews.travel:9080 --http 'GET /r/1'",
     )
-    _cluster_options(explain_cmd, istio_namespace=True)
+    _cluster_options(
+        explain_cmd, istio_namespace=True, then=(("source", "1"), ("destination", "1"))
+    )
     explain_cmd.add_argument("source", help="<namespace>/<pod>, <pod> with -n, or a pod IP")
     explain_cmd.add_argument(
         "destination",
@@ -707,64 +834,81 @@ def build_parser() -> argparse.ArgumentParser:
         help="a request header for --http (repeatable; host: replaces the destination)",
     )
     explain_cmd.set_defaults(fn=_cmd_explain)
-    ap = sub.add_parser(
+    ap = _command(
+        sub,
         "apply",
-        help="apply policies, routes and waypoint Gateways (YAML) to a running cluster",
+        "apply policies, routes and waypoint Gateways (YAML) to a running cluster",
+        "ambientctl apply -f policy.yaml --wait",
+        "kubectl kustomize . | ambientctl apply -f - --dry-run",
     )
-    ap.add_argument("cluster_file")
+    context.add_cluster_arg(ap)
     ap.add_argument("-f", "--filename", required=True, help="YAML file, or - for stdin")
+    ap.add_argument("-n", "--namespace", help="the namespace of documents that name none")
     ap.add_argument("--node", help="where a new waypoint Gateway's pod runs (default: 1st node)")
     _change_options(ap)
     ap.set_defaults(fn=_cmd_apply)
-    rm = sub.add_parser("delete", help="delete policies, routes, waypoints from a running cluster")
-    rm.add_argument("cluster_file")
-    rm.add_argument("kind", nargs="?", help="authorizationpolicy, httproute, gateway, ...")
-    rm.add_argument("name", nargs="?", help="<namespace>/<name>")
+    rm = _command(
+        sub,
+        "delete",
+        "delete policies, routes, waypoints from a running cluster",
+        "ambientctl delete -f policy.yaml",
+        "ambientctl delete ap deny-all -n travel",
+        "ambientctl delete hr travel/reviews --wait",
+    )
+    context.add_cluster_arg(rm, then=(("kind", "?"), ("name", "?")))
+    rm.add_argument("kind", nargs="?", help="ap, pa, ra, hr, grpcroute, vs, dr, se, gw (or long)")
+    rm.add_argument("name", nargs="?", help="[<namespace>/]<name>")
     rm.add_argument("-f", "--filename", help="delete what this YAML file names (- for stdin)")
+    rm.add_argument("-n", "--namespace", help="the namespace of NAME (default: default)")
     _change_options(rm)
     rm.set_defaults(fn=_cmd_delete)
     _waypoint_parser(sub)
-    rt = sub.add_parser("routes", help="each service's routes (HTTPRoute, GRPCRoute, ...)")
-    rt.add_argument("cluster_file")
+    rt = _command(
+        sub,
+        "routes",
+        "each service's routes (HTTPRoute, GRPCRoute, ...)",
+        "ambientctl routes -n travel",
+        "ambientctl routes -A -o json",
+    )
+    context.add_cluster_arg(rt)
     _namespace_options(rt, required=False)
-    rt.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    rt.add_argument(
+        "-o", "--output", choices=("table", "json"), default="table", help="table or json"
+    )
     rt.set_defaults(fn=_cmd_routes)
-    demo = sub.add_parser("demo", help="the travel-booking demo, end to end")
+    demo = _command(sub, "demo", "the travel-booking demo, end to end", "ambientctl demo")
     demo.set_defaults(fn=_cmd_demo)
     dashboard.register(sub)
+    completion.register(sub, p)  # last: the script covers every command registered before
     return p
 
 
-KUBE_CAPABLE = (*kubecmds.COMMANDS, "waypoint")
+KUBE_CAPABLE = (*kubecmds.COMMANDS, "waypoint", "get")
 
 
 def _kube_target(args: argparse.Namespace) -> KubeTarget | None:
     """The Kubernetes cluster the command is for (its handler then is `kubecmds`'), or None
-    for a local cluster."""
+    for a local cluster (`context.kube_target` decides)."""
+    context.settle(args)  # idempotent: main has settled them already
     kubeconfig, kube_context = args.kubeconfig, args.context
+    if getattr(args, "no_cluster", False):
+        return None  # use, clusters, completion: they read their own flags
     if args.cmd not in KUBE_CAPABLE:
         if kubeconfig is not None or kube_context is not None:
             raise KubeUsage(
                 f"{args.cmd} works on a local cluster (its file), not with --kubeconfig/--context"
             )
         return None
-    if (
-        args.cmd == "waypoint"
-        and args.waypoint_cmd == "delete"
-        and args.cluster_file is not None
-        and (kubeconfig is not None or kube_context is not None)
-        and not Path(args.cluster_file).is_file()
-    ):
-        # `waypoint delete NAME -n NS`: with --kubeconfig the first NAME is not a file.
-        args.names = [args.cluster_file, *args.names]
-        args.cluster_file = None
-    target = choose(args.cluster_file, kubeconfig, kube_context, os.environ)
+    target = context.kube_target(args, os.environ)
     if target is not None:
-        fn = (
-            kubecmds.WAYPOINT_COMMANDS[args.waypoint_cmd]
-            if args.cmd == "waypoint"
-            else kubecmds.COMMANDS[args.cmd]
-        )
+        # What a handler reads to reach the cluster (`get pods` is given args alone).
+        args.kubeconfig, args.context = str(target.kubeconfig), target.context
+        if hasattr(args, "kube_fn"):
+            fn = args.kube_fn
+        elif args.cmd == "waypoint":
+            fn = kubecmds.WAYPOINT_COMMANDS[args.waypoint_cmd]
+        else:
+            fn = kubecmds.COMMANDS[args.cmd]
         args.fn = lambda a: fn(target, a)
     return target
 
@@ -810,21 +954,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)
-        if extra and getattr(args, "waypoint_cmd", None) == "delete":
-            # NAMEs after `-n NS`: argparse matches positionals once, before the option.
-            if any(e.startswith("-") for e in extra):
-                parser.error(f"unrecognized arguments: {' '.join(extra)}")
-            args.names = [*args.names, *extra]
-        elif extra:
+        if any(e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        # Positionals after an option (`get ap -n NS NAME`), a cluster file or not.
+        extra = context.settle(args, extra)
+        if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as e:  # argparse printed the usage error (or --help)
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     try:
         target = _kube_target(args)
-    except KubeUsage as e:
+    except (KubeUsage, context.NoCluster) as e:
         print(f"{_prog(args)}: {e}", file=sys.stderr)
         return EXIT_USAGE
-    if target is None and os.geteuid() != 0:
+    except StateError as e:  # the remembered current cluster cannot be read
+        print(f"{_prog(args)}: {e}", file=sys.stderr)
+        return EXIT_RUNTIME
+    if target is None and os.geteuid() != 0 and not getattr(args, "no_cluster", False):
         print("ambientctl: run as root (network namespaces need it)", file=sys.stderr)
         return EXIT_RUNTIME
     command: Callable[[], int] = lambda: _run(args)  # noqa: E731

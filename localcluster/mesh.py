@@ -61,6 +61,7 @@ from localcluster.state import (
     FAILED_UP_LOGS,
     ClusterState,
     TeardownReport,
+    keep_spec,
     live_netns,
     state_dir,
     teardown,
@@ -864,6 +865,7 @@ def up(
         )
     try:
         state = ClusterState.open(spec.name, state_root)
+        keep_spec(state, cluster_file)  # later commands may name the cluster alone
         layout = build_network(spec, state)
         apply_service_rules(spec, layout)
         cluster = Cluster(spec, layout, state, mesh)
@@ -960,7 +962,13 @@ def _port_open(netns_path: str, ip: str, port: int) -> bool:
 def attach(cluster_file: Path | str, state_root: Path | str | None = None) -> Cluster:
     """The handle of a running cluster (for the CLI's other commands). Creates nothing;
     raises NotRunning unless the cluster's record and its bridge namespace exist."""
-    spec = load_cluster(cluster_file)
+    return attach_spec(load_cluster(cluster_file), state_root, cluster_file)
+
+
+def attach_spec(
+    spec: ClusterSpec, state_root: Path | str | None, cluster_file: Path | str
+) -> Cluster:
+    """`attach` of a spec already read (the copy a cluster's record keeps)."""
     state = ClusterState.load(spec.name, state_root)
     layout = plan_layout(spec)
     if (

@@ -35,6 +35,7 @@ from localcluster.spec import valid_cluster_name
 DEFAULT_STATE_ROOT = Path("/var/lib/ambientctl")
 STATE_FILE = registry.STATE_FILE
 FAILED_UP_LOGS = "failed-up-logs"
+SPEC_RECORD = "spec.json"  # a copy of the cluster file `up` read, and where it was
 KEEP_DIRS = frozenset({"ca", FAILED_UP_LOGS})
 
 
@@ -126,6 +127,27 @@ class ClusterState:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
+
+
+def keep_spec(state: ClusterState, cluster_file: Path | str) -> None:
+    """Remember the cluster file this cluster was built from (its path and a copy of its
+    text), so that later commands can name the cluster alone: the copy is what runs, even
+    if the file is edited or moved afterwards. Teardown removes it with the rest."""
+    path = Path(cluster_file).resolve()
+    doc = {"file": str(path), "text": path.read_text(encoding="utf-8")}
+    tmp = state.dir / f".{SPEC_RECORD}.tmp"
+    tmp.write_text(json.dumps(doc), encoding="utf-8")
+    os.replace(tmp, state.dir / SPEC_RECORD)
+
+
+def kept_spec(cluster: str, state_root: Path | str | None = None) -> tuple[Path, str] | None:
+    """(the cluster file's path, its text as `up` read it), or None when the cluster has
+    no such record (not up, or brought up before the record existed)."""
+    try:
+        doc = json.loads((state_dir(cluster, state_root) / SPEC_RECORD).read_text("utf-8"))
+        return Path(str(doc["file"])), str(doc["text"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def state_dir(cluster: str, state_root: Path | str | None = None) -> Path:

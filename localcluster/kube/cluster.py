@@ -29,7 +29,7 @@ from localcluster.meshconfig import MeshPaths
 from localcluster.network import NetworkLayout, build_network
 from localcluster.processes import PIDFILE_SUFFIX, ManagedProcess, spawn_in_netns
 from localcluster.spec import ClusterSpec, load_cluster
-from localcluster.state import ClusterState, live_netns, state_dir, teardown
+from localcluster.state import ClusterState, keep_spec, live_netns, state_dir, teardown
 
 KUBELET = "kubelet"
 CONTROLPLANE = "controlplane"
@@ -313,6 +313,7 @@ def up(
         )
     try:
         state = ClusterState.open(spec.name, state_root)
+        keep_spec(state, cluster_file)  # later commands may name the cluster alone
         layout = build_network(spec, state)
         shutil.rmtree(kube_dir(state), ignore_errors=True)
         cp = KubeControlPlane(kube_dir(state), die_with_parent=False)

@@ -282,7 +282,9 @@ def test_no_tunnel_means_blocked_not_plaintext_then_enrolled_when_one_acks(
             s.connect((legacy, 9000))
         s.close()
         capsys.readouterr()
-        rc = cli.main(["--state-root", str(c.state.dir.parent), "status", str(CLUSTER_FILE)])
+        rc = cli.main(
+            ["--state-root", str(c.state.dir.parent), "status", str(CLUSTER_FILE), "-o", "json"]
+        )
         assert rc == 1 and '"state": "pending"' in capsys.readouterr().out
     finally:
         mesh.start_node_tunnel(c, "n2")
