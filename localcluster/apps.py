@@ -16,6 +16,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import nsutil
 from localcluster.kube import container
 from localcluster.network import NetworkLayout
 from localcluster.podenv import pod_env, pod_resolv_conf
@@ -67,6 +68,26 @@ def pod_mounts(resolv: Path | None) -> Callable[[], None] | None:
         container.mount(source, RESOLV_CONF, None, container.MS_BIND)
 
     return run
+
+
+def exec_context(
+    spec: ClusterSpec, layout: NetworkLayout, state: ClusterState, pod: PodSpec
+) -> tuple[dict[str, str], Callable[[], None]]:
+    """For `ambientctl exec`: the environment and the child's entry into the pod (netns,
+    and its resolver when the cluster has one), the same as the pod's app gets. The
+    caller's TERM is kept, as `kubectl exec -t` passes it, so a shell behaves."""
+    env = app_env(spec, pod.namespace, pod.name)
+    if "TERM" in os.environ:
+        env["TERM"] = os.environ["TERM"]
+    enter = nsutil.preexec_enter(layout.pod(pod.namespace, pod.name).netns_path)
+    mounts = pod_mounts(write_pod_files(spec, state, pod))
+
+    def run() -> None:
+        enter()
+        if mounts is not None:
+            mounts()
+
+    return env, run
 
 
 def missing_commands(spec: ClusterSpec) -> list[str]:

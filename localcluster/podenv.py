@@ -2,7 +2,7 @@
 
 One answer for both the pod's app (started at `up`) and `ambientctl exec`, so a command run
 by hand sees what the app sees:
-- the environment: the pod's own variables (POD_NAME, POD_NAMESPACE, POD_IP, NODE_NAME,
+- the environment: the pod's own variables (HOSTNAME, POD_NAME, POD_NAMESPACE, POD_IP, NODE_NAME,
   SERVICE_ACCOUNT), the Kubernetes service variables of its namespace exactly as the
   kubelet writes them (`<SVC>_SERVICE_HOST`, `<SVC>_SERVICE_PORT[_<NAME>]`, `<SVC>_PORT`,
   `<SVC>_PORT_<n>_TCP[_PROTO|_PORT|_ADDR]`; the same function the local kubelet uses), then
@@ -36,6 +36,7 @@ def pod_env(spec: ClusterSpec, pod: PodSpec) -> dict[str, str]:
     """The variables a pod's processes get (see the module doc); the pod's `env` wins."""
     env = service_env([service_info(s) for s in spec.all_services()], pod.namespace)
     env.update(
+        HOSTNAME=pod.name,  # as the container runtime sets it
         POD_NAME=pod.name,
         POD_NAMESPACE=pod.namespace,
         POD_IP=str(pod.ip),

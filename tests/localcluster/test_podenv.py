@@ -34,6 +34,7 @@ def test_pod_env_is_what_the_kubelet_writes():
         "FRONTEND_PORT_80_TCP_PROTO": "tcp",
         "FRONTEND_PORT_80_TCP_PORT": "80",
         "FRONTEND_PORT_80_TCP_ADDR": "10.96.0.10",
+        "HOSTNAME": "frontend-0",
         "POD_NAME": "frontend-0",
         "POD_NAMESPACE": "travel",
         "POD_IP": "10.244.1.11",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -58,7 +59,7 @@ def test_step_notices_an_exit_and_restarts_by_policy(tmp_path: Path):
     spec = travel()
     pods = [
         spec.pod("travel", "frontend-0"),
-        PodSpec(**{**_fields(spec.pod("travel", "backend-0")), "restart_policy": "Always"}),
+        dataclasses.replace(spec.pod("travel", "backend-0"), restart_policy="Always"),
     ]
     published: list[tuple[dict[str, AppState], bool]] = []
     started: list[str] = []
@@ -105,7 +106,3 @@ def test_step_notices_an_exit_and_restarts_by_policy(tmp_path: Path):
     assert proc is not None
     proc.popen.kill()
     proc.popen.wait()
-
-
-def _fields(p: PodSpec) -> dict[str, object]:
-    return {name: getattr(p, name) for name in PodSpec.__slots__}
