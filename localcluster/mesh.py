@@ -968,10 +968,19 @@ def _wait_apps(cluster: Cluster, timeout: float = 15.0) -> None:
                 out.append((ref, pname, port))
         return out
 
+    every = {appstatus.key(p.namespace, p.name) for p in cluster.spec.pods}
+
+    def started() -> bool:
+        # As when `up` started the apps itself: it returns once every app was started.
+        return every <= set(appstatus.read(cluster.state.dir))
+
     def exited() -> str | None:
         if process_record(cluster, SUPERVISOR) is None:
             return f"the pod supervisor is not running (its log: {SUPERVISOR}.log)"
         apps = appstatus.read(cluster.state.dir)
+        for ref, app in sorted(apps.items()):
+            if app.reason == "StartError":
+                return f"the app of pod {ref} did not start: {app.message}"
         for ref, pname, port in closed():
             app = apps.get(ref)
             if app is not None and not app.running and not app.waiting_restart:
@@ -983,6 +992,7 @@ def _wait_apps(cluster: Cluster, timeout: float = 15.0) -> None:
         return None
 
     try:
+        _wait_for(started, timeout, "the pod supervisor to start the apps", exited)
         _wait_for(lambda: not closed(), timeout, "the apps to listen", exited)
     except MeshUpError as e:
         if "timed out" not in str(e):
