@@ -5,10 +5,9 @@ A local cluster: the pods of its file (labels as in force now) and its waypoints
 liveness from the process records (the app's pid and start time still match a live
 process), how an app ended from the pod supervisor's record (`localcluster.appstatus`),
 mesh state from each node agent's status file. A Kubernetes cluster (`--kubeconfig`/
-`--context`, or no local cluster given and a kubeconfig found, as the other commands
-choose): the Pods the API server lists, readiness and restarts from their status, mesh
-state from the node agent's `ambient.istio.io/redirection` mark and the labels
-(`ambientctl.kubepods`).
+`--context`, set by `get`'s dispatcher for the cluster it chose): the Pods the API server
+lists, readiness and restarts from their status, mesh state from the node agent's
+`ambient.istio.io/redirection` mark and the labels (`ambientctl.kubepods`).
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import sys
 import time
 
 from ambientctl import context, podsview
-from ambientctl.kubefetch import KubeTarget, choose
+from ambientctl.kubefetch import choose
 from ambientctl.podsview import PodRow
 from localcluster import appstatus, mesh, waypoints
 from localcluster.apps import process_name
@@ -65,19 +64,14 @@ def run_get_pods(args: argparse.Namespace) -> int:
 
 
 def gather(args: argparse.Namespace) -> list[PodRow]:
-    """Every pod of the cluster `args` name: a Kubernetes cluster when one is named
-    (--kubeconfig/--context), or when no local cluster is given and a kubeconfig is found
-    (as the other commands choose); else the local cluster."""
+    """Every pod of the cluster `args` name: a Kubernetes cluster when the dispatcher set
+    --kubeconfig/--context (`get`'s dispatcher sets them for the Kubernetes cluster it
+    chose), else the local cluster `context.attach` finds."""
     kubeconfig = getattr(args, "kubeconfig", None)
     kube_context = getattr(args, "context", None)
-    target: KubeTarget | None
-    if kubeconfig is not None or kube_context is not None:
-        target = choose(None, kubeconfig, kube_context, os.environ)
-    else:
-        try:
-            return local_rows(context.attach(args))
-        except context.NoCluster:
-            target = choose(None, None, None, os.environ)  # KubeUsage when none either
+    if kubeconfig is None and kube_context is None:
+        return local_rows(context.attach(args))
+    target = choose(None, kubeconfig, kube_context, os.environ)
     assert target is not None  # choose() is None only for a cluster file
     from ambientctl import kubepods  # the API client is loaded only when it is used
 
