@@ -978,9 +978,9 @@ def _wait_apps(cluster: Cluster, timeout: float = 15.0) -> None:
         if process_record(cluster, SUPERVISOR) is None:
             return f"the pod supervisor is not running (its log: {SUPERVISOR}.log)"
         apps = appstatus.read(cluster.state.dir)
-        for ref, app in sorted(apps.items()):
-            if app.reason == "StartError":
-                return f"the app of pod {ref} did not start: {app.message}"
+        for ref, known in sorted(apps.items()):
+            if known.reason == "StartError":
+                return f"the app of pod {ref} did not start: {known.message}"
         for ref, pname, port in closed():
             app = apps.get(ref)
             if app is not None and not app.running and not app.waiting_restart:
