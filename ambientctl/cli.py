@@ -23,7 +23,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import nsutil
 from ambientctl import (
     completion,
     context,
@@ -42,6 +41,7 @@ from ambientctl.kubefetch import KubeTarget, KubeUsage
 from ambientctl.kubeviews import ISTIO_NAMESPACE
 from localcluster import gateways as gw
 from localcluster import mesh, registry
+from localcluster.apps import exec_context
 from localcluster.inputs import InputError, read_text
 from localcluster.interrupt import run_interruptible
 from localcluster.kube import cluster as kube_cluster
@@ -217,13 +217,18 @@ def _cmd_exec(args: argparse.Namespace) -> int:
         args.pod = f"{args.namespace}/{args.pod}"
     _pod_ref(args.pod)
     cluster = context.attach(args)
-    where = cluster.pod_netns(*_find_pod(cluster, args.pod))
+    # The pod's environment and resolver, as its app has them (localcluster.apps).
+    env, enter = exec_context(
+        cluster.spec, cluster.layout, cluster.state, cluster.spec.pod(*_find_pod(cluster, args.pod))
+    )
     try:
-        proc = subprocess.run(argv, preexec_fn=nsutil.preexec_enter(where), check=False)
+        proc = subprocess.run(argv, env=env, preexec_fn=enter, check=False)
     except FileNotFoundError:
         raise NotFound(f"command {argv[0]!r} not found") from None
     except PermissionError:
         raise NotFound(f"command {argv[0]!r} cannot be run (permission denied)") from None
+    except subprocess.SubprocessError as e:  # entering the pod's namespaces failed
+        raise NotFound(f"cannot run {argv[0]!r} in pod {args.pod}: {e}") from None
     return proc.returncode
 
 

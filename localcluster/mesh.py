@@ -39,9 +39,9 @@ from typing import Any
 import yaml
 
 import nsutil
+from localcluster import appstatus, meshconfig, netnshttp, policies, registry, waypoints
 from localcluster import gateways as gw
-from localcluster import meshconfig, netnshttp, policies, registry, waypoints
-from localcluster.apps import INHERITED_ENV, missing_commands, process_name, start_apps
+from localcluster.apps import INHERITED_ENV, missing_commands, process_name
 from localcluster.labels import LabelChange, LabelError, label_errors
 from localcluster.meshconfig import MeshPaths as MeshPaths
 from localcluster.meshconfig import pod_info as pod_info
@@ -107,6 +107,12 @@ def write_mesh_config(
 ) -> str:
     """Generate the mesh config (see `localcluster.meshconfig`); returns its digest."""
     return meshconfig.write_mesh_config(spec, paths, policies)
+
+
+def service_rules(cluster: Cluster) -> None:
+    """Every node's service DNAT for the labels in force, without the pods whose app is not
+    running (the pod supervisor calls this too when an app exits or comes back)."""
+    apply_service_rules(current_spec(cluster), cluster.layout, meshconfig.not_ready(cluster.paths))
 
 
 def current_spec(cluster: Cluster) -> ClusterSpec:
@@ -227,7 +233,7 @@ def apply_resources(
             meshconfig.write_resource_records(cluster.paths, new_resources)
             meshconfig.write_gateway_records(cluster.paths, gateways)
             digest = meshconfig.regenerate(cluster.spec, cluster.paths)
-            apply_service_rules(current_spec(cluster), cluster.layout)
+            service_rules(cluster)
             for g in created:
                 waypoints.start(after, cluster.state, cluster.paths, g)
         except BaseException:
@@ -321,7 +327,7 @@ def delete_resources(
             cluster.paths, [g for g in now.gateways if g not in doomed]
         )
         digest = meshconfig.regenerate(cluster.spec, cluster.paths)
-        apply_service_rules(current_spec(cluster), cluster.layout)
+        service_rules(cluster)
         # The records first: no tunnel is told of a waypoint whose pod is already gone.
         for g in doomed:
             waypoints.remove(now, cluster.state, g)
@@ -460,7 +466,7 @@ def _publish(cluster: Cluster, doc: dict[str, Any]) -> str:
     meshconfig.write_pod_source(cluster.paths, doc)
     digest = meshconfig.regenerate(cluster.spec, cluster.paths)
     # Service endpoints are chosen by pod labels: keep the nodes' service rules in step.
-    apply_service_rules(current_spec(cluster), cluster.layout)
+    service_rules(cluster)
     return digest
 
 
@@ -880,8 +886,8 @@ def up(
                 start_tunnel(spec, layout, state, node.name)
             wait_ready(cluster)
             start_waypoints(cluster)
-        apps = start_apps(spec, layout, state)
-        _wait_apps(cluster, {p.record.name: p for p in apps})
+        start_supervisor(cluster, cluster_file)
+        _wait_apps(cluster)
     except Exception as e:
         kept = _keep_logs(d)
         teardown(spec.name, state_root)
@@ -905,11 +911,35 @@ def _keep_logs(d: Path) -> Path | None:
     return kept
 
 
-def _wait_apps(
-    cluster: Cluster, started: Mapping[str, ManagedProcess], timeout: float = 15.0
-) -> None:
+SUPERVISOR = "supervisor"
+
+
+def start_supervisor(cluster: Cluster, cluster_file: Path | str) -> ManagedProcess:
+    """The pod supervisor (`localcluster.supervisor`): it starts every pod's app and keeps
+    the mesh config's workload health in step with them."""
+    return spawn_in_netns(
+        cluster.layout.cluster_netns_path,
+        [
+            _python(),
+            "-m",
+            "localcluster.supervisor",
+            "--cluster-file",
+            str(Path(cluster_file).resolve()),
+            "--state-root",
+            str(cluster.state.dir.parent.resolve()),
+        ],
+        _base_env(),
+        Path.cwd(),
+        cluster.state.log_dir / f"{SUPERVISOR}.log",
+        cluster.state.pidfile_dir,
+        SUPERVISOR,
+    )
+
+
+def _wait_apps(cluster: Cluster, timeout: float = 15.0) -> None:
     """Wait until each pod with a listening app port (a service target) accepts; fail at
-    once when such a pod's app has exited, and name what does not listen."""
+    once when such a pod's app has exited (as its supervisor recorded) or the supervisor
+    itself has, and name what does not listen."""
     targets: list[tuple[str, str, int]] = []  # (ns/pod, process name, port)
     for svc in cluster.spec.services:
         for pod in cluster.spec.endpoints(svc):
@@ -925,18 +955,31 @@ def _wait_apps(
                 out.append((ref, pname, port))
         return out
 
+    every = {appstatus.key(p.namespace, p.name) for p in cluster.spec.pods}
+
+    def started() -> bool:
+        # As when `up` started the apps itself: it returns once every app was started.
+        return every <= set(appstatus.read(cluster.state.dir))
+
     def exited() -> str | None:
+        if process_record(cluster, SUPERVISOR) is None:
+            return f"the pod supervisor is not running (its log: {SUPERVISOR}.log)"
+        apps = appstatus.read(cluster.state.dir)
+        for ref, known in sorted(apps.items()):
+            if known.reason == "StartError":
+                return f"the app of pod {ref} did not start: {known.message}"
         for ref, pname, port in closed():
-            proc = started.get(pname)
-            code = proc.popen.poll() if proc is not None else None
-            if code is not None:
+            app = apps.get(ref)
+            if app is not None and not app.running and not app.waiting_restart:
+                how = app.message or f"exited with code {app.exit_code}"
                 return (
-                    f"the app of pod {ref} exited with code {code} before listening on port "
-                    f"{port} (its log: {pname}.log)"
+                    f"the app of pod {ref} {how} before listening on port {port} "
+                    f"(its log: {pname}.log)"
                 )
         return None
 
     try:
+        _wait_for(started, timeout, "the pod supervisor to start the apps", exited)
         _wait_for(lambda: not closed(), timeout, "the apps to listen", exited)
     except MeshUpError as e:
         if "timed out" not in str(e):

@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from localcluster import appstatus
 from localcluster import gateways as gw
 from localcluster.network import NetworkLayout
 from localcluster.spec import ClusterSpec, NamespaceSpec, PodSpec
@@ -124,11 +125,14 @@ def write_mesh_config(
     paths: MeshPaths,
     policies: Sequence[Mapping[str, Any]] | None = None,
     resources: Sequence[Mapping[str, Any]] = (),
+    not_ready: frozenset[tuple[str, str]] = frozenset(),
 ) -> str:
     """Generate the mesh config from `spec` (with the labels and waypoints in force), the
-    policies (default: the cluster file's) and the L7 resources. Returns the SHA-256 of the
-    bytes written: the digest a tunnel reports once it runs them."""
-    data = yaml.safe_dump(local_xds(spec, policies, resources), sort_keys=False).encode()
+    policies (default: the cluster file's), the L7 resources and the pods whose app is not
+    running. Returns the SHA-256 of the bytes written: the digest a tunnel reports once it
+    runs them."""
+    doc = local_xds(spec, policies, resources, not_ready)
+    data = yaml.safe_dump(doc, sort_keys=False).encode()
     write_file(paths.xds, data)
     return hashlib.sha256(data).hexdigest()
 
@@ -288,6 +292,11 @@ def current_spec(spec: ClusterSpec, paths: MeshPaths) -> ClusterSpec:
     return dataclasses.replace(spec, namespaces=namespaces, pods=pods)
 
 
+def not_ready(paths: MeshPaths) -> frozenset[tuple[str, str]]:
+    """The pods whose app is not running, by the pod supervisor's record (beside `mesh/`)."""
+    return appstatus.not_ready(appstatus.read(paths.root.parent))
+
+
 def regenerate(spec: ClusterSpec, paths: MeshPaths) -> str:
     """The mesh config from the records, whole; the caller holds `records_lock`."""
     return write_mesh_config(
@@ -295,4 +304,5 @@ def regenerate(spec: ClusterSpec, paths: MeshPaths) -> str:
         paths,
         read_policy_records(spec, paths),
         read_resource_records(paths),
+        not_ready(paths),
     )

@@ -191,8 +191,14 @@ def plan_host_network(layout: NetworkLayout, address: IPv4Address, prefixlen: in
     return HostNetwork(address, prefixlen, tuple((n.pod_cidr, n.ip) for n in layout.nodes))
 
 
-def service_rules(spec: ClusterSpec, node: NodeSpec, install_jumps: bool) -> str:
-    """iptables-restore input (for --noflush) with the node's service DNAT.
+def service_rules(
+    spec: ClusterSpec,
+    node: NodeSpec,
+    install_jumps: bool,
+    not_ready: frozenset[tuple[str, str]] = frozenset(),
+) -> str:
+    """iptables-restore input (for --noflush) with the node's service DNAT; a pod in
+    `not_ready` (its app is not running) is no endpoint, as kube-proxy leaves it out.
 
     Declaring the chains flushes them, so applying the text again replaces the rules
     rather than duplicating them; the jumps from the built-in chains are added only once,
@@ -206,7 +212,7 @@ def service_rules(spec: ClusterSpec, node: NodeSpec, install_jumps: bool) -> str
             f"-A POSTROUTING -j {POSTROUTING_CHAIN}",
         ]
     for svc in spec.all_services():
-        endpoints = spec.endpoints(svc)
+        endpoints = [p for p in spec.endpoints(svc) if (p.namespace, p.name) not in not_ready]
         for port in svc.ports:
             match = f"-A {SERVICES_CHAIN} -d {svc.vip}/32 -p tcp -m tcp --dport {port.port}"
             comment = f'-m comment --comment "{svc.namespace}/{svc.name}:{port.port}"'
@@ -419,8 +425,12 @@ def apply_iptables(netns_path: str, rules: str) -> None:
         )
 
 
-def apply_service_rules(spec: ClusterSpec, layout: NetworkLayout) -> None:
+def apply_service_rules(
+    spec: ClusterSpec,
+    layout: NetworkLayout,
+    not_ready: frozenset[tuple[str, str]] = frozenset(),
+) -> None:
     """Replace every node's service DNAT after the services or endpoints changed."""
     for node_spec in spec.nodes:
-        rules = service_rules(spec, node_spec, install_jumps=False)
+        rules = service_rules(spec, node_spec, install_jumps=False, not_ready=not_ready)
         apply_iptables(layout.node(node_spec.name).netns_path, rules)

@@ -18,7 +18,7 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,8 +117,11 @@ def spawn_in_netns(
     log_path: Path | str,
     pidfile_dir: Path | str,
     name: str,
+    after_enter: Callable[[], None] | None = None,
 ) -> ManagedProcess:
-    """Start `argv` inside the namespace at `netns_path`, output appended to `log_path`."""
+    """Start `argv` inside the namespace at `netns_path`, output appended to `log_path`.
+    `after_enter` runs in the child once it is in the namespace, before the exec (a pod's
+    own mount namespace and files, `localcluster.apps`)."""
     if not _NAME.match(name):
         raise ProcessError(f"process name {name!r} must match {_NAME.pattern} (used as filename)")
     if not argv:
@@ -139,7 +142,7 @@ def spawn_in_netns(
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=nsutil.preexec_enter(netns_path),
+                preexec_fn=_preexec(netns_path, after_enter),
             )
         except (OSError, subprocess.SubprocessError) as e:
             raise ProcessError(
@@ -159,6 +162,18 @@ def spawn_in_netns(
     pidfile = pid_dir / f"{name}{PIDFILE_SUFFIX}"
     _write_atomic(pidfile, record.to_json())
     return ManagedProcess(record, popen, pidfile)
+
+
+def _preexec(netns_path: str, after: Callable[[], None] | None) -> Callable[[], None]:
+    enter = nsutil.preexec_enter(netns_path)
+    if after is None:
+        return enter
+
+    def run() -> None:
+        enter()
+        after()
+
+    return run
 
 
 def read_records(pidfile_dir: Path | str) -> list[ProcessRecord]:

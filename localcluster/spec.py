@@ -26,6 +26,7 @@ from types import MappingProxyType
 from typing import Any
 
 from localcluster import gateways as gw
+from localcluster.appstatus import DEFAULT_RESTART_POLICY, RESTART_POLICIES
 from localcluster.inputs import InputError, read_text
 from localcluster.labels import label_errors
 from localcluster.policies import PolicyError, check_documents, with_defaults
@@ -111,6 +112,8 @@ class PodSpec:
     command: tuple[str, ...]  # already resolved: `{python}` replaced by sys.executable
     env: Mapping[str, str] = field(hash=False)
     gateway: str = ""  # the waypoint Gateway this pod runs (its name), else ""
+    # Whether the pod supervisor restarts an exited app (Never | OnFailure | Always).
+    restart_policy: str = DEFAULT_RESTART_POLICY
 
     @property
     def is_waypoint(self) -> bool:
@@ -333,31 +336,6 @@ def _allocate(network: IPv4Network, taken: set[IPv4Address], start: int) -> IPv4
     return addr
 
 
-# --- environment (pure) ------------------------------------------------------------------
-
-
-def env_name(service_name: str) -> str:
-    return service_name.upper().replace("-", "_")
-
-
-def pod_env(spec: ClusterSpec, pod: PodSpec) -> dict[str, str]:
-    """Kubernetes-style variables for a pod; the pod's own `env` wins on conflict."""
-    env: dict[str, str] = {}
-    for svc in spec.services:
-        if svc.namespace != pod.namespace:
-            continue
-        env[f"{env_name(svc.name)}_SERVICE_HOST"] = str(svc.vip)
-        env[f"{env_name(svc.name)}_SERVICE_PORT"] = str(svc.ports[0].port)
-    env.update(
-        POD_NAME=pod.name,
-        POD_NAMESPACE=pod.namespace,
-        POD_IP=str(pod.ip),
-        NODE_NAME=pod.node,
-    )
-    env.update(pod.env)
-    return env
-
-
 # --- parsing -----------------------------------------------------------------------------
 
 
@@ -562,6 +540,7 @@ def _parse_pods(
     by_node = {n.name: n for n in nodes}
     ns_names = {ns.name for ns in namespaces}
     keys = {"name", "namespace", "serviceAccount", "labels", "node", "ip", "command", "env"}
+    keys.add("restartPolicy")
     # First pass: validate and collect explicit IPs, so allocation can skip them.
     raw: list[tuple[str, dict[str, Any], NodeSpec, IPv4Address | None]] = []
     claimed: dict[IPv4Address, str] = {}
@@ -616,9 +595,19 @@ def _parse_pods(
                 ip=resolved,
                 command=_command(m, where),
                 env=_str_map(m, "env", where),
+                restart_policy=_restart_policy(m, where),
             )
         )
     return tuple(out)
+
+
+def _restart_policy(m: dict[str, Any], where: str) -> str:
+    value = _str(m, "restartPolicy", where, DEFAULT_RESTART_POLICY)
+    if value not in RESTART_POLICIES:
+        raise SpecError(
+            f"{where}.restartPolicy: {value!r} is not one of {', '.join(RESTART_POLICIES)}"
+        )
+    return value
 
 
 def _parse_services(

@@ -55,11 +55,18 @@ def local_xds(
     spec: ClusterSpec,
     policies: Sequence[Mapping[str, Any]] | None = None,
     resources: Sequence[Mapping[str, Any]] = (),
+    not_ready: frozenset[tuple[str, str]] = frozenset(),
 ) -> dict[str, Any]:
     """The whole document; `policies` (the ones applied since) replace the cluster file's;
-    `resources` are the L7 resources in force (the waypoint Gateways are added to them)."""
+    `resources` are the L7 resources in force (the waypoint Gateways are added to them);
+    `not_ready`: (namespace, pod) whose app is not running, written Unhealthy so no tunnel
+    or waypoint picks them as an endpoint (Kubernetes drops a not-ready pod from its
+    Services' endpoints)."""
     doc: dict[str, Any] = {
-        "workloads": [workload(spec, pod) for pod in spec.all_pods()],
+        "workloads": [
+            workload(spec, pod, (pod.namespace, pod.name) not in not_ready)
+            for pod in spec.all_pods()
+        ],
         "services": [service(svc, spec) for svc in spec.all_services()],
         "policies": (
             [json.loads(p) for p in spec.policies]
@@ -198,7 +205,7 @@ def service_ports(svc: ServiceSpec) -> dict[int, Any]:
     return out
 
 
-def workload(spec: ClusterSpec, pod: PodSpec) -> dict[str, Any]:
+def workload(spec: ClusterSpec, pod: PodSpec, healthy: bool = True) -> dict[str, Any]:
     out = {
         "uid": workload_uid(spec, pod),
         "name": pod.name,
@@ -214,7 +221,7 @@ def workload(spec: ClusterSpec, pod: PodSpec) -> dict[str, Any]:
         "workloadName": pod.workload_name,
         "workloadType": "pod",
         "clusterId": spec.name,
-        "status": "Healthy",
+        "status": "Healthy" if healthy else "Unhealthy",
         "services": {f"{s.namespace}/{s.hostname}": port_map(s) for s in spec.services_for(pod)},
         "labels": dict(pod.labels),
     }

@@ -1,4 +1,4 @@
-"""Cluster file parsing, validation, addressing and pod environment (pure)."""
+"""Cluster file parsing, validation and addressing (pure)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ from localcluster.spec import (
     node_ip,
     node_pod_cidr,
     parse_cluster,
-    pod_env,
 )
 
 BASE = Path("/srv/cluster")
@@ -142,24 +141,6 @@ def test_endpoints_stay_in_namespace():
     spec = travel()
     eps = spec.endpoints(spec.service("travel", "back-end"))
     assert [p.name for p in eps] == ["backend-0", "backend-1"]
-
-
-def test_pod_env():
-    spec = travel()
-    env = pod_env(spec, spec.pod("travel", "frontend-0"))
-    assert env == {
-        "FRONTEND_SERVICE_HOST": "10.96.0.10",
-        "FRONTEND_SERVICE_PORT": "80",
-        "BACK_END_SERVICE_HOST": "10.96.0.11",
-        "BACK_END_SERVICE_PORT": "9090",
-        "POD_NAME": "frontend-0",
-        "POD_NAMESPACE": "travel",
-        "POD_IP": "10.244.1.11",
-        "NODE_NAME": "node1",
-        "GREETING": "hi",
-    }
-    legacy = pod_env(spec, spec.pod("legacy", "old-0"))
-    assert "FRONTEND_SERVICE_HOST" not in legacy
 
 
 def test_spec_is_hashable_and_immutable():

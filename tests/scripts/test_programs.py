@@ -31,7 +31,7 @@ UNDER_CI = os.environ.get("CI", "").lower() == "true"
 # Where the tree starts a program it cannot name, and why that is right.
 DYNAMIC = {
     ("ambientctl/cli.py", "_cmd_exec"): "`ambientctl exec` runs the user's command in a pod",
-    ("localcluster/apps.py", "start_apps"): "pods' commands, from cluster files (scanned below)",
+    ("localcluster/apps.py", "start_app"): "pods' commands, from cluster files (scanned below)",
     ("meshcore/identity/certworker_client.py", "CertWorkerClient._spawn"): (
         "`python -m meshcore.identity.certworker`; a test may pass its own command"
     ),
