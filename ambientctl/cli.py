@@ -933,7 +933,7 @@ def _run(args: argparse.Namespace) -> int:
     except (UsageError, KubeUsage, context.NoCluster) as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except (NotFound, Refused, *EXPECTED) as e:
+    except (NotFound, Refused, context.NeedsRoot, *EXPECTED) as e:
         print(f"{prog}: {_message(e)}", file=sys.stderr)
         return EXIT_RUNTIME
     except Exception as e:  # a bug: still a message, the traceback only on request
@@ -975,8 +975,10 @@ def main(argv: list[str] | None = None) -> int:
     except StateError as e:  # the remembered current cluster cannot be read
         print(f"{_prog(args)}: {e}", file=sys.stderr)
         return EXIT_RUNTIME
-    if target is None and os.geteuid() != 0 and not getattr(args, "no_cluster", False):
-        print("ambientctl: run as root (network namespaces need it)", file=sys.stderr)
+    # The commands that build or remove a cluster need root from the start; the others ask
+    # for it once they reach a running cluster (context.attach).
+    if target is None and args.cmd in ("up", "down", "demo") and os.geteuid() != 0:
+        print(f"ambientctl: {context.NEEDS_ROOT}", file=sys.stderr)
         return EXIT_RUNTIME
     command: Callable[[], int] = lambda: _run(args)  # noqa: E731
     if args.cmd in ("up", "demo"):

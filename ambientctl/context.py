@@ -285,9 +285,28 @@ def _is_name(ref: str) -> bool:
     return valid_cluster_name(ref) and not Path(ref).is_file()
 
 
+class NeedsRoot(Exception):
+    """The command would enter a cluster's network namespaces, and only root can (exit 1)."""
+
+
+NEEDS_ROOT = "run as root (network namespaces need it)"
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise NeedsRoot(NEEDS_ROOT)
+
+
 def attach(args: argparse.Namespace) -> mesh.Cluster:
     """The running local cluster `args` name, else the current one (raises NotRunning,
-    NoCluster)."""
+    NoCluster, NeedsRoot). Root is asked for only once the cluster is found running, so that
+    what is wrong with the command line or the cluster is said first, to anyone."""
+    cluster = _attach(args)
+    require_root()
+    return cluster
+
+
+def _attach(args: argparse.Namespace) -> mesh.Cluster:
     ref = _local_ref(args)
     if ref is None:
         current = read_current(args.state_root)

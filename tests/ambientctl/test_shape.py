@@ -551,6 +551,7 @@ def test_use_n_changes_only_the_namespace(
     assert context.namespace(args, "default") == "other"
 
 
+@pytest.mark.netns  # root: `down` takes the machine-wide cluster registry's lock
 def test_down_forgets_the_current_cluster(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
