@@ -14,6 +14,7 @@ and exit 130 / 143 (`localcluster.interrupt`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -24,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import nsutil
-from ambientctl import context, kubecmds, views, waypoint_views
+from ambientctl import context, kubecmds, logs, metricsview, views, waypoint_views
 from ambientctl.kubefetch import KubeTarget, KubeUsage, choose
 from ambientctl.kubeviews import ISTIO_NAMESPACE
+from ambientctl.progress import Progress
 from localcluster import gateways as gw
 from localcluster import mesh, registry
 from localcluster.inputs import InputError, read_text
@@ -107,13 +109,15 @@ def _cmd_up(args: argparse.Namespace) -> int:
             f"  kubectl --kubeconfig {kc.kubeconfig} apply -f <manifests>"
         )
         return 0
-    cluster = mesh.up(
-        args.cluster_file, args.state_root, mesh=not args.no_mesh, redirect_mode=args.redirect_mode
-    )
-    print(
-        f"cluster {cluster.spec.name} is up: {len(cluster.spec.nodes)} nodes, "
-        f"{len(cluster.spec.pods)} pods; state in {cluster.state.dir}"
-    )
+    with Progress() as progress:
+        cluster = mesh.up(
+            args.cluster_file, args.state_root, mesh=not args.no_mesh,
+            redirect_mode=args.redirect_mode, progress=progress,
+        )  # fmt: skip
+        progress.done(
+            f"cluster {cluster.spec.name} is up: {len(cluster.spec.nodes)} nodes, "
+            f"{len(cluster.spec.pods)} pods; state in {cluster.state.dir}"
+        )
     return 0
 
 
@@ -142,14 +146,15 @@ def _cmd_down(args: argparse.Namespace) -> int:
     after a failed `up`) must not fail because there is nothing left. A name without a
     record changes nothing and says so."""
     name = _cluster_name(args.cluster)
-    report = mesh.down(name, args.state_root)
-    if not report.found and not report.netns_removed and not report.processes_stopped:
-        print(f"nothing to do: no cluster {name} under {_root(args)}")
-        return 0
-    print(
-        f"cluster {name} is down ({len(report.netns_removed)} namespaces, "
-        f"{report.processes_stopped} processes stopped)"
-    )
+    with Progress() as progress:
+        report = mesh.down(name, args.state_root, progress)
+        if not report.found and not report.netns_removed and not report.processes_stopped:
+            progress.done(f"nothing to do: no cluster {name} under {_root(args)}")
+            return 0
+        progress.done(
+            f"cluster {name} is down ({len(report.netns_removed)} namespaces, "
+            f"{report.processes_stopped} processes stopped)"
+        )
     return 0
 
 
@@ -337,8 +342,9 @@ def _finish(cluster: mesh.Cluster, done: mesh.ConfigChange, args: argparse.Names
     for w in done.warnings:
         print(f"Warning: {w}", file=sys.stderr)
     if args.wait and done.digest is not None:
-        mesh.wait_config(cluster, done.digest, args.timeout)
-        print(f"every tunnel runs the new mesh config ({done.digest[:12]})")
+        with Progress() as progress:
+            mesh.wait_config(cluster, done.digest, args.timeout, progress)
+            progress.done(f"every tunnel runs the new mesh config ({done.digest[:12]})")
     return 0
 
 
@@ -510,7 +516,8 @@ def _cmd_routes(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ambientctl.demo import run_demo
 
-    return run_demo(args.state_root)
+    with Progress() as progress, contextlib.redirect_stdout(progress.wrap(sys.stdout)):
+        return run_demo(args.state_root, progress)
 
 
 # ---- the command line -------------------------------------------------------------------------
@@ -731,6 +738,8 @@ def build_parser() -> argparse.ArgumentParser:
     rt.set_defaults(fn=_cmd_routes)
     demo = sub.add_parser("demo", help="the travel-booking demo, end to end")
     demo.set_defaults(fn=_cmd_demo)
+    logs.register(sub)
+    metricsview.register(sub)
     return p
 
 
