@@ -32,7 +32,7 @@ HEADERS = [
 EMPTY = "No connections found.\n"
 # `-f`: rows come one batch at a time, so the columns get these widths (a longer value
 # widens its row only).
-FOLLOW_WIDTHS = (12, 6, 9, 22, 36, 44, 6, 6, 9, 0)
+FOLLOW_WIDTHS = (12, 6, 17, 22, 38, 44, 6, 6, 9, 0)
 GAP = "   "  # kubectl's column gap
 
 

@@ -1,0 +1,104 @@
+"""`ambientctl.progress`: the spinner line and the step lines as written, on a terminal and
+elsewhere (a fake clock; the spinner thread is exercised by the pty test of `up`)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from ambientctl import progress as pg
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Tty(io.StringIO):
+    encoding = "utf-8"  # type: ignore[assignment]
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0.0, "0.0s"), (9.94, "9.9s"), (10.2, "10s"), (59.9, "59s"), (61, "1m01s"), (725, "12m05s")],
+)
+def test_elapsed_text(seconds: float, text: str) -> None:
+    assert pg.elapsed_text(seconds) == text
+
+
+def test_spinner_line_is_one_cleared_line_cut_to_the_terminal() -> None:
+    line = pg.spinner_line(pg.ASCII_FRAMES, 5, "starting the tunnel on node1", 2.5)
+    assert line == "\r\x1b[K/ starting the tunnel on node1 (2.5s)"
+    cut = pg.spinner_line(pg.ASCII_FRAMES, 0, "x" * 100, 1.0, width=40)
+    assert cut.startswith(pg.CLEAR_LINE) and len(cut) - len(pg.CLEAR_LINE) == 39
+    assert cut.endswith("...") and "\n" not in cut
+
+
+def test_frames_follow_the_encoding() -> None:
+    assert pg.frames_for("UTF-8") == pg.UNICODE_FRAMES
+    assert pg.frames_for("ascii") == pg.ASCII_FRAMES
+    assert pg.frames_for(None) == pg.ASCII_FRAMES
+
+
+def test_not_a_terminal_one_plain_line_per_step_and_the_result_on_stdout() -> None:
+    err, out = io.StringIO(), io.StringIO()
+    with pg.Progress(err, out, clock=Clock()) as p:
+        p("building the network")
+        p.step("starting the tunnel")
+        p.status("not shown: the caller printed its own line")
+        p.done("cluster x is up")
+    assert err.getvalue() == "building the network\nstarting the tunnel\n"
+    assert out.getvalue() == "cluster x is up\n"
+
+
+def test_terminal_each_finished_step_is_left_above_the_spinner() -> None:
+    err, out, clock = Tty(), io.StringIO(), Clock()
+    p = pg.Progress(err, out, clock=clock)
+    assert p.tty and p.frames == pg.UNICODE_FRAMES
+    p.step("building the network")
+    clock.now += 1.5
+    p.step("waiting for the tunnels")
+    clock.now += 12
+    p.done("cluster x is up")
+    text = err.getvalue()
+    assert "✓ building the network (1.5s)\n" in text
+    assert "✓ waiting for the tunnels (12s)\n" in text
+    assert text.index("building") < text.index("waiting")
+    assert out.getvalue() == "cluster x is up\n"
+
+
+def test_a_failure_leaves_the_unfinished_step_marked() -> None:
+    err, clock = Tty(), Clock()
+    with pytest.raises(RuntimeError), pg.Progress(err, io.StringIO(), clock=clock) as p:
+        p.step("waiting for the tunnels")
+        clock.now += 3
+        raise RuntimeError("boom")
+    assert err.getvalue().endswith("\r\x1b[K✗ waiting for the tunnels (3.0s)\n")
+
+
+def test_wrapped_stdout_writes_above_the_spinner_and_headings_become_its_text() -> None:
+    err, clock = Tty(), Clock()
+    p = pg.Progress(err, io.StringIO(), clock=clock)
+    shown = p.wrap(err)
+    p.status("first")
+    shown.write("== the policy chapter\n   detail")
+    shown.write(" line\n")
+    p.done()
+    text = err.getvalue()
+    assert "== the policy chapter\n" in text
+    assert "   detail line\n" in text
+    # The heading replaced the spinner's text; a status leaves no finished line behind.
+    assert "the policy chapter (0.0s)" in text.split("== the policy chapter\n", 1)[1]
+    assert "✓ first" not in text
+
+
+def test_wrap_is_the_stream_itself_off_a_terminal() -> None:
+    plain = io.StringIO()
+    assert pg.Progress(io.StringIO(), io.StringIO()).wrap(plain) is plain
