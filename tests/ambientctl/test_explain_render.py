@@ -10,7 +10,7 @@ from dataclasses import replace
 from ambientctl.views import render_explain
 from meshcore.defaults import ROOT_NAMESPACE
 from meshcore.policy.index import PolicyIndex
-from meshcore.state import TunnelProtocol, Workload
+from meshcore.state import RawPolicy, TunnelProtocol, Workload
 from tests.ambientctl.golden import check
 from tests.support.mesh import (
     CLIENT_POD,
@@ -51,7 +51,7 @@ ONLY_CLIENT = authorization_policy(
 )
 
 
-def answer(source: str, destination: str, *policies: object) -> dict[str, object]:
+def answer(source: str, destination: str, *policies: RawPolicy) -> dict[str, object]:
     state = mesh_state(
         (CLIENT_POD, WEB_0, WEB_1, OUTSIDER), (WEB_SERVICE, LEGACY_SERVICE), policies
     )

@@ -44,7 +44,7 @@ def test_durations_as_kubectl_takes_them(text: str, seconds: float) -> None:
 
 @pytest.mark.parametrize("text", ["", "5", "m", "5 m", "-5m", "5min", "1h 30m", "5m!"])
 def test_a_duration_without_a_unit_or_with_junk_is_refused(text: str) -> None:
-    with pytest.raises(LogUsage, match="expected e.g. 30s"):
+    with pytest.raises(LogUsage, match=r"expected e\.g\. 30s"):
         parse_duration(text)
 
 

@@ -19,7 +19,7 @@ class Clock:
 
 
 class Tty(io.StringIO):
-    encoding = "utf-8"  # type: ignore[assignment]
+    encoding = "utf-8"
 
     def isatty(self) -> bool:
         return True
@@ -76,10 +76,15 @@ def test_terminal_each_finished_step_is_left_above_the_spinner() -> None:
 
 def test_a_failure_leaves_the_unfinished_step_marked() -> None:
     err, clock = Tty(), Clock()
-    with pytest.raises(RuntimeError), pg.Progress(err, io.StringIO(), clock=clock) as p:
-        p.step("waiting for the tunnels")
-        clock.now += 3
-        raise RuntimeError("boom")
+
+    def failing() -> None:
+        with pg.Progress(err, io.StringIO(), clock=clock) as p:
+            p.step("waiting for the tunnels")
+            clock.now += 3
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        failing()
     assert err.getvalue().endswith("\r\x1b[K✗ waiting for the tunnels (3.0s)\n")
 
 
