@@ -97,7 +97,11 @@ def _root(args: argparse.Namespace) -> str:
 
 def _cmd_up(args: argparse.Namespace) -> int:
     if args.kubernetes:
-        kc = kube_cluster.up(args.cluster_file, args.state_root, install=args.install)
+        with Progress() as progress:
+            kc = kube_cluster.up(
+                args.cluster_file, args.state_root, install=args.install, progress=progress
+            )
+            progress.done()
         how = {
             "helm": "the mesh installed with its Helm charts (istio-system)",
             "processes": "the mesh as processes beside the cluster",
