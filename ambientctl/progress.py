@@ -55,6 +55,13 @@ def spinner_line(frames: str, tick: int, text: str, elapsed: float, width: int =
     return CLEAR_LINE + fit(body, width - 1 if width else 0)
 
 
+def same_step(current: str | None, new: str) -> bool:
+    """Whether `new` is news of the step `current` (the same words before ": ")."""
+    if current is None or ": " not in current or ": " not in new:
+        return False
+    return current.split(": ", 1)[0] == new.split(": ", 1)[0]
+
+
 def finished_line(text: str, elapsed: float, tty: bool) -> str:
     """A step that is over: on a terminal with a check mark and its time."""
     if tty:
@@ -89,6 +96,7 @@ class Progress:
         self._clock = clock
         self._lock = threading.Lock()
         self._text: str | None = None
+        self._quiet = False  # the current text came from `status`: no finished line
         self._started = 0.0
         self._tick = 0
         self._stop = threading.Event()
@@ -97,13 +105,19 @@ class Progress:
     # -- the steps ---------------------------------------------------------------------
 
     def step(self, text: str) -> None:
+        """A new step; or, on a terminal, news of the current one when the text before
+        ": " is the same ("waiting for the tunnels: 1/2 nodes" after ".. 0/2 nodes"):
+        the spinner line changes, its clock keeps running."""
         with self._lock:
-            self._finish_current()
-            self._text = text
-            self._started = self._clock()
             if not self.tty:
+                self._text = text
                 self._write(f"{text}\n")
                 return
+            if not same_step(self._text, text):
+                self._finish_current()
+                self._started = self._clock()
+            self._text = text
+            self._quiet = False
             self._draw()
         self._ensure_thread()
 
@@ -115,7 +129,9 @@ class Progress:
         if not self.tty:
             return
         with self._lock:
+            self._finish_current()
             self._text = text
+            self._quiet = True
             self._started = self._clock()
             self._draw()
         self._ensure_thread()
@@ -180,8 +196,12 @@ class Progress:
 
     def _finish_current(self) -> None:
         if self._text is not None and self.tty:
-            self._write(finished_line(self._text, self._clock() - self._started, True))
+            if self._quiet:  # the caller printed it already: just clear the spinner
+                self._write(CLEAR_LINE)
+            else:
+                self._write(finished_line(self._text, self._clock() - self._started, True))
         self._text = None
+        self._quiet = False
 
     def _draw(self) -> None:
         if self._text is None:

@@ -107,3 +107,44 @@ def test_wrapped_stdout_writes_above_the_spinner_and_headings_become_its_text() 
 def test_wrap_is_the_stream_itself_off_a_terminal() -> None:
     plain = io.StringIO()
     assert pg.Progress(io.StringIO(), io.StringIO()).wrap(plain) is plain
+
+
+@pytest.mark.parametrize(
+    ("current", "new", "same"),
+    [
+        ("waiting for the tunnels: 0/2 nodes", "waiting for the tunnels: 1/2 nodes", True),
+        ("waiting for the tunnels: 2/2 nodes", "starting the apps", False),
+        ("building the network: 2 nodes", "waiting for the tunnels: 0/2 nodes", False),
+        (None, "waiting for the tunnels: 0/2 nodes", False),
+        ("starting the CA", "starting the CA", False),  # no news: a step of its own
+    ],
+)
+def test_news_of_a_step_is_told_by_the_words_before_the_colon(
+    current: str | None, new: str, same: bool
+) -> None:
+    assert pg.same_step(current, new) is same
+
+
+def test_terminal_news_of_a_step_changes_the_spinner_line_and_keeps_its_clock() -> None:
+    err, clock = Tty(), Clock()
+    p = pg.Progress(err, io.StringIO(), clock=clock)
+    p.step("waiting for the tunnels: 0/2 nodes")
+    clock.now += 1
+    p.step("waiting for the tunnels: 2/2 nodes")
+    clock.now += 1
+    p.step("starting the apps")
+    p.done()
+    text = err.getvalue()
+    assert "✓ waiting for the tunnels: 0/2" not in text
+    assert "\r\x1b[K✓ waiting for the tunnels: 2/2 nodes (2.0s)\n" in text
+    assert "✓ starting the apps (0.0s)\n" in text
+
+
+def test_a_heading_the_caller_printed_is_not_repeated_as_a_finished_step() -> None:
+    err, clock = Tty(), Clock()
+    p = pg.Progress(err, io.StringIO(), clock=clock)
+    p.status("bringing up the cluster")
+    p.step("building the network")
+    p.done()
+    assert "✓ bringing up" not in err.getvalue()
+    assert "✓ building the network" in err.getvalue()
