@@ -177,7 +177,7 @@ class Progress:
         if kind is not None:
             self.fail()
         else:
-            self._stop_thread()
+            self.done()  # nothing left spinning: the last step ends as a line
 
     # -- output that shares the terminal with the spinner --------------------------------
 

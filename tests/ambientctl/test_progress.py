@@ -148,3 +148,13 @@ def test_a_heading_the_caller_printed_is_not_repeated_as_a_finished_step() -> No
     p.done()
     assert "✓ bringing up" not in err.getvalue()
     assert "✓ building the network" in err.getvalue()
+
+
+def test_leaving_the_block_ends_the_last_step_as_a_line() -> None:
+    err = Tty()
+    with pg.Progress(err, io.StringIO(), clock=Clock()) as p:
+        p.step("removing 3 network namespaces")
+        p.status("demo succeeded")
+    text = err.getvalue()
+    assert "✓ removing 3 network namespaces (0.0s)\n" in text
+    assert text.endswith(pg.CLEAR_LINE)  # the heading's spinner is cleared, not left
