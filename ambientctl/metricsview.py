@@ -125,15 +125,18 @@ def _looks_like_cluster(arg: str) -> bool:
     return arg.endswith((".yaml", ".yml")) or os.path.isfile(arg)
 
 
+def positionals(cluster_file: str | None, name_filter: str | None) -> tuple[str | None, str | None]:
+    """(cluster file, filter) from what argparse made of them. With one positional given,
+    argparse fills the cluster's slot first: a word that names no cluster file (no
+    .yaml/.yml, no such file) is the filter (a cluster by name goes with the cluster
+    option)."""
+    if name_filter is None and cluster_file and not _looks_like_cluster(cluster_file):
+        return None, cluster_file
+    return cluster_file, name_filter
+
+
 def run_metrics(args: argparse.Namespace) -> int:
-    # One positional given: argparse fills the cluster's slot first. A word that names no
-    # cluster file is the filter (a cluster by name goes with the cluster option).
-    if (
-        args.name_filter is None
-        and args.cluster_file
-        and not _looks_like_cluster(args.cluster_file)
-    ):
-        args.name_filter, args.cluster_file = args.cluster_file, None
+    args.cluster_file, args.name_filter = positionals(args.cluster_file, args.name_filter)
     cluster = context.attach(args)
     try:
         found = targets(cluster, args.node, not args.no_waypoints)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -152,3 +153,24 @@ def test_a_target_that_fails_is_named_not_fatal() -> None:
         "not the Prometheus text format: not a sample: '<html>'",
     ]
     assert got[3].error is None and len(got[3].families) == 4
+
+
+@pytest.mark.parametrize(
+    ("given", "meant"),
+    [
+        (("c.yaml", "istio_tcp"), ("c.yaml", "istio_tcp")),
+        (("c.yaml", None), ("c.yaml", None)),  # a file that does not exist yet still names one
+        (("istio_tcp", None), (None, "istio_tcp")),  # the remembered cluster, and a filter
+        ((None, None), (None, None)),
+    ],
+)
+def test_one_positional_is_the_filter_unless_it_names_a_cluster_file(
+    given: tuple[str | None, str | None], meant: tuple[str | None, str | None]
+) -> None:
+    assert mv.positionals(*given) == meant
+
+
+def test_an_existing_file_is_a_cluster_file(tmp_path: Path) -> None:
+    f = tmp_path / "cluster"
+    f.write_text("name: x\n")
+    assert mv.positionals(str(f), None) == (str(f), None)
