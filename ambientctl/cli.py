@@ -14,6 +14,7 @@ and exit 130 / 143 (`localcluster.interrupt`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import os
 import subprocess
@@ -30,6 +31,8 @@ from ambientctl import (
     dashboard,
     kinds,
     kubecmds,
+    logs,
+    metricsview,
     statuscmd,
     verbs,
     viewfilter,
@@ -39,6 +42,7 @@ from ambientctl import (
 from ambientctl.errors import NotFound, UsageError
 from ambientctl.kubefetch import KubeTarget, KubeUsage
 from ambientctl.kubeviews import ISTIO_NAMESPACE
+from ambientctl.progress import Progress
 from localcluster import gateways as gw
 from localcluster import mesh, registry
 from localcluster.apps import exec_context
@@ -100,7 +104,11 @@ def _root(args: argparse.Namespace) -> str:
 
 def _cmd_up(args: argparse.Namespace) -> int:
     if args.kubernetes:
-        kc = kube_cluster.up(args.cluster_file, args.state_root, install=args.install)
+        with Progress() as progress:
+            kc = kube_cluster.up(
+                args.cluster_file, args.state_root, install=args.install, progress=progress
+            )
+            progress.done()
         how = {
             "helm": "the mesh installed with its Helm charts (istio-system)",
             "processes": "the mesh as processes beside the cluster",
@@ -112,13 +120,15 @@ def _cmd_up(args: argparse.Namespace) -> int:
             f"  kubectl --kubeconfig {kc.kubeconfig} apply -f <manifests>"
         )
         return 0
-    cluster = mesh.up(
-        args.cluster_file, args.state_root, mesh=not args.no_mesh, redirect_mode=args.redirect_mode
-    )
-    print(
-        f"cluster {cluster.spec.name} is up: {len(cluster.spec.nodes)} nodes, "
-        f"{len(cluster.spec.pods)} pods; state in {cluster.state.dir}"
-    )
+    with Progress() as progress:
+        cluster = mesh.up(
+            args.cluster_file, args.state_root, mesh=not args.no_mesh,
+            redirect_mode=args.redirect_mode, progress=progress,
+        )  # fmt: skip
+        progress.done(
+            f"cluster {cluster.spec.name} is up: {len(cluster.spec.nodes)} nodes, "
+            f"{len(cluster.spec.pods)} pods; state in {cluster.state.dir}"
+        )
     return 0
 
 
@@ -147,14 +157,15 @@ def _cmd_down(args: argparse.Namespace) -> int:
     after a failed `up`) must not fail because there is nothing left. A name without a
     record changes nothing and says so."""
     name = _cluster_name(args.cluster)
-    report = mesh.down(name, args.state_root)
-    if not report.found and not report.netns_removed and not report.processes_stopped:
-        print(f"nothing to do: no cluster {name} under {_root(args)}")
-        return 0
-    print(
-        f"cluster {name} is down ({len(report.netns_removed)} namespaces, "
-        f"{report.processes_stopped} processes stopped)"
-    )
+    with Progress() as progress:
+        report = mesh.down(name, args.state_root, progress)
+        if not report.found and not report.netns_removed and not report.processes_stopped:
+            progress.done(f"nothing to do: no cluster {name} under {_root(args)}")
+            return 0
+        progress.done(
+            f"cluster {name} is down ({len(report.netns_removed)} namespaces, "
+            f"{report.processes_stopped} processes stopped)"
+        )
     if context.forget(args.state_root, name):
         print(f"{name} is no longer the current cluster")
     return 0
@@ -333,8 +344,9 @@ def _finish(cluster: mesh.Cluster, done: mesh.ConfigChange, args: argparse.Names
     for w in done.warnings:
         print(f"Warning: {w}", file=sys.stderr)
     if args.wait and done.digest is not None:
-        mesh.wait_config(cluster, done.digest, args.timeout)
-        print(f"every tunnel runs the new mesh config ({done.digest[:12]})")
+        with Progress() as progress:
+            mesh.wait_config(cluster, done.digest, args.timeout, progress)
+            progress.done(f"every tunnel runs the new mesh config ({done.digest[:12]})")
     return 0
 
 
@@ -511,7 +523,8 @@ def _cmd_routes(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ambientctl.demo import run_demo
 
-    return run_demo(args.state_root)
+    with Progress() as progress, contextlib.redirect_stdout(progress.wrap(sys.stdout)):
+        return run_demo(args.state_root, progress)
 
 
 # ---- the command line -------------------------------------------------------------------------
@@ -884,6 +897,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = _command(sub, "demo", "the travel-booking demo, end to end", "ambientctl demo")
     demo.set_defaults(fn=_cmd_demo)
     dashboard.register(sub)
+    logs.register(sub)
+    metricsview.register(sub)
     completion.register(sub, p)  # last: the script covers every command registered before
     return p
 

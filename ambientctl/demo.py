@@ -58,9 +58,10 @@ def _access_lines(cluster: mesh.Cluster) -> list[dict[str, object]]:
     return lines
 
 
-def run_demo(state_root: str | None) -> int:
+def run_demo(state_root: str | None, progress: mesh.ProgressFn = None) -> int:
+    """`progress`: where the steps of bringing the cluster up and down are reported."""
     print(f"== bringing up {CLUSTER_FILE.name}: 2 nodes, namespace travel enrolled in the mesh")
-    cluster = mesh.up(CLUSTER_FILE, state_root)
+    cluster = mesh.up(CLUSTER_FILE, state_root, progress=progress)
     ok = True
     try:
         node1 = cluster.layout.node("node1")
@@ -98,7 +99,7 @@ def run_demo(state_root: str | None) -> int:
         ok &= demo_l7.l7_act(cluster)
     finally:
         print("== tearing down")
-        mesh.down(cluster.spec.name, state_root)
+        mesh.down(cluster.spec.name, state_root, progress)
     left = [n for n in _netns_names() if n.startswith(f"{cluster.spec.name}-")]
     print(f"   network namespaces left behind: {len(left)}")
     ok &= not left

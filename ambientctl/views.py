@@ -387,15 +387,36 @@ def _verdict(auth: Any) -> list[str]:
         lines.append(f"  reason:       {auth['reason']}")
     dry = auth.get("dryRun")
     if isinstance(dry, list):
-        lines.extend(f"  dry-run:      {_text(d)}" for d in dry)
+        lines.extend(f"  dry-run:      {dry_run_text(d)}" for d in dry)
     return lines
+
+
+def dry_run_text(result: Any) -> str:
+    """What a dry-run policy would have done, in words: `DENY policy ns/name would match
+    (rule 0): the connection would be denied`."""
+    if not isinstance(result, dict):
+        return _text(result)
+    action = str(result.get("action") or "?")
+    policy = _text(result.get("policy"))
+    matched = result.get("matched")
+    if matched is True:
+        rule = result.get("rule")
+        where = f" (rule {rule})" if rule is not None else ""
+        effect = {"ALLOW": "allowed", "DENY": "denied", "AUDIT": "audited"}.get(action)
+        outcome = f": the connection would be {effect}" if effect else ""
+        return f"{action} policy {policy} would match{where}{outcome}"
+    if matched is False:
+        return f"{action} policy {policy} would not match"
+    return f"{action} policy {policy}: {MISSING}"
 
 
 def render_explain(doc: Mapping[str, Any]) -> str:
     src = _dict(doc.get("source"))
     dst = _dict(doc.get("destination"))
     source = _text(src.get("workload"))
-    if src.get("identity"):
+    if src.get("enrolled") is False:
+        source += " (outside the mesh: no identity)"  # its certificate is never issued
+    elif src.get("identity"):
         source += f" ({src['identity']})"
     if src.get("ip"):
         source += f" at {src['ip']}"
@@ -410,6 +431,8 @@ def render_explain(doc: Mapping[str, Any]) -> str:
         f"Route:        {_text(doc.get('route'))}",
         f"Reason:       {_text(doc.get('reason'))}",
     ]
+    if doc.get("warning"):
+        lines.append(f"Warning:      {doc['warning']}")
     if "waypoint" in doc or "waypoint_reason" in doc:
         hop = _dict(doc.get("waypoint"))
         what = f"{_text(hop.get('name'))} ({_text(hop.get('status'))})" if hop else "none"
@@ -434,6 +457,10 @@ def render_explain(doc: Mapping[str, Any]) -> str:
             detail.append(f"healthy:        {_text(e.get('healthy'))}")
         if e.get("route"):
             detail.append(f"route:          {e['route']}")
+        if e.get("delivery"):
+            detail.append(f"delivery:       {e['delivery']}")
+        if e.get("note"):
+            detail.append(f"note:           {e['note']}")
         if "authorization" in e:
             detail.extend(_verdict(e.get("authorization")))
         if "mtls" in e:

@@ -74,6 +74,15 @@ from redirect.enrolment import SourceError, parse_source, wanted
 
 READY_TIMEOUT = 60.0
 
+# Where a long operation reports its steps as it takes them (`ambientctl.progress`): one
+# short line each, in the user's words. None: silent.
+ProgressFn = Callable[[str], None] | None
+
+
+def _report(progress: ProgressFn, text: str) -> None:
+    if progress is not None:
+        progress(text)
+
 
 class MeshUpError(RuntimeError):
     """The cluster could not be brought up; the message says which step and why."""
@@ -779,15 +788,25 @@ def config_in_force(cluster: Cluster, node: str, protocols: dict[str, str]) -> b
     return all(seen.get(uid) == proto for uid, proto in protocols.items())
 
 
-def wait_ready(cluster: Cluster, timeout: float = READY_TIMEOUT) -> None:
+def wait_ready(
+    cluster: Cluster, timeout: float = READY_TIMEOUT, progress: ProgressFn = None
+) -> None:
     want = {n.name: wanted_uids(cluster, n.name) for n in cluster.spec.nodes}
     protocols = _protocols(cluster)
+    said: list[str] = []
 
     def ready(node: str) -> bool:
         return node_ready(cluster, node, want[node]) and config_in_force(cluster, node, protocols)
 
     def all_ready() -> bool:
-        return all(ready(n) for n in want)
+        done = [n for n in want if ready(n)]
+        text = f"waiting for the tunnels to be ready: {len(done)}/{len(want)} nodes"
+        if done and len(done) < len(want):
+            text += f" ({', '.join(done)})"
+        if said[-1:] != [text]:
+            said.append(text)
+            _report(progress, text)
+        return len(done) == len(want)
 
     try:
         _wait_for(all_ready, timeout, "every tunnel to report ready")
@@ -845,12 +864,15 @@ def up(
     state_root: Path | str | None = None,
     mesh: bool = True,
     redirect_mode: str = "iptables",
+    progress: ProgressFn = None,
 ) -> Cluster:
-    """Build the cluster; `redirect_mode` is the node agents' capture mode (iptables|ebpf).
+    """Build the cluster; `redirect_mode` is the node agents' capture mode (iptables|ebpf);
+    each step is reported to `progress` as it starts.
 
     Nothing is built unless the file is valid, every pod's command exists and the name
     is free (`localcluster.registry`). On any failure or interrupt, everything built is
     torn down; a failure keeps the logs (`<state>/<cluster>/failed-up-logs`) and says so."""
+    _report(progress, f"reading {cluster_file}")
     spec = load_cluster(cluster_file)
     missing = missing_commands(spec)
     if missing:
@@ -872,21 +894,34 @@ def up(
     try:
         state = ClusterState.open(spec.name, state_root)
         keep_spec(state, cluster_file)  # later commands may name the cluster alone
+        _report(
+            progress,
+            f"building the network: {len(spec.nodes)} nodes, {len(spec.pods)} pods "
+            "(one network namespace each)",
+        )
         layout = build_network(spec, state)
+        _report(progress, f"service rules for {len(spec.services)} services")
         apply_service_rules(spec, layout)
         cluster = Cluster(spec, layout, state, mesh)
         if mesh:
+            _report(progress, "writing the mesh config")
             cluster.paths.root.mkdir(parents=True, exist_ok=True)
             write_mesh_config(spec, cluster.paths)
             write_pod_source(cluster.paths, pod_source_doc(spec, layout))
             meshconfig.write_file(cluster.paths.redirect_mode, redirect_mode + "\n")
+            _report(progress, "starting the certificate authority")
             start_control_plane(spec, layout, state)
             for node in spec.nodes:
+                _report(progress, f"starting the node agent and tunnel on {node.name}")
                 start_agent(spec, layout, state, node.name, redirect_mode)
                 start_tunnel(spec, layout, state, node.name)
-            wait_ready(cluster)
+            wait_ready(cluster, progress=progress)
+            if spec.gateways:
+                _report(progress, f"starting {len(spec.gateways)} waypoints")
             start_waypoints(cluster)
+        _report(progress, f"starting the apps of {len(spec.pods)} pods")
         start_supervisor(cluster, cluster_file)
+        _report(progress, "waiting for the apps to listen")
         _wait_apps(cluster)
     except Exception as e:
         kept = _keep_logs(d)
@@ -1026,9 +1061,11 @@ def attach_spec(
     return Cluster(spec, layout, state, (state.dir / "mesh").exists())
 
 
-def down(name: str, state_root: Path | str | None = None) -> TeardownReport:
+def down(
+    name: str, state_root: Path | str | None = None, progress: ProgressFn = None
+) -> TeardownReport:
     """Tear down exactly what the cluster's record names (see `localcluster.state`)."""
-    return teardown(name, state_root)
+    return teardown(name, state_root, progress)
 
 
 def config_problem(status: Mapping[str, Any] | None, digest: str | None) -> str | None:
@@ -1051,10 +1088,13 @@ def config_problem(status: Mapping[str, Any] | None, digest: str | None) -> str 
     return None
 
 
-def wait_config(cluster: Cluster, digest: str, timeout: float = READY_TIMEOUT) -> None:
+def wait_config(
+    cluster: Cluster, digest: str, timeout: float = READY_TIMEOUT, progress: ProgressFn = None
+) -> None:
     """Until every node's tunnel runs the mesh config `digest`; raises ConfigNotInForce at
     once when one refuses it, or at the timeout naming the nodes that do not run it."""
     deadline = time.monotonic() + timeout
+    said = ""
     while True:
         waiting = {}
         for n in cluster.spec.nodes:
@@ -1069,6 +1109,14 @@ def wait_config(cluster: Cluster, digest: str, timeout: float = READY_TIMEOUT) -
             problem = config_problem(status, digest)
             if problem is not None:
                 waiting[n.name] = problem
+        nodes = len(cluster.spec.nodes)
+        text = (
+            f"waiting for every tunnel to run mesh config {digest[:12]}: "
+            f"{nodes - len(waiting)}/{nodes} nodes"
+        )
+        if text != said:
+            said = text
+            _report(progress, text)
         if not waiting:
             return
         if time.monotonic() >= deadline:

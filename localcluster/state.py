@@ -20,7 +20,7 @@ import fcntl
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,18 +163,30 @@ class TeardownReport:
     found: bool = True  # whether there was a record of the cluster at all
 
 
-def teardown(cluster_name: str, state_root: Path | str | None = None) -> TeardownReport:
+def teardown(
+    cluster_name: str,
+    state_root: Path | str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> TeardownReport:
     """Remove everything the cluster's record names; succeed when nothing exists.
-    Idempotent. A signal arriving meanwhile is raised once it is done."""
+    Idempotent. A signal arriving meanwhile is raised once it is done. Each step is
+    reported to `progress` as it starts."""
+
+    def say(text: str) -> None:
+        if progress is not None:
+            progress(text)
+
     d = state_dir(cluster_name, state_root)
     with shielded():
         recorded = ClusterState.load(cluster_name, state_root) if d.is_dir() else None
+        say(f"stopping the processes of cluster {cluster_name}")
         stopped = stop_recorded(d / "pids") if d.is_dir() else 0
         names = set(recorded.netns if recorded else [])
         # A process stopped just now (a kubelet) may have recorded more namespaces meanwhile.
         again = ClusterState.load(cluster_name, state_root) if d.is_dir() else None
         names |= set(again.netns if again else [])
         stopped += terminate(_processes_inside(names))
+        say(f"removing {len(names)} network namespaces")
         removed: list[str] = []
         for name in sorted(names):
             if _remove_netns(name):

@@ -9,6 +9,11 @@ Waypoints: `waypoint` says which waypoint the connection goes through and why (a
 or a workload binding), the `:authority` sent to it, or that it is missing or not ready
 (refused, or `failOpen`); `waypoint_reason` says, in one sentence, why a waypoint is or is
 not used, since "my waypoint is not used" is the question operators ask most.
+
+A source outside the mesh: its connection is not captured, so no tunnel routes it; each
+endpoint it could reach shows what the destination's tunnel decides for a plaintext client
+(it proves no identity), and `warning` says that rules on namespaces or principals cannot
+match such a client.
 """
 
 from __future__ import annotations
@@ -199,6 +204,81 @@ def _why_no_waypoint(state: MeshState, source: Workload, d: OutboundDecision) ->
     )
 
 
+PLAINTEXT_WARNING = (
+    "the source is outside the mesh: it proves no identity, so rules on source "
+    "namespaces or principals (from.source.namespaces, principals) cannot match it; "
+    "only ipBlocks and the request's own attributes (ports) can"
+)
+
+
+def _plaintext(
+    state: MeshState,
+    policies: PolicyIndex,
+    source: Workload,
+    dst: SocketAddr,
+    result: dict[str, Any],
+) -> None:
+    """The endpoints a client outside the mesh reaches (the service's rules pick one, no
+    waypoint in between: nothing captured the connection to send it there), each with the
+    verdict of its tunnel's inbound plaintext listener (15006)."""
+    candidates: list[Workload] = []
+
+    def record(cands: list[Workload]) -> Workload:
+        candidates.extend(cands)
+        return cands[0]
+
+    first = decide(state, source, dst, choose=record, bypass_waypoint=True)
+    if first.route is Route.REFUSE:
+        return
+    decisions = [first]
+    for i in range(1, len(candidates)):
+
+        def pick(cands: list[Workload], i: int = i) -> Workload:
+            return cands[i]
+
+        decisions.append(decide(state, source, dst, choose=pick, bypass_waypoint=True))
+    svc = first.service
+    result["destination"]["service"] = f"{svc.namespace}/{svc.hostname}" if svc else None
+    result["selection"] = (
+        f"one of {len(candidates)} endpoints, chosen by the service's rules per connection"
+        if len(candidates) > 1
+        else "the only endpoint"
+        if candidates
+        else "direct"
+    )
+    result["endpoints"] = [_plaintext_endpoint(state, policies, source, d) for d in decisions]
+    if any("authorization" in e for e in result["endpoints"]):
+        result["warning"] = PLAINTEXT_WARNING
+
+
+def _plaintext_endpoint(
+    state: MeshState, policies: PolicyIndex, source: Workload, d: OutboundDecision
+) -> dict[str, Any]:
+    w = d.destination
+    target = d.target
+    out: dict[str, Any] = {
+        "workload": f"{w.namespace}/{w.name}" if w is not None else None,
+        "ip": str(target.ip) if target is not None else None,
+        "port": target.port if target is not None else None,
+        "hbone": None,
+        "identity": None,
+        "node": w.node if w is not None else None,
+        "healthy": w.status is HealthStatus.HEALTHY if w is not None else None,
+        "route": "PLAINTEXT",
+        "delivery": "plaintext",
+    }
+    if w is None or target is None or w.protocol is not TunnelProtocol.HBONE:
+        out["note"] = "the destination is not in the mesh either: no tunnel decides"
+        return out
+    # What the destination's inbound plaintext listener decides: the waypoint gate, then
+    # policy, for a client with the source's address and no identity.
+    denied = waypoint_gate(state, w, None)
+    verdict = denied or authorize(policies, w, None, source.ips[0], target)
+    out["authorization"] = verdict.to_json()
+    out["mtls"] = verdict.mtls.value
+    return out
+
+
 def _never(_source: Workload, _destination: Workload) -> bool:
     return False
 
@@ -229,6 +309,8 @@ def explain(
             reason="the source pod is not in the mesh: its traffic leaves without the tunnel",
             endpoints=[],
         )
+        if source.ips:
+            _plaintext(state, policies, source, dst, result)
         return result
     # Run the data path's own decision once per candidate endpoint.
     candidates: list[Workload] = []

@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -283,11 +284,17 @@ def up(
     workdir: Path | str | None = None,
     with_mesh: bool = True,
     install: str = "processes",
+    progress: Callable[[str], None] | None = None,
 ) -> KubeCluster:
     """Build the nodes, start the control plane and the kubelet, then the mesh: `install`
     "processes" (beside the cluster, `start_mesh`), "helm" (the charts, run by the kubelet
     from the image) or "none" (also `with_mesh=False`). On any failure or interrupt tear
-    down what was built."""
+    down what was built. Each step is reported to `progress` as it starts."""
+
+    def say(text: str) -> None:
+        if progress is not None:
+            progress(text)
+
     if install not in ("processes", "helm", "none"):
         raise KubeUpError(f"install {install!r} is not one of processes, helm, none")
     if with_mesh and install == "helm":
@@ -314,23 +321,30 @@ def up(
     try:
         state = ClusterState.open(spec.name, state_root)
         keep_spec(state, cluster_file)  # later commands may name the cluster alone
+        say(f"building the network: {len(spec.nodes)} nodes")
         layout = build_network(spec, state)
         shutil.rmtree(kube_dir(state), ignore_errors=True)
+        say("starting the Kubernetes control plane (etcd, kube-apiserver)")
         cp = KubeControlPlane(kube_dir(state), die_with_parent=False)
         try:
             cp.start()
         finally:
             record_control_plane(cp, state)
+        say("starting the kubelet")
         kubelet = start_kubelet(cluster_file, state, cp.kubeconfig, state_root, workdir)
+        say(f"waiting for {len(spec.nodes)} nodes to be Ready")
         wait_nodes_ready(cp, spec, kubelet)
         cluster = KubeCluster(spec, layout, state, cp.kubeconfig)
         if with_mesh and install == "processes":
+            say("starting the mesh beside the cluster")
             start_mesh(cluster)
         elif with_mesh and install == "helm":
             from localcluster.kube import meshchart
             from localcluster.kube.apiserver import kubectl
 
+            say("installing the mesh's Helm charts")
             meshchart.install(cp.kubeconfig)
+            say("waiting for the mesh to roll out")
             meshchart.wait_rolled_out(kubectl(), cp.kubeconfig, nodes=len(spec.nodes))
     except Exception as e:
         teardown(spec.name, state_root)

@@ -137,6 +137,13 @@ def parse(*argv: str) -> argparse.Namespace:
         (["--cluster", "shp", "status"], {"cluster_name": "shp"}),
         (["waypoint", "delete", "-n", "shop", "a", "b"],
          {"cluster_file": None, "names": ["a", "b"]}),
+        (["logs", "ztunnel"], {"cluster_file": None, "target": "ztunnel"}),
+        (["logs", "c.yaml", "shop/a"], {"cluster_file": "c.yaml", "target": "shop/a"}),
+        (["metrics", "istio_tcp"], {"cluster_file": None, "name_filter": "istio_tcp"}),
+        (["metrics", "c.yaml"], {"cluster_file": "c.yaml", "name_filter": None}),
+        (["metrics", "c.yaml", "istio_tcp"],
+         {"cluster_file": "c.yaml", "name_filter": "istio_tcp"}),
+        (["access-log", "--pod", "shop/a"], {"cluster_file": None, "pod": "shop/a"}),
     ],
 )  # fmt: skip
 def test_positionals_are_dealt_as_the_user_meant(argv: list[str], want: dict[str, Any]) -> None:

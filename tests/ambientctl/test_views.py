@@ -187,7 +187,9 @@ EXPLAIN: dict[str, Any] = {
                 "rule": None,
                 "action": "DENY",
                 "reason": "denied: no ALLOW policy matched",
-                "dryRun": [{"policy": "travel/deny-get", "wouldDeny": True}],
+                "dryRun": [
+                    {"policy": "travel/deny-get", "action": "DENY", "matched": True, "rule": 0}
+                ],
             },
             "mtls": "PERMISSIVE",
         },
@@ -385,7 +387,10 @@ def test_explain_reads_as_route_reason_and_a_verdict_per_endpoint():
     assert "mtls:           STRICT" in first
     assert "authorization:  DENIED by policy travel/deny-all (DENY)" in second
     assert "reason:       denied: no ALLOW policy matched" in second
-    assert 'dry-run:      {"policy":"travel/deny-get","wouldDeny":true}' in second
+    assert (
+        "dry-run:      DENY policy travel/deny-get would match (rule 0): the connection "
+        "would be denied" in second
+    )
     assert "mtls:           PERMISSIVE" in second
 
 

@@ -109,6 +109,26 @@ def hbone_to(w: Workload, port: int = 8080, delivery: str = "hbone", **verdict: 
 
 
 TWO = "one of 2 healthy endpoints, chosen at random per connection"
+PLAIN_TWO = "one of 2 endpoints, chosen by the service's rules per connection"
+DENY_ANY_PRINCIPAL = authorization_policy(
+    "deny-principals",
+    {"action": "DENY", "rules": [{"from": [{"source": {"principals": ["*"]}}]}]},
+    "shop",
+)
+
+
+def plaintext_to(w: Workload, port: int = 8080, **verdict: Any) -> Endpoint:
+    """A client outside the mesh: no HBONE; the destination's plaintext verdict."""
+    return Endpoint(
+        f"{w.namespace}/{w.name}",
+        f"{w.ips[0]}:{port}",
+        None,
+        "plaintext",
+        verdict.get("allowed", True),
+        verdict.get("policy"),
+    )
+
+
 WEB_SVC = "shop/web.shop.svc.cluster.local"
 
 
@@ -211,9 +231,47 @@ CASES = [
         Explained("REFUSE", "address", None, "direct", ()),
     ),
     case(
-        "a source outside the mesh: its traffic is not captured",
+        "a source outside the mesh: not captured; each endpoint's plaintext verdict",
         "web:80",
-        Explained("NOT_CAPTURED", f"service {WEB_SVC}", None, None, ()),
+        Explained(
+            "NOT_CAPTURED",
+            f"service {WEB_SVC}",
+            WEB_SVC,
+            PLAIN_TWO,
+            (plaintext_to(WEB_0), plaintext_to(WEB_1)),
+        ),
+        source="shop/outsider",
+    ),
+    case(
+        "outside the mesh: a DENY on principals cannot match a plaintext client",
+        "10.244.2.20:8080",
+        Explained("NOT_CAPTURED", "address", None, "direct", (plaintext_to(WEB_0),)),
+        source="shop/outsider",
+        policies=(DENY_ANY_PRINCIPAL,),
+    ),
+    case(
+        "outside the mesh: STRICT mTLS at the destination refuses it",
+        "10.244.2.20:8080",
+        Explained(
+            "NOT_CAPTURED",
+            "address",
+            None,
+            "direct",
+            (plaintext_to(WEB_0, allowed=False, policy="shop/strict"),),
+        ),
+        source="shop/outsider",
+        policies=(STRICT,),
+    ),
+    case(
+        "outside the mesh to a pod outside it: no tunnel decides",
+        "legacy.legacy:80",
+        Explained(
+            "NOT_CAPTURED",
+            "service legacy/legacy.legacy.svc.cluster.local",
+            "legacy/legacy.legacy.svc.cluster.local",
+            "the only endpoint",
+            (Endpoint("legacy/legacy-0", "10.244.3.30:8080", None, "plaintext", None),),
+        ),
         source="shop/outsider",
     ),
 ]
