@@ -37,12 +37,15 @@ def run_get_pods(args: argparse.Namespace) -> int:
     rows = gather(args)
     all_ns = bool(getattr(args, "all_namespaces", False))
     namespace = context.namespace(args, NAMESPACE)
+    output = getattr(args, "output", None) or "table"
+    name = getattr(args, "name", None)
+    if name and "/" in name:  # NAMESPACE/NAME, as the other kinds take it
+        namespace, _, name = name.rpartition("/")
+        all_ns = False
     rows = sorted(
         (r for r in rows if all_ns or r.namespace == namespace),
         key=lambda r: (r.namespace, r.name),
     )
-    output = getattr(args, "output", None) or "table"
-    name = getattr(args, "name", None)
     if name:
         rows = [r for r in rows if r.name == name]
         if not rows:
@@ -60,6 +63,18 @@ def run_get_pods(args: argparse.Namespace) -> int:
         namespace=namespace,
     )
     print(text, end="")
+    return 0
+
+
+def run_describe_pod(args: argparse.Namespace) -> int:
+    """`describe pod [NAMESPACE/]NAME`: one pod's facts, kubectl describe's layout."""
+    namespace, _, name = str(args.name).rpartition("/")
+    namespace = namespace or context.namespace(args, NAMESPACE)
+    found = [r for r in gather(args) if (r.namespace, r.name) == (namespace, name)]
+    if not found:
+        print(f'Error from server (NotFound): pods "{name}" not found', file=sys.stderr)
+        return EXIT_RUNTIME
+    print(podsview.describe(found[0], time.time()), end="")
     return 0
 
 

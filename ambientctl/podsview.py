@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from ambientctl import tables
+from ambientctl import resourceviews, tables
 
 MISSING = "-"
 ENROLLED = "enrolled"
@@ -254,3 +254,27 @@ def render_one(r: PodRow, output: str) -> str:
     if output == "json":
         return json.dumps(document(r), indent=2) + "\n"
     return str(yaml.safe_dump(document(r), sort_keys=False))
+
+
+def describe(r: PodRow, now: float) -> str:
+    """`describe pod`: what `get pods -o wide` shows, one fact a line, and why the mesh
+    holds the pod where it is."""
+    exit_code = None if r.exit_code is None else str(r.exit_code)
+    return resourceviews.describe(
+        [
+            ("Name", r.name),
+            ("Namespace", r.namespace),
+            ("Node", r.node),
+            ("IP", r.ip),
+            ("Labels", tables.labels_text(dict(r.labels))),
+            ("Status", r.status),
+            ("Ready", "True" if r.ready else "False"),
+            ("Last Exit Code", exit_code),
+            ("Restarts", None if r.restarts is None else str(r.restarts)),
+            ("Age", None if r.created_at is None else age(now - r.created_at)),
+            ("Mesh", r.mesh),
+            ("Mesh Reason", r.mesh_reason),
+            ("Identity", r.identity),
+            ("Netns", r.netns),
+        ]
+    )

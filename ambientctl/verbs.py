@@ -356,7 +356,9 @@ def kube_get(target: KubeTarget, args: argparse.Namespace) -> int:
 
 def run_describe(args: argparse.Namespace) -> int:
     kind = _kind(args)
-    if kind.kind in ("Pod", "Cluster"):
+    if kind.kind == "Pod":
+        return int(importlib.import_module("ambientctl.pods").run_describe_pod(args))
+    if kind.kind == "Cluster":
         raise UsageError(f"describe {kind.plural}: see `ambientctl get {kind.plural} NAME -o yaml`")
     ns, name = _scope(args, kind)
     assert name is not None

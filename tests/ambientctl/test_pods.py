@@ -48,6 +48,10 @@ def test_table():
     check("pods", render("table"))
 
 
+def test_describe():
+    check("pod_describe", podsview.describe(ROWS[1], NOW))
+
+
 def test_all_namespaces():
     check("pods_all_namespaces", render("table", all_namespaces=True))
 

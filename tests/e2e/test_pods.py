@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ambientctl import pods, views
+from ambientctl import cli, pods, views
 from localcluster import appstatus, mesh
 from localcluster.apps import process_name
 
@@ -113,6 +113,16 @@ def test_a_killed_replica_leaves_its_service(
     doc = json.loads(get_pods(c, capsys, "json"))
     dead = next(i for i in doc["items"] if i["metadata"]["name"] == "server-0")
     assert dead["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 137
+    # describe, through the command line: the pod named NAMESPACE/NAME.
+    capsys.readouterr()
+    argv = ["--state-root", str(c.state.dir.parent), "describe", "pod", "mesh/server-0"]
+    assert cli.main([*argv, "--cluster", str(CLUSTER_FILE)]) == 0
+    described = dict(
+        line.split(":", 1) for line in capsys.readouterr().out.splitlines() if ":" in line
+    )
+    assert described["Ready"].strip() == "False"
+    assert described["Last Exit Code"].strip() == "137"
+    assert described["Mesh"].strip() == "enrolled"
 
     # Every connection to the Service now reaches the live replica (a connection sent to
     # the dead one would fail: nothing listens there).
