@@ -13,6 +13,7 @@ uninstall": keeping the rules fails closed, removing them by mistake would open 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,6 +25,9 @@ from kube.client import KubeApiError, KubeClient
 from kube.informer import Informer
 
 log = structlog.get_logger("redirect.uninstall")
+
+ASK_TIMEOUT_S = 2.0  # the API server's answer at SIGTERM, at most this long
+WATCH_SETTLE_S = 1.0  # without it, how long the watch may take to deliver a deletion
 
 
 def owning_daemonset(pod: Mapping[str, Any]) -> tuple[str, str] | None:
@@ -92,12 +96,50 @@ class UninstallWatch:
             await self.informer.stop()
 
     async def going(self) -> bool:
-        """Whether the DaemonSet is going away: gone from the watch, replaced, or being
-        deleted. Without a synced watch: False (keeping the rules fails closed)."""
+        """Whether the DaemonSet is going away: gone, replaced, or being deleted. Asked of
+        the API server first: the watch can trail the deletion that stops this very pod
+        (helm deletes the DaemonSet and the garbage collector stops its pods at once), and
+        then the cache still holds the DaemonSet. When the API cannot answer, the watch
+        decides, given a moment to deliver a deletion in flight. Without a synced watch
+        and no answer: False (keeping the rules fails closed)."""
         inf = self.informer
-        if inf is None or not inf.synced.is_set():
+        if inf is None:
             return False
-        cached = inf.get(f"{self.namespace}/{self.daemonset}")
-        going = daemonset_going(cached, self.owner_uid)
+        asked = await self._asked()
+        if asked is not None:
+            going = asked
+        elif not inf.synced.is_set():
+            going = False
+        else:
+            going = await self._watched()
         log.info("uninstall check", daemonset=f"{self.namespace}/{self.daemonset}", uninstall=going)
+        return going
+
+    async def _asked(self) -> bool | None:
+        """The API server's answer, or None when it gives none. 404: gone. 401: this
+        agent's ServiceAccount token is no longer valid, which happens when the
+        ServiceAccount is deleted, and only an uninstall deletes it (403 is not taken as
+        an answer: RBAC can be wrong for other reasons)."""
+        try:
+            async with asyncio.timeout(ASK_TIMEOUT_S):
+                ds = await self.client.get(kinds.DAEMON_SET, self.daemonset, self.namespace)
+        except KubeApiError as e:
+            if e.status in (401, 404):
+                return True
+            log.warning("own DaemonSet unreadable at stop; the watch decides", error=str(e))
+            return None
+        except (OSError, TimeoutError, aiohttp.ClientError) as e:
+            log.warning("own DaemonSet unreadable at stop; the watch decides", error=str(e))
+            return None
+        return daemonset_going(ds, self.owner_uid)
+
+    async def _watched(self) -> bool:
+        assert self.informer is not None
+        key = f"{self.namespace}/{self.daemonset}"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + WATCH_SETTLE_S
+        while not (going := daemonset_going(self.informer.get(key), self.owner_uid)):
+            if loop.time() >= deadline:
+                break
+            await asyncio.sleep(0.05)
         return going
