@@ -45,6 +45,8 @@ def seeds() -> dict[str, bytes]:
         "post": format_request(
             "POST", "/logging?level=debug", "localhost", b"{}", {"content-type": "application/json"}
         ),
+        # absolute-form, as a client talking to a proxy sends it
+        "absolute": b"GET http://127.0.0.1:15000/stats?format=json HTTP/1.1\r\nHost: x\r\n\r\n",
         "response": format_response(200, b'{"ok": true}', "application/json"),
         "chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
         b"5;ext=1\r\nhello\r\n0\r\n\r\n",
