@@ -24,8 +24,9 @@ from pathlib import Path
 from fuzz.targets import TARGETS
 
 ROOT = Path(__file__).resolve().parent
-# The packages whose code is instrumented for coverage: ours, not the libraries'.
-OURS = ["meshcore", "zds", "ztunnel", "waypoint", "fuzz"]
+# The packages whose code is instrumented for coverage: ours, and the pure-Python HTTP/2
+# and HPACK libraries our connections run on (their paths are what a peer's bytes drive).
+INSTRUMENTED = ["meshcore", "zds", "ztunnel", "waypoint", "fuzz", "h2", "hpack", "hyperframe"]
 # A single input may take this long before it counts as a hang (a loaded 2-core machine
 # runs a big YAML document in well under a second).
 INPUT_TIMEOUT = 10
@@ -70,7 +71,7 @@ def _worker(target: str, seconds: int) -> None:
     """The child: instrument our packages as the target imports them, then fuzz."""
     import atheris
 
-    with atheris.instrument_imports(include=OURS):
+    with atheris.instrument_imports(include=INSTRUMENTED):
         from fuzz import harness
 
         test_one_input = harness.entry(target)

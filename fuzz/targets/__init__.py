@@ -13,6 +13,7 @@ TARGETS = (
     "l7config",
     "http1_node",
     "waypoint_http",
+    "waypoint_h2",
     "dns_message",
     "xds_wire",
     "ca_messages",
