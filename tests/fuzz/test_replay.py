@@ -33,7 +33,8 @@ def test_committed_seeds_are_the_encoders_output(target: str) -> None:
     """The corpus is what `python -m fuzz.run --write-seeds` writes: a change to an
     encoder shows here, and the seeds are rebuilt rather than left stale."""
     for name, data in harness.seeds(target).items():
-        assert (harness.CORPUS / target / name).read_bytes() == data, name
+        stale = f"{target}/{name}: run `.venv/bin/python -m fuzz.run --write-seeds {target}`"
+        assert (harness.CORPUS / target / name).read_bytes() == data, stale
 
 
 def test_seeds_are_small() -> None:
