@@ -124,7 +124,7 @@ def write_seeds(targets: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fuzz.run", description=__doc__.split("\n")[0])
-    p.add_argument("targets", nargs="*", choices=[[], *TARGETS], default=[])
+    p.add_argument("targets", nargs="*", metavar="TARGET", help=", ".join(TARGETS))
     p.add_argument("--seconds", type=int, default=60, help="per target (default 60)")
     p.add_argument("--write-seeds", action="store_true")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -132,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         _worker(args.worker, args.seconds)
         return 0
+    unknown = [t for t in args.targets if t not in TARGETS]
+    if unknown:
+        p.error(f"no fuzz target {', '.join(unknown)}; targets: {', '.join(TARGETS)}")
     targets = list(args.targets) or list(TARGETS)
     if args.write_seeds:
         write_seeds(targets)
