@@ -7,8 +7,8 @@ Each target runs in a child process (a crash ends libFuzzer's process): the comm
 corpus fuzz/corpus/<target>/ seeds it, new inputs go to a temporary directory (the corpus
 in git stays small), and a crashing or hanging input is written to fuzz/crashes/<target>/,
 where `make test` replays it (tests/fuzz/test_replay.py) once the bug is fixed. Per target
-this prints executions, exec/s, coverage (libFuzzer's `cov`: edges, `ft`: features) and
-crashes.
+this prints executions, exec/s, coverage (libFuzzer's `cov`: edges, `ft`: features), the
+slowest input's time and crashes.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ class Result:
     per_second: int
     cov: int
     ft: int
+    slowest: int  # seconds the slowest input took (a hang shows here before it is one)
     crashes: list[str]
     exit_code: int
 
@@ -47,6 +48,7 @@ class Result:
 _STATUS = re.compile(r"^#(\d+)\s+\S+\s+cov: (\d+) ft: (\d+)", re.MULTILINE)
 _EXECS = re.compile(r"stat::number_of_executed_units: (\d+)")
 _SPEED = re.compile(r"stat::average_exec_per_sec:\s+(\d+)")
+_SLOWEST = re.compile(r"stat::slowest_unit_time_sec:\s+(\d+)")
 _ARTIFACT = re.compile(r"Test unit written to (\S+)")
 
 
@@ -56,12 +58,14 @@ def summarize(target: str, log: str, exit_code: int) -> Result:
     last = status[-1] if status else ("0", "0", "0")
     execs = _EXECS.search(log)
     speed = _SPEED.search(log)
+    slowest = _SLOWEST.search(log)
     return Result(
         target=target,
         executions=int(execs.group(1)) if execs else int(last[0]),
         per_second=int(speed.group(1)) if speed else 0,
         cov=int(last[1]),
         ft=int(last[2]),
+        slowest=int(slowest.group(1)) if slowest else 0,
         crashes=_ARTIFACT.findall(log),
         exit_code=exit_code,
     )
@@ -145,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(r)
         print(
             f"{r.target:16} executions {r.executions:>9}  exec/s {r.per_second:>6}  "
-            f"cov {r.cov:>5}  ft {r.ft:>6}  crashes {len(r.crashes)}",
+            f"cov {r.cov:>5}  ft {r.ft:>6}  slowest {r.slowest}s  crashes {len(r.crashes)}",
             flush=True,
         )
         for path in r.crashes:

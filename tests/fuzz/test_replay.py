@@ -51,12 +51,8 @@ def test_summary_of_a_libfuzzer_log() -> None:
         "artifact_prefix='x/'; Test unit written to x/crash-abc\n"
         "stat::number_of_executed_units: 1000\n"
         "stat::average_exec_per_sec:     500\n"
+        "stat::slowest_unit_time_sec:    2\n"
     )
     r = summarize("t", log, 1)
-    assert (r.executions, r.per_second, r.cov, r.ft, r.crashes) == (
-        1000,
-        500,
-        40,
-        77,
-        ["x/crash-abc"],
-    )
+    assert (r.executions, r.per_second, r.cov, r.ft, r.slowest) == (1000, 500, 40, 77, 2)
+    assert r.crashes == ["x/crash-abc"]
