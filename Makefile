@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 UNIT := bash scripts/unprivileged.sh $(PY) -m pytest -p no:cacheprovider -n 3 --dist worksteal \
 	-m "not netns and not kube"
 
-.PHONY: setup demo test lint typecheck layering unit bench lock image clean
+.PHONY: setup demo test lint typecheck layering unit bench fuzz lock image clean
 
 setup:
 	bash scripts/setup.sh
@@ -49,6 +49,13 @@ bench: setup
 # setup builds it too). `scripts/image-build.sh --tag T --version V` for another tag.
 image:
 	bash scripts/image-build.sh
+
+# Each parser's fuzz target (fuzz/targets/) under atheris for FUZZ_SECONDS, one after the
+# other, at low priority; prints executions, exec/s, coverage and crashes per target. A
+# crashing input lands in fuzz/crashes/<target>/, which `make test` replays.
+FUZZ_SECONDS ?= 60
+fuzz: setup
+	nice -n 10 $(PY) -m fuzz.run --seconds $(FUZZ_SECONDS)
 
 # constraints.txt from the newest releases pyproject.toml allows (scripts/lock.sh).
 lock:

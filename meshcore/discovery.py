@@ -513,7 +513,9 @@ def _parse_document(text: str) -> MeshState:
     resources: list[RawResource] = []
     for i, p in enumerate(_items(top.get("policies"), "policies")):
         # A kubectl-apply-style list may hold L7 documents beside the policies.
-        if isinstance(p, dict) and p.get("kind") in L7_KINDS:
+        # The kind must be a string before the set lookup: a mapping there is unhashable.
+        kind = p.get("kind") if isinstance(p, dict) else None
+        if isinstance(kind, str) and kind in L7_KINDS:
             resources.append(parse_resource_entry(p, f"policies[{i}]"))
         else:
             policies.append(parse_policy_entry(p, f"policies[{i}]"))

@@ -94,7 +94,12 @@ class Refused:
 def parse_authority(authority: str) -> tuple[str, int] | None:
     """`ip:port` or `[v6]:port`; None if it is neither (hostnames are not destinations)."""
     host, sep, port_text = authority.rpartition(":")
-    if not sep or not port_text.isdigit():
+    # ASCII digits only: str.isdigit() also takes "²" (latin-1 0xb2, which HPACK hands on),
+    # which int() refuses. Leading zeros aside, a port has at most five digits; a longer
+    # run (int() refuses more than 4300 digits) is no port either.
+    if not sep or not (port_text.isascii() and port_text.isdigit()):
+        return None
+    if len(port_text.lstrip("0")) > 5:
         return None
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -102,7 +107,7 @@ def parse_authority(authority: str) -> tuple[str, int] | None:
         ip = ipaddress.ip_address(host)
     except ValueError:
         return None
-    port = int(port_text)
+    port = int(port_text.lstrip("0") or "0")
     if not 1 <= port <= 65535:
         return None
     return str(ip), port

@@ -184,7 +184,10 @@ def _parse_target(target: bytes) -> tuple[str, dict[str, str]]:
         raise HttpError(400, "request target must be ASCII (percent-encode the rest)") from None
     if text.startswith(("http://", "https://")):
         # absolute-form: what a client talking to a proxy sends; servers must accept it.
-        split = urlsplit(text)
+        try:
+            split = urlsplit(text)
+        except ValueError:  # "http://[": an unclosed IPv6 literal
+            raise HttpError(400, "malformed absolute-form request target") from None
         raw_path, raw_query = split.path or "/", split.query
     elif text.startswith("/"):
         raw_path, _, raw_query = text.partition("?")

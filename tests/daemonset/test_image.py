@@ -131,7 +131,7 @@ def test_the_context_leaves_out_what_the_image_does_not_need():
     assert {".git", ".venv", "**/__pycache__", ".mypy_cache", ".ruff_cache", ".pytest_cache"} <= (
         patterns
     )
-    assert {"tests", "benchmarks", "demo"} <= patterns
+    assert {"tests", "benchmarks", "demo", "fuzz"} <= patterns
     # Docker reads .dockerignore: the same file.
     assert (ROOT / ".dockerignore").resolve() == (ROOT / ".containerignore").resolve()
     # What the build copies must stay in.

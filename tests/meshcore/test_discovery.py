@@ -714,3 +714,9 @@ def test_watcher_status_names_the_config_in_force_and_a_refused_newer_one(aio, t
         assert w.status.to_json() == {"digest": in_force, "rejected": None}
 
     aio.run(main)
+
+
+def test_a_policy_kind_that_is_a_mapping_is_a_config_error():
+    # Found by fuzz/targets/l7config.py: the L7-kind lookup hashed the kind (TypeError).
+    with pytest.raises(MeshConfigError, match=r"policies\[0\]\.kind: expected a string"):
+        parse_local_config(doc(policies=[{"kind": {"a": 1}, "name": "x"}]))

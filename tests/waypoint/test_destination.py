@@ -10,7 +10,7 @@ import pytest
 
 from meshcore.discovery import parse_local_config
 from meshcore.state import MeshState
-from waypoint.destination import Destination, Me, Refused, resolve
+from waypoint.destination import Destination, Me, Refused, parse_authority, resolve
 
 WAYPOINT_KEY = "travel/waypoint.travel.svc.cluster.local"
 
@@ -59,3 +59,22 @@ def test_a_binding_names_this_waypoint(binding: dict[str, object], served: bool)
         assert got.service.name == "flights"
     else:
         assert isinstance(got, Refused) and got.status == 403
+
+
+@pytest.mark.parametrize(
+    ("authority", "parsed"),
+    [
+        ("10.0.0.2:8080", ("10.0.0.2", 8080)),
+        ("[fd00::2]:80", ("fd00::2", 80)),
+        ("10.0.0.2:00080", ("10.0.0.2", 80)),
+        # Found by fuzz/targets/connect_headers.py: "²" (latin-1 0xb2) is a digit to
+        # str.isdigit() but not to int(), and int() refuses more than 4300 digits.
+        ("10.0.0.2:8\u00b2", None),
+        ("10.0.0.2:" + "9" * 5000, None),
+        ("10.0.0.2:" + "0" * 5000, None),
+        ("10.0.0.2:65536", None),
+        ("flights:80", None),
+    ],
+)
+def test_parse_authority_refuses_what_is_not_ip_port(authority, parsed):
+    assert parse_authority(authority) == parsed

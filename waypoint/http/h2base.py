@@ -68,7 +68,9 @@ class FlowBody(StreamBody):
 def content_length(headers: Headers) -> int | None:
     for k, v in headers:
         if k == "content-length":
-            return int(v) if v.isdigit() else None
+            # ASCII digits only: str.isdigit() also takes "²", which int() refuses (h2
+            # refuses such a request first; this must not depend on it).
+            return int(v) if v.isascii() and v.isdigit() and len(v) <= 18 else None
     return None
 
 

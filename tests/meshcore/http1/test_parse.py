@@ -34,6 +34,19 @@ def test_repeated_equal_content_lengths_are_one():
     assert head.content_length == 4
 
 
+@pytest.mark.parametrize("target", [b"http://[", b"http://127.0.0.1:15000\x01[/stats"])
+def test_an_unclosed_ipv6_literal_in_an_absolute_target_is_a_400(target):
+    # Found by fuzz/targets/http1_node.py: urlsplit's ValueError escaped the parser.
+    with pytest.raises(HttpError) as e:
+        parse_request_head(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n")
+    assert e.value.status == 400
+
+
+def test_an_absolute_target_is_its_path_and_query():
+    head = parse_request_head(b"GET http://127.0.0.1:15000/stats?format=json HTTP/1.1\r\n")
+    assert (head.path, head.query) == ("/stats", {"format": "json"})
+
+
 @given(st.binary(max_size=300))
 def test_any_bytes_parse_or_raise_http_error(data):
     try:
