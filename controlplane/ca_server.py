@@ -44,6 +44,7 @@ from controlplane.ca_grpc_auth import RateLimiter
 from meshcore.defaults import SERVICE_ACCOUNT, TRUST_DOMAIN
 from meshcore.identity.spiffe import IdentityError, SpiffeId
 from meshcore.localtrust import RateLog, default_uids, parse_uids, peer_cred, refusal
+from meshcore.runtime import accepterrors
 
 log = structlog.get_logger(__name__)
 
@@ -296,6 +297,7 @@ class WorkloadsFileAuthorizer:
 
 
 async def _serve(args: argparse.Namespace) -> None:
+    accepterrors.install(asyncio.get_running_loop())
     ca = CertificateAuthority.load_or_create(Path(args.state_dir), args.trust_domain)
     tokens = load_tokens(Path(args.tokens_file))
     server = CAServer(

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import structlog
 
 from meshcore.localtrust import parse_uids
+from meshcore.runtime import accepterrors
 from redirect import capture, probes
 from redirect.capture import RedirectMode
 from redirect.enrolment import FilePodSource, NodeView, PodInfo, PodSource, wanted
@@ -661,6 +662,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 async def run(args: argparse.Namespace) -> None:
+    accepterrors.install(asyncio.get_running_loop())
     mode = RedirectMode(args.redirect_mode)
     source: PodSource
     marker: RedirectionMarker | None = None
