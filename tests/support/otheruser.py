@@ -18,8 +18,6 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-NOBODY = pwd.getpwnam("nobody")
-
 
 @contextlib.contextmanager
 def reachable_dir() -> Iterator[Path]:
@@ -37,13 +35,14 @@ async def as_nobody(client: Callable[[], int]) -> int:
     (99 when it raised, 98 when it could not drop privileges)."""
     if os.geteuid() != 0:
         raise RuntimeError("running as another user needs root")
+    nobody = pwd.getpwnam("nobody")  # here, not at import: collection never needs it
     pid = os.fork()
     if pid == 0:  # the child
         code = 98
         try:
             os.setgroups([])
-            os.setgid(NOBODY.pw_gid)
-            os.setuid(NOBODY.pw_uid)
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
             code = 99
             code = client()
         finally:
