@@ -33,6 +33,7 @@ from controlplane.waypoints import WaypointTemplate
 from kube.client import KubeApiError, KubeClient, KubeConfig, config_from_env, load_kubeconfig
 from meshcore.defaults import ROOT_NAMESPACE, TRUST_DOMAIN
 from meshcore.observability import logging as meshlog
+from meshcore.runtime import accepterrors
 
 log = structlog.get_logger("controlplane")
 _DEFAULTS = WaypointTemplate()
@@ -151,6 +152,7 @@ def waypoint_template(args: argparse.Namespace) -> WaypointTemplate:
 
 
 async def run(config: KubeConfig, args: argparse.Namespace) -> None:
+    accepterrors.install(asyncio.get_running_loop())
     async with KubeClient(config) as client:
         if not args.no_install_crds:
             names = await install_crds(client)

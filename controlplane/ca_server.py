@@ -2,15 +2,19 @@
 
 `POST /v1/certificates` with `Authorization: Bearer <node token>` and JSON
 `{"csr": "<pem>", "ttlSeconds": 86400}` answers 200 `{"certChain": [leaf, ..., root]}`,
-401 (missing or unknown token), 403 (this node may not hold that identity), 400 (bad JSON,
-bad CSR, bad lifetime) or 503 (the authorizer could not decide). Errors are JSON
-`{"error": "<what to check>"}`.
+401 (missing or unknown token), 403 (this node may not hold that identity, or the caller's
+uid is not an allowed one), 429 (the node asked for too many certificates; `Retry-After`
+says when to come back), 400 (bad JSON, bad CSR, bad lifetime) or 503 (the authorizer
+could not decide). Errors are JSON `{"error": "<what to check>"}`.
 
 Invariants:
 - The identity issued is the CSR's one URI SAN, and only if `may_issue(node, identity)`
   says the node runs a workload with it: a node can never get another node's identities.
 - The socket file is 0600 from the moment it has its final name (bound under a temporary
-  name, chmod-ed, then renamed into place).
+  name, chmod-ed, then renamed into place), and a caller whose uid (SO_PEERCRED) is not an
+  allowed one (by default the CA's own) is refused before its token is even looked at.
+- Issuance is rate-limited per node (a token bucket per node name, as the gRPC CA's), and
+  charged before the CSR is parsed, so a node's tunnel cannot keep the CA signing.
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ import argparse
 import asyncio
 import contextlib
 import hmac
+import math
 import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -34,13 +40,19 @@ import yaml
 from aiohttp import web
 
 from controlplane.ca import DEFAULT_LEAF_TTL, CAError, CertificateAuthority, csr_identity, parse_csr
+from controlplane.ca_grpc_auth import RateLimiter
 from meshcore.defaults import SERVICE_ACCOUNT, TRUST_DOMAIN
 from meshcore.identity.spiffe import IdentityError, SpiffeId
+from meshcore.localtrust import RateLog, default_uids, parse_uids, peer_cred, refusal
+from meshcore.runtime import accepterrors
 
 log = structlog.get_logger(__name__)
 
 CERTIFICATES_PATH = "/v1/certificates"
 MAX_BODY = 64 * 1024  # a CSR is ~500 bytes; anything near this is not a CSR
+# Per node, as the gRPC CA: a node starting 100 pods gets them at once, then 10 a second.
+RATE_PER_S = 10.0
+BURST = 100
 
 Authorizer = Callable[[str, SpiffeId], bool]
 
@@ -51,11 +63,23 @@ class CAServerError(Exception):
 
 class CAServer:
     def __init__(
-        self, ca: CertificateAuthority, tokens: Mapping[str, str], may_issue: Authorizer
+        self,
+        ca: CertificateAuthority,
+        tokens: Mapping[str, str],
+        may_issue: Authorizer,
+        allowed_uids: frozenset[int] | None = None,
+        limiter: RateLimiter | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._ca = ca
         self._tokens = dict(tokens)
         self._may_issue = may_issue
+        self.allowed_uids = default_uids() if allowed_uids is None else allowed_uids
+        self._limiter = limiter if limiter is not None else RateLimiter(RATE_PER_S, BURST)
+        self._clock = clock
+        self._refusal_log = RateLog()
+        # Requests refused before any CA work, by reason: what an operator reads first.
+        self.refused: dict[str, int] = {"uid": 0, "rate": 0}
         self._runner: web.AppRunner | None = None
         self._path: Path | None = None
 
@@ -97,10 +121,40 @@ class CAServer:
                 node = name
         return node
 
+    def _peer_refusal(self, request: web.Request) -> str | None:
+        transport = request.transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is None:
+            return "the caller's connection is gone"
+        try:
+            return refusal(peer_cred(sock), self.allowed_uids)
+        except OSError as e:
+            return f"cannot read the caller's credentials: {e}"
+
+    def _log_refusal(self, reason: str, why: str) -> None:
+        self.refused[reason] += 1
+        suppressed = self._refusal_log.due(self._clock())
+        if suppressed is not None:
+            log.warning(
+                "CA caller refused", reason=why, refused=dict(self.refused), not_logged=suppressed
+            )
+
     async def _handle(self, request: web.Request) -> web.Response:
+        why = self._peer_refusal(request)
+        if why is not None:
+            self._log_refusal("uid", why)
+            return _error(403, f"refused: {why}")
         node = self._node_for(request)
         if node is None:
             return _error(401, "missing or unknown bearer token; check the node's CA token")
+        if not self._limiter.allow(node, self._clock()):
+            why = (
+                f"node {node!r} asked for more than {self._limiter.burst:g} certificates at "
+                f"once ({self._limiter.rate:g}/s after that); retry later"
+            )
+            self._log_refusal("rate", why)
+            retry = max(1, math.ceil(1.0 / self._limiter.rate))
+            return _error(429, f"rate limited: {why}", {"Retry-After": str(retry)})
         try:
             body = await request.json()
         except (ValueError, UnicodeDecodeError):
@@ -140,8 +194,8 @@ def _parse_request(body: Any) -> tuple[bytes, timedelta]:
     return csr.encode(), timedelta(seconds=ttl_s)
 
 
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
 
 
 def _bind_private_unix(path: Path) -> socket.socket:
@@ -243,9 +297,16 @@ class WorkloadsFileAuthorizer:
 
 
 async def _serve(args: argparse.Namespace) -> None:
+    accepterrors.install(asyncio.get_running_loop())
     ca = CertificateAuthority.load_or_create(Path(args.state_dir), args.trust_domain)
     tokens = load_tokens(Path(args.tokens_file))
-    server = CAServer(ca, tokens, WorkloadsFileAuthorizer(Path(args.workloads_file)))
+    server = CAServer(
+        ca,
+        tokens,
+        WorkloadsFileAuthorizer(Path(args.workloads_file)),
+        allowed_uids=args.peer_uids,
+        limiter=RateLimiter(args.rate_per_node, args.burst_per_node),
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -266,7 +327,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens-file", required=True, help="YAML/JSON token -> node name")
     parser.add_argument("--trust-domain", default=TRUST_DOMAIN)
     parser.add_argument("--workloads-file", required=True, help="local-mode workloads YAML")
+    parser.add_argument(
+        "--peer-uids",
+        type=parse_uids,
+        default="",
+        help="comma-separated uids that may connect; default: the CA's own",
+    )
+    parser.add_argument("--rate-per-node", type=float, default=RATE_PER_S)
+    parser.add_argument("--burst-per-node", type=int, default=BURST)
     args = parser.parse_args(argv)
+    if not (args.rate_per_node > 0 and args.burst_per_node >= 1):
+        parser.error("--rate-per-node must be positive and --burst-per-node at least 1")
     try:
         asyncio.run(_serve(args))
     except (CAError, CAServerError) as e:

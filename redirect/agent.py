@@ -46,6 +46,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
+from meshcore.localtrust import parse_uids
+from meshcore.runtime import accepterrors
 from redirect import capture, probes
 from redirect.capture import RedirectMode
 from redirect.enrolment import FilePodSource, NodeView, PodInfo, PodSource, wanted
@@ -164,9 +166,11 @@ class RedirectionMarker(Protocol):
         ...
 
 
-def zds_server_factory(path: Path) -> ZdsFactory:
+def zds_server_factory(path: Path, peer_uids: frozenset[int] | None = None) -> ZdsFactory:
     def make(on_acked: Callable[[str], None], on_tunnels: Callable[[int], None]) -> Zds:
-        server: Zds = ZdsServer(str(path), on_acked=on_acked, on_tunnels_changed=on_tunnels)
+        server: Zds = ZdsServer(
+            str(path), on_acked=on_acked, on_tunnels_changed=on_tunnels, allowed_uids=peer_uids
+        )
         return server
 
     return make
@@ -593,6 +597,13 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         "where the API server is); default: the agent's own",
     )
     p.add_argument("--zds-socket", type=Path, default=Path(DEFAULT_ZDS_SOCKET))
+    p.add_argument(
+        "--zds-peer-uids",
+        type=parse_uids,
+        default=env.get("ZDS_PEER_UIDS", ""),
+        help="comma-separated uids a tunnel may connect to the ZDS socket as "
+        "(env ZDS_PEER_UIDS); default: the agent's own",
+    )
     p.add_argument("--status-file", type=Path, help="where to write the agent's view (JSON)")
     p.add_argument(
         "--redirect-mode",
@@ -651,6 +662,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 async def run(args: argparse.Namespace) -> None:
+    accepterrors.install(asyncio.get_running_loop())
     mode = RedirectMode(args.redirect_mode)
     source: PodSource
     marker: RedirectionMarker | None = None
@@ -679,7 +691,7 @@ async def run(args: argparse.Namespace) -> None:
             node_netns=args.node_netns,
             inpod_cfg=InpodConfig(capture_dns=args.dns_capture),
         ),
-        zds_server_factory(args.zds_socket),
+        zds_server_factory(args.zds_socket, args.zds_peer_uids),
         args.status_file,
         mode,
         marker,

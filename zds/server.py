@@ -18,6 +18,13 @@ Beyond upstream:
 - Every connection has a reader all the time, so a tunnel that goes away is noticed at once
   (upstream polls), and a message nobody asked for closes that connection.
 
+Local trust (beyond upstream, which relies on the socket file's mode alone): a peer whose
+uid (SO_PEERCRED, from the kernel) is not an allowed one (by default only the agent's own)
+is closed before it is read from, and new connections are rate-limited (each one costs a
+whole snapshot: a netns fd opened per pod), so a peer that reconnects in a loop cannot keep
+the agent busy. Refusals are counted in `refused` and logged at most every few seconds;
+nothing a peer does stops the accept loop.
+
 The agent holds netns paths, not fds: a fd is opened for each send and closed right after
 (the kernel has duplicated it into the packet by then), so the agent never leaks one.
 """
@@ -30,6 +37,7 @@ import itertools
 import os
 import socket
 import stat
+import time
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -38,6 +46,7 @@ from typing import Any
 
 import structlog
 
+from meshcore.localtrust import PeerCred, RateLog, TokenBucket, default_uids, peer_cred, refusal
 from zds import wire
 from zds.messages import (
     Ack,
@@ -57,6 +66,10 @@ log = structlog.get_logger(__name__)
 
 HELLO_TIMEOUT = 5.0  # as upstream's read/write deadline
 SNAPSHOT_ACK_TIMEOUT = 30.0  # per snapshot message; a tunnel slower than this is dropped
+# New connections: a tunnel restart is one, an upgrade overlap two; 20 at once and then 2 a
+# second is far above what a well-behaved tunnel does and bounds snapshots to 2 a second.
+ACCEPT_RATE_PER_S = 2.0
+ACCEPT_BURST = 20
 
 
 class ZdsUnavailable(Exception):
@@ -121,8 +134,18 @@ class ZdsServer:
         path: str | Path,
         on_acked: Callable[[str], None] | None = None,
         on_tunnels_changed: Callable[[int], None] | None = None,
+        allowed_uids: frozenset[int] | None = None,
+        accept_rate: TokenBucket | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.path = Path(path)
+        self.allowed_uids = default_uids() if allowed_uids is None else allowed_uids
+        self._accept_rate = accept_rate or TokenBucket(ACCEPT_RATE_PER_S, ACCEPT_BURST)
+        self._clock = clock
+        self._refusal_log = RateLog()
+        # Connections closed at accept, by reason ("uid", "rate"): what an operator checks
+        # when a tunnel cannot connect, or to see that something else tries to.
+        self.refused: dict[str, int] = {"uid": 0, "rate": 0}
         self._on_acked = on_acked
         self._on_tunnels_changed = on_tunnels_changed
         self._pods: dict[str, _Pod] = {}
@@ -174,7 +197,43 @@ class ZdsServer:
     async def _accept_loop(self, listener: socket.socket) -> None:
         while True:
             sock = await wire.accept(listener)
+            try:
+                why = self._admit(sock)
+            except OSError as e:  # the peer is already gone
+                why = f"cannot read the peer's credentials: {e}"
+                self.refused["uid"] += 1
+            if why is not None:
+                sock.close()
+                continue
             self._spawn(self._serve(sock), "zds-conn")
+
+    def _admit(self, sock: socket.socket) -> str | None:
+        """Why this new connection is closed at once, or None to serve it."""
+        cred = peer_cred(sock)
+        why = refusal(cred, self.allowed_uids)
+        if why is not None:
+            self._refused("uid", why, cred)
+            return why
+        if not self._accept_rate.allow(self._clock()):
+            why = (
+                f"more than {self._accept_rate.burst:g} connections at once "
+                f"({self._accept_rate.rate:g}/s after that)"
+            )
+            self._refused("rate", why, cred)
+            return why
+        return None
+
+    def _refused(self, reason: str, why: str, cred: PeerCred) -> None:
+        self.refused[reason] += 1
+        suppressed = self._refusal_log.due(self._clock())
+        if suppressed is not None:
+            log.warning(
+                "zds peer refused",
+                reason=why,
+                peer=str(cred),
+                refused=dict(self.refused),
+                not_logged=suppressed,
+            )
 
     # ---- state ---------------------------------------------------------------------------
 

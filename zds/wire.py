@@ -26,6 +26,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+import structlog
+
 from zds.messages import (
     MAX_MESSAGE_SIZE,
     AddWorkload,
@@ -38,6 +40,8 @@ from zds.messages import (
     decode_response,
     encode,
 )
+
+log = structlog.get_logger(__name__)
 
 DEFAULT_SOCKET_PATH = "/var/run/ztunnel/ztunnel.sock"
 # Room for a few fds, so a peer sending too many is seen (and all of them closed) rather
@@ -233,7 +237,16 @@ def listen(path: str | Path, backlog: int = 16) -> socket.socket:
     return sock
 
 
+_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+_BACKOFF_FIRST, _BACKOFF_MAX = 0.05, 1.0
+
+
 async def accept(listener: socket.socket) -> socket.socket:
+    """The next connection. Out of fds (EMFILE, ENFILE) or memory, the pending connection
+    stays in the backlog and the listener stays readable, so retrying at once would spin:
+    it backs off (doubling up to a second), logs once per episode, and takes the
+    connection as soon as fds are free again."""
+    backoff = 0.0
     while True:
         try:
             conn, _ = listener.accept()
@@ -241,13 +254,20 @@ async def accept(listener: socket.socket) -> socket.socket:
             await _wait(listener, writable=False)
             continue
         except OSError as e:
-            # The peer gave up between SYN and accept, or fds ran out: not fatal for the
-            # listener; EMFILE waits a little so the loop does not spin.
-            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                await asyncio.sleep(0.1)
             if e.errno in (errno.EBADF, errno.EINVAL):
                 raise
+            if e.errno in _OUT_OF_RESOURCES:
+                if backoff == 0.0:
+                    log.error(
+                        "cannot accept: out of resources; backing off until they free up",
+                        error=str(e),
+                    )
+                backoff = min(_BACKOFF_MAX, max(_BACKOFF_FIRST, backoff * 2))
+                await asyncio.sleep(backoff)
+            # Else the peer gave up between connect and accept: take the next one.
             continue
+        if backoff:
+            log.info("accepting again after running out of resources")
         conn.setblocking(False)
         return conn
 

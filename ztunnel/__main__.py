@@ -66,7 +66,7 @@ async def run(cfg: Config) -> None:
     node.config_status = lambda: watcher.status
     enrolment: FileEnrolmentSource | ZdsClient
     if cfg.zds_socket is not None:
-        enrolment = ZdsClient(cfg.zds_socket, node)
+        enrolment = ZdsClient(cfg.zds_socket, node, agent_uids=cfg.zds_peer_uids)
     else:
         assert cfg.enrolment_path is not None  # parse_config guarantees one of the two
         enrolment = FileEnrolmentSource(cfg.enrolment_path, node.on_enrolment)

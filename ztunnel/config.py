@@ -23,6 +23,7 @@ from meshcore.identity.istio_ca import CA_ADDRESS as CA_ADDRESS
 from meshcore.identity.istio_ca import CA_ROOT_CERT as CA_ROOT_CERT
 from meshcore.identity.istio_ca import CA_TOKEN_PATH as CA_TOKEN_PATH
 from meshcore.identity.istio_ca import CaGrpcSettings, parse_ca_source
+from meshcore.localtrust import parse_uids
 from meshcore.xds.source import XDS_ADDRESS as XDS_ADDRESS
 from meshcore.xds.source import XDS_ROOT_CERT as XDS_ROOT_CERT
 from meshcore.xds.source import XdsSettings, parse_source
@@ -31,6 +32,7 @@ NODE_NAME = "NODE_NAME"
 LOCAL_XDS_PATH = "LOCAL_XDS_PATH"
 ENROLMENT_PATH = "ENROLMENT_PATH"
 ZDS_SOCKET = "ZDS_SOCKET"
+ZDS_PEER_UIDS = "ZDS_PEER_UIDS"  # the uids the node agent may run as; default: ours
 # CA_ADDRESS, CA_TOKEN_PATH, CA_ROOT_CERT: meshcore.identity.istio_ca.parse_ca_source (the
 # waypoint reads them the same way).
 TRUST_DOMAIN = "TRUST_DOMAIN"
@@ -83,6 +85,7 @@ class Config:
     drain_seconds: int = DEFAULT_DRAIN_SECONDS
     release_drain_seconds: int = DEFAULT_RELEASE_DRAIN_SECONDS
     zds_socket: Path | None = None
+    zds_peer_uids: frozenset[int] | None = None  # None: the tunnel's own uid
     # Same-node connections go from one pod's proxy to the other's in process, skipping
     # the TLS and HTTP/2 of a hop that starts and ends here; false sends them over HBONE.
     same_node_in_process: bool = True
@@ -120,6 +123,16 @@ def _ca(env: Mapping[str, str]) -> tuple[Path | None, CaGrpcSettings | None, Pat
     return source.socket, source.grpc, source.token_path
 
 
+def _uids(env: Mapping[str, str], name: str) -> frozenset[int] | None:
+    text = env.get(name, "").strip()
+    if not text:
+        return None
+    try:
+        return parse_uids(text)
+    except ValueError as e:
+        raise EnvConfigError(f"{name}={text!r}: {e}") from None
+
+
 def parse_config(env: Mapping[str, str]) -> Config:
     level = _log_level(env, LOG_LEVEL)
     enrolment_path, zds_socket = _enrolment(env)
@@ -131,6 +144,7 @@ def parse_config(env: Mapping[str, str]) -> Config:
         xds=xds,
         enrolment_path=enrolment_path,
         zds_socket=zds_socket,
+        zds_peer_uids=_uids(env, ZDS_PEER_UIDS),
         ca_address=ca_socket,
         ca_token_path=ca_token_path,
         ca_grpc=ca_grpc,

@@ -92,6 +92,7 @@ class NodeProxy:
         self.policies = PolicyIndex.build(MeshState.empty(), root_namespace)
         # Every pod's HBONE endpoints share one guard: the handshake limits are per tunnel.
         self.guard = Guard(hbone_limits, self.connection_table.metrics.hbone_refused)
+        self.guard.tunnel_connections = self.connection_table.__len__
         self.quit_requested = asyncio.Event()
         self.state = MeshState.empty()
         self.state_loaded = False

@@ -18,6 +18,8 @@ statemanager.rs):
   since a tunnel that stops listening to its agent helps nobody.
 - While disconnected, and until a new connection's snapshot is in, the tunnel is not
   ready (it keeps serving the pods it has: draining waits for the agent's snapshot).
+- Beyond upstream: the agent's uid (SO_PEERCRED) must be an allowed one (by default the
+  tunnel's own); another user's socket at the path is treated as an unreachable agent.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Protocol
 
 import structlog
 
+from meshcore.localtrust import default_uids, peer_cred, refusal
 from zds import wire
 from zds.messages import (
     Ack,
@@ -93,8 +96,10 @@ class ZdsClient:
         pods: PodManager,
         backoff_initial: float = BACKOFF_INITIAL,
         backoff_max: float = BACKOFF_MAX,
+        agent_uids: frozenset[int] | None = None,
     ) -> None:
         self.path = Path(path)
+        self.agent_uids = default_uids() if agent_uids is None else agent_uids
         self._pods = pods
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
@@ -123,6 +128,16 @@ class ZdsClient:
         while True:
             try:
                 sock = await wire.connect(self.path)
+                try:
+                    # The agent hands us netns fds to serve: a socket bound by another
+                    # user (a path it could reach) must not be able to enrol pods.
+                    why = refusal(peer_cred(sock), self.agent_uids)
+                except OSError:
+                    sock.close()
+                    raise
+                if why is not None:
+                    sock.close()
+                    raise ZdsError(f"not the node agent: {why}")
             except (OSError, ZdsError) as e:
                 if not away_since_logged:
                     log.warning(

@@ -24,12 +24,14 @@ from controlplane.xds.server import XdsServer
 from controlplane.xds.tls import XdsTlsError, bind, server_credentials
 from meshcore.defaults import TRUST_DOMAIN
 from meshcore.discovery import LocalConfigWatcher
+from meshcore.runtime import accepterrors
 from meshcore.state import MeshConfigError
 
 log = structlog.get_logger("xds")
 
 
 async def _serve(args: argparse.Namespace) -> None:
+    accepterrors.install(asyncio.get_running_loop())
     xds = XdsServer()
     watcher = LocalConfigWatcher(Path(args.config), xds.update)
     await watcher.start()

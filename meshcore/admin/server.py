@@ -13,11 +13,17 @@ Admin endpoints, as ztunnel's (and Envoy's) admin interface:
 The servers know nothing about the tunnel itself: the admin server asks an `AdminSource`,
 the metrics server renders a `TcpMetrics`. The admin port must be bound to a loopback
 address by the caller: it can stop the tunnel and has no authentication (as upstream).
+Beyond upstream, a request that changes state (any method but GET/HEAD) from a peer that is
+not a loopback address gets 403 whatever the bind address, so a misconfigured bind (or a
+port forwarded into the netns) still cannot stop the proxy or change its log level;
+read-only requests are answered as before.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -25,6 +31,7 @@ import structlog
 
 from meshcore.defaults import ADMIN_PORT, METRICS_PORT
 from meshcore.http1.server import NodeHttpServer, Request, Response, Routes
+from meshcore.localtrust import RateLog
 from meshcore.observability.metrics import TcpMetrics
 from meshcore.observability.promtext import ProcessMetrics
 
@@ -122,6 +129,23 @@ def _error(status: int, message: str) -> Response:
     return _json({"error": message}, status)
 
 
+_READ_ONLY = frozenset({"GET", "HEAD"})
+
+
+def state_change_refusal(method: str, remote: str | None) -> str | None:
+    """Why this request may not change the proxy's state, or None when it may (read-only
+    methods always may; others only from a loopback peer)."""
+    if method in _READ_ONLY:
+        return None
+    try:
+        loopback = remote is not None and ipaddress.ip_address(remote).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback:
+        return None
+    return f"{method} is only answered from the node's loopback, not from {remote or 'unknown'}"
+
+
 class AdminServer(NodeHttpServer):
     """The admin endpoints for one tunnel, on a host/port the caller chooses (loopback)."""
 
@@ -130,6 +154,18 @@ class AdminServer(NodeHttpServer):
     ) -> None:
         super().__init__(port, host)
         self._source = source
+        self._refusal_log = RateLog()
+        self.refused_remote = 0  # state-changing requests refused from off the node
+
+    async def admit(self, request: Request) -> Response | None:
+        why = state_change_refusal(request.method, request.remote)
+        if why is None:
+            return None
+        self.refused_remote += 1
+        suppressed = self._refusal_log.due(time.monotonic())
+        if suppressed is not None:
+            log.warning("admin request refused", reason=why, not_logged=suppressed)
+        return _error(403, why)
 
     async def not_found(self, request: Request) -> Response:
         # As Envoy: an unknown path gets the list of the known ones.

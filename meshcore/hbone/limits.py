@@ -63,6 +63,15 @@ class HboneLimits:
     # accepted connection is reset at once. Generous for a busy app; the connections
     # already relaying are not counted.
     max_connects_in_flight_per_listener: int = 1024
+    # Connections one pod's listener holds open (in flight and relaying), per direction:
+    # outbound (15001) and inbound plaintext (15006). One pod cannot take the tunnel's fds
+    # from every other pod. Upstream ztunnel has none; Envoy's per-listener
+    # max_connections is unlimited by default. Generous: two descriptors a connection.
+    max_connections_per_pod: int = 16_384
+    # Connections the tunnel holds open over all its pods (the connection table: relays of
+    # every listener, HBONE streams included); past it, a pod's listener resets new ones.
+    # Keep it below RLIMIT_NOFILE / 2 so the tunnel refuses before the kernel does.
+    max_connections_per_tunnel: int = 100_000
     # -- time ------------------------------------------------------------------------------
     # An inbound connection with no stream open for this long is drained (upstream
     # ztunnel's pool closes idle client connections after 5 minutes; Envoy's default is 1 h).

@@ -115,6 +115,9 @@ class Guard:
         self.limits = limits
         self._count = count
         self._log = RateLimitedLog()
+        # Connections the whole tunnel holds open (its node plugs in the connection table),
+        # for `max_connections_per_tunnel`.
+        self.tunnel_connections: Callable[[], int] = lambda: 0
         self.gate = HandshakeGate(limits, self._handshake_refused)
 
     def refused(self, direction: str, reason: str, peer: str, detail: str = "") -> None:

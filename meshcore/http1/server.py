@@ -113,6 +113,10 @@ class NodeHttpServer:
     def routes(self) -> Routes:
         raise NotImplementedError
 
+    async def admit(self, request: Request) -> Response | None:
+        """A refusal to answer instead of routing the request, or None to route it."""
+        return None
+
     async def not_found(self, request: Request) -> Response:
         """The answer for a path with no route."""
         return status_text(404)
@@ -187,7 +191,7 @@ class NodeHttpServer:
             return
         if request is None:
             return  # closed before sending anything
-        response = await self._dispatch(request)
+        response = await self.admit(request) or await self._dispatch(request)
         writer.write(
             format_response(
                 response.status,

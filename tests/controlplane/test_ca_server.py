@@ -13,6 +13,7 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -20,10 +21,12 @@ import yaml
 from cryptography import x509
 
 from controlplane.ca import CertificateAuthority
+from controlplane.ca_grpc_auth import RateLimiter
 from controlplane.ca_server import CAServer, WorkloadsFileAuthorizer, parse_workload_grants
 from meshcore.identity.certs import CertificateError, LocalCAClient, new_key_and_csr
 from meshcore.identity.spiffe import SpiffeId
 from tests.support.aio import run
+from tests.support.otheruser import as_nobody, reachable_dir
 
 TD = "cluster.local"
 ALICE = SpiffeId(TD, "shop", "alice")  # runs on node-a
@@ -65,7 +68,7 @@ async def post(sock: Path, body: bytes, token: str | None) -> tuple[int, dict[st
         return resp.status, json.loads(await resp.text())
 
 
-def run_with_server(tmp_path: Path, scenario) -> None:
+def run_with_server(tmp_path: Path, scenario, **settings: Any) -> None:
     ca = CertificateAuthority.create(TD)
     token_a, token_b = secrets.token_hex(32), secrets.token_hex(32)
     wfile = tmp_path / "workloads.yaml"
@@ -74,7 +77,7 @@ def run_with_server(tmp_path: Path, scenario) -> None:
 
     async def main() -> None:
         server = CAServer(
-            ca, {token_a: "node-a", token_b: "node-b"}, WorkloadsFileAuthorizer(wfile)
+            ca, {token_a: "node-a", token_b: "node-b"}, WorkloadsFileAuthorizer(wfile), **settings
         )
         await server.start(sock)
         try:
@@ -125,6 +128,61 @@ def test_identity_of_a_pod_on_another_node_is_403(tmp_path):
         assert str(BOB) in str(info.value)
 
     run_with_server(tmp_path, scenario)
+
+
+def test_a_caller_of_another_uid_is_403_before_its_token_is_read(tmp_path):
+    async def scenario(_ca, sock, token_a, _wfile):
+        with pytest.raises(CertificateError, match="403") as info:
+            await LocalCAClient(sock, token_a).sign(new_key_and_csr(ALICE)[1], timedelta(hours=1))
+        assert f"peer uid {os.geteuid()}" in str(info.value)
+        status, _ = await post(sock, b"not even json", None)
+        assert status == 403  # not 401/400: nothing of the request is looked at
+
+    run_with_server(tmp_path, scenario, allowed_uids=frozenset({os.geteuid() + 1}))
+
+
+def test_issuance_is_rate_limited_per_node(tmp_path):
+    async def scenario(_ca, sock, token_a, _wfile):
+        csr = new_key_and_csr(ALICE)[1]
+        for _ in range(3):
+            await LocalCAClient(sock, token_a).sign(csr, timedelta(hours=1))
+        headers = {"Authorization": f"Bearer {token_a}", "Content-Type": "application/json"}
+        body = json.dumps({"csr": csr.decode()}).encode()
+        async with (
+            aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(sock))) as session,
+            session.post("http://ca/v1/certificates", data=body, headers=headers) as resp,
+        ):
+            assert resp.status == 429
+            assert resp.headers["Retry-After"] == "1"
+            assert "node-a" in (await resp.json())["error"]
+
+    # A clock that never moves: the burst of 3 is all node-a gets.
+    run_with_server(tmp_path, scenario, limiter=RateLimiter(1.0, 3), clock=lambda: 0.0)
+
+
+@pytest.mark.netns  # needs root to run a caller as another user
+def test_a_real_process_of_another_user_is_refused(tmp_path):
+    def ask(sock: Path) -> int:
+        import socket as pysocket
+
+        s = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
+        s.settimeout(20)
+        s.connect(str(sock))
+        s.sendall(
+            b"POST /v1/certificates HTTP/1.1\r\nHost: ca\r\nContent-Length: 2\r\n"
+            b"Connection: close\r\n\r\n{}"
+        )
+        head = s.recv(64)
+        return 43 if head.startswith(b"HTTP/1.1 403") else 1
+
+    async def scenario(_ca, sock, token_a, _wfile):
+        os.chmod(sock, 0o666)  # loosened: the file no longer keeps nobody out
+        assert await as_nobody(lambda: ask(sock)) == 43
+        # Root is still served.
+        await LocalCAClient(sock, token_a).sign(new_key_and_csr(ALICE)[1], timedelta(hours=1))
+
+    with reachable_dir() as d:
+        run_with_server(d, scenario)
 
 
 def test_workloads_file_changes_are_picked_up(tmp_path):

@@ -107,3 +107,10 @@ def test_the_ca_is_a_socket_path_or_a_grpc_address() -> None:
 def test_a_bad_ca_setting_says_which_and_why(change: dict[str, str], message: str) -> None:
     with pytest.raises(EnvConfigError, match=message):
         parse_config({**BASE, **change})
+
+
+def test_the_agents_uids_default_to_ours_and_are_checked() -> None:
+    assert parse_config(BASE).zds_peer_uids is None  # the ZDS client then uses our own
+    assert parse_config({**BASE, "ZDS_PEER_UIDS": "0, 1000"}).zds_peer_uids == frozenset({0, 1000})
+    with pytest.raises(EnvConfigError, match=r"ZDS_PEER_UIDS='root'.*not a uid"):
+        parse_config({**BASE, "ZDS_PEER_UIDS": "root"})

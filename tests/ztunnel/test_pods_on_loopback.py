@@ -562,6 +562,74 @@ def test_a_pods_listener_holds_a_bounded_number_of_connections_in_flight__record
     ] * 2
 
 
+@pytest.mark.parametrize(
+    "limits",
+    [
+        HboneLimits(max_connections_per_pod=2),
+        HboneLimits(max_connections_per_tunnel=2),
+    ],
+    ids=["per-pod", "per-tunnel"],
+    indirect=True,
+)
+@pytest.mark.parametrize("port", [15001, 15006])
+def test_a_pods_listener_holds_a_bounded_number_of_open_connections__recorded_redirects(
+    aio_uvloop: Loop, mesh: LoopbackMesh, logs: LogLines, limits: HboneLimits, port: int
+) -> None:
+    """Two connections relay; past the pod's (or the tunnel's) limit of 2 a new one is reset
+    at once, counted with the limit as reason and logged through the guard; the relaying
+    ones are untouched, and once one ends the listener takes a new one."""
+    aio = aio_uvloop
+    outbound = port == 15001
+    node = mesh.node1 if outbound else mesh.node2
+    direction = "outbound" if outbound else "inbound"
+    reason = (
+        "max_connections_per_pod"
+        if limits.max_connections_per_pod == 2
+        else "max_connections_per_tunnel"
+    )
+
+    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if outbound:
+            reader, writer = await mesh.from_pod(mesh.a, f"{mesh.b.ip}:{mesh.app_port}")
+        else:
+            reader, writer = await mesh.plaintext_to(mesh.b)
+        aio.defer(writer.close)
+        return reader, writer
+
+    async def echoes(conn: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
+        conn[1].write(b"ping")
+        assert await asyncio.wait_for(conn[0].readexactly(4), 10) == b"ping"
+
+    def refused() -> float:
+        return count(
+            node.connection_table,
+            "hbone_connections_refused_total",
+            direction=direction,
+            reason=reason,
+        )
+
+    async def main() -> None:
+        held = [await connect() for _ in range(2)]
+        for conn in held:
+            await echoes(conn)
+        over_reader, _ = await connect()
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(over_reader.read(), 5)
+        assert refused() == 1
+        for conn in held:
+            await echoes(conn)  # the relaying ones are untouched
+        held[0][1].close()
+        await wait_until(
+            lambda: len(node.connection_table) < 2, "the first connection to be closed"
+        )
+        await echoes(await connect())
+        assert refused() == 1
+
+    aio.run(main)
+    lines = [line for line in logs if line["event"] == "hbone peer refused"]
+    assert [(line["direction"], line["reason"]) for line in lines] == [(direction, reason)]
+
+
 class HostileServer(asyncio.Protocol):
     """Stands where pod B's 15008 was, with pod B's own certificate (a compromised tunnel):
     answers a client's preface with its SETTINGS and then `flood`."""

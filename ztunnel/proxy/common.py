@@ -10,6 +10,7 @@ import struct
 from collections.abc import Callable
 
 from meshcore.hbone.dial import CONNECT_TIMEOUT as CONNECT_TIMEOUT
+from meshcore.hbone.limits import HboneLimits
 from meshcore.hbone.server import Guard
 from meshcore.identity.spiffe import SpiffeId
 from meshcore.observability.connections import STOPPED, Relay
@@ -47,8 +48,27 @@ async def connect_tcp(
         raise
 
 
-# The limit a listener's connections in flight are held to (HboneLimits), as reported.
+# The limits a listener's new connection is held to (HboneLimits fields), as reported.
 IN_FLIGHT_LIMIT = "max_connects_in_flight_per_listener"
+POD_LIMIT = "max_connections_per_pod"
+TUNNEL_LIMIT = "max_connections_per_tunnel"
+
+
+def connection_refusal(
+    limits: HboneLimits, in_flight: int, relaying: int, tunnel_open: int
+) -> str | None:
+    """Which limit a newly accepted connection of a pod's listener exceeds, or None.
+    `in_flight`: the listener's connections not yet joined; `relaying`: its relays;
+    `tunnel_open`: every connection the tunnel holds open."""
+    if in_flight >= limits.max_connects_in_flight_per_listener:
+        return IN_FLIGHT_LIMIT
+    if in_flight + relaying >= limits.max_connections_per_pod:
+        return POD_LIMIT
+    if tunnel_open + in_flight >= limits.max_connections_per_tunnel:
+        return TUNNEL_LIMIT
+    return None
+
+
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends an RST
 
 
@@ -68,8 +88,10 @@ class ListenerProxy:
     them all when the pod leaves (each is then logged as stopped).
 
     Connections accepted and not yet joined to where they go (the task still runs) are
-    bounded by the guard's `max_connects_in_flight_per_listener`: past it a new one is
-    reset at once and the refusal goes through the guard (`direction` as it counts it), so
+    bounded by the guard's `max_connects_in_flight_per_listener`, all of the listener's
+    connections by `max_connections_per_pod`, and the tunnel's by
+    `max_connections_per_tunnel`: past one, a new connection is reset at once and the
+    refusal goes through the guard (`direction` as it counts it, the limit as reason), so
     an app in the pod cannot make the tunnel hold descriptors and tasks without bound."""
 
     def __init__(
@@ -93,11 +115,14 @@ class ListenerProxy:
     def _accepted(self, app: AppSide) -> None:
         t = app.transport
         assert t is not None
-        if self.in_flight >= self.guard.limits.max_connects_in_flight_per_listener:
+        over = connection_refusal(
+            self.guard.limits, self.in_flight, len(self.relays), self.guard.tunnel_connections()
+        )
+        if over is not None:
             peer = t.get_extra_info("peername")
             reset(t)
             where = f"{peer[0]}:{peer[1]}" if peer else "unknown"
-            self.guard.refused(self._direction, IN_FLIGHT_LIMIT, where)
+            self.guard.refused(self._direction, over, where)
             return
         self.in_flight += 1
         task = asyncio.get_running_loop().create_task(self._handle(app))

@@ -20,7 +20,12 @@ import structlog
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
-from meshcore.admin.server import AdminServer, MetricsServer, process_metrics
+from meshcore.admin.server import (
+    AdminServer,
+    MetricsServer,
+    process_metrics,
+    state_change_refusal,
+)
 from meshcore.observability.metrics import ResponseFlags, TcpMetrics, tcp_labels
 from tests.support.aio import Loop
 
@@ -298,3 +303,101 @@ def test_servers_stop_and_free_their_port(aio):
             socket.create_connection(("127.0.0.1", port), timeout=5).close()
 
     aio.run(main)
+
+
+@pytest.mark.parametrize(
+    ("method", "remote", "refused"),
+    [
+        ("GET", "10.0.0.1", False),  # read-only: as before, from anywhere it can reach
+        ("HEAD", None, False),
+        ("POST", "127.0.0.1", False),
+        ("POST", "127.0.0.2", False),  # all of 127/8 is the node's own
+        ("POST", "::1", False),
+        ("POST", "10.0.0.1", True),
+        ("PUT", "10.0.0.1", True),
+        ("POST", "::ffff:10.0.0.1", True),
+        ("POST", None, True),  # unknown peer: refused, not trusted
+        ("POST", "not-an-address", True),
+    ],
+)
+def test_state_changes_only_from_loopback(method, remote, refused):
+    why = state_change_refusal(method, remote)
+    assert (why is not None) == refused
+    if why is not None:
+        assert method in why and "loopback" in why
+
+
+_OFF_NODE_CHILD = """
+import asyncio, json, subprocess, sys
+from meshcore.admin.server import AdminServer
+
+class Source:
+    quits = 0
+    def config_dump(self): return {}
+    def connections(self): return []
+    def explain(self, s, d): return {}
+    def request_quit(self): Source.quits += 1
+
+def ip(*args):
+    subprocess.run(["ip", *args], check=True)
+
+async def ask(host, method, path):
+    reader, writer = await asyncio.open_connection(host, port)
+    head = f"{method} {path} HTTP/1.1\\r\\nHost: a\\r\\nContent-Length: 0\\r\\n\\r\\n"
+    writer.write(head.encode())
+    data = await reader.read()
+    writer.close()
+    return int(data.split()[1])
+
+async def main():
+    global port
+    # A netns of our own (unshare --net), with an address outside 127/8: a peer that is
+    # not the node's loopback, as a pod or another node would be.
+    ip("link", "set", "lo", "up")
+    ip("addr", "add", "10.99.0.1/32", "dev", "lo")
+    server = AdminServer(Source(), port=0, host="0.0.0.0")  # the misconfiguration
+    await server.start()
+    port = server.port
+    out = {
+        "off_get": await ask("10.99.0.1", "GET", "/config_dump"),
+        "off_quit": await ask("10.99.0.1", "POST", "/quitquitquit"),
+        "off_logging": await ask("10.99.0.1", "POST", "/logging?level=debug"),
+        "quits_after_off": Source.quits,
+        "lo_quit": await ask("127.0.0.1", "POST", "/quitquitquit"),
+        "refused": server.refused_remote,
+    }
+    await server.close()
+    print("RESULT " + json.dumps(out))
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.netns  # its own network namespace, with an address that is not loopback
+def test_admin_refuses_state_changes_from_off_the_node():
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+    done = subprocess.run(
+        ["unshare", "--net", sys.executable, "-c", _OFF_NODE_CHILD],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        cwd=root,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    [line] = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert json.loads(line.removeprefix("RESULT ")) == {
+        "off_get": 200,
+        "off_quit": 403,
+        "off_logging": 403,
+        "quits_after_off": 0,
+        "lo_quit": 200,
+        "refused": 2,
+    }

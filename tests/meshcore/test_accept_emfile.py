@@ -1,0 +1,74 @@
+"""Listeners under a real EMFILE, in a subprocess with a low RLIMIT_NOFILE: they do not
+spin, say so once, and serve again when descriptors are free (asyncio with our handler,
+and uvloop, the proxies' loop)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+_CHILD = """
+import asyncio, json, os, resource, socket, sys, time
+import uvloop
+from meshcore.runtime import accepterrors
+
+async def main():
+    if sys.argv[1] == "asyncio":
+        accepterrors.install(asyncio.get_running_loop())
+    async def answer(reader, writer):
+        writer.write(b"ok")
+        await writer.drain()
+        writer.close()
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    loop = asyncio.get_running_loop()
+    waiting = socket.socket()  # its fd exists before the table is full
+    waiting.setblocking(False)
+    hog = []
+    try:
+        while True:
+            hog.append(os.open("/dev/null", os.O_RDONLY))
+    except OSError:
+        pass
+    cpu = time.process_time()
+    await loop.sock_connect(waiting, ("127.0.0.1", port))
+    await asyncio.sleep(2.5)  # out of fds: a spinning listener burns this whole time
+    cpu = time.process_time() - cpu
+    for fd in hog:
+        os.close(fd)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    again = await asyncio.wait_for(reader.read(), 30)
+    print("RESULT " + json.dumps({"cpu": cpu, "served_again": again.decode()}), flush=True)
+
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+(uvloop.run if sys.argv[1] == "uvloop" else asyncio.run)(main())
+"""
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_listener_out_of_fds_backs_off_logs_once_and_recovers(loop: str) -> None:
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD, loop],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        cwd=root,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    [line] = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+    result = json.loads(line.removeprefix("RESULT "))
+    assert result["served_again"] == "ok"
+    # CPU time, not wall time: a spinning accept loop uses all of the 2.5 s it waits.
+    assert result["cpu"] < 1.0, result
+    output = done.stdout + done.stderr
+    assert "Traceback" not in output  # asyncio's per-connection tracebacks are gone
+    if loop == "asyncio":
+        assert output.count("cannot accept: out of resources") == 1, output
