@@ -107,3 +107,11 @@ def test_the_ca_is_a_socket_path_or_a_grpc_address() -> None:
 def test_a_bad_ca_setting_says_which_and_why(change: dict[str, str], message: str) -> None:
     with pytest.raises(EnvConfigError, match=message):
         parse_config({**BASE, **change})
+
+
+def test_the_dns_proxys_limits_are_settings() -> None:
+    cfg = parse_config({**BASE, "DNS_PROXY_MAX_QUERIES_PER_SECOND": "50"})
+    assert cfg.dns_limits.max_queries_per_second == 50
+    assert cfg.dns_limits.max_query_burst == 1000
+    with pytest.raises(EnvConfigError, match="DNS_PROXY_MAX_QPS is not a setting"):
+        parse_config({**BASE, "DNS_PROXY_MAX_QPS": "5"})
