@@ -251,19 +251,20 @@ async def serve_grpc(
     args: argparse.Namespace,
 ) -> GrpcServing:
     # Imported here: without --grpc-listen the control plane loads no grpcio.
-    import grpc
 
-    from controlplane.ca_grpc import MAX_CONCURRENT, CaGrpcService, KubeFacts
+    from controlplane.ca_grpc import CaGrpcService, KubeFacts
+    from controlplane.grpc_limits import grpc_limits, new_server
     from controlplane.xds.server import XdsServer
     from controlplane.xds.tls import XDS_DNS_NAME, bind, server_credentials, service_dns_names
 
-    xds = XdsServer()
+    limits = grpc_limits(os.environ)
+    xds = XdsServer(push_timeout=limits.push_timeout)
     # Every state the controller computes goes to every connected proxy; a proxy that
     # connects before the first one waits for it.
     controller.on_state(xds.update)
     facts = KubeFacts(client)
     facts.start()
-    server = grpc.aio.server(maximum_concurrent_rpcs=MAX_CONCURRENT)
+    server = new_server(limits)
     xds.add_to_server(server)
     CaGrpcService(ca, facts).add_to_server(server)
     dns_names = service_dns_names(args.namespace) if args.in_cluster else (XDS_DNS_NAME,)
