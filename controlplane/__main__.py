@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from aiohttp import web
 
 from controlplane.ca import CAError, CertificateAuthority
 from controlplane.controller import ControllerOptions, MeshController
@@ -32,6 +31,7 @@ from controlplane.install import InstallError, accept_waypoint_class, install_cr
 from controlplane.waypoints import WaypointTemplate
 from kube.client import KubeApiError, KubeClient, KubeConfig, config_from_env, load_kubeconfig
 from meshcore.defaults import ROOT_NAMESPACE, TRUST_DOMAIN
+from meshcore.http1.server import NodeHttpServer, Request, Response, Routes
 from meshcore.observability import logging as meshlog
 from meshcore.runtime import accepterrors
 
@@ -191,7 +191,7 @@ async def run(config: KubeConfig, args: argparse.Namespace) -> None:
             await stop.wait()
         finally:
             if readiness is not None:
-                await readiness.cleanup()
+                await readiness.close()
             if grpc_server is not None:
                 await grpc_server.stop()
             if publisher is not None:
@@ -208,22 +208,30 @@ async def mesh_ca(client: KubeClient, args: argparse.Namespace) -> CertificateAu
     return CertificateAuthority.load_or_create(args.state_dir, args.trust_domain)
 
 
-async def serve_readiness(controller: MeshController, port: int) -> web.AppRunner:
+class ControlPlaneReadiness(NodeHttpServer):
     """GET /ready: 200 once the first mesh config is pushed (before it, a proxy that
-    connected would wait), else 503; the kubelet's readiness probe, as istiod's :8080."""
+    connected would wait), else 503; the kubelet's readiness probe, as istiod's :8080.
+    The proxies' small HTTP server: every pod of the cluster can reach this port, so it
+    gets the same bounds (head size, read timeout, connections) as theirs."""
 
-    async def ready(_request: web.Request) -> web.Response:
-        if controller.state is None:
-            return web.Response(status=503, text="waiting for the first mesh config\n")
-        return web.Response(text="ready\n")
+    def __init__(self, controller: MeshController, port: int, host: str = "0.0.0.0") -> None:
+        super().__init__(port, host)
+        self._controller = controller
 
-    app = web.Application()
-    app.router.add_get("/ready", ready)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "0.0.0.0", port).start()
+    async def _ready(self, _request: Request) -> Response:
+        if self._controller.state is None:
+            return Response.text("waiting for the first mesh config\n", 503)
+        return Response.text("ready\n")
+
+    def routes(self) -> Routes:
+        return {"/ready": {"GET": self._ready}}
+
+
+async def serve_readiness(controller: MeshController, port: int) -> ControlPlaneReadiness:
+    server = ControlPlaneReadiness(controller, port)
+    await server.start()
     log.info("readiness listening", port=port)
-    return runner
+    return server
 
 
 class GrpcServing:
@@ -245,19 +253,20 @@ async def serve_grpc(
     args: argparse.Namespace,
 ) -> GrpcServing:
     # Imported here: without --grpc-listen the control plane loads no grpcio.
-    import grpc
 
-    from controlplane.ca_grpc import MAX_CONCURRENT, CaGrpcService, KubeFacts
+    from controlplane.ca_grpc import CaGrpcService, KubeFacts
+    from controlplane.grpc_limits import grpc_limits, new_server
     from controlplane.xds.server import XdsServer
     from controlplane.xds.tls import XDS_DNS_NAME, bind, server_credentials, service_dns_names
 
-    xds = XdsServer()
+    limits = grpc_limits(os.environ)
+    xds = XdsServer(push_timeout=limits.push_timeout)
     # Every state the controller computes goes to every connected proxy; a proxy that
     # connects before the first one waits for it.
     controller.on_state(xds.update)
     facts = KubeFacts(client)
     facts.start()
-    server = grpc.aio.server(maximum_concurrent_rpcs=MAX_CONCURRENT)
+    server = new_server(limits)
     xds.add_to_server(server)
     CaGrpcService(ca, facts).add_to_server(server)
     dns_names = service_dns_names(args.namespace) if args.in_cluster else (XDS_DNS_NAME,)

@@ -59,6 +59,7 @@ from controlplane.ca_grpc_auth import (
     needs_node_facts,
 )
 from controlplane.ca_grpc_tls import serving_certificate
+from controlplane.grpc_limits import DEFAULT_GRPC_LIMITS, GrpcLimits, new_server
 from kube.client import KubeApiError, KubeClient, Obj, load_kubeconfig
 from kube.informer import Event, Informer
 from kube.kinds import POD, TOKEN_REVIEW
@@ -74,8 +75,7 @@ DEFAULT_PORT = 15012
 # Issuance per caller node: a node starting 100 pods gets them at once, then 10 a second.
 RATE_PER_S = 10.0
 BURST = 100
-# Requests served at once; more are refused by grpc with RESOURCE_EXHAUSTED.
-MAX_CONCURRENT = 256
+# Requests served at once: GrpcLimits.max_concurrent_rpcs (controlplane/grpc_limits.py).
 KUBE_TIMEOUT_S = 10.0
 
 _GRPC_CODES = {code: getattr(grpc.StatusCode, code.value) for code in Code}
@@ -342,14 +342,20 @@ def _parse_or_none(uri: str) -> SpiffeId | None:
 class CaGrpcServer:
     """The service on a `grpc.aio.Server` of its own (tests, and the standalone process)."""
 
-    def __init__(self, service: CaGrpcService, ca: CertificateAuthority) -> None:
+    def __init__(
+        self,
+        service: CaGrpcService,
+        ca: CertificateAuthority,
+        limits: GrpcLimits = DEFAULT_GRPC_LIMITS,
+    ) -> None:
         self.service = service
+        self._limits = limits
         self._ca = ca
         self._server: Any = None
 
     async def start(self, address: str, ips: tuple[str, ...] = ("127.0.0.1",)) -> int:
         """Listen with TLS on `address` ("host:port", port 0 for any); returns the port."""
-        server = grpc.aio.server(maximum_concurrent_rpcs=MAX_CONCURRENT)
+        server = new_server(self._limits)
         self.service.add_to_server(server)
         key_pem, chain_pem = serving_certificate(self._ca, ips=ips)
         creds = grpc.ssl_server_credentials([(key_pem, chain_pem)])

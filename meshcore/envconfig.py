@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Collection, Mapping
+from typing import Any, TypeVar
 
 from meshcore.hbone.limits import DEFAULT_LIMITS, HboneLimits
+
+T = TypeVar("T")
 
 HBONE_PREFIX = "HBONE_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -72,33 +74,50 @@ def log_level(env: Mapping[str, str], name: str = "LOG_LEVEL") -> str:
     return level
 
 
-def hbone_limit_names() -> dict[str, str]:
-    """Environment variable -> HboneLimits field."""
-    return {f"{HBONE_PREFIX}{f.name.upper()}": f.name for f in dataclasses.fields(HboneLimits)}
+def limit_names(kind: type[Any], prefix: str) -> dict[str, str]:
+    """Environment variable -> field of the limits dataclass `kind`."""
+    return {f"{prefix}{f.name.upper()}": f.name for f in dataclasses.fields(kind)}
 
 
-def hbone_limits(env: Mapping[str, str], base: HboneLimits = DEFAULT_LIMITS) -> HboneLimits:
-    """`base` with every `HBONE_<FIELD>` the environment sets; an unknown HBONE_ name is an
-    error (a typo must not leave a protection at a value nobody chose)."""
+def limits_from_env(
+    env: Mapping[str, str], prefix: str, base: T, others: Collection[str] = ()
+) -> T:
+    """`base` (a frozen dataclass of positive numbers) with every `<prefix><FIELD>` the
+    environment sets; an unknown name with the prefix is an error (a typo must not leave a
+    protection at a value nobody chose), except `others`: settings of the same prefix that
+    are not limits (upstream's, which a user may carry over). A field whose default is a
+    float is read as seconds; one whose default is an int or None (no limit) as an
+    integer."""
+    names = limit_names(type(base), prefix)
     changes: dict[str, Any] = {}
-    for name, field in hbone_limit_names().items():
+    for name, field in names.items():
         raw = env.get(name, "").strip()
         if not raw:
             continue
         default = getattr(base, field)
         try:
-            value = int(raw) if isinstance(default, int) else float(raw)
+            value = float(raw) if isinstance(default, float) else int(raw)
         except ValueError:
-            kind = "an integer" if isinstance(default, int) else "a number of seconds"
+            kind = "a number of seconds" if isinstance(default, float) else "an integer"
             raise EnvConfigError(f"{name}={raw!r} is not {kind}") from None
         if not (value > 0 and math.isfinite(value)):
             # Zero would switch a protection off; a limit is a positive number.
             raise EnvConfigError(f"{name}={raw!r} must be greater than 0")
         changes[field] = value
     for name in env:
-        if name.startswith(HBONE_PREFIX) and name not in hbone_limit_names():
+        if name.startswith(prefix) and name not in names and name not in others:
             raise EnvConfigError(
-                f"{name} is not a setting (HBONE_ settings: "
-                f"{', '.join(sorted(hbone_limit_names()))})"
+                f"{name} is not a setting ({prefix} settings: {', '.join(sorted(names))})"
             )
-    return dataclasses.replace(base, **changes)
+    result: T = dataclasses.replace(base, **changes)  # type: ignore[type-var]
+    return result
+
+
+def hbone_limit_names() -> dict[str, str]:
+    """Environment variable -> HboneLimits field."""
+    return limit_names(HboneLimits, HBONE_PREFIX)
+
+
+def hbone_limits(env: Mapping[str, str], base: HboneLimits = DEFAULT_LIMITS) -> HboneLimits:
+    """`base` with every `HBONE_<FIELD>` the environment sets."""
+    return limits_from_env(env, HBONE_PREFIX, base)

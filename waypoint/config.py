@@ -18,6 +18,7 @@ from meshcore.envconfig import (
     boolean,
     hbone_limits,
     integer,
+    limits_from_env,
     log_level,
     required,
     seconds,
@@ -27,6 +28,9 @@ from meshcore.identity.istio_ca import CA_ADDRESS as CA_ADDRESS
 from meshcore.identity.istio_ca import CA_TOKEN_PATH as CA_TOKEN_PATH
 from meshcore.identity.istio_ca import CaGrpcSettings, parse_ca_source
 from meshcore.xds.source import XdsSettings, parse_source
+from waypoint.http.h1 import DEFAULT_LIMITS as DEFAULT_HTTP1_LIMITS
+from waypoint.http.h1 import Http1Limits
+from waypoint.http.h2base import DEFAULT_H2_LIMITS, Http2Limits
 
 NODE_NAME = "NODE_NAME"
 LOCAL_XDS_PATH = "LOCAL_XDS_PATH"
@@ -46,6 +50,8 @@ CERT_TTL_SECONDS = "CERT_TTL_SECONDS"
 DRAIN_SECONDS = "DRAIN_SECONDS"
 SNIFF_TIMEOUT = "SNIFF_TIMEOUT"
 ACCESS_LOG = "ACCESS_LOG"
+HTTP1_PREFIX = "WAYPOINT_HTTP1_"
+HTTP2_PREFIX = "WAYPOINT_HTTP2_"
 
 DEFAULT_CERT_TTL = 24 * 3600
 DEFAULT_DRAIN_SECONDS = 5
@@ -81,6 +87,10 @@ class WaypointConfig:
     sniff_timeout: float = DEFAULT_SNIFF_TIMEOUT
     access_log: bool = True
     hbone_limits: HboneLimits = WAYPOINT_LIMITS
+    # The HTTP/1.1 and HTTP/2 servers inside each HBONE stream: WAYPOINT_HTTP1_<FIELD>,
+    # WAYPOINT_HTTP2_<FIELD> (waypoint/http/h1.py, h2base.py).
+    http1_limits: Http1Limits = DEFAULT_HTTP1_LIMITS
+    http2_limits: Http2Limits = DEFAULT_H2_LIMITS
     xds: XdsSettings | None = None
     ca_grpc: CaGrpcSettings | None = None
 
@@ -128,4 +138,6 @@ def parse_config(env: Mapping[str, str]) -> WaypointConfig:
         sniff_timeout=seconds(env, SNIFF_TIMEOUT, DEFAULT_SNIFF_TIMEOUT, 0.01, 5.0),
         access_log=boolean(env, ACCESS_LOG, True),
         hbone_limits=hbone_limits(env, WAYPOINT_LIMITS),
+        http1_limits=limits_from_env(env, HTTP1_PREFIX, DEFAULT_HTTP1_LIMITS),
+        http2_limits=limits_from_env(env, HTTP2_PREFIX, DEFAULT_H2_LIMITS),
     )

@@ -97,6 +97,8 @@ class Waypoint:
             self.router,
             draining=lambda: self.draining,
             sniff_timeout=cfg.sniff_timeout,
+            http1_limits=cfg.http1_limits,
+            http2_limits=cfg.http2_limits,
         )
         self.me = me_of(cfg)
         self.server = WaypointServer(

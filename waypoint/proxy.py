@@ -16,7 +16,9 @@ from meshcore.hbone.stream import HboneStream
 from meshcore.state import MeshState
 from waypoint.destination import Destination, L7Protocol
 from waypoint.endpoints import Endpoint, direct_endpoint, service_endpoints
+from waypoint.http.h1 import DEFAULT_LIMITS, Http1Limits
 from waypoint.http.h1server import serve_http1
+from waypoint.http.h2base import DEFAULT_H2_LIMITS, Http2Limits
 from waypoint.http.h2server import serve_http2
 from waypoint.http.message import Request, Response
 from waypoint.http.sniff import PrefixedStream, sniff
@@ -41,8 +43,12 @@ class WaypointProxy:
         router: Router | None = None,
         draining: Callable[[], bool] = lambda: False,
         sniff_timeout: float = 0.2,
+        http1_limits: Http1Limits = DEFAULT_LIMITS,
+        http2_limits: Http2Limits = DEFAULT_H2_LIMITS,
     ) -> None:
         self.sniff_timeout = sniff_timeout
+        self.http1_limits = http1_limits
+        self.http2_limits = http2_limits
         self._state = state
         self.upstream = upstream
         self.router = router
@@ -89,9 +95,9 @@ class WaypointProxy:
 
         try:
             if h2:
-                await serve_http2(stream, handler, draining=self.draining)
+                await serve_http2(stream, handler, self.http2_limits, draining=self.draining)
             else:
-                await serve_http1(stream, handler, draining=self.draining)
+                await serve_http1(stream, handler, self.http1_limits, draining=self.draining)
         finally:
             router.abandon(books)
 

@@ -54,6 +54,7 @@ async def run(cfg: Config) -> None:
         same_node_in_process=cfg.same_node_in_process,
         hbone_limits=cfg.hbone_limits,
         dns_upstreams=dns_upstreams,
+        dns_limits=cfg.dns_limits,
     )
     watcher = await open_source(
         cfg.local_xds_path,

@@ -16,6 +16,7 @@ from meshcore.envconfig import boolean as _bool
 from meshcore.envconfig import hbone_limit_names as hbone_limit_names
 from meshcore.envconfig import hbone_limits as _hbone_limits
 from meshcore.envconfig import integer as _int
+from meshcore.envconfig import limits_from_env
 from meshcore.envconfig import log_level as _log_level
 from meshcore.envconfig import required as _required
 from meshcore.hbone.limits import DEFAULT_LIMITS, HboneLimits
@@ -27,6 +28,7 @@ from meshcore.localtrust import parse_uids
 from meshcore.xds.source import XDS_ADDRESS as XDS_ADDRESS
 from meshcore.xds.source import XDS_ROOT_CERT as XDS_ROOT_CERT
 from meshcore.xds.source import XdsSettings, parse_source
+from ztunnel.dns.limits import DnsLimits
 
 NODE_NAME = "NODE_NAME"
 LOCAL_XDS_PATH = "LOCAL_XDS_PATH"
@@ -53,7 +55,12 @@ DNS_CAPTURE = "ISTIO_META_DNS_CAPTURE"
 DNS_RESOLV_CONF = "DNS_RESOLV_CONF"
 DEFAULT_RESOLV_CONF = "/etc/resolv.conf"
 # Every HboneLimits field is a setting of its own: HBONE_<FIELD IN CAPITALS>
-# (meshcore.envconfig.hbone_limits).
+# (meshcore.envconfig.hbone_limits); every DnsLimits field likewise: DNS_PROXY_<FIELD>.
+DNS_LIMITS_PREFIX = "DNS_PROXY_"
+# Upstream ztunnel's own DNS_PROXY_* settings: not limits, and not refused (a user may carry them
+# over; the DNS proxy listens on 127.0.0.1:15053 in each pod here).
+UPSTREAM_DNS_PROXY_SETTINGS = ("DNS_PROXY_ADDR",)
+DEFAULT_DNS_LIMITS = DnsLimits()
 
 # How long a stopping tunnel lets open connections finish (Kubernetes' default grace).
 DEFAULT_DRAIN_SECONDS = 30
@@ -94,6 +101,7 @@ class Config:
     xds: XdsSettings | None = None
     # The DNS proxy: on or off, and the resolv.conf naming the resolvers it forwards to.
     dns_capture: bool = False
+    dns_limits: DnsLimits = DEFAULT_DNS_LIMITS
     dns_resolv_conf: Path = Path(DEFAULT_RESOLV_CONF)
     # An Istio-compatible CA over gRPC instead of the unix socket (CA_ADDRESS host:port).
     ca_grpc: CaGrpcSettings | None = None
@@ -162,5 +170,8 @@ def parse_config(env: Mapping[str, str]) -> Config:
         same_node_in_process=_bool(env, SAME_NODE_IN_PROCESS, True),
         hbone_limits=_hbone_limits(env),
         dns_capture=_bool(env, DNS_CAPTURE, False),
+        dns_limits=limits_from_env(
+            env, DNS_LIMITS_PREFIX, DEFAULT_DNS_LIMITS, others=UPSTREAM_DNS_PROXY_SETTINGS
+        ),
         dns_resolv_conf=Path(env.get(DNS_RESOLV_CONF, "").strip() or DEFAULT_RESOLV_CONF),
     )

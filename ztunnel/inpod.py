@@ -44,6 +44,7 @@ from meshcore.sockets import (
 )
 from meshcore.state import IPAddress, MeshState, Workload
 from zds.messages import WorkloadInfo
+from ztunnel.dns.limits import DnsLimits
 from ztunnel.dns.metrics import DnsMetrics
 from ztunnel.dns.server import DNS_PORT, DnsProxy
 from ztunnel.proxy.common import Authorizer, allow_all
@@ -283,6 +284,7 @@ class PodProxy:
         dns_upstreams: tuple[IPAddress, ...] | None = None,
         dns_port: int = DNS_PORT,
         dns_metrics: DnsMetrics | None = None,
+        dns_limits: DnsLimits | None = None,
     ) -> None:
         """`listen_ip` and `orig_dst` are for pods side by side on loopback (tests, the
         plain factory): where the listeners bind, and the original destination the
@@ -292,6 +294,7 @@ class PodProxy:
         self._dns_upstreams = dns_upstreams
         self._dns_port = dns_port
         self._dns_metrics = dns_metrics
+        self._dns_limits = dns_limits
         self.dns: DnsProxy | None = None
         self.connection_table = (
             connection_table if connection_table is not None else ConnectionTable()
@@ -363,6 +366,7 @@ class PodProxy:
                 self._state,
                 factory,
                 self._dns_upstreams,
+                self._dns_limits,
                 metrics=self._dns_metrics,
             )
         self.outbound = outbound = OutboundProxy(

@@ -42,6 +42,7 @@ from meshcore.runtime.tasks import TaskSet
 from meshcore.sockets import SocketAddr
 from meshcore.state import IPAddress, MeshState, Workload
 from ztunnel.config import DEFAULT_RELEASE_DRAIN_SECONDS
+from ztunnel.dns.limits import DnsLimits
 from ztunnel.dns.metrics import DnsMetrics
 from ztunnel.explain import explain
 from ztunnel.inpod import Enrolment, PodProxy, PodState
@@ -73,11 +74,13 @@ class NodeProxy:
         same_node_in_process: bool = True,
         hbone_limits: HboneLimits = DEFAULT_LIMITS,
         dns_upstreams: tuple[IPAddress, ...] | None = None,
+        dns_limits: DnsLimits | None = None,
     ) -> None:
         """`dns_upstreams`: the resolvers each pod's DNS proxy forwards to; None runs no
         DNS proxy (ISTIO_META_DNS_CAPTURE off)."""
         self.node_name = node_name
         self.dns_upstreams = dns_upstreams
+        self.dns_limits = dns_limits
         # The DNS proxies' counters, one set for the node (rendered on 15020).
         self.dns_metrics = DnsMetrics()
         self.workload_wait = workload_wait
@@ -332,6 +335,7 @@ class NodeProxy:
             guard=self.guard,
             dns_upstreams=self.dns_upstreams,
             dns_metrics=self.dns_metrics,
+            dns_limits=self.dns_limits,
         )
         try:
             await pod.start()

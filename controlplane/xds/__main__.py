@@ -12,14 +12,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 from pathlib import Path
 
-import grpc
 import structlog
 
 from controlplane.ca import CAError, CertificateAuthority
+from controlplane.grpc_limits import grpc_limits, new_server
 from controlplane.xds.server import XdsServer
 from controlplane.xds.tls import XdsTlsError, bind, server_credentials
 from meshcore.defaults import TRUST_DOMAIN
@@ -32,10 +33,11 @@ log = structlog.get_logger("xds")
 
 async def _serve(args: argparse.Namespace) -> None:
     accepterrors.install(asyncio.get_running_loop())
-    xds = XdsServer()
+    limits = grpc_limits(os.environ)
+    xds = XdsServer(push_timeout=limits.push_timeout)
     watcher = LocalConfigWatcher(Path(args.config), xds.update)
     await watcher.start()
-    server = grpc.aio.server()
+    server = new_server(limits)
     xds.add_to_server(server)
     credentials = None
     if not args.plaintext:

@@ -7,8 +7,11 @@ Each stream is one task that sleeps until something changed for it (a new snapsh
 request), then writes `DeltaSession.responses` for the newest snapshot. The "queue" of a
 stream is therefore one flag and a reference to the latest snapshot: a client that reads
 slowly holds only its own task back, and when it catches up it gets the net change, never
-the intermediate ones. A malformed request ends that stream with INVALID_ARGUMENT; a NACK is
-logged and kept (`nacks`), and the server keeps serving.
+the intermediate ones. A client that takes nothing at all (its flow-control window stays
+shut) holds one push for at most `push_timeout`; then its stream ends (UNAVAILABLE: it
+reconnects and gets the current state), and its connection at the latest when it reaches
+its maximum age (GrpcLimits). A malformed request ends that stream with
+INVALID_ARGUMENT; a NACK is logged and kept (`nacks`), and the server keeps serving.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ log = structlog.get_logger("xds.server")
 SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 METHOD = "DeltaAggregatedResources"
 MAX_NACKS = 256  # the newest NACKs kept for inspection
+PUSH_TIMEOUT = 60.0  # GrpcLimits.push_timeout's default (controlplane/grpc_limits.py)
 
 
 def _identity(data: bytes) -> bytes:
@@ -73,7 +77,9 @@ def snapshot_of(state: MeshState, cache: EncodeCache | None = None) -> Snapshot:
 
 
 class XdsServer:
-    def __init__(self, state: MeshState | None = None) -> None:
+    def __init__(self, state: MeshState | None = None, push_timeout: float = PUSH_TIMEOUT) -> None:
+        self.push_timeout = push_timeout
+        self.stalled = 0  # streams closed because a push was not taken in time
         self._cache: EncodeCache = {}
         self._snapshot: Snapshot = snapshot_of(state or MeshState.empty(), self._cache)
         self._generation = itertools.count(1)
@@ -109,7 +115,7 @@ class XdsServer:
         generic = grpc.method_handlers_generic_handler(SERVICE, {METHOD: handler})
         server.add_generic_rpc_handlers((generic,))
 
-    async def _stream(self, requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+    async def _stream(self, requests: AsyncIterator[bytes], context: Any) -> None:
         session = DeltaSession(frozenset(convert.RESOURCE_TYPES))
         wake = asyncio.Event()
         failure: list[str] = []
@@ -150,7 +156,21 @@ class XdsServer:
                 if ended.is_set():
                     return
                 for resp in session.responses(self._snapshot, self._version):
-                    yield m.encode(resp)
+                    try:
+                        async with asyncio.timeout(self.push_timeout):
+                            await context.write(m.encode(resp))
+                    except TimeoutError:
+                        self.stalled += 1
+                        log.warning(
+                            "xds_push_not_taken", node=session.node, seconds=self.push_timeout
+                        )
+                        # Not abort(): its status cannot go out behind the stuck push
+                        # (it waits, or fails). Returning frees this stream's state now;
+                        # grpc sends the status once the push goes, and the connection's
+                        # maximum age (GrpcLimits) closes it if it never does.
+                        context.set_code(grpc.StatusCode.UNAVAILABLE)
+                        context.set_details(f"a push was not taken in {self.push_timeout:g} s")
+                        return
         finally:
             self._wakers.discard(wake)
             reader.cancel()

@@ -9,7 +9,10 @@ Invariants (a slow, broken or hostile client must never crash, hang or exhaust i
 - a body is at most `max_body` bytes (413, answered before it is read);
 - the whole request must arrive within `read_timeout` seconds (408), and the answer must
   be taken within the same time, so an idle or slow client cannot hold a connection;
-- at most `max_connections` connections are served at once; more get a 503 at once;
+- at most `max_connections` connections are served at once. A new one past it takes the
+  place of the oldest connection still sending its request (slow-loris connections must
+  not lock out the scraper that sends its request at once); when none is, it gets a 503,
+  and past `max_connections` such refusals in progress it is reset unanswered;
 - every malformed request gets a 4xx/5xx that says what was wrong, then the connection
   closes; a handler that raises becomes a 500 (`failed`), never a dropped connection.
 """
@@ -109,6 +112,15 @@ class NodeHttpServer:
         # Strong references: asyncio keeps only weak ones to the connection tasks.
         self._conn_tasks: set[asyncio.Task[Any]] = set()
         self._serving = 0  # connections past the limit check (the rest only get a 503)
+        self._refusing = 0  # connections being answered 503
+        # The served connections still reading their request, oldest first (dict order).
+        self._reading: dict[asyncio.Task[Any], None] = {}
+        # What the limits did (tests, an operator's view): connections cut off to make
+        # room, answered 503, reset unanswered; the most 503s in progress at once.
+        self.evicted = 0
+        self.refused = 0
+        self.reset = 0
+        self.refusing_peak = 0
 
     def routes(self) -> Routes:
         raise NotImplementedError
@@ -169,26 +181,64 @@ class NodeHttpServer:
         self._conn_tasks.add(task)
         try:
             if self._serving >= self._max_connections:
-                await self._answer_error(reader, writer, status_text(503, "too many connections"))
-                return
+                if not self._reading:
+                    await self._refuse_connection(reader, writer)
+                    return
+                # Its slot is freed when its task ends, just after: until then the count
+                # is over by the evictions not yet finished (each ends at its next step).
+                self._evict_oldest_reader()
             self._serving += 1
             try:
-                await self._serve(reader, writer)
+                await self._serve(reader, writer, task)
             finally:
                 self._serving -= 1
+                self._reading.pop(task, None)
         except (ConnectionError, TimeoutError):
             pass  # the client went away or would not take the answer: nothing to tell it
         finally:
             self._conn_tasks.discard(task)
             writer.close()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _evict_oldest_reader(self) -> None:
+        """Cut off the connection that has been sending its request the longest: a client
+        that sends its request at once is never the oldest for long."""
+        oldest = next(iter(self._reading))
+        del self._reading[oldest]
+        self.evicted += 1
+        oldest.cancel(msg="evicted")
+        log.debug("http connection evicted", port=self._port)
+
+    async def _refuse_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        if self._refusing >= self._max_connections:
+            # A flood: even the 503 and its linger cost a task each; reset instead.
+            self.reset += 1
+            writer.transport.abort()
+            return
+        self.refused += 1
+        self._refusing += 1
+        self.refusing_peak = max(self.refusing_peak, self._refusing)
+        try:
+            await self._answer_error(reader, writer, status_text(503, "too many connections"))
+        finally:
+            self._refusing -= 1
+
+    async def _serve(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        task: asyncio.Task[Any],
+    ) -> None:
+        self._reading[task] = None
         try:
             request = await self._read_request(reader, writer)
         except HttpError as e:
+            self._reading.pop(task, None)
             log.debug("bad http request", status=e.status, error=str(e))
             await self._answer_error(reader, writer, status_text(e.status, str(e)))
             return
+        self._reading.pop(task, None)
         if request is None:
             return  # closed before sending anything
         response = await self.admit(request) or await self._dispatch(request)

@@ -55,3 +55,34 @@ def test_istiods_grpc_ca_with_the_projected_token_by_default() -> None:
 def test_ca_settings_that_cannot_work_are_refused(env: dict[str, str], message: str) -> None:
     with pytest.raises(EnvConfigError, match=message):
         parse_config({**BASE, **env})
+
+
+def test_the_http_limits_are_settings() -> None:
+    cfg = parse_config(
+        {
+            **BASE,
+            "CA_ADDRESS": "/x/ca.sock",
+            "CA_TOKEN_PATH": "/x/t",
+            "WAYPOINT_HTTP1_HEAD_TIMEOUT": "2.5",
+            "WAYPOINT_HTTP1_MAX_BODY_BYTES": "1048576",
+            "WAYPOINT_HTTP2_MAX_HEADERS": "50",
+        }
+    )
+    assert cfg.http1_limits.head_timeout == 2.5
+    assert cfg.http1_limits.max_body_bytes == 1 << 20
+    assert cfg.http1_limits.max_headers == 100  # untouched: the default
+    assert cfg.http2_limits.max_headers == 50
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("WAYPOINT_HTTP1_MAX_HEADERS", "0", "must be greater than 0"),
+        ("WAYPOINT_HTTP2_IDLE_TIMEOUT", "soon", "is not a number of seconds"),
+        ("WAYPOINT_HTTP2_MAX_HEADER", "5", "is not a setting"),
+    ],
+)
+def test_a_bad_http_limit_names_the_variable(name: str, value: str, message: str) -> None:
+    with pytest.raises(EnvConfigError, match=message) as info:
+        parse_config({**BASE, "CA_ADDRESS": "/x/ca.sock", "CA_TOKEN_PATH": "/x/t", name: value})
+    assert name in str(info.value)

@@ -114,3 +114,13 @@ def test_the_agents_uids_default_to_ours_and_are_checked() -> None:
     assert parse_config({**BASE, "ZDS_PEER_UIDS": "0, 1000"}).zds_peer_uids == frozenset({0, 1000})
     with pytest.raises(EnvConfigError, match=r"ZDS_PEER_UIDS='root'.*not a uid"):
         parse_config({**BASE, "ZDS_PEER_UIDS": "root"})
+
+
+def test_the_dns_proxys_limits_are_settings() -> None:
+    cfg = parse_config({**BASE, "DNS_PROXY_MAX_QUERIES_PER_SECOND": "50"})
+    assert cfg.dns_limits.max_queries_per_second == 50
+    assert cfg.dns_limits.max_query_burst == 1000
+    with pytest.raises(EnvConfigError, match="DNS_PROXY_MAX_QPS is not a setting"):
+        parse_config({**BASE, "DNS_PROXY_MAX_QPS": "5"})
+    # Upstream's own setting of that prefix is no limit, and no error either.
+    assert parse_config({**BASE, "DNS_PROXY_ADDR": "127.0.0.1:15053"}).dns_limits.max_query_burst

@@ -35,6 +35,7 @@ class Http2Limits:
     stream_window: int = 1 << 20
     connection_window: int = 4 << 20
     max_header_list_size: int = 64 * 1024  # Envoy: max_request_headers_kb 60 (431 / reset)
+    max_headers: int = 100  # fields in one request's header block (Envoy: max_headers_count; 431)
     max_frame_size: int = 16384
     # Rapid reset (CVE-2023-44487): streams the peer resets before their response ended,
     # within `reset_window` seconds; past it GOAWAY (ENHANCE_YOUR_CALM). Envoy and hyper use

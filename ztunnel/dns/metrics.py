@@ -22,6 +22,9 @@ Key = tuple[str, str, str, str]
 REQUESTS = "istio_dns_requests_total"
 UPSTREAM_REQUESTS = "istio_dns_upstream_requests_total"
 UPSTREAM_FAILURES = "istio_dns_upstream_failures_total"
+# Queries refused by a limit (ztunnel/dns/limits.py), by `reason` (rate, size,
+# tcp_connections) and protocol: an operator sees a flood and which limit met it.
+REFUSED = "dns_queries_refused_total"
 _HELP = {
     REQUESTS: "Total number of DNS requests (unstable)",
     UPSTREAM_REQUESTS: "Total number of DNS requests forwarded to upstream (unstable)",
@@ -43,6 +46,14 @@ def query_type(qtype: int) -> str:
 class DnsMetrics:
     def __init__(self) -> None:
         self._counts: dict[str, dict[Key, int]] = {name: {} for name in _HELP}
+        self._refused: dict[tuple[str, str], int] = {}
+
+    def refuse(self, reason: str, tcp: bool) -> None:
+        key = (reason, "tcp" if tcp else "udp")
+        self._refused[key] = self._refused.get(key, 0) + 1
+
+    def refused(self, reason: str, tcp: bool) -> int:
+        return self._refused.get((reason, "tcp" if tcp else "udp"), 0)
 
     def key(self, qtype: int, tcp: bool, source: Workload | None) -> Key:
         return (
@@ -62,7 +73,17 @@ class DnsMetrics:
         return self._counts[name].get(key, 0)
 
     def render(self) -> bytes:
-        return render(
+        families = [
             Family(name, _HELP[name], COUNTER, LABELS, sorted(counts.items()))
             for name, counts in self._counts.items()
+        ]
+        families.append(
+            Family(
+                REFUSED,
+                "DNS queries refused by a limit",
+                COUNTER,
+                ("reason", "request_protocol"),
+                sorted(self._refused.items()),
+            )
         )
+        return render(families)

@@ -14,7 +14,14 @@ Bounds, so a pod cannot make the tunnel hold more than a fixed amount for it:
 - TCP: `max_tcp_connections` per pod (the excess is closed at once), one query read at a
   time, each within `tcp_idle_timeout` of the previous answer;
 - a malformed query is answered FORMERR when it has a header (else dropped); an answer
-  sent to us is dropped; an opcode other than QUERY is NOTIMP.
+  sent to us is dropped; an opcode other than QUERY is NOTIMP;
+- queries a second per pod: `max_queries_per_second` (a token bucket of
+  `max_query_burst`); past it a UDP query is dropped unparsed, a TCP one answered REFUSED
+  (a bare header: never larger than the query);
+- amplification: no answer over UDP is larger than the query's limit (512 bytes, or its
+  EDNS size): ours are built within it, a forwarded one that is larger is cut to its
+  question with TC set; ANY is answered NOTIMP, never forwarded (RFC 8482: its answers
+  are the large ones amplification attacks ask for).
 """
 
 from __future__ import annotations
@@ -24,18 +31,25 @@ import ipaddress
 import os
 import socket
 import struct
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import structlog
 
 import nsutil
 from meshcore.defaults import TUNNEL_MARK
+from meshcore.localtrust import RateLog, TokenBucket
 from meshcore.runtime.tasks import TaskSet
 from meshcore.sockets import NetnsSocketFactory, SocketFactory
 from meshcore.state import MeshState, Workload
 from ztunnel.dns import message as m
-from ztunnel.dns.metrics import REQUESTS, UPSTREAM_FAILURES, UPSTREAM_REQUESTS, DnsMetrics
+from ztunnel.dns.limits import DnsLimits as DnsLimits
+from ztunnel.dns.metrics import (
+    REQUESTS,
+    UPSTREAM_FAILURES,
+    UPSTREAM_REQUESTS,
+    DnsMetrics,
+)
 from ztunnel.dns.resolve import Answer, decide
 
 log = structlog.get_logger(__name__)
@@ -47,15 +61,6 @@ IP_RECVORIGDSTADDR = IP_ORIGDSTADDR = 20
 _ANC_SPACE = socket.CMSG_SPACE(16)  # one sockaddr_in
 UDP_BATCH = 64
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-@dataclass(frozen=True, slots=True)
-class DnsLimits:
-    max_in_flight: int = 256
-    attempt_timeout: float = 2.0
-    forward_timeout: float = 5.0
-    max_tcp_connections: int = 64
-    tcp_idle_timeout: float = 5.0  # upstream's DEFAULT_TCP_REQUEST_TIMEOUT
 
 
 def _udp_socket(factory: SocketFactory, family: int) -> socket.socket:
@@ -205,8 +210,12 @@ class DnsProxy:
         self.forwarder = Forwarder(factory, upstreams, self.limits, upstream_port)
         self.tasks = TaskSet("dns")
         self.in_flight = 0
+        # A pod whose upstream fails (or that asks for failing names on purpose) must not
+        # make the tunnel write a line per query: one a second, with the count skipped.
+        self._forward_log = RateLog(interval=1.0)
         self.dropped = 0
         self.tcp_connections = 0
+        self._rate = TokenBucket(self.limits.max_queries_per_second, self.limits.max_query_burst)
         self._udp_sock: socket.socket | None = None
         self._udp_addr: tuple[str, int] | None = None
         self._tcp: asyncio.Server | None = None
@@ -289,7 +298,7 @@ class DnsProxy:
             log.debug("dns_malformed", error=str(e))
             return m.build_error(data, m.Rcode.FORMERR)
         limit = m.MAX_MESSAGE if tcp else query.udp_limit()
-        if query.opcode != 0:
+        if query.opcode != 0 or query.question.qtype == m.RType.ANY:
             return m.build_response(query, m.Rcode.NOTIMP, authoritative=False, limit=limit)
         client = self._workload()
         key = self.metrics.key(query.question.qtype, tcp, client)
@@ -301,16 +310,29 @@ class DnsProxy:
             return m.build_response(query, m.Rcode.NOERROR, decision.records, limit=limit)
         if self.in_flight >= self.limits.max_in_flight:
             self.dropped += 1
+            self.metrics.refuse("in_flight", tcp)
             if tcp:
                 return m.build_response(query, m.Rcode.SERVFAIL, authoritative=False)
             return None
         self.in_flight += 1
         self.metrics.add(UPSTREAM_REQUESTS, key)
         try:
-            return await self.forwarder.forward(query, data, tcp)
+            answer = await self.forwarder.forward(query, data, tcp)
+            if len(answer) > limit:
+                # An upstream ignored the client's size: relayed whole, it would make us
+                # an amplifier. The client retries over TCP.
+                return m.build_response(query, m.Rcode.NOERROR, authoritative=False, limit=0)
+            return answer
         except (ForwardError, TimeoutError) as e:
             self.metrics.add(UPSTREAM_FAILURES, key)
-            log.info("dns_forward_failed", name=query.question.name, error=str(e))
+            skipped = self._forward_log.due(time.monotonic())
+            if skipped is not None:
+                log.info(
+                    "dns_forward_failed",
+                    name=query.question.name,
+                    error=str(e),
+                    suppressed_before=skipped,
+                )
             return m.build_response(query, m.Rcode.SERVFAIL, authoritative=False, limit=limit)
         finally:
             self.in_flight -= 1
@@ -327,6 +349,9 @@ class DnsProxy:
                 return
             except OSError as e:
                 log.debug("dns_udp_error", error=str(e))  # ICMP for an earlier answer
+                continue
+            if not self._rate.allow(time.monotonic()):
+                self.metrics.refuse("rate", tcp=False)
                 continue
             self.tasks.spawn(self._udp_query(data, addr, _original_dst(ancdata)), "dns-udp")
 
@@ -360,6 +385,7 @@ class DnsProxy:
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.tcp_connections >= self.limits.max_tcp_connections:
             self.dropped += 1
+            self.metrics.refuse("tcp_connections", tcp=True)
             writer.transport.abort()
             return
         self.tcp_connections += 1
@@ -368,10 +394,17 @@ class DnsProxy:
                 try:
                     async with asyncio.timeout(self.limits.tcp_idle_timeout):
                         size = int.from_bytes(await reader.readexactly(2), "big")
+                        if size > self.limits.max_tcp_query_bytes:
+                            self.metrics.refuse("size", tcp=True)
+                            return
                         data = await reader.readexactly(size)
                 except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
                     return
-                out = await self.answer(data, tcp=True)
+                if self._rate.allow(time.monotonic()):
+                    out = await self.answer(data, tcp=True)
+                else:
+                    self.metrics.refuse("rate", tcp=True)
+                    out = m.build_error(data, m.Rcode.REFUSED)
                 if out is None:
                     return
                 writer.write(struct.pack("!H", len(out)) + out)

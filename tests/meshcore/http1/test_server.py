@@ -7,11 +7,13 @@ import asyncio
 import json
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from meshcore.http1.server import NodeHttpServer, Request, Response, Routes
+from tests.support.aio import wait_until
 
 
 class EchoServer(NodeHttpServer):
@@ -32,11 +34,20 @@ class EchoServer(NodeHttpServer):
     async def _boom(self, request: Request) -> Response:
         raise RuntimeError("handler exploded")
 
+    release: asyncio.Event | None = None  # /hold answers once it is set
+
+    async def _hold(self, request: Request) -> Response:
+        if self.release is None:
+            self.release = asyncio.Event()
+        await self.release.wait()
+        return Response.text("released")
+
     def routes(self) -> Routes:
         return {
             "/echo": {"GET": self._echo, "POST": self._echo},
             "/a b/é": {"GET": self._echo},
             "/boom": {"GET": self._boom},
+            "/hold": {"GET": self._hold},
         }
 
 
@@ -304,21 +315,73 @@ def test_many_concurrent_connections_are_all_served(aio):
 def test_connections_past_the_limit_get_503_and_the_server_recovers(aio):
     async def main() -> None:
         server = aio.closing(await started(max_connections=4, read_timeout=20))
-        idle = []
-        for _ in range(4):
-            _, writer = await asyncio.open_connection("127.0.0.1", server.port)
-            idle.append(aio.closing(writer))
-        await asyncio.sleep(0.2)  # let the server accept them (same event loop)
+        held = [
+            asyncio.create_task(exchange(server.port, b"GET /hold HTTP/1.1\r\n\r\n"))
+            for _ in range(4)
+        ]
+        await wait_for(lambda: server.release is not None and server._serving == 4)
+        # Every slot is answering (none is still reading): nothing to evict.
         status, _, body = await exchange(server.port, b"")
         assert status == 503
         assert b"too many connections" in body
-        for writer in idle:
-            writer.close()
-        await asyncio.sleep(0.2)
+        assert server.release is not None
+        server.release.set()
+        assert [status for status, _, _ in await asyncio.gather(*held)] == [200] * 4
         status, _, _ = await exchange(server.port, b"GET /echo HTTP/1.1\r\n\r\n")
         assert status == 200
 
     aio.run(main)
+
+
+def test_slow_loris_connections_make_room_for_a_client_that_asks_at_once(aio):
+    """Connections that never finish their request hold every slot; each new connection
+    takes the oldest one's place, so a scraper is answered at once, again and again."""
+
+    async def main() -> None:
+        server = aio.closing(await started(max_connections=8, read_timeout=60))
+        loris = []
+        for _ in range(30):
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"GET /echo HTTP/1.1\r\nx-slow: ")  # and never the rest
+            loris.append((reader, aio.closing(writer)))
+        await wait_for(lambda: server.evicted >= 30 - 8)
+        for _ in range(5):
+            status, _, _ = await exchange(server.port, b"GET /echo HTTP/1.1\r\n\r\n")
+            assert status == 200
+        assert server._serving <= 8
+        # The oldest were cut off (EOF, no answer); the newest still wait.
+        reader, _ = loris[0]
+        async with asyncio.timeout(10):
+            assert await reader.read() == b""
+
+    aio.run(main)
+
+
+def test_a_connection_flood_past_the_limit_is_reset_not_queued(aio):
+    async def main() -> None:
+        server = aio.closing(await started(max_connections=2, read_timeout=20))
+        held = [
+            asyncio.create_task(exchange(server.port, b"GET /hold HTTP/1.1\r\n\r\n"))
+            for _ in range(2)
+        ]
+        await wait_for(lambda: server.release is not None and server._serving == 2)
+        # Two refusals linger (503, then reading what the client still sends); the rest
+        # are reset at once, without a task each.
+        flood = []
+        for _ in range(20):
+            _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            flood.append(aio.closing(writer))
+        await wait_for(lambda: server.refused + server.reset == 20)
+        assert server.refusing_peak <= 2
+        assert server.release is not None
+        server.release.set()
+        await asyncio.gather(*held)
+
+    aio.run(main)
+
+
+async def wait_for(done: Callable[[], bool]) -> None:
+    await wait_until(done, "the server to get there")
 
 
 def test_close_ends_open_connections_and_frees_the_port(aio):

@@ -53,6 +53,12 @@ class Upstream(asyncio.DatagramProtocol):
         q = m.parse_query(data)
         if q.question.name == "silent.example.com":
             return None
+        if q.question.name == "big.example.com":  # ignores the client's UDP size
+            recs = tuple(
+                m.a(q.question.labels, ipaddress.IPv4Address(f"192.0.2.{i}"), 60)
+                for i in range(1, 61)
+            )
+            return m.build_response(q, m.Rcode.NOERROR, recs, authoritative=False)
         if q.question.name == "known.example.com":
             rec = m.a(q.question.labels, ipaddress.IPv4Address("192.0.2.1"), 60)
             return m.build_response(q, m.Rcode.NOERROR, (rec,), authoritative=False)
@@ -65,7 +71,7 @@ class Upstream(asyncio.DatagramProtocol):
 
 
 @contextlib.asynccontextmanager
-async def serving() -> AsyncIterator[tuple[DnsProxy, Upstream]]:
+async def serving(limits: DnsLimits | None = None) -> AsyncIterator[tuple[DnsProxy, Upstream]]:
     loop = asyncio.get_running_loop()
     upstream = Upstream()
 
@@ -90,7 +96,7 @@ async def serving() -> AsyncIterator[tuple[DnsProxy, Upstream]]:
             tcp.close()
     else:
         raise AssertionError("no port free for both UDP and TCP")
-    limits = DnsLimits(
+    limits = limits or DnsLimits(
         max_in_flight=2, attempt_timeout=0.3, forward_timeout=0.5, max_tcp_connections=2
     )
     p = DnsProxy(
