@@ -540,6 +540,41 @@ def test_tunnel_and_node_agent_share_the_zds_directory():
     assert args[args.index("--zds-socket") + 1] == zds
 
 
+def _secrets_in(ds: dict[str, Any]) -> list[str]:
+    """Volumes of a workload that carry a Secret, whole or as a projected source."""
+    found = []
+    for name, v in volumes_of(ds).items():
+        sources = v.get("projected", {}).get("sources", [])
+        if "secret" in v or any("secret" in s for s in sources):
+            found.append(name)
+    return found
+
+
+@pytest.mark.parametrize(
+    ("chart", "value_set"), [c for c in CASES if c[0] in ("node-agent", "tunnel")]
+)
+def test_no_node_component_mounts_a_secret(chart: str, value_set: str) -> None:
+    # Root on a node is trusted for that node only: the CA's key (a Secret of the control
+    # plane) must not reach a node. The tunnel gets a projected token and the root
+    # certificate's ConfigMap; the node agent nothing of the kind.
+    daemonsets = [o for o in render(chart, value_set) if o["kind"] == "DaemonSet"]
+    assert daemonsets
+    for ds in daemonsets:
+        assert _secrets_in(ds) == [], ds["metadata"]["name"]
+        for c in pod_spec(ds)["containers"]:
+            assert not [e for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})]
+            assert not [e for e in c.get("envFrom", []) if "secretRef" in e]
+
+
+def test_the_secret_check_can_fail() -> None:
+    ds = copy.deepcopy(_tunnel())
+    pod_spec(ds)["volumes"].append({"name": "ca", "secret": {"secretName": "istio-ca-secret"}})
+    pod_spec(ds)["volumes"].append(
+        {"name": "p", "projected": {"sources": [{"secret": {"name": "istio-ca-secret"}}]}}
+    )
+    assert _secrets_in(ds) == ["ca", "p"]
+
+
 def test_tunnel_values():
     objs = helm.template(
         chart_path("tunnel"),
