@@ -399,6 +399,32 @@ def test_a_denied_client_is_cut_off_and_the_denial_counted_on_both_ends__recorde
     )
 
 
+def test_a_pod_that_takes_another_pods_address_still_speaks_as_itself__recorded_redirects(
+    aio_uvloop: Loop, mesh: LoopbackMesh, logs: LogLines
+) -> None:
+    """The intruder's app sends from the client's address (a spoofed source): its tunnel
+    presents the identity of the pod whose listener took the connection, never one looked
+    up by source address, so the intruder's denial holds."""
+
+    async def main() -> bytes:
+        reader, writer = await mesh.redirects.connect(
+            mesh.a.ip, mesh.c.port(15001), addr(f"{VIP}:80")
+        )
+        writer.write(b"it is me, the client")
+        got = await read_all(reader)
+        writer.close()
+        await wait_until(lambda: len(access_lines(logs)) == 2, "both access-log lines")
+        return got
+
+    assert aio_uvloop.run(main) == b""
+    assert mesh.app.peers == []
+    (src_line,) = access_lines(logs, direction="outbound")
+    assert src_line["src.identity"] == str(INTRUDER_ID)
+    (dst_line,) = access_lines(logs, direction="inbound")
+    assert dst_line["src.identity"] == str(INTRUDER_ID)
+    assert "shop/deny-intruder" in dst_line["error"]
+
+
 def test_a_plaintext_client_reaches_the_app_through_15006_without_identity__recorded_redirects(
     aio_uvloop: Loop, mesh: LoopbackMesh, logs: LogLines
 ) -> None:
