@@ -65,7 +65,7 @@ def node_agent_calls() -> list[Call]:
     out += calls("patch", kinds.POD, ELSEWHERE)
     # Its own Pod and DaemonSet, on SIGTERM.
     out += calls("get", kinds.POD, HOME)
-    out += calls("list watch", kinds.DAEMON_SET, HOME, "ambient-node-agent")
+    out += calls("get list watch", kinds.DAEMON_SET, HOME, "ambient-node-agent")
     return out
 
 
@@ -144,6 +144,7 @@ def test_the_checks_can_fail():
     narrower = ComponentRbac(rbac.cluster, ())
     assert [c for c in node_agent_calls() if not allowed(narrower, c)] == [
         ("get", "", "pods", HOME, None),
+        ("get", "apps", "daemonsets", HOME, "ambient-node-agent"),
         ("list", "apps", "daemonsets", HOME, "ambient-node-agent"),
         ("watch", "apps", "daemonsets", HOME, "ambient-node-agent"),
     ]
