@@ -26,3 +26,20 @@ def opened(path: str) -> Iterator[int]:
         yield fd
     finally:
         os.close(fd)
+
+
+def new_fds(before: set[int]) -> dict[int, str]:
+    """The fds opened since `before` and still open, with what they refer to; leaving out
+    the ones on this process's own netns: nsutil keeps one per thread for good, opened the
+    first time the thread enters another netns, and a thread pool may start a new thread
+    at any time."""
+    home = os.readlink("/proc/self/ns/net")
+    out = {}
+    for fd in open_fds() - before:
+        try:
+            target = fd_target(fd)
+        except OSError:
+            continue  # closed meanwhile
+        if target != home:
+            out[fd] = target
+    return out
