@@ -21,19 +21,18 @@ from pathlib import Path
 from typing import Any
 
 from ambientctl import accesslog, context
+from ambientctl.errors import NotFound
 from ambientctl.logfilter import Entry, LogUsage, complete_lines, entries, parse_duration, render
 from ambientctl.logfilter import select as select_entries
 from localcluster import mesh, waypoints
 from localcluster.apps import process_name
 from meshcore.defaults import NAMESPACE
 
-EXIT_RUNTIME = 1
-EXIT_USAGE = 2
 FOLLOW_POLL = 0.25  # seconds between reads of a followed file
 KEYWORDS = ("ztunnel", "agent", "waypoint", "ca")
 
 
-class LogsError(RuntimeError):
+class LogsError(NotFound):
     """Nothing to show for what was asked (exit 1): the message says what there is."""
 
 
@@ -269,23 +268,17 @@ def emit_records(
     header[0] = False
 
 
-def _guarded(
-    fn: Callable[[argparse.Namespace], int], prog: str
+def _follow_ends_on_ctrl_c(
+    fn: Callable[[argparse.Namespace], int],
 ) -> Callable[[argparse.Namespace], int]:
-    """This module's own errors as the CLI reports every error: one line, an exit code."""
+    """With -f, Ctrl-C is the normal end (exit 0), not an interruption."""
 
     def run(args: argparse.Namespace) -> int:
         try:
             return fn(args)
-        except LogUsage as e:
-            print(f"{prog}: {e}", file=sys.stderr)
-            return EXIT_USAGE
-        except LogsError as e:
-            print(f"{prog}: {e}", file=sys.stderr)
-            return EXIT_RUNTIME
         except KeyboardInterrupt:
             if getattr(args, "follow", False):
-                return 0  # -f ends with Ctrl-C: that is its normal end
+                return 0
             raise
 
     return run
@@ -326,7 +319,7 @@ def register(sub: Any) -> None:
         "--prefix", action="store_true", help="[source] before each line (always with several)"
     )
     _common(lg, "only this node's tunnel, agent or waypoints")
-    lg.set_defaults(fn=_guarded(run_logs, "ambientctl logs"))
+    lg.set_defaults(fn=_follow_ends_on_ctrl_c(run_logs))
     al = sub.add_parser(
         "access-log",
         help="the tunnels' access log (one line per connection) as a table",
@@ -351,4 +344,4 @@ def register(sub: Any) -> None:
         help="table (default) or json (the raw lines; with -f one per line)",
     )  # fmt: skip
     _common(al, "only this node's tunnel")
-    al.set_defaults(fn=_guarded(run_access_log, "ambientctl access-log"))
+    al.set_defaults(fn=_follow_ends_on_ctrl_c(run_access_log))

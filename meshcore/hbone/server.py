@@ -23,33 +23,26 @@ import structlog
 
 from meshcore.hbone.limits import DEFAULT_LIMITS, HboneLimits
 from meshcore.identity.spiffe import SpiffeId
+from meshcore.localtrust import RateLog
 from meshcore.sockets import SocketAddr
 from meshcore.tls import PeerVerificationError, hbone_peer, verify_client
 
 log = structlog.get_logger(__name__)
 
 
-class RateLimitedLog:
-    """At most `per_second` lines a second; the rest are counted and summed up in the
-    next line that is written, so a flood cannot fill the log or burn CPU on it."""
+class RefusalLog:
+    """Refusal lines at most every `interval` seconds (10 a second by default), each with
+    how many were left out before it, so a flood cannot fill the log or burn CPU on it."""
 
-    def __init__(self, per_second: int = 10) -> None:
-        self._per_second = per_second
-        self._second = 0.0
-        self._written = 0
-        self._suppressed = 0
+    def __init__(self, interval: float = 0.1) -> None:
+        self._rate = RateLog(interval)
 
     def warning(self, event: str, **fields: Any) -> None:
-        now = time.monotonic()
-        if now - self._second >= 1.0:
-            self._second, self._written = now, 0
-        if self._written >= self._per_second:
-            self._suppressed += 1
+        suppressed = self._rate.due(time.monotonic())
+        if suppressed is None:
             return
-        self._written += 1
-        if self._suppressed:
-            fields["suppressed_before"] = self._suppressed
-            self._suppressed = 0
+        if suppressed:
+            fields["suppressed_before"] = suppressed
         log.warning(event, **fields)
 
 
@@ -67,7 +60,7 @@ class HandshakeGate:
         self.pending = 0
         self.by_source: dict[str, int] = {}
         self._report = report
-        self.log = RateLimitedLog()
+        self.log = RefusalLog()
         # Running totals of the connections the listeners accepted, and of those whose
         # handshake is over (handed on, failed, or refused before TLS): activity, for
         # whoever watches for quiet. An attack may make nothing else.
@@ -114,7 +107,7 @@ class Guard:
     ) -> None:
         self.limits = limits
         self._count = count
-        self._log = RateLimitedLog()
+        self._log = RefusalLog()
         # Connections the whole tunnel holds open (its node plugs in the connection table),
         # for `max_connections_per_tunnel`.
         self.tunnel_connections: Callable[[], int] = lambda: 0
