@@ -86,19 +86,24 @@ class TokenBucket:
 
 
 class RateLog:
-    """Whether to log a repeated event now: at most once per `interval` seconds, with the
-    number suppressed since the last line, so a flood of refusals cannot flood the log."""
+    """Whether to log a repeated event now: at most `burst` lines per `interval` seconds,
+    each with the number suppressed since the last line, so a flood of refusals cannot
+    flood the log while a handful of distinct ones in a moment are all seen."""
 
-    def __init__(self, interval: float = 10.0) -> None:
+    def __init__(self, interval: float = 10.0, burst: int = 1) -> None:
         self.interval = interval
-        self._last: float | None = None
+        self.burst = burst
+        self._window: float | None = None
+        self._written = 0
         self._suppressed = 0
 
     def due(self, now: float) -> int | None:
         """None: stay quiet; else log now, and the count of events not logged since."""
-        if self._last is not None and now - self._last < self.interval:
+        if self._window is None or now - self._window >= self.interval:
+            self._window, self._written = now, 0
+        if self._written >= self.burst:
             self._suppressed += 1
             return None
-        self._last = now
+        self._written += 1
         suppressed, self._suppressed = self._suppressed, 0
         return suppressed

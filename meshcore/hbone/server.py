@@ -31,11 +31,11 @@ log = structlog.get_logger(__name__)
 
 
 class RefusalLog:
-    """Refusal lines at most every `interval` seconds (10 a second by default), each with
-    how many were left out before it, so a flood cannot fill the log or burn CPU on it."""
+    """At most `per_second` refusal lines a second, each with how many were left out
+    before it, so a flood cannot fill the log or burn CPU on it."""
 
-    def __init__(self, interval: float = 0.1) -> None:
-        self._rate = RateLog(interval)
+    def __init__(self, per_second: int = 10) -> None:
+        self._rate = RateLog(interval=1.0, burst=per_second)
 
     def warning(self, event: str, **fields: Any) -> None:
         suppressed = self._rate.due(time.monotonic())

@@ -69,3 +69,10 @@ def test_rate_log_logs_once_per_interval_with_the_suppressed_count() -> None:
     assert rl.due(10.0) == 3
     assert rl.due(10.5) is None
     assert rl.due(25.0) == 1
+
+
+def test_rate_log_with_a_burst_lets_that_many_through_per_interval() -> None:
+    rl = RateLog(interval=1.0, burst=3)
+    assert [rl.due(t) for t in (0.0, 0.1, 0.2, 0.3, 0.9)] == [0, 0, 0, None, None]
+    # A new window: the first line carries the two left out, the next ones none.
+    assert [rl.due(t) for t in (1.0, 1.1)] == [2, 0]
