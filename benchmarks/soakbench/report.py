@@ -192,7 +192,8 @@ def render(doc: Mapping[str, Any], summary: Mapping[str, Any], plots: Sequence[s
         f"{hp.get('seconds', 0):.1f} s; {doc.get('end', {}).get('alive', 'n/a')} alive at the "
         f"end; {summary['held_round_trips']} round trips answered.",
         f"- new connections: {summary['new_ok']} completed of {summary['new_started']} "
-        f"started over {run_s:.0f} s ({summary['new_ok'] / max(run_s, 1e-9):.0f}/s); "
+        f"started in {p['duration']:g} s ({summary['new_ok'] / p['duration']:.0f}/s; the last "
+        f"interval ends when those in flight have, at {run_s:.0f} s); "
         f"{summary['missed_cap']} scheduled starts missed because {p['max_in_flight']} were "
         f"still open, {summary['missed_late']} because the generator was over "
         "1 s late.",
@@ -264,15 +265,14 @@ def _interval_table(doc: Mapping[str, Any], summary: Mapping[str, Any]) -> list[
     step = max(1, -(-len(tl) // MAX_TABLE_ROWS))
     roles = summary["roles"]
     head = (
-        "| t s | new/s | new p50 | new p99 | held p99 | errors | missed | alive | gen cores | "
-        + " | ".join(f"{r} RSS MB | {r} fds" for r in roles)
-        + " |"
+        "| t s | new/s | new p50 | new p99 | held p99 | errors | missed | in flight | alive | "
+        "gen cores | " + " | ".join(f"{r} RSS MB | {r} fds" for r in roles) + " |"
     )
     out = [
         f"Every {step * doc['params']['interval']:g} s (one sampled interval each; latency in ms).",
         "",
         head,
-        "|" + "---|" * (9 + 2 * len(roles)),
+        "|" + "---|" * (10 + 2 * len(roles)),
     ]
     for i in range(0, len(tl), step):
         e, r = tl[i], summary["rates"][i]
@@ -281,7 +281,7 @@ def _interval_table(doc: Mapping[str, Any], summary: Mapping[str, Any]) -> list[
         missed = e["new"]["missed_cap"] + e["new"]["missed_late"]
         cells = [
             f"{e['t']:.0f}", _fmt(r["new_per_s"]), _ms(n.p50_ms), _ms(n.p99_ms), _ms(h.p99_ms),
-            str(errs), str(missed), str(e["alive"]), _fmt(r["gen_cores"]),
+            str(errs), str(missed), str(e["in_flight"]), str(e["alive"]), _fmt(r["gen_cores"]),
         ]  # fmt: skip
         for role in roles:
             s = e.get("proxies", {}).get(role) or {}
