@@ -49,7 +49,10 @@ RESULTS_DIR = HERE / "results"
 PLACEMENT = "cross-node"  # the case that matters: both tunnels on the path
 CLUSTER_NAME = "soak"
 LINE_GRACE = 60.0  # seconds beyond its own bound a generator line may take
-CLOSE_SETTLE = 3.0  # seconds after the held connections closed before the last sample
+# After the held connections closed: the last sample waits until no tunnel's descriptor count
+# changed for CLOSE_STEADY s (10 000 closes take a busy tunnel seconds), at most CLOSE_MAX s.
+CLOSE_STEADY = 2.0
+CLOSE_MAX = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,9 +242,29 @@ def _drive(
     closed = lines.next(30.0)
     if closed["phase"] != "closed":
         raise SoakError(f"expected the close, got {closed['phase']}")
-    time.sleep(CLOSE_SETTLE)
-    doc["after_close"] = sample(proxies)
+    doc["after_close"], doc["close_settle_s"] = settle(proxies)
     proc.wait(timeout=30.0)
+
+
+def settle(proxies: dict[str, list[int]]) -> tuple[dict[str, dict[str, Any] | None], float]:
+    """Sample until the descriptor counts stop changing (bounded); returns the last sample
+    and the seconds it took."""
+    t0 = time.monotonic()
+    last = sample(proxies)
+    steady_since = time.monotonic()
+    while time.monotonic() - t0 < CLOSE_MAX:
+        time.sleep(0.5)
+        now = sample(proxies)
+        if _fds(now) != _fds(last):
+            steady_since = time.monotonic()
+        elif time.monotonic() - steady_since >= CLOSE_STEADY:
+            return now, time.monotonic() - t0
+        last = now
+    return last, time.monotonic() - t0
+
+
+def _fds(s: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
+    return {role: (v or {}).get("fds") for role, v in s.items()}
 
 
 def _say(line: dict[str, Any], proxies: dict[str, list[int]]) -> None:

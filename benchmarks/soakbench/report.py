@@ -112,6 +112,19 @@ def summarize(doc: Mapping[str, Any]) -> dict[str, Any]:
     rates = _rates(doc)
     gen = [r["gen_cores"] for r in rates if r["gen_cores"] is not None]
     busy = sum(1 for g in gen if g >= analysis.GENERATOR_BUSY)
+    cpu_ms_per_new: dict[str, float] = {}
+    if tl and new_ok:
+        for role in roles:
+            before = (doc.get("after_held", {}).get(role) or {}).get("cpu_s")
+            after = (tl[-1].get("proxies", {}).get(role) or {}).get("cpu_s")
+            if isinstance(before, int | float) and isinstance(after, int | float):
+                cpu_ms_per_new[role] = (after - before) * 1000.0 / new_ok
+    g0, g1 = hp.get("cpu_s"), tl[-1].get("gen_cpu_s") if tl else None
+    gen_per_new = (
+        (g1 - g0) * 1000.0 / new_ok
+        if isinstance(g0, int | float) and isinstance(g1, int | float) and new_ok
+        else None
+    )
     new_hists = [e["new"]["hist_ns"] for e in tl]
     held_hists = [e["held"]["hist_ns"] for e in tl]
     return {
@@ -137,6 +150,8 @@ def summarize(doc: Mapping[str, Any]) -> dict[str, Any]:
         "gen_cores_max": max(gen) if gen else None,
         "gen_busy_intervals": busy,
         "intervals": len(tl),
+        "cpu_ms_per_new": cpu_ms_per_new,
+        "gen_cpu_ms_per_new": gen_per_new,
     }
 
 
@@ -244,6 +259,19 @@ def render(doc: Mapping[str, Any], summary: Mapping[str, Any], plots: Sequence[s
             f"{_sample(doc, 'after_close', role, 'fds')} | "
             f"{_fmt(sum(got) / len(got) if got else None)} |"
         )
+    settle = doc.get("close_settle_s")
+    if isinstance(settle, int | float):
+        out += ["", f"'after close' was sampled once the descriptor counts had not changed for "
+                f"2 s ({settle:.1f} s after the held connections closed)."]  # fmt: skip
+    per = summary.get("cpu_ms_per_new", {})
+    if per:
+        out += [
+            "",
+            "CPU per new connection (each tunnel's CPU over the churn, held round trips "
+            "included, divided by the new connections completed): "
+            + ", ".join(f"{r} {v:.2f} ms" for r, v in sorted(per.items()))
+            + f"; the load generator {_fmt(summary.get('gen_cpu_ms_per_new'))} ms.",
+        ]
     out += ["", "## Over time", ""]
     out += _interval_table(doc, summary)
     notes = list(doc.get("notes", []))
@@ -340,6 +368,8 @@ def summary_json(doc: Mapping[str, Any], summary: Mapping[str, Any]) -> dict[str
         "missed_late": summary["missed_late"],
         "gen_cores_mean": summary["gen_cores_mean"],
         "gen_cores_max": summary["gen_cores_max"],
+        "cpu_ms_per_new": summary["cpu_ms_per_new"],
+        "gen_cpu_ms_per_new": summary["gen_cpu_ms_per_new"],
     }
     return keep
 

@@ -194,6 +194,9 @@ def test_summary_of_a_clean_run() -> None:
     assert s["gen_cores_mean"] == pytest.approx(0.2)
     assert s["rates"][0]["gen_cores"] == pytest.approx(0.2)
     assert s["rates"][0]["new_per_s"] == pytest.approx(200.0)
+    # node1: 0.4 CPU s per s from 1.0 at the start to 78 at t=195, over 39 000 connections
+    assert s["cpu_ms_per_new"]["tunnel-node1"] == pytest.approx((78.0 - 1.0) * 1000 / 39_000)
+    assert s["gen_cpu_ms_per_new"] == pytest.approx(39.0 * 1000 / 39_000)
     md = report.render(doc, s, ["rss.png"])
     assert "## Targets" in md and "![rss.png](rss.png)" in md and "- a note" in md
     rows = [line for line in md.splitlines() if line.startswith("| tunnel-node1 |")]

@@ -39,6 +39,7 @@ def test_soak_writes_a_clean_report(tmp_path: Path) -> None:
     assert sum(e["new"]["ok"] for e in doc["timeline"]) > 0
     assert sum(e["held"]["ok"] for e in doc["timeline"]) > 0
     assert doc["after_close"]["tunnel-node1"]["fds"] < doc["at_end"]["tunnel-node1"]["fds"]
+    assert 0 < doc["close_settle_s"] <= 31.0
 
     summary = json.loads((out / "summary.json").read_text())["summary"]
     targets = {t["name"]: t for t in summary["targets"]}
