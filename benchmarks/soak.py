@@ -105,6 +105,21 @@ def nofile_limit(pid: int) -> str | None:
     return None
 
 
+def host_cpu_s() -> float | None:
+    """CPU seconds the whole machine has spent busy (not idle or iowait), from /proc/stat:
+    with the tunnels' and the generator's own, it shows how much the rest of the machine
+    took meanwhile (others' work shares these cores)."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    return (sum(ticks) - ticks[3] - ticks[4]) / costs.CLK_TCK
+
+
 def sample(proxies: dict[str, list[int]]) -> dict[str, dict[str, Any] | None]:
     """Per role: RSS (kB), open descriptors and CPU seconds; None when a process is gone."""
     out: dict[str, dict[str, Any] | None] = {}
@@ -217,6 +232,7 @@ def _drive(
         raise SoakError(f"expected the held phase first, got {held['phase']}")
     doc["held_phase"] = held
     doc["after_held"] = sample(proxies)
+    doc["after_held_host_cpu_s"] = host_cpu_s()
     progress(f"held: {held['opened']} of {held['requested']} open in {held['seconds']:.1f} s"
              + (f"; failed: {held['errors']}" if held["errors"] else ""))  # fmt: skip
     progress(f"churn: {st.rate:g}/s for {st.duration:g} s, a sample every {st.interval:g} s")
@@ -232,6 +248,7 @@ def _drive(
         gen = costs.sample(gen_pid)["gen"]
         line["gen_cpu_s"] = gen.cpu_s if gen is not None else None
         line["proxies"] = sample(proxies)
+        line["host_cpu_s"] = host_cpu_s()
         timeline.append(line)
         _say(line, proxies)
     doc["at_end"] = sample(proxies)

@@ -38,6 +38,7 @@ def _rates(doc: Mapping[str, Any]) -> list[dict[str, float | None]]:
     timeline: Sequence[Mapping[str, Any]] = doc.get("timeline", [])
     out: list[dict[str, float | None]] = []
     prev_t, prev_gen = 0.0, doc.get("held_phase", {}).get("cpu_s")
+    prev_host = doc.get("after_held_host_cpu_s")
     prev_cpu: dict[str, float | None] = {
         role: s.get("cpu_s") if isinstance(s, Mapping) else None
         for role, s in doc.get("after_held", {}).items()
@@ -55,7 +56,9 @@ def _rates(doc: Mapping[str, Any]) -> list[dict[str, float | None]]:
                 analysis.busy_cores(before, cpu, dt) if before is not None else None
             )
             prev_cpu[role] = cpu
-        prev_t, prev_gen = float(e["t"]), gen
+        host = e.get("host_cpu_s")
+        row["host_cores"] = analysis.busy_cores(prev_host, host, dt)
+        prev_t, prev_gen, prev_host = float(e["t"]), gen, host
         out.append(row)
     return out
 
@@ -112,6 +115,7 @@ def summarize(doc: Mapping[str, Any]) -> dict[str, Any]:
     rates = _rates(doc)
     gen = [r["gen_cores"] for r in rates if r["gen_cores"] is not None]
     busy = sum(1 for g in gen if g >= analysis.GENERATOR_BUSY)
+    host = [h for r in rates if (h := r.get("host_cores")) is not None]
     cpu_ms_per_new: dict[str, float] = {}
     if tl and new_ok:
         for role in roles:
@@ -150,6 +154,7 @@ def summarize(doc: Mapping[str, Any]) -> dict[str, Any]:
         "gen_cores_max": max(gen) if gen else None,
         "gen_busy_intervals": busy,
         "intervals": len(tl),
+        "host_cores_mean": sum(host) / len(host) if host else None,
         "cpu_ms_per_new": cpu_ms_per_new,
         "gen_cpu_ms_per_new": gen_per_new,
     }
@@ -219,6 +224,14 @@ def render(doc: Mapping[str, Any], summary: Mapping[str, Any], plots: Sequence[s
         f"{_fmt(summary['gen_cores_max'])} at most; {summary['gen_busy_intervals']} of "
         f"{summary['intervals']} intervals at >= {analysis.GENERATOR_BUSY:g} core (its "
         "figures there may be its own limit, not the mesh's).",
+    ]
+    if summary["host_cores_mean"] is not None:
+        out.append(
+            f"- the whole machine: {summary['host_cores_mean']:.2f} of "
+            f"{doc.get('host', {}).get('cpus')} cores busy on average (tunnels, generator, "
+            "app, kernel and whatever else ran; `cpu.png` per interval)."
+        )
+    out += [
         "",
         "## Latency after the warm-up (ms)",
         "",
@@ -469,6 +482,10 @@ def write_plots(doc: Mapping[str, Any], summary: Mapping[str, Any], outdir: Path
     for role in summary["roles"]:
         ys = [r.get(f"cores:{role}") for r in rates]
         ax.plot(ts, [float("nan") if y is None else y for y in ys], label=role)
+    host = [r.get("host_cores") for r in rates]
+    if any(h is not None for h in host):
+        ax.plot(ts, [float("nan") if h is None else h for h in host], color="black",
+                linewidth=1, label="whole machine")  # fmt: skip
     save(fig, ax, "cpu.png", "CPU per interval", "cores busy")
     return written
 

@@ -162,7 +162,7 @@ def _run(leak_kb_per_s: float, errors: dict[str, int]) -> dict[str, Any]:
                         "missed_cap": 0, "missed_late": 0, "hist_ns": _hist([2.0] * 10),
                         "lag_hist_ns": _hist([0.1] * 10)},
                 "held": {"sent": 660, "ok": 660, "errors": {}, "hist_ns": _hist([1.0] * 5)},
-                "gen_cpu_s": 0.2 * t, "proxies": proxies,
+                "gen_cpu_s": 0.2 * t, "proxies": proxies, "host_cpu_s": 1.5 * t,
             }
         )  # fmt: skip
     idle = {"tunnel-node1": {"rss_kb": 40_000, "fds": 30, "cpu_s": 1.0},
@@ -174,7 +174,8 @@ def _run(leak_kb_per_s: float, errors: dict[str, int]) -> dict[str, Any]:
                    "warmup": 30.0, "held_period": 15.0, "max_in_flight": 500,
                    "placement": "cross-node", "mode": "quick"},
         "limits": {"tunnel-node1": "20000"},
-        "idle": idle, "after_held": idle, "at_end": idle, "after_close": idle,
+        "idle": idle, "after_held": idle, "after_held_host_cpu_s": 0.0,
+        "at_end": idle, "after_close": idle,
         "held_phase": {"requested": 2000, "opened": 2000, "errors": {}, "seconds": 3.0,
                        "cpu_s": 0.0},
         "timeline": timeline,
@@ -192,6 +193,7 @@ def test_summary_of_a_clean_run() -> None:
     assert met["tunnel-node1: RSS flat"] is True and met["tunnel-node2: no fd growth"] is True
     assert met["new connections per second"] is True  # 1000 per 5 s: the 200/s asked
     assert s["gen_cores_mean"] == pytest.approx(0.2)
+    assert s["host_cores_mean"] == pytest.approx(1.5)
     assert s["rates"][0]["gen_cores"] == pytest.approx(0.2)
     assert s["rates"][0]["new_per_s"] == pytest.approx(200.0)
     # node1: 0.4 CPU s per s from 1.0 at the start to 78 at t=195, over 39 000 connections
@@ -199,6 +201,7 @@ def test_summary_of_a_clean_run() -> None:
     assert s["gen_cpu_ms_per_new"] == pytest.approx(39.0 * 1000 / 39_000)
     md = report.render(doc, s, ["rss.png"])
     assert "## Targets" in md and "![rss.png](rss.png)" in md and "- a note" in md
+    assert "the whole machine: 1.50 of 2 cores busy" in md
     rows = [line for line in md.splitlines() if line.startswith("| tunnel-node1 |")]
     assert rows and rows[0].count("|") == 13
 
