@@ -27,6 +27,7 @@ import json
 import os
 import pstats
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -327,6 +328,12 @@ def collect_profiles(pids: Mapping[str, int], paths: Mapping[str, Path]) -> dict
     return out
 
 
+def save_profiles(paths: Mapping[str, Path], where: Path, placement: str) -> None:
+    where.mkdir(parents=True, exist_ok=True)
+    for node, p in paths.items():
+        shutil.copyfile(p, where / f"{placement}-{node}.pstats")
+
+
 def print_profile(node: str, stats: Mapping[StatKey, StatRow], connections: int, top: int) -> None:
     total = sum(r[2] for r in stats.values()) * 1e6 / max(1, connections)
     print(f"\n{node}: {total:.0f} us of profiled CPU per connection ({connections} connections)")
@@ -396,6 +403,8 @@ def run(a: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 print(format_costs([row]).splitlines()[-1], flush=True)
                 if profiles is not None and rnd == 0:
                     got = collect_profiles(pids, profiles)
+                    if a.save_profiles is not None:
+                        save_profiles(profiles, a.save_profiles, placement)
                     prof_out[placement] = {"connections": n, "stats": got}
         print()
         print(format_costs(rows))
@@ -419,6 +428,7 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--cluster-name", default=CLUSTER_NAME)
     ap.add_argument("--json", type=Path, help="also write the rows here")
+    ap.add_argument("--save-profiles", type=Path, help="keep the pstats files in this directory")
     a = ap.parse_args()
     a.placements = [p for p in a.placements.split(",") if p]
     if os.geteuid() != 0:
