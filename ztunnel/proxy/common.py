@@ -41,7 +41,10 @@ async def connect_tcp(
         tune_stream(sock)
         if as_client is not None and factory.transparent:
             make_transparent(sock, as_client)
-        await asyncio.wait_for(loop.sock_connect(sock, target.pair), CONNECT_TIMEOUT)
+        # A timeout scope, not wait_for: wait_for wraps the coroutine in a task of its own,
+        # one more task and future per connection.
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            await loop.sock_connect(sock, target.pair)
         return await loop.create_connection(AppSide, sock=sock)
     except BaseException:
         sock.close()

@@ -574,7 +574,9 @@ class OutboundProxy(ListenerProxy):
             splice.sid = self._pool.open_stream(h2, headers, splice)
             try:
                 assert splice.response is not None
-                status, _ = await asyncio.wait_for(splice.response, CONNECT_TIMEOUT)
+                # A timeout scope, not wait_for: no waiter future and callbacks per CONNECT.
+                async with asyncio.timeout(CONNECT_TIMEOUT):
+                    status, _ = await splice.response
                 splice.response = None  # answered: not kept for the connection's life
                 break
             except ConnectionError:
