@@ -23,6 +23,7 @@ Needs root. Every load run is bounded by count and time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pstats
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from meshbench import costs, plain  # noqa: E402
@@ -128,18 +130,27 @@ def per_connection_us(
     return max(0.0, busy) * 1e6 / connections
 
 
-def parse_proc_stat(text: str) -> tuple[int, int]:
-    """(busy, total) jiffies of all CPUs from /proc/stat's first line (idle and iowait are
-    not busy)."""
-    fields = [int(x) for x in text.splitlines()[0].split()[1:]]
-    total = sum(fields[:8])  # guest time is already counted in user and nice
-    return total - fields[3] - fields[4], total
+ProcStat = tuple[int, int, int]  # (busy, steal, total) jiffies
 
 
-def busy_cores(before: tuple[int, int], after: tuple[int, int], cpus: int) -> float:
+def parse_proc_stat(text: str) -> ProcStat:
+    """(busy, steal, total) jiffies of all CPUs from /proc/stat's first line: busy is user,
+    nice, system, irq and softirq; steal is the time the host gave the vCPUs to others."""
+    f = [int(x) for x in text.splitlines()[0].split()[1:]]
+    total = sum(f[:8])  # guest time is already counted in user and nice
+    return f[0] + f[1] + f[2] + f[5] + f[6], f[7], total
+
+
+def busy_cores(before: ProcStat, after: ProcStat, cpus: int) -> float:
     """How many cores were busy on average between two /proc/stat readings."""
-    total = after[1] - before[1]
+    total = after[2] - before[2]
     return cpus * (after[0] - before[0]) / total if total > 0 else 0.0
+
+
+def steal_cores(before: ProcStat, after: ProcStat, cpus: int) -> float:
+    """How many of the machine's cores its host took away (steal), on average."""
+    total = after[2] - before[2]
+    return cpus * (after[1] - before[1]) / total if total > 0 else 0.0
 
 
 StatKey = tuple[str, int, str]  # (file, line, function), as pstats keys them
@@ -211,17 +222,73 @@ def _short(filename: str) -> str:
 
 def format_costs(rows: Iterable[dict[str, Any]]) -> str:
     lines = [
-        f"{'placement':<11}{'round':>6}{'conns':>7}{'ambient/s':>11}{'plain/s':>9}"
+        f"{'placement':<11}{'variant':<8}{'round':>6}{'conns':>7}{'ambient/s':>11}{'plain/s':>9}"
         f"{'busy':>6}{'node1 us/conn':>15}{'node2 us/conn':>15}{'both us/conn':>14}"
     ]
     for r in rows:
         n1, n2 = r["us_per_conn"].get("node1"), r["us_per_conn"].get("node2")
         both = sum(v for v in (n1, n2) if v is not None)
         lines.append(
-            f"{r['placement']:<11}{r['round']:>6}{r['connections']:>7}"
+            f"{r['placement']:<11}{r.get('variant', '-'):<8}{r.get('round', 0):>6}"
+            f"{r['connections']:>7}"
             f"{r['per_second']:>11.0f}{r['plain_per_second']:>9.0f}{r['busy_cores']:>6.2f}"
             f"{_num(n1):>15}{_num(n2):>15}{both:>14.0f}"
         )
+    return "\n".join(lines)
+
+
+def summarize(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, dict[str, float | None]]]:
+    """Per placement and variant: the median CPU per connection of each tunnel and of both,
+    the median rates; and per placement, `this` over `base` for each (when both ran)."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["placement"], r["variant"]), []).append(r)
+    out: dict[str, dict[str, dict[str, float | None]]] = {}
+    for (placement, variant), rs in groups.items():
+        med: dict[str, float | None] = {}
+        for node in NODES:
+            med[node] = _median([r["us_per_conn"][node] for r in rs])
+        med["both"] = _median([_both(r) for r in rs])
+        med["per_second"] = _median([r["per_second"] for r in rs])
+        med["plain_per_second"] = _median([r["plain_per_second"] for r in rs])
+        out.setdefault(placement, {})[variant] = med
+    for by_variant in out.values():
+        base, this = by_variant.get("base"), by_variant.get("this")
+        if base is not None and this is not None:
+            by_variant["this/base"] = {k: _ratio(this[k], base[k]) for k in base}
+    return out
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _both(r: dict[str, Any]) -> float:
+    return float(sum(v for v in r["us_per_conn"].values() if v is not None))
+
+
+def _median(values: list[float | None]) -> float | None:
+    vs = sorted(v for v in values if v is not None)
+    if not vs:
+        return None
+    mid = len(vs) // 2
+    return vs[mid] if len(vs) % 2 else (vs[mid - 1] + vs[mid]) / 2
+
+
+def format_summary(summary: dict[str, dict[str, dict[str, float | None]]]) -> str:
+    lines = [
+        "medians:",
+        f"{'placement':<11}{'variant':<11}{'node1 us':>10}{'node2 us':>10}{'both us':>10}"
+        f"{'ambient/s':>11}{'plain/s':>9}",
+    ]
+    for placement, by_variant in summary.items():
+        for variant, m in by_variant.items():
+            ratio = variant == "this/base"
+            fmt = (lambda v: "-" if v is None else f"{v:.2f}") if ratio else _num
+            lines.append(
+                f"{placement:<11}{variant:<11}{fmt(m['node1']):>10}{fmt(m['node2']):>10}"
+                f"{fmt(m['both']):>10}{fmt(m['per_second']):>11}{fmt(m['plain_per_second']):>9}"
+            )
     return "\n".join(lines)
 
 
@@ -263,7 +330,7 @@ def connect_run(ep: Endpoint, count: int, seconds: float, workers: int) -> dict[
     return doc
 
 
-def machine() -> tuple[int, int]:
+def machine() -> ProcStat:
     with open("/proc/stat", encoding="ascii") as f:
         return parse_proc_stat(f.read())
 
@@ -294,17 +361,6 @@ def idle_rates(pids: Mapping[str, int]) -> dict[str, float]:
     time.sleep(IDLE_SAMPLE_S)
     b = sample(pids)
     return {n: max(0.0, b[n].cpu_s - a[n].cpu_s) / (b[n].wall_s - a[n].wall_s) for n in pids}
-
-
-def restart_profiled(cluster: Cluster, workdir: Path) -> dict[str, Path]:
-    """Both tunnels again, each with a CPU profile (the pods re-enrol over ZDS)."""
-    paths = {}
-    for node in NODES:
-        paths[node] = workdir / f"tunnel-{node}.pstats"
-        stop_tunnel(cluster, node)
-        start_node_tunnel(cluster, node, extra_env={CPU_PROFILE_ENV: str(paths[node])})
-    wait_ready(cluster)
-    return paths
 
 
 def signal_tunnels(pids: Mapping[str, int], signum: int) -> None:
@@ -349,11 +405,62 @@ def print_profile(node: str, stats: Mapping[StatKey, StatRow], connections: int,
         print(f"    {where[:80]:<80}{calls:>6.2f}{us:>8.1f}")
 
 
+def restart_tunnels(
+    cluster: Cluster, tree: Path, profile_dir: Path | None
+) -> dict[str, Path] | None:
+    """Both tunnels again, running the code in `tree` (a checkout), each with a CPU profile
+    when `profile_dir` is given; the pods re-enrol over ZDS. `python -m` puts the current
+    directory first on sys.path, so the tunnel is started from inside `tree`."""
+    paths: dict[str, Path] = {}
+    for node in NODES:
+        env = {"PYTHONPATH": str(tree)}
+        if profile_dir is not None:
+            paths[node] = profile_dir / f"tunnel-{node}.pstats"
+            env[CPU_PROFILE_ENV] = str(paths[node])
+        stop_tunnel(cluster, node)
+        with contextlib.chdir(tree):
+            start_node_tunnel(cluster, node, extra_env=env)
+    wait_ready(cluster)
+    return paths if profile_dir is not None else None
+
+
+def measure(
+    a: argparse.Namespace,
+    eps: Mapping[tuple[str, str], Endpoint],
+    pids: Mapping[str, int],
+    placement: str,
+    profiling: bool,
+) -> dict[str, Any]:
+    """One placement's connections through the mesh, and the same count without it."""
+    ref = connect_run(eps[(plain.PLAIN_NS, placement)], a.connections, a.seconds, a.workers)
+    idle = idle_rates(pids)
+    if profiling:
+        signal_tunnels(pids, RESET_SIGNAL)
+    before, m0 = sample(pids), machine()
+    res = connect_run(eps[(plain.MESH_NS, placement)], a.connections, a.seconds, a.workers)
+    after, m1 = sample(pids), machine()
+    n = int(res["connections"])
+    return {
+        "placement": placement,
+        "connections": n,
+        "failed": res["failed"],
+        "per_second": res["per_second"],
+        "plain_per_second": ref["per_second"],
+        "idle_cpu_per_s": idle,
+        # The machine's busy cores during the run (steal excluded): near all of them, the
+        # rate is CPU-bound; well below, something waits (latency-bound).
+        "busy_cores": busy_cores(m0, m1, os.cpu_count() or 1),
+        "steal_cores": steal_cores(m0, m1, os.cpu_count() or 1),
+        "us_per_conn": {
+            node: per_connection_us(before[node], after[node], idle[node], n) for node in NODES
+        },
+    }
+
+
 def run(a: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     print(f"bringing up cluster {a.cluster_name} (state in {workdir})", flush=True)
     cluster = up(plain.cluster_file(workdir, a.cluster_name), workdir, mesh=True)
     try:
-        profiles = restart_profiled(cluster, workdir) if a.profile else None
         lay = cluster.layout
         eps = {
             (ns, placement): Endpoint(
@@ -364,55 +471,41 @@ def run(a: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             for ns in (plain.MESH_NS, plain.PLAIN_NS)
             for placement in a.placements
         }
-        pids = tunnel_pids(cluster)
-        for placement in a.placements:  # warm-up: pools dialled, code paths hot
-            connect_run(eps[(plain.MESH_NS, placement)], 200, 20.0, a.workers)
+        variants: list[tuple[str, Path]] = [("this", ROOT)]
+        if a.compare is not None:
+            variants = [("base", a.compare.resolve()), ("this", ROOT)]
+        restart = a.compare is not None or a.profile
         rows: list[dict[str, Any]] = []
-        prof_out: dict[str, Any] = {}
+        prof_out: dict[tuple[str, str], Any] = {}
         for rnd in range(a.rounds):
-            for placement in a.placements if rnd % 2 == 0 else a.placements[::-1]:
-                ref = connect_run(
-                    eps[(plain.PLAIN_NS, placement)], a.connections, a.seconds, a.workers
-                )
-                idle = idle_rates(pids)
-                if profiles is not None:
-                    signal_tunnels(pids, RESET_SIGNAL)
-                before, m0 = sample(pids), machine()
-                res = connect_run(
-                    eps[(plain.MESH_NS, placement)], a.connections, a.seconds, a.workers
-                )
-                after, m1 = sample(pids), machine()
-                n = int(res["connections"])
-                row = {
-                    "placement": placement,
-                    "round": rnd,
-                    "connections": n,
-                    "failed": res["failed"],
-                    "per_second": res["per_second"],
-                    "plain_per_second": ref["per_second"],
-                    "idle_cpu_per_s": idle,
-                    # The machine's busy cores during the run: near all of them, the rate
-                    # is CPU-bound; well below, something waits (latency-bound).
-                    "busy_cores": busy_cores(m0, m1, os.cpu_count() or 1),
-                    "us_per_conn": {
-                        node: per_connection_us(before[node], after[node], idle[node], n)
-                        for node in NODES
-                    },
-                }
-                rows.append(row)
-                print(format_costs([row]).splitlines()[-1], flush=True)
-                if profiles is not None and rnd == 0:
-                    got = collect_profiles(pids, profiles)
-                    if a.save_profiles is not None:
-                        save_profiles(profiles, a.save_profiles, placement)
-                    prof_out[placement] = {"connections": n, "stats": got}
+            for variant, tree in variants if rnd % 2 == 0 else variants[::-1]:
+                profiles = None
+                if restart:
+                    print(f"round {rnd}: tunnels from {tree}", flush=True)
+                    profiles = restart_tunnels(cluster, tree, workdir if a.profile else None)
+                pids = tunnel_pids(cluster)
+                for placement in a.placements:  # warm-up: pools dialled, code paths hot
+                    connect_run(eps[(plain.MESH_NS, placement)], 200, 20.0, a.workers)
+                order = a.placements if rnd % 2 == 0 else a.placements[::-1]
+                for placement in order:
+                    row = measure(a, eps, pids, placement, profiles is not None)
+                    row.update(round=rnd, variant=variant)
+                    rows.append(row)
+                    print(format_costs([row]).splitlines()[-1], flush=True)
+                    if profiles is not None and (variant, placement) not in prof_out:
+                        got = collect_profiles(pids, profiles)
+                        if a.save_profiles is not None:
+                            save_profiles(profiles, a.save_profiles, f"{variant}-{placement}")
+                        prof_out[(variant, placement)] = (row["connections"], got)
         print()
         print(format_costs(rows))
-        for placement, p in prof_out.items():
-            print(f"\n=== profile, {placement}")
+        print()
+        print(format_summary(summarize(rows)))
+        for (variant, placement), (n, stats) in prof_out.items():
+            print(f"\n=== profile, {variant}, {placement}")
             for node in NODES:
-                print_profile(node, p["stats"][node], p["connections"], a.top)
-        return {"rows": rows}
+                print_profile(node, stats[node], n, a.top)
+        return {"rows": rows, "summary": summarize(rows)}
     finally:
         down(cluster.spec.name, workdir)
 
@@ -429,6 +522,11 @@ def main() -> int:
     ap.add_argument("--cluster-name", default=CLUSTER_NAME)
     ap.add_argument("--json", type=Path, help="also write the rows here")
     ap.add_argument("--save-profiles", type=Path, help="keep the pstats files in this directory")
+    ap.add_argument(
+        "--compare",
+        type=Path,
+        help="another checkout: its tunnels and this one's take turns, round by round",
+    )
     a = ap.parse_args()
     a.placements = [p for p in a.placements.split(",") if p]
     if os.geteuid() != 0:
