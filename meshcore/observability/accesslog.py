@@ -108,7 +108,30 @@ class ConnectionLog:
         if self._done:
             return
         self._done = True
-        f: dict[str, object] = {k: v for k, v in self.fields().items() if v is not None}
+        # `fields()` without its absent ones, built in one pass (once per connection).
+        s, d = self.src_workload, self.dst_workload
+        f: dict[str, object] = {"direction": self.direction.value}
+        if self.src is not None:
+            f["src.addr"] = str(self.src)
+        if s is not None:
+            f["src.workload"] = s.name
+            f["src.namespace"] = s.namespace
+        if self.src_identity is not None:
+            f["src.identity"] = str(self.src_identity)
+        if self.dst is not None:
+            f["dst.addr"] = str(self.dst)
+        if self.hbone is not None:
+            f["dst.hbone_addr"] = str(self.hbone)
+        if self.service is not None:
+            f["dst.service"] = self.service.hostname
+        if d is not None:
+            f["dst.workload"] = d.name
+            f["dst.namespace"] = d.namespace
+        if self.dst_identity is not None:
+            f["dst.identity"] = str(self.dst_identity)
+        policy = self._policy()
+        if policy is not None:
+            f["authorization_policy"] = policy
         f["bytes_sent"] = sent
         f["bytes_recv"] = received
         f["duration"] = f"{(time.monotonic() - self._start) * 1000:.1f}ms"
