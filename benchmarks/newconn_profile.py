@@ -36,7 +36,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -390,19 +390,28 @@ def save_profiles(paths: Mapping[str, Path], where: Path, placement: str) -> Non
         shutil.copyfile(p, where / f"{placement}-{node}.pstats")
 
 
-def print_profile(node: str, stats: Mapping[StatKey, StatRow], connections: int, top: int) -> None:
+def print_profile(
+    node: str,
+    stats: Mapping[StatKey, StatRow],
+    connections: int,
+    top: int,
+    out: TextIO | None = None,
+) -> None:
+    def say(text: str) -> None:
+        print(text, file=out if out is not None else sys.stdout)
+
     total = sum(r[2] for r in stats.values()) * 1e6 / max(1, connections)
-    print(f"\n{node}: {total:.0f} us of profiled CPU per connection ({connections} connections)")
-    print("  own time by area (us per connection):")
+    say(f"\n{node}: {total:.0f} us of profiled CPU per connection ({connections} connections)")
+    say("  own time by area (us per connection):")
     for area, us in by_area(stats, connections):
         if us >= 0.5:
-            print(f"    {area:<32}{us:>8.1f}")
-    print("  steps (calls and cumulative us per connection):")
+            say(f"    {area:<32}{us:>8.1f}")
+    say("  steps (calls and cumulative us per connection):")
     for label, calls, us in steps(stats, connections):
-        print(f"    {label:<42}{calls:>6.2f}{us:>9.1f}")
-    print(f"  top {top} functions by own time (calls, us per connection):")
+        say(f"    {label:<42}{calls:>6.2f}{us:>9.1f}")
+    say(f"  top {top} functions by own time (calls, us per connection):")
     for where, calls, us in top_functions(stats, connections, top):
-        print(f"    {where[:80]:<80}{calls:>6.2f}{us:>8.1f}")
+        say(f"    {where[:80]:<80}{calls:>6.2f}{us:>8.1f}")
 
 
 def restart_tunnels(

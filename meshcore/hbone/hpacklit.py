@@ -115,7 +115,9 @@ def _int(value: int, prefix_bits: int, first: int) -> bytes:
 
 def _literal(text: str) -> bytes:
     raw = text.encode("utf-8")
-    return _int(len(raw), 7, 0) + raw
+    n = len(raw)
+    # One length byte for anything under 127 bytes (every HBONE header in practice).
+    return (bytes((n,)) if n < 0x7F else _int(n, 7, 0)) + raw
 
 
 def encode(headers: list[tuple[str, str]], table_size_update: int | None = None) -> bytes:
@@ -131,12 +133,18 @@ def encode(headers: list[tuple[str, str]], table_size_update: int | None = None)
             parts.append(full)
             continue
         index = _NAME.get(name)
-        if index is not None:
-            parts.append(_int(index, 4, 0x00))
+        if index is None:
+            parts.append(b"\x00")
+            parts.append(_literal(name))
+        elif index < 0x0F:
+            parts.append(_SMALL_NAME_INDEX[index])
         else:
-            parts.append(b"\x00" + _literal(name))
+            parts.append(_int(index, 4, 0x00))
         parts.append(_literal(value))
     return b"".join(parts)
+
+
+_SMALL_NAME_INDEX = tuple(bytes((i,)) for i in range(0x0F))
 
 
 def _read_int(block: bytes, i: int, prefix_bits: int) -> tuple[int, int]:
@@ -173,35 +181,66 @@ def decode_plain(block: bytes, max_list_size: int) -> list[tuple[str, str]] | No
     """The headers of a block made only of static-table indexes and raw literals without
     (or never) indexing, with names and values as latin-1 text; None when the block holds
     anything else or its header list would exceed `max_list_size` (the full decoder then
-    decodes it, or raises what it raises)."""
+    decodes it, or raises what it raises).
+
+    Written for speed (it runs for every CONNECT and every answer): one-byte integers and
+    lengths, the usual case, are read inline; anything longer goes through `_read_int`."""
     out: list[tuple[str, str]] = []
     size = 0
     i = 0
     n = len(block)
+    static = STATIC_TABLE
     while i < n:
         b = block[i]
         if b & 0x80:  # indexed: only the static table
-            index, i = _read_int(block, i, 7)
-            if not 0 < index <= STATIC_COUNT:
+            index = b & 0x7F
+            i += 1
+            if not 0 < index <= STATIC_COUNT:  # 0, the dynamic table, or a longer integer
                 return None
-            name, value = STATIC_TABLE[index - 1]
+            name, value = static[index - 1]
         elif b & 0xE0:  # 01xxxxxx incremental indexing, 001xxxxx size update: the table
             return None
         else:  # 0000xxxx without indexing, 0001xxxx never indexed
-            index, i = _read_int(block, i, 4)
-            if index == 0:
+            index = b & 0x0F
+            if index == 0x0F:
+                index, i = _read_int(block, i, 4)
+                if not 0 < index <= STATIC_COUNT:
+                    return None
+            else:
+                i += 1
+            if index == 0:  # the name is a literal
+                if i >= n:
+                    return None
+                length = block[i]
+                if length >= 0x7F:  # Huffman (high bit) or a longer length
+                    got, i = _read_raw(block, i)
+                    if got is None:
+                        return None
+                    name = got
+                else:
+                    i += 1
+                    end = i + length
+                    if end > n:
+                        return None
+                    name = block[i:end].decode("latin-1")
+                    i = end
+            else:
+                name = static[index - 1][0]
+            if i >= n:
+                return None
+            length = block[i]
+            if length >= 0x7F:
                 got, i = _read_raw(block, i)
                 if got is None:
                     return None
-                name = got
-            elif 0 < index <= STATIC_COUNT:
-                name = STATIC_TABLE[index - 1][0]
+                value = got
             else:
-                return None
-            got, i = _read_raw(block, i)
-            if got is None:
-                return None
-            value = got
+                i += 1
+                end = i + length
+                if end > n:
+                    return None
+                value = block[i:end].decode("latin-1")
+                i = end
         size += len(name) + len(value) + ENTRY_OVERHEAD
         if size > max_list_size:
             return None
