@@ -178,7 +178,7 @@ async def main_async(a: argparse.Namespace, report: TextIO) -> dict[str, Any]:
         pods.append(proxy)
         await proxy.start()
         node.pods[w.uid] = proxy  # as the node's own pods: same-node goes in process
-        node._by_workload = None  # noqa: SLF001  (the node's index of them, rebuilt)
+        node._by_workload = None  # the node's index of its pods, rebuilt
 
     by_name = {w.name: w for w in state.workloads}
     await pod(by_name["client-0"], nodes[0])
