@@ -36,14 +36,11 @@ class SocketAddr:
     def __str__(self) -> str:
         if self.ip.version == 6:
             return f"[{self.ip}]:{self.port}"
-        # inet_ntoa: a third of the time of IPv4Address.__str__ (each connection's access
-        # log, CONNECT headers and pool key format several addresses).
-        return f"{socket.inet_ntoa(self.ip.packed)}:{self.port}"
+        return f"{self.ip}:{self.port}"
 
     @property
     def pair(self) -> tuple[str, int]:
-        ip = self.ip
-        return (socket.inet_ntoa(ip.packed) if ip.version == 4 else str(ip), self.port)
+        return (str(self.ip), self.port)
 
     @classmethod
     def of(cls, sockaddr: tuple[str, int] | tuple[str, int, int, int]) -> SocketAddr:
