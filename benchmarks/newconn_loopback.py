@@ -254,12 +254,15 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument(
+        "--log-level", default="info", help="warning: no access-log lines (what they cost)"
+    )
     a = ap.parse_args()
     if not 1 <= a.connections <= 100_000 or not 1 <= a.rounds <= 20 or not 1 <= a.workers <= 64:
         ap.error("--connections 1..100000, --rounds 1..20, --workers 1..64")
     import uvloop
 
-    meshlog.configure("info")
+    meshlog.configure(a.log_level)
     report = sys.stdout
     # The access log goes where a tunnel's goes (stdout), here /dev/null: its cost counts.
     with (
