@@ -153,6 +153,7 @@ class _InboundH2(H2Transport):
         self.server = server
         self.peer: SpiffeId | None = None
         self.client: SocketAddr | None = None
+        self.hbone_addr: str | None = None
         # App connects in flight, by stream: bounded, and cancelled if the stream is reset.
         self.connecting: dict[int, asyncio.Task[None]] = {}
 
@@ -161,6 +162,10 @@ class _InboundH2(H2Transport):
         if proven is None:
             return
         self.client, self.peer = proven
+        # The HBONE address the access log shows for each stream: one string per
+        # connection, shared by its streams (not a syscall and a string per stream).
+        sockname = transport.get_extra_info("sockname")
+        self.hbone_addr = f"{sockname[0]}:{HBONE_PORT}" if sockname else None
         super().connection_made(transport)
         self.server.connections.add(self)
 
@@ -302,10 +307,7 @@ class InboundProxy:
         decision: InboundDecision,
         client: SocketAddr,
     ) -> None:
-        sockname = h2.transport.get_extra_info("sockname") if h2.transport else None
-        record = self._record(
-            workload, h2.peer, client, f"{sockname[0]}:{HBONE_PORT}" if sockname else None
-        )
+        record = self._record(workload, h2.peer, client, h2.hbone_addr)
         record.dst = decision.target
         record.verdict = decision.verdict
         if decision.status != 200 or decision.target is None:
