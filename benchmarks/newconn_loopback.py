@@ -185,10 +185,11 @@ async def main_async(a: argparse.Namespace, report: TextIO) -> dict[str, Any]:
     await pod(by_name["server-0"], nodes[1])
     await pod(by_name["server-1"], nodes[0])
     listener = addr(f"{a_ip}:15001")
+    to_b, to_l = addr(f"{b_ip}:{app_port}"), addr(f"{l_ip}:{l_port}")  # parsed once
     paths = {
-        "direct": lambda: one(direct_ip, addr(f"{b_ip}:{app_port}"), None),
-        "cross-node": lambda: one(a_ip, addr(f"{b_ip}:{app_port}"), (redirects, listener)),
-        "same-node": lambda: one(a_ip, addr(f"{l_ip}:{l_port}"), (redirects, listener)),
+        "direct": lambda: one(direct_ip, to_b, None),
+        "cross-node": lambda: one(a_ip, to_b, (redirects, listener)),
+        "same-node": lambda: one(a_ip, to_l, (redirects, listener)),
     }
     out: dict[str, Any] = {}
     prof = cProfile.Profile(time.process_time) if a.profile else None
