@@ -296,17 +296,21 @@ class HboneSplice(_Ends):
 
     # ---- _Sink: the TCP side -----------------------------------------------------------
 
+    # Bytes and the FIN of the app are flushed once the event loop's turn is over, not at
+    # once: an app that answers and closes (HTTP/1.0, `Connection: close`) has both read
+    # in one turn, and its DATA and END_STREAM then leave as one TLS record, not two.
+
     def app_data(self, data: bytes) -> None:
         self.sent += len(data)
         more = self.h2.conn.send_data(self.sid, data)
-        self.h2.flush()
+        self.h2.flush_soon()
         if not more or self.h2.write_paused:
             self.pause_producing()
 
     def app_eof(self) -> None:
         self.up_done = True
         self.h2.conn.end_stream(self.sid)
-        self.h2.flush()
+        self.h2.flush_soon()
         self._maybe_finish()
 
     def app_lost(self, exc: Exception | None) -> None:

@@ -54,6 +54,18 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return ipaddress.ip_address(text)
 
 
+def parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """`ipaddress.ip_address(text)` (ValueError alike), the same object for the same text
+    while it is among the 4096 most recent: HBONE authorities name the same few pod
+    addresses over and over."""
+    return _ip(text)
+
+
+@functools.lru_cache(maxsize=4096)
+def _ipv4_packed(packed: bytes) -> ipaddress.IPv4Address:
+    return ipaddress.IPv4Address(packed)
+
+
 class SocketFactory(Protocol):
     def new(self, family: int = socket.AF_INET) -> socket.socket:
         """A TCP socket in the right namespace, marked, non-blocking."""
@@ -63,27 +75,48 @@ class SocketFactory(Protocol):
         """Whether upstream sockets may spoof the client's source address."""
 
 
+# Sockets a pod's factory makes ahead, per family: entering the pod's netns and leaving
+# it again (two setns calls) cost more than the socket itself, and the destination tunnel
+# makes one socket per new connection (its connect to the app).
+SPARE_SOCKETS = 8
+
+
 class NetnsSocketFactory:
-    """Sockets inside one pod's network namespace, each marked 0x539."""
+    """Sockets inside one pod's network namespace, each marked 0x539. They are made
+    `SPARE_SOCKETS` at a time, in one visit to the namespace, and handed out one by one;
+    `close` closes the ones not handed out."""
 
     def __init__(self, netns_fd: int) -> None:
         self.netns_fd = netns_fd
+        self._spare: dict[int, list[socket.socket]] = {}
 
     @property
     def transparent(self) -> bool:
         return True
 
     def new(self, family: int = socket.AF_INET) -> socket.socket:
-        s = nsutil.socket_in(self.netns_fd, family, socket.SOCK_STREAM)
+        spare = self._spare.get(family)
+        if not spare:
+            spare = self._spare[family] = self._make(family)
+        return spare.pop()
+
+    def _make(self, family: int) -> list[socket.socket]:
+        made = nsutil.sockets_in(self.netns_fd, SPARE_SOCKETS, family, socket.SOCK_STREAM)
         try:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, TUNNEL_MARK)
-            s.setblocking(False)
+            for s in made:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, TUNNEL_MARK)
+                s.setblocking(False)
         except OSError:
-            s.close()
+            for s in made:
+                s.close()
             raise
-        return s
+        return made
 
     def close(self) -> None:
+        spare, self._spare = self._spare, {}
+        for socks in spare.values():
+            for s in socks:
+                s.close()
         os.close(self.netns_fd)
 
 
@@ -159,7 +192,7 @@ def original_dst(sock: socket.socket) -> SocketAddr:
             raise
         return SocketAddr.of(sock.getsockname())
     port, packed = struct.unpack_from("!2xH4s", raw)
-    return SocketAddr(ipaddress.IPv4Address(packed), port)
+    return SocketAddr(_ipv4_packed(packed), port)
 
 
 def make_transparent(sock: socket.socket, source_ip: str) -> None:

@@ -10,7 +10,8 @@ shows in the percentiles (no coordinated omission). Bounded by --seconds plus a 
 period; unanswered requests are counted, not hidden.
 `bulk`: one connection, benchmarks/apps/l4_client.py's throughput (same sink protocol).
 `connect`: --workers threads each connect, send one small request with `Connection:
-close`, read the answer and close, as fast as they can for --seconds.
+close`, read the answer and close, as fast as they can for --seconds (and, with --count,
+at most that many attempts in all).
 `idle`: open --count connections (each answers one request first, so the path is set up
 end to end), print `{"opened": n, ...}`, hold them until a line arrives on stdin, close.
 `handshake`: --workers processes each, as fast as they can for --seconds (and at most
@@ -249,14 +250,17 @@ def bulk(host: str, port: int, nbytes: int, seconds: float) -> dict[str, Any]:
     return result
 
 
-def connect(host: str, port: int, seconds: float, workers: int) -> dict[str, Any]:
+def connect(host: str, port: int, seconds: float, workers: int, count: int = 0) -> dict[str, Any]:
+    """New connections for `seconds`; with `count`, also at most that many attempts in all
+    (each worker makes its share), so two runs can be compared connection for connection."""
     req = request_bytes(16, close=True)
     ok = [0] * workers
     failed = [0] * workers
     deadline = time.monotonic() + seconds
+    share = [count // workers + (1 if k < count % workers else 0) for k in range(workers)]
 
     def work(k: int) -> None:
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and (not count or ok[k] + failed[k] < share[k]):
             try:
                 with _connect(host, port, 5.0) as s:
                     s.sendall(req)
@@ -456,6 +460,8 @@ def main() -> None:
             p.add_argument("--roots", required=True)
             p.add_argument("--mark", type=lambda s: int(s, 0), default=0)
             p.add_argument("--count", type=int, default=1_000_000)
+        if mode == "connect":
+            p.add_argument("--count", type=int, default=0, help="attempts at most (0: no bound)")
         if mode == "idle":
             p.add_argument("--count", type=int, default=10000)
             p.add_argument("--parallel", type=int, default=256)
@@ -466,7 +472,7 @@ def main() -> None:
     elif a.mode == "bulk":
         out = bulk(a.host, a.port, a.bytes, a.seconds)
     elif a.mode == "connect":
-        out = connect(a.host, a.port, a.seconds, a.workers)
+        out = connect(a.host, a.port, a.seconds, a.workers, a.count)
     elif a.mode == "handshake":
         job = HandshakeJob(
             a.host, a.port, a.protocol, a.app_port, a.server_identity,

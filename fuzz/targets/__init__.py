@@ -5,6 +5,7 @@ to bad input), and `seeds()`, real messages built by the project's own encoders.
 # Every target, in the order `make fuzz` runs them.
 TARGETS = (
     "h2_connection",
+    "hpack_blocks",
     "connect_headers",
     "zds_codec",
     "mesh_config",

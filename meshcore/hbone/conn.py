@@ -30,6 +30,7 @@ from typing import Protocol
 
 import hpack
 
+from meshcore.hbone import hpacklit
 from meshcore.hbone.h2frames import (
     DEFAULT_MAX_FRAME,
     DEFAULT_WINDOW,
@@ -194,7 +195,9 @@ class H2Connection:
         self._preface_pending = not client
         self._next_stream_id = 1
         self._last_peer_stream = 0
-        self._encoder = hpack.Encoder()
+        # Our header blocks never use the dynamic table (hpacklit); a size update is owed
+        # only after the peer changes SETTINGS_HEADER_TABLE_SIZE.
+        self._table_size_update: int | None = None
         self._decoder = hpack.Decoder()
         self._decoder.max_header_list_size = limits.max_header_block
         self._peer_initial_window = DEFAULT_WINDOW
@@ -665,11 +668,13 @@ class H2Connection:
     def _header_block(self, sid: int, block: bytes, end_stream: bool) -> None:
         if len(block) > self.limits.max_header_block:
             raise _over("max_header_block", "header block too large")
-        # Decoding must happen even for streams we will refuse: HPACK state is shared.
-        raw = self._decoder.decode(block, raw=True)
-        headers: Headers = [
-            (bytes(k).decode("latin-1"), bytes(v).decode("latin-1")) for k, v in raw
-        ]
+        # A block without dynamic-table references (every HBONE peer of ours writes those)
+        # is read directly; any other goes through the full decoder, which must see it
+        # even for streams we will refuse: HPACK state is shared.
+        headers = hpacklit.decode_plain(block, self.limits.max_header_block)
+        if headers is None:
+            raw = self._decoder.decode(block, raw=True)
+            headers = [(bytes(k).decode("latin-1"), bytes(v).decode("latin-1")) for k, v in raw]
         if self.client:
             self._client_headers(sid, headers, end_stream)
         else:
@@ -814,7 +819,9 @@ class H2Connection:
         elif key == Setting.MAX_CONCURRENT_STREAMS:
             self.peer_max_concurrent = value
         elif key == Setting.HEADER_TABLE_SIZE:
-            self._encoder.header_table_size = value
+            # Acknowledged at the start of our next header block (RFC 7541 4.2): the table
+            # we use is empty, so its size is 0 whatever the peer now allows.
+            self._table_size_update = 0
         elif key == Setting.ENABLE_PUSH and value > 1:
             raise ProtocolViolation(ErrorCode.PROTOCOL_ERROR, "bad SETTINGS_ENABLE_PUSH")
 
@@ -881,10 +888,11 @@ class H2Connection:
     # ---- sending ---------------------------------------------------------------------
 
     def _send_headers(self, sid: int, headers: Iterable[tuple[str, str]], end_stream: bool) -> None:
-        # Literal strings, not Huffman-coded: the hpack library codes Huffman in Python,
-        # which cost 17 us to encode and 26 us to decode per CONNECT (a tenth of a new
-        # connection's CPU in the tunnels) to save about 16 bytes.
-        block = self._encoder.encode(list(headers), huffman=False)
+        # Static-table indexes and raw literals without indexing (hpacklit): Huffman
+        # coding in Python cost 17 us to encode and 26 us to decode per CONNECT to save
+        # about 16 bytes, and the dynamic table churned on every CONNECT.
+        block = hpacklit.encode(list(headers), self._table_size_update)
+        self._table_size_update = None
         limit = self._peer_max_frame
         first, rest = block[:limit], block[limit:]
         flags = Flag.END_STREAM if end_stream else 0

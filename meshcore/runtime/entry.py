@@ -13,6 +13,7 @@ import structlog
 
 from meshcore.envconfig import EnvConfigError
 from meshcore.observability import logging as meshlog
+from meshcore.runtime.profile import profile_path, profiled
 from meshcore.state import MeshConfigError
 
 C = TypeVar("C")
@@ -37,7 +38,8 @@ def run_process(
     except ImportError:
         pass
     try:
-        asyncio.run(run(cfg))
+        with profiled(profile_path(os.environ)):
+            asyncio.run(run(cfg))
     except (MeshConfigError, OSError) as e:
         structlog.get_logger(name).error(f"{name} failed", error=str(e))
         return 1

@@ -8,6 +8,7 @@ import contextlib
 import socket
 import struct
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 from meshcore.hbone.dial import CONNECT_TIMEOUT as CONNECT_TIMEOUT
 from meshcore.hbone.limits import HboneLimits
@@ -29,6 +30,25 @@ def allow_all(_w: Workload, _p: SpiffeId | None, _c: SocketAddr, _t: SocketAddr)
     return ALLOW_ALL
 
 
+T = TypeVar("T")
+
+
+def _expire(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
+
+
+async def within(fut: asyncio.Future[T], seconds: float) -> T:
+    """`await fut`, failed with TimeoutError after `seconds`. One timer and nothing else: a
+    timeout scope or `wait_for` cost several objects and callbacks, once per connection in
+    each tunnel. At the deadline the future is failed (not cancelled)."""
+    handle = asyncio.get_running_loop().call_later(seconds, _expire, fut)
+    try:
+        return await fut
+    finally:
+        handle.cancel()
+
+
 async def connect_tcp(
     factory: SocketFactory, target: SocketAddr, as_client: str | None = None
 ) -> tuple[asyncio.Transport, AppSide]:
@@ -41,7 +61,12 @@ async def connect_tcp(
         tune_stream(sock)
         if as_client is not None and factory.transparent:
             make_transparent(sock, as_client)
-        await asyncio.wait_for(loop.sock_connect(sock, target.pair), CONNECT_TIMEOUT)
+        # A timeout scope, not wait_for: wait_for wraps the coroutine in a task of its own,
+        # one more task and future per connection. (The loop's own sock_connect: a connect
+        # of ours, polled with add_writer and then handed to create_connection, broke other
+        # connections of the tunnel under uvloop in the loopback tests.)
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            await loop.sock_connect(sock, target.pair)
         return await loop.create_connection(AppSide, sock=sock)
     except BaseException:
         sock.close()

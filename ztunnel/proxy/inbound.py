@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,7 +27,7 @@ from meshcore.observability.connections import STOPPED, ConnectionTable, Tracked
 from meshcore.observability.metrics import ResponseFlags, TcpLabels
 from meshcore.policy.verdict import Verdict
 from meshcore.relay import AppSide, HboneSplice, TcpPipe
-from meshcore.sockets import SocketAddr, SocketFactory
+from meshcore.sockets import SocketAddr, SocketFactory, parse_ip
 from meshcore.state import MeshState, Workload
 from ztunnel.proxy.common import Authorizer, allow_all, connect_tcp, inbound_labels
 from ztunnel.proxy.waypoint import gated
@@ -59,7 +58,7 @@ def parse_authority(authority: str) -> SocketAddr:
     p = int(port)
     if not 0 < p < 65536:
         raise ValueError(f"authority {authority!r} has an invalid port")
-    return SocketAddr(ipaddress.ip_address(host), p)
+    return SocketAddr(parse_ip(host), p)
 
 
 def decide(
@@ -154,6 +153,7 @@ class _InboundH2(H2Transport):
         self.server = server
         self.peer: SpiffeId | None = None
         self.client: SocketAddr | None = None
+        self.hbone_addr: str | None = None
         # App connects in flight, by stream: bounded, and cancelled if the stream is reset.
         self.connecting: dict[int, asyncio.Task[None]] = {}
 
@@ -162,6 +162,10 @@ class _InboundH2(H2Transport):
         if proven is None:
             return
         self.client, self.peer = proven
+        # The HBONE address the access log shows for each stream: one string per
+        # connection, shared by its streams (not a syscall and a string per stream).
+        sockname = transport.get_extra_info("sockname")
+        self.hbone_addr = f"{sockname[0]}:{HBONE_PORT}" if sockname else None
         super().connection_made(transport)
         self.server.connections.add(self)
 
@@ -303,10 +307,7 @@ class InboundProxy:
         decision: InboundDecision,
         client: SocketAddr,
     ) -> None:
-        sockname = h2.transport.get_extra_info("sockname") if h2.transport else None
-        record = self._record(
-            workload, h2.peer, client, f"{sockname[0]}:{HBONE_PORT}" if sockname else None
-        )
+        record = self._record(workload, h2.peer, client, h2.hbone_addr)
         record.dst = decision.target
         record.verdict = decision.verdict
         if decision.status != 200 or decision.target is None:

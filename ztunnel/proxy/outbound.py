@@ -40,7 +40,7 @@ from meshcore.serviceentry import Resolution
 from meshcore.sockets import SocketAddr, SocketFactory, original_dst
 from meshcore.state import HealthStatus, IPAddress, MeshState, Service, TunnelProtocol, Workload
 from meshcore.tls import PeerVerificationError
-from ztunnel.proxy.common import CONNECT_TIMEOUT, ListenerProxy, connect_tcp
+from ztunnel.proxy.common import CONNECT_TIMEOUT, ListenerProxy, connect_tcp, within
 from ztunnel.proxy.inbound import LOCAL_HOP, InboundProxy
 from ztunnel.proxy.waypoint import (
     WAYPOINT_UNAVAILABLE,
@@ -274,27 +274,49 @@ def _to_workload(w: Workload, target: SocketAddr, service: Service | None) -> Ou
     )
 
 
-def connect_headers(
-    source: Workload, decision: OutboundDecision, client: SocketAddr
-) -> list[tuple[str, str]]:
-    """The CONNECT request of protocols.md: authority, baggage, forwarded, traceparent."""
-    baggage = {
+def baggage(source: Workload) -> str:
+    """The `baggage` header of a source workload's CONNECTs (empty values left out)."""
+    items = {
         "k8s.cluster.name": source.cluster_id,
         "k8s.namespace.name": source.namespace,
         f"k8s.{source.workload_type or 'pod'}.name": source.workload_name,
         "service.name": source.canonical_name,
         "service.version": source.canonical_revision,
     }
+    return ",".join(f"{k}={v}" for k, v in items.items() if v)
+
+
+# A workload's baggage, by the Workload object (held, so its id is not reused): it is the
+# same for every connection of the pod until the mesh state replaces the object.
+_BAGGAGE: dict[int, tuple[str, Workload]] = {}
+_BAGGAGE_MAX = 4096
+
+
+def _baggage_of(source: Workload) -> str:
+    hit = _BAGGAGE.get(id(source))
+    if hit is not None and hit[1] is source:
+        return hit[0]
+    text = baggage(source)
+    if len(_BAGGAGE) >= _BAGGAGE_MAX:
+        _BAGGAGE.clear()  # config changes leave stale entries behind: start over
+    _BAGGAGE[id(source)] = (text, source)
+    return text
+
+
+def connect_headers(
+    source: Workload, decision: OutboundDecision, client: SocketAddr
+) -> list[tuple[str, str]]:
+    """The CONNECT request of protocols.md: authority, baggage, forwarded, traceparent."""
     forwarded = f'for="{client}"'
     if decision.service is not None:
         forwarded += f";host={decision.service.hostname}"
-    trace = f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-00"
+    ids = os.urandom(24).hex()  # trace id (16 bytes) and span id (8): one system call
     return [
         (":method", "CONNECT"),
         (":authority", decision.authority),
-        ("baggage", ",".join(f"{k}={v}" for k, v in baggage.items() if v)),
+        ("baggage", _baggage_of(source)),
         ("forwarded", forwarded),
-        ("traceparent", trace),
+        ("traceparent", f"00-{ids[:32]}-{ids[32:]}-00"),
     ]
 
 
@@ -574,7 +596,7 @@ class OutboundProxy(ListenerProxy):
             splice.sid = self._pool.open_stream(h2, headers, splice)
             try:
                 assert splice.response is not None
-                status, _ = await asyncio.wait_for(splice.response, CONNECT_TIMEOUT)
+                status, _ = await within(splice.response, CONNECT_TIMEOUT)
                 splice.response = None  # answered: not kept for the connection's life
                 break
             except ConnectionError:

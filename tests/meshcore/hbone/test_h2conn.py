@@ -264,3 +264,25 @@ def test_drain_refuses_new_streams_and_lets_open_ones_finish() -> None:
     assert data_frame(1, b"bye") in wire
     assert wire.endswith(data_frame(1, end_stream=True))
     assert server.drained
+
+
+def test_header_table_size_change_is_acknowledged_in_the_next_header_block() -> None:
+    """Our header blocks use no dynamic table; a peer that shrinks its table still gets the
+    size update RFC 7541 4.2 requires at the start of the next block, and reads it."""
+    server = h2_server()
+    server.initiate_connection()
+    ours = H2Connection(client=True, handler=Recorder())
+    ours.initiate()
+    pump_to_theirs(ours, server)
+    server.update_settings({h2.settings.SettingCodes.HEADER_TABLE_SIZE: 0})
+    pump_to_ours(server, ours)
+    pump_to_theirs(ours, server)  # our SETTINGS ack
+    for n in range(2):
+        stream = StreamRec(ours)
+        stream.sid = ours.open_stream(CONNECT, stream)
+        out = taken(ours)
+        block_start = out[9]  # the HEADERS frame's first payload byte
+        assert (block_start & 0xE0 == 0x20) == (n == 0)  # a size update, once
+        events = server.receive_data(out)
+        got = [e for e in events if isinstance(e, h2.events.RequestReceived)]
+        assert got and dict(got[0].headers)[b":authority"] == dict(CONNECT)[":authority"].encode()
