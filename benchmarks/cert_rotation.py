@@ -10,7 +10,10 @@ a certificate's serial is a rotation, dated, with its notAfter.
 
 Reported: failed requests (target zero), rotations per identity and node, the intervals
 between them, whether every long-lived connection survived (they outlive several
-certificates), the CA's issuance count, and the tunnels' CPU time per 1000 connections.
+certificates), the CA's issuance count, and the tunnels' CPU time (with their certificate
+workers) per 1000 connections, against a baseline run first: the same load for
+`--baseline-minutes` on a cluster with day-long certificates (no rotation). Only that
+ratio means much: the machine is shared and its CPU noisy.
 
 Invariants: needs root; its own state root (a temp dir), the cluster always torn down, also
 on SIGINT or SIGTERM (exit 130 / 143); all traffic stays inside the cluster's namespaces;
@@ -44,6 +47,7 @@ RESULTS_DIR = ROOT / "benchmarks" / "results"
 LOADGEN = ROOT / "tests" / "e2e" / "loadgen.py"
 TESTAPP = ROOT / "tests" / "e2e" / "testapp.py"
 NODES = ("n1", "n2")
+BASELINE_TTL = 24 * 3600  # no rotation within any run
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 CLUSTER = """\
@@ -81,15 +85,23 @@ def tunnel_cpu_seconds(c: Cluster) -> dict[str, float]:
         node = r.name.removeprefix("ztunnel-")
         if not r.name.startswith("ztunnel-") or node not in NODES:
             continue
-        total = 0.0
-        for pid in [r.pid, *_children(r.pid)]:
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            total += (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
-        out[node] = round(total, 2)
+        # The tunnel's own time plus its reaped children's (cutime, cstime: the workers
+        # that have exited), plus the time of the children still running.
+        total = _cpu_ticks(r.pid, with_reaped=True)
+        total += sum(_cpu_ticks(child) for child in _children(r.pid))
+        out[node] = round(total / CLK_TCK, 2)
     return out
+
+
+def _cpu_ticks(pid: int, with_reaped: bool = False) -> int:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime
+    if with_reaped:
+        ticks += int(fields[13]) + int(fields[14])  # cutime, cstime
+    return ticks
 
 
 def _children(pid: int) -> list[int]:
@@ -99,8 +111,8 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def run_load(c: Cluster, args: argparse.Namespace) -> dict[str, Any]:
-    seconds = args.minutes * 60
+def run_load(c: Cluster, args: argparse.Namespace, minutes: float) -> dict[str, Any]:
+    seconds = minutes * 60
     target = str(c.layout.pod("mesh", "server").ip)
     argv = [sys.executable, str(LOADGEN), target, "9000", "--seconds", str(seconds),
             "--interval-ms", str(args.interval_ms), "--long", str(args.long)]  # fmt: skip
@@ -139,7 +151,7 @@ def run_load(c: Cluster, args: argparse.Namespace) -> dict[str, Any]:
         raise BenchError(f"loadgen exited {load.returncode}")
     cpu_after = tunnel_cpu_seconds(c)
     result: dict[str, Any] = json.loads(out)
-    issued = (c.state.log_dir / "ca.log").read_text().count('"certificate issued"')
+    issued = (c.state.log_dir / "ca.log").read_text().count("certificate issued")
     return {
         "load": result,
         "certificates": {f"{n} {i}": h for (n, i), h in sorted(seen.items())},
@@ -205,6 +217,16 @@ def report(summary: dict[str, Any], command: str, when: str) -> str:
         f"- tunnel CPU: {s['tunnel_cpu_s']} s; {s['tunnel_cpu_ms_per_1000_conns']} ms per 1000 "
         "connections (both tunnels)",
         f"- slowest connects (s): {s['slowest_connect_s']}",
+    ]
+    base = s.get("baseline")
+    if base is not None:
+        lines.append(
+            f"- baseline (same load, {base['ttl_s']} s certificates, {base['minutes']:g} min, "
+            f"no rotation): {base['attempts']} connections, {base['failures']} failed, "
+            f"{base['tunnel_cpu_ms_per_1000_conns']} ms tunnel CPU per 1000 connections; "
+            f"rotation run / baseline: {s['cpu_ratio_vs_baseline']}"
+        )
+    lines += [
         "",
         "| tunnel, identity | rotations seen | min gap s | max gap s | seen expired |",
         "|---|---|---|---|---|",
@@ -227,44 +249,23 @@ def report(summary: dict[str, Any], command: str, when: str) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    ap.add_argument("--minutes", type=float, default=10.0, help="load duration")
-    ap.add_argument("--ttl", type=int, default=60, help="certificate lifetime asked, seconds")
-    ap.add_argument("--interval-ms", type=float, default=50.0, help="pace of new connections")
-    ap.add_argument("--long", type=int, default=4, help="long-lived connections")
-    ap.add_argument("--poll", type=float, default=2.0, help="seconds between /config_dump reads")
-    ap.add_argument("--quick", action="store_true", help="2 minutes with 20 s certificates")
-    args = ap.parse_args()
-    if args.quick:
-        args.minutes, args.ttl = 2.0, 20
-    if os.geteuid() != 0:
-        print("cert_rotation: needs root (it builds network namespaces)", file=sys.stderr)
-        return 2
-    if not (0 < args.minutes <= 30 and 5 <= args.ttl <= 3600 and 0 <= args.long <= 16):
-        print("cert_rotation: --minutes 0..30, --ttl 5..3600, --long 0..16", file=sys.stderr)
-        return 2
-    if not (args.interval_ms >= 10 and 0.2 <= args.poll <= 30):
-        print("cert_rotation: --interval-ms >= 10, --poll 0.2..30", file=sys.stderr)
-        return 2
-    if args.minutes * 60 * 1000 / args.interval_ms > 20_000:
-        print("cert_rotation: more than loadgen's 20000 attempts; raise --interval-ms",
-              file=sys.stderr)  # fmt: skip
-        return 2
+def one_run(args: argparse.Namespace, ttl: int, minutes: float) -> dict[str, Any] | None:
+    """A cluster with `ttl` second certificates under the load for `minutes`, torn down
+    after; None (and the logs kept) if it failed."""
     state_root = Path(tempfile.mkdtemp(prefix="certrot-"))
     cluster_file = state_root / "cert-rotation.yaml"
-    cluster_file.write_text(CLUSTER.format(ttl=args.ttl, testapp=TESTAPP))
+    cluster_file.write_text(CLUSTER.format(ttl=ttl, testapp=TESTAPP))
     ok = interrupted = False
     cluster: Cluster | None = None
     try:
         print(f"bringing up the cluster (state in {state_root})", flush=True)
         cluster = up(cluster_file, state_root, mesh=True)
-        print(f"load for {args.minutes:g} min, {args.ttl} s certificates", flush=True)
-        raw = run_load(cluster, args)
+        print(f"load for {minutes:g} min, {ttl} s certificates", flush=True)
+        raw = run_load(cluster, args, minutes)
         ok = True
     except (BenchError, MeshUpError) as e:
         print(f"cert_rotation: {e}", file=sys.stderr)
-        return 1
+        return None
     except KeyboardInterrupt:  # SIGINT/SIGTERM (localcluster.interrupt): clean up, say so
         interrupted = True
         raise
@@ -277,13 +278,77 @@ def main() -> int:
             down(cluster.spec.name, state_root)
         if ok or interrupted:
             shutil.rmtree(state_root, ignore_errors=True)
+    return raw
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    ap.add_argument("--minutes", type=float, default=10.0, help="load duration")
+    ap.add_argument("--ttl", type=int, default=60, help="certificate lifetime asked, seconds")
+    ap.add_argument("--interval-ms", type=float, default=50.0, help="pace of new connections")
+    ap.add_argument("--long", type=int, default=4, help="long-lived connections")
+    ap.add_argument("--poll", type=float, default=2.0, help="seconds between /config_dump reads")
+    ap.add_argument(
+        "--baseline-minutes",
+        type=float,
+        default=2.0,
+        help="first, the same load on a cluster with day-long certificates (0: none)",
+    )
+    ap.add_argument("--quick", action="store_true", help="2 minutes with 20 s certificates")
+    args = ap.parse_args()
+    if args.quick:
+        args.minutes, args.ttl, args.baseline_minutes = 2.0, 20, 1.0
+    if os.geteuid() != 0:
+        print("cert_rotation: needs root (it builds network namespaces)", file=sys.stderr)
+        return 2
+    if not (0 < args.minutes <= 30 and 0 <= args.baseline_minutes <= 10):
+        print("cert_rotation: --minutes 0..30, --baseline-minutes 0..10", file=sys.stderr)
+        return 2
+    if not (5 <= args.ttl <= 3600 and 0 <= args.long <= 16):
+        print("cert_rotation: --minutes 0..30, --ttl 5..3600, --long 0..16", file=sys.stderr)
+        return 2
+    if not (args.interval_ms >= 10 and 0.2 <= args.poll <= 30):
+        print("cert_rotation: --interval-ms >= 10, --poll 0.2..30", file=sys.stderr)
+        return 2
+    if args.minutes * 60 * 1000 / args.interval_ms > 20_000:
+        print("cert_rotation: more than loadgen's 20000 attempts; raise --interval-ms",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    baseline = None
+    if args.baseline_minutes > 0:
+        baseline = one_run(args, BASELINE_TTL, args.baseline_minutes)
+        if baseline is None:
+            return 1
+    raw = one_run(args, args.ttl, args.minutes)
+    if raw is None:
+        return 1
     summary = summarize(raw, args)
+    if baseline is not None:
+        base = summarize(baseline, args)
+        summary["baseline"] = {
+            "ttl_s": BASELINE_TTL,
+            "minutes": args.baseline_minutes,
+            "attempts": base["attempts"],
+            "failures": base["failures"],
+            "tunnel_cpu_ms_per_1000_conns": base["tunnel_cpu_ms_per_1000_conns"],
+        }
+        b, r = base["tunnel_cpu_ms_per_1000_conns"], summary["tunnel_cpu_ms_per_1000_conns"]
+        summary["cpu_ratio_vs_baseline"] = round(r / b, 3) if b and r else None
     command = shlex.join(["benchmarks/cert_rotation.py", *sys.argv[1:]])
     when = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     out_dir = RESULTS_DIR / f"cert-rotation-{time.strftime('%Y%m%d-%H%M%S')}"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(
-        json.dumps({"command": command, "time": when, "summary": summary, "raw": raw}, indent=1)
+        json.dumps(
+            {
+                "command": command,
+                "time": when,
+                "summary": summary,
+                "raw": raw,
+                "baseline": baseline,
+            },
+            indent=1,
+        )
         + "\n"
     )
     text = report(summary, command, when)
