@@ -9,7 +9,9 @@ Istio's CA: `ClockSkewGracePeriod`), so a node or peer whose clock is up to that
 the CA's still sees a new certificate as valid. A certificate that is not valid yet by more
 than `MAX_CLOCK_SKEW`, or has already expired, by this node's clock is refused: the CA's clock
 and ours disagree beyond what back-dating covers, and presenting it would fail every
-handshake with a peer whose clock agrees with ours.
+handshake with a peer whose clock agrees with ours. Within the bound it is taken (the CA's
+clock is ahead of ours by more than the back-dating): peers whose clocks agree with the
+CA's accept it at once, and the others within that bound.
 """
 
 from __future__ import annotations
