@@ -29,8 +29,10 @@ from meshcore.identity.spiffe import IdentityError, SpiffeId
 ROOT_VALIDITY = timedelta(days=3650)
 DEFAULT_LEAF_TTL = timedelta(hours=24)
 MAX_LEAF_TTL = timedelta(days=7)
-# Peers whose clocks run a little behind must still accept a certificate issued "now".
-CLOCK_SKEW = timedelta(minutes=1)
+# notBefore is back-dated by this much: peers whose clocks run up to this far behind the
+# CA's still accept a certificate issued "now" (Istio's CA back-dates by the same two
+# minutes; meshcore.identity.lifetime.MAX_CLOCK_SKEW is the bound the tunnels tolerate).
+CLOCK_SKEW = timedelta(minutes=2)
 
 CA_DIR = "ca"
 ROOT_KEY_FILE = "root-key.pem"

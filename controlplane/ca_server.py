@@ -13,6 +13,9 @@ Invariants:
 - The socket file is 0600 from the moment it has its final name (bound under a temporary
   name, chmod-ed, then renamed into place), and a caller whose uid (SO_PEERCRED) is not an
   allowed one (by default the CA's own) is refused before its token is even looked at.
+- The lifetime issued is the one asked for, capped at the server's maximum
+  (`--max-cert-ttl-seconds`, default `MAX_LEAF_TTL`): a tunnel asking for more gets less,
+  as Istio's CA caps a requested TTL.
 - Issuance is rate-limited per node (a token bucket per node name, as the gRPC CA's), and
   charged before the CSR is parsed, so a node's tunnel cannot keep the CA signing.
 """
@@ -39,7 +42,14 @@ import structlog
 import yaml
 from aiohttp import web
 
-from controlplane.ca import DEFAULT_LEAF_TTL, CAError, CertificateAuthority, csr_identity, parse_csr
+from controlplane.ca import (
+    DEFAULT_LEAF_TTL,
+    MAX_LEAF_TTL,
+    CAError,
+    CertificateAuthority,
+    csr_identity,
+    parse_csr,
+)
 from controlplane.ca_grpc_auth import RateLimiter
 from meshcore.defaults import SERVICE_ACCOUNT, TRUST_DOMAIN
 from meshcore.identity.spiffe import IdentityError, SpiffeId
@@ -70,8 +80,10 @@ class CAServer:
         allowed_uids: frozenset[int] | None = None,
         limiter: RateLimiter | None = None,
         clock: Callable[[], float] = time.monotonic,
+        max_ttl: timedelta = MAX_LEAF_TTL,
     ) -> None:
         self._ca = ca
+        self._max_ttl = min(max_ttl, MAX_LEAF_TTL)
         self._tokens = dict(tokens)
         self._may_issue = may_issue
         self.allowed_uids = default_uids() if allowed_uids is None else allowed_uids
@@ -172,6 +184,7 @@ class CAServer:
         if not allowed:
             log.warning("certificate refused", node=node, identity=str(identity))
             return _error(403, f"node {node!r} runs no workload with identity {identity}")
+        ttl = min(ttl, self._max_ttl)
         try:
             chain = self._ca.sign_csr(csr_pem, identity, ttl)
         except CAError as e:
@@ -306,6 +319,7 @@ async def _serve(args: argparse.Namespace) -> None:
         WorkloadsFileAuthorizer(Path(args.workloads_file)),
         allowed_uids=args.peer_uids,
         limiter=RateLimiter(args.rate_per_node, args.burst_per_node),
+        max_ttl=timedelta(seconds=args.max_cert_ttl_seconds),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -335,7 +349,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rate-per-node", type=float, default=RATE_PER_S)
     parser.add_argument("--burst-per-node", type=int, default=BURST)
+    parser.add_argument(
+        "--max-cert-ttl-seconds",
+        type=int,
+        default=int(MAX_LEAF_TTL.total_seconds()),
+        help="cap on a certificate's lifetime; a longer request is issued this long "
+        f"(1..{int(MAX_LEAF_TTL.total_seconds())}; default 7 days)",
+    )
     args = parser.parse_args(argv)
+    if not 1 <= args.max_cert_ttl_seconds <= MAX_LEAF_TTL.total_seconds():
+        parser.error(
+            f"--max-cert-ttl-seconds must be within 1..{int(MAX_LEAF_TTL.total_seconds())}"
+        )
     if not (args.rate_per_node > 0 and args.burst_per_node >= 1):
         parser.error("--rate-per-node must be positive and --burst-per-node at least 1")
     try:

@@ -507,7 +507,23 @@ def start_control_plane(
         tokens[token] = node.name
         meshconfig.write_file(paths.token(node.name), token, mode=0o600)
     meshconfig.write_file(paths.tokens, yaml.safe_dump(tokens), mode=0o600)
-    spawn_in_netns(
+    start_ca(spec, layout, state, workloads_file)
+    _wait_for(lambda: paths.ca_socket.exists(), 15.0, "the CA socket to appear (see ca.log)")
+
+
+CA_NAME = "ca"
+
+
+def start_ca(
+    spec: ClusterSpec,
+    layout: NetworkLayout,
+    state: ClusterState,
+    workloads_file: Path | None = None,
+) -> ManagedProcess:
+    """The CA process alone, with the tokens already written (a restart after an outage:
+    the tunnels keep the tokens they read at start). Its log is appended to."""
+    paths = MeshPaths(state.dir / "mesh")
+    return spawn_in_netns(
         layout.cluster_netns_path,
         [
             _python(),
@@ -528,9 +544,13 @@ def start_control_plane(
         Path.cwd(),
         state.log_dir / "ca.log",
         state.pidfile_dir,
-        "ca",
+        CA_NAME,
     )
-    _wait_for(lambda: paths.ca_socket.exists(), 15.0, "the CA socket to appear (see ca.log)")
+
+
+def kill_ca(cluster: Cluster) -> bool:
+    """SIGKILL the CA (an outage: no goodbye, its socket file is left behind)."""
+    return _stop(cluster, CA_NAME, signal.SIGKILL)
 
 
 def _base_env() -> dict[str, str]:
@@ -575,6 +595,8 @@ def start_tunnel(
     env["ZDS_SOCKET"] = str(paths.zds_socket(node))
     if spec.dns.capture:
         env.update(_dns_env(spec, paths))
+    if spec.cert_ttl_seconds is not None:
+        env["CERT_TTL_SECONDS"] = str(spec.cert_ttl_seconds)
     env.update(extra_env or {})
     pname = name or tunnel_name(node)
     return spawn_in_netns(

@@ -179,6 +179,9 @@ class ClusterSpec:
     gateways: tuple[gw.GatewaySpec, ...] = ()  # waypoints, placed
     dns: DnsSpec = DnsSpec()
     service_entries: tuple[str, ...] = ()  # JSON text of each ServiceEntry
+    # `certificates.ttlSeconds`: the workload certificate lifetime the tunnels ask the CA
+    # for (their CERT_TTL_SECONDS); None leaves the tunnels' default (a day).
+    cert_ttl_seconds: int | None = None
 
     def gateway(self, namespace: str, name: str) -> gw.GatewaySpec | None:
         for g in self.gateways:
@@ -365,6 +368,7 @@ def parse_cluster(text: str, base_dir: Path) -> ClusterSpec:
             "gateways",
             "serviceEntries",
             "dns",
+            "certificates",
         },
     )
     name = _str(root, "name", "cluster file")
@@ -389,6 +393,7 @@ def parse_cluster(text: str, base_dir: Path) -> ClusterSpec:
         policies=_parse_policies(root.get("policies")),
         dns=_parse_dns(root.get("dns")),
         service_entries=_parse_service_entries(_list(root, "serviceEntries", "cluster file")),
+        cert_ttl_seconds=_parse_certificates(root.get("certificates")),
     )
     _check_entry_hosts(spec)
     return _with_gateways(spec, _list(root, "gateways", "cluster file"))
@@ -434,6 +439,24 @@ def _parse_dns(value: Any) -> DnsSpec:
     if len(servers) > 3:
         raise SpecError(f"dns.nameservers: at most 3 (a resolv.conf's limit), got {len(servers)}")
     return DnsSpec(capture, tuple(servers))
+
+
+# The tunnels' own bounds on CERT_TTL_SECONDS (ztunnel/config.py).
+MIN_CERT_TTL, MAX_CERT_TTL = 5, 7 * 24 * 3600
+
+
+def _parse_certificates(value: Any) -> int | None:
+    if value is None:
+        return None
+    m = _mapping(value, "certificates", {"ttlSeconds"})
+    ttl = m.get("ttlSeconds")
+    if ttl is None:
+        return None
+    if isinstance(ttl, bool) or not isinstance(ttl, int):
+        raise SpecError(f"certificates.ttlSeconds: expected a whole number of seconds, got {ttl!r}")
+    if not MIN_CERT_TTL <= ttl <= MAX_CERT_TTL:
+        raise SpecError(f"certificates.ttlSeconds: {ttl} is not in {MIN_CERT_TTL}..{MAX_CERT_TTL}")
+    return ttl
 
 
 def _parse_service_entries(items: list[Any]) -> tuple[str, ...]:

@@ -96,6 +96,21 @@ def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> SpiffeId:
         raise PeerVerificationError(f"peer certificate identity is invalid: {e}") from e
 
 
+def peer_not_after(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> float | None:
+    """When the peer's verified leaf certificate expires (Unix time), or None if unknown."""
+    try:
+        cert = ssl_object.getpeercert()
+    except ssl.SSLError:
+        return None
+    text = cert.get("notAfter") if cert else None
+    if not isinstance(text, str):
+        return None
+    try:
+        return float(ssl.cert_time_to_seconds(text))
+    except ValueError:
+        return None
+
+
 def _pairs(sans: object) -> list[tuple[str, str]]:
     """subjectAltName as (type, value) pairs, e.g. ("URI", "spiffe://..."), ("DNS", ...)."""
     pairs: list[tuple[str, str]] = []

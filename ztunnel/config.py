@@ -68,6 +68,10 @@ DEFAULT_DRAIN_SECONDS = 30
 # agent waits for the answer, and then removes the return path they need).
 DEFAULT_RELEASE_DRAIN_SECONDS = 30
 DEFAULT_CERT_TTL = 24 * 3600
+# Workload certificate lifetime asked of the CA (Istio's SECRET_TTL; the CA may issue less).
+# Down to seconds, for rotation tests: refresh comes at half the lifetime left.
+MIN_CERT_TTL = 5
+MAX_CERT_TTL = 7 * 24 * 3600
 MAX_UNIX_PATH = 107  # sun_path holds 108 bytes, the last one a NUL
 
 
@@ -159,7 +163,7 @@ def parse_config(env: Mapping[str, str]) -> Config:
         trust_domain=env.get(TRUST_DOMAIN, "").strip() or defaults.TRUST_DOMAIN,
         readiness_port=_int(env, READINESS_PORT, defaults.READINESS_PORT, 1, 65535),
         log_level=level,
-        cert_ttl_seconds=_int(env, CERT_TTL_SECONDS, DEFAULT_CERT_TTL, 60, 7 * 24 * 3600),
+        cert_ttl_seconds=_int(env, CERT_TTL_SECONDS, DEFAULT_CERT_TTL, MIN_CERT_TTL, MAX_CERT_TTL),
         root_namespace=env.get(ROOT_NAMESPACE, "").strip() or defaults.ROOT_NAMESPACE,
         admin_port=_int(env, ADMIN_PORT, defaults.ADMIN_PORT, 1, 65535),
         metrics_port=_int(env, METRICS_PORT, defaults.METRICS_PORT, 1, 65535),

@@ -316,6 +316,7 @@ class PodProxy:
         self.hbone_server: TlsListener | None = None
         self.server_ctx: ssl.SSLContext | None = None
         self.client_ctx: ssl.SSLContext | None = None
+        self._client_expiry = 0.0  # client_ctx's certificate's notAfter (Unix time)
         self.pool: ConnectionPool | None = None
         self.inbound: InboundProxy | None = None
         self.outbound: OutboundProxy | None = None
@@ -353,6 +354,7 @@ class PodProxy:
         cert = await self._certs.get(self.identity)
         self.server_ctx = tls.server_context(cert)
         self.client_ctx = tls.client_context(cert)
+        self._client_expiry = cert.not_after.timestamp()
         self._unsubscribe = self._certs.on_update(self._on_cert)
 
         def track(fut: asyncio.Future[None]) -> None:
@@ -440,22 +442,31 @@ class PodProxy:
         assert self._factory is not None and self.pool is not None
         pool = self.pool
 
+        own_expiry = [self._client_expiry]
+
         def context(_identity: SpiffeId) -> ssl.SSLContext:
             assert self.client_ctx is not None
+            own_expiry[0] = self._client_expiry  # of the certificate this handshake uses
             return self.client_ctx
 
         def verify(h2: H2Transport, expected: frozenset[SpiffeId]) -> None:
             assert h2.transport is not None
-            peer = tls.hbone_peer(h2.transport.get_extra_info("ssl_object"))
+            ssl_object = h2.transport.get_extra_info("ssl_object")
+            peer = tls.hbone_peer(ssl_object)
             tls.verify_server(peer, expected)
+            # The pool stops using it shortly before either side's certificate expires.
+            peer_expiry = tls.peer_not_after(ssl_object)
+            h2.expires_at = min(own_expiry[0], peer_expiry or own_expiry[0])
 
         return await hbone_connect(key, self._factory, context, verify, pool.forget, self.guard)
 
     def _on_cert(self, cert: WorkloadCertificate) -> None:
         if cert.identity != self.identity:
             return
-        # New connections use the new certificate; open ones keep theirs.
+        # New connections use the new certificate; open ones keep theirs (the pool gives
+        # them no new stream once their certificates are about to expire).
         self.client_ctx = tls.client_context(cert)
+        self._client_expiry = cert.not_after.timestamp()
         self.tasks.spawn(self._rotate_server(tls.server_context(cert)), "rotate-15008")
 
     async def _rotate_server(self, ctx: ssl.SSLContext) -> None:

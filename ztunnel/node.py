@@ -404,6 +404,13 @@ class NodeProxy:
                     if running is not None
                     else f"pending: {self.pending.get(uid, 'not reconciled yet')}",
                     "listeners": running.listeners() if running is not None else {},
+                    # Its outbound HBONE pool: connections open, and those drained because
+                    # a certificate they were made with was about to expire (rotation).
+                    "hbonePool": (
+                        {"connections": len(pool.connections()), "retired": pool.retired}
+                        if running is not None and (pool := running.pool) is not None
+                        else None
+                    ),
                 }
             )
         dump: dict[str, Any] = {

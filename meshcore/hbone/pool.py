@@ -5,6 +5,14 @@ as upstream. A new TLS connection is opened only when every live connection for 
 already carries min(100, the peer's max concurrent streams) streams; at most one
 connection attempt per key runs at a time, and the others wait for it. Connections idle
 for 5 minutes are closed.
+
+Certificate rotation: a connection whose own client certificate or whose peer's
+certificate expires within `EXPIRY_MARGIN` (`H2Transport.expires_at`) gets no new stream:
+it leaves the pool and drains (GOAWAY; it closes when its open streams have ended), and
+the next stream opens a new connection with the current certificate. The streams already
+on it keep running past the expiry, as Istio's ztunnel keeps them: TLS checks validity
+at the handshake only, and cutting a long-lived connection at every rotation would break
+it for nothing its peer did wrong.
 """
 
 from __future__ import annotations
@@ -19,6 +27,9 @@ from meshcore.identity.spiffe import SpiffeId
 
 CLIENT_MAX_STREAMS = 100
 IDLE_TIMEOUT = 300.0
+# No new stream on a connection whose certificates run out sooner than this: a stream may
+# still be opening (and the peer checking it) when they do.
+EXPIRY_MARGIN = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,14 +49,19 @@ class ConnectionPool:
         connect: Connector,
         max_streams: int = CLIENT_MAX_STREAMS,
         idle_timeout: float = IDLE_TIMEOUT,
+        expiry_margin: float = EXPIRY_MARGIN,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._connect = connect
+        self._expiry_margin = expiry_margin
+        self._wall_clock = wall_clock
         self._max_streams = max_streams
         self._idle_timeout = idle_timeout
         self._conns: dict[PoolKey, list[H2Transport]] = {}
         self._connecting: dict[PoolKey, asyncio.Future[None]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
         self.opened = 0  # TLS connections opened over the pool's life (for tests and stats)
+        self.retired = 0  # connections drained because their certificates were expiring
 
     def _capacity(self, h2: H2Transport) -> int:
         return min(self._max_streams, h2.conn.peer_max_concurrent)
@@ -54,13 +70,23 @@ class ConnectionPool:
         conns = self._conns.get(key)
         if not conns:
             return None
-        live = [c for c in conns if c.usable]
+        live = [c for c in conns if c.usable and not self._expiring(c)]
         if len(live) != len(conns):
             self._conns[key] = live
         for h2 in live:
             if h2.conn.open_streams + h2.reserved < self._capacity(h2):
                 return h2
         return None
+
+    def _expiring(self, h2: H2Transport) -> bool:
+        """Whether `h2`'s certificates run out within the margin; if so it is drained (its
+        open streams go on, it takes no new one)."""
+        if h2.expires_at is None or h2.expires_at - self._wall_clock() > self._expiry_margin:
+            return False
+        if h2.usable:
+            self.retired += 1
+            h2.drain("certificate expiring")
+        return True
 
     async def checkout(self, key: PoolKey) -> H2Transport:
         """A connection with a free stream slot, reserved for the caller, who must call
@@ -84,6 +110,13 @@ class ConnectionPool:
                     # server keeps doing it.
                     why = h2.conn.close_reason or "closed"
                     raise ConnectionError(f"the HBONE connection ended as it opened: {why}")
+                if self._expiring(h2):
+                    # Dialling again would make another just like it: fail this stream.
+                    raise ConnectionError(
+                        "the HBONE connection was made with a certificate (ours or the "
+                        f"peer's) that expires within {self._expiry_margin:g} s; is the CA "
+                        "reachable?"
+                    )
             except BaseException as e:
                 fut.set_result(None)  # wake waiters: they retry (and report their own error)
                 raise e

@@ -114,6 +114,10 @@ class H2Transport(asyncio.BufferedProtocol):
         self.listeners: set[BackpressureListener] = set()
         self.last_active = time.monotonic()
         self.reserved = 0  # stream slots promised by the pool but not yet opened
+        # When the certificates this connection was authenticated with run out (the earlier
+        # of ours and the peer's notAfter, Unix time); None: not tracked. A client pool
+        # stops opening streams on it shortly before (meshcore/hbone/pool.py).
+        self.expires_at: float | None = None
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._on_request = on_request
         self._on_closed = on_closed

@@ -2,14 +2,20 @@
 
 Invariants:
 - One refresh task per identity. It fetches a certificate (a new ECDSA P-256 key and a
-  SHA-256 CSR with the SPIFFE URI SAN only, no CN per request), then sleeps until half of
-  the certificate's lifetime has passed and fetches again.
+  SHA-256 CSR with the SPIFFE URI SAN only, no CN per request), then sleeps for half of the
+  lifetime it has left by our clock and fetches again (`lifetime.refresh_delay`).
+- A certificate that our clock says is not valid yet by more than the tolerated skew, or
+  already expired, is refused like a failed fetch (`lifetime.issued_problem`).
 - Keys, CSRs and chain checks are made by the certificate worker, a child process
   (`meshcore.identity.certworker_client`): this module, and so the tunnel, never imports
   `cryptography`. `new_key_and_csr` and `build_certificate` do the same work in process
   for other callers (tools, tests) and import it only when called.
-- A failed fetch is retried with exponential backoff (500 ms doubling up to 150 s); the
-  previous certificate stays in use until a new one arrives.
+- A failed fetch is retried with jittered exponential backoff (500 ms doubling, capped at
+  30 s while a valid certificate is held, 5 s while none is: a pod is waiting), and never
+  later than the held certificate's expiry; the previous certificate stays in use until a
+  new one arrives or it expires.
+- An expired certificate is never handed out: `get` then waits for the attempt in flight
+  or raises the last error (a new pod stays pending; its traffic is refused, not passed).
 - Concurrent `get` callers share the attempt in flight. With no certificate and the last
   attempt failed, `get` raises that error at once instead of waiting out the backoff
   (the caller is a connection that should fail fast with a reason).
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -30,16 +37,20 @@ import structlog
 
 from meshcore.http1.client import ProtocolError, post_unix
 from meshcore.identity.certworker_client import CertWorkerClient, CertWorkerError, LeafFacts, NewKey
+from meshcore.identity.lifetime import (
+    BACKOFF_MAX,
+    BACKOFF_MAX_WAITING,
+    MIN_REFRESH_DELAY,
+    backoff_delay,
+    issued_problem,
+    refresh_delay,
+    usable,
+)
 from meshcore.identity.spiffe import SpiffeId
 
 log = structlog.get_logger(__name__)
 
 DEFAULT_TTL = timedelta(hours=24)
-BACKOFF_INITIAL = 0.5
-BACKOFF_MAX = 150.0
-# Never refresh more often than this, even for a certificate that is already past its
-# half-life (short TTLs plus the CA's back-dated not_before would otherwise spin).
-MIN_REFRESH_DELAY = 1.0
 CA_REQUEST_TIMEOUT = 10.0
 CA_PATH = "/v1/certificates"
 
@@ -61,10 +72,6 @@ class WorkloadCertificate:
     serial: int
     not_before: datetime
     not_after: datetime
-
-    @property
-    def refresh_at(self) -> datetime:
-        return self.not_before + (self.not_after - self.not_before) / 2
 
     @property
     def presented_chain_pem(self) -> bytes:
@@ -130,12 +137,6 @@ def _workload_certificate(
     )
 
 
-def backoff_delay(failures: int) -> float:
-    """Seconds to wait after `failures` consecutive failures (1 -> 0.5 s, doubling, 150 s max)."""
-    exponent = min(max(0, failures - 1), 32)  # capped: 2.0 ** 1024 would overflow
-    return min(BACKOFF_MAX, BACKOFF_INITIAL * 2.0**exponent)
-
-
 class LocalCAClient:
     """The built-in CA over its unix socket (controlplane.ca_server)."""
 
@@ -196,26 +197,35 @@ class CertificateManager:
         clock: Clock | None = None,
         sleep: Sleep | None = None,
         crypto: CertCrypto | None = None,
+        rand: Callable[[], float] = random.random,
     ) -> None:
-        """`crypto` defaults to a certificate worker of our own; the manager closes it."""
+        """`crypto` defaults to a certificate worker of our own; the manager closes it.
+        `rand` draws the backoff jitter (a test passes a constant)."""
         self._client = client
         self._crypto: CertCrypto = crypto if crypto is not None else CertWorkerClient()
         self._ttl = ttl
         self._clock: Clock = clock or (lambda: datetime.now(UTC))
         self._sleep: Sleep = sleep or asyncio.sleep
+        self._rand = rand
         self._entries: dict[SpiffeId, _Entry] = {}
         self._listeners: list[UpdateListener] = []
         self._closed = False
 
     async def get(self, identity: SpiffeId) -> WorkloadCertificate:
         entry = self._ensure(identity)
-        if entry.cert is not None:
-            return entry.cert
+        cert = entry.cert
+        if cert is not None and usable(cert.not_after, self._clock()):
+            return cert
         if entry.pending is not None:
             # shield: one caller giving up must not cancel the attempt the others share.
             return await asyncio.shield(entry.pending)
-        assert entry.error is not None  # the worker sleeps only after an outcome
-        raise entry.error
+        if entry.error is not None:  # the worker sleeps only after an outcome
+            raise entry.error
+        assert cert is not None
+        raise CertificateError(
+            f"the certificate for {identity} expired at {cert.not_after.isoformat()} and no "
+            "new one has come yet"
+        )
 
     def prefetch(self, identity: SpiffeId) -> None:
         """Start fetching and refreshing `identity` now (a local workload has it)."""
@@ -285,7 +295,7 @@ class CertificateManager:
             except CertificateError as e:
                 entry.error = e
                 entry.failures += 1
-                delay = backoff_delay(entry.failures)
+                delay = self._retry_delay(entry)
                 _fail(fut, e)
                 log.warning(
                     "certificate fetch failed",
@@ -298,10 +308,22 @@ class CertificateManager:
                 entry.cert, entry.error, entry.failures = cert, None, 0
                 if not fut.done():
                     fut.set_result(cert)
-                delay = max(MIN_REFRESH_DELAY, (cert.refresh_at - self._clock()).total_seconds())
+                delay = refresh_delay(cert.not_after, self._clock())
                 self._notify(cert)
             entry.pending = None
             await self._sleep(delay)
+
+    def _retry_delay(self, entry: _Entry) -> float:
+        """The backoff after a failed fetch; a held certificate is retried before it expires
+        (and once it has, the shorter cap of an identity with none applies)."""
+        now = self._clock()
+        held = entry.cert is not None and usable(entry.cert.not_after, now)
+        delay = backoff_delay(entry.failures, waiting=not held, rand=self._rand())
+        if held:
+            assert entry.cert is not None
+            left = (entry.cert.not_after - now).total_seconds()
+            delay = min(delay, max(MIN_REFRESH_DELAY, left))
+        return delay
 
     async def _fetch(self, identity: SpiffeId) -> WorkloadCertificate:
         try:
@@ -323,6 +345,9 @@ class CertificateManager:
             raise CertificateError(str(e)) from e
         except Exception as e:
             raise CertificateError(f"chain check for {identity} failed: {e!r}") from e
+        problem = issued_problem(leaf.not_before, leaf.not_after, self._clock())
+        if problem is not None:
+            raise CertificateError(f"the CA's certificate for {identity} is refused: {problem}")
         return _workload_certificate(identity, made.key_pem, chain, leaf)
 
     def _notify(self, cert: WorkloadCertificate) -> None:
@@ -347,6 +372,8 @@ def _ensure_newline(pem: bytes) -> bytes:
 
 
 __all__ = [
+    "BACKOFF_MAX",
+    "BACKOFF_MAX_WAITING",
     "CertCrypto",
     "CertificateClient",
     "CertificateError",

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from cryptography import x509
 
-from controlplane.ca import CertificateAuthority
+from controlplane.ca import CLOCK_SKEW, CertificateAuthority
 from controlplane.ca_grpc_auth import RateLimiter
 from controlplane.ca_server import CAServer, WorkloadsFileAuthorizer, parse_workload_grants
 from meshcore.identity.certs import CertificateError, LocalCAClient, new_key_and_csr
@@ -101,9 +101,21 @@ def test_good_token_and_local_identity_gets_a_chain(tmp_path):
         san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         assert san.get_values_for_type(x509.UniformResourceIdentifier) == [str(ALICE)]
         lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc
-        assert lifetime == timedelta(hours=1, minutes=1)
+        assert lifetime == timedelta(hours=1) + CLOCK_SKEW
 
     run_with_server(tmp_path, scenario)
+
+
+def test_a_longer_lifetime_than_the_cap_is_issued_capped(tmp_path):
+    async def scenario(_ca, sock, token_a, _wfile):
+        chain = await LocalCAClient(sock, token_a).sign(
+            new_key_and_csr(ALICE)[1], timedelta(hours=1)
+        )
+        leaf = x509.load_pem_x509_certificate(chain[0])
+        lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc
+        assert lifetime == timedelta(seconds=10) + CLOCK_SKEW
+
+    run_with_server(tmp_path, scenario, max_ttl=timedelta(seconds=10))
 
 
 def test_bad_or_missing_token_is_401(tmp_path):

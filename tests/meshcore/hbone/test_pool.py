@@ -47,3 +47,72 @@ def test_a_connection_that_ends_as_it_opens_fails_the_checkout_and_is_not_redial
         return dialled
 
     assert run(main) == 1
+
+
+class _Sink:
+    """A stand-in transport that takes what the connection writes (no socket is needed
+    for the pool's choice; the real TLS path is covered by the end-to-end rotation test)."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(bytes(data))
+
+    def writelines(self, data: list[bytes]) -> None:
+        self.written.extend(bytes(d) for d in data)
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def get_extra_info(self, _name: str, default: object = None) -> object:
+        return default
+
+
+def test_a_connection_whose_certificate_is_expiring_gets_no_new_stream_and_drains():
+    async def main() -> None:
+        now = [1000.0]
+        made: list[H2Transport] = []
+
+        async def connect(_key: PoolKey) -> H2Transport:
+            h2 = H2Transport(client=True, keepalive=False)
+            h2.transport = _Sink()  # type: ignore[assignment]
+            h2.expires_at = now[0] + 60.0
+            made.append(h2)
+            return h2
+
+        pool = ConnectionPool(connect, expiry_margin=2.0, wall_clock=lambda: now[0])
+        first = await pool.checkout(KEY)
+        pool.release(first)
+        now[0] += 57.0  # 3 s left: still used
+        assert await pool.checkout(KEY) is first
+        pool.release(first)
+        now[0] += 1.5  # 1.5 s left: retired, a new connection takes the stream
+        second = await pool.checkout(KEY)
+        assert second is not first and pool.opened == 2 and pool.retired == 1
+        assert first.conn.draining and not first.conn.closed  # GOAWAY; open streams go on
+        assert [h2 for _k, h2 in pool.connections()] == [second]
+        pool.close()
+
+    run(main)
+
+
+def test_a_new_connection_already_expiring_fails_the_checkout_without_redialling():
+    async def main() -> int:
+        async def connect(_key: PoolKey) -> H2Transport:
+            h2 = H2Transport(client=True, keepalive=False)
+            h2.transport = _Sink()  # type: ignore[assignment]
+            h2.expires_at = 1001.0  # the CA is away and the certificate about to expire
+            return h2
+
+        pool = ConnectionPool(connect, expiry_margin=2.0, wall_clock=lambda: 1000.0)
+        with pytest.raises(ConnectionError, match="expires within 2 s"):
+            await asyncio.wait_for(pool.checkout(KEY), 5)
+        assert pool.connections() == []
+        return pool.opened
+
+    assert run(main) == 0

@@ -9,13 +9,11 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from controlplane.ca import CertificateAuthority
+from controlplane.ca import CLOCK_SKEW, CertificateAuthority
 from meshcore.identity.certs import (
-    BACKOFF_MAX,
     CertificateError,
     CertificateManager,
     WorkloadCertificate,
-    backoff_delay,
     build_certificate,
     new_key_and_csr,
 )
@@ -79,8 +77,7 @@ def test_fetch_builds_a_consistent_certificate(aio):
         key = serialization.load_pem_private_key(cert.key_pem, password=None)
         assert leaf.public_key() == key.public_key()
         assert leaf.serial_number == cert.serial
-        assert cert.not_after - cert.not_before == timedelta(hours=4, minutes=1)
-        assert cert.refresh_at == cert.not_before + timedelta(hours=2, seconds=30)
+        assert cert.not_after - cert.not_before == timedelta(hours=4) + CLOCK_SKEW
         assert cert.presented_chain_pem == cert.chain_pem[0]  # the root is not sent
         assert await mgr.get(ALICE) is cert
         assert client.calls == [ALICE]
@@ -145,9 +142,10 @@ def test_refresh_at_half_life_notifies_listeners(aio):
         mgr.on_update(updates.append)
         first = await mgr.get(ALICE)
         await sleep.wait_for_calls(1)
-        expected = (first.refresh_at - now).total_seconds()
+        # Half of the lifetime left by our clock (the back-dated notBefore does not count).
+        expected = (first.not_after - now).total_seconds() / 2
         assert sleep.calls[0] == pytest.approx(expected)
-        assert 12 * 3600 - 40 < sleep.calls[0] < 12 * 3600 - 20  # half of 24h, minus skew
+        assert 12 * 3600 - 5 < sleep.calls[0] < 12 * 3600 + 5
 
         sleep.release()
         await sleep.wait_for_calls(2)
@@ -163,7 +161,7 @@ def test_refresh_at_half_life_notifies_listeners(aio):
 def test_failed_refresh_backs_off_and_keeps_the_old_certificate(aio):
     async def main() -> None:
         client, sleep = CAClient(), FakeSleep()
-        mgr = aio.closing(CertificateManager(client, sleep=sleep))
+        mgr = aio.closing(CertificateManager(client, sleep=sleep, rand=lambda: 0.5))
         first = await mgr.get(ALICE)
         await sleep.wait_for_calls(1)
         client.failures_left = 4
@@ -236,8 +234,8 @@ def test_prefetch_forget_and_close(aio):
 
 
 def test_real_time_refresh_with_a_short_lifetime(aio):
-    # No fakes: the CA back-dates not_before by a minute, so a 1 s certificate is past its
-    # half-life at once; the manager must still pace refreshes (MIN_REFRESH_DELAY), not spin.
+    # No fakes: a 1 s certificate has 0.5 s to its refresh; the manager must still pace
+    # refreshes (MIN_REFRESH_DELAY), not spin.
     async def main() -> None:
         client = CAClient()
         mgr = aio.closing(CertificateManager(client, timedelta(seconds=1)))
@@ -250,13 +248,6 @@ def test_real_time_refresh_with_a_short_lifetime(aio):
         assert len(set(seen)) == len(seen)
 
     aio.run(main)
-
-
-def test_backoff_schedule():
-    assert [backoff_delay(n) for n in range(1, 6)] == [0.5, 1.0, 2.0, 4.0, 8.0]
-    assert backoff_delay(9) == 128.0
-    assert backoff_delay(10) == BACKOFF_MAX == 150.0
-    assert backoff_delay(10_000) == BACKOFF_MAX
 
 
 def test_a_chain_for_another_identity_or_key_is_rejected():

@@ -356,7 +356,9 @@ def test_a_failed_worker_is_retried_by_the_backoff(aio, tmp_path: Path):
         sleep = FirstSleepOnly()
         updates: list[SpiffeId] = []
         client = CertWorkerClient(command)
-        mgr = aio.closing(CertificateManager(InProcessCA(), sleep=sleep, crypto=client))
+        mgr = aio.closing(
+            CertificateManager(InProcessCA(), sleep=sleep, crypto=client, rand=lambda: 0.5)
+        )
         mgr.on_update(lambda c: updates.append(c.identity))
         with pytest.raises(CertificateError, match="first start fails"):
             await mgr.get(ALICE)
