@@ -145,7 +145,10 @@ def main() -> int:
     ok = False
     try:
         print(f"bringing up the cluster (state in {state_root})", flush=True)
+        began = time.monotonic()
         c = cl.up(state_root)
+        doc["setup_s"] = round(time.monotonic() - began, 1)
+        print(f"cluster up in {doc['setup_s']:.0f} s", flush=True)
         chosen = [t for t in targets.targets(c) if t.kind in args.kinds]
         for i in range(1, args.iterations + 1):
             for t in chosen:

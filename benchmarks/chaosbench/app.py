@@ -34,6 +34,9 @@ def serve_echo(port: int) -> None:
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # The head and the body are two writes: without TCP_NODELAY the body waits for the
+    # client's delayed ACK (40 ms) on every request.
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: object) -> None:
         pass  # one line per request would flood the pod's log under load

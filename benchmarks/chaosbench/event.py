@@ -33,7 +33,7 @@ from .targets import Target
 LOAD = Path(__file__).resolve().parent / "load.py"
 GONE_TIMEOUT = 5.0  # seconds for a SIGKILLed process to be gone
 LEFTOVER_GRACE = 3.0  # seconds the old instance's helpers get to notice and exit
-LOAD_EXIT_TIMEOUT = 20.0
+LOAD_EXIT_TIMEOUT = 30.0
 
 
 class EventError(RuntimeError):
@@ -89,6 +89,8 @@ def stop_load(p: subprocess.Popen[str]) -> dict[str, Any]:
     try:
         out, _ = p.communicate(timeout=LOAD_EXIT_TIMEOUT)
     except subprocess.TimeoutExpired:
+        p.send_signal(signal.SIGUSR1)  # its threads' stacks on stderr, to say where it hangs
+        time.sleep(1.0)
         p.kill()
         p.communicate()
         raise EventError(f"the load did not stop within {LOAD_EXIT_TIMEOUT:g} s") from None
@@ -201,6 +203,7 @@ def judge(
             "long_lost": lost[p],
             "long_total": len(longs),
             "long": longs,
+            "timeline": load["attempts"][p],  # [began, ended, ok, error] per attempt
         }
     plain = pcap.plaintext_flows(packets, mark)
     around = pcap.bypass_flows(packets)

@@ -5,7 +5,7 @@ entered it): new connections at a fixed pace plus long-lived ones, on two paths 
 - `l7`: HTTP/1.1 POSTs through the waypoint (`--l7 HOST:PORT`).
 
 Every payload carries `--marker`, the bytes a capture on the node link must never show.
-Each path gets one new connection every `--interval-ms` (one full round trip, then close)
+Each path starts one new connection every `--interval-ms` (one full round trip, then close)
 and `--long` connections kept for the whole run (one round trip every 100 ms; a connection
 that breaks is counted lost, never reopened). Runs until SIGTERM or `--max-seconds`, and at
 most MAX_ATTEMPTS attempts per path; then prints one JSON document on stdout:
@@ -16,6 +16,7 @@ with wall-clock times (time.time()), so the caller can line them up with its own
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import http.client
 import json
 import signal
@@ -24,7 +25,8 @@ import threading
 import time
 from typing import Any
 
-MAX_ATTEMPTS = 20_000
+MAX_ATTEMPTS = 20_000  # per path
+MAX_IN_FLIGHT = 64  # attempts of one path at once
 LONG_PERIOD = 0.1  # seconds between two round trips of a long-lived connection
 
 
@@ -74,10 +76,12 @@ def new_connections(
     stop: threading.Event,
     out: list[list[Any]],
 ) -> None:
-    next_at = time.monotonic()
-    n = 0
-    while not stop.is_set() and n < MAX_ATTEMPTS:
-        n += 1
+    """One attempt started every `interval`, each in its own thread, so a slow or hanging
+    attempt does not slow the pace; at most MAX_IN_FLIGHT at once (an attempt due beyond
+    that is recorded as failed, not made)."""
+    slots = threading.BoundedSemaphore(MAX_IN_FLIGHT)
+
+    def attempt(n: int) -> None:
         payload = f"{marker} {path} new {n}\n".encode()
         began = time.time()
         error = None
@@ -88,9 +92,27 @@ def new_connections(
                 l7_once(addr, payload, marker, timeout)
         except (OSError, ValueError, http.client.HTTPException) as e:
             error = _error(e)
+        finally:
+            slots.release()
         out.append([round(began, 4), round(time.time(), 4), error is None, error])
+
+    next_at = time.monotonic()
+    n = 0
+    while not stop.is_set() and n < MAX_ATTEMPTS:
+        n += 1
+        if slots.acquire(blocking=False):
+            threading.Thread(target=attempt, args=(n,), daemon=True).start()
+        else:
+            now = round(time.time(), 4)
+            out.append([now, now, False, f"not made: {MAX_IN_FLIGHT} attempts in flight"])
         next_at += interval
         stop.wait(max(0.0, next_at - time.monotonic()))
+    # The attempts in flight end within their timeouts: take every slot back.
+    deadline = time.monotonic() + timeout * 3 + 5
+    for _ in range(MAX_IN_FLIGHT):
+        if not slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            break
+    out.sort(key=lambda row: float(row[0]))
 
 
 def long_lived(
@@ -152,6 +174,8 @@ def main() -> None:
     args = p.parse_args()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # Every thread's stack on stderr, for a load that does not stop when asked.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     paths = {"l4": _addr(args.l4), "l7": _addr(args.l7)}
     attempts: dict[str, list[list[Any]]] = {k: [] for k in paths}
     longs: dict[str, list[dict[str, Any]]] = {k: [{} for _ in range(args.long)] for k in paths}
