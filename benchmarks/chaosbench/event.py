@@ -32,7 +32,7 @@ from .targets import Target
 
 LOAD = Path(__file__).resolve().parent / "load.py"
 GONE_TIMEOUT = 5.0  # seconds for a SIGKILLed process to be gone
-LEFTOVER_GRACE = 3.0  # seconds the old instance's helpers get to notice and exit
+LEFTOVER_GRACE = 3.0  # seconds the killed process's children get to notice and exit
 LOAD_EXIT_TIMEOUT = 30.0
 
 
