@@ -2,7 +2,8 @@
 name, with the question that says it is back.
 
 A crash is SIGKILL of that process alone (what the OOM killer or a fatal signal does; its
-child processes, e.g. a tunnel's certificate worker, are not signalled and must go by themselves).
+child processes, e.g. a tunnel's certificate worker, are not signalled and must go by
+themselves).
 The restart is what a kubelet does for a DaemonSet or Deployment pod with restartPolicy
 Always: the same command, environment, working directory and netns, started again once the
 old process is gone (after `backoff` seconds; the kubelet's first restart is immediate, the
