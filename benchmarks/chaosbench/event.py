@@ -200,6 +200,9 @@ def judge(
             "recovery_s": o.recovery_s,
             "first_error": o.first_error,
             "worked_while_down": while_down,
+            "not_made": sum(
+                1 for r in load["attempts"][p] if str(r[3] or "").startswith(verdict.NOT_MADE)
+            ),
             "long_lost": lost[p],
             "long_total": len(longs),
             "long": longs,

@@ -26,7 +26,8 @@ import time
 from typing import Any
 
 MAX_ATTEMPTS = 20_000  # per path
-MAX_IN_FLIGHT = 64  # attempts of one path at once
+# Attempts of one path at once: at 20 ms and a 2 s timeout an outage holds about 100.
+MAX_IN_FLIGHT = 256
 LONG_PERIOD = 0.1  # seconds between two round trips of a long-lived connection
 
 
@@ -104,6 +105,7 @@ def new_connections(
             threading.Thread(target=attempt, args=(n,), daemon=True).start()
         else:
             now = round(time.time(), 4)
+            # The load's own limit, not the mesh's answer: verdict.NOT_MADE leaves it out.
             out.append([now, now, False, f"not made: {MAX_IN_FLIGHT} attempts in flight"])
         next_at += interval
         stop.wait(max(0.0, next_at - time.monotonic()))

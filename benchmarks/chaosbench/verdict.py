@@ -13,6 +13,7 @@ from typing import Any
 
 PATHS = ("l4", "l7")
 TUNNEL_PORTS = (15001, 15006, 15008)
+NOT_MADE = "not made"  # an attempt the load skipped (too many in flight): no answer of the mesh
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,8 +72,11 @@ def outage(attempts: Sequence[Attempt], killed_at: float) -> Outage:
     """Attempts that ended after the kill count (one begun just before it may have died
     with it). The recovery time is from the kill to the first attempt that worked after
     the last one that failed: a failed attempt may have waited for its timeout, so its own
-    time says too little, and a lone success in the middle of an outage is not a recovery."""
-    window = [a for a in attempts if a.ended >= killed_at]
+    time says too little, and a lone success in the middle of an outage is not a recovery.
+    Attempts the load did not make (NOT_MADE) are left out."""
+    window = [
+        a for a in attempts if a.ended >= killed_at and not (a.error or "").startswith(NOT_MADE)
+    ]
     failures = [a for a in window if not a.ok]
     if not failures:
         return Outage(len(window), 0, 0.0)

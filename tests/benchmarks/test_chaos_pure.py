@@ -242,3 +242,14 @@ def test_report_one_row_per_target() -> None:
     text = report.markdown([row])
     assert text.splitlines()[0].startswith("| target | iterations |")
     assert "| tunnel x | 2 |" in text
+
+
+def test_attempts_the_load_did_not_make_are_not_failures_of_the_mesh() -> None:
+    attempts = [
+        _a(10.1, False),
+        _a(10.5, True),
+        verdict.Attempt(10.6, 10.6, False, "not made: 256"),
+    ]
+    o = verdict.outage(attempts, 10.0)
+    assert (o.attempted, o.failed) == (2, 1)
+    assert o.recovery_s == pytest.approx(0.5)
