@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from pyroute2 import netns as pr_netns
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
@@ -33,6 +34,7 @@ def test_kill_the_client_tunnel_under_load_fails_closed_and_leaves_nothing_stale
     finally:
         mesh.down(c.spec.name, state_root)
         shutil.rmtree(state_root, ignore_errors=True)
+    assert not [n for n in pr_netns.listnetns() if n.startswith(f"{c.spec.name}-")]
     assert rec["findings"] == {"plaintext": [], "bypass": [], "stale": [], "unexpected": []}
     l4, l7 = rec["paths"]["l4"], rec["paths"]["l7"]
     # The tunnel was dead for the backoff: both paths failed, closed, and came back.
