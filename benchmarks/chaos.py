@@ -55,6 +55,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--long", type=int, default=2, help="long-lived connections per path")
     p.add_argument("--keep-pcap", action="store_true", help="keep every event's capture")
     p.add_argument("--out", type=Path, help="result directory (default results/chaos-<time>)")
+    p.add_argument(
+        "--rejudge",
+        type=Path,
+        metavar="DIR",
+        help="no run: count a finished run's attempts again from its timelines, rewrite its "
+        "results.json and report.md",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.iterations = 1
@@ -99,6 +106,8 @@ def render(doc: dict[str, Any]) -> str:
         for line in v
     ]
     lines += ["Findings:", ""] + (problems or ["- none"])
+    if doc.get("rejudged"):
+        lines += ["", f"Attempts counted again from the kept timelines on {doc['rejudged']}."]
     if doc.get("error"):
         lines += ["", f"The run stopped early: {doc['error']}"]
     return "\n".join(lines) + "\n"
@@ -111,8 +120,23 @@ def write(out: Path, doc: dict[str, Any]) -> None:
     (out / "report.md").write_text(render(doc))
 
 
+def rejudge(out: Path) -> int:
+    try:
+        doc = json.loads((out / "results.json").read_text())
+    except (OSError, ValueError) as e:
+        print(f"chaos.py: --rejudge {out}: {e}", file=sys.stderr)
+        return 2
+    doc["events"] = [report.rejudge(e) for e in doc["events"]]
+    doc["rejudged"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    write(out, doc)
+    print(report.markdown(report.rows(doc["events"])))
+    return 0
+
+
 def main() -> int:
     args = parse_args()
+    if args.rejudge is not None:
+        return rejudge(args.rejudge)
     if os.geteuid() != 0:
         print("chaos.py: needs root (network namespaces, iptables, tcpdump)", file=sys.stderr)
         return 2

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .verdict import EXPECTED, PATHS, summary
+from .verdict import EXPECTED, NOT_MADE, PATHS, Attempt, outage, summary
 
 
 def _fmt(x: float | None) -> str:
@@ -68,3 +68,15 @@ def markdown(table: Sequence[Mapping[str, str]]) -> str:
     for r in table:
         lines.append("| " + " | ".join(r[h].replace("|", "/") for h in heads) + " |")
     return "\n".join(lines) + "\n"
+
+
+def rejudge(event: dict[str, Any]) -> dict[str, Any]:
+    """The event's outage figures computed again from its kept timeline (after a change to
+    how attempts are counted); everything else is as recorded."""
+    killed = event["times"]["killed_at"]
+    for p in PATHS:
+        path = event["paths"][p]
+        o = outage([Attempt.from_row(r) for r in path["timeline"]], killed)
+        path.update(attempted=o.attempted, failed=o.failed, recovery_s=o.recovery_s)
+        path["not_made"] = sum(1 for r in path["timeline"] if str(r[3] or "").startswith(NOT_MADE))
+    return event

@@ -253,3 +253,12 @@ def test_attempts_the_load_did_not_make_are_not_failures_of_the_mesh() -> None:
     o = verdict.outage(attempts, 10.0)
     assert (o.attempted, o.failed) == (2, 1)
     assert o.recovery_s == pytest.approx(0.5)
+
+
+def test_rejudge_counts_again_from_the_timeline() -> None:
+    rec = _judge("tunnel", _load(False))
+    rec["paths"]["l4"]["timeline"].append([11.6, 11.6, False, "not made: 64 attempts in flight"])
+    rec["paths"]["l4"]["failed"] = 99
+    out = report.rejudge(rec)
+    assert out["paths"]["l4"]["failed"] == 1 and out["paths"]["l4"]["not_made"] == 1
+    assert out["paths"]["l4"]["recovery_s"] == pytest.approx(1.5)
