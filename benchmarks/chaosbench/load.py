@@ -195,7 +195,11 @@ def main() -> None:
     ]
     for t in threads:
         t.start()
-    stop.wait(args.max_seconds)
+    # Short waits: the kernel may hand SIGTERM to any thread, and then only the main
+    # thread's next bytecode runs the handler; one long wait would sleep through it.
+    until = time.monotonic() + args.max_seconds
+    while not stop.wait(0.1) and time.monotonic() < until:
+        pass
     stop.set()
     for t in threads:
         t.join(timeout=args.timeout * 3 + 5)
