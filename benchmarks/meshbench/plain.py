@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 from l4_datapath import RELAY, BenchError, _env, _wait_listening
 
+from localcluster.apps import process_name
 from localcluster.mesh import Cluster, down, process_record, tunnel_name, up
 from localcluster.processes import ManagedProcess, spawn_in_netns
 from localcluster.spec import valid_cluster_name
@@ -115,6 +116,11 @@ def _check_placement(placement: str) -> None:
         raise ValueError(f"placement must be one of {sorted(SERVER_POD)}, got {placement!r}")
 
 
+def _server_pids(cluster: Cluster, namespace: str, placement: str) -> list[int]:
+    rec = process_record(cluster, process_name(namespace, SERVER_POD[placement]))
+    return [] if rec is None else [rec.pid]
+
+
 def _endpoints(cluster: Cluster, namespace: str, placement: str) -> tuple[Endpoint, Endpoint]:
     netns = cluster.pod_netns(namespace, CLIENT_POD)
     ip = str(cluster.layout.pod(namespace, SERVER_POD[placement]).ip)
@@ -148,7 +154,9 @@ class NoMesh(_Base):
     def start(self, workdir: Path) -> Running:
         cluster = self._acquire(workdir)
         http, bulk = _endpoints(cluster, PLAIN_NS, self.placement)
-        return Running(http=http, bulk=bulk, proxies={})
+        return Running(
+            http=http, bulk=bulk, proxies={}, server=_server_pids(cluster, PLAIN_NS, self.placement)
+        )
 
 
 class Ambient(_Base):
@@ -185,6 +193,7 @@ class Ambient(_Base):
             proxies=proxies,
             tunnel_admin=admin,
             handshake=self._handshake(cluster, workdir, http),
+            server=_server_pids(cluster, MESH_NS, self.placement),
         )
 
     def _handshake(self, cluster: Cluster, workdir: Path, http: Endpoint) -> HandshakeTarget:
@@ -274,6 +283,7 @@ class Relay(_Base):
             http=Endpoint(netns, entry, self.FIRST[HTTP_PORT]),
             bulk=Endpoint(netns, entry, self.FIRST[SINK_PORT]),
             proxies={"relay-a": [self._procs[1].pid], "relay-b": [self._procs[0].pid]},
+            server=_server_pids(cluster, PLAIN_NS, self.placement),
         )
 
     def stop(self) -> None:
