@@ -155,7 +155,7 @@ def disturbed_notes(runs: list[dict[str, Any]]) -> list[str]:
         where += f" (repeat {s.attempt})" if s.attempt else ""
         if s.phase.get("excluded"):
             out.append(
-                f"{where}: baseline disturbed ({s.phase['excluded']}): left out, measured again"
+                f"{where}: baseline disturbed ({s.phase['excluded']}): left out of the medians"
             )
         elif s.phase.get("disturbed_kept"):
             out.append(f"{where}: baseline disturbed ({s.phase['disturbed_kept']})")

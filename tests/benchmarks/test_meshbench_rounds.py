@@ -210,3 +210,20 @@ def test_saturation_and_disturbance_notes_are_empty_on_a_quiet_run() -> None:
         "Disturbed baselines: none." in md
         and "saturated (> 0.8 core over a rate step): never" in md
     )
+
+
+def test_compare_two_runs_by_their_ranges(tmp_path: Path) -> None:
+    import meshbench.compare as compare
+
+    a = three_rounds()
+    b = [step("none", 0, 0.63, cpu=None), step("none", 1, 0.66, cpu=None),
+         step("ambient", 0, 1.5), step("ambient", 1, 1.6)]  # fmt: skip
+    rows = {(r.scenario, r.metric): r for r in compare.compare(a, b)}
+    assert rows[("none", "p99_ms@1000")].agree  # 0.60..0.64 against 0.63..0.66
+    assert not rows[("ambient", "p99_ms@1000")].agree  # 0.70..0.74 against 1.5..1.6
+    assert ("none", "bulk_gbit") not in rows  # one-off metrics have no spread to compare
+    md = compare.render(list(rows.values()))
+    assert "| ambient | cross-node | p99_ms@1000 |" in md and "**no**" in md
+    bad = tmp_path / "x.json"
+    bad.write_text("[]")
+    assert compare.main([str(bad), str(bad)]) == 2
