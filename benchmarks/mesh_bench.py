@@ -460,6 +460,25 @@ def _stop(scn: Scenario, tag: str) -> None:
     scn.stop()
 
 
+SETTLE_LOOK = 0.25  # seconds of each look at the proxies' CPU while settling
+
+
+def settle(lives: list[Live]) -> dict[str, float]:
+    """Wait (at most rounds.SETTLE_TIMEOUT) until every live scenario's proxies together
+    are idle; returns how long it waited and their CPU (cores) over the last look."""
+    pids = sorted({p for lv in lives for ps in lv.running.proxies.values() for p in ps})
+    start = time.monotonic()
+    cores = 0.0
+    while True:
+        before = costs.sample_each(pids)
+        time.sleep(SETTLE_LOOK)
+        cpu = costs.cpu_delta(before, costs.sample_each(pids))
+        cores = cpu / SETTLE_LOOK
+        waited = time.monotonic() - start
+        if rounds.settled(cpu, SETTLE_LOOK) or waited >= rounds.SETTLE_TIMEOUT:
+            return {"settle_s": waited, "background_cores": cores}
+
+
 def run_rounds(st: Settings, lives: list[Live], runs: list[dict[str, Any]]) -> None:
     """Each round measures every scenario at every rate, slice by slice (a rate and a
     placement: all its scenarios back to back), odd rounds in reverse scenario order, so a
@@ -487,7 +506,8 @@ def run_rounds(st: Settings, lives: list[Live], runs: list[dict[str, Any]]) -> N
             progress(f"{tag}: {live.name} {live.placement} HTTP {rate} rps x {st.http_seconds:g} s")
             rec = record(live, rnd, attempt)
             try:
-                rec["http"][str(rate)] = latency_step(live, st, rate, plan)
+                quiet = settle(lives)
+                rec["http"][str(rate)] = latency_step(live, st, rate, plan) | quiet
             except Exception as e:  # the other rows of the round still run
                 rec["http"][str(rate)] = {"error": f"{type(e).__name__}: {e}"}
                 progress(f"{live.name} {live.placement}: FAILED: {e}")

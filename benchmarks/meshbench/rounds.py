@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SATURATED_CORES = 0.8  # the load generator is one thread: above this its figures are its own
+SETTLE_CORES = 0.1  # every live proxy together, between steps: below this the mesh is idle
+SETTLE_TIMEOUT = 10.0  # seconds a step waits at most for the proxies to go idle
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +196,14 @@ def saturated(cores: float | None, limit: float = SATURATED_CORES) -> bool:
     """The load generator's CPU over a rate step (cores busy) above `limit`: its latency
     figures include its own queueing and are not the proxy's."""
     return cores is not None and cores > limit
+
+
+def settled(cpu_s: float, seconds: float, limit: float = SETTLE_CORES) -> bool:
+    """Whether the proxies of every live scenario, together, spent less than `limit` cores
+    over a short look (`cpu_s` CPU seconds in `seconds`). All scenarios stay up for the
+    whole run, so one that was driven past its capacity (a waypoint at 1000 rps) may still
+    be working off its queue when the next scenario's step starts; that next step waits."""
+    return seconds > 0 and cpu_s / seconds < limit
 
 
 # --- CPU pinning ---------------------------------------------------------------------------

@@ -227,3 +227,13 @@ def test_compare_two_runs_by_their_ranges(tmp_path: Path) -> None:
     bad = tmp_path / "x.json"
     bad.write_text("[]")
     assert compare.main([str(bad), str(bad)]) == 2
+
+
+def test_settled_and_cpu_delta() -> None:
+    import meshbench.costs as costs
+
+    assert rounds.settled(0.01, 0.25)  # 0.04 cores
+    assert not rounds.settled(0.2, 0.25)  # 0.8 cores: a proxy still working off a queue
+    assert not rounds.settled(0.0, 0.0)
+    # A pid gone between the samples counts for nothing; time never runs backwards.
+    assert costs.cpu_delta({1: 1.0, 2: 5.0, 3: 2.0}, {1: 1.5, 3: 1.0}) == pytest.approx(0.5)
