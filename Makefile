@@ -39,9 +39,10 @@ test: setup
 	$(UNIT)
 	$(PY) -m pytest -p no:cacheprovider --durations=25 -m "netns or kube"
 
-# Every scenario of the mesh cost benchmark in one run (needs root; < 15 min on 2 cores).
-# `$(PY) benchmarks/mesh_bench.py --quick` takes < 3 min; benchmarks/l4_datapath.py still
-# runs on its own.
+# Every scenario of the mesh cost benchmark in one run (needs root; about 20 min on 2 cores:
+# 3 interleaved latency rounds at 3 rates).
+# `$(PY) benchmarks/mesh_bench.py --quick` takes about 7 min (2 rounds at 1000 rps);
+# benchmarks/l4_datapath.py still runs on its own.
 bench: setup
 	$(PY) benchmarks/mesh_bench.py
 

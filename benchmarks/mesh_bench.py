@@ -8,9 +8,15 @@ cross-node and same-node placement. Per scenario and placement: single-connectio
 throughput, open-loop HTTP/1.1 latency at fixed rates (1 KB each way, keep-alive), proxy
 CPU per 1000 requests and RSS (from /proc), new connections per second, new mTLS handshakes
 per second at the destination side (see HBONE_NOTE), and proxy memory per open idle
-connection. The plain scenarios share one cluster and run first; the others
-bring up their own. With --rounds > 1 every scenario is measured once per round and the
-report shows medians (drift on the shared machine spreads over all rows).
+connection. The plain scenarios share one cluster; the others bring up their own. Every
+scenario is started once and stays up for the whole run: latency is measured in
+interleaved rounds (each round runs every scenario's rate steps in turn, so a disturbance
+of the shared machine hits one round of every row, not one row), a round whose `none`
+baseline is itself disturbed is measured again (meshbench/rounds.py), and the report gives
+the median over rounds with its spread. The one-off phases (throughput, memory per
+connection, connection churn, handshakes) follow the rounds. The load generator, the
+server app and the proxies may be pinned to stated CPUs (--pin), the same for every
+scenario, and the generator's own CPU is recorded for every rate step.
 
 Writes benchmarks/results/<timestamp>/: results.json (raw, with latency histograms),
 report.md (a table per metric, ratios to `none` and ambient to `sidecar`, the targets of
@@ -40,7 +46,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
-from meshbench import costs, plain, report
+from meshbench import costs, plain, report, rounds
+from meshbench.rounds import DEFAULT_RULE, DisturbanceRule
 from meshbench.scenario import Endpoint, Running, Scenario
 
 import nsutil
@@ -84,10 +91,19 @@ WAYPOINT_NOTE = (
     "takes a Service authority, which the handshake phase does not send."
 )
 IDLE_NOTE = (
-    "Idle RSS is sampled when a scenario starts. none, ambient and relay share one cluster, "
-    "so the tunnels' idle RSS of the placement measured second follows the first one's load "
-    "(Python keeps memory it once used). Rounds alternate the order and the report takes "
-    "the smallest idle RSS over rounds; with one round only the first placement's is cold."
+    "Idle RSS is sampled when a scenario starts; every scenario starts before any load, so "
+    "all of them are cold (ambient's two placements share the same tunnels)."
+)
+ROUNDS_NOTE = (
+    "Latency: each round runs every scenario's rate steps in turn (a rate, then a "
+    "placement: its scenarios back to back, odd rounds in reverse order); the clusters stay "
+    "up across rounds. A round whose none p99 (per placement and rate) is more than 2x the "
+    "median of the other rounds and 0.25 ms above it, or above 5 ms, is flagged, kept in "
+    "results.json and the per-round table, left out of the medians, and its slice (every "
+    "scenario of that placement and rate) measured again, at most twice. Medians are over "
+    "the accepted rounds; the spread beside them is min..max over the same rounds. The "
+    "added p99 is taken per round (the mesh minus none of the same round) and its median "
+    "reported."
 )
 
 
@@ -106,14 +122,18 @@ class Settings:
     placements: tuple[str, ...]
     scenarios: tuple[str, ...]  # empty: all registered
     earlier: bool
+    pin: str = "off"  # rounds.PIN_LAYOUTS
+    rule: DisturbanceRule = DEFAULT_RULE
 
 
+# Rounds alternate the scenario order, so neither drift nor position favours a row. Quick:
+# 2 rounds (a spread of two values: min..max); full: 3 (a median that one bad round
+# cannot move).
 QUICK = Settings(
-    "quick", (1000,), 3.0, 8, 2.0, 1 << 29, 2.0, 2.0, 2000, 1, plain.PLACEMENTS, (), True
+    "quick", (1000,), 3.0, 8, 2.0, 1 << 29, 2.0, 2.0, 2000, 2, plain.PLACEMENTS, (), True
 )
-# Two rounds, the second in reverse order, so neither drift nor position favours a row.
 FULL = Settings(
-    "full", (500, 1000, 2000), 5.0, 16, 4.0, 1 << 31, 3.0, 3.0, 10000, 2, plain.PLACEMENTS, (),
+    "full", (500, 1000, 2000), 5.0, 16, 4.0, 1 << 31, 3.0, 3.0, 10000, 3, plain.PLACEMENTS, (),
     True,
 )  # fmt: skip
 
@@ -191,7 +211,10 @@ def _argv(mode: str, ep: Endpoint, extra: list[str]) -> list[str]:
     ]  # fmt: skip
 
 
-def loadgen(mode: str, ep: Endpoint, extra: list[str], bound: float) -> dict[str, Any]:
+def loadgen(
+    mode: str, ep: Endpoint, extra: list[str], bound: float, cpus: frozenset[int] | None
+) -> dict[str, Any]:
+    """Run the load generator in the client pod's netns (pinned to `cpus` if given)."""
     try:
         done = subprocess.run(
             _argv(mode, ep, extra),
@@ -199,7 +222,7 @@ def loadgen(mode: str, ep: Endpoint, extra: list[str], bound: float) -> dict[str
             timeout=bound + PHASE_GRACE,
             env=_env(),
             cwd=HERE,
-            preexec_fn=nsutil.preexec_enter(ep.netns),
+            preexec_fn=_enter_pinned(ep.netns, cpus),
             check=False,
         )
     except subprocess.TimeoutExpired as e:
@@ -275,7 +298,7 @@ def handshakes(running: Running, seconds: float) -> dict[str, Any] | None:
     ]  # fmt: skip
     roles = {r: running.proxies[r] for r in hs.server_roles if r in running.proxies}
     before = costs.sample(roles)
-    res = loadgen("handshake", Endpoint(hs.netns, hs.host, hs.port), extra, seconds)
+    res = loadgen("handshake", Endpoint(hs.netns, hs.host, hs.port), extra, seconds, None)
     after = costs.sample(roles)
     n = int(res["handshakes"])
     server = costs.load_costs(before, after, n)["total"]
@@ -315,67 +338,236 @@ def tunnel_opened(running: Running) -> float | None:
     return total
 
 
-# --- one scenario ---------------------------------------------------------------------------
+# --- CPU pinning ---------------------------------------------------------------------------
 
 
-def measure(
-    scn: Scenario, st: Settings, workdir: Path, tag: str, idle: bool = True
-) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    progress(f"{tag}: starting")
-    running = scn.start(workdir)
-    try:
-        out["proxies"] = {k: list(v) for k, v in running.proxies.items()}
-        out["idle"] = {
-            role: ({"rss_kb": u.rss_kb} if u else {"rss_kb": None})
-            for role, u in costs.sample(running.proxies).items()
+def pin_pids(pids: list[int], cpus: frozenset[int]) -> None:
+    """Every thread of each process onto `cpus` (sched_setaffinity acts on one thread; the
+    threads a process starts later inherit its creator's mask). A process that is gone is
+    skipped: its figures show up missing elsewhere."""
+    for pid in pids:
+        try:
+            tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        except OSError:
+            continue
+        for tid in tids:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(tid, cpus)
+
+
+def _enter_pinned(netns: str, cpus: frozenset[int] | None) -> Callable[[], None]:
+    enter = nsutil.preexec_enter(netns)
+
+    def pre() -> None:
+        enter()
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
+    return pre
+
+
+# --- scenarios: started once, latency in interleaved rounds, then the one-off phases --------
+
+
+@dataclass(slots=True)
+class Live:
+    """A started scenario and its record in results.json (round 0)."""
+
+    name: str
+    placement: str
+    scn: Scenario
+    running: Running
+    rec: dict[str, Any]
+
+
+def latency_step(live: Live, st: Settings, rate: int, plan: rounds.PinPlan) -> dict[str, Any]:
+    """One rate step: open-loop HTTP load, the proxies' CPU and RSS over it, and the load
+    generator's own CPU (in its result: client_cpu_s, client_cpu_cores)."""
+    running = live.running
+    if plan:
+        pin_pids(running.server, plan[rounds.SERVER])
+        pin_pids([p for ps in running.proxies.values() for p in ps], plan[rounds.PROXY])
+    before = costs.sample(running.proxies)
+    res = loadgen(
+        "http", running.http,
+        ["--rate", str(rate), "--seconds", str(st.http_seconds), "--conns", str(st.conns)],
+        st.http_seconds, plan.get(rounds.LOADGEN),
+    )  # fmt: skip
+    after = costs.sample(running.proxies)
+    res["costs"] = costs.load_costs(before, after, int(res["answered"]))
+    res["saturated"] = rounds.saturated(_float(res.get("client_cpu_cores")))
+    if plan:  # read back, so the record shows where they actually were allowed to run
+        res["pinned"] = {
+            "server": _affinity(running.server),
+            "proxies": _affinity([p for ps in running.proxies.values() for p in ps]),
         }
-        progress(f"{tag}: warm-up")
-        loadgen(
-            "http", running.http, ["--rate", "500", "--seconds", "1", "--conns", str(st.conns)],
-            1.0,
-        )  # fmt: skip
+    return res
+
+
+def _affinity(pids: list[int]) -> list[int] | None:
+    """The CPUs the first of `pids` may run on (None: none, or gone)."""
+    try:
+        return sorted(os.sched_getaffinity(pids[0])) if pids else None
+    except OSError:
+        return None
+
+
+def _float(v: Any) -> float | None:
+    return float(v) if isinstance(v, int | float) else None
+
+
+def start_scenarios(
+    items: list[tuple[str, Factory, str]],
+    st: Settings,
+    workdir: Path,
+    stack: contextlib.ExitStack,
+    runs: list[dict[str, Any]],
+) -> list[Live]:
+    """Start every scenario (each stays up until `stack` closes), sample idle RSS, warm up.
+    A scenario that fails to start is a row with its error, not the end of the run."""
+    lives: list[Live] = []
+    for i, (name, factory, placement) in enumerate(items):
+        tag = f"({i + 1}/{len(items)}) {name} {placement}"
+        rec: dict[str, Any] = {"scenario": name, "placement": placement, "round": 0}
+        runs.append(rec)
+        progress(f"{tag}: starting")
+        scn = factory(placement)
+        try:
+            stack.callback(_stop, scn, tag)
+            running = scn.start(workdir)
+            rec["proxies"] = {k: list(v) for k, v in running.proxies.items()}
+            rec["server"] = list(running.server)
+            rec["idle"] = {
+                role: ({"rss_kb": u.rss_kb} if u else {"rss_kb": None})
+                for role, u in costs.sample(running.proxies).items()
+            }
+            progress(f"{tag}: warm-up")
+            loadgen(
+                "http", running.http,
+                ["--rate", "500", "--seconds", "1", "--conns", str(st.conns)], 1.0, None,
+            )  # fmt: skip
+            rec["http"] = {}
+            lives.append(Live(name, placement, scn, running, rec))
+        except Exception as e:  # one failed scenario is a row in the report
+            rec["error"] = f"{type(e).__name__}: {e}"
+            progress(f"{tag}: FAILED: {rec['error']}")
+            traceback.print_exc()
+    return lives
+
+
+def _stop(scn: Scenario, tag: str) -> None:
+    progress(f"{tag}: stopping")
+    scn.stop()
+
+
+SETTLE_LOOK = 0.25  # seconds of each look at the proxies' CPU while settling
+
+
+def settle(lives: list[Live]) -> dict[str, float]:
+    """Wait (at most rounds.SETTLE_TIMEOUT) until every live scenario's proxies together
+    are idle; returns how long it waited and their CPU (cores) over the last look."""
+    pids = sorted({p for lv in lives for ps in lv.running.proxies.values() for p in ps})
+    start = time.monotonic()
+    cores = 0.0
+    while True:
+        before = costs.sample_each(pids)
+        time.sleep(SETTLE_LOOK)
+        cpu = costs.cpu_delta(before, costs.sample_each(pids))
+        cores = cpu / SETTLE_LOOK
+        waited = time.monotonic() - start
+        if rounds.settled(cpu, SETTLE_LOOK) or waited >= rounds.SETTLE_TIMEOUT:
+            return {"settle_s": waited, "background_cores": cores}
+
+
+def run_rounds(st: Settings, lives: list[Live], runs: list[dict[str, Any]]) -> None:
+    """Each round measures every scenario at every rate, slice by slice (a rate and a
+    placement: all its scenarios back to back), odd rounds in reverse scenario order, so a
+    disturbance of the machine hits one round of every row, not every round of one row.
+    Then each slice whose `none` p99 was disturbed is measured again (`rounds.repeat_plan`)."""
+    plan = rounds.pin_plan(st.pin, sorted(os.sched_getaffinity(0)))
+    slot: dict[tuple[str, str, int, int], dict[str, Any]] = {}  # (name, pl, round, attempt)
+
+    def record(live: Live, rnd: int, attempt: int) -> dict[str, Any]:
+        key = (live.name, live.placement, rnd, attempt)
+        if key not in slot:
+            if rnd == 0 and attempt == 0:
+                slot[key] = live.rec
+            else:
+                rec = {"scenario": live.name, "placement": live.placement, "round": rnd,
+                       "attempt": attempt, "http": {}}  # fmt: skip
+                runs.append(rec)
+                slot[key] = rec
+        return slot[key]
+
+    def measure_slice(rate: int, placement: str, rnd: int, attempt: int) -> None:
+        order = [lv for lv in lives if lv.placement == placement]
+        for live in order[:: -1 if rnd % 2 else 1]:
+            tag = f"round {rnd + 1}" + (f" repeat {attempt}" if attempt else "")
+            progress(f"{tag}: {live.name} {live.placement} HTTP {rate} rps x {st.http_seconds:g} s")
+            rec = record(live, rnd, attempt)
+            try:
+                quiet = settle(lives)
+                rec["http"][str(rate)] = latency_step(live, st, rate, plan) | quiet
+            except Exception as e:  # the other rows of the round still run
+                rec["http"][str(rate)] = {"error": f"{type(e).__name__}: {e}"}
+                progress(f"{live.name} {live.placement}: FAILED: {e}")
+
+    placements = [p for p in st.placements if any(lv.placement == p for lv in lives)]
+    progress(f"CPU layout: {rounds.describe_plan(plan)}")
+    for rnd in range(st.rounds):
+        progress(f"round {rnd + 1}/{st.rounds}")
+        for rate in st.rates:
+            for placement in placements:
+                measure_slice(rate, placement, rnd, 0)
+    # Disturbed baselines: repeat their slice until accepted or out of repeats.
+    for rate in st.rates:
+        for placement in placements:
+            for _ in range(st.rule.max_repeats + 1):
+                todo = rounds.repeat_plan(
+                    rounds.baseline_attempts(runs, placement, str(rate)), st.rule
+                )
+                if not todo:
+                    break
+                for rnd, attempt in todo:
+                    progress(f"round {rnd + 1}, {placement} {rate} rps: disturbed baseline, again")
+                    measure_slice(rate, placement, rnd, attempt)
+            rounds.mark_slices(runs, placement, str(rate), st.rule)
+
+
+def one_off_phases(live: Live, st: Settings, tag: str) -> None:
+    """Throughput, memory per connection, connection churn and handshakes: once per
+    scenario, after the latency rounds (churn last of all: the phase most likely to break
+    a proxy)."""
+    rec, running = live.rec, live.running
+    try:
         progress(f"{tag}: bulk throughput ({st.bulk_seconds:g} s)")
-        out["bulk"] = loadgen(
+        rec["bulk"] = loadgen(
             "bulk", running.bulk,
             ["--bytes", str(st.bulk_bytes), "--seconds", str(st.bulk_seconds)], st.bulk_seconds,
+            None,
         )  # fmt: skip
-        out["http"] = {}
-        for rate in st.rates:
-            progress(f"{tag}: HTTP {rate} rps x {st.http_seconds:g} s over {st.conns} conns")
-            before = costs.sample(running.proxies)
-            res = loadgen(
-                "http", running.http,
-                ["--rate", str(rate), "--seconds", str(st.http_seconds), "--conns", str(st.conns)],
-                st.http_seconds,
-            )  # fmt: skip
-            after = costs.sample(running.proxies)
-            res["costs"] = costs.load_costs(before, after, int(res["answered"]))
-            out["http"][str(rate)] = res
-        if idle:  # memory per connection barely drifts: measured in the first round only
-            progress(f"{tag}: {st.idle_conns} idle connections")
-            out["conns"] = idle_connections(running, st.idle_conns)
-        # Connection churn last: it is the phase most likely to break a proxy.
+        progress(f"{tag}: {st.idle_conns} idle connections")
+        rec["conns"] = idle_connections(running, st.idle_conns)
         progress(f"{tag}: new connections ({st.connect_seconds:g} s)")
         t0 = tunnel_opened(running)
         conn = loadgen("connect", running.http, ["--seconds", str(st.connect_seconds)],
-                       st.connect_seconds)  # fmt: skip
+                       st.connect_seconds, None)  # fmt: skip
         t1 = tunnel_opened(running)
         if t0 is not None and t1 is not None and conn["seconds"] > 0:
             conn["tunnel_opened"] = t1 - t0
             conn["tunnel_opened_per_second"] = (t1 - t0) / conn["seconds"]
-        out["connect"] = conn
+        rec["connect"] = conn
         if running.handshake is not None:
             progress(f"{tag}: new mTLS handshakes ({st.handshake_seconds:g} s)")
-            out["handshake"] = handshakes(running, st.handshake_seconds)
-        dead = sorted(role for role, u in costs.sample(running.proxies).items() if u is None)
-        if dead:
-            out["dead_proxies"] = dead
-            progress(f"{tag}: proxy process(es) gone by the end: {', '.join(dead)}")
-    finally:
-        progress(f"{tag}: stopping")
-        scn.stop()
-    return out
+            rec["handshake"] = handshakes(running, st.handshake_seconds)
+    except Exception as e:
+        rec["error"] = f"{type(e).__name__}: {e}"
+        progress(f"{tag}: FAILED: {rec['error']}")
+        traceback.print_exc()
+    dead = sorted(role for role, u in costs.sample(running.proxies).items() if u is None)
+    if dead:
+        rec["dead_proxies"] = dead
+        progress(f"{tag}: proxy process(es) gone by the end: {', '.join(dead)}")
 
 
 def run_all(st: Settings, workdir: Path) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
@@ -386,39 +578,20 @@ def run_all(st: Settings, workdir: Path) -> tuple[list[dict[str, Any]], list[dic
             raise BenchError(f"unknown scenario(s) {sorted(unknown)}; have {[n for n, _ in found]}")
         found = [(n, f) for n, f in found if n in st.scenarios]
     plain_names = {n for n, _ in _factories(plain)}
+    items = [(n, f, pl) for pl in st.placements for n, f in found]
     runs: list[dict[str, Any]] = []
-    total = st.rounds * len(st.placements) * len(found)
-    done = 0
-
-    def one(name: str, factory: Factory, placement: str, rnd: int) -> None:
-        nonlocal done
-        done += 1
-        tag = f"({done}/{total}) {name} {placement}"
-        rec: dict[str, Any] = {"scenario": name, "placement": placement, "round": rnd}
-        try:
-            rec.update(measure(factory(placement), st, workdir, tag, idle=rnd == 0))
-        except Exception as e:  # one failed scenario is a row in the report, not the end
-            rec["error"] = f"{type(e).__name__}: {e}"
-            progress(f"{tag}: FAILED: {rec['error']}")
-            traceback.print_exc()
-        runs.append(rec)
-
-    for rnd in range(st.rounds):
-        if st.rounds > 1:
-            progress(f"round {rnd + 1}/{st.rounds}")
-        order = -1 if rnd % 2 else 1  # odd rounds run backwards
-        placements = st.placements[::order]
-        ours = [(n, f) for n, f in found if n in plain_names][::order]
-        others = [(n, f) for n, f in found if n not in plain_names][::order]
-        if ours:
+    # Every scenario stays up from its start to the end of the last round: clusters are
+    # built once, and the rounds can interleave. The ExitStack stops them all, in reverse,
+    # also on failure or interrupt.
+    with contextlib.ExitStack() as stack:
+        if any(n in plain_names for n, _, _ in items):
             progress("bringing up the cluster of the plain scenarios")
-            with plain.shared_cluster(workdir):
-                for placement in placements:
-                    for name, factory in ours:
-                        one(name, factory, placement, rnd)
-        for placement in placements:
-            for name, factory in others:
-                one(name, factory, placement, rnd)
+            stack.enter_context(plain.shared_cluster(workdir))
+        lives = start_scenarios(items, st, workdir, stack, runs)
+        if lives:
+            run_rounds(st, lives, runs)
+        for i, live in enumerate(lives):
+            one_off_phases(live, st, f"({i + 1}/{len(lives)}) {live.name} {live.placement}")
     return runs, skipped
 
 
@@ -453,7 +626,7 @@ def run_earlier() -> dict[str, Any]:
 
 def parse_args(argv: list[str] | None = None) -> tuple[Settings, Path | None]:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="under 3 minutes: 1000 rps only")
+    ap.add_argument("--quick", action="store_true", help="about 7 minutes: 1000 rps only, 2 rounds")
     ap.add_argument("--rates", help="comma-separated request rates (rps)")
     ap.add_argument("--seconds", type=float, help="seconds per HTTP rate phase")
     ap.add_argument("--conns", type=int, help="keep-alive connections for the HTTP load")
@@ -461,7 +634,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, Path | None]:
     ap.add_argument("--connect-seconds", type=float)
     ap.add_argument("--handshake-seconds", type=float, help="seconds of new mTLS handshakes")
     ap.add_argument("--idle-conns", type=int, help="idle connections for memory per connection")
-    ap.add_argument("--rounds", type=int)
+    ap.add_argument("--rounds", type=int, help="latency rounds (quick 2, full 3)")
+    ap.add_argument(
+        "--pin",
+        choices=rounds.PIN_LAYOUTS,
+        help="CPU layout: off (default) or split (load generator on the first CPU, server "
+        "app on the second, proxies on all)",
+    )
     ap.add_argument("--placements", help="comma-separated: cross-node,same-node")
     ap.add_argument("--scenarios", help="comma-separated scenario names (default: all)")
     ap.add_argument("--no-earlier", action="store_true", help="skip rbac_check and state_load")
@@ -488,6 +667,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, Path | None]:
         changes["scenarios"] = tuple(a.scenarios.split(","))
     if a.no_earlier:
         changes["earlier"] = False
+    if a.pin:
+        changes["pin"] = a.pin
     st = replace(st, **changes)
     try:
         plain.set_cluster_name(a.cluster_name)
@@ -527,13 +708,16 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
         "skipped": skipped,
         "earlier": earlier,
-        "notes": [HBONE_NOTE, IDLE_NOTE, WAYPOINT_NOTE],
+        "notes": [ROUNDS_NOTE, HBONE_NOTE, IDLE_NOTE, WAYPOINT_NOTE],
+        "cpu_layout": rounds.describe_plan(
+            rounds.pin_plan(st.pin, sorted(os.sched_getaffinity(0)))
+        ),
         "elapsed_s": time.monotonic() - started,
     }  # fmt: skip
     (outdir / "results.json").write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     path = report.write_report(doc, outdir)
     progress(f"done in {time.monotonic() - started:.0f} s: {path}")
-    for t in report.targets(report.aggregate(runs)):
+    for t in report.targets(report.aggregate(runs), runs=runs):
         verdict = {True: "met", False: "NOT met", None: "not measured"}[t.met]
         value = "n/a" if t.value is None else f"{t.value:.3f}"
         print(f"  {t.placement:<10} {t.name:<45} {value:>8} {t.unit:<4} {verdict}")

@@ -136,6 +136,7 @@ class WaypointScenario:
             # The first mTLS hop ends at the waypoint, whose CONNECT takes a Service
             # authority; the handshake phase measures tunnels only (see the report's notes).
             handshake=None,
+            server=sc.server_pids(cluster),
         )
 
     def _wait_ready(self, cluster: mesh.Cluster, g: gw.GatewaySpec, netns: str, vip: str) -> None:

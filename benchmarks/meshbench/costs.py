@@ -59,6 +59,21 @@ def sample(proxies: dict[str, list[int]]) -> dict[str, Usage | None]:
     return out
 
 
+def sample_each(pids: list[int]) -> dict[int, float]:
+    """CPU seconds of each pid still running (a gone one is left out)."""
+    out: dict[int, float] = {}
+    for pid in pids:
+        u = sample_pid(pid)
+        if u is not None:
+            out[pid] = u.cpu_s
+    return out
+
+
+def cpu_delta(before: Mapping[int, float], after: Mapping[int, float]) -> float:
+    """CPU seconds spent between two `sample_each`, over the pids present in both."""
+    return sum(max(0.0, after[p] - before[p]) for p in before if p in after)
+
+
 def load_costs(
     before: Mapping[str, Usage | None], after: Mapping[str, Usage | None], requests: int
 ) -> dict[str, dict[str, float | None]]:

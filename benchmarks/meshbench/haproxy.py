@@ -343,6 +343,7 @@ class HaproxyScenario:
             http=Endpoint(client_netns, server_ip, sc.HTTP_PORT),
             bulk=Endpoint(client_netns, server_ip, sc.BULK_PORT),
             proxies=pids,
+            server=sc.server_pids(cluster),
             handshake=HandshakeTarget(
                 netns=client_netns,
                 host=server_ip,

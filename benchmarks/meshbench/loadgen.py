@@ -7,7 +7,8 @@ connections (pipelined when a connection still waits for an earlier answer). One
 does it all with epoll, and each answer is timed by the kernel's receive timestamp.
 Latency is measured from the DUE time, so a stall delays every request behind it and
 shows in the percentiles (no coordinated omission). Bounded by --seconds plus a grace
-period; unanswered requests are counted, not hidden.
+period; unanswered requests are counted, not hidden. Reports its own CPU time over the
+step (client_cpu_cores: near one core, the generator itself was the limit).
 `bulk`: one connection, benchmarks/apps/l4_client.py's throughput (same sink protocol).
 `connect`: --workers threads each connect, send one small request with `Connection:
 close`, read the answer and close, as fast as they can for --seconds (and, with --count,
@@ -31,6 +32,7 @@ import asyncio
 import importlib.util
 import json
 import multiprocessing
+import os
 import resource
 import select
 import socket
@@ -195,6 +197,9 @@ def http(
             answered += c.feed(data, _stamp(anc))
 
     start = time.time_ns() + 10_000_000
+    # This process's own CPU (utime + stime) over the rate step: one thread does all the
+    # sending and reading, so near one core busy means the figures are the generator's.
+    cpu0 = time.process_time()
     try:
         for i in range(count):
             due = start + i * interval_ns
@@ -215,6 +220,7 @@ def http(
     except (OSError, ValueError) as e:
         errors.append(str(e))
     wall = (time.time_ns() - start) / 1e9
+    cpu = time.process_time() - cpu0
     poller.close()
     for s in socks:
         s.close()
@@ -228,6 +234,9 @@ def http(
         "errors": errors[:5],
         "rate": rate,
         "achieved_rps": answered / wall if wall > 0 else 0.0,
+        "client_cpu_s": cpu,
+        "client_cpu_cores": cpu / wall if wall > 0 else 0.0,
+        "client_cpus": sorted(os.sched_getaffinity(0)),  # where it may run (pinning)
         "latency_ms": h.summary(),
         "hist_ns": h.to_json(),
     }
@@ -431,6 +440,7 @@ def handshakes(job: HandshakeJob, workers: int) -> dict[str, Any]:
         "workers": workers,
         "client_cpu_s": cpu,
         "client_cpu_cores": cpu / wall if wall > 0 else 0.0,
+        "client_cpus": sorted(os.sched_getaffinity(0)),  # where it may run (pinning)
         "client_cpu_ms_per_handshake": cpu * 1000.0 / ok if ok else None,
     }
 

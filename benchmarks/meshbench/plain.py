@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 from l4_datapath import RELAY, BenchError, _env, _wait_listening
 
+from localcluster.apps import process_name
 from localcluster.mesh import Cluster, down, process_record, tunnel_name, up
 from localcluster.processes import ManagedProcess, spawn_in_netns
 from localcluster.spec import valid_cluster_name
@@ -115,6 +116,11 @@ def _check_placement(placement: str) -> None:
         raise ValueError(f"placement must be one of {sorted(SERVER_POD)}, got {placement!r}")
 
 
+def _server_pids(cluster: Cluster, namespace: str, placement: str) -> list[int]:
+    rec = process_record(cluster, process_name(namespace, SERVER_POD[placement]))
+    return [] if rec is None else [rec.pid]
+
+
 def _endpoints(cluster: Cluster, namespace: str, placement: str) -> tuple[Endpoint, Endpoint]:
     netns = cluster.pod_netns(namespace, CLIENT_POD)
     ip = str(cluster.layout.pod(namespace, SERVER_POD[placement]).ip)
@@ -148,7 +154,9 @@ class NoMesh(_Base):
     def start(self, workdir: Path) -> Running:
         cluster = self._acquire(workdir)
         http, bulk = _endpoints(cluster, PLAIN_NS, self.placement)
-        return Running(http=http, bulk=bulk, proxies={})
+        return Running(
+            http=http, bulk=bulk, proxies={}, server=_server_pids(cluster, PLAIN_NS, self.placement)
+        )
 
 
 class Ambient(_Base):
@@ -185,6 +193,7 @@ class Ambient(_Base):
             proxies=proxies,
             tunnel_admin=admin,
             handshake=self._handshake(cluster, workdir, http),
+            server=_server_pids(cluster, MESH_NS, self.placement),
         )
 
     def _handshake(self, cluster: Cluster, workdir: Path, http: Endpoint) -> HandshakeTarget:
@@ -227,8 +236,13 @@ class Relay(_Base):
     same-node: both on node1), the same two user-space hops as ambient without TLS."""
 
     name = "relay"
-    FIRST = {HTTP_PORT: 6080, SINK_PORT: 6001}  # ports of the first relay (client side)
-    SECOND = {HTTP_PORT: 7080, SINK_PORT: 7001}  # of the second (server side)
+    # Ports of the first relay (client side) and of the second (server side), per
+    # placement: both placements' relays run at once (every scenario stays up for the
+    # whole run), and both first relays listen on node1's address.
+    PORTS = {
+        "cross-node": ({HTTP_PORT: 6080, SINK_PORT: 6001}, {HTTP_PORT: 7080, SINK_PORT: 7001}),
+        "same-node": ({HTTP_PORT: 6180, SINK_PORT: 6101}, {HTTP_PORT: 7180, SINK_PORT: 7101}),
+    }
 
     def __init__(self, placement: str) -> None:
         super().__init__(placement)
@@ -246,9 +260,10 @@ class Relay(_Base):
         lay = cluster.layout
         first, second = lay.node(CLIENT_NODE), lay.node(SERVER_NODE[self.placement])
         server_ip = str(lay.pod(PLAIN_NS, SERVER_POD[self.placement]).ip)
+        first_ports, second_ports = self.PORTS[self.placement]
         hops = [
-            ("relay-b", second.netns_path, str(second.ip), self.SECOND, server_ip, None),
-            ("relay-a", first.netns_path, str(first.ip), self.FIRST, str(second.ip), self.SECOND),
+            ("relay-b", second.netns_path, str(second.ip), second_ports, server_ip, None),
+            ("relay-a", first.netns_path, str(first.ip), first_ports, str(second.ip), second_ports),
         ]
         for name, netns, ip, ports, to_ip, to_ports in hops:
             argv = [sys.executable, str(RELAY), "--bind", ip]
@@ -268,12 +283,15 @@ class Relay(_Base):
             )
             for lport in ports.values():
                 _wait_listening(netns, ip, lport)
+            if not self._procs[-1].alive():  # the port may be another's: this one is gone
+                raise BenchError(f"relay: {name}-{self.placement} exited; see its log")
         netns = cluster.pod_netns(PLAIN_NS, CLIENT_POD)
         entry = str(first.ip)
         return Running(
-            http=Endpoint(netns, entry, self.FIRST[HTTP_PORT]),
-            bulk=Endpoint(netns, entry, self.FIRST[SINK_PORT]),
+            http=Endpoint(netns, entry, first_ports[HTTP_PORT]),
+            bulk=Endpoint(netns, entry, first_ports[SINK_PORT]),
             proxies={"relay-a": [self._procs[1].pid], "relay-b": [self._procs[0].pid]},
+            server=_server_pids(cluster, PLAIN_NS, self.placement),
         )
 
     def stop(self) -> None:

@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import round_table
 from .hist import Histogram
+from .rounds import Spread, spread
 
 BASELINE = "none"
 SIDECAR = "sidecar"
@@ -64,11 +66,14 @@ def flatten(run: dict[str, Any]) -> dict[str, float]:
         out["idle_rss_mb_max_proxy"] = max(r for r in rss if r is not None) / 1024
     put("waypoint_idle_rss_mb", idle.get(WAYPOINT_ROLE, {}).get("rss_kb"), 1 / 1024)
     for rate, ph in run.get("http", {}).items():
+        if not isinstance(ph, dict) or ph.get("excluded"):
+            continue  # a round whose baseline was disturbed: recorded, not counted
         lat = ph.get("latency_ms", {})
         for p in ("p50", "p90", "p99", "p999"):
             put(f"{p}_ms@{rate}", lat.get(p))
         put(f"achieved_rps@{rate}", ph.get("achieved_rps"))
         put(f"unanswered@{rate}", ph.get("unanswered"))
+        put(f"client_cores@{rate}", ph.get("client_cpu_cores"))
         c = ph.get("costs", {})
         put(f"cpu_s_per_1000@{rate}", c.get("total", {}).get("cpu_s_per_1000_req"))
         put(f"rss_mb@{rate}", c.get("total", {}).get("rss_kb"), 1 / 1024)
@@ -90,9 +95,8 @@ def flatten(run: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def aggregate(runs: Iterable[dict[str, Any]]) -> Agg:
-    """Per scenario and placement, the median over rounds of each metric; for idle RSS the
-    smallest (the round in which the placement ran first saw the proxies cold)."""
+def collect(runs: Iterable[dict[str, Any]]) -> dict[tuple[str, str], dict[str, list[float]]]:
+    """Per scenario and placement, each metric's values over the counted rounds."""
     acc: dict[tuple[str, str], dict[str, list[float]]] = {}
     for run in runs:
         if run.get("error"):
@@ -100,6 +104,46 @@ def aggregate(runs: Iterable[dict[str, Any]]) -> Agg:
         key = (str(run["scenario"]), str(run["placement"]))
         for m, v in flatten(run).items():
             acc.setdefault(key, {}).setdefault(m, []).append(v)
+    return acc
+
+
+def spreads(runs: Iterable[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Spread]]:
+    """Per scenario and placement, each metric's median and min..max over counted rounds."""
+    out: dict[tuple[str, str], dict[str, Spread]] = {}
+    for k, ms in collect(runs).items():
+        for m, vs in ms.items():
+            sp = spread(vs)
+            if sp is not None:
+                out.setdefault(k, {})[m] = sp
+    return out
+
+
+def paired_added(
+    runs: Iterable[dict[str, Any]], scenario: str, base: str, placement: str, rate: str
+) -> list[float]:
+    """The p99 `scenario` adds over `base` in each counted round (same round and attempt:
+    both were measured side by side, under the same load of the machine)."""
+    p99: dict[tuple[str, int, int], float] = {}
+    for run in runs:
+        ph = run.get("http", {}).get(rate)
+        if run.get("error") or run.get("placement") != placement or not isinstance(ph, dict):
+            continue
+        v = _num(ph.get("latency_ms", {}).get("p99"))
+        if v is None or ph.get("excluded") or ph.get("error"):
+            continue
+        p99[(str(run["scenario"]), int(run.get("round", 0)), int(run.get("attempt", 0)))] = v
+    return [
+        v - p99[(base, r, a)]
+        for (s, r, a), v in sorted(p99.items())
+        if s == scenario and (base, r, a) in p99
+    ]
+
+
+def aggregate(runs: Iterable[dict[str, Any]]) -> Agg:
+    """Per scenario and placement, the median over rounds of each metric; for idle RSS the
+    smallest (older documents: the round in which the placement ran first saw the proxies
+    cold)."""
+    acc = collect(runs)
     return {
         k: {
             m: (min(vs) if m.startswith("idle_rss") else statistics.median(vs))
@@ -113,7 +157,7 @@ def merged_hists(runs: Iterable[dict[str, Any]], rate: str) -> dict[tuple[str, s
     out: dict[tuple[str, str], Histogram] = {}
     for run in runs:
         ph = run.get("http", {}).get(rate)
-        if run.get("error") or not ph or "hist_ns" not in ph:
+        if run.get("error") or not ph or "hist_ns" not in ph or ph.get("excluded"):
             continue
         key = (str(run["scenario"]), str(run["placement"]))
         out.setdefault(key, Histogram()).merge(Histogram.from_json(ph["hist_ns"]))
@@ -142,6 +186,7 @@ class TargetResult:
     limit: float
     at_least: bool  # True: value >= limit is met; False: value <= limit is met
     unit: str
+    spread: Spread | None = None  # over rounds, when the value is a median of rounds
 
     @property
     def met(self) -> bool | None:
@@ -150,21 +195,33 @@ class TargetResult:
         return self.value >= self.limit if self.at_least else self.value <= self.limit
 
 
-def targets(agg: Agg, rate: int = REF_RATE) -> list[TargetResult]:
+def targets(
+    agg: Agg, rate: int = REF_RATE, runs: list[dict[str, Any]] | None = None
+) -> list[TargetResult]:
+    """The targets, judged on medians over rounds. Given the runs, an added p99 is the
+    median of the per-round differences (each round's pair measured side by side);
+    without, the difference of the two medians."""
     out: list[TargetResult] = []
     r = str(rate)
+    sps = spreads(runs) if runs else {}
     for pl in PLACEMENTS:
         amb, none = agg.get((AMBIENT, pl)), agg.get((BASELINE, pl))
         if amb is None:
-            out.extend(waypoint_targets(agg, pl, rate))
+            out.extend(waypoint_targets(agg, pl, rate, runs))
             continue
         rel, side = agg.get((RELAY, pl), {}), agg.get((SIDECAR, pl))
         base = none or {}
 
         def t(
-            name: str, v: float | None, limit: float, at_least: bool, unit: str, pl: str = pl
+            name: str,
+            v: float | None,
+            limit: float,
+            at_least: bool,
+            unit: str,
+            pl: str = pl,
+            sp: Spread | None = None,
         ) -> None:
-            out.append(TargetResult(name, pl, v, limit, at_least, unit))
+            out.append(TargetResult(name, pl, v, limit, at_least, unit, sp))
 
         t(
             "ambient / relay throughput",
@@ -180,10 +237,11 @@ def targets(agg: Agg, rate: int = REF_RATE) -> list[TargetResult]:
             True,
             "x",
         )
-        added = _diff(amb.get(f"p99_ms@{r}"), base.get(f"p99_ms@{r}"))
-        t(f"ambient added p99 at {rate} rps", added, 0.15, False, "ms")
+        added = _added(runs, AMBIENT, BASELINE, pl, r, agg)
+        added_sp = spread(paired_added(runs, AMBIENT, BASELINE, pl, r)) if runs else None
+        t(f"ambient added p99 at {rate} rps", added, 0.15, False, "ms", sp=added_sp)
         if side is not None:
-            side_added = _diff(side.get(f"p99_ms@{r}"), base.get(f"p99_ms@{r}"))
+            side_added = _added(runs, SIDECAR, BASELINE, pl, r, agg)
             # Below zero, ambient's added latency is lost in the noise: count it as none.
             lat_ratio = (
                 ratio(max(0.0, added), side_added)
@@ -199,29 +257,44 @@ def targets(agg: Agg, rate: int = REF_RATE) -> list[TargetResult]:
             0.1,
             False,
             "vCPU",
+            sp=sps.get((AMBIENT, pl), {}).get(f"tunnel_cpu_s_per_1000_max@{r}"),
         )
         t("tunnel idle RSS (largest tunnel)", amb.get("idle_rss_mb_max_proxy"), 40.0, False, "MB")
         t("memory per open connection (all tunnels)", amb.get("kb_per_conn"), 8.0, False, "KB")
-        out.extend(waypoint_targets(agg, pl, rate))
+        out.extend(waypoint_targets(agg, pl, rate, runs))
     return out
 
 
-def waypoint_targets(agg: Agg, pl: str, rate: int = REF_RATE) -> list[TargetResult]:
+def _added(
+    runs: list[dict[str, Any]] | None, scenario: str, base: str, pl: str, r: str, agg: Agg
+) -> float | None:
+    if runs is not None:
+        sp = spread(paired_added(runs, scenario, base, pl, r))
+        return None if sp is None else sp.median
+    return _diff(
+        agg.get((scenario, pl), {}).get(f"p99_ms@{r}"), agg.get((base, pl), {}).get(f"p99_ms@{r}")
+    )
+
+
+def waypoint_targets(
+    agg: Agg, pl: str, rate: int = REF_RATE, runs: list[dict[str, Any]] | None = None
+) -> list[TargetResult]:
     """The waypoint's targets in one placement (none without an ambient-waypoint row):
     its own CPU per 1000 rps, the p99 it adds over ambient L4, its idle RSS."""
     wp = agg.get((WAYPOINT, pl))
     if wp is None:
         return []
     r = str(rate)
-    amb = agg.get((AMBIENT, pl), {})
+    cpu_sp = spreads(runs).get((WAYPOINT, pl), {}) if runs else {}
+    added_sp = spread(paired_added(runs, WAYPOINT, AMBIENT, pl, r)) if runs else None
     return [
         TargetResult(
             "waypoint vCPU per 1000 rps", pl, wp.get(f"waypoint_cpu_s_per_1000@{r}"), 0.25,
-            False, "vCPU",
+            False, "vCPU", cpu_sp.get(f"waypoint_cpu_s_per_1000@{r}"),
         ),
         TargetResult(
             f"waypoint added p99 over ambient L4 at {rate} rps", pl,
-            _diff(wp.get(f"p99_ms@{r}"), amb.get(f"p99_ms@{r}")), 1.0, False, "ms",
+            _added(runs, WAYPOINT, AMBIENT, pl, r, agg), 1.0, False, "ms", added_sp,
         ),
         TargetResult("waypoint idle RSS", pl, wp.get("waypoint_idle_rss_mb"), 60.0, False, "MB"),
     ]  # fmt: skip
@@ -250,6 +323,12 @@ def metrics_for(rates: Iterable[str]) -> list[Metric]:
             Metric(f"p99_ms@{r}", f"p99 latency at {r} rps", "ms"),
             Metric(f"p999_ms@{r}", f"p99.9 latency at {r} rps", "ms"),
             Metric(f"achieved_rps@{r}", f"Achieved rate at {r} rps", "req/s", ".0f"),
+            Metric(
+                f"client_cores@{r}",
+                f"Load generator CPU at {r} rps (cores busy; above 0.8 it is saturated)",
+                "cores",
+                ".2f",
+            ),
             Metric(f"cpu_s_per_1000@{r}", f"Proxy CPU per 1000 requests at {r} rps", "CPU s"),
             Metric(f"rss_mb@{r}", f"Proxy RSS after {r} rps", "MB", ".1f"),
             Metric(
@@ -296,7 +375,21 @@ def _cell(v: float | None, fmt: str) -> str:
     return "n/a" if v is None else format(v, fmt)
 
 
-def metric_table(agg: Agg, m: Metric, placements: list[str]) -> str:
+def _spread_cell(v: float | None, sp: Spread | None, fmt: str) -> str:
+    """The median, and min..max beside it when rounds differ."""
+    if v is None or sp is None or sp.n < 2:
+        return _cell(v, fmt)
+    return f"{format(v, fmt)} ({format(sp.low, fmt)}..{format(sp.high, fmt)})"
+
+
+def metric_table(
+    agg: Agg,
+    m: Metric,
+    placements: list[str],
+    sps: dict[tuple[str, str], dict[str, Spread]] | None = None,
+) -> str:
+    """One metric, a row per scenario; for metrics measured per round (`...@rate`) with
+    `sps`, each median carries its min..max over rounds."""
     names = scenario_order({s for s, _ in agg})
     has_sidecar = any((SIDECAR, p) in agg for p in placements)
     head = ["scenario"]
@@ -307,7 +400,11 @@ def metric_table(agg: Agg, m: Metric, placements: list[str]) -> str:
         row = [s]
         for p in placements:
             v = agg.get((s, p), {}).get(m.key)
-            row += [_cell(v, m.fmt), _cell(ratio(v, agg.get((BASELINE, p), {}).get(m.key)), ".2f")]
+            sp = (sps or {}).get((s, p), {}).get(m.key) if "@" in m.key else None
+            row += [
+                _spread_cell(v, sp, m.fmt),
+                _cell(ratio(v, agg.get((BASELINE, p), {}).get(m.key)), ".2f"),
+            ]
             if has_sidecar:
                 side = agg.get((SIDECAR, p), {}).get(m.key) if s == AMBIENT else None
                 row.append(_cell(ratio(v, side), ".2f"))
@@ -316,12 +413,20 @@ def metric_table(agg: Agg, m: Metric, placements: list[str]) -> str:
 
 
 def targets_table(ts: list[TargetResult]) -> str:
-    lines = ["| target | placement | measured | limit | verdict |", "|---|---|---|---|---|"]
+    lines = [
+        "| target | placement | measured (median) | spread over rounds | limit | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
     for t in ts:
         verdict = {True: "met", False: "**not met**", None: "not measured"}[t.met]
         op = ">=" if t.at_least else "<="
+        sp = (
+            f"{t.spread.low:.3f}..{t.spread.high:.3f} ({t.spread.n} rounds)"
+            if t.spread is not None and t.spread.n > 1
+            else ""
+        )
         lines.append(
-            f"| {t.name} | {t.placement} | {_cell(t.value, '.3f')} {t.unit} "
+            f"| {t.name} | {t.placement} | {_cell(t.value, '.3f')} {t.unit} | {sp} "
             f"| {op} {t.limit:g} {t.unit} | {verdict} |"
         )
     return "\n".join(lines)
@@ -397,9 +502,47 @@ def earlier_section(earlier: dict[str, Any]) -> str:
     return "\n".join(lines) if lines else "(not run)"
 
 
+def rounds_section(doc: dict[str, Any], placements: list[str], rates: list[str]) -> list[str]:
+    """How far this run's figures can be trusted: the CPU layout, the baseline's spread
+    over rounds (the yardstick for comparing runs), disturbed rounds, saturated steps."""
+    runs = doc.get("runs", [])
+    sps = spreads(runs)
+    lines = [
+        "## Rounds, spread and the machine",
+        "",
+        f"CPU layout (the same for every scenario): {doc.get('cpu_layout', 'not recorded')}.",
+        "",
+        "Spread of the `none` baseline's p99 over the counted rounds (median, min..max). "
+        "Another run (quick against full, or a later one) agrees with this one where their "
+        "min..max ranges overlap; a difference smaller than these ranges is the machine's.",
+        "",
+        "| placement | rps | none p99 median ms | min..max ms | rounds |",
+        "|---|---|---|---|---|",
+    ]
+    for pl in placements:
+        for r in rates:
+            sp = sps.get((BASELINE, pl), {}).get(f"p99_ms@{r}")
+            if sp is not None:
+                lines.append(
+                    f"| {pl} | {r} | {sp.median:.3f} | {sp.low:.3f}..{sp.high:.3f} | {sp.n} |"
+                )
+    flagged = round_table.disturbed_notes(runs)
+    lines += ["", "Disturbed baselines:" if flagged else "Disturbed baselines: none.", ""]
+    lines += [f"- {n}" for n in flagged] + ([""] if flagged else [])
+    sat = round_table.saturation_notes(runs)
+    lines += [
+        "Load generator saturated (> 0.8 core over a rate step):" if sat else
+        "Load generator saturated (> 0.8 core over a rate step): never.",
+        "",
+    ]  # fmt: skip
+    lines += [f"- {n}" for n in sat] + ([""] if sat else [])
+    return lines
+
+
 def render(doc: dict[str, Any], plots: list[str]) -> str:
     runs = doc.get("runs", [])
     agg = aggregate(runs)
+    sps = spreads(runs)
     placements = [p for p in PLACEMENTS if any(k[1] == p for k in agg)]
     rates = sorted({r for run in runs for r in run.get("http", {})}, key=float)
     params = doc.get("params", {})
@@ -414,8 +557,9 @@ def render(doc: dict[str, Any], plots: list[str]) -> str:
         "",
         "## Targets",
         "",
-        targets_table(targets(agg)),
+        targets_table(targets(agg, runs=runs)),
         "",
+        *rounds_section(doc, placements, rates),
     ]
     wp = waypoint_table(agg, rates, placements)
     if wp:
@@ -434,7 +578,19 @@ def render(doc: dict[str, Any], plots: list[str]) -> str:
     for m in metrics_for(rates):
         if not any(m.key in v for v in agg.values()):
             continue
-        out += [f"## {m.title}", "", metric_table(agg, m, placements), ""]
+        out += [f"## {m.title}", "", metric_table(agg, m, placements, sps), ""]
+    per_round = round_table.per_round_table(runs, scenario_order)
+    if per_round:
+        out += [
+            "## Latency and cost per round",
+            "",
+            "Each round's value (a round's repeats joined by ` / `; ~~struck~~: left out, "
+            "its `none` baseline was disturbed; `!`: kept though disturbed, no repeat left), "
+            "the median over the counted rounds and their min..max.",
+            "",
+            per_round,
+            "",
+        ]
     notes = [f"- {s['scenario']}: skipped ({s['reason']})" for s in doc.get("skipped", [])]
     notes += [
         f"- {r['scenario']} {r['placement']} round {r.get('round')}: failed ({r['error']})"

@@ -10,7 +10,7 @@ inside it, import relatively (`from .scenario import Endpoint, Running`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -62,6 +62,9 @@ class Running:
     tunnel_admin: tuple[str, str] | None = None
     # Where new mTLS handshakes are measured; None: the scenario has no mTLS.
     handshake: HandshakeTarget | None = None
+    # The server app's pids (the harness pins them as it pins the load generator); empty:
+    # not known, left where the scheduler puts them.
+    server: list[int] = field(default_factory=list)
 
 
 class Scenario(Protocol):

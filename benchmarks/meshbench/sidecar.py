@@ -88,6 +88,7 @@ class SidecarScenario:
             # The client's sidecar is our tunnel too: its admin port, in the client pod.
             tunnel_admin=(client_netns, f"127.0.0.1:{ADMIN_PORT}"),
             handshake=handshake,
+            server=sc.server_pids(cluster),
         )
 
     def _handshake(

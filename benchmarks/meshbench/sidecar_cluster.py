@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from localcluster import mesh
-from localcluster.apps import INHERITED_ENV
+from localcluster.apps import INHERITED_ENV, process_name
 
 PLACEMENTS = ("cross-node", "same-node")
 NAMESPACE = "bench"
@@ -114,6 +114,12 @@ def base_env() -> dict[str, str]:
 
 def pod_ip(cluster: mesh.Cluster, name: str) -> str:
     return str(cluster.layout.pod(NAMESPACE, name).ip)
+
+
+def server_pids(cluster: mesh.Cluster) -> list[int]:
+    """The server pod's app process, if it runs (for CPU pinning; empty otherwise)."""
+    rec = mesh.process_record(cluster, process_name(NAMESPACE, SERVER_POD))
+    return [] if rec is None else [rec.pid]
 
 
 def pod_netns(cluster: mesh.Cluster, name: str) -> str:
