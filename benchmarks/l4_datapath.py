@@ -9,7 +9,11 @@ Paths (client pod on node1, server pod on node2, see bench-cluster.yaml):
 Per path and round (--rounds, paths interleaved; the table shows medians over rounds):
 single-connection throughput (up to --bytes, stopped after --seconds) and 1 KB echo
 latency, open loop at a fixed --rate over one keep-alive connection. Only ratios taken in
-the same run mean anything (absolute numbers drift between runs on a VM).
+the same run mean anything (absolute numbers drift between runs on a VM). During the
+throughput run, the CPU of each hop's process (the two tunnels, the two relays, the
+server app) is read from /proc and given as seconds per GB, user and system apart: on a
+shared machine that, not the wall rate, says what a byte costs. With --profile DIR the
+tunnels run under cProfile (meshcore.runtime.profiling) and leave their profiles there.
 
 Invariants: needs root; uses its own state root (a temp dir) and always tears the cluster
 down, also on SIGINT or SIGTERM (then it exits 130 / 143); every process it starts is
@@ -36,12 +40,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import cpusplit  # benchmarks/, beside this script
+
 import nsutil
-from localcluster.apps import INHERITED_ENV
+from localcluster.apps import INHERITED_ENV, process_name
 from localcluster.interrupt import run_interruptible
-from localcluster.mesh import Cluster, MeshUpError, down, up
-from localcluster.processes import ManagedProcess, spawn_in_netns
+from localcluster.mesh import Cluster, MeshUpError, down, tunnel_name, up
+from localcluster.processes import ManagedProcess, read_records, spawn_in_netns
 from meshcore.defaults import TUNNEL_MARK
+from meshcore.runtime.profiling import PROFILE_ENV
 
 HERE = Path(__file__).resolve().parent
 CLUSTER_FILE = HERE / "bench-cluster.yaml"
@@ -85,6 +92,8 @@ class Target:
     host: str
     sink_port: int
     echo_port: int
+    # The processes a byte of this path goes through, by role: their CPU per GB is reported.
+    procs: tuple[tuple[str, int], ...] = ()
 
 
 # --- pure: ratios and the table ----------------------------------------------------------
@@ -127,6 +136,20 @@ def format_table(results: dict[str, dict[str, dict[str, float]]], r: dict[str, f
     return "\n".join(lines)
 
 
+def format_cpu(results: dict[str, dict[str, dict[str, float]]]) -> str:
+    """CPU seconds per GB of each hop's process during the throughput run, user | system."""
+    head = f"{'path':<8} {'process':<12} {'user s/GB':>10} {'sys s/GB':>10} {'total s/GB':>11}"
+    lines = [head, "-" * len(head)]
+    for name, res in results.items():
+        cpu = res.get("cpu_per_gb", {})
+        for role in dict.fromkeys(k.split(".", 1)[0] for k in cpu):
+            user, system = cpu[f"{role}.user_s_per_gb"], cpu[f"{role}.system_s_per_gb"]
+            lines.append(
+                f"{name:<8} {role:<12} {user:>10.2f} {system:>10.2f} {user + system:>11.2f}"
+            )
+    return "\n".join(lines)
+
+
 # --- I/O -----------------------------------------------------------------------------------
 
 
@@ -165,12 +188,16 @@ def measure(target: Target, p: Params) -> dict[str, dict[str, float]]:
     print(f"  [{target.name}] warm-up", flush=True)
     run_client(target, "throughput", ["--bytes", str(1 << 20), "--seconds", "5"], 30.0)
     print(f"  [{target.name}] throughput", flush=True)
+    pids = dict(target.procs)
+    before = cpusplit.sample(pids)
     tput = run_client(
         target,
         "throughput",
         ["--bytes", str(p.bytes), "--seconds", str(p.seconds)],
         p.seconds + 60.0,
     )
+    # The client waits for the server's last acknowledgement: every hop has done its work.
+    cpu = cpusplit.costs(before, cpusplit.sample(pids), tput["bytes"])
     print(f"[{target.name}] latency", flush=True)
     lat = run_client(
         target,
@@ -178,7 +205,12 @@ def measure(target: Target, p: Params) -> dict[str, dict[str, float]]:
         ["--rate", str(p.rate), "--seconds", str(p.latency_seconds), "--size", str(p.size)],
         p.latency_seconds + 60.0,
     )
-    return {"throughput": tput, "latency": lat}
+    return {"throughput": tput, "latency": lat, "cpu_per_gb": _flat(cpu)}
+
+
+def _flat(cpu: dict[str, dict[str, float]]) -> dict[str, float]:
+    """{role: {metric: v}} as {"role.metric": v}: every result kind is one flat mapping."""
+    return {f"{role}.{metric}": v for role, m in cpu.items() for metric, v in m.items()}
 
 
 def _wait_listening(netns_path: str, host: str, port: int, timeout: float = 10.0) -> None:
@@ -254,12 +286,18 @@ def stop_all(procs: list[ManagedProcess]) -> None:
 
 def run(p: Params, cluster: Cluster) -> list[dict[str, dict[str, dict[str, float]]]]:
     lay = cluster.layout
+    pid = {r.name: r.pid for r in read_records(cluster.state.pidfile_dir)}
+    relays = start_relays(cluster)
+    relay_pid = {proc.record.name: proc.pid for proc in relays}
+    plain_app = ("server-app", pid[process_name(PLAIN_NS, SERVER_POD)])
+    # Roles by side: node1's hop is the client side, node2's the server side.
     direct = Target(
         "direct",
         lay.pod(PLAIN_NS, CLIENT_POD).netns_path,
         str(lay.pod(PLAIN_NS, SERVER_POD).ip),
         SINK_PORT,
         ECHO_PORT,
+        (plain_app,),
     )
     tunnel = Target(
         "tunnel",
@@ -267,12 +305,25 @@ def run(p: Params, cluster: Cluster) -> list[dict[str, dict[str, dict[str, float
         str(lay.pod(MESH_NS, SERVER_POD).ip),
         SINK_PORT,
         ECHO_PORT,
+        (
+            ("client-side", pid[tunnel_name("node1")]),
+            ("server-side", pid[tunnel_name("node2")]),
+            ("server-app", pid[process_name(MESH_NS, SERVER_POD)]),
+        ),
     )
     relay = Target(
-        "relay", direct.client_netns, str(lay.node("node1").ip), RELAY_SINK_PORT, RELAY_ECHO_PORT
+        "relay",
+        direct.client_netns,
+        str(lay.node("node1").ip),
+        RELAY_SINK_PORT,
+        RELAY_ECHO_PORT,
+        (
+            ("client-side", relay_pid["relay-node1"]),
+            ("server-side", relay_pid["relay-node2"]),
+            plain_app,
+        ),
     )
     rounds: list[dict[str, dict[str, dict[str, float]]]] = []
-    relays = start_relays(cluster)
     try:
         # Paths interleaved round by round, so drift in the machine's load (it is shared)
         # spreads over all paths instead of biasing the one measured last.
@@ -290,10 +341,14 @@ def median_results(
     """Per path and metric, the median over rounds (robust to one disturbed round)."""
     out: dict[str, dict[str, dict[str, float]]] = {}
     for path, kinds in rounds[0].items():
-        out[path] = {
-            kind: {m: statistics.median(r[path][kind][m] for r in rounds) for m in metrics}
-            for kind, metrics in kinds.items()
-        }
+        out[path] = {}
+        for kind in kinds:
+            # A metric missing from a round (a process gone mid-run) is left out, not zero.
+            common = set.intersection(*(set(r[path][kind]) for r in rounds))
+            out[path][kind] = {
+                m: statistics.median(r[path][kind][m] for r in rounds)
+                for m in sorted(common, key=list(kinds[kind]).index)
+            }
     return out
 
 
@@ -313,6 +368,13 @@ def main() -> int:
     ap.add_argument("--latency-seconds", type=float, default=5.0, help="latency: duration")
     ap.add_argument("--size", type=int, default=1024, help="latency: request/response bytes")
     ap.add_argument("--rounds", type=int, default=3, help="rounds; the table shows medians")
+    ap.add_argument(
+        "--profile",
+        metavar="DIR",
+        type=Path,
+        help="run the tunnels under cProfile; their profiles land in DIR when they stop "
+        "(the figures of such a run are not measurements)",
+    )
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("l4_datapath: needs root (it builds network namespaces)", file=sys.stderr)
@@ -324,6 +386,10 @@ def main() -> int:
     if not 1 <= args.rounds <= 20:
         print("l4_datapath: --rounds must be 1..20", file=sys.stderr)
         return 2
+    if args.profile is not None:
+        args.profile = args.profile.resolve()
+        args.profile.mkdir(parents=True, exist_ok=True)
+        os.environ[PROFILE_ENV] = str(args.profile)  # inherited by the cluster's processes
     p = Params(args.bytes, args.seconds, args.rate, args.latency_seconds, args.size, args.rounds)
     state_root = Path(tempfile.mkdtemp(prefix="l4bench-"))
     ok = interrupted = False
@@ -373,8 +439,12 @@ def main() -> int:
     print()
     print(format_table(results, r))
     print()
+    print(format_cpu(results))
+    print()
     print(f"raw results: {path}")
     print(f"command: {command}")
+    if args.profile is not None:
+        print(f"profiles: {args.profile} (python -m pstats <file>; sort tottime)")
     return 0
 
 

@@ -13,6 +13,7 @@ import structlog
 
 from meshcore.envconfig import EnvConfigError
 from meshcore.observability import logging as meshlog
+from meshcore.runtime import profiling
 from meshcore.state import MeshConfigError
 
 C = TypeVar("C")
@@ -26,6 +27,7 @@ def run_process(
 ) -> int:
     try:
         cfg = parse(os.environ)
+        profile_dir = profiling.profile_dir(os.environ)
     except EnvConfigError as e:
         print(f"{name}: {e}", file=sys.stderr)
         return 2
@@ -37,7 +39,8 @@ def run_process(
     except ImportError:
         pass
     try:
-        asyncio.run(run(cfg))
+        with profiling.profiled(name, profile_dir):
+            asyncio.run(run(cfg))
     except (MeshConfigError, OSError) as e:
         structlog.get_logger(name).error(f"{name} failed", error=str(e))
         return 1
