@@ -21,24 +21,47 @@ GB = 1e9
 class CpuTimes:
     user: float  # seconds
     system: float
+    # Minor page faults (fresh memory touched: large buffers allocated and freed), and
+    # read/write system calls (libuv moves socket bytes with read/write/writev): counts.
+    minflt: int = 0
+    syscr: int = 0
+    syscw: int = 0
 
     def __sub__(self, other: CpuTimes) -> CpuTimes:
-        return CpuTimes(self.user - other.user, self.system - other.system)
+        return CpuTimes(
+            self.user - other.user,
+            self.system - other.system,
+            self.minflt - other.minflt,
+            self.syscr - other.syscr,
+            self.syscw - other.syscw,
+        )
 
 
 def parse_stat_times(text: str, ticks: int = CLK_TCK) -> CpuTimes:
-    """utime and stime (fields 14 and 15) of a /proc/<pid>/stat line. The command name in
-    parentheses may contain spaces and ')': count from its last closing parenthesis."""
+    """utime and stime (fields 14 and 15) and minflt (field 10) of a /proc/<pid>/stat line.
+    The command name in parentheses may contain spaces and ')': count from its last ')'."""
     rest = text[text.rindex(")") + 2 :].split()
-    return CpuTimes(int(rest[14 - 3]) / ticks, int(rest[15 - 3]) / ticks)
+    return CpuTimes(int(rest[14 - 3]) / ticks, int(rest[15 - 3]) / ticks, int(rest[10 - 3]))
+
+
+def parse_io_calls(text: str) -> tuple[int, int]:
+    """(syscr, syscw) from /proc/<pid>/io."""
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    return int(fields["syscr"]), int(fields["syscw"])
 
 
 def read_times(pid: int) -> CpuTimes | None:
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            return parse_stat_times(f.read())
+            t = parse_stat_times(f.read())
     except (OSError, ValueError, IndexError):
         return None
+    try:  # only the process's owner (or root) may read it: the counts are extra
+        with open(f"/proc/{pid}/io", encoding="ascii") as f:
+            syscr, syscw = parse_io_calls(f.read())
+    except (OSError, ValueError, KeyError):
+        return t
+    return CpuTimes(t.user, t.system, t.minflt, syscr, syscw)
 
 
 def sample(pids: Mapping[str, int]) -> dict[str, CpuTimes | None]:
@@ -46,7 +69,8 @@ def sample(pids: Mapping[str, int]) -> dict[str, CpuTimes | None]:
 
 
 def per_gb(before: CpuTimes, after: CpuTimes, nbytes: float) -> dict[str, float]:
-    """CPU seconds per GB (1e9 bytes) moved between two samples, split and summed."""
+    """CPU seconds per GB (1e9 bytes) moved between two samples, split and summed; page
+    faults and read/write calls per MB (1e6 bytes)."""
     if nbytes <= 0:
         raise ValueError("per_gb: no bytes moved")
     d = after - before
@@ -55,6 +79,9 @@ def per_gb(before: CpuTimes, after: CpuTimes, nbytes: float) -> dict[str, float]
         "user_s_per_gb": d.user * scale,
         "system_s_per_gb": d.system * scale,
         "total_s_per_gb": (d.user + d.system) * scale,
+        "minflt_per_mb": d.minflt * scale / 1000,
+        "reads_per_mb": d.syscr * scale / 1000,
+        "writes_per_mb": d.syscw * scale / 1000,
     }
 
 

@@ -30,6 +30,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -81,6 +82,7 @@ class Params:
     latency_seconds: float
     size: int
     rounds: int
+    perf: Path | None = None  # where `perf record` files go (first round), or None
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,8 +139,12 @@ def format_table(results: dict[str, dict[str, dict[str, float]]], r: dict[str, f
 
 
 def format_cpu(results: dict[str, dict[str, dict[str, float]]]) -> str:
-    """CPU seconds per GB of each hop's process during the throughput run, user | system."""
-    head = f"{'path':<8} {'process':<12} {'user s/GB':>10} {'sys s/GB':>10} {'total s/GB':>11}"
+    """Per hop's process during the throughput run: CPU seconds per GB, user and system,
+    and per MB its minor page faults and read / write system calls."""
+    head = (
+        f"{'path':<8} {'process':<12} {'user s/GB':>10} {'sys s/GB':>10} {'total s/GB':>11}"
+        f" {'faults/MB':>10} {'reads/MB':>9} {'writes/MB':>10}"
+    )
     lines = [head, "-" * len(head)]
     for name, res in results.items():
         cpu = res.get("cpu_per_gb", {})
@@ -146,6 +152,9 @@ def format_cpu(results: dict[str, dict[str, dict[str, float]]]) -> str:
             user, system = cpu[f"{role}.user_s_per_gb"], cpu[f"{role}.system_s_per_gb"]
             lines.append(
                 f"{name:<8} {role:<12} {user:>10.2f} {system:>10.2f} {user + system:>11.2f}"
+                f" {cpu.get(f'{role}.minflt_per_mb', 0.0):>10.1f}"
+                f" {cpu.get(f'{role}.reads_per_mb', 0.0):>9.1f}"
+                f" {cpu.get(f'{role}.writes_per_mb', 0.0):>10.1f}"
             )
     return "\n".join(lines)
 
@@ -184,18 +193,46 @@ def run_client(target: Target, mode: str, args: list[str], timeout: float) -> di
     return {str(k): float(v) for k, v in doc.items()}
 
 
-def measure(target: Target, p: Params) -> dict[str, dict[str, float]]:
+def start_perf(out: Path, path: str, procs: dict[str, int]) -> list[subprocess.Popen[bytes]]:
+    """`perf record` (samples, no call graphs: Python has no frame pointers) on each of the
+    path's proxies, one file per process: where their CPU goes at the C and kernel level."""
+    started = []
+    for role, pid in procs.items():
+        if role == "server-app":
+            continue
+        data = out / f"perf-{path}-{role}.data"
+        argv = ["perf", "record", "-q", "-F", "999", "-p", str(pid), "-o", str(data)]
+        started.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    return started
+
+
+def stop_perf(started: list[subprocess.Popen[bytes]]) -> None:
+    for proc in started:
+        proc.send_signal(signal.SIGINT)  # perf writes its file and exits on SIGINT
+    for proc in started:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def measure(target: Target, p: Params, first: bool = False) -> dict[str, dict[str, float]]:
     print(f"  [{target.name}] warm-up", flush=True)
     run_client(target, "throughput", ["--bytes", str(1 << 20), "--seconds", "5"], 30.0)
     print(f"  [{target.name}] throughput", flush=True)
     pids = dict(target.procs)
+    perf = start_perf(p.perf, target.name, pids) if p.perf is not None and first else []
     before = cpusplit.sample(pids)
-    tput = run_client(
-        target,
-        "throughput",
-        ["--bytes", str(p.bytes), "--seconds", str(p.seconds)],
-        p.seconds + 60.0,
-    )
+    try:
+        tput = run_client(
+            target,
+            "throughput",
+            ["--bytes", str(p.bytes), "--seconds", str(p.seconds)],
+            p.seconds + 60.0,
+        )
+    finally:
+        stop_perf(perf)
     # The client waits for the server's last acknowledgement: every hop has done its work.
     cpu = cpusplit.costs(before, cpusplit.sample(pids), tput["bytes"])
     print(f"[{target.name}] latency", flush=True)
@@ -329,7 +366,7 @@ def run(p: Params, cluster: Cluster) -> list[dict[str, dict[str, dict[str, float
         # spreads over all paths instead of biasing the one measured last.
         for i in range(p.rounds):
             print(f"round {i + 1}/{p.rounds}", flush=True)
-            rounds.append({t.name: measure(t, p) for t in (direct, tunnel, relay)})
+            rounds.append({t.name: measure(t, p, i == 0) for t in (direct, tunnel, relay)})
     finally:
         stop_all(relays)
     return rounds
@@ -375,6 +412,13 @@ def main() -> int:
         help="run the tunnels under cProfile; their profiles land in DIR when they stop "
         "(the figures of such a run are not measurements)",
     )
+    ap.add_argument(
+        "--perf",
+        metavar="DIR",
+        type=Path,
+        help="in the first round, `perf record` each hop's process during the throughput "
+        "run into DIR/perf-<path>-<side>.data (read with perf report --sort dso,sym)",
+    )
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("l4_datapath: needs root (it builds network namespaces)", file=sys.stderr)
@@ -390,7 +434,21 @@ def main() -> int:
         args.profile = args.profile.resolve()
         args.profile.mkdir(parents=True, exist_ok=True)
         os.environ[PROFILE_ENV] = str(args.profile)  # inherited by the cluster's processes
-    p = Params(args.bytes, args.seconds, args.rate, args.latency_seconds, args.size, args.rounds)
+    if args.perf is not None:
+        if shutil.which("perf") is None:
+            print("l4_datapath: --perf needs perf (Debian's linux-perf)", file=sys.stderr)
+            return 2
+        args.perf = args.perf.resolve()
+        args.perf.mkdir(parents=True, exist_ok=True)
+    p = Params(
+        args.bytes,
+        args.seconds,
+        args.rate,
+        args.latency_seconds,
+        args.size,
+        args.rounds,
+        args.perf,
+    )
     state_root = Path(tempfile.mkdtemp(prefix="l4bench-"))
     ok = interrupted = False
     cluster: Cluster | None = None
@@ -426,7 +484,7 @@ def main() -> int:
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
         },
-        "params": asdict(p),
+        "params": {**asdict(p), "perf": str(p.perf) if p.perf else None},
         "results": results,  # medians over the rounds
         "rounds": rounds,
         "ratios": r,

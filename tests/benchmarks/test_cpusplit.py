@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
-from cpusplit import CpuTimes, costs, parse_stat_times, per_gb, read_times
+from cpusplit import CpuTimes, costs, parse_io_calls, parse_stat_times, per_gb, read_times
 
 # A real /proc/<pid>/stat line whose command name holds a space and a ')'.
 STAT = (
@@ -21,13 +21,25 @@ STAT = (
 
 
 def test_utime_and_stime_are_fields_14_and_15_after_the_last_parenthesis() -> None:
-    assert parse_stat_times(STAT, ticks=100) == CpuTimes(2.5, 0.75)
+    assert parse_stat_times(STAT, ticks=100) == CpuTimes(2.5, 0.75, 1000)
+
+
+def test_read_and_write_calls_come_from_proc_io() -> None:
+    text = "rchar: 5\nwchar: 6\nsyscr: 7\nsyscw: 8\nread_bytes: 0\n"
+    assert parse_io_calls(text) == (7, 8)
 
 
 def test_per_gb_scales_the_difference_by_the_bytes_moved() -> None:
-    got = per_gb(CpuTimes(1.0, 2.0), CpuTimes(1.5, 3.0), 2e9)
+    got = per_gb(CpuTimes(1.0, 2.0, 10, 0, 0), CpuTimes(1.5, 3.0, 30, 4000, 2000), 2e9)
     assert got == pytest.approx(
-        {"user_s_per_gb": 0.25, "system_s_per_gb": 0.5, "total_s_per_gb": 0.75}
+        {
+            "user_s_per_gb": 0.25,
+            "system_s_per_gb": 0.5,
+            "total_s_per_gb": 0.75,
+            "minflt_per_mb": 0.01,
+            "reads_per_mb": 2.0,
+            "writes_per_mb": 1.0,
+        }
     )
 
 
