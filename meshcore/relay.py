@@ -19,9 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, cast
 
-from meshcore.hbone.conn import SEND_LOW_WATER, Headers, error_name
-from meshcore.hbone.h2frames import ErrorCode
-from meshcore.hbone.transport import H2Transport, read_buffer_lent
+from meshcore.hbone.conn import MAX_FRAME_SIZE, SEND_LOW_WATER, Headers, error_name
+from meshcore.hbone.h2frames import FRAME_HEADER_LEN, ErrorCode
+from meshcore.hbone.transport import H2Transport, _ReadBuffer, read_buffer_lent
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,8 +77,39 @@ def _lost_reason(exc: Exception | None) -> str:
     return f"connection lost: {exc}" if exc else "closed before both directions ended"
 
 
+# What one read from an app socket may take: the largest DATA frame we announce (a peer of
+# ours accepts as much), so one read is one frame. Four times uvloop's own read size (250
+# KB): a quarter of the reads, flushes and TLS writes per MB.
+APP_READ_SIZE = MAX_FRAME_SIZE
+
+
+class _AppReadBuffer(_ReadBuffer):
+    """The buffer every app socket of the process reads into (a BufferedProtocol), with
+    FRAME_HEADER_LEN bytes of room before the payload.
+
+    As a plain Protocol, each read would be copied into a new bytes object, and the DATA
+    frame's 9-byte header would be a buffer (so a TLS record) of its own. Here the payload
+    lands after the room, the header is written into it, and header and payload go to TLS
+    as one buffer. Shared, and lent like the TLS receive buffer: a sink that leaves a view
+    of it behind (queued in a transport or in a stream's send queue) calls
+    `app_buffer_lent`, and the next read gets another buffer.
+    """
+
+    current: bytearray | None = None
+    lent: list[bytearray] = []  # process-wide by design
+    size = FRAME_HEADER_LEN + APP_READ_SIZE
+
+
+def app_buffer_lent() -> None:
+    """A view of an app read was kept (not sent at once): do not reuse the buffer."""
+    _AppReadBuffer.lend()
+
+
 class _Sink(Protocol):
-    def app_data(self, data: bytes) -> None: ...
+    def app_data(self, data: bytes | memoryview, framed: memoryview | None) -> None:
+        """Bytes read from the app. A view is valid only during the call (see
+        `_AppReadBuffer`); `framed` is the same bytes with FRAME_HEADER_LEN bytes of room
+        in front, or None (bytes held from before the sink was attached)."""
 
     def app_eof(self) -> None: ...
 
@@ -89,12 +120,13 @@ class _Sink(Protocol):
     def app_resume_writing(self) -> None: ...
 
 
-class AppSide(asyncio.Protocol):
+class AppSide(asyncio.BufferedProtocol):
     """A plain TCP connection (the app's, or an upstream's) feeding a sink.
 
-    Until a sink is attached, received bytes are held and reading pauses: that bounds the
-    early data to one read. (uvloop ignores pause_reading inside connection_made, so the
-    pause happens on the first data instead.)
+    Until a sink is attached, received bytes are held (copied) and reading pauses: that
+    bounds the early data to one read. (uvloop ignores pause_reading inside
+    connection_made, so the pause happens on the first data instead.) A BufferedProtocol
+    only: the event loop ignores get_buffer on a class that is also an asyncio.Protocol.
     """
 
     __slots__ = ("early", "eof", "lost", "on_made", "paused_writing", "sink", "transport")
@@ -115,14 +147,20 @@ class AppSide(asyncio.Protocol):
         if on_made is not None:
             on_made(self)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return memoryview(_AppReadBuffer.get())[FRAME_HEADER_LEN:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        # The buffer get_buffer gave: the loop reads and hands over before anything else runs.
+        framed = memoryview(_AppReadBuffer.get())[: FRAME_HEADER_LEN + nbytes]
+        data = framed[FRAME_HEADER_LEN:]
         sink = self.sink
         if sink is not None:
-            sink.app_data(data)
+            sink.app_data(data, framed)
         else:
             if self.early is None:
                 self.early = []
-            self.early.append(data)
+            self.early.append(bytes(data))
             assert self.transport is not None
             self.transport.pause_reading()
 
@@ -152,7 +190,7 @@ class AppSide(asyncio.Protocol):
         self.sink = sink
         early, self.early = self.early, None
         for chunk in early or ():
-            sink.app_data(chunk)
+            sink.app_data(chunk, None)
         if self.eof:
             sink.app_eof()
         if self.lost is not False:
@@ -296,11 +334,18 @@ class HboneSplice(_Ends):
 
     # ---- _Sink: the TCP side -----------------------------------------------------------
 
-    def app_data(self, data: bytes) -> None:
+    def app_data(self, data: bytes | memoryview, framed: memoryview | None) -> None:
         self.sent += len(data)
-        more = self.h2.conn.send_data(self.sid, data)
-        self.h2.flush()
-        if not more or self.h2.write_paused:
+        h2 = self.h2
+        more = h2.conn.send_data(self.sid, data, framed)
+        h2.flush()
+        # Still holding the bytes: the stream's queue (no window yet), or a transport that
+        # could not take them at once (TLS encrypts at once; this is for plain HTTP/2).
+        if h2.conn.pending(self.sid) or (
+            h2.transport is not None and h2.transport.get_write_buffer_size()
+        ):
+            app_buffer_lent()
+        if not more or h2.write_paused:
             self.pause_producing()
 
     def app_eof(self) -> None:
@@ -383,11 +428,13 @@ class _TcpEnd:
         self.peer = peer
         self.counter = counter
 
-    def app_data(self, data: bytes) -> None:
+    def app_data(self, data: bytes | memoryview, framed: memoryview | None) -> None:
         self.pipe.count(self.counter, len(data))
         t = self.peer.transport
         assert t is not None
         t.write(data)
+        if t.get_write_buffer_size():
+            app_buffer_lent()  # the transport may hold this view of the read buffer
 
     def app_eof(self) -> None:
         t = self.peer.transport

@@ -42,6 +42,7 @@ from meshcore.hbone.h2frames import (
     FrameType,
     Setting,
     frame_header,
+    frame_header_into,
     goaway,
     parse_header,
     ping,
@@ -283,8 +284,15 @@ class H2Connection:
             st.local_closed = True
             self._maybe_forget(st)
 
-    def send_data(self, sid: int, data: bytes | memoryview) -> bool:
-        """Queue bytes on a stream. Returns False when the producer should pause."""
+    def send_data(
+        self, sid: int, data: bytes | memoryview, framed: memoryview | None = None
+    ) -> bool:
+        """Queue bytes on a stream. Returns False when the producer should pause.
+
+        `framed`, if given, is `data` preceded by FRAME_HEADER_LEN bytes of room: when the
+        bytes go out at once as one frame, its header is written there and the frame is
+        one buffer (the TLS layer then makes it one run of records, not a 9-byte record of
+        its own and then the payload's)."""
         st = self.streams.get(sid)
         if st is None or st.local_closed or st.end_queued or self.closed:
             return True  # the stream is gone; the owner learns that through on_reset
@@ -297,8 +305,12 @@ class H2Connection:
                 st.send_window -= n
                 self._send_window -= n
                 self.data_out += n
-                self.out.append(frame_header(n, FrameType.DATA, 0, sid))
-                self.out.append(data)
+                if framed is not None:
+                    frame_header_into(framed, n, FrameType.DATA, 0, sid)
+                    self.out.append(framed)
+                else:
+                    self.out.append(frame_header(n, FrameType.DATA, 0, sid))
+                    self.out.append(data)
                 return True
             mv = data if isinstance(data, memoryview) else memoryview(data)
             if st.pending is None:

@@ -175,3 +175,59 @@ def test_a_slow_app_gets_every_byte_exactly_while_other_streams_reuse_the_read_b
             assert got[name].hexdigest() == want[name].hexdigest(), name
 
     aio.run(main)
+
+
+def test_app_bytes_arrive_exactly_while_stream_queues_hold_views_of_the_read_buffer(
+    aio: Loop,
+) -> None:
+    """Reads from apps land in one buffer shared by every app connection and go on as
+    views of it. When the peer returns no credit, such a view waits in the stream's send
+    queue; the next read (this stream's or another's) must then go elsewhere, or the
+    queued bytes would be overwritten before they are sent."""
+    total = 12 * MB  # three stream windows: the queue fills while credit is held back
+
+    def chunks(seed: int) -> list[bytes]:
+        out, size, i = [], 0, 0
+        while size < total:  # distinct bytes per chunk: an overwritten view would show
+            out.append(bytes([(i * 7 + seed) % 251]) * 65521 + i.to_bytes(8, "big"))
+            size += 65529
+            i += 1
+        return out
+
+    data = {"a": chunks(1), "b": chunks(2)}
+
+    def source(name: str) -> Callable[..., Awaitable[None]]:
+        async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            for chunk in data[name]:
+                w.write(chunk)
+                await w.drain()
+            w.write_eof()
+            await r.read()  # until the tunnel closes its side
+            w.close()
+
+        return serve
+
+    async def main() -> None:
+        apps = {name: await app_port(aio, source(name)) for name in data}
+        client, _ = await hbone_pair(aio, apps)
+        recs: dict[str, StreamRec] = {}
+        acked = dict.fromkeys(apps, 0)
+        for name in apps:
+            rec = recs[name] = StreamRec(client.conn, auto_ack=False)
+            rec.sid = client.open_stream(connect_request(name), rec)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while not all(rec.ended for rec in recs.values()):
+            assert loop.time() < deadline, "the streams did not end in 60 s"
+            await asyncio.sleep(0.005)  # a slow reader: credit comes back in batches
+            for name, rec in recs.items():
+                if len(rec.data) > acked[name]:
+                    client.conn.ack(rec.sid, len(rec.data) - acked[name])
+                    acked[name] = len(rec.data)
+            client.flush()
+        for name, rec in recs.items():
+            want = b"".join(data[name])
+            assert len(rec.data) == len(want), name
+            assert hashlib.sha256(rec.data).digest() == hashlib.sha256(want).digest(), name
+
+    aio.run(main)

@@ -264,3 +264,42 @@ def test_drain_refuses_new_streams_and_lets_open_ones_finish() -> None:
     assert data_frame(1, b"bye") in wire
     assert wire.endswith(data_frame(1, end_stream=True))
     assert server.drained
+
+
+def test_a_framed_send_is_one_buffer_that_a_reference_peer_reads_as_the_data() -> None:
+    """A payload with room for its frame header in front leaves as one buffer (one run of
+    TLS records); the h2 library must read it as the DATA it is. Past the window it is
+    queued like any other send, and what waits is exactly the payload."""
+    server = h2_server()
+    server.initiate_connection()
+    ours = H2Connection(client=True, handler=Recorder())
+    ours.initiate()
+    pump_to_theirs(ours, server)
+    pump_to_ours(server, ours)
+    stream = StreamRec(ours)
+    stream.sid = ours.open_stream(CONNECT, stream)
+    pump_to_theirs(ours, server)
+    server.send_headers(stream.sid, STATUS_OK)
+    pump_to_ours(server, ours)
+
+    buf = bytearray(9 + 1000)
+    buf[9:] = bytes(range(200)) * 5
+    framed = memoryview(buf)
+    ours.send_data(stream.sid, framed[9:], framed)
+    out = ours.take_output()
+    assert len(out) == 1 and out[0].obj is buf  # type: ignore[union-attr]
+    events = server.receive_data(bytes(out[0]))
+    data = [e for e in events if isinstance(e, h2.events.DataReceived)]
+    assert [bytes(e.data) for e in data] == [bytes(buf[9:])]
+
+    # The peer's window (64 KiB by default) is nearly used up: the rest must wait.
+    big = bytearray(9 + 70_000)
+    big[9:] = b"y" * 70_000
+    view = memoryview(big)
+    ours.send_data(stream.sid, view[9:], view)
+    sent = b"".join(bytes(b) for b in ours.take_output())
+    got = b"".join(
+        bytes(e.data) for e in server.receive_data(sent) if isinstance(e, h2.events.DataReceived)
+    )
+    assert got == b"y" * (65_535 - 1000)
+    assert ours.pending(stream.sid) == 70_000 - len(got)

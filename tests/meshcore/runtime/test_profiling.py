@@ -28,10 +28,15 @@ def _busy() -> int:
     return sum(i * i for i in range(20_000))
 
 
-def test_the_profile_is_written_when_the_run_ends_even_on_error(tmp_path: Path) -> None:
-    with pytest.raises(RuntimeError), profiled("proxy", tmp_path):
+def _busy_then_fail(directory: Path) -> None:
+    with profiled("proxy", directory):
         _busy()
         raise RuntimeError("stop")
+
+
+def test_the_profile_is_written_when_the_run_ends_even_on_error(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError):
+        _busy_then_fail(tmp_path)
     out = tmp_path / f"proxy-{os.getpid()}.prof"
     stats = pstats.Stats(str(out))
     assert any(func[2] == "_busy" for func in stats.stats)  # type: ignore[attr-defined]
