@@ -7,12 +7,13 @@ import asyncio
 import hashlib
 import socket
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 import pytest
 
 from meshcore.hbone.conn import CONNECTION_WINDOW, STREAM_WINDOW, Headers
 from meshcore.hbone.transport import H2Transport
-from meshcore.relay import AppSide, HboneSplice
+from meshcore.relay import AppSide, HboneSplice, RelayResult, TcpPipe
 from tests.support.aio import Loop, wait_until
 from tests.support.h2 import StreamRec, connect_request
 
@@ -229,5 +230,82 @@ def test_app_bytes_arrive_exactly_while_stream_queues_hold_views_of_the_read_buf
             want = b"".join(data[name])
             assert len(rec.data) == len(want), name
             assert hashlib.sha256(rec.data).digest() == hashlib.sha256(want).digest(), name
+
+    aio.run(main)
+
+
+def test_tcp_pipes_deliver_every_byte_while_a_slow_peer_holds_views_of_the_read_buffer(
+    aio: Loop,
+) -> None:
+    """TCP <-> TCP pipes read into the same shared buffer as the splices. A peer that reads
+    slowly makes its transport keep a view of a read; the next read (any pipe's) must then
+    go to another buffer."""
+    total = 6 * MB
+
+    def chunks(seed: int) -> list[bytes]:
+        out, size, i = [], 0, 0
+        while size < total:
+            out.append(bytes([(i * 5 + seed) % 251]) * 65521 + i.to_bytes(8, "big"))
+            size += 65529
+            i += 1
+        return out
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        got: dict[int, bytearray] = {}
+        results: list[RelayResult] = []
+        tasks: set[asyncio.Task[None]] = set()
+
+        def sink(delay: float) -> Callable[..., Awaitable[None]]:
+            async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+                buf = got.setdefault(len(got), bytearray())
+                while data := await r.read(7919):
+                    buf += data
+                    if delay:
+                        await asyncio.sleep(delay)
+                w.close()
+
+            return serve
+
+        sinks = [await app_port(aio, sink(0.001), rcvbuf=16384), await app_port(aio, sink(0))]
+
+        def accepted(port: int) -> Callable[[AppSide], None]:
+            def on_made(client: AppSide) -> None:
+                async def join() -> None:
+                    sock = socket.socket()
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+                    sock.setblocking(False)
+                    await loop.sock_connect(sock, (LOOPBACK, port))
+                    _, upstream = await loop.create_connection(AppSide, sock=sock)
+                    pipe = TcpPipe(client, upstream)
+                    pipe.when_done(results.append)
+                    pipe.start()
+
+                tasks.add(loop.create_task(join()))
+
+            return on_made
+
+        listeners = [
+            aio.closing(await loop.create_server(partial(AppSide, accepted(p)), LOOPBACK, 0))
+            for p in sinks
+        ]
+        data = [chunks(1), chunks(2)]
+
+        async def send(i: int) -> None:
+            port = listeners[i].sockets[0].getsockname()[1]
+            r, w = await asyncio.open_connection(LOOPBACK, port)
+            for chunk in data[i]:
+                w.write(chunk)
+                await w.drain()
+            w.write_eof()
+            await r.read()
+            w.close()
+
+        await asyncio.wait_for(asyncio.gather(send(0), send(1)), 60)
+        await wait_until(lambda: len(results) == 2, "both pipes ended")
+        assert all(r.error is None for r in results), results
+        assert sorted(len(b) for b in got.values()) == [len(b"".join(d)) for d in data]
+        wanted = {hashlib.sha256(b"".join(d)).digest() for d in data}
+        assert {hashlib.sha256(b).digest() for b in got.values()} == wanted
 
     aio.run(main)
