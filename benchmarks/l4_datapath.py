@@ -323,10 +323,14 @@ def stop_all(procs: list[ManagedProcess]) -> None:
 
 def run(p: Params, cluster: Cluster) -> list[dict[str, dict[str, dict[str, float]]]]:
     lay = cluster.layout
-    pid = {r.name: r.pid for r in read_records(cluster.state.pidfile_dir)}
-    relays = start_relays(cluster)
-    relay_pid = {proc.record.name: proc.pid for proc in relays}
-    plain_app = ("server-app", pid[process_name(PLAIN_NS, SERVER_POD)])
+    recorded = {r.name: r.pid for r in read_records(cluster.state.pidfile_dir)}
+
+    def pid(name: str) -> int:
+        if name not in recorded:
+            raise BenchError(f"no recorded process {name!r} (see the cluster's logs)")
+        return recorded[name]
+
+    plain_app = ("server-app", pid(process_name(PLAIN_NS, SERVER_POD)))
     # Roles by side: node1's hop is the client side, node2's the server side.
     direct = Target(
         "direct",
@@ -343,25 +347,27 @@ def run(p: Params, cluster: Cluster) -> list[dict[str, dict[str, dict[str, float
         SINK_PORT,
         ECHO_PORT,
         (
-            ("client-side", pid[tunnel_name("node1")]),
-            ("server-side", pid[tunnel_name("node2")]),
-            ("server-app", pid[process_name(MESH_NS, SERVER_POD)]),
-        ),
-    )
-    relay = Target(
-        "relay",
-        direct.client_netns,
-        str(lay.node("node1").ip),
-        RELAY_SINK_PORT,
-        RELAY_ECHO_PORT,
-        (
-            ("client-side", relay_pid["relay-node1"]),
-            ("server-side", relay_pid["relay-node2"]),
-            plain_app,
+            ("client-side", pid(tunnel_name("node1"))),
+            ("server-side", pid(tunnel_name("node2"))),
+            ("server-app", pid(process_name(MESH_NS, SERVER_POD))),
         ),
     )
     rounds: list[dict[str, dict[str, dict[str, float]]]] = []
+    relays = start_relays(cluster)
     try:
+        relay_pid = {proc.record.name: proc.pid for proc in relays}
+        relay = Target(
+            "relay",
+            direct.client_netns,
+            str(lay.node("node1").ip),
+            RELAY_SINK_PORT,
+            RELAY_ECHO_PORT,
+            (
+                ("client-side", relay_pid["relay-node1"]),
+                ("server-side", relay_pid["relay-node2"]),
+                plain_app,
+            ),
+        )
         # Paths interleaved round by round, so drift in the machine's load (it is shared)
         # spreads over all paths instead of biasing the one measured last.
         for i in range(p.rounds):
