@@ -90,8 +90,9 @@ class _AppReadBuffer(_ReadBuffer):
     As a plain Protocol, each read would be copied into a new bytes object, and the DATA
     frame's 9-byte header would be a buffer (so a TLS record) of its own. Here the payload
     lands after the room, the header is written into it, and header and payload go to TLS
-    as one buffer. Shared, and lent like the TLS receive buffer: a sink that leaves a view
-    of it behind (queued in a transport or in a stream's send queue) calls
+    as one buffer. Shared: what a sink has to keep (bytes a stream cannot send yet, bytes
+    a transport to a slow peer holds) it copies, so a few kept bytes never hold a whole
+    buffer; where it cannot choose (a plain transport keeping a view) it calls
     `app_buffer_lent`, and the next read gets another buffer.
     """
 
@@ -339,11 +340,13 @@ class HboneSplice(_Ends):
         h2 = self.h2
         more = h2.conn.send_data(self.sid, data, framed)
         h2.flush()
-        # Still holding the bytes: the stream's queue (no window yet), or a transport that
-        # could not take them at once (TLS encrypts at once; this is for plain HTTP/2).
-        if h2.conn.pending(self.sid) or (
-            h2.transport is not None and h2.transport.get_write_buffer_size()
-        ):
+        if h2.conn.pending(self.sid):
+            # No window for some of it yet: the queue keeps copies, not the shared buffer
+            # (a few queued bytes must not hold a whole read buffer while the peer waits).
+            h2.conn.own_pending(self.sid)
+        if h2.transport is not None and h2.transport.get_write_buffer_size():
+            # TLS has encrypted (copied) everything it was given; a plain transport (HTTP/2
+            # without TLS, in tests) may keep the view itself.
             app_buffer_lent()
         if not more or h2.write_paused:
             self.pause_producing()
@@ -432,9 +435,9 @@ class _TcpEnd:
         self.pipe.count(self.counter, len(data))
         t = self.peer.transport
         assert t is not None
-        t.write(data)
-        if t.get_write_buffer_size():
-            app_buffer_lent()  # the transport may hold this view of the read buffer
+        # A copy, as uvloop's own reads made: a slow peer's transport keeps what it could not
+        # send, and a view would hold the whole shared read buffer for those few bytes.
+        t.write(data if isinstance(data, bytes) else data.tobytes())
 
     def app_eof(self) -> None:
         t = self.peer.transport

@@ -374,6 +374,20 @@ class H2Connection:
         st = self.streams.get(sid)
         return st.pending_bytes if st is not None else 0
 
+    def own_pending(self, sid: int) -> None:
+        """Copy the stream's queued bytes that are views of someone else's buffer.
+
+        A producer that reads into a reused buffer calls this when bytes stayed queued (no
+        window yet): the copies free its buffer at once, instead of a few queued bytes
+        holding a whole read buffer until the peer grants credit."""
+        st = self.streams.get(sid)
+        pending = st.pending if st is not None else None
+        if not pending:
+            return
+        for i, chunk in enumerate(pending):
+            if not isinstance(chunk.obj, bytes):
+                pending[i] = memoryview(chunk.tobytes())
+
     def notify_when_drained(self, sid: int) -> None:
         """Ask for `on_send_ready` once the stream's queue is back below the low mark.
 

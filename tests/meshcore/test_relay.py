@@ -182,9 +182,9 @@ def test_app_bytes_arrive_exactly_while_stream_queues_hold_views_of_the_read_buf
     aio: Loop,
 ) -> None:
     """Reads from apps land in one buffer shared by every app connection and go on as
-    views of it. When the peer returns no credit, such a view waits in the stream's send
-    queue; the next read (this stream's or another's) must then go elsewhere, or the
-    queued bytes would be overwritten before they are sent."""
+    views of it. When the peer returns no credit, bytes wait in the stream's send queue;
+    the next read (this stream's or another's) reuses the buffer, so what waits must not
+    be a view of it, or it would be overwritten before it is sent."""
     total = 12 * MB  # three stream windows: the queue fills while credit is held back
 
     def chunks(seed: int) -> list[bytes]:
@@ -238,8 +238,8 @@ def test_tcp_pipes_deliver_every_byte_while_a_slow_peer_holds_views_of_the_read_
     aio: Loop,
 ) -> None:
     """TCP <-> TCP pipes read into the same shared buffer as the splices. A peer that reads
-    slowly makes its transport keep a view of a read; the next read (any pipe's) must then
-    go to another buffer."""
+    slowly makes its transport keep what it could not send; the next read (any pipe's)
+    reuses the buffer, so what is kept must not be a view of it."""
     total = 6 * MB
 
     def chunks(seed: int) -> list[bytes]:

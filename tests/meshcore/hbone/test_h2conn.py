@@ -269,7 +269,8 @@ def test_drain_refuses_new_streams_and_lets_open_ones_finish() -> None:
 def test_a_framed_send_is_one_buffer_that_a_reference_peer_reads_as_the_data() -> None:
     """A payload with room for its frame header in front leaves as one buffer (one run of
     TLS records); the h2 library must read it as the DATA it is. Past the window it is
-    queued like any other send, and what waits is exactly the payload."""
+    queued like any other send, and what waits is exactly the payload, copied on request
+    so the producer's buffer is free again."""
     server = h2_server()
     server.initiate_connection()
     ours = H2Connection(client=True, handler=Recorder())
@@ -303,3 +304,17 @@ def test_a_framed_send_is_one_buffer_that_a_reference_peer_reads_as_the_data() -
     )
     assert got == b"y" * (65_535 - 1000)
     assert ours.pending(stream.sid) == 70_000 - len(got)
+
+    # The producer reuses its buffer: the queue must hold a copy, not a view of it.
+    ours.own_pending(stream.sid)
+    big[9:] = b"z" * 70_000
+    server.acknowledge_received_data(65_535, stream.sid)
+    server.increment_flow_control_window(1 << 20)
+    server.increment_flow_control_window(1 << 20, stream.sid)
+    pump_to_ours(server, ours)
+    rest = b"".join(
+        bytes(e.data)
+        for e in server.receive_data(b"".join(bytes(b) for b in ours.take_output()))
+        if isinstance(e, h2.events.DataReceived)
+    )
+    assert rest == b"y" * (70_000 - len(got))
