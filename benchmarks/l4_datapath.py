@@ -9,7 +9,11 @@ Paths (client pod on node1, server pod on node2, see bench-cluster.yaml):
 Per path and round (--rounds, paths interleaved; the table shows medians over rounds):
 single-connection throughput (up to --bytes, stopped after --seconds) and 1 KB echo
 latency, open loop at a fixed --rate over one keep-alive connection. Only ratios taken in
-the same run mean anything (absolute numbers drift between runs on a VM).
+the same run mean anything (absolute numbers drift between runs on a VM). During the
+throughput run, the CPU of each hop's process (the two tunnels, the two relays, the
+server app) is read from /proc and given as seconds per GB, user and system apart: on a
+shared machine that, not the wall rate, says what a byte costs. With --profile DIR the
+tunnels run under cProfile (meshcore.runtime.profile) and leave their profiles there.
 
 Invariants: needs root; uses its own state root (a temp dir) and always tears the cluster
 down, also on SIGINT or SIGTERM (then it exits 130 / 143); every process it starts is
@@ -26,6 +30,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -36,12 +41,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import cpusplit  # benchmarks/, beside this script
+
 import nsutil
-from localcluster.apps import INHERITED_ENV
+from localcluster.apps import INHERITED_ENV, process_name
 from localcluster.interrupt import run_interruptible
-from localcluster.mesh import Cluster, MeshUpError, down, up
-from localcluster.processes import ManagedProcess, spawn_in_netns
+from localcluster.mesh import Cluster, MeshUpError, down, tunnel_name, up
+from localcluster.processes import ManagedProcess, read_records, spawn_in_netns
 from meshcore.defaults import TUNNEL_MARK
+from meshcore.runtime.profile import PROFILE_ENV
 
 HERE = Path(__file__).resolve().parent
 CLUSTER_FILE = HERE / "bench-cluster.yaml"
@@ -74,6 +82,7 @@ class Params:
     latency_seconds: float
     size: int
     rounds: int
+    perf: Path | None = None  # where `perf record` files go (first round), or None
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +94,8 @@ class Target:
     host: str
     sink_port: int
     echo_port: int
+    # The processes a byte of this path goes through, by role: their CPU per GB is reported.
+    procs: tuple[tuple[str, int], ...] = ()
 
 
 # --- pure: ratios and the table ----------------------------------------------------------
@@ -127,6 +138,27 @@ def format_table(results: dict[str, dict[str, dict[str, float]]], r: dict[str, f
     return "\n".join(lines)
 
 
+def format_cpu(results: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Per hop's process during the throughput run: CPU seconds per GB, user and system,
+    and per MB its minor page faults and read / write system calls."""
+    head = (
+        f"{'path':<8} {'process':<12} {'user s/GB':>10} {'sys s/GB':>10} {'total s/GB':>11}"
+        f" {'faults/MB':>10} {'reads/MB':>9} {'writes/MB':>10}"
+    )
+    lines = [head, "-" * len(head)]
+    for name, res in results.items():
+        cpu = res.get("cpu_per_gb", {})
+        for role in dict.fromkeys(k.split(".", 1)[0] for k in cpu):
+            user, system = cpu[f"{role}.user_s_per_gb"], cpu[f"{role}.system_s_per_gb"]
+            lines.append(
+                f"{name:<8} {role:<12} {user:>10.2f} {system:>10.2f} {user + system:>11.2f}"
+                f" {cpu.get(f'{role}.minflt_per_mb', 0.0):>10.1f}"
+                f" {cpu.get(f'{role}.reads_per_mb', 0.0):>9.1f}"
+                f" {cpu.get(f'{role}.writes_per_mb', 0.0):>10.1f}"
+            )
+    return "\n".join(lines)
+
+
 # --- I/O -----------------------------------------------------------------------------------
 
 
@@ -161,16 +193,48 @@ def run_client(target: Target, mode: str, args: list[str], timeout: float) -> di
     return {str(k): float(v) for k, v in doc.items()}
 
 
-def measure(target: Target, p: Params) -> dict[str, dict[str, float]]:
+def start_perf(out: Path, path: str, procs: dict[str, int]) -> list[subprocess.Popen[bytes]]:
+    """`perf record` (samples, no call graphs: Python has no frame pointers) on each of the
+    path's proxies, one file per process: where their CPU goes at the C and kernel level."""
+    started = []
+    for role, pid in procs.items():
+        if role == "server-app":
+            continue
+        data = out / f"perf-{path}-{role}.data"
+        argv = ["perf", "record", "-q", "-F", "999", "-p", str(pid), "-o", str(data)]
+        started.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    return started
+
+
+def stop_perf(started: list[subprocess.Popen[bytes]]) -> None:
+    for proc in started:
+        proc.send_signal(signal.SIGINT)  # perf writes its file and exits on SIGINT
+    for proc in started:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def measure(target: Target, p: Params, first: bool = False) -> dict[str, dict[str, float]]:
     print(f"  [{target.name}] warm-up", flush=True)
     run_client(target, "throughput", ["--bytes", str(1 << 20), "--seconds", "5"], 30.0)
     print(f"  [{target.name}] throughput", flush=True)
-    tput = run_client(
-        target,
-        "throughput",
-        ["--bytes", str(p.bytes), "--seconds", str(p.seconds)],
-        p.seconds + 60.0,
-    )
+    pids = dict(target.procs)
+    perf = start_perf(p.perf, target.name, pids) if p.perf is not None and first else []
+    before = cpusplit.sample(pids)
+    try:
+        tput = run_client(
+            target,
+            "throughput",
+            ["--bytes", str(p.bytes), "--seconds", str(p.seconds)],
+            p.seconds + 60.0,
+        )
+    finally:
+        stop_perf(perf)
+    # The client waits for the server's last acknowledgement: every hop has done its work.
+    cpu = cpusplit.costs(before, cpusplit.sample(pids), tput["bytes"])
     print(f"[{target.name}] latency", flush=True)
     lat = run_client(
         target,
@@ -178,7 +242,12 @@ def measure(target: Target, p: Params) -> dict[str, dict[str, float]]:
         ["--rate", str(p.rate), "--seconds", str(p.latency_seconds), "--size", str(p.size)],
         p.latency_seconds + 60.0,
     )
-    return {"throughput": tput, "latency": lat}
+    return {"throughput": tput, "latency": lat, "cpu_per_gb": _flat(cpu)}
+
+
+def _flat(cpu: dict[str, dict[str, float]]) -> dict[str, float]:
+    """{role: {metric: v}} as {"role.metric": v}: every result kind is one flat mapping."""
+    return {f"{role}.{metric}": v for role, m in cpu.items() for metric, v in m.items()}
 
 
 def _wait_listening(netns_path: str, host: str, port: int, timeout: float = 10.0) -> None:
@@ -254,12 +323,22 @@ def stop_all(procs: list[ManagedProcess]) -> None:
 
 def run(p: Params, cluster: Cluster) -> list[dict[str, dict[str, dict[str, float]]]]:
     lay = cluster.layout
+    recorded = {r.name: r.pid for r in read_records(cluster.state.pidfile_dir)}
+
+    def pid(name: str) -> int:
+        if name not in recorded:
+            raise BenchError(f"no recorded process {name!r} (see the cluster's logs)")
+        return recorded[name]
+
+    plain_app = ("server-app", pid(process_name(PLAIN_NS, SERVER_POD)))
+    # Roles by side: node1's hop is the client side, node2's the server side.
     direct = Target(
         "direct",
         lay.pod(PLAIN_NS, CLIENT_POD).netns_path,
         str(lay.pod(PLAIN_NS, SERVER_POD).ip),
         SINK_PORT,
         ECHO_PORT,
+        (plain_app,),
     )
     tunnel = Target(
         "tunnel",
@@ -267,18 +346,33 @@ def run(p: Params, cluster: Cluster) -> list[dict[str, dict[str, dict[str, float
         str(lay.pod(MESH_NS, SERVER_POD).ip),
         SINK_PORT,
         ECHO_PORT,
-    )
-    relay = Target(
-        "relay", direct.client_netns, str(lay.node("node1").ip), RELAY_SINK_PORT, RELAY_ECHO_PORT
+        (
+            ("client-side", pid(tunnel_name("node1"))),
+            ("server-side", pid(tunnel_name("node2"))),
+            ("server-app", pid(process_name(MESH_NS, SERVER_POD))),
+        ),
     )
     rounds: list[dict[str, dict[str, dict[str, float]]]] = []
     relays = start_relays(cluster)
     try:
+        relay_pid = {proc.record.name: proc.pid for proc in relays}
+        relay = Target(
+            "relay",
+            direct.client_netns,
+            str(lay.node("node1").ip),
+            RELAY_SINK_PORT,
+            RELAY_ECHO_PORT,
+            (
+                ("client-side", relay_pid["relay-node1"]),
+                ("server-side", relay_pid["relay-node2"]),
+                plain_app,
+            ),
+        )
         # Paths interleaved round by round, so drift in the machine's load (it is shared)
         # spreads over all paths instead of biasing the one measured last.
         for i in range(p.rounds):
             print(f"round {i + 1}/{p.rounds}", flush=True)
-            rounds.append({t.name: measure(t, p) for t in (direct, tunnel, relay)})
+            rounds.append({t.name: measure(t, p, i == 0) for t in (direct, tunnel, relay)})
     finally:
         stop_all(relays)
     return rounds
@@ -290,10 +384,14 @@ def median_results(
     """Per path and metric, the median over rounds (robust to one disturbed round)."""
     out: dict[str, dict[str, dict[str, float]]] = {}
     for path, kinds in rounds[0].items():
-        out[path] = {
-            kind: {m: statistics.median(r[path][kind][m] for r in rounds) for m in metrics}
-            for kind, metrics in kinds.items()
-        }
+        out[path] = {}
+        for kind in kinds:
+            # A metric missing from a round (a process gone mid-run) is left out, not zero.
+            common = set.intersection(*(set(r[path][kind]) for r in rounds))
+            out[path][kind] = {
+                m: statistics.median(r[path][kind][m] for r in rounds)
+                for m in sorted(common, key=list(kinds[kind]).index)
+            }
     return out
 
 
@@ -313,6 +411,20 @@ def main() -> int:
     ap.add_argument("--latency-seconds", type=float, default=5.0, help="latency: duration")
     ap.add_argument("--size", type=int, default=1024, help="latency: request/response bytes")
     ap.add_argument("--rounds", type=int, default=3, help="rounds; the table shows medians")
+    ap.add_argument(
+        "--profile",
+        metavar="DIR",
+        type=Path,
+        help="run the tunnels under cProfile; their profiles land in DIR when they stop "
+        "(the figures of such a run are not measurements)",
+    )
+    ap.add_argument(
+        "--perf",
+        metavar="DIR",
+        type=Path,
+        help="in the first round, `perf record` each hop's process during the throughput "
+        "run into DIR/perf-<path>-<side>.data (read with perf report --sort dso,sym)",
+    )
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("l4_datapath: needs root (it builds network namespaces)", file=sys.stderr)
@@ -324,7 +436,25 @@ def main() -> int:
     if not 1 <= args.rounds <= 20:
         print("l4_datapath: --rounds must be 1..20", file=sys.stderr)
         return 2
-    p = Params(args.bytes, args.seconds, args.rate, args.latency_seconds, args.size, args.rounds)
+    if args.profile is not None:
+        args.profile = args.profile.resolve()
+        args.profile.mkdir(parents=True, exist_ok=True)
+        os.environ[PROFILE_ENV] = str(args.profile)  # inherited by the cluster's processes
+    if args.perf is not None:
+        if shutil.which("perf") is None:
+            print("l4_datapath: --perf needs perf (Debian's linux-perf)", file=sys.stderr)
+            return 2
+        args.perf = args.perf.resolve()
+        args.perf.mkdir(parents=True, exist_ok=True)
+    p = Params(
+        args.bytes,
+        args.seconds,
+        args.rate,
+        args.latency_seconds,
+        args.size,
+        args.rounds,
+        args.perf,
+    )
     state_root = Path(tempfile.mkdtemp(prefix="l4bench-"))
     ok = interrupted = False
     cluster: Cluster | None = None
@@ -360,7 +490,7 @@ def main() -> int:
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
         },
-        "params": asdict(p),
+        "params": {**asdict(p), "perf": str(p.perf) if p.perf else None},
         "results": results,  # medians over the rounds
         "rounds": rounds,
         "ratios": r,
@@ -373,8 +503,12 @@ def main() -> int:
     print()
     print(format_table(results, r))
     print()
+    print(format_cpu(results))
+    print()
     print(f"raw results: {path}")
     print(f"command: {command}")
+    if args.profile is not None:
+        print(f"profiles: {args.profile} (python -m pstats <file>; sort tottime)")
     return 0
 
 

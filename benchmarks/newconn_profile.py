@@ -11,7 +11,7 @@ The same count goes through the plain namespace (no mesh) as the machine's refer
 ratios within one run compare, and CPU per connection is the figure that does not depend on
 what the neighbours run.
 
---profile restarts both tunnels with `MESH_CPU_PROFILE` (meshcore/runtime/profile.py):
+--profile restarts both tunnels with `MESH_PROFILE` (meshcore/runtime/profile.py):
 cProfile with a CPU-time clock, reset (SIGUSR1) after the warm-up and written (SIGUSR2)
 after each placement's connections. Printed: each tunnel's own time by area and the
 cumulative time of each step of a connection, per connection. cProfile inflates code made
@@ -59,7 +59,12 @@ from localcluster.mesh import (  # noqa: E402
     up,
     wait_ready,
 )
-from meshcore.runtime.profile import CPU_PROFILE_ENV, DUMP_SIGNAL, RESET_SIGNAL  # noqa: E402
+from meshcore.runtime.profile import (  # noqa: E402
+    DUMP_SIGNAL,
+    PROFILE_ENV,
+    RESET_SIGNAL,
+    profile_file,
+)
 
 CLUSTER_NAME = "newconn"
 NODES = ("node1", "node2")
@@ -414,23 +419,23 @@ def print_profile(
         say(f"    {where[:80]:<80}{calls:>6.2f}{us:>8.1f}")
 
 
-def restart_tunnels(
-    cluster: Cluster, tree: Path, profile_dir: Path | None
-) -> dict[str, Path] | None:
-    """Both tunnels again, running the code in `tree` (a checkout), each with a CPU profile
-    when `profile_dir` is given; the pods re-enrol over ZDS. `python -m` puts the current
+def restart_tunnels(cluster: Cluster, tree: Path, profile_dir: Path | None) -> dict[str, Path]:
+    """Both tunnels again, running the code in `tree` (a checkout), each under cProfile
+    writing into its own directory below `profile_dir` when that is given (returned per
+    node; empty without); the pods re-enrol over ZDS. `python -m` puts the current
     directory first on sys.path, so the tunnel is started from inside `tree`."""
-    paths: dict[str, Path] = {}
+    dirs: dict[str, Path] = {}
     for node in NODES:
         env = {"PYTHONPATH": str(tree)}
         if profile_dir is not None:
-            paths[node] = profile_dir / f"tunnel-{node}.pstats"
-            env[CPU_PROFILE_ENV] = str(paths[node])
+            dirs[node] = profile_dir / f"profile-{node}"
+            dirs[node].mkdir(parents=True, exist_ok=True)
+            env[PROFILE_ENV] = str(dirs[node])
         stop_tunnel(cluster, node)
         with contextlib.chdir(tree):
             start_node_tunnel(cluster, node, extra_env=env)
     wait_ready(cluster)
-    return paths if profile_dir is not None else None
+    return dirs
 
 
 def measure(
@@ -491,8 +496,10 @@ def run(a: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 profiles = None
                 if restart:
                     print(f"round {rnd}: tunnels from {tree}", flush=True)
-                    profiles = restart_tunnels(cluster, tree, workdir if a.profile else None)
+                    dirs = restart_tunnels(cluster, tree, workdir if a.profile else None)
                 pids = tunnel_pids(cluster)
+                if restart and a.profile:
+                    profiles = {n: profile_file(dirs[n], "ztunnel", pids[n]) for n in NODES}
                 for placement in a.placements:  # warm-up: pools dialled, code paths hot
                     connect_run(eps[(plain.MESH_NS, placement)], 200, 20.0, a.workers)
                 order = a.placements if rnd % 2 == 0 else a.placements[::-1]

@@ -24,7 +24,8 @@ from localcluster.processes import ManagedProcess, spawn_in_netns
 from localcluster.spec import ClusterSpec, PodSpec
 from localcluster.state import ClusterState
 
-INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "PYTHONPATH")
+# MESH_PROFILE: a benchmark's profiling run (meshcore.runtime.profile) covers its proxies.
+INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "PYTHONPATH", "MESH_PROFILE")
 RESOLV_CONF = "/etc/resolv.conf"
 
 

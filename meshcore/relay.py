@@ -19,9 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, cast
 
-from meshcore.hbone.conn import SEND_LOW_WATER, Headers, error_name
-from meshcore.hbone.h2frames import ErrorCode
-from meshcore.hbone.transport import H2Transport, read_buffer_lent
+from meshcore.hbone.conn import MAX_FRAME_SIZE, SEND_LOW_WATER, Headers, error_name
+from meshcore.hbone.h2frames import FRAME_HEADER_LEN, ErrorCode
+from meshcore.hbone.transport import H2Transport, _ReadBuffer, read_buffer_lent
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,8 +77,45 @@ def _lost_reason(exc: Exception | None) -> str:
     return f"connection lost: {exc}" if exc else "closed before both directions ended"
 
 
+# What one read from an app socket may take: the largest DATA frame we announce (a peer of
+# ours accepts as much), so one read is one frame. Four times uvloop's own read size (250
+# KB): a quarter of the reads, flushes and TLS writes per MB.
+APP_READ_SIZE = MAX_FRAME_SIZE
+
+# Reads up to this size are copied and flushed at the end of the event loop's turn (so an
+# answer and the FIN after it share a TLS record); larger ones leave at once from the
+# shared buffer. 16 KiB copies in about a microsecond.
+DEFERRED_FLUSH_MAX = 16 * 1024
+
+
+class _AppReadBuffer(_ReadBuffer):
+    """The buffer every app socket of the process reads into (a BufferedProtocol), with
+    FRAME_HEADER_LEN bytes of room before the payload.
+
+    As a plain Protocol, each read would be copied into a new bytes object, and the DATA
+    frame's 9-byte header would be a buffer (so a TLS record) of its own. Here the payload
+    lands after the room, the header is written into it, and header and payload go to TLS
+    as one buffer. Shared: what a sink has to keep (bytes a stream cannot send yet, bytes
+    a transport to a slow peer holds) it copies, so a few kept bytes never hold a whole
+    buffer; where it cannot choose (a plain transport keeping a view) it calls
+    `app_buffer_lent`, and the next read gets another buffer.
+    """
+
+    current: bytearray | None = None
+    lent: list[bytearray] = []  # process-wide by design
+    size = FRAME_HEADER_LEN + APP_READ_SIZE
+
+
+def app_buffer_lent() -> None:
+    """A view of an app read was kept (not sent at once): do not reuse the buffer."""
+    _AppReadBuffer.lend()
+
+
 class _Sink(Protocol):
-    def app_data(self, data: bytes) -> None: ...
+    def app_data(self, data: bytes | memoryview, framed: memoryview | None) -> None:
+        """Bytes read from the app. A view is valid only during the call (see
+        `_AppReadBuffer`); `framed` is the same bytes with FRAME_HEADER_LEN bytes of room
+        in front, or None (bytes held from before the sink was attached)."""
 
     def app_eof(self) -> None: ...
 
@@ -89,12 +126,13 @@ class _Sink(Protocol):
     def app_resume_writing(self) -> None: ...
 
 
-class AppSide(asyncio.Protocol):
+class AppSide(asyncio.BufferedProtocol):
     """A plain TCP connection (the app's, or an upstream's) feeding a sink.
 
-    Until a sink is attached, received bytes are held and reading pauses: that bounds the
-    early data to one read. (uvloop ignores pause_reading inside connection_made, so the
-    pause happens on the first data instead.)
+    Until a sink is attached, received bytes are held (copied) and reading pauses: that
+    bounds the early data to one read. (uvloop ignores pause_reading inside
+    connection_made, so the pause happens on the first data instead.) A BufferedProtocol
+    only: the event loop ignores get_buffer on a class that is also an asyncio.Protocol.
     """
 
     __slots__ = ("early", "eof", "lost", "on_made", "paused_writing", "sink", "transport")
@@ -115,14 +153,20 @@ class AppSide(asyncio.Protocol):
         if on_made is not None:
             on_made(self)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return memoryview(_AppReadBuffer.get())[FRAME_HEADER_LEN:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        # The buffer get_buffer gave: the loop reads and hands over before anything else runs.
+        framed = memoryview(_AppReadBuffer.get())[: FRAME_HEADER_LEN + nbytes]
+        data = framed[FRAME_HEADER_LEN:]
         sink = self.sink
         if sink is not None:
-            sink.app_data(data)
+            sink.app_data(data, framed)
         else:
             if self.early is None:
                 self.early = []
-            self.early.append(data)
+            self.early.append(bytes(data))
             assert self.transport is not None
             self.transport.pause_reading()
 
@@ -152,7 +196,7 @@ class AppSide(asyncio.Protocol):
         self.sink = sink
         early, self.early = self.early, None
         for chunk in early or ():
-            sink.app_data(chunk)
+            sink.app_data(chunk, None)
         if self.eof:
             sink.app_eof()
         if self.lost is not False:
@@ -296,15 +340,32 @@ class HboneSplice(_Ends):
 
     # ---- _Sink: the TCP side -----------------------------------------------------------
 
-    # Bytes and the FIN of the app are flushed once the event loop's turn is over, not at
-    # once: an app that answers and closes (HTTP/1.0, `Connection: close`) has both read
-    # in one turn, and its DATA and END_STREAM then leave as one TLS record, not two.
-
-    def app_data(self, data: bytes) -> None:
+    def app_data(self, data: bytes | memoryview, framed: memoryview | None) -> None:
         self.sent += len(data)
-        more = self.h2.conn.send_data(self.sid, data)
-        self.h2.flush_soon()
-        if not more or self.h2.write_paused:
+        h2 = self.h2
+        if len(data) <= DEFERRED_FLUSH_MAX:
+            # A small read is copied out of the shared buffer and flushed once the event
+            # loop's turn is over, not at once: an app that answers and closes (HTTP/1.0,
+            # `Connection: close`) has both read in one turn, and its DATA and END_STREAM
+            # then leave as one TLS record, not two. The copy costs less than the record.
+            more = h2.conn.send_data(self.sid, bytes(data))
+            h2.flush_soon()
+            if not more or h2.write_paused:
+                self.pause_producing()
+            return
+        # A large read leaves at once, header and payload as one buffer, before the shared
+        # buffer is read into again.
+        more = h2.conn.send_data(self.sid, data, framed)
+        h2.flush()
+        if h2.conn.pending(self.sid):
+            # No window for some of it yet: the queue keeps copies, not the shared buffer
+            # (a few queued bytes must not hold a whole read buffer while the peer waits).
+            h2.conn.own_pending(self.sid)
+        if h2.transport is not None and h2.transport.get_write_buffer_size():
+            # TLS has encrypted (copied) everything it was given; a plain transport (HTTP/2
+            # without TLS, in tests) may keep the view itself.
+            app_buffer_lent()
+        if not more or h2.write_paused:
             self.pause_producing()
 
     def app_eof(self) -> None:
@@ -387,11 +448,13 @@ class _TcpEnd:
         self.peer = peer
         self.counter = counter
 
-    def app_data(self, data: bytes) -> None:
+    def app_data(self, data: bytes | memoryview, framed: memoryview | None) -> None:
         self.pipe.count(self.counter, len(data))
         t = self.peer.transport
         assert t is not None
-        t.write(data)
+        # A copy, as uvloop's own reads made: a slow peer's transport keeps what it could not
+        # send, and a view would hold the whole shared read buffer for those few bytes.
+        t.write(data if isinstance(data, bytes) else data.tobytes())
 
     def app_eof(self) -> None:
         t = self.peer.transport

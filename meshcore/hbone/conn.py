@@ -43,6 +43,7 @@ from meshcore.hbone.h2frames import (
     FrameType,
     Setting,
     frame_header,
+    frame_header_into,
     goaway,
     parse_header,
     ping,
@@ -286,8 +287,15 @@ class H2Connection:
             st.local_closed = True
             self._maybe_forget(st)
 
-    def send_data(self, sid: int, data: bytes | memoryview) -> bool:
-        """Queue bytes on a stream. Returns False when the producer should pause."""
+    def send_data(
+        self, sid: int, data: bytes | memoryview, framed: memoryview | None = None
+    ) -> bool:
+        """Queue bytes on a stream. Returns False when the producer should pause.
+
+        `framed`, if given, is `data` preceded by FRAME_HEADER_LEN bytes of room: when the
+        bytes go out at once as one frame, its header is written there and the frame is
+        one buffer (the TLS layer then makes it one run of records, not a 9-byte record of
+        its own and then the payload's)."""
         st = self.streams.get(sid)
         if st is None or st.local_closed or st.end_queued or self.closed:
             return True  # the stream is gone; the owner learns that through on_reset
@@ -300,8 +308,12 @@ class H2Connection:
                 st.send_window -= n
                 self._send_window -= n
                 self.data_out += n
-                self.out.append(frame_header(n, FrameType.DATA, 0, sid))
-                self.out.append(data)
+                if framed is not None:
+                    frame_header_into(framed, n, FrameType.DATA, 0, sid)
+                    self.out.append(framed)
+                else:
+                    self.out.append(frame_header(n, FrameType.DATA, 0, sid))
+                    self.out.append(data)
                 return True
             mv = data if isinstance(data, memoryview) else memoryview(data)
             if st.pending is None:
@@ -364,6 +376,20 @@ class H2Connection:
     def pending(self, sid: int) -> int:
         st = self.streams.get(sid)
         return st.pending_bytes if st is not None else 0
+
+    def own_pending(self, sid: int) -> None:
+        """Copy the stream's queued bytes that are views of someone else's buffer.
+
+        A producer that reads into a reused buffer calls this when bytes stayed queued (no
+        window yet): the copies free its buffer at once, instead of a few queued bytes
+        holding a whole read buffer until the peer grants credit."""
+        st = self.streams.get(sid)
+        pending = st.pending if st is not None else None
+        if not pending:
+            return
+        for i, chunk in enumerate(pending):
+            if not isinstance(chunk.obj, bytes):
+                pending[i] = memoryview(chunk.tobytes())
 
     def notify_when_drained(self, sid: int) -> None:
         """Ask for `on_send_ready` once the stream's queue is back below the low mark.

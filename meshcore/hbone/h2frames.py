@@ -73,6 +73,13 @@ def frame_header(length: int, ftype: int, flags: int, stream_id: int) -> bytes:
     return _HDR.pack(length >> 8, length & 0xFF, ftype, flags, stream_id & 0x7FFFFFFF)
 
 
+def frame_header_into(
+    buf: bytearray | memoryview, length: int, ftype: int, flags: int, stream_id: int
+) -> None:
+    """Write a frame header into the first FRAME_HEADER_LEN bytes of `buf`."""
+    _HDR.pack_into(buf, 0, length >> 8, length & 0xFF, ftype, flags, stream_id & 0x7FFFFFFF)
+
+
 def parse_header(buf: bytes | bytearray | memoryview, off: int) -> tuple[int, int, int, int]:
     """(length, type, flags, stream id) of the frame header at `off`."""
     hi, lo, ftype, flags, sid = _HDR.unpack_from(buf, off)

@@ -54,12 +54,13 @@ class _ReadBuffer:
 
     current: bytearray | None = None
     lent: list[bytearray] = []  # process-wide by design
+    size = READ_BUFFER_SIZE  # a subclass for other reads sets its own three attributes
 
     @classmethod
     def get(cls) -> bytearray:
         buf = cls.current
         if buf is None:
-            buf = cls.current = cls._reclaim() or bytearray(READ_BUFFER_SIZE)
+            buf = cls.current = cls._reclaim() or bytearray(cls.size)
         return buf
 
     @classmethod

@@ -13,7 +13,7 @@ import structlog
 
 from meshcore.envconfig import EnvConfigError
 from meshcore.observability import logging as meshlog
-from meshcore.runtime.profile import profile_path, profiled
+from meshcore.runtime.profile import profile_dir, profiled
 from meshcore.state import MeshConfigError
 
 C = TypeVar("C")
@@ -27,6 +27,7 @@ def run_process(
 ) -> int:
     try:
         cfg = parse(os.environ)
+        profiles = profile_dir(os.environ)
     except EnvConfigError as e:
         print(f"{name}: {e}", file=sys.stderr)
         return 2
@@ -38,7 +39,7 @@ def run_process(
     except ImportError:
         pass
     try:
-        with profiled(profile_path(os.environ)):
+        with profiled(name, profiles):
             asyncio.run(run(cfg))
     except (MeshConfigError, OSError) as e:
         structlog.get_logger(name).error(f"{name} failed", error=str(e))

@@ -7,12 +7,13 @@ import asyncio
 import hashlib
 import socket
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 import pytest
 
 from meshcore.hbone.conn import CONNECTION_WINDOW, STREAM_WINDOW, Headers
 from meshcore.hbone.transport import H2Transport
-from meshcore.relay import AppSide, HboneSplice
+from meshcore.relay import AppSide, HboneSplice, RelayResult, TcpPipe
 from tests.support.aio import Loop, wait_until
 from tests.support.h2 import StreamRec, connect_request
 
@@ -173,5 +174,138 @@ def test_a_slow_app_gets_every_byte_exactly_while_other_streams_reuse_the_read_b
         for name in apps:
             assert sizes[name] == sent
             assert got[name].hexdigest() == want[name].hexdigest(), name
+
+    aio.run(main)
+
+
+def test_app_bytes_arrive_exactly_while_stream_queues_hold_views_of_the_read_buffer(
+    aio: Loop,
+) -> None:
+    """Reads from apps land in one buffer shared by every app connection and go on as
+    views of it. When the peer returns no credit, bytes wait in the stream's send queue;
+    the next read (this stream's or another's) reuses the buffer, so what waits must not
+    be a view of it, or it would be overwritten before it is sent."""
+    total = 12 * MB  # three stream windows: the queue fills while credit is held back
+
+    def chunks(seed: int) -> list[bytes]:
+        out, size, i = [], 0, 0
+        while size < total:  # distinct bytes per chunk: an overwritten view would show
+            out.append(bytes([(i * 7 + seed) % 251]) * 65521 + i.to_bytes(8, "big"))
+            size += 65529
+            i += 1
+        return out
+
+    data = {"a": chunks(1), "b": chunks(2)}
+
+    def source(name: str) -> Callable[..., Awaitable[None]]:
+        async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            for chunk in data[name]:
+                w.write(chunk)
+                await w.drain()
+            w.write_eof()
+            await r.read()  # until the tunnel closes its side
+            w.close()
+
+        return serve
+
+    async def main() -> None:
+        apps = {name: await app_port(aio, source(name)) for name in data}
+        client, _ = await hbone_pair(aio, apps)
+        recs: dict[str, StreamRec] = {}
+        acked = dict.fromkeys(apps, 0)
+        for name in apps:
+            rec = recs[name] = StreamRec(client.conn, auto_ack=False)
+            rec.sid = client.open_stream(connect_request(name), rec)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while not all(rec.ended for rec in recs.values()):
+            assert loop.time() < deadline, "the streams did not end in 60 s"
+            await asyncio.sleep(0.005)  # a slow reader: credit comes back in batches
+            for name, rec in recs.items():
+                if len(rec.data) > acked[name]:
+                    client.conn.ack(rec.sid, len(rec.data) - acked[name])
+                    acked[name] = len(rec.data)
+            client.flush()
+        for name, rec in recs.items():
+            want = b"".join(data[name])
+            assert len(rec.data) == len(want), name
+            assert hashlib.sha256(rec.data).digest() == hashlib.sha256(want).digest(), name
+
+    aio.run(main)
+
+
+def test_tcp_pipes_deliver_every_byte_while_a_slow_peer_holds_views_of_the_read_buffer(
+    aio: Loop,
+) -> None:
+    """TCP <-> TCP pipes read into the same shared buffer as the splices. A peer that reads
+    slowly makes its transport keep what it could not send; the next read (any pipe's)
+    reuses the buffer, so what is kept must not be a view of it."""
+    total = 6 * MB
+
+    def chunks(seed: int) -> list[bytes]:
+        out, size, i = [], 0, 0
+        while size < total:
+            out.append(bytes([(i * 5 + seed) % 251]) * 65521 + i.to_bytes(8, "big"))
+            size += 65529
+            i += 1
+        return out
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        got: dict[int, bytearray] = {}
+        results: list[RelayResult] = []
+        tasks: set[asyncio.Task[None]] = set()
+
+        def sink(delay: float) -> Callable[..., Awaitable[None]]:
+            async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+                buf = got.setdefault(len(got), bytearray())
+                while data := await r.read(7919):
+                    buf += data
+                    if delay:
+                        await asyncio.sleep(delay)
+                w.close()
+
+            return serve
+
+        sinks = [await app_port(aio, sink(0.001), rcvbuf=16384), await app_port(aio, sink(0))]
+
+        def accepted(port: int) -> Callable[[AppSide], None]:
+            def on_made(client: AppSide) -> None:
+                async def join() -> None:
+                    sock = socket.socket()
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+                    sock.setblocking(False)
+                    await loop.sock_connect(sock, (LOOPBACK, port))
+                    _, upstream = await loop.create_connection(AppSide, sock=sock)
+                    pipe = TcpPipe(client, upstream)
+                    pipe.when_done(results.append)
+                    pipe.start()
+
+                tasks.add(loop.create_task(join()))
+
+            return on_made
+
+        listeners = [
+            aio.closing(await loop.create_server(partial(AppSide, accepted(p)), LOOPBACK, 0))
+            for p in sinks
+        ]
+        data = [chunks(1), chunks(2)]
+
+        async def send(i: int) -> None:
+            port = listeners[i].sockets[0].getsockname()[1]
+            r, w = await asyncio.open_connection(LOOPBACK, port)
+            for chunk in data[i]:
+                w.write(chunk)
+                await w.drain()
+            w.write_eof()
+            await r.read()
+            w.close()
+
+        await asyncio.wait_for(asyncio.gather(send(0), send(1)), 60)
+        await wait_until(lambda: len(results) == 2, "both pipes ended")
+        assert all(r.error is None for r in results), results
+        assert sorted(len(b) for b in got.values()) == [len(b"".join(d)) for d in data]
+        wanted = {hashlib.sha256(b"".join(d)).digest() for d in data}
+        assert {hashlib.sha256(b).digest() for b in got.values()} == wanted
 
     aio.run(main)

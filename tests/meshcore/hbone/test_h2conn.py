@@ -286,3 +286,57 @@ def test_header_table_size_change_is_acknowledged_in_the_next_header_block() -> 
         events = server.receive_data(out)
         got = [e for e in events if isinstance(e, h2.events.RequestReceived)]
         assert got and dict(got[0].headers)[b":authority"] == dict(CONNECT)[":authority"].encode()
+
+
+def test_a_framed_send_is_one_buffer_that_a_reference_peer_reads_as_the_data() -> None:
+    """A payload with room for its frame header in front leaves as one buffer (one run of
+    TLS records); the h2 library must read it as the DATA it is. Past the window it is
+    queued like any other send, and what waits is exactly the payload, copied on request
+    so the producer's buffer is free again."""
+    server = h2_server()
+    server.initiate_connection()
+    ours = H2Connection(client=True, handler=Recorder())
+    ours.initiate()
+    pump_to_theirs(ours, server)
+    pump_to_ours(server, ours)
+    stream = StreamRec(ours)
+    stream.sid = ours.open_stream(CONNECT, stream)
+    pump_to_theirs(ours, server)
+    server.send_headers(stream.sid, STATUS_OK)
+    pump_to_ours(server, ours)
+
+    buf = bytearray(9 + 1000)
+    buf[9:] = bytes(range(200)) * 5
+    framed = memoryview(buf)
+    ours.send_data(stream.sid, framed[9:], framed)
+    out = ours.take_output()
+    assert len(out) == 1 and out[0].obj is buf  # type: ignore[union-attr]
+    events = server.receive_data(bytes(out[0]))
+    data = [e for e in events if isinstance(e, h2.events.DataReceived)]
+    assert [bytes(e.data) for e in data] == [bytes(buf[9:])]
+
+    # The peer's window (64 KiB by default) is nearly used up: the rest must wait.
+    big = bytearray(9 + 70_000)
+    big[9:] = b"y" * 70_000
+    view = memoryview(big)
+    ours.send_data(stream.sid, view[9:], view)
+    sent = b"".join(bytes(b) for b in ours.take_output())
+    got = b"".join(
+        bytes(e.data) for e in server.receive_data(sent) if isinstance(e, h2.events.DataReceived)
+    )
+    assert got == b"y" * (65_535 - 1000)
+    assert ours.pending(stream.sid) == 70_000 - len(got)
+
+    # The producer reuses its buffer: the queue must hold a copy, not a view of it.
+    ours.own_pending(stream.sid)
+    big[9:] = b"z" * 70_000
+    server.acknowledge_received_data(65_535, stream.sid)
+    server.increment_flow_control_window(1 << 20)
+    server.increment_flow_control_window(1 << 20, stream.sid)
+    pump_to_ours(server, ours)
+    rest = b"".join(
+        bytes(e.data)
+        for e in server.receive_data(b"".join(bytes(b) for b in ours.take_output()))
+        if isinstance(e, h2.events.DataReceived)
+    )
+    assert rest == b"y" * (70_000 - len(got))
