@@ -42,6 +42,10 @@ DYNAMIC = {
         "a container's own command, run inside its image's root filesystem (the image's "
         "programs, not the machine's)"
     ),
+    ("benchmarks/chaosbench/targets.py", "restart"): (
+        "a killed mesh process again, with the argv its record kept from when the cluster "
+        "started it"
+    ),
     ("tests/e2e/test_interrupted_runs.py", "start.go"): (
         "the fixture's runner: each test passes the venv's ambientctl or python and a benchmark"
     ),
