@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Collection, Mapping
 from typing import Any, TypeVar
 
@@ -17,6 +18,23 @@ T = TypeVar("T")
 
 HBONE_PREFIX = "HBONE_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# Go's time.ParseDuration units in nanoseconds (Istio's settings are Go durations); the
+# micro sign comes as U+00B5 or U+03BC, and Go takes both.
+NANOSECONDS = 10**9
+GO_DURATION_UNITS = {
+    "ns": 1,
+    "us": 10**3,
+    "\u00b5s": 10**3,
+    "\u03bcs": 10**3,
+    "ms": 10**6,
+    "s": NANOSECONDS,
+    "m": 60 * NANOSECONDS,
+    "h": 3600 * NANOSECONDS,
+}
+_UNIT_NAMES = ("ns", "us", "ms", "s", "m", "h")  # as an error message lists them
+# One "<number><unit>" of a duration: "1h", "1.5h", ".5h", "5.h" (as Go reads them).
+_GO_PART = re.compile(r"([0-9]*)(?:\.([0-9]*))?([^0-9.]*)")
 
 
 class EnvConfigError(ValueError):
@@ -54,6 +72,82 @@ def seconds(env: Mapping[str, str], name: str, default: float, low: float, high:
     if not (math.isfinite(value) and low <= value <= high):
         raise EnvConfigError(f"{name}={raw} is outside {low:g}..{high:g} seconds")
     return value
+
+
+def go_duration(text: str) -> int:
+    """The nanoseconds in `text`, a duration as Go's time.ParseDuration reads it ("24h",
+    "90m", "1h30m", "1.5h", "300ms"; "0" is the one without a unit), never negative: this
+    is for lifetimes and timeouts. Pure; a ValueError says what is wrong."""
+    if text.startswith("-"):
+        raise ValueError("a negative duration is not allowed")
+    rest = text[1:] if text.startswith("+") else text
+    if rest == "0":
+        return 0
+    if not rest:
+        raise ValueError("it is empty")
+    total, pos = 0, 0
+    while pos < len(rest):
+        part = _GO_PART.match(rest, pos)
+        assert part is not None  # every group may be empty, so it always matches
+        whole, fraction, unit = part.group(1), part.group(2), part.group(3)
+        if not whole and not fraction:
+            raise ValueError(f"a number is missing before {rest[pos:]!r}")
+        number = rest[pos : part.start(3)]
+        if not unit:
+            # Go too: a bare number other than 0 is not a duration (seconds? minutes?).
+            raise ValueError(f"{number!r} has no unit ({', '.join(_UNIT_NAMES)})")
+        scale = GO_DURATION_UNITS.get(unit)
+        if scale is None:
+            raise ValueError(f"unknown unit {unit!r} (units: {', '.join(_UNIT_NAMES)})")
+        total += int(whole or "0") * scale
+        if fraction:
+            total += int(fraction) * scale // 10 ** len(fraction)  # truncated, as Go does
+        pos = part.end()
+    return total
+
+
+def duration_seconds(env: Mapping[str, str], name: str, low: int, high: int) -> int | None:
+    """`name` as a Go duration (Istio's spelling, e.g. SECRET_TTL=24h) in whole seconds
+    within low..high, or None when it is not set."""
+    raw = env.get(name, "").strip()
+    if raw == "":
+        return None
+    try:
+        nanoseconds = go_duration(raw)
+    except ValueError as e:
+        raise EnvConfigError(
+            f"{name}={raw!r} is not a duration like 24h, 90m or 1h30m: {e}"
+        ) from None
+    value, part = divmod(nanoseconds, NANOSECONDS)
+    if part:
+        raise EnvConfigError(f"{name}={raw!r} is not a whole number of seconds")
+    if not low <= value <= high:
+        raise EnvConfigError(f"{name}={raw} ({value} s) is outside {low}..{high} seconds")
+    return value
+
+
+def ttl_seconds(
+    env: Mapping[str, str],
+    seconds_name: str,
+    duration_name: str,
+    default: int,
+    low: int,
+    high: int,
+) -> int:
+    """A lifetime set either in seconds (`seconds_name`, ours) or as a Go duration
+    (`duration_name`, Istio's), each within low..high. Both set must agree: which of two
+    different values was meant cannot be known, so neither is picked."""
+    as_seconds = env.get(seconds_name, "") != ""
+    value = integer(env, seconds_name, default, low, high)
+    as_duration = duration_seconds(env, duration_name, low, high)
+    if as_duration is None:
+        return value
+    if as_seconds and value != as_duration:
+        raise EnvConfigError(
+            f"{seconds_name}={value} and {duration_name}={env[duration_name].strip()} "
+            f"({as_duration} s) disagree: set one of them"
+        )
+    return as_duration
 
 
 def boolean(env: Mapping[str, str], name: str, default: bool) -> bool:

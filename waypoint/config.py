@@ -22,6 +22,7 @@ from meshcore.envconfig import (
     log_level,
     required,
     seconds,
+    ttl_seconds,
 )
 from meshcore.hbone.limits import DEFAULT_LIMITS, HboneLimits
 from meshcore.identity.istio_ca import CA_ADDRESS as CA_ADDRESS
@@ -47,6 +48,8 @@ READINESS_PORT = "READINESS_PORT"
 METRICS_PORT = "METRICS_PORT"
 ADMIN_PORT = "ADMIN_PORT"
 CERT_TTL_SECONDS = "CERT_TTL_SECONDS"
+# Istio's name for the same lifetime, a Go duration (24h, 90m); both set must agree.
+SECRET_TTL = "SECRET_TTL"
 DRAIN_SECONDS = "DRAIN_SECONDS"
 SNIFF_TIMEOUT = "SNIFF_TIMEOUT"
 ACCESS_LOG = "ACCESS_LOG"
@@ -54,6 +57,8 @@ HTTP1_PREFIX = "WAYPOINT_HTTP1_"
 HTTP2_PREFIX = "WAYPOINT_HTTP2_"
 
 DEFAULT_CERT_TTL = 24 * 3600
+MIN_CERT_TTL = 60
+MAX_CERT_TTL = 7 * 24 * 3600
 DEFAULT_DRAIN_SECONDS = 5
 # How long an undeclared port waits for the client's first bytes before treating the
 # connection as TCP: a server-first protocol (MySQL, SMTP) sends nothing until the server
@@ -133,7 +138,9 @@ def parse_config(env: Mapping[str, str]) -> WaypointConfig:
         readiness_port=integer(env, READINESS_PORT, defaults.READINESS_PORT, 1, 65535),
         metrics_port=integer(env, METRICS_PORT, defaults.METRICS_PORT, 1, 65535),
         admin_port=integer(env, ADMIN_PORT, defaults.ADMIN_PORT, 1, 65535),
-        cert_ttl_seconds=integer(env, CERT_TTL_SECONDS, DEFAULT_CERT_TTL, 60, 7 * 24 * 3600),
+        cert_ttl_seconds=ttl_seconds(
+            env, CERT_TTL_SECONDS, SECRET_TTL, DEFAULT_CERT_TTL, MIN_CERT_TTL, MAX_CERT_TTL
+        ),
         drain_seconds=integer(env, DRAIN_SECONDS, DEFAULT_DRAIN_SECONDS, 0, 3600),
         sniff_timeout=seconds(env, SNIFF_TIMEOUT, DEFAULT_SNIFF_TIMEOUT, 0.01, 5.0),
         access_log=boolean(env, ACCESS_LOG, True),

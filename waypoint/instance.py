@@ -31,7 +31,7 @@ from waypoint.proxy import WaypointProxy
 from waypoint.router import Router
 from waypoint.server import WaypointServer
 from waypoint.telemetry.metrics import RequestMetrics
-from waypoint.upstream import Upstream
+from waypoint.upstream import ClientTls, Upstream
 
 if TYPE_CHECKING:
     from waypoint.telemetry.export import OtlpExporter
@@ -72,8 +72,10 @@ class Waypoint:
             certs = CertificateManager(_ca_client(cfg), ttl=timedelta(seconds=cfg.cert_ttl_seconds))
         self.certs = certs
         self.cert: WorkloadCertificate | None = None
-        self._client_ctx: Any = None
-        self.upstream = Upstream(self.identity, self._client_context, str(cfg.pod_ip), self.guard)
+        self._client_tls: ClientTls | None = None  # None until the first certificate
+        self.upstream = Upstream(
+            self.identity, lambda: self._client_tls, str(cfg.pod_ip), self.guard
+        )
         self.l7 = L7Config.build(self.state, cfg.namespace, cfg.name)
         self.request_metrics = RequestMetrics()
         self.exporter: OtlpExporter | None = None
@@ -108,9 +110,6 @@ class Waypoint:
         self.draining = False
         self.started = time.time()
 
-    def _client_context(self) -> Any:
-        return self._client_ctx
-
     def _on_state(self, state: MeshState) -> None:
         self.state = state
         self.l7 = L7Config.build(state, self.cfg.namespace, self.cfg.name)
@@ -136,7 +135,7 @@ class Waypoint:
         # Services and workloads live on a network; the waypoint's own workload says which.
         self.server.network = mine[0].network if mine else ""
         self.cert = await self.certs.get(self.identity)
-        self._client_ctx = tls.client_context(self.cert)
+        self._client_tls = _client_tls(self.cert)
         self.certs.on_update(self._on_cert)
         await self.server.start(
             tls.server_context(self.cert), str(self.cfg.pod_ip), self.cfg.hbone_port
@@ -146,7 +145,9 @@ class Waypoint:
         if cert.identity != self.identity:
             return
         self.cert = cert
-        self._client_ctx = tls.client_context(cert)
+        # New upstream connections use the new certificate; open ones keep theirs (the pool
+        # gives them no new stream once their certificates are about to expire).
+        self._client_tls = _client_tls(cert)
         # A new listener with the new certificate beside the old one (SO_REUSEPORT).
         self.server.tasks.spawn(
             self.server.start(tls.server_context(cert), str(self.cfg.pod_ip), self.cfg.hbone_port),
@@ -176,8 +177,12 @@ class Waypoint:
 
     def config_dump(self) -> dict[str, Any]:
         state = self.state
+        pool = self.upstream.pool
         return {
             "waypoint": self.status(),
+            # Upstream HBONE connections open, and those drained because a certificate they
+            # were made with was about to expire (rotation), as the tunnel's `hbonePool`.
+            "upstreamPool": {"connections": len(pool.connections()), "retired": pool.retired},
             "services": [
                 service_json(state, s)
                 for s in state.services
@@ -225,6 +230,10 @@ class Waypoint:
         if self.watcher is not None:
             await self.watcher.close()
         await self.certs.close()
+
+
+def _client_tls(cert: WorkloadCertificate) -> ClientTls:
+    return ClientTls(tls.client_context(cert), cert.not_after.timestamp())
 
 
 def _ca_client(cfg: WaypointConfig) -> CertificateClient:

@@ -3,6 +3,10 @@ waypoint's own certificate, `:authority` = `podIP:targetPort` (waypoint.md), poo
 
 Each CONNECT stream carries one upstream TCP connection's bytes; HTTP/1.1 keep-alive
 connections inside those streams are reused by `waypoint.proxy`.
+
+Certificate rotation, as on the tunnel's outbound side: each pooled connection carries the
+earlier of the waypoint's and the endpoint's notAfter (`H2Transport.expires_at`), so the
+pool gives it no new stream shortly before either runs out; its open streams run on.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import socket
 import ssl
 from collections.abc import Callable
+from typing import NamedTuple
 
 from meshcore import tls
 from meshcore.defaults import HBONE_PORT
@@ -45,28 +50,50 @@ class SourceBoundFactory:
         return s
 
 
+class ClientTls(NamedTuple):
+    """The waypoint's current client context and its certificate's notAfter (Unix time),
+    read together so a handshake's expiry is that of the certificate it presents."""
+
+    context: ssl.SSLContext
+    not_after: float
+
+
 class Upstream:
     def __init__(
         self,
         identity: SpiffeId,
-        client_context: Callable[[], ssl.SSLContext],
+        client_tls: Callable[[], ClientTls | None],
         source_ip: str,
         guard: Guard,
     ) -> None:
         self.identity = identity
-        self._context = client_context
+        self._client_tls = client_tls
         self._factory = SourceBoundFactory(source_ip)
         self._source_ip = source_ip
         self._guard = guard
         self.pool = ConnectionPool(self._connect)
 
     async def _connect(self, key: PoolKey) -> H2Transport:
+        own_expiry = [0.0]
+
+        def context(_identity: SpiffeId) -> ssl.SSLContext:
+            current = self._client_tls()
+            if current is None:
+                # Never dial without a certificate: ssl=None would mean plaintext.
+                raise ConnectionError("the waypoint has no certificate yet")
+            own_expiry[0] = current.not_after  # of the certificate this handshake uses
+            return current.context
+
         def verify(h2: H2Transport, expected: frozenset[SpiffeId]) -> None:
             assert h2.transport is not None
-            tls.verify_server(tls.hbone_peer(h2.transport.get_extra_info("ssl_object")), expected)
+            ssl_object = h2.transport.get_extra_info("ssl_object")
+            tls.verify_server(tls.hbone_peer(ssl_object), expected)
+            # The pool stops using it shortly before either side's certificate expires.
+            peer_expiry = tls.peer_not_after(ssl_object)
+            h2.expires_at = min(own_expiry[0], peer_expiry or own_expiry[0])
 
         return await hbone_connect(
-            key, self._factory, lambda _id: self._context(), verify, self.pool.forget, self._guard
+            key, self._factory, context, verify, self.pool.forget, self._guard
         )
 
     async def open(

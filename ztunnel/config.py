@@ -19,6 +19,7 @@ from meshcore.envconfig import integer as _int
 from meshcore.envconfig import limits_from_env
 from meshcore.envconfig import log_level as _log_level
 from meshcore.envconfig import required as _required
+from meshcore.envconfig import ttl_seconds as _ttl_seconds
 from meshcore.hbone.limits import DEFAULT_LIMITS, HboneLimits
 from meshcore.identity.istio_ca import CA_ADDRESS as CA_ADDRESS
 from meshcore.identity.istio_ca import CA_ROOT_CERT as CA_ROOT_CERT
@@ -41,6 +42,8 @@ TRUST_DOMAIN = "TRUST_DOMAIN"
 READINESS_PORT = "READINESS_PORT"
 LOG_LEVEL = "LOG_LEVEL"
 CERT_TTL_SECONDS = "CERT_TTL_SECONDS"
+# Istio's name for the same lifetime, a Go duration (24h, 90m); both set must agree.
+SECRET_TTL = "SECRET_TTL"
 ROOT_NAMESPACE = "ROOT_NAMESPACE"
 ADMIN_PORT = "ADMIN_PORT"
 METRICS_PORT = "METRICS_PORT"
@@ -163,7 +166,9 @@ def parse_config(env: Mapping[str, str]) -> Config:
         trust_domain=env.get(TRUST_DOMAIN, "").strip() or defaults.TRUST_DOMAIN,
         readiness_port=_int(env, READINESS_PORT, defaults.READINESS_PORT, 1, 65535),
         log_level=level,
-        cert_ttl_seconds=_int(env, CERT_TTL_SECONDS, DEFAULT_CERT_TTL, MIN_CERT_TTL, MAX_CERT_TTL),
+        cert_ttl_seconds=_ttl_seconds(
+            env, CERT_TTL_SECONDS, SECRET_TTL, DEFAULT_CERT_TTL, MIN_CERT_TTL, MAX_CERT_TTL
+        ),
         root_namespace=env.get(ROOT_NAMESPACE, "").strip() or defaults.ROOT_NAMESPACE,
         admin_port=_int(env, ADMIN_PORT, defaults.ADMIN_PORT, 1, 65535),
         metrics_port=_int(env, METRICS_PORT, defaults.METRICS_PORT, 1, 65535),

@@ -23,7 +23,7 @@ from meshcore.hbone.dial import hbone_connect
 from meshcore.hbone.pool import ConnectionPool, PoolKey
 from meshcore.hbone.stream import HboneStream
 from meshcore.hbone.transport import H2Transport
-from meshcore.identity.certs import CertificateManager
+from meshcore.identity.certs import CertificateClient, CertificateManager
 from meshcore.identity.spiffe import SpiffeId
 from meshcore.sockets import PlainSocketFactory
 from meshcore.state import GatewayAddress, MeshState, Service, Workload, parse_app_protocol
@@ -149,8 +149,13 @@ def with_port_protocol(svc: Service, app_protocol: str) -> Service:
 
 
 async def start(
-    aio: Loop, serve_app: AppServe, backends: int = 1, app_protocol: str = ""
+    aio: Loop,
+    serve_app: AppServe,
+    backends: int = 1,
+    app_protocol: str = "",
+    ca: CertificateClient | None = None,
 ) -> LoopbackWaypoint:
+    """`ca` signs every certificate of the run (default: an `InProcessCA`)."""
     wp_ip, client_ip, *backend_ips = addresses(2 + backends)
     servers = []
     app_port = 0
@@ -160,7 +165,7 @@ async def start(
         servers.append(server)
         aio.defer(_closer(server))
     state = build_state(wp_ip, client_ip, backend_ips, app_port, app_protocol)
-    return await _start_with(aio, state, wp_ip, client_ip, backend_ips, app_port)
+    return await _start_with(aio, state, wp_ip, client_ip, backend_ips, app_port, ca)
 
 
 def _closer(server: asyncio.Server) -> Callable[[], Awaitable[None]]:
@@ -297,9 +302,15 @@ async def start_mesh(
 
 
 async def _start_with(
-    aio: Loop, state: MeshState, wp_ip: str, client_ip: str, backend_ips: list[str], app_port: int
+    aio: Loop,
+    state: MeshState,
+    wp_ip: str,
+    client_ip: str,
+    backend_ips: list[str],
+    app_port: int,
+    ca: CertificateClient | None = None,
 ) -> LoopbackWaypoint:
-    certs = CertificateManager(InProcessCA())
+    certs = CertificateManager(ca if ca is not None else InProcessCA())
     aio.defer(certs.close)
     node2 = NodeProxy("node2", certs, TD)
     node2.on_state(state)

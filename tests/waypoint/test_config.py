@@ -86,3 +86,31 @@ def test_a_bad_http_limit_names_the_variable(name: str, value: str, message: str
     with pytest.raises(EnvConfigError, match=message) as info:
         parse_config({**BASE, "CA_ADDRESS": "/x/ca.sock", "CA_TOKEN_PATH": "/x/t", name: value})
     assert name in str(info.value)
+
+
+CA = {"CA_ADDRESS": "/x/ca.sock", "CA_TOKEN_PATH": "/x/token"}
+
+
+def test_the_certificate_lifetime_in_seconds_or_as_istios_secret_ttl() -> None:
+    assert parse_config({**BASE, **CA}).cert_ttl_seconds == 86400
+    assert parse_config({**BASE, **CA, "SECRET_TTL": "12h"}).cert_ttl_seconds == 43200
+    assert parse_config({**BASE, **CA, "SECRET_TTL": "1m"}).cert_ttl_seconds == 60
+    both = {**BASE, **CA, "CERT_TTL_SECONDS": "7200", "SECRET_TTL": "2h"}
+    assert parse_config(both).cert_ttl_seconds == 7200
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        # The waypoint's minimum, as for CERT_TTL_SECONDS.
+        ({"SECRET_TTL": "59s"}, r"SECRET_TTL=59s \(59 s\) is outside 60..604800 seconds"),
+        ({"SECRET_TTL": "1x"}, "SECRET_TTL='1x' is not a duration.*unknown unit 'x'"),
+        (
+            {"CERT_TTL_SECONDS": "7200", "SECRET_TTL": "1h"},
+            r"CERT_TTL_SECONDS=7200 and SECRET_TTL=1h \(3600 s\) disagree",
+        ),
+    ],
+)
+def test_a_bad_or_conflicting_secret_ttl_is_refused(env: dict[str, str], message: str) -> None:
+    with pytest.raises(EnvConfigError, match=message):
+        parse_config({**BASE, **CA, **env})

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from ztunnel.config import EnvConfigError, parse_config
@@ -124,3 +128,42 @@ def test_the_dns_proxys_limits_are_settings() -> None:
         parse_config({**BASE, "DNS_PROXY_MAX_QPS": "5"})
     # Upstream's own setting of that prefix is no limit, and no error either.
     assert parse_config({**BASE, "DNS_PROXY_ADDR": "127.0.0.1:15053"}).dns_limits.max_query_burst
+
+
+def test_the_certificate_lifetime_in_seconds_or_as_istios_secret_ttl() -> None:
+    assert parse_config(BASE).cert_ttl_seconds == 86400
+    assert parse_config({**BASE, "CERT_TTL_SECONDS": "60"}).cert_ttl_seconds == 60
+    assert parse_config({**BASE, "SECRET_TTL": "90m"}).cert_ttl_seconds == 5400
+    assert parse_config({**BASE, "SECRET_TTL": "5s"}).cert_ttl_seconds == 5  # the same minimum
+    both = {**BASE, "CERT_TTL_SECONDS": "3600", "SECRET_TTL": "1h"}
+    assert parse_config(both).cert_ttl_seconds == 3600
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"SECRET_TTL": "4s"}, r"SECRET_TTL=4s \(4 s\) is outside 5..604800 seconds"),
+        ({"SECRET_TTL": "24"}, "SECRET_TTL='24' is not a duration.*has no unit"),
+        (
+            {"CERT_TTL_SECONDS": "3600", "SECRET_TTL": "24h"},
+            r"CERT_TTL_SECONDS=3600 and SECRET_TTL=24h \(86400 s\) disagree",
+        ),
+    ],
+)
+def test_a_bad_or_conflicting_secret_ttl_is_refused(env: dict[str, str], message: str) -> None:
+    with pytest.raises(EnvConfigError, match=message):
+        parse_config({**BASE, **env})
+
+
+def test_a_tunnel_with_conflicting_lifetimes_exits_2_saying_why() -> None:
+    env = {**BASE, "CERT_TTL_SECONDS": "3600", "SECRET_TTL": "24h"}
+    done = subprocess.run(
+        [sys.executable, "-m", "ztunnel"],
+        env=env,
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "CERT_TTL_SECONDS=3600 and SECRET_TTL=24h (86400 s) disagree" in done.stderr
