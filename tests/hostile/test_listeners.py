@@ -302,7 +302,9 @@ def test_waypoint_http_under_pipelining_slow_loris_and_huge_bodies() -> None:
                 for _ in range(100):
                     with contextlib.suppress(BlockingIOError):
                         flood.send(request)
-                with tcp(h1) as s:  # a 50 MB body, streamed and dropped
+                # A 50 MB body, streamed and dropped. 30 s per send, not 10: with the flood
+                # above and parallel test workers on 2 cores, one 1 MB send once took longer.
+                with tcp(h1, timeout=30.0) as s:
                     s.sendall(b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 50000000\r\n\r\n")
                     chunk = b"x" * 1_000_000
                     for _ in range(50):
