@@ -25,6 +25,7 @@ import gc
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -175,12 +176,25 @@ def sample(
     return s
 
 
-async def settle(mesh: LoopbackMesh, limit: float = 5.0) -> None:
-    """Until the tunnels' tables are empty (the relays closed, the log lines written), at
-    most `limit` seconds; then one more short wait for the last close callbacks."""
+async def hold(mesh: LoopbackMesh, n: int) -> list[socket.socket]:
+    """`n` cross-node connections opened 64 at a time and left open (each connect bounded
+    by 10 s); the ones that failed are left out."""
+    held: list[socket.socket] = []
+    for start in range(0, n, 64):
+        got = await asyncio.gather(
+            *(mesh.hold() for _ in range(min(64, n - start))), return_exceptions=True
+        )
+        held.extend(g for g in got if isinstance(g, socket.socket))
+    return held
+
+
+async def settle(mesh: LoopbackMesh, held: int = 0, limit: float = 5.0) -> None:
+    """Until the tunnels' tables hold only the held connections (the others' relays
+    closed, their log lines written), at most `limit` seconds; then one more short wait
+    for the last close callbacks. A held connection is in both tables (two reporters)."""
     deadline = time.monotonic() + limit
     # Polled: the tables have no event for "empty", and this is the benchmark, not the path.
-    while time.monotonic() < deadline and any(n.connections() for n in mesh.nodes):  # noqa: ASYNC110
+    while time.monotonic() < deadline and sum(len(n.connections()) for n in mesh.nodes) > 2 * held:  # noqa: ASYNC110
         await asyncio.sleep(0.05)
     await asyncio.sleep(0.2)
 
@@ -199,9 +213,12 @@ async def run(a: argparse.Namespace, out: TextIO) -> dict[str, Any]:
         async with loopback_mesh() as mesh:
             make = mesh.paths[a.path]
             await run_clients(a.warmup, a.workers, make)  # pools dialled, caches filled
-            await settle(mesh)
+            held = await hold(mesh, a.held)
+            await settle(mesh, held=len(held))
             if a.tracemalloc:
                 tracemalloc.start(a.frames)
+            if held:
+                print(f"{len(held)} connections held open", file=out)
             base = sample(0, started, a.trim, types(0), first if a.tracemalloc else None)
             samples.append(base)
             print_header(out)
@@ -213,7 +230,7 @@ async def run(a: argparse.Namespace, out: TextIO) -> dict[str, Any]:
                     break
                 failed += await run_clients(a.batch, a.workers, make)
                 made += a.batch
-                await settle(mesh)
+                await settle(mesh, held=len(held))
                 s = sample(
                     made, started, a.trim, types(len(samples)), last if a.tracemalloc else None
                 )
@@ -347,6 +364,12 @@ def main() -> int:
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=1000)
     ap.add_argument("--workers", type=int, default=16, help="connections in flight")
+    ap.add_argument(
+        "--held",
+        type=int,
+        default=0,
+        help="cross-node connections kept open (0..4000: four descriptors each here)",
+    )
     ap.add_argument("--max-seconds", type=float, default=900.0)
     ap.add_argument("--tracemalloc", action="store_true", help="allocation sites (slower)")
     ap.add_argument("--frames", type=int, default=1, help="tracemalloc frames per site")
@@ -361,6 +384,7 @@ def main() -> int:
         and 1 <= a.batches <= 200
         and 0 <= a.warmup <= 100_000
         and 1 <= a.workers <= 256
+        and 0 <= a.held <= 4000
         and 1 <= a.frames <= 20
         and 0 < a.max_seconds <= 7200
     ):

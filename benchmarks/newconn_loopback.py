@@ -106,6 +106,26 @@ async def one(src_ip: str, to: SocketAddr, redirect: tuple[Redirects, SocketAddr
         sock.close()
 
 
+async def open_held(
+    src_ip: str, to: SocketAddr, redirects: Redirects, listener: SocketAddr
+) -> socket.socket:
+    """A connection that stays open: redirected through the client pod's 15001 like `one`,
+    nothing sent, so the app waits for its request and every hop keeps its state. The
+    caller closes it."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    try:
+        sock.setblocking(False)
+        sock.bind((src_ip, 0))
+        redirects.by_client[SocketAddr.of(sock.getsockname())] = to
+        async with asyncio.timeout(10.0):
+            await loop.sock_connect(sock, listener.pair)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 async def run_clients(count: int, workers: int, make: Callable[[], Awaitable[None]]) -> int:
     failed = 0
     left = count
@@ -154,6 +174,8 @@ class LoopbackMesh:
 
     paths: dict[str, Callable[[], Awaitable[None]]]
     nodes: list[NodeProxy]
+    # A cross-node connection left open (the soak's held ones); the caller closes it.
+    hold: Callable[[], Awaitable[socket.socket]]
 
 
 @contextlib.asynccontextmanager
@@ -204,7 +226,7 @@ async def loopback_mesh() -> AsyncIterator[LoopbackMesh]:
             "cross-node": lambda: one(a_ip, to_b, (redirects, listener)),
             "same-node": lambda: one(a_ip, to_l, (redirects, listener)),
         }
-        yield LoopbackMesh(paths, nodes)
+        yield LoopbackMesh(paths, nodes, lambda: open_held(a_ip, to_b, redirects, listener))
     finally:
         for p in pods:
             await p.stop()
