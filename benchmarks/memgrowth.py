@@ -41,7 +41,9 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 from newconn_loopback import LoopbackMesh, loopback_mesh, run_clients  # noqa: E402
 
+from meshcore.hbone.transport import _ReadBuffer  # noqa: E402
 from meshcore.observability import logging as meshlog  # noqa: E402
+from meshcore.relay import _AppReadBuffer  # noqa: E402
 from meshcore.runtime import malloc  # noqa: E402
 
 # ---- pure: reading the allocators' figures and comparing samples ----
@@ -124,6 +126,12 @@ def _pymalloc() -> dict[str, int]:
         return parse_pymalloc_stats(tmp.read().decode(errors="replace"))
 
 
+def _lent() -> dict[str, int]:
+    """Receive buffers set aside while a view of them is queued (kept for reuse, at most
+    MAX_LENT_BUFFERS of each kind): app reads (1 MiB each) and TLS reads (256 KiB)."""
+    return {"lent_app": len(_AppReadBuffer.lent), "lent_tls": len(_ReadBuffer.lent)}
+
+
 def _status_kb(field_name: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field_name + ":"):
@@ -164,7 +172,7 @@ def sample(
         blocks=blocks,
         gc_objects=n_objs,
         threads=len(os.listdir("/proc/self/task")),
-        alloc={**_mallinfo2(), **_pymalloc()},
+        alloc={**_mallinfo2(), **_pymalloc(), **_lent()},
     )
     if trim:
         malloc.trim()
@@ -287,7 +295,7 @@ def print_header(out: TextIO) -> None:
     print(
         f"{'conns':>7}{'s':>6}{'RSS MB':>8}{'dRSS':>7}{'trim':>7}{'HWM':>7}{'blocks':>9}"
         f"{'dblk':>7}{'gc objs':>9}{'dobj':>7}{'heap use':>9}{'heap free':>10}"
-        f"{'mmap':>7}{'arenas':>7}{'thr':>4}",
+        f"{'mmap':>7}{'arenas':>7}{'lent':>6}{'thr':>4}",
         file=out,
     )
 
@@ -302,7 +310,8 @@ def print_row(s: Sample, base: Sample, out: TextIO) -> None:
         f"{s.blocks:>9}{s.blocks - base.blocks:>+7}{s.gc_objects:>9}"
         f"{s.gc_objects - base.gc_objects:>+7}"
         f"{al.get('heap_in_use', 0) / 2**20:>9.1f}{al.get('heap_free', 0) / 2**20:>10.1f}"
-        f"{al.get('mmapped', 0) / 2**20:>7.1f}{al.get('arenas', '-'):>7}{s.threads:>4}",
+        f"{al.get('mmapped', 0) / 2**20:>7.1f}{al.get('arenas', '-'):>7}"
+        f"{al.get('lent_app', 0):>3}/{al.get('lent_tls', 0):<2}{s.threads:>4}",
         file=out,
         flush=True,
     )
