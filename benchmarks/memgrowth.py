@@ -340,10 +340,24 @@ def print_summary(sm: dict[str, Any], out: TextIO) -> None:
             print(f"  {line}", file=out)
 
 
+def without_variants(argv: list[str]) -> list[str]:
+    """The command line less its --variant options (`--variant X` and `--variant=X`)."""
+    out: list[str] = []
+    skip = False
+    for x in argv:
+        if skip:
+            skip = False
+        elif x == "--variant":
+            skip = True
+        elif not x.startswith("--variant="):
+            out.append(x)
+    return out
+
+
 def run_variants(a: argparse.Namespace, argv: list[str], out: TextIO) -> int:
     """The same batches in child processes, one per environment (the default first), one
     after the other; glibc reads its MALLOC_* settings only when a process starts."""
-    base_args = [x for x in argv if not x.startswith("--variant")]
+    base_args = without_variants(argv)
     variants = ["", *a.variant]
     results: list[tuple[str, dict[str, Any]]] = []
     for v in variants:

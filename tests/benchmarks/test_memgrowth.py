@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
-from memgrowth import parse_pymalloc_stats, per_connection, type_growth
+from memgrowth import parse_pymalloc_stats, per_connection, type_growth, without_variants
 
 MALLOCSTATS = """\
 Small block threshold = 512, in 32 size classes.
@@ -38,3 +38,8 @@ def test_types_grown_largest_first_falls_left_out() -> None:
 def test_per_connection() -> None:
     assert per_connection(500, 1000) == 0.5
     assert per_connection(500, 0) == 0.0
+
+
+def test_variants_left_out_of_the_childrens_command_line() -> None:
+    argv = ["--held", "10", "--variant", "A=1", "--variant=B=2", "--trim"]
+    assert without_variants(argv) == ["--held", "10", "--trim"]
