@@ -30,7 +30,8 @@ import random
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -105,6 +106,26 @@ async def one(src_ip: str, to: SocketAddr, redirect: tuple[Redirects, SocketAddr
         sock.close()
 
 
+async def open_held(
+    src_ip: str, to: SocketAddr, redirects: Redirects, listener: SocketAddr
+) -> socket.socket:
+    """A connection that stays open: redirected through the client pod's 15001 like `one`,
+    nothing sent, so the app waits for its request and every hop keeps its state. The
+    caller closes it."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    try:
+        sock.setblocking(False)
+        sock.bind((src_ip, 0))
+        redirects.by_client[SocketAddr.of(sock.getsockname())] = to
+        async with asyncio.timeout(10.0):
+            await loop.sock_connect(sock, listener.pair)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 async def run_clients(count: int, workers: int, make: Callable[[], Awaitable[None]]) -> int:
     failed = 0
     left = count
@@ -147,7 +168,20 @@ def build_state(ip: dict[str, str]) -> MeshState:
     )
 
 
-async def main_async(a: argparse.Namespace, report: TextIO) -> dict[str, Any]:
+@dataclass
+class LoopbackMesh:
+    """The running mesh: the client paths to drive and the two nodes (for their books)."""
+
+    paths: dict[str, Callable[[], Awaitable[None]]]
+    nodes: list[NodeProxy]
+    # A cross-node connection left open (the soak's held ones); the caller closes it.
+    hold: Callable[[], Awaitable[socket.socket]]
+
+
+@contextlib.asynccontextmanager
+async def loopback_mesh() -> AsyncIterator[LoopbackMesh]:
+    """Two nodes' tunnels, three pods and two apps on fresh 127.x addresses; everything is
+    stopped on the way out."""
     a_ip, b_ip, l_ip, direct_ip = loopback_ips(4)
     apps = [await asyncio.start_server(serve_app, ip, 0) for ip in (b_ip, l_ip)]
     app_port = apps[0].sockets[0].getsockname()[1]
@@ -180,53 +214,69 @@ async def main_async(a: argparse.Namespace, report: TextIO) -> dict[str, Any]:
         node.pods[w.uid] = proxy  # as the node's own pods: same-node goes in process
         node._by_workload = None  # the node's index of its pods, rebuilt
 
-    by_name = {w.name: w for w in state.workloads}
-    await pod(by_name["client-0"], nodes[0])
-    await pod(by_name["server-0"], nodes[1])
-    await pod(by_name["server-1"], nodes[0])
-    listener = addr(f"{a_ip}:15001")
-    to_b, to_l = addr(f"{b_ip}:{app_port}"), addr(f"{l_ip}:{l_port}")  # parsed once
-    paths = {
-        "direct": lambda: one(direct_ip, to_b, None),
-        "cross-node": lambda: one(a_ip, to_b, (redirects, listener)),
-        "same-node": lambda: one(a_ip, to_l, (redirects, listener)),
-    }
-    out: dict[str, Any] = {}
-    prof = cProfile.Profile(time.process_time) if a.profile else None
-    profiled: dict[str, pstats.Stats] = {}
     try:
-        for make in paths.values():  # warm-up: pools dialled, code paths hot
-            await run_clients(100, a.workers, make)
-        for rnd in range(a.rounds):
-            for name, make in paths.items() if rnd % 2 == 0 else list(paths.items())[::-1]:
-                if prof is not None and name != "direct":
-                    prof.enable()
-                cpu0, t0 = time.process_time(), time.perf_counter()
-                failed = await run_clients(a.connections, a.workers, make)
-                cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
-                if prof is not None and name != "direct":
-                    prof.disable()
-                    st = pstats.Stats(prof, stream=io.StringIO())
-                    if name in profiled:
-                        profiled[name].add(st)
-                    else:
-                        profiled[name] = st
-                    prof = cProfile.Profile(time.process_time)
-                out.setdefault(name, []).append(
-                    {
-                        "us_per_conn": cpu * 1e6 / a.connections,
-                        "per_second": a.connections / wall,
-                        "failed": failed,
-                    }
-                )
+        by_name = {w.name: w for w in state.workloads}
+        await pod(by_name["client-0"], nodes[0])
+        await pod(by_name["server-0"], nodes[1])
+        await pod(by_name["server-1"], nodes[0])
+        listener = addr(f"{a_ip}:15001")
+        to_b, to_l = addr(f"{b_ip}:{app_port}"), addr(f"{l_ip}:{l_port}")  # parsed once
+        paths: dict[str, Callable[[], Awaitable[None]]] = {
+            "direct": lambda: one(direct_ip, to_b, None),
+            "cross-node": lambda: one(a_ip, to_b, (redirects, listener)),
+            "same-node": lambda: one(a_ip, to_l, (redirects, listener)),
+        }
+        yield LoopbackMesh(paths, nodes, lambda: open_held(a_ip, to_b, redirects, listener))
     finally:
         for p in pods:
             await p.stop()
         for s in apps:
             s.close()
         await certs.close()
+
+
+async def main_async(a: argparse.Namespace, report: TextIO) -> dict[str, Any]:
+    async with loopback_mesh() as mesh:
+        out = await measure(a, mesh.paths)
+    return print_rows(a, out, report)
+
+
+async def measure(
+    a: argparse.Namespace, paths: dict[str, Callable[[], Awaitable[None]]]
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    prof = cProfile.Profile(time.process_time) if a.profile else None
+    profiled: dict[str, pstats.Stats] = {}
+    for make in paths.values():  # warm-up: pools dialled, code paths hot
+        await run_clients(100, a.workers, make)
+    for rnd in range(a.rounds):
+        for name, make in paths.items() if rnd % 2 == 0 else list(paths.items())[::-1]:
+            if prof is not None and name != "direct":
+                prof.enable()
+            cpu0, t0 = time.process_time(), time.perf_counter()
+            failed = await run_clients(a.connections, a.workers, make)
+            cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
+            if prof is not None and name != "direct":
+                prof.disable()
+                st = pstats.Stats(prof, stream=io.StringIO())
+                if name in profiled:
+                    profiled[name].add(st)
+                else:
+                    profiled[name] = st
+                prof = cProfile.Profile(time.process_time)
+            out.setdefault(name, []).append(
+                {
+                    "us_per_conn": cpu * 1e6 / a.connections,
+                    "per_second": a.connections / wall,
+                    "failed": failed,
+                }
+            )
+    return {"runs": out, "profiles": profiled}
+
+
+def print_rows(a: argparse.Namespace, measured: dict[str, Any], report: TextIO) -> dict[str, Any]:
     rows: dict[str, Any] = {}
-    for name, runs in out.items():
+    for name, runs in measured["runs"].items():
         us = sorted(r["us_per_conn"] for r in runs)
         rows[name] = {"median_us_per_conn": us[len(us) // 2], "runs": runs}
     direct = rows["direct"]["median_us_per_conn"]
@@ -241,8 +291,8 @@ async def main_async(a: argparse.Namespace, report: TextIO) -> dict[str, Any]:
         tunnels = "-" if name == "direct" else f"{med - direct:.0f}"
         print(f"{name:<12}{med:>17.0f}{tunnels:>17}{rate:>9.0f}{fails:>8}", file=report)
     n = a.connections * a.rounds
-    for name, st in profiled.items():
-        stats = st.stats  # type: ignore[attr-defined]
+    for name, st in measured["profiles"].items():
+        stats = st.stats
         print(f"\n=== profile, {name} (all parts of the process)", file=report)
         print_profile(name, stats, n, a.top, report)
     return rows

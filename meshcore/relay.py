@@ -135,10 +135,22 @@ class AppSide(asyncio.BufferedProtocol):
     only: the event loop ignores get_buffer on a class that is also an asyncio.Protocol.
     """
 
-    __slots__ = ("early", "eof", "lost", "on_made", "paused_writing", "sink", "transport")
+    __slots__ = (
+        "early",
+        "eof",
+        "lost",
+        "on_lost",
+        "on_made",
+        "paused_writing",
+        "sink",
+        "transport",
+    )
 
     def __init__(self, on_made: Callable[[AppSide], None] | None = None) -> None:
         self.on_made = on_made  # for accepted connections: start handling them
+        # For a book of accepted connections: told once, when the connection is gone, so
+        # the book drops it then and keeps nothing of a closed connection.
+        self.on_lost: Callable[[AppSide], None] | None = None
         self.transport: asyncio.Transport | None = None
         self.sink: _Sink | None = None
         self.early: list[bytes] | None = None  # created on first early data (rare)
@@ -178,6 +190,9 @@ class AppSide(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = exc if exc is not None else True
+        on_lost, self.on_lost = self.on_lost, None
+        if on_lost is not None:
+            on_lost(self)
         if self.sink is not None:
             self.sink.app_lost(exc)
 

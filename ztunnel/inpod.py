@@ -19,7 +19,6 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 import structlog
 import yaml
@@ -34,6 +33,7 @@ from meshcore.hbone.transport import H2Transport
 from meshcore.identity.certs import CertificateManager, WorkloadCertificate
 from meshcore.identity.spiffe import SpiffeId
 from meshcore.observability.connections import ConnectionTable
+from meshcore.relay import AppSide
 from meshcore.runtime.tasks import TaskSet
 from meshcore.sockets import (
     NetnsSocketFactory,
@@ -217,50 +217,44 @@ class FileEnrolmentSource:
             await asyncio.gather(self._task, return_exceptions=True)
 
 
-P = TypeVar("P", bound=asyncio.BaseProtocol)
-
-
 class _Accepted:
-    """Every connection a pod's listeners accepted, so that stopping the pod closes them
-    all, even one whose handler task had not run yet when it was cancelled (asyncio's
-    `Server.close()` leaves accepted connections open). Closed ones are pruned as new
-    ones arrive, at an amortised constant cost."""
+    """Every connection a pod's listeners accepted and not yet lost, so that stopping the
+    pod closes them all, even one whose handler task had not run yet when it was cancelled
+    (asyncio's `Server.close()` leaves accepted connections open). A connection leaves the
+    book as it is lost (`AppSide.on_lost`), so the book holds open connections only: kept
+    until a periodic prune, a closed one held its relay's objects while churn went on
+    beside long-lived connections (with N held, up to N closed ones)."""
 
     def __init__(self) -> None:
-        self._protocols: list[asyncio.BaseProtocol] = []
-        self._prune_at = 64
+        self._protocols: dict[AppSide, None] = {}  # an ordered set
+        self._forget = self._drop  # one bound method for every connection
 
-    def wrap(self, factory: Callable[[], P]) -> Callable[[], P]:
-        def make() -> P:
+    def wrap(self, factory: Callable[[], AppSide]) -> Callable[[], AppSide]:
+        def make() -> AppSide:
             protocol = factory()
-            self._protocols.append(protocol)
-            if len(self._protocols) >= self._prune_at:
-                self._protocols = [p for p in self._protocols if not _closing(p)]
-                self._prune_at = max(64, 2 * len(self._protocols))
+            protocol.on_lost = self._forget
+            self._protocols[protocol] = None
             return protocol
 
         return make
+
+    def _drop(self, protocol: AppSide) -> None:
+        self._protocols.pop(protocol, None)
 
     def open_count(self) -> int:
         """Connections up and not closing. A protocol without a transport never got its
         connection (a failed TLS handshake): it is not waited for."""
         return sum(
-            1
-            for p in self._protocols
-            if getattr(p, "transport", None) is not None and not _closing(p)
+            1 for p in self._protocols if p.transport is not None and not p.transport.is_closing()
         )
 
     def abort_all(self) -> None:
-        protocols, self._protocols = self._protocols, []
+        protocols, self._protocols = self._protocols, {}
         for p in protocols:
-            transport = getattr(p, "transport", None)
+            p.on_lost = None  # the book is gone already
+            transport = p.transport
             if transport is not None and not transport.is_closing():
                 transport.abort()
-
-
-def _closing(protocol: asyncio.BaseProtocol) -> bool:
-    transport = getattr(protocol, "transport", None)
-    return transport is not None and bool(transport.is_closing())
 
 
 class PodProxy:

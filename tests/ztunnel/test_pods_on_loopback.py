@@ -41,6 +41,7 @@ from meshcore.hbone.limits import HboneLimits
 from meshcore.identity.certs import CertificateManager
 from meshcore.identity.spiffe import SpiffeId
 from meshcore.observability.connections import ConnectionTable
+from meshcore.relay import AppSide, HboneSplice
 from meshcore.sockets import PlainSocketFactory, SocketAddr
 from meshcore.state import MeshState, Workload
 from tests.support.aio import Loop, wait_until
@@ -773,6 +774,59 @@ def test_ten_thousand_failed_handshakes_at_a_pods_15008_leave_nothing_behind(
     assert count(mesh.node2.connection_table, refused, direction="inbound") == 10_200
     # A leak of one object per attempt would show as thousands; allow loop bookkeeping.
     assert after - before < 200, (before, after)
+
+
+def test_closed_connections_are_not_kept_while_others_stay_open__recorded_redirects(
+    aio_uvloop: Loop, mesh: LoopbackMesh
+) -> None:
+    """Pod A holds 100 connections open and makes 300 short ones, one after another.
+    Once the short ones are over, the process holds the same relay objects as before them
+    (issue: the pod's book of accepted connections kept closed ones until it held twice
+    as many as were open, so with N held, up to N closed connections' objects stayed:
+    memory that rose and fell with the churn, in steps, on a tunnel holding thousands)."""
+    held_n, short_n = 100, 300
+
+    async def short() -> None:
+        reader, writer = await mesh.from_pod(mesh.a, f"{VIP}:80")
+        writer.write(b"x")
+        writer.write_eof()
+        assert await read_all(reader) == b"x"
+        writer.close()
+
+    def relays() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if type(o) in (AppSide, HboneSplice))
+
+    async def settled() -> None:
+        # Both tables list only the held ones: every short one ended on both sides.
+        await wait_until(
+            lambda: (
+                len(mesh.node1.connection_table.connections()) == held_n
+                and len(mesh.node2.connection_table.connections()) == held_n
+            ),
+            "the short connections to end",
+        )
+        await asyncio.sleep(0.1)
+
+    async def main() -> tuple[int, int]:
+        held = [await mesh.from_pod(mesh.a, f"{VIP}:80") for _ in range(held_n)]
+        for _, writer in held:  # each one through to the app and back
+            writer.write(b"h")
+        for reader, _ in held:
+            assert await reader.readexactly(1) == b"h"
+        await short()  # warm-up
+        await settled()
+        before = relays()
+        for _ in range(short_n):
+            await short()
+        await settled()
+        after = relays()
+        for _, writer in held:
+            writer.close()
+        return before, after
+
+    before, after = aio_uvloop.run(main, limit=120)
+    assert after == before, (before, after)
 
 
 @pytest.mark.parametrize(
