@@ -70,8 +70,11 @@ class SubscriberAuth:
         self._reviewer = reviewer
         self._node_tokens = dict(node_tokens or {})
         self.allow_unauthenticated = allow_unauthenticated
-        self._per_source = per_source or RateLimiter(PER_SOURCE_RATE, PER_SOURCE_BURST)
-        self._overall = overall or RateLimiter(OVERALL_RATE, OVERALL_BURST)
+        # `is None`, not `or`: an empty limiter has len 0 and would be replaced.
+        self._per_source = (
+            per_source if per_source is not None else RateLimiter(PER_SOURCE_RATE, PER_SOURCE_BURST)
+        )
+        self._overall = overall if overall is not None else RateLimiter(OVERALL_RATE, OVERALL_BURST)
         self._cache = cache if cache is not None else ReviewCache()
         self._clock = clock
         self.reviews = 0  # TokenReviews made (cache misses within the rate)
