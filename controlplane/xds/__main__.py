@@ -31,6 +31,7 @@ from controlplane.grpc_limits import grpc_limits, new_server
 from controlplane.xds.auth import SubscriberAuth, TokenReviewer
 from controlplane.xds.server import XdsServer
 from controlplane.xds.tls import XdsTlsError, bind, server_credentials
+from kube.client import KubeApiError, KubeClient, load_kubeconfig
 from meshcore.defaults import TRUST_DOMAIN
 from meshcore.discovery import LocalConfigWatcher
 from meshcore.runtime import accepterrors
@@ -45,9 +46,8 @@ async def _serve(args: argparse.Namespace) -> None:
     async with contextlib.AsyncExitStack() as stack:
         reviewer: TokenReviewer | None = None
         if args.kubeconfig:
-            # Imported here: only this way needs the Kubernetes client.
+            # Imported here: only this way needs the CA's Kubernetes facts.
             from controlplane.ca_grpc import KubeFacts
-            from kube.client import KubeClient, load_kubeconfig
 
             client = await stack.enter_async_context(KubeClient(load_kubeconfig(args.kubeconfig)))
             reviewer = KubeFacts(client)  # its review only; its pod informer is not started
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     try:
         asyncio.run(_serve(args))
-    except (CAError, CAServerError, MeshConfigError, XdsTlsError) as e:
+    except (CAError, CAServerError, KubeApiError, MeshConfigError, XdsTlsError) as e:
         print(f"xds: {e}", file=sys.stderr)
         return 1
     return 0

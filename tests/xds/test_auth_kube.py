@@ -184,3 +184,46 @@ def test_an_expired_token_is_refused(env: Env) -> None:
 def test_a_forged_token_is_refused(env: Env) -> None:
     reason = env.refused("eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0.")
     assert "the API server rejected the token" in reason or "unauthenticated" in reason, reason
+
+
+def test_the_standalone_server_reviews_tokens_with_its_kubeconfig(env: Env, tmp_path: Path) -> None:
+    """`python -m controlplane.xds --kubeconfig`: the same TokenReview outside istiod."""
+    from tests.xds.states import demo_document
+
+    config = tmp_path / "xds.json"
+    config.write_text(json.dumps(demo_document()))
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "controlplane.xds", "--config", str(config),
+         "--state-dir", str(tmp_path), "--listen", f"127.0.0.1:{port}",
+         "--kubeconfig", str(env.cp.kubeconfig)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        root = tmp_path / "ca" / "root-cert.pem"
+        deadline = time.monotonic() + 30
+        standalone = Env(env.cp, port, b"", env.ns)
+        while True:
+            assert proc.poll() is None, "the server exited"
+            assert time.monotonic() < deadline, "the server did not answer in 30 s"
+            if root.exists():
+                standalone.roots = root.read_bytes()
+                try:
+                    got = asyncio.run(standalone.answer(env.token()))
+                except OSError:
+                    time.sleep(0.2)
+                    continue
+                break
+            time.sleep(0.1)
+        assert isinstance(got, bytes), got
+        assert "no token" in standalone.refused(None)
+        assert "wrong audience" in standalone.refused(
+            env.token(audiences=("https://kubernetes.default.svc",))
+        )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
