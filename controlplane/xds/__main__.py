@@ -75,7 +75,7 @@ async def _serve(args: argparse.Namespace) -> None:
             listen=args.listen,
             port=port,
             tls=credentials is not None,
-            subscribers=auth.describe(),
+            subscribers=auth.describe(args.require_client_cert),
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -85,16 +85,16 @@ class SubscriberAuth:
         """Every subscriber served, as `unauthenticated`: loopback tests only, by name."""
         return cls(trust_domain, allow_unauthenticated=True)
 
-    def describe(self) -> str:
+    def describe(self, client_cert_required: bool = False) -> str:
         """The ways enabled, for the server's start-up line."""
-        ways = ["client certificate (when the listener requires one)"]
+        ways = ["mesh client certificate"] if client_cert_required else []
         if self._node_tokens:
             ways.append(f"node tokens ({len(self._node_tokens)})")
         if self._reviewer is not None:
             ways.append("service account tokens (TokenReview, audience istio-ca)")
         if self.allow_unauthenticated:
             ways.append("UNAUTHENTICATED subscribers allowed")
-        return ", ".join(ways)
+        return ", ".join(ways) or "none"
 
     async def authenticate(
         self,
