@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import json
 import os
+import secrets
 import signal
 import socket
 import statistics
@@ -55,6 +56,7 @@ from meshcore.state import MeshState, TunnelProtocol  # noqa: E402
 from meshcore.xds import messages as m  # noqa: E402
 from meshcore.xds.client import XdsClient, XdsTarget  # noqa: E402
 from meshcore.xds.convert import RESOURCE_TYPES  # noqa: E402
+from meshcore.xds.credentials import token_credentials  # noqa: E402
 from meshcore.xds.grpc import client_context  # noqa: E402
 
 LABEL = "istio.io/dataplane-mode"
@@ -143,6 +145,10 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
             state_dir = work / "state"
             state_dir.mkdir()
+            token = secrets.token_hex(32)
+            token_path, tokens_file = work / "token", work / "tokens.yaml"
+            token_path.write_text(token)
+            tokens_file.write_text(f"{token}: bench\n")
             port = free_port()
             started = time.monotonic()
             cpproc = subprocess.Popen(  # noqa: ASYNC220 (once, before any timing)
@@ -160,6 +166,9 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                     str(state_dir),
                     "--grpc-listen",
                     f"127.0.0.1:{port}",
+                    # The clients and tunnels below authenticate with one node token.
+                    "--xds-node-tokens-file",
+                    str(tokens_file),
                 ],
                 cwd=REPO,
                 stdout=subprocess.PIPE,
@@ -178,7 +187,13 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 f"127.0.0.1:{port}", client_context(roots), server_identity(TRUST_DOMAIN)
             )
             clients = [
-                XdsClient(target, m.Node(id=f"bench-{i}"), lambda _s: None, RESOURCE_TYPES)
+                XdsClient(
+                    target,
+                    m.Node(id=f"bench-{i}"),
+                    lambda _s: None,
+                    RESOURCE_TYPES,
+                    credentials=token_credentials(token_path),
+                )
                 for i in range(args.clients)
             ]
             t_clients = time.monotonic()
@@ -200,7 +215,7 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 tun_dir = work / f"tunnel{n}"
                 tun_dir.mkdir()
                 (tun_dir / "root.pem").write_bytes(roots)
-                (tun_dir / "token").write_text("unused")
+                (tun_dir / "token").write_text(token)
                 (tun_dir / "enrolment.yaml").write_text("{}\n")
                 admin = free_port()
                 tunnel = subprocess.Popen(  # noqa: ASYNC220 (once, outside the timings)

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import grpc
 
 from controlplane.ca import CertificateAuthority
+from controlplane.xds.auth import SubscriberAuth
 from controlplane.xds.server import XdsServer, snapshot_of
 from controlplane.xds.tls import bind, server_credentials, server_identity
 from meshcore.state import (
@@ -81,7 +82,8 @@ async def main(n: int) -> None:
     t_snap = time.perf_counter() - t0
     size = sum(len(body) for named in snap.values() for _, body in named.values())
     ca = CertificateAuthority.create("cluster.local")
-    xds = XdsServer(state)
+    # What a push costs, not an authentication: every subscriber is served.
+    xds = XdsServer(state, auth=SubscriberAuth.unauthenticated("cluster.local"))
     server = grpc.aio.server()
     xds.add_to_server(server)
     port = bind(server, "127.0.0.1:0", server_credentials(ca))

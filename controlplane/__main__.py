@@ -25,6 +25,7 @@ from typing import Any
 import structlog
 
 from controlplane.ca import CAError, CertificateAuthority
+from controlplane.ca_server import CAServerError
 from controlplane.controller import ControllerOptions, MeshController
 from controlplane.incluster import RootCertPublisher, load_or_create_ca
 from controlplane.install import InstallError, accept_waypoint_class, install_crds
@@ -79,6 +80,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "unix:/path; repeatable), as istiod's 15012",
     )
     p.add_argument(
+        "--xds-node-tokens-file",
+        type=Path,
+        help="xDS subscribers may also authenticate with a node token of this file (YAML "
+        "token -> node, the local CA's --tokens-file), besides service-account tokens",
+    )
+    p.add_argument(
         "--state-dir",
         type=Path,
         help="where the mesh CA's root is kept (needed with --grpc-listen)",
@@ -110,6 +117,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.namespace = ""
         if args.mesh_out is None:
             p.error("--mesh-out is required (outside the cluster the tunnels read that file)")
+        if args.xds_node_tokens_file is not None and not args.grpc_listen:
+            p.error("--xds-node-tokens-file is for the xDS server of --grpc-listen")
         if args.grpc_listen and args.state_dir is None:
             p.error("--grpc-listen needs --state-dir (the mesh CA that signs istiod's certificate)")
     if not 0 <= args.readiness_port <= 65535:
@@ -255,16 +264,22 @@ async def serve_grpc(
     # Imported here: without --grpc-listen the control plane loads no grpcio.
 
     from controlplane.ca_grpc import CaGrpcService, KubeFacts
+    from controlplane.ca_server import load_tokens
     from controlplane.grpc_limits import grpc_limits, new_server
+    from controlplane.xds.auth import SubscriberAuth
     from controlplane.xds.server import XdsServer
     from controlplane.xds.tls import XDS_DNS_NAME, bind, server_credentials, service_dns_names
 
     limits = grpc_limits(os.environ)
-    xds = XdsServer(push_timeout=limits.push_timeout)
+    facts = KubeFacts(client)
+    # A subscriber proves itself as the CA's callers do: a service-account token for
+    # istio-ca, reviewed by the same KubeFacts (or a node token, where one is configured).
+    node_tokens = load_tokens(args.xds_node_tokens_file) if args.xds_node_tokens_file else None
+    auth = SubscriberAuth(args.trust_domain, reviewer=facts, node_tokens=node_tokens)
+    xds = XdsServer(push_timeout=limits.push_timeout, auth=auth)
     # Every state the controller computes goes to every connected proxy; a proxy that
     # connects before the first one waits for it.
     controller.on_state(xds.update)
-    facts = KubeFacts(client)
     facts.start()
     server = new_server(limits)
     xds.add_to_server(server)
@@ -273,7 +288,13 @@ async def serve_grpc(
     creds = server_credentials(ca, dns_names=dns_names)
     for address in args.grpc_listen:
         port = bind(server, address, creds)
-        log.info("grpc listening", address=address, port=port, services="xds,ca")
+        log.info(
+            "grpc listening",
+            address=address,
+            port=port,
+            services="xds,ca",
+            xds_subscribers=auth.describe(),
+        )
     await server.start()
     return GrpcServing(server, facts)
 
@@ -291,8 +312,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         asyncio.run(run(config, args))
-    except (KubeApiError, InstallError, OSError, ValueError, CAError) as e:
-        # ValueError: a --grpc-listen address it cannot serve; CAError: the CA's store.
+    except (KubeApiError, InstallError, OSError, ValueError, CAError, CAServerError) as e:
+        # ValueError: a --grpc-listen address it cannot serve; CAError: the CA's store;
+        # CAServerError: the node tokens file.
         log.error("control plane failed", error=str(e))
         return 1
     return 0

@@ -53,6 +53,7 @@ from controlplane.ca_grpc_auth import (
     Policy,
     RateLimiter,
     Refusal,
+    bearer_token,
     caller_from_review,
     decide,
     explain_rejected_token,
@@ -310,26 +311,6 @@ class CaGrpcService:
             peer=peer,
         )
         return refusal
-
-
-def bearer_token(metadata: Any) -> str | Refusal:
-    """The token of `authorization: Bearer <token>`, or why there is none."""
-    values = [str(v) for k, v in metadata if str(k).lower() == "authorization"]
-    if not values:
-        return Refusal(
-            Code.UNAUTHENTICATED,
-            "unauthenticated: no token: send 'authorization: Bearer <service account token>'",
-        )
-    if len(values) > 1:
-        return Refusal(Code.UNAUTHENTICATED, "unauthenticated: more than one authorization header")
-    scheme, _, token = values[0].strip().partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
-        return Refusal(
-            Code.UNAUTHENTICATED,
-            "unauthenticated: the authorization header is not 'Bearer <token>'",
-        )
-    return token
 
 
 def _parse_or_none(uri: str) -> SpiffeId | None:

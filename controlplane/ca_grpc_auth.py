@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import Enum
@@ -158,6 +158,26 @@ def caller_from_review(status: Mapping[str, Any], audience: str = CA_AUDIENCE) -
         return Refusal(Code.UNAUTHENTICATED, f"unauthenticated: malformed user name {username!r}")
     extra = user.get("extra") or {}
     return Caller(ns, sa, _first(extra.get(EXTRA_POD_NAME)), _first(extra.get(EXTRA_POD_UID)))
+
+
+def bearer_token(metadata: Iterable[tuple[Any, Any]]) -> str | Refusal:
+    """The token of `authorization: Bearer <token>`, or why there is none."""
+    values = [str(v) for k, v in metadata if str(k).lower() == "authorization"]
+    if not values:
+        return Refusal(
+            Code.UNAUTHENTICATED,
+            "unauthenticated: no token: send 'authorization: Bearer <service account token>'",
+        )
+    if len(values) > 1:
+        return Refusal(Code.UNAUTHENTICATED, "unauthenticated: more than one authorization header")
+    scheme, _, token = values[0].strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        return Refusal(
+            Code.UNAUTHENTICATED,
+            "unauthenticated: the authorization header is not 'Bearer <token>'",
+        )
+    return token
 
 
 def explain_rejected_token(token: str, api_error: str, audience: str, now: datetime) -> str:

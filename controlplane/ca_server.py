@@ -125,13 +125,7 @@ class CAServer:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             return None
-        presented = token.strip().encode()
-        node = None
-        # Compare against every token in constant time: timing must not reveal a prefix.
-        for known, name in self._tokens.items():
-            if hmac.compare_digest(known.encode(), presented):
-                node = name
-        return node
+        return node_of_token(self._tokens, token.strip())
 
     def _peer_refusal(self, request: web.Request) -> str | None:
         transport = request.transport
@@ -193,6 +187,17 @@ class CAServer:
             "certificate issued", node=node, identity=str(identity), ttl_s=int(ttl.total_seconds())
         )
         return web.json_response({"certChain": [pem.decode() for pem in chain]})
+
+
+def node_of_token(tokens: Mapping[str, str], presented: str) -> str | None:
+    """The node whose token `presented` is, or None. Every token is compared, each in
+    constant time: the timing must not reveal a prefix, nor which entry matched."""
+    encoded = presented.encode()
+    node = None
+    for known, name in tokens.items():
+        if hmac.compare_digest(known.encode(), encoded):
+            node = name
+    return node
 
 
 def _parse_request(body: Any) -> tuple[bytes, timedelta]:

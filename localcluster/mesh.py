@@ -500,6 +500,14 @@ def start_control_plane(
 ) -> None:
     """The node CA. It vouches for (node, identity) from `workloads_file` (default: the mesh
     config this module writes; in Kubernetes mode, the one the control plane computes)."""
+    write_node_tokens(spec, state)
+    start_ca(spec, layout, state, workloads_file)
+    wait_for_ca(state)
+
+
+def write_node_tokens(spec: ClusterSpec, state: ClusterState) -> None:
+    """A fresh token per node (its file, 0600, for that node's tunnel and waypoints) and
+    the token -> node file that the CA, and a discovery server, authenticate them by."""
     paths = MeshPaths(state.dir / "mesh")
     tokens = {}
     for node in spec.nodes:
@@ -507,7 +515,10 @@ def start_control_plane(
         tokens[token] = node.name
         meshconfig.write_file(paths.token(node.name), token, mode=0o600)
     meshconfig.write_file(paths.tokens, yaml.safe_dump(tokens), mode=0o600)
-    start_ca(spec, layout, state, workloads_file)
+
+
+def wait_for_ca(state: ClusterState) -> None:
+    paths = MeshPaths(state.dir / "mesh")
     _wait_for(lambda: paths.ca_socket.exists(), 15.0, "the CA socket to appear (see ca.log)")
 
 

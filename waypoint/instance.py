@@ -127,6 +127,7 @@ class Waypoint:
                 f"{cfg.namespace}.svc.{DNS_DOMAIN}",
                 trust_domain=cfg.trust_domain,
                 on_update=self._on_state,
+                token_path=cfg.ca_token_path,
             )
         self._on_state(self.watcher.current if self.watcher is not None else self.state)
         if self.exporter is not None:

@@ -62,6 +62,7 @@ async def run(cfg: Config) -> None:
         node_id=cfg.node_name,
         trust_domain=cfg.trust_domain,
         on_update=node.on_state,
+        token_path=cfg.ca_token_path,
     )
     node.on_state(watcher.current)
     node.config_status = lambda: watcher.status

@@ -58,9 +58,11 @@ def start_control_plane(c: mesh.Cluster) -> None:
     log = c.state.log_dir / f"{CONTROLPLANE}.log"
     spawn_in_netns(
         c.layout.cluster_netns_path,
+        # Subscribers authenticate with the node tokens the cluster's CA takes, which the
+        # tunnels and waypoints already hold (CA_TOKEN_PATH).
         [sys.executable, "-m", "controlplane.xds", "--config", str(c.paths.xds),
          "--state-dir", str(c.state.dir), "--listen", f"unix:{sock}",
-         "--trust-domain", c.spec.trust_domain],
+         "--trust-domain", c.spec.trust_domain, "--tokens-file", str(c.paths.tokens)],
         _env(),
         PROJECT_ROOT,
         log,

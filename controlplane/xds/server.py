@@ -12,6 +12,10 @@ shut) holds one push for at most `push_timeout`; then its stream ends (UNAVAILAB
 reconnects and gets the current state), and its connection at the latest when it reaches
 its maximum age (GrpcLimits). A malformed request ends that stream with
 INVALID_ARGUMENT; a NACK is logged and kept (`nacks`), and the server keeps serving.
+
+Every stream is authenticated first (`auth.SubscriberAuth`): a subscriber that proves
+nothing is refused UNAUTHENTICATED, with what was missing or wrong, before its first
+request is read and before any resource is sent.
 """
 
 from __future__ import annotations
@@ -26,7 +30,10 @@ from typing import Any
 import grpc
 import structlog
 
+from controlplane.ca_grpc_auth import Refusal
+from controlplane.xds.auth import SubscriberAuth
 from controlplane.xds.session import DeltaSession, Nack, ProtocolError, Snapshot
+from meshcore.localtrust import RateLog
 from meshcore.state import MeshState
 from meshcore.xds import convert
 from meshcore.xds import messages as m
@@ -77,7 +84,17 @@ def snapshot_of(state: MeshState, cache: EncodeCache | None = None) -> Snapshot:
 
 
 class XdsServer:
-    def __init__(self, state: MeshState | None = None, push_timeout: float = PUSH_TIMEOUT) -> None:
+    def __init__(
+        self,
+        state: MeshState | None = None,
+        push_timeout: float = PUSH_TIMEOUT,
+        *,
+        auth: SubscriberAuth,
+    ) -> None:
+        # `auth` has no default: how subscribers prove themselves is always stated.
+        self.auth = auth
+        self.refused = 0  # streams refused before anything was sent
+        self._refusal_log = RateLog()
         self.push_timeout = push_timeout
         self.stalled = 0  # streams closed because a push was not taken in time
         self._cache: EncodeCache = {}
@@ -116,6 +133,23 @@ class XdsServer:
         server.add_generic_rpc_handlers((generic,))
 
     async def _stream(self, requests: AsyncIterator[bytes], context: Any) -> None:
+        subscriber = await self.auth.authenticate(
+            context.invocation_metadata() or (), context.auth_context() or {}, context.peer()
+        )
+        if isinstance(subscriber, Refusal):
+            self.refused += 1
+            suppressed = self._refusal_log.due(asyncio.get_running_loop().time())
+            if suppressed is not None:
+                log.warning(
+                    "xds_subscriber_refused",
+                    code=subscriber.code.value,
+                    reason=subscriber.reason,
+                    peer=context.peer(),
+                    refused=self.refused,
+                    not_logged=suppressed,
+                )
+            await context.abort(getattr(grpc.StatusCode, subscriber.code.value), subscriber.reason)
+        log.info("xds_subscriber", subscriber=str(subscriber), peer=context.peer())
         session = DeltaSession(frozenset(convert.RESOURCE_TYPES))
         wake = asyncio.Event()
         failure: list[str] = []

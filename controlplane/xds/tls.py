@@ -4,6 +4,12 @@ The leaf names istiod both ways, as upstream's does: the SPIFFE URI SAN
 (spiffe://<trust domain>/ns/istio-system/sa/istiod), which our tunnels and waypoints check,
 and the DNS name istiod.istio-system.svc, which gRPC clients (upstream's included) check.
 Plaintext is refused except on a loopback address.
+
+With `require_client_cert` the listener takes only clients presenting a certificate that
+chains to the mesh roots (grpc checks it in the handshake); the subscriber is then the
+certificate's SPIFFE id. grpcio's Python credentials can require a client certificate or
+not ask for one, never ask for an optional one, so a listener that also takes tokens (the
+CA's callers have no certificate yet) does not see one.
 """
 
 from __future__ import annotations
@@ -51,9 +57,16 @@ def server_credentials(
     ca: CertificateAuthority,
     ttl: timedelta = timedelta(days=7),
     dns_names: Sequence[str] = (XDS_DNS_NAME,),
+    require_client_cert: bool = False,
 ) -> Any:
-    """gRPC server credentials with a fresh key and a leaf signed by `ca` for istiod."""
-    return grpc.ssl_server_credentials([server_certificate(ca, ttl, dns_names)])
+    """gRPC server credentials with a fresh key and a leaf signed by `ca` for istiod; with
+    `require_client_cert`, clients must present a certificate chaining to `ca`'s roots."""
+    pair = [server_certificate(ca, ttl, dns_names)]
+    if require_client_cert:
+        return grpc.ssl_server_credentials(
+            pair, root_certificates=ca.roots_pem(), require_client_auth=True
+        )
+    return grpc.ssl_server_credentials(pair)
 
 
 def bind(server: Any, address: str, credentials: Any | None) -> int:

@@ -180,12 +180,15 @@ def start_mesh(cluster: KubeCluster, timeout: float = 60.0) -> None:
       holding an identity from the control plane's mesh config;
     - per node, a node agent with the Kubernetes pod source (on loopback, to reach the API
       server; its probe set goes into the node netns) and a tunnel in the node netns taking
-      its state over xDS (XDS_ADDRESS, the socket file).
+      its state over xDS (XDS_ADDRESS, the socket file), authenticated by its node token.
     """
     spec, layout, state = cluster.spec, cluster.layout, cluster.state
     paths = MeshPaths(state.dir / "mesh")
     paths.root.mkdir(parents=True, exist_ok=True)
     out = mesh_out(state)
+    # The node tokens first: the control plane's xDS server authenticates the tunnels and
+    # waypoints by them (they hold no service-account token of this API server).
+    mesh.write_node_tokens(spec, state)
     spawn_in_netns(
         here_netns(),
         [
@@ -202,6 +205,8 @@ def start_mesh(cluster: KubeCluster, timeout: float = 60.0) -> None:
             spec.trust_domain,
             "--grpc-listen",
             f"unix:{istiod_socket(state)}",
+            "--xds-node-tokens-file",
+            str(paths.tokens),
             "--waypoint-host-dir",
             str(paths.root),
             # The node CA's token of the node the waypoint pod lands on (the kubelet expands
@@ -221,7 +226,8 @@ def start_mesh(cluster: KubeCluster, timeout: float = 60.0) -> None:
     )
     _wait_file(out, timeout, state.log_dir / f"{CONTROLPLANE}.log", "its first mesh config")
     _wait_file(istiod_socket(state), timeout, state.log_dir / f"{CONTROLPLANE}.log", "istiod.sock")
-    mesh.start_control_plane(spec, layout, state, workloads_file=out)
+    mesh.start_ca(spec, layout, state, workloads_file=out)
+    mesh.wait_for_ca(state)
     root_cert = state.dir / "ca" / "root-cert.pem"
     for node in spec.nodes:
         start_kube_agent(cluster, node.name)

@@ -25,6 +25,7 @@ from meshcore.identity.spiffe import SpiffeId
 from meshcore.state import MeshConfigError, MeshState
 from meshcore.tls import PeerVerificationError
 from meshcore.xds import messages as m
+from meshcore.xds.credentials import Credentials, XdsCredentialError
 from meshcore.xds.delta import DeltaClient
 from meshcore.xds.grpc import GrpcClosed, GrpcStream
 from meshcore.xds.wire import WireError
@@ -77,8 +78,12 @@ class XdsClient:
         on_update: Callable[[MeshState], None],
         types: tuple[str, ...],
         connect_timeout: float = 10.0,
+        credentials: Credentials | None = None,
     ) -> None:
         self._target = target
+        # What the server authenticates this proxy by (its token); None sends nothing,
+        # which a server that authenticates subscribers refuses (UNAUTHENTICATED).
+        self._credentials = credentials
         self._delta = DeltaClient(types, node)
         self._on_update = on_update
         self._connect_timeout = connect_timeout
@@ -136,7 +141,14 @@ class XdsClient:
             try:
                 if await self._session():
                     delay = BACKOFF_START
-            except (OSError, TimeoutError, GrpcClosed, PeerVerificationError, WireError) as exc:
+            except (
+                OSError,
+                TimeoutError,
+                GrpcClosed,
+                PeerVerificationError,
+                WireError,
+                XdsCredentialError,
+            ) as exc:
                 log.warning("xds_stream_failed", error=str(exc), retry_in=delay)
             except Exception:
                 log.exception("xds_stream_error", retry_in=delay)
@@ -146,6 +158,7 @@ class XdsClient:
     async def _session(self) -> bool:
         """One stream until it breaks; True if it delivered at least one response."""
         t = self._target
+        metadata = self._credentials() if self._credentials is not None else ()
         stream = await GrpcStream.open(
             t.host,
             t.port,
@@ -154,6 +167,7 @@ class XdsClient:
             expected=t.server_identity,
             connect_limit=self._connect_timeout,
             max_message=m.MAX_MESSAGE_SIZE,
+            metadata=metadata,
         )
         self.connects += 1
         got_any = False

@@ -102,6 +102,7 @@ class GrpcStream:
         expected: SpiffeId | None,
         connect_limit: float,
         max_message: int,
+        metadata: tuple[tuple[str, str], ...] = (),
     ) -> GrpcStream:
         if host.startswith("unix:"):
             # TLS over a unix socket: no host name to send or check (the SPIFFE identity is).
@@ -135,6 +136,9 @@ class GrpcStream:
                     ("content-type", "application/grpc"),
                     ("te", "trailers"),
                     ("user-agent", "ambient-mesh-xds"),
+                    # The caller's credential (a bearer token), checked before anything
+                    # is sent back.
+                    *metadata,
                 ],
             )
             # Credit up front, then each frame's size back as it arrives: explicit

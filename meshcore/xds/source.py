@@ -66,9 +66,12 @@ async def open_source(
     node_id: str,
     trust_domain: str,
     on_update: Callable[[MeshState], None],
+    token_path: Path | None = None,
 ) -> ConfigSource:
     """Start the configured source; its first state has been delivered when this returns.
-    MeshConfigError when there is no usable first state (bad file, server not answering)."""
+    MeshConfigError when there is no usable first state (bad file, server not answering).
+    `token_path`: the proxy's service-account (or node) token, which the discovery server
+    authenticates it by; the CA client's CA_TOKEN_PATH, as upstream ztunnel does."""
     if local is not None:
         watcher = LocalConfigWatcher(local, on_update)
         await watcher.start()
@@ -78,6 +81,7 @@ async def open_source(
     from meshcore.xds import messages
     from meshcore.xds.client import XdsClient, XdsTarget
     from meshcore.xds.convert import RESOURCE_TYPES
+    from meshcore.xds.credentials import token_credentials
     from meshcore.xds.grpc import client_context
 
     try:
@@ -87,6 +91,9 @@ async def open_source(
         raise MeshConfigError(f"cannot use {XDS_ROOT_CERT}={xds.root_cert}: {exc}") from exc
     identity = SpiffeId(trust_domain, "istio-system", "istiod")
     target = XdsTarget.parse(xds.address, ctx, identity)
-    client = XdsClient(target, messages.Node(id=node_id), on_update, RESOURCE_TYPES)
+    credentials = token_credentials(token_path) if token_path is not None else None
+    client = XdsClient(
+        target, messages.Node(id=node_id), on_update, RESOURCE_TYPES, credentials=credentials
+    )
     await client.start(wait=XDS_INITIAL_WAIT)
     return client

@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 
-from controlplane.ca_grpc import bearer_token
 from controlplane.ca_grpc_auth import (
     EXTRA_POD_NAME,
     EXTRA_POD_UID,
@@ -22,6 +21,7 @@ from controlplane.ca_grpc_auth import (
     Policy,
     RateLimiter,
     Refusal,
+    bearer_token,
     caller_from_review,
     decide,
     explain_rejected_token,

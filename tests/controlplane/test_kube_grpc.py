@@ -5,6 +5,7 @@ TLS port (istiod's 15012 shape), over a unix socket as the local cluster's tunne
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import signal
 import subprocess
@@ -47,8 +48,23 @@ async def _scenario(cp: KubeControlPlane, sock: Path, state_dir: Path) -> list[f
         target = XdsTarget.parse(
             f"unix:{sock}", client_context(roots), server_identity(TRUST_DOMAIN)
         )
+        # A subscriber authenticates as the tunnels do: a service-account token for istio-ca.
+        await c.create(kinds.SERVICE_ACCOUNT, {"metadata": {"name": "ztunnel"}}, ns)
+        status, raw = cp.request(
+            "POST",
+            f"/api/v1/namespaces/{ns}/serviceaccounts/ztunnel/token",
+            {"spec": {"audiences": ["istio-ca"], "expirationSeconds": 600}},
+        )
+        assert status == 201, raw[:300]
+        token = json.loads(raw)["status"]["token"]
         states: list[MeshState] = []
-        client = XdsClient(target, m.Node(id="grpc-node"), states.append, RESOURCE_TYPES)
+        client = XdsClient(
+            target,
+            m.Node(id="grpc-node"),
+            states.append,
+            RESOURCE_TYPES,
+            credentials=lambda: (("authorization", f"Bearer {token}"),),
+        )
         await until(sock.exists, within=30, what="the control plane's socket")
         try:
             await client.start(wait=30)

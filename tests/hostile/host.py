@@ -69,9 +69,10 @@ async def grpc_server() -> tuple[dict[str, int], list[Any]]:
     from controlplane.grpc_limits import GrpcLimits, new_server
     from controlplane.xds.server import XdsServer
     from controlplane.xds.tls import bind
+    from tests.xds.conftest import OPEN
     from tests.xds.states import demo_state
 
-    xds = XdsServer(demo_state())
+    xds = XdsServer(demo_state(), auth=OPEN)  # the server's limits, not authentication
     server = new_server(GrpcLimits(max_connections=64, handshake_timeout=2.0))
     xds.add_to_server(server)
     port = bind(server, "127.0.0.1:0", None)

@@ -10,6 +10,7 @@ import grpc
 import pytest
 
 from controlplane.ca import CertificateAuthority
+from controlplane.xds.auth import SubscriberAuth
 from controlplane.xds.server import XdsServer
 from controlplane.xds.tls import bind, server_credentials, server_identity
 from meshcore.state import MeshState
@@ -18,6 +19,10 @@ from meshcore.xds.client import XdsClient, XdsTarget
 from meshcore.xds.convert import RESOURCE_TYPES
 from meshcore.xds.grpc import client_context
 from tests.support.aio import Loop
+
+# For the tests of everything but authentication (tests/xds/test_auth.py): every
+# subscriber served, asked for by name.
+OPEN = SubscriberAuth.unauthenticated("cluster.local")
 
 
 @pytest.fixture(scope="session")

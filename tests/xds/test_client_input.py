@@ -20,7 +20,7 @@ from meshcore.xds.client import XdsClient, XdsTarget
 from meshcore.xds.delta import DeltaClient
 from meshcore.xds.grpc import client_context
 from tests.support.aio import Loop
-from tests.xds.conftest import Harness
+from tests.xds.conftest import OPEN, Harness
 
 
 def test_a_server_sending_garbage_is_retried_not_fatal(aio: Loop, harness: Harness) -> None:
@@ -67,7 +67,7 @@ def test_wrong_server_identity_is_refused(aio: Loop, harness: Harness) -> None:
     from meshcore.identity.spiffe import SpiffeId
 
     async def main() -> None:
-        port = await harness.serve(XdsServer())
+        port = await harness.serve(XdsServer(auth=OPEN))
         target = XdsTarget(
             "127.0.0.1",
             port,

@@ -22,6 +22,7 @@ from meshcore.xds import convert
 from meshcore.xds import messages as m
 from tests.support.aio import Loop, wait_until
 from tests.support.mesh import workload
+from tests.xds.conftest import OPEN
 from tests.xds.states import demo_state
 
 ADS = f"/{SERVICE}/{METHOD}"
@@ -80,7 +81,7 @@ def test_the_options_carry_every_limit_and_are_settings() -> None:
 
 def test_an_oversized_message_ends_its_stream_and_others_are_served(aio: Loop) -> None:
     async def main() -> None:
-        xds = XdsServer(demo_state())
+        xds = XdsServer(demo_state(), auth=OPEN)
         port = await serve(aio, xds, GrpcLimits(max_receive_message_bytes=64 * 1024))
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             call = channel.stream_stream(ADS)(iter([b"\x0a" + b"\xff" * (1 << 20)]))
@@ -95,7 +96,7 @@ def test_an_oversized_message_ends_its_stream_and_others_are_served(aio: Loop) -
 
 def test_connections_that_never_speak_are_capped_and_timed_out(aio: Loop) -> None:
     async def main() -> None:
-        xds = XdsServer(demo_state())
+        xds = XdsServer(demo_state(), auth=OPEN)
         limits = GrpcLimits(max_connections=8, handshake_timeout=1.0)
         port = await serve(aio, xds, limits)
         loop = asyncio.get_running_loop()
@@ -131,7 +132,7 @@ def test_a_client_that_never_reads_its_pushes_is_closed(aio: Loop) -> None:
     is closed at its maximum age; a well-behaved client is served throughout."""
 
     async def main() -> None:
-        xds = XdsServer(demo_state(), push_timeout=1.0)
+        xds = XdsServer(demo_state(), push_timeout=1.0, auth=OPEN)
         limits = GrpcLimits(max_connection_age=5.0, max_connection_age_grace=1.0)
         port = await serve(aio, xds, limits)
         loop = asyncio.get_running_loop()

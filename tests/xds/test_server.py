@@ -21,7 +21,7 @@ from meshcore.xds import messages as m
 from meshcore.xds.client import XdsClient
 from tests.support.aio import Loop, wait_until
 from tests.xds import pb
-from tests.xds.conftest import Harness
+from tests.xds.conftest import OPEN, Harness
 from tests.xds.states import demo_state
 
 
@@ -78,7 +78,7 @@ async def reference_resources(port: int, ca_roots: bytes) -> dict[str, dict[str,
 def test_reference_grpcio_client_sees_what_ours_sees(aio: Loop, harness: Harness) -> None:
     """(a) Over TLS on loopback, with the verification each client does."""
     state = demo_state()
-    server = XdsServer(state)
+    server = XdsServer(state, auth=OPEN)
 
     async def main() -> None:
         port = await harness.serve(server)
@@ -102,7 +102,7 @@ def test_reference_grpcio_client_sees_what_ours_sees(aio: Loop, harness: Harness
 
 
 def test_pushes_every_update_and_removals(aio: Loop, harness: Harness) -> None:
-    server = XdsServer(demo_state())
+    server = XdsServer(demo_state(), auth=OPEN)
     states: list[MeshState] = []
 
     async def main() -> None:
@@ -127,7 +127,7 @@ def test_nack_keeps_the_last_good_state_and_the_server_keeps_serving(
     """(b) A resource that fails validation is NACKed with its error; nothing of that
     response is applied; the server logs and keeps the NACK and serves the next update."""
     good = demo_state()
-    server = XdsServer(good)
+    server = XdsServer(good, auth=OPEN)
 
     async def main() -> None:
         await harness.serve(server)
@@ -161,12 +161,12 @@ def test_resume_after_server_restart_sends_only_the_difference(aio: Loop, harnes
     state sends the changed workload and the removals, nothing else."""
 
     async def main() -> None:
-        first = XdsServer(demo_state())
+        first = XdsServer(demo_state(), auth=OPEN)
         port = await harness.serve(first)
         client = await harness.client()
         assert client.connects == 1
         await harness.servers[0].stop(None)
-        second = XdsServer(changed_state())
+        second = XdsServer(changed_state(), auth=OPEN)
         await harness.serve(second, port)
         await wait_until(
             lambda: client.current == convert.canonical(changed_state()), "resumed", limit=30
@@ -185,7 +185,7 @@ def test_resume_after_server_restart_sends_only_the_difference(aio: Loop, harnes
 def test_malformed_requests_end_only_that_stream(aio: Loop, harness: Harness) -> None:
     """(e) Garbage, an unknown type and a bad resumption each end their own stream with
     INVALID_ARGUMENT; a well-behaved client on the same server is unaffected."""
-    server = XdsServer(demo_state())
+    server = XdsServer(demo_state(), auth=OPEN)
 
     async def raw_call(port: int, payloads: list[bytes]) -> grpc.StatusCode:
         creds = grpc.ssl_channel_credentials(root_certificates=harness.ca.roots_pem())
@@ -222,7 +222,7 @@ def test_malformed_requests_end_only_that_stream(aio: Loop, harness: Harness) ->
 def test_a_client_that_never_reads_does_not_hold_others_back(aio: Loop, harness: Harness) -> None:
     """A stream whose reader is stuck: updates to the others go on, and the stuck stream
     holds one pending state (the newest), not one per update."""
-    server = XdsServer(demo_state())
+    server = XdsServer(demo_state(), auth=OPEN)
 
     async def main() -> None:
         port = await harness.serve(server)
@@ -298,7 +298,7 @@ def test_a_push_larger_than_the_flow_control_window(aio: Loop, harness: Harness)
     from tests.xds.states import large_state
 
     big = large_state(3000)
-    server = XdsServer(big)
+    server = XdsServer(big, auth=OPEN)
 
     async def main() -> None:
         await harness.serve(server)
@@ -321,7 +321,7 @@ def test_discovery_over_a_unix_socket_with_tls(aio: Loop, harness: Harness, tmp_
     from meshcore.xds.grpc import client_context
 
     sock = tmp_path / "xds.sock"
-    server = XdsServer(demo_state())
+    server = XdsServer(demo_state(), auth=OPEN)
     states: list[MeshState] = []
 
     async def main() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from controlplane.xds.auth import SubscriberAuth
 from controlplane.xds.server import XdsServer
 from tests.support.aio import Loop, wait_until
 from tests.xds.conftest import Harness
@@ -61,10 +63,15 @@ def workload_health(dump: dict[str, Any] | None, uid: str) -> str | None:
 
 
 def test_tunnel_process_runs_on_pushed_state(aio: Loop, harness: Harness, tmp_path: Path) -> None:
-    server = XdsServer(demo_state())
+    # The tunnel authenticates with the token its CA client uses (CA_TOKEN_PATH): here a
+    # node token of the local cluster's kind.
+    token = secrets.token_hex(32)
+    server = XdsServer(
+        demo_state(), auth=SubscriberAuth("cluster.local", node_tokens={token: "node1"})
+    )
     roots = tmp_path / "root-cert.pem"
     roots.write_bytes(harness.ca.roots_pem())
-    (tmp_path / "token").write_text("t")
+    (tmp_path / "token").write_text(token + "\n")
     (tmp_path / "enrolment.yaml").write_text("{}\n")
     admin = free_port()
     uid = demo_state().workloads[0].uid

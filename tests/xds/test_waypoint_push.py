@@ -3,10 +3,12 @@ the first state before it serves, then every update (never polled), on loopback.
 
 from __future__ import annotations
 
+import secrets
 import socket
 from ipaddress import ip_address
 from pathlib import Path
 
+from controlplane.xds.auth import SubscriberAuth
 from controlplane.xds.server import XdsServer
 from meshcore.identity.certs import CertificateManager
 from meshcore.state import MeshState
@@ -35,9 +37,14 @@ def without_routes() -> MeshState:
 
 
 def test_waypoint_gets_routes_pushed(aio: Loop, harness: Harness, tmp_path: Path) -> None:
-    server = XdsServer(demo_state())
+    # The waypoint authenticates with its CA token (CA_TOKEN_PATH), a node token here.
+    token = secrets.token_hex(32)
+    server = XdsServer(
+        demo_state(), auth=SubscriberAuth("cluster.local", node_tokens={token: "node1"})
+    )
     roots = tmp_path / "root.pem"
     roots.write_bytes(harness.ca.roots_pem())
+    (tmp_path / "token").write_text(token)
 
     async def main() -> None:
         port = await harness.serve(server)
@@ -48,7 +55,7 @@ def test_waypoint_gets_routes_pushed(aio: Loop, harness: Harness, tmp_path: Path
             pod_ip=ip_address("127.0.0.1"),
             local_xds_path=None,
             ca_address=Path("/nonexistent"),
-            ca_token_path=Path("/nonexistent"),
+            ca_token_path=tmp_path / "token",
             hbone_port=free_port(),
             xds=XdsSettings(f"127.0.0.1:{port}", roots),
         )

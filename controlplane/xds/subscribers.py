@@ -1,0 +1,148 @@
+"""Who a discovery subscriber is, from what it presented: pure decisions, no I/O.
+
+A subscriber proves itself with one of (tried in this order, the first that holds wins):
+- a client certificate from the mesh CA, on a listener that requires one (grpc verified
+  the chain against the mesh roots during the handshake; here its one SPIFFE URI SAN must
+  be in the trust domain);
+- a node token of the local cluster's CA (`controlplane.ca_server`'s tokens file), compared
+  in constant time;
+- a Kubernetes service-account token, accepted by a TokenReview for the audience istio-ca
+  (the I/O is `controlplane.ca_grpc.KubeFacts.review`, as the gRPC CA does it).
+When none holds, the refusal names what each way found missing or wrong, so a client
+operator reads what to fix. The TokenReview answers are cached briefly per token (a
+reconnecting proxy costs the API server nothing), bounded in size and time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+from controlplane.ca_grpc_auth import Caller, Code, Refusal
+from meshcore.identity.spiffe import IdentityError, SpiffeId
+
+# grpc's auth-context property holding each SAN of a verified peer certificate.
+SAN_PROPERTY = "x509_subject_alternative_name"
+# A TokenReview's answer is reused for this long: a token the API server revokes (its pod
+# deleted) still opens streams for at most this long, the price of not asking per stream.
+ACCEPTED_TTL = 60.0
+# A refused token is remembered for less: a flood repeating one bad token costs one review.
+REFUSED_TTL = 10.0
+MAX_CACHED = 10_000
+
+
+class Via(Enum):
+    CERTIFICATE = "certificate"
+    NODE_TOKEN = "node token"
+    SERVICE_ACCOUNT_TOKEN = "service account token"
+    # Only where the operator asked for it (`--allow-unauthenticated`), never by default.
+    UNAUTHENTICATED = "unauthenticated"
+
+
+@dataclass(frozen=True, slots=True)
+class Subscriber:
+    via: Via
+    who: str  # a SPIFFE id, node/<name>, <namespace>/<service account>, or the peer
+
+    def __str__(self) -> str:
+        return f"{self.who} ({self.via.value})"
+
+
+def certificate_subscriber(
+    auth_context: Mapping[str, Sequence[bytes]], trust_domain: str
+) -> Subscriber | str:
+    """The subscriber a verified client certificate names, or why there is none.
+
+    Only certificates grpc verified reach the auth context (the listener requests one only
+    when it requires and verifies it), so the identity is read, not checked again."""
+    sans = [v.decode("utf-8", "replace") for v in auth_context.get(SAN_PROPERTY, ())]
+    if not auth_context.get("x509_pem_cert") and not sans:
+        return "no client certificate"
+    uris = [s for s in sans if "://" in s]
+    if len(uris) != 1:
+        return f"the client certificate carries {len(uris)} URI SANs, not exactly one"
+    try:
+        identity = SpiffeId.parse(uris[0])
+    except IdentityError as e:
+        return f"the client certificate's URI SAN is not a SPIFFE id: {e}"
+    if identity.trust_domain != trust_domain:
+        return (
+            f"the client certificate's identity {identity} is outside trust domain {trust_domain!r}"
+        )
+    return Subscriber(Via.CERTIFICATE, str(identity))
+
+
+def node_token_subscriber(node: str | None) -> Subscriber | str:
+    """`controlplane.ca_server.node_of_token`'s answer as a subscriber, or why not."""
+    if node is None:
+        return "the token is not a node token of this cluster"
+    return Subscriber(Via.NODE_TOKEN, f"node/{node}")
+
+
+def account_subscriber(caller: Caller) -> Subscriber:
+    return Subscriber(Via.SERVICE_ACCOUNT_TOKEN, str(caller))
+
+
+def refusal(reasons: Sequence[str]) -> Refusal:
+    """UNAUTHENTICATED with every way's reason, in the order they were tried."""
+    said = "; ".join(r.removeprefix("unauthenticated: ") for r in reasons) or "no credential"
+    return Refusal(Code.UNAUTHENTICATED, f"unauthenticated xDS subscriber: {said}")
+
+
+def token_key(token: str) -> str:
+    """The cache's key for a token: its digest, so the cache holds no usable credential."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class ReviewCache:
+    """TokenReview answers by token digest: accepted ones for `accepted_ttl` seconds,
+    refused ones (UNAUTHENTICATED only: an unreachable API server decides nothing) for
+    `refused_ttl`. At most `max_entries`, the oldest dropped first. Time is passed in."""
+
+    def __init__(
+        self,
+        accepted_ttl: float = ACCEPTED_TTL,
+        refused_ttl: float = REFUSED_TTL,
+        max_entries: int = MAX_CACHED,
+    ) -> None:
+        self.accepted_ttl, self.refused_ttl, self.max_entries = (
+            accepted_ttl,
+            refused_ttl,
+            max_entries,
+        )
+        self._entries: OrderedDict[str, tuple[float, Caller | Refusal]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str, now: float) -> Caller | Refusal | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        until, answer = entry
+        if now >= until:
+            del self._entries[key]
+            return None
+        return answer
+
+    def put(self, key: str, answer: Caller | Refusal, now: float) -> None:
+        if isinstance(answer, Refusal) and answer.code is not Code.UNAUTHENTICATED:
+            return
+        ttl = self.accepted_ttl if isinstance(answer, Caller) else self.refused_ttl
+        self._entries.pop(key, None)
+        self._entries[key] = (now + ttl, answer)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+
+def peer_source(peer: str) -> str:
+    """The rate limiter's key for a gRPC peer ("ipv4:1.2.3.4:5678" -> "ipv4:1.2.3.4"): its
+    address without the port, so one host opening many connections shares one bucket. A
+    unix socket's peers all share "unix:" (the file's mode says who reaches it)."""
+    if peer.startswith(("ipv4:", "ipv6:")):
+        host, _, port = peer.rpartition(":")
+        return host if port.isdigit() else peer
+    return peer.split(":", 1)[0] + ":" if ":" in peer else peer

@@ -1,0 +1,285 @@
+"""Who may subscribe to discovery: the pure decisions as tables, and what a flood of bad
+tokens may cost the API server.
+
+The TokenReview itself needs a real API server (root tier: tests/xds/test_auth_kube.py);
+here the reviewer is a stub that answers from a table and counts the reviews asked of it,
+and the tests that use it say so in their names."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from dataclasses import dataclass, field
+
+import grpc
+import pytest
+
+from controlplane.ca_grpc_auth import Caller, Code, RateLimiter, Refusal
+from controlplane.xds.auth import (
+    OVERALL_BURST,
+    OVERALL_RATE,
+    PER_SOURCE_BURST,
+    SubscriberAuth,
+)
+from controlplane.xds.server import XdsServer
+from controlplane.xds.subscribers import (
+    ReviewCache,
+    Subscriber,
+    Via,
+    certificate_subscriber,
+    peer_source,
+    refusal,
+    token_key,
+)
+from controlplane.xds.tls import server_identity
+from meshcore.xds import messages as m
+from meshcore.xds.client import XdsClient, XdsTarget
+from meshcore.xds.convert import RESOURCE_TYPES
+from meshcore.xds.grpc import GrpcClosed, GrpcStream, client_context
+from tests.support.aio import Loop
+from tests.xds.conftest import Harness
+from tests.xds.states import demo_state
+
+TD = "cluster.local"
+GOOD = "good-token"
+ALICE = Caller("apps", "alice", "alice-1", "uid-1")
+
+
+@dataclass
+class StubReviewer:
+    """Stands in for the API server's TokenReview (no API server runs in this tier)."""
+
+    valid: dict[str, Caller] = field(default_factory=lambda: {GOOD: ALICE})
+    asked: list[str] = field(default_factory=list)
+    down: bool = False
+
+    async def review(self, token: str) -> Caller | Refusal:
+        self.asked.append(token)
+        if self.down:
+            return Refusal(Code.UNAVAILABLE, "cannot check the token with the API server")
+        caller = self.valid.get(token)
+        if caller is None:
+            return Refusal(Code.UNAUTHENTICATED, "unauthenticated: token not valid")
+        return caller
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def bearer(token: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {token}")]
+
+
+def sans(*values: str) -> dict[str, list[bytes]]:
+    return {"x509_pem_cert": [b"-----BEGIN CERTIFICATE-----"], "x509_subject_alternative_name": [
+        v.encode() for v in values
+    ]}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("context", "expected"),
+    [
+        ({}, "no client certificate"),
+        (sans("spiffe://cluster.local/ns/istio-system/sa/ztunnel"),
+         Subscriber(Via.CERTIFICATE, "spiffe://cluster.local/ns/istio-system/sa/ztunnel")),
+        (sans("spiffe://other.td/ns/a/sa/b"), "outside trust domain 'cluster.local'"),
+        (sans("spiffe://cluster.local/ns/a/sa/b", "spiffe://cluster.local/ns/a/sa/c"),
+         "2 URI SANs, not exactly one"),
+        (sans("istiod.istio-system.svc"), "0 URI SANs, not exactly one"),
+        (sans("https://example.com/x"), "not a SPIFFE id"),
+    ],
+)  # fmt: skip
+def test_certificate_subscriber(context: dict[str, list[bytes]], expected: object) -> None:
+    got = certificate_subscriber(context, TD)
+    if isinstance(expected, Subscriber):
+        assert got == expected
+    else:
+        assert isinstance(got, str) and str(expected) in got, got
+
+
+def test_refusal_names_every_reason_in_order() -> None:
+    r = refusal(["no client certificate", "unauthenticated: no token: send it"])
+    assert r.code is Code.UNAUTHENTICATED
+    assert r.reason == "unauthenticated xDS subscriber: no client certificate; no token: send it"
+
+
+@pytest.mark.parametrize(
+    ("peer", "source"),
+    [
+        ("ipv4:10.0.0.7:51234", "ipv4:10.0.0.7"),
+        ("ipv6:[::1]:443", "ipv6:[::1]"),
+        ("unix:/run/istiod.sock", "unix:"),
+        ("unix:", "unix:"),
+        ("", ""),
+    ],
+)
+def test_peer_source_drops_the_port(peer: str, source: str) -> None:
+    assert peer_source(peer) == source
+
+
+def test_review_cache_keeps_accepted_longer_than_refused_and_never_an_outage() -> None:
+    cache = ReviewCache(accepted_ttl=60, refused_ttl=10, max_entries=2)
+    bad = Refusal(Code.UNAUTHENTICATED, "no")
+    cache.put("a", ALICE, 0)
+    cache.put("b", bad, 0)
+    cache.put("c", Refusal(Code.UNAVAILABLE, "API server down"), 0)  # decides nothing
+    assert cache.get("c", 1) is None
+    assert cache.get("b", 9.9) == bad and cache.get("b", 10) is None
+    assert cache.get("a", 59.9) == ALICE and cache.get("a", 60) is None
+    for i in range(5):
+        cache.put(f"k{i}", ALICE, 100)
+    assert len(cache) == 2  # bounded: the oldest dropped
+
+
+def test_the_cache_holds_digests_not_tokens() -> None:
+    assert token_key("secret") == hashlib.sha256(b"secret").hexdigest()
+
+
+def auth(reviewer: StubReviewer, clock: Clock, **kw: object) -> SubscriberAuth:
+    return SubscriberAuth(TD, reviewer=reviewer, clock=clock, **kw)  # type: ignore[arg-type]
+
+
+def test_each_way_and_its_refusal__stub_reviewer(aio: Loop) -> None:
+    reviewer, clock = StubReviewer(), Clock()
+    a = auth(reviewer, clock, node_tokens={"n1-token": "node1"})
+
+    async def main() -> None:
+        ok = await a.authenticate(bearer(GOOD), {}, "ipv4:10.0.0.1:1")
+        assert ok == Subscriber(Via.SERVICE_ACCOUNT_TOKEN, "apps/alice")
+        node = await a.authenticate(bearer("n1-token"), {}, "ipv4:10.0.0.1:1")
+        assert node == Subscriber(Via.NODE_TOKEN, "node/node1")
+        assert reviewer.asked == [GOOD]  # a node token needs no review
+        none = await a.authenticate([], {}, "ipv4:10.0.0.1:1")
+        assert isinstance(none, Refusal) and none.code is Code.UNAUTHENTICATED
+        assert "no client certificate" in none.reason and "no token" in none.reason
+        wrong = await a.authenticate(bearer("forged"), {}, "ipv4:10.0.0.1:1")
+        assert isinstance(wrong, Refusal) and wrong.code is Code.UNAUTHENTICATED
+        assert "not a node token" in wrong.reason and "token not valid" in wrong.reason
+        reviewer.down = True
+        down = await a.authenticate(bearer("fresh"), {}, "ipv4:10.0.0.1:1")
+        assert isinstance(down, Refusal) and down.code is Code.UNAVAILABLE
+        # Without a reviewer and node tokens, a token is refused as such.
+        bare = SubscriberAuth(TD)
+        got = await bare.authenticate(bearer(GOOD), {}, "ipv4:10.0.0.1:1")
+        assert isinstance(got, Refusal) and "tokens are not accepted here" in got.reason
+        # Unauthenticated subscribers only where asked for by name.
+        open_ = SubscriberAuth.unauthenticated(TD)
+        anyone = await open_.authenticate([], {}, "ipv4:10.0.0.1:1")
+        assert anyone == Subscriber(Via.UNAUTHENTICATED, "ipv4:10.0.0.1:1")
+
+    aio.run(main)
+
+
+def test_a_flood_of_bad_tokens_makes_a_bounded_number_of_reviews__stub_reviewer(
+    aio: Loop,
+) -> None:
+    reviewer, clock = StubReviewer(), Clock()
+    a = auth(reviewer, clock)
+
+    async def main() -> None:
+        # One host, 1000 distinct bad tokens at once: its own burst of reviews, no more.
+        outcomes = [
+            await a.authenticate(bearer(f"bad-{i}"), {}, f"ipv4:10.0.0.9:{i}") for i in range(1000)
+        ]
+        assert len(reviewer.asked) == PER_SOURCE_BURST
+        limited = [o for o in outcomes if isinstance(o, Refusal)]
+        assert len(limited) == 1000
+        assert sum(o.code is Code.RESOURCE_EXHAUSTED for o in limited) == 1000 - PER_SOURCE_BURST
+        assert "too many new tokens to review from ipv4:10.0.0.9" in limited[-1].reason
+        # The same bad token again and again: one review, then the cache answers.
+        reviewer.asked.clear()
+        clock.now += 3600
+        for _ in range(100):
+            again = await a.authenticate(bearer("repeated"), {}, "ipv4:10.0.0.8:1")
+            assert isinstance(again, Refusal) and again.code is Code.UNAUTHENTICATED
+        assert reviewer.asked == ["repeated"]
+        # Many hosts at once: the whole server's burst, no more.
+        reviewer.asked.clear()
+        clock.now += 3600
+        for i in range(1000):
+            await a.authenticate(bearer(f"spread-{i}"), {}, f"ipv4:10.1.{i // 250}.{i % 250}:1")
+        assert len(reviewer.asked) == OVERALL_BURST
+        # A second later, the overall rate's worth more.
+        reviewer.asked.clear()
+        clock.now += 1.0
+        for i in range(1000):
+            await a.authenticate(bearer(f"later-{i}"), {}, f"ipv4:10.2.{i // 250}.{i % 250}:1")
+        assert len(reviewer.asked) == int(OVERALL_RATE)
+        # A subscriber whose token was accepted before the flood is still served from the
+        # cache, the spent rate notwithstanding.
+        clock.now += 3600
+        assert isinstance(await a.authenticate(bearer(GOOD), {}, "ipv4:10.3.0.1:1"), Subscriber)
+        for i in range(200):
+            await a.authenticate(bearer(f"flood-{i}"), {}, f"ipv4:10.4.{i}.1:1")
+        served = await a.authenticate(bearer(GOOD), {}, "ipv4:10.3.0.1:2")
+        assert served == Subscriber(Via.SERVICE_ACCOUNT_TOKEN, "apps/alice")
+
+    aio.run(main)
+
+
+async def first_answer(port: int, roots: bytes, token: str | None) -> GrpcClosed | bytes:
+    stream = await GrpcStream.open(
+        "127.0.0.1",
+        port,
+        m.ADS_METHOD,
+        ssl_context=client_context(roots),
+        expected=server_identity(TD),
+        connect_limit=10,
+        max_message=m.MAX_MESSAGE_SIZE,
+        metadata=tuple(bearer(token)) if token is not None else (),
+    )
+    try:
+        for t in RESOURCE_TYPES:
+            await stream.send(m.encode(m.DeltaDiscoveryRequest(type_url=t)))
+        try:
+            return await stream.recv()
+        except GrpcClosed as ended:
+            return ended
+    finally:
+        await stream.close()
+
+
+def test_over_grpc_a_flood_is_refused_and_a_known_subscriber_served__stub_reviewer(
+    aio: Loop, harness: Harness
+) -> None:
+    reviewer = StubReviewer()
+    limits = SubscriberAuth(
+        TD,
+        reviewer=reviewer,
+        per_source=RateLimiter(0.001, 3),  # no refill within the test
+        overall=RateLimiter(1.0, 100),
+    )
+    server = XdsServer(demo_state(), auth=limits)
+
+    async def main() -> None:
+        port = await harness.serve(server)
+        roots = harness.ca.roots_pem()
+        good = XdsClient(
+            XdsTarget("127.0.0.1", port, client_context(roots), server_identity(TD)),
+            m.Node(id="node1"),
+            lambda _s: None,
+            RESOURCE_TYPES,
+            credentials=lambda: tuple(bearer(GOOD)),
+        )
+        aio.defer(good.close)
+        await good.start(wait=20)
+        answers = await asyncio.gather(*(first_answer(port, roots, f"bad-{i}") for i in range(10)))
+        codes = sorted(a.status for a in answers if isinstance(a, GrpcClosed))
+        assert len(codes) == 10  # no resource went to any of them
+        unauthenticated = grpc.StatusCode.UNAUTHENTICATED.value[0]
+        exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+        # The good subscriber took one review of the bucket of 3; two bad tokens got theirs.
+        assert codes == sorted([unauthenticated] * 2 + [exhausted] * 8)
+        assert len(reviewer.asked) == 3
+        assert server.refused == 10 and limits.limited == 8
+        # The known subscriber reconnects and is served from the cache.
+        again = await first_answer(port, roots, GOOD)
+        assert isinstance(again, bytes)
+        assert len(reviewer.asked) == 3
+
+    aio.run(main)
