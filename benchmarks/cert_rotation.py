@@ -28,7 +28,6 @@ import itertools
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -38,7 +37,7 @@ from typing import Any
 
 import nsutil
 from localcluster.interrupt import run_interruptible
-from localcluster.mesh import Cluster, MeshUpError, down, node_http, up
+from localcluster.mesh import Cluster, MeshUpError, end_run, node_http, up
 from localcluster.processes import read_records
 from meshcore.defaults import ADMIN_PORT
 
@@ -270,14 +269,7 @@ def one_run(args: argparse.Namespace, ttl: int, minutes: float) -> dict[str, Any
         interrupted = True
         raise
     finally:
-        if cluster is not None:
-            if not ok and not interrupted:  # teardown deletes the logs; keep a copy
-                kept = state_root / "logs-kept"
-                shutil.copytree(cluster.state.log_dir, kept, dirs_exist_ok=True)
-                print(f"cert_rotation: logs kept in {kept}", file=sys.stderr)
-            down(cluster.spec.name, state_root)
-        if ok or interrupted:
-            shutil.rmtree(state_root, ignore_errors=True)
+        end_run("cert_rotation", cluster, state_root, ok, interrupted)
     return raw
 
 

@@ -46,7 +46,7 @@ import cpusplit  # benchmarks/, beside this script
 import nsutil
 from localcluster.apps import INHERITED_ENV, process_name
 from localcluster.interrupt import run_interruptible
-from localcluster.mesh import Cluster, MeshUpError, down, tunnel_name, up
+from localcluster.mesh import Cluster, MeshUpError, end_run, tunnel_name, up
 from localcluster.processes import ManagedProcess, read_records, spawn_in_netns
 from meshcore.defaults import TUNNEL_MARK
 from meshcore.runtime.profile import PROFILE_ENV
@@ -470,14 +470,7 @@ def main() -> int:
         interrupted = True
         raise
     finally:
-        if cluster is not None:
-            if not ok and not interrupted:  # teardown deletes the logs; keep a copy
-                kept = state_root / "logs-kept"
-                shutil.copytree(cluster.state.log_dir, kept, dirs_exist_ok=True)
-                print(f"l4_datapath: logs kept in {kept}", file=sys.stderr)
-            down(cluster.spec.name, state_root)
-        if ok or interrupted:
-            shutil.rmtree(state_root, ignore_errors=True)
+        end_run("l4_datapath", cluster, state_root, ok, interrupted)
     results = median_results(rounds)
     r = ratios(results)
     command = shlex.join([sys.executable, *sys.argv])

@@ -1101,6 +1101,22 @@ def down(
     return teardown(name, state_root, progress)
 
 
+def end_run(
+    tool: str, cluster: Cluster | None, state_root: Path, ok: bool, interrupted: bool
+) -> None:
+    """A benchmark's cluster torn down at the end of its run. A run that failed (and was
+    not interrupted) keeps a copy of its logs first, since teardown deletes them, and its
+    state directory; otherwise the state directory goes too."""
+    if cluster is not None:
+        if not ok and not interrupted:
+            kept = state_root / "logs-kept"
+            shutil.copytree(cluster.state.log_dir, kept, dirs_exist_ok=True)
+            print(f"{tool}: logs kept in {kept}", file=sys.stderr)
+        down(cluster.spec.name, state_root)
+    if ok or interrupted:
+        shutil.rmtree(state_root, ignore_errors=True)
+
+
 def config_problem(status: Mapping[str, Any] | None, digest: str | None) -> str | None:
     """Why a tunnel (its readiness JSON) does not run the mesh config `digest`, or None.
     Pure: `status` is None when the tunnel did not answer."""

@@ -29,7 +29,6 @@ from types import ModuleType
 from typing import Any
 
 import grpc
-import jwt
 import pytest
 from cryptography import x509
 
@@ -37,25 +36,20 @@ from controlplane.ca import CLOCK_SKEW, CertificateAuthority
 from controlplane.ca_grpc import METHOD, SERVICE, CaGrpcServer, CaGrpcService, KubeFacts
 from controlplane.ca_grpc_auth import Policy, RateLimiter
 from kube.client import KubeClient, load_kubeconfig
-from localcluster.kube.apiserver import ISSUER, KubeControlPlane
+from localcluster.kube.apiserver import KubeControlPlane
 from meshcore.identity import camessages as m
 from meshcore.identity.certs import CertificateError, CertificateManager, new_key_and_csr
 from meshcore.identity.certworker_client import CertWorkerClient
 from meshcore.identity.istio_ca import CaGrpcSettings, IstioCAClient
 from meshcore.identity.spiffe import SpiffeId
 from tests.controlplane.ca_grpc_pb import compiled
+from tests.support.kubetokens import api_ok, signed_token
 from tests.support.netns import throwaway_netns
 
 pytestmark = pytest.mark.kube
 
 TD = "cluster.local"
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _ok(cp: KubeControlPlane, method: str, path: str, body: object | None = None) -> Any:
-    status, raw = cp.request(method, path, body)
-    assert status < 300, f"{method} {path}: {status} {raw[:300]!r}"
-    return json.loads(raw)
 
 
 @dataclass
@@ -85,7 +79,7 @@ class Env:
                 "containers": [{"name": "c", "image": "pause"}],
             },
         }
-        out: dict[str, Any] = _ok(self.cp, "POST", f"/api/v1/namespaces/{ns}/pods", body)
+        out: dict[str, Any] = api_ok(self.cp, "POST", f"/api/v1/namespaces/{ns}/pods", body)
         return out
 
     def token(
@@ -93,10 +87,10 @@ class Env:
     ) -> str:
         spec: dict[str, Any] = {"audiences": list(audiences), "expirationSeconds": 600}
         if pod is not None:
-            uid = _ok(self.cp, "GET", f"/api/v1/namespaces/{ns}/pods/{pod}")["metadata"]["uid"]
+            uid = api_ok(self.cp, "GET", f"/api/v1/namespaces/{ns}/pods/{pod}")["metadata"]["uid"]
             spec["boundObjectRef"] = {"kind": "Pod", "apiVersion": "v1", "name": pod, "uid": uid}
         path = f"/api/v1/namespaces/{ns}/serviceaccounts/{sa}/token"
-        return str(_ok(self.cp, "POST", path, {"spec": spec})["status"]["token"])
+        return str(api_ok(self.cp, "POST", path, {"spec": spec})["status"]["token"])
 
     def ask(
         self, token: str | None, identity: SpiffeId, impersonate: SpiffeId | None = None
@@ -123,11 +117,11 @@ def env(kube_cp: KubeControlPlane, tmp_path_factory: pytest.TempPathFactory) -> 
     zt, app = f"cag-zt-{tag}", f"cag-app-{tag}"
     node_a, node_b = f"cag-{tag}-a", f"cag-{tag}-b"
     for ns in (zt, app):
-        _ok(cp, "POST", "/api/v1/namespaces", {"metadata": {"name": ns}})
+        api_ok(cp, "POST", "/api/v1/namespaces", {"metadata": {"name": ns}})
     for node in (node_a, node_b):
-        _ok(cp, "POST", "/api/v1/nodes", {"metadata": {"name": node}})
+        api_ok(cp, "POST", "/api/v1/nodes", {"metadata": {"name": node}})
     for ns, sa in ((zt, "ztunnel"), (app, "alice"), (app, "bob"), (app, "carol")):
-        _ok(cp, "POST", f"/api/v1/namespaces/{ns}/serviceaccounts", {"metadata": {"name": sa}})
+        api_ok(cp, "POST", f"/api/v1/namespaces/{ns}/serviceaccounts", {"metadata": {"name": sa}})
     pb, pb_grpc = compiled(Path(tmp_path_factory.mktemp("ca_pb")))
     ca = CertificateAuthority.create(TD)
 
@@ -255,23 +249,7 @@ def test_a_token_for_another_audience_is_refused(env: Env) -> None:
 
 
 def _signed_token(env: Env, exp_offset: float) -> str:
-    """A service-account token as the API server makes them, signed with its own key."""
-    sa = _ok(env.cp, "GET", f"/api/v1/namespaces/{env.app}/serviceaccounts/alice")
-    now = int(time.time())
-    claims = {
-        "iss": ISSUER,
-        "sub": f"system:serviceaccount:{env.app}:alice",
-        "aud": ["istio-ca"],
-        "iat": now - 7200,
-        "nbf": now - 7200,
-        "exp": int(now + exp_offset),
-        "kubernetes.io": {
-            "namespace": env.app,
-            "serviceaccount": {"name": "alice", "uid": sa["metadata"]["uid"]},
-        },
-    }
-    key = (env.cp.pki / "sa.key").read_bytes()
-    return jwt.encode(claims, key, algorithm="RS256")
+    return signed_token(env.cp, env.app, "alice", exp_offset)
 
 
 def test_an_expired_token_is_refused(env: Env) -> None:
@@ -314,7 +292,7 @@ def test_issuance_is_rate_limited_per_node(env: Env) -> None:
     # A node of its own, so the other tests' requests do not share its bucket (burst 12).
     tag = secrets.token_hex(2)
     node = f"{env.node_a}-rl{tag}"
-    _ok(env.cp, "POST", "/api/v1/nodes", {"metadata": {"name": node}})
+    api_ok(env.cp, "POST", "/api/v1/nodes", {"metadata": {"name": node}})
     try:
         env.pod(env.zt, f"ztunnel-rl{tag}", "ztunnel", node)
         env.pod(env.app, f"bob-rl{tag}", "bob", node)

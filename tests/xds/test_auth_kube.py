@@ -20,32 +20,25 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
-import jwt
 import pytest
 
 from controlplane.ca import CertificateAuthority
 from controlplane.xds.tls import server_identity
-from localcluster.kube.apiserver import ISSUER, KubeControlPlane
+from localcluster.kube.apiserver import KubeControlPlane
 from meshcore.defaults import TRUST_DOMAIN
 from meshcore.xds import messages as m
 from meshcore.xds.client import XdsClient, XdsTarget
 from meshcore.xds.convert import RESOURCE_TYPES
 from meshcore.xds.credentials import token_credentials
 from meshcore.xds.grpc import GrpcClosed, GrpcStream, client_context
+from tests.support.kubetokens import api_ok, signed_token
 from tests.xds.test_tunnel_process import ROOT, free_port
 
 pytestmark = pytest.mark.kube
 
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED.value[0]
-
-
-def _ok(cp: KubeControlPlane, method: str, path: str, body: object | None = None) -> Any:
-    status, raw = cp.request(method, path, body)
-    assert status < 300, f"{method} {path}: {status} {raw[:300]!r}"
-    return json.loads(raw)
 
 
 @dataclass
@@ -58,26 +51,11 @@ class Env:
     def token(self, audiences: tuple[str, ...] = ("istio-ca",)) -> str:
         spec = {"audiences": list(audiences), "expirationSeconds": 600}
         path = f"/api/v1/namespaces/{self.ns}/serviceaccounts/ztunnel/token"
-        return str(_ok(self.cp, "POST", path, {"spec": spec})["status"]["token"])
+        return str(api_ok(self.cp, "POST", path, {"spec": spec})["status"]["token"])
 
     def signed_token(self, exp_offset: float) -> str:
         """A token as the API server makes them, signed with its own key."""
-        path = f"/api/v1/namespaces/{self.ns}/serviceaccounts/ztunnel"
-        sa = _ok(self.cp, "GET", path)
-        now = int(time.time())
-        claims = {
-            "iss": ISSUER,
-            "sub": f"system:serviceaccount:{self.ns}:ztunnel",
-            "aud": ["istio-ca"],
-            "iat": now - 7200,
-            "nbf": now - 7200,
-            "exp": int(now + exp_offset),
-            "kubernetes.io": {
-                "namespace": self.ns,
-                "serviceaccount": {"name": "ztunnel", "uid": sa["metadata"]["uid"]},
-            },
-        }
-        return jwt.encode(claims, (self.cp.pki / "sa.key").read_bytes(), algorithm="RS256")
+        return signed_token(self.cp, self.ns, "ztunnel", exp_offset)
 
     async def answer(self, token: str | None) -> GrpcClosed | bytes:
         """How the ADS call ends for `token`: the first message, or the call's status."""
@@ -112,9 +90,9 @@ class Env:
 def env(kube_cp: KubeControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     work = tmp_path_factory.mktemp("xdsauth")
     ns = "xdsauth-" + secrets.token_hex(3)
-    _ok(kube_cp, "POST", "/api/v1/namespaces", {"metadata": {"name": ns}})
+    api_ok(kube_cp, "POST", "/api/v1/namespaces", {"metadata": {"name": ns}})
     sa = {"metadata": {"name": "ztunnel"}}
-    _ok(kube_cp, "POST", f"/api/v1/namespaces/{ns}/serviceaccounts", sa)
+    api_ok(kube_cp, "POST", f"/api/v1/namespaces/{ns}/serviceaccounts", sa)
     state_dir = work / "state"
     state_dir.mkdir()
     port = free_port()
