@@ -32,8 +32,9 @@ from meshcore.xds import messages as m
 from meshcore.xds.client import XdsClient, XdsTarget
 from meshcore.xds.convert import RESOURCE_TYPES
 from meshcore.xds.credentials import token_credentials
-from meshcore.xds.grpc import GrpcClosed, GrpcStream, client_context
+from meshcore.xds.grpc import GrpcClosed, client_context
 from tests.support.kubetokens import api_ok, signed_token
+from tests.xds.test_auth import first_answer
 from tests.xds.test_tunnel_process import ROOT, free_port
 
 pytestmark = pytest.mark.kube
@@ -59,25 +60,7 @@ class Env:
 
     async def answer(self, token: str | None) -> GrpcClosed | bytes:
         """How the ADS call ends for `token`: the first message, or the call's status."""
-        stream = await GrpcStream.open(
-            "127.0.0.1",
-            self.port,
-            m.ADS_METHOD,
-            ssl_context=client_context(self.roots),
-            expected=server_identity(TRUST_DOMAIN),
-            connect_limit=10,
-            max_message=m.MAX_MESSAGE_SIZE,
-            metadata=(("authorization", f"Bearer {token}"),) if token is not None else (),
-        )
-        try:
-            for t in RESOURCE_TYPES:
-                await stream.send(m.encode(m.DeltaDiscoveryRequest(type_url=t)))
-            try:
-                return await stream.recv()
-            except GrpcClosed as ended:
-                return ended
-        finally:
-            await stream.close()
+        return await first_answer(self.port, self.roots, token)
 
     def refused(self, token: str | None) -> str:
         got = asyncio.run(self.answer(token))
