@@ -56,6 +56,7 @@ import uvloop
 from meshcore.tls import hbone_peer, peer_identity
 
 from .hist import Histogram
+from .http1 import content_length
 
 GRACE = 10.0  # seconds an answer may still arrive after the last request is due
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux
@@ -139,7 +140,7 @@ class HttpConn:
                 del self.buf[: end + 4]
                 if not head.startswith(b"HTTP/1.1 200"):
                     raise ConnectionError(f"unexpected response {head[:80]!r}")
-                self.need = _content_length(head)
+                self.need = content_length(head)
             if len(self.buf) < self.need:
                 return done
             del self.buf[: self.need]
@@ -148,14 +149,6 @@ class HttpConn:
                 raise ConnectionError("an answer to no request")
             self.hist.record(max(0, stamp_ns - self.pending.popleft()))
             done += 1
-
-
-def _content_length(head: bytes) -> int:
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            return int(value.strip())
-    return 0
 
 
 def _stamp(ancdata: list[tuple[int, int, bytes]]) -> int:

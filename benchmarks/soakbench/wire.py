@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import errno
 
+from meshbench.http1 import content_length
+
 # A held connection's round trip: keep-alive, no body (the server answers 1 KB).
 HELD_REQUEST = b"GET /held HTTP/1.1\r\nHost: server\r\n\r\n"
 # A new connection's one exchange: the server closes after answering, so the TIME_WAIT
@@ -46,20 +48,6 @@ class AnswerParser:
             del self.buf[: self.need]
             self.need = -1
             done += 1
-
-
-def content_length(head: bytes) -> int:
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            try:
-                n = int(value.strip())
-            except ValueError:
-                raise ValueError(f"bad Content-Length {value[:20]!r}") from None
-            if n < 0:
-                raise ValueError(f"negative Content-Length {n}")
-            return n
-    return 0
 
 
 def error_kind(exc: BaseException | None, phase: str) -> str:
