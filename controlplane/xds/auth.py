@@ -26,7 +26,14 @@ from typing import Any, Protocol
 
 import structlog
 
-from controlplane.ca_grpc_auth import Caller, Code, RateLimiter, Refusal, bearer_token
+from controlplane.ca_grpc_auth import (
+    DEFAULT_TRUSTED_NODE_ACCOUNTS,
+    Caller,
+    Code,
+    RateLimiter,
+    Refusal,
+    bearer_token,
+)
 from controlplane.ca_server import node_of_token
 from controlplane.xds.subscribers import (
     ReviewCache,
@@ -65,8 +72,12 @@ class SubscriberAuth:
         overall: RateLimiter | None = None,
         cache: ReviewCache | None = None,
         clock: Callable[[], float] = time.monotonic,
+        tunnel_accounts: frozenset[tuple[str, str]] = DEFAULT_TRUSTED_NODE_ACCOUNTS,
     ) -> None:
         self.trust_domain = trust_domain
+        # The service accounts that subscribe as any node's tunnel (`subscribers.authorize`):
+        # the same the gRPC CA trusts to ask for its pods' certificates.
+        self.tunnel_accounts = tunnel_accounts
         self._reviewer = reviewer
         self._node_tokens = dict(node_tokens or {})
         self.allow_unauthenticated = allow_unauthenticated

@@ -15,7 +15,9 @@ INVALID_ARGUMENT; a NACK is logged and kept (`nacks`), and the server keeps serv
 
 Every stream is authenticated first (`auth.SubscriberAuth`): a subscriber that proves
 nothing is refused UNAUTHENTICATED, with what was missing or wrong, before its first
-request is read and before any resource is sent.
+request is read and before any resource is sent. Then the node its first request names
+is judged (`subscribers.authorize`): an identity that claims to be another namespace's
+proxy, or a tunnel without a tunnel's account, is refused PERMISSION_DENIED before any push.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import structlog
 from controlplane.ca_grpc_auth import Refusal
 from controlplane.xds.auth import SubscriberAuth
 from controlplane.xds.session import DeltaSession, Nack, ProtocolError, Snapshot
+from controlplane.xds.subscribers import authorize
 from meshcore.localtrust import RateLog
 from meshcore.state import MeshState
 from meshcore.xds import convert
@@ -94,6 +97,7 @@ class XdsServer:
         # `auth` has no default: how subscribers prove themselves is always stated.
         self.auth = auth
         self.refused = 0  # streams refused before anything was sent
+        self.denied = 0  # authenticated, but refused as the node they claimed
         self._refusal_log = RateLog()
         self.push_timeout = push_timeout
         self.stalled = 0  # streams closed because a push was not taken in time
@@ -151,6 +155,8 @@ class XdsServer:
             await context.abort(getattr(grpc.StatusCode, subscriber.code.value), subscriber.reason)
         log.info("xds_subscriber", subscriber=str(subscriber), peer=context.peer())
         session = DeltaSession(frozenset(convert.RESOURCE_TYPES))
+        requested = asyncio.Event()  # a request has arrived: its node can be judged
+        authorized = False
         wake = asyncio.Event()
         failure: list[str] = []
         ended = asyncio.Event()
@@ -159,6 +165,7 @@ class XdsServer:
             try:
                 async for raw in requests:
                     req = m.decode(m.DeltaDiscoveryRequest, raw)
+                    requested.set()
                     nack = session.on_request(req)
                     if nack is not None:
                         self.nacks.append(nack)
@@ -189,6 +196,18 @@ class XdsServer:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, failure[0])
                 if ended.is_set():
                     return
+                if not authorized and requested.is_set():
+                    # Judged once, on the node the first request names, before any push.
+                    denied = authorize(subscriber, session.node, self.auth.tunnel_accounts)
+                    if denied is not None:
+                        self.denied += 1
+                        log.warning(
+                            "xds_subscriber_denied", reason=denied.reason, peer=context.peer()
+                        )
+                        await context.abort(grpc.StatusCode.PERMISSION_DENIED, denied.reason)
+                    authorized = True
+                if not authorized:
+                    continue
                 for resp in session.responses(self._snapshot, self._version):
                     try:
                         async with asyncio.timeout(self.push_timeout):

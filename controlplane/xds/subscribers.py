@@ -11,6 +11,13 @@ A subscriber proves itself with one of (tried in this order, the first that hold
 When none holds, the refusal names what each way found missing or wrong, so a client
 operator reads what to fix. The TokenReview answers are cached briefly per token (a
 reconnecting proxy costs the API server nothing), bounded in size and time.
+
+Then, once its first request names its node (`node.id`), what the subscriber may be
+(`authorize`), as istiod checks a proxy's identity against the namespace it claims: a
+service account of the tunnels (istio-system/ztunnel) subscribes as any node's tunnel;
+any other identity only as a proxy of its own namespace (Istio's node id
+`type~ip~name.namespace~namespace.svc.cluster.local`, which the waypoint sends). A node
+token stands for a whole node (its tunnel and its waypoints), as on the CA socket.
 """
 
 from __future__ import annotations
@@ -46,6 +53,9 @@ class Via(Enum):
 class Subscriber:
     via: Via
     who: str  # a SPIFFE id, node/<name>, <namespace>/<service account>, or the peer
+    # The service account proven (a certificate's or a token's); empty for the others.
+    namespace: str = ""
+    account: str = ""
 
     def __str__(self) -> str:
         return f"{self.who} ({self.via.value})"
@@ -72,7 +82,7 @@ def certificate_subscriber(
         return (
             f"the client certificate's identity {identity} is outside trust domain {trust_domain!r}"
         )
-    return Subscriber(Via.CERTIFICATE, str(identity))
+    return Subscriber(Via.CERTIFICATE, str(identity), identity.namespace, identity.service_account)
 
 
 def node_token_subscriber(node: str | None) -> Subscriber | str:
@@ -83,7 +93,49 @@ def node_token_subscriber(node: str | None) -> Subscriber | str:
 
 
 def account_subscriber(caller: Caller) -> Subscriber:
-    return Subscriber(Via.SERVICE_ACCOUNT_TOKEN, str(caller))
+    return Subscriber(
+        Via.SERVICE_ACCOUNT_TOKEN, str(caller), caller.namespace, caller.service_account
+    )
+
+
+def proxy_namespace(node_id: str) -> str | None:
+    """The namespace an Istio-style node id claims (`type~ip~name.namespace~domain`), or
+    None for an id of another shape (a tunnel names its node)."""
+    parts = node_id.split("~")
+    if len(parts) != 4 or not parts[0] or "." not in parts[2]:
+        return None
+    namespace = parts[2].rsplit(".", 1)[1]
+    return namespace or None
+
+
+def authorize(
+    subscriber: Subscriber, node_id: str, tunnel_accounts: frozenset[tuple[str, str]]
+) -> Refusal | None:
+    """May `subscriber` subscribe as `node_id`? None if so, else PERMISSION_DENIED naming
+    what it proved and what it claimed."""
+    if subscriber.via in (Via.NODE_TOKEN, Via.UNAUTHENTICATED):
+        return None  # a node's own credential; or no authentication, as the operator chose
+    if not node_id:
+        return Refusal(
+            Code.PERMISSION_DENIED,
+            f"xDS subscriber {subscriber}: its first request names no node (node.id)",
+        )
+    if (subscriber.namespace, subscriber.account) in tunnel_accounts:
+        return None
+    claimed = proxy_namespace(node_id)
+    if claimed == subscriber.namespace:
+        return None
+    tunnels = ", ".join(sorted(f"{ns}/{sa}" for ns, sa in tunnel_accounts)) or "none"
+    said = (
+        f"claims namespace {claimed!r}"
+        if claimed is not None
+        else f"names no namespace (a tunnel's node id; the tunnels' accounts are {tunnels})"
+    )
+    return Refusal(
+        Code.PERMISSION_DENIED,
+        f"xDS subscriber {subscriber} may subscribe only as a proxy of namespace "
+        f"{subscriber.namespace!r}; node id {node_id!r} {said}",
+    )
 
 
 def refusal(reasons: Sequence[str]) -> Refusal:

@@ -60,7 +60,8 @@ async def _scenario(cp: KubeControlPlane, sock: Path, state_dir: Path) -> list[f
         states: list[MeshState] = []
         client = XdsClient(
             target,
-            m.Node(id="grpc-node"),
+            # A proxy of the account's own namespace: all a non-tunnel account may be.
+            m.Node(id=f"router~10.0.0.9~grpc-node.{ns}~{ns}.svc.cluster.local"),
             states.append,
             RESOURCE_TYPES,
             credentials=lambda: (("authorization", f"Bearer {token}"),),

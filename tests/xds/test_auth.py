@@ -26,6 +26,7 @@ from controlplane.xds.subscribers import (
     ReviewCache,
     Subscriber,
     Via,
+    authorize,
     certificate_subscriber,
     peer_source,
     refusal,
@@ -86,7 +87,8 @@ def sans(*values: str) -> dict[str, list[bytes]]:
     [
         ({}, "no client certificate"),
         (sans("spiffe://cluster.local/ns/istio-system/sa/ztunnel"),
-         Subscriber(Via.CERTIFICATE, "spiffe://cluster.local/ns/istio-system/sa/ztunnel")),
+         Subscriber(Via.CERTIFICATE, "spiffe://cluster.local/ns/istio-system/sa/ztunnel",
+                    "istio-system", "ztunnel")),
         (sans("spiffe://other.td/ns/a/sa/b"), "outside trust domain 'cluster.local'"),
         (sans("spiffe://cluster.local/ns/a/sa/b", "spiffe://cluster.local/ns/a/sa/c"),
          "2 URI SANs, not exactly one"),
@@ -150,7 +152,7 @@ def test_each_way_and_its_refusal__stub_reviewer(aio: Loop) -> None:
 
     async def main() -> None:
         ok = await a.authenticate(bearer(GOOD), {}, "ipv4:10.0.0.1:1")
-        assert ok == Subscriber(Via.SERVICE_ACCOUNT_TOKEN, "apps/alice")
+        assert ok == Subscriber(Via.SERVICE_ACCOUNT_TOKEN, "apps/alice", "apps", "alice")
         node = await a.authenticate(bearer("n1-token"), {}, "ipv4:10.0.0.1:1")
         assert node == Subscriber(Via.NODE_TOKEN, "node/node1")
         assert reviewer.asked == [GOOD]  # a node token needs no review
@@ -217,12 +219,18 @@ def test_a_flood_of_bad_tokens_makes_a_bounded_number_of_reviews__stub_reviewer(
         for i in range(200):
             await a.authenticate(bearer(f"flood-{i}"), {}, f"ipv4:10.4.{i}.1:1")
         served = await a.authenticate(bearer(GOOD), {}, "ipv4:10.3.0.1:2")
-        assert served == Subscriber(Via.SERVICE_ACCOUNT_TOKEN, "apps/alice")
+        assert served == Subscriber(Via.SERVICE_ACCOUNT_TOKEN, "apps/alice", "apps", "alice")
 
     aio.run(main)
 
 
-async def first_answer(port: int, roots: bytes, token: str | None) -> GrpcClosed | bytes:
+# A waypoint of namespace apps, as Istio's node ids say it (what GOOD, apps/alice, may be).
+APPS_PROXY = "router~10.0.0.9~wp-5d4f.apps~apps.svc.cluster.local"
+
+
+async def first_answer(
+    port: int, roots: bytes, token: str | None, node: str = APPS_PROXY
+) -> GrpcClosed | bytes:
     stream = await GrpcStream.open(
         "127.0.0.1",
         port,
@@ -234,8 +242,9 @@ async def first_answer(port: int, roots: bytes, token: str | None) -> GrpcClosed
         metadata=tuple(bearer(token)) if token is not None else (),
     )
     try:
-        for t in RESOURCE_TYPES:
-            await stream.send(m.encode(m.DeltaDiscoveryRequest(type_url=t)))
+        for i, t in enumerate(RESOURCE_TYPES):
+            first = m.Node(id=node) if i == 0 else None
+            await stream.send(m.encode(m.DeltaDiscoveryRequest(node=first, type_url=t)))
         try:
             return await stream.recv()
         except GrpcClosed as ended:
@@ -261,7 +270,7 @@ def test_over_grpc_a_flood_is_refused_and_a_known_subscriber_served__stub_review
         roots = harness.ca.roots_pem()
         good = XdsClient(
             XdsTarget("127.0.0.1", port, client_context(roots), server_identity(TD)),
-            m.Node(id="node1"),
+            m.Node(id=APPS_PROXY),
             lambda _s: None,
             RESOURCE_TYPES,
             credentials=lambda: tuple(bearer(GOOD)),
@@ -281,5 +290,60 @@ def test_over_grpc_a_flood_is_refused_and_a_known_subscriber_served__stub_review
         again = await first_answer(port, roots, GOOD)
         assert isinstance(again, bytes)
         assert len(reviewer.asked) == 3
+
+    aio.run(main)
+
+
+TUNNELS = frozenset({("istio-system", "ztunnel")})
+ZTUNNEL_SA = Subscriber(
+    Via.SERVICE_ACCOUNT_TOKEN, "istio-system/ztunnel", "istio-system", "ztunnel"
+)
+ALICE_SA = Subscriber(Via.SERVICE_ACCOUNT_TOKEN, "apps/alice", "apps", "alice")
+ALICE_CERT = Subscriber(Via.CERTIFICATE, "spiffe://cluster.local/ns/apps/sa/alice", "apps", "alice")
+
+
+@pytest.mark.parametrize(
+    ("subscriber", "node", "denied"),
+    [
+        (ZTUNNEL_SA, "node1", None),  # the tunnels' account, as any node's tunnel
+        (ZTUNNEL_SA, APPS_PROXY, None),
+        (ALICE_SA, APPS_PROXY, None),  # a proxy of its own namespace
+        (ALICE_CERT, APPS_PROXY, None),
+        (ALICE_SA, "node1", "names no namespace"),  # a workload posing as a tunnel
+        (ALICE_CERT, "router~10.0.0.9~wp.prod~prod.svc.cluster.local", "claims namespace 'prod'"),
+        (ALICE_SA, "router~10.0.0.9~wp~apps.svc.cluster.local", "names no namespace"),
+        (ALICE_SA, "a~b~c.apps", "names no namespace"),  # not four parts
+        (ALICE_SA, "", "names no node"),
+        (Subscriber(Via.NODE_TOKEN, "node/node1"), "node2", None),  # a node's own credential
+        (Subscriber(Via.NODE_TOKEN, "node/node1"), "", None),
+        (Subscriber(Via.UNAUTHENTICATED, "ipv4:10.0.0.1:1"), "x", None),
+    ],
+)
+def test_who_may_subscribe_as_which_node(
+    subscriber: Subscriber, node: str, denied: str | None
+) -> None:
+    got = authorize(subscriber, node, TUNNELS)
+    if denied is None:
+        assert got is None
+    else:
+        assert got is not None and got.code is Code.PERMISSION_DENIED
+        assert denied in got.reason and str(subscriber) in got.reason
+
+
+def test_a_workload_posing_as_a_tunnel_gets_nothing_over_grpc__stub_reviewer(
+    aio: Loop, harness: Harness
+) -> None:
+    server = XdsServer(demo_state(), auth=SubscriberAuth(TD, reviewer=StubReviewer()))
+
+    async def main() -> None:
+        port = await harness.serve(server)
+        roots = harness.ca.roots_pem()
+        posing = await first_answer(port, roots, GOOD, node="node1")
+        assert isinstance(posing, GrpcClosed)  # no resource went out
+        assert posing.status == grpc.StatusCode.PERMISSION_DENIED.value[0]
+        assert "apps/alice" in posing.message and "'node1'" in posing.message
+        assert server.denied == 1
+        served = await first_answer(port, roots, GOOD)  # as a proxy of its own namespace
+        assert isinstance(served, bytes)
 
     aio.run(main)

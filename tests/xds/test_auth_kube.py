@@ -58,9 +58,14 @@ class Env:
         """A token as the API server makes them, signed with its own key."""
         return signed_token(self.cp, self.ns, "ztunnel", exp_offset)
 
+    @property
+    def proxy_node(self) -> str:
+        """A node id this namespace's accounts may subscribe as: a proxy of the namespace."""
+        return f"router~10.0.0.9~wp.{self.ns}~{self.ns}.svc.cluster.local"
+
     async def answer(self, token: str | None) -> GrpcClosed | bytes:
         """How the ADS call ends for `token`: the first message, or the call's status."""
-        return await first_answer(self.port, self.roots, token)
+        return await first_answer(self.port, self.roots, token, node=self.proxy_node)
 
     def refused(self, token: str | None) -> str:
         got = asyncio.run(self.answer(token))
@@ -112,7 +117,7 @@ def test_a_service_account_token_for_istio_ca_is_served(env: Env, tmp_path: Path
         target = XdsTarget("127.0.0.1", env.port, ctx, server_identity(TRUST_DOMAIN))
         client = XdsClient(
             target,
-            m.Node(id="node1"),
+            m.Node(id=env.proxy_node),
             lambda _s: None,
             RESOURCE_TYPES,
             credentials=token_credentials(token_file),
