@@ -153,6 +153,7 @@ class XdsServer:
                     not_logged=suppressed,
                 )
             await context.abort(getattr(grpc.StatusCode, subscriber.code.value), subscriber.reason)
+            return  # (abort raises; grpc's stubs do not say so)
         log.info("xds_subscriber", subscriber=str(subscriber), peer=context.peer())
         session = DeltaSession(frozenset(convert.RESOURCE_TYPES))
         requested = asyncio.Event()  # a request has arrived: its node can be judged
