@@ -24,6 +24,14 @@ def configured() -> Iterator[None]:
     structlog.configure(**old)
 
 
+def logging_to(buf: io.StringIO, monkeypatch: pytest.MonkeyPatch) -> io.StringIO:
+    """`buf` as stdout (set inside the test: pytest's capture sets its own between setup
+    and call), and logging configured as a proxy configures it."""
+    monkeypatch.setattr(sys, "stdout", buf)
+    meshlog.configure("info")
+    return buf
+
+
 def lines(buf: io.StringIO) -> list[dict[str, object]]:
     return [json.loads(line) for line in buf.getvalue().splitlines()]
 
@@ -31,9 +39,7 @@ def lines(buf: io.StringIO) -> list[dict[str, object]]:
 def test_the_access_line_is_what_the_processors_write(
     configured: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    out = io.StringIO()
-    monkeypatch.setattr(sys, "stdout", out)
-    meshlog.configure("info")
+    out = logging_to(io.StringIO(), monkeypatch)
     fields = {
         "direction": "inbound",
         "src.addr": "10.0.0.1:4000",
@@ -60,9 +66,7 @@ def test_the_access_line_is_what_the_processors_write(
 def test_no_fast_path_when_the_processors_are_not_ours(
     configured: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    out = io.StringIO()
-    monkeypatch.setattr(sys, "stdout", out)
-    meshlog.configure("info")
+    out = logging_to(io.StringIO(), monkeypatch)
     bound = structlog.get_logger("access").bind()
     assert meshlog.fast_sink(bound) is not None
     with capture_logs() as captured:  # changes the processors list in place
@@ -86,9 +90,7 @@ def test_lines_keep_their_order_and_reach_the_file_by_the_end_of_the_turn(
             flushed.append(len(self.getvalue().splitlines()))
             super().flush()
 
-    buf = Counting()
-    monkeypatch.setattr(sys, "stdout", buf)
-    meshlog.configure("info")
+    buf = logging_to(Counting(), monkeypatch)
     other = structlog.get_logger("ztunnel")
 
     async def turn() -> int:
@@ -116,9 +118,7 @@ def test_lines_keep_their_order_and_reach_the_file_by_the_end_of_the_turn(
 def test_a_loop_that_ends_before_its_flush_does_not_stop_later_flushes(
     configured: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    buf = io.StringIO()
-    monkeypatch.setattr(sys, "stdout", buf)
-    meshlog.configure("info")
+    buf = logging_to(io.StringIO(), monkeypatch)
     log = structlog.get_logger("x")
 
     async def log_and_leave() -> None:
