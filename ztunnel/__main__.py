@@ -11,6 +11,7 @@ import signal
 import sys
 import time
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -27,7 +28,11 @@ from ztunnel.config import DNS_RESOLV_CONF, Config, parse_config
 from ztunnel.dns.resolvconf import ResolvConfError, nameservers
 from ztunnel.inpod import FileEnrolmentSource
 from ztunnel.node import NodeProxy
+from ztunnel.workers.plan import usable_cores, worker_count
 from ztunnel.zds_client import ZdsClient
+
+if TYPE_CHECKING:
+    from ztunnel.workers.owner import WorkerPool
 
 log = structlog.get_logger("ztunnel")
 
@@ -64,6 +69,8 @@ async def run(cfg: Config) -> None:
         on_update=node.on_state,
         token_path=cfg.ca_token_path,
     )
+    workers = await _start_workers(cfg, certs)
+    node.workers = workers
     node.on_state(watcher.current)
     node.config_status = lambda: watcher.status
     enrolment: FileEnrolmentSource | ZdsClient
@@ -77,7 +84,8 @@ async def run(cfg: Config) -> None:
     readiness = ReadinessServer(node, cfg.readiness_port)
     await readiness.start()
     # Admin answers only on loopback of the tunnel's own netns; metrics are for scrapers.
-    admin = AdminServer(node, cfg.admin_port, host="127.0.0.1")
+    refresh = node.refresh if workers is not None else None
+    admin = AdminServer(node, cfg.admin_port, host="127.0.0.1", refresh=refresh)
     await admin.start()
     process = process_metrics()
     extra = process
@@ -87,7 +95,7 @@ async def run(cfg: Config) -> None:
         def extra() -> bytes:
             return process() + dns_metrics()
 
-    metrics = MetricsServer(node.connection_table.metrics, extra, cfg.metrics_port)
+    metrics = MetricsServer(_NodeMetrics(node), extra, cfg.metrics_port, refresh=refresh)
     await metrics.start()
     log.info("ztunnel started", node=cfg.node_name, pid=os.getpid())
     trimmer = asyncio.ensure_future(_trim_when_idle(node))
@@ -112,8 +120,30 @@ async def run(cfg: Config) -> None:
     log.info("ztunnel stopping", node=cfg.node_name)
     await metrics.close()
     await node.close()
+    if workers is not None:
+        await workers.close()
     await watcher.close()
     await certs.close()
+
+
+async def _start_workers(cfg: Config, certs: CertificateManager) -> WorkerPool | None:
+    """The worker processes, when the tunnel runs more than one process (None: it is one)."""
+    count = worker_count(cfg.workers, usable_cores())
+    if count == 1:
+        return None  # nothing of the workers is loaded: no cost when off
+    from ztunnel.workers.owner import WorkerPool
+
+    pool = WorkerPool(count, certs)
+    await pool.start()
+    log.info("tunnel workers started", processes=count)
+    return pool
+
+
+class _NodeMetrics:
+    """The metrics server's view of the node: every process's counters, summed."""
+
+    def __init__(self, node: NodeProxy) -> None:
+        self.render = node.render_metrics
 
 
 def _dns_upstreams(cfg: Config) -> tuple[IPAddress, ...] | None:
