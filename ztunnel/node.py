@@ -456,13 +456,25 @@ class NodeProxy:
         }
         if self.workers is not None:
             # Per process, so an operator sees connections spread (or not) over them.
+            # Per process, what it serves and carries: an operator sees each pod in every
+            # process, and connections spread (or not) over them.
+            own = {uid: p.state.value for uid, p in self.pods.items()}
             per: list[dict[str, Any]] = [
-                {"worker": 0, "pid": os.getpid(), "openConnections": len(self.connection_table)}
+                {
+                    "worker": 0,
+                    "pid": os.getpid(),
+                    "pods": own,
+                    "openConnections": len(self.connection_table),
+                }
             ]
             for index, report in self.workers.reports():
-                open_count = len(report.get("connections", ()))
                 per.append(
-                    {"worker": index, "pid": report.get("pid"), "openConnections": open_count}
+                    {
+                        "worker": index,
+                        "pid": report.get("pid"),
+                        "pods": report.get("pods", {}),
+                        "openConnections": len(report.get("connections", ())),
+                    }
                 )
             dump["workers"] = per
             dump["openConnections"] = sum(int(w["openConnections"]) for w in per)
