@@ -290,6 +290,31 @@ def test_release_drains_the_pod_in_both_processes(cluster: mesh.Cluster) -> None
     assert all(w["pods"] == {uid: "ready"} for w in workers)
 
 
+def test_a_killed_worker_is_reported_and_restarted(cluster: mesh.Cluster) -> None:
+    c = cluster
+    (_, worker) = admin_json(c, "n2", "/config_dump")["workers"]
+    os.kill(worker["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    seen_down = False
+    while True:
+        status = mesh.tunnel_status(c.layout, "n2") or {}
+        now = status.get("workers", {}).get("1", "")
+        seen_down = seen_down or now.startswith("down")
+        if now == f"ready (pid {worker['pid']})":
+            pass  # not noticed yet
+        elif now.startswith("ready") and status.get("ready"):
+            break
+        assert time.monotonic() < deadline, f"worker 1 never came back: {status}"
+        time.sleep(0.02)
+    (_, again) = admin_json(c, "n2", "/config_dump")["workers"]
+    assert again["pid"] != worker["pid"]
+    assert again["pods"] == {"rst//Pod/mesh/server": "ready"}
+    log = c.tunnel_log("n2").read_text()
+    assert "worker lost; restarting it" in log and '"status": -9' in log
+    with echoes(c, SPREAD, plain=True):
+        assert set(per_worker(c, "n2", "inbound", SPREAD)) == {0, 1}
+
+
 # ---- upgrade and crash ----------------------------------------------------------------------
 
 

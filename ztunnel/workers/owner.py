@@ -171,10 +171,14 @@ class WorkerPool:
         self.tasks.spawn(self._restart(w), f"worker-{w.index}-restart")
 
     async def _restart(self, w: _Worker) -> None:
-        if w.process is not None and w.process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                w.process.kill()  # by the pid we started; its channel is gone already
-            await w.process.wait()
+        if w.process is not None:
+            if w.process.returncode is None:
+                # Its channel is gone: whatever it still does, it does for nobody.
+                with contextlib.suppress(ProcessLookupError):
+                    w.process.kill()  # by the pid we started
+            status = await w.process.wait()
+            w.down = f"down: exited with status {status}; restarting"
+            log.error("worker exited", worker=w.index, pid=w.process.pid, status=status)
         await asyncio.sleep(RESTART_DELAY)
         if self._stopping:
             return
