@@ -200,10 +200,25 @@ def summarize(rows: list[dict[str, Any]], counts: tuple[int, ...]) -> dict[str, 
             cores[mode] = {
                 n: statistics.median(r[f"cores_{mode}"].get(n, 0.0) for r in mine) for n in names
             }
+        rps = statistics.median(r["requests_per_s"] for r in mine)
+        gbit = statistics.median(r["gbit_per_s"] for r in mine)
+        # What a request and a GB cost each tunnel end, all its processes together: the
+        # figure that says how far more cores take it (cores busy / rate).
+        per_node = {
+            node: {
+                "us_per_request": sum(v for n, v in cores["rr"].items() if n.startswith(node))
+                / rps
+                * 1e6,
+                "s_per_gb": sum(v for n, v in cores["tput"].items() if n.startswith(node))
+                / (gbit / 8),
+            }
+            for node in NODES
+        }
         out[str(count)] = {
-            "requests_per_s": statistics.median(r["requests_per_s"] for r in mine),
-            "gbit_per_s": statistics.median(r["gbit_per_s"] for r in mine),
+            "requests_per_s": rps,
+            "gbit_per_s": gbit,
             "cores": cores,
+            "cpu": per_node,
         }
     return out
 
@@ -212,8 +227,9 @@ def format_table(summary: dict[str, Any]) -> str:
     lines = [
         "| processes per tunnel | requests/s | Gbit/s "
         "| tunnel cores busy, requests (node1 / node2) "
-        "| tunnel cores busy, throughput (node1 / node2) |",
-        "|---|---|---|---|---|",
+        "| tunnel cores busy, throughput (node1 / node2) "
+        "| tunnel CPU per request, us (node1 / node2) | tunnel CPU per GB, s (node1 / node2) |",
+        "|---|---|---|---|---|---|---|",
     ]
 
     def per_node(cores: dict[str, float]) -> str:
@@ -224,9 +240,12 @@ def format_table(summary: dict[str, Any]) -> str:
         return " / ".join(parts)
 
     for count, s in summary.items():
+        cpu = s["cpu"]
         lines.append(
             f"| {count} | {s['requests_per_s']:,.0f} | {s['gbit_per_s']:.2f} "
-            f"| {per_node(s['cores']['rr'])} | {per_node(s['cores']['tput'])} |"
+            f"| {per_node(s['cores']['rr'])} | {per_node(s['cores']['tput'])} "
+            f"| {cpu['node1']['us_per_request']:.0f} / {cpu['node2']['us_per_request']:.0f} "
+            f"| {cpu['node1']['s_per_gb']:.2f} / {cpu['node2']['s_per_gb']:.2f} |"
         )
     return "\n".join(lines)
 
