@@ -108,6 +108,17 @@ def tunnel_pids(c: Cluster) -> dict[str, int]:
     return out
 
 
+def machine_times() -> tuple[float, float]:
+    """(busy, stolen) CPU seconds of the whole machine so far, from /proc/stat: whether a
+    phase saturated the machine (every core busy), left cores idle, or lost them to the
+    hypervisor's other guests (steal)."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (
+            int(x) for x in f.readline().split()[1:9]
+        )
+    return (user + nice + system + irq + softirq) / cpusplit.CLK_TCK, steal / cpusplit.CLK_TCK
+
+
 def run_load(c: Cluster, mode: str, p: Params) -> tuple[float, float]:
     """(the summed count of every client pod: requests or bytes, the phase's wall time)."""
     server = str(c.layout.pod("mesh", "server-0").ip)
@@ -156,8 +167,12 @@ def measure(c: Cluster, count: int, p: Params) -> dict[str, Any]:
     out: dict[str, Any] = {"workers": count}
     for mode in ("rr", "tput"):
         before = cpusplit.sample(pids)
+        busy0, stolen0 = machine_times()
         total, wall = run_load(c, mode, p)
+        busy1, stolen1 = machine_times()
         after = cpusplit.sample(pids)
+        out[f"machine_cores_busy_{mode}"] = round((busy1 - busy0) / wall, 2)
+        out[f"machine_cores_stolen_{mode}"] = round((stolen1 - stolen0) / wall, 2)
         cores = {}
         for name in pids:
             b, a = before[name], after[name]
@@ -183,7 +198,10 @@ def run(c: Cluster, p: Params) -> list[dict[str, Any]]:
             print(
                 f"round {r + 1}, {count} process(es) per tunnel: "
                 f"{row['requests_per_s']:,.0f} requests/s, {row['gbit_per_s']:.2f} Gbit/s; "
-                f"cores (requests) {row['cores_rr']}",
+                f"tunnel cores (requests) {row['cores_rr']}, "
+                f"machine cores busy {row['machine_cores_busy_rr']} (stolen "
+                f"{row['machine_cores_stolen_rr']}) / {row['machine_cores_busy_tput']} (stolen "
+                f"{row['machine_cores_stolen_tput']})",
                 flush=True,
             )
             rows.append(row)
@@ -215,6 +233,14 @@ def summarize(rows: list[dict[str, Any]], counts: tuple[int, ...]) -> dict[str, 
             for node in NODES
         }
         out[str(count)] = {
+            "machine_cores_busy": {
+                mode: statistics.median(r[f"machine_cores_busy_{mode}"] for r in mine)
+                for mode in ("rr", "tput")
+            },
+            "machine_cores_stolen": {
+                mode: statistics.median(r[f"machine_cores_stolen_{mode}"] for r in mine)
+                for mode in ("rr", "tput")
+            },
             "requests_per_s": rps,
             "gbit_per_s": gbit,
             "cores": cores,
