@@ -82,12 +82,11 @@ class WorkerPool:
         certs: CertificateManager,
         *,
         env: Mapping[str, str] | None = None,
-        command: tuple[str, ...] = (sys.executable, "-m", "ztunnel.workers.child"),
     ) -> None:
+        """`env`: the workers' environment (default: ours; they parse the same Config)."""
         self.count = count
         self._certs = certs
         self._env = dict(env) if env is not None else None
-        self._command = command
         self._workers = [_Worker(i) for i in range(1, count)]
         self._state: codec.State | None = None
         self._pods: dict[str, tuple[Enrolment, Workload]] = {}
@@ -106,7 +105,9 @@ class WorkerPool:
         ours, theirs = socket_pair()
         try:
             w.process = await asyncio.create_subprocess_exec(
-                *self._command,
+                sys.executable,
+                "-m",
+                "ztunnel.workers.child",
                 "--fd", str(theirs.fileno()),
                 "--index", str(w.index),
                 "--owner", str(os.getpid()),
