@@ -85,7 +85,13 @@ async def run(cfg: Config) -> None:
     await readiness.start()
     # Admin answers only on loopback of the tunnel's own netns; metrics are for scrapers.
     refresh = node.refresh if workers is not None else None
-    admin = AdminServer(node, cfg.admin_port, host="127.0.0.1", refresh=refresh)
+    admin = AdminServer(
+        node,
+        cfg.admin_port,
+        host="127.0.0.1",
+        refresh=refresh,
+        on_log_level=workers.set_log_level if workers is not None else None,
+    )
     await admin.start()
     process = process_metrics()
     extra = process

@@ -159,12 +159,15 @@ class AdminServer(NodeHttpServer):
         port: int = ADMIN_PORT,
         host: str = "127.0.0.1",
         refresh: Refresh | None = None,
+        on_log_level: Callable[[str], None] | None = None,
     ) -> None:
         """`refresh`: awaited before the views that count connections (a tunnel with
-        worker processes gathers their tables and counters then)."""
+        worker processes gathers their tables and counters then). `on_log_level`: called
+        with each level set through `/logging` (for the tunnel's other processes)."""
         super().__init__(port, host)
         self._source = source
         self._refresh = refresh
+        self._on_log_level = on_log_level
         self._refusal_log = RateLog()
         self.refused_remote = 0  # state-changing requests refused from off the node
 
@@ -223,6 +226,8 @@ class AdminServer(NodeHttpServer):
             except ValueError as e:
                 return _error(400, str(e))
             log.info("log level changed", level=now)
+            if self._on_log_level is not None:
+                self._on_log_level(now)
             return _json({"level": now})
         return _json({"level": current_log_level()})
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import structlog
 
+from meshcore.admin.server import current_log_level, set_log_level
 from meshcore.identity.certs import CertificateError
 from meshcore.identity.spiffe import IdentityError, SpiffeId
 from meshcore.runtime import malloc
@@ -94,6 +95,11 @@ class Worker:
                 self.certs.deliver(from_message(msg))
             except CertificateError as e:
                 self.channel.close(str(e))
+        elif isinstance(msg, codec.LogLevel):
+            try:
+                set_log_level(msg.level)
+            except ValueError as e:
+                self.channel.close(f"LOG_LEVEL: {e}")
         elif isinstance(msg, codec.CertFailed):
             try:
                 self.certs.failed(SpiffeId.parse(msg.identity), msg.error)
@@ -140,6 +146,7 @@ class Worker:
             "metrics": table.metrics.export(),
             "opened": table.opened_total,
             "pods": {uid: p.state.value for uid, p in self.node.pods.items()},
+            "logLevel": current_log_level(),
         }
 
 

@@ -54,6 +54,7 @@ class Kind(enum.IntEnum):
     CERT_FAILED = 9  # owner -> worker: none could be had; why
     REPORT_REQUEST = 10  # owner -> worker: the connection table and counters, please
     REPORT = 11  # worker -> owner: them
+    LOG_LEVEL = 12  # owner -> worker: the log level set on the admin port
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,9 +144,15 @@ class Report:
     body: dict[str, Any]
 
 
+@dataclass(frozen=True, slots=True)
+class LogLevel:
+    KIND: ClassVar[Kind] = Kind.LOG_LEVEL
+    level: str
+
+
 Message = (
     Hello | State | Enrol | Release | Drain | Done | CertRequest | Cert | CertFailed
-    | ReportRequest | Report
+    | ReportRequest | Report | LogLevel
 )  # fmt: skip
 _CLASSES: dict[Kind, type[Any]] = {
     c.KIND: c
@@ -161,6 +168,7 @@ _CLASSES: dict[Kind, type[Any]] = {
         CertFailed,
         ReportRequest,
         Report,
+        LogLevel,
     )
 }
 # The kinds that carry exactly one fd.

@@ -89,6 +89,7 @@ class WorkerPool:
         self._env = dict(env) if env is not None else None
         self._workers = [_Worker(i) for i in range(1, count)]
         self._state: codec.State | None = None
+        self._log_level: codec.LogLevel | None = None  # set on the admin port, if ever
         self._pods: dict[str, tuple[Enrolment, Workload]] = {}
         self._seq = itertools.count(1)
         self._stopping = False
@@ -134,6 +135,8 @@ class WorkerPool:
             channel.close("no hello in time")
             raise WorkerError(f"worker {w.index} did not start in {HELLO_TIMEOUT:.0f} s") from None
         # In step: the current state, then every pod (in this order on the one channel).
+        if self._log_level is not None:
+            channel.send(self._log_level)
         if self._state is not None:
             channel.send(self._state)
         # Pods added or released while this one was not in step are caught up too.
@@ -224,6 +227,13 @@ class WorkerPool:
             pid = w.process.pid if w.process is not None else "-"
             out[str(w.index)] = f"ready (pid {pid})" if w.down is None else w.down
         return out
+
+    def set_log_level(self, level: str) -> None:
+        """The admin port's /logging, for every worker (and those restarted later)."""
+        self._log_level = codec.LogLevel(level)
+        for w in self._workers:
+            if w.channel is not None and w.up.is_set():
+                w.channel.send(self._log_level)
 
     def push_state(self, state: MeshState) -> None:
         self._state = state_message(state)

@@ -24,6 +24,7 @@ EXAMPLES: list[codec.Message] = [
     codec.Cert("spiffe://td/ns/a/sa/b", b"KEY", (b"LEAF", b"ROOT"), b"ROOT", str(2**150), 1.5, 2.5),
     codec.CertFailed("spiffe://td/ns/a/sa/b", "CA away"),
     codec.ReportRequest(12),
+    codec.LogLevel("debug"),
     codec.Report(13, {"connections": [{"src": "1.2.3.4:5"}], "metrics": {}}),
 ]
 

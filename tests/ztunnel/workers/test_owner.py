@@ -54,8 +54,12 @@ def test_workers_start_report_restart_and_stop(aio: Loop, monkeypatch) -> None:
         reports = pool.reports()
         assert [i for i, _ in reports] == [1, 2]
         assert all(r["connections"] == [] and r["pods"] == {} for _, r in reports)
+        assert all(r["logLevel"] == "warning" for _, r in reports)
         pids = [int(r["pid"]) for _, r in reports]
         assert await pool.drain(0.1) == 0
+        pool.set_log_level("debug")  # the admin port's /logging reaches every worker
+        await pool.refresh()
+        assert all(r["logLevel"] == "debug" for _, r in pool.reports())
 
         os.kill(pids[0], signal.SIGKILL)
         await wait_until(lambda: not pool.all_up, "the dead worker noticed")
@@ -64,6 +68,8 @@ def test_workers_start_report_restart_and_stop(aio: Loop, monkeypatch) -> None:
         await pool.refresh()
         again = [int(r["pid"]) for _, r in pool.reports()]
         assert again[0] != pids[0] and again[1] == pids[1]
+        # The restarted one has the level set since, not the one it was started with.
+        assert all(r["logLevel"] == "debug" for _, r in pool.reports())
 
         await pool.close()
         assert not any(alive(p) for p in again)
