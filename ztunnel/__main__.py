@@ -24,7 +24,7 @@ from meshcore.runtime import malloc
 from meshcore.runtime.entry import run_process
 from meshcore.state import IPAddress
 from meshcore.xds.source import open_source
-from ztunnel.config import DNS_RESOLV_CONF, Config, parse_config
+from ztunnel.config import DNS_RESOLV_CONF, TUNNEL_WORKERS, Config, parse_config
 from ztunnel.dns.resolvconf import ResolvConfError, nameservers
 from ztunnel.inpod import FileEnrolmentSource
 from ztunnel.node import NodeProxy
@@ -137,10 +137,15 @@ async def _start_workers(cfg: Config, certs: CertificateManager) -> WorkerPool |
     count = worker_count(cfg.workers, usable_cores())
     if count == 1:
         return None  # nothing of the workers is loaded: no cost when off
-    from ztunnel.workers.owner import WorkerPool
+    from ztunnel.workers.owner import WorkerError, WorkerPool
 
     pool = WorkerPool(count, certs)
-    await pool.start()
+    try:
+        await pool.start()
+    except WorkerError as e:
+        await pool.close()
+        # Exit status 1 with the reason, as for any start that cannot complete.
+        raise SystemExit(f"ztunnel: {TUNNEL_WORKERS}={count}: {e}") from None
     log.info("tunnel workers started", processes=count)
     return pool
 

@@ -22,7 +22,7 @@ import itertools
 import os
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import structlog
@@ -271,29 +271,35 @@ class WorkerPool:
 
     async def release(self, uid: str, drain: float) -> None:
         """Every worker stops serving the pod, after letting its connections run for up to
-        `drain` seconds (0: at once)."""
+        `drain` seconds (0: at once). A worker that is down has nothing to release: its
+        pods went with it, and its restart does not bring this one back."""
         self._pods.pop(uid, None)
-        await asyncio.gather(
-            *(
-                self._ask(w, codec.Release(seq, uid, drain), seq, wait=drain + ANSWER_TIMEOUT)
-                for w in self._workers
-                if w.down is None and (seq := next(self._seq))
-            ),
-            return_exceptions=True,
-        )
+        await self._ask_all(lambda seq: codec.Release(seq, uid, drain), drain + ANSWER_TIMEOUT)
 
     async def drain(self, seconds: float) -> int:
         """Every worker stops accepting and waits up to `seconds` for its connections; how
         many pods, summed over the workers, still had some at the deadline."""
-        results = await asyncio.gather(
-            *(
-                self._ask(w, codec.Drain(seq, seconds), seq, wait=seconds + ANSWER_TIMEOUT)
-                for w in self._workers
-                if w.down is None and (seq := next(self._seq))
-            ),
-            return_exceptions=True,
+        answers = await self._ask_all(
+            lambda seq: codec.Drain(seq, seconds), seconds + ANSWER_TIMEOUT
         )
-        return sum(r.value for r in results if isinstance(r, codec.Done))
+        return sum(a.value for a in answers if isinstance(a, codec.Done))
+
+    async def _ask_all(
+        self, make: Callable[[int], codec.Message], wait: float
+    ) -> list[codec.Done | codec.Report]:
+        """The answers of every running worker to the message `make(seq)` builds for it; a
+        worker that fails or goes away meanwhile is logged and left out."""
+
+        async def one(w: _Worker) -> codec.Done | codec.Report | None:
+            seq = next(self._seq)
+            try:
+                return await self._ask(w, make(seq), seq, wait=wait)
+            except WorkerError as e:
+                log.warning("worker did not answer", worker=w.index, error=str(e))
+                return None
+
+        answers = await asyncio.gather(*(one(w) for w in self._workers if w.down is None))
+        return [a for a in answers if a is not None]
 
     async def refresh(self) -> None:
         """Ask every worker for its connections and counters (kept in `reports`)."""
