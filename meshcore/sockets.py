@@ -13,6 +13,7 @@ import ipaddress
 import os
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -34,17 +35,25 @@ class SocketAddr:
     port: int
 
     def __str__(self) -> str:
-        if self.ip.version == 6:
-            return f"[{self.ip}]:{self.port}"
-        return f"{self.ip}:{self.port}"
+        text = ip_text(self.ip)
+        if ":" in text:  # IPv6
+            return f"[{text}]:{self.port}"
+        return f"{text}:{self.port}"
 
     @property
     def pair(self) -> tuple[str, int]:
-        return (str(self.ip), self.port)
+        return (ip_text(self.ip), self.port)
 
     @classmethod
     def of(cls, sockaddr: tuple[str, int] | tuple[str, int, int, int]) -> SocketAddr:
         return cls(_ip(sockaddr[0]), int(sockaddr[1]))
+
+
+# `str(ip)`, remembered: ipaddress formats an address digit group by digit group in Python,
+# and a connection's addresses are written several times (connect, access log, table).
+ip_text: Callable[[ipaddress.IPv4Address | ipaddress.IPv6Address], str] = functools.lru_cache(
+    maxsize=4096
+)(str)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -1,25 +1,164 @@
-"""structlog configured for JSON lines on stdout, one object per event."""
+"""structlog configured for JSON lines on stdout, one object per event.
+
+Lines are written in the order they are logged, into the file's buffer, and the buffer goes
+to the file once per turn of the event loop (at once outside a loop): a tunnel logs one
+access-log line per connection in each direction, and a write system call per line cost as
+much as the rest of the line. What a SIGKILL can lose is the current turn's lines.
+
+`fast_info` is the access log's way around the processors: the same JSON object, rendered
+here, when structlog is configured as `configure` left it.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import logging
+import threading
+import time
+from typing import Any, TextIO
 
 import structlog
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 
 
+class LineLogger:
+    """structlog's logger: each message a line into `file`'s buffer; one flush per loop turn.
+    Every logger of one file shares the flag that says a flush is scheduled."""
+
+    __slots__ = ("_file", "_shared")
+
+    def __init__(self, file: TextIO, shared: _FileState) -> None:
+        self._file = file
+        self._shared = shared
+
+    def msg(self, message: str) -> None:
+        s = self._shared
+        with s.lock:
+            self._file.write(message + "\n")
+            loop = asyncio._get_running_loop()
+            if loop is None:  # no loop in this thread: write through
+                self._file.flush()
+                return
+            if s.pending is loop:  # this turn's flush is already scheduled
+                return
+            # (A flush scheduled on a loop that ended before running it is replaced here.)
+            s.pending = loop
+        loop.call_soon(s.flush, self._file, loop)
+
+    log = debug = info = warn = warning = err = error = critical = exception = msg
+    failure = fatal = msg
+
+
+class _FileState:
+    __slots__ = ("lock", "pending")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pending: asyncio.AbstractEventLoop | None = None  # whose turn end will flush
+
+    def flush(self, file: TextIO, loop: asyncio.AbstractEventLoop) -> None:
+        with self.lock:
+            if self.pending is loop:
+                self.pending = None
+            # A closed or vanished stdout: nowhere to say it.
+            with contextlib.suppress(OSError, ValueError):
+                file.flush()
+
+
+class LineLoggerFactory:
+    """Each logger writes to sys.stdout as it is when the logger is made, so a stdout
+    replaced later (a test's capture, a redirected child) is followed."""
+
+    def __init__(self) -> None:
+        self._states: dict[int, tuple[TextIO, _FileState]] = {}
+
+    def __call__(self, *args: Any) -> LineLogger:
+        import sys
+
+        file = sys.stdout
+        known = self._states.get(id(file))
+        if known is None or known[0] is not file:
+            known = (file, _FileState())
+            self._states = {id(file): known}  # the newest stdout only: no stale references
+        return LineLogger(file, known[1])
+
+
+class _Configured:
+    """What `configure` installed, so `fast_info` knows the processors are its own."""
+
+    processors: list[Any] | None = None
+    # Its items as installed: `capture_logs` changes the list in place.
+    items: tuple[Any, ...] = ()
+    info: bool = False
+
+
 def configure(level: str = "info") -> None:
+    processors: list[Any] = [
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.add_log_level,
+        structlog.processors.format_exc_info,
+        structlog.processors.JSONRenderer(),
+    ]
+    threshold = _LEVELS.get(level, logging.ERROR)
     structlog.configure(
-        processors=[
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.add_log_level,
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.ERROR)),
-        # No file named: each logger writes to sys.stdout as it is when the logger is made, so
-        # a stdout replaced later (a test's capture, a redirected child) is followed.
-        logger_factory=structlog.WriteLoggerFactory(),
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(threshold),
+        logger_factory=LineLoggerFactory(),
         cache_logger_on_first_use=False,
     )
+    _Configured.processors = processors
+    _Configured.items = tuple(processors)
+    _Configured.info = threshold <= logging.INFO
+
+
+def fast_sink(bound: Any) -> LineLogger | None:
+    """The logger under a bound logger when `fast_info` may render for it: structlog
+    configured by `configure` with info enabled, processors unchanged (a test's
+    `capture_logs` swaps them), and the logger one of ours. Else None: go through structlog."""
+    if not _Configured.info:
+        return None
+    processors = structlog.get_config()["processors"]
+    if processors is not _Configured.processors or tuple(processors or ()) != _Configured.items:
+        return None
+    logger = getattr(bound, "_logger", None)
+    return logger if type(logger) is LineLogger else None
+
+
+class _Clock:
+    """The ISO timestamp of now, as structlog's `TimeStamper(fmt="iso", utc=True)` writes
+    it; the part up to the second is made once per second."""
+
+    __slots__ = ("prefix", "second")
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.prefix = ""
+
+    def now(self) -> str:
+        t = time.time()
+        second = int(t)
+        if second != self.second:
+            self.second = second
+            self.prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self.prefix}.{int((t - second) * 1_000_000):06d}Z"
+
+
+_clock = _Clock()
+_dumps = json.JSONEncoder().encode
+
+
+def render_info(event: str, fields: dict[str, Any]) -> str:
+    """The line the configured processors make of `log.info(event, **fields)` (JSON-safe
+    values only: str, int, float, None)."""
+    fields["event"] = event
+    fields["timestamp"] = _clock.now()
+    fields["level"] = "info"
+    return _dumps(fields)
+
+
+def fast_info(sink: LineLogger, event: str, fields: dict[str, Any]) -> None:
+    """`log.info(event, **fields)` for a logger whose `fast_sink` is `sink`."""
+    sink.msg(render_info(event, fields))

@@ -2,18 +2,33 @@
 plus a few long-lived ones, against testapp's echo port. Prints one JSON summary.
 
 `python loadgen.py HOST PORT --seconds S --interval-ms I --long N [--connect-timeout T]`
-Every loop is bounded by the duration and a hard cap on attempts.
+Every loop is bounded by the duration and a hard cap on attempts. SIGTERM ends the run
+early, as if the duration were up: the summary is printed all the same.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import socket
 import threading
 import time
 
 MAX_ATTEMPTS = 20_000
+
+
+class Deadline:
+    """When the run ends: the duration's end, or now once SIGTERM arrived."""
+
+    def __init__(self, until: float) -> None:
+        self.until = until
+
+    def stop_now(self, *_: object) -> None:
+        self.until = time.monotonic()
+
+    def running(self) -> bool:
+        return time.monotonic() < self.until
 
 
 def one_connection(host: str, port: int, timeout: float) -> str | None:
@@ -31,14 +46,14 @@ def one_connection(host: str, port: int, timeout: float) -> str | None:
         return f"{type(e).__name__}: {e}"
 
 
-def long_lived(host: str, port: int, until: float, out: dict[str, object]) -> None:
+def long_lived(host: str, port: int, until: Deadline, out: dict[str, object]) -> None:
     """One connection kept for the whole run, one round trip every 100 ms."""
     rounds = 0
     try:
         with socket.create_connection((host, port), timeout=5) as s:
             f = s.makefile("rb")
             f.readline()
-            while time.monotonic() < until:
+            while until.running():
                 msg = f"r{rounds:06d}".encode()
                 s.sendall(msg)
                 got = b""
@@ -75,7 +90,8 @@ def main() -> None:
     )
     args = p.parse_args()
     start = time.monotonic()
-    until = start + args.seconds
+    until = Deadline(start + args.seconds)
+    signal.signal(signal.SIGTERM, until.stop_now)
     longs: list[dict[str, object]] = [{} for _ in range(args.long)]
     threads = [
         threading.Thread(target=long_lived, args=(args.host, args.port, until, out))
@@ -88,7 +104,7 @@ def main() -> None:
     ok_at: list[float] = []  # when each successful attempt began
     took: list[float] = []  # how long each successful attempt took
     next_at = start
-    while time.monotonic() < until and attempts < MAX_ATTEMPTS:
+    while until.running() and attempts < MAX_ATTEMPTS:
         attempts += 1
         began = time.time()  # a failure is dated by its attempt, not by its timeout
         t0 = time.monotonic()

@@ -366,6 +366,9 @@ def _echo_pods(c: kcluster.KubeCluster) -> tuple[dict[str, Any], dict[str, Any]]
     return wait_for(both, 90, "the echo client and server Ready and captured")
 
 
+AFTER_UPGRADE_SECONDS = 4
+
+
 def test_helm_upgrade_of_the_tunnel_fails_no_connection(
     helm_mesh: kcluster.KubeCluster,
 ) -> None:
@@ -375,7 +378,7 @@ def test_helm_upgrade_of_the_tunnel_fails_no_connection(
     client, server = _echo_pods(c)
     before = {p["metadata"]["uid"] for p in pods(c, "istio-system", "app=ztunnel")}
     client_ns = nsutil.netns_path(netns_name(client["metadata"]["uid"]))
-    seconds = 45
+    seconds = 240  # an upper bound: the load is stopped once the upgrade is over
     load = subprocess.Popen(
         [sys.executable, str(HERE / "loadgen.py"), server["status"]["podIP"], "9000",
          "--seconds", str(seconds), "--interval-ms", "20", "--long", "0",
@@ -400,7 +403,10 @@ def test_helm_upgrade_of_the_tunnel_fails_no_connection(
 
         wait_for(replaced, 180, "every tunnel pod replaced by the new version")
         took = time.monotonic() - t0
-        out, _ = load.communicate(timeout=seconds + 120)
+        # A few more seconds of connections through the new tunnels only, then the summary.
+        time.sleep(AFTER_UPGRADE_SECONDS)
+        load.terminate()
+        out, _ = load.communicate(timeout=60)
     finally:
         if load.poll() is None:
             load.kill()
