@@ -29,6 +29,7 @@ import structlog
 from meshcore.admin.server import current_log_level, set_log_level
 from meshcore.identity.certs import CertificateError
 from meshcore.identity.spiffe import IdentityError, SpiffeId
+from meshcore.observability import logging as meshlog
 from meshcore.runtime import malloc
 from meshcore.runtime.entry import run_process
 from meshcore.runtime.tasks import TaskSet
@@ -152,8 +153,7 @@ class Worker:
 
 async def run(cfg: Config, fd: int, index: int) -> None:
     # Every line says which process wrote it: the owner's and its workers' go to one log.
-    processors = structlog.get_config()["processors"]
-    structlog.configure(processors=[_tag(index), *processors])
+    meshlog.configure(cfg.log_level, tags={"worker": index})
     loop = asyncio.get_running_loop()
     # SIGINT reaches the whole process group from a terminal: the owner handles it and
     # stops us in order. SIGTERM (the owner's death) ends us at once.
@@ -184,14 +184,6 @@ async def run(cfg: Config, fd: int, index: int) -> None:
     await worker.tasks.cancel_all()
     await node.close()
     log.info("ztunnel worker stopped", worker=index)
-
-
-def _tag(index: int) -> structlog.types.Processor:
-    def add_worker(_logger: object, _name: str, event: structlog.types.EventDict) -> Any:
-        event.setdefault("worker", index)
-        return event
-
-    return add_worker
 
 
 def _dns_upstreams(cfg: Config) -> tuple[IPAddress, ...] | None:
