@@ -14,8 +14,8 @@ running, check what two processes must not change: the owner's admin and metrics
 for both, a policy change resets a denied connection in whichever process carries it, a
 pod's release drains it in both, and a killed worker is reported and restarted. (Upgrade
 and crash come first: in the eBPF mode, run after those tests' connections, the upgrade of
-n1 failed a connection in some runs; see ARCHITECTURE.md, "Worker processes", for that and
-for the rare path not back 30 s after the crash test.)
+n1 failed a connection in some runs: an eBPF-mode port-reuse hazard that more closed
+connections make likelier; see ARCHITECTURE.md, "Worker processes".)
 """
 
 from __future__ import annotations
