@@ -608,6 +608,8 @@ def start_tunnel(
         env.update(_dns_env(spec, paths))
     if spec.cert_ttl_seconds is not None:
         env["CERT_TTL_SECONDS"] = str(spec.cert_ttl_seconds)
+    if spec.tunnel_workers is not None:
+        env["TUNNEL_WORKERS"] = str(spec.tunnel_workers)
     env.update(extra_env or {})
     pname = name or tunnel_name(node)
     return spawn_in_netns(

@@ -35,6 +35,7 @@ from meshcore.reader import Reader, join, load_document
 from meshcore.serviceentry import KIND as SERVICE_ENTRY
 from meshcore.serviceentry import validate_service_entry
 from redirect.enrolment import DATAPLANE_MODE_LABEL, PodInfo, redirection_enabled
+from ztunnel.config import MAX_TUNNEL_WORKERS
 
 # The DNS suffix of service hostnames; not the trust domain, even when equal by default.
 DNS_DOMAIN = "cluster.local"
@@ -182,6 +183,9 @@ class ClusterSpec:
     # `certificates.ttlSeconds`: the workload certificate lifetime the tunnels ask the CA
     # for (their CERT_TTL_SECONDS); None leaves the tunnels' default (a day).
     cert_ttl_seconds: int | None = None
+    # `tunnel.workers`: each tunnel's processes (its TUNNEL_WORKERS); None leaves the
+    # tunnels' default (chosen from the cores).
+    tunnel_workers: int | None = None
 
     def gateway(self, namespace: str, name: str) -> gw.GatewaySpec | None:
         for g in self.gateways:
@@ -369,6 +373,7 @@ def parse_cluster(text: str, base_dir: Path) -> ClusterSpec:
             "serviceEntries",
             "dns",
             "certificates",
+            "tunnel",
         },
     )
     name = _str(root, "name", "cluster file")
@@ -394,6 +399,7 @@ def parse_cluster(text: str, base_dir: Path) -> ClusterSpec:
         dns=_parse_dns(root.get("dns")),
         service_entries=_parse_service_entries(_list(root, "serviceEntries", "cluster file")),
         cert_ttl_seconds=_parse_certificates(root.get("certificates")),
+        tunnel_workers=_parse_tunnel(root.get("tunnel")),
     )
     _check_entry_hosts(spec)
     return _with_gateways(spec, _list(root, "gateways", "cluster file"))
@@ -443,6 +449,20 @@ def _parse_dns(value: Any) -> DnsSpec:
 
 # The tunnels' own bounds on CERT_TTL_SECONDS (ztunnel/config.py).
 MIN_CERT_TTL, MAX_CERT_TTL = 5, 7 * 24 * 3600
+
+
+def _parse_tunnel(value: Any) -> int | None:
+    if value is None:
+        return None
+    m = _mapping(value, "tunnel", {"workers"})
+    workers = m.get("workers")
+    if workers is None:
+        return None
+    if isinstance(workers, bool) or not isinstance(workers, int):
+        raise SpecError(f"tunnel.workers: expected a whole number of processes, got {workers!r}")
+    if not 1 <= workers <= MAX_TUNNEL_WORKERS:
+        raise SpecError(f"tunnel.workers: {workers} is not in 1..{MAX_TUNNEL_WORKERS}")
+    return workers
 
 
 def _parse_certificates(value: Any) -> int | None:

@@ -11,6 +11,7 @@ import signal
 import sys
 import time
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -23,11 +24,15 @@ from meshcore.runtime import malloc
 from meshcore.runtime.entry import run_process
 from meshcore.state import IPAddress
 from meshcore.xds.source import open_source
-from ztunnel.config import DNS_RESOLV_CONF, Config, parse_config
+from ztunnel.config import DNS_RESOLV_CONF, TUNNEL_WORKERS, Config, parse_config
 from ztunnel.dns.resolvconf import ResolvConfError, nameservers
 from ztunnel.inpod import FileEnrolmentSource
 from ztunnel.node import NodeProxy
+from ztunnel.workers.plan import usable_cores, worker_count
 from ztunnel.zds_client import ZdsClient
+
+if TYPE_CHECKING:
+    from ztunnel.workers.owner import WorkerPool
 
 log = structlog.get_logger("ztunnel")
 
@@ -64,6 +69,8 @@ async def run(cfg: Config) -> None:
         on_update=node.on_state,
         token_path=cfg.ca_token_path,
     )
+    workers = await _start_workers(cfg, certs)
+    node.workers = workers
     node.on_state(watcher.current)
     node.config_status = lambda: watcher.status
     enrolment: FileEnrolmentSource | ZdsClient
@@ -77,7 +84,14 @@ async def run(cfg: Config) -> None:
     readiness = ReadinessServer(node, cfg.readiness_port)
     await readiness.start()
     # Admin answers only on loopback of the tunnel's own netns; metrics are for scrapers.
-    admin = AdminServer(node, cfg.admin_port, host="127.0.0.1")
+    refresh = node.refresh if workers is not None else None
+    admin = AdminServer(
+        node,
+        cfg.admin_port,
+        host="127.0.0.1",
+        refresh=refresh,
+        on_log_level=workers.set_log_level if workers is not None else None,
+    )
     await admin.start()
     process = process_metrics()
     extra = process
@@ -87,7 +101,7 @@ async def run(cfg: Config) -> None:
         def extra() -> bytes:
             return process() + dns_metrics()
 
-    metrics = MetricsServer(node.connection_table.metrics, extra, cfg.metrics_port)
+    metrics = MetricsServer(_NodeMetrics(node), extra, cfg.metrics_port, refresh=refresh)
     await metrics.start()
     log.info("ztunnel started", node=cfg.node_name, pid=os.getpid())
     trimmer = asyncio.ensure_future(_trim_when_idle(node))
@@ -112,8 +126,35 @@ async def run(cfg: Config) -> None:
     log.info("ztunnel stopping", node=cfg.node_name)
     await metrics.close()
     await node.close()
+    if workers is not None:
+        await workers.close()
     await watcher.close()
     await certs.close()
+
+
+async def _start_workers(cfg: Config, certs: CertificateManager) -> WorkerPool | None:
+    """The worker processes, when the tunnel runs more than one process (None: it is one)."""
+    count = worker_count(cfg.workers, usable_cores())
+    if count == 1:
+        return None  # nothing of the workers is loaded: no cost when off
+    from ztunnel.workers.owner import WorkerError, WorkerPool
+
+    pool = WorkerPool(count, certs)
+    try:
+        await pool.start()
+    except WorkerError as e:
+        await pool.close()
+        # Exit status 1 with the reason, as for any start that cannot complete.
+        raise SystemExit(f"ztunnel: {TUNNEL_WORKERS}={count}: {e}") from None
+    log.info("tunnel workers started", processes=count)
+    return pool
+
+
+class _NodeMetrics:
+    """The metrics server's view of the node: every process's counters, summed."""
+
+    def __init__(self, node: NodeProxy) -> None:
+        self.render = node.render_metrics
 
 
 def _dns_upstreams(cfg: Config) -> tuple[IPAddress, ...] | None:

@@ -50,6 +50,10 @@ METRICS_PORT = "METRICS_PORT"
 DRAIN_SECONDS = "DRAIN_SECONDS"
 RELEASE_DRAIN_SECONDS = "RELEASE_DRAIN_SECONDS"
 SAME_NODE_IN_PROCESS = "SAME_NODE_IN_PROCESS"
+# How many processes serve the pods (the owner and TUNNEL_WORKERS - 1 workers); unset or 0:
+# chosen from the cores (ztunnel.workers.plan.default_workers).
+TUNNEL_WORKERS = "TUNNEL_WORKERS"
+MAX_TUNNEL_WORKERS = 64
 # The DNS proxy (15053 in each pod), upstream's proxy-metadata name for it; off by default.
 # The node agent's capture setting must be on too (AMBIENT_DNS_CAPTURE), or no query
 # reaches it.
@@ -112,6 +116,8 @@ class Config:
     dns_resolv_conf: Path = Path(DEFAULT_RESOLV_CONF)
     # An Istio-compatible CA over gRPC instead of the unix socket (CA_ADDRESS host:port).
     ca_grpc: CaGrpcSettings | None = None
+    # TUNNEL_WORKERS as set; 0: not set (the count then comes from the cores at start).
+    workers: int = 0
 
 
 def _enrolment(env: Mapping[str, str]) -> tuple[Path | None, Path | None]:
@@ -177,6 +183,7 @@ def parse_config(env: Mapping[str, str]) -> Config:
             env, RELEASE_DRAIN_SECONDS, DEFAULT_RELEASE_DRAIN_SECONDS, 0, 40
         ),
         same_node_in_process=_bool(env, SAME_NODE_IN_PROCESS, True),
+        workers=_int(env, TUNNEL_WORKERS, 0, 0, MAX_TUNNEL_WORKERS),
         hbone_limits=_hbone_limits(env),
         dns_capture=_bool(env, DNS_CAPTURE, False),
         dns_limits=limits_from_env(

@@ -30,7 +30,7 @@ from meshcore.hbone.dial import hbone_connect
 from meshcore.hbone.pool import ConnectionPool, PoolKey
 from meshcore.hbone.server import Guard, TlsListener
 from meshcore.hbone.transport import H2Transport
-from meshcore.identity.certs import CertificateManager, WorkloadCertificate
+from meshcore.identity.certs import CertificateSource, WorkloadCertificate
 from meshcore.identity.spiffe import SpiffeId
 from meshcore.observability.connections import ConnectionTable
 from meshcore.relay import AppSide
@@ -265,7 +265,7 @@ class PodProxy:
         enrolment: Enrolment,
         workload: Workload,
         state: Callable[[], MeshState],
-        certs: CertificateManager,
+        certs: CertificateSource,
         trust_domain: str,
         authorize: Authorizer = allow_all,
         factory: SocketFactory | None = None,
@@ -279,12 +279,15 @@ class PodProxy:
         dns_port: int = DNS_PORT,
         dns_metrics: DnsMetrics | None = None,
         dns_limits: DnsLimits | None = None,
+        dns_listen: bool = True,
     ) -> None:
         """`listen_ip` and `orig_dst` are for pods side by side on loopback (tests, the
         plain factory): where the listeners bind, and the original destination the
         capture would have recorded (SO_ORIGINAL_DST needs the kernel's REDIRECT).
         `dns_upstreams`: run the DNS proxy (127.0.0.1:15053 in the pod, or `listen_ip`)
-        forwarding to these resolvers; None runs none."""
+        forwarding to these resolvers; None runs none. `dns_listen` false: the DNS proxy
+        only resolves for this pod's connections (a worker process; its owner listens)."""
+        self._dns_listen = dns_listen
         self._dns_upstreams = dns_upstreams
         self._dns_port = dns_port
         self._dns_metrics = dns_metrics
@@ -413,7 +416,7 @@ class PodProxy:
                 s.close()
             raise
         self.hbone_server = await self._hbone_server(self.server_ctx)
-        if self.dns is not None:
+        if self.dns is not None and self._dns_listen:
             host = "127.0.0.1" if self._listen_ip == "0.0.0.0" else self._listen_ip
             await self.dns.start(host, self._dns_port)
         self._move(PodState.READY)

@@ -21,8 +21,9 @@ unencrypted: until then the pod's captured traffic finds no listener.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -32,7 +33,7 @@ from meshcore.discovery import ConfigStatus
 from meshcore.hbone.limits import DEFAULT_LIMITS, HboneLimits
 from meshcore.hbone.server import Guard
 from meshcore.hbone.transport import H2Transport
-from meshcore.identity.certs import CertificateManager
+from meshcore.identity.certs import CertificateSource
 from meshcore.identity.spiffe import SpiffeId
 from meshcore.observability.connections import ConnectionTable
 from meshcore.policy.authz import authorize
@@ -47,6 +48,9 @@ from ztunnel.dns.metrics import DnsMetrics
 from ztunnel.explain import explain
 from ztunnel.inpod import Enrolment, PodProxy, PodState
 from ztunnel.proxy.inbound import InboundProxy
+
+if TYPE_CHECKING:
+    from ztunnel.workers.owner import WorkerPool
 
 log = structlog.get_logger(__name__)
 
@@ -65,7 +69,7 @@ class NodeProxy:
     def __init__(
         self,
         node_name: str,
-        certs: CertificateManager,
+        certs: CertificateSource,
         trust_domain: str,
         root_namespace: str = ROOT_NAMESPACE,
         connection_table: ConnectionTable | None = None,
@@ -75,9 +79,13 @@ class NodeProxy:
         hbone_limits: HboneLimits = DEFAULT_LIMITS,
         dns_upstreams: tuple[IPAddress, ...] | None = None,
         dns_limits: DnsLimits | None = None,
+        dns_listen: bool = True,
     ) -> None:
         """`dns_upstreams`: the resolvers each pod's DNS proxy forwards to; None runs no
-        DNS proxy (ISTIO_META_DNS_CAPTURE off)."""
+        DNS proxy (ISTIO_META_DNS_CAPTURE off). `dns_listen` false: the pods' DNS proxies
+        only resolve for their connections and answer no query (a worker process: its
+        owner answers them)."""
+        self.dns_listen = dns_listen
         self.node_name = node_name
         self.dns_upstreams = dns_upstreams
         self.dns_limits = dns_limits
@@ -118,6 +126,9 @@ class NodeProxy:
         self._lock = asyncio.Lock()
         self._dirty = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
+        # The tunnel's other processes (TUNNEL_WORKERS > 1): they serve every pod this node
+        # serves, beside it; None in a single-process tunnel and in a worker.
+        self.workers: WorkerPool | None = None
 
     def start(self) -> None:
         self._runner = self.tasks.spawn(self._run(), "reconcile")
@@ -135,6 +146,8 @@ class NodeProxy:
         self._by_workload = None
         changed, self._state_changed = self._state_changed, asyncio.Event()
         changed.set()
+        if self.workers is not None:
+            self.workers.push_state(state)  # before any pod they are sent next
         # Workloads (labels, addresses) feed policy too: re-check after any change.
         closed = self.connection_table.recheck()
         if closed:
@@ -249,16 +262,23 @@ class NodeProxy:
         elif error is not None:
             raise PodStartError(error)
 
-    async def remove_pod(self, uid: str) -> None:
+    async def remove_pod(self, uid: str, drain: float | None = None) -> None:
         """Stop serving a pod and release its netns (nothing happens for an unknown uid).
 
         The agent has already stopped redirecting the pod's new connections; the ones this
-        tunnel carries run to their end (up to `release_drain` seconds) before the pod's
-        proxy stops, so leaving the mesh breaks nothing that is running."""
+        tunnel carries run to their end (up to `drain` seconds, default `release_drain`)
+        before the pod's proxy stops, so leaving the mesh breaks nothing that is running.
+        The workers drain theirs at the same time."""
+        seconds = self.release_drain if drain is None else drain
         pod = self.pods.get(uid)
-        if pod is not None and self.release_drain > 0:
+        if pod is not None and seconds > 0:
             pod.stop_accepting()
-            await self._wait_idle([pod], self.release_drain)
+            if self.workers is not None:
+                await asyncio.gather(
+                    self._wait_idle([pod], seconds), self.workers.release(uid, seconds)
+                )
+            else:
+                await self._wait_idle([pod], seconds)
         async with self._lock:
             await self._forget(uid)
 
@@ -336,11 +356,18 @@ class NodeProxy:
             dns_upstreams=self.dns_upstreams,
             dns_metrics=self.dns_metrics,
             dns_limits=self.dns_limits,
+            dns_listen=self.dns_listen,
         )
         try:
             await pod.start()
+            if self.workers is not None:
+                # Started only once every process serves it: the ack, readiness and the
+                # release drain then mean what they mean with one process.
+                await self.workers.add(enrolment, workload)
         except Exception as e:
             await pod.stop()
+            if self.workers is not None:
+                await self.workers.release(enrolment.uid, 0.0)  # those that did start it
             why = f"{type(e).__name__}: {e}"
             self.pending[enrolment.uid] = why
             log.error("pod start failed", uid=enrolment.uid, error=str(e))
@@ -357,6 +384,8 @@ class NodeProxy:
         pod = self.pods.pop(uid)
         self._by_workload = None
         await pod.stop()
+        if self.workers is not None:
+            await self.workers.release(uid, 0.0)
         if not any(p.identity == pod.identity for p in self.pods.values()):
             self.certs.forget(pod.identity)
         log.info("pod removed", uid=uid)
@@ -368,6 +397,7 @@ class NodeProxy:
             and self.enrolment_synced
             and not self.pending
             and set(self.pods) == set(self.desired)
+            and (self.workers is None or self.workers.all_up)
         )
 
     def status(self) -> dict[str, Any]:
@@ -386,6 +416,8 @@ class NodeProxy:
         }
         if self.config_status is not None:
             out["config"] = self.config_status().to_json()
+        if self.workers is not None:
+            out["workers"] = self.workers.status()
         return out
 
     # ---- AdminSource ---------------------------------------------------------------------
@@ -422,6 +454,30 @@ class NodeProxy:
             "pods": pods,
             "openConnections": len(self.connection_table),
         }
+        if self.workers is not None:
+            # Per process, so an operator sees connections spread (or not) over them.
+            # Per process, what it serves and carries: an operator sees each pod in every
+            # process, and connections spread (or not) over them.
+            own = {uid: p.state.value for uid, p in self.pods.items()}
+            per: list[dict[str, Any]] = [
+                {
+                    "worker": 0,
+                    "pid": os.getpid(),
+                    "pods": own,
+                    "openConnections": len(self.connection_table),
+                }
+            ]
+            for index, report in self.workers.reports():
+                per.append(
+                    {
+                        "worker": index,
+                        "pid": report.get("pid"),
+                        "pods": report.get("pods", {}),
+                        "openConnections": len(report.get("connections", ())),
+                    }
+                )
+            dump["workers"] = per
+            dump["openConnections"] = sum(int(w["openConnections"]) for w in per)
         if self.config_status is not None:
             dump["config"] = self.config_status().to_json()
         return dump
@@ -438,7 +494,33 @@ class NodeProxy:
         )
 
     def connections(self) -> list[dict[str, Any]]:
-        return self.connection_table.connections()
+        rows = self.connection_table.connections()
+        if self.workers is None:
+            return rows
+        # Every process's table (as of the last `refresh`), each row saying whose it is.
+        out = [{**row, "worker": 0} for row in rows]
+        for index, report in self.workers.reports():
+            out.extend({**row, "worker": index} for row in report.get("connections", ()))
+        out.sort(key=lambda row: row.get("startedAt", 0.0))
+        return out
+
+    async def refresh(self) -> None:
+        """Gather the workers' tables and counters (the admin and metrics servers await it
+        before the views that show them)."""
+        if self.workers is not None:
+            await self.workers.refresh()
+
+    def render_metrics(self) -> bytes:
+        """The TCP metrics of the whole tunnel: each series summed over its processes."""
+        metrics = self.connection_table.metrics
+        if self.workers is None:
+            return metrics.render()
+        exports = [r.get("metrics", {}) for _, r in self.workers.reports()]
+        try:
+            return metrics.render(exports)
+        except ValueError as e:
+            log.error("a worker's counters were refused; serving the owner's only", error=str(e))
+            return metrics.render()
 
     def explain(self, source: str, destination: str) -> dict[str, Any]:
         return explain(self.state, self.policies, source, destination, in_process=self._in_process)
@@ -455,7 +537,13 @@ class NodeProxy:
         end. Returns how many pods still had connections at the deadline."""
         for pod in self.pods.values():
             pod.stop_accepting()
-        left = await self._wait_idle(list(self.pods.values()), seconds)
+        if self.workers is not None:
+            own, theirs = await asyncio.gather(
+                self._wait_idle(list(self.pods.values()), seconds), self.workers.drain(seconds)
+            )
+            left = own + theirs
+        else:
+            left = await self._wait_idle(list(self.pods.values()), seconds)
         log.info("drained", pods=len(self.pods), pods_with_open_connections=left)
         return left
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import structlog
@@ -36,6 +36,10 @@ from meshcore.observability.metrics import TcpMetrics
 from meshcore.observability.promtext import ProcessMetrics
 
 log = structlog.get_logger(__name__)
+
+
+# Brings a source's views up to date before they are read (other processes' parts).
+Refresh = Callable[[], Awaitable[None]]
 
 
 class AdminSource(Protocol):
@@ -150,10 +154,20 @@ class AdminServer(NodeHttpServer):
     """The admin endpoints for one tunnel, on a host/port the caller chooses (loopback)."""
 
     def __init__(
-        self, source: AdminSource, port: int = ADMIN_PORT, host: str = "127.0.0.1"
+        self,
+        source: AdminSource,
+        port: int = ADMIN_PORT,
+        host: str = "127.0.0.1",
+        refresh: Refresh | None = None,
+        on_log_level: Callable[[str], None] | None = None,
     ) -> None:
+        """`refresh`: awaited before the views that count connections (a tunnel with
+        worker processes gathers their tables and counters then). `on_log_level`: called
+        with each level set through `/logging` (for the tunnel's other processes)."""
         super().__init__(port, host)
         self._source = source
+        self._refresh = refresh
+        self._on_log_level = on_log_level
         self._refusal_log = RateLog()
         self.refused_remote = 0  # state-changing requests refused from off the node
 
@@ -180,9 +194,13 @@ class AdminServer(NodeHttpServer):
         return Response.text(_index_text(""))
 
     async def _config_dump(self, _request: Request) -> Response:
+        if self._refresh is not None:
+            await self._refresh()
         return _json(self._source.config_dump())
 
     async def _connections(self, _request: Request) -> Response:
+        if self._refresh is not None:
+            await self._refresh()
         return _json(self._source.connections())
 
     async def _explain(self, request: Request) -> Response:
@@ -208,6 +226,8 @@ class AdminServer(NodeHttpServer):
             except ValueError as e:
                 return _error(400, str(e))
             log.info("log level changed", level=now)
+            if self._on_log_level is not None:
+                self._on_log_level(now)
             return _json({"level": now})
         return _json({"level": current_log_level()})
 
@@ -251,12 +271,17 @@ class MetricsServer(NodeHttpServer):
         extra: Callable[[], bytes] | None = None,
         port: int = METRICS_PORT,
         host: str = "0.0.0.0",
+        refresh: Refresh | None = None,
     ) -> None:
+        """`refresh`: awaited before each scrape (see `AdminServer`)."""
         super().__init__(port, host)
         self._metrics = metrics
         self._extra = extra
+        self._refresh = refresh
 
     async def _scrape(self, _request: Request) -> Response:
+        if self._refresh is not None:
+            await self._refresh()
         body = self._metrics.render()
         if self._extra is not None:
             body += self._extra()

@@ -80,6 +80,19 @@ class WorkloadCertificate:
         return b"".join(_ensure_newline(pem) for pem in chain)
 
 
+class CertificateSource(Protocol):
+    """What a proxy asks of its certificates: the manager, or (in a tunnel's worker
+    process) the certificates its owner process hands over."""
+
+    async def get(self, identity: SpiffeId) -> WorkloadCertificate: ...
+
+    def forget(self, identity: SpiffeId) -> None: ...
+
+    def snapshot(self) -> list[WorkloadCertificate]: ...
+
+    def on_update(self, callback: UpdateListener) -> Callable[[], None]: ...
+
+
 class CertificateClient(Protocol):
     async def sign(self, csr_pem: bytes, ttl: timedelta) -> list[bytes]: ...
 
@@ -378,6 +391,7 @@ __all__ = [
     "CertificateClient",
     "CertificateError",
     "CertificateManager",
+    "CertificateSource",
     "LocalCAClient",
     "WorkloadCertificate",
     "backoff_delay",

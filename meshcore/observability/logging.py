@@ -17,6 +17,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any, TextIO
 
 import structlog
@@ -93,10 +94,16 @@ class _Configured:
     # Its items as installed: `capture_logs` changes the list in place.
     items: tuple[Any, ...] = ()
     info: bool = False
+    # Fields every line carries (`configure`'s `tags`): which process of several wrote it.
+    tags: dict[str, Any] = {}
 
 
-def configure(level: str = "info") -> None:
+def configure(level: str = "info", tags: Mapping[str, Any] | None = None) -> None:
+    """`tags`: fields added to every line (a tunnel's worker process: `{"worker": 1}`),
+    on both paths (the processors and `fast_info`)."""
+    fixed = dict(tags or {})
     processors: list[Any] = [
+        *([_tagger(fixed)] if fixed else []),
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.add_log_level,
         structlog.processors.format_exc_info,
@@ -112,6 +119,16 @@ def configure(level: str = "info") -> None:
     _Configured.processors = processors
     _Configured.items = tuple(processors)
     _Configured.info = threshold <= logging.INFO
+    _Configured.tags = fixed
+
+
+def _tagger(tags: dict[str, Any]) -> Any:
+    def add_tags(_logger: object, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+        for key, value in tags.items():
+            event.setdefault(key, value)
+        return event
+
+    return add_tags
 
 
 def fast_sink(bound: Any) -> LineLogger | None:
@@ -154,6 +171,8 @@ def render_info(event: str, fields: dict[str, Any]) -> str:
     """The line the configured processors make of `log.info(event, **fields)` (JSON-safe
     values only: str, int, float, None)."""
     fields["event"] = event
+    for key, value in _Configured.tags.items():  # where the processors put them
+        fields.setdefault(key, value)
     fields["timestamp"] = _clock.now()
     fields["level"] = "info"
     return _dumps(fields)

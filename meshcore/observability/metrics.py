@@ -27,7 +27,9 @@ thread; a scrape copies the dicts before rendering (with `meshcore.observability
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 from meshcore.identity.spiffe import SpiffeId
 from meshcore.observability import promtext
@@ -302,42 +304,90 @@ class TcpMetrics:
         self.opened(labels)
         self.closed(labels, received=0, sent=0)
 
-    def render(self) -> bytes:
-        """The Prometheus text exposition of every series."""
-        families = [
-            promtext.Family(
-                f"{name}_total",
-                _HELP[name],
-                promtext.COUNTER,
-                LABEL_NAMES,
-                [(labels.values(), value) for labels, value in list(series.items())],
-            )
+    def _series(self) -> list[tuple[str, dict[tuple[str, ...], int]]]:
+        """Every family's series keyed by their label values (a copy: a scrape renders it
+        while connections go on)."""
+        out: list[tuple[str, dict[tuple[str, ...], int]]] = [
+            (name, {labels.values(): value for labels, value in list(series.items())})
             for name, series in (
                 (OPENED, self._opened),
                 (CLOSED, self._closed),
                 (RECEIVED_BYTES, self._received),
                 (SENT_BYTES, self._sent),
+                (SOCKETS_OPEN, self._open),
             )
         ]
+        out.append((HBONE_REFUSED, dict(list(self._hbone_refused.items()))))
+        return out
+
+    def export(self) -> dict[str, list[list[str | int]]]:
+        """Every series as JSON rows `[*label values, value]`, by family: what a tunnel's
+        worker process sends to its owner, which serves the sums (`render(others=...)`)."""
+        return {
+            name: [[*key, value] for key, value in series.items()]
+            for name, series in self._series()
+        }
+
+    def render(self, others: Iterable[Mapping[str, Any]] = ()) -> bytes:
+        """The Prometheus text exposition of every series: ours plus, summed into the same
+        series, those of `others` (`export()`s of other processes of this tunnel), so each
+        series appears once. ValueError names a row of `others` that is not one."""
+        merged = dict(self._series())
+        for i, other in enumerate(others):
+            _add_export(merged, other, f"export {i}")
+        families = [
+            promtext.Family(
+                f"{name}_total", _HELP[name], promtext.COUNTER, LABEL_NAMES,
+                list(merged[name].items()),
+            )
+            for name in (OPENED, CLOSED, RECEIVED_BYTES, SENT_BYTES)
+        ]  # fmt: skip
         families.append(
             promtext.Family(
-                SOCKETS_OPEN,
-                _HELP[SOCKETS_OPEN],
-                promtext.GAUGE,
-                LABEL_NAMES,
-                [(labels.values(), value) for labels, value in list(self._open.items())],
+                SOCKETS_OPEN, _HELP[SOCKETS_OPEN], promtext.GAUGE, LABEL_NAMES,
+                list(merged[SOCKETS_OPEN].items()),
             )
-        )
+        )  # fmt: skip
         families.append(
             promtext.Family(
                 f"{HBONE_REFUSED}_total",
                 "HBONE connections and TLS handshakes refused for the peer's misbehaviour",
                 promtext.COUNTER,
                 HBONE_REFUSED_LABELS,
-                list(self._hbone_refused.items()),
+                list(merged[HBONE_REFUSED].items()),
             )
         )
         return promtext.render(families)
+
+
+_ARITY = {HBONE_REFUSED: len(HBONE_REFUSED_LABELS)}
+
+
+def _add_export(
+    merged: dict[str, dict[tuple[str, ...], int]], other: Mapping[str, Any], what: str
+) -> None:
+    """Add the rows of one `export()` into `merged`, checked first: nothing of a bad export
+    is added."""
+    rows: list[tuple[str, tuple[str, ...], int]] = []
+    for name, family in other.items():
+        if name not in merged or not isinstance(family, list):
+            raise ValueError(f"{what}: {name!r} is not a family of the tunnel's metrics")
+        arity = _ARITY.get(name, len(LABEL_NAMES))
+        for j, row in enumerate(family):
+            ok = (
+                isinstance(row, list)
+                and len(row) == arity + 1
+                and all(isinstance(v, str) for v in row[:-1])
+                and isinstance(row[-1], int)
+                and not isinstance(row[-1], bool)
+                and row[-1] >= 0
+            )
+            if not ok:
+                raise ValueError(f"{what}: {name}[{j}] is not {arity} label values and a count")
+            rows.append((name, tuple(row[:-1]), row[-1]))
+    for name, key, value in rows:
+        series = merged[name]
+        series[key] = series.get(key, 0) + value
 
 
 def _check_bytes(received: int, sent: int) -> None:

@@ -1,4 +1,5 @@
-"""A cluster file's `certificates.ttlSeconds`: parsed, bounded, and carried to the tunnels."""
+"""A cluster file's per-tunnel settings: `certificates.ttlSeconds` and `tunnel.workers`,
+parsed, bounded, and carried to the tunnels."""
 
 from __future__ import annotations
 
@@ -47,3 +48,26 @@ def test_lifetime_is_read() -> None:
 def test_bad_lifetimes_are_refused(value: Any, message: str) -> None:
     with pytest.raises(SpecError, match=message):
         spec_with(certificates=value)
+
+
+# `tunnel.workers`: each tunnel's processes (TUNNEL_WORKERS), beside its certificates'
+# lifetime as the other per-tunnel setting of a cluster file.
+
+
+def test_tunnel_workers_default_to_the_tunnels_own_choice() -> None:
+    assert spec_with().tunnel_workers is None
+    assert spec_with(tunnel={}).tunnel_workers is None
+    assert spec_with(tunnel={"workers": 2}).tunnel_workers == 2
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ({"workers": 0}, r"tunnel.workers: 0 is not in 1..64"),
+        ({"workers": "2"}, "expected a whole number of processes"),
+        ({"threads": 2}, "threads"),
+    ],
+)
+def test_bad_tunnel_workers_are_refused(value: Any, message: str) -> None:
+    with pytest.raises(SpecError, match=message):
+        spec_with(tunnel=value)

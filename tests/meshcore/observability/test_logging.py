@@ -143,3 +143,23 @@ def test_a_loop_that_ends_before_its_flush_does_not_stop_later_flushes(
         "first",
         "second",
     ]
+
+
+def test_tags_are_on_every_line_of_either_path(
+    configured: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    meshlog.configure("info", tags={"worker": 1})
+    try:
+        fields = {"direction": "outbound", "bytes_sent": 3}
+        sink = meshlog.fast_sink(structlog.get_logger("access").bind())
+        assert sink is not None  # tags keep the fast path
+        meshlog.fast_info(sink, "connection complete", dict(fields))
+        structlog.get_logger("access").info("connection complete", **fields)
+        structlog.get_logger("other").warning("something else")
+        ours, theirs, other = lines(out)
+        assert list(ours) == list(theirs)
+        assert ours["worker"] == theirs["worker"] == other["worker"] == 1
+    finally:
+        meshlog.configure("info")  # untagged again for the tests after this one

@@ -286,3 +286,49 @@ def test_negative_byte_counts_are_refused():
     m = TcpMetrics()
     with pytest.raises(ValueError, match="negative"):
         m.closed(labels(), received=-1, sent=0)
+
+
+# -- several processes, one scrape ----------------------------------------------------------
+
+
+def test_other_processes_counters_are_summed_into_one_series_each() -> None:
+    owner, worker = TcpMetrics(), TcpMetrics()
+    a, denied = labels(), labels(response_flags=ResponseFlags.DENY)
+    owner.opened(a)
+    owner.closed(a, received=10, sent=20)
+    worker.opened(a)
+    worker.closed(a, received=1, sent=2)
+    worker.opened(a)  # still open
+    worker.refused(denied)
+    worker.hbone_refused("inbound", "tls")
+    text = owner.render([worker.export()]).decode()
+    samples = {
+        (s.name, s.labels.get("response_flags"), s.labels.get("reason")): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
+    assert samples[("istio_tcp_connections_opened_total", "-", None)] == 4  # 1 + 2 + DENY's
+    assert samples[("istio_tcp_connections_closed_total", "-", None)] == 2
+    assert samples[("istio_tcp_connections_closed_total", "DENY", None)] == 1
+    assert samples[("istio_tcp_received_bytes_total", "-", None)] == 11
+    assert samples[("istio_tcp_sent_bytes_total", "-", None)] == 22
+    assert samples[("istio_tcp_sockets_open", "-", None)] == 1
+    assert samples[("hbone_connections_refused_total", None, "tls")] == 1
+    # One series per label set: no duplicate lines for the two processes.
+    lines = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
+    assert len(lines) == len(set(ln.rsplit(" ", 1)[0] for ln in lines))
+    assert owner.render() != text.encode()  # the owner's own counters are untouched
+
+
+@pytest.mark.parametrize(
+    ("export", "why"),
+    [
+        ({"nonsense": []}, "'nonsense' is not a family"),
+        ({"istio_tcp_connections_opened": [["x", 1]]}, r"opened\[0\] is not 23 label values"),
+        ({"hbone_connections_refused": [["in", "tls", -1]]}, "is not 2 label values"),
+        ({"hbone_connections_refused": [["in", "tls", True]]}, "is not 2 label values"),
+    ],
+)
+def test_a_bad_export_is_refused_whole(export: dict[str, Any], why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        TcpMetrics().render([export])
