@@ -1,7 +1,8 @@
 """Fixtures of the end-to-end tier: each module runs against one cluster of its own.
 
 A module names its cluster file (`CLUSTER_FILE`, default cluster.yaml) and the capture
-modes it must pass in (`REDIRECT_MODES`, default iptables only); the `cluster` fixture
+modes it must pass in (`REDIRECT_MODES`, default iptables only; a test marked
+`redirect_modes(...)` runs in those of them only, on the same clusters); the `cluster` fixture
 brings that cluster up once per mode for the whole module and always takes it down
 afterwards, checking that nothing of it is left. Helpers the tests call are in common.py.
 """
@@ -27,7 +28,11 @@ DEFAULT_MODES = ("iptables",)
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     modes = getattr(metafunc.module, "REDIRECT_MODES", DEFAULT_MODES)
     if "redirect_mode" in metafunc.fixturenames and len(modes) > 1:
-        metafunc.parametrize("redirect_mode", modes, scope="module", indirect=True)
+        only = metafunc.definition.get_closest_marker("redirect_modes")
+        mine = [m for m in modes if only is None or m in only.args]
+        assert mine, f"{metafunc.definition.nodeid}: none of {modes} in its redirect_modes"
+        # Parametrized even with one mode left: the test then shares that mode's cluster.
+        metafunc.parametrize("redirect_mode", mine, scope="module", indirect=True)
 
 
 @pytest.fixture(scope="module")
