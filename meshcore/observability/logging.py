@@ -27,7 +27,8 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 
 class LineLogger:
     """structlog's logger: each message a line into `file`'s buffer; one flush per loop turn.
-    Every logger of one file shares the flag that says a flush is scheduled."""
+    Every logger of one file shares one `_FileState`: its lock, and the loop whose turn end
+    will flush."""
 
     __slots__ = ("_file", "_shared")
 
