@@ -34,14 +34,16 @@ class _Bound:
     proxy does, cost about a fifth of writing the line, once per connection in each tunnel.
     A test's `capture_logs` changes the processors list in place, which bound loggers follow."""
 
-    __slots__ = ("key", "logger")
+    __slots__ = ("key", "logger", "processors")
 
     def __init__(self) -> None:
         self.key: tuple[object, ...] = ()
         self.logger: Any = None
+        self.processors: Any = None  # as read by the last `get`, for `fast_sink`
 
     def get(self) -> Any:
         cfg = structlog.get_config()
+        self.processors = cfg["processors"]
         key = (
             sys.stdout,
             cfg["processors"],
@@ -175,7 +177,8 @@ class ConnectionLog:
         if error:
             f["error"] = error
         bound = _bound.get()
-        sink = meshlog.fast_sink(bound)
+        # The configuration `get` just read, not read a second time per line.
+        sink = meshlog.fast_sink(bound, _bound.processors)
         if sink is not None:  # the same line, without the processors' calls
             meshlog.fast_info(sink, "connection complete", f)
         else:

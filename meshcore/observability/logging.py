@@ -132,13 +132,15 @@ def _tagger(tags: dict[str, Any]) -> Any:
     return add_tags
 
 
-def fast_sink(bound: Any) -> LineLogger | None:
+def fast_sink(bound: Any, processors: list[Any] | None = None) -> LineLogger | None:
     """The logger under a bound logger when `fast_info` may render for it: structlog
     configured by `configure` with info enabled, processors unchanged (a test's
-    `capture_logs` swaps them), and the logger one of ours. Else None: go through structlog."""
+    `capture_logs` swaps them), and the logger one of ours. Else None: go through structlog.
+    `processors`: the configured list, when the caller has just read the configuration."""
     if not _Configured.info:
         return None
-    processors = structlog.get_config()["processors"]
+    if processors is None:
+        processors = structlog.get_config()["processors"]
     if processors is not _Configured.processors or tuple(processors or ()) != _Configured.items:
         return None
     logger = getattr(bound, "_logger", None)
