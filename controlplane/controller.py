@@ -181,7 +181,8 @@ class MeshController:
 
     async def sync_once(self) -> None:
         started = time.perf_counter()
-        computed = compute(self.inputs())
+        inputs = self.inputs()
+        computed = compute(inputs)
         problems = list(computed.problems)
         built: Built | None = None
         try:
@@ -195,7 +196,7 @@ class MeshController:
         if self.options.manage_waypoints:
             await self._reconcile_waypoints(computed)
         if self.options.write_status and self.state is not None:
-            await self._write_statuses(computed, problems, self.state)
+            await self._write_statuses(inputs, computed, problems, self.state)
 
     async def _push(self, built: Built, computed: Computed, started: float) -> None:
         document, state = built.document, built.state
@@ -321,8 +322,11 @@ class MeshController:
             )
 
     async def _write_statuses(
-        self, computed: Computed, problems: list[Problem], state: MeshState
+        self, inputs: Inputs, computed: Computed, problems: list[Problem], state: MeshState
     ) -> None:
+        """Judge the objects this round computed from, not the informers' caches now: an
+        object that arrived during the round has no problems yet and would be reported
+        Accepted before the next round finds it broken."""
         now = st.now_text()
         gateways = self.informers["gateways"].cache
         services = self.informers["services"].cache
@@ -341,7 +345,7 @@ class MeshController:
         waypoint_keys = [(g.namespace, g.name) for g in computed.waypoints]
         conditions = st.route_conditions(state, waypoint_keys)
         for name, kind in (("http_routes", kinds.HTTP_ROUTE), ("grpc_routes", kinds.GRPC_ROUTE)):
-            for obj in self.informers[name].items():
+            for obj in getattr(inputs, name):
                 md = obj.get("metadata") or {}
                 at = (kind.kind, str(md.get("namespace")), str(md.get("name")))
                 found = conditions.get(at, ())
@@ -353,7 +357,7 @@ class MeshController:
             by_object.setdefault((p.kind, p.namespace, p.name), []).append(p)
         for name in ISTIO_STATUS_KINDS:
             kind = WATCHED[name]
-            for obj in self.informers[name].items():
+            for obj in getattr(inputs, name):
                 md = obj.get("metadata") or {}
                 mine = by_object.get((kind.kind, str(md.get("namespace")), str(md.get("name"))))
                 await self._write_status(

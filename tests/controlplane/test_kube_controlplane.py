@@ -486,6 +486,48 @@ def test_route_parent_conditions_and_a_bad_policy_fails_closed(
     asyncio.run(_routes_and_bad_policy(kube_cp, tmp_path / "xds.json"))
 
 
+async def _status_of_a_late_object(cp: KubeControlPlane, out: Path) -> None:
+    """A policy that reaches the informers while a round is under way is not judged by that
+    round: the round computed its problems without it, so it would call it Accepted."""
+    async with KubeClient(load_kubeconfig(cp.kubeconfig)) as c:
+        await install_crds(c)
+        mc = MeshController(c, ControllerOptions(mesh_out=out, manage_waypoints=False))
+        for inf in (*mc.informers.values(), mc.deployments):  # informers only: rounds by hand
+            inf.start()
+        try:
+            await asyncio.gather(*(i.synced.wait() for i in mc.informers.values()))
+            ns = await create_ns(c, AMBIENT)
+            before = mc.inputs()  # the round's snapshot, taken before the policy exists
+            bad = authorization_policy(
+                ns,
+                "late",
+                {"action": "ALLOW", "rules": [{"from": [{"source": {"principals": 7}}]}]},
+            )
+            await c.create(kinds.AUTHORIZATION_POLICY, bad, ns)
+            cache = mc.informers["authorization_policies"]
+            await until(lambda: any(o["metadata"]["name"] == "late" for o in cache.items()))
+            mc.inputs = lambda: before  # type: ignore[method-assign]
+            await mc.sync_once()
+            got = await c.get(kinds.AUTHORIZATION_POLICY, "late", ns)
+            assert not (got.get("status") or {}).get("conditions"), got.get("status")
+
+            del mc.inputs  # the next round sees it, and reports it broken
+            await mc.sync_once()
+            got = await c.get(kinds.AUTHORIZATION_POLICY, "late", ns)
+            (accepted,) = [x for x in got["status"]["conditions"] if x["type"] == "Accepted"]
+            assert accepted["status"] == "False" and "principals" in accepted["message"]
+            await c.delete(kinds.NAMESPACE, ns)
+        finally:
+            for inf in (*mc.informers.values(), mc.deployments):
+                await inf.stop()
+
+
+def test_an_object_that_arrives_during_a_round_is_judged_by_the_next(
+    kube_cp: KubeControlPlane, tmp_path: Path
+) -> None:
+    asyncio.run(_status_of_a_late_object(kube_cp, tmp_path / "xds.json"))
+
+
 # ---- the program ----------------------------------------------------------------------------
 
 
