@@ -139,6 +139,7 @@ class AppSide(asyncio.BufferedProtocol):
         "early",
         "eof",
         "lost",
+        "on_eof",
         "on_lost",
         "on_made",
         "paused_writing",
@@ -151,6 +152,9 @@ class AppSide(asyncio.BufferedProtocol):
         # For a book of accepted connections: told once, when the connection is gone, so
         # the book drops it then and keeps nothing of a closed connection.
         self.on_lost: Callable[[AppSide], None] | None = None
+        # Told when the app's EOF arrives, before the sink (the accepting proxy's look at
+        # the socket's state then: see meshcore.timewait).
+        self.on_eof: Callable[[AppSide], None] | None = None
         self.transport: asyncio.Transport | None = None
         self.sink: _Sink | None = None
         self.early: list[bytes] | None = None  # created on first early data (rare)
@@ -184,6 +188,8 @@ class AppSide(asyncio.BufferedProtocol):
 
     def eof_received(self) -> bool:
         self.eof = True
+        if self.on_eof is not None:
+            self.on_eof(self)
         if self.sink is not None:
             self.sink.app_eof()
         return True  # keep our write side open: half-close

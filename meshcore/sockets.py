@@ -19,6 +19,7 @@ from typing import Protocol
 
 import nsutil
 from meshcore.defaults import INBOUND_PLAIN_PORT, OUTBOUND_PORT, TUNNEL_MARK
+from meshcore.timewait import NETLINK_SOCK_DIAG, TimeWaitReaper
 
 SO_ORIGINAL_DST = 80
 IP_TRANSPARENT = 19
@@ -98,6 +99,14 @@ class NetnsSocketFactory:
     def __init__(self, netns_fd: int) -> None:
         self.netns_fd = netns_fd
         self._spare: dict[int, list[socket.socket]] = {}
+        # For the capture listeners' mirrored connections (eBPF mode): see meshcore.timewait.
+        self.time_waits = TimeWaitReaper(self._diag_socket)
+
+    def _diag_socket(self) -> socket.socket:
+        (nl,) = nsutil.sockets_in(
+            self.netns_fd, 1, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG
+        )
+        return nl
 
     @property
     def transparent(self) -> bool:
@@ -126,6 +135,7 @@ class NetnsSocketFactory:
         for socks in spare.values():
             for s in socks:
                 s.close()
+        self.time_waits.close()
         os.close(self.netns_fd)
 
 

@@ -87,7 +87,11 @@ def socket_in(
 
 
 def sockets_in(
-    fd: int, count: int, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM
+    fd: int,
+    count: int,
+    family: int = socket.AF_INET,
+    type: int = socket.SOCK_STREAM,
+    proto: int = 0,
 ) -> list[socket.socket]:
     """`count` sockets that live in namespace `fd`, made in one visit (one pair of setns
     calls for them all: the switch there and back costs more than making a socket)."""
@@ -95,7 +99,7 @@ def sockets_in(
     try:
         with entered(fd):
             for _ in range(count):
-                made.append(socket.socket(family, type))
+                made.append(socket.socket(family, type, proto))
     except BaseException:
         for s in made:
             s.close()

@@ -400,6 +400,9 @@ class PodProxy:
             state=self._state,
             guard=self.guard,
         )
+        if isinstance(factory, NetnsSocketFactory):
+            outbound.end_mirrored_time_waits(factory.time_waits, OUTBOUND_PORT)
+            self.passthrough.end_mirrored_time_waits(factory.time_waits, INBOUND_PLAIN_PORT)
         socks = [
             listener(factory, OUTBOUND_PORT, host=self._listen_ip),
             listener(factory, INBOUND_PLAIN_PORT, host=self._listen_ip),

@@ -395,6 +395,53 @@ def test_200_concurrent_connections_share_pooled_hbone_connections(cluster: mesh
     assert 2 <= during <= 10, f"{during} TLS connections carried {n} streams"
 
 
+# ---- closing order ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("server", ["server-a", "server-b"], ids=["same-node", "cross-node"])
+def test_a_client_can_reuse_its_port_at_once_after_the_server_closed_first(
+    cluster: mesh.Cluster, server: str
+) -> None:
+    """The server closes first, so the client's tunnel sends the app the first FIN. Under
+    the eBPF capture the tunnel's socket mirrors the client's (server:port <- client:port),
+    and its TIME-WAIT used to make the client's next connection from the same port, which
+    its kernel may pick at once, hang for a minute. The tunnel now ends that TIME-WAIT
+    (meshcore.timewait); the iptables mode never mirrored."""
+    server_ip = pod_ip(cluster, "mesh", server)
+    client_ip = pod_ip(cluster, "mesh", "client")
+    with pod_socket(cluster, "mesh", server) as lst:
+        lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lst.bind(("0.0.0.0", 9100))
+        lst.listen(8)
+        lst.settimeout(20)
+
+        def serve() -> None:
+            for _ in range(2):
+                conn, peer = lst.accept()
+                with conn:
+                    conn.sendall(f"{peer[0]}:{peer[1]}\n".encode())  # then the first FIN
+
+        t = threading.Thread(target=serve, daemon=True)
+        t.start()
+        port = 0
+        for attempt in range(2):
+            with pod_socket(cluster, "mesh", "client") as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind((client_ip, port))  # the second time: the first one's port
+                s.settimeout(8)
+                started = time.monotonic()
+                try:
+                    s.connect((server_ip, 9100))
+                except TimeoutError:
+                    pytest.fail(f"connection {attempt + 1} from port {port} hung")
+                port = s.getsockname()[1]
+                got = s.makefile("rb").read()
+            assert got.split(b":")[0] == client_ip.encode()  # the server's answer, then EOF
+            assert time.monotonic() - started < 8
+            time.sleep(0.2)  # the tunnel sees the app's FIN
+        t.join(10)
+
+
 # ---- teardown ---------------------------------------------------------------------------
 
 

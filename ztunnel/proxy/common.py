@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import socket
 import struct
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from meshcore.policy.verdict import ALLOW_ALL, Verdict
 from meshcore.relay import AppSide
 from meshcore.sockets import SocketAddr, SocketFactory, make_transparent, tune_stream
 from meshcore.state import Workload
+from meshcore.timewait import TCP_CLOSE, TimeWaitReaper, cookie_of, tcp_state
 
 # The authorization seam: (destination workload, peer identity or None for plaintext,
 # client address, target) -> the verdict. The node plugs in the policy index's `authorize`.
@@ -133,6 +135,14 @@ class ListenerProxy:
         self.in_flight = 0  # accepted, their task still running
         self._on_accept = self._accepted  # one bound method for every accepted connection
         self._on_handled = self._handled
+        self._reaper: TimeWaitReaper | None = None
+        self._port = 0
+
+    def end_mirrored_time_waits(self, reaper: TimeWaitReaper, port: int) -> None:
+        """Connections accepted on `port` that keep the app's addresses (eBPF capture) get
+        their TIME-WAIT ended through `reaper` (why: meshcore.timewait)."""
+        self._reaper = reaper
+        self._port = port
 
     def protocol(self) -> AppSide:
         return AppSide(on_made=self._on_accept)
@@ -150,12 +160,39 @@ class ListenerProxy:
             self.guard.refused(self._direction, over, where)
             return
         self.in_flight += 1
+        if self._reaper is not None:
+            self._watch_time_wait(app, t)
         task = asyncio.get_running_loop().create_task(self._handle(app))
         task.add_done_callback(self._on_handled)
         self._track(task)
 
     def _handled(self, _task: asyncio.Future[None]) -> None:
         self.in_flight -= 1
+
+    def _watch_time_wait(self, app: AppSide, t: asyncio.Transport) -> None:
+        local = t.get_extra_info("sockname")
+        if not local or local[1] == self._port:
+            return  # redirected (iptables): the tunnel's own port, nothing mirrored
+        sock = t.get_extra_info("socket")
+        remote = t.get_extra_info("peername")
+        # The cookie now: a TIME-WAIT socket keeps the cookie its socket had by then. The
+        # addresses now too: a socket whose connection went to TIME-WAIT has no peer name.
+        with contextlib.suppress(OSError):
+            app.on_eof = functools.partial(
+                self._end_time_wait, (sock.family, local[:2], remote[:2], cookie_of(sock))
+            )
+
+    def _end_time_wait(self, mirrored: tuple[int, Any, Any, int], app: AppSide) -> None:
+        """The app's EOF arrived. Our socket is closed already only when we had sent the
+        first FIN and the app's FIN made it a TIME-WAIT socket: end that one."""
+        t, reaper = app.transport, self._reaper
+        if t is None or reaper is None:
+            return
+        try:
+            if tcp_state(t.get_extra_info("socket")) == TCP_CLOSE:
+                reaper.forget(*mirrored)
+        except OSError:
+            pass  # a TIME-WAIT left behind is the old behaviour, never an error
 
     async def _handle(self, app: AppSide) -> None:
         raise NotImplementedError
