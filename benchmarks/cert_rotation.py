@@ -35,9 +35,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchrun import on_cluster
+
 import nsutil
 from localcluster.interrupt import run_interruptible
-from localcluster.mesh import Cluster, MeshUpError, end_run, node_http, up
+from localcluster.mesh import Cluster, node_http
 from localcluster.processes import read_records
 from meshcore.defaults import ADMIN_PORT
 
@@ -254,23 +256,12 @@ def one_run(args: argparse.Namespace, ttl: int, minutes: float) -> dict[str, Any
     state_root = Path(tempfile.mkdtemp(prefix="certrot-"))
     cluster_file = state_root / "cert-rotation.yaml"
     cluster_file.write_text(CLUSTER.format(ttl=ttl, testapp=TESTAPP))
-    ok = interrupted = False
-    cluster: Cluster | None = None
-    try:
-        print(f"bringing up the cluster (state in {state_root})", flush=True)
-        cluster = up(cluster_file, state_root, mesh=True)
+
+    def work(cluster: Cluster) -> dict[str, Any]:
         print(f"load for {minutes:g} min, {ttl} s certificates", flush=True)
-        raw = run_load(cluster, args, minutes)
-        ok = True
-    except (BenchError, MeshUpError) as e:
-        print(f"cert_rotation: {e}", file=sys.stderr)
-        return None
-    except KeyboardInterrupt:  # SIGINT/SIGTERM (localcluster.interrupt): clean up, say so
-        interrupted = True
-        raise
-    finally:
-        end_run("cert_rotation", cluster, state_root, ok, interrupted)
-    return raw
+        return run_load(cluster, args, minutes)
+
+    return on_cluster("cert_rotation", cluster_file, state_root, work, BenchError)
 
 
 def main() -> int:

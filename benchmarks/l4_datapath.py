@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import shutil
 import signal
@@ -39,14 +38,14 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import cpusplit  # benchmarks/, beside this script
+from benchrun import header, on_cluster, write_results
 
 import nsutil
 from localcluster.apps import INHERITED_ENV, process_name
 from localcluster.interrupt import run_interruptible
-from localcluster.mesh import Cluster, MeshUpError, end_run, tunnel_name, up
+from localcluster.mesh import Cluster, tunnel_name
 from localcluster.processes import ManagedProcess, read_records, spawn_in_netns
 from meshcore.defaults import TUNNEL_MARK
 from meshcore.runtime.profile import PROFILE_ENV
@@ -55,7 +54,6 @@ HERE = Path(__file__).resolve().parent
 CLUSTER_FILE = HERE / "bench-cluster.yaml"
 CLIENT = HERE / "apps" / "l4_client.py"
 RELAY = HERE / "apps" / "relay.py"
-RESULTS_DIR = HERE / "results"
 
 SINK_PORT = 5001  # as in bench-cluster.yaml
 ECHO_PORT = 5002
@@ -395,14 +393,6 @@ def median_results(
     return out
 
 
-def write_results(doc: dict[str, Any]) -> Path:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = RESULTS_DIR / f"l4-{stamp}.json"
-    path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-    return path
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--bytes", type=int, default=1 << 30, help="throughput: bytes to send")
@@ -456,33 +446,14 @@ def main() -> int:
         args.perf,
     )
     state_root = Path(tempfile.mkdtemp(prefix="l4bench-"))
-    ok = interrupted = False
-    cluster: Cluster | None = None
-    try:
-        print(f"bringing up the cluster (state in {state_root})", flush=True)
-        cluster = up(CLUSTER_FILE, state_root, mesh=True)
-        rounds = run(p, cluster)
-        ok = True
-    except (BenchError, MeshUpError) as e:
-        print(f"l4_datapath: {e}", file=sys.stderr)
+    rounds = on_cluster("l4_datapath", CLUSTER_FILE, state_root, lambda c: run(p, c), BenchError)
+    if rounds is None:
         return 1
-    except KeyboardInterrupt:  # SIGINT/SIGTERM (localcluster.interrupt): clean up, say so
-        interrupted = True
-        raise
-    finally:
-        end_run("l4_datapath", cluster, state_root, ok, interrupted)
     results = median_results(rounds)
     r = ratios(results)
     command = shlex.join([sys.executable, *sys.argv])
     doc = {
-        "benchmark": "l4_datapath",
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": command,
-        "host": {
-            "kernel": platform.release(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-        },
+        **header("l4_datapath", command),
         "params": {**asdict(p), "perf": str(p.perf) if p.perf else None},
         "results": results,  # medians over the rounds
         "rounds": rounds,
@@ -492,7 +463,7 @@ def main() -> int:
             "tunnel_added_p99_ms_max": TARGET_ADDED_P99_MS,
         },
     }
-    path = write_results(doc)
+    path = write_results(doc, "l4")
     print()
     print(format_table(results, r))
     print()

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -38,17 +37,17 @@ from pathlib import Path
 from typing import Any
 
 import cpusplit  # benchmarks/, beside this script
+from benchrun import header, on_cluster, write_results
 
 import nsutil
 from localcluster import mesh
 from localcluster.apps import INHERITED_ENV
 from localcluster.interrupt import run_interruptible
-from localcluster.mesh import Cluster, MeshUpError, end_run, tunnel_name, up
+from localcluster.mesh import Cluster, tunnel_name
 
 HERE = Path(__file__).resolve().parent
 CLUSTER_FILE = HERE / "workers-cluster.yaml"
 CLIENT = HERE / "apps" / "rr_client.py"
-RESULTS_DIR = HERE / "results"
 CLIENT_PODS = ("client-0", "client-1", "client-2", "client-3")
 NODES = ("node1", "node2")
 ECHO_PORT, SINK_PORT = 5002, 5001
@@ -294,21 +293,9 @@ def main() -> int:
         args.rounds, args.seconds, args.connections, args.size, args.tput_connections, (1, 2)
     )
     state_root = Path(tempfile.mkdtemp(prefix="workersbench-"))
-    ok = interrupted = False
-    cluster: Cluster | None = None
-    try:
-        print(f"bringing up the cluster (state in {state_root})", flush=True)
-        cluster = up(CLUSTER_FILE, state_root, mesh=True)
-        rows = run(cluster, p)
-        ok = True
-    except (BenchError, MeshUpError) as e:
-        print(f"tunnel_workers: {e}", file=sys.stderr)
+    rows = on_cluster("tunnel_workers", CLUSTER_FILE, state_root, lambda c: run(c, p), BenchError)
+    if rows is None:
         return 1
-    except KeyboardInterrupt:  # SIGINT/SIGTERM (localcluster.interrupt): clean up, say so
-        interrupted = True
-        raise
-    finally:
-        end_run("tunnel_workers", cluster, state_root, ok, interrupted)
     summary = summarize(rows, p.counts)
     one, two = summary["1"], summary["2"]
     ratios = {
@@ -327,15 +314,7 @@ def main() -> int:
     }
     command = shlex.join([sys.executable, *sys.argv])
     doc = {
-        "benchmark": "tunnel_workers",
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": command,
-        "host": {
-            "kernel": platform.release(),
-            "cpus": os.cpu_count(),
-            "usable_cpus": len(os.sched_getaffinity(0)),
-            "python": platform.python_version(),
-        },
+        **header("tunnel_workers", command),
         "params": asdict(p),
         "summary": summary,  # medians over the rounds
         "rounds": rows,
@@ -343,9 +322,7 @@ def main() -> int:
         "ratios_2_to_1_paired_by_round": paired,
         "target_ratio": TARGET_RATIO,
     }
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"workers-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    path = write_results(doc, "workers")
     print()
     print(format_table(summary))
     print()

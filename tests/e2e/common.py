@@ -54,6 +54,18 @@ def echo(
     return seen, data
 
 
+def talk(s: socket.socket, payload: bytes) -> bytes:
+    """One echo round trip on an open connection to testapp's echo port."""
+    s.sendall(payload)
+    got = b""
+    while len(got) < len(payload):
+        chunk = s.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed by the peer")
+        got += chunk
+    return got
+
+
 def tunnel_log(c: mesh.Cluster) -> str:
     return "".join(c.tunnel_log(n.name).read_text() for n in c.spec.nodes)
 

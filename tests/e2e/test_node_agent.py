@@ -28,7 +28,7 @@ from redirect.enrolment import DATAPLANE_MODE_LABEL
 from redirect.probes import ProbeConfig
 from tests.support.aio import wait_until_sync
 
-from .common import connect, pod_ip
+from .common import connect, pod_ip, talk
 
 pytestmark = pytest.mark.netns
 
@@ -75,18 +75,6 @@ def open_in_tunnel(c: mesh.Cluster, node: str, local: tuple[str, int]) -> bool:
 def until(cond: Callable[[], bool], what: str) -> None:
     # A cluster of processes: a longer bound than in-process waits.
     wait_until_sync(cond, what, limit=30.0, interval=0.05)
-
-
-def talk(s: socket.socket, payload: bytes) -> bytes:
-    """One echo round trip on an open connection to testapp's echo port."""
-    s.sendall(payload)
-    got = b""
-    while len(got) < len(payload):
-        chunk = s.recv(65536)
-        if not chunk:
-            raise ConnectionError("closed by the peer")
-        got += chunk
-    return got
 
 
 def open_echo(c: mesh.Cluster, ns: str, pod: str, ip: str) -> tuple[socket.socket, str]:

@@ -39,7 +39,7 @@ import nsutil
 from localcluster import mesh
 from localcluster.processes import ProcessRecord, is_running, read_records
 
-from .common import HERE, pod_ip
+from .common import HERE, pod_ip, pod_socket, talk
 
 pytestmark = pytest.mark.netns
 
@@ -130,17 +130,6 @@ def admin_json(c: mesh.Cluster, node: str, path: str) -> Any:
     return json.loads(body)
 
 
-def talk(s: socket.socket, data: bytes) -> bytes:
-    s.sendall(data)
-    got = b""
-    while len(got) < len(data):
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        got += chunk
-    return got
-
-
 def wait_path(c: mesh.Cluster, plain: bool, limit: float = 30.0) -> None:
     """Until one echo goes through (after the crash test a path may take a while back in
     the eBPF mode; the crash test bounds that outage itself)."""
@@ -171,13 +160,11 @@ def echoes(
         for _ in range(count):
             if plain:
                 s = nsutil.socket_at(c.layout.node("n1").netns_path)
-                s.settimeout(timeout)
-                s.connect((server, 9000))
             else:
-                s = nsutil.socket_at(c.pod_netns("mesh", "client"))
-                s.settimeout(timeout)
-                s.connect((server, 9000))
-            socks.append(s)
+                s = pod_socket(c, "mesh", "client")
+            s.settimeout(timeout)
+            socks.append(s)  # before connect: closed by the finally whatever happens
+            s.connect((server, 9000))
             s.makefile("rb").readline()
             assert talk(s, b"hello") == b"hello"
         yield socks
