@@ -27,10 +27,15 @@ import struct
 from collections.abc import Callable
 
 NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
 SOCK_DESTROY = 21
 NLMSG_ERROR = 2
+NLMSG_DONE = 3
 NLM_F_REQUEST = 0x1
 NLM_F_ACK = 0x4
+NLM_F_DUMP = 0x300
+INET_DIAG_REQ_BYTECODE = 1
+INET_DIAG_BC_MARK_COND = 10
 TCP_TIME_WAIT = 6
 SO_COOKIE = 57  # <asm-generic/socket.h>: the socket's 64-bit cookie (Python 3.11 has none)
 
@@ -39,6 +44,9 @@ _REQ = struct.Struct("=BBBxI")  # inet_diag_req_v2: family, protocol, ext, pad, 
 _SOCKID = struct.Struct("!HH16s16s")  # inet_diag_sockid: sport, dport, src, dst (network)
 _SOCKID_TAIL = struct.Struct("=III")  # if, cookie[0], cookie[1] (host order)
 _ERR = struct.Struct("=i")
+_BC_OP = struct.Struct("=BBH")  # inet_diag_bc_op: code, yes, no
+_SOCKID_SIZE = _SOCKID.size + _SOCKID_TAIL.size  # 48
+_DIAG_MSG_SIZE = 4 + _SOCKID_SIZE + 20  # inet_diag_msg: 4 bytes, the sockid, 5 words
 
 
 def cookie_of(sock: socket.socket) -> int:
@@ -59,18 +67,65 @@ def _packed(family: int, ip: str) -> bytes:
     return raw + bytes(16 - len(raw))
 
 
+def sockid(family: int, local: tuple[str, int], remote: tuple[str, int], cookie: int) -> bytes:
+    """inet_diag_sockid: the socket's addresses (local is the tunnel's side) and cookie."""
+    return _SOCKID.pack(
+        local[1], remote[1], _packed(family, local[0]), _packed(family, remote[0])
+    ) + _SOCKID_TAIL.pack(0, cookie & 0xFFFFFFFF, cookie >> 32)
+
+
 def destroy_request(
     family: int, local: tuple[str, int], remote: tuple[str, int], cookie: int, seq: int
 ) -> bytes:
-    """SOCK_DESTROY for the TCP socket with these addresses (local is the tunnel's side)
-    and this cookie, asking for an acknowledgement."""
-    body = (
-        _REQ.pack(family, socket.IPPROTO_TCP, 0, 1 << TCP_TIME_WAIT)
-        + _SOCKID.pack(local[1], remote[1], _packed(family, local[0]), _packed(family, remote[0]))
-        + _SOCKID_TAIL.pack(0, cookie & 0xFFFFFFFF, cookie >> 32)
-    )
+    """SOCK_DESTROY for the TCP socket with these addresses and this cookie, asking for an
+    acknowledgement."""
+    return _destroy(family, sockid(family, local, remote, cookie), seq)
+
+
+def _destroy(family: int, sid: bytes, seq: int) -> bytes:
+    body = _REQ.pack(family, socket.IPPROTO_TCP, 0, 1 << TCP_TIME_WAIT) + sid
     header = _NLMSG.pack(_NLMSG.size + len(body), SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, seq, 0)
     return header + body
+
+
+def dump_request(family: int, mark: int, seq: int) -> bytes:
+    """SOCK_DIAG_BY_FAMILY: every TCP TIME-WAIT socket of `family` whose mark is `mark`
+    (a kernel-side filter: the app's own sockets never come back)."""
+    nocookie = _SOCKID.pack(0, 0, bytes(16), bytes(16)) + _SOCKID_TAIL.pack(
+        0, ~0 & 0xFFFFFFFF, ~0 & 0xFFFFFFFF
+    )
+    # One condition: "mark matches" jumps to the end (accept), else past it (reject).
+    code = _BC_OP.pack(INET_DIAG_BC_MARK_COND, _BC_OP.size + 8, _BC_OP.size + 8 + 4)
+    code += struct.pack("=II", mark, 0xFFFFFFFF)
+    attr = struct.pack("=HH", 4 + len(code), INET_DIAG_REQ_BYTECODE) + code
+    body = _REQ.pack(family, socket.IPPROTO_TCP, 0, 1 << TCP_TIME_WAIT) + nocookie + attr
+    header = _NLMSG.pack(
+        _NLMSG.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, 0
+    )
+    return header + body
+
+
+def dumped(data: bytes, seq: int) -> tuple[list[tuple[bytes, int, int]], bool, int]:
+    """From one read of a dump's answer: each socket's (inet_diag_sockid, local port,
+    remote port), whether the dump is done, and its errno (0 unless it failed)."""
+    found: list[tuple[bytes, int, int]] = []
+    at = 0
+    while at + _NLMSG.size <= len(data):
+        length, kind, _flags, got_seq, _pid = _NLMSG.unpack_from(data, at)
+        if length < _NLMSG.size or at + length > len(data):
+            return found, True, errno.EBADMSG
+        if got_seq == seq:
+            if kind == NLMSG_DONE:
+                return found, True, 0
+            if kind == NLMSG_ERROR:
+                code: int = _ERR.unpack_from(data, at + _NLMSG.size)[0]
+                return found, True, -code
+            if kind == SOCK_DIAG_BY_FAMILY and length >= _NLMSG.size + _DIAG_MSG_SIZE:
+                sid = data[at + _NLMSG.size + 4 : at + _NLMSG.size + 4 + _SOCKID_SIZE]
+                lport, rport = struct.unpack_from("!HH", sid)
+                found.append((sid, lport, rport))
+        at += (length + 3) & ~3
+    return found, False, 0
 
 
 def ack_errno(data: bytes, seq: int) -> int | None:
@@ -108,16 +163,62 @@ class TimeWaitReaper:
     ) -> int:
         """End the TIME-WAIT of the socket (addresses, cookie); the errno, 0 when done.
         Never raises: a TIME-WAIT left behind is the old behaviour, not an error."""
+        return self._end(family, sockid(family, local, remote, cookie))
+
+    def sweep(self, mark: int, spare_port: int) -> int:
+        """End every TIME-WAIT socket of this namespace that carries `mark` (the tunnel's),
+        except those with `spare_port` at either end (HBONE, which crosses the network,
+        where a TIME-WAIT does protect). For what a tunnel that is gone left behind (a
+        crash: its sockets were closed by the kernel, not by it). How many it ended."""
+        ended = self.ended
+        for family in (socket.AF_INET, socket.AF_INET6):
+            if self.failed is not None:
+                break
+            for sid, lport, rport in self._dump(family, mark):
+                if spare_port not in (lport, rport):
+                    self._end(family, sid)
+        return self.ended - ended
+
+    def _dump(self, family: int, mark: int) -> list[tuple[bytes, int, int]]:
+        seq = self._next()
+        found: list[tuple[bytes, int, int]] = []
+        try:
+            nl = self._socket()
+            nl.send(dump_request(family, mark, seq))
+            done = False
+            while not done:
+                part, done, code = dumped(nl.recv(65536), seq)
+                found += part
+                if code:
+                    self._refused(code)
+        except OSError as e:
+            self._refused(e.errno or errno.EIO)
+        return found
+
+    def _next(self) -> int:
+        self._seq = (self._seq + 1) & 0xFFFFFFFF
+        return self._seq
+
+    def _socket(self) -> socket.socket:
+        if self._nl is None:
+            self._nl = self._open()
+            self._nl.settimeout(2.0)  # the kernel answers in the call; never wait long
+        return self._nl
+
+    def _refused(self, code: int) -> None:
+        if code in (errno.EPERM, errno.EACCES, errno.EOPNOTSUPP, errno.EINVAL):
+            self.failed = code  # the kernel or our privileges will not do it: stop asking
+
+    def _end(self, family: int, sid: bytes) -> int:
         if self.failed is not None:
             return self.failed
-        self._seq = (self._seq + 1) & 0xFFFFFFFF
+        seq = self._next()
         try:
-            if self._nl is None:
-                self._nl = self._open()
-            self._nl.send(destroy_request(family, local, remote, cookie, self._seq))
+            nl = self._socket()
+            nl.send(_destroy(family, sid, seq))
             code = None
             while code is None:
-                code = ack_errno(self._nl.recv(4096, socket.MSG_DONTWAIT), self._seq)
+                code = ack_errno(nl.recv(4096, socket.MSG_DONTWAIT), seq)
         except BlockingIOError:
             code = errno.ETIMEDOUT  # no answer queued: not expected from sock_diag
         except OSError as e:
@@ -126,8 +227,8 @@ class TimeWaitReaper:
             self.ended += 1
         elif code == errno.ENOENT:
             self.missed += 1
-        elif code in (errno.EPERM, errno.EACCES, errno.EOPNOTSUPP, errno.EINVAL):
-            self.failed = code  # the kernel or our privileges will not do it: stop asking
+        else:
+            self._refused(code)
         return code
 
     def close(self) -> None:

@@ -25,7 +25,7 @@ import yaml
 
 import nsutil
 from meshcore import tls
-from meshcore.defaults import HBONE_PORT, INBOUND_PLAIN_PORT, OUTBOUND_PORT
+from meshcore.defaults import HBONE_PORT, INBOUND_PLAIN_PORT, OUTBOUND_PORT, TUNNEL_MARK
 from meshcore.hbone.dial import hbone_connect
 from meshcore.hbone.pool import ConnectionPool, PoolKey
 from meshcore.hbone.server import Guard, TlsListener
@@ -53,6 +53,10 @@ from ztunnel.proxy.inbound_passthrough import InboundPassthroughProxy
 from ztunnel.proxy.outbound import OutboundProxy
 
 log = structlog.get_logger(__name__)
+
+# How often a pod's leftover TIME-WAIT sockets of the tunnel are looked for (a dump of a
+# few entries, filtered by the kernel).
+TIME_WAIT_SWEEP_INTERVAL = 5.0
 
 
 class EnrolmentError(ValueError):
@@ -309,6 +313,7 @@ class PodProxy:
         self._authorize = authorize
         self._factory = factory
         self.tasks = TaskSet(f"pod:{workload.name}")
+        self._sweeper: asyncio.TimerHandle | None = None
         self.servers: list[asyncio.Server] = []
         self.hbone_server: TlsListener | None = None
         self.server_ctx: ssl.SSLContext | None = None
@@ -403,6 +408,7 @@ class PodProxy:
         if isinstance(factory, NetnsSocketFactory):
             outbound.end_mirrored_time_waits(factory.time_waits, OUTBOUND_PORT)
             self.passthrough.end_mirrored_time_waits(factory.time_waits, INBOUND_PLAIN_PORT)
+            self._sweep_time_waits(factory)
         socks = [
             listener(factory, OUTBOUND_PORT, host=self._listen_ip),
             listener(factory, INBOUND_PLAIN_PORT, host=self._listen_ip),
@@ -423,6 +429,29 @@ class PodProxy:
             host = "127.0.0.1" if self._listen_ip == "0.0.0.0" else self._listen_ip
             await self.dns.start(host, self._dns_port)
         self._move(PodState.READY)
+
+    def _sweep_time_waits(self, factory: NetnsSocketFactory) -> None:
+        """End, now and every few seconds until the pod stops, the TIME-WAIT sockets with the
+        tunnel's mark that no tunnel process ended itself: those of a tunnel that was killed
+        (the kernel closed its sockets), or whose app closed after the tunnel's socket was
+        gone. Under the eBPF capture each blocks a client port for a minute
+        (meshcore.timewait). A timer, not a task: the pod's tasks are its connections', and a
+        draining pod waits for them."""
+        reaper = factory.time_waits
+        ended = reaper.sweep(TUNNEL_MARK, HBONE_PORT)
+        if ended:
+            log.info("time-wait sockets ended", pod=self.workload.name, count=ended)
+        if reaper.failed is not None:
+            log.warning(
+                "time-wait sockets cannot be ended here; an eBPF-captured client may wait a "
+                "minute for a port after a server closed first",
+                pod=self.workload.name,
+                error=os.strerror(reaper.failed),
+            )
+            return
+        self._sweeper = asyncio.get_running_loop().call_later(
+            TIME_WAIT_SWEEP_INTERVAL, self._sweep_time_waits, factory
+        )
 
     def _move(self, to: PodState) -> None:
         self.state = lifecycle_step(self.state, to, self.workload.name)
@@ -521,6 +550,8 @@ class PodProxy:
         if self.dns is not None:
             await self.dns.close()
         await self.tasks.cancel_all()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         self._accepted.abort_all()
         if isinstance(self._factory, NetnsSocketFactory):
             self._factory.close()

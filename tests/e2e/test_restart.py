@@ -251,14 +251,7 @@ def test_crash_and_restart_outage_is_bounded(cluster: mesh.Cluster) -> None:
 
 # ---- the work shared by two processes, on the tunnels the tests above left running -----------
 
-# In the iptables mode only: how the processes share the work does not depend on the capture,
-# and the eBPF mode has a capture bug of its own that these tests' many closed connections
-# bring out (a client SYN on a 4-tuple whose mirror the tunnel holds in TIME-WAIT is dropped;
-# ARCHITECTURE, "Worker processes"). The upgrade and crash tests above run in both modes.
-shared_work = pytest.mark.redirect_modes("iptables")
 
-
-@shared_work
 def test_both_processes_serve_and_the_owner_answers_for_both(cluster: mesh.Cluster) -> None:
     c = cluster
     mesh.wait_ready(c)  # the crash test's new tunnel has its pods and its worker
@@ -294,7 +287,6 @@ def test_both_processes_serve_and_the_owner_answers_for_both(cluster: mesh.Clust
         time.sleep(0.05)
 
 
-@shared_work
 def test_a_policy_change_resets_denied_connections_in_both_processes(
     cluster: mesh.Cluster,
 ) -> None:
@@ -340,7 +332,6 @@ def test_a_policy_change_resets_denied_connections_in_both_processes(
         time.sleep(0.1)
 
 
-@shared_work
 def test_release_drains_the_pod_in_both_processes(cluster: mesh.Cluster) -> None:
     """The server's pod leaves the mesh with connections open on both processes of n2:
     they run on (the release drain) until they close; then both let the pod go."""
@@ -371,7 +362,6 @@ def test_release_drains_the_pod_in_both_processes(cluster: mesh.Cluster) -> None
     assert all(w["pods"] == {uid: "ready"} for w in workers)
 
 
-@shared_work
 def test_a_killed_worker_is_reported_and_restarted(cluster: mesh.Cluster) -> None:
     c = cluster
     (_, worker) = admin_json(c, "n2", "/config_dump")["workers"]

@@ -26,6 +26,8 @@ from meshcore.timewait import (
     ack_errno,
     cookie_of,
     destroy_request,
+    dump_request,
+    dumped,
     tcp_state,
 )
 from tests.support.netns import throwaway_netns
@@ -79,6 +81,30 @@ def test_a_malformed_answer_is_no_answer(data: bytes) -> None:
     assert ack_errno(data, 7) is None
 
 
+def _entry(seq: int, lport: int, rport: int) -> bytes:
+    sid = struct.pack("!HH16s16s", lport, rport, bytes(16), bytes(16)) + bytes(12)
+    body = bytes([socket.AF_INET, 6, 0, 0]) + sid + bytes(20)
+    return struct.pack("=IHHII", 16 + len(body), 20, 2, seq, 0) + body
+
+
+def test_a_dump_asks_for_tcp_time_waits_with_the_mark_and_reads_its_answer() -> None:
+    raw = dump_request(socket.AF_INET, 0x539, 9)
+    length, kind, flags, seq, _ = struct.unpack_from("=IHHII", raw)
+    assert (length, kind, flags & 0x300, seq) == (len(raw), 20, 0x300, 9)
+    # The filter: one mark condition whose "no" jumps past the end (reject).
+    attr_len, attr_type, op, yes, no, mark, mask = struct.unpack_from("=HHBBHII", raw, 72)
+    assert (attr_type, op, mark, mask) == (1, 10, 0x539, 0xFFFFFFFF)
+    assert (yes, no) == (attr_len - 4, attr_len)
+    done = struct.pack("=IHHII", 20, 3, 2, 9, 0) + bytes(4)
+    got, finished, code = dumped(_entry(9, 9000, 40000) + _entry(9, 15008, 1), 9)
+    assert [(lp, rp) for _, lp, rp in got] == [(9000, 40000), (15008, 1)] and not finished
+    assert len(got[0][0]) == 48 and code == 0
+    assert dumped(done, 9) == ([], True, 0)
+    assert dumped(_entry(8, 1, 2) + done, 9) == ([], True, 0)  # another request's: skipped
+    assert dumped(_answer(9, -errno.EPERM), 9) == ([], True, errno.EPERM)
+    assert dumped(_entry(9, 1, 2)[:40], 9)[1:] == (True, errno.EBADMSG)  # cut short
+
+
 # ---- the kernel ------------------------------------------------------------------------------
 
 
@@ -93,12 +119,16 @@ def netns() -> Iterator[tuple[str, int]]:
             os.close(fd)
 
 
-def _time_wait(fd: int) -> tuple[socket.socket, int, tuple[str, int], tuple[str, int]]:
-    """In namespace `fd`: a listener, and a connection whose server side sent the first FIN,
-    so that the server's socket is now a TIME-WAIT socket. Returns the listener, and the
-    server socket's cookie and local and remote addresses."""
+def _time_wait(
+    fd: int, mark: int = 0, port: int = 0
+) -> tuple[socket.socket, int, tuple[str, int], tuple[str, int]]:
+    """In namespace `fd`: a listener (on `port`, with `mark`), and a connection whose server
+    side sent the first FIN, so that the server's socket is now a TIME-WAIT socket. Returns
+    the listener, and the server socket's cookie and local and remote addresses."""
     lst, cli = nsutil.sockets_in(fd, 2)
-    lst.bind(("127.0.0.1", 0))
+    if mark:
+        lst.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)  # accepted sockets inherit it
+    lst.bind(("127.0.0.1", port))
     lst.listen()
     cli.settimeout(5)
     cli.connect(lst.getsockname())
@@ -161,6 +191,36 @@ def test_the_time_wait_socket_of_that_cookie_is_ended_and_nothing_else(
     finally:
         reaper.close()
         lst.close()
+
+
+@pytest.mark.netns
+def test_a_sweep_ends_the_marked_time_waits_but_spares_the_hbone_port(
+    netns: tuple[str, int],
+) -> None:
+    """What a killed tunnel left: TIME-WAIT sockets with its mark. The app's own (no mark)
+    and the tunnel's HBONE ones (port 15008, across the network) stay."""
+    path, fd = netns
+    made = [
+        _time_wait(fd, mark=0x539),
+        _time_wait(fd, mark=0x539),
+        _time_wait(fd),  # the app's
+        _time_wait(fd, mark=0x539, port=15008),
+    ]
+    reaper = TimeWaitReaper(
+        lambda: nsutil.sockets_in(fd, 1, socket.AF_NETLINK, socket.SOCK_RAW, DIAG)[0]
+    )
+    try:
+        assert len(_time_waits(path).splitlines()) == 4
+        assert reaper.sweep(0x539, 15008) == 2
+        left = _time_waits(path)
+        assert f"127.0.0.1:{made[2][2][1]} " in left and "127.0.0.1:15008 " in left
+        assert len(left.splitlines()) == 2
+        assert reaper.sweep(0x539, 15008) == 0
+        assert reaper.failed is None
+    finally:
+        reaper.close()
+        for lst, *_ in made:
+            lst.close()
 
 
 _WITHOUT_PRIVILEGE = """
