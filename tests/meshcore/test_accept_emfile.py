@@ -4,13 +4,9 @@ and uvloop, the proxies' loop)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+
+from tests.support.child import run_child
 
 _CHILD = """
 import asyncio, json, os, resource, socket, sys, time
@@ -52,19 +48,7 @@ resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 def test_a_listener_out_of_fds_backs_off_logs_once_and_recovers(loop: str) -> None:
-    root = Path(__file__).resolve().parents[2]
-    done = subprocess.run(
-        [sys.executable, "-c", _CHILD, loop],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONPATH": str(root)},
-        cwd=root,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    [line] = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
-    result = json.loads(line.removeprefix("RESULT "))
+    result, done = run_child(_CHILD, loop)
     assert result["served_again"] == "ok"
     # CPU time, not wall time: a spinning accept loop uses all of the 2.5 s it waits.
     assert result["cpu"] < 1.0, result

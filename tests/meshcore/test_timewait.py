@@ -4,15 +4,12 @@ answer, and, in a namespace of its own, the real kernel ending exactly that one 
 from __future__ import annotations
 
 import errno
-import json
 import os
 import socket
 import struct
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -30,6 +27,7 @@ from meshcore.timewait import (
     dumped,
     tcp_state,
 )
+from tests.support.child import ROOT, run_child
 from tests.support.netns import throwaway_netns
 
 # ---- the message ---------------------------------------------------------------------------
@@ -249,19 +247,9 @@ def test_a_reaper_without_the_privilege_stops_asking() -> None:
     """A tunnel without CAP_NET_ADMIN keeps its TIME-WAITs (the old behaviour), and the
     kernel's refusal stops it asking: one request, not one per connection. Run as nobody
     (scripts/unprivileged.sh, as the unprivileged tier runs)."""
-    root = Path(__file__).resolve().parents[2]
-    done = subprocess.run(
-        ["bash", str(root / "scripts/unprivileged.sh"), sys.executable, "-c", _WITHOUT_PRIVILEGE],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "PYTHONPATH": str(root)},
-        cwd=root,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    [line] = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert json.loads(line.removeprefix("RESULT ")) == {
+    unprivileged = ("bash", str(ROOT / "scripts/unprivileged.sh"))
+    result, _ = run_child(_WITHOUT_PRIVILEGE, prefix=unprivileged, timeout=60)
+    assert result == {
         "got": [errno.EPERM] * 3,
         "opened": 1,
         "failed": errno.EPERM,

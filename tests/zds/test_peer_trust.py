@@ -4,11 +4,8 @@ an agent of the allowed uid. Plus accept under a real EMFILE, in a subprocess.""
 
 from __future__ import annotations
 
-import json
 import os
 import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -17,6 +14,7 @@ from structlog.testing import capture_logs
 
 from meshcore.localtrust import TokenBucket
 from tests.support.aio import wait_until
+from tests.support.child import run_child
 from tests.support.otheruser import as_nobody, reachable_dir
 from tests.support.zds import HandTunnel, RecordingPods, ready_tunnel
 from zds.messages import Version, ZdsHello, encode
@@ -164,20 +162,7 @@ _EMFILE_CHILD = textwrap.dedent(
 
 
 def test_the_accept_loop_survives_emfile_without_spinning(tmp_path):
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    done = subprocess.run(
-        [sys.executable, "-c", _EMFILE_CHILD, str(tmp_path / "z.sock")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        cwd=root,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    [line] = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
-    result = json.loads(line.removeprefix("RESULT "))
+    result, done = run_child(_EMFILE_CHILD, str(tmp_path / "z.sock"))
     assert result["served"], "the connection is taken once fds are free again"
     assert 1 <= result["starved"] < 50, result
     assert "cannot accept: out of resources" in done.stdout + done.stderr

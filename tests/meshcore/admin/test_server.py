@@ -375,25 +375,10 @@ asyncio.run(main())
 
 @pytest.mark.netns  # its own network namespace, with an address that is not loopback
 def test_admin_refuses_state_changes_from_off_the_node():
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from tests.support.child import run_child
 
-    root = Path(__file__).resolve().parents[3]
-    done = subprocess.run(
-        ["unshare", "--net", sys.executable, "-c", _OFF_NODE_CHILD],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONPATH": str(root)},
-        cwd=root,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    [line] = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert json.loads(line.removeprefix("RESULT ")) == {
+    result, _ = run_child(_OFF_NODE_CHILD, prefix=("unshare", "--net"))
+    assert result == {
         "off_get": 200,
         "off_quit": 403,
         "off_logging": 403,

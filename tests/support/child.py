@@ -1,0 +1,40 @@
+"""Run a test's Python code in a child process of its own and read back its result.
+
+For what must not happen in the test process: a lowered descriptor limit, another network
+namespace (`unshare`), another user (`scripts/unprivileged.sh`), a loop of another kind. The
+child prints one line `RESULT <json>`; anything else it prints is kept for the failure
+message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULT = "RESULT "
+
+
+def run_child(
+    code: str, *args: str, prefix: tuple[str, ...] = (), timeout: float = 120
+) -> tuple[Any, subprocess.CompletedProcess[str]]:
+    """Run `code` (`python -c`, this checkout importable) with `args`, under the command
+    `prefix` if any. Asserts the child succeeded and printed one result line; returns the
+    decoded result and the finished process (its output, for further checks)."""
+    done = subprocess.run(
+        [*prefix, sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith(RESULT)]
+    assert len(lines) == 1, f"one result line expected: {done.stdout}\n{done.stderr}"
+    return json.loads(lines[0].removeprefix(RESULT)), done
