@@ -19,6 +19,7 @@ import contextlib
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,15 @@ from controlplane.controller import ControllerOptions, MeshController
 from controlplane.incluster import RootCertPublisher, load_or_create_ca
 from controlplane.install import InstallError, accept_waypoint_class, install_crds
 from controlplane.waypoints import WaypointTemplate
-from kube.client import KubeApiError, KubeClient, KubeConfig, config_from_env, load_kubeconfig
+from kube.client import (
+    KubeApiError,
+    KubeClient,
+    KubeConfig,
+    Obj,
+    config_from_env,
+    load_kubeconfig,
+)
+from kube.informer import Event, Handler
 from meshcore.defaults import ROOT_NAMESPACE, TRUST_DOMAIN
 from meshcore.http1.server import NodeHttpServer, Request, Response, Routes
 from meshcore.observability import logging as meshlog
@@ -255,6 +264,18 @@ class GrpcServing:
         await self.facts.stop()
 
 
+def pod_deletions(told: Callable[[str], None]) -> Handler:
+    """An informer handler that tells `told` the uid of each deleted pod."""
+
+    def handler(event: Event, _key: str, old: Obj | None, _new: Obj | None) -> None:
+        if event is Event.DELETED and old is not None:
+            uid = (old.get("metadata") or {}).get("uid")
+            if isinstance(uid, str) and uid:
+                told(uid)
+
+    return handler
+
+
 async def serve_grpc(
     client: KubeClient,
     controller: MeshController,
@@ -280,6 +301,7 @@ async def serve_grpc(
     # Every state the controller computes goes to every connected proxy; a proxy that
     # connects before the first one waits for it.
     controller.on_state(xds.update)
+    controller.informers["pods"].add_handler(pod_deletions(auth.pod_deleted))
     facts.start()
     server = new_server(limits)
     xds.add_to_server(server)

@@ -91,6 +91,13 @@ class SubscriberAuth:
         self.reviews = 0  # TokenReviews made (cache misses within the rate)
         self.limited = 0  # streams refused because the review rate was spent
 
+    def pod_deleted(self, uid: str) -> None:
+        """Pod `uid` is gone: its bound tokens open no new stream from now on (the API
+        server refuses them; the cache must not answer for it)."""
+        dropped = self._cache.forget_pod(uid, self._clock())
+        if dropped:
+            log.info("cached tokens of a deleted pod forgotten", pod_uid=uid, tokens=dropped)
+
     @classmethod
     def unauthenticated(cls, trust_domain: str) -> SubscriberAuth:
         """Every subscriber served, as `unauthenticated`: loopback tests only, by name."""
@@ -169,5 +176,14 @@ class SubscriberAuth:
         self.reviews += 1
         assert self._reviewer is not None
         answer = await self._reviewer.review(token)
-        self._cache.put(key, answer, self._clock())
+        now = self._clock()
+        if isinstance(answer, Caller) and self._cache.pod_gone(answer.pod_uid, now):
+            # The API server caches its own yes for a while (10 s): a token whose pod we
+            # saw deleted is refused here at once, not after that.
+            answer = Refusal(
+                Code.UNAUTHENTICATED,
+                f"the pod this token is bound to ({answer.namespace}/{answer.pod_name}) "
+                "was deleted",
+            )
+        self._cache.put(key, answer, now)
         return answer

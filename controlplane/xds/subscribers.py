@@ -33,12 +33,16 @@ from meshcore.identity.spiffe import IdentityError, SpiffeId
 
 # grpc's auth-context property holding each SAN of a verified peer certificate.
 SAN_PROPERTY = "x509_subject_alternative_name"
-# A TokenReview's answer is reused for this long: a token the API server revokes (its pod
-# deleted) still opens streams for at most this long, the price of not asking per stream.
+# A TokenReview's answer is reused for this long: a token the API server revokes still
+# opens streams for at most this long, the price of not asking per stream. (A token bound
+# to a pod is forgotten at once when the pod is deleted: ReviewCache.forget_pod.)
 ACCEPTED_TTL = 60.0
 # A refused token is remembered for less: a flood repeating one bad token costs one review.
 REFUSED_TTL = 10.0
 MAX_CACHED = 10_000
+# How long a deleted pod's uid is remembered: past the API server's own cache of a token's
+# yes (10 s by default), after which it refuses such a token itself.
+GONE_TTL = 120.0
 
 
 class Via(Enum):
@@ -152,20 +156,29 @@ def token_key(token: str) -> str:
 class ReviewCache:
     """TokenReview answers by token digest: accepted ones for `accepted_ttl` seconds,
     refused ones (UNAUTHENTICATED only: an unreachable API server decides nothing) for
-    `refused_ttl`. At most `max_entries`, the oldest dropped first. Time is passed in."""
+    `refused_ttl`. At most `max_entries`, the oldest dropped first. Time is passed in.
+
+    An accepted token bound to a pod is forgotten as soon as that pod is deleted
+    (`forget_pod`), and the pod is remembered as gone for `gone_ttl` (`pod_gone`): the API
+    server keeps saying yes to such a token for a few seconds (its own cache), so an answer
+    naming a gone pod must not be trusted either."""
 
     def __init__(
         self,
         accepted_ttl: float = ACCEPTED_TTL,
         refused_ttl: float = REFUSED_TTL,
         max_entries: int = MAX_CACHED,
+        gone_ttl: float = GONE_TTL,
     ) -> None:
         self.accepted_ttl, self.refused_ttl, self.max_entries = (
             accepted_ttl,
             refused_ttl,
             max_entries,
         )
+        self.gone_ttl = gone_ttl
+        self._gone: OrderedDict[str, float] = OrderedDict()  # deleted pod uid -> until
         self._entries: OrderedDict[str, tuple[float, Caller | Refusal]] = OrderedDict()
+        self._by_pod: dict[str, set[str]] = {}  # pod uid -> keys of tokens bound to it
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -176,7 +189,7 @@ class ReviewCache:
             return None
         until, answer = entry
         if now >= until:
-            del self._entries[key]
+            self._drop(key)
             return None
         return answer
 
@@ -184,10 +197,40 @@ class ReviewCache:
         if isinstance(answer, Refusal) and answer.code is not Code.UNAUTHENTICATED:
             return
         ttl = self.accepted_ttl if isinstance(answer, Caller) else self.refused_ttl
-        self._entries.pop(key, None)
+        self._drop(key)
         self._entries[key] = (now + ttl, answer)
+        if isinstance(answer, Caller) and answer.pod_uid:
+            self._by_pod.setdefault(answer.pod_uid, set()).add(key)
         while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+            self._drop(next(iter(self._entries)))
+
+    def forget_pod(self, uid: str, now: float) -> int:
+        """Pod `uid` was deleted: drop the answers for tokens bound to it, and remember it
+        as gone for `gone_ttl`. How many answers were dropped."""
+        self._gone.pop(uid, None)
+        self._gone[uid] = now + self.gone_ttl
+        while self._gone and (
+            len(self._gone) > self.max_entries or next(iter(self._gone.values())) <= now
+        ):
+            self._gone.popitem(last=False)
+        keys = self._by_pod.pop(uid, set())
+        for key in keys:
+            self._entries.pop(key, None)
+        return len(keys)
+
+    def pod_gone(self, uid: str, now: float) -> bool:
+        """Whether pod `uid` was seen deleted (within `gone_ttl`)."""
+        until = self._gone.get(uid) if uid else None
+        return until is not None and now < until
+
+    def _drop(self, key: str) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None and isinstance(entry[1], Caller) and entry[1].pod_uid:
+            keys = self._by_pod.get(entry[1].pod_uid)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._by_pod[entry[1].pod_uid]
 
 
 def peer_source(peer: str) -> str:

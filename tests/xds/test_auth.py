@@ -138,6 +138,31 @@ def test_review_cache_keeps_accepted_longer_than_refused_and_never_an_outage() -
     assert len(cache) == 2  # bounded: the oldest dropped
 
 
+def test_review_cache_forgets_the_tokens_of_a_deleted_pod_at_once() -> None:
+    cache = ReviewCache(accepted_ttl=60, refused_ttl=10, max_entries=3, gone_ttl=120)
+    pod1 = Caller("apps", "web", pod_name="web-1", pod_uid="p-1")
+    pod2 = Caller("apps", "web", pod_name="web-2", pod_uid="p-2")
+    cache.put("t1", pod1, 0)
+    cache.put("t1b", pod1, 0)  # a second token bound to the same pod
+    cache.put("t2", pod2, 0)
+    assert cache.forget_pod("p-1", 1) == 2
+    assert cache.get("t1", 1) is None and cache.get("t1b", 1) is None
+    assert cache.get("t2", 1) == pod2  # another pod's token stays
+    assert cache.pod_gone("p-1", 1) and cache.pod_gone("p-1", 120.9)
+    assert not cache.pod_gone("p-1", 121) and not cache.pod_gone("p-2", 1)
+    assert not cache.pod_gone("", 1)
+    assert cache.forget_pod("p-1", 1) == 0 and cache.forget_pod("unknown", 1) == 0
+    # Expired, replaced and evicted entries leave nothing in the index behind.
+    cache.put("t3", pod1, 0)
+    assert cache.get("t3", 60) is None
+    cache.put("t4", pod1, 0)
+    cache.put("t4", Caller("apps", "web"), 0)  # the same token, now without a pod
+    for i in range(5):
+        cache.put(f"k{i}", pod2, 100)
+    assert cache.forget_pod("p-1", 1) == 0
+    assert cache.forget_pod("p-2", 101) == 3 and len(cache) == 0
+
+
 def test_the_cache_holds_digests_not_tokens() -> None:
     assert token_key("secret") == hashlib.sha256(b"secret").hexdigest()
 
@@ -173,6 +198,29 @@ def test_each_way_and_its_refusal__stub_reviewer(aio: Loop) -> None:
         open_ = SubscriberAuth.unauthenticated(TD)
         anyone = await open_.authenticate([], {}, "ipv4:10.0.0.1:1")
         assert anyone == Subscriber(Via.UNAUTHENTICATED, "ipv4:10.0.0.1:1")
+
+    aio.run(main)
+
+
+def test_a_deleted_pods_token_is_refused_though_the_api_server_still_says_yes__stub_reviewer(
+    aio: Loop,
+) -> None:
+    """The API server caches its own yes to a token for seconds after the token's pod is
+    deleted (the stub goes on saying yes for ever): the pod's deletion decides."""
+    reviewer, clock = StubReviewer(), Clock()
+    a = auth(reviewer, clock)
+
+    async def main() -> None:
+        ok = await a.authenticate(bearer(GOOD), {}, "ipv4:10.0.0.1:1")
+        assert isinstance(ok, Subscriber)
+        a.pod_deleted("another-pod")
+        assert isinstance(await a.authenticate(bearer(GOOD), {}, "ipv4:10.0.0.1:1"), Subscriber)
+        assert reviewer.asked == [GOOD]  # answered by the cache
+        a.pod_deleted(ALICE.pod_uid)
+        gone = await a.authenticate(bearer(GOOD), {}, "ipv4:10.0.0.1:1")
+        assert isinstance(gone, Refusal) and gone.code is Code.UNAUTHENTICATED
+        assert "apps/alice-1" in gone.reason and "was deleted" in gone.reason
+        assert reviewer.asked == [GOOD, GOOD]  # asked again, and its yes overruled
 
     aio.run(main)
 

@@ -152,6 +152,39 @@ def test_a_forged_token_is_refused(env: Env) -> None:
     assert "the API server rejected the token" in reason or "unauthenticated" in reason, reason
 
 
+def test_a_token_bound_to_a_deleted_pod_opens_no_stream_from_then_on(env: Env) -> None:
+    """The API server refuses a pod-bound token once its pod is deleted; the control plane
+    forgets its cached answer for that token when it sees the deletion, instead of serving
+    it for the rest of the cache's minute."""
+    pod = {
+        "metadata": {"name": "bound-" + secrets.token_hex(3)},
+        "spec": {
+            "serviceAccountName": "ztunnel",
+            "automountServiceAccountToken": False,
+            "containers": [{"name": "app", "image": "app"}],
+        },
+    }
+    made = api_ok(env.cp, "POST", f"/api/v1/namespaces/{env.ns}/pods", pod)
+    name, uid = made["metadata"]["name"], made["metadata"]["uid"]
+    spec = {
+        "audiences": ["istio-ca"],
+        "expirationSeconds": 600,
+        "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": name, "uid": uid},
+    }
+    path = f"/api/v1/namespaces/{env.ns}/serviceaccounts/ztunnel/token"
+    token = str(api_ok(env.cp, "POST", path, {"spec": spec})["status"]["token"])
+    assert isinstance(asyncio.run(env.answer(token)), bytes)  # served, and now cached
+    api_ok(env.cp, "DELETE", f"/api/v1/namespaces/{env.ns}/pods/{name}?gracePeriodSeconds=0")
+    deadline = time.monotonic() + 20  # well inside the cache's 60 s
+    while True:
+        got = asyncio.run(env.answer(token))
+        if isinstance(got, GrpcClosed):
+            assert got.status == UNAUTHENTICATED, got
+            break
+        assert time.monotonic() < deadline, "the deleted pod's token was still served"
+        time.sleep(0.5)
+
+
 def test_the_standalone_server_reviews_tokens_with_its_kubeconfig(env: Env, tmp_path: Path) -> None:
     """`python -m controlplane.xds --kubeconfig`: the same TokenReview outside istiod."""
     from tests.xds.states import demo_document
