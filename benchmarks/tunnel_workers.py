@@ -38,6 +38,7 @@ from typing import Any
 
 import cpusplit  # benchmarks/, beside this script
 from benchrun import header, on_cluster, write_results
+from meshbench.costs import sample_pid
 
 import nsutil
 from localcluster import mesh
@@ -164,6 +165,9 @@ def measure(c: Cluster, count: int, p: Params) -> dict[str, Any]:
     time.sleep(1.0)  # the restarted tunnels' start-up work is over
     pids = tunnel_pids(c)
     out: dict[str, Any] = {"workers": count}
+    # Each process's resident memory before the load: what one more process costs idle.
+    idle = {name: sample_pid(pid) for name, pid in pids.items()}
+    out["rss_mb_idle"] = {n: round(u.rss_kb / 1024, 1) for n, u in idle.items() if u is not None}
     for mode in ("rr", "tput"):
         before = cpusplit.sample(pids)
         busy0, stolen0 = machine_times()
@@ -231,7 +235,10 @@ def summarize(rows: list[dict[str, Any]], counts: tuple[int, ...]) -> dict[str, 
             }
             for node in NODES
         }
+        names = sorted({n for r in mine for n in r.get("rss_mb_idle", {})})
+        rss = {n: statistics.median(r["rss_mb_idle"].get(n, 0.0) for r in mine) for n in names}
         out[str(count)] = {
+            "rss_mb_idle": rss,
             "machine_cores_busy": {
                 mode: statistics.median(r[f"machine_cores_busy_{mode}"] for r in mine)
                 for mode in ("rr", "tput")
@@ -253,15 +260,16 @@ def format_table(summary: dict[str, Any]) -> str:
         "| processes per tunnel | requests/s | Gbit/s "
         "| tunnel cores busy, requests (node1 / node2) "
         "| tunnel cores busy, throughput (node1 / node2) "
-        "| tunnel CPU per request, us (node1 / node2) | tunnel CPU per GB, s (node1 / node2) |",
-        "|---|---|---|---|---|---|---|",
+        "| tunnel CPU per request, us (node1 / node2) | tunnel CPU per GB, s (node1 / node2) "
+        "| idle RSS per process, MB (node1 / node2) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
 
-    def per_node(cores: dict[str, float]) -> str:
+    def per_node(cores: dict[str, float], fmt: str = ".2f") -> str:
         parts = []
         for node in NODES:
             mine = [v for n, v in sorted(cores.items()) if n.startswith(f"{node}/")]
-            parts.append(" + ".join(f"{v:.2f}" for v in mine))
+            parts.append(" + ".join(f"{v:{fmt}}" for v in mine))
         return " / ".join(parts)
 
     for count, s in summary.items():
@@ -270,7 +278,8 @@ def format_table(summary: dict[str, Any]) -> str:
             f"| {count} | {s['requests_per_s']:,.0f} | {s['gbit_per_s']:.2f} "
             f"| {per_node(s['cores']['rr'])} | {per_node(s['cores']['tput'])} "
             f"| {cpu['node1']['us_per_request']:.0f} / {cpu['node2']['us_per_request']:.0f} "
-            f"| {cpu['node1']['s_per_gb']:.2f} / {cpu['node2']['s_per_gb']:.2f} |"
+            f"| {cpu['node1']['s_per_gb']:.2f} / {cpu['node2']['s_per_gb']:.2f} "
+            f"| {per_node(s.get('rss_mb_idle', {}), '.1f')} |"
         )
     return "\n".join(lines)
 
