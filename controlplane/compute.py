@@ -187,6 +187,15 @@ class _Compute:
                 return None
             self.report(kind, obj, f"{where}: no usable waypoint; its traffic is refused")
             return self._address(ref, False)
+        if not gw.allowed.allows(ref.namespace, ns, self.ns_labels.get(ns, {})):
+            if ref.source == source or traffic == "service":
+                self.report(
+                    kind,
+                    obj,
+                    f"{where}: the waypoint does not take namespace {ns}: "
+                    f"{gw.allowed.describe()}; not bound",
+                )
+            return None
         if not accepts(gw.waypoint_for, traffic):
             if ref.source == source:
                 self.report(

@@ -16,7 +16,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from controlplane.bindings import DEFAULT_WAYPOINT_FOR, WAYPOINT_FOR, WAYPOINT_FOR_LABEL
+from controlplane.bindings import (
+    DEFAULT_WAYPOINT_FOR,
+    SAME_NAMESPACE,
+    WAYPOINT_FOR,
+    WAYPOINT_FOR_LABEL,
+    AllowedNamespaces,
+    allowed_namespaces,
+)
 from kube.kinds import DEPLOYMENT, GATEWAY, SERVICE, SERVICE_ACCOUNT
 from meshcore import defaults
 
@@ -41,6 +48,8 @@ class WaypointGateway:
     fail_open: bool
     generation: int
     problem: str | None = None
+    # Who may bind from other namespaces (its HBONE listener's allowedRoutes.namespaces).
+    allowed: AllowedNamespaces = SAME_NAMESPACE
 
     @property
     def key(self) -> str:
@@ -87,6 +96,13 @@ def read_gateway(obj: Mapping[str, Any]) -> WaypointGateway:
             f"a waypoint needs a listener {{name: mesh, port: {defaults.HBONE_PORT}, "
             f"protocol: {HBONE_PROTOCOL}}}"
         )
+    allowed = SAME_NAMESPACE
+    if hbone:
+        try:
+            allowed = allowed_namespaces(hbone[0])
+        except ValueError as e:
+            # Not understood: no other namespace may bind (it says why), its own still may.
+            allowed = AllowedNamespaces(invalid=str(e))
     generation = meta.get("generation")
     return WaypointGateway(
         namespace=str(meta.get("namespace", "")),
@@ -96,6 +112,7 @@ def read_gateway(obj: Mapping[str, Any]) -> WaypointGateway:
         fail_open=annotations.get(FAIL_OPEN_ANNOTATION) == "true",
         generation=generation if isinstance(generation, int) else 0,
         problem=problem,
+        allowed=allowed,
     )
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
+from controlplane.bindings import SAME_NAMESPACE, AllowedNamespaces, allowed_namespaces
 from meshcore.defaults import NAMESPACE as DEFAULT_NAMESPACE
 
 GATEWAY_KIND = "Gateway"
@@ -70,6 +71,8 @@ class GatewaySpec:
     fail_open: bool
     doc: str  # canonical JSON of the resource as applied (status removed)
     placement: Placement | None = None
+    # Who may bind from other namespaces (the listener's allowedRoutes.namespaces).
+    allowed: AllowedNamespaces = SAME_NAMESPACE
 
     @property
     def key(self) -> tuple[str, str]:
@@ -182,6 +185,10 @@ def parse_gateway(doc: Any, where: str) -> GatewaySpec:
     for key, want in HBONE_LISTENER.items():
         if listener.get(key) != want:
             raise fail(f"spec.listeners[0].{key}", f"{listener.get(key)!r} must be {want!r}")
+    try:
+        allowed = allowed_namespaces(listener)
+    except ValueError as e:
+        raise fail("spec.listeners[0]", str(e)) from None
     out = copy.deepcopy(dict(doc))
     out.pop("status", None)  # the status is ours to write, never the user's
     out["metadata"] = {**out["metadata"], "namespace": namespace}
@@ -191,6 +198,7 @@ def parse_gateway(doc: Any, where: str) -> GatewaySpec:
         waypoint_for=waypoint_for,
         fail_open=fail_open_text == "true",
         doc=json.dumps(out, sort_keys=True, separators=(",", ":")),
+        allowed=allowed,
     )
 
 

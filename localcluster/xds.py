@@ -125,6 +125,13 @@ def service_binding(spec: ClusterSpec, svc: ServiceSpec) -> Binding:
             f"{where}: no waypoint {ref.namespace}/{ref.name}; its traffic is refused until "
             "that Gateway exists",
         )
+    ns_labels = spec.namespace(svc.namespace).labels
+    if not g.allowed.allows(ref.namespace, svc.namespace, ns_labels):
+        return Binding(
+            None,
+            f"{where}: waypoint {ref.namespace}/{ref.name} does not take namespace "
+            f"{svc.namespace}: {g.allowed.describe()}; not bound",
+        )
     if not _accepts(g.waypoint_for, "service"):
         return Binding(
             None,
@@ -152,6 +159,14 @@ def workload_binding(spec: ClusterSpec, pod: PodSpec) -> Binding:
             ref,
             f"{where}: no waypoint {ref.namespace}/{ref.name}; its traffic is refused until "
             "that Gateway exists",
+        )
+    if not g.allowed.allows(ref.namespace, pod.namespace, spec.namespace(pod.namespace).labels):
+        if ref.source != "pod":
+            return NOT_BOUND  # said once, for the namespace's services
+        return Binding(
+            None,
+            f"{where}: waypoint {ref.namespace}/{ref.name} does not take namespace "
+            f"{pod.namespace}: {g.allowed.describe()}; not bound",
         )
     if not _accepts(g.waypoint_for, "workload"):
         if ref.source != "pod":

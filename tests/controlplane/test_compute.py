@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import random
 from typing import Any
@@ -202,6 +203,57 @@ def test_a_binding_to_a_missing_waypoint_fails_closed_and_is_reported() -> None:
     assert api.waypoint.hostname == "shop/elsewhere.shop.svc.cluster.local"
     assert state.service_by_hostname("elsewhere.shop.svc.cluster.local") is None
     assert any(p.kind == "Service" and "no usable waypoint" in p.message for p in computed.problems)
+
+
+def _tenant_binding(allowed: dict[str, Any] | None, **tenant_labels: str) -> tuple[Any, Any]:
+    """A service of namespace `tenant` bound to `shop`'s waypoint, whose listener has
+    `allowed` as its allowedRoutes.namespaces."""
+    inputs = _waypoint_inputs({})
+    gateway = inputs.gateways[0]
+    if allowed is not None:
+        gateway["spec"]["listeners"][0]["allowedRoutes"] = {"namespaces": allowed}
+    labels = {"istio.io/use-waypoint": "waypoint", "istio.io/use-waypoint-namespace": "shop"}
+    tenant = namespace("tenant", **{"istio.io/dataplane-mode": "ambient", **tenant_labels})
+    inputs = dataclasses.replace(
+        inputs,
+        namespaces=[*inputs.namespaces, tenant],
+        services=[*inputs.services, service("tenant", "app", "10.96.0.20", {"app": "t"}, HTTP)],
+    )
+    inputs.services[-1]["metadata"]["labels"] = labels
+    computed, state = state_of(inputs)
+    return computed, state.service_by_hostname("app.tenant.svc.cluster.local").waypoint
+
+
+@pytest.mark.parametrize(
+    ("allowed", "tenant_labels", "bound"),
+    [
+        (None, {}, False),  # Same, by default: Istio's rule for a waypoint of another namespace
+        ({"from": "Same"}, {}, False),
+        ({"from": "All"}, {}, True),
+        ({"from": "Selector", "selector": {"matchLabels": {"team": "t"}}}, {"team": "t"}, True),
+        ({"from": "Selector", "selector": {"matchLabels": {"team": "t"}}}, {"team": "u"}, False),
+        ({"from": "Selector", "selector": {"matchExpressions": [
+            {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["tenant"]}]}},
+         {}, True),
+        ({"from": "Selector", "selector": {"matchExpressions": [
+            {"key": "team", "operator": "DoesNotExist"}]}}, {"team": "t"}, False),
+        ({"from": "Anyone"}, {}, False),  # not understood: its own namespace only
+    ],
+)  # fmt: skip
+def test_another_namespace_binds_to_a_waypoint_only_where_its_listener_allows(
+    allowed: dict[str, Any] | None, tenant_labels: dict[str, str], bound: bool
+) -> None:
+    computed, waypoint = _tenant_binding(allowed, **tenant_labels)
+    if bound:
+        assert waypoint is not None and str(waypoint.address) == "/10.96.0.99"
+        assert not [p for p in computed.problems if p.namespace == "tenant"]
+    else:
+        assert waypoint is None  # not bound: its traffic goes to the pods directly (L4)
+        (problem,) = [p for p in computed.problems if p.namespace == "tenant"]
+        assert "does not take namespace tenant" in problem.message
+    # The waypoint's own namespace binds whatever its listener says.
+    _, state = state_of(_waypoint_inputs({"istio.io/use-waypoint": "waypoint"}))
+    assert state.service_by_hostname("api.shop.svc.cluster.local").waypoint is not None
 
 
 def test_a_bad_authorization_policy_is_reported_kept_and_denies() -> None:

@@ -30,10 +30,17 @@ services:
 """
 
 
-def gateway(name: str = "waypoint", ns: str = "shop", **meta: Any) -> dict[str, Any]:
+def gateway(
+    name: str = "waypoint", ns: str = "shop", allowed: Any = None, **meta: Any
+) -> dict[str, Any]:
     doc = gw.waypoint_resource(name, ns)
     doc["metadata"].update(meta)
+    if allowed is not None:  # the listener's allowedRoutes.namespaces
+        doc["spec"]["listeners"][0]["allowedRoutes"] = {"namespaces": allowed}
     return doc
+
+
+ALL = {"from": "All"}
 
 
 def spec_with(*gateways: dict[str, Any], extra: str = "") -> ClusterSpec:
@@ -92,10 +99,28 @@ BINDINGS = [
      {UW: "waypoint"}, None, "shop/waypoint", None),
     ("pod none beats a namespace binding", [gateway(labels={FOR: "all"})], {UW: "waypoint"},
      {}, {UW: "none"}, "shop/waypoint", None, None),
-    ("use-waypoint-namespace", [gateway("shared", "infra")], {}, {UW: "shared", UWN: "infra"},
-     {}, "infra/shared", None, None),
-    ("namespace's use-waypoint-namespace", [gateway("shared", "infra", labels={FOR: "all"})],
+    ("use-waypoint-namespace", [gateway("shared", "infra", ALL)], {},
+     {UW: "shared", UWN: "infra"}, {}, "infra/shared", None, None),
+    ("namespace's use-waypoint-namespace",
+     [gateway("shared", "infra", ALL, labels={FOR: "all"})],
      {UW: "shared", UWN: "infra"}, {}, {}, "infra/shared", "infra/shared", None),
+    ("another namespace's waypoint takes its own namespace only by default",
+     [gateway("shared", "infra", labels={FOR: "all"})], {UW: "shared", UWN: "infra"}, {},
+     {UW: "shared", UWN: "infra"}, None, None, "does not take namespace shop"),
+    ("a selector naming the namespace",
+     [gateway("shared", "infra", {"from": "Selector", "selector": {
+         "matchLabels": {"kubernetes.io/metadata.name": "shop"}}})],
+     {}, {UW: "shared", UWN: "infra"}, {}, "infra/shared", None, None),
+    ("a selector by label that the namespace lacks",
+     [gateway("shared", "infra", {"from": "Selector", "selector": {"matchExpressions": [
+         {"key": "team", "operator": "In", "values": ["infra"]}]}})],
+     {}, {UW: "shared", UWN: "infra"}, {}, None, None, "selector does not select"),
+    ("a selector by label that the namespace has",
+     [gateway("shared", "infra", {"from": "Selector", "selector": {"matchExpressions": [
+         {"key": "team", "operator": "In", "values": ["infra", "shop"]}]}})],
+     {"team": "shop"}, {UW: "shared", UWN: "infra"}, {}, "infra/shared", None, None),
+    ("Same is the namespace's own", [gateway(allowed={"from": "Same"})], {UW: "waypoint"}, {},
+     {}, "shop/waypoint", None, None),
     ("missing gateway: service still bound (fail closed)", [], {}, {UW: "ghost"}, {},
      "shop/ghost", None, "no waypoint shop/ghost"),
     ("missing gateway: pod still bound (fail closed)", [], {}, {}, {UW: "ghost"}, None,
@@ -134,6 +159,36 @@ def test_bindings(
         assert problems == []
     else:
         assert any(problem in p for p in problems), problems
+
+
+@pytest.mark.parametrize(
+    ("allowed", "message"),
+    [
+        ({"from": "Everyone"}, "is not Same, All or Selector"),
+        ({"from": "Selector"}, "needs a selector"),
+        (
+            {
+                "from": "Selector",
+                "selector": {"matchExpressions": [{"key": "a", "operator": "Is"}]},
+            },
+            "operator 'Is'",
+        ),
+        (
+            {
+                "from": "Selector",
+                "selector": {"matchExpressions": [{"key": "a", "operator": "In"}]},
+            },
+            "In takes values",
+        ),
+        ({"from": "Selector", "selector": {"matchLabels": {"a": 1}}}, "strings to strings"),
+        ("All", "must be a mapping"),
+    ],
+)
+def test_a_gateway_with_allowed_routes_not_understood_is_refused(
+    allowed: Any, message: str
+) -> None:
+    with pytest.raises(SpecError, match=message):
+        spec_with(gateway(allowed=allowed))
 
 
 def test_the_mesh_config_carries_bindings_the_waypoint_and_its_service() -> None:
