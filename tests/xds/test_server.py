@@ -219,6 +219,68 @@ def test_malformed_requests_end_only_that_stream(aio: Loop, harness: Harness) ->
     aio.run(main)
 
 
+def test_what_one_subscriber_asks_changes_nothing_another_receives(
+    aio: Loop, harness: Harness
+) -> None:
+    """A subscriber's stream state is its own: one that subscribes to a few names,
+    unsubscribes from everything, claims versions it never had, NACKs every push and
+    subscribes as another node changes nothing another subscriber receives, before or
+    after an update, nor what a new subscriber starts with."""
+    server = XdsServer(demo_state(), auth=OPEN)
+    uid = demo_state().workloads[0].uid
+    meddling = [
+        m.DeltaDiscoveryRequest(
+            node=m.Node(id="node2"),
+            type_url=m.ADDRESS_TYPE,
+            resource_names_subscribe=(uid,),
+            resource_names_unsubscribe=("*",),
+            initial_resource_versions=(m.VersionEntry(uid, "forged"),),
+        ),
+        m.DeltaDiscoveryRequest(
+            type_url=m.ADDRESS_TYPE,
+            response_nonce="not-a-nonce",
+            error_detail=m.Status(code=3, message="every push rejected"),
+        ),
+        m.DeltaDiscoveryRequest(type_url=m.AUTHORIZATION_TYPE, resource_names_unsubscribe=("*",)),
+    ]
+
+    async def meddle(port: int) -> int:
+        """The meddling stream, kept open while the others are watched; how many
+        responses it got."""
+        creds = grpc.ssl_channel_credentials(root_certificates=harness.ca.roots_pem())
+        options = (("grpc.ssl_target_name_override", "istiod.istio-system.svc"),)
+        got = 0
+        async with grpc.aio.secure_channel(f"127.0.0.1:{port}", creds, options) as channel:
+            method = channel.stream_stream(m.ADS_METHOD, lambda b: b, lambda b: b)
+            call = method(iter([m.encode(r) for r in meddling]))
+            try:
+                async for _ in call:
+                    got += 1
+                    if got >= 3:
+                        break
+            except grpc.aio.AioRpcError:
+                pass
+            call.cancel()
+        return got
+
+    async def main() -> None:
+        port = await harness.serve(server)
+        watcher = await harness.client()
+        seen = len(watcher.recent)
+        before = watcher.current
+        served = await asyncio.wait_for(meddle(port), 20)
+        # It was served and its requests were read (its NACK is on record).
+        assert served >= 1 and [n.message for n in server.nacks] == ["every push rejected"]
+        assert watcher.current == before == convert.canonical(demo_state())
+        assert len(watcher.recent) == seen  # nothing was pushed to it meanwhile
+        server.update(changed_state())
+        await wait_until(lambda: watcher.current == convert.canonical(changed_state()), "update")
+        newcomer = await harness.client(node="node3")
+        assert newcomer.current == convert.canonical(changed_state())
+
+    aio.run(main)
+
+
 def test_a_client_that_never_reads_does_not_hold_others_back(aio: Loop, harness: Harness) -> None:
     """A stream whose reader is stuck: updates to the others go on, and the stuck stream
     holds one pending state (the newest), not one per update."""
