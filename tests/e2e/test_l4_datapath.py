@@ -15,6 +15,7 @@ import random
 import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -440,6 +441,71 @@ def test_a_client_can_reuse_its_port_at_once_after_the_server_closed_first(
             assert time.monotonic() - started < 8
             time.sleep(0.2)  # the tunnel sees the app's FIN
         t.join(10)
+
+
+# ---- an app without CAP_NET_ADMIN -------------------------------------------------------
+
+
+def _without_net_admin(c: mesh.Cluster, *cmd: str) -> subprocess.CompletedProcess[str]:
+    """`cmd` in the client pod's netns as root with no capability at all, as a container's
+    process runs without NET_ADMIN (and without NET_RAW)."""
+    name = Path(c.pod_netns("mesh", "client")).name
+    drop = ("--bounding-set=-all", "--inh-caps=-all", "--ambient-caps=-all", "--no-new-privs")
+    return subprocess.run(
+        ["ip", "netns", "exec", name, "setpriv", *drop, *cmd],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def _capture_state(c: mesh.Cluster, mode: str) -> str:
+    """The client pod's capture as root sees it: its rules (iptables) or its tc filters
+    (eBPF), plus its policy routing, both modes'."""
+    name = Path(c.pod_netns("mesh", "client")).name
+    cmds = [["ip", "rule", "show"], ["ip", "route", "show", "table", "100"]]
+    if mode == "iptables":
+        cmds.append(["iptables-save"])
+    else:
+        cmds += [["tc", "filter", "show", "dev", dev, way] for dev, way in
+                 (("eth0", "ingress"), ("eth0", "egress"), ("lo", "ingress"))]  # fmt: skip
+    out = []
+    for cmd in cmds:
+        done = subprocess.run(
+            ["ip", "netns", "exec", name, *cmd], capture_output=True, text=True, check=True
+        )
+        # iptables-save's comments carry a time and counters; the rules are what matter.
+        out += [ln for ln in done.stdout.splitlines() if not ln.startswith(("#", ":"))]
+    return "\n".join(out)
+
+
+def test_a_pod_without_net_admin_cannot_undo_its_capture(
+    cluster: mesh.Cluster, redirect_mode: str
+) -> None:
+    """An app of the pod, root but without CAP_NET_ADMIN (a container's default), cannot
+    take its traffic out of the tunnel: not by removing rules, filters or routes, not by
+    marking its socket as the tunnel's. (The netns's sysctls are guarded by /proc/sys being
+    read-only in a container, not by a capability: uid 0 may write them where it is not.)"""
+    before = _capture_state(cluster, redirect_mode)
+    assert ("ISTIO_OUTPUT" in before) if redirect_mode == "iptables" else ("bpf" in before)
+    attempts = [
+        ["iptables", "-t", "nat", "-F"],
+        ["iptables", "-t", "mangle", "-F"],
+        ["tc", "filter", "del", "dev", "eth0", "egress"],
+        ["tc", "qdisc", "del", "dev", "eth0", "clsact"],
+        ["ip", "rule", "del", "fwmark", "0x111/0xfff", "lookup", "100"],
+        ["ip", "route", "flush", "table", "100"],
+        [sys.executable, "-c",
+         "import socket; socket.socket().setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 0x539)"],
+    ]  # fmt: skip
+    for cmd in attempts:
+        done = _without_net_admin(cluster, *cmd)
+        assert done.returncode != 0, f"{cmd} succeeded without CAP_NET_ADMIN: {done.stdout}"
+    assert _capture_state(cluster, redirect_mode) == before
+    # And the pod's traffic still goes through the tunnels.
+    seen, data = echo(cluster, "mesh", "client", pod_ip(cluster, "mesh", "server-b"), 9000, b"x")
+    assert data == b"x" and seen.split(":")[0] == pod_ip(cluster, "mesh", "client")
 
 
 # ---- teardown ---------------------------------------------------------------------------
