@@ -134,7 +134,6 @@ class ListenerProxy:
         self.stopping = False
         self.in_flight = 0  # accepted, their task still running
         self._on_accept = self._accepted  # one bound method for every accepted connection
-        self._on_handled = self._handled
         self._reaper: TimeWaitReaper | None = None
         self._port = 0
 
@@ -162,12 +161,18 @@ class ListenerProxy:
         self.in_flight += 1
         if self._reaper is not None:
             self._watch_time_wait(app, t)
-        task = asyncio.get_running_loop().create_task(self._handle(app))
-        task.add_done_callback(self._on_handled)
-        self._track(task)
+        self._track(asyncio.get_running_loop().create_task(self._run(app)))
 
-    def _handled(self, _task: asyncio.Future[None]) -> None:
-        self.in_flight -= 1
+    async def _run(self, app: AppSide) -> None:
+        # The count drops in the step that booked the relay (or gave up), not in a done
+        # callback a loop turn later: in between, a connection accepted would be counted
+        # twice, in flight and relaying, and refused below its limit. (A task cancelled
+        # before its first step skips this: only the pod's stop does that, and then the
+        # listener takes nothing more.)
+        try:
+            await self._handle(app)
+        finally:
+            self.in_flight -= 1
 
     def _watch_time_wait(self, app: AppSide, t: asyncio.Transport) -> None:
         local = t.get_extra_info("sockname")
