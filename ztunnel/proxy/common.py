@@ -8,6 +8,7 @@ import contextlib
 import functools
 import socket
 import struct
+from asyncio import Future
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -63,16 +64,50 @@ async def connect_tcp(
         tune_stream(sock)
         if as_client is not None and factory.transparent:
             make_transparent(sock, as_client)
-        # A timeout scope, not wait_for: wait_for wraps the coroutine in a task of its own,
-        # one more task and future per connection. (The loop's own sock_connect: a connect
-        # of ours, polled with add_writer and then handed to create_connection, broke other
-        # connections of the tunnel under uvloop in the loopback tests.)
-        async with asyncio.timeout(CONNECT_TIMEOUT):
-            await loop.sock_connect(sock, target.pair)
+        await _connect(loop, sock, target)
         return await loop.create_connection(AppSide, sock=sock)
     except BaseException:
         sock.close()
         raise
+
+
+def _writable(loop: asyncio.AbstractEventLoop, sock: socket.socket, fut: Future[None]) -> None:
+    # The poll ends inside its own callback, as the loop's sock_connect does: the socket's
+    # descriptor is watched by nothing by the time create_connection takes it over.
+    loop.remove_writer(sock)
+    if not fut.done():
+        fut.set_result(None)
+
+
+async def _connect(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, target: SocketAddr
+) -> None:
+    """Connect the non-blocking `sock` to `target`, failed with TimeoutError after
+    CONNECT_TIMEOUT. Not the loop's sock_connect: under uvloop it resolves the address
+    first, and with no socket type given that is a real getaddrinfo on libuv's thread
+    pool, once per connection, for an address that is already numeric. One timer, not a
+    timeout scope, for the same reason as `within`. The errors are the loop's own: the
+    connect's OSError at once, or `Connect call failed (address)` with the error the
+    socket reports. (A connect polled this way once seemed to break other connections on
+    loopback: faster connects had reached the listener's in-flight double count, since
+    fixed.)"""
+    address = target.pair if target.ip.version == 4 else (*target.pair, 0, 0)
+    try:
+        sock.connect(address)
+        return
+    except (BlockingIOError, InterruptedError):
+        pass
+    fut: Future[None] = loop.create_future()
+    loop.add_writer(sock, _writable, loop, sock, fut)
+    handle = loop.call_later(CONNECT_TIMEOUT, _expire, fut)
+    try:
+        await fut
+    finally:
+        handle.cancel()
+        loop.remove_writer(sock)  # timed out or cancelled: before the socket is closed
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err != 0:
+        raise OSError(err, f"Connect call failed {address}")
 
 
 # The limits a listener's new connection is held to (HboneLimits fields), as reported.
@@ -134,7 +169,6 @@ class ListenerProxy:
         self.stopping = False
         self.in_flight = 0  # accepted, their task still running
         self._on_accept = self._accepted  # one bound method for every accepted connection
-        self._on_handled = self._handled
         self._reaper: TimeWaitReaper | None = None
         self._port = 0
 
@@ -162,12 +196,18 @@ class ListenerProxy:
         self.in_flight += 1
         if self._reaper is not None:
             self._watch_time_wait(app, t)
-        task = asyncio.get_running_loop().create_task(self._handle(app))
-        task.add_done_callback(self._on_handled)
-        self._track(task)
+        self._track(asyncio.get_running_loop().create_task(self._run(app)))
 
-    def _handled(self, _task: asyncio.Future[None]) -> None:
-        self.in_flight -= 1
+    async def _run(self, app: AppSide) -> None:
+        # The count drops in the step that booked the relay (or gave up), not in a done
+        # callback a loop turn later: in between, a connection accepted would be counted
+        # twice, in flight and relaying, and refused below its limit. (A task cancelled
+        # before its first step skips this: only the pod's stop does that, and then the
+        # listener takes nothing more.)
+        try:
+            await self._handle(app)
+        finally:
+            self.in_flight -= 1
 
     def _watch_time_wait(self, app: AppSide, t: asyncio.Transport) -> None:
         local = t.get_extra_info("sockname")
