@@ -460,23 +460,25 @@ def _without_net_admin(c: mesh.Cluster, *cmd: str) -> subprocess.CompletedProces
     )
 
 
+def _in_client(c: mesh.Cluster, *argv: str) -> list[str]:
+    """`argv`'s output lines, run as root in the client pod's netns; iptables-save's
+    comments and counters left out (they carry times and counts, not rules)."""
+    name = Path(c.pod_netns("mesh", "client")).name
+    done = subprocess.run(
+        ["ip", "netns", "exec", name, *argv], capture_output=True, text=True, check=True
+    )
+    return [ln for ln in done.stdout.splitlines() if not ln.startswith(("#", ":"))]
+
+
 def _capture_state(c: mesh.Cluster, mode: str) -> str:
     """The client pod's capture as root sees it: its rules (iptables) or its tc filters
     (eBPF), plus its policy routing, both modes'."""
-    name = Path(c.pod_netns("mesh", "client")).name
-    cmds = [["ip", "rule", "show"], ["ip", "route", "show", "table", "100"]]
+    out = _in_client(c, "ip", "rule", "show") + _in_client(c, "ip", "route", "show", "table", "100")
     if mode == "iptables":
-        cmds.append(["iptables-save"])
+        out += _in_client(c, "iptables-save")
     else:
-        cmds += [["tc", "filter", "show", "dev", dev, way] for dev, way in
-                 (("eth0", "ingress"), ("eth0", "egress"), ("lo", "ingress"))]  # fmt: skip
-    out = []
-    for cmd in cmds:
-        done = subprocess.run(
-            ["ip", "netns", "exec", name, *cmd], capture_output=True, text=True, check=True
-        )
-        # iptables-save's comments carry a time and counters; the rules are what matter.
-        out += [ln for ln in done.stdout.splitlines() if not ln.startswith(("#", ":"))]
+        for dev, way in (("eth0", "ingress"), ("eth0", "egress"), ("lo", "ingress")):
+            out += _in_client(c, "tc", "filter", "show", "dev", dev, way)
     return "\n".join(out)
 
 

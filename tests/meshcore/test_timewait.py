@@ -27,7 +27,7 @@ from meshcore.timewait import (
     dumped,
     tcp_state,
 )
-from tests.support.child import ROOT, run_child
+from tests.support.child import ROOT, run_child_under
 from tests.support.netns import throwaway_netns
 
 # ---- the message ---------------------------------------------------------------------------
@@ -248,7 +248,7 @@ def test_a_reaper_without_the_privilege_stops_asking() -> None:
     kernel's refusal stops it asking: one request, not one per connection. Run as nobody
     (scripts/unprivileged.sh, as the unprivileged tier runs)."""
     unprivileged = ("bash", str(ROOT / "scripts/unprivileged.sh"))
-    result, _ = run_child(_WITHOUT_PRIVILEGE, prefix=unprivileged, timeout=60)
+    result, _ = run_child_under(unprivileged, _WITHOUT_PRIVILEGE, timeout=60)
     assert result == {
         "got": [errno.EPERM] * 3,
         "opened": 1,

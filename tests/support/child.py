@@ -17,16 +17,26 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULT = "RESULT "
+Completed = subprocess.CompletedProcess[str]
 
 
-def run_child(
-    code: str, *args: str, prefix: tuple[str, ...] = (), timeout: float = 120
-) -> tuple[Any, subprocess.CompletedProcess[str]]:
-    """Run `code` (`python -c`, this checkout importable) with `args`, under the command
-    `prefix` if any. Asserts the child succeeded and printed one result line; returns the
-    decoded result and the finished process (its output, for further checks)."""
+def run_child(code: str, *args: str, timeout: float = 120) -> tuple[Any, Completed]:
+    """Run `code` (`python -c`, this checkout importable) with `args`. Asserts the child
+    succeeded and printed one result line; returns the decoded result and the finished
+    process (its output, for further checks)."""
+    return _run([sys.executable, "-c", code, *args], timeout)
+
+
+def run_child_under(
+    prefix: tuple[str, ...], code: str, *args: str, timeout: float = 120
+) -> tuple[Any, Completed]:
+    """`run_child` under the command `prefix` (`unshare --net`, `scripts/unprivileged.sh`)."""
+    return _run([*prefix, sys.executable, "-c", code, *args], timeout)
+
+
+def _run(argv: list[str], timeout: float) -> tuple[Any, Completed]:
     done = subprocess.run(
-        [*prefix, sys.executable, "-c", code, *args],
+        argv,
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -375,9 +375,9 @@ asyncio.run(main())
 
 @pytest.mark.netns  # its own network namespace, with an address that is not loopback
 def test_admin_refuses_state_changes_from_off_the_node():
-    from tests.support.child import run_child
+    from tests.support.child import run_child_under
 
-    result, _ = run_child(_OFF_NODE_CHILD, prefix=("unshare", "--net"))
+    result, _ = run_child_under(("unshare", "--net"), _OFF_NODE_CHILD)
     assert result == {
         "off_get": 200,
         "off_quit": 403,
