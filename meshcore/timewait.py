@@ -10,13 +10,16 @@ to the tunnel's listener, is refused by the kernel as a duplicate of the TIME-WA
 the client's connect hangs until the minute is over. A real server's TIME-WAIT would
 accept such a SYN (RFC 6191); the steered one cannot.
 
-The TIME-WAIT protects nothing here (the app's packets reach the tunnel over the pod's
-own loopback, never late), so the tunnel ends it once it is made: SOCK_DESTROY over
-NETLINK_SOCK_DIAG, from a socket in the pod's namespace, for exactly that socket (its
-cookie, which the TIME-WAIT socket keeps). With the cookie a listener or another
-connection on the same addresses can never be hit.
+On 15001 the TIME-WAIT protects nothing (the app's packets reach the tunnel over the
+pod's own loopback, never late). On 15006 the peer is a plaintext client across the
+network, where ending it early gives up the usual guard against its late segments, as
+tcp_tw_reuse would; a hang of the client's next connection costs more. So the tunnel ends
+it once it is made: SOCK_DESTROY over NETLINK_SOCK_DIAG, from a socket in the pod's
+namespace, for exactly that socket (its cookie, which the TIME-WAIT socket keeps). With
+the cookie a listener or another connection on the same addresses can never be hit.
 
-Pure message building and parsing here; the netlink socket is the caller's.
+The messages are built and parsed by pure functions; `TimeWaitReaper` does the I/O on a
+netlink socket its caller opens in the right namespace.
 """
 
 from __future__ import annotations
