@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -38,6 +37,7 @@ from localcluster.appstatus import AppState
 from localcluster.kube.podstatus import restart_delay
 from localcluster.processes import ManagedProcess, ProcessError
 from localcluster.spec import PodSpec
+from meshcore.runtime.stopsignals import on_stop_signal
 
 POLL_S = 0.25
 log = logging.getLogger("supervisor")
@@ -149,12 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     cluster = mesh.attach(args.cluster_file, args.state_root)
     stop = False
 
-    def on_signal(signum: int, frame: object) -> None:
+    def on_signal(signum: int) -> None:
         nonlocal stop
         stop = True
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    # A child this process forks (pyroute2's netns helpers) dies of SIGTERM, not of this.
+    on_stop_signal(on_signal)
     state_dir: Path = cluster.state.dir
 
     def publish(records: dict[str, AppState], health_changed: bool) -> None:

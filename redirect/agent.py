@@ -48,6 +48,7 @@ import structlog
 
 from meshcore.localtrust import parse_uids
 from meshcore.runtime import accepterrors
+from meshcore.runtime.stopsignals import on_stop_signal
 from redirect import capture, probes
 from redirect.capture import RedirectMode
 from redirect.enrolment import FilePodSource, NodeView, PodInfo, PodSource, wanted
@@ -699,16 +700,16 @@ async def run(args: argparse.Namespace) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
-    def on_signal(signum: int, _frame: object) -> None:
+    def on_signal(signum: int) -> None:
         log.info("signal received", signal=signal.Signals(signum).name)
         loop.call_soon_threadsafe(stop.set)
 
     # Not loop.add_signal_handler: it routes signals through a wakeup fd that forked
     # children inherit, and pyroute2 forks a helper per netns socket (capture's routing
     # step) and stops it with SIGTERM; a helper not yet exited would write that SIGTERM
-    # into our loop, and the agent would stop itself.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
+    # into our loop, and the agent would stop itself. Nor a plain handler, which the helper
+    # inherits and lives through, while pyroute2 waits for it without a timeout.
+    on_stop_signal(on_signal)
     started = False
     readiness = ReadinessServer(args.readiness_port, lambda: started)
     if args.readiness_port:

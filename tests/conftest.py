@@ -16,6 +16,7 @@ import pytest
 from localcluster.kube.apiserver import KubeControlPlane
 from tests.scripts.programs import ProgramGuard, read_list
 from tests.support.aio import Loop
+from tests.support.failure import PHASE_REPORTS
 
 # Every program a test starts must be in scripts/programs.txt, which setup installs: an audit
 # hook records any other, and the test that ran it fails (at teardown, naming the program).
@@ -41,6 +42,8 @@ def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pluggy.Result[pytest.TestReport], None]:
     outcome = yield
+    # Kept for fixtures that print diagnostics when the test failed (tests.support.failure).
+    item.stash.setdefault(PHASE_REPORTS, {})[call.when] = outcome.get_result()
     if call.when == "teardown" and _PROGRAMS.violations:
         # Also what ran before this test, while collecting: reported by the first test after.
         ran = "; ".join(f"{program} (in {where})" for where, program in _PROGRAMS.violations)

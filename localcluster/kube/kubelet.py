@@ -110,6 +110,7 @@ from localcluster.processes import (
 )
 from localcluster.spec import ClusterSpec, load_cluster
 from localcluster.state import ClusterState, kubelet_shm_dir, state_dir
+from meshcore.runtime.stopsignals import on_stop_signal
 
 log = logging.getLogger("kubelet")
 
@@ -117,6 +118,7 @@ T = TypeVar("T")
 SYNC_PERIOD_S = 0.5
 SANDBOX_RETRY_S = 5.0
 VOLUME_RETRY_S = 2.0
+TEARDOWN_RETRY_S = 1.0
 IMAGE_RETRY_S = 5.0  # a pod that cannot run looks for its image in the store this often
 # How often a running pod's secret/configMap/downwardAPI files are re-read and rewritten
 # when changed (the real kubelet's sync period is a minute; a local cluster answers sooner).
@@ -768,12 +770,24 @@ class Kubelet:
                 await asyncio.to_thread(volumes.remove_pod, self._pod_dir(rec), shm)
         except (ProcessError, NetworkError, OSError) as e:
             log.error("kubelet: tearing pod %s down failed: %s; will retry", plan.key, e)
-            rec.terminating = False
+            await self._retry_teardown_later(rec)
+            return
+        except Exception:
+            # Anything else (a helper library's own error): retried as well, never a pod
+            # left terminating for good with nobody to finish it.
+            log.exception("kubelet: tearing pod %s down failed; will retry", plan.key)
+            await self._retry_teardown_later(rec)
             return
         self.records.pop(uid, None)  # its address is free again only now
         if pod is not None:
             await self._confirm_deleted(pod)
         log.info("kubelet: pod %s deleted", plan.key)
+
+    async def _retry_teardown_later(self, rec: PodRecord) -> None:
+        # A pause first: the sync this task's end wakes would otherwise retry at once, in a
+        # tight loop while the cause lasts.
+        await asyncio.sleep(TEARDOWN_RETRY_S)
+        rec.terminating = False
 
     async def _confirm_deleted(self, pod: Obj) -> None:
         md = pod.get("metadata") or {}
@@ -859,9 +873,9 @@ async def _main(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     # Not loop.add_signal_handler: it routes signals through a wakeup fd that pyroute2's
     # forked helpers inherit, and the SIGTERM pyroute2 sends its helper would then read as
-    # ours. A plain handler runs in the process that got the signal, and only there.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: loop.call_soon_threadsafe(stop.set))
+    # ours. Nor a plain handler: the helper would inherit it and live through that SIGTERM,
+    # and pyroute2 waits for it with no timeout (the pod work's one thread stuck for good).
+    on_stop_signal(lambda _signum: loop.call_soon_threadsafe(stop.set))
     async with KubeClient(load_kubeconfig(args.kubeconfig)) as client:
         store = Path(args.image_store) if args.image_store else None
         kubelet = Kubelet(client, spec, state, workdir, image_store=store)

@@ -28,6 +28,7 @@ from localcluster.kube import cluster as kcluster
 from localcluster.meshconfig import MeshPaths
 from localcluster.state import live_netns, teardown
 from meshcore import defaults
+from tests.support.failure import print_logs_if_failed
 
 from .kubecommon import (
     apply_waypoint,
@@ -46,7 +47,7 @@ DEMO = Path(__file__).resolve().parents[2] / "demo"
 
 
 @pytest.fixture
-def kmesh(tmp_path: Path) -> Iterator[kcluster.KubeCluster]:
+def kmesh(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[kcluster.KubeCluster]:
     name = "km" + secrets.token_hex(2)
     cfile = tmp_path / "cluster.yaml"
     cfile.write_text(f"name: {name}\nnodes:\n  - name: n1\n  - name: n2\n")
@@ -55,6 +56,8 @@ def kmesh(tmp_path: Path) -> Iterator[kcluster.KubeCluster]:
     try:
         yield c
     finally:
+        stacks = (c.state.pidfile_dir, (kcluster.KUBELET,))
+        print_logs_if_failed(request, c.state.log_dir, stacks_of=stacks)
         teardown(name, state_root)
         assert live_netns(name) == []
 
@@ -161,9 +164,17 @@ def test_kubectl_drives_the_mesh(kmesh: kcluster.KubeCluster) -> None:
 
     # A pod deleted: its Deployment makes a new one, which is enrolled and serves.
     old = next(p for p in pods(c, "travel") if is_pricing_v1(p))
-    # Up to the pod's 30 s grace period plus the kubelet's confirmation: a loaded machine
-    # once took more than 60 s in all.
-    kc(c, "-n", "travel", "delete", "pod", old["metadata"]["name"], "--wait=true", timeout=150)
+    # Its grace period is 5 s; the kubelet then confirms. Asked without kubectl's --wait and
+    # then read back, so a slow deletion fails on the pod's own state (and the logs print).
+    t0 = time.monotonic()
+    kc(c, "-n", "travel", "delete", "pod", old["metadata"]["name"], "--wait=false")
+    gone = old["metadata"]["uid"]
+    wait_for(
+        lambda: all(p["metadata"]["uid"] != gone for p in pods(c, "travel")),
+        90,
+        "the deleted pod gone",
+    )
+    print(f"kubectl delete pod -> pod gone: {time.monotonic() - t0:.2f} s")
 
     def new_pricing() -> str | None:
         for p in pods(c, "travel"):
