@@ -561,6 +561,17 @@ class MeshState:
         by_ip = self._by_addr.get(network)
         return None if by_ip is None else by_ip.get(ip)
 
+    def knows_address(self, address: str) -> bool:
+        """Whether `address` (an IP as a socket reports it) is a workload's, in any network:
+        the HBONE listener's test of a stranger."""
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # a dual-stack socket's view of an IPv4 peer
+        return any(ip in by_ip for by_ip in self._by_addr.values())
+
     def workloads_on_node(self, node: str) -> tuple[Workload, ...]:
         return self._by_node.get(node, ())
 

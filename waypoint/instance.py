@@ -64,6 +64,8 @@ class Waypoint:
         self.metrics = TcpMetrics()
         self.guard = Guard(cfg.hbone_limits, self.metrics.hbone_refused)
         self.state = state if state is not None else MeshState.empty()
+        # Strangers to the mesh share part of the handshake bound (the tunnel's rule).
+        self.guard.gate.known = lambda source: self.state.knows_address(source)
         # The mesh state's source (the local file or the discovery server), opened by
         # `start`; None when a test passed the state in.
         self.watcher: ConfigSource | None = None

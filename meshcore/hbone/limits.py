@@ -24,6 +24,10 @@ class HboneLimits:
     # source address (any pod can reach any pod IP; one must not starve the rest).
     max_pending_handshakes: int = 512
     max_pending_handshakes_per_source: int = 64
+    # Of those, what sources the tunnel knows no workload at may hold together: addresses
+    # outside the mesh (the tunnel's peers dial from their pods' addresses). Many strangers
+    # can then fill only this share, and the mesh's own pods keep the rest.
+    max_pending_handshakes_from_strangers: int = 256
     handshake_timeout: float = 10.0
     # -- HTTP/2 ----------------------------------------------------------------------------
     # From the end of the handshake to the client's preface and SETTINGS.

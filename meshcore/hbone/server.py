@@ -46,10 +46,16 @@ class RefusalLog:
         log.warning(event, **fields)
 
 
+def _everyone(_source: str) -> bool:
+    return True
+
+
 class HandshakeGate:
     """The handshakes in progress of one process's HBONE listeners, and the limits on them.
     `report(reason, source, detail)` is told of every connection refused before its
-    handshake or whose handshake failed."""
+    handshake or whose handshake failed. `known(source)`: whether the address is one the
+    mesh knows (a workload's); strangers share `max_pending_handshakes_from_strangers`.
+    Everyone is known until the owner plugs in its state."""
 
     def __init__(
         self,
@@ -59,6 +65,10 @@ class HandshakeGate:
         self.limits = limits
         self.pending = 0
         self.by_source: dict[str, int] = {}
+        self.known: Callable[[str], bool] = _everyone
+        # The slots held by strangers, in total and per source (a subset of by_source's).
+        self.strangers = 0
+        self.stranger_slots: dict[str, int] = {}
         self._report = report
         self.log = RefusalLog()
         # Running totals of the connections the listeners accepted, and of those whose
@@ -74,6 +84,11 @@ class HandshakeGate:
         n = self.by_source.get(source, 0)
         if n >= self.limits.max_pending_handshakes_per_source:
             return "max_pending_handshakes_per_source"
+        if not self.known(source):
+            if self.strangers >= self.limits.max_pending_handshakes_from_strangers:
+                return "max_pending_handshakes_from_strangers"
+            self.strangers += 1
+            self.stranger_slots[source] = self.stranger_slots.get(source, 0) + 1
         self.pending += 1
         self.by_source[source] = n + 1
         return None
@@ -86,6 +101,16 @@ class HandshakeGate:
             self.by_source[source] = n
         else:
             del self.by_source[source]
+        # Whether this slot was a stranger's is not kept per connection: a source's slots
+        # are all of one kind unless the state changed meanwhile, and either way the counts
+        # stay within by_source's and come back to zero.
+        s = self.stranger_slots.get(source)
+        if s is not None:
+            self.strangers -= 1
+            if s > 1:
+                self.stranger_slots[source] = s - 1
+            else:
+                del self.stranger_slots[source]
 
     def refused(self, source: str, reason: str, detail: str = "") -> None:
         if self._report is not None:

@@ -232,3 +232,15 @@ def test_building_20k_workloads_indexes_every_one():
     found = state.workload_by_ip("", IPv4Address(0x0A000000 + 12345))
     assert found is not None
     assert found.uid == "u12345"
+
+
+def test_knows_address_is_any_workloads_address_in_any_network() -> None:
+    a = workload(name="a", namespace="ns", ips=ips("10.1.0.5"))
+    b = replace(workload(name="b", namespace="ns", ips=ips("fd00::7")), network="east")
+    state = MeshState.build([a, b], [], [])
+    assert state.knows_address("10.1.0.5")
+    assert state.knows_address("::ffff:10.1.0.5")  # as a dual-stack socket reports it
+    assert state.knows_address("fd00::7")
+    assert not state.knows_address("10.1.0.6")
+    assert not state.knows_address("not an address")
+    assert not state.knows_address("")

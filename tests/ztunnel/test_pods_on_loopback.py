@@ -15,6 +15,7 @@ address, not the client's) and routing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import gc
 import random
@@ -518,6 +519,76 @@ def test_rapid_reset_at_a_pods_15008_ends_the_connection_with_enhance_your_calm(
     refusals = [line for line in logs if line["event"] == "hbone peer refused"]
     assert [line["reason"] for line in refusals] == ["max_premature_resets"]
     assert "101 of 101 streams" in refusals[0]["detail"]
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        HboneLimits(
+            max_pending_handshakes=8,
+            max_pending_handshakes_per_source=2,
+            max_pending_handshakes_from_strangers=4,
+            handshake_timeout=20,
+        )
+    ],
+    indirect=True,
+)
+def test_strangers_fill_only_their_share_of_the_handshakes_and_a_pod_still_gets_through(
+    aio_uvloop: Loop, mesh: LoopbackMesh, logs: LogLines
+) -> None:
+    """Eight addresses no workload owns each start two TLS handshakes at pod B's 15008 and
+    never finish them. Together they may hold 4 of the node's 8 handshake slots, so the
+    other 12 are refused before TLS; pod A, from its own address, still completes a
+    mutual-TLS handshake and is served (before, the 16 filled all 8 slots and A was
+    refused with them)."""
+    hello = client_hello()[:100]
+    base = mesh.outsider_ip.rsplit(".", 1)[0]
+    taken = {mesh.a.ip, mesh.b.ip, mesh.c.ip, mesh.outsider_ip}
+    # Beside the pods, owned by none.
+    strangers = [ip for i in range(254, 0, -1) if (ip := f"{base}.{i}") not in taken][:8]
+
+    async def main() -> bool:
+        listener = mesh.b.proxy.hbone_server
+        assert listener is not None
+        assert not any(map(listener.gate.known, strangers)) and listener.gate.known(mesh.a.ip)
+        held = []
+        for ip in strangers:
+            for _ in range(2):
+                sock = socket.socket()
+                aio_uvloop.defer(sock.close)
+                sock.setblocking(False)
+                sock.bind((ip, 0))
+                await asyncio.get_running_loop().sock_connect(sock, (mesh.b.ip, 15008))
+                with contextlib.suppress(OSError):  # refused already: it still counts
+                    sock.send(hello)
+                held.append(sock)
+        refused = "hbone_connections_refused_total"
+        reason = "max_pending_handshakes_from_strangers"
+
+        def refusals() -> float:
+            return count(mesh.node2.connection_table, refused, reason=reason)
+
+        await wait_until(lambda: refusals() == 12, "the strangers' surplus refused")
+        assert listener.gate.strangers == 4 and listener.gate.pending == 4
+        # Pod A, at its own address, with the certificate its tunnel dials with.
+        assert mesh.a.proxy.client_ctx is not None
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.bind((mesh.a.ip, 0))
+        await asyncio.get_running_loop().sock_connect(sock, (mesh.b.ip, 15008))
+        reader, writer = await asyncio.open_connection(
+            sock=sock, ssl=mesh.a.proxy.client_ctx, server_hostname=""
+        )
+        aio_uvloop.defer(writer.close)
+        block = hpack.Encoder().encode(connect_request(f"{mesh.b.ip}:{mesh.app_port}"))
+        writer.write(PREFACE + settings_frame({}) + headers_frame(1, block))
+        frames = Frames()
+        while 1 not in frames.status and (data := await asyncio.wait_for(reader.read(65536), 10)):
+            frames.feed(data)
+        assert refusals() == 12  # A's was not among them
+        return frames.status.get(1) == 200
+
+    assert aio_uvloop.run(main, limit=60), "pod A's CONNECT was not answered 200"
 
 
 @pytest.mark.parametrize(

@@ -247,3 +247,36 @@ def _raw_recv(sock: ssl.SSLSocket) -> bytes | None:
         return socket.socket.recv(sock, 1)
     except ConnectionResetError:
         return None
+
+
+def test_strangers_share_part_of_the_bound_and_the_books_come_back_to_zero() -> None:
+    """The gate alone: sources `known` says no to hold at most their share together; known
+    ones use the rest; every release gives back what its admit took, also when a source
+    changed sides in between (the state changed)."""
+    limits = HboneLimits(
+        max_pending_handshakes=6,
+        max_pending_handshakes_per_source=3,
+        max_pending_handshakes_from_strangers=2,
+    )
+    known = {"10.0.0.1"}
+    gate = HandshakeGate(limits)
+    gate.known = lambda source: source in known
+    assert gate.admit("192.0.2.1") is None
+    assert gate.admit("192.0.2.2") is None
+    assert gate.admit("192.0.2.3") == "max_pending_handshakes_from_strangers"
+    assert gate.admit("192.0.2.1") == "max_pending_handshakes_from_strangers"
+    assert [gate.admit("10.0.0.1") for _ in range(4)] == [
+        None,
+        None,
+        None,
+        "max_pending_handshakes_per_source",
+    ]
+    assert (gate.pending, gate.strangers) == (5, 2)
+    known.add("192.0.2.2")  # a stranger becomes a workload's address while it waits
+    gate.release("192.0.2.2")
+    known.discard("10.0.0.1")  # and a workload's address a stranger's
+    for _ in range(3):
+        gate.release("10.0.0.1")
+    gate.release("192.0.2.1")
+    assert (gate.pending, gate.strangers) == (0, 0)
+    assert gate.by_source == {} and gate.stranger_slots == {}
