@@ -90,13 +90,43 @@ class SubscriberAuth:
         self._clock = clock
         self.reviews = 0  # TokenReviews made (cache misses within the rate)
         self.limited = 0  # streams refused because the review rate was spent
+        # Told the uid of each deleted pod, after its tokens are forgotten: the server
+        # re-checks the open streams those tokens opened.
+        self.pod_listeners: list[Callable[[str], None]] = []
 
     def pod_deleted(self, uid: str) -> None:
         """Pod `uid` is gone: its bound tokens open no new stream from now on (the API
-        server refuses them; the cache must not answer for it)."""
+        server refuses them; the cache must not answer for it), and the streams they opened
+        are told to check again."""
         dropped = self._cache.forget_pod(uid, self._clock())
         if dropped:
             log.info("cached tokens of a deleted pod forgotten", pod_uid=uid, tokens=dropped)
+        for tell in self.pod_listeners:
+            tell(uid)
+
+    async def recheck(
+        self, metadata: Iterable[tuple[Any, Any]], peer: str, pod_uid: str = ""
+    ) -> Refusal | None:
+        """An open stream's service-account token judged again, as a new stream's would be
+        (the cache, else a TokenReview within the same rates). The UNAUTHENTICATED refusal
+        if it no longer holds; None if it holds, or if it cannot be judged now (the API
+        server unreachable, the review rate spent): an outage of the API server does not
+        cut the mesh off its configuration, and the next check asks again. `pod_uid`: the
+        pod the token was bound to when the stream opened; seen deleted, that decides
+        without asking anyone."""
+        if self._reviewer is None:
+            return None
+        if pod_uid and self._cache.pod_gone(pod_uid, self._clock()):
+            return Refusal(
+                Code.UNAUTHENTICATED, f"the pod this token is bound to (uid {pod_uid}) was deleted"
+            )
+        token = bearer_token(metadata)
+        if isinstance(token, Refusal):
+            return None  # not a token stream: nothing to judge again
+        answer = await self._review(token, peer)
+        if isinstance(answer, Refusal) and answer.code is Code.UNAUTHENTICATED:
+            return answer
+        return None
 
     @classmethod
     def unauthenticated(cls, trust_domain: str) -> SubscriberAuth:

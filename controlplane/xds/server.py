@@ -18,6 +18,11 @@ nothing is refused UNAUTHENTICATED, with what was missing or wrong, before its f
 request is read and before any resource is sent. Then the node its first request names
 is judged (`subscribers.authorize`): an identity that claims to be another namespace's
 proxy, or a tunnel without a tunnel's account, is refused PERMISSION_DENIED before any push.
+
+A stream opened with a service-account token is judged again while it lasts: every
+`recheck_period` (the review cache's lifetime, so each check past the first asks the API
+server), and at once when the pod the token is bound to is deleted. A token that no longer
+holds ends the stream UNAUTHENTICATED; an API server that cannot answer ends nothing.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import structlog
 from controlplane.ca_grpc_auth import Refusal
 from controlplane.xds.auth import SubscriberAuth
 from controlplane.xds.session import DeltaSession, Nack, ProtocolError, Snapshot
-from controlplane.xds.subscribers import authorize
+from controlplane.xds.subscribers import ACCEPTED_TTL, Subscriber, Via, authorize
 from meshcore.localtrust import RateLog
 from meshcore.state import MeshState
 from meshcore.xds import convert
@@ -48,6 +53,7 @@ SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 METHOD = "DeltaAggregatedResources"
 MAX_NACKS = 256  # the newest NACKs kept for inspection
 PUSH_TIMEOUT = 60.0  # GrpcLimits.push_timeout's default (controlplane/grpc_limits.py)
+RECHECK_PERIOD = ACCEPTED_TTL  # an open token stream is judged again this often
 
 
 def _identity(data: bytes) -> bytes:
@@ -93,11 +99,17 @@ class XdsServer:
         push_timeout: float = PUSH_TIMEOUT,
         *,
         auth: SubscriberAuth,
+        recheck_period: float = RECHECK_PERIOD,
     ) -> None:
         # `auth` has no default: how subscribers prove themselves is always stated.
         self.auth = auth
         self.refused = 0  # streams refused before anything was sent
         self.denied = 0  # authenticated, but refused as the node they claimed
+        self.revoked = 0  # open streams ended because their token no longer holds
+        self.recheck_period = recheck_period
+        # Open token streams by the pod their token is bound to: each one's "check again".
+        self._by_pod: dict[str, dict[asyncio.Event, Any]] = {}
+        auth.pod_listeners.append(self._pod_deleted)
         self._refusal_log = RateLog()
         self.push_timeout = push_timeout
         self.stalled = 0  # streams closed because a push was not taken in time
@@ -112,6 +124,10 @@ class XdsServer:
     @property
     def version(self) -> str:
         return self._version
+
+    def _pod_deleted(self, uid: str) -> None:
+        for check_again in list(self._by_pod.get(uid, {}).values()):
+            check_again()
 
     @property
     def open_streams(self) -> int:
@@ -161,6 +177,20 @@ class XdsServer:
         wake = asyncio.Event()
         failure: list[str] = []
         ended = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        recheck_due = False
+        timer: asyncio.TimerHandle | None = None
+        rechecks = subscriber.via is Via.SERVICE_ACCOUNT_TOKEN
+
+        def check_again() -> None:
+            nonlocal recheck_due
+            recheck_due = True
+            wake.set()
+
+        if rechecks:
+            timer = loop.call_later(self.recheck_period, check_again)
+            if subscriber.pod_uid:
+                self._by_pod.setdefault(subscriber.pod_uid, {})[wake] = check_again
 
         async def read() -> None:
             try:
@@ -197,6 +227,10 @@ class XdsServer:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, failure[0])
                 if ended.is_set():
                     return
+                if recheck_due:
+                    recheck_due = False
+                    await self._recheck(subscriber, context)
+                    timer = loop.call_later(self.recheck_period, check_again)
                 if not authorized and requested.is_set():
                     # Judged once, on the node the first request names, before any push.
                     denied = authorize(subscriber, session.node, self.auth.tunnel_accounts)
@@ -228,3 +262,26 @@ class XdsServer:
         finally:
             self._wakers.discard(wake)
             reader.cancel()
+            if timer is not None:
+                timer.cancel()
+            streams = self._by_pod.get(subscriber.pod_uid)
+            if streams is not None:
+                streams.pop(wake, None)
+                if not streams:
+                    del self._by_pod[subscriber.pod_uid]
+
+    async def _recheck(self, subscriber: Subscriber, context: Any) -> None:
+        """End the stream UNAUTHENTICATED if its token no longer holds."""
+        revoked = await self.auth.recheck(
+            context.invocation_metadata() or (), context.peer(), subscriber.pod_uid
+        )
+        if revoked is None:
+            return
+        self.revoked += 1
+        log.warning(
+            "xds_subscriber_revoked",
+            subscriber=str(subscriber),
+            reason=revoked.reason,
+            peer=context.peer(),
+        )
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, revoked.reason)

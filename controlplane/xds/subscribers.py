@@ -60,6 +60,8 @@ class Subscriber:
     # The service account proven (a certificate's or a token's); empty for the others.
     namespace: str = ""
     account: str = ""
+    # The pod a service-account token is bound to (its deletion revokes the token).
+    pod_uid: str = ""
 
     def __str__(self) -> str:
         return f"{self.who} ({self.via.value})"
@@ -98,7 +100,11 @@ def node_token_subscriber(node: str | None) -> Subscriber | str:
 
 def account_subscriber(caller: Caller) -> Subscriber:
     return Subscriber(
-        Via.SERVICE_ACCOUNT_TOKEN, str(caller), caller.namespace, caller.service_account
+        Via.SERVICE_ACCOUNT_TOKEN,
+        str(caller),
+        caller.namespace,
+        caller.service_account,
+        caller.pod_uid,
     )
 
 

@@ -177,7 +177,9 @@ def test_each_way_and_its_refusal__stub_reviewer(aio: Loop) -> None:
 
     async def main() -> None:
         ok = await a.authenticate(bearer(GOOD), {}, "ipv4:10.0.0.1:1")
-        assert ok == Subscriber(Via.SERVICE_ACCOUNT_TOKEN, "apps/alice", "apps", "alice")
+        assert ok == Subscriber(
+            Via.SERVICE_ACCOUNT_TOKEN, "apps/alice", "apps", "alice", ALICE.pod_uid
+        )
         node = await a.authenticate(bearer("n1-token"), {}, "ipv4:10.0.0.1:1")
         assert node == Subscriber(Via.NODE_TOKEN, "node/node1")
         assert reviewer.asked == [GOOD]  # a node token needs no review
@@ -267,7 +269,9 @@ def test_a_flood_of_bad_tokens_makes_a_bounded_number_of_reviews__stub_reviewer(
         for i in range(200):
             await a.authenticate(bearer(f"flood-{i}"), {}, f"ipv4:10.4.{i}.1:1")
         served = await a.authenticate(bearer(GOOD), {}, "ipv4:10.3.0.1:2")
-        assert served == Subscriber(Via.SERVICE_ACCOUNT_TOKEN, "apps/alice", "apps", "alice")
+        assert served == Subscriber(
+            Via.SERVICE_ACCOUNT_TOKEN, "apps/alice", "apps", "alice", ALICE.pod_uid
+        )
 
     aio.run(main)
 
@@ -276,9 +280,10 @@ def test_a_flood_of_bad_tokens_makes_a_bounded_number_of_reviews__stub_reviewer(
 APPS_PROXY = "router~10.0.0.9~wp-5d4f.apps~apps.svc.cluster.local"
 
 
-async def first_answer(
+async def open_stream(
     port: int, roots: bytes, token: str | None, node: str = APPS_PROXY
-) -> GrpcClosed | bytes:
+) -> GrpcStream:
+    """An ADS stream that has asked for every resource type, as `node`, with `token`."""
     stream = await GrpcStream.open(
         "127.0.0.1",
         port,
@@ -293,12 +298,80 @@ async def first_answer(
         for i, t in enumerate(RESOURCE_TYPES):
             first = m.Node(id=node) if i == 0 else None
             await stream.send(m.encode(m.DeltaDiscoveryRequest(node=first, type_url=t)))
+    except BaseException:
+        await stream.close()
+        raise
+    return stream
+
+
+async def first_answer(
+    port: int, roots: bytes, token: str | None, node: str = APPS_PROXY
+) -> GrpcClosed | bytes:
+    stream = await open_stream(port, roots, token, node)
+    try:
         try:
             return await stream.recv()
         except GrpcClosed as ended:
             return ended
     finally:
         await stream.close()
+
+
+async def end_of(stream: GrpcStream, within: float) -> GrpcClosed | None:
+    """Read the open stream until it ends: how it ended, or None if it still runs after
+    `within` seconds."""
+    try:
+        async with asyncio.timeout(within):
+            while True:
+                await stream.recv()
+    except GrpcClosed as ended:
+        return ended
+    except TimeoutError:
+        return None
+
+
+def test_an_open_stream_ends_once_its_token_is_revoked_not_on_an_outage__stub_reviewer(
+    aio: Loop, harness: Harness
+) -> None:
+    """Streams judged again every 0.3 s (the cache keeps an answer 0.1 s): one whose token
+    the reviewer stops accepting ends UNAUTHENTICATED; while the reviewer cannot answer at
+    all, the other runs on. A stream whose token's pod is deleted ends at once, long
+    before its next periodic check."""
+    reviewer = StubReviewer()
+    bob = Caller("apps", "bob", "bob-1", "uid-2")
+    reviewer.valid["bob-token"] = bob
+    reviewer.valid["carol-token"] = Caller("apps", "carol", "carol-1", "uid-3")
+    fast = SubscriberAuth(TD, reviewer=reviewer, cache=ReviewCache(accepted_ttl=0.1))
+    server = XdsServer(demo_state(), auth=fast, recheck_period=0.3)
+    slow_auth = SubscriberAuth(TD, reviewer=reviewer)
+    slow = XdsServer(demo_state(), auth=slow_auth, recheck_period=3600)
+    unauthenticated = grpc.StatusCode.UNAUTHENTICATED.value[0]
+
+    async def main() -> None:
+        port = await harness.serve(server)
+        slow_port = await harness.serve(slow)
+        roots = harness.ca.roots_pem()
+        alice = await open_stream(port, roots, GOOD)
+        aio.defer(alice.close)
+        bob_stream = await open_stream(port, roots, "bob-token")
+        aio.defer(bob_stream.close)
+        carol = await open_stream(slow_port, roots, "carol-token")
+        aio.defer(carol.close)
+        for s in (alice, bob_stream, carol):
+            assert isinstance(await s.recv(), bytes)  # served
+        reviewer.valid.pop("bob-token")  # revoked: the API server now says no
+        ended = await end_of(bob_stream, 5)
+        assert ended is not None and ended.status == unauthenticated, ended
+        assert server.revoked == 1
+        reviewer.down = True  # nobody can say anything about alice's token now
+        assert await end_of(alice, 1.5) is None  # checked several times, and kept
+        # Carol's stream is checked once an hour; her pod's deletion checks it now.
+        slow_auth.pod_deleted("uid-3")
+        ended = await end_of(carol, 5)
+        assert ended is not None and ended.status == unauthenticated, ended
+        assert "was deleted" in ended.message and slow.revoked == 1
+
+    aio.run(main)
 
 
 def test_over_grpc_a_flood_is_refused_and_a_known_subscriber_served__stub_reviewer(

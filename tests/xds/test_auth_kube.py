@@ -34,7 +34,7 @@ from meshcore.xds.convert import RESOURCE_TYPES
 from meshcore.xds.credentials import token_credentials
 from meshcore.xds.grpc import GrpcClosed, client_context
 from tests.support.kubetokens import api_ok, signed_token
-from tests.xds.test_auth import first_answer
+from tests.xds.test_auth import end_of, first_answer, open_stream
 from tests.xds.test_tunnel_process import ROOT, free_port
 
 pytestmark = pytest.mark.kube
@@ -152,10 +152,8 @@ def test_a_forged_token_is_refused(env: Env) -> None:
     assert "the API server rejected the token" in reason or "unauthenticated" in reason, reason
 
 
-def test_a_token_bound_to_a_deleted_pod_opens_no_stream_from_then_on(env: Env) -> None:
-    """The API server refuses a pod-bound token once its pod is deleted; the control plane
-    forgets its cached answer for that token when it sees the deletion, instead of serving
-    it for the rest of the cache's minute."""
+def bound_token(env: Env) -> tuple[str, str]:
+    """A new pod's name, and a token for istio-ca bound to it."""
     pod = {
         "metadata": {"name": "bound-" + secrets.token_hex(3)},
         "spec": {
@@ -172,7 +170,14 @@ def test_a_token_bound_to_a_deleted_pod_opens_no_stream_from_then_on(env: Env) -
         "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": name, "uid": uid},
     }
     path = f"/api/v1/namespaces/{env.ns}/serviceaccounts/ztunnel/token"
-    token = str(api_ok(env.cp, "POST", path, {"spec": spec})["status"]["token"])
+    return name, str(api_ok(env.cp, "POST", path, {"spec": spec})["status"]["token"])
+
+
+def test_a_token_bound_to_a_deleted_pod_opens_no_stream_from_then_on(env: Env) -> None:
+    """The API server refuses a pod-bound token once its pod is deleted; the control plane
+    forgets its cached answer for that token when it sees the deletion, instead of serving
+    it for the rest of the cache's minute."""
+    name, token = bound_token(env)
     assert isinstance(asyncio.run(env.answer(token)), bytes)  # served, and now cached
     api_ok(env.cp, "DELETE", f"/api/v1/namespaces/{env.ns}/pods/{name}?gracePeriodSeconds=0")
     deadline = time.monotonic() + 20  # well inside the cache's 60 s
@@ -183,6 +188,27 @@ def test_a_token_bound_to_a_deleted_pod_opens_no_stream_from_then_on(env: Env) -
             break
         assert time.monotonic() < deadline, "the deleted pod's token was still served"
         time.sleep(0.5)
+
+
+def test_the_open_stream_of_a_token_bound_to_a_deleted_pod_ends_at_once(env: Env) -> None:
+    """A stream opened with a pod-bound token, and served, ends UNAUTHENTICATED when the
+    pod is deleted: not at its next periodic check (a minute), and although the API server
+    itself still accepts the token for a few seconds."""
+    name, token = bound_token(env)
+
+    async def main() -> GrpcClosed | None:
+        stream = await open_stream(env.port, env.roots, token, node=env.proxy_node)
+        try:
+            assert isinstance(await stream.recv(), bytes)  # served
+            path = f"/api/v1/namespaces/{env.ns}/pods/{name}?gracePeriodSeconds=0"
+            await asyncio.to_thread(api_ok, env.cp, "DELETE", path)
+            return await end_of(stream, 20)
+        finally:
+            await stream.close()
+
+    ended = asyncio.run(main())
+    assert ended is not None, "the stream of a deleted pod's token ran on"
+    assert ended.status == UNAUTHENTICATED and "was deleted" in ended.message, ended
 
 
 def test_the_standalone_server_reviews_tokens_with_its_kubeconfig(env: Env, tmp_path: Path) -> None:
