@@ -759,6 +759,9 @@ class Kubelet:
             g = (pod.get("metadata") or {}).get("deletionGracePeriodSeconds")
             if isinstance(g, int) and g >= 0:
                 grace = float(g)
+        # Said at the start too: a log that ends here tells a stuck teardown from a deletion
+        # never seen.
+        log.info("kubelet: pod %s terminating (grace %g s)", plan.key, grace)
         try:
             if rec.proc is not None:
                 await asyncio.to_thread(rec.proc.stop, max(grace, 0.1))
