@@ -50,12 +50,30 @@ def _everyone(_source: str) -> bool:
     return True
 
 
+class _Slot:
+    """One handshake in progress: whose, whether a stranger's, and how to end it early."""
+
+    __slots__ = ("cancel", "source", "stranger")
+
+    def __init__(self, source: str, stranger: bool) -> None:
+        self.source = source
+        self.stranger = stranger
+        self.cancel: Callable[[], object] | None = None
+
+
 class HandshakeGate:
     """The handshakes in progress of one process's HBONE listeners, and the limits on them.
     `report(reason, source, detail)` is told of every connection refused before its
     handshake or whose handshake failed. `known(source)`: whether the address is one the
     mesh knows (a workload's); strangers share `max_pending_handshakes_from_strangers`.
-    Everyone is known until the owner plugs in its state."""
+    Everyone is known until the owner plugs in its state.
+
+    Each slot is held under a key of the caller's (the accepted socket). When every slot is
+    taken, a known source is still let in if some source holds at least two more than it
+    does: the oldest handshake of the source holding most is ended for it (`evictable`
+    says how), so however many sources hold the bound, one with fewer in progress than the
+    heaviest always gets a turn (max-min fairness), and only as many distinct sources as
+    there are slots can keep the rest out."""
 
     def __init__(
         self,
@@ -69,6 +87,10 @@ class HandshakeGate:
         # The slots held by strangers, in total and per source (a subset of by_source's).
         self.strangers = 0
         self.stranger_slots: dict[str, int] = {}
+        # Every slot by its key, and each source's keys oldest first (for eviction).
+        self._slots: dict[object, _Slot] = {}
+        self._order: dict[str, dict[object, None]] = {}
+        self.evicted = 0  # handshakes ended early to let a lighter source in
         self._report = report
         self.log = RefusalLog()
         # Running totals of the connections the listeners accepted, and of those whose
@@ -77,40 +99,80 @@ class HandshakeGate:
         self.accepted = 0
         self.finished = 0
 
-    def admit(self, source: str) -> str | None:
-        """Take a slot for a new handshake from `source`; or why not."""
-        if self.pending >= self.limits.max_pending_handshakes:
-            return "max_pending_handshakes"
+    def admit(self, source: str, key: object) -> str | None:
+        """Take a slot for a new handshake from `source`, held under `key`; or why not."""
         n = self.by_source.get(source, 0)
         if n >= self.limits.max_pending_handshakes_per_source:
             return "max_pending_handshakes_per_source"
-        if not self.known(source):
-            if self.strangers >= self.limits.max_pending_handshakes_from_strangers:
-                return "max_pending_handshakes_from_strangers"
+        stranger = not self.known(source)
+        if stranger and self.strangers >= self.limits.max_pending_handshakes_from_strangers:
+            return "max_pending_handshakes_from_strangers"
+        if self.pending >= self.limits.max_pending_handshakes and (
+            stranger or not self._evict_for(n)
+        ):
+            return "max_pending_handshakes"
+        if stranger:
             self.strangers += 1
             self.stranger_slots[source] = self.stranger_slots.get(source, 0) + 1
         self.pending += 1
         self.by_source[source] = n + 1
+        self._slots[key] = _Slot(source, stranger)
+        self._order.setdefault(source, {})[key] = None
         return None
 
-    def release(self, source: str) -> None:
-        self.pending -= 1
+    def evictable(self, key: object, cancel: Callable[[], object]) -> None:
+        """How to end the handshake held under `key` early (its task's `cancel`)."""
+        slot = self._slots.get(key)
+        if slot is not None:
+            slot.cancel = cancel
+
+    def release(self, key: object) -> None:
+        """The handshake held under `key` is over (a slot ended early was given back then)."""
+        slot = self._slots.pop(key, None)
         self.finished += 1
+        if slot is not None:
+            self._give_back(key, slot)
+
+    def _give_back(self, key: object, slot: _Slot) -> None:
+        source = slot.source
+        self.pending -= 1
         n = self.by_source[source] - 1
         if n:
             self.by_source[source] = n
         else:
             del self.by_source[source]
-        # Whether this slot was a stranger's is not kept per connection: a source's slots
-        # are all of one kind unless the state changed meanwhile, and either way the counts
-        # stay within by_source's and come back to zero.
-        s = self.stranger_slots.get(source)
-        if s is not None:
+        order = self._order[source]
+        del order[key]
+        if not order:
+            del self._order[source]
+        if slot.stranger:
             self.strangers -= 1
-            if s > 1:
-                self.stranger_slots[source] = s - 1
+            s = self.stranger_slots[source] - 1
+            if s:
+                self.stranger_slots[source] = s
             else:
                 del self.stranger_slots[source]
+
+    def _evict_for(self, holding: int) -> bool:
+        """End the oldest endable handshake of the source holding most, if it holds at
+        least two more than `holding`; whether a slot was freed."""
+        heaviest = max(self.by_source.items(), key=lambda item: item[1], default=None)
+        if heaviest is None or heaviest[1] < holding + 2:
+            return False
+        source = heaviest[0]
+        for key in self._order[source]:
+            slot = self._slots[key]
+            if slot.cancel is not None:
+                break
+        else:
+            return False  # none of its handshakes can be ended yet
+        del self._slots[key]
+        self._give_back(key, slot)
+        self.evicted += 1
+        assert slot.cancel is not None
+        slot.cancel()
+        self.refused(source, "evicted_for_a_lighter_source")
+        return True
 
     def refused(self, source: str, reason: str, detail: str = "") -> None:
         if self._report is not None:
@@ -235,7 +297,7 @@ class TlsListener:
                 raise
             source = str(peer[0])
             self.gate.accepted += 1
-            why = self.gate.admit(source)
+            why = self.gate.admit(source, conn)
             if why is not None:
                 conn.close()  # before any TLS state exists: nothing to time out
                 self.gate.finished += 1
@@ -243,6 +305,7 @@ class TlsListener:
                 continue
             task = loop.create_task(self._handshake(conn, source))
             self.handshaking[task] = None
+            self.gate.evictable(conn, task.cancel)
 
     async def _handshake(self, conn: socket.socket, source: str) -> None:
         loop = asyncio.get_running_loop()
@@ -268,7 +331,7 @@ class TlsListener:
                 conn.close()
                 raise
         finally:
-            self.gate.release(source)
+            self.gate.release(conn)
             task = asyncio.current_task()
             if task is not None:
                 self.handshaking.pop(task, None)

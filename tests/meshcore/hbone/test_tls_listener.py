@@ -261,11 +261,11 @@ def test_strangers_share_part_of_the_bound_and_the_books_come_back_to_zero() -> 
     known = {"10.0.0.1"}
     gate = HandshakeGate(limits)
     gate.known = lambda source: source in known
-    assert gate.admit("192.0.2.1") is None
-    assert gate.admit("192.0.2.2") is None
-    assert gate.admit("192.0.2.3") == "max_pending_handshakes_from_strangers"
-    assert gate.admit("192.0.2.1") == "max_pending_handshakes_from_strangers"
-    assert [gate.admit("10.0.0.1") for _ in range(4)] == [
+    assert gate.admit("192.0.2.1", "s1") is None
+    assert gate.admit("192.0.2.2", "s2") is None
+    assert gate.admit("192.0.2.3", "s3") == "max_pending_handshakes_from_strangers"
+    assert gate.admit("192.0.2.1", "s4") == "max_pending_handshakes_from_strangers"
+    assert [gate.admit("10.0.0.1", f"k{i}") for i in range(4)] == [
         None,
         None,
         None,
@@ -273,10 +273,93 @@ def test_strangers_share_part_of_the_bound_and_the_books_come_back_to_zero() -> 
     ]
     assert (gate.pending, gate.strangers) == (5, 2)
     known.add("192.0.2.2")  # a stranger becomes a workload's address while it waits
-    gate.release("192.0.2.2")
+    gate.release("s2")
     known.discard("10.0.0.1")  # and a workload's address a stranger's
-    for _ in range(3):
-        gate.release("10.0.0.1")
-    gate.release("192.0.2.1")
+    for i in range(3):
+        gate.release(f"k{i}")
+    gate.release("s1")
     assert (gate.pending, gate.strangers) == (0, 0)
     assert gate.by_source == {} and gate.stranger_slots == {}
+
+
+def test_a_full_bound_lets_a_lighter_known_source_in_by_ending_the_heaviests_oldest() -> None:
+    """Max-min fairness when every slot is taken: a known source holding at least two
+    fewer than the heaviest gets a slot, the heaviest's oldest handshake ending for it;
+    sources within one of each other, and strangers, are refused as before."""
+    limits = HboneLimits(
+        max_pending_handshakes=4,
+        max_pending_handshakes_per_source=4,
+        max_pending_handshakes_from_strangers=4,
+    )
+    ended: list[str] = []
+    refused: Counter[str] = Counter()
+    gate = HandshakeGate(limits, lambda reason, _src, _detail: refused.update([reason]))
+    gate.known = lambda source: not source.startswith("192.0.2.")
+    for i in range(4):  # the heavy source takes every slot
+        key = f"heavy-{i}"
+        assert gate.admit("10.0.0.9", key) is None
+        gate.evictable(key, lambda key=key: ended.append(key))
+    assert gate.admit("192.0.2.1", "stranger") == "max_pending_handshakes"
+    assert gate.admit("10.0.0.1", "a") is None  # holds 0 < 4 - 1: heavy-0 ends for it
+    assert ended == ["heavy-0"] and refused["evicted_for_a_lighter_source"] == 1
+    gate.evictable("a", lambda: ended.append("a"))
+    assert gate.admit("10.0.0.2", "b") is None  # heavy holds 3, b 0: heavy-1 ends
+    gate.evictable("b", lambda: ended.append("b"))
+    assert ended == ["heavy-0", "heavy-1"]
+    # 10.0.0.9 now holds 2, a and b 1 each: a newcomer holding 0 is two behind it.
+    assert gate.admit("10.0.0.3", "c") is None
+    gate.evictable("c", lambda: ended.append("c"))
+    assert ended == ["heavy-0", "heavy-1", "heavy-2"]
+    # Everyone holds 1: nobody is two ahead of a newcomer, who is refused.
+    assert gate.admit("10.0.0.4", "d") == "max_pending_handshakes"
+    assert (gate.pending, gate.evicted) == (4, 3)
+    # The ended tasks' own releases change nothing more; the others' give their slots back.
+    for key in ("heavy-0", "heavy-1", "heavy-2", "heavy-3", "a", "b", "c"):
+        gate.release(key)
+    assert gate.pending == 0 and gate.by_source == {} and gate.finished == 7
+
+
+def test_a_handshake_not_yet_endable_is_not_ended() -> None:
+    """A slot whose task has not been registered (`evictable`) is never chosen."""
+    gate = HandshakeGate(HboneLimits(max_pending_handshakes=2))
+    assert gate.admit("10.0.0.9", "x") is None
+    assert gate.admit("10.0.0.9", "y") is None
+    assert gate.admit("10.0.0.1", "z") == "max_pending_handshakes"
+    assert gate.evicted == 0 and gate.pending == 2
+
+
+@on_both_loops
+def test_a_known_source_completes_its_handshake_while_another_holds_the_whole_bound(
+    aio: Loop, contexts
+):
+    """On a real listener: one known source holds all 4 slots with handshakes it never
+    finishes; a mesh client from another known address still completes mutual TLS (the
+    heavy source's oldest connection is closed for it)."""
+    server_ctx, client_ctx = contexts
+    limits = HboneLimits(
+        max_pending_handshakes=4, max_pending_handshakes_per_source=8, handshake_timeout=20
+    )
+
+    async def main() -> None:
+        listener, refused, served, port = await start(aio, server_ctx, limits)
+        heavy = []
+        for _ in range(4):
+            s = socket.socket()
+            aio.defer(s.close)
+            s.bind(("127.0.0.20", 0))
+            s.connect(("127.0.0.1", port))
+            heavy.append(s)
+        await wait_until(lambda: listener.gate.pending == 4, "the heavy source holds all")
+        sock = socket.socket()
+        sock.bind(("127.0.0.21", 0))
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        _, writer = await asyncio.open_connection(sock=sock, ssl=client_ctx, server_hostname="")
+        aio.defer(writer.close)
+        await wait_until(lambda: bool(served.transports), "the HTTP/2 protocol took over")
+        assert refused["evicted_for_a_lighter_source"] == 1
+        heavy[0].settimeout(5)
+        assert heavy[0].recv(1) == b""  # the oldest was closed
+        assert listener.gate.by_source.get("127.0.0.20") == 3
+
+    aio.run(main)
