@@ -50,5 +50,9 @@ if [ "$got" != "$want" ]; then
     echo "unprivileged: nobody cannot read $PWD or run $python; running as nobody with" \
         "CAP_DAC_READ_SEARCH (read and search anything) and no other privilege" >&2
     caps=("${read_only[@]}")
+    # Hypothesis judges its example store with access(2), which ignores capabilities: a
+    # home beyond a directory nobody cannot search is "unusable" (a warning per test
+    # module). The run's own TMPDIR is nobody's: examples last for this run only.
+    env+=(HYPOTHESIS_STORAGE_DIRECTORY="$tmp/.hypothesis")
 fi
 "${as_nobody[@]}" "${caps[@]}" -- env "${env[@]}" "$python" "$@"
