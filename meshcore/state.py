@@ -28,6 +28,7 @@ from typing import Any
 from meshcore.defaults import HBONE_PORT
 from meshcore.identity.spiffe import SpiffeId
 from meshcore.serviceentry import ServiceEntry
+from meshcore.sockets import parse_ip
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -565,7 +566,7 @@ class MeshState:
         """Whether `address` (an IP as a socket reports it) is a workload's, in any network:
         the HBONE listener's test of a stranger."""
         try:
-            ip = ipaddress.ip_address(address)
+            ip = parse_ip(address)  # cached: the same few peers accept after accept
         except ValueError:
             return False
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:

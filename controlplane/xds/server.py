@@ -31,7 +31,7 @@ import asyncio
 import collections
 import hashlib
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -108,7 +108,7 @@ class XdsServer:
         self.revoked = 0  # open streams ended because their token no longer holds
         self.recheck_period = recheck_period
         # Open token streams by the pod their token is bound to: each one's "check again".
-        self._by_pod: dict[str, dict[asyncio.Event, Any]] = {}
+        self._by_pod: dict[str, dict[asyncio.Event, Callable[[], None]]] = {}
         auth.pod_listeners.append(self._pod_deleted)
         self._refusal_log = RateLog()
         self.push_timeout = push_timeout
@@ -180,14 +180,13 @@ class XdsServer:
         loop = asyncio.get_running_loop()
         recheck_due = False
         timer: asyncio.TimerHandle | None = None
-        rechecks = subscriber.via is Via.SERVICE_ACCOUNT_TOKEN
 
         def check_again() -> None:
             nonlocal recheck_due
             recheck_due = True
             wake.set()
 
-        if rechecks:
+        if subscriber.via is Via.SERVICE_ACCOUNT_TOKEN:
             timer = loop.call_later(self.recheck_period, check_again)
             if subscriber.pod_uid:
                 self._by_pod.setdefault(subscriber.pod_uid, {})[wake] = check_again

@@ -16,6 +16,7 @@ import errno
 import socket
 import ssl
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -81,15 +82,12 @@ class HandshakeGate:
         report: Callable[[str, str, str], None] | None = None,
     ) -> None:
         self.limits = limits
-        self.pending = 0
-        self.by_source: dict[str, int] = {}
         self.known: Callable[[str], bool] = _everyone
-        # The slots held by strangers, in total and per source (a subset of by_source's).
-        self.strangers = 0
-        self.stranger_slots: dict[str, int] = {}
-        # Every slot by its key, and each source's keys oldest first (for eviction).
+        # Every slot by its key, and each source's keys oldest first (its count, and the
+        # order of eviction); the slots held by strangers, counted for their share.
         self._slots: dict[object, _Slot] = {}
         self._order: dict[str, dict[object, None]] = {}
+        self.strangers = 0
         self.evicted = 0  # handshakes ended early to let a lighter source in
         self._report = report
         self.log = RefusalLog()
@@ -99,9 +97,23 @@ class HandshakeGate:
         self.accepted = 0
         self.finished = 0
 
+    @property
+    def pending(self) -> int:
+        return len(self._slots)
+
+    @property
+    def by_source(self) -> dict[str, int]:
+        """Handshakes in progress per source."""
+        return {source: len(keys) for source, keys in self._order.items()}
+
+    @property
+    def stranger_slots(self) -> dict[str, int]:
+        """Handshakes in progress per stranger source."""
+        return dict(Counter(slot.source for slot in self._slots.values() if slot.stranger))
+
     def admit(self, source: str, key: object) -> str | None:
         """Take a slot for a new handshake from `source`, held under `key`; or why not."""
-        n = self.by_source.get(source, 0)
+        n = len(self._order.get(source, ()))
         if n >= self.limits.max_pending_handshakes_per_source:
             return "max_pending_handshakes_per_source"
         stranger = not self.known(source)
@@ -111,11 +123,7 @@ class HandshakeGate:
             stranger or not self._evict_for(n)
         ):
             return "max_pending_handshakes"
-        if stranger:
-            self.strangers += 1
-            self.stranger_slots[source] = self.stranger_slots.get(source, 0) + 1
-        self.pending += 1
-        self.by_source[source] = n + 1
+        self.strangers += int(stranger)
         self._slots[key] = _Slot(source, stranger)
         self._order.setdefault(source, {})[key] = None
         return None
@@ -134,32 +142,18 @@ class HandshakeGate:
             self._give_back(key, slot)
 
     def _give_back(self, key: object, slot: _Slot) -> None:
-        source = slot.source
-        self.pending -= 1
-        n = self.by_source[source] - 1
-        if n:
-            self.by_source[source] = n
-        else:
-            del self.by_source[source]
-        order = self._order[source]
+        order = self._order[slot.source]
         del order[key]
         if not order:
-            del self._order[source]
-        if slot.stranger:
-            self.strangers -= 1
-            s = self.stranger_slots[source] - 1
-            if s:
-                self.stranger_slots[source] = s
-            else:
-                del self.stranger_slots[source]
+            del self._order[slot.source]
+        self.strangers -= int(slot.stranger)
 
     def _evict_for(self, holding: int) -> bool:
         """End the oldest endable handshake of the source holding most, if it holds at
         least two more than `holding`; whether a slot was freed."""
-        heaviest = max(self.by_source.items(), key=lambda item: item[1], default=None)
-        if heaviest is None or heaviest[1] < holding + 2:
+        source = max(self._order, key=lambda s: len(self._order[s]), default=None)
+        if source is None or len(self._order[source]) < holding + 2:
             return False
-        source = heaviest[0]
         for key in self._order[source]:
             slot = self._slots[key]
             if slot.cancel is not None:
