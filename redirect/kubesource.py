@@ -27,7 +27,10 @@ The mark: while the agent holds a pod's capture it sets the pod annotation
 the pod's UID as a precondition (a recreated pod of the same name is not marked), retried
 with backoff while the API server is away; a pod that is gone is dropped.
 
-RBAC the agent needs: get/list/watch pods and namespaces, patch pods.
+RBAC the agent needs: list/watch pods and namespaces, patch pods/status. The mark is patched
+through the status subresource, as istio-cni does: it changes metadata as a patch of the pod
+would, but the API server keeps the pod's spec (containers, images, commands) as it was, so
+the agent's right to write every pod cannot swap what a pod runs.
 """
 
 from __future__ import annotations
@@ -377,7 +380,7 @@ class KubePodSource:
             }
         }
         try:
-            await self.client.patch(POD, pod.name, patch, pod.namespace)
+            await self.client.patch(POD, pod.name, patch, pod.namespace, subresource="status")
         except KubeApiError as e:
             if e.status in (404, 409, 422):
                 log.info("pod gone; not marked", pod=pod.key, uid=pod.uid, status=e.status)

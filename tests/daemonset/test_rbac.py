@@ -62,7 +62,7 @@ def node_agent_calls() -> list[Call]:
     # redirect/kubesource.py: the node's pods and the namespaces; the pods' mark.
     out += calls("list watch", kinds.POD, None)
     out += calls("list watch", kinds.NAMESPACE, None)
-    out += calls("patch", kinds.POD, ELSEWHERE)
+    out += calls("patch", kinds.POD, ELSEWHERE, sub="status")
     # Its own Pod and DaemonSet, on SIGTERM.
     out += calls("get", kinds.POD, HOME)
     out += calls("get list watch", kinds.DAEMON_SET, HOME, "ambient-node-agent")
@@ -90,7 +90,8 @@ REFUSED: dict[str, list[Call]] = {
         *calls("get", kinds.POD, ELSEWHERE),
         *calls("get", kinds.DAEMON_SET, HOME, "ztunnel"),
         *calls("get", kinds.DAEMON_SET, ELSEWHERE, "ambient-node-agent"),
-        *calls("update delete", kinds.POD, ELSEWHERE),
+        *calls("update delete patch", kinds.POD, ELSEWHERE),
+        *calls("update", kinds.POD, ELSEWHERE, sub="status"),
         *calls("get list", kinds.SECRET, HOME),
         *calls("list", kinds.NODE, None),
     ],
