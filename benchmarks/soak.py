@@ -37,7 +37,7 @@ from typing import Any
 
 from meshbench import costs, plain
 from meshbench.scenario import Running
-from soakbench import report
+from soakbench import report, tcpstats
 
 import nsutil
 from localcluster.apps import INHERITED_ENV
@@ -209,7 +209,7 @@ def drive(st: Settings, running: Running, doc: dict[str, Any]) -> None:
         preexec_fn=nsutil.preexec_enter(ep.netns),
     )
     try:
-        _drive(st, proc, proxies, doc)
+        _drive(st, proc, proxies, doc, running.server)
     finally:
         if proc.poll() is None:
             proc.kill()  # by its own handle: the process this run started
@@ -222,7 +222,7 @@ def drive(st: Settings, running: Running, doc: dict[str, Any]) -> None:
 
 def _drive(
     st: Settings, proc: subprocess.Popen[bytes], proxies: dict[str, list[int]],
-    doc: dict[str, Any],
+    doc: dict[str, Any], server: list[int],
 ) -> None:  # fmt: skip
     lines = Lines(proc)
     doc["limits"]["load generator"] = nofile_limit(proc.pid)
@@ -238,6 +238,13 @@ def _drive(
     progress(f"churn: {st.rate:g}/s for {st.duration:g} s, a sample every {st.interval:g} s")
     timeline: list[dict[str, Any]] = doc["timeline"]
     gen_pid = {"gen": [proc.pid]}
+    # The kernel's TCP counters of each namespace on the path, over the churn.
+    where = {"client pod (generator, client tunnel's listener)": proc.pid}
+    if server:
+        where["server pod (server tunnel's connects, the app)"] = server[0]
+    where.update({f"{role} (node)": pids[0] for role, pids in proxies.items() if pids})
+    tcp0 = {label: tcpstats.read(pid) for label, pid in where.items()}
+    soft0 = tcpstats.read_softnet_dropped()
     while True:
         line = lines.next(st.interval + 2 * 10.0 + LINE_GRACE)
         if line["phase"] == "end":
@@ -252,6 +259,12 @@ def _drive(
         timeline.append(line)
         _say(line, proxies)
     doc["at_end"] = sample(proxies)
+    soft1 = tcpstats.read_softnet_dropped()
+    doc["tcp_counters"] = {
+        "churn": {label: tcpstats.delta(tcp0[label], tcpstats.read(pid))
+                  for label, pid in where.items()},
+        "softnet_dropped": None if soft0 is None or soft1 is None else soft1 - soft0,
+    }  # fmt: skip
     assert proc.stdin is not None
     with contextlib.suppress(BrokenPipeError):
         proc.stdin.write(b"\n")

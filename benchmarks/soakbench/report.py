@@ -6,7 +6,8 @@ The raw document (results.json) is:
    "held_phase": {"requested", "opened", "errors", "seconds"}, "after_held": {role: sample},
    "timeline": [{"t", "alive", "in_flight", "new": {...}, "held": {...}, "gen_cpu_s",
                  "proxies": {role: {"rss_kb", "fds", "cpu_s"}}}],
-   "end": {...}, "at_end": {role: sample}, "after_close": {role: sample}, "notes": [str]}
+   "end": {...}, "at_end": {role: sample}, "after_close": {role: sample}, "notes": [str],
+   "tcp_counters": {"churn": {namespace: {"Section.Counter": gained}}, "softnet_dropped"}}
 where a sample is {"rss_kb", "fds", "cpu_s"} (None when the process is gone).
 """
 
@@ -16,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import analysis
+from . import analysis, tcpstats
 from .analysis import Percentiles, Target, Trend
 
 PLOTS = ("rss.png", "fds.png", "errors.png", "latency.png", "rate.png", "cpu.png")
@@ -251,6 +252,7 @@ def render(doc: Mapping[str, Any], summary: Mapping[str, Any], plots: Sequence[s
         out += [f"| {k} | {v} |" for k, v in sorted(errs.items())]
     else:
         out.append("None.")
+    out += _tcp_counters(doc)
     out += ["", "## Tunnels", ""]
     out += [
         "| tunnel | open-file limit | RSS MB idle | after held open | end | after close | "
@@ -293,6 +295,30 @@ def render(doc: Mapping[str, Any], summary: Mapping[str, Any], plots: Sequence[s
     if plots:
         out += ["", "## Plots", ""] + [f"![{n}]({n})" for n in plots]
     return "\n".join(out) + "\n"
+
+
+def _tcp_counters(doc: Mapping[str, Any]) -> list[str]:
+    """The kernel's TCP counters gained over the churn, per namespace on the path: where
+    connections were dropped or retransmitted (soakbench/tcpstats.py)."""
+    tc = doc.get("tcp_counters")
+    if not isinstance(tc, Mapping):
+        return []
+    churn: Mapping[str, Mapping[str, int]] = tc.get("churn") or {}
+    out = ["", "## Kernel TCP counters over the churn", ""]
+    labels = list(churn)
+    if labels:
+        out += [
+            "| counter | meaning | " + " | ".join(labels) + " |",
+            "|---|---|" + "---|" * len(labels),
+        ]
+        for (section, name), meaning in tcpstats.COUNTERS.items():
+            key = f"{section}.{name}"
+            cells = [str(churn[label].get(key, "n/a")) for label in labels]
+            out.append(f"| {name} | {meaning} | " + " | ".join(cells) + " |")
+    dropped = tc.get("softnet_dropped")
+    out += ["", "Packets the machine's CPU backlogs dropped over the churn (softnet_stat): "
+            + ("n/a" if dropped is None else str(dropped)) + "."]  # fmt: skip
+    return out
 
 
 def _fmt(v: float | None) -> str:

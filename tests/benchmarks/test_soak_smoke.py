@@ -40,6 +40,14 @@ def test_soak_writes_a_clean_report(tmp_path: Path) -> None:
     assert sum(e["held"]["ok"] for e in doc["timeline"]) > 0
     assert doc["after_close"]["tunnel-node1"]["fds"] < doc["at_end"]["tunnel-node1"]["fds"]
     assert 0 < doc["close_settle_s"] <= 31.0
+    # The kernel's counters of each namespace on the path, read over the churn: the client
+    # pod's saw the generator's connects (no attempt failed in a clean run).
+    churn = doc["tcp_counters"]["churn"]
+    client = next(v for k, v in churn.items() if k.startswith("client pod"))
+    assert {"Tcp.AttemptFails", "TcpExt.ListenOverflows", "TcpExt.TCPSynRetrans"} <= set(client)
+    assert client["Tcp.AttemptFails"] == 0
+    assert any(k.startswith("server pod") for k in churn)
+    assert {k for k in churn if k.endswith("(node)")} == {f"{t} (node)" for t in TUNNELS}
 
     summary = json.loads((out / "summary.json").read_text())["summary"]
     targets = {t["name"]: t for t in summary["targets"]}
@@ -54,6 +62,7 @@ def test_soak_writes_a_clean_report(tmp_path: Path) -> None:
     md = (out / "report.md").read_text()
     assert "## Targets" in md and "| zero errors | 0 |" in md and "| met |" in md
     assert "RSS flat" in md and "noise band" in md
+    assert "## Kernel TCP counters over the churn" in md and "| ListenOverflows |" in md
     for name in ("rss.png", "fds.png", "errors.png", "latency.png", "rate.png", "cpu.png"):
         data = (out / name).read_bytes()
         assert data.startswith(PNG) and len(data) > 5000, name
