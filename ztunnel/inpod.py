@@ -36,6 +36,7 @@ from meshcore.observability.connections import ConnectionTable
 from meshcore.relay import AppSide
 from meshcore.runtime.tasks import TaskSet
 from meshcore.sockets import (
+    LISTEN_BACKLOG,
     NetnsSocketFactory,
     SocketAddr,
     SocketFactory,
@@ -415,9 +416,14 @@ class PodProxy:
         ]
         try:
             self.servers = [
-                await loop.create_server(self._accepted.wrap(outbound.protocol), sock=socks[0]),
+                # backlog again: the loop would listen(100) on them otherwise.
                 await loop.create_server(
-                    self._accepted.wrap(self.passthrough.protocol), sock=socks[1]
+                    self._accepted.wrap(outbound.protocol), sock=socks[0], backlog=LISTEN_BACKLOG
+                ),
+                await loop.create_server(
+                    self._accepted.wrap(self.passthrough.protocol),
+                    sock=socks[1],
+                    backlog=LISTEN_BACKLOG,
                 ),
             ]
         except BaseException:

@@ -21,6 +21,8 @@ import logging
 import socket
 from dataclasses import dataclass
 
+from meshcore.sockets import LISTEN_BACKLOG
+
 log = logging.getLogger("kubelet.apiforward")
 
 CHUNK = 64 * 1024
@@ -62,7 +64,11 @@ class ApiForwarder:
 
     async def start(self, sock: socket.socket) -> None:
         sock.setblocking(False)
-        self._server = await asyncio.start_server(self._connection, sock=sock)
+        self._server = await asyncio.start_server(
+            self._connection,
+            sock=sock,
+            backlog=LISTEN_BACKLOG,  # else listen(100) again
+        )
 
     async def close(self) -> None:
         if self._server is not None:

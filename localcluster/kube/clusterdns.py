@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import cast
 
 from localcluster.kube.dnszone import Zone, respond
+from meshcore.sockets import LISTEN_BACKLOG
 from ztunnel.dns import message as m
 
 log = logging.getLogger("kubelet.dns")
@@ -115,7 +116,11 @@ class ClusterDns:
         tcp_sock.setblocking(False)
         transport, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), sock=udp_sock)
         self._udp = transport
-        self._tcp = await asyncio.start_server(self._connection, sock=tcp_sock)
+        self._tcp = await asyncio.start_server(
+            self._connection,
+            sock=tcp_sock,
+            backlog=LISTEN_BACKLOG,  # else listen(100) again
+        )
 
     async def close(self) -> None:
         if self._udp is not None:

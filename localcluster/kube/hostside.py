@@ -41,6 +41,7 @@ from localcluster.kube.dnszone import Zone, build_zone
 from localcluster.kube.podplan import service_info
 from localcluster.kube.proxyplan import ListedEndpoints, endpoint_of, listed_endpoints
 from localcluster.network import NetworkError, NetworkLayout, ensure_host_network, plan_host_network
+from meshcore.sockets import LISTEN_BACKLOG
 
 log = logging.getLogger("kubelet.host")
 
@@ -50,7 +51,6 @@ FIELD_MANAGER = "local-kubelet"
 RETRY_MIN_S = 0.5
 RETRY_MAX_S = 10.0
 ZONE_MIN_AGE_S = 0.2  # a burst of changes rebuilds the zone at most this often
-LISTEN_BACKLOG = 128
 
 
 def open_host_sockets(netns_path: str) -> tuple[socket.socket, socket.socket, socket.socket]:

@@ -21,6 +21,7 @@ import gc
 import random
 import socket
 import ssl
+import struct
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -43,7 +44,7 @@ from meshcore.identity.certs import CertificateManager
 from meshcore.identity.spiffe import SpiffeId
 from meshcore.observability.connections import ConnectionTable
 from meshcore.relay import AppSide, HboneSplice
-from meshcore.sockets import PlainSocketFactory, SocketAddr
+from meshcore.sockets import LISTEN_BACKLOG, PlainSocketFactory, SocketAddr
 from meshcore.state import MeshState, Workload
 from tests.support.aio import Loop, wait_until
 from tests.support.certs import InProcessCA, client_hello
@@ -307,6 +308,27 @@ async def read_all(reader: asyncio.StreamReader) -> bytes:
     except ConnectionResetError:
         pass
     return got
+
+
+def accept_queue_limit(sock: socket.socket) -> int:
+    """A listening socket's accept-queue bound as the kernel holds it (TCP_INFO of a
+    listener: tcpi_sacked is sk_max_ack_backlog), whatever listen() was last called with."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    return int(struct.unpack_from("=I", info, 28)[0])
+
+
+def test_a_pods_listeners_keep_their_accept_queue_when_the_loop_serves_them(
+    mesh: LoopbackMesh,
+) -> None:
+    """The loop's create_server(sock=...) calls listen() again, with 100 unless told: the
+    pod's 15001 and 15006 queues shrank to 100, and a burst of new connections had SYNs
+    dropped and retried 1, 3, 7 s later (the soak's answers after 10 s)."""
+    proxy = mesh.a.proxy
+    served = [server.sockets[0] for server in proxy.servers]
+    assert len(served) == 2
+    assert proxy.hbone_server is not None and proxy.hbone_server.sock is not None
+    for sock in (*served, proxy.hbone_server.sock):
+        assert accept_queue_limit(cast(socket.socket, sock)) == LISTEN_BACKLOG
 
 
 def test_hbone_from_pod_to_service_reaches_the_app_with_the_client_identity__recorded_redirects(

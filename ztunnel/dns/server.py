@@ -248,7 +248,8 @@ class DnsProxy:
                 # the handshake must be answered from that non-local address.
                 tcp.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
             tcp.listen(128)
-            self._tcp = await asyncio.start_server(self._serve_tcp, sock=tcp)
+            # The backlog again: the loop would listen(100) on the socket otherwise.
+            self._tcp = await asyncio.start_server(self._serve_tcp, sock=tcp, backlog=128)
         except BaseException:
             udp.close()
             tcp.close()
