@@ -328,7 +328,7 @@ def test_a_pods_listeners_keep_their_accept_queue_when_the_loop_serves_them(
     assert len(served) == 2
     assert proxy.hbone_server is not None and proxy.hbone_server.sock is not None
     for sock in (*served, proxy.hbone_server.sock):
-        assert accept_queue_limit(cast(socket.socket, sock)) == LISTEN_BACKLOG
+        assert accept_queue_limit(sock) == LISTEN_BACKLOG
 
 
 def test_hbone_from_pod_to_service_reaches_the_app_with_the_client_identity__recorded_redirects(
