@@ -183,7 +183,8 @@ async def loopback_mesh() -> AsyncIterator[LoopbackMesh]:
     """Two nodes' tunnels, three pods and two apps on fresh 127.x addresses; everything is
     stopped on the way out."""
     a_ip, b_ip, l_ip, direct_ip = loopback_ips(4)
-    apps = [await asyncio.start_server(serve_app, ip, 0) for ip in (b_ip, l_ip)]
+    # backlog: the default 100 drops SYNs once more than 100 connects are in flight.
+    apps = [await asyncio.start_server(serve_app, ip, 0, backlog=1024) for ip in (b_ip, l_ip)]
     app_port = apps[0].sockets[0].getsockname()[1]
     l_port = apps[1].sockets[0].getsockname()[1]
     state = build_state({"a": a_ip, "b": b_ip, "l": l_ip})
