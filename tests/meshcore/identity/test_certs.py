@@ -78,7 +78,8 @@ def test_fetch_builds_a_consistent_certificate(aio):
         assert leaf.public_key() == key.public_key()
         assert leaf.serial_number == cert.serial
         assert cert.not_after - cert.not_before == timedelta(hours=4) + CLOCK_SKEW
-        assert cert.presented_chain_pem == cert.chain_pem[0]  # the root is not sent
+        # The whole chain, root included (so OpenSSL does not rebuild it per handshake).
+        assert cert.presented_chain_pem == cert.chain_pem[0] + cert.chain_pem[1]
         assert await mgr.get(ALICE) is cert
         assert client.calls == [ALICE]
         assert mgr.snapshot() == [cert]

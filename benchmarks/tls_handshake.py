@@ -1,0 +1,192 @@
+"""What the TLS library itself costs per mutual-TLS handshake, each side apart, with the
+mesh's own contexts (`meshcore.tls`: TLS 1.3, P-256 certificates from the project's CA,
+client certificates required). No network, no event loop, no root: the two ends talk through
+memory BIOs in one thread, and each side's `do_handshake` calls are timed on the process's
+CPU clock. What it leaves out (sockets, the event loop's TLS transport, HTTP/2, the CONNECT)
+is what `mesh_bench`'s handshake row adds on top.
+
+Variants, so the parts show: `mesh` (as the tunnels run), `leaf-only` (each side presents
+its leaf alone, as the tunnels did before: OpenSSL then rebuilds the chain from the trust
+store on every handshake, a verification of its own certificate), `no-client-verify` (the
+server does not check the client's chain), `no-verify` (neither side checks the other's
+chain; the signatures of the handshake itself are still made and checked). The library is
+the same one a sidecar like HAProxy links on this machine, so this is the floor neither
+proxy goes below.
+
+    .venv/bin/python benchmarks/tls_handshake.py [--handshakes 500] [--rounds 3] [--json F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import ssl
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent)]
+
+from meshcore import tls  # noqa: E402
+from meshcore.identity.certs import CertificateManager, WorkloadCertificate  # noqa: E402
+from meshcore.identity.spiffe import SpiffeId  # noqa: E402
+from tests.support.certs import InProcessCA  # noqa: E402
+
+CLIENT = SpiffeId.parse("spiffe://cluster.local/ns/bench/sa/client")
+SERVER = SpiffeId.parse("spiffe://cluster.local/ns/bench/sa/server")
+# A handshake that has not finished after this many exchanges is broken, not slow.
+MAX_LEGS = 16
+
+
+@dataclass(frozen=True, slots=True)
+class SideCosts:
+    """CPU microseconds per handshake, each side's `do_handshake` calls only."""
+
+    client_us: float
+    server_us: float
+
+
+Variant = Callable[[ssl.SSLContext, ssl.SSLContext], None]
+
+
+@dataclass(frozen=True, slots=True)
+class _LeafOnly:
+    """A certificate that presents its leaf alone (what the tunnels presented before)."""
+
+    cert: WorkloadCertificate
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.cert, name)
+
+    @property
+    def presented_chain_pem(self) -> bytes:
+        return self.cert.chain_pem[0]
+
+
+def _as_run(client: ssl.SSLContext, server: ssl.SSLContext) -> None:
+    pass
+
+
+def _no_client_verify(client: ssl.SSLContext, server: ssl.SSLContext) -> None:
+    server.verify_mode = ssl.CERT_NONE
+
+
+def _no_verify(client: ssl.SSLContext, server: ssl.SSLContext) -> None:
+    server.verify_mode = ssl.CERT_NONE
+    client.verify_mode = ssl.CERT_NONE
+
+
+# name -> (what the contexts are changed by, whether each side presents its leaf alone)
+VARIANTS: dict[str, tuple[Variant, bool]] = {
+    "mesh": (_as_run, False),
+    "leaf-only": (_as_run, True),
+    "no-client-verify": (_no_client_verify, False),
+    "no-verify": (_no_verify, False),
+}
+
+
+def handshake(client: ssl.SSLContext, server: ssl.SSLContext) -> tuple[float, float]:
+    """One full handshake over memory BIOs; each side's CPU seconds in `do_handshake`.
+    Raises ssl.SSLError if it fails and RuntimeError if it does not finish."""
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    c = client.wrap_bio(c_in, c_out, server_side=False)
+    s = server.wrap_bio(s_in, s_out, server_side=True)
+    c_done = s_done = False
+    tc = ts = 0.0
+    for _ in range(MAX_LEGS):
+        if not c_done:
+            t = time.process_time()
+            try:
+                c.do_handshake()
+                c_done = True
+            except ssl.SSLWantReadError:
+                pass
+            tc += time.process_time() - t
+            s_in.write(c_out.read())
+        if not s_done:
+            t = time.process_time()
+            try:
+                s.do_handshake()
+                s_done = True
+            except ssl.SSLWantReadError:
+                pass
+            ts += time.process_time() - t
+            c_in.write(s_out.read())
+        if c_done and s_done:
+            return tc, ts
+    raise RuntimeError(f"no handshake after {MAX_LEGS} exchanges")
+
+
+def measure(
+    client_cert: WorkloadCertificate,
+    server_cert: WorkloadCertificate,
+    variant: Variant,
+    n: int,
+    leaf_only: bool = False,
+) -> SideCosts:
+    if leaf_only:
+        client_cert = cast(WorkloadCertificate, _LeafOnly(client_cert))
+        server_cert = cast(WorkloadCertificate, _LeafOnly(server_cert))
+    client, server = tls.client_context(client_cert), tls.server_context(server_cert)
+    variant(client, server)
+    tc = ts = 0.0
+    for _ in range(n):
+        c, s = handshake(client, server)
+        tc += c
+        ts += s
+    return SideCosts(tc / n * 1e6, ts / n * 1e6)
+
+
+async def certificates() -> tuple[WorkloadCertificate, WorkloadCertificate]:
+    certs = CertificateManager(InProcessCA())
+    try:
+        return await certs.get(CLIENT), await certs.get(SERVER)
+    finally:
+        await certs.close()
+
+
+def run(handshakes: int, rounds: int) -> dict[str, dict[str, object]]:
+    """Every variant in each round (interleaved); per variant the rounds and their medians."""
+    client_cert, server_cert = asyncio.run(certificates())
+    per: dict[str, list[SideCosts]] = {name: [] for name in VARIANTS}
+    for _ in range(rounds):
+        for name, (variant, leaf_only) in VARIANTS.items():
+            per[name].append(measure(client_cert, server_cert, variant, handshakes, leaf_only))
+    return {
+        name: {
+            "client_us": statistics.median(r.client_us for r in runs),
+            "server_us": statistics.median(r.server_us for r in runs),
+            "rounds": [[round(r.client_us), round(r.server_us)] for r in runs],
+        }
+        for name, runs in per.items()
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    ap.add_argument("--handshakes", type=int, default=500, help="per variant and round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", type=Path, help="write the figures here")
+    a = ap.parse_args()
+    if not 1 <= a.handshakes <= 20_000 or not 1 <= a.rounds <= 20:
+        ap.error("--handshakes 1..20000, --rounds 1..20")
+    got = run(a.handshakes, a.rounds)
+    print(ssl.OPENSSL_VERSION)
+    print(f"{'variant':<18}{'client us':>11}{'server us':>11}   rounds (client/server)")
+    for name, row in got.items():
+        rounds = ", ".join(f"{c}/{s}" for c, s in row["rounds"])  # type: ignore[attr-defined]
+        print(f"{name:<18}{row['client_us']:>11.0f}{row['server_us']:>11.0f}   {rounds}")
+    if a.json is not None:
+        doc = {"openssl": ssl.OPENSSL_VERSION, "handshakes": a.handshakes, "variants": got}
+        a.json.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
