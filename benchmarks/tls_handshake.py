@@ -91,6 +91,20 @@ VARIANTS: dict[str, tuple[Variant, bool]] = {
 }
 
 
+def _step(end: ssl.SSLObject, out: ssl.MemoryBIO, to_peer: ssl.MemoryBIO) -> tuple[bool, float]:
+    """One `do_handshake` call of one side: (done, its CPU seconds); what it wrote goes to
+    the peer's incoming BIO."""
+    t = time.process_time()
+    try:
+        end.do_handshake()
+        done = True
+    except ssl.SSLWantReadError:
+        done = False
+    spent = time.process_time() - t
+    to_peer.write(out.read())
+    return done, spent
+
+
 def handshake(client: ssl.SSLContext, server: ssl.SSLContext) -> tuple[float, float]:
     """One full handshake over memory BIOs; each side's CPU seconds in `do_handshake`.
     Raises ssl.SSLError if it fails and RuntimeError if it does not finish."""
@@ -101,23 +115,11 @@ def handshake(client: ssl.SSLContext, server: ssl.SSLContext) -> tuple[float, fl
     tc = ts = 0.0
     for _ in range(MAX_LEGS):
         if not c_done:
-            t = time.process_time()
-            try:
-                c.do_handshake()
-                c_done = True
-            except ssl.SSLWantReadError:
-                pass
-            tc += time.process_time() - t
-            s_in.write(c_out.read())
+            c_done, spent = _step(c, c_out, s_in)
+            tc += spent
         if not s_done:
-            t = time.process_time()
-            try:
-                s.do_handshake()
-                s_done = True
-            except ssl.SSLWantReadError:
-                pass
-            ts += time.process_time() - t
-            c_in.write(s_out.read())
+            s_done, spent = _step(s, s_out, c_in)
+            ts += spent
         if c_done and s_done:
             return tc, ts
     raise RuntimeError(f"no handshake after {MAX_LEGS} exchanges")
