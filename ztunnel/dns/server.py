@@ -60,6 +60,7 @@ IP_TRANSPARENT = 19
 IP_RECVORIGDSTADDR = IP_ORIGDSTADDR = 20
 _ANC_SPACE = socket.CMSG_SPACE(16)  # one sockaddr_in
 UDP_BATCH = 64
+DNS_TCP_BACKLOG = 128  # TCP queries are rare (truncated answers): a small accept queue
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
@@ -247,9 +248,11 @@ class DnsProxy:
                 # The eBPF capture hands over connections still addressed to the resolver:
                 # the handshake must be answered from that non-local address.
                 tcp.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-            tcp.listen(128)
+            tcp.listen(DNS_TCP_BACKLOG)
             # The backlog again: the loop would listen(100) on the socket otherwise.
-            self._tcp = await asyncio.start_server(self._serve_tcp, sock=tcp, backlog=128)
+            self._tcp = await asyncio.start_server(
+                self._serve_tcp, sock=tcp, backlog=DNS_TCP_BACKLOG
+            )
         except BaseException:
             udp.close()
             tcp.close()
