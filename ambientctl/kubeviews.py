@@ -21,7 +21,7 @@ from controlplane.endpoints import Obj, Problem, is_ready, key_of, labels, meta,
 from controlplane.waypoints import GATEWAY_NAME_LABEL, WAYPOINT_CLASS
 from localcluster import gateways as gw
 from meshcore.admin.views import mesh_json
-from meshcore.defaults import ROOT_NAMESPACE, TRUST_DOMAIN
+from meshcore.defaults import REDIRECTION_ANNOTATION, ROOT_NAMESPACE, TRUST_DOMAIN
 from meshcore.policy.index import PolicyIndex
 from meshcore.state import MeshConfigError, MeshState, Workload
 from waypoint import explain as wx
@@ -33,7 +33,6 @@ TUNNEL = "ztunnel"
 NODE_AGENT = "ambient-node-agent"
 DATAPLANE_MODE_LABEL = "istio.io/dataplane-mode"
 USE_WAYPOINT_LABEL = "istio.io/use-waypoint"
-REDIRECTION_ANNOTATION = "ambient.istio.io/redirection"  # the node agent's mark (istio-cni's)
 DEFAULT_NAMESPACE = "default"
 MESH_KINDS = tuple(WATCHED)  # the Inputs fields, as the control plane's informers fill them
 

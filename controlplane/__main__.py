@@ -25,7 +25,15 @@ from typing import Any
 
 import structlog
 
+from controlplane.admission import (
+    WEBHOOK_CONFIGURATION,
+    AgentAdmissionServer,
+    informer_pod_lookup,
+    keep_ca_bundle,
+)
+from controlplane.agentadmission import NODE_AGENT_ACCOUNT
 from controlplane.ca import CAError, CertificateAuthority
+from controlplane.ca_grpc_tls import service_dns_names
 from controlplane.ca_server import CAServerError
 from controlplane.controller import ControllerOptions, MeshController
 from controlplane.incluster import RootCertPublisher, load_or_create_ca
@@ -110,6 +118,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "instead of the mesh config file",
     )
     p.add_argument("--waypoint-xds-root-cert", help="the root that xDS server is checked with")
+    p.add_argument(
+        "--admission-port",
+        type=int,
+        default=0,
+        help="serve the node-agent admission webhook (HTTPS, POST /validate/node-agent) on "
+        "this port (0.0.0.0; istiod's is 15017) and write the mesh root into the caBundle of "
+        "the ValidatingWebhookConfiguration --admission-configuration; 0: off",
+    )
+    p.add_argument(
+        "--admission-configuration",
+        default=WEBHOOK_CONFIGURATION,
+        help="the ValidatingWebhookConfiguration whose caBundle the control plane writes",
+    )
+    p.add_argument(
+        "--node-agent-account",
+        action="append",
+        default=[],
+        metavar="NS/NAME",
+        help="a node agents' service account the admission webhook judges (repeatable; "
+        "default: <namespace>/ambient-node-agent)",
+    )
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
     if not 0 <= args.debounce <= 10:
@@ -132,6 +161,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error("--grpc-listen needs --state-dir (the mesh CA that signs istiod's certificate)")
     if not 0 <= args.readiness_port <= 65535:
         p.error(f"--readiness-port {args.readiness_port} is not a port")
+    if not 0 <= args.admission_port <= 65535:
+        p.error(f"--admission-port {args.admission_port} is not a port")
+    if args.admission_port and not (args.in_cluster or args.grpc_listen):
+        p.error("--admission-port needs the mesh CA: --in-cluster or --grpc-listen")
+    for account in args.node_agent_account:
+        ns, _, name = account.partition("/")
+        if not ns or not name or "/" in name:
+            p.error(f"--node-agent-account {account!r} is not NS/NAME")
+    if not args.node_agent_account:
+        args.node_agent_account = [f"{args.namespace or ROOT_NAMESPACE}/{NODE_AGENT_ACCOUNT}"]
     return args
 
 
@@ -201,6 +240,11 @@ async def run(config: KubeConfig, args: argparse.Namespace) -> None:
         readiness = (
             await serve_readiness(controller, args.readiness_port) if args.readiness_port else None
         )
+        admission = (
+            await serve_admission(client, controller, ca, args)
+            if args.admission_port and ca is not None
+            else None
+        )
         await controller.start()
         if publisher is not None:
             publisher.start()
@@ -210,6 +254,8 @@ async def run(config: KubeConfig, args: argparse.Namespace) -> None:
         finally:
             if readiness is not None:
                 await readiness.close()
+            if admission is not None:
+                await admission.close()
             if grpc_server is not None:
                 await grpc_server.stop()
             if publisher is not None:
@@ -252,6 +298,42 @@ async def serve_readiness(controller: MeshController, port: int) -> ControlPlane
     return server
 
 
+class AdmissionServing:
+    """The admission webhook's server and the task that writes its caBundle."""
+
+    def __init__(self, server: AgentAdmissionServer, bundle: asyncio.Task[None]) -> None:
+        self.server = server
+        self.bundle = bundle
+
+    async def close(self) -> None:
+        self.bundle.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.bundle
+        await self.server.close()
+
+
+async def serve_admission(
+    client: KubeClient,
+    controller: MeshController,
+    ca: CertificateAuthority,
+    args: argparse.Namespace,
+) -> AdmissionServing:
+    server = AgentAdmissionServer(
+        ca,
+        args.node_agent_account,
+        informer_pod_lookup(client, controller.informers["pods"]),
+        port=args.admission_port,
+        dns_names=service_dns_names(args.namespace or ROOT_NAMESPACE),
+    )
+    await server.start()
+    bundle = asyncio.create_task(
+        keep_ca_bundle(client, ca.roots_pem(), args.admission_configuration),
+        name="admission-ca-bundle",
+    )
+    log.info("admission webhook listening", port=server.port, agents=args.node_agent_account)
+    return AdmissionServing(server, bundle)
+
+
 class GrpcServing:
     """istiod's 15012: delta xDS fed by the controller, and the CA, on one TLS server."""
 
@@ -289,7 +371,7 @@ async def serve_grpc(
     from controlplane.grpc_limits import grpc_limits, new_server
     from controlplane.xds.auth import SubscriberAuth
     from controlplane.xds.server import XdsServer
-    from controlplane.xds.tls import XDS_DNS_NAME, bind, server_credentials, service_dns_names
+    from controlplane.xds.tls import XDS_DNS_NAME, bind, server_credentials
 
     limits = grpc_limits(os.environ)
     facts = KubeFacts(client)

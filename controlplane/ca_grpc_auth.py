@@ -157,7 +157,9 @@ def caller_from_review(status: Mapping[str, Any], audience: str = CA_AUDIENCE) -
     if not ns or not sa or ":" in sa:
         return Refusal(Code.UNAUTHENTICATED, f"unauthenticated: malformed user name {username!r}")
     extra = user.get("extra") or {}
-    return Caller(ns, sa, _first(extra.get(EXTRA_POD_NAME)), _first(extra.get(EXTRA_POD_UID)))
+    return Caller(
+        ns, sa, first_value(extra.get(EXTRA_POD_NAME)), first_value(extra.get(EXTRA_POD_UID))
+    )
 
 
 def bearer_token(metadata: Iterable[tuple[Any, Any]]) -> str | Refusal:
@@ -215,7 +217,8 @@ def _unverified_claims(token: str) -> dict[str, Any]:
     return claims if isinstance(claims, dict) else {}
 
 
-def _first(value: object) -> str:
+def first_value(value: object) -> str:
+    """The first string of a userInfo `extra` entry (a list of strings), or ""."""
     if isinstance(value, list) and value and isinstance(value[0], str):
         return value[0]
     return ""

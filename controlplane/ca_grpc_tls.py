@@ -26,6 +26,11 @@ ISTIOD_SERVICE_ACCOUNT = "istiod"
 SERVING_TTL = timedelta(days=7)
 
 
+def service_dns_names(namespace: str, domain: str = "cluster.local") -> tuple[str, ...]:
+    """The names clients in the cluster dial istiod by, in the namespace it runs in."""
+    return (f"istiod.{namespace}.svc", f"istiod.{namespace}.svc.{domain}")
+
+
 def serving_certificate(
     ca: CertificateAuthority,
     dns_names: Sequence[str] = (ISTIOD_DNS_NAME,),

@@ -30,3 +30,8 @@ SERVICE_ACCOUNT: Final = "default"
 NAMESPACE: Final = "default"
 # Policies here without a selector apply mesh-wide; istio-cni never captures its pods.
 ROOT_NAMESPACE: Final = "istio-system"
+
+# The node agent's mark on each pod whose capture it installed (istio-cni's), and its value;
+# the control plane's admission check lets the agent change this annotation and nothing else.
+REDIRECTION_ANNOTATION: Final = "ambient.istio.io/redirection"
+REDIRECTION_ENABLED: Final = "enabled"

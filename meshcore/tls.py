@@ -162,13 +162,18 @@ def _configure(ctx: ssl.SSLContext, cert: WorkloadCertificate) -> None:
 
 
 def _load_chain(ctx: ssl.SSLContext, cert: WorkloadCertificate) -> None:
-    with _private_file(cert.presented_chain_pem) as chain, _private_file(cert.key_pem) as key:
-        try:
-            ctx.load_cert_chain(chain, key)
-        except ssl.SSLError as e:
-            raise TLSConfigError(
-                f"certificate or key for {cert.identity} cannot be loaded: {e}"
-            ) from e
+    try:
+        load_chain_pem(ctx, cert.presented_chain_pem, cert.key_pem)
+    except ssl.SSLError as e:
+        raise TLSConfigError(f"certificate or key for {cert.identity} cannot be loaded: {e}") from e
+
+
+def load_chain_pem(ctx: ssl.SSLContext, chain_pem: bytes, key_pem: bytes) -> None:
+    """`ctx.load_cert_chain` from PEM in memory (the key never written to disk where a
+    memfd exists); ssl.SSLError when they do not load. Called again, it replaces the pair
+    for the handshakes that follow."""
+    with _private_file(chain_pem) as chain, _private_file(key_pem) as key:
+        ctx.load_cert_chain(chain, key)
 
 
 @contextmanager

@@ -50,13 +50,11 @@ from kube.client import KubeApiError, KubeClient, Obj
 from kube.informer import Event, Informer
 from kube.kinds import NAMESPACE, POD
 from kube.podnetns import netns_path
-from meshcore.defaults import SERVICE_ACCOUNT
+from meshcore.defaults import REDIRECTION_ANNOTATION, REDIRECTION_ENABLED, SERVICE_ACCOUNT
 from redirect.enrolment import NodeView, PodInfo, SourceError
 
 log = structlog.get_logger(__name__)
 
-REDIRECTION_ANNOTATION = "ambient.istio.io/redirection"
-REDIRECTION_ENABLED = "enabled"
 NETNS_POLL_S = 0.5
 SYNC_WAIT_S = 10.0
 _MARK_BACKOFF_MIN_S = 0.2

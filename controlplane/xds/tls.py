@@ -48,11 +48,6 @@ def server_certificate(
     return serving_certificate(ca, dns_names=dns_names, ttl=ttl)
 
 
-def service_dns_names(namespace: str, domain: str = "cluster.local") -> tuple[str, ...]:
-    """The names clients in the cluster dial istiod by, in the namespace it runs in."""
-    return (f"istiod.{namespace}.svc", f"istiod.{namespace}.svc.{domain}")
-
-
 def server_credentials(
     ca: CertificateAuthority,
     ttl: timedelta = timedelta(days=7),

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,8 +101,12 @@ class NodeHttpServer:
         max_head: int = MAX_HEAD,
         max_body: int = MAX_BODY,
         max_connections: int = MAX_CONNECTIONS,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._port = port
+        # A server context: HTTPS (the control plane's admission webhook); the handshake
+        # gets the same time bound as a request.
+        self._tls = tls
         self._host = host
         self._read_timeout = read_timeout
         self._max_head = max_head
@@ -148,6 +153,8 @@ class NodeHttpServer:
             self._port,
             reuse_port=True,
             limit=self._max_head,
+            ssl=self._tls,
+            ssl_handshake_timeout=self._read_timeout if self._tls is not None else None,
         )
 
     @property

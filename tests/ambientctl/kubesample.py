@@ -8,6 +8,7 @@ import copy
 from typing import Any
 
 from ambientctl import kubeviews as kv
+from meshcore.defaults import REDIRECTION_ANNOTATION
 from tests.controlplane import kubeobjects as ko
 
 GATEWAY_NAME = "gateway.networking.k8s.io/gateway-name"
@@ -20,7 +21,7 @@ def owned(pod: dict[str, Any], kind: str, name: str) -> dict[str, Any]:
 
 
 def captured(pod: dict[str, Any]) -> dict[str, Any]:
-    pod["metadata"]["annotations"] = {kv.REDIRECTION_ANNOTATION: "enabled"}
+    pod["metadata"]["annotations"] = {REDIRECTION_ANNOTATION: "enabled"}
     return pod
 
 

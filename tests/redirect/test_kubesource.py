@@ -30,10 +30,11 @@ from kube.client import KubeApiError, KubeClient, load_kubeconfig
 from kube.kinds import NAMESPACE, NODE, POD
 from kube.podnetns import netns_name, netns_path
 from localcluster.kube.apiserver import KubeControlPlane, running
+from meshcore.defaults import REDIRECTION_ANNOTATION
 from meshcore.identity.certs import CertificateManager
 from meshcore.identity.certworker_client import CertWorkerClient
 from redirect.agent import NodeAgent, NodeDataplane, zds_server_factory
-from redirect.kubesource import REDIRECTION_ANNOTATION, KubePodSource
+from redirect.kubesource import KubePodSource
 from tests.support.aio import Loop, wait_until
 from tests.support.certs import InProcessCA
 from tests.support.mesh import ips, mesh_state, workload
