@@ -47,6 +47,16 @@ RELEASES = (
 )
 
 
+# What the local cluster sets beside the charts' defaults. Its API server runs in the root
+# network namespace, which never routes to the cluster's addresses (pods and Service IPs
+# live in namespaces of their own): a webhook at istiod's Service could not be called, and
+# the call would be sent toward the machine's default route. So istiod's node-agent
+# webhook is off here (its tests register it by a loopback URL instead).
+LOCAL_VALUES: dict[str, dict[str, Any]] = {
+    "controlplane": {"nodeAgentAdmission": {"enabled": False}},
+}
+
+
 def chart_version(chart: str = "tunnel") -> str:
     """The charts' appVersion: the image tag they default to."""
     for line in (CHARTS / chart / "Chart.yaml").read_text(encoding="utf-8").splitlines():
@@ -80,7 +90,7 @@ def install(
     tag = tag or chart_version()
     require_image(tag)
     for r in RELEASES:
-        values = {"hub": HUB, "tag": tag, **extra.get(r.chart, {})}
+        values = {"hub": HUB, "tag": tag, **LOCAL_VALUES.get(r.chart, {}), **extra.get(r.chart, {})}
         if r.chart == "base":
             values = dict(extra.get("base", {}))
         try:
@@ -107,7 +117,7 @@ def upgrade(
 ) -> None:
     require_image(tag)
     r = next(r for r in RELEASES if r.chart == chart)
-    values = {"hub": HUB, "tag": tag, **extra}
+    values = {"hub": HUB, "tag": tag, **LOCAL_VALUES.get(chart, {}), **extra}
     try:
         helm.upgrade(
             CHARTS / r.chart, r.name, namespace, kubeconfig, values, timeout=HELM_TIMEOUT_S

@@ -16,6 +16,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from controlplane.admission import ADMISSION_PORT, VALIDATE_PATH, WEBHOOK_CONFIGURATION
 from controlplane.install import waypoint_gateway_class
 from localcluster.kube import helm
 from localcluster.kube.meshrbac import CHARTS_DIR
@@ -239,11 +240,19 @@ def test_every_object_has_the_usual_labels(chart, value_set):
             assert labels["helm.sh/chart"] == f"{chart}-{APP_VERSION}"
 
 
+CLUSTER_SCOPED = (
+    "GatewayClass",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "ValidatingWebhookConfiguration",
+)
+
+
 def test_namespaced_objects_go_to_the_release_namespace():
     for chart in CHARTS:
         objs = helm.template(chart_path(chart), RELEASE, "mesh-system")
         for obj in objs:
-            if obj["kind"] in ("GatewayClass", "ClusterRole", "ClusterRoleBinding"):
+            if obj["kind"] in CLUSTER_SCOPED:
                 assert "namespace" not in obj["metadata"], obj["kind"]
             else:
                 assert obj["metadata"]["namespace"] == "mesh-system", obj["kind"]
@@ -258,22 +267,28 @@ def test_namespaced_objects_go_to_the_release_namespace():
 def test_controlplane_objects():
     objs = render("controlplane")
     assert sorted((o["kind"], o["metadata"]["name"]) for o in objs) == sorted(
-        (k, "istiod")
-        for k in (
-            "ServiceAccount",
-            "Deployment",
-            "Service",
-            "PodDisruptionBudget",
-            "ClusterRole",
-            "ClusterRoleBinding",
-            "Role",
-            "RoleBinding",
-        )
+        [
+            *(
+                (k, "istiod")
+                for k in (
+                    "ServiceAccount",
+                    "Deployment",
+                    "Service",
+                    "PodDisruptionBudget",
+                    "ClusterRole",
+                    "ClusterRoleBinding",
+                    "Role",
+                    "RoleBinding",
+                )
+            ),
+            ("ValidatingWebhookConfiguration", WEBHOOK_CONFIGURATION),
+        ]
     )
     svc = one(objs, "Service")
     assert [(p["name"], p["port"], p["targetPort"]) for p in svc["spec"]["ports"]] == [
         ("grpc-xds", 15012, 15012),
         ("http-monitoring", 15014, 15014),
+        ("https-webhook", 443, ADMISSION_PORT),
     ]
     dep = one(objs, "Deployment")
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"] == {"app": "istiod"}
@@ -303,6 +318,10 @@ def test_controlplane_container():
         "--waypoint-image",
         IMAGE,
         "--no-install-crds",
+        "--admission-port",
+        str(ADMISSION_PORT),
+        "--node-agent-account",
+        f"{NAMESPACE}/ambient-node-agent",
         "--log-level",
         "info",
     ]
@@ -316,6 +335,65 @@ def test_controlplane_container():
         "allowPrivilegeEscalation": False,
         "capabilities": {"drop": ["ALL"]},
     }
+
+
+@pytest.mark.parametrize(
+    ("kube_version", "policy", "conditions"),
+    [(OLD_KUBE, "Ignore", False), ("1.28.0", "Fail", True), (NEW_KUBE, "Fail", True)],
+)
+def test_controlplane_node_agent_webhook(kube_version, policy, conditions):
+    """istiod judges the node agents' pods/status writes at its Service's /validate/node-agent;
+    Fail where matchConditions let only the agents' writes through, else Ignore (every
+    kubelet's status write would otherwise wait on istiod)."""
+    objs = render("controlplane", kube_version=kube_version)
+    (hook,) = one(objs, "ValidatingWebhookConfiguration")["webhooks"]
+    assert hook["clientConfig"] == {
+        "service": {
+            "name": "istiod",
+            "namespace": NAMESPACE,
+            "path": VALIDATE_PATH,
+            "port": 443,
+        }
+    }
+    assert hook["rules"] == [
+        {
+            "apiGroups": [""],
+            "apiVersions": ["v1"],
+            "operations": ["UPDATE"],
+            "resources": ["pods/status"],
+            "scope": "Namespaced",
+        }
+    ]
+    assert hook["failurePolicy"] == policy
+    assert hook["sideEffects"] == "None"
+    expected = [
+        {
+            "name": "node-agent",
+            "expression": "request.userInfo.username == "
+            f"'system:serviceaccount:{NAMESPACE}:ambient-node-agent'",
+        }
+    ]
+    assert hook.get("matchConditions") == (expected if conditions else None)
+
+
+def test_controlplane_node_agent_webhook_values():
+    def rendered(values: dict[str, Any]) -> list[Any]:
+        return helm.template(
+            chart_path("controlplane"), RELEASE, NAMESPACE, values={"nodeAgentAdmission": values}
+        )
+
+    objs = rendered({"agentNamespace": "agents", "failurePolicy": "Ignore"})
+    (hook,) = one(objs, "ValidatingWebhookConfiguration")["webhooks"]
+    assert hook["failurePolicy"] == "Ignore"
+    args = only_container(one(objs, "Deployment"))["args"]
+    assert args[args.index("--node-agent-account") + 1] == "agents/ambient-node-agent"
+    off = rendered({"enabled": False})
+    assert not [o for o in off if o["kind"] == "ValidatingWebhookConfiguration"]
+    assert "--admission-port" not in only_container(one(off, "Deployment"))["args"]
+    assert [p["name"] for p in one(off, "Service")["spec"]["ports"]] == [
+        "grpc-xds",
+        "http-monitoring",
+    ]
 
 
 def test_controlplane_values():
@@ -671,7 +749,7 @@ def test_every_value_is_documented(chart):
     readme = (CHARTS_DIR / chart / "README.md").read_text()
     keys = yaml.safe_load("\n".join(lines))
     for key, value in keys.items():
-        names = [f"{key}.{k}" for k in value] if key == "pdb" else [key]
+        names = [f"{key}.{k}" for k in value] if key in ("pdb", "nodeAgentAdmission") else [key]
         for name in names:
             assert f"| `{name}` |" in readme, f"{chart}/README.md does not list {name}"
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from controlplane.admission import WEBHOOK_CONFIGURATION, WEBHOOK_CONFIGURATIONS
 from controlplane.controller import ISTIO_STATUS_KINDS, WATCHED
 from kube import kinds
 from kube.kinds import Kind
@@ -54,6 +55,8 @@ def controlplane_calls() -> list[Call]:
     # In-cluster mode: the base chart's GatewayClass, reported Accepted.
     out += calls("get", kinds.GATEWAY_CLASS, None, "istio-waypoint")
     out += calls("patch", kinds.GATEWAY_CLASS, None, "istio-waypoint", sub="status")
+    # The node-agent webhook's caBundle (admission.py publish_ca_bundle).
+    out += calls("get patch", WEBHOOK_CONFIGURATIONS, None, WEBHOOK_CONFIGURATION)
     return out
 
 
@@ -85,6 +88,8 @@ REFUSED: dict[str, list[Call]] = {
         *calls("get", kinds.GATEWAY_CLASS, None, "someone-elses-class"),
         *calls("delete", kinds.POD, ELSEWHERE),
         *calls("patch", kinds.GATEWAY, ELSEWHERE),
+        *calls("create", WEBHOOK_CONFIGURATIONS, None),
+        *calls("patch", WEBHOOK_CONFIGURATIONS, None, "someone-elses-webhook"),
     ],
     "node-agent": [
         *calls("get", kinds.POD, ELSEWHERE),

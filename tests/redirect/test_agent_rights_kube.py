@@ -73,7 +73,7 @@ def test_the_agents_token_cannot_change_what_a_pod_runs(rights: Rights) -> None:
 
 
 def test_what_the_agents_token_still_can_labels_through_status(rights: Rights) -> None:
-    """The right that is left (SECURITY.md, "Not yet proven" 3): metadata, labels
+    """What RBAC alone leaves (SECURITY.md; istiod's webhook narrows it): metadata, labels
     included, through pods/status. Kept as a test so the threat model stays true."""
     rights.create_pod("other")
     path = f"/api/v1/namespaces/{rights.ns}/pods/other/status"

@@ -1,0 +1,81 @@
+"""The admission webhook's HTTPS server on loopback (no API server): its certificate chains
+to the mesh root and names 127.0.0.1, a review it cannot read gets a 400 that says why,
+an oversized one a 413, and an answer echoes the review's uid in its own version."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from pathlib import Path
+
+from controlplane.admission import VALIDATE_PATH, AgentAdmissionServer
+from controlplane.agentadmission import AgentPod
+from controlplane.ca import CertificateAuthority
+
+
+async def _post(port: int, ctx: ssl.SSLContext, body: bytes) -> tuple[int, bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
+    head = (
+        f"POST {VALIDATE_PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    writer.write(head + body)
+    raw = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    status = int(raw.split(b" ", 2)[1])
+    return status, raw.partition(b"\r\n\r\n")[2]
+
+
+def test_the_server_answers_reviews_and_refuses_what_it_cannot_read(tmp_path: Path) -> None:
+    ca = CertificateAuthority.load_or_create(tmp_path / "ca", "cluster.local")
+    looked_up: list[AgentPod] = []
+
+    async def lookup(pod: AgentPod) -> str | None:
+        looked_up.append(pod)
+        return "node1"
+
+    async def scenario() -> None:
+        server = AgentAdmissionServer(ca, {"istio-system/agent"}, lookup, port=0, host="127.0.0.1")
+        await server.start()
+        try:
+            ctx = ssl.create_default_context(cadata=ca.roots_pem().decode())
+            status, body = await _post(server.port, ctx, b"{not json")
+            assert status == 400 and b"not JSON" in body
+            status, body = await _post(server.port, ctx, b" " * (5 * 1024 * 1024))
+            assert status == 413
+            review = {
+                "apiVersion": "admission.k8s.io/v1",
+                "kind": "AdmissionReview",
+                "request": {
+                    "uid": "u-1",
+                    "resource": {"group": "", "version": "v1", "resource": "pods"},
+                    "subResource": "status",
+                    "operation": "UPDATE",
+                    "userInfo": {
+                        "username": "system:serviceaccount:istio-system:agent",
+                        "extra": {
+                            "authentication.kubernetes.io/pod-name": ["agent-1"],
+                            "authentication.kubernetes.io/pod-uid": ["uid-1"],
+                        },
+                    },
+                    "oldObject": {
+                        "metadata": {"labels": {"a": "1"}},
+                        "spec": {"nodeName": "node1"},
+                    },
+                    "object": {"metadata": {"labels": {"a": "2"}}, "spec": {"nodeName": "node1"}},
+                },
+            }
+            status, body = await _post(server.port, ctx, json.dumps(review).encode())
+            answer = json.loads(body)
+            assert status == 200
+            assert answer["apiVersion"] == "admission.k8s.io/v1"
+            assert answer["response"]["uid"] == "u-1"
+            assert answer["response"]["allowed"] is False
+            assert "metadata.labels[a]" in answer["response"]["status"]["message"]
+            assert looked_up == [AgentPod("istio-system", "agent-1", "uid-1")]
+            assert (server.reviews, server.refused) == (1, 1)
+        finally:
+            await server.close()
+
+    asyncio.run(scenario())
