@@ -563,15 +563,25 @@ class MeshState:
         return None if by_ip is None else by_ip.get(ip)
 
     def knows_address(self, address: str) -> bool:
-        """Whether `address` (an IP as a socket reports it) is a workload's, in any network:
-        the HBONE listener's test of a stranger."""
+        """Whether `address` (an IP as a socket reports it) is a workload's, in any network."""
+        return self.source_group(address) is not None
+
+    def source_group(self, address: str) -> str | None:
+        """The HBONE listener's view of a peer at `address` (an IP as a socket reports it):
+        None for a stranger (no workload's, in any network), else the group whose
+        handshakes it shares fairly: its workload's node (`node/<name>`), or the address
+        itself for a workload on no node."""
         try:
             ip = parse_ip(address)  # cached: the same few peers accept after accept
         except ValueError:
-            return False
+            return None
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped  # a dual-stack socket's view of an IPv4 peer
-        return any(ip in by_ip for by_ip in self._by_addr.values())
+        for by_ip in self._by_addr.values():
+            w = by_ip.get(ip)
+            if w is not None:
+                return f"node/{w.node}" if w.node else f"addr/{ip}"
+        return None
 
     def workloads_on_node(self, node: str) -> tuple[Workload, ...]:
         return self._by_node.get(node, ())

@@ -65,7 +65,7 @@ class Waypoint:
         self.guard = Guard(cfg.hbone_limits, self.metrics.hbone_refused)
         self.state = state if state is not None else MeshState.empty()
         # Strangers to the mesh share part of the handshake bound (the tunnel's rule).
-        self.guard.gate.known = lambda source: self.state.knows_address(source)
+        self.guard.gate.group_of = lambda source: self.state.source_group(source)
         # The mesh state's source (the local file or the discovery server), opened by
         # `start`; None when a test passed the state in.
         self.watcher: ConfigSource | None = None

@@ -105,8 +105,9 @@ class NodeProxy:
         self.guard = Guard(hbone_limits, self.connection_table.metrics.hbone_refused)
         self.guard.tunnel_connections = self.connection_table.__len__
         # Strangers to the mesh (no workload at their address) share part of the handshake
-        # bound; the state they are judged by is the one in force at each accept.
-        self.guard.gate.known = lambda source: self.state.knows_address(source)
+        # bound, and known sources share it fairly by node; the state they are judged by is
+        # the one in force at each accept.
+        self.guard.gate.group_of = lambda source: self.state.source_group(source)
         self.quit_requested = asyncio.Event()
         self.state = MeshState.empty()
         self.state_loaded = False

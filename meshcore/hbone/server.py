@@ -47,34 +47,40 @@ class RefusalLog:
         log.warning(event, **fields)
 
 
-def _everyone(_source: str) -> bool:
-    return True
+def _own_group(source: str) -> str | None:
+    return source
 
 
 class _Slot:
     """One handshake in progress: whose, whether a stranger's, and how to end it early."""
 
-    __slots__ = ("cancel", "source", "stranger")
+    __slots__ = ("cancel", "group", "source", "stranger")
 
-    def __init__(self, source: str, stranger: bool) -> None:
+    def __init__(self, source: str, group: str | None) -> None:
         self.source = source
-        self.stranger = stranger
+        self.group = group  # None: a stranger's
+        self.stranger = group is None
         self.cancel: Callable[[], object] | None = None
 
 
 class HandshakeGate:
     """The handshakes in progress of one process's HBONE listeners, and the limits on them.
     `report(reason, source, detail)` is told of every connection refused before its
-    handshake or whose handshake failed. `known(source)`: whether the address is one the
-    mesh knows (a workload's); strangers share `max_pending_handshakes_from_strangers`.
-    Everyone is known until the owner plugs in its state.
+    handshake or whose handshake failed. `group_of(source)`: the group a source address
+    belongs to (the tunnel and the waypoint plug in the node of the workload at that
+    address), or None for an address the mesh does not know (no workload's): strangers
+    share `max_pending_handshakes_from_strangers`. Until the owner plugs in its state,
+    everyone is known and each source is a group of its own.
 
     Each slot is held under a key of the caller's (the accepted socket). When every slot is
-    taken, a known source is still let in if some source holds at least two more than it
-    does: the oldest handshake of the source holding most is ended for it (`evictable`
-    says how), so however many sources hold the bound, one with fewer in progress than the
-    heaviest always gets a turn (max-min fairness), and only as many distinct sources as
-    there are slots can keep the rest out."""
+    taken, a known source is still let in if some group holds at least two more than its
+    own, or, within its own group, some source at least two more than it: the oldest
+    handshake of the heaviest source of that group is ended for it (`evictable` says how).
+    So however many sources hold the bound, a group with fewer in progress than the
+    heaviest always gets a turn, and within a group a source with fewer than its heaviest
+    (max-min fairness at both levels): compromised pods on one node cannot keep another
+    node's pods out however many addresses they have; that takes as many nodes as there
+    are slots."""
 
     def __init__(
         self,
@@ -82,11 +88,14 @@ class HandshakeGate:
         report: Callable[[str, str, str], None] | None = None,
     ) -> None:
         self.limits = limits
-        self.known: Callable[[str], bool] = _everyone
+        self.group_of: Callable[[str], str | None] = _own_group
         # Every slot by its key, and each source's keys oldest first (its count, and the
-        # order of eviction); the slots held by strangers, counted for their share.
+        # order of eviction); each known group's sources and its count; the slots held
+        # by strangers, counted for their share.
         self._slots: dict[object, _Slot] = {}
         self._order: dict[str, dict[object, None]] = {}
+        self._groups: dict[str, Counter[str]] = {}  # group -> its sources' slots in it
+        self._group_count: Counter[str] = Counter()
         self.strangers = 0
         self.evicted = 0  # handshakes ended early to let a lighter source in
         self._report = report
@@ -96,6 +105,9 @@ class HandshakeGate:
         # whoever watches for quiet. An attack may make nothing else.
         self.accepted = 0
         self.finished = 0
+
+    def known(self, source: str) -> bool:
+        return self.group_of(source) is not None
 
     @property
     def pending(self) -> int:
@@ -107,6 +119,11 @@ class HandshakeGate:
         return {source: len(keys) for source, keys in self._order.items()}
 
     @property
+    def by_group(self) -> dict[str, int]:
+        """Handshakes in progress per known group."""
+        return {group: n for group, n in self._group_count.items() if n}
+
+    @property
     def stranger_slots(self) -> dict[str, int]:
         """Handshakes in progress per stranger source."""
         return dict(Counter(slot.source for slot in self._slots.values() if slot.stranger))
@@ -116,16 +133,21 @@ class HandshakeGate:
         n = len(self._order.get(source, ()))
         if n >= self.limits.max_pending_handshakes_per_source:
             return "max_pending_handshakes_per_source"
-        stranger = not self.known(source)
-        if stranger and self.strangers >= self.limits.max_pending_handshakes_from_strangers:
+        group = self.group_of(source)
+        if group is None and self.strangers >= self.limits.max_pending_handshakes_from_strangers:
             return "max_pending_handshakes_from_strangers"
         if self.pending >= self.limits.max_pending_handshakes and (
-            stranger or not self._evict_for(n)
+            group is None or not self._evict_for(group, n)
         ):
             return "max_pending_handshakes"
-        self.strangers += int(stranger)
-        self._slots[key] = _Slot(source, stranger)
+        slot = _Slot(source, group)
+        self._slots[key] = slot
         self._order.setdefault(source, {})[key] = None
+        if group is None:
+            self.strangers += 1
+        else:
+            self._groups.setdefault(group, Counter())[source] += 1
+            self._group_count[group] += 1
         return None
 
     def evictable(self, key: object, cancel: Callable[[], object]) -> None:
@@ -142,21 +164,41 @@ class HandshakeGate:
             self._give_back(key, slot)
 
     def _give_back(self, key: object, slot: _Slot) -> None:
+        # The slot's own group and side, as admitted: the state may have changed since.
         order = self._order[slot.source]
         del order[key]
         if not order:
             del self._order[slot.source]
-        self.strangers -= int(slot.stranger)
+        if slot.group is None:
+            self.strangers -= 1
+            return
+        self._group_count[slot.group] -= 1
+        if not self._group_count[slot.group]:
+            del self._group_count[slot.group]
+        sources = self._groups[slot.group]
+        sources[slot.source] -= 1
+        if not sources[slot.source]:
+            del sources[slot.source]
+            if not sources:
+                del self._groups[slot.group]
 
-    def _evict_for(self, holding: int) -> bool:
-        """End the oldest endable handshake of the source holding most, if it holds at
-        least two more than `holding`; whether a slot was freed."""
-        source = max(self._order, key=lambda s: len(self._order[s]), default=None)
-        if source is None or len(self._order[source]) < holding + 2:
+    def _evict_for(self, group: str, holding: int) -> bool:
+        """Make room for a source of `group` holding `holding`: end the oldest endable
+        handshake of the heaviest source of the heaviest group if that group holds at least
+        two more than `group`, else of the heaviest source of `group` if it holds at least
+        two more than `holding`; whether a slot was freed."""
+        own = self._group_count.get(group, 0)
+        heaviest = max(self._group_count, key=self._group_count.__getitem__, default=None)
+        if heaviest is not None and self._group_count[heaviest] >= own + 2:
+            victim_group = heaviest
+        elif own and self._groups[group].most_common(1)[0][1] >= holding + 2:
+            victim_group = group
+        else:
             return False
-        for key in self._order[source]:
+        victim = self._groups[victim_group].most_common(1)[0][0]
+        for key in self._order[victim]:
             slot = self._slots[key]
-            if slot.cancel is not None:
+            if slot.group == victim_group and slot.cancel is not None:
                 break
         else:
             return False  # none of its handshakes can be ended yet
@@ -165,7 +207,7 @@ class HandshakeGate:
         self.evicted += 1
         assert slot.cancel is not None
         slot.cancel()
-        self.refused(source, "evicted_for_a_lighter_source")
+        self.refused(victim, "evicted_for_a_lighter_source")
         return True
 
     def refused(self, source: str, reason: str, detail: str = "") -> None:

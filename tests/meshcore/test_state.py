@@ -244,3 +244,15 @@ def test_knows_address_is_any_workloads_address_in_any_network() -> None:
     assert not state.knows_address("10.1.0.6")
     assert not state.knows_address("not an address")
     assert not state.knows_address("")
+
+
+def test_a_sources_group_is_its_workloads_node_or_its_address() -> None:
+    a = replace(workload(name="a", namespace="ns", ips=ips("10.1.0.5")), node="n1")
+    b = replace(workload(name="b", namespace="ns", ips=ips("10.1.0.6")), node="n1")
+    vm = replace(workload(name="vm", namespace="ns", ips=ips("10.9.0.1")), node="")
+    state = MeshState.build([a, b, vm], [], [])
+    assert state.source_group("10.1.0.5") == state.source_group("10.1.0.6") == "node/n1"
+    assert state.source_group("::ffff:10.1.0.5") == "node/n1"
+    assert state.source_group("10.9.0.1") == "addr/10.9.0.1"
+    assert state.source_group("10.9.0.2") is None
+    assert state.source_group("junk") is None

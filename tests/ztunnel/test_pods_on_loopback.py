@@ -573,6 +573,9 @@ def test_strangers_fill_only_their_share_of_the_handshakes_and_a_pod_still_gets_
         listener = mesh.b.proxy.hbone_server
         assert listener is not None
         assert not any(map(listener.gate.known, strangers)) and listener.gate.known(mesh.a.ip)
+        # The tunnel's state groups a pod's handshakes by its node (fairness between nodes).
+        assert listener.gate.group_of(mesh.a.ip) == "node/node1"
+        assert listener.gate.group_of(mesh.b.ip) == "node/node2"
         held = []
         for ip in strangers:
             for _ in range(2):

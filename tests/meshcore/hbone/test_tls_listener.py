@@ -261,7 +261,7 @@ def test_strangers_share_part_of_the_bound_and_the_books_come_back_to_zero() -> 
     )
     known = {"10.0.0.1"}
     gate = HandshakeGate(limits)
-    gate.known = lambda source: source in known
+    gate.group_of = lambda source: source if source in known else None
     assert gate.admit("192.0.2.1", "s1") is None
     assert gate.admit("192.0.2.2", "s2") is None
     assert gate.admit("192.0.2.3", "s3") == "max_pending_handshakes_from_strangers"
@@ -295,7 +295,7 @@ def test_a_full_bound_lets_a_lighter_known_source_in_by_ending_the_heaviests_old
     ended: list[str] = []
     refused: Counter[str] = Counter()
     gate = HandshakeGate(limits, lambda reason, _src, _detail: refused.update([reason]))
-    gate.known = lambda source: not source.startswith("192.0.2.")
+    gate.group_of = lambda source: None if source.startswith("192.0.2.") else source
     for i in range(4):  # the heavy source takes every slot
         key = f"heavy-{i}"
         assert gate.admit("10.0.0.9", key) is None
@@ -318,6 +318,78 @@ def test_a_full_bound_lets_a_lighter_known_source_in_by_ending_the_heaviests_old
     for key in ("heavy-0", "heavy-1", "heavy-2", "heavy-3", "a", "b", "c"):
         gate.release(key)
     assert gate.pending == 0 and gate.by_source == {} and gate.finished == 7
+
+
+def _by_node(source: str) -> str | None:
+    """10.<n>.x.y is a pod of node n; 192.0.2.x a stranger."""
+    return None if source.startswith("192.0.2.") else f"node/{source.split('.')[1]}"
+
+
+def test_pods_of_one_node_cannot_keep_another_nodes_pods_out_with_many_addresses() -> None:
+    """Fairness between nodes first: compromised pods of one node, one handshake per
+    address and as many addresses as there are slots, still give way to another node's
+    pods until both nodes hold as many; per source alone, every newcomer was refused."""
+    limits = HboneLimits(
+        max_pending_handshakes=8,
+        max_pending_handshakes_per_source=1,
+        max_pending_handshakes_from_strangers=4,
+    )
+    ended: list[str] = []
+    gate = HandshakeGate(limits)
+    gate.group_of = _by_node
+    for i in range(8):  # node 1's pods take every slot, one each
+        key = f"evil-{i}"
+        assert gate.admit(f"10.1.0.{i}", key) is None
+        gate.evictable(key, functools.partial(ended.append, key))
+    got = []
+    for i in range(6):  # node 2's pods, each holding none
+        key = f"good-{i}"
+        got.append(gate.admit(f"10.2.0.{i}", key))
+        gate.evictable(key, functools.partial(ended.append, key))
+    assert got == [None] * 4 + ["max_pending_handshakes"] * 2
+    assert ended == ["evil-0", "evil-1", "evil-2", "evil-3"]  # oldest first
+    assert gate.by_group == {"node/1": 4, "node/2": 4}
+    # Another address of node 1 gains nothing: its node is not behind.
+    assert gate.admit("10.1.0.99", "evil-new") == "max_pending_handshakes"
+    # A third node's pod gets a slot from the heaviest node's heaviest source.
+    assert gate.admit("10.3.0.1", "third") is None
+    assert len(ended) == 5 and gate.pending == 8
+
+
+def test_within_a_node_a_lighter_source_gets_a_turn() -> None:
+    """Fairness within a node as before between sources: a pod holding two fewer than
+    the heaviest pod of its own node gets that pod's oldest slot."""
+    limits = HboneLimits(max_pending_handshakes=4, max_pending_handshakes_per_source=4)
+    ended: list[str] = []
+    gate = HandshakeGate(limits)
+    gate.group_of = _by_node
+    for i in range(4):
+        key = f"heavy-{i}"
+        assert gate.admit("10.1.0.1", key) is None
+        gate.evictable(key, functools.partial(ended.append, key))
+    assert gate.admit("10.1.0.2", "light") is None
+    assert ended == ["heavy-0"]
+    assert gate.by_source == {"10.1.0.1": 3, "10.1.0.2": 1}
+    assert gate.admit("192.0.2.1", "stranger") == "max_pending_handshakes"
+    for key in ("heavy-1", "heavy-2", "heavy-3", "light", "heavy-0"):
+        gate.release(key)
+    assert gate.pending == 0 and gate.by_group == {} and gate.by_source == {}
+
+
+def test_a_source_that_moved_nodes_gives_back_to_the_group_it_took_from() -> None:
+    """The state can change between a slot's admit and its release: each slot goes back to
+    the group it was taken in, and the books end empty."""
+    where = {"10.1.0.1": "node/a"}
+    gate = HandshakeGate(HboneLimits(max_pending_handshakes=4))
+    gate.group_of = where.get
+    assert gate.admit("10.1.0.1", "k1") is None
+    where["10.1.0.1"] = "node/b"
+    assert gate.admit("10.1.0.1", "k2") is None
+    assert gate.by_group == {"node/a": 1, "node/b": 1}
+    gate.release("k1")
+    assert gate.by_group == {"node/b": 1}
+    gate.release("k2")
+    assert gate.by_group == {} and gate.by_source == {} and gate.pending == 0
 
 
 def test_a_handshake_not_yet_endable_is_not_ended() -> None:
