@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import ssl
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,9 @@ import aiohttp
 from kube.kinds import Kind
 
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+# A token read from a file is read again at least this often (client-go's interval): a
+# bound token the kubelet projects is renewed in place before it expires.
+TOKEN_REREAD_S = 60.0
 # A watch is re-opened at least this often (the API server's own bound is minutes); a reader
 # of a dead TCP connection would otherwise wait for ever.
 WATCH_TIMEOUT_S = 240
@@ -46,6 +50,7 @@ class KubeApiError(RuntimeError):
 class KubeConfig:
     server: str
     token: str | None = None
+    token_file: str | None = None  # read again every TOKEN_REREAD_S; `token` the first read
     ca_file: str | None = None
     ca_data: bytes | None = None
     cert_file: str | None = None
@@ -118,8 +123,14 @@ def in_cluster() -> KubeConfig:
     port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
     if not host:
         raise KubeApiError(0, "not in a cluster: KUBERNETES_SERVICE_HOST is not set")
-    token = (SA_DIR / "token").read_text(encoding="ascii").strip()
-    return KubeConfig(server=f"https://{host}:{port}", token=token, ca_file=str(SA_DIR / "ca.crt"))
+    token_file = SA_DIR / "token"
+    token = token_file.read_text(encoding="ascii").strip()
+    return KubeConfig(
+        server=f"https://{host}:{port}",
+        token=token,
+        token_file=str(token_file),
+        ca_file=str(SA_DIR / "ca.crt"),
+    )
 
 
 def config_from_env(env: Mapping[str, str]) -> KubeConfig:
@@ -137,6 +148,8 @@ class KubeClient:
         self.config = config
         self._timeout = timeout
         self._session: aiohttp.ClientSession | None = None
+        self._token = config.token
+        self._token_read = time.monotonic()
 
     async def __aenter__(self) -> KubeClient:
         return self
@@ -147,8 +160,6 @@ class KubeClient:
     def _sess(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             headers = {"Accept": "application/json"}
-            if self.config.token:
-                headers["Authorization"] = f"Bearer {self.config.token}"
             self._session = aiohttp.ClientSession(
                 headers=headers,
                 connector=aiohttp.TCPConnector(ssl=self.config.ssl_context(), limit=32),
@@ -156,6 +167,20 @@ class KubeClient:
                 read_bufsize=1 << 16,
             )
         return self._session
+
+    def _auth(self) -> dict[str, str]:
+        """The Authorization header of the next request: a token file read again once
+        TOKEN_REREAD_S has passed (the last good read kept if the file cannot be read)."""
+        path = self.config.token_file
+        if path and time.monotonic() - self._token_read >= TOKEN_REREAD_S:
+            self._token_read = time.monotonic()
+            try:
+                token = Path(path).read_text(encoding="ascii").strip()
+            except (OSError, UnicodeDecodeError):
+                token = ""
+            if token:
+                self._token = token
+        return {"Authorization": f"Bearer {self._token}"} if self._token else {}
 
     async def close(self) -> None:
         if self._session is not None:
@@ -175,7 +200,9 @@ class KubeClient:
         if params:
             url += "?" + urlencode(params)
         data = None if body is None else json.dumps(body).encode()
-        headers = {"Content-Type": content_type} if data is not None else None
+        headers = self._auth()
+        if data is not None:
+            headers["Content-Type"] = content_type
         timeout = aiohttp.ClientTimeout(total=self._timeout)
         async with self._sess().request(
             method, url, data=data, headers=headers, timeout=timeout
@@ -283,7 +310,7 @@ class KubeClient:
             params["fieldSelector"] = field_selector
         url = self.config.server + kind.path(namespace) + "?" + urlencode(params)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=timeout_s + 30)
-        async with self._sess().get(url, timeout=timeout) as r:
+        async with self._sess().get(url, headers=self._auth(), timeout=timeout) as r:
             if r.status >= 400:
                 raise _error(r.status, await r.text())
             while True:
