@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from meshcore.sockets import LISTEN_BACKLOG
@@ -49,9 +50,22 @@ class _Activity:
         return asyncio.get_running_loop().time() - self.at
 
 
+Dial = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
+
+
 class ApiForwarder:
-    def __init__(self, host: str, port: int, limits: ForwardLimits | None = None) -> None:
+    """`dial`: how to reach the upstream for each connection (default: TCP to host:port
+    from here); the host side's webhook forward dials a pod from the cluster's netns."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        limits: ForwardLimits | None = None,
+        dial: Dial | None = None,
+    ) -> None:
         self.upstream = (host, port)
+        self.dial: Dial = dial or (lambda: asyncio.open_connection(*self.upstream))
         self.limits = limits or ForwardLimits()
         self.accepted = 0
         self.refused = 0
@@ -98,10 +112,10 @@ class ApiForwarder:
             if not first:
                 return
             async with asyncio.timeout(self.limits.connect_timeout):
-                up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+                up_reader, up_writer = await self.dial()
             up_writer.write(first)
             await self._splice(reader, writer, up_reader, up_writer)
-        except (OSError, TimeoutError) as e:
+        except (OSError, TimeoutError, LookupError) as e:
             log.debug("api forward: connection ended: %s", e)
         finally:
             self._conns.discard(task)

@@ -73,13 +73,19 @@ def received_at(ev: Mapping[str, Any]) -> datetime | None:
 
 
 def calls(
-    events: Iterable[Mapping[str, Any]], user: str, before: datetime | None = None
+    events: Iterable[Mapping[str, Any]],
+    user: str,
+    before: datetime | None = None,
+    not_by: str = "",
 ) -> set[Call]:
     """The resource requests `user` made (non-resource URLs such as /version are left out:
-    every authenticated user may read them); with `before`, only those received before it."""
+    every authenticated user may read them); with `before`, only those received before it;
+    with `not_by`, none whose User-Agent is that (a test's own probes with the user's token)."""
     out = set()
     for ev in events:
         if (ev.get("user") or {}).get("username") != user:
+            continue
+        if not_by and ev.get("userAgent") == not_by:
             continue
         if before is not None:
             at = received_at(ev)

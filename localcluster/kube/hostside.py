@@ -7,6 +7,10 @@ the caller's netns), serves on them
 - the API server (`apiforward`, 10.10.0.1:6443 -> the kubeconfig's server on loopback),
 - the cluster DNS (`clusterdns`, 10.10.0.1:53 UDP and TCP, from the Services, the ready
   pods of the kubelet's nodes and the Endpoints objects),
+and, the other way, a port on the host's loopback forwarded to a ready istiod pod's 15017
+(dialled from the cluster netns), which the API server calls as istiod's admission webhook
+(its URL written beside the kubeconfig, `admission_url_file`; the API server itself never
+routes to a Service address),
 and writes what points the cluster at them: the `default/kubernetes` Endpoints and the
 `kube-system/kube-dns` Service with its Endpoints (`hostnet`). It also follows the
 Endpoints objects, which the kubelet's service proxy needs for selector-less Services
@@ -24,7 +28,8 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -51,6 +56,26 @@ FIELD_MANAGER = "local-kubelet"
 RETRY_MIN_S = 0.5
 RETRY_MAX_S = 10.0
 ZONE_MIN_AGE_S = 0.2  # a burst of changes rebuilds the zone at most this often
+# istiod's admission webhook (the control plane chart: Service istiod, port 15017 of its
+# pods), which the API server calls by a URL on the host's loopback (`admission_url`).
+ADMISSION_SERVICE = ("istio-system", "istiod")
+ADMISSION_PORT = 15017
+ADMISSION_PATH = "/validate/node-agent"
+
+
+def admission_url_file(kubeconfig: Path | str) -> Path:
+    """Where the kubelet writes the URL the API server reaches istiod's webhook at."""
+    return Path(kubeconfig).parent / "istiod-admission.url"
+
+
+def ready_address(endpoints: Mapping[str, Any] | None, port: int) -> str | None:
+    """A ready address of an Endpoints object serving `port`, or None."""
+    for subset in (endpoints or {}).get("subsets") or []:
+        ports = [p.get("port") for p in subset.get("ports") or []]
+        addresses = subset.get("addresses") or []
+        if port in ports and addresses:
+            return str(addresses[0].get("ip"))
+    return None
 
 
 def open_host_sockets(netns_path: str) -> tuple[socket.socket, socket.socket, socket.socket]:
@@ -101,6 +126,7 @@ class HostSide:
         io: IoRunner,
         forward_limits: ForwardLimits | None = None,
         dns_limits: DnsLimits | None = None,
+        admission_url_file: Path | None = None,
     ) -> None:
         self.client = client
         self.layout = layout
@@ -110,6 +136,9 @@ class HostSide:
         self.io = io
         self.endpoints = Informer(client, kinds.ENDPOINTS)
         self.forwarder = ApiForwarder(*upstream_of(client.config.server), limits=forward_limits)
+        # The other way: the API server (on the host's loopback) to istiod's webhook in a pod.
+        self.admission = ApiForwarder("", 0, limits=forward_limits, dial=self._dial_admission)
+        self.admission_url_file = admission_url_file
         self.dns = ClusterDns(self.zone, dns_limits)
         self.serving = asyncio.Event()
         self.published = asyncio.Event()
@@ -168,6 +197,7 @@ class HostSide:
                 await t
         await self.endpoints.stop()
         await self.forwarder.close()
+        await self.admission.close()
         await self.dns.close()
         for s in self._sockets:
             s.close()
@@ -189,10 +219,18 @@ class HostSide:
                 log.warning("host: cannot serve on %s yet: %s; retrying", plan.address, e)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
-        self._sockets = sockets
         api, udp, tcp = sockets
+        # On the host's loopback only: the API server is its one client.
+        webhook = socket.create_server(("127.0.0.1", 0), backlog=LISTEN_BACKLOG)
+        self._sockets = (*sockets, webhook)
         await self.forwarder.start(api)
+        await self.admission.start(webhook)
         await self.dns.start(udp, tcp)
+        if self.admission_url_file is not None:
+            url = f"https://127.0.0.1:{webhook.getsockname()[1]}{ADMISSION_PATH}"
+            tmp = self.admission_url_file.with_suffix(".tmp")
+            tmp.write_text(url + "\n", encoding="utf-8")
+            tmp.replace(self.admission_url_file)
         self.serving.set()
         log.info(
             "host: serving the API server on %s:%d and DNS on %s:%d in %s",
@@ -202,6 +240,29 @@ class HostSide:
             hostnet.DNS_PORT,
             self.layout.cluster_netns,
         )
+
+    async def _dial_admission(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A connection to a ready istiod pod's webhook port, made from the cluster's netns
+        (where the pods' addresses are routed); LookupError while there is none."""
+        ns, name = ADMISSION_SERVICE
+        ip = ready_address(self.endpoints.get(f"{ns}/{name}"), ADMISSION_PORT)
+        if ip is None:
+            raise LookupError(f"no ready endpoint of {ns}/{name} serves {ADMISSION_PORT}")
+        sock = await self.io(self._cluster_socket)
+        try:
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, (ip, ADMISSION_PORT))
+            return await asyncio.open_connection(sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+
+    def _cluster_socket(self) -> socket.socket:
+        fd = nsutil.open_netns(self.layout.cluster_netns_path)
+        try:
+            return nsutil.socket_in(fd, socket.AF_INET, socket.SOCK_STREAM)
+        finally:
+            os.close(fd)
 
     async def _publish(self) -> None:
         delay = RETRY_MIN_S

@@ -68,7 +68,7 @@ from localcluster.kube.containerplan import (
     merge_env,
     resolv_conf,
 )
-from localcluster.kube.hostside import HostSide
+from localcluster.kube.hostside import HostSide, admission_url_file
 from localcluster.kube.podplan import (
     PodPlan,
     PodPlanError,
@@ -168,8 +168,10 @@ class Kubelet:
         workdir: Path,
         python: str = sys.executable,
         image_store: Path | None = None,
+        admission_url: Path | None = None,
     ) -> None:
         self.client = client
+        self.admission_url = admission_url  # where the host side writes istiod's webhook URL
         self.spec = spec
         self.state = state
         self.workdir = workdir
@@ -195,7 +197,13 @@ class Kubelet:
         """The API server and cluster DNS on the cluster's host address (see hostside)."""
         pods = tuple(self.pods.values())
         return HostSide(
-            self.client, plan_layout(self.spec), self.services, pods, self.wake.set, self._io
+            self.client,
+            plan_layout(self.spec),
+            self.services,
+            pods,
+            self.wake.set,
+            self._io,
+            admission_url_file=self.admission_url,
         )
 
     async def _io(self, fn: Callable[..., T], *args: Any) -> T:
@@ -881,7 +889,14 @@ async def _main(args: argparse.Namespace) -> int:
     on_stop_signal(lambda _signum: loop.call_soon_threadsafe(stop.set))
     async with KubeClient(load_kubeconfig(args.kubeconfig)) as client:
         store = Path(args.image_store) if args.image_store else None
-        kubelet = Kubelet(client, spec, state, workdir, image_store=store)
+        kubelet = Kubelet(
+            client,
+            spec,
+            state,
+            workdir,
+            image_store=store,
+            admission_url=admission_url_file(args.kubeconfig),
+        )
         runner = asyncio.create_task(kubelet.run())
         waiter = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait({runner, waiter}, return_when=asyncio.FIRST_COMPLETED)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from localcluster.kube import helm, images
+from localcluster.kube.hostside import admission_url_file
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CHARTS = PROJECT_ROOT / "daemonset" / "charts"
@@ -49,12 +50,24 @@ RELEASES = (
 
 # What the local cluster sets beside the charts' defaults. Its API server runs in the root
 # network namespace, which never routes to the cluster's addresses (pods and Service IPs
-# live in namespaces of their own): a webhook at istiod's Service could not be called, and
-# the call would be sent toward the machine's default route. So istiod's node-agent
-# webhook is off here (its tests register it by a loopback URL instead).
-LOCAL_VALUES: dict[str, dict[str, Any]] = {
-    "controlplane": {"nodeAgentAdmission": {"enabled": False}},
-}
+# live in namespaces of their own): it could not call a webhook at istiod's Service, and
+# the call would go toward the machine's default route. The kubelet's host side forwards
+# a loopback port to istiod's pods instead and writes its URL beside the kubeconfig; the
+# webhook is registered with that URL, and stays off without it.
+ADMISSION_URL_WAIT_S = 30.0
+
+
+def local_values(kubeconfig: Path) -> dict[str, dict[str, Any]]:
+    url_file = admission_url_file(kubeconfig)
+    deadline = time.monotonic() + ADMISSION_URL_WAIT_S
+    while not url_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)  # the host side writes it once it serves, just after the nodes are up
+    try:
+        url = url_file.read_text(encoding="utf-8").strip()
+    except OSError:
+        url = ""
+    admission: dict[str, Any] = {"enabled": True, "url": url} if url else {"enabled": False}
+    return {"controlplane": {"nodeAgentAdmission": admission}}
 
 
 def chart_version(chart: str = "tunnel") -> str:
@@ -89,8 +102,9 @@ def install(
     """Install the four releases in order; returns the image tag used."""
     tag = tag or chart_version()
     require_image(tag)
+    local = local_values(kubeconfig)
     for r in RELEASES:
-        values = {"hub": HUB, "tag": tag, **LOCAL_VALUES.get(r.chart, {}), **extra.get(r.chart, {})}
+        values = {"hub": HUB, "tag": tag, **local.get(r.chart, {}), **extra.get(r.chart, {})}
         if r.chart == "base":
             values = dict(extra.get("base", {}))
         try:
@@ -117,7 +131,7 @@ def upgrade(
 ) -> None:
     require_image(tag)
     r = next(r for r in RELEASES if r.chart == chart)
-    values = {"hub": HUB, "tag": tag, **LOCAL_VALUES.get(chart, {}), **extra}
+    values = {"hub": HUB, "tag": tag, **local_values(kubeconfig).get(chart, {}), **extra}
     try:
         helm.upgrade(
             CHARTS / r.chart, r.name, namespace, kubeconfig, values, timeout=HELM_TIMEOUT_S

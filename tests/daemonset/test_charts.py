@@ -487,7 +487,15 @@ def test_node_agent_volumes():
     c = only_container(ds)
     vols = volumes_of(ds)
     mounts = mounts_of(c)
-    assert set(mounts) == {"/var/run/ztunnel", "/var/run/netns"}
+    sa_dir = "/var/run/secrets/kubernetes.io/serviceaccount"
+    assert set(mounts) == {"/var/run/ztunnel", "/var/run/netns", sa_dir}
+    # Its API token is bound to its pod (istiod's webhook finds its node by it), renewed by
+    # the kubelet, where 1.20 would mount a legacy secret token.
+    assert pod_spec(ds)["automountServiceAccountToken"] is False
+    sources = vols[mounts[sa_dir]["name"]]["projected"]["sources"]
+    assert sources[0] == {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}}
+    assert sources[1]["configMap"]["name"] == "kube-root-ca.crt"
+    assert mounts[sa_dir]["readOnly"] is True
     sock = vols[mounts["/var/run/ztunnel"]["name"]]
     assert sock["hostPath"] == {"path": "/var/run/ztunnel", "type": "DirectoryOrCreate"}
     netns = mounts["/var/run/netns"]

@@ -94,7 +94,7 @@ def test_the_api_server_accepts_and_installs_every_chart(kube_cp):
         for chart in ("controlplane", "node-agent", "tunnel"):
             release = f"{chart}-{suffix}"
             # The node-agent webhook off: this API server cannot reach a Service (see
-            # meshchart.LOCAL_VALUES); its objects were checked by the dry run above.
+            # meshchart.local_values); its objects were checked by the dry run above.
             sets = [f"controlPlaneNamespace={ns}"]
             if chart == "controlplane":
                 sets.append("nodeAgentAdmission.enabled=false")

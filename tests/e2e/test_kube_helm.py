@@ -17,9 +17,12 @@ from __future__ import annotations
 import json
 import secrets
 import shutil
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +31,7 @@ from typing import Any
 import pytest
 
 import nsutil
+from kube.client import load_kubeconfig
 from kube.podnetns import netns_name
 from localcluster.kube import cluster as kcluster
 from localcluster.kube import images, meshchart
@@ -187,6 +191,8 @@ def test_helm_installs_the_mesh_which_meshes_the_travel_app(
     )
     wait_for(lambda: all(map(marked, pods(c, "travel"))), 60, "every travel pod captured")
     assert all(capture_rules(p["metadata"]["uid"]) for p in travel)
+    # The marks went through istiod's webhook, which refuses the agents anything else.
+    _agents_are_held_to_their_mark(c, agents, travel)
     legacy = wait_for(lambda: [p for p in pods(c, "legacy") if ready(p)], 60, "the legacy pod")
     assert not capture_rules(legacy[0]["metadata"]["uid"])
     client = nsutil.netns_path(netns_name(legacy[0]["metadata"]["uid"]))
@@ -231,6 +237,93 @@ def test_helm_installs_the_mesh_which_meshes_the_travel_app(
     _rbac_as_used(c, uninstalled_at)
 
 
+# The User-Agent of this test's own calls with a component's token, which the audit of the
+# component's rights leaves out (they are refused on purpose).
+PROBE_AGENT = "mesh-e2e-probe"
+
+
+def _api(c: kcluster.KubeCluster, method: str, path: str, body: object, token: str = "") -> Any:
+    """(status, decoded answer) of one API call, as the admin or with `token`."""
+    config = load_kubeconfig(c.kubeconfig)
+    req = urllib.request.Request(
+        config.server + path,
+        data=json.dumps(body).encode(),
+        method=method,
+        headers={
+            "Authorization": f"Bearer {token or config.token}",
+            "User-Agent": PROBE_AGENT,
+            "Content-Type": "application/merge-patch+json"
+            if method == "PATCH"
+            else "application/json",
+        },
+    )
+    ctx = config.ssl_context()
+    assert isinstance(ctx, ssl.SSLContext)
+    try:
+        with urllib.request.urlopen(req, timeout=30, context=ctx) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def _agents_are_held_to_their_mark(
+    c: kcluster.KubeCluster, agents: list[dict[str, Any]], travel: list[dict[str, Any]]
+) -> None:
+    """istiod's webhook, reached by the API server through the kubelet's forward: with a
+    token bound to a node agent's pod (as its kubelet mounts), a label change of a pod on
+    its own node and a mark of a pod on the other node are refused by the webhook."""
+    config = json.loads(
+        kc(c, "get", "validatingwebhookconfiguration", "ambient-node-agent", "-o", "json")
+    )
+    (hook,) = config["webhooks"]
+    assert hook["clientConfig"]["url"].startswith("https://127.0.0.1:"), hook["clientConfig"]
+    wait_for(
+        lambda: json.loads(
+            kc(c, "get", "validatingwebhookconfiguration", "ambient-node-agent", "-o", "json")
+        )["webhooks"][0]["clientConfig"].get("caBundle"),
+        60,
+        "istiod writing the webhook's caBundle",
+    )
+    target = travel[0]
+    node = target["spec"]["nodeName"]
+    by_node = {a["spec"]["nodeName"]: a for a in agents}
+    other_node = next(n for n in by_node if n != node)
+
+    def token_of(agent: dict[str, Any]) -> str:
+        md = agent["metadata"]
+        body = {
+            "spec": {
+                "expirationSeconds": 600,
+                "boundObjectRef": {
+                    "kind": "Pod",
+                    "apiVersion": "v1",
+                    "name": md["name"],
+                    "uid": md["uid"],
+                },
+            }
+        }
+        path = "/api/v1/namespaces/istio-system/serviceaccounts/ambient-node-agent/token"
+        status, answer = _api(c, "POST", path, body)
+        assert status == 201, answer
+        return str(answer["status"]["token"])
+
+    path = f"/api/v1/namespaces/travel/pods/{target['metadata']['name']}/status"
+    relabel = {"metadata": {"labels": {"app": "relabelled"}}}
+    unmark = {"metadata": {"annotations": {"ambient.istio.io/redirection": None}}}
+
+    def refused(token: str, patch: object, says: str) -> bool:
+        status, answer = _api(c, "PATCH", path, patch, token)
+        message = str(answer.get("message", ""))
+        return status == 403 and "admission webhook" in message and says in message
+
+    own, other = token_of(by_node[node]), token_of(by_node[other_node])
+    wait_for(lambda: refused(own, relabel, "metadata.labels[app]"), 30, "a relabel refused")
+    assert refused(
+        other, unmark, f"may mark only its own node's pods; this pod is on node {node!r}"
+    )
+    assert marked(pods(c, "travel", f"app={target['metadata']['labels']['app']}")[0])
+
+
 def _waypoint_routes_to_v2(
     c: kcluster.KubeCluster, book: Callable[[], dict[str, Any] | None]
 ) -> None:
@@ -263,10 +356,6 @@ NOT_EXERCISED = {
         ("", "services", "create"),
         ("", "serviceaccounts", "create"),
         ("apps", "deployments", "create"),
-        # The node-agent webhook is off in the local cluster (meshchart.LOCAL_VALUES): its
-        # caBundle is never written here (tests/controlplane/test_admission_kube.py does).
-        ("admissionregistration.k8s.io", "validatingwebhookconfigurations", "get"),
-        ("admissionregistration.k8s.io", "validatingwebhookconfigurations", "patch"),
         # Events only for an object the mesh cannot use; statuses of kinds not applied here.
         ("", "events", "create"),
         ("security.istio.io", "peerauthentications/status", "patch"),
@@ -305,8 +394,12 @@ def _rbac_as_used(c: kcluster.KubeCluster, uninstalled_at: datetime) -> None:
         )
     for sa in ("istiod", "ambient-node-agent", "ztunnel"):
         user = f"system:serviceaccount:{meshchart.NAMESPACE}:{sa}"
-        used = audit.calls(events, user)
-        denied = sorted(x for x in audit.calls(events, user, before=uninstalled_at) if x.denied)
+        used = audit.calls(events, user, not_by=PROBE_AGENT)
+        denied = sorted(
+            x
+            for x in audit.calls(events, user, before=uninstalled_at, not_by=PROBE_AGENT)
+            if x.denied
+        )
         assert not denied, f"{sa} was refused: {denied}"
         rules = audit.rules_of(rendered, sa, meshchart.NAMESPACE)
         assert all(audit.allowed(rules, x) for x in used), sa

@@ -122,3 +122,14 @@ def test_calls_before_a_moment() -> None:
     cut = datetime(2026, 12, 2, 12, 1, tzinfo=UTC)
     assert calls(events, SA, before=cut) == {Call("", "pods", "list", "")}
     assert len(calls(events, SA)) == 3
+
+
+def test_calls_not_by_a_probe() -> None:
+    agent = json.loads(_ev("patch", "pods", "travel"))
+    agent["userAgent"] = "Python/3.11 aiohttp/3.9"
+    probe = json.loads(_ev("patch", "pods", "shop", code=403))
+    probe["userAgent"] = "mesh-e2e-probe"
+    assert calls([agent, probe], SA, not_by="mesh-e2e-probe") == {
+        Call("", "pods", "patch", "travel")
+    }
+    assert len(calls([agent, probe], SA)) == 2

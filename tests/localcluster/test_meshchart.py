@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import pytest
+
+from localcluster.kube import meshchart
+from localcluster.kube.hostside import admission_url_file, ready_address
 from localcluster.kube.meshchart import RELEASES, UNINSTALL_ORDER, chart_version, rollout_problems
 
 
@@ -51,3 +56,40 @@ def test_releases_install_crds_first_and_remove_agents_first() -> None:
     assert UNINSTALL_ORDER[0] == "node-agent"
     assert sorted(UNINSTALL_ORDER) == sorted(r.chart for r in RELEASES)
     assert chart_version() == "0.13.0"
+
+
+def test_the_webhook_is_registered_at_the_host_sides_url_or_not_at_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The local API server cannot reach a Service: istiod's node-agent webhook is
+    registered by the URL the kubelet's host side forwards, and is off without one."""
+    kubeconfig = tmp_path / "kubeconfig"
+    monkeypatch.setattr(meshchart, "ADMISSION_URL_WAIT_S", 0.0)
+    off = meshchart.local_values(kubeconfig)
+    assert off == {"controlplane": {"nodeAgentAdmission": {"enabled": False}}}
+    url = "https://127.0.0.1:40000/validate/node-agent"
+    admission_url_file(kubeconfig).write_text(url + "\n")
+    on = meshchart.local_values(kubeconfig)["controlplane"]["nodeAgentAdmission"]
+    assert on == {"enabled": True, "url": url}
+
+
+def test_a_ready_istiod_address_serving_the_webhook_port() -> None:
+    endpoints = {
+        "subsets": [
+            {"addresses": [{"ip": "10.1.0.4"}], "ports": [{"name": "grpc-xds", "port": 15012}]},
+            {
+                "addresses": [{"ip": "10.1.0.5"}],
+                "notReadyAddresses": [{"ip": "10.1.0.6"}],
+                "ports": [{"name": "https-webhook", "port": 15017}],
+            },
+        ]
+    }
+    assert ready_address(endpoints, 15017) == "10.1.0.5"
+    assert ready_address(endpoints, 15018) is None
+    assert (
+        ready_address(
+            {"subsets": [{"notReadyAddresses": [{"ip": "x"}], "ports": [{"port": 15017}]}]}, 15017
+        )
+        is None
+    )
+    assert ready_address(None, 15017) is None
