@@ -45,6 +45,7 @@ WEBHOOK_CONFIGURATION = "ambient-node-agent"  # the chart's ValidatingWebhookCon
 # An AdmissionReview holds the pod twice (old and new) and etcd takes objects up to 1.5 MiB.
 MAX_REVIEW_BYTES = 4 * 1024 * 1024
 SERVING_TTL = timedelta(days=1)
+CA_BUNDLE_RECHECK_S = 60.0
 _REVIEW_VERSIONS = ("admission.k8s.io/v1", "admission.k8s.io/v1beta1")
 
 WEBHOOK_CONFIGURATIONS = Kind(
@@ -95,13 +96,8 @@ def informer_pod_lookup(client: KubeClient, pods: Informer | None) -> PodLookup:
     async def lookup(pod: AgentPod) -> str | None:
         obj: Obj | None = pods.get(f"{pod.namespace}/{pod.name}") if pods is not None else None
         if obj is None or _uid(obj) != pod.uid:
-            try:
-                obj = await client.get(POD, pod.name, pod.namespace)
-            except KubeApiError as e:
-                if e.status != 404:
-                    raise
-                return None
-        if _uid(obj) != pod.uid:
+            obj = await client.find(POD, pod.name, pod.namespace)
+        if obj is None or _uid(obj) != pod.uid:
             return None
         spec = obj.get("spec") or {}
         node = spec.get("nodeName") if isinstance(spec, dict) else None
@@ -203,12 +199,9 @@ async def publish_ca_bundle(
     """Write the mesh root as the caBundle of every webhook in the configuration `name`;
     False when it does not exist (the chart did not install it). A bundle already equal is
     not written again."""
-    try:
-        config = await client.get(WEBHOOK_CONFIGURATIONS, name)
-    except KubeApiError as e:
-        if e.status == 404:
-            return False
-        raise
+    config = await client.find(WEBHOOK_CONFIGURATIONS, name)
+    if config is None:
+        return False
     bundle = base64.b64encode(roots_pem).decode()
     webhooks = config.get("webhooks") or []
     if all((w.get("clientConfig") or {}).get("caBundle") == bundle for w in webhooks):
@@ -226,18 +219,27 @@ async def publish_ca_bundle(
 
 
 async def keep_ca_bundle(
-    client: KubeClient, roots_pem: bytes, name: str = WEBHOOK_CONFIGURATION
+    client: KubeClient,
+    roots_pem: bytes,
+    name: str = WEBHOOK_CONFIGURATION,
+    recheck_s: float = CA_BUNDLE_RECHECK_S,
 ) -> None:
-    """`publish_ca_bundle` until it holds (retried through API errors and conflicts)."""
+    """`publish_ca_bundle`, retried through API errors and conflicts, and checked again
+    every `recheck_s`: a `helm upgrade` that re-applies the configuration, or anyone who
+    edits it, gets the root written back (as istiod's webhook controller does). Runs until
+    cancelled."""
     delay = 0.5
+    missing_told = False
     while True:
         try:
             found = await publish_ca_bundle(client, roots_pem, name)
         except (KubeApiError, aiohttp.ClientError, OSError, TimeoutError) as e:
             log.warning("admission caBundle not written yet", name=name, error=str(e))
-        else:
-            if not found:
-                log.warning("admission webhook configuration not found", name=name)
-            return
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 30.0)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+            continue
+        if not found and not missing_told:
+            log.warning("admission webhook configuration not found", name=name)
+        missing_told = not found
+        delay = 0.5
+        await asyncio.sleep(recheck_s)

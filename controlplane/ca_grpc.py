@@ -155,12 +155,9 @@ class KubeFacts:
         cached = self.pods.get(f"{namespace}/{name}")
         if cached is not None:
             return PodFacts.of(cached)
-        try:  # a pod the informer has not seen yet (or one that is gone)
-            return PodFacts.of(await self._client.get(POD, name, namespace))
-        except KubeApiError as e:
-            if e.status == 404:
-                return None
-            raise
+        # A pod the informer has not seen yet (or one that is gone).
+        pod = await self._client.find(POD, name, namespace)
+        return PodFacts.of(pod) if pod is not None else None
 
     async def identity_on_node(self, node: str, target: SpiffeId) -> bool:
         """Whether a pod running as `target` is on `node` (the index, else a LIST)."""

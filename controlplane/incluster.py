@@ -92,12 +92,8 @@ async def load_or_create_ca(
     """The root from `istio-ca-secret`, created if absent. Two replicas starting together:
     the one whose create loses (409) reads the winner's root."""
     for _ in range(3):
-        try:
-            secret = await client.get(kinds.SECRET, CA_SECRET, namespace)
-        except KubeApiError as e:
-            if e.status != 404:
-                raise
-        else:
+        secret = await client.find(kinds.SECRET, CA_SECRET, namespace)
+        if secret is not None:
             return ca_from_secret(secret, trust_domain)
         ca = CertificateAuthority.create(trust_domain)
         try:

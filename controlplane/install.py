@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from controlplane import status
-from kube.client import KubeApiError, KubeClient
+from kube.client import KubeClient
 from kube.kinds import CRD, GATEWAY_CLASS
 
 FIELD_MANAGER = "ambient-mesh-controlplane"
@@ -98,12 +98,9 @@ async def install_crds(client: KubeClient, within: float = 30.0) -> list[str]:
 async def accept_waypoint_class(client: KubeClient) -> bool:
     """Where the class was installed by someone else (the base chart): report it Accepted,
     as its controller. False when it is not there (yet)."""
-    try:
-        gc = await client.get(GATEWAY_CLASS, WAYPOINT_CLASS)
-    except KubeApiError as e:
-        if e.status == 404:
-            return False
-        raise
+    gc = await client.find(GATEWAY_CLASS, WAYPOINT_CLASS)
+    if gc is None:
+        return False
     await _accept_class(client, gc)
     return True
 

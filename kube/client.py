@@ -221,6 +221,15 @@ class KubeClient:
     async def get(self, kind: Kind, name: str, namespace: str | None = None) -> Obj:
         return await self.request("GET", kind.path(namespace, name))
 
+    async def find(self, kind: Kind, name: str, namespace: str | None = None) -> Obj | None:
+        """`get`, with None for an object that does not exist (404)."""
+        try:
+            return await self.get(kind, name, namespace)
+        except KubeApiError as e:
+            if e.status == 404:
+                return None
+            raise
+
     async def list(
         self,
         kind: Kind,

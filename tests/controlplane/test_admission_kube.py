@@ -30,6 +30,7 @@ from controlplane.admission import (
     VALIDATE_PATH,
     AgentAdmissionServer,
     informer_pod_lookup,
+    keep_ca_bundle,
     publish_ca_bundle,
 )
 from controlplane.ca import CertificateAuthority
@@ -52,6 +53,8 @@ class Webhook:
     server: AgentAdmissionServer
     loop: asyncio.AbstractEventLoop
     name: str
+    client: KubeClient
+    roots_pem: bytes
 
     def stop_server(self) -> None:
         asyncio.run_coroutine_threadsafe(self.server.close(), self.loop).result(10)
@@ -123,7 +126,7 @@ def webhook(kube_cp: KubeControlPlane, tmp_path: Path) -> Iterator[Webhook]:
             publish_ca_bundle(client, ca.roots_pem(), name), loop
         ).result(30)
         assert published
-        yield Webhook(rights, server, loop, name)
+        yield Webhook(rights, server, loop, name, client, ca.roots_pem())
     finally:
         kube_cp.request("DELETE", f"{WEBHOOKS}/{name}")
         if server.port:
@@ -249,3 +252,29 @@ def test_with_the_webhook_down_the_agent_writes_nothing(webhook: Webhook) -> Non
     assert status >= 400 and "failed calling webhook" in body, (status, body[:400])
     assert REDIRECTION_ANNOTATION not in (rights.pod("late")["metadata"].get("annotations") or {})
     assert json.loads(body).get("kind") == "Status"
+
+
+def test_a_ca_bundle_wiped_by_a_reapply_is_written_back(webhook: Webhook) -> None:
+    """A `helm upgrade` re-applies the configuration as the chart renders it, without the
+    caBundle: the control plane's keeper writes the root back at its next check."""
+    path = f"{WEBHOOKS}/{webhook.name}"
+    keeper = asyncio.run_coroutine_threadsafe(
+        keep_ca_bundle(webhook.client, webhook.roots_pem, webhook.name, recheck_s=0.2),
+        webhook.loop,
+    )
+    try:
+        config = api_ok(webhook.rights.cp, "GET", path)
+        (hook,) = config["webhooks"]
+        assert hook["clientConfig"].get("caBundle")
+        del hook["clientConfig"]["caBundle"]
+        status, raw = webhook.rights.cp.request("PUT", path, config)
+        assert status == 200, raw[:300]
+        # (What was stored by the PUT, before the keeper's next check.)
+        assert "caBundle" not in json.loads(raw)["webhooks"][0]["clientConfig"]
+        assert _until(
+            lambda: api_ok(webhook.rights.cp, "GET", path)["webhooks"][0]["clientConfig"].get(
+                "caBundle"
+            )
+        ), "the caBundle was never written back"
+    finally:
+        keeper.cancel()
