@@ -90,12 +90,17 @@ def review_answer(version: str, uid: str, decision: Decision) -> dict[str, Any]:
 
 
 def informer_pod_lookup(client: KubeClient, pods: Informer | None) -> PodLookup:
-    """The node of an agent's pod: the informer's copy, else a GET (a pod created since the
-    last event); None when there is no such pod with that UID, or it has no node."""
+    """The node of an agent's pod: from the informer once it has listed, else (before its
+    first list, or without one) a GET; None when there is no such pod with that UID, or
+    it has no node. The port is open to every pod of the cluster and a review names any
+    pod it likes, so a synced informer's miss is a miss, never a GET a stranger could make
+    us repeat against the API server (an agent's new pod is in the informer before the
+    kubelet has its token; a refused mark is retried)."""
 
     async def lookup(pod: AgentPod) -> str | None:
-        obj: Obj | None = pods.get(f"{pod.namespace}/{pod.name}") if pods is not None else None
-        if obj is None or _uid(obj) != pod.uid:
+        if pods is not None and pods.synced.is_set():
+            obj: Obj | None = pods.get(f"{pod.namespace}/{pod.name}")
+        else:
             obj = await client.find(POD, pod.name, pod.namespace)
         if obj is None or _uid(obj) != pod.uid:
             return None

@@ -8,10 +8,14 @@ import asyncio
 import json
 import ssl
 from pathlib import Path
+from typing import cast
 
-from controlplane.admission import VALIDATE_PATH, AgentAdmissionServer
+from controlplane.admission import VALIDATE_PATH, AgentAdmissionServer, informer_pod_lookup
 from controlplane.agentadmission import AgentPod
 from controlplane.ca import CertificateAuthority
+from kube.client import KubeClient
+from kube.informer import Informer
+from kube.kinds import POD
 
 
 async def _post(port: int, ctx: ssl.SSLContext, body: bytes) -> tuple[int, bytes]:
@@ -79,3 +83,31 @@ def test_the_server_answers_reviews_and_refuses_what_it_cannot_read(tmp_path: Pa
             await server.close()
 
     asyncio.run(scenario())
+
+
+class _NoApi:
+    """A client that must not be called."""
+
+    async def find(self, *args: object) -> None:
+        raise AssertionError(f"the API server was asked: {args}")
+
+
+def test_a_synced_informers_miss_is_a_miss_and_asks_the_api_server_nothing() -> None:
+    """The webhook's port is open to every pod and a review names any pod it likes: once
+    the informer has listed, its answer stands (no GET a stranger could make us repeat)."""
+    pods = Informer(cast(KubeClient, _NoApi()), POD)
+    pods.cache["istio-system/agent-1"] = {
+        "metadata": {"name": "agent-1", "uid": "uid-1"},
+        "spec": {"nodeName": "node1"},
+    }
+    pods.synced.set()
+    lookup = informer_pod_lookup(cast(KubeClient, _NoApi()), pods)
+
+    async def main() -> list[str | None]:
+        return [
+            await lookup(AgentPod("istio-system", "agent-1", "uid-1")),
+            await lookup(AgentPod("istio-system", "agent-1", "other-uid")),
+            await lookup(AgentPod("istio-system", "agent-2", "uid-2")),
+        ]
+
+    assert asyncio.run(main()) == ["node1", None, None]
