@@ -1,5 +1,7 @@
 """A token from a file (a pod's projected service-account token, which the kubelet renews
-in place) is read again as it changes; a file that cannot be read keeps the last token."""
+in place) is read again as it changes; a file that cannot be read keeps the last token.
+
+Here, not under tests/kube: that directory's name puts its tests in the API-server tier."""
 
 from __future__ import annotations
 
