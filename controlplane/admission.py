@@ -33,7 +33,7 @@ from controlplane.ca import CertificateAuthority
 from controlplane.ca_grpc_tls import serving_certificate
 from kube.client import KubeApiError, KubeClient, Obj
 from kube.informer import Informer
-from kube.kinds import POD, Kind
+from kube.kinds import POD, VALIDATING_WEBHOOK_CONFIGURATION
 from meshcore.http1.server import NodeHttpServer, Request, Response, Routes
 from meshcore.tls import load_chain_pem
 
@@ -47,14 +47,6 @@ MAX_REVIEW_BYTES = 4 * 1024 * 1024
 SERVING_TTL = timedelta(days=1)
 CA_BUNDLE_RECHECK_S = 60.0
 _REVIEW_VERSIONS = ("admission.k8s.io/v1", "admission.k8s.io/v1beta1")
-
-WEBHOOK_CONFIGURATIONS = Kind(
-    "admissionregistration.k8s.io",
-    "v1",
-    "ValidatingWebhookConfiguration",
-    "validatingwebhookconfigurations",
-    namespaced=False,
-)
 
 PodLookup = Callable[[AgentPod], Awaitable[str | None]]
 
@@ -204,7 +196,7 @@ async def publish_ca_bundle(
     """Write the mesh root as the caBundle of every webhook in the configuration `name`;
     False when it does not exist (the chart did not install it). A bundle already equal is
     not written again."""
-    config = await client.find(WEBHOOK_CONFIGURATIONS, name)
+    config = await client.find(VALIDATING_WEBHOOK_CONFIGURATION, name)
     if config is None:
         return False
     bundle = base64.b64encode(roots_pem).decode()
@@ -219,7 +211,7 @@ async def publish_ca_bundle(
         "metadata": {"resourceVersion": config["metadata"]["resourceVersion"]},
         "webhooks": webhooks,
     }
-    await client.patch(WEBHOOK_CONFIGURATIONS, name, patch)
+    await client.patch(VALIDATING_WEBHOOK_CONFIGURATION, name, patch)
     return True
 
 

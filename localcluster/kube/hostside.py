@@ -7,10 +7,10 @@ the caller's netns), serves on them
 - the API server (`apiforward`, 10.10.0.1:6443 -> the kubeconfig's server on loopback),
 - the cluster DNS (`clusterdns`, 10.10.0.1:53 UDP and TCP, from the Services, the ready
   pods of the kubelet's nodes and the Endpoints objects),
-and, the other way, a port on the host's loopback forwarded to a ready istiod pod's 15017
-(dialled from the cluster netns), which the API server calls as istiod's admission webhook
-(its URL written beside the kubeconfig, `admission_url_file`; the API server itself never
-routes to a Service address),
+and, the other way, a port on the host's loopback forwarded to a ready istiod pod's webhook
+port (from its Endpoints as the service proxy reads them; dialled from the cluster netns),
+which the API server calls as istiod's admission webhook (its base URL written beside the
+kubeconfig, `admission_url_file`; the API server itself never routes to a Service address),
 and writes what points the cluster at them: the `default/kubernetes` Endpoints and the
 `kube-system/kube-dns` Service with its Endpoints (`hostnet`). It also follows the
 Endpoints objects, which the kubelet's service proxy needs for selector-less Services
@@ -28,7 +28,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -56,25 +56,25 @@ FIELD_MANAGER = "local-kubelet"
 RETRY_MIN_S = 0.5
 RETRY_MAX_S = 10.0
 ZONE_MIN_AGE_S = 0.2  # a burst of changes rebuilds the zone at most this often
-# istiod's admission webhook (the control plane chart: Service istiod, port 15017 of its
-# pods), which the API server calls by a URL on the host's loopback (`admission_url`).
+# istiod's admission webhook (the control plane chart: Service istiod, its port
+# https-webhook), which the API server calls by a URL on the host's loopback.
 ADMISSION_SERVICE = ("istio-system", "istiod")
-ADMISSION_PORT = 15017
-ADMISSION_PATH = "/validate/node-agent"
+ADMISSION_PORT_NAME = "https-webhook"
 
 
 def admission_url_file(kubeconfig: Path | str) -> Path:
-    """Where the kubelet writes the URL the API server reaches istiod's webhook at."""
+    """Where the kubelet writes the base URL (https://127.0.0.1:<port>) the API server
+    reaches istiod's webhook at."""
     return Path(kubeconfig).parent / "istiod-admission.url"
 
 
-def ready_address(endpoints: Mapping[str, Any] | None, port: int) -> str | None:
-    """A ready address of an Endpoints object serving `port`, or None."""
-    for subset in (endpoints or {}).get("subsets") or []:
-        ports = [p.get("port") for p in subset.get("ports") or []]
-        addresses = subset.get("addresses") or []
-        if port in ports and addresses:
-            return str(addresses[0].get("ip"))
+def admission_target(listed: Sequence[ListedEndpoints]) -> tuple[str, int] | None:
+    """A ready istiod address and its webhook port, from the Endpoints as listed; or None."""
+    ns, name = ADMISSION_SERVICE
+    for endpoints in listed:
+        if (endpoints.namespace, endpoints.name) == (ns, name):
+            targets = endpoints.targets(ADMISSION_PORT_NAME, "TCP")
+            return targets[0] if targets else None
     return None
 
 
@@ -227,7 +227,7 @@ class HostSide:
         await self.admission.start(webhook)
         await self.dns.start(udp, tcp)
         if self.admission_url_file is not None:
-            url = f"https://127.0.0.1:{webhook.getsockname()[1]}{ADMISSION_PATH}"
+            url = f"https://127.0.0.1:{webhook.getsockname()[1]}"
             tmp = self.admission_url_file.with_suffix(".tmp")
             tmp.write_text(url + "\n", encoding="utf-8")
             tmp.replace(self.admission_url_file)
@@ -244,14 +244,13 @@ class HostSide:
     async def _dial_admission(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A connection to a ready istiod pod's webhook port, made from the cluster's netns
         (where the pods' addresses are routed); LookupError while there is none."""
-        ns, name = ADMISSION_SERVICE
-        ip = ready_address(self.endpoints.get(f"{ns}/{name}"), ADMISSION_PORT)
-        if ip is None:
-            raise LookupError(f"no ready endpoint of {ns}/{name} serves {ADMISSION_PORT}")
+        target = admission_target(self.listed())
+        if target is None:
+            raise LookupError(f"no ready endpoint of {'/'.join(ADMISSION_SERVICE)}")
         sock = await self.io(self._cluster_socket)
         try:
             sock.setblocking(False)
-            await asyncio.get_running_loop().sock_connect(sock, (ip, ADMISSION_PORT))
+            await asyncio.get_running_loop().sock_connect(sock, target)
             return await asyncio.open_connection(sock=sock)
         except BaseException:
             sock.close()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from controlplane.admission import VALIDATE_PATH
 from localcluster.kube import helm, images
 from localcluster.kube.hostside import admission_url_file
 
@@ -63,10 +64,12 @@ def local_values(kubeconfig: Path) -> dict[str, dict[str, Any]]:
     while not url_file.exists() and time.monotonic() < deadline:
         time.sleep(0.2)  # the host side writes it once it serves, just after the nodes are up
     try:
-        url = url_file.read_text(encoding="utf-8").strip()
+        base = url_file.read_text(encoding="utf-8").strip()
     except OSError:
-        url = ""
-    admission: dict[str, Any] = {"enabled": True, "url": url} if url else {"enabled": False}
+        base = ""
+    admission: dict[str, Any] = (
+        {"enabled": True, "url": base + VALIDATE_PATH} if base else {"enabled": False}
+    )
     return {"controlplane": {"nodeAgentAdmission": admission}}
 
 

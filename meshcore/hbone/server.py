@@ -54,12 +54,11 @@ def _own_group(source: str) -> str | None:
 class _Slot:
     """One handshake in progress: whose, whether a stranger's, and how to end it early."""
 
-    __slots__ = ("cancel", "group", "source", "stranger")
+    __slots__ = ("cancel", "group", "source")
 
     def __init__(self, source: str, group: str | None) -> None:
         self.source = source
         self.group = group  # None: a stranger's
-        self.stranger = group is None
         self.cancel: Callable[[], object] | None = None
 
 
@@ -90,12 +89,11 @@ class HandshakeGate:
         self.limits = limits
         self.group_of: Callable[[str], str | None] = _own_group
         # Every slot by its key, and each source's keys oldest first (its count, and the
-        # order of eviction); each known group's sources and its count; the slots held
-        # by strangers, counted for their share.
+        # order of eviction); each known group's sources with their slots in it; the slots
+        # held by strangers, counted for their share.
         self._slots: dict[object, _Slot] = {}
         self._order: dict[str, dict[object, None]] = {}
-        self._groups: dict[str, Counter[str]] = {}  # group -> its sources' slots in it
-        self._group_count: Counter[str] = Counter()
+        self._groups: dict[str, Counter[str]] = {}
         self.strangers = 0
         self.evicted = 0  # handshakes ended early to let a lighter source in
         self._report = report
@@ -121,12 +119,12 @@ class HandshakeGate:
     @property
     def by_group(self) -> dict[str, int]:
         """Handshakes in progress per known group."""
-        return {group: n for group, n in self._group_count.items() if n}
+        return {group: sources.total() for group, sources in self._groups.items()}
 
     @property
     def stranger_slots(self) -> dict[str, int]:
         """Handshakes in progress per stranger source."""
-        return dict(Counter(slot.source for slot in self._slots.values() if slot.stranger))
+        return dict(Counter(slot.source for slot in self._slots.values() if slot.group is None))
 
     def admit(self, source: str, key: object) -> str | None:
         """Take a slot for a new handshake from `source`, held under `key`; or why not."""
@@ -147,7 +145,6 @@ class HandshakeGate:
             self.strangers += 1
         else:
             self._groups.setdefault(group, Counter())[source] += 1
-            self._group_count[group] += 1
         return None
 
     def evictable(self, key: object, cancel: Callable[[], object]) -> None:
@@ -172,9 +169,6 @@ class HandshakeGate:
         if slot.group is None:
             self.strangers -= 1
             return
-        self._group_count[slot.group] -= 1
-        if not self._group_count[slot.group]:
-            del self._group_count[slot.group]
         sources = self._groups[slot.group]
         sources[slot.source] -= 1
         if not sources[slot.source]:
@@ -187,9 +181,10 @@ class HandshakeGate:
         handshake of the heaviest source of the heaviest group if that group holds at least
         two more than `group`, else of the heaviest source of `group` if it holds at least
         two more than `holding`; whether a slot was freed."""
-        own = self._group_count.get(group, 0)
-        heaviest = max(self._group_count, key=self._group_count.__getitem__, default=None)
-        if heaviest is not None and self._group_count[heaviest] >= own + 2:
+        held = {g: sources.total() for g, sources in self._groups.items()}
+        own = held.get(group, 0)
+        heaviest = max(held, key=held.__getitem__, default=None)
+        if heaviest is not None and held[heaviest] >= own + 2:
             victim_group = heaviest
         elif own and self._groups[group].most_common(1)[0][1] >= holding + 2:
             victim_group = group

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from controlplane.admission import WEBHOOK_CONFIGURATION, WEBHOOK_CONFIGURATIONS
+from controlplane.admission import WEBHOOK_CONFIGURATION
 from controlplane.controller import ISTIO_STATUS_KINDS, WATCHED
 from kube import kinds
 from kube.kinds import Kind
@@ -56,7 +56,7 @@ def controlplane_calls() -> list[Call]:
     out += calls("get", kinds.GATEWAY_CLASS, None, "istio-waypoint")
     out += calls("patch", kinds.GATEWAY_CLASS, None, "istio-waypoint", sub="status")
     # The node-agent webhook's caBundle (admission.py publish_ca_bundle).
-    out += calls("get patch", WEBHOOK_CONFIGURATIONS, None, WEBHOOK_CONFIGURATION)
+    out += calls("get patch", kinds.VALIDATING_WEBHOOK_CONFIGURATION, None, WEBHOOK_CONFIGURATION)
     return out
 
 
@@ -88,8 +88,8 @@ REFUSED: dict[str, list[Call]] = {
         *calls("get", kinds.GATEWAY_CLASS, None, "someone-elses-class"),
         *calls("delete", kinds.POD, ELSEWHERE),
         *calls("patch", kinds.GATEWAY, ELSEWHERE),
-        *calls("create", WEBHOOK_CONFIGURATIONS, None),
-        *calls("patch", WEBHOOK_CONFIGURATIONS, None, "someone-elses-webhook"),
+        *calls("create", kinds.VALIDATING_WEBHOOK_CONFIGURATION, None),
+        *calls("patch", kinds.VALIDATING_WEBHOOK_CONFIGURATION, None, "someone-elses-webhook"),
     ],
     "node-agent": [
         *calls("get", kinds.POD, ELSEWHERE),

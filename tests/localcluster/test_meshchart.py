@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 
 from localcluster.kube import meshchart
-from localcluster.kube.hostside import admission_url_file, ready_address
+from localcluster.kube.hostside import admission_target, admission_url_file
 from localcluster.kube.meshchart import RELEASES, UNINSTALL_ORDER, chart_version, rollout_problems
+from localcluster.kube.proxyplan import listed_endpoints
 
 
 def _deploy(ready: int, updated: int | None = None) -> dict[str, Any]:
@@ -68,13 +69,14 @@ def test_the_webhook_is_registered_at_the_host_sides_url_or_not_at_all(
     off = meshchart.local_values(kubeconfig)
     assert off == {"controlplane": {"nodeAgentAdmission": {"enabled": False}}}
     url = "https://127.0.0.1:40000/validate/node-agent"
-    admission_url_file(kubeconfig).write_text(url + "\n")
+    admission_url_file(kubeconfig).write_text("https://127.0.0.1:40000\n")
     on = meshchart.local_values(kubeconfig)["controlplane"]["nodeAgentAdmission"]
     assert on == {"enabled": True, "url": url}
 
 
 def test_a_ready_istiod_address_serving_the_webhook_port() -> None:
     endpoints = {
+        "metadata": {"namespace": "istio-system", "name": "istiod"},
         "subsets": [
             {"addresses": [{"ip": "10.1.0.4"}], "ports": [{"name": "grpc-xds", "port": 15012}]},
             {
@@ -82,14 +84,19 @@ def test_a_ready_istiod_address_serving_the_webhook_port() -> None:
                 "notReadyAddresses": [{"ip": "10.1.0.6"}],
                 "ports": [{"name": "https-webhook", "port": 15017}],
             },
-        ]
+        ],
     }
-    assert ready_address(endpoints, 15017) == "10.1.0.5"
-    assert ready_address(endpoints, 15018) is None
-    assert (
-        ready_address(
-            {"subsets": [{"notReadyAddresses": [{"ip": "x"}], "ports": [{"port": 15017}]}]}, 15017
-        )
-        is None
-    )
-    assert ready_address(None, 15017) is None
+    assert admission_target([listed_endpoints(endpoints)]) == ("10.1.0.5", 15017)
+    other = {**endpoints, "metadata": {"namespace": "apps", "name": "istiod"}}
+    assert admission_target([listed_endpoints(other)]) is None
+    not_ready = {
+        "metadata": {"namespace": "istio-system", "name": "istiod"},
+        "subsets": [
+            {
+                "notReadyAddresses": [{"ip": "x"}],
+                "ports": [{"name": "https-webhook", "port": 15017}],
+            }
+        ],
+    }
+    assert admission_target([listed_endpoints(not_ready)]) is None
+    assert admission_target([]) is None
