@@ -46,6 +46,13 @@ WEBHOOK_CONFIGURATION = "ambient-node-agent"  # the chart's ValidatingWebhookCon
 MAX_REVIEW_BYTES = 4 * 1024 * 1024
 SERVING_TTL = timedelta(days=1)
 CA_BUNDLE_RECHECK_S = 60.0
+# The API server calls the webhook on every pod status write it sends here: a connection
+# carries many reviews, not a TLS handshake each. It is kept idle longer than the API
+# server's client keeps an idle one (Go's transport: 90 s), so the client is the one that
+# closes it and never sends a review into our close. A kept connection waiting is evictable
+# like any slow one, so keeping it costs no one a slot.
+KEEP_ALIVE_REQUESTS = 10_000
+KEEP_ALIVE_IDLE_S = 120.0
 _REVIEW_VERSIONS = ("admission.k8s.io/v1", "admission.k8s.io/v1beta1")
 
 PodLookup = Callable[[AgentPod], Awaitable[str | None]]
@@ -131,7 +138,14 @@ class AgentAdmissionServer(NodeHttpServer):
         tls.minimum_version = ssl.TLSVersion.TLSv1_2  # the API server's Go client: 1.2 or 1.3
         self._tls_context = tls
         self._renew()
-        super().__init__(port, host, max_body=MAX_REVIEW_BYTES, tls=tls)
+        super().__init__(
+            port,
+            host,
+            max_body=MAX_REVIEW_BYTES,
+            tls=tls,
+            max_requests=KEEP_ALIVE_REQUESTS,
+            idle_timeout=KEEP_ALIVE_IDLE_S,
+        )
         self._agents = frozenset(agents)
         self._lookup = lookup
         self._renewal: asyncio.TimerHandle | None = None

@@ -1,7 +1,8 @@
 """HTTP/1.1 messages for the tunnel's small servers and its CA client, without I/O.
 
-Only what those need: one request or response per connection (`Connection: close`),
-bodies framed by Content-Length (a response may also be chunked or end at EOF). Parsing
+Only what those need: one request or response per connection (`Connection: close`; a
+server may keep a connection for the next request, `keeps_alive`), bodies framed by
+Content-Length (a response may also be chunked or end at EOF). Parsing
 takes the bytes of a message head and returns a frozen value or raises `HttpError` with
 the status a server should answer; nothing here touches a socket.
 
@@ -93,6 +94,16 @@ def parse_request_head(head: bytes) -> RequestHead:
     )
 
 
+def keeps_alive(head: RequestHead) -> bool:
+    """Whether the client lets the connection carry another request after this one
+    (RFC 9112 9.3): HTTP/1.1 unless it says `Connection: close`, HTTP/1.0 only when it
+    says `Connection: keep-alive`."""
+    options = {t.strip().lower() for t in head.headers.get("connection", "").split(",")}
+    if head.version >= (1, 1):
+        return "close" not in options
+    return "keep-alive" in options
+
+
 def parse_response_head(head: bytes) -> ResponseHead:
     """A status line plus header lines (the blank line excluded). Raises HttpError with
     status 0: the peer does not speak HTTP, and a client has nobody to answer."""
@@ -123,13 +134,16 @@ def format_response(
     extra: Mapping[str, str] | None = None,
     *,
     head_only: bool = False,
+    keep_alive: bool = False,
 ) -> bytes:
-    """A complete response that closes the connection; `head_only` for HEAD requests."""
+    """A complete response that closes the connection, or with `keep_alive` one after
+    which the connection waits for the next request; `head_only` for HEAD requests."""
     lines = [
         f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}",
         f"Content-Type: {content_type}",
         f"Content-Length: {len(body)}",
-        "Connection: close",
+        # Said either way: an HTTP/1.0 client keeps a connection only when told it may.
+        "Connection: keep-alive" if keep_alive else "Connection: close",
     ]
     lines += [f"{name}: {value}" for name, value in (extra or {}).items()]
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")

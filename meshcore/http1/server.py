@@ -1,17 +1,23 @@
 """The small HTTP/1.1 servers of the tunnel's node netns (admin, metrics, readiness).
 
-A few routes answered from memory, so: one request per connection (`Connection: close`),
-Content-Length bodies only, no keep-alive, no pipelining. The parsing is `meshcore.http1.parse`'s;
-this module is the asyncio shell around it.
+A few routes answered from memory, so by default one request per connection (`Connection:
+close`) and Content-Length bodies only. A server whose one client calls it all the time (the
+control plane's admission webhook, called by the API server on pod status writes) keeps a
+connection for up to `max_requests` requests, answered one after another, so that client
+does not pay a TLS handshake per call. The parsing is `meshcore.http1.parse`'s; this module
+is the asyncio shell around it.
 
 Invariants (a slow, broken or hostile client must never crash, hang or exhaust it):
 - the request line and headers together are at most `max_head` bytes (431 past that);
 - a body is at most `max_body` bytes (413, answered before it is read);
 - the whole request must arrive within `read_timeout` seconds (408), and the answer must
-  be taken within the same time, so an idle or slow client cannot hold a connection;
+  be taken within the same time, so an idle or slow client cannot hold a connection; a
+  kept connection waits at most `idle_timeout` for the first byte of its next request and
+  is then closed without a word (as a client expects of an idle connection);
 - at most `max_connections` connections are served at once. A new one past it takes the
   place of the oldest connection still sending its request (slow-loris connections must
-  not lock out the scraper that sends its request at once); when none is, it gets a 503,
+  not lock out the scraper that sends its request at once; a kept connection waiting for
+  its next request counts as one still sending); when none is, it gets a 503,
   and past `max_connections` such refusals in progress it is reset unanswered;
 - every malformed request gets a 4xx/5xx that says what was wrong, then the connection
   closes; a handler that raises becomes a 500 (`failed`), never a dropped connection.
@@ -28,7 +34,13 @@ from typing import Any
 
 import structlog
 
-from meshcore.http1.parse import REASONS, HttpError, format_response, parse_request_head
+from meshcore.http1.parse import (
+    REASONS,
+    HttpError,
+    format_response,
+    keeps_alive,
+    parse_request_head,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -53,6 +65,7 @@ class Request:
     headers: Mapping[str, str]  # names lower-cased
     body: bytes
     remote: str | None  # the peer's address
+    keep_alive: bool = False  # the client lets the connection carry another request
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,8 +115,16 @@ class NodeHttpServer:
         max_body: int = MAX_BODY,
         max_connections: int = MAX_CONNECTIONS,
         tls: ssl.SSLContext | None = None,
+        max_requests: int = 1,
+        idle_timeout: float = READ_TIMEOUT,
     ) -> None:
+        if max_requests < 1:
+            raise ValueError(f"max_requests must be at least 1, not {max_requests}")
         self._port = port
+        # Requests one connection may carry (1: none after the first); `idle_timeout`: how
+        # long a kept connection waits for the next one.
+        self._max_requests = max_requests
+        self._idle_timeout = idle_timeout
         # A server context: HTTPS (the control plane's admission webhook); the handshake
         # gets the same time bound as a request.
         self._tls = tls
@@ -126,6 +147,8 @@ class NodeHttpServer:
         self.refused = 0
         self.reset = 0
         self.refusing_peak = 0
+        self.connections = 0  # connections served, and the requests answered on them
+        self.requests = 0
 
     def routes(self) -> Routes:
         raise NotImplementedError
@@ -195,6 +218,7 @@ class NodeHttpServer:
                 # is over by the evictions not yet finished (each ends at its next step).
                 self._evict_oldest_reader()
             self._serving += 1
+            self.connections += 1
             try:
                 await self._serve(reader, writer, task)
             finally:
@@ -237,45 +261,70 @@ class NodeHttpServer:
         writer: asyncio.StreamWriter,
         task: asyncio.Task[Any],
     ) -> None:
-        self._reading[task] = None
-        try:
-            request = await self._read_request(reader, writer)
-        except HttpError as e:
+        for served in range(self._max_requests):
+            # Waiting for a request, the first or the next: the connection may be evicted.
+            self._reading[task] = None
+            try:
+                request = await self._read_request(reader, writer, kept=served > 0)
+            except HttpError as e:
+                self._reading.pop(task, None)
+                log.debug("bad http request", status=e.status, error=str(e))
+                await self._answer_error(reader, writer, status_text(e.status, str(e)))
+                return
             self._reading.pop(task, None)
-            log.debug("bad http request", status=e.status, error=str(e))
-            await self._answer_error(reader, writer, status_text(e.status, str(e)))
-            return
-        self._reading.pop(task, None)
-        if request is None:
-            return  # closed before sending anything
-        response = await self.admit(request) or await self._dispatch(request)
-        writer.write(
-            format_response(
-                response.status,
-                response.body,
-                response.content_type,
-                response.headers,
-                head_only=request.method == "HEAD",
+            if request is None:
+                return  # closed (or left idle) before sending anything
+            self.requests += 1
+            response = await self.admit(request) or await self._dispatch(request)
+            # The last request the connection may carry, or one whose client or handler
+            # ends the connection (an action after the answer), says so and closes.
+            keep = (
+                request.keep_alive
+                and served + 1 < self._max_requests
+                and response.after is None
+                and self._server is not None
             )
-        )
-        async with asyncio.timeout(self._read_timeout):
-            await writer.drain()
-        if response.after is not None:
-            response.after()
+            writer.write(
+                format_response(
+                    response.status,
+                    response.body,
+                    response.content_type,
+                    response.headers,
+                    head_only=request.method == "HEAD",
+                    keep_alive=keep,
+                )
+            )
+            async with asyncio.timeout(self._read_timeout):
+                await writer.drain()
+            if response.after is not None:
+                response.after()
+            if not keep:
+                return
 
     async def _read_request(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, kept: bool = False
     ) -> Request | None:
+        """The next request, or None when the client closed (or, on a `kept` connection,
+        sent nothing within `idle_timeout`) before its first byte."""
+        first = b""
+        if kept:
+            try:
+                async with asyncio.timeout(self._idle_timeout):
+                    first = await reader.read(1)
+            except TimeoutError:
+                return None
+            if not first:
+                return None
         try:
             async with asyncio.timeout(self._read_timeout):
                 try:
-                    raw = await reader.readuntil(b"\r\n\r\n")
+                    raw = first + await reader.readuntil(b"\r\n\r\n")
                 except asyncio.LimitOverrunError:
                     raise HttpError(
                         431, f"request line and headers exceed {self._max_head} bytes"
                     ) from None
                 except asyncio.IncompleteReadError as e:
-                    if not e.partial:
+                    if not e.partial and not first:
                         return None
                     raise HttpError(400, "connection closed inside the request head") from None
                 head = parse_request_head(raw[:-4])
@@ -301,6 +350,7 @@ class NodeHttpServer:
             headers=head.headers,
             body=body,
             remote=str(peer[0]) if isinstance(peer, tuple) and peer else None,
+            keep_alive=keeps_alive(head),
         )
 
     async def _dispatch(self, request: Request) -> Response:

@@ -201,6 +201,12 @@ def test_the_agent_marks_only_its_own_nodes_pods_and_changes_nothing_else(
     assert after["metadata"].get("annotations") == before["metadata"].get("annotations")
     assert after.get("status", {}).get("podIP") == before.get("status", {}).get("podIP")
     assert webhook.server.refused >= 5
+    # The API server kept its TLS connection for the reviews that followed, rather than a
+    # handshake per status write.
+    assert webhook.server.connections < webhook.server.reviews, (
+        webhook.server.connections,
+        webhook.server.reviews,
+    )
 
 
 def test_a_token_bound_to_no_pod_marks_nothing(webhook: Webhook) -> None:

@@ -18,17 +18,40 @@ from kube.informer import Informer
 from kube.kinds import POD
 
 
-async def _post(port: int, ctx: ssl.SSLContext, body: bytes) -> tuple[int, bytes]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
-    head = (
+def _request(body: bytes, *, close: bool = True) -> bytes:
+    connection = "Connection: close\r\n" if close else ""
+    return (
         f"POST {VALIDATE_PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    ).encode()
-    writer.write(head + body)
+        f"Content-Length: {len(body)}\r\n{connection}\r\n"
+    ).encode() + body
+
+
+async def _post(port: int, ctx: ssl.SSLContext, body: bytes) -> tuple[int, bytes]:
+    """One review on a connection of its own."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
+    writer.write(_request(body))
     raw = await asyncio.wait_for(reader.read(), 10)
     writer.close()
     status = int(raw.split(b" ", 2)[1])
     return status, raw.partition(b"\r\n\r\n")[2]
+
+
+def _review(uid: str, version: str = "admission.k8s.io/v1", labels: str = "2") -> bytes:
+    return json.dumps(
+        {
+            "apiVersion": version,
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": uid,
+                "resource": {"group": "", "version": "v1", "resource": "pods"},
+                "subResource": "status",
+                "operation": "UPDATE",
+                "userInfo": {"username": "system:serviceaccount:kube-system:kubelet"},
+                "oldObject": {"metadata": {"labels": {"a": "1"}}},
+                "object": {"metadata": {"labels": {"a": labels}}},
+            },
+        }
+    ).encode()
 
 
 def test_the_server_answers_reviews_and_refuses_what_it_cannot_read(tmp_path: Path) -> None:
@@ -111,3 +134,37 @@ def test_a_synced_informers_miss_is_a_miss_and_asks_the_api_server_nothing() -> 
         ]
 
     assert asyncio.run(main()) == ["node1", None, None]
+
+
+def test_one_connection_carries_many_reviews(tmp_path: Path) -> None:
+    """The API server calls the webhook on pod status writes all the time: it keeps its TLS
+    connection and sends review after review on it, each answered in turn."""
+    ca = CertificateAuthority.load_or_create(tmp_path / "ca", "cluster.local")
+
+    async def lookup(pod: AgentPod) -> str | None:
+        raise AssertionError("a kubelet's write is not judged")
+
+    async def scenario() -> None:
+        server = AgentAdmissionServer(ca, {"istio-system/agent"}, lookup, port=0, host="127.0.0.1")
+        await server.start()
+        try:
+            ctx = ssl.create_default_context(cadata=ca.roots_pem().decode())
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port, ssl=ctx)
+            try:
+                versions = ["admission.k8s.io/v1", "admission.k8s.io/v1beta1"] * 2
+                for n, version in enumerate(versions):
+                    writer.write(_request(_review(f"u-{n}", version), close=False))
+                    async with asyncio.timeout(10):
+                        head = await reader.readuntil(b"\r\n\r\n")
+                        length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+                        answer = json.loads(await reader.readexactly(length))
+                    assert b"Connection: keep-alive" in head
+                    assert answer["apiVersion"] == version
+                    assert answer["response"] == {"uid": f"u-{n}", "allowed": True}
+            finally:
+                writer.close()
+            assert (server.connections, server.requests, server.reviews) == (1, 4, 4)
+        finally:
+            await server.close()
+
+    asyncio.run(scenario())

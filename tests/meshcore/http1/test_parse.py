@@ -11,6 +11,7 @@ from meshcore.http1.parse import (
     decode_chunked,
     format_request,
     format_response,
+    keeps_alive,
     parse_request_head,
     parse_response_head,
 )
@@ -27,6 +28,21 @@ def test_request_head():
     assert head.version == (1, 1)
     assert head.headers == {"host": "localhost", "content-length": "3", "x-a": "1, 2"}
     assert head.content_length == 3
+
+
+@pytest.mark.parametrize(
+    ("head", "kept"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: a\r\n", True),  # HTTP/1.1: persistent unless told
+        (b"GET / HTTP/1.1\r\nConnection: close\r\n", False),
+        (b"GET / HTTP/1.1\r\nConnection: Upgrade, CLOSE\r\n", False),  # any token, any case
+        (b"GET / HTTP/1.1\r\nConnection: te\r\nConnection: close\r\n", False),  # repeated
+        (b"GET / HTTP/1.0\r\n", False),  # HTTP/1.0: closed unless asked
+        (b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n", True),
+    ],
+)
+def test_keeps_alive(head, kept):
+    assert keeps_alive(parse_request_head(head)) is kept
 
 
 def test_repeated_equal_content_lengths_are_one():
@@ -92,6 +108,7 @@ def test_written_messages():
         b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3\r\n"
         b"Connection: close\r\n\r\nOK\n"
     )
+    assert b"\r\nConnection: keep-alive\r\n" in format_response(200, b"", "t", keep_alive=True)
     assert format_response(405, b"x", "t", {"Allow": "GET"}, head_only=True).endswith(
         b"Allow: GET\r\n\r\n"
     )

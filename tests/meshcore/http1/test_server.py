@@ -88,6 +88,19 @@ def parse(raw: bytes) -> tuple[int, dict[str, str], bytes]:
     return int(lines[0].split(" ")[1]), headers, body
 
 
+async def answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """One answer read off a connection that may stay open: (status, headers, body)."""
+    async with asyncio.timeout(10):
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head[:-4].decode("latin-1").split("\r\n")
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        body = await reader.readexactly(int(headers["content-length"]))
+    return int(lines[0].split(" ")[1]), headers, body
+
+
 # -- good requests ------------------------------------------------------------------------
 
 
@@ -410,5 +423,132 @@ def test_two_servers_share_a_port_with_reuseport(aio):
         await second.start()
         assert second.port == first.port
         await second.close()
+
+    aio.run(main)
+
+
+# -- keep-alive (a server made with max_requests > 1) -----------------------------------------
+
+
+def test_by_default_a_connection_carries_one_request(aio):
+    async def main() -> None:
+        server = aio.closing(await started())
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        aio.closing(writer)
+        writer.write(b"GET /echo HTTP/1.1\r\n\r\n" * 2)  # a second one pipelined
+        status, headers, _ = await answer(reader)
+        assert (status, headers["connection"]) == (200, "close")
+        async with asyncio.timeout(10):
+            assert await reader.read() == b""  # closed, the second never answered
+        assert (server.connections, server.requests) == (1, 1)
+
+    aio.run(main)
+
+
+def test_a_kept_connection_carries_requests_up_to_its_bound(aio):
+    async def main() -> None:
+        server = aio.closing(await started(max_requests=3))
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        aio.closing(writer)
+        for n, connection in enumerate(["keep-alive", "keep-alive", "close"]):
+            body = f"n={n}".encode()
+            writer.write(
+                b"POST /echo HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(body), body)
+            )
+            status, headers, raw = await answer(reader)
+            assert status == 200
+            assert json.loads(raw)["body"] == f"n={n}"  # each answer its own request's
+            assert headers["connection"] == connection  # the third is the last: it says so
+        async with asyncio.timeout(10):
+            assert await reader.read() == b""
+        assert (server.connections, server.requests) == (1, 3)
+
+        # Pipelined requests are answered in order; `Connection: close` ends it at once.
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        aio.closing(writer)
+        writer.write(
+            b"GET /echo?a=1 HTTP/1.1\r\n\r\n"
+            b"GET /echo?a=2 HTTP/1.1\r\nConnection: close\r\n\r\n"
+            b"GET /echo?a=3 HTTP/1.1\r\n\r\n"
+        )
+        for n, connection in ((1, "keep-alive"), (2, "close")):
+            status, headers, raw = await answer(reader)
+            assert json.loads(raw)["query"] == {"a": str(n)}
+            assert headers["connection"] == connection
+        async with asyncio.timeout(10):
+            assert await reader.read() == b""
+
+        # HTTP/1.0 is closed unless it asks for keep-alive.
+        status, _, _ = await exchange(server.port, b"GET /echo HTTP/1.0\r\n\r\n")
+        assert status == 200
+        assert server.requests == 6
+
+    aio.run(main)
+
+
+def test_a_bad_request_on_a_kept_connection_is_answered_and_ends_it(aio):
+    async def main() -> None:
+        server = aio.closing(await started(max_requests=10))
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        aio.closing(writer)
+        writer.write(b"GET /echo HTTP/1.1\r\n\r\nGET /echo HTTP/9.9\r\n\r\n")
+        status, headers, _ = await answer(reader)
+        assert (status, headers["connection"]) == (200, "keep-alive")
+        async with asyncio.timeout(10):
+            status, _, body = parse(await reader.read())
+        assert status == 505
+        assert b"only HTTP/1.0 and HTTP/1.1" in body
+
+    aio.run(main)
+
+
+def test_a_kept_connection_left_idle_is_closed_without_a_word(aio):
+    async def main() -> None:
+        server = aio.closing(await started(max_requests=10, idle_timeout=0.3, read_timeout=60))
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        aio.closing(writer)
+        writer.write(b"GET /echo HTTP/1.1\r\n\r\n")
+        await answer(reader)
+        t0 = time.monotonic()
+        async with asyncio.timeout(10):
+            assert await reader.read() == b""  # no 408: an idle connection is just closed
+        assert 0.25 <= time.monotonic() - t0 < 5
+
+        # Once its next request has begun, it has read_timeout, as any request: a request
+        # trickled in past the idle timeout is still answered.
+        server2 = aio.closing(await started(max_requests=10, idle_timeout=0.3))
+        reader, writer = await asyncio.open_connection("127.0.0.1", server2.port)
+        aio.closing(writer)
+        writer.write(b"GET /echo HTTP/1.1\r\n\r\n")
+        await answer(reader)
+        for part in (b"GE", b"T /echo HTTP/1.1\r\n", b"\r\n"):
+            writer.write(part)
+            await asyncio.sleep(0.2)
+        assert (await answer(reader))[0] == 200
+
+    aio.run(main)
+
+
+def test_kept_connections_waiting_make_room_for_a_new_client(aio):
+    """Idle kept connections hold every slot; a new client takes the oldest one's place."""
+
+    async def main() -> None:
+        server = aio.closing(await started(max_connections=4, max_requests=100, idle_timeout=60))
+        kept = []
+        for _ in range(4):
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"GET /echo HTTP/1.1\r\n\r\n")
+            await answer(reader)
+            kept.append((reader, aio.closing(writer)))
+        for _ in range(3):  # new clients that keep their connections too
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"GET /echo HTTP/1.1\r\n\r\n")
+            assert (await answer(reader))[0] == 200
+            kept.append((reader, aio.closing(writer)))
+        assert (server.evicted, server.refused) == (3, 0)
+        for reader, _ in kept[:3]:  # the three oldest idle ones were closed
+            async with asyncio.timeout(10):
+                assert await reader.read() == b""
 
     aio.run(main)
