@@ -26,7 +26,9 @@ from fuzz.targets import TARGETS
 ROOT = Path(__file__).resolve().parent
 # The packages whose code is instrumented for coverage: ours, and the pure-Python HTTP/2
 # and HPACK libraries our connections run on (their paths are what a peer's bytes drive).
-INSTRUMENTED = ["meshcore", "zds", "ztunnel", "waypoint", "fuzz", "h2", "hpack", "hyperframe"]
+INSTRUMENTED = [
+    "meshcore", "zds", "ztunnel", "waypoint", "controlplane", "fuzz", "h2", "hpack", "hyperframe",
+]  # fmt: skip
 # A single input may take this long before it counts as a hang (a loaded 2-core machine
 # runs a big YAML document in well under a second).
 INPUT_TIMEOUT = 10

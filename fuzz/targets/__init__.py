@@ -18,4 +18,5 @@ TARGETS = (
     "dns_message",
     "xds_wire",
     "ca_messages",
+    "admission_review",
 )

@@ -1,5 +1,6 @@
 """The small HTTP/1.1 parser (meshcore.http1.parse) of the tunnel's admin, metrics and
-readiness ports and of its CA client: a request head, a response head, a chunked body.
+readiness ports, of the control plane's admission webhook and of the tunnel's CA client: a
+request head (and whether it keeps the connection), a response head, a chunked body.
 
 The input is cut at its first blank line: the head (as the server's `readuntil` hands it
 over) and the rest (a body). Contract: raises HttpError and nothing else.
@@ -15,6 +16,7 @@ from meshcore.http1.parse import (
     decode_chunked,
     format_request,
     format_response,
+    keeps_alive,
     parse_request_head,
     parse_response_head,
 )
@@ -28,6 +30,7 @@ def test_one_input(data: bytes) -> None:
         pass
     else:
         assert request.path.startswith("/") and request.content_length >= 0
+        keeps_alive(request)  # whether a kept connection may carry the next request
     try:
         response = parse_response_head(head)
         content_length(response.headers)
