@@ -427,14 +427,20 @@ def test_two_servers_share_a_port_with_reuseport(aio):
     aio.run(main)
 
 
+async def connect(aio: Any, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to keep, closed when the test ends."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    aio.closing(writer)
+    return reader, writer
+
+
 # -- keep-alive (a server made with max_requests > 1) -----------------------------------------
 
 
 def test_by_default_a_connection_carries_one_request(aio):
     async def main() -> None:
         server = aio.closing(await started())
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-        aio.closing(writer)
+        reader, writer = await connect(aio, server.port)
         writer.write(b"GET /echo HTTP/1.1\r\n\r\n" * 2)  # a second one pipelined
         status, headers, _ = await answer(reader)
         assert (status, headers["connection"]) == (200, "close")
@@ -448,8 +454,7 @@ def test_by_default_a_connection_carries_one_request(aio):
 def test_a_kept_connection_carries_requests_up_to_its_bound(aio):
     async def main() -> None:
         server = aio.closing(await started(max_requests=3))
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-        aio.closing(writer)
+        reader, writer = await connect(aio, server.port)
         for n, connection in enumerate(["keep-alive", "keep-alive", "close"]):
             body = f"n={n}".encode()
             writer.write(
@@ -465,8 +470,7 @@ def test_a_kept_connection_carries_requests_up_to_its_bound(aio):
         assert (server.connections, server.requests) == (1, 3)
 
         # Pipelined requests are answered in order; `Connection: close` ends it at once.
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-        aio.closing(writer)
+        reader, writer = await connect(aio, server.port)
         writer.write(
             b"GET /echo?a=1 HTTP/1.1\r\n\r\n"
             b"GET /echo?a=2 HTTP/1.1\r\nConnection: close\r\n\r\n"
@@ -490,8 +494,7 @@ def test_a_kept_connection_carries_requests_up_to_its_bound(aio):
 def test_a_bad_request_on_a_kept_connection_is_answered_and_ends_it(aio):
     async def main() -> None:
         server = aio.closing(await started(max_requests=10))
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-        aio.closing(writer)
+        reader, writer = await connect(aio, server.port)
         writer.write(b"GET /echo HTTP/1.1\r\n\r\nGET /echo HTTP/9.9\r\n\r\n")
         status, headers, _ = await answer(reader)
         assert (status, headers["connection"]) == (200, "keep-alive")
@@ -506,8 +509,7 @@ def test_a_bad_request_on_a_kept_connection_is_answered_and_ends_it(aio):
 def test_a_kept_connection_left_idle_is_closed_without_a_word(aio):
     async def main() -> None:
         server = aio.closing(await started(max_requests=10, idle_timeout=0.3, read_timeout=60))
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-        aio.closing(writer)
+        reader, writer = await connect(aio, server.port)
         writer.write(b"GET /echo HTTP/1.1\r\n\r\n")
         await answer(reader)
         t0 = time.monotonic()
@@ -518,8 +520,7 @@ def test_a_kept_connection_left_idle_is_closed_without_a_word(aio):
         # Once its next request has begun, it has read_timeout, as any request: a request
         # trickled in past the idle timeout is still answered.
         server2 = aio.closing(await started(max_requests=10, idle_timeout=0.3))
-        reader, writer = await asyncio.open_connection("127.0.0.1", server2.port)
-        aio.closing(writer)
+        reader, writer = await connect(aio, server2.port)
         writer.write(b"GET /echo HTTP/1.1\r\n\r\n")
         await answer(reader)
         for part in (b"GE", b"T /echo HTTP/1.1\r\n", b"\r\n"):
@@ -537,17 +538,17 @@ def test_kept_connections_waiting_make_room_for_a_new_client(aio):
         server = aio.closing(await started(max_connections=4, max_requests=100, idle_timeout=60))
         kept = []
         for _ in range(4):
-            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            reader, writer = await connect(aio, server.port)
             writer.write(b"GET /echo HTTP/1.1\r\n\r\n")
             await answer(reader)
-            kept.append((reader, aio.closing(writer)))
+            kept.append(reader)
         for _ in range(3):  # new clients that keep their connections too
-            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            reader, writer = await connect(aio, server.port)
             writer.write(b"GET /echo HTTP/1.1\r\n\r\n")
             assert (await answer(reader))[0] == 200
-            kept.append((reader, aio.closing(writer)))
+            kept.append(reader)
         assert (server.evicted, server.refused) == (3, 0)
-        for reader, _ in kept[:3]:  # the three oldest idle ones were closed
+        for reader in kept[:3]:  # the three oldest idle ones were closed
             async with asyncio.timeout(10):
                 assert await reader.read() == b""
 
