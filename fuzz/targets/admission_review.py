@@ -52,21 +52,17 @@ def _without_mark(pod: dict[str, Any]) -> dict[str, Any]:
     """The pod as the agent may not change it: without the mark and what the API server
     writes itself. A metadata, annotations or labels that is empty or not a mapping counts
     as absent (the API server never sends one that is not)."""
-    out = copy.deepcopy(pod)
+    out = dict(pod)  # only its top level and a new metadata are changed
     meta = out.pop("metadata", None)
     meta = dict(meta) if isinstance(meta, dict) else {}
     for owned in ("resourceVersion", "managedFields"):
         meta.pop(owned, None)
+    annotations = meta.get("annotations")
+    if isinstance(annotations, dict):
+        meta["annotations"] = {k: v for k, v in annotations.items() if k != REDIRECTION_ANNOTATION}
     for key in ("annotations", "labels"):
-        value = meta.pop(key, None)
-        if isinstance(value, dict):
-            kept = {
-                k: v
-                for k, v in value.items()
-                if k != REDIRECTION_ANNOTATION or key != "annotations"
-            }
-            if kept:
-                meta[key] = kept
+        if not isinstance(meta.get(key), dict) or not meta[key]:
+            meta.pop(key, None)
     if meta:
         out["metadata"] = meta
     return out
@@ -106,14 +102,14 @@ def seeds() -> dict[str, bytes]:
             "authentication.kubernetes.io/pod-uid": ["4f6c1c52-1b6e-4a53-9d0e-2f1a3c5b7d90"],
         },
     }
-    pod = {
+    pod: dict[str, Any] = {
         "metadata": {"name": "frontend-0", "namespace": "travel", "labels": {"app": "frontend"}},
         "spec": {"nodeName": "node1"},
         "status": {"podIP": "10.244.1.10"},
     }
-    marked = json.loads(json.dumps(pod))
+    marked = copy.deepcopy(pod)
     marked["metadata"]["annotations"] = {REDIRECTION_ANNOTATION: REDIRECTION_ENABLED}
-    relabelled = json.loads(json.dumps(pod))
+    relabelled = copy.deepcopy(pod)
     relabelled["metadata"]["labels"] = {"app": "payments"}
     kubelet = {"username": "system:node:node1", "groups": ["system:nodes"]}
     return {
