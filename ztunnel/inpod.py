@@ -48,7 +48,7 @@ from zds.messages import WorkloadInfo
 from ztunnel.dns.limits import DnsLimits
 from ztunnel.dns.metrics import DnsMetrics
 from ztunnel.dns.server import DNS_PORT, DnsProxy
-from ztunnel.proxy.common import Authorizer, allow_all
+from ztunnel.proxy.common import Authorizer, allow_all, reset
 from ztunnel.proxy.inbound import InboundProxy
 from ztunnel.proxy.inbound_passthrough import InboundPassthroughProxy
 from ztunnel.proxy.outbound import OutboundProxy
@@ -247,19 +247,35 @@ class _Accepted:
         self._protocols.pop(protocol, None)
 
     def open_count(self) -> int:
-        """Connections up and not closing. A protocol without a transport never got its
-        connection (a failed TLS handshake): it is not waited for."""
+        """Connections up and not closing, and those accepted and not yet made. The loop
+        makes the protocol as it accepts and calls `connection_made` one turn later: a
+        drain that looked in between, counting only connections with a transport, found
+        the pod idle and stopped it, and that connection, made then, was closed before
+        its first byte. (The plain asyncio loop, a fallback, can lose a connection in that
+        turn itself when the listener closes: it then stays here, not made, until the
+        drain's deadline. The proxies run on uvloop, which makes the transport as it
+        accepts.)"""
         return sum(
-            1 for p in self._protocols if p.transport is not None and not p.transport.is_closing()
+            1 for p in self._protocols if p.transport is None or not p.transport.is_closing()
         )
 
     def abort_all(self) -> None:
+        """Close every connection: those up at once, those not yet made as they are made
+        (with a reset, as for any connection a stopped pod cannot serve)."""
         protocols, self._protocols = self._protocols, {}
         for p in protocols:
             p.on_lost = None  # the book is gone already
             transport = p.transport
-            if transport is not None and not transport.is_closing():
+            if transport is None:
+                p.on_made = _reset_when_made
+            elif not transport.is_closing():
                 transport.abort()
+
+
+def _reset_when_made(app: AppSide) -> None:
+    """For a connection accepted by a pod that stopped before it was made: never served."""
+    assert app.transport is not None
+    reset(app.transport)
 
 
 class PodProxy:

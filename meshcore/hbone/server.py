@@ -30,6 +30,12 @@ from meshcore.tls import PeerVerificationError, hbone_peer, verify_client
 
 log = structlog.get_logger(__name__)
 
+# Connections taken off a listener's queue per turn of the loop (the rest wait for the next
+# turn, so one busy listener cannot starve the others), and the pause after an accept
+# failed for want of descriptors or memory.
+ACCEPT_BATCH = 128
+ACCEPT_RETRY_SECONDS = 0.1
+
 
 class RefusalLog:
     """At most `per_second` refusal lines a second, each with how many were left out
@@ -291,14 +297,17 @@ class TlsListener:
         self.gate = gate
         self.sock: socket.socket | None = None
         self.handshaking: dict[asyncio.Task[None], None] = {}
-        self._accepting: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._accepting = False
         self._address = ""
 
     async def start(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         self.sock = sock
         self._address = "{}:{}".format(*sock.getsockname()[:2])
-        self._accepting = asyncio.get_running_loop().create_task(self._accept_loop())
+        self._loop = asyncio.get_running_loop()
+        self._accepting = True
+        self._loop.add_reader(sock.fileno(), self._on_readable)
 
     def sockname(self) -> tuple[str, int]:
         assert self.sock is not None
@@ -308,35 +317,56 @@ class TlsListener:
     @property
     def address(self) -> str:
         """`ip:port` while accepting, else `closed` (for views)."""
-        return self._address if self._accepting is not None else "closed"
+        return self._address if self._accepting else "closed"
 
-    async def _accept_loop(self) -> None:
-        loop = asyncio.get_running_loop()
+    def _on_readable(self) -> None:
+        """Take what the kernel queued (a bounded batch per turn, for fairness) and hand
+        each connection on in this same call. An accept awaited in a task
+        (`loop.sock_accept`) could complete and then be cancelled by a stop before the task
+        ran again: that connection was dropped, and its client saw it end as it opened."""
         sock = self.sock
         assert sock is not None
-        while True:
+        for _ in range(ACCEPT_BATCH):
             try:
-                conn, peer = await loop.sock_accept(sock)
+                conn, peer = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
             except OSError as e:
-                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    # Out of descriptors: back off instead of spinning on a ready socket.
-                    self.gate.log.warning("hbone accept failed", error=str(e))
-                    await asyncio.sleep(0.1)
-                    continue
-                if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EAGAIN):
-                    continue
-                raise
-            source = str(peer[0])
-            self.gate.accepted += 1
-            why = self.gate.admit(source, conn)
-            if why is not None:
-                conn.close()  # before any TLS state exists: nothing to time out
-                self.gate.finished += 1
-                self.gate.refused(source, why)
-                continue
-            task = loop.create_task(self._handshake(conn, source))
-            self.handshaking[task] = None
-            self.gate.evictable(conn, task.cancel)
+                if e.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue  # that client gave up while queued
+                self._pause(e)
+                return
+            conn.setblocking(False)
+            self._admit(conn, str(peer[0]))
+
+    def _pause(self, e: OSError) -> None:
+        """Out of descriptors (or memory): stop reading the listener a moment instead of
+        spinning on a socket that stays ready; anything else stops the listener."""
+        assert self._loop is not None and self.sock is not None
+        self._loop.remove_reader(self.sock.fileno())
+        if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+            self.gate.log.warning("hbone accept failed", error=str(e))
+            self._loop.call_later(ACCEPT_RETRY_SECONDS, self._resume)
+        else:
+            log.error("hbone accept failed; the listener stops", error=str(e))
+            self._accepting = False
+
+    def _resume(self) -> None:
+        if self._accepting and self._loop is not None and self.sock is not None:
+            self._loop.add_reader(self.sock.fileno(), self._on_readable)
+
+    def _admit(self, conn: socket.socket, source: str) -> None:
+        assert self._loop is not None
+        self.gate.accepted += 1
+        why = self.gate.admit(source, conn)
+        if why is not None:
+            conn.close()  # before any TLS state exists: nothing to time out
+            self.gate.finished += 1
+            self.gate.refused(source, why)
+            return
+        task = self._loop.create_task(self._handshake(conn, source))
+        self.handshaking[task] = None
+        self.gate.evictable(conn, task.cancel)
 
     async def _handshake(self, conn: socket.socket, source: str) -> None:
         loop = asyncio.get_running_loop()
@@ -373,9 +403,9 @@ class TlsListener:
     def stop_accepting(self) -> None:
         """No new connections (queued ones move to another listener of the SO_REUSEPORT
         group); handshakes in progress may finish."""
-        if self._accepting is not None:
-            self._accepting.cancel()
-            self._accepting = None
+        if self._accepting and self._loop is not None and self.sock is not None:
+            self._loop.remove_reader(self.sock.fileno())
+        self._accepting = False
         if self.sock is not None:
             self.sock.close()
 

@@ -56,3 +56,50 @@ def test_a_listener_out_of_fds_backs_off_logs_once_and_recovers(loop: str) -> No
     assert "Traceback" not in output  # asyncio's per-connection tracebacks are gone
     if loop == "asyncio":
         assert output.count("cannot accept: out of resources") == 1, output
+
+
+_TLS_CHILD = """
+import asyncio, encodings.idna, json, os, resource, socket, ssl, time
+import uvloop
+from meshcore.hbone.server import HandshakeGate, TlsListener
+
+async def main():
+    gate = HandshakeGate()
+    listener = TlsListener(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), asyncio.Protocol, gate)
+    sock = socket.create_server(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    await listener.start(sock)
+    loop = asyncio.get_running_loop()
+    waiting = socket.socket()  # its fd exists before the table is full
+    waiting.setblocking(False)
+    hog = []
+    try:
+        while True:
+            hog.append(os.open("/dev/null", os.O_RDONLY))
+    except OSError:
+        pass
+    cpu = time.process_time()
+    await loop.sock_connect(waiting, ("127.0.0.1", port))
+    await asyncio.sleep(2.5)  # out of fds: a spinning listener burns this whole time
+    cpu = time.process_time() - cpu
+    during = gate.accepted
+    for fd in hog:
+        os.close(fd)
+    deadline = time.monotonic() + 30
+    while gate.accepted == during and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    listener.close()
+    print("RESULT " + json.dumps({"cpu": cpu, "during": during, "after": gate.accepted}),
+          flush=True)
+
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+uvloop.run(main())
+"""
+
+
+def test_the_hbone_listener_out_of_fds_backs_off_and_takes_the_queued_connection_later() -> None:
+    result, done = run_child(_TLS_CHILD)
+    assert result["during"] == 0
+    assert result["after"] == 1  # the connection queued meanwhile, accepted once fds are free
+    assert result["cpu"] < 1.0, result  # CPU time: a spinning accept uses all 2.5 s
+    assert "Traceback" not in done.stdout + done.stderr
