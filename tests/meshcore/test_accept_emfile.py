@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.child import run_child
+from tests.support.child import FD_HOG, run_child
 
-_CHILD = """
+_CHILD = (
+    FD_HOG
+    + """
 import asyncio, json, os, resource, socket, sys, time
 import uvloop
 from meshcore.runtime import accepterrors
@@ -22,21 +24,7 @@ async def main():
         writer.close()
     server = await asyncio.start_server(answer, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    loop = asyncio.get_running_loop()
-    waiting = socket.socket()  # its fd exists before the table is full
-    waiting.setblocking(False)
-    hog = []
-    try:
-        while True:
-            hog.append(os.open("/dev/null", os.O_RDONLY))
-    except OSError:
-        pass
-    cpu = time.process_time()
-    await loop.sock_connect(waiting, ("127.0.0.1", port))
-    await asyncio.sleep(2.5)  # out of fds: a spinning listener burns this whole time
-    cpu = time.process_time() - cpu
-    for fd in hog:
-        os.close(fd)
+    cpu, waiting = await connect_while_out_of_fds(port, 2.5)
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     again = await asyncio.wait_for(reader.read(), 30)
     print("RESULT " + json.dumps({"cpu": cpu, "served_again": again.decode()}), flush=True)
@@ -44,6 +32,7 @@ async def main():
 resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
 (uvloop.run if sys.argv[1] == "uvloop" else asyncio.run)(main())
 """
+)
 
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
@@ -58,7 +47,9 @@ def test_a_listener_out_of_fds_backs_off_logs_once_and_recovers(loop: str) -> No
         assert output.count("cannot accept: out of resources") == 1, output
 
 
-_TLS_CHILD = """
+_TLS_CHILD = (
+    FD_HOG
+    + """
 import asyncio, encodings.idna, json, os, resource, socket, ssl, time
 import uvloop
 from meshcore.hbone.server import HandshakeGate, TlsListener
@@ -69,22 +60,8 @@ async def main():
     sock = socket.create_server(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     await listener.start(sock)
-    loop = asyncio.get_running_loop()
-    waiting = socket.socket()  # its fd exists before the table is full
-    waiting.setblocking(False)
-    hog = []
-    try:
-        while True:
-            hog.append(os.open("/dev/null", os.O_RDONLY))
-    except OSError:
-        pass
-    cpu = time.process_time()
-    await loop.sock_connect(waiting, ("127.0.0.1", port))
-    await asyncio.sleep(2.5)  # out of fds: a spinning listener burns this whole time
-    cpu = time.process_time() - cpu
-    during = gate.accepted
-    for fd in hog:
-        os.close(fd)
+    cpu, waiting = await connect_while_out_of_fds(port, 2.5)
+    during = gate.accepted  # the listener's retry has not run yet: this step holds the loop
     deadline = time.monotonic() + 30
     while gate.accepted == during and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
@@ -95,6 +72,7 @@ async def main():
 resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
 uvloop.run(main())
 """
+)
 
 
 def test_the_hbone_listener_out_of_fds_backs_off_and_takes_the_queued_connection_later() -> None:

@@ -19,6 +19,45 @@ ROOT = Path(__file__).resolve().parents[2]
 RESULT = "RESULT "
 Completed = subprocess.CompletedProcess[str]
 
+# For a child that runs out of descriptors on purpose: prepend to its code, open what must
+# exist first, then `hog = fill_fd_table()` ... `free(hog)`.
+FD_HOG = """
+import os as _os
+
+
+def fill_fd_table():
+    hog = []
+    try:
+        while True:
+            hog.append(_os.open("/dev/null", _os.O_RDONLY))
+    except OSError:
+        pass
+    return hog
+
+
+def free(hog):
+    for fd in hog:
+        _os.close(fd)
+
+
+async def connect_while_out_of_fds(port, seconds):
+    # Connect to 127.0.0.1:port with the descriptor table full, wait `seconds`, free it;
+    # the CPU time used meanwhile (a listener spinning on its ready socket uses it all) and
+    # the connected socket.
+    import asyncio, socket, time
+
+    loop = asyncio.get_running_loop()
+    waiting = socket.socket()  # its fd exists before the table is full
+    waiting.setblocking(False)
+    hog = fill_fd_table()
+    cpu = time.process_time()
+    await loop.sock_connect(waiting, ("127.0.0.1", port))
+    await asyncio.sleep(seconds)
+    cpu = time.process_time() - cpu
+    free(hog)
+    return cpu, waiting
+"""
+
 
 def run_child(code: str, *args: str, timeout: float = 120) -> tuple[Any, Completed]:
     """Run `code` (`python -c`, this checkout importable) with `args`. Asserts the child

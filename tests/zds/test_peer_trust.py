@@ -14,7 +14,7 @@ from structlog.testing import capture_logs
 
 from meshcore.localtrust import TokenBucket
 from tests.support.aio import wait_until
-from tests.support.child import run_child
+from tests.support.child import FD_HOG, run_child
 from tests.support.otheruser import as_nobody, reachable_dir
 from tests.support.zds import HandTunnel, RecordingPods, ready_tunnel
 from zds.messages import Version, ZdsHello, encode
@@ -118,7 +118,7 @@ def test_a_real_process_of_another_user_is_refused(aio):
         aio.run(main(d / "ztunnel.sock"))
 
 
-_EMFILE_CHILD = textwrap.dedent(
+_EMFILE_CHILD = FD_HOG + textwrap.dedent(
     """
     import asyncio, json, os, resource, socket, sys
     from zds import wire
@@ -137,19 +137,13 @@ _EMFILE_CHILD = textwrap.dedent(
         agent = ZdsServer(path)
         await agent.start()
         client = await wire.connect(path)  # its fd exists before the table is full
-        hog = []
-        try:
-            while True:
-                hog.append(os.open("/dev/null", os.O_RDONLY))
-        except OSError:
-            pass
+        hog = fill_fd_table()
         attempts[0] = 0
         await wire.send_packet(client, bytes([8, 1]))  # hello: the listener is readable
         # Out of fds for 1.5 s of loop time: a spinning loop makes thousands of attempts.
         await asyncio.sleep(1.5)
         starved = attempts[0]
-        for fd in hog:
-            os.close(fd)
+        free(hog)
         got = await asyncio.wait_for(wire.recv_request(client), 30)
         print("RESULT", json.dumps({"starved": starved, "served": got is not None}))
         client.close()
