@@ -106,9 +106,10 @@ class NetnsSocketFactory:
         self.netns_fd = netns_fd
         self._spare: dict[int, list[socket.socket]] = {}
         # For the capture listeners' mirrored connections (eBPF mode): see meshcore.timewait.
-        self.time_waits = TimeWaitReaper(self._diag_socket)
+        self.time_waits = TimeWaitReaper(self.diag_socket)
 
-    def _diag_socket(self) -> socket.socket:
+    def diag_socket(self) -> socket.socket:
+        """A NETLINK_SOCK_DIAG socket in the pod's namespace (the caller closes it)."""
         (nl,) = nsutil.sockets_in(
             self.netns_fd, 1, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG
         )

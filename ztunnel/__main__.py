@@ -71,6 +71,7 @@ async def run(cfg: Config) -> None:
     )
     workers = await _start_workers(cfg, certs)
     node.workers = workers
+    node.processes = 1 if workers is None else workers.processes
     node.on_state(watcher.current)
     node.config_status = lambda: watcher.status
     enrolment: FileEnrolmentSource | ZdsClient

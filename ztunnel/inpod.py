@@ -24,7 +24,7 @@ import structlog
 import yaml
 
 import nsutil
-from meshcore import tls
+from meshcore import handoff, tls
 from meshcore.defaults import HBONE_PORT, INBOUND_PLAIN_PORT, OUTBOUND_PORT, TUNNEL_MARK
 from meshcore.hbone.dial import hbone_connect
 from meshcore.hbone.pool import ConnectionPool, PoolKey
@@ -301,13 +301,16 @@ class PodProxy:
         dns_metrics: DnsMetrics | None = None,
         dns_limits: DnsLimits | None = None,
         dns_listen: bool = True,
+        processes: int = 1,
     ) -> None:
         """`listen_ip` and `orig_dst` are for pods side by side on loopback (tests, the
         plain factory): where the listeners bind, and the original destination the
         capture would have recorded (SO_ORIGINAL_DST needs the kernel's REDIRECT).
         `dns_upstreams`: run the DNS proxy (127.0.0.1:15053 in the pod, or `listen_ip`)
         forwarding to these resolvers; None runs none. `dns_listen` false: the DNS proxy
-        only resolves for this pod's connections (a worker process; its owner listens)."""
+        only resolves for this pod's connections (a worker process; its owner listens).
+        `processes`: how many processes of this tunnel listen for the pod (a drain tells
+        another tunnel's listeners from its own by that count)."""
         self._dns_listen = dns_listen
         self._dns_upstreams = dns_upstreams
         self._dns_port = dns_port
@@ -343,6 +346,10 @@ class PodProxy:
         self.state = PodState.STARTING
         self._unsubscribe: Callable[[], None] | None = None
         self._accepted = _Accepted()
+        self._processes = processes
+        # The listening sockets (for a drain's SYN filter) and the close a drain delays.
+        self._listening: list[socket.socket] = []
+        self._settling: asyncio.TimerHandle | None = None
 
     @property
     def identity(self) -> SpiffeId:
@@ -430,6 +437,7 @@ class PodProxy:
             listener(factory, OUTBOUND_PORT, host=self._listen_ip),
             listener(factory, INBOUND_PLAIN_PORT, host=self._listen_ip),
         ]
+        self._listening = list(socks)
         try:
             self.servers = [
                 # backlog again: the loop would listen(100) on them otherwise.
@@ -447,6 +455,8 @@ class PodProxy:
                 s.close()
             raise
         self.hbone_server = await self._hbone_server(self.server_ctx)
+        if self.hbone_server.sock is not None:
+            self._listening.append(self.hbone_server.sock)
         if self.dns is not None and self._dns_listen:
             host = "127.0.0.1" if self._listen_ip == "0.0.0.0" else self._listen_ip
             await self.dns.start(host, self._dns_port)
@@ -530,22 +540,65 @@ class PodProxy:
             old.stop_accepting()  # its handshakes in progress may finish
 
     def stop_accepting(self) -> None:
-        """Drain, step one: close the listeners (connections still queued on them move to
-        another tunnel's listener in the same SO_REUSEPORT group) and send GOAWAY on the
-        HBONE connections. Connections already accepted keep running."""
+        """Drain, step one: take no new connection and send GOAWAY on the HBONE
+        connections. Connections already accepted keep running.
+
+        With another tunnel listening beside this one (an upgrade with surge), the
+        listeners close at once: what is queued on them moves to the other tunnel's
+        (tcp_migrate_req). Alone, they first drop new SYNs (retried by the client's kernel,
+        for the next tunnel) and go on accepting for `SETTLE_SECONDS`, so the connections
+        already on their way in are served here instead of reset by the close
+        (meshcore.handoff)."""
         self._move(PodState.DRAINING)
+        if self.inbound is not None:
+            self.inbound.drain()
+        if self._successor_listens():
+            self._close_listeners()
+            return
+        for sock in self._listening:
+            try:
+                handoff.refuse_new_connections(sock)
+            except OSError as e:
+                log.warning("cannot hold new connections off a leaving listener",
+                            pod=self.workload.name, error=str(e))  # fmt: skip
+        self._settling = asyncio.get_running_loop().call_later(
+            handoff.SETTLE_SECONDS, self._close_listeners
+        )
+
+    def _successor_listens(self) -> bool:
+        """Whether a tunnel other than this one listens on the pod's outbound port: more
+        listeners there than this tunnel's processes hold. When the kernel cannot say, no
+        (the slower way never loses a connection)."""
+        address = (self._listen_ip, OUTBOUND_PORT)
+        opener = (
+            self._factory.diag_socket
+            if isinstance(self._factory, NetnsSocketFactory)
+            else handoff.diag_socket
+        )
+        try:
+            return handoff.count_listeners(opener, address) > self._processes
+        except OSError as e:
+            log.warning("cannot count the pod's listeners", pod=self.workload.name, error=str(e))
+            return False
+
+    def _close_listeners(self) -> None:
+        if self._settling is not None:
+            self._settling.cancel()
+            self._settling = None
         for server in self.servers:
             server.close()
         if self.hbone_server is not None:
             self.hbone_server.stop_accepting()
-        if self.inbound is not None:
-            self.inbound.drain()
+        if self.inbound is not None and self.state is PodState.DRAINING:
+            self.inbound.drain()  # those accepted while settling
 
     @property
     def busy(self) -> bool:
-        """Whether any accepted connection (or its handler) is still open."""
+        """Whether any accepted connection (or its handler) is still open, or a listener is
+        still settling."""
         return (
-            len(self.tasks) > 0
+            self._settling is not None
+            or len(self.tasks) > 0
             or self._accepted.open_count() > 0
             or (self.hbone_server is not None and len(self.hbone_server.handshaking) > 0)
             or (self.inbound is not None and len(self.inbound.relays) > 0)
@@ -557,6 +610,9 @@ class PodProxy:
         self._move(PodState.STOPPING)
         if self._unsubscribe is not None:
             self._unsubscribe()
+        if self._settling is not None:
+            self._settling.cancel()
+            self._settling = None
         for server in self.servers:
             server.close()
         if self.hbone_server is not None:

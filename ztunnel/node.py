@@ -86,6 +86,9 @@ class NodeProxy:
         only resolve for their connections and answer no query (a worker process: its
         owner answers them)."""
         self.dns_listen = dns_listen
+        # How many processes of this tunnel serve every pod (the owner sets it once its
+        # workers run; a worker is told by the owner).
+        self.processes = 1
         self.node_name = node_name
         self.dns_upstreams = dns_upstreams
         self.dns_limits = dns_limits
@@ -361,6 +364,7 @@ class NodeProxy:
             dns_metrics=self.dns_metrics,
             dns_limits=self.dns_limits,
             dns_listen=self.dns_listen,
+            processes=self.processes,
         )
         try:
             await pod.start()

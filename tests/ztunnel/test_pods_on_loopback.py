@@ -95,6 +95,10 @@ class Redirects:
         except KeyError:
             raise OSError(errno.ENOENT, "no redirect recorded for this client") from None
 
+    def record(self, sock: socket.socket, dst: SocketAddr) -> None:
+        """`sock` (bound) is a client connection to `dst` that the capture redirects."""
+        self._by_client[SocketAddr.of(sock.getsockname())] = dst
+
     async def connect(
         self, src_ip: str, listener: SocketAddr, dst: SocketAddr
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -950,3 +954,85 @@ def test_hbone_connections_that_never_carry_a_stream_are_the_nodes_activity(
         await wait_until(lambda: mesh.node2.activity() == want, "both connections to end")
 
     aio.run(main)
+
+
+def plaintext_client(mesh: LoopbackMesh, pod: Pod) -> socket.socket:
+    """A bound client socket whose connection to the pod's app the capture would send to
+    its 15006 (recorded), not yet connected."""
+    sock = socket.socket()
+    sock.bind((mesh.outsider_ip, 0))
+    mesh.redirects.record(sock, pod.port(mesh.app_port))
+    return sock
+
+
+@pytest.mark.netns  # no namespace, but the SYN filter takes CAP_NET_ADMIN: the root tier
+def test_a_pod_draining_alone_serves_what_was_on_its_way_in_and_holds_new_syns__recorded_redirects(
+    aio_uvloop: Loop, mesh: LoopbackMesh
+) -> None:
+    """No other tunnel listens (an upgrade where the old pod goes first): connections the
+    kernel had queued when the drain began are served, not reset by the listener's close,
+    and a connection begun after it is not refused: its SYN is dropped, for the client's
+    kernel to retry with the next tunnel."""
+
+    async def main() -> tuple[list[bytes], bool, bool]:
+        pod = mesh.b
+        queued = []
+        for _ in range(5):
+            sock = plaintext_client(mesh, pod)
+            sock.connect(pod.port(15006).pair)  # blocking: the kernel queues it, the loop waits
+            queued.append(sock)
+        pod.proxy.stop_accepting()  # in the same step: nothing accepted yet
+        late = plaintext_client(mesh, pod)
+        late.setblocking(False)
+        assert late.connect_ex(pod.port(15006).pair) == errno.EINPROGRESS
+        got = []
+        for i, sock in enumerate(queued):
+            sock.setblocking(False)
+            reader, writer = await asyncio.open_connection(sock=sock)
+            writer.write(b"queued %d" % i)
+            writer.write_eof()
+            got.append(await read_all(reader))
+            writer.close()
+        await wait_until(lambda: not pod.proxy.busy, "the drain to end")
+        closed = not any(server.sockets for server in pod.proxy.servers)
+        # Still no answer to the late SYN, not even a refusal: no listener is left here.
+        late_made = late.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0 or _connected(late)
+        late.close()
+        return got, closed, late_made
+
+    got, closed, late_made = aio_uvloop.run(main)
+    assert got == [b"queued %d" % i for i in range(5)]
+    assert closed
+    assert not late_made
+
+
+def _connected(sock: socket.socket) -> bool:
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True
+
+
+def test_a_pod_draining_beside_another_tunnel_closes_its_listeners_at_once(
+    aio_uvloop: Loop, mesh: LoopbackMesh
+) -> None:
+    """Another listener in the outbound port's SO_REUSEPORT group (the next tunnel's,
+    here a bare socket) takes what is queued when this one closes: no settle."""
+
+    async def main() -> tuple[bool, bool]:
+        pod = mesh.a
+        other = socket.socket()
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(pod.port(15001).pair)
+        other.listen(8)
+        try:
+            pod.proxy.stop_accepting()
+            closed = not any(server.sockets for server in pod.proxy.servers)
+            return closed, pod.proxy.busy
+        finally:
+            other.close()
+
+    closed, busy = aio_uvloop.run(main)
+    assert closed
+    assert not busy

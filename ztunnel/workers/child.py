@@ -151,7 +151,7 @@ class Worker:
         }
 
 
-async def run(cfg: Config, fd: int, index: int) -> None:
+async def run(cfg: Config, fd: int, index: int, processes: int) -> None:
     # Every line says which process wrote it: the owner's and its workers' go to one log.
     meshlog.configure(cfg.log_level, tags={"worker": index})
     loop = asyncio.get_running_loop()
@@ -173,6 +173,7 @@ async def run(cfg: Config, fd: int, index: int) -> None:
         dns_limits=cfg.dns_limits,
         dns_listen=False,
     )
+    node.processes = processes
     worker = Worker(node, certs, channel)
     node.start()
     channel.start()
@@ -211,13 +212,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--owner", type=int, required=True)
+    parser.add_argument("--processes", type=int, required=True)
     args = parser.parse_args(argv)
     die_with(args.owner)
     return run_process(
         f"ztunnel-worker-{args.index}",
         parse_config,
         lambda cfg: cfg.log_level,
-        lambda cfg: run(cfg, args.fd, args.index),
+        lambda cfg: run(cfg, args.fd, args.index, args.processes),
     )
 
 

@@ -88,6 +88,7 @@ class WorkerPool:
         self._certs = certs
         self._env = dict(env) if env is not None else None
         self._workers = [_Worker(i) for i in range(1, count)]
+        self.processes = count  # the owner and its workers
         self._state: codec.State | None = None
         self._log_level: codec.LogLevel | None = None  # set on the admin port, if ever
         self._pods: dict[str, tuple[Enrolment, Workload]] = {}
@@ -111,6 +112,7 @@ class WorkerPool:
                 "ztunnel.workers.child",
                 "--fd", str(theirs.fileno()),
                 "--index", str(w.index),
+                "--processes", str(self.processes),
                 "--owner", str(os.getpid()),
                 pass_fds=(theirs.fileno(),),
                 stdin=asyncio.subprocess.DEVNULL,
