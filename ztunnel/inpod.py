@@ -347,9 +347,11 @@ class PodProxy:
         self._unsubscribe: Callable[[], None] | None = None
         self._accepted = _Accepted()
         self._processes = processes
-        # The listening sockets (for a drain's SYN filter) and the close a drain delays.
+        # The TCP listening sockets (for a drain's SYN filter), the close a drain delays,
+        # and whether the listeners are closed.
         self._listening: list[socket.socket] = []
         self._settling: asyncio.TimerHandle | None = None
+        self._left = False
 
     @property
     def identity(self) -> SpiffeId:
@@ -455,8 +457,6 @@ class PodProxy:
                 s.close()
             raise
         self.hbone_server = await self._hbone_server(self.server_ctx)
-        if self.hbone_server.sock is not None:
-            self._listening.append(self.hbone_server.sock)
         if self.dns is not None and self._dns_listen:
             host = "127.0.0.1" if self._listen_ip == "0.0.0.0" else self._listen_ip
             await self.dns.start(host, self._dns_port)
@@ -535,6 +535,9 @@ class PodProxy:
         # listener with the new certificate open beside the old one before it closes, so
         # no connection attempt meets a closed port.
         new = await self._hbone_server(ctx)
+        if self.state in (PodState.DRAINING, PodState.STOPPING, PodState.STOPPED):
+            new.close()  # the pod began to leave meanwhile: no listener opens after that
+            return
         old, self.hbone_server, self.server_ctx = self.hbone_server, new, ctx
         if old is not None:
             old.stop_accepting()  # its handshakes in progress may finish
@@ -552,10 +555,15 @@ class PodProxy:
         self._move(PodState.DRAINING)
         if self.inbound is not None:
             self.inbound.drain()
+        if self._settling is not None or self._left:
+            return  # leaving already (released while the whole tunnel drains)
         if self._successor_listens():
             self._close_listeners()
             return
-        for sock in self._listening:
+        socks = list(self._listening)
+        if self.hbone_server is not None and self.hbone_server.sock is not None:
+            socks.append(self.hbone_server.sock)  # the current one: rotation replaces it
+        for sock in socks:
             try:
                 handoff.refuse_new_connections(sock)
             except OSError as e:
@@ -582,6 +590,7 @@ class PodProxy:
             return False
 
     def _close_listeners(self) -> None:
+        self._left = True
         if self._settling is not None:
             self._settling.cancel()
             self._settling = None
