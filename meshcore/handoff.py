@@ -29,9 +29,8 @@ from meshcore.timewait import (
     NETLINK_SOCK_DIAG,
     NLM_F_DUMP,
     NLM_F_REQUEST,
-    NLMSG_DONE,
-    NLMSG_ERROR,
     SOCK_DIAG_BY_FAMILY,
+    dumped,
 )
 
 # How long a listener with no successor keeps accepting after it stopped taking new SYNs:
@@ -43,8 +42,6 @@ SO_ATTACH_FILTER = 26  # <asm-generic/socket.h>
 
 _NLMSG = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
 _REQ = struct.Struct("=BBBxI")  # inet_diag_req_v2: family, protocol, ext, pad, states
-_SOCKID = struct.Struct("!HH16s16s12x")  # sport, dport, src, dst (network order), if, cookie
-_DIAG_MSG_MIN = 4 + _SOCKID.size + 20  # inet_diag_msg
 
 # Classic BPF, run on a TCP segment as it reaches the socket (the data starts at the TCP
 # header): a segment with SYN set and ACK clear, a new connection, is dropped; everything
@@ -83,24 +80,11 @@ def listeners_request(family: int, seq: int) -> bytes:
 def listening(data: bytes, seq: int, family: int) -> tuple[list[tuple[str, int]], bool, int]:
     """From one read of the dump's answer: each listener's (address, port), whether the
     dump is done, and its errno (0 unless it failed)."""
-    found: list[tuple[str, int]] = []
+    socks, done, code = dumped(data, seq)
     size = 4 if family == socket.AF_INET else 16
-    at = 0
-    while at + _NLMSG.size <= len(data):
-        length, kind, _flags, got_seq, _pid = _NLMSG.unpack_from(data, at)
-        if length < _NLMSG.size or at + length > len(data):
-            return found, True, errno.EBADMSG
-        if got_seq == seq:
-            if kind == NLMSG_DONE:
-                return found, True, 0
-            if kind == NLMSG_ERROR:
-                code: int = struct.unpack_from("=i", data, at + _NLMSG.size)[0]
-                return found, True, -code
-            if kind == SOCK_DIAG_BY_FAMILY and length >= _NLMSG.size + _DIAG_MSG_MIN:
-                sport, _dport, src, _dst = _SOCKID.unpack_from(data, at + _NLMSG.size + 4)
-                found.append((socket.inet_ntop(family, src[:size]), sport))
-        at += (length + 3) & ~3
-    return found, False, 0
+    # inet_diag_sockid: sport, dport (2 bytes each), then the source address.
+    found = [(socket.inet_ntop(family, sid[4 : 4 + size]), lport) for sid, lport, _ in socks]
+    return found, done, code
 
 
 def count_listeners(open_socket: Callable[[], socket.socket], address: tuple[str, int]) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import socket
 import ssl
 import time
@@ -367,6 +368,16 @@ class TlsListener:
         task = self._loop.create_task(self._handshake(conn, source))
         self.handshaking[task] = None
         self.gate.evictable(conn, task.cancel)
+        task.add_done_callback(functools.partial(self._unstarted, conn))
+
+    def _unstarted(self, conn: socket.socket, task: asyncio.Task[None]) -> None:
+        """A handshake task cancelled before its first step (a close in the turn it was
+        accepted in) never ran its `finally`: its connection and gate slot end here, or the
+        node-wide gate would count that slot held for good."""
+        if task in self.handshaking:
+            del self.handshaking[task]
+            conn.close()
+            self.gate.release(conn)
 
     async def _handshake(self, conn: socket.socket, source: str) -> None:
         loop = asyncio.get_running_loop()

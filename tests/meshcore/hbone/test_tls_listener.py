@@ -94,6 +94,31 @@ def test_a_mesh_client_gets_through(aio: Loop, contexts):
     aio.run(main)
 
 
+def test_a_close_in_the_turn_a_connection_was_accepted_gives_its_slot_back(aio: Loop, contexts):
+    """On asyncio the test's step runs before the handshake task's first one: the close
+    cancels a task that never started, whose own `finally` never runs."""
+    server_ctx, _ = contexts
+
+    async def main() -> tuple[int, int, int, bytes]:
+        listener, _, _, port = await start(aio, server_ctx, HboneLimits())
+        client = socket.create_connection(("127.0.0.1", port))
+        while listener.gate.accepted == 0:  # noqa: ASYNC110 (step by step: the point)
+            await asyncio.sleep(0)
+        listener.close()
+        await asyncio.sleep(0.05)
+        client.settimeout(5)
+        try:
+            got = client.recv(10)
+        except ConnectionResetError:
+            got = b"reset"
+        client.close()
+        return listener.gate.pending, len(listener.handshaking), listener.gate.finished, got
+
+    pending, handshaking, finished, got = aio.run(main)
+    assert (pending, handshaking, finished) == (0, 0, 1)
+    assert got in (b"", b"reset")  # closed, not left hanging
+
+
 @on_both_loops
 def test_unfinished_handshakes_are_bounded_per_source_and_timed_out(aio: Loop, contexts):
     server_ctx, _ = contexts
