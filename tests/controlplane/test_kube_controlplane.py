@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
+from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
@@ -254,9 +255,11 @@ async def _workloads(cp: KubeControlPlane, out: Path) -> None:
             s = file_state(out)
             if s is None or s.service_by_hostname(hostname) is None:
                 return None
+            if sha256(out.read_bytes()).hexdigest() != mc.digest:
+                return None  # the file is written before the controller publishes it
             return s if len([w for w in s.workloads if w.namespace == ns]) == 2 else None
 
-        state = await until(ready, what="workloads and service in the file")
+        state = await until(ready, what="workloads and service in the file and pushed")
         api = state.service_by_hostname(hostname)
         assert [str(v) for v in api.vips] == [f"/{vip}"]
         w0 = state.workload_by_uid(f"Kubernetes//Pod/{ns}/api-0")
