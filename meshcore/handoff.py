@@ -26,9 +26,11 @@ import struct
 from collections.abc import Callable
 
 from meshcore.timewait import (
+    DIAG_REQ,
     NETLINK_SOCK_DIAG,
     NLM_F_DUMP,
     NLM_F_REQUEST,
+    NLMSG_HEADER,
     SOCK_DIAG_BY_FAMILY,
     dumped,
 )
@@ -39,9 +41,6 @@ SETTLE_SECONDS = 0.05
 
 TCP_LISTEN = 10
 SO_ATTACH_FILTER = 26  # <asm-generic/socket.h>
-
-_NLMSG = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
-_REQ = struct.Struct("=BBBxI")  # inet_diag_req_v2: family, protocol, ext, pad, states
 
 # Classic BPF, run on a TCP segment as it reaches the socket (the data starts at the TCP
 # header): a segment with SYN set and ACK clear, a new connection, is dropped; everything
@@ -70,9 +69,9 @@ def refuse_new_connections(sock: socket.socket) -> None:
 
 def listeners_request(family: int, seq: int) -> bytes:
     """SOCK_DIAG_BY_FAMILY: every TCP socket of `family` in LISTEN in the namespace."""
-    body = _REQ.pack(family, socket.IPPROTO_TCP, 0, 1 << TCP_LISTEN) + bytes(48)
-    header = _NLMSG.pack(
-        _NLMSG.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, 0
+    body = DIAG_REQ.pack(family, socket.IPPROTO_TCP, 0, 1 << TCP_LISTEN) + bytes(48)
+    header = NLMSG_HEADER.pack(
+        NLMSG_HEADER.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, 0
     )
     return header + body
 

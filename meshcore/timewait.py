@@ -42,8 +42,8 @@ INET_DIAG_BC_MARK_COND = 10
 TCP_TIME_WAIT = 6
 SO_COOKIE = 57  # <asm-generic/socket.h>: the socket's 64-bit cookie (Python 3.11 has none)
 
-_NLMSG = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
-_REQ = struct.Struct("=BBBxI")  # inet_diag_req_v2: family, protocol, ext, pad, states
+NLMSG_HEADER = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
+DIAG_REQ = struct.Struct("=BBBxI")  # inet_diag_req_v2: family, protocol, ext, pad, states
 _SOCKID = struct.Struct("!HH16s16s")  # inet_diag_sockid: sport, dport, src, dst (network)
 _SOCKID_TAIL = struct.Struct("=III")  # if, cookie[0], cookie[1] (host order)
 _ERR = struct.Struct("=i")
@@ -86,8 +86,10 @@ def destroy_request(
 
 
 def _destroy(family: int, sid: bytes, seq: int) -> bytes:
-    body = _REQ.pack(family, socket.IPPROTO_TCP, 0, 1 << TCP_TIME_WAIT) + sid
-    header = _NLMSG.pack(_NLMSG.size + len(body), SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, seq, 0)
+    body = DIAG_REQ.pack(family, socket.IPPROTO_TCP, 0, 1 << TCP_TIME_WAIT) + sid
+    header = NLMSG_HEADER.pack(
+        NLMSG_HEADER.size + len(body), SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, seq, 0
+    )
     return header + body
 
 
@@ -101,9 +103,9 @@ def dump_request(family: int, mark: int, seq: int) -> bytes:
     code = _BC_OP.pack(INET_DIAG_BC_MARK_COND, _BC_OP.size + 8, _BC_OP.size + 8 + 4)
     code += struct.pack("=II", mark, 0xFFFFFFFF)
     attr = struct.pack("=HH", 4 + len(code), INET_DIAG_REQ_BYTECODE) + code
-    body = _REQ.pack(family, socket.IPPROTO_TCP, 0, 1 << TCP_TIME_WAIT) + nocookie + attr
-    header = _NLMSG.pack(
-        _NLMSG.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, 0
+    body = DIAG_REQ.pack(family, socket.IPPROTO_TCP, 0, 1 << TCP_TIME_WAIT) + nocookie + attr
+    header = NLMSG_HEADER.pack(
+        NLMSG_HEADER.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, 0
     )
     return header + body
 
@@ -113,18 +115,18 @@ def dumped(data: bytes, seq: int) -> tuple[list[tuple[bytes, int, int]], bool, i
     remote port), whether the dump is done, and its errno (0 unless it failed)."""
     found: list[tuple[bytes, int, int]] = []
     at = 0
-    while at + _NLMSG.size <= len(data):
-        length, kind, _flags, got_seq, _pid = _NLMSG.unpack_from(data, at)
-        if length < _NLMSG.size or at + length > len(data):
+    while at + NLMSG_HEADER.size <= len(data):
+        length, kind, _flags, got_seq, _pid = NLMSG_HEADER.unpack_from(data, at)
+        if length < NLMSG_HEADER.size or at + length > len(data):
             return found, True, errno.EBADMSG
         if got_seq == seq:
             if kind == NLMSG_DONE:
                 return found, True, 0
             if kind == NLMSG_ERROR:
-                code: int = _ERR.unpack_from(data, at + _NLMSG.size)[0]
+                code: int = _ERR.unpack_from(data, at + NLMSG_HEADER.size)[0]
                 return found, True, -code
-            if kind == SOCK_DIAG_BY_FAMILY and length >= _NLMSG.size + _DIAG_MSG_SIZE:
-                sid = data[at + _NLMSG.size + 4 : at + _NLMSG.size + 4 + _SOCKID_SIZE]
+            if kind == SOCK_DIAG_BY_FAMILY and length >= NLMSG_HEADER.size + _DIAG_MSG_SIZE:
+                sid = data[at + NLMSG_HEADER.size + 4 : at + NLMSG_HEADER.size + 4 + _SOCKID_SIZE]
                 lport, rport = struct.unpack_from("!HH", sid)
                 found.append((sid, lport, rport))
         at += (length + 3) & ~3
@@ -135,12 +137,12 @@ def ack_errno(data: bytes, seq: int) -> int | None:
     """The errno of the acknowledgement of request `seq` in `data` (0: done), or None when
     `data` holds no acknowledgement of it (a stale one, or not an acknowledgement)."""
     at = 0
-    while at + _NLMSG.size <= len(data):
-        length, kind, _flags, got_seq, _pid = _NLMSG.unpack_from(data, at)
-        if length < _NLMSG.size:
+    while at + NLMSG_HEADER.size <= len(data):
+        length, kind, _flags, got_seq, _pid = NLMSG_HEADER.unpack_from(data, at)
+        if length < NLMSG_HEADER.size:
             return None  # malformed: nothing further can be framed
-        if kind == NLMSG_ERROR and got_seq == seq and at + _NLMSG.size + 4 <= len(data):
-            code: int = _ERR.unpack_from(data, at + _NLMSG.size)[0]
+        if kind == NLMSG_ERROR and got_seq == seq and at + NLMSG_HEADER.size + 4 <= len(data):
+            code: int = _ERR.unpack_from(data, at + NLMSG_HEADER.size)[0]
             return -code
         at += (length + 3) & ~3
     return None
