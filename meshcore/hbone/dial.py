@@ -40,9 +40,12 @@ async def hbone_connect(
     loop = asyncio.get_running_loop()
     ip = ipaddress.ip_address(key.dst[0])
     sock = factory.new(socket.AF_INET6 if ip.version == 6 else socket.AF_INET)
+    phase = "TCP connect"
+    local: int | str = "?"
     try:
         tune_stream(sock)
         await asyncio.wait_for(loop.sock_connect(sock, key.dst), connect_timeout)
+        phase, local = "TLS handshake", _local_port(sock)
         ctx = ssl_context(key.src_identity)
         _, h2 = await asyncio.wait_for(
             loop.create_connection(
@@ -57,10 +60,14 @@ async def hbone_connect(
             connect_timeout,
         )
     except TimeoutError:
+        if phase == "TCP connect":
+            local = _local_port(sock)  # bound by the connect; the socket is still open
         sock.close()
+        # Which step and which port: a lost SYN and a peer that never finishes its
+        # handshake have different causes, and the port finds the flow in a capture.
         raise TimeoutError(
-            f"connecting to {key.dst[0]}:{key.dst[1]} timed out: is port 15008 blocked by a "
-            "network policy, or is the destination's tunnel down?"
+            f"{phase} to {server} from port {local} timed out after {connect_timeout:g} s: "
+            "is port 15008 blocked by a network policy, or is the destination's tunnel down?"
         ) from None
     except BaseException:
         sock.close()
@@ -72,3 +79,10 @@ async def hbone_connect(
         h2.close(reason="server identity rejected")
         raise
     return h2
+
+
+def _local_port(sock: socket.socket) -> int | str:
+    try:
+        return int(sock.getsockname()[1])
+    except OSError:
+        return "?"

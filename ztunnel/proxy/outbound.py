@@ -606,8 +606,14 @@ class OutboundProxy(ListenerProxy):
                 if splice.reset_code != ErrorCode.REFUSED_STREAM or attempt + 1 == CONNECT_ATTEMPTS:
                     raise
                 log.debug("HBONE stream refused; retrying on a new connection", dst=str(key.dst))
+            except TimeoutError:
+                splice.abort("no answer to the HBONE CONNECT")
+                raise TimeoutError(
+                    f"no answer to the HBONE CONNECT (stream {splice.sid}) from "
+                    f"{decision.next_hop} within {CONNECT_TIMEOUT:g} s"
+                ) from None
             except BaseException:
-                # Timed out or cancelled: free the stream slot and its receive credit.
+                # Cancelled: free the stream slot and its receive credit.
                 splice.abort("no answer to the HBONE CONNECT")
                 raise
         if status != 200:
@@ -638,6 +644,8 @@ def outbound_labels(source: Workload, decision: OutboundDecision, flags: str) ->
 
 def _describe(e: BaseException, decision: OutboundDecision) -> str:
     if isinstance(e, asyncio.TimeoutError):
+        if e.args:
+            return str(e)  # it names the step that timed out (dial, handshake, CONNECT)
         if decision.route is Route.HBONE:
             return (
                 f"timed out connecting to {decision.next_hop}: is port 15008 blocked by a "
