@@ -5,7 +5,8 @@
 //
 // pod_ingress (every addressed interface, ingress): a new inbound TCP connection (a SYN
 //   with no socket of its own yet) is assigned to the 15006 listener, unless it is for
-//   15008 (HBONE, which reaches its listener anyway) or from the kubelet probe address.
+//   15008 (HBONE, which reaches its listener anyway; dropped while none listens) or from
+//   the kubelet probe address.
 //   The packet keeps its addresses, so the accepted socket's local address is the
 //   original destination. Later packets of the flow find that socket by the normal
 //   lookup; nothing else is needed for them.
@@ -120,6 +121,17 @@ static __always_inline int owned(struct __sk_buff *skb, struct pkt *p) {
     return state != BPF_TCP_LISTEN && state != BPF_TCP_TIME_WAIT;
 }
 
+// Whether any socket of this pod would take the packet: its own connection's, or a
+// listener on its port.
+static __always_inline int any_socket(struct __sk_buff *skb, struct pkt *p) {
+    struct bpf_sock *sk =
+        bpf_skc_lookup_tcp(skb, &p->tuple, sizeof(p->tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+    if (!sk)
+        return 0;
+    bpf_sk_release(sk);
+    return 1;
+}
+
 static __always_inline int is_dns(const struct pkt *p) {
     return CFG_CAPTURE_DNS && p->tuple.ipv4.dport == bpf_htons(DNS_PORT);
 }
@@ -180,8 +192,17 @@ int pod_ingress(struct __sk_buff *skb) {
         return TC_ACT_OK;  // inbound UDP is never captured (as in the iptables mode)
     if (p.tuple.ipv4.saddr == CFG_PROBE_IP)  // kubelet probes, SNATed on the node
         return TC_ACT_OK;
-    if (is_loopback_dst(&p) || p.tuple.ipv4.dport == bpf_htons(CFG_HBONE_PORT))
+    if (is_loopback_dst(&p))
         return TC_ACT_OK;
+    if (p.tuple.ipv4.dport == bpf_htons(CFG_HBONE_PORT)) {
+        // HBONE reaches its listener anyway. A new connection while no tunnel listens
+        // (between one tunnel's exit and the next one's start) is dropped, not refused,
+        // so the dialler's SYN retransmission reaches the next tunnel: as the iptables
+        // mode's ISTIO_INPUT rule. Only a SYN pays for the lookup.
+        if (!CFG_RELEASE && is_new(&p) && !any_socket(skb, &p))
+            return TC_ACT_SHOT;
+        return TC_ACT_OK;
+    }
     if (CFG_RELEASE || !is_new(&p) || owned(skb, &p))
         return TC_ACT_OK;
     return assign_to(skb, &p, CFG_INBOUND_PORT);

@@ -21,6 +21,7 @@ import shlex
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -232,6 +233,27 @@ def test_hbone_port_reaches_15008(captured: Topology) -> None:
         assert conn.getsockname() == (POD_IP, defaults.HBONE_PORT)
         _exchange(client, conn, 1 << 16)
     assert _nothing_pending(inbound)
+
+
+@pytest.mark.netns
+def test_an_hbone_syn_while_no_tunnel_listens_is_dropped_and_the_retry_reaches_the_next(
+    captured: Topology,
+) -> None:
+    """Between one tunnel's exit and the next one's start, a peer's dial to 15008 is not
+    refused: its SYN is dropped and the retransmission (1 s later) meets the new listener."""
+    client = captured.client_socket()
+    client.setblocking(False)
+    assert client.connect_ex((POD_IP, defaults.HBONE_PORT)) == errno.EINPROGRESS
+    time.sleep(0.3)
+    # A reset would have failed the connect by now (ECONNREFUSED).
+    assert client.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+    hbone = captured.tunnel_listener(defaults.HBONE_PORT)
+    conn, peer = hbone.accept()  # within WAIT: the SYN sent again
+    with conn:
+        assert peer[0] == CLIENT_IP
+        client.setblocking(True)
+        client.settimeout(WAIT)
+        _exchange(client, conn, 1 << 10)
 
 
 @pytest.mark.netns
