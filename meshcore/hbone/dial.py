@@ -14,8 +14,10 @@ from meshcore.hbone.server import Guard
 from meshcore.hbone.transport import H2Transport
 from meshcore.identity.spiffe import SpiffeId
 from meshcore.sockets import SocketFactory, tune_stream
+from meshcore.staggered import StaggeredTimeout, connect_staggered
 
-# TCP connect plus TLS handshake, each (protocols.md: 10 s).
+# TCP connect plus TLS handshake, each (protocols.md: 10 s). The TCP connect does not
+# wait on the kernel's SYN backoff (meshcore.staggered).
 CONNECT_TIMEOUT = 10.0
 
 
@@ -38,14 +40,30 @@ async def hbone_connect(
         guard.refused("outbound", reason, server)
 
     loop = asyncio.get_running_loop()
-    ip = ipaddress.ip_address(key.dst[0])
-    sock = factory.new(socket.AF_INET6 if ip.version == 6 else socket.AF_INET)
-    phase = "TCP connect"
-    local: int | str = "?"
+    family = socket.AF_INET6 if ipaddress.ip_address(key.dst[0]).version == 6 else socket.AF_INET
+
+    def new_socket() -> socket.socket:
+        sock = factory.new(family)
+        try:
+            tune_stream(sock)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
     try:
-        tune_stream(sock)
-        await asyncio.wait_for(loop.sock_connect(sock, key.dst), connect_timeout)
-        phase, local = "TLS handshake", _local_port(sock)
+        sock = await connect_staggered(new_socket, key.dst, connect_timeout)
+    except StaggeredTimeout as e:
+        # The ports find the flows in a capture; a lost SYN and a peer that never
+        # finishes its handshake have different causes.
+        ports = ", ".join(str(p) for p in e.ports)
+        raise TimeoutError(
+            f"TCP connect to {server} timed out after {connect_timeout:g} s "
+            f"(SYNs from ports {ports} unanswered): is port 15008 blocked by a network "
+            "policy, or is the destination's tunnel down?"
+        ) from None
+    local = _local_port(sock)
+    try:
         ctx = ssl_context(key.src_identity)
         _, h2 = await asyncio.wait_for(
             loop.create_connection(
@@ -60,14 +78,10 @@ async def hbone_connect(
             connect_timeout,
         )
     except TimeoutError:
-        if phase == "TCP connect":
-            local = _local_port(sock)  # bound by the connect; the socket is still open
         sock.close()
-        # Which step and which port: a lost SYN and a peer that never finishes its
-        # handshake have different causes, and the port finds the flow in a capture.
         raise TimeoutError(
-            f"{phase} to {server} from port {local} timed out after {connect_timeout:g} s: "
-            "is port 15008 blocked by a network policy, or is the destination's tunnel down?"
+            f"TLS handshake with {server} from port {local} timed out after "
+            f"{connect_timeout:g} s: is the destination's tunnel overloaded?"
         ) from None
     except BaseException:
         sock.close()

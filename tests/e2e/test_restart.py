@@ -249,6 +249,60 @@ def test_crash_and_restart_outage_is_bounded(cluster: mesh.Cluster) -> None:
     assert not failures or max(f["at"] for f in failures) < result["last"] - 1.0
 
 
+# How long SYNs to n2's 15008 go unanswered after the client's tunnel began to dial. The
+# kernel alone sends them at 0, 1, 2, 3, 4, 5, 7 and 11 s here: the one at 11 s comes after
+# the dial's 10 s. Fresh attempts each second get through at 8 or 9 s.
+GAP_SECONDS = 8.0
+
+
+def _syns_to_hbone(c: mesh.Cluster, action: str) -> None:
+    """Drop (-I) or stop dropping (-D) the SYNs to the server pod's 15008."""
+    subprocess.run(
+        ["iptables", "-w", "-t", "raw", action, "PREROUTING", "-p", "tcp", "--dport", "15008",
+         "--syn", "-j", "DROP"],
+        preexec_fn=nsutil.preexec_enter(c.pod_netns("mesh", "server")),
+        check=True, timeout=30,
+    )  # fmt: skip
+
+
+def test_a_dial_outlasts_a_tunnel_gap_longer_than_the_syn_backoff(cluster: mesh.Cluster) -> None:
+    """A node with no tunnel for a while (a DaemonSet update without surge, as on
+    Kubernetes before 1.22, or a crash): its capture drops the SYNs to 15008 (test_ebpf
+    shows it in both modes), and the client's tunnel goes on dialling. Left to the
+    kernel's retransmissions, a tunnel back 8 s into the dial was reached only after the
+    dial's 10 s and the connection failed; a fresh attempt each second reaches it within a
+    second (meshcore.staggered). The gap is the new tunnel's start-up plus SYNs dropped in
+    the pod up to `GAP_SECONDS`, so its length does not depend on how fast the tunnel
+    starts."""
+    node = "n2"
+    wait_path(cluster, plain=False)
+    old = tunnel_record(cluster, node)
+    os.kill(old.pid, signal.SIGTERM)
+    wait_exit(old, timeout=40)  # its HBONE connections gone: the next stream needs a dial
+    _syns_to_hbone(cluster, "-I")
+    dropping = True
+    try:
+        conn = pod_socket(cluster, "mesh", "client")
+        with conn:
+            conn.settimeout(30)
+            t0 = time.monotonic()
+            # The client's tunnel takes the connection at once and dials n2 meanwhile.
+            conn.connect((pod_ip(cluster, "mesh", "server"), 9000))
+            start_new_tunnel(cluster, node, f"ztunnel-{node}-{int(time.time() * 1000) % 10**8}")
+            time.sleep(max(0.0, GAP_SECONDS - (time.monotonic() - t0)))
+            _syns_to_hbone(cluster, "-D")
+            dropping = False
+            back = time.monotonic() - t0
+            greeting = conn.makefile("rb").readline()
+            took = time.monotonic() - t0
+            assert greeting, "the connection ended without the server's greeting"
+            assert talk(conn, b"after the gap") == b"after the gap"
+    finally:
+        if dropping:
+            _syns_to_hbone(cluster, "-D")
+    print(f"\ntunnel gap: n2 back {back:.1f} s into the dial, connection made at {took:.1f} s")
+
+
 # ---- the work shared by two processes, on the tunnels the tests above left running -----------
 
 

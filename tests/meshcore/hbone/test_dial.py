@@ -1,20 +1,27 @@
-"""Dialling an HBONE peer that does not answer: the error names the step that timed out
-and the local port, so a user can tell a lost SYN from a peer that never finishes its
-handshake, and find the flow in a packet capture."""
+"""Dialling an HBONE peer that does not answer, or answers late.
+
+The error names the step that timed out and the source ports, so a user can tell lost
+SYNs from a peer that never finishes its handshake, and find the flows in a capture. The
+TCP connect does not wait on the kernel's SYN backoff: a port whose SYNs are dropped is
+left for a fresh one (meshcore.staggered)."""
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import ssl
+import subprocess
 
 import pytest
 
+import nsutil
 from meshcore.hbone.dial import hbone_connect
 from meshcore.hbone.pool import PoolKey
 from meshcore.hbone.transport import H2Transport
 from meshcore.identity.spiffe import SpiffeId
 from meshcore.sockets import PlainSocketFactory
+from meshcore.staggered import StaggeredTimeout, connect_staggered
 from tests.support.aio import run
 
 
@@ -39,21 +46,22 @@ def _key(port: int) -> PoolKey:
 
 
 class _Recorder(PlainSocketFactory):
-    """Plain sockets, remembering the last one made (its port is in the error)."""
+    """Plain sockets, remembering every one made."""
 
-    made: socket.socket | None = None
+    def __init__(self) -> None:
+        self.made: list[socket.socket] = []
 
     def new(self, family: int = socket.AF_INET) -> socket.socket:
-        self.made = super().new(family)
-        self.made.bind(("127.0.0.1", 0))
-        return self.made
+        sock = super().new(family)
+        self.made.append(sock)
+        return sock
 
 
-def _dial(port: int, factory: _Recorder) -> str:
+def _dial(port: int, factory: _Recorder, seconds: float) -> str:
     async def main() -> str:
         with pytest.raises(TimeoutError) as caught:
             await hbone_connect(
-                _key(port), factory, _context, _never, lambda _h2: None, connect_timeout=0.3
+                _key(port), factory, _context, _never, lambda _h2: None, connect_timeout=seconds
             )
         return str(caught.value)
 
@@ -65,26 +73,92 @@ def test_a_peer_that_accepts_but_never_handshakes_times_out_in_the_tls_step() ->
         mute.bind(("127.0.0.1", 0))
         mute.listen(8)  # the kernel completes the TCP handshake; nobody speaks TLS
         factory = _Recorder()
-        why = _dial(mute.getsockname()[1], factory)
-    assert factory.made is not None and factory.made.fileno() == -1  # closed
-    assert re.match(r"TLS handshake to 127\.0\.0\.1:\d+ from port \d+ timed out after 0\.3 s", why)
+        why = _dial(mute.getsockname()[1], factory, 0.3)
+    assert len(factory.made) == 1 and factory.made[0].fileno() == -1  # closed
+    assert re.match(
+        r"TLS handshake with 127\.0\.0\.1:\d+ from port \d+ timed out after 0\.3 s", why
+    )
 
 
-def test_a_peer_whose_syns_are_dropped_times_out_in_the_tcp_step() -> None:
-    # A full accept queue (backlog 0 holds one) makes the kernel drop further SYNs: the
-    # client's connect waits.
+def test_a_peer_whose_syns_are_dropped_times_out_in_the_tcp_step_after_fresh_attempts() -> None:
+    # A full accept queue (backlog 0 holds one) makes the kernel drop further SYNs.
     with socket.socket() as full:
         full.bind(("127.0.0.1", 0))
         full.listen(0)
         port = full.getsockname()[1]
-        queued = []
-        try:
-            queued.append(socket.create_connection(("127.0.0.1", port), timeout=2))
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
             factory = _Recorder()
-            why = _dial(port, factory)
+            why = _dial(port, factory, 2.5)
+    # Attempts at 0, 1 and 2 s, each from its own port, every one closed.
+    assert len(factory.made) == 3
+    assert all(s.fileno() == -1 for s in factory.made)
+    ports = re.search(r"SYNs from ports ([\d, ]+) unanswered", why)
+    assert why.startswith(f"TCP connect to 127.0.0.1:{port} timed out after 2.5 s"), why
+    assert ports is not None and len(set(ports.group(1).split(", "))) == 3
+
+
+def test_a_refused_attempt_ends_the_connect_at_once() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # bound, never listening: a SYN there is refused
+        made: list[socket.socket] = []
+
+        def new() -> socket.socket:
+            made.append(PlainSocketFactory().new())
+            return made[-1]
+
+        async def main() -> None:
+            with pytest.raises(ConnectionRefusedError):
+                await connect_staggered(new, ("127.0.0.1", port), 5.0, stagger=0.05)
+
+        run(main)
+    assert len(made) == 1 and made[0].fileno() == -1
+
+
+BLACKHOLED_PORT = 40999  # the first attempt's source port, whose SYNs the netns drops
+
+
+@pytest.mark.netns
+def test_a_source_port_whose_syns_are_lost_is_left_for_a_fresh_one() -> None:
+    """The kernel retransmits a lost SYN from the same port: were every retransmission
+    lost too (a listener that drops them, a stale path), only a new port gets through."""
+    from tests.support.netns import throwaway_netns
+
+    with throwaway_netns("dial") as path:
+        name = os.path.basename(path)
+        subprocess.run(
+            ["ip", "netns", "exec", name, "iptables", "-w", "-A", "INPUT", "-p", "tcp",
+             "--syn", "--sport", str(BLACKHOLED_PORT), "-j", "DROP"],
+            check=True, timeout=30,
+        )  # fmt: skip
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            (server,) = nsutil.sockets_in(fd, 1)
+            with server:
+                server.bind(("127.0.0.1", 0))
+                server.listen(8)
+                port = server.getsockname()[1]
+                made: list[socket.socket] = []
+
+                def new() -> socket.socket:
+                    (sock,) = nsutil.sockets_in(fd, 1)
+                    sock.setblocking(False)
+                    sock.bind(("127.0.0.1", BLACKHOLED_PORT if not made else 0))
+                    made.append(sock)
+                    return sock
+
+                async def main(stagger: float) -> int:
+                    sock = await connect_staggered(new, ("127.0.0.1", port), 3.0, stagger)
+                    with sock:
+                        return int(sock.getsockname()[1])
+
+                # Waiting on the kernel alone: every SYN from that port is lost.
+                with pytest.raises(StaggeredTimeout) as caught:
+                    run(lambda: main(stagger=10.0))
+                assert caught.value.ports == [BLACKHOLED_PORT] and len(made) == 1
+                made.clear()
+                # Staggered: the second attempt, a second later, from a new port, is made.
+                assert run(lambda: main(stagger=1.0)) != BLACKHOLED_PORT
+                assert len(made) == 2 and made[0].fileno() == -1
         finally:
-            for s in queued:
-                s.close()
-    local = re.search(r"from port (\d+)", why)
-    assert why.startswith(f"TCP connect to 127.0.0.1:{port}"), why
-    assert local is not None and int(local.group(1)) > 0
+            os.close(fd)

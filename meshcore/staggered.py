@@ -1,0 +1,108 @@
+"""A TCP connect that does not wait on the kernel's SYN backoff: a connect with no answer
+after `STAGGER_SECONDS` gets a sibling on a fresh socket, and so on until one is made, one
+fails, or the time is up.
+
+Why: a SYN that meets no listener is dropped, not refused, where the mesh holds the port
+(the capture rules drop a SYN for a tunnel port nobody listens on, a leaving tunnel's
+listener drops new SYNs: see meshcore.handoff), so the client's kernel sends it again, at
+1, 2, 3, 4, 6 and 10 s on the kernels here (linear first, then doubling). A tunnel that
+comes back 6.5 s into a dial was reached only by the SYN at 10 s: one dial of 10 s failed
+while the port had been open for 3.5 s. A fresh socket sends its first SYN at once and
+leaves from a new source port, so it also lands on another listener of a SO_REUSEPORT
+group than a port whose SYNs a leaving listener drops. The earlier attempts stay: their
+own retransmissions may still win. The cost is a socket a second while nothing answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+
+# How long a connect waits for an answer before a sibling starts: the kernel's first SYN
+# retransmission comes at the same time, far above any round trip inside a cluster.
+STAGGER_SECONDS = 1.0
+
+
+class StaggeredTimeout(TimeoutError):
+    """No attempt was answered in time; `ports` are the source ports they left from."""
+
+    def __init__(self, ports: list[int]) -> None:
+        super().__init__(f"no answer to {len(ports)} connect attempts")
+        self.ports = ports
+
+
+async def connect_staggered(
+    new_socket: Callable[[], socket.socket],
+    address: tuple[str, int] | tuple[str, int, int, int],
+    seconds: float,
+    stagger: float = STAGGER_SECONDS,
+) -> socket.socket:
+    """Connect a socket from `new_socket` (non-blocking, not yet connected) to `address`;
+    the caller owns the socket returned, every other one is closed here. An attempt's
+    error (refused, unreachable) ends the whole connect: something answered. Fails with
+    `StaggeredTimeout` after `seconds`. The connects are polled with the loop's
+    writer callbacks, not `sock_connect`, which under uvloop resolves the numeric address
+    again on a thread."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    result: asyncio.Future[socket.socket] = loop.create_future()
+    attempts: list[socket.socket] = []
+    timer: asyncio.TimerHandle | None = None
+
+    def writable(sock: socket.socket) -> None:
+        loop.remove_writer(sock)
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if result.done():
+            return
+        if err == 0:
+            result.set_result(sock)
+        else:
+            result.set_exception(OSError(err, f"Connect call failed {address}"))
+
+    def attempt() -> None:
+        nonlocal timer
+        timer = None
+        if result.done():
+            return
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            result.set_exception(StaggeredTimeout([_port(s) for s in attempts]))
+            return
+        try:
+            sock = new_socket()
+        except OSError as e:
+            result.set_exception(e)
+            return
+        attempts.append(sock)
+        try:
+            sock.connect(address)
+        except (BlockingIOError, InterruptedError):
+            loop.add_writer(sock, writable, sock)
+        except OSError as e:
+            result.set_exception(e)
+            return
+        else:
+            result.set_result(sock)  # made at once (loopback may)
+            return
+        timer = loop.call_later(min(stagger, remaining), attempt)
+
+    attempt()
+    winner: socket.socket | None = None
+    try:
+        winner = await result
+        return winner
+    finally:
+        if timer is not None:
+            timer.cancel()
+        for sock in attempts:
+            if sock is not winner:
+                loop.remove_writer(sock)  # before the close: the descriptor may be reused
+                sock.close()
+
+
+def _port(sock: socket.socket) -> int:
+    try:
+        return int(sock.getsockname()[1])
+    except OSError:
+        return 0
