@@ -175,9 +175,30 @@ def _flat_target(name: str, trend: Trend | None, unit: str, scale: float) -> Tar
     )
 
 
-def rss_target(role: str, trend: Trend | None) -> Target:
-    """RSS in kB in, MB out."""
-    return _flat_target(f"{role}: RSS flat", trend, "MB", 1 / 1024)
+def rss_target(role: str, trend: Trend | None, late: Trend | None = None) -> Target:
+    """RSS in kB in, MB out. `late`, the fit of the judged span's second half, is told
+    beside the verdict, which it does not change: growth that slows to nothing (the
+    allocators reaching their high mark) and growth that goes on (a leak) can have the
+    same line over the whole span."""
+    base = _flat_target(f"{role}: RSS flat", trend, "MB", 1 / 1024)
+    if trend is None or late is None:
+        return base
+    scale = 1 / 1024
+    return Target(
+        base.name,
+        base.met,
+        f"{base.measured}; second half {late.growth * scale:+.2f} MB over {late.span_s:.0f} s "
+        f"(slope {late.slope_per_min * scale:+.3f} MB/min)",
+        base.wanted,
+    )
+
+
+def second_half(ts: Sequence[float], ys: Sequence[float | None], warmup_s: float) -> Trend | None:
+    """The fit of the points after the warm-up, from the middle of their span on."""
+    t, _ = after_warmup(ts, ys, warmup_s)
+    if not t:
+        return None
+    return trend_after_warmup(ts, ys, (t[0] + t[-1]) / 2)
 
 
 def fd_target(role: str, trend: Trend | None, at_warmup: int | None, at_end: int | None) -> Target:

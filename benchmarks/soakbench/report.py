@@ -78,7 +78,9 @@ def summarize(doc: Mapping[str, Any]) -> dict[str, Any]:
     targets: list[Target] = []
     fd_marks: dict[str, dict[str, int | None]] = {}
     for role in roles:
-        rss = analysis.trend_after_warmup(ts, _series(tl, role, "rss_kb"), warm)
+        rss_series = _series(tl, role, "rss_kb")
+        rss = analysis.trend_after_warmup(ts, rss_series, warm)
+        rss_late = analysis.second_half(ts, rss_series, warm)
         fds_series = _series(tl, role, "fds")
         fds = analysis.trend_after_warmup(ts, fds_series, warm)
         trends[role] = {"rss_kb": rss, "fds": fds}
@@ -86,7 +88,7 @@ def summarize(doc: Mapping[str, Any]) -> dict[str, Any]:
         at_warm = int(judged_fds[0]) if judged_fds else None
         at_end = int(judged_fds[-1]) if judged_fds else None
         fd_marks[role] = {"after_warmup": at_warm, "end": at_end}
-        targets.append(analysis.rss_target(role, rss))
+        targets.append(analysis.rss_target(role, rss, rss_late))
         targets.append(analysis.fd_target(role, fds, at_warm, at_end))
 
     new_errors: dict[str, int] = {}

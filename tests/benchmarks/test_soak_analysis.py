@@ -218,3 +218,19 @@ def test_summary_flags_a_leak_and_errors() -> None:
     assert "hist_ns" not in str(small["timeline"][0])
     assert small["summary"]["trends"]["tunnel-node1"]["rss_kb"]["flat"] is False
     assert not math.isnan(small["summary"]["new_latency"]["p99_ms"])
+
+
+def test_the_rss_verdict_tells_the_second_half_beside_the_whole_span() -> None:
+    """Growth that levels off (an allocator reaching its high mark) and a steady leak fail
+    the same verdict over the whole span; the second half's fit tells them apart."""
+    ts = [float(t) for t in range(0, 600, 5)]
+    levels = [50_000.0 + 2_000.0 * min(t, 300.0) / 300.0 for t in ts]  # +2 MB, then flat
+    steady = [50_000.0 + 2_000.0 * t / 600.0 for t in ts]  # +2 MB, on and on
+    for ys, late_mb in ((levels, 0.0), (steady, 2_000.0 * (600 - 60 - 5) / 2 / 600 / 1024)):
+        whole = analysis.trend_after_warmup(ts, ys, 60.0)
+        late = analysis.second_half(ts, ys, 60.0)
+        assert whole is not None and late is not None and whole.grows
+        target = analysis.rss_target("t", whole, late)
+        assert target.met is False
+        assert late.growth / 1024 == pytest.approx(late_mb, abs=0.05)
+        assert f"second half {late.growth / 1024:+.2f} MB" in target.measured
