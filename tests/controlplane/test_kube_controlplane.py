@@ -287,7 +287,9 @@ async def _workloads(cp: KubeControlPlane, out: Path) -> None:
         await until(tcp_now, within=5, what="namespace label change in the file")
         latency = time.perf_counter() - t0
         print(f"namespace label -> new mesh config in {latency * 1000:.0f} ms")
-        assert seen, "the registered listener got the new state"
+        # The listeners are told once the file is written (its write is awaited on a
+        # thread), so a poll can see the file first.
+        await until(lambda: seen, within=5, what="the registered listener got the new state")
         await c.delete(kinds.NAMESPACE, ns)
 
 
