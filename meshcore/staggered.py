@@ -5,9 +5,9 @@ fails, or the time is up.
 Why: a SYN that meets no listener is dropped, not refused, where the mesh holds the port
 (the capture rules drop a SYN for a tunnel port nobody listens on, a leaving tunnel's
 listener drops new SYNs: see meshcore.handoff), so the client's kernel sends it again, at
-1, 2, 3, 4, 6 and 10 s on the kernels here (linear first, then doubling). A tunnel that
-comes back 6.5 s into a dial was reached only by the SYN at 10 s: one dial of 10 s failed
-while the port had been open for 3.5 s. A fresh socket sends its first SYN at once and
+1, 2, 3, 4, 5, 7 and 11 s on the kernels here (linear first, then doubling). A tunnel that
+came back 8 s into a dial was reached only by the SYN at 11 s, after the dial's 10 s: the
+dial failed while the port had been open for 2 s. A fresh socket sends its first SYN at once and
 leaves from a new source port, so it also lands on another listener of a SO_REUSEPORT
 group than a port whose SYNs a leaving listener drops. The earlier attempts stay: their
 own retransmissions may still win. The cost is a socket a second while nothing answers.
