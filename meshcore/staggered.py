@@ -69,9 +69,11 @@ async def connect_staggered(
         if remaining <= 0:
             result.set_exception(StaggeredTimeout([_port(s) for s in attempts]))
             return
+        # Any error ends the connect through `result`: raised in a timer callback it would
+        # only be logged, and the caller would wait for ever.
         try:
             sock = new_socket()
-        except OSError as e:
+        except Exception as e:
             result.set_exception(e)
             return
         attempts.append(sock)
@@ -79,7 +81,7 @@ async def connect_staggered(
             sock.connect(address)
         except (BlockingIOError, InterruptedError):
             loop.add_writer(sock, writable, sock)
-        except OSError as e:
+        except Exception as e:
             result.set_exception(e)
             return
         else:

@@ -115,6 +115,30 @@ def test_a_refused_attempt_ends_the_connect_at_once() -> None:
     assert len(made) == 1 and made[0].fileno() == -1
 
 
+def test_an_attempt_that_cannot_be_made_ends_the_connect_instead_of_hanging() -> None:
+    """The second attempt's socket cannot be made (here: a factory's own error): the
+    connect fails with it at once, the first attempt's socket closed."""
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        port = full.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=2):  # the queue full
+            made: list[socket.socket] = []
+
+            def new() -> socket.socket:
+                if made:
+                    raise ValueError("no second socket")
+                made.append(PlainSocketFactory().new())
+                return made[-1]
+
+            async def main() -> None:
+                with pytest.raises(ValueError, match="no second socket"):
+                    await connect_staggered(new, ("127.0.0.1", port), 30.0, stagger=0.1)
+
+            run(main, limit=10)
+    assert len(made) == 1 and made[0].fileno() == -1
+
+
 BLACKHOLED_PORT = 40999  # the first attempt's source port, whose SYNs the netns drops
 
 
