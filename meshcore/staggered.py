@@ -67,7 +67,7 @@ async def connect_staggered(
             return
         remaining = deadline - loop.time()
         if remaining <= 0:
-            result.set_exception(StaggeredTimeout([_port(s) for s in attempts]))
+            result.set_exception(StaggeredTimeout([source_port(s) for s in attempts]))
             return
         # Any error ends the connect through `result`: raised in a timer callback it would
         # only be logged, and the caller would wait for ever.
@@ -103,7 +103,8 @@ async def connect_staggered(
                 sock.close()
 
 
-def _port(sock: socket.socket) -> int:
+def source_port(sock: socket.socket) -> int:
+    """The socket's local port (0 when it has none or is closed)."""
     try:
         return int(sock.getsockname()[1])
     except OSError:

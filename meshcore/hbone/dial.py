@@ -14,7 +14,7 @@ from meshcore.hbone.server import Guard
 from meshcore.hbone.transport import H2Transport
 from meshcore.identity.spiffe import SpiffeId
 from meshcore.sockets import SocketFactory, tune_stream
-from meshcore.staggered import StaggeredTimeout, connect_staggered
+from meshcore.staggered import StaggeredTimeout, connect_staggered, source_port
 
 # TCP connect plus TLS handshake, each (protocols.md: 10 s). The TCP connect does not
 # wait on the kernel's SYN backoff (meshcore.staggered).
@@ -62,7 +62,7 @@ async def hbone_connect(
             f"(SYNs from ports {ports} unanswered): is port 15008 blocked by a network "
             "policy, or is the destination's tunnel down?"
         ) from None
-    local = _local_port(sock)
+    local = source_port(sock)
     try:
         ctx = ssl_context(key.src_identity)
         _, h2 = await asyncio.wait_for(
@@ -93,10 +93,3 @@ async def hbone_connect(
         h2.close(reason="server identity rejected")
         raise
     return h2
-
-
-def _local_port(sock: socket.socket) -> int | str:
-    try:
-        return int(sock.getsockname()[1])
-    except OSError:
-        return "?"

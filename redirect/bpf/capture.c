@@ -108,28 +108,24 @@ static __always_inline int is_loopback_dst(const struct pkt *p) {
     return (p->tuple.ipv4.daddr & bpf_htonl(0xff000000)) == bpf_htonl(0x7f000000);
 }
 
+// The state of the socket of this pod that would take the packet (its own connection's,
+// or a listener on its port), or -1 when none would.
+static __always_inline int socket_state(struct __sk_buff *skb, struct pkt *p) {
+    struct bpf_sock *sk =
+        bpf_skc_lookup_tcp(skb, &p->tuple, sizeof(p->tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+    if (!sk)
+        return -1;
+    int state = sk->state;
+    bpf_sk_release(sk);
+    return state;
+}
+
 // Whether a socket of this pod owns the packet's 4-tuple: an established or half-open
 // connection. A listener only matches the port, and a time-wait socket is a flow that is
 // over: neither makes the packet part of a live connection here.
 static __always_inline int owned(struct __sk_buff *skb, struct pkt *p) {
-    struct bpf_sock *sk =
-        bpf_skc_lookup_tcp(skb, &p->tuple, sizeof(p->tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
-    if (!sk)
-        return 0;
-    __u32 state = sk->state;
-    bpf_sk_release(sk);
-    return state != BPF_TCP_LISTEN && state != BPF_TCP_TIME_WAIT;
-}
-
-// Whether any socket of this pod would take the packet: its own connection's, or a
-// listener on its port.
-static __always_inline int any_socket(struct __sk_buff *skb, struct pkt *p) {
-    struct bpf_sock *sk =
-        bpf_skc_lookup_tcp(skb, &p->tuple, sizeof(p->tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
-    if (!sk)
-        return 0;
-    bpf_sk_release(sk);
-    return 1;
+    int state = socket_state(skb, p);
+    return state >= 0 && state != BPF_TCP_LISTEN && state != BPF_TCP_TIME_WAIT;
 }
 
 static __always_inline int is_dns(const struct pkt *p) {
@@ -199,7 +195,7 @@ int pod_ingress(struct __sk_buff *skb) {
         // (between one tunnel's exit and the next one's start) is dropped, not refused,
         // so the dialler's SYN retransmission reaches the next tunnel: as the iptables
         // mode's ISTIO_INPUT rule. Only a SYN pays for the lookup.
-        if (!CFG_RELEASE && is_new(&p) && !any_socket(skb, &p))
+        if (!CFG_RELEASE && is_new(&p) && socket_state(skb, &p) < 0)
             return TC_ACT_SHOT;
         return TC_ACT_OK;
     }
