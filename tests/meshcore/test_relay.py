@@ -13,7 +13,7 @@ import pytest
 
 from meshcore.hbone.conn import CONNECTION_WINDOW, STREAM_WINDOW, Headers
 from meshcore.hbone.transport import H2Transport
-from meshcore.relay import AppSide, HboneSplice, RelayResult, TcpPipe
+from meshcore.relay import EOF_PEEK_MISSES, AppSide, HboneSplice, RelayResult, TcpPipe
 from tests.support.aio import Loop, wait_until
 from tests.support.h2 import StreamRec, connect_request
 
@@ -35,10 +35,16 @@ async def app_port(aio: Loop, serve: Callable[..., Awaitable[None]], rcvbuf: int
     return port
 
 
-async def hbone_pair(aio: Loop, apps: dict[str, int]) -> tuple[H2Transport, list[HboneSplice]]:
+async def hbone_pair(
+    aio: Loop,
+    apps: dict[str, int],
+    server_cls: type[H2Transport] = H2Transport,
+    peek: bool = False,
+) -> tuple[H2Transport, list[HboneSplice]]:
     """Our HTTP/2 client connected to an HBONE-like server on loopback: a CONNECT to
     `:authority` name goes to the app on that port. Returns the client and the server's
-    splices (as they are made); everything is closed when the test ends."""
+    splices (as they are made); everything is closed when the test ends. `peek`: the
+    server's app sides look for the FIN behind a read, as the tunnel's do."""
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task[None]] = set()
     splices: list[HboneSplice] = []
@@ -50,6 +56,8 @@ async def hbone_pair(aio: Loop, apps: dict[str, int]) -> tuple[H2Transport, list
         sock.setblocking(False)
         await loop.sock_connect(sock, (LOOPBACK, port))
         _, app = await loop.create_connection(AppSide, sock=sock)
+        if peek:
+            app.peek = sock
         h2.conn.respond(splice.sid, 200, splice, end=False)
         splice.start(app)
 
@@ -63,7 +71,7 @@ async def hbone_pair(aio: Loop, apps: dict[str, int]) -> tuple[H2Transport, list
 
     server = aio.closing(
         await loop.create_server(
-            lambda: H2Transport(client=False, on_request=on_request, keepalive=False), LOOPBACK, 0
+            lambda: server_cls(client=False, on_request=on_request, keepalive=False), LOOPBACK, 0
         )
     )
     port = server.sockets[0].getsockname()[1]
@@ -307,5 +315,109 @@ def test_tcp_pipes_deliver_every_byte_while_a_slow_peer_holds_views_of_the_read_
         assert sorted(len(b) for b in got.values()) == [len(b"".join(d)) for d in data]
         wanted = {hashlib.sha256(b"".join(d)).digest() for d in data}
         assert {hashlib.sha256(b).digest() for b in got.values()} == wanted
+
+    aio.run(main)
+
+
+class _WriteLog(H2Transport):
+    """An H2Transport that keeps, per write to its transport, the frames written: (type,
+    flags, length) each."""
+
+    writes: list[list[tuple[int, int, int]]]
+
+    def flush(self) -> None:
+        out = b"".join(bytes(b) for b in self.conn.out)
+        frames = []
+        while len(out) >= 9:
+            length = int.from_bytes(out[:3], "big")
+            frames.append((out[3], out[4], length))
+            out = out[9 + length :]
+        if frames:
+            self.writes = getattr(self, "writes", [])
+            self.writes.append(frames)
+        super().flush()
+
+
+ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+DATA, END_STREAM = 0, 1
+
+
+@pytest.mark.parametrize("peek", [True, False], ids=["peeked", "not_peeked"])
+def test_an_answer_and_the_fin_right_behind_it_leave_as_one_record(aio: Loop, peek: bool) -> None:
+    """An app that answers and closes: with its FIN looked for behind the answer's read,
+    the answer's DATA and END_STREAM are one write to TLS (one record), so the client's
+    app gets the FIN with the answer and is not the one to close first (and keep the
+    TIME-WAIT). Not looked for, the event loop reads the FIN a turn later: two writes."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        srv = socket.create_server((LOOPBACK, 0))
+        srv.setblocking(False)
+        aio.defer(srv.close)
+
+        async def answer_and_close() -> None:
+            # Plain socket calls: the answer and the FIN leave back to back.
+            conn, _ = await loop.sock_accept(srv)
+            with conn:
+                await loop.sock_recv(conn, 1024)
+                conn.setblocking(True)
+                conn.sendall(ANSWER)
+                conn.shutdown(socket.SHUT_WR)
+                await asyncio.sleep(0.5)
+
+        task = loop.create_task(answer_and_close())
+        aio.defer(task.cancel)
+        client, splices = await hbone_pair(
+            aio, {"app": srv.getsockname()[1]}, server_cls=_WriteLog, peek=peek
+        )
+        rec = StreamRec(client.conn)
+        sid = client.open_stream(connect_request("app"), rec)
+        rec.sid = sid
+        client.conn.send_data(sid, b"GET / HTTP/1.1\r\n\r\n")
+        client.flush()
+        await wait_until(lambda: rec.ended, "the answer and its end arrived")
+        assert bytes(rec.data) == ANSWER
+        server = splices[0].h2
+        assert isinstance(server, _WriteLog)
+        stream_writes = [w for w in server.writes if any(t == DATA for t, _, _ in w)]
+        if peek:
+            assert stream_writes == [[(DATA, 0, len(ANSWER)), (DATA, END_STREAM, 0)]]
+        else:
+            assert stream_writes == [[(DATA, 0, len(ANSWER))], [(DATA, END_STREAM, 0)]]
+
+    aio.run(main)
+
+
+def test_a_connection_that_stays_open_is_peeked_at_twice_then_left_alone(aio: Loop) -> None:
+    """Keep-alive: reads followed by no FIN. After EOF_PEEK_MISSES of them the app side
+    stops looking (no system call per read for the rest of the connection), and every byte
+    still arrives."""
+
+    async def main() -> None:
+        writers: list[asyncio.StreamWriter] = []
+
+        async def talk(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            writers.append(w)
+            while await r.read(1024):
+                w.write(b"pong")
+            w.close()
+
+        client, splices = await hbone_pair(aio, {"app": await app_port(aio, talk)}, peek=True)
+        rec = StreamRec(client.conn)
+        sid = client.open_stream(connect_request("app"), rec)
+        rec.sid = sid
+        await wait_until(lambda: bool(splices) and splices[0].app is not None, "joined")
+        app = splices[0].app
+        assert app is not None
+        for n in range(1, EOF_PEEK_MISSES + 2):
+            client.conn.send_data(sid, b"ping")
+            client.flush()
+            want = 4 * n
+            await wait_until(lambda: len(rec.data) == want, f"answer {n}")  # noqa: B023
+            assert (app.peek is None) == (n >= EOF_PEEK_MISSES), n
+        assert not app.eof
+        client.conn.end_stream(sid)
+        client.flush()
+        await wait_until(lambda: rec.ended, "the app's close ends the stream")
 
     aio.run(main)

@@ -65,7 +65,12 @@ async def connect_tcp(
         if as_client is not None and factory.transparent:
             make_transparent(sock, as_client)
         await _connect(loop, sock, target)
-        return await loop.create_connection(AppSide, sock=sock)
+        transport, app = await loop.create_connection(AppSide, sock=sock)
+        # The app's answer and its FIN are sent on as one (AppSide._eof_behind). The loop
+        # detaches this object when it closes the connection: a peek then fails, not reads
+        # another connection's descriptor.
+        app.peek = sock
+        return transport, app
     except BaseException:
         sock.close()
         raise
