@@ -102,6 +102,13 @@ async def _connect(
         return
     except (BlockingIOError, InterruptedError):
         pass
+    # An app in the pod's own netns is reached over the loopback device, and the kernel
+    # completes the whole handshake inside connect() (the SYN, SYN-ACK and ACK are
+    # processed before it returns): then a peer name is there already, and the poll for
+    # writability (two epoll changes, a future, a timer and a loop turn) is not needed.
+    with contextlib.suppress(OSError):
+        sock.getpeername()
+        return
     fut: Future[None] = loop.create_future()
     loop.add_writer(sock, _writable, loop, sock, fut)
     handle = loop.call_later(CONNECT_TIMEOUT, _expire, fut)
