@@ -218,11 +218,14 @@ class AppSide(asyncio.BufferedProtocol):
             if self.peek.recv(1, _PEEK_FLAGS) == b"":
                 return True
         except BlockingIOError:
-            self._peek_misses += 1
-            if self._peek_misses >= EOF_PEEK_MISSES:
-                self.peek = None
+            pass  # nothing behind the read yet
         except OSError:
             self.peek = None  # an error is the loop's to read and report
+            return False
+        # Nothing, or more data (an app streaming small writes): no FIN right behind.
+        self._peek_misses += 1
+        if self._peek_misses >= EOF_PEEK_MISSES:
+            self.peek = None
         return False
 
     def eof_received(self) -> bool:
