@@ -11,17 +11,27 @@ dial failed while the port had been open for 2 s. A fresh socket sends its first
 leaves from a new source port, so it also lands on another listener of a SO_REUSEPORT
 group than a port whose SYNs a leaving listener drops. The earlier attempts stay: their
 own retransmissions may still win. The cost is a socket a second while nothing answers.
+
+A refusal is different: something answered. Where the caller allows it (`refused_grace`),
+a port refused in the first moments is tried again shortly on a fresh socket, because a
+listener that is being replaced refuses for a moment: a waypoint's process that crashed and
+is restarted in its pod (the pod keeps its address; nothing drops SYNs for a port the mesh
+does not capture). After the grace a refusal ends the connect at once, as before.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 from collections.abc import Callable
 
 # How long a connect waits for an answer before a sibling starts: the kernel's first SYN
 # retransmission comes at the same time, far above any round trip inside a cluster.
 STAGGER_SECONDS = 1.0
+# How soon a refused port is tried again within the grace: a listener restarting in place
+# is back in about a second; ten SYNs a second to a port that refuses cost next to nothing.
+REFUSED_RETRY_SECONDS = 0.1
 
 
 class StaggeredTimeout(TimeoutError):
@@ -37,18 +47,23 @@ async def connect_staggered(
     address: tuple[str, int] | tuple[str, int, int, int],
     seconds: float,
     stagger: float = STAGGER_SECONDS,
+    refused_grace: float = 0.0,
 ) -> socket.socket:
     """Connect a socket from `new_socket` (non-blocking, not yet connected) to `address`;
     the caller owns the socket returned, every other one is closed here. An attempt's
-    error (refused, unreachable) ends the whole connect: something answered. Fails with
-    `StaggeredTimeout` after `seconds`. The connects are polled with the loop's
-    writer callbacks, not `sock_connect`, which under uvloop resolves the numeric address
-    again on a thread."""
+    error (refused, unreachable) ends the whole connect: something answered; except a
+    refusal within `refused_grace` seconds of the start, after which a fresh attempt
+    follows in REFUSED_RETRY_SECONDS. Fails with `StaggeredTimeout` after `seconds`. The
+    connects are polled with the loop's writer callbacks, not `sock_connect`, which under
+    uvloop resolves the numeric address again on a thread."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
+    start = loop.time()
+    deadline = start + seconds
+    grace_ends = start + min(refused_grace, seconds)
     result: asyncio.Future[socket.socket] = loop.create_future()
     attempts: list[socket.socket] = []
     timer: asyncio.TimerHandle | None = None
+    refusal: Exception | None = None  # the last refusal within the grace
 
     def writable(sock: socket.socket) -> None:
         loop.remove_writer(sock)
@@ -58,7 +73,22 @@ async def connect_staggered(
         if err == 0:
             result.set_result(sock)
         else:
-            result.set_exception(OSError(err, f"Connect call failed {address}"))
+            failed(sock, OSError(err, f"Connect call failed {address}"))
+
+    def failed(sock: socket.socket, e: Exception) -> None:
+        nonlocal timer, refusal
+        refused = isinstance(e, OSError) and e.errno == errno.ECONNREFUSED
+        if not refused or loop.time() >= grace_ends:
+            result.set_exception(e)
+        else:
+            # Refused within the grace: this socket is done with, a fresh one follows soon
+            # (sooner than the stagger an unanswered attempt waits).
+            refusal = e
+            attempts.remove(sock)
+            sock.close()
+            if timer is not None:
+                timer.cancel()
+            timer = loop.call_later(min(REFUSED_RETRY_SECONDS, grace_ends - loop.time()), attempt)
 
     def attempt() -> None:
         nonlocal timer
@@ -67,7 +97,11 @@ async def connect_staggered(
             return
         remaining = deadline - loop.time()
         if remaining <= 0:
-            result.set_exception(StaggeredTimeout([source_port(s) for s in attempts]))
+            # Refused to the end and nothing else pending: that is the answer, not a silence.
+            if refusal is not None and not attempts:
+                result.set_exception(refusal)
+            else:
+                result.set_exception(StaggeredTimeout([source_port(s) for s in attempts]))
             return
         # Any error ends the connect through `result`: raised in a timer callback it would
         # only be logged, and the caller would wait for ever.
@@ -82,7 +116,7 @@ async def connect_staggered(
         except (BlockingIOError, InterruptedError):
             loop.add_writer(sock, writable, sock)
         except Exception as e:
-            result.set_exception(e)
+            failed(sock, e)
             return
         else:
             result.set_result(sock)  # made at once (loopback may)

@@ -19,6 +19,42 @@ from meshcore.staggered import StaggeredTimeout, connect_staggered, source_port
 # TCP connect plus TLS handshake, each (protocols.md: 10 s). The TCP connect does not
 # wait on the kernel's SYN backoff (meshcore.staggered).
 CONNECT_TIMEOUT = 10.0
+# How long a refused HBONE port is tried again before the dial fails: a waypoint's process
+# restarted in its pod (same address) refuses for about a second, and a connection made
+# then would otherwise fail although the waypoint is back a moment later.
+REFUSED_GRACE = 3.0
+# A peer that refused through a whole grace is not given another for this long after its
+# last refusal: a waypoint that stays down (a fail-open one is bypassed on the refusal)
+# costs the first connection the grace, not every connection.
+REFUSED_MEMORY = 30.0
+REFUSED_MEMORY_SIZE = 1024  # peers remembered at most (the oldest forgotten first)
+
+
+class RefusalMemory:
+    """Which peers kept refusing lately, so their dials get no grace (pure: the caller
+    gives the time)."""
+
+    def __init__(self, size: int = REFUSED_MEMORY_SIZE) -> None:
+        self._last: dict[tuple[str, int], float] = {}  # insertion order: oldest first
+        self._size = size
+
+    def grace(self, peer: tuple[str, int], now: float, grace: float = REFUSED_GRACE) -> float:
+        last = self._last.get(peer)
+        if last is not None and now - last < REFUSED_MEMORY:
+            return 0.0
+        return grace
+
+    def refused(self, peer: tuple[str, int], now: float) -> None:
+        self._last.pop(peer, None)
+        self._last[peer] = now
+        while len(self._last) > self._size:
+            del self._last[next(iter(self._last))]
+
+    def answered(self, peer: tuple[str, int]) -> None:
+        self._last.pop(peer, None)
+
+
+_refusals = RefusalMemory()  # process-wide: one per dialling process
 
 
 async def hbone_connect(
@@ -51,8 +87,17 @@ async def hbone_connect(
             raise
         return sock
 
+    grace = min(_refusals.grace(key.dst, loop.time()), connect_timeout)
     try:
-        sock = await connect_staggered(new_socket, key.dst, connect_timeout)
+        sock = await connect_staggered(new_socket, key.dst, connect_timeout, refused_grace=grace)
+    except ConnectionRefusedError as e:
+        _refusals.refused(key.dst, loop.time())
+        tried = f"tried for {grace:g} s" if grace else "refused again lately: not retried"
+        raise ConnectionRefusedError(
+            e.errno,
+            f"{server} refused the connection ({tried}): is the destination's tunnel or "
+            "waypoint running?",
+        ) from None
     except StaggeredTimeout as e:
         # The ports find the flows in a capture; a lost SYN and a peer that never
         # finishes its handshake have different causes.
@@ -62,6 +107,7 @@ async def hbone_connect(
             f"(SYNs from ports {ports} unanswered): is port 15008 blocked by a network "
             "policy, or is the destination's tunnel down?"
         ) from None
+    _refusals.answered(key.dst)
     local = source_port(sock)
     try:
         ctx = ssl_context(key.src_identity)

@@ -7,6 +7,7 @@ left for a fresh one (meshcore.staggered)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import socket
@@ -16,7 +17,7 @@ import subprocess
 import pytest
 
 import nsutil
-from meshcore.hbone.dial import hbone_connect
+from meshcore.hbone.dial import REFUSED_GRACE, REFUSED_MEMORY, RefusalMemory, hbone_connect
 from meshcore.hbone.pool import PoolKey
 from meshcore.hbone.transport import H2Transport
 from meshcore.identity.spiffe import SpiffeId
@@ -113,6 +114,104 @@ def test_a_refused_attempt_ends_the_connect_at_once() -> None:
 
         run(main)
     assert len(made) == 1 and made[0].fileno() == -1
+
+
+def test_a_port_refused_while_its_listener_restarts_is_tried_again_within_the_grace() -> None:
+    """A listener replaced in place (a waypoint's process restarted in its pod) refuses for
+    a moment: within the grace the connect tries fresh sockets and is made once the port
+    listens again; every refused socket is closed."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    made: list[socket.socket] = []
+
+    def new() -> socket.socket:
+        made.append(PlainSocketFactory().new())
+        return made[-1]
+
+    async def main() -> float:
+        loop = asyncio.get_running_loop()
+        back = socket.socket()
+        back.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+
+        def listen_again() -> None:
+            back.bind(("127.0.0.1", port))
+            back.listen(8)
+
+        loop.call_later(0.5, listen_again)
+        start = loop.time()
+        try:
+            sock = await connect_staggered(new, ("127.0.0.1", port), 5.0, refused_grace=2.0)
+            sock.close()
+        finally:
+            back.close()
+        return loop.time() - start
+
+    took = run(main)
+    assert 0.5 <= took < 1.0, took
+    assert len(made) >= 3  # refused at 0, then fresh attempts every 0.1 s
+    assert all(s.fileno() == -1 for s in made)
+
+
+def test_a_port_refused_for_the_whole_grace_fails_after_it_not_before() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # bound, never listening: refused
+        made: list[socket.socket] = []
+
+        def new() -> socket.socket:
+            made.append(PlainSocketFactory().new())
+            return made[-1]
+
+        async def main() -> float:
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            with pytest.raises(ConnectionRefusedError):
+                await connect_staggered(new, ("127.0.0.1", port), 5.0, refused_grace=0.4)
+            return loop.time() - start
+
+        took = run(main)
+    assert 0.4 <= took < 1.0, took
+    assert 3 <= len(made) <= 6
+    assert all(s.fileno() == -1 for s in made)
+
+
+def test_a_dial_to_a_port_that_keeps_refusing_says_so_and_how_long_it_tried() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+        async def main() -> str:
+            with pytest.raises(ConnectionRefusedError) as caught:
+                await hbone_connect(
+                    _key(port), _Recorder(), _context, _never, lambda _h2: None, connect_timeout=0.3
+                )
+            return str(caught.value)
+
+        why = run(main)
+        again = run(main)
+    assert f"127.0.0.1:{port} refused the connection (tried for 0.3 s)" in why, why
+    # Refused through a whole grace: the next dial to it gets none (a waypoint that stays
+    # down costs the first connection the wait, not every one).
+    assert f"127.0.0.1:{port} refused the connection (refused again lately" in again, again
+
+
+def test_the_refusal_memory_gives_a_peer_the_grace_again_once_it_answered_or_time_passed() -> None:
+    memory = RefusalMemory(size=2)
+    a, b, c = ("10.0.0.1", 15008), ("10.0.0.2", 15008), ("10.0.0.3", 15008)
+    assert memory.grace(a, 0.0) == REFUSED_GRACE
+    memory.refused(a, 0.0)
+    assert memory.grace(a, 1.0) == 0.0
+    assert memory.grace(a, REFUSED_MEMORY) == REFUSED_GRACE  # long enough ago
+    memory.refused(a, 5.0)
+    memory.answered(a)
+    assert memory.grace(a, 6.0) == REFUSED_GRACE
+    # Bounded: the oldest peer is forgotten first.
+    memory.refused(a, 7.0)
+    memory.refused(b, 8.0)
+    memory.refused(c, 9.0)
+    assert memory.grace(a, 9.0) == REFUSED_GRACE
+    assert memory.grace(b, 9.0) == memory.grace(c, 9.0) == 0.0
 
 
 def test_an_attempt_that_cannot_be_made_ends_the_connect_instead_of_hanging() -> None:
