@@ -123,11 +123,7 @@ def test_a_port_refused_while_its_listener_restarts_is_tried_again_within_the_gr
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    made: list[socket.socket] = []
-
-    def new() -> socket.socket:
-        made.append(PlainSocketFactory().new())
-        return made[-1]
+    factory = _Recorder()
 
     async def main() -> float:
         loop = asyncio.get_running_loop()
@@ -141,7 +137,7 @@ def test_a_port_refused_while_its_listener_restarts_is_tried_again_within_the_gr
         loop.call_later(0.5, listen_again)
         start = loop.time()
         try:
-            sock = await connect_staggered(new, ("127.0.0.1", port), 5.0, refused_grace=2.0)
+            sock = await connect_staggered(factory.new, ("127.0.0.1", port), 5.0, refused_grace=2.0)
             sock.close()
         finally:
             back.close()
@@ -149,31 +145,27 @@ def test_a_port_refused_while_its_listener_restarts_is_tried_again_within_the_gr
 
     took = run(main)
     assert 0.5 <= took < 1.0, took
-    assert len(made) >= 3  # refused at 0, then fresh attempts every 0.1 s
-    assert all(s.fileno() == -1 for s in made)
+    assert len(factory.made) >= 3  # refused at 0, then fresh attempts every 0.1 s
+    assert all(s.fileno() == -1 for s in factory.made)
 
 
 def test_a_port_refused_for_the_whole_grace_fails_after_it_not_before() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]  # bound, never listening: refused
-        made: list[socket.socket] = []
-
-        def new() -> socket.socket:
-            made.append(PlainSocketFactory().new())
-            return made[-1]
+        factory = _Recorder()
 
         async def main() -> float:
             loop = asyncio.get_running_loop()
             start = loop.time()
             with pytest.raises(ConnectionRefusedError):
-                await connect_staggered(new, ("127.0.0.1", port), 5.0, refused_grace=0.4)
+                await connect_staggered(factory.new, ("127.0.0.1", port), 5.0, refused_grace=0.4)
             return loop.time() - start
 
         took = run(main)
     assert 0.4 <= took < 1.0, took
-    assert 3 <= len(made) <= 6
-    assert all(s.fileno() == -1 for s in made)
+    assert 3 <= len(factory.made) <= 6
+    assert all(s.fileno() == -1 for s in factory.made)
 
 
 def test_a_dial_to_a_port_that_keeps_refusing_says_so_and_how_long_it_tried() -> None:
