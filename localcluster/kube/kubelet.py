@@ -350,8 +350,10 @@ class Kubelet:
                 # Removed without a graceful deletion (forced): stop it all the same.
                 rec.terminating = True
                 self._spawn(self._terminate(uid, rec, None), f"terminate-{uid}")
-        for rec in self.records.values():
-            if not rec.terminating:
+        # A copy: each report awaits the API server, and meanwhile a pod's termination task
+        # may drop its record (iterating the dict itself then ended this kubelet).
+        for uid, rec in list(self.records.items()):
+            if not rec.terminating and self.records.get(uid) is rec:
                 await self._report(rec)
         await self._program_services(pods)
 
