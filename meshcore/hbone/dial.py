@@ -38,11 +38,9 @@ class RefusalMemory:
         self._last: dict[tuple[str, int], float] = {}  # insertion order: oldest first
         self._size = size
 
-    def grace(self, peer: tuple[str, int], now: float, grace: float = REFUSED_GRACE) -> float:
+    def grace(self, peer: tuple[str, int], now: float) -> float:
         last = self._last.get(peer)
-        if last is not None and now - last < REFUSED_MEMORY:
-            return 0.0
-        return grace
+        return 0.0 if last is not None and now - last < REFUSED_MEMORY else REFUSED_GRACE
 
     def refused(self, peer: tuple[str, int], now: float) -> None:
         self._last.pop(peer, None)

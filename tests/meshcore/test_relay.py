@@ -8,10 +8,12 @@ import hashlib
 import socket
 from collections.abc import Awaitable, Callable
 from functools import partial
+from typing import Any
 
 import pytest
 
 from meshcore.hbone.conn import CONNECTION_WINDOW, STREAM_WINDOW, Headers
+from meshcore.hbone.h2frames import FRAME_HEADER_LEN, Flag, FrameType, parse_header
 from meshcore.hbone.transport import H2Transport
 from meshcore.relay import EOF_PEEK_MISSES, AppSide, HboneSplice, RelayResult, TcpPipe
 from tests.support.aio import Loop, wait_until
@@ -323,23 +325,25 @@ class _WriteLog(H2Transport):
     """An H2Transport that keeps, per write to its transport, the frames written: (type,
     flags, length) each."""
 
-    writes: list[list[tuple[int, int, int]]]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.writes: list[list[tuple[int, int, int]]] = []
 
     def flush(self) -> None:
         out = b"".join(bytes(b) for b in self.conn.out)
         frames = []
-        while len(out) >= 9:
-            length = int.from_bytes(out[:3], "big")
-            frames.append((out[3], out[4], length))
-            out = out[9 + length :]
+        off = 0
+        while len(out) - off >= FRAME_HEADER_LEN:
+            length, ftype, flags, _ = parse_header(out, off)
+            frames.append((ftype, flags, length))
+            off += FRAME_HEADER_LEN + length
         if frames:
-            self.writes = getattr(self, "writes", [])
             self.writes.append(frames)
         super().flush()
 
 
 ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
-DATA, END_STREAM = 0, 1
+DATA, END_STREAM = FrameType.DATA, Flag.END_STREAM
 
 
 @pytest.mark.parametrize("peek", [True, False], ids=["peeked", "not_peeked"])
