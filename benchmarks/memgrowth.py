@@ -150,6 +150,7 @@ class Sample:
     threads: int
     alloc: dict[str, int]
     rss_after_trim_kb: int | None = None
+    trim_ms: float | None = None
 
 
 def sample(
@@ -175,7 +176,9 @@ def sample(
         alloc={**_mallinfo2(), **_pymalloc(), **_lent()},
     )
     if trim:
+        t0 = time.perf_counter()
         malloc.trim()
+        s.trim_ms = (time.perf_counter() - t0) * 1000
         s.rss_after_trim_kb = _status_kb("VmRSS")
     types_to.write_text(json.dumps(types))
     del types
@@ -293,7 +296,7 @@ def summarize(
 
 def print_header(out: TextIO) -> None:
     print(
-        f"{'conns':>7}{'s':>6}{'RSS MB':>8}{'dRSS':>7}{'trim':>7}{'HWM':>7}{'blocks':>9}"
+        f"{'conns':>7}{'s':>6}{'RSS MB':>8}{'dRSS':>7}{'trim':>7}{'ms':>5}{'HWM':>7}{'blocks':>9}"
         f"{'dblk':>7}{'gc objs':>9}{'dobj':>7}{'heap use':>9}{'heap free':>10}"
         f"{'mmap':>7}{'arenas':>7}{'lent':>6}{'thr':>4}",
         file=out,
@@ -304,9 +307,10 @@ def print_row(s: Sample, base: Sample, out: TextIO) -> None:
     mb = 1024.0
     al = s.alloc
     trim = "-" if s.rss_after_trim_kb is None else f"{s.rss_after_trim_kb / mb:.1f}"
+    trim_ms = "-" if s.trim_ms is None else f"{s.trim_ms:.1f}"
     print(
         f"{s.connections:>7}{s.seconds:>6.0f}{s.rss_kb / mb:>8.1f}"
-        f"{(s.rss_kb - base.rss_kb) / mb:>+7.1f}{trim:>7}{s.hwm_kb / mb:>7.1f}"
+        f"{(s.rss_kb - base.rss_kb) / mb:>+7.1f}{trim:>7}{trim_ms:>5}{s.hwm_kb / mb:>7.1f}"
         f"{s.blocks:>9}{s.blocks - base.blocks:>+7}{s.gc_objects:>9}"
         f"{s.gc_objects - base.gc_objects:>+7}"
         f"{al.get('heap_in_use', 0) / 2**20:>9.1f}{al.get('heap_free', 0) / 2**20:>10.1f}"

@@ -9,7 +9,6 @@ import asyncio
 import os
 import signal
 import sys
-import time
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
@@ -35,8 +34,6 @@ if TYPE_CHECKING:
     from ztunnel.workers.owner import WorkerPool
 
 log = structlog.get_logger("ztunnel")
-
-TRIM_CHECK_SECONDS = 1.0
 
 
 async def run(cfg: Config) -> None:
@@ -105,7 +102,7 @@ async def run(cfg: Config) -> None:
     metrics = MetricsServer(_NodeMetrics(node), extra, cfg.metrics_port, refresh=refresh)
     await metrics.start()
     log.info("ztunnel started", node=cfg.node_name, pid=os.getpid())
-    trimmer = asyncio.ensure_future(_trim_when_idle(node))
+    trimmer = asyncio.ensure_future(malloc.trim_loop(node.activity))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -169,15 +166,6 @@ def _dns_upstreams(cfg: Config) -> tuple[IPAddress, ...] | None:
     except (OSError, UnicodeDecodeError, ResolvConfError) as e:
         # Exit status 1 with this one line on stderr, before anything was started.
         raise SystemExit(f"ztunnel: {DNS_RESOLV_CONF}={cfg.dns_resolv_conf}: {e}") from None
-
-
-async def _trim_when_idle(node: NodeProxy, interval: float = TRIM_CHECK_SECONDS) -> None:
-    """Hand memory freed after a burst back to the system once the node is quiet."""
-    idle = malloc.IdleTrim()
-    while True:
-        await asyncio.sleep(interval)
-        if idle.check(*node.activity(), time.process_time()):
-            malloc.collect_and_trim()
 
 
 def main() -> int:

@@ -21,7 +21,6 @@ import os
 import signal
 import socket
 import sys
-import time
 from typing import Any
 
 import structlog
@@ -47,7 +46,6 @@ from ztunnel.workers.channel import Channel
 log = structlog.get_logger("ztunnel.worker")
 
 PR_SET_PDEATHSIG = 1
-TRIM_CHECK_SECONDS = 1.0
 
 
 def die_with(owner: int) -> None:
@@ -179,7 +177,7 @@ async def run(cfg: Config, fd: int, index: int, processes: int) -> None:
     channel.start()
     channel.send(codec.Hello(index, os.getpid()))
     log.info("ztunnel worker started", worker=index, pid=os.getpid())
-    trimmer = asyncio.ensure_future(_trim_when_idle(node))
+    trimmer = asyncio.ensure_future(malloc.trim_loop(node.activity))
     await worker.ended.wait()
     trimmer.cancel()
     await worker.tasks.cancel_all()
@@ -196,15 +194,6 @@ def _dns_upstreams(cfg: Config) -> tuple[IPAddress, ...] | None:
         return nameservers(cfg.dns_resolv_conf.read_text())
     except (OSError, UnicodeDecodeError, ResolvConfError):
         return None  # the owner refused to start over it already
-
-
-async def _trim_when_idle(node: NodeProxy) -> None:
-    """Each process gives back its own freed memory, as the owner does."""
-    idle = malloc.IdleTrim()
-    while True:
-        await asyncio.sleep(TRIM_CHECK_SECONDS)
-        if idle.check(*node.activity(), time.process_time()):
-            malloc.collect_and_trim()
 
 
 def main(argv: list[str] | None = None) -> int:

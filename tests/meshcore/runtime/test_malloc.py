@@ -6,33 +6,57 @@ import subprocess
 import sys
 
 
-def test_idle_trim_waits_for_a_quiet_interval_after_activity() -> None:
-    from meshcore.runtime.malloc import IdleTrim
+def test_a_collection_and_trim_waits_for_a_quiet_interval_after_activity() -> None:
+    from meshcore.runtime.malloc import Trim, TrimSchedule
 
-    idle = IdleTrim()
-    assert not idle.check(0, 0)  # nothing ever happened: nothing to give back
-    assert not idle.check(5, 0)  # busy
-    assert not idle.check(9, 3)  # still busy
-    assert idle.check(9, 3)  # a whole quiet interval: trim, once
-    assert not idle.check(9, 3)
-    assert not idle.check(9, 3)
-    assert not idle.check(9, 4)  # a connection closed: activity again
-    assert idle.check(9, 4)
+    t = TrimSchedule()
+    assert t.check(0, 0) is Trim.NOTHING  # nothing ever happened: nothing to give back
+    assert t.check(5, 0) is Trim.NOTHING  # busy
+    assert t.check(9, 3) is Trim.NOTHING  # still busy
+    assert t.check(9, 3) is Trim.COLLECT_AND_TRIM  # a whole quiet interval: once
+    assert t.check(9, 3) is Trim.NOTHING
+    assert t.check(9, 3) is Trim.NOTHING
+    assert t.check(9, 4) is Trim.NOTHING  # a connection closed: activity again
+    assert t.check(9, 4) is Trim.COLLECT_AND_TRIM
 
 
-def test_idle_trim_waits_while_the_process_is_busy_on_open_connections() -> None:
+def test_no_collection_while_the_process_is_busy_on_open_connections() -> None:
     """Requests over keep-alive connections open and close nothing: CPU time says busy."""
-    from meshcore.runtime.malloc import BUSY_CPU_SECONDS, IdleTrim
+    from meshcore.runtime.malloc import BUSY_CPU_SECONDS, Trim, TrimSchedule
 
-    idle = IdleTrim()
+    t = TrimSchedule()
     step = BUSY_CPU_SECONDS * 10
-    assert not idle.check(4, 0, 0.0)  # connections opened
-    assert not idle.check(4, 0, step)  # same counts, but busy: no trim under load
-    assert not idle.check(4, 0, 2 * step)
-    assert idle.check(4, 0, 2 * step + BUSY_CPU_SECONDS / 2)  # quiet now: trim, once
-    assert not idle.check(4, 0, 2 * step + BUSY_CPU_SECONDS)
-    assert not idle.check(4, 0, 3 * step)  # a burst on the same connections
-    assert idle.check(4, 0, 3 * step)  # then quiet: what the burst freed is given back
+    assert t.check(4, 0, 0.0) is Trim.NOTHING  # connections opened
+    assert t.check(4, 0, step) is Trim.NOTHING  # same counts, but busy: no collection
+    assert t.check(4, 0, 2 * step) is Trim.NOTHING
+    # quiet now: what the load freed is given back, once
+    assert t.check(4, 0, 2 * step + BUSY_CPU_SECONDS / 2) is Trim.COLLECT_AND_TRIM
+    assert t.check(4, 0, 2 * step + BUSY_CPU_SECONDS) is Trim.NOTHING
+    assert t.check(4, 0, 3 * step) is Trim.NOTHING  # a burst on the same connections
+    assert t.check(4, 0, 3 * step) is Trim.COLLECT_AND_TRIM  # then quiet
+
+
+def test_under_steady_load_a_trim_alone_every_interval() -> None:
+    """Churn that never pauses: no collection ever (it would stall every connection), but
+    the heap's free pages are given back every interval, so they do not pile up."""
+    from meshcore.runtime.malloc import Trim, TrimSchedule
+
+    t = TrimSchedule(busy_trim_seconds=30.0)
+    seen = []
+    for second in range(100):
+        seen.append((second, t.check(second * 10, second * 10, 0.0, float(second))))
+    assert [s for s, a in seen if a is not Trim.NOTHING] == [30, 60, 90]
+    assert {a for _, a in seen} == {Trim.NOTHING, Trim.TRIM}
+    # The load stops: one collection, then nothing at all while the node stays idle.
+    assert t.check(990, 990, 0.0, 100.0) is Trim.COLLECT_AND_TRIM
+    assert [t.check(990, 990, 0.0, 100.0 + s) for s in range(1, 61)] == [Trim.NOTHING] * 60
+
+
+def test_an_idle_node_is_never_trimmed_on_a_timer() -> None:
+    from meshcore.runtime.malloc import Trim, TrimSchedule
+
+    t = TrimSchedule(busy_trim_seconds=5.0)
+    assert [t.check(0, 0, 0.0, float(s)) for s in range(60)] == [Trim.NOTHING] * 60
 
 
 def test_trim_gives_freed_heap_memory_back() -> None:
