@@ -19,12 +19,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import gc
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -48,17 +45,6 @@ from meshcore.runtime import malloc  # noqa: E402
 
 # ---- pure: reading the allocators' figures and comparing samples ----
 
-_ARENAS = re.compile(r"^# arenas (allocated current|highwater mark)\s*=\s*([\d,]+)", re.M)
-
-
-def parse_pymalloc_stats(text: str) -> dict[str, int]:
-    """`sys._debugmallocstats()`'s arena lines: arenas held now and the most ever held."""
-    out = {}
-    for name, value in _ARENAS.findall(text):
-        key = "arenas" if name == "allocated current" else "arenas_highwater"
-        out[key] = int(value.replace(",", ""))
-    return out
-
 
 def type_growth(
     before: dict[str, int], after: dict[str, int], top: int, min_delta: int = 1
@@ -74,56 +60,6 @@ def per_connection(delta: float, connections: int) -> float:
 
 
 # ---- the measurements ----
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in (
-            "arena",
-            "ordblks",
-            "smblks",
-            "hblks",
-            "hblkhd",
-            "usmblks",
-            "fsmblks",
-            "uordblks",
-            "fordblks",
-            "keepcost",
-        )
-    ]
-
-
-def _mallinfo2() -> dict[str, int]:
-    """glibc's heap: bytes in use, free inside the heap, and in mmapped chunks (all arenas);
-    empty where glibc (>= 2.33) is not the allocator."""
-    name = ctypes.util.find_library("c")
-    try:
-        fn = ctypes.CDLL(name).mallinfo2 if name else None
-    except (OSError, AttributeError):
-        fn = None
-    if fn is None:
-        return {}
-    fn.restype = _MallInfo2
-    m = fn()
-    return {"heap_in_use": m.uordblks, "heap_free": m.fordblks, "mmapped": m.hblkhd}
-
-
-def _pymalloc() -> dict[str, int]:
-    """pymalloc's arenas (1 MiB each): `_debugmallocstats` writes to the C stderr, so fd 2
-    is pointed at a temporary file for the call. Empty while tracemalloc traces (pymalloc
-    is then behind its hooks and reports nothing)."""
-    with tempfile.TemporaryFile() as tmp:
-        sys.stderr.flush()
-        saved = os.dup(2)
-        try:
-            os.dup2(tmp.fileno(), 2)
-            sys._debugmallocstats()
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-        tmp.seek(0)
-        return parse_pymalloc_stats(tmp.read().decode(errors="replace"))
 
 
 def _lent() -> dict[str, int]:
@@ -173,7 +109,7 @@ def sample(
         blocks=blocks,
         gc_objects=n_objs,
         threads=len(os.listdir("/proc/self/task")),
-        alloc={**_mallinfo2(), **_pymalloc(), **_lent()},
+        alloc={**malloc.heap(), **malloc.pymalloc_arenas(), **_lent()},
     )
     if trim:
         t0 = time.perf_counter()

@@ -42,7 +42,8 @@ from soakbench import report, tcpstats
 import nsutil
 from localcluster.apps import INHERITED_ENV
 from localcluster.interrupt import run_interruptible
-from localcluster.mesh import MeshUpError
+from localcluster.mesh import MeshUpError, netns_http
+from meshcore.defaults import ADMIN_PORT
 
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
@@ -118,6 +119,22 @@ def host_cpu_s() -> float | None:
         return None
     ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
     return (sum(ticks) - ticks[3] - ticks[4]) / costs.CLK_TCK
+
+
+def memory(proxies: dict[str, list[int]]) -> dict[str, dict[str, Any] | None]:
+    """Per role: the tunnel's own account of its memory (admin `/memory`, read inside its
+    netns: Python's blocks and arenas, glibc's heap in use and free), which says whether a
+    rise in RSS is objects or memory the allocators keep. The owner process's (workers keep
+    their own heaps); None when it does not answer."""
+    out: dict[str, dict[str, Any] | None] = {}
+    for role, pids in proxies.items():
+        try:
+            status, body = netns_http(f"/proc/{pids[0]}/ns/net", ADMIN_PORT, "/memory", timeout=2.0)
+            doc = json.loads(body) if status == 200 else None
+        except (OSError, ValueError, IndexError):
+            doc = None
+        out[role] = doc if isinstance(doc, dict) else None
+    return out
 
 
 def sample(proxies: dict[str, list[int]]) -> dict[str, dict[str, Any] | None]:
@@ -255,6 +272,7 @@ def _drive(
         gen = costs.sample(gen_pid)["gen"]
         line["gen_cpu_s"] = gen.cpu_s if gen is not None else None
         line["proxies"] = sample(proxies)
+        line["memory"] = memory(proxies)
         line["host_cpu_s"] = host_cpu_s()
         timeline.append(line)
         _say(line, proxies)

@@ -289,6 +289,7 @@ def render(doc: Mapping[str, Any], summary: Mapping[str, Any], plots: Sequence[s
             + ", ".join(f"{r} {v:.2f} ms" for r, v in sorted(per.items()))
             + f"; the load generator {_fmt(summary.get('gen_cpu_ms_per_new'))} ms.",
         ]
+    out += _memory_table(doc)
     out += ["", "## Over time", ""]
     out += _interval_table(doc, summary)
     notes = list(doc.get("notes", []))
@@ -297,6 +298,61 @@ def render(doc: Mapping[str, Any], summary: Mapping[str, Any], plots: Sequence[s
     if plots:
         out += ["", "## Plots", ""] + [f"![{n}]({n})" for n in plots]
     return "\n".join(out) + "\n"
+
+
+# The tunnel's /memory figures, in the order the table shows them: (key, heading, scale).
+MEMORY_PARTS = (
+    ("rss_bytes", "RSS MB", 2**20),
+    ("python_blocks", "Python blocks (k)", 1000),
+    ("arenas", "pymalloc arenas (1 MiB)", 1),
+    ("heap_in_use", "C heap in use MB", 2**20),
+    ("heap_free", "C heap free MB", 2**20),
+    ("mmapped", "C mmapped MB", 2**20),
+)
+
+
+def memory_marks(
+    doc: Mapping[str, Any], role: str
+) -> tuple[Mapping[str, Any], Mapping[str, Any]] | None:
+    """A tunnel's /memory at the first sample after the warm-up and at the last one; None
+    when it never answered (a run from before the endpoint)."""
+    warm = float(doc["params"]["warmup"])
+    seen = [
+        m
+        for e in doc.get("timeline", [])
+        if float(e["t"]) >= warm and isinstance(m := (e.get("memory") or {}).get(role), Mapping)
+    ]
+    return (seen[0], seen[-1]) if seen else None
+
+
+def _memory_table(doc: Mapping[str, Any]) -> list[str]:
+    rows = []
+    for role in sorted(doc.get("idle", {})):
+        marks = memory_marks(doc, role)
+        if marks is None:
+            continue
+        first, last = marks
+        cells = []
+        for key, _, scale in MEMORY_PARTS:
+            a, b = first.get(key), last.get(key)
+            if isinstance(a, int | float) and isinstance(b, int | float):
+                cells.append(f"{a / scale:.1f} -> {b / scale:.1f} ({(b - a) / scale:+.1f})")
+            else:
+                cells.append("n/a")
+        rows.append(f"| {role} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return [
+        "",
+        "## Where the memory is (each tunnel's admin `/memory`, after the warm-up -> end)",
+        "",
+        "Objects that pile up show as Python blocks or C heap in use rising; memory the "
+        "allocators keep shows as RSS rising while those stay flat.",
+        "",
+        "| tunnel | " + " | ".join(h for _, h, _ in MEMORY_PARTS) + " |",
+        "|---|" + "---|" * len(MEMORY_PARTS),
+        *rows,
+    ]
 
 
 def _tcp_counters(doc: Mapping[str, Any]) -> list[str]:

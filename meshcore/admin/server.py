@@ -5,6 +5,8 @@ Admin endpoints, as ztunnel's (and Envoy's) admin interface:
 - `GET /connections`: open proxied connections, JSON list;
 - `GET /debug/explain?source=<ns/pod>&destination=<host-or-ip>:<port>`: how a connection
   would be routed and authorized, JSON (400 when the question itself is wrong);
+- `GET /memory`: where this process's memory is (resident, Python's blocks and arenas,
+  glibc's heap in use and free), JSON, as Envoy's `/memory`;
 - `GET /logging` (or `POST /logging` with no level): the current log level;
   `POST /logging?level=<level>`: change it at runtime;
 - `POST /quitquitquit`: answer, then ask the tunnel to shut down;
@@ -34,6 +36,7 @@ from meshcore.http1.server import NodeHttpServer, Request, Response, Routes
 from meshcore.localtrust import RateLog
 from meshcore.observability.metrics import TcpMetrics
 from meshcore.observability.promtext import ProcessMetrics
+from meshcore.runtime import malloc
 
 log = structlog.get_logger(__name__)
 
@@ -115,6 +118,7 @@ _ENDPOINTS: tuple[tuple[str, str], ...] = (
         "explain a connection: ?source=<namespace/pod>&destination=<host-or-ip>:<port>",
     ),
     ("/logging", "query (GET) or change (POST ?level=<level>) the log level"),
+    ("/memory", "this process's memory: resident, Python's blocks and arenas, the C heap"),
     ("/quitquitquit", "shut the tunnel down (POST)"),
 )
 
@@ -231,6 +235,10 @@ class AdminServer(NodeHttpServer):
             return _json({"level": now})
         return _json({"level": current_log_level()})
 
+    async def _memory(self, _request: Request) -> Response:
+        # This process only: with tunnel workers, each keeps its own heap.
+        return _json(malloc.figures())
+
     async def _quit(self, request: Request) -> Response:
         def quit_after_answer() -> None:
             log.info("shutdown requested via admin", peer=request.remote)
@@ -247,6 +255,7 @@ class AdminServer(NodeHttpServer):
             "/connections": {"GET": self._connections},
             "/debug/explain": {"GET": self._explain},
             "/logging": {"GET": self._logging, "POST": self._logging},
+            "/memory": {"GET": self._memory},
             # POST only: a GET (a browser, a crawler of the index) must never stop the tunnel.
             "/quitquitquit": {"POST": self._quit},
         }

@@ -7,7 +7,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
-from memgrowth import parse_pymalloc_stats, per_connection, type_growth, without_variants
+from memgrowth import per_connection, type_growth, without_variants
+
+from meshcore.runtime.malloc import parse_pymalloc_stats
 
 MALLOCSTATS = """\
 Small block threshold = 512, in 32 size classes.

@@ -234,3 +234,35 @@ def test_the_rss_verdict_tells_the_second_half_beside_the_whole_span() -> None:
         assert target.met is False
         assert late.growth / 1024 == pytest.approx(late_mb, abs=0.05)
         assert f"second half {late.growth / 1024:+.2f} MB" in target.measured
+
+
+def test_the_report_says_where_the_memory_went() -> None:
+    """The tunnels' /memory at the first judged sample and the last: a tunnel whose Python
+    blocks rise is told apart from one whose RSS rises with nothing more in use."""
+    doc = _run(0.0, {})
+    for i, e in enumerate(doc["timeline"]):
+        e["memory"] = {
+            "tunnel-node1": {"rss_bytes": 80 * 2**20 + i * 2**16, "python_blocks": 500_000,
+                             "arenas": 40, "heap_in_use": 30 * 2**20,
+                             "heap_free": 2**20 + i * 2**16, "mmapped": 2**21},
+            "tunnel-node2": None if i % 2 else {"rss_bytes": 70 * 2**20,
+                                                "python_blocks": 400_000 + 1_000 * i},
+        }  # fmt: skip
+    warm = [e for e in doc["timeline"] if e["t"] >= doc["params"]["warmup"]]
+    first, last = report.memory_marks(doc, "tunnel-node1") or ({}, {})
+    assert first["rss_bytes"] == warm[0]["memory"]["tunnel-node1"]["rss_bytes"]
+    assert last["rss_bytes"] == warm[-1]["memory"]["tunnel-node1"]["rss_bytes"]
+    # node2 did not answer at every sample: the marks are the ones it answered.
+    first2, last2 = report.memory_marks(doc, "tunnel-node2") or ({}, {})
+    assert last2["python_blocks"] > first2["python_blocks"]
+    md = report.render(doc, report.summarize(doc), [])
+    assert "## Where the memory is" in md
+    row1 = next(line for line in md.splitlines() if line.startswith("| tunnel-node1 | 8"))
+    assert "500.0 -> 500.0 (+0.0)" in row1  # the blocks flat
+    assert "40.0 -> 40.0 (+0.0)" in row1
+    row2 = next(line for line in md.splitlines() if line.startswith("| tunnel-node2 | 70"))
+    assert "n/a" in row2  # figures it never gave
+    # A run from before the endpoint has no such section.
+    assert "## Where the memory is" not in report.render(
+        _run(0.0, {}), report.summarize(_run(0.0, {})), []
+    )

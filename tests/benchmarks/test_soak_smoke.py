@@ -36,6 +36,10 @@ def test_soak_writes_a_clean_report(tmp_path: Path) -> None:
     assert set(doc["idle"]) == TUNNELS
     for e in doc["timeline"]:
         assert set(e["proxies"]) == TUNNELS and all(e["proxies"].values())
+        # Each tunnel's own account of its memory, read from its admin inside its netns.
+        assert set(e["memory"]) == TUNNELS
+        for m in e["memory"].values():
+            assert m["python_blocks"] > 0 and m["rss_bytes"] > 0 and m["heap_in_use"] > 0
     assert sum(e["new"]["ok"] for e in doc["timeline"]) > 0
     assert sum(e["held"]["ok"] for e in doc["timeline"]) > 0
     assert doc["after_close"]["tunnel-node1"]["fds"] < doc["at_end"]["tunnel-node1"]["fds"]
@@ -62,6 +66,7 @@ def test_soak_writes_a_clean_report(tmp_path: Path) -> None:
     md = (out / "report.md").read_text()
     assert "## Targets" in md and "| zero errors | 0 |" in md and "| met |" in md
     assert "RSS flat" in md and "noise band" in md
+    assert "## Where the memory is" in md
     assert "## Kernel TCP counters over the churn" in md and "| ListenOverflows |" in md
     for name in ("rss.png", "fds.png", "errors.png", "latency.png", "rate.png", "cpu.png"):
         data = (out / name).read_bytes()

@@ -39,14 +39,24 @@ def config_dump(port: int) -> dict[str, Any] | None:
         return None
 
 
-def start_tunnel(env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "ztunnel"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+def start_tunnel(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "ztunnel"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def log_tail(log: Path, lines: int = 40) -> str:
+    """The tunnel's last lines, for a failure's message: what it was doing when a wait
+    ran out (a push not applied once in a loaded run, with no output kept to say why)."""
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as e:
+        return f"(no log: {e})"
 
 
 def memory_map(pid: int) -> str:
@@ -91,7 +101,8 @@ def test_tunnel_process_runs_on_pushed_state(aio: Loop, harness: Harness, tmp_pa
             "METRICS_PORT": str(free_port()),
             "READINESS_PORT": str(free_port()),
         }
-        proc = start_tunnel(env)
+        log = tmp_path / "tunnel.log"
+        proc = start_tunnel(env, log)
 
         def stop() -> None:
             if proc.poll() is None:
@@ -113,7 +124,10 @@ def test_tunnel_process_runs_on_pushed_state(aio: Loop, harness: Harness, tmp_pa
                 return True
             return False
 
-        await wait_until(has_first, "the tunnel's first state", limit=30, interval=0.2)
+        try:
+            await wait_until(has_first, "the tunnel's first state", limit=30, interval=0.2)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n--- the tunnel's output ---\n{log_tail(log)}") from None
         assert len(first["workloads"]) == len(demo_state().workloads)
         assert first["config"]["rejected"] is None
         # The tunnel speaks gRPC with its own small client: grpcio's core is not loaded,
@@ -130,7 +144,15 @@ def test_tunnel_process_runs_on_pushed_state(aio: Loop, harness: Harness, tmp_pa
                 and workload_health(dump, gone) is None
             )
 
-        await wait_until(applied, "the pushed update in the tunnel", limit=30, interval=0.2)
+        try:
+            await wait_until(applied, "the pushed update in the tunnel", limit=30, interval=0.2)
+        except AssertionError as e:
+            dump = config_dump(admin)
+            seen = {w.get("uid"): w.get("status") for w in (dump or {}).get("workloads", [])}
+            raise AssertionError(
+                f"{e}\nworkloads in the tunnel: {seen}\nnacks: {server.nacks}"
+                f"\n--- the tunnel's output ---\n{log_tail(log)}"
+            ) from None
         assert not server.nacks  # nothing refused
 
     aio.run(main, limit=90)

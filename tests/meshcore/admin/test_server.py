@@ -149,10 +149,38 @@ def test_admin_index_and_unknown_paths_list_the_endpoints(aio):
                 assert r.status == 404
                 missing = await r.text()
         for text in (index, missing):
-            for path in ("/config_dump", "/connections", "/debug/explain", "/logging"):
+            for path in ("/config_dump", "/connections", "/debug/explain", "/logging", "/memory"):
                 assert path in text
             assert "/quitquitquit" in text
         assert missing.startswith("invalid path")
+
+    aio.run(main)
+
+
+def test_memory_says_where_the_process_memory_is(aio):
+    """Python objects kept alive show as blocks and arenas; a big buffer as C heap or
+    mmapped memory; both in the resident size."""
+
+    async def main() -> None:
+        _, base = await started_admin(aio, StaticSource())
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{base}/memory") as r:
+                assert r.status == 200
+                before = await r.json()
+            kept = [(i, str(i)) for i in range(200_000)]  # ~20 MB of small objects
+            big = bytearray(50_000_000)
+            async with http.get(f"{base}/memory") as r:
+                after = await r.json()
+        assert len(kept) == 200_000 and len(big) == 50_000_000
+        for key in ("rss_bytes", "rss_high_bytes", "python_blocks", "arenas", "heap_in_use"):
+            assert isinstance(before[key], int) and before[key] > 0, key
+        assert after["python_blocks"] - before["python_blocks"] > 400_000  # tuples and strs
+        assert after["arenas"] - before["arenas"] >= 10  # 1 MiB each
+        assert (
+            after["mmapped"] + after["heap_in_use"] - before["mmapped"] - before["heap_in_use"]
+            > 45_000_000
+        )
+        assert after["rss_bytes"] - before["rss_bytes"] > 10_000_000  # the objects are resident
 
     aio.run(main)
 
