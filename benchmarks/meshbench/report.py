@@ -259,6 +259,31 @@ def targets(
             "vCPU",
             sp=sps.get((AMBIENT, pl), {}).get(f"tunnel_cpu_s_per_1000_max@{r}"),
         )
+        hap = agg.get((HAPROXY, pl))
+        if hap is not None:
+            # Connection setup against the HAProxy sidecar pair (mTLS between them): the
+            # pace a user's short connections meet, and the CPU both meshes spend.
+            t(
+                "ambient / sidecar-haproxy new connections per second",
+                ratio(amb.get("conn_per_s"), hap.get("conn_per_s")),
+                0.7,
+                True,
+                "x",
+            )
+            t(
+                "ambient / sidecar-haproxy proxy CPU per 1000 req",
+                ratio(amb.get(f"cpu_s_per_1000@{r}"), hap.get(f"cpu_s_per_1000@{r}")),
+                1.0,
+                False,
+                "x",
+            )
+            t(
+                "ambient / sidecar-haproxy new mTLS handshakes per second",
+                ratio(amb.get("handshakes_per_s"), hap.get("handshakes_per_s")),
+                1.0,
+                True,
+                "x",
+            )
         t("tunnel idle RSS (largest tunnel)", amb.get("idle_rss_mb_max_proxy"), 40.0, False, "MB")
         t("memory per open connection (all tunnels)", amb.get("kb_per_conn"), 8.0, False, "KB")
         out.extend(waypoint_targets(agg, pl, rate, runs))

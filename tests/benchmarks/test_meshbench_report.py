@@ -115,6 +115,28 @@ def test_a_missed_target_is_reported_as_missed() -> None:
     assert ts["ambient / relay throughput"].met is None  # no relay row: not measured
 
 
+def test_the_targets_against_sidecar_haproxy() -> None:
+    """Judged only when the HAProxy pair ran: new connections (>= 0.7x), proxy CPU per 1000
+    requests (<= 1.0x) and new mTLS handshakes (>= 1.0x)."""
+    hap = run("sidecar-haproxy", gbit=3.0, p99=1.4, cpu=0.1, handshakes=400.0)
+    hap["connect"] = {"per_second": 1000.0}
+    amb = run("ambient", gbit=4.0, p99=1.1, cpu=0.15, handshakes=300.0)
+    amb["connect"] = {"per_second": 800.0}
+    runs = [run("none", gbit=10.0, p99=1.0, cpu=None), amb, hap]
+    ts = {t.name: t for t in report.targets(report.aggregate(runs))}
+    conn = ts["ambient / sidecar-haproxy new connections per second"]
+    assert conn.value == pytest.approx(0.8) and conn.met is True
+    cpu = ts["ambient / sidecar-haproxy proxy CPU per 1000 req"]
+    assert cpu.value == pytest.approx(1.5) and cpu.met is False
+    hs = ts["ambient / sidecar-haproxy new mTLS handshakes per second"]
+    assert hs.value == pytest.approx(0.75) and hs.met is False
+    # Without the HAProxy pair the three are not listed at all.
+    without = {t.name for t in report.targets(report.aggregate(runs[:2]))}
+    assert not any("haproxy" in n for n in without)
+    table = report.targets_table(report.targets(report.aggregate(runs)))
+    assert "ambient / sidecar-haproxy new connections per second" in table
+
+
 def _tables(md: str) -> list[list[str]]:
     tables: list[list[str]] = []
     current: list[str] = []
