@@ -243,8 +243,13 @@ class AppSide(asyncio.BufferedProtocol):
         on_lost, self.on_lost = self.on_lost, None
         if on_lost is not None:
             on_lost(self)
-        if self.sink is not None:
-            self.sink.app_lost(exc)
+        # The last event: the sink is told and let go. A sink refers back to its app side,
+        # and that cycle would leave the whole relay (both sides, the transport, the
+        # result) to the cyclic collector; as garbage that outlived a young collection it
+        # waits for a full one, and the soak's RSS rose with it between those.
+        sink, self.sink = self.sink, None
+        if sink is not None:
+            sink.app_lost(exc)
 
     def pause_writing(self) -> None:
         self.paused_writing = True
@@ -265,6 +270,7 @@ class AppSide(asyncio.BufferedProtocol):
         if self.eof:
             sink.app_eof()
         if self.lost is not False:
+            self.sink = None  # gone already: told once, not kept (see connection_lost)
             sink.app_lost(self.lost if isinstance(self.lost, Exception) else None)
         elif self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import socket
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -17,6 +18,7 @@ from meshcore.hbone.h2frames import FRAME_HEADER_LEN, Flag, FrameType, parse_hea
 from meshcore.hbone.transport import H2Transport
 from meshcore.relay import EOF_PEEK_MISSES, AppSide, HboneSplice, RelayResult, TcpPipe
 from tests.support.aio import Loop, wait_until
+from tests.support.gcprobe import cyclic_garbage
 from tests.support.h2 import StreamRec, connect_request
 
 MB = 1024 * 1024
@@ -319,6 +321,58 @@ def test_tcp_pipes_deliver_every_byte_while_a_slow_peer_holds_views_of_the_read_
         assert {hashlib.sha256(b).digest() for b in got.values()} == wanted
 
     aio.run(main)
+
+
+def test_a_finished_tcp_pipe_is_freed_without_the_cyclic_collector(aio: Loop) -> None:
+    """The same-node relay (two app sides joined by a pipe): once both ends are gone,
+    reference counting frees it all; nothing waits in a cycle for the collector."""
+
+    async def main() -> Counter[str]:
+        loop = asyncio.get_running_loop()
+        results: list[RelayResult] = []
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            w.write(await r.read())
+            w.close()
+
+        port = await app_port(aio, echo)
+
+        def on_made(client: AppSide) -> None:
+            async def join() -> None:
+                _, upstream = await loop.create_connection(AppSide, LOOPBACK, port)
+                pipe = TcpPipe(client, upstream)
+                pipe.when_done(results.append)
+                pipe.start()
+
+            tasks.add(loop.create_task(join()))
+
+        listener = aio.closing(await loop.create_server(partial(AppSide, on_made), LOOPBACK, 0))
+        lport = listener.sockets[0].getsockname()[1]
+
+        async def one() -> None:
+            r, w = await asyncio.open_connection(LOOPBACK, lport)
+            w.write(b"ping")
+            w.write_eof()
+            assert await r.read() == b"ping"
+            w.close()
+            await w.wait_closed()
+
+        await one()  # warm-up
+        await wait_until(lambda: len(results) == 1, "the warm-up pipe to end")
+        tasks.clear()
+        with cyclic_garbage() as found:
+            for _ in range(30):
+                await one()
+            await wait_until(lambda: len(results) == 31, "the pipes to end")
+            await asyncio.sleep(0.05)
+            tasks.clear()
+        assert all(r.error is None for r in results), results
+        return found
+
+    found = aio.run(main)
+    relay = {k: n for k, n in found.items() if k.startswith("meshcore.")}
+    assert relay == {}, found.most_common(12)
 
 
 class _WriteLog(H2Transport):
