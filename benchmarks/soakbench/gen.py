@@ -37,7 +37,7 @@ from typing import Any, cast
 import uvloop
 from meshbench.hist import Histogram
 
-from .wire import HELD_REQUEST, NEW_REQUEST, AnswerParser, error_kind
+from .wire import HELD_OPEN_REQUEST, HELD_REQUEST, NEW_REQUEST, AnswerParser, error_kind
 
 TIMEOUT = 10.0  # seconds a connect, an answer or the server's close may take
 MAX_LAG = 1.0  # a start more than this late is missed, not launched in a burst
@@ -232,7 +232,7 @@ class Generator:
                         await self.loop.create_connection(lambda: conn, a.host, a.port)
                         phase = "answer"
                         assert conn.transport is not None
-                        conn.transport.write(HELD_REQUEST)
+                        conn.transport.write(HELD_OPEN_REQUEST)
                         await conn.ready
                 except (OSError, ValueError, TimeoutError, ConnectionError) as e:
                     _count(errors, error_kind(e, phase))

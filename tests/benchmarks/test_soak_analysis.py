@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 from meshbench.hist import Histogram
 from soakbench import analysis, report
-from soakbench.wire import AnswerParser, error_kind
+from soakbench.wire import HELD_OPEN_REQUEST, HELD_REQUEST, AnswerParser, error_kind
 
 TS = [float(t) for t in range(0, 600, 5)]
 
@@ -266,3 +266,13 @@ def test_the_report_says_where_the_memory_went() -> None:
     assert "## Where the memory is" not in report.render(
         _run(0.0, {}), report.summarize(_run(0.0, {})), []
     )
+
+
+def test_a_held_connections_first_request_passes_the_small_int_cache() -> None:
+    """One request head, keep-alive, and more than 256 bytes: the tunnels' byte counters
+    of a held connection leave CPython's small-int cache at its opening, not minutes into
+    the judged span (where it read as RSS growth)."""
+    assert len(HELD_OPEN_REQUEST) > 256
+    assert HELD_OPEN_REQUEST.count(b"\r\n\r\n") == 1 and HELD_OPEN_REQUEST.endswith(b"\r\n\r\n")
+    assert HELD_OPEN_REQUEST.startswith(HELD_REQUEST[: HELD_REQUEST.index(b"\r\n\r\n")])
+    assert b"connection: close" not in HELD_OPEN_REQUEST.lower()
