@@ -878,6 +878,16 @@ def test_ten_thousand_failed_handshakes_at_a_pods_15008_leave_nothing_behind(
     assert after - before < 200, (before, after)
 
 
+async def one_byte_through(mesh: LoopbackMesh) -> None:
+    """A short connection from pod A to the service: one byte there and back, then closed."""
+    reader, writer = await mesh.from_pod(mesh.a, f"{VIP}:80")
+    writer.write(b"x")
+    writer.write_eof()
+    assert await read_all(reader) == b"x"
+    writer.close()
+    await writer.wait_closed()
+
+
 def test_closed_connections_are_not_kept_while_others_stay_open__recorded_redirects(
     aio_uvloop: Loop, mesh: LoopbackMesh
 ) -> None:
@@ -887,13 +897,6 @@ def test_closed_connections_are_not_kept_while_others_stay_open__recorded_redire
     as many as were open, so with N held, up to N closed connections' objects stayed:
     memory that rose and fell with the churn, in steps, on a tunnel holding thousands)."""
     held_n, short_n = 100, 300
-
-    async def short() -> None:
-        reader, writer = await mesh.from_pod(mesh.a, f"{VIP}:80")
-        writer.write(b"x")
-        writer.write_eof()
-        assert await read_all(reader) == b"x"
-        writer.close()
 
     def relays() -> int:
         gc.collect()
@@ -916,11 +919,11 @@ def test_closed_connections_are_not_kept_while_others_stay_open__recorded_redire
             writer.write(b"h")
         for reader, _ in held:
             assert await reader.readexactly(1) == b"h"
-        await short()  # warm-up
+        await one_byte_through(mesh)  # warm-up
         await settled()
         before = relays()
         for _ in range(short_n):
-            await short()
+            await one_byte_through(mesh)
         await settled()
         after = relays()
         for _, writer in held:
@@ -940,25 +943,17 @@ def test_a_closed_connections_relay_is_freed_without_the_cyclic_collector__recor
     outlived a young collection wait for a full one: the soak's RSS and Python blocks rose
     between full collections, minutes apart on a tunnel holding 10 000 connections."""
 
-    async def short() -> None:
-        reader, writer = await mesh.from_pod(mesh.a, f"{VIP}:80")
-        writer.write(b"x")
-        writer.write_eof()
-        assert await read_all(reader) == b"x"
-        writer.close()
-        await writer.wait_closed()
-
     def ended() -> bool:
         return not mesh.node1.connection_table.connections() and not (
             mesh.node2.connection_table.connections()
         )
 
     async def main() -> Counter[str]:
-        await short()  # warm-up: the HBONE pool dialled, caches filled
+        await one_byte_through(mesh)  # warm-up: the HBONE pool dialled, caches filled
         await wait_until(ended, "the warm-up connection to end")
         with cyclic_garbage() as found:
             for _ in range(50):
-                await short()
+                await one_byte_through(mesh)
             await wait_until(ended, "the connections to end")
             await asyncio.sleep(0.1)
         return found
