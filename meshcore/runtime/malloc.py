@@ -6,8 +6,9 @@ only the top of the heap, and live objects scattered through it pin the rest of 
 range. `malloc_trim` releases every free page (`collect_and_trim` frees the cyclic garbage
 first). `TrimSchedule` decides when: a collection and a trim once the node is quiet after
 activity; under steady load a trim alone every `BUSY_TRIM_SECONDS`, since there the free
-pages left by each peak of concurrent connections would otherwise stay (the soak's RSS rose
-about 1.5 MB in 10 minutes of churn that way, all of it free heap).
+pages left by each peak of concurrent connections would otherwise stay until the node is
+quiet, which under steady churn it never is. `figures` says where the memory is (the
+admin's `/memory`).
 """
 
 from __future__ import annotations
