@@ -69,10 +69,8 @@ def _lent() -> dict[str, int]:
 
 
 def _status_kb(field_name: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field_name + ":"):
-            return int(line.split()[1])
-    return 0
+    (value,) = malloc.status_bytes(field_name)
+    return (value or 0) // 1024
 
 
 @dataclass

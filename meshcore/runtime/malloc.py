@@ -110,11 +110,19 @@ def pymalloc_arenas() -> dict[str, int]:
         return parse_pymalloc_stats(tmp.read().decode(errors="replace"))
 
 
-def _status_bytes(text: str, field: str) -> int | None:
-    for line in text.splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return None
+def status_bytes(*fields: str) -> list[int | None]:
+    """This process's `/proc/self/status` memory fields (`VmRSS`, `VmHWM`, ...) in bytes,
+    in the order asked; None for a field not there (or no /proc)."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        lines = []
+    found = {}
+    for line in lines:
+        name, _, rest = line.partition(":")
+        if name in fields:
+            found[name] = int(rest.split()[0]) * 1024
+    return [found.get(f) for f in fields]
 
 
 def figures() -> dict[str, int | None]:
@@ -123,13 +131,10 @@ def figures() -> dict[str, int | None]:
     and free. A resident size that rises while the blocks and the heap in use stay flat is
     memory the allocators keep (free heap not yet trimmed, arenas pinned by a few live
     objects), not objects that pile up."""
-    try:
-        status = Path("/proc/self/status").read_text()
-    except OSError:
-        status = ""
+    rss, high = status_bytes("VmRSS", "VmHWM")
     return {
-        "rss_bytes": _status_bytes(status, "VmRSS"),
-        "rss_high_bytes": _status_bytes(status, "VmHWM"),
+        "rss_bytes": rss,
+        "rss_high_bytes": high,
         "python_blocks": sys.getallocatedblocks(),
         **pymalloc_arenas(),
         **heap(),
@@ -192,10 +197,10 @@ class TrimSchedule:
         busy = cpu - self._cpu > BUSY_CPU_SECONDS
         self._cpu = cpu
         quiet = counts == self._seen and not busy
-        active = counts != self._trimmed_at or self._busy_since_trim or busy
         self._seen = counts
         if busy:
             self._busy_since_trim = True
+        active = counts != self._trimmed_at or self._busy_since_trim
         if self._last_trim is None:
             self._last_trim = now  # the interval under load counts from the first look
         if quiet and active:
