@@ -42,8 +42,10 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+import cpusplit  # noqa: E402
 from meshbench import costs, plain  # noqa: E402
-from meshbench.scenario import Endpoint  # noqa: E402
+from meshbench.handshake import private_dir  # noqa: E402
+from meshbench.scenario import Endpoint, HandshakeTarget  # noqa: E402
 
 import nsutil  # noqa: E402
 from localcluster.apps import INHERITED_ENV  # noqa: E402
@@ -317,6 +319,10 @@ def connect_run(ep: Endpoint, count: int, seconds: float, workers: int) -> dict[
         "--port", str(ep.port), "--seconds", str(seconds), "--count", str(count),
         "--workers", str(workers),
     ]  # fmt: skip
+    return _loadgen(argv, ep, seconds)
+
+
+def _loadgen(argv: list[str], ep: Endpoint, seconds: float) -> dict[str, Any]:
     try:
         done = subprocess.run(
             argv,
@@ -333,6 +339,53 @@ def connect_run(ep: Endpoint, count: int, seconds: float, workers: int) -> dict[
         raise BenchError(f"load generator failed: {done.stderr.decode(errors='replace')[-800:]}")
     doc: dict[str, Any] = json.loads(done.stdout)
     return doc
+
+
+def requests_run(ep: Endpoint, rate: float, seconds: float, conns: int) -> dict[str, Any]:
+    """`--load requests`: mesh_bench's latency step (open loop at `rate` over `conns`
+    keep-alive connections for `seconds`), reported in the connect run's terms: each
+    answered request counts as one unit."""
+    argv = [
+        sys.executable, "-m", "meshbench.loadgen", "http", "--host", ep.host,
+        "--port", str(ep.port), "--seconds", str(seconds), "--rate", str(rate),
+        "--conns", str(conns),
+    ]  # fmt: skip
+    doc = _loadgen(argv, ep, seconds)
+    return {
+        "connections": int(doc["answered"]),
+        "failed": int(doc["unanswered"]),
+        "per_second": float(doc["achieved_rps"]),
+    }
+
+
+def handshake_run(hs: HandshakeTarget, count: int, seconds: float, workers: int) -> dict[str, Any]:
+    """`--load handshakes`: mesh_bench's handshake phase (each attempt a full mTLS
+    handshake with the server node's tunnel and an HBONE CONNECT answered 200)."""
+    argv = [
+        sys.executable, "-m", "meshbench.loadgen", "handshake", "--host", hs.host,
+        "--port", str(hs.port), "--protocol", hs.protocol, "--app-port", str(hs.app_port),
+        "--server-identity", hs.server_identity, "--cert", str(hs.tls.cert),
+        "--key", str(hs.tls.key), "--roots", str(hs.tls.roots), "--mark", str(hs.mark),
+        "--seconds", str(seconds), "--workers", str(workers), "--count", str(count),
+    ]  # fmt: skip
+    doc = _loadgen(argv, Endpoint(hs.netns, hs.host, hs.port), seconds)
+    return {
+        "connections": int(doc["handshakes"]),
+        "failed": int(doc["failed"]),
+        "per_second": float(doc["handshakes_per_second"]),
+    }
+
+
+def load_run(
+    ep: Endpoint, a: argparse.Namespace, count: int, hs: HandshakeTarget | None = None
+) -> dict[str, Any]:
+    if a.load == "requests":
+        return requests_run(ep, a.rate, a.seconds, a.conns)
+    if a.load == "handshakes":
+        if hs is None:  # the plain namespace has no mTLS: nothing to compare with
+            return {"connections": 0, "failed": 0, "per_second": 0.0}
+        return handshake_run(hs, count, a.seconds, a.workers)
+    return connect_run(ep, count, a.seconds, a.workers)
 
 
 def machine() -> ProcStat:
@@ -444,15 +497,18 @@ def measure(
     pids: Mapping[str, int],
     placement: str,
     profiling: bool,
+    hss: Mapping[str, HandshakeTarget],
 ) -> dict[str, Any]:
     """One placement's connections through the mesh, and the same count without it."""
-    ref = connect_run(eps[(plain.PLAIN_NS, placement)], a.connections, a.seconds, a.workers)
+    ref = load_run(eps[(plain.PLAIN_NS, placement)], a, a.connections)
     idle = idle_rates(pids)
     if profiling:
         signal_tunnels(pids, RESET_SIGNAL)
     before, m0 = sample(pids), machine()
-    res = connect_run(eps[(plain.MESH_NS, placement)], a.connections, a.seconds, a.workers)
+    split0 = {node: cpusplit.read_times(pid) for node, pid in pids.items()}
+    res = load_run(eps[(plain.MESH_NS, placement)], a, a.connections, hss.get(placement))
     after, m1 = sample(pids), machine()
+    split1 = {node: cpusplit.read_times(pid) for node, pid in pids.items()}
     n = int(res["connections"])
     return {
         "placement": placement,
@@ -468,7 +524,18 @@ def measure(
         "us_per_conn": {
             node: per_connection_us(before[node], after[node], idle[node], n) for node in NODES
         },
+        # The kernel's share of each tunnel's CPU (system time over user + system; idle
+        # time not taken out): socket calls and the packet path under them.
+        "system_share": {node: _system_share(split0[node], split1[node]) for node in NODES},
     }
+
+
+def _system_share(t0: cpusplit.CpuTimes | None, t1: cpusplit.CpuTimes | None) -> float | None:
+    if t0 is None or t1 is None:
+        return None
+    d = t1 - t0
+    total = d.user + d.system
+    return d.system / total if total > 0 else None
 
 
 def run(a: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -485,6 +552,13 @@ def run(a: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             for ns in (plain.MESH_NS, plain.PLAIN_NS)
             for placement in a.placements
         }
+        hss: dict[str, HandshakeTarget] = {}
+        if a.load == "handshakes":
+            tls_dir = private_dir(workdir, "hs-")  # inside workdir: removed with it
+            hss = {
+                p: plain.handshake_target(cluster, tls_dir, eps[(plain.MESH_NS, p)], p)
+                for p in a.placements
+            }
         variants: list[tuple[str, Path]] = [("this", ROOT)]
         if a.compare is not None:
             variants = [("base", a.compare.resolve()), ("this", ROOT)]
@@ -501,13 +575,20 @@ def run(a: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 if restart and a.profile:
                     profiles = {n: profile_file(dirs[n], "ztunnel", pids[n]) for n in NODES}
                 for placement in a.placements:  # warm-up: pools dialled, code paths hot
-                    connect_run(eps[(plain.MESH_NS, placement)], 200, 20.0, a.workers)
+                    warm = argparse.Namespace(**{**vars(a), "seconds": 2.0})
+                    load_run(eps[(plain.MESH_NS, placement)], warm, 200, hss.get(placement))
                 order = a.placements if rnd % 2 == 0 else a.placements[::-1]
                 for placement in order:
-                    row = measure(a, eps, pids, placement, profiles is not None)
+                    row = measure(a, eps, pids, placement, profiles is not None, hss)
                     row.update(round=rnd, variant=variant)
                     rows.append(row)
                     print(format_costs([row]).splitlines()[-1], flush=True)
+                    shares = ", ".join(
+                        f"{node} {v:.0%}"
+                        for node, v in row["system_share"].items()
+                        if v is not None
+                    )
+                    print(f"  kernel share of the tunnels' CPU: {shares}", flush=True)
                     if profiles is not None and (variant, placement) not in prof_out:
                         got = collect_profiles(pids, profiles)
                         if a.save_profiles is not None:
@@ -535,6 +616,16 @@ def main() -> int:
     ap.add_argument("--placements", default="cross-node,same-node")
     ap.add_argument("--profile", action="store_true", help="cProfile both tunnels (round 1)")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument(
+        "--load",
+        choices=("connect", "requests", "handshakes"),
+        default="connect",
+        help="new connections (the default), or requests at --rate over --conns keep-alive "
+        "connections for --seconds (figures are then per request), or new mTLS handshakes "
+        "with the server node's tunnel, --workers at a time (per handshake)",
+    )
+    ap.add_argument("--rate", type=float, default=1000.0, help="--load requests: requests/s")
+    ap.add_argument("--conns", type=int, default=8, help="--load requests: connections")
     ap.add_argument("--cluster-name", default=CLUSTER_NAME)
     ap.add_argument("--json", type=Path, help="also write the rows here")
     ap.add_argument("--save-profiles", type=Path, help="keep the pstats files in this directory")

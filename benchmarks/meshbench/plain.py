@@ -197,38 +197,45 @@ class Ambient(_Base):
         )
 
     def _handshake(self, cluster: Cluster, workdir: Path, http: Endpoint) -> HandshakeTarget:
-        """The server node's tunnel on the server pod's 15008, with the client pod's
-        identity (from the cluster's CA, as the client node's tunnel gets it)."""
-        td = cluster.spec.trust_domain
         self._tls_dir = private_dir(workdir, "hs-ambient-")
-        tls = mint_from_ca(
-            cluster.paths.ca_socket,
-            cluster.paths.token(CLIENT_NODE),
-            SpiffeId(td, MESH_NS, "client"),
-            self._tls_dir,
-        )
-        server = SERVER_NODE[self.placement]
-        return HandshakeTarget(
-            netns=http.netns,
-            host=http.host,
-            port=HBONE_PORT,
-            protocol=HBONE,
-            app_port=HTTP_PORT,
-            server_identity=str(SpiffeId(td, MESH_NS, "server")),
-            tls=tls,
-            mark=TUNNEL_MARK,
-            server_roles=(f"tunnel-{server}",),
-            origin=(
-                f"client pod netns (SO_MARK {TUNNEL_MARK:#x}, as the source tunnel's own "
-                f"sockets) -> {server}'s tunnel on the server pod's {HBONE_PORT}"
-            ),
-        )
+        return handshake_target(cluster, self._tls_dir, http, self.placement)
 
     def stop(self) -> None:
         if self._tls_dir is not None:
             shutil.rmtree(self._tls_dir, ignore_errors=True)
             self._tls_dir = None
         super().stop()
+
+
+def handshake_target(
+    cluster: Cluster, tls_dir: Path, http: Endpoint, placement: str
+) -> HandshakeTarget:
+    """The server node's tunnel on the server pod's 15008, with the client pod's identity
+    (from the cluster's CA, as the client node's tunnel gets it; the key and certificate
+    are written to `tls_dir`, which the caller removes)."""
+    td = cluster.spec.trust_domain
+    tls = mint_from_ca(
+        cluster.paths.ca_socket,
+        cluster.paths.token(CLIENT_NODE),
+        SpiffeId(td, MESH_NS, "client"),
+        tls_dir,
+    )
+    server = SERVER_NODE[placement]
+    return HandshakeTarget(
+        netns=http.netns,
+        host=http.host,
+        port=HBONE_PORT,
+        protocol=HBONE,
+        app_port=HTTP_PORT,
+        server_identity=str(SpiffeId(td, MESH_NS, "server")),
+        tls=tls,
+        mark=TUNNEL_MARK,
+        server_roles=(f"tunnel-{server}",),
+        origin=(
+            f"client pod netns (SO_MARK {TUNNEL_MARK:#x}, as the source tunnel's own "
+            f"sockets) -> {server}'s tunnel on the server pod's {HBONE_PORT}"
+        ),
+    )
 
 
 class Relay(_Base):
