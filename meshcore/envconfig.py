@@ -194,7 +194,9 @@ def limits_from_env(
         except ValueError:
             kind = "a number of seconds" if isinstance(default, float) else "an integer"
             raise EnvConfigError(f"{name}={raw!r} is not {kind}") from None
-        if not (value > 0 and math.isfinite(value)):
+        if value == 0 and field in getattr(base, "ZERO_MEANS_NONE", ()):
+            pass  # a field that bounds something we choose to do, not a protection
+        elif not (value > 0 and math.isfinite(value)):
             # Zero would switch a protection off; a limit is a positive number.
             raise EnvConfigError(f"{name}={raw!r} must be greater than 0")
         changes[field] = value

@@ -15,6 +15,8 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -201,6 +203,34 @@ class AppSide(asyncio.BufferedProtocol):
             self.early.append(bytes(data))
             assert self.transport is not None
             self.transport.pause_reading()
+
+    def take_ahead(self, limit: int) -> bytes:
+        """The app's first bytes, up to `limit`, taken out to go with the HBONE CONNECT
+        (early data) instead of a round trip later, once the answer is in.
+
+        What the loop has read already comes first, then what is waiting in the socket (a
+        client usually sends its request as soon as its connect returns, before this
+        tunnel has even dialled): one read, never a wait, so a protocol in which the
+        server speaks first sends nothing early. The FIN is never taken (a read of 0
+        bytes leaves it to the loop), nor anything after a loss. The caller gives the
+        bytes back (`give_back`) if the stream is not answered."""
+        early, self.early = self.early, None
+        got = b"".join(early) if early else b""
+        t = self.transport
+        if len(got) < limit and not self.eof and self.lost is False and t is not None:
+            sock = t.get_extra_info("socket")
+            # EAGAIN: nothing there yet; any other error is the loop's to read and report.
+            with contextlib.suppress(OSError):
+                got += os.read(sock.fileno(), limit - len(got))
+        if len(got) > limit:
+            self.early = [got[limit:]]
+            got = got[:limit]
+        return got
+
+    def give_back(self, data: bytes) -> None:
+        """Bytes `take_ahead` took that no stream carried: first in line again."""
+        if data:
+            self.early = [data, *(self.early or ())]
 
     def _eof_behind(self) -> bool:
         """Whether the peer's FIN is already here, right behind what was just read.

@@ -15,10 +15,15 @@ variable `HBONE_<FIELD IN CAPITALS>` (ztunnel/config.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 
 @dataclass(frozen=True, slots=True)
 class HboneLimits:
+    # Fields that may be set to 0 (none of it): they bound something the tunnel chooses to
+    # do, not what a peer may make it do. Every other field is a protection: positive.
+    ZERO_MEANS_NONE: ClassVar[frozenset[str]] = frozenset({"early_data_bytes"})
+
     # -- TLS handshakes: the cheapest state a stranger can make us hold --------------------
     # Handshakes in progress at once over every HBONE listener of the process, and from one
     # source address (any pod can reach any pod IP; one must not starve the rest).
@@ -60,6 +65,14 @@ class HboneLimits:
     # Bytes queued for the peer on all of a connection's streams (each stream's own queue
     # pauses its producer at 512 KiB); past it every stream's producer pauses.
     max_buffered_per_connection: int = 4 * 1024 * 1024
+    # -- what we send a peer before it answers ----------------------------------------------
+    # Early data: an outbound connection's first bytes (a request's head, a TLS ClientHello)
+    # that go in the same TLS record as its CONNECT, at most; the peer holds them until it
+    # answers. Saves a record and a round trip per connection. 0: none (the app's bytes wait
+    # for the 200, as upstream ztunnel's do), for a peer that refuses early data (Envoy's
+    # `reject_connect_request_early_data`). Never sent to a fail-open waypoint, whose
+    # failure would send the same bytes again on the direct path.
+    early_data_bytes: int = 16 * 1024
     # -- a pod's plaintext listeners (15001, 15006): a hostile app inside the pod ------------
     # Connections one listener has accepted and not yet joined to where they go (waiting for
     # an HBONE CONNECT answer, a passthrough connect, or the app's connect on 15006): each

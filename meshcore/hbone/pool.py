@@ -128,9 +128,11 @@ class ConnectionPool:
             self._arm_sweeper()
 
     @staticmethod
-    def open_stream(h2: H2Transport, headers: list[tuple[str, str]], handler: object) -> int:
+    def open_stream(
+        h2: H2Transport, headers: list[tuple[str, str]], handler: object, data: bytes = b""
+    ) -> int:
         h2.reserved -= 1
-        return h2.open_stream(headers, handler)  # type: ignore[arg-type]
+        return h2.open_stream(headers, handler, data)  # type: ignore[arg-type]
 
     @staticmethod
     def release(h2: H2Transport) -> None:

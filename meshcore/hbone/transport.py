@@ -292,9 +292,13 @@ class H2Transport(asyncio.BufferedProtocol):
         self.conn.drain(reason)
         self.flush()
 
-    def open_stream(self, headers: Headers, handler: StreamHandler) -> int:
+    def open_stream(self, headers: Headers, handler: StreamHandler, data: bytes = b"") -> int:
+        """A new stream; `data`, if any, is its first DATA, in the same TLS record as the
+        HEADERS (early data: the peer holds it until it answers)."""
         self.last_active = time.monotonic()
         sid = self.conn.open_stream(headers, handler)
+        if data:
+            self.conn.send_data(sid, data)
         self.flush()
         return sid
 

@@ -46,6 +46,16 @@ def test_every_hbone_limit_is_a_setting_with_its_default() -> None:
     assert limits.max_empty_frames == DEFAULT_LIMITS.max_empty_frames
 
 
+def test_early_data_may_be_switched_off_but_not_made_negative() -> None:
+    """The one HBONE setting that bounds what we send, not what a peer may cost: 0 means
+    none (the app's bytes wait for the CONNECT's answer)."""
+    assert parse_config(BASE).hbone_limits.early_data_bytes == 16 * 1024
+    off = parse_config({**BASE, "HBONE_EARLY_DATA_BYTES": "0"}).hbone_limits
+    assert off.early_data_bytes == 0
+    with pytest.raises(EnvConfigError, match=r"HBONE_EARLY_DATA_BYTES.*must be greater than 0"):
+        parse_config({**BASE, "HBONE_EARLY_DATA_BYTES": "-1"})
+
+
 @pytest.mark.parametrize(
     ("name", "value", "message"),
     [

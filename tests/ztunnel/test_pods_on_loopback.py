@@ -27,6 +27,9 @@ from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import h2.config
+import h2.connection
+import h2.events
 import hpack
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -1070,3 +1073,128 @@ def test_a_pod_draining_beside_another_tunnel_closes_its_listeners_at_once(
     closed, busy = aio_uvloop.run(main)
     assert closed
     assert not busy
+
+
+# --- early data: the app's first bytes with the CONNECT, to another HTTP/2 stack ----------
+# An HBONE server on the `h2` library stands where pod B's 15008 was, with pod B's
+# certificate.
+
+EARLY_REQUEST = b"GET / HTTP/1.1\r\nHost: web\r\n\r\n"
+
+
+class IndependentServer(asyncio.Protocol):
+    """An HBONE server on the `h2` library. It answers each CONNECT at the end of the read
+    that brought it (so whatever came in that read came before the answer), echoes what
+    the stream carries and ends it when the client does; with `refuse_first`, the first
+    stream gets REFUSED_STREAM instead, as a draining tunnel answers."""
+
+    def __init__(self, refuse_first: bool = False) -> None:
+        config = h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
+        self.conn = h2.connection.H2Connection(config)
+        self.refuse_first = refuse_first
+        self.before_answer: dict[int, bytes] = {}  # per stream, in order of opening
+        self.answered: set[int] = set()
+        self.refused: list[int] = []
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.conn.initiate_connection()
+        self.transport.write(self.conn.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        opened = []
+        for ev in self.conn.receive_data(data):
+            if isinstance(ev, h2.events.RequestReceived) and ev.stream_id is not None:
+                self.before_answer[ev.stream_id] = b""
+                opened.append(ev.stream_id)
+            elif isinstance(ev, h2.events.DataReceived) and ev.stream_id is not None:
+                sid, got = ev.stream_id, ev.data or b""
+                self.conn.acknowledge_received_data(ev.flow_controlled_length, sid)
+                if sid in self.answered:
+                    self.conn.send_data(sid, got)
+                elif sid not in self.refused:
+                    self.before_answer[sid] += got
+            elif isinstance(ev, h2.events.StreamEnded) and ev.stream_id in self.answered:
+                self.conn.end_stream(ev.stream_id)
+        for sid in opened:
+            if self.refuse_first and not self.refused:
+                self.refused.append(sid)
+                self.conn.reset_stream(sid, ErrorCode.REFUSED_STREAM)
+                continue
+            self.answered.add(sid)
+            self.conn.send_headers(sid, [(":status", "200")])
+            if self.before_answer[sid]:
+                self.conn.send_data(sid, self.before_answer[sid])
+        assert self.transport is not None
+        self.transport.write(self.conn.data_to_send())
+
+
+async def through_independent_server(mesh: LoopbackMesh, server: IndependentServer) -> bytes:
+    """Pod B's 15008 replaced by `server`; pod A's app sends EARLY_REQUEST as soon as its
+    connect returns, half-closes, and reads everything back."""
+    ctx = mesh.b.proxy.server_ctx
+    assert ctx is not None
+    await mesh.b.proxy.stop()
+    listener = await asyncio.get_running_loop().create_server(
+        lambda: server, mesh.b.ip, 15008, ssl=ctx
+    )
+    try:
+        reader, writer = await mesh.from_pod(mesh.a, f"{VIP}:80")
+        writer.write(EARLY_REQUEST)
+        writer.write_eof()
+        got = await asyncio.wait_for(read_all(reader), 10)
+        writer.close()
+        return got
+    finally:
+        listener.close()
+
+
+def test_the_apps_first_bytes_go_with_the_connect__recorded_redirects(
+    aio_uvloop: Loop, mesh: LoopbackMesh, logs: LogLines
+) -> None:
+    server = IndependentServer()
+    got = aio_uvloop.run(lambda: through_independent_server(mesh, server))
+    assert got == EARLY_REQUEST
+    # In the read that brought the HEADERS, before the server had answered.
+    assert list(server.before_answer.values()) == [EARLY_REQUEST]
+    (line,) = access_lines(logs, direction="outbound")
+    assert line["bytes_sent"] == len(EARLY_REQUEST)  # counted once, early or not
+
+
+def test_a_refused_stream_is_retried_with_the_same_early_bytes_once__recorded_redirects(
+    aio_uvloop: Loop, mesh: LoopbackMesh, logs: LogLines
+) -> None:
+    """REFUSED_STREAM says the server did nothing with the stream (RFC 9113 8.7), its early
+    data included: the next stream carries the same bytes, and the app's request reaches
+    the server once, whole."""
+    server = IndependentServer(refuse_first=True)
+    got = aio_uvloop.run(lambda: through_independent_server(mesh, server))
+    assert got == EARLY_REQUEST
+    assert len(server.refused) == 1
+    # Refused, then retried: the same bytes before each answer.
+    assert list(server.before_answer.values()) == [EARLY_REQUEST, EARLY_REQUEST]
+    (line,) = access_lines(logs, direction="outbound")
+    assert line["bytes_sent"] == len(EARLY_REQUEST)
+
+
+@pytest.mark.parametrize("limits", [HboneLimits(early_data_bytes=0)], indirect=True)
+def test_without_early_data_the_bytes_wait_for_the_answer__recorded_redirects(
+    aio_uvloop: Loop, mesh: LoopbackMesh
+) -> None:
+    """`HBONE_EARLY_DATA_BYTES=0`: as upstream ztunnel, nothing before the 200 (for a peer
+    that refuses early data)."""
+    server = IndependentServer()
+    got = aio_uvloop.run(lambda: through_independent_server(mesh, server))
+    assert got == EARLY_REQUEST
+    assert list(server.before_answer.values()) == [b""]
+
+
+@pytest.mark.parametrize("limits", [HboneLimits(early_data_bytes=8)], indirect=True)
+def test_early_data_stops_at_its_limit_and_the_rest_follows_the_answer__recorded_redirects(
+    aio_uvloop: Loop, mesh: LoopbackMesh
+) -> None:
+    server = IndependentServer()
+    got = aio_uvloop.run(lambda: through_independent_server(mesh, server))
+    assert got == EARLY_REQUEST
+    assert list(server.before_answer.values()) == [EARLY_REQUEST[:8]]

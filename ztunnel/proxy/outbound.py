@@ -434,7 +434,9 @@ class OutboundProxy(ListenerProxy):
         the connection goes straight to the destination instead, as upstream does when its
         control plane drops an unready waypoint; and says so."""
         try:
-            await self._hbone(app, source, client, decision, record)
+            # No early data to the waypoint: one that took the bytes and then failed to
+            # answer might still pass them on, and the direct path would send them again.
+            await self._hbone(app, source, client, decision, record, early=False)
             return
         except (TimeoutError, OSError, ConnectionError, PeerVerificationError) as e:
             direct = decide(self._state(), source, dst, client=client.ip, bypass_waypoint=True)
@@ -578,7 +580,10 @@ class OutboundProxy(ListenerProxy):
         client: SocketAddr,
         decision: OutboundDecision,
         record: ConnectionLog,
+        early: bool = True,
     ) -> None:
+        """`early`: the app's first bytes may go with the CONNECT (when the proxy sends
+        early data at all)."""
         assert decision.next_hop is not None
         record.hbone = decision.next_hop
         t = app.transport
@@ -592,8 +597,13 @@ class OutboundProxy(ListenerProxy):
         headers = connect_headers(source, decision, client)
         for attempt in range(CONNECT_ATTEMPTS):
             h2 = await self._pool.checkout(key)
+            # The app's first bytes go with the CONNECT (the peer holds them until its
+            # answer): one TLS record and one round trip fewer per connection.
+            limit = self.guard.limits.early_data_bytes if early else 0
+            ahead = app.take_ahead(limit) if limit > 0 else b""
             splice = HboneSplice(h2, client=True)
-            splice.sid = self._pool.open_stream(h2, headers, splice)
+            splice.sent = len(ahead)
+            splice.sid = self._pool.open_stream(h2, headers, splice, ahead)
             try:
                 assert splice.response is not None
                 status, _ = await within(splice.response, CONNECT_TIMEOUT)
@@ -601,8 +611,9 @@ class OutboundProxy(ListenerProxy):
                 break
             except ConnectionError:
                 # A draining server (a tunnel being upgraded) refuses streams it never
-                # processed; nothing of the app's was sent yet, so a new connection (to
+                # processed (RFC 9113 8.7: early data included), so a new connection (to
                 # the new tunnel) may carry the request instead.
+                app.give_back(ahead)
                 if splice.reset_code != ErrorCode.REFUSED_STREAM or attempt + 1 == CONNECT_ATTEMPTS:
                     raise
                 log.debug("HBONE stream refused; retrying on a new connection", dst=str(key.dst))
