@@ -5,9 +5,10 @@ memory BIOs in one thread, and each side's `do_handshake` calls are timed on the
 CPU clock. What it leaves out (sockets, the event loop's TLS transport, HTTP/2, the CONNECT)
 is what `mesh_bench`'s handshake row adds on top.
 
-Variants, so the parts show: `mesh` (as the tunnels run), `leaf-only` (each side presents
-its leaf alone, as the tunnels did before: OpenSSL then rebuilds the chain from the trust
-store on every handshake, a verification of its own certificate), `no-client-verify` (the
+Variants, so the parts show: `mesh` (as the tunnels run: each side sends its leaf and any
+intermediates, exactly as loaded, never the root the peer holds already), `whole-chain`
+(each side sends its root too, as the tunnels did before: one more certificate for the
+peer to parse and check), `no-client-verify` (the
 server does not check the client's chain), `no-verify` (neither side checks the other's
 chain; the signatures of the handshake itself are still made and checked). The library is
 the same one a sidecar like HAProxy links on this machine, so this is the floor neither
@@ -56,8 +57,8 @@ Variant = Callable[[ssl.SSLContext, ssl.SSLContext], None]
 
 
 @dataclass(frozen=True, slots=True)
-class _LeafOnly:
-    """A certificate that presents its leaf alone (what the tunnels presented before)."""
+class _WholeChain:
+    """A certificate whose context sends its whole chain, root included."""
 
     cert: WorkloadCertificate
 
@@ -65,8 +66,8 @@ class _LeafOnly:
         return getattr(self.cert, name)
 
     @property
-    def presented_chain_pem(self) -> bytes:
-        return self.cert.chain_pem[0]
+    def chain_without_root_pem(self) -> bytes:
+        return self.cert.presented_chain_pem
 
 
 def _as_run(client: ssl.SSLContext, server: ssl.SSLContext) -> None:
@@ -82,10 +83,10 @@ def _no_verify(client: ssl.SSLContext, server: ssl.SSLContext) -> None:
     client.verify_mode = ssl.CERT_NONE
 
 
-# name -> (what the contexts are changed by, whether each side presents its leaf alone)
+# name -> (what the contexts are changed by, whether each side sends its root too)
 VARIANTS: dict[str, tuple[Variant, bool]] = {
     "mesh": (_as_run, False),
-    "leaf-only": (_as_run, True),
+    "whole-chain": (_as_run, True),
     "no-client-verify": (_no_client_verify, False),
     "no-verify": (_no_verify, False),
 }
@@ -130,11 +131,11 @@ def measure(
     server_cert: WorkloadCertificate,
     variant: Variant,
     n: int,
-    leaf_only: bool = False,
+    whole_chain: bool = False,
 ) -> SideCosts:
-    if leaf_only:
-        client_cert = cast(WorkloadCertificate, _LeafOnly(client_cert))
-        server_cert = cast(WorkloadCertificate, _LeafOnly(server_cert))
+    if whole_chain:
+        client_cert = cast(WorkloadCertificate, _WholeChain(client_cert))
+        server_cert = cast(WorkloadCertificate, _WholeChain(server_cert))
     client, server = tls.client_context(client_cert), tls.server_context(server_cert)
     variant(client, server)
     tc = ts = 0.0
@@ -158,8 +159,8 @@ def run(handshakes: int, rounds: int) -> dict[str, dict[str, object]]:
     client_cert, server_cert = asyncio.run(certificates())
     per: dict[str, list[SideCosts]] = {name: [] for name in VARIANTS}
     for _ in range(rounds):
-        for name, (variant, leaf_only) in VARIANTS.items():
-            per[name].append(measure(client_cert, server_cert, variant, handshakes, leaf_only))
+        for name, (variant, whole_chain) in VARIANTS.items():
+            per[name].append(measure(client_cert, server_cert, variant, handshakes, whole_chain))
     return {
         name: {
             "client_us": statistics.median(r.client_us for r in runs),

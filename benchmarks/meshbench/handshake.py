@@ -46,6 +46,8 @@ def mint_from_ca(
     cert = build_certificate(identity, key_pem, chain)
     files = ClientTls(directory / "cert.pem", directory / "key.pem", directory / "roots.pem")
     _write(files.key, cert.key_pem, 0o600)
-    _write(files.cert, cert.presented_chain_pem, 0o644)
+    # As the source tunnel presents it (meshcore.tls): the leaf and intermediates; the
+    # generator's context sends them as loaded (loadgen.handshake_context).
+    _write(files.cert, cert.chain_without_root_pem, 0o644)
     _write(files.roots, cert.roots_pem, 0o644)
     return files

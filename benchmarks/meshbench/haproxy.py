@@ -79,6 +79,9 @@ class TlsFiles:
     ca: Path  # the mesh root, to verify the peer
     client: Path  # client sidecar: certificate chain and key in one PEM, as HAProxy wants
     server: Path
+    # The load generator's handshakes as the client sidecar: its leaf and key, no root (the
+    # generator sends what it loads, as it does to the tunnels).
+    generator: Path
 
 
 def haproxy_binary() -> str:
@@ -92,20 +95,28 @@ def haproxy_binary() -> str:
     return found
 
 
-def issue(ca: CertificateAuthority, identity: SpiffeId) -> bytes:
-    """A key and a leaf for `identity` signed by `ca`, as one PEM (leaf, root, key)."""
+def issue(ca: CertificateAuthority, identity: SpiffeId) -> tuple[list[bytes], bytes]:
+    """A key and a certificate chain (leaf first, root last) for `identity` from `ca`."""
     key_pem, csr_pem = new_key_and_csr(identity)
-    chain = ca.sign_csr(csr_pem, identity, CERT_TTL)
-    return b"".join(chain) + key_pem
+    return ca.sign_csr(csr_pem, identity, CERT_TTL), key_pem
 
 
 def write_tls_files(directory: Path, trust_domain: str, namespace: str) -> TlsFiles:
     ca = CertificateAuthority.create(trust_domain)
-    files = TlsFiles(directory / "ca.pem", directory / "client.pem", directory / "server.pem")
+    files = TlsFiles(
+        directory / "ca.pem",
+        directory / "client.pem",
+        directory / "server.pem",
+        directory / "generator.pem",
+    )
     files.ca.write_bytes(ca.roots_pem())
     for path, account in ((files.client, "client"), (files.server, "server")):
+        chain, key_pem = issue(ca, SpiffeId(trust_domain, namespace, account))
         path.touch(mode=0o600)
-        path.write_bytes(issue(ca, SpiffeId(trust_domain, namespace, account)))
+        path.write_bytes(b"".join(chain) + key_pem)  # leaf, root, key
+        if account == "client":
+            files.generator.touch(mode=0o600)
+            files.generator.write_bytes(chain[0] + key_pem)
     return files
 
 
@@ -138,6 +149,9 @@ def _common(stats_socket: Path, maxconn: int | None) -> list[str]:
         f"    group {USER}",
         "    ssl-default-bind-options ssl-min-ver TLSv1.3",
         "    ssl-default-server-options ssl-min-ver TLSv1.3",
+        # The root stays out of the chain sent, as the tunnels leave it out (the peer
+        # holds it; each certificate sent costs the peer a parse and a check).
+        "    ssl-skip-self-issued-ca",
         "",
         "defaults",
         "    mode http",
@@ -351,8 +365,8 @@ class HaproxyScenario:
                 protocol=HTTP,
                 app_port=sc.HTTP_PORT,
                 server_identity=str(SpiffeId(cluster.spec.trust_domain, sc.NAMESPACE, "server")),
-                # The client sidecar's own certificate (its PEM holds the key too).
-                tls=ClientTls(cert=tls.client, key=tls.client, roots=tls.ca),
+                # The client sidecar's own leaf (its PEM holds the key too).
+                tls=ClientTls(cert=tls.generator, key=tls.generator, roots=tls.ca),
                 # The client pod's capture covers only the app's two ports to the server.
                 mark=0,
                 server_roles=("server-sidecar",),

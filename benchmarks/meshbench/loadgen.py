@@ -63,7 +63,7 @@ from meshcore.hbone.h2frames import (
     settings_ack,
     settings_frame,
 )
-from meshcore.tls import hbone_peer, peer_identity
+from meshcore.tls import hbone_peer, peer_identity, send_chain_as_loaded
 
 from .hist import Histogram
 from .http1 import content_length
@@ -354,6 +354,7 @@ def handshake_context(job: HandshakeJob) -> ssl.SSLContext:
     if job.protocol == "hbone":
         ctx.set_alpn_protocols(["h2"])
     ctx.load_verify_locations(cafile=job.roots)
+    send_chain_as_loaded(ctx)  # as the tunnel's: no chain built from the trust store
     ctx.load_cert_chain(job.cert, job.key)
     return ctx
 

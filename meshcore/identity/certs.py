@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -82,6 +83,18 @@ class WorkloadCertificate:
         per handshake on each side (`benchmarks/tls_handshake.py`), for one certificate of
         about 500 bytes not sent. Given a chain, OpenSSL sends it as it is."""
         return b"".join(_ensure_newline(pem) for pem in self.chain_pem)
+
+    @property
+    def chain_without_root_pem(self) -> bytes:
+        """The leaf and any intermediates: the chain less its last certificate when that is
+        one of our roots (which the peer holds already; upstream ztunnel does not send it
+        either). For a context that sends its chain exactly as loaded (meshcore.tls): the
+        peer then parses and checks one certificate less per handshake. A chain whose last
+        certificate is not one of the roots is given whole."""
+        chain = self.chain_pem
+        if len(chain) > 1 and _der_of(chain[-1]) in _ders_of(self.roots_pem):
+            chain = chain[:-1]
+        return b"".join(_ensure_newline(pem) for pem in chain)
 
 
 class CertificateSource(Protocol):
@@ -382,6 +395,26 @@ def _fail(fut: asyncio.Future[WorkloadCertificate], error: CertificateError) -> 
     # Mark the exception as retrieved: nobody may be waiting, and asyncio would otherwise
     # log "exception was never retrieved" for an outcome that `get` reports another way.
     fut.exception()
+
+
+def _der_of(pem: bytes) -> bytes:
+    ders = _ders_of(pem)
+    return ders[0] if ders else b""
+
+
+def _ders_of(pem: bytes) -> list[bytes]:
+    """The DER of every certificate in a PEM bundle (compared as bytes: the same certificate
+    in other PEM line lengths or with other text around it is still the same)."""
+    out = []
+    for block in pem.split(b"-----END CERTIFICATE-----")[:-1]:
+        start = block.find(b"-----BEGIN CERTIFICATE-----")
+        if start >= 0:
+            text = block[start:].decode("ascii", "replace") + "-----END CERTIFICATE-----\n"
+            try:
+                out.append(ssl.PEM_cert_to_DER_cert(text))
+            except ValueError:
+                continue
+    return out
 
 
 def _ensure_newline(pem: bytes) -> bytes:

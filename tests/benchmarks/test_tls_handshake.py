@@ -27,12 +27,12 @@ def test_every_variant_measures_both_sides() -> None:
         assert row["client_us"] > 0 and row["server_us"] > 0  # type: ignore[operator]
 
 
-def test_the_leaf_only_variant_presents_the_leaf_alone() -> None:
+def test_the_whole_chain_variant_sends_the_root_too() -> None:
     client, _ = asyncio.run(th.certificates())
-    assert client.presented_chain_pem.count(b"BEGIN CERTIFICATE") == len(client.chain_pem) == 2
-    leaf_only = th._LeafOnly(client)
-    assert leaf_only.presented_chain_pem.count(b"BEGIN CERTIFICATE") == 1
-    assert leaf_only.key_pem == client.key_pem
+    assert client.chain_without_root_pem.count(b"BEGIN CERTIFICATE") == 1  # as run: the leaf
+    whole = th._WholeChain(client)
+    assert whole.chain_without_root_pem.count(b"BEGIN CERTIFICATE") == len(client.chain_pem) == 2
+    assert whole.key_pem == client.key_pem
 
 
 def test_a_client_of_another_ca_fails_the_handshake() -> None:

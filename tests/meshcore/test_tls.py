@@ -10,6 +10,7 @@ domain" cannot happen by design.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import re
@@ -448,3 +449,151 @@ def test_peer_identity_refuses_an_unverified_certificate(server_cert, client_cer
     tconn.close()
     thread.join(10)
     assert result.peer == CLIENT_ID  # the server did verify the client
+
+
+# --- the chain a context sends: leaf and intermediates, never the root ---------------------
+
+
+class ChainCA:
+    """A root, an intermediate under it, and SPIFFE leaves under that (as an Istio CA with
+    plugged-in certificates issues them)."""
+
+    def __init__(self) -> None:
+        self.root_key = ec.generate_private_key(ec.SECP256R1())
+        root_name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "chain test root")])
+        self.root = self._ca(root_name, root_name, self.root_key.public_key(), self.root_key)
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "chain test intermediate")])
+        self.intermediate = self._ca(name, root_name, self.key.public_key(), self.root_key)
+
+    @staticmethod
+    def _ca(
+        subject: x509.Name,
+        issuer: x509.Name,
+        public_key: ec.EllipticCurvePublicKey,
+        signer: ec.EllipticCurvePrivateKey,
+    ) -> x509.Certificate:
+        now = datetime.now(UTC)
+        return (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(issuer)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=1))
+            .not_valid_after(now + timedelta(hours=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=False,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .sign(signer, hashes.SHA256())
+        )
+
+    def leaf(self, identity: SpiffeId, with_root: bool = True) -> WorkloadCertificate:
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.now(UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([]))
+            .issuer_name(self.intermediate.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=1))
+            .not_valid_after(now + timedelta(hours=1))
+            .add_extension(
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(identity))]),
+                critical=True,
+            )
+            .sign(self.key, hashes.SHA256())
+        )
+        pem = serialization.Encoding.PEM
+        chain = [cert.public_bytes(pem), self.intermediate.public_bytes(pem)]
+        return WorkloadCertificate(
+            identity=identity,
+            key_pem=key.private_bytes(
+                pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            ),
+            chain_pem=[*chain, self.root.public_bytes(pem)] if with_root else chain,
+            roots_pem=self.root.public_bytes(pem),
+            serial=cert.serial_number,
+            not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc,
+        )
+
+
+@pytest.fixture(scope="module")
+def chain_ca() -> ChainCA:
+    return ChainCA()
+
+
+def test_the_chain_sent_is_the_leaf_and_intermediates(chain_ca: ChainCA) -> None:
+    cert = chain_ca.leaf(SERVER_ID)
+    assert cert.chain_without_root_pem == cert.chain_pem[0] + cert.chain_pem[1]
+    # A chain that does not end in one of the roots is sent whole.
+    short = chain_ca.leaf(SERVER_ID, with_root=False)
+    assert short.chain_without_root_pem == short.chain_pem[0] + short.chain_pem[1]
+
+
+def test_a_peer_that_holds_only_the_root_verifies_a_chain_through_an_intermediate(
+    chain_ca: ChainCA,
+) -> None:
+    """The intermediate is sent (the peer could not build the chain without it), on both
+    sides of a real handshake."""
+    port, thread, result = serve_once(server_context(chain_ca.leaf(SERVER_ID)))
+    tconn, data = connect_and_read(client_context(chain_ca.leaf(CLIENT_ID)), port)
+    assert data == b"ok", data
+    assert tconn is not None
+    assert peer_identity(tconn) == SERVER_ID
+    tconn.close()
+    thread.join(10)
+    assert result.error is None and result.peer == CLIENT_ID
+
+
+@dataclasses.dataclass(frozen=True)
+class _WithRoot:
+    """A certificate whose context sends the root as well (what the contexts did before)."""
+
+    cert: WorkloadCertificate
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.cert, name)
+
+    @property
+    def chain_without_root_pem(self) -> bytes:
+        return self.cert.presented_chain_pem
+
+
+def _server_flight(server: ssl.SSLContext, client: ssl.SSLContext) -> int:
+    """Bytes the server writes in a whole handshake over memory BIOs."""
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    c = client.wrap_bio(c_in, c_out, server_side=False)
+    s = server.wrap_bio(s_in, s_out, server_side=True)
+    sent = 0
+    for _ in range(8):
+        for end, out, peer in ((c, c_out, s_in), (s, s_out, c_in)):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                end.do_handshake()
+            data = out.read()
+            if end is s:
+                sent += len(data)
+            peer.write(data)
+    return sent
+
+
+def test_the_root_the_peer_holds_is_not_sent(server_cert, client_cert):
+    root_der = ssl.PEM_cert_to_DER_cert(server_cert.roots_pem.decode())
+    with_root = server_context(_WithRoot(server_cert))  # type: ignore[arg-type]
+    ours = _server_flight(server_context(server_cert), client_context(client_cert))
+    before = _server_flight(with_root, client_context(client_cert))
+    assert before - ours >= len(root_der)
