@@ -76,12 +76,12 @@ class WorkloadCertificate:
 
     @property
     def presented_chain_pem(self) -> bytes:
-        """What a TLS peer is sent: the whole chain, leaf to root (as Istio's proxies
-        present it). The peer has the root already, but a certificate loaded with no chain
-        certificates after it makes OpenSSL build the chain again from the trust store on
-        every handshake: a full verification of our own certificate, about 200 us of CPU
-        per handshake on each side (`benchmarks/tls_handshake.py`), for one certificate of
-        about 500 bytes not sent. Given a chain, OpenSSL sends it as it is."""
+        """The whole chain, leaf to root: what a context sends where it cannot be told to
+        send its chain as loaded (meshcore.tls). The peer has the root already, but a
+        certificate loaded with no chain certificates after it makes OpenSSL build the
+        chain again from the trust store on every handshake: a full verification of our
+        own certificate, about 200 us of CPU per handshake on each side
+        (`benchmarks/tls_handshake.py`). Given a chain, OpenSSL sends it as it is."""
         return b"".join(_ensure_newline(pem) for pem in self.chain_pem)
 
     @property
