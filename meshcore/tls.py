@@ -59,13 +59,15 @@ def client_context(cert: WorkloadCertificate) -> ssl.SSLContext:
     return ctx
 
 
-def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> SpiffeId:
-    """The SPIFFE identity in the peer's leaf certificate (exactly one is required)."""
+def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket, peercert: object = None) -> SpiffeId:
+    """The SPIFFE identity in the peer's leaf certificate (exactly one is required).
+    `peercert`: `ssl_object.getpeercert()` as the event loop's TLS transport already made
+    it (its `peercert` extra info), so it is not made twice; None: made here."""
     # The dict form is what OpenSSL parsed during the handshake: no second parse per
     # connection, and no `cryptography` in the tunnel. It is filled in only for a verified
     # certificate, which every context built here requires.
     try:
-        cert = ssl_object.getpeercert()
+        cert = peercert if isinstance(peercert, dict) else ssl_object.getpeercert()
     except ssl.SSLError as e:
         raise PeerVerificationError(f"peer certificate cannot be parsed: {e}") from e
     if cert is None:
@@ -122,12 +124,12 @@ def _pairs(sans: object) -> list[tuple[str, str]]:
     return pairs
 
 
-def hbone_peer(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> SpiffeId:
+def hbone_peer(ssl_object: ssl.SSLObject | ssl.SSLSocket, peercert: object = None) -> SpiffeId:
     """The peer's identity on an HBONE connection, which must have negotiated ALPN h2
     (OpenSSL completes a handshake without ALPN when the peer offers none)."""
     if ssl_object.selected_alpn_protocol() != ALPN_H2:
         raise PeerVerificationError("peer did not negotiate ALPN h2")
-    return peer_identity(ssl_object)
+    return peer_identity(ssl_object, peercert)
 
 
 def verify_server(peer: SpiffeId, expected: frozenset[SpiffeId]) -> None:

@@ -268,7 +268,9 @@ def verified_client(
     client: SocketAddr | None = None
     try:
         client = SocketAddr.of(transport.get_extra_info("peername"))
-        peer = hbone_peer(transport.get_extra_info("ssl_object"))
+        peer = hbone_peer(
+            transport.get_extra_info("ssl_object"), transport.get_extra_info("peercert")
+        )
         verify_client(peer, trust_domain)
     except (PeerVerificationError, ValueError, TypeError) as e:
         guard.refused("inbound", "peer_identity", str(client), str(e))
@@ -385,17 +387,16 @@ class TlsListener:
         try:
             try:
                 # Our own deadline, so a timeout is told apart from a failure; the loop's
-                # (a little later) only backs it up.
-                await asyncio.wait_for(
-                    loop.connect_accepted_socket(
+                # (a little later) only backs it up. A timeout scope, not `wait_for`, which
+                # runs the connect as a task of its own (one more task per connection).
+                async with asyncio.timeout(timeout):
+                    await loop.connect_accepted_socket(
                         self._handover,
                         conn,
                         ssl=self.ctx,
                         ssl_handshake_timeout=timeout + 1,
                         ssl_shutdown_timeout=self.gate.limits.shutdown_timeout,
-                    ),
-                    timeout,
-                )
+                    )
             except (OSError, ssl.SSLError, TimeoutError) as e:
                 conn.close()
                 self.gate.refused(source, handshake_failure(e), str(e))
