@@ -470,7 +470,10 @@ class PodProxy:
         (meshcore.timewait). A timer, not a task: the pod's tasks are its connections', and a
         draining pod waits for them."""
         reaper = factory.time_waits
-        ended = reaper.sweep(TUNNEL_MARK, HBONE_PORT)
+        families = tuple(
+            {socket.AF_INET6 if ip.version == 6 else socket.AF_INET for ip in self.workload.ips}
+        )
+        ended = reaper.sweep(TUNNEL_MARK, HBONE_PORT, families or (socket.AF_INET,))
         if ended:
             log.info("time-wait sockets ended", pod=self.workload.name, count=ended)
         if reaper.failed is not None:

@@ -209,6 +209,9 @@ def test_a_sweep_ends_the_marked_time_waits_but_spares_the_hbone_port(
     )
     try:
         assert len(_time_waits(path).splitlines()) == 4
+        # Another family's dump finds none of these IPv4 sockets.
+        assert reaper.sweep(0x539, 15008, families=(socket.AF_INET6,)) == 0
+        assert len(_time_waits(path).splitlines()) == 4
         assert reaper.sweep(0x539, 15008) == 2
         left = _time_waits(path)
         assert f"127.0.0.1:{made[2][2][1]} " in left and "127.0.0.1:15008 " in left
