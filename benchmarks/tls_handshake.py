@@ -37,7 +37,7 @@ sys.path[:0] = [str(HERE.parent)]
 from meshcore import tls  # noqa: E402
 from meshcore.identity.certs import CertificateManager, WorkloadCertificate  # noqa: E402
 from meshcore.identity.spiffe import SpiffeId  # noqa: E402
-from tests.support.certs import InProcessCA  # noqa: E402
+from tests.support.certs import InProcessCA, SendsRoot  # noqa: E402
 
 CLIENT = SpiffeId.parse("spiffe://cluster.local/ns/bench/sa/client")
 SERVER = SpiffeId.parse("spiffe://cluster.local/ns/bench/sa/server")
@@ -54,20 +54,6 @@ class SideCosts:
 
 
 Variant = Callable[[ssl.SSLContext, ssl.SSLContext], None]
-
-
-@dataclass(frozen=True, slots=True)
-class _WholeChain:
-    """A certificate whose context sends its whole chain, root included."""
-
-    cert: WorkloadCertificate
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.cert, name)
-
-    @property
-    def chain_without_root_pem(self) -> bytes:
-        return self.cert.presented_chain_pem
 
 
 def _as_run(client: ssl.SSLContext, server: ssl.SSLContext) -> None:
@@ -134,8 +120,8 @@ def measure(
     whole_chain: bool = False,
 ) -> SideCosts:
     if whole_chain:
-        client_cert = cast(WorkloadCertificate, _WholeChain(client_cert))
-        server_cert = cast(WorkloadCertificate, _WholeChain(server_cert))
+        client_cert = cast(WorkloadCertificate, SendsRoot(client_cert))
+        server_cert = cast(WorkloadCertificate, SendsRoot(server_cert))
     client, server = tls.client_context(client_cert), tls.server_context(server_cert)
     variant(client, server)
     tc = ts = 0.0

@@ -17,7 +17,7 @@ import tls_handshake as th
 
 from meshcore import tls
 from meshcore.identity.certs import CertificateManager
-from tests.support.certs import InProcessCA
+from tests.support.certs import InProcessCA, SendsRoot
 
 
 def test_every_variant_measures_both_sides() -> None:
@@ -30,7 +30,7 @@ def test_every_variant_measures_both_sides() -> None:
 def test_the_whole_chain_variant_sends_the_root_too() -> None:
     client, _ = asyncio.run(th.certificates())
     assert client.chain_without_root_pem.count(b"BEGIN CERTIFICATE") == 1  # as run: the leaf
-    whole = th._WholeChain(client)
+    whole = SendsRoot(client)
     assert whole.chain_without_root_pem.count(b"BEGIN CERTIFICATE") == len(client.chain_pem) == 2
     assert whole.key_pem == client.key_pem
 

@@ -14,6 +14,8 @@ import pytest
 from meshcore.relay import AppSide
 from tests.support.aio import Loop, wait_until
 
+pytestmark = pytest.mark.parametrize("aio", ["uvloop"], indirect=True)  # the tunnel's loop
+
 
 class Recorder:
     """A sink that keeps what the app side delivers."""
@@ -36,13 +38,6 @@ class Recorder:
 
     def app_resume_writing(self) -> None:
         pass
-
-
-@pytest.fixture
-def aio() -> Iterator[Loop]:
-    loop = Loop("uvloop")
-    yield loop
-    loop.close()
 
 
 @pytest.fixture

@@ -38,7 +38,7 @@ from meshcore.tls import (
     verify_client,
     verify_server,
 )
-from tests.support.certs import issue
+from tests.support.certs import SendsRoot, issue
 from tests.support.fds import open_fds
 
 TD = "cluster.local"
@@ -293,67 +293,90 @@ class FakeSSLObject:
         return None
 
 
+def cert_builder(
+    subject: x509.Name, public_key: ec.EllipticCurvePublicKey
+) -> x509.CertificateBuilder:
+    """A certificate for `subject`, valid from a minute ago for an hour."""
+    now = datetime.now(UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(hours=1))
+    )
+
+
+def ca_certificate(
+    subject: x509.Name,
+    issuer: x509.Name,
+    public_key: ec.EllipticCurvePublicKey,
+    signer: ec.EllipticCurvePrivateKey,
+) -> x509.Certificate:
+    """A CA certificate (a root when `subject` is `issuer` and `signer` its own key)."""
+    return (
+        cert_builder(subject, public_key)
+        .issuer_name(issuer)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(signer, hashes.SHA256())
+    )
+
+
+def workload_certificate(
+    identity: SpiffeId,
+    key: ec.EllipticCurvePrivateKey,
+    chain: list[x509.Certificate],
+    root: x509.Certificate,
+) -> WorkloadCertificate:
+    """`chain` (leaf first) and its key as the tunnel holds them, trusting `root`."""
+    pem = serialization.Encoding.PEM
+    leaf = chain[0]
+    return WorkloadCertificate(
+        identity=identity,
+        key_pem=key.private_bytes(
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ),
+        chain_pem=[c.public_bytes(pem) for c in chain],
+        roots_pem=root.public_bytes(pem),
+        serial=leaf.serial_number,
+        not_before=leaf.not_valid_before_utc,
+        not_after=leaf.not_valid_after_utc,
+    )
+
+
 class SanCA:
     """A throwaway CA that issues leaves with any subjectAltName (ours only issues SPIFFE)."""
 
     def __init__(self) -> None:
         self.key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "san test root")])
-        self.cert = (
-            self._builder(name, self.key.public_key())
-            .issuer_name(name)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=False,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .sign(self.key, hashes.SHA256())
-        )
-
-    @staticmethod
-    def _builder(
-        subject: x509.Name, public_key: ec.EllipticCurvePublicKey
-    ) -> x509.CertificateBuilder:
-        now = datetime.now(UTC)
-        return (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .public_key(public_key)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(minutes=1))
-            .not_valid_after(now + timedelta(hours=1))
-        )
+        self.cert = ca_certificate(name, name, self.key.public_key(), self.key)
 
     def leaf(self, sans: list[x509.GeneralName]) -> WorkloadCertificate:
         key = ec.generate_private_key(ec.SECP256R1())
         # A subject name, so that a leaf without subjectAltName is still a valid certificate.
         subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "san test leaf")])
-        builder = self._builder(subject, key.public_key()).issuer_name(self.cert.subject)
+        builder = cert_builder(subject, key.public_key()).issuer_name(self.cert.subject)
         if sans:
             builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
         cert = builder.sign(self.key, hashes.SHA256())
-        pem = serialization.Encoding.PEM
-        return WorkloadCertificate(
-            identity=SERVER_ID,  # what the context builder logs; the SANs above are what count
-            key_pem=key.private_bytes(
-                pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            ),
-            chain_pem=[cert.public_bytes(pem), self.cert.public_bytes(pem)],
-            roots_pem=self.cert.public_bytes(pem),
-            serial=cert.serial_number,
-            not_before=cert.not_valid_before_utc,
-            not_after=cert.not_valid_after_utc,
-        )
+        # SERVER_ID: what the context builder logs; the SANs above are what count.
+        return workload_certificate(SERVER_ID, key, [cert, self.cert], self.cert)
 
 
 @pytest.fixture(scope="module")
@@ -461,75 +484,24 @@ class ChainCA:
     def __init__(self) -> None:
         self.root_key = ec.generate_private_key(ec.SECP256R1())
         root_name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "chain test root")])
-        self.root = self._ca(root_name, root_name, self.root_key.public_key(), self.root_key)
+        self.root = ca_certificate(root_name, root_name, self.root_key.public_key(), self.root_key)
         self.key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "chain test intermediate")])
-        self.intermediate = self._ca(name, root_name, self.key.public_key(), self.root_key)
-
-    @staticmethod
-    def _ca(
-        subject: x509.Name,
-        issuer: x509.Name,
-        public_key: ec.EllipticCurvePublicKey,
-        signer: ec.EllipticCurvePrivateKey,
-    ) -> x509.Certificate:
-        now = datetime.now(UTC)
-        return (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(issuer)
-            .public_key(public_key)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(minutes=1))
-            .not_valid_after(now + timedelta(hours=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=False,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .sign(signer, hashes.SHA256())
-        )
+        self.intermediate = ca_certificate(name, root_name, self.key.public_key(), self.root_key)
 
     def leaf(self, identity: SpiffeId, with_root: bool = True) -> WorkloadCertificate:
         key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.now(UTC)
         cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([]))
+            cert_builder(x509.Name([]), key.public_key())
             .issuer_name(self.intermediate.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(minutes=1))
-            .not_valid_after(now + timedelta(hours=1))
             .add_extension(
                 x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(identity))]),
                 critical=True,
             )
             .sign(self.key, hashes.SHA256())
         )
-        pem = serialization.Encoding.PEM
-        chain = [cert.public_bytes(pem), self.intermediate.public_bytes(pem)]
-        return WorkloadCertificate(
-            identity=identity,
-            key_pem=key.private_bytes(
-                pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            ),
-            chain_pem=[*chain, self.root.public_bytes(pem)] if with_root else chain,
-            roots_pem=self.root.public_bytes(pem),
-            serial=cert.serial_number,
-            not_before=cert.not_valid_before_utc,
-            not_after=cert.not_valid_after_utc,
-        )
+        chain = [cert, self.intermediate, self.root] if with_root else [cert, self.intermediate]
+        return workload_certificate(identity, key, chain, self.root)
 
 
 @pytest.fixture(scope="module")
@@ -560,20 +532,6 @@ def test_a_peer_that_holds_only_the_root_verifies_a_chain_through_an_intermediat
     assert result.error is None and result.peer == CLIENT_ID
 
 
-@dataclasses.dataclass(frozen=True)
-class _WithRoot:
-    """A certificate whose context sends the root as well (what the contexts did before)."""
-
-    cert: WorkloadCertificate
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.cert, name)
-
-    @property
-    def chain_without_root_pem(self) -> bytes:
-        return self.cert.presented_chain_pem
-
-
 def _server_flight(server: ssl.SSLContext, client: ssl.SSLContext) -> int:
     """Bytes the server writes in a whole handshake over memory BIOs."""
     c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
@@ -593,7 +551,7 @@ def _server_flight(server: ssl.SSLContext, client: ssl.SSLContext) -> int:
 
 def test_the_root_the_peer_holds_is_not_sent(server_cert, client_cert):
     root_der = ssl.PEM_cert_to_DER_cert(server_cert.roots_pem.decode())
-    with_root = server_context(_WithRoot(server_cert))  # type: ignore[arg-type]
+    with_root = server_context(SendsRoot(server_cert))  # type: ignore[arg-type]
     ours = _server_flight(server_context(server_cert), client_context(client_cert))
     before = _server_flight(with_root, client_context(client_cert))
     assert before - ours >= len(root_der)

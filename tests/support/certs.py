@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ssl
+from dataclasses import dataclass
 from datetime import timedelta
 
 from controlplane.ca import CertificateAuthority, csr_identity, parse_csr
@@ -50,3 +51,18 @@ def client_hello() -> bytes:
     with contextlib.suppress(ssl.SSLWantReadError):
         obj.do_handshake()
     return outgoing.read()
+
+
+@dataclass(frozen=True, slots=True)
+class SendsRoot:
+    """A certificate whose TLS context (meshcore.tls) sends its whole chain, root included,
+    as the contexts did before they left the root out: for comparisons."""
+
+    cert: WorkloadCertificate
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.cert, name)
+
+    @property
+    def chain_without_root_pem(self) -> bytes:
+        return self.cert.presented_chain_pem
