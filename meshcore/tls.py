@@ -7,6 +7,9 @@ Invariants of every context built here:
   tickets or resumption.
 - TLS 1.3 cipher suites restricted to AES-256-GCM and AES-128-GCM (see
   `_restrict_tls13_ciphersuites` for how, and when it is skipped).
+- Our certificate goes out as the leaf and its intermediates, exactly as loaded, without
+  the root the peer holds (`send_chain_as_loaded`; where that mode cannot be set, the whole
+  chain, root included, as before).
 - The private key reaches OpenSSL through an anonymous in-memory file when the kernel has
   one (memfd), otherwise through a 0600 file in a private temporary directory; either is
   gone as soon as `load_cert_chain` returns.
