@@ -67,3 +67,17 @@ def test_builders_override_only_what_they_are_given() -> None:
     # Two default workloads would claim one uid and one IP: a state refuses them.
     with pytest.raises(MeshConfigError):
         mesh_state([workload(), workload()])
+
+
+def test_a_free_port_for_a_process_is_outside_the_ephemeral_range_and_bindable() -> None:
+    """So no outgoing connection can take it as its source port before the process binds
+    it (tests/support/ports.py)."""
+    import socket
+
+    from tests.support.ports import LOWEST, ephemeral_low, free_port
+
+    for _ in range(20):
+        port = free_port()
+        assert LOWEST <= port < ephemeral_low()
+        with socket.socket() as s:
+            s.bind(("0.0.0.0", port))

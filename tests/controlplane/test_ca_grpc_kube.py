@@ -15,7 +15,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -45,6 +44,7 @@ from meshcore.identity.spiffe import SpiffeId
 from tests.controlplane.ca_grpc_pb import compiled
 from tests.support.kubetokens import api_ok, signed_token
 from tests.support.netns import throwaway_netns
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.kube
 
@@ -378,16 +378,10 @@ def test_the_client_says_why_it_cannot_ask(env: Env, tmp_path: Path) -> None:
         (replace(settings, root_cert=tmp_path / "absent"), "cannot read the CA root"),
         # A server whose certificate the given root did not sign is not spoken to.
         (replace(settings, root_cert=tmp_path / "other-root.pem"), "cannot reach the CA"),
-        (replace(settings, address=f"127.0.0.1:{_free_port()}"), "cannot reach the CA"),
+        (replace(settings, address=f"127.0.0.1:{free_port()}"), "cannot reach the CA"),
     ]
     for s, words in cases:
         assert words in asyncio.run(sign(s))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ---- the tunnel process ------------------------------------------------------------------
@@ -423,7 +417,7 @@ def test_the_tunnel_process_gets_its_pods_certificates_from_the_grpc_ca(
         "services": [],
     }
     (tmp_path / "xds.yaml").write_text(json.dumps(xds))
-    admin = _free_port()
+    admin = free_port()
     with throwaway_netns("cagrpc") as pod_netns:
         (tmp_path / "enrol.yaml").write_text(
             json.dumps({"pods": [{"uid": "u-alice", "netns": pod_netns}]})
@@ -441,8 +435,8 @@ def test_the_tunnel_process_gets_its_pods_certificates_from_the_grpc_ca(
                 "CA_TOKEN_PATH": str(settings.token_path),
                 "TRUST_DOMAIN": TD,
                 "ADMIN_PORT": str(admin),
-                "METRICS_PORT": str(_free_port()),
-                "READINESS_PORT": str(_free_port()),
+                "METRICS_PORT": str(free_port()),
+                "READINESS_PORT": str(free_port()),
             },
             stdout=subprocess.DEVNULL,
             stderr=open(tmp_path / "ztunnel.log", "wb"),  # noqa: SIM115

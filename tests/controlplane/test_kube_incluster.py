@@ -25,14 +25,9 @@ from kube.client import KubeApiError, KubeClient, load_kubeconfig
 from localcluster.kube.apiserver import KubeControlPlane
 from meshcore.defaults import TRUST_DOMAIN
 from tests.controlplane.test_kube_controlplane import until, until_async
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.kube
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _start(cp: KubeControlPlane, ns: str, grpc: int, ready: int) -> subprocess.Popen[str]:
@@ -133,7 +128,7 @@ def test_in_cluster_ca_secret_root_configmaps_and_readiness(kube_cp: KubeControl
             await c.create(kinds.NAMESPACE, {"metadata": {"name": ns}})
 
     asyncio.run(make_ns())
-    grpc, ready = _free_port(), _free_port()
+    grpc, ready = free_port(), free_port()
     proc = _start(kube_cp, ns, grpc, ready)
     try:
         root = asyncio.run(_scenario(kube_cp, ns, grpc, ready))
@@ -171,7 +166,7 @@ def test_a_broken_ca_secret_stops_the_control_plane(kube_cp: KubeControlPlane) -
             await c.create(kinds.SECRET, secret, ns)
 
     asyncio.run(setup())
-    proc = _start(kube_cp, ns, _free_port(), _free_port())
+    proc = _start(kube_cp, ns, free_port(), free_port())
     try:
         out, _ = proc.communicate(timeout=30)
     finally:

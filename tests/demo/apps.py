@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,19 +23,14 @@ from typing import IO, Any
 
 import pytest
 
+from tests.support.ports import free_port
+
 DEMO_DIR = Path(__file__).resolve().parents[2] / "demo"
 TRAVEL_DIR = DEMO_DIR / "travel"
 if str(TRAVEL_DIR) not in sys.path:
     sys.path.insert(0, str(TRAVEL_DIR))
 
 STARTUP_S = 10.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass

@@ -15,7 +15,8 @@ import flights
 import pricing
 import pytest
 
-from tests.demo.apps import DEMO_DIR, AppRunner, Chain, free_port
+from tests.demo.apps import DEMO_DIR, AppRunner, Chain
+from tests.support.ports import free_port
 
 ROUTE = "/book?from=AMS&to=LIS"
 

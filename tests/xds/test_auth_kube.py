@@ -34,8 +34,9 @@ from meshcore.xds.convert import RESOURCE_TYPES
 from meshcore.xds.credentials import token_credentials
 from meshcore.xds.grpc import GrpcClosed, client_context
 from tests.support.kubetokens import api_ok, signed_token
+from tests.support.ports import free_port
 from tests.xds.test_auth import end_of, first_answer, open_stream
-from tests.xds.test_tunnel_process import ROOT, free_port
+from tests.xds.test_tunnel_process import ROOT
 
 pytestmark = pytest.mark.kube
 

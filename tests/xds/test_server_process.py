@@ -29,8 +29,9 @@ from meshcore.xds.grpc import GrpcClosed, GrpcStream, client_context
 from meshcore.xds.source import XDS_INITIAL_WAIT
 from tests.support.aio import Loop, wait_until
 from tests.support.certs import issue
+from tests.support.ports import free_port
 from tests.xds.states import demo_document
-from tests.xds.test_tunnel_process import ROOT, free_port
+from tests.xds.test_tunnel_process import ROOT
 
 
 def start_server(args: list[str]) -> subprocess.Popen[bytes]:

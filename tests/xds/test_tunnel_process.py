@@ -8,7 +8,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -18,17 +17,12 @@ from typing import Any
 from controlplane.xds.auth import SubscriberAuth
 from controlplane.xds.server import XdsServer
 from tests.support.aio import Loop, wait_until
+from tests.support.ports import free_port
 from tests.xds.conftest import Harness
 from tests.xds.states import demo_state
 from tests.xds.test_server import changed_state
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def config_dump(port: int) -> dict[str, Any] | None:

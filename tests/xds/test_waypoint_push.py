@@ -4,7 +4,6 @@ the first state before it serves, then every update (never polled), on loopback.
 from __future__ import annotations
 
 import secrets
-import socket
 from ipaddress import ip_address
 from pathlib import Path
 
@@ -16,16 +15,11 @@ from meshcore.xds import convert
 from meshcore.xds.source import XdsSettings
 from tests.support.aio import Loop, wait_until
 from tests.support.certs import InProcessCA
+from tests.support.ports import free_port
 from tests.xds.conftest import Harness
 from tests.xds.states import RESOURCES, demo_document, demo_state
 from waypoint.config import WaypointConfig, parse_config
 from waypoint.instance import Waypoint
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def without_routes() -> MeshState:
