@@ -365,6 +365,7 @@ class NodeProxy:
             dns_limits=self.dns_limits,
             dns_listen=self.dns_listen,
             processes=self.processes,
+            pods_served=lambda: len(self.pods),
         )
         try:
             await pod.start()

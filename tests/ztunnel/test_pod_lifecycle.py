@@ -1,10 +1,17 @@
-"""The pod lifecycle table: the steps a pod's proxy may take, and the ones it may not."""
+"""The pod lifecycle table: the steps a pod's proxy may take, and the ones it may not; and
+how often a pod's leftover TIME-WAIT sockets are swept."""
 
 from __future__ import annotations
 
 import pytest
 
-from ztunnel.inpod import PodState, lifecycle_step
+from ztunnel.inpod import (
+    TIME_WAIT_SWEEP_INTERVAL,
+    TIME_WAIT_SWEEP_SPACING,
+    PodState,
+    lifecycle_step,
+    sweep_interval,
+)
 
 S = PodState
 
@@ -40,3 +47,12 @@ def test_stopped_is_the_end_and_every_state_can_reach_it() -> None:
         reach |= {a for a, b in ALLOWED if b in reach}
     assert reach == set(PodState)
     assert not [b for a, b in ALLOWED if a is S.STOPPED]
+
+
+def test_time_wait_sweeps_are_spaced_by_the_pods_a_process_serves() -> None:
+    """Each sweep walks the kernel's whole connection table: a few pods are swept every 5 s,
+    many less often each, so a process never does more than ten sweeps a second."""
+    assert sweep_interval(1) == sweep_interval(50) == TIME_WAIT_SWEEP_INTERVAL == 5.0
+    assert sweep_interval(200) == pytest.approx(20.0)
+    for pods in (1, 10, 51, 200, 5000):
+        assert pods / sweep_interval(pods) <= 1 / TIME_WAIT_SWEEP_SPACING + 1e-9
