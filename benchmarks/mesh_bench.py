@@ -289,13 +289,7 @@ def handshakes(running: Running, seconds: float) -> dict[str, Any] | None:
     hs = running.handshake
     if hs is None:
         return None
-    extra = [
-        "--protocol", hs.protocol, "--app-port", str(hs.app_port),
-        "--server-identity", hs.server_identity,
-        "--cert", str(hs.tls.cert), "--key", str(hs.tls.key), "--roots", str(hs.tls.roots),
-        "--mark", str(hs.mark), "--seconds", str(seconds),
-        "--workers", str(HANDSHAKE_WORKERS),
-    ]  # fmt: skip
+    extra = hs.loadgen_args(seconds, HANDSHAKE_WORKERS)
     roles = {r: running.proxies[r] for r in hs.server_roles if r in running.proxies}
     before = costs.sample(roles)
     res = loadgen("handshake", Endpoint(hs.netns, hs.host, hs.port), extra, seconds, None)

@@ -43,7 +43,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 import cpusplit  # noqa: E402
-from meshbench import costs, plain  # noqa: E402
+from meshbench import plain  # noqa: E402
 from meshbench.handshake import private_dir  # noqa: E402
 from meshbench.scenario import Endpoint, HandshakeTarget  # noqa: E402
 
@@ -122,8 +122,9 @@ class BenchError(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class Sample:
-    cpu_s: float
+    cpu_s: float  # user + system
     wall_s: float
+    system_s: float = 0.0  # the kernel's part of cpu_s
 
 
 def per_connection_us(
@@ -363,10 +364,7 @@ def handshake_run(hs: HandshakeTarget, count: int, seconds: float, workers: int)
     handshake with the server node's tunnel and an HBONE CONNECT answered 200)."""
     argv = [
         sys.executable, "-m", "meshbench.loadgen", "handshake", "--host", hs.host,
-        "--port", str(hs.port), "--protocol", hs.protocol, "--app-port", str(hs.app_port),
-        "--server-identity", hs.server_identity, "--cert", str(hs.tls.cert),
-        "--key", str(hs.tls.key), "--roots", str(hs.tls.roots), "--mark", str(hs.mark),
-        "--seconds", str(seconds), "--workers", str(workers), "--count", str(count),
+        "--port", str(hs.port), *hs.loadgen_args(seconds, workers), "--count", str(count),
     ]  # fmt: skip
     doc = _loadgen(argv, Endpoint(hs.netns, hs.host, hs.port), seconds)
     return {
@@ -407,10 +405,10 @@ def sample(pids: Mapping[str, int]) -> dict[str, Sample]:
     now = time.monotonic()
     out = {}
     for node, pid in pids.items():
-        u = costs.sample_pid(pid)
-        if u is None:
+        t = cpusplit.read_times(pid)
+        if t is None:
             raise BenchError(f"the tunnel of {node} (pid {pid}) is gone")
-        out[node] = Sample(u.cpu_s, now)
+        out[node] = Sample(t.user + t.system, now, t.system)
     return out
 
 
@@ -505,10 +503,8 @@ def measure(
     if profiling:
         signal_tunnels(pids, RESET_SIGNAL)
     before, m0 = sample(pids), machine()
-    split0 = {node: cpusplit.read_times(pid) for node, pid in pids.items()}
     res = load_run(eps[(plain.MESH_NS, placement)], a, a.connections, hss.get(placement))
     after, m1 = sample(pids), machine()
-    split1 = {node: cpusplit.read_times(pid) for node, pid in pids.items()}
     n = int(res["connections"])
     return {
         "placement": placement,
@@ -526,16 +522,14 @@ def measure(
         },
         # The kernel's share of each tunnel's CPU (system time over user + system; idle
         # time not taken out): socket calls and the packet path under them.
-        "system_share": {node: _system_share(split0[node], split1[node]) for node in NODES},
+        "system_share": {node: system_share(before[node], after[node]) for node in NODES},
     }
 
 
-def _system_share(t0: cpusplit.CpuTimes | None, t1: cpusplit.CpuTimes | None) -> float | None:
-    if t0 is None or t1 is None:
-        return None
-    d = t1 - t0
-    total = d.user + d.system
-    return d.system / total if total > 0 else None
+def system_share(before: Sample, after: Sample) -> float | None:
+    """The kernel's share of a process's CPU between two samples; None without CPU."""
+    total = after.cpu_s - before.cpu_s
+    return (after.system_s - before.system_s) / total if total > 0 else None
 
 
 def run(a: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -575,7 +569,9 @@ def run(a: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 if restart and a.profile:
                     profiles = {n: profile_file(dirs[n], "ztunnel", pids[n]) for n in NODES}
                 for placement in a.placements:  # warm-up: pools dialled, code paths hot
-                    warm = argparse.Namespace(**{**vars(a), "seconds": 2.0})
+                    # Count-bounded (200) but for requests, which run for a time.
+                    warm_s = 2.0 if a.load == "requests" else 20.0
+                    warm = argparse.Namespace(**{**vars(a), "seconds": warm_s})
                     load_run(eps[(plain.MESH_NS, placement)], warm, 200, hss.get(placement))
                 order = a.placements if rnd % 2 == 0 else a.placements[::-1]
                 for placement in order:

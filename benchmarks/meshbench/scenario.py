@@ -52,6 +52,16 @@ class HandshakeTarget:
     server_roles: tuple[str, ...]  # Running.proxies roles that accept the handshakes
     origin: str  # one line for the report: from where, to what
 
+    def loadgen_args(self, seconds: float, workers: int) -> list[str]:
+        """`meshbench.loadgen handshake`'s options for this target (host and port apart)."""
+        return [
+            "--protocol", self.protocol, "--app-port", str(self.app_port),
+            "--server-identity", self.server_identity,
+            "--cert", str(self.tls.cert), "--key", str(self.tls.key),
+            "--roots", str(self.tls.roots), "--mark", str(self.mark),
+            "--seconds", str(seconds), "--workers", str(workers),
+        ]  # fmt: skip
+
 
 @dataclass(slots=True)
 class Running:

@@ -21,6 +21,7 @@ from newconn_profile import (
     steal_cores,
     steps,
     summarize,
+    system_share,
 )
 
 
@@ -30,6 +31,12 @@ def test_cpu_per_connection_less_idle() -> None:
     assert per_connection_us(before, after, 0.25, 1000) == pytest.approx(2000.0)
     assert per_connection_us(before, after, 0.0, 0) is None
     assert per_connection_us(before, after, 10.0, 1000) == 0.0  # never negative
+
+
+def test_the_kernels_share_of_a_tunnels_cpu() -> None:
+    before, after = Sample(10.0, 100.0, 4.0), Sample(12.0, 102.0, 4.5)
+    assert system_share(before, after) == pytest.approx(0.25)  # 0.5 of 2.0 s
+    assert system_share(before, before) is None
 
 
 def test_proc_stat_busy_and_steal_cores() -> None:

@@ -25,7 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from controlplane.ca import CertificateAuthority
+from controlplane.ca import CA_KEY_USAGE, CertificateAuthority
 from meshcore import tls
 from meshcore.identity.certs import WorkloadCertificate
 from meshcore.identity.spiffe import SpiffeId
@@ -319,20 +319,7 @@ def ca_certificate(
         cert_builder(subject, public_key)
         .issuer_name(issuer)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(CA_KEY_USAGE, critical=True)
         .sign(signer, hashes.SHA256())
     )
 
