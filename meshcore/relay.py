@@ -412,6 +412,16 @@ class HboneSplice(_Ends):
             # Only the client side awaits the response; mark it seen so a server-side
             # reset is not reported as an unretrieved exception.
             self.response.exception()
+        if self.down_done:
+            # The peer's side had ended whole (END_STREAM) before the reset: a server may
+            # answer in full and then reset to stop what is still coming (RFC 9113 8.1).
+            # Its answer is delivered and the app's connection closed after it, not cut;
+            # nothing more goes to the peer. (With early data the answer, its end and the
+            # reset can all arrive before this end is even started.)
+            self.up_done = True
+            if self.started:
+                self._maybe_finish()
+            return
         self._finish(f"stream reset ({name})")
         if self.started:
             self._close_app(abort=True)

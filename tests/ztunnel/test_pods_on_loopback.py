@@ -1088,10 +1088,13 @@ class IndependentServer(asyncio.Protocol):
     the stream carries and ends it when the client does; with `refuse_first`, the first
     stream gets REFUSED_STREAM instead, as a draining tunnel answers."""
 
-    def __init__(self, refuse_first: bool = False) -> None:
+    def __init__(self, refuse_first: bool = False, answer: bytes | None = None) -> None:
         config = h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
         self.conn = h2.connection.H2Connection(config)
         self.refuse_first = refuse_first
+        # Given: each stream is answered with it in full and then reset (CANCEL), in the
+        # same write as the 200, instead of echoed.
+        self.answer = answer
         self.before_answer: dict[int, bytes] = {}  # per stream, in order of opening
         self.answered: set[int] = set()
         self.refused: list[int] = []
@@ -1124,6 +1127,10 @@ class IndependentServer(asyncio.Protocol):
                 continue
             self.answered.add(sid)
             self.conn.send_headers(sid, [(":status", "200")])
+            if self.answer is not None:
+                self.conn.send_data(sid, self.answer, end_stream=True)
+                self.conn.reset_stream(sid, ErrorCode.CANCEL)
+                continue
             if self.before_answer[sid]:
                 self.conn.send_data(sid, self.before_answer[sid])
         assert self.transport is not None
@@ -1198,3 +1205,16 @@ def test_early_data_stops_at_its_limit_and_the_rest_follows_the_answer__recorded
     got = aio_uvloop.run(lambda: through_independent_server(mesh, server))
     assert got == EARLY_REQUEST
     assert list(server.before_answer.values()) == [EARLY_REQUEST[:8]]
+
+
+def test_an_answer_in_full_then_a_reset_reaches_the_app_whole__recorded_redirects(
+    aio_uvloop: Loop, mesh: LoopbackMesh
+) -> None:
+    """A server that answers the request it got as early data in full, ends its side and
+    resets the stream, all before pod A's tunnel has joined the app (a waypoint denying a
+    POST did so): the app gets the whole answer and then EOF, not a reset."""
+    answer = b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+    server = IndependentServer(answer=answer)
+    got = aio_uvloop.run(lambda: through_independent_server(mesh, server))
+    assert got == answer
+    assert list(server.before_answer.values()) == [EARLY_REQUEST]
