@@ -67,21 +67,32 @@ class ConnectionPool:
         return min(self._max_streams, h2.conn.peer_max_concurrent)
 
     def _pick(self, key: PoolKey) -> H2Transport | None:
+        """The first live connection with a free slot (first fit: streams gather on the
+        oldest connections, whose frames then share TLS records and wake-ups). The scan
+        stops there: a pool that once grew to many connections (a burst of long-lived
+        streams) costs a new stream no more than a pool of one, while its surplus stays
+        idle until the sweep closes it. Dead and expiring connections met on the way
+        leave the pool."""
         conns = self._conns.get(key)
         if not conns:
             return None
-        live = [c for c in conns if c.usable and not self._expiring(c)]
-        if len(live) != len(conns):
-            self._conns[key] = live
-        for h2 in live:
-            if h2.conn.open_streams + h2.reserved < self._capacity(h2):
-                return h2
-        return None
+        now = self._wall_clock()
+        gone: list[H2Transport] = []
+        found = None
+        for h2 in conns:
+            if not h2.usable or self._expiring(h2, now):
+                gone.append(h2)
+            elif h2.conn.open_streams + h2.reserved < self._capacity(h2):
+                found = h2
+                break
+        if gone:
+            self._conns[key] = [c for c in conns if c not in gone]
+        return found
 
-    def _expiring(self, h2: H2Transport) -> bool:
-        """Whether `h2`'s certificates run out within the margin; if so it is drained (its
-        open streams go on, it takes no new one)."""
-        if h2.expires_at is None or h2.expires_at - self._wall_clock() > self._expiry_margin:
+    def _expiring(self, h2: H2Transport, now: float) -> bool:
+        """Whether `h2`'s certificates run out within the margin of `now` (wall clock); if
+        so it is drained (its open streams go on, it takes no new one)."""
+        if h2.expires_at is None or h2.expires_at - now > self._expiry_margin:
             return False
         if h2.usable:
             self.retired += 1
@@ -110,7 +121,7 @@ class ConnectionPool:
                     # server keeps doing it.
                     why = h2.conn.close_reason or "closed"
                     raise ConnectionError(f"the HBONE connection ended as it opened: {why}")
-                if self._expiring(h2):
+                if self._expiring(h2, self._wall_clock()):
                     # Dialling again would make another just like it: fail this stream.
                     raise ConnectionError(
                         "the HBONE connection was made with a certificate (ours or the "

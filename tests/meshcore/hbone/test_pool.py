@@ -116,3 +116,67 @@ def test_a_new_connection_already_expiring_fails_the_checkout_without_redialling
         return pool.opened
 
     assert run(main) == 0
+
+
+class _Counted(H2Transport):
+    """An H2Transport that counts how often the pool asks whether it is usable."""
+
+    asked = 0
+
+    @property
+    def usable(self) -> bool:
+        _Counted.asked += 1
+        return super().usable
+
+
+def _filled_pool(count: int) -> tuple[ConnectionPool, list[H2Transport]]:
+    """A pool of one stream per connection whose `count` connections each hold a
+    reservation (checkouts not yet released)."""
+    made: list[H2Transport] = []
+
+    async def connect(_key: PoolKey) -> H2Transport:
+        h2 = _Counted(client=True, keepalive=False)
+        h2.transport = _Sink()  # type: ignore[assignment]
+        made.append(h2)
+        return h2
+
+    return ConnectionPool(connect, max_streams=1), made
+
+
+def test_a_checkout_from_a_grown_pool_looks_no_further_than_the_first_connection_with_room():
+    """A pool that once grew (a burst of held connections made it dial 50) costs a new
+    stream what a pool of one does: the oldest connection with room takes it, and the
+    connections behind it are not looked at. It used to check every connection on every
+    checkout, which made each new connection through a tunnel dearer after a burst."""
+
+    async def main() -> None:
+        pool, made = _filled_pool(50)
+        for _ in range(50):
+            await pool.checkout(KEY)
+        assert pool.opened == 50
+        pool.release(made[0])
+        pool.release(made[7])
+        _Counted.asked = 0
+        assert await pool.checkout(KEY) is made[0]
+        assert _Counted.asked == 1
+        _Counted.asked = 0
+        assert await pool.checkout(KEY) is made[7]  # first fit, not the newest
+        assert _Counted.asked == 8
+        pool.close()
+
+    run(main)
+
+
+def test_connections_that_ended_leave_the_pool_when_a_checkout_meets_them():
+    async def main() -> None:
+        pool, made = _filled_pool(4)
+        for _ in range(4):
+            await pool.checkout(KEY)
+        made[1].conn.goaway_received = True  # the server is going away
+        made[2].conn.close(ErrorCode.NO_ERROR, "closed")
+        pool.release(made[3])
+        assert await pool.checkout(KEY) is made[3]
+        assert [h2 for _k, h2 in pool.connections()] == [made[0], made[3]]
+        pool.close()
+
+    run(main)
