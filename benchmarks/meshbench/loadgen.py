@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import importlib.util
 import json
 import multiprocessing
@@ -41,7 +42,7 @@ import struct
 import sys
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
@@ -268,6 +269,8 @@ def connect(host: str, port: int, seconds: float, workers: int, count: int = 0) 
     req = request_bytes(16, close=True)
     ok = [0] * workers
     failed = [0] * workers
+    # Why attempts failed, counted by kind (a row of zeros says why it is zero).
+    errors: list[Counter[str]] = [Counter() for _ in range(workers)]
     deadline = time.monotonic() + seconds
     share = [count // workers + (1 if k < count % workers else 0) for k in range(workers)]
 
@@ -279,8 +282,9 @@ def connect(host: str, port: int, seconds: float, workers: int, count: int = 0) 
                     with s.makefile("rb") as f:
                         read_response(f)
                 ok[k] += 1
-            except (OSError, ValueError):
+            except (OSError, ValueError) as e:
                 failed[k] += 1
+                errors[k][error_kind(e)] += 1
 
     start = time.monotonic()
     threads = [threading.Thread(target=work, args=(k,), daemon=True) for k in range(workers)]
@@ -292,9 +296,17 @@ def connect(host: str, port: int, seconds: float, workers: int, count: int = 0) 
     return {
         "connections": sum(ok),
         "failed": sum(failed),
+        "errors": dict(sum(errors, Counter()).most_common(5)),
         "seconds": wall,
         "per_second": sum(ok) / wall if wall > 0 else 0.0,
     }
+
+
+def error_kind(e: BaseException) -> str:
+    """A failed attempt's kind: the errno's name for an OS error, else the type."""
+    if isinstance(e, OSError) and e.errno is not None:
+        return errno.errorcode.get(e.errno, str(e.errno))
+    return type(e).__name__
 
 
 async def _idle(host: str, port: int, count: int, parallel: int) -> dict[str, Any]:

@@ -87,6 +87,7 @@ def flatten(run: dict[str, Any]) -> dict[str, float]:
     conn = run.get("connect", {})
     put("conn_per_s", conn.get("per_second"))
     put("tunnel_opened_per_s", conn.get("tunnel_opened_per_second"))
+    put("conn_failed", conn.get("failed"))
     hs = run.get("handshake") or {}
     put("handshakes_per_s", hs.get("handshakes_per_second"))
     put("handshake_client_cores", hs.get("client_cpu_cores"))
@@ -367,6 +368,12 @@ def metrics_for(rates: Iterable[str]) -> list[Metric]:
         Metric("idle_rss_mb", "Proxy RSS, idle (all proxies)", "MB", ".1f"),
         Metric("waypoint_idle_rss_mb", "Waypoint RSS, idle", "MB", ".1f"),
         Metric("conn_per_s", "New connections per second", "conn/s", ".0f"),
+        Metric(
+            "conn_failed",
+            "New connection attempts that failed (kinds: results.json, connect.errors)",
+            "attempts",
+            ".0f",
+        ),
         Metric(
             "tunnel_opened_per_s",
             "Connections the source tunnel opened per second",
