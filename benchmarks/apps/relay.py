@@ -41,8 +41,8 @@ class Pipe(asyncio.Protocol):
         for data in self.early:
             peer.write(data)
         self.early.clear()
-        if self.eof and peer.can_write_eof():
-            peer.write_eof()
+        if self.eof:
+            self._pass_eof()
 
     def data_received(self, data: bytes) -> None:
         if self.peer is None:
@@ -52,9 +52,23 @@ class Pipe(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof = True
-        if self.peer is not None and self.peer.can_write_eof():
-            self.peer.write_eof()
+        if self.peer is not None:
+            self._pass_eof()
         return True  # keep the other direction open until it ends too
+
+    def _pass_eof(self) -> None:
+        """Our side ended: end the peer's, and close both once both have ended. uvloop
+        leaves a transport open with both halves shut (its descriptor too), and a relay
+        that left them so died under a new-connection load with glibc's "double free or
+        corruption"."""
+        peer = self.peer
+        assert peer is not None and self.transport is not None
+        if not peer.is_closing() and peer.can_write_eof():
+            peer.write_eof()
+        other = peer.get_protocol()
+        if isinstance(other, Pipe) and other.eof:
+            self.transport.close()
+            peer.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.peer is not None:
