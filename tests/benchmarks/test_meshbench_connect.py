@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import socket
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,52 +16,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from meshbench.loadgen import connect, error_kind
 from meshbench.report import flatten
 
+from tests.support.closing_server import closing_server
+
 ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
-
-
-def _server(answer: bytes) -> Iterator[int]:
-    """A loopback server that reads each request and sends `answer` (maybe nothing), then
-    closes."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(128)
-    srv.settimeout(0.2)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                c, _ = srv.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with c:
-                c.settimeout(2.0)
-                try:
-                    c.recv(4096)
-                    c.sendall(answer)
-                except OSError:
-                    pass
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    try:
-        yield srv.getsockname()[1]
-    finally:
-        stop.set()
-        t.join(5)
-        srv.close()
 
 
 @pytest.fixture
 def answering() -> Iterator[int]:
-    yield from _server(ANSWER)
+    with closing_server(ANSWER) as port:
+        yield port
 
 
 @pytest.fixture
 def silent() -> Iterator[int]:
-    yield from _server(b"")
+    with closing_server(b"") as port:
+        yield port
 
 
 def _closed_port() -> int:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.closing_server import closing_server
 from tests.support.ports import free_port
 
 RELAY = Path(__file__).resolve().parents[2] / "benchmarks" / "apps" / "relay.py"
@@ -28,36 +29,8 @@ WORKERS = 4
 @pytest.fixture
 def answering() -> Iterator[int]:
     """A server that answers each request and closes its end first."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(256)
-    srv.settimeout(0.2)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                c, _ = srv.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with c:
-                c.settimeout(2.0)
-                try:
-                    c.recv(4096)
-                    c.sendall(ANSWER)
-                except OSError:
-                    pass
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    try:
-        yield srv.getsockname()[1]
-    finally:
-        stop.set()
-        t.join(5)
-        srv.close()
+    with closing_server(ANSWER) as port:
+        yield port
 
 
 @pytest.fixture
