@@ -2,7 +2,8 @@
 
 `--forward LPORT:HOST:PORT` (repeatable) listens on LPORT and pipes each accepted
 connection to HOST:PORT. uvloop asyncio Protocols, back-pressure through
-pause_writing/resume_writing, half-close forwarded with write_eof. Runs until signalled.
+pause_writing/resume_writing, half-close forwarded with write_eof, both sides closed once
+both directions have ended (as the tunnel does). Runs until signalled.
 """
 
 from __future__ import annotations
