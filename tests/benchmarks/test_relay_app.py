@@ -6,7 +6,6 @@ shut), and under that load it died with glibc's "double free or corruption"."""
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.closing_server import closing_server
+from tests.support.fds import open_fds
 from tests.support.ports import free_port
 
 RELAY = Path(__file__).resolve().parents[2] / "benchmarks" / "apps" / "relay.py"
@@ -51,15 +51,11 @@ def relay(answering: int) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
         proc.wait(10)
 
 
-def _open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
 def test_short_connections_through_the_relay_leave_no_descriptor_open(
     relay: tuple[subprocess.Popen[bytes], int],
 ) -> None:
     proc, port = relay
-    before = _open_fds(proc.pid)
+    before = len(open_fds(proc.pid))
     done = [0] * WORKERS
     failed = [0] * WORKERS
     deadline = time.monotonic() + 60.0
@@ -90,7 +86,7 @@ def test_short_connections_through_the_relay_leave_no_descriptor_open(
     assert sum(done) == CONNECTIONS and sum(failed) == 0
     # Every relayed connection's two descriptors are closed (a moment for the last ones).
     for _ in range(50):
-        if _open_fds(proc.pid) <= before + 2:
+        if len(open_fds(proc.pid)) <= before + 2:
             break
         time.sleep(0.1)
-    assert _open_fds(proc.pid) <= before + 2
+    assert len(open_fds(proc.pid)) <= before + 2

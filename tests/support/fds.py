@@ -7,10 +7,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 
-def open_fds() -> set[int]:
-    """This process's open fds. Compare a set taken before with one taken after, once
-    everything the test started has ended (a leak shows as a new number)."""
-    return {int(n) for n in os.listdir("/proc/self/fd")}
+def open_fds(pid: int | None = None) -> set[int]:
+    """This process's open fds (or those of `pid`, a process the test started). Compare a
+    set taken before with one taken after, once everything the test started has ended (a
+    leak shows as a new number)."""
+    return {int(n) for n in os.listdir(f"/proc/{'self' if pid is None else pid}/fd")}
 
 
 def fd_target(fd: int) -> str:
