@@ -475,29 +475,44 @@ def settle(lives: list[Live]) -> dict[str, float]:
             return {"settle_s": waited, "background_cores": cores}
 
 
-def run_rounds(st: Settings, lives: list[Live], runs: list[dict[str, Any]]) -> None:
+class RoundRecords:
+    """Each scenario's record in results.json per round and attempt: round 0's first
+    attempt is the scenario's own (`Live.rec`); the others join `runs` when first used."""
+
+    def __init__(self, runs: list[dict[str, Any]]) -> None:
+        self.runs = runs
+        self._slot: dict[tuple[str, str, int, int], dict[str, Any]] = {}
+
+    def get(self, live: Live, rnd: int, attempt: int = 0) -> dict[str, Any]:
+        key = (live.name, live.placement, rnd, attempt)
+        if key not in self._slot:
+            if rnd == 0 and attempt == 0:
+                self._slot[key] = live.rec
+            else:
+                rec = {"scenario": live.name, "placement": live.placement, "round": rnd,
+                       "attempt": attempt, "http": {}}  # fmt: skip
+                self.runs.append(rec)
+                self._slot[key] = rec
+        return self._slot[key]
+
+
+def _in_turn(lives: list[Live], placement: str, rnd: int) -> list[Live]:
+    """A placement's scenarios in the order round `rnd` measures them: odd rounds reversed,
+    so neither drift nor position favours a row."""
+    order = [lv for lv in lives if lv.placement == placement]
+    return order[:: -1 if rnd % 2 else 1]
+
+
+def run_rounds(st: Settings, lives: list[Live], records: RoundRecords) -> None:
     """Each round measures every scenario at every rate, slice by slice (a rate and a
     placement: all its scenarios back to back), odd rounds in reverse scenario order, so a
     disturbance of the machine hits one round of every row, not every round of one row.
     Then each slice whose `none` p99 was disturbed is measured again (`rounds.repeat_plan`)."""
     plan = rounds.pin_plan(st.pin, sorted(os.sched_getaffinity(0)))
-    slot: dict[tuple[str, str, int, int], dict[str, Any]] = {}  # (name, pl, round, attempt)
-
-    def record(live: Live, rnd: int, attempt: int) -> dict[str, Any]:
-        key = (live.name, live.placement, rnd, attempt)
-        if key not in slot:
-            if rnd == 0 and attempt == 0:
-                slot[key] = live.rec
-            else:
-                rec = {"scenario": live.name, "placement": live.placement, "round": rnd,
-                       "attempt": attempt, "http": {}}  # fmt: skip
-                runs.append(rec)
-                slot[key] = rec
-        return slot[key]
+    runs, record = records.runs, records.get
 
     def measure_slice(rate: int, placement: str, rnd: int, attempt: int) -> None:
-        order = [lv for lv in lives if lv.placement == placement]
-        for live in order[:: -1 if rnd % 2 else 1]:
+        for live in _in_turn(lives, placement, rnd):
             tag = f"round {rnd + 1}" + (f" repeat {attempt}" if attempt else "")
             progress(f"{tag}: {live.name} {live.placement} HTTP {rate} rps x {st.http_seconds:g} s")
             rec = record(live, rnd, attempt)
@@ -531,23 +546,12 @@ def run_rounds(st: Settings, lives: list[Live], runs: list[dict[str, Any]]) -> N
 
 
 def one_off_phases(live: Live, st: Settings, tag: str, lives: list[Live]) -> None:
-    """Throughput, memory per connection, connection churn and handshakes: once per
-    scenario, after the latency rounds (churn last of all: the phase most likely to break
-    a proxy). Each phase starts once every live scenario's proxies are idle (`settle`):
-    closing the idle phase's connections leaves the proxies their ends to work off (10 000
-    in full mode, 2 000 in quick: seconds of a tunnel's CPU, an access log line each), and
-    a connection phase started on top of that measured the backlog too, more so in full
-    mode (ambient's new connections per second, 3 runs each: 1 408..1 681 after 10 000,
-    1 734..1 785 after 2 000)."""
+    """Throughput and memory per connection: once per scenario, after the latency rounds.
+    Each phase starts once every live scenario's proxies are idle (`settle`)."""
     rec, running = live.rec, live.running
-    waits: dict[str, float] = {}
-    rec["settle_s"] = waits
-
-    def ready(phase: str) -> None:
-        waits[phase] = round(settle(lives)["settle_s"], 2)
-
+    waits: dict[str, float] = rec.setdefault("settle_s", {})
     try:
-        ready("bulk")
+        waits["bulk"] = round(settle(lives)["settle_s"], 2)
         progress(f"{tag}: bulk throughput ({st.bulk_seconds:g} s)")
         rec["bulk"] = loadgen(
             "bulk", running.bulk,
@@ -556,7 +560,28 @@ def one_off_phases(live: Live, st: Settings, tag: str, lives: list[Live]) -> Non
         )  # fmt: skip
         progress(f"{tag}: {st.idle_conns} idle connections")
         rec["conns"] = idle_connections(running, st.idle_conns)
-        ready("connect")
+    except Exception as e:
+        rec["error"] = f"{type(e).__name__}: {e}"
+        progress(f"{tag}: FAILED: {rec['error']}")
+        traceback.print_exc()
+
+
+def churn_phases(
+    live: Live, st: Settings, tag: str, lives: list[Live], rec: dict[str, Any]
+) -> None:
+    """New connections, then new mTLS handshakes, into `rec` (one round's record). A phase
+    that fails is recorded as its error; the round's other figures stand.
+
+    Each phase starts once every live scenario's proxies are idle (`settle`): closing the
+    idle phase's connections leaves the proxies their ends to work off (10 000 in full
+    mode, 2 000 in quick: seconds of a tunnel's CPU, an access log line each), and a
+    connection phase started on top of that measured the backlog too, more so in full
+    mode (ambient's new connections per second, 3 runs each: 1 408..1 681 after 10 000,
+    1 734..1 785 after 2 000)."""
+    running = live.running
+    waits: dict[str, float] = rec.setdefault("settle_s", {})
+    try:
+        waits["connect"] = round(settle(lives)["settle_s"], 2)
         progress(f"{tag}: new connections ({st.connect_seconds:g} s)")
         t0 = tunnel_opened(running)
         conn = loadgen("connect", running.http, ["--seconds", str(st.connect_seconds)],
@@ -566,18 +591,40 @@ def one_off_phases(live: Live, st: Settings, tag: str, lives: list[Live]) -> Non
             conn["tunnel_opened"] = t1 - t0
             conn["tunnel_opened_per_second"] = (t1 - t0) / conn["seconds"]
         rec["connect"] = conn
-        if running.handshake is not None:
-            ready("handshake")
-            progress(f"{tag}: new mTLS handshakes ({st.handshake_seconds:g} s)")
-            rec["handshake"] = handshakes(running, st.handshake_seconds)
     except Exception as e:
-        rec["error"] = f"{type(e).__name__}: {e}"
-        progress(f"{tag}: FAILED: {rec['error']}")
-        traceback.print_exc()
-    dead = sorted(role for role, u in costs.sample(running.proxies).items() if u is None)
-    if dead:
-        rec["dead_proxies"] = dead
-        progress(f"{tag}: proxy process(es) gone by the end: {', '.join(dead)}")
+        rec["connect"] = {"error": f"{type(e).__name__}: {e}"}
+        progress(f"{tag}: new connections FAILED: {rec['connect']['error']}")
+    if running.handshake is None:
+        return
+    try:
+        waits["handshake"] = round(settle(lives)["settle_s"], 2)
+        progress(f"{tag}: new mTLS handshakes ({st.handshake_seconds:g} s)")
+        rec["handshake"] = handshakes(running, st.handshake_seconds)
+    except Exception as e:
+        rec["handshake"] = {"error": f"{type(e).__name__}: {e}"}
+        progress(f"{tag}: new mTLS handshakes FAILED: {rec['handshake']['error']}")
+
+
+def churn_rounds(st: Settings, lives: list[Live], records: RoundRecords) -> None:
+    """New connections and handshakes in rounds, as the latency steps: per round and
+    placement all scenarios back to back, odd rounds in reverse order. One measurement
+    of a few seconds said more about the machine's moment than about the proxy (HAProxy's
+    new connections per second moved from 5 900 to 9 600 between short runs, ambient's by
+    a tenth): each round's pair is measured side by side, and the targets take the median
+    of the rounds' ratios. Last of all the phases: the one most likely to break a proxy."""
+    placements = [p for p in st.placements if any(lv.placement == p for lv in lives)]
+    for rnd in range(st.rounds):
+        progress(f"connection churn, round {rnd + 1}/{st.rounds}")
+        for placement in placements:
+            for live in _in_turn(lives, placement, rnd):
+                tag = f"churn round {rnd + 1}: {live.name} {live.placement}"
+                churn_phases(live, st, tag, lives, records.get(live, rnd))
+    for live in lives:
+        dead = sorted(role for role, u in costs.sample(live.running.proxies).items() if u is None)
+        if dead:
+            live.rec["dead_proxies"] = dead
+            progress(f"{live.name} {live.placement}: proxy process(es) gone by the end: "
+                     f"{', '.join(dead)}")  # fmt: skip
 
 
 def run_all(st: Settings, workdir: Path) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
@@ -598,10 +645,12 @@ def run_all(st: Settings, workdir: Path) -> tuple[list[dict[str, Any]], list[dic
             progress("bringing up the cluster of the plain scenarios")
             stack.enter_context(plain.shared_cluster(workdir))
         lives = start_scenarios(items, st, workdir, stack, runs)
+        records = RoundRecords(runs)
         if lives:
-            run_rounds(st, lives, runs)
+            run_rounds(st, lives, records)
         for i, live in enumerate(lives):
             one_off_phases(live, st, f"({i + 1}/{len(lives)}) {live.name} {live.placement}", lives)
+        churn_rounds(st, lives, records)
     return runs, skipped
 
 

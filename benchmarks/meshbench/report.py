@@ -8,10 +8,12 @@ The raw document (results.json) is:
              "bulk": {"gbit_per_s", ...},
              "http": {"<rate>": {"latency_ms": {...}, "achieved_rps", "answered",
                                  "unanswered", "hist_ns": {...}, "costs": {role: {...}}}},
-             "connect": {"per_second", "tunnel_opened_per_second"?, ...},
+             "connect": {"per_second", "tunnel_opened_per_second"?, ...} | {"error"},
              "handshake"?: {"handshakes_per_second", "client_cpu_cores",
-                            "server_cpu_ms_per_handshake", ...},
+                            "server_cpu_ms_per_handshake", ...} | {"error"},
              "conns": {"opened", "bytes_per_connection", ...}}],
+   (round 0's record holds everything measured once; a later round's, its latency steps,
+   "connect" and "handshake")
    "skipped": [{"scenario", "reason"}], "notes": [str], "earlier": {"rbac_check": {...}, ...}}
 Only ratios within one run mean anything (the machines are shared); the report says so.
 """
@@ -179,6 +181,47 @@ def ratio(a: float | None, b: float | None) -> float | None:
 # --- targets (issue 5 item 5) ----------------------------------------------------------------
 
 
+# The phases measured in every round besides the latency steps, each recorded on its own:
+# one that fails leaves its error there and the round's other figures stand.
+CHURN_PHASES = ("connect", "handshake")
+
+
+def paired_ratio(
+    runs: Iterable[dict[str, Any]], scenario: str, base: str, placement: str, metric: str
+) -> list[float]:
+    """`scenario`'s `metric` over `base`'s in each round that has both (the two were
+    measured back to back in that round, under the same load of the machine)."""
+    got: dict[tuple[str, int, int], float] = {}
+    for run in runs:
+        if run.get("error") or run.get("placement") != placement:
+            continue
+        v = flatten(run).get(metric)
+        if v is not None:
+            got[(str(run["scenario"]), int(run.get("round", 0)), int(run.get("attempt", 0)))] = v
+    return [
+        v / got[(base, r, a)]
+        for (s, r, a), v in sorted(got.items())
+        if s == scenario and got.get((base, r, a))
+    ]
+
+
+def _paired(
+    runs: list[dict[str, Any]] | None,
+    agg: Agg,
+    scenario: str,
+    base: str,
+    placement: str,
+    metric: str,
+) -> tuple[float | None, Spread | None]:
+    """The median of the per-round ratios and their spread; without runs (or without a
+    round that has both), the ratio of the two medians."""
+    sp = spread(paired_ratio(runs, scenario, base, placement, metric)) if runs else None
+    if sp is not None:
+        return sp.median, sp
+    a, b = agg.get((scenario, placement), {}), agg.get((base, placement), {})
+    return ratio(a.get(metric), b.get(metric)), None
+
+
 @dataclass(frozen=True, slots=True)
 class TargetResult:
     name: str
@@ -264,13 +307,9 @@ def targets(
         if hap is not None:
             # Connection setup against the HAProxy sidecar pair (mTLS between them): the
             # pace a user's short connections meet, and the CPU both meshes spend.
-            t(
-                "ambient / sidecar-haproxy new connections per second",
-                ratio(amb.get("conn_per_s"), hap.get("conn_per_s")),
-                0.7,
-                True,
-                "x",
-            )
+            conn, conn_sp = _paired(runs, agg, AMBIENT, HAPROXY, pl, "conn_per_s")
+            t("ambient / sidecar-haproxy new connections per second", conn, 0.7, True, "x",
+              sp=conn_sp)  # fmt: skip
             t(
                 "ambient / sidecar-haproxy proxy CPU per 1000 req",
                 ratio(amb.get(f"cpu_s_per_1000@{r}"), hap.get(f"cpu_s_per_1000@{r}")),
@@ -278,13 +317,9 @@ def targets(
                 False,
                 "x",
             )
-            t(
-                "ambient / sidecar-haproxy new mTLS handshakes per second",
-                ratio(amb.get("handshakes_per_s"), hap.get("handshakes_per_s")),
-                1.0,
-                True,
-                "x",
-            )
+            hs, hs_sp = _paired(runs, agg, AMBIENT, HAPROXY, pl, "handshakes_per_s")
+            t("ambient / sidecar-haproxy new mTLS handshakes per second", hs, 1.0, True, "x",
+              sp=hs_sp)  # fmt: skip
         t("tunnel idle RSS (largest tunnel)", amb.get("idle_rss_mb_max_proxy"), 40.0, False, "MB")
         t("memory per open connection (all tunnels)", amb.get("kb_per_conn"), 8.0, False, "KB")
         out.extend(waypoint_targets(agg, pl, rate, runs))
@@ -628,6 +663,13 @@ def render(doc: dict[str, Any], plots: list[str]) -> str:
         f"- {r['scenario']} {r['placement']} round {r.get('round')}: failed ({r['error']})"
         for r in runs
         if r.get("error")
+    ]
+    notes += [
+        f"- {r['scenario']} {r['placement']} round {r.get('round')}: {phase} failed "
+        f"({r[phase]['error']})"
+        for r in runs
+        for phase in CHURN_PHASES
+        if isinstance(r.get(phase), dict) and r[phase].get("error")
     ]
     notes += [
         f"- {r['scenario']} {r['placement']} round {r.get('round')}: proxy process(es) "

@@ -137,6 +137,53 @@ def test_the_targets_against_sidecar_haproxy() -> None:
     assert "ambient / sidecar-haproxy new connections per second" in table
 
 
+def _churn(scenario: str, rnd: int, conns: float, hs: float | None) -> dict[str, Any]:
+    """A later round's record: its latency step and its two churn phases."""
+    out = run(scenario, gbit=1.0, p99=1.0, cpu=0.1, rnd=rnd)
+    for once in ("bulk", "conns", "idle"):
+        del out[once]
+    out["connect"] = {"per_second": conns}
+    if hs is not None:
+        out["handshake"] = {"handshakes_per_second": hs}
+    return out
+
+
+def test_churn_targets_are_the_median_of_the_rounds_own_ratios() -> None:
+    """Each round's ambient and HAProxy were measured back to back: the target takes the
+    median of the per-round ratios, with their spread. HAProxy's fast round 2 would pull
+    a ratio of the medians (800 / 1000 = 0.8) away from what every round says."""
+    runs = [
+        _churn("sidecar-haproxy", 0, 1000.0, 400.0),
+        _churn("ambient", 0, 800.0, 380.0),
+        _churn("sidecar-haproxy", 1, 2000.0, 500.0),
+        _churn("ambient", 1, 900.0, 510.0),
+        _churn("sidecar-haproxy", 2, 950.0, 400.0),
+        _churn("ambient", 2, 700.0, 410.0),
+    ]
+    assert report.paired_ratio(runs, "ambient", "sidecar-haproxy", "cross-node", "conn_per_s") == (
+        pytest.approx([0.8, 0.45, 700.0 / 950.0])
+    )
+    ts = {t.name: t for t in report.targets(report.aggregate(runs), runs=runs)}
+    conn = ts["ambient / sidecar-haproxy new connections per second"]
+    assert conn.value == pytest.approx(700.0 / 950.0) and conn.met is True
+    assert conn.spread is not None and conn.spread.n == 3
+    assert conn.spread.low == pytest.approx(0.45) and conn.spread.high == pytest.approx(0.8)
+    hs = ts["ambient / sidecar-haproxy new mTLS handshakes per second"]
+    assert hs.value == pytest.approx(1.02) and hs.met is True
+    # A round where one of the pair has no figure (its phase failed) pairs nothing.
+    runs[5]["connect"] = {"error": "BenchError: connect phase timed out"}
+    ts = {t.name: t for t in report.targets(report.aggregate(runs), runs=runs)}
+    conn = ts["ambient / sidecar-haproxy new connections per second"]
+    assert conn.spread is not None and conn.spread.n == 2
+    assert conn.value == pytest.approx((0.8 + 0.45) / 2)
+    # The failed phase is told in the notes, and the round's other figures still count.
+    md = report.render({"runs": runs, "params": {}}, [])
+    assert (
+        "- ambient cross-node round 2: connect failed (BenchError: connect phase timed out)" in md
+    )
+    assert report.spreads(runs)[("ambient", "cross-node")]["p99_ms@1000"].n == 3
+
+
 def _tables(md: str) -> list[list[str]]:
     tables: list[list[str]] = []
     current: list[str] = []

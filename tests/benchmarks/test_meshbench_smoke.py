@@ -54,11 +54,16 @@ def test_harness_writes_raw_results_report_and_plots(tmp_path: Path) -> None:
         if plan:
             assert set(ph["client_cpus"]) == plan["loadgen"]
             assert set(ph["pinned"]["server"]) == plan["server"]
-        if r["round"] > 0 or r.get("attempt", 0) > 0:
-            continue  # later rounds and repeats hold only their latency steps
+        if r.get("attempt", 0) > 0:
+            continue  # a repeat holds only its latency step
+        # Every round measures new connections (and, with mTLS, handshakes) side by side.
+        assert r["connect"]["connections"] > 0, r["connect"].get("error")
+        assert r["settle_s"]["connect"] >= 0
+        if r["round"] > 0:
+            assert "bulk" not in r and "conns" not in r  # measured once, in round 0
+            continue
         assert set(r) >= RUN_KEYS
         assert r["bulk"]["gbit_per_s"] > 0
-        assert r["connect"]["connections"] > 0
         assert r["conns"]["opened"] == 20
     # Interleaved: both rounds of both scenarios (a disturbed round adds a repeat).
     got = {(r["scenario"], r["round"]) for r in doc["runs"]}
@@ -68,6 +73,10 @@ def test_harness_writes_raw_results_report_and_plots(tmp_path: Path) -> None:
     assert set(amb["proxies"]) == {"tunnel-node1", "tunnel-node2"}
     assert amb["http"]["200"]["costs"]["total"]["cpu_s"] is not None
     assert amb["connect"]["tunnel_opened"] >= amb["connect"]["connections"]
+    assert "connection churn, round 2/2" in done.stdout
+    for rnd in (0, 1):
+        each = next(r for r in doc["runs"] if r["scenario"] == "ambient" and r["round"] == rnd)
+        assert each["handshake"]["handshakes"] > 0, each["handshake"]
     hs = amb["handshake"]
     assert hs["handshakes"] > 0 and hs["failed"] == 0, hs.get("errors")
     assert hs["handshakes_per_second"] > 0
