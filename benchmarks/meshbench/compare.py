@@ -3,7 +3,9 @@
 at a rate both used, each run's median and min..max over its counted rounds and whether
 the ranges overlap (`rounds.Spread.overlaps`): quick against full, pinned against not, or
 today against yesterday. A metric whose ranges do not overlap differs by more than either
-run's own spread. Comparing is pure (`compare`); only `main` reads files.
+run's own spread. The targets judged on a median of rounds (an added p99, the tunnel's
+CPU, the churn ratios against sidecar-haproxy) are compared the same way, as scenario
+`target`. Comparing is pure (`compare`); only `main` reads files.
 """
 
 from __future__ import annotations
@@ -15,10 +17,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .report import scenario_order, spreads
+from .report import aggregate, scenario_order, spreads, targets
 from .rounds import Spread
 
-METRICS = ("p50_ms", "p99_ms", "p999_ms", "cpu_s_per_1000", "client_cores")
+METRICS = (
+    "p50_ms",
+    "p99_ms",
+    "p999_ms",
+    "cpu_s_per_1000",
+    "client_cores",
+    "conn_per_s",
+    "handshakes_per_s",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +53,24 @@ def compare(runs_a: list[dict[str, Any]], runs_b: list[dict[str, Any]]) -> list[
         for metric in sorted(set(sa[key]) & set(sb[key])):
             if metric.split("@")[0] in METRICS:
                 out.append(Row(key[0], key[1], metric, sa[key][metric], sb[key][metric]))
-    return out
+    return out + compare_targets(runs_a, runs_b)
+
+
+def compare_targets(runs_a: list[dict[str, Any]], runs_b: list[dict[str, Any]]) -> list[Row]:
+    """The targets both runs judged on a median of rounds, side by side."""
+
+    def judged(runs: list[dict[str, Any]]) -> dict[tuple[str, str], Spread]:
+        return {
+            (t.placement, t.name): t.spread
+            for t in targets(aggregate(runs), runs=runs)
+            if t.spread is not None
+        }
+
+    ta, tb = judged(runs_a), judged(runs_b)
+    return [
+        Row("target", pl, name, ta[(pl, name)], tb[(pl, name)])
+        for pl, name in sorted(ta.keys() & tb.keys())
+    ]
 
 
 def render(rows: list[Row]) -> str:

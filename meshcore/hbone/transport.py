@@ -119,7 +119,10 @@ class H2Transport(asyncio.BufferedProtocol):
         # of ours and the peer's notAfter, Unix time); None: not tracked. A client pool
         # stops opening streams on it shortly before (meshcore/hbone/pool.py).
         self.expires_at: float | None = None
-        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Kept: `asyncio.get_running_loop()` costs a getpid() system call each time (it
+        # checks for a fork), and `flush_soon` runs once per request.
+        self._loop = asyncio.get_running_loop()
+        self.ready: asyncio.Future[None] = self._loop.create_future()
         self._on_request = on_request
         self._on_closed = on_closed
         self._keepalive = keepalive
@@ -249,7 +252,7 @@ class H2Transport(asyncio.BufferedProtocol):
         instead of three (measured at the waypoint: 11 flushes per request became 4)."""
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._scheduled_flush)
+            self._loop.call_soon(self._scheduled_flush)
 
     def _scheduled_flush(self) -> None:
         self._flush_scheduled = False

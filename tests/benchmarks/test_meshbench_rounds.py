@@ -222,6 +222,11 @@ def test_compare_two_runs_by_their_ranges(tmp_path: Path) -> None:
     assert rows[("none", "p99_ms@1000")].agree  # 0.60..0.64 against 0.63..0.66
     assert not rows[("ambient", "p99_ms@1000")].agree  # 0.70..0.74 against 1.5..1.6
     assert ("none", "bulk_gbit") not in rows  # one-off metrics have no spread to compare
+    # Targets judged on a median of rounds are compared too: added p99 0.08..0.12 ms in A,
+    # 0.87..0.94 in B.
+    added = rows[("target", "ambient added p99 at 1000 rps")]
+    assert added.placement == "cross-node" and not added.agree
+    assert added.a.low == pytest.approx(0.08) and added.b.high == pytest.approx(0.94)
     md = compare.render(list(rows.values()))
     assert "| ambient | cross-node | p99_ms@1000 |" in md and "**no**" in md
     bad = tmp_path / "x.json"
