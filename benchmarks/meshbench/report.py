@@ -455,8 +455,8 @@ def metric_table(
     placements: list[str],
     sps: dict[tuple[str, str], dict[str, Spread]] | None = None,
 ) -> str:
-    """One metric, a row per scenario; for metrics measured per round (`...@rate`) with
-    `sps`, each median carries its min..max over rounds."""
+    """One metric, a row per scenario; with `sps`, a median of several rounds (the latency
+    steps, new connections, handshakes) carries its min..max over them."""
     names = scenario_order({s for s, _ in agg})
     has_sidecar = any((SIDECAR, p) in agg for p in placements)
     head = ["scenario"]
@@ -467,7 +467,7 @@ def metric_table(
         row = [s]
         for p in placements:
             v = agg.get((s, p), {}).get(m.key)
-            sp = (sps or {}).get((s, p), {}).get(m.key) if "@" in m.key else None
+            sp = (sps or {}).get((s, p), {}).get(m.key)
             row += [
                 _spread_cell(v, sp, m.fmt),
                 _cell(ratio(v, agg.get((BASELINE, p), {}).get(m.key)), ".2f"),

@@ -208,8 +208,9 @@ def test_markdown_tables_are_well_formed_and_show_ratios() -> None:
         assert set(t[1].replace("|", "")) == {"-"}
     tput = next(t for t in tables if "Gbit/s" in t[0])
     amb = next(line for line in tput if line.startswith("| ambient "))
-    # ambient 4.0 Gbit/s: x none 4/11, x sidecar 4/2.
-    assert "| 4.00 | 0.36 | 2.00 |" in amb
+    # ambient 4.0 Gbit/s in both its rounds (min..max beside the median): x none 4/11,
+    # x sidecar 4/2.
+    assert "| 4.00 (4.00..4.00) | 0.36 | 2.00 |" in amb
     assert "sidecar-haproxy: skipped" in md
     assert "relay same-node round 0: failed (boom)" in md
     assert "proxy process(es) relay-a gone" in md
@@ -225,8 +226,9 @@ def test_handshake_rows_show_the_median_and_the_ratio_to_sidecar() -> None:
     table = next(t for t in _tables(md) if "handshakes/s" in t[0])
     assert "## New mTLS handshakes per second (HBONE CONNECT answered)" in md
     amb = next(line for line in table if line.startswith("| ambient "))
-    # ambient 400/s (median of 300 and 500); none has none (n/a); x sidecar 400/200.
-    assert "| 400 | n/a | 2.00 |" in amb
+    # ambient 400/s (median of 300 and 500, both shown); none has none (n/a); x sidecar
+    # 400/200.
+    assert "| 400 (300..500) | n/a | 2.00 |" in amb
     assert any("cores" in t[0] for t in _tables(md))
     assert any("CPU ms" in t[0] for t in _tables(md))
 
