@@ -685,7 +685,7 @@ def run_earlier() -> dict[str, Any]:
 
 def parse_args(argv: list[str] | None = None) -> tuple[Settings, Path | None]:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="about 7 minutes: 1000 rps only, 2 rounds")
+    ap.add_argument("--quick", action="store_true", help="about 6 minutes: 1000 rps only, 2 rounds")
     ap.add_argument("--rates", help="comma-separated request rates (rps)")
     ap.add_argument("--seconds", type=float, help="seconds per HTTP rate phase")
     ap.add_argument("--conns", type=int, help="keep-alive connections for the HTTP load")
