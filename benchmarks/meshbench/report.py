@@ -90,6 +90,7 @@ def flatten(run: dict[str, Any]) -> dict[str, float]:
     put("conn_per_s", conn.get("per_second"))
     put("tunnel_opened_per_s", conn.get("tunnel_opened_per_second"))
     put("conn_failed", conn.get("failed"))
+    put("connect_client_cores", conn.get("client_cpu_cores"))
     hs = run.get("handshake") or {}
     put("handshakes_per_s", hs.get("handshakes_per_second"))
     put("handshake_client_cores", hs.get("client_cpu_cores"))
@@ -410,6 +411,12 @@ def metrics_for(rates: Iterable[str]) -> list[Metric]:
             ".0f",
         ),
         Metric(
+            "connect_client_cores",
+            "Load generator CPU during the new connections (cores busy; above 0.8 it is saturated)",
+            "cores",
+            ".2f",
+        ),
+        Metric(
             "tunnel_opened_per_s",
             "Connections the source tunnel opened per second",
             "conn/s",
@@ -596,10 +603,10 @@ def rounds_section(doc: dict[str, Any], placements: list[str], rates: list[str])
     flagged = round_table.disturbed_notes(runs)
     lines += ["", "Disturbed baselines:" if flagged else "Disturbed baselines: none.", ""]
     lines += [f"- {n}" for n in flagged] + ([""] if flagged else [])
-    sat = round_table.saturation_notes(runs)
+    sat = round_table.saturation_notes(runs) + round_table.churn_saturation_notes(runs)
     lines += [
-        "Load generator saturated (> 0.8 core over a rate step):" if sat else
-        "Load generator saturated (> 0.8 core over a rate step): never.",
+        "Load generator saturated (> 0.8 core over a rate step or a churn phase):" if sat else
+        "Load generator saturated (> 0.8 core over a rate step or a churn phase): never.",
         "",
     ]  # fmt: skip
     lines += [f"- {n}" for n in sat] + ([""] if sat else [])

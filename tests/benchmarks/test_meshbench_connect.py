@@ -44,6 +44,11 @@ def _closed_port() -> int:
 def test_connections_that_get_their_answer_count_and_none_fails(answering: int) -> None:
     res = connect("127.0.0.1", answering, 5.0, 2, count=20)
     assert res["connections"] == 20 and res["failed"] == 0 and res["errors"] == {}
+    # The generator's own CPU over the phase, so a saturated generator is told apart.
+    assert res["client_cpu_s"] > 0 and res["client_cpu_cores"] == pytest.approx(
+        res["client_cpu_s"] / res["seconds"]
+    )
+    assert flatten({"connect": res})["connect_client_cores"] == res["client_cpu_cores"]
 
 
 def test_a_refused_port_fails_every_attempt_as_econnrefused() -> None:

@@ -200,6 +200,26 @@ def test_report_shows_rounds_spread_disturbed_and_saturated() -> None:
         assert len({ln.count("|") for ln in table.splitlines()}) == 1, table
 
 
+def test_a_saturated_generator_in_a_churn_phase_is_named() -> None:
+    """A connect() that searches far for a free port (TIME-WAIT sockets toward the same
+    server) burns the generator's CPU: its rate is then the generator's."""
+    busy = {"scenario": "ambient", "placement": "same-node", "round": 2,
+            "connect": {"per_second": 790.0, "client_cpu_cores": 1.56},
+            "handshake": {"handshakes_per_second": 650.0, "client_cpu_cores": 0.6}}  # fmt: skip
+    calm = {"scenario": "ambient", "placement": "same-node", "round": 1,
+            "connect": {"per_second": 3300.0, "client_cpu_cores": 0.3}}  # fmt: skip
+    failed = {"scenario": "none", "placement": "same-node", "round": 0,
+              "connect": {"error": "BenchError: x"}}  # fmt: skip
+    notes = round_table.churn_saturation_notes([busy, calm, failed])
+    assert notes == [
+        "ambient same-node new connections round 3 (790/s): load generator at 1.56 cores "
+        "(> 0.8): saturated, the rate is the generator's"
+    ]
+    md = report.render({"runs": [busy, calm], "params": {}}, [])
+    assert "saturated (> 0.8 core over a rate step or a churn phase):" in md
+    assert "- ambient same-node new connections round 3 (790/s)" in md
+
+
 def test_saturation_and_disturbance_notes_are_empty_on_a_quiet_run() -> None:
     runs = [step("none", 0, 0.6, cpu=None), step("none", 1, 0.61, cpu=None)]
     rounds.mark_slices(runs, "cross-node", "1000")
@@ -208,7 +228,7 @@ def test_saturation_and_disturbance_notes_are_empty_on_a_quiet_run() -> None:
     md = report.render({"runs": runs, "params": {}}, [])
     assert (
         "Disturbed baselines: none." in md
-        and "saturated (> 0.8 core over a rate step): never" in md
+        and "saturated (> 0.8 core over a rate step or a churn phase): never" in md
     )
 
 
