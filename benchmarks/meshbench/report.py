@@ -604,11 +604,8 @@ def rounds_section(doc: dict[str, Any], placements: list[str], rates: list[str])
     lines += ["", "Disturbed baselines:" if flagged else "Disturbed baselines: none.", ""]
     lines += [f"- {n}" for n in flagged] + ([""] if flagged else [])
     sat = round_table.saturation_notes(runs) + round_table.churn_saturation_notes(runs)
-    lines += [
-        "Load generator saturated (> 0.8 core over a rate step or a churn phase):" if sat else
-        "Load generator saturated (> 0.8 core over a rate step or a churn phase): never.",
-        "",
-    ]  # fmt: skip
+    head = "Load generator saturated (> 0.8 core over a rate step or a new-connection phase)"
+    lines += [f"{head}:" if sat else f"{head}: never.", ""]
     lines += [f"- {n}" for n in sat] + ([""] if sat else [])
     return lines
 
