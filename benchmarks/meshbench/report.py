@@ -122,20 +122,27 @@ def spreads(runs: Iterable[dict[str, Any]]) -> dict[tuple[str, str], dict[str, S
     return out
 
 
+def _by_round(
+    runs: Iterable[dict[str, Any]], placement: str, metric: str
+) -> dict[tuple[str, int, int], float]:
+    """`metric` of every counted run of `placement`, by (scenario, round, attempt): the
+    runs of one round and attempt were measured side by side."""
+    got: dict[tuple[str, int, int], float] = {}
+    for run in runs:
+        if run.get("error") or run.get("placement") != placement:
+            continue
+        v = flatten(run).get(metric)
+        if v is not None:
+            got[(str(run["scenario"]), int(run.get("round", 0)), int(run.get("attempt", 0)))] = v
+    return got
+
+
 def paired_added(
     runs: Iterable[dict[str, Any]], scenario: str, base: str, placement: str, rate: str
 ) -> list[float]:
     """The p99 `scenario` adds over `base` in each counted round (same round and attempt:
     both were measured side by side, under the same load of the machine)."""
-    p99: dict[tuple[str, int, int], float] = {}
-    for run in runs:
-        ph = run.get("http", {}).get(rate)
-        if run.get("error") or run.get("placement") != placement or not isinstance(ph, dict):
-            continue
-        v = _num(ph.get("latency_ms", {}).get("p99"))
-        if v is None or ph.get("excluded") or ph.get("error"):
-            continue
-        p99[(str(run["scenario"]), int(run.get("round", 0)), int(run.get("attempt", 0)))] = v
+    p99 = _by_round(runs, placement, f"p99_ms@{rate}")
     return [
         v - p99[(base, r, a)]
         for (s, r, a), v in sorted(p99.items())
@@ -192,13 +199,7 @@ def paired_ratio(
 ) -> list[float]:
     """`scenario`'s `metric` over `base`'s in each round that has both (the two were
     measured back to back in that round, under the same load of the machine)."""
-    got: dict[tuple[str, int, int], float] = {}
-    for run in runs:
-        if run.get("error") or run.get("placement") != placement:
-            continue
-        v = flatten(run).get(metric)
-        if v is not None:
-            got[(str(run["scenario"]), int(run.get("round", 0)), int(run.get("attempt", 0)))] = v
+    got = _by_round(runs, placement, metric)
     return [
         v / got[(base, r, a)]
         for (s, r, a), v in sorted(got.items())

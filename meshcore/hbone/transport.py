@@ -146,7 +146,7 @@ class H2Transport(asyncio.BufferedProtocol):
         self.flush()
         if not self.ready.done():
             self.ready.set_result(None)
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         if self._keepalive:
             self._ping_timer = loop.call_later(self.limits.ping_interval, self._ping)
         if not self.conn.client:
@@ -286,9 +286,7 @@ class H2Transport(asyncio.BufferedProtocol):
             # Not at once: a stream the peer opened as our GOAWAY was on its way must
             # still get its REFUSED_STREAM (closing now would reset the TCP connection
             # and could discard the GOAWAY before the peer read it).
-            self._drain_close = asyncio.get_running_loop().call_later(
-                DRAIN_CLOSE_GRACE, self.close, "drained"
-            )
+            self._drain_close = self._loop.call_later(DRAIN_CLOSE_GRACE, self.close, "drained")
 
     def drain(self, reason: str = "draining") -> None:
         """Stop taking new streams; close once the open ones have ended."""
@@ -345,7 +343,7 @@ class H2Transport(asyncio.BufferedProtocol):
     def _ping(self) -> None:
         if self.conn.closed:
             return
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         t = self.limits
         if self._ping_outstanding is not None:
             if loop.time() - self._ping_sent_at >= t.ping_timeout:
