@@ -90,6 +90,20 @@ WAYPOINT_NOTE = (
     "http and passes through the waypoint as TCP. No handshake row: the waypoint's CONNECT "
     "takes a Service authority, which the handshake phase does not send."
 )
+CONNECT_NOTE = (
+    "New connections per second: the load generator keeps 16 connections in flight (16 "
+    "threads over 2 processes), each connect, one small request with `Connection: close`, "
+    "its whole answer, close; the figure is the path's capacity, not one connection's "
+    "latency (with 4 in flight, the run before, a tunnel pair left 0.6 of the 2 cores idle "
+    "and `none` measured the generator). The client pod reuses TIME-WAIT ports "
+    "(tcp_tw_reuse=1). Beside the rate: each connection's time to its whole answer (p50, "
+    "p99) with all in flight, the generator's CPU, and the connections the server pod "
+    "accepted per new client connection (the kernel's count in its namespace): 1 where each "
+    "reaches the app as its own connection, as through any L4 proxy (the tunnels, the "
+    "relay); near 0 where an HTTP proxy before the app sends every request over connections "
+    "it keeps open (sidecar-haproxy's server side), which spares the app and the kernel a "
+    "connection each."
+)
 IDLE_NOTE = (
     "Idle RSS is sampled when a scenario starts; every scenario starts before any load, so "
     "all of them are cold (ambient's two placements share the same tunnels)."
@@ -124,6 +138,12 @@ class Settings:
     earlier: bool
     pin: str = "off"  # rounds.PIN_LAYOUTS
     rule: DisturbanceRule = DEFAULT_RULE
+    # New connections: attempts in flight (threads) and the processes they are spread over.
+    # Enough in flight to keep the path under test busy, whatever its latency (four left a
+    # tunnel pair waiting: 1.4 of 2 cores busy, each event loop woken per connection); two
+    # processes, so that the generator's threads do not queue for one interpreter lock.
+    connect_workers: int = 16
+    connect_procs: int = 2
 
 
 # Rounds alternate the scenario order, so neither drift nor position favours a row. Quick:
@@ -431,6 +451,7 @@ def start_scenarios(
         try:
             stack.callback(_stop, scn, tag)
             running = scn.start(workdir)
+            tune_client(running.http.netns)
             rec["proxies"] = {k: list(v) for k, v in running.proxies.items()}
             rec["server"] = list(running.server)
             rec["idle"] = {
@@ -449,6 +470,24 @@ def start_scenarios(
             progress(f"{tag}: FAILED: {rec['error']}")
             traceback.print_exc()
     return lives
+
+
+# The client pod may reuse a local port whose earlier connection is in TIME-WAIT (TCP
+# timestamps make that safe). Without it, once tens of thousands of the generator's own
+# closed connections wait there (a second of a fast path's new connections, or the idle
+# phase's), every connect() searches the port range for a free one: measured, 0.3 -> 1.5
+# cores of generator and a fifth of the rate, which is the client's cost, not the proxy's.
+# A load-testing client is set up so; what the proxies and the server see is unchanged.
+CLIENT_SYSCTLS = {"net/ipv4/tcp_tw_reuse": "1"}
+
+
+def tune_client(netns: str) -> None:
+    fd = nsutil.open_netns(netns)
+    try:
+        for name, value in CLIENT_SYSCTLS.items():
+            nsutil.write_sysctl(fd, name, value)
+    finally:
+        os.close(fd)
 
 
 def _stop(scn: Scenario, tag: str) -> None:
@@ -584,12 +623,21 @@ def churn_phases(
         waits["connect"] = round(settle(lives)["settle_s"], 2)
         progress(f"{tag}: new connections ({st.connect_seconds:g} s)")
         t0 = tunnel_opened(running)
-        conn = loadgen("connect", running.http, ["--seconds", str(st.connect_seconds)],
-                       st.connect_seconds, None)  # fmt: skip
+        a0 = costs.passive_opens(running.server[0]) if running.server else None
+        extra = ["--seconds", str(st.connect_seconds), "--workers", str(st.connect_workers),
+                 "--procs", str(st.connect_procs)]  # fmt: skip
+        conn = loadgen("connect", running.http, extra, st.connect_seconds, None)
         t1 = tunnel_opened(running)
+        a1 = costs.passive_opens(running.server[0]) if running.server else None
         if t0 is not None and t1 is not None and conn["seconds"] > 0:
             conn["tunnel_opened"] = t1 - t0
             conn["tunnel_opened_per_second"] = (t1 - t0) / conn["seconds"]
+        if a0 is not None and a1 is not None and conn["connections"]:
+            # Connections accepted in the server pod per new client connection: 1 where
+            # each one reaches the app as its own connection (an L4 proxy's must), about
+            # 0 where a proxy in front of the app re-uses its connections to it.
+            conn["server_accepts"] = a1 - a0
+            conn["server_accepts_per_conn"] = (a1 - a0) / conn["connections"]
         rec["connect"] = conn
     except Exception as e:
         rec["connect"] = {"error": f"{type(e).__name__}: {e}"}
@@ -700,6 +748,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, Path | None]:
         help="CPU layout: off (default) or split (load generator on the first CPU, server "
         "app on the second, proxies on all)",
     )
+    ap.add_argument("--connect-workers", type=int, help="new connections in flight (16)")
+    ap.add_argument("--connect-procs", type=int, help="processes making them (2)")
     ap.add_argument("--placements", help="comma-separated: cross-node,same-node")
     ap.add_argument("--scenarios", help="comma-separated scenario names (default: all)")
     ap.add_argument("--no-earlier", action="store_true", help="skip rbac_check and state_load")
@@ -714,7 +764,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, Path | None]:
     changes: dict[str, Any] = {}
     if a.rates:
         changes["rates"] = tuple(int(r) for r in a.rates.split(","))
-    fields = ("conns", "bulk_seconds", "connect_seconds", "handshake_seconds", "idle_conns")
+    fields = (
+        "conns", "bulk_seconds", "connect_seconds", "connect_workers", "connect_procs",
+        "handshake_seconds", "idle_conns",
+    )  # fmt: skip
     for field in (*fields, "rounds"):
         if getattr(a, field) is not None:
             changes[field] = getattr(a, field)
@@ -763,11 +816,11 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join([sys.executable, *sys.argv]),
         "host": {"kernel": platform.release(), "cpus": os.cpu_count(),
                  "python": platform.python_version()},
-        "params": asdict(st),
+        "params": {**asdict(st), "client_sysctls": CLIENT_SYSCTLS},
         "runs": runs,
         "skipped": skipped,
         "earlier": earlier,
-        "notes": [ROUNDS_NOTE, HBONE_NOTE, IDLE_NOTE, WAYPOINT_NOTE],
+        "notes": [ROUNDS_NOTE, HBONE_NOTE, CONNECT_NOTE, IDLE_NOTE, WAYPOINT_NOTE],
         "cpu_layout": rounds.describe_plan(
             rounds.pin_plan(st.pin, sorted(os.sched_getaffinity(0)))
         ),

@@ -314,11 +314,13 @@ def _env() -> dict[str, str]:
     return env
 
 
-def connect_run(ep: Endpoint, count: int, seconds: float, workers: int) -> dict[str, Any]:
+def connect_run(
+    ep: Endpoint, count: int, seconds: float, workers: int, procs: int = 1
+) -> dict[str, Any]:
     argv = [
         sys.executable, "-m", "meshbench.loadgen", "connect", "--host", ep.host,
         "--port", str(ep.port), "--seconds", str(seconds), "--count", str(count),
-        "--workers", str(workers),
+        "--workers", str(workers), "--procs", str(procs),
     ]  # fmt: skip
     return _loadgen(argv, ep, seconds)
 
@@ -383,7 +385,7 @@ def load_run(
         if hs is None:  # the plain namespace has no mTLS: nothing to compare with
             return {"connections": 0, "failed": 0, "per_second": 0.0}
         return handshake_run(hs, count, a.seconds, a.workers)
-    return connect_run(ep, count, a.seconds, a.workers)
+    return connect_run(ep, count, a.seconds, a.workers, a.procs)
 
 
 def machine() -> ProcStat:
@@ -608,6 +610,7 @@ def main() -> int:
     ap.add_argument("--connections", type=int, default=2000, help="per placement and round")
     ap.add_argument("--seconds", type=float, default=30.0, help="time bound of each load run")
     ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--procs", type=int, default=1, help="--load connect: processes")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--placements", default="cross-node,same-node")
     ap.add_argument("--profile", action="store_true", help="cProfile both tunnels (round 1)")

@@ -115,3 +115,22 @@ def bytes_per_connection(before_kb: int | None, after_kb: int | None, opened: in
     if before_kb is None or after_kb is None or opened <= 0:
         return None
     return (after_kb - before_kb) * 1024.0 / opened
+
+
+def parse_tcp_passive_opens(snmp: str) -> int:
+    """PassiveOpens (connections accepted) from /proc/<pid>/net/snmp: the `Tcp:` header
+    line names the fields, the next `Tcp:` line holds their values."""
+    rows = [line.split()[1:] for line in snmp.splitlines() if line.startswith("Tcp:")]
+    if len(rows) < 2 or "PassiveOpens" not in rows[0]:
+        raise ValueError("no Tcp PassiveOpens in /proc/net/snmp")
+    return int(rows[1][rows[0].index("PassiveOpens")])
+
+
+def passive_opens(pid: int) -> int | None:
+    """Connections accepted so far in the network namespace of `pid` (the kernel counts per
+    namespace); None if the process is gone."""
+    try:
+        with open(f"/proc/{pid}/net/snmp", encoding="ascii") as f:
+            return parse_tcp_passive_opens(f.read())
+    except (FileNotFoundError, ProcessLookupError):
+        return None

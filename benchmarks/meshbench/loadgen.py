@@ -263,49 +263,130 @@ def bulk(host: str, port: int, nbytes: int, seconds: float) -> dict[str, Any]:
     return result
 
 
-def connect(host: str, port: int, seconds: float, workers: int, count: int = 0) -> dict[str, Any]:
-    """New connections for `seconds`; with `count`, also at most that many attempts in all
-    (each worker makes its share), so two runs can be compared connection for connection."""
+@dataclass(frozen=True, slots=True)
+class ConnectJob:
+    """One process's share of the `connect` phase."""
+
+    host: str
+    port: int
+    deadline: float  # time.monotonic() (system-wide, so the same in a forked child)
+    shares: tuple[int, ...]  # attempts at most per thread (0: no bound)
+
+
+def exchange(family: int, addr: Any, req: bytes, timeout: float) -> None:
+    """One new connection: connect, the request, its whole answer, close. Plain socket
+    calls, no buffered file over them: the generator's own cost per connection is part of
+    what the machine's two cores have to give, so it is kept small."""
+    s = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        s.settimeout(timeout)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.connect(addr)
+        s.sendall(req)
+        buf = b""
+        while (end := buf.find(b"\r\n\r\n")) < 0:
+            data = s.recv(65536)
+            if not data:
+                raise ConnectionError("server closed the connection")
+            buf += data
+        if not buf.startswith(b"HTTP/1.1 200"):
+            raise ConnectionError(f"unexpected status line {buf[:40]!r}")
+        length = content_length(buf[: end + 2])
+        need = end + 4 + length
+        while len(buf) < need:
+            data = s.recv(65536)
+            if not data:
+                raise ConnectionError("server closed in the middle of a body")
+            buf += data
+    finally:
+        s.close()
+
+
+def _connect_process(job: ConnectJob) -> dict[str, Any]:
+    """Threads, one per share, each making new connections until the deadline or its share."""
     req = request_bytes(16, close=True)
+    family, _, _, _, addr = socket.getaddrinfo(
+        job.host, job.port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST
+    )[0]
+    workers = len(job.shares)
     ok = [0] * workers
     failed = [0] * workers
     # Why attempts failed, counted by kind (a row of zeros says why it is zero).
     errors: list[Counter[str]] = [Counter() for _ in range(workers)]
-    deadline = time.monotonic() + seconds
-    share = [count // workers + (1 if k < count % workers else 0) for k in range(workers)]
+    # Each answered connection's time, connect() to the answer's last byte, in ns.
+    times: list[Histogram] = [Histogram() for _ in range(workers)]
 
     def work(k: int) -> None:
-        while time.monotonic() < deadline and (not count or ok[k] + failed[k] < share[k]):
+        share, hist, clock = job.shares[k], times[k], time.perf_counter_ns
+        while time.monotonic() < job.deadline and (not share or ok[k] + failed[k] < share):
+            t0 = clock()
             try:
-                with _connect(host, port, 5.0) as s:
-                    s.sendall(req)
-                    with s.makefile("rb") as f:
-                        read_response(f)
+                exchange(family, addr, req, 5.0)
                 ok[k] += 1
+                hist.record(clock() - t0)
             except (OSError, ValueError) as e:
                 failed[k] += 1
                 errors[k][error_kind(e)] += 1
 
-    start = time.monotonic()
-    # The process's CPU (every thread, user and system): a connect() that has to search far
-    # for a free port (many TIME-WAIT sockets toward the same server) is the generator's
-    # own cost, and above SATURATED_CORES its rate is not the proxy's.
     cpu0 = time.process_time()
     threads = [threading.Thread(target=work, args=(k,), daemon=True) for k in range(workers)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(seconds + 15.0)
-    wall = time.monotonic() - start
-    cpu = time.process_time() - cpu0
+        t.join(max(0.0, job.deadline - time.monotonic()) + 15.0)
+    merged = Histogram()
+    for h in times:
+        merged.merge(h)
     return {
-        "connections": sum(ok),
+        "ok": sum(ok),
         "failed": sum(failed),
-        "errors": dict(sum(errors, Counter()).most_common(5)),
+        "errors": sum(errors, Counter()),
+        "cpu_s": time.process_time() - cpu0,
+        "times": merged.to_json(),
+    }
+
+
+def connect(
+    host: str, port: int, seconds: float, workers: int, count: int = 0, procs: int = 1
+) -> dict[str, Any]:
+    """New connections for `seconds` from `workers` threads spread over `procs` processes
+    (more than one: forked, so that the threads of one do not queue for one interpreter
+    lock); with `count`, also at most that many attempts in all (each thread makes its
+    share), so two runs can be compared connection for connection."""
+    procs = max(1, min(procs, workers))
+    share = [count // workers + (1 if k < count % workers else 0) for k in range(workers)]
+    deadline = time.monotonic() + seconds
+    jobs = [ConnectJob(host, port, deadline, tuple(share[k::procs])) for k in range(procs)]
+    start = time.monotonic()
+    if procs == 1:
+        got = [_connect_process(jobs[0])]
+    else:
+        with multiprocessing.get_context("fork").Pool(procs) as pool:
+            got = pool.map(_connect_process, jobs)
+    wall = time.monotonic() - start
+    # The processes' CPU (every thread, user and system): a connect() that has to search far
+    # for a free port (many TIME-WAIT sockets toward the same server) is the generator's
+    # own cost, and above SATURATED_CORES (one interpreter's worth) its rate is not the
+    # proxy's.
+    cpu = sum(g["cpu_s"] for g in got)
+    ok = sum(g["ok"] for g in got)
+    times = Histogram()
+    for g in got:
+        times.merge(Histogram.from_json(g["times"]))
+    return {
+        "connections": ok,
+        "failed": sum(g["failed"] for g in got),
+        "errors": dict(sum((g["errors"] for g in got), Counter()).most_common(5)),
         "seconds": wall,
-        "per_second": sum(ok) / wall if wall > 0 else 0.0,
+        "per_second": ok / wall if wall > 0 else 0.0,
+        "workers": workers,
+        "procs": procs,
         "client_cpu_s": cpu,
         "client_cpu_cores": cpu / wall if wall > 0 else 0.0,
+        "client_cpu_us_per_conn": cpu * 1e6 / ok if ok else None,
+        # Time to a whole answer per new connection (ms): with the workers all busy, how
+        # long one connection's setup and exchange took through the path under test.
+        "conn_ms": times.summary() if ok else None,
     }
 
 
@@ -543,6 +624,7 @@ def main() -> None:
             p.add_argument("--count", type=int, default=1_000_000)
         if mode == "connect":
             p.add_argument("--count", type=int, default=0, help="attempts at most (0: no bound)")
+            p.add_argument("--procs", type=int, default=1, help="processes sharing the workers")
         if mode == "idle":
             p.add_argument("--count", type=int, default=10000)
             p.add_argument("--parallel", type=int, default=256)
@@ -553,7 +635,7 @@ def main() -> None:
     elif a.mode == "bulk":
         out = bulk(a.host, a.port, a.bytes, a.seconds)
     elif a.mode == "connect":
-        out = connect(a.host, a.port, a.seconds, a.workers, a.count)
+        out = connect(a.host, a.port, a.seconds, a.workers, a.count, a.procs)
     elif a.mode == "handshake":
         job = HandshakeJob(
             a.host, a.port, a.protocol, a.app_port, a.server_identity,

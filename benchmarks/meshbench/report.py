@@ -91,6 +91,10 @@ def flatten(run: dict[str, Any]) -> dict[str, float]:
     put("tunnel_opened_per_s", conn.get("tunnel_opened_per_second"))
     put("conn_failed", conn.get("failed"))
     put("connect_client_cores", conn.get("client_cpu_cores"))
+    times = conn.get("conn_ms") or {}
+    put("conn_ms_p50", times.get("p50"))
+    put("conn_ms_p99", times.get("p99"))
+    put("server_accepts_per_conn", conn.get("server_accepts_per_conn"))
     hs = run.get("handshake") or {}
     put("handshakes_per_s", hs.get("handshakes_per_second"))
     put("handshake_client_cores", hs.get("client_cpu_cores"))
@@ -413,8 +417,23 @@ def metrics_for(rates: Iterable[str]) -> list[Metric]:
         ),
         Metric(
             "connect_client_cores",
-            "Load generator CPU during the new connections (cores busy; above 0.8 it is saturated)",
+            "Load generator CPU during the new connections (cores busy, all its processes; "
+            "above 0.8 per process it is saturated)",
             "cores",
+            ".2f",
+        ),
+        Metric(
+            "conn_ms_p50",
+            "Time of one new connection, connect to the whole answer, with all in flight, p50",
+            "ms",
+            ".2f",
+        ),
+        Metric("conn_ms_p99", "The same, p99", "ms", ".2f"),
+        Metric(
+            "server_accepts_per_conn",
+            "Connections accepted in the server pod per new client connection (1: each "
+            "reaches the app as its own; near 0: a proxy before the app re-uses its own)",
+            "accepts",
             ".2f",
         ),
         Metric(
@@ -605,7 +624,10 @@ def rounds_section(doc: dict[str, Any], placements: list[str], rates: list[str])
     lines += ["", "Disturbed baselines:" if flagged else "Disturbed baselines: none.", ""]
     lines += [f"- {n}" for n in flagged] + ([""] if flagged else [])
     sat = round_table.saturation_notes(runs) + round_table.churn_saturation_notes(runs)
-    head = "Load generator saturated (> 0.8 core over a rate step or a new-connection phase)"
+    head = (
+        "Load generator saturated (> 0.8 core over a rate step, or per process over a "
+        "new-connection phase)"
+    )
     lines += [f"{head}:" if sat else f"{head}: never.", ""]
     lines += [f"- {n}" for n in sat] + ([""] if sat else [])
     return lines

@@ -176,24 +176,32 @@ def saturation_notes(runs: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def _limit(procs: int) -> str:
+    if procs == 1:
+        return f"{SATURATED_CORES:g}"
+    return f"{SATURATED_CORES * procs:g}, {SATURATED_CORES:g} for each of {procs} processes"
+
+
 def churn_saturation_notes(runs: list[dict[str, Any]]) -> list[str]:
     """One line per new-connection phase whose load generator was above SATURATED_CORES:
-    its rate is then the generator's, not the proxy's (its threads share one interpreter,
-    and a connect() searching for a free port among many TIME-WAIT sockets costs the
-    generator, not the proxy). The handshake phase's generator is several processes, which
-    may use both cores: its CPU is reported, not judged by this rule."""
+    its rate is then the generator's, not the proxy's (the threads of each of its processes
+    share one interpreter, and a connect() searching for a free port among many TIME-WAIT
+    sockets costs the generator, not the proxy). Judged per process: `procs` processes may
+    use that many cores. The handshake phase's generator does CPU work of its own (each
+    attempt a handshake): its CPU is reported, not judged by this rule."""
     out: list[str] = []
     for run in runs:
         phase = run.get("connect")
         if not isinstance(phase, dict):
             continue
         cores = _num(phase.get("client_cpu_cores"))
-        if saturated(cores):
+        procs = max(1, int(_num(phase.get("procs")) or 1))
+        if saturated(cores, SATURATED_CORES * procs):
             rate = _num(phase.get("per_second"))
             at = f" ({rate:.0f}/s)" if rate is not None else ""
             out.append(
                 f"{run['scenario']} {run['placement']} new connections round "
                 f"{int(run.get('round', 0)) + 1}{at}: load generator at {cores:.2f} cores "
-                f"(> {SATURATED_CORES:g}): saturated, the rate is the generator's"
+                f"(> {_limit(procs)}): saturated, the rate is the generator's"
             )
     return out

@@ -4,8 +4,11 @@ that closes without answering) instead of reading as a slow proxy."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +36,36 @@ def silent() -> Iterator[int]:
         yield port
 
 
+@contextlib.contextmanager
+def _piecewise_server(pieces: tuple[bytes, ...]) -> Iterator[int]:
+    """Answers each connection in `pieces`, a pause between them, so the client's reads
+    see the head cut in the middle and the body apart from it."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+
+    def serve() -> None:
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            with c:
+                c.recv(4096)
+                for piece in pieces:
+                    c.sendall(piece)
+                    time.sleep(0.02)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        yield srv.getsockname()[1]
+    finally:
+        srv.shutdown(socket.SHUT_RDWR)
+        srv.close()
+        t.join(5)
+
+
 def _closed_port() -> int:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -49,6 +82,41 @@ def test_connections_that_get_their_answer_count_and_none_fails(answering: int) 
         res["client_cpu_s"] / res["seconds"]
     )
     assert flatten({"connect": res})["connect_client_cores"] == res["client_cpu_cores"]
+    # Each connection's time to its whole answer, as a histogram summary in ms.
+    assert res["conn_ms"]["count"] == 20 and 0 < res["conn_ms"]["p50"] <= res["conn_ms"]["p99"]
+    assert res["client_cpu_us_per_conn"] == pytest.approx(res["client_cpu_s"] * 1e6 / 20)
+
+
+def test_workers_spread_over_processes_make_their_shares_and_sum_up(answering: int) -> None:
+    """Two forked processes, three threads: every attempt is made once, the counts, kinds,
+    times and CPU of both processes are summed."""
+    res = connect("127.0.0.1", answering, 10.0, 3, count=31, procs=2)
+    assert res["connections"] == 31 and res["failed"] == 0
+    assert res["procs"] == 2 and res["workers"] == 3
+    assert res["conn_ms"]["count"] == 31
+    assert res["client_cpu_s"] > 0
+    # More processes than threads would leave one idle: capped at the threads.
+    assert connect("127.0.0.1", answering, 10.0, 1, count=3, procs=4)["procs"] == 1
+
+
+def test_a_refused_port_is_counted_across_processes() -> None:
+    res = connect("127.0.0.1", _closed_port(), 5.0, 2, count=10, procs=2)
+    assert res["connections"] == 0 and res["failed"] == 10
+    assert res["errors"] == {"ECONNREFUSED": 10} and res["conn_ms"] is None
+
+
+def test_an_answer_split_across_reads_and_a_bad_status_are_told_apart() -> None:
+    pieces = (b"HTTP/1.1 200 OK\r\nContent-Le", b"ngth: 4\r\n\r\nab", b"cd")
+    with _piecewise_server(pieces) as port:
+        res = connect("127.0.0.1", port, 5.0, 1, count=3)
+    assert res["connections"] == 3, res["errors"]
+    with closing_server(b"HTTP/1.1 503 No\r\nContent-Length: 0\r\n\r\n") as port:
+        res = connect("127.0.0.1", port, 5.0, 1, count=2)
+    assert res["connections"] == 0 and res["errors"] == {"ConnectionError": 2}
+    # A body cut short by the server's close is a failure, not an answer.
+    with closing_server(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nab") as port:
+        res = connect("127.0.0.1", port, 5.0, 1, count=2)
+    assert res["connections"] == 0 and res["errors"] == {"ConnectionError": 2}
 
 
 def test_a_refused_port_fails_every_attempt_as_econnrefused() -> None:

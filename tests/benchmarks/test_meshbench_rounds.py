@@ -200,6 +200,11 @@ def test_report_shows_rounds_spread_disturbed_and_saturated() -> None:
         assert len({ln.count("|") for ln in table.splitlines()}) == 1, table
 
 
+SATURATED_HEAD = (
+    "saturated (> 0.8 core over a rate step, or per process over a new-connection phase)"
+)
+
+
 def test_a_saturated_generator_in_a_churn_phase_is_named() -> None:
     """A connect() that searches far for a free port (TIME-WAIT sockets toward the same
     server) burns the generator's CPU: its rate is then the generator's."""
@@ -211,13 +216,21 @@ def test_a_saturated_generator_in_a_churn_phase_is_named() -> None:
             "connect": {"per_second": 3300.0, "client_cpu_cores": 0.3}}  # fmt: skip
     failed = {"scenario": "none", "placement": "same-node", "round": 0,
               "connect": {"error": "BenchError: x"}}  # fmt: skip
-    notes = round_table.churn_saturation_notes([busy, calm, failed])
+    # A generator of two processes is judged per process: 1.5 cores is two busy ones, not
+    # a saturated one; 1.7 is.
+    two = {"scenario": "none", "placement": "cross-node", "round": 0,
+           "connect": {"per_second": 15000.0, "client_cpu_cores": 1.5, "procs": 2}}  # fmt: skip
+    two_full = {"scenario": "none", "placement": "cross-node", "round": 1,
+                "connect": {"per_second": 9000.0, "client_cpu_cores": 1.7, "procs": 2}}  # fmt: skip
+    notes = round_table.churn_saturation_notes([busy, calm, failed, two, two_full])
     assert notes == [
         "ambient same-node new connections round 3 (790/s): load generator at 1.56 cores "
-        "(> 0.8): saturated, the rate is the generator's"
+        "(> 0.8): saturated, the rate is the generator's",
+        "none cross-node new connections round 2 (9000/s): load generator at 1.70 cores "
+        "(> 1.6, 0.8 for each of 2 processes): saturated, the rate is the generator's",
     ]
     md = report.render({"runs": [busy, calm], "params": {}}, [])
-    assert "saturated (> 0.8 core over a rate step or a new-connection phase):" in md
+    assert SATURATED_HEAD + ":" in md
     assert "- ambient same-node new connections round 3 (790/s)" in md
 
 
@@ -227,10 +240,7 @@ def test_saturation_and_disturbance_notes_are_empty_on_a_quiet_run() -> None:
     assert round_table.disturbed_notes(runs) == []
     assert round_table.saturation_notes(runs) == []
     md = report.render({"runs": runs, "params": {}}, [])
-    assert (
-        "Disturbed baselines: none." in md
-        and "saturated (> 0.8 core over a rate step or a new-connection phase): never" in md
-    )
+    assert "Disturbed baselines: none." in md and SATURATED_HEAD + ": never" in md
 
 
 def test_compare_two_runs_by_their_ranges(tmp_path: Path) -> None:

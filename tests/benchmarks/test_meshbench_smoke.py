@@ -73,6 +73,15 @@ def test_harness_writes_raw_results_report_and_plots(tmp_path: Path) -> None:
     assert set(amb["proxies"]) == {"tunnel-node1", "tunnel-node2"}
     assert amb["http"]["200"]["costs"]["total"]["cpu_s"] is not None
     assert amb["connect"]["tunnel_opened"] >= amb["connect"]["connections"]
+    # An L4 path: every new client connection reaches the app as a connection of its own
+    # (the tunnel's, in the server pod); more only if something else accepted meanwhile.
+    for r in doc["runs"]:
+        if "connect" in r and r.get("attempt", 0) == 0:
+            assert r["connect"]["procs"] == 2 and r["connect"]["workers"] == 16
+            assert r["connect"]["server_accepts_per_conn"] >= 1.0, r["connect"]
+            assert r["connect"]["conn_ms"]["p50"] > 0
+    # The client pod reuses TIME-WAIT ports (the generator's own cost otherwise).
+    assert "tcp_tw_reuse" in json.dumps(doc["params"])
     assert "connection churn, round 2/2" in done.stdout
     for rnd in (0, 1):
         each = next(r for r in doc["runs"] if r["scenario"] == "ambient" and r["round"] == rnd)
