@@ -352,7 +352,7 @@ class HboneSplice(_Ends):
         """Both ends exist: move bytes from now on."""
         self.app = app
         self.started = True
-        self.h2.listeners.add(self)
+        self.h2.listeners[self] = None
         early, self._early = self._early, None
         for chunk in early or ():
             self._to_app(chunk)
@@ -524,7 +524,7 @@ class HboneSplice(_Ends):
                 t.close()
 
     def _finish(self, error: str | None) -> None:
-        self.h2.listeners.discard(self)
+        self.h2.listeners.pop(self, None)
         # Credit still held back (bytes the app never took, or that arrived before it was
         # attached) belongs to the shared connection window: return it, or every such
         # stream would shrink that window for good until the connection stalls.

@@ -67,7 +67,7 @@ class HboneStream:
         """Server side: answer the CONNECT on `sid` with 200 and carry its payload."""
         stream = cls(h2, sid)
         h2.conn.respond(sid, 200, stream, end=False)
-        h2.listeners.add(stream)
+        h2.listeners[stream] = None
         h2.flush()
         return stream
 
@@ -83,7 +83,7 @@ class HboneStream:
         if reserved:
             h2.reserved -= 1
         stream.sid = h2.open_stream(headers, stream)
-        h2.listeners.add(stream)
+        h2.listeners[stream] = None
         try:
             status, _ = await asyncio.wait_for(asyncio.shield(stream._response), answer_within)
         except TimeoutError:
@@ -144,7 +144,7 @@ class HboneStream:
             self.h2.conn.reset(self.sid, ErrorCode.CANCEL)
             self.h2.flush()
         self._wake_all()
-        self.h2.listeners.discard(self)
+        self.h2.listeners.pop(self, None)
 
     @property
     def closed(self) -> bool:
@@ -177,7 +177,7 @@ class HboneStream:
             )
             self._response.exception()  # seen: the opener reports it
         self._wake_all()
-        self.h2.listeners.discard(self)
+        self.h2.listeners.pop(self, None)
 
     def on_send_ready(self) -> None:
         self._send_ready.set()
@@ -198,4 +198,4 @@ class HboneStream:
 
     def _forget_if_done(self) -> None:
         if self._ended and self._wrote_eof:
-            self.h2.listeners.discard(self)
+            self.h2.listeners.pop(self, None)

@@ -214,7 +214,7 @@ def test_every_producer_pauses_while_the_queues_are_over_the_budget(
 
     def protocol() -> H2Transport:
         t = original()
-        t.listeners.add(producers)
+        t.listeners[producers] = None
         return t
 
     server.protocol = protocol  # type: ignore[method-assign]
