@@ -82,6 +82,16 @@ def _ipv4_packed(packed: bytes) -> ipaddress.IPv4Address:
     return ipaddress.IPv4Address(packed)
 
 
+@functools.lru_cache(maxsize=4096)
+def shared_addr(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> SocketAddr:
+    """`SocketAddr(ip, port)`, the same object for the same pair while it is among the 4096
+    most recent. For addresses that repeat across connections (original destinations,
+    HBONE next hops, CONNECT authorities: a few pod addresses over and over), not client
+    addresses (a new port each time): a tunnel keeps these for each open connection, and
+    one object with its port costs 80 bytes."""
+    return SocketAddr(ip, port)
+
+
 class SocketFactory(Protocol):
     def new(self, family: int = socket.AF_INET) -> socket.socket:
         """A TCP socket in the right namespace, marked, non-blocking."""
@@ -218,7 +228,7 @@ def original_dst(sock: socket.socket) -> SocketAddr:
             raise
         return SocketAddr.of(sock.getsockname())
     port, packed = struct.unpack_from("!2xH4s", raw)
-    return SocketAddr(_ipv4_packed(packed), port)
+    return shared_addr(_ipv4_packed(packed), port)
 
 
 def make_transparent(sock: socket.socket, source_ip: str) -> None:

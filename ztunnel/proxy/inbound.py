@@ -27,7 +27,7 @@ from meshcore.observability.connections import STOPPED, ConnectionTable, Tracked
 from meshcore.observability.metrics import ResponseFlags, TcpLabels
 from meshcore.policy.verdict import Verdict
 from meshcore.relay import AppSide, HboneSplice, TcpPipe
-from meshcore.sockets import SocketAddr, SocketFactory, parse_ip
+from meshcore.sockets import SocketAddr, SocketFactory, parse_ip, shared_addr
 from meshcore.state import MeshState, Workload
 from ztunnel.proxy.common import Authorizer, allow_all, connect_tcp, inbound_labels
 from ztunnel.proxy.waypoint import gated
@@ -58,7 +58,7 @@ def parse_authority(authority: str) -> SocketAddr:
     p = int(port)
     if not 0 < p < 65536:
         raise ValueError(f"authority {authority!r} has an invalid port")
-    return SocketAddr(parse_ip(host), p)
+    return shared_addr(parse_ip(host), p)
 
 
 def decide(

@@ -37,7 +37,7 @@ from meshcore.observability.connections import STOPPED, ConnectionTable, Tracked
 from meshcore.observability.metrics import ResponseFlags, TcpLabels, tcp_labels
 from meshcore.relay import AppSide, HboneSplice, TcpPipe
 from meshcore.serviceentry import Resolution
-from meshcore.sockets import SocketAddr, SocketFactory, original_dst
+from meshcore.sockets import SocketAddr, SocketFactory, original_dst, shared_addr
 from meshcore.state import HealthStatus, IPAddress, MeshState, Service, TunnelProtocol, Workload
 from meshcore.tls import PeerVerificationError
 from ztunnel.proxy.common import CONNECT_TIMEOUT, ListenerProxy, connect_tcp, within
@@ -258,7 +258,7 @@ def _to_workload(w: Workload, target: SocketAddr, service: Service | None) -> Ou
         return OutboundDecision(
             Route.HBONE,
             target,
-            next_hop=SocketAddr(target.ip, HBONE_PORT),
+            next_hop=shared_addr(target.ip, HBONE_PORT),
             expected_identities=frozenset({w.identity, *sans}),
             destination=w,
             service=service,
