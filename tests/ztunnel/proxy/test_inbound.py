@@ -251,3 +251,14 @@ def test_without_an_authorizer_everything_sound_is_allowed() -> None:
 )
 def test_parse_authority(authority: str, expected: str) -> None:
     assert parse_authority(authority) == addr(expected)
+
+
+def test_an_authority_that_repeats_shares_one_address_object() -> None:
+    """A tunnel keeps the target of every open connection: the same pod address on
+    thousands of them is one object (memory per open connection), equal to a fresh one,
+    and another port or IP is another object."""
+    first = parse_authority("10.1.2.3:80")
+    assert parse_authority("10.1.2.3:80") is first
+    assert first == SocketAddr(first.ip, 80)
+    assert parse_authority("10.1.2.3:81") is not first
+    assert parse_authority("10.1.2.4:80") != first
