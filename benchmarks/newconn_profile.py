@@ -3,8 +3,9 @@ same-node, and (with --profile) where they go.
 
 The cluster is mesh_bench's (`meshbench/bench.yaml`, under its own name, state in a fresh
 temp dir, torn down at the end, also on Ctrl-C / SIGTERM). Per round and placement, the load
-generator in the client pod (`meshbench.loadgen connect`: 4 threads, each connect, one
-small request with `Connection: close`, the answer, close) makes --connections new
+generator in the client pod (`meshbench.loadgen connect`: --workers threads (4) over
+--procs processes (1), each connect, one small request with `Connection: close`, the
+answer, close; mesh_bench's phase uses 16 over 2) makes --connections new
 connections, and each tunnel's utime + stime (from /proc) before and after give its CPU per
 connection, less what the tunnel spends idle over the same wall time (measured just before).
 The same count goes through the plain namespace (no mesh) as the machine's reference: only

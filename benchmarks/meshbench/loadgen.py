@@ -10,9 +10,11 @@ shows in the percentiles (no coordinated omission). Bounded by --seconds plus a 
 period; unanswered requests are counted, not hidden. Reports its own CPU time over the
 step (client_cpu_cores: near one core, the generator itself was the limit).
 `bulk`: one connection, benchmarks/apps/l4_client.py's throughput (same sink protocol).
-`connect`: --workers threads each connect, send one small request with `Connection:
-close`, read the answer and close, as fast as they can for --seconds (and, with --count,
-at most that many attempts in all).
+`connect`: --workers threads, spread over --procs forked processes, each connect, send one
+small request with `Connection: close`, read the whole answer and close, as fast as they
+can for --seconds (and, with --count, at most that many attempts in all); plain socket
+calls, so the generator's own cost per connection stays small. Reports the rate, each
+answered connection's time (connect to the answer's last byte) and its own CPU.
 `idle`: open --count connections (each answers one request first, so the path is set up
 end to end), print `{"opened": n, ...}`, hold them until a line arrives on stdin, close.
 `handshake`: --workers processes each, as fast as they can for --seconds (and at most
