@@ -272,7 +272,7 @@ class ConnectJob:
     host: str
     port: int
     deadline: float  # time.monotonic() (system-wide, so the same in a forked child)
-    shares: tuple[int, ...]  # attempts at most per thread (0: no bound)
+    shares: tuple[int | None, ...]  # attempts at most per thread (None: no bound)
 
 
 def exchange(family: int, addr: Any, req: bytes, timeout: float) -> None:
@@ -320,7 +320,7 @@ def _connect_process(job: ConnectJob) -> dict[str, Any]:
 
     def work(k: int) -> None:
         share, hist, clock = job.shares[k], times[k], time.perf_counter_ns
-        while time.monotonic() < job.deadline and (not share or ok[k] + failed[k] < share):
+        while time.monotonic() < job.deadline and (share is None or ok[k] + failed[k] < share):
             t0 = clock()
             try:
                 exchange(family, addr, req, 5.0)
@@ -356,7 +356,10 @@ def connect(
     lock); with `count`, also at most that many attempts in all (each thread makes its
     share), so two runs can be compared connection for connection."""
     procs = max(1, min(procs, workers))
-    share = [count // workers + (1 if k < count % workers else 0) for k in range(workers)]
+    share: list[int | None] = [
+        count // workers + (1 if k < count % workers else 0) if count else None
+        for k in range(workers)
+    ]
     deadline = time.monotonic() + seconds
     jobs = [ConnectJob(host, port, deadline, tuple(share[k::procs])) for k in range(procs)]
     start = time.monotonic()

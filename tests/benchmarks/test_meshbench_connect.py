@@ -97,6 +97,10 @@ def test_workers_spread_over_processes_make_their_shares_and_sum_up(answering: i
     assert res["client_cpu_s"] > 0
     # More processes than threads would leave one idle: capped at the threads.
     assert connect("127.0.0.1", answering, 10.0, 1, count=3, procs=4)["procs"] == 1
+    # Fewer attempts than threads: the threads without a share make none (not: unbounded
+    # until the deadline).
+    few = connect("127.0.0.1", answering, 10.0, 8, count=3, procs=2)
+    assert few["connections"] == 3 and few["seconds"] < 5.0
 
 
 def test_a_refused_port_is_counted_across_processes() -> None:
