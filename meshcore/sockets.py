@@ -226,7 +226,8 @@ def original_dst(sock: socket.socket) -> SocketAddr:
     except OSError as e:
         if e.errno not in (errno.ENOENT, errno.ENOPROTOOPT):
             raise
-        return SocketAddr.of(sock.getsockname())
+        host, port = sock.getsockname()[:2]
+        return shared_addr(_ip(host), port)
     port, packed = struct.unpack_from("!2xH4s", raw)
     return shared_addr(_ipv4_packed(packed), port)
 

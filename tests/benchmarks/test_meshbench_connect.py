@@ -4,11 +4,8 @@ that closes without answering) instead of reading as a slow proxy."""
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,36 +31,6 @@ def answering() -> Iterator[int]:
 def silent() -> Iterator[int]:
     with closing_server(b"") as port:
         yield port
-
-
-@contextlib.contextmanager
-def _piecewise_server(pieces: tuple[bytes, ...]) -> Iterator[int]:
-    """Answers each connection in `pieces`, a pause between them, so the client's reads
-    see the head cut in the middle and the body apart from it."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(16)
-
-    def serve() -> None:
-        while True:
-            try:
-                c, _ = srv.accept()
-            except OSError:
-                return
-            with c:
-                c.recv(4096)
-                for piece in pieces:
-                    c.sendall(piece)
-                    time.sleep(0.02)
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    try:
-        yield srv.getsockname()[1]
-    finally:
-        srv.shutdown(socket.SHUT_RDWR)
-        srv.close()
-        t.join(5)
 
 
 def _closed_port() -> int:
@@ -111,7 +78,7 @@ def test_a_refused_port_is_counted_across_processes() -> None:
 
 def test_an_answer_split_across_reads_and_a_bad_status_are_told_apart() -> None:
     pieces = (b"HTTP/1.1 200 OK\r\nContent-Le", b"ngth: 4\r\n\r\nab", b"cd")
-    with _piecewise_server(pieces) as port:
+    with closing_server(pieces, pause=0.02) as port:
         res = connect("127.0.0.1", port, 5.0, 1, count=3)
     assert res["connections"] == 3, res["errors"]
     with closing_server(b"HTTP/1.1 503 No\r\nContent-Length: 0\r\n\r\n") as port:

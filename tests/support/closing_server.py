@@ -1,16 +1,18 @@
 """A loopback TCP server that reads one request per connection, sends a fixed answer (maybe
-nothing) and closes its end first, as a `Connection: close` HTTP/1.1 server does."""
+nothing, maybe in pieces with a pause between them, so the client's reads see it cut) and
+closes its end first, as a `Connection: close` HTTP/1.1 server does."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 
 
 @contextlib.contextmanager
-def closing_server(answer: bytes) -> Iterator[int]:
+def closing_server(answer: bytes | Sequence[bytes], pause: float = 0.0) -> Iterator[int]:
     """Serve on 127.0.0.1 until the block ends; yields the port."""
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
@@ -30,7 +32,10 @@ def closing_server(answer: bytes) -> Iterator[int]:
                 c.settimeout(2.0)
                 try:
                     c.recv(4096)
-                    c.sendall(answer)
+                    for i, piece in enumerate([answer] if isinstance(answer, bytes) else answer):
+                        if i:
+                            time.sleep(pause)
+                        c.sendall(piece)
                 except OSError:
                     pass
 
