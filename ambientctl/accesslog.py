@@ -2,7 +2,7 @@
 
 Each proxied connection ends with one JSON line per tunnel that carried it
 (`meshcore.observability.accesslog`): the source's tunnel logs it `outbound`, the
-destination's `inbound` (or `inbound_plaintext` from a client outside the mesh). Both
+destination's `inbound` (a plaintext client outside the mesh too). Both
 are shown, each with the node whose tunnel wrote it.
 """
 

@@ -67,8 +67,15 @@ class Direction(enum.Enum):
 
     OUTBOUND = "outbound"  # from an enrolled pod's app, captured on 15001
     INBOUND = "inbound"  # into an enrolled pod: HBONE on 15008, in process, or plaintext
-    # The connection table tells plaintext clients (15006) apart from mesh ones.
+    # The connection table tells plaintext clients (15006) apart from mesh ones; the
+    # access log calls them inbound, as upstream's does.
     INBOUND_PLAINTEXT = "inbound_plaintext"
+
+
+# The direction as the access log names it.
+_LOGGED = {
+    d: Direction.INBOUND.value if d is Direction.INBOUND_PLAINTEXT else d.value for d in Direction
+}
 
 
 def _text(value: object) -> str | None:
@@ -78,7 +85,6 @@ def _text(value: object) -> str | None:
 class ConnectionLog:
     __slots__ = (
         "_done",
-        "_start",
         "direction",
         "dst",
         "dst_identity",
@@ -88,6 +94,7 @@ class ConnectionLog:
         "src",
         "src_identity",
         "src_workload",
+        "start",
         "verdict",
     )
 
@@ -104,7 +111,7 @@ class ConnectionLog:
         dst_workload: Workload | None = None,
         dst_identity: object = None,
     ) -> None:
-        self._start = time.monotonic()
+        self.start = time.monotonic()  # when the connection was accepted
         self._done = False
         self.direction = direction
         self.src = src  # the client's address
@@ -122,7 +129,7 @@ class ConnectionLog:
         """The line's connection fields (absent ones are None)."""
         s, d = self.src_workload, self.dst_workload
         return {
-            "direction": self.direction.value,
+            "direction": _LOGGED[self.direction],
             "src.addr": _text(self.src),
             "src.workload": s.name if s is not None else None,
             "src.namespace": s.namespace if s is not None else None,
@@ -149,7 +156,7 @@ class ConnectionLog:
         self._done = True
         # `fields()` without its absent ones, built in one pass (once per connection).
         s, d = self.src_workload, self.dst_workload
-        f: dict[str, object] = {"direction": self.direction.value}
+        f: dict[str, object] = {"direction": _LOGGED[self.direction]}
         if self.src is not None:
             f["src.addr"] = str(self.src)
         if s is not None:
@@ -173,7 +180,7 @@ class ConnectionLog:
             f["authorization_policy"] = policy
         f["bytes_sent"] = sent
         f["bytes_recv"] = received
-        f["duration"] = f"{(time.monotonic() - self._start) * 1000:.1f}ms"
+        f["duration"] = f"{(time.monotonic() - self.start) * 1000:.1f}ms"
         if error:
             f["error"] = error
         bound = _bound.get()

@@ -14,20 +14,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
-from meshcore.observability.accesslog import Direction
+from meshcore.observability.accesslog import ConnectionLog, Direction
 from meshcore.observability.metrics import TcpLabels, TcpMetrics
 
 if TYPE_CHECKING:
-    from meshcore.identity.spiffe import SpiffeId
-    from meshcore.observability.accesslog import ConnectionLog
     from meshcore.policy.verdict import Verdict
-    from meshcore.sockets import SocketAddr
-    from meshcore.state import Workload
+    from meshcore.state import Service, Workload
 
 log = structlog.get_logger(__name__)
 
@@ -48,54 +44,88 @@ class Relay(Protocol):
 
 
 class RelayOwner(Protocol):
-    """The proxy a relay runs for: it knows its open relays (to stop them) and whether it
-    is stopping (then every connection it ends is logged as stopped)."""
+    """The proxy a relay runs for: it knows its open relays (to stop them), whether it is
+    stopping (then every connection it ends is logged as stopped), and the table it books
+    them in."""
 
     stopping: bool
     relays: dict[Any, None]
+    connection_table: ConnectionTable
 
 
 # The access-log error of connections ended because the tunnel stopped serving the pod.
 STOPPED = "tunnel stopped serving the pod"
 
 
-@dataclass(eq=False, slots=True)
-class Tracked:
-    """One open connection. It holds references and renders its strings only when shown:
-    a tunnel keeps one per open connection."""
+class Tracked(ConnectionLog):
+    """One proxied connection from its accept to its end: its access-log line (the
+    `ConnectionLog` part, made at the accept whatever path the connection then takes) and,
+    once its relay runs, its entry in the node's table. One object for both, holding
+    references and rendering strings only when shown: a tunnel keeps one per open
+    connection, and a second object with the same addresses and identities cost about 150
+    bytes more per connection in each tunnel."""
 
-    direction: Direction
-    pod: Workload  # the enrolled pod the connection belongs to
-    src: SocketAddr
-    dst: SocketAddr
-    labels: TcpLabels
-    hbone: object = None  # the HBONE address, or how the hop was made
-    src_identity: SpiffeId | None = None
-    dst_identity: SpiffeId | None = None
-    started_at: float = field(default_factory=time.time)
-    relay: Relay | None = None
-    # Whether the request direction (client -> server) is the relay's `received`: so for
-    # the server end of an HBONE stream, whose `sent` goes back into the tunnel.
-    request_is_received: bool = False
-    # Inbound only: the connection's verdict under the current policy.
-    recheck: Callable[[Tracked], Verdict] | None = None
-    # Set by `ConnectionTable.follow`: who books the end (fields, not a closure: less memory).
-    connection_table: ConnectionTable | None = None
-    record: ConnectionLog | None = None
-    owner: RelayOwner | None = None
+    __slots__ = ("labels", "owner", "recheck", "relay", "request_is_received")
+
+    def __init__(
+        self,
+        direction: Direction,
+        *,
+        src: object = None,
+        src_workload: Workload | None = None,
+        src_identity: object = None,
+        dst: object = None,
+        hbone: object = None,
+        service: Service | None = None,
+        dst_workload: Workload | None = None,
+        dst_identity: object = None,
+    ) -> None:
+        super().__init__(
+            direction,
+            src=src,
+            src_workload=src_workload,
+            src_identity=src_identity,
+            dst=dst,
+            hbone=hbone,
+            service=service,
+            dst_workload=dst_workload,
+            dst_identity=dst_identity,
+        )
+        # Set by `ConnectionTable.follow` when the relay starts.
+        self.labels: TcpLabels | None = None
+        self.relay: Relay | None = None
+        # Whether the request direction (client -> server) is the relay's `received`: so for
+        # the server end of an HBONE stream, whose `sent` goes back into the tunnel.
+        self.request_is_received = False
+        # Inbound only: the connection's verdict under the current policy.
+        self.recheck: Callable[[Tracked], Verdict] | None = None
+        self.owner: RelayOwner | None = None
+
+    @property
+    def pod(self) -> Workload:
+        """The enrolled pod the connection belongs to: the source's outbound, else the
+        destination's."""
+        pod = self.src_workload if self.direction is Direction.OUTBOUND else self.dst_workload
+        assert pod is not None, "a tracked connection names its pod"
+        return pod
+
+    @property
+    def started_at(self) -> float:
+        """When the connection was accepted (Unix time)."""
+        return time.time() - (time.monotonic() - self.start)
 
     def __call__(self, result: Any) -> None:
         self.ended(result)
 
     def ended(self, result: Any) -> None:
         """The relay ended: close the entry, count it, write its access-log line."""
-        connection_table, record, owner = self.connection_table, self.record, self.owner
-        assert connection_table is not None and record is not None and owner is not None
+        owner = self.owner
+        assert owner is not None
         owner.relays.pop(self.relay, None)
         request, response = self.counts()  # the relay's counters are final now
-        connection_table.close(self, request_bytes=request, response_bytes=response)
+        owner.connection_table.close(self, request_bytes=request, response_bytes=response)
         error = STOPPED if owner.stopping else result.error
-        record.finish(request, response, error)
+        self.finish(request, response, error)
 
     def counts(self) -> tuple[int, int]:
         """Live (request bytes, response bytes): client -> server, server -> client."""
@@ -110,6 +140,13 @@ class Tracked:
 
     def to_json(self) -> dict[str, Any]:
         request, response = self.counts()
+        # The table names the pod's identity as a plaintext connection's destination (the
+        # access log leaves it out: nothing on that connection proved it).
+        dst_identity = (
+            self.pod.identity
+            if self.direction is Direction.INBOUND_PLAINTEXT
+            else self.dst_identity
+        )
         return {
             "direction": self.direction.value,
             "pod": f"{self.pod.namespace}/{self.pod.name}",
@@ -117,7 +154,7 @@ class Tracked:
             "dst": str(self.dst),
             "hbone": None if self.hbone is None else str(self.hbone),
             "srcIdentity": None if self.src_identity is None else str(self.src_identity),
-            "dstIdentity": None if self.dst_identity is None else str(self.dst_identity),
+            "dstIdentity": None if dst_identity is None else str(dst_identity),
             # From the client's point of view, as the access log's bytes_sent/bytes_recv.
             "bytesSent": request,
             "bytesReceived": response,
@@ -138,6 +175,7 @@ class ConnectionTable:
         self.closed_total = 0
 
     def open(self, entry: Tracked) -> None:
+        assert entry.labels is not None
         self._open[entry] = None
         self.opened_total += 1
         self.metrics.opened(entry.labels)
@@ -147,18 +185,28 @@ class ConnectionTable:
             return  # closing twice must not count twice
         del self._open[entry]
         self.closed_total += 1
+        assert entry.labels is not None
         self.metrics.closed(entry.labels, received=request_bytes, sent=response_bytes)
 
-    def follow(self, entry: Tracked, record: ConnectionLog, owner: RelayOwner) -> None:
+    def follow(
+        self,
+        entry: Tracked,
+        owner: RelayOwner,
+        relay: Relay,
+        labels: TcpLabels,
+        *,
+        recheck: Callable[[Tracked], Verdict] | None = None,
+        request_is_received: bool = False,
+    ) -> None:
         """Book a started relay: open in the table and metrics now; closed, counted and
         logged (exactly once) when its `done` resolves. No task waits for it: a coroutine
         chain parked for a connection's whole life would cost more memory than the
         connection's own state."""
-        relay = entry.relay
-        assert relay is not None
+        assert owner.connection_table is self
+        entry.relay, entry.labels, entry.owner = relay, labels, owner
+        entry.recheck, entry.request_is_received = recheck, request_is_received
         owner.relays[relay] = None
         self.open(entry)
-        entry.connection_table, entry.record, entry.owner = self, record, owner
         # The entry itself is the callback (`__call__`): a bound method per connection
         # would cost 64 bytes more, in each tunnel.
         relay.when_done(entry)
@@ -167,7 +215,7 @@ class ConnectionTable:
         self.metrics.refused(labels)
 
     def connections(self) -> list[dict[str, Any]]:
-        return [e.to_json() for e in sorted(self._open, key=lambda e: e.started_at)]
+        return [e.to_json() for e in sorted(self._open, key=lambda e: e.start)]
 
     def __len__(self) -> int:
         return len(self._open)

@@ -22,6 +22,7 @@ import random
 import socket
 import ssl
 import struct
+import time
 from collections import Counter
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
@@ -463,18 +464,32 @@ def test_a_plaintext_client_reaches_the_app_through_15006_without_identity__reco
 ) -> None:
     async def main() -> bytes:
         reader, writer = await mesh.plaintext_to(mesh.b)
-        writer.write(b"plain bytes")
+        before = time.time()
+        writer.write(b"plain ")
+        assert await reader.readexactly(6) == b"plain "
+        # Open: the table tells a plaintext client apart, and names the pod's identity as
+        # the destination's (the log line, which reports what the connection proved, does
+        # not).
+        (entry,) = mesh.node2.connection_table.connections()
+        assert entry["direction"] == "inbound_plaintext"
+        assert entry["srcIdentity"] is None
+        assert entry["dstIdentity"] == str(WEB_ID)
+        assert entry["hbone"] is None
+        assert entry["dst"] == f"{mesh.b.ip}:{mesh.app_port}"
+        assert before - 1.0 <= entry["startedAt"] <= time.time()
+        writer.write(b"bytes")
         writer.write_eof()
         got = await read_all(reader)
         writer.close()
         await wait_until(lambda: len(access_lines(logs)) == 1, "the access-log line")
-        return got
+        return b"plain " + got
 
     assert aio_uvloop.run(main) == b"plain bytes"
     (line,) = access_lines(logs)
     assert line["direction"] == "inbound"
     assert line["src.addr"].startswith(f"{mesh.outsider_ip}:")
     assert "src.identity" not in line  # plaintext proves nothing
+    assert "dst.identity" not in line
     assert (line["bytes_sent"], line["bytes_recv"]) == (11, 11)
     labels = {
         "reporter": "destination",

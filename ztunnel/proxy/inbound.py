@@ -22,7 +22,7 @@ from meshcore.hbone.h2frames import ErrorCode
 from meshcore.hbone.server import Guard, verified_client
 from meshcore.hbone.transport import H2Transport
 from meshcore.identity.spiffe import SpiffeId
-from meshcore.observability.accesslog import ConnectionLog, Direction
+from meshcore.observability.accesslog import Direction
 from meshcore.observability.connections import STOPPED, ConnectionTable, Tracked
 from meshcore.observability.metrics import ResponseFlags, TcpLabels
 from meshcore.policy.verdict import Verdict
@@ -207,10 +207,11 @@ class InboundProxy:
 
     def _record(
         self, workload: Workload, peer: SpiffeId | None, client: SocketAddr, hbone: str | None
-    ) -> ConnectionLog:
-        """The access-log line of one inbound connection (HBONE or in process). The client's
-        workload is whatever owns its address, if the mesh knows it."""
-        return ConnectionLog(
+    ) -> Tracked:
+        """The access-log line (and, once it runs, table entry) of one inbound connection
+        (HBONE or in process). The client's workload is whatever owns its address, if the
+        mesh knows it."""
+        return Tracked(
             Direction.INBOUND,
             src=client,
             src_workload=self._state().workload_by_ip(workload.network, client.ip),
@@ -220,13 +221,13 @@ class InboundProxy:
             dst_identity=workload.identity,
         )
 
-    def _refused(self, record: ConnectionLog, status: int, reason: str, flags: str) -> None:
+    def _refused(self, record: Tracked, status: int, reason: str, flags: str) -> None:
         """End a connection that never reached the app: its line, and (with a flag) its count."""
         record.finish(error=f"{status}: {reason}")
         if flags != ResponseFlags.NONE:
             self.connection_table.refused(self.labels(record, flags))
 
-    def labels(self, record: ConnectionLog, flags: str) -> TcpLabels:
+    def labels(self, record: Tracked, flags: str) -> TcpLabels:
         """Destination-reported labels of a logged connection."""
         workload = record.dst_workload
         assert workload is not None
@@ -241,7 +242,7 @@ class InboundProxy:
         self.guard.refused("inbound", reason, str(client), h2.conn.close_reason)
 
     async def _connect_app(
-        self, record: ConnectionLog, target: SocketAddr, splice: HboneSplice | None = None
+        self, record: Tracked, target: SocketAddr, splice: HboneSplice | None = None
     ) -> tuple[AppSide | None, str]:
         """Connect to the app as the client. On failure the connection is already logged and
         counted: (None, why)."""
@@ -267,7 +268,11 @@ class InboundProxy:
 
     def _recheck(self, entry: Tracked) -> Verdict:
         """An open connection under the current policy."""
-        return self.authorize(self._workload(), entry.src_identity, entry.src, entry.dst)
+        peer, src, dst = entry.src_identity, entry.src, entry.dst
+        assert isinstance(src, SocketAddr) and isinstance(dst, SocketAddr)
+        return self.authorize(
+            self._workload(), peer if isinstance(peer, SpiffeId) else None, src, dst
+        )
 
     def on_request(self, h2: H2Transport, sid: int, headers: Headers) -> None:
         assert isinstance(h2, _InboundH2)
@@ -326,22 +331,12 @@ class InboundProxy:
             app.transport.abort()
             record.finish(error="client went away before the app answered")
             return
-        entry = Tracked(
-            Direction.INBOUND,
-            workload,
-            client,
-            target,
-            self.labels(record, ResponseFlags.NONE),
-            hbone=record.hbone,
-            src_identity=h2.peer,
-            dst_identity=workload.identity,
-            relay=splice,
-            request_is_received=True,
-            recheck=self.recheck,
-        )
+        labels = self.labels(record, ResponseFlags.NONE)
         h2.conn.respond(splice.sid, 200, splice, end=False)
         splice.start(app)
-        self.connection_table.follow(entry, record, self)
+        self.connection_table.follow(
+            record, self, splice, labels, recheck=self.recheck, request_is_received=True
+        )
 
     async def connect_local(
         self, peer: SpiffeId, client: SocketAddr, target: SocketAddr
@@ -367,7 +362,7 @@ class InboundProxy:
         app, why = await self._connect_app(record, target)
         if app is None:
             return InboundDecision(503, target, why), None
-        return decision, LocalDelivery(self, workload, peer, client, target, record, app)
+        return decision, LocalDelivery(self, record, app)
 
     def drain(self) -> None:
         """Graceful stop: GOAWAY on every HBONE connection, so clients open new streams
@@ -393,35 +388,16 @@ class LocalDelivery:
     metrics and access-log line, kept exactly as for an HBONE stream. Inbound, the request
     direction is the pipe's `sent` (client -> app)."""
 
-    __slots__ = ("app", "entry", "proxy", "record")
+    __slots__ = ("app", "labels", "proxy", "record")
 
-    def __init__(
-        self,
-        proxy: InboundProxy,
-        workload: Workload,
-        peer: SpiffeId,
-        client: SocketAddr,
-        target: SocketAddr,
-        record: ConnectionLog,
-        app: AppSide,
-    ) -> None:
+    def __init__(self, proxy: InboundProxy, record: Tracked, app: AppSide) -> None:
         self.proxy = proxy
         self.record = record
         self.app = app
-        self.entry = Tracked(
-            Direction.INBOUND,
-            workload,
-            client,
-            target,
-            proxy.labels(record, ResponseFlags.NONE),
-            hbone=LOCAL_HOP,
-            src_identity=peer,
-            dst_identity=workload.identity,
-            recheck=proxy.recheck,
-        )
+        self.labels = proxy.labels(record, ResponseFlags.NONE)
 
     def attach(self, pipe: TcpPipe) -> None:
         """The source joined our app to its client: book the connection open until the
         pipe ends (however it ends)."""
-        self.entry.relay = pipe
-        self.proxy.connection_table.follow(self.entry, self.record, self.proxy)
+        proxy = self.proxy
+        proxy.connection_table.follow(self.record, proxy, pipe, self.labels, recheck=proxy.recheck)

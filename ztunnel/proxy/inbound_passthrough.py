@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from meshcore.defaults import TUNNEL_PORTS
 from meshcore.hbone.server import Guard
-from meshcore.observability.accesslog import ConnectionLog, Direction
+from meshcore.observability.accesslog import Direction
 from meshcore.observability.connections import STOPPED, ConnectionTable, Tracked
 from meshcore.observability.metrics import ResponseFlags, TcpLabels
 from meshcore.policy.verdict import Verdict
@@ -61,7 +61,7 @@ class InboundPassthroughProxy(ListenerProxy):
         assert t is not None
         workload = self._workload()
         client = SocketAddr.of(t.get_extra_info("peername"))
-        record = ConnectionLog(Direction.INBOUND, src=client, dst_workload=workload)
+        record = Tracked(Direction.INBOUND_PLAINTEXT, src=client, dst_workload=workload)
         try:
             target = self._orig_dst(t.get_extra_info("socket"))
         except OSError as e:
@@ -91,18 +91,9 @@ class InboundPassthroughProxy(ListenerProxy):
             self.connection_table.refused(self._labels(workload, client, ResponseFlags.CONNECT))
             return
         pipe = TcpPipe(app, upstream)
-        entry = Tracked(
-            Direction.INBOUND_PLAINTEXT,
-            workload,
-            client,
-            target,
-            self._labels(workload, client, ResponseFlags.NONE),
-            dst_identity=workload.identity,
-            relay=pipe,
-            recheck=self.recheck,
-        )
+        labels = self._labels(workload, client, ResponseFlags.NONE)
         pipe.start()
-        self.connection_table.follow(entry, record, self)
+        self.connection_table.follow(record, self, pipe, labels, recheck=self.recheck)
 
     def _labels(self, workload: Workload, client: SocketAddr, flags: str) -> TcpLabels:
         # A plaintext client proves no identity; its workload is whatever owns its address.
@@ -110,4 +101,5 @@ class InboundPassthroughProxy(ListenerProxy):
         return inbound_labels(source, workload, None, flags)
 
     def _recheck(self, entry: Tracked) -> Verdict:
+        assert isinstance(entry.src, SocketAddr) and isinstance(entry.dst, SocketAddr)
         return self.authorize(self._workload(), None, entry.src, entry.dst)

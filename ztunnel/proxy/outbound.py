@@ -32,7 +32,7 @@ from meshcore.hbone.h2frames import ErrorCode
 from meshcore.hbone.pool import ConnectionPool, PoolKey
 from meshcore.hbone.server import Guard
 from meshcore.identity.spiffe import SpiffeId
-from meshcore.observability.accesslog import ConnectionLog, Direction
+from meshcore.observability.accesslog import Direction
 from meshcore.observability.connections import STOPPED, ConnectionTable, Tracked
 from meshcore.observability.metrics import ResponseFlags, TcpLabels, tcp_labels
 from meshcore.relay import AppSide, HboneSplice, TcpPipe
@@ -357,7 +357,7 @@ class OutboundProxy(ListenerProxy):
         source = self._workload()
         client = SocketAddr.of(t.get_extra_info("peername"))
         sock = t.get_extra_info("socket")
-        record = ConnectionLog(
+        record = Tracked(
             Direction.OUTBOUND, src=client, src_workload=source, src_identity=source.identity
         )
         try:
@@ -427,7 +427,7 @@ class OutboundProxy(ListenerProxy):
         client: SocketAddr,
         dst: SocketAddr,
         decision: OutboundDecision,
-        record: ConnectionLog,
+        record: Tracked,
     ) -> None:
         """Through a fail-open waypoint: if it cannot be reached (its pod is down, its port
         closed, it does not answer the CONNECT), nothing of the app's has been sent yet, so
@@ -475,39 +475,13 @@ class OutboundProxy(ListenerProxy):
             dst=str(decision.target),
         )
 
-    def _tracked(
-        self,
-        source: Workload,
-        client: SocketAddr,
-        decision: OutboundDecision,
-        relay: TcpPipe | HboneSplice,
-        hop: object = None,
-    ) -> Tracked:
-        hbone = decision.route is Route.HBONE
-        assert decision.target is not None
-        return Tracked(
-            Direction.OUTBOUND,
-            source,
-            client,
-            decision.target,
-            outbound_labels(source, decision, ResponseFlags.NONE),
-            hbone=(hop or decision.next_hop) if hbone else None,
-            src_identity=source.identity,
-            dst_identity=(
-                decision.destination.identity
-                if hbone and decision.destination is not None
-                else None
-            ),
-            relay=relay,
-        )
-
     async def _passthrough(
         self,
         app: AppSide,
         source: Workload,
         client: SocketAddr,
         decision: OutboundDecision,
-        record: ConnectionLog,
+        record: Tracked,
     ) -> None:
         if decision.resolve is not None:
             decision = await self._resolved(decision)
@@ -515,8 +489,7 @@ class OutboundProxy(ListenerProxy):
         assert decision.next_hop is not None
         _, upstream = await connect_tcp(self._factory, decision.next_hop)
         pipe = TcpPipe(app, upstream)
-        entry = self._tracked(source, client, decision, pipe)
-        self._book(pipe.start, entry, record)
+        self._book(pipe.start, record, pipe, source, decision)
 
     async def _resolved(self, decision: OutboundDecision) -> OutboundDecision:
         """A by-name passthrough with its address: the first the resolvers give. Raises
@@ -535,13 +508,16 @@ class OutboundProxy(ListenerProxy):
     def _book(
         self,
         start: Callable[[], None],
-        entry: Tracked,
-        record: ConnectionLog,
+        record: Tracked,
+        relay: TcpPipe | HboneSplice,
+        source: Workload,
+        decision: OutboundDecision,
     ) -> None:
         """Start a joined connection and book it (table, metrics, access log) until it
         ends. Outbound, the request direction is the app's: `sent`."""
+        labels = outbound_labels(source, decision, ResponseFlags.NONE)
         start()
-        self.connection_table.follow(entry, record, self)
+        self.connection_table.follow(record, self, relay, labels)
 
     async def _same_node(
         self,
@@ -550,7 +526,7 @@ class OutboundProxy(ListenerProxy):
         source: Workload,
         client: SocketAddr,
         decision: OutboundDecision,
-        record: ConnectionLog,
+        record: Tracked,
     ) -> None:
         """The destination pod is served by this tunnel too: hand the connection to its
         inbound proxy in process. Policy, metrics (both reporters), access logs and the
@@ -570,8 +546,7 @@ class OutboundProxy(ListenerProxy):
             return
         pipe = TcpPipe(app, delivery.app)
         delivery.attach(pipe)  # at once: nothing may come between connecting and booking
-        entry = self._tracked(source, client, decision, pipe, hop=LOCAL_HOP)
-        self._book(pipe.start, entry, record)
+        self._book(pipe.start, record, pipe, source, decision)
 
     async def _hbone(
         self,
@@ -579,7 +554,7 @@ class OutboundProxy(ListenerProxy):
         source: Workload,
         client: SocketAddr,
         decision: OutboundDecision,
-        record: ConnectionLog,
+        record: Tracked,
         early: bool = True,
     ) -> None:
         """`early`: the app's first bytes may go with the CONNECT (when the proxy sends
@@ -634,8 +609,7 @@ class OutboundProxy(ListenerProxy):
             flags = ResponseFlags.DENY if status == 401 else ResponseFlags.CONNECT
             self.connection_table.refused(outbound_labels(source, decision, flags))
             return
-        entry = self._tracked(source, client, decision, splice)
-        self._book(lambda: splice.start(app), entry, record)
+        self._book(lambda: splice.start(app), record, splice, source, decision)
 
 
 def outbound_labels(source: Workload, decision: OutboundDecision, flags: str) -> TcpLabels:
