@@ -4,7 +4,9 @@ Invariants of every context built here:
 - TLS 1.3 only, ALPN `h2`, the peer must present a certificate that chains to the mesh
   roots (and only those: no system trust store), no hostname check (identities are SPIFFE
   URI SANs, checked after the handshake by `verify_server` / `verify_client`), no session
-  tickets or resumption.
+  tickets or resumption. A peer chain verified once is remembered while it is valid, so a
+  peer that connects again with the same chain is not verified again
+  (`meshcore.verifiedchains`: the same answer, without the cost).
 - TLS 1.3 cipher suites restricted to AES-256-GCM and AES-128-GCM (see
   `_restrict_tls13_ciphersuites` for how, and when it is skipped).
 - Our certificate goes out as the leaf and its intermediates, exactly as loaded, without
@@ -30,8 +32,10 @@ from contextlib import contextmanager
 
 import structlog
 
+from meshcore import verifiedchains
 from meshcore.identity.certs import WorkloadCertificate
 from meshcore.identity.spiffe import IdentityError, SpiffeId
+from meshcore.verifiedchains import VerifiedChains
 
 log = structlog.get_logger(__name__)
 
@@ -47,18 +51,20 @@ class TLSConfigError(Exception):
     """An SSL context could not be built as the mesh requires."""
 
 
-def server_context(cert: WorkloadCertificate) -> ssl.SSLContext:
+def server_context(cert: WorkloadCertificate, remember_chains: bool = True) -> ssl.SSLContext:
+    """`remember_chains`: a peer chain verified once is not verified again while it is
+    valid (`meshcore.verifiedchains`)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    _configure(ctx, cert)
+    _configure(ctx, cert, remember_chains)
     # OP_NO_TICKET alone still makes a TLS 1.3 server send stateful tickets; zero tickets
     # means no resumption at all, so every connection proves its identity afresh.
     ctx.num_tickets = 0
     return ctx
 
 
-def client_context(cert: WorkloadCertificate) -> ssl.SSLContext:
+def client_context(cert: WorkloadCertificate, remember_chains: bool = True) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    _configure(ctx, cert)
+    _configure(ctx, cert, remember_chains)
     return ctx
 
 
@@ -151,7 +157,7 @@ def verify_client(peer: SpiffeId, trust_domain: str) -> None:
         )
 
 
-def _configure(ctx: ssl.SSLContext, cert: WorkloadCertificate) -> None:
+def _configure(ctx: ssl.SSLContext, cert: WorkloadCertificate, remember_chains: bool) -> None:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     ctx.check_hostname = False  # before verify_mode: a client context refuses otherwise
@@ -170,6 +176,8 @@ def _configure(ctx: ssl.SSLContext, cert: WorkloadCertificate) -> None:
     as_loaded = send_chain_as_loaded(ctx)
     _load_chain(ctx, cert, cert.chain_without_root_pem if as_loaded else cert.presented_chain_pem)
     _restrict_tls13_ciphersuites(ctx)
+    if remember_chains:
+        remember_verified_chains(ctx)
 
 
 def _load_chain(ctx: ssl.SSLContext, cert: WorkloadCertificate, chain_pem: bytes) -> None:
@@ -313,6 +321,17 @@ def send_chain_as_loaded(ctx: ssl.SSLContext) -> bool:
         return False
     mode = _libssl.ctrl(ptr, _SSL_CTRL_MODE, _SSL_MODE_NO_AUTO_CHAIN, None)
     return bool(mode & _SSL_MODE_NO_AUTO_CHAIN)
+
+
+def remember_verified_chains(ctx: ssl.SSLContext) -> VerifiedChains | None:
+    """Install `meshcore.verifiedchains` on the context: its cache, or None where the
+    guards above fail (then every chain is verified, as by default)."""
+    if isinstance(_libssl, str):
+        return None
+    ptr = _ssl_ctx(_libssl, ctx)
+    if isinstance(ptr, str):
+        return None
+    return verifiedchains.install(ctx, ptr)
 
 
 def _set_ciphersuites(
