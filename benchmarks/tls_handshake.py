@@ -5,8 +5,11 @@ memory BIOs in one thread, and each side's `do_handshake` calls are timed on the
 CPU clock. What it leaves out (sockets, the event loop's TLS transport, HTTP/2, the CONNECT)
 is what `mesh_bench`'s handshake row adds on top.
 
-Variants, so the parts show: `mesh` (as the tunnels run: each side sends its leaf and any
-intermediates, exactly as loaded, never the root the peer holds already), `whole-chain`
+Variants, so the parts show, each unlike `mesh` in one respect: `mesh` (as the tunnels
+run: each side sends its leaf and any intermediates, exactly as loaded, never the root the
+peer holds already, and remembers a peer chain it has verified: after the first handshake
+the same chain is not verified again, `meshcore.verifiedchains`), `verify-every-time`
+(every chain verified in full, as OpenSSL does by default), `whole-chain`
 (each side sends its root too, as the tunnels did before: one more certificate for the
 peer to parse and check), `no-client-verify` (the
 server does not check the client's chain), `no-verify` (neither side checks the other's
@@ -69,12 +72,14 @@ def _no_verify(client: ssl.SSLContext, server: ssl.SSLContext) -> None:
     client.verify_mode = ssl.CERT_NONE
 
 
-# name -> (what the contexts are changed by, whether each side sends its root too)
-VARIANTS: dict[str, tuple[Variant, bool]] = {
-    "mesh": (_as_run, False),
-    "whole-chain": (_as_run, True),
-    "no-client-verify": (_no_client_verify, False),
-    "no-verify": (_no_verify, False),
+# name -> (what the contexts are changed by, whether each side sends its root too, whether
+# verified chains are remembered)
+VARIANTS: dict[str, tuple[Variant, bool, bool]] = {
+    "mesh": (_as_run, False, True),
+    "verify-every-time": (_as_run, False, False),
+    "whole-chain": (_as_run, True, True),
+    "no-client-verify": (_no_client_verify, False, True),
+    "no-verify": (_no_verify, False, True),
 }
 
 
@@ -118,11 +123,13 @@ def measure(
     variant: Variant,
     n: int,
     whole_chain: bool = False,
+    remember: bool = True,
 ) -> SideCosts:
     if whole_chain:
         client_cert = cast(WorkloadCertificate, SendsRoot(client_cert))
         server_cert = cast(WorkloadCertificate, SendsRoot(server_cert))
-    client, server = tls.client_context(client_cert), tls.server_context(server_cert)
+    client = tls.client_context(client_cert, remember_chains=remember)
+    server = tls.server_context(server_cert, remember_chains=remember)
     variant(client, server)
     tc = ts = 0.0
     for _ in range(n):
@@ -145,8 +152,10 @@ def run(handshakes: int, rounds: int) -> dict[str, dict[str, object]]:
     client_cert, server_cert = asyncio.run(certificates())
     per: dict[str, list[SideCosts]] = {name: [] for name in VARIANTS}
     for _ in range(rounds):
-        for name, (variant, whole_chain) in VARIANTS.items():
-            per[name].append(measure(client_cert, server_cert, variant, handshakes, whole_chain))
+        for name, (variant, whole_chain, remember) in VARIANTS.items():
+            per[name].append(
+                measure(client_cert, server_cert, variant, handshakes, whole_chain, remember)
+            )
     return {
         name: {
             "client_us": statistics.median(r.client_us for r in runs),
