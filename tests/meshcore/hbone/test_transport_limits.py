@@ -116,6 +116,43 @@ def test_a_client_that_never_sends_the_preface_is_closed(loop: asyncio.AbstractE
     assert server.refused == ["preface_timeout"]
 
 
+def frames(data: bytes) -> list[tuple[int, int]]:
+    """(type, flags) of each whole frame in `data`."""
+    out, off = [], 0
+    while off + 9 <= len(data):
+        length, ftype, flags, _ = parse_header(data, off)
+        out.append((ftype, flags))
+        off += 9 + length
+    return out
+
+
+def test_the_server_preface_waits_for_the_client_s_and_leaves_with_its_ack(
+    loop: asyncio.AbstractEventLoop,
+):
+    """RFC 9113 3.4: the client speaks first. Our SETTINGS and window go out with the ACK
+    of the client's SETTINGS, in one write (one TLS record on HBONE), not one write each."""
+    server = Server(HboneLimits())
+
+    async def client(port: int) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(reader.read(65536), 0.3)  # nothing before ours
+            writer.write(PREFACE + settings_frame({}))
+            return await asyncio.wait_for(reader.read(65536), 10)
+        finally:
+            writer.close()
+
+    got = run(loop, server, client)
+    assert isinstance(got, bytes)
+    assert frames(got) == [
+        (FrameType.SETTINGS, 0),
+        (FrameType.WINDOW_UPDATE, 0),
+        (FrameType.SETTINGS, Flag.ACK),
+    ]
+    assert server.refused == []
+
+
 def test_a_client_that_asks_for_replies_and_never_reads_them_is_cut_off(
     loop: asyncio.AbstractEventLoop,
 ):
