@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import enum
+import functools
 import gc
 import os
 import re
@@ -31,12 +31,13 @@ import structlog
 log = structlog.get_logger(__name__)
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
+    """The C library, looked up once and without `ctypes.util.find_library`, which runs
+    `ldconfig -p` in a child process on every call: a fork of the whole tunnel, and the
+    event loop waiting for the child, at every trim."""
     try:
-        libc = ctypes.CDLL(name)
+        libc = ctypes.CDLL(None)  # the symbols the process has loaded: libc's among them
         libc.malloc_trim  # noqa: B018 - glibc only
     except (OSError, AttributeError):
         return None

@@ -113,3 +113,24 @@ print(before, after_trim, after_collect)
     before, after_trim, after_collect = (int(x) for x in out.stdout.split())
     assert after_trim > before - 10_000_000  # the garbage still held its 80 MB
     assert after_collect < after_trim - 40_000_000
+
+
+def test_a_trim_starts_no_process() -> None:
+    """`ctypes.util.find_library` runs `ldconfig -p` in a child on every call; a trim runs
+    under load every 30 s in every tunnel, and must not fork the tunnel each time."""
+    code = """
+import subprocess
+from meshcore.runtime import malloc
+started = []
+real = subprocess.Popen.__init__
+def spy(self, *a, **k):
+    started.append(a[0] if a else k.get("args"))
+    real(self, *a, **k)
+subprocess.Popen.__init__ = spy
+for _ in range(3):
+    malloc.trim()
+    malloc.heap()
+print(len(started), malloc._libc() is malloc._libc())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["0", "True"], out.stdout + out.stderr
