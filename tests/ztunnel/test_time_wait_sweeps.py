@@ -12,7 +12,6 @@ from collections.abc import Iterator
 import pytest
 
 import nsutil
-from meshcore.defaults import OUTBOUND_PORT
 from meshcore.identity.certs import CertificateManager
 from meshcore.sockets import NetnsSocketFactory
 from tests.support.aio import Loop, wait_until
@@ -46,7 +45,7 @@ def test_sweeps_stop_once_connections_arrive_redirected_and_resume_when_mirrored
         (sock,) = nsutil.sockets_in(netns_fd, 1)
         sock.setblocking(False)
         try:
-            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", OUTBOUND_PORT))
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", inpod.OUTBOUND_PORT))
         finally:
             sock.close()
 
