@@ -161,7 +161,6 @@ class TimeWaitReaper:
         self._seq = 0
         self.ended = 0  # TIME-WAIT sockets ended
         self.missed = 0  # requests that found none (the socket had not reached TIME-WAIT)
-        self.sweeps = 0  # sweeps made
         self.failed: int | None = None  # the errno that stopped it for good (EPERM...)
 
     def forget(
@@ -186,7 +185,6 @@ class TimeWaitReaper:
         however few sockets match, with the event loop waiting: a namespace whose pod
         has no IPv6 address has no IPv6 socket of ours to look for."""
         ended = self.ended
-        self.sweeps += 1
         for family in families:
             if self.failed is not None:
                 break

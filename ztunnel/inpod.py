@@ -347,9 +347,6 @@ class PodProxy:
         self._factory = factory
         self.tasks = TaskSet(f"pod:{workload.name}")
         self._sweeper: asyncio.TimerHandle | None = None
-        # Whether the pod's captured connections last arrived redirected to the listeners'
-        # ports (iptables) rather than mirrored (eBPF): then its TIME-WAITs are not swept.
-        self._redirected = False
         self.servers: list[asyncio.Server] = []
         self.hbone_server: TlsListener | None = None
         self.server_ctx: ssl.SSLContext | None = None
@@ -448,10 +445,8 @@ class PodProxy:
             guard=self.guard,
         )
         if isinstance(factory, NetnsSocketFactory):
-            outbound.end_mirrored_time_waits(factory.time_waits, OUTBOUND_PORT, self._captured)
-            self.passthrough.end_mirrored_time_waits(
-                factory.time_waits, INBOUND_PLAIN_PORT, self._captured
-            )
+            outbound.end_mirrored_time_waits(factory.time_waits, OUTBOUND_PORT)
+            self.passthrough.end_mirrored_time_waits(factory.time_waits, INBOUND_PLAIN_PORT)
             self._sweep_time_waits(factory)
         socks = [
             listener(factory, OUTBOUND_PORT, host=self._listen_ip),
@@ -502,34 +497,10 @@ class PodProxy:
                 error=os.strerror(reaper.failed),
             )
             return
-        if self._redirected:
-            # The pod's connections arrive redirected (iptables): no socket of ours mirrors
-            # an app's, so none of its TIME-WAITs can block a client, and each sweep would
-            # walk the whole host's connection table for nothing (tens of milliseconds of
-            # a stalled event loop with the TIME-WAITs of heavy churn). A mirrored
-            # connection starts the sweeps again (`_captured`).
-            self._sweeper = None
-            return
-        self._schedule_sweep(factory)
-
-    def _schedule_sweep(self, factory: NetnsSocketFactory) -> None:
         pods = self._pods_served() if self._pods_served is not None else 1
         self._sweeper = asyncio.get_running_loop().call_later(
             sweep_interval(pods), self._sweep_time_waits, factory
         )
-
-    def _captured(self, mirrored: bool) -> None:
-        """How the pod's listeners now receive connections: mirrored (eBPF) or redirected."""
-        self._redirected = not mirrored
-        factory = self._factory
-        if (
-            mirrored
-            and self._sweeper is None
-            and self.state not in (PodState.STOPPING, PodState.STOPPED)
-            and isinstance(factory, NetnsSocketFactory)
-            and factory.time_waits.failed is None
-        ):
-            self._schedule_sweep(factory)
 
     def _move(self, to: PodState) -> None:
         self.state = lifecycle_step(self.state, to, self.workload.name)

@@ -183,19 +183,12 @@ class ListenerProxy:
         self._on_accept = self._accepted  # one bound method for every accepted connection
         self._reaper: TimeWaitReaper | None = None
         self._port = 0
-        self._on_capture: Callable[[bool], None] | None = None
-        self._mirrored: bool | None = None  # how the last connection arrived, once known
 
-    def end_mirrored_time_waits(
-        self, reaper: TimeWaitReaper, port: int, on_capture: Callable[[bool], None] | None = None
-    ) -> None:
+    def end_mirrored_time_waits(self, reaper: TimeWaitReaper, port: int) -> None:
         """Connections accepted on `port` that keep the app's addresses (eBPF capture) get
-        their TIME-WAIT ended through `reaper` (why: meshcore.timewait). `on_capture` is
-        told, whenever it changes, whether connections arrive that way (True) or redirected
-        to the port (False: iptables, where no socket of ours mirrors an app's)."""
+        their TIME-WAIT ended through `reaper` (why: meshcore.timewait)."""
         self._reaper = reaper
         self._port = port
-        self._on_capture = on_capture
 
     def protocol(self) -> AppSide:
         return AppSide(on_made=self._on_accept)
@@ -230,15 +223,8 @@ class ListenerProxy:
 
     def _watch_time_wait(self, app: AppSide, t: asyncio.Transport) -> None:
         local = t.get_extra_info("sockname")
-        if not local:
-            return
-        mirrored = local[1] != self._port  # else redirected (iptables): our own port
-        if mirrored is not self._mirrored:
-            self._mirrored = mirrored
-            if self._on_capture is not None:
-                self._on_capture(mirrored)
-        if not mirrored:
-            return
+        if not local or local[1] == self._port:
+            return  # redirected (iptables): the tunnel's own port, nothing mirrored
         sock = t.get_extra_info("socket")
         remote = t.get_extra_info("peername")
         # The cookie now: a TIME-WAIT socket keeps the cookie its socket had by then. The
