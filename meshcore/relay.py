@@ -127,6 +127,9 @@ class _Sink(Protocol):
         `_AppReadBuffer`); `framed` is the same bytes with FRAME_HEADER_LEN bytes of room
         in front, or None (bytes held from before the sink was attached)."""
 
+    def app_last_data(self, data: bytes | memoryview, framed: memoryview | None) -> None:
+        """As `app_data`, for bytes the app's FIN is right behind (`app_eof` follows)."""
+
     def app_eof(self) -> None: ...
 
     def app_lost(self, exc: Exception | None) -> None: ...
@@ -194,9 +197,11 @@ class AppSide(asyncio.BufferedProtocol):
         data = framed[FRAME_HEADER_LEN:]
         sink = self.sink
         if sink is not None:
-            sink.app_data(data, framed)
             if self.peek is not None and nbytes <= DEFERRED_FLUSH_MAX and self._eof_behind():
+                sink.app_last_data(data, framed)
                 self.eof_received()
+            else:
+                sink.app_data(data, framed)
         else:
             if self.early is None:
                 self.early = []
@@ -306,6 +311,21 @@ class AppSide(asyncio.BufferedProtocol):
             self.transport.resume_reading()
 
 
+def _hold_for_fin(t: asyncio.BaseTransport) -> None:
+    """The stream's last bytes are about to be written, its end right behind them: hold
+    them (TCP_CORK) so the FIN leaves with them in one segment (the kernel sends a FIN
+    with what a cork holds, at once). The far app sent its answer and its FIN together; a
+    client that gets them apart may close first, before the FIN arrives, and keep the
+    TIME-WAIT its server would have kept without the mesh: under churn its TIME-WAITs
+    fill its port range, and every connect then searches it (measured: a load generator's
+    connects went from 0.24 to 1.1 cores after 40 000 connections in 20 s). Without the
+    FIN (the transport closes instead) the close sends what is held."""
+    sock = t.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+
+
 class HboneSplice(_Ends):
     """One TCP connection <-> one HTTP/2 CONNECT stream (either end of the tunnel)."""
 
@@ -388,6 +408,8 @@ class HboneSplice(_Ends):
         if app.transport.is_closing():
             self.h2.conn.ack(self.sid, n)
             return
+        if self.h2.conn.data_ends_stream and not app.transport.get_write_buffer_size():
+            _hold_for_fin(app.transport)
         app.transport.write(data)
         if app.transport.get_write_buffer_size():
             read_buffer_lent()  # the transport may hold this view of the receive buffer
@@ -450,6 +472,10 @@ class HboneSplice(_Ends):
             self.app.transport.resume_reading()
 
     # ---- _Sink: the TCP side -----------------------------------------------------------
+
+    def app_last_data(self, data: bytes | memoryview, framed: memoryview | None) -> None:
+        # The END_STREAM that follows rides on this DATA frame (H2Connection.end_stream).
+        self.app_data(data, framed)
 
     def app_data(self, data: bytes | memoryview, framed: memoryview | None) -> None:
         self.sent += len(data)
@@ -566,6 +592,12 @@ class _TcpEnd:
         # A copy, as uvloop's own reads made: a slow peer's transport keeps what it could not
         # send, and a view would hold the whole shared read buffer for those few bytes.
         t.write(data if isinstance(data, bytes) else data.tobytes())
+
+    def app_last_data(self, data: bytes | memoryview, framed: memoryview | None) -> None:
+        t = self.peer.transport
+        if t is not None and not t.get_write_buffer_size():
+            _hold_for_fin(t)  # the peer gets these bytes and the FIN together
+        self.app_data(data, framed)
 
     def app_eof(self) -> None:
         t = self.peer.transport

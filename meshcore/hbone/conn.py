@@ -215,6 +215,12 @@ class H2Connection:
         self._data_left = 0  # bytes of the current DATA frame still to come
         self._data_flags = 0
         self._data_stream: _Stream | None = None
+        # While a handler's `on_data` runs: whether these are the last bytes of a DATA
+        # frame that ends its stream (its `on_end` follows at once).
+        self.data_ends_stream = False
+        # The newest DATA frame queued in `out` without END_STREAM: (stream id, index of
+        # its header, the header), while it is still the last thing queued and not taken.
+        self._tail_data: tuple[int, int, bytes] | None = None
         # What the peer has cost so far (see HboneLimits).
         self._unanswered: dict[int, None] = {}  # server: peer streams we have not answered
         self._peer_streams = 0
@@ -252,6 +258,7 @@ class H2Connection:
 
     def take_output(self) -> list[bytes | memoryview]:
         out, self.out = self.out, []
+        self._tail_data = None
         return out
 
     @property
@@ -312,8 +319,10 @@ class H2Connection:
                     frame_header_into(framed, n, FrameType.DATA, 0, sid)
                     self.out.append(framed)
                 else:
-                    self.out.append(frame_header(n, FrameType.DATA, 0, sid))
+                    header = frame_header(n, FrameType.DATA, 0, sid)
+                    self.out.append(header)
                     self.out.append(data)
+                    self._tail_data = (sid, len(self.out) - 2, header)
                 return True
             mv = data if isinstance(data, memoryview) else memoryview(data)
             if st.pending is None:
@@ -549,7 +558,11 @@ class H2Connection:
     def _data_chunk(self, chunk: memoryview) -> None:
         st = self._data_stream
         if st is not None and self.streams.get(st.id) is st and st.handler is not None:
+            self.data_ends_stream = (
+                bool(self._data_flags & Flag.END_STREAM) and len(chunk) == self._data_left
+            )
             st.handler.on_data(chunk)
+            self.data_ends_stream = False
         else:
             # Nobody will consume these bytes: return the connection credit at once.
             self._data_stream = None
@@ -952,14 +965,29 @@ class H2Connection:
             st.send_window -= n
             self._send_window -= n
             flags = Flag.END_STREAM if (st.end_queued and not pending) else 0
-            out.append(frame_header(n, FrameType.DATA, flags, st.id))
+            header = frame_header(n, FrameType.DATA, flags, st.id)
+            out.append(header)
             out.append(chunk)
             if flags:
                 st.local_closed = True
+            else:
+                self._tail_data = (st.id, len(out) - 2, header)
         if pending is not None and not pending:
             st.pending = None
         if st.end_queued and not st.local_closed:
-            out.append(frame_header(0, FrameType.DATA, Flag.END_STREAM, st.id))
+            tail = self._tail_data
+            if (
+                tail is not None
+                and tail[0] == st.id
+                and tail[1] + 2 == len(out)
+                and out[tail[1]] is tail[2]
+            ):
+                # Its last DATA frame is still queued and the newest frame: the end rides
+                # on it (one frame fewer, and the peer learns the end with the bytes, so
+                # it can hand its app both at once).
+                out[tail[1]] = frame_header(len(out[-1]), FrameType.DATA, Flag.END_STREAM, st.id)
+            else:
+                out.append(frame_header(0, FrameType.DATA, Flag.END_STREAM, st.id))
             st.local_closed = True
         if (
             st.send_paused

@@ -403,9 +403,10 @@ DATA, END_STREAM = FrameType.DATA, Flag.END_STREAM
 @pytest.mark.parametrize("peek", [True, False], ids=["peeked", "not_peeked"])
 def test_an_answer_and_the_fin_right_behind_it_leave_as_one_record(aio: Loop, peek: bool) -> None:
     """An app that answers and closes: with its FIN looked for behind the answer's read,
-    the answer's DATA and END_STREAM are one write to TLS (one record), so the client's
-    app gets the FIN with the answer and is not the one to close first (and keep the
-    TIME-WAIT). Not looked for, the event loop reads the FIN a turn later: two writes."""
+    the answer is one DATA frame carrying END_STREAM, in one write to TLS (one record), so
+    the client's app gets the FIN with the answer and is not the one to close first (and
+    keep the TIME-WAIT). Not looked for, the event loop reads the FIN a turn later: two
+    writes."""
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -439,11 +440,115 @@ def test_an_answer_and_the_fin_right_behind_it_leave_as_one_record(aio: Loop, pe
         assert isinstance(server, _WriteLog)
         stream_writes = [w for w in server.writes if any(t == DATA for t, _, _ in w)]
         if peek:
-            assert stream_writes == [[(DATA, 0, len(ANSWER)), (DATA, END_STREAM, 0)]]
+            assert stream_writes == [[(DATA, END_STREAM, len(ANSWER))]]
         else:
             assert stream_writes == [[(DATA, 0, len(ANSWER))], [(DATA, END_STREAM, 0)]]
 
     aio.run(main)
+
+
+def _segments_in(sock: socket.socket) -> int:
+    """tcpi_segs_in of TCP_INFO (struct tcp_info, Linux 4.2+): segments the socket got."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 144)
+    return int.from_bytes(info[140:144], "little")
+
+
+def test_the_last_bytes_of_a_stream_and_its_end_reach_the_app_in_one_segment(aio: Loop) -> None:
+    """A DATA frame with END_STREAM: its bytes are held (TCP_CORK) until the FIN, which
+    then leaves with them, so the app gets both at once, as the peer's own app sent them
+    (an app that closes once it has what it waited for then closes second, and the
+    TIME-WAIT stays where it would be without the mesh)."""
+
+    async def main() -> tuple[bytes, int]:
+        loop = asyncio.get_running_loop()
+        srv = socket.create_server((LOOPBACK, 0))
+        srv.setblocking(False)
+        aio.defer(srv.close)
+        accepted: asyncio.Future[socket.socket] = loop.create_future()
+
+        async def accept() -> None:
+            conn, _ = await loop.sock_accept(srv)
+            accepted.set_result(conn)
+
+        task = loop.create_task(accept())
+        aio.defer(task.cancel)
+        client, _ = await hbone_pair(aio, {"app": srv.getsockname()[1]})
+        rec = StreamRec(client.conn)
+        sid = client.open_stream(connect_request("app"), rec)
+        rec.sid = sid
+        conn = await accepted
+        aio.defer(conn.close)
+        await wait_until(lambda: rec.response is not None, "the CONNECT answered")
+        before = _segments_in(conn)
+        client.conn.send_data(sid, b"the whole request")
+        client.conn.end_stream(sid)
+        client.flush()
+        got = b""
+        while data := await loop.sock_recv(conn, 1024):
+            got += data
+        return got, _segments_in(conn) - before
+
+    got, segments = aio.run(main)
+    assert got == b"the whole request"
+    assert segments == 1
+
+
+def test_through_a_tcp_pipe_an_answer_and_its_fin_reach_the_client_in_one_segment(
+    aio: Loop,
+) -> None:
+    """The same-node relay: an upstream app that answers and closes (one segment) is
+    peeked at for its FIN, and the client gets the answer and the FIN together again."""
+
+    async def main() -> tuple[bytes, int]:
+        loop = asyncio.get_running_loop()
+        srv = socket.create_server((LOOPBACK, 0))
+        srv.setblocking(False)
+        aio.defer(srv.close)
+
+        go = asyncio.Event()
+
+        async def answer_and_close() -> None:
+            conn, _ = await loop.sock_accept(srv)
+            with conn:
+                await loop.sock_recv(conn, 1024)
+                await go.wait()
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+                conn.setblocking(True)
+                conn.sendall(ANSWER)
+                conn.shutdown(socket.SHUT_WR)  # with what the cork holds: one segment
+                await asyncio.sleep(0.5)
+
+        tasks = {loop.create_task(answer_and_close())}
+
+        def on_made(client: AppSide) -> None:
+            async def join() -> None:
+                sock = socket.socket()
+                sock.setblocking(False)
+                await loop.sock_connect(sock, srv.getsockname())
+                _, upstream = await loop.create_connection(AppSide, sock=sock)
+                upstream.peek = sock
+                TcpPipe(client, upstream).start()
+
+            tasks.add(loop.create_task(join()))
+
+        aio.defer(lambda: [t.cancel() for t in tasks])
+        listener = aio.closing(await loop.create_server(partial(AppSide, on_made), LOOPBACK, 0))
+        client = socket.socket()
+        aio.defer(client.close)
+        client.setblocking(False)
+        await loop.sock_connect(client, listener.sockets[0].getsockname())
+        await loop.sock_sendall(client, b"GET / HTTP/1.0\r\n\r\n")
+        await asyncio.sleep(0.1)  # the request's ACK is in before counting
+        before = _segments_in(client)
+        go.set()
+        got = b""
+        while data := await loop.sock_recv(client, 65536):
+            got += data
+        return got, _segments_in(client) - before
+
+    got, segments = aio.run(main)
+    assert got == ANSWER
+    assert segments == 1
 
 
 def test_a_connection_that_stays_open_is_peeked_at_twice_then_left_alone(aio: Loop) -> None:

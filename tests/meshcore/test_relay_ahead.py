@@ -27,6 +27,9 @@ class Recorder:
     def app_data(self, data: bytes | memoryview, framed: memoryview | None) -> None:
         self.data += bytes(data)
 
+    def app_last_data(self, data: bytes | memoryview, framed: memoryview | None) -> None:
+        self.data += bytes(data)
+
     def app_eof(self) -> None:
         self.eof = True
 

@@ -51,6 +51,7 @@ from meshcore.observability.connections import ConnectionTable
 from meshcore.relay import AppSide, HboneSplice
 from meshcore.sockets import LISTEN_BACKLOG, PlainSocketFactory, SocketAddr
 from meshcore.state import MeshState, Workload
+from meshcore.timewait import tcp_state
 from tests.support.aio import Loop, wait_until
 from tests.support.certs import InProcessCA, client_hello
 from tests.support.gcprobe import cyclic_garbage
@@ -123,7 +124,9 @@ class Redirects:
 
 @dataclass
 class EchoApp:
-    """The app in pod B: echoes every byte, half-closes after the client did."""
+    """The app in pod B: echoes every byte, half-closes after the client did. Sent exactly
+    `ANSWER_AND_CLOSE`, it answers `BYE` and closes at once, the answer and its FIN in one
+    segment (as an HTTP/1.0 server's answer and close usually leave)."""
 
     peers: list[SocketAddr] = field(default_factory=list)
     server: asyncio.Server | None = None
@@ -137,6 +140,11 @@ class EchoApp:
         self.peers.append(SocketAddr.of(writer.get_extra_info("peername")))
         try:
             while data := await reader.read(65536):
+                if data == ANSWER_AND_CLOSE:
+                    sock = writer.get_extra_info("socket")
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+                    writer.write(BYE)
+                    break  # the FIN below leaves with what the cork holds
                 writer.write(data)
                 await writer.drain()
             writer.write_eof()
@@ -149,6 +157,11 @@ class EchoApp:
     def close(self) -> None:
         if self.server is not None:
             self.server.close()
+
+
+ANSWER_AND_CLOSE = b"answer and close\n"
+BYE = b"bye"
+TCP_CLOSE_WAIT = 8  # include/net/tcp_states.h: the peer's FIN is in, ours not yet sent
 
 
 @dataclass
@@ -457,6 +470,45 @@ def test_a_pod_that_takes_another_pods_address_still_speaks_as_itself__recorded_
     (dst_line,) = access_lines(logs, direction="inbound")
     assert dst_line["src.identity"] == str(INTRUDER_ID)
     assert "shop/deny-intruder" in dst_line["error"]
+
+
+def test_an_answer_and_the_server_s_fin_reach_the_client_together__recorded_redirects(
+    aio_uvloop: Loop, mesh: LoopbackMesh, logs: LogLines
+) -> None:
+    """The app answers and closes, its answer and FIN in one segment. Through both tunnels
+    the client gets them together again (END_STREAM on the answer's DATA frame, and the
+    client's tunnel holds the answer until the FIN can go with it), so when the answer is
+    readable the FIN is in: the client closes second and keeps no TIME-WAIT, as without
+    the mesh. Apart, a client that closes once it has its answer closes first, and under
+    churn its TIME-WAITs fill its port range."""
+
+    def answer_and_state(sock: socket.socket) -> tuple[bytes, int]:
+        # A thread of its own, blocked in recv: it runs as soon as the answer is readable,
+        # while the tunnels' loop may still be busy (as separate processes would be).
+        got = sock.recv(len(BYE))
+        return got, tcp_state(sock)
+
+    async def main() -> tuple[bytes, int, bytes]:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket()
+        try:
+            sock.bind((mesh.a.ip, 0))
+            mesh.redirects.record(sock, addr(f"{VIP}:80"))
+            sock.setblocking(False)
+            await loop.sock_connect(sock, mesh.a.port(15001).pair)
+            await loop.sock_sendall(sock, ANSWER_AND_CLOSE)
+            sock.setblocking(True)
+            sock.settimeout(10)
+            got, state = await asyncio.to_thread(answer_and_state, sock)
+            rest = await asyncio.to_thread(sock.recv, 100)
+            return got, state, rest
+        finally:
+            sock.close()
+
+    got, state, rest = aio_uvloop.run(main)
+    assert got == BYE
+    assert state == TCP_CLOSE_WAIT
+    assert rest == b""
 
 
 def test_a_plaintext_client_reaches_the_app_through_15006_without_identity__recorded_redirects(

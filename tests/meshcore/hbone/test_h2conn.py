@@ -261,9 +261,38 @@ def test_drain_refuses_new_streams_and_lets_open_ones_finish() -> None:
     server.send_data(1, b"bye")
     server.end_stream(1)
     wire = taken(server)
-    assert data_frame(1, b"bye") in wire
-    assert wire.endswith(data_frame(1, end_stream=True))
+    # The end rides on the last DATA frame, still queued: one frame, not two.
+    assert wire.endswith(data_frame(1, b"bye", end_stream=True))
+    assert data_frame(1, end_stream=True) not in wire
     assert server.drained
+
+
+def test_the_end_of_a_stream_rides_on_its_last_data_frame_only_while_that_is_queued_last() -> None:
+    """END_STREAM goes on the stream's last DATA frame when that frame is still queued and
+    the newest; once it has been taken for the wire, or another frame came after it, the
+    end is a frame of its own."""
+    s = ServedStream()
+    s.server.send_data(1, b"one")
+    s.server.end_stream(1)
+    wire = taken(s.server)
+    assert wire == data_frame(1, b"one", end_stream=True)
+    events = s.client.receive_data(wire)  # another HTTP/2 stack reads it as data and end
+    assert [type(e).__name__ for e in events] == ["DataReceived", "StreamEnded"]
+
+    s = ServedStream()
+    s.server.send_data(1, b"two")
+    first = taken(s.server)  # on the wire already
+    s.server.end_stream(1)
+    assert first == data_frame(1, b"two")
+    assert taken(s.server) == data_frame(1, end_stream=True)
+
+    s = ServedStream()
+    s.server.send_data(1, b"three")
+    s.server.send_ping(b"12345678")  # another frame after it
+    s.server.end_stream(1)
+    wire = taken(s.server)
+    assert wire.startswith(data_frame(1, b"three"))
+    assert wire.endswith(data_frame(1, end_stream=True))
 
 
 def test_header_table_size_change_is_acknowledged_in_the_next_header_block() -> None:
