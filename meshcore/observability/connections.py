@@ -23,7 +23,7 @@ from meshcore.observability.metrics import TcpLabels, TcpMetrics
 
 if TYPE_CHECKING:
     from meshcore.policy.verdict import Verdict
-    from meshcore.state import Service, Workload
+    from meshcore.state import Workload
 
 log = structlog.get_logger(__name__)
 
@@ -65,41 +65,17 @@ class Tracked(ConnectionLog):
     connection, and a second object with the same addresses and identities cost about 150
     bytes more per connection in each tunnel."""
 
+    # Set by `ConnectionTable.follow` when the relay starts; nothing reads them before
+    # (only the table's entries are counted, shown, re-checked or ended).
     __slots__ = ("labels", "owner", "recheck", "relay", "request_is_received")
-
-    def __init__(
-        self,
-        direction: Direction,
-        *,
-        src: object = None,
-        src_workload: Workload | None = None,
-        src_identity: object = None,
-        dst: object = None,
-        hbone: object = None,
-        service: Service | None = None,
-        dst_workload: Workload | None = None,
-        dst_identity: object = None,
-    ) -> None:
-        super().__init__(
-            direction,
-            src=src,
-            src_workload=src_workload,
-            src_identity=src_identity,
-            dst=dst,
-            hbone=hbone,
-            service=service,
-            dst_workload=dst_workload,
-            dst_identity=dst_identity,
-        )
-        # Set by `ConnectionTable.follow` when the relay starts.
-        self.labels: TcpLabels | None = None
-        self.relay: Relay | None = None
-        # Whether the request direction (client -> server) is the relay's `received`: so for
-        # the server end of an HBONE stream, whose `sent` goes back into the tunnel.
-        self.request_is_received = False
-        # Inbound only: the connection's verdict under the current policy.
-        self.recheck: Callable[[Tracked], Verdict] | None = None
-        self.owner: RelayOwner | None = None
+    labels: TcpLabels
+    relay: Relay
+    owner: RelayOwner
+    # Whether the request direction (client -> server) is the relay's `received`: so for
+    # the server end of an HBONE stream, whose `sent` goes back into the tunnel.
+    request_is_received: bool
+    # Inbound only: the connection's verdict under the current policy.
+    recheck: Callable[[Tracked], Verdict] | None
 
     @property
     def pod(self) -> Workload:
@@ -120,7 +96,6 @@ class Tracked(ConnectionLog):
     def ended(self, result: Any) -> None:
         """The relay ended: close the entry, count it, write its access-log line."""
         owner = self.owner
-        assert owner is not None
         owner.relays.pop(self.relay, None)
         request, response = self.counts()  # the relay's counters are final now
         owner.connection_table.close(self, request_bytes=request, response_bytes=response)
@@ -130,13 +105,10 @@ class Tracked(ConnectionLog):
     def counts(self) -> tuple[int, int]:
         """Live (request bytes, response bytes): client -> server, server -> client."""
         r = self.relay
-        if r is None:
-            return (0, 0)
         return (r.received, r.sent) if self.request_is_received else (r.sent, r.received)
 
     def abort(self, reason: str) -> None:
-        if self.relay is not None:
-            self.relay.abort(reason)
+        self.relay.abort(reason)
 
     def to_json(self) -> dict[str, Any]:
         request, response = self.counts()
@@ -175,7 +147,6 @@ class ConnectionTable:
         self.closed_total = 0
 
     def open(self, entry: Tracked) -> None:
-        assert entry.labels is not None
         self._open[entry] = None
         self.opened_total += 1
         self.metrics.opened(entry.labels)
@@ -185,7 +156,6 @@ class ConnectionTable:
             return  # closing twice must not count twice
         del self._open[entry]
         self.closed_total += 1
-        assert entry.labels is not None
         self.metrics.closed(entry.labels, received=request_bytes, sent=response_bytes)
 
     def follow(
@@ -224,7 +194,7 @@ class ConnectionTable:
         """Re-evaluate every open inbound connection; abort those now denied."""
         closed = 0
         for entry in list(self._open):
-            if entry.recheck is None or entry.relay is None:
+            if entry.recheck is None:
                 continue
             verdict = entry.recheck(entry)
             if not verdict.allowed:
