@@ -35,7 +35,6 @@ import structlog
 from meshcore import verifiedchains
 from meshcore.identity.certs import WorkloadCertificate
 from meshcore.identity.spiffe import IdentityError, SpiffeId
-from meshcore.verifiedchains import VerifiedChains
 
 log = structlog.get_logger(__name__)
 
@@ -323,7 +322,7 @@ def send_chain_as_loaded(ctx: ssl.SSLContext) -> bool:
     return bool(mode & _SSL_MODE_NO_AUTO_CHAIN)
 
 
-def remember_verified_chains(ctx: ssl.SSLContext) -> VerifiedChains | None:
+def remember_verified_chains(ctx: ssl.SSLContext) -> verifiedchains.VerifiedChains | None:
     """Install `meshcore.verifiedchains` on the context: its cache, or None where the
     guards above fail (then every chain is verified, as by default)."""
     if isinstance(_libssl, str):

@@ -31,10 +31,6 @@ import weakref
 from collections import OrderedDict
 from typing import Any
 
-import structlog
-
-log = structlog.get_logger(__name__)
-
 # Peers whose chains a context remembers: source identities times nodes, for a tunnel.
 CAPACITY = 4096
 # A window is used up to this many seconds before its end: OpenSSL and we read the clock
@@ -80,6 +76,12 @@ class VerifiedChains:
             self._windows.popitem(last=False)
 
 
+def _fn(lib: ctypes.CDLL, name: str, restype: Any, *argtypes: Any) -> Any:
+    f = getattr(lib, name)
+    f.argtypes, f.restype = argtypes, restype
+    return f
+
+
 class _Lib:
     """The libcrypto/libssl functions the callback uses, from the library `_ssl` links."""
 
@@ -87,45 +89,18 @@ class _Lib:
         import _ssl
 
         lib = ctypes.CDLL(_ssl.__file__)
-        vp, c_int = ctypes.c_void_p, ctypes.c_int
-        self.set_callback = lib.SSL_CTX_set_cert_verify_callback
-        self.set_callback.argtypes = (vp, _CALLBACK, vp)
-        self.set_callback.restype = None
-        self.verify = lib.X509_verify_cert
-        self.verify.argtypes = (vp,)
-        self.verify.restype = c_int
-        self.set_error = lib.X509_STORE_CTX_set_error
-        self.set_error.argtypes = (vp, c_int)
-        self.set_error.restype = None
-        self.untrusted = lib.X509_STORE_CTX_get0_untrusted
-        self.untrusted.argtypes = (vp,)
-        self.untrusted.restype = vp
-        self.chain = lib.X509_STORE_CTX_get0_chain
-        self.chain.argtypes = (vp,)
-        self.chain.restype = vp
-        self.sk_num = lib.OPENSSL_sk_num
-        self.sk_num.argtypes = (vp,)
-        self.sk_num.restype = c_int
-        self.sk_value = lib.OPENSSL_sk_value
-        self.sk_value.argtypes = (vp, c_int)
-        self.sk_value.restype = vp
-        self.i2d = lib.i2d_X509
-        self.i2d.argtypes = (vp, ctypes.POINTER(vp))
-        self.i2d.restype = c_int
-        self.not_before = lib.X509_get0_notBefore
-        self.not_before.argtypes = (vp,)
-        self.not_before.restype = vp
-        self.not_after = lib.X509_get0_notAfter
-        self.not_after.argtypes = (vp,)
-        self.not_after.restype = vp
-        self.time_diff = lib.ASN1_TIME_diff
-        self.time_diff.argtypes = (
-            ctypes.POINTER(c_int),
-            ctypes.POINTER(c_int),
-            vp,
-            vp,
-        )
-        self.time_diff.restype = c_int
+        vp, c_int, c_int_p = ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_int)
+        self.set_callback = _fn(lib, "SSL_CTX_set_cert_verify_callback", None, vp, _CALLBACK, vp)
+        self.verify = _fn(lib, "X509_verify_cert", c_int, vp)
+        self.set_error = _fn(lib, "X509_STORE_CTX_set_error", None, vp, c_int)
+        self.untrusted = _fn(lib, "X509_STORE_CTX_get0_untrusted", vp, vp)
+        self.chain = _fn(lib, "X509_STORE_CTX_get0_chain", vp, vp)
+        self.sk_num = _fn(lib, "OPENSSL_sk_num", c_int, vp)
+        self.sk_value = _fn(lib, "OPENSSL_sk_value", vp, vp, c_int)
+        self.i2d = _fn(lib, "i2d_X509", c_int, vp, ctypes.POINTER(vp))
+        self.not_before = _fn(lib, "X509_get0_notBefore", vp, vp)
+        self.not_after = _fn(lib, "X509_get0_notAfter", vp, vp)
+        self.time_diff = _fn(lib, "ASN1_TIME_diff", c_int, c_int_p, c_int_p, vp, vp)
 
 
 # int (*)(X509_STORE_CTX *, void *arg)

@@ -218,9 +218,9 @@ class H2Connection:
         # While a handler's `on_data` runs: whether these are the last bytes of a DATA
         # frame that ends its stream (its `on_end` follows at once).
         self.data_ends_stream = False
-        # The newest DATA frame queued in `out` without END_STREAM: (stream id, index of
-        # its header, the header), while it is still the last thing queued and not taken.
-        self._tail_data: tuple[int, int, bytes] | None = None
+        # The header of the newest DATA frame queued in `out` without END_STREAM (one of
+        # ours, told by identity: never bytes an app sent), for `_flush_stream` to mark.
+        self._tail_header: bytes | None = None
         # What the peer has cost so far (see HboneLimits).
         self._unanswered: dict[int, None] = {}  # server: peer streams we have not answered
         self._peer_streams = 0
@@ -258,7 +258,7 @@ class H2Connection:
 
     def take_output(self) -> list[bytes | memoryview]:
         out, self.out = self.out, []
-        self._tail_data = None
+        self._tail_header = None
         return out
 
     @property
@@ -319,10 +319,9 @@ class H2Connection:
                     frame_header_into(framed, n, FrameType.DATA, 0, sid)
                     self.out.append(framed)
                 else:
-                    header = frame_header(n, FrameType.DATA, 0, sid)
-                    self.out.append(header)
+                    self._tail_header = frame_header(n, FrameType.DATA, 0, sid)
+                    self.out.append(self._tail_header)
                     self.out.append(data)
-                    self._tail_data = (sid, len(self.out) - 2, header)
                 return True
             mv = data if isinstance(data, memoryview) else memoryview(data)
             if st.pending is None:
@@ -971,21 +970,16 @@ class H2Connection:
             if flags:
                 st.local_closed = True
             else:
-                self._tail_data = (st.id, len(out) - 2, header)
+                self._tail_header = header
         if pending is not None and not pending:
             st.pending = None
         if st.end_queued and not st.local_closed:
-            tail = self._tail_data
-            if (
-                tail is not None
-                and tail[0] == st.id
-                and tail[1] + 2 == len(out)
-                and out[tail[1]] is tail[2]
-            ):
+            tail = self._tail_header
+            if len(out) >= 2 and out[-2] is tail and parse_header(tail, 0)[3] == st.id:
                 # Its last DATA frame is still queued and the newest frame: the end rides
                 # on it (one frame fewer, and the peer learns the end with the bytes, so
                 # it can hand its app both at once).
-                out[tail[1]] = frame_header(len(out[-1]), FrameType.DATA, Flag.END_STREAM, st.id)
+                out[-2] = frame_header(len(out[-1]), FrameType.DATA, Flag.END_STREAM, st.id)
             else:
                 out.append(frame_header(0, FrameType.DATA, Flag.END_STREAM, st.id))
             st.local_closed = True

@@ -453,6 +453,14 @@ def _segments_in(sock: socket.socket) -> int:
     return int.from_bytes(info[140:144], "little")
 
 
+async def _read_to_end(sock: socket.socket, segments_before: int) -> tuple[bytes, int]:
+    """Everything `sock` receives up to the FIN, and the segments it took since then."""
+    got = b""
+    while data := await asyncio.get_running_loop().sock_recv(sock, 65536):
+        got += data
+    return got, _segments_in(sock) - segments_before
+
+
 def test_the_last_bytes_of_a_stream_and_its_end_reach_the_app_in_one_segment(aio: Loop) -> None:
     """A DATA frame with END_STREAM: its bytes are held (TCP_CORK) until the FIN, which
     then leaves with them, so the app gets both at once, as the peer's own app sent them
@@ -483,10 +491,7 @@ def test_the_last_bytes_of_a_stream_and_its_end_reach_the_app_in_one_segment(aio
         client.conn.send_data(sid, b"the whole request")
         client.conn.end_stream(sid)
         client.flush()
-        got = b""
-        while data := await loop.sock_recv(conn, 1024):
-            got += data
-        return got, _segments_in(conn) - before
+        return await _read_to_end(conn, before)
 
     got, segments = aio.run(main)
     assert got == b"the whole request"
@@ -541,10 +546,7 @@ def test_through_a_tcp_pipe_an_answer_and_its_fin_reach_the_client_in_one_segmen
         await asyncio.sleep(0.1)  # the request's ACK is in before counting
         before = _segments_in(client)
         go.set()
-        got = b""
-        while data := await loop.sock_recv(client, 65536):
-            got += data
-        return got, _segments_in(client) - before
+        return await _read_to_end(client, before)
 
     got, segments = aio.run(main)
     assert got == ANSWER
