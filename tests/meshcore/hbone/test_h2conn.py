@@ -170,6 +170,29 @@ def test_receive_credit_only_returned_after_ack() -> None:
     assert client.local_flow_control_window(1) >= STREAM_WINDOW // 2
 
 
+def test_credit_is_returned_in_half_window_batches() -> None:
+    """Each WINDOW_UPDATE costs both tunnels a TLS record and a wake-up: consumed bytes are
+    credited once half of a window is owed (stream and connection each), not before."""
+    served = ServedStream(auto_ack=False)
+    server, client = served.server, served.client
+    chunk = b"z" * 16384
+    for _ in range(STREAM_WINDOW // len(chunk)):
+        client.send_data(1, chunk)
+    pump_to_ours(client, server)
+    pump_to_theirs(server, client)
+    stream_left = client.local_flow_control_window(1)
+    conn_left = client.outbound_flow_control_window
+    just_under = STREAM_WINDOW // 2 - len(chunk)
+    server.ack(1, just_under)
+    pump_to_theirs(server, client)
+    assert client.local_flow_control_window(1) == stream_left  # nothing announced yet
+    server.ack(1, len(chunk))  # now half the stream window is owed: it is announced
+    pump_to_theirs(server, client)
+    assert client.local_flow_control_window(1) == stream_left + STREAM_WINDOW // 2
+    # The connection's window is four times larger: its half is not owed yet.
+    assert client.outbound_flow_control_window == conn_left
+
+
 @pytest.mark.parametrize(
     "garbage",
     [
