@@ -7,10 +7,12 @@ handler. Nothing here touches a socket or the event loop.
 Invariants:
 - Receive flow control: credit is returned only when the stream's consumer calls `ack()`,
   i.e. after it handed the bytes to the other side, so a slow reader stalls its sender
-  instead of growing a buffer here. Credit is announced in batches (half a window, as the
-  Rust `h2` crate under upstream's ztunnel does): each WINDOW_UPDATE costs both tunnels a
-  TLS record, a packet and a wake-up, and half of a 4 MiB window still keeps megabytes in
-  flight.
+  instead of growing a buffer here. Credit is announced in batches (each WINDOW_UPDATE
+  costs both tunnels a TLS record, a packet and a wake-up): a stream's once half its
+  window is owed; the connection's once what is owed is at least half of what the peer
+  may still send on it (the rule of the Rust `h2` crate under upstream's ztunnel), so
+  streams that stopped reading, holding most of the connection's window, never leave the
+  others waiting on owed credit. (A stream waits only on its own consumer.)
 - Send flow control: `send_data` queues; the queue drains as far as the stream and
   connection windows allow. `send_data` returns False when the queue is above the high
   water mark; the handler's `on_send_ready` fires once it is back below the low mark.
@@ -371,7 +373,7 @@ class H2Connection:
         if self.closed or n <= 0:
             return
         self._recv_unacked += n
-        if self._recv_unacked >= CONNECTION_WINDOW // 2:
+        if self._recv_unacked * 2 >= self._recv_window:
             self.out.append(window_update(0, self._recv_unacked))
             self._recv_window += self._recv_unacked
             self._recv_unacked = 0

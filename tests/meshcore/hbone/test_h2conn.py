@@ -170,27 +170,70 @@ def test_receive_credit_only_returned_after_ack() -> None:
     assert client.local_flow_control_window(1) >= STREAM_WINDOW // 2
 
 
-def test_credit_is_returned_in_half_window_batches() -> None:
-    """Each WINDOW_UPDATE costs both tunnels a TLS record and a wake-up: consumed bytes are
-    credited once half of a window is owed (stream and connection each), not before."""
+def _send(client: h2.connection.H2Connection, nbytes: int, chunk: int = 16384) -> None:
+    for _ in range(nbytes // chunk):
+        client.send_data(1, b"z" * chunk)
+
+
+def test_credit_goes_back_in_batches() -> None:
+    """Each WINDOW_UPDATE costs both tunnels a TLS record and a wake-up: a stream's consumed
+    bytes are credited once half its window is owed, the connection's once what is owed is
+    half of what the peer may still send on it."""
     served = ServedStream(auto_ack=False)
     server, client = served.server, served.client
-    chunk = b"z" * 16384
-    for _ in range(STREAM_WINDOW // len(chunk)):
-        client.send_data(1, chunk)
+    mib = 1024 * 1024
+    _send(client, mib)
     pump_to_ours(client, server)
+    server.ack(1, mib)  # owed 1 MiB of the stream's 4: nothing announced
     pump_to_theirs(server, client)
-    stream_left = client.local_flow_control_window(1)
-    conn_left = client.outbound_flow_control_window
-    just_under = STREAM_WINDOW // 2 - len(chunk)
-    server.ack(1, just_under)
+    assert client.local_flow_control_window(1) == STREAM_WINDOW - mib
+    _send(client, mib)
+    pump_to_ours(client, server)
+    server.ack(1, mib)  # owed 2 MiB, half the stream's window: announced
     pump_to_theirs(server, client)
-    assert client.local_flow_control_window(1) == stream_left  # nothing announced yet
-    server.ack(1, len(chunk))  # now half the stream window is owed: it is announced
+    assert client.local_flow_control_window(1) == STREAM_WINDOW
+    # The connection's window is four times larger: 2 MiB owed of 14 left, not yet.
+    assert client.outbound_flow_control_window == CONNECTION_WINDOW - 2 * mib
+
+
+def _open(served: ServedStream, sid: int) -> StreamRec:
+    """Another CONNECT stream on the served connection, answered 200, its consumer acking
+    nothing by itself."""
+    served.client.send_headers(sid, CONNECT)
+    pump_to_ours(served.client, served.server)
+    rec = StreamRec(served.server, auto_ack=False)
+    rec.sid = sid
+    served.server.respond(sid, 200, rec, end=False)
+    pump_to_theirs(served.server, served.client)
+    return rec
+
+
+def test_streams_that_stopped_reading_do_not_hold_back_the_credit_of_the_others() -> None:
+    """Three streams whose consumers stopped hold three quarters of the connection's window,
+    a fourth has the rest and has passed half of it on. That half goes back at once (it is
+    more than half of what the peer may still send: nothing), not when a fixed batch fills,
+    which a quarter or half of the connection's window never would."""
+    served = ServedStream(auto_ack=False)
+    server, client = served.server, served.client
+    for sid in (3, 5):
+        _open(served, sid)
+    reader = _open(served, 7)
+    for sid in (1, 3, 5):  # whole stream windows, never passed on
+        for _ in range(STREAM_WINDOW // 16384):
+            client.send_data(sid, b"s" * 16384)
+    pump_to_ours(client, server)
+    left = client.outbound_flow_control_window
+    assert left == CONNECTION_WINDOW - 3 * STREAM_WINDOW
+    sent = 0
+    while client.outbound_flow_control_window >= 16384 and sent < STREAM_WINDOW:
+        client.send_data(7, b"r" * 16384)
+        sent += 16384
+    pump_to_ours(client, server)
+    assert client.outbound_flow_control_window == 0  # the peer has nothing left to send
+    assert len(reader.data) == left
+    server.ack(7, left // 2)  # half of it passed on so far
     pump_to_theirs(server, client)
-    assert client.local_flow_control_window(1) == stream_left + STREAM_WINDOW // 2
-    # The connection's window is four times larger: its half is not owed yet.
-    assert client.outbound_flow_control_window == conn_left
+    assert client.outbound_flow_control_window == left // 2
 
 
 @pytest.mark.parametrize(
