@@ -196,12 +196,17 @@ class ServedStream:
         self.client = h2_client()
         pump_to_ours(self.client, self.server)
         pump_to_theirs(self.server, self.client)
-        self.client.send_headers(1, request)
+        self.stream = self.open(1, auto_ack, request)
+
+    def open(self, sid: int, auto_ack: bool = True, request: Headers = CONNECT) -> StreamRec:
+        """Another stream on the connection, requested by the client and answered 200."""
+        self.client.send_headers(sid, request)
         pump_to_ours(self.client, self.server)
-        self.stream = StreamRec(self.server, auto_ack=auto_ack)
-        self.stream.sid = 1
-        self.server.respond(1, 200, self.stream, end=False)
+        stream = StreamRec(self.server, auto_ack=auto_ack)
+        stream.sid = sid
+        self.server.respond(sid, 200, stream, end=False)
         pump_to_theirs(self.server, self.client)
+        return stream
 
 
 def our_client_stream(server: h2.connection.H2Connection) -> tuple[H2Connection, StreamRec]:

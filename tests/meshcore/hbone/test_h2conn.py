@@ -170,9 +170,9 @@ def test_receive_credit_only_returned_after_ack() -> None:
     assert client.local_flow_control_window(1) >= STREAM_WINDOW // 2
 
 
-def _send(client: h2.connection.H2Connection, nbytes: int, chunk: int = 16384) -> None:
+def _send(client: h2.connection.H2Connection, sid: int, nbytes: int, chunk: int = 16384) -> None:
     for _ in range(nbytes // chunk):
-        client.send_data(1, b"z" * chunk)
+        client.send_data(sid, b"z" * chunk)
 
 
 def test_credit_goes_back_in_batches() -> None:
@@ -182,30 +182,18 @@ def test_credit_goes_back_in_batches() -> None:
     served = ServedStream(auto_ack=False)
     server, client = served.server, served.client
     mib = 1024 * 1024
-    _send(client, mib)
+    _send(client, 1, mib)
     pump_to_ours(client, server)
     server.ack(1, mib)  # owed 1 MiB of the stream's 4: nothing announced
     pump_to_theirs(server, client)
     assert client.local_flow_control_window(1) == STREAM_WINDOW - mib
-    _send(client, mib)
+    _send(client, 1, mib)
     pump_to_ours(client, server)
     server.ack(1, mib)  # owed 2 MiB, half the stream's window: announced
     pump_to_theirs(server, client)
     assert client.local_flow_control_window(1) == STREAM_WINDOW
     # The connection's window is four times larger: 2 MiB owed of 14 left, not yet.
     assert client.outbound_flow_control_window == CONNECTION_WINDOW - 2 * mib
-
-
-def _open(served: ServedStream, sid: int) -> StreamRec:
-    """Another CONNECT stream on the served connection, answered 200, its consumer acking
-    nothing by itself."""
-    served.client.send_headers(sid, CONNECT)
-    pump_to_ours(served.client, served.server)
-    rec = StreamRec(served.server, auto_ack=False)
-    rec.sid = sid
-    served.server.respond(sid, 200, rec, end=False)
-    pump_to_theirs(served.server, served.client)
-    return rec
 
 
 def test_streams_that_stopped_reading_do_not_hold_back_the_credit_of_the_others() -> None:
@@ -216,18 +204,14 @@ def test_streams_that_stopped_reading_do_not_hold_back_the_credit_of_the_others(
     served = ServedStream(auto_ack=False)
     server, client = served.server, served.client
     for sid in (3, 5):
-        _open(served, sid)
-    reader = _open(served, 7)
+        served.open(sid, auto_ack=False)
+    reader = served.open(7, auto_ack=False)
     for sid in (1, 3, 5):  # whole stream windows, never passed on
-        for _ in range(STREAM_WINDOW // 16384):
-            client.send_data(sid, b"s" * 16384)
+        _send(client, sid, STREAM_WINDOW)
     pump_to_ours(client, server)
     left = client.outbound_flow_control_window
     assert left == CONNECTION_WINDOW - 3 * STREAM_WINDOW
-    sent = 0
-    while client.outbound_flow_control_window >= 16384 and sent < STREAM_WINDOW:
-        client.send_data(7, b"r" * 16384)
-        sent += 16384
+    _send(client, 7, left)
     pump_to_ours(client, server)
     assert client.outbound_flow_control_window == 0  # the peer has nothing left to send
     assert len(reader.data) == left
