@@ -107,9 +107,13 @@ class HboneStream:
             self._chunks.appendleft(data[max_bytes:])
             data = data[:max_bytes]
         # The caller has the bytes: only now does the peer get the credit back (sent with
-        # whatever else this turn writes).
-        self.h2.conn.ack(self.sid, len(data))
-        self.h2.flush_soon()
+        # whatever else this turn writes). Credit goes back in batches, so most reads owe
+        # no frame: then nothing is scheduled (a scheduled flush is a loop turn of its own
+        # for a waypoint that read a request and has not answered yet).
+        conn = self.h2.conn
+        conn.ack(self.sid, len(data))
+        if conn.out:
+            self.h2.flush_soon()
         return data
 
     def write(self, data: bytes) -> None:

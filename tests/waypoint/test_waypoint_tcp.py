@@ -55,6 +55,43 @@ def test_tcp_through_the_waypoint_reaches_the_app_as_the_waypoint(aio: Loop) -> 
     aio.run(main)
 
 
+def test_a_stream_that_only_reads_returns_its_credit(aio: Loop) -> None:
+    """Three stream windows (4 MiB each) from an app that speaks first, to a client that
+    writes nothing: whenever a read makes credit due, a flush is on its way (reads that
+    owe none schedule nothing); without it the bytes would wait at each window for a
+    write that never comes."""
+    payload = bytes(range(256)) * (3 * 4 * 4096 + 1)
+
+    async def source(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            writer.write(payload)
+            await writer.drain()
+            writer.write_eof()
+            await reader.read()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def main() -> None:
+        lw = await start(aio, source)
+        stream = await lw.connect(f"{VIP}:80")
+        got = bytearray()
+        owed = 0  # reads after which a WINDOW_UPDATE was due
+        while chunk := await stream.read():
+            got += chunk
+            if stream.h2.conn.out:
+                owed += 1
+                # Due and on its way: a flush at the end of this turn (nothing else of
+                # this connection would send it: the client writes nothing).
+                assert stream.h2._flush_scheduled
+        assert owed >= 2
+        assert len(got) == len(payload) and got == payload
+        stream.write_eof()
+
+    aio.run(main)
+
+
 @pytest.mark.parametrize(
     ("authority", "status"),
     [

@@ -14,7 +14,7 @@ import logging
 
 from waypoint.http import h1
 from waypoint.http.h1 import DEFAULT_LIMITS, Framing, Http1Limits, ProtocolError
-from waypoint.http.message import Body, BodyError, Request, Response, StreamBody
+from waypoint.http.message import Body, BodyError, BufferedBody, Request, Response, StreamBody
 from waypoint.http.splice import splice
 from waypoint.http.stream import ByteStream
 
@@ -157,15 +157,32 @@ class Http1Client:
             )
         except ValueError as e:
             raise ProtocolError(400, str(e)) from None
-        self._stream.write(head)
-        await self._stream.drain()
         method = request.method
-        if framing is Framing.NONE:
+        whole = (
+            body.take()
+            if framing is Framing.LENGTH and not expect and isinstance(body, BufferedBody)
+            else None
+        )
+        if whole is not None:
+            # A body held whole (the router keeps small ones for retries) leaves with its
+            # head in one write: no task streaming it, and one TLS record upstream. (Its
+            # length is the one the head declares: `length` is read from it.)
+            self._stream.write(head + whole if whole else head)
+            self._req_done = True
+            await self._stream.drain()
+            response = await self._read_head(method)
+        elif framing is Framing.NONE:
+            self._stream.write(head)
+            await self._stream.drain()
             self._req_done = True
             response = await self._read_head(method)
         elif expect:
+            self._stream.write(head)
+            await self._stream.drain()
             response = await self._await_continue(method, body, framing)
         else:
+            self._stream.write(head)
+            await self._stream.drain()
             self._spawn(self._write_body(body, framing), "http1-client-request-body")
             response = await self._read_head(method)
         while 100 <= response.status < 200 and response.status != 101:
@@ -228,24 +245,49 @@ class Http1Client:
             self._resp_done = True
         else:
             reader = h1.BodyReader(head.framing, head.length, self._limits)
-            self._spawn(self._read_body(reader, body), "http1-client-response-body")
+            if not self._take_buffered_body(reader, body):
+                self._spawn(self._read_body(reader, body), "http1-client-response-body")
         return Response(head.status, head.headers, body)
+
+    def _body_event(self, event: h1.BodyEvent, body: StreamBody) -> bool:
+        """Pass one body event on; True at the body's end."""
+        if isinstance(event, h1.EndOfMessage):
+            body.end(event.trailers)
+            self._resp_done = True
+            if self._buf:
+                self._broken = True  # bytes nobody asked for
+            return True
+        body.feed(event.data)  # over its mark: the reader waits before taking more
+        return False
+
+    def _take_buffered_body(self, reader: h1.BodyReader, body: StreamBody) -> bool:
+        """Pass on what of the response body is already read; True if nothing is left for
+        a task to do (it ended, or broke framing). A small answer usually arrives whole
+        with its head: no task then, and no loop turns handing it over."""
+        try:
+            while body.writable:
+                event = reader.next(self._buf, self._eof)
+                if event is None:
+                    return False
+                if self._body_event(event, body):
+                    return True
+            return False
+        except ProtocolError as e:
+            self._broken = True
+            body.fail(f"upstream response body: {e.reason}")
+            return True
 
     async def _read_body(self, reader: h1.BodyReader, body: StreamBody) -> None:
         try:
             while True:
+                if not body.writable:
+                    await body.wait_writable()
                 event = reader.next(self._buf, self._eof)
                 if event is None:
                     await self._fill()
                     continue
-                if isinstance(event, h1.EndOfMessage):
-                    body.end(event.trailers)
-                    self._resp_done = True
-                    if self._buf:
-                        self._broken = True  # bytes nobody asked for
+                if self._body_event(event, body):
                     return
-                if not body.feed(event.data):
-                    await body.wait_writable()
         except ProtocolError as e:
             self._broken = True
             body.fail(f"upstream response body: {e.reason}")

@@ -132,11 +132,35 @@ class _Connection:
         self.refused = True
         self._stream.write(h1.error_response(error.status, error.reason))
 
+    def _take_buffered_body(self, body: StreamBody) -> bool:
+        """Feed what of the current request's body is already buffered; True if nothing is
+        left for a pump to do (the body ended, or broke framing). A small request usually
+        arrives whole with its head: no task then, and no loop turns handing it over."""
+        parser = self._parser
+        try:
+            while True:
+                event = parser.next_body()
+                if event is None:
+                    return False
+                if isinstance(event, h1.EndOfMessage):
+                    body.end(event.trailers)
+                    return True
+                if self._continue_state == "wanted":
+                    self._continue_state = "none"  # sent without waiting for 100 Continue
+                if not body.feed(event.data):
+                    return False  # full: the pump waits for room before reading on
+        except ProtocolError as e:
+            self._body_error = e
+            body.fail(e.reason)
+            return True
+
     async def _pump_body(self, body: StreamBody) -> None:
         """Feed the current request's body from the socket until its end."""
         parser = self._parser
         try:
             while True:
+                if not body.writable:
+                    await body.wait_writable()
                 event = parser.next_body()
                 if event is None:
                     if not await self._read(self._limits.body_timeout):
@@ -152,8 +176,7 @@ class _Connection:
                 if self._continue_state == "wanted":
                     # The client sent the body without waiting for 100 Continue.
                     self._continue_state = "none"
-                if not body.feed(event.data):
-                    await body.wait_writable()
+                body.feed(event.data)  # over its mark: waited for at the loop's top
         except ProtocolError as e:
             self._body_error = e
             body.fail(e.reason)
@@ -189,7 +212,7 @@ class _Connection:
                 parser_event = self._parser.next_body()
                 assert isinstance(parser_event, h1.EndOfMessage)
                 body.end()
-            else:
+            elif not self._take_buffered_body(body):
                 pump = asyncio.create_task(self._pump_body(body), name="http1-request-body")
             try:
                 keep_going = await self._serve(head, request, pump)

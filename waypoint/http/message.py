@@ -78,6 +78,13 @@ class BufferedBody:
     def data(self) -> bytes:
         return self._data
 
+    def take(self) -> bytes | None:
+        """The whole body at once, as `read` would give it; None if it was read already."""
+        if self._done:
+            return None
+        self._done = True
+        return self._data
+
     def replay(self) -> BufferedBody:
         """A fresh copy for another attempt."""
         return BufferedBody(self._data, self._trailers)
@@ -131,6 +138,11 @@ class StreamBody:
 
     async def wait_writable(self) -> None:
         await self._writable.wait()
+
+    @property
+    def writable(self) -> bool:
+        """Below the high-water mark: the codec may feed more."""
+        return self._writable.is_set()
 
     def end(self, trailers: Headers | None = None) -> None:
         self._trailers = trailers or []

@@ -73,6 +73,63 @@ def test_keep_alive_reuse_against_our_server(no_leaks: Loop) -> None:
     no_leaks.run(scenario)
 
 
+class Writes:
+    """A ByteStream that records what is written through it."""
+
+    def __init__(self, stream: AsyncioByteStream) -> None:
+        self.stream = stream
+        self.writes: list[bytes] = []
+
+    async def read(self, max_bytes: int = 65536) -> bytes:
+        return await self.stream.read(max_bytes)
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        self.stream.write(data)
+
+    async def drain(self) -> None:
+        await self.stream.drain()
+
+    def write_eof(self) -> None:
+        self.stream.write_eof()
+
+    def abort(self, reason: str) -> None:
+        self.stream.abort(reason)
+
+    @property
+    def closed(self) -> bool:
+        return self.stream.closed
+
+
+@LOOPS
+def test_whole_messages_go_in_one_write_and_come_without_a_task(no_leaks: Loop) -> None:
+    """A request body held whole leaves with its head in one write (one TLS record over
+    HBONE), and an answer that arrived whole with its head is complete when `send`
+    returns, with no task reading its body."""
+
+    async def scenario() -> None:
+        answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        server = await canned(answer)
+        try:
+            stream = Writes(await connect(server.port))
+            client = Http1Client(stream)
+            response = await client.send(get("/up", b"payload", "POST"))
+            names = {t.get_name() for t in asyncio.all_tasks()}
+            assert len(stream.writes) == 1
+            assert stream.writes[0].startswith(b"POST /up HTTP/1.1\r\n")
+            assert stream.writes[0].endswith(b"\r\n\r\npayload")
+            assert isinstance(response.body, StreamBody) and response.body.ended
+            assert "http1-client-response-body" not in names
+            assert "http1-client-request-body" not in names
+            assert await read_all(response.body, 100) == b"ok"
+            await client.aclose()
+            stream.stream.close()
+        finally:
+            await server.close()
+
+    no_leaks.run(scenario)
+
+
 @LOOPS
 def test_chunked_both_ways_with_trailers(no_leaks: Loop) -> None:
     async def scenario() -> None:

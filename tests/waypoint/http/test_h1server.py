@@ -98,6 +98,42 @@ def test_keep_alive_serves_several_requests_on_one_connection(no_leaks: Loop) ->
     no_leaks.run(scenario)
 
 
+def _task_names() -> set[str]:
+    return {t.get_name() for t in asyncio.all_tasks()}
+
+
+@LOOPS
+def test_a_body_that_came_with_its_head_is_handed_over_whole(no_leaks: Loop) -> None:
+    """No task pumps a body that is already here, and the client that sent it without
+    waiting gets no 100 Continue for it (RFC 9110 10.1.1 lets the server omit it)."""
+    seen: list[tuple[bool, set[str]]] = []
+
+    async def handler(request: Request) -> Response:
+        assert isinstance(request.body, StreamBody)
+        seen.append((request.body.ended, _task_names()))
+        data = await read_all(request.body, 100)
+        return Response(200, [], BufferedBody(data or b""))
+
+    async def scenario() -> None:
+        async with serving(handler) as server:
+            client = await connect(server.port)
+            client.write(
+                b"PUT / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n"
+                b"Expect: 100-continue\r\n\r\nbody"
+                b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"2\r\nok\r\n0\r\n\r\n"
+            )
+            raw = await read_until(client, b"\r\n\r\nok")
+            client.close()
+        assert b"100 Continue" not in raw
+        assert statuses(raw) == [200, 200]
+        assert raw.index(b"body") < raw.index(b"ok")
+        assert [ended for ended, _ in seen] == [True, True]
+        assert all("http1-request-body" not in names for _, names in seen)
+
+    no_leaks.run(scenario)
+
+
 @LOOPS
 def test_pipelined_requests_are_answered_in_order(no_leaks: Loop) -> None:
     requests = b"".join(
