@@ -175,7 +175,9 @@ class Router:
         state = self._state()
         cfg = self._config()
         dest = inbound.destination
-        trace = start_request(request, inbound.header("traceparent"))
+        trace = start_request(
+            request, inbound.header("traceparent"), recording=self._exporter is not None
+        )
         src_ip = inbound.source_ip
         src_workload = _workload_at(state, self._network(), src_ip)
         record = RequestLog(
@@ -229,10 +231,11 @@ class Router:
                 request_messages=request_messages.messages if request_messages else 0,
                 response_messages=response_messages.messages if response_messages else 0,
             )
-            trace.finish(
-                request, status=response.status, client=src_ip, route=record.route, error=error
-            )
             if self._exporter is not None:
+                trace.finish(
+                    request, status=response.status, client=src_ip, route=record.route,
+                    error=error,
+                )  # fmt: skip
                 self._exporter.submit_all(trace.spans)
 
         accounted = Accounted(response.body, done, response_messages)
@@ -779,6 +782,8 @@ def _end(
         cluster.in_flight[endpoint.address] = left
     else:
         cluster.in_flight.pop(endpoint.address, None)
+    if not trace.recording:
+        return
     trace.end_attempt(
         attempt,
         method=sent.method,

@@ -11,9 +11,8 @@ preformatted strings would cost more than the connection's own state.
 from __future__ import annotations
 
 import enum
-import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -26,40 +25,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("access")
 
 
-class _Bound:
-    """The access logger, bound once and bound again only when what binding reads has
-    changed: the configuration (processors, wrapper with its level, context class, logger
-    factory) or sys.stdout (the logger writes to the stdout of when it was made, and a
-    test's capture or a redirected child replaces it). Binding on every line, as the lazy
-    proxy does, cost about a fifth of writing the line, once per connection in each tunnel.
-    A test's `capture_logs` changes the processors list in place, which bound loggers follow."""
-
-    __slots__ = ("key", "logger", "processors")
-
-    def __init__(self) -> None:
-        self.key: tuple[object, ...] = ()
-        self.logger: Any = None
-        self.processors: Any = None  # as read by the last `get`, for `fast_sink`
-
-    def get(self) -> Any:
-        cfg = structlog.get_config()
-        self.processors = cfg["processors"]
-        key = (
-            sys.stdout,
-            cfg["processors"],
-            cfg["wrapper_class"],
-            cfg["context_class"],
-            cfg["logger_factory"],
-        )
-        # Tuples compare item by item, the same object first: equal means unchanged (an
-        # equal processors list behaves alike).
-        if key != self.key:
-            self.key = key
-            self.logger = log.bind()
-        return self.logger
-
-
-_bound = _Bound()
+_bound = meshlog.BoundOnce(log)
 
 
 class Direction(enum.Enum):
@@ -183,10 +149,4 @@ class ConnectionLog:
         f["duration"] = f"{(time.monotonic() - self.start) * 1000:.1f}ms"
         if error:
             f["error"] = error
-        bound = _bound.get()
-        # The configuration `get` just read, not read a second time per line.
-        sink = meshlog.fast_sink(bound, _bound.processors)
-        if sink is not None:  # the same line, without the processors' calls
-            meshlog.fast_info(sink, "connection complete", f)
-        else:
-            bound.info("connection complete", **f)
+        _bound.info("connection complete", f)

@@ -147,6 +147,54 @@ def fast_sink(bound: Any, processors: list[Any] | None = None) -> LineLogger | N
     return logger if type(logger) is LineLogger else None
 
 
+class BoundOnce:
+    """A logger for one line per connection or request (an access log), bound once and
+    bound again only when what binding reads has changed: the configuration (processors,
+    wrapper with its level, context class, logger factory) or sys.stdout (the logger writes
+    to the stdout of when it was made, and a test's capture or a redirected child replaces
+    it). Binding on every line, as the lazy proxy does, cost about a fifth of writing the
+    line, once per connection in each tunnel. A test's `capture_logs` changes the
+    processors list in place, which bound loggers follow."""
+
+    __slots__ = ("key", "lazy", "logger", "processors")
+
+    def __init__(self, lazy: Any) -> None:
+        self.lazy = lazy  # structlog.get_logger(...)
+        self.key: tuple[object, ...] = ()
+        self.logger: Any = None
+        self.processors: Any = None  # as read by the last `get`, for `fast_sink`
+
+    def get(self) -> Any:
+        import sys
+
+        cfg = structlog.get_config()
+        self.processors = cfg["processors"]
+        key = (
+            sys.stdout,
+            cfg["processors"],
+            cfg["wrapper_class"],
+            cfg["context_class"],
+            cfg["logger_factory"],
+        )
+        # Tuples compare item by item, the same object first: equal means unchanged (an
+        # equal processors list behaves alike).
+        if key != self.key:
+            self.key = key
+            self.logger = self.lazy.bind()
+        return self.logger
+
+    def info(self, event: str, fields: dict[str, Any]) -> None:
+        """`log.info(event, **fields)`: rendered here (`fast_info`) when structlog is as
+        `configure` left it, else through the processors. `fields`: JSON-safe values."""
+        bound = self.get()
+        # The configuration `get` just read, not read a second time per line.
+        sink = fast_sink(bound, self.processors)
+        if sink is not None:  # the same line, without the processors' calls
+            fast_info(sink, event, fields)
+        else:
+            bound.info(event, **fields)
+
+
 class _Clock:
     """The ISO timestamp of now, as structlog's `TimeStamper(fmt="iso", utc=True)` writes
     it; the part up to the second is made once per second."""

@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.support.aio import Loop
 from tests.waypoint.apps import app, get, parse
 from tests.waypoint.loopback import start_mesh
+from waypoint.telemetry import tracing
 
 
 @pytest.fixture
@@ -61,6 +62,34 @@ def test_a_request_reaches_the_service_through_the_waypoint(aio: Loop) -> None:
             and s.labels["source_principal"] == "spiffe://cluster.local/ns/shop/sa/client"
         )
         assert total == 1
+
+    aio.run(main)
+
+
+def test_without_an_exporter_the_trace_goes_on_but_no_span_is_made(
+    aio: Loop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made: list[str] = []
+    real = tracing.Span
+
+    def counted(*args: Any, **kwargs: Any) -> tracing.Span:
+        span = real(*args, **kwargs)
+        made.append(span.name)
+        return span
+
+    monkeypatch.setattr(tracing, "Span", counted)
+
+    async def main() -> None:
+        mesh = await start_mesh(aio, {"web": [app("web-a")]})
+        assert mesh.lw.waypoint.exporter is None
+        parent = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"
+        request = get("/", headers=f"traceparent: {parent}\r\n")
+        status, _, body = parse(await mesh.request("web", request))
+        assert status == 200
+        sent = json.loads(body)["headers"]["traceparent"]
+        # Same trace, the waypoint's own span id as the parent of the upstream's.
+        assert sent.startswith("00-" + "ab" * 16 + "-") and "cd" * 8 not in sent
+        assert made == []
 
     aio.run(main)
 

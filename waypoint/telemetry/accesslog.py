@@ -14,11 +14,13 @@ from collections.abc import Iterable
 import structlog
 
 from meshcore.identity.spiffe import SpiffeId
+from meshcore.observability import logging as meshlog
 from meshcore.state import Service, Workload
 from waypoint.authz.decide import L7Verdict
 from waypoint.telemetry.flags import ResponseFlag, join_flags
 
 log = structlog.get_logger("access")
+_bound = meshlog.BoundOnce(log)
 
 
 def _text(value: object) -> str | None:
@@ -148,7 +150,7 @@ class RequestLog:
         self.flags.extend(flags)
         if error is not None:
             self.error = error
-        log.info("request complete", **self.fields())
+        _bound.info("request complete", self.fields())
 
     @property
     def done(self) -> bool:

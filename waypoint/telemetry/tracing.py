@@ -131,11 +131,16 @@ class Attempt:
 class RequestTrace:
     """The trace of one request at the waypoint: the server span and its attempts."""
 
-    __slots__ = ("_ids", "attempts", "attributes", "context", "parent", "request_id", "span_id",
-                 "spans", "start_ns", "trace_id")  # fmt: skip
+    __slots__ = ("_ids", "attempts", "attributes", "context", "parent", "recording",
+                 "request_id", "span_id", "spans", "start_ns", "trace_id")  # fmt: skip
 
-    def __init__(self, parent: TraceContext | None, request_id: str, ids: Ids) -> None:
+    def __init__(
+        self, parent: TraceContext | None, request_id: str, ids: Ids, recording: bool = True
+    ) -> None:
         self._ids = ids
+        # Whether its spans go anywhere (an exporter): without one the context is still
+        # continued and propagated, but no span is made.
+        self.recording = recording
         self.parent = parent
         self.trace_id = parent.trace_id if parent is not None else ids.trace_id()
         self.span_id = ids.span_id()
@@ -281,9 +286,13 @@ def _first(headers: Sequence[tuple[str, str]], name: str) -> str | None:
 
 
 def start_request(
-    request: Request, connect_traceparent: str | None = None, ids: Ids | None = None
+    request: Request,
+    connect_traceparent: str | None = None,
+    ids: Ids | None = None,
+    recording: bool = True,
 ) -> RequestTrace:
-    """Begin the trace of `request`; adds `x-request-id` to it when absent."""
+    """Begin the trace of `request`; adds `x-request-id` to it when absent. `recording`:
+    spans will be exported (see `RequestTrace.recording`)."""
     ids = ids or Ids()
     parent = parse_traceparent(
         _first(request.headers, TRACEPARENT), _first(request.headers, TRACESTATE)
@@ -295,7 +304,7 @@ def start_request(
     if not request_id:
         request_id = ids.request_id()
         request.headers.append((REQUEST_ID, request_id))
-    return RequestTrace(parent, request_id, ids)
+    return RequestTrace(parent, request_id, ids, recording)
 
 
 def propagate(request: Request, trace: RequestTrace, attempt: Attempt | None = None) -> None:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import json
+import sys
 from typing import Any
 
 import pytest
+import structlog
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from meshcore.identity.spiffe import SpiffeId
+from meshcore.observability import logging as meshlog
 from meshcore.observability.promtext import format_value
 from meshcore.policy.model import Action
 from tests.support.mesh import service, workload
@@ -225,6 +229,37 @@ def test_access_log_one_line_with_fields():
     assert line["authorization_policy"] == "shop/allow#2" and line["audited"] == ["shop/audit"]
     assert line["duration_ms"] >= 0
     json.dumps(line)  # plain data only
+
+
+def test_access_log_line_as_the_waypoint_writes_it_is_the_processors_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Logging configured as `python -m waypoint` configures it: the line is rendered
+    without structlog's processors, and is the line they would have written."""
+    old = structlog.get_config()
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    try:
+        meshlog.configure("info")
+        log = RequestLog(
+            method="GET", authority="reviews:9080", path='/a"b\u00e9', src="10.0.0.1",
+            src_identity=CLIENT_ID, src_workload=CLIENT, service=REVIEWS, request_id="r",
+        )  # fmt: skip
+        log.verdict = L7Verdict(True, "shop/allow", None, Action.ALLOW, "allowed", ("a/b",))
+        log.flag(ResponseFlag.UPSTREAM_CONNECTION_FAILURE)
+        log.finish(503, error="no healthy upstream")
+        structlog.get_logger("access").info("request complete", **log.fields())
+        structlog.get_logger("access").info("request complete", **log.fields())
+    finally:
+        structlog.configure(**old)
+    ours, theirs, again = (json.loads(line) for line in out.getvalue().splitlines())
+    moment = {"timestamp", "duration_ms"}
+    assert list(ours) == list(theirs) == list(again)
+    assert {k: v for k, v in ours.items() if k not in moment} == {
+        k: v for k, v in theirs.items() if k not in moment
+    }
+    assert ours["path"] == '/a"b\u00e9' and ours["audited"] == ["a/b"]
+    assert ours["status"] == 503 and ours["response_flags"] == "UF"
 
 
 def test_access_log_denied_request():
