@@ -128,8 +128,34 @@ def test_request_id_added_when_absent_and_kept_when_present():
 def test_request_id_is_a_uuid4_by_default():
     import uuid
 
-    trace = start_request(req())
-    assert uuid.UUID(trace.request_id).version == 4
+    ids = {start_request(req()).request_id for _ in range(1000)}
+    assert len(ids) == 1000
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
+        assert str(parsed) == text
+
+
+def test_a_forked_child_does_not_repeat_its_parents_ids():
+    import os
+
+    start_request(req())  # the parent holds random bytes not handed out yet
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, then out at once
+        try:
+            t = start_request(req())
+            os.write(write, f"{t.request_id} {t.trace_id.hex()} {t.span_id.hex()}".encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as f:
+        theirs = f.read().split()
+    os.waitpid(pid, 0)
+    t = start_request(req())
+    ours = [t.request_id, t.trace_id.hex(), t.span_id.hex()]
+    assert len(theirs) == 3
+    assert not set(theirs) & set(ours)
 
 
 def test_propagation_server_span_is_parent_of_upstream():
