@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from meshcore.hbone.stream import HboneStreamError
-from meshcore.state import MeshState, Workload
+from meshcore.state import IPAddress, MeshState, Workload
 from waypoint.authz.decide import authorize_request, denied_response
 from waypoint.authz.facts import facts_for
 from waypoint.clusters import Cluster, discard, discard_h2
@@ -175,11 +175,12 @@ class Router:
         state = self._state()
         cfg = self._config()
         dest = inbound.destination
-        trace = start_request(
-            request, inbound.header("traceparent"), recording=self._exporter is not None
-        )
+        trace = start_request(request, inbound.trace_parent, recording=self._exporter is not None)
         src_ip = inbound.source_ip
-        src_workload = _workload_at(state, self._network(), src_ip)
+        src_addr = inbound.source_addr
+        src_workload = (
+            state.workload_by_ip(self._network(), src_addr) if src_addr is not None else None
+        )
         record = RequestLog(
             method=request.method,
             authority=request.authority,
@@ -282,7 +283,7 @@ class Router:
             facts = facts_for(
                 request,
                 source_identity=inbound.peer,
-                source_ip=ipaddress.ip_address(inbound.source_ip),
+                source_ip=_address(inbound),
                 destination_ip=ipaddress.ip_address(dest.ip),
                 destination_port=dest.port,
                 destination_service=dest.service.hostname if dest.service else None,
@@ -818,11 +819,11 @@ def _connect_headers(record: RequestLog) -> list[tuple[str, str]]:
     return [("forwarded", f'for="{record.src}"')] if record.src else []
 
 
-def _workload_at(state: MeshState, network: str, ip: str) -> Workload | None:
-    try:
-        return state.workload_by_ip(network, ipaddress.ip_address(ip))
-    except ValueError:
-        return None
+def _address(inbound: Inbound) -> IPAddress:
+    """The client's address for policy facts (a source that is not an address raises
+    ValueError, as parsing it here always did)."""
+    addr = inbound.source_addr
+    return addr if addr is not None else ipaddress.ip_address(inbound.source_ip)
 
 
 def _has_labels(workload: Workload, labels: tuple[tuple[str, str], ...]) -> bool:

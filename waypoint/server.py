@@ -9,6 +9,8 @@ resets its client). Drain: GOAWAY on every connection, open streams run to their
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import socket
 import ssl
 from collections.abc import Callable, Coroutine
@@ -23,16 +25,21 @@ from meshcore.hbone.transport import H2Transport
 from meshcore.identity.spiffe import SpiffeId
 from meshcore.runtime.tasks import TaskSet
 from meshcore.sockets import SocketAddr
-from meshcore.state import MeshState
+from meshcore.state import IPAddress, MeshState
 from waypoint.destination import Destination, Me, Refused, resolve
+from waypoint.telemetry.tracing import TraceContext, parse_traceparent
 
 log = structlog.get_logger("waypoint")
+
+
+_ADDR, _TRACE = 1, 2
 
 
 class Inbound:
     """What the proxy knows of one accepted CONNECT stream."""
 
-    __slots__ = ("client", "destination", "headers", "peer")
+    __slots__ = ("_parsed", "_source_addr", "_source_ip", "_trace", "client", "destination",
+                 "headers", "peer")  # fmt: skip
 
     def __init__(
         self, peer: SpiffeId, client: SocketAddr, destination: Destination, headers: Headers
@@ -41,6 +48,11 @@ class Inbound:
         self.client = client  # the TCP peer of the HBONE connection (the client's tunnel)
         self.destination = destination
         self.headers = headers  # the CONNECT's own headers (forwarded, traceparent, baggage)
+        # Read from the headers once, for every request the stream carries.
+        self._source_ip: str | None = None
+        self._source_addr: IPAddress | None = None
+        self._trace: TraceContext | None = None
+        self._parsed = 0  # which of the two above are made: _ADDR, _TRACE
 
     def header(self, name: str) -> str | None:
         for k, v in self.headers:
@@ -51,6 +63,28 @@ class Inbound:
     @property
     def source_ip(self) -> str:
         """The original client's IP: the tunnel's `forwarded: for="ip:port"`, else the peer."""
+        if self._source_ip is None:
+            self._source_ip = self._find_source_ip()
+        return self._source_ip
+
+    @property
+    def source_addr(self) -> IPAddress | None:
+        """`source_ip` as an address; None if it is not one."""
+        if not self._parsed & _ADDR:
+            self._parsed |= _ADDR
+            with contextlib.suppress(ValueError):
+                self._source_addr = ipaddress.ip_address(self.source_ip)
+        return self._source_addr
+
+    @property
+    def trace_parent(self) -> TraceContext | None:
+        """The CONNECT's own trace context (the tunnel's hop), if it carries a valid one."""
+        if not self._parsed & _TRACE:
+            self._parsed |= _TRACE
+            self._trace = parse_traceparent(self.header("traceparent"))
+        return self._trace
+
+    def _find_source_ip(self) -> str:
         fwd = self.header("forwarded")
         if fwd:
             for part in fwd.split(";"):

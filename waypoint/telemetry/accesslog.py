@@ -23,10 +23,6 @@ log = structlog.get_logger("access")
 _bound = meshlog.BoundOnce(log)
 
 
-def _text(value: object) -> str | None:
-    return None if value is None else str(value)
-
-
 class RequestLog:
     __slots__ = (
         "_done",
@@ -100,40 +96,51 @@ class RequestLog:
         return (time.monotonic() - self._start) * 1000
 
     def fields(self) -> dict[str, object]:
-        """The line's fields; absent ones are left out."""
-        v = self.verdict
-        policy = None
-        if v is not None and v.policy is not None:
-            policy = v.policy if v.rule is None else f"{v.policy}#{v.rule}"
-        s, d = self.src_workload, self.dst_workload
-        out: dict[str, object | None] = {
+        """The line's fields, in one pass (once per request); absent ones are left out."""
+        out: dict[str, object] = {
             "method": self.method,
             "authority": self.authority,
             "path": self.path,
             "status": self.status,
             "response_flags": self.response_flags,
-            "upstream_host": _text(self.upstream_host),
-            "attempts": self.attempts,
-            "duration_ms": round(self.elapsed_ms(), 3),
-            "bytes_received": self.bytes_received,
-            "bytes_sent": self.bytes_sent,
-            "trace_id": self.trace_id,
-            "request_id": self.request_id,
-            "src.addr": _text(self.src),
-            "src.identity": _text(self.src_identity),
-            "src.workload": s.name if s is not None else None,
-            "src.namespace": s.namespace if s is not None else None,
-            "dst.service": self.service.hostname if self.service is not None else None,
-            "dst.workload": d.name if d is not None else None,
-            "dst.namespace": d.namespace if d is not None else None,
-            "dst.identity": _text(self.dst_identity),
-            "route": self.route,
-            "authorization_policy": policy,
-            "authorization": None if v is None else ("allowed" if v.allowed else "denied"),
-            "audited": list(v.audited) if v is not None and v.audited else None,
-            "error": self.error,
         }
-        return {k: val for k, val in out.items() if val is not None}
+        if self.upstream_host is not None:
+            out["upstream_host"] = str(self.upstream_host)
+        out["attempts"] = self.attempts
+        out["duration_ms"] = round(self.elapsed_ms(), 3)
+        out["bytes_received"] = self.bytes_received
+        out["bytes_sent"] = self.bytes_sent
+        if self.trace_id is not None:
+            out["trace_id"] = self.trace_id
+        if self.request_id is not None:
+            out["request_id"] = self.request_id
+        if self.src is not None:
+            out["src.addr"] = str(self.src)
+        if self.src_identity is not None:
+            out["src.identity"] = str(self.src_identity)
+        s, d = self.src_workload, self.dst_workload
+        if s is not None:
+            out["src.workload"] = s.name
+            out["src.namespace"] = s.namespace
+        if self.service is not None:
+            out["dst.service"] = self.service.hostname
+        if d is not None:
+            out["dst.workload"] = d.name
+            out["dst.namespace"] = d.namespace
+        if self.dst_identity is not None:
+            out["dst.identity"] = str(self.dst_identity)
+        if self.route is not None:
+            out["route"] = self.route
+        v = self.verdict
+        if v is not None:
+            if v.policy is not None:
+                out["authorization_policy"] = v.policy if v.rule is None else f"{v.policy}#{v.rule}"
+            out["authorization"] = "allowed" if v.allowed else "denied"
+            if v.audited:
+                out["audited"] = list(v.audited)
+        if self.error is not None:
+            out["error"] = self.error
+        return out
 
     def finish(
         self,

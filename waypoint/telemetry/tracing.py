@@ -324,19 +324,25 @@ def _first(headers: Sequence[tuple[str, str]], name: str) -> str | None:
 
 def start_request(
     request: Request,
-    connect_traceparent: str | None = None,
+    connect_traceparent: str | TraceContext | None = None,
     ids: Ids | None = None,
     recording: bool = True,
 ) -> RequestTrace:
-    """Begin the trace of `request`; adds `x-request-id` to it when absent. `recording`:
-    spans will be exported (see `RequestTrace.recording`)."""
+    """Begin the trace of `request`; adds `x-request-id` to it when absent.
+    `connect_traceparent`: the CONNECT's `traceparent`, as text or already parsed (a
+    stream's requests share it). `recording`: spans will be exported (see
+    `RequestTrace.recording`)."""
     ids = ids or Ids()
     parent = parse_traceparent(
         _first(request.headers, TRACEPARENT), _first(request.headers, TRACESTATE)
     )
     if parent is None:
         # The tunnel's CONNECT carries no tracestate for the request: only its context.
-        parent = parse_traceparent(connect_traceparent)
+        parent = (
+            connect_traceparent
+            if isinstance(connect_traceparent, TraceContext)
+            else parse_traceparent(connect_traceparent)
+        )
     request_id = _first(request.headers, REQUEST_ID)
     if not request_id:
         request_id = ids.request_id()
