@@ -249,28 +249,22 @@ class Http1Client:
                 self._spawn(self._read_body(reader, body), "http1-client-response-body")
         return Response(head.status, head.headers, body)
 
-    def _body_event(self, event: h1.BodyEvent, body: StreamBody) -> bool:
-        """Pass one body event on; True at the body's end."""
-        if isinstance(event, h1.EndOfMessage):
-            body.end(event.trailers)
-            self._resp_done = True
-            if self._buf:
-                self._broken = True  # bytes nobody asked for
-            return True
-        body.feed(event.data)  # over its mark: the reader waits before taking more
-        return False
-
     def _take_buffered_body(self, reader: h1.BodyReader, body: StreamBody) -> bool:
-        """Pass on what of the response body is already read; True if nothing is left for
-        a task to do (it ended, or broke framing). A small answer usually arrives whole
-        with its head: no task then, and no loop turns handing it over."""
+        """Pass on what of the response body is already read, while the body has room;
+        True if nothing is left to pass (it ended, or broke framing). A small answer
+        usually arrives whole with its head: then no reading task is needed at all."""
         try:
             while body.writable:
                 event = reader.next(self._buf, self._eof)
                 if event is None:
                     return False
-                if self._body_event(event, body):
+                if isinstance(event, h1.EndOfMessage):
+                    body.end(event.trailers)
+                    self._resp_done = True
+                    if self._buf:
+                        self._broken = True  # bytes nobody asked for
                     return True
+                body.feed(event.data)
             return False
         except ProtocolError as e:
             self._broken = True
@@ -279,18 +273,11 @@ class Http1Client:
 
     async def _read_body(self, reader: h1.BodyReader, body: StreamBody) -> None:
         try:
-            while True:
-                if not body.writable:
-                    await body.wait_writable()
-                event = reader.next(self._buf, self._eof)
-                if event is None:
+            while not self._take_buffered_body(reader, body):
+                if body.writable:
                     await self._fill()
-                    continue
-                if self._body_event(event, body):
-                    return
-        except ProtocolError as e:
-            self._broken = True
-            body.fail(f"upstream response body: {e.reason}")
+                else:
+                    await body.wait_writable()
         except asyncio.CancelledError:
             body.fail("connection closed")
             raise

@@ -133,12 +133,12 @@ class _Connection:
         self._stream.write(h1.error_response(error.status, error.reason))
 
     def _take_buffered_body(self, body: StreamBody) -> bool:
-        """Feed what of the current request's body is already buffered; True if nothing is
-        left for a pump to do (the body ended, or broke framing). A small request usually
-        arrives whole with its head: no task then, and no loop turns handing it over."""
+        """Feed what of the current request's body is already buffered, while the body has
+        room; True if nothing is left to feed (the body ended, or broke framing). A small
+        request usually arrives whole with its head: then no pump task is needed at all."""
         parser = self._parser
         try:
-            while True:
+            while body.writable:
                 event = parser.next_body()
                 if event is None:
                     return False
@@ -147,8 +147,8 @@ class _Connection:
                     return True
                 if self._continue_state == "wanted":
                     self._continue_state = "none"  # sent without waiting for 100 Continue
-                if not body.feed(event.data):
-                    return False  # full: the pump waits for room before reading on
+                body.feed(event.data)
+            return False
         except ProtocolError as e:
             self._body_error = e
             body.fail(e.reason)
@@ -156,30 +156,15 @@ class _Connection:
 
     async def _pump_body(self, body: StreamBody) -> None:
         """Feed the current request's body from the socket until its end."""
-        parser = self._parser
-        try:
-            while True:
-                if not body.writable:
-                    await body.wait_writable()
-                event = parser.next_body()
-                if event is None:
-                    if not await self._read(self._limits.body_timeout):
-                        # Answered 408 and closed, like broken framing: the rest of the
-                        # body may still come and must not be read as a request.
-                        self._body_error = ProtocolError(408, "request body stalled")
-                        body.fail("request body stalled")
-                        return
-                    continue
-                if isinstance(event, h1.EndOfMessage):
-                    body.end(event.trailers)
-                    return
-                if self._continue_state == "wanted":
-                    # The client sent the body without waiting for 100 Continue.
-                    self._continue_state = "none"
-                body.feed(event.data)  # over its mark: waited for at the loop's top
-        except ProtocolError as e:
-            self._body_error = e
-            body.fail(e.reason)
+        while not self._take_buffered_body(body):
+            if not body.writable:
+                await body.wait_writable()
+            elif not await self._read(self._limits.body_timeout):
+                # Answered 408 and closed, like broken framing: the rest of the body may
+                # still come and must not be read as a request.
+                self._body_error = ProtocolError(408, "request body stalled")
+                body.fail("request body stalled")
+                return
 
     def _send_continue(self) -> None:
         if self._continue_state == "wanted":
