@@ -5,6 +5,7 @@ to the waypoint is refused before a byte is read."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterator
 
 import pytest
@@ -63,15 +64,12 @@ def test_a_stream_that_only_reads_returns_its_credit(aio: Loop) -> None:
     payload = bytes(range(256)) * (3 * 4 * 4096 + 1)
 
     async def source(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
+        with contextlib.suppress(ConnectionError):
             writer.write(payload)
             await writer.drain()
             writer.write_eof()
-            await reader.read()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
+            await reader.read()  # until the client ends its side
+        writer.close()
 
     async def main() -> None:
         lw = await start(aio, source)
