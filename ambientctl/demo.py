@@ -63,9 +63,11 @@ def run_demo(state_root: str | None, progress: mesh.ProgressFn = None) -> int:
     print(f"== bringing up {CLUSTER_FILE.name}: 2 nodes, namespace travel enrolled in the mesh")
     cluster = mesh.up(CLUSTER_FILE, state_root, progress=progress)
     ok = True
+    # The node-link capture lives as long as the demo reads it, then goes.
+    scratch = tempfile.TemporaryDirectory(prefix="ambient-demo-")
     try:
         node1 = cluster.layout.node("node1")
-        pcap = Path(tempfile.mkdtemp(prefix="ambient-demo-")) / "node-link.pcap"
+        pcap = Path(scratch.name) / "node-link.pcap"
         with Capture(cluster.layout.cluster_netns_path, node1.bridge_port, pcap):
             url = f"http://{_vip(cluster, 'frontend')}/book?from=AMS&to=LIS"
             print(f"== legacy/legacy-client (outside the mesh) -> GET {url}")
@@ -98,6 +100,7 @@ def run_demo(state_root: str | None, progress: mesh.ProgressFn = None) -> int:
         ok &= _policy_chapter(cluster)
         ok &= demo_l7.l7_act(cluster)
     finally:
+        scratch.cleanup()
         print("== tearing down")
         mesh.down(cluster.spec.name, state_root, progress)
     left = [n for n in _netns_names() if n.startswith(f"{cluster.spec.name}-")]

@@ -184,7 +184,9 @@ def chromium(tmp_path: Path) -> Iterator[int]:
             "--disable-background-networking", "--disable-sync", "--window-size=1400,1000",
             "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
             f"--user-data-dir={profile}", "about:blank"]  # fmt: skip
-    proc = subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True)
+    # Its singleton lock and socket go under TMPDIR: in the test's directory, not /tmp.
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True, env=env)
     try:
         port_file = profile / "DevToolsActivePort"
         deadline = time.monotonic() + START_TIMEOUT

@@ -16,7 +16,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -142,9 +141,9 @@ def test_non_mesh_pod_to_mesh_pod_via_15006(cluster: mesh.Cluster) -> None:
 # ---- on the wire ------------------------------------------------------------------------
 
 
-def test_node_link_carries_tls13_only(cluster: mesh.Cluster) -> None:
+def test_node_link_carries_tls13_only(cluster: mesh.Cluster, tmp_path: Path) -> None:
     marker = f"MARKER-{uuid.uuid4().hex}".encode()
-    pcap = Path(tempfile.mkdtemp(prefix="e2e-pcap-")) / "link.pcap"
+    pcap = tmp_path / "link.pcap"
     node = cluster.layout.node("n1")
     with Capture(cluster.layout.cluster_netns_path, node.bridge_port, pcap):
         _, data = echo(
