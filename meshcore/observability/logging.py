@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -78,8 +79,6 @@ class LineLoggerFactory:
         self._states: dict[int, tuple[TextIO, _FileState]] = {}
 
     def __call__(self, *args: Any) -> LineLogger:
-        import sys
-
         file = sys.stdout
         known = self._states.get(id(file))
         if known is None or known[0] is not file:
@@ -165,8 +164,6 @@ class BoundOnce:
         self.processors: Any = None  # as read by the last `get`, for `fast_sink`
 
     def get(self) -> Any:
-        import sys
-
         cfg = structlog.get_config()
         self.processors = cfg["processors"]
         key = (
