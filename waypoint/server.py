@@ -32,14 +32,13 @@ from waypoint.telemetry.tracing import TraceContext, parse_traceparent
 log = structlog.get_logger("waypoint")
 
 
-_ADDR, _TRACE = 1, 2
-
-
 class Inbound:
-    """What the proxy knows of one accepted CONNECT stream."""
+    """What the proxy knows of one accepted CONNECT stream. The client's address and the
+    tunnel's trace context are read from the CONNECT's headers once, for every request the
+    stream carries."""
 
-    __slots__ = ("_parsed", "_source_addr", "_source_ip", "_trace", "client", "destination",
-                 "headers", "peer")  # fmt: skip
+    __slots__ = ("client", "destination", "headers", "peer", "source_addr", "source_ip",
+                 "trace_parent")  # fmt: skip
 
     def __init__(
         self, peer: SpiffeId, client: SocketAddr, destination: Destination, headers: Headers
@@ -48,11 +47,15 @@ class Inbound:
         self.client = client  # the TCP peer of the HBONE connection (the client's tunnel)
         self.destination = destination
         self.headers = headers  # the CONNECT's own headers (forwarded, traceparent, baggage)
-        # Read from the headers once, for every request the stream carries.
-        self._source_ip: str | None = None
-        self._source_addr: IPAddress | None = None
-        self._trace: TraceContext | None = None
-        self._parsed = 0  # which of the two above are made: _ADDR, _TRACE
+        # The original client's IP: the tunnel's `forwarded: for="ip:port"`, else the peer;
+        # and as an address (None if it is not one).
+        forwarded = _forwarded_for(self.header("forwarded"))
+        self.source_ip = forwarded if forwarded is not None else str(client.ip)
+        self.source_addr: IPAddress | None = None
+        with contextlib.suppress(ValueError):
+            self.source_addr = ipaddress.ip_address(self.source_ip)
+        # The CONNECT's own trace context (the tunnel's hop), if it carries a valid one.
+        self.trace_parent: TraceContext | None = parse_traceparent(self.header("traceparent"))
 
     def header(self, name: str) -> str | None:
         for k, v in self.headers:
@@ -60,41 +63,17 @@ class Inbound:
                 return v
         return None
 
-    @property
-    def source_ip(self) -> str:
-        """The original client's IP: the tunnel's `forwarded: for="ip:port"`, else the peer."""
-        if self._source_ip is None:
-            self._source_ip = self._find_source_ip()
-        return self._source_ip
 
-    @property
-    def source_addr(self) -> IPAddress | None:
-        """`source_ip` as an address; None if it is not one."""
-        if not self._parsed & _ADDR:
-            self._parsed |= _ADDR
-            with contextlib.suppress(ValueError):
-                self._source_addr = ipaddress.ip_address(self.source_ip)
-        return self._source_addr
-
-    @property
-    def trace_parent(self) -> TraceContext | None:
-        """The CONNECT's own trace context (the tunnel's hop), if it carries a valid one."""
-        if not self._parsed & _TRACE:
-            self._parsed |= _TRACE
-            self._trace = parse_traceparent(self.header("traceparent"))
-        return self._trace
-
-    def _find_source_ip(self) -> str:
-        fwd = self.header("forwarded")
-        if fwd:
-            for part in fwd.split(";"):
-                key, _, value = part.strip().partition("=")
-                if key.lower() == "for":
-                    host = value.strip('"')
-                    if host.startswith("["):
-                        return host[1 : host.find("]")]
-                    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-        return str(self.client.ip)
+def _forwarded_for(fwd: str | None) -> str | None:
+    """The host of a `forwarded` header's `for=` (without its port), if it has one."""
+    for part in (fwd or "").split(";"):
+        key, _, value = part.strip().partition("=")
+        if key.lower() == "for":
+            host = value.strip('"')
+            if host.startswith("["):
+                return host[1 : host.find("]")]
+            return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    return None
 
 
 Serve = Callable[[HboneStream, Inbound], Coroutine[Any, Any, None]]

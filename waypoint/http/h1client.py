@@ -163,26 +163,17 @@ class Http1Client:
             if framing is Framing.LENGTH and not expect and isinstance(body, BufferedBody)
             else None
         )
-        if whole is not None:
-            # A body held whole (the router keeps small ones for retries) leaves with its
-            # head in one write: no task streaming it, and one TLS record upstream. (Its
-            # length is the one the head declares: `length` is read from it.)
-            self._stream.write(head + whole if whole else head)
-            self._req_done = True
-            await self._stream.drain()
-            response = await self._read_head(method)
-        elif framing is Framing.NONE:
-            self._stream.write(head)
-            await self._stream.drain()
+        # A body held whole (the router keeps small ones for retries) leaves with its head
+        # in one write: no task streaming it, and one TLS record upstream. (Its length is
+        # the one the head declares: `length` is read from it.)
+        self._stream.write(head + whole if whole else head)
+        await self._stream.drain()
+        if whole is not None or framing is Framing.NONE:
             self._req_done = True
             response = await self._read_head(method)
         elif expect:
-            self._stream.write(head)
-            await self._stream.drain()
             response = await self._await_continue(method, body, framing)
         else:
-            self._stream.write(head)
-            await self._stream.drain()
             self._spawn(self._write_body(body, framing), "http1-client-request-body")
             response = await self._read_head(method)
         while 100 <= response.status < 200 and response.status != 101:

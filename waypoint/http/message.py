@@ -61,10 +61,8 @@ class BufferedBody:
         self._trailers = trailers or []
 
     async def read(self) -> bytes:
-        if self._done:
-            return b""
-        self._done = True
-        return self._data
+        data = self.take()
+        return b"" if data is None else data
 
     @property
     def length(self) -> int | None:

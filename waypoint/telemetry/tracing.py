@@ -85,8 +85,8 @@ def format_traceparent(trace_id: bytes, span_id: bytes, flags: int) -> str:
 
 class _Entropy:
     """The kernel's random bytes (os.urandom), fetched a page at a time and handed out in
-    slices: a request takes 40 of them (trace, server span, attempt span, request id), four
-    system calls each time otherwise. A forked child starts with none of its parent's (it
+    slices: a request takes up to 48 of them (trace, server span, attempt span, request id),
+    four system calls each time otherwise. A forked child starts with none of its parent's (it
     would repeat its ids)."""
 
     __slots__ = ("_buf", "_pos")
@@ -136,6 +136,9 @@ class Ids:
     span_id: Callable[[], bytes] = lambda: _nonzero(8)
     request_id: Callable[[], str] = uuid4_text
     now_ns: Callable[[], int] = time.time_ns
+
+
+_RANDOM_IDS = Ids()
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,7 +335,7 @@ def start_request(
     `connect_traceparent`: the CONNECT's `traceparent`, as text or already parsed (a
     stream's requests share it). `recording`: spans will be exported (see
     `RequestTrace.recording`)."""
-    ids = ids or Ids()
+    ids = ids or _RANDOM_IDS
     parent = parse_traceparent(
         _first(request.headers, TRACEPARENT), _first(request.headers, TRACESTATE)
     )
