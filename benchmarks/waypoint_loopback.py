@@ -178,10 +178,10 @@ def main() -> int:
     if not 1 <= a.requests <= 1_000_000 or not 1 <= a.conns <= 256 or not 0 < a.seconds <= 600:
         ap.error("--requests 1..1000000, --conns 1..256, --seconds up to 600")
     # Logging as `python -m waypoint` sets it up (JSON lines, one per request), written to
-    # /dev/null here: the waypoint's cost of rendering them stays, the terminal's goes.
-    with open(os.devnull, "w") as sink:
-        with contextlib.redirect_stdout(sink):
-            meshlog.configure(a.log_level)
+    # /dev/null here: the waypoint's cost of rendering them stays, the terminal's goes. The
+    # access log writes to the stdout of its time, so the run is inside the redirect too.
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        meshlog.configure(a.log_level)
         out = run(a.requests, a.conns, a.seconds, a.profile, a.top)
     prof = out.pop("profile", None)
     if prof is not None:

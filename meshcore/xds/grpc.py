@@ -197,7 +197,15 @@ class GrpcStream:
         # moment the socket is dropped.
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._writer.wait_closed(), _CLOSE_WAIT)
-        self._writer.transport.abort()
+        transport = self._writer.transport
+        try:
+            transport.abort()
+        except AttributeError:
+            # asyncio's TLS transport before CPython 3.11.3 (Debian 12 has 3.11.2) fails its
+            # abort() once the connection is gone (its protocol already cleared): nothing
+            # is left to drop then. Anything else is a bug and goes on.
+            if not transport.is_closing():
+                raise
 
     # -- reading --------------------------------------------------------------------------
 
