@@ -633,6 +633,14 @@ def rounds_section(doc: dict[str, Any], placements: list[str], rates: list[str])
     return lines
 
 
+def _interpreter(doc: dict[str, Any]) -> str:
+    """'Python 3.11.2 (/usr)': the version and where its build lives (runs before the prefix
+    was recorded give the version alone)."""
+    host = doc.get("host", {})
+    prefix = host.get("python_prefix")
+    return f"Python {host.get('python', '?')}" + (f" ({prefix})" if prefix else "")
+
+
 def render(doc: dict[str, Any], plots: list[str]) -> str:
     runs = doc.get("runs", [])
     agg = aggregate(runs)
@@ -644,7 +652,7 @@ def render(doc: dict[str, Any], plots: list[str]) -> str:
         "# Mesh cost benchmark",
         "",
         f"Run {doc.get('time', '?')} on {doc.get('host', {}).get('cpus', '?')} CPUs, "
-        f"kernel {doc.get('host', {}).get('kernel', '?')}; "
+        f"kernel {doc.get('host', {}).get('kernel', '?')}, {_interpreter(doc)}; "
         f"mode `{params.get('mode', '?')}`, {params.get('rounds', '?')} round(s), "
         "medians over rounds. Only ratios within this run compare (shared, noisy machine).",
         f"Command: `{doc.get('command', '?')}`",

@@ -218,6 +218,14 @@ def test_markdown_tables_are_well_formed_and_show_ratios() -> None:
     assert "![throughput.png](throughput.png)" in md
 
 
+def test_the_header_names_the_interpreter_and_where_it_was_built() -> None:
+    # Every process of a run uses one interpreter, and its build moves every CPU figure.
+    first = report.render(doc() | {"host": {"python": "3.11.2", "python_prefix": "/usr"}}, [])
+    assert "Python 3.11.2 (/usr);" in first.splitlines()[2]
+    older = report.render(doc() | {"host": {"python": "3.11.7"}}, [])  # before the prefix
+    assert "Python 3.11.7;" in older.splitlines()[2]
+
+
 def test_handshake_rows_show_the_median_and_the_ratio_to_sidecar() -> None:
     agg = report.aggregate(doc()["runs"])
     assert agg[("ambient", "cross-node")]["handshakes_per_s"] == pytest.approx(400.0)
