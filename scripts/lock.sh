@@ -9,7 +9,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PY=${PYTHON:-python3}
+# The interpreter setup builds .venv from (scripts/setup.sh): Debian's python3, else PATH's.
+PY=${PYTHON:-/usr/bin/python3}
+if [ -z "${PYTHON:-}" ] && [ ! -x "$PY" ]; then
+    PY=python3
+fi
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 

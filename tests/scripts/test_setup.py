@@ -94,3 +94,20 @@ def test_the_unprivileged_runner_drops_root():
         assert (int(uid), int(gid)) == (65534, 65534)
         assert Path(home).stat().st_uid == 65534  # its own home, kept for its caches
         assert not Path(tmp).exists()  # its TMPDIR is removed afterwards
+
+
+def _base_prefix(python: str) -> str:
+    return subprocess.run(
+        [python, "-c", "import sys; print(sys.base_prefix)"],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout.strip()  # fmt: skip
+
+
+@pytest.mark.skipif(not os.access("/usr/bin/python3", os.X_OK), reason="no Debian python3 here")
+@pytest.mark.skipif("PYTHON" in os.environ, reason="PYTHON chose the interpreter")
+def test_the_venv_is_built_from_debians_python3():
+    # setup.sh builds .venv from /usr/bin/python3 (the optimised build the mesh's image runs),
+    # not from the first python3 on PATH, and rebuilds a .venv made from another one: the
+    # suite, the demo and the benchmarks then run on the interpreter the image ships.
+    assert sys.prefix != sys.base_prefix, "not running in a venv"
+    assert sys.base_prefix == _base_prefix("/usr/bin/python3")
