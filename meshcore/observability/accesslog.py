@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from meshcore.observability import logging as meshlog
+from meshcore.policy.verdict import policy_ref
 
 if TYPE_CHECKING:
     from meshcore.policy.verdict import Verdict
@@ -110,11 +111,9 @@ class ConnectionLog:
         }
 
     def _policy(self) -> str | None:
-        """`ns/name` (and `#rule`) of the policy behind an inbound verdict, if one decided."""
+        """The policy behind an inbound verdict, if one decided."""
         v = self.verdict
-        if v is None or v.policy is None:
-            return None
-        return v.policy if v.rule is None else f"{v.policy}#{v.rule}"
+        return policy_ref(v.policy, v.rule) if v is not None else None
 
     def finish(self, sent: int = 0, received: int = 0, error: str | None = None) -> None:
         if self._done:

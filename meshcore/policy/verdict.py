@@ -59,5 +59,13 @@ class Verdict:
         }
 
 
+def policy_ref(policy: str | None, rule: int | None) -> str | None:
+    """How the access logs (the tunnel's and the waypoint's) name what decided: `ns/name`,
+    and `#rule` when a rule matched; None when no policy did."""
+    if policy is None:
+        return None
+    return policy if rule is None else f"{policy}#{rule}"
+
+
 # What an authorizer that enforces nothing answers (tests, and a tunnel without policy).
 ALLOW_ALL = Verdict(True, None, None, None, "allowed: no policy is enforced here")

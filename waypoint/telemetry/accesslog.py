@@ -15,6 +15,7 @@ import structlog
 
 from meshcore.identity.spiffe import SpiffeId
 from meshcore.observability import logging as meshlog
+from meshcore.policy.verdict import policy_ref
 from meshcore.state import Service, Workload
 from waypoint.authz.decide import L7Verdict
 from waypoint.telemetry.flags import ResponseFlag, join_flags
@@ -134,7 +135,7 @@ class RequestLog:
         v = self.verdict
         if v is not None:
             if v.policy is not None:
-                out["authorization_policy"] = v.policy if v.rule is None else f"{v.policy}#{v.rule}"
+                out["authorization_policy"] = policy_ref(v.policy, v.rule)
             out["authorization"] = "allowed" if v.allowed else "denied"
             if v.audited:
                 out["audited"] = list(v.audited)

@@ -327,13 +327,13 @@ def _first(headers: Sequence[tuple[str, str]], name: str) -> str | None:
 
 def start_request(
     request: Request,
-    connect_traceparent: str | TraceContext | None = None,
+    connect_traceparent: TraceContext | None = None,
     ids: Ids | None = None,
     recording: bool = True,
 ) -> RequestTrace:
     """Begin the trace of `request`; adds `x-request-id` to it when absent.
-    `connect_traceparent`: the CONNECT's `traceparent`, as text or already parsed (a
-    stream's requests share it). `recording`: spans will be exported (see
+    `connect_traceparent`: the CONNECT's trace context, parsed once per stream
+    (`Inbound.trace_parent`). `recording`: spans will be exported (see
     `RequestTrace.recording`)."""
     ids = ids or _RANDOM_IDS
     parent = parse_traceparent(
@@ -341,11 +341,7 @@ def start_request(
     )
     if parent is None:
         # The tunnel's CONNECT carries no tracestate for the request: only its context.
-        parent = (
-            connect_traceparent
-            if isinstance(connect_traceparent, TraceContext)
-            else parse_traceparent(connect_traceparent)
-        )
+        parent = connect_traceparent
     request_id = _first(request.headers, REQUEST_ID)
     if not request_id:
         request_id = ids.request_id()

@@ -109,7 +109,8 @@ PARENT_CASES = [
     ids=[c[0] for c in PARENT_CASES],
 )
 def test_parent_choice(headers, connect, trace_id, parent):
-    trace = start_request(req(*headers), connect, fixed_ids())
+    # The CONNECT's header, parsed as the stream's Inbound does.
+    trace = start_request(req(*headers), parse_traceparent(connect), fixed_ids())
     assert trace.trace_id.hex() == trace_id
     span = trace.finish(req(), status=200)
     assert span.trace_id.hex() == trace_id
@@ -160,7 +161,7 @@ def test_a_forked_child_does_not_repeat_its_parents_ids():
 
 def test_propagation_server_span_is_parent_of_upstream():
     incoming = req(("traceparent", VALID), ("tracestate", "vendor=1"))
-    trace = start_request(incoming, TUNNEL, fixed_ids())
+    trace = start_request(incoming, parse_traceparent(TUNNEL), fixed_ids())
     attempt = trace.attempt()
     upstream = req(("traceparent", VALID), ("x-other", "1"))
     propagate(upstream, trace, attempt)
