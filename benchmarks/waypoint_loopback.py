@@ -4,7 +4,8 @@ One process holds everything of tests/waypoint/loopback.py's mesh: an HBONE clie
 client tunnel's part), a real `Waypoint` (TLS 1.3, HTTP/2 CONNECT, router, metrics, access
 log), the destination's pod proxy (HBONE in) and an app answering 1 KB per 1 KB request.
 `--conns` CONNECT streams each carry keep-alive requests one after another (closed loop),
---requests in all, stopped after --seconds. Printed: requests per second and CPU per
+--requests in all, stopped after --seconds; the service has --endpoints pods (each its
+own app; the waypoint balances over them). Printed: requests per second and CPU per
 request of the whole process; with --profile, cProfile over the measured loop: the share
 of time spent in waypoint/ code, the rest of the mesh code, and the top functions.
 
@@ -97,12 +98,14 @@ async def client(lw: Any, vip: str, count: int, deadline: float) -> int:
     return done
 
 
-def run(requests: int, conns: int, seconds: float, profile: bool, top: int) -> dict[str, Any]:
+def run(
+    requests: int, conns: int, seconds: float, profile: bool, top: int, endpoints: int = 1
+) -> dict[str, Any]:
     aio = Loop("uvloop")
     try:
 
         async def main() -> dict[str, Any]:
-            mesh = await start_mesh(aio, {"web": [echo_app]})
+            mesh = await start_mesh(aio, {"web": [echo_app] * endpoints})
             vip = mesh.vips["web"]
             # Warm-up: connections, certificates, first-request paths.
             await asyncio.gather(
@@ -124,6 +127,7 @@ def run(requests: int, conns: int, seconds: float, profile: bool, top: int) -> d
             out: dict[str, Any] = {
                 "requests": n,
                 "conns": conns,
+                "endpoints": endpoints,
                 "seconds": wall,
                 "rps": n / wall if wall else 0.0,
                 "cpu_us_per_request": cpu * 1e6 / n if n else None,
@@ -167,6 +171,7 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=5000, help="requests in all (at most)")
     ap.add_argument("--conns", type=int, default=8, help="CONNECT streams, one client each")
     ap.add_argument("--seconds", type=float, default=30.0, help="stop after this long")
+    ap.add_argument("--endpoints", type=int, default=1, help="pods behind the service")
     ap.add_argument("--profile", action="store_true", help="cProfile the measured loop")
     ap.add_argument("--top", type=int, default=25, help="functions listed with --profile")
     ap.add_argument(
@@ -177,12 +182,14 @@ def main() -> int:
     a = ap.parse_args()
     if not 1 <= a.requests <= 1_000_000 or not 1 <= a.conns <= 256 or not 0 < a.seconds <= 600:
         ap.error("--requests 1..1000000, --conns 1..256, --seconds up to 600")
+    if not 1 <= a.endpoints <= 200:
+        ap.error("--endpoints 1..200")
     # Logging as `python -m waypoint` sets it up (JSON lines, one per request), written to
     # /dev/null here: the waypoint's cost of rendering them stays, the terminal's goes. The
     # access log writes to the stdout of its time, so the run is inside the redirect too.
     with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
         meshlog.configure(a.log_level)
-        out = run(a.requests, a.conns, a.seconds, a.profile, a.top)
+        out = run(a.requests, a.conns, a.seconds, a.profile, a.top, a.endpoints)
     prof = out.pop("profile", None)
     if prof is not None:
         print(prof["top"])

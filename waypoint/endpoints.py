@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from meshcore.state import HealthStatus, MeshState, Service, TunnelProtocol, Workload
 
@@ -13,10 +13,12 @@ class Endpoint:
     workload: Workload
     ip: str
     port: int  # the pod's own port (the service's target port)
+    # "ip:port", the key of the endpoint's balancer, outlier and pool books; made once (a
+    # request reads it several times).
+    address: str = field(init=False, compare=False, repr=False)
 
-    @property
-    def address(self) -> str:
-        return f"{self.ip}:{self.port}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "address", f"{self.ip}:{self.port}")
 
 
 def service_endpoints(state: MeshState, service: Service, port: int) -> tuple[Endpoint, ...]:

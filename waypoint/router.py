@@ -15,7 +15,7 @@ import contextlib
 import ipaddress
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -162,6 +162,11 @@ class Router:
         self._exporter = exporter
         self._rng = rng or random.Random()
         self._clusters: dict[tuple[str, int, str | None], Cluster] = {}
+        # The clusters refreshed from the state and config seen last (both immutable
+        # snapshots, replaced on change): a request to one of them skips the endpoint
+        # list's rebuild, whose cost grows with the service's pods.
+        self._seen: tuple[MeshState | None, L7Config | None] = (None, None)
+        self._fresh: set[tuple[str, int, str | None]] = set()
         self._mirrors: set[asyncio.Task[None]] = set()
 
     # ---- the request ------------------------------------------------------------------
@@ -456,7 +461,7 @@ class Router:
         record: RequestLog,
     ) -> _Try:
         now = time.monotonic()
-        candidates = [e.address for e in cluster.endpoints]
+        candidates: Sequence[str] = cluster.addresses
         if cluster.outlier is not None:
             cluster.outlier.sweep(now)
             healthy = cluster.outlier.healthy(candidates, now)
@@ -654,24 +659,36 @@ class Router:
         self, state: MeshState, cfg: L7Config, inbound: Inbound, backend: Backend, port: int
     ) -> Cluster:
         dest = inbound.destination
+        seen_state, seen_cfg = self._seen
+        if state is not seen_state or cfg is not seen_cfg:
+            # (A request that began before the change refreshes from its own snapshot, and
+            # the next one from the new: each cluster always matches its caller's.)
+            self._seen = (state, cfg)
+            self._fresh.clear()
         if backend.service_key is None:
             # A pod dialled directly: the one endpoint it names.
             assert dest.workload is not None
             key: tuple[str, int, str | None] = (f"pod/{dest.ip}", dest.port, None)
+        else:
+            key = (backend.service_key, port, backend.subset)
+        cluster = self._clusters.get(key)
+        if cluster is not None and key in self._fresh:
+            return cluster
+        if backend.service_key is None:
+            assert dest.workload is not None
             endpoints: tuple[Endpoint, ...] = (Endpoint(dest.workload, dest.ip, dest.port),)
             policy = cfg.routes.traffic_policy("")
         else:
             service = state.service_by_key(backend.service_key)
-            key = (backend.service_key, port, backend.subset)
             endpoints = service_endpoints(state, service, port) if service is not None else ()
             if backend.subset is not None:
                 labels = cfg.routes.subset_labels(backend.service_key, backend.subset) or ()
                 endpoints = tuple(e for e in endpoints if _has_labels(e.workload, labels))
             policy = cfg.routes.traffic_policy(backend.service_key, port, backend.subset)
-        cluster = self._clusters.get(key)
         if cluster is None:
             cluster = self._clusters[key] = Cluster(policy)
         cluster.refresh(policy, endpoints)
+        self._fresh.add(key)
         return cluster
 
     def _mirror(

@@ -6,6 +6,7 @@ HBONE to the endpoint's tunnel."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -13,9 +14,12 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from meshcore.state import HealthStatus, MeshState, Service
 from tests.support.aio import Loop
 from tests.waypoint.apps import app, get, parse
 from tests.waypoint.loopback import start_mesh
+from waypoint import router as router_module
+from waypoint.endpoints import Endpoint, service_endpoints
 from waypoint.telemetry import tracing
 
 
@@ -334,5 +338,48 @@ def test_answers_without_a_body_give_their_upstream_connection_back(aio: Loop) -
             assert (status, body) == (200, b"")
         (cluster,) = mesh.lw.waypoint.router._clusters.values()
         assert cluster.connections == 1 and cluster.idle_count == 1
+
+    aio.run(main)
+
+
+def test_endpoints_are_listed_once_per_mesh_state_and_follow_a_change(
+    aio: Loop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request does not rebuild its service's endpoint list (a cost that grows with the
+    service's pods) while the mesh state and config are the ones it was built from; a new
+    state (a pod turned unhealthy) is followed from the next request on."""
+    built: list[str] = []
+    listing = service_endpoints
+    web = "shop/web.shop.svc.cluster.local"  # the service's key
+
+    def counted(state: MeshState, svc: Service, port: int) -> tuple[Endpoint, ...]:
+        built.append(svc.key)
+        return listing(state, svc, port)
+
+    monkeypatch.setattr(router_module, "service_endpoints", counted)
+
+    async def main() -> None:
+        mesh = await start_mesh(aio, {"web": [app("web-a"), app("web-b")]})
+        wp = mesh.lw.waypoint
+
+        async def served_by(n: int) -> set[str]:
+            seen = set()
+            for _ in range(n):
+                status, headers, _ = parse(await mesh.request("web", get("/")))
+                assert status == 200
+                seen.add(headers["x-served-by"])
+            return seen
+
+        # Least request among two drawn at random: both pods within 20 requests.
+        assert await served_by(20) == {"web-a", "web-b"}
+        assert built == [web]  # listed once, for the first request
+        state = wp.state
+        unhealthy = [
+            dataclasses.replace(w, status=HealthStatus.UNHEALTHY) if w.name == "web-1" else w
+            for w in state.workloads
+        ]
+        wp._on_state(MeshState.build(unhealthy, state.services, state.policies))
+        assert await served_by(10) == {"web-a"}
+        assert built == [web, web]  # again once, for the new state
 
     aio.run(main)
