@@ -21,14 +21,16 @@ import enum
 import functools
 import ipaddress
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from meshcore.defaults import HBONE_PORT
 from meshcore.identity.spiffe import SpiffeId
 from meshcore.serviceentry import ServiceEntry
 from meshcore.sockets import parse_ip
+
+_T = TypeVar("_T")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -412,6 +414,8 @@ class MeshState:
     _service_entries: tuple[ServiceEntry, ...] = ()
     # A service key ("namespace/host") -> the entry that made that service.
     _entry_by_service: Mapping[str, ServiceEntry] = field(default_factory=dict, repr=False)
+    # Values derived from this snapshot when first asked for (`derived`).
+    _derived: dict[Hashable, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def empty(cls) -> MeshState:
@@ -606,6 +610,17 @@ class MeshState:
     def service_entry_of(self, service: Service) -> ServiceEntry | None:
         """The ServiceEntry a service was made from (None for a Kubernetes Service)."""
         return self._entry_by_service.get(service.key)
+
+    def derived(self, key: Hashable, make: Callable[[], _T]) -> _T:
+        """`make()`, made once per snapshot and `key`: for views a proxy would otherwise
+        rebuild per connection or request (a service's ready endpoints walk all of its
+        pods). `make` must read nothing but this snapshot, and `key` must name all it
+        reads besides; the snapshot never changes, so the value never goes stale."""
+        try:
+            value: _T = self._derived[key]
+        except KeyError:
+            value = self._derived[key] = make()
+        return value
 
     def endpoints(self, service: Service) -> tuple[Workload, ...]:
         """Workloads that name `service` in their services map, ordered by uid."""

@@ -24,20 +24,24 @@ class Endpoint:
 def service_endpoints(state: MeshState, service: Service, port: int) -> tuple[Endpoint, ...]:
     """Healthy endpoints of `service` for its `port`, in a stable order. Only HBONE
     workloads: the waypoint's upstream leg is always HBONE (a plaintext endpoint would let
-    the waypoint's traffic cross the network unencrypted)."""
-    default_target = service.target_port(port)
-    out: list[Endpoint] = []
-    for w in state.endpoints(service):
-        if w.status is not HealthStatus.HEALTHY or w.protocol is not TunnelProtocol.HBONE:
-            continue
-        if not w.ips:
-            continue
-        target = w.target_port(service.key, port) or default_target
-        if target is None:
-            continue
-        out.append(Endpoint(w, str(w.ips[0]), target))
-    out.sort(key=lambda e: (e.ip, e.port))
-    return tuple(out)
+    the waypoint's traffic cross the network unencrypted). Listed once per mesh state."""
+
+    def listed() -> tuple[Endpoint, ...]:
+        default_target = service.target_port(port)
+        out: list[Endpoint] = []
+        for w in state.endpoints(service):
+            if w.status is not HealthStatus.HEALTHY or w.protocol is not TunnelProtocol.HBONE:
+                continue
+            if not w.ips:
+                continue
+            target = w.target_port(service.key, port) or default_target
+            if target is None:
+                continue
+            out.append(Endpoint(w, str(w.ips[0]), target))
+        out.sort(key=lambda e: (e.ip, e.port))
+        return tuple(out)
+
+    return state.derived(("waypoint.endpoints", service.key, port), listed)
 
 
 def direct_endpoint(workload: Workload, ip: str, port: int) -> Endpoint | None:

@@ -19,7 +19,7 @@ match such a client.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from meshcore.policy.authz import authorize
@@ -223,7 +223,7 @@ def _plaintext(
     verdict of its tunnel's inbound plaintext listener (15006)."""
     candidates: list[Workload] = []
 
-    def record(cands: list[Workload]) -> Workload:
+    def record(cands: Sequence[Workload]) -> Workload:
         candidates.extend(cands)
         return cands[0]
 
@@ -233,7 +233,7 @@ def _plaintext(
     decisions = [first]
     for i in range(1, len(candidates)):
 
-        def pick(cands: list[Workload], i: int = i) -> Workload:
+        def pick(cands: Sequence[Workload], i: int = i) -> Workload:
             return cands[i]
 
         decisions.append(decide(state, source, dst, choose=pick, bypass_waypoint=True))
@@ -315,7 +315,7 @@ def explain(
     # Run the data path's own decision once per candidate endpoint.
     candidates: list[Workload] = []
 
-    def record(cands: list[Workload]) -> Workload:
+    def record(cands: Sequence[Workload]) -> Workload:
         candidates.extend(cands)
         return cands[0]
 
@@ -323,7 +323,7 @@ def explain(
     decisions = [first]
     for i in range(1, len(candidates)):
 
-        def pick(cands: list[Workload], i: int = i) -> Workload:
+        def pick(cands: Sequence[Workload], i: int = i) -> Workload:
             return cands[i]
 
         decisions.append(decide(state, source, dst, choose=pick))

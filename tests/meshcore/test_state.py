@@ -92,6 +92,21 @@ def test_endpoints_are_the_workloads_naming_the_service_in_uid_order():
     assert state.endpoints(other) == ()
 
 
+def test_a_derived_value_is_made_once_per_snapshot_and_key():
+    made: list[str] = []
+
+    def make(name: str) -> str:
+        made.append(name)
+        return name.upper()
+
+    state, other = MeshState.empty(), MeshState.empty()
+    assert state.derived(("k", 1), lambda: make("a")) == "A"
+    assert state.derived(("k", 1), lambda: make("b")) == "A"  # kept: not made again
+    assert state.derived(("k", 2), lambda: make("c")) == "C"
+    assert other.derived(("k", 1), lambda: make("d")) == "D"  # another snapshot's own
+    assert made == ["a", "c", "d"]
+
+
 def test_empty_state_has_nothing():
     state = MeshState.empty()
     assert state.workloads == ()

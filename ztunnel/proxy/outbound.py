@@ -22,7 +22,7 @@ import os
 import random
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 
 import structlog
@@ -115,7 +115,7 @@ def decide(
     state: MeshState,
     source: Workload,
     dst: SocketAddr,
-    choose: Callable[[list[Workload]], Workload] = random.choice,
+    choose: Callable[[Sequence[Workload]], Workload] = random.choice,
     client: IPAddress | None = None,
     bypass_waypoint: bool = False,
 ) -> OutboundDecision:
@@ -182,13 +182,9 @@ def _to_service(
     state: MeshState,
     service: Service,
     dst: SocketAddr,
-    choose: Callable[[list[Workload]], Workload],
+    choose: Callable[[Sequence[Workload]], Workload],
 ) -> OutboundDecision:
-    candidates = [
-        w
-        for w in state.endpoints(service)
-        if w.status is HealthStatus.HEALTHY and w.ips and _target_port(service, w, dst.port)
-    ]
+    candidates = _ready_endpoints(state, service, dst.port)
     if service.target_port(dst.port) is None and not candidates:
         return OutboundDecision(
             Route.REFUSE,
@@ -210,6 +206,21 @@ def _to_service(
     tport = _target_port(service, endpoint, dst.port)
     assert tport is not None
     return _to_workload(endpoint, SocketAddr(_endpoint_ip(endpoint, dst), tport), service)
+
+
+def _ready_endpoints(state: MeshState, service: Service, port: int) -> tuple[Workload, ...]:
+    """The service's endpoints a connection to its `port` may go to: healthy, with an
+    address and a target port. Listed once per mesh state: each new connection to a
+    service of a thousand pods would otherwise walk all of them (about 0.2 ms)."""
+
+    def ready() -> tuple[Workload, ...]:
+        return tuple(
+            w
+            for w in state.endpoints(service)
+            if w.status is HealthStatus.HEALTHY and w.ips and _target_port(service, w, port)
+        )
+
+    return state.derived(("outbound.ready", service.key, port), ready)
 
 
 def _by_entry(state: MeshState, service: Service, dst: SocketAddr) -> OutboundDecision | None:

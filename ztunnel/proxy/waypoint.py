@@ -17,7 +17,7 @@ dials the pod directly cannot bypass the waypoint's L7 rules.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from meshcore.identity.spiffe import SpiffeId
@@ -98,7 +98,7 @@ def choose_waypoint(
     binding: Binding,
     bound: str,
     dst: SocketAddr,
-    choose: Callable[[list[Workload]], Workload],
+    choose: Callable[[Sequence[Workload]], Workload],
     behind: Workload | None = None,
 ) -> WaypointHop:
     """The hop through `waypoint`: one of its ready endpoints (picked by `choose`, as the

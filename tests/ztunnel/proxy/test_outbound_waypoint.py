@@ -3,6 +3,7 @@ plus ours (fail closed, failOpen), each with the whole frozen decision expected.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 
 import pytest
@@ -341,7 +342,7 @@ CASES = [
 ]
 
 
-def first(candidates: list[Workload]) -> Workload:
+def first(candidates: Sequence[Workload]) -> Workload:
     return candidates[0]
 
 
@@ -382,7 +383,7 @@ def test_the_waypoint_endpoint_is_chosen_among_the_ready_ones() -> None:
     state = mesh_state([CLIENT, WP_SICK, wp_1, wp_2, WEB_0], [WEB, WP_SVC])
     offered: list[list[str]] = []
 
-    def last(candidates: list[Workload]) -> Workload:
+    def last(candidates: Sequence[Workload]) -> Workload:
         offered.append([w.name for w in candidates])
         return candidates[-1]
 
