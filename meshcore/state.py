@@ -626,6 +626,22 @@ class MeshState:
         """Workloads that name `service` in their services map, ordered by uid."""
         return self._endpoints.get(service.key, ())
 
+    def service_ports(self, service: Service) -> frozenset[int]:
+        """Every port of `service` that leads somewhere: declared by it, or mapped by one
+        of its endpoints. Made once per snapshot. On any other port no endpoint has a
+        target, so a view per port (`derived`) is made for these only: a client trying
+        every port of a VIP must not grow a view per port."""
+
+        def ports() -> frozenset[int]:
+            out = {p.port for p in service.ports}
+            for w in self.endpoints(service):
+                for key, mapped in w.services:
+                    if key == service.key:
+                        out.update(port for port, _target in mapped)
+            return frozenset(out)
+
+        return self.derived(("ports", service.key), ports)
+
     def policy_by_key(self, key: str) -> RawPolicy | None:
         return self._policy_by_key.get(key)
 

@@ -25,6 +25,8 @@ def service_endpoints(state: MeshState, service: Service, port: int) -> tuple[En
     """Healthy endpoints of `service` for its `port`, in a stable order. Only HBONE
     workloads: the waypoint's upstream leg is always HBONE (a plaintext endpoint would let
     the waypoint's traffic cross the network unencrypted). Listed once per mesh state."""
+    if service.target_port(port) is None and port not in state.service_ports(service):
+        return ()  # no endpoint has a target port for it
 
     def listed() -> tuple[Endpoint, ...]:
         default_target = service.target_port(port)

@@ -66,6 +66,11 @@ log = structlog.get_logger("waypoint")
 RETRY_BUFFER = 64 * 1024
 # How long a request waits for a free connection when the circuit breaker queues it.
 PENDING_WAIT = 1.0
+# Destinations (service ports, subsets, pods dialled directly at a port) whose state the
+# router keeps at once. Beyond it, the ones holding nothing (no request, no connection)
+# are dropped before a new one is added: a client trying every port of a pod bound to
+# this waypoint must not grow one for each.
+MAX_CLUSTERS = 1024
 
 
 class _NoEndpoint(Exception):
@@ -686,10 +691,21 @@ class Router:
                 endpoints = tuple(e for e in endpoints if _has_labels(e.workload, labels))
             policy = cfg.routes.traffic_policy(backend.service_key, port, backend.subset)
         if cluster is None:
+            if len(self._clusters) >= MAX_CLUSTERS:
+                self._drop_unused_clusters()
             cluster = self._clusters[key] = Cluster(policy)
         cluster.refresh(policy, endpoints)
         self._fresh.add(key)
         return cluster
+
+    def _drop_unused_clusters(self) -> None:
+        """Forget the destinations that hold nothing: no request in flight or waiting, no
+        upstream connection (busy or idle). Their balancer and outlier state go with them,
+        as Envoy's go with a removed cluster; a later request starts them afresh."""
+        for key, c in list(self._clusters.items()):
+            if not (c.active_requests or c.pending or c.active_retries or c.connections or c.h2):
+                del self._clusters[key]
+                self._fresh.discard(key)
 
     def _mirror(
         self,

@@ -107,6 +107,16 @@ def test_a_derived_value_is_made_once_per_snapshot_and_key():
     assert made == ["a", "c", "d"]
 
 
+def test_a_services_ports_are_its_own_and_those_its_endpoints_map():
+    s = svc("frontend", "10.96.0.10", ports=((80, 8080), (443, 8443)))
+    other = svc("pricing", "10.96.0.11")
+    a = wl("a", "10.0.0.1", services=[(SVC_KEY, ((80, 9080), (9000, 9000)))])
+    b = wl("b", "10.0.0.2", services=[(SVC_KEY, ())])
+    state = MeshState.build([a, b], [s, other], [])
+    assert state.service_ports(s) == {80, 443, 9000}
+    assert state.service_ports(other) == {80}
+
+
 def test_empty_state_has_nothing():
     state = MeshState.empty()
     assert state.workloads == ()

@@ -14,12 +14,16 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from meshcore.sockets import SocketAddr
 from meshcore.state import HealthStatus, MeshState, Service
 from tests.support.aio import Loop
 from tests.waypoint.apps import app, get, parse
-from tests.waypoint.loopback import start_mesh
+from tests.waypoint.loopback import CLIENT_ID, start_mesh
 from waypoint import router as router_module
+from waypoint.destination import Destination, L7Protocol
 from waypoint.endpoints import Endpoint, service_endpoints
+from waypoint.routes.model import Backend
+from waypoint.server import Inbound
 from waypoint.telemetry import tracing
 
 
@@ -381,5 +385,36 @@ def test_endpoints_are_listed_once_per_mesh_state_and_follow_a_change(
         wp._on_state(MeshState.build(unhealthy, state.services, state.policies))
         assert await served_by(10) == {"web-a"}
         assert built == [web, web]  # again once, for the new state
+
+    aio.run(main)
+
+
+def test_destinations_holding_nothing_are_dropped_beyond_the_bound(
+    aio: Loop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pod dialled directly through the waypoint at port after port must not leave a
+    destination's state behind for each: beyond the bound, the ones without a request or
+    a connection are dropped; one holding an upstream connection stays."""
+    monkeypatch.setattr(router_module, "MAX_CLUSTERS", 8)
+
+    async def main() -> None:
+        mesh = await start_mesh(aio, {"web": [app("web-a")]})
+        wp = mesh.lw.waypoint
+        router, state, cfg = wp.router, wp.state, wp.l7
+        (pod,) = [w for w in state.workloads if w.name == "web-0"]
+        status, _, _ = parse(await mesh.request("web", get("/")))
+        assert status == 200
+        (busy,) = router._clusters.values()  # the service's, holding its idle connection
+        assert busy.connections == 1
+        client = SocketAddr.of((mesh.lw.client_ip, 40000))
+        for port in range(1000, 1040):
+            dest = Destination(str(pod.ips[0]), port, None, pod, L7Protocol.HTTP)
+            inbound = Inbound(CLIENT_ID, client, dest, [])
+            router._cluster(state, cfg, inbound, Backend(None, port), port)
+            assert len(router._clusters) <= 8
+        assert busy in router._clusters.values()  # it holds a connection: kept
+        assert ("pod/" + str(pod.ips[0]), 1039, None) in router._clusters  # the newest
+        status, _, _ = parse(await mesh.request("web", get("/")))
+        assert status == 200 and busy.connections == 1  # its connection served again
 
     aio.run(main)

@@ -345,6 +345,16 @@ def test_a_services_endpoints_are_walked_once_per_mesh_state(
     assert offered == [["web-1", "web-2"]] * 3 + [["web-2"]]
 
 
+def test_ports_a_service_lacks_leave_nothing_behind() -> None:
+    """A client trying every port of a VIP is refused on each one the service lacks, and
+    the mesh state keeps no view per such port (only per port that leads somewhere)."""
+    state = mesh_state([CLIENT, WEB_1], [WEB])
+    for port in range(1000, 1200):
+        assert decide(state, CLIENT, addr(f"10.96.0.20:{port}")).route is Route.REFUSE
+    assert decide(state, CLIENT, addr("10.96.0.20:80")).route is Route.HBONE
+    assert len(state._derived) == 2  # the service's ports, and its ready pods on port 80
+
+
 def test_no_candidate_means_choose_is_never_called() -> None:
     def never(_: Sequence[Workload]) -> Workload:
         raise AssertionError("choose called without candidates")
