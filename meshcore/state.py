@@ -414,8 +414,9 @@ class MeshState:
     _service_entries: tuple[ServiceEntry, ...] = ()
     # A service key ("namespace/host") -> the entry that made that service.
     _entry_by_service: Mapping[str, ServiceEntry] = field(default_factory=dict, repr=False)
-    # Values derived from this snapshot when first asked for (`derived`).
-    _derived: dict[Hashable, Any] = field(default_factory=dict, repr=False)
+    # Values derived from this snapshot when first asked for (`derived`). Not an __init__
+    # argument: a snapshot made from another (dataclasses.replace) starts with none.
+    _derived: dict[Hashable, Any] = field(default_factory=dict, repr=False, init=False)
 
     @classmethod
     def empty(cls) -> MeshState:

@@ -105,6 +105,10 @@ def test_a_derived_value_is_made_once_per_snapshot_and_key():
     assert state.derived(("k", 2), lambda: make("c")) == "C"
     assert other.derived(("k", 1), lambda: make("d")) == "D"  # another snapshot's own
     assert made == ["a", "c", "d"]
+    # A snapshot made from another does not inherit its values (they may not hold for it).
+    changed = replace(state, _workloads=(wl("a", "10.0.0.1"),))
+    assert changed.derived(("k", 1), lambda: make("e")) == "E"
+    assert made == ["a", "c", "d", "e"]
 
 
 def test_a_services_ports_are_its_own_and_those_its_endpoints_map():
