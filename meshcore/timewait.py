@@ -25,8 +25,10 @@ netlink socket its caller opens in the right namespace.
 from __future__ import annotations
 
 import errno
+import select
 import socket
 import struct
+import time
 from collections.abc import Callable
 
 NETLINK_SOCK_DIAG = 4
@@ -58,6 +60,7 @@ def cookie_of(sock: socket.socket) -> int:
 
 
 TCP_CLOSE = 7  # a socket's state once the kernel moved its connection to a TIME-WAIT socket
+ANSWER_WAIT = 2.0  # seconds a dump's answer may take (the kernel answers in the call)
 
 
 def tcp_state(sock: socket.socket) -> int:
@@ -199,9 +202,18 @@ class TimeWaitReaper:
         try:
             nl = self._socket()
             nl.send(dump_request(family, mark, seq))
+            deadline = time.monotonic() + ANSWER_WAIT
             done = False
             while not done:
-                part, done, code = dumped(nl.recv(65536), seq)
+                try:
+                    data = nl.recv(65536)
+                except BlockingIOError:
+                    # A dump's later parts are made as it is read; never expected to wait.
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not select.select([nl], [], [], left)[0]:
+                        raise TimeoutError("no answer to the dump") from None
+                    continue
+                part, done, code = dumped(data, seq)
                 found += part
                 if code:
                     self._refused(code)
@@ -215,8 +227,10 @@ class TimeWaitReaper:
 
     def _socket(self) -> socket.socket:
         if self._nl is None:
+            # Non-blocking: the kernel answers inside the send, and a socket with a timeout
+            # would cost a poll() before every send and receive (two per connection ended).
             self._nl = self._open()
-            self._nl.settimeout(2.0)  # the kernel answers in the call; never wait long
+            self._nl.setblocking(False)
         return self._nl
 
     def _refused(self, code: int) -> None:

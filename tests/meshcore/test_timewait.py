@@ -176,6 +176,8 @@ def test_the_time_wait_socket_of_that_cookie_is_ended_and_nothing_else(
         assert _time_waits(path) == ""
         assert reaper.forget(socket.AF_INET, local, remote, cookie) == errno.ENOENT
         assert (reaper.ended, reaper.missed, reaper.failed) == (1, 3, None)
+        # Its socket does not block: no poll() before each send and receive.
+        assert reaper._nl is not None and reaper._nl.gettimeout() == 0.0
         # The listener lives on, and the same 4-tuple can be used again at once.
         (again,) = nsutil.sockets_in(fd, 1)
         with again:
