@@ -154,9 +154,10 @@ def ack_errno(data: bytes, seq: int) -> int | None:
 class TimeWaitReaper:
     """Ends TIME-WAIT sockets through one NETLINK_SOCK_DIAG socket, which must live in the
     namespace of the sockets it ends; `open_socket` makes it at the first use (a pod whose
-    capture mirrors nothing never holds one). Blocking calls, but short: the kernel handles
-    a sock_diag request in the sender's own system call, so its answer is already queued
-    when `send` returns. Counts what it did, for the tunnel's views and the tests."""
+    capture mirrors nothing never holds one). Its socket does not block: the kernel
+    handles a sock_diag request in the sender's own system call, so its answer is already
+    queued when `send` returns (a dump would wait at most ANSWER_WAIT for a later part).
+    Counts what it did, for the tunnel's views and the tests."""
 
     def __init__(self, open_socket: Callable[[], socket.socket]) -> None:
         self._open = open_socket
