@@ -627,11 +627,20 @@ class MeshState:
         """Workloads that name `service` in their services map, ordered by uid."""
         return self._endpoints.get(service.key, ())
 
+    def per_port(
+        self, kind: str, service: Service, port: int, make: Callable[[], tuple[_T, ...]]
+    ) -> tuple[_T, ...]:
+        """`derived` for a view of `service` on its `port` (`kind` names the view): made
+        once per snapshot for a port that leads somewhere (`service_ports`); on any other
+        port no endpoint has a target, so the view is empty and nothing is kept (a client
+        trying every port of a VIP must not grow a view per port)."""
+        if service.target_port(port) is None and port not in self.service_ports(service):
+            return ()
+        return self.derived((kind, service.key, port), make)
+
     def service_ports(self, service: Service) -> frozenset[int]:
         """Every port of `service` that leads somewhere: declared by it, or mapped by one
-        of its endpoints. Made once per snapshot. On any other port no endpoint has a
-        target, so a view per port (`derived`) is made for these only: a client trying
-        every port of a VIP must not grow a view per port."""
+        of its endpoints. Made once per snapshot."""
 
         def ports() -> frozenset[int]:
             out = {p.port for p in service.ports}

@@ -9,11 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The interpreter setup builds .venv from (scripts/setup.sh): Debian's python3, else PATH's.
-PY=${PYTHON:-/usr/bin/python3}
-if [ -z "${PYTHON:-}" ] && [ ! -x "$PY" ]; then
-    PY=python3
-fi
+. scripts/interpreter.sh  # PY: the interpreter setup builds .venv from
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 

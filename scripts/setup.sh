@@ -24,15 +24,7 @@ if [ "$(id -u)" = 0 ]; then
     bash scripts/image-build.sh
 fi
 
-# The interpreter: Debian's own python3, the one the mesh's image runs (daemonset/Containerfile),
-# not whichever python3 comes first on PATH. Debian builds it with profile-guided and link-time
-# optimisation; a python3 built from source without them (pyenv's default) ran the mesh's
-# Python about an eighth slower per request and per new connection (benchmarks/README.md,
-# "The interpreter"). PYTHON=... chooses another; without Debian's, the one on PATH.
-PY=${PYTHON:-/usr/bin/python3}
-if [ -z "${PYTHON:-}" ] && [ ! -x "$PY" ]; then
-    PY=python3
-fi
+. scripts/interpreter.sh  # PY: Debian's python3 unless PYTHON says otherwise
 base_prefix() { "$1" -c 'import sys; print(sys.base_prefix)' 2>/dev/null; }
 if [ ! -d .venv ]; then
     "$PY" -m venv .venv

@@ -68,8 +68,7 @@ class Cluster:
             return
         self.policy = policy
         self.endpoints = endpoints
-        addresses = [e.address for e in endpoints]
-        self.addresses = tuple(addresses)
+        self.addresses = addresses = tuple(e.address for e in endpoints)
         self._by_address = {e.address: e for e in endpoints}
         self.balancer = balancer(policy.lb, addresses)
         if policy.outlier is None:
@@ -78,10 +77,10 @@ class Cluster:
             self.outlier = OutlierDetector(policy.outlier, addresses)
         else:
             self.outlier.set_endpoints(addresses)
-        for address in set(self.h2) - set(addresses):
+        kept = self._by_address.keys()
+        for address in self.h2.keys() - kept:
             discard_h2(self.h2.pop(address))
-        gone = set(self.idle) - set(addresses)
-        for address in gone:
+        for address in self.idle.keys() - kept:
             for client in self.idle.pop(address):
                 discard(client)
                 self.connections -= 1

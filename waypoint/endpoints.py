@@ -25,8 +25,6 @@ def service_endpoints(state: MeshState, service: Service, port: int) -> tuple[En
     """Healthy endpoints of `service` for its `port`, in a stable order. Only HBONE
     workloads: the waypoint's upstream leg is always HBONE (a plaintext endpoint would let
     the waypoint's traffic cross the network unencrypted). Listed once per mesh state."""
-    if service.target_port(port) is None and port not in state.service_ports(service):
-        return ()  # no endpoint has a target port for it
 
     def listed() -> tuple[Endpoint, ...]:
         default_target = service.target_port(port)
@@ -43,7 +41,7 @@ def service_endpoints(state: MeshState, service: Service, port: int) -> tuple[En
         out.sort(key=lambda e: (e.ip, e.port))
         return tuple(out)
 
-    return state.derived(("waypoint.endpoints", service.key, port), listed)
+    return state.per_port("waypoint.endpoints", service, port, listed)
 
 
 def direct_endpoint(workload: Workload, ip: str, port: int) -> Endpoint | None:

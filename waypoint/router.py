@@ -57,6 +57,8 @@ from waypoint.telemetry.tracing import Attempt, RequestTrace, start_request
 from waypoint.upstream import Upstream
 
 if TYPE_CHECKING:  # the exporter (and protobuf) load only when traces are exported
+    from waypoint.destination import Destination
+    from waypoint.routes.destinationrule import TrafficPolicy
     from waypoint.telemetry.export import OtlpExporter
 
 log = structlog.get_logger("waypoint")
@@ -670,26 +672,15 @@ class Router:
             # the next one from the new: each cluster always matches its caller's.)
             self._seen = (state, cfg)
             self._fresh.clear()
-        if backend.service_key is None:
-            # A pod dialled directly: the one endpoint it names.
-            assert dest.workload is not None
-            key: tuple[str, int, str | None] = (f"pod/{dest.ip}", dest.port, None)
-        else:
-            key = (backend.service_key, port, backend.subset)
+        key: tuple[str, int, str | None] = (
+            (f"pod/{dest.ip}", dest.port, None)  # a pod dialled directly
+            if backend.service_key is None
+            else (backend.service_key, port, backend.subset)
+        )
         cluster = self._clusters.get(key)
         if cluster is not None and key in self._fresh:
             return cluster
-        if backend.service_key is None:
-            assert dest.workload is not None
-            endpoints: tuple[Endpoint, ...] = (Endpoint(dest.workload, dest.ip, dest.port),)
-            policy = cfg.routes.traffic_policy("")
-        else:
-            service = state.service_by_key(backend.service_key)
-            endpoints = service_endpoints(state, service, port) if service is not None else ()
-            if backend.subset is not None:
-                labels = cfg.routes.subset_labels(backend.service_key, backend.subset) or ()
-                endpoints = tuple(e for e in endpoints if _has_labels(e.workload, labels))
-            policy = cfg.routes.traffic_policy(backend.service_key, port, backend.subset)
+        endpoints, policy = _destination(state, cfg, dest, backend, port)
         if cluster is None:
             if len(self._clusters) >= MAX_CLUSTERS:
                 self._drop_unused_clusters()
@@ -857,6 +848,22 @@ def _address(inbound: Inbound) -> IPAddress:
     ValueError, as parsing it here always did)."""
     addr = inbound.source_addr
     return addr if addr is not None else ipaddress.ip_address(inbound.source_ip)
+
+
+def _destination(
+    state: MeshState, cfg: L7Config, dest: Destination, backend: Backend, port: int
+) -> tuple[tuple[Endpoint, ...], TrafficPolicy]:
+    """A cluster's endpoints and traffic policy: the one pod dialled directly, or the
+    service's (subset's) endpoints for `port`."""
+    if backend.service_key is None:
+        assert dest.workload is not None
+        return (Endpoint(dest.workload, dest.ip, dest.port),), cfg.routes.traffic_policy("")
+    service = state.service_by_key(backend.service_key)
+    endpoints = service_endpoints(state, service, port) if service is not None else ()
+    if backend.subset is not None:
+        labels = cfg.routes.subset_labels(backend.service_key, backend.subset) or ()
+        endpoints = tuple(e for e in endpoints if _has_labels(e.workload, labels))
+    return endpoints, cfg.routes.traffic_policy(backend.service_key, port, backend.subset)
 
 
 def _has_labels(workload: Workload, labels: tuple[tuple[str, str], ...]) -> bool:

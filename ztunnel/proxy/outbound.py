@@ -212,8 +212,6 @@ def _ready_endpoints(state: MeshState, service: Service, port: int) -> tuple[Wor
     """The service's endpoints a connection to its `port` may go to: healthy, with an
     address and a target port. Listed once per mesh state: each new connection to a
     service of a thousand pods would otherwise walk all of them (about 0.2 ms)."""
-    if service.target_port(port) is None and port not in state.service_ports(service):
-        return ()  # no endpoint has a target port for it
 
     def ready() -> tuple[Workload, ...]:
         return tuple(
@@ -222,7 +220,7 @@ def _ready_endpoints(state: MeshState, service: Service, port: int) -> tuple[Wor
             if w.status is HealthStatus.HEALTHY and w.ips and _target_port(service, w, port)
         )
 
-    return state.derived(("outbound.ready", service.key, port), ready)
+    return state.per_port("outbound.ready", service, port, ready)
 
 
 def _by_entry(state: MeshState, service: Service, dst: SocketAddr) -> OutboundDecision | None:
